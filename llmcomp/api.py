@@ -1,0 +1,135 @@
+"""Library entry points: the only functions the CLI calls."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llmcomp.core import model as model_mod
+from llmcomp.core.artifact import is_artifact, load_artifact, read_manifest, write_artifact
+from llmcomp.core.config import to_dict
+from llmcomp.core.data import calib_windows, corpus
+from llmcomp.core.progress import NULL, Progress
+from llmcomp.errors import UserError
+from llmcomp.eval import perplexity, size_report
+from llmcomp.quant import QuantConfig, quantize_model
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UserError(f"Unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, progress: Progress = NULL):
+    """Open a model directory or artifact. Returns (model, tokenizer, base_model info, prior stages)."""
+    p = model_mod.resolve(path, progress.note)
+    if is_artifact(p):
+        model, tok, manifest = load_artifact(p, dtype=dtype, device=device)
+        return model, tok, manifest["base_model"], manifest["stages"]
+    model, tok = model_mod.load_hf(p, dtype=dtype or torch.float32)
+    if device is not None:
+        model.to(device)
+    base = {"name": model_mod.model_name(p), "path": str(p.resolve()), "sha256": model_mod.weights_sha256(p)}
+    return model, tok, base, []
+
+
+def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, device_map=None,
+         return_tokenizer: bool = False):
+    """Load an llmcomp artifact (or a plain model directory; ``None`` = the bundled model) as a runnable
+    transformers model. ``device_map="auto"`` places it with accelerate."""
+    p = model_mod.resolve(path)
+    if is_artifact(p):
+        model, tok, _ = load_artifact(p, dtype=dtype, device=device, device_map=device_map)
+    else:
+        model, tok = model_mod.load_hf(p, dtype=dtype or torch.float32, device_map=device_map)
+        if device is not None and device_map is None:
+            model.to(device)
+    return (model, tok) if return_tokenizer else model
+
+
+def quantize(
+    config: QuantConfig,
+    output: os.PathLike | str,
+    model: Optional[str] = None,
+    *,
+    overwrite: bool = False,
+    calib_samples: int = 128,
+    calib_seq_len: int = 512,
+    seed: int = 0,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    shard_bytes: Optional[int] = None,
+    progress: Progress = NULL,
+) -> Path:
+    """Quantize ``model`` (a directory, an artifact, or None for the bundled model) into an artifact."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    store_dtype = parse_dtype(dtype)
+    start = time.perf_counter()
+    net, tok, base, stages = open_model(model, progress=progress)
+    from llmcomp.quant import METHODS
+
+    calib = None
+    source = None
+    if METHODS.get(config.method).needs_calibration:
+        if tok is None:
+            raise UserError("Calibration needs a tokenizer, and the model directory has none.")
+        source = corpus().name
+        calib = calib_windows(tok, calib_seq_len, calib_samples, seed)
+    report = quantize_model(net, config, calib, progress=progress, device=device or default_device())
+    sizes = size_report(net)
+    stage = {
+        "method": config.method,
+        "config": to_dict(config),
+        "wall_time_s": round(time.perf_counter() - start, 2),
+        "metrics": {"bits_per_weight": round(sizes["bits_per_weight"], 4), "layers": report},
+        "calibration": None if calib is None else {"text": source, "samples": calib_samples,
+                                                   "seq_len": calib_seq_len, "seed": seed},
+    }
+    kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
+    progress.note(f"Writing {output}")
+    return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=source,
+                          overwrite=overwrite, dtype=store_dtype, **kwargs)
+
+
+def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
+             device: Optional[str] = None, progress: Progress = NULL) -> dict:
+    """Perplexity on the held-out text, bits per weight and size for a model directory or artifact."""
+    p = model_mod.resolve(path, progress.note)
+    net, tok, base, stages = open_model(p, progress=progress, device=device or default_device())
+    if tok is None:
+        raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
+    start = time.perf_counter()
+    ppl = perplexity(net, tok, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size, progress=progress)
+    result = {
+        "path": str(path) if path is not None else model_mod.DEFAULT_MODEL,
+        "stages": "+".join(s["method"] for s in stages) or "original",
+        **ppl,
+        **size_report(net, p),
+        "text": corpus().name,
+        "eval_time_s": round(time.perf_counter() - start, 2),
+    }
+    if is_artifact(p):
+        result["quant_time_s"] = sum(s.get("wall_time_s", 0) for s in read_manifest(p, verify=False)["stages"])
+    return result
+
+
+def inspect(path) -> dict:
+    """The manifest of an artifact (verified), or a short description of a model directory."""
+    p = model_mod.resolve(path)
+    if is_artifact(p):
+        return read_manifest(p)
+    return {"model_dir": str(p), "name": model_mod.model_name(p)}

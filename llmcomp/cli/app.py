@@ -1,0 +1,132 @@
+"""The ``llmcomp`` command line (typer). Every command makes one call into ``llmcomp.api``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmcomp.errors import UserError
+
+app = typer.Typer(
+    name="llmcomp",
+    help="Compress and convert large language models into one verified safetensors artifact.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def run(fn):
+    """Run ``fn`` translating user errors into one red line and exit code 2."""
+    from llmcomp.cli import render
+
+    try:
+        return fn()
+    except UserError as exc:
+        render.error(str(exc))
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        render.error("interrupted; nothing was written at the destination.")
+        raise typer.Exit(130)
+
+
+@app.command()
+def quantize(
+    model: Annotated[Optional[str], typer.Argument(help="Model directory or llmcomp artifact (default: the bundled SmolLM2-135M-Instruct).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-out"),
+    method: Annotated[str, typer.Option(help="Quantization method.")] = "rtn",
+    bits: Annotated[int, typer.Option(help="Bits per weight code (2-8).")] = 4,
+    group_size: Annotated[int, typer.Option(help="Weights per scale along the input dimension; 0 = per-channel. A ragged last group is used when it does not divide the layer.")] = 128,
+    symmetric: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric.")] = False,
+    preset: Annotated[Optional[str], typer.Option(help="Named preset (overrides method/bits/group/sym), e.g. w4g128.")] = None,
+    targets: Annotated[list[str], typer.Option("--target", help="Layers to quantize: class name, path suffix or re:regex.")] = ["Linear"],
+    ignore: Annotated[list[str], typer.Option("--ignore", help="Layers to skip (same patterns).")] = ["lm_head"],
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows (calibrated methods).")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="Device for calibrated work (default: cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store unquantized tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+):
+    """Quantize a model's linear layers and write an artifact."""
+    _quiet_transformers()
+    from llmcomp import api
+    from llmcomp.cli import render
+    from llmcomp.cli.methods import build_quant_config
+
+    def go():
+        config = build_quant_config(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
+                                    preset=preset, targets=tuple(targets), ignore=tuple(ignore))
+        with render.RichProgress() as progress:
+            path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
+                                calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype, progress=progress)
+        render.console.print(f"[green]wrote[/green] {path}")
+
+    run(go)
+
+
+@app.command("eval")
+def eval_(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Model directories or artifacts (default: the bundled model).")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Show Δppl against the first path.")] = False,
+    windows: Annotated[int, typer.Option(help="Number of held-out windows.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+):
+    """Perplexity on held-out text, bits per weight and size; several paths print one table."""
+    _quiet_transformers()
+    from llmcomp import api
+    from llmcomp.cli import render
+
+    def go():
+        if windows < 1 or seq_len < 2:
+            raise UserError("--windows must be ≥ 1 and --seq-len ≥ 2.")
+        rows = []
+        with render.RichProgress() as progress:
+            for p in paths or [None]:
+                rows.append(api.evaluate(p, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
+                                         device=device, progress=progress))
+        render.console.print(render.eval_table(rows, compare))
+        if json_out:
+            json_out.write_text(json.dumps(rows, indent=1))
+
+    run(go)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="Artifact directory (or model directory).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print the raw manifest as JSON.")] = False,
+):
+    """Verify an artifact's hashes and show its manifest: base model, stages, formats, files."""
+    from llmcomp import api
+    from llmcomp.cli import render
+
+    def go():
+        manifest = api.inspect(path)
+        if json_:
+            sys.stdout.write(json.dumps(manifest, indent=1) + "\n")
+            return
+        for t in render.manifest_tables(manifest):
+            render.console.print(t)
+
+    run(go)
+
+
+def main():  # pragma: no cover
+    app()

@@ -1,0 +1,100 @@
+"""The only module that prints: rich console, progress bars, tables."""
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from llmcomp.core.progress import Progress
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class RichProgress(Progress):
+    """Renders library progress as rich bars on stderr."""
+
+    def __init__(self):
+        self.bar = RichBar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), console=err_console, transient=False)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def task(self, description, total):
+        return self.bar.add_task(description, total=total)
+
+    def advance(self, task, n=1):
+        self.bar.advance(task, n)
+
+    def done(self, task):
+        self.bar.refresh()
+
+    def note(self, message):
+        self.bar.console.print(f"[dim]{message}[/dim]")
+
+
+def error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+
+
+def _fmt(v, digits=2):
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.3g}"
+    return str(v)
+
+
+def eval_table(rows: list[dict], compare: bool) -> Table:
+    table = Table(title="llmcomp eval")
+    cols = ["model", "stages", "ppl", "bits/weight", "size MB", "eval s", "quant s"]
+    if compare:
+        cols.insert(3, "Δppl %")
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("model", "stages") else "right")
+    base = rows[0]["ppl"] if rows else None
+    for r in rows:
+        cells = [r["path"], r["stages"], _fmt(r["ppl"]), _fmt(r["bits_per_weight"]), _fmt(r.get("size_mb", float("nan")), 1),
+                 _fmt(r["eval_time_s"], 1), _fmt(r.get("quant_time_s", float("nan")), 1)]
+        if compare:
+            cells.insert(3, f"{100 * (r['ppl'] / base - 1):+.1f}")
+        table.add_row(*cells)
+    if rows:
+        table.caption = (f"{rows[0]['text']} text, {rows[0]['windows']} windows × {rows[0]['seq_len']} tokens, "
+                         "no BOS; bits/weight over decoder linears")
+    return table
+
+
+def manifest_tables(manifest: dict) -> list[Table]:
+    if "stages" not in manifest:
+        t = Table(title="model directory")
+        for k, v in manifest.items():
+            t.add_row(k, str(v))
+        return [t]
+    head = Table(title="llmcomp artifact", show_header=False)
+    base = manifest["base_model"]
+    head.add_row("base model", f"{base.get('name')}  (sha256 {str(base.get('sha256'))[:12]}…)")
+    head.add_row("schema / llmcomp", f"{manifest['schema_version']} / {manifest['llmcomp_version']}")
+    head.add_row("text", str(manifest.get("text_source")))
+    for i, s in enumerate(manifest["stages"], 1):
+        cfg = {k: v for k, v in s["config"].items() if not k.startswith("_")}
+        head.add_row(f"stage {i}", f"{s['method']} in {s['wall_time_s']} s, "
+                     f"{s['metrics'].get('bits_per_weight')} bits/weight; config {cfg}")
+    head.add_row("files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))
+    mods = Table(title="quantized modules")
+    for c in ("format", "modules", "example"):
+        mods.add_column(c)
+    groups: dict[str, list[str]] = {}
+    for name, spec in manifest["modules"].items():
+        key = ", ".join(f"{k}={v}" for k, v in spec.items() if not k.startswith("_"))
+        groups.setdefault(f"{spec.get('_type')}({key})", []).append(name)
+    for key, names in groups.items():
+        mods.add_row(key, str(len(names)), names[0])
+    return [head, mods]

@@ -1,0 +1,224 @@
+"""Artifacts: write (atomic, hashed) and read (verified) llmcomp model directories.
+
+Layout::
+
+    model.safetensors            packed tensors named <module>.<field> + untouched base tensors
+      (or model-0000i-of-0000n.safetensors + model.safetensors.index.json past ``shard_bytes``)
+    llmcomp.json                 the manifest (below)
+    config.json, generation_config.json, tokenizer files    copied from the base model
+
+Manifest (``llmcomp.json``)::
+
+    schema_version, llmcomp_version, base_model {name, sha256}, text_source,
+    stages [{method, config, wall_time_s, metrics}], modules {path: format spec},
+    files {name: sha256}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llmcomp.core.config import from_dict, to_dict
+from llmcomp.core.model import load_tokenizer
+from llmcomp.core.paths import atomic_dir
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "llmcomp.json"
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 4 << 30
+
+
+def llmcomp_version() -> str:
+    from llmcomp import __version__
+
+    return __version__
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_artifact(path: Path) -> bool:
+    return (Path(path) / MANIFEST).exists()
+
+
+def _unique_state(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """The model's tensors, each storage once (tied weights are re-tied at load), on CPU."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.device.type != "meta" else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point() and not _is_packed_field(name, model):
+            t = t.to(dtype)
+        out[name] = t.contiguous()
+    return out
+
+
+def _is_packed_field(name: str, model: torch.nn.Module) -> bool:
+    parent, _, field = name.rpartition(".")
+    try:
+        mod = model.get_submodule(parent)
+    except AttributeError:
+        return False
+    return isinstance(mod, QuantLinear) and field in mod.packed_tensors()
+
+
+def _save_shards(state: dict[str, torch.Tensor], tmp: Path, shard_bytes: int) -> None:
+    shards, cur, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+        for k, t in shard.items():
+            weight_map[k] = fname
+            total += t.numel() * t.element_size()
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def write_artifact(
+    dest: Path,
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    base_model: dict,
+    stages: list[dict],
+    text_source: Optional[str] = None,
+    overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    dtype: Optional[torch.dtype] = None,
+) -> Path:
+    """Write ``model`` as an artifact at ``dest`` (atomically). Returns ``dest``."""
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise UserError(f"Output {dest} already exists; choose another path or pass --overwrite.")
+    modules = {n: to_dict(m.fmt) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
+        _save_shards(_unique_state(model, dtype), tmp, shard_bytes)
+        model.config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(tmp)
+            except (ValueError, OSError):
+                pass
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "llmcomp_version": llmcomp_version(),
+            "base_model": base_model,
+            "text_source": text_source,
+            "stages": stages,
+            "modules": modules,
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        read_manifest(tmp)  # verify before it becomes visible
+    return dest
+
+
+def read_manifest(path: Path, verify: bool = True) -> dict:
+    """Read and (by default) verify an artifact's manifest and file hashes; UserError on any problem."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise UserError(f"{path} is not an llmcomp artifact: {MANIFEST} is missing.")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{mpath} is corrupt (not valid JSON).") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{mpath} has schema version {version!r}; this llmcomp reads version {SCHEMA_VERSION}.")
+    for key in ("files", "modules", "stages", "base_model"):
+        if key not in manifest:
+            raise UserError(f"{mpath} is missing its {key!r} entry.")
+    if verify:
+        for name, digest in manifest["files"].items():
+            f = path / name
+            if not f.exists():
+                raise UserError(f"Artifact file {f} is missing.")
+            if sha256_file(f) != digest:
+                raise UserError(f"Artifact file {f} is corrupt (sha256 mismatch); re-create or re-copy the artifact.")
+    return manifest
+
+
+def weight_files(path: Path) -> list[Path]:
+    path = Path(path)
+    if (path / INDEX).exists():
+        index = json.loads((path / INDEX).read_text())
+        return [path / f for f in sorted(set(index["weight_map"].values()))]
+    return [path / "model.safetensors"]
+
+
+def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
+                  device_map=None, verify: bool = True):
+    """Build the model skeleton on meta, swap in QuantLinear modules, load tensors, place them."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmcomp.core.model import set_submodule
+
+    path = Path(path)
+    manifest = read_manifest(path, verify=verify)
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    for name, spec in manifest["modules"].items():
+        fmt = from_dict(spec)
+        old = model.get_submodule(name)
+        set_submodule(model, name, QuantLinear(old.in_features, old.out_features, fmt,
+                                               bias=old.bias is not None, device="meta"))
+    expected = set(model.state_dict().keys())
+    loaded = set()
+    for f in weight_files(path):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                if key not in expected:
+                    raise UserError(f"Artifact tensor {key} in {f.name} does not belong to the model.")
+                value = sf.get_tensor(key)
+                if dtype is not None and value.is_floating_point() and not _is_packed_field(key, model):
+                    value = value.to(dtype)
+                set_module_tensor_to_device(model, key, "cpu", value=value)
+                loaded.add(key)
+    model.tie_weights()
+    missing = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
+    if missing:
+        raise UserError(f"Artifact {path} lacks tensor {missing[0]} ({len(missing)} missing).")
+    model.eval()
+    if device_map is not None:
+        if device_map == "auto":
+            device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+        model = dispatch_model(model, device_map=device_map)
+    elif device is not None:
+        model.to(device)
+    return model, load_tokenizer(path), manifest

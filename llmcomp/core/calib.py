@@ -1,0 +1,123 @@
+"""The sequential layer-by-layer calibration driver shared by every calibrated method.
+
+1. Run the model on the calibration batches, stopping at the first decoder layer, to capture its
+   inputs; the keyword arguments every layer receives (masks, rotary embeddings) are captured once
+   from a full forward of the first batch, per layer (sliding/full attention layers differ).
+2. For each layer in order: move it to the work device, let the handler observe it (hooks on any
+   submodule while the layer runs over all captured inputs) and replace pieces of it, then run the
+   *modified* layer to produce the next layer's inputs — so later layers calibrate against the
+   errors of earlier ones.
+Peak memory ≈ one layer + the calibration activations.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from llmcomp.core.model import decoder_layers
+from llmcomp.core.progress import NULL, Progress
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class LayerRunner:
+    """Runs one decoder layer over every captured input batch, optionally with observing hooks."""
+
+    def __init__(self, layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict):
+        self.layer, self.inputs, self.kwargs = layer, inputs, kwargs
+
+    @torch.no_grad()
+    def run(self, hooks: Optional[dict[nn.Module, Callable]] = None) -> list[torch.Tensor]:
+        handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
+        try:
+            return [_first(self.layer(x, **self.kwargs)) for x in self.inputs]
+        finally:
+            for h in handles:
+                h.remove()
+
+
+LayerHandler = Callable[[str, nn.Module, LayerRunner], None]
+
+
+@torch.no_grad()
+def calibrate_layerwise(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    handler: LayerHandler,
+    batch_size: int = 8,
+    device: Optional[torch.device | str] = None,
+    progress: Progress = NULL,
+) -> None:
+    """Walk ``model``'s decoder layers in order, calling ``handler(path, layer, runner)`` for each.
+
+    ``input_ids``: int64 [n, seq_len]. Batches are equal-sized (``batch_size`` is reduced to a divisor
+    of ``n``) so the captured masks fit every batch. ``device``: where layers and activations live
+    while a layer is processed (default: the device of the model's first parameter).
+    """
+    prefix, layers = decoder_layers(model)
+    n = input_ids.shape[0]
+    bs = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+    first_param = next(model.parameters())
+    device = torch.device(device) if device is not None else first_param.device
+    home = first_param.device
+
+    # Per-layer kwargs from one full forward of the first batch.
+    layer_kwargs: list[dict] = [{} for _ in layers]
+    hidden: list[torch.Tensor] = []
+
+    def grab_kwargs(i):
+        def hook(mod, args, kwargs):
+            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+            kw["use_cache"] = False
+            layer_kwargs[i] = _to(kw, device)
+            if i == 0:
+                hidden.append(_to(args[0] if args else kwargs["hidden_states"], device))
+                if len(hidden) > 1:
+                    raise _Stop
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for j, batch in enumerate(progress.track(input_ids.split(bs), "Capturing layer inputs")):
+            if j > 0:
+                # After the first batch only layer 0's inputs are needed.
+                for h in handles[1:]:
+                    h.remove()
+                handles = handles[:1]
+            try:
+                model(input_ids=batch.to(home), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+    task = progress.task("Calibrating layers", len(layers))
+    for i, layer in enumerate(layers):
+        layer.to(device)
+        runner = LayerRunner(layer, hidden, layer_kwargs[i])
+        handler(f"{prefix}.{i}", layer, runner)
+        hidden = runner.run()
+        layer.to(home)
+        progress.advance(task)
+    progress.done(task)

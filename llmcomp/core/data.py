@@ -1,0 +1,140 @@
+"""Bundled text: calibration and held-out evaluation splits, tokenization, seeded sampling.
+
+Source, in order of preference:
+1. **Austen** — Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` package, fetched once with
+   ``apt-get download`` into the cache (the .deb is read in Python; no R needed). Calibration uses
+   *Sense and Sensibility* + *Emma*; evaluation uses *Pride and Prejudice*; *Persuasion* is kept unseen.
+2. **pydoc** — the standard library's ``pydoc_data.topics`` (technical English, always present): the
+   first 80 % of topics calibrate, the last 20 % evaluate.
+``LLMCOMP_TEXT=pydoc`` forces the fallback. The source used is recorded in every manifest.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from llmcomp.core.paths import cache_dir
+from llmcomp.core.rdata import read_rdb_strings
+from llmcomp.errors import UserError
+
+AUSTEN_DEB = "r-cran-janeaustenr"
+CALIB_NOVELS = ("sensesensibility", "emma")
+EVAL_NOVELS = ("prideprejudice",)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str  # "austen" or "pydoc"
+    calib: str
+    eval: str
+
+
+def _read_deb_member(deb: Path, suffixes: tuple[str, ...], dest: Path) -> None:
+    """Extract members ending in ``suffixes`` from a .deb (an ``ar`` archive holding data.tar.*)."""
+    data = deb.read_bytes()
+    if not data.startswith(b"!<arch>\n"):
+        raise ValueError(f"{deb} is not a Debian package")
+    pos = 8
+    while pos < len(data):
+        header = data[pos : pos + 60]
+        name = header[:16].decode().strip().rstrip("/")
+        size = int(header[48:58].decode().strip())
+        body = data[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size & 1)
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+                for member in tar.getmembers():
+                    if member.isfile() and member.name.endswith(suffixes):
+                        (dest / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+            return
+    raise ValueError(f"{deb} has no data archive")
+
+
+def _fetch_austen(root: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, check=True, timeout=120,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deb = next(Path(tmp).glob(f"{AUSTEN_DEB}_*.deb"))
+        _read_deb_member(deb, ("Rdata.rdb", "Rdata.rdx"), Path(tmp))
+        novels = read_rdb_strings(os.path.join(tmp, "Rdata.rdx"), os.path.join(tmp, "Rdata.rdb"))
+        staging = Path(tempfile.mkdtemp(prefix=".austen.tmp-", dir=root.parent))
+        for name, lines in novels.items():
+            (staging / f"{name}.txt").write_text("\n".join(line or "" for line in lines), encoding="utf-8")
+        shutil.rmtree(root, ignore_errors=True)
+        os.rename(staging, root)
+
+
+def _austen() -> Corpus | None:
+    root = cache_dir() / "text" / "austen"
+    if not (root / "prideprejudice.txt").exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _fetch_austen(root)
+        except (OSError, subprocess.SubprocessError, ValueError, StopIteration):
+            return None
+    read = lambda names: "\n\n".join((root / f"{n}.txt").read_text(encoding="utf-8") for n in names)  # noqa: E731
+    return Corpus("austen", read(CALIB_NOVELS), read(EVAL_NOVELS))
+
+
+def _pydoc() -> Corpus:
+    from pydoc_data.topics import topics
+
+    texts = [topics[k] for k in sorted(topics)]
+    cut = int(len(texts) * 0.8)
+    return Corpus("pydoc", "\n\n".join(texts[:cut]), "\n\n".join(texts[cut:]))
+
+
+@lru_cache(maxsize=None)
+def corpus(source: str | None = None) -> Corpus:
+    source = source or os.environ.get("LLMCOMP_TEXT", "auto")
+    if source not in ("auto", "austen", "pydoc"):
+        raise UserError(f"Unknown text source {source!r}; use auto, austen or pydoc.")
+    if source in ("auto", "austen"):
+        found = _austen()
+        if found is not None:
+            return found
+        if source == "austen":
+            raise UserError("Could not fetch the Austen text (apt-get download r-cran-janeaustenr failed); "
+                            "set LLMCOMP_TEXT=pydoc to use the standard-library text.")
+    return _pydoc()
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of ``text`` (no BOS/special tokens) as int64 [n]; stops early past ``max_tokens``."""
+    if max_tokens is not None:
+        text = text[: max_tokens * 8]  # ~4 chars/token: tokenize only what can be used
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long)
+    return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def eval_windows(tokenizer, seq_len: int, n_windows: int, source: str | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows from the start of the held-out split: [n, seq_len].
+
+    No BOS token is prepended: every window is plain text, scored on all positions but the first.
+    """
+    ids = tokenize(tokenizer, corpus(source).eval, max_tokens=seq_len * n_windows)
+    n = min(n_windows, ids.numel() // seq_len)
+    if n == 0:
+        raise UserError(f"The evaluation text is shorter than one window of {seq_len} tokens.")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def calib_windows(tokenizer, seq_len: int, n_samples: int, seed: int = 0,
+                  source: str | None = None) -> torch.Tensor:
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets in the calibration split."""
+    ids = tokenize(tokenizer, corpus(source).calib)
+    if ids.numel() <= seq_len:
+        raise UserError(f"The calibration text is shorter than one window of {seq_len} tokens.")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

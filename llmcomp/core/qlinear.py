@@ -1,0 +1,61 @@
+"""``QuantLinear``: a drop-in for ``nn.Linear`` whose weight is stored in a registered format."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llmcomp.formats.base import WeightFormat
+from llmcomp.kernels import dequant_linear
+
+
+class QuantLinear(nn.Module):
+    """Linear layer over packed weights. Buffers are the format's tensors (``weight_packed`` ...)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: WeightFormat,
+        bias: bool = False,
+        device: Optional[torch.device | str] = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fmt = fmt
+        self._names = []
+        for name, spec in fmt.param_specs(out_features, in_features).items():
+            self.register_buffer(name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
+            self._names.append(name)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_packed(cls, fmt: WeightFormat, tensors: dict[str, torch.Tensor], in_features: int,
+                    bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+        out_features = tensors[next(iter(fmt.param_specs(1, in_features)))].shape[0]
+        ref = next(iter(tensors.values()))
+        mod = cls(in_features, out_features, fmt, bias=bias is not None, device="meta")
+        for name, t in tensors.items():
+            setattr(mod, name, t)
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        mod.to(ref.device)
+        return mod
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self._names}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.fmt.dequantize(self.packed_tensors(), self.in_features, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dequant_linear(x, self.fmt, self.packed_tensors(), self.in_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}"

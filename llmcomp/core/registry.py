@@ -1,0 +1,42 @@
+"""Name → class registries (weight formats, methods, configs).
+
+Dispatch is by registered name or config type, never by ``if mode == "..."`` chains.
+"""
+from __future__ import annotations
+
+from typing import Callable, Generic, TypeVar
+
+from llmcomp.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._items[name] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            known = ", ".join(sorted(self._items)) or "none"
+            raise UserError(f"Unknown {self.kind} {name!r}; choose one of: {known}.") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def items(self):
+        return self._items.items()

@@ -1,0 +1,40 @@
+"""One layer selector for every method: ``targets`` and ``ignore`` patterns.
+
+A pattern matches a module when it is
+- the module's class name (``"Linear"``),
+- its full path or a dotted suffix of it (``"lm_head"``, ``"mlp.down_proj"``), or
+- ``"re:<regex>"`` that fully matches its path (``"re:.*layers\\.0\\..*"``).
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator
+
+from torch import nn
+
+from llmcomp.errors import UserError
+
+
+def matches(pattern: str, path: str, module: nn.Module) -> bool:
+    if pattern.startswith("re:"):
+        try:
+            return re.fullmatch(pattern[3:], path) is not None
+        except re.error as exc:
+            raise UserError(f"Invalid layer pattern {pattern!r}: {exc}.") from None
+    return pattern == type(module).__name__ or path == pattern or path.endswith("." + pattern)
+
+
+def select(
+    root: nn.Module,
+    targets: Iterable[str] = ("Linear",),
+    ignore: Iterable[str] = ("lm_head",),
+    prefix: str = "",
+) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(path, module)`` for modules under ``root`` matching a target and no ignore pattern."""
+    targets, ignore = list(targets), list(ignore)
+    for name, mod in root.named_modules():
+        if not name:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        if any(matches(t, path, mod) for t in targets) and not any(matches(i, path, mod) for i in ignore):
+            yield path, mod

@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+A ``UserError`` is a problem with the user's input (a path, a flag, a corrupt artifact). Its message is
+one sentence that says what is wrong and what to do; the CLI prints it and exits with code 2. Any other
+exception is a bug in llmcomp.
+"""
+
+
+class UserError(Exception):
+    """Bad input: the message is shown to the user as-is."""

@@ -1,0 +1,32 @@
+"""Perplexity on the held-out split: fixed windows, no BOS, deterministic."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from llmcomp.core.data import eval_windows
+from llmcomp.core.progress import NULL, Progress
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
+               progress: Progress = NULL, source: str | None = None) -> dict:
+    """Mean next-token NLL over ``n_windows`` consecutive windows of ``seq_len`` held-out tokens.
+
+    Each window is scored on positions 1..seq_len-1 (the first token has no context). Returns
+    ``{"ppl", "nll", "tokens", "windows", "seq_len"}``.
+    """
+    windows = eval_windows(tokenizer, seq_len, n_windows, source)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in progress.track(windows.split(batch_size), "Perplexity"):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                               reduction="sum")
+        total += float(loss)
+        count += batch[:, 1:].numel()
+    nll = total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": windows.shape[0], "seq_len": seq_len}

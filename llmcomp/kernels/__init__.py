@@ -1,0 +1,46 @@
+"""One dequant-GEMM entry point for every weight format.
+
+``dequant_linear(x, fmt, tensors, in_features, bias)`` computes ``x @ W.T + bias`` where ``W`` is stored
+in ``fmt``. A fast path registered for ``(fmt.name, device type)`` runs when its ``supports`` check
+passes; otherwise the pure-torch reference (``fmt.dequantize`` then ``F.linear``) runs — on CPU that is
+always the case.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from llmcomp.formats.base import WeightFormat
+
+# (format name, device type) → list of (supports(fmt, x) -> bool, fn(x, fmt, tensors, in_features, bias))
+_FAST: dict[tuple[str, str], list[tuple[Callable, Callable]]] = {}
+
+
+def register_fast_path(format_name: str, device_type: str, supports: Callable, fn: Callable) -> None:
+    _FAST.setdefault((format_name, device_type), []).append((supports, fn))
+
+
+def reference_linear(
+    x: torch.Tensor,
+    fmt: WeightFormat,
+    tensors: dict[str, torch.Tensor],
+    in_features: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    w = fmt.dequantize(tensors, in_features, dtype=x.dtype)
+    return F.linear(x, w, bias)
+
+
+def dequant_linear(
+    x: torch.Tensor,
+    fmt: WeightFormat,
+    tensors: dict[str, torch.Tensor],
+    in_features: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    for supports, fn in _FAST.get((fmt.name, x.device.type), ()):
+        if supports(fmt, x):
+            return fn(x, fmt, tensors, in_features, bias)
+    return reference_linear(x, fmt, tensors, in_features, bias)

@@ -1,0 +1,109 @@
+"""The quantization-method contract and the model-level driver shared by every method.
+
+A method is a frozen config dataclass (with ``method`` naming it) plus a ``Quantizer`` registered for
+that name. A quantizer turns one ``nn.Linear`` (and, if ``needs_calibration``, its statistics) into
+a ``QuantLinear``. Walking the model, selection, calibration and progress live here, once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from llmcomp.core.calib import calibrate_layerwise
+from llmcomp.core.model import check_finite, decoder_layers, set_submodule
+from llmcomp.core.progress import NULL, Progress
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.core.registry import Registry
+from llmcomp.core.select import select
+from llmcomp.errors import UserError
+
+METHODS: Registry[type] = Registry("quantization method")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Fields every method config has: which layers to quantize."""
+
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ("lm_head",)
+
+    method: ClassVar[str] = ""
+
+
+@dataclass
+class LayerResult:
+    module: QuantLinear
+    metrics: dict = field(default_factory=dict)
+
+
+class Quantizer:
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+
+    def observe(self, linear: nn.Linear):
+        """For calibrated methods: return a forward hook ``fn(module, inputs, output)`` collecting stats."""
+        return None
+
+    def quantize_linear(self, name: str, linear: nn.Linear, stats=None) -> LayerResult:
+        raise NotImplementedError
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    noise = (ref.float() - approx.float()).pow(2).sum()
+    return float(10 * torch.log10(ref.float().pow(2).sum() / noise.clamp(min=1e-30)))
+
+
+@torch.no_grad()
+def _replace(model: nn.Module, quantizer: Quantizer, name: str, linear: nn.Linear, stats, report: dict) -> None:
+    check_finite(name, linear.weight)
+    result = quantizer.quantize_linear(name, linear, stats)
+    report[name] = {"sqnr_db": round(sqnr_db(linear.weight, result.module.dequantize()), 3), **result.metrics}
+    set_submodule(model, name, result.module)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    calib_ids: Optional[torch.Tensor] = None,
+    progress: Progress = NULL,
+    device: Optional[str] = None,
+    batch_size: int = 8,
+) -> dict:
+    """Quantize ``model`` in place. Returns per-layer metrics ``{path: {...}}``."""
+    quantizer: Quantizer = METHODS.get(config.method)(config)
+    chosen = [(n, m) for n, m in select(model, config.targets, config.ignore) if isinstance(m, nn.Linear)]
+    if not chosen:
+        raise UserError(f"No layer matches targets {list(config.targets)} (minus ignore {list(config.ignore)}).")
+    report: dict = {}
+    start = time.perf_counter()
+    if not quantizer.needs_calibration:
+        for name, linear in progress.track(chosen, "Quantizing layers"):
+            _replace(model, quantizer, name, linear, None, report)
+    else:
+        if calib_ids is None:
+            raise UserError(f"Method {config.method} needs calibration data.")
+        chosen_set = dict(chosen)
+        prefix, _ = decoder_layers(model)
+        outside = [n for n in chosen_set if not n.startswith(prefix + ".")]
+        if outside:
+            raise UserError(f"Method {config.method} only quantizes decoder layers; add {outside[0]} to --ignore.")
+
+        def handler(path, layer, runner):
+            linears = [(n, m) for n, m in chosen if n.startswith(path + ".")]
+            hooks = {m: quantizer.observe(m) for _, m in linears}
+            stats = {m: h for m, h in hooks.items()}
+            runner.run({m: h for m, h in hooks.items() if h is not None})
+            for n, m in linears:
+                _replace(model, quantizer, n, m, stats[m], report)
+
+        calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress)
+    report["_wall_time_s"] = round(time.perf_counter() - start, 2)
+    return report
