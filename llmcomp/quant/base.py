@@ -47,7 +47,11 @@ class Quantizer:
         self.config = config
 
     def observe(self, linear: nn.Linear):
-        """For calibrated methods: return a forward hook ``fn(module, inputs, output)`` collecting stats."""
+        """For calibrated methods: return a stateful forward hook ``fn(module, inputs, output)``.
+
+        The driver registers it while the layer runs over all calibration inputs, then passes the same
+        object to ``quantize_linear`` as ``stats`` (e.g. a Hessian accumulator).
+        """
         return None
 
     def quantize_linear(self, name: str, linear: nn.Linear, stats=None) -> LayerResult:
@@ -98,9 +102,8 @@ def quantize_model(
 
         def handler(path, layer, runner):
             linears = [(n, m) for n, m in chosen if n.startswith(path + ".")]
-            hooks = {m: quantizer.observe(m) for _, m in linears}
-            stats = {m: h for m, h in hooks.items()}
-            runner.run({m: h for m, h in hooks.items() if h is not None})
+            stats = {m: quantizer.observe(m) for _, m in linears}
+            runner.run({m: h for m, h in stats.items() if h is not None})
             for n, m in linears:
                 _replace(model, quantizer, n, m, stats[m], report)
 

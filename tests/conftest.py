@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models built in code, and the bundled real model (slow tests)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_llama(hidden=64, layers=2, inter=96, vocab=128, seed=0):
+    """A tiny random Llama-style causal LM (fast unit tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random Llama saved as a normal HF directory (no tokenizer)."""
+    model = tiny_llama()
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundled_dir():
+    """The bundled SmolLM2-135M-Instruct directory (converted once into the cache)."""
+    from llmcomp.core.model import bundled_model_dir
+
+    return bundled_model_dir()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
