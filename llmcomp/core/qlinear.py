@@ -48,6 +48,18 @@ class QuantLinear(nn.Module):
         mod.to(ref.device)
         return mod
 
+    def _apply(self, fn, recurse=True):
+        # ``module.to(dtype)`` must move packed tensors but never recast them: a float16 scale turned
+        # into bfloat16 would silently change the weights.
+        packed = {n: self._buffers.pop(n) for n in self._names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in packed.items():
+                new = fn(t)
+                self._buffers[n] = new if new.dtype == t.dtype else t.to(new.device)
+        return self
+
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self._names}
 

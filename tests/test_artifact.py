@@ -1,0 +1,163 @@
+import json
+import os
+
+import pytest
+import torch
+
+import llmcomp
+from llmcomp import api
+from llmcomp.core import artifact as artifact_mod
+from llmcomp.core.artifact import read_manifest
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.errors import UserError
+from llmcomp.formats import Uniform
+from llmcomp.quant import RTNConfig
+
+W4 = RTNConfig(format=Uniform(bits=4, group_size=32))
+
+
+@pytest.fixture
+def art(tiny_model_dir, tmp_path):
+    return api.quantize(W4, tmp_path / "art", str(tiny_model_dir))
+
+
+def _state(model):
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def test_write_read_identical_tensors(tiny_model_dir, tmp_path):
+    model, _, base, _ = api.open_model(str(tiny_model_dir))
+    from llmcomp.quant import quantize_model
+
+    quantize_model(model, W4)
+    out = artifact_mod.write_artifact(tmp_path / "a", model, None, base_model=base, stages=[])
+    loaded = llmcomp.load(out)
+    a, b = _state(model), _state(loaded)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ids = torch.randint(0, 128, (2, 12))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_manifest_contents(art, tiny_model_dir):
+    m = read_manifest(art)
+    assert m["schema_version"] == 1 and m["llmcomp_version"] == llmcomp.__version__
+    assert len(m["base_model"]["sha256"]) == 64
+    assert [s["method"] for s in m["stages"]] == ["rtn"]
+    assert m["stages"][0]["config"]["format"]["bits"] == 4
+    assert len(m["modules"]) == 14
+    assert {"model.safetensors", "config.json"} <= set(m["files"])
+    assert not [p for p in art.parent.iterdir() if p.name.startswith(".art.")]  # no temp leftovers
+
+
+def test_loaded_artifact_generates(art):
+    model = llmcomp.load(art)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_stages_append(tiny_model_dir, tmp_path):
+    first = api.quantize(RTNConfig(format=Uniform(bits=8, group_size=0), targets=("re:.*self_attn.*",)),
+                         tmp_path / "s1", str(tiny_model_dir))
+    second = api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*mlp.*",)),
+                          tmp_path / "s2", str(first))
+    m = read_manifest(second)
+    assert [s["method"] for s in m["stages"]] == ["rtn", "rtn"]
+    assert m["base_model"] == read_manifest(first)["base_model"]
+    bits = {n: spec["bits"] for n, spec in m["modules"].items()}
+    assert bits["model.layers.0.self_attn.q_proj"] == 8 and bits["model.layers.0.mlp.up_proj"] == 4
+
+
+def test_sharded_artifact_round_trips(tiny_model_dir, tmp_path):
+    out = api.quantize(W4, tmp_path / "sh", str(tiny_model_dir), shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 2
+    single = api.quantize(W4, tmp_path / "one", str(tiny_model_dir))
+    ids = torch.randint(0, 128, (1, 10))
+    assert torch.equal(llmcomp.load(out)(ids).logits, llmcomp.load(single)(ids).logits)
+
+
+def test_flipped_byte_detected(art):
+    f = art / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="model.safetensors is corrupt"):
+        llmcomp.load(art)
+
+
+def test_truncated_file_detected(art):
+    f = art / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(UserError, match="corrupt"):
+        llmcomp.load(art)
+
+
+def test_missing_manifest_falls_back_or_errors(art):
+    os.remove(art / "llmcomp.json")
+    with pytest.raises(UserError, match="llmcomp.json is missing"):
+        read_manifest(art)
+
+
+def test_unknown_schema_version(art):
+    p = art / "llmcomp.json"
+    m = json.loads(p.read_text())
+    m["schema_version"] = 99
+    p.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="schema version 99"):
+        llmcomp.load(art)
+
+
+def test_corrupt_manifest_json(art):
+    (art / "llmcomp.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        llmcomp.load(art)
+
+
+def test_output_exists_refused_and_overwrite(art, tiny_model_dir):
+    with pytest.raises(UserError, match="already exists"):
+        api.quantize(W4, art, str(tiny_model_dir))
+    api.quantize(RTNConfig(format=Uniform(bits=8, group_size=0)), art, str(tiny_model_dir), overwrite=True)
+    assert read_manifest(art)["stages"][0]["config"]["format"]["bits"] == 8
+
+
+def test_interrupted_write_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact_mod, "sha256_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        api.quantize(W4, tmp_path / "x", str(tiny_model_dir))
+    assert not (tmp_path / "x").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_interrupted_overwrite_keeps_old(art, tiny_model_dir, monkeypatch):
+    before = read_manifest(art)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact_mod, "sha256_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        api.quantize(RTNConfig(format=Uniform(bits=8, group_size=0)), art, str(tiny_model_dir), overwrite=True)
+    monkeypatch.undo()
+    assert read_manifest(art) == before
+
+
+def test_nan_weights_rejected(tiny_model, tmp_path):
+    tiny_model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
+    tiny_model.save_pretrained(tmp_path / "nan")
+    with pytest.raises(UserError, match="model.layers.1.mlp.up_proj has NaN"):
+        api.quantize(W4, tmp_path / "out", str(tmp_path / "nan"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_path_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        api.quantize(W4, tmp_path / "o", str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a model directory"):
+        api.quantize(W4, tmp_path / "o", str(tmp_path / "empty"))

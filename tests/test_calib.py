@@ -1,0 +1,54 @@
+import torch
+
+from llmcomp.core.calib import calibrate_layerwise
+
+
+def test_layerwise_driver_reproduces_full_forward(tiny_model):
+    """With an identity handler, the driver's final hidden states equal the model's own."""
+    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    seen, outs = [], {}
+
+    def handler(path, layer, runner):
+        seen.append(path)
+        outs[path] = runner.run()
+
+    calibrate_layerwise(tiny_model, ids, handler, batch_size=4)  # 4 → 3: batches must be equal-sized
+    assert seen == ["model.layers.0", "model.layers.1"]
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    # hidden_states[i] is the input of layer i; the last entry has the final norm applied.
+    got1 = torch.cat(outs["model.layers.0"])
+    assert torch.allclose(got1, ref[1], atol=1e-5)
+
+
+def test_hooks_observe_every_batch(tiny_model):
+    ids = torch.randint(0, 128, (4, 8))
+    counts = []
+
+    def handler(path, layer, runner):
+        n = [0]
+
+        def hook(mod, inp, out):
+            n[0] += inp[0].shape[0] * inp[0].shape[1]
+
+        runner.run({layer.mlp.down_proj: hook})
+        counts.append(n[0])
+
+    calibrate_layerwise(tiny_model, ids, handler, batch_size=2)
+    assert counts == [32, 32]
+
+
+def test_modified_layer_feeds_next_layer(tiny_model):
+    """Zeroing layer 0's MLP changes what layer 1 sees (outputs are pushed forward after the handler)."""
+    ids = torch.randint(0, 128, (2, 8))
+    inputs_seen = {}
+
+    def handler(path, layer, runner):
+        inputs_seen[path] = torch.cat(runner.inputs).clone()
+        if path.endswith(".0"):
+            layer.mlp.down_proj.weight.data.zero_()
+
+    calibrate_layerwise(tiny_model, ids, handler)
+    with torch.no_grad():
+        h = tiny_model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    assert torch.allclose(inputs_seen["model.layers.1"], h[1], atol=1e-5)  # model itself now has zeroed MLP

@@ -1,0 +1,96 @@
+"""The command line: one clear line and exit code 2 for every bad input; nothing written."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llmcomp.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result):
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len([line for line in lines if line.startswith("error:")]) == 1, result.output
+    assert "Traceback" not in result.output
+    return next(line for line in lines if line.startswith("error:"))
+
+
+def test_help_reads_well():
+    r = invoke("--help")
+    assert r.exit_code == 0 and "quantize" in r.output and "eval" in r.output and "inspect" in r.output
+    for cmd in ("quantize", "eval", "inspect"):
+        r = invoke(cmd, "--help")
+        assert r.exit_code == 0, r.output
+
+
+def test_quantize_then_inspect(tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    r = invoke("quantize", tiny_model_dir, "-o", out, "--bits", 3, "--group-size", 32)
+    assert r.exit_code == 0, r.output
+    r = invoke("inspect", out, "--json")
+    assert r.exit_code == 0
+    m = json.loads(r.output)
+    assert m["stages"][0]["config"]["format"]["bits"] == 3
+    r = invoke("inspect", out)
+    assert r.exit_code == 0 and "Uniform" in r.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--bits", "9"], "bits must be an integer from 2 to 8"),
+        (["--bits", "1"], "bits must be an integer from 2 to 8"),
+        (["--method", "magic"], "Unknown quantization method 'magic'"),
+        (["--group-size", "12"], "group size must be a multiple of 8"),
+        (["--preset", "w5"], "Unknown preset 'w5'"),
+        (["--target", "re:("], "Invalid layer pattern"),
+        (["--target", "Conv2d"], "No layer matches"),
+        (["--dtype", "float8"], "Unknown dtype"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)
+def test_bad_quantize_flags(tiny_model_dir, tmp_path, args, message):
+    out = tmp_path / "o"
+    r = invoke("quantize", tiny_model_dir, "-o", out, *args)
+    assert message in one_error_line(r)
+    assert not out.exists()
+
+
+def test_missing_model(tmp_path):
+    r = invoke("quantize", tmp_path / "nope", "-o", tmp_path / "o")
+    assert "does not exist" in one_error_line(r)
+
+
+def test_not_a_model(tmp_path):
+    (tmp_path / "d").mkdir()
+    r = invoke("quantize", tmp_path / "d", "-o", tmp_path / "o")
+    assert "not a model directory" in one_error_line(r)
+
+
+def test_output_exists(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    r = invoke("quantize", tiny_model_dir, "-o", out)
+    assert "already exists" in one_error_line(r)
+    assert list(out.iterdir()) == []
+
+
+def test_corrupt_artifact_on_eval_and_inspect(tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    assert invoke("quantize", tiny_model_dir, "-o", out).exit_code == 0
+    f = out / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert "model.safetensors is corrupt" in one_error_line(invoke("inspect", out))
+    assert "corrupt" in one_error_line(invoke("eval", out))
+
+
+def test_eval_bad_windows(tiny_model_dir):
+    assert "--windows" in one_error_line(invoke("eval", tiny_model_dir, "--windows", 0))
