@@ -10,11 +10,12 @@ import torch
 
 from llmcomp.core import model as model_mod
 from llmcomp.core.artifact import is_artifact, load_artifact, read_manifest, write_artifact
-from llmcomp.core.config import to_dict
-from llmcomp.core.data import calib_windows, corpus
+from llmcomp.core.config import from_dict, to_dict
+from llmcomp.core.data import calib_windows, corpus, eval_windows
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
 from llmcomp.eval import perplexity, size_report
+from llmcomp.eval.agreement import Reference
 from llmcomp.quant import QuantConfig, quantize_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -105,18 +106,46 @@ def quantize(
                           overwrite=overwrite, dtype=store_dtype, **kwargs)
 
 
+def base_model_path(path) -> str:
+    """The base model directory recorded in an artifact's manifest (for ``--reference base``)."""
+    p = model_mod.resolve(path)
+    if not is_artifact(p):
+        return str(p)
+    base = read_manifest(p, verify=False)["base_model"].get("path")
+    if not base or not Path(base).exists():
+        raise UserError(f"The base model of {p} ({base}) is not on this machine; pass --reference PATH.")
+    return base
+
+
+def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
+                     device: Optional[str] = None, progress: Progress = NULL) -> Reference:
+    """Run the reference (original) model once; its log-probs go to disk (see eval/agreement.py)."""
+    net, tok, _, _ = open_model(path, progress=progress, device=device or default_device())
+    if tok is None:
+        raise UserError(f"{path} has no tokenizer files; evaluation needs one.")
+    windows = eval_windows(tok, seq_len, n_windows)
+    ref = Reference.record(net, windows, batch_size=batch_size, progress=progress)
+    del net
+    return ref
+
+
 def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
-             device: Optional[str] = None, progress: Progress = NULL) -> dict:
-    """Perplexity on the held-out text, bits per weight and size for a model directory or artifact."""
+             device: Optional[str] = None, reference: Optional[Reference] = None,
+             progress: Progress = NULL) -> dict:
+    """Perplexity on the held-out text, bits per weight and size for a model directory or artifact;
+    with a ``reference``, also KL divergence, top-1 agreement and greedy common prefix against it."""
     p = model_mod.resolve(path, progress.note)
     net, tok, base, stages = open_model(p, progress=progress, device=device or default_device())
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
     start = time.perf_counter()
-    ppl = perplexity(net, tok, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size, progress=progress)
+    windows = reference.windows if reference is not None else None
+    ppl = perplexity(net, tok, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size, progress=progress,
+                     windows=windows, comparer=reference.comparer() if reference is not None else None)
     result = {
         "path": str(path) if path is not None else model_mod.DEFAULT_MODEL,
-        "stages": "+".join(s["method"] for s in stages) or "original",
+        "name": Path(str(path)).name if path is not None else model_mod.DEFAULT_MODEL,
+        "stages": " + ".join(stage_label(s) for s in stages) or "original",
         **ppl,
         **size_report(net, p),
         "text": corpus().name,
@@ -125,6 +154,17 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     if is_artifact(p):
         result["quant_time_s"] = sum(s.get("wall_time_s", 0) for s in read_manifest(p, verify=False)["stages"])
     return result
+
+
+def stage_label(stage: dict) -> str:
+    """``"rtn int4 g128 asym"`` from a manifest stage."""
+    fmt = stage.get("config", {}).get("format")
+    if isinstance(fmt, dict):
+        try:
+            return f"{stage['method']} {from_dict(fmt).describe()}"
+        except (UserError, TypeError):
+            pass
+    return stage["method"]
 
 
 def inspect(path) -> dict:

@@ -86,6 +86,7 @@ def eval_(
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available).")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="Original model to compare against (KL divergence, top-1 agreement, greedy common prefix); 'base' = the base model in the first artifact's manifest.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ):
     """Perplexity on held-out text, bits per weight and size; several paths print one table."""
@@ -97,10 +98,16 @@ def eval_(
         if windows < 1 or seq_len < 2:
             raise UserError("--windows must be ≥ 1 and --seq-len ≥ 2.")
         rows = []
+        targets = paths or [None]
         with render.RichProgress() as progress:
-            for p in paths or [None]:
+            ref = None
+            if reference is not None:
+                ref_path = api.base_model_path(next((p for p in targets if p), None)) if reference == "base" else reference
+                ref = api.record_reference(ref_path, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
+                                           device=device, progress=progress)
+            for p in targets:
                 rows.append(api.evaluate(p, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
-                                         device=device, progress=progress))
+                                         device=device, reference=ref, progress=progress))
         render.console.print(render.eval_table(rows, compare))
         if json_out:
             json_out.write_text(json.dumps(rows, indent=1))

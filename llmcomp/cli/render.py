@@ -10,6 +10,8 @@ from rich.table import Table
 from llmcomp.core.progress import Progress
 
 console = Console()
+if not console.is_terminal:  # pipes and CI logs: wide enough that tables are not truncated
+    console = Console(width=160)
 err_console = Console(stderr=True)
 
 
@@ -57,18 +59,26 @@ def eval_table(rows: list[dict], compare: bool) -> Table:
     cols = ["model", "stages", "ppl", "bits/weight", "size MB", "eval s", "quant s"]
     if compare:
         cols.insert(3, "Δppl %")
+    agreement = "kld_mean" in (rows[0] if rows else {})
+    if agreement:
+        cols[3 + compare:3 + compare] = ["KLD mean", "KLD p99", "top-1 %", "greedy prefix"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("model", "stages") else "right")
     base = rows[0]["ppl"] if rows else None
     for r in rows:
-        cells = [r["path"], r["stages"], _fmt(r["ppl"]), _fmt(r["bits_per_weight"]), _fmt(r.get("size_mb", float("nan")), 1),
+        cells = [r["name"], r["stages"], _fmt(r["ppl"]), _fmt(r["bits_per_weight"]), _fmt(r.get("size_mb", float("nan")), 1),
                  _fmt(r["eval_time_s"], 1), _fmt(r.get("quant_time_s", float("nan")), 1)]
         if compare:
             cells.insert(3, f"{100 * (r['ppl'] / base - 1):+.1f}")
+        if agreement:
+            cells[3 + compare:3 + compare] = [f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}",
+                                              f"{100 * r['top1_agree']:.1f}", f"{r['greedy_prefix']:.1f}"]
         table.add_row(*cells)
     if rows:
         table.caption = (f"{rows[0]['text']} text, {rows[0]['windows']} windows × {rows[0]['seq_len']} tokens, "
-                         "no BOS; bits/weight over decoder linears")
+                         "no BOS; bits/weight over decoder linears"
+                         + ("; KLD = KL(reference ‖ model) per token, greedy prefix of 32 new tokens over 8 prompts"
+                            if agreement else ""))
     return table
 
 

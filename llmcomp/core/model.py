@@ -45,8 +45,16 @@ def bundled_model_dir(progress=None) -> Path:
 
     if progress:
         progress("Converting the bundled GGUF model (once)")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=BUNDLED_GGUF_FILE, dtype=torch.float32)
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own tqdm bar
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=BUNDLED_GGUF_FILE, dtype=torch.float32)
+    finally:
+        if quiet is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None

@@ -12,21 +12,29 @@ from llmcomp.core.progress import NULL, Progress
 
 @torch.no_grad()
 def perplexity(model, tokenizer, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
-               progress: Progress = NULL, source: str | None = None) -> dict:
+               progress: Progress = NULL, source: str | None = None, windows: torch.Tensor | None = None,
+               comparer=None) -> dict:
     """Mean next-token NLL over ``n_windows`` consecutive windows of ``seq_len`` held-out tokens.
 
     Each window is scored on positions 1..seq_len-1 (the first token has no context). Returns
-    ``{"ppl", "nll", "tokens", "windows", "seq_len"}``.
+    ``{"ppl", "nll", "tokens", "windows", "seq_len"}``. ``windows`` overrides the text; a ``comparer``
+    (eval/agreement.py) sees every batch of logits and adds its agreement metrics.
     """
-    windows = eval_windows(tokenizer, seq_len, n_windows, source)
+    if windows is None:
+        windows = eval_windows(tokenizer, seq_len, n_windows, source)
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in progress.track(windows.split(batch_size), "Perplexity"):
+    for i, batch in enumerate(progress.track(windows.split(batch_size), "Perplexity")):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
+        if comparer is not None:
+            comparer.observe(i * batch_size, logits)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                reduction="sum")
         total += float(loss)
         count += batch[:, 1:].numel()
     nll = total / count
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": windows.shape[0], "seq_len": seq_len}
+    out = {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": windows.shape[0], "seq_len": windows.shape[1]}
+    if comparer is not None:
+        out.update(comparer.summary(model))
+    return out
