@@ -135,5 +135,46 @@ def inspect(
     run(go)
 
 
+@app.command()
+def check(
+    artifact: Annotated[str, typer.Argument(help="Artifact (or model directory) to check.")],
+    baseline: Annotated[Path, typer.Option(help="Baseline JSON with metric values and tolerances.")] = Path("llmcomp-baseline.json"),
+    update: Annotated[bool, typer.Option("--update", help="Measure and (re)write the baseline instead of checking.")] = False,
+    windows: Annotated[int, typer.Option(help="Held-out windows when writing a baseline.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window when writing a baseline.")] = 512,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the comparison as JSON here.")] = None,
+    junit: Annotated[Optional[Path], typer.Option(help="Write a JUnit XML report here (for CI dashboards).")] = None,
+):
+    """Regression gate: recompute ppl, bits/weight and size; exit 1 if one is worse than the baseline allows."""
+    _quiet_transformers()
+    from llmcomp import api
+    from llmcomp import check as chk
+    from llmcomp.cli import render
+
+    def go():
+        if update:
+            settings = {"windows": windows, "seq_len": seq_len}
+        else:
+            settings = chk.read_baseline(baseline)["settings"]
+        with render.RichProgress() as progress:
+            current = chk.measure(api.evaluate, artifact, settings, progress)
+        if update:
+            baseline.write_text(json.dumps(chk.make_baseline(current, settings), indent=1) + "\n")
+            render.console.print(f"[green]wrote baseline[/green] {baseline}")
+            return 0
+        outcomes = chk.compare(chk.read_baseline(baseline), current)
+        render.console.print(render.check_table(outcomes, current["_wall_time_s"]))
+        if json_out:
+            json_out.write_text(json.dumps({"artifact": artifact, "passed": all(o.passed for o in outcomes),
+                                            "metrics": [{**o.__dict__, "change_rel": o.change_rel, "passed": o.passed}
+                                                        for o in outcomes]}, indent=1))
+        if junit:
+            junit.write_text(chk.junit_xml(outcomes, artifact, current["_wall_time_s"]))
+        return 0 if all(o.passed for o in outcomes) else 1
+
+    code = run(go)
+    raise typer.Exit(code or 0)
+
+
 def main():  # pragma: no cover
     app()

@@ -108,3 +108,15 @@ def manifest_tables(manifest: dict) -> list[Table]:
     for key, names in groups.items():
         mods.add_row(key, str(len(names)), names[0])
     return [head, mods]
+
+
+def check_table(outcomes, seconds: float) -> Table:
+    table = Table(title="llmcomp check")
+    for c in ("metric", "baseline", "current", "change %", "tolerance %", "result"):
+        table.add_column(c, justify="left" if c in ("metric", "result") else "right")
+    for o in outcomes:
+        table.add_row(o.metric, _fmt(o.baseline, 4), _fmt(o.current, 4), f"{100 * o.change_rel:+.3f}",
+                      f"{100 * o.tolerance_rel:.3f}", "[green]pass[/green]" if o.passed else "[bold red]FAIL[/bold red]")
+    failed = sum(not o.passed for o in outcomes)
+    table.caption = f"{len(outcomes) - failed} passed, {failed} failed in {seconds:.1f} s"
+    return table

@@ -1,0 +1,79 @@
+"""Quality table on the bundled model: ppl, KLD, top-1 agreement, greedy prefix, bits/weight, time.
+
+    python bench/quality.py --out bench/results/quality_cpu.json [--windows 16] [--only rtn-w4g128 ...]
+
+Every row is produced in this run (quantize → artifact → llmcomp.load → eval against the original).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llmcomp import api
+from llmcomp.core.model import DEFAULT_MODEL
+from llmcomp.formats import Uniform
+from llmcomp.quant import METHODS, RTNConfig
+
+
+def configs() -> dict:
+    out = {
+        "rtn-w8": RTNConfig(format=Uniform(bits=8, group_size=0, symmetric=True)),
+        "rtn-w4g128": RTNConfig(format=Uniform(bits=4, group_size=128)),
+        "rtn-w4g64": RTNConfig(format=Uniform(bits=4, group_size=64)),
+        "rtn-w4": RTNConfig(format=Uniform(bits=4, group_size=0)),
+        "rtn-w3g128": RTNConfig(format=Uniform(bits=3, group_size=128)),
+        "rtn-w3g64": RTNConfig(format=Uniform(bits=3, group_size=64)),
+    }
+    if "gptq" in METHODS:
+        from llmcomp.quant.gptq import GPTQConfig
+
+        for name, fmt in {"w4g128": Uniform(bits=4, group_size=128), "w4g64": Uniform(bits=4, group_size=64),
+                          "w4": Uniform(bits=4, group_size=0), "w3g128": Uniform(bits=3, group_size=128),
+                          "w3g64": Uniform(bits=3, group_size=64)}.items():
+            out[f"gptq-{name}"] = GPTQConfig(format=fmt)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/quality_cpu.json"))
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    todo = {k: v for k, v in configs().items() if not args.only or k in args.only}
+    ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
+    rows = [{"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg in todo.items():
+            t = time.perf_counter()
+            path = api.quantize(cfg, Path(tmp) / name, DEFAULT_MODEL, calib_samples=args.calib_samples)
+            quant_s = time.perf_counter() - t
+            row = {"name": name, **api.evaluate(str(path), n_windows=args.windows, reference=ref),
+                   "quant_time_s": round(quant_s, 1)}
+            rows.append(row)
+            print(f"{name:14s} ppl {row['ppl']:8.2f}  kld {row['kld_mean']:.4f}  top1 {row['top1_agree']:.3f}  "
+                  f"prefix {row['greedy_prefix']:5.1f}  bpw {row['bits_per_weight']:.3f}  {quant_s:6.1f}s", flush=True)
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpus": torch.get_num_threads(), "windows": args.windows, "seq_len": 512,
+            "calib_samples": args.calib_samples, "text": rows[0]["text"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n| method | ppl | KLD mean | top-1 % | greedy prefix | bits/weight | quant s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['ppl']:.2f} | {r['kld_mean']:.4f} | {100 * r['top1_agree']:.1f} | "
+              f"{r['greedy_prefix']:.1f} | {r['bits_per_weight']:.2f} | {r.get('quant_time_s', '-')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

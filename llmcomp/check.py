@@ -1,0 +1,105 @@
+"""``llmcomp check``: the regression gate. Recompute an artifact's tracked metrics and compare them with
+a baseline file; a metric worse than its tolerance fails the check.
+
+Baseline file (JSON, edit tolerances freely)::
+
+    {"llmcomp_check": 1,
+     "settings": {"windows": 8, "seq_len": 512},
+     "metrics": {"ppl": {"value": 24.3, "better": "lower", "tolerance_rel": 0.005}, ...}}
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from llmcomp.errors import UserError
+
+CHECK_VERSION = 1
+# metric → (direction, default relative tolerance)
+TRACKED = {
+    "ppl": ("lower", 0.005),
+    "bits_per_weight": ("lower", 0.0),
+    "size_mb": ("lower", 0.01),
+}
+
+
+@dataclass
+class Outcome:
+    metric: str
+    baseline: float
+    current: float
+    tolerance_rel: float
+    better: str
+
+    @property
+    def change_rel(self) -> float:
+        return (self.current - self.baseline) / abs(self.baseline) if self.baseline else 0.0
+
+    @property
+    def passed(self) -> bool:
+        worse = self.change_rel if self.better == "lower" else -self.change_rel
+        return worse <= self.tolerance_rel + 1e-12
+
+
+def measure(evaluate, artifact: str, settings: dict, progress=None) -> dict:
+    """Run ``evaluate`` (api.evaluate) with the baseline's settings and keep the tracked metrics."""
+    kwargs = {"n_windows": settings["windows"], "seq_len": settings["seq_len"]}
+    if progress is not None:
+        kwargs["progress"] = progress
+    start = time.perf_counter()
+    result = evaluate(artifact, **kwargs)
+    metrics = {k: float(result[k]) for k in TRACKED if k in result}
+    metrics["_wall_time_s"] = round(time.perf_counter() - start, 2)
+    return metrics
+
+
+def make_baseline(metrics: dict, settings: dict) -> dict:
+    return {
+        "llmcomp_check": CHECK_VERSION,
+        "settings": settings,
+        "metrics": {k: {"value": metrics[k], "better": TRACKED[k][0], "tolerance_rel": TRACKED[k][1]}
+                    for k in TRACKED if k in metrics},
+    }
+
+
+def read_baseline(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"Baseline {path} does not exist; create it with --update.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"Baseline {path} is not valid JSON.") from None
+    if not isinstance(data, dict) or data.get("llmcomp_check") != CHECK_VERSION or "metrics" not in data:
+        raise UserError(f"Baseline {path} is not an llmcomp check baseline (version {CHECK_VERSION}).")
+    for name, m in data["metrics"].items():
+        if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)) or m.get("better") not in ("lower", "higher"):
+            raise UserError(f"Baseline {path}: metric {name!r} needs a numeric value and better=lower|higher.")
+    data.setdefault("settings", {})
+    data["settings"].setdefault("windows", 8)
+    data["settings"].setdefault("seq_len", 512)
+    return data
+
+
+def compare(baseline: dict, current: dict) -> list[Outcome]:
+    out = []
+    for name, m in baseline["metrics"].items():
+        if name not in current:
+            raise UserError(f"Metric {name!r} in the baseline is not measured by this llmcomp.")
+        out.append(Outcome(name, float(m["value"]), current[name], float(m.get("tolerance_rel", 0.0)), m["better"]))
+    return out
+
+
+def junit_xml(outcomes: list[Outcome], artifact: str, seconds: float) -> str:
+    failures = sum(not o.passed for o in outcomes)
+    cases = []
+    for o in outcomes:
+        body = "" if o.passed else (
+            f'<failure message="{escape(o.metric)} regressed {100 * o.change_rel:+.3f}% '
+            f'(tolerance {100 * o.tolerance_rel:.3f}%)"/>')
+        cases.append(f'  <testcase classname="llmcomp.check" name="{escape(o.metric)}">{body}</testcase>')
+    return (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name="llmcomp check {escape(artifact)}" '
+            f'tests="{len(outcomes)}" failures="{failures}" time="{seconds:.2f}">\n' + "\n".join(cases) + "\n</testsuite>\n")

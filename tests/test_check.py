@@ -1,0 +1,93 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llmcomp import api
+from llmcomp import check as chk
+from llmcomp.cli.app import app
+from llmcomp.errors import UserError
+
+runner = CliRunner()
+SETTINGS = {"windows": 2, "seq_len": 64}
+
+
+def fake_evaluate(values):
+    def evaluate(path, **kwargs):
+        return dict(values)
+
+    return evaluate
+
+
+def test_one_percent_ppl_regression_fails():
+    base = chk.make_baseline({"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0}, SETTINGS)
+    same = chk.compare(base, {"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0})
+    assert all(o.passed for o in same)
+    worse = chk.compare(base, {"ppl": 24.0 * 1.01, "bits_per_weight": 4.27, "size_mb": 170.0})
+    assert [o.metric for o in worse if not o.passed] == ["ppl"]
+    better = chk.compare(base, {"ppl": 23.0, "bits_per_weight": 4.0, "size_mb": 160.0})
+    assert all(o.passed for o in better)
+
+
+def test_higher_is_better_direction():
+    base = {"llmcomp_check": 1, "settings": SETTINGS,
+            "metrics": {"top1": {"value": 0.9, "better": "higher", "tolerance_rel": 0.01}}}
+    assert not chk.compare(base, {"top1": 0.88})[0].passed
+    assert chk.compare(base, {"top1": 0.895})[0].passed
+
+
+def test_bad_baselines(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        chk.read_baseline(tmp_path / "none.json")
+    (tmp_path / "b.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        chk.read_baseline(tmp_path / "b.json")
+    (tmp_path / "b.json").write_text('{"llmcomp_check": 1, "metrics": {"ppl": {"value": "x", "better": "lower"}}}')
+    with pytest.raises(UserError, match="numeric value"):
+        chk.read_baseline(tmp_path / "b.json")
+
+
+def test_cli_update_pass_fail_and_reports(tmp_path, monkeypatch):
+    values = {"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0}
+    monkeypatch.setattr(api, "evaluate", fake_evaluate(values))
+    b = tmp_path / "base.json"
+    r = runner.invoke(app, ["check", "art", "--baseline", str(b), "--update", "--windows", "2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(b.read_text())["settings"]["windows"] == 2
+    r = runner.invoke(app, ["check", "art", "--baseline", str(b), "--junit", str(tmp_path / "j.xml")])
+    assert r.exit_code == 0, r.output
+    assert 'failures="0"' in (tmp_path / "j.xml").read_text()
+    monkeypatch.setattr(api, "evaluate", fake_evaluate({**values, "ppl": 24.0 * 1.01}))
+    r = runner.invoke(app, ["check", "art", "--baseline", str(b), "--json", str(tmp_path / "r.json"),
+                            "--junit", str(tmp_path / "j.xml")])
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in r.output
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+    assert 'failures="1"' in (tmp_path / "j.xml").read_text()
+
+
+def test_cli_missing_baseline(tmp_path):
+    r = runner.invoke(app, ["check", "art", "--baseline", str(tmp_path / "nope.json")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+@pytest.mark.slow
+def test_real_regression_caught(bundled_dir, tmp_path):
+    """A baseline from a W8 artifact; an artifact with a few layers at W3 per-channel must fail on ppl."""
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+
+    good = api.quantize(RTNConfig(format=Uniform(bits=8, group_size=0, symmetric=True)), tmp_path / "good",
+                        str(bundled_dir))
+    bad_first = api.quantize(RTNConfig(format=Uniform(bits=3, group_size=0), targets=(r"re:.*layers\.(3|4)\.mlp\..*",)),
+                             tmp_path / "bad1", str(bundled_dir))
+    bad = api.quantize(RTNConfig(format=Uniform(bits=8, group_size=0, symmetric=True)), tmp_path / "bad",
+                       str(bad_first))
+    b = tmp_path / "baseline.json"
+    args = ["--baseline", str(b)]
+    assert runner.invoke(app, ["check", str(good), *args, "--update", "--windows", "4"]).exit_code == 0
+    assert runner.invoke(app, ["check", str(good), *args]).exit_code == 0
+    r = runner.invoke(app, ["check", str(bad), *args, "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 1, r.output
+    failed = {m["metric"] for m in json.loads((tmp_path / "r.json").read_text())["metrics"] if not m["passed"]}
+    assert "ppl" in failed
