@@ -119,3 +119,16 @@ def test_quantlinear_on_meta_has_format_shapes():
     fmt = Uniform(bits=4, group_size=128)
     q = QuantLinear(576, 192, fmt, device="meta")
     assert q.weight_packed.shape == (192, 288) and q.weight_scale.shape == (192, 5)
+
+
+def test_dequant_cache_follows_packed_tensors():
+    fmt = Uniform(bits=4, group_size=32)
+    w = torch.randn(8, 64)
+    q = QuantLinear.from_packed(fmt, fmt.pack(rtn_fields(w, fmt)), 64)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        y1 = q(x)
+        q.weight_packed.zero_()  # in-place edit must not be hidden by the cache
+        y2 = q(x)
+    ref = torch.nn.functional.linear(x, q.dequantize())
+    assert not torch.equal(y1, y2) and torch.equal(y2, ref)

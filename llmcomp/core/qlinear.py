@@ -48,7 +48,14 @@ class QuantLinear(nn.Module):
         mod.to(ref.device)
         return mod
 
+    cache_dequantized = True  # reference path: keep the dequantized weight (see kernels.dequant_linear)
+
+    def clear_cache(self) -> None:
+        """Drop the dequantized-weight cache (call after changing packed tensors in place)."""
+        self.__dict__["_wcache"] = {}
+
     def _apply(self, fn, recurse=True):
+        self.clear_cache()
         # ``module.to(dtype)`` must move packed tensors but never recast them: a float16 scale turned
         # into bfloat16 would silently change the weights.
         packed = {n: self._buffers.pop(n) for n in self._names}
@@ -67,7 +74,8 @@ class QuantLinear(nn.Module):
         return self.fmt.dequantize(self.packed_tensors(), self.in_features, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dequant_linear(x, self.fmt, self.packed_tensors(), self.in_features, self.bias)
+        cache = self.__dict__.setdefault("_wcache", {}) if self.cache_dequantized and not torch.is_grad_enabled() else None
+        return dequant_linear(x, self.fmt, self.packed_tensors(), self.in_features, self.bias, cache)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}"

@@ -33,14 +33,35 @@ def reference_linear(
     return F.linear(x, w, bias)
 
 
+def fast_path(fmt: WeightFormat, x: torch.Tensor) -> Optional[Callable]:
+    """The registered fast path that accepts ``(fmt, x)``, or None."""
+    for supports, fn in _FAST.get((fmt.name, x.device.type), ()):
+        if supports(fmt, x):
+            return fn
+    return None
+
+
 def dequant_linear(
     x: torch.Tensor,
     fmt: WeightFormat,
     tensors: dict[str, torch.Tensor],
     in_features: int,
     bias: Optional[torch.Tensor] = None,
+    cache: Optional[dict] = None,
 ) -> torch.Tensor:
-    for supports, fn in _FAST.get((fmt.name, x.device.type), ()):
-        if supports(fmt, x):
-            return fn(x, fmt, tensors, in_features, bias)
-    return reference_linear(x, fmt, tensors, in_features, bias)
+    """``x @ W.T + bias``. ``cache``: a dict owned by the caller in which the reference path may keep
+    the dequantized weight per (dtype, device) — decode on CPU would otherwise dequantize every
+    weight at every generated token."""
+    fn = fast_path(fmt, x)
+    if fn is not None:
+        return fn(x, fmt, tensors, in_features, bias)
+    if cache is None:
+        return reference_linear(x, fmt, tensors, in_features, bias)
+    # keyed on the packed tensors' identity and version counters, so replacing or editing them in
+    # place invalidates the cached weight
+    key = (x.dtype, x.device, *((t.data_ptr(), t._version) for t in tensors.values()))
+    w = cache.get(key)
+    if w is None:
+        cache.clear()
+        w = cache[key] = fmt.dequantize(tensors, in_features, dtype=x.dtype)
+    return F.linear(x, w, bias)
