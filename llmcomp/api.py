@@ -1,6 +1,7 @@
 """Library entry points: the only functions the CLI calls."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from llmcomp.errors import UserError
 from llmcomp.eval import perplexity, size_report
 from llmcomp.eval.agreement import Reference
 from llmcomp.quant import QuantConfig, quantize_model
+from llmcomp.quant.allocate import AllocationConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -72,9 +74,13 @@ def quantize(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     shard_bytes: Optional[int] = None,
+    allocation: Optional[AllocationConfig] = None,
     progress: Progress = NULL,
 ) -> Path:
-    """Quantize ``model`` (a directory, an artifact, or None for the bundled model) into an artifact."""
+    """Quantize ``model`` (a directory, an artifact, or None for the bundled model) into an artifact.
+
+    With ``allocation``, a first calibration pass picks each layer's bit width under the average
+    budget (quant/allocate.py) and ``config`` then quantizes every layer in its chosen format."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
@@ -85,12 +91,18 @@ def quantize(
 
     calib = None
     source = None
-    if METHODS.get(config.method).needs_calibration:
+    device = device or default_device()
+    if METHODS.get(config.method).needs_calibration or allocation is not None:
         if tok is None:
             raise UserError("Calibration needs a tokenizer, and the model directory has none.")
         source = corpus().name
         calib = calib_windows(tok, calib_seq_len, calib_samples, seed)
-    report = quantize_model(net, config, calib, progress=progress, device=device or default_device())
+    alloc_report = None
+    if allocation is not None:
+        config, alloc_report = _allocate(net, config, allocation, calib, device, progress)
+    report = quantize_model(net, config, calib, progress=progress, device=device)
+    if alloc_report is not None:
+        report["_allocation"] = alloc_report
     sizes = size_report(net)
     stage = {
         "method": config.method,
@@ -104,6 +116,25 @@ def quantize(
     progress.note(f"Writing {output}")
     return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=source,
                           overwrite=overwrite, dtype=store_dtype, **kwargs)
+
+
+def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, device, progress):
+    """Measure per-layer errors, solve the allocation, return the config with per-layer formats."""
+    from torch import nn
+
+    from llmcomp.quant import allocate
+
+    table = allocate.measure_errors(net, calib, config.targets, config.ignore, allocation, device=device,
+                                    progress=progress)
+    shapes = {n: (m.out_features, m.in_features) for n, m in net.named_modules()
+              if n in table and isinstance(m, nn.Linear)}
+    formats = allocation.formats()
+    assignment = allocate.solve(table, formats, allocation.budget, shapes)
+    achieved = allocate.average_bits(assignment, shapes)
+    counts = {f.describe(): sum(1 for a in assignment.values() if a == f) for f in formats}
+    report = {"config": to_dict(allocation), "achieved_bits_per_weight": round(achieved, 4), "layers_per_format": counts,
+              "bits": {n: f.bits for n, f in assignment.items()}}
+    return dataclasses.replace(config, formats=assignment), report
 
 
 def base_model_path(path) -> str:

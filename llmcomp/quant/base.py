@@ -26,10 +26,12 @@ METHODS: Registry[type] = Registry("quantization method")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Fields every method config has: which layers to quantize."""
+    """Fields every method config has: which layers to quantize, and per-layer format overrides
+    (``formats``: module path → format, e.g. from bit allocation; others use the config's ``format``)."""
 
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
+    formats: dict = field(default_factory=dict)
 
     method: ClassVar[str] = ""
 
@@ -45,6 +47,10 @@ class Quantizer:
 
     def __init__(self, config: QuantConfig):
         self.config = config
+
+    def format_for(self, name: str):
+        """The weight format for module ``name``: a per-layer override or the config's ``format``."""
+        return self.config.formats.get(name, self.config.format)
 
     def observe(self, linear: nn.Linear):
         """For calibrated methods: return a stateful forward hook ``fn(module, inputs, output)``.

@@ -42,7 +42,7 @@ class RTNQuantizer(Quantizer):
     config: RTNConfig
 
     def quantize_linear(self, name: str, linear: nn.Linear, stats=None) -> LayerResult:
-        fmt = self.config.format
+        fmt = self.format_for(name)
         fmt.validate_shape(linear.out_features, linear.in_features, name)
         tensors = fmt.pack(rtn_fields(linear.weight.data, fmt))
         mod = QuantLinear.from_packed(fmt, tensors, linear.in_features,

@@ -1,0 +1,118 @@
+"""Per-layer bit allocation under an average bits-per-weight budget.
+
+1. One calibration pass over the *original* model measures, for every target linear and every
+   candidate bit width, the layer-output error of round-to-nearest at that width,
+   ``tr((W − Ŵ_b) H (W − Ŵ_b)ᵀ)`` with ``H = 2XᵀX/n`` — computed layer by layer, so only one layer's
+   Hessians are alive at a time.
+2. A greedy knapsack picks one width per layer: start everyone at the cheapest candidate, then keep
+   applying the upgrade with the largest error reduction per extra bit that still fits the budget.
+   Costs are exact: ``bits_per_weight`` of the format (codes + scales + zeros) × the layer's weights.
+3. The chosen method (rtn, gptq, decoupleq) then quantizes each layer in its chosen format
+   (``QuantConfig.formats``); the allocation is recorded in the manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmcomp.core.calib import calibrate_layerwise
+from llmcomp.core.config import register_config
+from llmcomp.core.progress import NULL, Progress
+from llmcomp.core.select import select
+from llmcomp.errors import UserError
+from llmcomp.formats.uniform import Uniform
+from llmcomp.quant.hessian import HessianAccumulator
+from llmcomp.quant.rtn import rtn_fields
+
+
+@register_config
+@dataclass(frozen=True)
+class AllocationConfig:
+    """Average ``budget`` bits per weight (scales and zeros included) over the target linears."""
+
+    budget: float = 3.25
+    candidates: tuple[int, ...] = (2, 3, 4, 8)
+    group_size: int = 128
+    symmetric: bool = False
+    damp: float = 0.01
+
+    VERSION = 1
+
+    def __post_init__(self):
+        if not self.candidates or any(not isinstance(b, int) or not 2 <= b <= 8 for b in self.candidates):
+            raise UserError(f"Allocation candidates must be integers from 2 to 8, got {list(self.candidates)}.")
+        for b in self.candidates:
+            Uniform(bits=b, group_size=self.group_size, symmetric=self.symmetric)  # validates the group size
+
+    def formats(self) -> list[Uniform]:
+        return [Uniform(bits=b, group_size=self.group_size, symmetric=self.symmetric) for b in sorted(set(self.candidates))]
+
+
+def layer_errors(linear: nn.Linear, H: torch.Tensor, formats: list[Uniform]) -> list[float]:
+    W = linear.weight.data.float()
+    out = []
+    for fmt in formats:
+        D = W - fmt.dequantize(fmt.pack(rtn_fields(W, fmt)), W.shape[1]).to(W.device)
+        out.append(float(((D @ H) * D).sum()))
+    return out
+
+
+@torch.no_grad()
+def measure_errors(model: nn.Module, calib_ids: torch.Tensor, targets, ignore, cfg: AllocationConfig,
+                   device=None, progress: Progress = NULL) -> dict[str, dict]:
+    """``{path: {"weights": n, "errors": [err per candidate format]}}`` for every target linear."""
+    chosen = {n: m for n, m in select(model, targets, ignore) if isinstance(m, nn.Linear)}
+    formats = cfg.formats()
+    table: dict[str, dict] = {}
+
+    def handler(path, layer, runner):
+        linears = [(n, m) for n, m in chosen.items() if n.startswith(path + ".")]
+        accs = {m: HessianAccumulator.for_linear(m) for _, m in linears}
+        runner.run(accs)
+        for n, m in linears:
+            H = accs[m].finalize(cfg.damp).H
+            table[n] = {"weights": m.weight.numel(), "errors": layer_errors(m, H, formats)}
+            accs[m].release()
+
+    calibrate_layerwise(model, calib_ids, handler, device=device, progress=progress)
+    missing = set(chosen) - set(table)
+    if missing:
+        raise UserError(f"Bit allocation only covers decoder layers; add {sorted(missing)[0]} to --ignore.")
+    return table
+
+
+def solve(table: dict[str, dict], formats: list[Uniform], budget: float, shapes: dict[str, tuple[int, int]]
+          ) -> dict[str, Uniform]:
+    """Greedy knapsack: one format per layer, average bits/weight ≤ ``budget``, small total error."""
+    total_w = sum(t["weights"] for t in table.values())
+    cost = {n: [f.bits_per_weight(*shapes[n]) * t["weights"] for f in formats] for n, t in table.items()}
+    pick = {n: 0 for n in table}
+    spent = sum(cost[n][0] for n in table)
+    limit = budget * total_w
+    if spent > limit * (1 + 1e-12):
+        raise UserError(f"Budget {budget} bits/weight is below the cheapest candidate "
+                        f"({spent / total_w:.3f} bits/weight with {formats[0].describe()}).")
+    while True:
+        best, best_gain = None, 0.0
+        for n, t in table.items():
+            i = pick[n]
+            for j in range(i + 1, len(formats)):
+                extra = cost[n][j] - cost[n][i]
+                if spent + extra > limit:
+                    continue
+                gain = (t["errors"][i] - t["errors"][j]) / max(extra, 1e-12)
+                if gain > best_gain:
+                    best, best_gain = (n, j, extra), gain
+        if best is None:
+            break
+        n, j, extra = best
+        pick[n] = j
+        spent += extra
+    return {n: formats[j] for n, j in pick.items()}
+
+
+def average_bits(assignment: dict[str, Uniform], shapes: dict[str, tuple[int, int]]) -> float:
+    total = sum(o * i for o, i in shapes.values())
+    return sum(f.bits_per_weight(*shapes[n]) * shapes[n][0] * shapes[n][1] for n, f in assignment.items()) / total

@@ -1,0 +1,84 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from llmcomp.core.config import from_json, to_json
+from llmcomp.errors import UserError
+from llmcomp.eval import size_report
+from llmcomp.quant import RTNConfig, quantize_model
+from llmcomp.quant import allocate
+
+
+@pytest.fixture(scope="module")
+def measured():
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(hidden=64, layers=2, inter=96, vocab=128, seed=1)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = allocate.AllocationConfig(budget=3.5, candidates=(2, 3, 4, 8), group_size=64)
+    table = allocate.measure_errors(model, ids, ("Linear",), ("lm_head",), cfg, device="cpu")
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if n in table}
+    return model, cfg, table, shapes
+
+
+def test_errors_fall_with_bits(measured):
+    _, _, table, _ = measured
+    assert len(table) == 14
+    for t in table.values():
+        assert t["errors"] == sorted(t["errors"], reverse=True) and t["errors"][-1] < t["errors"][0]
+
+
+@pytest.mark.parametrize("budget", [2.7, 3.25, 3.5, 5.0])
+def test_budget_met_and_maximal(measured, budget):
+    _, cfg, table, shapes = measured
+    formats = cfg.formats()
+    pick = allocate.solve(table, formats, budget, shapes)
+    achieved = allocate.average_bits(pick, shapes)
+    assert achieved <= budget + 1e-9
+    # maximal: no single further upgrade fits the budget
+    total = sum(o * i for o, i in shapes.values())
+    for n, f in pick.items():
+        j = formats.index(f)
+        if j + 1 < len(formats):
+            extra = (formats[j + 1].bits_per_weight(*shapes[n]) - f.bits_per_weight(*shapes[n])) * shapes[n][0] * shapes[n][1]
+            assert achieved * total + extra > budget * total
+
+
+def test_more_budget_less_error(measured):
+    _, cfg, table, shapes = measured
+    formats = cfg.formats()
+
+    def err(budget):
+        pick = allocate.solve(table, formats, budget, shapes)
+        return sum(table[n]["errors"][formats.index(f)] for n, f in pick.items())
+
+    assert err(2.7) > err(3.5) > err(8.5)
+
+
+def test_budget_below_cheapest_rejected(measured):
+    _, cfg, table, shapes = measured
+    with pytest.raises(UserError, match="below the cheapest"):
+        allocate.solve(table, cfg.formats(), 2.0, shapes)
+
+
+def test_allocated_model_uses_per_layer_formats(measured):
+    model, cfg, table, shapes = measured
+    import copy
+
+    q = copy.deepcopy(model)
+    pick = allocate.solve(table, cfg.formats(), 3.5, shapes)
+    config = dataclasses.replace(RTNConfig(), formats=pick)
+    assert from_json(to_json(config)) == config
+    quantize_model(q, config)
+    for n, f in pick.items():
+        assert q.get_submodule(n).fmt == f
+    # bits/weight over the linears equals the allocation's exact accounting
+    assert size_report(q)["bits_per_weight"] == pytest.approx(allocate.average_bits(pick, shapes))
+    assert len({f.bits for f in pick.values()}) > 1
+
+
+def test_bad_candidates():
+    with pytest.raises(UserError):
+        allocate.AllocationConfig(candidates=(1, 4))
