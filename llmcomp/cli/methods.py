@@ -6,6 +6,7 @@ from llmcomp.formats.uniform import Uniform
 from llmcomp.quant import METHODS
 from llmcomp.quant.presets import PRESETS
 from llmcomp.quant.rtn import RTNConfig
+from llmcomp.quant.gptq import GPTQConfig
 
 
 def build_quant_config(*, method: str, bits: int, group_size: int, symmetric: bool, preset: str | None,
@@ -18,4 +19,5 @@ def build_quant_config(*, method: str, bits: int, group_size: int, symmetric: bo
     METHODS.get(method)  # unknown method → UserError listing the known ones
     fmt = Uniform(bits=bits, group_size=group_size, symmetric=symmetric)
     builders = {"rtn": lambda: RTNConfig(format=fmt, targets=targets, ignore=ignore)}
+    builders["gptq"] = lambda: GPTQConfig(format=fmt, targets=targets, ignore=ignore)
     return builders[method]()

@@ -1,0 +1,191 @@
+"""GPTQ (Frantar et al., 2022) into the ``uniform`` format.
+
+Quantize one column at a time and spread its rounding error over the columns not yet quantized, using
+the upper Cholesky factor ``U`` of ``H⁻¹`` (``H = 2XᵀX/n`` from ``hessian.py``); updates inside a block
+of ``block_size`` columns are applied eagerly, the rest lazily once per block (one matmul).
+
+Groups and activation order:
+- ``act_order`` quantizes columns in order of decreasing ``diag(H)`` (the most used inputs first,
+  while there is the most freedom left to compensate them).
+- ``static_groups`` computes every group's scale and zero **up front from the original weights**
+  (min/max, the same grid math as RTN). Each column keeps the scale of its own group, so the artifact is
+  the plain ``uniform`` format in natural column order: no permutation and no ``g_idx`` at inference.
+  Activation order requires static groups.
+- Without static groups (and without act-order) a group's scale and zero are computed when the solver
+  reaches its first column, from the error-updated weights: the original GPTQ.
+
+The ragged last group (``in % group_size != 0``) and per-channel (``group_size=0``) need nothing special:
+the grid of column ``j`` is the grid of group ``j // group_size``.
+
+The solver (``gptq_solve``) only sees a rounding function ``round_col(j, ahead) -> column`` so another
+grid (e.g. FP4) can reuse it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from llmcomp.core.config import register_config
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.errors import UserError
+from llmcomp.formats.uniform import Uniform
+from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
+from llmcomp.quant.hessian import HessianAccumulator, flush_denormal, inverse_cholesky
+
+# round_col(j, ahead) -> the quantized (dequantized-value) column j, in the solver's column order.
+# ``ahead`` is the current, error-updated working copy of columns j .. end of the current block
+# (ahead[:, 0] is column j itself).
+RoundFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@register_config
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    format: Uniform = Uniform()
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    static_groups: bool = True
+
+    method = "gptq"
+    VERSION = 1
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise UserError(f"GPTQ block size must be a positive integer, got {self.block_size}.")
+        if not 0 <= self.damp < 10:
+            raise UserError(f"GPTQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), got {self.damp}.")
+        if self.act_order and not self.static_groups:
+            raise UserError("GPTQ act-order needs static groups (the uniform format stores no column permutation); "
+                            "set static_groups=True or act_order=False.")
+
+
+@torch.no_grad()
+def gptq_solve(W: torch.Tensor, U: torch.Tensor, round_col: RoundFn, block_size: int = 128) -> torch.Tensor:
+    """Quantize ``W`` [out, n] column by column in the given order; returns the quantized values ``Q``.
+
+    ``U``: upper Cholesky factor of the (dampened) inverse Hessian in the same column order.
+    """
+    W = W.float().clone()
+    Q = torch.zeros_like(W)
+    n = W.shape[1]
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = round_col(i1 + i, W1[:, i:])
+            Q[:, i1 + i] = q
+            err = (W1[:, i] - q) / U1[i, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        if i2 < n:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    return Q
+
+
+def static_grid(W: torch.Tensor, fmt: Uniform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero [out, n_groups] from ``W`` (min/max per group, ragged last group)."""
+    in_f = W.shape[1]
+    g = fmt.group(in_f)
+    pairs = [fmt.qparams(W[:, j : j + g]) for j in range(0, in_f, g)]
+    return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
+
+
+def uniform_round(fmt: Uniform, scale_cols: torch.Tensor, zero_cols: torch.Tensor) -> RoundFn:
+    """Round column j onto a fixed grid: ``scale_cols``/``zero_cols`` [out, n] in solver column order."""
+
+    def round_col(j: int, ahead: torch.Tensor) -> torch.Tensor:
+        s, z = scale_cols[:, j], zero_cols[:, j]
+        return (fmt.encode(ahead[:, 0], s, z) - z) * s
+
+    return round_col
+
+
+class LazyGroupRound:
+    """Original GPTQ groups: a group's grid comes from the error-updated weights at its first column.
+
+    Needs solver blocks that start on group boundaries (so ``ahead`` holds the whole group).
+    """
+
+    def __init__(self, fmt: Uniform, out_f: int, in_f: int, device):
+        self.fmt, self.g = fmt, fmt.group(in_f)
+        ng = fmt.n_groups(in_f)
+        self.scale = torch.zeros(out_f, ng, device=device)
+        self.zero = torch.zeros(out_f, ng, device=device)
+
+    def __call__(self, j: int, ahead: torch.Tensor) -> torch.Tensor:
+        k = j // self.g
+        if j % self.g == 0:
+            s, z = self.fmt.qparams(ahead[:, : self.g])
+            self.scale[:, k], self.zero[:, k] = s, z
+        s, z = self.scale[:, k], self.zero[:, k]
+        return (self.fmt.encode(ahead[:, 0], s, z) - z) * s
+
+
+@METHODS.register("gptq")
+class GPTQQuantizer(Quantizer):
+    config: GPTQConfig
+    needs_calibration = True
+
+    def observe(self, linear: nn.Linear) -> HessianAccumulator:
+        return HessianAccumulator.for_linear(linear)
+
+    @torch.no_grad()
+    def quantize_linear(self, name: str, linear: nn.Linear, stats: HessianAccumulator | None = None) -> LayerResult:
+        cfg, fmt = self.config, self.config.format
+        out_f, in_f = linear.out_features, linear.in_features
+        fmt.validate_shape(out_f, in_f, name)
+        if stats is None or stats.H is None:
+            raise UserError(f"GPTQ got no calibration statistics for {name}; it needs calibration data.")
+        W0 = linear.weight.data.float()
+        device = W0.device
+        with flush_denormal():
+            H0 = stats.H.to(device)
+            dh = stats.finalize(cfg.damp)
+            dh.H = dh.H.to(device)
+            dead = dh.dead.to(device)
+            W = W0.clone()
+            W[:, dead] = 0  # inputs never seen in calibration: their weights do not matter there
+
+            g = fmt.group(in_f)
+            lazy = not cfg.static_groups and fmt.n_groups(in_f) > 1  # one group: the same either way
+            if lazy:
+                rounder = LazyGroupRound(fmt, out_f, in_f, device)
+                block = max(g, cfg.block_size // g * g)  # blocks must start on group boundaries
+                perm = None
+            else:
+                scale, zero = static_grid(W, fmt)
+                block = cfg.block_size
+                perm = torch.argsort(torch.diagonal(dh.H), descending=True, stable=True) if cfg.act_order else None
+                s_cols, z_cols = fmt.expand(scale, in_f), fmt.expand(zero, in_f)
+                if perm is not None:
+                    s_cols, z_cols = s_cols[:, perm], z_cols[:, perm]
+                rounder = uniform_round(fmt, s_cols, z_cols)
+
+            if perm is not None:
+                dh.H = dh.H[perm][:, perm]
+            U, dh = inverse_cholesky(dh)
+            Wp = W if perm is None else W[:, perm]
+            Q = gptq_solve(Wp, U, rounder, block)
+            if perm is not None:
+                Q = Q[:, torch.argsort(perm)]
+            if lazy:
+                scale, zero = rounder.scale, rounder.zero
+            codes = fmt.encode(Q, fmt.expand(scale, in_f), fmt.expand(zero, in_f))
+
+            D = Q - W0
+            rel_err = float(((D @ H0) * D).sum() / ((W0 @ H0) * W0).sum().clamp(min=1e-30))
+        stats.release()
+        tensors = fmt.pack({"codes": codes.to(torch.uint8), "scale": scale, "zero": zero})
+        mod = QuantLinear.from_packed(fmt, tensors, in_f, linear.bias.data if linear.bias is not None else None)
+        metrics = {"out_err_rel": round(rel_err, 6)}
+        if dh.percdamp != cfg.damp:
+            metrics["damp"] = dh.percdamp
+        if int(dead.sum()):
+            metrics["dead_inputs"] = int(dead.sum())
+        return LayerResult(mod, metrics)

@@ -1,0 +1,130 @@
+"""Second-order statistics of a linear layer's inputs, shared by every Hessian-based method.
+
+For a layer ``y = x Wᵀ`` and the squared output error, the Hessian w.r.t. each row of ``W`` is
+
+    H = 2 · XᵀX / n        X: [n tokens, in_features], over all calibration tokens
+
+``HessianAccumulator`` is a forward hook (the object ``Quantizer.observe`` returns; the calibration
+driver hands the same object back to ``quantize_linear`` as ``stats``). It keeps the running average
+in float32, as GPTQ does, so memory is one ``in × in`` matrix per linear whatever the token count.
+
+``dampen`` adds ``percdamp · mean(diag H)`` to the diagonal and gives dead inputs (``diag == 0``: the
+input is zero on every calibration token) a unit diagonal; ``inverse_cholesky`` returns the upper
+Cholesky factor of ``H⁻¹`` that GPTQ-style solvers consume, raising the dampening automatically
+(and warning once) when ``H`` is not positive definite.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def flush_denormal():
+    """Flush float32 denormals to zero inside the block (CPU solvers slow down 5–100× on denormals)."""
+    enabled = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_flush_denormal(False)  # torch has no getter; False is the process default
+
+
+class HessianAccumulator:
+    """Forward hook accumulating ``H = 2·XᵀX/n`` of a linear layer's input (float32 running average)."""
+
+    def __init__(self, in_features: int | None = None):
+        self.in_features = in_features
+        self.H: torch.Tensor | None = None
+        self.n = 0  # tokens seen
+
+    @classmethod
+    def for_linear(cls, linear: nn.Linear) -> "HessianAccumulator":
+        return cls(linear.in_features)
+
+    def __call__(self, module, inputs, output=None) -> None:
+        self.add(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``x`` [..., in_features] (every leading position counts as a token)."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        if m == 0:
+            return
+        if self.H is None:
+            if self.in_features is not None and x.shape[1] != self.in_features:
+                raise ValueError(f"input width {x.shape[1]} != in_features {self.in_features}")
+            self.in_features = x.shape[1]
+            self.H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        # H_new = H·n/(n+m) + 2/(n+m)·xᵀx
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.T, x)
+
+    def finalize(self, percdamp: float = 0.01) -> "DampedHessian":
+        """The dampened Hessian (a new tensor; the accumulator is left untouched)."""
+        if self.H is None:
+            raise RuntimeError("HessianAccumulator saw no inputs; was the layer run on calibration data?")
+        return dampen(self.H, percdamp)
+
+    def release(self) -> None:
+        self.H = None
+
+
+@dataclass
+class DampedHessian:
+    H: torch.Tensor  # dampened, dead diagonal set to 1
+    dead: torch.Tensor  # bool [in]: inputs that were zero on every calibration token
+    damp: float  # absolute value added to the diagonal
+    percdamp: float  # relative dampening actually used (may exceed the requested one)
+
+
+def dampen(H: torch.Tensor, percdamp: float = 0.01) -> DampedHessian:
+    """``H + percdamp·mean(diag H)·I`` with dead inputs (diag 0) given a unit diagonal."""
+    if percdamp < 0:
+        raise ValueError("percdamp must be ≥ 0")
+    H = H.float().clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    diag[dead] = 1.0
+    mean = float(diag.mean())
+    damp = percdamp * mean
+    diag.add_(damp)
+    return DampedHessian(H, dead, damp, percdamp)
+
+
+_warned_not_pd = False
+
+
+def inverse_cholesky(dh: DampedHessian, max_tries: int = 8) -> tuple[torch.Tensor, DampedHessian]:
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``) for a dampened Hessian.
+
+    If ``H`` is not positive definite, the dampening is multiplied by 10 (from at least 1 % of the
+    mean diagonal) until it is; the returned ``DampedHessian`` records what was used. Warns once.
+    """
+    global _warned_not_pd
+    H, percdamp = dh.H, dh.percdamp
+    diag_mean = float(torch.diagonal(H).mean()) - dh.damp  # mean of the undampened (dead-fixed) diag
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, dh
+        new = max(percdamp * 10, 0.01)
+        if not _warned_not_pd:
+            warnings.warn(f"Hessian not positive definite with dampening {percdamp:g}; raising it to {new:g} "
+                          "(recorded in the layer metrics).", RuntimeWarning, stacklevel=2)
+            _warned_not_pd = True
+        H = H + (new - percdamp) * diag_mean * eye
+        dh = DampedHessian(H, dh.dead, new * diag_mean, new)
+        percdamp = new
+    raise RuntimeError(f"Hessian still not positive definite with dampening {percdamp:g}.")

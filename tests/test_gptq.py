@@ -1,0 +1,189 @@
+"""GPTQ and the shared Hessian statistics (CPU, tiny random layers and models)."""
+import pytest
+import torch
+from torch import nn
+
+import llmcomp
+from llmcomp import api
+from llmcomp.core.artifact import read_manifest, write_artifact
+from llmcomp.core.config import from_json, to_dict, to_json
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.errors import UserError
+from llmcomp.formats import Uniform
+from llmcomp.quant import METHODS, GPTQConfig, RTNConfig, quantize_model
+from llmcomp.quant.gptq import GPTQQuantizer, gptq_solve, static_grid, uniform_round
+from llmcomp.quant.hessian import HessianAccumulator, dampen, inverse_cholesky
+from llmcomp.quant.rtn import RTNQuantizer, rtn_fields
+
+
+def correlated_inputs(n, d, seed=0):
+    """Inputs with strongly correlated features and uneven scales (like real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    scale = torch.exp(torch.randn(d, generator=g))
+    return (torch.randn(n, d, generator=g) @ mix + 0.2 * torch.randn(n, d, generator=g)) * scale
+
+
+def layer(in_f, out_f, seed=1, bias=False):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias).requires_grad_(False)
+
+
+def hessian_of(X, lin=None):
+    acc = HessianAccumulator(X.shape[-1])
+    for xb in X.split(97):  # uneven batches exercise the running average
+        acc(lin, (xb,), None)
+    return acc
+
+
+def gptq(lin, X, **kw):
+    cfg = GPTQConfig(**kw)
+    return GPTQQuantizer(cfg).quantize_linear("layer", lin, hessian_of(X, lin))
+
+
+# -- Hessian ------------------------------------------------------------------------------------------
+
+def test_hessian_equals_direct_formula():
+    X = correlated_inputs(1000, 48)
+    acc = HessianAccumulator(48)
+    for xb in X.reshape(10, 100, 48).split(3):  # [batch, seq, in] like a decoder layer's input
+        acc(None, (xb,), None)
+    direct = 2 * X.double().T @ X.double() / X.shape[0]
+    assert acc.n == 1000 and acc.H.dtype == torch.float32
+    assert torch.allclose(acc.H.double(), direct, rtol=1e-5, atol=1e-5 * float(direct.abs().max()))
+
+
+def test_dampen_and_dead_inputs():
+    X = correlated_inputs(200, 16)
+    X[:, 3] = 0
+    acc = hessian_of(X)
+    dh = acc.finalize(0.05)
+    assert dh.dead.tolist() == [i == 3 for i in range(16)]
+    diag = torch.diagonal(acc.H).clone()
+    diag[3] = 1
+    assert dh.damp == pytest.approx(0.05 * float(diag.mean()), rel=1e-6)
+    assert torch.allclose(torch.diagonal(dh.H), diag + dh.damp)
+    U, _ = inverse_cholesky(dh)
+    assert torch.allclose(U.T @ U, torch.linalg.inv(dh.H.double()).float(), rtol=1e-3, atol=1e-4)
+
+
+def test_not_positive_definite_raises_dampening():
+    H = torch.zeros(8, 8)
+    H[0, 0], H[0, 1], H[1, 0], H[1, 1] = 1.0, 2.0, 2.0, 1.0  # indefinite; other inputs dead
+    import llmcomp.quant.hessian as hmod
+
+    hmod._warned_not_pd = False
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        U, dh = inverse_cholesky(dampen(H, 0.01))
+    assert dh.percdamp > 0.01 and torch.isfinite(U).all()
+
+
+# -- solver -------------------------------------------------------------------------------------------
+
+def test_identity_hessian_equals_rtn():
+    lin = layer(96, 24)
+    fmt = Uniform(bits=3, group_size=32)
+    W = lin.weight.data
+    scale, zero = static_grid(W, fmt)
+    Q = gptq_solve(W, torch.eye(96), uniform_round(fmt, fmt.expand(scale, 96), fmt.expand(zero, 96)), 32)
+    r = rtn_fields(W, fmt)
+    ref = (r["codes"].float() - fmt.expand(r["zero"], 96)) * fmt.expand(r["scale"], 96)
+    assert torch.equal(Q, ref)
+
+
+@pytest.mark.parametrize("act_order,static", [(True, True), (False, True), (False, False)])
+def test_gptq_beats_rtn_on_output_error_at_3_bits(act_order, static):
+    X = correlated_inputs(2048, 192)
+    lin = layer(192, 64)
+    fmt = Uniform(bits=3, group_size=64)
+    ref = X @ lin.weight.T
+    rtn = RTNQuantizer(RTNConfig(format=fmt)).quantize_linear("layer", lin).module
+    res = gptq(lin, X, format=fmt, act_order=act_order, static_groups=static)
+    e_rtn = float((ref - rtn(X)).norm())
+    e_gptq = float((ref - res.module(X)).norm())
+    assert e_gptq < 0.85 * e_rtn, (e_gptq, e_rtn)
+    assert res.metrics["out_err_rel"] == pytest.approx((e_gptq / float(ref.norm())) ** 2, rel=0.05)
+
+
+@pytest.mark.parametrize("bits,group,in_f", [(3, 128, 576), (4, 0, 200), (2, 64, 96), (4, 32, 64)])
+def test_codes_in_range_pack_round_trip_ragged(bits, group, in_f):
+    """576 at group 128 → groups 128,128,128,128,64; per-channel; 96 at 64 → 64,32."""
+    X = correlated_inputs(600, in_f)
+    lin = layer(in_f, 40, bias=True)
+    fmt = Uniform(bits=bits, group_size=group)
+    mod = gptq(lin, X, format=fmt).module
+    assert isinstance(mod, QuantLinear) and mod.weight_scale.shape == (40, fmt.n_groups(in_f))
+    fields = fmt.unpack(mod.packed_tensors(), in_f)
+    assert fields["codes"].min() >= 0 and fields["codes"].max() <= fmt.maxq
+    assert torch.equal(fmt.pack(fields)["weight_packed"], mod.weight_packed)  # bit-exact round trip
+    W = mod.dequantize()
+    assert torch.isfinite(W).all() and W.shape == (40, in_f)
+    # Every dequantized weight lies on its group's grid.
+    s, z = fmt.expand(fields["scale"].float(), in_f), fmt.expand(fields["zero"].float(), in_f)
+    assert torch.allclose(W / s + z, torch.round(W / s + z), atol=1e-3)
+
+
+def test_act_order_artifact_needs_no_permutation():
+    X = correlated_inputs(800, 128)
+    lin = layer(128, 48, bias=True)
+    res = gptq(lin, X, format=Uniform(bits=3, group_size=32), act_order=True)
+    mod = res.module
+    assert set(mod.packed_tensors()) == {"weight_packed", "weight_scale", "weight_zero"}  # no g_idx / perm
+    expected = X @ mod.dequantize().T + lin.bias
+    assert torch.allclose(mod(X), expected, atol=1e-5)
+
+
+def test_symmetric_and_dead_inputs():
+    X = correlated_inputs(500, 64)
+    X[:, [5, 40]] = 0
+    lin = layer(64, 16)
+    res = gptq(lin, X, format=Uniform(bits=4, group_size=32, symmetric=True))
+    assert res.metrics["dead_inputs"] == 2
+    assert "weight_zero" not in res.module.packed_tensors()
+    assert torch.isfinite(res.module.dequantize()).all()
+
+
+def test_config_validation_and_json():
+    with pytest.raises(UserError):
+        GPTQConfig(act_order=True, static_groups=False)
+    with pytest.raises(UserError):
+        GPTQConfig(block_size=0)
+    cfg = GPTQConfig(format=Uniform(bits=3, group_size=64), damp=0.05)
+    assert from_json(to_json(cfg)) == cfg
+    assert METHODS.get("gptq").needs_calibration
+
+
+def test_cli_builder_and_presets():
+    from llmcomp.cli.methods import build_quant_config
+
+    cfg = build_quant_config(method="gptq", bits=3, group_size=128, symmetric=False, preset=None,
+                             targets=("Linear",), ignore=("lm_head",))
+    assert isinstance(cfg, GPTQConfig) and cfg.format == Uniform(bits=3, group_size=128)
+    cfg = build_quant_config(method="rtn", bits=3, group_size=128, symmetric=False, preset="gptq-w4g128",
+                             targets=("Linear",), ignore=("lm_head",))
+    assert isinstance(cfg, GPTQConfig) and cfg.format.bits == 4
+
+
+# -- end to end ---------------------------------------------------------------------------------------
+
+def test_quantize_model_end_to_end(tiny_model_dir, tmp_path):
+    model, _, base, _ = api.open_model(str(tiny_model_dir))
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    cfg = GPTQConfig(format=Uniform(bits=4, group_size=64))  # intermediate 96 → ragged 64 + 32 on down_proj
+    report = quantize_model(model, cfg, calib, batch_size=4)
+    layers = {k: v for k, v in report.items() if not k.startswith("_")}
+    assert len(layers) == 14 and all("out_err_rel" in v and "sqnr_db" in v for v in layers.values())
+    assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
+    stage = {"method": cfg.method, "config": to_dict(cfg), "wall_time_s": report["_wall_time_s"],
+             "metrics": {"layers": report}, "calibration": None}
+    out = write_artifact(tmp_path / "gptq", model, None, base_model=base, stages=[stage])
+    loaded = llmcomp.load(out)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+        again = loaded(input_ids=ids).logits
+    assert torch.equal(after, again)
+    assert not torch.equal(before, after) and torch.isfinite(after).all()
+    assert read_manifest(out)["stages"][0]["config"]["_type"] == "GPTQConfig"
