@@ -172,11 +172,14 @@ def test_quantize_model_end_to_end(tiny_model_dir, tmp_path):
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    cfg = GPTQConfig(format=Uniform(bits=4, group_size=64))  # intermediate 96 → ragged 64 + 32 on down_proj
+    # intermediate 96 → ragged 64 + 32 on down_proj; one layer overridden (as bit allocation does)
+    cfg = GPTQConfig(format=Uniform(bits=4, group_size=64),
+                     formats={"model.layers.0.self_attn.v_proj": Uniform(bits=8, group_size=0)})
     report = quantize_model(model, cfg, calib, batch_size=4)
     layers = {k: v for k, v in report.items() if not k.startswith("_")}
     assert len(layers) == 14 and all("out_err_rel" in v and "sqnr_db" in v for v in layers.values())
     assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
+    assert model.model.layers[0].self_attn.v_proj.fmt.bits == 8 and model.model.layers[0].mlp.up_proj.fmt.bits == 4
     stage = {"method": cfg.method, "config": to_dict(cfg), "wall_time_s": report["_wall_time_s"],
              "metrics": {"layers": report}, "calibration": None}
     out = write_artifact(tmp_path / "gptq", model, None, base_model=base, stages=[stage])
@@ -187,3 +190,4 @@ def test_quantize_model_end_to_end(tiny_model_dir, tmp_path):
     assert torch.equal(after, again)
     assert not torch.equal(before, after) and torch.isfinite(after).all()
     assert read_manifest(out)["stages"][0]["config"]["_type"] == "GPTQConfig"
+    assert loaded.model.layers[0].self_attn.v_proj.fmt == Uniform(bits=8, group_size=0)

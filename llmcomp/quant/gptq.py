@@ -137,7 +137,7 @@ class GPTQQuantizer(Quantizer):
 
     @torch.no_grad()
     def quantize_linear(self, name: str, linear: nn.Linear, stats: HessianAccumulator | None = None) -> LayerResult:
-        cfg, fmt = self.config, self.config.format
+        cfg, fmt = self.config, self.format_for(name)
         out_f, in_f = linear.out_features, linear.in_features
         fmt.validate_shape(out_f, in_f, name)
         if stats is None or stats.H is None:
