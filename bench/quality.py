@@ -38,7 +38,20 @@ def configs() -> dict:
                           "w4": Uniform(bits=4, group_size=0), "w3g128": Uniform(bits=3, group_size=128),
                           "w3g64": Uniform(bits=3, group_size=64)}.items():
             out[f"gptq-{name}"] = GPTQConfig(format=fmt)
+        out["rtn-w2g64"] = RTNConfig(format=Uniform(bits=2, group_size=64))
+        out["gptq-w2g64"] = GPTQConfig(format=Uniform(bits=2, group_size=64))
+        out["gptq-w3"] = GPTQConfig(format=Uniform(bits=3, group_size=0))
+    if "decoupleq" in METHODS:
+        from llmcomp.quant.decoupleq import DecoupleQConfig
+
+        for name, fmt in {"w4g128": Uniform(bits=4, group_size=128), "w3g128": Uniform(bits=3, group_size=128),
+                          "w3": Uniform(bits=3, group_size=0), "w2g64": Uniform(bits=2, group_size=64),
+                          "w2": Uniform(bits=2, group_size=0)}.items():
+            out[f"decoupleq-{name}"] = DecoupleQConfig(format=fmt)
     return out
+
+
+ALLOCATIONS = {"gptq-alloc2.5": 2.5, "gptq-alloc3.25": 3.25}
 
 
 def main(argv=None) -> int:
@@ -50,12 +63,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     todo = {k: v for k, v in configs().items() if not args.only or k in args.only}
+    if "gptq" in METHODS:
+        from llmcomp.quant.allocate import AllocationConfig
+        from llmcomp.quant.gptq import GPTQConfig
+
+        for name, budget in ALLOCATIONS.items():
+            if not args.only or name in args.only:
+                todo[name] = (GPTQConfig(), AllocationConfig(budget=budget, candidates=(2, 3, 4, 8), group_size=64))
     ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
     rows = [{"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}]
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in todo.items():
             t = time.perf_counter()
-            path = api.quantize(cfg, Path(tmp) / name, DEFAULT_MODEL, calib_samples=args.calib_samples)
+            cfg, alloc = cfg if isinstance(cfg, tuple) else (cfg, None)
+            path = api.quantize(cfg, Path(tmp) / name, DEFAULT_MODEL, calib_samples=args.calib_samples,
+                                allocation=alloc)
             quant_s = time.perf_counter() - t
             row = {"name": name, **api.evaluate(str(path), n_windows=args.windows, reference=ref),
                    "quant_time_s": round(quant_s, 1)}

@@ -189,6 +189,9 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
 
 def stage_label(stage: dict) -> str:
     """``"rtn int4 g128 asym"`` from a manifest stage."""
+    alloc = stage.get("metrics", {}).get("layers", {}).get("_allocation")
+    if alloc:
+        return f"{stage['method']} alloc {alloc['achieved_bits_per_weight']:.2f} b/w"
     fmt = stage.get("config", {}).get("format")
     if isinstance(fmt, dict):
         try:

@@ -62,6 +62,20 @@ def test_bad_quantize_flags(tiny_model_dir, tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args", [["--method", "gptq"], ["--method", "decoupleq"], ["--bits", "2.5"]],
+                         ids=["gptq", "decoupleq", "allocation"])
+def test_calibrated_methods_need_a_tokenizer(tiny_model_dir, tmp_path, args):
+    r = invoke("quantize", tiny_model_dir, "-o", tmp_path / "o", *args)
+    assert "needs a tokenizer" in one_error_line(r)
+
+
+def test_bad_allocation_flags(tiny_model_dir, tmp_path):
+    r = invoke("quantize", tiny_model_dir, "-o", tmp_path / "o", "--bits", "2.5", "--candidates", "2,x")
+    assert "--candidates" in one_error_line(r)
+    r = invoke("quantize", tiny_model_dir, "-o", tmp_path / "o", "--bits", "2.5", "--candidates", "1,4")
+    assert "candidates must be integers from 2 to 8" in one_error_line(r)
+
+
 def test_missing_model(tmp_path):
     r = invoke("quantize", tmp_path / "nope", "-o", tmp_path / "o")
     assert "does not exist" in one_error_line(r)

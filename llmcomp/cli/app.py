@@ -48,12 +48,16 @@ def quantize(
     model: Annotated[Optional[str], typer.Argument(help="Model directory or llmcomp artifact (default: the bundled SmolLM2-135M-Instruct).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-out"),
     method: Annotated[str, typer.Option(help="Quantization method.")] = "rtn",
-    bits: Annotated[int, typer.Option(help="Bits per weight code (2-8).")] = 4,
+    bits: Annotated[float, typer.Option(help="Bits per weight code (2-8); a fractional value (e.g. 2.5) is an average budget with per-layer bit allocation.")] = 4,
     group_size: Annotated[int, typer.Option(help="Weights per scale along the input dimension; 0 = per-channel. A ragged last group is used when it does not divide the layer.")] = 128,
     symmetric: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric.")] = False,
     preset: Annotated[Optional[str], typer.Option(help="Named preset (overrides method/bits/group/sym), e.g. w4g128.")] = None,
     targets: Annotated[list[str], typer.Option("--target", help="Layers to quantize: class name, path suffix or re:regex.")] = ["Linear"],
     ignore: Annotated[list[str], typer.Option("--ignore", help="Layers to skip (same patterns).")] = ["lm_head"],
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ/decoupleQ: quantize columns by decreasing Hessian diagonal (static groups, no permutation stored).")] = True,
+    damp: Annotated[float, typer.Option(help="GPTQ/decoupleQ: Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
+    rounds: Annotated[int, typer.Option(help="decoupleQ: integer/float alternation rounds.")] = 4,
+    candidates: Annotated[str, typer.Option(help="Bit allocation: candidate widths, comma-separated.")] = "2,3,4,8",
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (calibrated methods).")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
@@ -68,11 +72,14 @@ def quantize(
     from llmcomp.cli.methods import build_quant_config
 
     def go():
-        config = build_quant_config(method=method, bits=bits, group_size=group_size, symmetric=symmetric,
-                                    preset=preset, targets=tuple(targets), ignore=tuple(ignore))
+        config, allocation = build_quant_config(
+            method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
+            targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
+            candidates=candidates)
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
-                                calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype, progress=progress)
+                                calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,
+                                allocation=allocation, progress=progress)
         render.console.print(f"[green]wrote[/green] {path}")
 
     run(go)
