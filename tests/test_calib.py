@@ -52,3 +52,20 @@ def test_modified_layer_feeds_next_layer(tiny_model):
     with torch.no_grad():
         h = tiny_model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     assert torch.allclose(inputs_seen["model.layers.1"], h[1], atol=1e-5)  # model itself now has zeroed MLP
+
+
+def test_shared_input_groups(tiny_model):
+    """q/k/v read the same normed input, gate/up another: the driver gives each group one stats object."""
+    from llmcomp.quant.base import shared_input_groups
+
+    ids = torch.randint(0, 128, (2, 8))
+    found = {}
+
+    def handler(path, layer, runner):
+        names = {m: n for n, m in layer.named_modules()}
+        lin = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        found[path] = sorted(sorted(names[m] for m in g) for g in shared_input_groups(runner, lin))
+
+    calibrate_layerwise(tiny_model, ids, handler)
+    assert found["model.layers.0"] == [["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                                       ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]

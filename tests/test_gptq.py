@@ -156,11 +156,11 @@ def test_config_validation_and_json():
 def test_cli_builder_and_presets():
     from llmcomp.cli.methods import build_quant_config
 
-    cfg = build_quant_config(method="gptq", bits=3, group_size=128, symmetric=False, preset=None,
-                             targets=("Linear",), ignore=("lm_head",))
-    assert isinstance(cfg, GPTQConfig) and cfg.format == Uniform(bits=3, group_size=128)
-    cfg = build_quant_config(method="rtn", bits=3, group_size=128, symmetric=False, preset="gptq-w4g128",
-                             targets=("Linear",), ignore=("lm_head",))
+    cfg, alloc = build_quant_config(method="gptq", bits=3, group_size=128, symmetric=False, preset=None,
+                                    targets=("Linear",), ignore=("lm_head",))
+    assert alloc is None and isinstance(cfg, GPTQConfig) and cfg.format == Uniform(bits=3, group_size=128)
+    cfg, _ = build_quant_config(method="rtn", bits=3, group_size=128, symmetric=False, preset="gptq-w4g128",
+                                targets=("Linear",), ignore=("lm_head",))
     assert isinstance(cfg, GPTQConfig) and cfg.format.bits == 4
 
 

@@ -47,10 +47,12 @@ class LayerRunner:
         self.layer, self.inputs, self.kwargs = layer, inputs, kwargs
 
     @torch.no_grad()
-    def run(self, hooks: Optional[dict[nn.Module, Callable]] = None) -> list[torch.Tensor]:
+    def run(self, hooks: Optional[dict[nn.Module, Callable]] = None, batches: Optional[int] = None
+            ) -> list[torch.Tensor]:
+        """Run the layer over the captured inputs (the first ``batches`` of them, if given)."""
         handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
         try:
-            return [_first(self.layer(x, **self.kwargs)) for x in self.inputs]
+            return [_first(self.layer(x, **self.kwargs)) for x in self.inputs[:batches]]
         finally:
             for h in handles:
                 h.remove()

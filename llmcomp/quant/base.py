@@ -78,6 +78,30 @@ def _replace(model: nn.Module, quantizer: Quantizer, name: str, linear: nn.Linea
     set_submodule(model, name, result.module)
 
 
+def shared_input_groups(runner, linears: list[nn.Module]) -> list[list[nn.Module]]:
+    """Group ``linears`` by the tensor they receive, probed on one calibration batch."""
+    seen: dict[nn.Module, torch.Tensor] = {}
+
+    def probe(mod, inputs):
+        seen[mod] = inputs[0]  # holding the tensor keeps its memory from being reused by another
+
+    handles = [m.register_forward_pre_hook(probe) for m in linears]
+    try:
+        runner.run(batches=1)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[tuple, list[nn.Module]] = {}
+    for m in linears:
+        x = seen.get(m)
+        groups.setdefault(("seen", id(x)) if x is not None else ("unseen", id(m)), []).append(m)
+    return list(groups.values())
+
+
+def _first_of_group(m: nn.Module, stats: dict) -> bool:
+    return next(k for k, v in stats.items() if v is stats[m]) is m
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -108,10 +132,15 @@ def quantize_model(
 
         def handler(path, layer, runner):
             linears = [(n, m) for n, m in chosen if n.startswith(path + ".")]
-            stats = {m: quantizer.observe(m) for _, m in linears}
-            runner.run({m: h for m, h in stats.items() if h is not None})
+            stats = {}
+            for group in shared_input_groups(runner, [m for _, m in linears]):
+                # Linears fed by the same tensor (q/k/v, gate/up) share one statistics object.
+                hook = quantizer.observe(group[0])
+                stats.update({m: hook for m in group})
+            runner.run({m: h for m, h in stats.items() if h is not None and _first_of_group(m, stats)})
             for n, m in linears:
                 _replace(model, quantizer, n, m, stats[m], report)
+            stats.clear()
 
         calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress)
     report["_wall_time_s"] = round(time.perf_counter() - start, 2)

@@ -154,7 +154,6 @@ class DecoupleQQuantizer(Quantizer):
                         best = (obj, codes.clone(), scale.clone(), zero.clone())
             obj, codes, scale, zero = best
             ref = objective(W, torch.zeros_like(W), H)
-        stats.release()
         tensors = fmt.pack({"codes": codes.to(torch.uint8), "scale": scale, "zero": zero})
         mod = QuantLinear.from_packed(fmt, tensors, n, linear.bias.data if linear.bias is not None else None)
         metrics = {"out_err_rel": round(obj / max(ref, 1e-30), 6),

@@ -180,7 +180,6 @@ class GPTQQuantizer(Quantizer):
 
             D = Q - W0
             rel_err = float(((D @ H0) * D).sum() / ((W0 @ H0) * W0).sum().clamp(min=1e-30))
-        stats.release()
         tensors = fmt.pack({"codes": codes.to(torch.uint8), "scale": scale, "zero": zero})
         mod = QuantLinear.from_packed(fmt, tensors, in_f, linear.bias.data if linear.bias is not None else None)
         metrics = {"out_err_rel": round(rel_err, 6)}
