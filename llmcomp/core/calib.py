@@ -18,6 +18,7 @@ from torch import nn
 
 from llmcomp.core.model import decoder_layers
 from llmcomp.core.progress import NULL, Progress
+from llmcomp.errors import UserError
 
 
 class _Stop(Exception):
@@ -83,36 +84,42 @@ def calibrate_layerwise(
     device = torch.device(device) if device is not None else first_param.device
     home = first_param.device
 
-    # Per-layer kwargs from one full forward of the first batch.
+    # Per-layer kwargs (masks, rotary embeddings) from the first batch, and layer 0's inputs for every
+    # batch. Each layer's forward is temporarily replaced by a recorder that passes its input through,
+    # so the capture costs the embeddings only, not a full forward.
     layer_kwargs: list[dict] = [{} for _ in layers]
     hidden: list[torch.Tensor] = []
+    first_batch = [True]
 
-    def grab_kwargs(i):
-        def hook(mod, args, kwargs):
-            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-            kw["use_cache"] = False
-            layer_kwargs[i] = _to(kw, device)
+    def recorder(i):
+        def forward(*args, **kwargs):
+            x = args[0] if args else kwargs.pop("hidden_states")
+            if len(args) > 1:
+                raise UserError(f"Unsupported decoder layer {type(layers[i]).__name__}: positional arguments "
+                                "besides the hidden states.")
+            if first_batch[0]:
+                kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+                kw["use_cache"] = False
+                layer_kwargs[i] = _to(kw, device)
             if i == 0:
-                hidden.append(_to(args[0] if args else kwargs["hidden_states"], device))
-                if len(hidden) > 1:
-                    raise _Stop
-        return hook
+                hidden.append(_to(x, device))
+            if i == len(layers) - 1 or not first_batch[0]:
+                raise _Stop
+            return x
+        return forward
 
-    handles = [layer.register_forward_pre_hook(grab_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
     try:
-        for j, batch in enumerate(progress.track(input_ids.split(bs), "Capturing layer inputs")):
-            if j > 0:
-                # After the first batch only layer 0's inputs are needed.
-                for h in handles[1:]:
-                    h.remove()
-                handles = handles[:1]
+        for batch in progress.track(input_ids.split(bs), "Capturing layer inputs"):
             try:
                 model(input_ids=batch.to(home), use_cache=False)
             except _Stop:
                 pass
+            first_batch[0] = False
     finally:
-        for h in handles:
-            h.remove()
+        for layer in layers:
+            del layer.forward  # back to the class's forward
 
     task = progress.task("Calibrating layers", len(layers))
     for i, layer in enumerate(layers):
