@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from llmcomp.formats.base import WeightFormat
 
-# (format name, device type) → list of (supports(fmt, x) -> bool, fn(x, fmt, tensors, in_features, bias))
+# (format name, device type) → list of (supports(fmt, x) -> bool,
+#                                      fn(x, fmt, tensors, in_features, bias, cache))
+# ``cache`` is a dict owned by the calling module where a fast path keeps its prepared layout.
 _FAST: dict[tuple[str, str], list[tuple[Callable, Callable]]] = {}
 
 
@@ -54,7 +56,7 @@ def dequant_linear(
     weight at every generated token."""
     fn = fast_path(fmt, x)
     if fn is not None:
-        return fn(x, fmt, tensors, in_features, bias)
+        return fn(x, fmt, tensors, in_features, bias, cache)
     if cache is None:
         return reference_linear(x, fmt, tensors, in_features, bias)
     # keyed on the packed tensors' identity and version counters, so replacing or editing them in
@@ -65,3 +67,26 @@ def dequant_linear(
         cache.clear()
         w = cache[key] = fmt.dequantize(tensors, in_features, dtype=x.dtype)
     return F.linear(x, w, bias)
+
+
+def _register_builtin() -> None:
+    """Fast paths whose dependencies are importable (Triton on CUDA machines); CPU needs none."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+
+    def supports(fmt, x):
+        from llmcomp.kernels import uniform_triton
+
+        return uniform_triton.supports(fmt, x)
+
+    def fn(x, fmt, tensors, in_features, bias=None, cache=None):
+        from llmcomp.kernels import uniform_triton
+
+        return uniform_triton.linear(x, fmt, tensors, in_features, bias, cache)
+
+    register_fast_path("uniform", "cuda", supports, fn)
+
+
+_register_builtin()
