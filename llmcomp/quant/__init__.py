@@ -1,8 +1,8 @@
 """Quantization methods. Importing this package registers every method."""
-from llmcomp.quant import rtn  # noqa: F401  (registers "rtn")
-from llmcomp.quant import gptq  # noqa: F401  (registers "gptq")
+from llmcomp.quant import decoupleq, gptq, rtn  # noqa: F401  (register "decoupleq", "gptq", "rtn")
 from llmcomp.quant.base import METHODS, QuantConfig, quantize_model
-from llmcomp.quant.rtn import RTNConfig
+from llmcomp.quant.decoupleq import DecoupleQConfig
 from llmcomp.quant.gptq import GPTQConfig
+from llmcomp.quant.rtn import RTNConfig
 
-__all__ = ["METHODS", "QuantConfig", "RTNConfig", "GPTQConfig", "quantize_model"]
+__all__ = ["METHODS", "QuantConfig", "RTNConfig", "GPTQConfig", "DecoupleQConfig", "quantize_model"]
