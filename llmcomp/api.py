@@ -187,6 +187,16 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     return result
 
 
+def record_evaluations(rows: list[dict]) -> None:
+    """Append each evaluated artifact's metrics to its manifest (plain model directories are skipped)."""
+    from llmcomp.core.artifact import record_evaluation
+
+    for r in rows:
+        p = model_mod.resolve(r["path"]) if r["path"] != model_mod.DEFAULT_MODEL else None
+        if p is not None and is_artifact(p):
+            record_evaluation(p, {k: v for k, v in r.items() if k not in ("path", "name")})
+
+
 def stage_label(stage: dict) -> str:
     """``"rtn int4 g128 asym"`` from a manifest stage."""
     alloc = stage.get("metrics", {}).get("layers", {}).get("_allocation")

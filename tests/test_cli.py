@@ -108,3 +108,19 @@ def test_corrupt_artifact_on_eval_and_inspect(tiny_model_dir, tmp_path):
 
 def test_eval_bad_windows(tiny_model_dir):
     assert "--windows" in one_error_line(invoke("eval", tiny_model_dir, "--windows", 0))
+
+
+def test_eval_record_writes_manifest(tiny_model_dir, tmp_path, monkeypatch):
+    from llmcomp import api
+    from llmcomp.core.artifact import read_manifest
+
+    out = tmp_path / "q"
+    assert invoke("quantize", tiny_model_dir, "-o", out).exit_code == 0
+    row = {"path": str(out), "name": "q", "stages": "rtn", "ppl": 12.5, "nll": 2.5, "tokens": 10, "windows": 1,
+           "seq_len": 11, "bits_per_weight": 4.5, "size_mb": 0.1, "text": "pydoc", "eval_time_s": 0.1,
+           "kld_mean": 0.01, "kld_p99": 0.1, "top1_agree": 0.9, "greedy_prefix": 20.0}
+    monkeypatch.setattr(api, "evaluate", lambda *a, **k: dict(row))
+    r = invoke("eval", out, "--record")
+    assert r.exit_code == 0, r.output
+    m = read_manifest(out)  # still verifies: the manifest is not a hashed file
+    assert m["evaluations"][-1]["ppl"] == 12.5 and m["evaluations"][-1]["kld_mean"] == 0.01

@@ -95,6 +95,7 @@ def eval_(
     device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="Original model to compare against (KL divergence, top-1 agreement, greedy common prefix); 'base' = the base model in the first artifact's manifest.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    record: Annotated[bool, typer.Option("--record", help="Append each artifact's results to its manifest (evaluations).")] = False,
 ):
     """Perplexity on held-out text, bits per weight and size; several paths print one table."""
     _quiet_transformers()
@@ -118,6 +119,8 @@ def eval_(
         render.console.print(render.eval_table(rows, compare))
         if json_out:
             json_out.write_text(json.dumps(rows, indent=1))
+        if record:
+            api.record_evaluations(rows)
 
     run(go)
 

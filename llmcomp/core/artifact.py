@@ -171,6 +171,18 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
     return manifest
 
 
+def record_evaluation(path: Path, result: dict) -> None:
+    """Append an evaluation result to the manifest's ``evaluations`` list (atomic replace).
+
+    The manifest is not among the hashed files, so recording metrics leaves the artifact valid."""
+    path = Path(path)
+    manifest = read_manifest(path, verify=False)
+    manifest.setdefault("evaluations", []).append(result)
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, path / MANIFEST)
+
+
 def weight_files(path: Path) -> list[Path]:
     path = Path(path)
     if (path / INDEX).exists():
