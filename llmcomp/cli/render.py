@@ -27,6 +27,8 @@ class RichProgress(Progress):
         return self
 
     def __exit__(self, *exc):
+        if not self.bar.tasks:  # nothing was drawn: leave no blank line behind (e.g. before an error)
+            self.bar.live.transient = True
         return self.bar.__exit__(*exc)
 
     def task(self, description, total):
