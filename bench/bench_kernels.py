@@ -1,6 +1,6 @@
 """Dequant-GEMM benchmark on the GPU: llmcomp's uniform int4 fast path vs peers, in one run.
 
-    python bench/kernels.py --out bench/results/kernels_h100.json
+    python bench/bench_kernels.py --out bench/results/kernels_h100.json
 
 For each layer shape (N out × K in) and batch M, times (CUDA graphs via triton.testing.do_bench_cudagraph):
 - llmcomp int4 g128 asym (``QuantLinear`` → ``kernels.dequant_linear`` → Triton GEMV for M ≤ 8,
