@@ -31,6 +31,16 @@ def configs() -> dict:
         "rtn-w3g128": RTNConfig(format=Uniform(bits=3, group_size=128)),
         "rtn-w3g64": RTNConfig(format=Uniform(bits=3, group_size=64)),
     }
+    if "fp4" in METHODS:  # issue 5: W4A16 FP4 RTN next to INT4 at the same block sizes (sym = FP4's symmetry)
+        from llmcomp.formats.fp4 import FP4, MXFP4, NVFP4
+        from llmcomp.quant.fp4 import FP4Config
+
+        out.update({"fp4-mxfp4": FP4Config(format=MXFP4()), "fp4-nvfp4": FP4Config(format=NVFP4()),
+                    "fp4-e2m1g32": FP4Config(format=FP4(group_size=32)),
+                    "rtn-w4g32": RTNConfig(format=Uniform(bits=4, group_size=32)),
+                    "rtn-w4g16": RTNConfig(format=Uniform(bits=4, group_size=16)),
+                    "rtn-w4g32sym": RTNConfig(format=Uniform(bits=4, group_size=32, symmetric=True)),
+                    "rtn-w4g16sym": RTNConfig(format=Uniform(bits=4, group_size=16, symmetric=True))})
     if "gptq" in METHODS:
         from llmcomp.quant.gptq import GPTQConfig
 

@@ -51,6 +51,7 @@ def quantize(
     bits: Annotated[float, typer.Option(help="Bits per weight code (2-8); a fractional value (e.g. 2.5) is an average budget with per-layer bit allocation.")] = 4,
     group_size: Annotated[int, typer.Option(help="Weights per scale along the input dimension; 0 = per-channel. A ragged last group is used when it does not divide the layer.")] = 128,
     symmetric: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric.")] = False,
+    fp4_format: Annotated[Optional[str], typer.Option("--format", help="--method fp4: mxfp4 (E2M1, E8M0 scale per 32; default), nvfp4 (E2M1, E4M3 scale per 16 and an FP32 tensor scale) or fp4 (E2M1, float16 scale per --group-size).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Named preset (overrides method/bits/group/sym), e.g. w4g128.")] = None,
     targets: Annotated[list[str], typer.Option("--target", help="Layers to quantize: class name, path suffix or re:regex.")] = ["Linear"],
     ignore: Annotated[list[str], typer.Option("--ignore", help="Layers to skip (same patterns).")] = ["lm_head"],
@@ -75,7 +76,7 @@ def quantize(
         config, allocation = build_quant_config(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
             targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
-            candidates=candidates)
+            candidates=candidates, fp4_format=fp4_format)
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from llmcomp.errors import UserError
+from llmcomp.formats import FORMATS
+from llmcomp.formats.fp4 import FP4, FP4_FORMATS
 from llmcomp.formats.uniform import Uniform
 from llmcomp.quant import METHODS
 from llmcomp.quant.allocate import AllocationConfig
 from llmcomp.quant.decoupleq import DecoupleQConfig
+from llmcomp.quant.fp4 import FP4Config
 from llmcomp.quant.gptq import GPTQConfig
 from llmcomp.quant.presets import PRESETS
 from llmcomp.quant.rtn import RTNConfig
@@ -18,9 +21,26 @@ def parse_candidates(text: str) -> tuple[int, ...]:
         raise UserError(f"--candidates must be comma-separated integers such as 2,3,4,8, got {text!r}.") from None
 
 
+def fp4_weight_format(name: str | None, group_size: int, bits: float):
+    """The ``--format`` of ``--method fp4``. mxfp4/nvfp4 blocks are fixed by their specs, so
+    ``--group-size`` only applies to ``fp4`` (128, the flag's default, is accepted for all)."""
+    name = name or "mxfp4"
+    if name not in FP4_FORMATS:
+        raise UserError(f"Unknown FP4 format {name!r}; choose one of: {', '.join(FP4_FORMATS)}.")
+    if bits != 4:
+        raise UserError(f"--method fp4 stores 4-bit floats; --bits {bits:g} does not apply.")
+    if name == "fp4":
+        return FP4(group_size=group_size)
+    fmt = FORMATS.get(name)()
+    if group_size not in (128, fmt.SPEC_BLOCK):
+        raise UserError(f"{name} uses blocks of {fmt.SPEC_BLOCK} inputs (fixed by its spec); "
+                        f"--group-size {group_size} does not apply (use --format fp4 for other groups).")
+    return fmt
+
+
 def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: bool, preset: str | None,
                        targets: tuple, ignore: tuple, act_order: bool = True, damp: float = 0.01,
-                       rounds: int = 4, candidates: str = "2,3,4,8"):
+                       rounds: int = 4, candidates: str = "2,3,4,8", fp4_format: str | None = None):
     """Returns ``(config, allocation or None)``. A fractional ``bits`` is an average budget: each
     layer's width is then chosen from ``candidates`` (bit allocation)."""
     if preset is not None:
@@ -29,6 +49,9 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
         base = PRESETS[preset]
         return type(base)(**{**base.__dict__, "targets": targets, "ignore": ignore}), None
     METHODS.get(method)  # unknown method → UserError listing the known ones
+    if fp4_format is not None and method != "fp4":
+        raise UserError(f"--format applies to --method fp4; {method} takes --bits/--group-size/--sym.")
+    fp4 = fp4_weight_format(fp4_format, group_size, bits) if method == "fp4" else None  # before bits is rewritten
     allocation = None
     if bits != int(bits):
         allocation = AllocationConfig(budget=bits, candidates=parse_candidates(candidates), group_size=group_size,
@@ -40,6 +63,7 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
         "rtn": lambda: RTNConfig(**common),
         "gptq": lambda: GPTQConfig(**common, act_order=act_order, damp=damp),
         "decoupleq": lambda: DecoupleQConfig(**common, act_order=act_order, damp=damp, rounds=rounds),
+        "fp4": lambda: FP4Config(format=fp4, targets=targets, ignore=ignore),
     }
     if method not in builders:
         raise UserError(f"Method {method!r} cannot be configured from these flags.")

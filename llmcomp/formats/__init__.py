@@ -1,5 +1,6 @@
 """Weight formats: spec, param_specs, pack/unpack and the reference dequantize."""
 from llmcomp.formats.base import FORMATS, TensorSpec, WeightFormat
 from llmcomp.formats.uniform import Uniform
+from llmcomp.formats import fp4  # noqa: F401  (registers "mxfp4", "nvfp4", "fp4")
 
 __all__ = ["FORMATS", "TensorSpec", "WeightFormat", "Uniform"]
