@@ -37,6 +37,28 @@ INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 4 << 30
 
 
+# Stage hooks: a manifest stage with a ``kind`` (e.g. "kv") is re-applied at load by the hook registered
+# for it by a higher layer (llmcomp.prune.kv.hook) — core never imports those layers.
+# ``skeleton(model, stage)`` runs on the meta skeleton before tensors load, ``ready(model, stage)`` after.
+STAGE_HOOKS: dict = {}
+
+
+def register_stage_hook(kind: str, hook) -> None:
+    STAGE_HOOKS[kind] = hook
+
+
+def _stage_hooks(manifest: dict) -> list:
+    out = []
+    for stage in manifest["stages"]:
+        kind = stage.get("kind")
+        if kind is None:
+            continue
+        if kind not in STAGE_HOOKS:
+            raise UserError(f"Artifact stage {stage.get('method')!r} of kind {kind!r} is not supported by this llmcomp.")
+        out.append((STAGE_HOOKS[kind], stage))
+    return out
+
+
 def llmcomp_version() -> str:
     from llmcomp import __version__
 
@@ -205,6 +227,9 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    hooks = _stage_hooks(manifest)
+    for hook, stage in hooks:
+        hook.skeleton(model, stage)
     for name, spec in manifest["modules"].items():
         fmt = from_dict(spec)
         old = model.get_submodule(name)
@@ -227,6 +252,8 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
     if missing:
         raise UserError(f"Artifact {path} lacks tensor {missing[0]} ({len(missing)} missing).")
     model.eval()
+    for hook, stage in hooks:
+        hook.ready(model, stage)
     if device_map is not None:
         if device_map == "auto":
             device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
