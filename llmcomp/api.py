@@ -17,6 +17,7 @@ from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
 from llmcomp.eval import perplexity, size_report
 from llmcomp.eval.agreement import Reference
+from llmcomp.prune.kv import hook as _kv_hook  # noqa: F401  (artifacts with a KV stage re-install their policy)
 from llmcomp.quant import QuantConfig, quantize_model
 from llmcomp.quant.allocate import AllocationConfig
 
@@ -116,6 +117,66 @@ def quantize(
     progress.note(f"Writing {output}")
     return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=source,
                           overwrite=overwrite, dtype=store_dtype, **kwargs)
+
+
+def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
+             device: Optional[str] = None, dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
+    """Record a KV-cache policy (``llmcomp.prune.kv`` config) in an artifact; calibrated policies
+    (DuoAttention heads, CSKV bases) are calibrated here. ``llmcomp.load`` re-installs the policy."""
+    from llmcomp.prune.kv.cache import check_supported
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    store_dtype = parse_dtype(dtype)
+    start = time.perf_counter()
+    net, tok, base, stages = open_model(model, progress=progress)
+    if any(s.get("kind") == "kv" for s in stages):
+        raise UserError(f"{model} already has a KV policy; apply KV policies to a model without one.")
+    check_supported(net)
+    policy.validate_for(net.config)
+    source = None
+    if policy.needs_calibration and getattr(policy, "calibrated_on_text", True):
+        if tok is None:
+            raise UserError(f"{policy.method} calibrates on text, and {model} has no tokenizer to encode it with.")
+        source = corpus().name
+    policy, report = policy.calibrate(net, tok, progress, device or default_device())
+    net.to("cpu")
+    stage = {"method": f"kv-{policy.method}", "kind": "kv", "config": to_dict(policy),
+             "wall_time_s": round(time.perf_counter() - start, 2), "metrics": {"policy": policy.describe(), **report},
+             "calibration": None if source is None else {"text": source}}
+    progress.note(f"Writing {output}")
+    return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=source,
+                          overwrite=overwrite, dtype=store_dtype)
+
+
+def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: int = 64,
+                  passkey_lengths=(1024, 2048), passkey_samples: int = 10, device: Optional[str] = None,
+                  progress: Progress = NULL) -> dict:
+    """Long-context metrics with the model's KV policy active (eval/longctx.py): continuation ppl over a
+    compressed prefix, KV bytes held, passkey retrieval accuracy."""
+    from llmcomp.eval.longctx import long_context_eval
+    from llmcomp.prune.kv.cache import installed_policy
+
+    p = model_mod.resolve(path, progress.note)
+    net, tok, base, stages = open_model(p, progress=progress, device=device or default_device())
+    if tok is None:
+        raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
+    policy = installed_policy(net)
+    limit = int(getattr(net.config, "max_position_embeddings", 0) or 0)
+    longest = max([context, *passkey_lengths])
+    if limit and longest > limit:
+        raise UserError(f"A context of {longest} tokens is longer than the model's ({limit} tokens).")
+    if policy is not None:
+        policy.validate_for(net.config, context=min([context, *passkey_lengths]))
+    start = time.perf_counter()
+    result = long_context_eval(net, tok, context=context, n_windows=n_windows, chunk=chunk,
+                               passkey_lengths=tuple(passkey_lengths), passkey_n=passkey_samples, progress=progress)
+    return {"path": str(path) if path is not None else model_mod.DEFAULT_MODEL,
+            "name": Path(str(path)).name if path is not None else model_mod.DEFAULT_MODEL,
+            "stages": " + ".join(stage_label(s) for s in stages) or "original",
+            "policy": policy.describe() if policy is not None else "dense",
+            **result, "text": corpus().name, "eval_time_s": round(time.perf_counter() - start, 2)}
 
 
 def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, device, progress):

@@ -187,5 +187,10 @@ def check(
     raise typer.Exit(code or 0)
 
 
+from llmcomp.cli.prune import prune_app  # noqa: E402
+
+app.add_typer(prune_app, name="prune")
+
+
 def main():  # pragma: no cover
     app()

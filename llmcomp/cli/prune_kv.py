@@ -1,0 +1,88 @@
+"""``llmcomp prune kv``: record a KV-cache policy (calibrated where the method needs it) in an artifact."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmcomp.errors import UserError
+
+# flag → the methods it applies to (anything else given is an error, not silently ignored)
+FLAGS = {
+    "ratio": ("mustafar", "streaming", "h2o", "a2sf", "duo", "cskv"),
+    "k_ratio": ("mustafar", "cskv"), "v_ratio": ("mustafar", "cskv"),
+    "budget": ("streaming", "h2o", "a2sf"), "sinks": ("streaming", "duo"), "recent": ("h2o", "a2sf"),
+    "forget": ("a2sf",), "window": ("mustafar", "kivi", "duo", "cskv"), "bits": ("kivi",), "group": ("kivi",),
+    "calib_samples": ("duo", "cskv"), "seq_len": ("duo", "cskv"), "weights_only": ("cskv",),
+}
+
+
+def build_kv_policy(method: str, **flags):
+    """The policy config for ``method`` from the CLI flags that were given (None = not given)."""
+    from llmcomp.prune.kv import load_policies
+
+    methods = load_policies()
+    cls = methods.get(method)  # unknown method → UserError listing the known ones
+    given = {k: v for k, v in flags.items() if v is not None and v is not False}
+    for name in given:
+        if method not in FLAGS[name]:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to --method {method} "
+                            f"(it applies to {', '.join(FLAGS[name])}).")
+    ratio = given.get("ratio")
+    fields = {
+        "mustafar": {"k_sparsity": given.get("k_ratio", ratio), "v_sparsity": given.get("v_ratio", ratio),
+                     "window": given.get("window")},
+        "kivi": {"bits": given.get("bits"), "group": given.get("group"), "residual": given.get("window")},
+        "streaming": {"ratio": ratio, "budget": given.get("budget"), "sinks": given.get("sinks")},
+        "h2o": {"ratio": ratio, "budget": given.get("budget"), "recent": given.get("recent")},
+        "a2sf": {"ratio": ratio, "budget": given.get("budget"), "recent": given.get("recent"),
+                 "forget": given.get("forget")},
+        "duo": {"streaming": ratio, "sinks": given.get("sinks"), "window": given.get("window"),
+                "calib_steps": given.get("calib_samples"), "calib_seq_len": given.get("seq_len")},
+        "cskv": {"k_ratio": given.get("k_ratio", ratio), "v_ratio": given.get("v_ratio", ratio),
+                 "window": given.get("window"), "calib_samples": given.get("calib_samples"),
+                 "calib_seq_len": given.get("seq_len"),
+                 "activation_aware": False if given.get("weights_only") else None},
+    }[method]
+    return cls(**{k: v for k, v in fields.items() if v is not None})
+
+
+def kv(
+    model: Annotated[Optional[str], typer.Argument(help="Model directory or llmcomp artifact (default: the bundled SmolLM2-135M-Instruct).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-kv"),
+    method: Annotated[str, typer.Option(help="mustafar | kivi | streaming | h2o | a2sf | duo | cskv.")] = "mustafar",
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction removed, in [0, 1): sparsity (mustafar), evicted tokens (streaming/h2o/a2sf), streaming heads (duo), removed channels (cskv).")] = None,
+    k_ratio: Annotated[Optional[float], typer.Option(help="mustafar/cskv: the ratio for keys only.")] = None,
+    v_ratio: Annotated[Optional[float], typer.Option(help="mustafar/cskv: the ratio for values only.")] = None,
+    budget: Annotated[Optional[int], typer.Option(help="streaming/h2o/a2sf: keep this many tokens (overrides --ratio).")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Recent tokens kept dense / full precision (mustafar, kivi residual, cskv) or the streaming heads' window (duo).")] = None,
+    sinks: Annotated[Optional[int], typer.Option(help="streaming/duo: first tokens always kept (attention sinks).")] = None,
+    recent: Annotated[Optional[float], typer.Option(help="h2o/a2sf: fraction of the budget kept for the most recent tokens.")] = None,
+    forget: Annotated[Optional[float], typer.Option(help="a2sf: forgetting factor in (0, 1].")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="kivi: bits per cached value (2 or 4).")] = None,
+    group: Annotated[Optional[int], typer.Option(help="kivi: values per scale (tokens for keys, channels for values).")] = None,
+    calib_samples: Annotated[Optional[int], typer.Option(help="duo: optimization steps (one passkey sequence each); cskv: calibration windows.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="duo/cskv: calibration sequence length in tokens.")] = None,
+    weights_only: Annotated[bool, typer.Option("--weights-only", help="cskv: bases from the k/v projection weights (no calibration text).")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+):
+    """Record a KV-cache policy in an artifact; llmcomp.load + generate then applies it."""
+    from llmcomp import api
+    from llmcomp.cli import render
+    from llmcomp.cli.app import _quiet_transformers, run
+
+    _quiet_transformers()
+
+    def go():
+        policy = build_kv_policy(method, ratio=ratio, k_ratio=k_ratio, v_ratio=v_ratio, budget=budget, window=window,
+                                 sinks=sinks, recent=recent, forget=forget, bits=bits, group=group,
+                                 calib_samples=calib_samples, seq_len=seq_len, weights_only=weights_only)
+        with render.RichProgress() as progress:
+            path = api.prune_kv(policy, output, model, overwrite=overwrite, device=device, dtype=dtype,
+                                progress=progress)
+        render.console.print(f"[green]wrote[/green] {path} ({policy.describe()})")
+
+    run(go)

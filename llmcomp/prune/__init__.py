@@ -1,0 +1,1 @@
+"""Pruning: parts of a model (experts) or of its KV cache (kv/)."""

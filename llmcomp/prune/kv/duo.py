@@ -1,0 +1,221 @@
+"""DuoAttention: retrieval heads keep the full cache, streaming heads only sinks + a recent window.
+
+Which KV heads are retrieval heads is calibrated (``calibrate``): every KV head gets a gate α ∈ [0, 1]
+mixing full attention and streaming attention (``α·full + (1-α)·streaming``); the gates are optimized
+on synthetic passkey-retrieval sequences built from the calibration text to keep the final hidden
+states of the answer tokens equal to the full model's (mean squared error) while an L1 penalty pushes
+gates to zero. The ``(1 - streaming)`` fraction of heads with the largest gates become retrieval
+heads; the resulting per-layer head mask is stored in the config (``heads``, one 0/1 string per
+layer) and so in the artifact's manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from llmcomp.core.config import register_config
+from llmcomp.core.progress import NULL
+from llmcomp.errors import UserError
+from llmcomp.prune.kv.attention import eager_attention, gather_past_mask
+from llmcomp.prune.kv.base import KV_METHODS, KVPolicy, check_ratio, check_tokens
+from llmcomp.prune.kv.cache import PolicyLayer, attention_modules, cat_masks, check_supported, tensor_bytes
+
+CALIB_IMPL = "llmcomp_duo_calibration"
+
+
+class DuoLayer(PolicyLayer):
+    def __init__(self, layer_idx, runtime, retrieval: list[bool], sinks: int, window: int):
+        super().__init__(layer_idx, runtime)
+        self.retrieval, self.sinks, self.window = retrieval, sinks, window
+        self.ret = [i for i, r in enumerate(retrieval) if r]
+        self.stream = [i for i, r in enumerate(retrieval) if not r]
+        self.clear()
+
+    def clear(self):
+        self.kr = self.vr = None  # retrieval heads, every token [B, n_ret, T, D]
+        self.ks = self.vs = None  # streaming heads, sinks + window [B, n_stream, P, D]
+        self.spos = None  # int32 [P]: positions the streaming heads hold
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.kr, self.vr, self.ks, self.vs, self.spos)
+
+    def past(self):  # only used when every head is a retrieval head
+        return self.kr, self.vr, None
+
+    @staticmethod
+    def _query_heads(kv_heads: list[int], n_rep: int, device) -> torch.Tensor:
+        return torch.tensor([h * n_rep + g for h in kv_heads for g in range(n_rep)], device=device)
+
+    def compute(self, q, k_new, v_new, past_mask, new_mask, scaling):
+        if not self.stream:
+            return super().compute(q, k_new, v_new, past_mask, new_mask, scaling)
+        n_rep = q.shape[1] // k_new.shape[1]
+        out = torch.empty_like(q)
+        groups = [(self.ret, self.kr, self.vr, None), (self.stream, self.ks, self.vs, self.spos)]
+        for heads, k_past, v_past, pos in groups:
+            if not heads:
+                continue
+            qi = self._query_heads(heads, n_rep, q.device)
+            ki = torch.tensor(heads, device=q.device)
+            k, v, mask = k_new[:, ki], v_new[:, ki], new_mask
+            if k_past is not None and k_past.shape[-2]:
+                pm = gather_past_mask(past_mask, pos, n_rep)
+                k, v = torch.cat([k_past, k], dim=-2), torch.cat([v_past, v], dim=-2)
+                mask = cat_masks(pm, new_mask, k_past.shape[-2])
+            out[:, qi] = eager_attention(q[:, qi], k, v, mask, scaling)[0]
+        self.append(k_new, v_new, None)
+        return out
+
+    def append(self, k, v, probs):
+        q = k.shape[-2]
+        ki = torch.tensor(self.ret, device=k.device)
+        if self.ret:
+            kr, vr = k[:, ki], v[:, ki]
+            self.kr = kr if self.kr is None else torch.cat([self.kr, kr], dim=-2)
+            self.vr = vr if self.vr is None else torch.cat([self.vr, vr], dim=-2)
+        if not self.stream:
+            return
+        si = torch.tensor(self.stream, device=k.device)
+        pos = torch.arange(self.seen, self.seen + q, device=k.device, dtype=torch.int32)
+        ks, vs = k[:, si], v[:, si]
+        if self.ks is not None:
+            ks, vs, pos = torch.cat([self.ks, ks], -2), torch.cat([self.vs, vs], -2), torch.cat([self.spos, pos])
+        keep = ((pos < self.sinks) | (pos >= self.seen + q - self.window)).nonzero().squeeze(-1)
+        self.ks, self.vs, self.spos = ks[:, :, keep], vs[:, :, keep], pos[keep]
+
+
+def _streaming_mask(n: int, sinks: int, window: int, device) -> torch.Tensor:
+    """bool [n, n]: causal, and a key is a sink or one of the ``window`` most recent tokens."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    return (j <= i) & ((j < sinks) | (i - j < window))
+
+
+def _gated_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Calibration attention: α·full + (1-α)·streaming per KV head (gates on ``module._duo_gate``)."""
+    n = query.shape[2]
+    scaling = module.scaling if scaling is None else scaling
+    gate = module._duo_gate.clamp(0, 1).repeat_interleave(query.shape[1] // key.shape[1])[None, :, None, None]
+    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    full, _ = eager_attention(query, key, value, causal, scaling)
+    stream, _ = eager_attention(query, key, value, _streaming_mask(n, *module._duo_window, query.device), scaling)
+    out = gate * full + (1 - gate) * stream
+    return out.transpose(1, 2).contiguous(), None
+
+
+def calibrate_gates(model, tokenizer, cfg: "DuoConfig", progress=NULL, device=None) -> torch.Tensor:
+    """Optimize per-KV-head gates [layers, Hkv] on passkey sequences; returns them (float, in [0, 1])."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from llmcomp.core.passkey import passkey_sequences
+
+    mods = check_supported(model)
+    device = torch.device(device or next(model.parameters()).device)
+    AttentionInterface.register(CALIB_IMPL, _gated_attention)
+    n_kv = model.config.num_key_value_heads
+    gates = torch.ones(len(mods), n_kv, device=device, requires_grad=True)
+    previous, was_training = model.config._attn_implementation, model.training
+    params = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i, m in enumerate(mods):
+        m._duo_gate, m._duo_window = gates[i], (cfg.sinks, cfg.window)
+    samples = passkey_sequences(tokenizer, cfg.calib_seq_len, cfg.calib_steps, seed=cfg.seed, split="calib")
+    opt = torch.optim.Adam([gates], lr=cfg.lr)
+    base = model.base_model
+    try:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # checkpointing is active in training mode only (these models have no dropout)
+        for ids, _answer in progress.track(samples, "Calibrating DuoAttention gates"):
+            ids = ids[None].to(device)
+            model.set_attn_implementation("eager")
+            with torch.no_grad():
+                target = base(input_ids=ids, use_cache=False).last_hidden_state[:, -cfg.tail:]
+            model.set_attn_implementation(CALIB_IMPL)
+            hidden = base(input_ids=ids, use_cache=False).last_hidden_state[:, -cfg.tail:]
+            loss = (hidden - target).pow(2).mean() + cfg.l1 * gates.clamp(0, 1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                gates.clamp_(0, 1)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.train(was_training)
+        model.set_attn_implementation(previous)
+        for p, r in zip(model.parameters(), params):
+            p.requires_grad_(r)
+        for m in mods:
+            del m._duo_gate, m._duo_window
+    return gates.detach().cpu()
+
+
+def select_heads(gates: torch.Tensor, streaming: float) -> tuple[str, ...]:
+    """The ``round((1-streaming)·n)`` heads with the largest gates are retrieval heads ('1')."""
+    flat = gates.flatten()
+    n_ret = round((1 - streaming) * flat.numel())
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.argsort(descending=True, stable=True)[:n_ret]] = True
+    return tuple("".join("1" if x else "0" for x in row) for row in keep.view_as(gates).tolist())
+
+
+@KV_METHODS.register("duo")
+@register_config
+@dataclass(frozen=True)
+class DuoConfig(KVPolicy):
+    """Retrieval heads (full cache) vs streaming heads (``sinks`` + ``window`` tokens).
+
+    ``streaming``: fraction of KV heads made streaming heads. ``heads``: the calibrated mask, one
+    string of '1' (retrieval) / '0' (streaming) per layer; empty until calibrated. The remaining fields
+    are the calibration recipe (recorded for reproducibility)."""
+
+    streaming: float = 0.5
+    sinks: int = 16
+    window: int = 64
+    heads: tuple = ()
+    calib_steps: int = 24
+    calib_seq_len: int = 1024
+    tail: int = 32
+    lr: float = 0.05
+    l1: float = 0.05
+    seed: int = 0
+
+    method = "duo"
+    needs_calibration = True
+    VERSION = 1
+
+    def __post_init__(self):
+        check_ratio("streaming", self.streaming)
+        check_tokens("sinks", self.sinks)
+        check_tokens("window", self.window, 1)
+        check_tokens("calib_steps", self.calib_steps, 0)
+        check_tokens("calib_seq_len", self.calib_seq_len, 64)
+        object.__setattr__(self, "heads", tuple(str(h) for h in self.heads))
+        if any(set(h) - {"0", "1"} for h in self.heads):
+            raise UserError("duo heads must be strings of 0/1, one per layer.")
+
+    def windows(self):
+        return {"streaming window": self.sinks + self.window, "calibration length": self.calib_seq_len}
+
+    def calibrate(self, model, tokenizer, progress=NULL, device=None):
+        n_layers, n_kv = len(attention_modules(model)), model.config.num_key_value_heads
+        if self.heads:
+            if len(self.heads) != n_layers or any(len(h) != n_kv for h in self.heads):
+                raise UserError(f"duo heads give {len(self.heads)} layers; the model has {n_layers} layers of "
+                                f"{n_kv} KV heads.")
+            return self, {}
+        if self.streaming == 0 or self.calib_steps == 0:
+            gates = torch.ones(n_layers, n_kv)
+        else:
+            gates = calibrate_gates(model, tokenizer, self, progress, device)
+        return replace(self, heads=select_heads(gates, self.streaming)), {"gates": [[round(g, 4) for g in row]
+                                                                                     for row in gates.tolist()]}
+
+    def make_layer(self, layer_idx, runtime):
+        if not self.heads:
+            raise UserError("This DuoAttention policy is not calibrated (no head mask); run llmcomp prune kv.")
+        return DuoLayer(layer_idx, runtime, [c == "1" for c in self.heads[layer_idx]], self.sinks, self.window)
+
+    def describe(self) -> str:
+        return f"duo {self.streaming:g} streaming heads, sinks {self.sinks} window {self.window}"

@@ -1,0 +1,172 @@
+"""Token eviction: StreamingLLM (sinks + recent window), H2O (accumulated attention) and A2SF
+(accumulated attention with a forgetting factor).
+
+After each forward, a layer holding more than its budget keeps, per KV head:
+- StreamingLLM: the first ``sinks`` tokens and the most recent ones;
+- H2O / A2SF: the most recent ``recent · budget`` tokens plus the highest-scoring others, where a
+  token's score is the attention it received, summed over the query heads of its KV head and over
+  queries. A2SF multiplies the running score by ``forget`` at every new query (so a query ``j`` steps
+  in the past counts ``forget**j``), making old and new tokens comparable; H2O is ``forget = 1``.
+Budgets: ``budget`` tokens (fixed cache size) or, with ``budget = 0``, ``1 - ratio`` of the tokens seen.
+Evicted tokens keep their original positions (RoPE is not re-applied), which is what H2O does;
+contexts stay within the model's trained length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmcomp.core.config import register_config
+from llmcomp.errors import UserError
+from llmcomp.prune.kv.base import KV_METHODS, KVPolicy, check_ratio, check_tokens, keep_count
+from llmcomp.prune.kv.cache import PolicyLayer, tensor_bytes
+
+PROTECT = 1e9  # priority bonus of tokens that are always kept (sinks, recent window)
+
+
+class EvictionLayer(PolicyLayer):
+    """Holds kept tokens densely: keys/values [B, Hkv, P, D], positions int32 [B, Hkv, P] and, when
+    scored, float32 scores [B, Hkv, P]."""
+
+    def __init__(self, layer_idx, runtime, *, ratio: float, budget: int, sinks: int = 0, recent: float = 0.0,
+                 forget: float | None = None):
+        super().__init__(layer_idx, runtime)
+        self.ratio, self.budget, self.sinks, self.recent, self.forget = ratio, budget, sinks, recent, forget
+        self.needs_probs = forget is not None
+        self.clear()
+
+    def clear(self):
+        self.k = self.v = self.pos = self.score = None
+
+    def past(self):
+        return self.k, self.v, self.pos
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.k, self.v, self.pos, self.score)
+
+    def append(self, k, v, probs):
+        b, hkv, q, _ = k.shape
+        new_pos = torch.arange(self.seen, self.seen + q, device=k.device, dtype=torch.int32).expand(b, hkv, q)
+        if self.needs_probs:
+            # [B, H, Q, P+Q] → per-KV-head score of every key, query i weighted forget**(Q-1-i)
+            w = self.forget ** torch.arange(q - 1, -1, -1, device=k.device, dtype=torch.float32)
+            contrib = (probs.float() * w[:, None]).sum(-2)
+            contrib = contrib.view(b, hkv, -1, contrib.shape[-1]).sum(2)  # [B, Hkv, P+Q]
+            p = 0 if self.k is None else self.k.shape[-2]
+            old = contrib[..., :p] if self.score is None else self.score * self.forget ** q + contrib[..., :p]
+            self.score = torch.cat([old, contrib[..., p:]], dim=-1)
+        if self.k is None:
+            self.k, self.v, self.pos = k, v, new_pos
+        else:
+            self.k = torch.cat([self.k, k], dim=-2)
+            self.v = torch.cat([self.v, v], dim=-2)
+            self.pos = torch.cat([self.pos, new_pos], dim=-1)
+        self._evict(keep_count(self.ratio, self.budget, self.seen + q), self.seen + q)
+
+    def _evict(self, keep: int, total: int) -> None:
+        if self.k.shape[-2] <= keep:
+            return
+        pos = self.pos.float()
+        if self.needs_probs:
+            n_recent = round(self.recent * keep)
+            prio = self.score + (self.pos >= total - n_recent) * PROTECT
+        else:  # StreamingLLM: sinks, then the most recent
+            prio = pos + (self.pos < self.sinks) * PROTECT
+        idx = prio.topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, keep], in position order
+        full = idx[..., None].expand(*idx.shape, self.k.shape[-1])
+        self.k, self.v = self.k.gather(2, full), self.v.gather(2, full)
+        self.pos = self.pos.gather(2, idx)
+        if self.score is not None:
+            self.score = self.score.gather(2, idx)
+
+
+def _check_recent(recent: float) -> None:
+    if not 0 <= recent <= 1:
+        raise UserError(f"recent (the budget fraction kept for the most recent tokens) must be in [0, 1], got {recent!r}.")
+
+
+@dataclass(frozen=True)
+class _EvictionConfig(KVPolicy):
+    def _check_budget(self):
+        check_ratio("ratio", self.ratio)
+        check_tokens("budget", self.budget)
+
+    def windows(self):
+        return {"budget": self.budget} if self.budget else {}
+
+    def describe(self) -> str:
+        return f"{self.method} " + (f"{self.budget} tokens" if self.budget else f"ratio {self.ratio:g}")
+
+
+@KV_METHODS.register("streaming")
+@register_config
+@dataclass(frozen=True)
+class StreamingConfig(_EvictionConfig):
+    """StreamingLLM: keep ``sinks`` first tokens and the most recent ones within the budget."""
+
+    ratio: float = 0.5
+    budget: int = 0
+    sinks: int = 4
+
+    method = "streaming"
+    VERSION = 1
+
+    def __post_init__(self):
+        self._check_budget()
+        check_tokens("sinks", self.sinks)
+
+    def windows(self):
+        return {**super().windows(), "sinks": self.sinks}
+
+    def make_layer(self, layer_idx, runtime):
+        return EvictionLayer(layer_idx, runtime, ratio=self.ratio, budget=self.budget, sinks=self.sinks)
+
+
+@KV_METHODS.register("h2o")
+@register_config
+@dataclass(frozen=True)
+class H2OConfig(_EvictionConfig):
+    """H2O: keep the most recent ``recent`` fraction of the budget plus the heavy hitters."""
+
+    ratio: float = 0.5
+    budget: int = 0
+    recent: float = 0.5
+
+    method = "h2o"
+    VERSION = 1
+
+    def __post_init__(self):
+        self._check_budget()
+        _check_recent(self.recent)
+
+    def make_layer(self, layer_idx, runtime):
+        return EvictionLayer(layer_idx, runtime, ratio=self.ratio, budget=self.budget, recent=self.recent, forget=1.0)
+
+
+@KV_METHODS.register("a2sf")
+@register_config
+@dataclass(frozen=True)
+class A2SFConfig(_EvictionConfig):
+    """A2SF: H2O with the running score multiplied by ``forget`` at every new query."""
+
+    ratio: float = 0.5
+    budget: int = 0
+    recent: float = 0.5
+    forget: float = 0.9
+
+    method = "a2sf"
+    VERSION = 1
+
+    def __post_init__(self):
+        self._check_budget()
+        _check_recent(self.recent)
+        if not 0 < self.forget <= 1:
+            raise UserError(f"forget (the forgetting factor) must be in (0, 1], got {self.forget!r}.")
+
+    def make_layer(self, layer_idx, runtime):
+        return EvictionLayer(layer_idx, runtime, ratio=self.ratio, budget=self.budget, recent=self.recent,
+                             forget=self.forget)
+
+    def describe(self) -> str:
+        return f"{super().describe()}, forget {self.forget:g}"
