@@ -134,12 +134,12 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
     if any(s.get("kind") == "kv" for s in stages):
         raise UserError(f"{model} already has a KV policy; apply KV policies to a model without one.")
     check_supported(net)
-    policy.validate_for(net.config)
     source = None
     if policy.needs_calibration and getattr(policy, "calibrated_on_text", True):
         if tok is None:
             raise UserError(f"{policy.method} calibrates on text, and {model} has no tokenizer to encode it with.")
         source = corpus().name
+    policy.validate_for(net.config)
     policy, report = policy.calibrate(net, tok, progress, device or default_device())
     net.to("cpu")
     stage = {"method": f"kv-{policy.method}", "kind": "kv", "config": to_dict(policy),

@@ -2,15 +2,17 @@
 
 A ``BitmapRows`` holds a sparse tensor ``[..., T, D]`` (one row per cached token and head):
 
-- ``bitmap``  uint8 [..., T, D/8] — which of the row's D entries are non-zero, packed 8 a byte with
+- ``bitmap``  uint8 [..., T, D/8] — which of the row's D entries are stored, packed 8 a byte with
   ``formats.bitpack.pack_bits(…, 1)`` (entry ``d`` is bit ``d % 8`` of byte ``d // 8``)
-- ``offsets`` int32 [..., T]      — where the row's non-zeros start in ``values``
-- ``values``  [nnz] (cache dtype)  — the non-zeros of each row in column order; rows need not be
-  contiguous or ordered in ``values`` (appending tokens appends their values), so any sparsity
-  pattern, including a different count per row, is representable.
+- ``offsets`` int32 [..., T]      — where each row's entries start in ``values`` (random access per row,
+  as a kernel needs it; the rows of one ``[..., :]`` stream are consecutive)
+- ``values``  [nnz] (cache dtype)  — the stored entries in row-major order of ``[..., T, D]``.
+
+Any pattern is representable, including a different count per row; appending rows (``concat``)
+keeps the row-major order, so decompression is one ``masked_scatter``.
 
 ``sparse_attention`` is the pure-torch reference of the decode kernel: scores and the weighted
-value sum are computed from the non-zeros alone (work and memory ∝ nnz), never from a dense copy.
+value sum are computed from the stored entries alone (work and memory ∝ nnz), never from a dense copy.
 """
 from __future__ import annotations
 
@@ -41,21 +43,17 @@ class BitmapRows:
 
     def to_dense(self) -> torch.Tensor:
         mask = self.mask()
-        rank = mask.to(torch.int64).cumsum(-1) - 1  # position of each entry among its row's non-zeros
-        idx = (self.offsets.to(torch.int64)[..., None] + rank).clamp(min=0)
-        if self.values.numel() == 0:
-            return torch.zeros(mask.shape, dtype=self.values.dtype, device=self.values.device)
-        idx = idx.clamp(max=self.values.numel() - 1)
-        return torch.where(mask, self.values[idx], torch.zeros((), dtype=self.values.dtype, device=mask.device))
+        return torch.zeros(mask.shape, dtype=self.values.dtype, device=mask.device).masked_scatter_(mask, self.values)
 
     def coo(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row index into the flattened [..., T] rows, column, value) of every stored entry."""
-        mask = self.mask()
-        flat = mask.reshape(-1, self.dim)
-        row, col = flat.nonzero(as_tuple=True)  # row-major: each row's entries in column order
-        rank = flat.to(torch.int64).cumsum(-1)[row, col] - 1
-        vidx = self.offsets.reshape(-1).to(torch.int64)[row] + rank
-        return row, col, self.values[vidx]
+        row, col = self.mask().reshape(-1, self.dim).nonzero(as_tuple=True)  # row-major, as ``values``
+        return row, col, self.values
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    flat = counts.reshape(-1).to(torch.int64)
+    return (flat.cumsum(0) - flat).to(torch.int32).reshape(counts.shape)
 
 
 def compress(x: torch.Tensor, keep: torch.Tensor) -> BitmapRows:
@@ -63,18 +61,34 @@ def compress(x: torch.Tensor, keep: torch.Tensor) -> BitmapRows:
     d = x.shape[-1]
     if d % 8:
         raise ValueError(f"bitmap rows need a head dimension divisible by 8, got {d}")
-    counts = keep.sum(-1).reshape(-1).to(torch.int64)
-    offsets = (counts.cumsum(0) - counts).to(torch.int32).reshape(keep.shape[:-1])
-    return BitmapRows(pack_bits(keep.to(torch.uint8), 1), offsets, x[keep].contiguous(), d)
+    return BitmapRows(pack_bits(keep.to(torch.uint8), 1), _offsets(keep.sum(-1)), x[keep].contiguous(), d)
 
 
 def concat(a: BitmapRows | None, b: BitmapRows) -> BitmapRows:
-    """Rows of ``a`` then rows of ``b`` along T (``b``'s values are appended to ``a``'s)."""
+    """Rows of ``a`` then rows of ``b`` along T, values kept in row-major order (one pass, O(nnz))."""
     if a is None:
         return b
-    return BitmapRows(torch.cat([a.bitmap, b.bitmap], dim=-2),
-                      torch.cat([a.offsets, b.offsets + a.values.numel()], dim=-1),
-                      torch.cat([a.values, b.values]), a.dim)
+    lead = a.offsets.shape[:-1]
+    ca = _stream_counts(a)  # stored entries per [..., :] stream
+    cb = _stream_counts(b)
+    start = ca.cumsum(0) + cb.cumsum(0) - ca - cb  # where each stream starts in the result
+    a_start, b_start = ca.cumsum(0) - ca, cb.cumsum(0) - cb
+    values = torch.empty(a.values.numel() + b.values.numel(), dtype=a.values.dtype, device=a.values.device)
+    dest_a = torch.arange(a.values.numel(), device=values.device) + (start - a_start).repeat_interleave(ca)
+    dest_b = torch.arange(b.values.numel(), device=values.device) + (start + ca - b_start).repeat_interleave(cb)
+    values[dest_a], values[dest_b] = a.values, b.values
+    off_a = a.offsets + (start - a_start).to(torch.int32).reshape(*lead, 1)
+    off_b = b.offsets + (start + ca - b_start).to(torch.int32).reshape(*lead, 1)
+    return BitmapRows(torch.cat([a.bitmap, b.bitmap], dim=-2), torch.cat([off_a, off_b], dim=-1), values, a.dim)
+
+
+def _stream_counts(r: BitmapRows) -> torch.Tensor:
+    """Stored entries per stream (all leading indices but T), int64 [prod(lead)], from the offsets."""
+    if r.offsets.shape[-1] == 0:
+        return torch.zeros(r.offsets[..., 0].numel(), dtype=torch.int64, device=r.offsets.device)
+    first = r.offsets[..., 0].reshape(-1).to(torch.int64)
+    nxt = torch.cat([first[1:], first.new_tensor([r.values.numel()])])
+    return nxt - first
 
 
 def magnitude_keep(x: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -92,7 +106,7 @@ def sparse_scores(q: torch.Tensor, k: BitmapRows, scaling: float) -> torch.Tenso
     b, h, nq, d = q.shape
     _, hkv, t, _ = k.shape
     g = h // hkv
-    row, col, val = k.coo()  # row indexes (b, hkv, t)
+    row, col, val = k.coo()  # row indexes the flattened (b, hkv, t)
     bh = row // t
     qg = q.float().reshape(b * hkv, g * nq, d)  # query heads of each KV head, grouped
     contrib = qg[bh, :, col] * val.float()[:, None]  # [nnz, G·Q]

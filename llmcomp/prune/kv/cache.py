@@ -31,6 +31,7 @@ from llmcomp.prune.kv.attention import eager_attention, gather_past_mask, split_
 ATTN_IMPL = "llmcomp_kv"
 # Attention classes whose forward is q/k/v projections → RoPE → cache.update → attention interface.
 SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")  # where decoder layers keep it
 
 
 def tensor_bytes(*tensors) -> int:
@@ -117,29 +118,56 @@ class PolicyLayer(CacheLayerMixin):
             return 0
         return 2 * self.batch_size * self.num_kv_heads * self.seen * self.head_dim * torch.finfo(self.dtype).bits // 8
 
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """Attention of ``query`` [B, H, Q, D] over the held tokens plus the staged ones; then store them."""
+    def attend(self, module, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention of ``query`` [B, H, Q, D] over the held tokens plus the staged ones (then stored).
+
+        ``mask``: HF's mask over all seen tokens (None = plain causal). Returns [B, Q, H, D]."""
         if self._new is None:
             raise RuntimeError(f"KV policy layer {self.layer_idx}: attention ran without a cache update.")
         k_new, v_new = self._new
         self._new = None
-        past_mask, new_mask = split_mask(mask, self.seen, query.shape[2], query.device)
-        out = self.compute(query, k_new, v_new, past_mask, new_mask, scaling)
+        out = self.compute(module, query, k_new, v_new, mask, scaling)
         self.seen += query.shape[2]
         return out
 
-    def compute(self, q, k_new, v_new, past_mask, new_mask, scaling) -> torch.Tensor:
-        """Reference path: dense view of the held tokens + new tokens through ``eager_attention``."""
+    def held_mask(self, mask, held: int, positions, n_rep: int, q_len: int, device):
+        """The mask for [held tokens | new tokens]. When the layer holds every seen token in order this
+        is HF's mask itself (so a lossless policy makes exactly the dense model's attention call)."""
+        if positions is None and held == self.seen:
+            return mask
+        past_mask, new_mask = split_mask(mask, self.seen, q_len, device)
+        if held == 0:
+            return new_mask
+        return cat_masks(gather_past_mask(past_mask, positions, n_rep), new_mask, held)
+
+    def compute(self, module, q, k_new, v_new, mask, scaling) -> torch.Tensor:
+        """Reference path: dense view of the held tokens + the new ones through ``attention``."""
         k_past, v_past, positions = self.past()
-        if k_past is None or k_past.shape[-2] == 0:
-            k, v, mask = k_new, v_new, new_mask
+        held = 0 if k_past is None else k_past.shape[-2]
+        if held:
+            k_new_all, v_new_all = torch.cat([k_past, k_new], dim=-2), torch.cat([v_past, v_new], dim=-2)
         else:
-            pm = gather_past_mask(past_mask, positions, q.shape[1] // k_new.shape[1])
-            k, v = torch.cat([k_past, k_new], dim=-2), torch.cat([v_past, v_new], dim=-2)
-            mask = cat_masks(pm, new_mask, k_past.shape[-2])
-        out, probs = eager_attention(q, k, v, mask, scaling)
-        self.append(k_new, v_new, probs if self.needs_probs else None)
+            k_new_all, v_new_all = k_new, v_new
+        full = self.held_mask(mask, held, positions, q.shape[1] // k_new.shape[1], q.shape[2], q.device)
+        out, probs = attention(module, q, k_new_all, v_new_all, full, scaling, self.needs_probs)
+        self.append(k_new, v_new, probs)
         return out
+
+
+def attention(module, q, k, v, mask, scaling, need_probs: bool = False):
+    """(output [B, Q, H, D], probabilities or None). Without probabilities this is transformers' own SDPA
+    function (so lossless policies reproduce the dense SDPA model exactly); with them, the eager
+    reference (reproducing the dense eager model)."""
+    if need_probs:
+        if mask is None and q.shape[2] > 1:  # HF's "plain causal" shortcut, aligned to the last key
+            t, n = k.shape[2], q.shape[2]
+            mask = torch.ones(n, t, dtype=torch.bool, device=q.device).tril(t - n)
+        out, probs = eager_attention(q, k, v, mask, scaling)
+        return out.transpose(1, 2).contiguous(), probs
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, mask, scaling=scaling, dropout=0.0)
+    return out, None
 
 
 class KVCache(Cache):
@@ -172,9 +200,10 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     prefix, layers = decoder_layers(model)
     mods = []
     for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
+        attn = next((getattr(layer, n) for n in ATTENTION_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
         if attn is None:
-            raise UserError(f"Unsupported model for KV policies: {prefix}.{i} has no self_attn module.")
+            raise UserError(f"KV policies do not support {type(layer).__name__} ({prefix}.{i}): no attention module "
+                            f"found; supported: {', '.join(SUPPORTED_ATTENTION)}.")
         mods.append(attn)
     return mods
 
@@ -183,12 +212,13 @@ def check_supported(model: nn.Module) -> list[nn.Module]:
     """Every attention module must be one the cache layer supports, all layers full attention."""
     from llmcomp.core.model import decoder_layers
 
-    prefix, _ = decoder_layers(model)
+    prefix, layers = decoder_layers(model)
     mods = attention_modules(model)
     for i, m in enumerate(mods):
         name = type(m).__name__
         if name not in SUPPORTED_ATTENTION:
-            raise UserError(f"KV policies do not support {name} ({prefix}.{i}.self_attn); supported: "
+            where = next(n for n in ATTENTION_NAMES if getattr(layers[i], n, None) is m)
+            raise UserError(f"KV policies do not support {name} ({prefix}.{i}.{where}); supported: "
                             f"{', '.join(SUPPORTED_ATTENTION)}.")
     types = getattr(model.config, "layer_types", None)
     if types is None and getattr(model.config, "sliding_window", None):
@@ -209,8 +239,9 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     if cache is None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
-    out = cache.layers[module.layer_idx].attend(query, attention_mask, module.scaling if scaling is None else scaling)
-    return out.transpose(1, 2).contiguous(), None
+    out = cache.layers[module.layer_idx].attend(module, query, attention_mask,
+                                                module.scaling if scaling is None else scaling)
+    return out, None
 
 
 _REGISTERED = False

@@ -121,9 +121,9 @@ def top_basis(matrix: torch.Tensor, r: int, symmetric: bool) -> torch.Tensor:
     """Top-r left singular vectors (of a weight) or eigenvectors (of a covariance), float32 [n, r]."""
     if symmetric:
         _, vecs = torch.linalg.eigh(matrix)
-        return vecs[:, -r:].flip(-1).float()
+        return vecs[:, -r:].flip(-1).float().contiguous()
     u, _, _ = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return u[:, :r].float()
+    return u[:, :r].float().contiguous()
 
 
 @KV_METHODS.register("cskv")

@@ -17,9 +17,9 @@ import torch
 from llmcomp.core.config import register_config
 from llmcomp.core.progress import NULL
 from llmcomp.errors import UserError
-from llmcomp.prune.kv.attention import eager_attention, gather_past_mask
+from llmcomp.prune.kv.attention import eager_attention
 from llmcomp.prune.kv.base import KV_METHODS, KVPolicy, check_ratio, check_tokens
-from llmcomp.prune.kv.cache import PolicyLayer, attention_modules, cat_masks, check_supported, tensor_bytes
+from llmcomp.prune.kv.cache import PolicyLayer, attention, attention_modules, check_supported, tensor_bytes
 
 CALIB_IMPL = "llmcomp_duo_calibration"
 
@@ -47,23 +47,23 @@ class DuoLayer(PolicyLayer):
     def _query_heads(kv_heads: list[int], n_rep: int, device) -> torch.Tensor:
         return torch.tensor([h * n_rep + g for h in kv_heads for g in range(n_rep)], device=device)
 
-    def compute(self, q, k_new, v_new, past_mask, new_mask, scaling):
+    def compute(self, module, q, k_new, v_new, mask, scaling):
         if not self.stream:
-            return super().compute(q, k_new, v_new, past_mask, new_mask, scaling)
+            return super().compute(module, q, k_new, v_new, mask, scaling)
         n_rep = q.shape[1] // k_new.shape[1]
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])  # [B, Q, H, D]
         groups = [(self.ret, self.kr, self.vr, None), (self.stream, self.ks, self.vs, self.spos)]
         for heads, k_past, v_past, pos in groups:
             if not heads:
                 continue
             qi = self._query_heads(heads, n_rep, q.device)
             ki = torch.tensor(heads, device=q.device)
-            k, v, mask = k_new[:, ki], v_new[:, ki], new_mask
-            if k_past is not None and k_past.shape[-2]:
-                pm = gather_past_mask(past_mask, pos, n_rep)
+            k, v = k_new[:, ki], v_new[:, ki]
+            held = 0 if k_past is None else k_past.shape[-2]
+            if held:
                 k, v = torch.cat([k_past, k], dim=-2), torch.cat([v_past, v], dim=-2)
-                mask = cat_masks(pm, new_mask, k_past.shape[-2])
-            out[:, qi] = eager_attention(q[:, qi], k, v, mask, scaling)[0]
+            sub_mask = self.held_mask(mask, held, pos, n_rep, q.shape[2], q.device)
+            out[:, :, qi] = attention(module, q[:, qi], k, v, sub_mask, scaling)[0]
         self.append(k_new, v_new, None)
         return out
 
@@ -125,7 +125,10 @@ def calibrate_gates(model, tokenizer, cfg: "DuoConfig", progress=NULL, device=No
     opt = torch.optim.Adam([gates], lr=cfg.lr)
     base = model.base_model
     try:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # checkpointing is active in training mode only (these models have no dropout)
         for ids, _answer in progress.track(samples, "Calibrating DuoAttention gates"):
             ids = ids[None].to(device)
@@ -141,7 +144,7 @@ def calibrate_gates(model, tokenizer, cfg: "DuoConfig", progress=NULL, device=No
             with torch.no_grad():
                 gates.clamp_(0, 1)
     finally:
-        model.gradient_checkpointing_disable()
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.train(was_training)
         model.set_attn_implementation(previous)
         for p, r in zip(model.parameters(), params):
@@ -195,8 +198,13 @@ class DuoConfig(KVPolicy):
         if any(set(h) - {"0", "1"} for h in self.heads):
             raise UserError("duo heads must be strings of 0/1, one per layer.")
 
+    @property
+    def calibrated_on_text(self) -> bool:
+        return not self.heads and self.streaming > 0 and self.calib_steps > 0
+
     def windows(self):
-        return {"streaming window": self.sinks + self.window, "calibration length": self.calib_seq_len}
+        out = {"streaming window": self.sinks + self.window}
+        return {**out, "calibration length": self.calib_seq_len} if self.calibrated_on_text else out
 
     def calibrate(self, model, tokenizer, progress=NULL, device=None):
         n_layers, n_kv = len(attention_modules(model)), model.config.num_key_value_heads
@@ -205,7 +213,7 @@ class DuoConfig(KVPolicy):
                 raise UserError(f"duo heads give {len(self.heads)} layers; the model has {n_layers} layers of "
                                 f"{n_kv} KV heads.")
             return self, {}
-        if self.streaming == 0 or self.calib_steps == 0:
+        if not self.calibrated_on_text:
             gates = torch.ones(n_layers, n_kv)
         else:
             gates = calibrate_gates(model, tokenizer, self, progress, device)

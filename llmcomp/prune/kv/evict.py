@@ -40,6 +40,8 @@ class EvictionLayer(PolicyLayer):
         self.k = self.v = self.pos = self.score = None
 
     def past(self):
+        if self.k is not None and self.k.shape[-2] == self.seen:  # nothing evicted yet: positions 0..seen-1
+            return self.k, self.v, None
         return self.k, self.v, self.pos
 
     def nbytes(self) -> int:

@@ -1,8 +1,10 @@
 """Mustafar: per-token magnitude pruning of K and V, stored as bitmap-compressed rows.
 
 Every cached token's key (and value) vector of one head keeps its ``D - floor(s·D)`` largest-magnitude
-entries (``s`` = ``k_sparsity`` / ``v_sparsity``); the most recent ``window`` tokens stay dense and are
-pruned as they leave the window. Pruned rows are held in the bitmap format of ``bitmap.py``, which is
+entries (``s`` = ``k_sparsity`` / ``v_sparsity``); the most recent ``window`` tokens stay dense. After a
+prefill (or any multi-token chunk) everything older is pruned at once; decode steps prune in blocks,
+when the dense part reaches ``2·window`` tokens, so that appending to the compressed rows (an O(nnz)
+copy) happens once per ``window`` steps. Pruned rows are held in the bitmap format of ``bitmap.py``, which is
 what the cache's byte count measures.
 
 Attention paths (``kernel``): ``dense`` decompresses the held rows and runs the eager reference
@@ -20,6 +22,7 @@ import torch
 from llmcomp.core.config import register_config
 from llmcomp.errors import UserError
 from llmcomp.prune.kv import bitmap
+from llmcomp.prune.kv.attention import split_mask
 from llmcomp.prune.kv.base import KV_METHODS, KVPolicy, check_ratio, check_tokens, head_dim
 from llmcomp.prune.kv.cache import PolicyLayer, cat_masks, tensor_bytes
 
@@ -62,8 +65,8 @@ class MustafarLayer(PolicyLayer):
         self.kw = k if self.kw is None else torch.cat([self.kw, k], dim=-2)
         self.vw = v if self.vw is None else torch.cat([self.vw, v], dim=-2)
         n = self.kw.shape[-2] - self.cfg.window
-        if n <= 0:
-            return
+        if n <= 0 or (self.kw.shape[-2] <= 2 * self.cfg.window and k.shape[-2] == 1):
+            return  # decode steps prune in blocks: the dense part holds window .. 2·window tokens
         old_k, old_v = self.kw[..., :n, :], self.vw[..., :n, :]
         self.ks = bitmap.concat(self.ks, bitmap.compress(old_k, bitmap.magnitude_keep(old_k, self.cfg.k_sparsity)))
         self.vs = bitmap.concat(self.vs, bitmap.compress(old_v, bitmap.magnitude_keep(old_v, self.cfg.v_sparsity)))
@@ -76,11 +79,12 @@ class MustafarLayer(PolicyLayer):
             kernel = "triton" if small and _triton_available(q.device) else "dense"
         return kernel
 
-    def compute(self, q, k_new, v_new, past_mask, new_mask, scaling):
+    def compute(self, module, q, k_new, v_new, mask, scaling):
         kernel = self._kernel(q)
         if self.ks is None or kernel == "dense":
-            return super().compute(q, k_new, v_new, past_mask, new_mask, scaling)
+            return super().compute(module, q, k_new, v_new, mask, scaling)
         t = self.ks.shape[-2]
+        past_mask, new_mask = split_mask(mask, self.seen, q.shape[2], q.device)
         kd = k_new if self.kw is None else torch.cat([self.kw, k_new], dim=-2)
         vd = v_new if self.vw is None else torch.cat([self.vw, v_new], dim=-2)
         # the held window is visible like any past token: its mask columns are t .. t+window-1
@@ -96,7 +100,7 @@ class MustafarLayer(PolicyLayer):
         else:
             out = bitmap.sparse_attention(q, self.ks, self.vs, kd, vd, sparse_mask, dense_mask, scaling)
         self.append(k_new, v_new, None)
-        return out
+        return out.transpose(1, 2).contiguous()
 
 
 @KV_METHODS.register("mustafar")

@@ -1,0 +1,402 @@
+"""KV-cache policies (llmcomp.prune.kv): exactness when lossless, formats, compression, artifacts, bad input."""
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_llama
+from llmcomp import api
+from llmcomp.cli.app import app
+from llmcomp.core.artifact import read_manifest
+from llmcomp.errors import UserError
+from llmcomp.prune.kv import (A2SFConfig, CSKVConfig, DuoConfig, H2OConfig, KIVIConfig, MustafarConfig,
+                              StreamingConfig, install, installed_policy, uninstall)
+from llmcomp.prune.kv import bitmap
+from llmcomp.prune.kv.attention import eager_attention
+from llmcomp.prune.kv.evict import EvictionLayer
+from llmcomp.prune.kv.kivi import dequantize_rows, quantize_rows
+
+CHUNKS = (24, 8, 1, 1, 6, 12)  # prefill, a teacher-forced chunk over the held cache, decode steps, more chunks
+
+
+class CharTokenizer:
+    """Characters → ids < 128: enough for the calibration and passkey code paths on tiny models."""
+
+    pad_token_id = eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i)) for i in ids)
+
+
+def run_chunks(model, ids, chunks=CHUNKS, mask=None):
+    """Logits of ``ids`` fed through the model's cache in chunks; returns (logits, cache)."""
+    out, cache, s = [], None, 0
+    for c in chunks:
+        kw = {} if mask is None else {"attention_mask": mask[:, :s + c]}
+        o = model(input_ids=ids[:, s:s + c], past_key_values=cache, use_cache=True, **kw)
+        cache, s = o.past_key_values, s + c
+        out.append(o.logits)
+    return torch.cat(out, 1), cache
+
+
+def tiny(arch="llama"):
+    if arch == "llama":
+        return tiny_llama()
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=128, max_position_embeddings=256)
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+    return MistralForCausalLM(MistralConfig(**kw, sliding_window=None)).eval()
+
+
+def with_bases(model, cfg):
+    cfg.calibrate(model, None)
+    return cfg
+
+
+# Lossless settings of every policy. Scored eviction computes eager attention (it needs the probabilities),
+# so it reproduces the eager dense model; the others make transformers' own SDPA call.
+LOSSLESS = {
+    "mustafar": (lambda m: MustafarConfig(0, 0, window=4), "sdpa"),
+    "kivi": (lambda m: KIVIConfig(bits=2, group=8, residual=128), "sdpa"),
+    "streaming": (lambda m: StreamingConfig(ratio=0), "sdpa"),
+    "h2o": (lambda m: H2OConfig(ratio=0), "eager"),
+    "a2sf": (lambda m: A2SFConfig(ratio=0, forget=0.5), "eager"),
+    "duo": (lambda m: DuoConfig(streaming=0, heads=("11", "11")), "sdpa"),
+    "cskv": (lambda m: with_bases(m, CSKVConfig(k_ratio=0, v_ratio=0, window=4, activation_aware=False)), "sdpa"),
+}
+
+
+@pytest.mark.parametrize("name", LOSSLESS)
+def test_ratio_zero_reproduces_dense_logits_exactly(name):
+    model = tiny()
+    make, impl = LOSSLESS[name]
+    model.set_attn_implementation(impl)
+    ids = torch.randint(0, 128, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(1))
+    ref, dense = run_chunks(model, ids)
+    install(model, make(model))
+    got, cache = run_chunks(model, ids)
+    assert type(cache).__name__ == "KVCache" and cache.get_seq_length() == ids.shape[1]
+    assert torch.equal(got, ref)
+    uninstall(model)
+    assert model.config._attn_implementation == impl
+    assert torch.equal(run_chunks(model, ids)[0], ref)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_supported_attention_classes(arch):
+    model = tiny(arch)
+    ids = torch.randint(0, 128, (1, sum(CHUNKS)), generator=torch.Generator().manual_seed(2))
+    ref, _ = run_chunks(model, ids)
+    install(model, MustafarConfig(0, 0, window=4))
+    assert torch.equal(run_chunks(model, ids)[0], ref)
+
+
+def test_generate_applies_the_policy_and_is_exact_when_lossless():
+    model = tiny()
+    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding stays masked inside the policy cache
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    install(model, MustafarConfig(0, 0, window=2))
+    assert torch.equal(model.generate(ids, **kw), ref)
+    out = model.generate(ids, return_dict_in_generate=True, **kw)
+    assert type(out.past_key_values).__name__ == "KVCache"
+    install(model, H2OConfig(budget=8))
+    cache = model.generate(ids, return_dict_in_generate=True, **kw).past_key_values
+    assert cache.layers[0].k.shape[-2] == 8 and cache.get_seq_length() == 25  # the last token is not fed back
+    # use_cache=False stays dense (the attention falls back to SDPA)
+    uninstall(model)
+    dense = model(input_ids=ids, use_cache=False).logits
+    install(model, H2OConfig(budget=4))
+    assert torch.equal(model(input_ids=ids, use_cache=False).logits, dense)
+
+
+LOSSY = {
+    "mustafar": MustafarConfig(0.5, 0.7, window=4),
+    "kivi": KIVIConfig(bits=2, group=8, residual=8),
+    "streaming": StreamingConfig(budget=16, sinks=2),
+    "h2o": H2OConfig(ratio=0.5),
+    "a2sf": A2SFConfig(ratio=0.5),
+    "duo": DuoConfig(streaming=0.5, sinks=2, window=8, heads=("10", "01")),
+    "cskv": CSKVConfig(k_ratio=0.5, v_ratio=0.75, window=4, activation_aware=False),
+}
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_policies_hold_fewer_bytes_and_change_little(name):
+    model = tiny()
+    ids = torch.randint(0, 128, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(4))
+    ref, dense = run_chunks(model, ids)
+    cfg = LOSSY[name]
+    if name == "cskv":
+        cfg.calibrate(model, None)
+    install(model, cfg)
+    got, cache = run_chunks(model, ids)
+    dense_bytes = sum(t.numel() * t.element_size() for layer in dense.layers for t in (layer.keys, layer.values))
+    assert cache.dense_nbytes() == dense_bytes
+    assert 0 < cache.nbytes() < 0.8 * dense_bytes
+    assert torch.isfinite(got).all() and not torch.equal(got, ref)
+    assert (got - ref).abs().max() < 2.0
+
+
+def test_byte_accounting_counts_every_held_tensor():
+    model = tiny()
+    ids = torch.randint(0, 128, (1, 40))
+    install(model, MustafarConfig(0.5, 0.5, window=4))
+    _, cache = run_chunks(model, ids, chunks=(40,))
+    layer = cache.layers[0]
+    d, hkv = 16, 2
+    # 36 pruned tokens: bitmap (d/8 bytes) + int32 offset + 8 fp32 values per row; 4 dense tokens
+    assert layer.nbytes() == 2 * (36 * hkv * (d // 8 + 4 + 8 * 4) + 4 * hkv * d * 4)
+    install(model, KIVIConfig(bits=2, group=8, residual=8))
+    _, cache = run_chunks(model, ids, chunks=(40,))
+    layer = cache.layers[0]
+    keys = 40 // 8 * hkv * d * (8 * 2 // 8 + 2 + 2)  # per channel and group of 8 tokens: codes + fp16 scale + min
+    values = 32 * hkv * (d // 8) * (8 * 2 // 8 + 2 + 2) + 8 * hkv * d * 4  # per token and 8 channels; residual
+    assert layer.kr.shape[-2] == 0 and layer.nbytes() == keys + values
+
+
+def test_bitmap_round_trip_and_concat():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 5, 16), (1, 1, 7, 64), (3, 2, 1, 8)]:
+        x = torch.randn(shape, generator=g)
+        keep = torch.rand(shape, generator=g) < 0.4
+        keep[..., 0, :] = False  # an empty row
+        keep[..., -1, :] = True  # a full row
+        r = bitmap.compress(x, keep)
+        assert torch.equal(r.to_dense(), x * keep) and torch.equal(r.mask(), keep)
+        assert r.nbytes() == keep.numel() // 8 + 4 * keep[..., 0].numel() + 4 * int(keep.sum())
+        y = torch.randn(*shape[:-2], 4, shape[-1], generator=g).half()
+        ky = torch.rand(y.shape, generator=g) < 0.7
+        both = bitmap.concat(bitmap.compress(x.half(), keep), bitmap.compress(y, ky))
+        assert torch.equal(both.to_dense(), torch.cat([x.half() * keep, y * ky], -2))
+        # offsets give random access to each row's entries
+        m = both.mask()
+        idx = both.offsets.long()[..., None] + m.long().cumsum(-1) - 1
+        assert torch.equal(torch.where(m, both.values[idx.clamp(0, both.values.numel() - 1)], 0).half(),
+                           both.to_dense())
+
+
+def test_magnitude_keep_is_per_token_top_k():
+    x = torch.randn(2, 3, 10, 16)
+    for s, k in [(0.0, 16), (0.5, 8), (0.7, 5), (0.99, 1)]:
+        keep = bitmap.magnitude_keep(x, s)
+        assert (keep.sum(-1) == k).all()
+        smallest_kept = torch.where(keep, x.abs(), torch.inf).amin(-1)
+        largest_dropped = torch.where(keep, -torch.inf, x.abs()).amax(-1)
+        assert (smallest_kept >= largest_dropped).all()
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_sparse_attention_reference_equals_dense_over_masked_cache(q_len):
+    g = torch.Generator().manual_seed(5)
+    b, h, hkv, t, w, d = 2, 6, 2, 37, 4, 16
+    q = torch.randn(b, h, q_len, d, generator=g)
+    k, v = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    kd, vd = torch.randn(b, hkv, w + q_len, d, generator=g), torch.randn(b, hkv, w + q_len, d, generator=g)
+    ks = bitmap.compress(k, bitmap.magnitude_keep(k, 0.6))
+    vs = bitmap.compress(v, bitmap.magnitude_keep(v, 0.3))
+    sparse_mask = torch.rand(b, 1, q_len, t, generator=g) < 0.8
+    dense_mask = torch.ones(q_len, w + q_len, dtype=torch.bool).tril(w)[None, None]
+    got = bitmap.sparse_attention(q, ks, vs, kd, vd, sparse_mask, dense_mask, 0.25)
+    mask = torch.cat([sparse_mask, dense_mask.expand(b, 1, q_len, w + q_len)], -1)
+    ref, _ = eager_attention(q, torch.cat([ks.to_dense(), kd], -2), torch.cat([vs.to_dense(), vd], -2), mask, 0.25)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eviction_keeps_sinks_recent_and_heavy_hitters():
+    k = torch.randn(1, 1, 10, 8)
+    stream = EvictionLayer(0, None, ratio=0, budget=5, sinks=2)
+    stream.lazy_initialization(k, k)
+    stream.append(k, k, None)
+    assert stream.pos.flatten().tolist() == [0, 1, 7, 8, 9]
+    probs = torch.linspace(0.01, 0.011, 10).expand(1, 2, 10, 10).clone()  # two query heads share the KV head
+    probs[..., 3] = 1.0  # token 3 is a heavy hitter
+    probs[..., 5] = 0.0
+    probs[:, :, :2, 5] = 3.0  # token 5 got attention from the two oldest queries only
+    h2o = EvictionLayer(0, None, ratio=0, budget=4, recent=0.5, forget=1.0)
+    h2o.lazy_initialization(k, k)
+    h2o.append(k, k, probs)
+    assert h2o.pos.flatten().tolist() == [3, 5, 8, 9]
+    a2sf = EvictionLayer(0, None, ratio=0, budget=4, recent=0.5, forget=0.5)  # old queries forgotten
+    a2sf.lazy_initialization(k, k)
+    a2sf.append(k, k, probs)
+    assert a2sf.pos.flatten().tolist() == [3, 7, 8, 9]
+
+
+def test_ratio_budget_grows_with_the_sequence():
+    model = tiny()
+    install(model, StreamingConfig(ratio=0.75, sinks=1))
+    _, cache = run_chunks(model, torch.randint(0, 128, (1, 40)), chunks=(40,))
+    assert cache.layers[1].k.shape[-2] == 10
+
+
+def test_kivi_quantization():
+    x = torch.randn(4, 6, 32) * torch.linspace(0.1, 10, 32)
+    for bits in (2, 4):
+        packed, scale, lo = quantize_rows(x, bits)
+        assert packed.dtype == torch.uint8 and packed.shape[-1] == 32 * bits // 8
+        err = (dequantize_rows(packed, scale, lo, bits, 32, torch.float32) - x).abs()
+        assert (err <= scale.float()[..., None] / 2 + 1e-3 * x.abs().amax()).all()
+    const = torch.full((2, 8), 3.0)
+    assert torch.equal(dequantize_rows(*quantize_rows(const, 2), 2, 8, torch.float32), const)
+
+
+def test_duo_streaming_heads_hold_sinks_and_window():
+    model = tiny()
+    install(model, DuoConfig(streaming=0.5, sinks=2, window=8, heads=("10", "01")))
+    _, cache = run_chunks(model, torch.randint(0, 128, (1, 52)))
+    layer = cache.layers[0]
+    assert layer.kr.shape == (1, 1, 52, 16) and layer.ks.shape == (1, 1, 10, 16)
+    assert layer.spos.tolist() == [0, 1] + list(range(44, 52))
+
+
+def test_duo_calibration_selects_heads():
+    model = tiny()
+    cfg = DuoConfig(streaming=0.5, sinks=2, window=8, calib_steps=2, calib_seq_len=240, tail=8)
+    calibrated, report = cfg.calibrate(model, CharTokenizer())
+    assert len(calibrated.heads) == 2 and sum(h.count("1") for h in calibrated.heads) == 2
+    gates = torch.tensor(report["gates"])
+    assert gates.shape == (2, 2) and (gates >= 0).all() and (gates <= 1).all() and (gates < 1).any()
+    assert model.config._attn_implementation == "sdpa" and all(p.requires_grad for p in model.parameters())
+
+
+def test_cskv_bases():
+    model = tiny()
+    cfg = CSKVConfig(k_ratio=0.5, v_ratio=0.25, window=4, calib_samples=2, calib_seq_len=64)
+    _, report = cfg.calibrate(model, CharTokenizer())
+    assert report == {"width": 32, "k_rank": 16, "v_rank": 24}
+    basis = model.model.layers[1].self_attn.kv_basis
+    for u in (basis.k_basis, basis.v_basis):
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-5, rtol=0)
+    # a full-width orthonormal basis is lossless: the un-rotate / project / re-rotate path is exact
+    full = CSKVConfig(k_ratio=0.01, v_ratio=0.01, window=2, activation_aware=False)
+    model2 = tiny()
+    full.build_skeleton(model2, device="cpu")
+    q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+    for m in model2.model.layers:
+        m.self_attn.kv_basis.register_buffer("k_basis", q.float())
+        m.self_attn.kv_basis.register_buffer("v_basis", q.float())
+    ids = torch.randint(0, 128, (1, sum(CHUNKS)))
+    ref, _ = run_chunks(model2, ids)
+    install(model2, full)
+    torch.testing.assert_close(run_chunks(model2, ids)[0], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [
+    MustafarConfig(0.5, 0.5, window=4),
+    CSKVConfig(k_ratio=0.5, v_ratio=0.5, window=4, activation_aware=False),
+    DuoConfig(streaming=0.5, sinks=2, window=8, heads=("10", "01")),
+], ids=["mustafar", "cskv", "duo"])
+def test_saved_artifact_reapplies_its_policy(tiny_model_dir, tmp_path, cfg):
+    out = api.prune_kv(cfg, tmp_path / "kv", str(tiny_model_dir))
+    stage = read_manifest(out)["stages"][-1]
+    assert stage["kind"] == "kv" and stage["method"] == f"kv-{cfg.method}"
+    model = api.load(str(out))
+    assert installed_policy(model) == cfg
+    ids = torch.randint(0, 128, (1, sum(CHUNKS)), generator=torch.Generator().manual_seed(6))
+    got, cache = run_chunks(model, ids)
+    assert type(cache).__name__ == "KVCache"
+    fresh = api.load(str(tiny_model_dir))
+    ref, _ = run_chunks(fresh, ids)
+    if cfg.method == "cskv":  # the same bases, computed again; BLAS may round differently on loaded buffers
+        install(fresh, with_bases(fresh, cfg))
+        torch.testing.assert_close(run_chunks(fresh, ids)[0], got, rtol=1e-5, atol=1e-6)
+    else:
+        install(fresh, cfg)
+        assert torch.equal(run_chunks(fresh, ids)[0], got)
+    assert not torch.equal(got, ref)
+    with pytest.raises(UserError, match="already has a KV policy"):
+        api.prune_kv(MustafarConfig(), tmp_path / "again", str(out))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MustafarConfig(k_sparsity=1.0), lambda: MustafarConfig(v_sparsity=-0.1),
+    lambda: StreamingConfig(ratio=1), lambda: H2OConfig(ratio=1.5), lambda: A2SFConfig(ratio=-0.2),
+    lambda: DuoConfig(streaming=1.0), lambda: CSKVConfig(k_ratio=1.0), lambda: CSKVConfig(v_ratio=2),
+], ids=["mustafar-k", "mustafar-v", "streaming", "h2o", "a2sf", "duo", "cskv-k", "cskv-v"])
+def test_ratios_outside_unit_interval(make):
+    with pytest.raises(UserError, match=r"\[0, 1\)"):
+        make()
+
+
+def test_bad_policy_input(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="not smaller than the context"):
+        api.prune_kv(MustafarConfig(window=4096), tmp_path / "a", str(tiny_model_dir))
+    with pytest.raises(UserError, match="budget of 300 tokens"):
+        api.prune_kv(H2OConfig(budget=300), tmp_path / "b", str(tiny_model_dir))
+    with pytest.raises(UserError, match="no tokenizer"):
+        api.prune_kv(DuoConfig(), tmp_path / "c", str(tiny_model_dir))
+    with pytest.raises(UserError, match="no tokenizer"):
+        api.prune_kv(CSKVConfig(), tmp_path / "d", str(tiny_model_dir))
+    with pytest.raises(UserError, match="residual"):
+        KIVIConfig(group=32, residual=48)
+    with pytest.raises(UserError, match="forget"):
+        A2SFConfig(forget=0)
+    assert not (tmp_path / "a").exists()
+
+
+def test_unsupported_attention_is_named(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(path)
+    with pytest.raises(UserError, match="GPT2Attention"):
+        api.prune_kv(StreamingConfig(), tmp_path / "out", str(path))
+
+
+def test_cli_prune_kv(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["prune", "kv", str(tiny_model_dir), "--method", "kivi", "--bits", "4", "--group", "8",
+                            "--window", "16", "-o", str(tmp_path / "kivi")])
+    assert r.exit_code == 0, r.output
+    cfg = read_manifest(tmp_path / "kivi")["stages"][-1]["config"]
+    assert (cfg["bits"], cfg["group"], cfg["residual"]) == (4, 8, 16)
+    for args, message in [(["--method", "kivi", "--sinks", "2"], "--sinks does not apply"),
+                          (["--method", "mustafar", "--ratio", "1.5"], "[0, 1)"),
+                          (["--method", "nope"], "Unknown KV method")]:
+        r = runner.invoke(app, ["prune", "kv", str(tiny_model_dir), *args, "-o", str(tmp_path / "x")])
+        lines = [line for line in r.output.splitlines() if line.startswith("error:")]
+        assert r.exit_code == 2 and len(lines) == 1 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_long_context_eval(monkeypatch):
+    from llmcomp.eval import longctx
+
+    model, tok = tiny(), CharTokenizer()
+    dense = longctx.long_context_eval(model, tok, context=128, n_windows=2, chunk=8, passkey_lengths=(240,),
+                                      passkey_n=2)
+    install(model, MustafarConfig(0, 0, window=4))
+    same = longctx.long_context_eval(model, tok, context=128, n_windows=2, chunk=8, passkey_lengths=(240,),
+                                     passkey_n=2)
+    assert same["ppl"] == dense["ppl"] and same["kv_dense_bytes"] == dense["kv_bytes"]
+    install(model, StreamingConfig(ratio=0.5))
+    half = longctx.long_context_eval(model, tok, context=128, n_windows=2, chunk=8, passkey_lengths=(), passkey_n=0)
+    assert half["kv_bytes"] < 0.6 * dense["kv_bytes"] and half["ppl"] != dense["ppl"]
+    assert set(dense["passkey"]) == {"240"} and json.dumps(dense)
+
+
+@pytest.mark.cuda
+def test_triton_mustafar_kernel_matches_reference():
+    from llmcomp.prune.kv.mustafar_triton import sparse_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for b, h, hkv, t, w, d, dtype in [(2, 8, 2, 300, 5, 64, torch.float16), (1, 32, 8, 1000, 33, 128, torch.bfloat16),
+                                      (3, 4, 4, 17, 1, 64, torch.float32)]:
+        q = torch.randn(b, h, 1, d, generator=g, device="cuda").to(dtype)
+        k, v = (torch.randn(b, hkv, t, d, generator=g, device="cuda").to(dtype) for _ in range(2))
+        kd, vd = (torch.randn(b, hkv, w, d, generator=g, device="cuda").to(dtype) for _ in range(2))
+        ks, vs = bitmap.compress(k, bitmap.magnitude_keep(k, 0.7)), bitmap.compress(v, bitmap.magnitude_keep(v, 0.5))
+        for sparse_mask in (None, torch.rand(b, 1, 1, t, generator=g, device="cuda") < 0.9):
+            ref = bitmap.sparse_attention(q.float(), ks, vs, kd, vd, sparse_mask, None, d ** -0.5)
+            got = sparse_decode_attention(q, ks, vs, kd, vd, sparse_mask, None, d ** -0.5)
+            torch.testing.assert_close(got.float(), ref, atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
