@@ -158,15 +158,17 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
     from llmcomp.eval.longctx import long_context_eval
     from llmcomp.prune.kv.cache import installed_policy
 
+    from transformers import AutoConfig
+
     p = model_mod.resolve(path, progress.note)
+    limit = int(getattr(AutoConfig.from_pretrained(p), "max_position_embeddings", 0) or 0)
+    longest = max([context, *passkey_lengths])
+    if limit and longest > limit:
+        raise UserError(f"A context of {longest} tokens is longer than the model's ({limit} tokens).")
     net, tok, base, stages = open_model(p, progress=progress, device=device or default_device())
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
     policy = installed_policy(net)
-    limit = int(getattr(net.config, "max_position_embeddings", 0) or 0)
-    longest = max([context, *passkey_lengths])
-    if limit and longest > limit:
-        raise UserError(f"A context of {longest} tokens is longer than the model's ({limit} tokens).")
     if policy is not None:
         policy.validate_for(net.config, context=min([context, *passkey_lengths]))
     start = time.perf_counter()

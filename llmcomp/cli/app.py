@@ -97,6 +97,10 @@ def eval_(
     reference: Annotated[Optional[str], typer.Option(help="Original model to compare against (KL divergence, top-1 agreement, greedy common prefix); 'base' = the base model in the first artifact's manifest.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
     record: Annotated[bool, typer.Option("--record", help="Append each artifact's results to its manifest (evaluations).")] = False,
+    long: Annotated[bool, typer.Option("--long", help="Long-context evaluation with each model's KV-cache policy active: continuation ppl over a compressed prefix, KV bytes held, passkey retrieval.")] = False,
+    context: Annotated[int, typer.Option(help="--long: tokens per window (the first 3/4 are prefilled into the cache, the rest scored).")] = 2048,
+    passkey_lengths: Annotated[str, typer.Option(help="--long: passkey prompt lengths in tokens, comma-separated.")] = "1024,2048",
+    passkey_samples: Annotated[int, typer.Option(help="--long: passkey prompts per length (0 = none).")] = 10,
 ):
     """Perplexity on held-out text, bits per weight and size; several paths print one table."""
     _quiet_transformers()
@@ -106,6 +110,11 @@ def eval_(
     def go():
         if windows < 1 or seq_len < 2:
             raise UserError("--windows must be ≥ 1 and --seq-len ≥ 2.")
+        if long:
+            from llmcomp.cli.prune_kv import eval_long
+
+            return eval_long(paths or [None], windows=windows, context=context, passkey_lengths=passkey_lengths,
+                             passkey_samples=passkey_samples, device=device, compare=compare, json_out=json_out)
         rows = []
         targets = paths or [None]
         with render.RichProgress() as progress:

@@ -86,3 +86,25 @@ def kv(
         render.console.print(f"[green]wrote[/green] {path} ({policy.describe()})")
 
     run(go)
+
+
+def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, passkey_samples: int, device, compare: bool,
+              json_out) -> None:
+    """``llmcomp eval --long``: one row per model (its KV policy active), printed as one table."""
+    import json
+
+    from llmcomp import api
+    from llmcomp.cli import render
+
+    try:
+        lengths = tuple(int(n) for n in passkey_lengths.split(",") if n.strip())
+    except ValueError:
+        raise UserError(f"--passkey-lengths must be comma-separated integers, got {passkey_lengths!r}.") from None
+    if context < 16 or passkey_samples < 0:
+        raise UserError("--context must be ≥ 16 and --passkey-samples ≥ 0.")
+    with render.RichProgress() as progress:
+        rows = [api.evaluate_long(p, context=context, n_windows=windows, passkey_lengths=lengths,
+                                  passkey_samples=passkey_samples, device=device, progress=progress) for p in targets]
+    render.console.print(render.long_table(rows, compare))
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=1))
