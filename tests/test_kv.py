@@ -400,3 +400,28 @@ def test_triton_mustafar_kernel_matches_reference():
             ref = bitmap.sparse_attention(q.float(), ks, vs, kd, vd, sparse_mask, None, d ** -0.5)
             got = sparse_decode_attention(q, ks, vs, kd, vd, sparse_mask, None, d ** -0.5)
             torch.testing.assert_close(got.float(), ref, atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
+
+
+def test_cli_eval_long_bad_input(tiny_model_dir):
+    runner = CliRunner()
+    for args, message in [(["--context", "100000"], "longer than the model's"),
+                          (["--passkey-lengths", "1k"], "comma-separated integers")]:
+        r = runner.invoke(app, ["eval", str(tiny_model_dir), "--long", *args])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.slow
+def test_bundled_model_kv_artifact(tmp_path):
+    from llmcomp.core.passkey import answer_correct, passkey_samples
+
+    path = api.prune_kv(MustafarConfig(0.5, 0.5), tmp_path / "mustafar")
+    model, tok = api.load(str(path), return_tokenizer=True)
+    sample = passkey_samples(tok, 512, 1, seed=3)[0]
+    ids = sample.prompt[None]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, do_sample=False,
+                         pad_token_id=tok.eos_token_id, return_dict_in_generate=True)
+    assert answer_correct(tok.decode(out.sequences[0, 512:]), sample.answer)
+    cache = out.past_key_values
+    assert type(cache).__name__ == "KVCache" and cache.nbytes() < 0.65 * cache.dense_nbytes()
+    row = api.evaluate_long(str(path), context=512, n_windows=1, passkey_lengths=(512,), passkey_samples=2)
+    assert row["policy"] == "mustafar K 0.5 V 0.5 window 32" and row["kv_bytes"] < 0.65 * row["kv_dense_bytes"]

@@ -16,7 +16,8 @@ import torch
 from llmcomp.core.data import corpus, tokenize
 from llmcomp.errors import UserError
 
-INTRO = "A pass key is hidden in the text below. Find it and remember it.\n\n"
+INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the pass key.\n\n")  # the usual passkey-retrieval wording
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 

@@ -155,7 +155,7 @@ class A2SFConfig(_EvictionConfig):
     ratio: float = 0.5
     budget: int = 0
     recent: float = 0.5
-    forget: float = 0.9
+    forget: float = 0.99
 
     method = "a2sf"
     VERSION = 1
