@@ -1,4 +1,9 @@
-"""The Triton fast path against the pure-torch reference (runs only where CUDA and Triton exist)."""
+"""Every CUDA fast path against the pure-torch reference (runs only where CUDA exists).
+
+Tolerance: ‖y − ref‖∞ / ‖ref‖∞ < 2e-2 where ``ref`` is the fp32 product of the fp32-dequantized weight
+and the (fp16/bf16) input. The kernels dequantize into the activation dtype (bf16 keeps 8 mantissa
+bits), read ``-zero·scale`` rounded to it, and return ``x.dtype``; the mma kernel accumulates in fp32.
+"""
 import pytest
 import torch
 
@@ -8,7 +13,20 @@ from llmcomp.quant.rtn import rtn_fields
 
 pytestmark = pytest.mark.cuda
 
-SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (1000, 2048)]
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (1000, 2048), (48, 320)]
+TOL = 2e-2
+
+
+def _layer(fmt, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    t = {kk: v.cuda() for kk, v in fmt.pack(rtn_fields(w, fmt)).items()}
+    return QuantLinear.from_packed(fmt, t, k), t, g
+
+
+def _rel_err(y, x, fmt, t, k):
+    ref = torch.nn.functional.linear(x.float(), fmt.dequantize(t, k, dtype=torch.float32))
+    return float((y.float() - ref).abs().max() / ref.abs().max())
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -16,20 +34,68 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (1000,
 @pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_fast_path_matches_reference(bits, group, sym, m, dtype):
-    from llmcomp.kernels import fast_path
-
+def test_module_matches_reference(bits, group, sym, m, dtype):
+    """Whatever path QuantLinear takes on CUDA (mma kernel, Triton, or reference for odd shapes)."""
     fmt = Uniform(bits=bits, group_size=group, symmetric=sym)
     for n, k in SHAPES:
-        g = torch.Generator().manual_seed(n + k + bits)
-        w = torch.randn(n, k, generator=g) * 0.05
-        t = {kk: v.cuda() for kk, v in fmt.pack(rtn_fields(w, fmt)).items()}
-        q = QuantLinear.from_packed(fmt, t, k)
+        q, t, g = _layer(fmt, n, k, n + k + bits)
         x = torch.randn(m, k, generator=g).to("cuda", dtype)
-        assert fast_path(fmt, x) is not None
         with torch.no_grad():
             y = q(x)
-            ref = torch.nn.functional.linear(x.float(), fmt.dequantize(t, k, dtype=torch.float32))
-        # Tolerance: the fast path sums in fp32 but reads -zero*scale rounded to fp16 and returns x.dtype.
-        err = (y.float() - ref).abs().max() / ref.abs().max()
-        assert err < 2e-2, (n, k, float(err))
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert _rel_err(y, x, fmt, t, k) < TOL, (n, k)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group", [0, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_mma_kernel_every_m(bits, group, dtype):
+    """The CUDA mma kernel itself, M = 1..300 (64+ goes through its dequantize kernel + cuBLAS)."""
+    from llmcomp.kernels import uniform_cuda
+
+    if uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    fmt = Uniform(bits=bits, group_size=group, symmetric=False)
+    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512)]:
+        if not uniform_cuda.shape_ok(fmt, k, n):
+            continue
+        q, t, g = _layer(fmt, n, k, n * k + bits)
+        prep = uniform_cuda.prepare(fmt, t, k)
+        for m in [1, 2, 5, 8, 9, 16, 17, 31, 33, 64, 65, 300]:
+            x = torch.randn(m, k, generator=g).to("cuda", dtype)
+            y = uniform_cuda.linear(x, fmt, t, k, None, {})
+            assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m)
+        # dequantize kernel: same weight as the reference, rounded to dtype
+        w = uniform_cuda.dequantize(prep, bits, k, dtype).float()
+        ref = fmt.dequantize(t, k, dtype=torch.float32)
+        assert float((w - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+def test_odd_shape_falls_back_with_warning():
+    from llmcomp import kernels
+    from llmcomp.kernels import uniform_cuda
+
+    fmt = Uniform(bits=3, group_size=128)
+    q, t, g = _layer(fmt, 40, 200, 1)
+    x = torch.randn(2, 200, generator=g).to("cuda", torch.float16)
+    assert kernels.fast_path(fmt, x, t, 200) is None
+    kernels._WARNED.clear()
+    with pytest.warns(UserWarning, match="no fast kernel"):
+        with torch.no_grad():
+            y = q(x)
+    assert _rel_err(y, x, fmt, t, 200) < TOL
+    assert not uniform_cuda.shape_ok(Uniform(bits=4, group_size=128), 200, 48)
+
+
+def test_custom_op_traces_under_compile():
+    from llmcomp.kernels import uniform_cuda
+
+    if uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    fmt = Uniform(bits=4, group_size=128)
+    q, t, g = _layer(fmt, 512, 1024, 7)
+    x = torch.randn(1, 1024, generator=g).to("cuda", torch.float16)
+    with torch.no_grad():
+        eager = q(x)
+        compiled = torch.compile(q, fullgraph=False)(x)
+    assert torch.allclose(eager, compiled, atol=1e-3, rtol=1e-3)

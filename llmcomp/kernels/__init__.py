@@ -7,6 +7,7 @@ always the case.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 
 from llmcomp.formats.base import WeightFormat
 
-# (format name, device type) → list of (supports(fmt, x) -> bool,
-#                                      fn(x, fmt, tensors, in_features, bias, cache))
+# (format name, device type) → list of (supports(fmt, x, tensors, in_features) -> bool,
+#                                      fn(x, fmt, tensors, in_features, bias, cache)), tried in order
 # ``cache`` is a dict owned by the calling module where a fast path keeps its prepared layout.
 _FAST: dict[tuple[str, str], list[tuple[Callable, Callable]]] = {}
 
@@ -35,12 +36,27 @@ def reference_linear(
     return F.linear(x, w, bias)
 
 
-def fast_path(fmt: WeightFormat, x: torch.Tensor) -> Optional[Callable]:
-    """The registered fast path that accepts ``(fmt, x)``, or None."""
+def fast_path(fmt: WeightFormat, x: torch.Tensor, tensors: dict, in_features: int) -> Optional[Callable]:
+    """The first registered fast path that accepts this weight and input, or None."""
     for supports, fn in _FAST.get((fmt.name, x.device.type), ()):
-        if supports(fmt, x):
+        if supports(fmt, x, tensors, in_features):
             return fn
     return None
+
+
+_WARNED: set = set()
+
+
+def _warn_reference(fmt: WeightFormat, x: torch.Tensor, tensors: dict, in_features: int) -> None:
+    """On an accelerator the reference path is slow: say so once per format and shape."""
+    if x.device.type == "cpu":
+        return
+    shape = (next(iter(tensors.values())).shape[0], in_features)
+    key = (fmt.describe(), shape, x.dtype)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"llmcomp: no fast kernel for {fmt.describe()} at {shape[0]}x{shape[1]} with {x.dtype} "
+                      "inputs; using the reference dequantize + matmul.", stacklevel=3)
 
 
 def dequant_linear(
@@ -54,9 +70,10 @@ def dequant_linear(
     """``x @ W.T + bias``. ``cache``: a dict owned by the caller in which the reference path may keep
     the dequantized weight per (dtype, device) — decode on CPU would otherwise dequantize every
     weight at every generated token."""
-    fn = fast_path(fmt, x)
+    fn = fast_path(fmt, x, tensors, in_features)
     if fn is not None:
         return fn(x, fmt, tensors, in_features, bias, cache)
+    _warn_reference(fmt, x, tensors, in_features)
     if cache is None:
         return reference_linear(x, fmt, tensors, in_features, bias)
     # keyed on the packed tensors' identity and version counters, so replacing or editing them in
@@ -70,13 +87,27 @@ def dequant_linear(
 
 
 def _register_builtin() -> None:
-    """Fast paths whose dependencies are importable (Triton on CUDA machines); CPU needs none."""
+    """Fast paths for CUDA: the CUDA C++ mma kernel (2/4-bit, compiled at first use), then Triton
+    (2/4/8-bit) where it is importable; CPU needs none. Each one's ``supports`` checks shapes and
+    dtypes, so anything it cannot take falls through to the next path and finally the reference."""
+
+    def cuda_supports(fmt, x, tensors, in_features):
+        from llmcomp.kernels import uniform_cuda
+
+        return uniform_cuda.supports(fmt, x, tensors["weight_packed"].shape[0])
+
+    def cuda_fn(x, fmt, tensors, in_features, bias=None, cache=None):
+        from llmcomp.kernels import uniform_cuda
+
+        return uniform_cuda.linear(x, fmt, tensors, in_features, bias, cache)
+
+    register_fast_path("uniform", "cuda", cuda_supports, cuda_fn)
     try:
         import triton  # noqa: F401
     except ImportError:
         return
 
-    def supports(fmt, x):
+    def supports(fmt, x, tensors, in_features):
         from llmcomp.kernels import uniform_triton
 
         return uniform_triton.supports(fmt, x)

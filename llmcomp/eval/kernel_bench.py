@@ -1,0 +1,185 @@
+"""Dequant-GEMM benchmark on a CUDA GPU: llmcomp's fast paths vs peers, all in one run.
+
+For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs via
+``triton.testing.do_bench_cudagraph``):
+- ``llmcomp`` — ``QuantLinear`` as users get it (the CUDA mma kernel where it applies),
+- ``llmcomp_triton`` — the Triton path alone (for comparison with the previous kernel),
+- ``bf16`` — cuBLAS on the dense bf16 weight,
+- ``tinygemm`` — torch's int4 kernel (``torch._weight_int4pack_mm``, group 128; 4-bit rows only),
+- ``bnb_nf4`` — bitsandbytes NF4 (``bnb.matmul_4bit``, block 64), when bitsandbytes imports,
+and reports each one's % of its own byte roofline: the bytes it must move (its weights with scales and
+zeros + activations + output) over the device-to-device copy bandwidth measured in the same run.
+
+The L2 cache (50 MB on an H100) would hold a 4096×4096 int4 weight; each timing therefore cycles
+through enough copies of the layer (≥ 256 MB together) that every call reads its weight from HBM,
+back to back in one graph, as consecutive layers run in decode.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.formats import Uniform
+from llmcomp.quant.rtn import rtn_fields
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (N out, K in)
+MS = [1, 4, 16, 64, 256]
+ROTATE_BYTES = 256 << 20
+
+
+def copy_bandwidth() -> float:
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)  # bytes read + written per second
+
+
+def per_call_seconds(fns: list[Callable]) -> float:
+    """Median time of one call, cycling through ``fns`` (one per copy of the layer) in one graph."""
+    import triton.testing
+
+    def all_of():
+        for f in fns:
+            f()
+
+    all_of()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(all_of, rep=200, return_mode="median") * 1e-3 / len(fns)
+
+
+def _copies(nbytes: int) -> int:
+    return max(2, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
+
+
+def _tinygemm(codes: torch.Tensor, n: int, k: int, group: int) -> tuple[Optional[Callable], Optional[str]]:
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack(
+            ((codes[:, 1::2] << 4) | codes[:, ::2]).to(torch.uint8).contiguous(), 8)
+        sz = torch.randn(k // group, n, 2, device="cuda", dtype=torch.bfloat16)
+        return (lambda x: torch._weight_int4pack_mm(x, packed, group, sz)), None
+    except Exception as exc:  # peer API differs across torch versions: record, don't fail the run
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def _bnb_nf4(w: torch.Tensor) -> tuple[Optional[Callable], Optional[str], int]:
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+
+        q, state = bf.quantize_4bit(w.to(torch.bfloat16), blocksize=64, quant_type="nf4")
+        nbytes = q.numel() * q.element_size() + state.absmax.numel() * state.absmax.element_size()
+        return (lambda x: bnb.matmul_4bit(x, q.t(), quant_state=state)), None, nbytes
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", 0
+
+
+def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Path] = None,
+        log=print) -> dict:
+    from llmcomp.kernels import uniform_triton
+
+    bw = copy_bandwidth()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
+              "group_size": group, "rotate_bytes": ROTATE_BYTES, "rows": []}
+    log(f"{result['device']}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    for bits in bits_list:
+        fmt = Uniform(bits=bits, group_size=group)
+        for n, k in shapes:
+            g = torch.Generator(device="cuda").manual_seed(n * 31 + k)
+            w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+            fields = rtn_fields(w, fmt)
+            base = fmt.pack(fields)
+            packed_bytes = sum(t.numel() * t.element_size() for t in base.values())
+            nq = _copies(packed_bytes)
+            layers = [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k)
+                      for _ in range(nq)]
+            tri_prep = [uniform_triton.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
+            w_bf16 = [w.to(torch.bfloat16) for _ in range(_copies(n * k * 2))]
+            tg = [_tinygemm(fields["codes"].int(), n, k, 128) for _ in range(_copies(packed_bytes))] if bits == 4 else []
+            bnb = [_bnb_nf4(w) for _ in range(_copies(n * k // 2))] if bits == 4 else []
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                act = (m * k + m * n) * 2
+                row = {"bits": bits, "N": n, "K": k, "M": m}
+
+                def add(name, fns, nbytes):
+                    t = per_call_seconds(fns)
+                    row[f"{name}_us"] = round(t * 1e6, 3)
+                    row[f"{name}_roofline_pct"] = round(100 * (nbytes + act) / bw / t, 2)
+
+                with torch.inference_mode():
+                    add("llmcomp", [lambda lay=lay: lay(x) for lay in layers], packed_bytes)
+                    if m <= uniform_triton.GEMV_MAX_M:
+                        add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
+                            packed_bytes)
+                    add("bf16", [lambda wb=wb: F.linear(x, wb) for wb in w_bf16], n * k * 2)
+                    if tg and tg[0][0] is not None:
+                        add("tinygemm", [lambda f=f: f(x) for f, _ in tg], n * k // 2 + n * (k // 128) * 4)
+                    elif tg:
+                        row["tinygemm_error"] = tg[0][1]
+                    if bnb and bnb[0][0] is not None:
+                        add("bnb_nf4", [lambda f=f: f(x) for f, _, _ in bnb], bnb[0][2])
+                    elif bnb:
+                        row["bnb_nf4_error"] = bnb[0][1]
+                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton"):
+                    if f"{peer}_us" in row:
+                        row[f"speedup_vs_{peer}"] = round(row[f"{peer}_us"] / row["llmcomp_us"], 3)
+                result["rows"].append(row)
+                log(_line(row))
+                if out is not None:  # after every row: a run cut short still leaves its numbers
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(result, indent=1))
+            del layers, tri_prep, w_bf16, tg, bnb
+            torch.cuda.empty_cache()
+    return result
+
+
+def _line(row: dict) -> str:
+    parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]
+    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
+        if f"{name}_us" in row:
+            parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")
+    return "  ".join(parts)
+
+
+def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print) -> list[dict]:
+    """Time the CUDA mma kernel alone over its launch parameters (row tiles per warp × warps per
+    block), to set ``uniform_cuda.launch_config`` from measurements."""
+    from llmcomp.kernels import uniform_cuda
+
+    fmt = Uniform(bits=bits, group_size=group)
+    bw = copy_bandwidth()
+    rows = []
+    for n, k in shapes:
+        w = torch.randn(n, k, device="cuda") * 0.02
+        base = fmt.pack(rtn_fields(w, fmt))
+        nbytes = sum(t.numel() * t.element_size() for t in base.values())
+        preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k) for _ in range(_copies(nbytes))]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for p in preps:
+                uniform_cuda.scale_pairs(p, x.dtype)
+            best = None
+            for rt in (1, 2, 4):
+                if n % (16 * rt):
+                    continue
+                for warps in (2, 4, 8):
+                    fns = [lambda p=p: uniform_cuda.gemm_op(x, p["qw"], p["sz"][x.dtype], bits, p["group"], n, rt, warps)
+                           for p in preps]
+                    t = per_call_seconds(fns)
+                    pct = 100 * (nbytes + (m * k + m * n) * 2) / bw / t
+                    rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps, "us": round(t * 1e6, 3),
+                                 "roofline_pct": round(pct, 2)})
+                    if best is None or t < best[0]:
+                        best = (t, rt, warps, pct)
+            log(f"sweep W{bits} {n}x{k} M={m}: best rt={best[1]} warps={best[2]} {best[0] * 1e6:.2f}us {best[3]:.1f}%"
+                f"  (auto: {[r['us'] for r in rows if r['N'] == n and r['K'] == k and r['M'] == m and r['warps'] == 0]})")
+        del preps
+    return rows

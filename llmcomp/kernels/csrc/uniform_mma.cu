@@ -1,0 +1,370 @@
+// Dequant-GEMM for the `uniform` format (2- and 4-bit codes, group-wise scale and offset) on sm_80+.
+//
+// y[M, N] = x[M, K] @ W[N, K]^T with W = q * scale + mz (mz = -zero * scale), computed as
+// y^T = W x^T on the tensor cores (mma.sync m16n8k16, fp32 accumulate): a 16-row weight tile is the A
+// operand, 8 tokens of x are the B operand. Weights are dequantized in registers and never written.
+//
+// Weight layout (built once by llmcomp/kernels/uniform_cuda.py:prepare from the canonical bit stream):
+// qw[tile][kblock][lane][4 words] (uint4 per lane). A kblock holds KBLK = 256/BITS inputs; lane (g, c)
+// (g = lane / 4, c = lane % 4) owns the physical inputs [c*KBLK/4, (c+1)*KBLK/4) of the block, so its x
+// slice is contiguous (16-byte loads). Logical mma step s uses the four inputs c*KBLK/4 + 4s + j, j=0..3,
+// and the words hold, per step, the A fragment a0..a3 = (row g | g+8) x (j 0,1 | 2,3) as "half2 pairs":
+// pair e of a word has its two codes at bits sh+p and sh+p+16 (sh = 8*(e / (8/BITS)),
+// p = BITS*(e % (8/BITS))), so one lop3 with a magic exponent turns a pair into two 16-bit floats.
+// sz[N][G] holds (scale, mz) as one 16-bit pair per row and group, in the activation dtype.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include <type_traits>
+
+namespace {
+
+template <typename T> struct Num;
+template <> struct Num<__half> {
+  using T2 = __half2;
+  // 1024 + v for v < 1024 is exact: 0x6400 is 1024 with an all-zero mantissa.
+  static constexpr uint32_t MAGIC = 0x64006400u;
+  static constexpr float MAGIC_F = 1024.f;
+  __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
+  __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  __device__ static T2 f2(float a) { return __float2half2_rn(a); }
+  __device__ static T2 lo2(T2 a) { return __low2half2(a); }
+  __device__ static T2 hi2(T2 a) { return __high2half2(a); }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+template <> struct Num<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  // 128 + q is exact for q < 128 (0x4300 is 128 with an all-zero 7-bit mantissa).
+  static constexpr uint32_t MAGIC = 0x43004300u;
+  static constexpr float MAGIC_F = 128.f;
+  __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
+  __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  __device__ static T2 f2(float a) { return __float2bfloat162_rn(a); }
+  __device__ static T2 lo2(T2 a) { return __low2bfloat162(a); }
+  __device__ static T2 hi2(T2 a) { return __high2bfloat162(a); }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+  uint32_t r;
+  // (a & mask) | magic
+  asm volatile("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// The 16/BITS code pairs of one word, as integer-valued 16-bit floats: out[e] = (q_lo, q_hi) of pair e,
+// whose codes sit at bits BITS*e and 16 + BITS*e.
+// fp16 (10 mantissa bits): a field may sit anywhere in the low byte of each half, so one shift by 8
+// serves all pairs: lop3 gives MAGIC + 2^p q, and one fma recovers q exactly.
+// bf16 (7 mantissa bits): bit 7 belongs to the exponent, so each pair is shifted down to bit 0 first.
+template <typename T, int BITS>
+__device__ __forceinline__ void decode_word(uint32_t w, typename Num<T>::T2 (&out)[16 / BITS]) {
+  using N = Num<T>;
+  constexpr int PER_HALF = 8 / BITS;  // pairs per byte
+  constexpr uint32_t LOWMASK = ((1u << BITS) - 1) | (((1u << BITS) - 1) << 16);
+  if constexpr (std::is_same<T, __half>::value) {
+#pragma unroll
+    for (int sh = 0; sh < 2; ++sh) {
+      uint32_t v = sh ? (w >> 8) : w;
+#pragma unroll
+      for (int i = 0; i < PER_HALF; ++i) {
+        const int p = BITS * i;
+        uint32_t h = lop3_and_or(v, LOWMASK << p, N::MAGIC);
+        const float inv = 1.f / float(1 << p);
+        out[sh * PER_HALF + i] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 16 / BITS; ++e) {
+      uint32_t h = lop3_and_or(w >> (BITS * e), LOWMASK, N::MAGIC);
+      out[e] = N::fma2(N::pair(h), N::f2(1.f), N::f2(-N::MAGIC_F));
+    }
+  }
+}
+
+// One warp: R row tiles (16 rows each) x MT token tiles (8 tokens each), over kblocks [kb0, kb1).
+// Blocks: gridDim.x = N / (16 R); warps of a block split K; partial sums meet in shared memory.
+// Kernel shape per (BITS, MT): U = kblocks loaded per round, THREADS = the largest block.
+template <int BITS, int MT>
+struct Shape {
+  static constexpr int XVEC = 256 / BITS / 4 / 8;
+  static constexpr int U = 4;
+  static constexpr int THREADS = 256;
+};
+
+template <typename T, int BITS, int MT, int R, int U, int THREADS>
+__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
+                                                          const uint32_t* __restrict__ sz, T* __restrict__ out,
+                                                          int M, int N, int K, int G, int group, int kb_per_warp) {
+  using N2 = typename Num<T>::T2;
+  constexpr int KBLK = 256 / BITS;
+  constexpr int LANE_K = KBLK / 4;       // inputs per lane per kblock
+  constexpr int XVEC = LANE_K / 8;       // uint4 of x per lane per kblock per token tile
+  constexpr int STEPS_PER_WORD = 4 / BITS;
+  extern __shared__ float red[];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int KB = K / KBLK;
+  const int tile0 = blockIdx.x * R;
+  const int kb0 = warp * kb_per_warp;
+  const int kb1 = min(KB, kb0 + kb_per_warp);
+
+  float acc[R][MT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][t][i] = 0.f;
+
+  // Per round of U kblocks: every weight load first (U*R 16-byte streaming loads in flight per lane),
+  // then per kblock the scales and x (x is small and re-read by every warp: L1/L2 hits) and the math.
+  // (Measured on the H100: this beat a register ring that refills each slot as it is consumed, with x
+  // and scales in the ring or not — see bench/results/kernels_h100.json's notes.)
+  for (int kb = kb0; kb < kb1; kb += U) {
+    uint4 wv[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (kb + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (kb + u >= kb1) break;
+      const int k_lane = (kb + u) * KBLK + c * LANE_K;
+      uint4 cx[MT][XVEC];
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        const int tok = t * 8 + g;
+#pragma unroll
+        for (int v = 0; v < XVEC; ++v)
+          cx[t][v] = tok < M ? *reinterpret_cast<const uint4*>(x + (size_t)tok * K + k_lane + 8 * v)
+                             : make_uint4(0, 0, 0, 0);
+      }
+      const int grp = k_lane / group;
+      uint32_t cs[R][2];
+      uint4 cw[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = (tile0 + r) * 16 + g;
+        cs[r][0] = __ldg(sz + (size_t)row * G + grp);
+        cs[r][1] = __ldg(sz + (size_t)(row + 8) * G + grp);
+        cw[r] = wv[u][r];
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const N2 sc_lo = Num<T>::lo2(Num<T>::pair(cs[r][0])), mz_lo = Num<T>::hi2(Num<T>::pair(cs[r][0]));
+        const N2 sc_hi = Num<T>::lo2(Num<T>::pair(cs[r][1])), mz_hi = Num<T>::hi2(Num<T>::pair(cs[r][1]));
+        const uint32_t words[4] = {cw[r].x, cw[r].y, cw[r].z, cw[r].w};
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi) {
+          N2 q[16 / BITS];
+          decode_word<T, BITS>(words[wi], q);
+#pragma unroll
+          for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
+            const int s = wi * STEPS_PER_WORD + ss;  // step within the kblock: inputs 4s..4s+3 of the lane
+            uint32_t a[4];
+            N2 w0 = Num<T>::fma2(q[4 * ss + 0], sc_lo, mz_lo);
+            N2 w1 = Num<T>::fma2(q[4 * ss + 1], sc_hi, mz_hi);
+            N2 w2 = Num<T>::fma2(q[4 * ss + 2], sc_lo, mz_lo);
+            N2 w3 = Num<T>::fma2(q[4 * ss + 3], sc_hi, mz_hi);
+            a[0] = *reinterpret_cast<uint32_t*>(&w0);
+            a[1] = *reinterpret_cast<uint32_t*>(&w1);
+            a[2] = *reinterpret_cast<uint32_t*>(&w2);
+            a[3] = *reinterpret_cast<uint32_t*>(&w3);
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+              const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[t][0]);
+              mma16816<T>(acc[r][t], a, xw[2 * s], xw[2 * s + 1]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t). Reduce over warps.
+  constexpr int ROWS = R * 16, TOKS = MT * 8;
+  float* mine = red + warp * ROWS * TOKS;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      const int row = r * 16 + g, tok = t * 8 + 2 * c;
+      mine[tok * ROWS + row] = acc[r][t][0];
+      mine[(tok + 1) * ROWS + row] = acc[r][t][1];
+      mine[tok * ROWS + row + 8] = acc[r][t][2];
+      mine[(tok + 1) * ROWS + row + 8] = acc[r][t][3];
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < ROWS * TOKS; i += blockDim.x) {
+    const int tok = i / ROWS, row = i % ROWS;
+    if (tok >= M) continue;
+    float s = 0.f;
+    for (int w = 0; w < nwarps; ++w) s += red[w * ROWS * TOKS + i];
+    out[(size_t)tok * N + tile0 * 16 + row] = Num<T>::from_float(s);
+  }
+}
+
+// W[N, K] in T from the kernel layout (prefill path: dequantize, then cuBLAS).
+template <typename T, int BITS>
+__global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint32_t* __restrict__ sz,
+                                       T* __restrict__ w, int N, int K, int G, int group) {
+  using N2 = typename Num<T>::T2;
+  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, STEPS_PER_WORD = 4 / BITS;
+  const int KB = K / KBLK;
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // one (tile, kblock, lane)
+  if (idx >= (size_t)(N / 16) * KB * 32) return;
+  const int lane = idx % 32, kb = (idx / 32) % KB, tile = idx / 32 / KB;
+  const int g = lane >> 2, c = lane & 3;
+  const int k_lane = kb * KBLK + c * LANE_K, grp = k_lane / group;
+  const int row = tile * 16 + g;
+  const N2 s_lo = Num<T>::pair(sz[(size_t)row * G + grp]), s_hi = Num<T>::pair(sz[(size_t)(row + 8) * G + grp]);
+  const uint4 v = qw[idx];
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi) {
+    N2 q[16 / BITS];
+    decode_word<T, BITS>(words[wi], q);
+#pragma unroll
+    for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
+      const int k = k_lane + 4 * (wi * STEPS_PER_WORD + ss);
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        const N2 s = (reg & 1) ? s_hi : s_lo;
+        N2 val = Num<T>::fma2(q[4 * ss + reg], Num<T>::lo2(s), Num<T>::hi2(s));
+        const int rr = row + 8 * (reg & 1), kk = k + 2 * (reg >> 1);
+        *reinterpret_cast<N2*>(w + (size_t)rr * K + kk) = val;
+      }
+    }
+  }
+}
+
+template <typename T, int BITS, int MT, int R>
+void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sz, torch::Tensor& out,
+                int group, int warps) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
+  constexpr int KBLK = 256 / BITS;
+  const int KB = K / KBLK;
+  using S = Shape<BITS, MT>;
+  if (warps <= 0) warps = 8;
+  warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
+  const int kb_per_warp = (KB + warps - 1) / warps;
+  const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
+  auto kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS>;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
+      reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(out.data_ptr()), M, N, K, G, group,
+      kb_per_warp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane).
+template <typename T, int BITS, int MT, int MAXR>
+void dispatch_r(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sz, torch::Tensor& out,
+                int group, int rt, int warps) {
+  if constexpr (MAXR >= 4) {
+    if (rt >= 4) return launch_mma<T, BITS, MT, 4>(x, qw, sz, out, group, warps);
+  }
+  if constexpr (MAXR >= 2) {
+    if (rt >= 2) return launch_mma<T, BITS, MT, 2>(x, qw, sz, out, group, warps);
+  }
+  return launch_mma<T, BITS, MT, 1>(x, qw, sz, out, group, warps);
+}
+
+template <typename T, int BITS>
+void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sz, torch::Tensor& out,
+                 int group, int rt, int warps) {
+  const int M = x.size(0);
+  if (M <= 8) return dispatch_r<T, BITS, 1, 4>(x, qw, sz, out, group, rt, warps);
+  if (M <= 16) return dispatch_r<T, BITS, 2, 2>(x, qw, sz, out, group, rt, warps);
+  if (M <= 32) return dispatch_r<T, BITS, 4, 1>(x, qw, sz, out, group, rt, warps);
+  return dispatch_r<T, BITS, 8, 1>(x, qw, sz, out, group, rt, warps);
+}
+
+}  // namespace
+
+torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
+                   int64_t rt, int64_t warps) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
+  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
+  TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({x.size(0), n}, x.options());
+  if (x.scalar_type() == at::kHalf) {
+    if (bits == 4) dispatch_mt<__half, 4>(x, qw, sz, out, group, rt, warps);
+    else dispatch_mt<__half, 2>(x, qw, sz, out, group, rt, warps);
+  } else {
+    if (bits == 4) dispatch_mt<__nv_bfloat16, 4>(x, qw, sz, out, group, rt, warps);
+    else dispatch_mt<__nv_bfloat16, 2>(x, qw, sz, out, group, rt, warps);
+  }
+  return out;
+}
+
+torch::Tensor dequant(torch::Tensor qw, torch::Tensor sz, int64_t bits, int64_t group, int64_t n, int64_t k,
+                      c10::ScalarType dtype) {
+  const c10::cuda::CUDAGuard guard(qw.device());
+  auto w = torch::empty({n, k}, qw.options().dtype(dtype));
+  const int G = sz.size(1);
+  const int64_t threads = (n / 16) * (k / (256 / bits)) * 32;
+  const int block = 256;
+  const int grid = (threads + block - 1) / block;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+#define LLMCOMP_DQ(T, B)                                                                                    \
+  uniform_dequant_kernel<T, B><<<grid, block, 0, stream>>>(reinterpret_cast<const uint4*>(qw.data_ptr()),  \
+                                                           reinterpret_cast<const uint32_t*>(sz.data_ptr()), \
+                                                           reinterpret_cast<T*>(w.data_ptr()), n, k, G, group)
+  if (dtype == at::kHalf) {
+    if (bits == 4) LLMCOMP_DQ(__half, 4); else LLMCOMP_DQ(__half, 2);
+  } else {
+    TORCH_CHECK(dtype == at::kBFloat16, "dtype must be float16 or bfloat16");
+    if (bits == 4) LLMCOMP_DQ(__nv_bfloat16, 4); else LLMCOMP_DQ(__nv_bfloat16, 2);
+  }
+#undef LLMCOMP_DQ
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return w;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemm", &gemm, "uniform 2/4-bit dequant-GEMM (mma.sync, M <= 64)");
+  m.def("dequant", &dequant, "uniform 2/4-bit dequantize from the kernel layout");
+}

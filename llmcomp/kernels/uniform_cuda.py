@@ -1,0 +1,175 @@
+"""CUDA C++ fast path for the ``uniform`` format, 2- and 4-bit codes (``csrc/uniform_mma.cu``).
+
+The kernel computes ``y^T = W x^T`` on the tensor cores (``mma.sync`` m16n8k16, fp32 accumulate) with
+the weights dequantized in registers, for 1–64 rows of ``x``; above that, ``prepare``'s layout is
+dequantized by a second kernel and cuBLAS multiplies (prefill is compute-bound). The extension is
+compiled with the machine's ``nvcc`` at first use and cached under ``llmcomp``'s cache directory.
+
+``prepare`` builds the kernel's layout once per weight from the canonical tensors: codes regrouped so
+that one 16-byte load per lane holds its mma A fragments for a block of ``256/bits`` inputs (the order is
+spelled out in the .cu file), and (scale, -zero·scale) as one 16-bit pair per row and group in the
+activation dtype.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).parent / "csrc" / "uniform_mma.cu"
+MAX_M = 64
+BITS = (2, 4)
+
+
+def kblock(bits: int) -> int:
+    return 256 // bits
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled extension, or None (with one warning saying why) when it cannot be built."""
+    if os.environ.get("LLMCOMP_CUDA_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        from llmcomp.core.paths import cache_dir
+
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            raise RuntimeError(f"compute capability {major}.{minor} < 8.0 (mma.sync bf16 needs Ampere or newer)")
+        src = SOURCE.read_bytes()
+        tag = hashlib.sha256(src + f"{major}{minor}{torch.__version__}".encode()).hexdigest()[:12]
+        build = cache_dir() / "kernels" / f"uniform_mma_{tag}"
+        build.mkdir(parents=True, exist_ok=True)
+        arch = f"{major}{minor}"
+        return load(name=f"llmcomp_uniform_mma_{tag}", sources=[str(SOURCE)], build_directory=str(build),
+                    extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo"],
+                    verbose=os.environ.get("LLMCOMP_VERBOSE_BUILD") == "1")
+    except Exception as exc:  # no nvcc, no ninja, old GPU: the Triton or reference path serves instead
+        warnings.warn(f"llmcomp: CUDA dequant-GEMM kernel unavailable ({type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}); "
+                      "using the Triton or reference path.", stacklevel=2)
+        return None
+
+
+def shape_ok(fmt, in_features: int, out_features: int) -> bool:
+    if fmt.bits not in BITS or out_features % 16:
+        return False
+    kb = kblock(fmt.bits)
+    group = fmt.group(in_features)
+    return in_features % kb == 0 and in_features % group == 0 and group % (kb // 4) == 0
+
+
+def supports(fmt, x: torch.Tensor, out_features: int) -> bool:
+    return (x.dtype in (torch.float16, torch.bfloat16) and shape_ok(fmt, x.shape[-1], out_features)
+            and extension() is not None)
+
+
+@functools.lru_cache(maxsize=4)
+def _tables(bits: int, device: torch.device):
+    """Per (lane, word, pair, half): the row within the 16-row tile, the input within the kblock and the
+    bit position of that code in the lane's word — the layout contract of uniform_mma.cu."""
+    lane_k, per_half, steps_per_word = kblock(bits) // 4, 8 // bits, 4 // bits
+    rows, ks, pos = [], [], []
+    for lane in range(32):
+        g, c = divmod(lane, 4)
+        for wi in range(4):
+            for e in range(16 // bits):
+                sh, p = 8 * (e // per_half), bits * (e % per_half)
+                step, reg = wi * steps_per_word + e // 4, e % 4
+                for h in range(2):
+                    rows.append(g + 8 * (reg & 1))
+                    ks.append(c * lane_k + 4 * step + 2 * (reg >> 1) + h)
+                    pos.append(sh + p + 16 * h)
+    as_t = functools.partial(torch.tensor, device=device)
+    return as_t(rows), as_t(ks), as_t(pos, dtype=torch.int64)
+
+
+def repack(codes: torch.Tensor, bits: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """Codes [N, K] (integers) → int32 [N/16, K/kblock, 32, 4] in the kernel's order."""
+    n, k = codes.shape
+    kb = kblock(bits)
+    rows, ks, pos = _tables(bits, codes.device)
+    out = torch.empty(n // 16, k // kb, 32, 4, dtype=torch.int32, device=codes.device)
+    for start in range(0, n, rows_per_chunk):
+        c = codes[start:start + rows_per_chunk]
+        nt = c.shape[0] // 16
+        tiles = c.reshape(nt, 16, k // kb, kb).permute(0, 2, 1, 3)  # [nt, KB, 16, kb]
+        sel = tiles[:, :, rows, ks].to(torch.int64) << pos  # [nt, KB, 32·4·pairs·2]
+        words = sel.view(nt, k // kb, 32, 4, -1).sum(-1)  # bit fields are disjoint: sum == or
+        out[start // 16:start // 16 + nt] = (words - ((words >> 31) << 32)).to(torch.int32)
+    return out
+
+
+def prepare(fmt, tensors: dict, in_features: int) -> dict:
+    f = fmt.unpack(tensors, in_features)
+    scale, zero = f["scale"].float(), f["zero"].float()
+    return {"qw": repack(f["codes"], fmt.bits), "scale": scale, "mz": -zero * scale, "sz": {},
+            "group": fmt.group(in_features), "n": f["codes"].shape[0]}
+
+
+def scale_pairs(prep: dict, dtype: torch.dtype) -> torch.Tensor:
+    """(scale, mz) per row and group as one int32 of two ``dtype`` halves (scale in the low half)."""
+    sz = prep["sz"].get(dtype)
+    if sz is None:
+        pair = torch.stack([prep["scale"].to(dtype), prep["mz"].to(dtype)], dim=-1).contiguous()
+        sz = prep["sz"][dtype] = pair.view(torch.int32).squeeze(-1).contiguous()
+    return sz
+
+
+def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
+    """(row tiles per warp, warps per block splitting K), from the H100 sweep in
+    bench/results/kernels_sweep_h100.json: one 16-row tile per warp and 8 warps at M ≤ 8 (4 warps when
+    there are many row tiles and a short K); two row tiles above M = 8, where each x fragment then
+    serves twice the rows."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if m <= 8:
+        return 1, 4 if (n // 16 >= 6 * sms and k // kblock(bits) <= 64) else 8
+    return (2 if n % 32 == 0 else 1), 4 if n // 32 >= 6 * sms else 8
+
+
+@torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
+def gemm_op(x: torch.Tensor, qw: torch.Tensor, sz: torch.Tensor, bits: int, group: int, n: int, rt: int,
+            warps: int) -> torch.Tensor:
+    return extension().gemm(x, qw, sz, bits, group, n, rt, warps)
+
+
+@gemm_op.register_fake
+def _(x, qw, sz, bits, group, n, rt, warps):
+    return x.new_empty(x.shape[0], n)
+
+
+def gemm(x2: torch.Tensor, prep: dict, bits: int) -> torch.Tensor:
+    if x2.data_ptr() % 16:
+        x2 = x2.clone()
+    rt, warps = launch_config(prep["n"], x2.shape[1], bits, x2.shape[0])
+    return gemm_op(x2, prep["qw"], scale_pairs(prep, x2.dtype), bits, prep["group"], prep["n"], rt, warps)
+
+
+def dequantize(prep: dict, bits: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    return extension().dequant(prep["qw"], scale_pairs(prep, dtype), bits, prep["group"], prep["n"], in_features,
+                               dtype)
+
+
+def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
+    key = ("cuda", *((t.data_ptr(), t._version) for t in tensors.values()))
+    prep = cache.get(key) if cache is not None else None
+    if prep is None:
+        prep = prepare(fmt, tensors, in_features)
+        if cache is not None:
+            cache.clear()
+            cache[key] = prep
+    x2 = x.reshape(-1, in_features).contiguous()
+    if x2.shape[0] <= MAX_M:
+        y = gemm(x2, prep, fmt.bits)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    else:
+        y = F.linear(x2, dequantize(prep, fmt.bits, in_features, x.dtype), bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
