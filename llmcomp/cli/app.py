@@ -200,6 +200,10 @@ from llmcomp.cli.prune import prune_app  # noqa: E402
 
 app.add_typer(prune_app, name="prune")
 
+from llmcomp.cli.bench import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
+
 
 def main():  # pragma: no cover
     app()
