@@ -59,6 +59,7 @@ def quantize(
     damp: Annotated[float, typer.Option(help="GPTQ/decoupleQ: Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     rounds: Annotated[int, typer.Option(help="decoupleQ: integer/float alternation rounds.")] = 4,
     candidates: Annotated[str, typer.Option(help="Bit allocation: candidate widths, comma-separated.")] = "2,3,4,8",
+    outliers: Annotated[Optional[str], typer.Option(help="GPTQ: keep this share of the weights (those whose rounding costs most) in fp16, e.g. 0.5% or 0.005.")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (calibrated methods).")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
@@ -76,7 +77,7 @@ def quantize(
         config, allocation = build_quant_config(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
             targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
-            candidates=candidates, fp4_format=fp4_format)
+            candidates=candidates, fp4_format=fp4_format, outliers=outliers)
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,

@@ -38,9 +38,24 @@ def fp4_weight_format(name: str | None, group_size: int, bits: float):
     return fmt
 
 
+def parse_fraction(text: str | None, flag: str) -> float:
+    """``0.5%`` or ``0.005`` → 0.005."""
+    if text is None:
+        return 0.0
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UserError(f"{flag} must be a fraction such as 0.005 or a percentage such as 0.5%, got {text!r}.") from None
+    if not 0 <= value < 0.5:
+        raise UserError(f"{flag} must be between 0 and 50 %, got {text!r}.")
+    return value
+
+
 def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: bool, preset: str | None,
                        targets: tuple, ignore: tuple, act_order: bool = True, damp: float = 0.01,
-                       rounds: int = 4, candidates: str = "2,3,4,8", fp4_format: str | None = None):
+                       rounds: int = 4, candidates: str = "2,3,4,8", fp4_format: str | None = None,
+                       outliers: str | None = None):
     """Returns ``(config, allocation or None)``. A fractional ``bits`` is an average budget: each
     layer's width is then chosen from ``candidates`` (bit allocation)."""
     if preset is not None:
@@ -52,6 +67,9 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
     if fp4_format is not None and method != "fp4":
         raise UserError(f"--format applies to --method fp4; {method} takes --bits/--group-size/--sym.")
     fp4 = fp4_weight_format(fp4_format, group_size, bits) if method == "fp4" else None  # before bits is rewritten
+    outlier_fraction = parse_fraction(outliers, "--outliers")
+    if outlier_fraction and method != "gptq":
+        raise UserError(f"--outliers is a GPTQ option (the solver chooses and keeps them); --method {method} does not take it.")
     allocation = None
     if bits != int(bits):
         allocation = AllocationConfig(budget=bits, candidates=parse_candidates(candidates), group_size=group_size,
@@ -61,7 +79,7 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
     common = {"format": fmt, "targets": targets, "ignore": ignore}
     builders = {
         "rtn": lambda: RTNConfig(**common),
-        "gptq": lambda: GPTQConfig(**common, act_order=act_order, damp=damp),
+        "gptq": lambda: GPTQConfig(**common, act_order=act_order, damp=damp, outliers=outlier_fraction),
         "decoupleq": lambda: DecoupleQConfig(**common, act_order=act_order, damp=damp, rounds=rounds),
         "fp4": lambda: FP4Config(format=fp4, targets=targets, ignore=ignore),
     }

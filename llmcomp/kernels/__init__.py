@@ -86,6 +86,44 @@ def dequant_linear(
     return F.linear(x, w, bias)
 
 
+def outlier_correction(x: torch.Tensor, fmt, tensors: dict, in_features: int, cache: Optional[dict] = None
+                       ) -> torch.Tensor:
+    """For the ``outliers`` format: ``x @ (W − W_base)ᵀ``, non-zero only at the outliers' positions —
+    added to the base format's product, this is the product with the full weight. ``cache`` keeps the
+    (rows, cols, delta) triple so the base is dequantized once per weight, not per call."""
+    key = ("outliers", x.dtype, *((t.data_ptr(), t._version) for t in tensors.values()))
+    sparse = cache.get(key) if cache is not None else None
+    if sparse is None:
+        base = fmt.base.dequantize(tensors, in_features, dtype=torch.float32)
+        idx = tensors["outlier_index"].to(torch.int64)
+        sparse = (idx // in_features, idx % in_features,
+                  (tensors["outlier_value"].float() - base.view(-1)[idx]).to(x.dtype), base.shape[0])
+        if cache is not None:
+            cache[key] = sparse
+    rows, cols, delta, out_f = sparse
+    x2 = x.reshape(-1, in_features)
+    out = torch.zeros(x2.shape[0], out_f, dtype=x.dtype, device=x.device)
+    out.index_add_(1, rows, x2[:, cols] * delta)
+    return out.reshape(*x.shape[:-1], out_f)
+
+
+def _outlier_fast_path(device_type: str) -> None:
+    """``outliers`` on an accelerator: the base format's fast path plus the sparse correction (the
+    base's dequantized values at the outlier positions are computed once and cached)."""
+
+    def supports(fmt, x, tensors, in_features):
+        return fast_path(fmt.base, x, tensors, in_features) is not None
+
+    def fn(x, fmt, tensors, in_features, bias=None, cache=None):
+        base_fn = fast_path(fmt.base, x, tensors, in_features)
+        base_cache = cache.setdefault("base", {}) if cache is not None else None
+        sparse_cache = cache.setdefault("sparse", {}) if cache is not None else None
+        y = base_fn(x, fmt.base, tensors, in_features, bias, base_cache)
+        return y + outlier_correction(x, fmt, tensors, in_features, sparse_cache)
+
+    register_fast_path("outliers", device_type, supports, fn)
+
+
 def _register_builtin() -> None:
     """Fast paths for CUDA: the CUDA C++ mma kernel (2/4-bit, compiled at first use), then Triton
     (2/4/8-bit) where it is importable; CPU needs none. Each one's ``supports`` checks shapes and
@@ -102,6 +140,7 @@ def _register_builtin() -> None:
         return uniform_cuda.linear(x, fmt, tensors, in_features, bias, cache)
 
     register_fast_path("uniform", "cuda", cuda_supports, cuda_fn)
+    _outlier_fast_path("cuda")
     try:
         import triton  # noqa: F401
     except ImportError:

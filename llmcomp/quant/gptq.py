@@ -31,6 +31,7 @@ from torch import nn
 from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
+from llmcomp.formats.outliers import Outliers
 from llmcomp.formats.uniform import Uniform
 from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
 from llmcomp.quant.hessian import HessianAccumulator, flush_denormal, inverse_cholesky
@@ -49,6 +50,7 @@ class GPTQConfig(QuantConfig):
     damp: float = 0.01
     act_order: bool = True
     static_groups: bool = True
+    outliers: float = 0.0  # fraction of weights kept in fp16 (SpQR-style), stored in the ``outliers`` format
 
     method = "gptq"
     VERSION = 1
@@ -58,6 +60,10 @@ class GPTQConfig(QuantConfig):
             raise UserError(f"GPTQ block size must be a positive integer, got {self.block_size}.")
         if not 0 <= self.damp < 10:
             raise UserError(f"GPTQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), got {self.damp}.")
+        if not 0 <= self.outliers < 0.5:
+            raise UserError(f"--outliers must be a fraction in [0, 0.5) such as 0.005 (0.5 %), got {self.outliers}.")
+        if self.outliers and not self.static_groups:
+            raise UserError("GPTQ outliers need static groups (the grid is fitted to the weights without them).")
         if self.act_order and not self.static_groups:
             raise UserError("GPTQ act-order needs static groups (the uniform format stores no column permutation); "
                             "set static_groups=True or act_order=False.")
@@ -104,6 +110,38 @@ def uniform_round(fmt: Uniform, scale_cols: torch.Tensor, zero_cols: torch.Tenso
         return (fmt.encode(ahead[:, 0], s, z) - z) * s
 
     return round_col
+
+
+def with_outliers(round_col: RoundFn, mask_cols: torch.Tensor) -> RoundFn:
+    """Outlier entries (``mask_cols`` [out, n], solver order) keep their error-updated value: no rounding
+    error there, and the value the solver settles on is the one stored in fp16."""
+
+    def rounded(j: int, ahead: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask_cols[:, j], ahead[:, 0], round_col(j, ahead))
+
+    return rounded
+
+
+def pick_outliers(W: torch.Tensor, fmt: Uniform, hinv_diag: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` weights whose rounding would cost the most output error: the OBS saliency
+    ``(w - q(w))² / [H⁻¹]_jj``. On a min/max grid a weight that sets its group's range rounds exactly,
+    so the grid is fitted without the ``2·count`` most extreme weights (largest |z-score| within their
+    group) first: a range-setting outlier then saturates and scores high. Returns a bool mask [out, in]."""
+    out_f, in_f = W.shape
+    g = fmt.group(in_f)
+    z = torch.empty_like(W)
+    for j in range(0, in_f, g):
+        blk = W[:, j:j + g]
+        z[:, j:j + g] = (blk - blk.mean(1, keepdim=True)).abs() / blk.std(1, keepdim=True).clamp(min=1e-12)
+    extreme = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
+    extreme[torch.topk(z.flatten(), min(2 * count, W.numel())).indices] = True
+    scale, zero = static_grid(W.masked_fill(extreme.view_as(W), 0.0), fmt)
+    S, Z = fmt.expand(scale, in_f), fmt.expand(zero, in_f)
+    q = (fmt.encode(W, S, Z) - Z) * S
+    saliency = (W - q).pow(2) / hinv_diag.clamp(min=1e-12)[None, :]
+    mask = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
+    mask[torch.topk(saliency.flatten(), count).indices] = True
+    return mask.view_as(W)
 
 
 class LazyGroupRound:
@@ -154,22 +192,32 @@ class GPTQQuantizer(Quantizer):
 
             g = fmt.group(in_f)
             lazy = not cfg.static_groups and fmt.n_groups(in_f) > 1  # one group: the same either way
+            perm = None
+            if not lazy and cfg.act_order:
+                perm = torch.argsort(torch.diagonal(dh.H), descending=True, stable=True)
+                dh.H = dh.H[perm][:, perm]
+            U, dh = inverse_cholesky(dh)
+            mask = None
+            if cfg.outliers:
+                hinv_diag = U.pow(2).sum(0)  # diag(H⁻¹) = diag(UᵀU), solver order
+                if perm is not None:
+                    hinv_diag = hinv_diag[torch.argsort(perm)]
+                ofmt = Outliers(base=fmt, fraction=cfg.outliers)
+                mask = pick_outliers(W, fmt, hinv_diag, ofmt.count(out_f, in_f))
             if lazy:
                 rounder = LazyGroupRound(fmt, out_f, in_f, device)
                 block = max(g, cfg.block_size // g * g)  # blocks must start on group boundaries
-                perm = None
             else:
-                scale, zero = static_grid(W, fmt)
+                # the grid spans the remaining weights only (a zero never widens a min/max range)
+                scale, zero = static_grid(W if mask is None else W.masked_fill(mask, 0.0), fmt)
                 block = cfg.block_size
-                perm = torch.argsort(torch.diagonal(dh.H), descending=True, stable=True) if cfg.act_order else None
                 s_cols, z_cols = fmt.expand(scale, in_f), fmt.expand(zero, in_f)
                 if perm is not None:
                     s_cols, z_cols = s_cols[:, perm], z_cols[:, perm]
                 rounder = uniform_round(fmt, s_cols, z_cols)
+                if mask is not None:
+                    rounder = with_outliers(rounder, mask if perm is None else mask[:, perm])
 
-            if perm is not None:
-                dh.H = dh.H[perm][:, perm]
-            U, dh = inverse_cholesky(dh)
             Wp = W if perm is None else W[:, perm]
             Q = gptq_solve(Wp, U, rounder, block)
             if perm is not None:
@@ -177,10 +225,16 @@ class GPTQQuantizer(Quantizer):
             if lazy:
                 scale, zero = rounder.scale, rounder.zero
             codes = fmt.encode(Q, fmt.expand(scale, in_f), fmt.expand(zero, in_f))
+            fields = {"codes": codes.to(torch.uint8), "scale": scale, "zero": zero}
+            if mask is not None:
+                index = mask.flatten().nonzero().squeeze(1)
+                fields.update(outlier_index=index, outlier_value=Q.flatten()[index])
+                fmt = ofmt
+                Q = Q.flatten().index_put((index,), Q.flatten()[index].half().float()).view_as(Q)
 
             D = Q - W0
             rel_err = float(((D @ H0) * D).sum() / ((W0 @ H0) * W0).sum().clamp(min=1e-30))
-        tensors = fmt.pack({"codes": codes.to(torch.uint8), "scale": scale, "zero": zero})
+        tensors = fmt.pack(fields)
         mod = QuantLinear.from_packed(fmt, tensors, in_f, linear.bias.data if linear.bias is not None else None)
         metrics = {"out_err_rel": round(rel_err, 6)}
         if dh.percdamp != cfg.damp:
