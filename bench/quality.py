@@ -51,6 +51,12 @@ def configs() -> dict:
         out["rtn-w2g64"] = RTNConfig(format=Uniform(bits=2, group_size=64))
         out["gptq-w2g64"] = GPTQConfig(format=Uniform(bits=2, group_size=64))
         out["gptq-w3"] = GPTQConfig(format=Uniform(bits=3, group_size=0))
+        out["gptq-w2"] = GPTQConfig(format=Uniform(bits=2, group_size=0))
+        out["gptq-noact-w3g128"] = GPTQConfig(format=Uniform(bits=3, group_size=128), act_order=False)
+        out["gptq-w3g128-out0.5"] = GPTQConfig(format=Uniform(bits=3, group_size=128), outliers=0.005)
+        out["gptq-w2g64-out0.5"] = GPTQConfig(format=Uniform(bits=2, group_size=64), outliers=0.005)
+        out["rtn-w3"] = RTNConfig(format=Uniform(bits=3, group_size=0))
+        out["rtn-w2"] = RTNConfig(format=Uniform(bits=2, group_size=0))
     if "decoupleq" in METHODS:
         from llmcomp.quant.decoupleq import DecoupleQConfig
 
@@ -82,6 +88,10 @@ def main(argv=None) -> int:
                 todo[name] = (GPTQConfig(), AllocationConfig(budget=budget, candidates=(2, 3, 4, 8), group_size=64))
     ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
     rows = [{"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}]
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpus": torch.get_num_threads(), "windows": args.windows, "seq_len": 512,
+            "calib_samples": args.calib_samples, "text": rows[0]["text"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in todo.items():
             t = time.perf_counter()
@@ -94,10 +104,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name:14s} ppl {row['ppl']:8.2f}  kld {row['kld_mean']:.4f}  top1 {row['top1_agree']:.3f}  "
                   f"prefix {row['greedy_prefix']:5.1f}  bpw {row['bits_per_weight']:.3f}  {quant_s:6.1f}s", flush=True)
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": torch.get_num_threads(), "windows": args.windows, "seq_len": 512,
-            "calib_samples": args.calib_samples, "text": rows[0]["text"]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+            # after every row: a run cut short keeps what it measured
+            args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("\n| method | ppl | KLD mean | top-1 % | greedy prefix | bits/weight | quant s |")
     print("|---|---|---|---|---|---|---|")
