@@ -93,7 +93,7 @@ def quantize(
     calib = None
     source = None
     device = device or default_device()
-    if METHODS.get(config.method).needs_calibration or allocation is not None:
+    if METHODS.get(config.method)(config).needs_calibration or allocation is not None:
         if tok is None:
             raise UserError("Calibration needs a tokenizer, and the model directory has none.")
         source = corpus().name

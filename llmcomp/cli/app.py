@@ -51,7 +51,7 @@ def quantize(
     bits: Annotated[float, typer.Option(help="Bits per weight code (2-8); a fractional value (e.g. 2.5) is an average budget with per-layer bit allocation.")] = 4,
     group_size: Annotated[int, typer.Option(help="Weights per scale along the input dimension; 0 = per-channel. A ragged last group is used when it does not divide the layer.")] = 128,
     symmetric: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric.")] = False,
-    fp4_format: Annotated[Optional[str], typer.Option("--format", help="--method fp4: mxfp4 (E2M1, E8M0 scale per 32; default), nvfp4 (E2M1, E4M3 scale per 16 and an FP32 tensor scale) or fp4 (E2M1, float16 scale per --group-size).")] = None,
+    fp4_format: Annotated[Optional[str], typer.Option("--format", help="--method fp4 or gptq (GPTQ on the FP4 grid): mxfp4 (E2M1, E8M0 scale per 32; default), nvfp4 (E2M1, E4M3 scale per 16 and an FP32 tensor scale) or fp4 (E2M1, float16 scale per --group-size).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Named preset (overrides method/bits/group/sym), e.g. w4g128.")] = None,
     targets: Annotated[list[str], typer.Option("--target", help="Layers to quantize: class name, path suffix or re:regex.")] = ["Linear"],
     ignore: Annotated[list[str], typer.Option("--ignore", help="Layers to skip (same patterns).")] = ["lm_head"],
@@ -59,6 +59,7 @@ def quantize(
     damp: Annotated[float, typer.Option(help="GPTQ/decoupleQ: Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     rounds: Annotated[int, typer.Option(help="decoupleQ: integer/float alternation rounds.")] = 4,
     candidates: Annotated[str, typer.Option(help="Bit allocation: candidate widths, comma-separated.")] = "2,3,4,8",
+    search: Annotated[bool, typer.Option("--search", help="--method fp4 --format fp4: per-layer LLM-FP4 search of the 4-bit element (E2M1/E1M2/E3M0) and clipping on calibration data.")] = False,
     outliers: Annotated[Optional[str], typer.Option(help="GPTQ: keep this share of the weights (those whose rounding costs most) in fp16, e.g. 0.5% or 0.005.")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (calibrated methods).")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
@@ -77,7 +78,7 @@ def quantize(
         config, allocation = build_quant_config(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
             targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
-            candidates=candidates, fp4_format=fp4_format, outliers=outliers)
+            candidates=candidates, fp4_format=fp4_format, outliers=outliers, search=search)
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,

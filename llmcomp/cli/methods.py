@@ -55,7 +55,7 @@ def parse_fraction(text: str | None, flag: str) -> float:
 def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: bool, preset: str | None,
                        targets: tuple, ignore: tuple, act_order: bool = True, damp: float = 0.01,
                        rounds: int = 4, candidates: str = "2,3,4,8", fp4_format: str | None = None,
-                       outliers: str | None = None):
+                       outliers: str | None = None, search: bool = False):
     """Returns ``(config, allocation or None)``. A fractional ``bits`` is an average budget: each
     layer's width is then chosen from ``candidates`` (bit allocation)."""
     if preset is not None:
@@ -64,9 +64,13 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
         base = PRESETS[preset]
         return type(base)(**{**base.__dict__, "targets": targets, "ignore": ignore}), None
     METHODS.get(method)  # unknown method → UserError listing the known ones
-    if fp4_format is not None and method != "fp4":
-        raise UserError(f"--format applies to --method fp4; {method} takes --bits/--group-size/--sym.")
-    fp4 = fp4_weight_format(fp4_format, group_size, bits) if method == "fp4" else None  # before bits is rewritten
+    if fp4_format is not None and method not in ("fp4", "gptq"):
+        raise UserError(f"--format applies to --method fp4 and gptq (GPTQ on an FP4 grid); {method} takes "
+                        "--bits/--group-size/--sym.")
+    if search and method != "fp4":
+        raise UserError("--search is the LLM-FP4 format search of --method fp4.")
+    use_fp4 = method == "fp4" or fp4_format is not None
+    fp4 = fp4_weight_format(fp4_format, group_size, bits) if use_fp4 else None  # before bits is rewritten
     outlier_fraction = parse_fraction(outliers, "--outliers")
     if outlier_fraction and method != "gptq":
         raise UserError(f"--outliers is a GPTQ option (the solver chooses and keeps them); --method {method} does not take it.")
@@ -79,9 +83,10 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
     common = {"format": fmt, "targets": targets, "ignore": ignore}
     builders = {
         "rtn": lambda: RTNConfig(**common),
-        "gptq": lambda: GPTQConfig(**common, act_order=act_order, damp=damp, outliers=outlier_fraction),
+        "gptq": lambda: GPTQConfig(**{**common, "format": fp4 or fmt}, act_order=act_order, damp=damp,
+                                   outliers=outlier_fraction),
         "decoupleq": lambda: DecoupleQConfig(**common, act_order=act_order, damp=damp, rounds=rounds),
-        "fp4": lambda: FP4Config(format=fp4, targets=targets, ignore=ignore),
+        "fp4": lambda: FP4Config(format=fp4, targets=targets, ignore=ignore, search=search),
     }
     if method not in builders:
         raise UserError(f"Method {method!r} cannot be configured from these flags.")

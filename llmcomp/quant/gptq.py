@@ -31,6 +31,7 @@ from torch import nn
 from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
+from llmcomp.formats.fp4 import BlockFP
 from llmcomp.formats.outliers import Outliers
 from llmcomp.formats.uniform import Uniform
 from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
@@ -108,6 +109,18 @@ def uniform_round(fmt: Uniform, scale_cols: torch.Tensor, zero_cols: torch.Tenso
     def round_col(j: int, ahead: torch.Tensor) -> torch.Tensor:
         s, z = scale_cols[:, j], zero_cols[:, j]
         return (fmt.encode(ahead[:, 0], s, z) - z) * s
+
+    return round_col
+
+
+def blockfp_round(fmt, scale_cols: torch.Tensor) -> RoundFn:
+    """Round column j onto a block-scaled minifloat grid (mxfp4/nvfp4/fp4): ``scale_cols`` [out, n] are
+    the block multipliers in solver column order. The non-uniform grid is why the solver takes a
+    rounding function."""
+
+    def round_col(j: int, ahead: torch.Tensor) -> torch.Tensor:
+        s = scale_cols[:, j]
+        return fmt.element.decode(fmt.encode(ahead[:, 0], s)) * s
 
     return round_col
 
@@ -190,8 +203,10 @@ class GPTQQuantizer(Quantizer):
             W = W0.clone()
             W[:, dead] = 0  # inputs never seen in calibration: their weights do not matter there
 
-            g = fmt.group(in_f)
-            lazy = not cfg.static_groups and fmt.n_groups(in_f) > 1  # one group: the same either way
+            floating = isinstance(fmt, BlockFP)  # FP4 grid: block scales fixed up front, like static groups
+            if floating and cfg.outliers:
+                raise UserError("GPTQ outliers are implemented for the uniform format only, not FP4.")
+            lazy = not floating and not cfg.static_groups and fmt.n_groups(in_f) > 1  # one group: same either way
             perm = None
             if not lazy and cfg.act_order:
                 perm = torch.argsort(torch.diagonal(dh.H), descending=True, stable=True)
@@ -204,7 +219,13 @@ class GPTQQuantizer(Quantizer):
                     hinv_diag = hinv_diag[torch.argsort(perm)]
                 ofmt = Outliers(base=fmt, fraction=cfg.outliers)
                 mask = pick_outliers(W, fmt, hinv_diag, ofmt.count(out_f, in_f))
-            if lazy:
+            if floating:
+                fp_fields = fmt.scales(W)
+                S = fmt.expand(fmt.block_scale(fp_fields), in_f)
+                rounder = blockfp_round(fmt, S if perm is None else S[:, perm])
+                block = cfg.block_size
+            elif lazy:
+                g = fmt.group(in_f)
                 rounder = LazyGroupRound(fmt, out_f, in_f, device)
                 block = max(g, cfg.block_size // g * g)  # blocks must start on group boundaries
             else:
@@ -224,8 +245,11 @@ class GPTQQuantizer(Quantizer):
                 Q = Q[:, torch.argsort(perm)]
             if lazy:
                 scale, zero = rounder.scale, rounder.zero
-            codes = fmt.encode(Q, fmt.expand(scale, in_f), fmt.expand(zero, in_f))
-            fields = {"codes": codes.to(torch.uint8), "scale": scale, "zero": zero}
+            if floating:
+                fields = {**fp_fields, "codes": fmt.encode(Q, S)}
+            else:
+                codes = fmt.encode(Q, fmt.expand(scale, in_f), fmt.expand(zero, in_f))
+                fields = {"codes": codes.to(torch.uint8), "scale": scale, "zero": zero}
             if mask is not None:
                 index = mask.flatten().nonzero().squeeze(1)
                 fields.update(outlier_index=index, outlier_value=Q.flatten()[index])
