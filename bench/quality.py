@@ -57,6 +57,12 @@ def configs() -> dict:
         out["gptq-w2g64-out0.5"] = GPTQConfig(format=Uniform(bits=2, group_size=64), outliers=0.005)
         out["rtn-w3"] = RTNConfig(format=Uniform(bits=3, group_size=0))
         out["rtn-w2"] = RTNConfig(format=Uniform(bits=2, group_size=0))
+        if "fp4" in METHODS:  # issue 5: GPTQ on the FP4 grids and the LLM-FP4 search
+            out["gptq-nvfp4"] = GPTQConfig(format=NVFP4())
+            out["gptq-mxfp4"] = GPTQConfig(format=MXFP4())
+            out["gptq-w4g32"] = GPTQConfig(format=Uniform(bits=4, group_size=32))
+            out["gptq-w4g16"] = GPTQConfig(format=Uniform(bits=4, group_size=16))
+            out["fp4-search-g32"] = FP4Config(format=FP4(group_size=32), search=True)
     if "decoupleq" in METHODS:
         from llmcomp.quant.decoupleq import DecoupleQConfig
 
