@@ -38,6 +38,10 @@ def run(fn):
     except UserError as exc:
         render.error(str(exc))
         raise typer.Exit(2)
+    except OSError as exc:  # the machine, not the program: disk full, permissions, a path through a file
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        render.error(f"{exc.strerror or exc}{where}; nothing was written at the destination.")
+        raise typer.Exit(2)
     except KeyboardInterrupt:
         render.error("interrupted; nothing was written at the destination.")
         raise typer.Exit(130)

@@ -100,12 +100,14 @@ def model_name(path: Path) -> str:
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None):
     """Load a plain HF model directory and its tokenizer."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"Could not load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"Could not load a causal LM from {path}: {first}") from None
     tokenizer = load_tokenizer(path)
     model.eval()
     return model, tokenizer

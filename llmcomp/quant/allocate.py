@@ -45,6 +45,10 @@ class AllocationConfig:
             raise UserError(f"Allocation candidates must be integers from 2 to 8, got {list(self.candidates)}.")
         for b in self.candidates:
             Uniform(bits=b, group_size=self.group_size, symmetric=self.symmetric)  # validates the group size
+        if not min(self.candidates) <= self.budget <= max(self.candidates) + 1:
+            raise UserError(f"A budget of {self.budget:g} bits per weight cannot be met with candidate widths "
+                            f"{sorted(set(self.candidates))} (scales and zeros add to each); choose a budget "
+                            f"above {min(self.candidates)}.")
 
     def formats(self) -> list[Uniform]:
         return [Uniform(bits=b, group_size=self.group_size, symmetric=self.symmetric) for b in sorted(set(self.candidates))]

@@ -1,0 +1,254 @@
+"""Every user error the CLI can meet: exit code 2, exactly one ``error:`` line, no traceback, and nothing
+written at the destination. Plus a fuzz of the artifact reader: random byte flips and truncations of a
+real artifact must end in a clear error (``UserError``) or a correct load — never anything else."""
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from llmcomp.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tests.conftest import tiny_llama
+
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("a") / "q"
+    r = invoke("quantize", model_dir, "-o", out, "--bits", 4, "--group-size", 32)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _copy_model(model_dir, tmp_path, name="m"):
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(model_dir, dst)
+    return dst
+
+
+# (extra quantize flags, expected fragment of the error line)
+QUANTIZE_FLAGS = [
+    (["--bits", "9"], "bits must be an integer from 2 to 8"),
+    (["--bits", "1.5"], "budget"),
+    (["--method", "magic"], "Unknown quantization method"),
+    (["--group-size", "12"], "group size must be a multiple of 8"),
+    (["--group-size", "-8"], "group size"),
+    (["--preset", "w5"], "Unknown preset"),
+    (["--target", "re:("], "Invalid layer pattern"),
+    (["--target", "Conv2d"], "No layer matches"),
+    (["--dtype", "float8"], "Unknown dtype"),
+    (["--outliers", "60%"], "--outliers"),
+    (["--outliers", "lots"], "--outliers"),
+    (["--outliers", "1%"], "GPTQ option"),
+    (["--format", "nvfp4"], "--format applies"),
+    (["--method", "fp4", "--format", "xfp9"], "Unknown FP4 format"),
+    (["--method", "fp4", "--format", "mxfp4", "--search"], "fixes"),
+    (["--method", "fp4", "--bits", "3"], "4-bit floats"),
+    (["--search"], "--search"),
+    (["--bits", "2.5", "--candidates", "2,x"], "--candidates"),
+    (["--bits", "2.5", "--candidates", "1,4"], "candidates must be integers from 2 to 8"),
+    (["--method", "gptq", "--damp", "-1"], "dampening"),
+    (["--method", "decoupleq", "--rounds", "0"], "rounds"),
+    (["--method", "gptq"], "needs a tokenizer"),
+    (["--method", "mxfp4"], "Unknown quantization method"),
+]
+
+
+@pytest.mark.parametrize("flags,message", QUANTIZE_FLAGS, ids=[" ".join(f) for f, _ in QUANTIZE_FLAGS])
+def test_quantize_flags(model_dir, tmp_path, flags, message):
+    out = tmp_path / "o"
+    assert message in error_line(invoke("quantize", model_dir, "-o", out, *flags))
+    assert not out.exists()
+
+
+def test_missing_model(tmp_path):
+    assert "does not exist" in error_line(invoke("quantize", tmp_path / "nope", "-o", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_utf8_path(tmp_path):
+    bad = str(tmp_path) + "/caf\udce9"  # a lone surrogate: a path that cannot be UTF-8 encoded
+    r = invoke("quantize", bad, "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_empty_dir_is_not_a_model(tmp_path):
+    (tmp_path / "d").mkdir()
+    assert "not a model directory" in error_line(invoke("quantize", tmp_path / "d", "-o", tmp_path / "o"))
+
+
+def test_corrupt_config_json(model_dir, tmp_path):
+    m = _copy_model(model_dir, tmp_path)
+    (m / "config.json").write_text("{not json")
+    error_line(invoke("quantize", m, "-o", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(model_dir, tmp_path):
+    m = _copy_model(model_dir, tmp_path)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "nosuchmodel", ["NoSuchModelForCausalLM"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    error_line(invoke("quantize", m, "-o", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_weights(model_dir, tmp_path):
+    m = _copy_model(model_dir, tmp_path)
+    f = m / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    error_line(invoke("quantize", m, "-o", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_weights(model_dir, tmp_path):
+    m = _copy_model(model_dir, tmp_path)
+    f = m / "model.safetensors"
+    state = load_file(str(f))
+    key = next(k for k in state if k.endswith("mlp.down_proj.weight"))
+    state[key][0, 0] = float("nan")
+    save_file(state, str(f), metadata={"format": "pt"})
+    assert "NaN" in error_line(invoke("quantize", m, "-o", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_exists(model_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "already exists" in error_line(invoke("quantize", model_dir, "-o", out))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_output_under_a_file(model_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    error_line(invoke("quantize", model_dir, "-o", tmp_path / "file" / "o"))
+
+
+def test_disk_full_leaves_nothing(model_dir, tmp_path, monkeypatch):
+    import llmcomp.core.artifact as art
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(art, "save_file", full)
+    out = tmp_path / "o"
+    assert "No space left" in error_line(invoke("quantize", model_dir, "-o", out))
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]  # no temp dir left behind
+
+
+def test_eval_errors(artifact, tmp_path):
+    assert "--windows" in error_line(invoke("eval", artifact, "--windows", 0))
+    assert "does not exist" in error_line(invoke("eval", tmp_path / "nope"))
+    assert "does not exist" in error_line(invoke("eval", artifact, "--reference", tmp_path / "nope"))
+
+
+def test_inspect_plain_dir(tmp_path):
+    (tmp_path / "d").mkdir()
+    error_line(invoke("inspect", tmp_path / "d"))
+
+
+def test_check_baseline_errors(artifact, tmp_path):
+    error_line(invoke("check", artifact, "--baseline", tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    error_line(invoke("check", artifact, "--baseline", bad))
+
+
+def test_bench_kernels_bad_flags():
+    assert "--ms" in error_line(invoke("bench", "kernels", "--ms", "1,x"))
+    assert "--shapes" in error_line(invoke("bench", "kernels", "--shapes", "4096by4096"))
+
+
+# -- artifact damage --------------------------------------------------------------------------------
+
+def _damaged(artifact, tmp_path, name, mutate):
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(artifact, dst)
+    mutate(dst)
+    return dst
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete", "manifest-json", "manifest-missing-file"])
+def test_damaged_artifact_eval_and_inspect(artifact, tmp_path, how):
+    def mutate(d):
+        f = d / "model.safetensors"
+        if how == "flip":
+            b = bytearray(f.read_bytes())
+            b[len(b) // 2] ^= 0x01
+            f.write_bytes(bytes(b))
+        elif how == "truncate":
+            f.write_bytes(f.read_bytes()[:100])
+        elif how == "delete":
+            f.unlink()
+        elif how == "manifest-json":
+            (d / "llmcomp.json").write_text("{")
+        else:
+            m = json.loads((d / "llmcomp.json").read_text())
+            m["files"]["extra.safetensors"] = "0" * 64
+            (d / "llmcomp.json").write_text(json.dumps(m))
+
+    d = _damaged(artifact, tmp_path, how, mutate)
+    error_line(invoke("inspect", d))
+    error_line(invoke("eval", d, "--windows", 1))
+
+
+def test_fuzz_artifact_reader(artifact, tmp_path):
+    """40 random byte flips and truncations of the manifest and the weights: the loader either raises
+    UserError or (for a change the checks cannot see and that does not matter) loads a working model."""
+    import shutil
+
+    import llmcomp
+    from llmcomp.errors import UserError
+
+    rng = random.Random(0)
+    outcomes = {"error": 0, "loaded": 0}
+    for i in range(40):
+        d = tmp_path / f"f{i}"
+        shutil.copytree(artifact, d)
+        f = d / rng.choice(["llmcomp.json", "model.safetensors"])
+        data = bytearray(f.read_bytes())
+        if rng.random() < 0.5:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        else:
+            del data[rng.randrange(len(data)):]
+        f.write_bytes(bytes(data))
+        try:
+            model = llmcomp.load(d)
+            with torch.no_grad():
+                model(input_ids=torch.tensor([[1, 2, 3]]))
+            outcomes["loaded"] += 1
+        except UserError:
+            outcomes["error"] += 1
+        shutil.rmtree(d)
+    assert outcomes["error"] >= 30, outcomes
