@@ -91,8 +91,9 @@ def main(argv=None) -> int:
 
     if "dense" in wanted or "dense" not in rows:
         t = time.perf_counter()
-        rows["dense"] = {"name": "dense", **api.evaluate_long(DEFAULT_MODEL, **kw),
+        rows["dense"] = {**api.evaluate_long(DEFAULT_MODEL, **kw), "name": "dense",
                          "wall_s": round(time.perf_counter() - t, 1)}
+        rows["dense"].pop("path")
         save()
         print(f"dense           ppl {rows['dense']['ppl']:.3f}  passkey {rows['dense']['passkey']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             path = api.prune_kv(policies()[name], Path(tmp) / name, DEFAULT_MODEL, device="cpu")
             prune_s = time.perf_counter() - t
-            row = {"name": name, **api.evaluate_long(str(path), **kw), "prune_s": round(prune_s, 1),
+            row = {**api.evaluate_long(str(path), **kw), "name": name, "prune_s": round(prune_s, 1),
                    "wall_s": round(time.perf_counter() - t, 1)}
             row.pop("path")
             shutil.rmtree(path)  # a full-precision copy of the model each

@@ -42,7 +42,7 @@ def build(shape: str):
 
 @torch.no_grad()
 def measure(model, batch: int, context: int, steps: int, chunk: int = 1024) -> dict:
-    from llmcomp.prune.kv.cache import cache_nbytes
+    from llmcomp.eval.longctx import kv_nbytes
 
     torch.manual_seed(0)
     ids = torch.randint(100, 30000, (batch, context), device="cuda")
@@ -51,8 +51,7 @@ def measure(model, batch: int, context: int, steps: int, chunk: int = 1024) -> d
     for s in range(0, context, chunk):
         out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-    held = cache_nbytes(cache)
-    dense = cache.dense_nbytes() if hasattr(cache, "dense_nbytes") else held
+    held, dense = kv_nbytes(cache)
     tok = out.logits[:, -1:].argmax(-1)
     for _ in range(4):  # warm-up (Triton compilation, allocator)
         out = model(input_ids=tok, past_key_values=cache, use_cache=True)

@@ -22,7 +22,7 @@ from llmcomp.core.passkey import answer_correct, passkey_samples
 from llmcomp.core.progress import NULL, Progress
 
 
-def _nbytes(cache) -> tuple[int, int]:
+def kv_nbytes(cache) -> tuple[int, int]:
     """(bytes held, bytes a dense cache would hold) for a KVCache or a plain transformers cache."""
     if hasattr(cache, "dense_nbytes"):
         return cache.nbytes(), cache.dense_nbytes()
@@ -41,7 +41,7 @@ def continuation_perplexity(model, tokenizer, *, context: int = 2048, prefix: in
         w = w[None].to(device)
         out = model(input_ids=w[:, :prefix], use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        h, d = _nbytes(cache)
+        h, d = kv_nbytes(cache)
         held.append(h)
         dense.append(d)
         logits = [out.logits[:, -1:].float()]

@@ -47,10 +47,16 @@ class KVPolicy:
         """Token counts that must fit in the context (name → tokens), checked by ``validate_for``."""
         return {}
 
+    def calibration_lengths(self) -> dict[str, int]:
+        """Sequence lengths calibration runs at (name → tokens), checked against the model at prune time."""
+        return {}
+
     def validate_for(self, model_config, context: int | None = None) -> None:
-        """Raise UserError when a window or budget does not fit the model's (or the given) context."""
+        """Raise UserError when a window or budget does not fit the given context (an evaluation's) or,
+        with none given, the model's context (then calibration lengths are checked too)."""
         limit = context or context_length(model_config)
-        for name, tokens in self.windows().items():
+        checks = {**self.windows(), **({} if context else self.calibration_lengths())}
+        for name, tokens in checks.items():
             if limit and tokens >= limit:
                 raise UserError(f"{self.method}: {name} of {tokens} tokens is not smaller than the context "
                                 f"({limit} tokens); choose a smaller {name}.")

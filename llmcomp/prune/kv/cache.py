@@ -184,13 +184,6 @@ class KVCache(Cache):
         return sum(layer.dense_nbytes() for layer in self.layers)
 
 
-def cache_nbytes(cache) -> int:
-    """Bytes a cache holds: ``KVCache.nbytes`` or the key/value tensors of a plain transformers cache."""
-    if isinstance(cache, KVCache):
-        return cache.nbytes()
-    return sum(tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers)
-
-
 # -- installing a policy on a model ----------------------------------------------------------------
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

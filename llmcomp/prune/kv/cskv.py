@@ -157,7 +157,10 @@ class CSKVConfig(KVPolicy):
         return self.activation_aware and (self.k_ratio > 0 or self.v_ratio > 0)
 
     def windows(self):
-        return {"window": self.window, **({"calibration length": self.calib_seq_len} if self.calibrated_on_text else {})}
+        return {"window": self.window}
+
+    def calibration_lengths(self):
+        return {"calibration length": self.calib_seq_len} if self.calibrated_on_text else {}
 
     def ranks(self, model_config) -> tuple[int, int, int]:
         width = model_config.num_key_value_heads * head_dim(model_config)

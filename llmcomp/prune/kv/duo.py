@@ -177,8 +177,8 @@ class DuoConfig(KVPolicy):
     sinks: int = 16
     window: int = 64
     heads: tuple = ()
-    calib_steps: int = 24
-    calib_seq_len: int = 1024
+    calib_steps: int = 16
+    calib_seq_len: int = 768
     tail: int = 32
     lr: float = 0.05
     l1: float = 0.05
@@ -203,8 +203,10 @@ class DuoConfig(KVPolicy):
         return not self.heads and self.streaming > 0 and self.calib_steps > 0
 
     def windows(self):
-        out = {"streaming window": self.sinks + self.window}
-        return {**out, "calibration length": self.calib_seq_len} if self.calibrated_on_text else out
+        return {"streaming window": self.sinks + self.window}
+
+    def calibration_lengths(self):
+        return {"calibration length": self.calib_seq_len} if self.calibrated_on_text else {}
 
     def calibrate(self, model, tokenizer, progress=NULL, device=None):
         n_layers, n_kv = len(attention_modules(model)), model.config.num_key_value_heads

@@ -35,7 +35,7 @@ def _sparse_rows_decode(q_ptr, kb_ptr, ko_ptr, kv_ptr, vb_ptr, vo_ptr, vv_ptr, m
     q = tl.load(q_ptr + pid * D + d).to(tl.float32)
     byte_col = (d // 8)[None, :]
     bit_col = (d % 8)[None, :]
-    m_i = tl.full([1], NEG, tl.float32)
+    m_i = tl.full([1], -1.0e30, tl.float32)  # a literal: jitted code cannot read Python globals
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
     row0 = (b * HKV + hk) * T
@@ -52,7 +52,7 @@ def _sparse_rows_decode(q_ptr, kb_ptr, ko_ptr, kv_ptr, vb_ptr, vo_ptr, vv_ptr, m
         ok = valid
         if HAS_MASK:
             ok = ok & (tl.load(mask_ptr + pid.to(tl.int64) * T + t, mask=valid, other=0) != 0)
-        s = tl.where(ok, s, NEG)
+        s = tl.where(ok, s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.where(ok, tl.exp(s - m_new), 0.0)
