@@ -63,6 +63,8 @@ def configs() -> dict:
             out["gptq-w4g32"] = GPTQConfig(format=Uniform(bits=4, group_size=32))
             out["gptq-w4g16"] = GPTQConfig(format=Uniform(bits=4, group_size=16))
             out["fp4-search-g32"] = FP4Config(format=FP4(group_size=32), search=True)
+            out["fp4-w4a4-naive"] = FP4Config(format=FP4(group_size=32), act_bits=4, smooth=0.0)
+            out["fp4-w4a4-llmfp4"] = FP4Config(format=FP4(group_size=32), act_bits=4, smooth=0.5, search=True)
     if "decoupleq" in METHODS:
         from llmcomp.quant.decoupleq import DecoupleQConfig
 

@@ -88,3 +88,47 @@ def test_search_end_to_end_save_load(tiny_model_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
     assert loaded.model.layers[0].mlp.down_proj.fmt == model.model.layers[0].mlp.down_proj.fmt
+
+
+# -- W4A4 --------------------------------------------------------------------------------------------
+
+def test_actquant_input_rounding():
+    from llmcomp.formats.actquant import ActQuant
+
+    fmt = ActQuant(base=FP4(group_size=32))
+    x = torch.randn(3, 7, 64) * 5
+    t = {"input_scale": torch.full((64,), 2.0, dtype=torch.float16)}
+    q = fmt.quantize_input(x, t)
+    xs = x / 2
+    # every token's values land on the E2M1 grid times its own scale (max |x| / 6); the max is exact
+    scale = xs.abs().amax(-1, keepdim=True) / 6
+    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    ratio = (q / scale).abs()
+    assert torch.allclose(ratio.unsqueeze(-1).sub(grid).abs().amin(-1), torch.zeros(()), atol=1e-5)
+    assert torch.allclose(q.abs().amax(-1), xs.abs().amax(-1))
+
+
+def test_w4a4_saved_artifact_reproduces_logits(tiny_model_dir, tmp_path):
+    from llmcomp.formats.actquant import ActQuant
+
+    model, _, base, _ = api.open_model(str(tiny_model_dir))
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    w4 = FP4Config(format=FP4(group_size=32), act_bits=4, search=True)
+    quantize_model(model, w4, calib, batch_size=4)
+    lin = model.model.layers[0].self_attn.q_proj
+    assert isinstance(lin.fmt, ActQuant) and lin.input_scale.shape == (64,)
+    out = write_artifact(tmp_path / "w4a4", model, None, base_model=base,
+                         stages=[{"method": "fp4", "config": {}, "wall_time_s": 0, "metrics": {}}])
+    loaded = llmcomp.load(out)
+    with torch.no_grad():
+        mine, again = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert torch.equal(mine, again)
+    assert not torch.allclose(mine, ref)  # the activations really are quantized
+    with pytest.raises(UserError, match="--act-bits"):
+        FP4Config(act_bits=8)
+    with pytest.raises(UserError, match="--act-bits"):
+        build_quant_config(method="rtn", bits=4, group_size=128, symmetric=False, preset=None,
+                           targets=("Linear",), ignore=("lm_head",), act_bits=4)

@@ -63,6 +63,7 @@ def quantize(
     damp: Annotated[float, typer.Option(help="GPTQ/decoupleQ: Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     rounds: Annotated[int, typer.Option(help="decoupleQ: integer/float alternation rounds.")] = 4,
     candidates: Annotated[str, typer.Option(help="Bit allocation: candidate widths, comma-separated.")] = "2,3,4,8",
+    act_bits: Annotated[int, typer.Option("--act-bits", help="--method fp4: 4 also rounds each layer's inputs to E2M1 per token (W4A4, with per-channel input scales folded into the weights); 16 = weights only.")] = 16,
     search: Annotated[bool, typer.Option("--search", help="--method fp4 --format fp4: per-layer LLM-FP4 search of the 4-bit element (E2M1/E1M2/E3M0) and clipping on calibration data.")] = False,
     outliers: Annotated[Optional[str], typer.Option(help="GPTQ: keep this share of the weights (those whose rounding costs most) in fp16, e.g. 0.5% or 0.005.")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (calibrated methods).")] = 128,
@@ -82,7 +83,7 @@ def quantize(
         config, allocation = build_quant_config(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
             targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
-            candidates=candidates, fp4_format=fp4_format, outliers=outliers, search=search)
+            candidates=candidates, fp4_format=fp4_format, outliers=outliers, search=search, act_bits=act_bits)
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,

@@ -55,7 +55,7 @@ def parse_fraction(text: str | None, flag: str) -> float:
 def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: bool, preset: str | None,
                        targets: tuple, ignore: tuple, act_order: bool = True, damp: float = 0.01,
                        rounds: int = 4, candidates: str = "2,3,4,8", fp4_format: str | None = None,
-                       outliers: str | None = None, search: bool = False):
+                       outliers: str | None = None, search: bool = False, act_bits: int = 16):
     """Returns ``(config, allocation or None)``. A fractional ``bits`` is an average budget: each
     layer's width is then chosen from ``candidates`` (bit allocation)."""
     if preset is not None:
@@ -69,6 +69,8 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
                         "--bits/--group-size/--sym.")
     if search and method != "fp4":
         raise UserError("--search is the LLM-FP4 format search of --method fp4.")
+    if act_bits != 16 and method != "fp4":
+        raise UserError(f"--act-bits (activation quantization) is implemented for --method fp4, not {method}.")
     use_fp4 = method == "fp4" or fp4_format is not None
     fp4 = fp4_weight_format(fp4_format, group_size, bits) if use_fp4 else None  # before bits is rewritten
     outlier_fraction = parse_fraction(outliers, "--outliers")
@@ -86,7 +88,7 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
         "gptq": lambda: GPTQConfig(**{**common, "format": fp4 or fmt}, act_order=act_order, damp=damp,
                                    outliers=outlier_fraction),
         "decoupleq": lambda: DecoupleQConfig(**common, act_order=act_order, damp=damp, rounds=rounds),
-        "fp4": lambda: FP4Config(format=fp4, targets=targets, ignore=ignore, search=search),
+        "fp4": lambda: FP4Config(format=fp4, targets=targets, ignore=ignore, search=search, act_bits=act_bits),
     }
     if method not in builders:
         raise UserError(f"Method {method!r} cannot be configured from these flags.")

@@ -75,7 +75,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = self.__dict__.setdefault("_wcache", {}) if self.cache_dequantized and not torch.is_grad_enabled() else None
-        return dequant_linear(x, self.fmt, self.packed_tensors(), self.in_features, self.bias, cache)
+        tensors = self.packed_tensors()
+        if hasattr(self.fmt, "quantize_input"):  # formats that quantize activations too (W4A4)
+            x = self.fmt.quantize_input(x, tensors)
+        return dequant_linear(x, self.fmt, tensors, self.in_features, self.bias, cache)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}"
