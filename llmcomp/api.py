@@ -101,7 +101,16 @@ def quantize(
     alloc_report = None
     if allocation is not None:
         config, alloc_report = _allocate(net, config, allocation, calib, device, progress)
-    report = quantize_model(net, config, calib, progress=progress, device=device)
+    checkpoint = None
+    if calib is not None:  # calibrated runs are long: finished layers survive a kill (core/resume.py)
+        from llmcomp.core import resume
+        from llmcomp.core.artifact import llmcomp_version
+
+        key = resume.fingerprint(config=to_dict(config), model=str(model), weights=_weights_key(net),
+                                 samples=calib_samples, seq_len=calib_seq_len, seed=seed, text=source,
+                                 version=llmcomp_version())
+        checkpoint = resume.for_output(output, key, progress.note)
+    report = quantize_model(net, config, calib, progress=progress, device=device, checkpoint=checkpoint)
     if alloc_report is not None:
         report["_allocation"] = alloc_report
     sizes = size_report(net)
@@ -115,8 +124,23 @@ def quantize(
     }
     kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
     progress.note(f"Writing {output}")
-    return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=source,
+    path = write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=source,
                           overwrite=overwrite, dtype=store_dtype, **kwargs)
+    if checkpoint is not None:
+        checkpoint.finish()
+    return path
+
+
+def _weights_key(net) -> str:
+    """A cheap identity of the weights being quantized (shapes and a strided sample of every tensor)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in net.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,

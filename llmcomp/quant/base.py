@@ -110,8 +110,11 @@ def quantize_model(
     progress: Progress = NULL,
     device: Optional[str] = None,
     batch_size: int = 8,
+    checkpoint=None,
 ) -> dict:
-    """Quantize ``model`` in place. Returns per-layer metrics ``{path: {...}}``."""
+    """Quantize ``model`` in place. Returns per-layer metrics ``{path: {...}}``. ``checkpoint``
+    (core/resume.py): calibrated methods save each finished decoder layer there and restore the ones
+    a killed earlier run finished."""
     quantizer: Quantizer = METHODS.get(config.method)(config)
     chosen = [(n, m) for n, m in select(model, config.targets, config.ignore) if isinstance(m, nn.Linear)]
     if not chosen:
@@ -132,6 +135,10 @@ def quantize_model(
 
         def handler(path, layer, runner):
             linears = [(n, m) for n, m in chosen if n.startswith(path + ".")]
+            index = int(path.rsplit(".", 1)[1])
+            if checkpoint is not None and checkpoint.has(index):
+                checkpoint.restore(model, index, report)
+                return
             stats = {}
             for group in shared_input_groups(runner, [m for _, m in linears]):
                 # Linears fed by the same tensor (q/k/v, gate/up) share one statistics object.
@@ -141,6 +148,8 @@ def quantize_model(
             for n, m in linears:
                 _replace(model, quantizer, n, m, stats[m], report)
             stats.clear()
+            if checkpoint is not None:
+                checkpoint.save(model, index, [n for n, _ in linears], report)
 
         calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress)
     report["_wall_time_s"] = round(time.perf_counter() - start, 2)

@@ -1,0 +1,4 @@
+"""``python -m llmcomp`` = the ``llmcomp`` command."""
+from llmcomp.cli.app import main
+
+main()
