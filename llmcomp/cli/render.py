@@ -121,8 +121,8 @@ def manifest_tables(manifest: dict) -> list[Table]:
     head.add_row("text", str(manifest.get("text_source")))
     for i, s in enumerate(manifest["stages"], 1):
         cfg = {k: v for k, v in s["config"].items() if not k.startswith("_")}
-        head.add_row(f"stage {i}", f"{s['method']} in {s['wall_time_s']} s, "
-                     f"{s['metrics'].get('bits_per_weight')} bits/weight; config {cfg}")
+        what = s["metrics"].get("policy") or f"{s['metrics'].get('bits_per_weight')} bits/weight"  # KV stages: the policy
+        head.add_row(f"stage {i}", f"{s['method']} in {s['wall_time_s']} s, {what}; config {cfg}")
     head.add_row("files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))
     mods = Table(title="quantized modules")
     for c in ("format", "modules", "example"):
