@@ -42,3 +42,49 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(8, device=b.device, dtype=torch.int64) * bits
     codes = (word >> shifts) & ((1 << bits) - 1)  # (..., n/8, 8)
     return codes.reshape(*lead, -1)[..., :n].to(torch.uint8)
+
+
+# -- wide codes (more than 8 bits, up to any width) ------------------------------------------------
+# Same canonical layout as ``pack_bits`` (code i occupies bits [k*i, k*i + k) of a little-endian stream,
+# the code count zero-padded to a multiple of 8), so for k ≤ 8 both functions write identical bytes.
+# A code wider than 62 bits is given as int64 limbs [..., n, L] with value Σ limb_l · 2**(62·l).
+LIMB_BITS = 62
+
+
+def n_limbs(bits: int) -> int:
+    return (bits + LIMB_BITS - 1) // LIMB_BITS
+
+
+def pack_wide(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 codes [..., n] (bits ≤ 62) or limbs [..., n, L] → uint8 [..., packed_len(n, bits)]."""
+    if bits < 1:
+        raise ValueError(f"bits must be ≥ 1, got {bits}")
+    limbs = codes.to(torch.int64)
+    if bits <= LIMB_BITS:
+        limbs = limbs.unsqueeze(-1)
+    *lead, n, L = limbs.shape
+    shifts = torch.arange(LIMB_BITS, device=limbs.device, dtype=torch.int64)
+    planes = ((limbs.unsqueeze(-1) >> shifts) & 1).reshape(*lead, n, L * LIMB_BITS)[..., :bits]
+    if planes.shape[-1] < bits:
+        raise ValueError(f"{L} limbs hold fewer than {bits} bits")
+    pad = (-n) % 8
+    if pad:
+        planes = torch.nn.functional.pad(planes, (0, 0, 0, pad))
+    stream = planes.reshape(*lead, -1, 8)  # (..., n'·bits/8, 8): bit b of byte B is stream bit 8B + b
+    weights = torch.arange(8, device=limbs.device, dtype=torch.int64)
+    return (stream << weights).sum(-1).to(torch.uint8)
+
+
+def unpack_wide(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack_wide``: int64 [..., n] when bits ≤ 62, else limbs [..., n, n_limbs(bits)]."""
+    *lead, m = packed.shape
+    if m != packed_len(n, bits):
+        raise ValueError(f"packed length {m} does not match n={n}, bits={bits}")
+    weights = torch.arange(8, device=packed.device, dtype=torch.int64)
+    stream = (packed.to(torch.int64).unsqueeze(-1) >> weights) & 1  # (..., m, 8)
+    planes = stream.reshape(*lead, -1, bits)[..., :n, :]  # (..., n, bits)
+    L = n_limbs(bits)
+    planes = torch.nn.functional.pad(planes, (0, L * LIMB_BITS - bits)).reshape(*lead, n, L, LIMB_BITS)
+    shifts = torch.arange(LIMB_BITS, device=packed.device, dtype=torch.int64)
+    limbs = (planes << shifts).sum(-1)  # (..., n, L)
+    return limbs.squeeze(-1) if bits <= LIMB_BITS else limbs
