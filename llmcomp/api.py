@@ -18,6 +18,7 @@ from llmcomp.errors import UserError
 from llmcomp.eval import perplexity, size_report
 from llmcomp.eval.agreement import Reference
 from llmcomp.prune.kv import hook as _kv_hook  # noqa: F401  (artifacts with a KV stage re-install their policy)
+from llmcomp.prune import moe as _moe_hook  # noqa: F401  (artifacts with a moe stage get their shapes back)
 from llmcomp.quant import QuantConfig, quantize_model
 from llmcomp.quant.allocate import AllocationConfig
 
@@ -171,6 +172,71 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
              "calibration": None if source is None else {"text": source}}
     progress.note(f"Writing {output}")
     return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=source,
+                          overwrite=overwrite, dtype=store_dtype)
+
+
+def _calibrated(model, output, overwrite, calib_samples, calib_seq_len, seed, progress, check=None):
+    """Open ``model`` for a calibrated rewrite into ``output`` (``check(net, stages)`` vets it first):
+    (output, net, tok, base, stages, calibration ids, calibration info)."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    if calib_samples < 1 or calib_seq_len < 2:
+        raise UserError("--calib-samples must be ≥ 1 and --seq-len ≥ 2.")
+    net, tok, base, stages = open_model(model, progress=progress)
+    if check is not None:
+        check(net, stages)
+    if tok is None:
+        raise UserError("Calibration needs a tokenizer, and the model directory has none.")
+    ids = calib_windows(tok, calib_seq_len, calib_samples, seed)
+    info = {"text": corpus().name, "samples": calib_samples, "seq_len": calib_seq_len, "seed": seed}
+    return output, net, tok, base, stages, ids, info
+
+
+def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
+                  calib_samples: int = 32, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
+                  dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
+    """Remove routed experts (or, with HEAPr, neurons) of an MoE model (``prune.experts.ExpertPruneConfig``)
+    scored from one calibration pass; the artifact records the new shapes (``llmcomp.load`` rebuilds them)."""
+    from llmcomp.prune import experts, moe
+
+    store_dtype = parse_dtype(dtype)
+    start = time.perf_counter()
+    output, net, tok, base, stages, ids, info = _calibrated(
+        model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
+        check=lambda net, _: moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL)))
+    stats = experts.collect_stats(net, ids, config, device=device or default_device(), progress=progress)
+    report = experts.prune(net, stats, config)
+    stage = {"method": f"experts-{config.method}", "kind": moe.KIND, "config": to_dict(config),
+             "shapes": moe.shapes(net), "wall_time_s": round(time.perf_counter() - start, 2), "metrics": report,
+             "calibration": info}
+    progress.note(f"Writing {output}")
+    return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=info["text"],
+                          overwrite=overwrite, dtype=store_dtype)
+
+
+def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
+          calib_samples: int = 32, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
+          dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
+    """Convert a dense Llama-style model into a stock transformers MoE (``convert.moefy.MoefyConfig``):
+    MLP neurons clustered into experts, routers calibrated on the bundled text."""
+    from llmcomp.convert.moefy import moefy_model, target_config
+
+    store_dtype = parse_dtype(dtype)
+    start = time.perf_counter()
+    def check(net, stages):
+        if stages:
+            raise UserError(f"{model} is already an llmcomp artifact; moefy converts an original dense model.")
+        target_config(net.config, config)  # unsupported architectures fail before calibration
+
+    output, net, tok, base, stages, ids, info = _calibrated(model, output, overwrite, calib_samples, calib_seq_len,
+                                                            seed, progress, check=check)
+    net, report = moefy_model(net, ids, config, device=device or default_device(), progress=progress)
+    net.to("cpu")
+    stage = {"method": "moefy", "config": to_dict(config), "wall_time_s": round(time.perf_counter() - start, 2),
+             "metrics": report, "calibration": info}
+    progress.note(f"Writing {output}")
+    return write_artifact(output, net, tok, base_model=base, stages=[stage], text_source=info["text"],
                           overwrite=overwrite, dtype=store_dtype)
 
 

@@ -207,6 +207,10 @@ from llmcomp.cli.prune import prune_app  # noqa: E402
 
 app.add_typer(prune_app, name="prune")
 
+from llmcomp.cli.convert import convert_app  # noqa: E402
+
+app.add_typer(convert_app, name="convert")
+
 from llmcomp.cli.bench import bench_app  # noqa: E402
 
 app.add_typer(bench_app, name="bench")

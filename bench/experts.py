@@ -1,0 +1,138 @@
+"""MoE expert pruning on a real MoE: Austen ppl vs the fraction removed, every method, with/without the guard.
+
+    python bench/experts.py --moe PATH [--out bench/results/experts_cpu.json] [--windows 16] [--only reap heapr]
+
+``PATH`` is an MoE artifact; if it does not exist it is made first with the project's own command
+(``llmcomp convert moefy``: the bundled SmolLM2-135M split into 8 experts, top-2, 512 shared neurons).
+One calibration pass (``prune.experts.collect_stats``) gives every method its scores; each row then
+prunes a copy of the model in memory (the same surgery ``llmcomp prune experts`` writes) and measures
+held-out perplexity. Methods remove 12.5 / 25 / 50 % of each block's routed experts — HEAPr the same
+fraction of its neurons (atomic experts), i.e. the same parameter reduction. Rows run with and without
+the super-expert guard; a guarded row whose plan equals the unguarded one is not re-measured. Rows are
+merged into ``--out`` as each finishes (``--only`` re-measures some and keeps the rest).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from llmcomp import api
+from llmcomp.convert.moefy import MoefyConfig
+from llmcomp.core.data import calib_windows, corpus
+from llmcomp.core.model import DEFAULT_MODEL
+from llmcomp.eval.perplexity import perplexity
+from llmcomp.prune import experts, moe
+from llmcomp.prune.experts import METHODS, ExpertPruneConfig
+
+RATIOS = (0.125, 0.25, 0.5)
+
+
+def settings(args) -> dict:
+    return {"windows": args.windows, "seq_len": 512, "calib_samples": args.calib_samples, "seed": args.seed,
+            "moe": str(args.moe)}
+
+
+def plan_key(model) -> str:
+    return json.dumps(moe.shapes(model), sort_keys=True) + str([float(b.experts.down_proj.sum())
+                                                                 for b in moe.find_moe_blocks(model)])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--moe", type=Path, required=True, help="MoE artifact (made with llmcomp convert moefy if missing)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/experts_cpu.json"))
+    ap.add_argument("--only", nargs="*", default=None, help="methods (or 'dense', 'moe') to (re)measure")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    wanted = args.only or ["dense", "moe", *METHODS]
+    data = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
+    if data.get("meta", {}).get("settings") not in (None, settings(args)):
+        ap.error(f"{args.out} was measured with other settings {data['meta']['settings']}; use another --out")
+    if not args.moe.exists():
+        t = time.perf_counter()
+        print(f"making {args.moe} with llmcomp convert moefy ...", flush=True)
+        api.moefy(MoefyConfig(), args.moe, None, device="cpu")
+        print(f"  {time.perf_counter() - t:.0f} s", flush=True)
+    data["meta"] = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+                    "threads": torch.get_num_threads(), "text": corpus().name, "settings": settings(args),
+                    "moefy": api.inspect(args.moe)["stages"][0]["config"]}
+    rows = {r["name"]: r for r in data["rows"]}
+
+    def save():
+        data["rows"] = list(rows.values())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1))
+
+    def evaluate(net, tok):
+        t = time.perf_counter()
+        r = perplexity(net, tok, seq_len=512, n_windows=args.windows, batch_size=4)
+        return {"ppl": r["ppl"], "eval_s": round(time.perf_counter() - t, 1)}
+
+    if "dense" in wanted:
+        net, tok, _, _ = api.open_model(DEFAULT_MODEL)
+        rows["dense"] = {"name": "dense", "method": "dense", "ratio": 0.0, **evaluate(net, tok)}
+        save()
+        print(f"dense          ppl {rows['dense']['ppl']:.3f}", flush=True)
+    base, tok, _, _ = api.open_model(str(args.moe))
+    total_params = sum(p.numel() for p in base.parameters())
+    before = experts.expert_params(base)
+    if "moe" in wanted:
+        rows["moe"] = {"name": "moe", "method": "none", "ratio": 0.0, "expert_params": before,
+                       "total_params": total_params, **evaluate(base, tok)}
+        save()
+        print(f"moe            ppl {rows['moe']['ppl']:.3f}", flush=True)
+    methods = [m for m in METHODS if m in wanted]
+    if not methods:
+        return 0
+    t = time.perf_counter()
+    ids = calib_windows(tok, 512, args.calib_samples, args.seed)
+    stats = experts.collect_stats(base, ids, ExpertPruneConfig(), device="cpu")
+    calib_s = round(time.perf_counter() - t, 1)
+    found = experts.super_experts(stats)
+    data["meta"]["calibration_s"] = calib_s
+    data["meta"]["super_experts"] = found
+    print(f"calibration pass {calib_s:.0f} s; super experts: {found or 'none'}", flush=True)
+    for method in methods:
+        for ratio in RATIOS:
+            done = {}
+            for guard in (False, True):
+                name = f"{method}-{ratio:g}-{'guard' if guard else 'noguard'}"
+                cfg = ExpertPruneConfig(method=method, ratio=ratio, protect_super_experts=guard, seed=args.seed)
+                net = copy.deepcopy(base)
+                t = time.perf_counter()
+                report = experts.prune(net, stats, cfg)
+                prune_s = round(time.perf_counter() - t, 2)
+                key = plan_key(net)
+                after = experts.expert_params(net)
+                row = {"name": name, "method": method, "ratio": ratio, "guard": guard, "prune_s": prune_s,
+                       "expert_params": after, "expert_params_removed": before - after,
+                       "removed_fraction_of_experts": round(1 - after / before, 5),
+                       "removed_fraction_of_model": round((before - after) / total_params, 5),
+                       "mb_saved_fp32": round((before - after) * 4 / 1e6, 2),
+                       "protected_skipped": {p: r["skipped_protected"] for p, r in report["layers"].items()
+                                             if r.get("skipped_protected")}}
+                if key in done:
+                    row.update({k: done[key][k] for k in ("ppl", "eval_s")}, same_plan_as=done[key]["name"])
+                else:
+                    row.update(evaluate(net, tok))
+                    done[key] = row
+                del net
+                rows[name] = row
+                save()
+                print(f"{name:24s} ppl {row['ppl']:9.3f}  expert params −{100 * row['removed_fraction_of_experts']:.1f} % "
+                      f"({row['mb_saved_fp32']:.1f} MB fp32){'  [same plan]' if 'same_plan_as' in row else ''}",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

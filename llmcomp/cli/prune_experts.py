@@ -1,0 +1,64 @@
+"""``llmcomp prune experts``: remove routed experts (or HEAPr atomic experts) of an MoE model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmcomp.errors import UserError
+
+
+def parse_layer_ratios(items: list[str]) -> dict:
+    """``["3=0.5", "7=0.125"]`` → ``{"3": 0.5, "7": 0.125}``."""
+    out = {}
+    for item in items:
+        layer, sep, value = item.partition("=")
+        try:
+            if not sep or not layer.strip().isdigit():
+                raise ValueError
+            out[layer.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--layer-ratio takes LAYER=RATIO such as 3=0.5, got {item!r}.") from None
+    return out
+
+
+def experts(
+    model: Annotated[Optional[str], typer.Argument(help="MoE model directory or llmcomp artifact (e.g. one made by `llmcomp convert moefy`).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-experts"),
+    method: Annotated[str, typer.Option(help="random | frequency (router selections) | reap (gate weight × output norm) | reconstruct (greedy, block output error) | heapr (atomic experts = neurons, second-order, per layer).")] = "reap",
+    ratio: Annotated[float, typer.Option(help="Fraction of each block's routed experts to remove (heapr: of its neurons), in (0, 1).")] = 0.25,
+    layer_ratio: Annotated[list[str], typer.Option("--layer-ratio", help="Per-layer override LAYER=RATIO (repeatable); counts then differ between layers.")] = [],
+    protect: Annotated[bool, typer.Option("--protect-super-experts/--no-protect-super-experts", help="Never remove super experts (extreme down_proj output outliers on the calibration text).")] = True,
+    compensate: Annotated[bool, typer.Option("--compensate/--no-compensate", help="heapr: OBS update of the kept neurons' output scales (folded into down_proj).")] = True,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for calibration sampling and --method random.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+):
+    """Remove experts scored from one calibration pass; the artifact loads with llmcomp.load (and stock
+    from_pretrained when every layer keeps the same experts count)."""
+    from llmcomp import api
+    from llmcomp.cli import render
+    from llmcomp.cli.app import _quiet_transformers, run
+
+    _quiet_transformers()
+
+    def go():
+        from llmcomp.prune.experts import ExpertPruneConfig
+
+        config = ExpertPruneConfig(method=method, ratio=ratio, protect_super_experts=protect,
+                                   layer_ratios=parse_layer_ratios(layer_ratio), seed=seed, compensate=compensate)
+        with render.RichProgress() as progress:
+            path = api.prune_experts(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
+                                     calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype, progress=progress)
+        metrics = api.inspect(path)["stages"][-1]["metrics"]
+        found = metrics["super_experts"]
+        se = ", ".join(f"{p} {e}" for p, e in found.items()) or "none"
+        render.console.print(f"[green]wrote[/green] {path}: {100 * metrics['expert_params']['removed_fraction']:.1f} % "
+                             f"of expert parameters removed; super experts {se}"
+                             f"{' (protected)' if protect and found else ''}")
+
+    run(go)

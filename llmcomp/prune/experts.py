@@ -1,0 +1,335 @@
+"""Expert pruning for MoE models: every score from one calibration pass, a super-expert guard, a plan.
+
+One pass of the shared layer-wise driver (core/calib.py) over the original model records, per MoE block:
+
+- ``frequency``: how many tokens the router sends to each expert;
+- ``reap``: REAP saliency, the mean over the tokens routed to an expert of gate weight × ‖expert output‖;
+- ``reconstruct``: NAEE-style greedy removal — on a token sample, repeatedly drop the expert whose
+  removal (tokens re-routed among the rest by the block's own router) changes the block output least;
+- ``heapr``: atomic experts (single neurons, one gate/up row + one down column) scored with the
+  Hessian of the block output error w.r.t. their output scales, G = (CᵀC) ⊙ (DᵀD) per expert
+  (C: routing weight × activation per routed token, D: down columns); OBS removes the cheapest atomic
+  expert of the whole layer, updates the others' scales (folded into down_proj) and repeats;
+- the largest |down_proj output| of each expert, for the super-expert guard (Su et al.): an expert
+  whose maximum is above the 99.5th percentile of all experts' maxima *and* above a tenth of the
+  largest is a super expert and is never removed.
+Expert-level methods turn scores into a removal order per block; ``random`` is a seeded shuffle.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmcomp.core.calib import calibrate_layerwise
+from llmcomp.core.config import register_config
+from llmcomp.core.progress import NULL, Progress
+from llmcomp.errors import UserError
+from llmcomp.prune import moe
+from llmcomp.quant.hessian import dampen
+
+METHODS = ("random", "frequency", "reap", "reconstruct", "heapr")
+
+
+@register_config
+@dataclass(frozen=True)
+class ExpertPruneConfig:
+    """Remove ``ratio`` of each MoE block's routed experts (``heapr``: of its neurons) by ``method``.
+
+    ``layer_ratios`` overrides the ratio per decoder layer index (``{"3": 0.5}``), which makes counts
+    differ between blocks (recorded in the manifest; llmcomp.load rebuilds them)."""
+
+    method: str = "reap"
+    ratio: float = 0.25
+    protect_super_experts: bool = True
+    layer_ratios: dict = field(default_factory=dict)
+    seed: int = 0
+    recon_tokens: int = 2048
+    damp: float = 0.01
+    compensate: bool = True
+    se_quantile: float = 0.995
+    se_fraction: float = 0.1
+
+    VERSION = 1
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"Unknown expert pruning method {self.method!r}; choose one of: {', '.join(METHODS)}.")
+        for where, r in [("--ratio", self.ratio)] + [(f"layer {k} ratio", v) for k, v in self.layer_ratios.items()]:
+            if not isinstance(r, (int, float)) or not 0 < r < 1:
+                raise UserError(f"{where} must be a fraction strictly between 0 and 1, got {r!r}.")
+        for k in self.layer_ratios:
+            if not str(k).isdigit():
+                raise UserError(f"Layer ratios are keyed by decoder layer index, got {k!r}.")
+        if self.recon_tokens < 16 or self.damp < 0 or not 0 < self.se_quantile < 1 or not 0 < self.se_fraction <= 1:
+            raise UserError("recon_tokens must be ≥ 16, damp ≥ 0, se_quantile and se_fraction in (0, 1).")
+
+    def ratio_for(self, layer: int) -> float:
+        return float(self.layer_ratios.get(str(layer), self.ratio))
+
+
+@dataclass
+class BlockStats:
+    """What one calibration pass learned about one MoE block (all on CPU)."""
+
+    path: str
+    layer: int
+    num_experts: int
+    top_k: int
+    tokens: int = 0
+    counts: torch.Tensor = None  # [E] router selections
+    reap_sum: torch.Tensor = None  # [E] Σ over routed tokens of weight · ‖output‖
+    max_out: torch.Tensor = None  # [E] largest |down_proj output| (before the routing weight)
+    gram: list = None  # per expert [I_e, I_e]: Σ over routed tokens of c cᵀ, c = weight · activation
+    recon_order: list = None  # greedy removal order (NAEE-style); the last top_k are never removed
+    recon_error: list = None  # block output error (relative) after each greedy removal
+
+    def reap(self) -> torch.Tensor:
+        return self.reap_sum / self.counts.clamp(min=1)
+
+
+# ---- the calibration pass ---------------------------------------------------------------------------------
+
+def _route_subset(b: moe.MoEBlock, x: torch.Tensor, keep: list[int]):
+    """The block's router restricted to experts ``keep`` (exactly what surgery would leave)."""
+    router = copy.deepcopy(b.router)
+    moe._slice_first_dim(router, b.num_experts, torch.tensor(keep))
+    moe._set_count(router, b.num_experts, len(keep))
+    _, w, idx = router(x)
+    return w, idx
+
+
+@torch.no_grad()
+def greedy_removal(b: moe.MoEBlock, x: torch.Tensor) -> tuple[list[int], list[float]]:
+    """NAEE-style: remove experts one at a time, each time the one whose removal (with re-routing)
+    keeps the block output on ``x`` [T, H] closest to the full block's. Returns (order, errors)."""
+    E, k = b.num_experts, b.top_k
+    outs = torch.stack([nn.functional.linear(b.act(x, e), b.weights(e)[2]) for e in range(E)])  # (E, T, H)
+    tok = torch.arange(x.shape[0], device=x.device)
+
+    def block_out(keep):
+        w, idx = _route_subset(b, x, keep)
+        sub = outs[keep]
+        return sum(w[:, j, None].to(sub.dtype) * sub[idx[:, j], tok] for j in range(idx.shape[1]))
+
+    full = block_out(list(range(E)))
+    norm = float(full.pow(2).sum().clamp(min=1e-30))
+    removed, errors = [], []
+    while E - len(removed) > k:
+        best, best_err = None, None
+        for c in range(E):
+            if c in removed:
+                continue
+            err = float((block_out([e for e in range(E) if e not in removed and e != c]) - full).pow(2).sum())
+            if best_err is None or err < best_err:
+                best, best_err = c, err
+        removed.append(best)
+        errors.append(best_err / norm)
+    return removed + [e for e in range(E) if e not in removed], errors
+
+
+class _BlockObserver:
+    """Forward hook on one MoE block: accumulates its BlockStats over every calibration batch."""
+
+    def __init__(self, b: moe.MoEBlock, sample_per_batch: int):
+        E = b.num_experts
+        self.b, self.sample_per_batch = b, sample_per_batch
+        self.stats = BlockStats(b.path, b.layer, E, b.top_k, counts=torch.zeros(E, dtype=torch.long),
+                                reap_sum=torch.zeros(E, dtype=torch.float64), max_out=torch.zeros(E),
+                                gram=[torch.zeros(s, s, dtype=torch.float64) for s in b.sizes])
+        self.sample: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def __call__(self, module, inputs, output):
+        b, st = self.b, self.stats
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        st.tokens += x.shape[0]
+        step = max(1, x.shape[0] // self.sample_per_batch)
+        self.sample.append(x[::step][: self.sample_per_batch])
+        w, idx = b.route(x)
+        for e in idx.unique().tolist():
+            token, pos = torch.where(idx == e)
+            h = b.act(x[token], e)  # (n, I)
+            gate_w = w[token, pos].to(h.dtype)
+            out = nn.functional.linear(h, b.weights(e)[2])  # (n, H)
+            st.counts[e] += token.numel()
+            st.reap_sum[e] += float((gate_w * out.float().norm(dim=-1)).sum())
+            st.max_out[e] = max(float(st.max_out[e]), float(out.abs().max()))
+            c = (h * gate_w[:, None]).double().cpu()
+            st.gram[e].addmm_(c.T, c)
+
+    def finish(self) -> BlockStats:
+        x = torch.cat(self.sample)
+        self.stats.recon_order, self.stats.recon_error = greedy_removal(self.b, x)
+        self.sample.clear()
+        return self.stats
+
+
+def collect_stats(model: nn.Module, calib_ids: torch.Tensor, cfg: ExpertPruneConfig, device=None,
+                  progress: Progress = NULL) -> dict[str, BlockStats]:
+    """One calibration pass over ``model`` (unchanged): ``{block path: BlockStats}``."""
+    blocks = {b.path: b for b in moe.require_moe(model)}
+    found: dict[str, BlockStats] = {}
+
+    def handler(path, layer, runner):
+        mine = [b for p, b in blocks.items() if p.startswith(path + ".")]
+        if not mine:
+            return
+        per_batch = max(1, -(-cfg.recon_tokens // max(1, len(runner.inputs))))
+        observers = {b.block: _BlockObserver(b, per_batch) for b in mine}
+        runner.run(observers)
+        for obs in observers.values():
+            found[obs.b.path] = obs.finish()
+
+    calibrate_layerwise(model, calib_ids, handler, device=device, progress=progress)
+    return found
+
+
+def super_experts(stats: dict[str, BlockStats], quantile: float = 0.995, fraction: float = 0.1
+                  ) -> dict[str, list[int]]:
+    """Experts whose largest down_proj output is extreme model-wide (Super Experts criterion)."""
+    every = torch.cat([s.max_out for s in stats.values()])
+    if every.numel() == 0:
+        return {}
+    threshold = max(float(torch.quantile(every.double(), quantile)), fraction * float(every.max()))
+    return {p: [e for e in range(s.num_experts) if float(s.max_out[e]) > threshold] for p, s in stats.items()
+            if any(float(v) > threshold for v in s.max_out)}
+
+
+# ---- from scores to a plan ------------------------------------------------------------------------------
+
+def removal_order(method: str, st: BlockStats, seed: int) -> list[int]:
+    """Experts of one block, least important first."""
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed * 100003 + st.layer)
+        return torch.randperm(st.num_experts, generator=gen).tolist()
+    if method == "frequency":
+        return torch.argsort(st.counts.double() + 1e-9 * st.reap(), stable=True).tolist()
+    if method == "reap":
+        return torch.argsort(st.reap(), stable=True).tolist()
+    if method == "reconstruct":
+        return list(st.recon_order)
+    raise ValueError(method)
+
+
+def _count(ratio: float, n: int) -> int:
+    return int(ratio * n + 0.5)
+
+
+def plan_experts(stats: dict[str, BlockStats], cfg: ExpertPruneConfig, protected: dict[str, list[int]]
+                 ) -> dict[str, dict]:
+    """``{path: {"keep": [...], "removed": [...], "skipped_protected": [...]}}`` for expert-level methods."""
+    plan = {}
+    for path, st in stats.items():
+        E = st.num_experts
+        n = _count(cfg.ratio_for(st.layer), E)
+        if n == 0:
+            raise UserError(f"Ratio {cfg.ratio_for(st.layer):g} removes no expert of the {E} in {path}; raise it.")
+        if E - n < st.top_k:
+            raise UserError(f"Ratio {cfg.ratio_for(st.layer):g} removes {n} of the {E} experts in {path}, "
+                            f"leaving fewer than top_k = {st.top_k}; lower the ratio.")
+        guard = set(protected.get(path, []))
+        order = removal_order(cfg.method, st, cfg.seed)
+        removed = [e for e in order if e not in guard][:n]
+        plan[path] = {"keep": sorted(set(range(E)) - set(removed)), "removed": sorted(removed),
+                      "skipped_protected": sorted(e for e in order[: order.index(removed[-1]) + 1] if e in guard)
+                      if removed else []}
+    return plan
+
+
+def output_hessian(st: BlockStats, b: moe.MoEBlock, e: int) -> torch.Tensor:
+    """G = (CᵀC) ⊙ (DᵀD) for expert ``e``: the Hessian (÷2) of Σ_t ‖Δ block output‖² w.r.t. the
+    output scales of its atomic experts (mean over all calibration tokens of the block)."""
+    D = b.weights(e)[2].detach().double().cpu()
+    return st.gram[e] * (D.T @ D) / max(st.tokens, 1)
+
+
+def plan_atomic(stats: dict[str, BlockStats], blocks: dict[str, moe.MoEBlock], cfg: ExpertPruneConfig,
+                protected: dict[str, list[int]]) -> dict[str, dict]:
+    """HEAPr: per layer remove ``ratio`` of all atomic experts, cheapest first, by OBS in output space.
+
+    ``{path: {"keep": [neuron indices per expert], "scales": [...], "removed_per_expert": [...],
+    "error": relative block-output error estimate}}``."""
+    plan = {}
+    for path, st in stats.items():
+        b, guard = blocks[path], set(protected.get(path, []))
+        sizes = b.sizes
+        n = _count(cfg.ratio_for(st.layer), sum(sizes))
+        if n == 0:
+            raise UserError(f"Ratio {cfg.ratio_for(st.layer):g} removes no neuron of the {sum(sizes)} in {path}; raise it.")
+        G = [output_hessian(st, b, e) for e in range(len(sizes))]
+        Hinv = [torch.cholesky_inverse(torch.linalg.cholesky(dampen(g, cfg.damp).H.double())) if g.numel() else g
+                for g in G]
+        scale = [torch.ones(s, dtype=torch.float64) for s in sizes]
+        alive = [torch.ones(s, dtype=torch.bool) for s in sizes]
+        inf = torch.tensor(float("inf"), dtype=torch.float64)
+
+        def costs(e):
+            if e in guard or not alive[e].any():
+                return torch.full((sizes[e],), float("inf"), dtype=torch.float64)
+            if cfg.compensate:
+                c = scale[e] ** 2 / Hinv[e].diagonal().clamp(min=1e-300)
+            else:
+                c = G[e].diagonal().clone()
+            return torch.where(alive[e], c, inf)
+
+        cost = [costs(e) for e in range(len(sizes))]
+        budget = sum(int(alive[e].sum()) for e in range(len(sizes)) if e not in guard)
+        if n > budget:
+            raise UserError(f"{path}: ratio {cfg.ratio_for(st.layer):g} asks for {n} neurons but only {budget} "
+                            "are not in protected super experts.")
+        total = 0.0
+        for _ in range(n):
+            best = min(range(len(sizes)), key=lambda e: float(cost[e].min()) if cost[e].numel() else float("inf"))
+            i = int(cost[best].argmin())
+            total += float(cost[best][i])
+            if cfg.compensate:
+                Hi = Hinv[best]
+                col = Hi[:, i].clone()
+                scale[best] -= scale[best][i] / col[i] * col
+                Hinv[best] = Hi - torch.outer(col, Hi[i]) / col[i]
+            alive[best][i] = False
+            scale[best][i] = 0.0
+            cost[best] = costs(best)
+        signal = sum(float(G[e].sum()) for e in range(len(sizes)))
+        plan[path] = {"keep": [torch.nonzero(a).flatten() for a in alive],
+                      "scales": [scale[e][alive[e]].float() for e in range(len(sizes))] if cfg.compensate else None,
+                      "removed_per_expert": [int((~a).sum()) for a in alive],
+                      "error": total / signal if signal > 0 else 0.0}
+    return plan
+
+
+def prune(model: nn.Module, stats: dict[str, BlockStats], cfg: ExpertPruneConfig) -> dict:
+    """Apply ``cfg`` to ``model`` in place using ``stats`` from ``collect_stats``; returns the report."""
+    blocks = {b.path: b for b in moe.require_moe(model)}
+    before = expert_params(model)
+    found = super_experts(stats, cfg.se_quantile, cfg.se_fraction)
+    protected = found if cfg.protect_super_experts else {}
+    report: dict = {"super_experts": found, "protected": bool(cfg.protect_super_experts), "layers": {}}
+    if cfg.method == "heapr":
+        plan = plan_atomic(stats, blocks, cfg, protected)
+        for path, p in plan.items():
+            moe.keep_neurons(blocks[path], p["keep"], p["scales"])
+            report["layers"][path] = {"removed_per_expert": p["removed_per_expert"], "est_error": round(p["error"], 6)}
+    else:
+        plan = plan_experts(stats, cfg, protected)
+        for path, p in plan.items():
+            moe.keep_experts(blocks[path], p["keep"])
+            st = stats[path]
+            report["layers"][path] = {"removed": p["removed"], "skipped_protected": p["skipped_protected"],
+                                      "frequency": st.counts.tolist(),
+                                      "reap": [round(float(v), 5) for v in st.reap()]}
+    report["stock_loadable"] = moe.sync_config(model)
+    after = expert_params(model)
+    report["expert_params"] = {"before": before, "after": after, "removed_fraction": round(1 - after / before, 5)}
+    return report
+
+
+def expert_params(model: nn.Module) -> int:
+    """Parameters in the routers and routed experts of every MoE block."""
+    total = 0
+    for b in moe.find_moe_blocks(model):
+        total += sum(p.numel() for p in b.router.parameters()) + sum(p.numel() for p in b.experts.parameters())
+    return total

@@ -1,0 +1,290 @@
+"""MoE blocks in transformers 5 models: find them, and remove routed experts or their neurons.
+
+transformers 5 keeps a block's routed experts fused (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4-MoE ...)::
+
+    block.gate                 router: weight [E, H] (+ e_score_correction_bias [E] in sigmoid routers)
+    block.experts.gate_up_proj [E, 2I, H]   gate rows 0..I-1, then up rows
+    block.experts.down_proj    [E, H, I]
+
+Removing experts slices every tensor of the router and the experts whose first dimension is E, and
+patches ``num_experts`` on the modules. When every block keeps the same count (and the same
+intermediate size) the config's counts change with them, so stock ``from_pretrained`` loads the
+result. Otherwise the shapes are recorded in the manifest stage (kind ``moe``) and the stage hook
+resizes llmcomp.load's meta skeleton before tensors arrive. Removing neurons (atomic experts) leaves
+experts of different widths: they are stored ragged in ``RaggedExperts`` (same routing, same math).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcomp.core.model import decoder_layers
+from llmcomp.errors import UserError
+
+COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config / module names of E
+KIND = "moe"
+
+
+class RaggedExperts(nn.Module):
+    """Routed experts of different widths: expert ``e`` owns neurons ``offsets[e]:offsets[e+1]``.
+
+    ``gate_proj``/``up_proj`` [N, H], ``down_proj`` [H, N] with N = Σ sizes. Forward matches the
+    fused experts' eager forward (act(gate)·up, down, times the routing weight, summed per token)."""
+
+    def __init__(self, sizes, hidden: int, act_fn, dtype=None, device=None):
+        super().__init__()
+        self.sizes = [int(s) for s in sizes]
+        self.num_experts = len(self.sizes)
+        self.hidden_dim = hidden
+        self.act_fn = act_fn
+        n = sum(self.sizes)
+        self.gate_proj = nn.Parameter(torch.empty(n, hidden, dtype=dtype, device=device))
+        self.up_proj = nn.Parameter(torch.empty(n, hidden, dtype=dtype, device=device))
+        self.down_proj = nn.Parameter(torch.empty(hidden, n, dtype=dtype, device=device))
+
+    def span(self, e: int) -> slice:
+        start = sum(self.sizes[:e])
+        return slice(start, start + self.sizes[e])
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if self.sizes[e] == 0:
+                continue
+            token, pos = torch.where(top_k_index == e)
+            x, s = hidden_states[token], self.span(e)
+            h = self.act_fn(F.linear(x, self.gate_proj[s])) * F.linear(x, self.up_proj[s])
+            y = F.linear(h, self.down_proj[:, s]) * top_k_weights[token, pos, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, hidden={self.hidden_dim}"
+
+
+@dataclass
+class MoEBlock:
+    """One sparse MoE block: ``path`` (e.g. ``model.layers.3.mlp``) and its router and experts."""
+
+    path: str
+    layer: int
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(getattr(self.router, "top_k", None) or getattr(self.block, "top_k"))
+
+    @property
+    def sizes(self) -> list[int]:
+        """Neurons per expert."""
+        if isinstance(self.experts, RaggedExperts):
+            return list(self.experts.sizes)
+        return [int(self.experts.down_proj.shape[-1])] * self.num_experts
+
+    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert ``e`` as (gate [I, H], up [I, H], down [H, I])."""
+        ex = self.experts
+        if isinstance(ex, RaggedExperts):
+            s = ex.span(e)
+            return ex.gate_proj[s], ex.up_proj[s], ex.down_proj[:, s]
+        gate, up = ex.gate_up_proj[e].chunk(2, dim=0)
+        return gate, up, ex.down_proj[e]
+
+    def act(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Neuron activations act(gate·x)·(up·x) of expert ``e``: x [T, H] → [T, I]."""
+        gate, up, _ = self.weights(e)
+        return self.experts.act_fn(F.linear(x, gate)) * F.linear(x, up)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's own (weights [T, k], index [T, k]) for x [T, H]."""
+        _, weights, index = self.router(x)
+        return weights, index
+
+
+def _supported_experts(path: str, experts: nn.Module) -> None:
+    if isinstance(experts, RaggedExperts):
+        return
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gu, torch.Tensor) or not isinstance(down, torch.Tensor) or gu.dim() != 3 or down.dim() != 3:
+        raise UserError(f"MoE block {path}: experts without fused 3-D gate_up_proj/down_proj tensors are not supported.")
+    if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False) or not getattr(experts, "is_concatenated", True):
+        raise UserError(f"MoE block {path}: transposed, biased or interleaved expert tensors are not supported.")
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """Every sparse MoE block under the model's decoder layers (dense layers are skipped)."""
+    prefix, layers = decoder_layers(model)
+    out = []
+    for i, layer in enumerate(layers):
+        for name, mod in layer.named_children():
+            router, experts = getattr(mod, "gate", None), getattr(mod, "experts", None)
+            if router is None or experts is None or not isinstance(getattr(router, "weight", None), torch.Tensor):
+                continue
+            path = f"{prefix}.{i}.{name}"
+            _supported_experts(path, experts)
+            groups = getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1
+            if groups > 1:
+                raise UserError(f"MoE block {path} routes by expert groups ({groups}); group-limited routing is not supported.")
+            out.append(MoEBlock(path, i, mod, router, experts))
+    return out
+
+
+def require_moe(model: nn.Module, name: str = "The model") -> list[MoEBlock]:
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise UserError(f"{name} ({type(model).__name__}) has no MoE blocks; expert pruning needs a mixture-of-experts model.")
+    return blocks
+
+
+def _slice_first_dim(module: nn.Module, old: int, index: torch.Tensor) -> None:
+    """Slice every direct parameter and buffer of ``module`` whose first dimension is ``old``."""
+    for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if t.dim() >= 1 and t.shape[0] == old:
+            new = t.data[index.to(t.device)].clone()
+            if isinstance(t, nn.Parameter):
+                setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad))
+            else:
+                module._buffers[name] = new
+
+
+def _set_count(module: nn.Module, old: int, new: int) -> None:
+    for key in COUNT_KEYS:
+        if getattr(module, key, None) == old and isinstance(getattr(module, key), int):
+            setattr(module, key, new)
+
+
+def keep_experts(b: MoEBlock, keep) -> None:
+    """Keep only routed experts ``keep`` (router rows, correction bias, fused or ragged tensors)."""
+    old = b.num_experts
+    keep = sorted(int(k) for k in keep)
+    if len(keep) < b.top_k:
+        raise UserError(f"{b.path}: keeping {len(keep)} experts leaves fewer than top_k = {b.top_k} to route to.")
+    index = torch.tensor(keep, dtype=torch.long)
+    _slice_first_dim(b.router, old, index)
+    if isinstance(b.experts, RaggedExperts):
+        neurons = [torch.arange(b.experts.span(e).start, b.experts.span(e).stop) for e in keep]
+        _set_ragged(b, [b.experts.sizes[e] for e in keep], torch.cat(neurons) if neurons else torch.zeros(0, dtype=torch.long))
+    else:
+        _slice_first_dim(b.experts, old, index)
+    for m in (b.block, b.router, b.experts):
+        _set_count(m, old, len(keep))
+
+
+def _set_ragged(b: MoEBlock, sizes: list[int], rows: torch.Tensor) -> None:
+    """Replace ``b.experts`` by RaggedExperts holding the given neuron rows of the current experts."""
+    ex = b.experts
+    if isinstance(ex, RaggedExperts):
+        gate, up, down = ex.gate_proj.data, ex.up_proj.data, ex.down_proj.data
+    else:
+        I = ex.down_proj.shape[-1]
+        gate = ex.gate_up_proj.data[:, :I].reshape(-1, ex.gate_up_proj.shape[-1])
+        up = ex.gate_up_proj.data[:, I:].reshape(-1, ex.gate_up_proj.shape[-1])
+        down = ex.down_proj.data.permute(1, 0, 2).reshape(ex.down_proj.shape[1], -1)
+    new = RaggedExperts(sizes, gate.shape[1], ex.act_fn, dtype=gate.dtype, device=gate.device)
+    new.gate_proj.data = gate[rows].clone()
+    new.up_proj.data = up[rows].clone()
+    new.down_proj.data = down[:, rows].clone()
+    b.block.experts = new
+    b.experts = new
+
+
+def keep_neurons(b: MoEBlock, keep: list[torch.Tensor], scales: list[torch.Tensor] | None = None) -> None:
+    """Keep neurons ``keep[e]`` (indices into expert e) of every expert; ``scales[e]`` multiplies the kept
+    neurons' down_proj columns (output-space compensation). Equal widths stay fused, others go ragged."""
+    sizes = b.sizes
+    keep = [torch.as_tensor(k, dtype=torch.long) for k in keep]
+    if scales is not None:  # scales follow their neurons into sorted order
+        scales = [s[k.argsort()] for s, k in zip(scales, keep)]
+    keep = [k.sort().values for k in keep]
+    widths = [len(k) for k in keep]
+    ex = b.experts
+    if len(set(widths)) == 1 and not isinstance(ex, RaggedExperts):
+        I, idx = sizes[0], torch.stack(keep) if widths[0] else torch.zeros(len(keep), 0, dtype=torch.long)
+        gu = ex.gate_up_proj.data
+        rows = torch.cat([idx, idx + I], dim=1).to(gu.device)  # [E, 2I']
+        new_gu = torch.gather(gu, 1, rows[..., None].expand(-1, -1, gu.shape[-1]))
+        down = ex.down_proj.data
+        new_down = torch.gather(down, 2, idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1))
+        if scales is not None:
+            new_down = new_down * torch.stack(scales).to(new_down)[:, None, :]
+        ex.gate_up_proj = nn.Parameter(new_gu.contiguous(), requires_grad=False)
+        ex.down_proj = nn.Parameter(new_down.contiguous(), requires_grad=False)
+        if hasattr(ex, "intermediate_dim"):
+            ex.intermediate_dim = widths[0]
+        return
+    offsets = [sum(sizes[:e]) for e in range(len(sizes))]
+    rows = torch.cat([k + offsets[e] for e, k in enumerate(keep)]) if keep else torch.zeros(0, dtype=torch.long)
+    _set_ragged(b, widths, rows)
+    if scales is not None:
+        b.experts.down_proj.data *= torch.cat(scales).to(b.experts.down_proj)[None, :]
+
+
+# ---- shapes: config patching, manifest record, skeleton resizing ---------------------------------------
+
+def shapes(model: nn.Module) -> dict[str, dict]:
+    """``{block path: {"experts": E, "sizes": [neurons per expert]}}`` for every MoE block."""
+    return {b.path: {"experts": b.num_experts, "sizes": b.sizes} for b in find_moe_blocks(model)}
+
+
+def _intermediate_key(config) -> str:
+    keys = config.to_dict()
+    return "moe_intermediate_size" if "moe_intermediate_size" in keys else "intermediate_size"
+
+
+def sync_config(model: nn.Module) -> bool:
+    """Patch the config's expert count and width when every block agrees (stock loading works);
+    returns whether it did. Non-uniform models keep the config and rely on the manifest shapes."""
+    blocks = find_moe_blocks(model)
+    counts = {b.num_experts for b in blocks}
+    widths = {w for b in blocks for w in b.sizes}
+    if len(counts) != 1 or len(widths) != 1 or any(isinstance(b.experts, RaggedExperts) for b in blocks):
+        return False
+    cfg, keys = model.config, model.config.to_dict()
+    for key in COUNT_KEYS:
+        if key in keys:
+            setattr(cfg, key, next(iter(counts)))
+    setattr(cfg, _intermediate_key(cfg), next(iter(widths)))
+    return True
+
+
+def resize_skeleton(model: nn.Module, recorded: dict[str, dict]) -> None:
+    """Give a (meta) skeleton's MoE blocks the recorded shapes, so the artifact's tensors fit."""
+    blocks = {b.path: b for b in find_moe_blocks(model)}
+    for path, want in recorded.items():
+        b = blocks.get(path)
+        if b is None:
+            raise UserError(f"Artifact records MoE block {path}, which the model config does not have.")
+        if b.num_experts != want["experts"]:
+            keep_experts(b, range(want["experts"]))
+        sizes = [int(s) for s in want["sizes"]]
+        if b.sizes != sizes:
+            keep_neurons(b, [torch.arange(s) for s in sizes])
+
+
+class _MoEStageHook:
+    """Manifest stages of kind ``moe`` carry ``shapes``; the last one describes the artifact."""
+
+    def skeleton(self, model, stage: dict) -> None:
+        resize_skeleton(model, stage["shapes"])
+
+    def ready(self, model, stage: dict) -> None:
+        pass
+
+
+def register_hook() -> None:
+    from llmcomp.core.artifact import STAGE_HOOKS, register_stage_hook
+
+    if KIND not in STAGE_HOOKS:
+        register_stage_hook(KIND, _MoEStageHook())
+
+
+register_hook()

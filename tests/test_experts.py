@@ -1,0 +1,287 @@
+"""MoE expert pruning: surgery == masked routing, artifact round trips, super-expert guard, bad input."""
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmcomp import api
+from llmcomp.cli.app import app
+from llmcomp.core.artifact import load_artifact, write_artifact
+from llmcomp.core.config import to_dict
+from llmcomp.errors import UserError
+from llmcomp.prune import experts, moe
+from llmcomp.prune.experts import ExpertPruneConfig
+
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+              max_position_embeddings=128, num_experts_per_tok=2, eos_token_id=1, bos_token_id=0, pad_token_id=1)
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def tiny_moe(family: str, seed: int = 0):
+    """A tiny random MoE causal LM: 2 layers, 8 experts of 16 neurons, top-2."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=8)
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16,
+                                shared_expert_intermediate_size=24, num_experts=8)
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                                norm_topk_prob=True)
+    else:
+        cfg = tf.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=8)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    for b in moe.find_moe_blocks(model):  # random init leaves routers at zero in some families
+        torch.nn.init.normal_(b.router.weight, std=0.5)
+    return model
+
+
+def ids(n=4, t=24, seed=1):
+    return torch.randint(0, 300, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def masked_routers(model, removed: dict[str, list[int]]):
+    """Force the router logits of ``removed`` experts to −inf (the reference for surgery)."""
+    linear = torch.nn.functional.linear
+    rows = {id(b.router.weight): removed[b.path] for b in moe.find_moe_blocks(model) if b.path in removed}
+
+    def patched(x, w, bias=None):
+        out = linear(x, w, bias)
+        if id(w) in rows:
+            out = out.clone()
+            out[..., rows[id(w)]] = float("-inf")
+        return out
+
+    with mock.patch("torch.nn.functional.linear", patched):
+        yield
+
+
+def routing(model, x):
+    """Every block's chosen experts, as original expert ids (so a sliced model can be compared)."""
+    seen = {}
+    hooks = [b.router.register_forward_hook(lambda m, i, o, p=b.path: seen.__setitem__(p, o[2]))
+             for b in moe.find_moe_blocks(model)]
+    with torch.no_grad():
+        logits = model(x).logits
+    for h in hooks:
+        h.remove()
+    return logits, seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removing_experts_equals_masking_their_router_logits(family):
+    model = tiny_moe(family)
+    removed = {"model.layers.0.mlp": [1, 5], "model.layers.1.mlp": [0, 6, 7]}  # per-layer counts differ
+    x = ids()
+    with masked_routers(model, removed):
+        ref, ref_routes = routing(model, x)
+    for b in moe.find_moe_blocks(model):
+        moe.keep_experts(b, [e for e in range(8) if e not in removed[b.path]])
+    got, routes = routing(model, x)
+    for path, chosen in routes.items():
+        kept = torch.tensor([e for e in range(8) if e not in removed[path]])
+        assert torch.equal(kept[chosen], ref_routes[path])  # the same experts, exactly
+    # Softmax denominators sum 8 terms (two of them 0) vs 6: float32 rounding only.
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert [b.num_experts for b in moe.find_moe_blocks(model)] == [6, 5]
+
+
+def _pruned(family, cfg, seed=0):
+    model = tiny_moe(family, seed)
+    stats = experts.collect_stats(model, ids(8, 32), cfg, device="cpu")
+    report = experts.prune(model, stats, cfg)
+    return model, report
+
+
+def _save(model, report, cfg, path):
+    stage = {"method": f"experts-{cfg.method}", "kind": moe.KIND, "config": to_dict(cfg), "shapes": moe.shapes(model),
+             "metrics": report}
+    return write_artifact(path, model, None, base_model={"name": "tiny"}, stages=[stage])
+
+
+@pytest.mark.parametrize("family,method", [("mixtral", "reap"), ("qwen2_moe", "reconstruct"),
+                                           ("olmoe", "frequency"), ("qwen3_moe", "random")])
+def test_uniform_pruning_round_trips_and_loads_with_stock_transformers(family, method, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = ExpertPruneConfig(method=method, ratio=0.25, protect_super_experts=False)
+    model, report = _pruned(family, cfg)
+    assert report["stock_loadable"] and all(len(r["removed"]) == 2 for r in report["layers"].values())
+    path = _save(model, report, cfg, tmp_path / "a")
+    with torch.no_grad():
+        ref = model(ids()).logits
+        assert torch.equal(load_artifact(path)[0](ids()).logits, ref)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(path).eval()(ids()).logits, ref)
+
+
+def test_per_layer_counts_are_honoured_and_reloaded(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = ExpertPruneConfig(method="reap", ratio=0.25, layer_ratios={"1": 0.5}, protect_super_experts=False)
+    model, report = _pruned("mixtral", cfg)
+    assert [b.num_experts for b in moe.find_moe_blocks(model)] == [6, 4] and not report["stock_loadable"]
+    path = _save(model, report, cfg, tmp_path / "a")
+    loaded = api.load(str(path))
+    assert [b.num_experts for b in moe.find_moe_blocks(loaded)] == [6, 4]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, model(ids()).logits)
+    with pytest.raises(Exception):  # the config still says 8 experts: stock loading must not pretend
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_heapr_shrinks_experts_ragged_and_round_trips(compensate, tmp_path):
+    cfg = ExpertPruneConfig(method="heapr", ratio=0.25, protect_super_experts=False, compensate=compensate)
+    model, report = _pruned("qwen2_moe", cfg)
+    for b in moe.find_moe_blocks(model):
+        assert sum(b.sizes) == 128 - 32 and isinstance(b.experts, moe.RaggedExperts)
+    assert report["expert_params"]["removed_fraction"] == pytest.approx(0.25 * 128 * 3 * 32 / (8 * 32 + 128 * 3 * 32), abs=1e-5)
+    path = _save(model, report, cfg, tmp_path / "h")
+    with torch.no_grad():
+        assert torch.equal(api.load(str(path))(ids()).logits, model(ids()).logits)
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_heapr_beats_removing_the_same_number_of_neurons_at_random(compensate):
+    """On the calibration activations, HEAPr's choice keeps the block output closer than random ones."""
+    cfg = ExpertPruneConfig(method="heapr", ratio=0.5, protect_super_experts=False, compensate=compensate)
+    model, calib = tiny_moe("mixtral"), ids(8, 32)
+    path = "model.layers.1.mlp"
+    seen = []
+    hook = model.get_submodule(path).register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    with torch.no_grad():
+        model(calib)
+    hook.remove()
+    x, full = seen[0]
+    stats = experts.collect_stats(model, calib, cfg, device="cpu")
+
+    def error(pruned):
+        with torch.no_grad():
+            return float((pruned.get_submodule(path)(x) - full).pow(2).sum())
+
+    experts.prune(model, stats, cfg)
+    sizes = {b.path: b.sizes for b in moe.find_moe_blocks(model)}
+    assert sum(sizes[path]) == 64
+    gen = torch.Generator().manual_seed(0)
+    random_errors = []
+    for _ in range(5):
+        rand = tiny_moe("mixtral")
+        for b in moe.find_moe_blocks(rand):
+            moe.keep_neurons(b, [torch.randperm(16, generator=gen)[:s] for s in sizes[b.path]])
+        random_errors.append(error(rand))
+    assert error(model) < 0.8 * min(random_errors)
+
+
+def _with_super_expert(family="mixtral"):
+    """Expert 3 of layer 0: rarely routed (router row 0) but with a huge down_proj output."""
+    model = tiny_moe(family)
+    b = moe.find_moe_blocks(model)[0]
+    with torch.no_grad():
+        b.router.weight[3] = 0
+        b.experts.down_proj[3] *= 1000
+    return model
+
+
+@pytest.mark.parametrize("method", ["frequency", "reap", "random", "reconstruct", "heapr"])
+def test_super_experts_are_detected_and_never_removed(method):
+    model = _with_super_expert()
+    cfg = ExpertPruneConfig(method=method, ratio=0.5, protect_super_experts=True, seed=3)
+    stats = experts.collect_stats(model, ids(8, 32), cfg, device="cpu")
+    report = experts.prune(model, stats, cfg)
+    assert report["super_experts"] == {"model.layers.0.mlp": [3]}
+    b = moe.find_moe_blocks(model)[0]
+    if method == "heapr":
+        assert report["layers"][b.path]["removed_per_expert"][3] == 0
+    else:
+        assert 3 not in report["layers"][b.path]["removed"] and b.num_experts == 4
+
+
+def test_without_the_guard_a_rarely_used_super_expert_goes():
+    cfg = ExpertPruneConfig(method="frequency", ratio=0.25, protect_super_experts=False)
+    model = _with_super_expert()
+    report = experts.prune(model, experts.collect_stats(model, ids(8, 32), cfg, device="cpu"), cfg)
+    assert 3 in report["layers"]["model.layers.0.mlp"]["removed"]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_ratio_outside_open_unit_interval(ratio):
+    with pytest.raises(UserError, match="strictly between 0 and 1"):
+        ExpertPruneConfig(ratio=ratio)
+
+
+def test_ratio_that_leaves_fewer_than_top_k():
+    cfg = ExpertPruneConfig(method="frequency", ratio=0.9, protect_super_experts=False)
+    model = tiny_moe("olmoe")
+    with pytest.raises(UserError, match="fewer than top_k = 2"):
+        experts.prune(model, experts.collect_stats(model, ids(2, 16), cfg, device="cpu"), cfg)
+    with pytest.raises(UserError, match="fewer than top_k"):
+        moe.keep_experts(moe.find_moe_blocks(model)[0], [0])
+
+
+def test_dense_model_has_no_moe_blocks(tiny_model):
+    with pytest.raises(UserError, match="has no MoE blocks"):
+        moe.require_moe(tiny_model)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+
+def _save_with_tokenizer(model, path):
+    """A model directory with a small byte-level BPE tokenizer (vocab < 300), as the CLI needs one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox"], trainers.BpeTrainer(
+        vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<s>", "</s>"]))
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return " ".join(result.output.split())
+
+
+def test_cli_prune_then_quantize_and_eval(tmp_path):
+    src = _save_with_tokenizer(tiny_moe("qwen3_moe"), tmp_path / "moe")
+    runner = CliRunner()
+    out = tmp_path / "pruned"
+    r = runner.invoke(app, ["prune", "experts", str(src), "--method", "frequency", "--ratio", "0.25", "-o", str(out),
+                            "--calib-samples", "2", "--seq-len", "32", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "25.0 % of expert parameters removed" in " ".join(r.output.split())
+    stage = api.inspect(out)["stages"][-1]
+    assert stage["kind"] == "moe" and stage["shapes"]["model.layers.0.mlp"]["experts"] == 6
+    r = runner.invoke(app, ["quantize", str(out), "-o", str(tmp_path / "q"), "--bits", "8", "--group-size", "0"])
+    assert r.exit_code == 0, r.output
+    model = api.load(str(tmp_path / "q"))
+    assert [b.num_experts for b in moe.find_moe_blocks(model)] == [6, 6]
+    r = runner.invoke(app, ["eval", str(tmp_path / "q"), "--windows", "1", "--seq-len", "16", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+
+
+def test_cli_bad_input(tmp_path, tiny_model_dir):
+    src = _save_with_tokenizer(tiny_moe("mixtral"), tmp_path / "moe")
+    runner = CliRunner()
+
+    def prune(*args):
+        return runner.invoke(app, ["prune", "experts", *map(str, args), "-o", str(tmp_path / "out"),
+                                   "--calib-samples", "2", "--seq-len", "16", "--device", "cpu"])
+
+    assert "has no MoE blocks" in one_error_line(prune(tiny_model_dir))
+    assert "strictly between 0 and 1" in one_error_line(prune(src, "--ratio", "1"))
+    assert "fewer than top_k = 2" in one_error_line(prune(src, "--ratio", "0.9"))
+    assert "Unknown expert pruning method" in one_error_line(prune(src, "--method", "magic"))
+    assert "LAYER=RATIO" in one_error_line(prune(src, "--layer-ratio", "x"))
+    assert not (tmp_path / "out").exists()
