@@ -55,34 +55,42 @@ def n_limbs(bits: int) -> int:
     return (bits + LIMB_BITS - 1) // LIMB_BITS
 
 
-def pack_wide(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int64 codes [..., n] (bits ≤ 62) or limbs [..., n, L] → uint8 [..., packed_len(n, bits)]."""
+def tight_len(n: int, bits: int) -> int:
+    """Bytes of ``n`` codes of ``bits`` padded to a whole byte only (``pack_wide(..., tight=True)``)."""
+    return (n * bits + 7) // 8
+
+
+def pack_wide(codes: torch.Tensor, bits: int, tight: bool = False) -> torch.Tensor:
+    """int64 codes [..., n] (bits ≤ 62) or limbs [..., n, L] → uint8 [..., packed_len(n, bits)].
+
+    ``tight``: pad the stream to a whole byte instead of to 8 codes → [..., tight_len(n, bits)] (the
+    same bytes minus the trailing padding; for short rows of wide codes, e.g. 9 PVQ indices of 123 bits,
+    the canonical padding would nearly double the row)."""
     if bits < 1:
         raise ValueError(f"bits must be ≥ 1, got {bits}")
     limbs = codes.to(torch.int64)
     if bits <= LIMB_BITS:
         limbs = limbs.unsqueeze(-1)
     *lead, n, L = limbs.shape
+    if L * LIMB_BITS < bits:
+        raise ValueError(f"{L} limbs hold fewer than {bits} bits")
     shifts = torch.arange(LIMB_BITS, device=limbs.device, dtype=torch.int64)
     planes = ((limbs.unsqueeze(-1) >> shifts) & 1).reshape(*lead, n, L * LIMB_BITS)[..., :bits]
-    if planes.shape[-1] < bits:
-        raise ValueError(f"{L} limbs hold fewer than {bits} bits")
-    pad = (-n) % 8
-    if pad:
-        planes = torch.nn.functional.pad(planes, (0, 0, 0, pad))
-    stream = planes.reshape(*lead, -1, 8)  # (..., n'·bits/8, 8): bit b of byte B is stream bit 8B + b
-    weights = torch.arange(8, device=limbs.device, dtype=torch.int64)
+    nbytes = tight_len(n, bits) if tight else packed_len(n, bits)
+    stream = planes.reshape(*lead, n * bits)
+    stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits)).reshape(*lead, nbytes, 8)
+    weights = torch.arange(8, device=limbs.device, dtype=torch.int64)  # bit b of byte B = stream bit 8B + b
     return (stream << weights).sum(-1).to(torch.uint8)
 
 
-def unpack_wide(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+def unpack_wide(packed: torch.Tensor, bits: int, n: int, tight: bool = False) -> torch.Tensor:
     """Inverse of ``pack_wide``: int64 [..., n] when bits ≤ 62, else limbs [..., n, n_limbs(bits)]."""
     *lead, m = packed.shape
-    if m != packed_len(n, bits):
+    if m != (tight_len(n, bits) if tight else packed_len(n, bits)):
         raise ValueError(f"packed length {m} does not match n={n}, bits={bits}")
     weights = torch.arange(8, device=packed.device, dtype=torch.int64)
-    stream = (packed.to(torch.int64).unsqueeze(-1) >> weights) & 1  # (..., m, 8)
-    planes = stream.reshape(*lead, -1, bits)[..., :n, :]  # (..., n, bits)
+    stream = ((packed.to(torch.int64).unsqueeze(-1) >> weights) & 1).reshape(*lead, m * 8)
+    planes = stream[..., :n * bits].reshape(*lead, n, bits)
     L = n_limbs(bits)
     planes = torch.nn.functional.pad(planes, (0, L * LIMB_BITS - bits)).reshape(*lead, n, L, LIMB_BITS)
     shifts = torch.arange(LIMB_BITS, device=packed.device, dtype=torch.int64)

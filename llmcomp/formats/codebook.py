@@ -13,11 +13,11 @@ entry from every stage's codebook (residual VQ), times an optional per-output-ch
   their own with ``outlier_bits`` bits. The other columns, in ascending order, form the main vectors.
 
 Tensors (layer ``out × in``; M = in − n_outlier_cols main columns, nv = M / dim):
-- ``index{t}``          uint8 [out, packed_len(nv, bits[t])]   (bitpack.pack_wide bit stream)
+- ``index{t}``          uint8 [out, tight_len(nv, bits[t])]   (bitpack.pack_wide, tight: each row padded to a byte)
 - ``codebook{t}``       float16 [n_groups, 2**bits[t], dim]
 - ``weight_scale``      float16 [out]                                      — with ``scale``
 - ``outlier_cols``      int32 [n_oc]                                       — with ``outliers``
-- ``outlier_index``     uint8 [out, packed_len(n_oc / dim, outlier_bits)]
+- ``outlier_index``     uint8 [out, tight_len(n_oc / dim, outlier_bits)]
 - ``outlier_codebook``  float16 [2**outlier_bits, dim]
 ``bits_per_weight`` is the exact storage: indices plus the codebooks amortized over the layer.
 """
@@ -30,7 +30,7 @@ import torch
 from llmcomp.core.config import register_config
 from llmcomp.errors import UserError
 from llmcomp.formats.base import FORMATS, TensorSpec, WeightFormat
-from llmcomp.formats.bitpack import pack_wide, packed_len, unpack_wide
+from llmcomp.formats.bitpack import pack_wide, tight_len, unpack_wide
 
 CODEBOOK_DTYPE = torch.float16
 MAX_STAGE_BITS = 16
@@ -114,14 +114,14 @@ class Codebook(WeightFormat):
         ng = self.n_groups(in_features)
         specs = {}
         for t, b in enumerate(self.bits):
-            specs[f"index{t}"] = TensorSpec((out_features, packed_len(nv, b)), torch.uint8)
+            specs[f"index{t}"] = TensorSpec((out_features, tight_len(nv, b)), torch.uint8)
             specs[f"codebook{t}"] = TensorSpec((ng, 1 << b, self.dim), CODEBOOK_DTYPE)
         if self.scale:
             specs["weight_scale"] = TensorSpec((out_features,), torch.float16)
         n_oc = self.n_outlier_cols(in_features)
         if n_oc:
             specs["outlier_cols"] = TensorSpec((n_oc,), torch.int32)
-            specs["outlier_index"] = TensorSpec((out_features, packed_len(n_oc // self.dim, self.outlier_bits)),
+            specs["outlier_index"] = TensorSpec((out_features, tight_len(n_oc // self.dim, self.outlier_bits)),
                                                 torch.uint8)
             specs["outlier_codebook"] = TensorSpec((1 << self.outlier_bits, self.dim), CODEBOOK_DTYPE)
         return specs
@@ -136,7 +136,7 @@ class Codebook(WeightFormat):
             idx = fields[f"index{t}"].to(torch.int64)
             if idx.min() < 0 or idx.max() >= 1 << b:
                 raise ValueError(f"stage {t} indices out of range for {b} bits")
-            out[f"index{t}"] = pack_wide(idx, b)
+            out[f"index{t}"] = pack_wide(idx, b, tight=True)
             out[f"codebook{t}"] = fields[f"codebook{t}"].to(CODEBOOK_DTYPE).contiguous()
         if self.scale:
             out["weight_scale"] = fields["scale"].to(torch.float16).contiguous()
@@ -145,7 +145,7 @@ class Codebook(WeightFormat):
             if bool((cols[1:] <= cols[:-1]).any()):
                 raise ValueError("outlier columns must be strictly ascending")
             out["outlier_cols"] = cols.to(torch.int32).contiguous()
-            out["outlier_index"] = pack_wide(fields["outlier_index"].to(torch.int64), self.outlier_bits)
+            out["outlier_index"] = pack_wide(fields["outlier_index"].to(torch.int64), self.outlier_bits, tight=True)
             out["outlier_codebook"] = fields["outlier_codebook"].to(CODEBOOK_DTYPE).contiguous()
         return out
 
@@ -153,14 +153,14 @@ class Codebook(WeightFormat):
         nv = self.n_main(in_features) // self.dim
         fields = {}
         for t, b in enumerate(self.bits):
-            fields[f"index{t}"] = unpack_wide(tensors[f"index{t}"], b, nv)
+            fields[f"index{t}"] = unpack_wide(tensors[f"index{t}"], b, nv, tight=True)
             fields[f"codebook{t}"] = tensors[f"codebook{t}"]
         if self.scale:
             fields["scale"] = tensors["weight_scale"]
         n_oc = self.n_outlier_cols(in_features)
         if n_oc:
             fields["outlier_cols"] = tensors["outlier_cols"]
-            fields["outlier_index"] = unpack_wide(tensors["outlier_index"], self.outlier_bits, n_oc // self.dim)
+            fields["outlier_index"] = unpack_wide(tensors["outlier_index"], self.outlier_bits, n_oc // self.dim, tight=True)
             fields["outlier_codebook"] = tensors["outlier_codebook"]
         return fields
 

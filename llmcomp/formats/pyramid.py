@@ -13,8 +13,8 @@ With ``rotate`` the stored weights are ``W·R`` for a seeded random Hadamard ``R
 dequantize applies ``Rᵀ``; only the seed is stored.
 
 Tensors (layer ``out × in``, G = in / N groups a row):
-- ``weight_index`` uint8 [out, packed_len(G, index_bits)] — bit stream of the indices (bitpack.pack_wide)
-- ``norm_code``    uint8 [out, packed_len(G, norm_bits)]
+- ``weight_index`` uint8 [out, tight_len(G, index_bits)] — indices, bit stream padded to a byte per row (bitpack.pack_wide, tight)
+- ``norm_code``    uint8 [out, tight_len(G, norm_bits)]
 - ``norm_levels``  float16 [2**norm_bits]
 - ``weight_scale`` float16 [out]                         — only with ``scale``
 ``code_bits`` = (index_bits + norm_bits) / N is what ``--bits`` asks for; ``bits_per_weight`` adds the
@@ -30,7 +30,7 @@ from llmcomp.core.config import register_config
 from llmcomp.errors import UserError
 from llmcomp.formats import hadamard, pvq_index
 from llmcomp.formats.base import FORMATS, TensorSpec, WeightFormat
-from llmcomp.formats.bitpack import LIMB_BITS, pack_wide, packed_len, unpack_wide
+from llmcomp.formats.bitpack import LIMB_BITS, pack_wide, tight_len, unpack_wide
 
 MAX_DIM = 256
 
@@ -78,8 +78,8 @@ class Pyramid(WeightFormat):
     def param_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
         G = in_features // self.dim
         specs = {
-            "weight_index": TensorSpec((out_features, packed_len(G, self.index_bits)), torch.uint8),
-            "norm_code": TensorSpec((out_features, packed_len(G, self.norm_bits)), torch.uint8),
+            "weight_index": TensorSpec((out_features, tight_len(G, self.index_bits)), torch.uint8),
+            "norm_code": TensorSpec((out_features, tight_len(G, self.norm_bits)), torch.uint8),
             "norm_levels": TensorSpec((1 << self.norm_bits,), torch.float16),
         }
         if self.scale:
@@ -99,8 +99,8 @@ class Pyramid(WeightFormat):
         if code.min() < 0 or code.max() >= 1 << self.norm_bits:
             raise ValueError(f"norm codes out of range for {self.norm_bits} bits")
         out = {
-            "weight_index": pack_wide(idx if self.index_bits > LIMB_BITS else idx[..., 0], self.index_bits),
-            "norm_code": pack_wide(code, self.norm_bits),
+            "weight_index": pack_wide(idx if self.index_bits > LIMB_BITS else idx[..., 0], self.index_bits, tight=True),
+            "norm_code": pack_wide(code, self.norm_bits, tight=True),
             "norm_levels": fields["norm_levels"].to(torch.float16).contiguous(),
         }
         if self.scale:
@@ -110,10 +110,10 @@ class Pyramid(WeightFormat):
     def unpack(self, tensors: dict[str, torch.Tensor], in_features: int) -> dict[str, torch.Tensor]:
         out_f = tensors["weight_index"].shape[0]
         G = in_features // self.dim
-        idx = unpack_wide(tensors["weight_index"], self.index_bits, G)
+        idx = unpack_wide(tensors["weight_index"], self.index_bits, G, tight=True)
         idx = idx.reshape(out_f * G, -1) if idx.dim() == 3 else idx.reshape(out_f * G, 1)
         y = pvq_index.decode(idx, self.dim, self.pulses).reshape(out_f, in_features)
-        fields = {"pulses": y, "norm_code": unpack_wide(tensors["norm_code"], self.norm_bits, G),
+        fields = {"pulses": y, "norm_code": unpack_wide(tensors["norm_code"], self.norm_bits, G, tight=True),
                   "norm_levels": tensors["norm_levels"]}
         if self.scale:
             fields["scale"] = tensors["weight_scale"]

@@ -1,0 +1,81 @@
+"""Weighted k-means on whatever device the data is on (codebooks of ``vptq``, gain levels of ``pvq``).
+
+Each coordinate of each point has its own weight (VPTQ weights a weight by its input's Hessian
+diagonal, so the codebook spends its entries where the output error is made):
+
+    d(x, c) = Σᵢ hᵢ (xᵢ − cᵢ)² = Σ h x² − 2 (h⊙x)·c + h·c²
+
+so distances to all entries are two matmuls, and the centroid of a cluster is Σ h⊙x / Σ h per
+coordinate (``index_add_``). Initialization is k-means++ (weighted D² sampling) on a seeded sample; the
+only Python loops run over entries (k-means++) and iterations, never over points.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK = 1 << 15  # points per distance block: CHUNK × entries floats at a time
+
+
+def assign(x: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
+    """Nearest entry of ``c`` [E, d] for each point of ``x`` [n, d] under weights ``h`` [n, d]
+    (None: Euclidean). Returns int64 [n]."""
+    # one matmul per block: [h, h⊙x] @ [c²; −2c]ᵀ (Euclidean: [1, x] @ [Σc²; −2c]ᵀ)
+    if h is None:
+        rhs = torch.cat([(c * c).sum(1, keepdim=True).T, -2 * c.T])  # (1 + d, E)
+    else:
+        rhs = torch.cat([(c * c).T, -2 * c.T])  # (2d, E)
+    out = []
+    for s in range(0, x.shape[0], CHUNK):
+        xs = x[s:s + CHUNK]
+        lhs = torch.cat([torch.ones_like(xs[:, :1]), xs], 1) if h is None else torch.cat([h[s:s + CHUNK], h[s:s + CHUNK] * xs], 1)
+        out.append((lhs @ rhs).argmin(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
+
+
+def _plus_plus(x: torch.Tensor, h: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=gen, device=x.device))
+    centers = [x[first]]
+    best = ((x - x[first]) ** 2 * h).sum(1)
+    for _ in range(1, k):
+        total = best.sum()
+        if not bool(total > 0):  # fewer distinct points than entries: repeat points
+            i = int(torch.randint(n, (1,), generator=gen, device=x.device))
+        else:
+            i = int(torch.multinomial(best / total, 1, generator=gen))
+        centers.append(x[i])
+        best = torch.minimum(best, ((x - x[i]) ** 2 * h).sum(1))
+    return torch.stack(centers)
+
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, h: torch.Tensor | None, k: int, iters: int = 15, sample: int = 1 << 16,
+           seed: int = 0) -> torch.Tensor:
+    """``k`` weighted centroids [k, d] of the points ``x`` [n, d] (weights ``h`` [n, d] ≥ 0, None: 1).
+
+    The fit uses at most ``sample`` points (a seeded random subset); assign all points afterwards.
+    """
+    x = x.float()
+    h = torch.ones_like(x) if h is None else h.float().expand_as(x)
+    n = x.shape[0]
+    if k > n:
+        raise ValueError(f"{k} centroids for {n} points")
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    if n > sample:
+        pick = torch.randperm(n, generator=gen, device=x.device)[:sample]
+        x, h = x[pick], h[pick]
+    h = h + 1e-12 * h.mean().clamp(min=1e-30)  # a point never has zero total weight
+    c = _plus_plus(x, h, k, gen)
+    for _ in range(iters):
+        idx = assign(x, h, c)
+        num = torch.zeros_like(c).index_add_(0, idx, h * x)
+        den = torch.zeros_like(c).index_add_(0, idx, h)
+        new = torch.where(den > 0, num / den.clamp(min=1e-30), c)
+        empty = den.sum(1) == 0
+        if bool(empty.any()):  # re-seed empty entries at the worst-served points
+            err = ((x - new[idx]) ** 2 * h).sum(1)
+            new[empty] = x[torch.topk(err, int(empty.sum())).indices]
+        if torch.equal(new, c):
+            break
+        c = new
+    return c

@@ -1,0 +1,176 @@
+"""Pyramid vector quantization for LLMs (van der Ouderaa et al., 2024) into the ``pyramid`` format.
+
+Each group of N weights along the input dimension (rows scaled to unit RMS first) becomes a direction
+on the pyramid P(N, K) — the standard greedy projection (``formats.pyramid.project``) — and a gain:
+
+- the gain is the projection ⟨w, ŷ⟩ (ŷ = y/‖y‖), the least-squares gain for that direction; with the
+  Hessian it is the least-squares gain in the group's metric, ⟨wA, ŷA⟩ / ‖ŷA‖²;
+- gains are coded on a per-layer table of 2**norm_bits levels fitted by 1-D Lloyd (weighted k-means)
+  on the gains of the plain projection: the distribution-optimal amplitude quantizer for this layer;
+- ``hessian`` (default): groups are fixed in activation order with GPTQ error feedback through the
+  inverse Hessian (vecsolve.py, block LDLQ); otherwise every group is projected on its own and no
+  calibration data is needed;
+- the format's ``rotate``: the weights (and the Hessian) are rotated by a seeded random Hadamard
+  matrix along the input dimension first, making groups closer to Gaussian (incoherence), and the
+  format undoes the rotation at dequantize.
+
+``pyramid_for_bits`` picks (N, K, norm bits) for a requested bits per weight: the K whose code bits
+(⌈log₂ V(N, K)⌉ + norm bits) / N are nearest, within ``BITS_TOLERANCE``; otherwise a UserError names
+the nearest reachable values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmcomp.core.config import register_config
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.errors import UserError
+from llmcomp.formats import hadamard
+from llmcomp.formats.pvq_index import index_bits
+from llmcomp.formats.pyramid import Pyramid, project
+from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
+from llmcomp.quant.hessian import HessianAccumulator
+from llmcomp.quant.kmeans import assign, kmeans
+from llmcomp.quant.vecsolve import output_error, solve_groups
+from llmcomp.quant.vptq import row_scale
+
+DEFAULT_DIM = 64
+BITS_TOLERANCE = 0.05
+MAX_PULSES = 1024
+
+
+def default_norm_bits(dim: int) -> int:
+    """Gain bits a group: about a quarter of a bit a weight for small groups, at most 8."""
+    return int(min(8, max(3, dim // 4 + 2)))
+
+
+def reachable_bits(dim: int, norm_bits: int | None = None, max_bits: float = 8.0) -> list[tuple[float, int]]:
+    """(code bits a weight, K) for K = 1, 2, … while the code bits stay ≤ ``max_bits``."""
+    nb = default_norm_bits(dim) if norm_bits is None else norm_bits
+    out = []
+    for k in range(1, MAX_PULSES + 1):
+        b = (index_bits(dim, k) + nb) / dim
+        if b > max_bits:
+            break
+        out.append((b, k))
+    return out
+
+
+def pyramid_for_bits(bits: float, dim: int | None = None, norm_bits: int | None = None, **kw) -> Pyramid:
+    dim = dim or DEFAULT_DIM
+    if not isinstance(dim, int) or not 2 <= dim <= 256:
+        raise UserError(f"--vector-len for PVQ must be an integer from 2 to 256, got {dim}.")
+    nb = default_norm_bits(dim) if norm_bits is None else norm_bits
+    table = reachable_bits(dim, nb)
+    best = min(table, key=lambda bk: (abs(bk[0] - bits), bk[0]))
+    if abs(best[0] - bits) > BITS_TOLERANCE:
+        below = [b for b, _ in table if b < bits]
+        above = [b for b, _ in table if b > bits]
+        near = ", ".join(f"{b:.3f}" for b in ([below[-1]] if below else []) + ([above[0]] if above else []))
+        raise UserError(f"--bits {bits:g} is not reachable by PVQ with vectors of {dim} ({nb}-bit gains); "
+                        f"nearest reachable: {near}.")
+    return Pyramid(dim=dim, pulses=best[1], norm_bits=nb, **kw)
+
+
+@register_config
+@dataclass(frozen=True)
+class PVQConfig(QuantConfig):
+    format: Pyramid = Pyramid()
+    hessian: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+    method = "pvq"
+    VERSION = 1
+
+    def __post_init__(self):
+        if not isinstance(self.format, Pyramid):
+            raise UserError(f"--method pvq writes the pyramid format, not {type(self.format).__name__}.")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise UserError(f"PVQ block size must be a positive integer, got {self.block_size}.")
+        if not 0 <= self.damp < 10:
+            raise UserError(f"PVQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), got {self.damp}.")
+
+
+def directions(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pyramid points y (int16 [G, N]) and unit directions ŷ (float [G, N]) of the rows of ``x``."""
+    y = project(x, k)
+    yf = y.float()
+    return y, yf / yf.norm(dim=1, keepdim=True)
+
+
+@METHODS.register("pvq")
+class PVQQuantizer(Quantizer):
+    config: PVQConfig
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.config.hessian
+
+    def observe(self, linear: nn.Linear):
+        return HessianAccumulator.for_linear(linear) if self.config.hessian else None
+
+    @torch.no_grad()
+    def quantize_linear(self, name: str, linear: nn.Linear, stats=None) -> LayerResult:
+        cfg, fmt = self.config, self.format_for(name)
+        out_f, in_f = linear.out_features, linear.in_features
+        fmt.validate_shape(out_f, in_f, name)
+        if cfg.hessian and (stats is None or stats.H is None):
+            raise UserError(f"PVQ with the Hessian got no calibration statistics for {name}; it needs calibration data.")
+        W0 = linear.weight.data.float()
+        dev, N, K = W0.device, fmt.dim, fmt.pulses
+        H0 = stats.H.to(dev) if cfg.hessian else None
+        W = hadamard.rotate(W0, fmt.seed) if fmt.rotate else W0
+        H = hadamard.rotate_hessian(H0, fmt.seed) if fmt.rotate and H0 is not None else H0
+        s = row_scale(W) if fmt.scale else torch.ones(out_f, device=dev)
+        Wn = W / s[:, None]
+        G = in_f // N
+
+        # gain levels: 1-D Lloyd on the gains of the plain projection, each weighted by the error it makes
+        x = Wn.reshape(-1, N)
+        _, yh = directions(x, K)
+        gains = (x * yh).sum(1, keepdim=True)  # (out·G, 1)
+        wgt = (s * s).repeat_interleave(G)[:, None]
+        if H is not None:
+            wgt = wgt * torch.diagonal(H).clamp(min=0).reshape(G, N).mean(1).repeat(out_f)[:, None]
+        levels = kmeans(gains, wgt, 1 << fmt.norm_bits, iters=30, seed=0).half().float().squeeze(1)
+        levels = torch.sort(levels).values
+
+        pulses = torch.zeros(out_f, in_f, dtype=torch.int16, device=dev)
+        codes = torch.zeros(out_f, G, dtype=torch.int64, device=dev)
+
+        def quantize_group(g: int, t: torch.Tensor, A: torch.Tensor | None) -> torch.Tensor:
+            y, yh = directions(t, K)
+            if A is None:
+                gain = (t * yh).sum(1)
+            else:
+                ya = yh @ A
+                gain = ((t @ A) * ya).sum(1) / ya.pow(2).sum(1).clamp(min=1e-30)
+            c = assign(gain[:, None], None, levels[:, None])
+            pulses[:, g * N:(g + 1) * N] = y
+            codes[:, g] = c
+            return levels[c][:, None] * yh
+
+        dh = None
+        if cfg.hessian:
+            groups = torch.arange(in_f, device=dev).reshape(G, N)
+            Qn, dh = solve_groups(Wn, H, groups, quantize_group, cfg.damp, cfg.block_size, cfg.act_order)
+        else:
+            Qn = torch.cat([quantize_group(g, Wn[:, g * N:(g + 1) * N], None) for g in range(G)], dim=1)
+        fields = {"pulses": pulses, "norm_code": codes, "norm_levels": levels, "scale": s}
+        tensors = fmt.pack(fields)
+        mod = QuantLinear.from_packed(fmt, tensors, in_f, linear.bias.data if linear.bias is not None else None)
+        Q = Qn * s[:, None]
+        if fmt.rotate:
+            Q = hadamard.unrotate(Q, fmt.seed)
+        metrics = {"bits_per_weight": round(fmt.bits_per_weight(out_f, in_f), 4)}
+        if H0 is not None:
+            metrics["out_err_rel"] = round(output_error(W0, Q, H0), 6)
+        if dh is not None and dh.percdamp != cfg.damp:
+            metrics["damp"] = dh.percdamp
+        return LayerResult(mod, metrics)
+
