@@ -52,7 +52,7 @@ def quantize(
     model: Annotated[Optional[str], typer.Argument(help="Model directory or llmcomp artifact (default: the bundled SmolLM2-135M-Instruct).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-out"),
     method: Annotated[str, typer.Option(help="Quantization method.")] = "rtn",
-    bits: Annotated[float, typer.Option(help="Bits per weight code (2-8); a fractional value (e.g. 2.5) is an average budget with per-layer bit allocation.")] = 4,
+    bits: Annotated[float, typer.Option(help="Bits per weight code (2-8); a fractional value (e.g. 2.5) is an average budget with per-layer bit allocation. vptq/pvq: index bits per weight, e.g. 2, 2.25, 3, 3.25.")] = 4,
     group_size: Annotated[int, typer.Option(help="Weights per scale along the input dimension; 0 = per-channel. A ragged last group is used when it does not divide the layer.")] = 128,
     symmetric: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric.")] = False,
     fp4_format: Annotated[Optional[str], typer.Option("--format", help="--method fp4 or gptq (GPTQ on the FP4 grid): mxfp4 (E2M1, E8M0 scale per 32; default), nvfp4 (E2M1, E4M3 scale per 16 and an FP32 tensor scale) or fp4 (E2M1, float16 scale per --group-size).")] = None,
@@ -65,7 +65,9 @@ def quantize(
     candidates: Annotated[str, typer.Option(help="Bit allocation: candidate widths, comma-separated.")] = "2,3,4,8",
     act_bits: Annotated[int, typer.Option("--act-bits", help="--method fp4: 4 also rounds each layer's inputs to E2M1 per token (W4A4, with per-channel input scales folded into the weights); 16 = weights only.")] = 16,
     search: Annotated[bool, typer.Option("--search", help="--method fp4 --format fp4: per-layer LLM-FP4 search of the 4-bit element (E2M1/E1M2/E3M0) and clipping on calibration data.")] = False,
-    outliers: Annotated[Optional[str], typer.Option(help="GPTQ: keep this share of the weights (those whose rounding costs most) in fp16, e.g. 0.5% or 0.005.")] = None,
+    outliers: Annotated[Optional[str], typer.Option(help="GPTQ: keep this share of the weights (those whose rounding costs most) in fp16, e.g. 0.5% or 0.005. vptq: this share of the input columns (most salient) gets a codebook of its own.")] = None,
+    vector_len: Annotated[Optional[int], typer.Option("--vector-len", help="--method vptq/pvq: weights per vector along the input dimension (vptq default 4, pvq default 64); --bits is then the index bits per weight.")] = None,
+    hadamard: Annotated[bool, typer.Option("--hadamard", help="--method pvq: rotate the weights by a seeded random Hadamard matrix first (undone at dequantize).")] = False,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (calibrated methods).")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
@@ -83,7 +85,8 @@ def quantize(
         config, allocation = build_quant_config(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
             targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
-            candidates=candidates, fp4_format=fp4_format, outliers=outliers, search=search, act_bits=act_bits)
+            candidates=candidates, fp4_format=fp4_format, outliers=outliers, search=search, act_bits=act_bits,
+            vector_len=vector_len, hadamard=hadamard)
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,

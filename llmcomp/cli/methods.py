@@ -11,7 +11,11 @@ from llmcomp.quant.decoupleq import DecoupleQConfig
 from llmcomp.quant.fp4 import FP4Config
 from llmcomp.quant.gptq import GPTQConfig
 from llmcomp.quant.presets import PRESETS
+from llmcomp.quant.pvq import PVQConfig, pyramid_for_bits
 from llmcomp.quant.rtn import RTNConfig
+from llmcomp.quant.vptq import VPTQConfig, codebook_for_bits
+
+VECTOR_METHODS = ("vptq", "pvq")  # --bits is the format's index bits per weight, not a bit-allocation budget
 
 
 def parse_candidates(text: str) -> tuple[int, ...]:
@@ -55,7 +59,8 @@ def parse_fraction(text: str | None, flag: str) -> float:
 def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: bool, preset: str | None,
                        targets: tuple, ignore: tuple, act_order: bool = True, damp: float = 0.01,
                        rounds: int = 4, candidates: str = "2,3,4,8", fp4_format: str | None = None,
-                       outliers: str | None = None, search: bool = False, act_bits: int = 16):
+                       outliers: str | None = None, search: bool = False, act_bits: int = 16,
+                       vector_len: int | None = None, hadamard: bool = False):
     """Returns ``(config, allocation or None)``. A fractional ``bits`` is an average budget: each
     layer's width is then chosen from ``candidates`` (bit allocation)."""
     if preset is not None:
@@ -71,9 +76,20 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
         raise UserError("--search is the LLM-FP4 format search of --method fp4.")
     if act_bits != 16 and method != "fp4":
         raise UserError(f"--act-bits (activation quantization) is implemented for --method fp4, not {method}.")
+    if vector_len is not None and method not in VECTOR_METHODS:
+        raise UserError(f"--vector-len applies to --method vptq and pvq, not {method}.")
+    if hadamard and method != "pvq":
+        raise UserError(f"--hadamard (random rotation before PVQ) applies to --method pvq, not {method}.")
+    outlier_fraction = parse_fraction(outliers, "--outliers")
+    if method in VECTOR_METHODS:
+        common = {"targets": targets, "ignore": ignore, "damp": damp, "act_order": act_order}
+        if method == "vptq":  # --outliers: share of input columns given a codebook of their own
+            return VPTQConfig(format=codebook_for_bits(bits, vector_len, outliers=outlier_fraction), **common), None
+        if outlier_fraction:
+            raise UserError("--outliers applies to --method gptq (weights) and vptq (columns), not pvq.")
+        return PVQConfig(format=pyramid_for_bits(bits, vector_len, rotate=hadamard), **common), None
     use_fp4 = method == "fp4" or fp4_format is not None
     fp4 = fp4_weight_format(fp4_format, group_size, bits) if use_fp4 else None  # before bits is rewritten
-    outlier_fraction = parse_fraction(outliers, "--outliers")
     if outlier_fraction and method != "gptq":
         raise UserError(f"--outliers is a GPTQ option (the solver chooses and keeps them); --method {method} does not take it.")
     allocation = None
