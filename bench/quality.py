@@ -78,6 +78,25 @@ def configs() -> dict:
 ALLOCATIONS = {"gptq-alloc2.5": 2.5, "gptq-alloc3.25": 3.25}
 
 
+def measure_row(name: str, cfg, ref, tmp: Path, windows: int, calib_samples: int) -> dict:
+    """One row: quantize the bundled model → artifact → llmcomp.load → eval against the original.
+    ``cfg`` is a method config or (config, AllocationConfig)."""
+    t = time.perf_counter()
+    cfg, alloc = cfg if isinstance(cfg, tuple) else (cfg, None)
+    path = api.quantize(cfg, Path(tmp) / name, DEFAULT_MODEL, calib_samples=calib_samples, allocation=alloc)
+    quant_s = time.perf_counter() - t
+    row = {"name": name, **api.evaluate(str(path), n_windows=windows, reference=ref), "quant_time_s": round(quant_s, 1)}
+    print(f"{name:14s} ppl {row['ppl']:8.2f}  kld {row['kld_mean']:.4f}  top1 {row['top1_agree']:.3f}  "
+          f"prefix {row['greedy_prefix']:5.1f}  bpw {row['bits_per_weight']:.3f}  {quant_s:6.1f}s", flush=True)
+    return row
+
+
+def run_meta(args, text: str) -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpus": torch.get_num_threads(), "windows": args.windows, "seq_len": 512,
+            "calib_samples": args.calib_samples, "text": text}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality_cpu.json"))
@@ -96,22 +115,11 @@ def main(argv=None) -> int:
                 todo[name] = (GPTQConfig(), AllocationConfig(budget=budget, candidates=(2, 3, 4, 8), group_size=64))
     ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
     rows = [{"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}]
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": torch.get_num_threads(), "windows": args.windows, "seq_len": 512,
-            "calib_samples": args.calib_samples, "text": rows[0]["text"]}
+    meta = run_meta(args, rows[0]["text"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in todo.items():
-            t = time.perf_counter()
-            cfg, alloc = cfg if isinstance(cfg, tuple) else (cfg, None)
-            path = api.quantize(cfg, Path(tmp) / name, DEFAULT_MODEL, calib_samples=args.calib_samples,
-                                allocation=alloc)
-            quant_s = time.perf_counter() - t
-            row = {"name": name, **api.evaluate(str(path), n_windows=args.windows, reference=ref),
-                   "quant_time_s": round(quant_s, 1)}
-            rows.append(row)
-            print(f"{name:14s} ppl {row['ppl']:8.2f}  kld {row['kld_mean']:.4f}  top1 {row['top1_agree']:.3f}  "
-                  f"prefix {row['greedy_prefix']:5.1f}  bpw {row['bits_per_weight']:.3f}  {quant_s:6.1f}s", flush=True)
+            rows.append(measure_row(name, cfg, ref, Path(tmp), args.windows, args.calib_samples))
             # after every row: a run cut short keeps what it measured
             args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
