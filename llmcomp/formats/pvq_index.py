@@ -37,6 +37,18 @@ def _counts(n: int, k: int) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(row) for row in V)
 
 
+@lru_cache(maxsize=64)
+def pyramid_sizes(n: int, kmax: int) -> tuple[int, ...]:
+    """V(n, k) for k = 0..kmax (one O(n·kmax) pass)."""
+    row = [1] + [0] * kmax  # m = 0
+    for _ in range(n):
+        new = [1] * (kmax + 1)
+        for r in range(1, kmax + 1):
+            new[r] = row[r] + new[r - 1] + row[r - 1]
+        row = new
+    return tuple(row)
+
+
 def pyramid_size(n: int, k: int) -> int:
     """V(n, k): the number of points of the pyramid (a Python int, exact at any size)."""
     return _counts(n, k)[n][k]

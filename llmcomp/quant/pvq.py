@@ -29,7 +29,7 @@ from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 from llmcomp.formats import hadamard
-from llmcomp.formats.pvq_index import index_bits
+from llmcomp.formats.pvq_index import pyramid_sizes
 from llmcomp.formats.pyramid import Pyramid, project
 from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
 from llmcomp.quant.hessian import HessianAccumulator
@@ -51,8 +51,9 @@ def reachable_bits(dim: int, norm_bits: int | None = None, max_bits: float = 8.0
     """(code bits a weight, K) for K = 1, 2, … while the code bits stay ≤ ``max_bits``."""
     nb = default_norm_bits(dim) if norm_bits is None else norm_bits
     out = []
+    sizes = pyramid_sizes(dim, MAX_PULSES)
     for k in range(1, MAX_PULSES + 1):
-        b = (index_bits(dim, k) + nb) / dim
+        b = ((sizes[k] - 1).bit_length() + nb) / dim
         if b > max_bits:
             break
         out.append((b, k))
@@ -137,8 +138,10 @@ class PVQQuantizer(Quantizer):
         wgt = (s * s).repeat_interleave(G)[:, None]
         if H is not None:
             wgt = wgt * torch.diagonal(H).clamp(min=0).reshape(G, N).mean(1).repeat(out_f)[:, None]
-        levels = kmeans(gains, wgt, 1 << fmt.norm_bits, iters=30, seed=0).half().float().squeeze(1)
+        n_lv = 1 << fmt.norm_bits
+        levels = kmeans(gains, wgt, min(n_lv, gains.shape[0]), iters=30, seed=0).half().float().squeeze(1)
         levels = torch.sort(levels).values
+        levels = torch.cat([levels, levels[-1:].expand(n_lv - levels.numel())])  # fewer groups than levels
 
         pulses = torch.zeros(out_f, in_f, dtype=torch.int16, device=dev)
         codes = torch.zeros(out_f, G, dtype=torch.int64, device=dev)
