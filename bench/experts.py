@@ -39,7 +39,7 @@ def settings(args) -> dict:
 
 
 def plan_key(model) -> str:
-    return json.dumps(moe.shapes(model), sort_keys=True) + str([float(b.experts.down_proj.sum())
+    return json.dumps(moe.shapes(model), sort_keys=True) + str([float(b.experts.down_proj.detach().sum())
                                                                  for b in moe.find_moe_blocks(model)])
 
 

@@ -93,6 +93,17 @@ def test_removing_experts_equals_masking_their_router_logits(family):
     assert [b.num_experts for b in moe.find_moe_blocks(model)] == [6, 5]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unfused_experts_compute_the_same_block(family):
+    model = tiny_moe(family)
+    with torch.no_grad():
+        ref = model(ids()).logits
+        for b in moe.find_moe_blocks(model):
+            moe.unfuse(b)
+            assert b.unfused and b.sizes == [16] * 8
+        torch.testing.assert_close(model(ids()).logits, ref, atol=1e-5, rtol=1e-5)
+
+
 def _pruned(family, cfg, seed=0):
     model = tiny_moe(family, seed)
     stats = experts.collect_stats(model, ids(8, 32), cfg, device="cpu")
@@ -141,7 +152,7 @@ def test_heapr_shrinks_experts_ragged_and_round_trips(compensate, tmp_path):
     cfg = ExpertPruneConfig(method="heapr", ratio=0.25, protect_super_experts=False, compensate=compensate)
     model, report = _pruned("qwen2_moe", cfg)
     for b in moe.find_moe_blocks(model):
-        assert sum(b.sizes) == 128 - 32 and isinstance(b.experts, moe.RaggedExperts)
+        assert sum(b.sizes) == 128 - 32 and b.unfused
     assert report["expert_params"]["removed_fraction"] == pytest.approx(0.25 * 128 * 3 * 32 / (8 * 32 + 128 * 3 * 32), abs=1e-5)
     path = _save(model, report, cfg, tmp_path / "h")
     with torch.no_grad():

@@ -11,7 +11,8 @@ patches ``num_experts`` on the modules. When every block keeps the same count (a
 intermediate size) the config's counts change with them, so stock ``from_pretrained`` loads the
 result. Otherwise the shapes are recorded in the manifest stage (kind ``moe``) and the stage hook
 resizes llmcomp.load's meta skeleton before tensors arrive. Removing neurons (atomic experts) leaves
-experts of different widths: they are stored ragged in ``RaggedExperts`` (same routing, same math).
+experts of different widths, and quantizing experts needs linears: both use ``LinearExperts`` (one
+``nn.Linear`` pair per expert; same routing, same math).
 """
 from __future__ import annotations
 
@@ -28,41 +29,50 @@ COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config 
 KIND = "moe"
 
 
-class RaggedExperts(nn.Module):
-    """Routed experts of different widths: expert ``e`` owns neurons ``offsets[e]:offsets[e+1]``.
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` [out, in] (no initialization; zero widths allowed)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    return lin
 
-    ``gate_proj``/``up_proj`` [N, H], ``down_proj`` [H, N] with N = Σ sizes. Forward matches the
-    fused experts' eager forward (act(gate)·up, down, times the routing weight, summed per token)."""
 
-    def __init__(self, sizes, hidden: int, act_fn, dtype=None, device=None):
+def _dense(mod: nn.Module) -> torch.Tensor:
+    """The weight of a linear, dequantized if it is a QuantLinear."""
+    return mod.weight if isinstance(mod, nn.Linear) else mod.dequantize()
+
+
+class LinearExperts(nn.Module):
+    """Routed experts as separate linears: expert ``e`` is ``gate_up[e]`` (H → 2·I_e, gate rows then up
+    rows) and ``down[e]`` (I_e → H). Widths may differ (HEAPr), and every linear can be quantized like
+    any other (``llmcomp quantize`` unfuses MoE experts into this). Forward matches the fused experts'
+    eager forward; slots with routing weight 0 (dynamic skipping) are not computed."""
+
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor], act_fn):
         super().__init__()
-        self.sizes = [int(s) for s in sizes]
-        self.num_experts = len(self.sizes)
-        self.hidden_dim = hidden
+        self.gate_up = nn.ModuleList(_linear(w) for w in gate_up)
+        self.down = nn.ModuleList(_linear(w) for w in down)
+        self.num_experts = len(self.down)
         self.act_fn = act_fn
-        n = sum(self.sizes)
-        self.gate_proj = nn.Parameter(torch.empty(n, hidden, dtype=dtype, device=device))
-        self.up_proj = nn.Parameter(torch.empty(n, hidden, dtype=dtype, device=device))
-        self.down_proj = nn.Parameter(torch.empty(hidden, n, dtype=dtype, device=device))
 
-    def span(self, e: int) -> slice:
-        start = sum(self.sizes[:e])
-        return slice(start, start + self.sizes[e])
+    @property
+    def sizes(self) -> list[int]:
+        return [m.in_features for m in self.down]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():
-            if self.sizes[e] == 0:
+            if e >= self.num_experts or self.down[e].in_features == 0:
                 continue
-            token, pos = torch.where(top_k_index == e)
-            x, s = hidden_states[token], self.span(e)
-            h = self.act_fn(F.linear(x, self.gate_proj[s])) * F.linear(x, self.up_proj[s])
-            y = F.linear(h, self.down_proj[:, s]) * top_k_weights[token, pos, None]
+            token, pos = torch.where((top_k_index == e) & (top_k_weights != 0))
+            if token.numel() == 0:
+                continue
+            gate, up = self.gate_up[e](hidden_states[token]).chunk(2, dim=-1)
+            y = self.down[e](self.act_fn(gate) * up) * top_k_weights[token, pos, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}, hidden={self.hidden_dim}"
+        return f"sizes={self.sizes}"
 
 
 @dataclass
@@ -84,18 +94,22 @@ class MoEBlock:
         return int(getattr(self.router, "top_k", None) or getattr(self.block, "top_k"))
 
     @property
+    def unfused(self) -> bool:
+        return isinstance(self.experts, LinearExperts)
+
+    @property
     def sizes(self) -> list[int]:
         """Neurons per expert."""
-        if isinstance(self.experts, RaggedExperts):
-            return list(self.experts.sizes)
+        if self.unfused:
+            return self.experts.sizes
         return [int(self.experts.down_proj.shape[-1])] * self.num_experts
 
     def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Expert ``e`` as (gate [I, H], up [I, H], down [H, I])."""
+        """Expert ``e`` as (gate [I, H], up [I, H], down [H, I]) (dequantized if quantized)."""
         ex = self.experts
-        if isinstance(ex, RaggedExperts):
-            s = ex.span(e)
-            return ex.gate_proj[s], ex.up_proj[s], ex.down_proj[:, s]
+        if self.unfused:
+            gate, up = _dense(ex.gate_up[e]).chunk(2, dim=0)
+            return gate, up, _dense(ex.down[e])
         gate, up = ex.gate_up_proj[e].chunk(2, dim=0)
         return gate, up, ex.down_proj[e]
 
@@ -111,7 +125,7 @@ class MoEBlock:
 
 
 def _supported_experts(path: str, experts: nn.Module) -> None:
-    if isinstance(experts, RaggedExperts):
+    if isinstance(experts, LinearExperts):
         return
     gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not isinstance(gu, torch.Tensor) or not isinstance(down, torch.Tensor) or gu.dim() != 3 or down.dim() != 3:
@@ -163,76 +177,75 @@ def _set_count(module: nn.Module, old: int, new: int) -> None:
 
 
 def keep_experts(b: MoEBlock, keep) -> None:
-    """Keep only routed experts ``keep`` (router rows, correction bias, fused or ragged tensors)."""
+    """Keep only routed experts ``keep`` (router rows, correction bias, fused tensors or linears)."""
     old = b.num_experts
     keep = sorted(int(k) for k in keep)
     if len(keep) < b.top_k:
         raise UserError(f"{b.path}: keeping {len(keep)} experts leaves fewer than top_k = {b.top_k} to route to.")
     index = torch.tensor(keep, dtype=torch.long)
     _slice_first_dim(b.router, old, index)
-    if isinstance(b.experts, RaggedExperts):
-        neurons = [torch.arange(b.experts.span(e).start, b.experts.span(e).stop) for e in keep]
-        _set_ragged(b, [b.experts.sizes[e] for e in keep], torch.cat(neurons) if neurons else torch.zeros(0, dtype=torch.long))
+    if b.unfused:
+        b.experts.gate_up = nn.ModuleList(b.experts.gate_up[e] for e in keep)
+        b.experts.down = nn.ModuleList(b.experts.down[e] for e in keep)
     else:
         _slice_first_dim(b.experts, old, index)
     for m in (b.block, b.router, b.experts):
         _set_count(m, old, len(keep))
 
 
-def _set_ragged(b: MoEBlock, sizes: list[int], rows: torch.Tensor) -> None:
-    """Replace ``b.experts`` by RaggedExperts holding the given neuron rows of the current experts."""
+def unfuse(b: MoEBlock) -> None:
+    """Replace fused experts by ``LinearExperts`` (same weights, same outputs)."""
+    if b.unfused:
+        return
     ex = b.experts
-    if isinstance(ex, RaggedExperts):
-        gate, up, down = ex.gate_proj.data, ex.up_proj.data, ex.down_proj.data
-    else:
-        I = ex.down_proj.shape[-1]
-        gate = ex.gate_up_proj.data[:, :I].reshape(-1, ex.gate_up_proj.shape[-1])
-        up = ex.gate_up_proj.data[:, I:].reshape(-1, ex.gate_up_proj.shape[-1])
-        down = ex.down_proj.data.permute(1, 0, 2).reshape(ex.down_proj.shape[1], -1)
-    new = RaggedExperts(sizes, gate.shape[1], ex.act_fn, dtype=gate.dtype, device=gate.device)
-    new.gate_proj.data = gate[rows].clone()
-    new.up_proj.data = up[rows].clone()
-    new.down_proj.data = down[:, rows].clone()
+    new = LinearExperts([w.detach() for w in ex.gate_up_proj.data], [w.detach() for w in ex.down_proj.data],
+                        ex.act_fn)
     b.block.experts = new
     b.experts = new
 
 
 def keep_neurons(b: MoEBlock, keep: list[torch.Tensor], scales: list[torch.Tensor] | None = None) -> None:
     """Keep neurons ``keep[e]`` (indices into expert e) of every expert; ``scales[e]`` multiplies the kept
-    neurons' down_proj columns (output-space compensation). Equal widths stay fused, others go ragged."""
-    sizes = b.sizes
+    neurons' down_proj columns (output-space compensation). Equal widths stay fused, others unfuse."""
     keep = [torch.as_tensor(k, dtype=torch.long) for k in keep]
     if scales is not None:  # scales follow their neurons into sorted order
         scales = [s[k.argsort()] for s, k in zip(scales, keep)]
     keep = [k.sort().values for k in keep]
     widths = [len(k) for k in keep]
+    if len(set(widths)) > 1:
+        unfuse(b)
     ex = b.experts
-    if len(set(widths)) == 1 and not isinstance(ex, RaggedExperts):
-        I, idx = sizes[0], torch.stack(keep) if widths[0] else torch.zeros(len(keep), 0, dtype=torch.long)
-        gu = ex.gate_up_proj.data
-        rows = torch.cat([idx, idx + I], dim=1).to(gu.device)  # [E, 2I']
-        new_gu = torch.gather(gu, 1, rows[..., None].expand(-1, -1, gu.shape[-1]))
-        down = ex.down_proj.data
-        new_down = torch.gather(down, 2, idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1))
-        if scales is not None:
-            new_down = new_down * torch.stack(scales).to(new_down)[:, None, :]
-        ex.gate_up_proj = nn.Parameter(new_gu.contiguous(), requires_grad=False)
-        ex.down_proj = nn.Parameter(new_down.contiguous(), requires_grad=False)
-        if hasattr(ex, "intermediate_dim"):
-            ex.intermediate_dim = widths[0]
+    if b.unfused:
+        if not all(isinstance(m, nn.Linear) for m in [*ex.gate_up, *ex.down]):
+            raise UserError(f"{b.path}: removing neurons from quantized experts is not supported; prune first.")
+        for e, k in enumerate(keep):
+            I = ex.down[e].in_features
+            gu, down = ex.gate_up[e].weight.data, ex.down[e].weight.data
+            down = down[:, k.to(down.device)]
+            if scales is not None:
+                down = down * scales[e].to(down)[None, :]
+            ex.gate_up[e] = _linear(gu[torch.cat([k, k + I]).to(gu.device)].clone())
+            ex.down[e] = _linear(down.clone())
         return
-    offsets = [sum(sizes[:e]) for e in range(len(sizes))]
-    rows = torch.cat([k + offsets[e] for e, k in enumerate(keep)]) if keep else torch.zeros(0, dtype=torch.long)
-    _set_ragged(b, widths, rows)
+    I, idx = b.sizes[0], torch.stack(keep)
+    gu = ex.gate_up_proj.data
+    rows = torch.cat([idx, idx + I], dim=1).to(gu.device)  # [E, 2I']
+    new_gu = torch.gather(gu, 1, rows[..., None].expand(-1, -1, gu.shape[-1]))
+    down = ex.down_proj.data
+    new_down = torch.gather(down, 2, idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1))
     if scales is not None:
-        b.experts.down_proj.data *= torch.cat(scales).to(b.experts.down_proj)[None, :]
+        new_down = new_down * torch.stack(scales).to(new_down)[:, None, :]
+    ex.gate_up_proj = nn.Parameter(new_gu.contiguous(), requires_grad=False)
+    ex.down_proj = nn.Parameter(new_down.contiguous(), requires_grad=False)
+    if hasattr(ex, "intermediate_dim"):
+        ex.intermediate_dim = widths[0]
 
 
 # ---- shapes: config patching, manifest record, skeleton resizing ---------------------------------------
 
 def shapes(model: nn.Module) -> dict[str, dict]:
-    """``{block path: {"experts": E, "sizes": [neurons per expert]}}`` for every MoE block."""
-    return {b.path: {"experts": b.num_experts, "sizes": b.sizes} for b in find_moe_blocks(model)}
+    """``{block path: {"experts": E, "sizes": [neurons per expert], "unfused": bool}}`` for every MoE block."""
+    return {b.path: {"experts": b.num_experts, "sizes": b.sizes, "unfused": b.unfused} for b in find_moe_blocks(model)}
 
 
 def _intermediate_key(config) -> str:
@@ -246,7 +259,7 @@ def sync_config(model: nn.Module) -> bool:
     blocks = find_moe_blocks(model)
     counts = {b.num_experts for b in blocks}
     widths = {w for b in blocks for w in b.sizes}
-    if len(counts) != 1 or len(widths) != 1 or any(isinstance(b.experts, RaggedExperts) for b in blocks):
+    if len(counts) != 1 or len(widths) != 1 or any(b.unfused for b in blocks):
         return False
     cfg, keys = model.config, model.config.to_dict()
     for key in COUNT_KEYS:
@@ -265,6 +278,8 @@ def resize_skeleton(model: nn.Module, recorded: dict[str, dict]) -> None:
             raise UserError(f"Artifact records MoE block {path}, which the model config does not have.")
         if b.num_experts != want["experts"]:
             keep_experts(b, range(want["experts"]))
+        if want.get("unfused"):
+            unfuse(b)
         sizes = [int(s) for s in want["sizes"]]
         if b.sizes != sizes:
             keep_neurons(b, [torch.arange(s) for s in sizes])
