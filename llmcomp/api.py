@@ -89,6 +89,7 @@ def quantize(
     store_dtype = parse_dtype(dtype)
     start = time.perf_counter()
     net, tok, base, stages = open_model(model, progress=progress)
+    stages = stages + _unfuse_experts(net)
     from llmcomp.quant import METHODS
 
     calib = None
@@ -193,6 +194,23 @@ def _calibrated(model, output, overwrite, calib_samples, calib_seq_len, seed, pr
     return output, net, tok, base, stages, ids, info
 
 
+def _unfuse_experts(net) -> list[dict]:
+    """MoE experts stored fused become one linear pair per expert, so quantization reaches them like any
+    linear; returns the manifest stage that makes llmcomp.load rebuild that structure."""
+    from llmcomp.prune import moe
+
+    try:
+        blocks = moe.find_moe_blocks(net, strict=False)
+    except UserError:  # no decoder layer list: not a model with MoE blocks we know
+        return []
+    if all(b.unfused for b in blocks):
+        return []
+    for b in blocks:
+        moe.unfuse(b)
+    return [{"method": "unfuse-experts", "kind": moe.KIND, "config": {}, "shapes": moe.shapes(net),
+             "wall_time_s": 0.0, "metrics": {}}]
+
+
 def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
                   calib_samples: int = 32, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
                   dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
@@ -276,9 +294,14 @@ def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, dev
     from torch import nn
 
     from llmcomp.quant import allocate
+    from llmcomp.prune.experts import expert_importance
 
     table = allocate.measure_errors(net, calib, config.targets, config.ignore, allocation, device=device,
                                     progress=progress)
+    importance = expert_importance(net, calib, device=device, progress=progress)  # {} for dense models
+    for name, weight in importance.items():  # MC-MoE: an expert's error counts as much as it is routed to
+        if name in table:
+            table[name]["errors"] = [e * weight for e in table[name]["errors"]]
     shapes = {n: (m.out_features, m.in_features) for n, m in net.named_modules()
               if n in table and isinstance(m, nn.Linear)}
     formats = allocation.formats()
@@ -287,6 +310,8 @@ def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, dev
     counts = {f.describe(): sum(1 for a in assignment.values() if a == f) for f in formats}
     report = {"config": to_dict(allocation), "achieved_bits_per_weight": round(achieved, 4), "layers_per_format": counts,
               "bits": {n: f.bits for n, f in assignment.items()}}
+    if importance:
+        report["expert_importance"] = {n: round(w, 6) for n, w in importance.items() if ".experts.down." in n}
     return dataclasses.replace(config, formats=assignment), report
 
 

@@ -296,3 +296,35 @@ def test_cli_bad_input(tmp_path, tiny_model_dir):
     assert "Unknown expert pruning method" in one_error_line(prune(src, "--method", "magic"))
     assert "LAYER=RATIO" in one_error_line(prune(src, "--layer-ratio", "x"))
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_unfuses_experts_and_allocates_bits_by_routing_mass(tmp_path):
+    """MC-MoE-style: each expert linear's error is weighted by its routing mass before the bit allocation;
+    a rarely routed expert gets fewer bits, and the quantized experts reload as QuantLinear."""
+    from llmcomp.core.qlinear import QuantLinear
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+    from llmcomp.quant.allocate import AllocationConfig
+
+    model = tiny_moe("mixtral")
+    with torch.no_grad():
+        for b in moe.find_moe_blocks(model):
+            b.router.weight[3] = 0  # expert 3: rarely chosen
+    src = _save_with_tokenizer(model, tmp_path / "moe")
+    cfg = RTNConfig(format=Uniform(bits=4, group_size=0), ignore=("lm_head", "mlp.gate"))
+    out = api.quantize(cfg, tmp_path / "q", str(src), calib_samples=8, calib_seq_len=64, device="cpu",
+                       allocation=AllocationConfig(budget=5.0, candidates=(2, 8), group_size=0))
+    alloc = api.inspect(out)["stages"][-1]["metrics"]["layers"]["_allocation"]
+    imp = alloc["expert_importance"]
+    for layer in (0, 1):
+        down = {e: imp[f"model.layers.{layer}.mlp.experts.down.{e}"] for e in range(8)}
+        assert min(down, key=down.get) == 3
+    bits = alloc["bits"]
+    rare = [bits[n] for n in bits if ".experts." in n and n.endswith(".3")]
+    common = [bits[n] for n in bits if ".experts." in n and not n.endswith(".3")]
+    assert sum(rare) / len(rare) < sum(common) / len(common)
+    loaded = api.load(str(out))
+    b = moe.find_moe_blocks(loaded)[0]
+    assert b.unfused and isinstance(b.experts.down[0], QuantLinear)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids()).logits).all()

@@ -187,6 +187,42 @@ def collect_stats(model: nn.Module, calib_ids: torch.Tensor, cfg: ExpertPruneCon
     return found
 
 
+class _RoutingMass:
+    """Forward hook on an MoE block: Σ over tokens of each expert's squared routing weight."""
+
+    def __init__(self, b: moe.MoEBlock):
+        self.b, self.mass, self.tokens = b, torch.zeros(b.num_experts, dtype=torch.float64), 0
+
+    @torch.no_grad()
+    def __call__(self, module, inputs, output):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        w, idx = self.b.route(x)
+        self.mass.index_add_(0, idx.flatten().cpu(), w.flatten().double().cpu().pow(2))
+        self.tokens += x.shape[0]
+
+
+def expert_importance(model: nn.Module, calib_ids: torch.Tensor, device=None, progress: Progress = NULL
+                      ) -> dict[str, float]:
+    """MC-MoE-style importance of every expert linear (``{linear path: weight}``): the mean over tokens of
+    its expert's squared routing weight — the factor by which that linear's per-token output error
+    reaches the block output (frequency and routing weight in one number). Experts must be unfused."""
+    blocks = {b.path: b for b in moe.find_moe_blocks(model, strict=False) if b.unfused}
+    out: dict[str, float] = {}
+
+    def handler(path, layer, runner):
+        hooks = {b.block: _RoutingMass(b) for p, b in blocks.items() if p.startswith(path + ".")}
+        if not hooks:
+            return
+        runner.run(hooks)
+        for h in hooks.values():
+            for e, m in enumerate((h.mass / max(h.tokens, 1)).tolist()):
+                out[f"{h.b.path}.experts.gate_up.{e}"] = out[f"{h.b.path}.experts.down.{e}"] = m
+
+    if blocks:
+        calibrate_layerwise(model, calib_ids, handler, device=device, progress=progress)
+    return out
+
+
 def super_experts(stats: dict[str, BlockStats], quantile: float = 0.995, fraction: float = 0.1
                   ) -> dict[str, list[int]]:
     """Experts whose largest down_proj output is extreme model-wide (Super Experts criterion)."""

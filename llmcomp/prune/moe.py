@@ -134,8 +134,9 @@ def _supported_experts(path: str, experts: nn.Module) -> None:
         raise UserError(f"MoE block {path}: transposed, biased or interleaved expert tensors are not supported.")
 
 
-def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
-    """Every sparse MoE block under the model's decoder layers (dense layers are skipped)."""
+def find_moe_blocks(model: nn.Module, strict: bool = True) -> list[MoEBlock]:
+    """Every sparse MoE block under the model's decoder layers (dense layers are skipped). Blocks whose
+    expert layout is not supported raise UserError, or are skipped when ``strict`` is False."""
     prefix, layers = decoder_layers(model)
     out = []
     for i, layer in enumerate(layers):
@@ -144,10 +145,12 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
             if router is None or experts is None or not isinstance(getattr(router, "weight", None), torch.Tensor):
                 continue
             path = f"{prefix}.{i}.{name}"
-            _supported_experts(path, experts)
-            groups = getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1
-            if groups > 1:
-                raise UserError(f"MoE block {path} routes by expert groups ({groups}); group-limited routing is not supported.")
+            try:
+                _supported_experts(path, experts)
+            except UserError:
+                if strict:
+                    raise
+                continue
             out.append(MoEBlock(path, i, mod, router, experts))
     return out
 
@@ -180,6 +183,10 @@ def keep_experts(b: MoEBlock, keep) -> None:
     """Keep only routed experts ``keep`` (router rows, correction bias, fused tensors or linears)."""
     old = b.num_experts
     keep = sorted(int(k) for k in keep)
+    groups = getattr(b.router, "num_group", None) or getattr(b.router, "n_group", None) or 1
+    if groups > 1 and len(keep) != old:
+        raise UserError(f"MoE block {b.path} routes by expert groups ({groups}); removing experts from "
+                        "group-limited routers is not supported.")
     if len(keep) < b.top_k:
         raise UserError(f"{b.path}: keeping {len(keep)} experts leaves fewer than top_k = {b.top_k} to route to.")
     index = torch.tensor(keep, dtype=torch.long)
