@@ -233,6 +233,27 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
                           overwrite=overwrite, dtype=store_dtype)
 
 
+def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
+                 calib_samples: int = 16, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
+                 progress: Progress = NULL) -> Path:
+    """Record an MC-MoE dynamic skip threshold (``prune.experts.DynamicSkipConfig``) calibrated on the text;
+    ``llmcomp.load`` re-installs it, so every forward then skips the low-weight expert choices."""
+    from llmcomp.prune import experts, moe
+
+    start = time.perf_counter()
+    output, net, tok, base, stages, ids, info = _calibrated(
+        model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
+        check=lambda net, _: moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL)))
+    tau, report = experts.skip_threshold(net, ids, config.rate, device=device or default_device(), progress=progress)
+    net.to("cpu")
+    stage = {"method": "experts-dynamic-skip", "kind": moe.KIND, "config": to_dict(config), "shapes": moe.shapes(net),
+             "skip_threshold": tau, "wall_time_s": round(time.perf_counter() - start, 2), "metrics": report,
+             "calibration": info}
+    progress.note(f"Writing {output}")
+    return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=info["text"],
+                          overwrite=overwrite)
+
+
 def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
           calib_samples: int = 32, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
           dtype: Optional[str] = None, progress: Progress = NULL) -> Path:

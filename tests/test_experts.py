@@ -328,3 +328,28 @@ def test_quantize_unfuses_experts_and_allocates_bits_by_routing_mass(tmp_path):
     assert b.unfused and isinstance(b.experts.down[0], QuantLinear)
     with torch.no_grad():
         assert torch.isfinite(loaded(ids()).logits).all()
+
+
+def test_dynamic_skip_threshold_is_recorded_and_reinstalled(tmp_path):
+    from llmcomp.core.data import calib_windows
+    from llmcomp.prune.experts import DynamicSkipConfig
+
+    src = _save_with_tokenizer(tiny_moe("olmoe"), tmp_path / "moe")
+    r = CliRunner().invoke(app, ["prune", "dynamic", str(src), "--rate", "0.2", "-o", str(tmp_path / "d"),
+                                 "--calib-samples", "4", "--seq-len", "64", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    stage = api.inspect(tmp_path / "d")["stages"][-1]
+    assert 0 < stage["skip_threshold"] < 1 and stage["metrics"]["skipped_slots_calibration"] == pytest.approx(0.2, abs=0.02)
+    model, tok = api.load(str(tmp_path / "d"), return_tokenizer=True)
+    weights = []
+    hooks = [b.experts.register_forward_hook(lambda m, i, o: weights.append(i[2])) for b in moe.find_moe_blocks(model)]
+    with torch.no_grad():
+        model(calib_windows(tok, 64, 4, 0))  # the calibration text itself: the calibrated rate comes back
+    for h in hooks:
+        h.remove()
+    skipped = float(torch.cat([w.flatten() for w in weights]).eq(0).double().mean())
+    assert skipped == pytest.approx(0.2, abs=0.02)
+    with pytest.raises(UserError, match="--rate must be between 0 and 0.5"):
+        experts.skip_threshold(tiny_moe("olmoe"), ids(), 0.6, device="cpu")
+    with pytest.raises(UserError, match="strictly between 0 and 1"):
+        DynamicSkipConfig(rate=0)

@@ -62,3 +62,36 @@ def experts(
                              f"{' (protected)' if protect and found else ''}")
 
     run(go)
+
+
+def dynamic(
+    model: Annotated[Optional[str], typer.Argument(help="MoE model directory or llmcomp artifact (pruned or quantized ones too).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-dynamic"),
+    rate: Annotated[float, typer.Option(help="Fraction of all routed (token, expert) slots to skip, calibrated on the text (a token's first expert is never skipped).")] = 0.15,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+):
+    """MC-MoE online dynamic pruning: record a threshold τ on w_j / w_1; at run time a token's later expert
+    choices below τ × its first choice's weight are skipped (llmcomp.load re-installs it)."""
+    from llmcomp import api
+    from llmcomp.cli import render
+    from llmcomp.cli.app import _quiet_transformers, run
+
+    _quiet_transformers()
+
+    def go():
+        from llmcomp.prune.experts import DynamicSkipConfig
+
+        with render.RichProgress() as progress:
+            path = api.skip_experts(DynamicSkipConfig(rate=rate), output, model, overwrite=overwrite,
+                                    calib_samples=calib_samples, calib_seq_len=seq_len, seed=seed, device=device,
+                                    progress=progress)
+        stage = api.inspect(path)["stages"][-1]
+        render.console.print(f"[green]wrote[/green] {path}: skip threshold {stage['skip_threshold']:.4g} "
+                             f"({100 * stage['metrics']['skipped_slots_calibration']:.1f} % of routed slots on "
+                             "the calibration text)")
+
+    run(go)

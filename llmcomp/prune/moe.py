@@ -292,14 +292,38 @@ def resize_skeleton(model: nn.Module, recorded: dict[str, dict]) -> None:
             keep_neurons(b, [torch.arange(s) for s in sizes])
 
 
+# ---- dynamic skipping (MC-MoE online pruning) ---------------------------------------------------------
+
+def _skip_hook(threshold: float):
+    def hook(module, inputs, output):
+        logits, weights, index = output
+        top = weights.max(dim=-1, keepdim=True).values
+        drop = (weights < threshold * top) & (weights < top)
+        return logits, weights.masked_fill(drop, 0.0), index
+    return hook
+
+
+def install_skip(model: nn.Module, threshold: float) -> None:
+    """Per token, give routing weight 0 to every chosen expert but the first whose weight is below
+    ``threshold`` × the first one's (LinearExperts then skip computing it; fused experts add 0)."""
+    for b in find_moe_blocks(model, strict=False):
+        old = getattr(b.router, "_llmcomp_skip", None)
+        if old is not None:
+            old.remove()
+        b.router._llmcomp_skip = b.router.register_forward_hook(_skip_hook(threshold))
+        b.router.skip_threshold = threshold
+
+
 class _MoEStageHook:
-    """Manifest stages of kind ``moe`` carry ``shapes``; the last one describes the artifact."""
+    """Manifest stages of kind ``moe`` carry ``shapes`` (the last one describes the artifact) and may
+    carry a dynamic ``skip_threshold`` (re-installed on the loaded model)."""
 
     def skeleton(self, model, stage: dict) -> None:
         resize_skeleton(model, stage["shapes"])
 
     def ready(self, model, stage: dict) -> None:
-        pass
+        if stage.get("skip_threshold"):
+            install_skip(model, float(stage["skip_threshold"]))
 
 
 def register_hook() -> None:
