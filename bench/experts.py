@@ -8,7 +8,8 @@ One calibration pass (``prune.experts.collect_stats``) gives every method its sc
 prunes a copy of the model in memory (the same surgery ``llmcomp prune experts`` writes) and measures
 held-out perplexity. Methods remove 12.5 / 25 / 50 % of each block's routed experts — HEAPr the same
 fraction of its neurons (atomic experts), i.e. the same parameter reduction. Rows run with and without
-the super-expert guard; a guarded row whose plan equals the unguarded one is not re-measured. Rows are
+the super-expert guard; a guarded row whose plan equals the unguarded one is not re-measured
+(``heapr-diag``: HEAPr's diagonal score without the OBS update of the kept neurons). Rows are
 merged into ``--out`` as each finishes (``--only`` re-measures some and keeps the rest).
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from llmcomp.prune import experts, moe
 from llmcomp.prune.experts import METHODS, ExpertPruneConfig
 
 RATIOS = (0.125, 0.25, 0.5)
+QUANT = ("rtn-w3g64", "alloc3-plain", "alloc3-mcmoe", "dynamic-0.15", "alloc3-mcmoe+dynamic-0.15")
 
 
 def settings(args) -> dict:
@@ -47,13 +49,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moe", type=Path, required=True, help="MoE artifact (made with llmcomp convert moefy if missing)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/experts_cpu.json"))
-    ap.add_argument("--only", nargs="*", default=None, help="methods (or 'dense', 'moe') to (re)measure")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="methods (or 'dense', 'moe', 'quant': MC-MoE quantization and dynamic-skip rows) to (re)measure")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    wanted = args.only or ["dense", "moe", *METHODS]
+    wanted = args.only or ["dense", "moe", *METHODS, "heapr-diag", "quant"]
     data = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
     if data.get("meta", {}).get("settings") not in (None, settings(args)):
         ap.error(f"{args.out} was measured with other settings {data['meta']['settings']}; use another --out")
@@ -90,7 +93,9 @@ def main(argv=None) -> int:
                        "total_params": total_params, **evaluate(base, tok)}
         save()
         print(f"moe            ppl {rows['moe']['ppl']:.3f}", flush=True)
-    methods = [m for m in METHODS if m in wanted]
+    if "quant" in wanted:
+        quant_rows(args, rows, save)
+    methods = [m for m in (*METHODS, "heapr-diag") if m in wanted]
     if not methods:
         return 0
     t = time.perf_counter()
@@ -106,7 +111,9 @@ def main(argv=None) -> int:
             done = {}
             for guard in (False, True):
                 name = f"{method}-{ratio:g}-{'guard' if guard else 'noguard'}"
-                cfg = ExpertPruneConfig(method=method, ratio=ratio, protect_super_experts=guard, seed=args.seed)
+                # heapr-diag: HEAPr's own diagonal score, no OBS update of the kept neurons
+                cfg = ExpertPruneConfig(method=method.split("-")[0], ratio=ratio, protect_super_experts=guard,
+                                        seed=args.seed, compensate=method != "heapr-diag")
                 net = copy.deepcopy(base)
                 t = time.perf_counter()
                 report = experts.prune(net, stats, cfg)
@@ -132,6 +139,53 @@ def main(argv=None) -> int:
                       f"({row['mb_saved_fp32']:.1f} MB fp32){'  [same plan]' if 'same_plan_as' in row else ''}",
                       flush=True)
     return 0
+
+
+def quant_rows(args, rows, save) -> None:
+    """MC-MoE: RTN W3 g64 everywhere vs a 3.0 bits/weight allocation over candidates 2/3/4 (g64) without and
+    with the routing-mass weighting of expert errors; dynamic skipping of 15 % of the routed slots on the
+    MoE and on top of the MC-MoE artifact. Every row is an artifact loaded back by llmcomp.load."""
+    import tempfile
+    from unittest import mock
+
+    from llmcomp.formats import Uniform
+    from llmcomp.prune.mcmoe import DynamicSkipConfig
+    from llmcomp.quant import RTNConfig
+    from llmcomp.quant.allocate import AllocationConfig
+
+    cfg = RTNConfig(format=Uniform(bits=3, group_size=64), ignore=("lm_head", "mlp.gate"))
+    alloc = AllocationConfig(budget=3.0, candidates=(2, 3, 4), group_size=64)
+    kw = dict(calib_samples=args.calib_samples, seed=args.seed, device="cpu")
+    with tempfile.TemporaryDirectory(dir=args.moe.parent) as tmp:
+        made = {}
+        for name in QUANT:
+            t = time.perf_counter()
+            out = Path(tmp) / name
+            if name == "rtn-w3g64":
+                api.quantize(cfg, out, str(args.moe), **kw)
+            elif name == "alloc3-plain":  # the same allocation with every expert's error at face value
+                with mock.patch("llmcomp.prune.mcmoe.expert_importance", lambda *a, **k: {}):
+                    api.quantize(cfg, out, str(args.moe), allocation=alloc, **kw)
+            elif name == "alloc3-mcmoe":
+                api.quantize(cfg, out, str(args.moe), allocation=alloc, **kw)
+            elif name == "dynamic-0.15":
+                api.skip_experts(DynamicSkipConfig(0.15), out, str(args.moe), **kw)
+            else:
+                if "alloc3-mcmoe" not in made:
+                    made["alloc3-mcmoe"] = Path(tmp) / "alloc3-mcmoe"
+                    api.quantize(cfg, made["alloc3-mcmoe"], str(args.moe), allocation=alloc, **kw)
+                api.skip_experts(DynamicSkipConfig(0.15), out, str(made["alloc3-mcmoe"]), **kw)
+            made[name] = out
+            make_s = round(time.perf_counter() - t, 1)
+            r = api.evaluate(str(out), seq_len=512, n_windows=args.windows, device="cpu")
+            stage = api.inspect(out)["stages"][-1]
+            rows[name] = {"name": name, "method": name, "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
+                          "size_mb": r["size_mb"], "make_s": make_s, "eval_s": r["eval_time_s"],
+                          "skip_threshold": stage.get("skip_threshold"),
+                          "skipped_slots_calibration": stage["metrics"].get("skipped_slots_calibration")}
+            save()
+            print(f"{name:28s} ppl {r['ppl']:9.3f}  bits/weight {r['bits_per_weight']:.3f}  size {r['size_mb']:.1f} MB "
+                  f"({make_s:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

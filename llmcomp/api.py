@@ -238,13 +238,13 @@ def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None,
                  progress: Progress = NULL) -> Path:
     """Record an MC-MoE dynamic skip threshold (``prune.experts.DynamicSkipConfig``) calibrated on the text;
     ``llmcomp.load`` re-installs it, so every forward then skips the low-weight expert choices."""
-    from llmcomp.prune import experts, moe
+    from llmcomp.prune import mcmoe, moe
 
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
         check=lambda net, _: moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL)))
-    tau, report = experts.skip_threshold(net, ids, config.rate, device=device or default_device(), progress=progress)
+    tau, report = mcmoe.skip_threshold(net, ids, config.rate, device=device or default_device(), progress=progress)
     net.to("cpu")
     stage = {"method": "experts-dynamic-skip", "kind": moe.KIND, "config": to_dict(config), "shapes": moe.shapes(net),
              "skip_threshold": tau, "wall_time_s": round(time.perf_counter() - start, 2), "metrics": report,
@@ -315,7 +315,7 @@ def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, dev
     from torch import nn
 
     from llmcomp.quant import allocate
-    from llmcomp.prune.experts import expert_importance
+    from llmcomp.prune.mcmoe import expert_importance
 
     table = allocate.measure_errors(net, calib, config.targets, config.ignore, allocation, device=device,
                                     progress=progress)

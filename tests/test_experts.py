@@ -13,7 +13,7 @@ from llmcomp.cli.app import app
 from llmcomp.core.artifact import load_artifact, write_artifact
 from llmcomp.core.config import to_dict
 from llmcomp.errors import UserError
-from llmcomp.prune import experts, moe
+from llmcomp.prune import experts, mcmoe, moe
 from llmcomp.prune.experts import ExpertPruneConfig
 
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
@@ -332,7 +332,7 @@ def test_quantize_unfuses_experts_and_allocates_bits_by_routing_mass(tmp_path):
 
 def test_dynamic_skip_threshold_is_recorded_and_reinstalled(tmp_path):
     from llmcomp.core.data import calib_windows
-    from llmcomp.prune.experts import DynamicSkipConfig
+    from llmcomp.prune.mcmoe import DynamicSkipConfig
 
     src = _save_with_tokenizer(tiny_moe("olmoe"), tmp_path / "moe")
     r = CliRunner().invoke(app, ["prune", "dynamic", str(src), "--rate", "0.2", "-o", str(tmp_path / "d"),
@@ -350,6 +350,6 @@ def test_dynamic_skip_threshold_is_recorded_and_reinstalled(tmp_path):
     skipped = float(torch.cat([w.flatten() for w in weights]).eq(0).double().mean())
     assert skipped == pytest.approx(0.2, abs=0.02)
     with pytest.raises(UserError, match="--rate must be between 0 and 0.5"):
-        experts.skip_threshold(tiny_moe("olmoe"), ids(), 0.6, device="cpu")
+        mcmoe.skip_threshold(tiny_moe("olmoe"), ids(), 0.6, device="cpu")
     with pytest.raises(UserError, match="strictly between 0 and 1"):
         DynamicSkipConfig(rate=0)

@@ -83,7 +83,7 @@ def dynamic(
     _quiet_transformers()
 
     def go():
-        from llmcomp.prune.experts import DynamicSkipConfig
+        from llmcomp.prune.mcmoe import DynamicSkipConfig
 
         with render.RichProgress() as progress:
             path = api.skip_experts(DynamicSkipConfig(rate=rate), output, model, overwrite=overwrite,
