@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     previous = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     rows = {r["name"]: r for r in previous["rows"]}
     ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
-    original = {"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}
+    original = {**api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref), "name": "original"}
     rows["original"] = original
     meta = quality.run_meta(args, original["text"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

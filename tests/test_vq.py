@@ -236,3 +236,24 @@ def test_artifact_save_load_same_logits(tiny_model_dir, tmp_path, cfg):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
     assert loaded.model.layers[1].mlp.down_proj.fmt == cfg.format
+
+
+@pytest.mark.slow
+def test_bundled_model_first_layer_both_formats(bundled_dir):
+    """Real shapes (576 → 9 PVQ groups of 64 a row: tight rows; 1536-wide down_proj) and real Hessians:
+    decoder layer 0 with VPTQ and with PVQ + Hadamard at 3 bits, in memory; ppl moves but stays sane."""
+    from llmcomp.core.data import calib_windows, eval_windows
+    from llmcomp.eval.perplexity import perplexity
+
+    targets = (r"re:model\.layers\.0\..*",)
+    base = None
+    for cfg in (VPTQConfig(format=codebook_for_bits(3), targets=targets),
+                PVQConfig(format=pyramid_for_bits(3, rotate=True), targets=targets)):
+        model, tok, _, _ = api.open_model(str(bundled_dir))
+        windows = eval_windows(tok, 256, 2)
+        base = base or perplexity(model, tok, windows=windows)["ppl"]
+        report = quantize_model(model, cfg, calib_windows(tok, 128, 8), device="cpu")
+        layers = [v for k, v in report.items() if not k.startswith("_")]
+        assert len(layers) == 7 and all(v["out_err_rel"] < 0.05 for v in layers), report
+        ppl = perplexity(model, tok, windows=windows)["ppl"]
+        assert base < ppl < 1.15 * base, (cfg.method, ppl, base)
