@@ -62,7 +62,8 @@ class Codebook(WeightFormat):
         if not 0 <= self.outliers < 0.5:
             raise UserError(f"VQ outlier columns must be a fraction in [0, 0.5), got {self.outliers}.")
         if not isinstance(self.outlier_bits, int) or not 1 <= self.outlier_bits <= MAX_STAGE_BITS:
-            raise UserError(f"VQ outlier index bits must be an integer from 1 to {MAX_STAGE_BITS}, got {self.outlier_bits}.")
+            raise UserError(f"VQ outlier index bits must be an integer from 1 to {MAX_STAGE_BITS}, "
+                            f"got {self.outlier_bits}.")
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -160,7 +161,8 @@ class Codebook(WeightFormat):
         n_oc = self.n_outlier_cols(in_features)
         if n_oc:
             fields["outlier_cols"] = tensors["outlier_cols"]
-            fields["outlier_index"] = unpack_wide(tensors["outlier_index"], self.outlier_bits, n_oc // self.dim, tight=True)
+            fields["outlier_index"] = unpack_wide(tensors["outlier_index"], self.outlier_bits, n_oc // self.dim,
+                                                  tight=True)
             fields["outlier_codebook"] = tensors["outlier_codebook"]
         return fields
 
@@ -186,7 +188,8 @@ class Codebook(WeightFormat):
         else:
             w = torch.empty(out_f, in_features, device=idx0.device)
             w[:, self.main_cols(f["outlier_cols"], in_features, idx0.device)] = main.reshape(out_f, -1)
-            w[:, f["outlier_cols"].to(torch.int64)] = f["outlier_codebook"].float()[f["outlier_index"]].reshape(out_f, -1)
+            outl = f["outlier_codebook"].float()[f["outlier_index"]]  # (out, n_oc / dim, dim)
+            w[:, f["outlier_cols"].to(torch.int64)] = outl.reshape(out_f, -1)
         if self.scale:
             w = w * f["scale"].float()[:, None]
         return w.to(dtype)

@@ -13,7 +13,8 @@ With ``rotate`` the stored weights are ``W·R`` for a seeded random Hadamard ``R
 dequantize applies ``Rᵀ``; only the seed is stored.
 
 Tensors (layer ``out × in``, G = in / N groups a row):
-- ``weight_index`` uint8 [out, tight_len(G, index_bits)] — indices, bit stream padded to a byte per row (bitpack.pack_wide, tight)
+- ``weight_index`` uint8 [out, tight_len(G, index_bits)] — the indices as a bit stream, each row padded
+  to a whole byte only (bitpack.pack_wide, tight)
 - ``norm_code``    uint8 [out, tight_len(G, norm_bits)]
 - ``norm_levels``  float16 [2**norm_bits]
 - ``weight_scale`` float16 [out]                         — only with ``scale``

@@ -27,7 +27,11 @@ def assign(x: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor) -> torch.Te
     out = []
     for s in range(0, x.shape[0], CHUNK):
         xs = x[s:s + CHUNK]
-        lhs = torch.cat([torch.ones_like(xs[:, :1]), xs], 1) if h is None else torch.cat([h[s:s + CHUNK], h[s:s + CHUNK] * xs], 1)
+        if h is None:
+            lhs = torch.cat([torch.ones_like(xs[:, :1]), xs], 1)
+        else:
+            hs = h[s:s + CHUNK]
+            lhs = torch.cat([hs, hs * xs], 1)
         out.append((lhs @ rhs).argmin(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
 

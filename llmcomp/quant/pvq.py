@@ -94,7 +94,8 @@ class PVQConfig(QuantConfig):
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise UserError(f"PVQ block size must be a positive integer, got {self.block_size}.")
         if not 0 <= self.damp < 10:
-            raise UserError(f"PVQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), got {self.damp}.")
+            raise UserError(f"PVQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), "
+                            f"got {self.damp}.")
 
 
 def directions(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +122,8 @@ class PVQQuantizer(Quantizer):
         out_f, in_f = linear.out_features, linear.in_features
         fmt.validate_shape(out_f, in_f, name)
         if cfg.hessian and (stats is None or stats.H is None):
-            raise UserError(f"PVQ with the Hessian got no calibration statistics for {name}; it needs calibration data.")
+            raise UserError(f"PVQ with the Hessian got no calibration statistics for {name}; "
+                            "it needs calibration data.")
         W0 = linear.weight.data.float()
         dev, N, K = W0.device, fmt.dim, fmt.pulses
         H0 = stats.H.to(dev) if cfg.hessian else None

@@ -53,7 +53,7 @@ def codebook_for_bits(bits: float, dim: int | None = None, **kw) -> Codebook:
         stages = (total,)
     else:
         rest = total - STAGE_BITS
-        stages = (STAGE_BITS,) + (STAGE_BITS,) * (rest // STAGE_BITS) + ((rest % STAGE_BITS,) if rest % STAGE_BITS else ())
+        stages = (STAGE_BITS,) * (1 + rest // STAGE_BITS) + ((rest % STAGE_BITS,) if rest % STAGE_BITS else ())
     return Codebook(dim=dim, bits=stages, **kw)
 
 
@@ -80,7 +80,8 @@ class VPTQConfig(QuantConfig):
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise UserError(f"VPTQ block size must be a positive integer, got {self.block_size}.")
         if not 0 <= self.damp < 10:
-            raise UserError(f"VPTQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), got {self.damp}.")
+            raise UserError(f"VPTQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), "
+                            f"got {self.damp}.")
 
 
 def row_scale(W: torch.Tensor) -> torch.Tensor:
