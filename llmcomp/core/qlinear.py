@@ -37,8 +37,11 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, fmt: WeightFormat, tensors: dict[str, torch.Tensor], in_features: int,
-                    bias: Optional[torch.Tensor] = None) -> "QuantLinear":
-        out_features = tensors[next(iter(fmt.param_specs(1, in_features)))].shape[0]
+                    bias: Optional[torch.Tensor] = None, out_features: Optional[int] = None) -> "QuantLinear":
+        """``out_features`` defaults to the rows of the format's first tensor (pass it for formats whose
+        tensors are not row-major, e.g. ``pyramid``'s groups along the output dimension)."""
+        if out_features is None:
+            out_features = tensors[next(iter(fmt.param_specs(1, in_features)))].shape[0]
         ref = next(iter(tensors.values()))
         mod = cls(in_features, out_features, fmt, bias=bias is not None, device="meta")
         for name, t in tensors.items():
