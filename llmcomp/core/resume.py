@@ -103,7 +103,8 @@ class Checkpoint:
                           for k in f.keys() if k.startswith(name + ".") and k[len(name) + 1:] in
                           fmt.param_specs(1, old.in_features)}
                 b = f.get_tensor(f"{name}.bias").to(device) if name in bias else None
-                set_submodule(model, name, QuantLinear.from_packed(fmt, packed, old.in_features, b))
+                set_submodule(model, name, QuantLinear.from_packed(fmt, packed, old.in_features, b,
+                                                                  out_features=old.out_features))
 
     def finish(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
