@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {sorted(known)}")
     previous = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
-    rows = {r["name"]: r for r in previous["rows"]}
+    rows = {r["name"]: r for r in previous["rows"] if r["name"] != DEFAULT_MODEL}  # older runs named it so
     ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
     original = {**api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref), "name": "original"}
     rows["original"] = original

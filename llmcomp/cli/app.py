@@ -66,7 +66,7 @@ def quantize(
     act_bits: Annotated[int, typer.Option("--act-bits", help="--method fp4: 4 also rounds each layer's inputs to E2M1 per token (W4A4, with per-channel input scales folded into the weights); 16 = weights only.")] = 16,
     search: Annotated[bool, typer.Option("--search", help="--method fp4 --format fp4: per-layer LLM-FP4 search of the 4-bit element (E2M1/E1M2/E3M0) and clipping on calibration data.")] = False,
     outliers: Annotated[Optional[str], typer.Option(help="GPTQ: keep this share of the weights (those whose rounding costs most) in fp16, e.g. 0.5% or 0.005. vptq: this share of the input columns (most salient) gets a codebook of its own.")] = None,
-    vector_len: Annotated[Optional[int], typer.Option("--vector-len", help="--method vptq/pvq: weights per vector along the input dimension (vptq default 4, pvq default 64); --bits is then the index bits per weight.")] = None,
+    vector_len: Annotated[Optional[int], typer.Option("--vector-len", help="--method vptq: weights per vector along the input dimension (default 4); pvq: weights per group down a column (default 64). --bits is then the code bits per weight.")] = None,
     hadamard: Annotated[bool, typer.Option("--hadamard", help="--method pvq: rotate the weights by a seeded random Hadamard matrix first (undone at dequantize).")] = False,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (calibrated methods).")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,

@@ -1,25 +1,26 @@
-"""``pyramid``: pyramid vector quantization (PVQ) of groups of ``dim`` weights along the input dimension.
+"""``pyramid``: pyramid vector quantization (PVQ) of groups of ``dim`` weights along the output dimension.
 
-Each group w (N = ``dim`` consecutive weights of one row) is stored as a gain and a direction:
+Each group w (N = ``dim`` consecutive output rows of one input column) is stored as a gain and a
+direction:
 
-    ŵ = s[o] · level[c] · y / ‖y‖₂,     y ∈ P(N, K) = {y ∈ ℤᴺ : Σ|yᵢ| = K}
+    ŵ[gN:(g+1)N, j] = level[c[g, j]] · y / ‖y‖₂,     y ∈ P(N, K) = {y ∈ ℤᴺ : Σ|yᵢ| = K}
 
 - the direction is a point y of the pyramid with K = ``pulses`` unit pulses, stored as its exact
   enumeration index (pvq_index.py): ⌈log₂ V(N, K)⌉ bits a group, no codebook in memory;
 - the gain is a ``norm_bits`` code into ``norm_levels`` (float16, one small table a layer, fitted by
-  the quantizer: a distribution-optimal 1-D quantizer of the gains);
-- ``s`` (optional) is a float16 scale per output channel, so one gain table fits every row.
-With ``rotate`` the stored weights are ``W·R`` for a seeded random Hadamard ``R`` (hadamard.py) and
-dequantize applies ``Rᵀ``; only the seed is stored.
+  the quantizer: a distribution-optimal 1-D quantizer of the gains).
+Groups run down a column (not along a row) so that GPTQ's column-by-column error feedback is exact:
+a column is quantized whole, in the Euclidean metric its feedback step minimizes.
+With ``rotate`` the stored weights are ``W·R`` for a seeded random Hadamard ``R`` along the input
+dimension (hadamard.py) and dequantize applies ``Rᵀ``; only the seed is stored.
 
-Tensors (layer ``out × in``, G = in / N groups a row):
-- ``weight_index`` uint8 [out, tight_len(G, index_bits)] — the indices as a bit stream, each row padded
-  to a whole byte only (bitpack.pack_wide, tight)
-- ``norm_code``    uint8 [out, tight_len(G, norm_bits)]
+Tensors (layer ``out × in``, B = out / N row blocks):
+- ``weight_index`` uint8 [B, tight_len(in, index_bits)] — the indices of block b's groups, column by
+  column, as a bit stream padded to a whole byte per block (bitpack.pack_wide, tight)
+- ``norm_code``    uint8 [B, tight_len(in, norm_bits)]
 - ``norm_levels``  float16 [2**norm_bits]
-- ``weight_scale`` float16 [out]                         — only with ``scale``
 ``code_bits`` = (index_bits + norm_bits) / N is what ``--bits`` asks for; ``bits_per_weight`` adds the
-scale and the level table.
+level table and the padding.
 """
 from __future__ import annotations
 
@@ -43,7 +44,6 @@ class Pyramid(WeightFormat):
     dim: int = 64
     pulses: int = 39
     norm_bits: int = 8
-    scale: bool = True
     rotate: bool = False
     seed: int = 0
 
@@ -64,7 +64,7 @@ class Pyramid(WeightFormat):
 
     @property
     def code_bits(self) -> float:
-        """Bits a weight spent on indices and gain codes (scales and the level table excluded)."""
+        """Bits a weight spent on indices and gain codes (the level table excluded)."""
         return (self.index_bits + self.norm_bits) / self.dim
 
     def describe(self) -> str:
@@ -72,63 +72,59 @@ class Pyramid(WeightFormat):
         return f"pvq N{self.dim} K{self.pulses} norm{self.norm_bits}b{rot} ({self.code_bits:.3f} b)"
 
     def validate_shape(self, out_features: int, in_features: int, layer: str) -> None:
-        if in_features % self.dim:
-            raise UserError(f"PVQ vector length {self.dim} does not divide the input dimension {in_features} of "
-                            f"{layer}; choose a --vector-len that divides it.")
+        if out_features % self.dim:
+            raise UserError(f"PVQ vector length {self.dim} does not divide the output dimension {out_features} of "
+                            f"{layer} (PVQ groups run down the columns); choose a --vector-len that divides it.")
 
     def param_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
-        G = in_features // self.dim
-        specs = {
-            "weight_index": TensorSpec((out_features, tight_len(G, self.index_bits)), torch.uint8),
-            "norm_code": TensorSpec((out_features, tight_len(G, self.norm_bits)), torch.uint8),
+        B = out_features // self.dim
+        return {
+            "weight_index": TensorSpec((B, tight_len(in_features, self.index_bits)), torch.uint8),
+            "norm_code": TensorSpec((B, tight_len(in_features, self.norm_bits)), torch.uint8),
             "norm_levels": TensorSpec((1 << self.norm_bits,), torch.float16),
         }
-        if self.scale:
-            specs["weight_scale"] = TensorSpec((out_features,), torch.float16)
-        return specs
 
     # -- storage ------------------------------------------------------------------------------
+    def groups(self, w: torch.Tensor) -> torch.Tensor:
+        """[out, in] → [B, in, N]: group (b, j) is rows bN..bN+N−1 of column j."""
+        out_f, in_f = w.shape
+        return w.reshape(out_f // self.dim, self.dim, in_f).transpose(1, 2)
+
+    def ungroup(self, g: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``groups``: [B, in, N] → [out, in]."""
+        B, in_f, N = g.shape
+        return g.transpose(1, 2).reshape(B * N, in_f)
+
     def pack(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """fields: ``pulses`` int [out, in] (each group of ``dim`` on the pyramid), ``norm_code`` int
-        [out, G], ``norm_levels`` [2**norm_bits], ``scale`` [out] (with ``scale``)."""
-        y = fields["pulses"]
-        out_f, in_f = y.shape
-        G = in_f // self.dim
-        idx = pvq_index.encode(y.reshape(out_f * G, self.dim), self.pulses)  # (out·G, L)
-        idx = idx.reshape(out_f, G, -1)
+        """fields: ``pulses`` int [out, in] (each group on the pyramid), ``norm_code`` int [B, in],
+        ``norm_levels`` [2**norm_bits]."""
+        g = self.groups(fields["pulses"])
+        B, in_f, N = g.shape
+        idx = pvq_index.encode(g.reshape(-1, N), self.pulses).reshape(B, in_f, -1)  # (B, in, L)
         code = fields["norm_code"].to(torch.int64)
         if code.min() < 0 or code.max() >= 1 << self.norm_bits:
             raise ValueError(f"norm codes out of range for {self.norm_bits} bits")
-        out = {
-            "weight_index": pack_wide(idx if self.index_bits > LIMB_BITS else idx[..., 0], self.index_bits, tight=True),
+        return {
+            "weight_index": pack_wide(idx if self.index_bits > LIMB_BITS else idx[..., 0], self.index_bits,
+                                      tight=True),
             "norm_code": pack_wide(code, self.norm_bits, tight=True),
             "norm_levels": fields["norm_levels"].to(torch.float16).contiguous(),
         }
-        if self.scale:
-            out["weight_scale"] = fields["scale"].to(torch.float16).contiguous()
-        return out
 
     def unpack(self, tensors: dict[str, torch.Tensor], in_features: int) -> dict[str, torch.Tensor]:
-        out_f = tensors["weight_index"].shape[0]
-        G = in_features // self.dim
-        idx = unpack_wide(tensors["weight_index"], self.index_bits, G, tight=True)
-        idx = idx.reshape(out_f * G, -1) if idx.dim() == 3 else idx.reshape(out_f * G, 1)
-        y = pvq_index.decode(idx, self.dim, self.pulses).reshape(out_f, in_features)
-        fields = {"pulses": y, "norm_code": unpack_wide(tensors["norm_code"], self.norm_bits, G, tight=True),
-                  "norm_levels": tensors["norm_levels"]}
-        if self.scale:
-            fields["scale"] = tensors["weight_scale"]
-        return fields
+        B = tensors["weight_index"].shape[0]
+        idx = unpack_wide(tensors["weight_index"], self.index_bits, in_features, tight=True)
+        idx = idx.reshape(B * in_features, -1)
+        y = pvq_index.decode(idx, self.dim, self.pulses).reshape(B, in_features, self.dim)
+        return {"pulses": self.ungroup(y), "norm_levels": tensors["norm_levels"],
+                "norm_code": unpack_wide(tensors["norm_code"], self.norm_bits, in_features, tight=True)}
 
     def dequantize(self, tensors: dict[str, torch.Tensor], in_features: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         f = self.unpack(tensors, in_features)
-        out_f = f["pulses"].shape[0]
-        y = f["pulses"].float().reshape(out_f, -1, self.dim)  # (out, G, N)
-        gain = f["norm_levels"].float()[f["norm_code"]]  # (out, G)
-        w = (y * (gain / y.norm(dim=-1)).unsqueeze(-1)).reshape(out_f, in_features)
-        if self.scale:
-            w = w * f["scale"].float()[:, None]
+        y = self.groups(f["pulses"].float())  # (B, in, N)
+        gain = f["norm_levels"].float()[f["norm_code"]]  # (B, in)
+        w = self.ungroup(y * (gain / y.norm(dim=-1)).unsqueeze(-1))
         if self.rotate:
             w = hadamard.unrotate(w, self.seed)
         return w.to(dtype)
