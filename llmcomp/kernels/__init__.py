@@ -25,6 +25,20 @@ def register_fast_path(format_name: str, device_type: str, supports: Callable, f
     _FAST.setdefault((format_name, device_type), []).append((supports, fn))
 
 
+def cached(cache: Optional[dict], tag: tuple, tensors: dict, build: Callable):
+    """``build()``'s result for these packed tensors, kept in ``cache`` (a dict owned by the calling
+    module). Keyed on ``tag`` and the tensors' identity and version counters, so replacing or editing
+    them in place rebuilds it; one entry per cache. Without a cache, ``build()`` every call."""
+    if cache is None:
+        return build()
+    key = (*tag, *((t.data_ptr(), t._version) for t in tensors.values()))
+    value = cache.get(key)
+    if value is None:
+        cache.clear()
+        value = cache[key] = build()
+    return value
+
+
 def reference_linear(
     x: torch.Tensor,
     fmt: WeightFormat,
@@ -74,15 +88,7 @@ def dequant_linear(
     if fn is not None:
         return fn(x, fmt, tensors, in_features, bias, cache)
     _warn_reference(fmt, x, tensors, in_features)
-    if cache is None:
-        return reference_linear(x, fmt, tensors, in_features, bias)
-    # keyed on the packed tensors' identity and version counters, so replacing or editing them in
-    # place invalidates the cached weight
-    key = (x.dtype, x.device, *((t.data_ptr(), t._version) for t in tensors.values()))
-    w = cache.get(key)
-    if w is None:
-        cache.clear()
-        w = cache[key] = fmt.dequantize(tensors, in_features, dtype=x.dtype)
+    w = cached(cache, (x.dtype, x.device), tensors, lambda: fmt.dequantize(tensors, in_features, dtype=x.dtype))
     return F.linear(x, w, bias)
 
 
@@ -91,15 +97,13 @@ def outlier_correction(x: torch.Tensor, fmt, tensors: dict, in_features: int, ca
     """For the ``outliers`` format: ``x @ (W − W_base)ᵀ``, non-zero only at the outliers' positions —
     added to the base format's product, this is the product with the full weight. ``cache`` keeps the
     (rows, cols, delta) triple so the base is dequantized once per weight, not per call."""
-    key = ("outliers", x.dtype, *((t.data_ptr(), t._version) for t in tensors.values()))
-    sparse = cache.get(key) if cache is not None else None
-    if sparse is None:
+    def build():
         base = fmt.base.dequantize(tensors, in_features, dtype=torch.float32)
         idx = tensors["outlier_index"].to(torch.int64)
-        sparse = (idx // in_features, idx % in_features,
-                  (tensors["outlier_value"].float() - base.view(-1)[idx]).to(x.dtype), base.shape[0])
-        if cache is not None:
-            cache[key] = sparse
+        return (idx // in_features, idx % in_features,
+                (tensors["outlier_value"].float() - base.view(-1)[idx]).to(x.dtype), base.shape[0])
+
+    sparse = cached(cache, ("outliers", x.dtype), tensors, build)
     rows, cols, delta, out_f = sparse
     x2 = x.reshape(-1, in_features)
     out = torch.zeros(x2.shape[0], out_f, dtype=x.dtype, device=x.device)

@@ -158,13 +158,9 @@ def dequantize(prep: dict, bits: int, in_features: int, dtype: torch.dtype) -> t
 
 
 def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
-    key = ("cuda", *((t.data_ptr(), t._version) for t in tensors.values()))
-    prep = cache.get(key) if cache is not None else None
-    if prep is None:
-        prep = prepare(fmt, tensors, in_features)
-        if cache is not None:
-            cache.clear()
-            cache[key] = prep
+    from llmcomp.kernels import cached
+
+    prep = cached(cache, ("cuda",), tensors, lambda: prepare(fmt, tensors, in_features))
     x2 = x.reshape(-1, in_features).contiguous()
     if x2.shape[0] <= MAX_M:
         y = gemm(x2, prep, fmt.bits)

@@ -160,13 +160,9 @@ def dequantize(prep: dict, bits: int, in_features: int, dtype: torch.dtype) -> t
 
 
 def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
-    key = ("triton", *((t.data_ptr(), t._version) for t in tensors.values()))
-    prep = cache.get(key) if cache is not None else None
-    if prep is None:
-        prep = prepare(fmt, tensors, in_features)
-        if cache is not None:
-            cache.clear()
-            cache[key] = prep
+    from llmcomp.kernels import cached
+
+    prep = cached(cache, ("triton",), tensors, lambda: prepare(fmt, tensors, in_features))
     x2 = x.reshape(-1, in_features)
     if x2.shape[0] <= GEMV_MAX_M:
         y = gemv(x2.contiguous(), prep, fmt.bits, in_features).to(x.dtype)

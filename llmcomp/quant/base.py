@@ -64,6 +64,12 @@ class Quantizer:
         raise NotImplementedError
 
 
+def require_stats(stats, method: str, name: str) -> None:
+    """A calibrated method's statistics for layer ``name`` must exist (they come from the driver)."""
+    if stats is None or getattr(stats, "H", None) is None:
+        raise UserError(f"{method} got no calibration statistics for {name}; it needs calibration data.")
+
+
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     noise = (ref.float() - approx.float()).pow(2).sum()

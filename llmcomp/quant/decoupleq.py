@@ -27,7 +27,7 @@ from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 from llmcomp.formats.uniform import SCALE_DTYPE, Uniform
-from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
+from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
 from llmcomp.quant.gptq import gptq_solve, static_grid, uniform_round
 from llmcomp.quant.hessian import HessianAccumulator, flush_denormal, inverse_cholesky
 
@@ -121,8 +121,7 @@ class DecoupleQQuantizer(Quantizer):
         cfg, fmt = self.config, self.format_for(name)
         out_f, n = linear.out_features, linear.in_features
         fmt.validate_shape(out_f, n, name)
-        if stats is None or stats.H is None:
-            raise UserError(f"decoupleQ got no calibration statistics for {name}; it needs calibration data.")
+        require_stats(stats, "decoupleQ", name)
         W0 = linear.weight.data.float()
         with flush_denormal():
             dh = stats.finalize(cfg.damp)

@@ -25,7 +25,7 @@ from llmcomp.errors import UserError
 from llmcomp.formats.actquant import ActQuant
 from llmcomp.formats.fp4 import FP4, MXFP4, BlockFP
 from llmcomp.formats.minifloat import E2M1, Minifloat
-from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
+from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
 from llmcomp.quant.hessian import HessianAccumulator
 
 SEARCH_ELEMENTS = (E2M1, Minifloat(1, 2), Minifloat(3, 0))
@@ -124,8 +124,7 @@ class FP4Quantizer(Quantizer):
         w = linear.weight.data.float()
         H = None
         if self.needs_calibration:
-            if stats is None or stats.H is None:
-                raise UserError(f"FP4 search/W4A4 got no calibration statistics for {name}; it needs calibration data.")
+            require_stats(stats, "FP4 search/W4A4", name)
             H = stats.H.to(w.device)
         in_scale = None
         if self.config.act_bits < 16:

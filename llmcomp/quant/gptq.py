@@ -34,7 +34,7 @@ from llmcomp.errors import UserError
 from llmcomp.formats.fp4 import BlockFP
 from llmcomp.formats.outliers import Outliers
 from llmcomp.formats.uniform import Uniform
-from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
+from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
 from llmcomp.quant.hessian import HessianAccumulator, flush_denormal, inverse_cholesky
 
 # round_col(j, ahead) -> the quantized (dequantized-value) column j, in the solver's column order.
@@ -191,8 +191,7 @@ class GPTQQuantizer(Quantizer):
         cfg, fmt = self.config, self.format_for(name)
         out_f, in_f = linear.out_features, linear.in_features
         fmt.validate_shape(out_f, in_f, name)
-        if stats is None or stats.H is None:
-            raise UserError(f"GPTQ got no calibration statistics for {name}; it needs calibration data.")
+        require_stats(stats, "GPTQ", name)
         W0 = linear.weight.data.float()
         device = W0.device
         with flush_denormal():

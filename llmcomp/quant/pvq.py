@@ -31,7 +31,7 @@ from llmcomp.errors import UserError
 from llmcomp.formats import hadamard
 from llmcomp.formats.pvq_index import pyramid_sizes
 from llmcomp.formats.pyramid import Pyramid, project
-from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
+from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
 from llmcomp.quant.hessian import HessianAccumulator
 from llmcomp.quant.kmeans import assign, kmeans
 from llmcomp.quant.vecsolve import output_error, solve_groups
@@ -120,9 +120,8 @@ class PVQQuantizer(Quantizer):
         cfg, fmt = self.config, self.format_for(name)
         out_f, in_f = linear.out_features, linear.in_features
         fmt.validate_shape(out_f, in_f, name)
-        if cfg.hessian and (stats is None or stats.H is None):
-            raise UserError(f"PVQ with the Hessian got no calibration statistics for {name}; "
-                            "it needs calibration data.")
+        if cfg.hessian:
+            require_stats(stats, "PVQ with the Hessian", name)
         W0 = linear.weight.data.float()
         dev, N, K = W0.device, fmt.dim, fmt.pulses
         H0 = stats.H.to(dev) if cfg.hessian else None

@@ -27,7 +27,7 @@ from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 from llmcomp.formats.codebook import Codebook
-from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
+from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
 from llmcomp.quant.hessian import HessianAccumulator
 from llmcomp.quant.kmeans import assign, kmeans
 from llmcomp.quant.vecsolve import diagonal_metric, output_error, solve_groups
@@ -133,8 +133,7 @@ class VPTQQuantizer(Quantizer):
         cfg, fmt = self.config, self.format_for(name)
         out_f, in_f = linear.out_features, linear.in_features
         fmt.validate_shape(out_f, in_f, name)
-        if stats is None or stats.H is None:
-            raise UserError(f"VPTQ got no calibration statistics for {name}; it needs calibration data.")
+        require_stats(stats, "VPTQ", name)
         W0 = linear.weight.data.float()
         dev, v = W0.device, fmt.dim
         H = stats.H.to(dev)
