@@ -41,8 +41,10 @@ def settings(args) -> dict:
 
 
 def plan_key(model) -> str:
-    return json.dumps(moe.shapes(model), sort_keys=True) + str([float(b.experts.down_proj.detach().sum())
-                                                                 for b in moe.find_moe_blocks(model)])
+    """Identifies the pruned weights (shapes and sums), so identical plans are measured once."""
+    blocks = moe.find_moe_blocks(model)
+    sums = [round(float(b.weights(e)[2].detach().sum()), 6) for b in blocks for e in range(b.num_experts)]
+    return json.dumps(moe.shapes(model), sort_keys=True) + str(sums)
 
 
 def main(argv=None) -> int:
@@ -50,13 +52,14 @@ def main(argv=None) -> int:
     ap.add_argument("--moe", type=Path, required=True, help="MoE artifact (made with llmcomp convert moefy if missing)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/experts_cpu.json"))
     ap.add_argument("--only", nargs="*", default=None,
-                    help="methods (or 'dense', 'moe', 'quant': MC-MoE quantization and dynamic-skip rows) to (re)measure")
+                    help="methods (or 'dense', 'moe', 'se': remove only the super experts vs a control, 'quant' or one of "
+                         f"{', '.join(QUANT)}: MC-MoE quantization and dynamic-skip rows) to (re)measure")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    wanted = args.only or ["dense", "moe", *METHODS, "heapr-diag", "quant"]
+    wanted = args.only or ["dense", "moe", "se", *METHODS, "heapr-diag", "quant"]
     data = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
     if data.get("meta", {}).get("settings") not in (None, settings(args)):
         ap.error(f"{args.out} was measured with other settings {data['meta']['settings']}; use another --out")
@@ -93,10 +96,11 @@ def main(argv=None) -> int:
                        "total_params": total_params, **evaluate(base, tok)}
         save()
         print(f"moe            ppl {rows['moe']['ppl']:.3f}", flush=True)
-    if "quant" in wanted:
-        quant_rows(args, rows, save)
+    quant = [q for q in QUANT if q in wanted or "quant" in wanted]
+    if quant:
+        quant_rows(args, rows, save, quant)
     methods = [m for m in (*METHODS, "heapr-diag") if m in wanted]
-    if not methods:
+    if not methods and "se" not in wanted:
         return 0
     t = time.perf_counter()
     ids = calib_windows(tok, 512, args.calib_samples, args.seed)
@@ -105,7 +109,13 @@ def main(argv=None) -> int:
     found = experts.super_experts(stats)
     data["meta"]["calibration_s"] = calib_s
     data["meta"]["super_experts"] = found
+    every = torch.cat([st.max_out for st in stats.values()])
+    data["meta"]["max_down_proj_output"] = {"median": float(every.median()), "max": float(every.max()),
+                                            "super": {p: [float(stats[p].max_out[e]) for e in es]
+                                                      for p, es in found.items()}}
     print(f"calibration pass {calib_s:.0f} s; super experts: {found or 'none'}", flush=True)
+    if "se" in wanted and found:
+        super_expert_rows(base, tok, stats, found, rows, save, evaluate)
     for method in methods:
         for ratio in RATIOS:
             done = {}
@@ -141,7 +151,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def quant_rows(args, rows, save) -> None:
+def super_expert_rows(base, tok, stats, found, rows, save, evaluate) -> None:
+    """Remove only the super experts, and as a control the same number of other experts of the same blocks
+    (those with the smallest down_proj maxima)."""
+    blocks_of = lambda net: {b.path: b for b in moe.find_moe_blocks(net)}  # noqa: E731
+    for name in ("se-only", "se-control"):
+        net = copy.deepcopy(base)
+        blocks = blocks_of(net)
+        removed = {}
+        for path, es in found.items():
+            st = stats[path]
+            others = [e for e in torch.argsort(st.max_out).tolist() if e not in es][: len(es)]
+            drop = es if name == "se-only" else others
+            moe.keep_experts(blocks[path], [e for e in range(st.num_experts) if e not in drop])
+            removed[path] = drop
+        rows[name] = {"name": name, "method": name, "removed": removed, **evaluate(net, tok)}
+        save()
+        print(f"{name:24s} ppl {rows[name]['ppl']:9.3f}  removed {removed}", flush=True)
+
+
+def quant_rows(args, rows, save, names) -> None:
     """MC-MoE: RTN W3 g64 everywhere vs a 3.0 bits/weight allocation over candidates 2/3/4 (g64) without and
     with the routing-mass weighting of expert errors; dynamic skipping of 15 % of the routed slots on the
     MoE and on top of the MC-MoE artifact. Every row is an artifact loaded back by llmcomp.load."""
@@ -158,7 +187,7 @@ def quant_rows(args, rows, save) -> None:
     kw = dict(calib_samples=args.calib_samples, seed=args.seed, device="cpu")
     with tempfile.TemporaryDirectory(dir=args.moe.parent) as tmp:
         made = {}
-        for name in QUANT:
+        for name in names:
             t = time.perf_counter()
             out = Path(tmp) / name
             if name == "rtn-w3g64":
