@@ -17,6 +17,7 @@ from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
 from llmcomp.eval import perplexity, size_report
 from llmcomp.eval.agreement import Reference
+from llmcomp.interop import imports
 from llmcomp.prune.kv import hook as _kv_hook  # noqa: F401  (artifacts with a KV stage re-install their policy)
 from llmcomp.prune import moe as _moe_hook  # noqa: F401  (artifacts with a moe stage get their shapes back)
 from llmcomp.quant import QuantConfig, quantize_model
@@ -43,6 +44,9 @@ def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[
     if is_artifact(p):
         model, tok, manifest = load_artifact(p, dtype=dtype, device=device)
         return model, tok, manifest["base_model"], manifest["stages"]
+    kind = imports.detect(p)
+    if kind is not None:  # a GPTQ / compressed-tensors checkpoint: its layers become llmcomp uniform layers
+        return imports.open_checkpoint(p, kind, dtype=dtype, device=device)
     model, tok = model_mod.load_hf(p, dtype=dtype or torch.float32)
     if device is not None:
         model.to(device)
@@ -57,6 +61,8 @@ def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str
     p = model_mod.resolve(path)
     if is_artifact(p):
         model, tok, _ = load_artifact(p, dtype=dtype, device=device, device_map=device_map)
+    elif imports.detect(p) is not None:
+        model, tok, _, _ = imports.open_checkpoint(p, imports.detect(p), dtype=dtype, device=device)
     else:
         model, tok = model_mod.load_hf(p, dtype=dtype or torch.float32, device_map=device_map)
         if device is not None and device_map is None:
@@ -131,6 +137,13 @@ def quantize(
     if checkpoint is not None:
         checkpoint.finish()
     return path
+
+
+def export(artifact, to: str, output: os.PathLike | str, *, overwrite: bool = False) -> dict:
+    """Write an artifact as a checkpoint other tools load (``to``: compressed-tensors | gptq); a summary dict."""
+    from llmcomp import interop
+
+    return interop.export(artifact, to, output, overwrite=overwrite)
 
 
 def _weights_key(net) -> str:

@@ -218,6 +218,10 @@ from llmcomp.cli.bench import bench_app  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
 
+from llmcomp.cli.export import export as _export  # noqa: E402
+
+app.command("export")(_export)
+
 
 def main():  # pragma: no cover
     app()

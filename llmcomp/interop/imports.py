@@ -1,0 +1,121 @@
+"""Open a GPTQ or compressed-tensors (``pack-quantized``) checkpoint as a model whose quantized linears are
+llmcomp ``uniform`` ``QuantLinear`` layers, converted exactly, so ``llmcomp eval`` / ``quantize`` /
+``llmcomp.load`` take it like an artifact. Plain torch: neither gptqmodel nor compressed-tensors is needed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llmcomp.errors import UserError
+
+# quant_method in config.json → (the tensor that marks a quantized linear, the importer's name)
+KINDS = {"gptq": ".qweight", "compressed-tensors": ".weight_packed"}
+
+
+def detect(path: Path) -> Optional[str]:
+    """``"gptq"`` or ``"compressed-tensors"`` when ``path/config.json`` says the checkpoint is one, else None."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return method if method in KINDS else None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from llmcomp.core.artifact import weight_files
+
+    files = weight_files(path)
+    out = {}
+    for f in files:
+        if not f.exists():
+            raise UserError(f"Checkpoint file {f} is missing.")
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"Checkpoint file {f} could not be read: {str(exc).splitlines()[0]}") from None
+    return out
+
+
+def _convert(kind: str, name: str, fields: dict, qc: dict, module: nn.Module):
+    if kind == "gptq":
+        from llmcomp.interop.gptq_layout import import_layer
+
+        return import_layer(name, fields, qc, module.in_features)
+    from llmcomp.interop.compressed_tensors import read_layer, scheme_for
+
+    group = scheme_for(qc, name, module)
+    if group is None:
+        raise UserError(f"{name} has packed weights but no config group of the quantization_config targets it.")
+    return read_layer(name, fields, group, group.get("format") or qc.get("format"), module.in_features)
+
+
+def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None):
+    """(model, tokenizer, base-model info, [import stage]) for a ``kind`` checkpoint directory."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmcomp.core import model as model_mod
+    from llmcomp.core.config import to_dict
+    from llmcomp.core.qlinear import QuantLinear
+
+    start = time.perf_counter()
+    path = Path(path)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the model is llmcomp's now; a saved artifact must not re-quantize
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    tensors = _read_tensors(path)
+    marker = KINDS[kind]
+    names = sorted(k[: -len(marker)] for k in tensors if k.endswith(marker))
+    if not names:
+        raise UserError(f"{path} says it is a {kind} checkpoint, but has no {marker[1:]} tensors.")
+    formats = {}
+    for name in names:
+        fields = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors)
+                  if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            old = None
+        if not isinstance(old, nn.Linear):
+            raise UserError(f"Checkpoint tensor {name}{marker} does not belong to a linear layer of the model.")
+        fmt, packed = _convert(kind, name, fields, qc, old)
+        bias = fields.get("bias")
+        ql = QuantLinear.from_packed(fmt, packed, old.in_features, out_features=old.out_features,
+                                     bias=None if bias is None else bias.to(dtype or torch.float32))
+        model_mod.set_submodule(model, name, ql)
+        formats[name] = fmt
+    expected = set(model.state_dict())
+    for key, value in tensors.items():
+        if key not in expected:
+            raise UserError(f"Checkpoint tensor {key} does not belong to the model.")
+        if value.is_floating_point():
+            value = value.to(dtype or torch.float32)
+        set_module_tensor_to_device(model, key, "cpu", value=value)
+    model.tie_weights()
+    missing = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
+    if missing:
+        raise UserError(f"Checkpoint {path} lacks tensor {missing[0]} ({len(missing)} missing).")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    distinct = list(dict.fromkeys(formats.values()))
+    stage = {"method": f"import-{kind}",
+             "config": {"format": to_dict(distinct[0]) if len(distinct) == 1 else None, "quantization_config": qc},
+             "wall_time_s": round(time.perf_counter() - start, 2), "metrics": {"imported_layers": len(formats)}}
+    base = {"name": model_mod.model_name(path), "path": str(path.resolve()), "sha256": model_mod.weights_sha256(path)}
+    return model, model_mod.load_tokenizer(path), base, [stage]

@@ -1,0 +1,131 @@
+"""What every exporter needs: an artifact opened for export, and an atomic checkpoint writer.
+
+An exporter sees each quantized linear as a ``Layer`` (path, format, packed tensors, shape, bias) plus
+the model's other tensors, and writes a plain Hugging Face directory: ``model.safetensors`` (sharded
+past 4 GiB), ``config.json`` with a ``quantization_config``, and the artifact's generation config and
+tokenizer files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llmcomp.core.artifact import DEFAULT_SHARD_BYTES, INDEX, MANIFEST, _save_shards, _unique_state, is_artifact
+from llmcomp.core.paths import atomic_dir
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.errors import UserError
+
+# Manifest stage kinds that change the model's structure or runtime behaviour in ways only llmcomp.load
+# rebuilds (prune/kv, prune/moe, linearize): other tools would load a different model.
+_STAGE_KINDS = {"kv": "a KV-cache policy", "moe": "an llmcomp MoE layout (unfused or pruned experts)",
+                "linearize": "linear-attention layers"}
+
+
+@dataclass
+class Layer:
+    path: str
+    fmt: object  # a formats.WeightFormat
+    tensors: dict[str, torch.Tensor]  # the format's packed tensors (weight_packed, weight_scale, ...)
+    out_features: int
+    in_features: int
+    bias: Optional[torch.Tensor]
+
+
+@dataclass
+class Source:
+    path: Path
+    model: torch.nn.Module
+    manifest: dict
+    layers: list[Layer]
+
+    def other_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor that is not a quantized layer's weight (embeddings, norms, unquantized linears),
+        each storage once (tied weights stay tied through the config), in its stored dtype."""
+        quantized = {layer.path for layer in self.layers}
+        state = _unique_state(self.model, None)
+        return {k: v for k, v in state.items() if k.rpartition(".")[0] not in quantized}
+
+    def float_dtype(self) -> torch.dtype:
+        """The dtype the artifact stores its unquantized float tensors in (float32 when there are none)."""
+        for t in self.other_tensors().values():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+
+def check_output(output, overwrite: bool) -> Path:
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    return output
+
+
+def open_source(path, target: str) -> Source:
+    """Open an llmcomp artifact for export to ``target`` (a name for messages); refuse what no other tool
+    could load."""
+    from llmcomp.core.artifact import load_artifact, read_manifest
+    from llmcomp.core.model import resolve
+
+    p = resolve(path)
+    if not is_artifact(p):
+        raise UserError(f"{p} is not an llmcomp artifact ({MANIFEST} is missing); export writes an artifact's "
+                        f"quantized weights, so quantize the model first.")
+    for stage in read_manifest(p, verify=False)["stages"]:
+        kind = stage.get("kind")
+        if kind is not None:
+            what = _STAGE_KINDS.get(kind, f"a {kind!r} stage")
+            raise UserError(f"{p} has {what} (stage {stage.get('method')!r}), which has no {target} equivalent; "
+                            f"export an artifact without it.")
+    model, _, manifest = load_artifact(p)
+    layers = [Layer(n, m.fmt, {k: t.detach().cpu() for k, t in m.packed_tensors().items()}, m.out_features,
+                    m.in_features, None if m.bias is None else m.bias.detach().cpu())
+              for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise UserError(f"{p} has no quantized layers; there is nothing to export as {target}.")
+    return Source(p, model, manifest, layers)
+
+
+def write_checkpoint(src: Source, dest: Path, tensors: dict[str, torch.Tensor], quantization_config: dict,
+                     overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write ``tensors`` and the artifact's config (plus ``quantization_config``), generation config and
+    tokenizer files as a Hugging Face checkpoint directory at ``dest`` (atomically)."""
+    dest = check_output(dest, overwrite)
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
+        _save_shards({k: v.contiguous() for k, v in tensors.items()}, tmp, shard_bytes)
+        for f in sorted(src.path.iterdir()):
+            skip = f.name in (MANIFEST, INDEX, "config.json") or f.name.endswith(".safetensors")
+            if f.is_file() and not skip:
+                shutil.copyfile(f, tmp / f.name)
+        config = json.loads((src.path / "config.json").read_text())
+        config["quantization_config"] = quantization_config
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def formats_of(src: Source) -> dict:
+    """{format spec: [layer, ...]} in model order."""
+    groups: dict = {}
+    for layer in src.layers:
+        groups.setdefault(layer.fmt, []).append(layer)
+    return groups
+
+
+def unsupported_format(layer: Layer, target: str, supported: str) -> UserError:
+    return UserError(f"{layer.path} is stored as {layer.fmt.describe()} ({layer.fmt.name}), which has no {target} "
+                     f"equivalent ({target} export takes {supported}).")
+
+
+def uniform_fields(layer: Layer, target: str) -> dict[str, torch.Tensor]:
+    """A ``uniform`` layer's codes (uint8 [out, in]), scale (float16 [out, G]) and integer zero point
+    (int64 [out, G]); refuses real-valued zeros (decoupleQ), which integer checkpoints cannot store."""
+    f = layer.fmt.unpack(layer.tensors, layer.in_features)
+    zero = f["zero"].float()
+    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() > layer.fmt.maxq:
+        raise UserError(f"{layer.path} has real-valued zero points (decoupleQ float zeros), which have no {target} "
+                        f"equivalent: {target} stores integer zero points in [0, {layer.fmt.maxq}].")
+    return {"codes": f["codes"], "scale": f["scale"].to(torch.float16), "zero": zero.long()}

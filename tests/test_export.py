@@ -1,0 +1,375 @@
+"""llmcomp export (compressed-tensors, GPTQ) and import of those checkpoints.
+
+Round trips compare logits of ``llmcomp.load(artifact)`` with the export loaded by transformers
+(compressed-tensors) or re-imported by llmcomp (GPTQ, compressed-tensors), and GPTQ tensors with a
+reader written from the layout alone."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import llmcomp
+from llmcomp import api
+from llmcomp.cli.app import app
+from llmcomp.core.artifact import read_manifest, write_artifact
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.errors import UserError
+from llmcomp.formats import Uniform
+from llmcomp.formats.fp4 import FP4, MXFP4, NVFP4
+from llmcomp.interop import gptq_layout
+from llmcomp.interop.words import codes_to_words, words_to_codes
+from llmcomp.quant import RTNConfig
+from llmcomp.quant.fp4 import FP4Config
+
+runner = CliRunner()
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tests.conftest import tiny_llama
+
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    tiny_llama(hidden=64, inter=128).save_pretrained(path)  # every dimension a multiple of 32
+    return path
+
+
+@pytest.fixture(scope="module")
+def arts(model_dir, tmp_path_factory):
+    """Artifacts by name, made once per module."""
+    root = tmp_path_factory.mktemp("arts")
+    configs = {"w4g32": RTNConfig(format=Uniform(4, 32)), "w4g32sym": RTNConfig(format=Uniform(4, 32, True)),
+               "w8": RTNConfig(format=Uniform(8, 0, True)), "w3g32": RTNConfig(format=Uniform(3, 32)),
+               "w2g16": RTNConfig(format=Uniform(2, 16)), "nvfp4": FP4Config(format=NVFP4()),
+               "mxfp4": FP4Config(format=MXFP4())}
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = api.quantize(configs[name], root / name, str(model_dir))
+        return cache[name]
+
+    return get
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+# -- packing ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n", [32, 96, 40, 576])
+def test_words_round_trip(bits, n):
+    codes = torch.randint(0, 1 << bits, (5, n), dtype=torch.uint8)
+    words = codes_to_words(codes, bits, math.ceil(n * bits / 32))
+    assert words.dtype == torch.int32
+    assert torch.equal(words_to_codes(words, bits, n), codes)
+
+
+def test_words_match_compressed_tensors_packing():
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    for bits in (2, 3, 4, 8):
+        codes = torch.randint(0, 1 << bits, (3, 100), dtype=torch.uint8)
+        theirs = ct.pack_to_int32((codes.long() - (1 << bits - 1)).to(torch.int8), bits)
+        assert torch.equal(codes_to_words(codes, bits, theirs.shape[1]), theirs)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group,sym", [(32, False), (32, True), (0, False), (48, False)],
+                         ids=["g32-asym", "g32-sym", "per-channel", "g48-ragged"])
+@pytest.mark.parametrize("v1", [True, False], ids=["v1", "v2"])
+def test_gptq_layout_exact(bits, group, sym, v1):
+    fmt = Uniform(bits, group, sym)
+    out_f, in_f = 64, 160
+    w = torch.randn(out_f, in_f)
+    # scale/zero per group by the format's own min/max rule, codes on that grid
+    ng = fmt.n_groups(in_f)
+    scale, zero = torch.empty(out_f, ng), torch.empty(out_f, ng)
+    g = fmt.group(in_f)
+    for j in range(ng):
+        scale[:, j], zero[:, j] = fmt.qparams(w[:, j * g:(j + 1) * g])
+    zero = zero.clamp(min=1) if v1 else zero  # v1 cannot store z = 0
+    codes = fmt.encode(w, fmt.expand(scale, in_f), fmt.expand(zero, in_f)).to(torch.uint8)
+    packed = fmt.pack({"codes": codes, "scale": scale, "zero": zero})
+    ours = fmt.dequantize(packed, in_f)
+    t = gptq_layout.pack_layer(codes, scale.half(), zero.long(), bits, group, v1)
+    assert t["qweight"].shape == (in_f * bits // 32, out_f) and t["qzeros"].shape == (ng, out_f * bits // 32)
+    assert torch.equal(gptq_layout.dequantize_gptq(t, bits, v1), ours)  # independent reader
+    qcfg = {"bits": bits, "group_size": group or -1, "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+    fmt2, packed2 = gptq_layout.import_layer("x", t, qcfg, in_f)
+    assert torch.equal(fmt2.dequantize(packed2, in_f), ours)
+
+
+# -- compressed-tensors export ------------------------------------------------------------------------
+def _hf(path, dequantize: bool):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+
+
+@pytest.mark.parametrize("name,dequantize,tol", [
+    ("w4g32sym", False, 0.0),  # transformers' default (compressed) load path
+    ("w8", False, 0.0),
+    ("w4g32", True, 0.0),  # asymmetric: see test_ct_asym_default_path for why dequantize=True
+    ("w3g32", True, 0.0),
+    ("mxfp4", True, 0.0),
+    ("nvfp4", True, 5e-3),  # compressed-tensors decompresses NVFP4 in bfloat16
+])
+def test_compressed_tensors_loads_in_transformers(arts, tmp_path, name, dequantize, tol):
+    pytest.importorskip("compressed_tensors")
+    art = arts(name)
+    out = tmp_path / "ct"
+    result = invoke("export", art, "--to", "compressed-tensors", "-o", out)
+    assert result.exit_code == 0, result.output
+    diff = (logits(llmcomp.load(art)) - logits(_hf(out, dequantize))).abs().max().item()
+    print(f"compressed-tensors {name}: max |Δlogit| = {diff:.3g}")
+    assert diff <= tol
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["ignore"] == ["lm_head"]
+    assert "llmcomp.json" not in {p.name for p in out.iterdir()}
+
+
+def test_ct_nvfp4_tensors_exact(arts, tmp_path):
+    """NVFP4: the packed bytes and block scales are llmcomp's, the global scale its reciprocal."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    art = arts("nvfp4")
+    api.export(art, "compressed-tensors", tmp_path / "ct")
+    st = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    layer = llmcomp.load(art).model.layers[1].mlp.down_proj
+    name = "model.layers.1.mlp.down_proj"
+    vals = unpack_fp4_from_uint8(st[f"{name}.weight_packed"], layer.out_features, layer.in_features, dtype=torch.float32)
+    assert torch.equal(vals, NVFP4().element.decode(layer.fmt.unpack(layer.packed_tensors(), layer.in_features)["codes"]))
+    assert torch.equal(st[f"{name}.weight_scale"].view(torch.uint8), layer.weight_scale.view(torch.uint8))
+    assert torch.allclose(st[f"{name}.weight_global_scale"] * layer.weight_global_scale, torch.ones(1), rtol=1e-6)
+
+
+def test_ct_asym_default_path(arts, tmp_path):
+    """Documents a compressed-tensors 0.20 limitation: transformers' default (compressed) load path builds
+    asymmetric ``weight_zero_point`` unpacked on the meta device, so any asymmetric pack-quantized
+    checkpoint (ours or llm-compressor's) needs ``CompressedTensorsConfig(dequantize=True)``."""
+    pytest.importorskip("compressed_tensors")
+    art = arts("w4g32")
+    api.export(art, "compressed-tensors", tmp_path / "ct")
+    try:
+        _hf(tmp_path / "ct", dequantize=False)
+    except RuntimeError as exc:
+        assert "weight_zero_point" in str(exc) or "mismatch" in str(exc)
+    else:  # a fixed compressed-tensors: then it must be exact too
+        assert (logits(llmcomp.load(art)) - logits(_hf(tmp_path / "ct", False))).abs().max().item() == 0
+
+
+def test_ct_mixed_formats_and_import(model_dir, tmp_path):
+    """Two formats (down_proj at 8 bits per-channel) → two config groups; the import reads both back exactly.
+    Symmetric, because transformers' dequantize=True path applies one scheme to every dense layer, and its
+    default path does not take asymmetric layers (test_ct_asym_default_path)."""
+    pytest.importorskip("compressed_tensors")
+    from llmcomp.quant import quantize_model
+
+    model, tok, base, _ = api.open_model(str(model_dir))
+    quantize_model(model, RTNConfig(format=Uniform(4, 32, True), ignore=("lm_head", "mlp.down_proj")))
+    quantize_model(model, RTNConfig(format=Uniform(8, 0, True), targets=("mlp.down_proj",)))
+    art = write_artifact(tmp_path / "mixed", model, tok, base_model=base, stages=[])
+    out = tmp_path / "ct"
+    assert api.export(art, "compressed-tensors", out)["format"] == "pack-quantized"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(qc["config_groups"]) == 2
+    ref = logits(llmcomp.load(art))
+    assert (ref - logits(_hf(out, False))).abs().max().item() == 0
+    back = llmcomp.load(out)  # import: uniform layers again
+    assert isinstance(back.model.layers[0].mlp.down_proj, QuantLinear)
+    assert back.model.layers[0].mlp.down_proj.fmt == Uniform(8, 0, True)
+    assert torch.equal(logits(back), ref)
+
+
+# -- GPTQ export and import -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name,checkpoint_format", [("w4g32", "gptq"), ("w4g32sym", "gptq"), ("w8", "gptq"),
+                                                    ("w3g32", "gptq"), ("w2g16", "gptq_v2")])
+def test_gptq_round_trip(arts, tmp_path, name, checkpoint_format):
+    art = arts(name)
+    out = tmp_path / "gptq"
+    result = invoke("export", art, "--to", "gptq", "-o", out)
+    assert result.exit_code == 0, result.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    fmt = llmcomp.load(art).model.layers[0].self_attn.q_proj.fmt
+    assert qc["quant_method"] == "gptq" and qc["bits"] == fmt.bits and qc["sym"] == fmt.symmetric
+    assert qc["checkpoint_format"] == checkpoint_format and qc["desc_act"] is False
+    # every layer: the layout read independently equals llmcomp's dequantize
+    st = load_file(str(out / "model.safetensors"))
+    ref_model = llmcomp.load(art)
+    for n, m in ref_model.named_modules():
+        if isinstance(m, QuantLinear):
+            t = {k: st[f"{n}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+            assert torch.equal(gptq_layout.dequantize_gptq(t, fmt.bits, checkpoint_format == "gptq"), m.dequantize()), n
+    # import (llmcomp.load / eval / quantize accept the directory): logits identical
+    diff = (logits(ref_model) - logits(llmcomp.load(out))).abs().max().item()
+    print(f"gptq {name}: max |Δlogit| after import = {diff}")
+    assert diff == 0
+
+
+def test_gptq_import_feeds_quantize(arts, tmp_path):
+    """A GPTQ checkpoint as MODEL of quantize: stages start with the import, the layers stay exact."""
+    out = tmp_path / "gptq"
+    art = arts("w4g32")
+    api.export(art, "gptq", out)
+    net, _, _, stages = api.open_model(str(out))
+    assert api.stage_label(stages[0]) == "import-gptq int4 g32 asym"
+    again = api.quantize(RTNConfig(format=Uniform(8, 0), ignore=()), tmp_path / "again", str(out))  # + lm_head
+    m = read_manifest(again)
+    assert [s["method"] for s in m["stages"]] == ["import-gptq", "rtn"]
+    assert "lm_head" in m["modules"] and "quantization_config" not in json.loads((again / "config.json").read_text())
+    reloaded = llmcomp.load(again)
+    src = llmcomp.load(art)
+    assert torch.equal(reloaded.model.layers[1].mlp.up_proj.dequantize(), src.model.layers[1].mlp.up_proj.dequantize())
+
+
+def test_gptq_ragged_groups_export(tmp_path):
+    """GPTQ's g_idx expresses llmcomp's ragged last group (in=96, g=64 → groups of 64 and 32)."""
+    from tests.conftest import tiny_llama
+
+    tiny_llama(hidden=64, inter=96).save_pretrained(tmp_path / "m")
+    art = api.quantize(RTNConfig(format=Uniform(4, 64)), tmp_path / "a", str(tmp_path / "m"))
+    summary = api.export(art, "gptq", tmp_path / "g")
+    assert summary["ragged_layers"] == 2  # the two down_proj layers
+    assert torch.equal(logits(llmcomp.load(art)), logits(llmcomp.load(tmp_path / "g")))
+
+
+def test_gptq_act_order_import_refused(arts, tmp_path):
+    out = tmp_path / "gptq"
+    api.export(arts("w4g32"), "gptq", out)
+    st = load_file(str(out / "model.safetensors"))
+    st["model.layers.0.mlp.up_proj.g_idx"] = st["model.layers.0.mlp.up_proj.g_idx"].flip(0).contiguous()
+    from safetensors.torch import save_file
+
+    save_file(st, str(out / "model.safetensors"))
+    with pytest.raises(UserError, match="act-order"):
+        llmcomp.load(out)
+
+
+# -- refusals: one error line, exit 2, nothing written ------------------------------------------------
+def _decoupleq_like(model_dir, tmp_path):
+    """An artifact whose zero points are real-valued, as decoupleQ writes them."""
+    from llmcomp.quant import quantize_model
+
+    model, tok, base, _ = api.open_model(str(model_dir))
+    quantize_model(model, RTNConfig(format=Uniform(4, 32)))
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.weight_zero.add_(0.25)
+    return write_artifact(tmp_path / "dq", model, tok, base_model=base, stages=[])
+
+
+def _kv_stage(arts, tmp_path):
+    src = arts("w4g32")
+    model, tok, manifest = llmcomp.load(src), None, read_manifest(src)
+    stages = manifest["stages"] + [{"method": "kv-snapkv", "kind": "kv", "config": {}, "metrics": {}}]
+    return write_artifact(tmp_path / "kv", model, tok, base_model=manifest["base_model"], stages=stages)
+
+
+def _fp4_group(model_dir, tmp_path):
+    return api.quantize(FP4Config(format=FP4(group_size=32)), tmp_path / "fp4", str(model_dir))
+
+
+def _ragged(model_dir, tmp_path):
+    from tests.conftest import tiny_llama
+
+    tiny_llama(hidden=64, inter=96).save_pretrained(tmp_path / "m96")
+    return api.quantize(RTNConfig(format=Uniform(4, 64)), tmp_path / "r", str(tmp_path / "m96"))
+
+
+def _partial(model_dir, tmp_path):
+    return api.quantize(RTNConfig(format=Uniform(4, 32), ignore=("lm_head", "mlp.down_proj")), tmp_path / "p",
+                        str(model_dir))
+
+
+def _five_bits(model_dir, tmp_path):
+    return api.quantize(RTNConfig(format=Uniform(5, 32)), tmp_path / "b5", str(model_dir))
+
+
+REFUSALS = [
+    ("not-artifact", lambda a, m, t: m, "compressed-tensors", "not an llmcomp artifact"),
+    ("missing", lambda a, m, t: t / "nope", "gptq", "does not exist"),
+    ("decoupleq-zeros-ct", lambda a, m, t: _decoupleq_like(m, t), "compressed-tensors", "real-valued zero points"),
+    ("decoupleq-zeros-gptq", lambda a, m, t: _decoupleq_like(m, t), "gptq", "real-valued zero points"),
+    ("kv-policy", lambda a, m, t: _kv_stage(a, t), "compressed-tensors", "KV-cache policy"),
+    ("fp4-group-ct", lambda a, m, t: _fp4_group(m, t), "compressed-tensors", "no compressed-tensors equivalent"),
+    ("nvfp4-gptq", lambda a, m, t: a("nvfp4"), "gptq", "no GPTQ equivalent"),
+    ("ragged-ct", lambda a, m, t: _ragged(m, t), "compressed-tensors", "ragged last group"),
+    ("partial-gptq", lambda a, m, t: _partial(m, t), "gptq", "every linear layer"),
+    ("5-bit-gptq", lambda a, m, t: _five_bits(m, t), "gptq", "2, 3, 4 or 8 bits"),
+    ("unknown-target", lambda a, m, t: a("w4g32"), "onnx", "Unknown export target"),
+]
+
+
+@pytest.mark.parametrize("make,to,needle", [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
+def test_export_refusals(arts, model_dir, tmp_path, make, to, needle):
+    if to == "compressed-tensors":
+        pytest.importorskip("compressed_tensors")
+    src = make(arts, model_dir, tmp_path)
+    out = tmp_path / "out"
+    line = one_error(invoke("export", src, "--to", to, "-o", out))
+    assert needle in line, line
+    assert not out.exists()
+
+
+def test_export_existing_output(arts, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert "already exists" in one_error(invoke("export", arts("w4g32"), "--to", "gptq", "-o", out))
+    assert invoke("export", arts("w4g32"), "--to", "gptq", "-o", out, "--overwrite").exit_code == 0
+
+
+def test_export_without_package(arts, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # import fails
+    line = one_error(invoke("export", arts("w4g32"), "--to", "compressed-tensors", "-o", tmp_path / "o"))
+    assert "extra 'export'" in line and "pip install compressed-tensors" in line
+
+
+def test_ct_float_import_refused(arts, tmp_path):
+    """Importing compressed-tensors float (NVFP4) layers is not done: a clear error, not a wrong model."""
+    pytest.importorskip("compressed_tensors")
+    api.export(arts("nvfp4"), "compressed-tensors", tmp_path / "ct")
+    with pytest.raises(UserError, match="int pack-quantized layers only"):
+        api.open_model(str(tmp_path / "ct"))
+
+
+# -- the bundled model --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bundled_round_trips(bundled_dir, tmp_path):
+    """SmolLM2-135M, RTN int4 g64 asym (576 and 1536 are multiples of 64): both exports, 32 tokens."""
+    torch.set_num_threads(2)
+    art = api.quantize(RTNConfig(format=Uniform(4, 64)), tmp_path / "a", str(bundled_dir))
+    ids = torch.arange(1000, 1032).reshape(1, 32)
+    with torch.no_grad():
+        ref = llmcomp.load(art)(ids).logits
+    api.export(art, "gptq", tmp_path / "g")
+    with torch.no_grad():
+        d_gptq = (ref - llmcomp.load(tmp_path / "g")(ids).logits).abs().max().item()
+    print(f"bundled gptq import: max |Δlogit| = {d_gptq}")
+    assert d_gptq == 0
+    if pytest.importorskip("compressed_tensors"):
+        api.export(art, "compressed-tensors", tmp_path / "c")
+        with torch.no_grad():
+            d_ct = (ref - _hf(tmp_path / "c", True)(ids).logits).abs().max().item()
+        print(f"bundled compressed-tensors via transformers: max |Δlogit| = {d_ct}")
+        assert d_ct == 0
