@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -49,17 +50,17 @@ def measure(model, batch: int, context: int, steps: int, chunk: int = 1024) -> d
     cache = None
     torch.cuda.reset_peak_memory_stats()
     for s in range(0, context, chunk):
-        out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=ids[:, s:s + chunk], **{cache_kw(model): cache}, use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
     held, dense = kv_nbytes(cache)
     tok = out.logits[:, -1:].argmax(-1)
     for _ in range(4):  # warm-up (Triton compilation, allocator)
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok, **{cache_kw(model): cache}, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok, **{cache_kw(model): cache}, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t

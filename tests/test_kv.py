@@ -16,6 +16,7 @@ from llmcomp.prune.kv import bitmap
 from llmcomp.prune.kv.attention import eager_attention
 from llmcomp.prune.kv.evict import EvictionLayer
 from llmcomp.prune.kv.kivi import dequantize_rows, quantize_rows
+from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
 
 CHUNKS = (24, 8, 1, 1, 6, 12)  # prefill, a teacher-forced chunk over the held cache, decode steps, more chunks
 
@@ -37,8 +38,8 @@ def run_chunks(model, ids, chunks=CHUNKS, mask=None):
     out, cache, s = [], None, 0
     for c in chunks:
         kw = {} if mask is None else {"attention_mask": mask[:, :s + c]}
-        o = model(input_ids=ids[:, s:s + c], past_key_values=cache, use_cache=True, **kw)
-        cache, s = o.past_key_values, s + c
+        o = model(input_ids=ids[:, s:s + c], **{cache_kw(model): cache}, use_cache=True, **kw)
+        cache, s = output_cache(o), s + c
         out.append(o.logits)
     return torch.cat(out, 1), cache
 
@@ -109,9 +110,10 @@ def test_generate_applies_the_policy_and_is_exact_when_lossless():
     install(model, MustafarConfig(0, 0, window=2))
     assert torch.equal(model.generate(ids, **kw), ref)
     out = model.generate(ids, return_dict_in_generate=True, **kw)
-    assert type(out.past_key_values).__name__ == "KVCache"
+    assert type(output_cache(out)).__name__ == "KVCache"
     install(model, H2OConfig(budget=8))
-    cache = model.generate(ids, return_dict_in_generate=True, **kw).past_key_values
+    cache = model.generate(ids, return_dict_in_generate=True, **kw)
+    cache = output_cache(cache)
     assert cache.layers[0].k.shape[-2] == 8 and cache.get_seq_length() == 25  # the last token is not fed back
     # use_cache=False stays dense (the attention falls back to SDPA)
     uninstall(model)
@@ -421,7 +423,7 @@ def test_bundled_model_kv_artifact(tmp_path):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, do_sample=False,
                          pad_token_id=tok.eos_token_id, return_dict_in_generate=True)
     assert answer_correct(tok.decode(out.sequences[0, 512:]), sample.answer)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert type(cache).__name__ == "KVCache" and cache.nbytes() < 0.65 * cache.dense_nbytes()
     row = api.evaluate_long(str(path), context=512, n_windows=1, passkey_lengths=(512,), passkey_samples=2)
     assert row["policy"] == "mustafar K 0.5 V 0.5 window 32" and row["kv_bytes"] < 0.65 * row["kv_dense_bytes"]

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from llmcomp.core.hfcompat import CACHE_KWARGS
 from llmcomp.core.model import decoder_layers
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
@@ -98,7 +99,7 @@ def calibrate_layerwise(
                 raise UserError(f"Unsupported decoder layer {type(layers[i]).__name__}: positional arguments "
                                 "besides the hidden states.")
             if first_batch[0]:
-                kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+                kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", *CACHE_KWARGS)}
                 kw["use_cache"] = False
                 layer_kwargs[i] = _to(kw, device)
             if i == 0:

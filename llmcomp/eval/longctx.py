@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from llmcomp.core.data import eval_windows
 from llmcomp.core.passkey import answer_correct, passkey_samples
 from llmcomp.core.progress import NULL, Progress
+from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
 
 
 def kv_nbytes(cache) -> tuple[int, int]:
@@ -40,14 +41,14 @@ def continuation_perplexity(model, tokenizer, *, context: int = 2048, prefix: in
     for w in progress.track(list(windows), "Long-context perplexity"):
         w = w[None].to(device)
         out = model(input_ids=w[:, :prefix], use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         h, d = kv_nbytes(cache)
         held.append(h)
         dense.append(d)
         logits = [out.logits[:, -1:].float()]
         for s in range(prefix, context - 1, chunk):
-            o = model(input_ids=w[:, s:min(s + chunk, context - 1)], past_key_values=cache, use_cache=True)
-            cache = o.past_key_values
+            o = model(input_ids=w[:, s:min(s + chunk, context - 1)], **{cache_kw(model): cache}, use_cache=True)
+            cache = output_cache(o)
             logits.append(o.logits.float())
         logits = torch.cat(logits, dim=1)  # predicts tokens prefix .. context-1
         target = w[:, prefix:]

@@ -6,7 +6,7 @@ How a policy reaches ``model.generate`` with no other code (``install``):
    (plus SDPA's mask function under the same name) and set as the model's attention implementation.
 2. A forward pre-hook on the decoder swaps the empty ``DynamicCache`` that ``generate`` (or a
    ``use_cache`` forward) creates for a ``KVCache`` whose layers apply the policy. A cache the user
-   built (``generate(past_key_values=...)``) or ``use_cache=False`` is left alone: then the attention
+   built (``generate(past_key_values=...)`` / ``cache=...``) or ``use_cache=False`` is left alone: then the attention
    function falls back to SDPA and the model runs dense.
 3. Each ``PolicyLayer.update`` only stages the new keys/values; the attention function then asks the
    layer to ``attend``: the layer computes attention over what it holds plus the new tokens (dense
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from llmcomp.core.hfcompat import cache_kwarg, pop_cache
 from llmcomp.errors import UserError
 from llmcomp.prune.kv.attention import eager_attention, gather_past_mask, split_mask
 
@@ -259,6 +260,7 @@ class KVRuntime:
         self.policy, self.modules = policy, modules
         self.use_cache_default = bool(getattr(model.config, "use_cache", True))
         self.rotary = getattr(model.base_model, "rotary_emb", None)
+        self.cache_kw = cache_kwarg(model.base_model)  # the decoder's name for its cache argument
         self.cache: KVCache | None = None
         self.previous_impl = model.config._attn_implementation
         self.handle = None
@@ -275,7 +277,9 @@ class KVRuntime:
     def pre_forward(self, module, args, kwargs):
         use = kwargs.get("use_cache")
         use = self.use_cache_default if use is None else use
-        cache = kwargs.get("past_key_values")
+        cache = pop_cache(kwargs)
+        if cache is not None:
+            kwargs[self.cache_kw] = cache
         if not use:
             self.cache = None
             return args, kwargs
@@ -283,7 +287,7 @@ class KVRuntime:
                                   and not getattr(cache, "_is_user_defined", False))
         if fresh:
             cache = self.new_cache()
-            kwargs["past_key_values"] = cache
+            kwargs[self.cache_kw] = cache
             kwargs["use_cache"] = True
         self.cache = cache if isinstance(cache, KVCache) else None
         return args, kwargs
