@@ -65,6 +65,10 @@ def configs() -> dict:
             out["fp4-search-g32"] = FP4Config(format=FP4(group_size=32), search=True)
             out["fp4-w4a4-naive"] = FP4Config(format=FP4(group_size=32), act_bits=4, smooth=0.0)
             out["fp4-w4a4-llmfp4"] = FP4Config(format=FP4(group_size=32), act_bits=4, smooth=0.5, search=True)
+            out["fp4-w4a4-smooth"] = FP4Config(format=FP4(group_size=32), act_bits=4, smooth=0.5)
+            out["rtn-w4a4-int-naive"] = RTNConfig(format=Uniform(bits=4, group_size=32), act_bits=4, smooth=0.0)
+            out["rtn-w4a4-int"] = RTNConfig(format=Uniform(bits=4, group_size=32), act_bits=4, smooth=0.5)
+            out["rtn-w4g128-a4-int"] = RTNConfig(format=Uniform(bits=4, group_size=128), act_bits=4, smooth=0.5)
     if "decoupleq" in METHODS:
         from llmcomp.quant.decoupleq import DecoupleQConfig
 

@@ -11,6 +11,7 @@ from llmcomp.errors import UserError
 from llmcomp.formats.fp4 import FP4, MXFP4, NVFP4
 from llmcomp.quant import GPTQConfig, quantize_model
 from llmcomp.quant.fp4 import FP4Config, FP4Quantizer, fp4_fields, output_error, search_fp4
+from llmcomp.quant.rtn import RTNConfig
 from tests.test_gptq import correlated_inputs, gptq, hessian_of, layer
 
 
@@ -130,5 +131,49 @@ def test_w4a4_saved_artifact_reproduces_logits(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="--act-bits"):
         FP4Config(act_bits=8)
     with pytest.raises(UserError, match="--act-bits"):
-        build_quant_config(method="rtn", bits=4, group_size=128, symmetric=False, preset=None,
+        build_quant_config(method="gptq", bits=4, group_size=128, symmetric=False, preset=None,
                            targets=("Linear",), ignore=("lm_head",), act_bits=4)
+    with pytest.raises(UserError, match="--act-bits"):
+        build_quant_config(method="rtn", bits=3.5, group_size=128, symmetric=False, preset=None,
+                           targets=("Linear",), ignore=("lm_head",), act_bits=4)
+    with pytest.raises(UserError, match="--act-format"):
+        build_quant_config(method="rtn", bits=4, group_size=128, symmetric=False, preset=None,
+                           targets=("Linear",), ignore=("lm_head",), act_format="int")
+    with pytest.raises(UserError, match="activation format"):
+        RTNConfig(act_bits=4, act_format="int8")
+
+
+def test_int4_activation_grid():
+    """``int`` activations: per token, integers -7..7 times max|x| / 7 (E0M3 is the symmetric INT4 grid)."""
+    from llmcomp.formats.actquant import ActQuant
+    from llmcomp.quant.actquant import ACT_ELEMENTS
+
+    fmt = ActQuant(base=FP4(group_size=32), act=ACT_ELEMENTS["int"])
+    x = torch.randn(5, 64) * 3
+    q = fmt.quantize_input(x, {"input_scale": torch.ones(64, dtype=torch.float16)})
+    step = x.abs().amax(-1, keepdim=True) / 7
+    k = q / step
+    assert torch.allclose(k, k.round(), atol=1e-4) and k.abs().max() <= 7 + 1e-4
+    assert torch.allclose(k.round(), (x / step).round(), atol=0)  # round to nearest, no clipping
+    assert len(set(k.round().flatten().tolist())) > 8  # really 15 levels, not the E2M1 grid
+
+
+def test_rtn_int4_w4a4_artifact_reproduces_logits(tiny_model_dir, tmp_path):
+    from llmcomp.formats.actquant import ActQuant
+    from llmcomp.formats.uniform import Uniform
+
+    model, _, base, _ = api.open_model(str(tiny_model_dir))
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    cfg, _ = build_quant_config(method="rtn", bits=4, group_size=32, symmetric=False, preset=None,
+                                targets=("Linear",), ignore=("lm_head",), act_bits=4)
+    assert cfg.act_format == "int"
+    quantize_model(model, cfg, calib, batch_size=4)
+    lin = model.model.layers[0].mlp.down_proj
+    assert isinstance(lin.fmt, ActQuant) and isinstance(lin.fmt.base, Uniform)
+    assert lin.fmt.act.exp_bits == 0 and lin.fmt.act.man_bits == 3
+    out = write_artifact(tmp_path / "int4a4", model, None, base_model=base,
+                         stages=[{"method": "rtn", "config": {}, "wall_time_s": 0, "metrics": {}}])
+    loaded = llmcomp.load(out)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)

@@ -63,7 +63,8 @@ def quantize(
     damp: Annotated[float, typer.Option(help="GPTQ/decoupleQ: Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     rounds: Annotated[int, typer.Option(help="decoupleQ: integer/float alternation rounds.")] = 4,
     candidates: Annotated[str, typer.Option(help="Bit allocation: candidate widths, comma-separated.")] = "2,3,4,8",
-    act_bits: Annotated[int, typer.Option("--act-bits", help="--method fp4: 4 also rounds each layer's inputs to E2M1 per token (W4A4, with per-channel input scales folded into the weights); 16 = weights only.")] = 16,
+    act_bits: Annotated[int, typer.Option("--act-bits", help="--method fp4 or rtn: 4 also rounds each layer's inputs per token (W4A4, with per-channel input scales folded into the weights); 16 = weights only.")] = 16,
+    act_format: Annotated[Optional[str], typer.Option("--act-format", help="W4A4 activation element: fp (E2M1; default for --method fp4) or int (INT4 ±7; default for rtn).")] = None,
     search: Annotated[bool, typer.Option("--search", help="--method fp4 --format fp4: per-layer LLM-FP4 search of the 4-bit element (E2M1/E1M2/E3M0) and clipping on calibration data.")] = False,
     outliers: Annotated[Optional[str], typer.Option(help="GPTQ: keep this share of the weights (those whose rounding costs most) in fp16, e.g. 0.5% or 0.005. vptq: this share of the input columns (most salient) gets a codebook of its own.")] = None,
     vector_len: Annotated[Optional[int], typer.Option("--vector-len", help="--method vptq: weights per vector along the input dimension (default 4); pvq: weights per group down a column (default 64). --bits is then the code bits per weight.")] = None,
@@ -86,6 +87,7 @@ def quantize(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
             targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
             candidates=candidates, fp4_format=fp4_format, outliers=outliers, search=search, act_bits=act_bits,
+            act_format=act_format,
             vector_len=vector_len, hadamard=hadamard)
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
@@ -221,6 +223,11 @@ app.add_typer(bench_app, name="bench")
 from llmcomp.cli.export import export as _export  # noqa: E402
 
 app.command("export")(_export)
+
+
+from llmcomp.cli.linearize import linearize as _linearize  # noqa: E402
+
+app.command("linearize")(_linearize)
 
 
 def main():  # pragma: no cover

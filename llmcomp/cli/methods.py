@@ -60,6 +60,7 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
                        targets: tuple, ignore: tuple, act_order: bool = True, damp: float = 0.01,
                        rounds: int = 4, candidates: str = "2,3,4,8", fp4_format: str | None = None,
                        outliers: str | None = None, search: bool = False, act_bits: int = 16,
+                       act_format: str | None = None,
                        vector_len: int | None = None, hadamard: bool = False):
     """Returns ``(config, allocation or None)``. A fractional ``bits`` is an average budget: each
     layer's width is then chosen from ``candidates`` (bit allocation)."""
@@ -74,8 +75,12 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
                         "--bits/--group-size/--sym.")
     if search and method != "fp4":
         raise UserError("--search is the LLM-FP4 format search of --method fp4.")
-    if act_bits != 16 and method != "fp4":
-        raise UserError(f"--act-bits (activation quantization) is implemented for --method fp4, not {method}.")
+    if act_bits != 16 and method not in ("fp4", "rtn"):
+        raise UserError(f"--act-bits (activation quantization) is implemented for --method fp4 and rtn, not {method}.")
+    if act_bits != 16 and bits != int(bits):
+        raise UserError("--act-bits does not combine with a fractional --bits (bit allocation); give whole bits.")
+    if act_format is not None and act_bits == 16:
+        raise UserError("--act-format chooses the activation element of --act-bits 4.")
     if vector_len is not None and method not in VECTOR_METHODS:
         raise UserError(f"--vector-len applies to --method vptq and pvq, not {method}.")
     if hadamard and method != "pvq":
@@ -99,12 +104,13 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
         bits = max(allocation.candidates)
     fmt = Uniform(bits=int(bits), group_size=group_size, symmetric=symmetric)
     common = {"format": fmt, "targets": targets, "ignore": ignore}
+    act = {"act_bits": act_bits, **({"act_format": act_format} if act_format else {})}
     builders = {
-        "rtn": lambda: RTNConfig(**common),
+        "rtn": lambda: RTNConfig(**common, **act),
         "gptq": lambda: GPTQConfig(**{**common, "format": fp4 or fmt}, act_order=act_order, damp=damp,
                                    outliers=outlier_fraction),
         "decoupleq": lambda: DecoupleQConfig(**common, act_order=act_order, damp=damp, rounds=rounds),
-        "fp4": lambda: FP4Config(format=fp4, targets=targets, ignore=ignore, search=search, act_bits=act_bits),
+        "fp4": lambda: FP4Config(format=fp4, targets=targets, ignore=ignore, search=search, **act),
     }
     if method not in builders:
         raise UserError(f"Method {method!r} cannot be configured from these flags.")

@@ -22,9 +22,9 @@ from torch import nn
 from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
-from llmcomp.formats.actquant import ActQuant
 from llmcomp.formats.fp4 import FP4, MXFP4, BlockFP
 from llmcomp.formats.minifloat import E2M1, Minifloat
+from llmcomp.quant import actquant
 from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
 from llmcomp.quant.hessian import HessianAccumulator
 
@@ -37,17 +37,15 @@ SEARCH_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 class FP4Config(QuantConfig):
     format: BlockFP = MXFP4()
     search: bool = False  # LLM-FP4 per-layer element + clipping search (needs calibration; format fp4 only)
-    act_bits: int = 16  # 4: W4A4, inputs rounded to E2M1 per token inside the layer (format ``actquant``)
+    act_bits: int = 16  # 4: W4A4, inputs rounded per token inside the layer (format ``actquant``)
+    act_format: str = "fp"  # W4A4 activation element: fp (E2M1) or int (INT4 ±7)
     smooth: float = 0.5  # W4A4: migration strength α of the per-channel input scale folded into the weights
 
     method = "fp4"
     VERSION = 1
 
     def __post_init__(self):
-        if self.act_bits not in (4, 16):
-            raise UserError(f"--act-bits must be 4 (W4A4, E2M1 activations) or 16 (weights only), got {self.act_bits}.")
-        if not 0 <= self.smooth <= 1:
-            raise UserError(f"smoothing strength must be in [0, 1], got {self.smooth}.")
+        actquant.check(self.act_bits, self.act_format, self.smooth)
         if self.search and not isinstance(self.format, FP4):
             raise UserError(f"--search chooses the element and clipping of --format fp4; {self.format.name} fixes "
                             "both by its spec (use --format fp4).")
@@ -93,19 +91,6 @@ def search_fp4(w: torch.Tensor, fmt: FP4, H: torch.Tensor) -> tuple[FP4, dict, d
                           "err_vs_default": round(err / max(default_err, 1e-30), 4)}
 
 
-def input_scale(w: torch.Tensor, H, alpha: float) -> torch.Tensor:
-    """Per-input-channel divisor of the activations (LLM-FP4's pre-shifted exponent bias, SmoothQuant's
-    form): ``s_j = rms(x_j)^α / max|W_:j|^(1−α)``, normalized to geometric mean 1 and rounded to float16
-    (what is stored), so per-token activation scales see flattened channels. α = 0 or no statistics: 1."""
-    if H is None or alpha == 0:
-        return torch.ones(w.shape[1], device=w.device)
-    act = (torch.diagonal(H).clamp(min=0) / 2).sqrt().clamp(min=1e-5)
-    wmax = w.abs().amax(0).clamp(min=1e-5)
-    s = act.pow(alpha) / wmax.pow(1 - alpha)
-    s = s / s.log().mean().exp()
-    return s.clamp(1e-4, 1e4).half().float()
-
-
 @METHODS.register("fp4")
 class FP4Quantizer(Quantizer):
     config: FP4Config
@@ -128,17 +113,13 @@ class FP4Quantizer(Quantizer):
             H = stats.H.to(w.device)
         in_scale = None
         if self.config.act_bits < 16:
-            in_scale = input_scale(w, H, self.config.smooth)
-            w = w * in_scale[None, :]  # x·Wᵀ = (x / s)·(W·diag(s))ᵀ
-            if H is not None:
-                H = H / in_scale[:, None] / in_scale[None, :]
+            w, H, in_scale = actquant.fold(w, H, self.config.smooth)
         if self.config.search:
             fmt, fields, metrics = search_fp4(w, fmt, H)
         else:
             fields = fp4_fields(w, fmt)
         if in_scale is not None:
-            fmt = ActQuant(base=fmt, act=E2M1)
-            fields["input_scale"] = in_scale
+            fmt, fields = actquant.wrap(fmt, fields, in_scale, self.config.act_format)
         tensors = fmt.pack(fields)
         mod = QuantLinear.from_packed(fmt, tensors, linear.in_features,
                                       linear.bias.data if linear.bias is not None else None)

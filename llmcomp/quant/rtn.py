@@ -1,4 +1,7 @@
-"""Round-to-nearest into the ``uniform`` format: per-group min/max scale and zero, then round."""
+"""Round-to-nearest into the ``uniform`` format: per-group min/max scale and zero, then round.
+
+``act_bits=4`` makes it INT4 W4A4 (by default): the inputs are rounded per token inside the layer
+(``quant/actquant.py``), with per-channel input scales fitted on calibration data."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,16 +12,24 @@ from torch import nn
 from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.formats.uniform import Uniform
-from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer
+from llmcomp.quant import actquant
+from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
+from llmcomp.quant.hessian import HessianAccumulator
 
 
 @register_config
 @dataclass(frozen=True)
 class RTNConfig(QuantConfig):
     format: Uniform = Uniform()
+    act_bits: int = 16  # 4: W4A4, inputs rounded per token inside the layer (format ``actquant``)
+    act_format: str = "int"  # W4A4 activation element: int (INT4 ±7) or fp (E2M1)
+    smooth: float = 0.5  # W4A4: migration strength α of the per-channel input scale folded into the weights
 
     method = "rtn"
     VERSION = 1
+
+    def __post_init__(self):
+        actquant.check(self.act_bits, self.act_format, self.smooth)
 
 
 def rtn_fields(w: torch.Tensor, fmt: Uniform) -> dict[str, torch.Tensor]:
@@ -41,10 +52,26 @@ def rtn_fields(w: torch.Tensor, fmt: Uniform) -> dict[str, torch.Tensor]:
 class RTNQuantizer(Quantizer):
     config: RTNConfig
 
+    @property
+    def needs_calibration(self) -> bool:  # W4A4's input scales are fitted on calibration data
+        return self.config.act_bits < 16 and self.config.smooth > 0
+
+    def observe(self, linear: nn.Linear):
+        return HessianAccumulator.for_linear(linear) if self.needs_calibration else None
+
     def quantize_linear(self, name: str, linear: nn.Linear, stats=None) -> LayerResult:
         fmt = self.format_for(name)
         fmt.validate_shape(linear.out_features, linear.in_features, name)
-        tensors = fmt.pack(rtn_fields(linear.weight.data, fmt))
+        if self.config.act_bits == 16:
+            tensors = fmt.pack(rtn_fields(linear.weight.data, fmt))
+        else:
+            H = None
+            if self.needs_calibration:
+                require_stats(stats, "W4A4 input scales", name)
+                H = stats.H.to(linear.weight.device)
+            w, _, in_scale = actquant.fold(linear.weight.data.float(), H, self.config.smooth)
+            fmt, fields = actquant.wrap(fmt, rtn_fields(w, fmt), in_scale, self.config.act_format)
+            tensors = fmt.pack(fields)
         mod = QuantLinear.from_packed(fmt, tensors, linear.in_features,
                                       linear.bias.data if linear.bias is not None else None)
         return LayerResult(mod)
