@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     wanted = args.only or ["dense", "moe", "se", *METHODS, "heapr-diag", "quant"]
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     if not args.moe.exists():
         t = time.perf_counter()
         print(f"making {args.moe} with llmcomp convert moefy ...", flush=True)
-        api.moefy(MoefyConfig(), args.moe, None, device="cpu")
+        api.moefy(MoefyConfig(), args.moe, None, device=args.device)
         print(f"  {time.perf_counter() - t:.0f} s", flush=True)
     data["meta"] = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                     "threads": torch.get_num_threads(), "text": corpus().name, "settings": settings(args),
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(data, indent=1))
 
     def evaluate(net, tok):
+        net.to(args.device)
         t = time.perf_counter()
         r = perplexity(net, tok, seq_len=512, n_windows=args.windows, batch_size=4)
         return {"ppl": r["ppl"], "eval_s": round(time.perf_counter() - t, 1)}
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         return 0
     t = time.perf_counter()
     ids = calib_windows(tok, 512, args.calib_samples, args.seed)
-    stats = experts.collect_stats(base, ids, ExpertPruneConfig(), device="cpu")
+    stats = experts.collect_stats(base, ids, ExpertPruneConfig(), device=args.device)
     calib_s = round(time.perf_counter() - t, 1)
     found = experts.super_experts(stats)
     data["meta"]["calibration_s"] = calib_s
@@ -184,7 +186,7 @@ def quant_rows(args, rows, save, names) -> None:
 
     cfg = RTNConfig(format=Uniform(bits=3, group_size=64), ignore=("lm_head", "mlp.gate"))
     alloc = AllocationConfig(budget=3.0, candidates=(2, 3, 4), group_size=64)
-    kw = dict(calib_samples=args.calib_samples, seed=args.seed, device="cpu")
+    kw = dict(calib_samples=args.calib_samples, seed=args.seed, device=args.device)
     with tempfile.TemporaryDirectory(dir=args.moe.parent) as tmp:
         made = {}
         for name in names:
@@ -206,7 +208,7 @@ def quant_rows(args, rows, save, names) -> None:
                 api.skip_experts(DynamicSkipConfig(0.15), out, str(made["alloc3-mcmoe"]), **kw)
             made[name] = out
             make_s = round(time.perf_counter() - t, 1)
-            r = api.evaluate(str(out), seq_len=512, n_windows=args.windows, device="cpu")
+            r = api.evaluate(str(out), seq_len=512, n_windows=args.windows, device=args.device)
             stage = api.inspect(out)["stages"][-1]
             rows[name] = {"name": name, "method": name, "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
                           "size_mb": r["size_mb"], "make_s": make_s, "eval_s": r["eval_time_s"],

@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--passkey-samples", type=int, default=10)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     wanted = ["dense", *policies()] if not args.only else args.only
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
                     "settings": settings(args)}
     rows = {r["name"]: r for r in data["rows"]}
     kw = dict(context=args.context, n_windows=args.windows, chunk=args.chunk, passkey_lengths=args.passkey_lengths,
-              passkey_samples=args.passkey_samples, device="cpu")
+              passkey_samples=args.passkey_samples, device=args.device)
 
     def save():
         dense = rows.get("dense")
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
             if name == "dense":
                 continue
             t = time.perf_counter()
-            path = api.prune_kv(policies()[name], Path(tmp) / name, DEFAULT_MODEL, device="cpu")
+            path = api.prune_kv(policies()[name], Path(tmp) / name, DEFAULT_MODEL, device=args.device)
             prune_s = time.perf_counter() - t
             row = {**api.evaluate_long(str(path), **kw), "name": name, "prune_s": round(prune_s, 1),
                    "wall_s": round(time.perf_counter() - t, 1)}

@@ -52,7 +52,10 @@ def configs() -> dict:
         out["gptq-w2g64"] = GPTQConfig(format=Uniform(bits=2, group_size=64))
         out["gptq-w3"] = GPTQConfig(format=Uniform(bits=3, group_size=0))
         out["gptq-w2"] = GPTQConfig(format=Uniform(bits=2, group_size=0))
-        out["gptq-noact-w3g128"] = GPTQConfig(format=Uniform(bits=3, group_size=128), act_order=False)
+        for name, fmt in {"w4g128": Uniform(bits=4, group_size=128), "w3g128": Uniform(bits=3, group_size=128),
+                          "w3": Uniform(bits=3, group_size=0), "w2g64": Uniform(bits=2, group_size=64),
+                          "w2": Uniform(bits=2, group_size=0)}.items():
+            out[f"gptq-noact-{name}"] = GPTQConfig(format=fmt, act_order=False)
         out["gptq-w3g128-out0.5"] = GPTQConfig(format=Uniform(bits=3, group_size=128), outliers=0.005)
         out["gptq-w2g64-out0.5"] = GPTQConfig(format=Uniform(bits=2, group_size=64), outliers=0.005)
         out["rtn-w3"] = RTNConfig(format=Uniform(bits=3, group_size=0))
