@@ -20,6 +20,7 @@ from llmcomp.eval.agreement import Reference
 from llmcomp.interop import imports
 from llmcomp.prune.kv import hook as _kv_hook  # noqa: F401  (artifacts with a KV stage re-install their policy)
 from llmcomp.prune import moe as _moe_hook  # noqa: F401  (artifacts with a moe stage get their shapes back)
+from llmcomp.linearize import hook as _linearize_hook  # noqa: F401  (linearize stages re-install their student attention)
 from llmcomp.quant import QuantConfig, quantize_model
 from llmcomp.quant.allocate import AllocationConfig
 
@@ -429,3 +430,35 @@ def inspect(path) -> dict:
     if is_artifact(p):
         return read_manifest(p)
     return {"model_dir": str(p), "name": model_mod.model_name(p)}
+
+
+def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
+              calib_samples: int = 16, calib_seq_len: int = 512, device: Optional[str] = None,
+              dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
+    """Distil the model's softmax attention into linear attention (``linearize.distill.LinearizeConfig``):
+    per-layer attention transfer on calibration windows, then a LoRA fine-tune on the bundled text with a
+    KL loss to the original; a killed run resumes. ``llmcomp.load`` re-installs the student layers."""
+    from llmcomp.core import resume
+    from llmcomp.core.artifact import llmcomp_version
+    from llmcomp.core.data import tokenize
+    from llmcomp.linearize import distill
+
+    store_dtype = parse_dtype(dtype)
+    start = time.perf_counter()
+    output, net, tok, base, stages, ids, info = _calibrated(model, output, overwrite, calib_samples, calib_seq_len,
+                                                            config.seed, progress, check=distill.check_model)
+    key = resume.fingerprint(config=to_dict(config), model=str(model), weights=_weights_key(net), samples=calib_samples,
+                             seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
+    checkpoint = resume.for_output(output, key, progress.note)
+    stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)
+    layout, report = distill.linearize_model(net, ids, stream, config, device=device or default_device(),
+                                             progress=progress, checkpoint=checkpoint)
+    net.to("cpu")
+    stage = {"method": f"linearize-{config.method}", "kind": distill.KIND, "config": to_dict(config),
+             "student": to_dict(config.spec()), "layout": layout, "wall_time_s": round(time.perf_counter() - start, 2),
+             "metrics": report, "calibration": info}
+    progress.note(f"Writing {output}")
+    path = write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=info["text"],
+                          overwrite=overwrite, dtype=store_dtype)
+    checkpoint.finish()
+    return path

@@ -8,6 +8,15 @@ from llmcomp.linearize.attention import (chunk_linear_attention, hybrid_attentio
                                          naive_linear_attention, recurrent_linear_attention)
 
 B, H, T, F, D = 2, 3, 37, 5, 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors run fastest on one thread (no oversubscription on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 GATES = ["none", "head", "feature"]
 
 

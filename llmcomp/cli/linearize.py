@@ -1,0 +1,81 @@
+"""``llmcomp linearize``: distil softmax attention into linear attention (Hedgehog, Liger, GLA), with hybrids."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmcomp.errors import UserError
+
+
+def parse_tokens(text: str) -> int:
+    """``5M`` / ``200k`` / ``1e6`` / ``12345`` → a token count."""
+    t = text.strip().lower().replace("_", "")
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale != 1 else t) * scale
+    except ValueError:
+        raise UserError(f"--tokens {text!r} is not a token count (e.g. 500k, 5M, 1000000).") from None
+    if not value >= 0 or value != value or value == float("inf"):
+        raise UserError(f"--tokens must be ≥ 0 (got {text}).")
+    return int(value)
+
+
+def parse_layers(text: Optional[str]) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise UserError(f"--keep-layers {text!r} must be comma-separated layer indices, e.g. 0,5.") from None
+
+
+def linearize(
+    model: Annotated[Optional[str], typer.Argument(help="Llama-style model directory (default: the bundled SmolLM2-135M-Instruct).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-linear"),
+    method: Annotated[str, typer.Option(help="hedgehog (trainable feature maps, LoLCATs hybrid), liger (gates from the key projection, no new parameters) or gla (own trainable gate projection).")] = "hedgehog",
+    window: Annotated[int, typer.Option(help="Sliding-window softmax tokens inside each linear layer; 0 = pure linear attention.")] = 64,
+    keep_softmax: Annotated[float, typer.Option("--keep-softmax", help="Fraction of layers kept as softmax attention: those with the largest measured transfer error.")] = 0.0,
+    keep_layers: Annotated[Optional[str], typer.Option("--keep-layers", help="Explicit softmax layer indices, e.g. 0,5 (overrides --keep-softmax).")] = None,
+    tokens: Annotated[str, typer.Option(help="Fine-tuning token budget (e.g. 500k, 5M; 0 = attention transfer only). Past the end of the bundled text the windows cycle, with a note.")] = "1M",
+    transfer_steps: Annotated[int, typer.Option(help="Attention-transfer optimizer steps per layer.")] = 100,
+    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine to 10 %).")] = 1e-3,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank on the linearized layers' q/k/v/o.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Windows per fine-tuning step.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window (transfer and fine-tuning).")] = 512,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows for attention transfer.")] = 16,
+    checkpoint_every: Annotated[int, typer.Option(help="Fine-tuning steps between checkpoints (a killed run resumes).")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and initialisation.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+):
+    """Distil softmax attention into linear attention (attention transfer, then a LoRA fine-tune with a KL
+    loss to the original) and write an artifact that llmcomp.load runs and generates with."""
+    from llmcomp import api
+    from llmcomp.cli import render
+    from llmcomp.cli.app import _quiet_transformers, run
+
+    _quiet_transformers()
+
+    def go():
+        from llmcomp.linearize.distill import LinearizeConfig
+
+        config = LinearizeConfig(method=method, window=window, keep_softmax=keep_softmax,
+                                 keep_layers=parse_layers(keep_layers), tokens=parse_tokens(tokens),
+                                 transfer_steps=transfer_steps, lr=lr, lora_rank=lora_rank, batch_size=batch_size,
+                                 seq_len=seq_len, checkpoint_every=checkpoint_every, seed=seed)
+        with render.RichProgress() as progress:
+            path = api.linearize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
+                                 calib_seq_len=seq_len, device=device, dtype=dtype, progress=progress)
+        stage = api.inspect(path)["stages"][-1]
+        m = stage["metrics"]
+        errs = list(m["transfer_rel_mse"].values())
+        ft = m["finetune"]
+        kl = f"; KL {ft['kl_first']:.3f} → {ft['kl_last']:.3f} over {ft['tokens']} tokens" if ft.get("steps") else ""
+        render.console.print(f"[green]wrote[/green] {path} ({stage['layout'].count('linear')} linear / "
+                             f"{stage['layout'].count('softmax')} softmax layers; mean transfer error "
+                             f"{100 * sum(errs) / max(1, len(errs)):.1f} %{kl})")
+
+    run(go)

@@ -1,0 +1,318 @@
+"""Distil softmax attention into linear attention (LoLCATs-style two stages), with a hybrid layout.
+
+Stage 1 — attention transfer: the calibration driver walks the decoder with the *teacher* in place;
+for each layer a hook captures the attention's inputs and outputs, a student (``student.py``) is built
+on the same projections and its new parameters (feature maps, gates, mixing weights; q/k/v/o frozen)
+are trained to minimise the MSE to the teacher's attention output. Each layer's relative transfer error
+``MSE / mean(y²)`` is measured on the captured data; as every layer sees teacher inputs, the errors
+are comparable, and ``keep_softmax`` keeps the worst-transferring fraction of layers as softmax.
+
+Stage 2 — end-to-end fine-tune: LoRA on the students' q/k/v/o (plus the students' own parameters),
+loss KL(teacher ‖ student) over every position of windows of the bundled calibration text. The teacher
+is the same model with the students switched to their original softmax path and LoRA off, so no
+second copy is held. ``tokens`` sets the budget; past the end of the text the windows cycle (with a
+note). LoRA is merged into the projections at the end.
+
+Resume: stage 1's result and, every ``checkpoint_every`` steps, stage 2's trainable tensors and
+AdamW state are written (temp name + rename) into the output's resume directory
+(``core/resume.py``); the same command continues from the last checkpoint and, the data order and
+learning-rate schedule being functions of the step, ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from llmcomp.core import resume
+from llmcomp.core.calib import calibrate_layerwise
+from llmcomp.core.config import register_config
+from llmcomp.core.model import decoder_layers
+from llmcomp.core.progress import NULL, Progress
+from llmcomp.errors import UserError
+from llmcomp.linearize.lora import PROJECTIONS, add_lora, merge_lora
+from llmcomp.linearize.student import (METHODS, LinearAttention, StudentSpec, attention_of, install, students_of,
+                                       teacher_mode)
+
+KIND = "linearize"
+
+
+@register_config
+@dataclass(frozen=True)
+class LinearizeConfig:
+    VERSION = 1
+    method: str = "hedgehog"  # hedgehog | liger | gla
+    window: int = 64  # sliding-window softmax tokens inside each linear layer (0 = pure linear)
+    keep_softmax: float = 0.0  # fraction of layers kept as softmax (worst transfer error first)
+    keep_layers: Optional[tuple] = None  # explicit softmax layer indices (overrides keep_softmax)
+    feature_dim: int = 0  # hedgehog features per sign (0 = head dim)
+    transfer_steps: int = 100  # stage 1 optimizer steps per layer
+    transfer_lr: float = 1e-2
+    tokens: int = 1_000_000  # stage 2 token budget (0 = attention transfer only)
+    seq_len: int = 512  # stage 2 window length
+    batch_size: int = 8  # stage 2 windows per step
+    lr: float = 1e-3  # stage 2 peak learning rate (cosine to 10 %)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    checkpoint_every: int = 50  # stage 2 steps between checkpoints
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"Unknown linearize method {self.method!r}; choose one of: {', '.join(METHODS)}.")
+        if not 0.0 <= self.keep_softmax <= 1.0 or math.isnan(self.keep_softmax):
+            raise UserError(f"--keep-softmax must be a fraction in [0, 1] (got {self.keep_softmax}).")
+        if self.keep_layers is not None and any((not isinstance(i, int)) or i < 0 for i in self.keep_layers):
+            raise UserError("--keep-layers must be non-negative layer indices, e.g. 0,5.")
+        if self.window < 0:
+            raise UserError(f"--window must be ≥ 0 (got {self.window}; 0 = pure linear attention).")
+        if self.tokens < 0 or self.transfer_steps < 0:
+            raise UserError("--tokens and --transfer-steps must be ≥ 0.")
+        if self.seq_len < 2 or self.batch_size < 1 or self.lora_rank < 1 or self.checkpoint_every < 1:
+            raise UserError("--seq-len must be ≥ 2, and --batch-size, --lora-rank, --checkpoint-every ≥ 1.")
+        if not (self.lr > 0 and self.transfer_lr > 0):
+            raise UserError("Learning rates must be positive.")
+
+    def spec(self) -> StudentSpec:
+        return dataclasses.replace(METHODS[self.method], window=self.window, feature_dim=self.feature_dim)
+
+
+def check_model(model: nn.Module, stages: list[dict]) -> None:
+    """A model linearize can convert: supported attention classes, plain linear projections, not linearized."""
+    from llmcomp.linearize.student import check_supported
+
+    if any(s.get("kind") == KIND for s in stages):
+        raise UserError("This artifact is already linearized; linearize the original model.")
+    check_supported(model)
+    _, layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        for name in PROJECTIONS:
+            if type(getattr(attention_of(layer), name)) is not nn.Linear:
+                raise UserError(f"Layer {i} attention {name} is not a plain linear (quantized?); linearize before "
+                                "quantizing.")
+
+
+def _trainable(student: LinearAttention) -> dict[str, nn.Parameter]:
+    """The student's own parameters (not the shared projections or their LoRA)."""
+    return {n: p for n, p in student.named_parameters() if n.split(".")[0] not in PROJECTIONS}
+
+
+# -- stage 1: attention transfer ---------------------------------------------------------------------
+
+def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, device, progress: Progress = NULL
+             ) -> tuple[dict[int, LinearAttention], dict[int, float]]:
+    """Build and train one student per decoder layer against the teacher; (students, relative errors)."""
+    spec = config.spec()
+    students: dict[int, LinearAttention] = {}
+    errors: dict[int, float] = {}
+
+    def handler(path: str, layer: nn.Module, runner) -> None:
+        idx = int(path.rsplit(".", 1)[1])
+        attn = attention_of(layer)
+        seen = []
+
+        def capture(mod, args, kwargs, out):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            seen.append((x, kwargs["position_embeddings"], out[0]))
+
+        handle = attn.register_forward_hook(capture, with_kwargs=True)
+        try:
+            runner.run()
+        finally:
+            handle.remove()
+        student = LinearAttention(attn, spec)
+        params = list(_trainable(student).values())
+        if params and config.transfer_steps:
+            torch.manual_seed(config.seed + idx)
+            opt = torch.optim.Adam(params, lr=config.transfer_lr)
+            with torch.enable_grad():
+                for step in range(config.transfer_steps):
+                    x, pe, y = seen[step % len(seen)]
+                    loss = F.mse_loss(student(x, position_embeddings=pe)[0].float(), y.float())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        with torch.no_grad():
+            mse = sum(F.mse_loss(student(x, position_embeddings=pe)[0].float(), y.float()).item() for x, pe, y in seen)
+            power = sum(y.float().pow(2).mean().item() for _, _, y in seen)
+        errors[idx] = mse / max(power, 1e-30)
+        students[idx] = student
+
+    model.requires_grad_(False)
+    calibrate_layerwise(model, ids, handler, batch_size=config.batch_size, device=device, progress=progress)
+    home = next(model.parameters()).device
+    for s in students.values():
+        s.to(home)
+    return students, errors
+
+
+def choose_softmax_layers(errors: dict[int, float], n_layers: int, config: LinearizeConfig) -> list[int]:
+    """Explicit ``keep_layers``, else the ``round(keep_softmax · n)`` layers with the largest transfer error."""
+    if config.keep_layers is not None:
+        bad = [i for i in config.keep_layers if i >= n_layers]
+        if bad:
+            raise UserError(f"--keep-layers {bad[0]} is out of range: the model has {n_layers} layers (0-{n_layers - 1}).")
+        return sorted(set(config.keep_layers))
+    k = int(round(config.keep_softmax * n_layers))
+    return sorted(sorted(errors, key=lambda i: -errors[i])[:k])
+
+
+# -- stage 2: end-to-end fine-tune -------------------------------------------------------------------
+
+def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ student)."""
+    t = teacher_logits.float().log_softmax(-1)
+    s = student_logits.float().log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def training_windows(stream: torch.Tensor, config: LinearizeConfig, note=lambda m: None) -> tuple[torch.Tensor, int]:
+    """(windows [n, seq_len] in a seeded order, steps). A budget beyond the text cycles through it."""
+    n = stream.numel() // config.seq_len
+    if n == 0:
+        raise UserError(f"The calibration text is shorter than one window of {config.seq_len} tokens.")
+    per_step = config.batch_size * config.seq_len
+    steps = max(1, config.tokens // per_step)
+    if steps * config.batch_size > n:
+        note(f"Token budget {config.tokens} is larger than the calibration text ({n * config.seq_len} tokens in "
+             f"windows of {config.seq_len}); cycling through it {steps * config.batch_size / n:.1f} times.")
+    windows = stream[: n * config.seq_len].view(n, config.seq_len)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    return windows[order], steps
+
+
+def _lr(config: LinearizeConfig, step: int, steps: int) -> float:
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
+
+
+def _save_state(path, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int, losses: list) -> None:
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    for i, p in enumerate(params.values()):
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{k}"] = v.detach().cpu().reshape(-1).contiguous() if v.dim() == 0 else v.detach().cpu().contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "losses": json.dumps(losses)})
+    os.replace(tmp, path)
+
+
+def _load_state(path, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> tuple[int, list]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(f.get_tensor(f"param.{n}"))
+        for i, p in enumerate(params.values()):
+            state = {k.rsplit(".", 1)[1]: f.get_tensor(k).to(p.device) for k in keys if k.startswith(f"opt.{i}.")}
+            if "step" in state:
+                state["step"] = state["step"].reshape(()).cpu()
+            if state:
+                opt.state[p] = state
+    return int(meta["step"]), json.loads(meta["losses"])
+
+
+def finetune(model: nn.Module, stream: torch.Tensor, config: LinearizeConfig, device, progress: Progress = NULL,
+             checkpoint: Optional[resume.Checkpoint] = None) -> dict:
+    """Stage 2 on the token ``stream`` (int64 [N]); returns losses and counts. Leaves LoRA merged."""
+    students = students_of(model)
+    if not students or config.tokens == 0:
+        return {"steps": 0, "tokens": 0}
+    windows, steps = training_windows(stream, config, progress.note)
+    torch.manual_seed(config.seed)
+    adapters = add_lora(students, config.lora_rank, config.lora_alpha)
+    params: dict[str, nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        if ".lora_" in name or (any(p is q for s in students for q in _trainable(s).values())):
+            p.requires_grad_(True)
+            params[name] = p
+    model.to(device)
+    opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
+    path = checkpoint.dir / "finetune.safetensors" if checkpoint is not None else None
+    start, losses = 0, []
+    if path is not None and path.exists():
+        start, losses = _load_state(path, params, opt)
+        progress.note(f"Resuming fine-tuning at step {start} of {steps}")
+    task = progress.task("Fine-tuning (KL to the teacher)", steps)
+    progress.advance(task, start)
+    n = windows.shape[0]
+    for step in range(start, steps):
+        rows = (torch.arange(config.batch_size) + step * config.batch_size) % n
+        batch = windows[rows].to(device)
+        with torch.no_grad(), teacher_mode(model):
+            target = model(input_ids=batch, use_cache=False).logits
+        loss = _kl(target, model(input_ids=batch, use_cache=False).logits)
+        for group in opt.param_groups:
+            group["lr"] = _lr(config, step, steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        opt.step()
+        losses.append(round(loss.item(), 5))
+        progress.advance(task)
+        if path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
+            _save_state(path, params, opt, step + 1, losses)
+            resume._kill_point(f"linearize-step-{step + 1}")
+    progress.done(task)
+    model.requires_grad_(False)
+    del adapters
+    merge_lora(model)
+    return {"steps": steps, "tokens": steps * config.batch_size * config.seq_len, "resumed_at_step": start,
+            "kl_first": losses[0] if losses else None, "kl_last": losses[-1] if losses else None,
+            "kl_curve": losses[:: max(1, len(losses) // 20)]}
+
+
+# -- the whole job -----------------------------------------------------------------------------------
+
+def _save_transfer(path, students: dict[int, LinearAttention], errors: dict[int, float]) -> None:
+    tensors = {f"{i}.{n}": p.detach().cpu().contiguous() for i, s in students.items() for n, p in _trainable(s).items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"errors": json.dumps(errors)})
+    os.replace(tmp, path)
+    resume._kill_point("linearize-transfer")
+
+
+def _load_transfer(path, model: nn.Module, spec: StudentSpec) -> tuple[dict[int, LinearAttention], dict[int, float]]:
+    _, layers = decoder_layers(model)
+    with safe_open(str(path), framework="pt") as f:
+        errors = {int(k): v for k, v in json.loads(f.metadata()["errors"]).items()}
+        students = {i: LinearAttention(attention_of(layers[i]), spec) for i in errors}
+        with torch.no_grad():
+            for i, s in students.items():
+                for n, p in _trainable(s).items():
+                    p.copy_(f.get_tensor(f"{i}.{n}"))
+    return students, errors
+
+
+def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, config: LinearizeConfig, *,
+                    device, progress: Progress = NULL, checkpoint: Optional[resume.Checkpoint] = None
+                    ) -> tuple[list[str], dict]:
+    """Run both stages on ``model`` in place. ``ids``: stage-1 calibration windows [n, T]; ``stream``: the
+    stage-2 token stream. Returns (layout: "softmax" | "linear" per layer, report)."""
+    spec = config.spec()
+    model.requires_grad_(False)
+    _, layers = decoder_layers(model)
+    choose_softmax_layers({}, len(layers), config)  # an out-of-range --keep-layers fails before any work
+    saved = checkpoint.dir / "transfer.safetensors" if checkpoint is not None else None
+    if saved is not None and saved.exists():
+        progress.note("Resuming: attention transfer already done")
+        students, errors = _load_transfer(saved, model, spec)
+    else:
+        students, errors = transfer(model, ids, config, device, progress)
+        if saved is not None:
+            _save_transfer(saved, students, errors)
+    softmax = choose_softmax_layers(errors, len(layers), config)
+    install(model, {i: s for i, s in students.items() if i not in softmax})
+    tuned = finetune(model, stream, config, device, progress, checkpoint)
+    layout = ["softmax" if i in softmax else "linear" for i in range(len(layers))]
+    report = {"transfer_rel_mse": {str(i): round(e, 6) for i, e in sorted(errors.items())},
+              "softmax_layers": softmax, "finetune": tuned}
+    return layout, report

@@ -1,0 +1,221 @@
+"""linearize: student attention in a real transformers model (teacher reproduction, generation through
+the Cache with a constant-size state), distillation (transfer, hybrid choice, fine-tune, resume), the
+artifact round trip, the CLI and its bad input."""
+import dataclasses
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmcomp import api
+from llmcomp.cli.app import app
+from llmcomp.errors import UserError
+from llmcomp.linearize.distill import LinearizeConfig, choose_softmax_layers, training_windows
+from llmcomp.linearize.student import (METHODS, LinearAttention, LinearCacheLayer, install, students_of,
+                                       teacher_mode)
+from tests.conftest import tiny_llama
+
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def one_thread_short_text(monkeypatch):
+    """Tiny models run fastest on one thread (no oversubscription on a shared 2-core machine), and the
+    tiny tokenizer needs only a slice of the calibration text."""
+    from llmcomp.core import data
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    full = data.corpus()
+    short = data.Corpus(full.name, full.calib[:40_000], full.eval[:20_000])
+    monkeypatch.setattr(data, "corpus", lambda source=None: short)
+    monkeypatch.setattr(api, "corpus", lambda source=None: short)
+    yield
+    torch.set_num_threads(threads)
+
+
+def linearized(method, window, skip=(), seed=0):
+    model = tiny_llama(seed=seed)
+    spec = dataclasses.replace(METHODS[method], window=window)
+    install(model, {i: LinearAttention(l.self_attn, spec) for i, l in enumerate(model.model.layers) if i not in skip})
+    return model
+
+
+@torch.no_grad()
+def test_window_covering_the_context_and_teacher_mode_reproduce_the_teacher():
+    teacher = tiny_llama()(IDS).logits
+    model = linearized("hedgehog", window=IDS.shape[1])
+    assert torch.allclose(model(IDS).logits, teacher, atol=1e-5)
+    model = linearized("liger", window=4)
+    assert not torch.allclose(model(IDS).logits, teacher, atol=1e-2)
+    with teacher_mode(model):
+        assert torch.equal(model(IDS).logits, teacher)
+
+
+@pytest.mark.parametrize("method,window", [("hedgehog", 4), ("liger", 4), ("gla", 0), ("liger", 0)])
+@torch.no_grad()
+def test_prefill_and_decode_through_the_cache_match_the_full_forward(method, window):
+    from transformers import DynamicCache
+
+    model = linearized(method, window, skip=(1,))  # layer 1 stays softmax: a hybrid cache
+    full = model(IDS).logits
+    cache = DynamicCache(config=model.config)
+    outs = [model(IDS[:, :9], cache=cache, use_cache=True).logits]
+    sizes = []
+    for t in range(9, IDS.shape[1]):
+        outs.append(model(IDS[:, t:t + 1], cache=cache, use_cache=True).logits)
+        sizes.append(cache.layers[0].nbytes())
+    assert isinstance(cache.layers[0], LinearCacheLayer) and cache.get_seq_length() == IDS.shape[1]
+    assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
+    assert len(set(sizes)) == 1  # the linear layer's state does not grow with the context
+    gen = model.generate(IDS[:, :8], attention_mask=torch.ones_like(IDS[:, :8]), max_new_tokens=6,
+                         do_sample=False, pad_token_id=0)
+    assert gen.shape == (2, 14)
+    assert torch.equal(model(gen).logits[:, 7:-1].argmax(-1), gen[:, 8:])
+
+
+def test_hybrid_keeps_the_layers_with_the_largest_transfer_error():
+    errors = {0: 0.1, 1: 0.5, 2: 0.3, 3: 0.05}
+    assert choose_softmax_layers(errors, 4, LinearizeConfig(keep_softmax=0.5)) == [1, 2]
+    assert choose_softmax_layers(errors, 4, LinearizeConfig(keep_softmax=0.0)) == []
+    assert choose_softmax_layers(errors, 4, LinearizeConfig(keep_softmax=1.0)) == [0, 1, 2, 3]
+    assert choose_softmax_layers(errors, 4, LinearizeConfig(keep_layers=(3, 0))) == [0, 3]
+    with pytest.raises(UserError, match="out of range"):
+        choose_softmax_layers(errors, 4, LinearizeConfig(keep_layers=(4,)))
+
+
+def test_token_budget_beyond_the_text_cycles_with_a_note():
+    notes = []
+    stream = torch.arange(1000)
+    windows, steps = training_windows(stream, LinearizeConfig(tokens=4096, seq_len=64, batch_size=4), notes.append)
+    assert steps == 16 and windows.shape == (15, 64) and "cycling" in notes[0]
+    assert sorted(windows[:, 0].tolist()) == list(range(0, 15 * 64, 64))  # every window once per pass
+    notes.clear()
+    training_windows(stream, LinearizeConfig(tokens=512, seq_len=64, batch_size=4), notes.append)
+    assert notes == []
+
+
+@pytest.mark.parametrize("bad,match", [(dict(keep_softmax=1.5), "keep-softmax must be a fraction in"),
+                                       (dict(keep_softmax=-0.1), "keep-softmax"),
+                                       (dict(method="mamba"), "Unknown linearize method"),
+                                       (dict(window=-1), "--window must be"),
+                                       (dict(keep_layers=(-1,)), "--keep-layers")])
+def test_config_validation(bad, match):
+    with pytest.raises(UserError, match=match):
+        LinearizeConfig(**bad)
+
+
+def _model_dir(tmp_path, name="src", model=None):
+    from test_experts import _save_with_tokenizer
+
+    return _save_with_tokenizer(model if model is not None else tiny_llama(vocab=300), tmp_path / name)
+
+
+SMALL = dict(transfer_steps=3, tokens=2 * 2 * 32, seq_len=32, batch_size=2, checkpoint_every=1)
+
+
+def _logits_at_write(monkeypatch):
+    """Capture the in-memory model's logits when the artifact is written."""
+    seen = {}
+    real = api.write_artifact
+
+    def spy(output, net, *args, **kwargs):
+        with torch.no_grad():
+            seen["logits"] = net(IDS).logits
+        return real(output, net, *args, **kwargs)
+
+    monkeypatch.setattr(api, "write_artifact", spy)
+    return seen
+
+
+def test_artifact_round_trip_same_logits_and_generates(tmp_path, monkeypatch):
+    src = _model_dir(tmp_path)
+    seen = _logits_at_write(monkeypatch)
+    config = LinearizeConfig(method="hedgehog", window=4, keep_layers=(1,), **SMALL)
+    out = api.linearize(config, tmp_path / "lin", str(src), calib_samples=2, calib_seq_len=32, device="cpu")
+    stage = api.inspect(out)["stages"][-1]
+    assert stage["kind"] == "linearize" and stage["method"] == "linearize-hedgehog"
+    assert stage["layout"] == ["linear", "softmax"] and stage["config"]["window"] == 4
+    assert stage["metrics"]["finetune"]["steps"] == 2 and set(stage["metrics"]["transfer_rel_mse"]) == {"0", "1"}
+    model, tok = api.load(out, return_tokenizer=True)
+    assert [type(l.self_attn).__name__ for l in model.model.layers] == ["LinearAttention", "LlamaAttention"]
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, seen["logits"])
+    gen = model.generate(IDS[:1, :5], attention_mask=torch.ones_like(IDS[:1, :5]), max_new_tokens=4, do_sample=False,
+                         pad_token_id=0)
+    assert gen.shape == (1, 9)
+    assert not (tmp_path / ".lin.resume").exists()
+
+
+def test_all_layers_kept_softmax_reproduces_the_teacher(tmp_path):
+    src = _model_dir(tmp_path)
+    out = api.linearize(LinearizeConfig(method="liger", keep_softmax=1.0, **SMALL), tmp_path / "lin", str(src),
+                        calib_samples=2, calib_seq_len=32, device="cpu")
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(src).eval()
+    model = api.load(out)
+    assert not students_of(model)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, teacher(IDS).logits)
+
+
+def test_killed_fine_tune_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from llmcomp.core import resume
+
+    src = _model_dir(tmp_path)
+    config = LinearizeConfig(method="gla", window=2, **{**SMALL, "tokens": 4 * 2 * 32})
+    kw = dict(calib_samples=2, calib_seq_len=32, device="cpu")
+    whole = api.load(api.linearize(config, tmp_path / "whole", str(src), **kw)).state_dict()
+
+    def kill(tag):
+        if tag == "linearize-step-2":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume, "_kill_point", kill)
+    with pytest.raises(KeyboardInterrupt):
+        api.linearize(config, tmp_path / "lin", str(src), **kw)
+    assert not (tmp_path / "lin").exists() and (tmp_path / ".lin.resume" / "finetune.safetensors").exists()
+    out = api.linearize(config, tmp_path / "lin", str(src), **kw)
+    assert api.inspect(out)["stages"][-1]["metrics"]["finetune"]["resumed_at_step"] == 2
+    resumed = api.load(out).state_dict()
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_writes_an_artifact(tmp_path):
+    src = _model_dir(tmp_path)
+    r = invoke("linearize", src, "-o", tmp_path / "out", "--method", "liger", "--window", 4, "--keep-softmax", 0.5,
+               "--tokens", "128", "--seq-len", 32, "--batch-size", 2, "--calib-samples", 2, "--transfer-steps", 1,
+               "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "1 linear / 1 softmax layers" in text and "KL" in text
+
+
+def _error(r) -> str:
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len([line for line in lines if line.startswith("error:")]) == 1 and "Traceback" not in r.output
+    return " ".join(r.output.split())
+
+
+def test_cli_bad_input(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    src = _model_dir(tmp_path)
+    out = tmp_path / "out"
+    assert "keep-softmax must be a fraction in [0, 1]" in _error(invoke("linearize", src, "-o", out, "--keep-softmax", 1.5))
+    assert "not a token count" in _error(invoke("linearize", src, "-o", out, "--tokens", "lots"))
+    assert "out of range" in _error(invoke("linearize", src, "-o", out, "--keep-layers", "0,7", "--calib-samples", 1,
+                                           "--seq-len", 16, "--device", "cpu"))
+    cfg = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=300, head_dim=16)
+    qwen3 = _model_dir(tmp_path, "qwen3", Qwen3ForCausalLM(cfg))
+    msg = _error(invoke("linearize", qwen3, "-o", out, "--calib-samples", 1, "--seq-len", 16, "--device", "cpu"))
+    assert "does not support the attention class Qwen3Attention" in msg
+    assert not out.exists()
