@@ -243,6 +243,21 @@ def test_gptq_import_feeds_quantize(arts, tmp_path):
     assert torch.equal(reloaded.model.layers[1].mlp.up_proj.dequantize(), src.model.layers[1].mlp.up_proj.dequantize())
 
 
+def test_gptq_legacy_quantize_config(arts, tmp_path):
+    """Older AutoGPTQ checkpoints: settings in quantize_config.json, an inv_freq buffer among the tensors."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "gptq"
+    api.export(arts("w4g32sym"), "gptq", out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "quantize_config.json").write_text(json.dumps(cfg.pop("quantization_config")))
+    (out / "config.json").write_text(json.dumps(cfg))
+    st = load_file(str(out / "model.safetensors"))
+    st["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(st, str(out / "model.safetensors"))
+    assert torch.equal(logits(llmcomp.load(out)), logits(llmcomp.load(arts("w4g32sym"))))
+
+
 def test_gptq_ragged_groups_export(tmp_path):
     """GPTQ's g_idx expresses llmcomp's ragged last group (in=96, g=64 → groups of 64 and 32)."""
     from tests.conftest import tiny_llama

@@ -16,6 +16,9 @@ from llmcomp.errors import UserError
 
 # quant_method in config.json → (the tensor that marks a quantized linear, the importer's name)
 KINDS = {"gptq": ".qweight", "compressed-tensors": ".weight_packed"}
+LEGACY_GPTQ_CONFIG = "quantize_config.json"
+# buffers some exporters saved that current transformers models recompute (not in their state dict)
+RECOMPUTED = (".rotary_emb.inv_freq",)
 
 
 def detect(path: Path) -> Optional[str]:
@@ -25,8 +28,20 @@ def detect(path: Path) -> Optional[str]:
     except (OSError, ValueError):
         return None
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if qc is None and (Path(path) / LEGACY_GPTQ_CONFIG).exists():
+        return "gptq"  # older AutoGPTQ checkpoints keep their settings beside config.json
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     return method if method in KINDS else None
+
+
+def quantization_config(path: Path) -> dict:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if isinstance(cfg.get("quantization_config"), dict):
+        return cfg["quantization_config"]
+    try:
+        return json.loads((Path(path) / LEGACY_GPTQ_CONFIG).read_text())
+    except ValueError:
+        raise UserError(f"{Path(path) / LEGACY_GPTQ_CONFIG} is not valid JSON.") from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +87,7 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
 
     start = time.perf_counter()
     path = Path(path)
-    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    qc = quantization_config(path)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the model is llmcomp's now; a saved artifact must not re-quantize
@@ -101,6 +116,8 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
         formats[name] = fmt
     expected = set(model.state_dict())
     for key, value in tensors.items():
+        if key not in expected and key.endswith(RECOMPUTED):
+            continue
         if key not in expected:
             raise UserError(f"Checkpoint tensor {key} does not belong to the model.")
         if value.is_floating_point():
