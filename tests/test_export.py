@@ -157,8 +157,10 @@ def test_ct_nvfp4_tensors_exact(arts, tmp_path):
     st = load_file(str(tmp_path / "ct" / "model.safetensors"))
     layer = llmcomp.load(art).model.layers[1].mlp.down_proj
     name = "model.layers.1.mlp.down_proj"
-    vals = unpack_fp4_from_uint8(st[f"{name}.weight_packed"], layer.out_features, layer.in_features, dtype=torch.float32)
-    assert torch.equal(vals, NVFP4().element.decode(layer.fmt.unpack(layer.packed_tensors(), layer.in_features)["codes"]))
+    vals = unpack_fp4_from_uint8(st[f"{name}.weight_packed"], layer.out_features, layer.in_features,
+                                 dtype=torch.float32)
+    codes = layer.fmt.unpack(layer.packed_tensors(), layer.in_features)["codes"]
+    assert torch.equal(vals, NVFP4().element.decode(codes))
     assert torch.equal(st[f"{name}.weight_scale"].view(torch.uint8), layer.weight_scale.view(torch.uint8))
     assert torch.allclose(st[f"{name}.weight_global_scale"] * layer.weight_global_scale, torch.ones(1), rtol=1e-6)
 

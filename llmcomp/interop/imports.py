@@ -135,7 +135,8 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
     distinct = list(dict.fromkeys(formats.values()))
     stage = {"method": f"import-{kind}",
              "config": {"format": to_dict(distinct[0]) if len(distinct) == 1 else None, "quantization_config": qc},
-             "wall_time_s": round(time.perf_counter() - start, 2), "metrics": {"bits_per_weight": round(size_report(model)["bits_per_weight"], 4),
+             "wall_time_s": round(time.perf_counter() - start, 2),
+             "metrics": {"bits_per_weight": round(size_report(model)["bits_per_weight"], 4),
                          "imported_layers": len(formats)}}
     base = {"name": model_mod.model_name(path), "path": str(path.resolve()), "sha256": model_mod.weights_sha256(path)}
     return model, model_mod.load_tokenizer(path), base, [stage]
