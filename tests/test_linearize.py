@@ -219,3 +219,20 @@ def test_cli_bad_input(tmp_path):
     msg = _error(invoke("linearize", qwen3, "-o", out, "--calib-samples", 1, "--seq-len", 16, "--device", "cpu"))
     assert "does not support the attention class Qwen3Attention" in msg
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_bundled_model_liger_hybrid_loads_generates_and_scores(tmp_path, bundled_dir):
+    """The real model end to end on a tiny budget: 29 linear layers + layer 0 softmax, an artifact that
+    loads, generates and has a finite held-out perplexity."""
+    import math
+
+    config = LinearizeConfig(method="liger", window=16, keep_layers=(0,), transfer_steps=0, tokens=256, seq_len=64,
+                             batch_size=2)
+    out = api.linearize(config, tmp_path / "lin", str(bundled_dir), calib_samples=1, calib_seq_len=64, device="cpu")
+    model, tok = api.load(out, return_tokenizer=True)
+    assert len(students_of(model)) == 29
+    ids = tok("It is a truth universally acknowledged", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 6
+    assert math.isfinite(api.evaluate(out, n_windows=1, seq_len=128, device="cpu")["ppl"])
