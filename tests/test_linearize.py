@@ -52,7 +52,8 @@ def test_window_covering_the_context_and_teacher_mode_reproduce_the_teacher():
         assert torch.equal(model(IDS).logits, teacher)
 
 
-@pytest.mark.parametrize("method,window", [("hedgehog", 4), ("liger", 4), ("gla", 0), ("liger", 0)])
+@pytest.mark.parametrize("method,window", [("hedgehog", 4), ("liger", 4), ("gla", 0), ("liger", 0), ("mamba", 0),
+                                           ("mamba", 4)])
 @torch.no_grad()
 def test_prefill_and_decode_through_the_cache_match_the_full_forward(method, window):
     from transformers import DynamicCache
@@ -72,6 +73,28 @@ def test_prefill_and_decode_through_the_cache_match_the_full_forward(method, win
                          do_sample=False, pad_token_id=0)
     assert gen.shape == (2, 14)
     assert torch.equal(model(gen).logits[:, 7:-1].argmax(-1), gen[:, 8:])
+
+
+def test_mamba_seeding_reuses_the_attention_weights_as_c_b_x_out():
+    """Q→C, K→B, V→x, O→out: the same modules; with dt → 0 (no decay) and no window the layer is plain
+    unnormalised linear attention with C·B = q·k/√D, scaled by its learned output weight."""
+    teacher = tiny_llama()
+    attn = teacher.model.layers[0].self_attn
+    s = LinearAttention(attn, dataclasses.replace(METHODS["mamba"], window=0))
+    assert all(getattr(s, n) is getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    dt = torch.nn.functional.softplus(s.dt_proj.bias)
+    assert (dt > 9e-4).all() and (dt < 0.11).all() and (s.dt_proj.weight == 0).all()
+    assert ((s.A_log.exp() >= 1) & (s.A_log.exp() <= 16)).all()
+    with torch.no_grad():
+        s.dt_proj.bias.fill_(-40.0)  # softplus ≈ 0: no decay
+        x = torch.randn(1, 6, 64)
+        pe = teacher.model.rotary_emb(x, torch.arange(6)[None])
+        q = attn.q_proj(x).view(1, 6, 4, 16).transpose(1, 2)
+        k = attn.k_proj(x).view(1, 6, 2, 16).transpose(1, 2).repeat_interleave(2, 1)
+        v = attn.v_proj(x).view(1, 6, 2, 16).transpose(1, 2).repeat_interleave(2, 1)
+        scores = (q @ k.transpose(-1, -2) / 4.0).tril()
+        ref = attn.o_proj((0.5 * scores @ v).transpose(1, 2).reshape(1, 6, 64))
+        assert torch.allclose(s(x, position_embeddings=pe)[0], ref, atol=1e-5)
 
 
 def test_hybrid_keeps_the_layers_with_the_largest_transfer_error():
@@ -97,7 +120,7 @@ def test_token_budget_beyond_the_text_cycles_with_a_note():
 
 @pytest.mark.parametrize("bad,match", [(dict(keep_softmax=1.5), "keep-softmax must be a fraction in"),
                                        (dict(keep_softmax=-0.1), "keep-softmax"),
-                                       (dict(method="mamba"), "Unknown linearize method"),
+                                       (dict(method="rwkv"), "Unknown linearize method"),
                                        (dict(window=-1), "--window must be"),
                                        (dict(keep_layers=(-1,)), "--keep-layers")])
 def test_config_validation(bad, match):

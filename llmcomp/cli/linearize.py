@@ -1,4 +1,4 @@
-"""``llmcomp linearize``: distil softmax attention into linear attention (Hedgehog, Liger, GLA), with hybrids."""
+"""``llmcomp linearize``: distil softmax attention into linear attention (Hedgehog, Liger, GLA, Mamba-2 seeding), with hybrids."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +34,7 @@ def parse_layers(text: Optional[str]) -> Optional[tuple]:
 def linearize(
     model: Annotated[Optional[str], typer.Argument(help="Llama-style model directory (default: the bundled SmolLM2-135M-Instruct).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-linear"),
-    method: Annotated[str, typer.Option(help="hedgehog (trainable feature maps, LoLCATs hybrid), liger (gates from the key projection, no new parameters) or gla (own trainable gate projection).")] = "hedgehog",
+    method: Annotated[str, typer.Option(help="hedgehog (trainable feature maps, LoLCATs hybrid), liger (gates from the key projection, no new parameters), gla (own trainable gate projection) or mamba (Mamba-2 SSD seeded from attention: C=q, B=k, x=v, out=o_proj).")] = "hedgehog",
     window: Annotated[int, typer.Option(help="Sliding-window softmax tokens inside each linear layer; 0 = pure linear attention.")] = 64,
     keep_softmax: Annotated[float, typer.Option("--keep-softmax", help="Fraction of layers kept as softmax attention: those with the largest measured transfer error.")] = 0.0,
     keep_layers: Annotated[Optional[str], typer.Option("--keep-layers", help="Explicit softmax layer indices, e.g. 0,5 (overrides --keep-softmax).")] = None,

@@ -50,7 +50,7 @@ KIND = "linearize"
 @dataclass(frozen=True)
 class LinearizeConfig:
     VERSION = 1
-    method: str = "hedgehog"  # hedgehog | liger | gla
+    method: str = "hedgehog"  # hedgehog | liger | gla | mamba
     window: int = 64  # sliding-window softmax tokens inside each linear layer (0 = pure linear)
     keep_softmax: float = 0.0  # fraction of layers kept as softmax (worst transfer error first)
     keep_layers: Optional[tuple] = None  # explicit softmax layer indices (overrides keep_softmax)
@@ -129,10 +129,10 @@ def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, devic
             runner.run()
         finally:
             handle.remove()
+        torch.manual_seed(config.seed + idx)  # new parameters' initialisation (mamba's dt / A) is seeded
         student = LinearAttention(attn, spec)
         params = list(_trainable(student).values())
         if params and config.transfer_steps:
-            torch.manual_seed(config.seed + idx)
             opt = torch.optim.Adam(params, lr=config.transfer_lr)
             with torch.enable_grad():
                 for step in range(config.transfer_steps):

@@ -4,6 +4,8 @@
   then ``[softmax(xW), softmax(-xW)]`` over the features: 2F non-negative, spiky, monotone in q·k —
   trained to mimic the teacher's softmax attention.
 * ``softmax`` (Liger): softmax over the head dimension of the pretrained projection; no parameters.
+* ``identity`` (Mamba-2 seeding: C = q, B = k): the projection itself scaled by D^-1/4, so that
+  φ(q)·φ(k) is the attention logit q·k/√D.
 """
 from __future__ import annotations
 
@@ -41,3 +43,13 @@ class SoftmaxMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.softmax(-1)
+
+
+@FEATURE_MAPS.register("identity")
+class IdentityMap(nn.Module):
+    def __init__(self, heads: int, head_dim: int, feature_dim: int = 0, device=None, dtype=None):
+        super().__init__()
+        self.out_dim = head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x.shape[-1] ** -0.25

@@ -10,7 +10,11 @@ per-head window/linear mixing weights. Methods are specs (``METHODS``):
   pretrained key projection (``logsigmoid(k)/16``), no new parameters; Liger Attention is
   ``0.5 · sliding-window softmax + 0.5 · gated recurrence``;
 * ``gla`` — a gated linear attention whose gate projection is its own trainable copy of the teacher's
-  key projection, normalised, learned mixing.
+  key projection, normalised, learned mixing;
+* ``mamba`` — Mamba-2 (SSD) seeding after mmMamba / MambaInLlama: C = q, B = k, x = v, out = o_proj
+  (the teacher's weights), a scalar per-head decay ``exp(-softplus(dt(x)) · exp(A_log))`` with a new
+  dt projection (zero weights, Mamba-2's dt / A initialisation), unnormalised. Not included: Mamba's
+  short convolution, D skip and gated output norm.
 
 Generation: the student keeps its recurrent state in a :class:`LinearCacheLayer` inside whatever
 transformers ``Cache`` the model runs with (``generate``'s ``DynamicCache`` included): the first time a
@@ -21,6 +25,7 @@ linear layers (batches of equal-length sequences).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +40,7 @@ from llmcomp.linearize.feature_maps import FEATURE_MAPS
 
 # Attention classes whose forward is q/k/v projections → RoPE → attention → o_proj (what we replace).
 SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
-GATES = ("none", "key", "proj")
+GATES = ("none", "key", "proj", "dt")  # dt: one scalar per head and token (Mamba-2)
 
 
 @register_config
@@ -46,7 +51,7 @@ class StudentSpec:
     feature_map: str = "hedgehog"  # hedgehog | softmax
     feature_dim: int = 0  # hedgehog: features per sign (0 = head_dim)
     rotary_features: bool = True  # feature maps read q/k after RoPE (LoLCATs) or before (Liger)
-    gate: str = "none"  # none | key (from the pretrained k_proj) | proj (own projection, initialised from k_proj)
+    gate: str = "none"  # none | key (from the pretrained k_proj) | proj (own projection, initialised from k_proj) | dt
     gate_normalizer: float = 16.0  # g = logsigmoid(·) / normalizer (GLA's choice)
     window: int = 64  # sliding-window softmax size; 0 = pure linear attention
     normalize: bool = True  # one normaliser over both parts (LoLCATs) vs unnormalised sum (Liger)
@@ -58,7 +63,7 @@ class StudentSpec:
             raise UserError(f"Unknown feature map {self.feature_map!r}; choose one of: {', '.join(FEATURE_MAPS.names())}.")
         if self.gate not in GATES:
             raise UserError(f"Unknown gate {self.gate!r}; choose one of: {', '.join(GATES)}.")
-        if self.gate != "none" and self.feature_map != "softmax":
+        if self.gate in ("key", "proj") and self.feature_map != "softmax":
             raise UserError("Decay gates need the softmax feature map (one gate per key feature = head dim).")
         if self.window < 0 or self.chunk_size < 1 or self.feature_dim < 0:
             raise UserError("--window must be ≥ 0 (0 = pure linear attention).")
@@ -68,6 +73,7 @@ METHODS = {
     "hedgehog": StudentSpec(),
     "liger": StudentSpec(feature_map="softmax", rotary_features=False, gate="key", normalize=False, learn_mix=False),
     "gla": StudentSpec(feature_map="softmax", rotary_features=False, gate="proj", normalize=True, learn_mix=True),
+    "mamba": StudentSpec(feature_map="identity", rotary_features=False, gate="dt", normalize=False, learn_mix=True),
 }
 
 
@@ -175,17 +181,26 @@ class LinearAttention(nn.Module):
                     self.gate_proj.weight.copy_(k.weight)
                     if k.bias is not None:
                         self.gate_proj.bias.copy_(k.bias)
-        if spec.window and spec.learn_mix:
+        if spec.gate == "dt":  # Mamba-2 init: dt log-uniform in [1e-3, 1e-1] (through the bias), A in [1, 16]
+            self.dt_proj = nn.Linear(attn.q_proj.in_features, self.num_heads, device=w.device, dtype=w.dtype)
+            self.A_log = nn.Parameter(torch.empty(self.num_heads, device=w.device, dtype=w.dtype))
+            if w.device.type != "meta":
+                with torch.no_grad():
+                    self.dt_proj.weight.zero_()
+                    dt = torch.exp(torch.rand(self.num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+                    self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+                    self.A_log.copy_(torch.log(torch.empty(self.num_heads).uniform_(1, 16)))
+        if spec.learn_mix:
             self.mix_logit = nn.Parameter(torch.zeros(self.num_heads, device=w.device, dtype=w.dtype))
         self.teacher_mode = False  # distillation: compute the original softmax attention instead
 
     def mix(self):
-        """(window weight, linear weight) per head [H], float32."""
-        if not self.spec.window:
-            return None, None
+        """(window weight, linear weight) per head [H], float32 (learned: sigmoid and its complement)."""
         if hasattr(self, "mix_logit"):
             a = torch.sigmoid(self.mix_logit.float())
             return a, 1 - a
+        if not self.spec.window:
+            return None, None
         half = torch.full((self.num_heads,), 0.5, device=self.q_proj.weight.device)
         return half, half
 
@@ -210,13 +225,16 @@ class LinearAttention(nn.Module):
         qf, kf = (qr, kr_) if spec.rotary_features else (q, _repeat(k, rep))
         fq, fk = self.feature_map_q(f32(qf)), self.feature_map_k(f32(kf))
         g = None
-        if spec.gate != "none":
+        if spec.gate == "dt":
+            dt = F.softplus(f32(self.dt_proj(hidden_states)))  # [B, n, H]
+            g = (-dt * self.A_log.float().exp()).transpose(1, 2)  # [B, H, n]
+        elif spec.gate != "none":
             src = k if spec.gate == "key" else self.gate_proj(hidden_states).view(shape).transpose(1, 2)
             g = F.logsigmoid(f32(_repeat(src, rep))) / spec.gate_normalizer  # [B, H, n, D]
         layer = cache_layer(cache, self.layer_idx) if cache is not None else None
         state = layer.state if layer is not None else None
         a, b = self.mix()
-        chunk = min(spec.chunk_size, 16) if g is not None else spec.chunk_size
+        chunk = min(spec.chunk_size, 16) if g is not None and g.dim() == 4 else spec.chunk_size
         o, new_state = hybrid_attention(f32(qr), kr_, fq, fk, v_, g, window=spec.window, scale=self.scaling,
                                         window_weight=a, linear_weight=b, normalize=spec.normalize, state=state,
                                         recurrent=n == 1 and state is not None, chunk_size=chunk)
