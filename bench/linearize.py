@@ -104,7 +104,7 @@ def student(method: str, keep: float, args, device, workdir: Path) -> dict:
                              transfer_steps=args.transfer_steps, seq_len=args.seq_len, batch_size=args.batch_size,
                              lr=args.lr, seed=args.seed)
     t0 = time.perf_counter()
-    path = api.linearize(config, workdir / f"{method}-{keep}", None, overwrite=True, calib_samples=args.calib_samples,
+    path = api.linearize(config, workdir / f"{method}-w{args.window}-{keep}", None, overwrite=True, calib_samples=args.calib_samples,
                          calib_seq_len=args.seq_len, device=device)
     wall = time.perf_counter() - t0
     stage = api.inspect(path)["stages"][-1]
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/linearize_gpu.json"))
     p.add_argument("--methods", default="hedgehog,liger")
     p.add_argument("--keep", default="0,0.25", help="--keep-softmax fractions, comma-separated")
-    p.add_argument("--only", nargs="*", help="re-measure only these rows (e.g. teacher liger-0.25)")
+    p.add_argument("--only", nargs="*", help="re-measure only these rows (e.g. teacher liger-w64-0.25)")
     p.add_argument("--tokens", default="500k")
     p.add_argument("--transfer-steps", type=int, default=50)
     p.add_argument("--calib-samples", type=int, default=16)
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else {}
-    wanted = ["teacher"] + [f"{m}-{k}" for m in args.methods.split(",") for k in args.keep.split(",")]
+    wanted = ["teacher"] + [f"{m}-w{args.window}-{k}" for m in args.methods.split(",") for k in args.keep.split(",")]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in wanted:
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
             if name == "teacher":
                 rows[name] = measure(None, args, args.device)
             else:
-                method, keep = name.rsplit("-", 1)
+                method, _, keep = name.rsplit("-", 2)
                 rows[name] = student(method, float(keep), args, args.device, Path(tmp))
             rows[name]["row_wall_s"] = round(time.perf_counter() - t0, 1)
             meta = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
