@@ -160,7 +160,8 @@ def choose_softmax_layers(errors: dict[int, float], n_layers: int, config: Linea
     if config.keep_layers is not None:
         bad = [i for i in config.keep_layers if i >= n_layers]
         if bad:
-            raise UserError(f"--keep-layers {bad[0]} is out of range: the model has {n_layers} layers (0-{n_layers - 1}).")
+            raise UserError(f"--keep-layers {bad[0]} is out of range: the model has {n_layers} layers "
+                            f"(0-{n_layers - 1}).")
         return sorted(set(config.keep_layers))
     k = int(round(config.keep_softmax * n_layers))
     return sorted(sorted(errors, key=lambda i: -errors[i])[:k])
@@ -198,7 +199,8 @@ def _save_state(path, params: dict[str, torch.Tensor], opt: torch.optim.Optimize
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     for i, p in enumerate(params.values()):
         for k, v in opt.state.get(p, {}).items():
-            tensors[f"opt.{i}.{k}"] = v.detach().cpu().reshape(-1).contiguous() if v.dim() == 0 else v.detach().cpu().contiguous()
+            v = v.detach().cpu()
+            tensors[f"opt.{i}.{k}"] = (v.reshape(-1) if v.dim() == 0 else v).contiguous()  # safetensors: no 0-d
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"step": str(step), "losses": json.dumps(losses)})
     os.replace(tmp, path)

@@ -60,7 +60,8 @@ class StudentSpec:
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
-            raise UserError(f"Unknown feature map {self.feature_map!r}; choose one of: {', '.join(FEATURE_MAPS.names())}.")
+            raise UserError(f"Unknown feature map {self.feature_map!r}; choose one of: "
+                            f"{', '.join(FEATURE_MAPS.names())}.")
         if self.gate not in GATES:
             raise UserError(f"Unknown gate {self.gate!r}; choose one of: {', '.join(GATES)}.")
         if self.gate in ("key", "proj") and self.feature_map != "softmax":
