@@ -30,20 +30,14 @@ from llmcomp import api
 from llmcomp.cli.linearize import parse_tokens
 from llmcomp.core.data import eval_windows
 from llmcomp.core.hfcompat import cache_kwarg, output_cache
+from llmcomp.eval.longctx import kv_nbytes
 from llmcomp.linearize.distill import LinearizeConfig
-from llmcomp.linearize.student import LinearCacheLayer, students_of
+from llmcomp.linearize.student import students_of
 
 
 def cache_bytes(cache) -> int:
     """Bytes the cache holds: keys/values of softmax layers, states and window buffers of linear layers."""
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, LinearCacheLayer):
-            total += layer.nbytes()
-        else:
-            total += sum(t.numel() * t.element_size() for t in (getattr(layer, "keys", None),
-                                                                 getattr(layer, "values", None)) if t is not None)
-    return total
+    return kv_nbytes(cache)[0]
 
 
 def sync(device):

@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 
 from llmcomp import api
 from llmcomp.cli.app import app
+from llmcomp.core.hfcompat import cache_kwarg
 from llmcomp.errors import UserError
+from llmcomp.eval.longctx import kv_nbytes
 from llmcomp.linearize.distill import LinearizeConfig, choose_softmax_layers, training_windows
 from llmcomp.linearize.student import (METHODS, LinearAttention, LinearCacheLayer, install, students_of,
                                        teacher_mode)
@@ -61,11 +63,14 @@ def test_prefill_and_decode_through_the_cache_match_the_full_forward(method, win
     model = linearized(method, window, skip=(1,))  # layer 1 stays softmax: a hybrid cache
     full = model(IDS).logits
     cache = DynamicCache(config=model.config)
-    outs = [model(IDS[:, :9], cache=cache, use_cache=True).logits]
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    outs = [model(IDS[:, :9], **kw).logits]
     sizes = []
     for t in range(9, IDS.shape[1]):
-        outs.append(model(IDS[:, t:t + 1], cache=cache, use_cache=True).logits)
+        outs.append(model(IDS[:, t:t + 1], **kw).logits)
         sizes.append(cache.layers[0].nbytes())
+    held, _ = kv_nbytes(cache)  # what `llmcomp eval --long` reports: the linear state plus the softmax layer's KV
+    assert held == sizes[-1] + sum(t.numel() * t.element_size() for t in (cache.layers[1].keys, cache.layers[1].values))
     assert isinstance(cache.layers[0], LinearCacheLayer) and cache.get_seq_length() == IDS.shape[1]
     assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
     assert len(set(sizes)) == 1  # the linear layer's state does not grow with the context

@@ -27,8 +27,13 @@ def kv_nbytes(cache) -> tuple[int, int]:
     """(bytes held, bytes a dense cache would hold) for a KVCache or a plain transformers cache."""
     if hasattr(cache, "dense_nbytes"):
         return cache.nbytes(), cache.dense_nbytes()
-    held = sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+    held = 0
+    for layer in cache.layers:
+        if hasattr(layer, "nbytes"):  # a layer that counts itself (linearized attention: state + window)
+            held += layer.nbytes()
+        else:
+            held += sum(t.numel() * t.element_size() for t in (getattr(layer, "keys", None),
+                                                               getattr(layer, "values", None)) if t is not None)
     return held, held
 
 
