@@ -147,6 +147,13 @@ def export(artifact, to: str, output: os.PathLike | str, *, overwrite: bool = Fa
     return interop.export(artifact, to, output, overwrite=overwrite)
 
 
+def report(artifact, output: Optional[os.PathLike | str] = None, *, overwrite: bool = False) -> dict:
+    """Write ``report.md`` and PNG plots of an artifact (``llmcomp.report``); plots need matplotlib."""
+    from llmcomp.report import write_report
+
+    return write_report(artifact, output, overwrite=overwrite)
+
+
 def _weights_key(net) -> str:
     """A cheap identity of the weights being quantized (shapes and a strided sample of every tensor)."""
     import hashlib

@@ -229,6 +229,10 @@ from llmcomp.cli.linearize import linearize as _linearize  # noqa: E402
 
 app.command("linearize")(_linearize)
 
+from llmcomp.cli.report import report as _report  # noqa: E402
+
+app.command("report")(_report)
+
 
 def main():  # pragma: no cover
     app()

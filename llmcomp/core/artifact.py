@@ -213,17 +213,14 @@ def weight_files(path: Path) -> list[Path]:
     return [path / "model.safetensors"]
 
 
-def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
-                  device_map=None, verify: bool = True):
-    """Build the model skeleton on meta, swap in QuantLinear modules, load tensors, place them."""
-    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
+def build_skeleton(path: Path, manifest: dict):
+    """The artifact's model on the meta device — stage hooks' structure and QuantLinear modules in place,
+    no tensors loaded. Returns (model, [(hook, stage)])."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmcomp.core.model import set_submodule
 
-    path = Path(path)
-    manifest = read_manifest(path, verify=verify)
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
@@ -235,6 +232,18 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
         old = model.get_submodule(name)
         set_submodule(model, name, QuantLinear(old.in_features, old.out_features, fmt,
                                                bias=old.bias is not None, device="meta"))
+    return model, hooks
+
+
+def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
+                  device_map=None, verify: bool = True):
+    """Build the model skeleton on meta, swap in QuantLinear modules, load tensors, place them."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import set_module_tensor_to_device
+
+    path = Path(path)
+    manifest = read_manifest(path, verify=verify)
+    model, hooks = build_skeleton(path, manifest)
     expected = set(model.state_dict().keys())
     loaded = set()
     for f in weight_files(path):

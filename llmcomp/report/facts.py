@@ -1,0 +1,178 @@
+"""What a report shows, read from a manifest into plain data (no plotting here, so it is testable alone).
+
+Manifest stages differ by kind; each ``*_facts`` function takes one stage and returns ``None`` when the
+stage is not of its kind. Module paths are split at their first numeric component: the decoder layer
+(``model.layers.3.self_attn.q_proj`` → layer 3, linear ``self_attn.q_proj``); further numbers (expert
+indices) become ``*`` so the experts of one layer are one series.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from statistics import mean
+from typing import Optional
+
+_LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
+# canonical order of a decoder layer's linears; others follow alphabetically
+_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "w1", "w3", "w2", "down")
+
+
+def split_path(path: str) -> tuple[Optional[int], str]:
+    """``(decoder layer index, linear kind)``; ``(None, path)`` outside the decoder layers (``lm_head``)."""
+    m = _LAYER.match(path)
+    if m is None:
+        return None, path
+    return int(m["index"]), re.sub(r"(?<=\.)\d+(?=\.|$)", "*", m["rest"])
+
+
+def kind_order(kinds) -> list[str]:
+    def key(k):
+        tail = [p for p in k.split(".") if p != "*"][-1].removesuffix("_proj")
+        return (_ORDER.index(tail) if tail in _ORDER else len(_ORDER), k)
+
+    return sorted(set(kinds), key=key)
+
+
+@dataclass
+class PerLayer:
+    """A metric per (linear kind, decoder layer); several modules of one cell (experts) are averaged."""
+
+    name: str
+    cells: dict = field(default_factory=dict)  # kind -> {layer: [values]}
+    outside: dict = field(default_factory=dict)  # path -> value (lm_head ...)
+
+    def add(self, path: str, value: float) -> None:
+        layer, kind = split_path(path)
+        if layer is None:
+            self.outside[path] = value
+        else:
+            self.cells.setdefault(kind, {}).setdefault(layer, []).append(float(value))
+
+    def series(self) -> dict[str, dict[int, float]]:
+        """``{kind: {layer: mean value}}`` in canonical kind order."""
+        return {k: {i: mean(v) for i, v in sorted(self.cells[k].items())} for k in kind_order(self.cells)}
+
+    def layers(self) -> list[int]:
+        return sorted({i for per in self.cells.values() for i in per})
+
+    def __bool__(self):
+        return bool(self.cells or self.outside)
+
+
+def quant_facts(stage: dict) -> Optional[dict]:
+    """Per-linear SQNR (every quantize stage) and relative output error (calibrated methods), the bit
+    allocation if one was made."""
+    layers = stage.get("metrics", {}).get("layers")
+    if not isinstance(layers, dict) or not any(isinstance(v, dict) and "sqnr_db" in v for v in layers.values()):
+        return None
+    sqnr, out_err = PerLayer("SQNR (dB)"), PerLayer("relative output error")
+    for path, m in layers.items():
+        if path.startswith("_") or not isinstance(m, dict):
+            continue
+        if "sqnr_db" in m:
+            sqnr.add(path, m["sqnr_db"])
+        if "out_err_rel" in m:
+            out_err.add(path, m["out_err_rel"])
+    return {"sqnr": sqnr, "out_err": out_err, "allocation": layers.get("_allocation")}
+
+
+def bits_facts(modules: dict[str, tuple[float, str]]) -> PerLayer:
+    """Bits per weight (codes, scales, zeros, outliers) per module; ``modules``: path → (bits, format)."""
+    bits = PerLayer("bits per weight")
+    for path, (b, _) in modules.items():
+        bits.add(path, b)
+    return bits
+
+
+def expert_facts(stage: dict) -> Optional[dict]:
+    """Per MoE block: experts before / removed / protected and routing counts (expert-level methods), or
+    neurons removed per expert (HEAPr)."""
+    metrics = stage.get("metrics", {})
+    if stage.get("kind") != "moe" or not isinstance(metrics.get("layers"), dict):
+        return None
+    shapes = stage.get("shapes", {})
+    blocks = []
+    for path, r in metrics["layers"].items():
+        layer, _ = split_path(path + ".x")
+        sizes = shapes.get(path, {}).get("sizes", [])
+        entry = {"path": path, "layer": layer, "super": metrics.get("super_experts", {}).get(path, [])}
+        if "removed_per_expert" in r:  # HEAPr: neurons
+            removed = r["removed_per_expert"]
+            entry.update(unit="neurons", before=[s + k for s, k in zip(sizes, removed)], removed_per_expert=removed,
+                         error=r.get("est_error"))
+        else:
+            freq = r.get("frequency", [])
+            n = len(freq) or len(sizes) + len(r.get("removed", []))
+            entry.update(unit="experts", experts=n, removed=sorted(r.get("removed", [])),
+                         skipped_protected=r.get("skipped_protected", []), frequency=freq)
+        blocks.append(entry)
+    blocks.sort(key=lambda b: (b["layer"] is None, b["layer"] or 0, b["path"]))
+    return {"blocks": blocks, "params": metrics.get("expert_params", {})}
+
+
+def kv_facts(stage: dict, model_config: dict) -> Optional[dict]:
+    """Share of each layer's (and KV head's) K and V cache a policy keeps beyond what every token keeps
+    (its recent window / residual), at the model's full context where a policy keeps a token count."""
+    if stage.get("kind") != "kv":
+        return None
+    cfg, metrics = stage.get("config", {}), stage.get("metrics", {})
+    n_layers = int(model_config.get("num_hidden_layers", 0))
+    n_heads = int(model_config.get("num_key_value_heads") or model_config.get("num_attention_heads") or 1)
+    context = int(model_config.get("max_position_embeddings") or 0)
+    method = stage.get("method", "").removeprefix("kv-")
+    heads = None
+    if method == "mustafar":
+        k, v = 1 - cfg["k_sparsity"], 1 - cfg["v_sparsity"]
+        what = f"share of K / V entries kept (magnitude pruning per token) beyond the last {cfg['window']} tokens"
+    elif method in ("streaming", "h2o", "a2sf"):
+        if cfg.get("budget"):
+            k = v = min(1.0, cfg["budget"] / context) if context else float("nan")
+            what = f"{cfg['budget']} tokens kept of the model's {context}-token context"
+        else:
+            k = v = 1 - cfg["ratio"]
+            what = "share of tokens kept (eviction)"
+    elif method == "kivi":
+        k = v = cfg["bits"] / 16
+        what = f"{cfg['bits']}-bit codes vs float16 (scales not counted) beyond the last {cfg['residual']} tokens"
+    elif method == "cskv":
+        width = metrics.get("width")
+        k = metrics["k_rank"] / width if width else 1 - cfg["k_ratio"]
+        v = metrics["v_rank"] / width if width else 1 - cfg["v_ratio"]
+        what = f"channels kept (low-rank K / V) beyond the last {cfg['window']} tokens"
+    elif method == "duo" and cfg.get("heads"):
+        heads = [[c == "1" for c in row] for row in cfg["heads"]]
+        n_layers, n_heads = len(heads), len(heads[0])
+        stream = min(1.0, (cfg["sinks"] + cfg["window"]) / context) if context else 0.0
+        grid = [[1.0 if h else stream for h in row] for row in heads]
+        what = (f"retrieval heads keep the full cache, streaming heads {cfg['sinks']} sinks + {cfg['window']} "
+                f"recent tokens (share at the model's {context}-token context)")
+        return {"method": method, "policy": metrics.get("policy", method), "what": what,
+                "k": [mean(r) for r in grid], "v": [mean(r) for r in grid], "heads": heads,
+                "gates": metrics.get("gates"), "head_share": grid}
+    else:
+        return {"method": method, "policy": metrics.get("policy", method), "what": "no per-layer share", "k": [],
+                "v": []}
+    return {"method": method, "policy": metrics.get("policy", method), "what": what, "k": [k] * n_layers,
+            "v": [v] * n_layers, "heads": heads, "n_heads": n_heads}
+
+
+def linearize_facts(stage: dict) -> Optional[dict]:
+    """Per-layer layout (softmax kept / linear) and stage-1 attention-transfer error; stage-2 KL curve."""
+    if stage.get("kind") != "linearize":
+        return None
+    metrics = stage.get("metrics", {})
+    errors = {int(k): float(v) for k, v in metrics.get("transfer_rel_mse", {}).items()}
+    tune = metrics.get("finetune", {})
+    return {"layout": list(stage.get("layout", [])), "transfer": errors, "kl_curve": tune.get("kl_curve", []),
+            "finetune": tune}
+
+
+def moefy_facts(stage: dict) -> Optional[dict]:
+    """Per-layer MLP relative error and router/oracle agreement of a dense → MoE conversion."""
+    if stage.get("method") != "moefy":
+        return None
+    rows = {split_path(p + ".x")[0]: r for p, r in stage.get("metrics", {}).items()
+            if not p.startswith("_") and isinstance(r, dict)}
+    return {"error": {i: r.get("mlp_rel_error") for i, r in rows.items() if i is not None},
+            "agreement": {i: r.get("router_oracle_agreement") for i, r in rows.items() if i is not None},
+            "summary": stage.get("metrics", {}).get("_summary", {})}

@@ -1,0 +1,236 @@
+"""llmcomp report: plots and report.md for tiny artifacts of every stage kind (quantize with and without
+calibration and bit allocation, MoE conversion and expert pruning, KV policies, linearize, import), the
+markdown-only fallback without matplotlib, and bad input."""
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmcomp import api
+from llmcomp.cli.app import app
+from llmcomp.formats import Uniform
+from llmcomp.report import facts
+from tests.conftest import tiny_llama
+
+PNG = b"\x89PNG\r\n\x1a\n"
+CALIB = dict(calib_samples=4, calib_seq_len=32, device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_short_text():
+    """One thread (shared 2-core machine) and a slice of the calibration text (the tiny tokenizer is slow)."""
+    from llmcomp.core import data
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    full = data.corpus()
+    short = data.Corpus(full.name, full.calib[:40_000], full.eval[:20_000])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "corpus", lambda source=None: short)
+        mp.setattr(api, "corpus", lambda source=None: short)
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("report")
+
+
+@pytest.fixture(scope="module")
+def dense(root):
+    from test_experts import _save_with_tokenizer
+
+    return _save_with_tokenizer(tiny_llama(vocab=300), root / "dense")
+
+
+def _rtn(root, dense):
+    from llmcomp.quant import RTNConfig
+
+    return api.quantize(RTNConfig(format=Uniform(4, 32)), root / "rtn", str(dense))
+
+
+def _gptq_alloc(root, dense):
+    from llmcomp.quant import GPTQConfig
+    from llmcomp.quant.allocate import AllocationConfig
+
+    return api.quantize(GPTQConfig(format=Uniform(4, 32)), root / "alloc", str(dense),
+                        allocation=AllocationConfig(budget=3.5, candidates=(2, 3, 4, 8), group_size=32), **CALIB)
+
+
+def _alloc_duo(root, dense):
+    """Bit allocation, then DuoAttention heads on top."""
+    from llmcomp.prune.kv.duo import DuoConfig
+
+    alloc = root / "alloc" if (root / "alloc").exists() else _gptq_alloc(root, dense)
+    return api.prune_kv(DuoConfig(streaming=0.5, sinks=2, window=8, heads=("10", "01")), root / "duo", str(alloc))
+
+
+def _moe_chain(root, dense):
+    """moefy → expert pruning → RTN on the (then unfused) experts: four stages in one artifact."""
+    from llmcomp.convert.moefy import MoefyConfig
+    from llmcomp.prune.experts import ExpertPruneConfig
+    from llmcomp.quant import RTNConfig
+
+    moe = api.moefy(MoefyConfig(experts=4, top_k=2, kmeans_iters=2), root / "moefied", str(dense), **CALIB)
+    pruned = api.prune_experts(ExpertPruneConfig(method="frequency", ratio=0.25, protect_super_experts=False),
+                               root / "pruned", str(moe), **CALIB)
+    return api.quantize(RTNConfig(format=Uniform(8, 0), ignore=("lm_head", "mlp.gate")), root / "chain", str(pruned))
+
+
+def _heapr(root, dense):
+    from test_experts import _save_with_tokenizer, tiny_moe
+
+    from llmcomp.prune.experts import ExpertPruneConfig
+
+    src = _save_with_tokenizer(tiny_moe("qwen3_moe"), root / "moe")
+    return api.prune_experts(ExpertPruneConfig(method="heapr", ratio=0.25), root / "heapr", str(src), **CALIB)
+
+
+def _mustafar(root, dense):
+    from llmcomp.prune.kv.mustafar import MustafarConfig
+
+    return api.prune_kv(MustafarConfig(0.5, 0.7, window=4), root / "mustafar", str(dense))
+
+
+def _linearize(root, dense):
+    from llmcomp.linearize.distill import LinearizeConfig
+
+    cfg = LinearizeConfig(method="hedgehog", window=4, keep_layers=(1,), transfer_steps=3, tokens=128, seq_len=32,
+                          batch_size=2, checkpoint_every=1)
+    return api.linearize(cfg, root / "lin", str(dense), calib_samples=2, calib_seq_len=32, device="cpu")
+
+
+def _imported(root, dense):
+    from llmcomp.quant import RTNConfig
+
+    api.export(api.quantize(RTNConfig(format=Uniform(4, 32)), root / "to-export", str(dense)), "gptq", root / "gptq")
+    return api.quantize(RTNConfig(format=Uniform(8, 0), ignore=()), root / "imported", str(root / "gptq"))
+
+
+# artifact maker, PNG files expected, stage labels report.md must name
+KINDS = {
+    "rtn": (_rtn, {"errors-1.png", "bits.png"}, ["rtn int4 g32 asym"]),
+    "gptq-alloc": (_gptq_alloc, {"errors-1.png", "bits.png"}, ["gptq alloc 3.50 b/w", "allocated code bits"]),
+    "alloc+duo": (_alloc_duo, {"errors-1.png", "bits.png", "kv-2.png"}, ["kv-duo", "| 0 | Rs | 1 |", "| 1 | sR | 1 |"]),
+    "moe-chain": (_moe_chain, {"moefy-1.png", "experts-2.png", "errors-4.png", "bits.png"},
+                  ["moefy", "experts-frequency", "unfuse-experts", "rtn int8 per-channel asym"]),
+    "heapr": (_heapr, {"experts-1.png"}, ["experts-heapr", "neurons removed per expert"]),
+    "mustafar": (_mustafar, {"kv-1.png"}, ["kv-mustafar", "mustafar K 0.5 V 0.7 window 4"]),
+    "linearize": (_linearize, {"linearize-1.png"}, ["linearize-hedgehog", "| 1 | softmax |"]),
+    "import": (_imported, {"bits.png"}, ["import-gptq int4 g32 asym", "rtn int8 per-channel asym"]),
+}
+
+
+def _check_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG and len(data) > 10_000, (path, len(data))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_report_writes_the_plots_that_apply_and_names_every_stage(kind, root, dense):
+    make, pngs, needles = KINDS[kind]
+    artifact = make(root, dense)
+    out = root / "reports" / kind
+    r = CliRunner().invoke(app, ["report", str(artifact), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in out.glob("*.png")} == pngs
+    for png in pngs:
+        _check_png(out / png)
+    md = (out / "report.md").read_text()
+    stages = api.inspect(artifact)["stages"]
+    for i, stage in enumerate(stages, 1):
+        assert f"## Stage {i}: {api.stage_label(stage)}" in md
+    for needle in needles:
+        assert needle in md
+    for png in pngs:
+        assert f"]({png})" in md
+    assert "bits per weight (decoder linears, lm_head excluded)" in md
+
+
+def test_numbers_in_the_report_come_from_the_manifest(root, dense):
+    artifact = root / "alloc" if (root / "alloc").exists() else _gptq_alloc(root, dense)
+    out = api.report(artifact, root / "alloc-numbers")["path"]
+    md = (out / "report.md").read_text()
+    stage = api.inspect(artifact)["stages"][0]
+    layers = stage["metrics"]["layers"]
+    bits = layers["_allocation"]["bits"]
+    row0 = ", ".join(f"{k} {bits[f'model.layers.0.{p}.{k}_proj']}" for p, k in
+                     [("self_attn", "q"), ("self_attn", "k"), ("self_attn", "v"), ("self_attn", "o"),
+                      ("mlp", "gate"), ("mlp", "up"), ("mlp", "down")])
+    assert row0 in md
+    worst = min((v["sqnr_db"], k) for k, v in layers.items() if k.startswith("model.layers.1."))
+    assert f"{worst[1].removeprefix('model.layers.1.')} {worst[0]:.1f}" in md
+    assert f"| bits per weight (decoder linears, lm_head excluded) | {stage['metrics']['bits_per_weight']:.3f} |" in md
+
+
+def test_without_matplotlib_only_the_markdown_is_written(root, dense, monkeypatch):
+    artifact = root / "rtn" if (root / "rtn").exists() else _rtn(root, dense)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    out = root / "no-mpl"
+    r = CliRunner().invoke(app, ["report", str(artifact), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if "matplotlib" in line]
+    assert lines == ["plots skipped: matplotlib is not installed; pip install matplotlib"]
+    assert not list(out.glob("*.png"))
+    md = (out / "report.md").read_text()
+    assert "Plots not drawn: matplotlib is not installed" in md and "](" not in md
+    assert "## Stage 1: rtn int4 g32 asym" in md
+
+
+def test_default_output_is_beside_the_artifact(root, dense):
+    artifact = root / "rtn" if (root / "rtn").exists() else _rtn(root, dense)
+    r = CliRunner().invoke(app, ["report", str(artifact)])
+    assert r.exit_code == 0, r.output
+    assert (root / "rtn-report" / "report.md").exists()
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_bad_input(root, dense, tmp_path):
+    runner = CliRunner()
+    artifact = root / "rtn" if (root / "rtn").exists() else _rtn(root, dense)
+    assert "is not an llmcomp artifact" in one_error_line(runner.invoke(app, ["report", str(dense), "-o",
+                                                                              str(tmp_path / "a")]))
+    assert "is not an llmcomp artifact" in one_error_line(runner.invoke(app, ["report", str(tmp_path / "nope")]))
+    assert not (tmp_path / "a").exists()
+    out = tmp_path / "r"
+    assert runner.invoke(app, ["report", str(artifact), "-o", str(out)]).exit_code == 0
+    (out / "mine.txt").write_text("keep")
+    assert "already exists" in one_error_line(runner.invoke(app, ["report", str(artifact), "-o", str(out)]))
+    assert (out / "mine.txt").exists()
+    r = runner.invoke(app, ["report", str(artifact), "-o", str(out), "--overwrite"])
+    assert r.exit_code == 0 and not (out / "mine.txt").exists() and (out / "report.md").exists()
+    before = sorted(p.name for p in artifact.iterdir())
+    assert "would replace the artifact" in one_error_line(
+        runner.invoke(app, ["report", str(artifact), "-o", str(artifact), "--overwrite"]))
+    assert sorted(p.name for p in artifact.iterdir()) == before
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "llmcomp.json").write_text("{not json")
+    assert "corrupt" in one_error_line(runner.invoke(app, ["report", str(tmp_path / "broken")]))
+
+
+def test_paths_split_into_decoder_layer_and_linear_kind():
+    assert facts.split_path("model.layers.12.self_attn.q_proj") == (12, "self_attn.q_proj")
+    assert facts.split_path("model.layers.3.mlp.experts.down.7") == (3, "mlp.experts.down.*")
+    assert facts.split_path("lm_head") == (None, "lm_head")
+    assert facts.kind_order(["mlp.down_proj", "self_attn.q_proj", "mlp.gate_proj", "x.router"]) == [
+        "self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj", "x.router"]
+
+
+def test_kv_shares_per_policy():
+    config = {"num_hidden_layers": 3, "num_key_value_heads": 2, "max_position_embeddings": 1000}
+    stage = {"kind": "kv", "method": "kv-h2o", "config": {"ratio": 0.5, "budget": 250, "recent": 0.5}, "metrics": {}}
+    f = facts.kv_facts(stage, config)
+    assert f["k"] == f["v"] == [0.25] * 3 and "250 tokens" in f["what"]
+    stage = {"kind": "kv", "method": "kv-duo", "config": {"heads": ["10", "00", "11"], "sinks": 40, "window": 60},
+             "metrics": {}}
+    f = facts.kv_facts(stage, config)
+    assert f["k"] == pytest.approx([0.55, 0.1, 1.0]) and f["heads"][1] == [False, False]
+    assert facts.kv_facts({"kind": "moe"}, config) is None
