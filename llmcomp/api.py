@@ -62,8 +62,8 @@ def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str
     p = model_mod.resolve(path)
     if is_artifact(p):
         model, tok, _ = load_artifact(p, dtype=dtype, device=device, device_map=device_map)
-    elif imports.detect(p) is not None:
-        model, tok, _, _ = imports.open_checkpoint(p, imports.detect(p), dtype=dtype, device=device)
+    elif (kind := imports.detect(p)) is not None:  # a GPTQ / compressed-tensors checkpoint
+        model, tok, _, _ = imports.open_checkpoint(p, kind, dtype=dtype, device=device)
     else:
         model, tok = model_mod.load_hf(p, dtype=dtype or torch.float32, device_map=device_map)
         if device is not None and device_map is None:

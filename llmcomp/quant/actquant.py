@@ -25,6 +25,11 @@ def check(act_bits: int, act_format: str, smooth: float) -> None:
         raise UserError(f"smoothing strength must be in [0, 1], got {smooth}.")
 
 
+def needs_stats(config) -> bool:
+    """W4A4 fits its input scales on calibration data (α = 0 needs none: the scales are 1)."""
+    return config.act_bits < 16 and config.smooth > 0
+
+
 def input_scale(w: torch.Tensor, H, alpha: float) -> torch.Tensor:
     """Per-input-channel divisor of the activations: ``s_j = rms(x_j)^α / max|W_:j|^(1−α)``, normalized to
     geometric mean 1 and rounded to float16 (what is stored), so per-token activation scales see flattened

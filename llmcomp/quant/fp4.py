@@ -97,7 +97,7 @@ class FP4Quantizer(Quantizer):
 
     @property
     def needs_calibration(self) -> bool:  # the search and the input scales are fitted on calibration data
-        return self.config.search or (self.config.act_bits < 16 and self.config.smooth > 0)
+        return self.config.search or actquant.needs_stats(self.config)
 
     def observe(self, linear: nn.Linear):
         return HessianAccumulator.for_linear(linear) if self.needs_calibration else None

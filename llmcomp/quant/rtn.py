@@ -54,7 +54,7 @@ class RTNQuantizer(Quantizer):
 
     @property
     def needs_calibration(self) -> bool:  # W4A4's input scales are fitted on calibration data
-        return self.config.act_bits < 16 and self.config.smooth > 0
+        return actquant.needs_stats(self.config)
 
     def observe(self, linear: nn.Linear):
         return HessianAccumulator.for_linear(linear) if self.needs_calibration else None
@@ -62,16 +62,17 @@ class RTNQuantizer(Quantizer):
     def quantize_linear(self, name: str, linear: nn.Linear, stats=None) -> LayerResult:
         fmt = self.format_for(name)
         fmt.validate_shape(linear.out_features, linear.in_features, name)
-        if self.config.act_bits == 16:
-            tensors = fmt.pack(rtn_fields(linear.weight.data, fmt))
-        else:
+        w, in_scale = linear.weight.data, None
+        if self.config.act_bits < 16:
             H = None
             if self.needs_calibration:
                 require_stats(stats, "W4A4 input scales", name)
-                H = stats.H.to(linear.weight.device)
-            w, _, in_scale = actquant.fold(linear.weight.data.float(), H, self.config.smooth)
-            fmt, fields = actquant.wrap(fmt, rtn_fields(w, fmt), in_scale, self.config.act_format)
-            tensors = fmt.pack(fields)
+                H = stats.H.to(w.device)
+            w, _, in_scale = actquant.fold(w.float(), H, self.config.smooth)
+        fields = rtn_fields(w, fmt)
+        if in_scale is not None:
+            fmt, fields = actquant.wrap(fmt, fields, in_scale, self.config.act_format)
+        tensors = fmt.pack(fields)
         mod = QuantLinear.from_packed(fmt, tensors, linear.in_features,
                                       linear.bias.data if linear.bias is not None else None)
         return LayerResult(mod)
