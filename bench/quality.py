@@ -82,10 +82,16 @@ def configs() -> dict:
     return out
 
 
-# name → (average bits/weight budget, group size of the candidates 2/3/4/8). Scales and zeros count in the
-# budget: at g64 they add 0.5 b/w, so a 2.5 budget leaves every layer at 2 bits; g128 adds ~0.27 on this model.
-ALLOCATIONS = {"gptq-alloc2.5": (2.5, 64), "gptq-alloc3.25": (3.25, 64),
-               "gptq-alloc2.5-g128": (2.5, 128), "gptq-alloc3.25-g128": (3.25, 128)}
+# name → (method, average bits/weight budget, group size of the candidates 2/3/4/8, sensitivity). Scales and
+# zeros count in the budget: at g64 they add 0.5 b/w, so a 2.5 budget leaves every layer at 2 bits; g128 adds
+# ~0.27 on this model. Uniform rows at the same bits: W2 g64 = 2.5, W3 g128 = 3.27, W3 g64 = 3.5 b/w.
+ALLOCATIONS = {"gptq-alloc2.5": ("gptq", 2.5, 64, "output"), "gptq-alloc3.25": ("gptq", 3.25, 64, "output"),
+               "gptq-alloc2.5-g128": ("gptq", 2.5, 128, "output"), "gptq-alloc3.25-g128": ("gptq", 3.25, 128, "output"),
+               "gptq-alloc2.5-fisher": ("gptq", 2.5, 128, "fisher"), "gptq-alloc3.27-fisher": ("gptq", 3.27, 128, "fisher"),
+               "gptq-alloc3.5-fisher": ("gptq", 3.5, 128, "fisher"),
+               "decoupleq-alloc2.5-fisher": ("decoupleq", 2.5, 128, "fisher"),
+               "rtn-alloc2.5-fisher": ("rtn", 2.5, 128, "fisher"), "rtn-alloc3.27-fisher": ("rtn", 3.27, 128, "fisher"),
+               "rtn-alloc3.5-fisher": ("rtn", 3.5, 128, "fisher"), "rtn-alloc3.5-output": ("rtn", 3.5, 128, "output")}
 
 
 def measure_row(name: str, cfg, ref, tmp: Path, windows: int, calib_samples: int) -> dict:
@@ -116,13 +122,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     todo = {k: v for k, v in configs().items() if not args.only or k in args.only}
-    if "gptq" in METHODS:
-        from llmcomp.quant.allocate import AllocationConfig
-        from llmcomp.quant.gptq import GPTQConfig
+    from llmcomp.quant import DecoupleQConfig, GPTQConfig
+    from llmcomp.quant.allocate import AllocationConfig
 
-        for name, (budget, group) in ALLOCATIONS.items():
-            if not args.only or name in args.only:
-                todo[name] = (GPTQConfig(), AllocationConfig(budget=budget, candidates=(2, 3, 4, 8), group_size=group))
+    method_config = {"rtn": RTNConfig, "gptq": GPTQConfig, "decoupleq": DecoupleQConfig}
+    for name, (method, budget, group, sensitivity) in ALLOCATIONS.items():
+        if not args.only or name in args.only:
+            todo[name] = (method_config[method](), AllocationConfig(
+                budget=budget, candidates=(2, 3, 4, 8), group_size=group, sensitivity=sensitivity))
     ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
     rows = [{"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}]
     meta = run_meta(args, rows[0]["text"])

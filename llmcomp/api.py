@@ -341,9 +341,10 @@ def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, dev
     table = allocate.measure_errors(net, calib, config.targets, config.ignore, allocation, device=device,
                                     progress=progress)
     importance = expert_importance(net, calib, device=device, progress=progress)  # {} for dense models
-    for name, weight in importance.items():  # MC-MoE: an expert's error counts as much as it is routed to
-        if name in table:
-            table[name]["errors"] = [e * weight for e in table[name]["errors"]]
+    if allocation.sensitivity == "output":  # MC-MoE: an expert's error counts as much as it is routed to
+        for name, weight in importance.items():  # (the Fisher sensitivity already sees the routing)
+            if name in table:
+                table[name]["errors"] = [e * weight for e in table[name]["errors"]]
     shapes = {n: (m.out_features, m.in_features) for n, m in net.named_modules()
               if n in table and isinstance(m, nn.Linear)}
     formats = allocation.formats()

@@ -11,13 +11,13 @@ from llmcomp.quant import RTNConfig, quantize_model
 from llmcomp.quant import allocate
 
 
-@pytest.fixture(scope="module")
-def measured():
+@pytest.fixture(scope="module", params=allocate.SENSITIVITIES)
+def measured(request):
     from tests.conftest import tiny_llama
 
     model = tiny_llama(hidden=64, layers=2, inter=96, vocab=128, seed=1)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = allocate.AllocationConfig(budget=3.5, candidates=(2, 3, 4, 8), group_size=64)
+    cfg = allocate.AllocationConfig(budget=3.5, candidates=(2, 3, 4, 8), group_size=64, sensitivity=request.param)
     table = allocate.measure_errors(model, ids, ("Linear",), ("lm_head",), cfg, device="cpu")
     shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if n in table}
     return model, cfg, table, shapes
@@ -82,3 +82,36 @@ def test_allocated_model_uses_per_layer_formats(measured):
 def test_bad_candidates():
     with pytest.raises(UserError):
         allocate.AllocationConfig(candidates=(1, 4))
+
+
+def test_fisher_sees_what_the_model_output_ignores():
+    """Layer 1's attention output is zeroed, so its q/k/v projections cannot change the loss: the Fisher
+    sensitivity gives them zero error at every width (the allocator then leaves it at the cheapest), while the layer-output
+    error still sees its (useless) output change. Gradients are off again afterwards."""
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(hidden=64, layers=2, inter=96, vocab=128, seed=1)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    fisher = allocate.AllocationConfig(budget=3.5, candidates=(2, 4), group_size=64)
+    table = allocate.measure_errors(model, ids, ("Linear",), ("lm_head",), fisher, device="cpu")
+    dead = "model.layers.1.self_attn.v_proj"
+    for p in ("q_proj", "k_proj", "v_proj"):
+        assert table[f"model.layers.1.self_attn.{p}"]["errors"] == [0.0, 0.0]
+    assert all(t["errors"][0] > t["errors"][1] > 0 for n, t in table.items() if "layers.1.self_attn" not in n)
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if n in table}
+    assert allocate.solve(table, fisher.formats(), 3.5, shapes)[dead].bits == 2
+    output = allocate.measure_errors(model, ids, ("Linear",), ("lm_head",),
+                                     dataclasses.replace(fisher, sensitivity="output"), device="cpu")
+    assert output[dead]["errors"][0] > 0
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_sensitivity():
+    with pytest.raises(UserError, match="sensitivity"):
+        allocate.AllocationConfig(sensitivity="hessian")
+    with pytest.raises(UserError, match="fisher_samples"):
+        allocate.AllocationConfig(fisher_samples=0)

@@ -73,6 +73,8 @@ QUANTIZE_FLAGS = [
     (["--search"], "--search"),
     (["--bits", "2.5", "--candidates", "2,x"], "--candidates"),
     (["--bits", "2.5", "--candidates", "1,4"], "candidates must be integers from 2 to 8"),
+    (["--bits", "2.5", "--sensitivity", "hessian"], "Unknown allocation sensitivity"),
+    (["--bits", "4", "--sensitivity", "output"], "fractional --bits budget"),
     (["--method", "gptq", "--damp", "-1"], "dampening"),
     (["--method", "decoupleq", "--rounds", "0"], "rounds"),
     (["--method", "gptq"], "needs a tokenizer"),

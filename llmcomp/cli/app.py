@@ -63,6 +63,7 @@ def quantize(
     damp: Annotated[float, typer.Option(help="GPTQ/decoupleQ: Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     rounds: Annotated[int, typer.Option(help="decoupleQ: integer/float alternation rounds.")] = 4,
     candidates: Annotated[str, typer.Option(help="Bit allocation: candidate widths, comma-separated.")] = "2,3,4,8",
+    sensitivity: Annotated[Optional[str], typer.Option(help="Bit allocation: how a layer's rounding error is scored — fisher (default: its effect on the model's loss; one forward+backward of the whole model per sample) or output (the layer's own output error; layer by layer, bounded memory).")] = None,
     act_bits: Annotated[int, typer.Option("--act-bits", help="--method fp4 or rtn: 4 also rounds each layer's inputs per token (W4A4, with per-channel input scales folded into the weights); 16 = weights only.")] = 16,
     act_format: Annotated[Optional[str], typer.Option("--act-format", help="W4A4 activation element: fp (E2M1; default for --method fp4) or int (INT4 ±7; default for rtn).")] = None,
     search: Annotated[bool, typer.Option("--search", help="--method fp4 --format fp4: per-layer LLM-FP4 search of the 4-bit element (E2M1/E1M2/E3M0) and clipping on calibration data.")] = False,
@@ -86,7 +87,7 @@ def quantize(
         config, allocation = build_quant_config(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
             targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
-            candidates=candidates, fp4_format=fp4_format, outliers=outliers, search=search, act_bits=act_bits,
+            candidates=candidates, sensitivity=sensitivity, fp4_format=fp4_format, outliers=outliers, search=search, act_bits=act_bits,
             act_format=act_format,
             vector_len=vector_len, hadamard=hadamard)
         with render.RichProgress() as progress:

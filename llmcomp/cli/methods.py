@@ -58,7 +58,8 @@ def parse_fraction(text: str | None, flag: str) -> float:
 
 def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: bool, preset: str | None,
                        targets: tuple, ignore: tuple, act_order: bool = True, damp: float = 0.01,
-                       rounds: int = 4, candidates: str = "2,3,4,8", fp4_format: str | None = None,
+                       rounds: int = 4, candidates: str = "2,3,4,8", sensitivity: str | None = None,
+                       fp4_format: str | None = None,
                        outliers: str | None = None, search: bool = False, act_bits: int = 16,
                        act_format: str | None = None,
                        vector_len: int | None = None, hadamard: bool = False):
@@ -98,9 +99,11 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
     if outlier_fraction and method != "gptq":
         raise UserError(f"--outliers is a GPTQ option (the solver chooses and keeps them); --method {method} does not take it.")
     allocation = None
+    if sensitivity is not None and bits == int(bits):
+        raise UserError("--sensitivity scores layers for bit allocation; give a fractional --bits budget such as 3.5.")
     if bits != int(bits):
         allocation = AllocationConfig(budget=bits, candidates=parse_candidates(candidates), group_size=group_size,
-                                      symmetric=symmetric, damp=damp)
+                                      symmetric=symmetric, damp=damp, sensitivity=sensitivity or "fisher")
         bits = max(allocation.candidates)
     fmt = Uniform(bits=int(bits), group_size=group_size, symmetric=symmetric)
     common = {"format": fmt, "targets": targets, "ignore": ignore}

@@ -1,9 +1,15 @@
 """Per-layer bit allocation under an average bits-per-weight budget.
 
-1. One calibration pass over the *original* model measures, for every target linear and every
-   candidate bit width, the layer-output error of round-to-nearest at that width,
-   ``tr((W − Ŵ_b) H (W − Ŵ_b)ᵀ)`` with ``H = 2XᵀX/n`` — computed layer by layer, so only one layer's
-   Hessians are alive at a time.
+1. Measure, for every target linear and every candidate bit width b, how much round-to-nearest at b
+   hurts (``Ŵ_b``), with one of two sensitivities:
+   - ``fisher`` (default): the model's loss, to second order, ``Σ F ⊙ (W − Ŵ_b)²`` with ``F`` the
+     diagonal empirical Fisher information (squared per-sequence gradients of the next-token loss on
+     calibration text, as SqueezeLLM weights its k-means). It sees what a layer's error does to the
+     *output of the model*, so errors of different layers are comparable. Needs one forward+backward of
+     the whole model per sequence where the model lives (or on ``device`` when it fits there).
+   - ``output``: the layer-output error ``tr((W − Ŵ_b) H (W − Ŵ_b)ᵀ)`` with ``H = 2XᵀX/n``, measured
+     layer by layer (bounded memory). Errors of different layers are not on one scale — on the bundled
+     model it gave early layers 2 bits and lost badly to uniform widths (bench/results, README).
 2. A greedy knapsack picks one width per layer: start everyone at the cheapest candidate, then keep
    applying the upgrade with the largest error reduction per extra bit that still fits the budget.
    Costs are exact: ``bits_per_weight`` of the format (codes + scales + zeros) × the layer's weights.
@@ -27,6 +33,9 @@ from llmcomp.quant.hessian import HessianAccumulator
 from llmcomp.quant.rtn import rtn_fields
 
 
+SENSITIVITIES = ("fisher", "output")
+
+
 @register_config
 @dataclass(frozen=True)
 class AllocationConfig:
@@ -37,8 +46,10 @@ class AllocationConfig:
     group_size: int = 128
     symmetric: bool = False
     damp: float = 0.01
+    sensitivity: str = "fisher"
+    fisher_samples: int = 32
 
-    VERSION = 1
+    VERSION = 2
 
     def __post_init__(self):
         if not self.candidates or any(not isinstance(b, int) or not 2 <= b <= 8 for b in self.candidates):
@@ -50,24 +61,87 @@ class AllocationConfig:
                             f"{sorted(set(self.candidates))} (scales and zeros add to each); choose a budget "
                             f"above {min(self.candidates)}.")
 
+        if self.sensitivity not in SENSITIVITIES:
+            raise UserError(f"Unknown allocation sensitivity {self.sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}.")
+        if self.fisher_samples < 1:
+            raise UserError(f"fisher_samples must be at least 1, got {self.fisher_samples}.")
+
     def formats(self) -> list[Uniform]:
         return [Uniform(bits=b, group_size=self.group_size, symmetric=self.symmetric) for b in sorted(set(self.candidates))]
 
 
-def layer_errors(linear: nn.Linear, H: torch.Tensor, formats: list[Uniform]) -> list[float]:
+def rtn_deltas(linear: nn.Linear, formats: list[Uniform]):
+    """``W − Ŵ_b`` (float32) for each candidate format, one at a time."""
     W = linear.weight.data.float()
-    out = []
     for fmt in formats:
-        D = W - fmt.dequantize(fmt.pack(rtn_fields(W, fmt)), W.shape[1]).to(W.device)
-        out.append(float(((D @ H) * D).sum()))
-    return out
+        yield W - fmt.dequantize(fmt.pack(rtn_fields(W, fmt)), W.shape[1]).to(W.device)
 
 
-@torch.no_grad()
+def layer_errors(linear: nn.Linear, H: torch.Tensor, formats: list[Uniform]) -> list[float]:
+    return [float(((D @ H) * D).sum()) for D in rtn_deltas(linear, formats)]
+
+
 def measure_errors(model: nn.Module, calib_ids: torch.Tensor, targets, ignore, cfg: AllocationConfig,
                    device=None, progress: Progress = NULL) -> dict[str, dict]:
     """``{path: {"weights": n, "errors": [err per candidate format]}}`` for every target linear."""
     chosen = {n: m for n, m in select(model, targets, ignore) if isinstance(m, nn.Linear)}
+    if cfg.sensitivity == "fisher":
+        return fisher_errors(model, calib_ids, chosen, cfg, device=device, progress=progress)
+    return output_errors(model, calib_ids, chosen, cfg, device=device, progress=progress)
+
+
+def fisher_diagonal(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, nn.Linear], samples: int,
+                    progress: Progress = NULL) -> dict[str, torch.Tensor]:
+    """Sum over ``samples`` calibration sequences of each chosen weight's squared loss gradient (float32),
+    on the device the model is on. Gradients are enabled for the chosen weights only, then restored."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in chosen.values():
+        m.weight.requires_grad_(True)
+    home = next(model.parameters()).device
+    F = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in chosen.items()}
+    try:
+        with torch.enable_grad():
+            for ids in progress.track(calib_ids[:samples].split(1), "Fisher information (allocation)",
+                                      total=min(samples, len(calib_ids))):
+                ids = ids.to(home)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                for n, m in chosen.items():
+                    F[n].add_(m.weight.grad.float().square())
+                    m.weight.grad = None
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return F
+
+
+def fisher_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, nn.Linear], cfg: AllocationConfig,
+                  device=None, progress: Progress = NULL) -> dict[str, dict]:
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    moved = device != home
+    try:
+        if moved:
+            model.to(device)
+        F = fisher_diagonal(model, calib_ids, chosen, cfg.fisher_samples, progress)
+    except torch.OutOfMemoryError:
+        raise UserError(f"The Fisher sensitivity needs the whole model and its gradients on {device}, and they do "
+                        "not fit; use --sensitivity output (layer by layer, bounded memory).") from None
+    finally:
+        if moved:
+            model.to(home)
+    formats = cfg.formats()
+    with torch.no_grad():
+        return {n: {"weights": m.weight.numel(),
+                    "errors": [float((F[n] * D.to(F[n].device).square()).sum()) for D in rtn_deltas(m, formats)]}
+                for n, m in chosen.items()}
+
+
+@torch.no_grad()
+def output_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, nn.Linear], cfg: AllocationConfig,
+                  device=None, progress: Progress = NULL) -> dict[str, dict]:
     formats = cfg.formats()
     table: dict[str, dict] = {}
 
