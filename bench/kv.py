@@ -1,13 +1,17 @@
 """KV-cache policies on the bundled model: deltas vs the dense cache, measured in this run.
 
     python bench/kv.py --out bench/results/kv_cpu.json [--only mustafar-0.5 kivi-2 ...] [--windows 4]
+    python bench/kv.py --device cuda --passkey-lengths 1024 2048 4096 8186 --time-budget 480 --out ...
 
 Every policy row: ``api.prune_kv`` → artifact → ``llmcomp.load`` (the policy re-installs itself) →
-``api.evaluate_long``: held-out continuation perplexity with the policy active (a 1536-token prefix is
-prefilled and compressed, the next 511 tokens are teacher-forced in chunks of 64 on top of it),
-passkey retrieval accuracy at 1K and 2K tokens (greedy ``generate``), and the KV bytes the cache
-holds after the prefix. Rows are merged into ``--out`` as each finishes (``--only`` re-measures
-some rows and keeps the others), so the table can be built over several short runs.
+``api.evaluate_long``: held-out continuation perplexity with the policy active (3/4 of each ``--context``
+window is prefilled and compressed, the rest teacher-forced in chunks of ``--chunk`` on top of it),
+passkey and multi-key needle retrieval accuracy at each ``--passkey-lengths`` (greedy ``generate``;
+``--needle-keys`` labelled needles per multi-key prompt, one asked), and the KV bytes the cache holds
+after the prefix. Rows are merged into ``--out`` as each finishes (``--only`` re-measures some rows and
+keeps the others), so the table can be built over several short runs. ``--time-budget`` stops before a
+row that would not finish in the budget (estimated as 1.25 × the slowest row of this run) and names the
+rows left; each row records its wall time and the seconds of each part (``times_s``).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 
 from llmcomp import api
 from llmcomp.core.model import DEFAULT_MODEL
+from llmcomp.errors import UserError
 from llmcomp.prune.kv import (A2SFConfig, CSKVConfig, DuoConfig, H2OConfig, KIVIConfig, MustafarConfig,
                               StreamingConfig)
 
@@ -45,7 +50,8 @@ def policies() -> dict:
 
 def settings(args) -> dict:
     return {"context": args.context, "windows": args.windows, "chunk": args.chunk,
-            "passkey_lengths": list(args.passkey_lengths), "passkey_samples": args.passkey_samples}
+            "passkey_lengths": list(args.passkey_lengths), "passkey_samples": args.passkey_samples,
+            "needle_keys": args.needle_keys}
 
 
 def with_deltas(row: dict, dense: dict) -> dict:
@@ -53,35 +59,92 @@ def with_deltas(row: dict, dense: dict) -> dict:
     row["delta_ppl"] = row["ppl"] - dense["ppl"]
     row["delta_ppl_pct"] = 100 * (row["ppl"] / dense["ppl"] - 1)
     row["kv_fraction"] = row["kv_bytes"] / dense["kv_bytes"]
-    row["delta_passkey"] = {k: row["passkey"][k] - dense["passkey"][k] for k in row.get("passkey", {})}
+    for task in ("passkey", "multikey"):
+        if task in row and task in dense:
+            row[f"delta_{task}"] = {k: row[task][k] - dense[task][k] for k in row[task] if k in dense[task]}
     return row
+
+
+def accuracy_cell(row: dict, task: str, length: str) -> str:
+    value = row.get(task, {}).get(length)
+    if value is None:
+        return "-"
+    delta = row.get(f"delta_{task}", {}).get(length)
+    return f"{value:.2f}" + (f" ({delta:+.2f})" if delta is not None else "")
+
+
+def markdown_table(rows: list[dict], lengths: list[int], needle_keys: int) -> str:
+    cols = [f"passkey {n}" for n in lengths] + ([f"{needle_keys}-key {n}" for n in lengths] if needle_keys else [])
+    lines = ["| policy | ppl | Δppl % | KV held (MB) | KV % of dense | " + " | ".join(cols) + " | wall s |",
+             "|---|---|---|---|---|" + "---|" * len(cols) + "---|"]
+    for r in rows:
+        delta = f"{r['delta_ppl_pct']:+.2f}" if "delta_ppl_pct" in r else "-"
+        frac = f"{100 * r['kv_fraction']:.1f}" if "kv_fraction" in r else "100"
+        cells = [accuracy_cell(r, "passkey", str(n)) for n in lengths]
+        cells += [accuracy_cell(r, "multikey", str(n)) for n in lengths] if needle_keys else []
+        lines.append(f"| {r['name']} ({r['policy']}) | {r['ppl']:.3f} | {delta} | {r['kv_bytes'] / 2**20:.1f} | {frac} | "
+                     + " | ".join(cells) + f" | {r.get('wall_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def summary(r: dict) -> str:
+    text = f"{r['name']:15s} ppl {r['ppl']:.3f}"
+    if "delta_ppl_pct" in r:
+        text += f" ({r['delta_ppl_pct']:+.2f} %)  KV {100 * r['kv_fraction']:.1f} % of dense"
+    text += f"  passkey {r.get('passkey', {})}"
+    if "multikey" in r:
+        text += f"  {r['needle_keys']}-key {r['multikey']}"
+    return text + f"  prune {r.get('prune_s', 0):.0f}s  total {r['wall_s']:.0f}s  parts {r.get('times_s', {})}"
+
+
+def check_lengths(args) -> None:
+    """Lengths against the bundled model's context, before any work (UserError when they do not fit)."""
+    from transformers import AutoConfig
+
+    from llmcomp.core import model as model_mod
+
+    config = AutoConfig.from_pretrained(model_mod.resolve(DEFAULT_MODEL))
+    api.check_long_lengths(int(getattr(config, "max_position_embeddings", 0) or 0), args.context,
+                           args.passkey_lengths, args.passkey_samples)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/kv_cpu.json"))
-    ap.add_argument("--only", nargs="*", default=None, help="rows to (re)measure; 'dense' is the baseline")
+    ap.add_argument("--only", nargs="*", default=None, help="rows to (re)measure, in this order; 'dense' is the baseline")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--passkey-samples", type=int, default=10)
+    ap.add_argument("--needle-keys", type=int, default=4, help="needles per multi-key prompt (0 = no multi-key)")
+    ap.add_argument("--time-budget", type=float, default=0,
+                    help="seconds: start no row that would end past this (estimate: 1.25 × the slowest row so far); 0 = none")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
+    start = time.perf_counter()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     wanted = ["dense", *policies()] if not args.only else args.only
     unknown = [n for n in wanted if n != "dense" and n not in policies()]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from dense, {', '.join(policies())}")
+    if args.needle_keys < 0 or args.passkey_samples < 0 or args.windows < 1:
+        ap.error("--needle-keys and --passkey-samples must be ≥ 0, --windows ≥ 1")
+    try:
+        check_lengths(args)
+    except UserError as e:
+        ap.error(str(e))
     data = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
     if data.get("meta", {}).get("settings") not in (None, settings(args)):
         ap.error(f"{args.out} was measured with other settings {data['meta']['settings']}; use another --out")
     data["meta"] = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                    "threads": torch.get_num_threads(), "model": DEFAULT_MODEL, "dtype": "float32",
-                    "settings": settings(args)}
+                    "device": args.device, "threads": torch.get_num_threads(), "model": DEFAULT_MODEL,
+                    "dtype": "float32", "settings": settings(args)}
     rows = {r["name"]: r for r in data["rows"]}
     kw = dict(context=args.context, n_windows=args.windows, chunk=args.chunk, passkey_lengths=args.passkey_lengths,
-              passkey_samples=args.passkey_samples, device=args.device)
+              passkey_samples=args.passkey_samples, needle_keys=args.needle_keys, device=args.device)
 
     def save():
         dense = rows.get("dense")
@@ -90,38 +153,41 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1))
 
+    todo = [n for n in wanted if n != "dense"]
     if "dense" in wanted or "dense" not in rows:
-        t = time.perf_counter()
-        rows["dense"] = {**api.evaluate_long(DEFAULT_MODEL, **kw), "name": "dense",
-                         "wall_s": round(time.perf_counter() - t, 1)}
-        rows["dense"].pop("path")
-        save()
-        print(f"dense           ppl {rows['dense']['ppl']:.3f}  passkey {rows['dense']['passkey']}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in wanted:
-            if name == "dense":
-                continue
-            t = time.perf_counter()
-            path = api.prune_kv(policies()[name], Path(tmp) / name, DEFAULT_MODEL, device=args.device)
-            prune_s = time.perf_counter() - t
-            row = {**api.evaluate_long(str(path), **kw), "name": name, "prune_s": round(prune_s, 1),
-                   "wall_s": round(time.perf_counter() - t, 1)}
-            row.pop("path")
-            shutil.rmtree(path)  # a full-precision copy of the model each
-            rows[name] = row
-            save()
-            r = with_deltas(row, rows["dense"])
-            print(f"{name:15s} ppl {r['ppl']:.3f} ({r['delta_ppl_pct']:+.2f} %)  KV {100 * r['kv_fraction']:.1f} % "
-                  f"of dense  passkey {r['passkey']}  prune {prune_s:.0f}s  total {r['wall_s']:.0f}s", flush=True)
+        todo.insert(0, "dense")
+    slowest, skipped = 0.0, []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, name in enumerate(todo):
+                elapsed = time.perf_counter() - start
+                if args.time_budget and slowest and elapsed + 1.25 * slowest > args.time_budget:
+                    skipped = todo[i:]
+                    break
+                t = time.perf_counter()
+                row, path = {"name": name}, DEFAULT_MODEL
+                if name != "dense":
+                    path = api.prune_kv(policies()[name], Path(tmp) / name, DEFAULT_MODEL, device=args.device)
+                    row["prune_s"] = round(time.perf_counter() - t, 1)
+                row = {**api.evaluate_long(str(path) if name != "dense" else DEFAULT_MODEL, **kw), **row,
+                       "wall_s": round(time.perf_counter() - t, 1)}
+                row.pop("path")
+                if name != "dense":
+                    shutil.rmtree(path)  # a full-precision copy of the model each
+                rows[name] = row
+                save()
+                slowest = max(slowest, row["wall_s"])
+                print(summary(with_deltas(row, rows["dense"]) if name != "dense" else row), flush=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     save()
-    lengths = [str(n) for n in args.passkey_lengths]
-    print(f"\n| policy | ppl | Δppl % | KV held (MB) | KV % of dense | " + " | ".join(f"passkey {n}" for n in lengths) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(lengths))
-    for r in data["rows"]:
-        delta = f"{r['delta_ppl_pct']:+.2f}" if "delta_ppl_pct" in r else "-"
-        frac = f"{100 * r['kv_fraction']:.1f}" if "kv_fraction" in r else "100"
-        print(f"| {r['name']} ({r['policy']}) | {r['ppl']:.3f} | {delta} | {r['kv_bytes'] / 2**20:.1f} | {frac} | "
-              + " | ".join(f"{r['passkey'][n]:.2f}" for n in lengths) + " |")
+    if skipped:
+        print(f"\ntime budget {args.time_budget:.0f}s: stopped after {time.perf_counter() - start:.0f}s (slowest row "
+              f"{slowest:.0f}s); not measured: {' '.join(skipped)} — rerun with --only {' '.join(skipped)}")
+    print()
+    print(markdown_table(data["rows"], args.passkey_lengths, args.needle_keys))
+    print(f"\ntotal {time.perf_counter() - start:.0f}s")
     return 0
 
 

@@ -300,11 +300,26 @@ def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, ove
                           overwrite=overwrite, dtype=store_dtype)
 
 
+def check_long_lengths(limit: int, context: int, passkey_lengths=(), passkey_samples: int = 1) -> None:
+    """UserError when a window or a retrieval prompt (plus its generated answer) does not fit the model's
+    context of ``limit`` tokens (0 = unknown, nothing checked)."""
+    from llmcomp.eval.longctx import ANSWER_TOKENS, answer_positions
+
+    if limit and context > limit:
+        raise UserError(f"A context of {context} tokens is longer than the model's ({limit} tokens).")
+    longest = max(passkey_lengths, default=0) if passkey_samples else 0
+    if limit and answer_positions(longest) > limit:
+        raise UserError(f"A passkey prompt of {longest} tokens plus its {ANSWER_TOKENS - 1} generated answer tokens "
+                        f"is longer than the model's context ({limit} tokens); use lengths up to "
+                        f"{limit - ANSWER_TOKENS + 1}.")
+
+
 def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: int = 64,
-                  passkey_lengths=(1024, 2048), passkey_samples: int = 10, device: Optional[str] = None,
-                  progress: Progress = NULL) -> dict:
+                  passkey_lengths=(1024, 2048), passkey_samples: int = 10, needle_keys: int = 0,
+                  device: Optional[str] = None, progress: Progress = NULL) -> dict:
     """Long-context metrics with the model's KV policy active (eval/longctx.py): continuation ppl over a
-    compressed prefix, KV bytes held, passkey retrieval accuracy."""
+    compressed prefix, KV bytes held, passkey retrieval accuracy and, with ``needle_keys`` > 0, multi-key
+    needle retrieval accuracy (``needle_keys`` labelled needles per prompt, one asked)."""
     from llmcomp.eval.longctx import long_context_eval
     from llmcomp.prune.kv.cache import installed_policy
 
@@ -312,9 +327,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
 
     p = model_mod.resolve(path, progress.note)
     limit = int(getattr(AutoConfig.from_pretrained(p), "max_position_embeddings", 0) or 0)
-    longest = max([context, *passkey_lengths])
-    if limit and longest > limit:
-        raise UserError(f"A context of {longest} tokens is longer than the model's ({limit} tokens).")
+    check_long_lengths(limit, context, passkey_lengths, passkey_samples)
     net, tok, base, stages = open_model(p, progress=progress, device=device or default_device())
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
@@ -323,7 +336,8 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
         policy.validate_for(net.config, context=min([context, *passkey_lengths]))
     start = time.perf_counter()
     result = long_context_eval(net, tok, context=context, n_windows=n_windows, chunk=chunk,
-                               passkey_lengths=tuple(passkey_lengths), passkey_n=passkey_samples, progress=progress)
+                               passkey_lengths=tuple(passkey_lengths), passkey_n=passkey_samples,
+                               needle_keys=needle_keys, progress=progress)
     return {"path": str(path) if path is not None else model_mod.DEFAULT_MODEL,
             "name": Path(str(path)).name if path is not None else model_mod.DEFAULT_MODEL,
             "stages": " + ".join(stage_label(s) for s in stages) or "original",

@@ -114,6 +114,7 @@ def eval_(
     context: Annotated[int, typer.Option(help="--long: tokens per window (the first 3/4 are prefilled into the cache, the rest scored).")] = 2048,
     passkey_lengths: Annotated[str, typer.Option(help="--long: passkey prompt lengths in tokens, comma-separated.")] = "1024,2048",
     passkey_samples: Annotated[int, typer.Option(help="--long: passkey prompts per length (0 = none).")] = 10,
+    needle_keys: Annotated[int, typer.Option(help="--long: also multi-key needle retrieval with this many labelled needles per prompt (0 = none), same lengths and prompt count as the passkey.")] = 0,
 ):
     """Perplexity on held-out text, bits per weight and size; several paths print one table."""
     _quiet_transformers()
@@ -127,7 +128,8 @@ def eval_(
             from llmcomp.cli.prune_kv import eval_long
 
             return eval_long(paths or [None], windows=windows, context=context, passkey_lengths=passkey_lengths,
-                             passkey_samples=passkey_samples, device=device, compare=compare, json_out=json_out)
+                             passkey_samples=passkey_samples, device=device, compare=compare, json_out=json_out,
+                             needle_keys=needle_keys)
         rows = []
         targets = paths or [None]
         with render.RichProgress() as progress:

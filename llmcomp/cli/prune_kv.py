@@ -89,7 +89,7 @@ def kv(
 
 
 def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, passkey_samples: int, device, compare: bool,
-              json_out) -> None:
+              json_out, needle_keys: int = 0) -> None:
     """``llmcomp eval --long``: one row per model (its KV policy active), printed as one table."""
     import json
 
@@ -100,11 +100,12 @@ def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, pass
         lengths = tuple(int(n) for n in passkey_lengths.split(",") if n.strip())
     except ValueError:
         raise UserError(f"--passkey-lengths must be comma-separated integers, got {passkey_lengths!r}.") from None
-    if context < 16 or passkey_samples < 0:
-        raise UserError("--context must be ≥ 16 and --passkey-samples ≥ 0.")
+    if context < 16 or passkey_samples < 0 or needle_keys < 0:
+        raise UserError("--context must be ≥ 16, --passkey-samples ≥ 0 and --needle-keys ≥ 0.")
     with render.RichProgress() as progress:
         rows = [api.evaluate_long(p, context=context, n_windows=windows, passkey_lengths=lengths,
-                                  passkey_samples=passkey_samples, device=device, progress=progress) for p in targets]
+                                  passkey_samples=passkey_samples, needle_keys=needle_keys, device=device,
+                                  progress=progress) for p in targets]
     render.console.print(render.long_table(rows, compare))
     if json_out:
         json_out.write_text(json.dumps(rows, indent=1))

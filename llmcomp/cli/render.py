@@ -88,8 +88,9 @@ def long_table(rows: list[dict], compare: bool) -> Table:
     """``eval --long``: continuation ppl with the KV policy active, KV bytes held, passkey accuracy."""
     table = Table(title="llmcomp eval --long")
     lengths = list(rows[0].get("passkey", {})) if rows else []
+    multi = list(rows[0].get("multikey", {})) if rows else []
     cols = ["model", "KV policy", "ppl", *(["Δppl %"] if compare else []), "KV MB", "KV % dense",
-            *[f"passkey {n}" for n in lengths], "eval s"]
+            *[f"passkey {n}" for n in lengths], *[f"{rows[0]['needle_keys']}-key {n}" for n in multi], "eval s"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("model", "KV policy") else "right")
     base = rows[0] if rows else None
@@ -98,13 +99,15 @@ def long_table(rows: list[dict], compare: bool) -> Table:
         if compare:
             cells.append(f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}")
         cells += [_fmt(r["kv_bytes"] / 2**20, 1), f"{100 * r['kv_bytes'] / r['kv_dense_bytes']:.1f}"]
-        cells += [f"{r['passkey'].get(n, float('nan')):.2f}" for n in lengths] + [_fmt(r["eval_time_s"], 1)]
+        cells += [f"{r['passkey'].get(n, float('nan')):.2f}" for n in lengths]
+        cells += [f"{r.get('multikey', {}).get(n, float('nan')):.2f}" for n in multi] + [_fmt(r["eval_time_s"], 1)]
         table.add_row(*cells)
     if rows:
         r = rows[0]
         table.caption = (f"{r['text']} text, {r['windows']} windows × {r['context']} tokens: {r['prefix']} prefilled "
                          f"into the cache, the rest scored in chunks of {r['chunk']}; KV bytes held after the prefix; "
-                         f"passkey: {r.get('passkey_samples', 0)} greedy prompts per length")
+                         f"passkey: {r.get('passkey_samples', 0)} greedy prompts per length"
+                         + (f"; {r['needle_keys']}-key: as many labelled needles per prompt, one asked" if multi else ""))
     return table
 
 

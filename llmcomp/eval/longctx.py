@@ -8,17 +8,20 @@
   tensors of a dense cache) and what a dense cache would hold for the same tokens.
 - **Passkey retrieval** (``core/passkey.py``): greedy answers to prompts of each length, needle depths
   spread over the prompt; accuracy = the first number generated is the key.
+- **Multi-key needle retrieval** (``needle_keys`` > 0): the same with several labelled needles per
+  prompt and the question asking for one label's key (the others are distractors).
 Nothing here knows the policy: a loaded artifact applies it on any cached forward / ``generate``.
 """
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 
 from llmcomp.core.data import eval_windows
-from llmcomp.core.passkey import answer_correct, passkey_samples
+from llmcomp.core.passkey import answer_correct, multikey_samples, passkey_samples
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
 
@@ -64,30 +67,64 @@ def continuation_perplexity(model, tokenizer, *, context: int = 2048, prefix: in
             "prefix": prefix, "chunk": chunk, "kv_bytes": sum(held) / len(held), "kv_dense_bytes": sum(dense) / len(dense)}
 
 
+ANSWER_TOKENS = 7  # greedy tokens generated per prompt: " " + 5 digits + one more (a longer number is wrong)
+
+
+def answer_positions(length: int) -> int:
+    """Positions a retrieval prompt of ``length`` tokens uses: the prompt + the generated tokens fed back."""
+    return length + ANSWER_TOKENS - 1
+
+
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, lengths=(1024, 2048), n: int = 10, seed: int = 0, max_new_tokens: int = 7,
-                     progress: Progress = NULL) -> dict:
+def retrieval_accuracy(model, tokenizer, samples: dict, what: str, progress: Progress = NULL,
+                       times: dict | None = None) -> dict:
+    """Share of greedy answers whose first number is the key, per prompt length (``samples``: length →
+    list of ``PasskeySample``). ``times``, when given, receives the seconds spent per length."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = {}
-    for length in lengths:
-        hits = 0
-        for s in progress.track(passkey_samples(tokenizer, length, n, seed=seed), f"Passkey {length} tokens"):
+    for length, prompts in samples.items():
+        start, hits = time.perf_counter(), 0
+        for s in progress.track(prompts, f"{what} {length} tokens"):
             ids = s.prompt[None].to(device)
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=ANSWER_TOKENS,
                                  do_sample=False, pad_token_id=pad)
             hits += answer_correct(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True), s.answer)
-        out[str(length)] = hits / n
+        out[str(length)] = hits / len(prompts)
+        if times is not None:
+            times[str(length)] = round(time.perf_counter() - start, 2)
     return out
 
 
+def passkey_accuracy(model, tokenizer, lengths=(1024, 2048), n: int = 10, seed: int = 0,
+                     progress: Progress = NULL) -> dict:
+    samples = {n_tok: passkey_samples(tokenizer, n_tok, n, seed=seed) for n_tok in lengths}
+    return retrieval_accuracy(model, tokenizer, samples, "Passkey", progress)
+
+
 def long_context_eval(model, tokenizer, *, context: int = 2048, prefix: int | None = None, n_windows: int = 4,
-                      chunk: int = 64, passkey_lengths=(1024, 2048), passkey_n: int = 10, seed: int = 0,
-                      progress: Progress = NULL) -> dict:
+                      chunk: int = 64, passkey_lengths=(1024, 2048), passkey_n: int = 10, needle_keys: int = 0,
+                      seed: int = 0, progress: Progress = NULL) -> dict:
+    """Continuation ppl, KV bytes, passkey and (``needle_keys`` > 0) multi-key needle accuracy per length;
+    ``times_s`` holds the seconds of each part. Every prompt is built (and so checked) before anything runs."""
     prefix = prefix or context * 3 // 4
+    tasks = {}
+    if passkey_lengths and passkey_n:
+        tasks["passkey"] = ("Passkey", {n: passkey_samples(tokenizer, n, passkey_n, seed=seed) for n in passkey_lengths})
+        if needle_keys:
+            tasks["multikey"] = (f"{needle_keys}-key needle",
+                                 {n: multikey_samples(tokenizer, n, passkey_n, keys=needle_keys, seed=seed)
+                                  for n in passkey_lengths})
+    start = time.perf_counter()
     result = continuation_perplexity(model, tokenizer, context=context, prefix=prefix, n_windows=n_windows,
                                      chunk=chunk, progress=progress)
-    if passkey_lengths and passkey_n:
-        result["passkey"] = passkey_accuracy(model, tokenizer, passkey_lengths, passkey_n, seed, progress=progress)
+    times = {"ppl": round(time.perf_counter() - start, 2)}
+    for name, (what, samples) in tasks.items():
+        times[name] = {}
+        result[name] = retrieval_accuracy(model, tokenizer, samples, what, progress, times[name])
+    if tasks:
         result["passkey_samples"] = passkey_n
+    if "multikey" in tasks:
+        result["needle_keys"] = needle_keys
+    result["times_s"] = times
     return result
