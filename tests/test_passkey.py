@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import save_char_model, tiny_llama
+from conftest import tiny_llama
 from llmcomp.cli.app import app
 from llmcomp.core.data import corpus
 from llmcomp.core.passkey import LABELS, MULTI_INTRO, multikey_samples, passkey_samples
@@ -149,6 +149,8 @@ def test_long_context_eval_reports_multikey(monkeypatch):
 
 
 def test_cli_eval_long_needle_keys(tmp_path, monkeypatch):
+    from conftest import save_char_model  # tiny model + character tokenizer saved as a directory
+
     monkeypatch.setenv("LLMCOMP_TEXT", SOURCE)
     corpus.cache_clear()
     path = save_char_model(tmp_path / "char", layers=1)
