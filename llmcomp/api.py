@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from llmcomp.core import memory
 from llmcomp.core import model as model_mod
 from llmcomp.core.artifact import is_artifact, load_artifact, read_manifest, write_artifact
 from llmcomp.core.config import from_dict, to_dict
@@ -39,16 +40,24 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return DTYPES[name]
 
 
-def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, progress: Progress = NULL):
-    """Open a model directory or artifact. Returns (model, tokenizer, base_model info, prior stages)."""
+def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, progress: Progress = NULL,
+               *, device_map=None, max_memory=None, offload_folder=None):
+    """Open a model directory or artifact. Returns (model, tokenizer, base_model info, prior stages).
+    ``device_map``/``max_memory``/``offload_folder``: accelerate placement (core/memory.py)."""
+    device, device_map, max_memory, offload_folder = memory.resolve_placement(device, device_map, max_memory,
+                                                                              offload_folder)
+    place = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     p = model_mod.resolve(path, progress.note)
     if is_artifact(p):
-        model, tok, manifest = load_artifact(p, dtype=dtype, device=device)
+        model, tok, manifest = load_artifact(p, dtype=dtype, device=device, **place)
         return model, tok, manifest["base_model"], manifest["stages"]
     kind = imports.detect(p)
     if kind is not None:  # a GPTQ / compressed-tensors checkpoint: its layers become llmcomp uniform layers
-        return imports.open_checkpoint(p, kind, dtype=dtype, device=device)
-    model, tok = model_mod.load_hf(p, dtype=dtype or torch.float32)
+        model, tok, base, stages = imports.open_checkpoint(p, kind, dtype=dtype, device=device)
+        if device_map is not None:
+            model = memory.dispatch(model, device_map, max_memory, offload_folder)
+        return model, tok, base, stages
+    model, tok = model_mod.load_hf(p, dtype=dtype or torch.float32, **place)
     if device is not None:
         model.to(device)
     base = {"name": model_mod.model_name(p), "path": str(p.resolve()), "sha256": model_mod.weights_sha256(p)}
@@ -56,18 +65,13 @@ def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[
 
 
 def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, device_map=None,
-         return_tokenizer: bool = False):
+         max_memory=None, offload_folder=None, return_tokenizer: bool = False):
     """Load an llmcomp artifact (or a plain model directory; ``None`` = the bundled model) as a runnable
-    transformers model. ``device_map="auto"`` places it with accelerate."""
-    p = model_mod.resolve(path)
-    if is_artifact(p):
-        model, tok, _ = load_artifact(p, dtype=dtype, device=device, device_map=device_map)
-    elif (kind := imports.detect(p)) is not None:  # a GPTQ / compressed-tensors checkpoint
-        model, tok, _, _ = imports.open_checkpoint(p, kind, dtype=dtype, device=device)
-    else:
-        model, tok = model_mod.load_hf(p, dtype=dtype or torch.float32, device_map=device_map)
-        if device is not None and device_map is None:
-            model.to(device)
+    transformers model. ``device_map="auto"`` places it with accelerate: ``max_memory`` (``{0: "2GiB",
+    "cpu": "24GiB"}`` or ``"cuda:0=2GiB,cpu=24GiB"``) bounds the weights per device, the rest goes to
+    ``offload_folder`` on disk; either one alone implies ``device_map="auto"``."""
+    model, tok, _, _ = open_model(path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                                  offload_folder=offload_folder)
     return (model, tok) if return_tokenizer else model
 
 
@@ -84,18 +88,34 @@ def quantize(
     dtype: Optional[str] = None,
     shard_bytes: Optional[int] = None,
     allocation: Optional[AllocationConfig] = None,
+    calib_batch: int = 8,
+    max_memory=None,
+    offload_folder=None,
     progress: Progress = NULL,
 ) -> Path:
     """Quantize ``model`` (a directory, an artifact, or None for the bundled model) into an artifact.
 
     With ``allocation``, a first calibration pass picks each layer's bit width under the average
-    budget (quant/allocate.py) and ``config`` then quantizes every layer in its chosen format."""
+    budget (quant/allocate.py) and ``config`` then quantizes every layer in its chosen format.
+    ``max_memory``: its GPU entries hard-cap this process's GPU memory for the job (the model stays in
+    CPU memory, one decoder layer at a time on the GPU; ignored where no GPU is visible); a ``cpu`` entry
+    is checked against the model's size. Disk offload is not supported here (``offload_folder``)."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    if offload_folder is not None:
+        raise UserError("quantize keeps the model in CPU memory and moves one decoder layer at a time to the GPU; "
+                        "disk offload (--offload-folder) is not supported for quantize.")
+    if calib_batch < 1:
+        raise UserError(f"--calib-batch must be ≥ 1, got {calib_batch}.")
+    limits = memory.parse_max_memory(max_memory)
+    gpu_limits = memory.gpu_limits(limits)
     store_dtype = parse_dtype(dtype)
     start = time.perf_counter()
     net, tok, base, stages = open_model(model, progress=progress)
+    memory.check_cpu_fits(net, limits)
+    if any(isinstance(k, int) for k in limits or {}) and not gpu_limits:
+        progress.note("No GPU is visible: the GPU limits of --max-memory do not apply.")
     stages = stages + _unfuse_experts(net)
     from llmcomp.quant import METHODS
 
@@ -108,18 +128,21 @@ def quantize(
         source = corpus().name
         calib = calib_windows(tok, calib_seq_len, calib_samples, seed)
     alloc_report = None
-    if allocation is not None:
-        config, alloc_report = _allocate(net, config, allocation, calib, device, progress)
-    checkpoint = None
-    if calib is not None:  # calibrated runs are long: finished layers survive a kill (core/resume.py)
-        from llmcomp.core import resume
-        from llmcomp.core.artifact import llmcomp_version
+    with memory.gpu_cap(gpu_limits):  # a hard cap for the calibrated work (allocation and quantization)
+        if allocation is not None:
+            config, alloc_report = _allocate(net, config, allocation, calib, device, progress)
+        checkpoint = None
+        if calib is not None:  # calibrated runs are long: finished layers survive a kill (core/resume.py)
+            from llmcomp.core import resume
+            from llmcomp.core.artifact import llmcomp_version
 
-        key = resume.fingerprint(config=to_dict(config), model=str(model), weights=_weights_key(net),
-                                 samples=calib_samples, seq_len=calib_seq_len, seed=seed, text=source,
-                                 version=llmcomp_version())
-        checkpoint = resume.for_output(output, key, progress.note)
-    report = quantize_model(net, config, calib, progress=progress, device=device, checkpoint=checkpoint)
+            batch = {} if calib_batch == 8 else {"batch": calib_batch}  # fp sums depend on the batch
+            key = resume.fingerprint(config=to_dict(config), model=str(model), weights=_weights_key(net),
+                                     samples=calib_samples, seq_len=calib_seq_len, seed=seed, text=source,
+                                     version=llmcomp_version(), **batch)
+            checkpoint = resume.for_output(output, key, progress.note)
+        report = quantize_model(net, config, calib, progress=progress, device=device, checkpoint=checkpoint,
+                                batch_size=calib_batch)
     if alloc_report is not None:
         report["_allocation"] = alloc_report
     sizes = size_report(net)
@@ -384,9 +407,10 @@ def base_model_path(path) -> str:
 
 
 def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
-                     device: Optional[str] = None, progress: Progress = NULL) -> Reference:
+                     device: Optional[str] = None, device_map=None, max_memory=None, offload_folder=None,
+                     progress: Progress = NULL) -> Reference:
     """Run the reference (original) model once; its log-probs go to disk (see eval/agreement.py)."""
-    net, tok, _, _ = open_model(path, progress=progress, device=device or default_device())
+    net, tok, _, _ = open_model(path, progress=progress, **_placement(device, device_map, max_memory, offload_folder))
     if tok is None:
         raise UserError(f"{path} has no tokenizer files; evaluation needs one.")
     windows = eval_windows(tok, seq_len, n_windows)
@@ -395,13 +419,22 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
     return ref
 
 
+def _placement(device, device_map, max_memory, offload_folder) -> dict:
+    """open_model's placement keywords: an accelerate device map if one is asked for, else ``device``."""
+    if device_map is None and max_memory is None and offload_folder is None:
+        return {"device": device or default_device()}
+    return {"device": device, "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+
+
 def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
              device: Optional[str] = None, reference: Optional[Reference] = None,
-             progress: Progress = NULL) -> dict:
+             device_map=None, max_memory=None, offload_folder=None, progress: Progress = NULL) -> dict:
     """Perplexity on the held-out text, bits per weight and size for a model directory or artifact;
-    with a ``reference``, also KL divergence, top-1 agreement and greedy common prefix against it."""
+    with a ``reference``, also KL divergence, top-1 agreement and greedy common prefix against it.
+    ``device_map``/``max_memory``/``offload_folder``: accelerate placement, as in ``load``."""
     p = model_mod.resolve(path, progress.note)
-    net, tok, base, stages = open_model(p, progress=progress, device=device or default_device())
+    net, tok, base, stages = open_model(p, progress=progress, **_placement(device, device_map, max_memory,
+                                                                          offload_folder))
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
     start = time.perf_counter()

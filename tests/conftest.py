@@ -20,6 +20,23 @@ def tiny_llama(hidden=64, layers=2, inter=96, vocab=128, seed=0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def save_char_model(path, layers: int = 3):
+    """Save the tiny random Llama with a character-level tokenizer at ``path``, so calibrated methods
+    run on the real text (no hub)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(string.printable)}
+    vocab["[UNK]"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tiny_llama(layers=layers).save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -79,6 +79,13 @@ QUANTIZE_FLAGS = [
     (["--method", "decoupleq", "--rounds", "0"], "rounds"),
     (["--method", "gptq"], "needs a tokenizer"),
     (["--method", "mxfp4"], "Unknown quantization method"),
+    (["--max-memory", "cuda:0=lots"], "is not a size"),
+    (["--max-memory", "gpu=2GiB"], "is not cuda:N, N or cpu"),
+    (["--max-memory", "2GiB"], "is not DEVICE=SIZE"),
+    (["--max-memory", "0=1GiB,cuda:0=1GiB"], "twice"),
+    (["--max-memory", "cpu=1KiB"], "keeps the whole model in CPU memory"),
+    (["--offload-folder", "off"], "not supported for quantize"),
+    (["--calib-batch", "0"], "--calib-batch"),
 ]
 
 
@@ -170,6 +177,18 @@ def test_eval_errors(artifact, tmp_path):
     assert "--windows" in error_line(invoke("eval", artifact, "--windows", 0))
     assert "does not exist" in error_line(invoke("eval", tmp_path / "nope"))
     assert "does not exist" in error_line(invoke("eval", artifact, "--reference", tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--device-map", "gpu"], "--device-map 'gpu' is not one of"),
+    (["--device", "cpu", "--device-map", "cpu"], "pass one of them"),
+    (["--device-map", "cpu", "--max-memory", "cpu=1GiB"], "apply to --device-map auto"),
+    (["--max-memory", "cpu=1"], "pass --offload-folder"),
+    (["--max-memory", "cpu=x"], "is not a size"),
+    (["--long", "--max-memory", "cpu=1GiB"], "--long runs the model on one --device"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_eval_placement_errors(artifact, flags, message):
+    assert message in error_line(invoke("eval", artifact, *flags))
 
 
 def test_inspect_plain_dir(tmp_path):

@@ -2,7 +2,6 @@
 resumes from its last finished layer and writes the same weights, byte for byte, as an uninterrupted run."""
 import os
 import signal
-import string
 import subprocess
 import sys
 
@@ -15,19 +14,9 @@ pytestmark = pytest.mark.slow  # four short subprocesses (~40 s on 2 cores)
 @pytest.fixture(scope="module")
 def char_model(tmp_path_factory):
     """The tiny random Llama with a character-level tokenizer, so calibration runs on the real text."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tests.conftest import save_char_model
 
-    from tests.conftest import tiny_llama
-
-    vocab = {c: i for i, c in enumerate(string.printable)}
-    vocab["[UNK]"] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    path = tmp_path_factory.mktemp("cm") / "tiny"
-    tiny_llama(layers=3).save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(path)
-    return path
+    return save_char_model(tmp_path_factory.mktemp("cm") / "tiny", layers=3)
 
 
 def _quantize(model, out, kill_at=None):

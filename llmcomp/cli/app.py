@@ -20,6 +20,14 @@ app = typer.Typer(
 )
 
 
+# --device-map / --max-memory / --offload-folder help, shared by the commands that load a model to run it
+PLACE_HELP = {
+    "device_map": "Place the model with accelerate: auto (layers over GPU, CPU and disk under --max-memory), cpu, cuda or cuda:N. Replaces --device.",
+    "max_memory": "Weights budget per device for --device-map auto (implied), e.g. cuda:0=2GiB,cpu=24GiB; units B/KB/MB/GB/KiB/MiB/GiB. Unnamed devices keep accelerate's defaults; GPU entries are ignored where no GPU is visible.",
+    "offload_folder": "Directory for the layers that fit neither the GPU nor the CPU budget (disk offload; implies --device-map auto).",
+}
+
+
 def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -73,7 +81,10 @@ def quantize(
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (calibrated methods).")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
+    calib_batch: Annotated[int, typer.Option(help="Calibration windows per forward pass; lower it when a layer's activations do not fit in GPU memory.")] = 8,
     device: Annotated[Optional[str], typer.Option(help="Device for calibrated work (default: cuda if available).")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help="Hard cap on this job's GPU memory, e.g. cuda:0=2GiB (the model stays in CPU memory; one decoder layer at a time goes to the GPU); a run that does not fit stops naming the layer. A cpu=SIZE entry is checked against the model's size. GPU entries are ignored where no GPU is visible.")] = None,
+    offload_folder: Annotated[Optional[Path], typer.Option(help="Not supported by quantize (the model stays in CPU memory); accepted only to say so. See eval/load.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store unquantized tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
@@ -93,7 +104,8 @@ def quantize(
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,
-                                allocation=allocation, progress=progress)
+                                allocation=allocation, calib_batch=calib_batch, max_memory=max_memory,
+                                offload_folder=offload_folder, progress=progress)
         render.console.print(f"[green]wrote[/green] {path}")
 
     run(go)
@@ -107,6 +119,9 @@ def eval_(
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available).")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help=PLACE_HELP["device_map"])] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help=PLACE_HELP["max_memory"])] = None,
+    offload_folder: Annotated[Optional[Path], typer.Option(help=PLACE_HELP["offload_folder"])] = None,
     reference: Annotated[Optional[str], typer.Option(help="Original model to compare against (KL divergence, top-1 agreement, greedy common prefix); 'base' = the base model in the first artifact's manifest.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
     record: Annotated[bool, typer.Option("--record", help="Append each artifact's results to its manifest (evaluations).")] = False,
@@ -124,6 +139,13 @@ def eval_(
     def go():
         if windows < 1 or seq_len < 2:
             raise UserError("--windows must be ≥ 1 and --seq-len ≥ 2.")
+        from llmcomp.core.memory import resolve_placement
+
+        resolve_placement(device, device_map, max_memory, offload_folder)  # bad flags fail before any load
+        place = {"device": device, "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+        if long and (device_map or max_memory or offload_folder):
+            raise UserError("--device-map, --max-memory and --offload-folder apply to perplexity eval; --long runs "
+                            "the model on one --device.")
         if long:
             from llmcomp.cli.prune_kv import eval_long
 
@@ -137,10 +159,10 @@ def eval_(
             if reference is not None:
                 ref_path = api.base_model_path(next((p for p in targets if p), None)) if reference == "base" else reference
                 ref = api.record_reference(ref_path, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
-                                           device=device, progress=progress)
+                                           progress=progress, **place)
             for p in targets:
                 rows.append(api.evaluate(p, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
-                                         device=device, reference=ref, progress=progress))
+                                         reference=ref, progress=progress, **place))
         render.console.print(render.eval_table(rows, compare))
         if json_out:
             json_out.write_text(json.dumps(rows, indent=1))

@@ -236,10 +236,12 @@ def build_skeleton(path: Path, manifest: dict):
 
 
 def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
-                  device_map=None, verify: bool = True):
-    """Build the model skeleton on meta, swap in QuantLinear modules, load tensors, place them."""
-    from accelerate import dispatch_model, infer_auto_device_map
+                  device_map=None, verify: bool = True, max_memory=None, offload_folder=None):
+    """Build the model skeleton on meta, swap in QuantLinear modules, load tensors, place them
+    (``device_map``/``max_memory``/``offload_folder``: accelerate, see ``core.memory.dispatch``)."""
     from accelerate.utils import set_module_tensor_to_device
+
+    from llmcomp.core.memory import dispatch
 
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
@@ -264,9 +266,7 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
     for hook, stage in hooks:
         hook.ready(model, stage)
     if device_map is not None:
-        if device_map == "auto":
-            device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
-        model = dispatch_model(model, device_map=device_map)
+        model = dispatch(model, device_map, max_memory, offload_folder)
     elif device is not None:
         model.to(device)
     return model, load_tokenizer(path), manifest

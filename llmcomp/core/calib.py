@@ -7,7 +7,9 @@
    submodule while the layer runs over all captured inputs) and replace pieces of it, then run the
    *modified* layer to produce the next layer's inputs — so later layers calibrate against the
    errors of earlier ones.
-Peak memory ≈ one layer + the calibration activations.
+Peak memory on the work device ≈ one layer + its method's statistics + the calibration activations;
+with ``offload_activations`` the activations stay on the model's home device and move per batch.
+A CUDA out-of-memory names the layer (``core/memory.py``), inside or outside a ``--max-memory`` cap.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from llmcomp.core import memory
 from llmcomp.core.hfcompat import CACHE_KWARGS
 from llmcomp.core.model import decoder_layers
 from llmcomp.core.progress import NULL, Progress
@@ -43,18 +46,31 @@ def _to(obj, device):
 
 
 class LayerRunner:
-    """Runs one decoder layer over every captured input batch, optionally with observing hooks."""
+    """Runs one decoder layer over every captured input batch, optionally with observing hooks.
 
-    def __init__(self, layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict):
-        self.layer, self.inputs, self.kwargs = layer, inputs, kwargs
+    ``device``: where the layer runs; inputs stored elsewhere (offloaded activations) move there one
+    batch at a time and outputs move back to where the inputs were."""
+
+    def __init__(self, layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device=None):
+        self.layer, self.inputs, self.kwargs, self.device = layer, inputs, kwargs, device
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device is None or x.device == torch.device(self.device):
+            return _first(self.layer(x, **self.kwargs))
+        return _first(self.layer(x.to(self.device), **self.kwargs)).to(x.device)
 
     @torch.no_grad()
-    def run(self, hooks: Optional[dict[nn.Module, Callable]] = None, batches: Optional[int] = None
-            ) -> list[torch.Tensor]:
-        """Run the layer over the captured inputs (the first ``batches`` of them, if given)."""
+    def run(self, hooks: Optional[dict[nn.Module, Callable]] = None, batches: Optional[int] = None,
+            keep_outputs: bool = True) -> Optional[list[torch.Tensor]]:
+        """Run the layer over the captured inputs (the first ``batches`` of them, if given). Returns the
+        outputs, or None with ``keep_outputs=False`` (a pass run only for its hooks holds no outputs)."""
         handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
         try:
-            return [_first(self.layer(x, **self.kwargs)) for x in self.inputs[:batches]]
+            if not keep_outputs:
+                for x in self.inputs[:batches]:
+                    self._forward(x)
+                return None
+            return [self._forward(x) for x in self.inputs[:batches]]
         finally:
             for h in handles:
                 h.remove()
@@ -71,12 +87,16 @@ def calibrate_layerwise(
     batch_size: int = 8,
     device: Optional[torch.device | str] = None,
     progress: Progress = NULL,
+    offload_activations: Optional[bool] = None,
 ) -> None:
     """Walk ``model``'s decoder layers in order, calling ``handler(path, layer, runner)`` for each.
 
     ``input_ids``: int64 [n, seq_len]. Batches are equal-sized (``batch_size`` is reduced to a divisor
     of ``n``) so the captured masks fit every batch. ``device``: where layers and activations live
     while a layer is processed (default: the device of the model's first parameter).
+    ``offload_activations``: keep the captured activations on the model's home device and move them to
+    ``device`` one batch at a time (bit-identical results, less device memory); default: when a
+    ``--max-memory`` GPU cap is active on ``device`` (``core/memory.py``).
     """
     prefix, layers = decoder_layers(model)
     n = input_ids.shape[0]
@@ -84,6 +104,9 @@ def calibrate_layerwise(
     first_param = next(model.parameters())
     device = torch.device(device) if device is not None else first_param.device
     home = first_param.device
+    if offload_activations is None:
+        offload_activations = memory.active_cap(device) is not None
+    store = home if offload_activations else device
 
     # Per-layer kwargs (masks, rotary embeddings) from the first batch, and layer 0's inputs for every
     # batch. Each layer's forward is temporarily replaced by a recorder that passes its input through,
@@ -103,7 +126,7 @@ def calibrate_layerwise(
                 kw["use_cache"] = False
                 layer_kwargs[i] = _to(kw, device)
             if i == 0:
-                hidden.append(_to(x, device))
+                hidden.append(_to(x, store))
             if i == len(layers) - 1 or not first_batch[0]:
                 raise _Stop
             return x
@@ -117,6 +140,8 @@ def calibrate_layerwise(
                 model(input_ids=batch.to(home), use_cache=False)
             except _Stop:
                 pass
+            except torch.cuda.OutOfMemoryError:
+                raise memory.out_of_memory("Capturing the calibration inputs", device) from None
             first_batch[0] = False
     finally:
         for layer in layers:
@@ -124,10 +149,14 @@ def calibrate_layerwise(
 
     task = progress.task("Calibrating layers", len(layers))
     for i, layer in enumerate(layers):
-        layer.to(device)
-        runner = LayerRunner(layer, hidden, layer_kwargs[i])
-        handler(f"{prefix}.{i}", layer, runner)
-        hidden = runner.run()
+        try:
+            layer.to(device)
+            runner = LayerRunner(layer, hidden, layer_kwargs[i], device)
+            handler(f"{prefix}.{i}", layer, runner)
+            hidden = runner.run()
+            del runner
+        except torch.cuda.OutOfMemoryError:
+            raise memory.out_of_memory(f"Decoder layer {prefix}.{i}", device) from None
         layer.to(home)
         progress.advance(task)
     progress.done(task)

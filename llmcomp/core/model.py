@@ -98,13 +98,19 @@ def model_name(path: Path) -> str:
     return name if name and not os.path.isabs(name) else path.name
 
 
-def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None):
-    """Load a plain HF model directory and its tokenizer."""
+def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max_memory=None, offload_folder=None):
+    """Load a plain HF model directory and its tokenizer (``device_map``, ``max_memory`` as parsed by
+    ``core.memory``, ``offload_folder``: transformers' accelerate placement)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    place = {}
+    if device_map is not None:
+        from llmcomp.core.memory import budget
+
+        place = {"device_map": device_map, "max_memory": budget(max_memory), "offload_folder": offload_folder}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **place)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"Could not load a causal LM from {path}: {first}") from None

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmcomp.core.memory import input_device
 from llmcomp.core.progress import NULL, Progress
 
 PROMPT_TOKENS = 32
@@ -37,7 +38,7 @@ class Reference:
         workdir = tempfile.TemporaryDirectory(prefix="llmcomp-ref-")
         mm = np.lib.format.open_memmap(Path(workdir.name) / "ref_logprobs.npy", mode="w+", dtype=np.float32,
                                        shape=(n, t - 1, vocab))
-        device = next(model.parameters()).device
+        device = input_device(model)
         nll, count = 0.0, 0
         for i, batch in enumerate(progress.track(windows.split(batch_size), "Reference log-probs")):
             batch = batch.to(device)
@@ -59,7 +60,7 @@ def prompts(windows: torch.Tensor, n_prompts: int) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy(model, prompt_ids: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = model.generate(prompt_ids.to(device), max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
                          do_sample=False, attention_mask=torch.ones_like(prompt_ids, device=device))
     return out[:, prompt_ids.shape[1]:].cpu()

@@ -122,25 +122,26 @@ def quantize_model(
     (core/resume.py): calibrated methods save each finished decoder layer there and restore the ones
     a killed earlier run finished."""
     quantizer: Quantizer = METHODS.get(config.method)(config)
-    chosen = [(n, m) for n, m in select(model, config.targets, config.ignore) if isinstance(m, nn.Linear)]
+    # Names, not modules: a replaced nn.Linear must be freed at once (on the GPU it would otherwise stay
+    # there after its decoder layer went home — one original layer per finished layer).
+    chosen = [n for n, m in select(model, config.targets, config.ignore) if isinstance(m, nn.Linear)]
     if not chosen:
         raise UserError(f"No layer matches targets {list(config.targets)} (minus ignore {list(config.ignore)}).")
     report: dict = {}
     start = time.perf_counter()
     if not quantizer.needs_calibration:
-        for name, linear in progress.track(chosen, "Quantizing layers"):
-            _replace(model, quantizer, name, linear, None, report)
+        for name in progress.track(chosen, "Quantizing layers"):
+            _replace(model, quantizer, name, model.get_submodule(name), None, report)
     else:
         if calib_ids is None:
             raise UserError(f"Method {config.method} needs calibration data.")
-        chosen_set = dict(chosen)
         prefix, _ = decoder_layers(model)
-        outside = [n for n in chosen_set if not n.startswith(prefix + ".")]
+        outside = [n for n in chosen if not n.startswith(prefix + ".")]
         if outside:
             raise UserError(f"Method {config.method} only quantizes decoder layers; add {outside[0]} to --ignore.")
 
         def handler(path, layer, runner):
-            linears = [(n, m) for n, m in chosen if n.startswith(path + ".")]
+            linears = [(n, model.get_submodule(n)) for n in chosen if n.startswith(path + ".")]
             index = int(path.rsplit(".", 1)[1])
             if checkpoint is not None and checkpoint.has(index):
                 checkpoint.restore(model, index, report)
@@ -150,7 +151,8 @@ def quantize_model(
                 # Linears fed by the same tensor (q/k/v, gate/up) share one statistics object.
                 hook = quantizer.observe(group[0])
                 stats.update({m: hook for m in group})
-            runner.run({m: h for m, h in stats.items() if h is not None and _first_of_group(m, stats)})
+            runner.run({m: h for m, h in stats.items() if h is not None and _first_of_group(m, stats)},
+                       keep_outputs=False)
             for n, m in linears:
                 _replace(model, quantizer, n, m, stats[m], report)
             stats.clear()

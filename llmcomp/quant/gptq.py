@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llmcomp.core import memory
 from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
@@ -195,9 +196,13 @@ class GPTQQuantizer(Quantizer):
         W0 = linear.weight.data.float()
         device = W0.device
         with flush_denormal():
-            H0 = stats.H.to(device)
             dh = stats.finalize(cfg.damp)
             dh.H = dh.H.to(device)
+            # Under a --max-memory GPU cap the undampened H waits in CPU memory until the error metric
+            # needs it again (an exact copy back; q/k/v, which share it, find it where it was).
+            parked = stats.H.device if memory.active_cap(stats.H.device) is not None else None
+            if parked is not None:
+                stats.H = stats.H.cpu()
             dead = dh.dead.to(device)
             W = W0.clone()
             W[:, dead] = 0  # inputs never seen in calibration: their weights do not matter there
@@ -209,8 +214,9 @@ class GPTQQuantizer(Quantizer):
             perm = None
             if not lazy and cfg.act_order:
                 perm = torch.argsort(torch.diagonal(dh.H), descending=True, stable=True)
-                dh.H = dh.H[perm][:, perm]
+                dh.H = dh.H[perm[:, None], perm]  # one gather: no second in×in temporary
             U, dh = inverse_cholesky(dh)
+            dh.H = None  # only U is needed from here on; frees an in×in matrix for the solve
             mask = None
             if cfg.outliers:
                 hinv_diag = U.pow(2).sum(0)  # diag(H⁻¹) = diag(UᵀU), solver order
@@ -240,6 +246,7 @@ class GPTQQuantizer(Quantizer):
 
             Wp = W if perm is None else W[:, perm]
             Q = gptq_solve(Wp, U, rounder, block)
+            del U, Wp, W  # in×in and out×in buffers the packing below does not need
             if perm is not None:
                 Q = Q[:, torch.argsort(perm)]
             if lazy:
@@ -255,6 +262,9 @@ class GPTQQuantizer(Quantizer):
                 fmt = ofmt
                 Q = Q.flatten().index_put((index,), Q.flatten()[index].half().float()).view_as(Q)
 
+            if parked is not None:
+                stats.H = stats.H.to(parked)
+            H0 = stats.H.to(device)
             D = Q - W0
             rel_err = float(((D @ H0) * D).sum() / ((W0 @ H0) * W0).sum().clamp(min=1e-30))
         tensors = fmt.pack(fields)

@@ -102,6 +102,13 @@ def dampen(H: torch.Tensor, percdamp: float = 0.01) -> DampedHessian:
 _warned_not_pd = False
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()`` without its full-size temporaries (|t| and three masks): NaN
+    propagates to both ends of ``aminmax`` and ±inf shows at one."""
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def inverse_cholesky(dh: DampedHessian, max_tries: int = 8) -> tuple[torch.Tensor, DampedHessian]:
     """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``) for a dampened Hessian.
 
@@ -111,20 +118,22 @@ def inverse_cholesky(dh: DampedHessian, max_tries: int = 8) -> tuple[torch.Tenso
     global _warned_not_pd
     H, percdamp = dh.H, dh.percdamp
     diag_mean = float(torch.diagonal(H).mean()) - dh.damp  # mean of the undampened (dead-fixed) diag
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    # Memory: H plus two of L, H⁻¹, U (in×in each) live at once, plus the solver's own copy on CUDA.
     for _ in range(max_tries):
         L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0 and bool(torch.isfinite(L).all()):
+        if int(info) == 0 and _all_finite(L):
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            del Hinv
+            if int(info) == 0 and _all_finite(U):
                 return U, dh
         new = max(percdamp * 10, 0.01)
         if not _warned_not_pd:
             warnings.warn(f"Hessian not positive definite with dampening {percdamp:g}; raising it to {new:g} "
                           "(recorded in the layer metrics).", RuntimeWarning, stacklevel=2)
             _warned_not_pd = True
-        H = H + (new - percdamp) * diag_mean * eye
+        H = H + (new - percdamp) * diag_mean * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         dh = DampedHessian(H, dh.dead, new * diag_mean, new)
         percdamp = new
     raise RuntimeError(f"Hessian still not positive definite with dampening {percdamp:g}.")
