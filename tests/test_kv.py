@@ -272,6 +272,15 @@ def test_duo_calibration_selects_heads():
     assert model.config._attn_implementation == "sdpa" and all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.cuda
+def test_duo_calibration_on_the_gpu_from_a_cpu_model():
+    """prune_kv opens the model on the CPU and asks for calibration on the default device (cuda)."""
+    model = tiny()
+    cfg = DuoConfig(streaming=0.5, sinks=2, window=8, calib_steps=2, calib_seq_len=240, tail=8)
+    calibrated, report = cfg.calibrate(model, CharTokenizer(), device="cuda")
+    assert len(calibrated.heads) == 2 and torch.tensor(report["gates"]).shape == (2, 2)
+
+
 def test_cskv_bases():
     model = tiny()
     cfg = CSKVConfig(k_ratio=0.5, v_ratio=0.25, window=4, calib_samples=2, calib_seq_len=64)

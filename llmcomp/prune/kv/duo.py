@@ -112,6 +112,7 @@ def calibrate_gates(model, tokenizer, cfg: "DuoConfig", progress=NULL, device=No
 
     mods = check_supported(model)
     device = torch.device(device or next(model.parameters()).device)
+    model.to(device)  # the whole model runs forward + backward here (prune_kv moves it back to the CPU)
     AttentionInterface.register(CALIB_IMPL, _gated_attention)
     n_kv = model.config.num_key_value_heads
     gates = torch.ones(len(mods), n_kv, device=device, requires_grad=True)
