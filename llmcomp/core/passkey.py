@@ -31,8 +31,8 @@ MULTI_INTRO = ("Several pass keys, each for a different name, are hidden inside 
 MULTI_NEEDLE = "\nThe pass key for {label} is {key}.\n"
 MULTI_QUESTION = "\n\nWhat is the pass key for {label}? The pass key for {label} is"
 # Labels of the multi-key needles: words that do not occur in the Austen novels, no one a prefix of another.
-LABELS = ("crimson", "turquoise", "magenta", "indigo", "amber", "teal", "lavender", "maroon", "beige", "cyan",
-          "Tokyo", "Cairo", "Lima", "Oslo", "Vienna", "Madrid", "Dublin", "Berlin", "Prague", "Athens", "Lisbon",
+LABELS = ("crimson", "turquoise", "magenta", "indigo", "amber", "teal", "ochre", "maroon", "beige", "cyan",
+          "Tokyo", "Cairo", "Lima", "Oslo", "Vienna", "Madrid", "Kyoto", "Berlin", "Prague", "Athens", "Lisbon",
           "Sydney", "Toronto", "Nairobi", "Seoul", "Mumbai", "Havana", "Helsinki", "Warsaw", "Santiago")
 MIN_FILLER = 16  # filler tokens a prompt must keep per needle
 
