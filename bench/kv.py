@@ -82,7 +82,8 @@ def markdown_table(rows: list[dict], lengths: list[int], needle_keys: int) -> st
         frac = f"{100 * r['kv_fraction']:.1f}" if "kv_fraction" in r else "100"
         cells = [accuracy_cell(r, "passkey", str(n)) for n in lengths]
         cells += [accuracy_cell(r, "multikey", str(n)) for n in lengths] if needle_keys else []
-        lines.append(f"| {r['name']} ({r['policy']}) | {r['ppl']:.3f} | {delta} | {r['kv_bytes'] / 2**20:.1f} | {frac} | "
+        lines.append(f"| {r['name']} ({r['policy']}) | {r['ppl']:.3f} | {delta} | {r['kv_bytes'] / 2**20:.1f} "
+                     f"| {frac} | "
                      + " | ".join(cells) + f" | {r.get('wall_s', 0):.0f} |")
     return "\n".join(lines)
 
@@ -111,7 +112,8 @@ def check_lengths(args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/kv_cpu.json"))
-    ap.add_argument("--only", nargs="*", default=None, help="rows to (re)measure, in this order; 'dense' is the baseline")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="rows to (re)measure, in this order; 'dense' is the baseline")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=64)
@@ -119,7 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--passkey-samples", type=int, default=10)
     ap.add_argument("--needle-keys", type=int, default=4, help="needles per multi-key prompt (0 = no multi-key)")
     ap.add_argument("--time-budget", type=float, default=0,
-                    help="seconds: start no row that would end past this (estimate: 1.25 × the slowest row so far); 0 = none")
+                    help="seconds: start no row that would end past this (estimate: 1.25 × the slowest row so "
+                         "far); 0 = none")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)

@@ -65,7 +65,8 @@ def _filler(tokenizer, text: str, n_fill: int, rng: random.Random, split: str, l
     return filler
 
 
-def _splice(intro: list[int], filler: list[int], needles: list[tuple[int, list[int]]], question: list[int]) -> list[int]:
+def _splice(intro: list[int], filler: list[int], needles: list[tuple[int, list[int]]],
+            question: list[int]) -> list[int]:
     """intro + filler with each needle's ids inserted before filler token ``cut`` + question."""
     ids, prev = list(intro), 0
     for cut, needle in sorted(needles, key=lambda x: x[0]):

@@ -110,7 +110,8 @@ def long_context_eval(model, tokenizer, *, context: int = 2048, prefix: int | No
     prefix = prefix or context * 3 // 4
     tasks = {}
     if passkey_lengths and passkey_n:
-        tasks["passkey"] = ("Passkey", {n: passkey_samples(tokenizer, n, passkey_n, seed=seed) for n in passkey_lengths})
+        tasks["passkey"] = ("Passkey",
+                            {n: passkey_samples(tokenizer, n, passkey_n, seed=seed) for n in passkey_lengths})
         if needle_keys:
             tasks["multikey"] = (f"{needle_keys}-key needle",
                                  {n: multikey_samples(tokenizer, n, passkey_n, keys=needle_keys, seed=seed)
