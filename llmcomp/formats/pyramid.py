@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llmcomp.core.config import register_config
@@ -133,32 +134,59 @@ class Pyramid(WeightFormat):
 def project(x: torch.Tensor, k: int) -> torch.Tensor:
     """The standard greedy PVQ search: the pyramid point y (Σ|y| = k) of largest cosine with each row of
     ``x`` [G, N]. Start from ⌊k·|x|/‖x‖₁⌋ (at most N pulses short), then add the missing pulses one at a
-    time where they raise the correlation ⟨|x|, y⟩ / ‖y‖ the most. Vectorized over rows; the loop runs
-    over the ≤ N missing pulses. A zero row gets all pulses on its first entry. Returns int16 [G, N]."""
+    time where they raise the correlation ⟨|x|, y⟩ / ‖y‖ the most. A zero row gets all pulses on its
+    first entry. Returns int16 [G, N] on ``x``'s device.
+
+    The start is vectorized on ``x``'s device; the pulse loop (``_add_pulses``) runs on the host in numpy:
+    it is ≤ N tiny sequential steps over few rows (PVQ calls this once per column of a layer), so
+    torch's per-op overhead (and on a GPU one kernel launch per op) dominated it. One host round trip
+    a call; the loop's ops are elementwise IEEE float32, so the result is the same as on the device."""
     G, N = x.shape
     ax = x.float().abs()
     l1 = ax.sum(1, keepdim=True)
-    empty = ~(l1[:, 0] > 0)  # zero or non-finite rows
-    if bool(empty.any()):
-        ax = ax.clone()
-        ax[empty] = 0.0
-        ax[empty, 0] = 1.0
-        l1 = ax.sum(1, keepdim=True)
+    empty = ~(l1 > 0)  # zero or non-finite rows: all pulses on the first entry
+    first = torch.zeros(1, N, dtype=ax.dtype, device=ax.device)
+    first[0, 0] = 1.0
+    ax = torch.where(empty, first, ax)
+    l1 = ax.sum(1, keepdim=True)
     y = torch.floor(k * ax / l1).clamp(max=k)
-    over = y.sum(1) > k  # float rounding can overshoot by a pulse: start those rows from zero
-    y[over] = 0
-    rem = k - y.sum(1)
-    xy = (ax * y).sum(1)
-    yy = (y * y).sum(1)
-    rows = torch.arange(G, device=x.device)
-    for _ in range(int(rem.max()) if G else 0):
-        active = (rem > 0).float()
-        score = (xy[:, None] + ax) ** 2 / (yy[:, None] + 2 * y + 1)
-        i = score.argmax(1)
-        yi = y[rows, i]
-        y[rows, i] = yi + active
-        xy = xy + active * ax[rows, i]
-        yy = yy + active * (2 * yi + 1)
-        rem = rem - active
+    y = torch.where(y.sum(1, keepdim=True) > k, 0.0, y)  # float rounding can overshoot: start from zero
+    rem = k - y.sum(1, keepdim=True)
+    xy = (ax * y).sum(1, keepdim=True)
+    yy = (y * y).sum(1, keepdim=True)
+    host = torch.cat([ax, y, xy, yy, rem], 1).cpu().numpy()
+    y = torch.from_numpy(_add_pulses(host[:, :N], host[:, N:2 * N], host[:, 2 * N], host[:, 2 * N + 1],
+                                     host[:, 2 * N + 2]))
     sign = torch.where(x < 0, -1.0, 1.0)
-    return (y * sign).to(torch.int16)
+    return (y.to(x.device) * sign).to(torch.int16)
+
+
+def _add_pulses(ax: np.ndarray, y: np.ndarray, xy: np.ndarray, yy: np.ndarray, rem: np.ndarray) -> np.ndarray:
+    """The greedy loop of ``project`` (float32 arrays [G, N] and [G]): add ``rem`` pulses a row, each where
+    (xy + |x|ᵢ)² / (yy + 2yᵢ + 1) is largest (first index on ties). Rows sorted by ``rem`` so step t works
+    on the prefix of rows still short; ``d = 2y + 1`` is kept (integers in float32 are exact)."""
+    G = ax.shape[0]
+    order = np.argsort(-rem, kind="stable")
+    ax, xy, yy = ax[order], xy[order].copy(), yy[order].copy()
+    d = 2 * y[order] + 1
+    steps = np.arange(ax.shape[1] + 1, dtype=rem.dtype)
+    rows = np.arange(G)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge rows score inf, as in float32 torch
+        _pulse_steps(ax, d, xy, yy, rem, steps, rows)
+    out = np.empty_like(d)
+    out[order] = (d - 1) / 2
+    return out
+
+
+def _pulse_steps(ax, d, xy, yy, rem, steps, rows) -> None:
+    for n in (rem[:, None] > steps).sum(0).tolist():  # rows still short at each step
+        if n == 0:
+            break
+        a, dn, r = ax[:n], d[:n], rows[:n]
+        score = xy[:n, None] + a
+        score *= score
+        score /= yy[:n, None] + dn
+        i = score.argmax(1)
+        xy[:n] += a[r, i]
+        yy[:n] += dn[r, i]
+        dn[r, i] += 2
