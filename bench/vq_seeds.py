@@ -5,9 +5,11 @@ a seed change. This quantizes a few real layers (Hessians from the original mode
 windows) with several seeds and prints each layer's relative output error tr(DHDᵀ)/tr(WHWᵀ):
 
     OMP_NUM_THREADS=1 python bench/vq_seeds.py [--device cuda] [--seeds 0 1 2] [--config vptq-2 ...]
+                                              [--sample uniform stratified] [--out rows.json]
 
 Run once with ``--device cpu`` and once with ``--device cuda``: if the spread over seeds on one device
-covers the CPU/GPU difference, the gap is init luck, not a device bug.
+covers the CPU/GPU difference, the gap is init luck, not a device bug. ``--sample uniform`` puts back
+the former k-means sample (a plain uniform draw) for comparison with the current stratified one.
 """
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ from dataclasses import replace
 
 import torch
 
+import llmcomp.quant.kmeans as kmeans_mod
 from llmcomp.core.data import calib_windows
 from llmcomp.core.model import load_hf, resolve
 from llmcomp.quant.hessian import HessianAccumulator
 from llmcomp.quant.pvq import PVQConfig, PVQQuantizer, pyramid_for_bits
 from llmcomp.quant.vptq import VPTQConfig, VPTQQuantizer, codebook_for_bits
 
-LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.10.self_attn.v_proj",
-          "model.layers.15.mlp.up_proj", "model.layers.29.mlp.down_proj"]
+LAYERS = ["model.layers.2.mlp.down_proj", "model.layers.28.mlp.down_proj", "model.layers.0.self_attn.q_proj",
+          "model.layers.0.mlp.down_proj", "model.layers.10.self_attn.v_proj", "model.layers.15.mlp.up_proj",
+          "model.layers.29.mlp.down_proj"]
 
 
 def configs() -> dict:
@@ -37,6 +41,12 @@ def configs() -> dict:
         "vptq-2-all": (VPTQQuantizer, replace(v2, kmeans_sample=1 << 30)),
         "pvq-had-2": (PVQQuantizer, PVQConfig(format=pyramid_for_bits(2, rotate=True))),
     }
+
+
+def uniform_sample(x, h, sample, gen):
+    """The k-means sample before issue 6: ``sample`` points drawn uniformly, weights unchanged."""
+    pick = torch.randperm(x.shape[0], generator=gen, device=x.device)[:sample]
+    return x[pick], h[pick]
 
 
 def hessians(model, tok, names, n_samples, device):
@@ -57,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", nargs="+", default=["vptq-2"], choices=sorted(configs()))
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--layers", nargs="+", default=LAYERS)
+    ap.add_argument("--sample", nargs="+", default=["stratified"], choices=["stratified", "uniform"])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -65,7 +76,9 @@ def main(argv=None) -> int:
     model = model.to(args.device)
     accs = hessians(model, tok, args.layers, args.calib_samples, args.device)
     rows = []
-    for cname in args.config:
+    stratified = kmeans_mod._stratified_sample
+    for sampling, cname in [(s, c) for s in args.sample for c in args.config]:
+        kmeans_mod._stratified_sample = stratified if sampling == "stratified" else uniform_sample
         cls, base = configs()[cname]
         for layer in args.layers:
             errs = []
@@ -74,11 +87,12 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 res = cls(cfg).quantize_linear(layer, model.get_submodule(layer), accs[layer])
                 errs.append(res.metrics["out_err_rel"])
-                rows.append({"config": cname, "layer": layer, "seed": seed, "device": args.device,
+                rows.append({"config": cname, "sample": sampling, "layer": layer, "seed": seed, "device": args.device,
                              "out_err_rel": res.metrics["out_err_rel"], "time_s": round(time.perf_counter() - t, 2)})
             spread = (max(errs) - min(errs)) / min(errs)
-            print(f"{cname:12s} {layer:36s} " + " ".join(f"{e:.5f}" for e in errs) + f"  spread {100 * spread:.1f} %",
-                  flush=True)
+            print(f"{cname:12s} {sampling:10s} {layer:32s} " + " ".join(f"{e:.5f}" for e in errs)
+                  + f"  spread {100 * spread:.1f} %", flush=True)
+    kmeans_mod._stratified_sample = stratified
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
