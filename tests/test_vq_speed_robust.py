@@ -77,3 +77,32 @@ def test_kmeans_on_a_sample_serves_heavy_points_for_every_seed():
         c = kmeans(x, h, 8, iters=10, sample=2000, seed=seed)
         near = c[assign(x[:10], h[:10], c)]
         assert float((near - x[:10]).norm(dim=1).max()) < 0.1, seed
+
+
+@pytest.mark.cuda
+def test_project_on_cuda_matches_the_torch_loop_on_cuda():
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(3)).cuda()
+    x[0] = 0
+    for k in (7, 38, 87):
+        assert torch.equal(project(x, k).cpu(), project_reference(x, k).cpu()), k
+
+
+@pytest.mark.cuda
+def test_pvq_layer_on_cuda_is_unchanged(monkeypatch):
+    """A whole PVQ + Hadamard layer on the GPU: the host pulse loop gives the packed tensors the
+    all-device loop gave."""
+    from torch import nn
+
+    import llmcomp.quant.pvq as pvq
+    from llmcomp.quant.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(256, 128, bias=False).cuda()
+    lin.weight.data = (torch.randn(128, 256, generator=g) * 0.02).cuda()
+    acc = HessianAccumulator(256)
+    acc.add(torch.randn(512, 256, generator=g).cuda())
+    cfg = pvq.PVQConfig(format=pvq.pyramid_for_bits(2, rotate=True))
+    new = pvq.PVQQuantizer(cfg).quantize_linear("l", lin, acc).module.state_dict()
+    monkeypatch.setattr(pvq, "project", project_reference)
+    old = pvq.PVQQuantizer(cfg).quantize_linear("l", lin, acc).module.state_dict()
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
