@@ -6,8 +6,9 @@ diagonal, so the codebook spends its entries where the output error is made):
     d(x, c) = Σᵢ hᵢ (xᵢ − cᵢ)² = Σ h x² − 2 (h⊙x)·c + h·c²
 
 so distances to all entries are two matmuls, and the centroid of a cluster is Σ h⊙x / Σ h per
-coordinate (``index_add_``). Initialization is k-means++ (weighted D² sampling) on a seeded sample; the
-only Python loops run over entries (k-means++) and iterations, never over points.
+coordinate (``index_add_``). Initialization is k-means++ (weighted D² sampling); past ``sample`` points
+the fit runs on a seeded sample that keeps every heavy point (``_stratified_sample``). The only Python
+loops run over entries (k-means++) and iterations, never over points.
 """
 from __future__ import annotations
 

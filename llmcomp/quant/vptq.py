@@ -64,7 +64,7 @@ class VPTQConfig(QuantConfig):
     damp: float = 0.01
     block_size: int = 128
     kmeans_iters: int = 15
-    kmeans_sample: int = 1 << 15  # vectors each codebook is fitted on (a seeded sample)
+    kmeans_sample: int = 1 << 15  # vectors each codebook is fitted on (kmeans: heavy + seeded draw)
     feedback: bool = True  # GPTQ-style error feedback; False: nearest entry in the Hessian-diagonal metric
     act_order: bool = True
     seed: int = 0
