@@ -67,6 +67,8 @@ def test_stratified_sample_keeps_heavy_points_and_total_weight():
         assert xs.shape == (2000, 2)
         assert int((hs[:, 0] >= 1e4).sum()) == 10  # every heavy point, once
         assert abs(float(hs.sum() / h.sum()) - 1) < 0.01  # the light rest reweighted by its draw rate
+    c = kmeans(x, None, 4, iters=2, sample=1)  # a sample smaller than the codebook: raised to it
+    assert c.shape == (4, 2) and bool(c.isfinite().all())
 
 
 def test_kmeans_on_a_sample_serves_heavy_points_for_every_seed():

@@ -84,8 +84,8 @@ def kmeans(x: torch.Tensor, h: torch.Tensor | None, k: int, iters: int = 15, sam
     if k > n:
         raise ValueError(f"{k} centroids for {n} points")
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    if n > sample:
-        x, h = _stratified_sample(x, h, sample, gen)
+    if n > max(sample, k):  # never fewer sample points than entries
+        x, h = _stratified_sample(x, h, max(sample, k), gen)
     h = h + 1e-12 * h.mean().clamp(min=1e-30)  # a point never has zero total weight
     c = _plus_plus(x, h, k, gen)
     for _ in range(iters):
