@@ -166,13 +166,18 @@ def out_of_memory(what: str, device) -> UserError:
                      "--device cpu.")
 
 
+def state_bytes(state: dict) -> int:
+    """Bytes of a state dict's tensors (a model's size in memory)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def check_cpu_fits(model: torch.nn.Module, max_memory: Optional[dict[Key, int]]) -> None:
     """Quantize keeps the whole model in CPU memory: a ``cpu`` entry smaller than the model is an error
     (a check, not an enforced limit)."""
     limit = (max_memory or {}).get("cpu")
     if limit is None:
         return
-    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need = state_bytes(model.state_dict())
     if need > limit:
         raise UserError(f"quantize keeps the whole model in CPU memory ({format_bytes(need)}), more than "
                         f"--max-memory cpu={format_bytes(limit)}; raise the cpu entry.")
@@ -235,7 +240,7 @@ def dispatch(model: torch.nn.Module, device_map, max_memory=None, offload_folder
                   for n, d in device_map.items()}
     if "disk" in device_map.values():
         if offload_folder is None:
-            need = sum(t.numel() * t.element_size() for t in state.values())
+            need = state_bytes(state)
             raise UserError(f"The model ({format_bytes(need)}) does not fit in --max-memory on GPU and CPU; "
                             "pass --offload-folder DIR to keep the rest on disk, or raise the limits.")
         # a fresh folder per load: accelerate reuses any offloaded weights it finds in the folder it is given

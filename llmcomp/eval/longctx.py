@@ -24,6 +24,7 @@ from llmcomp.core.data import eval_windows
 from llmcomp.core.passkey import answer_correct, multikey_samples, passkey_samples
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
+from llmcomp.prune.kv.cache import tensor_bytes
 
 
 def kv_nbytes(cache) -> tuple[int, int]:
@@ -35,8 +36,7 @@ def kv_nbytes(cache) -> tuple[int, int]:
         if hasattr(layer, "nbytes"):  # a layer that counts itself (linearized attention: state + window)
             held += layer.nbytes()
         else:
-            held += sum(t.numel() * t.element_size() for t in (getattr(layer, "keys", None),
-                                                               getattr(layer, "values", None)) if t is not None)
+            held += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
     return held, held
 
 

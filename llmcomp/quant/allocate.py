@@ -60,7 +60,6 @@ class AllocationConfig:
             raise UserError(f"A budget of {self.budget:g} bits per weight cannot be met with candidate widths "
                             f"{sorted(set(self.candidates))} (scales and zeros add to each); choose a budget "
                             f"above {min(self.candidates)}.")
-
         if self.sensitivity not in SENSITIVITIES:
             raise UserError(f"Unknown allocation sensitivity {self.sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}.")
         if self.fisher_samples < 1:
