@@ -257,7 +257,7 @@ def main(argv=None):
                     row["artifact_gb"] = round(sum(f.stat().st_size for f in art.glob("*.safetensors")) / GB, 3)
                     model = None
                     row["placed_eval"] = placed_eval(art, device, budget, windows, Path(tmp) / "offload")
-                print(json.dumps(row["placed_eval"]), flush=True)
+                    print(json.dumps(row["placed_eval"]), flush=True)
             model = None
         if not args.no_reference:  # the same weights again (same seed), no cap
             ref = quantize_run(build(shape, dtype), ids, device, None)

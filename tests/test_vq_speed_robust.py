@@ -103,8 +103,30 @@ def test_pvq_layer_on_cuda_is_unchanged(monkeypatch):
     lin.weight.data = (torch.randn(128, 256, generator=g) * 0.02).cuda()
     acc = HessianAccumulator(256)
     acc.add(torch.randn(512, 256, generator=g).cuda())
-    cfg = pvq.PVQConfig(format=pvq.pyramid_for_bits(2, rotate=True))
+    cfg = pvq.PVQConfig(format=pvq.pyramid_for_bits(2, rotate=True), host_solve=False)
     new = pvq.PVQQuantizer(cfg).quantize_linear("l", lin, acc).module.state_dict()
     monkeypatch.setattr(pvq, "project", project_reference)
     old = pvq.PVQQuantizer(cfg).quantize_linear("l", lin, acc).module.state_dict()
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+
+
+@pytest.mark.cuda
+def test_pvq_host_solve_matches_the_gpu_solve():
+    """PVQ on a GPU runs its column loop on the CPU by default: the layer comes back on the GPU with the
+    same output error as the all-GPU solve (float sums differ, so codes may; the error must not, within 5 %)."""
+    from torch import nn
+
+    import llmcomp.quant.pvq as pvq
+    from llmcomp.quant.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(256, 128, bias=False).cuda()
+    lin.weight.data = (torch.randn(128, 256, generator=g) * 0.02).cuda()
+    acc = HessianAccumulator(256)
+    acc.add(torch.randn(512, 256, generator=g).cuda())
+    fmt = pvq.pyramid_for_bits(2, rotate=True)
+    host = pvq.PVQQuantizer(pvq.PVQConfig(format=fmt)).quantize_linear("l", lin, acc)
+    gpu = pvq.PVQQuantizer(pvq.PVQConfig(format=fmt, host_solve=False)).quantize_linear("l", lin, acc)
+    assert all(t.is_cuda for t in host.module.state_dict().values())
+    e_host, e_gpu = host.metrics["out_err_rel"], gpu.metrics["out_err_rel"]
+    assert abs(e_host - e_gpu) <= 0.05 * e_gpu, (e_host, e_gpu)

@@ -83,6 +83,7 @@ class PVQConfig(QuantConfig):
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    host_solve: bool = True  # the Hessian solve on the CPU even when calibrating on a GPU (see quantize_linear)
 
     method = "pvq"
     VERSION = 1
@@ -144,8 +145,13 @@ class PVQQuantizer(Quantizer):
 
         dh = None
         if cfg.hessian:
-            pulses = torch.zeros(out_f, in_f, dtype=torch.int16, device=dev)
-            codes = torch.zeros(B, in_f, dtype=torch.int64, device=dev)
+            # The solve is sequential over input columns, each a few dozen tiny ops on ≤ 24 groups plus a host
+            # round trip for the pulse loop: latency-bound, so a GPU pays a launch per op and loses to the CPU
+            # (H200: the bundled model did not finish in 9 min on the GPU). Only W, H and the result travel.
+            sdev = torch.device("cpu") if cfg.host_solve else dev
+            W, H, levels = W.to(sdev), H.to(sdev), levels.to(sdev)
+            pulses = torch.zeros(out_f, in_f, dtype=torch.int16, device=sdev)
+            codes = torch.zeros(B, in_f, dtype=torch.int64, device=sdev)
 
             def quantize_column(j: int, t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
                 col = t[:, 0].reshape(B, N)
@@ -155,8 +161,9 @@ class PVQQuantizer(Quantizer):
                 codes[:, j] = c
                 return (levels[c][:, None] * yh).reshape(-1, 1)
 
-            columns = torch.arange(in_f, device=dev)[:, None]
+            columns = torch.arange(in_f, device=sdev)[:, None]
             Q, dh = solve_groups(W, H, columns, quantize_column, cfg.damp, cfg.block_size, cfg.act_order)
+            Q, pulses, codes, levels = Q.to(dev), pulses.to(dev), codes.to(dev), levels.to(dev)
         else:  # every group on its own: all at once
             codes = encode_gains(gains[:, 0])
             pulses = fmt.ungroup(y.reshape(B, in_f, N))
