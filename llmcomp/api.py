@@ -392,6 +392,9 @@ def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, dev
               "bits": {n: f.bits for n, f in assignment.items()}}
     if importance:
         report["expert_importance"] = {n: round(w, 6) for n, w in importance.items() if ".experts.down." in n}
+    unseen = sorted(n for n, t in table.items() if t.get("unseen"))
+    if unseen:  # experts no calibration token was routed to: scored 0, so given the cheapest width
+        report["no_calibration_tokens"] = unseen
     return dataclasses.replace(config, formats=assignment), report
 
 

@@ -330,6 +330,37 @@ def test_quantize_unfuses_experts_and_allocates_bits_by_routing_mass(tmp_path):
         assert torch.isfinite(loaded(ids()).logits).all()
 
 
+@pytest.mark.parametrize("sensitivity", ["output", "fisher"])
+def test_allocation_gives_an_expert_without_calibration_tokens_the_cheapest_width(tmp_path, sensitivity):
+    """Experts 4-7 are never routed to (experts 0/1 and 2/3 have opposite router rows, so each pair always
+    has a positive logit above their 0): no calibration token reaches their linears. They score 0 at every
+    width (no "HessianAccumulator saw no inputs" crash, no missing gradient), get the cheapest width, and
+    are listed in the allocation report."""
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+    from llmcomp.quant.allocate import AllocationConfig
+
+    model = tiny_moe("mixtral")
+    with torch.no_grad():
+        for b in moe.find_moe_blocks(model):
+            w = b.router.weight
+            v, u = w[0].clone(), w[2].clone()
+            w.zero_()
+            w[0], w[1], w[2], w[3] = v, -v, u, -u
+    src = _save_with_tokenizer(model, tmp_path / "moe")
+    cfg = RTNConfig(format=Uniform(bits=4, group_size=0), ignore=("lm_head", "mlp.gate"))
+    alloc = AllocationConfig(budget=5.0, candidates=(2, 8), group_size=0, sensitivity=sensitivity)
+    out = api.quantize(cfg, tmp_path / "q", str(src), calib_samples=4, calib_seq_len=64, device="cpu",
+                       allocation=alloc)
+    report = api.inspect(out)["stages"][-1]["metrics"]["layers"]["_allocation"]
+    unseen = {f"model.layers.{i}.mlp.experts.{kind}.{e}" for i in (0, 1) for kind in ("gate_up", "down")
+              for e in range(4, 8)}
+    assert set(report["no_calibration_tokens"]) == unseen
+    assert all(report["bits"][n] == 2 for n in unseen)
+    assert any(b == 8 for n, b in report["bits"].items() if ".experts." in n and n not in unseen)
+    assert all(report["expert_importance"][n] == 0 for n in unseen if ".down." in n)
+
+
 def test_dynamic_skip_threshold_is_recorded_and_reinstalled(tmp_path):
     from llmcomp.core.data import calib_windows
     from llmcomp.prune.mcmoe import DynamicSkipConfig

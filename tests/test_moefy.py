@@ -32,11 +32,48 @@ def test_every_expert_active_reproduces_the_dense_model(shared, family):
 
 
 def test_top_k_routing_is_close_to_an_oracle_on_its_calibration_text():
-    model, report = moefy_model(tiny_llama(), ids(16, 32, seed=2), MoefyConfig(experts=4, top_k=2), device="cpu")
+    model, report = moefy_model(tiny_llama(), ids(16, 32, seed=2), MoefyConfig(experts=4, top_k=2, shared=0),
+                                device="cpu")
     for path, r in report.items():
         if not path.startswith("_"):
             assert r["router_oracle_agreement"] > 0.6 and r["mlp_rel_error"] < 0.6, (path, r)
     assert model.config.num_local_experts == 4 and model.config.intermediate_size == 24
+
+
+@pytest.mark.parametrize("shared,family", [(0, "mixtral"), (32, "qwen2_moe")])
+def test_written_artifact_loads_back_to_the_in_memory_model(tmp_path, shared, family):
+    """top-2 routing through the artifact: llmcomp.load and stock transformers give the converted model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from llmcomp import api
+    from llmcomp.core.artifact import write_artifact
+
+    cfg = MoefyConfig(experts=4, top_k=2, shared=shared)
+    model, _ = moefy_model(tiny_llama(), ids(16, 32, seed=2), cfg, device="cpu")
+    path = write_artifact(tmp_path / "moe", model, None, base_model={"name": "tiny", "path": "", "sha256": ""},
+                          stages=[{"method": "moefy", "config": {}, "metrics": {}}])
+    x = ids(4, 32, seed=3)
+    with torch.no_grad():
+        ref = model(x).logits
+        loaded = api.load(str(path))(x).logits
+        stock = AutoModelForCausalLM.from_pretrained(path).eval()(x).logits
+    assert model.config.model_type == family
+    torch.testing.assert_close(loaded, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stock, ref, atol=1e-6, rtol=0)
+
+
+def test_cli_and_library_defaults_agree():
+    """``llmcomp convert moefy`` and ``api.moefy(MoefyConfig(), ...)`` must build the same MoE (they once
+    differed in ``shared``: 512 vs 0 — the bench's MoE then had ppl 2130 instead of 59.69)."""
+    import inspect
+
+    from llmcomp.cli.convert import moefy as cli_moefy
+
+    params = inspect.signature(cli_moefy).parameters
+    default = MoefyConfig()
+    for name in ("experts", "top_k", "shared", "seed"):
+        assert params[name].default == getattr(default, name), name
+    assert default.shared == 512 and default.family == "qwen2_moe"
 
 
 def test_balanced_kmeans_recovers_planted_groups():
@@ -62,7 +99,9 @@ def test_bad_input():
     with pytest.raises(UserError, match="--experts must be at least 2"):
         MoefyConfig(experts=1, top_k=1)
     with pytest.raises(UserError, match="split evenly into 5 experts"):
-        moefy_model(tiny_llama(), ids(), MoefyConfig(experts=5, top_k=1), device="cpu")
+        moefy_model(tiny_llama(), ids(), MoefyConfig(experts=5, top_k=1, shared=0), device="cpu")
+    with pytest.raises(UserError, match="--shared 512 leaves no neurons to route: the MLP has 96"):
+        moefy_model(tiny_llama(), ids(), MoefyConfig(), device="cpu")
     from test_experts import tiny_moe
 
     with pytest.raises(UserError, match="Llama/Mistral-style dense models"):

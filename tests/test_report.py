@@ -73,7 +73,7 @@ def _moe_chain(root, dense):
     from llmcomp.prune.experts import ExpertPruneConfig
     from llmcomp.quant import RTNConfig
 
-    moe = api.moefy(MoefyConfig(experts=4, top_k=2, kmeans_iters=2), root / "moefied", str(dense), **CALIB)
+    moe = api.moefy(MoefyConfig(experts=4, top_k=2, shared=0, kmeans_iters=2), root / "moefied", str(dense), **CALIB)
     pruned = api.prune_experts(ExpertPruneConfig(method="frequency", ratio=0.25, protect_super_experts=False),
                                root / "pruned", str(moe), **CALIB)
     return api.quantize(RTNConfig(format=Uniform(8, 0), ignore=("lm_head", "mlp.gate")), root / "chain", str(pruned))

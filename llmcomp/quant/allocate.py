@@ -10,6 +10,7 @@
    - ``output``: the layer-output error ``tr((W − Ŵ_b) H (W − Ŵ_b)ᵀ)`` with ``H = 2XᵀX/n``, measured
      layer by layer (bounded memory). Errors of different layers are not on one scale — on the bundled
      model it gave early layers 2 bits and lost badly to uniform widths (bench/results, README).
+   A linear no calibration token reaches (an MoE expert its router never chose) scores 0 at every width.
 2. A greedy knapsack picks one width per layer: start everyone at the cheapest candidate, then keep
    applying the upgrade with the largest error reduction per extra bit that still fits the budget.
    Costs are exact: ``bits_per_weight`` of the format (codes + scales + zeros) × the layer's weights.
@@ -89,10 +90,18 @@ def measure_errors(model: nn.Module, calib_ids: torch.Tensor, targets, ignore, c
     return output_errors(model, calib_ids, chosen, cfg, device=device, progress=progress)
 
 
+def unseen_entry(linear: nn.Linear, formats: list[Uniform]) -> dict:
+    """The table entry of a linear no calibration token reached (an MoE expert its router never chose):
+    its error reaches no calibration output, so both sensitivities score it 0 at every width (MC-MoE's
+    routing mass, 0 there, says the same) and the allocator leaves it at the cheapest width."""
+    return {"weights": linear.weight.numel(), "errors": [0.0] * len(formats), "unseen": True}
+
+
 def fisher_diagonal(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, nn.Linear], samples: int,
-                    progress: Progress = NULL) -> dict[str, torch.Tensor]:
+                    progress: Progress = NULL) -> dict[str, torch.Tensor | None]:
     """Sum over ``samples`` calibration sequences of each chosen weight's squared loss gradient (float32),
-    on the device the model is on. Gradients are enabled for the chosen weights only, then restored."""
+    on the device the model is on; None for a weight no forward used (an MoE expert never routed to).
+    Gradients are enabled for the chosen weights only, then restored."""
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -100,6 +109,7 @@ def fisher_diagonal(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str,
         m.weight.requires_grad_(True)
     home = next(model.parameters()).device
     F = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in chosen.items()}
+    reached: set[str] = set()
     try:
         with torch.enable_grad():
             for ids in progress.track(calib_ids[:samples].split(1), "Fisher information (allocation)",
@@ -107,13 +117,15 @@ def fisher_diagonal(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str,
                 ids = ids.to(home)
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
                 for n, m in chosen.items():
-                    F[n].add_(m.weight.grad.float().square())
+                    if m.weight.grad is not None:
+                        F[n].add_(m.weight.grad.float().square())
+                        reached.add(n)
                     m.weight.grad = None
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
-    return F
+    return {n: F[n] if n in reached else None for n in chosen}
 
 
 def fisher_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, nn.Linear], cfg: AllocationConfig,
@@ -133,8 +145,9 @@ def fisher_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, n
             model.to(home)
     formats = cfg.formats()
     with torch.no_grad():
-        return {n: {"weights": m.weight.numel(),
-                    "errors": [float((F[n] * D.to(F[n].device).square()).sum()) for D in rtn_deltas(m, formats)]}
+        return {n: unseen_entry(m, formats) if F[n] is None else
+                {"weights": m.weight.numel(),
+                 "errors": [float((F[n] * D.to(F[n].device).square()).sum()) for D in rtn_deltas(m, formats)]}
                 for n, m in chosen.items()}
 
 
@@ -149,6 +162,9 @@ def output_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, n
         accs = {m: HessianAccumulator.for_linear(m) for _, m in linears}
         runner.run(accs)
         for n, m in linears:
+            if accs[m].n == 0:  # an MoE expert no calibration token was routed to
+                table[n] = unseen_entry(m, formats)
+                continue
             H = accs[m].finalize(cfg.damp).H
             table[n] = {"weights": m.weight.numel(), "errors": layer_errors(m, H, formats)}
             accs[m].release()
