@@ -183,7 +183,8 @@ def hybrid_attention(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, v: Tensor, g:
     ``q``, ``k`` [B, H, n, Dk]: softmax queries / keys (window part); ``fq``, ``fk`` [B, H, n, F]:
     their feature maps (linear part); ``v`` [B, H, n, D]; ``g`` log gates as in the core op;
     ``window_weight`` / ``linear_weight`` [H] (default 1). ``recurrent`` picks the token-by-token core
-    (decode) instead of the chunked one. Returns (o [B, H, n, D], the state after these tokens)."""
+    (decode) instead of the chunked one; on a GPU the core runs on a fast path (``kernels.core_for``).
+    Returns (o [B, H, n, D], the state after these tokens)."""
     B, H, n, _ = v.shape
     W = window
     if state is None:
@@ -198,10 +199,12 @@ def hybrid_attention(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, v: Tensor, g:
     if g_all is not None and W:
         cum = g_all.to(torch.promote_types(g_all.dtype, torch.float32)).cumsum(2)
         fq_lin = fq * (cum[:, :, W:] - cum[:, :, :n]).exp().to(fq.dtype)
-    core = recurrent_linear_attention if recurrent else chunk_linear_attention
-    kw = {} if recurrent else {"chunk_size": chunk_size}
+    from llmcomp.linearize.kernels import core_for  # (imports this module)
+
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (fq, fk, v, g, state.S))
+    _, core = core_for(fq, recurrent, chunk_size, needs_grad)
     lin, S = core(fq_lin, fk_all[:, :, :n], v_all[:, :, :n], None if g_all is None else g_all[:, :, :n],
-                  initial_state=state.S, **kw)
+                  initial_state=state.S)
     one = v.new_ones(H)
     a = (one if window_weight is None else window_weight).view(1, H, 1, 1)
     b = (one if linear_weight is None else linear_weight).view(1, H, 1, 1)
