@@ -330,16 +330,9 @@ def test_quantize_unfuses_experts_and_allocates_bits_by_routing_mass(tmp_path):
         assert torch.isfinite(loaded(ids()).logits).all()
 
 
-@pytest.mark.parametrize("sensitivity", ["output", "fisher"])
-def test_allocation_gives_an_expert_without_calibration_tokens_the_cheapest_width(tmp_path, sensitivity):
-    """Experts 4-7 are never routed to (experts 0/1 and 2/3 have opposite router rows, so each pair always
-    has a positive logit above their 0): no calibration token reaches their linears. They score 0 at every
-    width (no "HessianAccumulator saw no inputs" crash, no missing gradient), get the cheapest width, and
-    are listed in the allocation report."""
-    from llmcomp.formats import Uniform
-    from llmcomp.quant import RTNConfig
-    from llmcomp.quant.allocate import AllocationConfig
-
+def _moe_with_unrouted_experts(tmp_path):
+    """A tiny Mixtral whose router can never pick experts 4-7 (experts 0/1 and 2/3 have opposite router
+    rows, so each pair always has a positive logit above their 0)."""
     model = tiny_moe("mixtral")
     with torch.no_grad():
         for b in moe.find_moe_blocks(model):
@@ -347,7 +340,43 @@ def test_allocation_gives_an_expert_without_calibration_tokens_the_cheapest_widt
             v, u = w[0].clone(), w[2].clone()
             w.zero_()
             w[0], w[1], w[2], w[3] = v, -v, u, -u
-    src = _save_with_tokenizer(model, tmp_path / "moe")
+    return _save_with_tokenizer(model, tmp_path / "moe")
+
+
+def test_gptq_quantizes_experts_without_calibration_tokens_by_their_weights(tmp_path):
+    """GPTQ on an MoE with never-routed experts finishes (no "no calibration statistics" error): those
+    linears get the identity Hessian, i.e. exactly RTN, are marked in the report, and a warning says so."""
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+    from llmcomp.quant.gptq import GPTQConfig
+
+    src = _moe_with_unrouted_experts(tmp_path)
+    fmt = Uniform(bits=3, group_size=16)
+    kw = dict(calib_samples=4, calib_seq_len=64, device="cpu")
+    with pytest.warns(UserWarning, match="received no calibration tokens"):
+        out = api.quantize(GPTQConfig(format=fmt, ignore=("lm_head", "mlp.gate")), tmp_path / "g", str(src), **kw)
+    rtn = api.quantize(RTNConfig(format=fmt, ignore=("lm_head", "mlp.gate")), tmp_path / "r", str(src), **kw)
+    layers = api.inspect(out)["stages"][-1]["metrics"]["layers"]
+    marked = {n for n, m in layers.items() if isinstance(m, dict) and m.get("no_calibration_tokens")}
+    assert marked == {f"model.layers.{i}.mlp.experts.{kind}.{e}" for i in (0, 1) for kind in ("gate_up", "down")
+                      for e in range(4, 8)}
+    g, r = api.load(str(out)).state_dict(), api.load(str(rtn)).state_dict()
+    blind = [k for k in g if any(k.startswith(n + ".") for n in marked)]
+    routed = [k for k in g if ".experts.gate_up.0." in k and "weight_packed" in k]
+    assert blind and all(torch.equal(g[k], r[k]) for k in blind)
+    assert routed and not all(torch.equal(g[k], r[k]) for k in routed)  # calibrated experts differ from RTN
+
+
+@pytest.mark.parametrize("sensitivity", ["output", "fisher"])
+def test_allocation_gives_an_expert_without_calibration_tokens_the_cheapest_width(tmp_path, sensitivity):
+    """Experts 4-7 are never routed to (``_moe_with_unrouted_experts``): no calibration token reaches their
+    linears. They score 0 at every width (no "HessianAccumulator saw no inputs" crash, no missing gradient),
+    get the cheapest width, and are listed in the allocation report."""
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+    from llmcomp.quant.allocate import AllocationConfig
+
+    src = _moe_with_unrouted_experts(tmp_path)
     cfg = RTNConfig(format=Uniform(bits=4, group_size=0), ignore=("lm_head", "mlp.gate"))
     alloc = AllocationConfig(budget=5.0, candidates=(2, 8), group_size=0, sensitivity=sensitivity)
     out = api.quantize(cfg, tmp_path / "q", str(src), calib_samples=4, calib_seq_len=64, device="cpu",

@@ -7,6 +7,7 @@ a ``QuantLinear``. Walking the model, selection, calibration and progress live h
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -104,6 +105,18 @@ def shared_input_groups(runner, linears: list[nn.Module]) -> list[list[nn.Module
     return list(groups.values())
 
 
+def _no_tokens(stats, linear: nn.Module) -> bool:
+    """A Hessian accumulator no calibration token reached (an MoE expert never routed to) becomes the
+    identity: the method then minimizes the plain weight error (GPTQ: exactly RTN). True if so."""
+    from llmcomp.quant.hessian import HessianAccumulator
+
+    if not isinstance(stats, HessianAccumulator) or stats.H is not None:
+        return False
+    stats.H = 2.0 * torch.eye(linear.in_features, dtype=torch.float32, device=linear.weight.device)
+    stats.n = 0
+    return True
+
+
 def _first_of_group(m: nn.Module, stats: dict) -> bool:
     return next(k for k, v in stats.items() if v is stats[m]) is m
 
@@ -154,11 +167,21 @@ def quantize_model(
             runner.run({m: h for m, h in stats.items() if h is not None and _first_of_group(m, stats)},
                        keep_outputs=False)
             for n, m in linears:
+                blind = _no_tokens(stats[m], m)
                 _replace(model, quantizer, n, m, stats[m], report)
+                if blind:
+                    report[n]["no_calibration_tokens"] = True
+                    unseen.append(n)
             stats.clear()
             if checkpoint is not None:
                 checkpoint.save(model, index, [n for n, _ in linears], report)
 
+        unseen: list[str] = []
         calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress)
+        if unseen:
+            warnings.warn(f"{len(unseen)} linear layer(s) received no calibration tokens (e.g. {unseen[0]}: an "
+                          f"MoE expert its router never chose); {config.method} quantized them against their "
+                          f"weights alone (identity Hessian). They are marked no_calibration_tokens in the report.",
+                          stacklevel=2)
     report["_wall_time_s"] = round(time.perf_counter() - start, 2)
     return report
