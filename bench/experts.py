@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import time
@@ -32,7 +33,8 @@ from llmcomp.prune import experts, moe
 from llmcomp.prune.experts import METHODS, ExpertPruneConfig
 
 RATIOS = (0.125, 0.25, 0.5)
-QUANT = ("rtn-w3g64", "alloc3-plain", "alloc3-mcmoe", "dynamic-0.15", "alloc3-mcmoe+dynamic-0.15")
+QUANT = ("rtn-w3g64", "alloc3-plain", "alloc3-mcmoe", "alloc3-fisher", "alloc3.5-fisher", "dynamic-0.15",
+         "alloc3-mcmoe+dynamic-0.15")
 
 
 def settings(args) -> dict:
@@ -173,8 +175,10 @@ def super_expert_rows(base, tok, stats, found, rows, save, evaluate) -> None:
 
 
 def quant_rows(args, rows, save, names) -> None:
-    """MC-MoE: RTN W3 g64 everywhere vs a 3.0 bits/weight allocation over candidates 2/3/4 (g64) without and
-    with the routing-mass weighting of expert errors; dynamic skipping of 15 % of the routed slots on the
+    """MC-MoE: RTN W3 g64 everywhere vs a 3.0 bits/weight allocation over candidates 2/3/4 (g64) scored by each
+    layer's output error without and with MC-MoE's routing-mass weighting of expert errors, and scored by the
+    default diagonal Fisher (loss-based: routing is already inside the gradient), also at 3.5 b/w (the uniform
+    row's size); dynamic skipping of 15 % of the routed slots on the
     MoE and on top of the MC-MoE artifact. Every row is an artifact loaded back by llmcomp.load."""
     import tempfile
     from unittest import mock
@@ -185,7 +189,8 @@ def quant_rows(args, rows, save, names) -> None:
     from llmcomp.quant.allocate import AllocationConfig
 
     cfg = RTNConfig(format=Uniform(bits=3, group_size=64), ignore=("lm_head", "mlp.gate"))
-    alloc = AllocationConfig(budget=3.0, candidates=(2, 3, 4), group_size=64)
+    alloc = AllocationConfig(budget=3.0, candidates=(2, 3, 4), group_size=64, sensitivity="output")
+    fisher = AllocationConfig(budget=3.0, candidates=(2, 3, 4), group_size=64, sensitivity="fisher")
     kw = dict(calib_samples=args.calib_samples, seed=args.seed, device=args.device)
     with tempfile.TemporaryDirectory(dir=args.moe.parent) as tmp:
         made = {}
@@ -199,6 +204,10 @@ def quant_rows(args, rows, save, names) -> None:
                     api.quantize(cfg, out, str(args.moe), allocation=alloc, **kw)
             elif name == "alloc3-mcmoe":
                 api.quantize(cfg, out, str(args.moe), allocation=alloc, **kw)
+            elif name == "alloc3-fisher":
+                api.quantize(cfg, out, str(args.moe), allocation=fisher, **kw)
+            elif name == "alloc3.5-fisher":  # the uniform row's 3.5 b/w, for a comparison at equal size
+                api.quantize(cfg, out, str(args.moe), allocation=dataclasses.replace(fisher, budget=3.5), **kw)
             elif name == "dynamic-0.15":
                 api.skip_experts(DynamicSkipConfig(0.15), out, str(args.moe), **kw)
             else:
