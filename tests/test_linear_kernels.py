@@ -40,6 +40,25 @@ def test_cpu_always_uses_torch(monkeypatch):
     assert name == "torch"
 
 
+def test_auto_policy_on_a_gpu(monkeypatch):
+    """auto: Triton for inference decode steps only; prefill and training stay on torch; fla only on request."""
+    class OnGpu:
+        is_cuda = True
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(kernels, "fla_available", lambda: True)
+    monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "auto")
+    q = OnGpu()
+    assert kernels.backend_for(q, needs_grad=False, recurrent=True) == "triton"
+    assert kernels.backend_for(q, needs_grad=False, recurrent=False) == "torch"
+    assert kernels.backend_for(q, needs_grad=True, recurrent=True) == "torch"
+    monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "triton")
+    assert kernels.backend_for(q, needs_grad=False, recurrent=False) == "triton"
+    assert kernels.backend_for(q, needs_grad=True, recurrent=True) == "torch"  # no backward
+    monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "fla")
+    assert kernels.backend_for(q, needs_grad=True, recurrent=False) == "fla"
+
+
 def test_unknown_backend_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "cuda-magic")
     with pytest.raises(UserError, match="LLMCOMP_LINEAR_KERNEL='cuda-magic'.*auto, torch, triton, fla"):

@@ -13,8 +13,8 @@ Backends, picked per call by :func:`core_for`:
 * ``torch`` — ``chunk_linear_attention`` / ``recurrent_linear_attention``: CPU, training, and the
   reference everything is tested against.
 
-``LLMCOMP_LINEAR_KERNEL=auto|torch|triton|fla`` picks one (``auto``: triton on a GPU when no gradient is
-needed, else torch); a backend that cannot run a call (no GPU, not installed, gradients for ``triton``)
+``LLMCOMP_LINEAR_KERNEL=auto|torch|triton|fla`` picks one (``auto``: triton for decode steps on a GPU when
+no gradient is needed, else torch; ``triton`` also for prefill); a backend that cannot run a call (no GPU, not installed, gradients for ``triton``)
 falls back to torch.
 """
 from __future__ import annotations
@@ -60,21 +60,23 @@ def triton_available() -> bool:
     return True
 
 
-def backend_for(q: Tensor, needs_grad: bool) -> str:
-    """The backend a call on ``q`` would use."""
+def backend_for(q: Tensor, needs_grad: bool, recurrent: bool = True) -> str:
+    """The backend a call on ``q`` would use (``recurrent``: a decode step rather than a prefill)."""
     want = requested()
     if not q.is_cuda or want == "torch":
         return "torch"
     if want == "fla" and fla_available():
         return "fla"
-    if want in ("auto", "triton") and triton_available() and not needs_grad:
+    # auto: Triton for decode (measured faster); a long prefill keeps the chunked form (one program per
+    # head and value block walks every token — not yet timed against it)
+    if triton_available() and not needs_grad and (want == "triton" or recurrent):
         return "triton"
     return "torch"
 
 
 def core_for(q: Tensor, recurrent: bool, chunk_size: int, needs_grad: bool) -> tuple[str, Core]:
     """(backend name, core op) for one call; ``recurrent`` = decode (a few tokens with a state)."""
-    name = backend_for(q, needs_grad)
+    name = backend_for(q, needs_grad, recurrent)
     if name == "fla":
         return name, fla_recurrent if recurrent else fla_chunk
     if name == "triton":
