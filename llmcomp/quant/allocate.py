@@ -162,7 +162,7 @@ def output_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, n
         accs = {m: HessianAccumulator.for_linear(m) for _, m in linears}
         runner.run(accs)
         for n, m in linears:
-            if accs[m].n == 0:  # an MoE expert no calibration token was routed to
+            if accs[m].empty:  # an MoE expert no calibration token was routed to
                 table[n] = unseen_entry(m, formats)
                 continue
             H = accs[m].finalize(cfg.damp).H

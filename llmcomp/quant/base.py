@@ -110,10 +110,9 @@ def _no_tokens(stats, linear: nn.Module) -> bool:
     identity: the method then minimizes the plain weight error (GPTQ: exactly RTN). True if so."""
     from llmcomp.quant.hessian import HessianAccumulator
 
-    if not isinstance(stats, HessianAccumulator) or stats.H is not None:
+    if not isinstance(stats, HessianAccumulator) or not stats.empty:
         return False
     stats.H = 2.0 * torch.eye(linear.in_features, dtype=torch.float32, device=linear.weight.device)
-    stats.n = 0
     return True
 
 
@@ -152,6 +151,7 @@ def quantize_model(
         outside = [n for n in chosen if not n.startswith(prefix + ".")]
         if outside:
             raise UserError(f"Method {config.method} only quantizes decoder layers; add {outside[0]} to --ignore.")
+        unseen: list[str] = []  # linears no calibration token reached
 
         def handler(path, layer, runner):
             linears = [(n, model.get_submodule(n)) for n in chosen if n.startswith(path + ".")]
@@ -176,7 +176,6 @@ def quantize_model(
             if checkpoint is not None:
                 checkpoint.save(model, index, [n for n, _ in linears], report)
 
-        unseen: list[str] = []
         calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress)
         if unseen:
             warnings.warn(f"{len(unseen)} linear layer(s) received no calibration tokens (e.g. {unseen[0]}: an "

@@ -67,9 +67,14 @@ class HessianAccumulator:
         x = x * (2.0 / self.n) ** 0.5
         self.H.addmm_(x.T, x)
 
+    @property
+    def empty(self) -> bool:
+        """No calibration token reached the layer (e.g. an MoE expert its router never chose)."""
+        return self.H is None
+
     def finalize(self, percdamp: float = 0.01) -> "DampedHessian":
         """The dampened Hessian (a new tensor; the accumulator is left untouched)."""
-        if self.H is None:
+        if self.empty:
             raise RuntimeError("HessianAccumulator saw no inputs; was the layer run on calibration data?")
         return dampen(self.H, percdamp)
 
