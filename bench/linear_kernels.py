@@ -13,6 +13,7 @@ student uses), prefill forward+backward (training: torch chunked vs fla), and on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -37,13 +38,13 @@ def make(T, F, gate, B=1, H=9, D=65, grad=False):
 
 
 def main(argv=None):
-    import triton.testing
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seq", default="2048,8192")
     ap.add_argument("--budget", type=float, default=80.0)
     args = ap.parse_args(argv)
+    import triton.testing  # the GPU machine's (after argument parsing: --help works anywhere)
+
     t0 = time.perf_counter()
     rows = []
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fla": kernels.fla_available(),
@@ -60,46 +61,41 @@ def main(argv=None):
     def bench(fn):
         return round(triton.testing.do_bench(fn, warmup=10, rep=40), 4)
 
+    def emit(row):
+        rows.append(row)
+        print(row, flush=True)
+        save()
+
+    def forward_row(row, T, F, gate, torch_core, fla_core):
+        """Forward only: the torch form vs our Triton recurrent kernel vs fla, on the same inputs."""
+        q, k, v, g, s0 = make(T, F, gate)
+        with torch.no_grad():
+            row["torch_ms"] = bench(lambda: torch_core(q, k, v, g, s0))
+            row["triton_ms"] = bench(lambda: kernels.triton_recurrent(q, k, v, g, s0))
+            if meta["fla"]:
+                row["fla_ms"] = bench(lambda: fla_core(q, k, v, g, s0))
+        emit(row)
+
     for gate in ("feature", "head", "none"):
         for F in (64, 128):
             chunk = 16 if gate == "feature" else 64
-            # decode: one token with a state
-            q, k, v, g, s0 = make(1, F, gate)
-            row = {"kind": "decode step", "gate": gate, "F": F, "T": 1}
-            with torch.no_grad():
-                row["torch_ms"] = bench(lambda: recurrent_linear_attention(q, k, v, g, s0))
-                row["triton_ms"] = bench(lambda: kernels.triton_recurrent(q, k, v, g, s0))
-                if meta["fla"]:
-                    row["fla_ms"] = bench(lambda: kernels.fla_recurrent(q, k, v, g, s0))
-            rows.append(row)
-            print(row, flush=True)
-            save()
+            chunked = functools.partial(chunk_linear_attention, chunk_size=chunk)
+            forward_row({"kind": "decode step", "gate": gate, "F": F, "T": 1}, 1, F, gate,
+                        recurrent_linear_attention, kernels.fla_recurrent)
             for T in (int(x) for x in args.seq.split(",")):
                 if time.perf_counter() - t0 > args.budget:
                     break
-                q, k, v, g, s0 = make(T, F, gate)
-                row = {"kind": "prefill fwd", "gate": gate, "F": F, "T": T, "torch_chunk": chunk}
-                with torch.no_grad():
-                    row["torch_ms"] = bench(lambda: chunk_linear_attention(q, k, v, g, s0, chunk_size=chunk))
-                    row["triton_ms"] = bench(lambda: kernels.triton_recurrent(q, k, v, g, s0))
-                    if meta["fla"]:
-                        row["fla_ms"] = bench(lambda: kernels.fla_chunk(q, k, v, g, s0))
-                rows.append(row)
-                print(row, flush=True)
-                save()
+                forward_row({"kind": "prefill fwd", "gate": gate, "F": F, "T": T, "torch_chunk": chunk}, T, F, gate,
+                            chunked, kernels.fla_chunk)
                 if meta["fla"]:
                     leaves = make(T, F, gate, grad=True)
 
-                    def step(core, **kw):
-                        o, s = core(*leaves[:4], initial_state=leaves[4], **kw)
+                    def step(core):
+                        o, s = core(*leaves[:4], initial_state=leaves[4])
                         (o.sum() + s.sum()).backward()
 
-                    row = {"kind": "prefill fwd+bwd", "gate": gate, "F": F, "T": T, "torch_chunk": chunk,
-                           "torch_ms": bench(lambda: step(chunk_linear_attention, chunk_size=chunk)),
-                           "fla_ms": bench(lambda: step(kernels.fla_chunk))}
-                    rows.append(row)
-                    print(row, flush=True)
-                    save()
+                    emit({"kind": "prefill fwd+bwd", "gate": gate, "F": F, "T": T, "torch_chunk": chunk,
+                          "torch_ms": bench(lambda: step(chunked)), "fla_ms": bench(lambda: step(kernels.fla_chunk))})
         if time.perf_counter() - t0 > args.budget:
             break
     save()
