@@ -41,7 +41,7 @@ def test_cpu_always_uses_torch(monkeypatch):
 
 
 def test_auto_policy_on_a_gpu(monkeypatch):
-    """auto: Triton for inference decode steps only; prefill and training stay on torch; fla only on request."""
+    """auto: Triton for inference (decode steps and prefill); training stays on torch; fla only on request."""
     class OnGpu:
         is_cuda = True
 
@@ -50,8 +50,9 @@ def test_auto_policy_on_a_gpu(monkeypatch):
     monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "auto")
     q = OnGpu()
     assert kernels.backend_for(q, needs_grad=False, recurrent=True) == "triton"
-    assert kernels.backend_for(q, needs_grad=False, recurrent=False) == "torch"
+    assert kernels.backend_for(q, needs_grad=False, recurrent=False) == "triton"
     assert kernels.backend_for(q, needs_grad=True, recurrent=True) == "torch"
+    assert kernels.backend_for(q, needs_grad=True, recurrent=False) == "torch"
     monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "triton")
     assert kernels.backend_for(q, needs_grad=False, recurrent=False) == "triton"
     assert kernels.backend_for(q, needs_grad=True, recurrent=True) == "torch"  # no backward
@@ -63,6 +64,16 @@ def test_unknown_backend_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "cuda-magic")
     with pytest.raises(UserError, match="LLMCOMP_LINEAR_KERNEL='cuda-magic'.*auto, torch, triton, fla"):
         kernels.backend_for(torch.zeros(1, 1, 1, 1), needs_grad=False)
+
+
+def test_per_head_gate_reaches_the_kernels_as_one_gate_per_head():
+    """The hybrid hands per-head gates over as [B, H, T, 1]; the kernels read a 4-D gate as one per feature,
+    so they get [B, H, T] (a [B, H, T, 1] gate read as [B, H, T, F] ran past the tensor on the GPU)."""
+    g = torch.randn(2, 3, 5)
+    assert kernels._core_gate(g[..., None]).shape == (2, 3, 5)
+    assert kernels._core_gate(g) is g and kernels._core_gate(None) is None
+    feat = torch.randn(2, 3, 5, 4)
+    assert kernels._core_gate(feat) is feat
 
 
 def test_cpu_core_matches_reference():
@@ -96,17 +107,18 @@ def test_triton_recurrent_matches_reference(gate, T, F, D, state):
 
 
 @cuda
-def test_hybrid_on_gpu_uses_the_fast_path_and_matches(monkeypatch):
-    """The whole hybrid (64-token window + gated linear part), prefill then decode through the state, on the
-    picked GPU backend, against the quadratic reference."""
+@pytest.mark.parametrize("gate", ["head", "feature"])
+def test_hybrid_on_gpu_uses_the_fast_path_and_matches(monkeypatch, gate):
+    """The whole hybrid (8-token window + gated linear part: Mamba's per-head or GLA's per-feature gates),
+    prefill then decode through the state, on the picked GPU backend, against the quadratic reference."""
     _skip_without_triton()
-    monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "triton")
+    monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "auto")
     B, H, T, F, D, W = 1, 2, 150, 32, 16, 8
     gen = torch.Generator().manual_seed(4)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     q, k, v = r(B, H, T, D), r(B, H, T, D), r(B, H, T, D)
     fq, fk = r(B, H, T, F).softmax(-1), r(B, H, T, F).softmax(-1)
-    g = torch.nn.functional.logsigmoid(r(B, H, T, F) + 2)
+    g = torch.nn.functional.logsigmoid(r(B, H, T, F) + 2 if gate == "feature" else r(B, H, T) + 2)
     want = naive_hybrid_attention(q, k, fq, fk, v, g, window=W, scale=0.3)
     c = lambda t: t.cuda()  # noqa: E731
     with torch.no_grad():

@@ -50,6 +50,8 @@ def recurrent_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
     D = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     gate = 0 if g is None else (1 if g.dim() == 3 else 2)
+    if g is not None and tuple(g.shape) != ((B, H, T) if gate == 1 else (B, H, T, F)):
+        raise ValueError(f"gate of shape {tuple(g.shape)} for q of shape {tuple(q.shape)}")  # else: reads past it
     g_ = q if g is None else g.contiguous()  # a dummy pointer when there is no gate
     s0 = initial_state.contiguous() if initial_state is not None else q
     o = torch.empty(B, H, T, D, device=q.device, dtype=v.dtype)
