@@ -20,25 +20,15 @@ from pathlib import Path
 
 import torch
 from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
-
-SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=16384),
-}
+from llmcomp.eval.decode_bench import SYNTHETIC, synthetic_model
 
 
 def build(shape: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if shape == "smollm2":
         from llmcomp import api
 
         return api.load(None, dtype=torch.bfloat16, device="cuda")
-    cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
-    with torch.device("cuda"):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-    return model.eval()
+    return synthetic_model(shape)
 
 
 @torch.no_grad()
@@ -71,7 +61,7 @@ def measure(model, batch: int, context: int, steps: int, chunk: int = 1024) -> d
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/kv_decode_gpu.json"))
-    ap.add_argument("--shape", default="llama3-8b", choices=[*SHAPES, "smollm2"])
+    ap.add_argument("--shape", default="llama3-8b", choices=[*SYNTHETIC, "smollm2"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--steps", type=int, default=64)

@@ -8,7 +8,7 @@ import typer
 
 from llmcomp.errors import UserError
 
-bench_app = typer.Typer(help="Benchmarks: kernels vs peers (GPU).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: kernels vs peers, decode speed (GPU).", no_args_is_help=True)
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -50,3 +50,120 @@ def kernels(
         kernel_bench.run(parsed or kernel_bench.SHAPES, m_list, bit_list, group_size, out)
 
     run(go)
+
+
+@bench_app.command("decode")
+def decode(
+    path: Annotated[Optional[str], typer.Argument(help="llmcomp artifact to time (or use --synthetic).")] = None,
+    original: Annotated[Optional[str], typer.Option(help="The original model to compare with (default: the base model in the artifact's manifest).")] = None,
+    synthetic: Annotated[Optional[str], typer.Option(help="Instead of PATH: a random-weight model of this shape (llama3-8b), RTN-quantized in memory.")] = None,
+    bits: Annotated[int, typer.Option(help="--synthetic: RTN bits.")] = 4,
+    group: Annotated[int, typer.Option(help="--synthetic: RTN group size.")] = 128,
+    batch: Annotated[str, typer.Option(help="Batch sizes (sequences decoded together).")] = "1,16",
+    context: Annotated[int, typer.Option(help="Prompt tokens per sequence before the timed steps.")] = 512,
+    steps: Annotated[int, typer.Option(help="Timed decode steps.")] = 64,
+    layers: Annotated[Optional[int], typer.Option(help="--synthetic: keep only the first N decoder layers (a quick run).")] = None,
+    dtype: Annotated[str, typer.Option(help="Activation and unquantized-weight dtype: bfloat16 or float16.")] = "bfloat16",
+    graphs: Annotated[bool, typer.Option("--graphs/--no-graphs", help="Replay each decode step as a CUDA graph.")] = True,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
+):
+    """Decode tokens/s at each batch size: a compressed model vs its original (StaticCache + CUDA graphs)."""
+    from llmcomp.cli.app import run
+
+    def go():
+        from llmcomp.eval import decode_bench as db
+
+        batches = _ints(batch, "--batch")
+        if not batches or any(b < 1 for b in batches):
+            raise UserError(f"--batch must be positive integers, e.g. 1,16; got {batch!r}.")
+        if context < 1 or steps < 1:
+            raise UserError("--context and --steps must be ≥ 1.")
+        if dtype not in ("bfloat16", "float16"):
+            raise UserError(f"--dtype must be bfloat16 or float16, got {dtype!r}.")
+        if (path is None) == (synthetic is None):
+            raise UserError("Pass an artifact PATH or --synthetic llama3-8b (one of the two).")
+        if synthetic is not None:
+            if synthetic not in db.SYNTHETIC:
+                raise UserError(f"--synthetic must be one of: {', '.join(db.SYNTHETIC)}; got {synthetic!r}.")
+            if original is not None:
+                raise UserError("--original goes with an artifact PATH; --synthetic compares with its own "
+                                "unquantized weights.")
+            if layers is not None and layers < 1:
+                raise UserError(f"--layers must be ≥ 1, got {layers}.")
+            from llmcomp.formats import Uniform
+
+            Uniform(bits=bits, group_size=group)  # bad bits / group: its own error line
+        else:
+            if layers is not None:
+                raise UserError("--layers applies to --synthetic models only.")
+            ref = _original_of(path, original)
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("llmcomp bench decode needs a CUDA GPU; none is visible to torch here.")
+        from llmcomp.api import DTYPES
+        from llmcomp.cli import render
+
+        settings = {"dtype": dtype, "graphs": graphs}
+        with render.RichProgress() as progress:
+            if synthetic is not None:
+                settings.update(synthetic=synthetic, bits=bits, group_size=group, layers=layers)
+                models = db.synthetic_models(synthetic, bits, group, layers, DTYPES[dtype], progress)
+            else:
+                settings.update(path=str(path), original=str(ref) if ref else "bundled")
+                models = db.artifact_models(path, ref, DTYPES[dtype], progress)
+            result = db.run(models, batches, context, steps, settings, out=out, graphs=graphs, progress=progress)
+        render.console.print(_decode_table(result, batches))
+
+    run(go)
+
+
+def _original_of(path: str, original: Optional[str]) -> Optional[str]:
+    """The model to compare with: ``--original``, else the base model the artifact's manifest names
+    (None = the bundled model). Checked here, before anything is loaded."""
+    from llmcomp.core import model as model_mod
+    from llmcomp.core.artifact import is_artifact, read_manifest
+
+    p = model_mod.resolve(path)
+    if not is_artifact(p):
+        raise UserError(f"{p} is not an llmcomp artifact (no llmcomp.json); pass an artifact or use --synthetic.")
+    if original is not None:
+        model_mod.resolve(original)
+        return original
+    base = read_manifest(p, verify=False)["base_model"]
+    if base.get("path") and Path(base["path"]).exists():
+        return base["path"]
+    if base.get("name") == model_mod.BUNDLED_NAME:  # the bundled model, converted elsewhere on this machine
+        return None
+    raise UserError(f"The base model of {p} ({base.get('path')}) is not on this machine; pass --original MODEL.")
+
+
+def _decode_table(result: dict, batches: list[int]):
+    from rich.table import Table
+
+    settings = result["settings"]
+    table = Table(title=f"llmcomp bench decode · {result.get('device', '')} · context {settings['context']}, "
+                        f"{settings['steps']} steps")
+    table.add_column("model")
+    for b in batches:
+        table.add_column(f"tokens/s @ {b}", justify="right")
+        table.add_column(f"ms/step @ {b}", justify="right")
+    table.add_column("speed-up", justify="right")
+    table.add_column("CUDA graphs")
+    for name in ("original", "compressed"):
+        rows = {r["batch"]: r for r in result["rows"] if r["model"] == name}
+        if not rows:
+            continue
+        cells = []
+        for b in batches:
+            r = rows.get(b, {})
+            if "tokens_per_s" in r:
+                cells += [f"{r['tokens_per_s']:.1f}", f"{r['ms_per_step']:.2f}"]
+            else:
+                cells += [r.get("error", "-"), "-"]
+        ups = result["speedup"] if name == "compressed" else {}
+        speed = "  ".join(f"{ups[str(b)]:.2f}× @ {b}" for b in batches if str(b) in ups) or "-"
+        graphed = {bool(r.get("graphs")) for r in rows.values() if "tokens_per_s" in r}
+        mode = "yes" if graphed == {True} else "no" if graphed == {False} else "partly" if graphed else "-"
+        table.add_row(next(iter(rows.values()))["label"], *cells, speed, mode)
+    return table

@@ -1,0 +1,280 @@
+"""Decode speed: tokens/s of a compressed model vs its original, at fixed batch and context.
+
+One decode step (a forward of one new token per sequence, greedy pick of the next one) runs over
+fixed-shape buffers — a transformers ``StaticCache``, the next tokens [B, 1] and their positions
+[B, 1], all updated in place — so it can be captured once in a CUDA graph and replayed: what is timed
+is then the model's kernels, not Python and launch overhead (which dominated the older eager script,
+bench/kv_decode_gpu.py). Where capture fails, the step runs eagerly and the result says why.
+
+The synthetic model (``synthetic_model``) has Llama-3-8B's shape and random weights built on the GPU
+(decode speed does not depend on the weights' values); ``quantize_rtn`` turns it into the W4 g128
+model in memory through the project's RTN quantizer, no artifact written.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llmcomp.core.hfcompat import cache_kwarg
+from llmcomp.core.progress import NULL, Progress
+
+SYNTHETIC = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      max_position_embeddings=16384, tie_word_embeddings=False),
+}
+
+
+def synthetic_model(name: str = "llama3-8b", layers: Optional[int] = None, device: str = "cuda",
+                    dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:
+    """A ``LlamaForCausalLM`` of a known shape with random weights (normal, std 0.02), built directly
+    on ``device``; ``layers`` keeps only the first N decoder layers (a quick run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(SYNTHETIC[name])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**shape, initializer_range=0.02)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def quantize_rtn(model: nn.Module, bits: int = 4, group_size: int = 128, progress: Progress = NULL) -> dict:
+    """Quantize every Linear but ``lm_head`` in place with RTN into ``uniform`` (asymmetric), as
+    ``llmcomp quantize --method rtn`` does. Returns the per-layer report."""
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import quantize_model
+    from llmcomp.quant.rtn import RTNConfig
+
+    return quantize_model(model, RTNConfig(format=Uniform(bits=bits, group_size=group_size)), progress=progress)
+
+
+def synthetic_models(name: str, bits: int, group_size: int, layers: Optional[int], dtype: torch.dtype,
+                     progress: Progress = NULL):
+    """For ``run``: the random model in ``dtype``, then the same model RTN-quantized in place."""
+    progress.note(f"Building {name} with random weights on the GPU")
+    model = synthetic_model(name, layers, dtype=dtype)
+    yield "original", f"{name} {_short(dtype)}", model
+    quantize_rtn(model, bits, group_size, progress)
+    yield "compressed", f"{name} RTN W{bits} g{group_size}", model
+
+
+def artifact_models(path, original, dtype: torch.dtype, progress: Progress = NULL):
+    """For ``run``: the original (``None`` = the bundled model), then the artifact, each loaded onto the
+    GPU only while it is timed."""
+    from llmcomp import api
+    from llmcomp.core.artifact import read_manifest
+    from llmcomp.core.model import resolve
+
+    progress.note("Loading the original model")
+    model = api.load(original, dtype=dtype, device="cuda")
+    yield "original", f"original {_short(dtype)}", model
+    del model
+    torch.cuda.empty_cache()
+    progress.note(f"Loading {path}")
+    methods = "+".join(s["method"] for s in read_manifest(resolve(path), verify=False)["stages"])
+    model = api.load(path, dtype=dtype, device="cuda")
+    yield "compressed", f"{Path(path).name} ({methods})", model
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+class StaticDecoder:
+    """Greedy decode over fixed-shape buffers, so one ``step`` can be captured in a CUDA graph.
+
+    ``prefill(ids)`` fills the ``StaticCache`` (it tracks its own length in a device tensor that the
+    forward advances in place) and sets ``tokens`` [B, 1] and ``positions`` [B, 1]; each ``step()``
+    then runs the model on ``tokens`` at ``positions``, writes the logits [B, vocab] to ``logits``,
+    the argmax to ``tokens`` and advances ``positions`` — all in place, nothing allocated that the
+    next step reads.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int):
+        from transformers import StaticCache
+
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.device = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache_kw = cache_kwarg(model)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.logits: Optional[torch.Tensor] = None
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._start: Optional[tuple[int, torch.Tensor]] = None
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """Run the prompts ``ids`` [B, T] through the cache; returns the last position's logits [B, vocab]."""
+        if ids.shape[0] != self.batch or ids.shape[1] >= self.max_len:
+            raise ValueError(f"prompts {tuple(ids.shape)} do not fit batch {self.batch}, max_len {self.max_len}")
+        for s in range(0, ids.shape[1], chunk):
+            out = self.model(input_ids=ids[:, s:s + chunk], **{self.cache_kw: self.cache}, use_cache=True,
+                             logits_to_keep=1)
+        last = out.logits[:, -1]
+        self.logits = torch.empty_like(last)
+        self.tokens.copy_(last.argmax(-1, keepdim=True))
+        self.positions.fill_(ids.shape[1])
+        self._start = (ids.shape[1], self.tokens.clone())
+        return last
+
+    def _body(self) -> None:
+        out = self.model(input_ids=self.tokens, position_ids=self.positions, **{self.cache_kw: self.cache},
+                         use_cache=True)
+        last = out.logits[:, -1]  # (B, vocab)
+        self.logits.copy_(last)
+        self.tokens.copy_(last.argmax(-1, keepdim=True))
+        self.positions.add_(1)
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One decode step (graph replay once ``capture`` succeeded); returns ``logits`` [B, vocab]."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._body()
+        return self.logits
+
+    def rewind(self) -> None:
+        """Back to the state right after ``prefill`` (the cache keeps the prompt; later slots are rewritten)."""
+        length, tokens = self._start
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(length)
+            if hasattr(layer, "cumulative_length_int"):  # sliding-window layers also count on the host
+                layer.cumulative_length_int = length
+        self.positions.fill_(length)
+        self.tokens.copy_(tokens)
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 3) -> None:
+        """Warm up on a side stream (kernel layouts are prepared and cached on the first call, Triton
+        compiles), capture one step, rewind. Raises whatever capture raises; the decoder stays eager then."""
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            raise RuntimeError("sliding-window cache layers count positions on the host; a graph would freeze them")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._body()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._body()
+        finally:
+            torch.cuda.synchronize()
+            self.rewind()
+        self.graph = graph
+
+
+@torch.no_grad()
+def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs: bool = True, warmup: int = 3,
+                 seed: int = 0) -> dict:
+    """Tokens/s of greedy decode at ``batch`` sequences after a ``context``-token random prompt.
+
+    Returns ``tokens_per_s``, ``ms_per_step`` (total time / steps), ``peak_gpu_gb`` (peak
+    allocated during the measurement, weights included; None on CPU), ``graphs`` (whether the timed
+    steps were CUDA-graph replays) and, when capture failed, ``graph_error``. On CPU the steps run eagerly
+    and are timed with the wall clock.
+    """
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
+    dec = StaticDecoder(model, batch, context + steps + warmup + 1)
+    dec.prefill(ids)
+    result = {"batch": batch, "context": context, "steps": steps, "graphs": False}
+    if graphs and not cuda:
+        result["graph_error"] = "CUDA graphs need a CUDA device"
+    elif graphs:
+        try:
+            dec.capture(warmup)
+            result["graphs"] = True
+        except Exception as exc:  # any capture failure: time eagerly, say why
+            text = str(exc).strip()
+            result["graph_error"] = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+    for _ in range(warmup):  # eager: layouts and compilation; graph: the first replays (upload)
+        dec.step()
+    dec.rewind()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(steps):
+            dec.step()
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) * 1e-3
+    else:
+        t = time.perf_counter()
+        for _ in range(steps):
+            dec.step()
+        seconds = time.perf_counter() - t
+    result.update(tokens_per_s=round(batch * steps / seconds, 2), ms_per_step=round(1e3 * seconds / steps, 4),
+                  peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None)
+    del dec
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def environment() -> dict:
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    return env
+
+
+def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
+        graphs: bool = True, progress: Progress = NULL) -> dict:
+    """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
+    (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
+    Writes ``out`` after every row: a run cut short still leaves its numbers."""
+    result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps},
+              "rows": []}
+    for name, label, model in models:
+        for b in batches:
+            try:
+                row = {"model": name, "label": label, **decode_speed(model, b, context, steps, graphs=graphs)}
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}
+            result["rows"].append(row)
+            progress.note(_line(row))
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=1))
+        del model  # the generator drops its reference too before it loads the next model
+    result["speedup"] = speedups(result["rows"])
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def speedups(rows: list[dict]) -> dict:
+    """Compressed tokens/s over original tokens/s, per batch size (``{"1": 2.9, ...}``)."""
+    speed = {(r["model"], r["batch"]): r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    return {str(b): round(speed[("compressed", b)] / speed[("original", b)], 3)
+            for (m, b) in speed if m == "compressed" and ("original", b) in speed}
+
+
+def _line(row: dict) -> str:
+    if "error" in row:
+        return f"{row['label']} batch {row['batch']}: {row['error']}"
+    mode = "CUDA graph" if row["graphs"] else f"eager ({row.get('graph_error', 'graphs off')})"
+    return (f"{row['label']} batch {row['batch']}: {row['tokens_per_s']:.1f} tokens/s, "
+            f"{row['ms_per_step']:.3f} ms/step, {mode}")

@@ -1,0 +1,210 @@
+"""Decode-speed benchmark: the static-cache decode step is the model's own decode (CPU), the CLI's
+input errors, and (CUDA) a CUDA-graph replay of the step equals the eager step."""
+import copy
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+from typer.testing import CliRunner
+
+from llmcomp.cli.app import app
+from llmcomp.core.hfcompat import cache_kwarg, output_cache
+from llmcomp.eval import decode_bench as db
+from tests.conftest import tiny_llama
+
+runner = CliRunner()
+
+
+def error_line(*args) -> str:
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.output, r.output
+    return errors[0]
+
+
+@torch.no_grad()
+def dynamic_decode(model, ids, tokens):
+    """Last-position logits after the prompt and after each of ``tokens`` [B, 1], with a DynamicCache."""
+    kw = cache_kwarg(model)
+    out = model(input_ids=ids, use_cache=True, **{kw: DynamicCache(config=model.config)})
+    cache, logits = output_cache(out), [out.logits[:, -1]]
+    for t in tokens:
+        out = model(input_ids=t, use_cache=True, **{kw: cache})
+        cache = output_cache(out)
+        logits.append(out.logits[:, -1])
+    return logits
+
+
+def static_decode(model, ids, steps, max_len=32):
+    dec = db.StaticDecoder(model, ids.shape[0], max_len)
+    logits, tokens = [dec.prefill(ids).clone()], []
+    for _ in range(steps):
+        tokens.append(dec.tokens.clone())
+        logits.append(dec.step().clone())
+    return dec, logits, tokens
+
+
+def test_static_step_equals_dynamic_cache_decode():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (3, 11))
+    dec, logits, tokens = static_decode(model, ids, steps=4)
+    ref = dynamic_decode(model, ids, tokens)
+    for i, (a, b) in enumerate(zip(logits, ref)):
+        assert a.shape == (3, 128)
+        assert (a - b).abs().max() < 1e-4, f"step {i}"
+    # greedy feedback: each fed token is the previous step's argmax
+    for t, prev in zip(tokens, logits):
+        assert torch.equal(t, prev.argmax(-1, keepdim=True))
+    assert torch.equal(dec.positions, torch.full((3, 1), 11 + 4))
+    dec.rewind()  # the timed loop restarts from the prompt: the same logits again
+    assert torch.equal(dec.step(), logits[1])
+
+
+def test_static_step_on_rtn_model_and_prefill_chunks():
+    torch.manual_seed(1)
+    model = tiny_llama()
+    db.quantize_rtn(model, bits=4, group_size=32)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+    assert type(model.lm_head).__name__ == "Linear"
+    ids = torch.randint(0, 128, (2, 9))
+    dec = db.StaticDecoder(model, 2, 24)
+    first = dec.prefill(ids, chunk=4)  # three chunks through the static cache
+    tokens = [dec.tokens.clone()]
+    second = dec.step().clone()
+    ref = dynamic_decode(model, ids, tokens)
+    assert (first - ref[0]).abs().max() < 1e-4 and (second - ref[1]).abs().max() < 1e-4
+
+
+def test_decode_speed_on_cpu_runs_eagerly_and_says_why():
+    r = db.decode_speed(tiny_llama(), batch=2, context=8, steps=4)
+    assert r["graphs"] is False and "CUDA" in r["graph_error"]
+    assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["peak_gpu_gb"] is None
+    assert (r["batch"], r["context"], r["steps"]) == (2, 8, 4)
+
+
+def test_run_rows_speedup_and_json(tmp_path):
+    base = tiny_llama()
+    quant = copy.deepcopy(base)
+    db.quantize_rtn(quant, bits=4, group_size=32)
+    models = iter([("original", "tiny fp32", base), ("compressed", "tiny RTN W4 g32", quant)])
+    out = tmp_path / "d.json"
+    result = db.run(models, [1, 2], context=6, steps=3, settings={"synthetic": "tiny"}, out=out, graphs=False)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert [(r["model"], r["batch"]) for r in saved["rows"]] == [("original", 1), ("original", 2),
+                                                                 ("compressed", 1), ("compressed", 2)]
+    assert set(saved["speedup"]) == {"1", "2"} and all(v > 0 for v in saved["speedup"].values())
+    assert saved["settings"] == {"synthetic": "tiny", "batches": [1, 2], "context": 6, "steps": 3}
+    assert "torch" in saved and "transformers" in saved
+
+
+def test_cli_end_to_end_with_tiny_models(monkeypatch, tmp_path):
+    """The CLI's glue (flags → library → table and JSON) with tiny CPU models standing in for the GPU run."""
+    seen = {}
+
+    def tiny_models(name, bits, group, layers, dtype, progress):
+        seen.update(name=name, bits=bits, group=group, layers=layers, dtype=dtype)
+        model = tiny_llama()
+        yield "original", "tiny fp32", model
+        db.quantize_rtn(model, bits, group)
+        yield "compressed", f"tiny RTN W{bits} g{group}", model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+    monkeypatch.setattr(db, "synthetic_models", tiny_models)
+    out = tmp_path / "r.json"
+    r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--bits", "2", "--group", "32",
+                            "--batch", "1,3", "--context", "5", "--steps", "2", "--layers", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert seen == {"name": "llama3-8b", "bits": 2, "group": 32, "layers": 1, "dtype": torch.bfloat16}
+    assert "tiny RTN W2 g32" in r.output and "tokens/s @ 3" in r.output and "× @ 3" in r.output
+    saved = json.loads(out.read_text())
+    assert saved["device"] == "FakeGPU" and saved["settings"]["bits"] == 2 and saved["settings"]["batches"] == [1, 3]
+    assert len(saved["rows"]) == 4 and set(saved["speedup"]) == {"1", "3"}
+
+
+def test_synthetic_shape_shrinks_with_layers():
+    m = db.synthetic_model("llama3-8b", layers=1, device="meta")
+    assert m.config.num_hidden_layers == 1 and len(m.model.layers) == 1
+    assert m.model.layers[0].mlp.gate_proj.weight.shape == (14336, 4096)
+    assert m.lm_head.weight.shape == (128256, 4096) and m.lm_head.weight.dtype == torch.bfloat16
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_cli_needs_a_gpu(no_gpu):
+    line = error_line("bench", "decode", "--synthetic", "llama3-8b", "--layers", "2")
+    assert "needs a CUDA GPU" in line
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--synthetic", "llama3-8b", "--batch", "1,x"], "--batch"),
+    (["--synthetic", "llama3-8b", "--batch", "0,16"], "--batch"),
+    (["--synthetic", "llama3-8b", "--steps", "0"], "--steps"),
+    (["--synthetic", "llama3-8b", "--dtype", "float32"], "--dtype"),
+    (["--synthetic", "llama3-8b", "--bits", "9"], "bits"),
+    (["--synthetic", "llama3-8b", "--layers", "0"], "--layers"),
+    (["--synthetic", "gpt5"], "--synthetic"),
+    ([], "PATH"),
+    (["/no/such/artifact"], "does not exist"),
+], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "unknown-shape", "nothing",
+        "missing-path"])
+def test_cli_bad_input(no_gpu, args, word):
+    assert word in error_line("bench", "decode", *args)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dec")
+    tiny_llama().save_pretrained(root / "base")
+    r = runner.invoke(app, ["quantize", str(root / "base"), "-o", str(root / "q"), "--group-size", "32"])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_cli_artifact_original(no_gpu, artifact):
+    q, base = artifact / "q", artifact / "base"
+    assert "needs a CUDA GPU" in error_line("bench", "decode", q)  # base model found from the manifest
+    assert "not an llmcomp artifact" in error_line("bench", "decode", base)
+    assert "--synthetic" in error_line("bench", "decode", q, "--synthetic", "llama3-8b")
+    assert "--layers" in error_line("bench", "decode", q, "--layers", "2")
+    moved = artifact / "moved"
+    base.rename(moved)
+    try:
+        assert "--original" in error_line("bench", "decode", q)
+        assert "needs a CUDA GPU" in error_line("bench", "decode", q, "--original", moved)
+        assert "does not exist" in error_line("bench", "decode", q, "--original", artifact / "nope")
+    finally:
+        moved.rename(base)
+
+
+# -- CUDA -----------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "rtn-w4g128"])
+def test_graph_replay_equals_eager(quantized):
+    model = db.synthetic_model("llama3-8b", layers=2)
+    if quantized:
+        db.quantize_rtn(model, 4, 128)
+    ids = torch.randint(0, 128256, (4, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    eager, eager_logits, _ = static_decode(model, ids, steps=5, max_len=64)
+    graphed = db.StaticDecoder(model, 4, 64)
+    first = graphed.prefill(ids)
+    graphed.capture(warmup=3)
+    assert graphed.graph is not None
+    for i in range(6):
+        g = first if i == 0 else graphed.step()
+        e = eager_logits[i]
+        assert (g.float() - e.float()).abs().max() <= 1e-2 * e.float().abs().max(), f"step {i}"
+        assert torch.equal(g.argmax(-1), e.argmax(-1)), f"step {i}"
+    r = db.decode_speed(model, batch=4, context=40, steps=8)
+    assert r["graphs"] is True and "graph_error" not in r, r
+    assert r["tokens_per_s"] > 0 and r["peak_gpu_gb"] > 0
