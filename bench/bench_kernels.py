@@ -1,6 +1,6 @@
 """Dequant-GEMM benchmark (see llmcomp/eval/kernel_bench.py; also ``llmcomp bench kernels``).
 
-    python bench/bench_kernels.py --out bench/results/kernels_h100.json [--shapes 4096x4096] [--bits 4,2]
+    python bench/bench_kernels.py --out bench/results/kernels_h100.json [--shapes 4096x4096] [--bits 4,2] [--float-formats mxfp4,nvfp4]
 """
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ def main(argv=None):
     ap.add_argument("--ms", default=None, help="e.g. 1,4,16")
     ap.add_argument("--bits", default="4")
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--float-formats", default="", help="E2M1 formats to time too, e.g. mxfp4,nvfp4")
     args = ap.parse_args(argv)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else kernel_bench.SHAPES)
     ms = [int(m) for m in args.ms.split(",")] if args.ms else kernel_bench.MS
-    kernel_bench.run(shapes, ms, tuple(int(b) for b in args.bits.split(",")), args.group, args.out)
+    kernel_bench.run(shapes, ms, tuple(int(b) for b in args.bits.split(",")), args.group, args.out,
+                     float_formats=tuple(f for f in args.float_formats.split(",") if f))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def test_shape_rules():
     assert not uniform_cuda.shape_ok(f4, 4096, 4100)          # rows not a multiple of 16
     assert not uniform_cuda.shape_ok(f4, 4096 + 32, 4096)     # inputs not a multiple of 64
     assert not uniform_cuda.shape_ok(f4, 4096 + 64, 4096)     # ragged last group
-    assert not uniform_cuda.shape_ok(Uniform(bits=3, group_size=128), 4096, 4096)
+    assert uniform_cuda.shape_ok(Uniform(bits=3, group_size=128), 4096, 4096)
+    assert not uniform_cuda.shape_ok(Uniform(bits=3, group_size=64), 4096 + 64, 4096)  # 3-bit kblock: 128
+    assert not uniform_cuda.shape_ok(Uniform(bits=8, group_size=128), 4096, 4096)
     assert uniform_cuda.shape_ok(Uniform(bits=2, group_size=32), 256, 32)
     assert not uniform_cuda.shape_ok(Uniform(bits=2, group_size=32), 576, 32)  # 576 % 128
 
@@ -63,3 +65,104 @@ def test_cpu_dispatch_uses_the_reference():
     q = QuantLinear.from_packed(fmt, t, 64)
     with torch.no_grad():
         assert torch.equal(q(x), reference_linear(x, fmt, t, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_e2m1_bit_move_reads_as_value_times_2_to_minus_b(dtype):
+    """uniform_mma.cu's ``decode_e2m1``, step for step on integers: pair e of a word (nibbles at bits 4e and
+    16 + 4e) becomes two 16-bit floats equal to e2m1(code) · 2^-B, for every code in every position."""
+    from llmcomp.formats.minifloat import E2M1
+
+    mag_at = 9 if dtype == torch.float16 else 6
+    values = E2M1.values("cpu")
+    codes = torch.arange(16, dtype=torch.int64)
+    for e in range(4):
+        for hi in (False, True):
+            w = codes << (4 * e + (16 if hi else 0))
+            sign = (w << (12 - 4 * e)) & 0xFFFFFFFF
+            mag = ((w << (mag_at - 4 * e)) if 4 * e <= mag_at else (w >> (4 * e - mag_at))) & (0x00070007 << mag_at)
+            word = (sign & 0x80008000) | mag
+            half = (word >> 16) if hi else (word & 0xFFFF)
+            got = (half - ((half >> 15) << 16)).to(torch.int16).view(dtype).double()
+            assert torch.equal(got * 2.0 ** uniform_cuda.E2M1_BIAS[dtype], values.double()), (e, hi)
+
+
+def test_e2m1_formats_take_the_mma_kernel_shapes():
+    from llmcomp.formats.fp4 import FP4, MXFP4, NVFP4
+    from llmcomp.formats.minifloat import Minifloat
+
+    assert uniform_cuda.shape_ok(MXFP4(), 4096, 4096) and uniform_cuda.shape_ok(NVFP4(), 576, 192)
+    assert uniform_cuda.shape_ok(FP4(group_size=128), 1024, 64) and uniform_cuda.shape_ok(FP4(group_size=0), 576, 64)
+    assert not uniform_cuda.shape_ok(FP4(group_size=128), 576, 64)               # ragged last group
+    assert not uniform_cuda.shape_ok(FP4(group_size=32, element=Minifloat(1, 2)), 1024, 64)  # not E2M1
+    assert not uniform_cuda.shape_ok(MXFP4(), 4096 + 32, 4096)                   # inputs not a multiple of 64
+    assert not uniform_cuda.shape_ok(NVFP4(block_size=8), 4096, 4096)            # block below a lane's 16 inputs
+
+
+def test_e2m1_prepare_scales():
+    """prepare keeps the codes in the uniform layout and the block multiplier in float32; the kernel's
+    16-bit scale is S · 2^B in the activation dtype, and a scale that overflows it sends the weight to
+    the reference path."""
+    from llmcomp.formats.fp4 import FP4, NVFP4
+    from llmcomp.quant.fp4 import fp4_fields
+
+    fmt = NVFP4()
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    t = fmt.pack(fp4_fields(w, fmt))
+    prep = uniform_cuda.prepare(fmt, t, 128)
+    f = fmt.unpack(t, 128)
+    assert torch.equal(_unrepack(prep["qw"], 4, 32, 128), f["codes"].long())
+    assert torch.equal(prep["scale"], fmt.block_scale(f))
+    for dtype, b in uniform_cuda.E2M1_BIAS.items():
+        sz = uniform_cuda.scale_pairs(prep, dtype)
+        assert sz.dtype == torch.int16 and sz.shape == (32, 128 // 16)
+        assert torch.equal(sz.view(dtype).float(), (prep["scale"] * 2.0 ** b).to(dtype).float())
+        assert uniform_cuda.scales_fit(prep, dtype)
+    big = FP4(group_size=64)
+    tb = big.pack(fp4_fields(w * 1000, big))  # block scales ~ 30: 30 · 2^14 overflows fp16
+    pb = uniform_cuda.prepare(big, tb, 128)
+    assert not uniform_cuda.scales_fit(pb, torch.float16) and uniform_cuda.scales_fit(pb, torch.bfloat16) is False
+
+
+def test_repack3_round_trip():
+    """3-bit codes: the low plane reads back through the 2-bit tables, the high plane through its own, and
+    together they give every code once."""
+    n, k = 32, 256
+    codes = torch.randint(0, 8, (n, k), generator=torch.Generator().manual_seed(3))
+    lo, hi = uniform_cuda.repack3(codes, rows_per_chunk=16)
+    assert lo.shape == (n // 16, k // 128, 32, 4) and hi.shape == (n // 16, k // 128, 32, 2)
+    low = _unrepack(lo, 2, n, k)
+    rows, ks, pos = uniform_cuda._high_tables(torch.device("cpu"))
+    w = hi.to(torch.int64) & 0xFFFFFFFF
+    bits = (w.unsqueeze(-1) >> pos.view(32, 2, 32)) & 1
+    high = torch.full((n // 16, k // 128, 16, 128), -1, dtype=torch.int64)
+    high[:, :, rows, ks] = bits.reshape(n // 16, k // 128, -1)
+    high = high.permute(0, 2, 1, 3).reshape(n, k)
+    assert (high >= 0).all() and torch.equal(low + 4 * high, codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_3bit_decode_reads_the_code(dtype):
+    """uniform_mma.cu's ``decode_word3``, step for step on integers: each pair's high bit (bits e, 16 + e of
+    the high word) joins its 2-bit field before the magic-exponent lop3; the fma then gives the 3-bit code."""
+    magic, magic_f = (0x64006400, 1024.0) if dtype == torch.float16 else (0x43004300, 128.0)
+    codes = torch.arange(8, dtype=torch.int64)
+    for e in range(8):
+        for hi in (False, True):
+            up = 16 if hi else 0
+            w = (codes & 3) << (2 * e + up)  # the 2-bit layout: pair e at bits 2e, 16 + 2e
+            hw = (codes >> 2) << (e + up)
+            if dtype == torch.float16:
+                sh, i = divmod(e, 4)
+                p, v = 2 * i, w >> (8 * sh)
+                s = p + 2 - e
+                hb = (((hw << s) if s >= 0 else (hw >> -s)) & (0x00010001 << (p + 2))) | magic
+                h = (v & (0x00030003 << p)) | hb
+                scale = 2.0 ** -p
+            else:
+                hb = (((hw << (2 - e)) if e <= 2 else (hw >> (e - 2))) & 0x00040004) | magic
+                h = ((w >> (2 * e)) & 0x00030003) | hb
+                scale = 1.0
+            half = (h >> 16) if hi else (h & 0xFFFF)
+            val = (half - ((half >> 15) << 16)).to(torch.int16).view(dtype).double()
+            assert torch.equal(val * scale - magic_f * scale, codes.double()), (e, hi)

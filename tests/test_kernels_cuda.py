@@ -9,6 +9,8 @@ import torch
 
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.formats import Uniform
+from llmcomp.formats.fp4 import FP4, MXFP4, NVFP4
+from llmcomp.quant.fp4 import fp4_fields
 from llmcomp.quant.rtn import rtn_fields
 
 pytestmark = pytest.mark.cuda
@@ -20,7 +22,8 @@ TOL = 2e-2
 def _layer(fmt, n, k, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
-    t = {kk: v.cuda() for kk, v in fmt.pack(rtn_fields(w, fmt)).items()}
+    fields = fp4_fields(w, fmt) if fmt.name in ("mxfp4", "nvfp4", "fp4") else rtn_fields(w, fmt)
+    t = {kk: v.cuda() for kk, v in fmt.pack(fields).items()}
     return QuantLinear.from_packed(fmt, t, k), t, g
 
 
@@ -29,7 +32,7 @@ def _rel_err(y, x, fmt, t, k):
     return float((y.float() - ref).abs().max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [0, 32, 64, 128])
 @pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 64])
@@ -46,7 +49,7 @@ def test_module_matches_reference(bits, group, sym, m, dtype):
         assert _rel_err(y, x, fmt, t, k) < TOL, (n, k)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [0, 32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_mma_kernel_every_m(bits, group, dtype):
@@ -66,7 +69,7 @@ def test_mma_kernel_every_m(bits, group, dtype):
             y = uniform_cuda.linear(x, fmt, t, k, None, {})
             assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m)
         # dequantize kernel: same weight as the reference, rounded to dtype
-        w = uniform_cuda.dequantize(prep, bits, k, dtype).float()
+        w = uniform_cuda.dequantize(prep, k, dtype).float()
         ref = fmt.dequantize(t, k, dtype=torch.float32)
         assert float((w - ref).abs().max() / ref.abs().max()) < 1e-2
 
@@ -75,7 +78,7 @@ def test_odd_shape_falls_back_with_warning():
     from llmcomp import kernels
     from llmcomp.kernels import uniform_cuda
 
-    fmt = Uniform(bits=3, group_size=128)
+    fmt = Uniform(bits=5, group_size=128)
     q, t, g = _layer(fmt, 40, 200, 1)
     x = torch.randn(2, 200, generator=g).to("cuda", torch.float16)
     assert kernels.fast_path(fmt, x, t, 200) is None
@@ -87,15 +90,74 @@ def test_odd_shape_falls_back_with_warning():
     assert not uniform_cuda.shape_ok(Uniform(bits=4, group_size=128), 200, 48)
 
 
-def test_custom_op_traces_under_compile():
+@pytest.mark.parametrize("bits", [4, 3])
+def test_custom_op_traces_under_compile(bits):
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    fmt = Uniform(bits=4, group_size=128)
+    fmt = Uniform(bits=bits, group_size=128)
     q, t, g = _layer(fmt, 512, 1024, 7)
     x = torch.randn(1, 1024, generator=g).to("cuda", torch.float16)
     with torch.no_grad():
         eager = q(x)
         compiled = torch.compile(q, fullgraph=False)(x)
     assert torch.allclose(eager, compiled, atol=1e-3, rtol=1e-3)
+
+
+E2M1 = [MXFP4(), NVFP4(), FP4(group_size=128), FP4(group_size=32), FP4(group_size=0)]
+
+
+@pytest.mark.parametrize("fmt", E2M1, ids=lambda f: f.describe())
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_e2m1_module_matches_reference(fmt, m, dtype):
+    """MXFP4 / NVFP4 / fp4-E2M1 layers through QuantLinear on CUDA (the mma kernel where the shape allows)."""
+    for n, k in SHAPES:
+        q, t, g = _layer(fmt, n, k, n + k)
+        x = torch.randn(m, k, generator=g).to("cuda", dtype)
+        with torch.no_grad():
+            y = q(x)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert _rel_err(y, x, fmt, t, k) < TOL, (n, k)
+
+
+@pytest.mark.parametrize("fmt", E2M1, ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_e2m1_mma_kernel_every_m(fmt, dtype):
+    """The mma kernel on E2M1 codes, M = 1..300, and its dequantize kernel: bit-exact against the
+    reference rounded to ``dtype`` for MXFP4 (power-of-two scales), within one ulp of it otherwise."""
+    from llmcomp.kernels import uniform_cuda
+
+    if uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512)]:
+        if not uniform_cuda.shape_ok(fmt, k, n):
+            continue
+        q, t, g = _layer(fmt, n, k, n * k)
+        prep = uniform_cuda.prepare(fmt, t, k)
+        for m in [1, 2, 5, 8, 9, 16, 17, 31, 33, 64, 65, 300]:
+            x = torch.randn(m, k, generator=g).to("cuda", dtype)
+            y = uniform_cuda.linear(x, fmt, t, k, None, {})
+            assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m)
+        w = uniform_cuda.dequantize(prep, k, dtype)
+        ref = fmt.dequantize(t, k, dtype=dtype)
+        if fmt.name == "mxfp4":
+            assert torch.equal(w, ref), (n, k)
+        else:
+            ulp = ref.float().abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
+            assert bool(((w.float() - ref.float()).abs() <= ulp).all()), (n, k)
+
+
+def test_e2m1_large_scales_take_the_reference_path():
+    """Block scales whose ``S · 2^14`` overflows fp16 would give inf in the kernel: such a weight takes
+    the reference path (same result as the reference, no inf)."""
+    fmt = FP4(group_size=64)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 256, generator=g) * 50
+    t = {kk: v.cuda() for kk, v in fmt.pack(fp4_fields(w, fmt)).items()}
+    q = QuantLinear.from_packed(fmt, t, 256)
+    x = torch.randn(2, 256, generator=g).to("cuda", torch.float16)
+    with torch.no_grad():
+        y = q(x)
+    assert torch.isfinite(y).all() and _rel_err(y, x, fmt, t, 256) < TOL

@@ -81,9 +81,41 @@ def _bnb_nf4(w: torch.Tensor) -> tuple[Optional[Callable], Optional[str], int]:
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", 0
 
 
+def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path], log) -> None:
+    """E2M1 formats through ``QuantLinear`` (the mma kernel), each against its own bytes (codes + stored
+    scales); speed-up against the bf16 row of the same shape and M measured earlier in this run."""
+    from llmcomp.formats import FORMATS
+    from llmcomp.quant.fp4 import fp4_fields
+
+    bf16 = {(r["N"], r["K"], r["M"]): r["bf16_us"] for r in result["rows"] if "bf16_us" in r}
+    for name in formats:
+        fmt = FORMATS.get(name)()
+        for n, k in shapes:
+            w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
+            base = fmt.pack(fp4_fields(w, fmt))
+            nbytes = sum(t.numel() * t.element_size() for t in base.values())
+            layers = [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k)
+                      for _ in range(_copies(nbytes))]
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                with torch.inference_mode():
+                    t = per_call_seconds([lambda lay=lay: lay(x) for lay in layers])
+                row = {"format": name, "N": n, "K": k, "M": m, "llmcomp_us": round(t * 1e6, 3),
+                       "llmcomp_roofline_pct": round(100 * (nbytes + (m * k + m * n) * 2) / bw / t, 2)}
+                if (n, k, m) in bf16:
+                    row["speedup_vs_bf16"] = round(bf16[(n, k, m)] / row["llmcomp_us"], 3)
+                result["rows"].append(row)
+                log(f"{name:6s} {n:6d}x{k:<6d} M={m:<4d} llmcomp {row['llmcomp_us']:8.2f}us "
+                    f"{row['llmcomp_roofline_pct']:5.1f}%  vs bf16 {row.get('speedup_vs_bf16', '-')}")
+                if out is not None:
+                    out.write_text(json.dumps(result, indent=1))
+            del layers
+            torch.cuda.empty_cache()
+
+
 def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Path] = None,
-        log=print) -> dict:
-    from llmcomp.kernels import uniform_triton
+        log=print, float_formats=()) -> dict:
+    from llmcomp.kernels import uniform_cuda, uniform_triton
 
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
@@ -100,7 +132,10 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
             nq = _copies(packed_bytes)
             layers = [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k)
                       for _ in range(nq)]
-            tri_prep = [uniform_triton.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
+            tri_prep = ([uniform_triton.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
+                        if bits in (2, 4, 8) else [])  # the Triton GEMV has no 3-bit layout
+            mma_prep = ([uniform_cuda.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
+                        if uniform_cuda.shape_ok(fmt, k, n) and uniform_cuda.extension() is not None else [])
             w_bf16 = [w.to(torch.bfloat16) for _ in range(_copies(n * k * 2))]
             tg = [_tinygemm(fields["codes"].int(), n, k, 128) for _ in range(_copies(packed_bytes))] if bits == 4 else []
             bnb = [_bnb_nf4(w) for _ in range(_copies(n * k // 2))] if bits == 4 else []
@@ -116,8 +151,12 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
                 with torch.inference_mode():
                     add("llmcomp", [lambda lay=lay: lay(x) for lay in layers], packed_bytes)
-                    if m <= uniform_triton.GEMV_MAX_M:
+                    if tri_prep and m <= uniform_triton.GEMV_MAX_M:
                         add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
+                            packed_bytes)
+                    if mma_prep and m <= 8:  # the mma kernel with rounds of 8 kblocks instead of 4
+                        rt, warps, _ = uniform_cuda.launch_config(n, k, bits, m)
+                        add("llmcomp_u8", [lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, 8)) for p in mma_prep],
                             packed_bytes)
                     add("bf16", [lambda wb=wb: F.linear(x, wb) for wb in w_bf16], n * k * 2)
                     if tg and tg[0][0] is not None:
@@ -128,7 +167,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                         add("bnb_nf4", [lambda f=f: f(x) for f, _, _ in bnb], bnb[0][2])
                     elif bnb:
                         row["bnb_nf4_error"] = bnb[0][1]
-                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton"):
+                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton", "llmcomp_u8"):
                     if f"{peer}_us" in row:
                         row[f"speedup_vs_{peer}"] = round(row[f"{peer}_us"] / row["llmcomp_us"], 3)
                 result["rows"].append(row)
@@ -136,14 +175,15 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                 if out is not None:  # after every row: a run cut short still leaves its numbers
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(result, indent=1))
-            del layers, tri_prep, w_bf16, tg, bnb
+            del layers, tri_prep, mma_prep, w_bf16, tg, bnb
             torch.cuda.empty_cache()
+    _float_rows(result, shapes, ms, float_formats, bw, out, log)
     return result
 
 
 def _line(row: dict) -> str:
-    parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]
-    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
+    parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]  # uniform rows
+    for name in ("llmcomp", "llmcomp_u8", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
         if f"{name}_us" in row:
             parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")
     return "  ".join(parts)
@@ -167,19 +207,17 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
             for p in preps:
                 uniform_cuda.scale_pairs(p, x.dtype)
             best = None
-            for rt in (1, 2, 4):
-                if n % (16 * rt):
-                    continue
-                for warps in (2, 4, 8):
-                    fns = [lambda p=p: uniform_cuda.gemm_op(x, p["qw"], p["sz"][x.dtype], bits, p["group"], n, rt, warps)
-                           for p in preps]
-                    t = per_call_seconds(fns)
-                    pct = 100 * (nbytes + (m * k + m * n) * 2) / bw / t
-                    rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps, "us": round(t * 1e6, 3),
-                                 "roofline_pct": round(pct, 2)})
-                    if best is None or t < best[0]:
-                        best = (t, rt, warps, pct)
-            log(f"sweep W{bits} {n}x{k} M={m}: best rt={best[1]} warps={best[2]} {best[0] * 1e6:.2f}us {best[3]:.1f}%"
-                f"  (auto: {[r['us'] for r in rows if r['N'] == n and r['K'] == k and r['M'] == m and r['warps'] == 0]})")
+            configs = [(rt, warps, u) for rt in (1, 2, 4) if n % (16 * rt) == 0 for warps in (2, 4, 8)
+                       for u in ((4, 8) if rt == 1 and m <= 8 else (4,))]
+            for rt, warps, u in configs:
+                t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, u)) for p in preps])
+                pct = 100 * (nbytes + (m * k + m * n) * 2) / bw / t
+                rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps, "u": u, "us": round(t * 1e6, 3),
+                             "roofline_pct": round(pct, 2)})
+                if best is None or t < best[0]:
+                    best = (t, (rt, warps, u), pct)
+            auto = uniform_cuda.launch_config(n, k, bits, m)
+            log(f"sweep W{bits} {n}x{k} M={m}: best (rt, warps, u)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
+                f"  (launch_config: {auto})")
         del preps
     return rows

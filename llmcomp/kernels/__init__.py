@@ -129,8 +129,8 @@ def _outlier_fast_path(device_type: str) -> None:
 
 
 def _register_builtin() -> None:
-    """Fast paths for CUDA: the CUDA C++ mma kernel (2/4-bit, compiled at first use), then Triton
-    (2/4/8-bit) where it is importable; CPU needs none. Each one's ``supports`` checks shapes and
+    """Fast paths for CUDA: the CUDA C++ mma kernel (uniform 2/4-bit and the E2M1 formats, compiled at
+    first use), then Triton (uniform 2/4/8-bit) where it is importable; CPU needs none. Each one's ``supports`` checks shapes and
     dtypes, so anything it cannot take falls through to the next path and finally the reference."""
 
     def cuda_supports(fmt, x, tensors, in_features):
@@ -143,7 +143,10 @@ def _register_builtin() -> None:
 
         return uniform_cuda.linear(x, fmt, tensors, in_features, bias, cache)
 
-    register_fast_path("uniform", "cuda", cuda_supports, cuda_fn)
+    from llmcomp.kernels.uniform_cuda import E2M1_FORMATS
+
+    for name in ("uniform", *E2M1_FORMATS):
+        register_fast_path(name, "cuda", cuda_supports, cuda_fn)
     _outlier_fast_path("cuda")
     try:
         import triton  # noqa: F401

@@ -1,4 +1,5 @@
-"""CUDA C++ fast path for the ``uniform`` format, 2- and 4-bit codes (``csrc/uniform_mma.cu``).
+"""CUDA C++ fast path for the ``uniform`` format (2- and 4-bit codes) and the E2M1 float formats
+(``mxfp4``, ``nvfp4``, ``fp4`` with E2M1 elements), ``csrc/uniform_mma.cu``.
 
 The kernel computes ``y^T = W x^T`` on the tensor cores (``mma.sync`` m16n8k16, fp32 accumulate) with
 the weights dequantized in registers, for 1–64 rows of ``x``; above that, ``prepare``'s layout is
@@ -8,7 +9,11 @@ compiled with the machine's ``nvcc`` at first use and cached under ``llmcomp``'s
 ``prepare`` builds the kernel's layout once per weight from the canonical tensors: codes regrouped so
 that one 16-byte load per lane holds its mma A fragments for a block of ``256/bits`` inputs (the order is
 spelled out in the .cu file), and (scale, -zero·scale) as one 16-bit pair per row and group in the
-activation dtype.
+activation dtype. E2M1 weights share the code layout; their block multiplier (E8M0, E4M3 × tensor scale,
+or fp16) becomes one 16-bit ``scale · 2^B`` per row and block in the activation dtype, B = 14 (fp16) or
+126 (bf16): the kernel's bit move turns a code into ``e2m1(q) · 2^-B``. With power-of-two (MX) scales the
+weights are exact; other scales are rounded to the activation dtype once more than the reference's
+single rounding (≤ 1 ulp of it).
 """
 from __future__ import annotations
 
@@ -23,11 +28,18 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).parent / "csrc" / "uniform_mma.cu"
 MAX_M = 64
-BITS = (2, 4)
+BITS = (2, 3, 4)
+E2M1_FORMATS = ("mxfp4", "nvfp4", "fp4")
+E2M1_BIAS = {torch.float16: 14, torch.bfloat16: 126}  # the kernel's e2m1 bit move reads as value · 2^-B
+
+
+def layout_bits(bits: int) -> int:
+    """3-bit codes are bit-sliced: their low 2 bits use the 2-bit layout, their high bit a plane of its own."""
+    return 2 if bits == 3 else bits
 
 
 def kblock(bits: int) -> int:
-    return 256 // bits
+    return 256 // layout_bits(bits)
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,11 +70,23 @@ def extension():
         return None
 
 
+def is_e2m1(fmt) -> bool:
+    from llmcomp.formats.minifloat import E2M1
+
+    return fmt.name in E2M1_FORMATS and fmt.element == E2M1
+
+
+def _bits_and_group(fmt, in_features: int) -> tuple[int, int]:
+    return (4, fmt.block(in_features)) if fmt.name in E2M1_FORMATS else (fmt.bits, fmt.group(in_features))
+
+
 def shape_ok(fmt, in_features: int, out_features: int) -> bool:
-    if fmt.bits not in BITS or out_features % 16:
+    if fmt.name in E2M1_FORMATS and not is_e2m1(fmt):
         return False
-    kb = kblock(fmt.bits)
-    group = fmt.group(in_features)
+    bits, group = _bits_and_group(fmt, in_features)
+    if bits not in BITS or out_features % 16:
+        return False
+    kb = kblock(bits)
     return in_features % kb == 0 and in_features % group == 0 and group % (kb // 4) == 0
 
 
@@ -91,81 +115,131 @@ def _tables(bits: int, device: torch.device):
     return as_t(rows), as_t(ks), as_t(pos, dtype=torch.int64)
 
 
-def repack(codes: torch.Tensor, bits: int, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """Codes [N, K] (integers) → int32 [N/16, K/kblock, 32, 4] in the kernel's order."""
+@functools.lru_cache(maxsize=2)
+def _high_tables(device: torch.device):
+    """3-bit codes' high-bit plane: the cells of ``_tables(2)`` (same order: lane, word wi, pair e, half)
+    and the bit of each in the lane's two words: 8·(wi % 2) + e + 16·half of word wi // 2."""
+    rows, ks, _ = _tables(2, device)
+    wi = torch.arange(4, device=device).view(4, 1, 1)
+    e = torch.arange(8, device=device).view(1, 8, 1)
+    half = torch.arange(2, device=device).view(1, 1, 2)
+    pos = (8 * (wi % 2) + e + 16 * half).reshape(-1).repeat(32)
+    return rows, ks, pos
+
+
+def _pack(codes: torch.Tensor, kb: int, tables, words: int, rows_per_chunk: int) -> torch.Tensor:
+    """Codes [N, K] → int32 [N/16, K/kb, 32, words]: each (lane, word) ORs the cells ``tables`` list."""
     n, k = codes.shape
-    kb = kblock(bits)
-    rows, ks, pos = _tables(bits, codes.device)
-    out = torch.empty(n // 16, k // kb, 32, 4, dtype=torch.int32, device=codes.device)
+    rows, ks, pos = tables
+    out = torch.empty(n // 16, k // kb, 32, words, dtype=torch.int32, device=codes.device)
     for start in range(0, n, rows_per_chunk):
         c = codes[start:start + rows_per_chunk]
         nt = c.shape[0] // 16
         tiles = c.reshape(nt, 16, k // kb, kb).permute(0, 2, 1, 3)  # [nt, KB, 16, kb]
-        sel = tiles[:, :, rows, ks].to(torch.int64) << pos  # [nt, KB, 32·4·pairs·2]
-        words = sel.view(nt, k // kb, 32, 4, -1).sum(-1)  # bit fields are disjoint: sum == or
-        out[start // 16:start // 16 + nt] = (words - ((words >> 31) << 32)).to(torch.int32)
+        sel = tiles[:, :, rows, ks].to(torch.int64) << pos  # [nt, KB, 32·words·fields]
+        w = sel.view(nt, k // kb, 32, words, -1).sum(-1)  # bit fields are disjoint: sum == or
+        out[start // 16:start // 16 + nt] = (w - ((w >> 31) << 32)).to(torch.int32)
     return out
+
+
+def repack(codes: torch.Tensor, bits: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """Codes [N, K] (integers, 2 or 4 bits) → int32 [N/16, K/kblock, 32, 4] in the kernel's order."""
+    return _pack(codes, kblock(bits), _tables(bits, codes.device), 4, rows_per_chunk)
+
+
+def repack3(codes: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-bit codes → (low 2 bits as ``repack(·, 2)``, high bits int32 [N/16, K/128, 32, 2])."""
+    codes = codes.to(torch.int64)
+    return (repack(codes & 3, 2, rows_per_chunk),
+            _pack(codes >> 2, kblock(2), _high_tables(codes.device), 2, rows_per_chunk))
 
 
 def prepare(fmt, tensors: dict, in_features: int) -> dict:
     f = fmt.unpack(tensors, in_features)
+    if fmt.name in E2M1_FORMATS:
+        return {"qw": repack(f["codes"], 4), "qh": None, "scale": fmt.block_scale(f).float(), "mz": None, "sz": {},
+                "group": fmt.block(in_features), "n": f["codes"].shape[0], "bits": 4, "elem": 1}
     scale, zero = f["scale"].float(), f["zero"].float()
-    return {"qw": repack(f["codes"], fmt.bits), "scale": scale, "mz": -zero * scale, "sz": {},
-            "group": fmt.group(in_features), "n": f["codes"].shape[0]}
+    qw, qh = repack3(f["codes"]) if fmt.bits == 3 else (repack(f["codes"], fmt.bits), None)
+    return {"qw": qw, "qh": qh, "scale": scale, "mz": -zero * scale, "sz": {},
+            "group": fmt.group(in_features), "n": f["codes"].shape[0], "bits": fmt.bits, "elem": 0}
 
 
 def scale_pairs(prep: dict, dtype: torch.dtype) -> torch.Tensor:
-    """(scale, mz) per row and group as one int32 of two ``dtype`` halves (scale in the low half)."""
+    """The kernel's scales in ``dtype``: uniform — (scale, mz) per row and group as one int32 of two
+    halves (scale in the low half); E2M1 — one int16 ``scale · 2^B`` per row and block."""
     sz = prep["sz"].get(dtype)
     if sz is None:
-        pair = torch.stack([prep["scale"].to(dtype), prep["mz"].to(dtype)], dim=-1).contiguous()
-        sz = prep["sz"][dtype] = pair.view(torch.int32).squeeze(-1).contiguous()
+        if prep["elem"] == 1:
+            sz = (prep["scale"] * 2.0 ** E2M1_BIAS[dtype]).to(dtype).view(torch.int16).contiguous()
+        else:
+            pair = torch.stack([prep["scale"].to(dtype), prep["mz"].to(dtype)], dim=-1).contiguous()
+            sz = pair.view(torch.int32).squeeze(-1).contiguous()
+        prep["sz"][dtype] = sz
     return sz
 
 
-def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
-    """(row tiles per warp, warps per block splitting K), from the H100 sweep in
+def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
+    """E2M1: whether ``scale · 2^B`` is finite in ``dtype`` (block scales below 4; checked once per weight
+    and dtype, a host sync at prepare time). Larger scales take the reference path."""
+    if prep["elem"] != 1:
+        return True
+    fits = prep.setdefault("fits", {})
+    if dtype not in fits:
+        fits[dtype] = bool(torch.isfinite(scale_pairs(prep, dtype).view(dtype)).all())
+    return fits[dtype]
+
+
+def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int, int]:
+    """(row tiles per warp, warps per block splitting K, kblocks loaded per round), from the H100 sweep in
     bench/results/kernels_sweep_h100.json: one 16-row tile per warp and 8 warps at M ≤ 8 (4 warps when
     there are many row tiles and a short K); two row tiles above M = 8, where each x fragment then
-    serves twice the rows."""
+    serves twice the rows. Rounds of 4 kblocks (8 is an option of the sweep: ``u``)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if m <= 8:
-        return 1, 4 if (n // 16 >= 6 * sms and k // kblock(bits) <= 64) else 8
-    return (2 if n % 32 == 0 else 1), 4 if n // 32 >= 6 * sms else 8
+        return 1, 4 if (n // 16 >= 6 * sms and k // kblock(bits) <= 64) else 8, 4
+    return (2 if n % 32 == 0 else 1), 4 if n // 32 >= 6 * sms else 8, 4
 
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
-def gemm_op(x: torch.Tensor, qw: torch.Tensor, sz: torch.Tensor, bits: int, group: int, n: int, rt: int,
-            warps: int) -> torch.Tensor:
-    return extension().gemm(x, qw, sz, bits, group, n, rt, warps)
+def gemm_op(x: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, bits: int, group: int, n: int,
+            rt: int, warps: int, elem: int = 0, u: int = 4) -> torch.Tensor:
+    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem, u)
 
 
 @gemm_op.register_fake
-def _(x, qw, sz, bits, group, n, rt, warps):
+def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, u=4):
     return x.new_empty(x.shape[0], n)
 
 
-def gemm(x2: torch.Tensor, prep: dict, bits: int) -> torch.Tensor:
+def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
     if x2.data_ptr() % 16:
         x2 = x2.clone()
-    rt, warps = launch_config(prep["n"], x2.shape[1], bits, x2.shape[0])
-    return gemm_op(x2, prep["qw"], scale_pairs(prep, x2.dtype), bits, prep["group"], prep["n"], rt, warps)
+    rt, warps, u = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
+    return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
+                   rt, warps, prep["elem"], u)
 
 
-def dequantize(prep: dict, bits: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    return extension().dequant(prep["qw"], scale_pairs(prep, dtype), bits, prep["group"], prep["n"], in_features,
-                               dtype)
+def _high(prep: dict) -> torch.Tensor:
+    return prep["qh"] if prep["qh"] is not None else prep["qw"]  # the kernel ignores it but for 3-bit codes
+
+
+def dequantize(prep: dict, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    return extension().dequant(prep["qw"], _high(prep), scale_pairs(prep, dtype), prep["bits"], prep["group"],
+                               prep["n"], in_features, dtype, prep["elem"])
 
 
 def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
-    from llmcomp.kernels import cached
+    from llmcomp.kernels import cached, reference_linear
 
     prep = cached(cache, ("cuda",), tensors, lambda: prepare(fmt, tensors, in_features))
+    if not scales_fit(prep, x.dtype):
+        return reference_linear(x, fmt, tensors, in_features, bias)
     x2 = x.reshape(-1, in_features).contiguous()
     if x2.shape[0] <= MAX_M:
-        y = gemm(x2, prep, fmt.bits)
+        y = gemm(x2, prep)
         if bias is not None:
             y = y + bias.to(y.dtype)
     else:
-        y = F.linear(x2, dequantize(prep, fmt.bits, in_features, x.dtype), bias)
+        y = F.linear(x2, dequantize(prep, in_features, x.dtype), bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])

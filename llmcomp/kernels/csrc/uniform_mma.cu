@@ -1,6 +1,7 @@
-// Dequant-GEMM for the `uniform` format (2- and 4-bit codes, group-wise scale and offset) on sm_80+.
+// Dequant-GEMM for the `uniform` format (2- and 4-bit codes, group-wise scale and offset) and the E2M1
+// float formats (mxfp4, nvfp4, fp4 e2m1: 4-bit codes, one scale per block) on sm_80+.
 //
-// y[M, N] = x[M, K] @ W[N, K]^T with W = q * scale + mz (mz = -zero * scale), computed as
+// y[M, N] = x[M, K] @ W[N, K]^T with W = q * scale + mz (mz = -zero * scale; E2M1: W = e2m1(q) * scale), computed as
 // y^T = W x^T on the tensor cores (mma.sync m16n8k16, fp32 accumulate): a 16-row weight tile is the A
 // operand, 8 tokens of x are the B operand. Weights are dequantized in registers and never written.
 //
@@ -12,6 +13,13 @@
 // pair e of a word has its two codes at bits sh+p and sh+p+16 (sh = 8*(e / (8/BITS)),
 // p = BITS*(e % (8/BITS))), so one lop3 with a magic exponent turns a pair into two 16-bit floats.
 // sz[N][G] holds (scale, mz) as one 16-bit pair per row and group, in the activation dtype.
+// E2M1 (ELEM == 1): the same code layout (a code is the OCP nibble: sign bit 3, exponent bits 2-1, mantissa
+// bit 0); a nibble's bits are moved into a 16-bit float's sign / low exponent / top mantissa bits, which reads
+// as e2m1(q) * 2^-B (B = 14 for fp16, 126 for bf16; the zero-exponent code 0.5 lands on a subnormal, exact);
+// sz[N][G] then holds one 16-bit value per row and block, scale * 2^B in the activation dtype.
+// 3-bit codes (ELEM == 2) are bit-sliced: their low 2 bits in the 2-bit layout above (BITS = 2), their high
+// bit in qh[tile][kblock][lane][2 words]: the high bits of word wi's pair e sit at bits 8*(wi%2) + e and
+// 16 + 8*(wi%2) + e of qh word wi/2 (3 bits a weight in all).
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -78,6 +86,12 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ uint2 ld_stream2(const uint2* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -117,6 +131,59 @@ __device__ __forceinline__ void decode_word(uint32_t w, typename Num<T>::T2 (&ou
   }
 }
 
+template <int S>
+__device__ __forceinline__ uint32_t shift_left(uint32_t v) {  // by S, or right by -S
+  if constexpr (S >= 0) return v << S;
+  else return v >> (-S);
+}
+
+// 3-bit codes: decode_word<T, 2> with each pair's high bit (bits e and 16 + e of hw) placed just above its
+// 2-bit field before the magic-exponent lop3, so the same fma gives the 3-bit value.
+template <typename T>
+__device__ __forceinline__ void decode_word3(uint32_t w, uint32_t hw, typename Num<T>::T2 (&out)[8]) {
+  using N = Num<T>;
+  constexpr uint32_t LOWMASK = 0x00030003u;
+  if constexpr (std::is_same<T, __half>::value) {
+#pragma unroll
+    for (int sh = 0; sh < 2; ++sh) {
+      const uint32_t v = sh ? (w >> 8) : w;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int p = 2 * i, e = 4 * sh + i;
+        const uint32_t hb = lop3_and_or(
+            e == 0 ? shift_left<2>(hw) : e == 1 ? shift_left<3>(hw) : e == 2 ? shift_left<4>(hw)
+            : e == 3 ? shift_left<5>(hw) : e == 4 ? shift_left<-2>(hw) : e == 5 ? shift_left<-1>(hw)
+            : e == 6 ? shift_left<0>(hw) : shift_left<1>(hw),
+            0x00010001u << (p + 2), N::MAGIC);
+        const uint32_t h = lop3_and_or(v, LOWMASK << p, hb);
+        const float inv = 1.f / float(1 << p);
+        out[e] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const uint32_t hb = lop3_and_or(e <= 2 ? hw << (2 - e) : hw >> (e - 2), 0x00040004u, N::MAGIC);
+      const uint32_t h = lop3_and_or(w >> (2 * e), LOWMASK, hb);
+      out[e] = N::fma2(N::pair(h), N::f2(1.f), N::f2(-N::MAGIC_F));
+    }
+  }
+}
+
+// E2M1 pairs of one word: pair e (e = 0..3) has its nibbles at bits 4e and 16 + 4e; out[e] = e2m1 * 2^-B.
+template <typename T>
+__device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&out)[4]) {
+  constexpr bool HALF = std::is_same<T, __half>::value;
+  constexpr int MAG_AT = HALF ? 9 : 6;  // where the 3 magnitude bits go: low exponent bits + top mantissa bit
+  constexpr uint32_t MAG = 0x00070007u << MAG_AT;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const uint32_t sign = w << (12 - 4 * e);  // bit 4e + 3 -> 15
+    const uint32_t mag = (4 * e <= MAG_AT ? w << (MAG_AT - 4 * e) : w >> (4 * e - MAG_AT)) & MAG;
+    out[e] = Num<T>::pair(lop3_and_or(sign, 0x80008000u, mag));
+  }
+}
+
 // One warp: R row tiles (16 rows each) x MT token tiles (8 tokens each), over kblocks [kb0, kb1).
 // Blocks: gridDim.x = N / (16 R); warps of a block split K; partial sums meet in shared memory.
 // Kernel shape per (BITS, MT): U = kblocks loaded per round, THREADS = the largest block.
@@ -127,10 +194,38 @@ struct Shape {
   static constexpr int THREADS = 256;
 };
 
-template <typename T, int BITS, int MT, int R, int U, int THREADS>
+// Word wi of a lane's kblock; hv: the lane's high-bit words (ELEM == 2 only).
+template <typename T, int BITS, int ELEM>
+__device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typename Num<T>::T2 (&q)[16 / BITS]) {
+  if constexpr (ELEM == 1) {
+    decode_e2m1<T>(w, q);
+  } else if constexpr (ELEM == 2) {
+    static_assert(BITS == 2, "3-bit codes use the 2-bit layout for their low bits");
+    decode_word3<T>(w, ((wi >> 1) ? hv.y : hv.x) >> (8 * (wi & 1)), q);
+  } else {
+    decode_word<T, BITS>(w, q);
+  }
+}
+
+// (scale, mz) of one row and group as two T2 vectors: uniform reads a 32-bit pair, E2M1 a 16-bit scale.
+template <typename T, int ELEM>
+__device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
+  if constexpr (ELEM == 1) {
+    const uint32_t s = __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
+    sc = Num<T>::pair(s | (s << 16));
+    mz = Num<T>::f2(0.f);
+  } else {
+    const typename Num<T>::T2 p = Num<T>::pair(__ldg(reinterpret_cast<const uint32_t*>(sz) + idx));
+    sc = Num<T>::lo2(p);
+    mz = Num<T>::hi2(p);
+  }
+}
+
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
-                                                          const uint32_t* __restrict__ sz, T* __restrict__ out,
-                                                          int M, int N, int K, int G, int group, int kb_per_warp) {
+                                                          const uint2* __restrict__ qh, const void* __restrict__ sz,
+                                                          T* __restrict__ out, int M, int N, int K, int G, int group,
+                                                          int kb_per_warp) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS;
   constexpr int LANE_K = KBLK / 4;       // inputs per lane per kblock
@@ -159,11 +254,17 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
   // and scales in the ring or not — see bench/results/kernels_h100.json's notes.)
   for (int kb = kb0; kb < kb1; kb += U) {
     uint4 wv[U][R];
+    uint2 hv[U][R];
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        if (kb + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane);
+        if (kb + u < kb1) {
+          const size_t at = ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane;
+          wv[u][r] = ld_stream(qw + at);
+          if constexpr (ELEM == 2) hv[u][r] = ld_stream2(qh + at);
+          else hv[u][r] = make_uint2(0, 0);
+        }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb + u >= kb1) break;
@@ -178,32 +279,32 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
                              : make_uint4(0, 0, 0, 0);
       }
       const int grp = k_lane / group;
-      uint32_t cs[R][2];
+      N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
       uint4 cw[R];
+      uint2 ch[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int row = (tile0 + r) * 16 + g;
-        cs[r][0] = __ldg(sz + (size_t)row * G + grp);
-        cs[r][1] = __ldg(sz + (size_t)(row + 8) * G + grp);
+        load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc_lo[r], mz_lo[r]);
+        load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc_hi[r], mz_hi[r]);
         cw[r] = wv[u][r];
+        ch[r] = hv[u][r];
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const N2 sc_lo = Num<T>::lo2(Num<T>::pair(cs[r][0])), mz_lo = Num<T>::hi2(Num<T>::pair(cs[r][0]));
-        const N2 sc_hi = Num<T>::lo2(Num<T>::pair(cs[r][1])), mz_hi = Num<T>::hi2(Num<T>::pair(cs[r][1]));
         const uint32_t words[4] = {cw[r].x, cw[r].y, cw[r].z, cw[r].w};
 #pragma unroll
         for (int wi = 0; wi < 4; ++wi) {
           N2 q[16 / BITS];
-          decode_word<T, BITS>(words[wi], q);
+          decode_any<T, BITS, ELEM>(words[wi], ch[r], wi, q);
 #pragma unroll
           for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
             const int s = wi * STEPS_PER_WORD + ss;  // step within the kblock: inputs 4s..4s+3 of the lane
             uint32_t a[4];
-            N2 w0 = Num<T>::fma2(q[4 * ss + 0], sc_lo, mz_lo);
-            N2 w1 = Num<T>::fma2(q[4 * ss + 1], sc_hi, mz_hi);
-            N2 w2 = Num<T>::fma2(q[4 * ss + 2], sc_lo, mz_lo);
-            N2 w3 = Num<T>::fma2(q[4 * ss + 3], sc_hi, mz_hi);
+            N2 w0 = Num<T>::fma2(q[4 * ss + 0], sc_lo[r], mz_lo[r]);
+            N2 w1 = Num<T>::fma2(q[4 * ss + 1], sc_hi[r], mz_hi[r]);
+            N2 w2 = Num<T>::fma2(q[4 * ss + 2], sc_lo[r], mz_lo[r]);
+            N2 w3 = Num<T>::fma2(q[4 * ss + 3], sc_hi[r], mz_hi[r]);
             a[0] = *reinterpret_cast<uint32_t*>(&w0);
             a[1] = *reinterpret_cast<uint32_t*>(&w1);
             a[2] = *reinterpret_cast<uint32_t*>(&w2);
@@ -243,9 +344,9 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
 }
 
 // W[N, K] in T from the kernel layout (prefill path: dequantize, then cuBLAS).
-template <typename T, int BITS>
-__global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint32_t* __restrict__ sz,
-                                       T* __restrict__ w, int N, int K, int G, int group) {
+template <typename T, int BITS, int ELEM>
+__global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2* __restrict__ qh,
+                                       const void* __restrict__ sz, T* __restrict__ w, int N, int K, int G, int group) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, STEPS_PER_WORD = 4 / BITS;
   const int KB = K / KBLK;
@@ -255,20 +356,22 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint3
   const int g = lane >> 2, c = lane & 3;
   const int k_lane = kb * KBLK + c * LANE_K, grp = k_lane / group;
   const int row = tile * 16 + g;
-  const N2 s_lo = Num<T>::pair(sz[(size_t)row * G + grp]), s_hi = Num<T>::pair(sz[(size_t)(row + 8) * G + grp]);
+  N2 sc[2], mz[2];
+  load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc[0], mz[0]);
+  load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc[1], mz[1]);
   const uint4 v = qw[idx];
+  const uint2 hv = ELEM == 2 ? qh[idx] : make_uint2(0, 0);
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi) {
     N2 q[16 / BITS];
-    decode_word<T, BITS>(words[wi], q);
+    decode_any<T, BITS, ELEM>(words[wi], hv, wi, q);
 #pragma unroll
     for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
       const int k = k_lane + 4 * (wi * STEPS_PER_WORD + ss);
 #pragma unroll
       for (int reg = 0; reg < 4; ++reg) {
-        const N2 s = (reg & 1) ? s_hi : s_lo;
-        N2 val = Num<T>::fma2(q[4 * ss + reg], Num<T>::lo2(s), Num<T>::hi2(s));
+        N2 val = Num<T>::fma2(q[4 * ss + reg], sc[reg & 1], mz[reg & 1]);
         const int rr = row + 8 * (reg & 1), kk = k + 2 * (reg >> 1);
         *reinterpret_cast<N2*>(w + (size_t)rr * K + kk) = val;
       }
@@ -276,9 +379,9 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint3
   }
 }
 
-template <typename T, int BITS, int MT, int R>
-void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sz, torch::Tensor& out,
-                int group, int warps) {
+template <typename T, int BITS, int ELEM, int MT, int R, int U>
+void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
+                torch::Tensor& out, int group, int warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
   constexpr int KBLK = 256 / BITS;
   const int KB = K / KBLK;
@@ -287,61 +390,89 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
   const int kb_per_warp = (KB + warps - 1) / warps;
   const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
-  auto kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS>;
+  auto kern = uniform_mma_kernel<T, BITS, MT, R, U, S::THREADS, ELEM>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
-      reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(out.data_ptr()), M, N, K, G, group,
-      kb_per_warp);
+      reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), reinterpret_cast<T*>(out.data_ptr()), M, N, K, G,
+      group, kb_per_warp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane).
-template <typename T, int BITS, int MT, int MAXR>
-void dispatch_r(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sz, torch::Tensor& out,
-                int group, int rt, int warps) {
-  if constexpr (MAXR >= 4) {
-    if (rt >= 4) return launch_mma<T, BITS, MT, 4>(x, qw, sz, out, group, warps);
-  }
+// Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). U = 8 kblocks per round
+// (twice the loads in flight) only for one token tile and one row tile, where registers are plentiful.
+template <typename T, int BITS, int ELEM, int MT, int MAXR>
+void dispatch_r(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
+                int group, int rt, int warps, int u) {
   if constexpr (MAXR >= 2) {
-    if (rt >= 2) return launch_mma<T, BITS, MT, 2>(x, qw, sz, out, group, warps);
+    if (rt >= 2) return launch_mma<T, BITS, ELEM, MT, 2, 4>(x, qw, qh, sz, out, group, warps);
   }
-  return launch_mma<T, BITS, MT, 1>(x, qw, sz, out, group, warps);
+  if constexpr (MT == 1) {
+    if (u >= 8) return launch_mma<T, BITS, ELEM, MT, 1, 8>(x, qw, qh, sz, out, group, warps);
+  }
+  return launch_mma<T, BITS, ELEM, MT, 1, 4>(x, qw, qh, sz, out, group, warps);
 }
 
-template <typename T, int BITS>
-void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sz, torch::Tensor& out,
-                 int group, int rt, int warps) {
+template <typename T, int BITS, int ELEM>
+void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
+                 int group, int rt, int warps, int u) {
   const int M = x.size(0);
-  if (M <= 8) return dispatch_r<T, BITS, 1, 4>(x, qw, sz, out, group, rt, warps);
-  if (M <= 16) return dispatch_r<T, BITS, 2, 2>(x, qw, sz, out, group, rt, warps);
-  if (M <= 32) return dispatch_r<T, BITS, 4, 1>(x, qw, sz, out, group, rt, warps);
-  return dispatch_r<T, BITS, 8, 1>(x, qw, sz, out, group, rt, warps);
+  if (M <= 8) return dispatch_r<T, BITS, ELEM, 1, 2>(x, qw, qh, sz, out, group, rt, warps, u);
+  if (M <= 16) return dispatch_r<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, rt, warps, u);
+  if (M <= 32) return dispatch_r<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, rt, warps, u);
+  return dispatch_r<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, rt, warps, u);
+}
+
+template <typename T>
+void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
+                  int bits, int elem, int group, int rt, int warps, int u) {
+  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, u);
+  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, u);
+  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps, u);
+  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, u);
+}
+
+void check_scales(const torch::Tensor& sz, int64_t elem, int64_t n) {
+  TORCH_CHECK(sz.is_cuda() && sz.is_contiguous() && sz.dim() == 2 && sz.size(0) == n, "bad scale tensor");
+  TORCH_CHECK(sz.element_size() == (elem == 1 ? 2 : 4), "scales: 16-bit for e2m1, 32-bit pairs for uniform");
 }
 
 }  // namespace
 
-torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
-                   int64_t rt, int64_t warps) {
+// bits: the codes' width (2, 3, 4); elem: 0 integer codes, 1 e2m1 (bits 4); qh: the high-bit plane of 3-bit
+// codes (any tensor otherwise).
+torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group,
+                   int64_t n, int64_t rt, int64_t warps, int64_t elem, int64_t u) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
-  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
+  TORCH_CHECK(bits >= 2 && bits <= 4, "bits must be 2, 3 or 4");
+  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4), "elem: 0 (integer codes) or 1 (e2m1, 4 bits)");
+  if (bits == 3) {
+    TORCH_CHECK(qh.is_cuda() && qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
+                "3-bit codes need their high-bit plane");
+    elem = 2;
+    bits = 2;
+  }
   TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
+  check_scales(sz, elem, n);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), n}, x.options());
-  if (x.scalar_type() == at::kHalf) {
-    if (bits == 4) dispatch_mt<__half, 4>(x, qw, sz, out, group, rt, warps);
-    else dispatch_mt<__half, 2>(x, qw, sz, out, group, rt, warps);
-  } else {
-    if (bits == 4) dispatch_mt<__nv_bfloat16, 4>(x, qw, sz, out, group, rt, warps);
-    else dispatch_mt<__nv_bfloat16, 2>(x, qw, sz, out, group, rt, warps);
-  }
+  if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps, u);
+  else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, out, bits, elem, group, rt, warps, u);
   return out;
 }
 
-torch::Tensor dequant(torch::Tensor qw, torch::Tensor sz, int64_t bits, int64_t group, int64_t n, int64_t k,
-                      c10::ScalarType dtype) {
+torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
+                      int64_t k, c10::ScalarType dtype, int64_t elem) {
+  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4), "elem: 0 (integer codes) or 1 (e2m1, 4 bits)");
+  if (bits == 3) {
+    TORCH_CHECK(qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
+                "3-bit codes need their high-bit plane");
+    elem = 2;
+    bits = 2;
+  }
+  check_scales(sz, elem, n);
   const c10::cuda::CUDAGuard guard(qw.device());
   auto w = torch::empty({n, k}, qw.options().dtype(dtype));
   const int G = sz.size(1);
@@ -349,15 +480,21 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor sz, int64_t bits, int64_t 
   const int block = 256;
   const int grid = (threads + block - 1) / block;
   auto stream = c10::cuda::getCurrentCUDAStream();
-#define LLMCOMP_DQ(T, B)                                                                                    \
-  uniform_dequant_kernel<T, B><<<grid, block, 0, stream>>>(reinterpret_cast<const uint4*>(qw.data_ptr()),  \
-                                                           reinterpret_cast<const uint32_t*>(sz.data_ptr()), \
-                                                           reinterpret_cast<T*>(w.data_ptr()), n, k, G, group)
+#define LLMCOMP_DQ(T, B, E)                                                                                  \
+  uniform_dequant_kernel<T, B, E><<<grid, block, 0, stream>>>(                                             \
+      reinterpret_cast<const uint4*>(qw.data_ptr()), reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), \
+      reinterpret_cast<T*>(w.data_ptr()), n, k, G, group)
   if (dtype == at::kHalf) {
-    if (bits == 4) LLMCOMP_DQ(__half, 4); else LLMCOMP_DQ(__half, 2);
+    if (elem == 1) LLMCOMP_DQ(__half, 4, 1);
+    else if (elem == 2) LLMCOMP_DQ(__half, 2, 2);
+    else if (bits == 4) LLMCOMP_DQ(__half, 4, 0);
+    else LLMCOMP_DQ(__half, 2, 0);
   } else {
     TORCH_CHECK(dtype == at::kBFloat16, "dtype must be float16 or bfloat16");
-    if (bits == 4) LLMCOMP_DQ(__nv_bfloat16, 4); else LLMCOMP_DQ(__nv_bfloat16, 2);
+    if (elem == 1) LLMCOMP_DQ(__nv_bfloat16, 4, 1);
+    else if (elem == 2) LLMCOMP_DQ(__nv_bfloat16, 2, 2);
+    else if (bits == 4) LLMCOMP_DQ(__nv_bfloat16, 4, 0);
+    else LLMCOMP_DQ(__nv_bfloat16, 2, 0);
   }
 #undef LLMCOMP_DQ
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -365,6 +502,6 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor sz, int64_t bits, int64_t 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemm", &gemm, "uniform 2/4-bit dequant-GEMM (mma.sync, M <= 64)");
-  m.def("dequant", &dequant, "uniform 2/4-bit dequantize from the kernel layout");
+  m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64)");
+  m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }
