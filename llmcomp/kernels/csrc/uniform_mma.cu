@@ -399,37 +399,34 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). U = 8 kblocks per round
-// (twice the loads in flight) only for one token tile and one row tile, where registers are plentiful.
+// Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
+// at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
 template <typename T, int BITS, int ELEM, int MT, int MAXR>
 void dispatch_r(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
-                int group, int rt, int warps, int u) {
+                int group, int rt, int warps) {
   if constexpr (MAXR >= 2) {
     if (rt >= 2) return launch_mma<T, BITS, ELEM, MT, 2, 4>(x, qw, qh, sz, out, group, warps);
-  }
-  if constexpr (MT == 1) {
-    if (u >= 8) return launch_mma<T, BITS, ELEM, MT, 1, 8>(x, qw, qh, sz, out, group, warps);
   }
   return launch_mma<T, BITS, ELEM, MT, 1, 4>(x, qw, qh, sz, out, group, warps);
 }
 
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
-                 int group, int rt, int warps, int u) {
+                 int group, int rt, int warps) {
   const int M = x.size(0);
-  if (M <= 8) return dispatch_r<T, BITS, ELEM, 1, 2>(x, qw, qh, sz, out, group, rt, warps, u);
-  if (M <= 16) return dispatch_r<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, rt, warps, u);
-  if (M <= 32) return dispatch_r<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, rt, warps, u);
-  return dispatch_r<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, rt, warps, u);
+  if (M <= 8) return dispatch_r<T, BITS, ELEM, 1, 2>(x, qw, qh, sz, out, group, rt, warps);
+  if (M <= 16) return dispatch_r<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, rt, warps);
+  if (M <= 32) return dispatch_r<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, rt, warps);
+  return dispatch_r<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, rt, warps);
 }
 
 template <typename T>
 void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
-                  int bits, int elem, int group, int rt, int warps, int u) {
-  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, u);
-  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, u);
-  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps, u);
-  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, u);
+                  int bits, int elem, int group, int rt, int warps) {
+  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps);
+  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps);
+  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps);
+  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps);
 }
 
 void check_scales(const torch::Tensor& sz, int64_t elem, int64_t n) {
@@ -442,7 +439,7 @@ void check_scales(const torch::Tensor& sz, int64_t elem, int64_t n) {
 // bits: the codes' width (2, 3, 4); elem: 0 integer codes, 1 e2m1 (bits 4); qh: the high-bit plane of 3-bit
 // codes (any tensor otherwise).
 torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group,
-                   int64_t n, int64_t rt, int64_t warps, int64_t elem, int64_t u) {
+                   int64_t n, int64_t rt, int64_t warps, int64_t elem) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
@@ -458,8 +455,8 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
   check_scales(sz, elem, n);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), n}, x.options());
-  if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps, u);
-  else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, out, bits, elem, group, rt, warps, u);
+  if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps);
+  else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, out, bits, elem, group, rt, warps);
   return out;
 }
 
