@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA extension, check it, (optionally) sweep its launch parameters, run the benchmark.
 #   bash bench/kernel_session.sh   (on the GPU machine; writes to $OUT)
-# Knobs (env): TEST_S, SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS, BENCH_S, LOWBITS (e.g. 3,2; timed at
+# Knobs (env): TEST_S, SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS (empty: none), BENCH_S, LOWBITS (e.g. 3,2; timed at
 # M=1 only) + LOW_S, FULLTEST_S (0 skips the full CUDA test file).
 set -u
 export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0
@@ -17,9 +17,9 @@ from llmcomp.eval import kernel_bench as kb
 rows = kb.sweep(ms=tuple(int(m) for m in os.environ.get('SWEEP_MS', '1,16').split(',')))
 json.dump(rows, open(os.environ['OUT'] + '/sweep.json', 'w'), indent=0)" 2>&1 | grep -v Warning | tail -12
 fi
-timeout ${BENCH_S:-200} python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms ${MS:-1,4,16,64} --bits ${BITS:-4} --float-formats ${FLOATS:-mxfp4,nvfp4} 2>&1 | tee "$OUT/bench.log" | tail -40
+timeout ${BENCH_S:-200} python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms ${MS:-1,4,16,64} --bits ${BITS:-4} --float-formats "${FLOATS-mxfp4,nvfp4}" 2>&1 | tee "$OUT/bench.log" | tail -40
 if [ -n "${LOWBITS:-}" ]; then
-  timeout ${LOW_S:-60} python3 bench/bench_kernels.py --out "$OUT/kernels_lowbit.json" --ms 1 --bits "$LOWBITS" 2>&1 | tee "$OUT/bench_lowbit.log" | tail -10
+  timeout ${LOW_S:-60} python3 bench/bench_kernels.py --out "$OUT/kernels_lowbit.json" --ms 1 --bits "$LOWBITS" --float-formats "" 2>&1 | tee "$OUT/bench_lowbit.log" | tail -10
 fi
 if [ "${FULLTEST_S:-100}" != 0 ]; then
   timeout ${FULLTEST_S:-100} python3 -m pytest -q tests/test_kernels_cuda.py 2>&1 | tee "$OUT/pytest.log" | tail -4

@@ -67,24 +67,33 @@ def test_cpu_dispatch_uses_the_reference():
         assert torch.equal(q(x), reference_linear(x, fmt, t, 64))
 
 
+def _as_float(half: torch.Tensor, dtype) -> torch.Tensor:
+    """16-bit patterns (int64 in [0, 2^16)) read as ``dtype`` values (float64)."""
+    return (half - ((half >> 15) << 16)).to(torch.int16).view(dtype).double()
+
+
+def _words(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 1 << 32, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.int64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_e2m1_bit_move_reads_as_value_times_2_to_minus_b(dtype):
-    """uniform_mma.cu's ``decode_e2m1``, step for step on integers: pair e of a word (nibbles at bits 4e and
-    16 + 4e) becomes two 16-bit floats equal to e2m1(code) · 2^-B, for every code in every position."""
+    """uniform_mma.cu's ``decode_e2m1`` transcribed step for step onto integers (a check of the bit trick,
+    not of the compiled kernel — the CUDA tests do that): on random full words, pair e (nibbles at bits 4e and
+    16 + 4e) becomes two 16-bit floats equal to e2m1(code) · 2^-B, untouched by the other nibbles."""
     from llmcomp.formats.minifloat import E2M1
 
     mag_at = 9 if dtype == torch.float16 else 6
-    values = E2M1.values("cpu")
-    codes = torch.arange(16, dtype=torch.int64)
+    values = E2M1.values("cpu").double() * 2.0 ** -uniform_cuda.E2M1_BIAS[dtype]
+    w = _words(4096, 1)
     for e in range(4):
-        for hi in (False, True):
-            w = codes << (4 * e + (16 if hi else 0))
-            sign = (w << (12 - 4 * e)) & 0xFFFFFFFF
-            mag = ((w << (mag_at - 4 * e)) if 4 * e <= mag_at else (w >> (4 * e - mag_at))) & (0x00070007 << mag_at)
-            word = (sign & 0x80008000) | mag
-            half = (word >> 16) if hi else (word & 0xFFFF)
-            got = (half - ((half >> 15) << 16)).to(torch.int16).view(dtype).double()
-            assert torch.equal(got * 2.0 ** uniform_cuda.E2M1_BIAS[dtype], values.double()), (e, hi)
+        sign = (w << (12 - 4 * e)) & 0xFFFFFFFF
+        mag = ((w << (mag_at - 4 * e)) if 4 * e <= mag_at else (w >> (4 * e - mag_at))) & (0x00070007 << mag_at)
+        word = (sign & 0x80008000) | mag
+        for hi in (0, 16):
+            code = (w >> (4 * e + hi)) & 15
+            got = _as_float((word >> hi) & 0xFFFF, dtype)
+            assert torch.equal(got, values[code]), (e, hi)
 
 
 def test_e2m1_formats_take_the_mma_kernel_shapes():
@@ -116,7 +125,8 @@ def test_e2m1_prepare_scales():
     for dtype, b in uniform_cuda.E2M1_BIAS.items():
         sz = uniform_cuda.scale_pairs(prep, dtype)
         assert sz.dtype == torch.int16 and sz.shape == (32, 128 // 16)
-        assert torch.equal(sz.view(dtype).float(), (prep["scale"] * 2.0 ** b).to(dtype).float())
+        back = sz.view(dtype).double() * 2.0 ** -b  # S · 2^B in dtype, scaled back: S within half an ulp
+        assert bool(((back - prep["scale"].double()).abs() <= prep["scale"].double() * torch.finfo(dtype).eps).all())
         assert uniform_cuda.scales_fit(prep, dtype)
     big = FP4(group_size=64)
     tb = big.pack(fp4_fields(w * 1000, big))  # block scales ~ 30: 30 · 2^14 overflows fp16
@@ -143,26 +153,24 @@ def test_repack3_round_trip():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_3bit_decode_reads_the_code(dtype):
-    """uniform_mma.cu's ``decode_word3``, step for step on integers: each pair's high bit (bits e, 16 + e of
-    the high word) joins its 2-bit field before the magic-exponent lop3; the fma then gives the 3-bit code."""
+    """uniform_mma.cu's ``decode_word3`` transcribed step for step onto integers (the bit trick, not the compiled
+    kernel): on random full words — the low word holds 16 two-bit fields, the high word all 32 bits, of which the
+    kernel's shifted view uses bits e and 16 + e — the fma gives each pair's 3-bit code exactly."""
     magic, magic_f = (0x64006400, 1024.0) if dtype == torch.float16 else (0x43004300, 128.0)
-    codes = torch.arange(8, dtype=torch.int64)
+    w, hw = _words(4096, 2), _words(4096, 3)
     for e in range(8):
-        for hi in (False, True):
-            up = 16 if hi else 0
-            w = (codes & 3) << (2 * e + up)  # the 2-bit layout: pair e at bits 2e, 16 + 2e
-            hw = (codes >> 2) << (e + up)
-            if dtype == torch.float16:
-                sh, i = divmod(e, 4)
-                p, v = 2 * i, w >> (8 * sh)
-                s = p + 2 - e
-                hb = (((hw << s) if s >= 0 else (hw >> -s)) & (0x00010001 << (p + 2))) | magic
-                h = (v & (0x00030003 << p)) | hb
-                scale = 2.0 ** -p
-            else:
-                hb = (((hw << (2 - e)) if e <= 2 else (hw >> (e - 2))) & 0x00040004) | magic
-                h = ((w >> (2 * e)) & 0x00030003) | hb
-                scale = 1.0
-            half = (h >> 16) if hi else (h & 0xFFFF)
-            val = (half - ((half >> 15) << 16)).to(torch.int16).view(dtype).double()
-            assert torch.equal(val * scale - magic_f * scale, codes.double()), (e, hi)
+        if dtype == torch.float16:
+            sh, i = divmod(e, 4)
+            p, v = 2 * i, w >> (8 * sh)
+            s = p + 2 - e
+            hb = (((hw << s) if s >= 0 else (hw >> -s)) & (0x00010001 << (p + 2))) | magic
+            h = (v & (0x00030003 << p)) | hb
+            scale = 2.0 ** -p
+        else:
+            hb = (((hw << (2 - e)) if e <= 2 else (hw >> (e - 2))) & 0x00040004) | magic
+            h = ((w >> (2 * e)) & 0x00030003) | hb
+            scale = 1.0
+        for hi in (0, 16):
+            code = ((w >> (2 * e + hi)) & 3) + 4 * ((hw >> (e + hi)) & 1)
+            got = _as_float((h >> hi) & 0xFFFF, dtype) * scale - magic_f * scale
+            assert torch.equal(got, code.double()), (e, hi)

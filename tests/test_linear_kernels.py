@@ -49,15 +49,16 @@ def test_auto_policy_on_a_gpu(monkeypatch):
     monkeypatch.setattr(kernels, "fla_available", lambda: True)
     monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "auto")
     q = OnGpu()
-    assert kernels.backend_for(q, needs_grad=False, recurrent=True) == "triton"
-    assert kernels.backend_for(q, needs_grad=False, recurrent=False) == "triton"
-    assert kernels.backend_for(q, needs_grad=True, recurrent=True) == "torch"
-    assert kernels.backend_for(q, needs_grad=True, recurrent=False) == "torch"
+    name = lambda recurrent, grad: kernels.core_for(q, recurrent, 16, grad)[0]  # noqa: E731
+    assert name(True, False) == "triton" and name(False, False) == "triton"
+    assert name(True, True) == "torch" and name(False, True) == "torch"
     monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "triton")
-    assert kernels.backend_for(q, needs_grad=False, recurrent=False) == "triton"
-    assert kernels.backend_for(q, needs_grad=True, recurrent=True) == "torch"  # no backward
+    assert name(False, False) == "triton"
+    assert name(True, True) == "torch"  # no backward
     monkeypatch.setenv("LLMCOMP_LINEAR_KERNEL", "fla")
-    assert kernels.backend_for(q, needs_grad=True, recurrent=False) == "fla"
+    assert name(False, True) == "fla"
+    assert kernels.core_for(q, False, 16, True)[1] is kernels.fla_chunk
+    assert kernels.core_for(q, True, 16, False)[1] is kernels.fla_recurrent
 
 
 def test_unknown_backend_is_one_clear_error(monkeypatch):

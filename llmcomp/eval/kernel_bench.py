@@ -9,6 +9,9 @@ For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs 
 - ``bnb_nf4`` — bitsandbytes NF4 (``bnb.matmul_4bit``, block 64), when bitsandbytes imports,
 and reports each one's % of its own byte roofline: the bytes it must move (its weights with scales and
 zeros + activations + output) over the device-to-device copy bandwidth measured in the same run.
+``float_formats`` adds rows for the E2M1 formats (mxfp4, nvfp4) through ``QuantLinear``, against their own
+stored bytes (the kernel reads their block scales as 16-bit values, so it moves a little more: NVFP4 5.0 bits a
+weight against the 4.5 counted, MXFP4 4.5 against 4.25).
 
 The L2 cache (50 MB on an H100) would hold a 4096×4096 int4 weight; each timing therefore cycles
 through enough copies of the layer (≥ 256 MB together) that every call reads its weight from HBM,

@@ -129,9 +129,10 @@ def _outlier_fast_path(device_type: str) -> None:
 
 
 def _register_builtin() -> None:
-    """Fast paths for CUDA: the CUDA C++ mma kernel (uniform 2/4-bit and the E2M1 formats, compiled at
-    first use), then Triton (uniform 2/4/8-bit) where it is importable; CPU needs none. Each one's ``supports`` checks shapes and
-    dtypes, so anything it cannot take falls through to the next path and finally the reference."""
+    """Fast paths for CUDA: the CUDA C++ mma kernel (uniform 2/3/4-bit and the E2M1 formats, compiled at
+    first use), then Triton (uniform 2/4/8-bit) where it is importable; CPU needs none. Each one's
+    ``supports`` checks shapes and dtypes, so anything it cannot take falls through to the next path and
+    finally the reference."""
 
     def cuda_supports(fmt, x, tensors, in_features):
         from llmcomp.kernels import uniform_cuda

@@ -1,4 +1,4 @@
-"""CUDA C++ fast path for the ``uniform`` format (2- and 4-bit codes) and the E2M1 float formats
+"""CUDA C++ fast path for the ``uniform`` format (2-, 3- and 4-bit codes) and the E2M1 float formats
 (``mxfp4``, ``nvfp4``, ``fp4`` with E2M1 elements), ``csrc/uniform_mma.cu``.
 
 The kernel computes ``y^T = W x^T`` on the tensor cores (``mma.sync`` m16n8k16, fp32 accumulate) with
@@ -8,7 +8,8 @@ compiled with the machine's ``nvcc`` at first use and cached under ``llmcomp``'s
 
 ``prepare`` builds the kernel's layout once per weight from the canonical tensors: codes regrouped so
 that one 16-byte load per lane holds its mma A fragments for a block of ``256/bits`` inputs (the order is
-spelled out in the .cu file), and (scale, -zero·scale) as one 16-bit pair per row and group in the
+spelled out in the .cu file; 3-bit codes: their low 2 bits in the 2-bit layout, their high bit in a plane of
+two words a lane), and (scale, -zero·scale) as one 16-bit pair per row and group in the
 activation dtype. E2M1 weights share the code layout; their block multiplier (E8M0, E4M3 × tensor scale,
 or fp16) becomes one 16-bit ``scale · 2^B`` per row and block in the activation dtype, B = 14 (fp16) or
 126 (bf16): the kernel's bit move turns a code into ``e2m1(q) · 2^-B``. With power-of-two (MX) scales the
@@ -149,7 +150,6 @@ def repack(codes: torch.Tensor, bits: int, rows_per_chunk: int = 1024) -> torch.
 
 def repack3(codes: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """3-bit codes → (low 2 bits as ``repack(·, 2)``, high bits int32 [N/16, K/128, 32, 2])."""
-    codes = codes.to(torch.int64)
     return (repack(codes & 3, 2, rows_per_chunk),
             _pack(codes >> 2, kblock(2), _high_tables(codes.device), 2, rows_per_chunk))
 
@@ -181,7 +181,7 @@ def scale_pairs(prep: dict, dtype: torch.dtype) -> torch.Tensor:
 
 def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
     """E2M1: whether ``scale · 2^B`` is finite in ``dtype`` (block scales below 4; checked once per weight
-    and dtype, a host sync at prepare time). Larger scales take the reference path."""
+    and dtype, a host sync at the first call in that dtype). Larger scales take the reference path."""
     if prep["elem"] != 1:
         return True
     fits = prep.setdefault("fits", {})
@@ -230,11 +230,14 @@ def dequantize(prep: dict, in_features: int, dtype: torch.dtype) -> torch.Tensor
 
 
 def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
-    from llmcomp.kernels import cached, reference_linear
+    from llmcomp.kernels import cached
 
     prep = cached(cache, ("cuda",), tensors, lambda: prepare(fmt, tensors, in_features))
-    if not scales_fit(prep, x.dtype):
-        return reference_linear(x, fmt, tensors, in_features, bias)
+    if not scales_fit(prep, x.dtype):  # the reference product, its weight dequantized once per dtype
+        ref = prep.setdefault("reference", {})
+        if x.dtype not in ref:
+            ref[x.dtype] = fmt.dequantize(tensors, in_features, dtype=x.dtype)
+        return F.linear(x, ref[x.dtype], bias)
     x2 = x.reshape(-1, in_features).contiguous()
     if x2.shape[0] <= MAX_M:
         y = gemm(x2, prep)

@@ -60,15 +60,15 @@ def triton_available() -> bool:
     return True
 
 
-def backend_for(q: Tensor, needs_grad: bool, recurrent: bool = True) -> str:
-    """The backend a call on ``q`` would use (``recurrent``: a decode step rather than a prefill)."""
+def backend_for(q: Tensor, needs_grad: bool) -> str:
+    """The backend a call on ``q`` would use (decode steps and prefill alike)."""
     want = requested()
     if not q.is_cuda or want == "torch":
         return "torch"
     if want == "fla" and fla_available():
         return "fla"
     # auto: Triton for inference, decode and prefill (H200: a decode step 0.035 vs 0.141 ms, a 2048-token
-    # prefill 2.97 vs 10.64 ms for the chunked torch form, bench/results/linear_kernels_h200.json)
+    # prefill 2.97 vs 10.64 ms for the chunked torch form, bench/results/linear_kernels_h200_b.json)
     if triton_available() and not needs_grad:
         return "triton"
     return "torch"
@@ -76,7 +76,7 @@ def backend_for(q: Tensor, needs_grad: bool, recurrent: bool = True) -> str:
 
 def core_for(q: Tensor, recurrent: bool, chunk_size: int, needs_grad: bool) -> tuple[str, Core]:
     """(backend name, core op) for one call; ``recurrent`` = decode (a few tokens with a state)."""
-    name = backend_for(q, needs_grad, recurrent)
+    name = backend_for(q, needs_grad)
     if name == "fla":
         return name, fla_recurrent if recurrent else fla_chunk
     if name == "triton":

@@ -1,4 +1,4 @@
-// Dequant-GEMM for the `uniform` format (2- and 4-bit codes, group-wise scale and offset) and the E2M1
+// Dequant-GEMM for the `uniform` format (2-, 3- and 4-bit codes, group-wise scale and offset) and the E2M1
 // float formats (mxfp4, nvfp4, fp4 e2m1: 4-bit codes, one scale per block) on sm_80+.
 //
 // y[M, N] = x[M, K] @ W[N, K]^T with W = q * scale + mz (mz = -zero * scale; E2M1: W = e2m1(q) * scale), computed as
@@ -189,7 +189,6 @@ __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&ou
 // Kernel shape per (BITS, MT): U = kblocks loaded per round, THREADS = the largest block.
 template <int BITS, int MT>
 struct Shape {
-  static constexpr int XVEC = 256 / BITS / 4 / 8;
   static constexpr int U = 4;
   static constexpr int THREADS = 256;
 };
@@ -405,9 +404,9 @@ template <typename T, int BITS, int ELEM, int MT, int MAXR>
 void dispatch_r(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
                 int group, int rt, int warps) {
   if constexpr (MAXR >= 2) {
-    if (rt >= 2) return launch_mma<T, BITS, ELEM, MT, 2, 4>(x, qw, qh, sz, out, group, warps);
+    if (rt >= 2) return launch_mma<T, BITS, ELEM, MT, 2, Shape<BITS, MT>::U>(x, qw, qh, sz, out, group, warps);
   }
-  return launch_mma<T, BITS, ELEM, MT, 1, 4>(x, qw, qh, sz, out, group, warps);
+  return launch_mma<T, BITS, ELEM, MT, 1, Shape<BITS, MT>::U>(x, qw, qh, sz, out, group, warps);
 }
 
 template <typename T, int BITS, int ELEM>
@@ -464,7 +463,7 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
                       int64_t k, c10::ScalarType dtype, int64_t elem) {
   TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4), "elem: 0 (integer codes) or 1 (e2m1, 4 bits)");
   if (bits == 3) {
-    TORCH_CHECK(qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
+    TORCH_CHECK(qh.is_cuda() && qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
                 "3-bit codes need their high-bit plane");
     elem = 2;
     bits = 2;
