@@ -56,10 +56,13 @@ def objective(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
     return float(((D @ H) * D).sum())
 
 
-def _group_sum(x: torch.Tensor, gidx: torch.Tensor, ng: int) -> torch.Tensor:
-    """Sum the last dim of ``x`` [..., n] into groups → [..., ng]."""
-    out = torch.zeros(*x.shape[:-1], ng, dtype=x.dtype, device=x.device)
-    return out.index_add_(-1, gidx, x)
+def _group_sum(x: torch.Tensor, g: int, ng: int) -> torch.Tensor:
+    """Sum the last dim of ``x`` [..., n] into consecutive groups of ``g`` (the last may be shorter) → [..., ng].
+    A padded reshape + sum, not ``index_add_``: on CUDA that adds with atomics in no fixed order (torch
+    documents it as nondeterministic) — the likely cause of decoupleQ's run-to-run spread on an H200 (W2 g64
+    ppl 75–83 in identical runs), where the alternating solve can turn last-bit differences into other codes."""
+    x = torch.nn.functional.pad(x, (0, ng * g - x.shape[-1]))
+    return x.reshape(*x.shape[:-1], ng, g).sum(-1)
 
 
 @torch.no_grad()
@@ -74,7 +77,6 @@ def solve_floats(W: torch.Tensor, codes: torch.Tensor, H: torch.Tensor, fmt: Uni
     """
     out_f, n = W.shape
     ng, g = fmt.n_groups(n), fmt.group(n)
-    gidx = torch.arange(n, device=W.device) // g
     Q = codes.float()
     if fmt.symmetric:
         Q = Q - float(1 << (fmt.bits - 1))
@@ -82,17 +84,17 @@ def solve_floats(W: torch.Tensor, codes: torch.Tensor, H: torch.Tensor, fmt: Uni
     blocks = []  # M_qq[r, a, b] = Σ_{i∈a, j∈b} q_ri H_ij q_rj
     for b in range(ng):
         cols = slice(b * g, min((b + 1) * g, n))
-        blocks.append(_group_sum(Q * (Q[:, cols] @ H[cols, :]), gidx, ng))  # (R, ng) over a
+        blocks.append(_group_sum(Q * (Q[:, cols] @ H[cols, :]), g, ng))  # (R, ng) over a
     M_qq = torch.stack(blocks, dim=2)  # (R, ng, ng)
-    rhs_q = _group_sum(Q * HW, gidx, ng)  # (R, ng)
+    rhs_q = _group_sum(Q * HW, g, ng)  # (R, ng)
     if fmt.symmetric:
         M, rhs = M_qq, rhs_q
     else:
-        Hg = _group_sum(H, gidx, ng)  # (n, ng): Σ_{j∈b} H_ij
-        M_q1 = torch.stack([_group_sum(Q * Hg[:, b], gidx, ng) for b in range(ng)], dim=2)  # (R, ng, ng)
-        M_11 = _group_sum(Hg.T, gidx, ng).expand(out_f, ng, ng)  # (ng, ng) shared by all rows
+        Hg = _group_sum(H, g, ng)  # (n, ng): Σ_{j∈b} H_ij
+        M_q1 = torch.stack([_group_sum(Q * Hg[:, b], g, ng) for b in range(ng)], dim=2)  # (R, ng, ng)
+        M_11 = _group_sum(Hg.T, g, ng).expand(out_f, ng, ng)  # (ng, ng) shared by all rows
         M = torch.cat([torch.cat([M_qq, M_q1], 2), torch.cat([M_q1.transpose(1, 2), M_11], 2)], 1)
-        rhs = torch.cat([rhs_q, _group_sum(HW, gidx, ng)], 1)
+        rhs = torch.cat([rhs_q, _group_sum(HW, g, ng)], 1)
     ridge = 1e-9 * torch.diagonal(M, dim1=1, dim2=2).abs().mean(1).clamp(min=1e-30)
     M = M + ridge[:, None, None] * torch.eye(M.shape[1], device=M.device)
     theta = torch.linalg.solve(M.double(), rhs.double().unsqueeze(-1)).squeeze(-1).float()
