@@ -174,3 +174,12 @@ def test_3bit_decode_reads_the_code(dtype):
             code = ((w >> (2 * e + hi)) & 3) + 4 * ((hw >> (e + hi)) & 1)
             got = _as_float((h >> hi) & 0xFFFF, dtype) * scale - magic_f * scale
             assert torch.equal(got, code.double()), (e, hi)
+
+
+def test_early_scales_flag(monkeypatch):
+    """Off unless LLMCOMP_MMA_EARLY_SCALES=1 (read once)."""
+    for value, want in (("", 0), ("0", 0), ("1", 1)):
+        monkeypatch.setenv("LLMCOMP_MMA_EARLY_SCALES", value)
+        uniform_cuda.early_scales.cache_clear()
+        assert uniform_cuda.early_scales() == want
+    uniform_cuda.early_scales.cache_clear()

@@ -161,3 +161,23 @@ def test_e2m1_large_scales_take_the_reference_path():
     with torch.no_grad():
         y = q(x)
     assert torch.isfinite(y).all() and _rel_err(y, x, fmt, t, 256) < TOL
+
+
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=64),
+                                 Uniform(bits=2, group_size=32), MXFP4(), NVFP4()], ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_early_scale_loads_give_the_same_output(fmt, dtype):
+    """The early-scale variant (LLMCOMP_MMA_EARLY_SCALES) only moves loads: bit-identical results."""
+    from llmcomp.kernels import uniform_cuda
+
+    if uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    for n, k in [(256, 1024), (4096, 4096), (48, 512)]:
+        q, t, g = _layer(fmt, n, k, n + k)
+        prep = uniform_cuda.prepare(fmt, t, k)
+        for m in [1, 5, 8]:
+            x = torch.randn(m, k, generator=g).to("cuda", dtype)
+            rt, warps, _ = uniform_cuda.launch_config(n, k, prep["bits"], m)
+            a = uniform_cuda.gemm(x, prep, (rt, warps, 0))
+            b = uniform_cuda.gemm(x, prep, (rt, warps, 1))
+            assert torch.equal(a, b), (n, k, m)

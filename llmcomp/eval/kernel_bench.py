@@ -118,7 +118,7 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
 
 def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Path] = None,
         log=print, float_formats=()) -> dict:
-    from llmcomp.kernels import uniform_triton
+    from llmcomp.kernels import uniform_cuda, uniform_triton
 
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
@@ -137,6 +137,8 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                       for _ in range(nq)]
             tri_prep = ([uniform_triton.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
                         if bits in (2, 4, 8) else [])  # the Triton GEMV has no 3-bit layout
+            mma_prep = ([uniform_cuda.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
+                        if uniform_cuda.shape_ok(fmt, k, n) and uniform_cuda.extension() is not None else [])
             w_bf16 = [w.to(torch.bfloat16) for _ in range(_copies(n * k * 2))]
             tg = [_tinygemm(fields["codes"].int(), n, k, 128) for _ in range(_copies(packed_bytes))] if bits == 4 else []
             bnb = [_bnb_nf4(w) for _ in range(_copies(n * k // 2))] if bits == 4 else []
@@ -155,6 +157,10 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                     if tri_prep and m <= uniform_triton.GEMV_MAX_M:
                         add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
                             packed_bytes)
+                    if mma_prep and m <= 8:  # the mma kernel with each round's scales loaded with its weights
+                        rt, warps, _ = uniform_cuda.launch_config(n, k, bits, m)
+                        add("llmcomp_early", [lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, 1)) for p in mma_prep],
+                            packed_bytes)
                     add("bf16", [lambda wb=wb: F.linear(x, wb) for wb in w_bf16], n * k * 2)
                     if tg and tg[0][0] is not None:
                         add("tinygemm", [lambda f=f: f(x) for f, _ in tg], n * k // 2 + n * (k // 128) * 4)
@@ -164,7 +170,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                         add("bnb_nf4", [lambda f=f: f(x) for f, _, _ in bnb], bnb[0][2])
                     elif bnb:
                         row["bnb_nf4_error"] = bnb[0][1]
-                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton"):
+                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton", "llmcomp_early"):
                     if f"{peer}_us" in row:
                         row[f"speedup_vs_{peer}"] = round(row[f"{peer}_us"] / row["llmcomp_us"], 3)
                 result["rows"].append(row)
@@ -172,7 +178,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                 if out is not None:  # after every row: a run cut short still leaves its numbers
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(result, indent=1))
-            del layers, tri_prep, w_bf16, tg, bnb
+            del layers, tri_prep, mma_prep, w_bf16, tg, bnb
             torch.cuda.empty_cache()
     _float_rows(result, shapes, ms, float_formats, bw, out, log)
     return result
@@ -180,7 +186,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
 def _line(row: dict) -> str:
     parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]  # uniform rows
-    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
+    for name in ("llmcomp", "llmcomp_early", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
         if f"{name}_us" in row:
             parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")
     return "  ".join(parts)
@@ -204,16 +210,17 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
             for p in preps:
                 uniform_cuda.scale_pairs(p, x.dtype)
             best = None
-            configs = [(rt, warps) for rt in (1, 2) if n % (16 * rt) == 0 for warps in (2, 4, 8)]
-            for rt, warps in configs:
-                t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps)) for p in preps])
+            configs = [(rt, warps, early) for rt in ((1,) if m <= 8 else (1, 2)) if n % (16 * rt) == 0
+                       for warps in (2, 4, 8) for early in ((0, 1) if m <= 8 else (0,))]
+            for rt, warps, early in configs:
+                t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, early)) for p in preps])
                 pct = 100 * (nbytes + (m * k + m * n) * 2) / bw / t
-                rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps, "us": round(t * 1e6, 3),
-                             "roofline_pct": round(pct, 2)})
+                rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps, "early": early,
+                             "us": round(t * 1e6, 3), "roofline_pct": round(pct, 2)})
                 if best is None or t < best[0]:
-                    best = (t, (rt, warps), pct)
+                    best = (t, (rt, warps, early), pct)
             auto = uniform_cuda.launch_config(n, k, bits, m)
-            log(f"sweep W{bits} {n}x{k} M={m}: best (rt, warps)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
+            log(f"sweep W{bits} {n}x{k} M={m}: best (rt, warps, early)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
                 f"  (launch_config: {auto})")
         del preps
     return rows

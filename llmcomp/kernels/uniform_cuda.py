@@ -190,34 +190,41 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
     return fits[dtype]
 
 
-def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
-    """(row tiles per warp, warps per block splitting K), from the H100 sweep in
+@functools.lru_cache(maxsize=1)
+def early_scales() -> int:
+    """``LLMCOMP_MMA_EARLY_SCALES=1``: at M ≤ 8, load each round's scales with its weights (an experiment
+    to be timed: ``llmcomp_early`` in the kernel benchmark; off by default until it is measured)."""
+    return int(os.environ.get("LLMCOMP_MMA_EARLY_SCALES", "0") == "1")
+
+
+def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int, int]:
+    """(row tiles per warp, warps per block splitting K, early scales), from the H100 sweep in
     bench/results/kernels_sweep_h100.json: one 16-row tile per warp and 8 warps at M ≤ 8 (4 warps when
     there are many row tiles and a short K); two row tiles above M = 8, where each x fragment then
     serves twice the rows."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if m <= 8:
-        return 1, 4 if (n // 16 >= 6 * sms and k // kblock(bits) <= 64) else 8
-    return (2 if n % 32 == 0 else 1), 4 if n // 32 >= 6 * sms else 8
+        return 1, 4 if (n // 16 >= 6 * sms and k // kblock(bits) <= 64) else 8, early_scales()
+    return (2 if n % 32 == 0 else 1), 4 if n // 32 >= 6 * sms else 8, 0
 
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
 def gemm_op(x: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, bits: int, group: int, n: int,
-            rt: int, warps: int, elem: int = 0) -> torch.Tensor:
-    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem)
+            rt: int, warps: int, elem: int = 0, early: int = 0) -> torch.Tensor:
+    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem, early)
 
 
 @gemm_op.register_fake
-def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0):
+def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, early=0):
     return x.new_empty(x.shape[0], n)
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
     if x2.data_ptr() % 16:
         x2 = x2.clone()
-    rt, warps = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
+    rt, warps, early = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
     return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
-                   rt, warps, prep["elem"])
+                   rt, warps, prep["elem"], early)
 
 
 def _high(prep: dict) -> torch.Tensor:

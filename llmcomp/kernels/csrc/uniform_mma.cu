@@ -206,21 +206,33 @@ __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typenam
   }
 }
 
-// (scale, mz) of one row and group as two T2 vectors: uniform reads a 32-bit pair, E2M1 a 16-bit scale.
+// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale.
+template <int ELEM>
+__device__ __forceinline__ uint32_t load_scale_raw(const void* sz, size_t idx) {
+  if constexpr (ELEM == 1) return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
+  else return __ldg(reinterpret_cast<const uint32_t*>(sz) + idx);
+}
+
+// ... as two T2 vectors (scale, scale) and (mz, mz).
 template <typename T, int ELEM>
-__device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
+__device__ __forceinline__ void unpack_scale(uint32_t s, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
   if constexpr (ELEM == 1) {
-    const uint32_t s = __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
     sc = Num<T>::pair(s | (s << 16));
     mz = Num<T>::f2(0.f);
   } else {
-    const typename Num<T>::T2 p = Num<T>::pair(__ldg(reinterpret_cast<const uint32_t*>(sz) + idx));
-    sc = Num<T>::lo2(p);
-    mz = Num<T>::hi2(p);
+    sc = Num<T>::lo2(Num<T>::pair(s));
+    mz = Num<T>::hi2(Num<T>::pair(s));
   }
 }
 
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
+template <typename T, int ELEM>
+__device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
+  unpack_scale<T, ELEM>(load_scale_raw<ELEM>(sz, idx), sc, mz);
+}
+
+// EARLY: the scale loads go out with the weight loads of their round (held in registers) instead of after the
+// weights arrive — one DRAM latency a round instead of two or three (experiment; see uniform_cuda.launch_config).
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool EARLY>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                           const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                           T* __restrict__ out, int M, int N, int K, int G, int group,
@@ -254,6 +266,7 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
   for (int kb = kb0; kb < kb1; kb += U) {
     uint4 wv[U][R];
     uint2 hv[U][R];
+    uint32_t sv[U][R][2];
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -263,6 +276,11 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
           wv[u][r] = ld_stream(qw + at);
           if constexpr (ELEM == 2) hv[u][r] = ld_stream2(qh + at);
           else hv[u][r] = make_uint2(0, 0);
+          if constexpr (EARLY) {
+            const int row = (tile0 + r) * 16 + g, grp = ((kb + u) * KBLK + c * LANE_K) / group;
+            sv[u][r][0] = load_scale_raw<ELEM>(sz, (size_t)row * G + grp);
+            sv[u][r][1] = load_scale_raw<ELEM>(sz, (size_t)(row + 8) * G + grp);
+          }
         }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -284,8 +302,13 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int row = (tile0 + r) * 16 + g;
-        load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc_lo[r], mz_lo[r]);
-        load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc_hi[r], mz_hi[r]);
+        if constexpr (EARLY) {
+          unpack_scale<T, ELEM>(sv[u][r][0], sc_lo[r], mz_lo[r]);
+          unpack_scale<T, ELEM>(sv[u][r][1], sc_hi[r], mz_hi[r]);
+        } else {
+          load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc_lo[r], mz_lo[r]);
+          load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc_hi[r], mz_hi[r]);
+        }
         cw[r] = wv[u][r];
         ch[r] = hv[u][r];
       }
@@ -378,7 +401,7 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2
   }
 }
 
-template <typename T, int BITS, int ELEM, int MT, int R, int U>
+template <typename T, int BITS, int ELEM, int MT, int R, int U, bool EARLY = false>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
@@ -389,7 +412,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
   const int kb_per_warp = (KB + warps - 1) / warps;
   const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
-  auto kern = uniform_mma_kernel<T, BITS, MT, R, U, S::THREADS, ELEM>;
+  auto kern = uniform_mma_kernel<T, BITS, MT, R, U, S::THREADS, ELEM, EARLY>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
@@ -400,32 +423,38 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 
 // Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
 // at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
+// One row tile per warp at M <= 8 (the H100 sweep: more blocks balance better), where the early-scale variant
+// is built too; two row tiles allowed above.
 template <typename T, int BITS, int ELEM, int MT, int MAXR>
 void dispatch_r(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
-                int group, int rt, int warps) {
+                int group, int rt, int warps, int early) {
+  constexpr int U = Shape<BITS, MT>::U;
   if constexpr (MAXR >= 2) {
-    if (rt >= 2) return launch_mma<T, BITS, ELEM, MT, 2, Shape<BITS, MT>::U>(x, qw, qh, sz, out, group, warps);
+    if (rt >= 2) return launch_mma<T, BITS, ELEM, MT, 2, U>(x, qw, qh, sz, out, group, warps);
   }
-  return launch_mma<T, BITS, ELEM, MT, 1, Shape<BITS, MT>::U>(x, qw, qh, sz, out, group, warps);
+  if constexpr (MT == 1) {
+    if (early) return launch_mma<T, BITS, ELEM, MT, 1, U, true>(x, qw, qh, sz, out, group, warps);
+  }
+  return launch_mma<T, BITS, ELEM, MT, 1, U>(x, qw, qh, sz, out, group, warps);
 }
 
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
-                 int group, int rt, int warps) {
+                 int group, int rt, int warps, int early) {
   const int M = x.size(0);
-  if (M <= 8) return dispatch_r<T, BITS, ELEM, 1, 2>(x, qw, qh, sz, out, group, rt, warps);
-  if (M <= 16) return dispatch_r<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, rt, warps);
-  if (M <= 32) return dispatch_r<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, rt, warps);
-  return dispatch_r<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, rt, warps);
+  if (M <= 8) return dispatch_r<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, rt, warps, early);
+  if (M <= 16) return dispatch_r<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, rt, warps, early);
+  if (M <= 32) return dispatch_r<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, rt, warps, early);
+  return dispatch_r<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, rt, warps, early);
 }
 
 template <typename T>
 void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
-                  int bits, int elem, int group, int rt, int warps) {
-  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps);
-  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps);
-  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps);
-  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps);
+                  int bits, int elem, int group, int rt, int warps, int early) {
+  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, early);
+  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, early);
+  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps, early);
+  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, early);
 }
 
 void check_scales(const torch::Tensor& sz, int64_t elem, int64_t n) {
@@ -438,7 +467,7 @@ void check_scales(const torch::Tensor& sz, int64_t elem, int64_t n) {
 // bits: the codes' width (2, 3, 4); elem: 0 integer codes, 1 e2m1 (bits 4); qh: the high-bit plane of 3-bit
 // codes (any tensor otherwise).
 torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group,
-                   int64_t n, int64_t rt, int64_t warps, int64_t elem) {
+                   int64_t n, int64_t rt, int64_t warps, int64_t elem, int64_t early) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
@@ -454,8 +483,8 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
   check_scales(sz, elem, n);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), n}, x.options());
-  if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps);
-  else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, out, bits, elem, group, rt, warps);
+  if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps, early);
+  else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, out, bits, elem, group, rt, warps, early);
   return out;
 }
 
