@@ -178,7 +178,7 @@ def test_3bit_decode_reads_the_code(dtype):
 
 def test_early_scales_flag(monkeypatch):
     """Off unless LLMCOMP_MMA_EARLY_SCALES=1 (read once)."""
-    for value, want in (("", 0), ("0", 0), ("1", 1)):
+    for value, want in (("", 0), ("0", 0), ("1", 1), ("2", 2), ("yes", 0)):
         monkeypatch.setenv("LLMCOMP_MMA_EARLY_SCALES", value)
         uniform_cuda.early_scales.cache_clear()
         assert uniform_cuda.early_scales() == want

@@ -157,10 +157,11 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                     if tri_prep and m <= uniform_triton.GEMV_MAX_M:
                         add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
                             packed_bytes)
-                    if mma_prep and m <= 8:  # the mma kernel with each round's scales loaded with its weights
+                    if mma_prep and m <= 8:  # each round's scales loaded with its weights (2: + L2 prefetch)
                         rt, warps, _ = uniform_cuda.launch_config(n, k, bits, m)
-                        add("llmcomp_early", [lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, 1)) for p in mma_prep],
-                            packed_bytes)
+                        for mode, col in ((1, "llmcomp_early"), (2, "llmcomp_early2")):
+                            add(col, [lambda p=p, mode=mode: uniform_cuda.gemm(x, p, (rt, warps, mode))
+                                      for p in mma_prep], packed_bytes)
                     add("bf16", [lambda wb=wb: F.linear(x, wb) for wb in w_bf16], n * k * 2)
                     if tg and tg[0][0] is not None:
                         add("tinygemm", [lambda f=f: f(x) for f, _ in tg], n * k // 2 + n * (k // 128) * 4)
@@ -170,7 +171,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                         add("bnb_nf4", [lambda f=f: f(x) for f, _, _ in bnb], bnb[0][2])
                     elif bnb:
                         row["bnb_nf4_error"] = bnb[0][1]
-                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton", "llmcomp_early"):
+                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton", "llmcomp_early", "llmcomp_early2"):
                     if f"{peer}_us" in row:
                         row[f"speedup_vs_{peer}"] = round(row[f"{peer}_us"] / row["llmcomp_us"], 3)
                 result["rows"].append(row)
@@ -186,7 +187,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
 def _line(row: dict) -> str:
     parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]  # uniform rows
-    for name in ("llmcomp", "llmcomp_early", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
+    for name in ("llmcomp", "llmcomp_early", "llmcomp_early2", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
         if f"{name}_us" in row:
             parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")
     return "  ".join(parts)
@@ -211,7 +212,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
                 uniform_cuda.scale_pairs(p, x.dtype)
             best = None
             configs = [(rt, warps, early) for rt in ((1,) if m <= 8 else (1, 2)) if n % (16 * rt) == 0
-                       for warps in (2, 4, 8) for early in ((0, 1) if m <= 8 else (0,))]
+                       for warps in (2, 4, 8) for early in ((0, 1, 2) if m <= 8 else (0,))]
             for rt, warps, early in configs:
                 t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, early)) for p in preps])
                 pct = 100 * (nbytes + (m * k + m * n) * 2) / bw / t

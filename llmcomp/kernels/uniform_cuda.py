@@ -192,9 +192,11 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def early_scales() -> int:
-    """``LLMCOMP_MMA_EARLY_SCALES=1``: at M ≤ 8, load each round's scales with its weights (an experiment
-    to be timed: ``llmcomp_early`` in the kernel benchmark; off by default until it is measured)."""
-    return int(os.environ.get("LLMCOMP_MMA_EARLY_SCALES", "0") == "1")
+    """``LLMCOMP_MMA_EARLY_SCALES=1``: at M ≤ 8, load each round's scales with its weights; ``=2``: that, and
+    ask L2 for the next round's weights before computing this one. Experiments to be timed (``llmcomp_early``
+    / ``llmcomp_early2`` in the kernel benchmark); 0, the measured kernel, by default."""
+    value = os.environ.get("LLMCOMP_MMA_EARLY_SCALES", "0").strip()
+    return int(value) if value in ("1", "2") else 0
 
 
 def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int, int]:

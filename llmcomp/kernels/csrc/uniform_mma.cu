@@ -92,6 +92,10 @@ __device__ __forceinline__ uint2 ld_stream2(const uint2* p) {
   return v;
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p));
+}
+
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -230,9 +234,10 @@ __device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename 
   unpack_scale<T, ELEM>(load_scale_raw<ELEM>(sz, idx), sc, mz);
 }
 
-// EARLY: the scale loads go out with the weight loads of their round (held in registers) instead of after the
-// weights arrive — one DRAM latency a round instead of two or three (experiment; see uniform_cuda.launch_config).
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool EARLY>
+// EARLY (1, 2): the scale loads go out with the weight loads of their round (held in registers) instead of after
+// the weights arrive — one DRAM latency a round instead of two or three; 2 also asks L2 for the next round's
+// weights before computing this one (no registers). Experiments, see uniform_cuda.launch_config.
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, int EARLY>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                           const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                           T* __restrict__ out, int M, int N, int K, int G, int group,
@@ -276,10 +281,17 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
           wv[u][r] = ld_stream(qw + at);
           if constexpr (ELEM == 2) hv[u][r] = ld_stream2(qh + at);
           else hv[u][r] = make_uint2(0, 0);
-          if constexpr (EARLY) {
+          if constexpr (EARLY > 0) {
             const int row = (tile0 + r) * 16 + g, grp = ((kb + u) * KBLK + c * LANE_K) / group;
             sv[u][r][0] = load_scale_raw<ELEM>(sz, (size_t)row * G + grp);
             sv[u][r][1] = load_scale_raw<ELEM>(sz, (size_t)(row + 8) * G + grp);
+          }
+          if constexpr (EARLY == 2) {
+            if (kb + U + u < kb1 && (lane & 7) == 0) {  // one request per 128-byte line
+              const size_t next = at + (size_t)U * 32;
+              prefetch_l2(qw + next);
+              if constexpr (ELEM == 2) prefetch_l2(qh + next);
+            }
           }
         }
 #pragma unroll
@@ -302,7 +314,7 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int row = (tile0 + r) * 16 + g;
-        if constexpr (EARLY) {
+        if constexpr (EARLY > 0) {
           unpack_scale<T, ELEM>(sv[u][r][0], sc_lo[r], mz_lo[r]);
           unpack_scale<T, ELEM>(sv[u][r][1], sc_hi[r], mz_hi[r]);
         } else {
@@ -401,7 +413,7 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2
   }
 }
 
-template <typename T, int BITS, int ELEM, int MT, int R, int U, bool EARLY = false>
+template <typename T, int BITS, int ELEM, int MT, int R, int U, int EARLY = 0>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
@@ -433,7 +445,8 @@ void dispatch_r(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     if (rt >= 2) return launch_mma<T, BITS, ELEM, MT, 2, U>(x, qw, qh, sz, out, group, warps);
   }
   if constexpr (MT == 1) {
-    if (early) return launch_mma<T, BITS, ELEM, MT, 1, U, true>(x, qw, qh, sz, out, group, warps);
+    if (early == 1) return launch_mma<T, BITS, ELEM, MT, 1, U, 1>(x, qw, qh, sz, out, group, warps);
+    if (early == 2) return launch_mma<T, BITS, ELEM, MT, 1, U, 2>(x, qw, qh, sz, out, group, warps);
   }
   return launch_mma<T, BITS, ELEM, MT, 1, U>(x, qw, qh, sz, out, group, warps);
 }
