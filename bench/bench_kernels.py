@@ -17,7 +17,7 @@ def main(argv=None):
     ap.add_argument("--ms", default=None, help="e.g. 1,4,16")
     ap.add_argument("--bits", default="4")
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--float-formats", default="mxfp4,nvfp4", help="E2M1 formats to time too ('' for none)")
+    ap.add_argument("--float-formats", default="mxfp4,nvfp4", help="other formats to time too: mxfp4,nvfp4,fp4,vq2,vq3 ('' for none)")
     args = ap.parse_args(argv)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else kernel_bench.SHAPES)

@@ -17,7 +17,7 @@ from llmcomp.eval import kernel_bench as kb
 rows = kb.sweep(ms=tuple(int(m) for m in os.environ.get('SWEEP_MS', '1,16').split(',')))
 json.dump(rows, open(os.environ['OUT'] + '/sweep.json', 'w'), indent=0)" 2>&1 | grep -v Warning | tail -12
 fi
-timeout ${BENCH_S:-200} python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms ${MS:-1,4,16,64} --bits ${BITS:-4} --float-formats "${FLOATS-mxfp4,nvfp4}" 2>&1 | tee "$OUT/bench.log" | tail -40
+timeout ${BENCH_S:-200} python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms ${MS:-1,4,16,64} --bits ${BITS:-4} --float-formats "${FLOATS-mxfp4,nvfp4,vq2,vq3}" 2>&1 | tee "$OUT/bench.log" | tail -40
 if [ -n "${LOWBITS:-}" ]; then
   timeout ${LOW_S:-60} python3 bench/bench_kernels.py --out "$OUT/kernels_lowbit.json" --ms 1 --bits "$LOWBITS" --float-formats "" 2>&1 | tee "$OUT/bench_lowbit.log" | tail -10
 fi

@@ -9,7 +9,8 @@ For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs 
 - ``bnb_nf4`` — bitsandbytes NF4 (``bnb.matmul_4bit``, block 64), when bitsandbytes imports,
 and reports each one's % of its own byte roofline: the bytes it must move (its weights with scales and
 zeros + activations + output) over the device-to-device copy bandwidth measured in the same run.
-``float_formats`` adds rows for the E2M1 formats (mxfp4, nvfp4) through ``QuantLinear``, against their own
+``float_formats`` adds rows for the E2M1 formats (mxfp4, nvfp4) and VQ (vq2, vq3: the codebook Triton GEMV,
+M ≤ 8) through ``QuantLinear``, against their own
 stored bytes (the kernel reads their block scales as 16-bit values, so it moves a little more: NVFP4 5.0 bits a
 weight against the 4.5 counted, MXFP4 4.5 against 4.25).
 
@@ -84,22 +85,60 @@ def _bnb_nf4(w: torch.Tensor) -> tuple[Optional[Callable], Optional[str], int]:
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", 0
 
 
-def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path], log) -> None:
-    """E2M1 formats through ``QuantLinear`` (the mma kernel), each against its own bytes (codes + stored
-    scales); speed-up against the bf16 row of the same shape and M measured earlier in this run."""
+def random_codebook(fmt, n: int, k: int, seed: int = 0, device="cpu") -> dict:
+    """Packed ``codebook`` tensors with random indices and codebooks (timing and layout tests need no
+    quantizer)."""
+    g = torch.Generator().manual_seed(seed)
+    nv, ng = fmt.n_main(k) // fmt.dim, fmt.n_groups(k)
+    f = {}
+    for t, b in enumerate(fmt.bits):
+        f[f"index{t}"] = torch.randint(0, 1 << b, (n, nv), generator=g)
+        f[f"codebook{t}"] = torch.randn(ng, 1 << b, fmt.dim, generator=g) * (0.05 if t == 0 else 0.01)
+    if fmt.scale:
+        f["scale"] = torch.rand(n, generator=g) + 0.5
+    n_oc = fmt.n_outlier_cols(k)
+    if n_oc:
+        f["outlier_cols"] = torch.randperm(k, generator=g)[:n_oc].sort().values
+        f["outlier_index"] = torch.randint(0, 1 << fmt.outlier_bits, (n, n_oc // fmt.dim), generator=g)
+        f["outlier_codebook"] = torch.randn(1 << fmt.outlier_bits, fmt.dim, generator=g) * 0.1
+    return {name: t.to(device) for name, t in fmt.pack(f).items()}
+
+
+CODEBOOK_FORMATS = ("vq2", "vq3")  # VPTQ's rows: 4-vectors, one 8-bit stage (2 b/w) or 8 + 4 bits (3 b/w)
+
+
+def _packed_for(name: str, n: int, k: int):
+    """(format, packed tensors on the GPU) for a bench row: E2M1 by RTN of a random weight, VQ random."""
     from llmcomp.formats import FORMATS
+    from llmcomp.formats.codebook import Codebook
     from llmcomp.quant.fp4 import fp4_fields
 
+    if name in CODEBOOK_FORMATS:
+        fmt = Codebook(dim=4, bits=(8,) if name == "vq2" else (8, 4))
+        return fmt, random_codebook(fmt, n, k, n + k, "cuda")
+    fmt = FORMATS.get(name)()
+    w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
+    return fmt, fmt.pack(fp4_fields(w, fmt))
+
+
+def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path], log) -> None:
+    """Other formats through ``QuantLinear`` — E2M1 (the mma kernel) and VQ ``vq2`` / ``vq3`` (the codebook
+    Triton kernel, switched on for these rows) — each against its own stored bytes; speed-up against the
+    bf16 row of the same shape and M measured earlier in this run."""
+    import os
+
     bf16 = {(r["N"], r["K"], r["M"]): r["bf16_us"] for r in result["rows"] if "bf16_us" in r}
+    if any(f in CODEBOOK_FORMATS for f in formats):
+        os.environ["LLMCOMP_CODEBOOK_KERNEL"] = "1"
     for name in formats:
-        fmt = FORMATS.get(name)()
         for n, k in shapes:
-            w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
-            base = fmt.pack(fp4_fields(w, fmt))
+            fmt, base = _packed_for(name, n, k)
             nbytes = sum(t.numel() * t.element_size() for t in base.values())
             layers = [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k)
                       for _ in range(_copies(nbytes))]
             for m in ms:
+                if name in CODEBOOK_FORMATS and m > 8:
+                    continue  # the codebook kernel is a GEMV; prefill dequantizes
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 with torch.inference_mode():
                     t = per_call_seconds([lambda lay=lay: lay(x) for lay in layers])

@@ -130,9 +130,9 @@ def _outlier_fast_path(device_type: str) -> None:
 
 def _register_builtin() -> None:
     """Fast paths for CUDA: the CUDA C++ mma kernel (uniform 2/3/4-bit and the E2M1 formats, compiled at
-    first use), then Triton (uniform 2/4/8-bit) where it is importable; CPU needs none. Each one's
-    ``supports`` checks shapes and dtypes, so anything it cannot take falls through to the next path and
-    finally the reference."""
+    first use), then Triton (uniform 2/4/8-bit; the codebook format at M ≤ 8 when LLMCOMP_CODEBOOK_KERNEL=1)
+    where it is importable; CPU needs none. Each one's ``supports`` checks shapes and dtypes, so anything
+    it cannot take falls through to the next path and finally the reference."""
 
     def cuda_supports(fmt, x, tensors, in_features):
         from llmcomp.kernels import uniform_cuda
@@ -165,6 +165,18 @@ def _register_builtin() -> None:
         return uniform_triton.linear(x, fmt, tensors, in_features, bias, cache)
 
     register_fast_path("uniform", "cuda", supports, fn)
+
+    def cb_supports(fmt, x, tensors, in_features):
+        from llmcomp.kernels import codebook_triton
+
+        return codebook_triton.supports(fmt, x)
+
+    def cb_fn(x, fmt, tensors, in_features, bias=None, cache=None):
+        from llmcomp.kernels import codebook_triton
+
+        return codebook_triton.linear(x, fmt, tensors, in_features, bias, cache)
+
+    register_fast_path("codebook", "cuda", cb_supports, cb_fn)  # opt-in: LLMCOMP_CODEBOOK_KERNEL=1
 
 
 _register_builtin()
