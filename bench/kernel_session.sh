@@ -2,14 +2,15 @@
 # One device call: build the CUDA extension, check it, (optionally) sweep its launch parameters, run the benchmark.
 #   bash bench/kernel_session.sh   (on the GPU machine; writes to $OUT)
 # Knobs (env): TEST_S, SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS (empty: none), BENCH_S, LOWBITS (e.g. 3,2; timed at
-# M=1 only) + LOW_S, FULLTEST_S (0 skips the full CUDA test file).
+# M=1 only) + LOW_S, DECODE_LAYERS (+ DECODE_S: llmcomp bench decode on that many Llama-3-8B layers),
+# FULLTEST_S (0 skips the full CUDA test file).
 set -u
 export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
 export PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension())" ) 2>&1 | tail -4
-timeout ${TEST_S:-60} python3 -m pytest -q -x tests/test_kernels_cuda.py -k "mma or odd or compile or e2m1 or early" 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout ${TEST_S:-60} python3 -m pytest -q -x tests/test_kernels_cuda.py tests/test_codebook_kernel.py -k "mma or odd or compile or e2m1 or early or kernel_matches" 2>&1 | tee "$OUT/tests.log" | tail -25
 if [ "${SWEEP:-1}" = 1 ]; then
   timeout ${SWEEP_S:-150} python3 -c "
 import json, os
@@ -20,6 +21,10 @@ fi
 timeout ${BENCH_S:-200} python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms ${MS:-1,4,16,64} --bits ${BITS:-4} --float-formats "${FLOATS-mxfp4,nvfp4,vq2,vq3}" 2>&1 | tee "$OUT/bench.log" | tail -40
 if [ -n "${LOWBITS:-}" ]; then
   timeout ${LOW_S:-60} python3 bench/bench_kernels.py --out "$OUT/kernels_lowbit.json" --ms 1 --bits "$LOWBITS" --float-formats "" 2>&1 | tee "$OUT/bench_lowbit.log" | tail -10
+fi
+if [ -n "${DECODE_LAYERS:-}" ]; then  # e.g. 32: the whole Llama-3-8B shape, W4 g128 vs bf16
+  timeout ${DECODE_S:-240} python3 -m llmcomp bench decode --synthetic llama3-8b --layers "$DECODE_LAYERS" --batch 1,16 \
+    --context 512 --steps 64 --out "$OUT/decode.json" 2>&1 | tail -12
 fi
 if [ "${FULLTEST_S:-100}" != 0 ]; then
   timeout ${FULLTEST_S:-100} python3 -m pytest -q tests/test_kernels_cuda.py 2>&1 | tee "$OUT/pytest.log" | tail -4
