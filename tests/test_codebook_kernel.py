@@ -9,7 +9,8 @@ from llmcomp.formats.codebook import Codebook
 from llmcomp.kernels import codebook_triton, fast_path
 
 FORMATS = [Codebook(dim=4, bits=(8,)), Codebook(dim=4, bits=(8, 4), group=128),
-           Codebook(dim=2, bits=(6,), scale=False, outliers=0.05), Codebook(dim=8, bits=(10,), group=64)]
+           Codebook(dim=2, bits=(6,), scale=False, outliers=0.05), Codebook(dim=8, bits=(10,), group=64),
+           Codebook(dim=8, bits=(16,))]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
@@ -27,7 +28,8 @@ def test_prepared_layout_rebuilds_the_weight(fmt):
     if "outlier_cols" in prep:
         w[:, prep["outlier_cols"]] = prep["outlier_f32"]
     assert torch.allclose(w, fmt.dequantize(t, k), atol=1e-6)
-    assert all(i.dtype == torch.uint8 for i in prep["idx"]) or max(fmt.bits) > 8
+    widths = {8: torch.uint8, 15: torch.int16, 16: torch.int32}
+    assert [i.dtype for i in prep["idx"]] == [widths[min(w for w in widths if w >= b)] for b in fmt.bits]
 
 
 def test_opt_in_and_limits(monkeypatch):

@@ -4,8 +4,8 @@ Opt-in (``LLMCOMP_CODEBOOK_KERNEL=1``) until it has been run and timed on a GPU;
 ``TRITON_INTERPRET=1`` against the reference.
 
 Layout prepared once per weight (``prepare``, cached by the calling QuantLinear):
-- ``idx{t}`` uint8 (stage bits ≤ 8) or int16 [N, nv] — each stage's indices unpacked from the tight bit
-  stream, one per vector;
+- ``idx{t}`` uint8 (stage bits ≤ 8), int16 (≤ 15) or int32 [N, nv] — each stage's indices unpacked from the
+  tight bit stream, one per vector;
 - ``cb{t}`` the stage's codebooks as stored, fp16 [n_groups, 2**bits, dim];
 - ``scale`` fp32 [N] (ones without a per-channel scale);
 - outlier columns: their dequantized weights [N, n_oc] in the activation dtype (computed once per dtype),
@@ -90,7 +90,8 @@ def _kernel():
 def prepare(fmt, tensors: dict, in_features: int) -> dict:
     f = fmt.unpack(tensors, in_features)
     n = f["index0"].shape[0]
-    idx = [f[f"index{t}"].to(torch.uint8 if b <= 8 else torch.int16).contiguous() for t, b in enumerate(fmt.bits)]
+    width = lambda b: torch.uint8 if b <= 8 else torch.int16 if b <= 15 else torch.int32  # noqa: E731
+    idx = [f[f"index{t}"].to(width(b)).contiguous() for t, b in enumerate(fmt.bits)]
     cbs = [f[f"codebook{t}"].contiguous() for t in range(len(fmt.bits))]
     dev = idx[0].device
     scale = f["scale"].float().contiguous() if fmt.scale else torch.ones(n, device=dev)
