@@ -2,7 +2,8 @@
 # One device call: build the CUDA extension, check it, (optionally) sweep its launch parameters, run the benchmark.
 #   bash bench/kernel_session.sh   (on the GPU machine; writes to $OUT)
 # Knobs (env): TEST_S, SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS (empty: none), BENCH_S, LOWBITS (e.g. 3,2; timed at
-# M=1 only) + LOW_S, DECODE_LAYERS (+ DECODE_S: llmcomp bench decode on that many Llama-3-8B layers),
+# M=1 only) + LOW_S, DECODE_LAYERS (+ DECODE_S, DECODE_FORMATS: llmcomp bench decode on that many
+# Llama-3-8B layers, per format),
 # FULLTEST_S (0 skips the full CUDA test file).
 set -u
 export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0
@@ -23,8 +24,10 @@ if [ -n "${LOWBITS:-}" ]; then
   timeout ${LOW_S:-60} python3 bench/bench_kernels.py --out "$OUT/kernels_lowbit.json" --ms 1 --bits "$LOWBITS" --float-formats "" 2>&1 | tee "$OUT/bench_lowbit.log" | tail -10
 fi
 if [ -n "${DECODE_LAYERS:-}" ]; then  # e.g. 32: the whole Llama-3-8B shape, W4 g128 vs bf16
-  timeout ${DECODE_S:-240} python3 -m llmcomp bench decode --synthetic llama3-8b --layers "$DECODE_LAYERS" --batch 1,16 \
-    --context 512 --steps 64 --out "$OUT/decode.json" 2>&1 | tail -12
+  for f in ${DECODE_FORMATS:-uniform}; do  # e.g. "uniform mxfp4"
+    timeout ${DECODE_S:-240} python3 -m llmcomp bench decode --synthetic llama3-8b --layers "$DECODE_LAYERS" \
+      --format "$f" --batch 1,16 --context 512 --steps 64 --out "$OUT/decode_$f.json" 2>&1 | tail -8
+  done
 fi
 if [ "${FULLTEST_S:-100}" != 0 ]; then
   timeout ${FULLTEST_S:-100} python3 -m pytest -q tests/test_kernels_cuda.py 2>&1 | tee "$OUT/pytest.log" | tail -4

@@ -63,6 +63,15 @@ def test_static_step_equals_dynamic_cache_decode():
     assert torch.equal(dec.step(), logits[1])
 
 
+@pytest.mark.parametrize("fmt,name", [("mxfp4", "mxfp4"), ("nvfp4", "nvfp4"), ("uniform", "uniform")])
+def test_synthetic_formats(fmt, name):
+    """--format picks the RTN format of the synthetic model's linears (lm_head stays dense)."""
+    model = tiny_llama()
+    db.quantize_rtn(model, bits=4, group_size=32, fmt=fmt)
+    assert model.model.layers[0].mlp.down_proj.fmt.name == name and type(model.lm_head).__name__ == "Linear"
+    assert db.format_label(fmt, 4, 32) == ("W4 g32" if fmt == "uniform" else fmt.upper())
+
+
 def test_static_step_on_rtn_model_and_prefill_chunks():
     torch.manual_seed(1)
     model = tiny_llama()
@@ -105,8 +114,8 @@ def test_cli_end_to_end_with_tiny_models(monkeypatch, tmp_path):
     """The CLI's glue (flags → library → table and JSON) with tiny CPU models standing in for the GPU run."""
     seen = {}
 
-    def tiny_models(name, bits, group, layers, dtype, progress):
-        seen.update(name=name, bits=bits, group=group, layers=layers, dtype=dtype)
+    def tiny_models(name, bits, group, layers, dtype, progress, fmt):
+        seen.update(name=name, bits=bits, group=group, layers=layers, dtype=dtype, fmt=fmt)
         model = tiny_llama()
         yield "original", "tiny fp32", model
         db.quantize_rtn(model, bits, group)
@@ -119,7 +128,8 @@ def test_cli_end_to_end_with_tiny_models(monkeypatch, tmp_path):
     r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--bits", "2", "--group", "32",
                             "--batch", "1,3", "--context", "5", "--steps", "2", "--layers", "1", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert seen == {"name": "llama3-8b", "bits": 2, "group": 32, "layers": 1, "dtype": torch.bfloat16}
+    assert seen == {"name": "llama3-8b", "bits": 2, "group": 32, "layers": 1, "dtype": torch.bfloat16,
+                    "fmt": "uniform"}
     assert "tiny RTN W2 g32" in r.output and "tokens/s @ 3" in r.output and "× @ 3" in r.output
     saved = json.loads(out.read_text())
     assert saved["device"] == "FakeGPU" and saved["settings"]["bits"] == 2 and saved["settings"]["batches"] == [1, 3]
@@ -152,11 +162,12 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--dtype", "float32"], "--dtype"),
     (["--synthetic", "llama3-8b", "--bits", "9"], "bits"),
     (["--synthetic", "llama3-8b", "--layers", "0"], "--layers"),
+    (["--synthetic", "llama3-8b", "--format", "nf4"], "--format"),
     (["--synthetic", "gpt5"], "--synthetic"),
     ([], "PATH"),
     (["/no/such/artifact"], "does not exist"),
-], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "unknown-shape", "nothing",
-        "missing-path"])
+], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "unknown-shape",
+        "nothing", "missing-path"])
 def test_cli_bad_input(no_gpu, args, word):
     assert word in error_line("bench", "decode", *args)
 
@@ -176,6 +187,7 @@ def test_cli_artifact_original(no_gpu, artifact):
     assert "not an llmcomp artifact" in error_line("bench", "decode", base)
     assert "--synthetic" in error_line("bench", "decode", q, "--synthetic", "llama3-8b")
     assert "--layers" in error_line("bench", "decode", q, "--layers", "2")
+    assert "--format" in error_line("bench", "decode", q, "--format", "mxfp4")
     moved = artifact / "moved"
     base.rename(moved)
     try:

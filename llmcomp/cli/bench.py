@@ -64,6 +64,7 @@ def decode(
     synthetic: Annotated[Optional[str], typer.Option(help="Instead of PATH: a random-weight model of this shape (llama3-8b), RTN-quantized in memory.")] = None,
     bits: Annotated[int, typer.Option(help="--synthetic: RTN bits.")] = 4,
     group: Annotated[int, typer.Option(help="--synthetic: RTN group size.")] = 128,
+    format: Annotated[str, typer.Option("--format", help="--synthetic: uniform (--bits, --group), mxfp4 or nvfp4.")] = "uniform",
     batch: Annotated[str, typer.Option(help="Batch sizes (sequences decoded together).")] = "1,16",
     context: Annotated[int, typer.Option(help="Prompt tokens per sequence before the timed steps.")] = 512,
     steps: Annotated[int, typer.Option(help="Timed decode steps.")] = 64,
@@ -98,9 +99,11 @@ def decode(
             from llmcomp.formats import Uniform
 
             Uniform(bits=bits, group_size=group)  # bad bits / group: its own error line
+            if format not in db.SYNTHETIC_FORMATS:
+                raise UserError(f"--format must be one of: {', '.join(db.SYNTHETIC_FORMATS)}; got {format!r}.")
         else:
-            if layers is not None:
-                raise UserError("--layers applies to --synthetic models only.")
+            if layers is not None or format != "uniform":
+                raise UserError("--layers and --format apply to --synthetic models only.")
             ref = _original_of(path, original)
         import torch
 
@@ -112,8 +115,8 @@ def decode(
         settings = {"dtype": dtype, "graphs": graphs}
         with render.RichProgress() as progress:
             if synthetic is not None:
-                settings.update(synthetic=synthetic, bits=bits, group_size=group, layers=layers)
-                models = db.synthetic_models(synthetic, bits, group, layers, DTYPES[dtype], progress)
+                settings.update(synthetic=synthetic, format=format, bits=bits, group_size=group, layers=layers)
+                models = db.synthetic_models(synthetic, bits, group, layers, DTYPES[dtype], progress, format)
             else:
                 settings.update(path=str(path), original=str(ref) if ref else "bundled")
                 models = db.artifact_models(path, ref, DTYPES[dtype], progress)

@@ -46,24 +46,36 @@ def synthetic_model(name: str = "llama3-8b", layers: Optional[int] = None, devic
     return model.eval()
 
 
-def quantize_rtn(model: nn.Module, bits: int = 4, group_size: int = 128, progress: Progress = NULL) -> dict:
-    """Quantize every Linear but ``lm_head`` in place with RTN into ``uniform`` (asymmetric), as
-    ``llmcomp quantize --method rtn`` does. Returns the per-layer report."""
-    from llmcomp.formats import Uniform
+SYNTHETIC_FORMATS = ("uniform", "mxfp4", "nvfp4")
+
+
+def quantize_rtn(model: nn.Module, bits: int = 4, group_size: int = 128, progress: Progress = NULL,
+                 fmt: str = "uniform") -> dict:
+    """Quantize every Linear but ``lm_head`` in place by rounding to nearest, as ``llmcomp quantize`` does:
+    ``uniform`` (asymmetric, ``bits`` / ``group_size``) or an E2M1 format (``mxfp4`` / ``nvfp4``, their spec's
+    blocks). Returns the per-layer report."""
+    from llmcomp.formats import FORMATS, Uniform
     from llmcomp.quant import quantize_model
+    from llmcomp.quant.fp4 import FP4Config
     from llmcomp.quant.rtn import RTNConfig
 
-    return quantize_model(model, RTNConfig(format=Uniform(bits=bits, group_size=group_size)), progress=progress)
+    config = (RTNConfig(format=Uniform(bits=bits, group_size=group_size)) if fmt == "uniform"
+              else FP4Config(format=FORMATS.get(fmt)()))
+    return quantize_model(model, config, progress=progress)
+
+
+def format_label(fmt: str, bits: int, group_size: int) -> str:
+    return f"W{bits} g{group_size}" if fmt == "uniform" else fmt.upper()
 
 
 def synthetic_models(name: str, bits: int, group_size: int, layers: Optional[int], dtype: torch.dtype,
-                     progress: Progress = NULL):
+                     progress: Progress = NULL, fmt: str = "uniform"):
     """For ``run``: the random model in ``dtype``, then the same model RTN-quantized in place."""
     progress.note(f"Building {name} with random weights on the GPU")
     model = synthetic_model(name, layers, dtype=dtype)
     yield "original", f"{name} {_short(dtype)}", model
-    quantize_rtn(model, bits, group_size, progress)
-    yield "compressed", f"{name} RTN W{bits} g{group_size}", model
+    quantize_rtn(model, bits, group_size, progress, fmt)
+    yield "compressed", f"{name} RTN {format_label(fmt, bits, group_size)}", model
 
 
 def artifact_models(path, original, dtype: torch.dtype, progress: Progress = NULL):
