@@ -470,7 +470,18 @@ void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::
   return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, early);
 }
 
-void check_scales(const torch::Tensor& sz, int64_t elem, int64_t n) {
+// The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
+// plane (elem 2); checks the planes and the scale tensor against it.
+void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
+                     int64_t& bits, int64_t& elem) {
+  TORCH_CHECK(bits >= 2 && bits <= 4, "bits must be 2, 3 or 4");
+  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4), "elem: 0 (integer codes) or 1 (e2m1, 4 bits)");
+  if (bits == 3) {
+    TORCH_CHECK(qh.is_cuda() && qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
+                "3-bit codes need their high-bit plane");
+    elem = 2;
+    bits = 2;
+  }
   TORCH_CHECK(sz.is_cuda() && sz.is_contiguous() && sz.dim() == 2 && sz.size(0) == n, "bad scale tensor");
   TORCH_CHECK(sz.element_size() == (elem == 1 ? 2 : 4), "scales: 16-bit for e2m1, 32-bit pairs for uniform");
 }
@@ -484,16 +495,8 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
-  TORCH_CHECK(bits >= 2 && bits <= 4, "bits must be 2, 3 or 4");
-  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4), "elem: 0 (integer codes) or 1 (e2m1, 4 bits)");
-  if (bits == 3) {
-    TORCH_CHECK(qh.is_cuda() && qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
-                "3-bit codes need their high-bit plane");
-    elem = 2;
-    bits = 2;
-  }
+  normalize_codes(qw, qh, sz, n, bits, elem);
   TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
-  check_scales(sz, elem, n);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), n}, x.options());
   if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps, early);
@@ -503,14 +506,7 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
 
 torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
                       int64_t k, c10::ScalarType dtype, int64_t elem) {
-  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4), "elem: 0 (integer codes) or 1 (e2m1, 4 bits)");
-  if (bits == 3) {
-    TORCH_CHECK(qh.is_cuda() && qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
-                "3-bit codes need their high-bit plane");
-    elem = 2;
-    bits = 2;
-  }
-  check_scales(sz, elem, n);
+  normalize_codes(qw, qh, sz, n, bits, elem);
   const c10::cuda::CUDAGuard guard(qw.device());
   auto w = torch::empty({n, k}, qw.options().dtype(dtype));
   const int G = sz.size(1);
