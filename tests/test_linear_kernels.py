@@ -67,14 +67,30 @@ def test_unknown_backend_is_one_clear_error(monkeypatch):
         kernels.backend_for(torch.zeros(1, 1, 1, 1), needs_grad=False)
 
 
-def test_per_head_gate_reaches_the_kernels_as_one_gate_per_head():
-    """The hybrid hands per-head gates over as [B, H, T, 1]; the kernels read a 4-D gate as one per feature,
-    so they get [B, H, T] (a [B, H, T, 1] gate read as [B, H, T, F] ran past the tensor on the GPU)."""
-    g = torch.randn(2, 3, 5)
-    assert kernels._core_gate(g[..., None]).shape == (2, 3, 5)
-    assert kernels._core_gate(g) is g and kernels._core_gate(None) is None
-    feat = torch.randn(2, 3, 5, 4)
-    assert kernels._core_gate(feat) is feat
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("window", [0, 4])
+def test_per_head_gate_reaches_the_kernels_as_one_gate_per_head(monkeypatch, gate, window):
+    """The hybrid keeps per-head gates as [B, H, T, 1] for its window state; the kernels read a 4-D gate as
+    one per feature, so the core gets [B, H, T] (a [B, H, T, 1] gate read as [B, H, T, F] ran past the
+    tensor on the GPU); per-feature gates and no gate go through unchanged — prefill and decode alike."""
+    seen = []
+
+    def recording_core(q, recurrent, chunk_size, needs_grad):
+        name, core = real_core_for(q, recurrent, chunk_size, needs_grad)
+        return name, lambda q, k, v, g=None, initial_state=None: (seen.append(g), core(q, k, v, g, initial_state))[1]
+
+    real_core_for = kernels.core_for
+    monkeypatch.setattr(kernels, "core_for", recording_core)
+    q, k, v, g, _ = inputs(gate, B=2, H=3, T=5, F=4, D=6)
+    o, st = hybrid_attention(q, k, q, k, v, g, window=window)
+    hybrid_attention(q[:, :, :1], k[:, :, :1], q[:, :, :1], k[:, :, :1], v[:, :, :1],
+                     None if g is None else g[:, :, :1], window=window, state=st, recurrent=True)
+    want = {"none": [None, None], "head": [(2, 3, 5), (2, 3, 1)], "feature": [(2, 3, 5, 4), (2, 3, 1, 4)]}[gate]
+    assert [None if x is None else tuple(x.shape) for x in seen] == want
+    if gate != "none":  # the gates of the keys W tokens back (zeros before the first token), values unchanged
+        g4 = g if g.dim() == 4 else g[..., None]
+        shifted = torch.cat([torch.zeros_like(g4[:, :, :1]).expand(-1, -1, window, -1), g4], 2)[:, :, :5]
+        assert torch.equal(seen[0], shifted if gate == "feature" else shifted[..., 0])
 
 
 def test_cpu_core_matches_reference():

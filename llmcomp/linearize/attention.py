@@ -203,8 +203,9 @@ def hybrid_attention(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, v: Tensor, g:
 
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (fq, fk, v, g, state.S))
     _, core = core_for(fq, recurrent, chunk_size, needs_grad)
-    lin, S = core(fq_lin, fk_all[:, :, :n], v_all[:, :, :n], None if g_all is None else g_all[:, :, :n],
-                  initial_state=state.S)
+    # the core takes per-head gates as [B, H, n] (a 4-D gate is one per feature), not the [.., 1] kept here
+    g_core = None if g_all is None else g_all[:, :, :n] if g.dim() == 4 else g_all[:, :, :n, 0]
+    lin, S = core(fq_lin, fk_all[:, :, :n], v_all[:, :, :n], g_core, initial_state=state.S)
     one = v.new_ones(H)
     a = (one if window_weight is None else window_weight).view(1, H, 1, 1)
     b = (one if linear_weight is None else linear_weight).view(1, H, 1, 1)

@@ -86,12 +86,6 @@ def core_for(q: Tensor, recurrent: bool, chunk_size: int, needs_grad: bool) -> t
     return name, functools.partial(chunk_linear_attention, chunk_size=chunk_size)
 
 
-def _core_gate(g: Optional[Tensor]) -> Optional[Tensor]:
-    """The hybrid passes per-head gates as [B, H, T, 1] (broadcast over features, fine for the torch
-    forms); the kernels take them as [B, H, T] — a 4-D gate is read as one gate per feature."""
-    return g[..., 0] if g is not None and g.dim() == 4 and g.shape[-1] == 1 else g
-
-
 # -- flash-linear-attention adapter ----------------------------------------------------------------
 
 def _bthk(x: Tensor) -> Tensor:
@@ -103,7 +97,6 @@ def fla_chunk(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
     from fla.ops.gla import chunk_gla
     from fla.ops.simple_gla import chunk_simple_gla
 
-    g = _core_gate(g)
     s0 = None if initial_state is None else initial_state.contiguous()
     if g is not None and g.dim() == 4:
         o, S = chunk_gla(_bthk(q), _bthk(k), _bthk(v), _bthk(g), scale=1.0, initial_state=s0,
@@ -119,7 +112,6 @@ def fla_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
                   initial_state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     from fla.ops.gla import fused_recurrent_gla
 
-    g = _core_gate(g)
     gk = None if g is None else _bthk(g if g.dim() == 4 else g[..., None].expand_as(q))
     s0 = None if initial_state is None else initial_state.contiguous()
     o, S = fused_recurrent_gla(_bthk(q), _bthk(k), _bthk(v), gk=gk, scale=1.0, initial_state=s0,
@@ -134,4 +126,4 @@ def triton_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None
     """Forward only, float32 state. Same contract as ``recurrent_linear_attention``."""
     from llmcomp.linearize.kernels_triton import recurrent_fwd
 
-    return recurrent_fwd(q, k, v, _core_gate(g), initial_state)
+    return recurrent_fwd(q, k, v, g, initial_state)
