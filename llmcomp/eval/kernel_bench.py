@@ -63,6 +63,18 @@ def _copies(nbytes: int) -> int:
     return max(2, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
 
 
+def _layer_copies(fmt, base: dict, k: int) -> list:
+    """Enough ``QuantLinear`` copies of one packed weight that cycling through them always reads HBM."""
+    nbytes = sum(t.numel() * t.element_size() for t in base.values())
+    return [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k) for _ in range(_copies(nbytes))]
+
+
+def roofline_pct(nbytes: int, m: int, n: int, k: int, bw: float, seconds: float) -> float:
+    """% of the byte roofline: ``nbytes`` of weights plus the bf16/fp16 activations in and out, moved at the
+    measured copy bandwidth ``bw``, against the time taken."""
+    return 100 * (nbytes + (m * k + m * n) * 2) / bw / seconds
+
+
 def _tinygemm(codes: torch.Tensor, n: int, k: int, group: int) -> tuple[Optional[Callable], Optional[str]]:
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack(
@@ -134,8 +146,7 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
         for n, k in shapes:
             fmt, base = _packed_for(name, n, k)
             nbytes = sum(t.numel() * t.element_size() for t in base.values())
-            layers = [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k)
-                      for _ in range(_copies(nbytes))]
+            layers = _layer_copies(fmt, base, k)
             for m in ms:
                 if name in CODEBOOK_FORMATS and m > 8:
                     continue  # the codebook kernel is a GEMV; prefill dequantizes
@@ -143,7 +154,7 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
                 with torch.inference_mode():
                     t = per_call_seconds([lambda lay=lay: lay(x) for lay in layers])
                 row = {"format": name, "N": n, "K": k, "M": m, "llmcomp_us": round(t * 1e6, 3),
-                       "llmcomp_roofline_pct": round(100 * (nbytes + (m * k + m * n) * 2) / bw / t, 2)}
+                       "llmcomp_roofline_pct": round(roofline_pct(nbytes, m, n, k, bw, t), 2)}
                 if (n, k, m) in bf16:
                     row["speedup_vs_bf16"] = round(bf16[(n, k, m)] / row["llmcomp_us"], 3)
                 result["rows"].append(row)
@@ -171,9 +182,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
             fields = rtn_fields(w, fmt)
             base = fmt.pack(fields)
             packed_bytes = sum(t.numel() * t.element_size() for t in base.values())
-            nq = _copies(packed_bytes)
-            layers = [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k)
-                      for _ in range(nq)]
+            layers = _layer_copies(fmt, base, k)
             tri_prep = ([uniform_triton.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
                         if bits in (2, 4, 8) else [])  # the Triton GEMV has no 3-bit layout
             mma_prep = ([uniform_cuda.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
@@ -183,13 +192,12 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
             bnb = [_bnb_nf4(w) for _ in range(_copies(n * k // 2))] if bits == 4 else []
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                act = (m * k + m * n) * 2
                 row = {"bits": bits, "N": n, "K": k, "M": m}
 
                 def add(name, fns, nbytes):
                     t = per_call_seconds(fns)
                     row[f"{name}_us"] = round(t * 1e6, 3)
-                    row[f"{name}_roofline_pct"] = round(100 * (nbytes + act) / bw / t, 2)
+                    row[f"{name}_roofline_pct"] = round(roofline_pct(nbytes, m, n, k, bw, t), 2)
 
                 with torch.inference_mode():
                     add("llmcomp", [lambda lay=lay: lay(x) for lay in layers], packed_bytes)
@@ -254,7 +262,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
                        for warps in (2, 4, 8) for early in ((0, 1, 2) if m <= 8 else (0,))]
             for rt, warps, early in configs:
                 t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, early)) for p in preps])
-                pct = 100 * (nbytes + (m * k + m * n) * 2) / bw / t
+                pct = roofline_pct(nbytes, m, n, k, bw, t)
                 rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps, "early": early,
                              "us": round(t * 1e6, 3), "roofline_pct": round(pct, 2)})
                 if best is None or t < best[0]:
