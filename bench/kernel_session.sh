@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA extension, check it, (optionally) sweep its launch parameters, run the benchmark.
 #   bash bench/kernel_session.sh   (on the GPU machine; writes to $OUT)
-# Knobs (env): TEST_S, SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS (empty: none), BENCH_S, LOWBITS (e.g. 3,2; timed at
+# Knobs (env): TEST_S, TEST_K (pytest -k filter), SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS (empty: none), BENCH_S, LOWBITS (e.g. 3,2; timed at
 # M=1 only) + LOW_S, DECODE_LAYERS (+ DECODE_S, DECODE_FORMATS: llmcomp bench decode on that many
-# Llama-3-8B layers, per format),
+# Llama-3-8B layers, per format; DECODE_COMPILE=1 times them with compiled decoder layers too),
 # FULLTEST_S (0 skips the full CUDA test file).
 set -u
 export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0
@@ -11,7 +11,7 @@ if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile
 export PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension())" ) 2>&1 | tail -4
-timeout ${TEST_S:-60} python3 -m pytest -q -x tests/test_kernels_cuda.py tests/test_codebook_kernel.py -k "mma or odd or compile or e2m1 or early or kernel_matches" 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout ${TEST_S:-120} python3 -m pytest -q -x tests/test_kernels_cuda.py tests/test_codebook_kernel.py -k "${TEST_K:-mma or odd or compile or e2m1 or schedule or kernel_matches}" 2>&1 | tee "$OUT/tests.log" | tail -25
 if [ "${SWEEP:-1}" = 1 ]; then
   timeout ${SWEEP_S:-150} python3 -c "
 import json, os
@@ -27,6 +27,10 @@ if [ -n "${DECODE_LAYERS:-}" ]; then  # e.g. 32: the whole Llama-3-8B shape, W4 
   for f in ${DECODE_FORMATS:-uniform}; do  # e.g. "uniform mxfp4"
     timeout ${DECODE_S:-240} python3 -m llmcomp bench decode --synthetic llama3-8b --layers "$DECODE_LAYERS" \
       --format "$f" --batch 1,16 --context 512 --steps 64 --out "$OUT/decode_$f.json" 2>&1 | tail -8
+    if [ "${DECODE_COMPILE:-0}" = 1 ]; then
+      timeout ${DECODE_S:-240} python3 -m llmcomp bench decode --synthetic llama3-8b --layers "$DECODE_LAYERS" \
+        --format "$f" --batch 1,16 --context 512 --steps 64 --compile --out "$OUT/decode_${f}_compiled.json" 2>&1 | tail -8
+    fi
   done
 fi
 if [ "${FULLTEST_S:-100}" != 0 ]; then

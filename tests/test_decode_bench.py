@@ -106,7 +106,7 @@ def test_run_rows_speedup_and_json(tmp_path):
     assert [(r["model"], r["batch"]) for r in saved["rows"]] == [("original", 1), ("original", 2),
                                                                  ("compressed", 1), ("compressed", 2)]
     assert set(saved["speedup"]) == {"1", "2"} and all(v > 0 for v in saved["speedup"].values())
-    assert saved["settings"] == {"synthetic": "tiny", "batches": [1, 2], "context": 6, "steps": 3}
+    assert saved["settings"] == {"synthetic": "tiny", "batches": [1, 2], "context": 6, "steps": 3, "compile": False}
     assert "torch" in saved and "transformers" in saved
 
 
@@ -220,3 +220,29 @@ def test_graph_replay_equals_eager(quantized):
     r = db.decode_speed(model, batch=4, context=40, steps=8)
     assert r["graphs"] is True and "graph_error" not in r, r
     assert r["tokens_per_s"] > 0 and r["peak_gpu_gb"] > 0
+
+
+def test_compiled_layers_decode_the_same_and_come_off_again():
+    """--compile: each decoder layer through torch.compile (the eager backend here: the plumbing, not
+    inductor's kernels) — quantized layers graph-break around their op, prefill runs eagerly, the tokens
+    match the uncompiled model's, and uncompile_layers puts the plain forwards back."""
+    import torch._dynamo
+
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import quantize_model
+    from llmcomp.quant.rtn import RTNConfig
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    quantize_model(model, RTNConfig(format=Uniform(bits=4, group_size=32)))
+    ids = torch.randint(0, 128, (2, 9))
+    _, ref, ref_tokens = static_decode(model, ids, steps=3)
+    torch._dynamo.reset()
+    assert db.compile_layers(model, backend="eager") == len(model.model.layers)
+    try:
+        _, got, tokens = static_decode(model, ids, steps=3)
+    finally:
+        db.uncompile_layers(model)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)

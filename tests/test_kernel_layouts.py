@@ -176,10 +176,10 @@ def test_3bit_decode_reads_the_code(dtype):
             assert torch.equal(got, code.double()), (e, hi)
 
 
-def test_early_scales_flag(monkeypatch):
-    """Off unless LLMCOMP_MMA_EARLY_SCALES=1 (read once)."""
-    for value, want in (("", 0), ("0", 0), ("1", 1), ("2", 2), ("yes", 0)):
-        monkeypatch.setenv("LLMCOMP_MMA_EARLY_SCALES", value)
-        uniform_cuda.early_scales.cache_clear()
-        assert uniform_cuda.early_scales() == want
-    uniform_cuda.early_scales.cache_clear()
+def test_schedule_flag(monkeypatch):
+    """LLMCOMP_MMA_SCHEDULE picks one of the kernel's schedules (read once); anything else: the default (-1)."""
+    for value, want in (("", -1), ("0", 0), ("1", 1), ("3", 3), ("4", 4), ("5", 5), ("6", -1), ("yes", -1)):
+        monkeypatch.setenv("LLMCOMP_MMA_SCHEDULE", value)
+        uniform_cuda.schedule.cache_clear()
+        assert uniform_cuda.schedule() == want
+    uniform_cuda.schedule.cache_clear()

@@ -125,12 +125,14 @@ class StaticDecoder:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """Run the prompts ``ids`` [B, T] through the cache; returns the last position's logits [B, vocab]."""
+        """Run the prompts ``ids`` [B, T] through the cache; returns the last position's logits [B, vocab].
+        Compiled layers run eagerly here (only the decode step is timed; no compile for prompt shapes)."""
         if ids.shape[0] != self.batch or ids.shape[1] >= self.max_len:
             raise ValueError(f"prompts {tuple(ids.shape)} do not fit batch {self.batch}, max_len {self.max_len}")
-        for s in range(0, ids.shape[1], chunk):
-            out = self.model(input_ids=ids[:, s:s + chunk], **{self.cache_kw: self.cache}, use_cache=True,
-                             logits_to_keep=1)
+        with torch.compiler.set_stance("force_eager"):
+            for s in range(0, ids.shape[1], chunk):
+                out = self.model(input_ids=ids[:, s:s + chunk], **{self.cache_kw: self.cache}, use_cache=True,
+                                 logits_to_keep=1)
         last = out.logits[:, -1]
         self.logits = torch.empty_like(last)
         self.tokens.copy_(last.argmax(-1, keepdim=True))
@@ -242,6 +244,34 @@ def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs:
     return result
 
 
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every decoder layer's forward in place (static shapes). HF's eager layer launches ~40
+    small kernels (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at batch 1;
+    compiled, they fuse. Quantized linears stay opaque ops (graph breaks: each runs as it does eagerly).
+    Returns the number of layers; ``uncompile_layers`` undoes it."""
+    import torch._dynamo
+
+    from llmcomp.core.model import decoder_layers
+
+    _, layers = decoder_layers(model)
+    limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4 * limit)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=False, backend=backend)
+    return len(layers)
+
+
+def uncompile_layers(model: nn.Module) -> None:
+    import torch._dynamo
+
+    from llmcomp.core.model import decoder_layers
+
+    for layer in decoder_layers(model)[1]:
+        layer.__dict__.pop("forward", None)
+    torch._dynamo.reset()
+
+
 def environment() -> dict:
     import transformers
 
@@ -252,13 +282,17 @@ def environment() -> dict:
 
 
 def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
-        graphs: bool = True, progress: Progress = NULL) -> dict:
+        graphs: bool = True, progress: Progress = NULL, compile: bool = False) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
+    ``compile``: each model's decoder layers through ``compile_layers`` first (both models alike).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
-    result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps},
+    result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
+                                            "compile": compile},
               "rows": []}
     for name, label, model in models:
+        if compile:
+            progress.note(f"Compiling the {compile_layers(model)} decoder layers of {label} (first step of each batch)")
         for b in batches:
             try:
                 row = {"model": name, "label": label, **decode_speed(model, b, context, steps, graphs=graphs)}
@@ -270,6 +304,8 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
             if out is not None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=1))
+        if compile:
+            uncompile_layers(model)
         del model  # the generator drops its reference too before it loads the next model
     result["speedup"] = speedups(result["rows"])
     if out is not None:

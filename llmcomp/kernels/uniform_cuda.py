@@ -1,5 +1,6 @@
 """CUDA C++ fast path for the ``uniform`` format (2-, 3- and 4-bit codes) and the E2M1 float formats
-(``mxfp4``, ``nvfp4``, ``fp4`` with E2M1 elements), ``csrc/uniform_mma.cu``.
+(``mxfp4``, ``nvfp4``, ``fp4`` with E2M1 elements): ``csrc/uniform_mma.cuh`` (device code), ``uniform_mma.cu``
+(bindings) and ``mma_*.cu`` (the GEMM instantiated per format, compiled in parallel).
 
 The kernel computes ``y^T = W x^T`` on the tensor cores (``mma.sync`` m16n8k16, fp32 accumulate) with
 the weights dequantized in registers, for 1–64 rows of ``x``; above that, ``prepare``'s layout is
@@ -27,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).parent / "csrc" / "uniform_mma.cu"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu")  # + uniform_mma.cuh
 MAX_M = 64
 BITS = (2, 3, 4)
 E2M1_FORMATS = ("mxfp4", "nvfp4", "fp4")
@@ -56,12 +58,12 @@ def extension():
         major, minor = torch.cuda.get_device_capability()
         if major < 8:
             raise RuntimeError(f"compute capability {major}.{minor} < 8.0 (mma.sync bf16 needs Ampere or newer)")
-        src = SOURCE.read_bytes()
+        src = b"".join((CSRC / f).read_bytes() for f in (*SOURCES, "uniform_mma.cuh"))
         tag = hashlib.sha256(src + f"{major}{minor}{torch.__version__}".encode()).hexdigest()[:12]
         build = cache_dir() / "kernels" / f"uniform_mma_{tag}"
         build.mkdir(parents=True, exist_ok=True)
         arch = f"{major}{minor}"
-        return load(name=f"llmcomp_uniform_mma_{tag}", sources=[str(SOURCE)], build_directory=str(build),
+        return load(name=f"llmcomp_uniform_mma_{tag}", sources=[str(CSRC / f) for f in SOURCES], build_directory=str(build),
                     extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo"],
                     verbose=os.environ.get("LLMCOMP_VERBOSE_BUILD") == "1")
     except Exception as exc:  # no nvcc, no ninja, old GPU: the Triton or reference path serves instead
@@ -99,7 +101,7 @@ def supports(fmt, x: torch.Tensor, out_features: int) -> bool:
 @functools.lru_cache(maxsize=4)
 def _tables(bits: int, device: torch.device):
     """Per (lane, word, pair, half): the row within the 16-row tile, the input within the kblock and the
-    bit position of that code in the lane's word — the layout contract of uniform_mma.cu."""
+    bit position of that code in the lane's word — the layout contract of uniform_mma.cuh."""
     lane_k, per_half, steps_per_word = kblock(bits) // 4, 8 // bits, 4 // bits
     rows, ks, pos = [], [], []
     for lane in range(32):
@@ -190,43 +192,48 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
     return fits[dtype]
 
 
+SCHEDULES = {0: "scales after weights", 1: "early scales", 2: "early scales + L2 prefetch",
+             3: "double-buffered rounds", 4: "double-buffered half rounds", 5: "cp.async ring in shared memory"}
+
+
 @functools.lru_cache(maxsize=1)
-def early_scales() -> int:
-    """``LLMCOMP_MMA_EARLY_SCALES=1``: at M ≤ 8, load each round's scales with its weights; ``=2``: that, and
-    ask L2 for the next round's weights before computing this one. Experiments to be timed (``llmcomp_early``
-    / ``llmcomp_early2`` in the kernel benchmark); 0, the measured kernel, by default."""
-    value = os.environ.get("LLMCOMP_MMA_EARLY_SCALES", "0").strip()
-    return int(value) if value in ("1", "2") else 0
+def schedule() -> int:
+    """``LLMCOMP_MMA_SCHEDULE=0..5``: how a warp orders its loads and math at M ≤ 16 (uniform_mma.cuh's
+    ``Sched``; 1 and 2 at M ≤ 8 only); unset: the default of ``launch_config``. For timing the variants."""
+    value = os.environ.get("LLMCOMP_MMA_SCHEDULE", "").strip()
+    return int(value) if value in {str(k) for k in SCHEDULES} else -1
 
 
 def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int, int]:
-    """(row tiles per warp, warps per block splitting K, early scales), from the H100 sweep in
+    """(row tiles per warp, warps per block splitting K, schedule), from the H100 sweep in
     bench/results/kernels_sweep_h100.json: one 16-row tile per warp and 8 warps at M ≤ 8 (4 warps when
     there are many row tiles and a short K); two row tiles above M = 8, where each x fragment then
     serves twice the rows."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    chosen = schedule()
     if m <= 8:
-        return 1, 4 if (n // 16 >= 6 * sms and k // kblock(bits) <= 64) else 8, early_scales()
-    return (2 if n % 32 == 0 else 1), 4 if n // 32 >= 6 * sms else 8, 0
+        return 1, 4 if (n // 16 >= 6 * sms and k // kblock(bits) <= 64) else 8, max(chosen, 0)
+    rt = 2 if n % 32 == 0 else 1
+    return rt, 4 if n // 32 >= 6 * sms else 8, chosen if (m <= 16 and rt == 2 and chosen in (0, 3, 4, 5)) else 0
 
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
 def gemm_op(x: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, bits: int, group: int, n: int,
-            rt: int, warps: int, elem: int = 0, early: int = 0) -> torch.Tensor:
-    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem, early)
+            rt: int, warps: int, elem: int = 0, sched: int = 0) -> torch.Tensor:
+    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem, sched)
 
 
 @gemm_op.register_fake
-def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, early=0):
+def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, sched=0):
     return x.new_empty(x.shape[0], n)
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
     if x2.data_ptr() % 16:
         x2 = x2.clone()
-    rt, warps, early = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
+    rt, warps, sched = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
     return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
-                   rt, warps, prep["elem"], early)
+                   rt, warps, prep["elem"], sched)
 
 
 def _high(prep: dict) -> torch.Tensor:

@@ -1,0 +1,668 @@
+#pragma once
+// Dequant-GEMM for the `uniform` format (2-, 3- and 4-bit codes, group-wise scale and offset) and the E2M1
+// float formats (mxfp4, nvfp4, fp4 e2m1: 4-bit codes, one scale per block) on sm_80+.
+//
+// y[M, N] = x[M, K] @ W[N, K]^T with W = q * scale + mz (mz = -zero * scale; E2M1: W = e2m1(q) * scale), computed as
+// y^T = W x^T on the tensor cores (mma.sync m16n8k16, fp32 accumulate): a 16-row weight tile is the A
+// operand, 8 tokens of x are the B operand. Weights are dequantized in registers and never written.
+//
+// Weight layout (built once by llmcomp/kernels/uniform_cuda.py:prepare from the canonical bit stream):
+// qw[tile][kblock][lane][4 words] (uint4 per lane). A kblock holds KBLK = 256/BITS inputs; lane (g, c)
+// (g = lane / 4, c = lane % 4) owns the physical inputs [c*KBLK/4, (c+1)*KBLK/4) of the block, so its x
+// slice is contiguous (16-byte loads). Logical mma step s uses the four inputs c*KBLK/4 + 4s + j, j=0..3,
+// and the words hold, per step, the A fragment a0..a3 = (row g | g+8) x (j 0,1 | 2,3) as "half2 pairs":
+// pair e of a word has its two codes at bits sh+p and sh+p+16 (sh = 8*(e / (8/BITS)),
+// p = BITS*(e % (8/BITS))), so one lop3 with a magic exponent turns a pair into two 16-bit floats.
+// sz[N][G] holds (scale, mz) as one 16-bit pair per row and group, in the activation dtype.
+// E2M1 (ELEM == 1): the same code layout (a code is the OCP nibble: sign bit 3, exponent bits 2-1, mantissa
+// bit 0); a nibble's bits are moved into a 16-bit float's sign / low exponent / top mantissa bits, which reads
+// as e2m1(q) * 2^-B (B = 14 for fp16, 126 for bf16; the zero-exponent code 0.5 lands on a subnormal, exact);
+// sz[N][G] then holds one 16-bit value per row and block, scale * 2^B in the activation dtype.
+// 3-bit codes (ELEM == 2) are bit-sliced: their low 2 bits in the 2-bit layout above (BITS = 2), their high
+// bit in qh[tile][kblock][lane][2 words]: the high bits of word wi's pair e sit at bits 8*(wi%2) + e and
+// 16 + 8*(wi%2) + e of qh word wi/2 (3 bits a weight in all).
+// (Included by uniform_mma.cu, the bindings, and by the mma_*.cu units that instantiate the GEMM per format.)
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include <type_traits>
+
+namespace llmcomp_mma {
+
+template <typename T> struct Num;
+template <> struct Num<__half> {
+  using T2 = __half2;
+  // 1024 + v for v < 1024 is exact: 0x6400 is 1024 with an all-zero mantissa.
+  static constexpr uint32_t MAGIC = 0x64006400u;
+  static constexpr float MAGIC_F = 1024.f;
+  __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
+  __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  __device__ static T2 f2(float a) { return __float2half2_rn(a); }
+  __device__ static T2 lo2(T2 a) { return __low2half2(a); }
+  __device__ static T2 hi2(T2 a) { return __high2half2(a); }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+template <> struct Num<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  // 128 + q is exact for q < 128 (0x4300 is 128 with an all-zero 7-bit mantissa).
+  static constexpr uint32_t MAGIC = 0x43004300u;
+  static constexpr float MAGIC_F = 128.f;
+  __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
+  __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  __device__ static T2 f2(float a) { return __float2bfloat162_rn(a); }
+  __device__ static T2 lo2(T2 a) { return __low2bfloat162(a); }
+  __device__ static T2 hi2(T2 a) { return __high2bfloat162(a); }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+  uint32_t r;
+  // (a & mask) | magic
+  asm volatile("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint2 ld_stream2(const uint2* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p));
+}
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// The 16/BITS code pairs of one word, as integer-valued 16-bit floats: out[e] = (q_lo, q_hi) of pair e,
+// whose codes sit at bits BITS*e and 16 + BITS*e.
+// fp16 (10 mantissa bits): a field may sit anywhere in the low byte of each half, so one shift by 8
+// serves all pairs: lop3 gives MAGIC + 2^p q, and one fma recovers q exactly.
+// bf16 (7 mantissa bits): bit 7 belongs to the exponent, so each pair is shifted down to bit 0 first.
+template <typename T, int BITS>
+__device__ __forceinline__ void decode_word(uint32_t w, typename Num<T>::T2 (&out)[16 / BITS]) {
+  using N = Num<T>;
+  constexpr int PER_HALF = 8 / BITS;  // pairs per byte
+  constexpr uint32_t LOWMASK = ((1u << BITS) - 1) | (((1u << BITS) - 1) << 16);
+  if constexpr (std::is_same<T, __half>::value) {
+#pragma unroll
+    for (int sh = 0; sh < 2; ++sh) {
+      uint32_t v = sh ? (w >> 8) : w;
+#pragma unroll
+      for (int i = 0; i < PER_HALF; ++i) {
+        const int p = BITS * i;
+        uint32_t h = lop3_and_or(v, LOWMASK << p, N::MAGIC);
+        const float inv = 1.f / float(1 << p);
+        out[sh * PER_HALF + i] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 16 / BITS; ++e) {
+      uint32_t h = lop3_and_or(w >> (BITS * e), LOWMASK, N::MAGIC);
+      out[e] = N::fma2(N::pair(h), N::f2(1.f), N::f2(-N::MAGIC_F));
+    }
+  }
+}
+
+template <int S>
+__device__ __forceinline__ uint32_t shift_left(uint32_t v) {  // by S, or right by -S
+  if constexpr (S >= 0) return v << S;
+  else return v >> (-S);
+}
+
+// 3-bit codes: decode_word<T, 2> with each pair's high bit (bits e and 16 + e of hw) placed just above its
+// 2-bit field before the magic-exponent lop3, so the same fma gives the 3-bit value.
+template <typename T>
+__device__ __forceinline__ void decode_word3(uint32_t w, uint32_t hw, typename Num<T>::T2 (&out)[8]) {
+  using N = Num<T>;
+  constexpr uint32_t LOWMASK = 0x00030003u;
+  if constexpr (std::is_same<T, __half>::value) {
+#pragma unroll
+    for (int sh = 0; sh < 2; ++sh) {
+      const uint32_t v = sh ? (w >> 8) : w;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int p = 2 * i, e = 4 * sh + i;
+        const uint32_t hb = lop3_and_or(
+            e == 0 ? shift_left<2>(hw) : e == 1 ? shift_left<3>(hw) : e == 2 ? shift_left<4>(hw)
+            : e == 3 ? shift_left<5>(hw) : e == 4 ? shift_left<-2>(hw) : e == 5 ? shift_left<-1>(hw)
+            : e == 6 ? shift_left<0>(hw) : shift_left<1>(hw),
+            0x00010001u << (p + 2), N::MAGIC);
+        const uint32_t h = lop3_and_or(v, LOWMASK << p, hb);
+        const float inv = 1.f / float(1 << p);
+        out[e] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const uint32_t hb = lop3_and_or(e <= 2 ? hw << (2 - e) : hw >> (e - 2), 0x00040004u, N::MAGIC);
+      const uint32_t h = lop3_and_or(w >> (2 * e), LOWMASK, hb);
+      out[e] = N::fma2(N::pair(h), N::f2(1.f), N::f2(-N::MAGIC_F));
+    }
+  }
+}
+
+// E2M1 pairs of one word: pair e (e = 0..3) has its nibbles at bits 4e and 16 + 4e; out[e] = e2m1 * 2^-B.
+template <typename T>
+__device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&out)[4]) {
+  constexpr bool HALF = std::is_same<T, __half>::value;
+  constexpr int MAG_AT = HALF ? 9 : 6;  // where the 3 magnitude bits go: low exponent bits + top mantissa bit
+  constexpr uint32_t MAG = 0x00070007u << MAG_AT;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const uint32_t sign = w << (12 - 4 * e);  // bit 4e + 3 -> 15
+    const uint32_t mag = (4 * e <= MAG_AT ? w << (MAG_AT - 4 * e) : w >> (4 * e - MAG_AT)) & MAG;
+    out[e] = Num<T>::pair(lop3_and_or(sign, 0x80008000u, mag));
+  }
+}
+
+// Kernel shape per (BITS, MT): U = kblocks loaded per round, THREADS = the largest block.
+template <int BITS, int MT>
+struct Shape {
+  static constexpr int U = 4;
+  static constexpr int THREADS = 256;
+};
+
+// Word wi of a lane's kblock; hv: the lane's high-bit words (ELEM == 2 only).
+template <typename T, int BITS, int ELEM>
+__device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typename Num<T>::T2 (&q)[16 / BITS]) {
+  if constexpr (ELEM == 1) {
+    decode_e2m1<T>(w, q);
+  } else if constexpr (ELEM == 2) {
+    static_assert(BITS == 2, "3-bit codes use the 2-bit layout for their low bits");
+    decode_word3<T>(w, ((wi >> 1) ? hv.y : hv.x) >> (8 * (wi & 1)), q);
+  } else {
+    decode_word<T, BITS>(w, q);
+  }
+}
+
+// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale. PIN: as a
+// volatile load, which stays where it is written (a load issued with its round's weights, not sunk to its use).
+template <int ELEM, bool PIN = false>
+__device__ __forceinline__ uint32_t load_scale_raw(const void* sz, size_t idx) {
+  if constexpr (PIN) {
+    uint32_t v;
+    if constexpr (ELEM == 1) {
+      unsigned short h;
+      asm volatile("ld.global.nc.u16 %0, [%1];\n" : "=h"(h) : "l"(reinterpret_cast<const unsigned short*>(sz) + idx));
+      v = h;
+    } else {
+      asm volatile("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(reinterpret_cast<const uint32_t*>(sz) + idx));
+    }
+    return v;
+  } else if constexpr (ELEM == 1) {
+    return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
+  } else {
+    return __ldg(reinterpret_cast<const uint32_t*>(sz) + idx);
+  }
+}
+
+// ... as two T2 vectors (scale, scale) and (mz, mz).
+template <typename T, int ELEM>
+__device__ __forceinline__ void unpack_scale(uint32_t s, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
+  if constexpr (ELEM == 1) {
+    sc = Num<T>::pair(s | (s << 16));
+    mz = Num<T>::f2(0.f);
+  } else {
+    sc = Num<T>::lo2(Num<T>::pair(s));
+    mz = Num<T>::hi2(Num<T>::pair(s));
+  }
+}
+
+template <typename T, int ELEM>
+__device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
+  unpack_scale<T, ELEM>(load_scale_raw<ELEM>(sz, idx), sc, mz);
+}
+
+// How a warp orders its loads and math (SCHED; chosen at launch, see uniform_cuda.launch_config):
+//   0: a round of U kblocks' weight loads, then per kblock its scales (loaded only now) and the math;
+//   1: the scale loads go out with the weight loads of their round (one DRAM latency a round, not two);
+//   2: 1, and L2 is asked for the next round's weights before this one is computed (no registers);
+//   3: double-buffered rounds: the next round's weights and scales are in flight while this round is
+//      computed, so a warp's loads overlap its own math (twice the load registers);
+//   5: an asynchronous copy pipeline (cp.async, sm_80+): each lane copies its weights, scales and x of the
+//      next STAGES - 1 kblocks into a per-warp ring in shared memory while it computes one, so the bytes in
+//      flight are held in shared memory, not registers (which bound the warps an SM keeps, and with them the
+//      loads in flight, in schedules 0-3). Each lane reads back only what it copied: no barriers.
+template <int SCHED> struct Sched {
+  static constexpr bool EARLY = SCHED >= 1 && SCHED <= 3, PREFETCH = SCHED == 2, PIPE = SCHED == 3,
+                        ASYNC = SCHED == 5;
+  static constexpr int STAGES = 4;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" : : "r"(smem_addr(dst)), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" : : "r"(smem_addr(dst)), "l"(src), "n"(BYTES) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" : : : "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" : : "n"(N) : "memory"); }
+
+// One round's loads: U kblocks x R row tiles, from kblock kb (those at or past kb1 are skipped).
+template <int BITS, int R, int U, int ELEM, int SCHED>
+struct Round {
+  uint4 w[U][R];
+  uint2 h[U][R];
+  uint32_t s[U][R][2];
+
+  __device__ __forceinline__ void load(const uint4* __restrict__ qw, const uint2* __restrict__ qh, const void* sz,
+                                       int kb, int kb1, int KB, int tile0, int lane, int G, int group) {
+    constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4;
+    const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (kb + u < kb1) {
+          const size_t at = ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane;
+          w[u][r] = ld_stream(qw + at);
+          if constexpr (ELEM == 2) h[u][r] = ld_stream2(qh + at);
+          else h[u][r] = make_uint2(0, 0);
+          if constexpr (Sched<SCHED>::EARLY) {
+            const int row = (tile0 + r) * 16 + g, grp = ((kb + u) * KBLK + c * LANE_K) / group;
+            s[u][r][0] = load_scale_raw<ELEM, true>(sz, (size_t)row * G + grp);
+            s[u][r][1] = load_scale_raw<ELEM, true>(sz, (size_t)(row + 8) * G + grp);
+          }
+          if constexpr (Sched<SCHED>::PREFETCH) {
+            if (kb + U + u < kb1 && (lane & 7) == 0) {  // one request per 128-byte line
+              const size_t next = at + (size_t)U * 32;
+              prefetch_l2(qw + next);
+              if constexpr (ELEM == 2) prefetch_l2(qh + next);
+            }
+          }
+        }
+  }
+};
+
+// The math of one kblock: decode, scale, mma. cx: the lane's x fragments; sc/mz: the scales of rows g and g + 8.
+template <typename T, int BITS, int MT, int R, int ELEM>
+__device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 (&h)[R],
+                                               const typename Num<T>::T2 (&sc_lo)[R], const typename Num<T>::T2 (&mz_lo)[R],
+                                               const typename Num<T>::T2 (&sc_hi)[R], const typename Num<T>::T2 (&mz_hi)[R],
+                                               const uint4 (&cx)[MT][(256 / BITS) / 32], float (&acc)[R][MT][4]) {
+  using N2 = typename Num<T>::T2;
+  constexpr int STEPS_PER_WORD = 4 / BITS;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const uint32_t words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
+#pragma unroll
+    for (int wi = 0; wi < 4; ++wi) {
+      N2 q[16 / BITS];
+      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);
+#pragma unroll
+      for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
+        const int s = wi * STEPS_PER_WORD + ss;  // step within the kblock: inputs 4s..4s+3 of the lane
+        uint32_t a[4];
+        N2 w0 = Num<T>::fma2(q[4 * ss + 0], sc_lo[r], mz_lo[r]);
+        N2 w1 = Num<T>::fma2(q[4 * ss + 1], sc_hi[r], mz_hi[r]);
+        N2 w2 = Num<T>::fma2(q[4 * ss + 2], sc_lo[r], mz_lo[r]);
+        N2 w3 = Num<T>::fma2(q[4 * ss + 3], sc_hi[r], mz_hi[r]);
+        a[0] = *reinterpret_cast<uint32_t*>(&w0);
+        a[1] = *reinterpret_cast<uint32_t*>(&w1);
+        a[2] = *reinterpret_cast<uint32_t*>(&w2);
+        a[3] = *reinterpret_cast<uint32_t*>(&w3);
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[t][0]);
+          mma16816<T>(acc[r][t], a, xw[2 * s], xw[2 * s + 1]);
+        }
+      }
+    }
+  }
+}
+
+// The math of one loaded round: per kblock, x (small and re-read by every warp: L1/L2 hits), the scales,
+// then compute_kblock.
+template <typename T, int BITS, int MT, int R, int U, int ELEM, int SCHED>
+__device__ __forceinline__ void compute_round(const Round<BITS, R, U, ELEM, SCHED>& rd, float (&acc)[R][MT][4],
+                                              const T* __restrict__ x, const void* sz, int kb, int kb1, int tile0,
+                                              int lane, int M, int K, int G, int group) {
+  using N2 = typename Num<T>::T2;
+  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (kb + u >= kb1) break;
+    const int k_lane = (kb + u) * KBLK + c * LANE_K;
+    uint4 cx[MT][XVEC];
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      const int tok = t * 8 + g;
+#pragma unroll
+      for (int v = 0; v < XVEC; ++v)
+        cx[t][v] = tok < M ? *reinterpret_cast<const uint4*>(x + (size_t)tok * K + k_lane + 8 * v)
+                           : make_uint4(0, 0, 0, 0);
+    }
+    const int grp = k_lane / group;
+    N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = (tile0 + r) * 16 + g;
+      if constexpr (Sched<SCHED>::EARLY) {
+        unpack_scale<T, ELEM>(rd.s[u][r][0], sc_lo[r], mz_lo[r]);
+        unpack_scale<T, ELEM>(rd.s[u][r][1], sc_hi[r], mz_hi[r]);
+      } else {
+        load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc_lo[r], mz_lo[r]);
+        load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc_hi[r], mz_hi[r]);
+      }
+    }
+    compute_kblock<T, BITS, MT, R, ELEM>(rd.w[u], rd.h[u], sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);
+  }
+}
+
+// Schedule 5's ring: per warp STAGES slots of one kblock each; a slot holds, per row tile r and lane, the 16
+// weight bytes, (3-bit) the 8 high-bit bytes, the two 4-byte scale words (rows g, g + 8; E2M1: the aligned
+// 4 bytes around the 16-bit scale), then x: XTOK tokens x 4 lanes c x XVEC 16-byte vectors.
+template <int BITS, int MT, int R, int ELEM>
+struct Ring {
+  static constexpr int XVEC = (256 / BITS) / 32;
+  static constexpr int W = 0, H = W + R * 32 * 16, S = H + (ELEM == 2 ? R * 32 * 8 : 0), X = S + R * 32 * 8;
+  __host__ __device__ static constexpr int slot_bytes(int xtok) { return X + xtok * 4 * XVEC * 16; }
+  // Tokens whose x the ring holds: at M <= 8 only the real ones (x of missing tokens is zero, not copied).
+  __host__ __device__ static constexpr int xtok(int M) { return MT == 1 ? (M < 8 ? M : 8) : MT * 8; }
+};
+
+template <typename T, int BITS, int MT, int R, int ELEM, int SCHED>
+__device__ __forceinline__ void async_issue(char* slot, const T* __restrict__ x, const uint4* __restrict__ qw,
+                                            const uint2* __restrict__ qh, const void* sz, int kb, int KB, int tile0,
+                                            int lane, int M, int K, int G, int group) {
+  using RG = Ring<BITS, MT, R, ELEM>;
+  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4;
+  const int g = lane >> 2, c = lane & 3;
+  const int k_lane = kb * KBLK + c * LANE_K, grp = k_lane / group;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const size_t at = ((size_t)(tile0 + r) * KB + kb) * 32 + lane;
+    cp_async<16>(slot + RG::W + (r * 32 + lane) * 16, qw + at);
+    if constexpr (ELEM == 2) cp_async<8>(slot + RG::H + (r * 32 + lane) * 8, qh + at);
+    const int row = (tile0 + r) * 16 + g;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const size_t idx = (size_t)(row + 8 * j) * G + grp;
+      const void* src = ELEM == 1 ? static_cast<const void*>(reinterpret_cast<const unsigned short*>(sz) + (idx & ~size_t(1)))
+                                  : static_cast<const void*>(reinterpret_cast<const uint32_t*>(sz) + idx);
+      cp_async<4>(slot + RG::S + (r * 32 + lane) * 8 + 4 * j, src);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    const int tok = t * 8 + g;
+    if (tok < M) {
+#pragma unroll
+      for (int v = 0; v < RG::XVEC; ++v)
+        cp_async<16>(slot + RG::X + ((tok * 4 + c) * RG::XVEC + v) * 16, x + (size_t)tok * K + k_lane + 8 * v);
+    }
+  }
+}
+
+// Schedule 5 (see Sched): kblocks [kb0, kb1) of this warp through its ring.
+template <typename T, int BITS, int MT, int R, int ELEM, int SCHED>
+__device__ __forceinline__ void async_loop(char* ring, float (&acc)[R][MT][4], const T* __restrict__ x,
+                                           const uint4* __restrict__ qw, const uint2* __restrict__ qh, const void* sz,
+                                           int kb0, int kb1, int KB, int tile0, int lane, int M, int K, int G,
+                                           int group, int slot_bytes) {
+  using N2 = typename Num<T>::T2;
+  using RG = Ring<BITS, MT, R, ELEM>;
+  constexpr int S = Sched<SCHED>::STAGES, KBLK = 256 / BITS, LANE_K = KBLK / 4;
+  const int g = lane >> 2, c = lane & 3;
+  const int n = kb1 - kb0;
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) {  // one commit group per kblock, empty past the end: the count stays uniform
+    if (i < n) async_issue<T, BITS, MT, R, ELEM, SCHED>(ring + i * slot_bytes, x, qw, qh, sz, kb0 + i, KB, tile0, lane, M, K, G, group);
+    cp_async_commit();
+  }
+  for (int i = 0; i < n; ++i) {
+    cp_async_wait<S - 2>();  // kblock i has landed (this lane's copies: all it reads)
+    const int next = i + S - 1;  // into the slot kblock i - 1 used; its values are already in registers
+    if (next < n)
+      async_issue<T, BITS, MT, R, ELEM, SCHED>(ring + (next % S) * slot_bytes, x, qw, qh, sz, kb0 + next, KB, tile0, lane, M, K, G, group);
+    cp_async_commit();
+    const char* slot = ring + (i % S) * slot_bytes;
+    uint4 w[R];
+    uint2 h[R];
+    N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
+    const int grp = ((kb0 + i) * KBLK + c * LANE_K) / group;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      w[r] = *reinterpret_cast<const uint4*>(slot + RG::W + (r * 32 + lane) * 16);
+      h[r] = ELEM == 2 ? *reinterpret_cast<const uint2*>(slot + RG::H + (r * 32 + lane) * 8) : make_uint2(0, 0);
+      uint2 sv = *reinterpret_cast<const uint2*>(slot + RG::S + (r * 32 + lane) * 8);
+      if constexpr (ELEM == 1) {  // the 16-bit scale within its aligned word
+        const int row = (tile0 + r) * 16 + g;
+        sv.x = (sv.x >> (16 * (((size_t)row * G + grp) & 1))) & 0xffffu;
+        sv.y = (sv.y >> (16 * (((size_t)(row + 8) * G + grp) & 1))) & 0xffffu;
+      }
+      unpack_scale<T, ELEM>(sv.x, sc_lo[r], mz_lo[r]);
+      unpack_scale<T, ELEM>(sv.y, sc_hi[r], mz_hi[r]);
+    }
+    uint4 cx[MT][RG::XVEC];
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      const int tok = t * 8 + g;
+#pragma unroll
+      for (int v = 0; v < RG::XVEC; ++v)
+        cx[t][v] = tok < M ? *reinterpret_cast<const uint4*>(slot + RG::X + ((tok * 4 + c) * RG::XVEC + v) * 16)
+                           : make_uint4(0, 0, 0, 0);
+    }
+    compute_kblock<T, BITS, MT, R, ELEM>(w, h, sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);
+  }
+  cp_async_wait<0>();
+}
+
+// One warp: R row tiles (16 rows each) x MT token tiles (8 tokens each), over kblocks [kb0, kb1).
+// Blocks: gridDim.x = N / (16 R); warps of a block split K; partial sums meet in shared memory.
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, int SCHED>
+__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
+                                                          const uint2* __restrict__ qh, const void* __restrict__ sz,
+                                                          T* __restrict__ out, int M, int N, int K, int G, int group,
+                                                          int kb_per_warp) {
+  constexpr int KBLK = 256 / BITS;
+  extern __shared__ __align__(16) float red[];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int KB = K / KBLK;
+  const int tile0 = blockIdx.x * R;
+  const int kb0 = warp * kb_per_warp;
+  const int kb1 = min(KB, kb0 + kb_per_warp);
+
+  float acc[R][MT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][t][i] = 0.f;
+
+  // (Measured on the H100: one round loaded then computed beat a register ring refilled slot by slot —
+  // bench/results/kernels_h100.json's notes; SCHED 3 double-buffers whole rounds instead.)
+  using Rd = Round<BITS, R, U, ELEM, SCHED>;
+  if constexpr (Sched<SCHED>::ASYNC) {
+    const int slot_bytes = Ring<BITS, MT, R, ELEM>::slot_bytes(Ring<BITS, MT, R, ELEM>::xtok(M));
+    char* ring = reinterpret_cast<char*>(red) + (size_t)warp * Sched<SCHED>::STAGES * slot_bytes;
+    async_loop<T, BITS, MT, R, ELEM, SCHED>(ring, acc, x, qw, qh, sz, kb0, kb1, KB, tile0, lane, M, K, G, group,
+                                            slot_bytes);
+    __syncthreads();  // the rings are reused for the reduction below
+  } else if constexpr (Sched<SCHED>::PIPE) {
+    Rd a, b;
+    a.load(qw, qh, sz, kb0, kb1, KB, tile0, lane, G, group);
+    for (int kb = kb0; kb < kb1; kb += 2 * U) {
+      b.load(qw, qh, sz, kb + U, kb1, KB, tile0, lane, G, group);
+      compute_round<T, BITS, MT, R, U, ELEM, SCHED>(a, acc, x, sz, kb, kb1, tile0, lane, M, K, G, group);
+      a.load(qw, qh, sz, kb + 2 * U, kb1, KB, tile0, lane, G, group);
+      compute_round<T, BITS, MT, R, U, ELEM, SCHED>(b, acc, x, sz, kb + U, kb1, tile0, lane, M, K, G, group);
+    }
+  } else {
+    for (int kb = kb0; kb < kb1; kb += U) {
+      Rd a;
+      a.load(qw, qh, sz, kb, kb1, KB, tile0, lane, G, group);
+      compute_round<T, BITS, MT, R, U, ELEM, SCHED>(a, acc, x, sz, kb, kb1, tile0, lane, M, K, G, group);
+    }
+  }
+
+  // acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t). Reduce over warps.
+  constexpr int ROWS = R * 16, TOKS = MT * 8;
+  float* mine = red + warp * ROWS * TOKS;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      const int row = r * 16 + g, tok = t * 8 + 2 * c;
+      mine[tok * ROWS + row] = acc[r][t][0];
+      mine[(tok + 1) * ROWS + row] = acc[r][t][1];
+      mine[tok * ROWS + row + 8] = acc[r][t][2];
+      mine[(tok + 1) * ROWS + row + 8] = acc[r][t][3];
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < ROWS * TOKS; i += blockDim.x) {
+    const int tok = i / ROWS, row = i % ROWS;
+    if (tok >= M) continue;
+    float s = 0.f;
+    for (int w = 0; w < nwarps; ++w) s += red[w * ROWS * TOKS + i];
+    out[(size_t)tok * N + tile0 * 16 + row] = Num<T>::from_float(s);
+  }
+}
+
+// W[N, K] in T from the kernel layout (prefill path: dequantize, then cuBLAS).
+template <typename T, int BITS, int ELEM>
+__global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2* __restrict__ qh,
+                                       const void* __restrict__ sz, T* __restrict__ w, int N, int K, int G, int group) {
+  using N2 = typename Num<T>::T2;
+  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, STEPS_PER_WORD = 4 / BITS;
+  const int KB = K / KBLK;
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // one (tile, kblock, lane)
+  if (idx >= (size_t)(N / 16) * KB * 32) return;
+  const int lane = idx % 32, kb = (idx / 32) % KB, tile = idx / 32 / KB;
+  const int g = lane >> 2, c = lane & 3;
+  const int k_lane = kb * KBLK + c * LANE_K, grp = k_lane / group;
+  const int row = tile * 16 + g;
+  N2 sc[2], mz[2];
+  load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc[0], mz[0]);
+  load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc[1], mz[1]);
+  const uint4 v = qw[idx];
+  const uint2 hv = ELEM == 2 ? qh[idx] : make_uint2(0, 0);
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi) {
+    N2 q[16 / BITS];
+    decode_any<T, BITS, ELEM>(words[wi], hv, wi, q);
+#pragma unroll
+    for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
+      const int k = k_lane + 4 * (wi * STEPS_PER_WORD + ss);
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        N2 val = Num<T>::fma2(q[4 * ss + reg], sc[reg & 1], mz[reg & 1]);
+        const int rr = row + 8 * (reg & 1), kk = k + 2 * (reg >> 1);
+        *reinterpret_cast<N2*>(w + (size_t)rr * K + kk) = val;
+      }
+    }
+  }
+}
+
+template <typename T, int BITS, int ELEM, int MT, int R, int U, int SCHED = 0>
+void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
+                torch::Tensor& out, int group, int warps) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
+  constexpr int KBLK = 256 / BITS;
+  const int KB = K / KBLK;
+  using S = Shape<BITS, MT>;
+  if (warps <= 0) warps = 8;
+  warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
+  const int kb_per_warp = (KB + warps - 1) / warps;
+  size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
+  if constexpr (Sched<SCHED>::ASYNC) {
+    using RG = Ring<BITS, MT, R, ELEM>;
+    smem = std::max(smem, (size_t)warps * Sched<SCHED>::STAGES * RG::slot_bytes(RG::xtok(M)));
+  }
+  auto kern = uniform_mma_kernel<T, BITS, MT, R, U, S::THREADS, ELEM, SCHED>;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
+      reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), reinterpret_cast<T*>(out.data_ptr()), M, N, K, G,
+      group, kb_per_warp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The schedules a launch may ask for (see Sched): 0, 1, 2, 3 (double-buffered rounds of U), 4 (double-buffered
+// rounds of U / 2), 5 (cp.async ring). Built at M <= 8 (all) and M <= 16 (0, 3, 4, 5; two row tiles); other
+// shapes run schedule 0.
+// (Rounds of U = 8 kblocks at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4:
+// bench/results/kernels_h200_notes.md.) One row tile per warp at M <= 8 (the H100 sweep: more blocks balance
+// better); two row tiles allowed above.
+template <typename T, int BITS, int ELEM, int MT, int R>
+void dispatch_sched(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
+                    torch::Tensor& out, int group, int warps, int sched) {
+  constexpr int U = Shape<BITS, MT>::U;
+  if constexpr (MT == 1) {
+    if (sched == 1) return launch_mma<T, BITS, ELEM, MT, R, U, 1>(x, qw, qh, sz, out, group, warps);
+    if (sched == 2) return launch_mma<T, BITS, ELEM, MT, R, U, 2>(x, qw, qh, sz, out, group, warps);
+  }
+  if constexpr (MT == 1 || R == 2) {
+    if (sched == 3) return launch_mma<T, BITS, ELEM, MT, R, U, 3>(x, qw, qh, sz, out, group, warps);
+    if (sched == 4) return launch_mma<T, BITS, ELEM, MT, R, U / 2, 3>(x, qw, qh, sz, out, group, warps);
+    if (sched == 5) return launch_mma<T, BITS, ELEM, MT, R, U, 5>(x, qw, qh, sz, out, group, warps);
+  }
+  return launch_mma<T, BITS, ELEM, MT, R, U>(x, qw, qh, sz, out, group, warps);
+}
+
+// Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
+template <typename T, int BITS, int ELEM>
+void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
+                 torch::Tensor& out, int group, int rt, int warps, int sched) {
+  const int M = x.size(0);
+  if (M <= 8) return dispatch_sched<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, sched);
+  if (M <= 16) {
+    if (rt >= 2) return dispatch_sched<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, sched);
+    return launch_mma<T, BITS, ELEM, 2, 1, Shape<BITS, 2>::U>(x, qw, qh, sz, out, group, warps);
+  }
+  if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1, Shape<BITS, 4>::U>(x, qw, qh, sz, out, group, warps);
+  return launch_mma<T, BITS, ELEM, 8, 1, Shape<BITS, 8>::U>(x, qw, qh, sz, out, group, warps);
+}
+
+#define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
+  template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
+                                           const torch::Tensor&, torch::Tensor&, int, int, int, int)
+#define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
+  X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1)
+
+}  // namespace llmcomp_mma
