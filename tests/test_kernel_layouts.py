@@ -174,12 +174,3 @@ def test_3bit_decode_reads_the_code(dtype):
             code = ((w >> (2 * e + hi)) & 3) + 4 * ((hw >> (e + hi)) & 1)
             got = _as_float((h >> hi) & 0xFFFF, dtype) * scale - magic_f * scale
             assert torch.equal(got, code.double()), (e, hi)
-
-
-def test_schedule_flag(monkeypatch):
-    """LLMCOMP_MMA_SCHEDULE picks one of the kernel's schedules (read once); anything else: the default (-1)."""
-    for value, want in (("", -1), ("0", 0), ("1", 1), ("3", 3), ("4", 4), ("5", 5), ("6", -1), ("yes", -1)):
-        monkeypatch.setenv("LLMCOMP_MMA_SCHEDULE", value)
-        uniform_cuda.schedule.cache_clear()
-        assert uniform_cuda.schedule() == want
-    uniform_cuda.schedule.cache_clear()

@@ -166,21 +166,19 @@ def test_e2m1_large_scales_take_the_reference_path():
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=64),
                                  Uniform(bits=2, group_size=32), MXFP4(), NVFP4()], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_every_schedule_gives_the_same_output(fmt, dtype):
-    """The kernel's schedules (uniform_cuda.SCHEDULES) only move loads: bit-identical results, at M <= 8 (all of
-    them) and M = 9..16 with two row tiles a warp (0, 3, 4, 5)."""
+def test_every_launch_config_matches_the_reference(fmt, dtype):
+    """Every (row tiles a warp, warps a block) the kernel can be launched with — launch_config picks among them
+    by shape — gives the reference product within TOL, at M = 1..16 (one or two row tiles a warp)."""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    for n, k in [(256, 1024), (4096, 4096), (48, 512)]:
+    for n, k in [(256, 1024), (48, 512)]:
         q, t, g = _layer(fmt, n, k, n + k)
         prep = uniform_cuda.prepare(fmt, t, k)
         for m in [1, 5, 8, 13, 16]:
             x = torch.randn(m, k, generator=g).to("cuda", dtype)
-            for warps in (2, 8):
-                for rt in ((1,) if m <= 8 else (2,) if n % 32 == 0 else ()):
-                    a = uniform_cuda.gemm(x, prep, (rt, warps, 0))
-                    for sched in ((1, 2, 3, 4, 5) if m <= 8 else (3, 4, 5)):
-                        b = uniform_cuda.gemm(x, prep, (rt, warps, sched))
-                        assert torch.equal(a, b), (n, k, m, warps, sched)
+            for warps in (2, 4, 8):
+                for rt in ((1,) if m <= 8 or n % 32 else (1, 2)):
+                    y = uniform_cuda.gemm(x, prep, (rt, warps))
+                    assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m, warps, rt)

@@ -257,7 +257,12 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4 * limit)
+    from llmcomp.core.qlinear import QuantLinear
+
     for layer in layers:
+        for mod in layer.modules():  # not traced: one clean graph break each, no per-shape resume functions
+            if isinstance(mod, QuantLinear):
+                mod.forward = torch.compiler.disable(mod.forward)
         layer.forward = torch.compile(layer.forward, dynamic=False, backend=backend)
     return len(layers)
 
@@ -268,7 +273,8 @@ def uncompile_layers(model: nn.Module) -> None:
     from llmcomp.core.model import decoder_layers
 
     for layer in decoder_layers(model)[1]:
-        layer.__dict__.pop("forward", None)
+        for mod in layer.modules():
+            mod.__dict__.pop("forward", None)
     torch._dynamo.reset()
 
 

@@ -3,7 +3,6 @@
 For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs via
 ``triton.testing.do_bench_cudagraph``):
 - ``llmcomp`` — ``QuantLinear`` as users get it (the CUDA mma kernel where it applies),
-- ``llmcomp_s0`` … ``llmcomp_s5`` — the CUDA kernel with each other load schedule (``uniform_cuda.SCHEDULES``) at M ≤ 16,
 - ``llmcomp_triton`` — the Triton path alone (for comparison with the previous kernel),
 - ``bf16`` — cuBLAS on the dense bf16 weight,
 - ``tinygemm`` — torch's int4 kernel (``torch._weight_int4pack_mm``, group 128; 4-bit rows only),
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -139,6 +137,8 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
     """Other formats through ``QuantLinear`` — E2M1 (the mma kernel) and VQ ``vq2`` / ``vq3`` (the codebook
     Triton kernel, switched on for these rows) — each against its own stored bytes; speed-up against the
     bf16 row of the same shape and M measured earlier in this run."""
+    import os
+
     bf16 = {(r["N"], r["K"], r["M"]): r["bf16_us"] for r in result["rows"] if "bf16_us" in r}
     if any(f in CODEBOOK_FORMATS for f in formats):
         os.environ["LLMCOMP_CODEBOOK_KERNEL"] = "1"
@@ -166,32 +166,13 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
             torch.cuda.empty_cache()
 
 
-SCHED_COLUMNS = tuple(f"llmcomp_s{k}" for k in range(6))
-
-
-def _schedules(mma_prep: list, n: int, k: int, bits: int, m: int) -> list[int]:
-    """The mma kernel's schedules (``uniform_cuda.SCHEDULES``) other than the one ``llmcomp`` runs, where built:
-    all at M ≤ 8, 0/3/4/5 at M ≤ 16 with two row tiles a warp; ``LLMCOMP_BENCH_SCHEDULES`` (e.g. ``0,5``)
-    narrows them."""
-    from llmcomp.kernels import uniform_cuda
-
-    if not mma_prep or m > 16:
-        return []
-    rt, _, current = uniform_cuda.launch_config(n, k, bits, m)
-    built = range(6) if m <= 8 else ((0, 3, 4, 5) if rt == 2 else ())
-    wanted = os.environ.get("LLMCOMP_BENCH_SCHEDULES")
-    if wanted:
-        built = [s for s in built if str(s) in wanted.split(",")]
-    return [s for s in built if s != current]
-
-
 def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Path] = None,
         log=print, float_formats=()) -> dict:
     from llmcomp.kernels import uniform_cuda, uniform_triton
 
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
-              "group_size": group, "rotate_bytes": ROTATE_BYTES, "schedules": uniform_cuda.SCHEDULES, "rows": []}
+              "group_size": group, "rotate_bytes": ROTATE_BYTES, "rows": []}
     log(f"{result['device']}  copy bandwidth {bw / 1e12:.2f} TB/s")
     for bits in bits_list:
         fmt = Uniform(bits=bits, group_size=group)
@@ -223,10 +204,6 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                     if tri_prep and m <= uniform_triton.GEMV_MAX_M:
                         add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
                             packed_bytes)
-                    for sched in _schedules(mma_prep, n, k, bits, m):  # the kernel's other load orders
-                        rt, warps, _ = uniform_cuda.launch_config(n, k, bits, m)
-                        add(f"llmcomp_s{sched}", [lambda p=p, s=sched: uniform_cuda.gemm(x, p, (rt, warps, s))
-                                                  for p in mma_prep], packed_bytes)
                     add("bf16", [lambda wb=wb: F.linear(x, wb) for wb in w_bf16], n * k * 2)
                     if tg and tg[0][0] is not None:
                         add("tinygemm", [lambda f=f: f(x) for f, _ in tg], n * k // 2 + n * (k // 128) * 4)
@@ -236,7 +213,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                         add("bnb_nf4", [lambda f=f: f(x) for f, _, _ in bnb], bnb[0][2])
                     elif bnb:
                         row["bnb_nf4_error"] = bnb[0][1]
-                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton", *SCHED_COLUMNS):
+                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton"):
                     if f"{peer}_us" in row:
                         row[f"speedup_vs_{peer}"] = round(row[f"{peer}_us"] / row["llmcomp_us"], 3)
                 result["rows"].append(row)
@@ -252,7 +229,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
 def _line(row: dict) -> str:
     parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]  # uniform rows
-    for name in ("llmcomp", *SCHED_COLUMNS, "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
+    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
         if f"{name}_us" in row:
             parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")
     return "  ".join(parts)
@@ -276,20 +253,17 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
             for p in preps:
                 uniform_cuda.scale_pairs(p, x.dtype)
             best = None
-            configs = [(rt, warps, sched) for rt in ((1,) if m <= 8 else (1, 2)) if n % (16 * rt) == 0
-                       for warps in (2, 4, 8)
-                       for sched in (range(6) if m <= 8 else (0, 3, 4, 5) if rt == 2 and m <= 16 else (0,))
-                       if not os.environ.get("LLMCOMP_BENCH_SCHEDULES")
-                       or str(sched) in os.environ["LLMCOMP_BENCH_SCHEDULES"].split(",")]
-            for rt, warps, sched in configs:
-                t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, sched)) for p in preps])
+            configs = [(rt, warps) for rt in ((1,) if m <= 8 else (1, 2)) if n % (16 * rt) == 0
+                       for warps in (2, 4, 8)]
+            for rt, warps in configs:
+                t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps)) for p in preps])
                 pct = roofline_pct(nbytes, m, n, k, bw, t)
-                rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps, "schedule": sched,
+                rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps,
                              "us": round(t * 1e6, 3), "roofline_pct": round(pct, 2)})
                 if best is None or t < best[0]:
-                    best = (t, (rt, warps, sched), pct)
+                    best = (t, (rt, warps), pct)
             auto = uniform_cuda.launch_config(n, k, bits, m)
-            log(f"sweep W{bits} {n}x{k} M={m}: best (rt, warps, schedule)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
+            log(f"sweep W{bits} {n}x{k} M={m}: best (rt, warps)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
                 f"  (launch_config: {auto})")
         del preps
     return rows

@@ -192,48 +192,37 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
     return fits[dtype]
 
 
-SCHEDULES = {0: "scales after weights", 1: "early scales", 2: "early scales + L2 prefetch",
-             3: "double-buffered rounds", 4: "double-buffered half rounds", 5: "cp.async ring in shared memory"}
-
-
-@functools.lru_cache(maxsize=1)
-def schedule() -> int:
-    """``LLMCOMP_MMA_SCHEDULE=0..5``: how a warp orders its loads and math at M ≤ 16 (uniform_mma.cuh's
-    ``Sched``; 1 and 2 at M ≤ 8 only); unset: the default of ``launch_config``. For timing the variants."""
-    value = os.environ.get("LLMCOMP_MMA_SCHEDULE", "").strip()
-    return int(value) if value in {str(k) for k in SCHEDULES} else -1
-
-
-def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int, int]:
-    """(row tiles per warp, warps per block splitting K, schedule), from the H100 sweep in
-    bench/results/kernels_sweep_h100.json: one 16-row tile per warp and 8 warps at M ≤ 8 (4 warps when
-    there are many row tiles and a short K); two row tiles above M = 8, where each x fragment then
-    serves twice the rows."""
+def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
+    """(row tiles per warp, warps per block splitting K), from the sweeps (H100: bench/results/
+    kernels_sweep_h100.json at M ≤ 8; H200: kernels_sweep_h200.json at M = 1 and 16): one 16-row tile per warp
+    and 8 warps, 4 warps when there are many row tiles and a short K; at M = 9..16 two row tiles a warp only for
+    very many rows (28672: 2 x 4 warps best; 14336 and below: one tile). Above M = 16, two row tiles where
+    the rows allow (each x fragment then serves twice the rows)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    chosen = schedule()
-    if m <= 8:
-        return 1, 4 if (n // 16 >= 6 * sms and k // kblock(bits) <= 64) else 8, max(chosen, 0)
-    rt = 2 if n % 32 == 0 else 1
-    return rt, 4 if n // 32 >= 6 * sms else 8, chosen if (m <= 16 and rt == 2 and chosen in (0, 3, 4, 5)) else 0
+    if m <= 16:
+        rt = 2 if (m > 8 and n % 32 == 0 and n // 32 >= 6 * sms) else 1
+        many = n // (16 * rt) >= 6 * sms
+        return rt, 4 if (rt == 2 or (many and k // kblock(bits) <= 64)) else 8
+    return (2 if n % 32 == 0 else 1), 4 if n // 32 >= 6 * sms else 8
 
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
 def gemm_op(x: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, bits: int, group: int, n: int,
-            rt: int, warps: int, elem: int = 0, sched: int = 0) -> torch.Tensor:
-    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem, sched)
+            rt: int, warps: int, elem: int = 0) -> torch.Tensor:
+    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem)
 
 
 @gemm_op.register_fake
-def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, sched=0):
+def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0):
     return x.new_empty(x.shape[0], n)
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
     if x2.data_ptr() % 16:
         x2 = x2.clone()
-    rt, warps, sched = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
+    rt, warps = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
     return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
-                   rt, warps, prep["elem"], sched)
+                   rt, warps, prep["elem"])
 
 
 def _high(prep: dict) -> torch.Tensor:

@@ -94,10 +94,6 @@ __device__ __forceinline__ uint2 ld_stream2(const uint2* p) {
   return v;
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" : : "l"(p));
-}
-
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -210,25 +206,11 @@ __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typenam
   }
 }
 
-// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale. PIN: as a
-// volatile load, which stays where it is written (a load issued with its round's weights, not sunk to its use).
-template <int ELEM, bool PIN = false>
+// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale.
+template <int ELEM>
 __device__ __forceinline__ uint32_t load_scale_raw(const void* sz, size_t idx) {
-  if constexpr (PIN) {
-    uint32_t v;
-    if constexpr (ELEM == 1) {
-      unsigned short h;
-      asm volatile("ld.global.nc.u16 %0, [%1];\n" : "=h"(h) : "l"(reinterpret_cast<const unsigned short*>(sz) + idx));
-      v = h;
-    } else {
-      asm volatile("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(reinterpret_cast<const uint32_t*>(sz) + idx));
-    }
-    return v;
-  } else if constexpr (ELEM == 1) {
-    return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
-  } else {
-    return __ldg(reinterpret_cast<const uint32_t*>(sz) + idx);
-  }
+  if constexpr (ELEM == 1) return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
+  else return __ldg(reinterpret_cast<const uint32_t*>(sz) + idx);
 }
 
 // ... as two T2 vectors (scale, scale) and (mz, mz).
@@ -247,72 +229,6 @@ template <typename T, int ELEM>
 __device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
   unpack_scale<T, ELEM>(load_scale_raw<ELEM>(sz, idx), sc, mz);
 }
-
-// How a warp orders its loads and math (SCHED; chosen at launch, see uniform_cuda.launch_config):
-//   0: a round of U kblocks' weight loads, then per kblock its scales (loaded only now) and the math;
-//   1: the scale loads go out with the weight loads of their round (one DRAM latency a round, not two);
-//   2: 1, and L2 is asked for the next round's weights before this one is computed (no registers);
-//   3: double-buffered rounds: the next round's weights and scales are in flight while this round is
-//      computed, so a warp's loads overlap its own math (twice the load registers);
-//   5: an asynchronous copy pipeline (cp.async, sm_80+): each lane copies its weights, scales and x of the
-//      next STAGES - 1 kblocks into a per-warp ring in shared memory while it computes one, so the bytes in
-//      flight are held in shared memory, not registers (which bound the warps an SM keeps, and with them the
-//      loads in flight, in schedules 0-3). Each lane reads back only what it copied: no barriers.
-template <int SCHED> struct Sched {
-  static constexpr bool EARLY = SCHED >= 1 && SCHED <= 3, PREFETCH = SCHED == 2, PIPE = SCHED == 3,
-                        ASYNC = SCHED == 5;
-  static constexpr int STAGES = 4;
-};
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src) {
-  if constexpr (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" : : "r"(smem_addr(dst)), "l"(src) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" : : "r"(smem_addr(dst)), "l"(src), "n"(BYTES) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" : : : "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" : : "n"(N) : "memory"); }
-
-// One round's loads: U kblocks x R row tiles, from kblock kb (those at or past kb1 are skipped).
-template <int BITS, int R, int U, int ELEM, int SCHED>
-struct Round {
-  uint4 w[U][R];
-  uint2 h[U][R];
-  uint32_t s[U][R][2];
-
-  __device__ __forceinline__ void load(const uint4* __restrict__ qw, const uint2* __restrict__ qh, const void* sz,
-                                       int kb, int kb1, int KB, int tile0, int lane, int G, int group) {
-    constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4;
-    const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (kb + u < kb1) {
-          const size_t at = ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane;
-          w[u][r] = ld_stream(qw + at);
-          if constexpr (ELEM == 2) h[u][r] = ld_stream2(qh + at);
-          else h[u][r] = make_uint2(0, 0);
-          if constexpr (Sched<SCHED>::EARLY) {
-            const int row = (tile0 + r) * 16 + g, grp = ((kb + u) * KBLK + c * LANE_K) / group;
-            s[u][r][0] = load_scale_raw<ELEM, true>(sz, (size_t)row * G + grp);
-            s[u][r][1] = load_scale_raw<ELEM, true>(sz, (size_t)(row + 8) * G + grp);
-          }
-          if constexpr (Sched<SCHED>::PREFETCH) {
-            if (kb + U + u < kb1 && (lane & 7) == 0) {  // one request per 128-byte line
-              const size_t next = at + (size_t)U * 32;
-              prefetch_l2(qw + next);
-              if constexpr (ELEM == 2) prefetch_l2(qh + next);
-            }
-          }
-        }
-  }
-};
 
 // The math of one kblock: decode, scale, mma. cx: the lane's x fragments; sc/mz: the scales of rows g and g + 8.
 template <typename T, int BITS, int MT, int R, int ELEM>
@@ -351,153 +267,18 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
   }
 }
 
-// The math of one loaded round: per kblock, x (small and re-read by every warp: L1/L2 hits), the scales,
-// then compute_kblock.
-template <typename T, int BITS, int MT, int R, int U, int ELEM, int SCHED>
-__device__ __forceinline__ void compute_round(const Round<BITS, R, U, ELEM, SCHED>& rd, float (&acc)[R][MT][4],
-                                              const T* __restrict__ x, const void* sz, int kb, int kb1, int tile0,
-                                              int lane, int M, int K, int G, int group) {
-  using N2 = typename Num<T>::T2;
-  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
-  const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    if (kb + u >= kb1) break;
-    const int k_lane = (kb + u) * KBLK + c * LANE_K;
-    uint4 cx[MT][XVEC];
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      const int tok = t * 8 + g;
-#pragma unroll
-      for (int v = 0; v < XVEC; ++v)
-        cx[t][v] = tok < M ? *reinterpret_cast<const uint4*>(x + (size_t)tok * K + k_lane + 8 * v)
-                           : make_uint4(0, 0, 0, 0);
-    }
-    const int grp = k_lane / group;
-    N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int row = (tile0 + r) * 16 + g;
-      if constexpr (Sched<SCHED>::EARLY) {
-        unpack_scale<T, ELEM>(rd.s[u][r][0], sc_lo[r], mz_lo[r]);
-        unpack_scale<T, ELEM>(rd.s[u][r][1], sc_hi[r], mz_hi[r]);
-      } else {
-        load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc_lo[r], mz_lo[r]);
-        load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc_hi[r], mz_hi[r]);
-      }
-    }
-    compute_kblock<T, BITS, MT, R, ELEM>(rd.w[u], rd.h[u], sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);
-  }
-}
-
-// Schedule 5's ring: per warp STAGES slots of one kblock each; a slot holds, per row tile r and lane, the 16
-// weight bytes, (3-bit) the 8 high-bit bytes, the two 4-byte scale words (rows g, g + 8; E2M1: the aligned
-// 4 bytes around the 16-bit scale), then x: XTOK tokens x 4 lanes c x XVEC 16-byte vectors.
-template <int BITS, int MT, int R, int ELEM>
-struct Ring {
-  static constexpr int XVEC = (256 / BITS) / 32;
-  static constexpr int W = 0, H = W + R * 32 * 16, S = H + (ELEM == 2 ? R * 32 * 8 : 0), X = S + R * 32 * 8;
-  __host__ __device__ static constexpr int slot_bytes(int xtok) { return X + xtok * 4 * XVEC * 16; }
-  // Tokens whose x the ring holds: at M <= 8 only the real ones (x of missing tokens is zero, not copied).
-  __host__ __device__ static constexpr int xtok(int M) { return MT == 1 ? (M < 8 ? M : 8) : MT * 8; }
-};
-
-template <typename T, int BITS, int MT, int R, int ELEM, int SCHED>
-__device__ __forceinline__ void async_issue(char* slot, const T* __restrict__ x, const uint4* __restrict__ qw,
-                                            const uint2* __restrict__ qh, const void* sz, int kb, int KB, int tile0,
-                                            int lane, int M, int K, int G, int group) {
-  using RG = Ring<BITS, MT, R, ELEM>;
-  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4;
-  const int g = lane >> 2, c = lane & 3;
-  const int k_lane = kb * KBLK + c * LANE_K, grp = k_lane / group;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const size_t at = ((size_t)(tile0 + r) * KB + kb) * 32 + lane;
-    cp_async<16>(slot + RG::W + (r * 32 + lane) * 16, qw + at);
-    if constexpr (ELEM == 2) cp_async<8>(slot + RG::H + (r * 32 + lane) * 8, qh + at);
-    const int row = (tile0 + r) * 16 + g;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const size_t idx = (size_t)(row + 8 * j) * G + grp;
-      const void* src = ELEM == 1 ? static_cast<const void*>(reinterpret_cast<const unsigned short*>(sz) + (idx & ~size_t(1)))
-                                  : static_cast<const void*>(reinterpret_cast<const uint32_t*>(sz) + idx);
-      cp_async<4>(slot + RG::S + (r * 32 + lane) * 8 + 4 * j, src);
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    const int tok = t * 8 + g;
-    if (tok < M) {
-#pragma unroll
-      for (int v = 0; v < RG::XVEC; ++v)
-        cp_async<16>(slot + RG::X + ((tok * 4 + c) * RG::XVEC + v) * 16, x + (size_t)tok * K + k_lane + 8 * v);
-    }
-  }
-}
-
-// Schedule 5 (see Sched): kblocks [kb0, kb1) of this warp through its ring.
-template <typename T, int BITS, int MT, int R, int ELEM, int SCHED>
-__device__ __forceinline__ void async_loop(char* ring, float (&acc)[R][MT][4], const T* __restrict__ x,
-                                           const uint4* __restrict__ qw, const uint2* __restrict__ qh, const void* sz,
-                                           int kb0, int kb1, int KB, int tile0, int lane, int M, int K, int G,
-                                           int group, int slot_bytes) {
-  using N2 = typename Num<T>::T2;
-  using RG = Ring<BITS, MT, R, ELEM>;
-  constexpr int S = Sched<SCHED>::STAGES, KBLK = 256 / BITS, LANE_K = KBLK / 4;
-  const int g = lane >> 2, c = lane & 3;
-  const int n = kb1 - kb0;
-#pragma unroll
-  for (int i = 0; i < S - 1; ++i) {  // one commit group per kblock, empty past the end: the count stays uniform
-    if (i < n) async_issue<T, BITS, MT, R, ELEM, SCHED>(ring + i * slot_bytes, x, qw, qh, sz, kb0 + i, KB, tile0, lane, M, K, G, group);
-    cp_async_commit();
-  }
-  for (int i = 0; i < n; ++i) {
-    cp_async_wait<S - 2>();  // kblock i has landed (this lane's copies: all it reads)
-    const int next = i + S - 1;  // into the slot kblock i - 1 used; its values are already in registers
-    if (next < n)
-      async_issue<T, BITS, MT, R, ELEM, SCHED>(ring + (next % S) * slot_bytes, x, qw, qh, sz, kb0 + next, KB, tile0, lane, M, K, G, group);
-    cp_async_commit();
-    const char* slot = ring + (i % S) * slot_bytes;
-    uint4 w[R];
-    uint2 h[R];
-    N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
-    const int grp = ((kb0 + i) * KBLK + c * LANE_K) / group;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      w[r] = *reinterpret_cast<const uint4*>(slot + RG::W + (r * 32 + lane) * 16);
-      h[r] = ELEM == 2 ? *reinterpret_cast<const uint2*>(slot + RG::H + (r * 32 + lane) * 8) : make_uint2(0, 0);
-      uint2 sv = *reinterpret_cast<const uint2*>(slot + RG::S + (r * 32 + lane) * 8);
-      if constexpr (ELEM == 1) {  // the 16-bit scale within its aligned word
-        const int row = (tile0 + r) * 16 + g;
-        sv.x = (sv.x >> (16 * (((size_t)row * G + grp) & 1))) & 0xffffu;
-        sv.y = (sv.y >> (16 * (((size_t)(row + 8) * G + grp) & 1))) & 0xffffu;
-      }
-      unpack_scale<T, ELEM>(sv.x, sc_lo[r], mz_lo[r]);
-      unpack_scale<T, ELEM>(sv.y, sc_hi[r], mz_hi[r]);
-    }
-    uint4 cx[MT][RG::XVEC];
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      const int tok = t * 8 + g;
-#pragma unroll
-      for (int v = 0; v < RG::XVEC; ++v)
-        cx[t][v] = tok < M ? *reinterpret_cast<const uint4*>(slot + RG::X + ((tok * 4 + c) * RG::XVEC + v) * 16)
-                           : make_uint4(0, 0, 0, 0);
-    }
-    compute_kblock<T, BITS, MT, R, ELEM>(w, h, sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);
-  }
-  cp_async_wait<0>();
-}
-
 // One warp: R row tiles (16 rows each) x MT token tiles (8 tokens each), over kblocks [kb0, kb1).
 // Blocks: gridDim.x = N / (16 R); warps of a block split K; partial sums meet in shared memory.
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, int SCHED>
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                           const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                           T* __restrict__ out, int M, int N, int K, int G, int group,
                                                           int kb_per_warp) {
+  using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS;
-  extern __shared__ __align__(16) float red[];
+  constexpr int LANE_K = KBLK / 4;       // inputs per lane per kblock
+  constexpr int XVEC = LANE_K / 8;       // uint4 of x per lane per kblock per token tile
+  extern __shared__ float red[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, c = lane & 3;
@@ -514,29 +295,46 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][t][i] = 0.f;
 
-  // (Measured on the H100: one round loaded then computed beat a register ring refilled slot by slot —
-  // bench/results/kernels_h100.json's notes; SCHED 3 double-buffers whole rounds instead.)
-  using Rd = Round<BITS, R, U, ELEM, SCHED>;
-  if constexpr (Sched<SCHED>::ASYNC) {
-    const int slot_bytes = Ring<BITS, MT, R, ELEM>::slot_bytes(Ring<BITS, MT, R, ELEM>::xtok(M));
-    char* ring = reinterpret_cast<char*>(red) + (size_t)warp * Sched<SCHED>::STAGES * slot_bytes;
-    async_loop<T, BITS, MT, R, ELEM, SCHED>(ring, acc, x, qw, qh, sz, kb0, kb1, KB, tile0, lane, M, K, G, group,
-                                            slot_bytes);
-    __syncthreads();  // the rings are reused for the reduction below
-  } else if constexpr (Sched<SCHED>::PIPE) {
-    Rd a, b;
-    a.load(qw, qh, sz, kb0, kb1, KB, tile0, lane, G, group);
-    for (int kb = kb0; kb < kb1; kb += 2 * U) {
-      b.load(qw, qh, sz, kb + U, kb1, KB, tile0, lane, G, group);
-      compute_round<T, BITS, MT, R, U, ELEM, SCHED>(a, acc, x, sz, kb, kb1, tile0, lane, M, K, G, group);
-      a.load(qw, qh, sz, kb + 2 * U, kb1, KB, tile0, lane, G, group);
-      compute_round<T, BITS, MT, R, U, ELEM, SCHED>(b, acc, x, sz, kb + U, kb1, tile0, lane, M, K, G, group);
-    }
-  } else {
-    for (int kb = kb0; kb < kb1; kb += U) {
-      Rd a;
-      a.load(qw, qh, sz, kb, kb1, KB, tile0, lane, G, group);
-      compute_round<T, BITS, MT, R, U, ELEM, SCHED>(a, acc, x, sz, kb, kb1, tile0, lane, M, K, G, group);
+  // Per round of U kblocks: every weight load first (U*R 16-byte streaming loads in flight per lane),
+  // then per kblock the scales and x (x is small and re-read by every warp: L1/L2 hits) and the math.
+  // Measured slower (bench/results/kernels_h200_notes.md): a register ring refilled slot by slot (H100);
+  // on an H200, scales loaded with the weights, an L2 prefetch of the next round, double-buffered rounds,
+  // and a cp.async ring in shared memory (every one more registers or more load instructions per byte).
+  for (int kb = kb0; kb < kb1; kb += U) {
+    uint4 wv[U][R];
+    uint2 hv[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (kb + u < kb1) {
+          const size_t at = ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane;
+          wv[u][r] = ld_stream(qw + at);
+          if constexpr (ELEM == 2) hv[u][r] = ld_stream2(qh + at);
+          else hv[u][r] = make_uint2(0, 0);
+        }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (kb + u >= kb1) break;
+      const int k_lane = (kb + u) * KBLK + c * LANE_K;
+      uint4 cx[MT][XVEC];
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        const int tok = t * 8 + g;
+#pragma unroll
+        for (int v = 0; v < XVEC; ++v)
+          cx[t][v] = tok < M ? *reinterpret_cast<const uint4*>(x + (size_t)tok * K + k_lane + 8 * v)
+                             : make_uint4(0, 0, 0, 0);
+      }
+      const int grp = k_lane / group;
+      N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = (tile0 + r) * 16 + g;
+        load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc_lo[r], mz_lo[r]);
+        load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc_hi[r], mz_hi[r]);
+      }
+      compute_kblock<T, BITS, MT, R, ELEM>(wv[u], hv[u], sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);
     }
   }
 
@@ -599,7 +397,7 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2
   }
 }
 
-template <typename T, int BITS, int ELEM, int MT, int R, int U, int SCHED = 0>
+template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
@@ -609,12 +407,8 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   if (warps <= 0) warps = 8;
   warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
   const int kb_per_warp = (KB + warps - 1) / warps;
-  size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
-  if constexpr (Sched<SCHED>::ASYNC) {
-    using RG = Ring<BITS, MT, R, ELEM>;
-    smem = std::max(smem, (size_t)warps * Sched<SCHED>::STAGES * RG::slot_bytes(RG::xtok(M)));
-  }
-  auto kern = uniform_mma_kernel<T, BITS, MT, R, U, S::THREADS, ELEM, SCHED>;
+  const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
+  auto kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
@@ -623,45 +417,26 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The schedules a launch may ask for (see Sched): 0, 1, 2, 3 (double-buffered rounds of U), 4 (double-buffered
-// rounds of U / 2), 5 (cp.async ring). Built at M <= 8 (all) and M <= 16 (0, 3, 4, 5; two row tiles); other
-// shapes run schedule 0.
-// (Rounds of U = 8 kblocks at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4:
-// bench/results/kernels_h200_notes.md.) One row tile per warp at M <= 8 (the H100 sweep: more blocks balance
-// better); two row tiles allowed above.
-template <typename T, int BITS, int ELEM, int MT, int R>
-void dispatch_sched(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                    torch::Tensor& out, int group, int warps, int sched) {
-  constexpr int U = Shape<BITS, MT>::U;
-  if constexpr (MT == 1) {
-    if (sched == 1) return launch_mma<T, BITS, ELEM, MT, R, U, 1>(x, qw, qh, sz, out, group, warps);
-    if (sched == 2) return launch_mma<T, BITS, ELEM, MT, R, U, 2>(x, qw, qh, sz, out, group, warps);
-  }
-  if constexpr (MT == 1 || R == 2) {
-    if (sched == 3) return launch_mma<T, BITS, ELEM, MT, R, U, 3>(x, qw, qh, sz, out, group, warps);
-    if (sched == 4) return launch_mma<T, BITS, ELEM, MT, R, U / 2, 3>(x, qw, qh, sz, out, group, warps);
-    if (sched == 5) return launch_mma<T, BITS, ELEM, MT, R, U, 5>(x, qw, qh, sz, out, group, warps);
-  }
-  return launch_mma<T, BITS, ELEM, MT, R, U>(x, qw, qh, sz, out, group, warps);
-}
-
+// Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
+// at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
+// One row tile per warp at M <= 8; one or two at M <= 16 (launch_config, from the H200 sweep); one above.
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                 torch::Tensor& out, int group, int rt, int warps, int sched) {
+                 torch::Tensor& out, int group, int rt, int warps) {
   const int M = x.size(0);
-  if (M <= 8) return dispatch_sched<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, sched);
+  if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
   if (M <= 16) {
-    if (rt >= 2) return dispatch_sched<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, sched);
-    return launch_mma<T, BITS, ELEM, 2, 1, Shape<BITS, 2>::U>(x, qw, qh, sz, out, group, warps);
+    if (rt >= 2) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps);
+    return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps);
   }
-  if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1, Shape<BITS, 4>::U>(x, qw, qh, sz, out, group, warps);
-  return launch_mma<T, BITS, ELEM, 8, 1, Shape<BITS, 8>::U>(x, qw, qh, sz, out, group, warps);
+  if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps);
+  return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps);
 }
 
 #define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
   template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
-                                           const torch::Tensor&, torch::Tensor&, int, int, int, int)
+                                           const torch::Tensor&, torch::Tensor&, int, int, int)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1)
 
