@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmcomp.formats.pyramid import project
-from llmcomp.quant.kmeans import _stratified_sample, assign, kmeans
+from llmcomp.quant.kmeans import _stratified_sample, assign, cluster_sums, kmeans
 
 
 def project_reference(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -130,3 +130,25 @@ def test_pvq_host_solve_matches_the_gpu_solve():
     assert all(t.is_cuda for t in host.module.state_dict().values())
     e_host, e_gpu = host.metrics["out_err_rel"], gpu.metrics["out_err_rel"]
     assert abs(e_host - e_gpu) <= 0.05 * e_gpu, (e_host, e_gpu)
+
+
+def test_cluster_sums_in_fixed_chunks_equal_index_add():
+    """The CUDA path of k-means' centroid sums (one-hot float64 matmuls over fixed chunks; index_add_ there is
+    atomic and unordered) equals the CPU's sequential index_add_, and the whole fit is the same on both paths."""
+    g = torch.Generator().manual_seed(0)
+    for k in (3, 256, 5000):  # 5000: chunks of fewer points than the 3000 below
+        idx = torch.randint(0, k, (3000,), generator=g)
+        v = torch.randn(3000, 8, generator=g)
+        ref = torch.zeros(k, 8, dtype=torch.float64).index_add_(0, idx, v.double())
+        got = cluster_sums(idx, v, k, chunked=True)
+        assert got.dtype == v.dtype and torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(cluster_sums(idx, v, k, chunked=False), torch.zeros(k, 8).index_add_(0, idx, v))
+
+
+@pytest.mark.cuda
+def test_kmeans_is_the_same_on_every_cuda_run():
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(20000, 4, generator=g) * torch.tensor([1.0, 3.0, 0.1, 1.0])).cuda()
+    h = torch.rand(20000, 4, generator=g).cuda()
+    a, b = kmeans(x, h, 256, iters=8), kmeans(x, h, 256, iters=8)
+    assert torch.equal(a, b)

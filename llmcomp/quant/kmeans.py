@@ -6,7 +6,7 @@ diagonal, so the codebook spends its entries where the output error is made):
     d(x, c) = Σᵢ hᵢ (xᵢ − cᵢ)² = Σ h x² − 2 (h⊙x)·c + h·c²
 
 so distances to all entries are two matmuls, and the centroid of a cluster is Σ h⊙x / Σ h per
-coordinate (``index_add_``). Initialization is k-means++ (weighted D² sampling); past ``sample`` points
+coordinate (``cluster_sums``: summed in a fixed order on every device). Initialization is k-means++ (weighted D² sampling); past ``sample`` points
 the fit runs on a seeded sample that keeps every heavy point (``_stratified_sample``). The only Python
 loops run over entries (k-means++) and iterations, never over points.
 """
@@ -71,6 +71,22 @@ def _stratified_sample(x: torch.Tensor, h: torch.Tensor, sample: int, gen: torch
     return torch.cat([x[top], x[drawn]]), torch.cat([h[top], h[drawn] * scale])
 
 
+def cluster_sums(idx: torch.Tensor, values: torch.Tensor, k: int, chunked: bool | None = None) -> torch.Tensor:
+    """Σ ``values`` [n, d] per cluster ``idx`` [n] → [k, d], the same bits on every run. On the CPU
+    ``index_add_`` adds in order; on CUDA it adds with atomics in no fixed order (torch documents it as
+    nondeterministic), so there (``chunked``, default: ``values.is_cuda``) the sums are one-hot matmuls in
+    float64 over fixed chunks of points, added chunk by chunk."""
+    if not (values.is_cuda if chunked is None else chunked):
+        return torch.zeros(k, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, idx, values)
+    out = torch.zeros(k, values.shape[1], dtype=torch.float64, device=values.device)
+    entries = torch.arange(k, device=values.device)
+    step = max(1, (1 << 22) // k)  # a one-hot block of at most 4 M float64 (32 MB)
+    for s in range(0, idx.shape[0], step):
+        onehot = (idx[s:s + step, None] == entries).to(torch.float64)
+        out += onehot.T @ values[s:s + step].double()
+    return out.to(values.dtype)
+
+
 @torch.no_grad()
 def kmeans(x: torch.Tensor, h: torch.Tensor | None, k: int, iters: int = 15, sample: int = 1 << 16,
            seed: int = 0) -> torch.Tensor:
@@ -90,8 +106,7 @@ def kmeans(x: torch.Tensor, h: torch.Tensor | None, k: int, iters: int = 15, sam
     c = _plus_plus(x, h, k, gen)
     for _ in range(iters):
         idx = assign(x, h, c)
-        num = torch.zeros_like(c).index_add_(0, idx, h * x)
-        den = torch.zeros_like(c).index_add_(0, idx, h)
+        num, den = cluster_sums(idx, torch.cat([h * x, h], 1), k).split(c.shape[1], 1)
         new = torch.where(den > 0, num / den.clamp(min=1e-30), c)
         empty = den.sum(1) == 0
         if bool(empty.any()):  # re-seed empty entries at the worst-served points
