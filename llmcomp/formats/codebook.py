@@ -173,6 +173,12 @@ class Codebook(WeightFormat):
             keep[outlier_cols.to(torch.int64)] = False
         return keep.nonzero().squeeze(1)
 
+    @staticmethod
+    def outlier_weights(fields: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The outlier columns' weights float32 [out, n_oc] (before the per-channel scale) from unpacked fields."""
+        outl = fields["outlier_codebook"].float()[fields["outlier_index"].to(torch.int64)]  # (out, n_oc / dim, dim)
+        return outl.reshape(outl.shape[0], -1)
+
     def dequantize(self, tensors: dict[str, torch.Tensor], in_features: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         f = self.unpack(tensors, in_features)
@@ -188,8 +194,7 @@ class Codebook(WeightFormat):
         else:
             w = torch.empty(out_f, in_features, device=idx0.device)
             w[:, self.main_cols(f["outlier_cols"], in_features, idx0.device)] = main.reshape(out_f, -1)
-            outl = f["outlier_codebook"].float()[f["outlier_index"]]  # (out, n_oc / dim, dim)
-            w[:, f["outlier_cols"].to(torch.int64)] = outl.reshape(out_f, -1)
+            w[:, f["outlier_cols"].to(torch.int64)] = self.outlier_weights(f)
         if self.scale:
             w = w * f["scale"].float()[:, None]
         return w.to(dtype)

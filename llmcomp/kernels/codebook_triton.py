@@ -1,7 +1,8 @@
 """Triton fast path for the ``codebook`` format (VPTQ-style vector quantization) at decode sizes, M ≤ 8.
 
-Opt-in (``LLMCOMP_CODEBOOK_KERNEL=1``) until it has been run and timed on a GPU; tested here under
-``TRITON_INTERPRET=1`` against the reference.
+Opt-in (``LLMCOMP_CODEBOOK_KERNEL=1``): correct on an H200 (tests/test_codebook_kernel.py) but slow there,
+1.1–1.2 % of its byte roofline (one 2-byte gather per weight; README, Kernel speed) — the reference path is the
+default. Also tested on CPU under ``TRITON_INTERPRET=1``.
 
 Layout prepared once per weight (``prepare``, cached by the calling QuantLinear):
 - ``idx{t}`` uint8 (stage bits ≤ 8), int16 (≤ 15) or int32 [N, nv] — each stage's indices unpacked from the
@@ -100,8 +101,7 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
         cols = f["outlier_cols"].to(torch.int64)
         prep["main_cols"] = fmt.main_cols(cols, in_features, dev)
         prep["outlier_cols"] = cols
-        outl = f["outlier_codebook"].float()[f["outlier_index"].to(torch.int64)].reshape(n, -1)
-        prep["outlier_f32"] = outl * scale[:, None]
+        prep["outlier_f32"] = fmt.outlier_weights(f) * scale[:, None]
     return prep
 
 
