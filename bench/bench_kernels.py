@@ -18,12 +18,13 @@ def main(argv=None):
     ap.add_argument("--bits", default="4")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--float-formats", default="mxfp4,nvfp4", help="other formats to time too: mxfp4,nvfp4,fp4,vq2,vq3 ('' for none)")
+    ap.add_argument("--fp16", action="store_true", help="also time the uniform rows with float16 activations")
     args = ap.parse_args(argv)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else kernel_bench.SHAPES)
     ms = [int(m) for m in args.ms.split(",")] if args.ms else kernel_bench.MS
     kernel_bench.run(shapes, ms, tuple(int(b) for b in args.bits.split(",")), args.group, args.out,
-                     float_formats=tuple(f for f in args.float_formats.split(",") if f))
+                     float_formats=tuple(f for f in args.float_formats.split(",") if f), fp16=args.fp16)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA extension, check it, (optionally) sweep its launch parameters, run the benchmark.
 #   bash bench/kernel_session.sh   (on the GPU machine; writes to $OUT)
-# Knobs (env): TEST_S, TEST_K (pytest -k filter), SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS (empty: none), BENCH_S, LOWBITS (e.g. 3,2; timed at
+# Knobs (env): TEST_S, TEST_K (pytest -k filter), FP16=1 (fp16-activation columns too), SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS (empty: none), BENCH_S, LOWBITS (e.g. 3,2; timed at
 # M=1 only) + LOW_S, DECODE_LAYERS (+ DECODE_S, DECODE_FORMATS: llmcomp bench decode on that many
 # Llama-3-8B layers, per format; DECODE_COMPILE=1 times them with compiled decoder layers too),
 # FULLTEST_S (0 skips the full CUDA test file).
@@ -19,7 +19,7 @@ from llmcomp.eval import kernel_bench as kb
 rows = kb.sweep(ms=tuple(int(m) for m in os.environ.get('SWEEP_MS', '1,16').split(',')))
 json.dump(rows, open(os.environ['OUT'] + '/sweep.json', 'w'), indent=0)" 2>&1 | grep -v Warning | tail -12
 fi
-timeout ${BENCH_S:-200} python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms ${MS:-1,4,16,64} --bits ${BITS:-4} --float-formats "${FLOATS-mxfp4,nvfp4,vq2,vq3}" 2>&1 | tee "$OUT/bench.log" | tail -40
+timeout ${BENCH_S:-200} python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms ${MS:-1,4,16,64} --bits ${BITS:-4} --float-formats "${FLOATS-mxfp4,nvfp4}" ${FP16:+--fp16} 2>&1 | tee "$OUT/bench.log" | tail -40
 if [ -n "${LOWBITS:-}" ]; then
   timeout ${LOW_S:-60} python3 bench/bench_kernels.py --out "$OUT/kernels_lowbit.json" --ms 1 --bits "$LOWBITS" --float-formats "" 2>&1 | tee "$OUT/bench_lowbit.log" | tail -10
 fi

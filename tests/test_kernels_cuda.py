@@ -182,3 +182,17 @@ def test_every_launch_config_matches_the_reference(fmt, dtype):
                 for rt in ((1,) if m <= 8 or n % 32 else (1, 2)):
                     y = uniform_cuda.gemm(x, prep, (rt, warps))
                     assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m, warps, rt)
+
+
+def test_kernel_bench_times_every_column(monkeypatch, tmp_path):
+    """One small row of `llmcomp bench kernels --fp16` end to end: every column timed, ratios formed, JSON written."""
+    from llmcomp.eval import kernel_bench
+
+    monkeypatch.setattr(kernel_bench, "ROTATE_BYTES", 32 << 20)
+    out = tmp_path / "k.json"
+    result = kernel_bench.run([(4096, 4096)], [1], (4,), 128, out, log=lambda *a: None, fp16=True)
+    row = result["rows"][0]
+    for col in ("llmcomp", "bf16", "llmcomp_fp16", "fp16"):
+        assert row[f"{col}_us"] > 0 and 0 < row[f"{col}_roofline_pct"] < 200, col
+    assert row["speedup_vs_bf16"] > 0 and row["fp16_speedup_vs_fp16"] > 0
+    assert out.exists() and result["fp16"] is True

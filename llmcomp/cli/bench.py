@@ -26,6 +26,7 @@ def kernels(
     bits: Annotated[str, typer.Option(help="Bit widths of the uniform format.")] = "4",
     group_size: Annotated[int, typer.Option(help="Group size.")] = 128,
     float_formats: Annotated[str, typer.Option(help="Other formats to time too (mxfp4,nvfp4,fp4,vq2,vq3), '' for none.")] = "mxfp4,nvfp4",
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also time the uniform rows with float16 activations (and fp16 cuBLAS).")] = False,
 ):
     """Time the dequant-GEMM fast paths against bf16 cuBLAS, torch's int4 tinygemm and bitsandbytes NF4."""
     from llmcomp.cli.app import run
@@ -52,7 +53,8 @@ def kernels(
             raise UserError("llmcomp bench kernels times with triton.testing; install triton.") from None
         from llmcomp.eval import kernel_bench
 
-        kernel_bench.run(parsed or kernel_bench.SHAPES, m_list, bit_list, group_size, out, float_formats=floats)
+        kernel_bench.run(parsed or kernel_bench.SHAPES, m_list, bit_list, group_size, out, float_formats=floats,
+                         fp16=fp16)
 
     run(go)
 

@@ -7,6 +7,9 @@ For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs 
 - ``bf16`` — cuBLAS on the dense bf16 weight,
 - ``tinygemm`` — torch's int4 kernel (``torch._weight_int4pack_mm``, group 128; 4-bit rows only),
 - ``bnb_nf4`` — bitsandbytes NF4 (``bnb.matmul_4bit``, block 64), when bitsandbytes imports,
+- with ``fp16``: ``llmcomp_fp16`` and ``fp16`` (cuBLAS) — the same with float16 activations (the fp16 decode
+  needs one integer op less per code pair than the bf16 one; whether that shows says if the kernel is bound by
+  its instructions),
 and reports each one's % of its own byte roofline: the bytes it must move (its weights with scales and
 zeros + activations + output) over the device-to-device copy bandwidth measured in the same run.
 ``float_formats`` adds rows for the E2M1 formats (mxfp4, nvfp4) and VQ (vq2, vq3: the codebook Triton GEMV,
@@ -167,12 +170,12 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
 
 
 def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Path] = None,
-        log=print, float_formats=()) -> dict:
+        log=print, float_formats=(), fp16: bool = False) -> dict:
     from llmcomp.kernels import uniform_cuda, uniform_triton
 
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
-              "group_size": group, "rotate_bytes": ROTATE_BYTES, "rows": []}
+              "group_size": group, "rotate_bytes": ROTATE_BYTES, "fp16": fp16, "rows": []}
     log(f"{result['device']}  copy bandwidth {bw / 1e12:.2f} TB/s")
     for bits in bits_list:
         fmt = Uniform(bits=bits, group_size=group)
@@ -188,6 +191,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
             mma_prep = ([uniform_cuda.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
                         if uniform_cuda.shape_ok(fmt, k, n) and uniform_cuda.extension() is not None else [])
             w_bf16 = [w.to(torch.bfloat16) for _ in range(_copies(n * k * 2))]
+            w_fp16 = [wb.half() for wb in w_bf16] if fp16 else []
             tg = [_tinygemm(fields["codes"].int(), n, k, 128) for _ in range(_copies(packed_bytes))] if bits == 4 else []
             bnb = [_bnb_nf4(w) for _ in range(_copies(n * k // 2))] if bits == 4 else []
             for m in ms:
@@ -205,6 +209,10 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                         add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
                             packed_bytes)
                     add("bf16", [lambda wb=wb: F.linear(x, wb) for wb in w_bf16], n * k * 2)
+                    if fp16:  # the same kernel with fp16 activations (one integer op less per code pair) and its peer
+                        x16 = x.half()
+                        add("llmcomp_fp16", [lambda lay=lay: lay(x16) for lay in layers], packed_bytes)
+                        add("fp16", [lambda wh=wh: F.linear(x16, wh) for wh in w_fp16], n * k * 2)
                     if tg and tg[0][0] is not None:
                         add("tinygemm", [lambda f=f: f(x) for f, _ in tg], n * k // 2 + n * (k // 128) * 4)
                     elif tg:
@@ -216,12 +224,14 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                 for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton"):
                     if f"{peer}_us" in row:
                         row[f"speedup_vs_{peer}"] = round(row[f"{peer}_us"] / row["llmcomp_us"], 3)
+                if "fp16_us" in row:
+                    row["fp16_speedup_vs_fp16"] = round(row["fp16_us"] / row["llmcomp_fp16_us"], 3)
                 result["rows"].append(row)
                 log(_line(row))
                 if out is not None:  # after every row: a run cut short still leaves its numbers
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(result, indent=1))
-            del layers, tri_prep, mma_prep, w_bf16, tg, bnb
+            del layers, tri_prep, mma_prep, w_bf16, w_fp16, tg, bnb
             torch.cuda.empty_cache()
     _float_rows(result, shapes, ms, float_formats, bw, out, log)
     return result
@@ -229,7 +239,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
 def _line(row: dict) -> str:
     parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]  # uniform rows
-    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4"):
+    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4", "llmcomp_fp16", "fp16"):
         if f"{name}_us" in row:
             parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")
     return "  ".join(parts)
