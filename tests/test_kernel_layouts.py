@@ -78,7 +78,7 @@ def _words(n: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_e2m1_bit_move_reads_as_value_times_2_to_minus_b(dtype):
-    """uniform_mma.cu's ``decode_e2m1`` transcribed step for step onto integers (a check of the bit trick,
+    """uniform_mma.cuh's ``decode_e2m1`` transcribed step for step onto integers (a check of the bit trick,
     not of the compiled kernel — the CUDA tests do that): on random full words, pair e (nibbles at bits 4e and
     16 + 4e) becomes two 16-bit floats equal to e2m1(code) · 2^-B, untouched by the other nibbles."""
     from llmcomp.formats.minifloat import E2M1
@@ -153,7 +153,7 @@ def test_repack3_round_trip():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_3bit_decode_reads_the_code(dtype):
-    """uniform_mma.cu's ``decode_word3`` transcribed step for step onto integers (the bit trick, not the compiled
+    """uniform_mma.cuh's ``decode_word3`` transcribed step for step onto integers (the bit trick, not the compiled
     kernel): on random full words — the low word holds 16 two-bit fields, the high word all 32 bits, of which the
     kernel's shifted view uses bits e and 16 + e — the fma gives each pair's 3-bit code exactly."""
     magic, magic_f = (0x64006400, 1024.0) if dtype == torch.float16 else (0x43004300, 128.0)

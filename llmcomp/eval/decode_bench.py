@@ -12,6 +12,7 @@ model in memory through the project's RTN quantizer, no artifact written.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -126,10 +127,12 @@ class StaticDecoder:
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """Run the prompts ``ids`` [B, T] through the cache; returns the last position's logits [B, vocab].
-        Compiled layers run eagerly here (only the decode step is timed; no compile for prompt shapes)."""
+        Compiled layers run eagerly here where torch has ``set_stance`` (2.6+): only the decode step is timed,
+        so nothing is compiled for the prompt's shapes."""
         if ids.shape[0] != self.batch or ids.shape[1] >= self.max_len:
             raise ValueError(f"prompts {tuple(ids.shape)} do not fit batch {self.batch}, max_len {self.max_len}")
-        with torch.compiler.set_stance("force_eager"):
+        stance = getattr(torch.compiler, "set_stance", None)
+        with stance("force_eager") if stance else contextlib.nullcontext():
             for s in range(0, ids.shape[1], chunk):
                 out = self.model(input_ids=ids[:, s:s + chunk], **{self.cache_kw: self.cache}, use_cache=True,
                                  logits_to_keep=1)
@@ -244,38 +247,50 @@ def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs:
     return result
 
 
-def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
-    """``torch.compile`` every decoder layer's forward in place (static shapes). HF's eager layer launches ~40
-    small kernels (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at batch 1;
-    compiled, they fuse. Quantized linears stay opaque ops (graph breaks: each runs as it does eagerly).
-    Returns the number of layers; ``uncompile_layers`` undoes it."""
+_NO_FORWARD = object()
+
+
+@contextlib.contextmanager
+def compiled_layers(model: nn.Module, backend="inductor"):
+    """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields the number
+    of layers. HF's eager layer launches ~40 small kernels (norms in fp32 steps, rotary, residuals) that cost
+    more than a W4 layer's weights at batch 1; compiled, they fuse. Quantized linears are kept out of dynamo
+    (``torch.compiler.disable``: one graph break each instead of a resume function per input stride).
+    On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
+    included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
+    every compiled frame of the process, not only these layers'."""
     import torch._dynamo
 
     from llmcomp.core.model import decoder_layers
-
-    _, layers = decoder_layers(model)
-    limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
-    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4 * limit)
     from llmcomp.core.qlinear import QuantLinear
 
-    for layer in layers:
-        for mod in layer.modules():  # not traced: one clean graph break each, no per-shape resume functions
-            if isinstance(mod, QuantLinear):
-                mod.forward = torch.compiler.disable(mod.forward)
-        layer.forward = torch.compile(layer.forward, dynamic=False, backend=backend)
-    return len(layers)
+    _, layers = decoder_layers(model)
+    cfg = torch._dynamo.config
+    limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
+    swapped: list = []
 
+    def swap(mod: nn.Module, fn) -> None:
+        swapped.append((mod, mod.__dict__.get("forward", _NO_FORWARD)))
+        mod.forward = fn
 
-def uncompile_layers(model: nn.Module) -> None:
-    import torch._dynamo
-
-    from llmcomp.core.model import decoder_layers
-
-    for layer in decoder_layers(model)[1]:
-        for mod in layer.modules():
-            mod.__dict__.pop("forward", None)
-    torch._dynamo.reset()
+    try:
+        limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
+        cfg.cache_size_limit = max(cfg.cache_size_limit, limit)
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
+        for layer in layers:
+            for mod in layer.modules():
+                if isinstance(mod, QuantLinear):
+                    swap(mod, torch.compiler.disable(mod.forward))
+            swap(layer, torch.compile(layer.forward, dynamic=False, backend=backend))
+        yield len(layers)
+    finally:
+        for mod, previous in reversed(swapped):
+            if previous is _NO_FORWARD:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = previous
+        cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
+        torch._dynamo.reset()
 
 
 def environment() -> dict:
@@ -291,27 +306,26 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
         graphs: bool = True, progress: Progress = NULL, compile: bool = False) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
-    ``compile``: each model's decoder layers through ``compile_layers`` first (both models alike).
+    ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
                                             "compile": compile},
               "rows": []}
     for name, label, model in models:
-        if compile:
-            progress.note(f"Compiling the {compile_layers(model)} decoder layers of {label} (first step of each batch)")
-        for b in batches:
-            try:
-                row = {"model": name, "label": label, **decode_speed(model, b, context, steps, graphs=graphs)}
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}
-            result["rows"].append(row)
-            progress.note(_line(row))
-            if out is not None:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(result, indent=1))
-        if compile:
-            uncompile_layers(model)
+        with compiled_layers(model) if compile else contextlib.nullcontext() as n_compiled:
+            if compile:
+                progress.note(f"Compiling the {n_compiled} decoder layers of {label} (first step of each batch)")
+            for b in batches:
+                try:
+                    row = {"model": name, "label": label, **decode_speed(model, b, context, steps, graphs=graphs)}
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}
+                result["rows"].append(row)
+                progress.note(_line(row))
+                if out is not None:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(result, indent=1))
         del model  # the generator drops its reference too before it loads the next model
     result["speedup"] = speedups(result["rows"])
     if out is not None:

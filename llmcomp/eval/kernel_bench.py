@@ -88,6 +88,15 @@ def _tinygemm(codes: torch.Tensor, n: int, k: int, group: int) -> tuple[Optional
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
+def _bnb_version() -> Optional[str]:
+    try:
+        import bitsandbytes
+
+        return bitsandbytes.__version__
+    except Exception:  # absent or broken: the NF4 column then says why, row by row
+        return None
+
+
 def _bnb_nf4(w: torch.Tensor) -> tuple[Optional[Callable], Optional[str], int]:
     try:
         import bitsandbytes as bnb
@@ -171,11 +180,12 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
 
 def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Path] = None,
         log=print, float_formats=(), fp16: bool = False) -> dict:
-    from llmcomp.kernels import uniform_cuda, uniform_triton
+    from llmcomp.kernels import uniform_triton
 
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
-              "group_size": group, "rotate_bytes": ROTATE_BYTES, "fp16": fp16, "rows": []}
+              "group_size": group, "rotate_bytes": ROTATE_BYTES, "fp16": fp16, "bitsandbytes": _bnb_version(),
+              "rows": []}
     log(f"{result['device']}  copy bandwidth {bw / 1e12:.2f} TB/s")
     for bits in bits_list:
         fmt = Uniform(bits=bits, group_size=group)
@@ -188,8 +198,6 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
             layers = _layer_copies(fmt, base, k)
             tri_prep = ([uniform_triton.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
                         if bits in (2, 4, 8) else [])  # the Triton GEMV has no 3-bit layout
-            mma_prep = ([uniform_cuda.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
-                        if uniform_cuda.shape_ok(fmt, k, n) and uniform_cuda.extension() is not None else [])
             w_bf16 = [w.to(torch.bfloat16) for _ in range(_copies(n * k * 2))]
             w_fp16 = [wb.half() for wb in w_bf16] if fp16 else []
             tg = [_tinygemm(fields["codes"].int(), n, k, 128) for _ in range(_copies(packed_bytes))] if bits == 4 else []
@@ -231,7 +239,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                 if out is not None:  # after every row: a run cut short still leaves its numbers
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(result, indent=1))
-            del layers, tri_prep, mma_prep, w_bf16, w_fp16, tg, bnb
+            del layers, tri_prep, w_bf16, w_fp16, tg, bnb
             torch.cuda.empty_cache()
     _float_rows(result, shapes, ms, float_formats, bw, out, log)
     return result
@@ -263,7 +271,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
             for p in preps:
                 uniform_cuda.scale_pairs(p, x.dtype)
             best = None
-            configs = [(rt, warps) for rt in ((1,) if m <= 8 else (1, 2)) if n % (16 * rt) == 0
+            configs = [(rt, warps) for rt in ((1,) if m <= 8 or m > 16 else (1, 2)) if n % (16 * rt) == 0
                        for warps in (2, 4, 8)]
             for rt, warps in configs:
                 t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps)) for p in preps])

@@ -9,7 +9,7 @@ compiled with the machine's ``nvcc`` at first use and cached under ``llmcomp``'s
 
 ``prepare`` builds the kernel's layout once per weight from the canonical tensors: codes regrouped so
 that one 16-byte load per lane holds its mma A fragments for a block of ``256/bits`` inputs (the order is
-spelled out in the .cu file; 3-bit codes: their low 2 bits in the 2-bit layout, their high bit in a plane of
+spelled out in uniform_mma.cuh; 3-bit codes: their low 2 bits in the 2-bit layout, their high bit in a plane of
 two words a lane), and (scale, -zero·scale) as one 16-bit pair per row and group in the
 activation dtype. E2M1 weights share the code layout; their block multiplier (E8M0, E4M3 × tensor scale,
 or fp16) becomes one 16-bit ``scale · 2^B`` per row and block in the activation dtype, B = 14 (fp16) or
@@ -193,17 +193,17 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
 
 
 def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
-    """(row tiles per warp, warps per block splitting K), from the sweeps (H100: bench/results/
-    kernels_sweep_h100.json at M ≤ 8; H200: kernels_sweep_h200.json at M = 1 and 16): one 16-row tile per warp
-    and 8 warps, 4 warps when there are many row tiles and a short K; at M = 9..16 two row tiles a warp only for
-    very many rows (28672: 2 x 4 warps best; 14336 and below: one tile). Above M = 16, two row tiles where
-    the rows allow (each x fragment then serves twice the rows)."""
+    """(row tiles per warp, warps per block splitting K). M ≤ 8 (H100 sweep, bench/results/kernels_sweep_h100.json,
+    confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
+    many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
+    many rows (28672); on the H100 two tiles were ahead on every shape at M = 16 (by ≤ 8 %), so this rule is
+    the H200's. Above M = 16 the kernel always runs one tile a warp; 4 warps for very many rows."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if m <= 16:
         rt = 2 if (m > 8 and n % 32 == 0 and n // 32 >= 6 * sms) else 1
         many = n // (16 * rt) >= 6 * sms
         return rt, 4 if (rt == 2 or (many and k // kblock(bits) <= 64)) else 8
-    return (2 if n % 32 == 0 else 1), 4 if n // 32 >= 6 * sms else 8
+    return 1, 4 if n // 32 >= 6 * sms else 8
 
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())

@@ -297,9 +297,10 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
 
   // Per round of U kblocks: every weight load first (U*R 16-byte streaming loads in flight per lane),
   // then per kblock the scales and x (x is small and re-read by every warp: L1/L2 hits) and the math.
-  // Measured slower (bench/results/kernels_h200_notes.md): a register ring refilled slot by slot (H100);
-  // on an H200, scales loaded with the weights, an L2 prefetch of the next round, double-buffered rounds,
-  // and a cp.async ring in shared memory (every one more registers or more load instructions per byte).
+  // Measured slower: a register ring refilled slot by slot (H100, bench/results/kernels_h100_notes.md);
+  // on an H200 (kernels_h200_notes.md), scales loaded with the weights, an L2 prefetch of the next round,
+  // double-buffered rounds, and a cp.async ring in shared memory (each: more registers or more load
+  // instructions per byte).
   for (int kb = kb0; kb < kb1; kb += U) {
     uint4 wv[U][R];
     uint2 hv[U][R];
@@ -419,15 +420,16 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 
 // Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
 // at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
-// One row tile per warp at M <= 8; one or two at M <= 16 (launch_config, from the H200 sweep); one above.
+// One row tile per warp at M <= 8; one or two at M <= 16 (launch_config, from the H200 sweep); one above
+// (rt is ignored there).
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                  torch::Tensor& out, int group, int rt, int warps) {
   const int M = x.size(0);
   if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
-  if (M <= 16) {
-    if (rt >= 2) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps);
+  if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
+    if (rt >= 2 && out.size(1) % 32 == 0) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps);
     return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps);
   }
   if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps);
