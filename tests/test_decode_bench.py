@@ -255,3 +255,18 @@ def test_compiled_layers_decode_the_same_and_come_off_again():
     assert not any("forward" in m.__dict__ for m in model.modules() if m is not hooked)
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     assert (torch._dynamo.config.cache_size_limit, torch._dynamo.config.accumulated_cache_size_limit) == limits
+
+
+def test_a_compile_failure_becomes_an_error_row(monkeypatch):
+    """--compile where the compiler cannot build: the row says so and the forwards come back."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    real = db.compiled_layers
+    monkeypatch.setattr(db, "compiled_layers", lambda m: real(m, backend=broken))
+    model = tiny_llama()
+    result = db.run(iter([("original", "tiny", model)]), [1], context=5, steps=2, settings={}, graphs=False,
+                    compile=True)
+    row = result["rows"][0]
+    assert "torch.compile failed" in row["error"] and "no C++ compiler" in row["error"], row
+    assert not any("forward" in m.__dict__ for m in model.modules())

@@ -321,6 +321,15 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}
+                except Exception as exc:  # a compiler that cannot build here (no C++ compiler, old triton, ...)
+                    if not compile:
+                        raise
+                    root = exc
+                    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+                        root = inner  # dynamo wraps the backend's own error
+                    text = str(root).strip().splitlines()
+                    row = {"model": name, "label": label, "batch": b, "error": "torch.compile failed: "
+                           f"{type(root).__name__}: {text[0][:200] if text else ''}"}
                 result["rows"].append(row)
                 progress.note(_line(row))
                 if out is not None:
