@@ -11,7 +11,7 @@ if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile
 export PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension())" ) 2>&1 | tail -4
-timeout ${TEST_S:-120} python3 -m pytest -q -x tests/test_kernels_cuda.py tests/test_codebook_kernel.py -k "${TEST_K:-mma or odd or compile or e2m1 or launch_config or kernel_matches}" 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout ${TEST_S:-120} python3 -m pytest -q -x tests/test_kernels_cuda.py tests/test_codebook_kernel.py -k "${TEST_K:-mma or odd or compile or e2m1 or launch_config or variant or kernel_matches}" 2>&1 | tee "$OUT/tests.log" | tail -25
 if [ "${SWEEP:-1}" = 1 ]; then
   timeout ${SWEEP_S:-150} python3 -c "
 import json, os

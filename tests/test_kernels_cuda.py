@@ -196,3 +196,24 @@ def test_kernel_bench_times_every_column(monkeypatch, tmp_path):
         assert row[f"{col}_us"] > 0 and 0 < row[f"{col}_roofline_pct"] < 200, col
     assert row["speedup_vs_bf16"] > 0 and row["fp16_speedup_vs_fp16"] > 0
     assert out.exists() and result["fp16"] is True
+
+
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=64),
+                                 Uniform(bits=2, group_size=32), MXFP4(), NVFP4()], ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_kernel_variant_gives_the_same_output(fmt, dtype):
+    """Variant 1 (rounds of 2 kblocks, registers bounded for 6 blocks an SM) only regroups the loads: the
+    same sums in the same order, bit-identical to the default kernel at M <= 8 (and the same kernel above)."""
+    from llmcomp.kernels import uniform_cuda
+
+    if uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    for n, k in [(256, 1024), (4096, 4096), (48, 512)]:
+        q, t, g = _layer(fmt, n, k, n + k)
+        prep = uniform_cuda.prepare(fmt, t, k)
+        for m in [1, 3, 8, 12]:
+            x = torch.randn(m, k, generator=g).to("cuda", dtype)
+            for warps in (2, 8):
+                rt = 1
+                a = uniform_cuda.gemm(x, prep, (rt, warps), kernel_variant=0)
+                assert torch.equal(a, uniform_cuda.gemm(x, prep, (rt, warps), kernel_variant=1)), (n, k, m, warps)

@@ -3,6 +3,8 @@
 For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs via
 ``triton.testing.do_bench_cudagraph``):
 - ``llmcomp`` — ``QuantLinear`` as users get it (the CUDA mma kernel where it applies),
+- ``llmcomp_v1`` (or ``llmcomp_v0`` when ``LLMCOMP_MMA_VARIANT=1``) — the CUDA kernel's other variant at M ≤ 8
+  (rounds of 2 kblocks, registers bounded for 6 blocks an SM; ``uniform_cuda.variant``), an experiment,
 - ``llmcomp_triton`` — the Triton path alone (for comparison with the previous kernel),
 - ``bf16`` — cuBLAS on the dense bf16 weight,
 - ``tinygemm`` — torch's int4 kernel (``torch._weight_int4pack_mm``, group 128; 4-bit rows only),
@@ -178,9 +180,19 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
             torch.cuda.empty_cache()
 
 
+def _with_variant(layer: QuantLinear, x: torch.Tensor, v: int) -> torch.Tensor:
+    """``layer(x)`` through the CUDA kernel's variant ``v`` (its prepared layout, as the layer caches it)."""
+    from llmcomp.kernels import cached, uniform_cuda
+
+    cache = layer.__dict__.setdefault("_wcache", {})
+    tensors = layer.packed_tensors()
+    prep = cached(cache, ("cuda",), tensors, lambda: uniform_cuda.prepare(layer.fmt, tensors, layer.in_features))
+    return uniform_cuda.gemm(x, prep, kernel_variant=v)
+
+
 def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Path] = None,
         log=print, float_formats=(), fp16: bool = False) -> dict:
-    from llmcomp.kernels import uniform_triton
+    from llmcomp.kernels import uniform_cuda, uniform_triton
 
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
@@ -213,6 +225,9 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
                 with torch.inference_mode():
                     add("llmcomp", [lambda lay=lay: lay(x) for lay in layers], packed_bytes)
+                    if m <= 8 and uniform_cuda.shape_ok(fmt, k, n) and uniform_cuda.extension() is not None:
+                        v = 1 - uniform_cuda.variant()  # the other M ≤ 8 kernel variant (an experiment)
+                        add(f"llmcomp_v{v}", [lambda lay=lay: _with_variant(lay, x, v) for lay in layers], packed_bytes)
                     if tri_prep and m <= uniform_triton.GEMV_MAX_M:
                         add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
                             packed_bytes)
@@ -229,7 +244,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                         add("bnb_nf4", [lambda f=f: f(x) for f, _, _ in bnb], bnb[0][2])
                     elif bnb:
                         row["bnb_nf4_error"] = bnb[0][1]
-                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton"):
+                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton", "llmcomp_v0", "llmcomp_v1"):
                     if f"{peer}_us" in row:
                         row[f"speedup_vs_{peer}"] = round(row[f"{peer}_us"] / row["llmcomp_us"], 3)
                 if "fp16_us" in row:
@@ -247,7 +262,8 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
 def _line(row: dict) -> str:
     parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]  # uniform rows
-    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4", "llmcomp_fp16", "fp16"):
+    for name in ("llmcomp", "llmcomp_v0", "llmcomp_v1", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4", "llmcomp_fp16",
+                 "fp16"):
         if f"{name}_us" in row:
             parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")
     return "  ".join(parts)

@@ -269,11 +269,11 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 
 // One warp: R row tiles (16 rows each) x MT token tiles (8 tokens each), over kblocks [kb0, kb1).
 // Blocks: gridDim.x = N / (16 R); warps of a block split K; partial sums meet in shared memory.
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
-__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
-                                                          const uint2* __restrict__ qh, const void* __restrict__ sz,
-                                                          T* __restrict__ out, int M, int N, int K, int G, int group,
-                                                          int kb_per_warp) {
+template <typename T, int BITS, int MT, int R, int U, int ELEM>
+__device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
+                                                const uint2* __restrict__ qh, const void* __restrict__ sz,
+                                                T* __restrict__ out, int M, int N, int K, int G, int group,
+                                                int kb_per_warp) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS;
   constexpr int LANE_K = KBLK / 4;       // inputs per lane per kblock
@@ -362,6 +362,22 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(const T* __restric
   }
 }
 
+#define LLMCOMP_MMA_PARAMS                                                                                     \
+  const T *__restrict__ x, const uint4 *__restrict__ qw, const uint2 *__restrict__ qh, const void *__restrict__ sz, \
+      T *__restrict__ out, int M, int N, int K, int G, int group, int kb_per_warp
+// The kernel as measured (registers left to the compiler: 48 for W4 at M <= 8, sm_90) ...
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
+__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
+  mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, group, kb_per_warp);
+}
+// ... and with registers bounded so that MINB blocks fit an SM (the variant experiment; a separate kernel because
+// even MINB = 1 changes the compiler's register choice: 56 instead of 48).
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, int MINB>
+__global__ void __launch_bounds__(THREADS, MINB) uniform_mma_kernel_bounded(LLMCOMP_MMA_PARAMS) {
+  mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, group, kb_per_warp);
+}
+#undef LLMCOMP_MMA_PARAMS
+
 // W[N, K] in T from the kernel layout (prefill path: dequantize, then cuBLAS).
 template <typename T, int BITS, int ELEM>
 __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2* __restrict__ qh,
@@ -398,7 +414,8 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2
   }
 }
 
-template <typename T, int BITS, int ELEM, int MT, int R>
+// U: kblocks a round (default Shape's); MINB: blocks an SM the registers must allow (0: no bound).
+template <typename T, int BITS, int ELEM, int MT, int R, int U = Shape<BITS, MT>::U, int MINB = 0>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
@@ -409,7 +426,10 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
   const int kb_per_warp = (KB + warps - 1) / warps;
   const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
-  auto kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
+  auto kern = [] {  // only the kernel asked for is instantiated
+    if constexpr (MINB == 0) return uniform_mma_kernel<T, BITS, MT, R, U, S::THREADS, ELEM>;
+    else return uniform_mma_kernel_bounded<T, BITS, MT, R, U, S::THREADS, ELEM, MINB>;
+  }();
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
@@ -422,12 +442,19 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 // at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
 // One row tile per warp at M <= 8; one or two at M <= 16 (launch_config, from the H200 sweep); one above
 // (rt is ignored there).
+// variant 1 at M <= 8 with 4-bit codes (W4, E2M1), an experiment to be timed (uniform_cuda.variant): rounds of 2
+// kblocks with registers bounded for 6 blocks of 256 threads an SM (ptxas, sm_90: 40 registers, no spills; the
+// default kernel: 48, 5 blocks) — on the H200 every variant that cost registers was slower, so more warps might pay.
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                 torch::Tensor& out, int group, int rt, int warps) {
+                 torch::Tensor& out, int group, int rt, int warps, int variant) {
   const int M = x.size(0);
-  if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
+  if (M <= 8) {
+    if constexpr (BITS == 4)  // 2-bit layouts (W2, W3) would spill at 40 registers: they keep the default
+      if (variant == 1) return launch_mma<T, BITS, ELEM, 1, 1, 2, 6>(x, qw, qh, sz, out, group, warps);
+    return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
+  }
   if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
     if (rt >= 2 && out.size(1) % 32 == 0) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps);
     return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps);
@@ -438,7 +465,7 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
 
 #define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
   template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
-                                           const torch::Tensor&, torch::Tensor&, int, int, int)
+                                           const torch::Tensor&, torch::Tensor&, int, int, int, int)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1)
 
