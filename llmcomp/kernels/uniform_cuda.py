@@ -195,8 +195,8 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
 @functools.lru_cache(maxsize=1)
 def variant() -> int:
     """``LLMCOMP_MMA_VARIANT=1``: at M ≤ 8, the kernel variant with rounds of 2 kblocks and registers bounded
-    for 6 blocks an SM (uniform_mma.cuh's dispatch_mt) — an experiment, timed as the benchmark's ``llmcomp_v1``
-    column; 0 (the measured kernel) otherwise."""
+    for one more block an SM (W4/E2M1: 6, W2: 5; W3 keeps the default; uniform_mma.cuh's dispatch_mt) — an
+    experiment, timed as the benchmark's ``llmcomp_v1`` column; 0 (the measured kernel) otherwise."""
     return 1 if os.environ.get("LLMCOMP_MMA_VARIANT", "0").strip() == "1" else 0
 
 

@@ -442,17 +442,20 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 // at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
 // One row tile per warp at M <= 8; one or two at M <= 16 (launch_config, from the H200 sweep); one above
 // (rt is ignored there).
-// variant 1 at M <= 8 with 4-bit codes (W4, E2M1), an experiment to be timed (uniform_cuda.variant): rounds of 2
-// kblocks with registers bounded for 6 blocks of 256 threads an SM (ptxas, sm_90: 40 registers, no spills; the
-// default kernel: 48, 5 blocks) — on the H200 every variant that cost registers was slower, so more warps might pay.
+// variant 1 at M <= 8, an experiment to be timed (uniform_cuda.variant): rounds of 2 kblocks with registers bounded
+// for one more block of 256 threads an SM than the default kernel gets (ptxas, sm_90, no spills: below) — on the
+// H200 every variant that cost registers was slower, so more warps might pay. W3 spills when bounded: default.
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                  torch::Tensor& out, int group, int rt, int warps, int variant) {
   const int M = x.size(0);
   if (M <= 8) {
-    if constexpr (BITS == 4)  // 2-bit layouts (W2, W3) would spill at 40 registers: they keep the default
+    if constexpr (BITS == 4) {  // W4, E2M1: 40 registers, 6 blocks (default: 48 / 57 registers, 5 / 4 blocks)
       if (variant == 1) return launch_mma<T, BITS, ELEM, 1, 1, 2, 6>(x, qw, qh, sz, out, group, warps);
+    } else if constexpr (ELEM == 0) {  // W2: 48 registers, 5 blocks (default 58, 4); W3 would spill: default
+      if (variant == 1) return launch_mma<T, BITS, ELEM, 1, 1, 2, 5>(x, qw, qh, sz, out, group, warps);
+    }
     return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
   }
   if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
