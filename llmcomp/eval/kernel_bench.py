@@ -153,6 +153,8 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
     bf16 row of the same shape and M measured earlier in this run."""
     import os
 
+    from llmcomp.kernels import uniform_cuda
+
     bf16 = {(r["N"], r["K"], r["M"]): r["bf16_us"] for r in result["rows"] if "bf16_us" in r}
     if any(f in CODEBOOK_FORMATS for f in formats):
         os.environ["LLMCOMP_CODEBOOK_KERNEL"] = "1"
@@ -169,11 +171,19 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
                     t = per_call_seconds([lambda lay=lay: lay(x) for lay in layers])
                 row = {"format": name, "N": n, "K": k, "M": m, "llmcomp_us": round(t * 1e6, 3),
                        "llmcomp_roofline_pct": round(roofline_pct(nbytes, m, n, k, bw, t), 2)}
+                if name not in CODEBOOK_FORMATS and m <= 8 and uniform_cuda.extension() is not None:
+                    v = 1 - uniform_cuda.variant()  # the mma kernel's other M ≤ 8 variant (an experiment)
+                    with torch.inference_mode():
+                        tv = per_call_seconds([lambda lay=lay: _with_variant(lay, x, v) for lay in layers])
+                    row[f"llmcomp_v{v}_us"] = round(tv * 1e6, 3)
+                    row[f"llmcomp_v{v}_roofline_pct"] = round(roofline_pct(nbytes, m, n, k, bw, tv), 2)
                 if (n, k, m) in bf16:
                     row["speedup_vs_bf16"] = round(bf16[(n, k, m)] / row["llmcomp_us"], 3)
                 result["rows"].append(row)
+                variant_col = next((c[:-3] for c in row if c.startswith("llmcomp_v") and c.endswith("_us")), None)
                 log(f"{name:6s} {n:6d}x{k:<6d} M={m:<4d} llmcomp {row['llmcomp_us']:8.2f}us "
-                    f"{row['llmcomp_roofline_pct']:5.1f}%  vs bf16 {row.get('speedup_vs_bf16', '-')}")
+                    f"{row['llmcomp_roofline_pct']:5.1f}%  vs bf16 {row.get('speedup_vs_bf16', '-')}"
+                    + (f"  {variant_col} {row[variant_col + '_us']:8.2f}us" if variant_col else ""))
                 if out is not None:
                     out.write_text(json.dumps(result, indent=1))
             del layers
