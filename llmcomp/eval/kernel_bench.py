@@ -4,7 +4,7 @@ For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs 
 ``triton.testing.do_bench_cudagraph``):
 - ``llmcomp`` — ``QuantLinear`` as users get it (the CUDA mma kernel where it applies),
 - ``llmcomp_v1`` (or ``llmcomp_v0`` when ``LLMCOMP_MMA_VARIANT=1``) — the CUDA kernel's other variant at M ≤ 8
-  (rounds of 2 kblocks, registers bounded for 6 blocks an SM; ``uniform_cuda.variant``), an experiment,
+  (rounds of 2 kblocks, registers bounded for one more block an SM; ``uniform_cuda.variant``), an experiment,
 - ``llmcomp_triton`` — the Triton path alone (for comparison with the previous kernel),
 - ``bf16`` — cuBLAS on the dense bf16 weight,
 - ``tinygemm`` — torch's int4 kernel (``torch._weight_int4pack_mm``, group 128; 4-bit rows only),
@@ -80,6 +80,35 @@ def roofline_pct(nbytes: int, m: int, n: int, k: int, bw: float, seconds: float)
     return 100 * (nbytes + (m * k + m * n) * 2) / bw / seconds
 
 
+def _time_into(row: dict, name: str, fns: list[Callable], nbytes: int, bw: float) -> float:
+    """Time ``fns`` (``per_call_seconds``) into ``row`` (which has N, K, M) as ``{name}_us`` and
+    ``{name}_roofline_pct`` against ``nbytes``; returns the seconds."""
+    t = per_call_seconds(fns)
+    row[f"{name}_us"] = round(t * 1e6, 3)
+    row[f"{name}_roofline_pct"] = round(roofline_pct(nbytes, row["M"], row["N"], row["K"], bw, t), 2)
+    return t
+
+
+def _variant_column(row: dict, layers: list, x: torch.Tensor, nbytes: int, bw: float) -> Optional[str]:
+    """At M ≤ 8, time the CUDA mma kernel's other variant (``uniform_cuda.variant``, an experiment) on the
+    layers' own prepared layouts into ``row``; returns the column's name, None where the kernel does not serve."""
+    from llmcomp.kernels import uniform_cuda
+
+    lay = layers[0]
+    if (row["M"] > 8 or uniform_cuda.extension() is None
+            or not uniform_cuda.shape_ok(lay.fmt, lay.in_features, row["N"])):
+        return None
+    v = 1 - uniform_cuda.variant()
+
+    def call(layer: QuantLinear) -> torch.Tensor:
+        cache = layer.__dict__.setdefault("_wcache", {})
+        prep = uniform_cuda.prepared(layer.fmt, layer.packed_tensors(), layer.in_features, cache)
+        return uniform_cuda.gemm(x, prep, kernel_variant=v)
+
+    _time_into(row, f"llmcomp_v{v}", [lambda layer=layer: call(layer) for layer in layers], nbytes, bw)
+    return f"llmcomp_v{v}"
+
+
 def _tinygemm(codes: torch.Tensor, n: int, k: int, group: int) -> tuple[Optional[Callable], Optional[str]]:
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack(
@@ -153,8 +182,6 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
     bf16 row of the same shape and M measured earlier in this run."""
     import os
 
-    from llmcomp.kernels import uniform_cuda
-
     bf16 = {(r["N"], r["K"], r["M"]): r["bf16_us"] for r in result["rows"] if "bf16_us" in r}
     if any(f in CODEBOOK_FORMATS for f in formats):
         os.environ["LLMCOMP_CODEBOOK_KERNEL"] = "1"
@@ -167,20 +194,13 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
                 if name in CODEBOOK_FORMATS and m > 8:
                     continue  # the codebook kernel is a GEMV; prefill dequantizes
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row = {"format": name, "N": n, "K": k, "M": m}
                 with torch.inference_mode():
-                    t = per_call_seconds([lambda lay=lay: lay(x) for lay in layers])
-                row = {"format": name, "N": n, "K": k, "M": m, "llmcomp_us": round(t * 1e6, 3),
-                       "llmcomp_roofline_pct": round(roofline_pct(nbytes, m, n, k, bw, t), 2)}
-                if name not in CODEBOOK_FORMATS and m <= 8 and uniform_cuda.extension() is not None:
-                    v = 1 - uniform_cuda.variant()  # the mma kernel's other M ≤ 8 variant (an experiment)
-                    with torch.inference_mode():
-                        tv = per_call_seconds([lambda lay=lay: _with_variant(lay, x, v) for lay in layers])
-                    row[f"llmcomp_v{v}_us"] = round(tv * 1e6, 3)
-                    row[f"llmcomp_v{v}_roofline_pct"] = round(roofline_pct(nbytes, m, n, k, bw, tv), 2)
+                    _time_into(row, "llmcomp", [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
+                    variant_col = None if name in CODEBOOK_FORMATS else _variant_column(row, layers, x, nbytes, bw)
                 if (n, k, m) in bf16:
                     row["speedup_vs_bf16"] = round(bf16[(n, k, m)] / row["llmcomp_us"], 3)
                 result["rows"].append(row)
-                variant_col = next((c[:-3] for c in row if c.startswith("llmcomp_v") and c.endswith("_us")), None)
                 log(f"{name:6s} {n:6d}x{k:<6d} M={m:<4d} llmcomp {row['llmcomp_us']:8.2f}us "
                     f"{row['llmcomp_roofline_pct']:5.1f}%  vs bf16 {row.get('speedup_vs_bf16', '-')}"
                     + (f"  {variant_col} {row[variant_col + '_us']:8.2f}us" if variant_col else ""))
@@ -190,19 +210,9 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
             torch.cuda.empty_cache()
 
 
-def _with_variant(layer: QuantLinear, x: torch.Tensor, v: int) -> torch.Tensor:
-    """``layer(x)`` through the CUDA kernel's variant ``v`` (its prepared layout, as the layer caches it)."""
-    from llmcomp.kernels import cached, uniform_cuda
-
-    cache = layer.__dict__.setdefault("_wcache", {})
-    tensors = layer.packed_tensors()
-    prep = cached(cache, ("cuda",), tensors, lambda: uniform_cuda.prepare(layer.fmt, tensors, layer.in_features))
-    return uniform_cuda.gemm(x, prep, kernel_variant=v)
-
-
 def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Path] = None,
         log=print, float_formats=(), fp16: bool = False) -> dict:
-    from llmcomp.kernels import uniform_cuda, uniform_triton
+    from llmcomp.kernels import uniform_triton
 
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
@@ -229,15 +239,11 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                 row = {"bits": bits, "N": n, "K": k, "M": m}
 
                 def add(name, fns, nbytes):
-                    t = per_call_seconds(fns)
-                    row[f"{name}_us"] = round(t * 1e6, 3)
-                    row[f"{name}_roofline_pct"] = round(roofline_pct(nbytes, m, n, k, bw, t), 2)
+                    _time_into(row, name, fns, nbytes, bw)
 
                 with torch.inference_mode():
                     add("llmcomp", [lambda lay=lay: lay(x) for lay in layers], packed_bytes)
-                    if m <= 8 and uniform_cuda.shape_ok(fmt, k, n) and uniform_cuda.extension() is not None:
-                        v = 1 - uniform_cuda.variant()  # the other M ≤ 8 kernel variant (an experiment)
-                        add(f"llmcomp_v{v}", [lambda lay=lay: _with_variant(lay, x, v) for lay in layers], packed_bytes)
+                    _variant_column(row, layers, x, packed_bytes, bw)
                     if tri_prep and m <= uniform_triton.GEMV_MAX_M:
                         add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
                             packed_bytes)

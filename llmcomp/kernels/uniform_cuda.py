@@ -243,10 +243,15 @@ def dequantize(prep: dict, in_features: int, dtype: torch.dtype) -> torch.Tensor
                                prep["n"], in_features, dtype, prep["elem"])
 
 
-def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
+def prepared(fmt, tensors: dict, in_features: int, cache=None) -> dict:
+    """``prepare``'s layout for these packed tensors, kept in ``cache`` (the calling module's dict)."""
     from llmcomp.kernels import cached
 
-    prep = cached(cache, ("cuda",), tensors, lambda: prepare(fmt, tensors, in_features))
+    return cached(cache, ("cuda",), tensors, lambda: prepare(fmt, tensors, in_features))
+
+
+def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
+    prep = prepared(fmt, tensors, in_features, cache)
     if not scales_fit(prep, x.dtype):  # the reference product, its weight dequantized once per dtype
         ref = prep.setdefault("reference", {})
         if x.dtype not in ref:
