@@ -230,6 +230,11 @@ __device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename 
   unpack_scale<T, ELEM>(load_scale_raw<ELEM>(sz, idx), sc, mz);
 }
 
+// The group of input k, as floor(k * gmagic / 2^32) with gmagic = ceil(2^32 / group) (exact for k * group < 2^32,
+// which group_magic checks; 0 for one group a row): one instruction where a division took ~17 of the W4 kernel's
+// ~115 instructions a kblock and a warp (ncu, H200, bench/results/kernels_h200_notes.md).
+__device__ __forceinline__ int group_of(int k, uint32_t gmagic) { return (int)__umulhi((uint32_t)k, gmagic); }
+
 // The math of one kblock: decode, scale, mma. cx: the lane's x fragments; sc/mz: the scales of rows g and g + 8.
 template <typename T, int BITS, int MT, int R, int ELEM>
 __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 (&h)[R],
@@ -272,7 +277,7 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 template <typename T, int BITS, int MT, int R, int U, int ELEM>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
-                                                T* __restrict__ out, int M, int N, int K, int G, int group,
+                                                T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
                                                 int kb_per_warp) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS;
@@ -286,6 +291,8 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   const int tile0 = blockIdx.x * R;
   const int kb0 = warp * kb_per_warp;
   const int kb1 = min(KB, kb0 + kb_per_warp);
+  // The scales of this lane's first row (g of tile0), as a pointer, so a kblock's scale address is one add.
+  const void* sz_row = static_cast<const char*>(sz) + (size_t)(tile0 * 16 + g) * G * (ELEM == 1 ? 2 : 4);
 
   float acc[R][MT][4];
 #pragma unroll
@@ -327,13 +334,12 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
           cx[t][v] = tok < M ? *reinterpret_cast<const uint4*>(x + (size_t)tok * K + k_lane + 8 * v)
                              : make_uint4(0, 0, 0, 0);
       }
-      const int grp = k_lane / group;
+      const int grp = group_of(k_lane, gmagic);
       N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const int row = (tile0 + r) * 16 + g;
-        load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc_lo[r], mz_lo[r]);
-        load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc_hi[r], mz_hi[r]);
+        load_scale<T, ELEM>(sz_row, r * 16 * G + grp, sc_lo[r], mz_lo[r]);
+        load_scale<T, ELEM>(sz_row, (r * 16 + 8) * G + grp, sc_hi[r], mz_hi[r]);
       }
       compute_kblock<T, BITS, MT, R, ELEM>(wv[u], hv[u], sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);
     }
@@ -364,17 +370,13 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 
 #define LLMCOMP_MMA_PARAMS                                                                                     \
   const T *__restrict__ x, const uint4 *__restrict__ qw, const uint2 *__restrict__ qh, const void *__restrict__ sz, \
-      T *__restrict__ out, int M, int N, int K, int G, int group, int kb_per_warp
-// The kernel as measured (registers left to the compiler: 48 for W4 at M <= 8, sm_90) ...
+      T *__restrict__ out, int M, int N, int K, int G, uint32_t gmagic, int kb_per_warp
+// Registers are left to the compiler: bounding them for one more block an SM (__launch_bounds__(256, MINB)) was
+// slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
+// division-free group index): bench/results/kernels_h200_notes.md.
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, group, kb_per_warp);
-}
-// ... and with registers bounded so that MINB blocks fit an SM (the variant experiment; a separate kernel because
-// even MINB = 1 changes the compiler's register choice: 56 instead of 48).
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, int MINB>
-__global__ void __launch_bounds__(THREADS, MINB) uniform_mma_kernel_bounded(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, group, kb_per_warp);
+  mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp);
 }
 #undef LLMCOMP_MMA_PARAMS
 
@@ -414,8 +416,15 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2
   }
 }
 
-// U: kblocks a round (default Shape's); MINB: blocks an SM the registers must allow (0: no bound).
-template <typename T, int BITS, int ELEM, int MT, int R, int U = Shape<BITS, MT>::U, int MINB = 0>
+// group_of's multiplier: 0 for one group a row; ceil(2^32 / group) else, exact while K * group < 2^32.
+inline uint32_t group_magic(int K, int G, int group) {
+  if (G == 1) return 0;
+  TORCH_CHECK((uint64_t)K * group < (1ull << 32), "group size too large for the mma kernel");
+  return (uint32_t)(((1ull << 32) + group - 1) / group);
+}
+
+// U: kblocks a round (default Shape's).
+template <typename T, int BITS, int ELEM, int MT, int R, int U = Shape<BITS, MT>::U>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
@@ -426,15 +435,12 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
   const int kb_per_warp = (KB + warps - 1) / warps;
   const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
-  auto kern = [] {  // only the kernel asked for is instantiated
-    if constexpr (MINB == 0) return uniform_mma_kernel<T, BITS, MT, R, U, S::THREADS, ELEM>;
-    else return uniform_mma_kernel_bounded<T, BITS, MT, R, U, S::THREADS, ELEM, MINB>;
-  }();
+  auto kern = uniform_mma_kernel<T, BITS, MT, R, U, S::THREADS, ELEM>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
       reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), reinterpret_cast<T*>(out.data_ptr()), M, N, K, G,
-      group, kb_per_warp);
+      group_magic(K, G, group), kb_per_warp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -442,22 +448,12 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 // at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
 // One row tile per warp at M <= 8; one or two at M <= 16 (launch_config, from the H200 sweep); one above
 // (rt is ignored there).
-// variant 1 at M <= 8, an experiment to be timed (uniform_cuda.variant): rounds of 2 kblocks with registers bounded
-// for one more block of 256 threads an SM than the default kernel gets (ptxas, sm_90, no spills: below) — on the
-// H200 every variant that cost registers was slower, so more warps might pay. W3 spills when bounded: default.
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                 torch::Tensor& out, int group, int rt, int warps, int variant) {
+                 torch::Tensor& out, int group, int rt, int warps) {
   const int M = x.size(0);
-  if (M <= 8) {
-    if constexpr (BITS == 4) {  // W4, E2M1: 40 registers, 6 blocks (default: 48 / 57 registers, 5 / 4 blocks)
-      if (variant == 1) return launch_mma<T, BITS, ELEM, 1, 1, 2, 6>(x, qw, qh, sz, out, group, warps);
-    } else if constexpr (ELEM == 0) {  // W2: 48 registers, 5 blocks (default 58, 4); W3 would spill: default
-      if (variant == 1) return launch_mma<T, BITS, ELEM, 1, 1, 2, 5>(x, qw, qh, sz, out, group, warps);
-    }
-    return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
-  }
+  if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
   if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
     if (rt >= 2 && out.size(1) % 32 == 0) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps);
     return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps);
@@ -468,7 +464,7 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
 
 #define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
   template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
-                                           const torch::Tensor&, torch::Tensor&, int, int, int, int)
+                                           const torch::Tensor&, torch::Tensor&, int, int, int)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1)
 

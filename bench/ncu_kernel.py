@@ -1,0 +1,54 @@
+"""Launch the mma dequant-GEMM (and cuBLAS bf16 beside it) a few times for Nsight Compute to profile.
+
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight ... python3 bench/ncu_kernel.py
+
+Only the launches between cudaProfilerStart/Stop are profiled: per shape and M, one warm-up call (not profiled),
+then ``--calls`` calls of our kernel and one bf16 F.linear. ncu flushes the caches before each profiled kernel, so
+every call reads its weight from HBM as in decode. ``--fp16`` uses float16 activations.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from llmcomp.formats import Uniform
+from llmcomp.kernels import uniform_cuda
+from llmcomp.quant.rtn import rtn_fields
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="4096x4096,28672x8192", help="N x K, comma-separated")
+    ap.add_argument("--ms", default="1", help="batch sizes")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--calls", type=int, default=1)
+    ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the cuBLAS peer")
+    args = ap.parse_args()
+    dtype = torch.float16 if args.fp16 else torch.bfloat16
+    fmt = Uniform(bits=args.bits, group_size=128)
+    cudart = torch.cuda.cudart()
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        w = torch.randn(n, k, device="cuda") * 0.02
+        prep = uniform_cuda.prepare(fmt, fmt.pack(rtn_fields(w, fmt)), k)
+        wd = w.to(dtype)
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            y = uniform_cuda.gemm(x, prep)  # warm-up: builds the scale pairs, loads the kernel
+            F.linear(x, wd)
+            torch.cuda.synchronize()
+            cudart.cudaProfilerStart()
+            for _ in range(args.calls):
+                y = uniform_cuda.gemm(x, prep)
+            if not args.no_bf16:
+                F.linear(x, wd)
+            torch.cuda.synchronize()
+            cudart.cudaProfilerStop()
+            print(f"{n}x{k} M={m} {dtype}: max |y| {y.abs().max().item():.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

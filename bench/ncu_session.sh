@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call: Nsight Compute profile of the mma dequant-GEMM (and cuBLAS bf16 beside it) + the SASS of the
+# extension, under $OUT.  bash bench/ncu_session.sh   (on the GPU machine)
+# Knobs (env): SHAPES (N x K list, default 4096x4096,28672x8192), MS (default 1,16), NCU_S (time limit, 240),
+# FP16_SHAPES (also profile fp16 activations at M=1 on these; empty: skip).
+# Reading the output: bench/results/kernels_h200_notes.md (third session) — issue rate, DRAM %, instructions.
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SO=$(python3 -c "from llmcomp.kernels import uniform_cuda; print(uniform_cuda.extension().__file__)" 2>/dev/null | tail -1)
+[ -n "$SO" ] && cuobjdump -sass "$SO" | gzip > "$OUT/sass.txt.gz"
+S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats
+   --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters"
+timeout ${NCU_S:-240} ncu --profile-from-start off --clock-control none $S python3 bench/ncu_kernel.py \
+  --shapes "${SHAPES:-4096x4096,28672x8192}" --ms "${MS:-1,16}" > "$OUT/ncu_bf16.txt" 2>&1; echo "ncu rc $?"
+if [ -n "${FP16_SHAPES-28672x8192}" ]; then
+  timeout ${NCU_S:-240} ncu --profile-from-start off --clock-control none $S python3 bench/ncu_kernel.py \
+    --shapes "${FP16_SHAPES-28672x8192}" --ms 1 --fp16 --no-bf16 > "$OUT/ncu_fp16.txt" 2>&1; echo "ncu fp16 rc $?"
+fi
+grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Issued Ipc Active|Issued Instructions  |Registers Per|Achieved Occupancy" \
+  "$OUT/ncu_bf16.txt" | cut -c1-140
