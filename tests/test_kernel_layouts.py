@@ -174,12 +174,3 @@ def test_3bit_decode_reads_the_code(dtype):
             code = ((w >> (2 * e + hi)) & 3) + 4 * ((hw >> (e + hi)) & 1)
             got = _as_float((h >> hi) & 0xFFFF, dtype) * scale - magic_f * scale
             assert torch.equal(got, code.double()), (e, hi)
-
-
-def test_kernel_variant_flag(monkeypatch):
-    """LLMCOMP_MMA_VARIANT=1 picks the experimental M <= 8 kernel (read once); anything else: the default, 0."""
-    for value, want in (("", 0), ("0", 0), ("1", 1), ("2", 0), ("yes", 0)):
-        monkeypatch.setenv("LLMCOMP_MMA_VARIANT", value)
-        uniform_cuda.variant.cache_clear()
-        assert uniform_cuda.variant() == want
-    uniform_cuda.variant.cache_clear()

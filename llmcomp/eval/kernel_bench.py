@@ -3,8 +3,6 @@
 For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs via
 ``triton.testing.do_bench_cudagraph``):
 - ``llmcomp`` — ``QuantLinear`` as users get it (the CUDA mma kernel where it applies),
-- ``llmcomp_v1`` (or ``llmcomp_v0`` when ``LLMCOMP_MMA_VARIANT=1``) — the CUDA kernel's other variant at M ≤ 8
-  (weights streamed into shared memory by bulk asynchronous copies; ``uniform_cuda.variant``), an experiment,
 - ``llmcomp_triton`` — the Triton path alone (for comparison with the previous kernel),
 - ``bf16`` — cuBLAS on the dense bf16 weight,
 - ``tinygemm`` — torch's int4 kernel (``torch._weight_int4pack_mm``, group 128; 4-bit rows only),
@@ -87,26 +85,6 @@ def _time_into(row: dict, name: str, fns: list[Callable], nbytes: int, bw: float
     row[f"{name}_us"] = round(t * 1e6, 3)
     row[f"{name}_roofline_pct"] = round(roofline_pct(nbytes, row["M"], row["N"], row["K"], bw, t), 2)
     return t
-
-
-def _variant_column(row: dict, layers: list, x: torch.Tensor, nbytes: int, bw: float) -> Optional[str]:
-    """At M ≤ 8, time the CUDA mma kernel's other variant (``uniform_cuda.variant``, an experiment) on the
-    layers' own prepared layouts into ``row``; returns the column's name, None where the kernel does not serve."""
-    from llmcomp.kernels import uniform_cuda
-
-    lay = layers[0]
-    if (row["M"] > 8 or uniform_cuda.extension() is None
-            or not uniform_cuda.shape_ok(lay.fmt, lay.in_features, row["N"])):
-        return None
-    v = 1 - uniform_cuda.variant()
-
-    def call(layer: QuantLinear) -> torch.Tensor:
-        cache = layer.__dict__.setdefault("_wcache", {})
-        prep = uniform_cuda.prepared(layer.fmt, layer.packed_tensors(), layer.in_features, cache)
-        return uniform_cuda.gemm(x, prep, kernel_variant=v)
-
-    _time_into(row, f"llmcomp_v{v}", [lambda layer=layer: call(layer) for layer in layers], nbytes, bw)
-    return f"llmcomp_v{v}"
 
 
 def _tinygemm(codes: torch.Tensor, n: int, k: int, group: int) -> tuple[Optional[Callable], Optional[str]]:
@@ -197,13 +175,11 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
                 row = {"format": name, "N": n, "K": k, "M": m}
                 with torch.inference_mode():
                     _time_into(row, "llmcomp", [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
-                    variant_col = None if name in CODEBOOK_FORMATS else _variant_column(row, layers, x, nbytes, bw)
                 if (n, k, m) in bf16:
                     row["speedup_vs_bf16"] = round(bf16[(n, k, m)] / row["llmcomp_us"], 3)
                 result["rows"].append(row)
                 log(f"{name:6s} {n:6d}x{k:<6d} M={m:<4d} llmcomp {row['llmcomp_us']:8.2f}us "
-                    f"{row['llmcomp_roofline_pct']:5.1f}%  vs bf16 {row.get('speedup_vs_bf16', '-')}"
-                    + (f"  {variant_col} {row[variant_col + '_us']:8.2f}us" if variant_col else ""))
+                    f"{row['llmcomp_roofline_pct']:5.1f}%  vs bf16 {row.get('speedup_vs_bf16', '-')}")
                 if out is not None:
                     out.write_text(json.dumps(result, indent=1))
             del layers
@@ -243,7 +219,6 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
                 with torch.inference_mode():
                     add("llmcomp", [lambda lay=lay: lay(x) for lay in layers], packed_bytes)
-                    _variant_column(row, layers, x, packed_bytes, bw)
                     if tri_prep and m <= uniform_triton.GEMV_MAX_M:
                         add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
                             packed_bytes)
@@ -260,7 +235,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                         add("bnb_nf4", [lambda f=f: f(x) for f, _, _ in bnb], bnb[0][2])
                     elif bnb:
                         row["bnb_nf4_error"] = bnb[0][1]
-                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton", "llmcomp_v0", "llmcomp_v1"):
+                for peer in ("bf16", "tinygemm", "bnb_nf4", "llmcomp_triton"):
                     if f"{peer}_us" in row:
                         row[f"speedup_vs_{peer}"] = round(row[f"{peer}_us"] / row["llmcomp_us"], 3)
                 if "fp16_us" in row:
@@ -278,7 +253,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
 def _line(row: dict) -> str:
     parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]  # uniform rows
-    for name in ("llmcomp", "llmcomp_v0", "llmcomp_v1", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4", "llmcomp_fp16",
+    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4", "llmcomp_fp16",
                  "fp16"):
         if f"{name}_us" in row:
             parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")

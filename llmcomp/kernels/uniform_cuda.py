@@ -192,15 +192,6 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
     return fits[dtype]
 
 
-@functools.lru_cache(maxsize=1)
-def variant() -> int:
-    """``LLMCOMP_MMA_VARIANT=1``: at M ≤ 8 on sm_90+, the kernel variant whose weights reach shared memory by
-    bulk asynchronous copies (a ring of 4 × 2 kblocks a warp, no registers held; not for 3-bit codes:
-    uniform_mma.cuh's mma_bulk_body) — an experiment, timed as the benchmark's ``llmcomp_v1`` column; 0 (the
-    measured kernel) otherwise."""
-    return 1 if os.environ.get("LLMCOMP_MMA_VARIANT", "0").strip() == "1" else 0
-
-
 def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
     """(row tiles per warp, warps per block splitting K). M ≤ 8 (H100 sweep, bench/results/kernels_sweep_h100.json,
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
@@ -217,22 +208,22 @@ def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
 def gemm_op(x: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, bits: int, group: int, n: int,
-            rt: int, warps: int, elem: int = 0, variant: int = 0) -> torch.Tensor:
-    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem, variant)
+            rt: int, warps: int, elem: int = 0) -> torch.Tensor:
+    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem)
 
 
 @gemm_op.register_fake
-def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, variant=0):
+def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0):
     return x.new_empty(x.shape[0], n)
 
 
-def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, kernel_variant: int | None = None) -> torch.Tensor:
-    """``launch``: (row tiles, warps), default ``launch_config``; ``kernel_variant``: default ``variant()``."""
+def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
+    """``launch``: (row tiles, warps), default ``launch_config``."""
     if x2.data_ptr() % 16:
         x2 = x2.clone()
     rt, warps = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
     return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
-                   rt, warps, prep["elem"], variant() if kernel_variant is None else kernel_variant)
+                   rt, warps, prep["elem"])
 
 
 def _high(prep: dict) -> torch.Tensor:

@@ -387,108 +387,13 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   reduce_store<T, MT, R>(acc, red, out, M, N, tile0);
 }
 
-// Variant 1 (M <= 8, not 3-bit codes; sm_90+): the weights reach shared memory by bulk asynchronous copies
-// (cp.async.bulk, completion on an mbarrier) into a ring of STAGES slots of CHUNK kblocks a warp, issued by lane 0
-// (one instruction a slot of CHUNK * 512 bytes), and each lane reads its 16 bytes of a kblock from there.
-// Why: STAGES * CHUNK kblocks of weights in flight a warp without registers — every deeper register prefetch cost
-// warps an SM and lost on the H200, and a per-lane cp.async ring cost 5 copy instructions a kblock and lost too.
-// Same sums in the same order as the default kernel: bit-identical (CUDA test).
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void bulk_wait(uint32_t bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t done = 0;
-  do {
-    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  } while (!done);
-#endif
-}
-
-template <int STAGES, int CHUNK>
-struct BulkRing {
-  static constexpr int SLOT = CHUNK * 512;  // bytes: CHUNK kblocks of one 16-row tile
-  // Dynamic shared memory of a block of `warps` warps: the rings, their mbarriers, then the reduction's floats.
-  static size_t bytes(int warps) { return (size_t)warps * (STAGES * SLOT + STAGES * 8) + (size_t)warps * 16 * 8 * 4; }
-};
-
-template <typename T, int BITS, int ELEM, int STAGES, int CHUNK>
-__device__ __forceinline__ void mma_bulk_body(const T* __restrict__ x, const uint4* __restrict__ qw,
-                                              const void* __restrict__ sz, T* __restrict__ out, int M, int N, int K,
-                                              int G, uint32_t gmagic, int kb_per_warp) {
-  static_assert(ELEM != 2, "3-bit codes keep the default kernel");
-  using Ring = BulkRing<STAGES, CHUNK>;
-  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int g = lane >> 2, c = lane & 3;
-  const int KB = K / KBLK, tile0 = blockIdx.x;
-  const int kb0 = warp * kb_per_warp, nk = max(0, min(KB, kb0 + kb_per_warp) - kb0);
-  const int nchunks = (nk + CHUNK - 1) / CHUNK;
-  unsigned char* ring = smem + (size_t)warp * STAGES * Ring::SLOT;
-  const uint32_t bars = smem_addr(smem + (size_t)nwarps * STAGES * Ring::SLOT) + warp * STAGES * 8;
-  float* red = reinterpret_cast<float*>(smem + (size_t)nwarps * STAGES * (Ring::SLOT + 8));
-  const char* src = reinterpret_cast<const char*>(qw) + ((size_t)tile0 * KB + kb0) * 512;
-  auto issue = [&](int i) {  // chunk i into slot i % STAGES (lane 0)
-    const int s = i % STAGES;
-    const uint32_t bytes = (uint32_t)min(CHUNK, nk - i * CHUNK) * 512;
-    bulk_load(smem_addr(ring + s * Ring::SLOT), src + (size_t)i * Ring::SLOT, bytes, bars + s * 8);
-  };
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (lane == 0) {
-    for (int s = 0; s < STAGES; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bars + s * 8));
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    for (int i = 0; i < STAGES && i < nchunks; ++i) issue(i);
-  }
-#endif
-  __syncwarp();
-  const T* x_lane = x + (size_t)g * K + c * LANE_K;
-  const void* sz_row = static_cast<const char*>(sz) + (size_t)(tile0 * 16 + g) * G * (ELEM == 1 ? 2 : 4);
-  float acc[1][1][4] = {{{0.f, 0.f, 0.f, 0.f}}};
-  const uint2 no_high[1] = {make_uint2(0, 0)};
-  for (int i = 0; i < nchunks; ++i) {
-    const int s = i % STAGES;
-    bulk_wait(bars + s * 8, (i / STAGES) & 1);
-    const unsigned char* slot = ring + s * Ring::SLOT;
-#pragma unroll
-    for (int u = 0; u < CHUNK; ++u) {
-      if (i * CHUNK + u >= nk) break;
-      const uint4 w[1] = {*reinterpret_cast<const uint4*>(slot + u * 512 + lane * 16)};
-      kblock_step<T, BITS, 1, 1, ELEM>(w, no_high, kb0 + i * CHUNK + u, x_lane, sz_row, M, K, G, gmagic, acc);
-    }
-    __syncwarp();  // every lane has read slot s
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (lane == 0 && i + STAGES < nchunks) {
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the generic reads before the async refill
-      issue(i + STAGES);
-    }
-#endif
-  }
-  reduce_store<T, 1, 1>(acc, red, out, M, N, tile0);
-}
-
-template <typename T, int BITS, int ELEM, int STAGES, int CHUNK, int THREADS>
-__global__ void __launch_bounds__(THREADS) uniform_mma_bulk_kernel(const T* __restrict__ x, const uint4* __restrict__ qw,
-                                                                   const void* __restrict__ sz, T* __restrict__ out,
-                                                                   int M, int N, int K, int G, uint32_t gmagic,
-                                                                   int kb_per_warp) {
-  mma_bulk_body<T, BITS, ELEM, STAGES, CHUNK>(x, qw, sz, out, M, N, K, G, gmagic, kb_per_warp);
-}
-
 #define LLMCOMP_MMA_PARAMS                                                                                     \
   const T *__restrict__ x, const uint4 *__restrict__ qw, const uint2 *__restrict__ qh, const void *__restrict__ sz, \
       T *__restrict__ out, int M, int N, int K, int G, uint32_t gmagic, int kb_per_warp
 // Registers are left to the compiler: bounding them for one more block an SM (__launch_bounds__(256, MINB)) was
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
-// division-free group index): bench/results/kernels_h200_notes.md.
+// division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
+// (4 x 2 kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md.
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
   mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp);
@@ -559,32 +464,6 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-inline int device_major() {
-  int dev = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  return major;
-}
-
-// Variant 1's launch (M <= 8): one 16-row tile a block, `warps` warps splitting K, each with its own ring.
-template <typename T, int BITS, int ELEM, int STAGES = 4, int CHUNK = 2>
-void launch_bulk(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sz, torch::Tensor& out,
-                 int group, int warps) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
-  constexpr int KBLK = 256 / BITS, THREADS = 256;
-  const int KB = K / KBLK;
-  if (warps <= 0) warps = 8;
-  warps = std::max(1, std::min({warps, KB, THREADS / 32}));
-  const int kb_per_warp = (KB + warps - 1) / warps;
-  const size_t smem = BulkRing<STAGES, CHUNK>::bytes(warps);
-  auto kern = uniform_mma_bulk_kernel<T, BITS, ELEM, STAGES, CHUNK, THREADS>;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  kern<<<N / 16, warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()), sz.data_ptr(),
-      reinterpret_cast<T*>(out.data_ptr()), M, N, K, G, group_magic(K, G, group), kb_per_warp);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
 // at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
 // One row tile per warp at M <= 8; one or two at M <= 16 (launch_config, from the H200 sweep); one above
@@ -592,15 +471,9 @@ void launch_bulk(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                 torch::Tensor& out, int group, int rt, int warps, int variant) {
+                 torch::Tensor& out, int group, int rt, int warps) {
   const int M = x.size(0);
-  if (M <= 8) {
-    if constexpr (ELEM != 2) {
-      if (variant == 1 && device_major() >= 9)  // bulk copies: sm_90+
-        return launch_bulk<T, BITS, ELEM>(x, qw, sz, out, group, warps);
-    }
-    return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
-  }
+  if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
   if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
     if (rt >= 2 && out.size(1) % 32 == 0) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps);
     return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps);
@@ -611,7 +484,7 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
 
 #define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
   template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
-                                           const torch::Tensor&, torch::Tensor&, int, int, int, int)
+                                           const torch::Tensor&, torch::Tensor&, int, int, int)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1)
 
