@@ -54,6 +54,10 @@ def test_shape_rules():
     assert not uniform_cuda.shape_ok(Uniform(bits=8, group_size=128), 4096, 4096)
     assert uniform_cuda.shape_ok(Uniform(bits=2, group_size=32), 256, 32)
     assert not uniform_cuda.shape_ok(Uniform(bits=2, group_size=32), 576, 32)  # 576 % 128
+    # the kernel's multiply-high group index needs K · group < 2^32 (one group a row always fits)
+    assert not uniform_cuda.shape_ok(Uniform(bits=4, group_size=1 << 16), 1 << 17, 16)
+    assert uniform_cuda.shape_ok(Uniform(bits=4, group_size=1 << 15), 1 << 16, 16)
+    assert uniform_cuda.shape_ok(Uniform(bits=4, group_size=0), 1 << 17, 16)
 
 
 def test_cpu_dispatch_uses_the_reference():

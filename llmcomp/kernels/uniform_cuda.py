@@ -90,7 +90,9 @@ def shape_ok(fmt, in_features: int, out_features: int) -> bool:
     if bits not in BITS or out_features % 16:
         return False
     kb = kblock(bits)
-    return in_features % kb == 0 and in_features % group == 0 and group % (kb // 4) == 0
+    # the kernel's group index is a multiply-high by ceil(2^32 / group): exact while K · group < 2^32
+    fits_index = group >= in_features or in_features * group < 1 << 32
+    return in_features % kb == 0 and in_features % group == 0 and group % (kb // 4) == 0 and fits_index
 
 
 def supports(fmt, x: torch.Tensor, out_features: int) -> bool:
