@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from llmcomp.core.memory import state_bytes
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.formats import Uniform
 from llmcomp.quant.rtn import rtn_fields
@@ -68,7 +69,7 @@ def _copies(nbytes: int) -> int:
 
 def _layer_copies(fmt, base: dict, k: int) -> list:
     """Enough ``QuantLinear`` copies of one packed weight that cycling through them always reads HBM."""
-    nbytes = sum(t.numel() * t.element_size() for t in base.values())
+    nbytes = state_bytes(base)
     return [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k) for _ in range(_copies(nbytes))]
 
 
@@ -85,6 +86,13 @@ def _time_into(row: dict, name: str, fns: list[Callable], nbytes: int, bw: float
     row[f"{name}_us"] = round(t * 1e6, 3)
     row[f"{name}_roofline_pct"] = round(roofline_pct(nbytes, row["M"], row["N"], row["K"], bw, t), 2)
     return t
+
+
+def _save(result: dict, out: Optional[Path]) -> None:
+    """Write the JSON after every row: a run cut short still leaves its numbers."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
 
 
 def _tinygemm(codes: torch.Tensor, n: int, k: int, group: int) -> tuple[Optional[Callable], Optional[str]]:
@@ -166,7 +174,7 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
     for name in formats:
         for n, k in shapes:
             fmt, base = _packed_for(name, n, k)
-            nbytes = sum(t.numel() * t.element_size() for t in base.values())
+            nbytes = state_bytes(base)
             layers = _layer_copies(fmt, base, k)
             for m in ms:
                 if name in CODEBOOK_FORMATS and m > 8:
@@ -180,8 +188,7 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
                 result["rows"].append(row)
                 log(f"{name:6s} {n:6d}x{k:<6d} M={m:<4d} llmcomp {row['llmcomp_us']:8.2f}us "
                     f"{row['llmcomp_roofline_pct']:5.1f}%  vs bf16 {row.get('speedup_vs_bf16', '-')}")
-                if out is not None:
-                    out.write_text(json.dumps(result, indent=1))
+                _save(result, out)
             del layers
             torch.cuda.empty_cache()
 
@@ -202,7 +209,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
             w = torch.randn(n, k, device="cuda", generator=g) * 0.02
             fields = rtn_fields(w, fmt)
             base = fmt.pack(fields)
-            packed_bytes = sum(t.numel() * t.element_size() for t in base.values())
+            packed_bytes = state_bytes(base)
             layers = _layer_copies(fmt, base, k)
             tri_prep = ([uniform_triton.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
                         if bits in (2, 4, 8) else [])  # the Triton GEMV has no 3-bit layout
@@ -242,9 +249,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                     row["fp16_speedup_vs_fp16"] = round(row["fp16_us"] / row["llmcomp_fp16_us"], 3)
                 result["rows"].append(row)
                 log(_line(row))
-                if out is not None:  # after every row: a run cut short still leaves its numbers
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps(result, indent=1))
+                _save(result, out)
             del layers, tri_prep, w_bf16, w_fp16, tg, bnb
             torch.cuda.empty_cache()
     _float_rows(result, shapes, ms, float_formats, bw, out, log)
@@ -271,7 +276,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda") * 0.02
         base = fmt.pack(rtn_fields(w, fmt))
-        nbytes = sum(t.numel() * t.element_size() for t in base.values())
+        nbytes = state_bytes(base)
         preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k) for _ in range(_copies(nbytes))]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

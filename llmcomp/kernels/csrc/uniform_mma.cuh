@@ -443,8 +443,7 @@ inline uint32_t group_magic(int K, int G, int group) {
   return (uint32_t)(((1ull << 32) + group - 1) / group);
 }
 
-// U: kblocks a round (default Shape's).
-template <typename T, int BITS, int ELEM, int MT, int R, int U = Shape<BITS, MT>::U>
+template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
@@ -455,7 +454,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
   const int kb_per_warp = (KB + warps - 1) / warps;
   const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
-  auto kern = uniform_mma_kernel<T, BITS, MT, R, U, S::THREADS, ELEM>;
+  auto kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
