@@ -310,12 +310,15 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
   const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  // Lanes of tokens >= M read the last token's x instead of zeros: an mma's output column depends on its own B
+  // column only, and the columns of tokens >= M are never written out — no predicate, no zeroing.
   uint4 cx[MT][XVEC];
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
-    const uint4* xv = reinterpret_cast<const uint4*>(x_lane + t * 8 * K + kb * KBLK);
+    const int tok = MT == 1 ? 0 : min(t * 8 + g, M - 1) - min(g, M - 1);  // x_lane is token min(g, M - 1)
+    const uint4* xv = reinterpret_cast<const uint4*>(x_lane + tok * K + kb * KBLK);
 #pragma unroll
-    for (int v = 0; v < XVEC; ++v) cx[t][v] = t * 8 + g < M ? xv[v] : make_uint4(0, 0, 0, 0);
+    for (int v = 0; v < XVEC; ++v) cx[t][v] = __ldg(xv + v);
   }
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
   N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
@@ -344,10 +347,10 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   const int tile0 = blockIdx.x * R;
   const int kb0 = warp * kb_per_warp;
   const int kb1 = min(KB, kb0 + kb_per_warp);
-  // This lane's x (token g, inputs from c * LANE_K; token tile t adds 8 t rows) and the scales of its first row
+  // This lane's x (token min(g, M - 1), inputs from c * LANE_K; token tile t: kblock_step) and the scales of its first row
   // (g of tile0), as pointers, so a kblock's addresses are one add each (64-bit index arithmetic a kblock was
   // ~20 instructions of the W4 kernel's ~110: SASS, bench/results/kernels_h200_notes.md).
-  const T* x_lane = x + (size_t)g * K + c * LANE_K;
+  const T* x_lane = x + (size_t)min(g, M - 1) * K + c * LANE_K;
   const void* sz_row = static_cast<const char*>(sz) + (size_t)(tile0 * 16 + g) * G * (ELEM == 1 ? 2 : 4);
 
   float acc[R][MT][4];
