@@ -41,6 +41,8 @@ template <> struct Num<__half> {
   static constexpr float MAGIC_F = 1024.f;
   __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
   __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  __device__ static T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
+  __device__ static float lo_float(uint32_t u) { return __half2float(__ushort_as_half((unsigned short)(u & 0xffff))); }
   __device__ static T2 f2(float a) { return __float2half2_rn(a); }
   __device__ static T2 lo2(T2 a) { return __low2half2(a); }
   __device__ static T2 hi2(T2 a) { return __high2half2(a); }
@@ -53,6 +55,8 @@ template <> struct Num<__nv_bfloat16> {
   static constexpr float MAGIC_F = 128.f;
   __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
   __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  __device__ static T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
+  __device__ static float lo_float(uint32_t u) { return __uint_as_float(u << 16); }
   __device__ static T2 f2(float a) { return __float2bfloat162_rn(a); }
   __device__ static T2 lo2(T2 a) { return __low2bfloat162(a); }
   __device__ static T2 hi2(T2 a) { return __high2bfloat162(a); }
@@ -301,6 +305,71 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
   }
 }
 
+// ELEM == 3 (M <= 8, integer codes with integral zeros, groups of whole kblocks): the A operand is q − z, exact in
+// fp16/bf16 (|q − z| < 16), the mma sums (q − z)·x in fp32 over the kblock, and the scale is applied once per kblock
+// in fp32 on the 4 accumulators — instead of one 16-bit scale FMA per code pair (16 a kblock). sz then holds
+// (scale, MAGIC + z) per row and group (uniform_cuda.scale_pairs with post=True). Pair e of a word belongs to row
+// g + 8·(e & 1) (the A fragment's a0..a3 alternate rows g, g + 8).
+template <typename T, int BITS>
+__device__ __forceinline__ void decode_centered(uint32_t w, const typename Num<T>::T2 (&zz)[2],
+                                                typename Num<T>::T2 (&out)[16 / BITS]) {
+  using N = Num<T>;
+  using N2 = typename N::T2;
+  constexpr int PER_HALF = 8 / BITS;
+  constexpr uint32_t LOWMASK = ((1u << BITS) - 1) | (((1u << BITS) - 1) << 16);
+  if constexpr (std::is_same<T, __half>::value) {
+    // pair (sh, i) reads MAGIC + 2^p q (p = BITS i): q − z = h·2^-p − (MAGIC·2^-p + z); the constants from zz.
+    N2 cz[PER_HALF];
+#pragma unroll
+    for (int i = 0; i < PER_HALF; ++i)
+      cz[i] = N::sub2(N::f2(N::MAGIC_F - N::MAGIC_F / float(1 << (BITS * i))), zz[i & 1]);
+#pragma unroll
+    for (int sh = 0; sh < 2; ++sh) {
+      const uint32_t v = sh ? (w >> 8) : w;
+#pragma unroll
+      for (int i = 0; i < PER_HALF; ++i) {
+        const int p = BITS * i;
+        const uint32_t h = lop3_and_or(v, LOWMASK << p, N::MAGIC);
+        out[sh * PER_HALF + i] = N::fma2(N::pair(h), N::f2(1.f / float(1 << p)), cz[i]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 16 / BITS; ++e)
+      out[e] = N::sub2(N::pair(lop3_and_or(w >> (BITS * e), LOWMASK, N::MAGIC)), zz[e & 1]);
+  }
+}
+
+template <typename T, int BITS>
+__device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_lo, uint32_t s_hi,
+                                                    const uint4 (&cx)[(256 / BITS) / 32], float (&acc)[4]) {
+  using N = Num<T>;
+  using N2 = typename N::T2;
+  constexpr int STEPS_PER_WORD = 4 / BITS;
+  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};
+  float t[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[0]);
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi) {
+    N2 q[16 / BITS];
+    decode_centered<T, BITS>(words[wi], zz, q);
+#pragma unroll
+    for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
+      const int s = wi * STEPS_PER_WORD + ss;
+      const uint32_t a[4] = {*reinterpret_cast<uint32_t*>(&q[4 * ss + 0]), *reinterpret_cast<uint32_t*>(&q[4 * ss + 1]),
+                             *reinterpret_cast<uint32_t*>(&q[4 * ss + 2]), *reinterpret_cast<uint32_t*>(&q[4 * ss + 3])};
+      mma16816<T>(t, a, xw[2 * s], xw[2 * s + 1]);
+    }
+  }
+  const float f_lo = N::lo_float(s_lo), f_hi = N::lo_float(s_hi);
+  acc[0] = fmaf(f_lo, t[0], acc[0]);
+  acc[1] = fmaf(f_lo, t[1], acc[1]);
+  acc[2] = fmaf(f_hi, t[2], acc[2]);
+  acc[3] = fmaf(f_hi, t[3], acc[3]);
+}
+
+
 // One kblock of a warp: this lane's x and scales for kblock kb (x_lane, sz_row: mma_kernel_body's pointers), then
 // the math on the weights w (and 3-bit high planes h) already loaded.
 template <typename T, int BITS, int MT, int R, int ELEM>
@@ -321,6 +390,12 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
     for (int v = 0; v < XVEC; ++v) cx[t][v] = __ldg(xv + v);
   }
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
+  if constexpr (ELEM == 3) {
+    static_assert(MT == 1 && R == 1, "the fp32 post-scale path serves M <= 8 with one row tile a warp");
+    compute_kblock_post<T, BITS>(w[0], load_scale_raw<0>(sz_row, grp), load_scale_raw<0>(sz_row, 8 * G + grp), cx[0],
+                                 acc[0][0]);
+    return;
+  }
   N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -475,6 +550,10 @@ template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                  torch::Tensor& out, int group, int rt, int warps) {
   const int M = x.size(0);
+  if constexpr (ELEM == 3) {
+    TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
+    return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps);
+  } else {
   if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
   if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
     if (rt >= 2 && out.size(1) % 32 == 0) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps);
@@ -482,12 +561,14 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
   }
   if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps);
   return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps);
+  }
 }
 
 #define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
   template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
                                            const torch::Tensor&, torch::Tensor&, int, int, int)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
-  X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1)
+  X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1); \
+  X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3)
 
 }  // namespace llmcomp_mma
