@@ -168,7 +168,7 @@ def test_e2m1_large_scales_take_the_reference_path():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_every_launch_config_matches_the_reference(fmt, dtype):
     """Every (row tiles a warp, warps a block) the kernel can be launched with — launch_config picks among them
-    by shape — gives the reference product within TOL, at M = 1..16 (one or two row tiles a warp)."""
+    by shape — gives the reference product within TOL, at M = 1..16 (one or two row tiles a warp) and 40."""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
@@ -176,8 +176,8 @@ def test_every_launch_config_matches_the_reference(fmt, dtype):
     for n, k in [(256, 1024), (48, 512)]:
         q, t, g = _layer(fmt, n, k, n + k)
         prep = uniform_cuda.prepare(fmt, t, k)
-        for m in [1, 5, 8, 13, 16]:
-            for warps in (2, 4, 8):
+        for m in [1, 5, 8, 13, 16, 40]:
+            for warps in (2, 4, 8, 16):  # 16: the wide instantiation at M <= 16, clamped to 8 above
                 for rt in (1, 2):  # rt 2 with rows not a multiple of 32 (n = 48): the kernel falls back to one tile
                     x = torch.randn(m, k, generator=g).to("cuda", dtype)  # fresh: stale rows of a reused block fail
                     y = uniform_cuda.gemm(x, prep, (rt, warps))

@@ -210,8 +210,12 @@ def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
     many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
     many rows (28672); on the H100 two tiles were ahead on every shape at M = 16 (by ≤ 8 %), so this rule is
-    the H200's. Above M = 16 the kernel always runs one tile a warp; 4 warps for very many rows."""
+    the H200's. At most two row tiles an SM (4096 rows on an H200): 16 warps split K (the wide instantiation),
+    two tiles a warp at M = 9..16 (H200 sweep, kernels_sweep_h200_wide.json: 4096 × 14336 M=1 11.2 µs against
+    13.6 with 8 warps). Above M = 16 the kernel always runs one tile a warp; 4 warps for very many rows."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if m <= 16 and n // 16 <= 2 * sms:
+        return (2 if m > 8 and n % 32 == 0 else 1), 16
     if m <= 16:
         rt = 2 if (m > 8 and n % 32 == 0 and n // 32 >= 6 * sms) else 1
         many = n // (16 * rt) >= 6 * sms
@@ -245,7 +249,8 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Ten
 @functools.lru_cache(maxsize=1)
 def post_scale() -> bool:
     """``LLMCOMP_MMA_POST_SCALE=0`` turns the fp32 post-scale kernel off (M <= 8, 2/4-bit codes with integral
-    zeros): an experiment (branch kernel-next-postscale) until it is measured on a GPU."""
+    zeros), for A/B timing in one build: on the H200 it was 3–5 % faster for W4 and 3–8 % for W2 at M = 1
+    (bench/results/kernels_h200_postscale.json against kernels_h200_postscale_off.json)."""
     return os.environ.get("LLMCOMP_MMA_POST_SCALE", "1").strip() != "0"
 
 

@@ -190,11 +190,14 @@ __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&ou
   }
 }
 
-// Kernel shape per (BITS, MT): U = kblocks loaded per round, THREADS = the largest block.
+// Kernel shape per (BITS, MT): U = kblocks loaded per round, THREADS = the usual largest block; WIDE = a second
+// instantiation with up to 16 warps splitting K where the accumulators are few (MT <= 2), so shapes with few row
+// tiles can fill the SMs (its own instantiation: __launch_bounds__(512) moves the 8-warp kernel's registers).
 template <int BITS, int MT>
 struct Shape {
   static constexpr int U = 4;
   static constexpr int THREADS = 256;
+  static constexpr int WIDE = MT <= 2 ? 512 : 256;
 };
 
 // Word wi of a lane's kblock; hv: the lane's high-bit words (ELEM == 2 only).
@@ -529,10 +532,11 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   const int KB = K / KBLK;
   using S = Shape<BITS, MT>;
   if (warps <= 0) warps = 8;
-  warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
+  warps = std::max(1, std::min({warps, KB, S::WIDE / 32}));
   const int kb_per_warp = (KB + warps - 1) / warps;
   const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
-  auto kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
+  auto kern = warps * 32 > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
+                                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
