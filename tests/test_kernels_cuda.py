@@ -168,7 +168,7 @@ def test_e2m1_large_scales_take_the_reference_path():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_every_launch_config_matches_the_reference(fmt, dtype):
     """Every (row tiles a warp, warps a block) the kernel can be launched with — launch_config picks among them
-    by shape — gives the reference product within TOL, at M = 1..16 (one or two row tiles a warp)."""
+    by shape — gives the reference product within TOL, at M = 1..16 (one or two row tiles a warp) and 40."""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
@@ -176,8 +176,8 @@ def test_every_launch_config_matches_the_reference(fmt, dtype):
     for n, k in [(256, 1024), (48, 512)]:
         q, t, g = _layer(fmt, n, k, n + k)
         prep = uniform_cuda.prepare(fmt, t, k)
-        for m in [1, 5, 8, 13, 16]:
-            for warps in (2, 4, 8):
+        for m in [1, 5, 8, 13, 16, 40]:
+            for warps in (2, 4, 8, 16):  # 16: the wide instantiation at M <= 16, clamped to 8 above
                 for rt in (1, 2):  # rt 2 with rows not a multiple of 32 (n = 48): the kernel falls back to one tile
                     x = torch.randn(m, k, generator=g).to("cuda", dtype)  # fresh: stale rows of a reused block fail
                     y = uniform_cuda.gemm(x, prep, (rt, warps))
@@ -218,3 +218,31 @@ def test_mma_kernel_group_not_a_power_of_two(bits, dtype):
             x = torch.randn(m, k, generator=g).to("cuda", dtype)
             y = uniform_cuda.linear(x, fmt, t, k, None, {})
             assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m)
+
+
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=128, symmetric=True),
+                                 Uniform(bits=4, group_size=0), Uniform(bits=2, group_size=128),
+                                 Uniform(bits=4, group_size=96)], ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_post_scale_kernel_matches_the_reference(fmt, dtype):
+    """M <= 8 with integral zeros: the A operand q − z and the scale in fp32 after each kblock's mma (elem 3) —
+    within the usual tolerance of the fp32 reference, and at least as close as the per-pair-scale kernel (elem 0),
+    which is what it replaces; groups that are not whole kblocks (96 for 4-bit: 1.5 kblocks) keep elem 0."""
+    from llmcomp.kernels import uniform_cuda
+
+    if uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    for n, k in [(256, 1536), (4096, 4608), (48, 768)]:
+        if not uniform_cuda.shape_ok(fmt, k, n):
+            continue
+        q, t, g = _layer(fmt, n, k, n + k)
+        prep = uniform_cuda.prepare(fmt, t, k)
+        assert (prep["zero"] is not None) == (fmt.group(k) % uniform_cuda.kblock(fmt.bits) == 0)
+        for m in [1, 2, 5, 8]:
+            x = torch.randn(m, k, generator=g).to("cuda", dtype)
+            y = uniform_cuda.gemm(x, prep)
+            assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m)
+            if prep["zero"] is not None:
+                ref_path = uniform_cuda.gemm_op(x, prep["qw"], prep["qw"], uniform_cuda.scale_pairs(prep, dtype),
+                                                fmt.bits, prep["group"], n, 1, 8, 0)
+                assert _rel_err(y, x, fmt, t, k) <= _rel_err(ref_path, x, fmt, t, k) * 1.5 + 1e-3, (n, k, m)

@@ -284,7 +284,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
                 uniform_cuda.scale_pairs(p, x.dtype)
             best = None
             configs = [(rt, warps) for rt in ((1,) if m <= 8 or m > 16 else (1, 2)) if n % (16 * rt) == 0
-                       for warps in (2, 4, 8)]
+                       for warps in (4, 8, 16)]
             for rt, warps in configs:
                 t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps)) for p in preps])
                 pct = roofline_pct(nbytes, m, n, k, bw, t)

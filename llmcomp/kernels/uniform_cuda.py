@@ -165,21 +165,32 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
                 "group": fmt.block(in_features), "n": f["codes"].shape[0], "bits": 4, "elem": 1}
     scale, zero = f["scale"].float(), f["zero"].float()
     qw, qh = repack3(f["codes"]) if fmt.bits == 3 else (repack(f["codes"], fmt.bits), None)
-    return {"qw": qw, "qh": qh, "scale": scale, "mz": -zero * scale, "sz": {},
-            "group": fmt.group(in_features), "n": f["codes"].shape[0], "bits": fmt.bits, "elem": 0}
+    group = fmt.group(in_features)
+    # the fp32 post-scale kernel (M <= 8): 2- and 4-bit codes, integral zeros (RTN, GPTQ), whole kblocks a group
+    post = (fmt.bits in (2, 4) and group % kblock(fmt.bits) == 0 and bool(torch.equal(zero, zero.round()))
+            and bool(((zero >= 0) & (zero < 128)).all()))
+    return {"qw": qw, "qh": qh, "scale": scale, "mz": -zero * scale, "zero": zero if post else None, "sz": {},
+            "group": group, "n": f["codes"].shape[0], "bits": fmt.bits, "elem": 0}
 
 
-def scale_pairs(prep: dict, dtype: torch.dtype) -> torch.Tensor:
+POST_MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}  # the decode's magic exponent: MAGIC + q is exact
+
+
+def scale_pairs(prep: dict, dtype: torch.dtype, post: bool = False) -> torch.Tensor:
     """The kernel's scales in ``dtype``: uniform — (scale, mz) per row and group as one int32 of two
-    halves (scale in the low half); E2M1 — one int16 ``scale · 2^B`` per row and block."""
-    sz = prep["sz"].get(dtype)
+    halves (scale in the low half), or with ``post`` (scale, MAGIC + zero) for the fp32 post-scale kernel;
+    E2M1 — one int16 ``scale · 2^B`` per row and block."""
+    sz = prep["sz"].get((dtype, post))
     if sz is None:
-        if prep["elem"] == 1:
+        if post:
+            pair = torch.stack([prep["scale"].to(dtype), (prep["zero"] + POST_MAGIC[dtype]).to(dtype)], dim=-1)
+            sz = pair.contiguous().view(torch.int32).squeeze(-1).contiguous()
+        elif prep["elem"] == 1:
             sz = (prep["scale"] * 2.0 ** E2M1_BIAS[dtype]).to(dtype).view(torch.int16).contiguous()
         else:
             pair = torch.stack([prep["scale"].to(dtype), prep["mz"].to(dtype)], dim=-1).contiguous()
             sz = pair.view(torch.int32).squeeze(-1).contiguous()
-        prep["sz"][dtype] = sz
+        prep["sz"][(dtype, post)] = sz
     return sz
 
 
@@ -199,8 +210,12 @@ def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
     many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
     many rows (28672); on the H100 two tiles were ahead on every shape at M = 16 (by ≤ 8 %), so this rule is
-    the H200's. Above M = 16 the kernel always runs one tile a warp; 4 warps for very many rows."""
+    the H200's. At most two row tiles an SM (4096 rows on an H200): 16 warps split K (the wide instantiation),
+    two tiles a warp at M = 9..16 (H200 sweep, kernels_sweep_h200_wide.json: 4096 × 14336 M=1 11.2 µs against
+    13.6 with 8 warps). Above M = 16 the kernel always runs one tile a warp; 4 warps for very many rows."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if m <= 16 and n // 16 <= 2 * sms:
+        return (2 if m > 8 and n % 32 == 0 else 1), 16
     if m <= 16:
         rt = 2 if (m > 8 and n % 32 == 0 and n // 32 >= 6 * sms) else 1
         many = n // (16 * rt) >= 6 * sms
@@ -224,8 +239,19 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Ten
     if x2.data_ptr() % 16:
         x2 = x2.clone()
     rt, warps = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
+    if post_scale() and prep.get("zero") is not None and x2.shape[0] <= 8:
+        return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype, post=True), prep["bits"],
+                       prep["group"], prep["n"], rt, warps, 3)
     return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
                    rt, warps, prep["elem"])
+
+
+@functools.lru_cache(maxsize=1)
+def post_scale() -> bool:
+    """``LLMCOMP_MMA_POST_SCALE=0`` turns the fp32 post-scale kernel off (M <= 8, 2/4-bit codes with integral
+    zeros), for A/B timing in one build: on the H200 it was 3–5 % faster for W4 and 3–8 % for W2 at M = 1
+    (bench/results/kernels_h200_postscale.json against kernels_h200_postscale_off.json)."""
+    return os.environ.get("LLMCOMP_MMA_POST_SCALE", "1").strip() != "0"
 
 
 def _high(prep: dict) -> torch.Tensor:

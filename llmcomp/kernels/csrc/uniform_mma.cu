@@ -13,6 +13,10 @@ void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::
                   int bits, int elem, int group, int rt, int warps) {
   if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps);
   if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps);
+  if (elem == 3) {
+    if (bits == 4) return dispatch_mt<T, 4, 3>(x, qw, qh, sz, out, group, rt, warps);
+    return dispatch_mt<T, 2, 3>(x, qw, qh, sz, out, group, rt, warps);
+  }
   if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps);
   return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps);
 }
@@ -22,7 +26,8 @@ void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
                      int64_t& bits, int64_t& elem) {
   TORCH_CHECK(bits >= 2 && bits <= 4, "bits must be 2, 3 or 4");
-  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4), "elem: 0 (integer codes) or 1 (e2m1, 4 bits)");
+  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4) || (elem == 3 && (bits == 4 || bits == 2)),
+              "elem: 0 (integer codes), 1 (e2m1, 4 bits) or 3 (integer codes, fp32 post-scale, 2 or 4 bits)");
   if (bits == 3) {
     TORCH_CHECK(qh.is_cuda() && qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
                 "3-bit codes need their high-bit plane");
@@ -31,6 +36,7 @@ void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const tor
   }
   TORCH_CHECK(sz.is_cuda() && sz.is_contiguous() && sz.dim() == 2 && sz.size(0) == n, "bad scale tensor");
   TORCH_CHECK(sz.element_size() == (elem == 1 ? 2 : 4), "scales: 16-bit for e2m1, 32-bit pairs for uniform");
+  TORCH_CHECK(elem != 3 || sz.size(1) > 0, "bad scale tensor");
 }
 
 }  // namespace llmcomp_mma

@@ -41,6 +41,8 @@ template <> struct Num<__half> {
   static constexpr float MAGIC_F = 1024.f;
   __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
   __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  __device__ static T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
+  __device__ static float lo_float(uint32_t u) { return __half2float(__ushort_as_half((unsigned short)(u & 0xffff))); }
   __device__ static T2 f2(float a) { return __float2half2_rn(a); }
   __device__ static T2 lo2(T2 a) { return __low2half2(a); }
   __device__ static T2 hi2(T2 a) { return __high2half2(a); }
@@ -53,6 +55,8 @@ template <> struct Num<__nv_bfloat16> {
   static constexpr float MAGIC_F = 128.f;
   __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
   __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
+  __device__ static T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
+  __device__ static float lo_float(uint32_t u) { return __uint_as_float(u << 16); }
   __device__ static T2 f2(float a) { return __float2bfloat162_rn(a); }
   __device__ static T2 lo2(T2 a) { return __low2bfloat162(a); }
   __device__ static T2 hi2(T2 a) { return __high2bfloat162(a); }
@@ -186,11 +190,14 @@ __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&ou
   }
 }
 
-// Kernel shape per (BITS, MT): U = kblocks loaded per round, THREADS = the largest block.
+// Kernel shape per (BITS, MT): U = kblocks loaded per round, THREADS = the usual largest block; WIDE = a second
+// instantiation with up to 16 warps splitting K where the accumulators are few (MT <= 2), so shapes with few row
+// tiles can fill the SMs (its own instantiation: __launch_bounds__(512) moves the 8-warp kernel's registers).
 template <int BITS, int MT>
 struct Shape {
   static constexpr int U = 4;
   static constexpr int THREADS = 256;
+  static constexpr int WIDE = MT <= 2 ? 512 : 256;
 };
 
 // Word wi of a lane's kblock; hv: the lane's high-bit words (ELEM == 2 only).
@@ -301,6 +308,71 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
   }
 }
 
+// ELEM == 3 (M <= 8, integer codes with integral zeros, groups of whole kblocks): the A operand is q − z, exact in
+// fp16/bf16 (|q − z| < 16), the mma sums (q − z)·x in fp32 over the kblock, and the scale is applied once per kblock
+// in fp32 on the 4 accumulators — instead of one 16-bit scale FMA per code pair (16 a kblock). sz then holds
+// (scale, MAGIC + z) per row and group (uniform_cuda.scale_pairs with post=True). Pair e of a word belongs to row
+// g + 8·(e & 1) (the A fragment's a0..a3 alternate rows g, g + 8).
+template <typename T, int BITS>
+__device__ __forceinline__ void decode_centered(uint32_t w, const typename Num<T>::T2 (&zz)[2],
+                                                typename Num<T>::T2 (&out)[16 / BITS]) {
+  using N = Num<T>;
+  using N2 = typename N::T2;
+  constexpr int PER_HALF = 8 / BITS;
+  constexpr uint32_t LOWMASK = ((1u << BITS) - 1) | (((1u << BITS) - 1) << 16);
+  if constexpr (std::is_same<T, __half>::value) {
+    // pair (sh, i) reads MAGIC + 2^p q (p = BITS i): q − z = h·2^-p − (MAGIC·2^-p + z); the constants from zz.
+    N2 cz[PER_HALF];
+#pragma unroll
+    for (int i = 0; i < PER_HALF; ++i)
+      cz[i] = N::sub2(N::f2(N::MAGIC_F - N::MAGIC_F / float(1 << (BITS * i))), zz[i & 1]);
+#pragma unroll
+    for (int sh = 0; sh < 2; ++sh) {
+      const uint32_t v = sh ? (w >> 8) : w;
+#pragma unroll
+      for (int i = 0; i < PER_HALF; ++i) {
+        const int p = BITS * i;
+        const uint32_t h = lop3_and_or(v, LOWMASK << p, N::MAGIC);
+        out[sh * PER_HALF + i] = N::fma2(N::pair(h), N::f2(1.f / float(1 << p)), cz[i]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 16 / BITS; ++e)
+      out[e] = N::sub2(N::pair(lop3_and_or(w >> (BITS * e), LOWMASK, N::MAGIC)), zz[e & 1]);
+  }
+}
+
+template <typename T, int BITS>
+__device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_lo, uint32_t s_hi,
+                                                    const uint4 (&cx)[(256 / BITS) / 32], float (&acc)[4]) {
+  using N = Num<T>;
+  using N2 = typename N::T2;
+  constexpr int STEPS_PER_WORD = 4 / BITS;
+  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};
+  float t[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[0]);
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi) {
+    N2 q[16 / BITS];
+    decode_centered<T, BITS>(words[wi], zz, q);
+#pragma unroll
+    for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
+      const int s = wi * STEPS_PER_WORD + ss;
+      const uint32_t a[4] = {*reinterpret_cast<uint32_t*>(&q[4 * ss + 0]), *reinterpret_cast<uint32_t*>(&q[4 * ss + 1]),
+                             *reinterpret_cast<uint32_t*>(&q[4 * ss + 2]), *reinterpret_cast<uint32_t*>(&q[4 * ss + 3])};
+      mma16816<T>(t, a, xw[2 * s], xw[2 * s + 1]);
+    }
+  }
+  const float f_lo = N::lo_float(s_lo), f_hi = N::lo_float(s_hi);
+  acc[0] = fmaf(f_lo, t[0], acc[0]);
+  acc[1] = fmaf(f_lo, t[1], acc[1]);
+  acc[2] = fmaf(f_hi, t[2], acc[2]);
+  acc[3] = fmaf(f_hi, t[3], acc[3]);
+}
+
+
 // One kblock of a warp: this lane's x and scales for kblock kb (x_lane, sz_row: mma_kernel_body's pointers), then
 // the math on the weights w (and 3-bit high planes h) already loaded.
 template <typename T, int BITS, int MT, int R, int ELEM>
@@ -310,14 +382,23 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
   const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  // Lanes of tokens >= M read the last token's x instead of zeros: an mma's output column depends on its own B
+  // column only, and the columns of tokens >= M are never written out — no predicate, no zeroing.
   uint4 cx[MT][XVEC];
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
-    const uint4* xv = reinterpret_cast<const uint4*>(x_lane + t * 8 * K + kb * KBLK);
+    const int tok = MT == 1 ? 0 : min(t * 8 + g, M - 1) - min(g, M - 1);  // x_lane is token min(g, M - 1)
+    const uint4* xv = reinterpret_cast<const uint4*>(x_lane + tok * K + kb * KBLK);
 #pragma unroll
-    for (int v = 0; v < XVEC; ++v) cx[t][v] = t * 8 + g < M ? xv[v] : make_uint4(0, 0, 0, 0);
+    for (int v = 0; v < XVEC; ++v) cx[t][v] = __ldg(xv + v);
   }
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
+  if constexpr (ELEM == 3) {
+    static_assert(MT == 1 && R == 1, "the fp32 post-scale path serves M <= 8 with one row tile a warp");
+    compute_kblock_post<T, BITS>(w[0], load_scale_raw<0>(sz_row, grp), load_scale_raw<0>(sz_row, 8 * G + grp), cx[0],
+                                 acc[0][0]);
+    return;
+  }
   N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -344,10 +425,10 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   const int tile0 = blockIdx.x * R;
   const int kb0 = warp * kb_per_warp;
   const int kb1 = min(KB, kb0 + kb_per_warp);
-  // This lane's x (token g, inputs from c * LANE_K; token tile t adds 8 t rows) and the scales of its first row
+  // This lane's x (token min(g, M - 1), inputs from c * LANE_K; token tile t: kblock_step) and the scales of its first row
   // (g of tile0), as pointers, so a kblock's addresses are one add each (64-bit index arithmetic a kblock was
   // ~20 instructions of the W4 kernel's ~110: SASS, bench/results/kernels_h200_notes.md).
-  const T* x_lane = x + (size_t)g * K + c * LANE_K;
+  const T* x_lane = x + (size_t)min(g, M - 1) * K + c * LANE_K;
   const void* sz_row = static_cast<const char*>(sz) + (size_t)(tile0 * 16 + g) * G * (ELEM == 1 ? 2 : 4);
 
   float acc[R][MT][4];
@@ -451,10 +532,11 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   const int KB = K / KBLK;
   using S = Shape<BITS, MT>;
   if (warps <= 0) warps = 8;
-  warps = std::max(1, std::min({warps, KB, S::THREADS / 32}));
+  warps = std::max(1, std::min({warps, KB, S::WIDE / 32}));
   const int kb_per_warp = (KB + warps - 1) / warps;
   const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
-  auto kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
+  auto kern = warps * 32 > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
+                                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
@@ -472,6 +554,10 @@ template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                  torch::Tensor& out, int group, int rt, int warps) {
   const int M = x.size(0);
+  if constexpr (ELEM == 3) {
+    TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
+    return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps);
+  } else {
   if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
   if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
     if (rt >= 2 && out.size(1) % 32 == 0) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps);
@@ -479,12 +565,14 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
   }
   if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps);
   return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps);
+  }
 }
 
 #define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
   template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
                                            const torch::Tensor&, torch::Tensor&, int, int, int)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
-  X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1)
+  X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1); \
+  X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3)
 
 }  // namespace llmcomp_mma
