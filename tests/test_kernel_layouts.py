@@ -199,3 +199,22 @@ def test_post_scale_pairs():
     t = fmt.pack(rtn_fields(w, fmt))
     t["weight_zero"] = t["weight_zero"] + 0.25  # a real-valued zero (decoupleQ)
     assert uniform_cuda.prepare(fmt, t, 256)["zero"] is None
+
+
+def test_launch_config_follows_the_h200_sweeps(monkeypatch):
+    """launch_config on an H200-sized GPU (132 SMs) returns the configurations the sweeps measured fastest
+    (bench/results/kernels_sweep_h200_wide.json, kernels_sweep_h200_rowgroups.json), and stays launchable
+    (the kernel's blocks hold at most 16 warps at M <= 16, 8 above)."""
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: Props())
+    picks = {(n, k, m): uniform_cuda.launch_config(n, k, 4, m)
+             for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)] for m in (1, 16, 32, 64)}
+    assert picks[(4096, 14336, 1)] == (1, 16, 1) and picks[(4096, 14336, 16)] == (2, 16, 1)
+    assert picks[(14336, 4096, 1)] == (1, 4, 1) and picks[(28672, 8192, 1)] == (1, 8, 1)
+    assert picks[(14336, 4096, 32)] == picks[(14336, 4096, 64)] == (1, 2, 4)
+    assert picks[(4096, 14336, 64)] == (1, 4, 1) and picks[(4096, 14336, 32)] == (1, 8, 1)
+    for (n, k, m), (rt, warps, wr) in picks.items():
+        assert rt * 16 * wr <= n and warps * wr <= (16 if m <= 16 else 8), (n, k, m)

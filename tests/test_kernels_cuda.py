@@ -167,8 +167,9 @@ def test_e2m1_large_scales_take_the_reference_path():
                                  Uniform(bits=2, group_size=32), MXFP4(), NVFP4()], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_every_launch_config_matches_the_reference(fmt, dtype):
-    """Every (row tiles a warp, warps a block) the kernel can be launched with — launch_config picks among them
-    by shape — gives the reference product within TOL, at M = 1..16 (one or two row tiles a warp) and 40."""
+    """Every (row tiles a warp, warps splitting K, row groups a block) the kernel can be launched with —
+    launch_config picks among them by shape — gives the reference product within TOL, at M = 1..16 (one or two
+    row tiles a warp), 40 and 64; 3 row groups a block leave the last block partly empty on both shapes."""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
@@ -176,12 +177,13 @@ def test_every_launch_config_matches_the_reference(fmt, dtype):
     for n, k in [(256, 1024), (48, 512)]:
         q, t, g = _layer(fmt, n, k, n + k)
         prep = uniform_cuda.prepare(fmt, t, k)
-        for m in [1, 5, 8, 13, 16, 40]:
+        for m in [1, 5, 8, 13, 16, 40, 64]:
             for warps in (2, 4, 8, 16):  # 16: the wide instantiation at M <= 16, clamped to 8 above
                 for rt in (1, 2):  # rt 2 with rows not a multiple of 32 (n = 48): the kernel falls back to one tile
-                    x = torch.randn(m, k, generator=g).to("cuda", dtype)  # fresh: stale rows of a reused block fail
-                    y = uniform_cuda.gemm(x, prep, (rt, warps))
-                    assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m, warps, rt)
+                    for wr in (1, 3):  # the block's threads are clamped to its instantiation (wr shrinks first)
+                        x = torch.randn(m, k, generator=g).to("cuda", dtype)  # fresh: stale rows of a reused block fail
+                        y = uniform_cuda.gemm(x, prep, (rt, warps, wr))
+                        assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m, warps, rt, wr)
 
 
 def test_kernel_bench_times_every_column(monkeypatch, tmp_path):

@@ -265,9 +265,14 @@ def _line(row: dict) -> str:
     return "  ".join(parts)
 
 
+# (warps splitting K, row groups a block): up to 16 warps a block at M <= 16, 8 above.
+_WIDE_SPLITS = ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (4, 4), (2, 8))
+_SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (2, 2))
+
+
 def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print) -> list[dict]:
-    """Time the CUDA mma kernel alone over its launch parameters (row tiles per warp × warps per
-    block), to set ``uniform_cuda.launch_config`` from measurements."""
+    """Time the CUDA mma kernel alone over its launch parameters (row tiles per warp × warps splitting K ×
+    row groups a block), to set ``uniform_cuda.launch_config`` from measurements."""
     from llmcomp.kernels import uniform_cuda
 
     fmt = Uniform(bits=bits, group_size=group)
@@ -283,15 +288,15 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
             for p in preps:
                 uniform_cuda.scale_pairs(p, x.dtype)
             best = None
-            configs = [(rt, warps) for rt in ((1,) if m <= 8 or m > 16 else (1, 2)) if n % (16 * rt) == 0
-                       for warps in (4, 8, 16)]
-            for rt, warps in configs:
-                t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps)) for p in preps])
+            configs = [(rt, warps, wr) for rt in ((1,) if m <= 8 or m > 16 else (1, 2)) if n % (16 * rt) == 0
+                       for warps, wr in (_WIDE_SPLITS if m <= 16 else _SPLITS)]
+            for rt, warps, wr in configs:
+                t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, wr)) for p in preps])
                 pct = roofline_pct(nbytes, m, n, k, bw, t)
-                rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps,
+                rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps, "wr": wr,
                              "us": round(t * 1e6, 3), "roofline_pct": round(pct, 2)})
                 if best is None or t < best[0]:
-                    best = (t, (rt, warps), pct)
+                    best = (t, (rt, warps, wr), pct)
             auto = uniform_cuda.launch_config(n, k, bits, m)
             log(f"sweep W{bits} {n}x{k} M={m}: best (rt, warps)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
                 f"  (launch_config: {auto})")

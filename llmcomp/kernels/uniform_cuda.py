@@ -205,45 +205,52 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
     return fits[dtype]
 
 
-def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int]:
-    """(row tiles per warp, warps per block splitting K). M ≤ 8 (H100 sweep, bench/results/kernels_sweep_h100.json,
+def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int, int]:
+    """(row tiles per warp, warps splitting K, row groups a block). M ≤ 8 (H100 sweep, bench/results/kernels_sweep_h100.json,
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
     many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
     many rows (28672); on the H100 two tiles were ahead on every shape at M = 16 (by ≤ 8 %), so this rule is
     the H200's. At most two row tiles an SM (4096 rows on an H200): 16 warps split K (the wide instantiation),
     two tiles a warp at M = 9..16 (H200 sweep, kernels_sweep_h200_wide.json: 4096 × 14336 M=1 11.2 µs against
-    13.6 with 8 warps). Above M = 16 the kernel always runs one tile a warp; 4 warps for very many rows."""
+    13.6 with 8 warps). Above M = 16 (one tile a warp; H200 sweep kernels_sweep_h200_rowgroups.json): many
+    rows with a short K take 4 row groups a block of 2 warps each (x read once a block for 4 tiles: 14336 × 4096
+    M=32 29.6 µs against 33.7, M=64 56.3 against 64.1), many rows 4 warps, otherwise 4 warps at M > 32
+    (4096 × 14336 M=64 46.9 against 58.5) and 8 up to 32."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if m <= 16 and n // 16 <= 2 * sms:
-        return (2 if m > 8 and n % 32 == 0 else 1), 16
+        return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
     if m <= 16:
         rt = 2 if (m > 8 and n % 32 == 0 and n // 32 >= 6 * sms) else 1
         many = n // (16 * rt) >= 6 * sms
-        return rt, 4 if (rt == 2 or (many and k // kblock(bits) <= 64)) else 8
-    return 1, 4 if n // 32 >= 6 * sms else 8
+        return rt, 4 if (rt == 2 or (many and k // kblock(bits) <= 64)) else 8, 1
+    many = n // 16 >= 6 * sms
+    if many and k // kblock(bits) <= 64:
+        return 1, 2, 4
+    return 1, 4 if (many or m > 32) else 8, 1
 
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
 def gemm_op(x: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, bits: int, group: int, n: int,
-            rt: int, warps: int, elem: int = 0) -> torch.Tensor:
-    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem)
+            rt: int, warps: int, elem: int = 0, wr: int = 1) -> torch.Tensor:
+    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem, wr)
 
 
 @gemm_op.register_fake
-def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0):
+def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, wr=1):
     return x.new_empty(x.shape[0], n)
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
-    """``launch``: (row tiles, warps), default ``launch_config``."""
+    """``launch``: (row tiles a warp, warps splitting K[, row groups a block]), default ``launch_config``."""
     if x2.data_ptr() % 16:
         x2 = x2.clone()
-    rt, warps = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
+    rt, warps, *rest = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
+    wr = rest[0] if rest else 1
     if post_scale() and prep.get("zero") is not None and x2.shape[0] <= 8:
         return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype, post=True), prep["bits"],
-                       prep["group"], prep["n"], rt, warps, 3)
+                       prep["group"], prep["n"], rt, warps, 3, wr)
     return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
-                   rt, warps, prep["elem"])
+                   rt, warps, prep["elem"], wr)
 
 
 @functools.lru_cache(maxsize=1)

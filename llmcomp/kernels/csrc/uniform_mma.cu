@@ -10,15 +10,15 @@ LLMCOMP_MMA_FORMATS(LLMCOMP_MMA_EXTERN);
 
 template <typename T>
 void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
-                  int bits, int elem, int group, int rt, int warps) {
-  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps);
-  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps);
+                  int bits, int elem, int group, int rt, int warps, int wr) {
+  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, wr);
+  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, wr);
   if (elem == 3) {
-    if (bits == 4) return dispatch_mt<T, 4, 3>(x, qw, qh, sz, out, group, rt, warps);
-    return dispatch_mt<T, 2, 3>(x, qw, qh, sz, out, group, rt, warps);
+    if (bits == 4) return dispatch_mt<T, 4, 3>(x, qw, qh, sz, out, group, rt, warps, wr);
+    return dispatch_mt<T, 2, 3>(x, qw, qh, sz, out, group, rt, warps, wr);
   }
-  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps);
-  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps);
+  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps, wr);
+  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, wr);
 }
 
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
@@ -46,7 +46,7 @@ using namespace llmcomp_mma;
 // bits: the codes' width (2, 3, 4); elem: 0 integer codes, 1 e2m1 (bits 4); qh: the high-bit plane of 3-bit
 // codes (any tensor otherwise).
 torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group,
-                   int64_t n, int64_t rt, int64_t warps, int64_t elem) {
+                   int64_t n, int64_t rt, int64_t warps, int64_t elem, int64_t wr) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
@@ -54,8 +54,8 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
   TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), n}, x.options());
-  if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps);
-  else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, out, bits, elem, group, rt, warps);
+  if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps, wr);
+  else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, out, bits, elem, group, rt, warps, wr);
   return out;
 }
 

@@ -279,13 +279,14 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
   }
 }
 
-// acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the block's warps in shared memory
-// (red: one ROWS x TOKS float slab a warp), written as T.
+// acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the 2^wk_log warps of each row group
+// in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
 template <typename T, int MT, int R>
 __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float* red, T* __restrict__ out, int M, int N,
-                                             int tile0) {
+                                             int wk_log) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, c = lane & 3;
+  const int wk = 1 << wk_log, wr = nwarps >> wk_log;
   constexpr int ROWS = R * 16, TOKS = MT * 8;
   float* mine = red + warp * ROWS * TOKS;
 #pragma unroll
@@ -299,11 +300,12 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
       mine[(tok + 1) * ROWS + row + 8] = acc[r][t][3];
     }
   __syncthreads();
-  for (int i = threadIdx.x; i < ROWS * TOKS; i += blockDim.x) {
-    const int tok = i / ROWS, row = i % ROWS;
-    if (tok >= M) continue;
+  for (int i = threadIdx.x; i < wr * ROWS * TOKS; i += blockDim.x) {
+    const int rg = i / (ROWS * TOKS), j = i % (ROWS * TOKS);
+    const int tok = j / ROWS, row = j % ROWS, tile0 = (blockIdx.x * wr + rg) * R;
+    if (tok >= M || tile0 * 16 >= N) continue;
     float s = 0.f;
-    for (int w = 0; w < nwarps; ++w) s += red[w * ROWS * TOKS + i];
+    for (int w = 0; w < wk; ++w) s += red[(rg * wk + w) * ROWS * TOKS + j];
     out[(size_t)tok * N + tile0 * 16 + row] = Num<T>::from_float(s);
   }
 }
@@ -409,12 +411,14 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 }
 
 // One warp: R row tiles (16 rows each) x MT token tiles (8 tokens each), over kblocks [kb0, kb1).
-// Blocks: gridDim.x = N / (16 R); warps of a block split K; partial sums meet in shared memory.
+// Blocks: wr row groups of R tiles (gridDim.x = ceil(N / (16 R wr))), each group's wk warps split K; partial sums
+// meet in shared memory. Row groups of one block read the same x at about the same time, so x comes from L1 once
+// a block instead of from L2 once a group (at M = 64, x crossing L2 N/16 times bounds the one-group kernel).
 template <typename T, int BITS, int MT, int R, int U, int ELEM>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
-                                                int kb_per_warp) {
+                                                int kb_per_warp, int wk_log) {
   constexpr int KBLK = 256 / BITS;
   constexpr int LANE_K = KBLK / 4;       // inputs per lane per kblock
   extern __shared__ float red[];
@@ -422,9 +426,9 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int KB = K / KBLK;
-  const int tile0 = blockIdx.x * R;
-  const int kb0 = warp * kb_per_warp;
-  const int kb1 = min(KB, kb0 + kb_per_warp);
+  const int tile0 = (blockIdx.x * (nwarps >> wk_log) + (warp >> wk_log)) * R;
+  const int kb0 = (warp & ((1 << wk_log) - 1)) * kb_per_warp;
+  const int kb1 = tile0 * 16 < N ? min(KB, kb0 + kb_per_warp) : kb0;  // a last block's groups past N do no work
   // This lane's x (token min(g, M - 1), inputs from c * LANE_K; token tile t: kblock_step) and the scales of its first row
   // (g of tile0), as pointers, so a kblock's addresses are one add each (64-bit index arithmetic a kblock was
   // ~20 instructions of the W4 kernel's ~110: SASS, bench/results/kernels_h200_notes.md).
@@ -465,19 +469,19 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     }
   }
 
-  reduce_store<T, MT, R>(acc, red, out, M, N, tile0);
+  reduce_store<T, MT, R>(acc, red, out, M, N, wk_log);
 }
 
 #define LLMCOMP_MMA_PARAMS                                                                                     \
   const T *__restrict__ x, const uint4 *__restrict__ qw, const uint2 *__restrict__ qh, const void *__restrict__ sz, \
-      T *__restrict__ out, int M, int N, int K, int G, uint32_t gmagic, int kb_per_warp
+      T *__restrict__ out, int M, int N, int K, int G, uint32_t gmagic, int kb_per_warp, int wk_log
 // Registers are left to the compiler: bounding them for one more block an SM (__launch_bounds__(256, MINB)) was
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
 // division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
 // (4 x 2 kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md.
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp);
+  mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log);
 }
 #undef LLMCOMP_MMA_PARAMS
 
@@ -526,22 +530,26 @@ inline uint32_t group_magic(int K, int G, int group) {
 
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                torch::Tensor& out, int group, int warps) {
+                torch::Tensor& out, int group, int warps, int wr) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
   constexpr int KBLK = 256 / BITS;
   const int KB = K / KBLK;
   using S = Shape<BITS, MT>;
   if (warps <= 0) warps = 8;
-  warps = std::max(1, std::min({warps, KB, S::WIDE / 32}));
+  int wk_log = 0;  // warps splitting K (a row group): a power of two, at most KB
+  while ((2 << wk_log) <= std::min({warps, KB, S::WIDE / 32})) ++wk_log;
+  warps = 1 << wk_log;
+  wr = std::max(1, std::min(wr, S::WIDE / 32 / warps));  // row groups a block
   const int kb_per_warp = (KB + warps - 1) / warps;
-  const size_t smem = (size_t)warps * R * 16 * MT * 8 * sizeof(float);
-  auto kern = warps * 32 > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
-                                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
+  const int groups = N / (16 * R), threads = wr * warps * 32;
+  const size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float);
+  auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
+                                   : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  kern<<<N / (16 * R), warps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
+  kern<<<(groups + wr - 1) / wr, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
       reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), reinterpret_cast<T*>(out.data_ptr()), M, N, K, G,
-      group_magic(K, G, group), kb_per_warp);
+      group_magic(K, G, group), kb_per_warp, wk_log);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -552,25 +560,25 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                 torch::Tensor& out, int group, int rt, int warps) {
+                 torch::Tensor& out, int group, int rt, int warps, int wr) {
   const int M = x.size(0);
   if constexpr (ELEM == 3) {
     TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
-    return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps);
+    return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps, wr);
   } else {
-  if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps);
+  if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr);
   if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
-    if (rt >= 2 && out.size(1) % 32 == 0) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps);
-    return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps);
+    if (rt >= 2 && out.size(1) % 32 == 0) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, wr);
+    return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr);
   }
-  if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps);
-  return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps);
+  if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr);
+  return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr);
   }
 }
 
 #define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
   template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
-                                           const torch::Tensor&, torch::Tensor&, int, int, int)
+                                           const torch::Tensor&, torch::Tensor&, int, int, int, int)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1); \
   X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3)
