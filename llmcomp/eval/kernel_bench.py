@@ -258,8 +258,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
 def _line(row: dict) -> str:
     parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]  # uniform rows
-    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4", "llmcomp_fp16",
-                 "fp16"):
+    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4", "llmcomp_fp16", "fp16"):
         if f"{name}_us" in row:
             parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")
     return "  ".join(parts)
@@ -298,7 +297,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print)
                 if best is None or t < best[0]:
                     best = (t, (rt, warps, wr), pct)
             auto = uniform_cuda.launch_config(n, k, bits, m)
-            log(f"sweep W{bits} {n}x{k} M={m}: best (rt, warps)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
+            log(f"sweep W{bits} {n}x{k} M={m}: best (rt, warps, wr)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
                 f"  (launch_config: {auto})")
         del preps
     return rows

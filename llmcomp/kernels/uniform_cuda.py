@@ -182,13 +182,11 @@ def scale_pairs(prep: dict, dtype: torch.dtype, post: bool = False) -> torch.Ten
     E2M1 — one int16 ``scale · 2^B`` per row and block."""
     sz = prep["sz"].get((dtype, post))
     if sz is None:
-        if post:
-            pair = torch.stack([prep["scale"].to(dtype), (prep["zero"] + POST_MAGIC[dtype]).to(dtype)], dim=-1)
-            sz = pair.contiguous().view(torch.int32).squeeze(-1).contiguous()
-        elif prep["elem"] == 1:
+        if prep["elem"] == 1 and not post:
             sz = (prep["scale"] * 2.0 ** E2M1_BIAS[dtype]).to(dtype).view(torch.int16).contiguous()
         else:
-            pair = torch.stack([prep["scale"].to(dtype), prep["mz"].to(dtype)], dim=-1).contiguous()
+            second = prep["zero"] + POST_MAGIC[dtype] if post else prep["mz"]
+            pair = torch.stack([prep["scale"].to(dtype), second.to(dtype)], dim=-1).contiguous()
             sz = pair.view(torch.int32).squeeze(-1).contiguous()
         prep["sz"][(dtype, post)] = sz
     return sz

@@ -34,9 +34,9 @@ void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const tor
     elem = 2;
     bits = 2;
   }
-  TORCH_CHECK(sz.is_cuda() && sz.is_contiguous() && sz.dim() == 2 && sz.size(0) == n, "bad scale tensor");
+  TORCH_CHECK(sz.is_cuda() && sz.is_contiguous() && sz.dim() == 2 && sz.size(0) == n && sz.size(1) > 0,
+              "bad scale tensor");
   TORCH_CHECK(sz.element_size() == (elem == 1 ? 2 : 4), "scales: 16-bit for e2m1, 32-bit pairs for uniform");
-  TORCH_CHECK(elem != 3 || sz.size(1) > 0, "bad scale tensor");
 }
 
 }  // namespace llmcomp_mma
