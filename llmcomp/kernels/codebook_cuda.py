@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from llmcomp.kernels import uniform_cuda
+from llmcomp.kernels.codebook_triton import add_outliers, outlier_part
 
 KBLOCK = 128  # inputs a kblock (32 vectors)
 MAX_TABLE = 4096
@@ -61,16 +61,11 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
     f = fmt.unpack(tensors, in_features)
     n = f["index0"].shape[0]
     qw, qh = planes(fmt, f)
-    dev = qw.device
     table = torch.cat([f[f"codebook{t}"].float().reshape(-1, 4) for t in range(len(fmt.bits))])
-    scale = f["scale"].float() if fmt.scale else torch.ones(n, device=dev)
+    scale = f["scale"].float() if fmt.scale else torch.ones(n, device=qw.device)
     prep = {"qw": qw, "qh": qh, "table32": table, "tables": {}, "cb1_at": (1 << fmt.bits[0]) if qh is not None else 0,
-            "scale": scale.reshape(n, 1).contiguous(), "n": n, "outlier_w": {}}
-    if "outlier_cols" in f:
-        cols = f["outlier_cols"].to(torch.int64)
-        prep["main_cols"] = fmt.main_cols(cols, in_features, dev)
-        prep["outlier_cols"] = cols
-        prep["outlier_f32"] = fmt.outlier_weights(f) * scale[:, None]
+            "scale": scale.reshape(n, 1).contiguous(), "n": n}
+    prep.update(outlier_part(fmt, f, scale, in_features))
     return prep
 
 
@@ -102,12 +97,7 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Ten
     qh = prep["qh"] if prep["qh"] is not None else prep["qw"]
     y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], qh, table(prep, x2.dtype), prep["scale"], prep["n"],
                                          prep["cb1_at"], warps, wr)
-    if "outlier_cols" in prep:
-        w_out = prep["outlier_w"].get(x2.dtype)
-        if w_out is None:
-            w_out = prep["outlier_w"][x2.dtype] = prep["outlier_f32"].to(x2.dtype)
-        y = y + F.linear(x2.index_select(1, prep["outlier_cols"]), w_out)
-    return y
+    return add_outliers(y, x2, prep)
 
 
 def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
