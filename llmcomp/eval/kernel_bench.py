@@ -260,7 +260,7 @@ def _line(row: dict) -> str:
 
 # (warps splitting K, row groups a block): up to 16 warps a block at M <= 16, 8 above.
 _WIDE_SPLITS = ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (4, 4), (2, 8))
-_SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (2, 2))
+_SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (1, 4), (2, 2))  # warps 1: x staged (LLMCOMP_MMA_XSTAGE)
 
 
 def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print) -> list[dict]:

@@ -35,6 +35,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <cstdlib>
 #include <type_traits>
 
 namespace llmcomp_mma {
@@ -113,6 +114,15 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
                : "l"(p));
   return v;
 }
+
+// 16-byte global -> shared copies in flight, completed by group (the staged-x kernel).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // The 16/BITS code pairs of one word, as integer-valued 16-bit floats: out[e] = (q_lo, q_hi) of pair e,
 // whose codes sit at bits BITS*e and 16 + BITS*e.
@@ -417,10 +427,13 @@ __device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h
 
 // One kblock of a warp: this lane's x and scales for kblock kb (x_lane, sz_row: mma_kernel_body's pointers), then
 // the math on the weights w (and 3-bit high planes h) already loaded.
-template <typename T, int BITS, int MT, int R, int ELEM>
+// x_lane/x_stride/x_at: where this lane's x of the kblock starts (global memory: row stride K, kb * KBLK; XS, x staged
+// in shared memory: the chunk's padded row stride and the kblock's offset in the chunk).
+template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false>
 __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
-                                            const void* sz_row, int M, int K, int G, uint32_t gmagic,
-                                            float (&acc)[R][MT][4], const uint2* cb_s, int cb1_at) {
+                                            int x_stride, int x_at, const void* sz_row, int M, int G,
+                                            uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
+                                            int cb1_at) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
   const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -430,9 +443,12 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
     const int tok = MT == 1 ? 0 : min(t * 8 + g, M - 1) - min(g, M - 1);  // x_lane is token min(g, M - 1)
-    const uint4* xv = reinterpret_cast<const uint4*>(x_lane + tok * K + kb * KBLK);
+    const uint4* xv = reinterpret_cast<const uint4*>(x_lane + tok * x_stride + x_at);
 #pragma unroll
-    for (int v = 0; v < XVEC; ++v) cx[t][v] = __ldg(xv + v);
+    for (int v = 0; v < XVEC; ++v) {
+      if constexpr (XS) cx[t][v] = xv[v];
+      else cx[t][v] = __ldg(xv + v);
+    }
   }
   if constexpr (ELEM >= 4) {
     static_assert(BITS == 2 && R == 1, "codebook weights use the 2-bit shape, one row tile a warp");
@@ -460,7 +476,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // meet in shared memory. Row groups of one block read the same x at about the same time, so x comes from L1 once
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K; on 28672 x 8192 at M = 64
 // eight groups were slower than one, so L2 traffic is not what bounds it there: kernels_h200_notes.md).
-template <typename T, int BITS, int MT, int R, int U, int ELEM>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -503,7 +519,21 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   // on an H200 (kernels_h200_notes.md), scales loaded with the weights, an L2 prefetch of the next round,
   // double-buffered rounds, and a cp.async ring in shared memory (each: more registers or more load
   // instructions per byte).
-  for (int kb = kb0; kb < kb1; kb += U) {
+  // XS (M > 16, one warp a row group over all of K): x staged in shared memory a round ahead by cp.async, shared by
+  // the block's row groups, so a kblock's x loads wait on shared memory instead of L2.
+  constexpr int CH = U * KBLK, CHP = CH + 8;  // inputs a round; padded row (16 bytes) against bank conflicts
+  T* xs = reinterpret_cast<T*>(cb_s);
+  const int rounds = XS ? (KB + U - 1) / U : 0;
+  auto stage_x = [&](int rd) {
+    T* dst = xs + (rd & 1) * (MT * 8) * CHP;
+    for (int i = threadIdx.x; i < M * (CH / 8); i += blockDim.x) {
+      const int tok = i / (CH / 8), k = rd * CH + (i % (CH / 8)) * 8;
+      if (k < K) cp_async16(dst + tok * CHP + (k - rd * CH), x + (size_t)tok * K + k);
+    }
+    cp_async_commit();
+  };
+  if constexpr (XS) stage_x(0);
+  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
     uint4 wv[U][R];
     uint2 hv[U][R];
 #pragma unroll
@@ -516,11 +546,20 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
           if constexpr (ELEM == 2 || ELEM == 5) hv[u][r] = ld_stream2(qh + at);
           else hv[u][r] = make_uint2(0, 0);
         }
+    if constexpr (XS) {
+      if (rd + 1 < rounds) stage_x(rd + 1);
+      else cp_async_commit();  // an empty group keeps the wait below uniform
+      cp_async_wait<1>();
+      __syncthreads();
+    }
+    const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb + u >= kb1) break;
-      kblock_step<T, BITS, MT, R, ELEM>(wv[u], hv[u], kb + u, x_lane, sz_row, M, K, G, gmagic, acc, cb_s, cb1_at);
+      kblock_step<T, BITS, MT, R, ELEM, XS>(wv[u], hv[u], kb + u, xl, XS ? CHP : K, XS ? u * KBLK : (kb + u) * KBLK,
+                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);
     }
+    if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
   if constexpr (ELEM >= 4) {  // the rows' fp32 scales (sz_row: row g of the tile; row g + 8 eight floats on)
     if (tile0 * 16 < N) {
@@ -546,9 +585,9 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
 // division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
 // (4 x 2 kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md.
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
                                            cb_n);
 }
 #undef LLMCOMP_MMA_PARAMS
@@ -611,9 +650,19 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   wr = std::max(1, std::min(wr, S::WIDE / 32 / warps));  // row groups a block
   const int kb_per_warp = (KB + warps - 1) / warps;
   const int groups = N / (16 * R), threads = wr * warps * 32;
-  const size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * sizeof(uint2);
+  size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * sizeof(uint2);
   auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
+  if constexpr (MT >= 4 && R == 1 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS)
+    static const bool xs_on = [] {
+      const char* e = std::getenv("LLMCOMP_MMA_XSTAGE");
+      return !(e && e[0] == '0');
+    }();
+    if (warps == 1 && xs_on) {
+      kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>;
+      smem += 2 * (size_t)(MT * 8) * (S::U * KBLK + 8) * sizeof(T);
+    }
+  }
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<(groups + wr - 1) / wr, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
