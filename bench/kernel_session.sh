@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA extension, check it, (optionally) sweep its launch parameters, run the benchmark.
 #   bash bench/kernel_session.sh   (on the GPU machine; writes to $OUT)
-# Knobs (env): TEST_S, TEST_K (pytest -k filter), FP16=1 (fp16-activation columns too), SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS (empty: none), BENCH_S, LOWBITS (e.g. 3,2; timed at
+# Knobs (env): TEST_S, TEST_K (pytest -k filter), FP16=1 (fp16-activation columns too), SWEEP=0|1 + SWEEP_MS + SWEEP_S, MS, BITS, FLOATS (empty: none; e.g. mxfp4,nvfp4,vq2,vq3), BENCH_S, LOWBITS (e.g. 3,2; timed at
 # M=1 only) + LOW_S, DECODE_LAYERS (+ DECODE_S, DECODE_FORMATS: llmcomp bench decode on that many
 # Llama-3-8B layers, per format; DECODE_COMPILE=1 times them with compiled decoder layers too),
 # FULLTEST_S (0 skips the full CUDA test file).

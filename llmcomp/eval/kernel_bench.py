@@ -12,8 +12,8 @@ For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs 
   its instructions),
 and reports each one's % of its own byte roofline: the bytes it must move (its weights with scales and
 zeros + activations + output) over the device-to-device copy bandwidth measured in the same run.
-``float_formats`` adds rows for the E2M1 formats (mxfp4, nvfp4) and VQ (vq2, vq3: the codebook Triton GEMV,
-M ≤ 8) through ``QuantLinear``, against their own
+``float_formats`` adds rows for the E2M1 formats (mxfp4, nvfp4) and VQ (vq2, vq3: the mma kernel with
+codebook lookups, ``codebook_cuda``) through ``QuantLinear``, against their own
 stored bytes (the kernel reads their block scales as 16-bit values, so it moves a little more: NVFP4 5.0 bits a
 weight against the 4.5 counted, MXFP4 4.5 against 4.25).
 
@@ -163,22 +163,16 @@ def _packed_for(name: str, n: int, k: int):
 
 
 def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path], log) -> None:
-    """Other formats through ``QuantLinear`` — E2M1 (the mma kernel) and VQ ``vq2`` / ``vq3`` (the codebook
-    Triton kernel, switched on for these rows) — each against its own stored bytes; speed-up against the
-    bf16 row of the same shape and M measured earlier in this run."""
-    import os
-
+    """Other formats through ``QuantLinear`` — E2M1 and VQ ``vq2`` / ``vq3`` (the mma kernel with codebook
+    lookups) — each against its own stored bytes; speed-up against the bf16 row of the same shape and M
+    measured earlier in this run."""
     bf16 = {(r["N"], r["K"], r["M"]): r["bf16_us"] for r in result["rows"] if "bf16_us" in r}
-    if any(f in CODEBOOK_FORMATS for f in formats):
-        os.environ["LLMCOMP_CODEBOOK_KERNEL"] = "1"
     for name in formats:
         for n, k in shapes:
             fmt, base = _packed_for(name, n, k)
             nbytes = state_bytes(base)
             layers = _layer_copies(fmt, base, k)
             for m in ms:
-                if name in CODEBOOK_FORMATS and m > 8:
-                    continue  # the codebook kernel is a GEMV; prefill dequantizes
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 row = {"format": name, "N": n, "K": k, "M": m}
                 with torch.inference_mode():
@@ -266,7 +260,7 @@ def _line(row: dict) -> str:
 
 # (warps splitting K, row groups a block): up to 16 warps a block at M <= 16, 8 above.
 _WIDE_SPLITS = ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (4, 4), (2, 8))
-_SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (2, 2))
+_SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (1, 4), (2, 2))  # warps 1: x staged (LLMCOMP_MMA_XSTAGE)
 
 
 def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print) -> list[dict]:

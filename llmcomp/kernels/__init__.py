@@ -129,8 +129,8 @@ def _outlier_fast_path(device_type: str) -> None:
 
 
 def _register_builtin() -> None:
-    """Fast paths for CUDA: the CUDA C++ mma kernel (uniform 2/3/4-bit and the E2M1 formats, compiled at
-    first use), then Triton (uniform 2/4/8-bit; the codebook format at M ≤ 8 when LLMCOMP_CODEBOOK_KERNEL=1)
+    """Fast paths for CUDA: the CUDA C++ mma kernel (uniform 2/3/4-bit, the E2M1 formats and codebook 4-vectors,
+    compiled at first use), then Triton (uniform 2/4/8-bit; the codebook format at M ≤ 8 when LLMCOMP_CODEBOOK_KERNEL=1)
     where it is importable; CPU needs none. Each one's ``supports`` checks shapes and dtypes, so anything
     it cannot take falls through to the next path and finally the reference."""
 
@@ -148,6 +148,18 @@ def _register_builtin() -> None:
 
     for name in ("uniform", *E2M1_FORMATS):
         register_fast_path(name, "cuda", cuda_supports, cuda_fn)
+
+    def vq_supports(fmt, x, tensors, in_features):
+        from llmcomp.kernels import codebook_cuda
+
+        return codebook_cuda.supports(fmt, x, tensors["index0"].shape[0], in_features)
+
+    def vq_fn(x, fmt, tensors, in_features, bias=None, cache=None):
+        from llmcomp.kernels import codebook_cuda
+
+        return codebook_cuda.linear(x, fmt, tensors, in_features, bias, cache)
+
+    register_fast_path("codebook", "cuda", vq_supports, vq_fn)  # the CUDA mma kernel (4-vectors, group 0)
     _outlier_fast_path("cuda")
     try:
         import triton  # noqa: F401

@@ -96,13 +96,31 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
     cbs = [f[f"codebook{t}"].contiguous() for t in range(len(fmt.bits))]
     dev = idx[0].device
     scale = f["scale"].float().contiguous() if fmt.scale else torch.ones(n, device=dev)
-    prep = {"idx": idx, "cb": cbs, "scale": scale, "n": n, "nv": idx[0].shape[1], "outlier_w": {}}
-    if "outlier_cols" in f:
-        cols = f["outlier_cols"].to(torch.int64)
-        prep["main_cols"] = fmt.main_cols(cols, in_features, dev)
-        prep["outlier_cols"] = cols
-        prep["outlier_f32"] = fmt.outlier_weights(f) * scale[:, None]
+    prep = {"idx": idx, "cb": cbs, "scale": scale, "n": n, "nv": idx[0].shape[1]}
+    prep.update(outlier_part(fmt, f, scale, in_features))
     return prep
+
+
+def outlier_part(fmt, fields: dict, scale: torch.Tensor, in_features: int) -> dict:
+    """The outlier columns kept apart (both codebook fast paths): the main columns' indices, the outlier
+    columns and their scaled weights in fp32 (cast once per activation dtype by ``add_outliers``)."""
+    part = {"outlier_w": {}}
+    if "outlier_cols" in fields:
+        cols = fields["outlier_cols"].to(torch.int64)
+        part["main_cols"] = fmt.main_cols(cols, in_features, scale.device)
+        part["outlier_cols"] = cols
+        part["outlier_f32"] = fmt.outlier_weights(fields) * scale[:, None]
+    return part
+
+
+def add_outliers(y: torch.Tensor, x2: torch.Tensor, prep: dict) -> torch.Tensor:
+    """y plus the outlier columns' product (none: y)."""
+    if "outlier_cols" not in prep:
+        return y
+    w_out = prep["outlier_w"].get(x2.dtype)
+    if w_out is None:
+        w_out = prep["outlier_w"][x2.dtype] = prep["outlier_f32"].to(x2.dtype)
+    return y + F.linear(x2.index_select(1, prep["outlier_cols"]), w_out).to(y.dtype)
 
 
 def _config(n: int, nv: int, dim: int) -> tuple[int, int, int]:
@@ -132,13 +150,7 @@ def gemv(x2: torch.Tensor, fmt, prep: dict) -> torch.Tensor:
         xm.stride(0), DIM=dim, GROUP=fmt.group, E0=1 << fmt.bits[0], E1=1 << fmt.bits[1] if two else 1,
         STAGES=stages, BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_V=block_v, SPLIT=split,
         num_warps=4)
-    y = part.sum(0)
-    if "outlier_cols" in prep:
-        w_out = prep["outlier_w"].get(x2.dtype)
-        if w_out is None:
-            w_out = prep["outlier_w"][x2.dtype] = prep["outlier_f32"].to(x2.dtype)
-        y = y + F.linear(x2.index_select(1, prep["outlier_cols"]), w_out).float()
-    return y.to(x2.dtype)
+    return add_outliers(part.sum(0), x2, prep).to(x2.dtype)
 
 
 def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:

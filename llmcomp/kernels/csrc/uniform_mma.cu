@@ -11,14 +11,14 @@ LLMCOMP_MMA_FORMATS(LLMCOMP_MMA_EXTERN);
 template <typename T>
 void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
                   int bits, int elem, int group, int rt, int warps, int wr) {
-  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, wr);
-  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, wr);
+  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
+  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
   if (elem == 3) {
-    if (bits == 4) return dispatch_mt<T, 4, 3>(x, qw, qh, sz, out, group, rt, warps, wr);
-    return dispatch_mt<T, 2, 3>(x, qw, qh, sz, out, group, rt, warps, wr);
+    if (bits == 4) return dispatch_mt<T, 4, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
+    return dispatch_mt<T, 2, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
   }
-  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps, wr);
-  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, wr);
+  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
+  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
 }
 
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
@@ -59,6 +59,37 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
   return out;
 }
 
+// Codebook (VQ) weights: idx [N/16, K/128, 32, 4] int32 (stage-0 indices, one byte each), idx1 the stage-1 nibble
+// plane [N/16, K/128, 32, 2] int32 (or idx with one stage), table [entries, 4] in x's dtype (stage 0's entries,
+// then stage 1's from cb1_at; cb1_at 0: one stage), scale [N, 1] float32.
+torch::Tensor vq_gemm(torch::Tensor x, torch::Tensor idx, torch::Tensor idx1, torch::Tensor table, torch::Tensor scale,
+                      int64_t n, int64_t cb1_at, int64_t warps, int64_t wr) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
+  TORCH_CHECK(x.size(1) % 128 == 0 && n % 16 == 0, "shape not supported by the codebook kernel");
+  TORCH_CHECK(idx.is_cuda() && idx.is_contiguous() && idx.scalar_type() == at::kInt && idx.numel() * 4 == n * x.size(1) / 4,
+              "bad index plane");
+  TORCH_CHECK(cb1_at == 0 || (idx1.is_cuda() && idx1.is_contiguous() && idx1.scalar_type() == at::kInt &&
+                              idx1.numel() * 2 == idx.numel()), "bad stage-1 plane");
+  TORCH_CHECK(table.scalar_type() == x.scalar_type() && table.dim() == 2 && table.size(1) == 4 && table.is_contiguous() &&
+                  table.size(0) <= 4096 && cb1_at >= 0 && cb1_at < table.size(0),
+              "codebook table: [entries <= 4096, 4] in x's dtype");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == n &&
+                  scale.size(1) == 1, "scale: float32 [n, 1]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({x.size(0), n}, x.options());
+  const int at = (int)cb1_at;
+  if (x.scalar_type() == at::kHalf) {
+    if (at) dispatch_mt<__half, 2, 5>(x, idx, idx1, scale, out, 0, 1, warps, wr, &table, at);
+    else dispatch_mt<__half, 2, 4>(x, idx, idx, scale, out, 0, 1, warps, wr, &table, 0);
+  } else {
+    if (at) dispatch_mt<__nv_bfloat16, 2, 5>(x, idx, idx1, scale, out, 0, 1, warps, wr, &table, at);
+    else dispatch_mt<__nv_bfloat16, 2, 4>(x, idx, idx, scale, out, 0, 1, warps, wr, &table, 0);
+  }
+  return out;
+}
+
 torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
                       int64_t k, c10::ScalarType dtype, int64_t elem) {
   normalize_codes(qw, qh, sz, n, bits, elem);
@@ -92,5 +123,6 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64)");
+  m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }

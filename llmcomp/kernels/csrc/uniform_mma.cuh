@@ -18,6 +18,12 @@
 // bit 0); a nibble's bits are moved into a 16-bit float's sign / low exponent / top mantissa bits, which reads
 // as e2m1(q) * 2^-B (B = 14 for fp16, 126 for bf16; the zero-exponent code 0.5 lands on a subnormal, exact);
 // sz[N][G] then holds one 16-bit value per row and block, scale * 2^B in the activation dtype.
+// Codebook (VQ) weights (ELEM == 4: one stage, 5: two) use the 2-bit shape (kblocks of 128 inputs, 8 mma steps): a
+// step's four inputs of a row are one 4-vector, so lane (g, c) needs, per step s, the indices of rows g and g + 8:
+// byte 2s + r of its 16 bytes (r = 0: row g, 1: row g + 8), stage 0 (<= 8 bits); a second stage (<= 4 bits) has
+// nibble 2s + r of a qh plane (two words a lane). The codebooks sit in shared memory as 4 x 16-bit entries in the
+// activation dtype (stage 1's from entry cb1_at): an entry's two words are the A fragment's a0/a2 (row g) or a1/a3
+// (row g + 8) as they are. sz holds one fp32 scale a row, applied to the accumulators at the end.
 // 3-bit codes (ELEM == 2) are bit-sliced: their low 2 bits in the 2-bit layout above (BITS = 2), their high
 // bit in qh[tile][kblock][lane][2 words]: the high bits of word wi's pair e sit at bits 8*(wi%2) + e and
 // 16 + 8*(wi%2) + e of qh word wi/2 (3 bits a weight in all).
@@ -29,6 +35,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <cstdlib>
 #include <type_traits>
 
 namespace llmcomp_mma {
@@ -42,6 +49,7 @@ template <> struct Num<__half> {
   __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
   __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
   __device__ static T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
+  __device__ static T2 add2(T2 a, T2 b) { return __hadd2(a, b); }
   __device__ static float lo_float(uint32_t u) { return __half2float(__ushort_as_half((unsigned short)(u & 0xffff))); }
   __device__ static T2 f2(float a) { return __float2half2_rn(a); }
   __device__ static T2 lo2(T2 a) { return __low2half2(a); }
@@ -56,6 +64,7 @@ template <> struct Num<__nv_bfloat16> {
   __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
   __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
   __device__ static T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
+  __device__ static T2 add2(T2 a, T2 b) { return __hadd2(a, b); }
   __device__ static float lo_float(uint32_t u) { return __uint_as_float(u << 16); }
   __device__ static T2 f2(float a) { return __float2bfloat162_rn(a); }
   __device__ static T2 lo2(T2 a) { return __low2bfloat162(a); }
@@ -105,6 +114,15 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
                : "l"(p));
   return v;
 }
+
+// 16-byte global -> shared copies in flight, completed by group (the staged-x kernel).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // The 16/BITS code pairs of one word, as integer-valued 16-bit floats: out[e] = (q_lo, q_hi) of pair e,
 // whose codes sit at bits BITS*e and 16 + BITS*e.
@@ -375,12 +393,47 @@ __device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_l
 }
 
 
+// ELEM 4/5: one kblock of codebook weights (see the layout at the top); STAGES = ELEM - 3.
+template <typename T, int MT, int STAGES>
+__device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h, const uint2* cb_s, int cb1_at,
+                                                  const uint4 (&cx)[MT][4], float (&acc)[MT][4]) {
+  using N2 = typename Num<T>::T2;
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi) {
+#pragma unroll
+    for (int ss = 0; ss < 2; ++ss) {
+      const int s = 2 * wi + ss;
+      uint2 lo = cb_s[(words[wi] >> (16 * ss)) & 0xffu];
+      uint2 hi = cb_s[(words[wi] >> (16 * ss + 8)) & 0xffu];
+      if constexpr (STAGES == 2) {
+        const uint32_t nb = ((s >> 2) ? h.y : h.x) >> (8 * (s & 3));
+        const uint2 lo1 = cb_s[cb1_at + (nb & 0xfu)], hi1 = cb_s[cb1_at + ((nb >> 4) & 0xfu)];
+        N2 v;
+        v = Num<T>::add2(Num<T>::pair(lo.x), Num<T>::pair(lo1.x)); lo.x = *reinterpret_cast<uint32_t*>(&v);
+        v = Num<T>::add2(Num<T>::pair(lo.y), Num<T>::pair(lo1.y)); lo.y = *reinterpret_cast<uint32_t*>(&v);
+        v = Num<T>::add2(Num<T>::pair(hi.x), Num<T>::pair(hi1.x)); hi.x = *reinterpret_cast<uint32_t*>(&v);
+        v = Num<T>::add2(Num<T>::pair(hi.y), Num<T>::pair(hi1.y)); hi.y = *reinterpret_cast<uint32_t*>(&v);
+      }
+      const uint32_t a[4] = {lo.x, hi.x, lo.y, hi.y};
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[t][0]);
+        mma16816<T>(acc[t], a, xw[2 * s], xw[2 * s + 1]);
+      }
+    }
+  }
+}
+
 // One kblock of a warp: this lane's x and scales for kblock kb (x_lane, sz_row: mma_kernel_body's pointers), then
 // the math on the weights w (and 3-bit high planes h) already loaded.
-template <typename T, int BITS, int MT, int R, int ELEM>
+// x_lane/x_stride/x_at: where this lane's x of the kblock starts (global memory: row stride K, kb * KBLK; XS, x staged
+// in shared memory: the chunk's padded row stride and the kblock's offset in the chunk).
+template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false>
 __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
-                                            const void* sz_row, int M, int K, int G, uint32_t gmagic,
-                                            float (&acc)[R][MT][4]) {
+                                            int x_stride, int x_at, const void* sz_row, int M, int G,
+                                            uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
+                                            int cb1_at) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
   const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -390,9 +443,17 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
     const int tok = MT == 1 ? 0 : min(t * 8 + g, M - 1) - min(g, M - 1);  // x_lane is token min(g, M - 1)
-    const uint4* xv = reinterpret_cast<const uint4*>(x_lane + tok * K + kb * KBLK);
+    const uint4* xv = reinterpret_cast<const uint4*>(x_lane + tok * x_stride + x_at);
 #pragma unroll
-    for (int v = 0; v < XVEC; ++v) cx[t][v] = __ldg(xv + v);
+    for (int v = 0; v < XVEC; ++v) {
+      if constexpr (XS) cx[t][v] = xv[v];
+      else cx[t][v] = __ldg(xv + v);
+    }
+  }
+  if constexpr (ELEM >= 4) {
+    static_assert(BITS == 2 && R == 1, "codebook weights use the 2-bit shape, one row tile a warp");
+    compute_kblock_vq<T, MT, ELEM - 3>(w[0], h[0], cb_s, cb1_at, cx, acc[0]);
+    return;
   }
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
   if constexpr (ELEM == 3) {
@@ -415,11 +476,12 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // meet in shared memory. Row groups of one block read the same x at about the same time, so x comes from L1 once
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K; on 28672 x 8192 at M = 64
 // eight groups were slower than one, so L2 traffic is not what bounds it there: kernels_h200_notes.md).
-template <typename T, int BITS, int MT, int R, int U, int ELEM>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
-                                                int kb_per_warp, int wk_log) {
+                                                int kb_per_warp, int wk_log, const uint2* __restrict__ cb,
+                                                int cb1_at, int cb_n) {
   constexpr int KBLK = 256 / BITS;
   constexpr int LANE_K = KBLK / 4;       // inputs per lane per kblock
   extern __shared__ float red[];
@@ -436,6 +498,13 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   const T* x_lane = x + (size_t)min(g, M - 1) * K + c * LANE_K;
   const void* sz_row = static_cast<const char*>(sz) + (size_t)(tile0 * 16 + g) * G * (ELEM == 1 ? 2 : 4);
 
+  // Codebook weights: the codebooks into shared memory, after the reduction slabs.
+  uint2* cb_s = reinterpret_cast<uint2*>(red + nwarps * R * 16 * MT * 8);
+  if constexpr (ELEM >= 4) {
+    for (int i = threadIdx.x; i < cb_n; i += blockDim.x) cb_s[i] = __ldg(cb + i);
+    __syncthreads();
+  }
+
   float acc[R][MT][4];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -450,7 +519,21 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   // on an H200 (kernels_h200_notes.md), scales loaded with the weights, an L2 prefetch of the next round,
   // double-buffered rounds, and a cp.async ring in shared memory (each: more registers or more load
   // instructions per byte).
-  for (int kb = kb0; kb < kb1; kb += U) {
+  // XS (M > 16, one warp a row group over all of K): x staged in shared memory a round ahead by cp.async, shared by
+  // the block's row groups, so a kblock's x loads wait on shared memory instead of L2.
+  constexpr int CH = U * KBLK, CHP = CH + 8;  // inputs a round; padded row (16 bytes) against bank conflicts
+  T* xs = reinterpret_cast<T*>(cb_s);
+  const int rounds = XS ? (KB + U - 1) / U : 0;
+  auto stage_x = [&](int rd) {
+    T* dst = xs + (rd & 1) * (MT * 8) * CHP;
+    for (int i = threadIdx.x; i < M * (CH / 8); i += blockDim.x) {
+      const int tok = i / (CH / 8), k = rd * CH + (i % (CH / 8)) * 8;
+      if (k < K) cp_async16(dst + tok * CHP + (k - rd * CH), x + (size_t)tok * K + k);
+    }
+    cp_async_commit();
+  };
+  if constexpr (XS) stage_x(0);
+  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
     uint4 wv[U][R];
     uint2 hv[U][R];
 #pragma unroll
@@ -460,13 +543,34 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
         if (kb + u < kb1) {
           const size_t at = ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane;
           wv[u][r] = ld_stream(qw + at);
-          if constexpr (ELEM == 2) hv[u][r] = ld_stream2(qh + at);
+          if constexpr (ELEM == 2 || ELEM == 5) hv[u][r] = ld_stream2(qh + at);
           else hv[u][r] = make_uint2(0, 0);
         }
+    if constexpr (XS) {
+      if (rd + 1 < rounds) stage_x(rd + 1);
+      else cp_async_commit();  // an empty group keeps the wait below uniform
+      cp_async_wait<1>();
+      __syncthreads();
+    }
+    const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb + u >= kb1) break;
-      kblock_step<T, BITS, MT, R, ELEM>(wv[u], hv[u], kb + u, x_lane, sz_row, M, K, G, gmagic, acc);
+      kblock_step<T, BITS, MT, R, ELEM, XS>(wv[u], hv[u], kb + u, xl, XS ? CHP : K, XS ? u * KBLK : (kb + u) * KBLK,
+                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);
+    }
+    if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
+  }
+  if constexpr (ELEM >= 4) {  // the rows' fp32 scales (sz_row: row g of the tile; row g + 8 eight floats on)
+    if (tile0 * 16 < N) {
+      const float s_lo = __ldg(static_cast<const float*>(sz_row)), s_hi = __ldg(static_cast<const float*>(sz_row) + 8);
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        acc[0][t][0] *= s_lo;
+        acc[0][t][1] *= s_lo;
+        acc[0][t][2] *= s_hi;
+        acc[0][t][3] *= s_hi;
+      }
     }
   }
 
@@ -475,14 +579,16 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 
 #define LLMCOMP_MMA_PARAMS                                                                                     \
   const T *__restrict__ x, const uint4 *__restrict__ qw, const uint2 *__restrict__ qh, const void *__restrict__ sz, \
-      T *__restrict__ out, int M, int N, int K, int G, uint32_t gmagic, int kb_per_warp, int wk_log
+      T *__restrict__ out, int M, int N, int K, int G, uint32_t gmagic, int kb_per_warp, int wk_log, \
+      const uint2 *__restrict__ cb, int cb1_at, int cb_n
 // Registers are left to the compiler: bounding them for one more block an SM (__launch_bounds__(256, MINB)) was
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
 // division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
 // (4 x 2 kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md.
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log);
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
+                                           cb_n);
 }
 #undef LLMCOMP_MMA_PARAMS
 
@@ -531,8 +637,9 @@ inline uint32_t group_magic(int K, int G, int group) {
 
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                torch::Tensor& out, int group, int warps, int wr) {
+                torch::Tensor& out, int group, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
+  const int cb_n = cb ? (int)cb->size(0) : 0;
   constexpr int KBLK = 256 / BITS;
   const int KB = K / KBLK;
   using S = Shape<BITS, MT>;
@@ -543,14 +650,25 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   wr = std::max(1, std::min(wr, S::WIDE / 32 / warps));  // row groups a block
   const int kb_per_warp = (KB + warps - 1) / warps;
   const int groups = N / (16 * R), threads = wr * warps * 32;
-  const size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float);
+  size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * sizeof(uint2);
   auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
+  if constexpr (MT >= 4 && R == 1 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS)
+    static const bool xs_on = [] {
+      const char* e = std::getenv("LLMCOMP_MMA_XSTAGE");
+      return !(e && e[0] == '0');
+    }();
+    if (warps == 1 && xs_on) {
+      kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>;
+      smem += 2 * (size_t)(MT * 8) * (S::U * KBLK + 8) * sizeof(T);
+    }
+  }
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kern<<<(groups + wr - 1) / wr, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
       reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), reinterpret_cast<T*>(out.data_ptr()), M, N, K, G,
-      group_magic(K, G, group), kb_per_warp, wk_log);
+      group_magic(K, G, group), kb_per_warp, wk_log, cb ? reinterpret_cast<const uint2*>(cb->data_ptr()) : nullptr,
+      cb1_at, cb_n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -561,27 +679,36 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                 torch::Tensor& out, int group, int rt, int warps, int wr) {
+                 torch::Tensor& out, int group, int rt, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
   const int M = x.size(0);
   if constexpr (ELEM == 3) {
     TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
-    return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps, wr);
+    return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+  } else if constexpr (ELEM >= 4) {  // codebook weights: one row tile a warp
+    TORCH_CHECK(cb != nullptr, "codebook weights need their codebooks");
+    if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    if (M <= 16) return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   } else {
-  if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr);
+  if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
-    if (rt >= 2 && out.size(1) % 32 == 0) return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, wr);
-    return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr);
+    if (rt >= 2 && out.size(1) % 32 == 0)
+      return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   }
-  if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr);
-  return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr);
+  if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+  return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   }
 }
 
 #define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
   template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
-                                           const torch::Tensor&, torch::Tensor&, int, int, int, int)
+                                           const torch::Tensor&, torch::Tensor&, int, int, int, int,             \
+                                           const torch::Tensor*, int)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1); \
-  X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3)
+  X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3); \
+  X(__half, 2, 4); X(__nv_bfloat16, 2, 4); X(__half, 2, 5); X(__nv_bfloat16, 2, 5)
 
 }  // namespace llmcomp_mma

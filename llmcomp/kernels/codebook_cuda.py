@@ -1,0 +1,110 @@
+"""CUDA fast path for the ``codebook`` format (VPTQ-style VQ): the mma dequant-GEMM of ``uniform_cuda`` with the
+weights looked up in shared-memory codebooks (``csrc/uniform_mma.cuh``, ELEM 4 / 5), for 1–64 rows of x.
+
+Takes 4-vectors with one codebook a layer (``group`` 0), a first stage of ≤ 8 index bits and an optional second
+of ≤ 4 (VPTQ's 2- and 3-bit settings), 16 | N and 128 | the main input columns. Outlier columns are multiplied
+apart (their dequantized weights, once per dtype); anything else takes the next path (Triton, opt-in) or the
+reference.
+
+Layout (built once per weight by ``prepare``): the kernel's 2-bit shape — 16-row tiles × kblocks of 128 inputs,
+lane (g, c) owning inputs [32c, 32c + 32) of a kblock, i.e. vectors 8c … 8c + 7 — and per lane 16 bytes: byte
+2s + r = the stage-0 index of vector 8c + s of row g + 8r; the second stage's indices as nibbles in the same order
+(8 bytes a lane). The codebooks become one table [entries, 4] in the activation dtype (stage 1's from row
+2**bits[0]); the per-row scale is applied to the fp32 accumulators.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from llmcomp.kernels import uniform_cuda
+from llmcomp.kernels.codebook_triton import add_outliers, outlier_part
+
+KBLOCK = 128  # inputs a kblock (32 vectors)
+MAX_TABLE = 4096
+
+
+def shape_ok(fmt, in_features: int, out_features: int) -> bool:
+    stages_ok = (len(fmt.bits) == 1 and fmt.bits[0] <= 8) or (len(fmt.bits) == 2 and fmt.bits[0] <= 8
+                                                                and fmt.bits[1] <= 4)
+    return (fmt.dim == 4 and fmt.group == 0 and stages_ok and out_features % 16 == 0
+            and fmt.n_main(in_features) % KBLOCK == 0)
+
+
+def supports(fmt, x: torch.Tensor, out_features: int, in_features: int) -> bool:
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    return (x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= uniform_cuda.MAX_M
+            and shape_ok(fmt, in_features, out_features) and uniform_cuda.extension() is not None)
+
+
+def _lanes(idx: torch.Tensor) -> torch.Tensor:
+    """Indices [N, nv] → [N/16, nv/32, 32 lanes, 16] in the kernel's order (lane 4g + c, slot 2s + r = vector
+    8c + s of row g + 8r)."""
+    n, nv = idx.shape
+    t = idx.reshape(n // 16, 2, 8, nv // 32, 4, 8)  # [tile, r, g, kb, c, s]
+    return t.permute(0, 3, 2, 4, 5, 1).reshape(n // 16, nv // 32, 32, 16)
+
+
+def planes(fmt, fields: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(stage-0 bytes as int32 [N/16, KB, 32, 4], stage-1 nibbles as int32 [N/16, KB, 32, 2] or None)."""
+    idx0 = _lanes(fields["index0"].to(torch.int64)).to(torch.uint8).contiguous()
+    q0 = idx0.view(torch.int32)
+    if len(fmt.bits) == 1:
+        return q0, None
+    n1 = _lanes(fields["index1"].to(torch.int64))
+    q1 = (n1[..., 0::2] | (n1[..., 1::2] << 4)).to(torch.uint8).contiguous()
+    return q0, q1.view(torch.int32)
+
+
+def prepare(fmt, tensors: dict, in_features: int) -> dict:
+    f = fmt.unpack(tensors, in_features)
+    n = f["index0"].shape[0]
+    qw, qh = planes(fmt, f)
+    table = torch.cat([f[f"codebook{t}"].float().reshape(-1, 4) for t in range(len(fmt.bits))])
+    scale = f["scale"].float() if fmt.scale else torch.ones(n, device=qw.device)
+    prep = {"qw": qw, "qh": qh, "table32": table, "tables": {}, "cb1_at": (1 << fmt.bits[0]) if qh is not None else 0,
+            "scale": scale.reshape(n, 1).contiguous(), "n": n}
+    prep.update(outlier_part(fmt, f, scale, in_features))
+    return prep
+
+
+def table(prep: dict, dtype: torch.dtype) -> torch.Tensor:
+    t = prep["tables"].get(dtype)
+    if t is None:
+        t = prep["tables"][dtype] = prep["table32"].to(dtype).contiguous()
+    return t
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_config(n: int, k: int, m: int) -> tuple[int, int]:
+    """(warps splitting K, row groups a block): the uniform kernel's rule for its 2-bit shape (not yet swept for
+    the codebook kernel)."""
+    _, warps, wr = uniform_cuda.launch_config(n, k, 2, m)
+    return warps, wr
+
+
+def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
+    """x2 [M, K] (M ≤ 64) → y [M, N] in x2's dtype, without bias."""
+    xm = x2.index_select(1, prep["main_cols"]).contiguous() if "main_cols" in prep else x2.contiguous()
+    if xm.data_ptr() % 16:
+        xm = xm.clone()
+    warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0])
+    qh = prep["qh"] if prep["qh"] is not None else prep["qw"]
+    y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], qh, table(prep, x2.dtype), prep["scale"], prep["n"],
+                                         prep["cb1_at"], warps, wr)
+    return add_outliers(y, x2, prep)
+
+
+def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
+    from llmcomp.kernels import cached
+
+    prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
+    y = gemm(x.reshape(-1, in_features), prep)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

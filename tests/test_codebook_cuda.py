@@ -1,0 +1,80 @@
+"""The codebook (VQ) CUDA mma path: its prepared layout read the kernel's way on CPU (CI), which formats and shapes
+it takes, and on CUDA the kernel against the reference."""
+import pytest
+import torch
+
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.eval.kernel_bench import random_codebook as packed
+from llmcomp.formats.codebook import Codebook
+from llmcomp.kernels import codebook_cuda, fast_path
+
+FORMATS = [Codebook(dim=4, bits=(8,)), Codebook(dim=4, bits=(8, 4)), Codebook(dim=4, bits=(6, 3), scale=False),
+           Codebook(dim=4, bits=(8,), outliers=1 / 17)]
+
+
+def _read_like_the_kernel(prep: dict) -> torch.Tensor:
+    """W [N, main columns] from the planes, in the kernel's reading order: lane 4g + c, byte 2s + r = the index of
+    vector 8c + s of row g + 8r; the second stage's nibble 2s + r; then the row scale."""
+    q0 = prep["qw"].view(torch.uint8).long()  # [NT, KB, 32, 16]
+    nt, kb = q0.shape[:2]
+    tab = prep["table32"]
+    ent = tab[q0.reshape(nt, kb, 8, 4, 8, 2)]  # [tile, kb, g, c, s, r, 4]
+    if prep["qh"] is not None:
+        nb = prep["qh"].view(torch.uint8).long()  # [NT, KB, 32, 8]: byte b holds nibbles 2b (low) and 2b + 1
+        nib = torch.stack([nb & 15, nb >> 4], dim=-1).reshape(nt, kb, 8, 4, 8, 2)
+        ent = ent + tab[prep["cb1_at"] + nib]
+    w = ent.permute(0, 5, 2, 1, 3, 4, 6).reshape(nt * 16, kb * 128)  # rows (tile, r, g), inputs (kb, c, s, j)
+    return w * prep["scale"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+def test_prepared_layout_rebuilds_the_weight(fmt):
+    n, k = 48, 1088 if fmt.outliers else 1024
+    t = packed(fmt, n, k, 3)
+    prep = codebook_cuda.prepare(fmt, t, k)
+    ref = fmt.dequantize(t, k)
+    cols = prep.get("main_cols", torch.arange(k))
+    assert len(cols) % 128 == 0 and torch.equal(_read_like_the_kernel(prep), ref[:, cols])
+    if "outlier_cols" in prep:
+        assert torch.allclose(prep["outlier_f32"], ref[:, prep["outlier_cols"]])
+    assert prep["qw"].dtype == torch.int32 and prep["qw"].shape == (n // 16, len(cols) // 128, 32, 4)
+    assert (prep["qh"] is None) == (len(fmt.bits) == 1)
+
+
+def test_which_formats_and_shapes_it_takes():
+    ok = Codebook(dim=4, bits=(8, 4))
+    assert codebook_cuda.shape_ok(ok, 4096, 4096) and codebook_cuda.shape_ok(Codebook(dim=4, bits=(5,)), 256, 32)
+    assert not codebook_cuda.shape_ok(ok, 4096 + 64, 4096)  # main columns not whole 128-input kblocks
+    assert not codebook_cuda.shape_ok(ok, 4096, 4096 + 8)  # rows not whole 16-row tiles
+    for fmt in (Codebook(dim=8, bits=(8,)), Codebook(dim=4, bits=(8,), group=128), Codebook(dim=4, bits=(10,)),
+                Codebook(dim=4, bits=(8, 8)), Codebook(dim=4, bits=(4, 4, 4))):
+        assert not codebook_cuda.shape_ok(fmt, 4096, 4096), fmt.describe()
+    assert not codebook_cuda.supports(ok, torch.zeros(1, 4096), 4096, 4096)  # CPU tensors: never
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_kernel_matches_reference(fmt, dtype):
+    """Through QuantLinear (the registered fast path) at M = 1..64 and every launch configuration at M = 1, 16, 64:
+    within 2 % of the fp32 reference product (the codebook entries are rounded to the activation dtype once)."""
+    if codebook_cuda.uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    for n, k in [(48, 1088 if fmt.outliers else 1024), (4096, 4352 if fmt.outliers else 4096)]:
+        t = packed(fmt, n, k, n + k, "cuda")
+        q = QuantLinear.from_packed(fmt, t, k)
+        ref_w = fmt.dequantize(t, k)
+        prep = codebook_cuda.prepare(fmt, t, k)
+        for m in (1, 3, 8, 9, 16, 17, 40, 64):
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            ref = torch.nn.functional.linear(x.float(), ref_w)
+            assert fast_path(fmt, x, t, k) is not None
+            with torch.no_grad():
+                y = q(x)
+            assert y.dtype == dtype and float((y.float() - ref).abs().max() / ref.abs().max()) < 2e-2, (n, k, m)
+            if m in (1, 16, 64):
+                for warps in (1, 4, 8, 16):
+                    for wr in (1, 3):
+                        y = codebook_cuda.gemm(x, prep, (warps, wr))
+                        err = float((y.float() - ref).abs().max() / ref.abs().max())
+                        assert err < 2e-2, (n, k, m, warps, wr)
