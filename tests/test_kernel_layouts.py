@@ -203,7 +203,8 @@ def test_post_scale_pairs():
 
 def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     """launch_config on an H200-sized GPU (132 SMs) returns the configurations the sweeps measured fastest
-    (bench/results/kernels_sweep_h200_wide.json, kernels_sweep_h200_rowgroups.json), and stays launchable
+    (bench/results/kernels_sweep_h200_wide.json, kernels_sweep_h200_rowgroups.json, kernels_sweep_h200_xstage_m64.json),
+    and stays launchable
     (the kernel's blocks hold at most 16 warps at M <= 16, 8 above)."""
     class Props:
         multi_processor_count = 132
@@ -214,7 +215,13 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
              for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)] for m in (1, 16, 32, 64)}
     assert picks[(4096, 14336, 1)] == (1, 16, 1) and picks[(4096, 14336, 16)] == (2, 16, 1)
     assert picks[(14336, 4096, 1)] == (1, 4, 1) and picks[(28672, 8192, 1)] == (1, 8, 1)
-    assert picks[(14336, 4096, 32)] == picks[(14336, 4096, 64)] == (1, 2, 4)
+    assert picks[(14336, 4096, 32)] == (1, 2, 4) and picks[(14336, 4096, 64)] == (1, 1, 8)
+    assert picks[(28672, 8192, 32)] == picks[(28672, 8192, 64)] == (1, 1, 8)
     assert picks[(4096, 14336, 64)] == (1, 4, 1) and picks[(4096, 14336, 32)] == (1, 8, 1)
+    from llmcomp.kernels import codebook_cuda  # the codebook kernel does not stage x: never one warp a row group
+
+    assert all(codebook_cuda.launch_config(n, k, m)[0] > 1 for n, k, m in picks)
+    monkeypatch.setattr(uniform_cuda, "x_stage", lambda: False)  # unstaged, one warp a row group is never picked
+    assert uniform_cuda.launch_config(28672, 8192, 4, 64) == (1, 4, 1)
     for (n, k, m), (rt, warps, wr) in picks.items():
         assert rt * 16 * wr <= n and warps * wr <= (16 if m <= 16 else 8), (n, k, m)

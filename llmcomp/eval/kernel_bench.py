@@ -263,35 +263,51 @@ _WIDE_SPLITS = ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (4, 4), (2, 8))
 _SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (1, 4), (2, 2))  # warps 1: x staged (LLMCOMP_MMA_XSTAGE)
 
 
-def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print) -> list[dict]:
-    """Time the CUDA mma kernel alone over its launch parameters (row tiles per warp × warps splitting K ×
-    row groups a block), to set ``uniform_cuda.launch_config`` from measurements."""
-    from llmcomp.kernels import uniform_cuda
+def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
+    """(packed bytes, kernel preparations, call(x, prep, (rt, warps, wr)), launch_config(m)) for one swept
+    kernel: the uniform mma kernel (``W{bits}``) or the codebook one (``vq2``/``vq3``, one row tile a warp)."""
+    from llmcomp.kernels import codebook_cuda, uniform_cuda
 
+    if name in CODEBOOK_FORMATS:
+        fmt, base = _packed_for(name, n, k)
+        preps = [codebook_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
+                 for _ in range(_copies(state_bytes(base)))]
+        return (state_bytes(base), preps, lambda x, p, c: codebook_cuda.gemm(x, p, c[1:]),
+                lambda m: (1, *codebook_cuda.launch_config(n, k, m)))
     fmt = Uniform(bits=bits, group_size=group)
+    base = fmt.pack(rtn_fields(torch.randn(n, k, device="cuda") * 0.02, fmt))
+    preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
+             for _ in range(_copies(state_bytes(base)))]
+    return (state_bytes(base), preps, lambda x, p, c: uniform_cuda.gemm(x, p, c),
+            lambda m: uniform_cuda.launch_config(n, k, bits, m))
+
+
+def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print, fmt: str = "") -> list[dict]:
+    """Time a CUDA mma kernel alone over its launch parameters (row tiles per warp × warps splitting K ×
+    row groups a block), to set ``uniform_cuda.launch_config`` (``fmt`` empty: uniform ``bits``) or
+    ``codebook_cuda.launch_config`` (``fmt`` vq2 / vq3) from measurements."""
+    label = fmt or f"W{bits}"
     bw = copy_bandwidth()
     rows = []
     for n, k in shapes:
-        w = torch.randn(n, k, device="cuda") * 0.02
-        base = fmt.pack(rtn_fields(w, fmt))
-        nbytes = state_bytes(base)
-        preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k) for _ in range(_copies(nbytes))]
+        nbytes, preps, call, auto = _sweep_subject(label, n, k, bits, group)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            for p in preps:
-                uniform_cuda.scale_pairs(p, x.dtype)
+            call(x, preps[0], auto(m))  # builds the per-dtype tables / scale pairs outside the timing
+            for p in preps[1:]:
+                call(x, p, auto(m))
             best = None
-            configs = [(rt, warps, wr) for rt in ((1,) if m <= 8 or m > 16 else (1, 2)) if n % (16 * rt) == 0
-                       for warps, wr in (_WIDE_SPLITS if m <= 16 else _SPLITS)]
-            for rt, warps, wr in configs:
-                t = per_call_seconds([lambda p=p: uniform_cuda.gemm(x, p, (rt, warps, wr)) for p in preps])
+            rts = (1,) if m <= 8 or m > 16 or fmt else (1, 2)
+            splits = _WIDE_SPLITS if m <= 16 else _SPLITS if not fmt else tuple(s for s in _SPLITS if s[0] > 1)
+            configs = [(rt, warps, wr) for rt in rts if n % (16 * rt) == 0 for warps, wr in splits]
+            for c in configs:
+                t = per_call_seconds([lambda p=p: call(x, p, c) for p in preps])
                 pct = roofline_pct(nbytes, m, n, k, bw, t)
-                rows.append({"N": n, "K": k, "M": m, "rt": rt, "warps": warps, "wr": wr,
+                rows.append({"format": label, "N": n, "K": k, "M": m, "rt": c[0], "warps": c[1], "wr": c[2],
                              "us": round(t * 1e6, 3), "roofline_pct": round(pct, 2)})
                 if best is None or t < best[0]:
-                    best = (t, (rt, warps, wr), pct)
-            auto = uniform_cuda.launch_config(n, k, bits, m)
-            log(f"sweep W{bits} {n}x{k} M={m}: best (rt, warps, wr)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
-                f"  (launch_config: {auto})")
+                    best = (t, c, pct)
+            log(f"sweep {label} {n}x{k} M={m}: best (rt, warps, wr)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
+                f"  (launch_config: {auto(m)})")
         del preps
     return rows

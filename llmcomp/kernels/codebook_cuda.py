@@ -14,8 +14,6 @@ lane (g, c) owning inputs [32c, 32c + 32) of a kblock, i.e. vectors 8c … 8c + 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from llmcomp.kernels import uniform_cuda
@@ -76,15 +74,11 @@ def table(prep: dict, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-@functools.lru_cache(maxsize=None)
-def _sms(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def launch_config(n: int, k: int, m: int) -> tuple[int, int]:
-    """(warps splitting K, row groups a block): the uniform kernel's rule for its 2-bit shape (not yet swept for
-    the codebook kernel)."""
-    _, warps, wr = uniform_cuda.launch_config(n, k, 2, m)
+    """(warps splitting K, row groups a block): the uniform kernel's rule for its 2-bit shape, never one warp a
+    row group (this kernel does not stage x). The H200 sweep of this kernel (bench/results/kernels_sweep_h200_vq.log)
+    found it within 0–10 % of the best configuration: the lookups bound it, not the launch."""
+    _, warps, wr = uniform_cuda.launch_config(n, k, 2, m, staged=False)
     return warps, wr
 
 

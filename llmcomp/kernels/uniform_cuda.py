@@ -203,7 +203,7 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
     return fits[dtype]
 
 
-def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int, int]:
+def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None) -> tuple[int, int, int]:
     """(row tiles per warp, warps splitting K, row groups a block). M ≤ 8 (H100 sweep, bench/results/kernels_sweep_h100.json,
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
     many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
@@ -213,7 +213,11 @@ def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int, int]:
     13.6 with 8 warps). Above M = 16 (one tile a warp; H200 sweep kernels_sweep_h200_rowgroups.json): many
     rows with a short K take 4 row groups a block of 2 warps each (x read once a block for 4 tiles: 14336 × 4096
     M=32 29.6 µs against 33.7, M=64 56.3 against 64.1), many rows 4 warps, otherwise 4 warps at M > 32
-    (4096 × 14336 M=64 46.9 against 58.5) and 8 up to 32."""
+    (4096 × 14336 M=64 46.9 against 58.5) and 8 up to 32. With x staged in shared memory (one warp a row group,
+    8 groups a block; H200 sweep kernels_sweep_h200_xstage_m*.json): at least 12 row tiles an SM, or 6 at M > 32
+    (28672 × 8192 M=64 146.0 µs against 182.4, M=32 88.8 against 101.2; 14336 × 4096 M=64 51.3 against 56.1).
+    ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
+    kernel does not)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if m <= 16 and n // 16 <= 2 * sms:
         return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
@@ -222,6 +226,8 @@ def launch_config(n: int, k: int, bits: int, m: int) -> tuple[int, int, int]:
         many = n // (16 * rt) >= 6 * sms
         return rt, 4 if (rt == 2 or (many and k // kblock(bits) <= 64)) else 8, 1
     many = n // 16 >= 6 * sms
+    if (x_stage() if staged is None else staged) and (n // 16 >= 12 * sms or (many and m > 32)):
+        return 1, 1, 8
     if many and k // kblock(bits) <= 64:
         return 1, 2, 4
     return 1, 4 if (many or m > 32) else 8, 1
@@ -249,6 +255,13 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Ten
                        prep["group"], prep["n"], rt, warps, 3, wr)
     return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
                    rt, warps, prep["elem"], wr)
+
+
+@functools.lru_cache(maxsize=1)
+def x_stage() -> bool:
+    """``LLMCOMP_MMA_XSTAGE=0`` turns off staging x in shared memory (above M = 16 with one warp a row group);
+    launch_config then never picks one warp a row group, which is slow unstaged. Read once, as the extension does."""
+    return os.environ.get("LLMCOMP_MMA_XSTAGE", "1").strip() != "0"
 
 
 @functools.lru_cache(maxsize=1)
