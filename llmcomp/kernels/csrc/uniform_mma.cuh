@@ -474,8 +474,9 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // One warp: R row tiles (16 rows each) x MT token tiles (8 tokens each), over kblocks [kb0, kb1).
 // Blocks: wr row groups of R tiles (gridDim.x = ceil(N / (16 R wr))), each group's wk warps split K; partial sums
 // meet in shared memory. Row groups of one block read the same x at about the same time, so x comes from L1 once
-// a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K; on 28672 x 8192 at M = 64
-// eight groups were slower than one, so L2 traffic is not what bounds it there: kernels_h200_notes.md).
+// a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
+// eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
+// faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
 template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
