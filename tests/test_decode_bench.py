@@ -72,6 +72,22 @@ def test_synthetic_formats(fmt, name):
     assert db.format_label(fmt, 4, 32) == ("W4 g32" if fmt == "uniform" else fmt.upper())
 
 
+@pytest.mark.parametrize("name,stages", [("vq2", 1), ("vq3", 2)])
+def test_random_vq_layers(name, stages):
+    """--format vq2 / vq3: every Linear but lm_head becomes a codebook QuantLinear with random indices (timing
+    only, and labelled so); the model still decodes (the reference path on the CPU)."""
+    torch.manual_seed(2)
+    model = tiny_llama()
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1
+    assert db.random_vq(model, name) == n_linear
+    down = model.model.layers[0].mlp.down_proj
+    assert down.fmt.name == "codebook" and len(down.fmt.bits) == stages and type(model.lm_head).__name__ == "Linear"
+    assert not any(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n != "lm_head")
+    assert "timing only" in db.format_label(name, 4, 128)
+    _, logits, _ = static_decode(model, torch.randint(0, 128, (1, 5)), steps=2)
+    assert all(torch.isfinite(x).all() for x in logits)
+
+
 def test_static_step_on_rtn_model_and_prefill_chunks():
     torch.manual_seed(1)
     model = tiny_llama()

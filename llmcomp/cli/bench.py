@@ -66,7 +66,7 @@ def decode(
     synthetic: Annotated[Optional[str], typer.Option(help="Instead of PATH: a random-weight model of this shape (llama3-8b), RTN-quantized in memory.")] = None,
     bits: Annotated[int, typer.Option(help="--synthetic: RTN bits.")] = 4,
     group: Annotated[int, typer.Option(help="--synthetic: RTN group size.")] = 128,
-    format: Annotated[str, typer.Option("--format", help="--synthetic: uniform (--bits, --group), mxfp4 or nvfp4.")] = "uniform",
+    format: Annotated[str, typer.Option("--format", help="--synthetic: uniform (--bits, --group), mxfp4 or nvfp4 (RTN), or vq2 / vq3 (random VQ indices and codebooks: timing only).")] = "uniform",
     batch: Annotated[str, typer.Option(help="Batch sizes (sequences decoded together).")] = "1,16",
     context: Annotated[int, typer.Option(help="Prompt tokens per sequence before the timed steps.")] = 512,
     steps: Annotated[int, typer.Option(help="Timed decode steps.")] = 64,

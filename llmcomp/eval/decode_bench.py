@@ -8,7 +8,8 @@ bench/kv_decode_gpu.py). Where capture fails, the step runs eagerly and the resu
 
 The synthetic model (``synthetic_model``) has Llama-3-8B's shape and random weights built on the GPU
 (decode speed does not depend on the weights' values); ``quantize_rtn`` turns it into the W4 g128
-model in memory through the project's RTN quantizer, no artifact written.
+model in memory through the project's RTN quantizer, no artifact written; ``random_vq`` gives it VQ layers
+with random indices and codebooks (timing only).
 """
 from __future__ import annotations
 
@@ -47,7 +48,25 @@ def synthetic_model(name: str = "llama3-8b", layers: Optional[int] = None, devic
     return model.eval()
 
 
-SYNTHETIC_FORMATS = ("uniform", "mxfp4", "nvfp4")
+SYNTHETIC_FORMATS = ("uniform", "mxfp4", "nvfp4", "vq2", "vq3")
+RANDOM_VQ = ("vq2", "vq3")  # random indices and codebooks: timing only (a VPTQ solve of an 8B model takes hours)
+
+
+def random_vq(model: nn.Module, name: str, progress: Progress = NULL) -> int:
+    """Replace every Linear but ``lm_head`` in place by a ``codebook`` QuantLinear with random indices and
+    codebooks (``vq2``: 4-vectors, one 8-bit codebook; ``vq3``: + a 4-bit residual stage) — decode speed does not
+    depend on the values, so this times VQ on a shape no one has quantized here. Returns the layers replaced."""
+    from llmcomp.core.qlinear import QuantLinear
+    from llmcomp.eval.kernel_bench import codebook_format, random_codebook
+
+    fmt = codebook_format(name)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] != "lm_head"]
+    for i, (n, lin) in enumerate(progress.track(targets, f"Random {name.upper()} layers")):
+        parent, _, attr = n.rpartition(".")
+        q = QuantLinear.from_packed(fmt, random_codebook(fmt, lin.out_features, lin.in_features, i, lin.weight.device),
+                                    lin.in_features, bias=lin.bias)
+        setattr(model.get_submodule(parent), attr, q)
+    return len(targets)
 
 
 def quantize_rtn(model: nn.Module, bits: int = 4, group_size: int = 128, progress: Progress = NULL,
@@ -66,6 +85,8 @@ def quantize_rtn(model: nn.Module, bits: int = 4, group_size: int = 128, progres
 
 
 def format_label(fmt: str, bits: int, group_size: int) -> str:
+    if fmt in RANDOM_VQ:
+        return f"random {fmt.upper()} (timing only)"
     return f"W{bits} g{group_size}" if fmt == "uniform" else fmt.upper()
 
 
@@ -75,6 +96,10 @@ def synthetic_models(name: str, bits: int, group_size: int, layers: Optional[int
     progress.note(f"Building {name} with random weights on the GPU")
     model = synthetic_model(name, layers, dtype=dtype)
     yield "original", f"{name} {_short(dtype)}", model
+    if fmt in RANDOM_VQ:
+        random_vq(model, fmt, progress)
+        yield "compressed", f"{name} {format_label(fmt, bits, group_size)}", model
+        return
     quantize_rtn(model, bits, group_size, progress, fmt)
     yield "compressed", f"{name} RTN {format_label(fmt, bits, group_size)}", model
 

@@ -148,14 +148,20 @@ def random_codebook(fmt, n: int, k: int, seed: int = 0, device="cpu") -> dict:
 CODEBOOK_FORMATS = ("vq2", "vq3")  # VPTQ's rows: 4-vectors, one 8-bit stage (2 b/w) or 8 + 4 bits (3 b/w)
 
 
+def codebook_format(name: str):
+    """The ``Codebook`` format of a VQ row name (``vq2`` / ``vq3``)."""
+    from llmcomp.formats.codebook import Codebook
+
+    return Codebook(dim=4, bits=(8,) if name == "vq2" else (8, 4))
+
+
 def _packed_for(name: str, n: int, k: int):
     """(format, packed tensors on the GPU) for a bench row: E2M1 by RTN of a random weight, VQ random."""
     from llmcomp.formats import FORMATS
-    from llmcomp.formats.codebook import Codebook
     from llmcomp.quant.fp4 import fp4_fields
 
     if name in CODEBOOK_FORMATS:
-        fmt = Codebook(dim=4, bits=(8,) if name == "vq2" else (8, 4))
+        fmt = codebook_format(name)
         return fmt, random_codebook(fmt, n, k, n + k, "cuda")
     fmt = FORMATS.get(name)()
     w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
