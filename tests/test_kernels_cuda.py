@@ -202,6 +202,7 @@ def test_kernel_bench_times_every_column(monkeypatch, tmp_path):
     assert row["speedup_vs_bf16"] > 0 and row["fp16_speedup_vs_fp16"] > 0
     assert fp4["format"] == "mxfp4" and fp4["llmcomp_us"] > 0 and fp4["speedup_vs_bf16"] > 0
     assert out.exists() and result["fp16"] is True
+    assert 0 < result["launch_floor_us"] < row["llmcomp_us"]  # a call that moves nothing: the fixed cost
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -63,6 +63,13 @@ def per_call_seconds(fns: list[Callable]) -> float:
     return triton.testing.do_bench_cudagraph(all_of, rep=200, return_mode="median") * 1e-3 / len(fns)
 
 
+def launch_floor_seconds(calls: int = 32) -> float:
+    """Time a call takes that moves nothing (one kernel on a 1-element tensor), timed as the layers are: the
+    fixed cost every row carries, which bounds the % of roofline that small layers can reach."""
+    t = torch.zeros(1, device="cuda")
+    return per_call_seconds([lambda: t.add_(1)] * calls)
+
+
 def _copies(nbytes: int) -> int:
     return max(2, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
 
@@ -201,7 +208,8 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
               "group_size": group, "rotate_bytes": ROTATE_BYTES, "fp16": fp16, "bitsandbytes": _bnb_version(),
               "rows": []}
-    log(f"{result['device']}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    result["launch_floor_us"] = round(launch_floor_seconds() * 1e6, 3)
+    log(f"{result['device']}  copy bandwidth {bw / 1e12:.2f} TB/s  launch floor {result['launch_floor_us']:.2f} us")
     for bits in bits_list:
         fmt = Uniform(bits=bits, group_size=group)
         for n, k in shapes:
