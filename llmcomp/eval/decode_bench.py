@@ -56,16 +56,17 @@ def random_vq(model: nn.Module, name: str, progress: Progress = NULL) -> int:
     """Replace every Linear but ``lm_head`` in place by a ``codebook`` QuantLinear with random indices and
     codebooks (``vq2``: 4-vectors, one 8-bit codebook; ``vq3``: + a 4-bit residual stage) — decode speed does not
     depend on the values, so this times VQ on a shape no one has quantized here. Returns the layers replaced."""
+    from llmcomp.core.model import set_submodule
     from llmcomp.core.qlinear import QuantLinear
+    from llmcomp.core.select import select
     from llmcomp.eval.kernel_bench import codebook_format, random_codebook
 
     fmt = codebook_format(name)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] != "lm_head"]
-    for i, (n, lin) in enumerate(progress.track(targets, f"Random {name.upper()} layers")):
-        parent, _, attr = n.rpartition(".")
-        q = QuantLinear.from_packed(fmt, random_codebook(fmt, lin.out_features, lin.in_features, i, lin.weight.device),
-                                    lin.in_features, bias=lin.bias)
-        setattr(model.get_submodule(parent), attr, q)
+    targets = list(select(model))  # every Linear but lm_head, as the quantizers take them
+    for i, (path, lin) in enumerate(progress.track(targets, f"Random {name.upper()} layers")):
+        set_submodule(model, path, QuantLinear.from_packed(
+            fmt, random_codebook(fmt, lin.out_features, lin.in_features, i, lin.weight.device), lin.in_features,
+            bias=lin.bias))
     return len(targets)
 
 

@@ -20,7 +20,6 @@ from llmcomp.kernels import uniform_cuda
 from llmcomp.kernels.codebook_triton import add_outliers, outlier_part
 
 KBLOCK = 128  # inputs a kblock (32 vectors)
-MAX_TABLE = 4096
 
 
 def shape_ok(fmt, in_features: int, out_features: int) -> bool:
@@ -88,8 +87,7 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Ten
     if xm.data_ptr() % 16:
         xm = xm.clone()
     warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0])
-    qh = prep["qh"] if prep["qh"] is not None else prep["qw"]
-    y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], qh, table(prep, x2.dtype), prep["scale"], prep["n"],
+    y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype), prep["scale"], prep["n"],
                                          prep["cb1_at"], warps, wr)
     return add_outliers(y, x2, prep)
 

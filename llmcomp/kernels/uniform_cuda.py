@@ -251,9 +251,9 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Ten
     rt, warps, *rest = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
     wr = rest[0] if rest else 1
     if post_scale() and prep.get("zero") is not None and x2.shape[0] <= 8:
-        return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype, post=True), prep["bits"],
+        return gemm_op(x2, prep["qw"], high_plane(prep), scale_pairs(prep, x2.dtype, post=True), prep["bits"],
                        prep["group"], prep["n"], rt, warps, 3, wr)
-    return gemm_op(x2, prep["qw"], _high(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
+    return gemm_op(x2, prep["qw"], high_plane(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
                    rt, warps, prep["elem"], wr)
 
 
@@ -272,12 +272,12 @@ def post_scale() -> bool:
     return os.environ.get("LLMCOMP_MMA_POST_SCALE", "1").strip() != "0"
 
 
-def _high(prep: dict) -> torch.Tensor:
-    return prep["qh"] if prep["qh"] is not None else prep["qw"]  # the kernel ignores it but for 3-bit codes
+def high_plane(prep: dict) -> torch.Tensor:
+    return prep["qh"] if prep["qh"] is not None else prep["qw"]  # the kernels ignore it but for 3-bit codes and two-stage VQ
 
 
 def dequantize(prep: dict, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    return extension().dequant(prep["qw"], _high(prep), scale_pairs(prep, dtype), prep["bits"], prep["group"],
+    return extension().dequant(prep["qw"], high_plane(prep), scale_pairs(prep, dtype), prep["bits"], prep["group"],
                                prep["n"], in_features, dtype, prep["elem"])
 
 
