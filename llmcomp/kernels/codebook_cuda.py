@@ -87,8 +87,8 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Ten
     if xm.data_ptr() % 16:
         xm = xm.clone()
     warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0])
-    y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype), prep["scale"], prep["n"],
-                                         prep["cb1_at"], warps, wr)
+    y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype),
+                                         prep["scale"], prep["n"], prep["cb1_at"], warps, wr)
     return add_outliers(y, x2, prep)
 
 
