@@ -253,8 +253,8 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Ten
     if post_scale() and prep.get("zero") is not None and x2.shape[0] <= 8:
         return gemm_op(x2, prep["qw"], high_plane(prep), scale_pairs(prep, x2.dtype, post=True), prep["bits"],
                        prep["group"], prep["n"], rt, warps, 3, wr)
-    return gemm_op(x2, prep["qw"], high_plane(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"], prep["n"],
-                   rt, warps, prep["elem"], wr)
+    return gemm_op(x2, prep["qw"], high_plane(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"],
+                   prep["n"], rt, warps, prep["elem"], wr)
 
 
 @functools.lru_cache(maxsize=1)
@@ -273,7 +273,8 @@ def post_scale() -> bool:
 
 
 def high_plane(prep: dict) -> torch.Tensor:
-    return prep["qh"] if prep["qh"] is not None else prep["qw"]  # the kernels ignore it but for 3-bit codes and two-stage VQ
+    """The second code plane the kernels take (3-bit codes' high bits, VQ's second stage); any tensor otherwise."""
+    return prep["qh"] if prep["qh"] is not None else prep["qw"]
 
 
 def dequantize(prep: dict, in_features: int, dtype: torch.dtype) -> torch.Tensor:
