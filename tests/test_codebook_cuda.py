@@ -52,12 +52,22 @@ def test_which_formats_and_shapes_it_takes():
     assert not codebook_cuda.supports(ok, torch.zeros(1, 4096), 4096, 4096)  # CPU tensors: never
 
 
+def test_table_copies():
+    """16 bank-replicated copies of the table when asked and it holds at most 512 entries (272 for 8 + 4 bits:
+    34 KB of shared memory), else one."""
+    prep = codebook_cuda.prepare(Codebook(dim=4, bits=(8, 4)), packed(Codebook(dim=4, bits=(8, 4)), 32, 256, 0), 256)
+    assert prep["table32"].shape[0] == 272
+    assert codebook_cuda.copies(prep, True) == 16 and codebook_cuda.copies(prep, False) == 1
+    assert codebook_cuda.copies({"table32": torch.zeros(513, 4)}, True) == 1
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_kernel_matches_reference(fmt, dtype):
     """Through QuantLinear (the registered fast path) at M = 1..64 and every launch configuration at M = 1, 16, 64:
-    within 2 % of the fp32 reference product (the codebook entries are rounded to the activation dtype once)."""
+    within 2 % of the fp32 reference product (the codebook entries are rounded to the activation dtype once);
+    the bank-replicated table and the single table give the same bits."""
     if codebook_cuda.uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
     for n, k in [(48, 1088 if fmt.outliers else 1024), (4096, 4352 if fmt.outliers else 4096)]:
@@ -78,3 +88,6 @@ def test_kernel_matches_reference(fmt, dtype):
                         y = codebook_cuda.gemm(x, prep, (warps, wr))
                         err = float((y.float() - ref).abs().max() / ref.abs().max())
                         assert err < 2e-2, (n, k, m, warps, wr)
+                        # the bank-replicated table and the single one: the same lookups, bit for bit
+                        for rep in (True, False):
+                            assert torch.equal(codebook_cuda.gemm(x, prep, (warps, wr), replicated=rep), y), rep

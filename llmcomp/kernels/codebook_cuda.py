@@ -10,9 +10,14 @@ Layout (built once per weight by ``prepare``): the kernel's 2-bit shape — 16-r
 lane (g, c) owning inputs [32c, 32c + 32) of a kblock, i.e. vectors 8c … 8c + 7 — and per lane 16 bytes: byte
 2s + r = the stage-0 index of vector 8c + s of row g + 8r; the second stage's indices as nibbles in the same order
 (8 bytes a lane). The codebooks become one table [entries, 4] in the activation dtype (stage 1's from row
-2**bits[0]); the per-row scale is applied to the fp32 accumulators.
+2**bits[0]); the per-row scale is applied to the fp32 accumulators. In shared memory the table is replicated 16
+times across the bank pairs (``replicate``), each lane reading its own copy, so random indices never make a
+half-warp's lookups collide on a bank (with one table they did, several ways on average).
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -81,14 +86,27 @@ def launch_config(n: int, k: int, m: int) -> tuple[int, int]:
     return warps, wr
 
 
-def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
-    """x2 [M, K] (M ≤ 64) → y [M, N] in x2's dtype, without bias."""
+@functools.lru_cache(maxsize=1)
+def replicate() -> bool:
+    """Whether the kernel replicates the table across the 16 shared-memory bank pairs (each lane reads its own
+    copy: random indices never collide on a bank); ``LLMCOMP_VQ_REPLICATE=0`` keeps one table, for A/B timing
+    in one build. Read once."""
+    return os.environ.get("LLMCOMP_VQ_REPLICATE", "1").strip() != "0"
+
+
+def copies(prep: dict, want: bool | None = None) -> int:
+    """Table copies for the kernel: 16 when replicating and the table is small enough (≤ 512 entries), else 1."""
+    return 16 if (replicate() if want is None else want) and prep["table32"].shape[0] <= 512 else 1
+
+
+def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: bool | None = None) -> torch.Tensor:
+    """x2 [M, K] (M ≤ 64) → y [M, N] in x2's dtype, without bias. ``replicated``: default ``replicate()``."""
     xm = x2.index_select(1, prep["main_cols"]).contiguous() if "main_cols" in prep else x2.contiguous()
     if xm.data_ptr() % 16:
         xm = xm.clone()
     warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0])
     y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype),
-                                         prep["scale"], prep["n"], prep["cb1_at"], warps, wr)
+                                         prep["scale"], prep["n"], prep["cb1_at"], warps, wr, copies(prep, replicated))
     return add_outliers(y, x2, prep)
 
 

@@ -62,8 +62,9 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
 // Codebook (VQ) weights: idx [N/16, K/128, 32, 4] int32 (stage-0 indices, one byte each), idx1 the stage-1 nibble
 // plane [N/16, K/128, 32, 2] int32 (or idx with one stage), table [entries, 4] in x's dtype (stage 0's entries,
 // then stage 1's from cb1_at; cb1_at 0: one stage), scale [N, 1] float32.
+// copies: 1 (one table) or 16 (the table replicated across the shared-memory banks, at most 512 entries).
 torch::Tensor vq_gemm(torch::Tensor x, torch::Tensor idx, torch::Tensor idx1, torch::Tensor table, torch::Tensor scale,
-                      int64_t n, int64_t cb1_at, int64_t warps, int64_t wr) {
+                      int64_t n, int64_t cb1_at, int64_t warps, int64_t wr, int64_t copies) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
@@ -77,16 +78,23 @@ torch::Tensor vq_gemm(torch::Tensor x, torch::Tensor idx, torch::Tensor idx1, to
               "codebook table: [entries <= 4096, 4] in x's dtype");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == n &&
                   scale.size(1) == 1, "scale: float32 [n, 1]");
+  TORCH_CHECK(copies == 1 || (copies == 16 && table.size(0) <= 512), "copies: 1, or 16 for at most 512 entries");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), n}, x.options());
   const int at = (int)cb1_at;
+  const torch::Tensor& i1 = at ? idx1 : idx;
+  const int elem = (copies == 16 ? 6 : 4) + (at ? 1 : 0);
+#define LLMCOMP_VQ_CASE(T, E) \
+  case E: dispatch_mt<T, 2, E>(x, idx, i1, scale, out, 0, 1, warps, wr, &table, at); break
   if (x.scalar_type() == at::kHalf) {
-    if (at) dispatch_mt<__half, 2, 5>(x, idx, idx1, scale, out, 0, 1, warps, wr, &table, at);
-    else dispatch_mt<__half, 2, 4>(x, idx, idx, scale, out, 0, 1, warps, wr, &table, 0);
+    switch (elem) { LLMCOMP_VQ_CASE(__half, 4); LLMCOMP_VQ_CASE(__half, 5); LLMCOMP_VQ_CASE(__half, 6); LLMCOMP_VQ_CASE(__half, 7); }
   } else {
-    if (at) dispatch_mt<__nv_bfloat16, 2, 5>(x, idx, idx1, scale, out, 0, 1, warps, wr, &table, at);
-    else dispatch_mt<__nv_bfloat16, 2, 4>(x, idx, idx, scale, out, 0, 1, warps, wr, &table, 0);
+    switch (elem) {
+      LLMCOMP_VQ_CASE(__nv_bfloat16, 4); LLMCOMP_VQ_CASE(__nv_bfloat16, 5);
+      LLMCOMP_VQ_CASE(__nv_bfloat16, 6); LLMCOMP_VQ_CASE(__nv_bfloat16, 7);
+    }
   }
+#undef LLMCOMP_VQ_CASE
   return out;
 }
 

@@ -24,6 +24,8 @@
 // nibble 2s + r of a qh plane (two words a lane). The codebooks sit in shared memory as 4 x 16-bit entries in the
 // activation dtype (stage 1's from entry cb1_at): an entry's two words are the A fragment's a0/a2 (row g) or a1/a3
 // (row g + 8) as they are. sz holds one fp32 scale a row, applied to the accumulators at the end.
+// ELEM 6 / 7: the same with the table replicated 16 times across the banks (entry e's copy j at e * 16 + j, read by
+// lanes with lane % 16 == j), so a half-warp's 8-byte lookups never collide on a bank whatever the indices.
 // 3-bit codes (ELEM == 2) are bit-sliced: their low 2 bits in the 2-bit layout above (BITS = 2), their high
 // bit in qh[tile][kblock][lane][2 words]: the high bits of word wi's pair e sit at bits 8*(wi%2) + e and
 // 16 + 8*(wi%2) + e of qh word wi/2 (3 bits a weight in all).
@@ -211,6 +213,12 @@ __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&ou
 // Kernel shape per (BITS, MT): U = kblocks loaded per round, THREADS = the usual largest block; WIDE = a second
 // instantiation with up to 16 warps splitting K where the accumulators are few (MT <= 2), so shapes with few row
 // tiles can fill the SMs (its own instantiation: __launch_bounds__(512) moves the 8-warp kernel's registers).
+// Codebook (VQ) element kinds: 4 / 5 one table (1 / 2 stages), 6 / 7 the bank-replicated table (1 / 2 stages).
+__host__ __device__ constexpr bool is_vq(int elem) { return elem >= 4; }
+__host__ __device__ constexpr int vq_stages(int elem) { return (elem & 1) + 1; }
+__host__ __device__ constexpr int vq_copies(int elem) { return elem >= 6 ? 16 : 1; }
+__host__ __device__ constexpr bool has_high_plane(int elem) { return elem == 2 || (is_vq(elem) && vq_stages(elem) == 2); }
+
 template <int BITS, int MT>
 struct Shape {
   static constexpr int U = 4;
@@ -393,22 +401,43 @@ __device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_l
 }
 
 
-// ELEM 4/5: one kblock of codebook weights (see the layout at the top); STAGES = ELEM - 3.
-template <typename T, int MT, int STAGES>
-__device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h, const uint2* cb_s, int cb1_at,
-                                                  const uint4 (&cx)[MT][4], float (&acc)[MT][4]) {
+// Byte offset of the entry whose index sits in bits [AT, AT + W) of v, in a table of 8-byte entries copied COPIES
+// times (entry e's copies at e * COPIES .. e * COPIES + COPIES - 1), for the lane whose copy is at lane_off bytes:
+// one shift and one three-input LOP3 (the caller's base pointer is warp-uniform, so the load is LDS [R + UR]).
+template <int AT, int W, int COPIES>
+__device__ __forceinline__ uint32_t vq_off(uint32_t v, uint32_t lane_off) {
+  constexpr int LOGB = 3 + (COPIES == 16 ? 4 : 0);
+  static_assert(COPIES == 1 || COPIES == 16, "1 or 16 copies");
+  const uint32_t sh = AT >= LOGB ? v >> (AT - LOGB) : v << (LOGB - AT);
+  return (sh & (((1u << W) - 1) << LOGB)) | lane_off;
+}
+
+// ELEM 4-7: one kblock of codebook weights (see the layout at the top). cb: the table (warp-uniform; stage 1's
+// entries from cb1), lane_off: this lane's copy in bytes (0 with one table).
+template <typename T, int MT, int STAGES, int COPIES>
+__device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h, const char* cb, const char* cb1,
+                                                  uint32_t lane_off, const uint4 (&cx)[MT][4],
+                                                  float (&acc)[MT][4]) {
   using N2 = typename Num<T>::T2;
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  auto entry = [](const char* base, uint32_t off) { return *reinterpret_cast<const uint2*>(base + off); };
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi) {
 #pragma unroll
     for (int ss = 0; ss < 2; ++ss) {
       const int s = 2 * wi + ss;
-      uint2 lo = cb_s[(words[wi] >> (16 * ss)) & 0xffu];
-      uint2 hi = cb_s[(words[wi] >> (16 * ss + 8)) & 0xffu];
+      uint2 lo = entry(cb, ss ? vq_off<16, 8, COPIES>(words[wi], lane_off) : vq_off<0, 8, COPIES>(words[wi], lane_off));
+      uint2 hi = entry(cb, ss ? vq_off<24, 8, COPIES>(words[wi], lane_off) : vq_off<8, 8, COPIES>(words[wi], lane_off));
       if constexpr (STAGES == 2) {
-        const uint32_t nb = ((s >> 2) ? h.y : h.x) >> (8 * (s & 3));
-        const uint2 lo1 = cb_s[cb1_at + (nb & 0xfu)], hi1 = cb_s[cb1_at + ((nb >> 4) & 0xfu)];
+        const uint32_t hw = (s >> 2) ? h.y : h.x;  // nibbles 2s, 2s + 1 at bits 8 * (s & 3) of the word
+        uint32_t o_lo, o_hi;
+        switch (s & 3) {
+          case 0: o_lo = vq_off<0, 4, COPIES>(hw, lane_off); o_hi = vq_off<4, 4, COPIES>(hw, lane_off); break;
+          case 1: o_lo = vq_off<8, 4, COPIES>(hw, lane_off); o_hi = vq_off<12, 4, COPIES>(hw, lane_off); break;
+          case 2: o_lo = vq_off<16, 4, COPIES>(hw, lane_off); o_hi = vq_off<20, 4, COPIES>(hw, lane_off); break;
+          default: o_lo = vq_off<24, 4, COPIES>(hw, lane_off); o_hi = vq_off<28, 4, COPIES>(hw, lane_off); break;
+        }
+        const uint2 lo1 = entry(cb1, o_lo), hi1 = entry(cb1, o_hi);
         N2 v;
         v = Num<T>::add2(Num<T>::pair(lo.x), Num<T>::pair(lo1.x)); lo.x = *reinterpret_cast<uint32_t*>(&v);
         v = Num<T>::add2(Num<T>::pair(lo.y), Num<T>::pair(lo1.y)); lo.y = *reinterpret_cast<uint32_t*>(&v);
@@ -450,9 +479,12 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
       else cx[t][v] = __ldg(xv + v);
     }
   }
-  if constexpr (ELEM >= 4) {
+  if constexpr (is_vq(ELEM)) {
     static_assert(BITS == 2 && R == 1, "codebook weights use the 2-bit shape, one row tile a warp");
-    compute_kblock_vq<T, MT, ELEM - 3>(w[0], h[0], cb_s, cb1_at, cx, acc[0]);
+    constexpr int CP = vq_copies(ELEM);
+    const char* cb = reinterpret_cast<const char*>(cb_s);
+    compute_kblock_vq<T, MT, vq_stages(ELEM), CP>(w[0], h[0], cb, cb + cb1_at * CP * 8, (lane & (CP - 1)) * 8, cx,
+                                                  acc[0]);
     return;
   }
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
@@ -501,8 +533,9 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 
   // Codebook weights: the codebooks into shared memory, after the reduction slabs.
   uint2* cb_s = reinterpret_cast<uint2*>(red + nwarps * R * 16 * MT * 8);
-  if constexpr (ELEM >= 4) {
-    for (int i = threadIdx.x; i < cb_n; i += blockDim.x) cb_s[i] = __ldg(cb + i);
+  if constexpr (is_vq(ELEM)) {
+    constexpr int CP = vq_copies(ELEM);
+    for (int i = threadIdx.x; i < cb_n * CP; i += blockDim.x) cb_s[i] = __ldg(cb + i / CP);
     __syncthreads();
   }
 
@@ -544,7 +577,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
         if (kb + u < kb1) {
           const size_t at = ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane;
           wv[u][r] = ld_stream(qw + at);
-          if constexpr (ELEM == 2 || ELEM == 5) hv[u][r] = ld_stream2(qh + at);
+          if constexpr (has_high_plane(ELEM)) hv[u][r] = ld_stream2(qh + at);
           else hv[u][r] = make_uint2(0, 0);
         }
     if constexpr (XS) {
@@ -562,7 +595,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     }
     if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
-  if constexpr (ELEM >= 4) {  // the rows' fp32 scales (sz_row: row g of the tile; row g + 8 eight floats on)
+  if constexpr (is_vq(ELEM)) {  // the rows' fp32 scales (sz_row: row g of the tile; row g + 8 eight floats on)
     if (tile0 * 16 < N) {
       const float s_lo = __ldg(static_cast<const float*>(sz_row)), s_hi = __ldg(static_cast<const float*>(sz_row) + 8);
 #pragma unroll
@@ -651,7 +684,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   wr = std::max(1, std::min(wr, S::WIDE / 32 / warps));  // row groups a block
   const int kb_per_warp = (KB + warps - 1) / warps;
   const int groups = N / (16 * R), threads = wr * warps * 32;
-  size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * sizeof(uint2);
+  size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * vq_copies(ELEM) * sizeof(uint2);
   auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
   if constexpr (MT >= 4 && R == 1 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS)
@@ -685,7 +718,7 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
   if constexpr (ELEM == 3) {
     TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
     return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-  } else if constexpr (ELEM >= 4) {  // codebook weights: one row tile a warp
+  } else if constexpr (is_vq(ELEM)) {  // codebook weights: one row tile a warp
     TORCH_CHECK(cb != nullptr, "codebook weights need their codebooks");
     if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
     if (M <= 16) return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
@@ -710,6 +743,7 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1); \
   X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3); \
-  X(__half, 2, 4); X(__nv_bfloat16, 2, 4); X(__half, 2, 5); X(__nv_bfloat16, 2, 5)
+  X(__half, 2, 4); X(__nv_bfloat16, 2, 4); X(__half, 2, 5); X(__nv_bfloat16, 2, 5); \
+  X(__half, 2, 6); X(__nv_bfloat16, 2, 6); X(__half, 2, 7); X(__nv_bfloat16, 2, 7)
 
 }  // namespace llmcomp_mma
