@@ -188,17 +188,20 @@ def test_every_launch_config_matches_the_reference(fmt, dtype):
 
 
 def test_kernel_bench_times_every_column(monkeypatch, tmp_path):
-    """One small row of `llmcomp bench kernels --fp16 --float-formats mxfp4` end to end: every column timed,
-    ratios formed, JSON written."""
+    """Two small rows (M = 1 and 80) of `llmcomp bench kernels --fp16 --float-formats mxfp4` end to end: every
+    column timed, ratios formed, JSON written."""
     from llmcomp.eval import kernel_bench
 
     monkeypatch.setattr(kernel_bench, "ROTATE_BYTES", 32 << 20)
     out = tmp_path / "k.json"
-    result = kernel_bench.run([(4096, 4096)], [1], (4,), 128, out, log=lambda *a: None, fp16=True,
+    result = kernel_bench.run([(4096, 4096)], [1, 80], (4,), 128, out, log=lambda *a: None, fp16=True,
                               float_formats=("mxfp4",))
-    row, fp4 = result["rows"]
+    row, prefill, fp4, _ = result["rows"]
     for col in ("llmcomp", "bf16", "llmcomp_fp16", "fp16"):
         assert row[f"{col}_us"] > 0 and 0 < row[f"{col}_roofline_pct"] < 200, col
+    # above the mma kernel's rows: the dequantize of the prefill path timed alone, and only there
+    assert "dequant_us" not in row and 0 < prefill["dequant_us"] < prefill["llmcomp_us"]
+    assert 0 < prefill["dequant_roofline_pct"] < 200
     assert row["speedup_vs_bf16"] > 0 and row["fp16_speedup_vs_fp16"] > 0
     assert fp4["format"] == "mxfp4" and fp4["llmcomp_us"] > 0 and fp4["speedup_vs_bf16"] > 0
     assert out.exists() and result["fp16"] is True

@@ -12,6 +12,8 @@ For each layer shape (N out × K in), bit width and batch M, times (CUDA graphs 
   its instructions),
 and reports each one's % of its own byte roofline: the bytes it must move (its weights with scales and
 zeros + activations + output) over the device-to-device copy bandwidth measured in the same run.
+Above the mma kernel's 64 rows (prefill: dequantize, then cuBLAS) a ``dequant`` column times the dequantize
+alone against the packed bytes read plus the 16-bit weight written.
 ``float_formats`` adds rows for the E2M1 formats (mxfp4, nvfp4) and VQ (vq2, vq3: the mma kernel with
 codebook lookups, ``codebook_cuda``) through ``QuantLinear``, against their own
 stored bytes (the kernel reads their block scales as 16-bit values, so it moves a little more: NVFP4 5.0 bits a
@@ -86,12 +88,14 @@ def roofline_pct(nbytes: int, m: int, n: int, k: int, bw: float, seconds: float)
     return 100 * (nbytes + (m * k + m * n) * 2) / bw / seconds
 
 
-def _time_into(row: dict, name: str, fns: list[Callable], nbytes: int, bw: float) -> float:
+def _time_into(row: dict, name: str, fns: list[Callable], nbytes: int, bw: float, gemm: bool = True) -> float:
     """Time ``fns`` (``per_call_seconds``) into ``row`` (which has N, K, M) as ``{name}_us`` and
-    ``{name}_roofline_pct`` against ``nbytes``; returns the seconds."""
+    ``{name}_roofline_pct`` against ``nbytes`` (plus the activations in and out when ``gemm``); returns the
+    seconds."""
     t = per_call_seconds(fns)
     row[f"{name}_us"] = round(t * 1e6, 3)
-    row[f"{name}_roofline_pct"] = round(roofline_pct(nbytes, row["M"], row["N"], row["K"], bw, t), 2)
+    m = row["M"] if gemm else 0
+    row[f"{name}_roofline_pct"] = round(roofline_pct(nbytes, m, row["N"], row["K"], bw, t), 2)
     return t
 
 
@@ -202,7 +206,7 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
 
 def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Path] = None,
         log=print, float_formats=(), fp16: bool = False) -> dict:
-    from llmcomp.kernels import uniform_triton
+    from llmcomp.kernels import uniform_cuda, uniform_triton
 
     bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
@@ -225,15 +229,20 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
             w_fp16 = [wb.half() for wb in w_bf16] if fp16 else []
             tg = [_tinygemm(fields["codes"].int(), n, k, 128) for _ in range(_copies(packed_bytes))] if bits == 4 else []
             bnb = [_bnb_nf4(w) for _ in range(_copies(n * k // 2))] if bits == 4 else []
+            dq = []  # kernel preparations for the dequantize column (M > MAX_M), built at the first such M
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 row = {"bits": bits, "N": n, "K": k, "M": m}
 
-                def add(name, fns, nbytes):
-                    _time_into(row, name, fns, nbytes, bw)
+                def add(name, fns, nbytes, gemm=True):
+                    _time_into(row, name, fns, nbytes, bw, gemm)
 
                 with torch.inference_mode():
                     add("llmcomp", [lambda lay=lay: lay(x) for lay in layers], packed_bytes)
+                    if m > uniform_cuda.MAX_M and uniform_cuda.extension() is not None:  # prefill: its dequantize alone
+                        dq = dq or [uniform_cuda.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
+                        add("dequant", [lambda p=p: uniform_cuda.dequantize(p, k, x.dtype) for p in dq],
+                            packed_bytes + n * k * 2, gemm=False)  # reads the packed weight, writes W
                     if tri_prep and m <= uniform_triton.GEMV_MAX_M:
                         add("llmcomp_triton", [lambda p=p: uniform_triton.gemv(x, p, bits, k) for p in tri_prep],
                             packed_bytes)
@@ -258,7 +267,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                 result["rows"].append(row)
                 log(_line(row))
                 _save(result, out)
-            del layers, tri_prep, w_bf16, w_fp16, tg, bnb
+            del layers, tri_prep, w_bf16, w_fp16, tg, bnb, dq
             torch.cuda.empty_cache()
     _float_rows(result, shapes, ms, float_formats, bw, out, log)
     return result
@@ -266,7 +275,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
 
 def _line(row: dict) -> str:
     parts = [f"W{row['bits']} {row['N']:6d}x{row['K']:<6d} M={row['M']:<4d}"]  # uniform rows
-    for name in ("llmcomp", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4", "llmcomp_fp16", "fp16"):
+    for name in ("llmcomp", "dequant", "llmcomp_triton", "bf16", "tinygemm", "bnb_nf4", "llmcomp_fp16", "fp16"):
         if f"{name}_us" in row:
             parts.append(f"{name} {row[f'{name}_us']:8.2f}us {row[f'{name}_roofline_pct']:5.1f}%")
     return "  ".join(parts)

@@ -105,13 +105,15 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
   auto w = torch::empty({n, k}, qw.options().dtype(dtype));
   const int G = sz.size(1);
   const int64_t threads = (n / 16) * (k / (256 / bits)) * 32;
+  TORCH_CHECK(threads < (1ll << 32), "weight too large for the dequantize kernel's 32-bit index");
+  const uint32_t gmagic = group_magic(k, G, group);
   const int block = 256;
   const int grid = (threads + block - 1) / block;
   auto stream = c10::cuda::getCurrentCUDAStream();
 #define LLMCOMP_DQ(T, B, E)                                                                                  \
   uniform_dequant_kernel<T, B, E><<<grid, block, 0, stream>>>(                                             \
       reinterpret_cast<const uint4*>(qw.data_ptr()), reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), \
-      reinterpret_cast<T*>(w.data_ptr()), n, k, G, group)
+      reinterpret_cast<T*>(w.data_ptr()), n, k, G, gmagic)
   if (dtype == at::kHalf) {
     if (elem == 1) LLMCOMP_DQ(__half, 4, 1);
     else if (elem == 2) LLMCOMP_DQ(__half, 2, 2);

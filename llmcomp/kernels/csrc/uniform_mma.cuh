@@ -629,15 +629,16 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS
 // W[N, K] in T from the kernel layout (prefill path: dequantize, then cuBLAS).
 template <typename T, int BITS, int ELEM>
 __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2* __restrict__ qh,
-                                       const void* __restrict__ sz, T* __restrict__ w, int N, int K, int G, int group) {
+                                       const void* __restrict__ sz, T* __restrict__ w, int N, int K, int G,
+                                       uint32_t gmagic) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, STEPS_PER_WORD = 4 / BITS;
   const int KB = K / KBLK;
-  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // one (tile, kblock, lane)
-  if (idx >= (size_t)(N / 16) * KB * 32) return;
-  const int lane = idx % 32, kb = (idx / 32) % KB, tile = idx / 32 / KB;
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;  // one (tile, kblock, lane); the host checks < 2^32
+  if (idx >= (uint32_t)(N / 16) * KB * 32) return;
+  const int lane = idx & 31, tk = idx >> 5, kb = tk % KB, tile = tk / KB;
   const int g = lane >> 2, c = lane & 3;
-  const int k_lane = kb * KBLK + c * LANE_K, grp = k_lane / group;
+  const int k_lane = kb * KBLK + c * LANE_K, grp = group_of(k_lane, gmagic);
   const int row = tile * 16 + g;
   N2 sc[2], mz[2];
   load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc[0], mz[0]);
@@ -645,20 +646,26 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2
   const uint4 v = qw[idx];
   const uint2 hv = ELEM == 2 ? qh[idx] : make_uint2(0, 0);
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  // The lane's weights are LANE_K consecutive inputs of rows g and g + 8: gathered in registers, then written
+  // 16 bytes at a time (4-byte stores, one a pair, left the output's sectors partly written per instruction).
+  N2 rows[2][LANE_K / 2];
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi) {
     N2 q[16 / BITS];
     decode_any<T, BITS, ELEM>(words[wi], hv, wi, q);
 #pragma unroll
-    for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
-      const int k = k_lane + 4 * (wi * STEPS_PER_WORD + ss);
+    for (int ss = 0; ss < STEPS_PER_WORD; ++ss)
 #pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        N2 val = Num<T>::fma2(q[4 * ss + reg], sc[reg & 1], mz[reg & 1]);
-        const int rr = row + 8 * (reg & 1), kk = k + 2 * (reg >> 1);
-        *reinterpret_cast<N2*>(w + (size_t)rr * K + kk) = val;
-      }
-    }
+      for (int reg = 0; reg < 4; ++reg)
+        rows[reg & 1][2 * (wi * STEPS_PER_WORD + ss) + (reg >> 1)] = Num<T>::fma2(q[4 * ss + reg], sc[reg & 1],
+                                                                                  mz[reg & 1]);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint4* dst = reinterpret_cast<uint4*>(w + (size_t)(row + 8 * h) * K + k_lane);
+    auto u = [&](int i) { return *reinterpret_cast<const uint32_t*>(&rows[h][i]); };
+#pragma unroll
+    for (int i = 0; i < LANE_K / 8; ++i) dst[i] = make_uint4(u(4 * i), u(4 * i + 1), u(4 * i + 2), u(4 * i + 3));
   }
 }
 
