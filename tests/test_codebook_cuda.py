@@ -28,23 +28,29 @@ def _read_like_the_kernel(prep: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
-def test_prepared_layout_rebuilds_the_weight(fmt):
-    n, k = 48, 1088 if fmt.outliers else 1024
+@pytest.mark.parametrize("k", [1024, 576], ids=["whole-kblocks", "padded"])
+def test_prepared_layout_rebuilds_the_weight(fmt, k):
+    """The layout read the kernel's way is the reference weight at the main columns; main inputs that are not
+    whole kblocks of 128 (the bundled model's 576) are padded with entry 0, which meets zero x."""
+    n = 48
+    k = k + 64 if fmt.outliers else k
     t = packed(fmt, n, k, 3)
     prep = codebook_cuda.prepare(fmt, t, k)
     ref = fmt.dequantize(t, k)
     cols = prep.get("main_cols", torch.arange(k))
-    assert len(cols) % 128 == 0 and torch.equal(_read_like_the_kernel(prep), ref[:, cols])
+    kp = codebook_cuda.padded_main(len(cols))
+    read = _read_like_the_kernel(prep)
+    assert prep["kp"] == kp == read.shape[1] and torch.equal(read[:, :len(cols)], ref[:, cols])
     if "outlier_cols" in prep:
         assert torch.allclose(prep["outlier_f32"], ref[:, prep["outlier_cols"]])
-    assert prep["qw"].dtype == torch.int32 and prep["qw"].shape == (n // 16, len(cols) // 128, 32, 4)
+    assert prep["qw"].dtype == torch.int32 and prep["qw"].shape == (n // 16, kp // 128, 32, 4)
     assert (prep["qh"] is None) == (len(fmt.bits) == 1)
 
 
 def test_which_formats_and_shapes_it_takes():
     ok = Codebook(dim=4, bits=(8, 4))
     assert codebook_cuda.shape_ok(ok, 4096, 4096) and codebook_cuda.shape_ok(Codebook(dim=4, bits=(5,)), 256, 32)
-    assert not codebook_cuda.shape_ok(ok, 4096 + 64, 4096)  # main columns not whole 128-input kblocks
+    assert codebook_cuda.shape_ok(ok, 4096 + 64, 4096)  # main columns not whole kblocks of 128: padded
     assert not codebook_cuda.shape_ok(ok, 4096, 4096 + 8)  # rows not whole 16-row tiles
     for fmt in (Codebook(dim=8, bits=(8,)), Codebook(dim=4, bits=(8,), group=128), Codebook(dim=4, bits=(10,)),
                 Codebook(dim=4, bits=(8, 8)), Codebook(dim=4, bits=(4, 4, 4))):
@@ -70,7 +76,8 @@ def test_kernel_matches_reference(fmt, dtype):
     the bank-replicated table and the single table give the same bits."""
     if codebook_cuda.uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    for n, k in [(48, 1088 if fmt.outliers else 1024), (4096, 4352 if fmt.outliers else 4096)]:
+    for n, k in [(48, 1088 if fmt.outliers else 1024), (4096, 4352 if fmt.outliers else 4096),
+                 (1536, 640 if fmt.outliers else 576)]:  # 576: main inputs padded to whole kblocks
         t = packed(fmt, n, k, n + k, "cuda")
         q = QuantLinear.from_packed(fmt, t, k)
         ref_w = fmt.dequantize(t, k)

@@ -47,13 +47,16 @@ def test_shape_rules():
     f4 = Uniform(bits=4, group_size=128)
     assert uniform_cuda.shape_ok(f4, 4096, 4096) and uniform_cuda.shape_ok(f4, 576 * 2, 192)
     assert not uniform_cuda.shape_ok(f4, 4096, 4100)          # rows not a multiple of 16
-    assert not uniform_cuda.shape_ok(f4, 4096 + 32, 4096)     # inputs not a multiple of 64
+    assert not uniform_cuda.shape_ok(f4, 4096 + 32, 4096)     # ragged last group
     assert not uniform_cuda.shape_ok(f4, 4096 + 64, 4096)     # ragged last group
     assert uniform_cuda.shape_ok(Uniform(bits=3, group_size=128), 4096, 4096)
-    assert not uniform_cuda.shape_ok(Uniform(bits=3, group_size=64), 4096 + 64, 4096)  # 3-bit kblock: 128
+    # inputs not whole kblocks are padded to them (prepare / gemm): 4096 + 64 for the 3-bit kblock of 128
+    assert uniform_cuda.shape_ok(Uniform(bits=3, group_size=64), 4096 + 64, 4096)
+    assert uniform_cuda.shape_ok(Uniform(bits=4, group_size=32), 4096 + 32, 4096)
     assert not uniform_cuda.shape_ok(Uniform(bits=8, group_size=128), 4096, 4096)
     assert uniform_cuda.shape_ok(Uniform(bits=2, group_size=32), 256, 32)
-    assert not uniform_cuda.shape_ok(Uniform(bits=2, group_size=32), 576, 32)  # 576 % 128
+    assert uniform_cuda.shape_ok(Uniform(bits=2, group_size=32), 576, 32)  # 576 = 4.5 kblocks: padded to 640
+    assert not uniform_cuda.shape_ok(Uniform(bits=2, group_size=16), 576, 32)  # a lane's 32 inputs span groups
     # the kernel's multiply-high group index needs K · group < 2^32 (one group a row always fits)
     assert not uniform_cuda.shape_ok(Uniform(bits=4, group_size=1 << 16), 1 << 17, 16)
     assert uniform_cuda.shape_ok(Uniform(bits=4, group_size=1 << 15), 1 << 16, 16)
@@ -108,7 +111,7 @@ def test_e2m1_formats_take_the_mma_kernel_shapes():
     assert uniform_cuda.shape_ok(FP4(group_size=128), 1024, 64) and uniform_cuda.shape_ok(FP4(group_size=0), 576, 64)
     assert not uniform_cuda.shape_ok(FP4(group_size=128), 576, 64)               # ragged last group
     assert not uniform_cuda.shape_ok(FP4(group_size=32, element=Minifloat(1, 2)), 1024, 64)  # not E2M1
-    assert not uniform_cuda.shape_ok(MXFP4(), 4096 + 32, 4096)                   # inputs not a multiple of 64
+    assert uniform_cuda.shape_ok(MXFP4(), 4096 + 32, 4096)                       # padded to whole kblocks of 64
     assert not uniform_cuda.shape_ok(NVFP4(block_size=8), 4096, 4096)            # block below a lane's 16 inputs
 
 
@@ -225,3 +228,25 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(28672, 8192, 4, 64) == (1, 4, 1)
     for (n, k, m), (rt, warps, wr) in picks.items():
         assert rt * 16 * wr <= n and warps * wr <= (16 if m <= 16 else 8), (n, k, m)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 32), (2, 0), (4, 32)])
+def test_inputs_padded_to_whole_kblocks(bits, group):
+    """576 inputs (the bundled model's) with 2/3-bit codes: prepare pads the codes to 640 inputs (code 0) and the
+    group scales with zero columns (one group a row stays one), so the kernel's layout holds every real code
+    where the kernel reads it and the padded weights are 0 or meet zero x (gemm pads x)."""
+    fmt = Uniform(bits=bits, group_size=group)
+    n, k = 32, 576
+    t = fmt.pack(rtn_fields(torch.randn(n, k, generator=torch.Generator().manual_seed(bits)), fmt))
+    prep = uniform_cuda.prepare(fmt, t, k)
+    kp = uniform_cuda.padded_k(k, bits)
+    assert prep["kp"] == kp == (576 if bits == 4 else 640)
+    codes = fmt.unpack(t, k)["codes"]
+    lay = 2 if bits == 3 else bits  # 3-bit: the low 2 bits in the 2-bit layout (the high plane: repack3's test)
+    low = _unrepack(prep["qw"], lay, n, kp)
+    assert torch.equal(low[:, :k], codes & ((1 << lay) - 1)) and (low[:, k:] == 0).all()
+    groups = 1 if group == 0 else -(-kp // group)
+    assert prep["scale"].shape == (n, groups) and prep["mz"].shape == (n, groups)
+    if group:
+        assert (prep["scale"][:, k // group:] == 0).all()  # the groups of padded inputs only
+    assert uniform_cuda.shape_ok(fmt, k, n)

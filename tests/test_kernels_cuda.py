@@ -53,13 +53,14 @@ def test_module_matches_reference(bits, group, sym, m, dtype):
 @pytest.mark.parametrize("group", [0, 32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_mma_kernel_every_m(bits, group, dtype):
-    """The CUDA mma kernel itself, M = 1..300 (64+ goes through its dequantize kernel + cuBLAS)."""
+    """The CUDA mma kernel itself, M = 1..300 (64+ goes through its dequantize kernel + cuBLAS), incl. inputs
+    that are not whole kblocks (576 at 2/3 bits: codes, scales and x padded)."""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
     fmt = Uniform(bits=bits, group_size=group, symmetric=False)
-    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512)]:
+    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512), (192, 576)]:  # 576: padded for 2/3 bits
         if not uniform_cuda.shape_ok(fmt, k, n):
             continue
         q, t, g = _layer(fmt, n, k, n * k + bits)
@@ -131,7 +132,7 @@ def test_e2m1_mma_kernel_every_m(fmt, dtype):
 
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512)]:
+    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512), (192, 576)]:  # 576: padded for 2/3 bits
         if not uniform_cuda.shape_ok(fmt, k, n):
             continue
         q, t, g = _layer(fmt, n, k, n * k)

@@ -30,8 +30,7 @@ KBLOCK = 128  # inputs a kblock (32 vectors)
 def shape_ok(fmt, in_features: int, out_features: int) -> bool:
     stages_ok = (len(fmt.bits) == 1 and fmt.bits[0] <= 8) or (len(fmt.bits) == 2 and fmt.bits[0] <= 8
                                                                 and fmt.bits[1] <= 4)
-    return (fmt.dim == 4 and fmt.group == 0 and stages_ok and out_features % 16 == 0
-            and fmt.n_main(in_features) % KBLOCK == 0)
+    return fmt.dim == 4 and fmt.group == 0 and stages_ok and out_features % 16 == 0  # main inputs: padded
 
 
 def supports(fmt, x: torch.Tensor, out_features: int, in_features: int) -> bool:
@@ -48,13 +47,24 @@ def _lanes(idx: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 2, 4, 5, 1).reshape(n // 16, nv // 32, 32, 16)
 
 
+def padded_main(n_main: int) -> int:
+    """Main inputs rounded up to whole kblocks of 128 (``planes`` pads the indices with entry 0, ``gemm`` x with
+    zeros, so the padded vectors add nothing): the bundled model's 576 inputs become 640."""
+    return -(-n_main // KBLOCK) * KBLOCK
+
+
 def planes(fmt, fields: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(stage-0 bytes as int32 [N/16, KB, 32, 4], stage-1 nibbles as int32 [N/16, KB, 32, 2] or None)."""
-    idx0 = _lanes(fields["index0"].to(torch.int64)).to(torch.uint8).contiguous()
+    """(stage-0 bytes as int32 [N/16, KB, 32, 4], stage-1 nibbles as int32 [N/16, KB, 32, 2] or None), the
+    vectors padded to whole kblocks."""
+    def idx(t):
+        t = fields[f"index{t}"].to(torch.int64)
+        return torch.nn.functional.pad(t, (0, padded_main(t.shape[1] * 4) // 4 - t.shape[1]))
+
+    idx0 = _lanes(idx(0)).to(torch.uint8).contiguous()
     q0 = idx0.view(torch.int32)
     if len(fmt.bits) == 1:
         return q0, None
-    n1 = _lanes(fields["index1"].to(torch.int64))
+    n1 = _lanes(idx(1))
     q1 = (n1[..., 0::2] | (n1[..., 1::2] << 4)).to(torch.uint8).contiguous()
     return q0, q1.view(torch.int32)
 
@@ -66,7 +76,7 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
     table = torch.cat([f[f"codebook{t}"].float().reshape(-1, 4) for t in range(len(fmt.bits))])
     scale = f["scale"].float() if fmt.scale else torch.ones(n, device=qw.device)
     prep = {"qw": qw, "qh": qh, "table32": table, "tables": {}, "cb1_at": (1 << fmt.bits[0]) if qh is not None else 0,
-            "scale": scale.reshape(n, 1).contiguous(), "n": n}
+            "scale": scale.reshape(n, 1).contiguous(), "n": n, "kp": padded_main(fmt.n_main(in_features))}
     prep.update(outlier_part(fmt, f, scale, in_features))
     return prep
 
@@ -102,6 +112,8 @@ def copies(prep: dict, want: bool | None = None) -> int:
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: bool | None = None) -> torch.Tensor:
     """x2 [M, K] (M ≤ 64) → y [M, N] in x2's dtype, without bias. ``replicated``: default ``replicate()``."""
     xm = x2.index_select(1, prep["main_cols"]).contiguous() if "main_cols" in prep else x2.contiguous()
+    if prep["kp"] > xm.shape[1]:  # main inputs padded to whole kblocks: zeros meet the padded vectors
+        xm = torch.nn.functional.pad(xm, (0, prep["kp"] - xm.shape[1]))
     if xm.data_ptr() % 16:
         xm = xm.clone()
     warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0])

@@ -45,6 +45,13 @@ def kblock(bits: int) -> int:
     return 256 // layout_bits(bits)
 
 
+def padded_k(in_features: int, bits: int) -> int:
+    """Inputs rounded up to whole kblocks: ``prepare`` pads the codes (scale 0) and ``gemm`` x (zeros), so
+    e.g. the bundled model's 576 inputs take the 2/3-bit kernel (kblocks of 128)."""
+    kb = kblock(bits)
+    return -(-in_features // kb) * kb
+
+
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled extension, or None (with one warning saying why) when it cannot be built."""
@@ -90,9 +97,9 @@ def shape_ok(fmt, in_features: int, out_features: int) -> bool:
     if bits not in BITS or out_features % 16:
         return False
     kb = kblock(bits)
-    # the kernel's group index is a multiply-high by ceil(2^32 / group): exact while K · group < 2^32
-    fits_index = group >= in_features or in_features * group < 1 << 32
-    return in_features % kb == 0 and in_features % group == 0 and group % (kb // 4) == 0 and fits_index
+    # the kernel's group index is a multiply-high by ceil(2^32 / group): exact while K · group < 2^32 (K padded)
+    fits_index = group >= in_features or padded_k(in_features, bits) * group < 1 << 32
+    return in_features % group == 0 and group % (kb // 4) == 0 and fits_index
 
 
 def supports(fmt, x: torch.Tensor, out_features: int) -> bool:
@@ -158,19 +165,35 @@ def repack3(codes: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tens
             _pack(codes >> 2, kblock(2), _high_tables(codes.device), 2, rows_per_chunk))
 
 
+def _pad_k(codes: torch.Tensor, per_group: list[torch.Tensor], group: int, kp: int):
+    """Codes [N, K] → [N, kp] with code 0, and each [N, G] group tensor → [N, ceil(kp / group)] with 0 (one
+    group a row stays one: the kernel then reads group 0 everywhere). The padded inputs' x is 0 (``gemm``), so
+    their weights add nothing; with scale 0 they are 0 as well where groups were added."""
+    k = codes.shape[1]
+    if kp == k:
+        return codes, per_group
+    gp = 1 if group >= k else -(-kp // group)
+    return (F.pad(codes, (0, kp - k)),
+            [F.pad(t, (0, gp - t.shape[1])) if t.shape[1] < gp else t for t in per_group])
+
+
 def prepare(fmt, tensors: dict, in_features: int) -> dict:
     f = fmt.unpack(tensors, in_features)
     if fmt.name in E2M1_FORMATS:
-        return {"qw": repack(f["codes"], 4), "qh": None, "scale": fmt.block_scale(f).float(), "mz": None, "sz": {},
-                "group": fmt.block(in_features), "n": f["codes"].shape[0], "bits": 4, "elem": 1}
-    scale, zero = f["scale"].float(), f["zero"].float()
-    qw, qh = repack3(f["codes"]) if fmt.bits == 3 else (repack(f["codes"], fmt.bits), None)
+        group = fmt.block(in_features)
+        kp = padded_k(in_features, 4)
+        codes, (scale,) = _pad_k(f["codes"], [fmt.block_scale(f).float()], group, kp)
+        return {"qw": repack(codes, 4), "qh": None, "scale": scale, "mz": None, "sz": {}, "group": group,
+                "n": codes.shape[0], "bits": 4, "elem": 1, "kp": kp}
     group = fmt.group(in_features)
+    kp = padded_k(in_features, fmt.bits)
+    codes, (scale, zero) = _pad_k(f["codes"], [f["scale"].float(), f["zero"].float()], group, kp)
+    qw, qh = repack3(codes) if fmt.bits == 3 else (repack(codes, fmt.bits), None)
     # the fp32 post-scale kernel (M <= 8): 2- and 4-bit codes, integral zeros (RTN, GPTQ), whole kblocks a group
     post = (fmt.bits in (2, 4) and group % kblock(fmt.bits) == 0 and bool(torch.equal(zero, zero.round()))
             and bool(((zero >= 0) & (zero < 128)).all()))
     return {"qw": qw, "qh": qh, "scale": scale, "mz": -zero * scale, "zero": zero if post else None, "sz": {},
-            "group": group, "n": f["codes"].shape[0], "bits": fmt.bits, "elem": 0}
+            "group": group, "n": codes.shape[0], "bits": fmt.bits, "elem": 0, "kp": kp}
 
 
 POST_MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}  # the decode's magic exponent: MAGIC + q is exact
@@ -246,6 +269,8 @@ def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, wr=1):
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
     """``launch``: (row tiles a warp, warps splitting K[, row groups a block]), default ``launch_config``."""
+    if prep["kp"] > x2.shape[1]:  # inputs padded to whole kblocks: zeros meet the padded (zero) weights
+        x2 = F.pad(x2, (0, prep["kp"] - x2.shape[1]))
     if x2.data_ptr() % 16:
         x2 = x2.clone()
     rt, warps, *rest = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
@@ -278,8 +303,10 @@ def high_plane(prep: dict) -> torch.Tensor:
 
 
 def dequantize(prep: dict, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    return extension().dequant(prep["qw"], high_plane(prep), scale_pairs(prep, dtype), prep["bits"], prep["group"],
-                               prep["n"], in_features, dtype, prep["elem"])
+    """W [N, in_features] in ``dtype`` (a view without the padded inputs' columns where there are some)."""
+    w = extension().dequant(prep["qw"], high_plane(prep), scale_pairs(prep, dtype), prep["bits"], prep["group"],
+                            prep["n"], prep["kp"], dtype, prep["elem"])
+    return w[:, :in_features] if prep["kp"] > in_features else w
 
 
 def prepared(fmt, tensors: dict, in_features: int, cache=None) -> dict:
