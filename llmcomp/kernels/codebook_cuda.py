@@ -24,8 +24,6 @@ import torch
 from llmcomp.kernels import uniform_cuda
 from llmcomp.kernels.codebook_triton import add_outliers, outlier_part
 
-KBLOCK = 128  # inputs a kblock (32 vectors)
-
 
 def shape_ok(fmt, in_features: int, out_features: int) -> bool:
     stages_ok = (len(fmt.bits) == 1 and fmt.bits[0] <= 8) or (len(fmt.bits) == 2 and fmt.bits[0] <= 8
@@ -48,9 +46,9 @@ def _lanes(idx: torch.Tensor) -> torch.Tensor:
 
 
 def padded_main(n_main: int) -> int:
-    """Main inputs rounded up to whole kblocks of 128 (``planes`` pads the indices with entry 0, ``gemm`` x with
-    zeros, so the padded vectors add nothing): the bundled model's 576 inputs become 640."""
-    return -(-n_main // KBLOCK) * KBLOCK
+    """Main inputs rounded up to whole kblocks (the kernel's 2-bit shape; ``planes`` pads the indices with entry 0,
+    ``gemm`` x with zeros, so the padded vectors add nothing): the bundled model's 576 inputs become 640."""
+    return uniform_cuda.padded_k(n_main, 2)
 
 
 def planes(fmt, fields: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -112,8 +110,7 @@ def copies(prep: dict, want: bool | None = None) -> int:
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: bool | None = None) -> torch.Tensor:
     """x2 [M, K] (M ≤ 64) → y [M, N] in x2's dtype, without bias. ``replicated``: default ``replicate()``."""
     xm = x2.index_select(1, prep["main_cols"]).contiguous() if "main_cols" in prep else x2.contiguous()
-    if prep["kp"] > xm.shape[1]:  # main inputs padded to whole kblocks: zeros meet the padded vectors
-        xm = torch.nn.functional.pad(xm, (0, prep["kp"] - xm.shape[1]))
+    xm = uniform_cuda.pad_inputs(xm, prep["kp"])
     if xm.data_ptr() % 16:
         xm = xm.clone()
     warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0])
