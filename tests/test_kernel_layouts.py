@@ -224,6 +224,11 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     from llmcomp.kernels import codebook_cuda  # the codebook kernel does not stage x: never one warp a row group
 
     assert all(codebook_cuda.launch_config(n, k, m)[0] > 1 for n, k, m in picks)
+    # a replicated table (16 copies, 34 KB a block): 16 warps a block at M <= 16, the same split of K
+    for n, k, m in picks:
+        one, rep = codebook_cuda.launch_config(n, k, m), codebook_cuda.launch_config(n, k, m, 16)
+        assert rep[0] == one[0] and rep[0] * rep[1] == (16 if m <= 16 else one[0] * one[1]), (n, k, m)
+    assert codebook_cuda.launch_config(14336, 4096, 1, 16) == (4, 4)
     monkeypatch.setattr(uniform_cuda, "x_stage", lambda: False)  # unstaged, one warp a row group is never picked
     assert uniform_cuda.launch_config(28672, 8192, 4, 64) == (1, 4, 1)
     for (n, k, m), (rt, warps, wr) in picks.items():

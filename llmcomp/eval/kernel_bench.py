@@ -296,7 +296,7 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
         preps = [codebook_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
                  for _ in range(_copies(state_bytes(base)))]
         return (state_bytes(base), preps, lambda x, p, c: codebook_cuda.gemm(x, p, c[1:]),
-                lambda m: (1, *codebook_cuda.launch_config(n, k, m)))
+                lambda m: (1, *codebook_cuda.launch_config(n, k, m, codebook_cuda.copies(preps[0]))))
     fmt = Uniform(bits=bits, group_size=group)
     base = fmt.pack(rtn_fields(torch.randn(n, k, device="cuda") * 0.02, fmt))
     preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)

@@ -86,11 +86,17 @@ def table(prep: dict, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def launch_config(n: int, k: int, m: int) -> tuple[int, int]:
+def launch_config(n: int, k: int, m: int, copies: int = 1) -> tuple[int, int]:
     """(warps splitting K, row groups a block): the uniform kernel's rule for its 2-bit shape, never one warp a
-    row group (this kernel does not stage x). The H200 sweep of this kernel (bench/results/kernels_sweep_h200_vq.log)
-    found it within 0–10 % of the best configuration: the lookups bound it, not the launch."""
+    row group (this kernel does not stage x). With one table the H200 sweep of this kernel
+    (bench/results/kernels_sweep_h200_vq.log) found that rule within 0–10 % of the best configuration. With the
+    table replicated (``copies`` 16, 34 KB a block) a block of 4 warps left too few blocks an SM: at M ≤ 16 the
+    block takes 16 warps, the same split of K and more row groups (H200 sweep, kernels_sweep_h200_vq_copies.json:
+    vq2 14336 × 4096 M=1 15.2 µs at (4, 4) against 30.7 at (4, 1) and 20.0 with one table; the best of the
+    sweep at every measured shape and M = 1, within 1 % at M = 16)."""
     _, warps, wr = uniform_cuda.launch_config(n, k, 2, m, staged=False)
+    if copies > 1 and m <= 16:
+        wr = max(wr, 16 // warps)
     return warps, wr
 
 
@@ -113,9 +119,10 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: 
     xm = uniform_cuda.pad_inputs(xm, prep["kp"])
     if xm.data_ptr() % 16:
         xm = xm.clone()
-    warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0])
+    cp = copies(prep, replicated)
+    warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0], cp)
     y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype),
-                                         prep["scale"], prep["n"], prep["cb1_at"], warps, wr, copies(prep, replicated))
+                                         prep["scale"], prep["n"], prep["cb1_at"], warps, wr, cp)
     return add_outliers(y, x2, prep)
 
 

@@ -1,0 +1,50 @@
+"""Codebook kernel launch sweep with the bank-replicated table (16 copies) and with one table, in one process:
+which (warps splitting K, row groups a block) each wants, and whether the choice of copies should depend on the
+launch. Writes JSON after each shape (a timeout loses one shape, not the file).
+
+    python bench/vq_rep_sweep.py --out OUT.json --fmt vq2 --ms 1,16 --shapes 14336x4096,28672x8192
+"""
+import argparse
+import json
+
+import torch
+
+from llmcomp.eval import kernel_bench as kb
+from llmcomp.kernels import codebook_cuda
+
+SPLITS = ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (4, 4), (2, 8), (2, 4))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--fmt", default="vq2")
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--shapes", default="14336x4096,28672x8192,4096x14336,4096x4096")
+    a = ap.parse_args()
+    bw = kb.copy_bandwidth()
+    rows = []
+    for shape in a.shapes.split(","):
+        n, k = map(int, shape.split("x"))
+        nbytes, preps, _, auto = kb._sweep_subject(a.fmt, n, k, 2, 128)
+        for m in map(int, a.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for p in preps:
+                codebook_cuda.gemm(x, p)
+            best = {}
+            for rep in (True, False):
+                for warps, wr in SPLITS:
+                    t = kb.per_call_seconds([lambda p=p: codebook_cuda.gemm(x, p, (warps, wr), rep) for p in preps])
+                    pct = kb.roofline_pct(nbytes, m, n, k, bw, t)
+                    rows.append({"format": a.fmt, "N": n, "K": k, "M": m, "copies": 16 if rep else 1,
+                                 "warps": warps, "wr": wr, "us": round(t * 1e6, 3), "roofline_pct": round(pct, 2)})
+                    if rep not in best or t < best[rep][0]:
+                        best[rep] = (t, (warps, wr))
+            print(f"vqsweep {a.fmt} {n}x{k} M={m}: 16 copies best {best[True][1]} {best[True][0] * 1e6:.2f}us, "
+                  f"1 copy best {best[False][1]} {best[False][0] * 1e6:.2f}us (launch_config {auto(m)})", flush=True)
+        del preps
+        json.dump(rows, open(a.out, "w"), indent=0)
+
+
+if __name__ == "__main__":
+    main()
