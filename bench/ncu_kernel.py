@@ -4,7 +4,9 @@
 
 Only the launches between cudaProfilerStart/Stop are profiled: per shape and M, one warm-up call (not profiled),
 then ``--calls`` calls of our kernel and one bf16 F.linear. ncu flushes the caches before each profiled kernel, so
-every call reads its weight from HBM as in decode. ``--fp16`` uses float16 activations.
+every call reads its weight from HBM as in decode. ``--fp16`` uses float16 activations. ``--format vq2|vq3``
+profiles the codebook kernel on random indices and codebooks instead (``--copies 1`` with one table, default the
+bank-replicated one).
 """
 from __future__ import annotations
 
@@ -13,9 +15,22 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from llmcomp.eval import kernel_bench
 from llmcomp.formats import Uniform
-from llmcomp.kernels import uniform_cuda
+from llmcomp.kernels import codebook_cuda, uniform_cuda
 from llmcomp.quant.rtn import rtn_fields
+
+
+def subject(name: str, n: int, k: int, bits: int, copies: int):
+    """(call(x), bf16 weight of the same shape) for the kernel under the profiler."""
+    w = torch.randn(n, k, device="cuda") * 0.02
+    if name == "uniform":
+        fmt = Uniform(bits=bits, group_size=128)
+        prep = uniform_cuda.prepare(fmt, fmt.pack(rtn_fields(w, fmt)), k)
+        return (lambda x: uniform_cuda.gemm(x, prep)), w
+    fmt, packed = kernel_bench._packed_for(name, n, k)
+    prep = codebook_cuda.prepare(fmt, packed, k)
+    return (lambda x: codebook_cuda.gemm(x, prep, replicated=copies > 1)), w
 
 
 def main() -> None:
@@ -26,23 +41,23 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=1)
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--no-bf16", action="store_true", help="skip the cuBLAS peer")
+    ap.add_argument("--format", default="uniform", choices=("uniform", "vq2", "vq3"))
+    ap.add_argument("--copies", type=int, default=16, choices=(1, 16), help="codebook table copies (vq only)")
     args = ap.parse_args()
     dtype = torch.float16 if args.fp16 else torch.bfloat16
-    fmt = Uniform(bits=args.bits, group_size=128)
     cudart = torch.cuda.cudart()
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
-        w = torch.randn(n, k, device="cuda") * 0.02
-        prep = uniform_cuda.prepare(fmt, fmt.pack(rtn_fields(w, fmt)), k)
+        call, w = subject(args.format, n, k, args.bits, args.copies)
         wd = w.to(dtype)
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            y = uniform_cuda.gemm(x, prep)  # warm-up: builds the scale pairs, loads the kernel
+            y = call(x)  # warm-up: builds the scale pairs, loads the kernel
             F.linear(x, wd)
             torch.cuda.synchronize()
             cudart.cudaProfilerStart()
             for _ in range(args.calls):
-                y = uniform_cuda.gemm(x, prep)
+                y = call(x)
             if not args.no_bf16:
                 F.linear(x, wd)
             torch.cuda.synchronize()

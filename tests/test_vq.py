@@ -51,6 +51,39 @@ def test_pack_wide_round_trip(bits, tight):
         assert torch.equal(pack_wide(codes, bits), pack_bits(codes.to(torch.uint8), bits))
 
 
+@pytest.mark.parametrize("bits", [5, 8, 13, 40, 56])
+def test_pack_wide_shifted_path_writes_the_bit_plane_bytes(bits):
+    """Codes up to 56 bits are shifted into their ≤ 8 bytes; wider ones go through one int64 a bit: both give the
+    same stream (the plane path is the definition of the layout)."""
+    from llmcomp.formats import bitpack
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**62, (4, 21), generator=g) & ((1 << bits) - 1)
+    nbytes = tight_len(21, bits)
+    shifted = bitpack._pack_shifted(codes, bits, nbytes)
+    assert torch.equal(shifted, bitpack._pack_planes(codes.unsqueeze(-1), bits, nbytes))
+    assert torch.equal(bitpack._unpack_shifted(shifted, bits, 21), bitpack._unpack_planes(shifted, bits, 21)[..., 0])
+
+
+@pytest.mark.parametrize("bits", [8, 13, 123])
+def test_pack_wide_in_row_chunks_is_one_pass(bits, monkeypatch):
+    """Large tensors are packed a chunk of rows at a time (an 8B model's 14336 x 4096 VQ layer took ~7 GB of
+    temporaries in one pass): with a tiny budget every row is its own chunk, and the bytes do not change."""
+    from llmcomp.formats import bitpack
+
+    g = torch.Generator().manual_seed(bits)
+    if bits <= 62:
+        codes = torch.randint(0, 2**bits, (3, 5, 9), generator=g)
+    else:
+        codes = torch.randint(0, 2**62, (3, 5, 9, 2), generator=g)
+        codes[..., -1] &= (1 << (bits - 62)) - 1
+    whole = pack_wide(codes, bits, tight=True)
+    monkeypatch.setattr(bitpack, "_BUDGET", 1)
+    assert torch.equal(pack_wide(codes, bits, tight=True), whole)
+    assert torch.equal(unpack_wide(whole, bits, 9, tight=True), codes)
+    assert pack_wide(codes[:0], bits).shape[0] == 0 and unpack_wide(whole[:, :0], bits, 9, tight=True).shape[1] == 0
+
+
 # -- the codebook format ------------------------------------------------------------------------------
 
 def random_fields(fmt: Codebook, out_f, in_f, seed=0):

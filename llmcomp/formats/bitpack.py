@@ -7,6 +7,8 @@ This is the only pack/unpack pair for integer codes: tests and kernels call it, 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -60,39 +62,99 @@ def tight_len(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
+_SHIFT_BITS = 56  # codes this wide or narrower are shifted into ≤ 8 bytes each (7 + 56 < 64 bits); wider: bit planes
+_BUDGET = 1 << 27  # bytes of temporaries a chunk of rows may use (the bit-plane path needs ~1 KB a code)
+
+
+def _by_rows(fn, x: torch.Tensor, trailing: int, bytes_per_row: int) -> torch.Tensor:
+    """``fn`` over chunks of the rows of ``x`` (its dims before the last ``trailing`` flattened) so that one call's
+    temporaries stay near ``_BUDGET``; the results are concatenated and given back the leading shape."""
+    lead = x.shape[:x.dim() - trailing]
+    rows = x.reshape(math.prod(lead), *x.shape[x.dim() - trailing:])
+    step = max(1, _BUDGET // max(1, bytes_per_row))
+    out = fn(rows) if rows.shape[0] <= step else torch.cat([fn(rows[i:i + step])
+                                                            for i in range(0, rows.shape[0], step)])
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def _stream_bytes(n: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first byte of code i, its bit offset in that byte) in the little-endian stream."""
+    o = torch.arange(n, device=device, dtype=torch.int64) * bits
+    return o // 8, o % 8
+
+
+def _pack_shifted(codes: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
+    """codes int64 [R, n] (bits ≤ _SHIFT_BITS) → uint8 [R, nbytes]: each code shifted to its bit offset and split
+    into the ≤ 8 bytes it touches, added into place (codes never share a bit, so the sum is their OR)."""
+    r, n = codes.shape
+    span = (bits + 7 + 7) // 8
+    first, off = _stream_bytes(n, bits, codes.device)
+    at = torch.arange(span, device=codes.device, dtype=torch.int64)
+    parts = ((codes << off).unsqueeze(-1) >> (8 * at)) & 0xFF  # [R, n, span]
+    out = torch.zeros(r, nbytes + span, device=codes.device, dtype=torch.int64)
+    out.scatter_add_(1, (first.unsqueeze(-1) + at).reshape(1, -1).expand(r, -1), parts.reshape(r, n * span))
+    return out[:, :nbytes].to(torch.uint8)
+
+
+def _unpack_shifted(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``_pack_shifted``: uint8 [R, m] → int64 [R, n] (the ≤ 8 bytes of each code gathered)."""
+    span = (bits + 7 + 7) // 8
+    first, off = _stream_bytes(n, bits, packed.device)
+    at = torch.arange(span, device=packed.device, dtype=torch.int64)
+    b = torch.nn.functional.pad(packed.to(torch.int64), (0, span))[:, (first.unsqueeze(-1) + at)]  # [R, n, span]
+    word = (b << (8 * at)).sum(-1)  # byte 7 may wrap into the sign bit: the mask below drops it
+    return (word >> off) & ((1 << bits) - 1)
+
+
+def _pack_planes(limbs: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
+    """limbs int64 [R, n, L] → uint8 [R, nbytes] through one int64 a bit (codes wider than _SHIFT_BITS)."""
+    r, n, L = limbs.shape
+    shifts = torch.arange(LIMB_BITS, device=limbs.device, dtype=torch.int64)
+    planes = ((limbs.unsqueeze(-1) >> shifts) & 1).reshape(r, n, L * LIMB_BITS)[..., :bits]
+    stream = torch.nn.functional.pad(planes.reshape(r, n * bits), (0, nbytes * 8 - n * bits)).reshape(r, nbytes, 8)
+    weights = torch.arange(8, device=limbs.device, dtype=torch.int64)  # bit b of byte B = stream bit 8B + b
+    return (stream << weights).sum(-1).to(torch.uint8)
+
+
+def _unpack_planes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``_pack_planes``: uint8 [R, m] → limbs int64 [R, n, n_limbs(bits)]."""
+    r, m = packed.shape
+    weights = torch.arange(8, device=packed.device, dtype=torch.int64)
+    stream = ((packed.to(torch.int64).unsqueeze(-1) >> weights) & 1).reshape(r, m * 8)
+    planes = stream[:, :n * bits].reshape(r, n, bits)
+    L = n_limbs(bits)
+    planes = torch.nn.functional.pad(planes, (0, L * LIMB_BITS - bits)).reshape(r, n, L, LIMB_BITS)
+    shifts = torch.arange(LIMB_BITS, device=packed.device, dtype=torch.int64)
+    return (planes << shifts).sum(-1)
+
+
 def pack_wide(codes: torch.Tensor, bits: int, tight: bool = False) -> torch.Tensor:
     """int64 codes [..., n] (bits ≤ 62) or limbs [..., n, L] → uint8 [..., packed_len(n, bits)].
 
     ``tight``: pad the stream to a whole byte instead of to 8 codes → [..., tight_len(n, bits)] (the
     same bytes minus the trailing padding; for short rows of wide codes, e.g. 9 PVQ indices of 123 bits,
-    the canonical padding would nearly double the row)."""
+    the canonical padding would nearly double the row). Rows are packed in chunks, so the temporaries stay
+    bounded whatever the tensor's size."""
     if bits < 1:
         raise ValueError(f"bits must be ≥ 1, got {bits}")
     limbs = codes.to(torch.int64)
     if bits <= LIMB_BITS:
         limbs = limbs.unsqueeze(-1)
-    *lead, n, L = limbs.shape
+    n, L = limbs.shape[-2:]
     if L * LIMB_BITS < bits:
         raise ValueError(f"{L} limbs hold fewer than {bits} bits")
-    shifts = torch.arange(LIMB_BITS, device=limbs.device, dtype=torch.int64)
-    planes = ((limbs.unsqueeze(-1) >> shifts) & 1).reshape(*lead, n, L * LIMB_BITS)[..., :bits]
     nbytes = tight_len(n, bits) if tight else packed_len(n, bits)
-    stream = planes.reshape(*lead, n * bits)
-    stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits)).reshape(*lead, nbytes, 8)
-    weights = torch.arange(8, device=limbs.device, dtype=torch.int64)  # bit b of byte B = stream bit 8B + b
-    return (stream << weights).sum(-1).to(torch.uint8)
+    if bits <= _SHIFT_BITS:
+        return _by_rows(lambda c: _pack_shifted(c[..., 0], bits, nbytes), limbs, 2, n * 8 * 24 + nbytes * 8)
+    return _by_rows(lambda c: _pack_planes(c, bits, nbytes), limbs, 2, n * L * LIMB_BITS * 8 * 3)
 
 
 def unpack_wide(packed: torch.Tensor, bits: int, n: int, tight: bool = False) -> torch.Tensor:
     """Inverse of ``pack_wide``: int64 [..., n] when bits ≤ 62, else limbs [..., n, n_limbs(bits)]."""
-    *lead, m = packed.shape
+    m = packed.shape[-1]
     if m != (tight_len(n, bits) if tight else packed_len(n, bits)):
         raise ValueError(f"packed length {m} does not match n={n}, bits={bits}")
-    weights = torch.arange(8, device=packed.device, dtype=torch.int64)
-    stream = ((packed.to(torch.int64).unsqueeze(-1) >> weights) & 1).reshape(*lead, m * 8)
-    planes = stream[..., :n * bits].reshape(*lead, n, bits)
-    L = n_limbs(bits)
-    planes = torch.nn.functional.pad(planes, (0, L * LIMB_BITS - bits)).reshape(*lead, n, L, LIMB_BITS)
-    shifts = torch.arange(LIMB_BITS, device=packed.device, dtype=torch.int64)
-    limbs = (planes << shifts).sum(-1)  # (..., n, L)
+    if bits <= _SHIFT_BITS:
+        return _by_rows(lambda p: _unpack_shifted(p, bits, n), packed, 1, n * 8 * 24 + m * 8)
+    limbs = _by_rows(lambda p: _unpack_planes(p, bits, n), packed, 1, n * n_limbs(bits) * LIMB_BITS * 8 * 3)
     return limbs.squeeze(-1) if bits <= LIMB_BITS else limbs
