@@ -2,7 +2,8 @@
 # One device call: Nsight Compute profile of the mma dequant-GEMM (and cuBLAS bf16 beside it) + the SASS of the
 # extension, under $OUT.  bash bench/ncu_session.sh   (on the GPU machine)
 # Knobs (env): SHAPES (N x K list, default 4096x4096,28672x8192), MS (default 1,16), NCU_S (time limit, 240),
-# FP16_SHAPES (also profile fp16 activations at M=1 on these; empty: skip).
+# FP16_SHAPES (also profile fp16 activations at M=1 on these; empty: skip), FORMAT (uniform, vq2, vq3: the codebook
+# kernel on random indices), COPIES (vq: 16 = the bank-replicated table, 1 = one table).
 # Reading the output: bench/results/kernels_h200_notes.md (third session) — issue rate, DRAM %, instructions.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -12,7 +13,8 @@ SO=$(python3 -c "from llmcomp.kernels import uniform_cuda; print(uniform_cuda.ex
 S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats
    --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters"
 timeout ${NCU_S:-240} ncu --profile-from-start off --clock-control none $S python3 bench/ncu_kernel.py \
-  --shapes "${SHAPES:-4096x4096,28672x8192}" --ms "${MS:-1,16}" > "$OUT/ncu_bf16.txt" 2>&1; echo "ncu rc $?"
+  --shapes "${SHAPES:-4096x4096,28672x8192}" --ms "${MS:-1,16}" --format "${FORMAT:-uniform}" --copies "${COPIES:-16}" \
+  > "$OUT/ncu_bf16.txt" 2>&1; echo "ncu rc $?"
 if [ -n "${FP16_SHAPES-28672x8192}" ]; then
   timeout ${NCU_S:-240} ncu --profile-from-start off --clock-control none $S python3 bench/ncu_kernel.py \
     --shapes "${FP16_SHAPES-28672x8192}" --ms 1 --fp16 --no-bf16 > "$OUT/ncu_fp16.txt" 2>&1; echo "ncu fp16 rc $?"
