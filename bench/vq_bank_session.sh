@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Branch kernel-vq-bank, one GPU call: build, the codebook CUDA tests (incl. the replicated table bit-equal to the
-# single one), then the VQ rows with the bank-replicated table and with one table (LLMCOMP_VQ_REPLICATE=0), each
-# beside the W4 and bf16 rows of its own run.
+# One GPU call (first run 2026-11-30 on the branch kernel-vq-bank; results in kernels_h200_notes.md): build,
+# the codebook CUDA tests (incl. the replicated table bit-equal to the single one), then the VQ rows with the
+# bank-replicated table and with one table (LLMCOMP_VQ_REPLICATE=0), each beside the W4 and bf16 rows of its own run.
 set -u
 export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -150,6 +150,49 @@ def test_cli_end_to_end_with_tiny_models(monkeypatch, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["device"] == "FakeGPU" and saved["settings"]["bits"] == 2 and saved["settings"]["batches"] == [1, 3]
     assert len(saved["rows"]) == 4 and set(saved["speedup"]) == {"1", "3"}
+    assert not any("breakdown" in row for row in saved["rows"])
+    r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--batch", "1", "--context", "4",
+                            "--steps", "1", "--breakdown", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert all(row["breakdown"]["per_step"] > 0 for row in json.loads(out.read_text())["rows"])
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("void llmcomp_mma::uniform_mma_kernel<__nv_bfloat16, 4, 1, 1, 4, 256, 0, false>(...)", "quantized linears"),
+    ("_gemv_kernel", "quantized linears"), ("llmcomp::uniform_mma_gemm", "quantized linears"),
+    ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "dense GEMM"), ("void gemv2T_kernel_val<int, int, __nv_bfloat16>", "dense GEMM"),
+    ("aten::mm", "dense GEMM"), ("void pytorch_flash::flash_fwd_splitkv_kernel<...>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("void at::native::vectorized_elementwise_kernel<4, ...>", "other"), ("aten::add", "other")])
+def test_time_kind(name, kind):
+    assert db.time_kind(name) == kind
+
+
+def test_breakdown_profiles_eager_steps_and_rewinds():
+    """--breakdown: the eager step's time by kind (CPU: operators' own time) — what runs inside a quantized linear
+    counts as "quantized linears" (here the reference path's aten::mm), the rest by name — and the decoder is back
+    where it was: the next step gives the same logits as a decoder that was never profiled."""
+    torch.manual_seed(0)
+    dense = tiny_llama()
+    quant = copy.deepcopy(dense)
+    db.quantize_rtn(quant, bits=4, group_size=32)
+    ids = torch.randint(0, 128, (2, 7))
+    for model, quantized in ((dense, False), (quant, True)):
+        dec = db.StaticDecoder(model, 2, 16)
+        dec.prefill(ids)
+        b = db.kernel_breakdown(dec, steps=2)
+        assert b["unit"] == "CPU operators" and b["profiled_steps"] == 2 and b["per_step"] > 10
+        assert all(v > 0 for v in b["ms_per_step"].values())
+        assert ("quantized linears" in b["ms_per_step"]) == quantized, b["ms_per_step"]
+        assert "dense GEMM" in b["ms_per_step"]  # lm_head stays dense
+        us = [t["us_per_step"] for t in b["top"]]
+        assert us == sorted(us, reverse=True)
+        assert all("forward" not in vars(m) for m in model.modules())  # the profiler scopes came off again
+        fresh = db.StaticDecoder(model, 2, 16)
+        fresh.prefill(ids)
+        assert torch.equal(dec.step(), fresh.step())
+    row = {"label": "tiny", **db.decode_speed(quant, batch=1, context=5, steps=1, warmup=0, breakdown=True)}
+    assert row["breakdown"]["per_step"] > 0 and "eager step:" in db._line(row) and "quantized linears" in db._line(row)
 
 
 def test_synthetic_shape_shrinks_with_layers():
@@ -233,9 +276,11 @@ def test_graph_replay_equals_eager(quantized):
         e = eager_logits[i]
         assert (g.float() - e.float()).abs().max() <= 1e-2 * e.float().abs().max(), f"step {i}"
         assert torch.equal(g.argmax(-1), e.argmax(-1)), f"step {i}"
-    r = db.decode_speed(model, batch=4, context=40, steps=8)
+    r = db.decode_speed(model, batch=4, context=40, steps=8, breakdown=True)
     assert r["graphs"] is True and "graph_error" not in r, r
     assert r["tokens_per_s"] > 0 and r["peak_gpu_gb"] > 0
+    kinds = r["breakdown"]["ms_per_step"]  # GPU kernels: the quantized model's linears are our kernels
+    assert r["breakdown"]["unit"] == "GPU kernels" and ("quantized linears" in kinds) == quantized, kinds
 
 
 def test_compiled_layers_decode_the_same_and_come_off_again():

@@ -229,6 +229,9 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
         one, rep = codebook_cuda.launch_config(n, k, m), codebook_cuda.launch_config(n, k, m, 16)
         assert rep[0] == one[0] and rep[0] * rep[1] == (16 if m <= 16 else one[0] * one[1]), (n, k, m)
     assert codebook_cuda.launch_config(14336, 4096, 1, 16) == (4, 4)
+    # few kblocks (the bundled model's 576 inputs, padded to 640 = 5 kblocks): the kernel splits K over at most
+    # 4 warps, so the block takes 4 row groups to hold 16 warps
+    assert codebook_cuda.launch_config(1536, 640, 1, 16) == (4, 4) and codebook_cuda.launch_config(1536, 640, 1)[1] == 1
     monkeypatch.setattr(uniform_cuda, "x_stage", lambda: False)  # unstaged, one warp a row group is never picked
     assert uniform_cuda.launch_config(28672, 8192, 4, 64) == (1, 4, 1)
     for (n, k, m), (rt, warps, wr) in picks.items():

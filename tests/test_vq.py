@@ -65,6 +65,17 @@ def test_pack_wide_shifted_path_writes_the_bit_plane_bytes(bits):
     assert torch.equal(bitpack._unpack_shifted(shifted, bits, 21), bitpack._unpack_planes(shifted, bits, 21)[..., 0])
 
 
+def test_pack_wide_keeps_the_low_bits_of_codes_out_of_range():
+    """A code wider than ``bits`` (or negative) keeps its low bits, as the bit-plane path did; its high bits
+    must not spill into the next code."""
+    codes = torch.tensor([[35, 1, -1, 7, 100]])
+    for bits in (5, 8, 13):
+        assert torch.equal(unpack_wide(pack_wide(codes, bits, tight=True), bits, 5, tight=True),
+                           codes & ((1 << bits) - 1))
+    packed = pack_wide(torch.tensor([[1000, 3, 2047]]), 11)  # bytes >= 128 as int8: unpacking reads them unsigned
+    assert torch.equal(unpack_wide(packed.view(torch.int8), 11, 3), torch.tensor([[1000, 3, 2047]]))
+
+
 @pytest.mark.parametrize("bits", [8, 13, 123])
 def test_pack_wide_in_row_chunks_is_one_pass(bits, monkeypatch):
     """Large tensors are packed a chunk of rows at a time (an 8B model's 14336 x 4096 VQ layer took ~7 GB of

@@ -74,6 +74,7 @@ def decode(
     dtype: Annotated[str, typer.Option(help="Activation and unquantized-weight dtype: bfloat16 or float16.")] = "bfloat16",
     graphs: Annotated[bool, typer.Option("--graphs/--no-graphs", help="Replay each decode step as a CUDA graph.")] = True,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile each decoder layer of both models first (fuses the ~40 small kernels of HF's eager layer; quantized linears stay opaque ops). Compiling takes minutes on an 8B shape.")] = False,
+    breakdown: Annotated[bool, typer.Option("--breakdown", help="Also profile eager steps: GPU kernel time by kind (quantized linears, dense GEMM, attention, other), kernels a step, the top kernels (in the JSON).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
 ):
     """Decode tokens/s at each batch size: a compressed model vs its original (StaticCache + CUDA graphs)."""
@@ -124,7 +125,7 @@ def decode(
                 settings.update(path=str(path), original=str(ref) if ref else "bundled")
                 models = db.artifact_models(path, ref, DTYPES[dtype], progress)
             result = db.run(models, batches, context, steps, settings, out=out, graphs=graphs, progress=progress,
-                            compile=compile)
+                            compile=compile, breakdown=breakdown)
         render.console.print(_decode_table(result, batches))
 
     run(go)

@@ -219,15 +219,96 @@ class StaticDecoder:
         self.graph = graph
 
 
+# Kernel (GPU) or operator (CPU) name fragments → where a decode step's time goes; first match wins, "other" else.
+TIME_KINDS = (
+    ("quantized linears", ("uniform_mma", "uniform_dequant", "_gemv_kernel", "_dequant_kernel", "_cb_gemv",
+                           "llmcomp::")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("dense GEMM", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+)
+
+
+def time_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in TIME_KINDS if any(p in low for p in parts)), "other")
+
+
+QLINEAR_SCOPE = "llmcomp.qlinear"
+
+
+def _scoped(fn):
+    def forward(*args, **kwargs):
+        with torch.profiler.record_function(QLINEAR_SCOPE):
+            return fn(*args, **kwargs)
+    return forward
+
+
+@torch.no_grad()
+def kernel_breakdown(dec: "StaticDecoder", steps: int = 2, top: int = 12) -> dict:
+    """Where an eager decode step's time goes, from ``torch.profiler`` over ``steps`` steps, after which the
+    decoder is rewound to the state right after its prefill. On a GPU each kernel's device time, on a CPU each
+    operator's own time: everything launched inside a quantized linear (its forward runs in a profiler scope
+    meanwhile) counts as "quantized linears", the rest by name (``TIME_KINDS``); with the kernels (operators) a
+    step and the ``top`` most expensive. A CUDA-graph replay runs the same kernels with fewer gaps between them,
+    so this says what the kernels cost, not the launch overhead the graph removes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmcomp.core.qlinear import QuantLinear
+
+    cuda = dec.device.type == "cuda"
+    with swapped_forwards() as swap:
+        for mod in dec.model.modules():
+            if isinstance(mod, QuantLinear):
+                swap(mod, _scoped(mod.forward))
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(steps):
+                dec._body()
+            if cuda:
+                torch.cuda.synchronize()
+    dec.rewind()
+    events = prof.events()
+    scopes = [(e.thread, e.time_range.start, e.time_range.end) for e in events if e.name == QLINEAR_SCOPE]
+
+    def kind(e, name: str) -> str:
+        inside = any(t == e.thread and a <= e.time_range.start <= b for t, a, b in scopes)
+        return "quantized linears" if inside else time_kind(name)
+
+    costs: dict[tuple[str, str], list] = {}  # (name, kind) → [calls, µs]
+    for e in events:
+        if e.device_type != DeviceType.CPU or e.name == QLINEAR_SCOPE:
+            continue
+        if cuda:  # the kernels each operator launched
+            items = [(k.name, k.duration) for k in e.kernels]
+        elif e.name.startswith(("aten::", "llmcomp::")):
+            items = [(e.name, e.self_cpu_time_total)]
+        else:
+            items = []
+        for name, us in items:
+            c = costs.setdefault((name, kind(e, name)), [0, 0.0])
+            c[0] += 1
+            c[1] += us
+    by_kind: dict[str, float] = {}
+    for (_, k), (_, us) in costs.items():
+        by_kind[k] = by_kind.get(k, 0.0) + us
+    ranked = sorted(costs.items(), key=lambda kv: -kv[1][1])
+    return {"profiled_steps": steps, "unit": "GPU kernels" if cuda else "CPU operators",
+            "per_step": round(sum(c[0] for c in costs.values()) / steps, 1),
+            "ms_per_step": {k: round(v / steps / 1e3, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": name[:160], "kind": k, "calls_per_step": round(n / steps, 2),
+                     "us_per_step": round(us / steps, 2)} for (name, k), (n, us) in ranked[:top]]}
+
+
 @torch.no_grad()
 def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs: bool = True, warmup: int = 3,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, breakdown: bool = False) -> dict:
     """Tokens/s of greedy decode at ``batch`` sequences after a ``context``-token random prompt.
 
     Returns ``tokens_per_s``, ``ms_per_step`` (total time / steps), ``peak_gpu_gb`` (peak
     allocated during the measurement, weights included; None on CPU), ``graphs`` (whether the timed
     steps were CUDA-graph replays) and, when capture failed, ``graph_error``. On CPU the steps run eagerly
-    and are timed with the wall clock.
+    and are timed with the wall clock. ``breakdown``: also ``breakdown`` (``kernel_breakdown`` of eager steps,
+    after the timing).
     """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -267,6 +348,9 @@ def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs:
         seconds = time.perf_counter() - t
     result.update(tokens_per_s=round(batch * steps / seconds, 2), ms_per_step=round(1e3 * seconds / steps, 4),
                   peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None)
+    if breakdown:
+        dec.rewind()  # the profiled steps at the timed steps' positions (the cache has room for them)
+        result["breakdown"] = kernel_breakdown(dec)
     del dec
     if cuda:
         torch.cuda.empty_cache()
@@ -293,6 +377,26 @@ def compiled_layers(model: nn.Module, backend="inductor"):
     _, layers = decoder_layers(model)
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
+    try:
+        with swapped_forwards() as swap:
+            limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
+            cfg.cache_size_limit = max(cfg.cache_size_limit, limit)
+            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
+            for layer in layers:
+                for mod in layer.modules():
+                    if isinstance(mod, QuantLinear):
+                        swap(mod, torch.compiler.disable(mod.forward))
+                swap(layer, torch.compile(layer.forward, dynamic=False, backend=backend))
+            yield len(layers)
+    finally:
+        cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
+        torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def swapped_forwards():
+    """Yields ``swap(module, fn)``, which sets ``module.forward = fn``; on exit every swapped ``forward`` is put
+    back as it was (instance attributes such as accelerate's hooks included), last swapped first."""
     swapped: list = []
 
     def swap(mod: nn.Module, fn) -> None:
@@ -300,23 +404,13 @@ def compiled_layers(model: nn.Module, backend="inductor"):
         mod.forward = fn
 
     try:
-        limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
-        cfg.cache_size_limit = max(cfg.cache_size_limit, limit)
-        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
-        for layer in layers:
-            for mod in layer.modules():
-                if isinstance(mod, QuantLinear):
-                    swap(mod, torch.compiler.disable(mod.forward))
-            swap(layer, torch.compile(layer.forward, dynamic=False, backend=backend))
-        yield len(layers)
+        yield swap
     finally:
         for mod, previous in reversed(swapped):
             if previous is _NO_FORWARD:
                 mod.__dict__.pop("forward", None)
             else:
                 mod.forward = previous
-        cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
-        torch._dynamo.reset()
 
 
 def environment() -> dict:
@@ -329,10 +423,11 @@ def environment() -> dict:
 
 
 def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
-        graphs: bool = True, progress: Progress = NULL, compile: bool = False) -> dict:
+        graphs: bool = True, progress: Progress = NULL, compile: bool = False, breakdown: bool = False) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
     ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike).
+    ``breakdown``: each row also says where a step's time goes (``kernel_breakdown``).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
                                             "compile": compile},
@@ -343,7 +438,8 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                 progress.note(f"Compiling the {n_compiled} decoder layers of {label} (first step of each batch)")
             for b in batches:
                 try:
-                    row = {"model": name, "label": label, **decode_speed(model, b, context, steps, graphs=graphs)}
+                    row = {"model": name, "label": label, **decode_speed(model, b, context, steps, graphs=graphs,
+                                                                                  breakdown=breakdown)}
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}
@@ -379,5 +475,10 @@ def _line(row: dict) -> str:
     if "error" in row:
         return f"{row['label']} batch {row['batch']}: {row['error']}"
     mode = "CUDA graph" if row["graphs"] else f"eager ({row.get('graph_error', 'graphs off')})"
-    return (f"{row['label']} batch {row['batch']}: {row['tokens_per_s']:.1f} tokens/s, "
+    line = (f"{row['label']} batch {row['batch']}: {row['tokens_per_s']:.1f} tokens/s, "
             f"{row['ms_per_step']:.3f} ms/step, {mode}")
+    if "breakdown" in row:
+        b = row["breakdown"]
+        line += (f"; eager step: {b['per_step']:.0f} {b['unit']}, "
+                 + ", ".join(f"{k} {v:.3f} ms" for k, v in b["ms_per_step"].items()))
+    return line

@@ -68,12 +68,19 @@ _BUDGET = 1 << 27  # bytes of temporaries a chunk of rows may use (the bit-plane
 
 def _by_rows(fn, x: torch.Tensor, trailing: int, bytes_per_row: int) -> torch.Tensor:
     """``fn`` over chunks of the rows of ``x`` (its dims before the last ``trailing`` flattened) so that one call's
-    temporaries stay near ``_BUDGET``; the results are concatenated and given back the leading shape."""
+    temporaries stay near ``_BUDGET``; each chunk's result is written into one preallocated output, which gets
+    back the leading shape."""
     lead = x.shape[:x.dim() - trailing]
     rows = x.reshape(math.prod(lead), *x.shape[x.dim() - trailing:])
     step = max(1, _BUDGET // max(1, bytes_per_row))
-    out = fn(rows) if rows.shape[0] <= step else torch.cat([fn(rows[i:i + step])
-                                                            for i in range(0, rows.shape[0], step)])
+    if rows.shape[0] <= step:
+        out = fn(rows)
+    else:
+        first = fn(rows[:step])
+        out = first.new_empty(rows.shape[0], *first.shape[1:])
+        out[:step] = first
+        for i in range(step, rows.shape[0], step):
+            out[i:i + step] = fn(rows[i:i + step])
     return out.reshape(*lead, *out.shape[1:])
 
 
@@ -84,8 +91,10 @@ def _stream_bytes(n: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _pack_shifted(codes: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
-    """codes int64 [R, n] (bits ≤ _SHIFT_BITS) → uint8 [R, nbytes]: each code shifted to its bit offset and split
-    into the ≤ 8 bytes it touches, added into place (codes never share a bit, so the sum is their OR)."""
+    """codes [R, n] (bits ≤ _SHIFT_BITS) → uint8 [R, nbytes]: each code's low ``bits`` bits (as the bit-plane
+    path keeps them) shifted to its bit offset and split into the ≤ 8 bytes it touches, added into place (codes
+    never share a bit, so the sum is their OR)."""
+    codes = codes.to(torch.int64) & ((1 << bits) - 1)
     r, n = codes.shape
     span = (bits + 7 + 7) // 8
     first, off = _stream_bytes(n, bits, codes.device)
@@ -101,13 +110,14 @@ def _unpack_shifted(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     span = (bits + 7 + 7) // 8
     first, off = _stream_bytes(n, bits, packed.device)
     at = torch.arange(span, device=packed.device, dtype=torch.int64)
-    b = torch.nn.functional.pad(packed.to(torch.int64), (0, span))[:, (first.unsqueeze(-1) + at)]  # [R, n, span]
+    b = torch.nn.functional.pad(packed.to(torch.int64) & 0xFF, (0, span))[:, first.unsqueeze(-1) + at]  # [R, n, span]
     word = (b << (8 * at)).sum(-1)  # byte 7 may wrap into the sign bit: the mask below drops it
     return (word >> off) & ((1 << bits) - 1)
 
 
 def _pack_planes(limbs: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
     """limbs int64 [R, n, L] → uint8 [R, nbytes] through one int64 a bit (codes wider than _SHIFT_BITS)."""
+    limbs = limbs.to(torch.int64)
     r, n, L = limbs.shape
     shifts = torch.arange(LIMB_BITS, device=limbs.device, dtype=torch.int64)
     planes = ((limbs.unsqueeze(-1) >> shifts) & 1).reshape(r, n, L * LIMB_BITS)[..., :bits]
@@ -137,9 +147,7 @@ def pack_wide(codes: torch.Tensor, bits: int, tight: bool = False) -> torch.Tens
     bounded whatever the tensor's size."""
     if bits < 1:
         raise ValueError(f"bits must be ≥ 1, got {bits}")
-    limbs = codes.to(torch.int64)
-    if bits <= LIMB_BITS:
-        limbs = limbs.unsqueeze(-1)
+    limbs = codes.unsqueeze(-1) if bits <= LIMB_BITS else codes  # int64 per chunk, not here (one copy less)
     n, L = limbs.shape[-2:]
     if L * LIMB_BITS < bits:
         raise ValueError(f"{L} limbs hold fewer than {bits} bits")

@@ -91,11 +91,13 @@ def launch_config(n: int, k: int, m: int, copies: int = 1) -> tuple[int, int]:
     row group (this kernel does not stage x). With one table the H200 sweep of this kernel
     (bench/results/kernels_sweep_h200_vq.log) found that rule within 0–10 % of the best configuration. With the
     table replicated (``copies`` 16, 34 KB a block) a block of 4 warps left too few blocks an SM: at M ≤ 16 the
-    block takes 16 warps, the same split of K and more row groups (H200 sweep, kernels_sweep_h200_vq_copies.json:
-    vq2 14336 × 4096 M=1 15.2 µs at (4, 4) against 30.7 at (4, 1) and 20.0 with one table; the best of the
-    sweep at every measured shape and M = 1, within 1 % at M = 16)."""
+    block takes 16 warps, the same split of K (clamped as the kernel clamps it) and more row groups (H200 sweep,
+    kernels_sweep_h200_vq_copies.json: vq2 14336 × 4096 M=1 15.2 µs at (4, 4) against 30.7 at (4, 1) and 20.0
+    with one table; the best of the sweep at every measured shape and M = 1, within 1 % at M = 16)."""
     _, warps, wr = uniform_cuda.launch_config(n, k, 2, m, staged=False)
     if copies > 1 and m <= 16:
+        kb = max(1, k // uniform_cuda.kblock(2))
+        warps = min(warps, 1 << (kb.bit_length() - 1))  # the kernel's own clamp: a power of two ≤ the kblocks
         wr = max(wr, 16 // warps)
     return warps, wr
 
