@@ -39,6 +39,14 @@ def cached(cache: Optional[dict], tag: tuple, tensors: dict, build: Callable):
     return value
 
 
+def rows_linear(x: torch.Tensor, in_features: int, gemm: Callable, bias=None) -> torch.Tensor:
+    """``gemm`` on x's rows [M, in_features] → y [M, N] (in x's dtype), plus ``bias``, in x's leading shape."""
+    y = gemm(x.reshape(-1, in_features))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def reference_linear(
     x: torch.Tensor,
     fmt: WeightFormat,

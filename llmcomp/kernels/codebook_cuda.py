@@ -118,9 +118,7 @@ def copies(prep: dict, want: bool | None = None) -> int:
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: bool | None = None) -> torch.Tensor:
     """x2 [M, K] (M ≤ 64) → y [M, N] in x2's dtype, without bias. ``replicated``: default ``replicate()``."""
     xm = x2.index_select(1, prep["main_cols"]).contiguous() if "main_cols" in prep else x2.contiguous()
-    xm = uniform_cuda.pad_inputs(xm, prep["kp"])
-    if xm.data_ptr() % 16:
-        xm = xm.clone()
+    xm = uniform_cuda.kernel_input(xm, prep["kp"])
     cp = copies(prep, replicated)
     warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0], cp)
     y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype),
@@ -129,10 +127,7 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: 
 
 
 def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
-    from llmcomp.kernels import cached
+    from llmcomp.kernels import cached, rows_linear
 
     prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
-    y = gemm(x.reshape(-1, in_features), prep)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return rows_linear(x, in_features, lambda x2: gemm(x2, prep), bias)

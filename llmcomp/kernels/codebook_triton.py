@@ -154,10 +154,7 @@ def gemv(x2: torch.Tensor, fmt, prep: dict) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
-    from llmcomp.kernels import cached
+    from llmcomp.kernels import cached, rows_linear
 
     prep = cached(cache, ("codebook-triton",), tensors, lambda: prepare(fmt, tensors, in_features))
-    y = gemv(x.reshape(-1, in_features), fmt, prep)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return rows_linear(x, in_features, lambda x2: gemv(x2, fmt, prep), bias)

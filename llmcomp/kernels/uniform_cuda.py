@@ -165,9 +165,11 @@ def repack3(codes: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tens
             _pack(codes >> 2, kblock(2), _high_tables(codes.device), 2, rows_per_chunk))
 
 
-def pad_inputs(x2: torch.Tensor, kp: int) -> torch.Tensor:
-    """x [M, K] with zero columns up to the layout's ``kp`` inputs (``padded_k``): they meet the padded weights."""
-    return F.pad(x2, (0, kp - x2.shape[1])) if kp > x2.shape[1] else x2
+def kernel_input(x2: torch.Tensor, kp: int) -> torch.Tensor:
+    """x [M, K] as the mma kernels read it: zero columns up to the layout's ``kp`` inputs (``padded_k``; they meet
+    the padded weights) and 16-byte aligned (a copy where it is not)."""
+    x2 = F.pad(x2, (0, kp - x2.shape[1])) if kp > x2.shape[1] else x2
+    return x2.clone() if x2.data_ptr() % 16 else x2
 
 
 def _pad_k(codes: torch.Tensor, per_group: list[torch.Tensor], group: int, kp: int):
@@ -274,9 +276,7 @@ def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, wr=1):
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
     """``launch``: (row tiles a warp, warps splitting K[, row groups a block]), default ``launch_config``."""
-    x2 = pad_inputs(x2, prep["kp"])
-    if x2.data_ptr() % 16:
-        x2 = x2.clone()
+    x2 = kernel_input(x2, prep["kp"])
     rt, warps, *rest = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
     wr = rest[0] if rest else 1
     if post_scale() and prep.get("zero") is not None and x2.shape[0] <= 8:

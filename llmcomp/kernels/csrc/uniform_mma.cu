@@ -39,6 +39,13 @@ void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const tor
   TORCH_CHECK(sz.element_size() == (elem == 1 ? 2 : 4), "scales: 16-bit for e2m1, 32-bit pairs for uniform");
 }
 
+// x as both GEMMs take it: [M <= 64, K] contiguous, float16 or bfloat16, on the GPU.
+void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
+}
+
 }  // namespace llmcomp_mma
 
 using namespace llmcomp_mma;
@@ -47,9 +54,7 @@ using namespace llmcomp_mma;
 // codes (any tensor otherwise).
 torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group,
                    int64_t n, int64_t rt, int64_t warps, int64_t elem, int64_t wr) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
-  TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
+  check_x(x);
   normalize_codes(qw, qh, sz, n, bits, elem);
   TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -65,9 +70,7 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
 // copies: 1 (one table) or 16 (the table replicated across the shared-memory banks, at most 512 entries).
 torch::Tensor vq_gemm(torch::Tensor x, torch::Tensor idx, torch::Tensor idx1, torch::Tensor table, torch::Tensor scale,
                       int64_t n, int64_t cb1_at, int64_t warps, int64_t wr, int64_t copies) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
-  TORCH_CHECK(x.size(0) <= 64, "the mma kernel takes at most 64 rows of x");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
+  check_x(x);
   TORCH_CHECK(x.size(1) % 128 == 0 && n % 16 == 0, "shape not supported by the codebook kernel");
   TORCH_CHECK(idx.is_cuda() && idx.is_contiguous() && idx.scalar_type() == at::kInt && idx.numel() * 4 == n * x.size(1) / 4,
               "bad index plane");
