@@ -98,3 +98,25 @@ def test_kernel_matches_reference(fmt, dtype):
                         # the bank-replicated table and the single one: the same lookups, bit for bit
                         for rep in (True, False):
                             assert torch.equal(codebook_cuda.gemm(x, prep, (warps, wr), replicated=rep), y), rep
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+def test_frozen_forward_is_forward_in_one_graph(fmt):
+    """QuantLinear.frozen_forward over the codebook kernel (outlier columns in plain torch): the same bits as
+    forward, and dynamo traces it with fullgraph=True."""
+    if codebook_cuda.uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    n, k = 1536, (640 if fmt.outliers else 576)
+    q = QuantLinear.from_packed(fmt, packed(fmt, n, k, 3, "cuda"), k)
+    fwd = q.frozen_forward(torch.bfloat16)
+    assert fwd is not None
+    traced = torch.compile(fwd, fullgraph=True, dynamic=False)
+    for m in (1, 9, 64, 65):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        with torch.no_grad():
+            ref = q(x)
+            assert torch.equal(fwd(x), ref), m
+            if m in (1, 9):
+                assert torch.equal(traced(x), ref), m
+

@@ -122,7 +122,9 @@ def test_run_rows_speedup_and_json(tmp_path):
     assert [(r["model"], r["batch"]) for r in saved["rows"]] == [("original", 1), ("original", 2),
                                                                  ("compressed", 1), ("compressed", 2)]
     assert set(saved["speedup"]) == {"1", "2"} and all(v > 0 for v in saved["speedup"].values())
-    assert saved["settings"] == {"synthetic": "tiny", "batches": [1, 2], "context": 6, "steps": 3, "compile": False}
+    assert saved["settings"] == {"synthetic": "tiny", "batches": [1, 2], "context": 6, "steps": 3, "compile": False,
+                                 "pack_gqa": True}
+    assert all(r["attention"] == "llmcomp_packed_gqa" for r in saved["rows"])  # tiny_llama has 2 query heads a kv head
     assert "torch" in saved and "transformers" in saved
 
 
@@ -283,6 +285,63 @@ def test_graph_replay_equals_eager(quantized):
     assert r["breakdown"]["unit"] == "GPU kernels" and ("quantized linears" in kinds) == quantized, kinds
 
 
+@pytest.mark.cuda
+def test_compiled_layers_trace_quantized_linears_on_cuda():
+    """On CUDA the W4 layers' linears are traced as their kernels (frozen): fewer compiled frames than with the
+    linears kept out of dynamo (a graph break each), and the decoded tokens are the eager ones either way."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    model = db.synthetic_model("llama3-8b", layers=2)
+    db.quantize_rtn(model, 4, 128)
+    ids = torch.randint(0, 128256, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    _, ref, ref_tokens = static_decode(model, ids, steps=3, max_len=40)
+    frames = {}
+    for frozen in (False, True):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        with db.compiled_layers(model, backend=counter, frozen=frozen) as info:
+            assert info == {"layers": 2, "frozen": 14 if frozen else 0}
+            _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
+        frames[frozen] = counter.frame_count
+        assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens)), frozen
+        assert all((a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max() for a, b in zip(got, ref))
+    assert frames[True] < frames[False], frames  # the linears' graph breaks are gone
+
+
+def test_packed_gqa_decodes_the_same_without_repeating_kv(monkeypatch):
+    """The decode runner's attention: a step's query heads packed per key/value head (SDPA sees the cache's own
+    [B, kv heads, L, D] and a query [B, kv heads, groups, D]); the same logits as transformers' SDPA path, prefill
+    through transformers' path, and the config's attention implementation restored."""
+    from llmcomp.eval import decode_attention as da
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    cfg = model.config
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    assert groups > 1
+    ids = torch.randint(0, 128, (2, 9))
+    _, ref, ref_tokens = static_decode(model, ids, steps=4)
+    shapes = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        shapes.append((tuple(q.shape), tuple(k.shape)))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(da.F, "scaled_dot_product_attention", spy)
+    with da.packed_gqa(model) as on:
+        assert on and cfg._attn_implementation == da.NAME
+        _, got, tokens = static_decode(model, ids, steps=4)
+    assert cfg._attn_implementation == "sdpa"
+    packed = [q for q, k in shapes if q[1:3] == (cfg.num_key_value_heads, groups) and k[1] == q[1]]
+    assert len(packed) == 4 * cfg.num_hidden_layers, shapes  # every decode step of every layer
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+    with da.packed_gqa(model, enabled=False) as on:
+        assert not on and cfg._attn_implementation == "sdpa"
+
+
 def test_compiled_layers_decode_the_same_and_come_off_again():
     """--compile: each decoder layer goes through dynamo (counted: frames compiled, with quantized layers kept
     out), the tokens match the uncompiled model's, and on exit every forward and dynamo's cache limits are as
@@ -306,8 +365,8 @@ def test_compiled_layers_decode_the_same_and_come_off_again():
     torch._dynamo.reset()
     limits = torch._dynamo.config.cache_size_limit, torch._dynamo.config.accumulated_cache_size_limit
     counter = CompileCounter()
-    with db.compiled_layers(model, backend=counter) as n:
-        assert n == len(model.model.layers)
+    with db.compiled_layers(model, backend=counter) as info:
+        assert info["layers"] == len(model.model.layers) and info["frozen"] == 0  # CPU: no fast kernel to trace
         _, got, tokens = static_decode(model, ids, steps=3)
     assert counter.frame_count > 0  # dynamo compiled something (not the eager forward running unchanged)
     assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
@@ -324,7 +383,7 @@ def test_a_compile_failure_becomes_an_error_row(monkeypatch):
         raise RuntimeError("no C++ compiler found")
 
     real = db.compiled_layers
-    monkeypatch.setattr(db, "compiled_layers", lambda m: real(m, backend=broken))
+    monkeypatch.setattr(db, "compiled_layers", lambda m, frozen=True: real(m, backend=broken, frozen=frozen))
     model = tiny_llama()
     result = db.run(iter([("original", "tiny", model)]), [1], context=5, steps=2, settings={}, graphs=False,
                     compile=True)

@@ -4,6 +4,8 @@ Tolerance: ‖y − ref‖∞ / ‖ref‖∞ < 2e-2 where ``ref`` is the fp32 pr
 and the (fp16/bf16) input. The kernels dequantize into the activation dtype (bf16 keeps 8 mantissa
 bits), read ``-zero·scale`` rounded to it, and return ``x.dtype``; the mma kernel accumulates in fp32.
 """
+import functools
+
 import pytest
 import torch
 
@@ -19,12 +21,23 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (1000,
 TOL = 2e-2
 
 
-def _layer(fmt, n, k, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
+@functools.lru_cache(maxsize=None)
+def _packed(fmt_key, n, k, seed):
+    fmt = _FORMATS[fmt_key]
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
     fields = fp4_fields(w, fmt) if fmt.name in ("mxfp4", "nvfp4", "fp4") else rtn_fields(w, fmt)
-    t = {kk: v.cuda() for kk, v in fmt.pack(fields).items()}
-    return QuantLinear.from_packed(fmt, t, k), t, g
+    return {kk: v.cuda() for kk, v in fmt.pack(fields).items()}
+
+
+_FORMATS = {}
+
+
+def _layer(fmt, n, k, seed):
+    """A fresh QuantLinear over packed weights quantized once per (format, shape, seed) (the same weights serve
+    every M and dtype), and a generator for the test's inputs."""
+    _FORMATS.setdefault(fmt.describe(), fmt)
+    t = _packed(fmt.describe(), n, k, seed)
+    return QuantLinear.from_packed(fmt, t, k), t, torch.Generator().manual_seed(seed + 1)
 
 
 def _rel_err(y, x, fmt, t, k):
@@ -104,6 +117,36 @@ def test_custom_op_traces_under_compile(bits):
         eager = q(x)
         compiled = torch.compile(q, fullgraph=False)(x)
     assert torch.allclose(eager, compiled, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=64),
+                                 Uniform(bits=2, group_size=128, symmetric=True), MXFP4(), NVFP4()],
+                         ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_frozen_forward_is_forward_in_one_graph(fmt, dtype):
+    """QuantLinear.frozen_forward: the same bits as forward at M = 1..64 (incl. the post-scale kernel at M <= 8 and a
+    576-input layer padded to whole kblocks), traced by dynamo with fullgraph=True (no graph break), with a bias;
+    inputs of another dtype or more rows take forward."""
+    from llmcomp.kernels import uniform_cuda
+
+    if uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    for n, k in [(512, 1024), (192, 576)]:
+        q, t, g = _layer(fmt, n, k, n + k)
+        q.bias = torch.nn.Parameter(torch.randn(n, generator=g).to("cuda", dtype), requires_grad=False)
+        fwd = q.frozen_forward(dtype)
+        assert fwd is not None
+        traced = torch.compile(fwd, fullgraph=True, dynamic=False)
+        for m in (1, 5, 16, 64, 65):
+            x = torch.randn(2, m, k, generator=g).to("cuda", dtype)[:1]  # [1, m, k]
+            with torch.no_grad():
+                ref = q(x)
+                assert torch.equal(fwd(x), ref), (n, k, m)
+                if m in (1, 16):
+                    assert torch.equal(traced(x), ref), (n, k, m)
+        x32 = torch.randn(3, k, generator=g).cuda()
+        with torch.no_grad():
+            assert torch.equal(fwd(x32), q(x32))  # another dtype: forward (the reference path)
 
 
 E2M1 = [MXFP4(), NVFP4(), FP4(group_size=128), FP4(group_size=32), FP4(group_size=0)]

@@ -1,13 +1,15 @@
 """``QuantLinear``: a drop-in for ``nn.Linear`` whose weight is stored in a registered format."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from llmcomp.formats.base import WeightFormat
-from llmcomp.kernels import dequant_linear
+from llmcomp.kernels import dequant_linear, frozen_linear
+
+FROZEN_MAX_ROWS = 64  # the fast paths' kernels take 1..64 rows of x; more go through ``forward``
 
 
 class QuantLinear(nn.Module):
@@ -82,6 +84,31 @@ class QuantLinear(nn.Module):
         if hasattr(self.fmt, "quantize_input"):  # formats that quantize activations too (W4A4)
             x = self.fmt.quantize_input(x, tensors)
         return dequant_linear(x, self.fmt, tensors, self.in_features, self.bias, cache)
+
+    def frozen_forward(self, dtype: torch.dtype) -> Optional[Callable]:
+        """A forward for ``dtype`` inputs that ``torch.compile`` traces without a graph break: the fast path's
+        kernel over its prepared layout as one opaque op (prepared now), bias and reshapes in plain torch. Inputs
+        of another dtype or more than ``FROZEN_MAX_ROWS`` rows take the current ``forward``, out of the trace.
+        None where the format or device has no such kernel (then keep ``forward`` out of dynamo instead)."""
+        if hasattr(self.fmt, "quantize_input"):
+            return None
+        tensors = self.packed_tensors()
+        probe = torch.empty(1, self.in_features, dtype=dtype, device=next(iter(tensors.values())).device)
+        run = frozen_linear(self.fmt, tensors, self.in_features, probe, self.__dict__.setdefault("_wcache", {}))
+        if run is None:
+            return None
+        eager = torch.compiler.disable(self.forward)
+        k, bias = self.in_features, self.bias
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype != dtype or x.numel() // k > FROZEN_MAX_ROWS:
+                return eager(x)
+            y = run(x.reshape(-1, k))
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+
+        return forward
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}"

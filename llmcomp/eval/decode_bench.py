@@ -24,6 +24,7 @@ from torch import nn
 
 from llmcomp.core.hfcompat import cache_kwarg
 from llmcomp.core.progress import NULL, Progress
+from llmcomp.eval.decode_attention import NAME, packed_gqa
 
 SYNTHETIC = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -361,11 +362,13 @@ _NO_FORWARD = object()
 
 
 @contextlib.contextmanager
-def compiled_layers(model: nn.Module, backend="inductor"):
-    """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields the number
-    of layers. HF's eager layer launches ~40 small kernels (norms in fp32 steps, rotary, residuals) that cost
-    more than a W4 layer's weights at batch 1; compiled, they fuse. Quantized linears are kept out of dynamo
-    (``torch.compiler.disable``: one graph break each instead of a resume function per input stride).
+def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True):
+    """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields
+    ``{"layers": compiled, "frozen": quantized linears traced}``. HF's eager layer launches ~40 small kernels
+    (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at batch 1; compiled, they
+    fuse. A quantized linear with a fast kernel is traced as that kernel's one opaque op over its prepared layout
+    (``QuantLinear.frozen_forward``; ``frozen=False``: never), so the layer stays one graph; any other is kept out
+    of dynamo (``torch.compiler.disable``: a graph break each instead of a resume function per input stride).
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -375,8 +378,11 @@ def compiled_layers(model: nn.Module, backend="inductor"):
     from llmcomp.core.qlinear import QuantLinear
 
     _, layers = decoder_layers(model)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = embed.weight.dtype if embed is not None else next(model.parameters()).dtype
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
+    info = {"layers": len(layers), "frozen": 0}
     try:
         with swapped_forwards() as swap:
             limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
@@ -385,9 +391,11 @@ def compiled_layers(model: nn.Module, backend="inductor"):
             for layer in layers:
                 for mod in layer.modules():
                     if isinstance(mod, QuantLinear):
-                        swap(mod, torch.compiler.disable(mod.forward))
+                        fn = mod.frozen_forward(dtype) if frozen else None
+                        info["frozen"] += fn is not None
+                        swap(mod, fn or torch.compiler.disable(mod.forward))
                 swap(layer, torch.compile(layer.forward, dynamic=False, backend=backend))
-            yield len(layers)
+            yield info
     finally:
         cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
         torch._dynamo.reset()
@@ -423,23 +431,32 @@ def environment() -> dict:
 
 
 def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
-        graphs: bool = True, progress: Progress = NULL, compile: bool = False, breakdown: bool = False) -> dict:
+        graphs: bool = True, progress: Progress = NULL, compile: bool = False, breakdown: bool = False,
+        frozen: bool = True, pack_gqa: bool = True) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
-    ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike).
+    ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike;
+    ``frozen``: quantized linears traced as their kernels, else kept out of dynamo). ``pack_gqa``: both models
+    attend through ``decode_attention.packed_gqa`` (no copies of K/V for grouped-query heads), else transformers'.
     ``breakdown``: each row also says where a step's time goes (``kernel_breakdown``).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
-                                            "compile": compile},
+                                            "compile": compile, **({"frozen": frozen} if compile else {}),
+                                            "pack_gqa": pack_gqa},
               "rows": []}
     for name, label, model in models:
-        with compiled_layers(model) if compile else contextlib.nullcontext() as n_compiled:
+        with packed_gqa(model, pack_gqa) as packed, \
+                compiled_layers(model, frozen=frozen) if compile else contextlib.nullcontext() as compiled:
             if compile:
-                progress.note(f"Compiling the {n_compiled} decoder layers of {label} (first step of each batch)")
+                progress.note(f"Compiling the {compiled['layers']} decoder layers of {label} (first step of each "
+                              f"batch; {compiled['frozen']} quantized linears traced as their kernels)")
             for b in batches:
                 try:
                     row = {"model": name, "label": label, **decode_speed(model, b, context, steps, graphs=graphs,
                                                                                   breakdown=breakdown)}
+                    row["attention"] = NAME if packed else "transformers"
+                    if compile:
+                        row["frozen_linears"] = compiled["frozen"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}

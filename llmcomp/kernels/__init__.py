@@ -16,13 +16,16 @@ import torch.nn.functional as F
 from llmcomp.formats.base import WeightFormat
 
 # (format name, device type) → list of (supports(fmt, x, tensors, in_features) -> bool,
-#                                      fn(x, fmt, tensors, in_features, bias, cache)), tried in order
-# ``cache`` is a dict owned by the calling module where a fast path keeps its prepared layout.
-_FAST: dict[tuple[str, str], list[tuple[Callable, Callable]]] = {}
+#                                      fn(x, fmt, tensors, in_features, bias, cache),
+#                                      freeze(fmt, tensors, in_features, dtype, cache) or None), tried in order
+# ``cache`` is a dict owned by the calling module where a fast path keeps its prepared layout. ``freeze`` returns
+# ``x2 [M, in_features] -> y [M, N]`` (no bias) that torch.compile traces without a graph break, or None.
+_FAST: dict[tuple[str, str], list[tuple[Callable, Callable, Optional[Callable]]]] = {}
 
 
-def register_fast_path(format_name: str, device_type: str, supports: Callable, fn: Callable) -> None:
-    _FAST.setdefault((format_name, device_type), []).append((supports, fn))
+def register_fast_path(format_name: str, device_type: str, supports: Callable, fn: Callable,
+                       freeze: Optional[Callable] = None) -> None:
+    _FAST.setdefault((format_name, device_type), []).append((supports, fn, freeze))
 
 
 def cached(cache: Optional[dict], tag: tuple, tensors: dict, build: Callable):
@@ -60,10 +63,24 @@ def reference_linear(
 
 def fast_path(fmt: WeightFormat, x: torch.Tensor, tensors: dict, in_features: int) -> Optional[Callable]:
     """The first registered fast path that accepts this weight and input, or None."""
-    for supports, fn in _FAST.get((fmt.name, x.device.type), ()):
-        if supports(fmt, x, tensors, in_features):
-            return fn
+    found = _first(fmt, x, tensors, in_features)
+    return found[1] if found else None
+
+
+def _first(fmt: WeightFormat, x: torch.Tensor, tensors: dict, in_features: int):
+    for entry in _FAST.get((fmt.name, x.device.type), ()):
+        if entry[0](fmt, x, tensors, in_features):
+            return entry
     return None
+
+
+def frozen_linear(fmt: WeightFormat, tensors: dict, in_features: int, x: torch.Tensor,
+                  cache: Optional[dict] = None) -> Optional[Callable]:
+    """For inputs like ``x`` (dtype, device, rows): ``x2 [M, in_features] -> x2 @ W^T`` as a function that
+    ``torch.compile`` traces without a graph break (the fast path's kernel as one opaque op over its prepared
+    layout), or None where the path that would run has no such form (the reference, the Triton paths)."""
+    found = _first(fmt, x, tensors, in_features)
+    return found[2](fmt, tensors, in_features, x.dtype, cache) if found and found[2] else None
 
 
 _WARNED: set = set()
@@ -152,10 +169,15 @@ def _register_builtin() -> None:
 
         return uniform_cuda.linear(x, fmt, tensors, in_features, bias, cache)
 
+    def cuda_freeze(fmt, tensors, in_features, dtype, cache=None):
+        from llmcomp.kernels import uniform_cuda
+
+        return uniform_cuda.frozen(fmt, tensors, in_features, dtype, cache)
+
     from llmcomp.kernels.uniform_cuda import E2M1_FORMATS
 
     for name in ("uniform", *E2M1_FORMATS):
-        register_fast_path(name, "cuda", cuda_supports, cuda_fn)
+        register_fast_path(name, "cuda", cuda_supports, cuda_fn, cuda_freeze)
 
     def vq_supports(fmt, x, tensors, in_features):
         from llmcomp.kernels import codebook_cuda
@@ -167,7 +189,12 @@ def _register_builtin() -> None:
 
         return codebook_cuda.linear(x, fmt, tensors, in_features, bias, cache)
 
-    register_fast_path("codebook", "cuda", vq_supports, vq_fn)  # the CUDA mma kernel (4-vectors, group 0)
+    def vq_freeze(fmt, tensors, in_features, dtype, cache=None):
+        from llmcomp.kernels import codebook_cuda
+
+        return codebook_cuda.frozen(fmt, tensors, in_features, dtype, cache)
+
+    register_fast_path("codebook", "cuda", vq_supports, vq_fn, vq_freeze)  # the CUDA mma kernel (4-vectors, group 0)
     _outlier_fast_path("cuda")
     try:
         import triton  # noqa: F401

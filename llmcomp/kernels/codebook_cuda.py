@@ -117,13 +117,29 @@ def copies(prep: dict, want: bool | None = None) -> int:
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: bool | None = None) -> torch.Tensor:
     """x2 [M, K] (M ≤ 64) → y [M, N] in x2's dtype, without bias. ``replicated``: default ``replicate()``."""
-    xm = x2.index_select(1, prep["main_cols"]).contiguous() if "main_cols" in prep else x2.contiguous()
-    xm = uniform_cuda.kernel_input(xm, prep["kp"])
-    cp = copies(prep, replicated)
-    warps, wr = launch or launch_config(prep["n"], xm.shape[1], xm.shape[0], cp)
-    y = uniform_cuda.extension().vq_gemm(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype),
-                                         prep["scale"], prep["n"], prep["cb1_at"], warps, wr, cp)
+    xm = x2.index_select(1, prep["main_cols"]) if "main_cols" in prep else x2
+    y = gemm_tensors(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype), prep["scale"], prep["n"],
+                     prep["cb1_at"], prep["kp"], copies(prep, replicated), launch)
     return add_outliers(y, x2, prep)
+
+
+def gemm_tensors(xm, qw, qh, tab, scale, n: int, cb1_at: int, kp: int, cp: int, launch: tuple | None = None):
+    """The main columns' x [M ≤ 64, K] → y [M, n] by the codebook kernel."""
+    xm = uniform_cuda.kernel_input(xm.contiguous(), kp)
+    warps, wr = launch or launch_config(n, xm.shape[1], xm.shape[0], cp)
+    return uniform_cuda.extension().vq_gemm(xm, qw, qh, tab, scale, n, cb1_at, warps, wr, cp)
+
+
+@torch.library.custom_op("llmcomp::codebook_gemm", mutates_args=())
+def gemm_op(xm: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, tab: torch.Tensor, scale: torch.Tensor, n: int,
+            cb1_at: int, kp: int, cp: int) -> torch.Tensor:
+    """``gemm_tensors`` as one opaque op (``frozen``): its launch choices run outside dynamo's trace."""
+    return gemm_tensors(xm, qw, qh, tab, scale, n, cb1_at, kp, cp)
+
+
+@gemm_op.register_fake
+def _(xm, qw, qh, tab, scale, n, cb1_at, kp, cp):
+    return xm.new_empty(xm.shape[0], n)
 
 
 def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
@@ -131,3 +147,22 @@ def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cac
 
     prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
     return rows_linear(x, in_features, lambda x2: gemm(x2, prep), bias)
+
+
+def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None):
+    """``x2 [M ≤ 64, in_features] -> x2 @ W^T`` over this weight's prepared layout: one ``gemm_op`` call (plus the
+    outlier columns' product in plain torch) that ``torch.compile`` traces without a graph break."""
+    from llmcomp.kernels import cached
+
+    prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
+    args = (prep["qw"], uniform_cuda.high_plane(prep), table(prep, dtype), prep["scale"], prep["n"], prep["cb1_at"],
+            prep["kp"], copies(prep))
+    main, cols = prep.get("main_cols"), prep.get("outlier_cols")
+    w_out = prep["outlier_f32"].to(dtype) if cols is not None else None
+
+    def run(x2):
+        y = gemm_op(x2.index_select(1, main) if main is not None else x2, *args)
+        return y if cols is None else y + torch.nn.functional.linear(x2.index_select(1, cols), w_out)
+
+    return run
+

@@ -24,6 +24,7 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -276,14 +277,40 @@ def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, wr=1):
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
     """``launch``: (row tiles a warp, warps splitting K[, row groups a block]), default ``launch_config``."""
-    x2 = kernel_input(x2, prep["kp"])
-    rt, warps, *rest = launch or launch_config(prep["n"], x2.shape[1], prep["bits"], x2.shape[0])
+    post = prep.get("zero") is not None and x2.shape[0] <= 8 and post_scale()
+    return gemm_tensors(x2, *kernel_tensors(prep, x2.dtype, post), launch)
+
+
+def kernel_tensors(prep: dict, dtype: torch.dtype, post: bool = True) -> tuple:
+    """What the kernels take of ``prep`` for ``dtype`` activations: (qw, high plane, scale pairs, post-scale pairs or
+    None, bits, group, n, elem, kp) — ``gemm_tensors``'s and ``linear_op``'s arguments after x."""
+    sz_post = scale_pairs(prep, dtype, post=True) if post and prep.get("zero") is not None else None
+    return (prep["qw"], high_plane(prep), scale_pairs(prep, dtype), sz_post, prep["bits"], prep["group"], prep["n"],
+            prep["elem"], prep["kp"])
+
+
+def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: int, kp: int,
+                 launch: tuple | None = None) -> torch.Tensor:
+    """x2 [M ≤ 64, K] → y [M, n]: the mma kernel (the fp32 post-scale one at M ≤ 8 when ``sz_post`` is given)."""
+    x2 = kernel_input(x2, kp)
+    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0])
     wr = rest[0] if rest else 1
-    if post_scale() and prep.get("zero") is not None and x2.shape[0] <= 8:
-        return gemm_op(x2, prep["qw"], high_plane(prep), scale_pairs(prep, x2.dtype, post=True), prep["bits"],
-                       prep["group"], prep["n"], rt, warps, 3, wr)
-    return gemm_op(x2, prep["qw"], high_plane(prep), scale_pairs(prep, x2.dtype), prep["bits"], prep["group"],
-                   prep["n"], rt, warps, prep["elem"], wr)
+    if sz_post is not None and post_scale() and x2.shape[0] <= 8:
+        return gemm_op(x2, qw, qh, sz_post, bits, group, n, rt, warps, 3, wr)
+    return gemm_op(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr)
+
+
+@torch.library.custom_op("llmcomp::uniform_linear", mutates_args=())
+def linear_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, sz_post: Optional[torch.Tensor],
+              bits: int, group: int, n: int, elem: int, kp: int) -> torch.Tensor:
+    """``gemm_tensors`` as one opaque op (``frozen``): its launch choices (``launch_config``, padding) run outside
+    dynamo's trace."""
+    return gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp)
+
+
+@linear_op.register_fake
+def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp):
+    return x2.new_empty(x2.shape[0], n)
 
 
 @functools.lru_cache(maxsize=1)
@@ -335,3 +362,15 @@ def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cac
     else:
         y = F.linear(x2, dequantize(prep, in_features, x.dtype), bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None):
+    """``x2 [M ≤ MAX_M, in_features] -> x2 @ W^T`` over this weight's prepared layout, as one ``linear_op`` call that
+    ``torch.compile`` traces without a graph break (no Python dispatch, no cache lookups); None where the kernel
+    cannot take the weight in ``dtype`` (E2M1 scales too large for it)."""
+    prep = prepared(fmt, tensors, in_features, cache)
+    if not scales_fit(prep, dtype):
+        return None
+    args = kernel_tensors(prep, dtype)
+    return lambda x2: linear_op(x2, *args)
+

@@ -1,0 +1,65 @@
+"""Grouped-query attention for one query token without copying K and V: the decode runner's attention.
+
+With a ``StaticCache`` the attention mask is never None, so transformers' SDPA path repeats each key/value head for
+its ``groups`` query heads (``repeat_kv``: two copies of the whole cache a layer and step) — on an 8B shape at batch
+1 that was 64 copy kernels, ~0.44 ms of a 5 ms W4 step (bench/results/decode_h200_breakdown.json); transformers' own
+packing of one query token is skipped under torch.compile and absent from older releases. Here a decode step's
+query ``[B, H, 1, D]`` is read as ``[B, H / groups, groups, D]`` — each key/value head's query heads as a query
+length — so SDPA runs on the cache as it is, the mask ``[B, 1, 1, L]`` broadcasting over the group. Anything else
+(prefill, a per-head mask, position bias, soft-capping) goes to transformers' SDPA function unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+NAME = "llmcomp_packed_gqa"
+
+
+def packed_gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, h, q_len, d = query.shape
+    plain = (groups == 1 or q_len != 1 or dropout or kwargs.get("position_bias") is not None
+             or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
+             or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1
+                                                 or attention_mask.shape[2] != 1)))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = F.scaled_dot_product_attention(query.reshape(b, h // groups, groups, d), key, value,
+                                         attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, packed_gqa_attention)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the same masks as SDPA
+
+
+@contextlib.contextmanager
+def packed_gqa(model: torch.nn.Module, enabled: bool = True):
+    """While open: ``model`` (a transformers model on SDPA attention) decodes with ``packed_gqa_attention``; yields
+    whether it does (not for other attention implementations, e.g. eager or flash, nor where ``enabled`` is
+    False). The configs' attention implementation is put back on exit."""
+    configs = [m.config for m in model.modules() if hasattr(m, "config")
+               and getattr(m.config, "_attn_implementation", None) == "sdpa"] if enabled else []
+    configs = list({id(c): c for c in configs}.values())
+    if not configs:
+        yield False
+        return
+    _register()
+    try:
+        for c in configs:
+            c._attn_implementation_internal = NAME
+        yield True
+    finally:
+        for c in configs:
+            c._attn_implementation_internal = "sdpa"
