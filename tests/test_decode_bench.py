@@ -340,6 +340,11 @@ def test_packed_gqa_decodes_the_same_without_repeating_kv(monkeypatch):
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
     with da.packed_gqa(model, enabled=False) as on:
         assert not on and cfg._attn_implementation == "sdpa"
+    monkeypatch.setenv("LLMCOMP_DECODE_ATTENTION", "matmul")  # the two-GEMM variant of the packed step
+    with da.packed_gqa(model):
+        _, got, tokens = static_decode(model, ids, steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
 
 
 def test_compiled_layers_decode_the_same_and_come_off_again():

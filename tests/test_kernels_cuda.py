@@ -144,9 +144,11 @@ def test_frozen_forward_is_forward_in_one_graph(fmt, dtype):
                 assert torch.equal(fwd(x), ref), (n, k, m)
                 if m in (1, 16):
                     assert torch.equal(traced(x), ref), (n, k, m)
-        x32 = torch.randn(3, k, generator=g).cuda()
-        with torch.no_grad():
-            assert torch.equal(fwd(x32), q(x32))  # another dtype: forward (the reference path)
+    q, t, g = _layer(fmt, 512, 1024, 3)  # no bias: fp32 inputs take forward (the reference path)
+    fwd, x32 = q.frozen_forward(dtype), torch.randn(3, 1024, generator=g).cuda()
+    with torch.no_grad():
+        y = fwd(x32)
+        assert y.dtype == torch.float32 and torch.allclose(y, q(x32), rtol=1e-4, atol=1e-4)
 
 
 E2M1 = [MXFP4(), NVFP4(), FP4(group_size=128), FP4(group_size=32), FP4(group_size=0)]

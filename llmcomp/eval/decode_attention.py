@@ -11,6 +11,7 @@ length — so SDPA runs on the cache as it is, the mask ``[B, 1, 1, L]`` broadca
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,21 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout: flo
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    out = F.scaled_dot_product_attention(query.reshape(b, h // groups, groups, d), key, value,
-                                         attn_mask=attention_mask, scale=scaling)
+    q = query.reshape(b, h // groups, groups, d)
+    if kernel() == "matmul":  # scores, softmax in fp32, values: two batched GEMMs that torch.compile fuses around
+        scores = torch.matmul(q, key.transpose(-1, -2)).float() * (d ** -0.5 if scaling is None else scaling)
+        if attention_mask is not None:
+            scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                      else scores + attention_mask.float())
+        out = torch.matmul(scores.softmax(-1).to(value.dtype), value)
+    else:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def kernel() -> str:
+    """``LLMCOMP_DECODE_ATTENTION``: ``sdpa`` (default) or ``matmul`` for the packed decode step (A/B timing)."""
+    return os.environ.get("LLMCOMP_DECODE_ATTENTION", "sdpa").strip()
 
 
 def _register() -> None:
