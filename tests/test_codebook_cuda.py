@@ -111,6 +111,7 @@ def test_frozen_forward_is_forward_in_one_graph(fmt):
     q = QuantLinear.from_packed(fmt, packed(fmt, n, k, 3, "cuda"), k)
     fwd = q.frozen_forward(torch.bfloat16)
     assert fwd is not None
+    torch._dynamo.reset()
     traced = torch.compile(fwd, fullgraph=True, dynamic=False)
     for m in (1, 9, 64, 65):
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
@@ -118,5 +119,9 @@ def test_frozen_forward_is_forward_in_one_graph(fmt):
             ref = q(x)
             assert torch.equal(fwd(x), ref), m
             if m in (1, 9):
-                assert torch.equal(traced(x), ref), m
+                y = traced(x)
+                if fmt.outliers:  # inductor fuses the outlier product's add: one bf16 rounding instead of two
+                    assert float((y.float() - ref.float()).abs().max()) <= 1e-2 * float(ref.float().abs().max()), m
+                else:
+                    assert torch.equal(y, ref), m
 

@@ -131,10 +131,14 @@ def test_frozen_forward_is_forward_in_one_graph(fmt, dtype):
 
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
+    torch._dynamo.reset()  # the closures share one code object: each test's recompiles start from zero
     for n, k in [(512, 1024), (192, 576)]:
         q, t, g = _layer(fmt, n, k, n + k)
         q.bias = torch.nn.Parameter(torch.randn(n, generator=g).to("cuda", dtype), requires_grad=False)
         fwd = q.frozen_forward(dtype)
+        if not uniform_cuda.shape_ok(fmt, k, n):  # e.g. groups of 128 on 576 inputs: no kernel, nothing to trace
+            assert fwd is None
+            continue
         assert fwd is not None
         traced = torch.compile(fwd, fullgraph=True, dynamic=False)
         for m in (1, 5, 16, 64, 65):
