@@ -117,8 +117,6 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return v;
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
-
 // 16-byte global -> shared copies in flight, completed by group (the staged-x kernel).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -582,18 +580,6 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
           if constexpr (has_high_plane(ELEM)) hv[u][r] = ld_stream2(qh + at);
           else hv[u][r] = make_uint2(0, 0);
         }
-    // Codebook weights: the next round's bytes into L2 while this round computes (ncu, H200, vq2 14336 x 4096: 1.07
-    // IPC, ~40 % of the stall cycles waiting on global loads — latency, not issue or bandwidth): lanes 0-3 touch the
-    // four 128-byte lines of a warp's kblock (lanes 4-5 the second stage's two).
-    if constexpr (is_vq(ELEM)) {
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (kb + U + u < kb1) {
-          const size_t at = ((size_t)tile0 * KB + kb + U + u) * 32;
-          if (lane < 4) prefetch_l2(qw + at + lane * 8);
-          else if (has_high_plane(ELEM) && lane < 6) prefetch_l2(qh + at + (lane - 4) * 16);
-        }
-    }
     if constexpr (XS) {
       if (rd + 1 < rounds) stage_x(rd + 1);
       else cp_async_commit();  // an empty group keeps the wait below uniform
