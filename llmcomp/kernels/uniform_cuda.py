@@ -292,7 +292,7 @@ def kernel_tensors(prep: dict, dtype: torch.dtype, post: bool = True) -> tuple:
 def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: int, kp: int,
                  launch: tuple | None = None) -> torch.Tensor:
     """x2 [M ≤ 64, K] → y [M, n]: the mma kernel (the fp32 post-scale one at M ≤ 8 when ``sz_post`` is given)."""
-    x2 = kernel_input(x2, kp)
+    x2 = kernel_input(x2.contiguous(), kp)
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0])
     wr = rest[0] if rest else 1
     if sz_post is not None and post_scale() and x2.shape[0] <= 8:
