@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from llmcomp.formats.base import WeightFormat
-from llmcomp.kernels import dequant_linear, frozen_linear
+from llmcomp.kernels import dequant_linear, frozen_linear, rows_linear
 
 FROZEN_MAX_ROWS = 64  # the fast paths' kernels take 1..64 rows of x; more go through ``forward``
 
@@ -103,10 +103,7 @@ class QuantLinear(nn.Module):
         def forward(x: torch.Tensor) -> torch.Tensor:
             if x.dtype != dtype or x.numel() // k > FROZEN_MAX_ROWS:
                 return eager(x)
-            y = run(x.reshape(-1, k))
-            if bias is not None:
-                y = y + bias.to(y.dtype)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+            return rows_linear(x, k, run, bias)
 
         return forward
 

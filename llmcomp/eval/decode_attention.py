@@ -33,7 +33,8 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout: flo
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     q = query.reshape(b, h // groups, groups, d)
-    if kernel() == "matmul" or (kernel() == "auto" and b == 1):
+    how = kernel()
+    if how == "matmul" or (how == "auto" and b == 1):
         # scores, softmax in fp32, values: two batched GEMMs that torch.compile fuses around
         scores = torch.matmul(q, key.transpose(-1, -2)).float() * (d ** -0.5 if scaling is None else scaling)
         if attention_mask is not None:

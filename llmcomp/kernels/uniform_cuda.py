@@ -277,14 +277,14 @@ def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, wr=1):
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
     """``launch``: (row tiles a warp, warps splitting K[, row groups a block]), default ``launch_config``."""
-    post = prep.get("zero") is not None and x2.shape[0] <= 8 and post_scale()
-    return gemm_tensors(x2, *kernel_tensors(prep, x2.dtype, post), launch)
+    return gemm_tensors(x2, *kernel_tensors(prep, x2.dtype), launch)
 
 
-def kernel_tensors(prep: dict, dtype: torch.dtype, post: bool = True) -> tuple:
+def kernel_tensors(prep: dict, dtype: torch.dtype) -> tuple:
     """What the kernels take of ``prep`` for ``dtype`` activations: (qw, high plane, scale pairs, post-scale pairs or
-    None, bits, group, n, elem, kp) — ``gemm_tensors``'s and ``linear_op``'s arguments after x."""
-    sz_post = scale_pairs(prep, dtype, post=True) if post and prep.get("zero") is not None else None
+    None, bits, group, n, elem, kp) — ``gemm_tensors``'s and ``linear_op``'s arguments after x. (The post-scale pairs
+    are built once per dtype for a weight that has them; ``gemm_tensors`` decides by M whether they are used.)"""
+    sz_post = scale_pairs(prep, dtype, post=True) if prep.get("zero") is not None else None
     return (prep["qw"], high_plane(prep), scale_pairs(prep, dtype), sz_post, prep["bits"], prep["group"], prep["n"],
             prep["elem"], prep["kp"])
 
