@@ -285,6 +285,65 @@ def test_graph_replay_equals_eager(quantized):
     assert r["breakdown"]["unit"] == "GPU kernels" and ("quantized linears" in kinds) == quantized, kinds
 
 
+_STACKED_CALLS = [0]
+
+
+@torch.library.custom_op("llmcomp_test::stacked_linear", mutates_args=())
+def _stacked_linear(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    _STACKED_CALLS[0] += 1
+    return x2 @ w.t()
+
+
+@_stacked_linear.register_fake
+def _(x2, w):
+    return x2.new_empty(x2.shape[0], w.shape[0])
+
+
+def test_fused_siblings_share_one_call_a_step(monkeypatch):
+    """--fuse-linears on a CPU stand-in for the CUDA path (a fast path whose ``fuse`` stacks the dequantized
+    weights behind one opaque op that counts its calls): compiled, each layer's q/k/v and gate/up run as one call
+    each a step (2 a layer, not 5), the tokens are the unfused model's, and without ``fuse`` nothing is stacked."""
+    import torch._dynamo
+
+    from llmcomp import kernels
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import quantize_model
+    from llmcomp.quant.rtn import RTNConfig
+
+    def weight(fmt, tensors, k):
+        return fmt.dequantize(tensors, k, dtype=torch.float32)
+
+    def freeze(fmt, tensors, k, dtype, cache=None):
+        w = weight(fmt, tensors, k)
+        return lambda x2: x2 @ w.t()
+
+    def fuse(items, dtype):
+        w = torch.cat([weight(fmt, t, k) for fmt, t, k, _ in items])
+        return lambda x2: _stacked_linear(x2, w)
+
+    def fn(x, fmt, tensors, k, bias=None, cache=None):
+        return kernels.reference_linear(x, fmt, tensors, k, bias)
+
+    monkeypatch.setitem(kernels._FAST, ("uniform", "cpu"), [(lambda *a: True, fn, freeze, fuse)])
+    torch.manual_seed(0)
+    model = tiny_llama()
+    quantize_model(model, RTNConfig(format=Uniform(bits=4, group_size=32)))
+    ids = torch.randint(0, 128, (2, 9))
+    _, ref, ref_tokens = static_decode(model, ids, steps=3)
+    layers = len(model.model.layers)
+    for fused in (True, False):
+        torch._dynamo.reset()
+        with db.compiled_layers(model, backend="aot_eager", fuse=fused) as info:
+            assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0}
+            dec = db.StaticDecoder(model, 2, 32)
+            dec.prefill(ids)
+            dec.step()  # compiles
+            _STACKED_CALLS[0] = 0
+            got = dec.step()
+        assert _STACKED_CALLS[0] == (2 * layers if fused else 0)
+        assert torch.equal(dec.tokens, ref_tokens[2]) and (got - ref[2]).abs().max() < 1e-4
+
+
 @pytest.mark.cuda
 def test_compiled_layers_trace_quantized_linears_on_cuda():
     """On CUDA the W4 layers' linears are traced as their kernels (frozen): fewer compiled frames than with the
@@ -301,7 +360,7 @@ def test_compiled_layers_trace_quantized_linears_on_cuda():
         torch._dynamo.reset()
         counter = CompileCounter()
         with db.compiled_layers(model, backend=counter, frozen=frozen) as info:
-            assert info == {"layers": 2, "frozen": 14 if frozen else 0}
+            assert info == {"layers": 2, "frozen": 14 if frozen else 0, "fused": 4 if frozen else 0}  # q/k/v, gate/up
             _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
         frames[frozen] = counter.frame_count
         assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens)), frozen
@@ -388,7 +447,7 @@ def test_a_compile_failure_becomes_an_error_row(monkeypatch):
         raise RuntimeError("no C++ compiler found")
 
     real = db.compiled_layers
-    monkeypatch.setattr(db, "compiled_layers", lambda m, frozen=True: real(m, backend=broken, frozen=frozen))
+    monkeypatch.setattr(db, "compiled_layers", lambda m, **kw: real(m, backend=broken, **kw))
     model = tiny_llama()
     result = db.run(iter([("original", "tiny", model)]), [1], context=5, steps=2, settings={}, graphs=False,
                     compile=True)

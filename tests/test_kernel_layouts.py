@@ -258,3 +258,33 @@ def test_inputs_padded_to_whole_kblocks(bits, group):
     if group:
         assert (prep["scale"][:, k // group:] == 0).all()  # the groups of padded inputs only
     assert uniform_cuda.shape_ok(fmt, k, n)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_fuse_stacks_prepared_layouts_without_a_second_copy(bits, monkeypatch):
+    """``uniform_cuda.fuse`` (q/k/v, gate/up in one call): the stacked layout is the members' prepared layouts one
+    after another along the rows, the call's width their total, each member's own prepared tensors become views of
+    the stacked ones; weights the kernel cannot take in one call (another group size) are not stacked."""
+    fmt = Uniform(bits=bits, group_size=64)
+    k, rows = 256, (32, 16, 48)
+    g = torch.Generator().manual_seed(bits)
+    tensors = [fmt.pack(rtn_fields(torch.randn(n, k, generator=g), fmt)) for n in rows]
+    alone = [uniform_cuda.kernel_tensors(uniform_cuda.prepare(fmt, t, k), torch.bfloat16) for t in tensors]
+    caches = [{} for _ in rows]
+    run = uniform_cuda.fuse([(fmt, t, k, c) for t, c in zip(tensors, caches)], torch.bfloat16)
+    qw, qh, sz, sz_post, b, group, n, elem, kp = run.args
+    assert n == sum(rows) and (b, group, kp) == (bits, 64, k)
+    monkeypatch.setattr(uniform_cuda, "linear_op", lambda *a: a)  # the call's arguments: x first, then the layout
+    x = torch.zeros(1, k)
+    assert run(x)[0] is x and run(x)[1:] == run.args
+    assert torch.equal(qw, torch.cat([a[0] for a in alone])) and torch.equal(sz, torch.cat([a[2] for a in alone]))
+    assert (sz_post is None) == (bits == 3) and (bits != 3 or torch.equal(qh, torch.cat([a[1] for a in alone])))
+    if sz_post is not None:
+        assert torch.equal(sz_post, torch.cat([a[3] for a in alone]))
+    for t, c, a in zip(tensors, caches, alone):
+        mine = uniform_cuda.kernel_tensors(uniform_cuda.prepared(fmt, t, k, c), torch.bfloat16)
+        assert mine[0].untyped_storage().data_ptr() == qw.untyped_storage().data_ptr() and torch.equal(mine[0], a[0])
+        assert mine[2].untyped_storage().data_ptr() == sz.untyped_storage().data_ptr() and torch.equal(mine[2], a[2])
+    other = Uniform(bits=bits, group_size=128)
+    mixed = [(fmt, tensors[0], k, {}), (other, other.pack(rtn_fields(torch.randn(16, k, generator=g), other)), k, {})]
+    assert uniform_cuda.fuse(mixed, torch.bfloat16) is None

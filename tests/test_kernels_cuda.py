@@ -155,6 +155,39 @@ def test_frozen_forward_is_forward_in_one_graph(fmt, dtype):
         assert y.dtype == torch.float32 and torch.allclose(y, q(x32), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=64), MXFP4()],
+                         ids=lambda f: f.describe())
+def test_frozen_group_is_its_members_forwards(fmt):
+    """qlinear.frozen_group (q/k/v-style siblings stacked into one kernel call): each member's output equals its
+    own forward (up to the accumulation order: the stacked call's launch splits K differently) at M = 1..64, with
+    a bias on one member; more rows take the members' own forwards; traced together with fullgraph=True."""
+    from llmcomp.core.qlinear import frozen_group
+    from llmcomp.kernels import uniform_cuda
+
+    if uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    torch._dynamo.reset()
+    dtype = torch.bfloat16
+    mods = [_layer(fmt, n, 1024, n + i)[0] for i, n in enumerate((512, 128, 128))]
+    mods[1].bias = torch.nn.Parameter(torch.randn(128, device="cuda", dtype=dtype), requires_grad=False)
+    fns = frozen_group(mods, dtype)
+    assert fns is not None and len(fns) == 3
+
+    def qkv(x):
+        return torch.cat([f(x) for f in fns], -1)
+
+    traced = torch.compile(qkv, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    for m in (1, 5, 16, 64, 65):
+        x = torch.randn(1, m, 1024, generator=g).to("cuda", dtype)
+        with torch.no_grad():
+            ref = torch.cat([mod(x) for mod in mods], -1)
+            tol = 1e-2 * ref.float().abs().max()
+            assert (qkv(x).float() - ref.float()).abs().max() <= tol, m
+            if m in (1, 16):
+                assert (traced(x).float() - ref.float()).abs().max() <= tol, m
+
+
 E2M1 = [MXFP4(), NVFP4(), FP4(group_size=128), FP4(group_size=32), FP4(group_size=0)]
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from llmcomp.formats.base import WeightFormat
-from llmcomp.kernels import dequant_linear, frozen_linear, rows_linear
+from llmcomp.kernels import dequant_linear, frozen_linear, fused_linear, rows_linear
 
 FROZEN_MAX_ROWS = 64  # the fast paths' kernels take 1..64 rows of x; more go through ``forward``
 
@@ -109,3 +109,45 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}"
+
+
+def frozen_group(mods: list[QuantLinear], dtype: torch.dtype) -> Optional[list[Callable]]:
+    """``frozen_forward`` for linears that a model calls on the same input (q/k/v, gate/up), sharing one kernel
+    call: their weights stacked along the rows (``kernels.fused_linear``); the first member called with an input
+    runs the stacked product, each member returns its columns, and the last one drops the shared result (so nothing
+    outlives a step and dynamo sees the same state every call). A member called with another input (or dtype, or
+    more than ``FROZEN_MAX_ROWS`` rows) computes alone. None where the members' weights cannot be stacked — then
+    give each its own ``frozen_forward``. At decode sizes one launch for q/k/v and one for gate/up replace five."""
+    if len(mods) < 2 or any(hasattr(m.fmt, "quantize_input") or m.in_features != mods[0].in_features for m in mods):
+        return None
+    items = [(m.fmt, m.packed_tensors(), m.in_features, m.__dict__.setdefault("_wcache", {})) for m in mods]
+    probe = torch.empty(1, mods[0].in_features, dtype=dtype, device=next(iter(items[0][1].values())).device)
+    run = fused_linear(items, probe)
+    if run is None:
+        return None
+    k = mods[0].in_features
+    state = {"x": None, "y": None, "used": 0}
+    bounds = [0]
+    for m in mods:
+        bounds.append(bounds[-1] + m.out_features)
+
+    def member(i: int, mod: QuantLinear) -> Callable:
+        eager = torch.compiler.disable(mod.forward)
+        lo, hi, bias = bounds[i], bounds[i + 1], mod.bias
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype != dtype or x.numel() // k > FROZEN_MAX_ROWS:
+                return eager(x)
+            if state["x"] is not x:
+                state.update(x=x, y=run(x.reshape(-1, k)), used=0)
+            y = state["y"][:, lo:hi]
+            state["used"] += 1
+            if state["used"] == len(mods):
+                state.update(x=None, y=None)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+            return y.reshape(*x.shape[:-1], hi - lo)
+
+        return forward
+
+    return [member(i, m) for i, m in enumerate(mods)]

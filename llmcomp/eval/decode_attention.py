@@ -5,7 +5,9 @@ its ``groups`` query heads (``repeat_kv``: two copies of the whole cache a layer
 1 that was 64 copy kernels, ~0.44 ms of a 5 ms W4 step (bench/results/decode_h200_breakdown.json); transformers' own
 packing of one query token is skipped under torch.compile and absent from older releases. Here a decode step's
 query ``[B, H, 1, D]`` is read as ``[B, H / groups, groups, D]`` — each key/value head's query heads as a query
-length — so SDPA runs on the cache as it is, the mask ``[B, 1, 1, L]`` broadcasting over the group. Anything else
+length — so the attention runs on the cache as it is, the mask ``[B, 1, 1, L]`` broadcasting over the group: by
+default in one split-KV Triton kernel (``llmcomp.kernels.decode_attention``) on CUDA, else as two batched GEMMs or
+SDPA. Anything else
 (prefill, a per-head mask, position bias, soft-capping) goes to transformers' SDPA function unchanged.
 """
 from __future__ import annotations
@@ -32,11 +34,19 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout: flo
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    q = query.reshape(b, h // groups, groups, d)
     how = kernel()
-    if how == "matmul" or (how == "auto" and b == 1):
+    scale = d ** -0.5 if scaling is None else scaling
+    if how in ("auto", "triton") and (attention_mask is None or attention_mask.shape[-1] == key.shape[-2]):
+        from llmcomp.kernels import decode_attention as split_kv
+
+        q3 = query.reshape(b, h, d)
+        if split_kv.supports(q3, key, groups) and value.stride(-1) == 1 and value.shape[-1] == d:
+            out = split_kv.decode_attention(q3, key, value, attention_mask, float(scale))
+            return out.reshape(b, 1, h, d), None
+    q = query.reshape(b, h // groups, groups, d)
+    if how == "matmul" or (how in ("auto", "triton", "torch") and b == 1):
         # scores, softmax in fp32, values: two batched GEMMs that torch.compile fuses around
-        scores = torch.matmul(q, key.transpose(-1, -2)).float() * (d ** -0.5 if scaling is None else scaling)
+        scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
         if attention_mask is not None:
             scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
                       else scores + attention_mask.float())
@@ -47,10 +57,12 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout: flo
 
 
 def kernel() -> str:
-    """``LLMCOMP_DECODE_ATTENTION``: how the packed decode step attends — ``auto`` (default: two GEMMs at batch 1,
-    SDPA above), ``matmul`` or ``sdpa``. H200, 8 layers of the 8B shape compiled (decode_h200_8layers_attn_*.json):
-    at batch 1 the GEMMs took 1.00 / 1.63 ms a step (W4 / bf16) against SDPA's 1.05 / 1.68 (cuDNN's flash kernel,
-    ~16 µs a layer on 8 heads × 4 queries); at batch 16 SDPA was ahead (1.30 / 1.76 against 1.33 / 1.79)."""
+    """``LLMCOMP_DECODE_ATTENTION``: how the packed decode step attends — ``auto`` (default: the split-KV Triton
+    kernel, ``llmcomp.kernels.decode_attention``, where it applies; else two GEMMs at batch 1, SDPA above),
+    ``triton`` (the same), ``torch`` (the GEMMs at batch 1, SDPA above), ``matmul`` or ``sdpa``. H200, 8 layers of the 8B shape compiled
+    (decode_h200_8layers_attn_*.json): at batch 1 the GEMMs took 1.00 / 1.63 ms a step (W4 / bf16) against SDPA's
+    1.05 / 1.68 (cuDNN's flash kernel, ~16 µs a layer on 8 heads × 4 queries); at batch 16 SDPA was ahead
+    (1.30 / 1.76 against 1.33 / 1.79)."""
     return os.environ.get("LLMCOMP_DECODE_ATTENTION", "auto").strip()
 
 

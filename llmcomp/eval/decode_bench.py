@@ -25,6 +25,7 @@ from torch import nn
 from llmcomp.core.hfcompat import cache_kwarg
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.eval.decode_attention import NAME, packed_gqa
+from llmcomp.eval.decode_attention import kernel as attention_kernel
 
 SYNTHETIC = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -222,9 +223,9 @@ class StaticDecoder:
 
 # Kernel (GPU) or operator (CPU) name fragments → where a decode step's time goes; first match wins, "other" else.
 TIME_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),  # first: llmcomp::decode_attention is not a linear
     ("quantized linears", ("uniform_mma", "uniform_dequant", "_gemv_kernel", "_dequant_kernel", "_cb_gemv",
                            "llmcomp::")),
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("dense GEMM", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
 )
 
@@ -361,36 +362,52 @@ def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs:
 _NO_FORWARD = object()
 
 
+# Linears of one decoder layer that read the same input: with ``fuse`` their weights are stacked into one kernel call.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 @contextlib.contextmanager
-def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True):
+def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True):
     """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields
-    ``{"layers": compiled, "frozen": quantized linears traced}``. HF's eager layer launches ~40 small kernels
+    ``{"layers": compiled, "frozen": quantized linears traced, "fused": groups of them stacked}``. HF's eager layer launches ~40 small kernels
     (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at batch 1; compiled, they
     fuse. A quantized linear with a fast kernel is traced as that kernel's one opaque op over its prepared layout
     (``QuantLinear.frozen_forward``; ``frozen=False``: never), so the layer stays one graph; any other is kept out
     of dynamo (``torch.compiler.disable``: a graph break each instead of a resume function per input stride).
+    ``fuse`` (with ``frozen``): siblings that read the same input (``SIBLINGS``: q/k/v, gate/up) share one call over
+    their stacked weights (``qlinear.frozen_group``; ``info["fused"]`` counts the groups).
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
     import torch._dynamo
 
     from llmcomp.core.model import decoder_layers
-    from llmcomp.core.qlinear import QuantLinear
+    from llmcomp.core.qlinear import QuantLinear, frozen_group
 
     _, layers = decoder_layers(model)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     dtype = embed.weight.dtype if embed is not None else next(model.parameters()).dtype
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
-    info = {"layers": len(layers), "frozen": 0}
+    info = {"layers": len(layers), "frozen": 0, "fused": 0}
     try:
         with swapped_forwards() as swap:
             limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
             cfg.cache_size_limit = max(cfg.cache_size_limit, limit)
             cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
             for layer in layers:
+                grouped = set()
+                for parent in layer.modules() if frozen and fuse else ():
+                    for names in SIBLINGS:
+                        mods = [getattr(parent, n, None) for n in names]
+                        fns = frozen_group(mods, dtype) if all(isinstance(m, QuantLinear) for m in mods) else None
+                        for mod, fn in zip(mods, fns or ()):
+                            swap(mod, fn)
+                            grouped.add(id(mod))
+                        info["frozen"] += len(fns or ())
+                        info["fused"] += fns is not None
                 for mod in layer.modules():
-                    if isinstance(mod, QuantLinear):
+                    if isinstance(mod, QuantLinear) and id(mod) not in grouped:
                         fn = mod.frozen_forward(dtype) if frozen else None
                         info["frozen"] += fn is not None
                         swap(mod, fn or torch.compiler.disable(mod.forward))
@@ -427,12 +444,15 @@ def environment() -> dict:
     env = {"torch": torch.__version__, "transformers": transformers.__version__}
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
+        from llmcomp.kernels import uniform_cuda
+
+        env["dependent_launch"] = uniform_cuda.dependent_launch()
     return env
 
 
 def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
         graphs: bool = True, progress: Progress = NULL, compile: bool = False, breakdown: bool = False,
-        frozen: bool = True, pack_gqa: bool = True) -> dict:
+        frozen: bool = True, pack_gqa: bool = True, fuse: bool = True) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
     ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike;
@@ -441,12 +461,13 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
     ``breakdown``: each row also says where a step's time goes (``kernel_breakdown``).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
-                                            "compile": compile, **({"frozen": frozen} if compile else {}),
+                                            "compile": compile,
+                                            **({"frozen": frozen, "fuse": fuse} if compile else {}),
                                             "pack_gqa": pack_gqa},
               "rows": []}
     for name, label, model in models:
         with packed_gqa(model, pack_gqa) as packed, \
-                compiled_layers(model, frozen=frozen) if compile else contextlib.nullcontext() as compiled:
+                compiled_layers(model, frozen=frozen, fuse=fuse) if compile else contextlib.nullcontext() as compiled:
             if compile:
                 progress.note(f"Compiling the {compiled['layers']} decoder layers of {label} (first step of each "
                               f"batch; {compiled['frozen']} quantized linears traced as their kernels)")
@@ -455,8 +476,11 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                     row = {"model": name, "label": label, **decode_speed(model, b, context, steps, graphs=graphs,
                                                                                   breakdown=breakdown)}
                     row["attention"] = NAME if packed else "transformers"
+                    if packed:
+                        row["attention_kernel"] = attention_kernel()
                     if compile:
                         row["frozen_linears"] = compiled["frozen"]
+                        row["fused_groups"] = compiled["fused"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}

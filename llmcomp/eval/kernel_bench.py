@@ -213,6 +213,7 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
               "group_size": group, "rotate_bytes": ROTATE_BYTES, "fp16": fp16, "bitsandbytes": _bnb_version(),
               "rows": []}
     result["launch_floor_us"] = round(launch_floor_seconds() * 1e6, 3)
+    result["dependent_launch"] = uniform_cuda.dependent_launch()
     log(f"{result['device']}  copy bandwidth {bw / 1e12:.2f} TB/s  launch floor {result['launch_floor_us']:.2f} us")
     for bits in bits_list:
         fmt = Uniform(bits=bits, group_size=group)

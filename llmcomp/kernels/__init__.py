@@ -17,15 +17,18 @@ from llmcomp.formats.base import WeightFormat
 
 # (format name, device type) → list of (supports(fmt, x, tensors, in_features) -> bool,
 #                                      fn(x, fmt, tensors, in_features, bias, cache),
-#                                      freeze(fmt, tensors, in_features, dtype, cache) or None), tried in order
+#                                      freeze(fmt, tensors, in_features, dtype, cache) or None,
+#                                      fuse(items, dtype) or None), tried in order
 # ``cache`` is a dict owned by the calling module where a fast path keeps its prepared layout. ``freeze`` returns
-# ``x2 [M, in_features] -> y [M, N]`` (no bias) that torch.compile traces without a graph break, or None.
-_FAST: dict[tuple[str, str], list[tuple[Callable, Callable, Optional[Callable]]]] = {}
+# ``x2 [M, in_features] -> y [M, N]`` (no bias) that torch.compile traces without a graph break, or None. ``fuse``
+# does the same for several weights of one input at once (``items``: (fmt, tensors, in_features, cache) each; the
+# output columns are theirs in order), or returns None.
+_FAST: dict[tuple[str, str], list[tuple[Callable, Callable, Optional[Callable], Optional[Callable]]]] = {}
 
 
 def register_fast_path(format_name: str, device_type: str, supports: Callable, fn: Callable,
-                       freeze: Optional[Callable] = None) -> None:
-    _FAST.setdefault((format_name, device_type), []).append((supports, fn, freeze))
+                       freeze: Optional[Callable] = None, fuse: Optional[Callable] = None) -> None:
+    _FAST.setdefault((format_name, device_type), []).append((supports, fn, freeze, fuse))
 
 
 def cached(cache: Optional[dict], tag: tuple, tensors: dict, build: Callable):
@@ -81,6 +84,16 @@ def frozen_linear(fmt: WeightFormat, tensors: dict, in_features: int, x: torch.T
     layout), or None where the path that would run has no such form (the reference, the Triton paths)."""
     found = _first(fmt, x, tensors, in_features)
     return found[2](fmt, tensors, in_features, x.dtype, cache) if found and found[2] else None
+
+
+def fused_linear(items: list, x: torch.Tensor) -> Optional[Callable]:
+    """For weights that all multiply inputs like ``x``: ``x2 [M, in_features] -> [M, sum of their N]`` as one
+    traceable kernel call (``frozen_linear``'s form), where one fast path takes them all and can stack them; else
+    None. ``items``: (fmt, tensors, in_features, cache) per weight."""
+    found = [_first(fmt, x, tensors, k) for fmt, tensors, k, _ in items]
+    if not found or found[0] is None or found[0][3] is None or any(f is not found[0] for f in found):
+        return None
+    return found[0][3](items, x.dtype)
 
 
 _WARNED: set = set()
@@ -174,10 +187,15 @@ def _register_builtin() -> None:
 
         return uniform_cuda.frozen(fmt, tensors, in_features, dtype, cache)
 
+    def cuda_fuse(items, dtype):
+        from llmcomp.kernels import uniform_cuda
+
+        return uniform_cuda.fuse(items, dtype)
+
     from llmcomp.kernels.uniform_cuda import E2M1_FORMATS
 
     for name in ("uniform", *E2M1_FORMATS):
-        register_fast_path(name, "cuda", cuda_supports, cuda_fn, cuda_freeze)
+        register_fast_path(name, "cuda", cuda_supports, cuda_fn, cuda_freeze, cuda_fuse)
 
     def vq_supports(fmt, x, tensors, in_features):
         from llmcomp.kernels import codebook_cuda

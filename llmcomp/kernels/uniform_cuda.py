@@ -328,6 +328,23 @@ def post_scale() -> bool:
     return os.environ.get("LLMCOMP_MMA_POST_SCALE", "1").strip() != "0"
 
 
+def dependent_launch() -> Optional[bool]:
+    """Whether the GEMMs launch with programmatic dependent launch (sm_90+, opt-in: ``LLMCOMP_PDL=1``): a kernel
+    may start while the previous one in the stream finishes, loading its first weights before it waits for that
+    kernel's results (``grid_dep_wait`` in csrc/uniform_mma.cuh). Off by default: on an H200 it made a chain of
+    our own GEMMs 9 % faster but the compiled 8B decode step 2 % slower (bench/results/kernels_h200_pdl.json,
+    decode_h200_ab_pdl.json). None without the extension."""
+    ext = extension() if torch.cuda.is_available() else None
+    return bool(ext.pdl()) if ext is not None else None
+
+
+def set_dependent_launch(on: bool) -> Optional[bool]:
+    """Turn dependent launch on or off for this process (A/B timing); returns the new state (None without the
+    extension). Graphs captured before keep the launches they were captured with."""
+    ext = extension() if torch.cuda.is_available() else None
+    return bool(ext.set_pdl(on)) if ext is not None else None
+
+
 def high_plane(prep: dict) -> torch.Tensor:
     """The second code plane the kernels take (3-bit codes' high bits, VQ's second stage); any tensor otherwise."""
     return prep["qh"] if prep["qh"] is not None else prep["qw"]
@@ -364,6 +381,17 @@ def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cac
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+class FrozenCall:
+    """``x2 -> linear_op(x2, *args)`` over fixed kernel tensors (``args``: ``kernel_tensors``' tuple), as ``frozen``
+    and ``fuse`` return it; dynamo inlines the call."""
+
+    def __init__(self, args: tuple):
+        self.args = args
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        return linear_op(x2, *self.args)
+
+
 def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None):
     """``x2 [M ≤ MAX_M, in_features] -> x2 @ W^T`` over this weight's prepared layout, as one ``linear_op`` call that
     ``torch.compile`` traces without a graph break (no Python dispatch, no cache lookups); None where the kernel
@@ -371,6 +399,36 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     prep = prepared(fmt, tensors, in_features, cache)
     if not scales_fit(prep, dtype):
         return None
-    args = kernel_tensors(prep, dtype)
-    return lambda x2: linear_op(x2, *args)
+    return FrozenCall(kernel_tensors(prep, dtype))
 
+
+def fuse(items: list, dtype: torch.dtype):
+    """One ``linear_op`` call for several weights that multiply the same input (q/k/v, gate/up): their prepared
+    layouts stacked along the output rows (the layout is row-tile major, so stacking is concatenation), or None
+    where they differ in anything the kernel fixes per call (bits, group, element kind, padded K, post-scale pairs)
+    or a member cannot run in ``dtype``. ``items``: (fmt, tensors, in_features, cache) per weight, in output order.
+    Each member's prepared tensors for ``dtype`` become views of the stacked ones (no second copy of the weights).
+    The stacked call's output columns are the members' outputs in order."""
+    preps = [prepared(*item) for item in items]
+    if not all(scales_fit(p, dtype) for p in preps):
+        return None
+    args = [kernel_tensors(p, dtype) for p in preps]
+    if len({(a[4], a[5], a[7], a[8], a[3] is None) for a in args}) != 1:
+        return None
+    qw = torch.cat([a[0] for a in args])
+    three = preps[0]["qh"] is not None
+    qh = torch.cat([a[1] for a in args]) if three else qw
+    sz = torch.cat([a[2] for a in args])
+    sz_post = torch.cat([a[3] for a in args]) if args[0][3] is not None else None
+    row = 0
+    for p in preps:
+        n = p["n"]
+        tiles = slice(row // 16, (row + n) // 16)
+        p["qw"] = qw[tiles]
+        if three:
+            p["qh"] = qh[tiles]
+        p["sz"][(dtype, False)] = sz[row:row + n]
+        if sz_post is not None:
+            p["sz"][(dtype, True)] = sz_post[row:row + n]
+        row += n
+    return FrozenCall((qw, qh, sz, sz_post, args[0][4], args[0][5], row, args[0][7], args[0][8]))

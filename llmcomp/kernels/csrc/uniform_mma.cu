@@ -21,6 +21,29 @@ void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::
   return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
 }
 
+static int pdl_state = -1;  // -1: not read yet
+
+static bool pdl_capable() {
+  int dev = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  return major >= 9;
+}
+
+bool pdl() {
+  if (pdl_state < 0) {
+    const char* e = std::getenv("LLMCOMP_PDL");
+    pdl_state = (e && e[0] == '1') && pdl_capable();
+  }
+  return pdl_state;
+}
+
+// For A/B timing in one process (a captured CUDA graph keeps the launches it was captured with).
+bool set_pdl(bool on) {
+  pdl_state = on && pdl_capable();
+  return pdl_state;
+}
+
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
@@ -137,5 +160,7 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64)");
   m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
+  m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
+  m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }

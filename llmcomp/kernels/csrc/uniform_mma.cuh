@@ -126,6 +126,25 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Programmatic dependent launch (sm_90+; no-ops below, and when the launch did not ask for it): a kernel launched
+// with programmatic stream serialization may start before the previous kernel in the stream has finished. It
+// reads only its constant weights (and codebooks) before grid_dep_wait, which returns once that kernel has
+// completed and its writes are visible; nothing is read from x nor written before it. grid_dep_launch lets the
+// next such kernel start once every block of this one has begun, so the next layer's weight loads overlap this
+// one's tail (pdl() in uniform_mma.cu; opt-in, LLMCOMP_PDL=1: on an H200 seven W4 linears of an 8B layer back to
+// back took 48.8 µs a layer with it against 53.6 without, but a compiled 8B decode step, where most of our kernels
+// follow and precede inductor's, took 2.86 ms against 2.80 — bench/results/kernels_h200_notes.md).
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // The 16/BITS code pairs of one word, as integer-valued 16-bit floats: out[e] = (q_lo, q_hi) of pair e,
 // whose codes sit at bits BITS*e and 16 + BITS*e.
 // fp16 (10 mantissa bits): a field may sit anywhere in the low byte of each half, so one shift by 8
@@ -519,6 +538,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   constexpr int LANE_K = KBLK / 4;       // inputs per lane per kblock
   extern __shared__ float red[];
 
+  grid_dep_launch();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int KB = K / KBLK;
@@ -566,7 +586,12 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     }
     cp_async_commit();
   };
-  if constexpr (XS) stage_x(0);
+  bool waited = false;  // grid_dep_wait once the first round's weight loads are in flight
+  if constexpr (XS) {
+    grid_dep_wait();
+    waited = true;
+    stage_x(0);
+  }
   for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
     uint4 wv[U][R];
     uint2 hv[U][R];
@@ -580,6 +605,10 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
           if constexpr (has_high_plane(ELEM)) hv[u][r] = ld_stream2(qh + at);
           else hv[u][r] = make_uint2(0, 0);
         }
+    if (!waited) {
+      grid_dep_wait();
+      waited = true;
+    }
     if constexpr (XS) {
       if (rd + 1 < rounds) stage_x(rd + 1);
       else cp_async_commit();  // an empty group keeps the wait below uniform
@@ -608,6 +637,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     }
   }
 
+  if (!waited) grid_dep_wait();  // warps without kblocks: nothing written before the previous kernel is done
   reduce_store<T, MT, R>(acc, red, out, M, N, wk_log);
 }
 
@@ -676,6 +706,10 @@ inline uint32_t group_magic(int K, int G, int group) {
   return (uint32_t)(((1ull << 32) + group - 1) / group);
 }
 
+// Launch with programmatic stream serialization (see grid_dep_wait): on sm_90+ with LLMCOMP_PDL=1 (read once a
+// process, the device of the first launch decides; set_pdl switches it).
+bool pdl();
+
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
@@ -705,12 +739,21 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     }
   }
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  kern<<<(groups + wr - 1) / wr, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((groups + wr - 1) / wr);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(
+      &cfg, kern, reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
       reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), reinterpret_cast<T*>(out.data_ptr()), M, N, K, G,
       group_magic(K, G, group), kb_per_warp, wk_log, cb ? reinterpret_cast<const uint2*>(cb->data_ptr()) : nullptr,
-      cb1_at, cb_n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cb1_at, cb_n));
 }
 
 // Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks

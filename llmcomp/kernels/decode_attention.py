@@ -1,0 +1,165 @@
+"""Split-KV attention for one query token a sequence with grouped-query heads (the decode step), in Triton.
+
+A decode step's attention reads the whole cache once and does almost no math, yet as two batched GEMMs and a
+softmax (or cuDNN's flash kernel: ~16 µs a layer on an H200 for 8 key/value heads × 4 query heads at batch 1,
+bench/results/kernels_h200_notes.md) it takes several launches and runs on few SMs. Here:
+
+1. ``_decode_attention_partial``: one program per (sequence, key/value head, chunk of ``CHUNK`` cache positions) — enough programs
+   to fill the GPU at batch 1 — scores its head's ``groups`` query heads (padded to 16 rows for ``tl.dot``)
+   against the chunk, softmax-weights the values with a running maximum, and writes the unnormalized sum, the
+   maximum and the weight total (fp32). Blocks whose mask is all ``-inf`` (a static cache's unused tail) are
+   skipped without reading K or V.
+2. ``_decode_attention_combine``: one program per (sequence, query head) merges its chunks (log-sum-exp) into the output.
+
+Inputs as the decode runner has them: ``q`` [B, H, D] (the step's one token), ``k``/``v`` [B, KVH, L, D] (the
+cache as it is, last dim contiguous), an optional mask [B, L] (bool: True attends; or additive float). A row with
+no position to attend gives zeros (SDPA would give NaN). Registered as the custom op
+``llmcomp::decode_attention`` so that torch.compile keeps it as one call.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: ``supports`` says no, callers take their torch path
+    triton = tl = None
+
+MAX_SPLITS = 32
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, groups: int) -> bool:
+    d = q.shape[-1]
+    return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
+            and d in (64, 128, 256) and 1 <= groups <= 16 and k.stride(-1) == 1)
+
+
+def chunk_size(batch_heads: int, length: int, sms: int) -> int:
+    """Positions a program: a power of two ≥ 64 such that about two programs an SM run (at most MAX_SPLITS chunks)."""
+    want = max(1, min(MAX_SPLITS, -(-2 * sms // max(batch_heads, 1))))
+    chunk = 64
+    while -(-length // chunk) > want:
+        chunk *= 2
+    return chunk
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    @triton.jit
+    def _decode_attention_partial(q_ptr, k_ptr, v_ptr, m_ptr, acc_ptr, ml_ptr, L, KVH, scale,
+                 sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
+                 GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                 MASK: tl.constexpr):  # MASK: 0 none, 1 bool (as uint8), 2 additive float
+        bh = tl.program_id(0)
+        s = tl.program_id(1)
+        b = bh // KVH
+        h = bh % KVH
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * sq_b + (h * GROUPS + g)[:, None] * sq_h + d[None, :], mask=(g < GROUPS)[:, None],
+                    other=0.0)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for i in range(0, CHUNK, BLOCK):
+            pos = s * CHUNK + i + tl.arange(0, BLOCK)
+            inside = pos < L
+            if MASK == 1:
+                keep = tl.load(m_ptr + b * sm_b + pos * sm_l, mask=inside, other=0) != 0
+                bias = tl.where(keep, 0.0, float("-inf"))
+            elif MASK == 2:
+                bias = tl.load(m_ptr + b * sm_b + pos * sm_l, mask=inside, other=float("-inf")).to(tl.float32)
+            else:
+                bias = tl.where(inside, 0.0, float("-inf"))
+            if tl.max(bias, 0) > float("-inf"):  # a block nothing attends to is not read
+                kk = tl.load(k_ptr + b * sk_b + h * sk_h + pos[:, None] * sk_l + d[None, :], mask=inside[:, None],
+                             other=0.0)
+                sc = tl.dot(q, tl.trans(kk)) * scale + bias[None, :]
+                m_new = tl.maximum(m_i, tl.max(sc, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(sc - m_use[:, None])
+                alpha = tl.exp(m_i - m_use)
+                vv = tl.load(v_ptr + b * sv_b + h * sv_h + pos[:, None] * sv_l + d[None, :], mask=inside[:, None],
+                             other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i = m_new
+        nsplit = tl.num_programs(1)
+        row = (bh * GROUPS + g) * nsplit + s  # [B * H, splits] order: query head bh * GROUPS + g
+        tl.store(ml_ptr + row * 2, m_i, mask=g < GROUPS)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=g < GROUPS)
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=(g < GROUPS)[:, None])
+
+    @triton.jit
+    def _decode_attention_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, SP: tl.constexpr):
+        r = tl.program_id(0)  # query head of a sequence: b * H + head
+        s = tl.arange(0, SP)
+        d = tl.arange(0, D)
+        m = tl.load(ml_ptr + (r * S + s) * 2, mask=s < S, other=float("-inf"))
+        l = tl.load(ml_ptr + (r * S + s) * 2 + 1, mask=s < S, other=0.0)
+        top = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(top == float("-inf"), 0.0, top)))
+        acc = tl.load(acc_ptr + (r * S + s)[:, None] * D + d[None, :], mask=(s < S)[:, None], other=0.0)
+        total = tl.sum(w * l, 0)
+        o = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + r * D + d, o.to(out_ptr.dtype.element_ty))
+
+    return _decode_attention_partial, _decode_attention_combine
+
+
+def _mask_args(mask: Optional[torch.Tensor], b: int, length: int, device) -> tuple:
+    if mask is None:
+        return torch.empty(1, device=device), 0, 0, 0
+    mask = mask.reshape(mask.shape[0], mask.shape[-1]).expand(b, length)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+        return mask, mask.stride(0), mask.stride(1), 1
+    return mask, mask.stride(0), mask.stride(1), 2
+
+
+@torch.library.custom_op("llmcomp::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                     scale: float) -> torch.Tensor:
+    """q [B, H, D], k/v [B, KVH, L, D], mask None or [B, 1, 1, L] / [B, L] (bool or additive) → [B, H, D]."""
+    b, h, d = q.shape
+    kvh, length = k.shape[1], k.shape[2]
+    groups = h // kvh
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4  # 4: the interpreter
+    chunk = chunk_size(b * kvh, length, sms)
+    splits = -(-length // chunk)
+    part = torch.empty(b * h * splits, d, device=q.device, dtype=torch.float32)
+    ml = torch.empty(b * h * splits, 2, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, h, d, device=q.device, dtype=q.dtype)
+    m, sm_b, sm_l, how = _mask_args(mask, b, length, q.device)
+    partial, combine = _kernels()
+    partial[(b * kvh, splits)](q, k, v, m, part, ml, length, kvh, scale,
+                               q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                               v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l,
+                               GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d, BLOCK=min(chunk, 64),
+                               CHUNK=chunk, MASK=how, num_warps=4)
+    combine[(b * h,)](part, ml, out, splits, D=d, SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k, v, mask, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              scale: float) -> torch.Tensor:
+    """The same in torch (fp32 softmax): the kernel's test oracle and its CPU path."""
+    b, h, d = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(b, kvh, h // kvh, d)
+    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    weights = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    return torch.matmul(weights, v.float()).reshape(b, h, d).to(q.dtype)

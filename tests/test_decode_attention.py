@@ -1,0 +1,115 @@
+"""The split-KV decode attention kernel (llmcomp.kernels.decode_attention) against its torch reference: on CPU under
+Triton's interpreter where Triton is installed (fp16: the interpreter has no bf16), on CUDA in both dtypes, and in
+the decode runner's packed attention on a real decode."""
+import os
+
+import pytest
+import torch
+
+from llmcomp.kernels import decode_attention as da
+
+CASES = [  # batch, query heads, kv heads, cache length, head dim, valid positions (None: no mask), mask kind
+    (1, 32, 8, 200, 128, 150, "bool"),
+    (2, 8, 2, 70, 64, None, None),
+    (3, 12, 4, 300, 64, 100, "float"),
+    (1, 4, 4, 64, 128, 1, "bool"),
+    (2, 16, 1, 1000, 128, 999, "bool"),  # 16 query heads a kv head; several blocks a chunk
+]
+
+
+def _inputs(b, h, kvh, length, d, valid, kind, dtype, device):
+    g = torch.Generator().manual_seed(b * 1000 + length)
+    q, k, v = (torch.randn(*s, generator=g).to(device, dtype) for s in ((b, h, d), (b, kvh, length, d), (b, kvh, length, d)))
+    if kind == "bool":
+        mask = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+        mask[..., :valid] = True
+        if b > 1:
+            mask[1, ..., :5] = False  # a sequence with left padding
+    elif kind == "float":
+        mask = torch.randn(b, 1, 1, length, generator=g)
+        mask[0, ..., valid:] = float("-inf")
+    else:
+        mask = None
+    return q, k, v, None if mask is None else mask.to(device)
+
+
+def _check(case, dtype, device, tol):
+    q, k, v, mask = _inputs(*case, dtype, device)
+    d = q.shape[-1]
+    got = da.decode_attention(q, k, v, mask, d ** -0.5)
+    want = da.reference(q, k, v, mask, d ** -0.5)
+    assert got.shape == q.shape and got.dtype == dtype
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= tol * max(want.float().abs().max().item(), 1.0), (case, err)
+
+
+def test_kernel_matches_reference_in_the_interpreter():
+    """CPU (where Triton is installed; CI has none): a fresh process, since the interpreter is chosen at import."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import torch, test_decode_attention as t\n"
+            "for case in t.CASES[:4]:\n    t._check(case, torch.float16, 'cpu', 2e-3)\nprint('ok')")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_chunks_fill_the_gpu():
+    assert da.chunk_size(8, 576, 132) == 64  # batch 1 of an 8-kv-head model: 9 chunks, 72 programs
+    assert da.chunk_size(128, 576, 132) == 256  # batch 16: 3 chunks a head, 384 programs
+    assert -(-8192 // da.chunk_size(8, 8192, 132)) <= da.MAX_SPLITS
+    assert not da.supports(torch.zeros(1, 8, 128), torch.zeros(1, 2, 4, 128), 4)  # CPU tensors: the torch path
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_matches_reference_on_cuda(case, dtype):
+    _check(case, dtype, "cuda", 1e-2)
+
+
+@pytest.mark.cuda
+def test_all_masked_rows_give_zeros_and_the_op_traces():
+    q, k, v, mask = _inputs(2, 8, 2, 128, 64, 10, "bool", torch.bfloat16, "cuda")
+    mask[0] = False
+    got = torch.compile(da.decode_attention, fullgraph=True)(q, k, v, mask, 0.125)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    want = da.reference(q, k, v, mask, 0.125)
+    assert (got[1].float() - want[1].float()).abs().max() <= 1e-2 * want[1].float().abs().max()
+
+
+@pytest.mark.cuda
+def test_packed_decode_with_the_kernel_equals_transformers_sdpa(monkeypatch):
+    """A 2-layer 8B-shaped model decodes the same tokens through the kernel as through transformers' SDPA path."""
+    from llmcomp.eval import decode_attention as packed
+    from llmcomp.eval import decode_bench as db
+
+    calls = []
+    real = da.decode_attention
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    model = db.synthetic_model("llama3-8b", layers=2)
+    ids = torch.randint(0, 128256, (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def static_decode():
+        dec = db.StaticDecoder(model, ids.shape[0], 40)
+        logits, tokens = [dec.prefill(ids).clone()], []
+        for _ in range(4):
+            tokens.append(dec.tokens.clone())
+            logits.append(dec.step().clone())
+        return logits, tokens
+
+    ref, ref_tokens = static_decode()
+    monkeypatch.setattr(da, "decode_attention", spy)
+    monkeypatch.setenv("LLMCOMP_DECODE_ATTENTION", "triton")
+    with packed.packed_gqa(model) as on:
+        assert on
+        got, tokens = static_decode()
+    assert len(calls) == 4 * 2 and calls[0] == (2, 32, 128)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max() for a, b in zip(got, ref))
