@@ -60,7 +60,8 @@ def test_chunks_fill_the_gpu():
     assert da.chunk_size(8, 576, 132) == 64  # batch 1 of an 8-kv-head model: 9 chunks, 72 programs
     assert da.chunk_size(128, 576, 132) == 256  # batch 16: 3 chunks a head, 384 programs
     assert -(-8192 // da.chunk_size(8, 8192, 132)) <= da.MAX_SPLITS
-    assert not da.supports(torch.zeros(1, 8, 128), torch.zeros(1, 2, 4, 128), 4)  # CPU tensors: the torch path
+    kv = torch.zeros(1, 2, 4, 128)
+    assert not da.supports(torch.zeros(1, 8, 128), kv, kv, 4)  # CPU tensors: the torch path
 
 
 @pytest.mark.cuda

@@ -299,16 +299,11 @@ def _(x2, w):
     return x2.new_empty(x2.shape[0], w.shape[0])
 
 
-def test_fused_siblings_share_one_call_a_step(monkeypatch):
-    """--fuse-linears on a CPU stand-in for the CUDA path (a fast path whose ``fuse`` stacks the dequantized
-    weights behind one opaque op that counts its calls): compiled, each layer's q/k/v and gate/up run as one call
-    each a step (2 a layer, not 5), the tokens are the unfused model's, and without ``fuse`` nothing is stacked."""
-    import torch._dynamo
-
+@pytest.fixture
+def cpu_fused_path(monkeypatch):
+    """A CPU stand-in for the CUDA path's ``freeze`` / ``fuse`` (the reference weights; the stacked product behind
+    one opaque op that counts its calls), registered for ``uniform`` on the CPU."""
     from llmcomp import kernels
-    from llmcomp.formats import Uniform
-    from llmcomp.quant import quantize_model
-    from llmcomp.quant.rtn import RTNConfig
 
     def weight(fmt, tensors, k):
         return fmt.dequantize(tensors, k, dtype=torch.float32)
@@ -325,6 +320,17 @@ def test_fused_siblings_share_one_call_a_step(monkeypatch):
         return kernels.reference_linear(x, fmt, tensors, k, bias)
 
     monkeypatch.setitem(kernels._FAST, ("uniform", "cpu"), [(lambda *a: True, fn, freeze, fuse)])
+
+
+def test_fused_siblings_share_one_call_a_step(cpu_fused_path):
+    """--fuse-linears on the CPU stand-in: compiled, each layer's q/k/v and gate/up run as one call each a step (2 a
+    layer, not 5), the tokens are the unfused model's, and without ``fuse`` nothing is stacked."""
+    import torch._dynamo
+
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import quantize_model
+    from llmcomp.quant.rtn import RTNConfig
+
     torch.manual_seed(0)
     model = tiny_llama()
     quantize_model(model, RTNConfig(format=Uniform(bits=4, group_size=32)))
@@ -342,6 +348,35 @@ def test_fused_siblings_share_one_call_a_step(monkeypatch):
             got = dec.step()
         assert _STACKED_CALLS[0] == (2 * layers if fused else 0)
         assert torch.equal(dec.tokens, ref_tokens[2]) and (got - ref[2]).abs().max() < 1e-4
+
+
+def test_fused_siblings_never_answer_from_a_stale_product(cpu_fused_path):
+    """The shared product is run again when a member comes back before the others were served, so a buffer refilled
+    in place is never answered from the old product — eager and compiled (a step calling only q on one buffer)."""
+    from llmcomp.core.qlinear import frozen_group
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import quantize_model
+    from llmcomp.quant.rtn import RTNConfig
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    quantize_model(model, RTNConfig(format=Uniform(bits=4, group_size=32)))
+    attn = model.model.layers[0].self_attn
+    mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+    q, k, v = frozen_group(mods, torch.float32)
+    x = torch.randn(1, 3, 64)
+
+    def close(f, mod):
+        return (f(x) - mod(x)).abs().max() < 1e-5
+
+    with torch.no_grad():
+        assert close(q, mods[0]) and close(k, mods[1])
+        x.copy_(torch.randn(1, 3, 64))  # refilled before v: q comes again first
+        assert close(q, mods[0]) and close(q, mods[0]) and close(k, mods[1]) and close(v, mods[2])
+        step = torch.compile(lambda buf: q(buf), backend="aot_eager")
+        for _ in range(3):
+            x.copy_(torch.randn(1, 3, 64))
+            assert (step(x) - mods[0](x)).abs().max() < 1e-5
 
 
 @pytest.mark.cuda

@@ -114,10 +114,13 @@ class QuantLinear(nn.Module):
 def frozen_group(mods: list[QuantLinear], dtype: torch.dtype) -> Optional[list[Callable]]:
     """``frozen_forward`` for linears that a model calls on the same input (q/k/v, gate/up), sharing one kernel
     call: their weights stacked along the rows (``kernels.fused_linear``); the first member called with an input
-    runs the stacked product, each member returns its columns, and the last one drops the shared result (so nothing
-    outlives a step and dynamo sees the same state every call). A member called with another input (or dtype, or
-    more than ``FROZEN_MAX_ROWS`` rows) computes alone. None where the members' weights cannot be stacked — then
-    give each its own ``frozen_forward``. At decode sizes one launch for q/k/v and one for gate/up replace five."""
+    runs the stacked product, each member returns its columns (views), and once every member has been served the
+    shared result is dropped (so nothing outlives a step and dynamo sees the same state every call). The product is
+    run again when a member is called with another input tensor or a second time before the others were served (a
+    buffer refilled in place between steps is never answered from the old product). Inputs of another dtype or more
+    than ``FROZEN_MAX_ROWS`` rows take the member's own ``forward``. None where the members' weights cannot be
+    stacked — then give each its own ``frozen_forward``. At decode sizes one launch for q/k/v and one for gate/up
+    replace five. Assumes the input is not changed in place between the members' calls of one step."""
     if len(mods) < 2 or any(hasattr(m.fmt, "quantize_input") or m.in_features != mods[0].in_features for m in mods):
         return None
     items = [(m.fmt, m.packed_tensors(), m.in_features, m.__dict__.setdefault("_wcache", {})) for m in mods]
@@ -126,7 +129,8 @@ def frozen_group(mods: list[QuantLinear], dtype: torch.dtype) -> Optional[list[C
     if run is None:
         return None
     k = mods[0].in_features
-    state = {"x": None, "y": None, "used": 0}
+    state = {"x": None, "y": None}
+    served = [False] * len(mods)
     bounds = [0]
     for m in mods:
         bounds.append(bounds[-1] + m.out_features)
@@ -138,12 +142,16 @@ def frozen_group(mods: list[QuantLinear], dtype: torch.dtype) -> Optional[list[C
         def forward(x: torch.Tensor) -> torch.Tensor:
             if x.dtype != dtype or x.numel() // k > FROZEN_MAX_ROWS:
                 return eager(x)
-            if state["x"] is not x:
-                state.update(x=x, y=run(x.reshape(-1, k)), used=0)
+            if state["x"] is not x or served[i]:
+                state.update(x=x, y=run(x.reshape(-1, k)))
+                for j in range(len(served)):
+                    served[j] = False
             y = state["y"][:, lo:hi]
-            state["used"] += 1
-            if state["used"] == len(mods):
+            served[i] = True
+            if all(served):
                 state.update(x=None, y=None)
+                for j in range(len(served)):
+                    served[j] = False
             if bias is not None:
                 y = y + bias.to(y.dtype)
             return y.reshape(*x.shape[:-1], hi - lo)

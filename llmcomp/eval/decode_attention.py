@@ -40,7 +40,7 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout: flo
         from llmcomp.kernels import decode_attention as split_kv
 
         q3 = query.reshape(b, h, d)
-        if split_kv.supports(q3, key, groups) and value.stride(-1) == 1 and value.shape[-1] == d:
+        if split_kv.supports(q3, key, value, groups):
             out = split_kv.decode_attention(q3, key, value, attention_mask, float(scale))
             return out.reshape(b, 1, h, d), None
     q = query.reshape(b, h // groups, groups, d)

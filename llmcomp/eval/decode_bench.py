@@ -397,7 +397,9 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
             cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
             for layer in layers:
                 grouped = set()
-                for parent in layer.modules() if frozen and fuse else ():
+                for where, parent in layer.named_modules() if frozen and fuse else ():
+                    if "cross" in where.lower() or "encoder_attn" in where:  # k/v read another input there
+                        continue
                     for names in SIBLINGS:
                         mods = [getattr(parent, n, None) for n in names]
                         fns = frozen_group(mods, dtype) if all(isinstance(m, QuantLinear) for m in mods) else None

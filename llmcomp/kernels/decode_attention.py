@@ -32,10 +32,11 @@ except ImportError:  # CPU-only installs: ``supports`` says no, callers take the
 MAX_SPLITS = 32
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, groups: int) -> bool:
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> bool:
     d = q.shape[-1]
     return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
-            and d in (64, 128, 256) and 1 <= groups <= 16 and k.stride(-1) == 1)
+            and v.dtype == q.dtype and d in (64, 128, 256) and v.shape[-1] == d and 1 <= groups <= 16
+            and k.stride(-1) == 1 and v.stride(-1) == 1)
 
 
 def chunk_size(batch_heads: int, length: int, sms: int) -> int:

@@ -129,7 +129,9 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // Programmatic dependent launch (sm_90+; no-ops below, and when the launch did not ask for it): a kernel launched
 // with programmatic stream serialization may start before the previous kernel in the stream has finished. It
 // reads only its constant weights (and codebooks) before grid_dep_wait, which returns once that kernel has
-// completed and its writes are visible; nothing is read from x nor written before it. grid_dep_launch lets the
+// completed and its writes are visible; nothing is read from x nor written before it. (So the weights must not be
+// written by the kernel just before: true once prepared, but not formally for a weight's first call right after its
+// layout is built on the same stream — another reason PDL is opt-in.) grid_dep_launch lets the
 // next such kernel start once every block of this one has begun, so the next layer's weight loads overlap this
 // one's tail (pdl() in uniform_mma.cu; opt-in, LLMCOMP_PDL=1: on an H200 seven W4 linears of an 8B layer back to
 // back took 48.8 µs a layer with it against 53.6 without, but a compiled 8B decode step, where most of our kernels
