@@ -4,14 +4,7 @@
 # --breakdown, and optionally the eager breakdown.   bash bench/decode_session.sh   (on the GPU machine)
 # Knobs (env): TESTS (pytest paths), TEST_S / DECODE_S / EAGER_S (time limits; 0 skips), DECODE_ARGS (extra options).
 set -u
-export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension() is not None)" ) 2>&1 | tail -4
-run() {  # run SECONDS LOG CMD...: skipped at 0 seconds
-  local s=$1 log=$2; shift 2
-  [ "$s" = 0 ] && return
-  ( time timeout "$s" "$@" ) > "$OUT/$log" 2>&1; echo "$log rc $?"; tail -${TAIL:-8} "$OUT/$log"
-}
+source "$(dirname "$0")/session_common.sh"
 run "${TEST_S:-250}" kernels_cuda_tests_h200.log python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels_cuda.py}
 D="python3 -m llmcomp bench decode --synthetic llama3-8b --context 512"
 run "${DECODE_S:-220}" decode_compiled.log $D --batch 1,16 --steps 64 --compile --breakdown ${DECODE_ARGS:-} \

@@ -86,6 +86,7 @@ def test_packed_decode_with_the_kernel_equals_transformers_sdpa(monkeypatch):
     """A 2-layer 8B-shaped model decodes the same tokens through the kernel as through transformers' SDPA path."""
     from llmcomp.eval import decode_attention as packed
     from llmcomp.eval import decode_bench as db
+    from tests.test_decode_bench import static_decode
 
     calls = []
     real = da.decode_attention
@@ -96,21 +97,12 @@ def test_packed_decode_with_the_kernel_equals_transformers_sdpa(monkeypatch):
 
     model = db.synthetic_model("llama3-8b", layers=2)
     ids = torch.randint(0, 128256, (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
-
-    def static_decode():
-        dec = db.StaticDecoder(model, ids.shape[0], 40)
-        logits, tokens = [dec.prefill(ids).clone()], []
-        for _ in range(4):
-            tokens.append(dec.tokens.clone())
-            logits.append(dec.step().clone())
-        return logits, tokens
-
-    ref, ref_tokens = static_decode()
+    _, ref, ref_tokens = static_decode(model, ids, steps=4, max_len=40)
     monkeypatch.setattr(da, "decode_attention", spy)
     monkeypatch.setenv("LLMCOMP_DECODE_ATTENTION", "triton")
     with packed.packed_gqa(model) as on:
         assert on
-        got, tokens = static_decode()
+        _, got, tokens = static_decode(model, ids, steps=4, max_len=40)
     assert len(calls) == 4 * 2 and calls[0] == (2, 32, 128)
     assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
     assert all((a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max() for a, b in zip(got, ref))
