@@ -1,0 +1,121 @@
+"""A/B of a kernel setting in one process, W4 g128 GEMMs (bf16 activations): ``--knob pdl`` dependent launch
+(PDL) off / on (``uniform_cuda.set_dependent_launch``), ``--knob post`` the M <= 8 post-scale kernel's kind
+(``uniform_cuda.set_post_scale``: ``1`` the zero subtracted from each code pair, ``mma`` / ``mma1`` the zero taken by
+extra mma, ``0`` the per-pair-scale kernel):
+
+1. the kernel-table shapes (and the stacked q/k/v and gate/up shapes of ``--fuse-linears``) at each M, timed as
+   ``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph);
+2. the seven linears of an 8B decoder layer (q, k, v, o, gate, up, down) in their decode order, over enough layer
+   copies that every weight comes from HBM — the quantized part of a decode step — against bf16 cuBLAS on the
+   same chain; % of the chain's byte roofline at the copy bandwidth measured in the same run; and the same layer
+   with q/k/v and gate/up stacked (four GEMMs, as ``bench decode --fuse-linears`` runs them).
+
+    python bench/kernel_ab.py --out bench/results/kernels_h200_pdl.json                # PDL, M = 1 and 16
+    python bench/kernel_ab.py --knob post --ms 1,4 --out bench/results/kernels_h200_post.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmcomp.core.memory import state_bytes
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.eval import kernel_bench as kb
+from llmcomp.formats import Uniform
+from llmcomp.kernels import uniform_cuda
+from llmcomp.quant.rtn import rtn_fields
+
+LAYER = [("q", 4096, 4096), ("k", 1024, 4096), ("v", 1024, 4096), ("o", 4096, 4096), ("gate", 14336, 4096),
+         ("up", 14336, 4096), ("down", 4096, 14336)]
+FUSED = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]  # --fuse-linears
+STACKED = [(6144, 4096), (28672, 4096)]  # the stacked q/k/v and gate/up shapes
+KNOBS = {"pdl": (["0", "1"], lambda v: uniform_cuda.set_dependent_launch(v == "1")),
+         "post": (["1", "mma", "mma1", "0"], uniform_cuda.set_post_scale)}
+
+
+def quantized(fmt, n: int, k: int, seed: int) -> tuple[QuantLinear, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    return QuantLinear.from_packed(fmt, fmt.pack(rtn_fields(w, fmt)), k), w.to(torch.bfloat16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--chains-only", action="store_true", help="skip the single-shape rows")
+    ap.add_argument("--knob", choices=sorted(KNOBS), default="pdl")
+    ap.add_argument("--variants", default=None, help="the knob's settings, comma-separated (default: all)")
+    ap.add_argument("--bits", type=int, default=4)
+    args = ap.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
+    fmt = Uniform(bits=args.bits, group_size=128)
+    bw = kb.copy_bandwidth()
+    variants = args.variants.split(",") if args.variants else KNOBS[args.knob][0]
+    setter = KNOBS[args.knob][1]
+    before = (uniform_cuda.dependent_launch(), uniform_cuda.post_scale())
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
+              "knob": args.knob, "variants": variants, "bits": args.bits, "shapes": [], "layer_chain": []}
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+    with torch.no_grad():  # (inference tensors have no version counter, which the layout cache keys on)
+        for n, k in [] if args.chains_only else [*kb.SHAPES, *STACKED]:
+            lay, _ = quantized(fmt, n, k, n + k)
+            nbytes = state_bytes(lay.packed_tensors())
+            layers = [lay] + [QuantLinear.from_packed(fmt, {a: t.clone() for a, t in lay.packed_tensors().items()}, k)
+                              for _ in range(kb._copies(nbytes) - 1)]
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row = {"N": n, "K": k, "M": m}
+                for v in variants:
+                    setter(v)
+                    kb._time_into(row, f"{args.knob}_{v}", [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
+                row["speedup"] = {v: round(row[f"{args.knob}_{variants[0]}_us"] / row[f"{args.knob}_{v}_us"], 3)
+                                  for v in variants[1:]}
+                result["shapes"].append(row)
+                print(row, flush=True)
+                save()
+            del layers
+        torch.cuda.empty_cache()
+        for label, linears in (("separate", LAYER), ("fused", FUSED)):
+            one = sum(state_bytes(quantized(fmt, n, k, 0)[0].packed_tensors()) for _, n, k in linears)
+            copies = max(2, math.ceil(kb.ROTATE_BYTES / one))
+            chain = [[quantized(fmt, n, k, 7 * c + i) for i, (_, n, k) in enumerate(linears)] for c in range(copies)]
+            for m in ms:
+                x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+                x2 = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
+
+                def step(layer, dense):
+                    for (name, _, _), (q, w) in zip(linears, layer):
+                        inp = x2 if name == "down" else x
+                        F.linear(inp, w) if dense else q(inp)
+
+                row = {"linears": label, "M": m, "layer_copies": copies, f"bytes_w{args.bits}": one,
+                       "bytes_bf16": sum(2 * n * k for _, n, k in linears)}
+                for v in variants:
+                    setter(v)
+                    t = kb.per_call_seconds([lambda layer=layer: step(layer, False) for layer in chain])
+                    row[f"w{args.bits}_{args.knob}_{v}_us"] = round(t * 1e6, 2)
+                    row[f"w{args.bits}_{args.knob}_{v}_roofline_pct"] = round(100 * one / bw / t, 1)
+                t = kb.per_call_seconds([lambda layer=layer: step(layer, True) for layer in chain])
+                row["bf16_us"] = round(t * 1e6, 2)
+                row["bf16_roofline_pct"] = round(100 * row["bytes_bf16"] / bw / t, 1)
+                result["layer_chain"].append(row)
+                print(row, flush=True)
+                save()
+            del chain
+            torch.cuda.empty_cache()
+    uniform_cuda.set_dependent_launch(bool(before[0]))
+    uniform_cuda._post_kind[:] = [before[1]]
+
+
+if __name__ == "__main__":
+    main()
