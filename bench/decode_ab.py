@@ -8,7 +8,8 @@ batch 1 / SDPA above) and, for W4, dependent launch of the GEMMs on or off (``un
 graphs are captured per run, so each run gets its setting) and q/k/v, gate/up stacked into one call each or not
 (``compiled_layers(fuse=...)``), and inductor's own PDL for its Triton kernels on or off
 (``torch._inductor.config.triton.enable_pdl``, where this torch has it: with both on, every kernel of the step
-could start early). Each variant's rows land in the JSON as they finish.
+could start early), and the fp32 post-scale kernel at batch <= 8 on or off (``uniform_cuda.set_post_scale``). Each
+variant's rows land in the JSON as they finish.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from llmcomp.eval import decode_bench as db
 from llmcomp.kernels import uniform_cuda
 
 BF16 = [("triton", None), ("torch", None)]
-W4 = ["triton:0:1", "triton:0:0", "triton:1:1", "torch:0:1"]  # attention:pdl:fuse[:inductor pdl]
+W4 = ["triton:0:1", "triton:0:0", "triton:1:1", "torch:0:1"]  # attention:pdl:fuse[:inductor pdl[:post-scale]]
 
 
 def main() -> None:
@@ -34,31 +35,35 @@ def main() -> None:
     ap.add_argument("--batch", default="1,16")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--w4", default=",".join(W4), help="attention:pdl:fuse[:inductor_pdl] (0/1), comma-separated")
+    ap.add_argument("--w4", default=",".join(W4),
+                    help="attention:pdl:fuse[:inductor_pdl[:post-scale]] (0/1), comma-separated")
     ap.add_argument("--bf16", default=",".join(a for a, _ in BF16))
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     result = {**db.environment(), "layers": args.layers, "context": args.context, "steps": args.steps, "runs": []}
 
-    def timed(label: str, name: str, model, attention: str, pdl, fuse: bool = True, inductor_pdl: bool = False):
+    def timed(label: str, name: str, model, attention: str, pdl, fuse: bool = True, inductor_pdl: bool = False,
+              post: str = "1"):
         import torch._inductor.config as inductor
 
         os.environ["LLMCOMP_DECODE_ATTENTION"] = attention
         state = uniform_cuda.set_dependent_launch(pdl) if pdl is not None else None
+        uniform_cuda.set_post_scale(post == "1")
         has = hasattr(inductor.triton, "enable_pdl")  # inductor's own PDL for its Triton kernels (newer torch)
         if has:
             inductor.triton.enable_pdl = inductor_pdl
         t = time.perf_counter()
         r = db.run([(name, label, model)], batches, args.context, args.steps, {"synthetic": "llama3-8b"},
                    compile=True, fuse=fuse)
-        run = {"model": name, "attention": attention, "dependent_launch": state, "fuse": fuse,
+        run = {"model": name, "attention": attention, "dependent_launch": state, "fuse": fuse, "post_scale": post,
                "inductor_pdl": inductor_pdl if has else None,
                "seconds": round(time.perf_counter() - t, 1), "rows": r["rows"]}
         result["runs"].append(run)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
         for row in r["rows"]:
-            print(f"{label:>10} attention={attention:<6} pdl={state!s:<5} fuse={fuse:d} ipdl={run['inductor_pdl']} batch {row['batch']:>2}: "
+            print(f"{label:>10} attention={attention:<6} pdl={state!s:<5} fuse={fuse:d} ipdl={run['inductor_pdl']} "
+                  f"post={post} batch {row['batch']:>2}: "
                   f"{row.get('ms_per_step', row.get('error'))} ms/step ({run['seconds']} s)", flush=True)
 
     model = db.synthetic_model("llama3-8b", args.layers, dtype=torch.bfloat16)
@@ -66,8 +71,9 @@ def main() -> None:
         timed("bf16", "original", model, attention, None)
     db.quantize_rtn(model, 4, 128)
     for spec in filter(None, args.w4.split(",")):
-        attention, pdl, fuse, *ipdl = spec.split(":")
-        timed("W4 g128", "compressed", model, attention, pdl == "1", fuse == "1", ipdl == ["1"])
+        attention, pdl, fuse, *rest = spec.split(":")
+        ipdl, post = (rest + ["0", "1"][len(rest):])[:2]
+        timed("W4 g128", "compressed", model, attention, pdl == "1", fuse == "1", ipdl == "1", post)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,21 @@ def save_char_model(path, layers: int = 3):
     return path
 
 
+def static_decode(model, ids, steps, max_len=32):
+    """Greedy decode through ``decode_bench.StaticDecoder``: (decoder, logits of the prefill and each step, the
+    tokens fed at each step). Here rather than in test_decode_bench.py, whose module-level custom op must be
+    registered by one import only (pytest imports test files by their base name, a ``tests.`` import is a second
+    copy)."""
+    from llmcomp.eval import decode_bench as db
+
+    dec = db.StaticDecoder(model, ids.shape[0], max_len)
+    logits, tokens = [dec.prefill(ids).clone()], []
+    for _ in range(steps):
+        tokens.append(dec.tokens.clone())
+        logits.append(dec.step().clone())
+    return dec, logits, tokens
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -14,6 +14,8 @@ CASES = [  # batch, query heads, kv heads, cache length, head dim, valid positio
     (3, 12, 4, 300, 64, 100, "float"),
     (1, 4, 4, 64, 128, 1, "bool"),
     (2, 16, 1, 1000, 128, 999, "bool"),  # 16 query heads a kv head; several blocks a chunk
+    (1, 8, 2, 700, 64, 600, "holes"),  # whole blocks masked inside the attended range
+    (2, 8, 1, 500, 128, 450, "float-holes"),
 ]
 
 
@@ -28,6 +30,15 @@ def _inputs(b, h, kvh, length, d, valid, kind, dtype, device):
     elif kind == "float":
         mask = torch.randn(b, 1, 1, length, generator=g)
         mask[0, ..., valid:] = float("-inf")
+    elif kind == "holes":
+        mask = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+        mask[..., :valid] = True
+        mask[..., 70:300] = False  # spans whole 64-position blocks
+        mask[..., 3] = False
+    elif kind == "float-holes":
+        mask = torch.randn(b, 1, 1, length, generator=g)
+        mask[..., valid:] = float("-inf")
+        mask[..., 10:200] = float("-inf")
     else:
         mask = None
     return q, k, v, None if mask is None else mask.to(device)
@@ -50,7 +61,7 @@ def test_kernel_matches_reference_in_the_interpreter():
 
     pytest.importorskip("triton")
     code = ("import torch, test_decode_attention as t\n"
-            "for case in t.CASES[:4]:\n    t._check(case, torch.float16, 'cpu', 2e-3)\nprint('ok')")
+            "for case in t.CASES[:4] + t.CASES[5:]:\n    t._check(case, torch.float16, 'cpu', 2e-3)\nprint('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
@@ -86,7 +97,7 @@ def test_packed_decode_with_the_kernel_equals_transformers_sdpa(monkeypatch):
     """A 2-layer 8B-shaped model decodes the same tokens through the kernel as through transformers' SDPA path."""
     from llmcomp.eval import decode_attention as packed
     from llmcomp.eval import decode_bench as db
-    from tests.test_decode_bench import static_decode
+    from tests.conftest import static_decode
 
     calls = []
     real = da.decode_attention

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from llmcomp.cli.app import app
 from llmcomp.core.hfcompat import cache_kwarg, output_cache
 from llmcomp.eval import decode_bench as db
-from tests.conftest import tiny_llama
+from tests.conftest import static_decode, tiny_llama
 
 runner = CliRunner()
 
@@ -35,15 +35,6 @@ def dynamic_decode(model, ids, tokens):
         cache = output_cache(out)
         logits.append(out.logits[:, -1])
     return logits
-
-
-def static_decode(model, ids, steps, max_len=32):
-    dec = db.StaticDecoder(model, ids.shape[0], max_len)
-    logits, tokens = [dec.prefill(ids).clone()], []
-    for _ in range(steps):
-        tokens.append(dec.tokens.clone())
-        logits.append(dec.step().clone())
-    return dec, logits, tokens
 
 
 def test_static_step_equals_dynamic_cache_decode():
@@ -340,7 +331,7 @@ def test_fused_siblings_share_one_call_a_step(cpu_fused_path):
     for fused in (True, False):
         torch._dynamo.reset()
         with db.compiled_layers(model, backend="aot_eager", fuse=fused) as info:
-            assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0}
+            assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0, "pdl": False}
             dec = db.StaticDecoder(model, 2, 32)
             dec.prefill(ids)
             dec.step()  # compiles
@@ -395,12 +386,47 @@ def test_compiled_layers_trace_quantized_linears_on_cuda():
         torch._dynamo.reset()
         counter = CompileCounter()
         with db.compiled_layers(model, backend=counter, frozen=frozen) as info:
-            assert info == {"layers": 2, "frozen": 14 if frozen else 0, "fused": 4 if frozen else 0}  # q/k/v, gate/up
+            assert info == {"layers": 2, "frozen": 14 if frozen else 0, "fused": 4 if frozen else 0,  # q/k/v, gate/up
+                            "pdl": False}
             _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
         frames[frozen] = counter.frame_count
         assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens)), frozen
         assert all((a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max() for a, b in zip(got, ref))
     assert frames[True] < frames[False], frames  # the linears' graph breaks are gone
+
+
+@pytest.mark.cuda
+def test_dependent_launch_decodes_the_same_in_a_graph():
+    """Compiled (inductor) W4 layers replayed as a CUDA graph with dependent launch on — our GEMMs and inductor's
+    kernels may start before the kernel ahead finishes — give bit for bit the logits of the same graph without it
+    (the same kernels in the same order: only when each may start differs), close to the eager decode's; both
+    settings are put back after."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    from llmcomp.kernels import uniform_cuda
+
+    model = db.synthetic_model("llama3-8b", layers=2)
+    db.quantize_rtn(model, 4, 128)
+    ids = torch.randint(0, 128256, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    _, ref, _ = static_decode(model, ids, steps=5, max_len=64)
+    before = uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None)
+    capable = torch.cuda.get_device_capability()[0] >= 9 and before[1] is not None
+    runs = {}
+    for pdl in (False, True):
+        torch._dynamo.reset()
+        with db.compiled_layers(model, pdl=pdl) as info:
+            assert info["pdl"] == (pdl and capable) and bool(uniform_cuda.dependent_launch()) == (pdl and capable)
+            graphed = db.StaticDecoder(model, 2, 64)
+            logits = [graphed.prefill(ids).clone()]
+            graphed.capture(warmup=3)
+            assert graphed.graph is not None
+            logits += [graphed.step().clone() for _ in range(5)]
+        runs[pdl] = logits
+        assert (uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None)) == before
+    for i, (a, b, e) in enumerate(zip(runs[False], runs[True], ref)):
+        assert torch.equal(a, b), f"step {i}"
+        assert (b.float() - e.float()).abs().max() <= 5e-2 * e.float().abs().max(), f"step {i}"
 
 
 def test_packed_gqa_decodes_the_same_without_repeating_kv(monkeypatch):

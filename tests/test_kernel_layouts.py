@@ -184,7 +184,7 @@ def test_3bit_decode_reads_the_code(dtype):
 
 
 def test_post_scale_pairs():
-    """The fp32 post-scale kernels' scales: (scale, −(MAGIC + zero)) per row and group in the activation dtype, only
+    """The fp32 post-scale kernel's scales: (scale, MAGIC + zero) per row and group in the activation dtype, only
     for 2/4-bit codes with integral zeros and groups of whole kblocks; other weights keep (scale, -zero·scale)."""
     fmt = Uniform(bits=4, group_size=128)
     w = torch.randn(32, 256)
@@ -193,7 +193,7 @@ def test_post_scale_pairs():
     for dtype, magic in ((torch.float16, 1024.0), (torch.bfloat16, 128.0)):
         halves = uniform_cuda.scale_pairs(prep, dtype, post=True).view(dtype).reshape(32, 2, 2)
         assert torch.equal(halves[..., 0], prep["scale"].to(dtype))
-        assert torch.equal(-halves[..., 1].float() - magic, prep["zero"])
+        assert torch.equal(halves[..., 1].float() - magic, prep["zero"])
         assert not torch.equal(uniform_cuda.scale_pairs(prep, dtype), uniform_cuda.scale_pairs(prep, dtype, post=True))
     f32 = Uniform(bits=4, group_size=32)  # 32 inputs < one 64-input kblock: not whole kblocks
     assert uniform_cuda.prepare(f32, f32.pack(rtn_fields(w, f32)), 256)["zero"] is None

@@ -76,6 +76,7 @@ def decode(
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile each decoder layer of both models first (fuses the ~40 small kernels of HF's eager layer; quantized linears stay opaque ops). Compiling takes minutes on an 8B shape.")] = False,
     trace_linears: Annotated[bool, typer.Option("--trace-linears/--no-trace-linears", help="With --compile: trace each quantized linear as its kernel's one opaque op, so a decoder layer compiles to one graph (default); --no-trace-linears keeps them out of dynamo (a graph break each).")] = True,
     fuse_linears: Annotated[bool, typer.Option("--fuse-linears/--no-fuse-linears", help="With --compile and traced linears: q/k/v and gate/up, which read the same input, run as one kernel call each over their stacked weights (default).")] = True,
+    pdl: Annotated[bool, typer.Option("--pdl/--no-pdl", help="With --compile: programmatic dependent launch for the step's kernels, the quantized GEMMs and inductor's Triton kernels together, so each may start while the one before finishes (sm_90+ and a torch that has inductor's option; default on: the W4 8B step 4 % faster on an H200, bench/results/decode_h200_ab_inductor_pdl.json).")] = True,
     pack_gqa: Annotated[bool, typer.Option("--pack-gqa/--no-pack-gqa", help="Both models attend a decode step's grouped-query heads on the cache as it is (no copies of K/V, llmcomp.eval.decode_attention); --no-pack-gqa: transformers' SDPA path.")] = True,
     breakdown: Annotated[bool, typer.Option("--breakdown", help="Also profile eager steps: GPU kernel time by kind (quantized linears, dense GEMM, attention, other), kernels a step, the top kernels (in the JSON).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
@@ -129,7 +130,7 @@ def decode(
                 models = db.artifact_models(path, ref, DTYPES[dtype], progress)
             result = db.run(models, batches, context, steps, settings, out=out, graphs=graphs, progress=progress,
                             compile=compile, breakdown=breakdown, frozen=trace_linears,
-                            pack_gqa=pack_gqa, fuse=fuse_linears)
+                            pack_gqa=pack_gqa, fuse=fuse_linears, pdl=pdl)
         render.console.print(_decode_table(result, batches))
 
     run(go)

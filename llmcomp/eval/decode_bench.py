@@ -367,7 +367,7 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @contextlib.contextmanager
-def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True):
+def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True, pdl: bool = False):
     """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields
     ``{"layers": compiled, "frozen": quantized linears traced, "fused": groups of them stacked}``. HF's eager layer launches ~40 small kernels
     (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at batch 1; compiled, they
@@ -376,6 +376,8 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     of dynamo (``torch.compiler.disable``: a graph break each instead of a resume function per input stride).
     ``fuse`` (with ``frozen``): siblings that read the same input (``SIBLINGS``: q/k/v, gate/up) share one call over
     their stacked weights (``qlinear.frozen_group``; ``info["fused"]`` counts the groups).
+    ``pdl``: programmatic dependent launch for the step's kernels while open (``dependent_launch``: ours and
+    inductor's Triton kernels, where both exist; ``info["pdl"]`` says whether it is on).
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -389,9 +391,9 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     dtype = embed.weight.dtype if embed is not None else next(model.parameters()).dtype
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
-    info = {"layers": len(layers), "frozen": 0, "fused": 0}
+    info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False}
     try:
-        with swapped_forwards() as swap:
+        with swapped_forwards() as swap, dependent_launch(pdl and backend == "inductor") as info["pdl"]:
             limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
             cfg.cache_size_limit = max(cfg.cache_size_limit, limit)
             cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
@@ -418,6 +420,33 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     finally:
         cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
         torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def dependent_launch(on: bool = True):
+    """While open: the quantized GEMMs (``uniform_cuda.set_dependent_launch``) and inductor's Triton kernels
+    (``torch._inductor.config.triton.enable_pdl``, read when a graph is compiled) launch with programmatic dependent
+    launch, so each kernel of a decode step may start while the previous one finishes — only where both exist
+    (sm_90+, the CUDA extension, a torch that has the option): ours alone made the compiled 8B step slower, both
+    together faster (H200, batch 1: 2.43 against 2.53 ms; ours alone 2.60, inductor's alone 2.49 —
+    bench/results/decode_h200_ab_inductor_pdl.json). Yields whether both are on (``on=False``: as they stand, left
+    alone); restores both settings after."""
+    import torch._inductor.config as inductor
+
+    from llmcomp.kernels import uniform_cuda
+
+    ours = uniform_cuda.dependent_launch() if torch.cuda.is_available() else None
+    has = hasattr(inductor.triton, "enable_pdl")
+    if not on or ours is None or not has or torch.cuda.get_device_capability()[0] < 9:
+        yield bool(ours) and has and bool(inductor.triton.enable_pdl)
+        return
+    before = inductor.triton.enable_pdl
+    try:
+        inductor.triton.enable_pdl = True
+        yield bool(uniform_cuda.set_dependent_launch(True))
+    finally:
+        inductor.triton.enable_pdl = before
+        uniform_cuda.set_dependent_launch(ours)
 
 
 @contextlib.contextmanager
@@ -454,22 +483,24 @@ def environment() -> dict:
 
 def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
         graphs: bool = True, progress: Progress = NULL, compile: bool = False, breakdown: bool = False,
-        frozen: bool = True, pack_gqa: bool = True, fuse: bool = True) -> dict:
+        frozen: bool = True, pack_gqa: bool = True, fuse: bool = True, pdl: bool = False) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
     ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike;
-    ``frozen``: quantized linears traced as their kernels, else kept out of dynamo). ``pack_gqa``: both models
+    ``frozen``: quantized linears traced as their kernels, else kept out of dynamo; ``pdl``: with dependent launch,
+    ``dependent_launch``, where it exists — the row's ``dependent_launch`` says). ``pack_gqa``: both models
     attend through ``decode_attention.packed_gqa`` (no copies of K/V for grouped-query heads), else transformers'.
     ``breakdown``: each row also says where a step's time goes (``kernel_breakdown``).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
                                             "compile": compile,
-                                            **({"frozen": frozen, "fuse": fuse} if compile else {}),
+                                            **({"frozen": frozen, "fuse": fuse, "pdl": pdl} if compile else {}),
                                             "pack_gqa": pack_gqa},
               "rows": []}
     for name, label, model in models:
         with packed_gqa(model, pack_gqa) as packed, \
-                compiled_layers(model, frozen=frozen, fuse=fuse) if compile else contextlib.nullcontext() as compiled:
+                compiled_layers(model, frozen=frozen, fuse=fuse, pdl=pdl) if compile else contextlib.nullcontext() \
+                as compiled:
             if compile:
                 progress.note(f"Compiling the {compiled['layers']} decoder layers of {label} (first step of each "
                               f"batch; {compiled['frozen']} quantized linears traced as their kernels)")
@@ -483,6 +514,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                     if compile:
                         row["frozen_linears"] = compiled["frozen"]
                         row["fused_groups"] = compiled["fused"]
+                        row["dependent_launch"] = compiled["pdl"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}

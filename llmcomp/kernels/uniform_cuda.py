@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu",
-           "mma_zmma.cu", "mma_zmma1.cu")  # + uniform_mma.cuh
+SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu")  # + uniform_mma.cuh
 MAX_M = 64
 BITS = (2, 3, 4)
 E2M1_FORMATS = ("mxfp4", "nvfp4", "fp4")
@@ -210,14 +209,14 @@ POST_MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}  # the decode's magi
 
 def scale_pairs(prep: dict, dtype: torch.dtype, post: bool = False) -> torch.Tensor:
     """The kernel's scales in ``dtype``: uniform — (scale, mz) per row and group as one int32 of two
-    halves (scale in the low half), or with ``post`` (scale, −(MAGIC + zero)) for the fp32 post-scale kernels;
+    halves (scale in the low half), or with ``post`` (scale, MAGIC + zero) for the fp32 post-scale kernel;
     E2M1 — one int16 ``scale · 2^B`` per row and block."""
     sz = prep["sz"].get((dtype, post))
     if sz is None:
         if prep["elem"] == 1 and not post:
             sz = (prep["scale"] * 2.0 ** E2M1_BIAS[dtype]).to(dtype).view(torch.int16).contiguous()
         else:
-            second = -(prep["zero"] + POST_MAGIC[dtype]) if post else prep["mz"]
+            second = prep["zero"] + POST_MAGIC[dtype] if post else prep["mz"]
             pair = torch.stack([prep["scale"].to(dtype), second.to(dtype)], dim=-1).contiguous()
             sz = pair.view(torch.int32).squeeze(-1).contiguous()
         prep["sz"][(dtype, post)] = sz
@@ -297,7 +296,7 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0])
     wr = rest[0] if rest else 1
     if sz_post is not None and post_scale() and x2.shape[0] <= 8:
-        return gemm_op(x2, qw, qh, sz_post, bits, group, n, rt, warps, post_scale(), wr)
+        return gemm_op(x2, qw, qh, sz_post, bits, group, n, rt, warps, 3, wr)
     return gemm_op(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr)
 
 
@@ -321,29 +320,23 @@ def x_stage() -> bool:
     return os.environ.get("LLMCOMP_MMA_XSTAGE", "1").strip() != "0"
 
 
-POST_KINDS = {"0": 0, "1": 3, "sub": 3, "mma": 8, "mma1": 9}
-_post_kind: list = []  # [kernel kind] once read from the environment or set
+_post_on: list = []  # [on] once read from the environment or set
 
 
-def post_scale() -> int:
-    """The fp32 post-scale kernel's kind at M <= 8 for 2/4-bit codes with integral zeros, ``LLMCOMP_MMA_POST_SCALE``:
-    ``1``/``sub`` (elem 3: each code pair minus MAGIC + zero in 16 bits), ``mma`` (elem 8: the zero taken by extra
-    mma on the same x, no 16-bit subtract), ``0`` off (the per-pair-scale kernel). On the H200 elem 3 was 3–5 % faster
-    than off for W4 and 3–8 % for W2 at M = 1 (bench/results/kernels_h200_postscale.json against
-    kernels_h200_postscale_off.json)."""
-    if not _post_kind:
-        v = os.environ.get("LLMCOMP_MMA_POST_SCALE", "1").strip().lower()
-        if v not in POST_KINDS:
-            warnings.warn(f"LLMCOMP_MMA_POST_SCALE={v!r} is not one of {', '.join(POST_KINDS)}; using 1")
-        _post_kind.append(POST_KINDS.get(v, 3))
-    return _post_kind[0]
+def post_scale() -> bool:
+    """``LLMCOMP_MMA_POST_SCALE=0`` turns the fp32 post-scale kernel off (M <= 8, 2/4-bit codes with integral
+    zeros), for A/B timing in one build: on the H200 it was 3–5 % faster for W4 and 3–8 % for W2 at M = 1
+    (bench/results/kernels_h200_postscale.json against kernels_h200_postscale_off.json)."""
+    if not _post_on:
+        _post_on.append(os.environ.get("LLMCOMP_MMA_POST_SCALE", "1").strip() != "0")
+    return _post_on[0]
 
 
-def set_post_scale(kind: str) -> int:
-    """Switch the post-scale kernel (a ``POST_KINDS`` key) for A/B timing in one process; returns the elem used.
-    (A captured CUDA graph keeps the kernels it was captured with.)"""
-    _post_kind[:] = [POST_KINDS[kind]]
-    return _post_kind[0]
+def set_post_scale(on: bool) -> bool:
+    """Switch the post-scale kernel on or off for A/B timing in one process (a captured CUDA graph keeps the kernels
+    it was captured with)."""
+    _post_on[:] = [bool(on)]
+    return _post_on[0]
 
 
 def dependent_launch() -> Optional[bool]:

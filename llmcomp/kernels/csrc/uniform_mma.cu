@@ -17,14 +17,6 @@ void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::
     if (bits == 4) return dispatch_mt<T, 4, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
     return dispatch_mt<T, 2, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
   }
-  if (elem == 8) {
-    if (bits == 4) return dispatch_mt<T, 4, 8>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
-    return dispatch_mt<T, 2, 8>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
-  }
-  if (elem == 9) {
-    if (bits == 4) return dispatch_mt<T, 4, 9>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
-    return dispatch_mt<T, 2, 9>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
-  }
   if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
   return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
 }
@@ -57,9 +49,8 @@ bool set_pdl(bool on) {
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
                      int64_t& bits, int64_t& elem) {
   TORCH_CHECK(bits >= 2 && bits <= 4, "bits must be 2, 3 or 4");
-  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4) || ((elem == 3 || elem == 8 || elem == 9) && (bits == 4 || bits == 2)),
-              "elem: 0 (integer codes), 1 (e2m1, 4 bits), 3, 8 or 9 (integer codes, fp32 post-scale, 2 or 4 bits; 8 "
-              "and 9: the zero by mma)");
+  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4) || (elem == 3 && (bits == 4 || bits == 2)),
+              "elem: 0 (integer codes), 1 (e2m1, 4 bits) or 3 (integer codes, fp32 post-scale, 2 or 4 bits)");
   if (bits == 3) {
     TORCH_CHECK(qh.is_cuda() && qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
                 "3-bit codes need their high-bit plane");

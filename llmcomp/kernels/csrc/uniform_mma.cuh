@@ -235,10 +235,7 @@ __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&ou
 // instantiation with up to 16 warps splitting K where the accumulators are few (MT <= 2), so shapes with few row
 // tiles can fill the SMs (its own instantiation: __launch_bounds__(512) moves the 8-warp kernel's registers).
 // Codebook (VQ) element kinds: 4 / 5 one table (1 / 2 stages), 6 / 7 the bank-replicated table (1 / 2 stages).
-// Post-scale kinds (M <= 8, integral zeros): 3 subtracts MAGIC + z from each code pair, 8 and 9 take the zero by mma
-// (8 into accumulators of its own, 9 into the codes' chain).
-__host__ __device__ constexpr bool is_vq(int elem) { return elem >= 4 && elem <= 7; }
-__host__ __device__ constexpr bool is_post(int elem) { return elem == 3 || elem == 8 || elem == 9; }
+__host__ __device__ constexpr bool is_vq(int elem) { return elem >= 4; }
 __host__ __device__ constexpr int vq_stages(int elem) { return (elem & 1) + 1; }
 __host__ __device__ constexpr int vq_copies(int elem) { return elem >= 6 ? 16 : 1; }
 __host__ __device__ constexpr bool has_high_plane(int elem) { return elem == 2 || (is_vq(elem) && vq_stages(elem) == 2); }
@@ -363,13 +360,8 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
 // ELEM == 3 (M <= 8, integer codes with integral zeros, groups of whole kblocks): the A operand is q − z, exact in
 // fp16/bf16 (|q − z| < 16), the mma sums (q − z)·x in fp32 over the kblock, and the scale is applied once per kblock
 // in fp32 on the 4 accumulators — instead of one 16-bit scale FMA per code pair (16 a kblock). sz then holds
-// (scale, −(MAGIC + z)) per row and group (uniform_cuda.scale_pairs with post=True). Pair e of a word belongs to row
+// (scale, MAGIC + z) per row and group (uniform_cuda.scale_pairs with post=True). Pair e of a word belongs to row
 // g + 8·(e & 1) (the A fragment's a0..a3 alternate rows g, g + 8).
-// ELEM == 8 / 9: the same scales, but the A operand is the lop3's MAGIC + q as it is (no 16-bit add a code pair, 16 a
-// W4 kblock): the zero enters through KBLK / 16 more mma a kblock whose A operand is −(MAGIC + z) of rows g, g + 8, on
-// the same x — Σ −(MAGIC + z)·x + Σ (MAGIC + q)·x = Σ (q − z)·x in fp32 (products exact; the partial sums carry
-// MAGIC·Σx, at most 2^10·Σ|x|, far inside fp32's 24 bits). 8: the zero's mma in accumulators of their own (two
-// dependency chains, 4 adds), 9: first in the codes' chain (one chain twice as long).
 template <typename T, int BITS>
 __device__ __forceinline__ void decode_centered(uint32_t w, const typename Num<T>::T2 (&zz)[2],
                                                 typename Num<T>::T2 (&out)[16 / BITS]) {
@@ -382,7 +374,7 @@ __device__ __forceinline__ void decode_centered(uint32_t w, const typename Num<T
     N2 cz[PER_HALF];
 #pragma unroll
     for (int i = 0; i < PER_HALF; ++i)
-      cz[i] = N::add2(N::f2(N::MAGIC_F - N::MAGIC_F / float(1 << (BITS * i))), zz[i & 1]);
+      cz[i] = N::sub2(N::f2(N::MAGIC_F - N::MAGIC_F / float(1 << (BITS * i))), zz[i & 1]);
 #pragma unroll
     for (int sh = 0; sh < 2; ++sh) {
       const uint32_t v = sh ? (w >> 8) : w;
@@ -396,40 +388,24 @@ __device__ __forceinline__ void decode_centered(uint32_t w, const typename Num<T
   } else {
 #pragma unroll
     for (int e = 0; e < 16 / BITS; ++e)
-      out[e] = N::add2(N::pair(lop3_and_or(w >> (BITS * e), LOWMASK, N::MAGIC)), zz[e & 1]);
+      out[e] = N::sub2(N::pair(lop3_and_or(w >> (BITS * e), LOWMASK, N::MAGIC)), zz[e & 1]);
   }
 }
 
-// The lop3 alone: MAGIC + q per code pair (ELEM == 8's A operand).
 template <typename T, int BITS>
-__device__ __forceinline__ void decode_raw(uint32_t w, typename Num<T>::T2 (&out)[16 / BITS]) {
-  constexpr uint32_t LOWMASK = ((1u << BITS) - 1) | (((1u << BITS) - 1) << 16);
-#pragma unroll
-  for (int e = 0; e < 16 / BITS; ++e) out[e] = Num<T>::pair(lop3_and_or(w >> (BITS * e), LOWMASK, Num<T>::MAGIC));
-}
-
-template <typename T, int BITS, int ELEM>
 __device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_lo, uint32_t s_hi,
                                                     const uint4 (&cx)[(256 / BITS) / 32], float (&acc)[4]) {
   using N = Num<T>;
   using N2 = typename N::T2;
   constexpr int STEPS_PER_WORD = 4 / BITS;
-  constexpr bool ZMMA = ELEM != 3;
-  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};  // −(MAGIC + z), rows g and g + 8
-  float t[4] = {0.f, 0.f, 0.f, 0.f}, tz[4] = {0.f, 0.f, 0.f, 0.f};
+  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};
+  float t[4] = {0.f, 0.f, 0.f, 0.f};
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
   const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[0]);
-  if constexpr (ZMMA) {
-    const uint32_t az[4] = {*reinterpret_cast<const uint32_t*>(&zz[0]), *reinterpret_cast<const uint32_t*>(&zz[1]),
-                            *reinterpret_cast<const uint32_t*>(&zz[0]), *reinterpret_cast<const uint32_t*>(&zz[1])};
-#pragma unroll
-    for (int s = 0; s < 4 * STEPS_PER_WORD; ++s) mma16816<T>(ELEM == 8 ? tz : t, az, xw[2 * s], xw[2 * s + 1]);
-  }
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi) {
     N2 q[16 / BITS];
-    if constexpr (ZMMA) decode_raw<T, BITS>(words[wi], q);
-    else decode_centered<T, BITS>(words[wi], zz, q);
+    decode_centered<T, BITS>(words[wi], zz, q);
 #pragma unroll
     for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
       const int s = wi * STEPS_PER_WORD + ss;
@@ -437,10 +413,6 @@ __device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_l
                              *reinterpret_cast<uint32_t*>(&q[4 * ss + 2]), *reinterpret_cast<uint32_t*>(&q[4 * ss + 3])};
       mma16816<T>(t, a, xw[2 * s], xw[2 * s + 1]);
     }
-  }
-  if constexpr (ELEM == 8) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) t[i] += tz[i];
   }
   const float f_lo = N::lo_float(s_lo), f_hi = N::lo_float(s_hi);
   acc[0] = fmaf(f_lo, t[0], acc[0]);
@@ -537,9 +509,9 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
     return;
   }
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
-  if constexpr (is_post(ELEM)) {
+  if constexpr (ELEM == 3) {
     static_assert(MT == 1 && R == 1, "the fp32 post-scale path serves M <= 8 with one row tile a warp");
-    compute_kblock_post<T, BITS, ELEM>(w[0], load_scale_raw<0>(sz_row, grp), load_scale_raw<0>(sz_row, 8 * G + grp), cx[0],
+    compute_kblock_post<T, BITS>(w[0], load_scale_raw<0>(sz_row, grp), load_scale_raw<0>(sz_row, 8 * G + grp), cx[0],
                                  acc[0][0]);
     return;
   }
@@ -795,9 +767,9 @@ template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                  torch::Tensor& out, int group, int rt, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
   const int M = x.size(0);
-  if constexpr (is_post(ELEM)) {
+  if constexpr (ELEM == 3) {
     TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
-    return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   } else if constexpr (is_vq(ELEM)) {  // codebook weights: one row tile a warp
     TORCH_CHECK(cb != nullptr, "codebook weights need their codebooks");
     if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
@@ -824,8 +796,6 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1); \
   X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3); \
   X(__half, 2, 4); X(__nv_bfloat16, 2, 4); X(__half, 2, 5); X(__nv_bfloat16, 2, 5); \
-  X(__half, 2, 6); X(__nv_bfloat16, 2, 6); X(__half, 2, 7); X(__nv_bfloat16, 2, 7); \
-  X(__half, 4, 8); X(__nv_bfloat16, 4, 8); X(__half, 2, 8); X(__nv_bfloat16, 2, 8); \
-  X(__half, 4, 9); X(__nv_bfloat16, 4, 9); X(__half, 2, 9); X(__nv_bfloat16, 2, 9)
+  X(__half, 2, 6); X(__nv_bfloat16, 2, 6); X(__half, 2, 7); X(__nv_bfloat16, 2, 7)
 
 }  // namespace llmcomp_mma

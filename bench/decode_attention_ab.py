@@ -1,0 +1,70 @@
+"""The split-KV decode attention kernel alone (``llmcomp.kernels.decode_attention``), at the 8B decode shapes: 32 query
+heads, 8 key/value heads, head dim 128, a static cache of ``--max-len`` positions of which ``--valid`` attend, batch 1
+and 16; µs a call (a CUDA graph of copies over enough caches that each call reads from HBM) and % of the K/V bytes it
+reads at the copy bandwidth measured in the same run, for each pipeline depth (``NUM_STAGES``) and, where
+``bench/_old_decode_attention.py`` exists (a previous version of the module, put there by hand), that version.
+
+    python bench/decode_attention_ab.py --out bench/results/decode_attention_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from llmcomp.eval import kernel_bench as kb
+from llmcomp.kernels import decode_attention as da
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--max-len", type=int, default=576)
+    ap.add_argument("--valid", default="520,576")
+    ap.add_argument("--stages", default="1,2,3")
+    args = ap.parse_args()
+    old_path = Path(__file__).with_name("_old_decode_attention.py")
+    variants = {f"stages{s}": int(s) for s in args.stages.split(",")}
+    old = None
+    if old_path.exists():
+        spec = importlib.util.spec_from_file_location("_old_decode_attention", old_path)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)  # (re-registers the op's name: each version's own function is called below)
+    bw = kb.copy_bandwidth()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}
+    h, kvh, d, length = 32, 8, 128, args.max_len
+    for b in (int(x) for x in args.batch.split(",")):
+        for valid in (int(x) for x in args.valid.split(",")):
+            nbytes = 2 * b * kvh * valid * d * 2  # the K and V positions that attend, bf16
+            copies = max(2, -(-kb.ROTATE_BYTES // (2 * b * kvh * length * d * 2)))
+            caches = [(torch.randn(b, kvh, length, d, device="cuda", dtype=torch.bfloat16),
+                       torch.randn(b, kvh, length, d, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
+            q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
+            mask = torch.zeros(b, 1, 1, length, dtype=torch.bool, device="cuda")
+            mask[..., :valid] = True
+            want = da.reference(q, *caches[0], mask, d ** -0.5)
+            row = {"batch": b, "max_len": length, "valid": valid, "kv_bytes": nbytes, "copies": copies}
+            runs = {name: (da, s) for name, s in variants.items()}
+            if old is not None:
+                runs["old"] = (old, None)
+            for name, (mod, stages) in runs.items():
+                if stages is not None:
+                    da.NUM_STAGES = stages
+                fn = mod.decode_attention._init_fn  # the function itself, not the dispatcher's registration
+                got = fn(q, *caches[0], mask, d ** -0.5)
+                row[f"{name}_max_err"] = float((got.float() - want.float()).abs().max())
+                t = kb.per_call_seconds([lambda kv=kv: fn(q, *kv, mask, d ** -0.5) for kv in caches])
+                row[f"{name}_us"] = round(t * 1e6, 2)
+                row[f"{name}_roofline_pct"] = round(100 * nbytes / bw / t, 1)
+            result["rows"].append(row)
+            print(row, flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

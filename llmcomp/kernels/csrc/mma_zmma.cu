@@ -1,9 +1,0 @@
-// One instantiation unit of the dequant-GEMM (see uniform_mma.cuh): built in parallel with the others.
-#include "uniform_mma.cuh"
-
-namespace llmcomp_mma {
-LLMCOMP_MMA_DISPATCH(__half, 4, 8);  // fp32 post-scale with the zero taken by mma, M <= 8
-LLMCOMP_MMA_DISPATCH(__nv_bfloat16, 4, 8);
-LLMCOMP_MMA_DISPATCH(__half, 2, 8);
-LLMCOMP_MMA_DISPATCH(__nv_bfloat16, 2, 8);
-}  // namespace llmcomp_mma
