@@ -16,6 +16,8 @@ CASES = [  # batch, query heads, kv heads, cache length, head dim, valid positio
     (2, 16, 1, 1000, 128, 999, "bool"),  # 16 query heads a kv head; several blocks a chunk
     (1, 8, 2, 700, 64, 600, "holes"),  # whole blocks masked inside the attended range
     (2, 8, 1, 500, 128, 450, "float-holes"),
+    (1, 4, 1, 300, 64, 63, "bool"),  # chunks with nothing to attend after the first
+    (1, 4, 1, 300, 64, 63, "float"),
 ]
 
 
@@ -65,6 +67,34 @@ def test_kernel_matches_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_a_launch_out_of_shared_memory_is_retried_unpipelined(monkeypatch):
+    """Head dim 256 asks for 2 pipeline stages (3 do not fit 99 KB GPUs); should a launch still run out of shared
+    memory, it is retried with 1 and that depth kept for the head dim and device."""
+    triton = pytest.importorskip("triton")
+    depths = []
+
+    class Partial:
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kwargs):
+                depths.append(num_stages)
+                if num_stages > 1:
+                    raise triton.runtime.errors.OutOfResources(141312, 101376, "shared memory")
+            return launch
+
+    class Combine:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(da, "_kernels", lambda: (Partial(), Combine()))
+    monkeypatch.setattr(da, "_STAGES", {})
+    q, kv = torch.zeros(1, 4, 256), torch.zeros(1, 1, 100, 256)
+    assert da.stages(128, q.device) == da.NUM_STAGES and da.stages(256, q.device) == 2
+    da.decode_attention._init_fn(q, kv, kv, None, 0.1)
+    assert depths == [2, 1] and da.stages(256, q.device) == 1
+    da.decode_attention._init_fn(q, kv, kv, None, 0.1)
+    assert depths == [2, 1, 1]
 
 
 def test_chunks_fill_the_gpu():

@@ -398,34 +398,40 @@ def test_compiled_layers_trace_quantized_linears_on_cuda():
 @pytest.mark.cuda
 def test_dependent_launch_decodes_the_same_in_a_graph():
     """Compiled (inductor) W4 layers replayed as a CUDA graph with dependent launch on — our GEMMs and inductor's
-    kernels may start before the kernel ahead finishes — give bit for bit the logits of the same graph without it
-    (the same kernels in the same order: only when each may start differs), close to the eager decode's; both
-    settings are put back after."""
+    kernels (which then carry gdc_wait) may start before the kernel ahead finishes — give the logits of the same graph
+    without it: bit for bit where inductor can be told to pick its kernel configurations without timing them
+    (``deterministic``), else within 0.2 %; close to the eager decode's; both settings are put back after."""
     import torch._dynamo
     import torch._inductor.config as inductor
+    from torch._inductor.utils import run_and_get_code
 
     from llmcomp.kernels import uniform_cuda
 
+    before = uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None)
+    if before[0] is None or before[1] is None or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("dependent launch needs sm_90+, the CUDA extension and a torch with inductor's enable_pdl")
     model = db.synthetic_model("llama3-8b", layers=2)
     db.quantize_rtn(model, 4, 128)
     ids = torch.randint(0, 128256, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
     _, ref, _ = static_decode(model, ids, steps=5, max_len=64)
-    before = uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None)
-    capable = torch.cuda.get_device_capability()[0] >= 9 and before[1] is not None
+    exact = hasattr(inductor, "deterministic")
     runs = {}
-    for pdl in (False, True):
-        torch._dynamo.reset()
-        with db.compiled_layers(model, pdl=pdl) as info:
-            assert info["pdl"] == (pdl and capable) and bool(uniform_cuda.dependent_launch()) == (pdl and capable)
-            graphed = db.StaticDecoder(model, 2, 64)
-            logits = [graphed.prefill(ids).clone()]
-            graphed.capture(warmup=3)
-            assert graphed.graph is not None
-            logits += [graphed.step().clone() for _ in range(5)]
-        runs[pdl] = logits
-        assert (uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None)) == before
+    with inductor.patch({"deterministic": True} if exact else {}):
+        for pdl in (False, True):
+            torch._dynamo.reset()
+            with db.compiled_layers(model, pdl=pdl) as info:
+                assert info["pdl"] == pdl and bool(uniform_cuda.dependent_launch()) == pdl
+                _, code = run_and_get_code(torch.compile(lambda t: (t * 2).sin() + 1), torch.ones(8, device="cuda"))
+                assert ("gdc_wait" in "".join(code)) == pdl
+                graphed = db.StaticDecoder(model, 2, 64)
+                logits = [graphed.prefill(ids).clone()]
+                graphed.capture(warmup=3)
+                assert graphed.graph is not None
+                logits += [graphed.step().clone() for _ in range(5)]
+            runs[pdl] = logits
+            assert (uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None)) == before
     for i, (a, b, e) in enumerate(zip(runs[False], runs[True], ref)):
-        assert torch.equal(a, b), f"step {i}"
+        assert torch.equal(a, b) if exact else (a.float() - b.float()).abs().max() <= 2e-3 * a.float().abs().max(), i
         assert (b.float() - e.float()).abs().max() <= 5e-2 * e.float().abs().max(), f"step {i}"
 
 

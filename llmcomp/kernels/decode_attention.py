@@ -33,7 +33,14 @@ MAX_SPLITS = 32
 # The partial kernel's software-pipeline depth (K/V blocks in flight, 32 KB of shared memory each at head dim 128). On
 # an H200 at the 8B decode shapes (bench/results/decode_attention_h200.json), batch 16: 16.6 / 17.3 / 19.0 µs at 3 / 2 /
 # 1 (the unpipelined kernel with a branch a block: 19.9); batch 1 (one block a program): 6.4 µs at any depth (6.6).
+# Head dim 256 takes at most 2 (3 need ~138 KB a program, past the 99 KB of sm_86/89/120 GPUs); a launch that still
+# runs out of shared memory is retried unpipelined, and that depth kept for the head dim and device (_STAGES).
 NUM_STAGES = 3
+_STAGES: dict = {}
+
+
+def stages(d: int, device: torch.device) -> int:
+    return _STAGES.get((d, device), NUM_STAGES if d <= 128 else min(NUM_STAGES, 2))
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> bool:
@@ -73,12 +80,14 @@ def _kernels():
         if MASK == 0:
             end = tl.minimum(start + CHUNK, L)
         else:
-            cpos = start + tl.arange(0, CHUNK)
-            if MASK == 1:
-                attend = tl.load(m_ptr + b * sm_b + cpos * sm_l, mask=cpos < L, other=0) != 0
-            else:
-                attend = tl.load(m_ptr + b * sm_b + cpos * sm_l, mask=cpos < L, other=float("-inf")) > float("-inf")
-            end = tl.max(tl.where(attend, cpos, -1), 0) + 1
+            end = start
+            for i in range(0, CHUNK, BLOCK):  # a block of the mask at a time (CHUNK grows with the length)
+                cpos = start + i + tl.arange(0, BLOCK)
+                if MASK == 1:
+                    attend = tl.load(m_ptr + b * sm_b + cpos * sm_l, mask=cpos < L, other=0) != 0
+                else:
+                    attend = tl.load(m_ptr + b * sm_b + cpos * sm_l, mask=cpos < L, other=float("-inf")) > float("-inf")
+                end = tl.maximum(end, tl.max(tl.where(attend, cpos, -1), 0) + 1)
         q = tl.load(q_ptr + b * sq_b + (h * GROUPS + g)[:, None] * sq_h + d[None, :], mask=(g < GROUPS)[:, None],
                     other=0.0)
         m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -155,11 +164,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     out = torch.empty(b, h, d, device=q.device, dtype=q.dtype)
     m, sm_b, sm_l, how = _mask_args(mask, b, length, q.device)
     partial, combine = _kernels()
-    partial[(b * kvh, splits)](q, k, v, m, part, ml, length, kvh, scale,
-                               q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                               v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l,
-                               GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d, BLOCK=min(chunk, 64),
-                               CHUNK=chunk, MASK=how, num_warps=4, num_stages=NUM_STAGES)
+
+    def launch(depth: int):
+        partial[(b * kvh, splits)](q, k, v, m, part, ml, length, kvh, scale,
+                                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                                   v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l,
+                                   GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d,
+                                   BLOCK=min(chunk, 64), CHUNK=chunk, MASK=how, num_warps=4, num_stages=depth)
+
+    depth = stages(d, q.device)
+    try:
+        launch(depth)
+    except triton.runtime.errors.OutOfResources:
+        if depth == 1:
+            raise
+        _STAGES[(d, q.device)] = 1
+        launch(1)
     combine[(b * h,)](part, ml, out, splits, D=d, SP=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
