@@ -40,7 +40,7 @@ def main() -> None:
     for b in (int(x) for x in args.batch.split(",")):
         for valid in (int(x) for x in args.valid.split(",")):
             nbytes = 2 * b * kvh * valid * d * 2  # the K and V positions that attend, bf16
-            copies = max(2, -(-kb.ROTATE_BYTES // (2 * b * kvh * length * d * 2)))
+            copies = kb._copies(2 * b * kvh * length * d * 2)  # caches of this size to fill the rotation
             caches = [(torch.randn(b, kvh, length, d, device="cuda", dtype=torch.bfloat16),
                        torch.randn(b, kvh, length, d, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
             q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)

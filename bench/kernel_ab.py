@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -86,7 +85,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         for label, linears in (("separate", LAYER), ("fused", FUSED)):
             one = sum(state_bytes(quantized(fmt, n, k, 0)[0].packed_tensors()) for _, n, k in linears)
-            copies = max(2, math.ceil(kb.ROTATE_BYTES / one))
+            copies = kb._copies(one)
             chain = [[quantized(fmt, n, k, 7 * c + i) for i, (_, n, k) in enumerate(linears)] for c in range(copies)]
             for m in ms:
                 x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)

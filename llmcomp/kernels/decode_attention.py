@@ -59,6 +59,19 @@ def chunk_size(batch_heads: int, length: int, sms: int) -> int:
     return chunk
 
 
+if triton is not None:  # (a kernel's helpers must be module globals for Triton to find them)
+    @triton.jit
+    def _bias(m_row, sm_l, pos, valid, MASK: tl.constexpr):
+        """The mask as an additive fp32 bias at ``pos`` (a bool mask's False: -inf); -inf where not ``valid``."""
+        if MASK == 1:
+            bias = tl.where(tl.load(m_row + pos * sm_l, mask=valid, other=0) != 0, 0.0, float("-inf"))
+        elif MASK == 2:
+            bias = tl.load(m_row + pos * sm_l, mask=valid, other=float("-inf")).to(tl.float32)
+        else:
+            bias = tl.where(valid, 0.0, float("-inf"))
+        return bias
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels():
     @triton.jit
@@ -83,10 +96,7 @@ def _kernels():
             end = start
             for i in range(0, CHUNK, BLOCK):  # a block of the mask at a time (CHUNK grows with the length)
                 cpos = start + i + tl.arange(0, BLOCK)
-                if MASK == 1:
-                    attend = tl.load(m_ptr + b * sm_b + cpos * sm_l, mask=cpos < L, other=0) != 0
-                else:
-                    attend = tl.load(m_ptr + b * sm_b + cpos * sm_l, mask=cpos < L, other=float("-inf")) > float("-inf")
+                attend = _bias(m_ptr + b * sm_b, sm_l, cpos, cpos < L, MASK) > float("-inf")
                 end = tl.maximum(end, tl.max(tl.where(attend, cpos, -1), 0) + 1)
         q = tl.load(q_ptr + b * sq_b + (h * GROUPS + g)[:, None] * sq_h + d[None, :], mask=(g < GROUPS)[:, None],
                     other=0.0)
@@ -100,14 +110,7 @@ def _kernels():
                          other=0.0)
             vv = tl.load(v_ptr + b * sv_b + h * sv_h + pos[:, None] * sv_l + d[None, :], mask=inside[:, None],
                          other=0.0)
-            if MASK == 1:
-                keep = tl.load(m_ptr + b * sm_b + pos * sm_l, mask=inside, other=0) != 0
-                bias = tl.where(keep, 0.0, float("-inf"))
-            elif MASK == 2:
-                bias = tl.load(m_ptr + b * sm_b + pos * sm_l, mask=inside, other=float("-inf")).to(tl.float32)
-            else:
-                bias = tl.where(inside, 0.0, float("-inf"))
-            sc = tl.dot(q, tl.trans(kk)) * scale + bias[None, :]
+            sc = tl.dot(q, tl.trans(kk)) * scale + _bias(m_ptr + b * sm_b, sm_l, pos, inside, MASK)[None, :]
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(sc - m_use[:, None])
