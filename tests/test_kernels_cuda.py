@@ -336,3 +336,66 @@ def test_post_scale_kernel_matches_the_reference(fmt, dtype):
                 ref_path = uniform_cuda.gemm_op(x, prep["qw"], prep["qw"], uniform_cuda.scale_pairs(prep, dtype),
                                                 fmt.bits, prep["group"], n, 1, 8, 0)
                 assert _rel_err(y, x, fmt, t, k) <= _rel_err(ref_path, x, fmt, t, k) * 1.5 + 1e-3, (n, k, m)
+
+
+def _code_bits(fmt) -> int:
+    """The codes' width as the kernels see it (E2M1: 4)."""
+    return 4 if fmt.name in ("mxfp4", "nvfp4", "fp4") else fmt.bits
+
+
+def _kernels_run(fn) -> set:
+    """Names of the CUDA kernels fn launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0),
+                                 Uniform(bits=4, group_size=96), Uniform(bits=2, group_size=128), MXFP4(), NVFP4()],
+                         ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_streamed_kernel_matches_the_reference(fmt, dtype):
+    """The streamed M <= 8 kernel (uniform_stream.cuh: a producer warp's bulk copies through a shared-memory ring),
+    8, 16 and 24 consumer warps (1-3 groups), with and without dependent launch: within the tolerance of the fp32 reference and
+    within 1 % of the default kernel; row tiles that do not divide evenly among the blocks (63, 133), several
+    stages a tile, one stage a tile; K that is not a whole number of 32-kblock stages, scale rows that are not
+    whole 16-byte copies (one group a row), and M > 8 keep the default kernel (checked by the kernels the profiler
+    sees)."""
+    from llmcomp.kernels import uniform_cuda
+
+    if uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the streamed kernel needs sm_90 (bulk copies)")
+    before = (uniform_cuda.stream_mode(), uniform_cuda.dependent_launch())
+    e2m1 = uniform_cuda.is_e2m1(fmt)
+    try:
+        kbl = uniform_cuda.kblock(_code_bits(fmt))
+        for n, k in [(1008, 32 * kbl), (2128, 64 * kbl), (4096, 4096), (48, 224 * kbl), (2048, 24 * kbl)]:
+            if not uniform_cuda.shape_ok(fmt, k, n):
+                continue
+            q, t, g = _layer(fmt, n, k, n + k)
+            prep = uniform_cuda.prepare(fmt, t, k)
+            bits, group = uniform_cuda._bits_and_group(fmt, k)
+            g_row = (k // group) * (2 if e2m1 else 4)  # a row of scales, in bytes
+            streamed = (k // uniform_cuda.kblock(bits)) % 32 == 0 and g_row % 16 == 0
+            for m in [1, 3, 8, 9]:
+                x = torch.randn(m, k, generator=g).to("cuda", dtype)
+                uniform_cuda.set_stream(0)
+                base = uniform_cuda.gemm(x, prep)
+                for mode, pdl in [(8, False), (16, False), (24, False), (24, True)]:
+                    uniform_cuda.set_stream(mode)
+                    uniform_cuda.set_dependent_launch(pdl)
+                    names = _kernels_run(lambda: uniform_cuda.gemm(x, prep))
+                    y = uniform_cuda.gemm(x, prep)
+                    used = any("uniform_stream_kernel" in s for s in names)
+                    assert used == (streamed and m <= 8), (n, k, m, mode, names)
+                    assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m, mode)
+                    diff = float((y.float() - base.float()).abs().max() / base.float().abs().max())
+                    assert diff < 1e-2, (n, k, m, mode, diff)
+    finally:
+        uniform_cuda.set_stream(before[0])
+        uniform_cuda.set_dependent_launch(bool(before[1]))

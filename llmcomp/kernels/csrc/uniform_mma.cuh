@@ -260,11 +260,17 @@ __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typenam
   }
 }
 
-// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale.
-template <int ELEM>
+// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale. SMEM: sz points
+// into shared memory (the streamed kernel's copy of a tile's scales), read by a plain load.
+template <int ELEM, bool SMEM = false>
 __device__ __forceinline__ uint32_t load_scale_raw(const void* sz, size_t idx) {
-  if constexpr (ELEM == 1) return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
-  else return __ldg(reinterpret_cast<const uint32_t*>(sz) + idx);
+  if constexpr (SMEM) {
+    if constexpr (ELEM == 1) return reinterpret_cast<const unsigned short*>(sz)[idx];
+    else return reinterpret_cast<const uint32_t*>(sz)[idx];
+  } else {
+    if constexpr (ELEM == 1) return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
+    else return __ldg(reinterpret_cast<const uint32_t*>(sz) + idx);
+  }
 }
 
 // ... as two T2 vectors (scale, scale) and (mz, mz).
@@ -279,9 +285,9 @@ __device__ __forceinline__ void unpack_scale(uint32_t s, typename Num<T>::T2& sc
   }
 }
 
-template <typename T, int ELEM>
+template <typename T, int ELEM, bool SMEM = false>
 __device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
-  unpack_scale<T, ELEM>(load_scale_raw<ELEM>(sz, idx), sc, mz);
+  unpack_scale<T, ELEM>(load_scale_raw<ELEM, SMEM>(sz, idx), sc, mz);
 }
 
 // The group of input k, as floor(k * gmagic / 2^32) with gmagic = ceil(2^32 / group) (exact for k * group < 2^32,
@@ -478,8 +484,9 @@ __device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h
 // One kblock of a warp: this lane's x and scales for kblock kb (x_lane, sz_row: mma_kernel_body's pointers), then
 // the math on the weights w (and 3-bit high planes h) already loaded.
 // x_lane/x_stride/x_at: where this lane's x of the kblock starts (global memory: row stride K, kb * KBLK; XS, x staged
-// in shared memory: the chunk's padded row stride and the kblock's offset in the chunk).
-template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false>
+// in shared memory: the chunk's padded row stride and the kblock's offset in the chunk). G: the scale rows' stride
+// in scales; SZS: sz_row in shared memory.
+template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool SZS = false>
 __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
                                             int x_stride, int x_at, const void* sz_row, int M, int G,
                                             uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
@@ -511,15 +518,15 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
   if constexpr (ELEM == 3) {
     static_assert(MT == 1 && R == 1, "the fp32 post-scale path serves M <= 8 with one row tile a warp");
-    compute_kblock_post<T, BITS>(w[0], load_scale_raw<0>(sz_row, grp), load_scale_raw<0>(sz_row, 8 * G + grp), cx[0],
+    compute_kblock_post<T, BITS>(w[0], load_scale_raw<0, SZS>(sz_row, grp), load_scale_raw<0, SZS>(sz_row, 8 * G + grp), cx[0],
                                  acc[0][0]);
     return;
   }
   N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    load_scale<T, ELEM>(sz_row, r * 16 * G + grp, sc_lo[r], mz_lo[r]);
-    load_scale<T, ELEM>(sz_row, (r * 16 + 8) * G + grp, sc_hi[r], mz_hi[r]);
+    load_scale<T, ELEM, SZS>(sz_row, r * 16 * G + grp, sc_lo[r], mz_lo[r]);
+    load_scale<T, ELEM, SZS>(sz_row, (r * 16 + 8) * G + grp, sc_hi[r], mz_hi[r]);
   }
   compute_kblock<T, BITS, MT, R, ELEM>(w, h, sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);
 }
@@ -712,10 +719,15 @@ inline uint32_t group_magic(int K, int G, int group) {
 // process, the device of the first launch decides; set_pdl switches it).
 bool pdl();
 
+#include "uniform_stream.cuh"
+
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
+  if constexpr (MT == 1 && R == 1) {  // the streamed kernel, where it is on and applies (uniform_stream.cuh)
+    if (launch_stream<T, BITS, ELEM>(x, qw, sz, out, group)) return;
+  }
   const int cb_n = cb ? (int)cb->size(0) : 0;
   constexpr int KBLK = 256 / BITS;
   const int KB = K / KBLK;
