@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu")
-HEADERS = ("uniform_mma.cuh", "uniform_stream.cuh")
+SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu")  # + uniform_mma.cuh
 MAX_M = 64
 BITS = (2, 3, 4)
 E2M1_FORMATS = ("mxfp4", "nvfp4", "fp4")
@@ -67,7 +66,7 @@ def extension():
         major, minor = torch.cuda.get_device_capability()
         if major < 8:
             raise RuntimeError(f"compute capability {major}.{minor} < 8.0 (mma.sync bf16 needs Ampere or newer)")
-        src = b"".join((CSRC / f).read_bytes() for f in (*SOURCES, *HEADERS))
+        src = b"".join((CSRC / f).read_bytes() for f in (*SOURCES, "uniform_mma.cuh"))
         tag = hashlib.sha256(src + f"{major}{minor}{torch.__version__}".encode()).hexdigest()[:12]
         build = cache_dir() / "kernels" / f"uniform_mma_{tag}"
         build.mkdir(parents=True, exist_ok=True)
@@ -355,20 +354,6 @@ def set_dependent_launch(on: bool) -> Optional[bool]:
     extension). Graphs captured before keep the launches they were captured with."""
     ext = extension() if torch.cuda.is_available() else None
     return bool(ext.set_pdl(on)) if ext is not None else None
-
-
-def stream_mode() -> Optional[int]:
-    """The streamed M <= 8 kernel's consumer warps a block (csrc/uniform_stream.cuh; sm_90+), 0 when off — opt-in,
-    ``LLMCOMP_MMA_STREAM=8``, ``16`` or ``24``. None without the extension."""
-    ext = extension() if torch.cuda.is_available() else None
-    return int(ext.stream_mode()) if ext is not None else None
-
-
-def set_stream(mode: int) -> Optional[int]:
-    """Switch the streamed kernel (0 off, 8, 16 or 24 consumer warps) for A/B timing in one process; returns the new
-    mode (None without the extension). Graphs captured before keep the kernels they were captured with."""
-    ext = extension() if torch.cuda.is_available() else None
-    return int(ext.set_stream(int(mode))) if ext is not None else None
 
 
 def high_plane(prep: dict) -> torch.Tensor:

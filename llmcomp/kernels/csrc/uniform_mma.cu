@@ -44,24 +44,6 @@ bool set_pdl(bool on) {
   return pdl_state;
 }
 
-static int stream_state = -1;  // -1: not read yet
-
-int stream_mode() {
-  if (stream_state < 0) {
-    const char* e = std::getenv("LLMCOMP_MMA_STREAM");
-    const int v = e ? std::atoi(e) : 0;
-    stream_state = (v == 8 || v == 16 || v == 24) ? v : 0;
-  }
-  return stream_state;
-}
-
-// For A/B timing in one process: 0 off, 8, 16 or 24 consumer warps a block.
-int64_t set_stream(int64_t mode) {
-  TORCH_CHECK(mode == 0 || mode == 8 || mode == 16 || mode == 24, "stream mode: 0 (off), 8, 16 or 24 consumer warps");
-  stream_state = (int)mode;
-  return stream_state;
-}
-
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
@@ -180,7 +162,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
-  m.def("set_stream", &set_stream, "the streamed M <= 8 kernel: 0 off, 8, 16 or 24 consumer warps a block (sm_90+)");
-  m.def("stream_mode", &stream_mode, "the streamed kernel's consumer warps a block, 0 when off (LLMCOMP_MMA_STREAM)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }

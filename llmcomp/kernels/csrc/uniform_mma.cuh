@@ -42,10 +42,6 @@
 
 namespace llmcomp_mma {
 
-#ifndef LLMCOMP_MMA_XAHEAD  // M <= 8: x loaded a kblock ahead of its math (mma_kernel_body)
-#define LLMCOMP_MMA_XAHEAD 1
-#endif
-
 template <typename T> struct Num;
 template <> struct Num<__half> {
   using T2 = __half2;
@@ -264,17 +260,11 @@ __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typenam
   }
 }
 
-// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale. SMEM: sz points
-// into shared memory (the streamed kernel's copy of a tile's scales), read by a plain load.
-template <int ELEM, bool SMEM = false>
+// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale.
+template <int ELEM>
 __device__ __forceinline__ uint32_t load_scale_raw(const void* sz, size_t idx) {
-  if constexpr (SMEM) {
-    if constexpr (ELEM == 1) return reinterpret_cast<const unsigned short*>(sz)[idx];
-    else return reinterpret_cast<const uint32_t*>(sz)[idx];
-  } else {
-    if constexpr (ELEM == 1) return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
-    else return __ldg(reinterpret_cast<const uint32_t*>(sz) + idx);
-  }
+  if constexpr (ELEM == 1) return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
+  else return __ldg(reinterpret_cast<const uint32_t*>(sz) + idx);
 }
 
 // ... as two T2 vectors (scale, scale) and (mz, mz).
@@ -289,9 +279,9 @@ __device__ __forceinline__ void unpack_scale(uint32_t s, typename Num<T>::T2& sc
   }
 }
 
-template <typename T, int ELEM, bool SMEM = false>
+template <typename T, int ELEM>
 __device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
-  unpack_scale<T, ELEM>(load_scale_raw<ELEM, SMEM>(sz, idx), sc, mz);
+  unpack_scale<T, ELEM>(load_scale_raw<ELEM>(sz, idx), sc, mz);
 }
 
 // The group of input k, as floor(k * gmagic / 2^32) with gmagic = ceil(2^32 / group) (exact for k * group < 2^32,
@@ -485,15 +475,21 @@ __device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h
   }
 }
 
-// This lane's x fragments of a kblock (x_lane/x_stride/x_at: where its x starts — global memory: row stride K,
-// kb * KBLK; XS, x staged in shared memory: the chunk's padded row stride and the kblock's offset in the chunk).
-// Lanes of tokens >= M read the last token's x instead of zeros: an mma's output column depends on its own B
-// column only, and the columns of tokens >= M are never written out — no predicate, no zeroing.
-template <typename T, int BITS, int MT, bool XS = false>
-__device__ __forceinline__ void load_x(const T* x_lane, int x_stride, int x_at, int M,
-                                       uint4 (&cx)[MT][(256 / BITS) / 32]) {
-  constexpr int XVEC = (256 / BITS) / 32;
-  const int g = (threadIdx.x & 31) >> 2;
+// One kblock of a warp: this lane's x and scales for kblock kb (x_lane, sz_row: mma_kernel_body's pointers), then
+// the math on the weights w (and 3-bit high planes h) already loaded.
+// x_lane/x_stride/x_at: where this lane's x of the kblock starts (global memory: row stride K, kb * KBLK; XS, x staged
+// in shared memory: the chunk's padded row stride and the kblock's offset in the chunk).
+template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false>
+__device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
+                                            int x_stride, int x_at, const void* sz_row, int M, int G,
+                                            uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
+                                            int cb1_at) {
+  using N2 = typename Num<T>::T2;
+  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  // Lanes of tokens >= M read the last token's x instead of zeros: an mma's output column depends on its own B
+  // column only, and the columns of tokens >= M are never written out — no predicate, no zeroing.
+  uint4 cx[MT][XVEC];
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
     const int tok = MT == 1 ? 0 : min(t * 8 + g, M - 1) - min(g, M - 1);  // x_lane is token min(g, M - 1)
@@ -504,18 +500,6 @@ __device__ __forceinline__ void load_x(const T* x_lane, int x_stride, int x_at, 
       else cx[t][v] = __ldg(xv + v);
     }
   }
-}
-
-// The math of kblock kb of a warp on its weights w (and 3-bit high planes h) and this lane's x fragments cx: the
-// scales (sz_row: mma_kernel_body's pointer; G: the scale rows' stride in scales; SZS: sz_row in shared memory),
-// decode, mma.
-template <typename T, int BITS, int MT, int R, int ELEM, bool SZS = false>
-__device__ __forceinline__ void kblock_math(const uint4 (&w)[R], const uint2 (&h)[R], int kb,
-                                            const uint4 (&cx)[MT][(256 / BITS) / 32], const void* sz_row, int G,
-                                            uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s, int cb1_at) {
-  using N2 = typename Num<T>::T2;
-  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4;
-  const int lane = threadIdx.x & 31, c = lane & 3;
   if constexpr (is_vq(ELEM)) {
     static_assert(BITS == 2 && R == 1, "codebook weights use the 2-bit shape, one row tile a warp");
     constexpr int CP = vq_copies(ELEM);
@@ -527,28 +511,17 @@ __device__ __forceinline__ void kblock_math(const uint4 (&w)[R], const uint2 (&h
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
   if constexpr (ELEM == 3) {
     static_assert(MT == 1 && R == 1, "the fp32 post-scale path serves M <= 8 with one row tile a warp");
-    compute_kblock_post<T, BITS>(w[0], load_scale_raw<0, SZS>(sz_row, grp), load_scale_raw<0, SZS>(sz_row, 8 * G + grp),
-                                 cx[0], acc[0][0]);
+    compute_kblock_post<T, BITS>(w[0], load_scale_raw<0>(sz_row, grp), load_scale_raw<0>(sz_row, 8 * G + grp), cx[0],
+                                 acc[0][0]);
     return;
   }
   N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    load_scale<T, ELEM, SZS>(sz_row, r * 16 * G + grp, sc_lo[r], mz_lo[r]);
-    load_scale<T, ELEM, SZS>(sz_row, (r * 16 + 8) * G + grp, sc_hi[r], mz_hi[r]);
+    load_scale<T, ELEM>(sz_row, r * 16 * G + grp, sc_lo[r], mz_lo[r]);
+    load_scale<T, ELEM>(sz_row, (r * 16 + 8) * G + grp, sc_hi[r], mz_hi[r]);
   }
   compute_kblock<T, BITS, MT, R, ELEM>(w, h, sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);
-}
-
-// One kblock of a warp: this lane's x (load_x), then the math (kblock_math).
-template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool SZS = false>
-__device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
-                                            int x_stride, int x_at, const void* sz_row, int M, int G,
-                                            uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
-                                            int cb1_at) {
-  uint4 cx[MT][(256 / BITS) / 32];
-  load_x<T, BITS, MT, XS>(x_lane, x_stride, x_at, M, cx);
-  kblock_math<T, BITS, MT, R, ELEM, SZS>(w, h, kb, cx, sz_row, G, gmagic, acc, cb_s, cb1_at);
 }
 
 // One warp: R row tiles (16 rows each) x MT token tiles (8 tokens each), over kblocks [kb0, kb1).
@@ -605,7 +578,6 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   // XS (M > 16, one warp a row group over all of K): x staged in shared memory a round ahead by cp.async, shared by
   // the block's row groups, so a kblock's x loads wait on shared memory instead of L2.
   constexpr int CH = U * KBLK, CHP = CH + 8;  // inputs a round; padded row (16 bytes) against bank conflicts
-  constexpr bool XAHEAD = LLMCOMP_MMA_XAHEAD && MT == 1 && !XS && !is_vq(ELEM);
   T* xs = reinterpret_cast<T*>(cb_s);
   const int rounds = XS ? (KB + U - 1) / U : 0;
   auto stage_x = [&](int rd) {
@@ -646,22 +618,11 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       __syncthreads();
     }
     const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
-    if constexpr (XAHEAD) {  // x a kblock ahead of its math: the first mma of a kblock waited on its x (ncu)
-      uint4 cx[2][MT][(256 / BITS) / 32];
-      load_x<T, BITS, MT>(xl, K, kb * KBLK, M, cx[0]);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (kb + u >= kb1) break;
-        if (u + 1 < U && kb + u + 1 < kb1) load_x<T, BITS, MT>(xl, K, (kb + u + 1) * KBLK, M, cx[(u + 1) & 1]);
-        kblock_math<T, BITS, MT, R, ELEM>(wv[u], hv[u], kb + u, cx[u & 1], sz_row, G, gmagic, acc, cb_s, cb1_at);
-      }
-    } else {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (kb + u >= kb1) break;
-        kblock_step<T, BITS, MT, R, ELEM, XS>(wv[u], hv[u], kb + u, xl, XS ? CHP : K, XS ? u * KBLK : (kb + u) * KBLK,
-                                              sz_row, M, G, gmagic, acc, cb_s, cb1_at);
-      }
+    for (int u = 0; u < U; ++u) {
+      if (kb + u >= kb1) break;
+      kblock_step<T, BITS, MT, R, ELEM, XS>(wv[u], hv[u], kb + u, xl, XS ? CHP : K, XS ? u * KBLK : (kb + u) * KBLK,
+                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);
     }
     if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
@@ -751,15 +712,10 @@ inline uint32_t group_magic(int K, int G, int group) {
 // process, the device of the first launch decides; set_pdl switches it).
 bool pdl();
 
-#include "uniform_stream.cuh"
-
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
   const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
-  if constexpr (MT == 1 && R == 1) {  // the streamed kernel, where it is on and applies (uniform_stream.cuh)
-    if (launch_stream<T, BITS, ELEM>(x, qw, sz, out, group)) return;
-  }
   const int cb_n = cb ? (int)cb->size(0) : 0;
   constexpr int KBLK = 256 / BITS;
   const int KB = K / KBLK;
