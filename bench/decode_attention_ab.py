@@ -1,7 +1,8 @@
 """The split-KV decode attention kernel alone (``llmcomp.kernels.decode_attention``), at the 8B decode shapes: 32 query
 heads, 8 key/value heads, head dim 128, a static cache of ``--max-len`` positions of which ``--valid`` attend, batch 1
 and 16; µs a call (a CUDA graph of copies over enough caches that each call reads from HBM) and % of the K/V bytes it
-reads at the copy bandwidth measured in the same run, for each pipeline depth (``NUM_STAGES``) and, where
+reads at the copy bandwidth measured in the same run, for each pipeline depth (``NUM_STAGES``), with
+``--separate-merge`` the merge in the partial kernel and as its own kernel (``FUSED_MERGE`` on / off) too, and, where
 ``bench/_old_decode_attention.py`` exists (a previous version of the module, put there by hand), that version.
 
     python bench/decode_attention_ab.py --out bench/results/decode_attention_h200.json
@@ -26,9 +27,14 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=576)
     ap.add_argument("--valid", default="520,576")
     ap.add_argument("--stages", default="1,2,3")
+    ap.add_argument("--separate-merge", action="store_true", help="also time the merge as a second kernel")
     args = ap.parse_args()
     old_path = Path(__file__).with_name("_old_decode_attention.py")
-    variants = {f"stages{s}": int(s) for s in args.stages.split(",")}
+    variants = {f"stages{s}": (int(s), None) for s in args.stages.split(",")}  # the merge by fused_merge's rule
+    if args.separate_merge:  # the deepest pipeline with the merge in the partial kernel, and as its own kernel
+        deepest = int(args.stages.split(",")[-1])
+        variants[f"stages{deepest}_fused_merge"] = (deepest, True)
+        variants[f"stages{deepest}_separate_merge"] = (deepest, False)
     old = None
     if old_path.exists():
         spec = importlib.util.spec_from_file_location("_old_decode_attention", old_path)
@@ -51,9 +57,9 @@ def main() -> None:
             runs = {name: (da, s) for name, s in variants.items()}
             if old is not None:
                 runs["old"] = (old, None)
-            for name, (mod, stages) in runs.items():
-                if stages is not None:
-                    da.NUM_STAGES = stages
+            for name, (mod, setting) in runs.items():
+                if setting is not None:
+                    da.NUM_STAGES, da.FUSED_MERGE = setting
                 fn = mod.decode_attention._init_fn  # the function itself, not the dispatcher's registration
                 got = fn(q, *caches[0], mask, d ** -0.5)
                 row[f"{name}_max_err"] = float((got.float() - want.float()).abs().max())

@@ -57,13 +57,17 @@ def _check(case, dtype, device, tol):
 
 
 def test_kernel_matches_reference_in_the_interpreter():
-    """CPU (where Triton is installed; CI has none): a fresh process, since the interpreter is chosen at import."""
+    """CPU (where Triton is installed; CI has none): a fresh process, since the interpreter is chosen at import. Both
+    merges (in the partial kernel by the chunk that finishes last, and the separate combine kernel); the counters
+    are back at zero after."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     code = ("import torch, test_decode_attention as t\n"
-            "for case in t.CASES[:4] + t.CASES[5:]:\n    t._check(case, torch.float16, 'cpu', 2e-3)\nprint('ok')")
+            "for fused in (True, False):\n    t.da.FUSED_MERGE = fused\n"
+            "    for case in t.CASES[:4] + t.CASES[5:]:\n        t._check(case, torch.float16, 'cpu', 2e-3)\n"
+            "assert int(t.da._COUNTERS[torch.device('cpu')].abs().sum()) == 0\nprint('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
@@ -97,6 +101,13 @@ def test_a_launch_out_of_shared_memory_is_retried_unpipelined(monkeypatch):
     assert depths == [2, 1, 1]
 
 
+def test_the_merge_is_fused_with_many_heads(monkeypatch):
+    monkeypatch.setattr(da, "FUSED_MERGE", None)
+    assert not da.fused_merge(8, 132) and da.fused_merge(128, 132)  # batch 1 / 16 of an 8-kv-head model, H200
+    monkeypatch.setattr(da, "FUSED_MERGE", True)
+    assert da.fused_merge(8, 132)
+
+
 def test_chunks_fill_the_gpu():
     assert da.chunk_size(8, 576, 132) == 64  # batch 1 of an 8-kv-head model: 9 chunks, 72 programs
     assert da.chunk_size(128, 576, 132) == 256  # batch 16: 3 chunks a head, 384 programs
@@ -110,6 +121,39 @@ def test_chunks_fill_the_gpu():
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernel_matches_reference_on_cuda(case, dtype):
     _check(case, dtype, "cuda", 1e-2)
+
+
+@pytest.mark.cuda
+def test_fused_merge_replays_in_a_graph():
+    """The merge in the partial kernel resets its counters itself: a CUDA graph of the op replayed many times gives
+    the eager result every time, equal to the separate combine kernel's within rounding, counters zero after."""
+    q, k, v, mask = _inputs(2, 32, 8, 576, 128, 520, "bool", torch.bfloat16, "cuda")
+    before = da.FUSED_MERGE
+    try:
+        da.FUSED_MERGE = False
+        separate = da.decode_attention(q, k, v, mask, 128 ** -0.5)
+        da.FUSED_MERGE = True
+        eager = da.decode_attention(q, k, v, mask, 128 ** -0.5)
+        _replay_equals(q, k, v, mask, eager)
+    finally:
+        da.FUSED_MERGE = before
+    assert (eager.float() - separate.float()).abs().max() <= 1e-2 * separate.float().abs().max()
+    assert int(da._COUNTERS[q.device].abs().sum()) == 0
+
+
+def _replay_equals(q, k, v, mask, eager):
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        da.decode_attention(q, k, v, mask, 128 ** -0.5)
+        with torch.cuda.graph(graph, stream=stream):
+            out = da.decode_attention(q, k, v, mask, 128 ** -0.5)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(20):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
 
 
 @pytest.mark.cuda
