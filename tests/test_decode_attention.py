@@ -18,6 +18,7 @@ CASES = [  # batch, query heads, kv heads, cache length, head dim, valid positio
     (2, 8, 1, 500, 128, 450, "float-holes"),
     (1, 4, 1, 300, 64, 63, "bool"),  # chunks with nothing to attend after the first
     (1, 4, 1, 300, 64, 63, "float"),
+    (2, 8, 2, 300, 64, 200, "none-left"),  # a sequence with no position to attend: zeros
 ]
 
 
@@ -41,6 +42,9 @@ def _inputs(b, h, kvh, length, d, valid, kind, dtype, device):
         mask = torch.randn(b, 1, 1, length, generator=g)
         mask[..., valid:] = float("-inf")
         mask[..., 10:200] = float("-inf")
+    elif kind == "none-left":
+        mask = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+        mask[0, ..., :valid] = True
     else:
         mask = None
     return q, k, v, None if mask is None else mask.to(device)
@@ -59,7 +63,7 @@ def _check(case, dtype, device, tol):
 def test_kernel_matches_reference_in_the_interpreter():
     """CPU (where Triton is installed; CI has none): a fresh process, since the interpreter is chosen at import. Both
     merges (in the partial kernel by the chunk that finishes last, and the separate combine kernel); the counters
-    are back at zero after."""
+    are back at zero after; a sequence with nothing to attend gives exact zeros through the fused merge."""
     import subprocess
     import sys
 
@@ -67,7 +71,9 @@ def test_kernel_matches_reference_in_the_interpreter():
     code = ("import torch, test_decode_attention as t\n"
             "for fused in (True, False):\n    t.da.FUSED_MERGE = fused\n"
             "    for case in t.CASES[:4] + t.CASES[5:]:\n        t._check(case, torch.float16, 'cpu', 2e-3)\n"
-            "assert int(t.da._COUNTERS[torch.device('cpu')].abs().sum()) == 0\nprint('ok')")
+            "assert int(t.da._COUNTERS[torch.device('cpu')].abs().sum()) == 0\n"
+            "t.da.FUSED_MERGE = True\nq, k, v, mask = t._inputs(*t.CASES[-1], torch.float16, 'cpu')\n"
+            "assert torch.equal(t.da.decode_attention(q, k, v, mask, 0.125)[1], torch.zeros_like(q[1]))\nprint('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
@@ -117,9 +123,11 @@ def test_chunks_fill_the_gpu():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("merge", [None, True, False], ids=["rule", "fused", "separate"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_kernel_matches_reference_on_cuda(case, dtype):
+def test_kernel_matches_reference_on_cuda(case, dtype, merge, monkeypatch):
+    monkeypatch.setattr(da, "FUSED_MERGE", merge)
     _check(case, dtype, "cuda", 1e-2)
 
 
@@ -141,11 +149,25 @@ def test_fused_merge_replays_in_a_graph():
     assert int(da._COUNTERS[q.device].abs().sum()) == 0
 
 
-def _replay_equals(q, k, v, mask, eager):
+@pytest.mark.cuda
+def test_a_call_captured_before_any_counters_merges_separately(monkeypatch):
+    """Counters made during capture would be zeroed only by a replay: a first fused call inside capture merges with
+    the separate kernel instead (same result), and makes no counters."""
+    q, k, v, mask = _inputs(2, 32, 8, 576, 128, 520, "bool", torch.bfloat16, "cuda")
+    monkeypatch.setattr(da, "FUSED_MERGE", False)
+    eager = da.decode_attention(q, k, v, mask, 128 ** -0.5)  # (compiles the kernels outside capture)
+    monkeypatch.setattr(da, "FUSED_MERGE", True)
+    monkeypatch.setattr(da, "_COUNTERS", {})
+    _replay_equals(q, k, v, mask, eager, warm=False)
+    assert not da._COUNTERS
+
+
+def _replay_equals(q, k, v, mask, eager, warm=True):
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        da.decode_attention(q, k, v, mask, 128 ** -0.5)
+        if warm:
+            da.decode_attention(q, k, v, mask, 128 ** -0.5)
         with torch.cuda.graph(graph, stream=stream):
             out = da.decode_attention(q, k, v, mask, 128 ** -0.5)
     torch.cuda.current_stream().wait_stream(stream)

@@ -17,8 +17,10 @@ bench/results/kernels_h200_notes.md) it takes several launches and runs on few S
    against 16.2 / 16.9 separate; batch 1 8.3 against 6.3 — with 8 heads the last program's merge is a serial tail
    on an idle GPU. Hence fused when the (sequence, head) pairs are at least half the SMs (``fused_merge``;
    ``LLMCOMP_ATTN_FUSED_MERGE=1``/``0`` forces it). The counters are one int32 a (sequence, head) a device, kept for
-   the process (a captured graph holds their address); two such calls at once on different streams of one device
-   would share them — the decode runner makes one at a time.
+   the process (a captured graph holds their address), made outside graph capture (a call captured before any
+   exist merges separately); two such calls at once on different streams of one device would share them — the
+   decode runner makes one at a time. (Under torch.compile's ``reduce-overhead`` mode, whose warm-up runs in the
+   graphs' memory pool, call the op once outside it first.)
 
 Inputs as the decode runner has them: ``q`` [B, H, D] (the step's one token), ``k``/``v`` [B, KVH, L, D] (the
 cache as it is, last dim contiguous), an optional mask [B, L] (bool: True attends; or additive float). A row with
@@ -47,18 +49,24 @@ MAX_SPLITS = 32
 # runs out of shared memory is retried unpipelined, and that depth kept for the head dim and device (_STAGES).
 NUM_STAGES = 3
 _STAGES: dict = {}
-_FORCE = os.environ.get("LLMCOMP_ATTN_FUSED_MERGE", "").strip()
-FUSED_MERGE: Optional[bool] = None if _FORCE == "" else _FORCE != "0"  # None: by fused_merge's rule
+_FORCE = os.environ.get("LLMCOMP_ATTN_FUSED_MERGE", "").strip().lower()
+# None: by fused_merge's rule; the variable forces it on (1, true, on, yes) or off (anything else set)
+FUSED_MERGE: Optional[bool] = None if _FORCE == "" else _FORCE in ("1", "true", "on", "yes")
 _COUNTERS: dict = {}  # device -> int32 counters (zero between launches)
 _KEEP: list = []  # counters outgrown, still alive for the graphs captured with them
 
 
-def _counters(n: int, device: torch.device) -> torch.Tensor:
+def _counters(n: int, device: torch.device) -> Optional[torch.Tensor]:
+    """At least n zeroed counters on ``device``, or None while a CUDA graph is being captured and there are not
+    enough yet: a tensor made during capture would only be zeroed when the graph is replayed (and would live in the
+    graph's memory pool), so such a call merges with the separate kernel instead."""
     c = _COUNTERS.get(device)
     if c is None or c.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
         if c is not None:
             _KEEP.append(c)
-        c = _COUNTERS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return c
 
 
@@ -221,9 +229,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     out = torch.empty(b, h, d, device=q.device, dtype=q.dtype)
     m, sm_b, sm_l, how = _mask_args(mask, b, length, q.device)
     partial, combine = _kernels()
-    fused = fused_merge(b * kvh, sms)
+    counters = _counters(b * kvh, q.device) if fused_merge(b * kvh, sms) else None
+    fused = counters is not None
     sp = max(2, triton.next_power_of_2(splits))
-    counters = _counters(b * kvh, q.device) if fused else ml
+    counters = counters if fused else ml  # (any tensor where the kernel does not merge)
 
     def launch(depth: int):
         partial[(b * kvh, splits)](q, k, v, m, part, ml, counters, out, length, kvh, splits, scale,
