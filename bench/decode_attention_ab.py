@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--separate-merge", action="store_true", help="also time the merge as a second kernel")
     args = ap.parse_args()
     old_path = Path(__file__).with_name("_old_decode_attention.py")
-    variants = {f"stages{s}": (int(s), None) for s in args.stages.split(",")}  # the merge by fused_merge's rule
+    # the merge as the environment sets it (LLMCOMP_ATTN_FUSED_MERGE; unset: by fused_merge's rule)
+    variants = {f"stages{s}": (int(s), da.FUSED_MERGE) for s in args.stages.split(",")}
     if args.separate_merge:  # the deepest pipeline with the merge in the partial kernel, and as its own kernel
         deepest = int(args.stages.split(",")[-1])
         variants[f"stages{deepest}_fused_merge"] = (deepest, True)

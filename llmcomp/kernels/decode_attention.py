@@ -107,6 +107,14 @@ if triton is not None:  # (a kernel's helpers must be module globals for Triton 
             bias = tl.where(valid, 0.0, float("-inf"))
         return bias
 
+    @triton.jit
+    def _rescale(m_old, m_cand):
+        """A running maximum's step: the new maximum, the one to subtract (0 while nothing is attended, so -inf rows
+        stay 0 instead of NaN) and the factor that rescales what was summed under ``m_old``."""
+        m_new = tl.maximum(m_old, m_cand)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        return m_new, m_use, tl.exp(m_old - m_use)
+
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
@@ -147,10 +155,8 @@ def _kernels():
             vv = tl.load(v_ptr + b * sv_b + h * sv_h + pos[:, None] * sv_l + d[None, :], mask=inside[:, None],
                          other=0.0)
             sc = tl.dot(q, tl.trans(kk)) * scale + _bias(m_ptr + b * sm_b, sm_l, pos, inside, MASK)[None, :]
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            m_new, m_use, alpha = _rescale(m_i, tl.max(sc, 1))
             p = tl.exp(sc - m_use[:, None])
-            alpha = tl.exp(m_i - m_use)
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
@@ -175,9 +181,7 @@ def _kernels():
                     l_t = tl.load(ml_ptr + rt * 2 + 1, mask=there, other=0.0, cache_modifier=".cg")
                     a_t = tl.load(acc_ptr + rt[:, None] * D + d[None, :], mask=there[:, None], other=0.0,
                                   cache_modifier=".cg")
-                    m_new = tl.maximum(m_run, m_t)
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m_run - m_use)
+                    m_new, m_use, alpha = _rescale(m_run, m_t)
                     beta = tl.exp(m_t - m_use)
                     o = o * alpha[:, None] + a_t * beta[:, None]
                     l_run = l_run * alpha + l_t * beta
@@ -232,10 +236,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     counters = _counters(b * kvh, q.device) if fused_merge(b * kvh, sms) else None
     fused = counters is not None
     sp = max(2, triton.next_power_of_2(splits))
-    counters = counters if fused else ml  # (any tensor where the kernel does not merge)
 
     def launch(depth: int):
-        partial[(b * kvh, splits)](q, k, v, m, part, ml, counters, out, length, kvh, splits, scale,
+        partial[(b * kvh, splits)](q, k, v, m, part, ml, counters if fused else ml, out, length, kvh, splits, scale,
                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                                    v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l,
                                    GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d,
