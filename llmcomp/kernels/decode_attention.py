@@ -171,21 +171,22 @@ def _kernels():
             done = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
             if done == nsplit - 1:
                 tl.store(cnt_ptr + bh, 0)
-                m_run = tl.full([GP], float("-inf"), tl.float32)
+                # The maxima of all chunks first ([GP, SP] in one load), so each chunk's weight is known on its own
+                # and the unrolled loop's loads issue together (no running-maximum chain).
+                sp = tl.arange(0, SP)
+                rows = (bh * GROUPS + g)[:, None] * nsplit + sp[None, :]
+                both = (g < GROUPS)[:, None] & (sp < nsplit)[None, :]
+                top = tl.max(tl.load(ml_ptr + rows * 2, mask=both, other=float("-inf"), cache_modifier=".cg"), 1)
+                top = tl.where(top == float("-inf"), 0.0, top)
                 l_run = tl.zeros([GP], tl.float32)
                 o = tl.zeros([GP, D], tl.float32)
-                for t in range(0, SP):  # (SP: splits rounded up to a power of two, a constant loop bound)
+                for t in tl.static_range(SP):
                     rt = (bh * GROUPS + g) * nsplit + t
                     there = (g < GROUPS) & (t < nsplit)
-                    m_t = tl.load(ml_ptr + rt * 2, mask=there, other=float("-inf"), cache_modifier=".cg")
-                    l_t = tl.load(ml_ptr + rt * 2 + 1, mask=there, other=0.0, cache_modifier=".cg")
-                    a_t = tl.load(acc_ptr + rt[:, None] * D + d[None, :], mask=there[:, None], other=0.0,
-                                  cache_modifier=".cg")
-                    m_new, m_use, alpha = _rescale(m_run, m_t)
-                    beta = tl.exp(m_t - m_use)
-                    o = o * alpha[:, None] + a_t * beta[:, None]
-                    l_run = l_run * alpha + l_t * beta
-                    m_run = m_new
+                    w_t = tl.exp(tl.load(ml_ptr + rt * 2, mask=there, other=float("-inf"), cache_modifier=".cg") - top)
+                    l_run += w_t * tl.load(ml_ptr + rt * 2 + 1, mask=there, other=0.0, cache_modifier=".cg")
+                    o += w_t[:, None] * tl.load(acc_ptr + rt[:, None] * D + d[None, :], mask=there[:, None], other=0.0,
+                                                cache_modifier=".cg")
                 o = o / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
                 tl.store(out_ptr + (bh * GROUPS + g)[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
                          mask=(g < GROUPS)[:, None])
