@@ -240,9 +240,9 @@ __host__ __device__ constexpr int vq_stages(int elem) { return (elem & 1) + 1; }
 __host__ __device__ constexpr int vq_copies(int elem) { return elem >= 6 ? 16 : 1; }
 __host__ __device__ constexpr bool has_high_plane(int elem) { return elem == 2 || (is_vq(elem) && vq_stages(elem) == 2); }
 
-template <int BITS, int MT>
+template <int BITS, int MT, int R = 1>
 struct Shape {
-  static constexpr int U = 4;
+  static constexpr int U = R == 2 && MT == 1 ? 2 : 4;  // M <= 8 with two row tiles a warp: the same 16-byte loads a round
   static constexpr int THREADS = 256;
   static constexpr int WIDE = MT <= 2 ? 512 : 256;
 };
@@ -510,9 +510,11 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
   }
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
   if constexpr (ELEM == 3) {
-    static_assert(MT == 1 && R == 1, "the fp32 post-scale path serves M <= 8 with one row tile a warp");
-    compute_kblock_post<T, BITS>(w[0], load_scale_raw<0>(sz_row, grp), load_scale_raw<0>(sz_row, 8 * G + grp), cx[0],
-                                 acc[0][0]);
+    static_assert(MT == 1, "the fp32 post-scale path serves M <= 8");
+#pragma unroll
+    for (int r = 0; r < R; ++r)  // R row tiles on the same x fragment
+      compute_kblock_post<T, BITS>(w[r], load_scale_raw<0>(sz_row, r * 16 * G + grp),
+                                   load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp), cx[0], acc[r][0]);
     return;
   }
   N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
@@ -719,7 +721,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   const int cb_n = cb ? (int)cb->size(0) : 0;
   constexpr int KBLK = 256 / BITS;
   const int KB = K / KBLK;
-  using S = Shape<BITS, MT>;
+  using S = Shape<BITS, MT, R>;
   if (warps <= 0) warps = 8;
   int wk_log = 0;  // warps splitting K (a row group): a power of two, at most KB
   while ((2 << wk_log) <= std::min({warps, KB, S::WIDE / 32})) ++wk_log;
@@ -769,6 +771,8 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
   const int M = x.size(0);
   if constexpr (ELEM == 3) {
     TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
+    if (rt >= 2 && out.size(1) % 32 == 0)  // two row tiles a warp sharing x (kernel-r2, being measured)
+      return launch_mma<T, BITS, 3, 1, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
     return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   } else if constexpr (is_vq(ELEM)) {  // codebook weights: one row tile a warp
     TORCH_CHECK(cb != nullptr, "codebook weights need their codebooks");
@@ -777,7 +781,11 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
     if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
     return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   } else {
-  if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+  if (M <= 8) {
+    if (rt >= 2 && out.size(1) % 32 == 0)
+      return launch_mma<T, BITS, ELEM, 1, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+  }
   if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
     if (rt >= 2 && out.size(1) % 32 == 0)
       return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
