@@ -320,7 +320,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
             for p in preps:  # builds the per-dtype tables / scale pairs outside the timing
                 call(x, p, auto(m))
             best = None
-            rts = (1,) if m <= 8 or m > 16 or fmt else (1, 2)
+            rts = (1,) if m > 16 or fmt else (1, 2)  # (M <= 8 with two tiles a warp: branch kernel-r2)
             splits = _WIDE_SPLITS if m <= 16 else _SPLITS if not fmt else tuple(s for s in _SPLITS if s[0] > 1)
             configs = [(rt, warps, wr) for rt in rts if n % (16 * rt) == 0 for warps, wr in splits]
             for c in configs:

@@ -356,6 +356,14 @@ def set_dependent_launch(on: bool) -> Optional[bool]:
     return bool(ext.set_pdl(on)) if ext is not None else None
 
 
+def set_x_all(on: bool) -> Optional[bool]:
+    """At M <= 8, stage each warp's whole K range of x in shared memory once (``LLMCOMP_MMA_XALL=1``; being
+    measured, off by default) instead of reading it from global memory every kblock; for A/B timing in one process.
+    None without the extension."""
+    ext = extension() if torch.cuda.is_available() else None
+    return bool(ext.set_xall(on)) if ext is not None else None
+
+
 def high_plane(prep: dict) -> torch.Tensor:
     """The second code plane the kernels take (3-bit codes' high bits, VQ's second stage); any tensor otherwise."""
     return prep["qh"] if prep["qh"] is not None else prep["qw"]
