@@ -336,37 +336,3 @@ def test_post_scale_kernel_matches_the_reference(fmt, dtype):
                 ref_path = uniform_cuda.gemm_op(x, prep["qw"], prep["qw"], uniform_cuda.scale_pairs(prep, dtype),
                                                 fmt.bits, prep["group"], n, 1, 8, 0)
                 assert _rel_err(y, x, fmt, t, k) <= _rel_err(ref_path, x, fmt, t, k) * 1.5 + 1e-3, (n, k, m)
-
-
-@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=64),
-                                 Uniform(bits=2, group_size=32), Uniform(bits=4, group_size=96), MXFP4(), NVFP4()],
-                         ids=lambda f: f.describe())
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_x_all_staged_is_bit_identical(fmt, dtype):
-    """M <= 8 with each warp's whole K range of x staged in shared memory once (set_x_all) gives the same bits as
-    x read from global memory every kblock, for every launch configuration at M = 1..8, K ranges that do not split
-    evenly among the warps (the last warp shorter, or without kblocks), and x too large for the slabs (M = 8 over
-    12288 inputs: read from global memory as before)."""
-    from llmcomp.kernels import uniform_cuda
-
-    if uniform_cuda.extension() is None:
-        pytest.skip("CUDA extension could not be built here")
-    try:
-        for n, k in [(256, 1536), (48, 768), (64, 12288)]:
-            if not uniform_cuda.shape_ok(fmt, k, n):
-                continue
-            q, t, g = _layer(fmt, n, k, n + k + 5)
-            prep = uniform_cuda.prepare(fmt, t, k)
-            for m in [1, 3, 8]:
-                x = torch.randn(m, k, generator=g).to("cuda", dtype)
-                for warps in (1, 4, 8, 16):
-                    for rt in (1, 2):
-                        for wr in (1, 3):
-                            uniform_cuda.set_x_all(False)
-                            want = uniform_cuda.gemm(x, prep, (rt, warps, wr))
-                            uniform_cuda.set_x_all(True)
-                            got = uniform_cuda.gemm(x, prep, (rt, warps, wr))
-                            assert torch.equal(got, want), (n, k, m, warps, rt, wr)
-                assert _rel_err(got, x, fmt, t, k) < TOL
-    finally:
-        uniform_cuda.set_x_all(False)

@@ -319,8 +319,8 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for p in preps:  # builds the per-dtype tables / scale pairs outside the timing
                 call(x, p, auto(m))
-            best = None
-            rts = (1,) if m > 16 or fmt else (1, 2)  # (M <= 8 with two tiles a warp: branch kernel-r2)
+            best, picked = None, None
+            rts = (1,) if m > 16 or fmt else (1, 2)
             splits = _WIDE_SPLITS if m <= 16 else _SPLITS if not fmt else tuple(s for s in _SPLITS if s[0] > 1)
             configs = [(rt, warps, wr) for rt in rts if n % (16 * rt) == 0 for warps, wr in splits]
             for c in configs:
@@ -330,7 +330,9 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
                              "us": round(t * 1e6, 3), "roofline_pct": round(pct, 2)})
                 if best is None or t < best[0]:
                     best = (t, c, pct)
+                if tuple(c) == tuple(auto(m)):
+                    picked = t
             log(f"sweep {label} {n}x{k} M={m}: best (rt, warps, wr)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
-                f"  (launch_config: {auto(m)})")
+                f"  (launch_config: {auto(m)}" + (f" {picked * 1e6:.2f}us)" if picked else ")"))
         del preps
     return rows

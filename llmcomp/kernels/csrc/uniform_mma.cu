@@ -44,21 +44,6 @@ bool set_pdl(bool on) {
   return pdl_state;
 }
 
-static int xall_state = -1;  // -1: not read yet
-
-bool xall() {
-  if (xall_state < 0) {
-    const char* e = std::getenv("LLMCOMP_MMA_XALL");
-    xall_state = e && e[0] == '1';
-  }
-  return xall_state;
-}
-
-bool set_xall(bool on) {
-  xall_state = on;
-  return on;
-}
-
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
@@ -177,6 +162,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
-  m.def("set_xall", &set_xall, "x staged a warp's whole K range in shared memory at M <= 8 (LLMCOMP_MMA_XALL)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }

@@ -479,7 +479,7 @@ __device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h
 // the math on the weights w (and 3-bit high planes h) already loaded.
 // x_lane/x_stride/x_at: where this lane's x of the kblock starts (global memory: row stride K, kb * KBLK; XS, x staged
 // in shared memory: the chunk's padded row stride and the kblock's offset in the chunk).
-template <typename T, int BITS, int MT, int R, int ELEM, int XS = 0>
+template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false>
 __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
                                             int x_stride, int x_at, const void* sz_row, int M, int G,
                                             uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
@@ -532,7 +532,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
-template <typename T, int BITS, int MT, int R, int U, int ELEM, int XS>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -581,12 +581,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   // the block's row groups, so a kblock's x loads wait on shared memory instead of L2.
   constexpr int CH = U * KBLK, CHP = CH + 8;  // inputs a round; padded row (16 bytes) against bank conflicts
   T* xs = reinterpret_cast<T*>(cb_s);
-  const int rounds = XS == 1 ? (KB + U - 1) / U : 0;
-  // XS == 2 (M <= 8, LLMCOMP_MMA_XALL): each warp copies its own x, M rows of its kblocks [kb0, kb1) (row stride XW,
-  // padded 16 bytes against bank conflicts), into a slab of its own once, after its first round's weight loads are
-  // in flight; every kblock then reads x from shared memory (no block barrier: warps without kblocks skip it).
-  const int XW = kb_per_warp * KBLK + 8;
-  T* xw_s = xs + (size_t)warp * M * XW;
+  const int rounds = XS ? (KB + U - 1) / U : 0;
   auto stage_x = [&](int rd) {
     T* dst = xs + (rd & 1) * (MT * 8) * CHP;
     for (int i = threadIdx.x; i < M * (CH / 8); i += blockDim.x) {
@@ -596,12 +591,12 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     cp_async_commit();
   };
   bool waited = false;  // grid_dep_wait once the first round's weight loads are in flight
-  if constexpr (XS == 1) {
+  if constexpr (XS) {
     grid_dep_wait();
     waited = true;
     stage_x(0);
   }
-  for (int kb = XS == 1 ? 0 : kb0, rd = 0; XS == 1 ? rd < rounds : kb < kb1; kb += U, ++rd) {
+  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
     uint4 wv[U][R];
     uint2 hv[U][R];
 #pragma unroll
@@ -618,35 +613,20 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       grid_dep_wait();
       waited = true;
     }
-    if constexpr (XS == 2) {
-      if (rd == 0) {
-        const int n16 = (kb1 - kb0) * KBLK / 8;  // 16-byte pieces a row
-        for (int i = lane; i < M * n16; i += 32) {
-          const int tok = i / n16, k = (i % n16) * 8;
-          cp_async16(xw_s + tok * XW + k, x + (size_t)tok * K + kb0 * KBLK + k);
-        }
-        cp_async_commit();
-        cp_async_wait<0>();
-        __syncwarp();
-      }
-    }
-    if constexpr (XS == 1) {
+    if constexpr (XS) {
       if (rd + 1 < rounds) stage_x(rd + 1);
       else cp_async_commit();  // an empty group keeps the wait below uniform
       cp_async_wait<1>();
       __syncthreads();
     }
-    const T* xl = XS == 1   ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K
-                  : XS == 2 ? xw_s + min(g, M - 1) * XW + c * LANE_K
-                            : x_lane;
+    const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb + u >= kb1) break;
-      kblock_step<T, BITS, MT, R, ELEM, XS>(wv[u], hv[u], kb + u, xl, XS == 1 ? CHP : XS == 2 ? XW : K,
-                                            XS == 1 ? u * KBLK : XS == 2 ? (kb + u - kb0) * KBLK : (kb + u) * KBLK,
+      kblock_step<T, BITS, MT, R, ELEM, XS>(wv[u], hv[u], kb + u, xl, XS ? CHP : K, XS ? u * KBLK : (kb + u) * KBLK,
                                             sz_row, M, G, gmagic, acc, cb_s, cb1_at);
     }
-    if constexpr (XS == 1) __syncthreads();  // the next round's copy reuses this buffer
+    if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
   if constexpr (is_vq(ELEM)) {  // the rows' fp32 scales (sz_row: row g of the tile; row g + 8 eight floats on)
     if (tile0 * 16 < N) {
@@ -673,7 +653,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
 // division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
 // (4 x 2 kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md.
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, int XS = 0>
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
   mma_kernel_body<T, BITS, MT, R, U, ELEM, XS>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
                                            cb_n);
@@ -733,9 +713,6 @@ inline uint32_t group_magic(int K, int G, int group) {
 // Launch with programmatic stream serialization (see grid_dep_wait): on sm_90+ with LLMCOMP_PDL=1 (read once a
 // process, the device of the first launch decides; set_pdl switches it).
 bool pdl();
-// x staged in shared memory a warp's whole K range at M <= 8 (XS == 2; LLMCOMP_MMA_XALL=1, being measured; set_xall).
-bool xall();
-constexpr size_t XALL_MAX_BYTES = 40 * 1024;  // the slabs of a block; above it x is read from global memory
 
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
@@ -763,14 +740,6 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     if (warps == 1 && xs_on) {
       kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>;
       smem += 2 * (size_t)(MT * 8) * (S::U * KBLK + 8) * sizeof(T);
-    }
-  }
-  if constexpr (MT == 1 && !is_vq(ELEM)) {
-    const size_t xbytes = (size_t)wr * warps * M * (kb_per_warp * KBLK + 8) * sizeof(T);
-    if (xall() && xbytes <= XALL_MAX_BYTES) {
-      kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, 2>
-                                  : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, 2>;
-      smem += xbytes;
     }
   }
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
