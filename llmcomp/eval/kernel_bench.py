@@ -289,7 +289,8 @@ _SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (1, 4), (2, 2))  # warps 1: x
 
 def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
     """(packed bytes, kernel preparations, call(x, prep, (rt, warps, wr)), launch_config(m)) for one swept
-    kernel: the uniform mma kernel (``W{bits}``) or the codebook one (``vq2``/``vq3``, one row tile a warp)."""
+    kernel: the uniform mma kernel (``W{bits}``, or E2M1 weights: ``mxfp4`` / ``nvfp4``) or the codebook one
+    (``vq2``/``vq3``, one row tile a warp)."""
     from llmcomp.kernels import codebook_cuda, uniform_cuda
 
     if name in CODEBOOK_FORMATS:
@@ -298,18 +299,21 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
                  for _ in range(_copies(state_bytes(base)))]
         return (state_bytes(base), preps, lambda x, p, c: codebook_cuda.gemm(x, p, c[1:]),
                 lambda m: (1, *codebook_cuda.launch_config(n, k, m, codebook_cuda.copies(preps[0]))))
-    fmt = Uniform(bits=bits, group_size=group)
-    base = fmt.pack(rtn_fields(torch.randn(n, k, device="cuda") * 0.02, fmt))
+    if name in ("mxfp4", "nvfp4"):
+        fmt, base = _packed_for(name, n, k)
+    else:
+        fmt = Uniform(bits=bits, group_size=group)
+        base = fmt.pack(rtn_fields(torch.randn(n, k, device="cuda") * 0.02, fmt))
     preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
              for _ in range(_copies(state_bytes(base)))]
     return (state_bytes(base), preps, lambda x, p, c: uniform_cuda.gemm(x, p, c),
-            lambda m: uniform_cuda.launch_config(n, k, bits, m))
+            lambda m: uniform_cuda.launch_config(n, k, preps[0]["bits"], m))
 
 
 def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print, fmt: str = "") -> list[dict]:
     """Time a CUDA mma kernel alone over its launch parameters (row tiles per warp × warps splitting K ×
-    row groups a block), to set ``uniform_cuda.launch_config`` (``fmt`` empty: uniform ``bits``) or
-    ``codebook_cuda.launch_config`` (``fmt`` vq2 / vq3) from measurements."""
+    row groups a block), to set ``uniform_cuda.launch_config`` (``fmt`` empty: uniform ``bits``; ``mxfp4`` /
+    ``nvfp4``) or ``codebook_cuda.launch_config`` (``fmt`` vq2 / vq3) from measurements."""
     label = fmt or f"W{bits}"
     bw = copy_bandwidth()
     rows = []
@@ -320,8 +324,9 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
             for p in preps:  # builds the per-dtype tables / scale pairs outside the timing
                 call(x, p, auto(m))
             best, picked = None, None
-            rts = (1,) if m > 16 or fmt else (1, 2)
-            splits = _WIDE_SPLITS if m <= 16 else _SPLITS if not fmt else tuple(s for s in _SPLITS if s[0] > 1)
+            vq = fmt in CODEBOOK_FORMATS
+            rts = (1,) if m > 16 or vq else (1, 2)
+            splits = _WIDE_SPLITS if m <= 16 else _SPLITS if not vq else tuple(s for s in _SPLITS if s[0] > 1)
             configs = [(rt, warps, wr) for rt in rts if n % (16 * rt) == 0 for warps, wr in splits]
             for c in configs:
                 t = per_call_seconds([lambda p=p: call(x, p, c) for p in preps])
