@@ -233,6 +233,8 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     # few kblocks (the bundled model's 576 inputs, padded to 640 = 5 kblocks): the kernel splits K over at most
     # 4 warps, so the block takes 4 row groups to hold 16 warps
     assert codebook_cuda.launch_config(1536, 640, 1, 16) == (4, 4) and codebook_cuda.launch_config(1536, 640, 1)[1] == 1
+    assert uniform_cuda.launch_config(28672, 4096, 4, 1) == (2, 4, 1)  # two tiles at M <= 8: 4-bit layouts only
+    assert uniform_cuda.launch_config(28672, 4096, 3, 1)[0] == uniform_cuda.launch_config(28672, 4096, 2, 4)[0] == 1
     monkeypatch.setattr(uniform_cuda, "x_stage", lambda: False)  # unstaged, one warp a row group is never picked
     assert uniform_cuda.launch_config(28672, 8192, 4, 64) == (1, 4, 1)
     for (n, k, m), (rt, warps, wr) in picks.items():

@@ -239,9 +239,12 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None)
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
     many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
     many rows (28672); on the H100 two tiles were ahead on every shape at M = 16 (by ≤ 8 %), so this rule is
-    the H200's. The same two tiles × 4 warps for very many rows at M ≤ 8 (two tiles share each x fragment; H200
-    sweep kernels_sweep_h200_r2.log: 28672 × 8192 35.99 µs at M=1 against 38.28 with one tile × 8 warps, 37.06
-    against 41.98 at M=4; one tile stayed best on the other shapes). At most two row tiles an SM (4096 rows on an H200): 16 warps split K (the wide instantiation),
+    the H200's. The same two tiles × 4 warps for very many rows at M ≤ 8 with 4-bit layouts (two tiles share
+    each x fragment; H200 sweeps kernels_sweep_h200_r2*.json / .log): W4 28672 × 4096 19.28 µs at M=1 against
+    22.03 with one tile × 4 warps, 28672 × 8192 36.46 against 38.28 (one tile × 8 warps); MXFP4 and NVFP4 best
+    there too; one tile stayed best on the other shapes, and for the 2-bit layout (W3 28672 × 8192: 49.11 against
+    46.04 with the best one-tile configuration; W2 36.16 against 33.21 with this rule's one tile × 4 warps). At most two row tiles an SM (4096 rows on an H200): 16 warps
+    split K (the wide instantiation),
     two tiles a warp at M = 9..16 (H200 sweep, kernels_sweep_h200_wide.json: 4096 × 14336 M=1 11.2 µs against
     13.6 with 8 warps). Above M = 16 (one tile a warp; H200 sweep kernels_sweep_h200_rowgroups.json): many
     rows with a short K take 4 row groups a block of 2 warps each (x read once a block for 4 tiles: 14336 × 4096
@@ -254,8 +257,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None)
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     if m <= 16 and n // 16 <= 2 * sms:
         return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
-    if m <= 16:  # very many rows: two tiles a warp at M <= 8 too (28672 x 8192 M=1 35.99 µs against 38.28)
-        rt = 2 if (n % 32 == 0 and n // 32 >= 6 * sms) else 1
+    if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
+        rt = 2 if (n % 32 == 0 and n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)) else 1
         many = n // (16 * rt) >= 6 * sms
         return rt, 4 if (rt == 2 or (many and k // kblock(bits) <= 64)) else 8, 1
     many = n // 16 >= 6 * sms
