@@ -4,12 +4,8 @@
 # bench/decode_attention_ab.py run from the variant with this tree's module as the "old" version, the merge forced
 # fused at every batch (twice).   bash bench/attn_merge_session.sh   (on the GPU machine)
 set -u
-export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; ALT=${ALT:-.alt/unrolled}
-run() {
-  local s=$1 log=$2; shift 2
-  ( time timeout "$s" "$@" ) > "$OUT/$log" 2>&1; echo "$log rc $?"; tail -${TAIL:-6} "$OUT/$log"
-}
+BUILD=0 source "$(dirname "$0")/session_common.sh"
+ALT=${ALT:-.alt/unrolled}
 PYTHONPATH=$PWD run 150 attn_tests_main.log python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py
 cp -r tests pyproject.toml "$ALT/"
 (cd "$ALT" && PYTHONPATH=$PWD run 150 attn_tests_alt.log python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py)

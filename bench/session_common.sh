@@ -1,8 +1,9 @@
-# Sourced by the GPU session scripts (bench/*_session.sh): environment, $OUT, the extension built and reported, and
+# Sourced by the GPU session scripts (bench/*_session.sh): environment, $OUT, the extension built and reported (not with
+# BUILD=0: Triton-only sessions), and
 # run SECONDS LOG CMD... (time-limited, logged under $OUT, skipped at 0 seconds; TAIL lines of the log shown).
 export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension() is not None, 'pdl', uniform_cuda.dependent_launch())" ) 2>&1 | tail -4
+[ "${BUILD:-1}" = 0 ] || ( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension() is not None, 'pdl', uniform_cuda.dependent_launch())" ) 2>&1 | tail -4
 run() {
   local s=$1 log=$2; shift 2
   [ "$s" = 0 ] && return

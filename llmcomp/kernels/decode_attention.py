@@ -16,8 +16,9 @@ bench/results/kernels_h200_notes.md) it takes several launches and runs on few S
    The merging program reads all chunks' maxima first, then sums the chunks in an unrolled loop (no running-maximum
    chain, so the loads issue together). On an H200 (bench/results/decode_attention_h200_unrolled_*.json, 8B shapes):
    batch 16 15.0-15.1 / 15.8 µs fused against 16.2-16.3 / 16.9 separate; batch 1 7.65 against 6.33 — with 8 heads
-   the last program's merge is a serial tail on an idle GPU (8.3 with the running-maximum loop). Hence fused when the (sequence, head) pairs are at least half the SMs (``fused_merge``;
-   ``LLMCOMP_ATTN_FUSED_MERGE=1``/``0`` forces it). The counters are one int32 a (sequence, head) a device, kept for
+   the last program's merge is a serial tail on an idle GPU (8.3 with the running-maximum loop). Hence fused when
+   the (sequence, head) pairs are at least half the SMs (``fused_merge``; ``LLMCOMP_ATTN_FUSED_MERGE=1``/``0``
+   forces it). The counters are one int32 a (sequence, head) a device, kept for
    the process (a captured graph holds their address), made outside graph capture (a call captured before any
    exist merges separately); two such calls at once on different streams of one device would share them — the
    decode runner makes one at a time. (Under torch.compile's ``reduce-overhead`` mode, whose warm-up runs in the

@@ -243,9 +243,9 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None)
     each x fragment; H200 sweeps kernels_sweep_h200_r2*.json / .log): W4 28672 × 4096 19.28 µs at M=1 against
     22.03 with one tile × 4 warps, 28672 × 8192 36.46 against 38.28 (one tile × 8 warps); MXFP4 and NVFP4 best
     there too; one tile stayed best on the other shapes, and for the 2-bit layout (W3 28672 × 8192: 49.11 against
-    46.04 with the best one-tile configuration; W2 36.16 against 33.21 with this rule's one tile × 4 warps). At most two row tiles an SM (4096 rows on an H200): 16 warps
-    split K (the wide instantiation),
-    two tiles a warp at M = 9..16 (H200 sweep, kernels_sweep_h200_wide.json: 4096 × 14336 M=1 11.2 µs against
+    46.04 with the best one-tile configuration; W2 36.16 against 33.21 with this rule's one tile × 4 warps). At
+    most two row tiles an SM (4096 rows on an H200): 16 warps split K (the wide instantiation), two tiles a warp at
+    M = 9..16 (H200 sweep, kernels_sweep_h200_wide.json: 4096 × 14336 M=1 11.2 µs against
     13.6 with 8 warps). Above M = 16 (one tile a warp; H200 sweep kernels_sweep_h200_rowgroups.json): many
     rows with a short K take 4 row groups a block of 2 warps each (x read once a block for 4 tiles: 14336 × 4096
     M=32 29.6 µs against 33.7, M=64 56.3 against 64.1), many rows 4 warps, otherwise 4 warps at M > 32

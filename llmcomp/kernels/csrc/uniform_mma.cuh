@@ -762,16 +762,17 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 
 // Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
 // at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
-// One row tile per warp at M <= 8; one or two at M <= 16 (launch_config, from the H200 sweep); one above
-// (rt is ignored there).
+// One or two row tiles per warp up to M = 16 (launch_config, from the H200 sweeps; two only where they divide the
+// rows, else the last tile would go unwritten); one above and for codebook weights (rt is ignored there).
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                  torch::Tensor& out, int group, int rt, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
   const int M = x.size(0);
+  const bool two = rt >= 2 && out.size(1) % 32 == 0;  // two row tiles a warp, sharing each x fragment
   if constexpr (ELEM == 3) {
     TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
-    if (rt >= 2 && out.size(1) % 32 == 0)  // two row tiles a warp sharing x (kernel-r2, being measured)
+    if (two)
       return launch_mma<T, BITS, 3, 1, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
     return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   } else if constexpr (is_vq(ELEM)) {  // codebook weights: one row tile a warp
@@ -782,12 +783,12 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
     return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   } else {
   if (M <= 8) {
-    if (rt >= 2 && out.size(1) % 32 == 0)
+    if (two)
       return launch_mma<T, BITS, ELEM, 1, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
     return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   }
-  if (M <= 16) {  // two row tiles only where they divide the rows (else the last tile would go unwritten)
-    if (rt >= 2 && out.size(1) % 32 == 0)
+  if (M <= 16) {
+    if (two)
       return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
     return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   }
