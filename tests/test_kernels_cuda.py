@@ -251,8 +251,8 @@ def test_e2m1_large_scales_take_the_reference_path():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_every_launch_config_matches_the_reference(fmt, dtype):
     """Every (row tiles a warp, warps splitting K, row groups a block) the kernel can be launched with —
-    launch_config picks among them by shape — gives the reference product within TOL, at M = 1..16 (one or two
-    row tiles a warp), 40 and 64 (with one warp a row group: x staged in shared memory); 3 row groups a block
+    launch_config picks among them by shape — gives the reference product within TOL, at M = 1..16, 40 and 64 (one or
+    two row tiles a warp; with one warp a row group above 16: x staged in shared memory); 3 row groups a block
     leave the last block partly empty on both shapes."""
     from llmcomp.kernels import uniform_cuda
 

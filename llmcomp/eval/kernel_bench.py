@@ -307,7 +307,7 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
     preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
              for _ in range(_copies(state_bytes(base)))]
     return (state_bytes(base), preps, lambda x, p, c: uniform_cuda.gemm(x, p, c),
-            lambda m: uniform_cuda.launch_config(n, k, preps[0]["bits"], m))
+            lambda m: uniform_cuda.launch_config(n, k, preps[0]["bits"], m, elem=preps[0]["elem"]))
 
 
 def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print, fmt: str = "") -> list[dict]:
@@ -326,7 +326,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
                 call(x, p, pick)
             best, picked = None, None
             vq = fmt in CODEBOOK_FORMATS
-            rts = (1,) if m > 16 or vq else (1, 2)
+            rts = (1,) if vq else (1, 2)
             splits = _WIDE_SPLITS if m <= 16 else _SPLITS if not vq else tuple(s for s in _SPLITS if s[0] > 1)
             configs = [(rt, warps, wr) for rt in rts if n % (16 * rt) == 0 for warps, wr in splits]
             for c in configs:

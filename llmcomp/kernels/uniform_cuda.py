@@ -234,7 +234,7 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
     return fits[dtype]
 
 
-def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None) -> tuple[int, int, int]:
+def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None, elem: int = 0) -> tuple[int, int, int]:
     """(row tiles per warp, warps splitting K, row groups a block). M ≤ 8 (H100 sweep, bench/results/kernels_sweep_h100.json,
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
     many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
@@ -252,6 +252,12 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None)
     (4096 × 14336 M=64 46.9 against 58.5) and 8 up to 32. With x staged in shared memory (one warp a row group,
     8 groups a block; H200 sweep kernels_sweep_h200_xstage_m*.json): at least 12 row tiles an SM, or 6 at M > 32
     (28672 × 8192 M=64 146.0 µs against 182.4, M=32 88.8 against 101.2; 14336 × 4096 M=64 51.3 against 56.1).
+    Two row tiles a warp above M = 16 too, for uniform 4-bit codes (``elem`` 0) in the three regimes the H200 sweep
+    timed (kernels_sweep_h200_r2_m64.log; each x fragment feeds two tiles, so x crosses into the SM half as often):
+    very many rows with a long K staged at M > 32 (28672 × 8192 M=64 134.9 µs against 145.5), many rows with a short
+    K at 2 warps × 2 row groups (14336 × 4096 M=64 39.7 against 51.5, M=32 27.8 against 31.1), few rows with a long K
+    at 8 warps and M > 32 (4096 × 14336 M=64 33.0 against 48.2). Not timed, so unchanged: 4096 × 4096, 28672 × 8192 at
+    M ≤ 32 (one tile staged stayed best there), the 2-bit layouts and the E2M1 formats.
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -261,8 +267,16 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None)
         rt = 2 if (n % 32 == 0 and n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)) else 1
         many = n // (16 * rt) >= 6 * sms
         return rt, 4 if (rt == 2 or (many and k // kblock(bits) <= 64)) else 8, 1
-    many = n // 16 >= 6 * sms
-    if (x_stage() if staged is None else staged) and (n // 16 >= 12 * sms or (many and m > 32)):
+    many, kbs = n // 16 >= 6 * sms, k // kblock(bits)
+    stage = x_stage() if staged is None else staged
+    if elem == 0 and bits == 4 and n % 32 == 0:  # two row tiles a warp (see above)
+        if stage and n // 16 >= 12 * sms and kbs >= 128 and m > 32:
+            return 2, 1, 8
+        if many and n // 16 < 12 * sms and kbs <= 64:
+            return 2, 2, 2
+        if n // 16 <= 2 * sms and kbs >= 128 and m > 32:
+            return 2, 8, 1
+    if stage and (n // 16 >= 12 * sms or (many and m > 32)):
         return 1, 1, 8
     if many and k // kblock(bits) <= 64:
         return 1, 2, 4
@@ -298,7 +312,7 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
                  launch: tuple | None = None) -> torch.Tensor:
     """x2 [M ≤ 64, K] → y [M, n]: the mma kernel (the fp32 post-scale one at M ≤ 8 when ``sz_post`` is given)."""
     x2 = kernel_input(x2.contiguous(), kp)
-    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0])
+    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem)
     wr = rest[0] if rest else 1
     if sz_post is not None and post_scale() and x2.shape[0] <= 8:
         return gemm_op(x2, qw, qh, sz_post, bits, group, n, rt, warps, 3, wr)

@@ -732,7 +732,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * vq_copies(ELEM) * sizeof(uint2);
   auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
-  if constexpr (MT >= 4 && R == 1 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS)
+  if constexpr (MT >= 4 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
     static const bool xs_on = [] {
       const char* e = std::getenv("LLMCOMP_MMA_XSTAGE");
       return !(e && e[0] == '0');
@@ -762,8 +762,8 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 
 // Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
 // at M = 1 were slower than 4 on every shape on an H200, W2/W3/W4: bench/results/kernels_h200_notes.md.)
-// One or two row tiles per warp up to M = 16 (launch_config, from the H200 sweeps; two only where they divide the
-// rows, else the last tile would go unwritten); one above and for codebook weights (rt is ignored there).
+// One or two row tiles per warp at every M (launch_config, from the H200 sweeps; two only where they divide the
+// rows, else the last tile would go unwritten); one for codebook weights (rt is ignored there).
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
@@ -792,7 +792,13 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
       return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
     return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   }
-  if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+  if (M <= 32) {
+    if (two)
+      return launch_mma<T, BITS, ELEM, 4, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+  }
+  if (two)
+    return launch_mma<T, BITS, ELEM, 8, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   }
 }
