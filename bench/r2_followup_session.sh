@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call after two row tiles a warp above M = 16 (e2cb4d3): the CUDA tests that now reach those launches for
+# every format and dtype, the launch sweep on the shapes not yet timed with them, then the full table with peers.
+#   bash bench/r2_followup_session.sh   (on the GPU machine; carry .whl for the bitsandbytes column; writes to $OUT)
+# Knobs: TEST_S SWEEP_S FP4_S BENCH_S (0 skips a step). All four with the build overrun one 600 s call: run
+# `BENCH_S=0 bash bench/r2_followup_session.sh`, then `TEST_S=0 SWEEP_S=0 FP4_S=0 bash bench/r2_followup_session.sh`.
+set -u
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
+. bench/session_common.sh
+export PYTHONPATH=$PWD:/tmp/site
+run ${TEST_S:-170} cuda_tests.log python3 -m pytest -q tests/test_kernels_cuda.py
+SWEEP_PY="
+import json, os, sys
+from llmcomp.eval import kernel_bench as kb
+shapes = [tuple(int(v) for v in s.split('x')) for s in sys.argv[2].split(',')]
+rows = kb.sweep(shapes=shapes, ms=tuple(int(m) for m in sys.argv[3].split(',')), fmt=sys.argv[1])
+json.dump(rows, open(os.environ['OUT'] + '/sweep_' + (sys.argv[1] or 'w4') + '.json', 'w'), indent=0)"
+TAIL=12 run ${SWEEP_S:-150} sweep_w4.log python3 -c "$SWEEP_PY" "" 4096x4096,4096x14336,28672x4096,6144x4096 32,64
+TAIL=8 run ${FP4_S:-90} sweep_mxfp4.log python3 -c "$SWEEP_PY" mxfp4 14336x4096,4096x14336,28672x8192 64
+TAIL=40 run ${BENCH_S:-200} bench.log python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms 1,16,64 --float-formats mxfp4,nvfp4
