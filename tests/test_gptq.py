@@ -191,3 +191,24 @@ def test_quantize_model_end_to_end(tiny_model_dir, tmp_path):
     assert not torch.equal(before, after) and torch.isfinite(after).all()
     assert read_manifest(out)["stages"][0]["config"]["_type"] == "GPTQConfig"
     assert loaded.model.layers[0].self_attn.v_proj.fmt == Uniform(bits=8, group_size=0)
+
+
+@pytest.mark.parametrize("method,label", [("gptq", "GPTQ"), ("vptq", "VPTQ"), ("decoupleq", "decoupleQ")])
+def test_hessian_methods_share_observe_and_name_themselves_without_statistics(method, label):
+    """The Hessian-based quantizers take their hook and their checks from one base (HessianQuantizer): each observes a
+    layer with a Hessian accumulator and, handed no statistics, says which method needs calibration data."""
+    from llmcomp.quant.base import HessianQuantizer
+
+    quantizer = METHODS.get(method)(_config(method))
+    assert isinstance(quantizer, HessianQuantizer) and quantizer.needs_calibration
+    linear = nn.Linear(256, 64, bias=False)
+    assert isinstance(quantizer.observe(linear), HessianAccumulator)
+    with pytest.raises(UserError, match=f"{label} got no calibration statistics for layer.0"):
+        quantizer.quantize_linear("layer.0", linear, None)
+
+
+def _config(method):
+    from llmcomp.quant.decoupleq import DecoupleQConfig
+    from llmcomp.quant.vptq import VPTQConfig
+
+    return {"gptq": GPTQConfig, "vptq": VPTQConfig, "decoupleq": DecoupleQConfig}[method]()

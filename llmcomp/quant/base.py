@@ -65,6 +65,26 @@ class Quantizer:
         raise NotImplementedError
 
 
+class HessianQuantizer(Quantizer):
+    """A method that reads each layer's input Hessian (``quant/hessian.py``): GPTQ, VPTQ, decoupleQ. ``label`` names
+    it in errors."""
+
+    needs_calibration = True
+    label: ClassVar[str] = ""
+
+    def observe(self, linear: nn.Linear):
+        from llmcomp.quant.hessian import HessianAccumulator
+
+        return HessianAccumulator.for_linear(linear)
+
+    def layer_weight(self, name: str, linear: nn.Linear, stats):
+        """(format, fp32 weight) for layer ``name``, once its shape fits the format and its statistics exist."""
+        fmt = self.format_for(name)
+        fmt.validate_shape(linear.out_features, linear.in_features, name)
+        require_stats(stats, self.label, name)
+        return fmt, linear.weight.data.float()
+
+
 def require_stats(stats, method: str, name: str) -> None:
     """A calibrated method's statistics for layer ``name`` must exist (they come from the driver)."""
     if stats is None or getattr(stats, "H", None) is None:

@@ -27,7 +27,7 @@ from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 from llmcomp.formats.uniform import SCALE_DTYPE, Uniform
-from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
+from llmcomp.quant.base import METHODS, HessianQuantizer, LayerResult, QuantConfig
 from llmcomp.quant.gptq import gptq_solve, static_grid, uniform_round
 from llmcomp.quant.hessian import HessianAccumulator, flush_denormal, inverse_cholesky
 
@@ -111,20 +111,15 @@ def dequant(codes, scale, zero, fmt: Uniform, n: int) -> torch.Tensor:
 
 
 @METHODS.register("decoupleq")
-class DecoupleQQuantizer(Quantizer):
+class DecoupleQQuantizer(HessianQuantizer):
     config: DecoupleQConfig
-    needs_calibration = True
-
-    def observe(self, linear: nn.Linear) -> HessianAccumulator:
-        return HessianAccumulator.for_linear(linear)
+    label = "decoupleQ"
 
     @torch.no_grad()
     def quantize_linear(self, name: str, linear: nn.Linear, stats: HessianAccumulator | None = None) -> LayerResult:
-        cfg, fmt = self.config, self.format_for(name)
+        cfg = self.config
+        fmt, W0 = self.layer_weight(name, linear, stats)
         out_f, n = linear.out_features, linear.in_features
-        fmt.validate_shape(out_f, n, name)
-        require_stats(stats, "decoupleQ", name)
-        W0 = linear.weight.data.float()
         with flush_denormal():
             dh = stats.finalize(cfg.damp)
             H = dh.H.to(W0.device)

@@ -35,7 +35,7 @@ from llmcomp.errors import UserError
 from llmcomp.formats.fp4 import BlockFP
 from llmcomp.formats.outliers import Outliers
 from llmcomp.formats.uniform import Uniform
-from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
+from llmcomp.quant.base import METHODS, HessianQuantizer, LayerResult, QuantConfig
 from llmcomp.quant.hessian import HessianAccumulator, flush_denormal, inverse_cholesky
 
 # round_col(j, ahead) -> the quantized (dequantized-value) column j, in the solver's column order.
@@ -180,20 +180,15 @@ class LazyGroupRound:
 
 
 @METHODS.register("gptq")
-class GPTQQuantizer(Quantizer):
+class GPTQQuantizer(HessianQuantizer):
     config: GPTQConfig
-    needs_calibration = True
-
-    def observe(self, linear: nn.Linear) -> HessianAccumulator:
-        return HessianAccumulator.for_linear(linear)
+    label = "GPTQ"
 
     @torch.no_grad()
     def quantize_linear(self, name: str, linear: nn.Linear, stats: HessianAccumulator | None = None) -> LayerResult:
-        cfg, fmt = self.config, self.format_for(name)
+        cfg = self.config
+        fmt, W0 = self.layer_weight(name, linear, stats)
         out_f, in_f = linear.out_features, linear.in_features
-        fmt.validate_shape(out_f, in_f, name)
-        require_stats(stats, "GPTQ", name)
-        W0 = linear.weight.data.float()
         device = W0.device
         with flush_denormal():
             dh = stats.finalize(cfg.damp)

@@ -27,7 +27,7 @@ from llmcomp.core.config import register_config
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 from llmcomp.formats.codebook import Codebook
-from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
+from llmcomp.quant.base import METHODS, HessianQuantizer, LayerResult, QuantConfig
 from llmcomp.quant.hessian import HessianAccumulator
 from llmcomp.quant.kmeans import assign, kmeans
 from llmcomp.quant.vecsolve import diagonal_metric, output_error, solve_groups
@@ -121,20 +121,15 @@ class _Stages:
 
 
 @METHODS.register("vptq")
-class VPTQQuantizer(Quantizer):
+class VPTQQuantizer(HessianQuantizer):
     config: VPTQConfig
-    needs_calibration = True
-
-    def observe(self, linear: nn.Linear) -> HessianAccumulator:
-        return HessianAccumulator.for_linear(linear)
+    label = "VPTQ"
 
     @torch.no_grad()
     def quantize_linear(self, name: str, linear: nn.Linear, stats: HessianAccumulator | None = None) -> LayerResult:
-        cfg, fmt = self.config, self.format_for(name)
+        cfg = self.config
+        fmt, W0 = self.layer_weight(name, linear, stats)
         out_f, in_f = linear.out_features, linear.in_features
-        fmt.validate_shape(out_f, in_f, name)
-        require_stats(stats, "VPTQ", name)
-        W0 = linear.weight.data.float()
         dev, v = W0.device, fmt.dim
         H = stats.H.to(dev)
         hd = torch.diagonal(H).clamp(min=0)
