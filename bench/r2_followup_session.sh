@@ -10,11 +10,11 @@ if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile
 export PYTHONPATH=$PWD:/tmp/site
 run ${TEST_S:-170} cuda_tests.log python3 -m pytest -q tests/test_kernels_cuda.py
 SWEEP_PY="
-import json, os, sys
+import os, sys
 from llmcomp.eval import kernel_bench as kb
 shapes = [tuple(int(v) for v in s.split('x')) for s in sys.argv[2].split(',')]
-rows = kb.sweep(shapes=shapes, ms=tuple(int(m) for m in sys.argv[3].split(',')), fmt=sys.argv[1])
-json.dump(rows, open(os.environ['OUT'] + '/sweep_' + (sys.argv[1] or 'w4') + '.json', 'w'), indent=0)"
+kb.sweep(shapes=shapes, ms=tuple(int(m) for m in sys.argv[3].split(',')), fmt=sys.argv[1],
+         out=os.environ['OUT'] + '/sweep_' + (sys.argv[1] or 'w4') + '.json')"
 TAIL=12 run ${SWEEP_S:-150} sweep_w4.log python3 -c "$SWEEP_PY" "" 4096x4096,4096x14336,28672x4096,6144x4096 32,64
 TAIL=8 run ${FP4_S:-90} sweep_mxfp4.log python3 -c "$SWEEP_PY" mxfp4 14336x4096,4096x14336,28672x8192 64
 TAIL=40 run ${BENCH_S:-200} bench.log python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms 1,16,64 --float-formats mxfp4,nvfp4

@@ -310,10 +310,12 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
             lambda m: uniform_cuda.launch_config(n, k, preps[0]["bits"], m, elem=preps[0]["elem"]))
 
 
-def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print, fmt: str = "") -> list[dict]:
+def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print, fmt: str = "",
+          out: Optional[Path] = None) -> list[dict]:
     """Time a CUDA mma kernel alone over its launch parameters (row tiles per warp × warps splitting K ×
     row groups a block), to set ``uniform_cuda.launch_config`` (``fmt`` empty: uniform ``bits``; ``mxfp4`` /
-    ``nvfp4``) or ``codebook_cuda.launch_config`` (``fmt`` vq2 / vq3) from measurements."""
+    ``nvfp4``) or ``codebook_cuda.launch_config`` (``fmt`` vq2 / vq3) from measurements. ``out``: a JSON file of the
+    rows so far, rewritten after every shape and M (a sweep cut short by a time limit keeps what it timed)."""
     label = fmt or f"W{bits}"
     bw = copy_bandwidth()
     rows = []
@@ -340,5 +342,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
                     picked = t
             log(f"sweep {label} {n}x{k} M={m}: best (rt, warps, wr)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
                 f"  (launch_config: {pick}" + (f" {picked * 1e6:.2f}us)" if picked else ")"))
+            if out is not None:
+                Path(out).write_text(json.dumps(rows, indent=0))
         del preps
     return rows
