@@ -5,9 +5,7 @@
 # Knobs: TEST_S SWEEP_S FP4_S BENCH_S (0 skips a step). All four with the build overrun one 600 s call: run
 # `BENCH_S=0 bash bench/r2_followup_session.sh`, then `TEST_S=0 SWEEP_S=0 FP4_S=0 bash bench/r2_followup_session.sh`.
 set -u
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
 . bench/session_common.sh
-export PYTHONPATH=$PWD:/tmp/site
 run ${TEST_S:-170} cuda_tests.log python3 -m pytest -q tests/test_kernels_cuda.py
 SWEEP_PY="
 import os, sys

@@ -2,6 +2,7 @@
 # One device call: the two-row-tile launches above M = 16 (R = 2 at 16 < M <= 64) checked against the reference
 # (W4 bf16, every two-tile launch at M = 17..64) and swept on the three many-row / long-K shapes at M = 64 and 32.
 #   bash bench/r2_m64_session.sh   (on the GPU machine; writes to $OUT)
+BUILD=1 . bench/session_common.sh
 python3 - <<'PY' 2>&1 | grep -v Warn | tee $OUT/r2_check.log
 import torch
 from llmcomp.formats import Uniform

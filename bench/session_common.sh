@@ -1,7 +1,11 @@
-# Sourced by the GPU session scripts (bench/*_session.sh): environment, $OUT, the extension built and reported (not with
-# BUILD=0: Triton-only sessions), and
+# Sourced by the GPU session scripts (bench/*_session.sh): environment (carried wheels in .whl installed), $OUT, the
+# extension built and reported (not with BUILD=0: Triton-only sessions), and
 # run SECONDS LOG CMD... (time-limited, logged under $OUT, skipped at 0 seconds; TAIL lines of the log shown).
 export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD
+if [ -d .whl ]; then  # wheels carried to the GPU machine (e.g. bitsandbytes for the peer column)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  PYTHONPATH=$PWD:/tmp/site
+fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ "${BUILD:-1}" = 0 ] || ( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension() is not None, 'pdl', uniform_cuda.dependent_launch())" ) 2>&1 | tail -4
 run() {

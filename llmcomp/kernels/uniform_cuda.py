@@ -261,13 +261,14 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    kbs = k // kblock(bits)
     if m <= 16 and n // 16 <= 2 * sms:
         return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         rt = 2 if (n % 32 == 0 and n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)) else 1
         many = n // (16 * rt) >= 6 * sms
-        return rt, 4 if (rt == 2 or (many and k // kblock(bits) <= 64)) else 8, 1
-    many, kbs = n // 16 >= 6 * sms, k // kblock(bits)
+        return rt, 4 if (rt == 2 or (many and kbs <= 64)) else 8, 1
+    many = n // 16 >= 6 * sms
     stage = x_stage() if staged is None else staged
     if elem == 0 and bits == 4 and n % 32 == 0:  # two row tiles a warp (see above)
         if stage and n // 16 >= 12 * sms and kbs >= 128 and m > 32:
@@ -278,7 +279,7 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
             return 2, 8, 1
     if stage and (n // 16 >= 12 * sms or (many and m > 32)):
         return 1, 1, 8
-    if many and k // kblock(bits) <= 64:
+    if many and kbs <= 64:
         return 1, 2, 4
     return 1, 4 if (many or m > 32) else 8, 1
 

@@ -769,12 +769,17 @@ template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                  torch::Tensor& out, int group, int rt, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
   const int M = x.size(0);
-  const bool two = rt >= 2 && out.size(1) % 32 == 0;  // two row tiles a warp, sharing each x fragment
+  // Two row tiles a warp (sharing each x fragment) where rt asks for them and they divide the rows.
+  const bool two = rt >= 2 && out.size(1) % 32 == 0;
+  auto tiles = [&](auto mt) {  // mt: std::integral_constant, the token tiles of 8 the kernel is built for
+    constexpr int MT = decltype(mt)::value;
+    if (two) return launch_mma<T, BITS, ELEM, MT, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    return launch_mma<T, BITS, ELEM, MT, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+  };
+  using One = std::integral_constant<int, 1>;
   if constexpr (ELEM == 3) {
     TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
-    if (two)
-      return launch_mma<T, BITS, 3, 1, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-    return launch_mma<T, BITS, 3, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    return tiles(One{});
   } else if constexpr (is_vq(ELEM)) {  // codebook weights: one row tile a warp
     TORCH_CHECK(cb != nullptr, "codebook weights need their codebooks");
     if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
@@ -782,24 +787,10 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
     if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
     return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
   } else {
-  if (M <= 8) {
-    if (two)
-      return launch_mma<T, BITS, ELEM, 1, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-    return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-  }
-  if (M <= 16) {
-    if (two)
-      return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-    return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-  }
-  if (M <= 32) {
-    if (two)
-      return launch_mma<T, BITS, ELEM, 4, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-    return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-  }
-  if (two)
-    return launch_mma<T, BITS, ELEM, 8, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-  return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    if (M <= 8) return tiles(One{});
+    if (M <= 16) return tiles(std::integral_constant<int, 2>{});
+    if (M <= 32) return tiles(std::integral_constant<int, 4>{});
+    return tiles(std::integral_constant<int, 8>{});
   }
 }
 
