@@ -207,7 +207,7 @@ def test_post_scale_pairs():
 def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     """launch_config on an H200-sized GPU (132 SMs) returns the configurations the sweeps measured fastest
     (bench/results/kernels_sweep_h200_wide.json, kernels_sweep_h200_rowgroups.json, kernels_sweep_h200_xstage_m64.json,
-    kernels_sweep_h200_r2.log, kernels_sweep_h200_r2_m64.log),
+    kernels_sweep_h200_r2.log, kernels_sweep_h200_r2_m64.log, kernels_sweep_h200_r2_followup_*.json),
     and stays launchable
     (the kernel's blocks hold at most 16 warps at M <= 16, 8 above)."""
     class Props:
@@ -222,10 +222,14 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     # above M = 16, two row tiles a warp where the sweep timed them faster (kernels_sweep_h200_r2_m64.log)
     assert picks[(14336, 4096, 32)] == picks[(14336, 4096, 64)] == (2, 2, 2)
     assert picks[(28672, 8192, 32)] == (1, 1, 8) and picks[(28672, 8192, 64)] == (2, 1, 8)
-    assert picks[(4096, 14336, 64)] == (2, 8, 1) and picks[(4096, 14336, 32)] == (1, 8, 1)
-    assert picks[(4096, 4096, 64)] == (1, 4, 1)  # not timed with two tiles: unchanged
-    # ... for uniform 4-bit codes only: the E2M1 formats (elem 1) and the 2-bit layout keep one tile there
-    assert uniform_cuda.launch_config(14336, 4096, 4, 64, elem=1) == (1, 1, 8)
+    # few rows: two tiles at 8 warps at every K above M = 16 (kernels_sweep_h200_r2_followup_w4.json)
+    assert picks[(4096, 14336, 64)] == picks[(4096, 14336, 32)] == (2, 8, 1)
+    assert picks[(4096, 4096, 32)] == picks[(4096, 4096, 64)] == (2, 8, 1)
+    # E2M1 elements (elem 1) too (kernels_sweep_h200_r2_followup_{mxfp4,nvfp4}.json); the 2-bit layout keeps one tile
+    assert uniform_cuda.launch_config(14336, 4096, 4, 64, elem=1) == (2, 2, 2)
+    assert uniform_cuda.launch_config(4096, 14336, 4, 64, elem=1) == (2, 8, 1)
+    assert uniform_cuda.launch_config(28672, 8192, 4, 64, elem=1) == (2, 8, 1)  # very many rows: 8 warps, not staged
+    assert uniform_cuda.launch_config(6144, 4096, 4, 32) == (1, 4, 1)  # between 2 and 6 row tiles an SM: 4 warps
     assert uniform_cuda.launch_config(14336, 4096, 2, 32)[0] == uniform_cuda.launch_config(4096, 14336, 3, 64)[0] == 1
     from llmcomp.kernels import codebook_cuda  # the codebook kernel does not stage x: never one warp a row group
 

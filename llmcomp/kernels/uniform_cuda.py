@@ -256,8 +256,14 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     timed (kernels_sweep_h200_r2_m64.log; each x fragment feeds two tiles, so x crosses into the SM half as often):
     very many rows with a long K staged at M > 32 (28672 × 8192 M=64 134.9 µs against 145.5), many rows with a short
     K at 2 warps × 2 row groups (14336 × 4096 M=64 39.7 against 51.5, M=32 27.8 against 31.1), few rows with a long K
-    at 8 warps and M > 32 (4096 × 14336 M=64 33.0 against 48.2). Not timed, so unchanged: 4096 × 4096, 28672 × 8192 at
-    M ≤ 32 (one tile staged stayed best there), the 2-bit layouts and the E2M1 formats.
+    at 8 warps (4096 × 14336 M=64 33.0 against 48.2). A second H200 sweep (kernels_sweep_h200_r2_followup_*.json)
+    widened the last to every K above M = 16 (4096 × 4096 M=32 9.6 against 10.3, M=64 13.3 against 16.7; 4096 × 14336
+    M=32 23.5 against 25.5) and took the last two to E2M1 elements (MXFP4 M=64: 14336 × 4096 40.2 against 53.0,
+    4096 × 14336 33.3 against 48.3); E2M1 with very many rows and a long K at M > 32 take two tiles at 8 warps
+    (MXFP4 28672 × 8192 M=64 134.1 against 151.4 staged with one tile, 144.2 staged with two; NVFP4 141.0 against
+    152.7). Unchanged: 28672 rows at M ≤ 32 (one tile staged stayed best: 28672 × 4096 47.3 against 50.1 with two)
+    and the 2-bit layouts (W3 / W2 at M = 1 on 28672 rows: this rule's pick within 0.3 % / 2.5 % of the sweep's best).
+    Between 2 and 6 row tiles an SM, 4 warps at M = 17..32 too (W4 6144 × 4096 M=32 14.0 against 18.5 with 8).
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -270,18 +276,18 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         return rt, 4 if (rt == 2 or (many and kbs <= 64)) else 8, 1
     many = n // 16 >= 6 * sms
     stage = x_stage() if staged is None else staged
-    if elem == 0 and bits == 4 and n % 32 == 0:  # two row tiles a warp (see above)
+    if bits == 4 and n % 32 == 0:  # two row tiles a warp, 4-bit codes or E2M1 elements (see above)
         if stage and n // 16 >= 12 * sms and kbs >= 128 and m > 32:
-            return 2, 1, 8
+            return (2, 1, 8) if elem == 0 else (2, 8, 1)
         if many and n // 16 < 12 * sms and kbs <= 64:
             return 2, 2, 2
-        if n // 16 <= 2 * sms and kbs >= 128 and m > 32:
+        if n // 16 <= 2 * sms:
             return 2, 8, 1
     if stage and (n // 16 >= 12 * sms or (many and m > 32)):
         return 1, 1, 8
     if many and kbs <= 64:
         return 1, 2, 4
-    return 1, 4 if (many or m > 32) else 8, 1
+    return 1, 4 if (many or m > 32 or n // 16 > 2 * sms) else 8, 1
 
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
