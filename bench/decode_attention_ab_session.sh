@@ -2,8 +2,7 @@
 # One GPU call (2026-11-30 night): tests of the traced-linear / packed-GQA change, the packed decode step's two
 # attention kernels A/B (8 layers, compiled), and Nsight Compute on the codebook kernel.
 set -u
-export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+BUILD=${BUILD:-0} . bench/session_common.sh  # no extension build of its own
 TESTS="tests/test_codebook_cuda.py tests/test_codebook_kernel.py tests/test_decode_bench.py tests/test_kernels_cuda.py::test_frozen_forward_is_forward_in_one_graph tests/test_kernels_cuda.py::test_custom_op_traces_under_compile" \
   TEST_S=150 DECODE_S=0 bash bench/decode_session.sh
 for k in sdpa matmul; do

@@ -6,11 +6,7 @@
 # Llama-3-8B layers, per format; DECODE_COMPILE=1 times them with compiled decoder layers too),
 # FULLTEST_S (0 skips the full CUDA test file).
 set -u
-export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
-export PYTHONPATH=$PWD:/tmp/site
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension())" ) 2>&1 | tail -4
+. bench/session_common.sh
 timeout ${TEST_S:-120} python3 -m pytest -q -x tests/test_kernels_cuda.py tests/test_codebook_kernel.py -k "${TEST_K:-mma or odd or compile or e2m1 or launch_config or variant or kernel_matches}" 2>&1 | tee "$OUT/tests.log" | tail -25
 if [ "${SWEEP:-1}" = 1 ]; then
   timeout ${SWEEP_S:-150} python3 -c "

@@ -3,9 +3,7 @@
 # the codebook CUDA tests (incl. the replicated table bit-equal to the single one), then the VQ rows with the
 # bank-replicated table and with one table (LLMCOMP_VQ_REPLICATE=0), each beside the W4 and bf16 rows of its own run.
 set -u
-export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension())" ) 2>&1 | tail -4
+. bench/session_common.sh
 timeout ${TEST_S:-120} python3 -m pytest -q tests/test_codebook_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -3
 for rep in 1 0; do
   LLMCOMP_VQ_REPLICATE=$rep timeout ${BENCH_S:-170} python3 bench/bench_kernels.py --out "$OUT/kernels_vq_rep$rep.json" \

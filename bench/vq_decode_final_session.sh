@@ -2,8 +2,7 @@
 # One GPU call: the codebook kernel with the next round prefetched into L2 (tests + VQ rows), the frozen-forward
 # tests, and the 32-layer 8B decode compiled with the packed attention (GEMMs at batch 1).
 set -u
-export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+BUILD=${BUILD:-0} . bench/session_common.sh  # no extension build of its own
 TESTS="tests/test_codebook_cuda.py tests/test_kernels_cuda.py::test_frozen_forward_is_forward_in_one_graph" \
   TEST_S=120 DECODE_S=0 bash bench/decode_session.sh
 timeout ${BENCH_S:-130} python3 bench/bench_kernels.py --out "$OUT/kernels_h200_vq_prefetch.json" --ms 1,16 --bits 4 \

@@ -3,9 +3,7 @@
 # and not (LLMCOMP_MMA_XSTAGE=0), one M a process (a timeout loses one file). Second call: the VQ rows,
 #   SWEEP=0 FULLTEST_S=0 MS=1,16,64 FLOATS=vq2,vq3 bash bench/kernel_session.sh
 set -u
-export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-( time python3 -c "import torch; torch.zeros(1).cuda(); from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension())" ) 2>&1 | tail -4
+. bench/session_common.sh
 timeout ${TEST_S:-150} python3 -m pytest -q tests/test_codebook_cuda.py tests/test_kernels_cuda.py \
   -k "${TEST_K:-codebook or launch_config or post_scale}" 2>&1 | tee "$OUT/tests.log" | tail -3
 for xs in 1 0; do
