@@ -1,0 +1,96 @@
+"""Where the W4 mma kernel's time goes above M = 8 (two 8-token tiles a warp instead of one): the kernel timed as it
+is and in probe builds with one piece of its per-kblock work removed, at the launch ``launch_config`` picks.
+
+Variants (each a build of a text-edited copy of ``llmcomp/kernels/csrc``; the extension's cache key is the source
+hash, so each gets its own build directory):
+  base       the kernel as it is
+  one_mma    the second token tile's mma skipped (its x loads then go too) — the cost of the 2nd tile
+  no_decode  codes made into the A operand by a shift and an AND instead of the decode — the decode's cost
+
+The probes compute wrong results by construction: timing only, never a result. M ≤ 8 runs the post-scale kernel,
+which no probe edits, so its rows show the run-to-run spread between the builds.
+   python bench/mma_probe.py build VARIANT...   (builds, can run in parallel processes)
+   python bench/mma_probe.py time VARIANT --out FILE.json"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from llmcomp.eval import kernel_bench as kb
+from llmcomp.kernels import uniform_cuda
+
+EDITS = {
+    "base": [],
+    "one_mma": [(
+        "        for (int t = 0; t < MT; ++t) {\n"
+        "          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[t][0]);\n"
+        "          mma16816<T>(acc[r][t], a, xw[2 * s], xw[2 * s + 1]);",
+        "        for (int t = 0; t < 1; ++t) {\n"
+        "          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[t][0]);\n"
+        "          mma16816<T>(acc[r][t], a, xw[2 * s], xw[2 * s + 1]);")],
+    "no_decode": [(
+        "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",
+        "#pragma unroll\n"
+        "      for (int e = 0; e < 16 / BITS; ++e) q[e] = Num<T>::pair((words[wi] >> e) & 0x3c003c00u);")],
+}
+ORIGINAL = uniform_cuda.CSRC
+SHAPES = ((28672, 8192), (14336, 4096))
+MS = (4, 12, 16)
+
+
+def use(variant: str) -> None:
+    """Point uniform_cuda at an edited copy of the sources (before its extension is first built or loaded). A copy
+    already there with the same text is left untouched: a fresh one would look newer than the objects built from it
+    and ninja would build again (the first run of this probe lost its timing steps that way, 2026-12-01)."""
+    uniform_cuda.CSRC = ORIGINAL
+    if variant == "base":
+        return
+    text = (ORIGINAL / "uniform_mma.cuh").read_text()
+    for old, new in EDITS[variant]:
+        if text.count(old) != 1:
+            sys.exit(f"mma_probe: the {variant} edit no longer matches uniform_mma.cuh once")
+        text = text.replace(old, new)
+    dst = Path("/tmp/llmcomp_probe") / variant
+    cuh = dst / "uniform_mma.cuh"
+    if not (cuh.exists() and cuh.read_text() == text):
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(ORIGINAL, dst)
+        cuh.write_text(text)
+    uniform_cuda.CSRC = dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("action", choices=("build", "time"))
+    ap.add_argument("variants", nargs="+", choices=sorted(EDITS))
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.action == "build":
+        for v in a.variants:
+            use(v)
+            print(v, "built" if uniform_cuda.extension() is not None else "FAILED", flush=True)
+            uniform_cuda.extension.cache_clear()
+        return
+    (variant,) = a.variants
+    use(variant)
+    assert uniform_cuda.extension() is not None, "extension did not build"
+    rows = []
+    for n, k in SHAPES:
+        nbytes, preps, call, auto = kb._sweep_subject("W4", n, k, 4, 128)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            pick = tuple(auto(m))
+            t = kb.per_call_seconds([lambda p=p: call(x, p, pick) for p in preps])
+            rows.append({"variant": variant, "N": n, "K": k, "M": m, "launch": pick, "us": round(t * 1e6, 3)})
+            print(f"{variant:10s} {n}x{k} M={m:<3d} {pick} {t * 1e6:8.2f} us", flush=True)
+        del preps
+        torch.cuda.empty_cache()
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=0))
+
+
+if __name__ == "__main__":
+    main()
