@@ -230,6 +230,7 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(4096, 14336, 4, 64, elem=1) == (2, 8, 1)
     assert uniform_cuda.launch_config(28672, 8192, 4, 64, elem=1) == (2, 8, 1)  # very many rows: 8 warps, not staged
     assert uniform_cuda.launch_config(6144, 4096, 4, 32) == (1, 4, 1)  # between 2 and 6 row tiles an SM: 4 warps
+    assert uniform_cuda.launch_config(6144, 4096, 2, 32) == (1, 8, 1)  # ... timed for the 4-bit layout only
     assert uniform_cuda.launch_config(14336, 4096, 2, 32)[0] == uniform_cuda.launch_config(4096, 14336, 3, 64)[0] == 1
     from llmcomp.kernels import codebook_cuda  # the codebook kernel does not stage x: never one warp a row group
 

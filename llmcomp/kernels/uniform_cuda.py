@@ -263,7 +263,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     (MXFP4 28672 × 8192 M=64 134.1 against 151.4 staged with one tile, 144.2 staged with two; NVFP4 141.0 against
     152.7). Unchanged: 28672 rows at M ≤ 32 (one tile staged stayed best: 28672 × 4096 47.3 against 50.1 with two)
     and the 2-bit layouts (W3 / W2 at M = 1 on 28672 rows: this rule's pick within 0.3 % / 2.5 % of the sweep's best).
-    Between 2 and 6 row tiles an SM, 4 warps at M = 17..32 too (W4 6144 × 4096 M=32 14.0 against 18.5 with 8).
+    Between 2 and 6 row tiles an SM, 4 warps at M = 17..32 too, for 4-bit layouts (W4 6144 × 4096 M=32 14.0 against
+    18.5 with 8; the 2-bit layouts and the codebook kernel, which takes this rule's split, were not timed there).
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -287,7 +288,7 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         return 1, 1, 8
     if many and kbs <= 64:
         return 1, 2, 4
-    return 1, 4 if (many or m > 32 or n // 16 > 2 * sms) else 8, 1
+    return 1, 4 if (many or m > 32 or (bits == 4 and n // 16 > 2 * sms)) else 8, 1
 
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
