@@ -5,6 +5,7 @@ Variants (each a build of a text-edited copy of ``llmcomp/kernels/csrc``; the ex
 hash, so each gets its own build directory):
   base       the kernel as it is
   one_mma    the second token tile's mma skipped (its x loads then go too) — the cost of the 2nd tile
+  x_only     the second tile's x still loaded (an empty asm takes it), its mma skipped — mma against x loads
   no_decode  codes made into the A operand by a shift and an AND instead of the decode — the decode's cost
 
 The probes compute wrong results by construction: timing only, never a result. M ≤ 8 runs the post-scale kernel,
@@ -31,6 +32,11 @@ EDITS = {
         "        for (int t = 0; t < 1; ++t) {\n"
         "          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[t][0]);\n"
         "          mma16816<T>(acc[r][t], a, xw[2 * s], xw[2 * s + 1]);")],
+    "x_only": [(
+        "          mma16816<T>(acc[r][t], a, xw[2 * s], xw[2 * s + 1]);\n        }\n      }\n    }\n  }\n}",
+        "          if (t == 0) mma16816<T>(acc[r][t], a, xw[2 * s], xw[2 * s + 1]);\n"
+        "          else asm volatile(\"\" ::\"r\"(xw[2 * s]), \"r\"(xw[2 * s + 1]));  // x loaded, no mma\n"
+        "        }\n      }\n    }\n  }\n}")],
     "no_decode": [(
         "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",
         "#pragma unroll\n"
