@@ -1,6 +1,7 @@
 """Dequant-GEMM benchmark (see llmcomp/eval/kernel_bench.py; also ``llmcomp bench kernels``).
 
     python bench/bench_kernels.py --out bench/results/kernels_h100.json [--shapes 4096x4096] [--bits 4,2] [--float-formats mxfp4,nvfp4]
+    python bench/bench_kernels.py --sweep w4 --out sweep.json [--shapes 4096x4096] [--ms 32,64]   (launch sweep)
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from llmcomp.eval import kernel_bench
 
+SWEEP_FORMATS = ("w4", "w3", "w2", "mxfp4", "nvfp4", "vq2", "vq3")
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
@@ -19,9 +21,18 @@ def main(argv=None):
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--float-formats", default="mxfp4,nvfp4", help="other formats to time too: mxfp4,nvfp4,fp4,vq2,vq3 ('' for none)")
     ap.add_argument("--fp16", action="store_true", help="also time the uniform rows with float16 activations")
+    ap.add_argument("--sweep", default=None, choices=SWEEP_FORMATS,
+                    help="instead, time one format's mma kernel over its launch parameters (kernel_bench.sweep; "
+                         "M default 1,16): wN for uniform N-bit codes")
     args = ap.parse_args(argv)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else kernel_bench.SHAPES)
+    if args.sweep:
+        uniform = args.sweep[0] == "w"
+        kernel_bench.sweep(shapes, tuple(int(m) for m in args.ms.split(",")) if args.ms else (1, 16),
+                           bits=int(args.sweep[1:]) if uniform else 4, group=args.group,
+                           fmt="" if uniform else args.sweep, out=args.out)
+        return
     ms = [int(m) for m in args.ms.split(",")] if args.ms else kernel_bench.MS
     kernel_bench.run(shapes, ms, tuple(int(b) for b in args.bits.split(",")), args.group, args.out,
                      float_formats=tuple(f for f in args.float_formats.split(",") if f), fp16=args.fp16)

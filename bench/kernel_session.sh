@@ -9,11 +9,8 @@ set -u
 . bench/session_common.sh
 timeout ${TEST_S:-120} python3 -m pytest -q -x tests/test_kernels_cuda.py tests/test_codebook_kernel.py -k "${TEST_K:-mma or odd or compile or e2m1 or launch_config or variant or kernel_matches}" 2>&1 | tee "$OUT/tests.log" | tail -25
 if [ "${SWEEP:-1}" = 1 ]; then
-  timeout ${SWEEP_S:-150} python3 -c "
-import json, os
-from llmcomp.eval import kernel_bench as kb
-rows = kb.sweep(ms=tuple(int(m) for m in os.environ.get('SWEEP_MS', '1,16').split(',')))
-json.dump(rows, open(os.environ['OUT'] + '/sweep.json', 'w'), indent=0)" 2>&1 | grep -v Warning | tail -12
+  timeout ${SWEEP_S:-150} python3 bench/bench_kernels.py --sweep w4 --ms "${SWEEP_MS:-1,16}" --out "$OUT/sweep.json" \
+    2>&1 | grep -v Warning | tail -12
 fi
 timeout ${BENCH_S:-200} python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms ${MS:-1,4,16,64} --bits ${BITS:-4} --float-formats "${FLOATS-mxfp4,nvfp4}" ${FP16:+--fp16} 2>&1 | tee "$OUT/bench.log" | tail -40
 if [ -n "${LOWBITS:-}" ]; then

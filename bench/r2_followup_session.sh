@@ -8,13 +8,9 @@
 set -u
 . bench/session_common.sh
 run ${TEST_S:-170} cuda_tests.log python3 -m pytest -q tests/test_kernels_cuda.py
-SWEEP_PY="
-import os, sys
-from llmcomp.eval import kernel_bench as kb
-shapes = [tuple(int(v) for v in s.split('x')) for s in sys.argv[2].split(',')]
-f = sys.argv[1]  # w4 / w3 / w2 (uniform codes of that width) or an E2M1 format
-kb.sweep(shapes=shapes, ms=tuple(int(m) for m in sys.argv[3].split(',')), fmt='' if f[0] == 'w' else f,
-         bits=int(f[1:]) if f[0] == 'w' else 4, out=os.environ['OUT'] + '/sweep_' + f + '.json')"
-TAIL=12 run ${SWEEP_S:-150} sweep_${W:-w4}.log python3 -c "$SWEEP_PY" ${W:-w4} ${W4_SHAPES:-4096x4096,4096x14336,28672x4096,6144x4096} ${W4_MS:-32,64}
-TAIL=8 run ${FP4_S:-90} sweep_${FP4:-mxfp4}.log python3 -c "$SWEEP_PY" ${FP4:-mxfp4} ${FP4_SHAPES:-14336x4096,4096x14336,28672x8192} 64
+W=${W:-w4} FP4=${FP4:-mxfp4}
+TAIL=12 run ${SWEEP_S:-150} sweep_$W.log python3 bench/bench_kernels.py --sweep $W --out "$OUT/sweep_$W.json" \
+  --shapes ${W4_SHAPES:-4096x4096,4096x14336,28672x4096,6144x4096} --ms ${W4_MS:-32,64}
+TAIL=8 run ${FP4_S:-90} sweep_$FP4.log python3 bench/bench_kernels.py --sweep $FP4 --out "$OUT/sweep_$FP4.json" \
+  --shapes ${FP4_SHAPES:-14336x4096,4096x14336,28672x8192} --ms 64
 TAIL=40 run ${BENCH_S:-200} bench.log python3 bench/bench_kernels.py --out "$OUT/kernels.json" --ms 1,16,64 --float-formats mxfp4,nvfp4
