@@ -7,9 +7,12 @@ hash, so each gets its own build directory):
   one_mma    the second token tile's mma skipped (its x loads then go too) — the cost of the 2nd tile
   x_only     the second tile's x still loaded (an empty asm takes it), its mma skipped — mma against x loads
   no_decode  codes made into the A operand by a shift and an AND instead of the decode — the decode's cost
+  u2         rounds of 2 kblocks (not 4) at two row tiles a warp and M = 9..16 too, as at M <= 8 — fewer registers
+  ring_u1    the weight ring's loop not unrolled (LLMCOMP_MMA_RING=1): fewer registers, x loads not hoisted
 
-The probes compute wrong results by construction: timing only, never a result. M ≤ 8 runs the post-scale kernel,
-which no probe edits, so its rows show the run-to-run spread between the builds.
+The probes compute wrong results by construction: timing only, never a result. one_mma, x_only and no_decode edit the
+per-pair-scale kernel: run them with LLMCOMP_MMA_POST_SCALE=8 (the post-scale kernel, which they leave alone, serves
+M <= 16 by default), whose M <= 8 rows then show the run-to-run spread between the builds.
    python bench/mma_probe.py build VARIANT...   (builds, can run in parallel processes)
    python bench/mma_probe.py time VARIANT --out FILE.json"""
 import argparse
@@ -37,6 +40,12 @@ EDITS = {
         "          if (t == 0) mma16816<T>(acc[r][t], a, xw[2 * s], xw[2 * s + 1]);\n"
         "          else asm volatile(\"\" ::\"r\"(xw[2 * s]), \"r\"(xw[2 * s + 1]));  // x loaded, no mma\n"
         "        }\n      }\n    }\n  }\n}")],
+    "u2": [(
+        "  static constexpr int U = R == 2 && MT == 1 ? 2 : 4;",
+        "  static constexpr int U = R == 2 && MT <= 2 ? 2 : 4;")],
+    "ring_u1": [(
+        "#pragma unroll 2\n    for (int i = 0; i < nkb; ++i) {",
+        "#pragma unroll 1\n    for (int i = 0; i < nkb; ++i) {")],
     "no_decode": [(
         "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",
         "#pragma unroll\n"
@@ -73,6 +82,7 @@ def main() -> None:
     ap.add_argument("action", choices=("build", "time"))
     ap.add_argument("variants", nargs="+", choices=sorted(EDITS))
     ap.add_argument("--out")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
     a = ap.parse_args()
     if a.action == "build":
         for v in a.variants:
@@ -86,7 +96,7 @@ def main() -> None:
     rows = []
     for n, k in SHAPES:
         nbytes, preps, call, auto = kb._sweep_subject("W4", n, k, 4, 128)
-        for m in MS:
+        for m in (int(v) for v in a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             pick = tuple(auto(m))
             t = kb.per_call_seconds([lambda p=p: call(x, p, pick) for p in preps])

@@ -219,6 +219,8 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
              for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)] for m in (1, 16, 32, 64)}
     assert picks[(4096, 14336, 1)] == (1, 16, 1) and picks[(4096, 14336, 16)] == (2, 16, 1)
     assert picks[(14336, 4096, 1)] == (1, 4, 1) and picks[(28672, 8192, 1)] == (2, 4, 1)
+    assert picks[(14336, 4096, 16)] == (2, 4, 1)  # uniform 4-bit: the post-scale kernel's two tiles
+    assert uniform_cuda.launch_config(14336, 4096, 4, 16, elem=1)[0] == 1  # E2M1 (no post-scale kernel): one tile
     # above M = 16, two row tiles a warp where the sweep timed them faster (kernels_sweep_h200_r2_m64.log)
     assert picks[(14336, 4096, 32)] == picks[(14336, 4096, 64)] == (2, 2, 2)
     assert picks[(28672, 8192, 32)] == (1, 1, 8) and picks[(28672, 8192, 64)] == (2, 1, 8)
@@ -301,3 +303,23 @@ def test_fuse_stacks_prepared_layouts_without_a_second_copy(bits, monkeypatch):
     other = Uniform(bits=bits, group_size=128)
     mixed = [(fmt, tensors[0], k, {}), (other, other.pack(rtn_fields(torch.randn(16, k, generator=g), other)), k, {})]
     assert uniform_cuda.fuse(mixed, torch.bfloat16) is None
+
+
+def test_post_scale_rows_setting(monkeypatch):
+    """How many rows of x the fp32 post-scale kernel serves: 16 by default (and for on / "1"), 8, or 0 (off), from
+    LLMCOMP_MMA_POST_SCALE or set_post_scale; anything else is refused."""
+    saved = list(uniform_cuda._post_rows)
+    try:
+        uniform_cuda._post_rows.clear()
+        monkeypatch.setenv("LLMCOMP_MMA_POST_SCALE", "8")
+        assert uniform_cuda.post_scale() == 8
+        uniform_cuda._post_rows.clear()
+        monkeypatch.delenv("LLMCOMP_MMA_POST_SCALE")
+        assert uniform_cuda.post_scale() == uniform_cuda.POST_SCALE_ROWS == 16
+        assert uniform_cuda.set_post_scale(False) == 0 and uniform_cuda.post_scale() == 0
+        assert uniform_cuda.set_post_scale(True) == 16 and uniform_cuda.set_post_scale("0") == 0
+        assert uniform_cuda.set_post_scale(8) == 8
+        with pytest.raises(ValueError, match="0, 8 or 16"):
+            uniform_cuda.set_post_scale("12")
+    finally:
+        uniform_cuda._post_rows[:] = saved

@@ -197,7 +197,7 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
     kp = padded_k(in_features, fmt.bits)
     codes, (scale, zero) = _pad_k(f["codes"], [f["scale"].float(), f["zero"].float()], group, kp)
     qw, qh = repack3(codes) if fmt.bits == 3 else (repack(codes, fmt.bits), None)
-    # the fp32 post-scale kernel (M <= 8): 2- and 4-bit codes, integral zeros (RTN, GPTQ), whole kblocks a group
+    # the fp32 post-scale kernel (M <= 16): 2- and 4-bit codes, integral zeros (RTN, GPTQ), whole kblocks a group
     post = (fmt.bits in (2, 4) and group % kblock(fmt.bits) == 0 and bool(torch.equal(zero, zero.round()))
             and bool(((zero >= 0) & (zero < 128)).all()))
     return {"qw": qw, "qh": qh, "scale": scale, "mz": -zero * scale, "zero": zero if post else None, "sz": {},
@@ -265,6 +265,9 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     and the 2-bit layouts (W3 / W2 at M = 1 on 28672 rows: this rule's pick within 0.3 % / 2.5 % of the sweep's best).
     Between 2 and 6 row tiles an SM, 4 warps at M = 17..32 too, for 4-bit layouts (W4 6144 × 4096 M=32 14.0 against
     18.5 with 8; the 2-bit layouts and the codebook kernel, which takes this rule's split, were not timed there).
+    Uniform 4-bit codes at M = 9..16 with many rows take two tiles × 4 warps too since the post-scale kernel serves
+    two-tile launches there (H200 sweep kernels_sweep_h200_post16.json: 14336 × 4096 M=16 16.90 µs against 17.47
+    with one tile; M=12 16.50 against 16.42).
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -272,7 +275,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     if m <= 16 and n // 16 <= 2 * sms:
         return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
-        rt = 2 if (n % 32 == 0 and n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)) else 1
+        rt = 2 if (n % 32 == 0 and (n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
+                                    or m > 8 and bits == 4 and elem == 0 and n // 16 >= 6 * sms)) else 1
         many = n // (16 * rt) >= 6 * sms
         return rt, 4 if (rt == 2 or (many and kbs <= 64)) else 8, 1
     many = n // 16 >= 6 * sms
@@ -318,11 +322,15 @@ def kernel_tensors(prep: dict, dtype: torch.dtype) -> tuple:
 
 def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: int, kp: int,
                  launch: tuple | None = None) -> torch.Tensor:
-    """x2 [M ≤ 64, K] → y [M, n]: the mma kernel (the fp32 post-scale one at M ≤ 8 when ``sz_post`` is given)."""
+    """x2 [M ≤ 64, K] → y [M, n]: the mma kernel — the fp32 post-scale one when ``sz_post`` is given, at M ≤ 8 and,
+    up to ``post_scale()`` rows, at M = 9..16 where the launch takes two row tiles a warp. (H200, W4 g128 bf16,
+    bench/results/kernels_h200_post16.json, µs against the per-pair-scale kernel: two row tiles 4096² M=16 7.14 /
+    7.43, 4096 × 14336 16.25 / 17.00, 28672 × 8192 56.89 / 59.17, 28672 × 4096 32.78 / 32.88; one tile — where its
+    256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57.)"""
     x2 = kernel_input(x2.contiguous(), kp)
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem)
     wr = rest[0] if rest else 1
-    if sz_post is not None and post_scale() and x2.shape[0] <= 8:
+    if sz_post is not None and x2.shape[0] <= post_scale() and (x2.shape[0] <= 8 or (rt == 2 and n % 32 == 0)):
         return gemm_op(x2, qw, qh, sz_post, bits, group, n, rt, warps, 3, wr)
     return gemm_op(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr)
 
@@ -347,23 +355,36 @@ def x_stage() -> bool:
     return os.environ.get("LLMCOMP_MMA_XSTAGE", "1").strip() != "0"
 
 
-_post_on: list = []  # [on] once read from the environment or set
+POST_SCALE_ROWS = 16  # the most rows of x the post-scale kernel takes (one or two token tiles a warp)
+_post_rows: list = []  # [rows] once read from the environment or set
 
 
-def post_scale() -> bool:
-    """``LLMCOMP_MMA_POST_SCALE=0`` turns the fp32 post-scale kernel off (M <= 8, 2/4-bit codes with integral
-    zeros), for A/B timing in one build: on the H200 it was 3–5 % faster for W4 and 3–8 % for W2 at M = 1
-    (bench/results/kernels_h200_postscale.json against kernels_h200_postscale_off.json)."""
-    if not _post_on:
-        _post_on.append(os.environ.get("LLMCOMP_MMA_POST_SCALE", "1").strip() != "0")
-    return _post_on[0]
+def post_scale() -> int:
+    """Up to how many rows of x (M) the fp32 post-scale kernel serves weights with integral zeros (2/4-bit codes);
+    0: never. ``LLMCOMP_MMA_POST_SCALE`` = ``0`` (off), ``8``, or ``1`` / unset (the default,
+    ``POST_SCALE_ROWS``), for A/B timing in one build: on the H200 it was 3–5 % faster for W4 and 3–8 % for W2 at
+    M = 1 (bench/results/kernels_h200_postscale.json against kernels_h200_postscale_off.json)."""
+    if not _post_rows:
+        _post_rows.append(_post_rows_of(os.environ.get("LLMCOMP_MMA_POST_SCALE", "1").strip()))
+    return _post_rows[0]
 
 
-def set_post_scale(on: bool) -> bool:
-    """Switch the post-scale kernel on or off for A/B timing in one process (a captured CUDA graph keeps the kernels
-    it was captured with)."""
-    _post_on[:] = [bool(on)]
-    return _post_on[0]
+def _post_rows_of(value) -> int:
+    if value in (True, "1", ""):
+        return POST_SCALE_ROWS
+    if value in (False, None, "0"):
+        return 0
+    rows = int(value)
+    if rows not in (8, 16):
+        raise ValueError(f"post-scale rows must be 0, 8 or 16, not {value}")
+    return rows
+
+
+def set_post_scale(on) -> int:
+    """Switch the post-scale kernel on (``True``: up to ``POST_SCALE_ROWS`` rows of x, or ``8`` / ``16``) or off
+    for A/B timing in one process (a captured CUDA graph keeps the kernels it was captured with)."""
+    _post_rows[:] = [_post_rows_of(on)]
+    return _post_rows[0]
 
 
 def dependent_launch() -> Optional[bool]:
@@ -381,6 +402,19 @@ def set_dependent_launch(on: bool) -> Optional[bool]:
     extension). Graphs captured before keep the launches they were captured with."""
     ext = extension() if torch.cuda.is_available() else None
     return bool(ext.set_pdl(on)) if ext is not None else None
+
+
+def weight_ring() -> Optional[bool]:
+    """Whether the kernels above M = 8 (unstaged, not codebook) stream their weights through a per-warp ring in shared
+    memory by cp.async (``LLMCOMP_MMA_RING=1``; csrc/uniform_mma.cuh, RING_D). None without the extension."""
+    ext = extension() if torch.cuda.is_available() else None
+    return bool(ext.ring()) if ext is not None else None
+
+
+def set_weight_ring(on: bool) -> Optional[bool]:
+    """Turn the weight ring on or off for this process (A/B timing; captured graphs keep their launches)."""
+    ext = extension() if torch.cuda.is_available() else None
+    return bool(ext.set_ring(on)) if ext is not None else None
 
 
 def high_plane(prep: dict) -> torch.Tensor:

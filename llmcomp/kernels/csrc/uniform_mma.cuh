@@ -122,6 +122,23 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
+// The weight ring's copies and reads, by shared-memory address; volatile, so the reads stay after the waits.
+__device__ __forceinline__ void cp_async16_at(uint32_t s, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async8_at(uint32_t s, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ uint4 lds128(uint32_t s) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(s));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t s) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(s));
+  return v;
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -357,7 +374,7 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
   }
 }
 
-// ELEM == 3 (M <= 8, integer codes with integral zeros, groups of whole kblocks): the A operand is q − z, exact in
+// ELEM == 3 (M <= 16, integer codes with integral zeros, groups of whole kblocks): the A operand is q − z, exact in
 // fp16/bf16 (|q − z| < 16), the mma sums (q − z)·x in fp32 over the kblock, and the scale is applied once per kblock
 // in fp32 on the 4 accumulators — instead of one 16-bit scale FMA per code pair (16 a kblock). sz then holds
 // (scale, MAGIC + z) per row and group (uniform_cuda.scale_pairs with post=True). Pair e of a word belongs to row
@@ -392,16 +409,18 @@ __device__ __forceinline__ void decode_centered(uint32_t w, const typename Num<T
   }
 }
 
-template <typename T, int BITS>
+// One row tile's kblock on MT token tiles: a fresh fp32 sum per token tile, scaled into acc at the end.
+template <typename T, int BITS, int MT>
 __device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_lo, uint32_t s_hi,
-                                                    const uint4 (&cx)[(256 / BITS) / 32], float (&acc)[4]) {
+                                                    const uint4 (&cx)[MT][(256 / BITS) / 32], float (&acc)[MT][4]) {
   using N = Num<T>;
   using N2 = typename N::T2;
   constexpr int STEPS_PER_WORD = 4 / BITS;
   const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};
-  float t[4] = {0.f, 0.f, 0.f, 0.f};
+  float t[MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) t[j][0] = t[j][1] = t[j][2] = t[j][3] = 0.f;
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[0]);
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi) {
     N2 q[16 / BITS];
@@ -411,14 +430,21 @@ __device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_l
       const int s = wi * STEPS_PER_WORD + ss;
       const uint32_t a[4] = {*reinterpret_cast<uint32_t*>(&q[4 * ss + 0]), *reinterpret_cast<uint32_t*>(&q[4 * ss + 1]),
                              *reinterpret_cast<uint32_t*>(&q[4 * ss + 2]), *reinterpret_cast<uint32_t*>(&q[4 * ss + 3])};
-      mma16816<T>(t, a, xw[2 * s], xw[2 * s + 1]);
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[j][0]);
+        mma16816<T>(t[j], a, xw[2 * s], xw[2 * s + 1]);
+      }
     }
   }
   const float f_lo = N::lo_float(s_lo), f_hi = N::lo_float(s_hi);
-  acc[0] = fmaf(f_lo, t[0], acc[0]);
-  acc[1] = fmaf(f_lo, t[1], acc[1]);
-  acc[2] = fmaf(f_hi, t[2], acc[2]);
-  acc[3] = fmaf(f_hi, t[3], acc[3]);
+#pragma unroll
+  for (int j = 0; j < MT; ++j) {
+    acc[j][0] = fmaf(f_lo, t[j][0], acc[j][0]);
+    acc[j][1] = fmaf(f_lo, t[j][1], acc[j][1]);
+    acc[j][2] = fmaf(f_hi, t[j][2], acc[j][2]);
+    acc[j][3] = fmaf(f_hi, t[j][3], acc[j][3]);
+  }
 }
 
 
@@ -510,11 +536,11 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
   }
   const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
   if constexpr (ELEM == 3) {
-    static_assert(MT == 1, "the fp32 post-scale path serves M <= 8");
+    static_assert(MT <= 2, "the fp32 post-scale path serves M <= 16");
 #pragma unroll
-    for (int r = 0; r < R; ++r)  // R row tiles on the same x fragment
-      compute_kblock_post<T, BITS>(w[r], load_scale_raw<0>(sz_row, r * 16 * G + grp),
-                                   load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp), cx[0], acc[r][0]);
+    for (int r = 0; r < R; ++r)  // R row tiles on the same x fragments
+      compute_kblock_post<T, BITS, MT>(w[r], load_scale_raw<0>(sz_row, r * 16 * G + grp),
+                                       load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp), cx, acc[r]);
     return;
   }
   N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
@@ -532,7 +558,17 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
-template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS>
+// The weight ring (RING: M > 8 without x staging): each lane's weights of a kblock are copied by cp.async into its own
+// 16 bytes of a slot in shared memory, RING_D kblocks ahead of the math, and read back (one 16-byte shared load) just
+// before it: the copies in flight hold no registers, so the many-accumulator kernels above M = 8 (120+ registers,
+// 4 blocks an SM at M = 16) keep RING_D kblocks of loads in flight all the time instead of a round's at its start.
+// A lane reads only what it copied itself, so no barrier; RING_D + 1 slots, so a copy never lands in the slot whose
+// 16 bytes the lane is still reading (it was read the kblock before, its registers already consumed).
+constexpr int RING_D = 4;
+template <int BITS, int ELEM, int R>
+__host__ __device__ constexpr int ring_slot_bytes() { return R * 32 * (16 + (has_high_plane(ELEM) ? 8 : 0)); }
+
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool RING = false>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -591,12 +627,57 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     cp_async_commit();
   };
   bool waited = false;  // grid_dep_wait once the first round's weight loads are in flight
+  if constexpr (RING) {
+    static_assert(!XS && !is_vq(ELEM), "the weight ring serves the unstaged integer and e2m1 kernels");
+    constexpr int NS = RING_D + 1, SLOT = ring_slot_bytes<BITS, ELEM, R>();
+    constexpr bool HP = has_high_plane(ELEM);
+    // this lane's 16 bytes of row tile r in a slot: r * 512 + lane * 16 (high plane: R * 512 + r * 256 + lane * 8)
+    const uint32_t ring_lane = static_cast<uint32_t>(__cvta_generic_to_shared(cb_s)) + warp * NS * SLOT + lane * 16;
+    const size_t tile_stride = (size_t)KB * 32;  // uint4s (uint2s of the high plane) from one row tile to the next
+    const size_t at0 = (size_t)tile0 * tile_stride + (size_t)kb0 * 32 + lane;
+    const int nkb = kb1 - kb0;
+    int ws = 0, rs = 0;  // the slots copied into next and read next
+    auto issue = [&](int i) {  // kblock kb0 + i into slot ws; one commit group a kblock (empty past the end)
+      if (i < nkb) {
+        const uint32_t sl = ring_lane + ws * SLOT;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const size_t at = at0 + r * tile_stride + i * 32;
+          cp_async16_at(sl + r * 512, qw + at);
+          if constexpr (HP) cp_async8_at(sl + R * 512 + r * 256 - lane * 8, qh + at);
+        }
+      }
+      cp_async_commit();
+      ws = ws + 1 == NS ? 0 : ws + 1;
+    };
+#pragma unroll
+    for (int i = 0; i < RING_D; ++i) issue(i);
+    grid_dep_wait();
+    waited = true;
+#pragma unroll 2
+    for (int i = 0; i < nkb; ++i) {
+      cp_async_wait<RING_D - 1>();  // kblock i's copies (this lane's) have landed
+      const uint32_t sl = ring_lane + rs * SLOT;
+      uint4 w[R];
+      uint2 h[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        w[r] = lds128(sl + r * 512);
+        if constexpr (HP) h[r] = lds64(sl + R * 512 + r * 256 - lane * 8);
+        else h[r] = make_uint2(0, 0);
+      }
+      rs = rs + 1 == NS ? 0 : rs + 1;
+      issue(i + RING_D);
+      kblock_step<T, BITS, MT, R, ELEM, false>(w, h, kb0 + i, x_lane, K, (kb0 + i) * KBLK, sz_row, M, G, gmagic, acc,
+                                               cb_s, cb1_at);
+    }
+  }
   if constexpr (XS) {
     grid_dep_wait();
     waited = true;
     stage_x(0);
   }
-  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
+  for (int kb = XS ? 0 : kb0, rd = 0; !RING && (XS ? rd < rounds : kb < kb1); kb += U, ++rd) {
     uint4 wv[U][R];
     uint2 hv[U][R];
 #pragma unroll
@@ -653,9 +734,9 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
 // division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
 // (4 x 2 kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md.
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false>
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool RING = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, RING>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
                                            cb_n);
 }
 #undef LLMCOMP_MMA_PARAMS
@@ -713,6 +794,8 @@ inline uint32_t group_magic(int K, int G, int group) {
 // Launch with programmatic stream serialization (see grid_dep_wait): on sm_90+ with LLMCOMP_PDL=1 (read once a
 // process, the device of the first launch decides; set_pdl switches it).
 bool pdl();
+// Whether the kernels above M = 8 stream their weights through the ring (RING_D; LLMCOMP_MMA_RING=1, set_ring).
+bool ring();
 
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
@@ -732,6 +815,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * vq_copies(ELEM) * sizeof(uint2);
   auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
+  bool staged = false;
   if constexpr (MT >= 4 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
     static const bool xs_on = [] {
       const char* e = std::getenv("LLMCOMP_MMA_XSTAGE");
@@ -740,6 +824,14 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     if (warps == 1 && xs_on) {
       kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>;
       smem += 2 * (size_t)(MT * 8) * (S::U * KBLK + 8) * sizeof(T);
+      staged = true;
+    }
+  }
+  if constexpr (MT >= 2 && !is_vq(ELEM)) {
+    if (!staged && ring()) {
+      kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
+                                  : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true>;
+      smem += (size_t)(threads / 32) * (RING_D + 1) * ring_slot_bytes<BITS, ELEM, R>();
     }
   }
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -778,8 +870,9 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
   };
   using One = std::integral_constant<int, 1>;
   if constexpr (ELEM == 3) {
-    TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x");
-    return tiles(One{});
+    TORCH_CHECK(M <= 16, "the fp32 post-scale kernel takes at most 16 rows of x");
+    if (M <= 8) return tiles(One{});
+    return tiles(std::integral_constant<int, 2>{});
   } else if constexpr (is_vq(ELEM)) {  // codebook weights: one row tile a warp
     TORCH_CHECK(cb != nullptr, "codebook weights need their codebooks");
     if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
