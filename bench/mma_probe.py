@@ -8,7 +8,6 @@ hash, so each gets its own build directory):
   x_only     the second tile's x still loaded (an empty asm takes it), its mma skipped — mma against x loads
   no_decode  codes made into the A operand by a shift and an AND instead of the decode — the decode's cost
   u2         rounds of 2 kblocks (not 4) at two row tiles a warp and M = 9..16 too, as at M <= 8 — fewer registers
-  ring_u1    the weight ring's loop not unrolled (LLMCOMP_MMA_RING=1): fewer registers, x loads not hoisted
 
 The probes compute wrong results by construction: timing only, never a result. one_mma, x_only and no_decode edit the
 per-pair-scale kernel: run them with LLMCOMP_MMA_POST_SCALE=8 (the post-scale kernel, which they leave alone, serves
@@ -43,9 +42,6 @@ EDITS = {
     "u2": [(
         "  static constexpr int U = R == 2 && MT == 1 ? 2 : 4;",
         "  static constexpr int U = R == 2 && MT <= 2 ? 2 : 4;")],
-    "ring_u1": [(
-        "#pragma unroll 2\n    for (int i = 0; i < nkb; ++i) {",
-        "#pragma unroll 1\n    for (int i = 0; i < nkb; ++i) {")],
     "no_decode": [(
         "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",
         "#pragma unroll\n"

@@ -404,19 +404,6 @@ def set_dependent_launch(on: bool) -> Optional[bool]:
     return bool(ext.set_pdl(on)) if ext is not None else None
 
 
-def weight_ring() -> Optional[bool]:
-    """Whether the kernels above M = 8 (unstaged, not codebook) stream their weights through a per-warp ring in shared
-    memory by cp.async (``LLMCOMP_MMA_RING=1``; csrc/uniform_mma.cuh, RING_D). None without the extension."""
-    ext = extension() if torch.cuda.is_available() else None
-    return bool(ext.ring()) if ext is not None else None
-
-
-def set_weight_ring(on: bool) -> Optional[bool]:
-    """Turn the weight ring on or off for this process (A/B timing; captured graphs keep their launches)."""
-    ext = extension() if torch.cuda.is_available() else None
-    return bool(ext.set_ring(on)) if ext is not None else None
-
-
 def high_plane(prep: dict) -> torch.Tensor:
     """The second code plane the kernels take (3-bit codes' high bits, VQ's second stage); any tensor otherwise."""
     return prep["qh"] if prep["qh"] is not None else prep["qw"]

@@ -44,21 +44,6 @@ bool set_pdl(bool on) {
   return pdl_state;
 }
 
-static int ring_state = -1;  // -1: not read yet
-
-bool ring() {
-  if (ring_state < 0) {
-    const char* e = std::getenv("LLMCOMP_MMA_RING");
-    ring_state = e && e[0] == '1';
-  }
-  return ring_state;
-}
-
-bool set_ring(bool on) {
-  ring_state = on;
-  return ring_state;
-}
-
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
@@ -176,8 +161,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64)");
   m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
-  m.def("set_ring", &set_ring, "stream the weights through the shared-memory ring above M = 8 (A/B timing)");
-  m.def("ring", &ring, "whether the kernels above M = 8 stream their weights through the ring (LLMCOMP_MMA_RING)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }

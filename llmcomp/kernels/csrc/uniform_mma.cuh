@@ -122,23 +122,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
-// The weight ring's copies and reads, by shared-memory address; volatile, so the reads stay after the waits.
-__device__ __forceinline__ void cp_async16_at(uint32_t s, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async8_at(uint32_t s, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ uint4 lds128(uint32_t s) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(s));
-  return v;
-}
-__device__ __forceinline__ uint2 lds64(uint32_t s) {
-  uint2 v;
-  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(s));
-  return v;
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -558,17 +541,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
-// The weight ring (RING: M > 8 without x staging): each lane's weights of a kblock are copied by cp.async into its own
-// 16 bytes of a slot in shared memory, RING_D kblocks ahead of the math, and read back (one 16-byte shared load) just
-// before it: the copies in flight hold no registers, so the many-accumulator kernels above M = 8 (120+ registers,
-// 4 blocks an SM at M = 16) keep RING_D kblocks of loads in flight all the time instead of a round's at its start.
-// A lane reads only what it copied itself, so no barrier; RING_D + 1 slots, so a copy never lands in the slot whose
-// 16 bytes the lane is still reading (it was read the kblock before, its registers already consumed).
-constexpr int RING_D = 4;
-template <int BITS, int ELEM, int R>
-__host__ __device__ constexpr int ring_slot_bytes() { return R * 32 * (16 + (has_high_plane(ELEM) ? 8 : 0)); }
-
-template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool RING = false>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -627,57 +600,12 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     cp_async_commit();
   };
   bool waited = false;  // grid_dep_wait once the first round's weight loads are in flight
-  if constexpr (RING) {
-    static_assert(!XS && !is_vq(ELEM), "the weight ring serves the unstaged integer and e2m1 kernels");
-    constexpr int NS = RING_D + 1, SLOT = ring_slot_bytes<BITS, ELEM, R>();
-    constexpr bool HP = has_high_plane(ELEM);
-    // this lane's 16 bytes of row tile r in a slot: r * 512 + lane * 16 (high plane: R * 512 + r * 256 + lane * 8)
-    const uint32_t ring_lane = static_cast<uint32_t>(__cvta_generic_to_shared(cb_s)) + warp * NS * SLOT + lane * 16;
-    const size_t tile_stride = (size_t)KB * 32;  // uint4s (uint2s of the high plane) from one row tile to the next
-    const size_t at0 = (size_t)tile0 * tile_stride + (size_t)kb0 * 32 + lane;
-    const int nkb = kb1 - kb0;
-    int ws = 0, rs = 0;  // the slots copied into next and read next
-    auto issue = [&](int i) {  // kblock kb0 + i into slot ws; one commit group a kblock (empty past the end)
-      if (i < nkb) {
-        const uint32_t sl = ring_lane + ws * SLOT;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const size_t at = at0 + r * tile_stride + i * 32;
-          cp_async16_at(sl + r * 512, qw + at);
-          if constexpr (HP) cp_async8_at(sl + R * 512 + r * 256 - lane * 8, qh + at);
-        }
-      }
-      cp_async_commit();
-      ws = ws + 1 == NS ? 0 : ws + 1;
-    };
-#pragma unroll
-    for (int i = 0; i < RING_D; ++i) issue(i);
-    grid_dep_wait();
-    waited = true;
-#pragma unroll 2
-    for (int i = 0; i < nkb; ++i) {
-      cp_async_wait<RING_D - 1>();  // kblock i's copies (this lane's) have landed
-      const uint32_t sl = ring_lane + rs * SLOT;
-      uint4 w[R];
-      uint2 h[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        w[r] = lds128(sl + r * 512);
-        if constexpr (HP) h[r] = lds64(sl + R * 512 + r * 256 - lane * 8);
-        else h[r] = make_uint2(0, 0);
-      }
-      rs = rs + 1 == NS ? 0 : rs + 1;
-      issue(i + RING_D);
-      kblock_step<T, BITS, MT, R, ELEM, false>(w, h, kb0 + i, x_lane, K, (kb0 + i) * KBLK, sz_row, M, G, gmagic, acc,
-                                               cb_s, cb1_at);
-    }
-  }
   if constexpr (XS) {
     grid_dep_wait();
     waited = true;
     stage_x(0);
   }
-  for (int kb = XS ? 0 : kb0, rd = 0; !RING && (XS ? rd < rounds : kb < kb1); kb += U, ++rd) {
+  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
     uint4 wv[U][R];
     uint2 hv[U][R];
 #pragma unroll
@@ -734,9 +662,9 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
 // division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
 // (4 x 2 kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md.
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool RING = false>
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, RING>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
                                            cb_n);
 }
 #undef LLMCOMP_MMA_PARAMS
@@ -794,8 +722,6 @@ inline uint32_t group_magic(int K, int G, int group) {
 // Launch with programmatic stream serialization (see grid_dep_wait): on sm_90+ with LLMCOMP_PDL=1 (read once a
 // process, the device of the first launch decides; set_pdl switches it).
 bool pdl();
-// Whether the kernels above M = 8 stream their weights through the ring (RING_D; LLMCOMP_MMA_RING=1, set_ring).
-bool ring();
 
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
@@ -815,7 +741,6 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * vq_copies(ELEM) * sizeof(uint2);
   auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
-  bool staged = false;
   if constexpr (MT >= 4 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
     static const bool xs_on = [] {
       const char* e = std::getenv("LLMCOMP_MMA_XSTAGE");
@@ -824,14 +749,6 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     if (warps == 1 && xs_on) {
       kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>;
       smem += 2 * (size_t)(MT * 8) * (S::U * KBLK + 8) * sizeof(T);
-      staged = true;
-    }
-  }
-  if constexpr (MT >= 2 && !is_vq(ELEM)) {
-    if (!staged && ring()) {
-      kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
-                                  : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true>;
-      smem += (size_t)(threads / 32) * (RING_D + 1) * ring_slot_bytes<BITS, ELEM, R>();
     }
   }
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
