@@ -8,12 +8,15 @@ hash, so each gets its own build directory):
   x_only     the second tile's x still loaded (an empty asm takes it), its mma skipped — mma against x loads
   no_decode  codes made into the A operand by a shift and an AND instead of the decode — the decode's cost
   u2         rounds of 2 kblocks (not 4) at two row tiles a warp and M = 9..16 too, as at M <= 8 — fewer registers
+  lb1        __launch_bounds__(THREADS, 1) on every instantiation: the one-tile post-scale kernel at M = 9..16 no longer
+             spills in a local compile (78-80 registers against 64 + spill); moves every other kernel's registers too
 
 The probes compute wrong results by construction: timing only, never a result. one_mma, x_only and no_decode edit the
 per-pair-scale kernel: run them with LLMCOMP_MMA_POST_SCALE=8 (the post-scale kernel, which they leave alone, serves
 M <= 16 by default), whose M <= 8 rows then show the run-to-run spread between the builds.
    python bench/mma_probe.py build VARIANT...   (builds, can run in parallel processes)
-   python bench/mma_probe.py time VARIANT --out FILE.json"""
+   python bench/mma_probe.py time VARIANT --out FILE.json [--shapes NxK,...] [--ms 4,12,16] [--launch RT,WARPS,WR]
+                                 [--post]   (--post: the fp32 post-scale kernel (elem 3) at whatever launch, M <= 16)"""
 import argparse
 import json
 import shutil
@@ -42,6 +45,9 @@ EDITS = {
     "u2": [(
         "  static constexpr int U = R == 2 && MT == 1 ? 2 : 4;",
         "  static constexpr int U = R == 2 && MT <= 2 ? 2 : 4;")],
+    "lb1": [(
+        "__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(",
+        "__global__ void __launch_bounds__(THREADS, 1) uniform_mma_kernel(")],
     "no_decode": [(
         "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",
         "#pragma unroll\n"
@@ -79,6 +85,9 @@ def main() -> None:
     ap.add_argument("variants", nargs="+", choices=sorted(EDITS))
     ap.add_argument("--out")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--launch", default=None, help="rt,warps,wr instead of launch_config's pick")
+    ap.add_argument("--post", action="store_true", help="force the post-scale kernel (elem 3), bypassing gemm's rule")
     a = ap.parse_args()
     if a.action == "build":
         for v in a.variants:
@@ -90,14 +99,20 @@ def main() -> None:
     use(variant)
     assert uniform_cuda.extension() is not None, "extension did not build"
     rows = []
-    for n, k in SHAPES:
+    for n, k in (tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")):
         nbytes, preps, call, auto = kb._sweep_subject("W4", n, k, 4, 128)
+        if a.post:
+            def call(x, p, c):
+                sz = uniform_cuda.scale_pairs(p, x.dtype, post=True)
+                return uniform_cuda.gemm_op(x, p["qw"], uniform_cuda.high_plane(p), sz, 4, p["group"], p["n"], c[0],
+                                            c[1], 3, c[2])
         for m in (int(v) for v in a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            pick = tuple(auto(m))
+            pick = tuple(int(v) for v in a.launch.split(",")) if a.launch else tuple(auto(m))
             t = kb.per_call_seconds([lambda p=p: call(x, p, pick) for p in preps])
-            rows.append({"variant": variant, "N": n, "K": k, "M": m, "launch": pick, "us": round(t * 1e6, 3)})
-            print(f"{variant:10s} {n}x{k} M={m:<3d} {pick} {t * 1e6:8.2f} us", flush=True)
+            rows.append({"variant": variant, "N": n, "K": k, "M": m, "launch": pick, "post": a.post,
+                         "us": round(t * 1e6, 3)})
+            print(f"{variant:10s} {n}x{k} M={m:<3d} {pick}{' post' if a.post else ''} {t * 1e6:8.2f} us", flush=True)
         del preps
         torch.cuda.empty_cache()
     if a.out:
