@@ -7,11 +7,7 @@
 #   bash bench/lb1_session.sh   (on the GPU machine; $OUT)   Knob: TIME_S (seconds a build's timing, default 120).
 set -u
 BUILD=0 . bench/session_common.sh
-( time ( python3 -c "from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension() is not None)" \
-           > "$OUT/build.log" 2>&1 &
-         timeout 300 python3 bench/mma_probe.py build lb1 > "$OUT/build_lb1.log" 2>&1 &
-         wait ) ) 2>&1 | tail -3
-tail -n 2 "$OUT"/build*.log
+build_beside lb1
 for v in base lb1; do
   TAIL=30 run ${TIME_S:-120} probe_$v.log bash -c "
     P='python3 bench/mma_probe.py time $v --ms 9,12,16'

@@ -5,11 +5,7 @@
 # Knobs: TEST_S, AB_S, PROBE_S (seconds, 0 skips), AB_MS (default 9,12,16), TEST_K (pytest -k).
 set -u
 BUILD=0 . bench/session_common.sh
-( time ( python3 -c "from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension() is not None)" \
-           > "$OUT/build.log" 2>&1 &
-         [ "${PROBE_S:-40}" = 0 ] || timeout 240 python3 bench/mma_probe.py build u2 > "$OUT/build_u2.log" 2>&1 &
-         wait ) ) 2>&1 | tail -3
-tail -n 2 "$OUT"/build*.log
+build_beside $([ "${PROBE_S:-40}" = 0 ] || echo u2)
 TAIL=3 run ${TEST_S:-200} tests.log python3 -m pytest -q -x tests/test_kernels_cuda.py \
   -k "${TEST_K:-post_scale or every_launch or every_m}"
 TAIL=30 run ${AB_S:-240} ab.log python3 bench/kernel_ab.py --knob post --variants 16,0 --ms "${AB_MS:-9,12,16}" \

@@ -321,5 +321,9 @@ def test_post_scale_rows_setting(monkeypatch):
         assert uniform_cuda.set_post_scale(8) == 8
         with pytest.raises(ValueError, match="0, 8 or 16"):
             uniform_cuda.set_post_scale("12")
+        uniform_cuda._post_rows.clear()
+        monkeypatch.setenv("LLMCOMP_MMA_POST_SCALE", "on")
+        with pytest.raises(ValueError, match="LLMCOMP_MMA_POST_SCALE must be 0, 8 or 16"):
+            uniform_cuda.post_scale()
     finally:
         uniform_cuda._post_rows[:] = saved

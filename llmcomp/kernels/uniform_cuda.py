@@ -275,8 +275,9 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     if m <= 16 and n // 16 <= 2 * sms:
         return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
-        rt = 2 if (n % 32 == 0 and (n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
-                                    or m > 8 and bits == 4 and elem == 0 and n // 16 >= 6 * sms)) else 1
+        very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
+        post_two = m > 8 and bits == 4 and elem == 0 and n // 16 >= 6 * sms  # the post-scale kernel's two tiles
+        rt = 2 if n % 32 == 0 and (very_many or post_two) else 1
         many = n // (16 * rt) >= 6 * sms
         return rt, 4 if (rt == 2 or (many and kbs <= 64)) else 8, 1
     many = n // 16 >= 6 * sms
@@ -361,23 +362,23 @@ _post_rows: list = []  # [rows] once read from the environment or set
 
 def post_scale() -> int:
     """Up to how many rows of x (M) the fp32 post-scale kernel serves weights with integral zeros (2/4-bit codes);
-    0: never. ``LLMCOMP_MMA_POST_SCALE`` = ``0`` (off), ``8``, or ``1`` / unset (the default,
+    0: never. ``LLMCOMP_MMA_POST_SCALE`` = ``0`` (off), ``8``, ``16``, or ``1`` / unset (the default,
     ``POST_SCALE_ROWS``), for A/B timing in one build: on the H200 it was 3–5 % faster for W4 and 3–8 % for W2 at
     M = 1 (bench/results/kernels_h200_postscale.json against kernels_h200_postscale_off.json)."""
     if not _post_rows:
-        _post_rows.append(_post_rows_of(os.environ.get("LLMCOMP_MMA_POST_SCALE", "1").strip()))
+        env = "LLMCOMP_MMA_POST_SCALE"
+        _post_rows.append(_post_rows_of(os.environ.get(env, "1").strip(), env))
     return _post_rows[0]
 
 
-def _post_rows_of(value) -> int:
+def _post_rows_of(value, what: str = "post-scale rows") -> int:
     if value in (True, "1", ""):
         return POST_SCALE_ROWS
     if value in (False, None, "0"):
         return 0
-    rows = int(value)
-    if rows not in (8, 16):
-        raise ValueError(f"post-scale rows must be 0, 8 or 16, not {value}")
-    return rows
+    if str(value) not in ("8", "16"):
+        raise ValueError(f"{what} must be 0, 8 or 16 (1: the default, {POST_SCALE_ROWS}), not {value!r}")
+    return int(value)
 
 
 def set_post_scale(on) -> int:
