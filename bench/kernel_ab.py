@@ -1,6 +1,7 @@
 """A/B of a kernel setting in one process, W4 g128 GEMMs (bf16 activations): ``--knob pdl`` dependent launch
 (PDL) off / on (``uniform_cuda.set_dependent_launch``), ``--knob post`` up to how many rows of x the fp32
-post-scale kernel serves (``uniform_cuda.set_post_scale``: ``16``, ``8``, or ``0``: the per-pair-scale kernel always):
+post-scale kernel serves (``uniform_cuda.set_post_scale``: ``16``, ``8``, or ``0``: the per-pair-scale kernel always),
+``--knob wgmma`` the warpgroup kernel at M > 8 off / on (``uniform_cuda.set_wgmma``; sm_90a builds):
 
 1. the kernel-table shapes (and the stacked q/k/v and gate/up shapes of ``--fuse-linears``) at each M, timed as
    ``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph);
@@ -33,7 +34,8 @@ LAYER = [("q", 4096, 4096), ("k", 1024, 4096), ("v", 1024, 4096), ("o", 4096, 40
 FUSED = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]  # --fuse-linears
 STACKED = [(6144, 4096), (28672, 4096)]  # the stacked q/k/v and gate/up shapes
 KNOBS = {"pdl": (["0", "1"], lambda v: uniform_cuda.set_dependent_launch(v == "1")),
-         "post": (["16", "8", "0"], uniform_cuda.set_post_scale)}
+         "post": (["16", "8", "0"], uniform_cuda.set_post_scale),
+         "wgmma": (["0", "1"], lambda v: uniform_cuda.set_wgmma(v == "1"))}
 
 
 def quantized(fmt, n: int, k: int, seed: int) -> tuple[QuantLinear, torch.Tensor]:
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--chains-only", action="store_true", help="skip the single-shape rows")
+    ap.add_argument("--no-chains", action="store_true", help="skip the decoder-layer chains")
     ap.add_argument("--knob", choices=sorted(KNOBS), default="pdl")
     ap.add_argument("--variants", default=None, help="the knob's settings, comma-separated (default: all)")
     ap.add_argument("--bits", type=int, default=4)
@@ -56,7 +59,7 @@ def main() -> None:
     bw = kb.copy_bandwidth()
     variants = args.variants.split(",") if args.variants else KNOBS[args.knob][0]
     setter = KNOBS[args.knob][1]
-    before = (uniform_cuda.dependent_launch(), uniform_cuda.post_scale())
+    before = (uniform_cuda.dependent_launch(), uniform_cuda.post_scale(), uniform_cuda.wgmma())
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
               "knob": args.knob, "variants": variants, "bits": args.bits, "shapes": [], "layer_chain": []}
 
@@ -83,7 +86,7 @@ def main() -> None:
                 save()
             del layers
         torch.cuda.empty_cache()
-        for label, linears in (("separate", LAYER), ("fused", FUSED)):
+        for label, linears in () if args.no_chains else (("separate", LAYER), ("fused", FUSED)):
             one = sum(state_bytes(quantized(fmt, n, k, 0)[0].packed_tensors()) for _, n, k in linears)
             copies = kb._copies(one)
             chain = [[quantized(fmt, n, k, 7 * c + i) for i, (_, n, k) in enumerate(linears)] for c in range(copies)]
@@ -113,6 +116,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     uniform_cuda.set_dependent_launch(bool(before[0]))
     uniform_cuda.set_post_scale(before[1])
+    uniform_cuda.set_wgmma(before[2])
 
 
 if __name__ == "__main__":

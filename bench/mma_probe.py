@@ -8,6 +8,7 @@ hash, so each gets its own build directory):
   x_only     the second tile's x still loaded (an empty asm takes it), its mma skipped — mma against x loads
   no_decode  codes made into the A operand by a shift and an AND instead of the decode — the decode's cost
   u2         rounds of 2 kblocks (not 4) at two row tiles a warp and M = 9..16 too, as at M <= 8 — fewer registers
+  wg_w0      the warpgroup kernel (LLMCOMP_MMA_WGMMA=1) with no kblock of wgmma left in flight while the next decodes
   lb1        __launch_bounds__(THREADS, 1) on every instantiation: the one-tile post-scale kernel at M = 9..16 no longer
              spills in a local compile (78-80 registers against 64 + spill); moves every other kernel's registers too
 
@@ -45,6 +46,9 @@ EDITS = {
     "u2": [(
         "  static constexpr int U = R == 2 && MT == 1 ? 2 : 4;",
         "  static constexpr int U = R == 2 && MT <= 2 ? 2 : 4;")],
+    "wg_w0": [(  # the warpgroup kernel waiting for each kblock's wgmma before decoding the next (WAIT = 0)
+        "  launch_ex(uniform_wg_kernel<T, BITS, MT, R, U, THREADS, ELEM, 1>,",
+        "  launch_ex(uniform_wg_kernel<T, BITS, MT, R, U, THREADS, ELEM, 0>,")],
     "lb1": [(
         "__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(",
         "__global__ void __launch_bounds__(THREADS, 1) uniform_mma_kernel(")],
