@@ -9,6 +9,8 @@ hash, so each gets its own build directory):
   no_decode  codes made into the A operand by a shift and an AND instead of the decode — the decode's cost
   u2         rounds of 2 kblocks (not 4) at two row tiles a warp and M = 9..16 too, as at M <= 8 — fewer registers
   wg_w0      the warpgroup kernel (LLMCOMP_MMA_WGMMA=1) with no kblock of wgmma left in flight while the next decodes
+  l2pf       the next round's weights prefetched into L2 (prefetch.global.L2, every lane its 16 bytes) at the start of
+             each round, so the next round's loads wait on L2 instead of HBM (not with x staged)
   lb1        __launch_bounds__(THREADS, 1) on every instantiation: the one-tile post-scale kernel at M = 9..16 no longer
              spills in a local compile (78-80 registers against 64 + spill); moves every other kernel's registers too
 
@@ -49,6 +51,12 @@ EDITS = {
     "wg_w0": [(  # the warpgroup kernel waiting for each kblock's wgmma before decoding the next (WAIT = 0)
         "  launch_ex(uniform_wg_kernel<T, BITS, MT, R, U, THREADS, ELEM, 1>,",
         "  launch_ex(uniform_wg_kernel<T, BITS, MT, R, U, THREADS, ELEM, 0>,")],
+    "l2pf": [(  # the next round's weights prefetched into L2 while this round computes (no registers)
+        "          else hv[u][r] = make_uint2(0, 0);\n        }\n",
+        "          else hv[u][r] = make_uint2(0, 0);\n        }\n"
+        "#pragma unroll\n    for (int u = 0; u < U; ++u)\n#pragma unroll\n      for (int r = 0; r < R; ++r)\n"
+        "        if (!XS && kb + U + u < kb1)\n"
+        "          asm volatile(\"prefetch.global.L2 [%0];\" ::\"l\"(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane));\n")],
     "lb1": [(
         "__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(",
         "__global__ void __launch_bounds__(THREADS, 1) uniform_mma_kernel(")],
