@@ -8,7 +8,6 @@ hash, so each gets its own build directory):
   x_only     the second tile's x still loaded (an empty asm takes it), its mma skipped — mma against x loads
   no_decode  codes made into the A operand by a shift and an AND instead of the decode — the decode's cost
   u2         rounds of 2 kblocks (not 4) at two row tiles a warp and M = 9..16 too, as at M <= 8 — fewer registers
-  wg_w0      the warpgroup kernel (LLMCOMP_MMA_WGMMA=1) with no kblock of wgmma left in flight while the next decodes
   l2pf       the next round's weights prefetched into L2 (prefetch.global.L2, every lane its 16 bytes) at the start of
              each round, so the next round's loads wait on L2 instead of HBM (not with x staged)
   lb1        __launch_bounds__(THREADS, 1) on every instantiation: the one-tile post-scale kernel at M = 9..16 no longer
@@ -48,9 +47,6 @@ EDITS = {
     "u2": [(
         "  static constexpr int U = R == 2 && MT == 1 ? 2 : 4;",
         "  static constexpr int U = R == 2 && MT <= 2 ? 2 : 4;")],
-    "wg_w0": [(  # the warpgroup kernel waiting for each kblock's wgmma before decoding the next (WAIT = 0)
-        "  launch_ex(uniform_wg_kernel<T, BITS, MT, R, U, THREADS, ELEM, 1>,",
-        "  launch_ex(uniform_wg_kernel<T, BITS, MT, R, U, THREADS, ELEM, 0>,")],
     "l2pf": [(  # the next round's weights prefetched into L2 while this round computes (no registers)
         "          else hv[u][r] = make_uint2(0, 0);\n        }\n",
         "          else hv[u][r] = make_uint2(0, 0);\n        }\n"

@@ -1,5 +1,7 @@
-// Standalone check of the wgmma conventions the dequant-GEMM's warpgroup path relies on (sm_90a; no torch):
-//   nvcc -std=c++17 -O2 -arch=sm_90a bench/wgmma_probe.cu -o /tmp/wgmma_probe && /tmp/wgmma_probe
+// Standalone check of the wgmma conventions a warpgroup path of the dequant-GEMM relied on (sm_90a; no torch). That
+// kernel was measured slower than the mma.sync one and removed (record commit 33b10b7, kernels_h200_notes.md);
+// this probe stays for the next attempt (it passed on an H200: bench/results/wgmma_probe_h200.log).
+//   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a bench/wgmma_probe.cu -o /tmp/wgmma_probe && /tmp/wgmma_probe
 // One warpgroup computes D[64, N] = A[64, 16] B[16, N] (bf16 in, fp32 out) with A from registers in the
 // mma.m16n8k16 fragment layout (warp w: rows 16w..16w+15) and B ("x", N tokens x 16 inputs, K-major) from shared
 // memory through a no-swizzle descriptor whose core matrices (8 tokens x 8 inputs, 128 contiguous bytes) sit at

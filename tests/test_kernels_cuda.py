@@ -271,36 +271,6 @@ def test_every_launch_config_matches_the_reference(fmt, dtype):
 
 
 
-@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=64),
-                                 Uniform(bits=2, group_size=32), MXFP4(), NVFP4()], ids=lambda f: f.describe())
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_wgmma_kernel_matches_the_reference(fmt, dtype):
-    """The warpgroup (wgmma) kernel, where the build has it (sm_90a): every launch it takes (warpgroups splitting K,
-    row groups a block rounded up to whole warpgroups) at M = 9..64, including warpgroups whose last warps have no
-    row tile (48 rows: three tiles for four warps) and K slices with no kblock (384 inputs split four ways)."""
-    from llmcomp.kernels import uniform_cuda
-
-    if uniform_cuda.extension() is None:
-        pytest.skip("CUDA extension could not be built here")
-    before = uniform_cuda.wgmma()
-    if not uniform_cuda.set_wgmma(True):
-        pytest.skip("this build has no warpgroup kernel (sm_90a only)")
-    try:
-        for n, k in [(256, 1024), (48, 384), (4096, 4096)]:
-            q, t, g = _layer(fmt, n, k, n + k)
-            prep = uniform_cuda.prepare(fmt, t, k)
-            for m in [9, 13, 16, 17, 40, 64]:
-                for warps in (1, 2, 4):
-                    for rt in (1, 2):
-                        for wr in (1, 4, 8):
-                            x = torch.randn(m, k, generator=g).to("cuda", dtype)
-                            y = uniform_cuda.gemm(x, prep, (rt, warps, wr))
-                            assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m, warps, rt, wr)
-            y = uniform_cuda.linear(x, fmt, t, k, None, {})  # the module path at M = 64, default launch
-            assert _rel_err(y, x, fmt, t, k) < TOL
-    finally:
-        uniform_cuda.set_wgmma(before)
-
 def test_kernel_bench_times_every_column(monkeypatch, tmp_path):
     """Two small rows (M = 1 and 80) of `llmcomp bench kernels --fp16 --float-formats mxfp4` end to end: every
     column timed, ratios formed, JSON written."""

@@ -285,7 +285,6 @@ def _line(row: dict) -> str:
 # (warps splitting K, row groups a block): up to 16 warps a block at M <= 16, 8 above.
 _WIDE_SPLITS = ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (4, 4), (2, 8))
 _SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (1, 4), (2, 2))  # warps 1: x staged (LLMCOMP_MMA_XSTAGE)
-_WG_SPLITS = ((1, 4), (2, 4), (4, 4), (1, 8), (2, 8))  # the warpgroup kernel: (warpgroups splitting K, row groups)
 
 
 def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
@@ -317,8 +316,6 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
     row groups a block), to set ``uniform_cuda.launch_config`` (``fmt`` empty: uniform ``bits``; ``mxfp4`` /
     ``nvfp4``) or ``codebook_cuda.launch_config`` (``fmt`` vq2 / vq3) from measurements. ``out``: a JSON file of the
     rows so far, rewritten after every shape and M (a sweep cut short by a time limit keeps what it timed)."""
-    from llmcomp.kernels import uniform_cuda
-
     label = fmt or f"W{bits}"
     bw = copy_bandwidth()
     rows = []
@@ -333,8 +330,6 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
             vq = fmt in CODEBOOK_FORMATS
             rts = (1,) if vq else (1, 2)
             splits = _WIDE_SPLITS if m <= 16 else _SPLITS if not vq else tuple(s for s in _SPLITS if s[0] > 1)
-            if not vq and m > 8 and uniform_cuda.wgmma():
-                splits = _WG_SPLITS
             configs = [(rt, warps, wr) for rt in rts if n % (16 * rt) == 0 for warps, wr in splits]
             for c in configs:
                 t = per_call_seconds([lambda p=p: call(x, p, c) for p in preps])

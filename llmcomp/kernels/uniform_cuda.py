@@ -66,15 +66,13 @@ def extension():
         major, minor = torch.cuda.get_device_capability()
         if major < 8:
             raise RuntimeError(f"compute capability {major}.{minor} < 8.0 (mma.sync bf16 needs Ampere or newer)")
-        src = b"".join((CSRC / f).read_bytes() for f in (*SOURCES, "uniform_mma.cuh", "uniform_wgmma.cuh"))
+        src = b"".join((CSRC / f).read_bytes() for f in (*SOURCES, "uniform_mma.cuh"))
         tag = hashlib.sha256(src + f"{major}{minor}{torch.__version__}".encode()).hexdigest()[:12]
         build = cache_dir() / "kernels" / f"uniform_mma_{tag}"
         build.mkdir(parents=True, exist_ok=True)
-        # sm_90 builds for sm_90a, whose wgmma instructions the warpgroup kernel needs (LLMCOMP_SM90A)
-        arch, sm90a = (f"{major}{minor}", []) if (major, minor) != (9, 0) else ("90a", ["-DLLMCOMP_SM90A=1"])
+        arch = f"{major}{minor}"
         return load(name=f"llmcomp_uniform_mma_{tag}", sources=[str(CSRC / f) for f in SOURCES], build_directory=str(build),
-                    extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo", *sm90a],
-                    extra_cflags=sm90a,
+                    extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo"],
                     verbose=os.environ.get("LLMCOMP_VERBOSE_BUILD") == "1")
     except Exception as exc:  # no nvcc, no ninja, old GPU: the Triton or reference path serves instead
         warnings.warn(f"llmcomp: CUDA dequant-GEMM kernel unavailable ({type(exc).__name__}: "
@@ -333,8 +331,7 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     x2 = kernel_input(x2.contiguous(), kp)
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem)
     wr = rest[0] if rest else 1
-    m = x2.shape[0]
-    if sz_post is not None and m <= post_scale() and (m <= 8 or (rt == 2 and n % 32 == 0 and not wgmma())):
+    if sz_post is not None and x2.shape[0] <= post_scale() and (x2.shape[0] <= 8 or (rt == 2 and n % 32 == 0)):
         return gemm_op(x2, qw, qh, sz_post, bits, group, n, rt, warps, 3, wr)
     return gemm_op(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr)
 
@@ -406,27 +403,6 @@ def set_dependent_launch(on: bool) -> Optional[bool]:
     extension). Graphs captured before keep the launches they were captured with."""
     ext = extension() if torch.cuda.is_available() else None
     return bool(ext.set_pdl(on)) if ext is not None else None
-
-
-_wg_state: list = []  # [on] once read from the extension or set
-
-
-def wgmma() -> bool:
-    """Whether launches at M > 8 take the warpgroup kernel (wgmma with the dequantized weights as the register A
-    operand, x in shared memory; csrc/uniform_wgmma.cuh): only in sm_90a builds, opt-in with ``LLMCOMP_MMA_WGMMA=1``.
-    It serves the per-pair-scale formats, so the post-scale kernel is then not used above M = 8."""
-    if not _wg_state:
-        ext = extension() if torch.cuda.is_available() else None
-        _wg_state.append(bool(ext is not None and ext.wgmma()))
-    return _wg_state[0]
-
-
-def set_wgmma(on: bool) -> bool:
-    """Turn the warpgroup kernel on or off for this process (A/B timing); returns the new state (False where the
-    build has none). Graphs captured before keep the kernels they were captured with."""
-    ext = extension() if torch.cuda.is_available() else None
-    _wg_state[:] = [bool(ext is not None and ext.set_wgmma(bool(on)))]
-    return _wg_state[0]
 
 
 def high_plane(prep: dict) -> torch.Tensor:

@@ -44,27 +44,6 @@ bool set_pdl(bool on) {
   return pdl_state;
 }
 
-static int wgmma_state = -1;  // -1: not read yet
-
-// The warpgroup (wgmma) kernel at M > 8: only in builds for sm_90a, where LLMCOMP_MMA_WGMMA=1 asks for it.
-bool wgmma_on() {
-#ifdef LLMCOMP_SM90A
-  if (wgmma_state < 0) {
-    const char* e = std::getenv("LLMCOMP_MMA_WGMMA");
-    wgmma_state = e && e[0] == '1';
-  }
-  return wgmma_state;
-#else
-  return false;
-#endif
-}
-
-// For A/B timing in one process; returns the new state (false where the build has no warpgroup kernel).
-bool set_wgmma(bool on) {
-  wgmma_state = on;
-  return wgmma_on();
-}
-
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
@@ -183,7 +162,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
-  m.def("set_wgmma", &set_wgmma, "turn the warpgroup (wgmma, sm_90a) kernel at M > 8 on or off; returns the new state");
-  m.def("wgmma", &wgmma_on, "whether launches at M > 8 take the warpgroup (wgmma) kernel (LLMCOMP_MMA_WGMMA=1, sm_90a)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }

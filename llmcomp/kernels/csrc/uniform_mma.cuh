@@ -290,6 +290,8 @@ __device__ __forceinline__ void load_scale(const void* sz, size_t idx, typename 
 __device__ __forceinline__ int group_of(int k, uint32_t gmagic) { return (int)__umulhi((uint32_t)k, gmagic); }
 
 // Step ss's A fragment from a word's decoded pairs q: a0..a3 = rows (g | g + 8) x inputs (0,1 | 2,3), scaled.
+// (A warpgroup kernel took these fragments as wgmma's register A operand, x from shared memory: 0.6-0.96x this
+// kernel on an H200, removed; record commit 33b10b7, bench/results/kernels_h200_notes.md.)
 template <typename T, int NQ>
 __device__ __forceinline__ void scaled_a(const typename Num<T>::T2 (&q)[NQ], int ss, typename Num<T>::T2 sc_lo,
                                          typename Num<T>::T2 mz_lo, typename Num<T>::T2 sc_hi,
@@ -333,15 +335,14 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 
 // acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the 2^wk_log warps of each row group
 // in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
-// slab: this warp's slab (default: its index; the warpgroup kernel orders its warps differently).
 template <typename T, int MT, int R>
 __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float* red, T* __restrict__ out, int M, int N,
-                                             int wk_log, int slab = -1) {
+                                             int wk_log) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int wk = 1 << wk_log, wr = nwarps >> wk_log;
   constexpr int ROWS = R * 16, TOKS = MT * 8;
-  float* mine = red + (slab < 0 ? warp : slab) * ROWS * TOKS;
+  float* mine = red + warp * ROWS * TOKS;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -746,50 +747,6 @@ void launch_ex(void (*kern)(P...), int grid, int threads, size_t smem, A... args
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, args...));
 }
 
-// Whether launches at M > 8 take the warpgroup kernel (builds for sm_90a; LLMCOMP_MMA_WGMMA=1, set_wgmma).
-bool wgmma_on();
-
-#include "uniform_wgmma.cuh"
-
-// The warpgroup kernel at a launch given as for the mma.sync one: warps = the warpgroups splitting K (at most what
-// THREADS allows), wr = row groups a block, rounded up to whole warpgroups of 4.
-template <typename T, int BITS, int ELEM, int MT, int R>
-void launch_wg(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-               torch::Tensor& out, int group, int warps, int wr) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
-  // 512 threads (128 registers) only where that does not spill: one row tile at M <= 16
-  constexpr int KBLK = 256 / BITS, U = Shape<BITS, MT, R>::U, THREADS = MT <= 2 && R == 1 ? 512 : 256;
-  constexpr int BUF_B = U * (KBLK / 16) * MT * 256;
-  const int KB = K / KBLK;
-  int wk_log = 0, wgr = std::max(1, (wr + 3) / 4);
-  while ((2 << wk_log) <= std::min(warps, KB)) ++wk_log;
-  while ((wgr << wk_log) * 128 > THREADS) {
-    if (wgr > 1) wgr >>= 1;
-    else --wk_log;
-  }
-  static const int smem_max = [] {
-    int dev = 0, v = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    return v;
-  }();
-  auto smem_of = [&](int nwarps) {  // the reduction slabs and the x buffers share the space
-    return std::max((size_t)nwarps * R * 16 * MT * 8 * sizeof(float), (size_t)(nwarps / 4) * 2 * BUF_B);
-  };
-  while (smem_of((wgr * 4) << wk_log) > (size_t)smem_max && (wgr > 1 || wk_log > 0)) {
-    if (wgr > 1) wgr >>= 1;
-    else --wk_log;
-  }
-  const int nwarps = (wgr * 4) << wk_log, kb_per = (KB + (1 << wk_log) - 1) >> wk_log;
-  const size_t smem = smem_of(nwarps);
-  TORCH_CHECK(smem <= (size_t)smem_max, "the warpgroup kernel needs ", smem, " bytes of shared memory a block");
-  const int groups = N / (16 * R);
-  launch_ex(uniform_wg_kernel<T, BITS, MT, R, U, THREADS, ELEM, 1>, (groups + wgr * 4 - 1) / (wgr * 4), nwarps * 32,
-            smem, reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(qw.data_ptr()),
-            reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), reinterpret_cast<T*>(out.data_ptr()), M, N, K,
-            G, group_magic(K, G, group), kb_per, wk_log);
-}
-
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
@@ -798,11 +755,6 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   constexpr int KBLK = 256 / BITS;
   const int KB = K / KBLK;
   using S = Shape<BITS, MT, R>;
-#ifdef LLMCOMP_SM90A
-  if constexpr (MT >= 2 && ELEM <= 2) {
-    if (wgmma_on()) return launch_wg<T, BITS, ELEM, MT, R>(x, qw, qh, sz, out, group, warps, wr);
-  }
-#endif
   if (warps <= 0) warps = 8;
   int wk_log = 0;  // warps splitting K (a row group): a power of two, at most KB
   while ((2 << wk_log) <= std::min({warps, KB, S::WIDE / 32})) ++wk_log;
