@@ -18,8 +18,5 @@ for n, k in [(1536, 576), (4096, 1024)]:
             y = uc.gemm(x, p, cfg).float(); e = ((y - ref).abs().max() / ref.abs().max()).item()
             print("check", n, k, m, cfg, f"{e:.2e}", "OK" if e < 2e-2 else "FAIL")
 PY
-timeout 150 python3 -c "
-import json, os
-from llmcomp.eval import kernel_bench as kb
-rows = kb.sweep(shapes=[(28672, 8192), (14336, 4096), (4096, 14336)], ms=(64, 32))
-json.dump(rows, open(os.environ['OUT'] + '/sweep_r2_m64.json', 'w'), indent=0)" 2>&1 | grep -v Warn | tee $OUT/sweep.log
+timeout 150 python3 bench/bench_kernels.py --sweep w4 --shapes 28672x8192,14336x4096,4096x14336 --ms 64,32 \
+  --out "$OUT/sweep_r2_m64.json" 2>&1 | grep -v Warn | tee $OUT/sweep.log

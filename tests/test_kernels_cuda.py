@@ -270,7 +270,6 @@ def test_every_launch_config_matches_the_reference(fmt, dtype):
                         assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m, warps, rt, wr)
 
 
-
 def test_kernel_bench_times_every_column(monkeypatch, tmp_path):
     """Two small rows (M = 1 and 80) of `llmcomp bench kernels --fp16 --float-formats mxfp4` end to end: every
     column timed, ratios formed, JSON written."""
