@@ -47,6 +47,52 @@ def test_prepared_layout_rebuilds_the_weight(fmt, k):
     assert (prep["qh"] is None) == (len(fmt.bits) == 1)
 
 
+def _read_lut_planes(prep: dict) -> torch.Tensor:
+    """W [N, padded inputs] from the lookup-table GEMV's row-major planes, read its way: byte j of int32 word q =
+    stage-0 index of vector 4q + j, nibble j of int16 word q = stage-1 index; then the row scale."""
+    lut = codebook_cuda.lut_planes(prep)
+    n = prep["n"]
+    tab = prep["table32"]
+    ent = tab[lut["i0"].view(torch.uint8).long()]  # [N, kl / 4, 4]
+    if lut["i1"] is not None:
+        b = lut["i1"].view(torch.uint8).long()  # byte 2q: vectors 4q (low nibble), 4q + 1; byte 2q + 1: 4q + 2, 4q + 3
+        ent = ent + tab[prep["cb1_at"] + torch.stack([b & 15, b >> 4], dim=-1).reshape(n, -1)]
+    return ent.reshape(n, -1) * lut["scale"][:, None]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("k", [1024, 576], ids=["whole-slices", "padded"])
+def test_lut_planes_rebuild_the_weight(fmt, k):
+    """The one-row kernel's planes, derived from the mma layout, read its way give the reference weight at the main
+    columns, padded with entry 0 to whole slices of 512 inputs (which meet zero x); counters start at zero, and the
+    chunks cover the rows in 16-row steps."""
+    n = 48
+    k = k + 64 if fmt.outliers else k
+    t = packed(fmt, n, k, 5)
+    prep = codebook_cuda.prepare(fmt, t, k)
+    ref = fmt.dequantize(t, k)
+    cols = prep.get("main_cols", torch.arange(k))
+    lut = codebook_cuda.lut_planes(prep)
+    assert lut is codebook_cuda.lut_planes(prep)  # built once
+    kl = -(-len(cols) // 512) * 512
+    assert lut["kl"] == kl and lut["i0"].shape == (n, kl // 16) and lut["i0"].dtype == torch.int32
+    assert (lut["i1"] is None) == (len(fmt.bits) == 1)
+    read = _read_lut_planes(prep)
+    assert torch.equal(read[:, :len(cols)], ref[:, cols])
+    assert torch.equal(lut["i0"].view(torch.uint8)[:, len(cols) // 4:], torch.zeros(n, (kl - len(cols)) // 4, dtype=torch.uint8))
+    rpc = lut["rows_per_chunk"]
+    assert rpc % 16 == 0 and lut["counters"].numel() == -(-n // rpc) and not lut["counters"].any()
+    assert lut["part"].numel() == kl // 512 * n
+
+
+def test_lut_launch_one_wave():
+    """Slices × chunks fill the SMs in one wave, rows a chunk whole 16-row batches."""
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (48, 1024), (16, 8192)]:
+        chunks, rows = codebook_cuda.lut_launch(n, k, 256, 132)
+        assert rows % 16 == 0 and chunks * rows >= n > (chunks - 1) * rows and chunks * (k // 512) <= 132, (n, k)
+    assert codebook_cuda.lut_launch(4096, 4096, 256, 132) == (16, 256)
+
+
 def test_which_formats_and_shapes_it_takes():
     ok = Codebook(dim=4, bits=(8, 4))
     assert codebook_cuda.shape_ok(ok, 4096, 4096) and codebook_cuda.shape_ok(Codebook(dim=4, bits=(5,)), 256, 32)
@@ -102,11 +148,70 @@ def test_kernel_matches_reference(fmt, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
-def test_frozen_forward_is_forward_in_one_graph(fmt):
-    """QuantLinear.frozen_forward over the codebook kernel (outlier columns in plain torch): the same bits as
-    forward, and dynamo traces it with fullgraph=True."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_lut_gemv_matches_reference(fmt, dtype):
+    """The one-row lookup-table GEMV (``gemm`` at M = 1, forced below ``LUT_MIN_ROWS``): within 0.5 % of the fp32
+    reference product (its tables are fp32; only the output is rounded; 1 % with outlier columns, whose product is
+    added in the activation dtype), the same bits on every call (partials added in slice order; the chunk counters
+    left at zero), whatever the chunking (one chunk, 16-row chunks, the default) and block size (512, 1024
+    threads); and the mma kernel within 2 %."""
     if codebook_cuda.uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
+    codebook_cuda.set_lut(True, force=True)  # at any number of rows (by default from LUT_MIN_ROWS)
+    try:
+        _lut_cases(fmt, dtype)
+    finally:
+        codebook_cuda.set_lut(None)
+    assert not codebook_cuda.lut_takes(4096) and codebook_cuda.lut_takes(codebook_cuda.LUT_MIN_ROWS)
+
+
+def _lut_cases(fmt, dtype):
+    for n, k in [(48, 1088 if fmt.outliers else 1024), (4096, 4352 if fmt.outliers else 4096),
+                 (1536, 640 if fmt.outliers else 576), (2048, 14336), (6144, 1024)]:
+        t = packed(fmt, n, k, n + k + 1, "cuda")
+        ref_w = fmt.dequantize(t, k)
+        prep = codebook_cuda.prepare(fmt, t, k)
+        x = torch.randn(1, k, device="cuda").to(dtype)
+        ref = torch.nn.functional.linear(x.float(), ref_w)
+        y = codebook_cuda.gemm(x, prep)
+        assert y.dtype == dtype and y.shape == (1, n)
+        tol = 1e-2 if fmt.outliers else 5e-3
+        err = float((y.float() - ref).abs().max() / ref.abs().max())
+        assert err < tol, (n, k, err)
+        lut = codebook_cuda.lut_planes(prep)
+        assert torch.equal(codebook_cuda.gemm(x, prep), y) and not lut["counters"].any()
+        mma = codebook_cuda.gemm(x, prep, codebook_cuda.launch_config(n, prep["kp"], 1, codebook_cuda.copies(prep)))
+        assert float((mma.float() - ref).abs().max() / ref.abs().max()) < 2e-2
+        xm = x.index_select(1, prep["main_cols"]) if "main_cols" in prep else x
+        args = list(codebook_cuda._lut_args(prep))
+        for rpc, threads in ((16, 512), (n, 512), (16, 1024), (n, 1024)):
+            args[-2], args[-1], args[-5] = rpc, threads, torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")
+            y2 = codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(xm, *args), x, prep)
+            assert float((y2.float() - ref).abs().max() / ref.abs().max()) < tol, (n, k, rpc, threads)
+            assert not args[-5].any()
+        codebook_cuda.set_lut(False)
+        try:
+            assert torch.equal(codebook_cuda.gemm(x, prep), mma)  # off: the mma kernel at its default launch
+        finally:
+            codebook_cuda.set_lut(True, force=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("one_row", ["mma", "lut"])
+def test_frozen_forward_is_forward_in_one_graph(fmt, one_row):
+    """QuantLinear.frozen_forward over the codebook kernels (outlier columns in plain torch): the same bits as
+    forward, and dynamo traces it with fullgraph=True — one row of x by the mma kernel or the lookup-table GEMV."""
+    if codebook_cuda.uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    codebook_cuda.set_lut(one_row == "lut", force=True)
+    try:
+        _frozen_case(fmt)
+    finally:
+        codebook_cuda.set_lut(None)
+
+
+def _frozen_case(fmt):
     n, k = 1536, (640 if fmt.outliers else 576)
     q = QuantLinear.from_packed(fmt, packed(fmt, n, k, 3, "cuda"), k)
     fwd = q.frozen_forward(torch.bfloat16)

@@ -13,11 +13,19 @@ lane (g, c) owning inputs [32c, 32c + 32) of a kblock, i.e. vectors 8c … 8c + 
 2**bits[0]); the per-row scale is applied to the fp32 accumulators. In shared memory the table is replicated 16
 times across the bank pairs (``replicate``), each lane reading its own copy, so random indices never make a
 half-warp's lookups collide on a bank (with one table they did, several ways on average).
+
+One row of x (decode at batch 1) takes a lookup-table GEMV instead (``csrc/vq_lut.cu``; ``LLMCOMP_VQ_LUT=0`` or
+``set_lut(False)`` turns it off): a block computes the dot products of x with every codebook entry for a slice of
+128 vectors, and a row's sum is then one 4-byte lookup per index. It reads the indices row-major
+(``lut_planes``, derived from the mma layout on first use at M = 1 and kept beside it: +2 / +3 bits a weight of
+GPU memory while both are held) and splits K into slices whose partial sums the last block of each chunk of rows
+adds in order (deterministic; scratch per weight, so one weight must not run on two streams at once).
 """
 from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 
@@ -35,6 +43,12 @@ def supports(fmt, x: torch.Tensor, out_features: int, in_features: int) -> bool:
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     return (x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= uniform_cuda.MAX_M
             and shape_ok(fmt, in_features, out_features) and uniform_cuda.extension() is not None)
+
+
+def _unlanes(t: torch.Tensor) -> torch.Tensor:
+    """``_lanes``' inverse: [N/16, KB, 32, 16] in the kernel's order → [N, KB * 32] vectors in row order."""
+    nt, kb = t.shape[:2]
+    return t.reshape(nt, kb, 8, 4, 8, 2).permute(0, 5, 2, 1, 3, 4).reshape(nt * 16, kb * 32)
 
 
 def _lanes(idx: torch.Tensor) -> torch.Tensor:
@@ -74,9 +88,114 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
     table = torch.cat([f[f"codebook{t}"].float().reshape(-1, 4) for t in range(len(fmt.bits))])
     scale = f["scale"].float() if fmt.scale else torch.ones(n, device=qw.device)
     prep = {"qw": qw, "qh": qh, "table32": table, "tables": {}, "cb1_at": (1 << fmt.bits[0]) if qh is not None else 0,
-            "scale": scale.reshape(n, 1).contiguous(), "n": n, "kp": padded_main(fmt.n_main(in_features))}
+            "e0": 1 << fmt.bits[0], "scale": scale.reshape(n, 1).contiguous(), "n": n,
+            "kp": padded_main(fmt.n_main(in_features))}
     prep.update(outlier_part(fmt, f, scale, in_features))
     return prep
+
+
+LUT_INPUTS = 512  # inputs one block of the lookup-table GEMV covers (csrc/vq_lut.cu)
+
+
+def lut_launch(n: int, k: int, entries: int, sms: int) -> tuple[int, int]:
+    """(chunks of rows, rows a chunk) for the lookup-table GEMV: K / 512 slices × chunks blocks in one wave (one
+    block of 512 threads an SM while its table, 512 bytes an entry, takes more than a third of the shared memory)."""
+    slices = k // LUT_INPUTS
+    per_sm = max(1, min(4, (227 << 10) // (entries * 512)))
+    chunks = max(1, min(n // 16, sms * per_sm // slices))
+    rows = -(-n // chunks)
+    rows = -(-rows // 16) * 16
+    return -(-n // rows), rows
+
+
+def lut_planes(prep: dict) -> dict:
+    """The lookup-table GEMV's operands (kept in ``prep["lut"]``): the indices row-major and padded to whole slices
+    of 512 inputs — stage 0 as int32 words of 4 index bytes [N, K / 16], stage 1 as int16 words of 4 nibbles — with
+    its launch, partial-sum scratch and zeroed chunk counters."""
+    lut = prep.get("lut")
+    if lut is not None:
+        return lut
+    n, kl = prep["n"], -(-prep["kp"] // LUT_INPUTS) * LUT_INPUTS
+    pad = kl // 4 - prep["qw"].shape[1] * 32
+
+    def rows(t):  # the 16 index bytes (or nibbles) a lane → [N, kl / 4] vectors, int64
+        return torch.nn.functional.pad(_unlanes(t.long()), (0, pad))
+
+    i0 = rows(prep["qw"].view(torch.uint8)).to(torch.uint8).contiguous().view(torch.int32)
+    i1 = None
+    if prep["qh"] is not None:
+        nb = prep["qh"].view(torch.uint8).long()  # byte b: nibbles 2b (low), 2b + 1
+        v = rows(torch.stack([nb & 15, nb >> 4], dim=-1).reshape(*nb.shape[:-1], 16))
+        i1 = (v[:, 0::2] | (v[:, 1::2] << 4)).to(torch.uint8).contiguous().view(torch.int16)
+    dev = prep["qw"].device
+    entries = prep["table32"].shape[0]
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    chunks, rpc = lut_launch(n, kl, entries, sms)
+    lut = prep["lut"] = {"i0": i0, "i1": i1, "kl": kl, "rows_per_chunk": rpc,
+                         "scale": prep["scale"].reshape(n), "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
+                         "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
+    return lut
+
+
+_LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force"); absent or None: the environment
+
+
+def lut() -> bool:
+    """Whether one row of x takes the lookup-table GEMV (``LLMCOMP_VQ_LUT``, default on; ``set_lut`` overrides)."""
+    on = _LUT_SET.get("on")
+    return on if on is not None else os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0"
+
+
+def lut_threads(stages: int) -> int:
+    """Threads a block of the lookup-table GEMV (``LLMCOMP_VQ_LUT_THREADS`` or ``set_lut`` override): by default
+    1024 with one stage and 512 with two (at 1024 the two-stage kernel spills; H200, kernels_h200_vq_lut.json: vq2
+    28672 × 8192 28.1 µs at 1024 against 32.4 at 512, vq3 44.8 at 512 against 46.6)."""
+    t = _LUT_SET.get("threads") or int(os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0"))
+    return t if t in (512, 1024) else (1024 if stages == 1 else 512)
+
+
+LUT_MIN_ROWS = 6144  # below, the mma kernel is as fast or faster (H200: 4096 × 4096 6.95 µs against 7.87)
+
+
+def lut_takes(n: int) -> bool:
+    """Whether a weight of ``n`` rows takes the lookup-table GEMV at one row of x (``lut`` on and enough rows:
+    its fixed cost — building the table, the ordered sum of the slices — outweighs its speed on few rows)."""
+    return lut() and (n >= LUT_MIN_ROWS or bool(_LUT_SET.get("force")))
+
+
+def set_lut(on: bool | None, threads: int | None = None, force: bool = False) -> None:
+    """Turn the lookup-table GEMV on or off, and its block size, for A/B timing in one process (None: back to the
+    environment); ``force``: at any number of rows."""
+    _LUT_SET.update(on=on, threads=threads, force=force)
+
+
+def lut_gemm_tensors(xm, i0, i1, tab32, e0: int, cb1_at: int, scale, part, counters, n: int, kl: int, rpc: int,
+                     threads: int = 512):
+    """The main columns' x [1, K] → y [1, n] by the lookup-table GEMV."""
+    xm = uniform_cuda.kernel_input(xm.contiguous(), kl)
+    return uniform_cuda.extension().vq_lut(xm, i0, i0 if i1 is None else i1, tab32, e0, cb1_at, scale, part,
+                                           counters, n, rpc, threads)
+
+
+def _lut_args(prep: dict) -> tuple:
+    lut = lut_planes(prep)
+    return (lut["i0"], lut["i1"], prep["table32"], prep["e0"], prep["cb1_at"], lut["scale"], lut["part"],
+            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(1 if lut["i1"] is None else 2))
+
+
+@torch.library.custom_op("llmcomp::codebook_lut", mutates_args=())
+def lut_op(xm: torch.Tensor, i0: torch.Tensor, i1: Optional[torch.Tensor], tab32: torch.Tensor, e0: int, cb1_at: int,
+           scale: torch.Tensor, part: torch.Tensor, counters: torch.Tensor, n: int, kl: int, rpc: int,
+           threads: int) -> torch.Tensor:
+    """``lut_gemm_tensors`` as one opaque op. ``part`` and ``counters`` are the kernel's scratch: it overwrites the
+    partial sums before reading them and leaves the counters zero as it found them, so no input changes as seen
+    from outside (not declared mutated: functionalization would copy them every call)."""
+    return lut_gemm_tensors(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads)
+
+
+@lut_op.register_fake
+def _(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads):
+    return xm.new_empty(1, n)
 
 
 def table(prep: dict, dtype: torch.dtype) -> torch.Tensor:
@@ -116,10 +235,15 @@ def copies(prep: dict, want: bool | None = None) -> int:
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: bool | None = None) -> torch.Tensor:
-    """x2 [M, K] (M ≤ 64) → y [M, N] in x2's dtype, without bias. ``replicated``: default ``replicate()``."""
+    """x2 [M, K] (M ≤ 64) → y [M, N] in x2's dtype, without bias. One row takes the lookup-table GEMV
+    (``lut_takes``) unless a launch or table form of the mma kernel is asked for; ``replicated``: default
+    ``replicate()``."""
     xm = x2.index_select(1, prep["main_cols"]) if "main_cols" in prep else x2
-    y = gemm_tensors(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype), prep["scale"], prep["n"],
-                     prep["cb1_at"], prep["kp"], copies(prep, replicated), launch)
+    if x2.shape[0] == 1 and launch is None and replicated is None and lut_takes(prep["n"]):
+        y = lut_gemm_tensors(xm, *_lut_args(prep))
+    else:
+        y = gemm_tensors(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype), prep["scale"],
+                         prep["n"], prep["cb1_at"], prep["kp"], copies(prep, replicated), launch)
     return add_outliers(y, x2, prep)
 
 
@@ -157,12 +281,13 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
     args = (prep["qw"], uniform_cuda.high_plane(prep), table(prep, dtype), prep["scale"], prep["n"], prep["cb1_at"],
             prep["kp"], copies(prep))
+    one_row = _lut_args(prep) if lut_takes(prep["n"]) else None  # built here: nothing is prepared inside a trace
     main, cols = prep.get("main_cols"), prep.get("outlier_cols")
     w_out = prep["outlier_f32"].to(dtype) if cols is not None else None
 
     def run(x2):
-        y = gemm_op(x2.index_select(1, main) if main is not None else x2, *args)
+        xm = x2.index_select(1, main) if main is not None else x2
+        y = lut_op(xm, *one_row) if one_row is not None and x2.shape[0] == 1 else gemm_op(xm, *args)
         return y if cols is None else y + torch.nn.functional.linear(x2.index_select(1, cols), w_out)
 
     return run
-

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu")  # + uniform_mma.cuh
+SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu",
+           "vq_lut.cu")  # + uniform_mma.cuh
 MAX_M = 64
 BITS = (2, 3, 4)
 E2M1_FORMATS = ("mxfp4", "nvfp4", "fp4")

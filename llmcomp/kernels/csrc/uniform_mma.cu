@@ -124,6 +124,11 @@ torch::Tensor vq_gemm(torch::Tensor x, torch::Tensor idx, torch::Tensor idx1, to
   return out;
 }
 
+// csrc/vq_lut.cu: codebook weights at one row of x, the lookup-table GEMV.
+torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
+                     torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
+                     int64_t threads);
+
 torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
                       int64_t k, c10::ScalarType dtype, int64_t elem) {
   normalize_codes(qw, qh, sz, n, bits, elem);
@@ -160,6 +165,7 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64)");
   m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
+  m.def("vq_lut", &vq_lut, "codebook (VQ, 4-vectors, 1-2 stages) GEMV at one row of x by dot-product lookup tables");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");

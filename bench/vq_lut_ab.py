@@ -1,0 +1,60 @@
+"""A/B of the codebook (VQ) kernels at one row of x, in one process: the lookup-table GEMV (``csrc/vq_lut.cu``,
+``codebook_cuda.set_lut(True, threads)``, blocks of 512 and of 1024 threads) against the mma kernel (``set_lut(False)``), both through ``QuantLinear`` as
+``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph, random indices and
+codebooks: ``vq2`` one 8-bit stage, ``vq3`` 8 + 4 bits), with bf16 cuBLAS on the same shape; % of each one's
+byte roofline at the copy bandwidth measured in the same run.
+
+    python bench/vq_lut_ab.py --out bench/results/kernels_h200_vq_lut.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmcomp.core.memory import state_bytes
+from llmcomp.eval import kernel_bench as kb
+from llmcomp.kernels import codebook_cuda
+
+STACKED = [(6144, 4096), (28672, 4096)]  # the stacked q/k/v and gate/up shapes of --fuse-linears
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--formats", default="vq2,vq3")
+    ap.add_argument("--ms", default="1")
+    args = ap.parse_args()
+    bw = kb.copy_bandwidth()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}
+    with torch.no_grad():  # (not inference mode: the layout cache keys on version counters)
+        for name in args.formats.split(","):
+            for n, k in [*kb.SHAPES, *STACKED]:
+                fmt, base = kb._packed_for(name, n, k)
+                nbytes = state_bytes(base)
+                layers = kb._layer_copies(fmt, base, k)
+                dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(kb._copies(2 * n * k))]
+                for m in [int(v) for v in args.ms.split(",")]:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    row = {"format": name, "N": n, "K": k, "M": m}
+                    for label, on, threads in (("lut512", True, 512), ("lut1024", True, 1024), ("mma", False, None)):
+                        codebook_cuda.set_lut(on, threads, force=True)
+                        kb._time_into(row, label, [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
+                    codebook_cuda.set_lut(None)
+                    kb._time_into(row, "bf16", [lambda w=w: F.linear(x, w) for w in dense], 2 * n * k, bw)
+                    for t in ("lut512", "lut1024"):
+                        row[f"{t}_vs_mma"] = round(row["mma_us"] / row[f"{t}_us"], 3)
+                        row[f"{t}_vs_bf16"] = round(row["bf16_us"] / row[f"{t}_us"], 3)
+                    result["rows"].append(row)
+                    print(row, flush=True)
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(result, indent=1))
+                del layers, dense
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+// Codebook (VQ) weights at one row of x: a lookup-table GEMV instead of the mma kernel's dequantize-and-multiply.
+//
+// With one token, y[r] = scale[r] * sum_v <codebook[idx[r][v]], x[4v : 4v + 4]>. A block takes a slice of 128
+// vectors (512 inputs) and first computes, for every codebook entry e and vector v of the slice, the dot product
+// T[e][v] = <codebook[e], x[4v : 4v + 4]> (fp32, in shared memory); a row's partial sum is then one 4-byte lookup
+// per index byte — where the mma kernel reads an 8-byte entry per index and multiplies it on the tensor cores.
+// The table's layout makes every lookup conflict-free: lane l of a warp owns vectors 4l .. 4l + 3 of the slice
+// (one 32-bit load of a row's indices), and T[e][4l + j] sits at float (e * 4 + j) * 32 + l, in bank l whatever e.
+// A warp takes 16 rows at a time (their index words loaded a batch ahead); the 32 lanes' partials of 16 rows are
+// summed by a transposing butterfly (15 shuffles, not 16 x 5), after which lane 2i holds row i.
+// Blocks split K into slices (grid.x) and rows into chunks (grid.y); each writes its slice's partial sums of its
+// chunk's rows (part[slice][row], plain stores), and the last block of a chunk to finish (a counter, reset by that
+// block) adds the slices in order and writes y: deterministic, one launch, and nothing to zero beforehand.
+// Layout: idx0 [N][K / 16] int32 — byte j of word q is the stage-0 index of vector 4q + j; idx1 [N][K / 16] int16 —
+// nibble j of half-word q is the stage-1 index of vector 4q + j (two stages); cb [entries][4] fp32 (stage 1's from
+// e1_at); K a multiple of 512 (the caller pads indices with entry 0 and x with zeros).
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace llmcomp_lut {
+
+constexpr int SLICE = 512;        // inputs a block's table covers: 128 vectors, 4 a lane
+constexpr int BATCH = 16;         // rows a warp takes at a time
+constexpr int ENTRY_FLOATS = 128; // one entry's row of the table: 4 vectors a lane x 32 lanes
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// One butterfly stage: rows i and i + H of v fold into v[i], lanes with bit M set keeping the upper ones.
+template <int H, int M>
+__device__ __forceinline__ void fold(float (&v)[BATCH], bool up) {
+#pragma unroll
+  for (int i = 0; i < H; ++i) {
+    const float send = up ? v[i] : v[i + H];
+    const float keep = up ? v[i + H] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
+  }
+}
+
+// The 32 lanes' partial sums of 16 rows → the row sums, row i in lanes 2i and 2i + 1.
+__device__ __forceinline__ float transpose_sum(float (&v)[BATCH], int lane) {
+  fold<8, 16>(v, lane & 16);
+  fold<4, 8>(v, lane & 8);
+  fold<2, 4>(v, lane & 4);
+  fold<1, 2>(v, lane & 2);
+  return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
+}
+
+// T[e][4l + j] for entries [0, entries) of cb (shared memory) into tab, at (e * 4 + j) * 32 + l; xs: this lane's
+// 16 inputs.
+template <int WARPS>
+__device__ __forceinline__ void build_table(float* tab, const float4* cb, int entries, const float (&xs)[16], int warp,
+                                            int lane) {
+  for (int e = warp; e < entries; e += WARPS) {
+    const float4 c = cb[e];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      tab[(e * 4 + j) * 32 + lane] = c.x * xs[4 * j] + c.y * xs[4 * j + 1] + c.z * xs[4 * j + 2] + c.w * xs[4 * j + 3];
+  }
+}
+
+template <typename T, int STAGES, int THREADS>
+__global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x, const uint32_t* __restrict__ idx0,
+                                                         const uint16_t* __restrict__ idx1, const float4* __restrict__ cb,
+                                                         int e0, int e1_at, int e1, const float* __restrict__ scale,
+                                                         float* __restrict__ part, unsigned* __restrict__ counters,
+                                                         T* __restrict__ out, int n, int words_per_row, int rows_per_chunk) {
+  constexpr int WARPS = THREADS / 32;
+  extern __shared__ float tab[];  // stage 0's e0 entries, then stage 1's e1, then the codebook (e1_at + e1 float4)
+  __shared__ bool last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slice = blockIdx.x, r0 = blockIdx.y * rows_per_chunk;
+  const int r1 = min(n, r0 + rows_per_chunk), batches = (r1 - r0) / BATCH;
+  const size_t col = (size_t)slice * 32 + lane;  // this lane's index word of a row
+
+  // The first batch's index words fly while the table is built.
+  uint32_t cur[BATCH];
+  uint16_t cur1[BATCH];
+  auto load = [&](uint32_t (&w)[BATCH], uint16_t (&h)[BATCH], int row) {
+#pragma unroll
+    for (int i = 0; i < BATCH; ++i) {
+      w[i] = __ldg(idx0 + (size_t)(row + i) * words_per_row + col);
+      if constexpr (STAGES == 2) h[i] = __ldg(idx1 + (size_t)(row + i) * words_per_row + col);
+    }
+  };
+  if (warp < batches) load(cur, cur1, r0 + warp * BATCH);
+
+  // The codebook into shared memory (one load a thread), read back by every warp as it builds the table.
+  float* tab1 = tab + (size_t)e0 * ENTRY_FLOATS;
+  float4* cb_s = reinterpret_cast<float4*>(tab1 + (size_t)(STAGES == 2 ? e1 : 0) * ENTRY_FLOATS);
+  const int cb_n = STAGES == 2 ? e1_at + e1 : e0;
+  for (int e = threadIdx.x; e < cb_n; e += THREADS) cb_s[e] = __ldg(cb + e);
+  float xs[16];
+  {
+    const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)slice * SLICE + lane * 16);
+    const uint4 a = __ldg(xv), b = __ldg(xv + 1);
+    const T* t = reinterpret_cast<const T*>(&a);
+    const T* u = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { xs[i] = to_float(t[i]); xs[8 + i] = to_float(u[i]); }
+  }
+  __syncthreads();
+  build_table<WARPS>(tab, cb_s, e0, xs, warp, lane);
+  if constexpr (STAGES == 2) build_table<WARPS>(tab1, cb_s + e1_at, e1, xs, warp, lane);
+  __syncthreads();
+
+  // Lookups: the entry's byte offset (index << 9) added to this lane's column, vector j at an immediate offset.
+  const char* t0 = reinterpret_cast<const char*>(tab + lane);
+  const char* t1 = reinterpret_cast<const char*>(tab1 + lane);
+  auto at = [](const char* base, uint32_t e, int j) {
+    return *reinterpret_cast<const float*>(base + (e << 9) + j * 128);
+  };
+  float* my_part = part + (size_t)slice * n;
+  for (int b = warp; b < batches; b += WARPS) {
+    uint32_t nxt[BATCH];
+    uint16_t nxt1[BATCH];
+    load(nxt, nxt1, r0 + (b + WARPS < batches ? b + WARPS : b) * BATCH);  // the last batch reloads itself
+    float acc[BATCH];
+#pragma unroll
+    for (int i = 0; i < BATCH; ++i) {
+      const uint32_t w = cur[i];
+      float s = at(t0, __byte_perm(w, 0, 0x4440), 0) + at(t0, __byte_perm(w, 0, 0x4441), 1);
+      s += at(t0, __byte_perm(w, 0, 0x4442), 2) + at(t0, w >> 24, 3);
+      if constexpr (STAGES == 2) {
+        const uint32_t h = cur1[i];
+        s += at(t1, h & 0xfu, 0) + at(t1, (h >> 4) & 0xfu, 1);
+        s += at(t1, (h >> 8) & 0xfu, 2) + at(t1, h >> 12, 3);
+      }
+      acc[i] = s;
+    }
+    const float row_sum = transpose_sum(acc, lane);
+    if (!(lane & 1)) my_part[r0 + b * BATCH + (lane >> 1)] = row_sum;
+#pragma unroll
+    for (int i = 0; i < BATCH; ++i) { cur[i] = nxt[i]; if constexpr (STAGES == 2) cur1[i] = nxt1[i]; }
+  }
+
+  // The chunk's last block to finish adds the slices' partials in order.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.y, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int slices = gridDim.x;
+  for (int r = r0 + threadIdx.x; r < r1; r += THREADS) {
+    float s = 0.f;
+    for (int k0 = 0; k0 < slices; k0 += 8) {  // eight loads in flight, added in slice order
+      float v[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = k0 + k < slices ? __ldcg(part + (size_t)(k0 + k) * n + r) : 0.f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) s += v[k];
+    }
+    out[r] = from_float<T>(s * scale[r]);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.y] = 0u;
+}
+
+template <typename T, int STAGES, int THREADS>
+void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1, const torch::Tensor& cb,
+            int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part, torch::Tensor& counters,
+            torch::Tensor& out, int n, int rows_per_chunk) {
+  const int k = x.size(1), slices = k / SLICE, chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
+  const int entries = e0 + (STAGES == 2 ? e1 : 0);
+  const size_t smem = (size_t)entries * ENTRY_FLOATS * sizeof(float) + (size_t)(STAGES == 2 ? e1_at + e1 : e0) * 16;
+  auto kernel = vq_lut_kernel<T, STAGES, THREADS>;
+  static size_t smem_set = 48 << 10;  // per instantiation: the dynamic shared memory allowed so far
+  if (smem > smem_set) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    smem_set = smem;
+  }
+  kernel<<<dim3(slices, chunks), THREADS, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint32_t*>(idx0.data_ptr()),
+      reinterpret_cast<const uint16_t*>(idx1.data_ptr()), reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1,
+      scale.data_ptr<float>(), part.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr()),
+      reinterpret_cast<T*>(out.data_ptr()), n, k / 16, rows_per_chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace llmcomp_lut
+
+// x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [n, K / 16]; idx1 int16 [n, K / 16] (e1_at > 0: two
+// stages, stage 1's entries cb[e1_at:]); cb float32 [entries, 4]; scale float32 (n values); part float32
+// (K / 512 · n values, scratch); counters int32, one per chunk of rows_per_chunk rows, zero (and left zero);
+// threads: a block's, 512 or 1024.
+torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
+                     torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
+                     int64_t threads) {
+  using namespace llmcomp_lut;
+  TORCH_CHECK(threads == 512 || threads == 1024, "threads: 512 or 1024");
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && x.size(1) % SLICE == 0 &&
+                  x.data_ptr() != nullptr && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x: one contiguous 16-byte-aligned CUDA row, inputs a multiple of 512");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
+  const int64_t words = x.size(1) / 16;
+  TORCH_CHECK(n > 0 && n % BATCH == 0 && rows_per_chunk > 0 && rows_per_chunk % BATCH == 0,
+              "rows and rows a chunk: multiples of 16");
+  TORCH_CHECK(idx0.is_cuda() && idx0.is_contiguous() && idx0.scalar_type() == at::kInt && idx0.numel() == n * words,
+              "idx0: int32 [n, K / 16]");
+  const bool two = e1_at > 0;
+  TORCH_CHECK(!two || (idx1.is_cuda() && idx1.is_contiguous() && idx1.scalar_type() == at::kShort && idx1.numel() == n * words),
+              "idx1: int16 [n, K / 16]");
+  TORCH_CHECK(cb.is_cuda() && cb.is_contiguous() && cb.scalar_type() == at::kFloat && cb.dim() == 2 && cb.size(1) == 4,
+              "cb: float32 [entries, 4]");
+  const int64_t e1 = two ? cb.size(0) - e1_at : 0;
+  TORCH_CHECK(e0 >= 1 && e0 <= 256 && e0 <= cb.size(0) && (!two || (e1_at >= e0 && e1 >= 1 && e1 <= 16)),
+              "entries: stage 0 at most 256, stage 1 at most 16");
+  const int64_t chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
+  TORCH_CHECK(scale.is_cuda() && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
+              "scale: float32, one a row");
+  TORCH_CHECK(part.is_cuda() && part.scalar_type() == at::kFloat && part.numel() >= (x.size(1) / SLICE) * n,
+              "part: float32 scratch of K / 512 · n values");
+  TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.numel() >= chunks,
+              "counters: int32, one a chunk");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({1, n}, x.options());
+  const int a = (int)e0, a1 = (int)e1_at, b = (int)e1, nn = (int)n, rc = (int)rows_per_chunk;
+#define LLMCOMP_LUT_LAUNCH(T, S, I1)                                                                     \
+  (threads == 1024 ? launch<T, S, 1024>(x, idx0, I1, cb, a, a1, b, scale, part, counters, out, nn, rc)      \
+                   : launch<T, S, 512>(x, idx0, I1, cb, a, a1, b, scale, part, counters, out, nn, rc))
+  if (x.scalar_type() == at::kHalf) {
+    if (two) LLMCOMP_LUT_LAUNCH(__half, 2, idx1);
+    else LLMCOMP_LUT_LAUNCH(__half, 1, idx0);
+  } else {
+    if (two) LLMCOMP_LUT_LAUNCH(__nv_bfloat16, 2, idx1);
+    else LLMCOMP_LUT_LAUNCH(__nv_bfloat16, 1, idx0);
+  }
+#undef LLMCOMP_LUT_LAUNCH
+  return out;
+}
