@@ -27,17 +27,20 @@ def _read_like_the_kernel(prep: dict) -> torch.Tensor:
     return w * prep["scale"]
 
 
+def _cpu_case(fmt, k: int, seed: int, n: int = 48):
+    """(n, k, prep, reference weight, main columns) of a random codebook weight on CPU (64 outlier columns more)."""
+    k = k + 64 if fmt.outliers else k
+    t = packed(fmt, n, k, seed)
+    prep = codebook_cuda.prepare(fmt, t, k)
+    return n, k, prep, fmt.dequantize(t, k), prep.get("main_cols", torch.arange(k))
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
 @pytest.mark.parametrize("k", [1024, 576], ids=["whole-kblocks", "padded"])
 def test_prepared_layout_rebuilds_the_weight(fmt, k):
     """The layout read the kernel's way is the reference weight at the main columns; main inputs that are not
     whole kblocks of 128 (the bundled model's 576) are padded with entry 0, which meets zero x."""
-    n = 48
-    k = k + 64 if fmt.outliers else k
-    t = packed(fmt, n, k, 3)
-    prep = codebook_cuda.prepare(fmt, t, k)
-    ref = fmt.dequantize(t, k)
-    cols = prep.get("main_cols", torch.arange(k))
+    n, k, prep, ref, cols = _cpu_case(fmt, k, 3)
     kp = codebook_cuda.padded_main(len(cols))
     read = _read_like_the_kernel(prep)
     assert prep["kp"] == kp == read.shape[1] and torch.equal(read[:, :len(cols)], ref[:, cols])
@@ -66,12 +69,7 @@ def test_lut_planes_rebuild_the_weight(fmt, k):
     """The one-row kernel's planes, derived from the mma layout, read its way give the reference weight at the main
     columns, padded with entry 0 to whole slices of 512 inputs (which meet zero x); counters start at zero, and the
     chunks cover the rows in 16-row steps."""
-    n = 48
-    k = k + 64 if fmt.outliers else k
-    t = packed(fmt, n, k, 5)
-    prep = codebook_cuda.prepare(fmt, t, k)
-    ref = fmt.dequantize(t, k)
-    cols = prep.get("main_cols", torch.arange(k))
+    n, k, prep, ref, cols = _cpu_case(fmt, k, 5)
     lut = codebook_cuda.lut_planes(prep)
     assert lut is codebook_cuda.lut_planes(prep)  # built once
     kl = -(-len(cols) // 512) * 512
