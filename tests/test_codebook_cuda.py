@@ -15,7 +15,7 @@ FORMATS = [Codebook(dim=4, bits=(8,)), Codebook(dim=4, bits=(8, 4)), Codebook(di
 def _read_like_the_kernel(prep: dict) -> torch.Tensor:
     """W [N, main columns] from the planes, in the kernel's reading order: lane 4g + c, byte 2s + r = the index of
     vector 8c + s of row g + 8r; the second stage's nibble 2s + r; then the row scale."""
-    q0 = prep["qw"].view(torch.uint8).long()  # [NT, KB, 32, 16]
+    q0 = codebook_cuda.mma_planes(prep)["qw"].view(torch.uint8).long()  # [NT, KB, 32, 16]
     nt, kb = q0.shape[:2]
     tab = prep["table32"]
     ent = tab[q0.reshape(nt, kb, 8, 4, 8, 2)]  # [tile, kb, g, c, s, r, 4]
@@ -89,6 +89,18 @@ def test_lut_launch_one_wave():
         chunks, rows = codebook_cuda.lut_launch(n, k, 256, 132)
         assert rows % 16 == 0 and chunks * rows >= n > (chunks - 1) * rows and chunks * (k // 512) <= 132, (n, k)
     assert codebook_cuda.lut_launch(4096, 4096, 256, 132) == (16, 256)
+
+
+def test_each_kernel_builds_its_own_planes():
+    """``prepare`` builds neither index layout; the one-row GEMV's call builds only its own (batch-1 decode holds
+    one copy of the indices), the mma kernel's only its own, each once."""
+    fmt = Codebook(dim=4, bits=(8, 4))
+    n, k, prep, ref, cols = _cpu_case(fmt, 1024, 7)
+    assert "qw" not in prep and "lut" not in prep
+    lut = codebook_cuda.lut_planes(prep)
+    assert "qw" not in prep and codebook_cuda.lut_planes(prep) is lut
+    qw = codebook_cuda.mma_planes(prep)["qw"]
+    assert codebook_cuda.mma_planes(prep)["qw"] is qw and prep["lut"] is lut
 
 
 def test_which_formats_and_shapes_it_takes():

@@ -6,7 +6,7 @@ of ≤ 4 (VPTQ's 2- and 3-bit settings), 16 | N and 128 | the main input columns
 apart (their dequantized weights, once per dtype); anything else takes the next path (Triton, opt-in) or the
 reference.
 
-Layout (built once per weight by ``prepare``): the kernel's 2-bit shape — 16-row tiles × kblocks of 128 inputs,
+Layout (built once per weight at its first call by ``mma_planes``): the kernel's 2-bit shape — 16-row tiles × kblocks of 128 inputs,
 lane (g, c) owning inputs [32c, 32c + 32) of a kblock, i.e. vectors 8c … 8c + 7 — and per lane 16 bytes: byte
 2s + r = the stage-0 index of vector 8c + s of row g + 8r; the second stage's indices as nibbles in the same order
 (8 bytes a lane). The codebooks become one table [entries, 4] in the activation dtype (stage 1's from row
@@ -14,11 +14,11 @@ lane (g, c) owning inputs [32c, 32c + 32) of a kblock, i.e. vectors 8c … 8c + 
 times across the bank pairs (``replicate``), each lane reading its own copy, so random indices never make a
 half-warp's lookups collide on a bank (with one table they did, several ways on average).
 
-One row of x (decode at batch 1) takes a lookup-table GEMV instead (``csrc/vq_lut.cu``; ``LLMCOMP_VQ_LUT=0`` or
+One row of x (decode at batch 1) on weights of ``LUT_MIN_ROWS`` rows or more takes a lookup-table GEMV instead (``csrc/vq_lut.cu``; ``LLMCOMP_VQ_LUT=0`` or
 ``set_lut(False)`` turns it off): a block computes the dot products of x with every codebook entry for a slice of
 128 vectors, and a row's sum is then one 4-byte lookup per index. It reads the indices row-major
-(``lut_planes``, derived from the mma layout on first use at M = 1 and kept beside it: +2 / +3 bits a weight of
-GPU memory while both are held) and splits K into slices whose partial sums the last block of each chunk of rows
+(``lut_planes``, built at the first one-row call; a weight that also meets 2–64 rows holds both layouts, +2 / +3
+bits a weight of GPU memory, as does every ``frozen`` one) and splits K into slices whose partial sums the last block of each chunk of rows
 adds in order (deterministic; scratch per weight, so one weight must not run on two streams at once).
 """
 from __future__ import annotations
@@ -45,12 +45,6 @@ def supports(fmt, x: torch.Tensor, out_features: int, in_features: int) -> bool:
             and shape_ok(fmt, in_features, out_features) and uniform_cuda.extension() is not None)
 
 
-def _unlanes(t: torch.Tensor) -> torch.Tensor:
-    """``_lanes``' inverse: [N/16, KB, 32, 16] in the kernel's order → [N, KB * 32] vectors in row order."""
-    nt, kb = t.shape[:2]
-    return t.reshape(nt, kb, 8, 4, 8, 2).permute(0, 5, 2, 1, 3, 4).reshape(nt * 16, kb * 32)
-
-
 def _lanes(idx: torch.Tensor) -> torch.Tensor:
     """Indices [N, nv] → [N/16, nv/32, 32 lanes, 16] in the kernel's order (lane 4g + c, slot 2s + r = vector
     8c + s of row g + 8r)."""
@@ -65,32 +59,46 @@ def padded_main(n_main: int) -> int:
     return uniform_cuda.padded_k(n_main, 2)
 
 
-def planes(fmt, fields: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(stage-0 bytes as int32 [N/16, KB, 32, 4], stage-1 nibbles as int32 [N/16, KB, 32, 2] or None), the
-    vectors padded to whole kblocks."""
-    def idx(t):
-        t = fields[f"index{t}"].to(torch.int64)
-        return torch.nn.functional.pad(t, (0, padded_main(t.shape[1] * 4) // 4 - t.shape[1]))
+def _padded(fields: dict, t: int, vectors: int) -> torch.Tensor:
+    """Stage ``t``'s indices [N, nv] as int64, padded with entry 0 to ``vectors`` a row."""
+    idx = fields[f"index{t}"].to(torch.int64)
+    return torch.nn.functional.pad(idx, (0, vectors - idx.shape[1]))
 
-    idx0 = _lanes(idx(0)).to(torch.uint8).contiguous()
-    q0 = idx0.view(torch.int32)
-    if len(fmt.bits) == 1:
+
+def planes(fields: dict, two: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(stage-0 bytes as int32 [N/16, KB, 32, 4], stage-1 nibbles as int32 [N/16, KB, 32, 2] or None: ``two``
+    stages), the vectors padded to whole kblocks."""
+    nv = padded_main(fields["index0"].shape[1] * 4) // 4
+    q0 = _lanes(_padded(fields, 0, nv)).to(torch.uint8).contiguous().view(torch.int32)
+    if not two:
         return q0, None
-    n1 = _lanes(idx(1))
+    n1 = _lanes(_padded(fields, 1, nv))
     q1 = (n1[..., 0::2] | (n1[..., 1::2] << 4)).to(torch.uint8).contiguous()
     return q0, q1.view(torch.int32)
 
 
 def prepare(fmt, tensors: dict, in_features: int) -> dict:
+    """What both codebook kernels share (table, scales, outlier columns, shape); each kernel's index planes are
+    built from the packed tensors at its first call (``mma_planes``, ``lut_planes``), so a weight that only ever
+    meets one row of x (batch-1 decode) holds only the lookup-table GEMV's."""
     f = fmt.unpack(tensors, in_features)
     n = f["index0"].shape[0]
-    qw, qh = planes(fmt, f)
+    dev = f["index0"].device
+    two = len(fmt.bits) == 2
     table = torch.cat([f[f"codebook{t}"].float().reshape(-1, 4) for t in range(len(fmt.bits))])
-    scale = f["scale"].float() if fmt.scale else torch.ones(n, device=qw.device)
-    prep = {"qw": qw, "qh": qh, "table32": table, "tables": {}, "cb1_at": (1 << fmt.bits[0]) if qh is not None else 0,
-            "e0": 1 << fmt.bits[0], "scale": scale.reshape(n, 1).contiguous(), "n": n,
-            "kp": padded_main(fmt.n_main(in_features))}
+    scale = f["scale"].float() if fmt.scale else torch.ones(n, device=dev)
+    prep = {"fields": functools.partial(fmt.unpack, tensors, in_features), "two": two, "table32": table, "tables": {},
+            "cb1_at": (1 << fmt.bits[0]) if two else 0, "e0": 1 << fmt.bits[0], "scale": scale.reshape(n, 1).contiguous(),
+            "n": n, "kp": padded_main(fmt.n_main(in_features)), "device": dev}
     prep.update(outlier_part(fmt, f, scale, in_features))
+    return prep
+
+
+def mma_planes(prep: dict) -> dict:
+    """The mma kernel's index planes in ``prep`` (``qw``, ``qh``: ``planes``), built at the first call."""
+    if "qw" not in prep:
+        f = prep["fields"]()
+        prep["qw"], prep["qh"] = planes(f, prep["two"])
     return prep
 
 
@@ -116,18 +124,13 @@ def lut_planes(prep: dict) -> dict:
     if lut is not None:
         return lut
     n, kl = prep["n"], -(-prep["kp"] // LUT_INPUTS) * LUT_INPUTS
-    pad = kl // 4 - prep["qw"].shape[1] * 32
-
-    def rows(t):  # the 16 index bytes (or nibbles) a lane → [N, kl / 4] vectors, int64
-        return torch.nn.functional.pad(_unlanes(t.long()), (0, pad))
-
-    i0 = rows(prep["qw"].view(torch.uint8)).to(torch.uint8).contiguous().view(torch.int32)
+    f = prep["fields"]()
+    i0 = _padded(f, 0, kl // 4).to(torch.uint8).contiguous().view(torch.int32)
     i1 = None
-    if prep["qh"] is not None:
-        nb = prep["qh"].view(torch.uint8).long()  # byte b: nibbles 2b (low), 2b + 1
-        v = rows(torch.stack([nb & 15, nb >> 4], dim=-1).reshape(*nb.shape[:-1], 16))
+    if prep["two"]:
+        v = _padded(f, 1, kl // 4)
         i1 = (v[:, 0::2] | (v[:, 1::2] << 4)).to(torch.uint8).contiguous().view(torch.int16)
-    dev = prep["qw"].device
+    dev = prep["device"]
     entries = prep["table32"].shape[0]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     chunks, rpc = lut_launch(n, kl, entries, sms)
@@ -242,6 +245,7 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: 
     if x2.shape[0] == 1 and launch is None and replicated is None and lut_takes(prep["n"]):
         y = lut_gemm_tensors(xm, *_lut_args(prep))
     else:
+        mma_planes(prep)
         y = gemm_tensors(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype), prep["scale"],
                          prep["n"], prep["cb1_at"], prep["kp"], copies(prep, replicated), launch)
     return add_outliers(y, x2, prep)
@@ -278,7 +282,7 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     outlier columns' product in plain torch) that ``torch.compile`` traces without a graph break."""
     from llmcomp.kernels import cached
 
-    prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
+    prep = mma_planes(cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features)))
     args = (prep["qw"], uniform_cuda.high_plane(prep), table(prep, dtype), prep["scale"], prep["n"], prep["cb1_at"],
             prep["kp"], copies(prep))
     one_row = _lut_args(prep) if lut_takes(prep["n"]) else None  # built here: nothing is prepared inside a trace
