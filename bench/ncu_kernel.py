@@ -5,8 +5,8 @@
 Only the launches between cudaProfilerStart/Stop are profiled: per shape and M, one warm-up call (not profiled),
 then ``--calls`` calls of our kernel and one bf16 F.linear. ncu flushes the caches before each profiled kernel, so
 every call reads its weight from HBM as in decode. ``--fp16`` uses float16 activations. ``--format vq2|vq3``
-profiles the codebook kernel on random indices and codebooks instead (``--copies 1`` with one table, default the
-bank-replicated one).
+profiles the codebook kernel on random indices and codebooks instead (``--copies 1`` with one table, 16 the
+bank-replicated one, 0 what ``QuantLinear`` runs: at one row on ≥ 6144 rows the lookup-table GEMV, csrc/vq_lut.cu).
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def subject(name: str, n: int, k: int, bits: int, copies: int):
         return (lambda x: uniform_cuda.gemm(x, prep)), w
     fmt, packed = kernel_bench._packed_for(name, n, k)
     prep = codebook_cuda.prepare(fmt, packed, k)
+    if copies == 0:
+        return (lambda x: codebook_cuda.gemm(x, prep)), w
     return (lambda x: codebook_cuda.gemm(x, prep, replicated=copies > 1)), w
 
 
@@ -42,7 +44,8 @@ def main() -> None:
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--no-bf16", action="store_true", help="skip the cuBLAS peer")
     ap.add_argument("--format", default="uniform", choices=("uniform", "vq2", "vq3"))
-    ap.add_argument("--copies", type=int, default=16, choices=(1, 16), help="codebook table copies (vq only)")
+    ap.add_argument("--copies", type=int, default=16, choices=(0, 1, 16),
+                    help="codebook table copies (vq only; 0: the default path, the lookup-table GEMV at one row)")
     args = ap.parse_args()
     dtype = torch.float16 if args.fp16 else torch.bfloat16
     cudart = torch.cuda.cudart()
