@@ -105,11 +105,12 @@ def mma_planes(prep: dict) -> dict:
 LUT_INPUTS = 512  # inputs one block of the lookup-table GEMV covers (csrc/vq_lut.cu)
 
 
-def lut_launch(n: int, k: int, entries: int, sms: int) -> tuple[int, int]:
-    """(chunks of rows, rows a chunk) for the lookup-table GEMV: K / 512 slices × chunks blocks in one wave (one
-    block of 512 threads an SM while its table, 512 bytes an entry, takes more than a third of the shared memory)."""
+def lut_launch(n: int, k: int, entries: int, sms: int, threads: int = 1024) -> tuple[int, int]:
+    """(chunks of rows, rows a chunk) for the lookup-table GEMV: K / 512 slices × chunks blocks in one wave. Blocks
+    an SM: as many as the shared memory takes (the table: 512 bytes an entry) and the registers (every build holds
+    at least 64 a thread: one block of 1024 threads, two of 512)."""
     slices = k // LUT_INPUTS
-    per_sm = max(1, min(4, (227 << 10) // (entries * 512)))
+    per_sm = max(1, min(65536 // (64 * threads), (227 << 10) // (entries * 512 + entries * 16)))
     chunks = max(1, min(n // 16, sms * per_sm // slices))
     rows = -(-n // chunks)
     rows = -(-rows // 16) * 16
@@ -133,7 +134,7 @@ def lut_planes(prep: dict) -> dict:
     dev = prep["device"]
     entries = prep["table32"].shape[0]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    chunks, rpc = lut_launch(n, kl, entries, sms)
+    chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads(2 if prep["two"] else 1))
     lut = prep["lut"] = {"i0": i0, "i1": i1, "kl": kl, "rows_per_chunk": rpc,
                          "scale": prep["scale"].reshape(n), "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
                          "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
@@ -152,12 +153,12 @@ def lut() -> bool:
 def lut_threads(stages: int) -> int:
     """Threads a block of the lookup-table GEMV (``LLMCOMP_VQ_LUT_THREADS`` or ``set_lut`` override): by default
     1024 with one stage and 512 with two (at 1024 the two-stage kernel spills; H200, kernels_h200_vq_lut.json: vq2
-    28672 × 8192 28.1 µs at 1024 against 32.4 at 512, vq3 44.8 at 512 against 46.6)."""
+    28672 × 8192 27.9 µs at 1024 against 32.4 at 512, vq3 44.8 at 512 against 46.5)."""
     t = _LUT_SET.get("threads") or int(os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0"))
     return t if t in (512, 1024) else (1024 if stages == 1 else 512)
 
 
-LUT_MIN_ROWS = 6144  # below, the mma kernel is as fast or faster (H200: 4096 × 4096 6.95 µs against 7.87)
+LUT_MIN_ROWS = 6144  # below, the mma kernel is as fast or faster (H200: vq2 4096 × 4096 6.98 µs against 7.90)
 
 
 def lut_takes(n: int) -> bool:
