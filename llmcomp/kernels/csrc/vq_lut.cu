@@ -2,7 +2,8 @@
 //
 // With one token, y[r] = scale[r] * sum_v <codebook[idx[r][v]], x[4v : 4v + 4]>. A block takes a slice of 128
 // vectors (512 inputs) and first computes, for every codebook entry e and vector v of the slice, the dot product
-// T[e][v] = <codebook[e], x[4v : 4v + 4]> (fp32, in shared memory); a row's partial sum is then one 4-byte lookup
+// T[e][v] = <codebook[e], x[4v : 4v + 4]> (fp32, in shared memory, from the codebook staged there first by one
+// load a thread); a row's partial sum is then one 4-byte lookup
 // per index byte — where the mma kernel reads an 8-byte entry per index and multiplies it on the tensor cores.
 // The table's layout makes every lookup conflict-free: lane l of a warp owns vectors 4l .. 4l + 3 of the slice
 // (one 32-bit load of a row's indices), and T[e][4l + j] sits at float (e * 4 + j) * 32 + l, in bank l whatever e.
