@@ -279,8 +279,9 @@ def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cac
 
 
 def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None):
-    """``x2 [M ≤ 64, in_features] -> x2 @ W^T`` over this weight's prepared layout: one ``gemm_op`` call (plus the
-    outlier columns' product in plain torch) that ``torch.compile`` traces without a graph break."""
+    """``x2 [M ≤ 64, in_features] -> x2 @ W^T`` over this weight's prepared layouts: one ``gemm_op`` call — or
+    ``lut_op`` at one row where ``lut_takes`` — plus the outlier columns' product in plain torch, which
+    ``torch.compile`` traces without a graph break. Both index layouts are built here, up front."""
     from llmcomp.kernels import cached
 
     prep = mma_planes(cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features)))
