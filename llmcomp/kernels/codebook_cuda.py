@@ -6,20 +6,22 @@ of ≤ 4 (VPTQ's 2- and 3-bit settings), 16 | N and 128 | the main input columns
 apart (their dequantized weights, once per dtype); anything else takes the next path (Triton, opt-in) or the
 reference.
 
-Layout (built once per weight at its first call by ``mma_planes``): the kernel's 2-bit shape — 16-row tiles × kblocks of 128 inputs,
-lane (g, c) owning inputs [32c, 32c + 32) of a kblock, i.e. vectors 8c … 8c + 7 — and per lane 16 bytes: byte
+Layout (built once per weight at its first call by ``mma_planes``): the kernel's 2-bit shape — 16-row tiles ×
+kblocks of 128 inputs, lane (g, c) owning inputs [32c, 32c + 32) of a kblock, i.e. vectors 8c … 8c + 7 — and per
+lane 16 bytes: byte
 2s + r = the stage-0 index of vector 8c + s of row g + 8r; the second stage's indices as nibbles in the same order
 (8 bytes a lane). The codebooks become one table [entries, 4] in the activation dtype (stage 1's from row
 2**bits[0]); the per-row scale is applied to the fp32 accumulators. In shared memory the table is replicated 16
 times across the bank pairs (``replicate``), each lane reading its own copy, so random indices never make a
 half-warp's lookups collide on a bank (with one table they did, several ways on average).
 
-One row of x (decode at batch 1) on weights of ``LUT_MIN_ROWS`` rows or more takes a lookup-table GEMV instead (``csrc/vq_lut.cu``; ``LLMCOMP_VQ_LUT=0`` or
-``set_lut(False)`` turns it off): a block computes the dot products of x with every codebook entry for a slice of
-128 vectors, and a row's sum is then one 4-byte lookup per index. It reads the indices row-major
-(``lut_planes``, built at the first one-row call; a weight that also meets 2–64 rows holds both layouts, +2 / +3
-bits a weight of GPU memory, as does every ``frozen`` one) and splits K into slices whose partial sums the last block of each chunk of rows
-adds in order (deterministic; scratch per weight, so one weight must not run on two streams at once).
+One row of x (decode at batch 1) on weights of ``LUT_MIN_ROWS`` rows or more takes a lookup-table GEMV instead
+(``csrc/vq_lut.cu``; ``LLMCOMP_VQ_LUT=0`` or ``set_lut(False)`` turns it off): a block computes the dot products of
+x with every codebook entry for a slice of 128 vectors, and a row's sum is then one 4-byte lookup per index. It
+reads the indices row-major (``lut_planes``, built at the first one-row call; a weight that also meets 2–64 rows
+holds both layouts, +2 / +3 bits a weight of GPU memory, as does every ``frozen`` one) and splits K into slices
+whose partial sums the last block of each chunk of rows adds in order (deterministic; scratch per weight, so one
+weight must not run on two streams at once).
 """
 from __future__ import annotations
 
@@ -65,6 +67,11 @@ def _padded(fields: dict, t: int, vectors: int) -> torch.Tensor:
     return torch.nn.functional.pad(idx, (0, vectors - idx.shape[1]))
 
 
+def _pack_nibbles(v: torch.Tensor) -> torch.Tensor:
+    """Stage-1 indices (< 16) paired along the last axis into bytes: element 2i in the low nibble, 2i + 1 high."""
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).to(torch.uint8).contiguous()
+
+
 def planes(fields: dict, two: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(stage-0 bytes as int32 [N/16, KB, 32, 4], stage-1 nibbles as int32 [N/16, KB, 32, 2] or None: ``two``
     stages), the vectors padded to whole kblocks."""
@@ -72,9 +79,7 @@ def planes(fields: dict, two: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     q0 = _lanes(_padded(fields, 0, nv)).to(torch.uint8).contiguous().view(torch.int32)
     if not two:
         return q0, None
-    n1 = _lanes(_padded(fields, 1, nv))
-    q1 = (n1[..., 0::2] | (n1[..., 1::2] << 4)).to(torch.uint8).contiguous()
-    return q0, q1.view(torch.int32)
+    return q0, _pack_nibbles(_lanes(_padded(fields, 1, nv))).view(torch.int32)
 
 
 def prepare(fmt, tensors: dict, in_features: int) -> dict:
@@ -83,22 +88,24 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
     meets one row of x (batch-1 decode) holds only the lookup-table GEMV's."""
     f = fmt.unpack(tensors, in_features)
     n = f["index0"].shape[0]
-    dev = f["index0"].device
-    two = len(fmt.bits) == 2
     table = torch.cat([f[f"codebook{t}"].float().reshape(-1, 4) for t in range(len(fmt.bits))])
-    scale = f["scale"].float() if fmt.scale else torch.ones(n, device=dev)
-    prep = {"fields": functools.partial(fmt.unpack, tensors, in_features), "two": two, "table32": table, "tables": {},
-            "cb1_at": (1 << fmt.bits[0]) if two else 0, "e0": 1 << fmt.bits[0], "scale": scale.reshape(n, 1).contiguous(),
-            "n": n, "kp": padded_main(fmt.n_main(in_features)), "device": dev}
+    scale = f["scale"].float() if fmt.scale else torch.ones(n, device=table.device)
+    prep = {"fields": functools.partial(fmt.unpack, tensors, in_features), "table32": table, "tables": {},
+            "cb1_at": (1 << fmt.bits[0]) if len(fmt.bits) == 2 else 0, "e0": 1 << fmt.bits[0],
+            "scale": scale.reshape(n, 1).contiguous(), "n": n, "kp": padded_main(fmt.n_main(in_features))}
     prep.update(outlier_part(fmt, f, scale, in_features))
     return prep
+
+
+def _two(prep: dict) -> bool:
+    """Whether the weight has a second (residual) stage: its entries then start at ``cb1_at`` > 0."""
+    return prep["cb1_at"] > 0
 
 
 def mma_planes(prep: dict) -> dict:
     """The mma kernel's index planes in ``prep`` (``qw``, ``qh``: ``planes``), built at the first call."""
     if "qw" not in prep:
-        f = prep["fields"]()
-        prep["qw"], prep["qh"] = planes(f, prep["two"])
+        prep["qw"], prep["qh"] = planes(prep["fields"](), _two(prep))
     return prep
 
 
@@ -128,13 +135,12 @@ def lut_planes(prep: dict) -> dict:
     f = prep["fields"]()
     i0 = _padded(f, 0, kl // 4).to(torch.uint8).contiguous().view(torch.int32)
     i1 = None
-    if prep["two"]:
-        v = _padded(f, 1, kl // 4)
-        i1 = (v[:, 0::2] | (v[:, 1::2] << 4)).to(torch.uint8).contiguous().view(torch.int16)
-    dev = prep["device"]
+    if _two(prep):
+        i1 = _pack_nibbles(_padded(f, 1, kl // 4)).view(torch.int16)
+    dev = prep["table32"].device
     entries = prep["table32"].shape[0]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads(2 if prep["two"] else 1))
+    chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads(2 if _two(prep) else 1))
     lut = prep["lut"] = {"i0": i0, "i1": i1, "kl": kl, "rows_per_chunk": rpc,
                          "scale": prep["scale"].reshape(n), "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
                          "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
@@ -144,17 +150,25 @@ def lut_planes(prep: dict) -> dict:
 _LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force"); absent or None: the environment
 
 
+@functools.lru_cache(maxsize=1)
+def _lut_env() -> tuple[bool, int]:
+    """(``LLMCOMP_VQ_LUT`` on, ``LLMCOMP_VQ_LUT_THREADS`` or 0), read once: every one-row call consults them."""
+    return (os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0",
+            int(os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0")))
+
+
 def lut() -> bool:
-    """Whether one row of x takes the lookup-table GEMV (``LLMCOMP_VQ_LUT``, default on; ``set_lut`` overrides)."""
+    """Whether one row of x takes the lookup-table GEMV (``LLMCOMP_VQ_LUT``, default on, read once; ``set_lut``
+    overrides)."""
     on = _LUT_SET.get("on")
-    return on if on is not None else os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0"
+    return on if on is not None else _lut_env()[0]
 
 
 def lut_threads(stages: int) -> int:
     """Threads a block of the lookup-table GEMV (``LLMCOMP_VQ_LUT_THREADS`` or ``set_lut`` override): by default
     1024 with one stage and 512 with two (at 1024 the two-stage kernel spills; H200, kernels_h200_vq_lut.json: vq2
     28672 × 8192 27.9 µs at 1024 against 32.4 at 512, vq3 44.8 at 512 against 46.5)."""
-    t = _LUT_SET.get("threads") or int(os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0"))
+    t = _LUT_SET.get("threads") or _lut_env()[1]
     return t if t in (512, 1024) else (1024 if stages == 1 else 512)
 
 
@@ -179,6 +193,13 @@ def lut_gemm_tensors(xm, i0, i1, tab32, e0: int, cb1_at: int, scale, part, count
     xm = uniform_cuda.kernel_input(xm.contiguous(), kl)
     return uniform_cuda.extension().vq_lut(xm, i0, i0 if i1 is None else i1, tab32, e0, cb1_at, scale, part,
                                            counters, n, rpc, threads)
+
+
+def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) -> tuple:
+    """``gemm_tensors``' operands after x for this weight (its mma planes built at the first call)."""
+    mma_planes(prep)
+    return (prep["qw"], uniform_cuda.high_plane(prep), table(prep, dtype), prep["scale"], prep["n"], prep["cb1_at"],
+            prep["kp"], copies(prep, replicated))
 
 
 def _lut_args(prep: dict) -> tuple:
@@ -246,9 +267,7 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: 
     if x2.shape[0] == 1 and launch is None and replicated is None and lut_takes(prep["n"]):
         y = lut_gemm_tensors(xm, *_lut_args(prep))
     else:
-        mma_planes(prep)
-        y = gemm_tensors(xm, prep["qw"], uniform_cuda.high_plane(prep), table(prep, x2.dtype), prep["scale"],
-                         prep["n"], prep["cb1_at"], prep["kp"], copies(prep, replicated), launch)
+        y = gemm_tensors(xm, *_mma_args(prep, x2.dtype, replicated), launch)
     return add_outliers(y, x2, prep)
 
 
@@ -284,9 +303,8 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     ``torch.compile`` traces without a graph break. Both index layouts are built here, up front."""
     from llmcomp.kernels import cached
 
-    prep = mma_planes(cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features)))
-    args = (prep["qw"], uniform_cuda.high_plane(prep), table(prep, dtype), prep["scale"], prep["n"], prep["cb1_at"],
-            prep["kp"], copies(prep))
+    prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
+    args = _mma_args(prep, dtype)
     one_row = _lut_args(prep) if lut_takes(prep["n"]) else None  # built here: nothing is prepared inside a trace
     main, cols = prep.get("main_cols"), prep.get("outlier_cols")
     w_out = prep["outlier_f32"].to(dtype) if cols is not None else None
