@@ -103,6 +103,24 @@ def test_each_kernel_builds_its_own_planes():
     assert codebook_cuda.mma_planes(prep)["qw"] is qw and prep["lut"] is lut
 
 
+def test_lut_threads_setting(monkeypatch):
+    """The block size: by stage count unless set; a setting that is not a number is named in one clear error."""
+    monkeypatch.delenv("LLMCOMP_VQ_LUT_THREADS", raising=False)
+    codebook_cuda._lut_env.cache_clear()
+    try:
+        assert (codebook_cuda.lut_threads(1), codebook_cuda.lut_threads(2)) == (1024, 512)
+        codebook_cuda._lut_env.cache_clear()
+        monkeypatch.setenv("LLMCOMP_VQ_LUT_THREADS", "512")
+        assert codebook_cuda.lut_threads(1) == 512
+        codebook_cuda._lut_env.cache_clear()
+        monkeypatch.setenv("LLMCOMP_VQ_LUT_THREADS", "many")
+        with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not 'many'"):
+            codebook_cuda.lut_threads(1)
+    finally:
+        monkeypatch.delenv("LLMCOMP_VQ_LUT_THREADS", raising=False)
+        codebook_cuda._lut_env.cache_clear()
+
+
 def test_which_formats_and_shapes_it_takes():
     ok = Codebook(dim=4, bits=(8, 4))
     assert codebook_cuda.shape_ok(ok, 4096, 4096) and codebook_cuda.shape_ok(Codebook(dim=4, bits=(5,)), 256, 32)

@@ -153,8 +153,10 @@ _LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force"); absent or
 @functools.lru_cache(maxsize=1)
 def _lut_env() -> tuple[bool, int]:
     """(``LLMCOMP_VQ_LUT`` on, ``LLMCOMP_VQ_LUT_THREADS`` or 0), read once: every one-row call consults them."""
-    return (os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0",
-            int(os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0")))
+    threads = os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0").strip() or "0"
+    if not threads.isdigit():
+        raise ValueError(f"LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not {threads!r}")
+    return os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0", int(threads)
 
 
 def lut() -> bool:
