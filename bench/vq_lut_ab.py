@@ -1,5 +1,5 @@
 """A/B of the codebook (VQ) kernels at one row of x, in one process: the lookup-table GEMV (``csrc/vq_lut.cu``,
-``codebook_cuda.set_lut(True, threads)``, blocks of 512 and of 1024 threads) against the mma kernel (``set_lut(False)``), both through ``QuantLinear`` as
+``codebook_cuda.set_lut(True, threads)``, ``--variants``: blocks of 512 and of 1024 threads, the PRMT-addressed table) against the mma kernel (``set_lut(False)``), both through ``QuantLinear`` as
 ``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph, random indices and
 codebooks: ``vq2`` one 8-bit stage, ``vq3`` 8 + 4 bits), with bf16 cuBLAS on the same shape; % of each one's
 byte roofline at the copy bandwidth measured in the same run.
@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--formats", default="vq2,vq3")
     ap.add_argument("--ms", default="1")
+    ap.add_argument("--variants", default="lut512,lut1024,mma",
+                    help="lut / prmt (the table addressed by one PRMT a lookup) with a block size (512, 1024; none: "
+                         "the default for the stages), and mma (the mma kernel)")
     args = ap.parse_args()
     bw = kb.copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}
@@ -40,13 +43,13 @@ def main() -> None:
                 for m in [int(v) for v in args.ms.split(",")]:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     row = {"format": name, "N": n, "K": k, "M": m}
-                    for label, on, threads in (("lut512", True, 512), ("lut1024", True, 1024), ("mma", False, None)):
-                        codebook_cuda.set_lut(on, threads, force=True)
+                    for label in args.variants.split(","):
+                        kind, threads = label.rstrip("0123456789"), int(label[len(label.rstrip("0123456789")):] or 0)
+                        codebook_cuda.set_lut(kind != "mma", threads or None, force=True, prmt=kind == "prmt")
                         kb._time_into(row, label, [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
                     codebook_cuda.set_lut(None)
                     kb._time_into(row, "bf16", [lambda w=w: F.linear(x, w) for w in dense], 2 * n * k, bw)
-                    for t in ("lut512", "lut1024"):
-                        row[f"{t}_vs_mma"] = round(row["mma_us"] / row[f"{t}_us"], 3)
+                    for t in args.variants.split(","):
                         row[f"{t}_vs_bf16"] = round(row["bf16_us"] / row[f"{t}_us"], 3)
                     result["rows"].append(row)
                     print(row, flush=True)

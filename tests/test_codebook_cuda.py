@@ -163,8 +163,8 @@ def test_lut_gemv_matches_reference(fmt, dtype):
     """The one-row lookup-table GEMV (``gemm`` at M = 1, forced below ``LUT_MIN_ROWS``): within 0.5 % of the fp32
     reference product (its tables are fp32; only the output is rounded; 1 % with outlier columns, whose product is
     added in the activation dtype), the same bits on every call (partials added in slice order; the chunk counters
-    left at zero), whatever the chunking (one chunk, 16-row chunks, the default) and block size (512, 1024
-    threads); and the mma kernel within 2 %."""
+    left at zero), whatever the chunking (one chunk, 16-row chunks, the default), block size (512, 1024 threads)
+    and table addressing (PRMT: the same bits); and the mma kernel within 2 %."""
     if codebook_cuda.uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
     codebook_cuda.set_lut(True, force=True)  # at any number of rows (by default from LUT_MIN_ROWS)
@@ -194,11 +194,16 @@ def _lut_cases(fmt, dtype):
         assert float((mma.float() - ref).abs().max() / ref.abs().max()) < 2e-2
         xm = x.index_select(1, prep["main_cols"]) if "main_cols" in prep else x
         args = list(codebook_cuda._lut_args(prep))
-        for rpc, threads in ((16, 512), (n, 512), (16, 1024), (n, 1024)):
-            args[-2], args[-1], args[-5] = rpc, threads, torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")
+        for rpc, threads, prmt in ((16, 512, False), (n, 512, False), (16, 1024, False), (n, 1024, False),
+                                   (16, 512, True), (n, 1024, True)):
+            args[-3:] = rpc, threads, prmt
+            args[-6] = torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")
             y2 = codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(xm, *args), x, prep)
-            assert float((y2.float() - ref).abs().max() / ref.abs().max()) < tol, (n, k, rpc, threads)
-            assert not args[-5].any()
+            assert float((y2.float() - ref).abs().max() / ref.abs().max()) < tol, (n, k, rpc, threads, prmt)
+            assert not args[-6].any()
+            if rpc == n:  # one chunk: the slices added in the same order, whatever the table's addressing
+                assert torch.equal(y2, codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(
+                    xm, *args[:-1], not prmt), x, prep)), (n, k, threads)
         codebook_cuda.set_lut(False)
         try:
             assert torch.equal(codebook_cuda.gemm(x, prep), mma)  # off: the mma kernel at its default launch

@@ -181,18 +181,25 @@ def lut_takes(n: int) -> bool:
     return lut() and (n >= LUT_MIN_ROWS or bool(_LUT_SET.get("force")))
 
 
-def set_lut(on: bool | None, threads: int | None = None, force: bool = False) -> None:
-    """Turn the lookup-table GEMV on or off, and its block size, for A/B timing in one process (None: back to the
-    environment); ``force``: at any number of rows."""
-    _LUT_SET.update(on=on, threads=threads, force=force)
+def lut_prmt() -> bool:
+    """Whether the GEMV addresses its table by one PRMT a lookup (``csrc/vq_lut.cu``, PRMT; ``LLMCOMP_VQ_LUT_PRMT``,
+    default off until measured; ``set_lut`` overrides)."""
+    p = _LUT_SET.get("prmt")
+    return p if p is not None else os.environ.get("LLMCOMP_VQ_LUT_PRMT", "0").strip() == "1"
+
+
+def set_lut(on: bool | None, threads: int | None = None, force: bool = False, prmt: bool | None = None) -> None:
+    """Turn the lookup-table GEMV on or off, its block size and table addressing, for A/B timing in one process
+    (None: back to the environment); ``force``: at any number of rows."""
+    _LUT_SET.update(on=on, threads=threads, force=force, prmt=prmt)
 
 
 def lut_gemm_tensors(xm, i0, i1, tab32, e0: int, cb1_at: int, scale, part, counters, n: int, kl: int, rpc: int,
-                     threads: int = 512):
+                     threads: int = 512, prmt: bool = False):
     """The main columns' x [1, K] → y [1, n] by the lookup-table GEMV."""
     xm = uniform_cuda.kernel_input(xm.contiguous(), kl)
     return uniform_cuda.extension().vq_lut(xm, i0, i0 if i1 is None else i1, tab32, e0, cb1_at, scale, part,
-                                           counters, n, rpc, threads)
+                                           counters, n, rpc, threads, prmt)
 
 
 def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) -> tuple:
@@ -205,21 +212,22 @@ def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) ->
 def _lut_args(prep: dict) -> tuple:
     lut = lut_planes(prep)
     return (lut["i0"], lut["i1"], prep["table32"], prep["e0"], prep["cb1_at"], lut["scale"], lut["part"],
-            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(1 if lut["i1"] is None else 2))
+            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(1 if lut["i1"] is None else 2),
+            lut_prmt())
 
 
 @torch.library.custom_op("llmcomp::codebook_lut", mutates_args=())
 def lut_op(xm: torch.Tensor, i0: torch.Tensor, i1: Optional[torch.Tensor], tab32: torch.Tensor, e0: int, cb1_at: int,
            scale: torch.Tensor, part: torch.Tensor, counters: torch.Tensor, n: int, kl: int, rpc: int,
-           threads: int) -> torch.Tensor:
+           threads: int, prmt: bool) -> torch.Tensor:
     """``lut_gemm_tensors`` as one opaque op. ``part`` and ``counters`` are the kernel's scratch: it overwrites the
     partial sums before reading them and leaves the counters zero as it found them, so no input changes as seen
     from outside (not declared mutated: functionalization would copy them every call)."""
-    return lut_gemm_tensors(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads)
+    return lut_gemm_tensors(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt)
 
 
 @lut_op.register_fake
-def _(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads):
+def _(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt):
     return xm.new_empty(1, n)
 
 
