@@ -140,6 +140,8 @@ def lut_planes(prep: dict) -> dict:
     dev = prep["table32"].device
     entries = prep["table32"].shape[0]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    if lut_prmt():  # its table takes 256 stage-0 entries (and 16 of stage 1) whatever the codebook's size
+        entries = 256 + (16 if _two(prep) else 0)
     chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads(2 if _two(prep) else 1))
     lut = prep["lut"] = {"i0": i0, "i1": i1, "kl": kl, "rows_per_chunk": rpc,
                          "scale": prep["scale"].reshape(n), "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
