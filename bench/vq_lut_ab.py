@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from llmcomp.core.memory import state_bytes
 from llmcomp.eval import kernel_bench as kb
-from llmcomp.kernels import codebook_cuda
+from llmcomp.kernels import codebook_cuda, uniform_cuda
 
 STACKED = [(6144, 4096), (28672, 4096)]  # the stacked q/k/v and gate/up shapes of --fuse-linears
 
@@ -29,9 +29,10 @@ def main() -> None:
     ap.add_argument("--ms", default="1")
     ap.add_argument("--variants", default="lut512,lut1024,mma",
                     help="lut / prmt (the table addressed by one PRMT a lookup) with a block size (512, 1024; none: "
-                         "the default for the stages), and mma (the mma kernel)")
+                         "the default for the stages), and mma (the mma kernel); a +pdl suffix: with dependent launch")
     args = ap.parse_args()
     bw = kb.copy_bandwidth()
+    pdl_before = bool(uniform_cuda.dependent_launch())
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}
     with torch.no_grad():  # (not inference mode: the layout cache keys on version counters)
         for name in args.formats.split(","):
@@ -44,10 +45,13 @@ def main() -> None:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     row = {"format": name, "N": n, "K": k, "M": m}
                     for label in args.variants.split(","):
-                        kind, threads = label.rstrip("0123456789"), int(label[len(label.rstrip("0123456789")):] or 0)
+                        base, pdl = label.split("+")[0], label.endswith("+pdl")
+                        kind, threads = base.rstrip("0123456789"), int(base[len(base.rstrip("0123456789")):] or 0)
                         codebook_cuda.set_lut(kind != "mma", threads or None, force=True, prmt=kind == "prmt")
+                        uniform_cuda.set_dependent_launch(pdl)
                         kb._time_into(row, label, [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
                     codebook_cuda.set_lut(None)
+                    uniform_cuda.set_dependent_launch(pdl_before)
                     kb._time_into(row, "bf16", [lambda w=w: F.linear(x, w) for w in dense], 2 * n * k, bw)
                     for t in args.variants.split(","):
                         row[f"{t}_vs_bf16"] = round(row["bf16_us"] / row[f"{t}_us"], 3)

@@ -7,7 +7,7 @@
 set -u
 . bench/session_common.sh
 TAIL=6 run ${TEST_S:-200} tests.log python3 -m pytest -q -x tests/test_codebook_cuda.py
-TAIL=14 run ${AB_S:-200} ab.log python3 bench/vq_lut_ab.py --variants "${VARIANTS:-lut,prmt,mma}" \
+TAIL=14 run ${AB_S:-200} ab.log python3 bench/vq_lut_ab.py --variants "${VARIANTS:-lut,prmt,mma,prmt+pdl,mma+pdl}" \
   --out "$OUT/kernels_h200_vq_lut${TAG:-_prmt}.json"
 TAIL=6 run ${DECODE_S:-240} decode.log env ${DECODE_ENV:-LLMCOMP_VQ_LUT_PRMT=1} python3 -m llmcomp bench decode \
   --synthetic llama3-8b --format vq2 --compile --context 512 --steps 64 --batch 1 \

@@ -164,7 +164,8 @@ def test_lut_gemv_matches_reference(fmt, dtype):
     reference product (its tables are fp32; only the output is rounded; 1 % with outlier columns, whose product is
     added in the activation dtype), the same bits on every call (partials added in slice order; the chunk counters
     left at zero), whatever the chunking (one chunk, 16-row chunks, the default), block size (512, 1024 threads)
-    and table addressing (PRMT: the same bits); and the mma kernel within 2 %."""
+    and table addressing (PRMT: the same bits), launched with dependent launch or not; and the mma kernel within
+    2 %."""
     if codebook_cuda.uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
     codebook_cuda.set_lut(True, force=True)  # at any number of rows (by default from LUT_MIN_ROWS)
@@ -190,6 +191,12 @@ def _lut_cases(fmt, dtype):
         assert err < tol, (n, k, err)
         lut = codebook_cuda.lut_planes(prep)
         assert torch.equal(codebook_cuda.gemm(x, prep), y) and not lut["counters"].any()
+        before = bool(codebook_cuda.uniform_cuda.dependent_launch())
+        codebook_cuda.uniform_cuda.set_dependent_launch(True)  # launched with PDL, twice back to back: the same bits
+        try:
+            assert torch.equal(codebook_cuda.gemm(x, prep), y) and torch.equal(codebook_cuda.gemm(x, prep), y)
+        finally:
+            codebook_cuda.uniform_cuda.set_dependent_launch(before)
         mma = codebook_cuda.gemm(x, prep, codebook_cuda.launch_config(n, prep["kp"], 1, codebook_cuda.copies(prep)))
         assert float((mma.float() - ref).abs().max() / ref.abs().max()) < 2e-2
         xm = x.index_select(1, prep["main_cols"]) if "main_cols" in prep else x

@@ -28,7 +28,26 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+namespace llmcomp_mma {
+bool pdl();  // uniform_mma.cu: whether the GEMMs launch with programmatic stream serialization (LLMCOMP_PDL)
+}
+
 namespace llmcomp_lut {
+
+// Programmatic dependent launch, as the mma kernels use it (csrc/uniform_mma.cuh, grid_dep_wait): with the launch
+// attribute this kernel may start while the previous one finishes; it reads only its indices and codebook (never
+// written by the kernels before it) until griddepcontrol.wait, and lets the next kernel start once all its blocks
+// have begun. No-ops without the attribute.
+__device__ __forceinline__ void dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void dep_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 constexpr int SLICE = 512;        // inputs a block's table covers: 128 vectors, 4 a lane
 constexpr int BATCH = 16;         // rows a warp takes at a time
@@ -93,7 +112,9 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   const int r1 = min(n, r0 + rows_per_chunk), batches = (r1 - r0) / BATCH;
   const size_t col = (size_t)slice * 32 + lane;  // this lane's index word of a row
 
-  // The first batch's index words fly while the table is built.
+  dep_launch();
+  // The first batch's index words fly while the table is built (and, with dependent launch, while the previous
+  // kernel finishes).
   uint32_t cur[BATCH];
   uint16_t cur1[BATCH];
   auto load = [&](uint32_t (&w)[BATCH], uint16_t (&h)[BATCH], int row) {
@@ -111,6 +132,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
                       : reinterpret_cast<float4*>(tab1 + (size_t)(STAGES == 2 ? e1 : 0) * ENTRY_FLOATS);
   const int cb_n = STAGES == 2 ? e1_at + e1 : e0;
   for (int e = threadIdx.x; e < cb_n; e += THREADS) cb_s[e] = __ldg(cb + e);
+  dep_wait();  // x, and the scratch written below, belong to the kernels before
   float xs[16];
   {
     const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)slice * SLICE + lane * 16);
@@ -207,11 +229,21 @@ void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tens
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     smem_set = smem;
   }
-  kernel<<<dim3(slices, chunks), THREADS, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint32_t*>(idx0.data_ptr()),
-      reinterpret_cast<const uint16_t*>(idx1.data_ptr()), reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1,
-      scale.data_ptr<float>(), part.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr()),
-      reinterpret_cast<T*>(out.data_ptr()), n, k / 16, rows_per_chunk);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(slices, chunks);
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = llmcomp_mma::pdl() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
+      reinterpret_cast<const uint32_t*>(idx0.data_ptr()), reinterpret_cast<const uint16_t*>(idx1.data_ptr()),
+      reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1, (const float*)scale.data_ptr<float>(),
+      part.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr()), reinterpret_cast<T*>(out.data_ptr()),
+      n, k / 16, rows_per_chunk));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
