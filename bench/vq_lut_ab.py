@@ -1,5 +1,7 @@
 """A/B of the codebook (VQ) kernels at one row of x, in one process: the lookup-table GEMV (``csrc/vq_lut.cu``,
-``codebook_cuda.set_lut(True, threads)``, blocks of 512 and of 1024 threads) against the mma kernel (``set_lut(False)``), both through ``QuantLinear`` as
+``codebook_cuda.set_lut(True, threads)``, ``--variants``: blocks of 512 and of 1024 threads, the PRMT-addressed
+table) against the mma kernel (``set_lut(False)``) and the library's own choice (``auto``), all through
+``QuantLinear`` as
 ``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph, random indices and
 codebooks: ``vq2`` one 8-bit stage, ``vq3`` 8 + 4 bits), with bf16 cuBLAS on the same shape; % of each one's
 byte roofline at the copy bandwidth measured in the same run.
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from llmcomp.core.memory import state_bytes
 from llmcomp.eval import kernel_bench as kb
-from llmcomp.kernels import codebook_cuda
+from llmcomp.kernels import codebook_cuda, uniform_cuda
 
 STACKED = [(6144, 4096), (28672, 4096)]  # the stacked q/k/v and gate/up shapes of --fuse-linears
 
@@ -27,8 +29,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--formats", default="vq2,vq3")
     ap.add_argument("--ms", default="1")
+    ap.add_argument("--variants", default="lut512,lut1024,mma",
+                    help="lut / prmt (the table addressed by one PRMT a lookup) with a block size (512, 1024; none: "
+                         "the default for the stages), mma (the mma kernel), auto (the defaults: kernel, block size, "
+                         "addressing); a +pdl suffix: with dependent launch")
     args = ap.parse_args()
     bw = kb.copy_bandwidth()
+    pdl_before = bool(uniform_cuda.dependent_launch())
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}
     with torch.no_grad():  # (not inference mode: the layout cache keys on version counters)
         for name in args.formats.split(","):
@@ -40,13 +47,19 @@ def main() -> None:
                 for m in [int(v) for v in args.ms.split(",")]:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     row = {"format": name, "N": n, "K": k, "M": m}
-                    for label, on, threads in (("lut512", True, 512), ("lut1024", True, 1024), ("mma", False, None)):
-                        codebook_cuda.set_lut(on, threads, force=True)
+                    for label in args.variants.split(","):
+                        base, pdl = label.split("+")[0], label.endswith("+pdl")
+                        kind, threads = base.rstrip("0123456789"), int(base[len(base.rstrip("0123456789")):] or 0)
+                        if kind == "auto":
+                            codebook_cuda.set_lut(None)
+                        else:
+                            codebook_cuda.set_lut(kind != "mma", threads or None, force=True, prmt=kind == "prmt")
+                        uniform_cuda.set_dependent_launch(pdl)
                         kb._time_into(row, label, [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
                     codebook_cuda.set_lut(None)
+                    uniform_cuda.set_dependent_launch(pdl_before)
                     kb._time_into(row, "bf16", [lambda w=w: F.linear(x, w) for w in dense], 2 * n * k, bw)
-                    for t in ("lut512", "lut1024"):
-                        row[f"{t}_vs_mma"] = round(row["mma_us"] / row[f"{t}_us"], 3)
+                    for t in args.variants.split(","):
                         row[f"{t}_vs_bf16"] = round(row["bf16_us"] / row[f"{t}_us"], 3)
                     result["rows"].append(row)
                     print(row, flush=True)

@@ -121,6 +121,34 @@ def test_lut_threads_setting(monkeypatch):
         codebook_cuda._lut_env.cache_clear()
 
 
+def test_lut_prmt_setting(monkeypatch):
+    """The table's addressing: PRMT with two stages by default (measured ahead there, behind with one); 1 / 0 force
+    it; ``set_lut`` overrides; anything else is one clear error. Which weights take the GEMV: by their size."""
+    monkeypatch.delenv("LLMCOMP_VQ_LUT_PRMT", raising=False)
+    codebook_cuda._lut_env.cache_clear()
+    try:
+        assert (codebook_cuda.lut_prmt(1), codebook_cuda.lut_prmt(2)) == (False, True)
+        codebook_cuda.set_lut(None, prmt=True)
+        assert codebook_cuda.lut_prmt(1)
+        codebook_cuda.set_lut(None)
+        for value, want in (("1", (True, True)), ("0", (False, False))):
+            codebook_cuda._lut_env.cache_clear()
+            monkeypatch.setenv("LLMCOMP_VQ_LUT_PRMT", value)
+            assert (codebook_cuda.lut_prmt(1), codebook_cuda.lut_prmt(2)) == want
+        codebook_cuda._lut_env.cache_clear()
+        monkeypatch.setenv("LLMCOMP_VQ_LUT_PRMT", "yes")
+        with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_PRMT must be 0 or 1, not 'yes'"):
+            codebook_cuda.lut_prmt(1)
+        monkeypatch.delenv("LLMCOMP_VQ_LUT_PRMT")
+        codebook_cuda._lut_env.cache_clear()
+        assert codebook_cuda.lut_takes(4096, 14336) and codebook_cuda.lut_takes(28672, 4096)
+        assert not codebook_cuda.lut_takes(4096, 4096) and not codebook_cuda.lut_takes(5120, 4096)
+    finally:
+        codebook_cuda.set_lut(None)
+        monkeypatch.delenv("LLMCOMP_VQ_LUT_PRMT", raising=False)
+        codebook_cuda._lut_env.cache_clear()
+
+
 def test_which_formats_and_shapes_it_takes():
     ok = Codebook(dim=4, bits=(8, 4))
     assert codebook_cuda.shape_ok(ok, 4096, 4096) and codebook_cuda.shape_ok(Codebook(dim=4, bits=(5,)), 256, 32)
@@ -178,19 +206,20 @@ def test_kernel_matches_reference(fmt, dtype):
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_lut_gemv_matches_reference(fmt, dtype):
-    """The one-row lookup-table GEMV (``gemm`` at M = 1, forced below ``LUT_MIN_ROWS``): within 0.5 % of the fp32
+    """The one-row lookup-table GEMV (``gemm`` at M = 1, forced below ``LUT_MIN_WEIGHTS``): within 0.5 % of the fp32
     reference product (its tables are fp32; only the output is rounded; 1 % with outlier columns, whose product is
     added in the activation dtype), the same bits on every call (partials added in slice order; the chunk counters
-    left at zero), whatever the chunking (one chunk, 16-row chunks, the default) and block size (512, 1024
-    threads); and the mma kernel within 2 %."""
+    left at zero), whatever the chunking (one chunk, 16-row chunks, the default), block size (512, 1024 threads)
+    and table addressing (PRMT: the same bits), launched with dependent launch or not; and the mma kernel within
+    2 %."""
     if codebook_cuda.uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    codebook_cuda.set_lut(True, force=True)  # at any number of rows (by default from LUT_MIN_ROWS)
+    codebook_cuda.set_lut(True, force=True)  # at any number of rows (by default from LUT_MIN_WEIGHTS)
     try:
         _lut_cases(fmt, dtype)
     finally:
         codebook_cuda.set_lut(None)
-    assert not codebook_cuda.lut_takes(4096) and codebook_cuda.lut_takes(codebook_cuda.LUT_MIN_ROWS)
+    assert not codebook_cuda.lut_takes(4096, 4096) and codebook_cuda.lut_takes(6144, 4096)
 
 
 def _lut_cases(fmt, dtype):
@@ -208,15 +237,26 @@ def _lut_cases(fmt, dtype):
         assert err < tol, (n, k, err)
         lut = codebook_cuda.lut_planes(prep)
         assert torch.equal(codebook_cuda.gemm(x, prep), y) and not lut["counters"].any()
+        before = bool(codebook_cuda.uniform_cuda.dependent_launch())
+        codebook_cuda.uniform_cuda.set_dependent_launch(True)  # launched with PDL, twice back to back: the same bits
+        try:
+            assert torch.equal(codebook_cuda.gemm(x, prep), y) and torch.equal(codebook_cuda.gemm(x, prep), y)
+        finally:
+            codebook_cuda.uniform_cuda.set_dependent_launch(before)
         mma = codebook_cuda.gemm(x, prep, codebook_cuda.launch_config(n, prep["kp"], 1, codebook_cuda.copies(prep)))
         assert float((mma.float() - ref).abs().max() / ref.abs().max()) < 2e-2
         xm = x.index_select(1, prep["main_cols"]) if "main_cols" in prep else x
         args = list(codebook_cuda._lut_args(prep))
-        for rpc, threads in ((16, 512), (n, 512), (16, 1024), (n, 1024)):
-            args[-2], args[-1], args[-5] = rpc, threads, torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")
+        for rpc, threads, prmt in ((16, 512, False), (n, 512, False), (16, 1024, False), (n, 1024, False),
+                                   (16, 512, True), (n, 1024, True)):
+            args[-3:] = rpc, threads, prmt
+            args[-6] = torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")
             y2 = codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(xm, *args), x, prep)
-            assert float((y2.float() - ref).abs().max() / ref.abs().max()) < tol, (n, k, rpc, threads)
-            assert not args[-5].any()
+            assert float((y2.float() - ref).abs().max() / ref.abs().max()) < tol, (n, k, rpc, threads, prmt)
+            assert not args[-6].any()
+            if rpc == n:  # one chunk: the slices added in the same order, whatever the table's addressing
+                assert torch.equal(y2, codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(
+                    xm, *args[:-1], not prmt), x, prep)), (n, k, threads)
         codebook_cuda.set_lut(False)
         try:
             assert torch.equal(codebook_cuda.gemm(x, prep), mma)  # off: the mma kernel at its default launch

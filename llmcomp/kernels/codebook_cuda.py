@@ -15,7 +15,7 @@ lane 16 bytes: byte
 times across the bank pairs (``replicate``), each lane reading its own copy, so random indices never make a
 half-warp's lookups collide on a bank (with one table they did, several ways on average).
 
-One row of x (decode at batch 1) on weights of ``LUT_MIN_ROWS`` rows or more takes a lookup-table GEMV instead
+One row of x (decode at batch 1) on weights of ``LUT_MIN_WEIGHTS`` or more takes a lookup-table GEMV instead
 (``csrc/vq_lut.cu``; ``LLMCOMP_VQ_LUT=0`` or ``set_lut(False)`` turns it off): a block computes the dot products of
 x with every codebook entry for a slice of 128 vectors, and a row's sum is then one 4-byte lookup per index. It
 reads the indices row-major (``lut_planes``, built at the first one-row call; a weight that also meets 2–64 rows
@@ -140,6 +140,8 @@ def lut_planes(prep: dict) -> dict:
     dev = prep["table32"].device
     entries = prep["table32"].shape[0]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    if lut_prmt(2 if _two(prep) else 1):  # its table: 256 stage-0 entries (and 16 of stage 1) whatever the codebook
+        entries = 256 + (16 if _two(prep) else 0)
     chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads(2 if _two(prep) else 1))
     lut = prep["lut"] = {"i0": i0, "i1": i1, "kl": kl, "rows_per_chunk": rpc,
                          "scale": prep["scale"].reshape(n), "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
@@ -147,16 +149,20 @@ def lut_planes(prep: dict) -> dict:
     return lut
 
 
-_LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force"); absent or None: the environment
+_LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force", "prmt"); absent or None: the environment
 
 
 @functools.lru_cache(maxsize=1)
-def _lut_env() -> tuple[bool, int]:
-    """(``LLMCOMP_VQ_LUT`` on, ``LLMCOMP_VQ_LUT_THREADS`` or 0), read once: every one-row call consults them."""
+def _lut_env() -> tuple[bool, int, Optional[bool]]:
+    """(``LLMCOMP_VQ_LUT`` on, ``LLMCOMP_VQ_LUT_THREADS`` or 0, ``LLMCOMP_VQ_LUT_PRMT`` 1 / 0 or unset: None), read
+    once: every one-row call consults them."""
     threads = os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0").strip() or "0"
     if not threads.isdigit():
         raise ValueError(f"LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not {threads!r}")
-    return os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0", int(threads)
+    prmt = os.environ.get("LLMCOMP_VQ_LUT_PRMT", "").strip()
+    if prmt not in ("", "0", "1"):
+        raise ValueError(f"LLMCOMP_VQ_LUT_PRMT must be 0 or 1, not {prmt!r}")
+    return os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0", int(threads), None if prmt == "" else prmt == "1"
 
 
 def lut() -> bool:
@@ -174,27 +180,39 @@ def lut_threads(stages: int) -> int:
     return t if t in (512, 1024) else (1024 if stages == 1 else 512)
 
 
-LUT_MIN_ROWS = 6144  # below, the mma kernel is as fast or faster (H200: vq2 4096 × 4096 6.98 µs against 7.90)
+LUT_MIN_WEIGHTS = 6144 * 4096  # below, the mma kernel is as fast or faster (H200, kernels_h200_vq_lut_prmt.json:
+# vq2 4096 × 4096 6.96 µs against 7.88); 4096 × 14336, above, is about even (vq2 14.10 against 14.19, vq3 18.87
+# against 19.11)
 
 
-def lut_takes(n: int) -> bool:
-    """Whether a weight of ``n`` rows takes the lookup-table GEMV at one row of x (``lut`` on and enough rows:
-    its fixed cost — building the table, the ordered sum of the slices — outweighs its speed on few rows)."""
-    return lut() and (n >= LUT_MIN_ROWS or bool(_LUT_SET.get("force")))
+def lut_takes(n: int, k: int) -> bool:
+    """Whether an ``n`` × ``k`` weight takes the lookup-table GEMV at one row of x (``lut`` on and weights enough:
+    its fixed cost — building the table, the ordered sum of the slices — outweighs its speed on small ones)."""
+    return lut() and (n * k >= LUT_MIN_WEIGHTS or bool(_LUT_SET.get("force")))
 
 
-def set_lut(on: bool | None, threads: int | None = None, force: bool = False) -> None:
-    """Turn the lookup-table GEMV on or off, and its block size, for A/B timing in one process (None: back to the
-    environment); ``force``: at any number of rows."""
-    _LUT_SET.update(on=on, threads=threads, force=force)
+def lut_prmt(stages: int) -> bool:
+    """Whether the GEMV addresses its table by one PRMT a lookup (``csrc/vq_lut.cu``, PRMT): by default with two
+    stages only (``LLMCOMP_VQ_LUT_PRMT`` 1 / 0 forces it; ``set_lut`` overrides). H200, kernels_h200_vq_lut_prmt*.json
+    (three runs, the same to 1 %): vq3 28672 × 8192 43.5 µs against 44.8, but vq2 29.1 against 28.1."""
+    p = _LUT_SET.get("prmt")
+    if p is None:
+        p = _lut_env()[2]
+    return p if p is not None else stages == 2
+
+
+def set_lut(on: bool | None, threads: int | None = None, force: bool = False, prmt: bool | None = None) -> None:
+    """Turn the lookup-table GEMV on or off, its block size and table addressing, for A/B timing in one process
+    (None: back to the environment); ``force``: at any number of rows."""
+    _LUT_SET.update(on=on, threads=threads, force=force, prmt=prmt)
 
 
 def lut_gemm_tensors(xm, i0, i1, tab32, e0: int, cb1_at: int, scale, part, counters, n: int, kl: int, rpc: int,
-                     threads: int = 512):
+                     threads: int = 512, prmt: bool = False):
     """The main columns' x [1, K] → y [1, n] by the lookup-table GEMV."""
     xm = uniform_cuda.kernel_input(xm.contiguous(), kl)
     return uniform_cuda.extension().vq_lut(xm, i0, i0 if i1 is None else i1, tab32, e0, cb1_at, scale, part,
-                                           counters, n, rpc, threads)
+                                           counters, n, rpc, threads, prmt)
 
 
 def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) -> tuple:
@@ -207,21 +225,22 @@ def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) ->
 def _lut_args(prep: dict) -> tuple:
     lut = lut_planes(prep)
     return (lut["i0"], lut["i1"], prep["table32"], prep["e0"], prep["cb1_at"], lut["scale"], lut["part"],
-            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(1 if lut["i1"] is None else 2))
+            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(1 if lut["i1"] is None else 2),
+            lut_prmt(1 if lut["i1"] is None else 2))
 
 
 @torch.library.custom_op("llmcomp::codebook_lut", mutates_args=())
 def lut_op(xm: torch.Tensor, i0: torch.Tensor, i1: Optional[torch.Tensor], tab32: torch.Tensor, e0: int, cb1_at: int,
            scale: torch.Tensor, part: torch.Tensor, counters: torch.Tensor, n: int, kl: int, rpc: int,
-           threads: int) -> torch.Tensor:
+           threads: int, prmt: bool) -> torch.Tensor:
     """``lut_gemm_tensors`` as one opaque op. ``part`` and ``counters`` are the kernel's scratch: it overwrites the
     partial sums before reading them and leaves the counters zero as it found them, so no input changes as seen
     from outside (not declared mutated: functionalization would copy them every call)."""
-    return lut_gemm_tensors(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads)
+    return lut_gemm_tensors(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt)
 
 
 @lut_op.register_fake
-def _(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads):
+def _(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt):
     return xm.new_empty(1, n)
 
 
@@ -266,7 +285,7 @@ def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None, replicated: 
     (``lut_takes``) unless a launch or table form of the mma kernel is asked for; ``replicated``: default
     ``replicate()``."""
     xm = x2.index_select(1, prep["main_cols"]) if "main_cols" in prep else x2
-    if x2.shape[0] == 1 and launch is None and replicated is None and lut_takes(prep["n"]):
+    if x2.shape[0] == 1 and launch is None and replicated is None and lut_takes(prep["n"], prep["kp"]):
         y = lut_gemm_tensors(xm, *_lut_args(prep))
     else:
         y = gemm_tensors(xm, *_mma_args(prep, x2.dtype, replicated), launch)
@@ -307,7 +326,8 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
 
     prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
     args = _mma_args(prep, dtype)
-    one_row = _lut_args(prep) if lut_takes(prep["n"]) else None  # built here: nothing is prepared inside a trace
+    # built here: nothing is prepared inside a trace
+    one_row = _lut_args(prep) if lut_takes(prep["n"], prep["kp"]) else None
     main, cols = prep.get("main_cols"), prep.get("outlier_cols")
     w_out = prep["outlier_f32"].to(dtype) if cols is not None else None
 

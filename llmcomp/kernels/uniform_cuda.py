@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu",
-           "vq_lut.cu")  # + uniform_mma.cuh
+           "vq_lut.cu")  # + HEADERS
+HEADERS = ("uniform_mma.cuh", "launch.cuh")
 MAX_M = 64
 BITS = (2, 3, 4)
 E2M1_FORMATS = ("mxfp4", "nvfp4", "fp4")
@@ -67,7 +68,7 @@ def extension():
         major, minor = torch.cuda.get_device_capability()
         if major < 8:
             raise RuntimeError(f"compute capability {major}.{minor} < 8.0 (mma.sync bf16 needs Ampere or newer)")
-        src = b"".join((CSRC / f).read_bytes() for f in (*SOURCES, "uniform_mma.cuh"))
+        src = b"".join((CSRC / f).read_bytes() for f in (*SOURCES, *HEADERS))
         tag = hashlib.sha256(src + f"{major}{minor}{torch.__version__}".encode()).hexdigest()[:12]
         build = cache_dir() / "kernels" / f"uniform_mma_{tag}"
         build.mkdir(parents=True, exist_ok=True)
@@ -392,7 +393,7 @@ def set_post_scale(on) -> int:
 def dependent_launch() -> Optional[bool]:
     """Whether the GEMMs launch with programmatic dependent launch (sm_90+, opt-in: ``LLMCOMP_PDL=1``): a kernel
     may start while the previous one in the stream finishes, loading its first weights before it waits for that
-    kernel's results (``grid_dep_wait`` in csrc/uniform_mma.cuh). Off by default: on an H200 it made a chain of
+    kernel's results (``grid_dep_wait`` in csrc/launch.cuh). Off by default: on an H200 it made a chain of
     our own GEMMs 9 % faster but the compiled 8B decode step 2 % slower (bench/results/kernels_h200_pdl.json,
     decode_h200_ab_pdl.json). None without the extension."""
     ext = extension() if torch.cuda.is_available() else None

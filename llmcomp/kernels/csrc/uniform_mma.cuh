@@ -39,6 +39,7 @@
 #include <stdint.h>
 #include <cstdlib>
 #include <type_traits>
+#include "launch.cuh"
 
 namespace llmcomp_mma {
 
@@ -125,27 +126,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Programmatic dependent launch (sm_90+; no-ops below, and when the launch did not ask for it): a kernel launched
-// with programmatic stream serialization may start before the previous kernel in the stream has finished. It
-// reads only its constant weights (and codebooks) before grid_dep_wait, which returns once that kernel has
-// completed and its writes are visible; nothing is read from x nor written before it. (So the weights must not be
-// written by the kernel just before: true once prepared, but not formally for a weight's first call right after its
-// layout is built on the same stream — another reason PDL is opt-in.) grid_dep_launch lets the
-// next such kernel start once every block of this one has begun, so the next layer's weight loads overlap this
-// one's tail (pdl() in uniform_mma.cu; opt-in, LLMCOMP_PDL=1: on an H200 seven W4 linears of an 8B layer back to
-// back took 48.8 µs a layer with it against 53.6 without, but a compiled 8B decode step, where most of our kernels
-// follow and precede inductor's, took 2.86 ms against 2.80 — bench/results/kernels_h200_notes.md).
-__device__ __forceinline__ void grid_dep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void grid_dep_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
 
 // The 16/BITS code pairs of one word, as integer-valued 16-bit floats: out[e] = (q_lo, q_hi) of pair e,
 // whose codes sit at bits BITS*e and 16 + BITS*e.
@@ -724,27 +704,6 @@ inline uint32_t group_magic(int K, int G, int group) {
   if (G == 1) return 0;
   TORCH_CHECK((uint64_t)K * group < (1ull << 32), "group size too large for the mma kernel");
   return (uint32_t)(((1ull << 32) + group - 1) / group);
-}
-
-// Launch with programmatic stream serialization (see grid_dep_wait): on sm_90+ with LLMCOMP_PDL=1 (read once a
-// process, the device of the first launch decides; set_pdl switches it).
-bool pdl();
-
-// One launch on the current stream, with programmatic stream serialization when pdl().
-template <typename... P, typename... A>
-void launch_ex(void (*kern)(P...), int grid, int threads, size_t smem, A... args) {
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl() ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, args...));
 }
 
 template <typename T, int BITS, int ELEM, int MT, int R>

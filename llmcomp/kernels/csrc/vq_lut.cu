@@ -12,6 +12,11 @@
 // Blocks split K into slices (grid.x) and rows into chunks (grid.y); each writes its slice's partial sums of its
 // chunk's rows (part[slice][row], plain stores), and the last block of a chunk to finish (a counter, reset by that
 // block) adds the slices in order and writes y: deterministic, one launch, and nothing to zero beforehand.
+// PRMT = true (kernel-lut-prmt, to be measured): the table in two halves of 64 KB (vectors j = 0, 1 and j = 2, 3 of
+// each lane), an entry 256 bytes: T[e][4l + j] at byte (j >> 1) * 65536 + e * 256 + (j & 1) * 128 + 4l — still bank l
+// — so a lookup's address is the index byte placed in byte 1 over this lane's 4l in byte 0: one PRMT, the half and
+// the vector pair in the load's immediate (instead of extract + multiply-add). Stage 1's 16 entries likewise, at
+// 128 KB, halves of 4 KB.
 // Layout: idx0 [N][K / 16] int32 — byte j of word q is the stage-0 index of vector 4q + j; idx1 [N][K / 16] int16 —
 // nibble j of half-word q is the stage-1 index of vector 4q + j (two stages); cb [entries][4] fp32 (stage 1's from
 // e1_at); K a multiple of 512 (the caller pads indices with entry 0 and x with zeros).
@@ -22,8 +27,16 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include "launch.cuh"
 
 namespace llmcomp_lut {
+
+// Programmatic dependent launch, as the mma kernels use it (csrc/launch.cuh): with the launch
+// attribute this kernel may start while the previous one finishes; it reads only its indices and codebook (never
+// written by the kernels before it) until griddepcontrol.wait, and lets the next kernel start once all its blocks
+// have begun. No-ops without the attribute.
+using llmcomp_mma::grid_dep_launch;
+using llmcomp_mma::grid_dep_wait;
 
 constexpr int SLICE = 512;        // inputs a block's table covers: 128 vectors, 4 a lane
 constexpr int BATCH = 16;         // rows a warp takes at a time
@@ -57,18 +70,24 @@ __device__ __forceinline__ float transpose_sum(float (&v)[BATCH], int lane) {
 
 // T[e][4l + j] for entries [0, entries) of cb (shared memory) into tab, at (e * 4 + j) * 32 + l; xs: this lane's
 // 16 inputs.
-template <int WARPS>
+template <int WARPS, bool PRMT>
 __device__ __forceinline__ void build_table(float* tab, const float4* cb, int entries, const float (&xs)[16], int warp,
-                                            int lane) {
+                                            int lane, int half_floats) {
   for (int e = warp; e < entries; e += WARPS) {
     const float4 c = cb[e];
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      tab[(e * 4 + j) * 32 + lane] = c.x * xs[4 * j] + c.y * xs[4 * j + 1] + c.z * xs[4 * j + 2] + c.w * xs[4 * j + 3];
+    for (int j = 0; j < 4; ++j) {
+      const float v = c.x * xs[4 * j] + c.y * xs[4 * j + 1] + c.z * xs[4 * j + 2] + c.w * xs[4 * j + 3];
+      if constexpr (PRMT) tab[(j >> 1) * half_floats + e * 64 + (j & 1) * 32 + lane] = v;
+      else tab[(e * 4 + j) * 32 + lane] = v;
+    }
   }
 }
 
-template <typename T, int STAGES, int THREADS>
+// The PRMT form's shared memory: stage 0's halves (256 entries each, whatever e0), stage 1's, then the codebook.
+constexpr int PRMT_HALF0 = 256 * 256, PRMT_HALF1 = 16 * 256, PRMT_STAGE1 = 2 * PRMT_HALF0;  // bytes
+
+template <typename T, int STAGES, int THREADS, bool PRMT>
 __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x, const uint32_t* __restrict__ idx0,
                                                          const uint16_t* __restrict__ idx1, const float4* __restrict__ cb,
                                                          int e0, int e1_at, int e1, const float* __restrict__ scale,
@@ -82,7 +101,9 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   const int r1 = min(n, r0 + rows_per_chunk), batches = (r1 - r0) / BATCH;
   const size_t col = (size_t)slice * 32 + lane;  // this lane's index word of a row
 
-  // The first batch's index words fly while the table is built.
+  grid_dep_launch();
+  // The first batch's index words fly while the table is built (and, with dependent launch, while the previous
+  // kernel finishes).
   uint32_t cur[BATCH];
   uint16_t cur1[BATCH];
   auto load = [&](uint32_t (&w)[BATCH], uint16_t (&h)[BATCH], int row) {
@@ -95,10 +116,12 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   if (warp < batches) load(cur, cur1, r0 + warp * BATCH);
 
   // The codebook into shared memory (one load a thread), read back by every warp as it builds the table.
-  float* tab1 = tab + (size_t)e0 * ENTRY_FLOATS;
-  float4* cb_s = reinterpret_cast<float4*>(tab1 + (size_t)(STAGES == 2 ? e1 : 0) * ENTRY_FLOATS);
+  float* tab1 = PRMT ? tab + PRMT_STAGE1 / 4 : tab + (size_t)e0 * ENTRY_FLOATS;
+  float4* cb_s = PRMT ? reinterpret_cast<float4*>(tab1 + (STAGES == 2 ? 2 * PRMT_HALF1 / 4 : 0))
+                      : reinterpret_cast<float4*>(tab1 + (size_t)(STAGES == 2 ? e1 : 0) * ENTRY_FLOATS);
   const int cb_n = STAGES == 2 ? e1_at + e1 : e0;
   for (int e = threadIdx.x; e < cb_n; e += THREADS) cb_s[e] = __ldg(cb + e);
+  grid_dep_wait();  // x, and the scratch written below, belong to the kernels before
   float xs[16];
   {
     const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)slice * SLICE + lane * 16);
@@ -109,8 +132,8 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
     for (int i = 0; i < 8; ++i) { xs[i] = to_float(t[i]); xs[8 + i] = to_float(u[i]); }
   }
   __syncthreads();
-  build_table<WARPS>(tab, cb_s, e0, xs, warp, lane);
-  if constexpr (STAGES == 2) build_table<WARPS>(tab1, cb_s + e1_at, e1, xs, warp, lane);
+  build_table<WARPS, PRMT>(tab, cb_s, e0, xs, warp, lane, PRMT_HALF0 / 4);
+  if constexpr (STAGES == 2) build_table<WARPS, PRMT>(tab1, cb_s + e1_at, e1, xs, warp, lane, PRMT_HALF1 / 4);
   __syncthreads();
 
   // Lookups: the entry's byte offset (index << 9) added to this lane's column, vector j at an immediate offset.
@@ -119,6 +142,10 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   auto at = [](const char* base, uint32_t e, int j) {
     return *reinterpret_cast<const float*>(base + (e << 9) + j * 128);
   };
+  // PRMT form: the address of T[e][4l + j] less its immediate part, from the word holding e and this lane's 4l.
+  const char* tb = reinterpret_cast<const char*>(tab);
+  const uint32_t lane4 = lane * 4;
+  auto at_p = [&](uint32_t addr, int imm) { return *reinterpret_cast<const float*>(tb + addr + imm); };
   float* my_part = part + (size_t)slice * n;
   for (int b = warp; b < batches; b += WARPS) {
     uint32_t nxt[BATCH];
@@ -128,12 +155,24 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
 #pragma unroll
     for (int i = 0; i < BATCH; ++i) {
       const uint32_t w = cur[i];
-      float s = at(t0, __byte_perm(w, 0, 0x4440), 0) + at(t0, __byte_perm(w, 0, 0x4441), 1);
-      s += at(t0, __byte_perm(w, 0, 0x4442), 2) + at(t0, w >> 24, 3);
+      float s;
+      if constexpr (PRMT) {
+        s = at_p(__byte_perm(w, lane4, 0x5504), 0) + at_p(__byte_perm(w, lane4, 0x5514), 128);
+        s += at_p(__byte_perm(w, lane4, 0x5524), PRMT_HALF0) + at_p(__byte_perm(w, lane4, 0x5534), PRMT_HALF0 + 128);
+      } else {
+        s = at(t0, __byte_perm(w, 0, 0x4440), 0) + at(t0, __byte_perm(w, 0, 0x4441), 1);
+        s += at(t0, __byte_perm(w, 0, 0x4442), 2) + at(t0, w >> 24, 3);
+      }
       if constexpr (STAGES == 2) {
         const uint32_t h = cur1[i];
-        s += at(t1, h & 0xfu, 0) + at(t1, (h >> 4) & 0xfu, 1);
-        s += at(t1, (h >> 8) & 0xfu, 2) + at(t1, h >> 12, 3);
+        if constexpr (PRMT) {
+          s += at_p(((h << 8) & 0xf00u) | lane4, PRMT_STAGE1) + at_p(((h << 4) & 0xf00u) | lane4, PRMT_STAGE1 + 128);
+          s += at_p((h & 0xf00u) | lane4, PRMT_STAGE1 + PRMT_HALF1) +
+               at_p(((h >> 4) & 0xf00u) | lane4, PRMT_STAGE1 + PRMT_HALF1 + 128);
+        } else {
+          s += at(t1, h & 0xfu, 0) + at(t1, (h >> 4) & 0xfu, 1);
+          s += at(t1, (h >> 8) & 0xfu, 2) + at(t1, h >> 12, 3);
+        }
       }
       acc[i] = s;
     }
@@ -165,24 +204,20 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   if (threadIdx.x == 0) counters[blockIdx.y] = 0u;
 }
 
-template <typename T, int STAGES, int THREADS>
+template <typename T, int STAGES, int THREADS, bool PRMT>
 void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1, const torch::Tensor& cb,
             int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part, torch::Tensor& counters,
             torch::Tensor& out, int n, int rows_per_chunk) {
   const int k = x.size(1), slices = k / SLICE, chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
   const int entries = e0 + (STAGES == 2 ? e1 : 0);
-  const size_t smem = (size_t)entries * ENTRY_FLOATS * sizeof(float) + (size_t)(STAGES == 2 ? e1_at + e1 : e0) * 16;
-  auto kernel = vq_lut_kernel<T, STAGES, THREADS>;
-  static size_t smem_set = 48 << 10;  // per instantiation: the dynamic shared memory allowed so far
-  if (smem > smem_set) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    smem_set = smem;
-  }
-  kernel<<<dim3(slices, chunks), THREADS, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint32_t*>(idx0.data_ptr()),
-      reinterpret_cast<const uint16_t*>(idx1.data_ptr()), reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1,
-      scale.data_ptr<float>(), part.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr()),
-      reinterpret_cast<T*>(out.data_ptr()), n, k / 16, rows_per_chunk);
+  const size_t tables = PRMT ? PRMT_STAGE1 + (STAGES == 2 ? 2 * PRMT_HALF1 : 0) : (size_t)entries * ENTRY_FLOATS * 4;
+  const size_t smem = tables + (size_t)(STAGES == 2 ? e1_at + e1 : e0) * 16;
+  auto kernel = vq_lut_kernel<T, STAGES, THREADS, PRMT>;
+  llmcomp_mma::launch_ex(kernel, dim3(slices, chunks), THREADS, smem, reinterpret_cast<const T*>(x.data_ptr()),
+      reinterpret_cast<const uint32_t*>(idx0.data_ptr()), reinterpret_cast<const uint16_t*>(idx1.data_ptr()),
+      reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1, (const float*)scale.data_ptr<float>(),
+      part.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr()), reinterpret_cast<T*>(out.data_ptr()),
+      n, k / 16, rows_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -191,10 +226,10 @@ void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tens
 // x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [n, K / 16]; idx1 int16 [n, K / 16] (e1_at > 0: two
 // stages, stage 1's entries cb[e1_at:]); cb float32 [entries, 4]; scale float32 (n values); part float32
 // (K / 512 · n values, scratch); counters int32, one per chunk of rows_per_chunk rows, zero (and left zero);
-// threads: a block's, 512 or 1024.
+// threads: a block's, 512 or 1024; prmt: the PRMT-addressed table (see the top).
 torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
                      torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
-                     int64_t threads) {
+                     int64_t threads, bool prmt) {
   using namespace llmcomp_lut;
   TORCH_CHECK(threads == 512 || threads == 1024, "threads: 512 or 1024");
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && x.size(1) % SLICE == 0 &&
@@ -224,9 +259,12 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({1, n}, x.options());
   const int a = (int)e0, a1 = (int)e1_at, b = (int)e1, nn = (int)n, rc = (int)rows_per_chunk;
-#define LLMCOMP_LUT_LAUNCH(T, S, I1)                                                                     \
-  (threads == 1024 ? launch<T, S, 1024>(x, idx0, I1, cb, a, a1, b, scale, part, counters, out, nn, rc)      \
-                   : launch<T, S, 512>(x, idx0, I1, cb, a, a1, b, scale, part, counters, out, nn, rc))
+#define LLMCOMP_LUT_ARGS(I1) x, idx0, I1, cb, a, a1, b, scale, part, counters, out, nn, rc
+#define LLMCOMP_LUT_LAUNCH(T, S, I1)                                                                                \
+  (prmt ? (threads == 1024 ? launch<T, S, 1024, true>(LLMCOMP_LUT_ARGS(I1))                                      \
+                           : launch<T, S, 512, true>(LLMCOMP_LUT_ARGS(I1)))                                      \
+        : (threads == 1024 ? launch<T, S, 1024, false>(LLMCOMP_LUT_ARGS(I1))                                     \
+                           : launch<T, S, 512, false>(LLMCOMP_LUT_ARGS(I1))))
   if (x.scalar_type() == at::kHalf) {
     if (two) LLMCOMP_LUT_LAUNCH(__half, 2, idx1);
     else LLMCOMP_LUT_LAUNCH(__half, 1, idx0);
@@ -235,5 +273,6 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
     else LLMCOMP_LUT_LAUNCH(__nv_bfloat16, 1, idx0);
   }
 #undef LLMCOMP_LUT_LAUNCH
+#undef LLMCOMP_LUT_ARGS
   return out;
 }
