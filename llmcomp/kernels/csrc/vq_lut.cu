@@ -12,11 +12,11 @@
 // Blocks split K into slices (grid.x) and rows into chunks (grid.y); each writes its slice's partial sums of its
 // chunk's rows (part[slice][row], plain stores), and the last block of a chunk to finish (a counter, reset by that
 // block) adds the slices in order and writes y: deterministic, one launch, and nothing to zero beforehand.
-// PRMT = true (kernel-lut-prmt, to be measured): the table in two halves of 64 KB (vectors j = 0, 1 and j = 2, 3 of
-// each lane), an entry 256 bytes: T[e][4l + j] at byte (j >> 1) * 65536 + e * 256 + (j & 1) * 128 + 4l — still bank l
-// — so a lookup's address is the index byte placed in byte 1 over this lane's 4l in byte 0: one PRMT, the half and
-// the vector pair in the load's immediate (instead of extract + multiply-add). Stage 1's 16 entries likewise, at
-// 128 KB, halves of 4 KB.
+// PRMT = true (the default with two stages: 2-4 % faster there, up to 4 % slower with one, on the H200): the table
+// in two halves of 64 KB (vectors j = 0, 1 and j = 2, 3 of each lane), an entry 256 bytes: T[e][4l + j] at byte
+// (j >> 1) * 65536 + e * 256 + (j & 1) * 128 + 4l — still bank l — so a lookup's address is the index byte placed
+// in byte 1 over this lane's 4l in byte 0: one PRMT, the half and the vector pair in the load's immediate (instead
+// of extract + multiply-add). Stage 1's 16 entries likewise, at 128 KB, halves of 4 KB.
 // Layout: idx0 [N][K / 16] int32 — byte j of word q is the stage-0 index of vector 4q + j; idx1 [N][K / 16] int16 —
 // nibble j of half-word q is the stage-1 index of vector 4q + j (two stages); cb [entries][4] fp32 (stage 1's from
 // e1_at); K a multiple of 512 (the caller pads indices with entry 0 and x with zeros).
