@@ -102,6 +102,10 @@ def _two(prep: dict) -> bool:
     return prep["cb1_at"] > 0
 
 
+def _stages(prep: dict) -> int:
+    return 2 if _two(prep) else 1
+
+
 def mma_planes(prep: dict) -> dict:
     """The mma kernel's index planes in ``prep`` (``qw``, ``qh``: ``planes``), built at the first call."""
     if "qw" not in prep:
@@ -140,9 +144,9 @@ def lut_planes(prep: dict) -> dict:
     dev = prep["table32"].device
     entries = prep["table32"].shape[0]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    if lut_prmt(2 if _two(prep) else 1):  # its table: 256 stage-0 entries (and 16 of stage 1) whatever the codebook
+    if lut_prmt(_stages(prep)):  # its table: 256 stage-0 entries (and 16 of stage 1) whatever the codebook
         entries = 256 + (16 if _two(prep) else 0)
-    chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads(2 if _two(prep) else 1))
+    chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads(_stages(prep)))
     lut = prep["lut"] = {"i0": i0, "i1": i1, "kl": kl, "rows_per_chunk": rpc,
                          "scale": prep["scale"].reshape(n), "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
                          "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
@@ -225,8 +229,8 @@ def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) ->
 def _lut_args(prep: dict) -> tuple:
     lut = lut_planes(prep)
     return (lut["i0"], lut["i1"], prep["table32"], prep["e0"], prep["cb1_at"], lut["scale"], lut["part"],
-            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(1 if lut["i1"] is None else 2),
-            lut_prmt(1 if lut["i1"] is None else 2))
+            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(_stages(prep)),
+            lut_prmt(_stages(prep)))
 
 
 @torch.library.custom_op("llmcomp::codebook_lut", mutates_args=())
