@@ -38,6 +38,15 @@ namespace llmcomp_lut {
 using llmcomp_mma::grid_dep_launch;
 using llmcomp_mma::grid_dep_wait;
 
+// A 16-byte global load issued where it stands: the compiler sinks a plain read-only one below the barrier that
+// follows it (after the codebook's store, which waits for its own load), losing the overlap of the two loads.
+__device__ __forceinline__ uint4 load_now(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+
 constexpr int SLICE = 512;        // inputs a block's table covers: 128 vectors, 4 a lane
 constexpr int BATCH = 16;         // rows a warp takes at a time
 constexpr int ENTRY_FLOATS = 128; // one entry's row of the table: 4 vectors a lane x 32 lanes
@@ -115,19 +124,24 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   };
   if (warp < batches) load(cur, cur1, r0 + warp * BATCH);
 
-  // The codebook into shared memory (one load a thread), read back by every warp as it builds the table.
+  // The codebook into shared memory (one entry a thread: at most 256 + 16), read back by every warp as it builds
+  // the table; its load and x's are in flight together (the store waits for both).
+  static_assert(THREADS >= 256 + 16, "one codebook entry a thread");
   float* tab1 = PRMT ? tab + PRMT_STAGE1 / 4 : tab + (size_t)e0 * ENTRY_FLOATS;
   float4* cb_s = PRMT ? reinterpret_cast<float4*>(tab1 + (STAGES == 2 ? 2 * PRMT_HALF1 / 4 : 0))
                       : reinterpret_cast<float4*>(tab1 + (size_t)(STAGES == 2 ? e1 : 0) * ENTRY_FLOATS);
   const int cb_n = STAGES == 2 ? e1_at + e1 : e0;
-  for (int e = threadIdx.x; e < cb_n; e += THREADS) cb_s[e] = __ldg(cb + e);
+  const bool has_entry = threadIdx.x < cb_n;
+  float4 entry = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (has_entry) entry = __ldg(cb + threadIdx.x);
   grid_dep_wait();  // x, and the scratch written below, belong to the kernels before
+  const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)slice * SLICE + lane * 16);
+  const uint4 xa = load_now(xv), xb = load_now(xv + 1);
+  if (has_entry) cb_s[threadIdx.x] = entry;
   float xs[16];
   {
-    const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)slice * SLICE + lane * 16);
-    const uint4 a = __ldg(xv), b = __ldg(xv + 1);
-    const T* t = reinterpret_cast<const T*>(&a);
-    const T* u = reinterpret_cast<const T*>(&b);
+    const T* t = reinterpret_cast<const T*>(&xa);
+    const T* u = reinterpret_cast<const T*>(&xb);
 #pragma unroll
     for (int i = 0; i < 8; ++i) { xs[i] = to_float(t[i]); xs[8 + i] = to_float(u[i]); }
   }
