@@ -83,6 +83,38 @@ def test_lut_planes_rebuild_the_weight(fmt, k):
     assert lut["part"].numel() == kl // 512 * n
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_by_batch_is_read_as_the_kernel_reads(dtype):
+    """csrc/vq_lut.cu's STREAM loads, as index arithmetic on the flat buffer: lane l's 16-byte piece q of a batch
+    sits at 16-byte offset (slice · N/16 + batch) · 32 · 16 / per + 32 q + l and holds rows 16 / Q · q + j of word
+    slice · 32 + l (per words a piece); ``unbatch`` undoes it."""
+    n, w = 48, 64  # 3 batches, 2 slices
+    words = torch.randint(-2**15, 2**15, (n, w), dtype=torch.int32).to(dtype)
+    flat = codebook_cuda.by_batch(words).reshape(-1)
+    per = 16 // words.element_size()
+    for sl in range(w // 32):
+        for b in range(n // 16):
+            for lane in range(32):
+                for q in range(16 // per):
+                    piece = (sl * (n // 16) + b) * 32 * 16 // per + 32 * q + lane
+                    got = flat[piece * per:(piece + 1) * per]
+                    assert torch.equal(got, words[16 * b + per * q:16 * b + per * (q + 1), sl * 32 + lane])
+    assert torch.equal(codebook_cuda.unbatch(codebook_cuda.by_batch(words)), words)
+
+
+def test_lut_planes_both_layouts():
+    """The row-major and the by-batch words hold the same indices; each is built at its first use, once."""
+    fmt = Codebook(dim=4, bits=(8, 4))
+    n, k, prep, ref, cols = _cpu_case(fmt, 1024, 9)
+    lut = codebook_cuda.lut_planes(prep)
+    assert "s0" not in lut
+    assert codebook_cuda.lut_planes(prep, stream=True) is lut and "s0" in lut
+    for a, b in (("i0", "s0"), ("i1", "s1")):
+        assert torch.equal(codebook_cuda.unbatch(lut[b]), lut[a])
+    s0 = lut["s0"]
+    assert codebook_cuda.lut_planes(prep, stream=True)["s0"] is s0
+
+
 def test_lut_launch_one_wave():
     """Slices × chunks fill the SMs in one wave, rows a chunk whole 16-row batches."""
     for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (48, 1024), (16, 8192)]:
@@ -249,14 +281,18 @@ def _lut_cases(fmt, dtype):
         args = list(codebook_cuda._lut_args(prep))
         for rpc, threads, prmt in ((16, 512, False), (n, 512, False), (16, 1024, False), (n, 1024, False),
                                    (16, 512, True), (n, 1024, True)):
-            args[-3:] = rpc, threads, prmt
-            args[-6] = torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")
+            args[-4:] = rpc, threads, prmt, False
+            args[-7] = torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")
             y2 = codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(xm, *args), x, prep)
             assert float((y2.float() - ref).abs().max() / ref.abs().max()) < tol, (n, k, rpc, threads, prmt)
-            assert not args[-6].any()
-            if rpc == n:  # one chunk: the slices added in the same order, whatever the table's addressing
+            assert not args[-7].any()
+            if rpc == n:  # one chunk: the slices added in the same order, whatever the addressing and layout
                 assert torch.equal(y2, codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(
-                    xm, *args[:-1], not prmt), x, prep)), (n, k, threads)
+                    xm, *args[:-2], not prmt, False), x, prep)), (n, k, threads)
+                lut = codebook_cuda.lut_planes(prep, stream=True)
+                by_batch = [lut["s0"], lut["s1"], *args[2:-1], True]
+                assert torch.equal(y2, codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(
+                    xm, *by_batch), x, prep)), (n, k, threads, "stream")
         codebook_cuda.set_lut(False)
         try:
             assert torch.equal(codebook_cuda.gemm(x, prep), mma)  # off: the mma kernel at its default launch

@@ -128,45 +128,72 @@ def lut_launch(n: int, k: int, entries: int, sms: int, threads: int = 1024) -> t
     return -(-n // rows), rows
 
 
-def lut_planes(prep: dict) -> dict:
-    """The lookup-table GEMV's operands (kept in ``prep["lut"]``): the indices row-major and padded to whole slices
-    of 512 inputs — stage 0 as int32 words of 4 index bytes [N, K / 16], stage 1 as int16 words of 4 nibbles — with
-    its launch, partial-sum scratch and zeroed chunk counters."""
+def by_batch(words: torch.Tensor) -> torch.Tensor:
+    """A row's index words [N, K / 16] stored as the streaming GEMV reads them: [K / 512, N / 16, Q, 32, 16 / Q] —
+    slice, 16-row batch, 16-byte load q, lane (word slice * 32 + lane), row 16 / Q · q + j (Q = 4 for int32 words,
+    2 for int16) — so each of a warp's loads of a batch reads one contiguous 512 bytes."""
+    n, w = words.shape
+    per = 16 // words.element_size()
+    return words.view(n // 16, 16 // per, per, w // 32, 32).permute(3, 0, 1, 4, 2).contiguous()
+
+
+def unbatch(words: torch.Tensor) -> torch.Tensor:
+    """``by_batch`` undone: [N, K / 16]."""
+    s, b, q, lanes, j = words.shape
+    return words.permute(1, 2, 4, 0, 3).reshape(b * q * j, s * lanes)
+
+
+def lut_planes(prep: dict, stream: bool = False) -> dict:
+    """The lookup-table GEMV's operands (kept in ``prep["lut"]``): the indices padded to whole slices of 512 inputs
+    — stage 0 as int32 words of 4 index bytes [N, K / 16], stage 1 as int16 words of 4 nibbles; row-major as
+    ``i0`` / ``i1``, or with ``stream`` stored by batch (``by_batch``) as ``s0`` / ``s1``, each built at its first
+    use — with its launch, partial-sum scratch and zeroed chunk counters."""
     lut = prep.get("lut")
-    if lut is not None:
-        return lut
+    if lut is None:
+        lut = prep["lut"] = _lut_launch_state(prep)
+    key = ("s0", "s1") if stream else ("i0", "i1")
+    if key[0] not in lut:
+        kl, f = lut["kl"], prep["fields"]()
+        w0 = _padded(f, 0, kl // 4).to(torch.uint8).contiguous().view(torch.int32)
+        w1 = _pack_nibbles(_padded(f, 1, kl // 4)).view(torch.int16) if _two(prep) else None
+        if stream:
+            w0, w1 = by_batch(w0), None if w1 is None else by_batch(w1)
+        lut[key[0]], lut[key[1]] = w0, w1
+    return lut
+
+
+def _lut_launch_state(prep: dict) -> dict:
+    """The GEMV's launch (chunks of rows), partial-sum scratch and zeroed chunk counters for this weight."""
     n, kl = prep["n"], -(-prep["kp"] // LUT_INPUTS) * LUT_INPUTS
-    f = prep["fields"]()
-    i0 = _padded(f, 0, kl // 4).to(torch.uint8).contiguous().view(torch.int32)
-    i1 = None
-    if _two(prep):
-        i1 = _pack_nibbles(_padded(f, 1, kl // 4)).view(torch.int16)
     dev = prep["table32"].device
     entries = prep["table32"].shape[0]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     if lut_prmt(_stages(prep)):  # its table: 256 stage-0 entries (and 16 of stage 1) whatever the codebook
         entries = 256 + (16 if _two(prep) else 0)
     chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads(_stages(prep)))
-    lut = prep["lut"] = {"i0": i0, "i1": i1, "kl": kl, "rows_per_chunk": rpc,
-                         "scale": prep["scale"].reshape(n), "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
-                         "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
-    return lut
+    return {"kl": kl, "rows_per_chunk": rpc, "scale": prep["scale"].reshape(n),
+            "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
+            "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
 
 
-_LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force", "prmt"); absent or None: the environment
+_LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force", "prmt", "stream"); absent or None: environment
 
 
 @functools.lru_cache(maxsize=1)
-def _lut_env() -> tuple[bool, int, Optional[bool]]:
-    """(``LLMCOMP_VQ_LUT`` on, ``LLMCOMP_VQ_LUT_THREADS`` or 0, ``LLMCOMP_VQ_LUT_PRMT`` 1 / 0 or unset: None), read
-    once: every one-row call consults them."""
+def _lut_env() -> tuple[bool, int, Optional[bool], bool]:
+    """(``LLMCOMP_VQ_LUT`` on, ``LLMCOMP_VQ_LUT_THREADS`` or 0, ``LLMCOMP_VQ_LUT_PRMT`` 1 / 0 or unset: None,
+    ``LLMCOMP_VQ_LUT_STREAM`` 1), read once: every one-row call consults them."""
     threads = os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0").strip() or "0"
     if not threads.isdigit():
         raise ValueError(f"LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not {threads!r}")
     prmt = os.environ.get("LLMCOMP_VQ_LUT_PRMT", "").strip()
     if prmt not in ("", "0", "1"):
         raise ValueError(f"LLMCOMP_VQ_LUT_PRMT must be 0 or 1, not {prmt!r}")
-    return os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0", int(threads), None if prmt == "" else prmt == "1"
+    stream = os.environ.get("LLMCOMP_VQ_LUT_STREAM", "0").strip()
+    if stream not in ("0", "1"):
+        raise ValueError(f"LLMCOMP_VQ_LUT_STREAM must be 0 or 1, not {stream!r}")
+    return (os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0", int(threads), None if prmt == "" else prmt == "1",
+            stream == "1")
 
 
 def lut() -> bool:
@@ -205,18 +232,27 @@ def lut_prmt(stages: int) -> bool:
     return p if p is not None else stages == 2
 
 
-def set_lut(on: bool | None, threads: int | None = None, force: bool = False, prmt: bool | None = None) -> None:
-    """Turn the lookup-table GEMV on or off, its block size and table addressing, for A/B timing in one process
-    (None: back to the environment); ``force``: at any number of rows."""
-    _LUT_SET.update(on=on, threads=threads, force=force, prmt=prmt)
+def lut_stream() -> bool:
+    """Whether the GEMV reads its index words stored by batch (``by_batch``: four 16-byte loads a lane and batch,
+    each warp's load one contiguous 512 bytes) instead of row-major (16 four-byte loads, rows 2 KB apart at K =
+    8192). ``LLMCOMP_VQ_LUT_STREAM=1`` (off by default until measured); ``set_lut`` overrides."""
+    p = _LUT_SET.get("stream")
+    return p if p is not None else _lut_env()[3]
+
+
+def set_lut(on: bool | None, threads: int | None = None, force: bool = False, prmt: bool | None = None,
+            stream: bool | None = None) -> None:
+    """Turn the lookup-table GEMV on or off, its block size, table addressing and index layout, for A/B timing in
+    one process (None: back to the environment); ``force``: at any number of rows."""
+    _LUT_SET.update(on=on, threads=threads, force=force, prmt=prmt, stream=stream)
 
 
 def lut_gemm_tensors(xm, i0, i1, tab32, e0: int, cb1_at: int, scale, part, counters, n: int, kl: int, rpc: int,
-                     threads: int = 512, prmt: bool = False):
-    """The main columns' x [1, K] → y [1, n] by the lookup-table GEMV."""
+                     threads: int = 512, prmt: bool = False, stream: bool = False):
+    """The main columns' x [1, K] → y [1, n] by the lookup-table GEMV (``stream``: i0 / i1 stored by batch)."""
     xm = uniform_cuda.kernel_input(xm.contiguous(), kl)
     return uniform_cuda.extension().vq_lut(xm, i0, i0 if i1 is None else i1, tab32, e0, cb1_at, scale, part,
-                                           counters, n, rpc, threads, prmt)
+                                           counters, n, rpc, threads, prmt, stream)
 
 
 def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) -> tuple:
@@ -227,24 +263,26 @@ def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) ->
 
 
 def _lut_args(prep: dict) -> tuple:
-    lut = lut_planes(prep)
-    return (lut["i0"], lut["i1"], prep["table32"], prep["e0"], prep["cb1_at"], lut["scale"], lut["part"],
-            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(_stages(prep)),
-            lut_prmt(_stages(prep)))
+    stream = lut_stream()
+    lut = lut_planes(prep, stream)
+    w0, w1 = (lut["s0"], lut["s1"]) if stream else (lut["i0"], lut["i1"])
+    stages = _stages(prep)
+    return (w0, w1, prep["table32"], prep["e0"], prep["cb1_at"], lut["scale"], lut["part"], lut["counters"],
+            prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(stages), lut_prmt(stages), stream)
 
 
 @torch.library.custom_op("llmcomp::codebook_lut", mutates_args=())
 def lut_op(xm: torch.Tensor, i0: torch.Tensor, i1: Optional[torch.Tensor], tab32: torch.Tensor, e0: int, cb1_at: int,
            scale: torch.Tensor, part: torch.Tensor, counters: torch.Tensor, n: int, kl: int, rpc: int,
-           threads: int, prmt: bool) -> torch.Tensor:
+           threads: int, prmt: bool, stream: bool) -> torch.Tensor:
     """``lut_gemm_tensors`` as one opaque op. ``part`` and ``counters`` are the kernel's scratch: it overwrites the
     partial sums before reading them and leaves the counters zero as it found them, so no input changes as seen
     from outside (not declared mutated: functionalization would copy them every call)."""
-    return lut_gemm_tensors(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt)
+    return lut_gemm_tensors(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt, stream)
 
 
 @lut_op.register_fake
-def _(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt):
+def _(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt, stream):
     return xm.new_empty(1, n)
 
 

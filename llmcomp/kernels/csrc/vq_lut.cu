@@ -20,6 +20,11 @@
 // Layout: idx0 [N][K / 16] int32 — byte j of word q is the stage-0 index of vector 4q + j; idx1 [N][K / 16] int16 —
 // nibble j of half-word q is the stage-1 index of vector 4q + j (two stages); cb [entries][4] fp32 (stage 1's from
 // e1_at); K a multiple of 512 (the caller pads indices with entry 0 and x with zeros).
+// STREAM = true (kernel-lut-next, to be measured): the same words stored by batch, idx[slice][N / 16][Q][lane][16 / Q
+// rows] (word slice * 32 + lane; Q = 4 for stage 0, 2 for stage 1), so a lane loads a batch's words in Q 16-byte
+// pieces and each load of a warp reads one contiguous 512 bytes (the batch 2 KB, 1 KB) — against 16 four-byte loads
+// of 128 bytes, rows K / 4 bytes apart. (Pieces a lane's 64 contiguous bytes instead: slower, every warp-wide load
+// touched 32 half-used sectors; kernels_h200_vq_lut_stream.json.)
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +32,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <type_traits>
 #include "launch.cuh"
 
 namespace llmcomp_lut {
@@ -96,7 +102,7 @@ __device__ __forceinline__ void build_table(float* tab, const float4* cb, int en
 // The PRMT form's shared memory: stage 0's halves (256 entries each, whatever e0), stage 1's, then the codebook.
 constexpr int PRMT_HALF0 = 256 * 256, PRMT_HALF1 = 16 * 256, PRMT_STAGE1 = 2 * PRMT_HALF0;  // bytes
 
-template <typename T, int STAGES, int THREADS, bool PRMT>
+template <typename T, int STAGES, int THREADS, bool PRMT, bool STREAM>
 __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x, const uint32_t* __restrict__ idx0,
                                                          const uint16_t* __restrict__ idx1, const float4* __restrict__ cb,
                                                          int e0, int e1_at, int e1, const float* __restrict__ scale,
@@ -109,17 +115,40 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   const int slice = blockIdx.x, r0 = blockIdx.y * rows_per_chunk;
   const int r1 = min(n, r0 + rows_per_chunk), batches = (r1 - r0) / BATCH;
   const size_t col = (size_t)slice * 32 + lane;  // this lane's index word of a row
+  const size_t slice_words = (size_t)slice * (n / BATCH) * 32 * BATCH;  // STREAM: the slice's batches
 
   grid_dep_launch();
   // The first batch's index words fly while the table is built (and, with dependent launch, while the previous
   // kernel finishes).
+  // Stage 1's words: one a register, or (STREAM) two, rows 2j and 2j + 1 in the low and high halves of h[j] — as
+  // loaded, no unpacking, 8 registers fewer.
+  constexpr int H = STREAM ? BATCH / 2 : BATCH;
+  using H1 = std::conditional_t<STREAM, uint32_t, uint16_t>;
   uint32_t cur[BATCH];
-  uint16_t cur1[BATCH];
-  auto load = [&](uint32_t (&w)[BATCH], uint16_t (&h)[BATCH], int row) {
+  H1 cur1[H];
+  auto load = [&](uint32_t (&w)[BATCH], H1 (&h)[H], int row) {
+    if constexpr (STREAM) {
+      const size_t at = slice_words + (size_t)(row / BATCH) * 32 * BATCH;
+      const uint4* p = reinterpret_cast<const uint4*>(idx0 + at) + lane;
 #pragma unroll
-    for (int i = 0; i < BATCH; ++i) {
-      w[i] = __ldg(idx0 + (size_t)(row + i) * words_per_row + col);
-      if constexpr (STAGES == 2) h[i] = __ldg(idx1 + (size_t)(row + i) * words_per_row + col);
+      for (int q = 0; q < BATCH / 4; ++q) {
+        const uint4 v = __ldg(p + 32 * q);
+        w[4 * q] = v.x; w[4 * q + 1] = v.y; w[4 * q + 2] = v.z; w[4 * q + 3] = v.w;
+      }
+      if constexpr (STAGES == 2) {
+        const uint4* p1 = reinterpret_cast<const uint4*>(idx1 + at) + lane;
+#pragma unroll
+        for (int q = 0; q < BATCH / 8; ++q) {
+          const uint4 v = __ldg(p1 + 32 * q);
+          h[4 * q] = v.x; h[4 * q + 1] = v.y; h[4 * q + 2] = v.z; h[4 * q + 3] = v.w;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < BATCH; ++i) {
+        w[i] = __ldg(idx0 + (size_t)(row + i) * words_per_row + col);
+        if constexpr (STAGES == 2) h[i] = __ldg(idx1 + (size_t)(row + i) * words_per_row + col);
+      }
     }
   };
   if (warp < batches) load(cur, cur1, r0 + warp * BATCH);
@@ -163,7 +192,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   float* my_part = part + (size_t)slice * n;
   for (int b = warp; b < batches; b += WARPS) {
     uint32_t nxt[BATCH];
-    uint16_t nxt1[BATCH];
+    H1 nxt1[H];
     load(nxt, nxt1, r0 + (b + WARPS < batches ? b + WARPS : b) * BATCH);  // the last batch reloads itself
     float acc[BATCH];
 #pragma unroll
@@ -178,7 +207,9 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
         s += at(t0, __byte_perm(w, 0, 0x4442), 2) + at(t0, w >> 24, 3);
       }
       if constexpr (STAGES == 2) {
-        const uint32_t h = cur1[i];
+        uint32_t h;
+        if constexpr (STREAM) h = (i & 1) ? cur1[i / 2] >> 16 : cur1[i / 2] & 0xffffu;
+        else h = cur1[i];
         if constexpr (PRMT) {
           s += at_p(((h << 8) & 0xf00u) | lane4, PRMT_STAGE1) + at_p(((h << 4) & 0xf00u) | lane4, PRMT_STAGE1 + 128);
           s += at_p((h & 0xf00u) | lane4, PRMT_STAGE1 + PRMT_HALF1) +
@@ -193,7 +224,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
     const float row_sum = transpose_sum(acc, lane);
     if (!(lane & 1)) my_part[r0 + b * BATCH + (lane >> 1)] = row_sum;
 #pragma unroll
-    for (int i = 0; i < BATCH; ++i) { cur[i] = nxt[i]; if constexpr (STAGES == 2) cur1[i] = nxt1[i]; }
+    for (int i = 0; i < BATCH; ++i) { cur[i] = nxt[i]; if constexpr (STAGES == 2) if (i < H) cur1[i] = nxt1[i]; }
   }
 
   // The chunk's last block to finish adds the slices' partials in order.
@@ -218,7 +249,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   if (threadIdx.x == 0) counters[blockIdx.y] = 0u;
 }
 
-template <typename T, int STAGES, int THREADS, bool PRMT>
+template <typename T, int STAGES, int THREADS, bool PRMT, bool STREAM>
 void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1, const torch::Tensor& cb,
             int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part, torch::Tensor& counters,
             torch::Tensor& out, int n, int rows_per_chunk) {
@@ -226,7 +257,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tens
   const int entries = e0 + (STAGES == 2 ? e1 : 0);
   const size_t tables = PRMT ? PRMT_STAGE1 + (STAGES == 2 ? 2 * PRMT_HALF1 : 0) : (size_t)entries * ENTRY_FLOATS * 4;
   const size_t smem = tables + (size_t)(STAGES == 2 ? e1_at + e1 : e0) * 16;
-  auto kernel = vq_lut_kernel<T, STAGES, THREADS, PRMT>;
+  auto kernel = vq_lut_kernel<T, STAGES, THREADS, PRMT, STREAM>;
   llmcomp_mma::launch_ex(kernel, dim3(slices, chunks), THREADS, smem, reinterpret_cast<const T*>(x.data_ptr()),
       reinterpret_cast<const uint32_t*>(idx0.data_ptr()), reinterpret_cast<const uint16_t*>(idx1.data_ptr()),
       reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1, (const float*)scale.data_ptr<float>(),
@@ -235,15 +266,34 @@ void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The launch for the run-time choices: block size, table addressing, index layout.
+template <typename T, int STAGES>
+void dispatch(int threads, bool prmt, bool stream, const torch::Tensor& x, const torch::Tensor& idx0,
+              const torch::Tensor& idx1, const torch::Tensor& cb, int e0, int e1_at, int e1,
+              const torch::Tensor& scale, torch::Tensor& part, torch::Tensor& counters, torch::Tensor& out, int n,
+              int rows_per_chunk) {
+  auto go = [&](auto p, auto s) {
+    constexpr bool P = decltype(p)::value, S = decltype(s)::value;
+    if (threads == 1024)
+      launch<T, STAGES, 1024, P, S>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+    else
+      launch<T, STAGES, 512, P, S>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+  };
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (prmt) stream ? go(Y{}, Y{}) : go(Y{}, N{});
+  else stream ? go(N{}, Y{}) : go(N{}, N{});
+}
+
 }  // namespace llmcomp_lut
 
 // x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [n, K / 16]; idx1 int16 [n, K / 16] (e1_at > 0: two
-// stages, stage 1's entries cb[e1_at:]); cb float32 [entries, 4]; scale float32 (n values); part float32
-// (K / 512 · n values, scratch); counters int32, one per chunk of rows_per_chunk rows, zero (and left zero);
-// threads: a block's, 512 or 1024; prmt: the PRMT-addressed table (see the top).
+// stages, stage 1's entries cb[e1_at:]), with stream stored by batch (see the top; 16-byte aligned); cb float32
+// [entries, 4]; scale float32 (n values); part float32 (K / 512 · n values, scratch); counters int32, one per chunk of
+// rows_per_chunk rows, zero (and left zero); threads: a block's, 512 or 1024; prmt: the PRMT-addressed table.
 torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
                      torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
-                     int64_t threads, bool prmt) {
+                     int64_t threads, bool prmt, bool stream) {
   using namespace llmcomp_lut;
   TORCH_CHECK(threads == 512 || threads == 1024, "threads: 512 or 1024");
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && x.size(1) % SLICE == 0 &&
@@ -253,11 +303,13 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
   const int64_t words = x.size(1) / 16;
   TORCH_CHECK(n > 0 && n % BATCH == 0 && rows_per_chunk > 0 && rows_per_chunk % BATCH == 0,
               "rows and rows a chunk: multiples of 16");
-  TORCH_CHECK(idx0.is_cuda() && idx0.is_contiguous() && idx0.scalar_type() == at::kInt && idx0.numel() == n * words,
-              "idx0: int32 [n, K / 16]");
+  TORCH_CHECK(idx0.is_cuda() && idx0.is_contiguous() && idx0.scalar_type() == at::kInt && idx0.numel() == n * words &&
+                  reinterpret_cast<uintptr_t>(idx0.data_ptr()) % 16 == 0,
+              "idx0: int32, n · K / 16 words, 16-byte aligned");
   const bool two = e1_at > 0;
-  TORCH_CHECK(!two || (idx1.is_cuda() && idx1.is_contiguous() && idx1.scalar_type() == at::kShort && idx1.numel() == n * words),
-              "idx1: int16 [n, K / 16]");
+  TORCH_CHECK(!two || (idx1.is_cuda() && idx1.is_contiguous() && idx1.scalar_type() == at::kShort &&
+                       idx1.numel() == n * words && reinterpret_cast<uintptr_t>(idx1.data_ptr()) % 16 == 0),
+              "idx1: int16, n · K / 16 words, 16-byte aligned");
   TORCH_CHECK(cb.is_cuda() && cb.is_contiguous() && cb.scalar_type() == at::kFloat && cb.dim() == 2 && cb.size(1) == 4,
               "cb: float32 [entries, 4]");
   const int64_t e1 = two ? cb.size(0) - e1_at : 0;
@@ -273,20 +325,14 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({1, n}, x.options());
   const int a = (int)e0, a1 = (int)e1_at, b = (int)e1, nn = (int)n, rc = (int)rows_per_chunk;
-#define LLMCOMP_LUT_ARGS(I1) x, idx0, I1, cb, a, a1, b, scale, part, counters, out, nn, rc
-#define LLMCOMP_LUT_LAUNCH(T, S, I1)                                                                                \
-  (prmt ? (threads == 1024 ? launch<T, S, 1024, true>(LLMCOMP_LUT_ARGS(I1))                                      \
-                           : launch<T, S, 512, true>(LLMCOMP_LUT_ARGS(I1)))                                      \
-        : (threads == 1024 ? launch<T, S, 1024, false>(LLMCOMP_LUT_ARGS(I1))                                     \
-                           : launch<T, S, 512, false>(LLMCOMP_LUT_ARGS(I1))))
+  const int t = (int)threads;
   if (x.scalar_type() == at::kHalf) {
-    if (two) LLMCOMP_LUT_LAUNCH(__half, 2, idx1);
-    else LLMCOMP_LUT_LAUNCH(__half, 1, idx0);
+    if (two) dispatch<__half, 2>(t, prmt, stream, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    else dispatch<__half, 1>(t, prmt, stream, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
   } else {
-    if (two) LLMCOMP_LUT_LAUNCH(__nv_bfloat16, 2, idx1);
-    else LLMCOMP_LUT_LAUNCH(__nv_bfloat16, 1, idx0);
+    using B16 = __nv_bfloat16;
+    if (two) dispatch<B16, 2>(t, prmt, stream, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    else dispatch<B16, 1>(t, prmt, stream, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
   }
-#undef LLMCOMP_LUT_LAUNCH
-#undef LLMCOMP_LUT_ARGS
   return out;
 }
