@@ -181,6 +181,30 @@ def test_lut_prmt_setting(monkeypatch):
         codebook_cuda._lut_env.cache_clear()
 
 
+def test_lut_stream_setting(monkeypatch):
+    """The index layout: row-major by default; LLMCOMP_VQ_LUT_STREAM=1 (read once) or ``set_lut(stream=True)``
+    the by-batch one; empty is unset; anything else one clear error."""
+    monkeypatch.delenv("LLMCOMP_VQ_LUT_STREAM", raising=False)
+    codebook_cuda._lut_env.cache_clear()
+    try:
+        assert not codebook_cuda.lut_stream()
+        codebook_cuda.set_lut(None, stream=True)
+        assert codebook_cuda.lut_stream()
+        codebook_cuda.set_lut(None)
+        for value, want in (("1", True), ("0", False), ("", False)):
+            codebook_cuda._lut_env.cache_clear()
+            monkeypatch.setenv("LLMCOMP_VQ_LUT_STREAM", value)
+            assert codebook_cuda.lut_stream() is want
+        codebook_cuda._lut_env.cache_clear()
+        monkeypatch.setenv("LLMCOMP_VQ_LUT_STREAM", "on")
+        with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_STREAM must be 0 or 1, not 'on'"):
+            codebook_cuda.lut_stream()
+    finally:
+        codebook_cuda.set_lut(None)
+        monkeypatch.delenv("LLMCOMP_VQ_LUT_STREAM", raising=False)
+        codebook_cuda._lut_env.cache_clear()
+
+
 def test_which_formats_and_shapes_it_takes():
     ok = Codebook(dim=4, bits=(8, 4))
     assert codebook_cuda.shape_ok(ok, 4096, 4096) and codebook_cuda.shape_ok(Codebook(dim=4, bits=(5,)), 256, 32)
@@ -279,20 +303,25 @@ def _lut_cases(fmt, dtype):
         assert float((mma.float() - ref).abs().max() / ref.abs().max()) < 2e-2
         xm = x.index_select(1, prep["main_cols"]) if "main_cols" in prep else x
         args = list(codebook_cuda._lut_args(prep))
+        codebook_cuda.lut_planes(prep, stream=False)
+        lut = codebook_cuda.lut_planes(prep, stream=True)  # both layouts
+        args[:2] = lut["i0"], lut["i1"]  # row-major, whatever LLMCOMP_VQ_LUT_STREAM says
         for rpc, threads, prmt in ((16, 512, False), (n, 512, False), (16, 1024, False), (n, 1024, False),
-                                   (16, 512, True), (n, 1024, True)):
+                                   (16, 512, True), (n, 512, True), (16, 1024, True), (n, 1024, True)):
             args[-4:] = rpc, threads, prmt, False
             args[-7] = torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")
             y2 = codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(xm, *args), x, prep)
             assert float((y2.float() - ref).abs().max() / ref.abs().max()) < tol, (n, k, rpc, threads, prmt)
             assert not args[-7].any()
-            if rpc == n:  # one chunk: the slices added in the same order, whatever the addressing and layout
+            # the same chunking: the slices added in the same order, whatever the index layout
+            by_batch = [lut["s0"], lut["s1"], *args[2:-1], True]
+            by_batch[-7] = torch.zeros_like(args[-7])
+            assert torch.equal(y2, codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(
+                xm, *by_batch), x, prep)), (n, k, rpc, threads, prmt, "stream")
+            assert not by_batch[-7].any()
+            if rpc == n:  # one chunk: the same bits whatever the table's addressing
                 assert torch.equal(y2, codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(
                     xm, *args[:-2], not prmt, False), x, prep)), (n, k, threads)
-                lut = codebook_cuda.lut_planes(prep, stream=True)
-                by_batch = [lut["s0"], lut["s1"], *args[2:-1], True]
-                assert torch.equal(y2, codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(
-                    xm, *by_batch), x, prep)), (n, k, threads, "stream")
         codebook_cuda.set_lut(False)
         try:
             assert torch.equal(codebook_cuda.gemm(x, prep), mma)  # off: the mma kernel at its default launch

@@ -189,7 +189,7 @@ def _lut_env() -> tuple[bool, int, Optional[bool], bool]:
     prmt = os.environ.get("LLMCOMP_VQ_LUT_PRMT", "").strip()
     if prmt not in ("", "0", "1"):
         raise ValueError(f"LLMCOMP_VQ_LUT_PRMT must be 0 or 1, not {prmt!r}")
-    stream = os.environ.get("LLMCOMP_VQ_LUT_STREAM", "0").strip()
+    stream = os.environ.get("LLMCOMP_VQ_LUT_STREAM", "0").strip() or "0"
     if stream not in ("0", "1"):
         raise ValueError(f"LLMCOMP_VQ_LUT_STREAM must be 0 or 1, not {stream!r}")
     return (os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0", int(threads), None if prmt == "" else prmt == "1",

@@ -313,8 +313,9 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
   TORCH_CHECK(cb.is_cuda() && cb.is_contiguous() && cb.scalar_type() == at::kFloat && cb.dim() == 2 && cb.size(1) == 4,
               "cb: float32 [entries, 4]");
   const int64_t e1 = two ? cb.size(0) - e1_at : 0;
-  TORCH_CHECK(e0 >= 1 && e0 <= 256 && e0 <= cb.size(0) && (!two || (e1_at >= e0 && e1 >= 1 && e1 <= 16)),
-              "entries: stage 0 at most 256, stage 1 at most 16");
+  TORCH_CHECK(e0 >= 1 && e0 <= 256 && e0 <= cb.size(0) &&
+                  (!two || (e1_at >= e0 && e1_at <= 256 && e1 >= 1 && e1 <= 16)),
+              "entries: stage 0 at most 256 (stage 1 from entry e1_at <= 256), stage 1 at most 16");
   const int64_t chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
   TORCH_CHECK(scale.is_cuda() && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
               "scale: float32, one a row");
