@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--variants", default="lut512,lut1024,mma",
                     help="lut / prmt (the table addressed by one PRMT a lookup) with a block size (512, 1024; none: "
                          "the default for the stages), mma (the mma kernel), auto (the defaults: kernel, block size, "
-                         "addressing); a +pdl suffix: with dependent launch; +stream: the index words stored by batch")
+                         "addressing); a +pdl suffix: with dependent launch")
     args = ap.parse_args()
     bw = kb.copy_bandwidth()
     pdl_before = bool(uniform_cuda.dependent_launch())
@@ -48,13 +48,12 @@ def main() -> None:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     row = {"format": name, "N": n, "K": k, "M": m}
                     for label in args.variants.split(","):
-                        base, pdl, stream = label.split("+")[0], "+pdl" in label, "+stream" in label
+                        base, pdl = label.split("+")[0], "+pdl" in label
                         kind, threads = base.rstrip("0123456789"), int(base[len(base.rstrip("0123456789")):] or 0)
                         if kind == "auto":
-                            codebook_cuda.set_lut(None, stream=stream)
+                            codebook_cuda.set_lut(None)
                         else:
-                            codebook_cuda.set_lut(kind != "mma", threads or None, force=True, prmt=kind == "prmt",
-                                                  stream=stream)
+                            codebook_cuda.set_lut(kind != "mma", threads or None, force=True, prmt=kind == "prmt")
                         uniform_cuda.set_dependent_launch(pdl)
                         kb._time_into(row, label, [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
                     codebook_cuda.set_lut(None)

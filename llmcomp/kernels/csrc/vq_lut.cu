@@ -12,19 +12,20 @@
 // Blocks split K into slices (grid.x) and rows into chunks (grid.y); each writes its slice's partial sums of its
 // chunk's rows (part[slice][row], plain stores), and the last block of a chunk to finish (a counter, reset by that
 // block) adds the slices in order and writes y: deterministic, one launch, and nothing to zero beforehand.
-// PRMT = true (the default with two stages: 2-4 % faster there, up to 4 % slower with one, on the H200): the table
+// PRMT = true (the default with two stages: up to 4 % faster there on the smaller shapes, within 2 % either way on
+// the larger; up to 4 % slower with one; H200, kernels_h200_vq_lut_next2.json): the table
 // in two halves of 64 KB (vectors j = 0, 1 and j = 2, 3 of each lane), an entry 256 bytes: T[e][4l + j] at byte
 // (j >> 1) * 65536 + e * 256 + (j & 1) * 128 + 4l — still bank l — so a lookup's address is the index byte placed
 // in byte 1 over this lane's 4l in byte 0: one PRMT, the half and the vector pair in the load's immediate (instead
 // of extract + multiply-add). Stage 1's 16 entries likewise, at 128 KB, halves of 4 KB.
-// Layout: idx0 [N][K / 16] int32 — byte j of word q is the stage-0 index of vector 4q + j; idx1 [N][K / 16] int16 —
-// nibble j of half-word q is the stage-1 index of vector 4q + j (two stages); cb [entries][4] fp32 (stage 1's from
-// e1_at); K a multiple of 512 (the caller pads indices with entry 0 and x with zeros).
-// STREAM = true (kernel-lut-next, to be measured): the same words stored by batch, idx[slice][N / 16][Q][lane][16 / Q
-// rows] (word slice * 32 + lane; Q = 4 for stage 0, 2 for stage 1), so a lane loads a batch's words in Q 16-byte
-// pieces and each load of a warp reads one contiguous 512 bytes (the batch 2 KB, 1 KB) — against 16 four-byte loads
-// of 128 bytes, rows K / 4 bytes apart. (Pieces a lane's 64 contiguous bytes instead: slower, every warp-wide load
-// touched 32 half-used sectors; kernels_h200_vq_lut_stream.json.)
+// Layout: index words stored by batch, idx[slice][N / 16][Q][lane][16 / Q rows] (Q = 4 for stage 0, 2 for stage 1):
+// the word of lane l in a slice holds vectors 4l .. 4l + 3 of that slice — stage 0: int32, byte j the index of
+// vector 4l + j; stage 1 (two stages): int16, nibble j — so a lane loads a batch's words in Q 16-byte pieces and
+// each load of a warp reads one contiguous 512 bytes (the batch 2 KB, 1 KB). Row-major words instead (16 four-byte
+// loads of 128 bytes a batch, rows K / 4 bytes apart) were 5-16 % slower (H200, kernels_h200_vq_lut_next*.json);
+// pieces of a lane's 64 contiguous bytes slower still (every warp-wide load touched 32 half-used sectors,
+// kernels_h200_vq_lut_stream.json). cb [entries][4] fp32 (stage 1's from e1_at); K a multiple of 512 (the caller
+// pads indices with entry 0 and x with zeros).
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -102,52 +103,41 @@ __device__ __forceinline__ void build_table(float* tab, const float4* cb, int en
 // The PRMT form's shared memory: stage 0's halves (256 entries each, whatever e0), stage 1's, then the codebook.
 constexpr int PRMT_HALF0 = 256 * 256, PRMT_HALF1 = 16 * 256, PRMT_STAGE1 = 2 * PRMT_HALF0;  // bytes
 
-template <typename T, int STAGES, int THREADS, bool PRMT, bool STREAM>
+template <typename T, int STAGES, int THREADS, bool PRMT>
 __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x, const uint32_t* __restrict__ idx0,
                                                          const uint16_t* __restrict__ idx1, const float4* __restrict__ cb,
                                                          int e0, int e1_at, int e1, const float* __restrict__ scale,
                                                          float* __restrict__ part, unsigned* __restrict__ counters,
-                                                         T* __restrict__ out, int n, int words_per_row, int rows_per_chunk) {
+                                                         T* __restrict__ out, int n, int rows_per_chunk) {
   constexpr int WARPS = THREADS / 32;
   extern __shared__ float tab[];  // stage 0's e0 entries, then stage 1's e1, then the codebook (e1_at + e1 float4)
   __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int slice = blockIdx.x, r0 = blockIdx.y * rows_per_chunk;
   const int r1 = min(n, r0 + rows_per_chunk), batches = (r1 - r0) / BATCH;
-  const size_t col = (size_t)slice * 32 + lane;  // this lane's index word of a row
-  const size_t slice_words = (size_t)slice * (n / BATCH) * 32 * BATCH;  // STREAM: the slice's batches
+  const size_t slice_words = (size_t)slice * (n / BATCH) * 32 * BATCH;  // the slice's batches
 
   grid_dep_launch();
   // The first batch's index words fly while the table is built (and, with dependent launch, while the previous
   // kernel finishes).
-  // Stage 1's words: one a register, or (STREAM) two, rows 2j and 2j + 1 in the low and high halves of h[j] — as
-  // loaded, no unpacking, 8 registers fewer.
-  constexpr int H = STREAM ? BATCH / 2 : BATCH;
-  using H1 = std::conditional_t<STREAM, uint32_t, uint16_t>;
-  uint32_t cur[BATCH];
-  H1 cur1[H];
-  auto load = [&](uint32_t (&w)[BATCH], H1 (&h)[H], int row) {
-    if constexpr (STREAM) {
-      const size_t at = slice_words + (size_t)(row / BATCH) * 32 * BATCH;
-      const uint4* p = reinterpret_cast<const uint4*>(idx0 + at) + lane;
+  // Stage 1's words two to a register, rows 2j and 2j + 1 in the low and high halves of h[j]: as loaded, no
+  // unpacking (with one a register the two-stage kernel spills at 1024 threads).
+  constexpr int H = BATCH / 2;
+  uint32_t cur[BATCH], cur1[H];
+  auto load = [&](uint32_t (&w)[BATCH], uint32_t (&h)[H], int row) {
+    const size_t at = slice_words + (size_t)(row / BATCH) * 32 * BATCH;
+    const uint4* p = reinterpret_cast<const uint4*>(idx0 + at) + lane;
 #pragma unroll
-      for (int q = 0; q < BATCH / 4; ++q) {
-        const uint4 v = __ldg(p + 32 * q);
-        w[4 * q] = v.x; w[4 * q + 1] = v.y; w[4 * q + 2] = v.z; w[4 * q + 3] = v.w;
-      }
-      if constexpr (STAGES == 2) {
-        const uint4* p1 = reinterpret_cast<const uint4*>(idx1 + at) + lane;
+    for (int q = 0; q < BATCH / 4; ++q) {
+      const uint4 v = __ldg(p + 32 * q);
+      w[4 * q] = v.x; w[4 * q + 1] = v.y; w[4 * q + 2] = v.z; w[4 * q + 3] = v.w;
+    }
+    if constexpr (STAGES == 2) {
+      const uint4* p1 = reinterpret_cast<const uint4*>(idx1 + at) + lane;
 #pragma unroll
-        for (int q = 0; q < BATCH / 8; ++q) {
-          const uint4 v = __ldg(p1 + 32 * q);
-          h[4 * q] = v.x; h[4 * q + 1] = v.y; h[4 * q + 2] = v.z; h[4 * q + 3] = v.w;
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < BATCH; ++i) {
-        w[i] = __ldg(idx0 + (size_t)(row + i) * words_per_row + col);
-        if constexpr (STAGES == 2) h[i] = __ldg(idx1 + (size_t)(row + i) * words_per_row + col);
+      for (int q = 0; q < BATCH / 8; ++q) {
+        const uint4 v = __ldg(p1 + 32 * q);
+        h[4 * q] = v.x; h[4 * q + 1] = v.y; h[4 * q + 2] = v.z; h[4 * q + 3] = v.w;
       }
     }
   };
@@ -191,8 +181,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   auto at_p = [&](uint32_t addr, int imm) { return *reinterpret_cast<const float*>(tb + addr + imm); };
   float* my_part = part + (size_t)slice * n;
   for (int b = warp; b < batches; b += WARPS) {
-    uint32_t nxt[BATCH];
-    H1 nxt1[H];
+    uint32_t nxt[BATCH], nxt1[H];
     load(nxt, nxt1, r0 + (b + WARPS < batches ? b + WARPS : b) * BATCH);  // the last batch reloads itself
     float acc[BATCH];
 #pragma unroll
@@ -207,9 +196,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
         s += at(t0, __byte_perm(w, 0, 0x4442), 2) + at(t0, w >> 24, 3);
       }
       if constexpr (STAGES == 2) {
-        uint32_t h;
-        if constexpr (STREAM) h = (i & 1) ? cur1[i / 2] >> 16 : cur1[i / 2] & 0xffffu;
-        else h = cur1[i];
+        const uint32_t h = (i & 1) ? cur1[i / 2] >> 16 : cur1[i / 2] & 0xffffu;
         if constexpr (PRMT) {
           s += at_p(((h << 8) & 0xf00u) | lane4, PRMT_STAGE1) + at_p(((h << 4) & 0xf00u) | lane4, PRMT_STAGE1 + 128);
           s += at_p((h & 0xf00u) | lane4, PRMT_STAGE1 + PRMT_HALF1) +
@@ -249,7 +236,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   if (threadIdx.x == 0) counters[blockIdx.y] = 0u;
 }
 
-template <typename T, int STAGES, int THREADS, bool PRMT, bool STREAM>
+template <typename T, int STAGES, int THREADS, bool PRMT>
 void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1, const torch::Tensor& cb,
             int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part, torch::Tensor& counters,
             torch::Tensor& out, int n, int rows_per_chunk) {
@@ -257,43 +244,40 @@ void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tens
   const int entries = e0 + (STAGES == 2 ? e1 : 0);
   const size_t tables = PRMT ? PRMT_STAGE1 + (STAGES == 2 ? 2 * PRMT_HALF1 : 0) : (size_t)entries * ENTRY_FLOATS * 4;
   const size_t smem = tables + (size_t)(STAGES == 2 ? e1_at + e1 : e0) * 16;
-  auto kernel = vq_lut_kernel<T, STAGES, THREADS, PRMT, STREAM>;
+  auto kernel = vq_lut_kernel<T, STAGES, THREADS, PRMT>;
   llmcomp_mma::launch_ex(kernel, dim3(slices, chunks), THREADS, smem, reinterpret_cast<const T*>(x.data_ptr()),
       reinterpret_cast<const uint32_t*>(idx0.data_ptr()), reinterpret_cast<const uint16_t*>(idx1.data_ptr()),
       reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1, (const float*)scale.data_ptr<float>(),
       part.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr()), reinterpret_cast<T*>(out.data_ptr()),
-      n, k / 16, rows_per_chunk);
+      n, rows_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The launch for the run-time choices: block size, table addressing, index layout.
+// The launch for the run-time choices: block size, table addressing.
 template <typename T, int STAGES>
-void dispatch(int threads, bool prmt, bool stream, const torch::Tensor& x, const torch::Tensor& idx0,
-              const torch::Tensor& idx1, const torch::Tensor& cb, int e0, int e1_at, int e1,
-              const torch::Tensor& scale, torch::Tensor& part, torch::Tensor& counters, torch::Tensor& out, int n,
-              int rows_per_chunk) {
-  auto go = [&](auto p, auto s) {
-    constexpr bool P = decltype(p)::value, S = decltype(s)::value;
+void dispatch(int threads, bool prmt, const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1,
+              const torch::Tensor& cb, int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part,
+              torch::Tensor& counters, torch::Tensor& out, int n, int rows_per_chunk) {
+  auto go = [&](auto p) {
+    constexpr bool P = decltype(p)::value;
     if (threads == 1024)
-      launch<T, STAGES, 1024, P, S>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+      launch<T, STAGES, 1024, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
     else
-      launch<T, STAGES, 512, P, S>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+      launch<T, STAGES, 512, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
   };
-  using Y = std::true_type;
-  using N = std::false_type;
-  if (prmt) stream ? go(Y{}, Y{}) : go(Y{}, N{});
-  else stream ? go(N{}, Y{}) : go(N{}, N{});
+  if (prmt) go(std::true_type{});
+  else go(std::false_type{});
 }
 
 }  // namespace llmcomp_lut
 
 // x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [n, K / 16]; idx1 int16 [n, K / 16] (e1_at > 0: two
-// stages, stage 1's entries cb[e1_at:]), with stream stored by batch (see the top; 16-byte aligned); cb float32
+// stages, stage 1's entries cb[e1_at:]), both stored by batch (see the top; 16-byte aligned); cb float32
 // [entries, 4]; scale float32 (n values); part float32 (K / 512 · n values, scratch); counters int32, one per chunk of
 // rows_per_chunk rows, zero (and left zero); threads: a block's, 512 or 1024; prmt: the PRMT-addressed table.
 torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
                      torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
-                     int64_t threads, bool prmt, bool stream) {
+                     int64_t threads, bool prmt) {
   using namespace llmcomp_lut;
   TORCH_CHECK(threads == 512 || threads == 1024, "threads: 512 or 1024");
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && x.size(1) % SLICE == 0 &&
@@ -328,12 +312,12 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
   const int a = (int)e0, a1 = (int)e1_at, b = (int)e1, nn = (int)n, rc = (int)rows_per_chunk;
   const int t = (int)threads;
   if (x.scalar_type() == at::kHalf) {
-    if (two) dispatch<__half, 2>(t, prmt, stream, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
-    else dispatch<__half, 1>(t, prmt, stream, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    if (two) dispatch<__half, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    else dispatch<__half, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
   } else {
     using B16 = __nv_bfloat16;
-    if (two) dispatch<B16, 2>(t, prmt, stream, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
-    else dispatch<B16, 1>(t, prmt, stream, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    if (two) dispatch<B16, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    else dispatch<B16, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
   }
   return out;
 }
