@@ -48,7 +48,7 @@ def main() -> None:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     row = {"format": name, "N": n, "K": k, "M": m}
                     for label in args.variants.split(","):
-                        base, pdl = label.split("+")[0], label.endswith("+pdl")
+                        base, pdl = label.split("+")[0], "+pdl" in label
                         kind, threads = base.rstrip("0123456789"), int(base[len(base.rstrip("0123456789")):] or 0)
                         if kind == "auto":
                             codebook_cuda.set_lut(None)

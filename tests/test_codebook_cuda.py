@@ -51,14 +51,15 @@ def test_prepared_layout_rebuilds_the_weight(fmt, k):
 
 
 def _read_lut_planes(prep: dict) -> torch.Tensor:
-    """W [N, padded inputs] from the lookup-table GEMV's row-major planes, read its way: byte j of int32 word q =
-    stage-0 index of vector 4q + j, nibble j of int16 word q = stage-1 index; then the row scale."""
+    """W [N, padded inputs] from the lookup-table GEMV's planes (row-major once ``unbatch``ed), read its way: byte j of
+    int32 word q = stage-0 index of vector 4q + j, nibble j of int16 word q = stage-1 index; then the row scale."""
     lut = codebook_cuda.lut_planes(prep)
     n = prep["n"]
     tab = prep["table32"]
-    ent = tab[lut["i0"].view(torch.uint8).long()]  # [N, kl / 4, 4]
+    ent = tab[codebook_cuda.unbatch(lut["i0"]).view(torch.uint8).long()]  # [N, kl / 4, 4]
     if lut["i1"] is not None:
-        b = lut["i1"].view(torch.uint8).long()  # byte 2q: vectors 4q (low nibble), 4q + 1; byte 2q + 1: 4q + 2, 4q + 3
+        # byte 2q: vectors 4q (low nibble), 4q + 1; byte 2q + 1: 4q + 2, 4q + 3
+        b = codebook_cuda.unbatch(lut["i1"]).view(torch.uint8).long()
         ent = ent + tab[prep["cb1_at"] + torch.stack([b & 15, b >> 4], dim=-1).reshape(n, -1)]
     return ent.reshape(n, -1) * lut["scale"][:, None]
 
@@ -73,14 +74,34 @@ def test_lut_planes_rebuild_the_weight(fmt, k):
     lut = codebook_cuda.lut_planes(prep)
     assert lut is codebook_cuda.lut_planes(prep)  # built once
     kl = -(-len(cols) // 512) * 512
-    assert lut["kl"] == kl and lut["i0"].shape == (n, kl // 16) and lut["i0"].dtype == torch.int32
+    assert lut["kl"] == kl and lut["i0"].shape == (kl // 512, n // 16, 4, 32, 4) and lut["i0"].dtype == torch.int32
     assert (lut["i1"] is None) == (len(fmt.bits) == 1)
     read = _read_lut_planes(prep)
     assert torch.equal(read[:, :len(cols)], ref[:, cols])
-    assert torch.equal(lut["i0"].view(torch.uint8)[:, len(cols) // 4:], torch.zeros(n, (kl - len(cols)) // 4, dtype=torch.uint8))
+    i0 = codebook_cuda.unbatch(lut["i0"])
+    assert torch.equal(i0.view(torch.uint8)[:, len(cols) // 4:], torch.zeros(n, (kl - len(cols)) // 4, dtype=torch.uint8))
     rpc = lut["rows_per_chunk"]
     assert rpc % 16 == 0 and lut["counters"].numel() == -(-n // rpc) and not lut["counters"].any()
     assert lut["part"].numel() == kl // 512 * n
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_by_batch_is_read_as_the_kernel_reads(dtype):
+    """csrc/vq_lut.cu's index loads, as index arithmetic on the flat buffer: lane l's 16-byte piece q of a batch
+    sits at 16-byte offset (slice · N/16 + batch) · 32 · 16 / per + 32 q + l and holds rows 16 / Q · q + j of word
+    slice · 32 + l (per words a piece); ``unbatch`` undoes it."""
+    n, w = 48, 64  # 3 batches, 2 slices
+    words = torch.randint(-2**15, 2**15, (n, w), dtype=torch.int32).to(dtype)
+    flat = codebook_cuda.by_batch(words).reshape(-1)
+    per = 16 // words.element_size()
+    for sl in range(w // 32):
+        for b in range(n // 16):
+            for lane in range(32):
+                for q in range(16 // per):
+                    piece = (sl * (n // 16) + b) * 32 * 16 // per + 32 * q + lane
+                    got = flat[piece * per:(piece + 1) * per]
+                    assert torch.equal(got, words[16 * b + per * q:16 * b + per * (q + 1), sl * 32 + lane])
+    assert torch.equal(codebook_cuda.unbatch(codebook_cuda.by_batch(words)), words)
 
 
 def test_lut_launch_one_wave():
@@ -104,18 +125,18 @@ def test_each_kernel_builds_its_own_planes():
 
 
 def test_lut_threads_setting(monkeypatch):
-    """The block size: by stage count unless set; a setting that is not a number is named in one clear error."""
+    """The block size: 1024 unless set; a setting that is not a number is named in one clear error."""
     monkeypatch.delenv("LLMCOMP_VQ_LUT_THREADS", raising=False)
     codebook_cuda._lut_env.cache_clear()
     try:
-        assert (codebook_cuda.lut_threads(1), codebook_cuda.lut_threads(2)) == (1024, 512)
+        assert codebook_cuda.lut_threads() == 1024
         codebook_cuda._lut_env.cache_clear()
         monkeypatch.setenv("LLMCOMP_VQ_LUT_THREADS", "512")
-        assert codebook_cuda.lut_threads(1) == 512
+        assert codebook_cuda.lut_threads() == 512
         codebook_cuda._lut_env.cache_clear()
         monkeypatch.setenv("LLMCOMP_VQ_LUT_THREADS", "many")
         with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not 'many'"):
-            codebook_cuda.lut_threads(1)
+            codebook_cuda.lut_threads()
     finally:
         monkeypatch.delenv("LLMCOMP_VQ_LUT_THREADS", raising=False)
         codebook_cuda._lut_env.cache_clear()
@@ -142,7 +163,8 @@ def test_lut_prmt_setting(monkeypatch):
         monkeypatch.delenv("LLMCOMP_VQ_LUT_PRMT")
         codebook_cuda._lut_env.cache_clear()
         assert codebook_cuda.lut_takes(4096, 14336) and codebook_cuda.lut_takes(28672, 4096)
-        assert not codebook_cuda.lut_takes(4096, 4096) and not codebook_cuda.lut_takes(5120, 4096)
+        assert codebook_cuda.lut_takes(4096, 4096) and not codebook_cuda.lut_takes(4096, 4080)
+        assert not codebook_cuda.lut_takes(1024, 4096)
     finally:
         codebook_cuda.set_lut(None)
         monkeypatch.delenv("LLMCOMP_VQ_LUT_PRMT", raising=False)
@@ -219,7 +241,7 @@ def test_lut_gemv_matches_reference(fmt, dtype):
         _lut_cases(fmt, dtype)
     finally:
         codebook_cuda.set_lut(None)
-    assert not codebook_cuda.lut_takes(4096, 4096) and codebook_cuda.lut_takes(6144, 4096)
+    assert codebook_cuda.lut_takes(4096, 4096) and not codebook_cuda.lut_takes(1024, 4096)
 
 
 def _lut_cases(fmt, dtype):
@@ -248,13 +270,13 @@ def _lut_cases(fmt, dtype):
         xm = x.index_select(1, prep["main_cols"]) if "main_cols" in prep else x
         args = list(codebook_cuda._lut_args(prep))
         for rpc, threads, prmt in ((16, 512, False), (n, 512, False), (16, 1024, False), (n, 1024, False),
-                                   (16, 512, True), (n, 1024, True)):
+                                   (16, 512, True), (n, 512, True), (16, 1024, True), (n, 1024, True)):
             args[-3:] = rpc, threads, prmt
-            args[-6] = torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")
+            args[-6] = torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")  # the chunk counters
             y2 = codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(xm, *args), x, prep)
             assert float((y2.float() - ref).abs().max() / ref.abs().max()) < tol, (n, k, rpc, threads, prmt)
             assert not args[-6].any()
-            if rpc == n:  # one chunk: the slices added in the same order, whatever the table's addressing
+            if rpc == n:  # one chunk: the same bits whatever the table's addressing
                 assert torch.equal(y2, codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(
                     xm, *args[:-1], not prmt), x, prep)), (n, k, threads)
         codebook_cuda.set_lut(False)

@@ -18,8 +18,8 @@ half-warp's lookups collide on a bank (with one table they did, several ways on 
 One row of x (decode at batch 1) on weights of ``LUT_MIN_WEIGHTS`` or more takes a lookup-table GEMV instead
 (``csrc/vq_lut.cu``; ``LLMCOMP_VQ_LUT=0`` or ``set_lut(False)`` turns it off): a block computes the dot products of
 x with every codebook entry for a slice of 128 vectors, and a row's sum is then one 4-byte lookup per index. It
-reads the indices row-major (``lut_planes``, built at the first one-row call; a weight that also meets 2–64 rows
-holds both layouts, +2 / +3 bits a weight of GPU memory, as does every ``frozen`` one) and splits K into slices
+reads the indices stored by batch (``lut_planes``, ``by_batch``, built at the first one-row call; a weight that also
+meets 2–64 rows holds both layouts, +2 / +3 bits a weight of GPU memory, as does every ``frozen`` one) and splits K into slices
 whose partial sums the last block of each chunk of rows adds in order (deterministic; scratch per weight, so one
 weight must not run on two streams at once).
 """
@@ -128,32 +128,51 @@ def lut_launch(n: int, k: int, entries: int, sms: int, threads: int = 1024) -> t
     return -(-n // rows), rows
 
 
+def by_batch(words: torch.Tensor) -> torch.Tensor:
+    """A row's index words [N, K / 16] stored as the GEMV reads them: [K / 512, N / 16, Q, 32, 16 / Q] —
+    slice, 16-row batch, 16-byte load q, lane (word slice * 32 + lane), row 16 / Q · q + j (Q = 4 for int32 words,
+    2 for int16) — so each of a warp's loads of a batch reads one contiguous 512 bytes."""
+    n, w = words.shape
+    per = 16 // words.element_size()
+    return words.view(n // 16, 16 // per, per, w // 32, 32).permute(3, 0, 1, 4, 2).contiguous()
+
+
+def unbatch(words: torch.Tensor) -> torch.Tensor:
+    """``by_batch`` undone: [N, K / 16]."""
+    s, b, q, lanes, j = words.shape
+    return words.permute(1, 2, 4, 0, 3).reshape(b * q * j, s * lanes)
+
+
 def lut_planes(prep: dict) -> dict:
-    """The lookup-table GEMV's operands (kept in ``prep["lut"]``): the indices row-major and padded to whole slices
-    of 512 inputs — stage 0 as int32 words of 4 index bytes [N, K / 16], stage 1 as int16 words of 4 nibbles — with
-    its launch, partial-sum scratch and zeroed chunk counters."""
+    """The lookup-table GEMV's operands (kept in ``prep["lut"]``, built at the first call): the indices padded to
+    whole slices of 512 inputs — stage 0 as int32 words of 4 index bytes, stage 1 as int16 words of 4 nibbles, each
+    [N, K / 16] row-major stored by batch (``by_batch``) as ``i0`` / ``i1`` — with its launch, partial-sum scratch
+    and zeroed chunk counters."""
     lut = prep.get("lut")
-    if lut is not None:
-        return lut
+    if lut is None:
+        lut = prep["lut"] = _lut_launch_state(prep)
+        kl, f = lut["kl"], prep["fields"]()
+        w0 = _padded(f, 0, kl // 4).to(torch.uint8).contiguous().view(torch.int32)
+        lut["i0"] = by_batch(w0)
+        lut["i1"] = by_batch(_pack_nibbles(_padded(f, 1, kl // 4)).view(torch.int16)) if _two(prep) else None
+    return lut
+
+
+def _lut_launch_state(prep: dict) -> dict:
+    """The GEMV's launch (chunks of rows), partial-sum scratch and zeroed chunk counters for this weight."""
     n, kl = prep["n"], -(-prep["kp"] // LUT_INPUTS) * LUT_INPUTS
-    f = prep["fields"]()
-    i0 = _padded(f, 0, kl // 4).to(torch.uint8).contiguous().view(torch.int32)
-    i1 = None
-    if _two(prep):
-        i1 = _pack_nibbles(_padded(f, 1, kl // 4)).view(torch.int16)
     dev = prep["table32"].device
     entries = prep["table32"].shape[0]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     if lut_prmt(_stages(prep)):  # its table: 256 stage-0 entries (and 16 of stage 1) whatever the codebook
         entries = 256 + (16 if _two(prep) else 0)
-    chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads(_stages(prep)))
-    lut = prep["lut"] = {"i0": i0, "i1": i1, "kl": kl, "rows_per_chunk": rpc,
-                         "scale": prep["scale"].reshape(n), "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
-                         "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
-    return lut
+    chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads())
+    return {"kl": kl, "rows_per_chunk": rpc, "scale": prep["scale"].reshape(n),
+            "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
+            "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
 
 
-_LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force", "prmt"); absent or None: the environment
+_LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force", "prmt"); absent or None: environment
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,17 +195,17 @@ def lut() -> bool:
     return on if on is not None else _lut_env()[0]
 
 
-def lut_threads(stages: int) -> int:
+def lut_threads() -> int:
     """Threads a block of the lookup-table GEMV (``LLMCOMP_VQ_LUT_THREADS`` or ``set_lut`` override): by default
-    1024 with one stage and 512 with two (at 1024 the two-stage kernel spills; H200, kernels_h200_vq_lut.json: vq2
-    28672 × 8192 27.9 µs at 1024 against 32.4 at 512, vq3 44.8 at 512 against 46.5)."""
+    1024 (H200, kernels_h200_vq_lut_next2.json: vq2 28672 × 8192 26.6 µs at 1024 against 29.1 at 512, vq3 36.9
+    against 39.2 with the PRMT table; at most 2 % slower on the smaller shapes)."""
     t = _LUT_SET.get("threads") or _lut_env()[1]
-    return t if t in (512, 1024) else (1024 if stages == 1 else 512)
+    return t if t in (512, 1024) else 1024
 
 
-LUT_MIN_WEIGHTS = 6144 * 4096  # below, the mma kernel is as fast or faster (H200, kernels_h200_vq_lut_prmt.json:
-# vq2 4096 × 4096 6.96 µs against 7.88); 4096 × 14336, above, is about even (vq2 14.10 against 14.19, vq3 18.87
-# against 19.11)
+LUT_MIN_WEIGHTS = 4096 * 4096  # from there the GEMV is faster than the mma kernel (H200,
+# kernels_h200_vq_lut_next2.json: vq2 4096 × 4096 6.67 µs against 6.93, vq3 8.60 against 8.91); the bench has no
+# smaller shape
 
 
 def lut_takes(n: int, k: int) -> bool:
@@ -197,8 +216,9 @@ def lut_takes(n: int, k: int) -> bool:
 
 def lut_prmt(stages: int) -> bool:
     """Whether the GEMV addresses its table by one PRMT a lookup (``csrc/vq_lut.cu``, PRMT): by default with two
-    stages only (``LLMCOMP_VQ_LUT_PRMT`` 1 / 0 forces it; ``set_lut`` overrides). H200, kernels_h200_vq_lut_prmt*.json
-    (three runs, the same to 1 %): vq3 28672 × 8192 43.5 µs against 44.8, but vq2 29.1 against 28.1."""
+    stages only (``LLMCOMP_VQ_LUT_PRMT`` 1 / 0 forces it; ``set_lut`` overrides). H200, 1024 threads,
+    kernels_h200_vq_lut_next2.json: vq3 4096 × 4096 8.60 µs against 8.95, 6144 × 4096 10.18 against 10.40, the
+    larger shapes within 2 % either way; vq2 4096 × 14336 13.25 against 12.72, 28672 × 4096 15.83 against 15.42."""
     p = _LUT_SET.get("prmt")
     if p is None:
         p = _lut_env()[2]
@@ -212,8 +232,8 @@ def set_lut(on: bool | None, threads: int | None = None, force: bool = False, pr
 
 
 def lut_gemm_tensors(xm, i0, i1, tab32, e0: int, cb1_at: int, scale, part, counters, n: int, kl: int, rpc: int,
-                     threads: int = 512, prmt: bool = False):
-    """The main columns' x [1, K] → y [1, n] by the lookup-table GEMV."""
+                     threads: int = 1024, prmt: bool = False):
+    """The main columns' x [1, K] → y [1, n] by the lookup-table GEMV (i0 / i1: ``lut_planes``)."""
     xm = uniform_cuda.kernel_input(xm.contiguous(), kl)
     return uniform_cuda.extension().vq_lut(xm, i0, i0 if i1 is None else i1, tab32, e0, cb1_at, scale, part,
                                            counters, n, rpc, threads, prmt)
@@ -229,8 +249,7 @@ def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) ->
 def _lut_args(prep: dict) -> tuple:
     lut = lut_planes(prep)
     return (lut["i0"], lut["i1"], prep["table32"], prep["e0"], prep["cb1_at"], lut["scale"], lut["part"],
-            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(_stages(prep)),
-            lut_prmt(_stages(prep)))
+            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(), lut_prmt(_stages(prep)))
 
 
 @torch.library.custom_op("llmcomp::codebook_lut", mutates_args=())

@@ -12,14 +12,20 @@
 // Blocks split K into slices (grid.x) and rows into chunks (grid.y); each writes its slice's partial sums of its
 // chunk's rows (part[slice][row], plain stores), and the last block of a chunk to finish (a counter, reset by that
 // block) adds the slices in order and writes y: deterministic, one launch, and nothing to zero beforehand.
-// PRMT = true (the default with two stages: 2-4 % faster there, up to 4 % slower with one, on the H200): the table
+// PRMT = true (the default with two stages: up to 4 % faster there on the smaller shapes, within 2 % either way on
+// the larger; up to 4 % slower with one; H200, kernels_h200_vq_lut_next2.json): the table
 // in two halves of 64 KB (vectors j = 0, 1 and j = 2, 3 of each lane), an entry 256 bytes: T[e][4l + j] at byte
 // (j >> 1) * 65536 + e * 256 + (j & 1) * 128 + 4l — still bank l — so a lookup's address is the index byte placed
 // in byte 1 over this lane's 4l in byte 0: one PRMT, the half and the vector pair in the load's immediate (instead
 // of extract + multiply-add). Stage 1's 16 entries likewise, at 128 KB, halves of 4 KB.
-// Layout: idx0 [N][K / 16] int32 — byte j of word q is the stage-0 index of vector 4q + j; idx1 [N][K / 16] int16 —
-// nibble j of half-word q is the stage-1 index of vector 4q + j (two stages); cb [entries][4] fp32 (stage 1's from
-// e1_at); K a multiple of 512 (the caller pads indices with entry 0 and x with zeros).
+// Layout: index words stored by batch, idx[slice][N / 16][Q][lane][16 / Q rows] (Q = 4 for stage 0, 2 for stage 1):
+// the word of lane l in a slice holds vectors 4l .. 4l + 3 of that slice — stage 0: int32, byte j the index of
+// vector 4l + j; stage 1 (two stages): int16, nibble j — so a lane loads a batch's words in Q 16-byte pieces and
+// each load of a warp reads one contiguous 512 bytes (the batch 2 KB, 1 KB). Row-major words instead (16 four-byte
+// loads of 128 bytes a batch, rows K / 4 bytes apart) were 5-16 % slower (H200, kernels_h200_vq_lut_next*.json);
+// pieces of a lane's 64 contiguous bytes slower still (every warp-wide load touched 32 half-used sectors,
+// kernels_h200_vq_lut_stream.json). cb [entries][4] fp32 (stage 1's from e1_at); K a multiple of 512 (the caller
+// pads indices with entry 0 and x with zeros).
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +33,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <type_traits>
 #include "launch.cuh"
 
 namespace llmcomp_lut {
@@ -37,6 +44,15 @@ namespace llmcomp_lut {
 // have begun. No-ops without the attribute.
 using llmcomp_mma::grid_dep_launch;
 using llmcomp_mma::grid_dep_wait;
+
+// A 16-byte global load issued where it stands: the compiler sinks a plain read-only one below the barrier that
+// follows it (after the codebook's store, which waits for its own load), losing the overlap of the two loads.
+__device__ __forceinline__ uint4 load_now(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
 
 constexpr int SLICE = 512;        // inputs a block's table covers: 128 vectors, 4 a lane
 constexpr int BATCH = 16;         // rows a warp takes at a time
@@ -92,42 +108,59 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
                                                          const uint16_t* __restrict__ idx1, const float4* __restrict__ cb,
                                                          int e0, int e1_at, int e1, const float* __restrict__ scale,
                                                          float* __restrict__ part, unsigned* __restrict__ counters,
-                                                         T* __restrict__ out, int n, int words_per_row, int rows_per_chunk) {
+                                                         T* __restrict__ out, int n, int rows_per_chunk) {
   constexpr int WARPS = THREADS / 32;
   extern __shared__ float tab[];  // stage 0's e0 entries, then stage 1's e1, then the codebook (e1_at + e1 float4)
   __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int slice = blockIdx.x, r0 = blockIdx.y * rows_per_chunk;
   const int r1 = min(n, r0 + rows_per_chunk), batches = (r1 - r0) / BATCH;
-  const size_t col = (size_t)slice * 32 + lane;  // this lane's index word of a row
+  const size_t slice_words = (size_t)slice * (n / BATCH) * 32 * BATCH;  // the slice's batches
 
   grid_dep_launch();
   // The first batch's index words fly while the table is built (and, with dependent launch, while the previous
   // kernel finishes).
-  uint32_t cur[BATCH];
-  uint16_t cur1[BATCH];
-  auto load = [&](uint32_t (&w)[BATCH], uint16_t (&h)[BATCH], int row) {
+  // Stage 1's words two to a register, rows 2j and 2j + 1 in the low and high halves of h[j]: as loaded, no
+  // unpacking (with one a register the two-stage kernel spills at 1024 threads).
+  constexpr int H = BATCH / 2;
+  uint32_t cur[BATCH], cur1[H];
+  auto load = [&](uint32_t (&w)[BATCH], uint32_t (&h)[H], int row) {
+    const size_t at = slice_words + (size_t)(row / BATCH) * 32 * BATCH;
+    const uint4* p = reinterpret_cast<const uint4*>(idx0 + at) + lane;
 #pragma unroll
-    for (int i = 0; i < BATCH; ++i) {
-      w[i] = __ldg(idx0 + (size_t)(row + i) * words_per_row + col);
-      if constexpr (STAGES == 2) h[i] = __ldg(idx1 + (size_t)(row + i) * words_per_row + col);
+    for (int q = 0; q < BATCH / 4; ++q) {
+      const uint4 v = __ldg(p + 32 * q);
+      w[4 * q] = v.x; w[4 * q + 1] = v.y; w[4 * q + 2] = v.z; w[4 * q + 3] = v.w;
+    }
+    if constexpr (STAGES == 2) {
+      const uint4* p1 = reinterpret_cast<const uint4*>(idx1 + at) + lane;
+#pragma unroll
+      for (int q = 0; q < BATCH / 8; ++q) {
+        const uint4 v = __ldg(p1 + 32 * q);
+        h[4 * q] = v.x; h[4 * q + 1] = v.y; h[4 * q + 2] = v.z; h[4 * q + 3] = v.w;
+      }
     }
   };
   if (warp < batches) load(cur, cur1, r0 + warp * BATCH);
 
-  // The codebook into shared memory (one load a thread), read back by every warp as it builds the table.
+  // The codebook into shared memory (one entry a thread: at most 256 + 16), read back by every warp as it builds
+  // the table; its load and x's are in flight together (the store waits for both).
+  static_assert(THREADS >= 256 + 16, "one codebook entry a thread");
   float* tab1 = PRMT ? tab + PRMT_STAGE1 / 4 : tab + (size_t)e0 * ENTRY_FLOATS;
   float4* cb_s = PRMT ? reinterpret_cast<float4*>(tab1 + (STAGES == 2 ? 2 * PRMT_HALF1 / 4 : 0))
                       : reinterpret_cast<float4*>(tab1 + (size_t)(STAGES == 2 ? e1 : 0) * ENTRY_FLOATS);
   const int cb_n = STAGES == 2 ? e1_at + e1 : e0;
-  for (int e = threadIdx.x; e < cb_n; e += THREADS) cb_s[e] = __ldg(cb + e);
+  const bool has_entry = threadIdx.x < cb_n;
+  float4 entry = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (has_entry) entry = __ldg(cb + threadIdx.x);
   grid_dep_wait();  // x, and the scratch written below, belong to the kernels before
+  const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)slice * SLICE + lane * 16);
+  const uint4 xa = load_now(xv), xb = load_now(xv + 1);
+  if (has_entry) cb_s[threadIdx.x] = entry;
   float xs[16];
   {
-    const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)slice * SLICE + lane * 16);
-    const uint4 a = __ldg(xv), b = __ldg(xv + 1);
-    const T* t = reinterpret_cast<const T*>(&a);
-    const T* u = reinterpret_cast<const T*>(&b);
+    const T* t = reinterpret_cast<const T*>(&xa);
+    const T* u = reinterpret_cast<const T*>(&xb);
 #pragma unroll
     for (int i = 0; i < 8; ++i) { xs[i] = to_float(t[i]); xs[8 + i] = to_float(u[i]); }
   }
@@ -148,8 +181,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   auto at_p = [&](uint32_t addr, int imm) { return *reinterpret_cast<const float*>(tb + addr + imm); };
   float* my_part = part + (size_t)slice * n;
   for (int b = warp; b < batches; b += WARPS) {
-    uint32_t nxt[BATCH];
-    uint16_t nxt1[BATCH];
+    uint32_t nxt[BATCH], nxt1[H];
     load(nxt, nxt1, r0 + (b + WARPS < batches ? b + WARPS : b) * BATCH);  // the last batch reloads itself
     float acc[BATCH];
 #pragma unroll
@@ -164,7 +196,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
         s += at(t0, __byte_perm(w, 0, 0x4442), 2) + at(t0, w >> 24, 3);
       }
       if constexpr (STAGES == 2) {
-        const uint32_t h = cur1[i];
+        const uint32_t h = (i & 1) ? cur1[i / 2] >> 16 : cur1[i / 2] & 0xffffu;
         if constexpr (PRMT) {
           s += at_p(((h << 8) & 0xf00u) | lane4, PRMT_STAGE1) + at_p(((h << 4) & 0xf00u) | lane4, PRMT_STAGE1 + 128);
           s += at_p((h & 0xf00u) | lane4, PRMT_STAGE1 + PRMT_HALF1) +
@@ -179,7 +211,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
     const float row_sum = transpose_sum(acc, lane);
     if (!(lane & 1)) my_part[r0 + b * BATCH + (lane >> 1)] = row_sum;
 #pragma unroll
-    for (int i = 0; i < BATCH; ++i) { cur[i] = nxt[i]; if constexpr (STAGES == 2) cur1[i] = nxt1[i]; }
+    for (int i = 0; i < BATCH; ++i) { cur[i] = nxt[i]; if constexpr (STAGES == 2) if (i < H) cur1[i] = nxt1[i]; }
   }
 
   // The chunk's last block to finish adds the slices' partials in order.
@@ -217,16 +249,32 @@ void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tens
       reinterpret_cast<const uint32_t*>(idx0.data_ptr()), reinterpret_cast<const uint16_t*>(idx1.data_ptr()),
       reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1, (const float*)scale.data_ptr<float>(),
       part.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr()), reinterpret_cast<T*>(out.data_ptr()),
-      n, k / 16, rows_per_chunk);
+      n, rows_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The launch for the run-time choices: block size, table addressing.
+template <typename T, int STAGES>
+void dispatch(int threads, bool prmt, const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1,
+              const torch::Tensor& cb, int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part,
+              torch::Tensor& counters, torch::Tensor& out, int n, int rows_per_chunk) {
+  auto go = [&](auto p) {
+    constexpr bool P = decltype(p)::value;
+    if (threads == 1024)
+      launch<T, STAGES, 1024, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+    else
+      launch<T, STAGES, 512, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+  };
+  if (prmt) go(std::true_type{});
+  else go(std::false_type{});
 }
 
 }  // namespace llmcomp_lut
 
 // x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [n, K / 16]; idx1 int16 [n, K / 16] (e1_at > 0: two
-// stages, stage 1's entries cb[e1_at:]); cb float32 [entries, 4]; scale float32 (n values); part float32
-// (K / 512 · n values, scratch); counters int32, one per chunk of rows_per_chunk rows, zero (and left zero);
-// threads: a block's, 512 or 1024; prmt: the PRMT-addressed table (see the top).
+// stages, stage 1's entries cb[e1_at:]), both stored by batch (see the top; 16-byte aligned); cb float32
+// [entries, 4]; scale float32 (n values); part float32 (K / 512 · n values, scratch); counters int32, one per chunk of
+// rows_per_chunk rows, zero (and left zero); threads: a block's, 512 or 1024; prmt: the PRMT-addressed table.
 torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
                      torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
                      int64_t threads, bool prmt) {
@@ -239,16 +287,19 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
   const int64_t words = x.size(1) / 16;
   TORCH_CHECK(n > 0 && n % BATCH == 0 && rows_per_chunk > 0 && rows_per_chunk % BATCH == 0,
               "rows and rows a chunk: multiples of 16");
-  TORCH_CHECK(idx0.is_cuda() && idx0.is_contiguous() && idx0.scalar_type() == at::kInt && idx0.numel() == n * words,
-              "idx0: int32 [n, K / 16]");
+  TORCH_CHECK(idx0.is_cuda() && idx0.is_contiguous() && idx0.scalar_type() == at::kInt && idx0.numel() == n * words &&
+                  reinterpret_cast<uintptr_t>(idx0.data_ptr()) % 16 == 0,
+              "idx0: int32, n · K / 16 words, 16-byte aligned");
   const bool two = e1_at > 0;
-  TORCH_CHECK(!two || (idx1.is_cuda() && idx1.is_contiguous() && idx1.scalar_type() == at::kShort && idx1.numel() == n * words),
-              "idx1: int16 [n, K / 16]");
+  TORCH_CHECK(!two || (idx1.is_cuda() && idx1.is_contiguous() && idx1.scalar_type() == at::kShort &&
+                       idx1.numel() == n * words && reinterpret_cast<uintptr_t>(idx1.data_ptr()) % 16 == 0),
+              "idx1: int16, n · K / 16 words, 16-byte aligned");
   TORCH_CHECK(cb.is_cuda() && cb.is_contiguous() && cb.scalar_type() == at::kFloat && cb.dim() == 2 && cb.size(1) == 4,
               "cb: float32 [entries, 4]");
   const int64_t e1 = two ? cb.size(0) - e1_at : 0;
-  TORCH_CHECK(e0 >= 1 && e0 <= 256 && e0 <= cb.size(0) && (!two || (e1_at >= e0 && e1 >= 1 && e1 <= 16)),
-              "entries: stage 0 at most 256, stage 1 at most 16");
+  TORCH_CHECK(e0 >= 1 && e0 <= 256 && e0 <= cb.size(0) &&
+                  (!two || (e1_at >= e0 && e1_at <= 256 && e1 >= 1 && e1 <= 16)),
+              "entries: stage 0 at most 256 (stage 1 from entry e1_at <= 256), stage 1 at most 16");
   const int64_t chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
   TORCH_CHECK(scale.is_cuda() && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
               "scale: float32, one a row");
@@ -259,20 +310,14 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({1, n}, x.options());
   const int a = (int)e0, a1 = (int)e1_at, b = (int)e1, nn = (int)n, rc = (int)rows_per_chunk;
-#define LLMCOMP_LUT_ARGS(I1) x, idx0, I1, cb, a, a1, b, scale, part, counters, out, nn, rc
-#define LLMCOMP_LUT_LAUNCH(T, S, I1)                                                                                \
-  (prmt ? (threads == 1024 ? launch<T, S, 1024, true>(LLMCOMP_LUT_ARGS(I1))                                      \
-                           : launch<T, S, 512, true>(LLMCOMP_LUT_ARGS(I1)))                                      \
-        : (threads == 1024 ? launch<T, S, 1024, false>(LLMCOMP_LUT_ARGS(I1))                                     \
-                           : launch<T, S, 512, false>(LLMCOMP_LUT_ARGS(I1))))
+  const int t = (int)threads;
   if (x.scalar_type() == at::kHalf) {
-    if (two) LLMCOMP_LUT_LAUNCH(__half, 2, idx1);
-    else LLMCOMP_LUT_LAUNCH(__half, 1, idx0);
+    if (two) dispatch<__half, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    else dispatch<__half, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
   } else {
-    if (two) LLMCOMP_LUT_LAUNCH(__nv_bfloat16, 2, idx1);
-    else LLMCOMP_LUT_LAUNCH(__nv_bfloat16, 1, idx0);
+    using B16 = __nv_bfloat16;
+    if (two) dispatch<B16, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    else dispatch<B16, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
   }
-#undef LLMCOMP_LUT_LAUNCH
-#undef LLMCOMP_LUT_ARGS
   return out;
 }
