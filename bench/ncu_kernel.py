@@ -6,7 +6,7 @@ Only the launches between cudaProfilerStart/Stop are profiled: per shape and M, 
 then ``--calls`` calls of our kernel and one bf16 F.linear. ncu flushes the caches before each profiled kernel, so
 every call reads its weight from HBM as in decode. ``--fp16`` uses float16 activations. ``--format vq2|vq3``
 profiles the codebook kernel on random indices and codebooks instead (``--copies 1`` with one table, 16 the
-bank-replicated one, 0 what ``QuantLinear`` runs: at one row on weights of ≥ 6144 × 4096 the lookup-table GEMV,
+bank-replicated one, 0 what ``QuantLinear`` runs: at one row on weights of ≥ 4096 × 4096 the lookup-table GEMV,
 csrc/vq_lut.cu).
 """
 from __future__ import annotations

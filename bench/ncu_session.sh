@@ -4,7 +4,7 @@
 # Knobs (env): SHAPES (N x K list, default 4096x4096,28672x8192), MS (default 1,16), NCU_S (time limit, 240),
 # FP16_SHAPES (also profile fp16 activations at M=1 on these; empty: skip), FORMAT (uniform, vq2, vq3: the codebook
 # kernel on random indices), COPIES (vq: 16 = the bank-replicated table, 1 = one table, 0 = the default path: the
-# lookup-table GEMV at M = 1 on weights of >= 6144 x 4096).
+# lookup-table GEMV at M = 1 on weights of >= 4096 x 4096).
 # Reading the output: bench/results/kernels_h200_notes.md (third session) — issue rate, DRAM %, instructions.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

@@ -31,9 +31,13 @@ def main() -> None:
     ap.add_argument("--ms", default="1")
     ap.add_argument("--variants", default="lut512,lut1024,mma",
                     help="lut / prmt (the table addressed by one PRMT a lookup) with a block size (512, 1024; none: "
-                         "the default for the stages), mma (the mma kernel), auto (the defaults: kernel, block size, "
+                         "the default, 1024), mma (the mma kernel), auto (the defaults: kernel, block size, "
                          "addressing); a +pdl suffix: with dependent launch")
     args = ap.parse_args()
+    for label in args.variants.split(","):
+        base, *suffixes = label.split("+")
+        if base.rstrip("0123456789") not in ("lut", "prmt", "mma", "auto") or set(suffixes) - {"pdl"}:
+            ap.error(f"unknown variant {label!r}")
     bw = kb.copy_bandwidth()
     pdl_before = bool(uniform_cuda.dependent_launch())
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}

@@ -76,6 +76,8 @@ def test_lut_planes_rebuild_the_weight(fmt, k):
     kl = -(-len(cols) // 512) * 512
     assert lut["kl"] == kl and lut["i0"].shape == (kl // 512, n // 16, 4, 32, 4) and lut["i0"].dtype == torch.int32
     assert (lut["i1"] is None) == (len(fmt.bits) == 1)
+    if lut["i1"] is not None:  # stage 1: int16 words, two 16-byte pieces of 8 rows a lane and batch
+        assert lut["i1"].shape == (kl // 512, n // 16, 2, 32, 8) and lut["i1"].dtype == torch.int16
     read = _read_lut_planes(prep)
     assert torch.equal(read[:, :len(cols)], ref[:, cols])
     i0 = codebook_cuda.unbatch(lut["i0"])

@@ -145,9 +145,9 @@ def unbatch(words: torch.Tensor) -> torch.Tensor:
 
 def lut_planes(prep: dict) -> dict:
     """The lookup-table GEMV's operands (kept in ``prep["lut"]``, built at the first call): the indices padded to
-    whole slices of 512 inputs — stage 0 as int32 words of 4 index bytes, stage 1 as int16 words of 4 nibbles, each
-    [N, K / 16] row-major stored by batch (``by_batch``) as ``i0`` / ``i1`` — with its launch, partial-sum scratch
-    and zeroed chunk counters."""
+    whole slices of 512 inputs — stage 0 as int32 words of 4 index bytes, stage 1 as int16 words of 4 nibbles, N · K
+    / 16 words each, stored by batch (``by_batch``: [K / 512, N / 16, Q, 32, 16 / Q]) as ``i0`` / ``i1`` — with its
+    launch, partial-sum scratch and zeroed chunk counters."""
     lut = prep.get("lut")
     if lut is None:
         lut = prep["lut"] = _lut_launch_state(prep)

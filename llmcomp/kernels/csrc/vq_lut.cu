@@ -6,7 +6,8 @@
 // load a thread); a row's partial sum is then one 4-byte lookup
 // per index byte — where the mma kernel reads an 8-byte entry per index and multiplies it on the tensor cores.
 // The table's layout makes every lookup conflict-free: lane l of a warp owns vectors 4l .. 4l + 3 of the slice
-// (one 32-bit load of a row's indices), and T[e][4l + j] sits at float (e * 4 + j) * 32 + l, in bank l whatever e.
+// (one 32-bit word of a row's indices, loaded four rows to a 16-byte piece), and T[e][4l + j] sits at float
+// (e * 4 + j) * 32 + l, in bank l whatever e.
 // A warp takes 16 rows at a time (their index words loaded a batch ahead); the 32 lanes' partials of 16 rows are
 // summed by a transposing butterfly (15 shuffles, not 16 x 5), after which lane 2i holds row i.
 // Blocks split K into slices (grid.x) and rows into chunks (grid.y); each writes its slice's partial sums of its
@@ -22,8 +23,8 @@
 // the word of lane l in a slice holds vectors 4l .. 4l + 3 of that slice — stage 0: int32, byte j the index of
 // vector 4l + j; stage 1 (two stages): int16, nibble j — so a lane loads a batch's words in Q 16-byte pieces and
 // each load of a warp reads one contiguous 512 bytes (the batch 2 KB, 1 KB). Row-major words instead (16 four-byte
-// loads of 128 bytes a batch, rows K / 4 bytes apart) were 5-16 % slower (H200, kernels_h200_vq_lut_next*.json);
-// pieces of a lane's 64 contiguous bytes slower still (every warp-wide load touched 32 half-used sectors,
+// loads of 128 bytes a batch, rows K / 4 bytes apart) were 5-12 % slower at the same block size (H200,
+// kernels_h200_vq_lut_next.json); pieces of a lane's 64 contiguous bytes slower still (every warp-wide load touched 32 half-used sectors,
 // kernels_h200_vq_lut_stream.json). cb [entries][4] fp32 (stage 1's from e1_at); K a multiple of 512 (the caller
 // pads indices with entry 0 and x with zeros).
 #include <torch/extension.h>
@@ -271,8 +272,9 @@ void dispatch(int threads, bool prmt, const torch::Tensor& x, const torch::Tenso
 
 }  // namespace llmcomp_lut
 
-// x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [n, K / 16]; idx1 int16 [n, K / 16] (e1_at > 0: two
-// stages, stage 1's entries cb[e1_at:]), both stored by batch (see the top; 16-byte aligned); cb float32
+// x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [K / 512, n / 16, 4, 32, 4]; idx1 int16 [K / 512,
+// n / 16, 2, 32, 8] (e1_at > 0: two stages, stage 1's entries cb[e1_at:]): the words stored by batch (see the top;
+// 16-byte aligned); cb float32
 // [entries, 4]; scale float32 (n values); part float32 (K / 512 · n values, scratch); counters int32, one per chunk of
 // rows_per_chunk rows, zero (and left zero); threads: a block's, 512 or 1024; prmt: the PRMT-addressed table.
 torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
@@ -287,13 +289,18 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
   const int64_t words = x.size(1) / 16;
   TORCH_CHECK(n > 0 && n % BATCH == 0 && rows_per_chunk > 0 && rows_per_chunk % BATCH == 0,
               "rows and rows a chunk: multiples of 16");
-  TORCH_CHECK(idx0.is_cuda() && idx0.is_contiguous() && idx0.scalar_type() == at::kInt && idx0.numel() == n * words &&
+  // The words stored by batch: [K / 512, n / 16, Q, 32, 16 / Q] (a row-major [n, K / 16] has as many words).
+  auto by_batch = [&](const torch::Tensor& t, int64_t q) {
+    return t.dim() == 5 && t.size(0) == words / 32 && t.size(1) == n / BATCH && t.size(2) == q && t.size(3) == 32 &&
+           t.size(4) == BATCH / q;
+  };
+  TORCH_CHECK(idx0.is_cuda() && idx0.is_contiguous() && idx0.scalar_type() == at::kInt && by_batch(idx0, 4) &&
                   reinterpret_cast<uintptr_t>(idx0.data_ptr()) % 16 == 0,
-              "idx0: int32, n · K / 16 words, 16-byte aligned");
+              "idx0: int32 [K / 512, n / 16, 4, 32, 4] (words stored by batch), 16-byte aligned");
   const bool two = e1_at > 0;
   TORCH_CHECK(!two || (idx1.is_cuda() && idx1.is_contiguous() && idx1.scalar_type() == at::kShort &&
-                       idx1.numel() == n * words && reinterpret_cast<uintptr_t>(idx1.data_ptr()) % 16 == 0),
-              "idx1: int16, n · K / 16 words, 16-byte aligned");
+                       by_batch(idx1, 2) && reinterpret_cast<uintptr_t>(idx1.data_ptr()) % 16 == 0),
+              "idx1: int16 [K / 512, n / 16, 2, 32, 8] (words stored by batch), 16-byte aligned");
   TORCH_CHECK(cb.is_cuda() && cb.is_contiguous() && cb.scalar_type() == at::kFloat && cb.dim() == 2 && cb.size(1) == 4,
               "cb: float32 [entries, 4]");
   const int64_t e1 = two ? cb.size(0) - e1_at : 0;
