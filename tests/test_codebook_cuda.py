@@ -81,7 +81,8 @@ def test_lut_planes_rebuild_the_weight(fmt, k):
     read = _read_lut_planes(prep)
     assert torch.equal(read[:, :len(cols)], ref[:, cols])
     i0 = codebook_cuda.unbatch(lut["i0"])
-    assert torch.equal(i0.view(torch.uint8)[:, len(cols) // 4:], torch.zeros(n, (kl - len(cols)) // 4, dtype=torch.uint8))
+    pad = torch.zeros(n, (kl - len(cols)) // 4, dtype=torch.uint8)
+    assert torch.equal(i0.view(torch.uint8)[:, len(cols) // 4:], pad)
     rpc = lut["rows_per_chunk"]
     assert rpc % 16 == 0 and lut["counters"].numel() == -(-n // rpc) and not lut["counters"].any()
     assert lut["part"].numel() == kl // 512 * n

@@ -18,10 +18,10 @@ half-warp's lookups collide on a bank (with one table they did, several ways on 
 One row of x (decode at batch 1) on weights of ``LUT_MIN_WEIGHTS`` or more takes a lookup-table GEMV instead
 (``csrc/vq_lut.cu``; ``LLMCOMP_VQ_LUT=0`` or ``set_lut(False)`` turns it off): a block computes the dot products of
 x with every codebook entry for a slice of 128 vectors, and a row's sum is then one 4-byte lookup per index. It
-reads the indices stored by batch (``lut_planes``, ``by_batch``, built at the first one-row call; a weight that also
-meets 2–64 rows holds both layouts, +2 / +3 bits a weight of GPU memory, as does every ``frozen`` one) and splits K into slices
-whose partial sums the last block of each chunk of rows adds in order (deterministic; scratch per weight, so one
-weight must not run on two streams at once).
+reads the indices stored by batch (``lut_planes``, ``by_batch``, built at the first one-row call; a weight that
+also meets 2–64 rows holds both layouts, +2 / +3 bits a weight of GPU memory, as does every ``frozen`` one) and
+splits K into slices whose partial sums the last block of each chunk of rows adds in order (deterministic; scratch
+per weight, so one weight must not run on two streams at once).
 """
 from __future__ import annotations
 
