@@ -128,7 +128,7 @@ def test_each_kernel_builds_its_own_planes():
 
 
 def test_lut_threads_setting(monkeypatch):
-    """The block size: 1024 unless set; a setting that is not a number is named in one clear error."""
+    """The block size: 1024 unless set; a setting other than 512 or 1024 is named in one clear error."""
     monkeypatch.delenv("LLMCOMP_VQ_LUT_THREADS", raising=False)
     codebook_cuda._lut_env.cache_clear()
     try:
@@ -139,6 +139,10 @@ def test_lut_threads_setting(monkeypatch):
         codebook_cuda._lut_env.cache_clear()
         monkeypatch.setenv("LLMCOMP_VQ_LUT_THREADS", "many")
         with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not 'many'"):
+            codebook_cuda.lut_threads()
+        codebook_cuda._lut_env.cache_clear()
+        monkeypatch.setenv("LLMCOMP_VQ_LUT_THREADS", "768")  # a number the kernel has no build for
+        with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not '768'"):
             codebook_cuda.lut_threads()
     finally:
         monkeypatch.delenv("LLMCOMP_VQ_LUT_THREADS", raising=False)

@@ -180,7 +180,7 @@ def _lut_env() -> tuple[bool, int, Optional[bool]]:
     """(``LLMCOMP_VQ_LUT`` on, ``LLMCOMP_VQ_LUT_THREADS`` or 0, ``LLMCOMP_VQ_LUT_PRMT`` 1 / 0 or unset: None), read
     once: every one-row call consults them."""
     threads = os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0").strip() or "0"
-    if not threads.isdigit():
+    if threads not in ("0", "512", "1024"):
         raise ValueError(f"LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not {threads!r}")
     prmt = os.environ.get("LLMCOMP_VQ_LUT_PRMT", "").strip()
     if prmt not in ("", "0", "1"):
@@ -199,8 +199,7 @@ def lut_threads() -> int:
     """Threads a block of the lookup-table GEMV (``LLMCOMP_VQ_LUT_THREADS`` or ``set_lut`` override): by default
     1024 (H200, kernels_h200_vq_lut_next2.json: vq2 28672 × 8192 26.6 µs at 1024 against 29.1 at 512, vq3 36.9
     against 39.2 with the PRMT table; at most 2 % slower on the smaller shapes)."""
-    t = _LUT_SET.get("threads") or _lut_env()[1]
-    return t if t in (512, 1024) else 1024
+    return _LUT_SET.get("threads") or _lut_env()[1] or 1024
 
 
 LUT_MIN_WEIGHTS = 4096 * 4096  # from there the GEMV is faster than the mma kernel (H200,

@@ -24,9 +24,9 @@
 // vector 4l + j; stage 1 (two stages): int16, nibble j — so a lane loads a batch's words in Q 16-byte pieces and
 // each load of a warp reads one contiguous 512 bytes (the batch 2 KB, 1 KB). Row-major words instead (16 four-byte
 // loads of 128 bytes a batch, rows K / 4 bytes apart) were 5-12 % slower at the same block size (H200,
-// kernels_h200_vq_lut_next.json); pieces of a lane's 64 contiguous bytes slower still (every warp-wide load touched 32 half-used sectors,
-// kernels_h200_vq_lut_stream.json). cb [entries][4] fp32 (stage 1's from e1_at); K a multiple of 512 (the caller
-// pads indices with entry 0 and x with zeros).
+// kernels_h200_vq_lut_next.json); pieces of a lane's 64 contiguous bytes slower still (every warp-wide load
+// touched 32 half-used sectors, kernels_h200_vq_lut_stream.json). cb [entries][4] fp32 (stage 1's from e1_at); K a
+// multiple of 512 (the caller pads indices with entry 0 and x with zeros).
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -274,9 +274,9 @@ void dispatch(int threads, bool prmt, const torch::Tensor& x, const torch::Tenso
 
 // x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [K / 512, n / 16, 4, 32, 4]; idx1 int16 [K / 512,
 // n / 16, 2, 32, 8] (e1_at > 0: two stages, stage 1's entries cb[e1_at:]): the words stored by batch (see the top;
-// 16-byte aligned); cb float32
-// [entries, 4]; scale float32 (n values); part float32 (K / 512 · n values, scratch); counters int32, one per chunk of
-// rows_per_chunk rows, zero (and left zero); threads: a block's, 512 or 1024; prmt: the PRMT-addressed table.
+// 16-byte aligned); cb float32 [entries, 4]; scale float32 (n values); part float32 (K / 512 · n values, scratch);
+// counters int32, one per chunk of rows_per_chunk rows, zero (and left zero); threads: a block's, 512 or 1024;
+// prmt: the PRMT-addressed table.
 torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
                      torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
                      int64_t threads, bool prmt) {
