@@ -18,7 +18,7 @@ fi
 TI=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
 PI=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 SRC=$(dirname "$0")/../llmcomp/kernels/csrc/$TU.cu
-nvcc -c -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I"$OUT_DIR/stub" $TI -I"$PI" -DTORCH_EXTENSION_NAME=x \
+nvcc -c -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I"$OUT_DIR/stub" $TI -I"$PI" -DTORCH_EXTENSION_NAME=x ${NVCC_EXTRA:-} \
   "$SRC" -o "$OUT_DIR/$TU.o" -Xptxas -v 2>&1 | grep -E "Compiling entry|Used|spill" | paste - - - |
   sed -E 's/.*function .(_Z[^ ]*). for .sm_90.*( [0-9]+ bytes spill stores).*Used ([0-9]+) registers.*/\3 regs\2  \1/' |
   c++filt | cut -c1-160
