@@ -30,14 +30,13 @@ def main() -> None:
     ap.add_argument("--formats", default="vq2,vq3")
     ap.add_argument("--ms", default="1")
     ap.add_argument("--variants", default="lut512,lut1024,mma",
-                    help="lut / prmt (the table addressed by one PRMT a lookup) with a block size (512, 768, 1024; "
-                         "none: the default, 1024), mma (the mma kernel), auto (the defaults: kernel, block size, "
-                         "addressing); suffixes: +pdl (with dependent launch), +early (the index words loaded at the "
-                         "top of the loop)")
+                    help="lut / prmt (the table addressed by one PRMT a lookup) with a block size (512, 1024; none: "
+                         "the default, 1024), mma (the mma kernel), auto (the defaults: kernel, block size, "
+                         "addressing); a +pdl suffix: with dependent launch")
     args = ap.parse_args()
     for label in args.variants.split(","):
         base, *suffixes = label.split("+")
-        if base.rstrip("0123456789") not in ("lut", "prmt", "mma", "auto") or set(suffixes) - {"pdl", "early"}:
+        if base.rstrip("0123456789") not in ("lut", "prmt", "mma", "auto") or set(suffixes) - {"pdl"}:
             ap.error(f"unknown variant {label!r}")
     bw = kb.copy_bandwidth()
     pdl_before = bool(uniform_cuda.dependent_launch())
@@ -53,13 +52,12 @@ def main() -> None:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     row = {"format": name, "N": n, "K": k, "M": m}
                     for label in args.variants.split(","):
-                        base, pdl, early = label.split("+")[0], "+pdl" in label, "+early" in label or None
+                        base, pdl = label.split("+")[0], "+pdl" in label
                         kind, threads = base.rstrip("0123456789"), int(base[len(base.rstrip("0123456789")):] or 0)
                         if kind == "auto":
-                            codebook_cuda.set_lut(None, early=early)
+                            codebook_cuda.set_lut(None)
                         else:
-                            codebook_cuda.set_lut(kind != "mma", threads or None, force=True, prmt=kind == "prmt",
-                                                  early=early)
+                            codebook_cuda.set_lut(kind != "mma", threads or None, force=True, prmt=kind == "prmt")
                         uniform_cuda.set_dependent_launch(pdl)
                         kb._time_into(row, label, [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
                     codebook_cuda.set_lut(None)

@@ -1,6 +1,5 @@
 """The codebook (VQ) CUDA mma path: its prepared layout read the kernel's way on CPU (CI), which formats and shapes
 it takes, and on CUDA the kernel against the reference."""
-import itertools
 import subprocess
 import sys
 import textwrap
@@ -133,7 +132,7 @@ def test_each_kernel_builds_its_own_planes():
 
 
 def test_lut_threads_setting(monkeypatch):
-    """The block size: 1024 unless set; a setting other than 512, 768 or 1024 is named in one clear error."""
+    """The block size: 1024 unless set; a setting other than 512 or 1024 is named in one clear error."""
     monkeypatch.delenv("LLMCOMP_VQ_LUT_THREADS", raising=False)
     codebook_cuda._lut_env.cache_clear()
     try:
@@ -143,37 +142,14 @@ def test_lut_threads_setting(monkeypatch):
         assert codebook_cuda.lut_threads() == 512
         codebook_cuda._lut_env.cache_clear()
         monkeypatch.setenv("LLMCOMP_VQ_LUT_THREADS", "many")
-        with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_THREADS must be 512, 768 or 1024, not 'many'"):
+        with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not 'many'"):
             codebook_cuda.lut_threads()
         codebook_cuda._lut_env.cache_clear()
-        monkeypatch.setenv("LLMCOMP_VQ_LUT_THREADS", "640")  # a number the kernel has no build for
-        with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_THREADS must be 512, 768 or 1024, not '640'"):
+        monkeypatch.setenv("LLMCOMP_VQ_LUT_THREADS", "768")  # a number the kernel has no build for
+        with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not '768'"):
             codebook_cuda.lut_threads()
     finally:
         monkeypatch.delenv("LLMCOMP_VQ_LUT_THREADS", raising=False)
-        codebook_cuda._lut_env.cache_clear()
-
-
-def test_lut_early_setting(monkeypatch):
-    """Early loads of the index words: off unless ``LLMCOMP_VQ_LUT_EARLY=1`` or ``set_lut(early=True)``; anything but
-    0 / 1 is one clear error."""
-    monkeypatch.delenv("LLMCOMP_VQ_LUT_EARLY", raising=False)
-    codebook_cuda._lut_env.cache_clear()
-    try:
-        assert not codebook_cuda.lut_early()
-        codebook_cuda.set_lut(None, early=True)
-        assert codebook_cuda.lut_early()  # the override
-        codebook_cuda.set_lut(None)
-        monkeypatch.setenv("LLMCOMP_VQ_LUT_EARLY", "1")
-        codebook_cuda._lut_env.cache_clear()
-        assert codebook_cuda.lut_early()
-        monkeypatch.setenv("LLMCOMP_VQ_LUT_EARLY", "on")
-        codebook_cuda._lut_env.cache_clear()
-        with pytest.raises(ValueError, match="LLMCOMP_VQ_LUT_EARLY must be 0 or 1, not 'on'"):
-            codebook_cuda.lut_early()
-    finally:
-        codebook_cuda.set_lut(None)
-        monkeypatch.delenv("LLMCOMP_VQ_LUT_EARLY", raising=False)
         codebook_cuda._lut_env.cache_clear()
 
 
@@ -266,8 +242,8 @@ def test_lut_gemv_matches_reference(fmt, dtype):
     """The one-row lookup-table GEMV (``gemm`` at M = 1, forced below ``LUT_MIN_WEIGHTS``): within 0.5 % of the fp32
     reference product (its tables are fp32; only the output is rounded; 1 % with outlier columns, whose product is
     added in the activation dtype), the same bits on every call (partials added in slice order; the chunk counters
-    left at zero), whatever the chunking (one chunk, 16-row chunks, the default), block size (512, 768, 1024
-    threads), table addressing (PRMT: the same bits) and loads (early: the same bits), launched with dependent launch or not; and the mma kernel within
+    left at zero), whatever the chunking (one chunk, 16-row chunks, the default), block size (512, 1024 threads)
+    and table addressing (PRMT: the same bits), launched with dependent launch or not; and the mma kernel within
     2 %."""
     if codebook_cuda.uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
@@ -304,19 +280,16 @@ def _lut_cases(fmt, dtype):
         assert float((mma.float() - ref).abs().max() / ref.abs().max()) < 2e-2
         xm = x.index_select(1, prep["main_cols"]) if "main_cols" in prep else x
         args = list(codebook_cuda._lut_args(prep))
-        for rpc, threads, prmt in itertools.product((16, n), (512, 768, 1024), (False, True)):
-            args[-4:] = rpc, threads, prmt, False
-            args[-7] = torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")  # the chunk counters
-
-            def run(a):
-                return codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(xm, *a), x, prep)
-
-            y2 = run(args)
+        for rpc, threads, prmt in ((16, 512, False), (n, 512, False), (16, 1024, False), (n, 1024, False),
+                                   (16, 512, True), (n, 512, True), (16, 1024, True), (n, 1024, True)):
+            args[-3:] = rpc, threads, prmt
+            args[-6] = torch.zeros(-(-n // rpc), dtype=torch.int32, device="cuda")  # the chunk counters
+            y2 = codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(xm, *args), x, prep)
             assert float((y2.float() - ref).abs().max() / ref.abs().max()) < tol, (n, k, rpc, threads, prmt)
-            assert not args[-7].any()
-            assert torch.equal(y2, run([*args[:-1], True])), (n, k, rpc, threads, prmt)  # early loads: the same bits
+            assert not args[-6].any()
             if rpc == n:  # one chunk: the same bits whatever the table's addressing
-                assert torch.equal(y2, run([*args[:-2], not prmt, False])), (n, k, threads)
+                assert torch.equal(y2, codebook_cuda.add_outliers(codebook_cuda.lut_gemm_tensors(
+                    xm, *args[:-1], not prmt), x, prep)), (n, k, threads)
         codebook_cuda.set_lut(False)
         try:
             assert torch.equal(codebook_cuda.gemm(x, prep), mma)  # off: the mma kernel at its default launch
@@ -365,7 +338,7 @@ _EXTENSION_ERRORS = textwrap.dedent("""
     from llmcomp.kernels import uniform_cuda
     ext, z = uniform_cuda.extension(), torch.zeros(16, device="cuda")
     x = torch.zeros(1, 512, device="cuda", dtype=torch.float16)
-    calls = {"vq_lut": lambda: ext.vq_lut(x, z, z, z, 1, 0, z, z, z, 16, 16, 640, False, False),
+    calls = {"vq_lut": lambda: ext.vq_lut(x, z, z, z, 1, 0, z, z, z, 16, 16, 768, False),
              "gemm": lambda: ext.gemm(torch.zeros(65, 512, device="cuda", dtype=torch.float16), z, z, z, 4, 128,
                                       16, 1, 4, 0, 1)}
     for name, call in calls.items():
@@ -385,5 +358,5 @@ def test_extension_checks_raise():
         pytest.skip("CUDA extension could not be built here")
     r = subprocess.run([sys.executable, "-c", _EXTENSION_ERRORS], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
-    assert "vq_lut raised: threads: 512, 768 or 1024" in r.stdout, r.stdout
+    assert "vq_lut raised: threads: 512 or 1024" in r.stdout, r.stdout
     assert "gemm raised: the mma kernel takes at most 64 rows of x" in r.stdout, r.stdout

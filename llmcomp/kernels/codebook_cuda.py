@@ -172,24 +172,20 @@ def _lut_launch_state(prep: dict) -> dict:
             "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
 
 
-_LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force", "prmt", "early"); absent or None: environment
+_LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force", "prmt"); absent or None: environment
 
 
 @functools.lru_cache(maxsize=1)
-def _lut_env() -> tuple[bool, int, Optional[bool], bool]:
+def _lut_env() -> tuple[bool, int, Optional[bool]]:
     """(``LLMCOMP_VQ_LUT`` on, ``LLMCOMP_VQ_LUT_THREADS`` or 0, ``LLMCOMP_VQ_LUT_PRMT`` 1 / 0 or unset: None), read
     once: every one-row call consults them."""
     threads = os.environ.get("LLMCOMP_VQ_LUT_THREADS", "0").strip() or "0"
-    if threads not in ("0", "512", "768", "1024"):
-        raise ValueError(f"LLMCOMP_VQ_LUT_THREADS must be 512, 768 or 1024, not {threads!r}")
+    if threads not in ("0", "512", "1024"):
+        raise ValueError(f"LLMCOMP_VQ_LUT_THREADS must be 512 or 1024, not {threads!r}")
     prmt = os.environ.get("LLMCOMP_VQ_LUT_PRMT", "").strip()
     if prmt not in ("", "0", "1"):
         raise ValueError(f"LLMCOMP_VQ_LUT_PRMT must be 0 or 1, not {prmt!r}")
-    early = os.environ.get("LLMCOMP_VQ_LUT_EARLY", "0").strip() or "0"
-    if early not in ("0", "1"):
-        raise ValueError(f"LLMCOMP_VQ_LUT_EARLY must be 0 or 1, not {early!r}")
-    return (os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0", int(threads), None if prmt == "" else prmt == "1",
-            early == "1")
+    return os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0", int(threads), None if prmt == "" else prmt == "1"
 
 
 def lut() -> bool:
@@ -228,26 +224,18 @@ def lut_prmt(stages: int) -> bool:
     return p if p is not None else stages == 2
 
 
-def lut_early() -> bool:
-    """Whether the GEMV's warps load the next batch's index words at the top of the loop (``csrc/vq_lut.cu``,
-    EARLY): ``LLMCOMP_VQ_LUT_EARLY=1`` (off by default until measured); ``set_lut`` overrides."""
-    e = _LUT_SET.get("early")
-    return e if e is not None else _lut_env()[3]
-
-
-def set_lut(on: bool | None, threads: int | None = None, force: bool = False, prmt: bool | None = None,
-            early: bool | None = None) -> None:
-    """Turn the lookup-table GEMV on or off, its block size, table addressing and early loads, for A/B timing in one
-    process (None: back to the environment); ``force``: at any number of rows."""
-    _LUT_SET.update(on=on, threads=threads, force=force, prmt=prmt, early=early)
+def set_lut(on: bool | None, threads: int | None = None, force: bool = False, prmt: bool | None = None) -> None:
+    """Turn the lookup-table GEMV on or off, its block size and table addressing, for A/B timing in one process
+    (None: back to the environment); ``force``: at any number of rows."""
+    _LUT_SET.update(on=on, threads=threads, force=force, prmt=prmt)
 
 
 def lut_gemm_tensors(xm, i0, i1, tab32, e0: int, cb1_at: int, scale, part, counters, n: int, kl: int, rpc: int,
-                     threads: int = 1024, prmt: bool = False, early: bool = False):
+                     threads: int = 1024, prmt: bool = False):
     """The main columns' x [1, K] → y [1, n] by the lookup-table GEMV (i0 / i1: ``lut_planes``)."""
     xm = uniform_cuda.kernel_input(xm.contiguous(), kl)
     return uniform_cuda.extension().vq_lut(xm, i0, i0 if i1 is None else i1, tab32, e0, cb1_at, scale, part,
-                                           counters, n, rpc, threads, prmt, early)
+                                           counters, n, rpc, threads, prmt)
 
 
 def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) -> tuple:
@@ -260,22 +248,21 @@ def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) ->
 def _lut_args(prep: dict) -> tuple:
     lut = lut_planes(prep)
     return (lut["i0"], lut["i1"], prep["table32"], prep["e0"], prep["cb1_at"], lut["scale"], lut["part"],
-            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(), lut_prmt(_stages(prep)),
-            lut_early())
+            lut["counters"], prep["n"], lut["kl"], lut["rows_per_chunk"], lut_threads(), lut_prmt(_stages(prep)))
 
 
 @torch.library.custom_op("llmcomp::codebook_lut", mutates_args=())
 def lut_op(xm: torch.Tensor, i0: torch.Tensor, i1: Optional[torch.Tensor], tab32: torch.Tensor, e0: int, cb1_at: int,
            scale: torch.Tensor, part: torch.Tensor, counters: torch.Tensor, n: int, kl: int, rpc: int,
-           threads: int, prmt: bool, early: bool) -> torch.Tensor:
+           threads: int, prmt: bool) -> torch.Tensor:
     """``lut_gemm_tensors`` as one opaque op. ``part`` and ``counters`` are the kernel's scratch: it overwrites the
     partial sums before reading them and leaves the counters zero as it found them, so no input changes as seen
     from outside (not declared mutated: functionalization would copy them every call)."""
-    return lut_gemm_tensors(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt, early)
+    return lut_gemm_tensors(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt)
 
 
 @lut_op.register_fake
-def _(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt, early):
+def _(xm, i0, i1, tab32, e0, cb1_at, scale, part, counters, n, kl, rpc, threads, prmt):
     return xm.new_empty(1, n)
 
 

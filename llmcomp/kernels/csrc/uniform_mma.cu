@@ -127,7 +127,7 @@ torch::Tensor vq_gemm(torch::Tensor x, torch::Tensor idx, torch::Tensor idx1, to
 // csrc/vq_lut.cu: codebook weights at one row of x, the lookup-table GEMV.
 torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
                      torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
-                     int64_t threads, bool prmt, bool early);
+                     int64_t threads, bool prmt);
 
 torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
                       int64_t k, c10::ScalarType dtype, int64_t elem) {

@@ -104,7 +104,7 @@ __device__ __forceinline__ void build_table(float* tab, const float4* cb, int en
 // The PRMT form's shared memory: stage 0's halves (256 entries each, whatever e0), stage 1's, then the codebook.
 constexpr int PRMT_HALF0 = 256 * 256, PRMT_HALF1 = 16 * 256, PRMT_STAGE1 = 2 * PRMT_HALF0;  // bytes
 
-template <typename T, int STAGES, int THREADS, bool PRMT, bool EARLY>
+template <typename T, int STAGES, int THREADS, bool PRMT>
 __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x, const uint32_t* __restrict__ idx0,
                                                          const uint16_t* __restrict__ idx1, const float4* __restrict__ cb,
                                                          int e0, int e1_at, int e1, const float* __restrict__ scale,
@@ -130,14 +130,14 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
     const uint4* p = reinterpret_cast<const uint4*>(idx0 + at) + lane;
 #pragma unroll
     for (int q = 0; q < BATCH / 4; ++q) {
-      const uint4 v = EARLY ? load_now(p + 32 * q) : __ldg(p + 32 * q);
+      const uint4 v = __ldg(p + 32 * q);
       w[4 * q] = v.x; w[4 * q + 1] = v.y; w[4 * q + 2] = v.z; w[4 * q + 3] = v.w;
     }
     if constexpr (STAGES == 2) {
       const uint4* p1 = reinterpret_cast<const uint4*>(idx1 + at) + lane;
 #pragma unroll
       for (int q = 0; q < BATCH / 8; ++q) {
-        const uint4 v = EARLY ? load_now(p1 + 32 * q) : __ldg(p1 + 32 * q);
+        const uint4 v = __ldg(p1 + 32 * q);
         h[4 * q] = v.x; h[4 * q + 1] = v.y; h[4 * q + 2] = v.z; h[4 * q + 3] = v.w;
       }
     }
@@ -184,7 +184,6 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   for (int b = warp; b < batches; b += WARPS) {
     uint32_t nxt[BATCH], nxt1[H];
     load(nxt, nxt1, r0 + (b + WARPS < batches ? b + WARPS : b) * BATCH);  // the last batch reloads itself
-    if constexpr (EARLY) __syncwarp();  // (memory order: keeps the loads above the lookups below)
     float acc[BATCH];
 #pragma unroll
     for (int i = 0; i < BATCH; ++i) {
@@ -250,7 +249,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   if (threadIdx.x == 0) counters[blockIdx.y] = 0u;
 }
 
-template <typename T, int STAGES, int THREADS, bool PRMT, bool EARLY>
+template <typename T, int STAGES, int THREADS, bool PRMT>
 void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1, const torch::Tensor& cb,
             int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part, torch::Tensor& counters,
             torch::Tensor& out, int n, int rows_per_chunk) {
@@ -258,7 +257,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tens
   const int entries = e0 + (STAGES == 2 ? e1 : 0);
   const size_t tables = PRMT ? PRMT_STAGE1 + (STAGES == 2 ? 2 * PRMT_HALF1 : 0) : (size_t)entries * ENTRY_FLOATS * 4;
   const size_t smem = tables + (size_t)(STAGES == 2 ? e1_at + e1 : e0) * 16;
-  auto kernel = vq_lut_kernel<T, STAGES, THREADS, PRMT, EARLY>;
+  auto kernel = vq_lut_kernel<T, STAGES, THREADS, PRMT>;
   llmcomp_mma::launch_ex(kernel, dim3(slices, chunks), THREADS, smem, reinterpret_cast<const T*>(x.data_ptr()),
       reinterpret_cast<const uint32_t*>(idx0.data_ptr()), reinterpret_cast<const uint16_t*>(idx1.data_ptr()),
       reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1, (const float*)scale.data_ptr<float>(),
@@ -269,22 +268,18 @@ void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tens
 
 // The launch for the run-time choices: block size, table addressing.
 template <typename T, int STAGES>
-void dispatch(int threads, bool prmt, bool early, const torch::Tensor& x, const torch::Tensor& idx0,
-              const torch::Tensor& idx1, const torch::Tensor& cb, int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part,
+void dispatch(int threads, bool prmt, const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1,
+              const torch::Tensor& cb, int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part,
               torch::Tensor& counters, torch::Tensor& out, int n, int rows_per_chunk) {
-  auto go = [&](auto p, auto e) {
-    constexpr bool P = decltype(p)::value, E = decltype(e)::value;
+  auto go = [&](auto p) {
+    constexpr bool P = decltype(p)::value;
     if (threads == 1024)
-      launch<T, STAGES, 1024, P, E>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
-    else if (threads == 768)
-      launch<T, STAGES, 768, P, E>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+      launch<T, STAGES, 1024, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
     else
-      launch<T, STAGES, 512, P, E>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+      launch<T, STAGES, 512, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
   };
-  using Y = std::true_type;
-  using N = std::false_type;
-  if (prmt) early ? go(Y{}, Y{}) : go(Y{}, N{});
-  else early ? go(N{}, Y{}) : go(N{}, N{});
+  if (prmt) go(std::true_type{});
+  else go(std::false_type{});
 }
 
 }  // namespace llmcomp_lut
@@ -292,13 +287,13 @@ void dispatch(int threads, bool prmt, bool early, const torch::Tensor& x, const 
 // x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [K / 512, n / 16, 4, 32, 4]; idx1 int16 [K / 512,
 // n / 16, 2, 32, 8] (e1_at > 0: two stages, stage 1's entries cb[e1_at:]): the words stored by batch (see the top;
 // 16-byte aligned); cb float32 [entries, 4]; scale float32 (n values); part float32 (K / 512 · n values, scratch);
-// counters int32, one per chunk of rows_per_chunk rows, zero (and left zero); threads: a block's, 512, 768 or 1024;
-// prmt: the PRMT-addressed table; early: the next batch's words loaded at the top of the loop (EARLY).
+// counters int32, one per chunk of rows_per_chunk rows, zero (and left zero); threads: a block's, 512 or 1024;
+// prmt: the PRMT-addressed table.
 torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
                      torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
-                     int64_t threads, bool prmt, bool early) {
+                     int64_t threads, bool prmt) {
   using namespace llmcomp_lut;
-  TORCH_CHECK(threads == 512 || threads == 768 || threads == 1024, "threads: 512, 768 or 1024");
+  TORCH_CHECK(threads == 512 || threads == 1024, "threads: 512 or 1024");
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && x.size(1) % SLICE == 0 &&
                   x.data_ptr() != nullptr && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "x: one contiguous 16-byte-aligned CUDA row, inputs a multiple of 512");
@@ -336,12 +331,12 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
   const int a = (int)e0, a1 = (int)e1_at, b = (int)e1, nn = (int)n, rc = (int)rows_per_chunk;
   const int t = (int)threads;
   if (x.scalar_type() == at::kHalf) {
-    if (two) dispatch<__half, 2>(t, prmt, early, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
-    else dispatch<__half, 1>(t, prmt, early, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    if (two) dispatch<__half, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    else dispatch<__half, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
   } else {
     using B16 = __nv_bfloat16;
-    if (two) dispatch<B16, 2>(t, prmt, early, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
-    else dispatch<B16, 1>(t, prmt, early, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    if (two) dispatch<B16, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    else dispatch<B16, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
   }
   return out;
 }
