@@ -3,7 +3,8 @@
 # and disassemble it with cuobjdump + nvdisasm from NVIDIA's pip wheels (fetched once into $SASS_TOOLS).
 #   bash bench/sass_local.sh mma_int4 'uniform_mma_kernelI13__nv_bfloat16Li4ELi1ELi1E'
 # prints ptxas' registers/spills for every kernel of the unit, then the instruction histogram of the kernels whose
-# mangled name matches the pattern (the listing is left in $OUT_DIR/fn.lst). Needs nvcc (CUDA 12.4+) and torch.
+# mangled name matches the pattern (the listing is left in $OUT_DIR/fn.lst); NVCC_EXTRA adds nvcc flags (e.g. -DNAME=1).
+# Needs nvcc (CUDA 12.4+) and torch.
 set -eu
 TU=${1:?translation unit, e.g. mma_int4}; PAT=${2:-uniform_mma_kernel}
 SASS_TOOLS=${SASS_TOOLS:-$HOME/.cache/llmcomp/sass-tools}; OUT_DIR=${OUT_DIR:-/tmp/llmcomp-sass}
