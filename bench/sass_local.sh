@@ -3,7 +3,8 @@
 # and disassemble it with cuobjdump + nvdisasm from NVIDIA's pip wheels (fetched once into $SASS_TOOLS).
 #   bash bench/sass_local.sh mma_int4 'uniform_mma_kernelI13__nv_bfloat16Li4ELi1ELi1E'
 # prints ptxas' registers/spills for every kernel of the unit, then the instruction histogram of the kernels whose
-# mangled name matches the pattern (the listing is left in $OUT_DIR/fn.lst). Needs nvcc (CUDA 12.4+) and torch.
+# mangled name matches the pattern (the listing is left in $OUT_DIR/fn.lst); NVCC_EXTRA adds nvcc flags (e.g. -DNAME=1).
+# Needs nvcc (CUDA 12.4+) and torch.
 set -eu
 TU=${1:?translation unit, e.g. mma_int4}; PAT=${2:-uniform_mma_kernel}
 SASS_TOOLS=${SASS_TOOLS:-$HOME/.cache/llmcomp/sass-tools}; OUT_DIR=${OUT_DIR:-/tmp/llmcomp-sass}
@@ -18,7 +19,7 @@ fi
 TI=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
 PI=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 SRC=$(dirname "$0")/../llmcomp/kernels/csrc/$TU.cu
-nvcc -c -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I"$OUT_DIR/stub" $TI -I"$PI" -DTORCH_EXTENSION_NAME=x \
+nvcc -c -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I"$OUT_DIR/stub" $TI -I"$PI" -DTORCH_EXTENSION_NAME=x ${NVCC_EXTRA:-} \
   "$SRC" -o "$OUT_DIR/$TU.o" -Xptxas -v 2>&1 | grep -E "Compiling entry|Used|spill" | paste - - - |
   sed -E 's/.*function .(_Z[^ ]*). for .sm_90.*( [0-9]+ bytes spill stores).*Used ([0-9]+) registers.*/\3 regs\2  \1/' |
   c++filt | cut -c1-160

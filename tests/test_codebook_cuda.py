@@ -1,5 +1,9 @@
 """The codebook (VQ) CUDA mma path: its prepared layout read the kernel's way on CPU (CI), which formats and shapes
 it takes, and on CUDA the kernel against the reference."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -327,3 +331,32 @@ def _frozen_case(fmt):
                 else:
                     assert torch.equal(y, ref), m
 
+
+
+_EXTENSION_ERRORS = textwrap.dedent("""
+    import torch
+    from llmcomp.kernels import uniform_cuda
+    ext, z = uniform_cuda.extension(), torch.zeros(16, device="cuda")
+    x = torch.zeros(1, 512, device="cuda", dtype=torch.float16)
+    calls = {"vq_lut": lambda: ext.vq_lut(x, z, z, z, 1, 0, z, z, z, 16, 16, 768, False),
+             "gemm": lambda: ext.gemm(torch.zeros(65, 512, device="cuda", dtype=torch.float16), z, z, z, 4, 128,
+                                      16, 1, 4, 0, 1)}
+    for name, call in calls.items():
+        try:
+            call()
+        except RuntimeError as e:
+            print(name, "raised:", str(e).splitlines()[0])
+""")
+
+
+@pytest.mark.cuda
+def test_extension_checks_raise():
+    """A check that fails inside the CUDA extension (TORCH_CHECK) reaches Python as a RuntimeError with its message,
+    not a crash — run in a child process so that a crash fails this test instead of ending the run. (On the H200, kernel-lut-ring's test of a check thrown
+    inside a launch template's lambda ended the whole run with a segfault.)"""
+    if codebook_cuda.uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    r = subprocess.run([sys.executable, "-c", _EXTENSION_ERRORS], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    assert "vq_lut raised: threads: 512 or 1024" in r.stdout, r.stdout
+    assert "gemm raised: the mma kernel takes at most 64 rows of x" in r.stdout, r.stdout
