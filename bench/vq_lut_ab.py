@@ -28,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--formats", default="vq2,vq3")
+    ap.add_argument("--shapes", default="", help="N x K shapes instead of the bench's (e.g. 1024x4096,2048x4096)")
     ap.add_argument("--ms", default="1")
     ap.add_argument("--variants", default="lut512,lut1024,mma",
                     help="lut / prmt (the table addressed by one PRMT a lookup) with a block size (512, 1024; none: "
@@ -43,7 +44,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}
     with torch.no_grad():  # (not inference mode: the layout cache keys on version counters)
         for name in args.formats.split(","):
-            for n, k in [*kb.SHAPES, *STACKED]:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+            for n, k in shapes or [*kb.SHAPES, *STACKED]:
                 fmt, base = kb._packed_for(name, n, k)
                 nbytes = state_bytes(base)
                 layers = kb._layer_copies(fmt, base, k)
