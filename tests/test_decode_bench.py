@@ -156,7 +156,10 @@ def test_cli_end_to_end_with_tiny_models(monkeypatch, tmp_path):
     ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "dense GEMM"), ("void gemv2T_kernel_val<int, int, __nv_bfloat16>", "dense GEMM"),
     ("aten::mm", "dense GEMM"), ("void pytorch_flash::flash_fwd_splitkv_kernel<...>", "attention"),
     ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
-    ("void at::native::vectorized_elementwise_kernel<4, ...>", "other"), ("aten::add", "other")])
+    ("void at::native::vectorized_elementwise_kernel<4, ...>", "other"), ("aten::add", "other"),
+    ("void llmcomp_lut::vq_lut_kernel<__nv_bfloat16, 1, 1024, false>(...)", "quantized linears"),
+    ("triton_red_fused__to_copy_add_codebook_gemm_codebook_lut_mean_mul_pow_rsqrt_view_0", "other"),
+    ("triton_poi_fused_add_cat_decode_attention_mul_neg_slice_transpose_unsqueeze_view_3", "other")])
 def test_time_kind(name, kind):
     assert db.time_kind(name) == kind
 

@@ -225,13 +225,20 @@ class StaticDecoder:
 TIME_KINDS = (
     ("attention", ("flash", "fmha", "attention", "sdpa")),  # first: llmcomp::decode_attention is not a linear
     ("quantized linears", ("uniform_mma", "uniform_dequant", "_gemv_kernel", "_dequant_kernel", "_cb_gemv",
-                           "llmcomp::")),
+                           "llmcomp::", "llmcomp_lut::", "llmcomp_mma::")),
     ("dense GEMM", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
 )
 
 
+# inductor's generated pointwise / reduction kernels: named after every op they fused (a norm fused with the
+# output of ``llmcomp::codebook_gemm`` reads "..._codebook_gemm_..._rsqrt_..."), never a matrix product
+INDUCTOR_FUSED = ("triton_poi_", "triton_red_", "triton_per_")
+
+
 def time_kind(name: str) -> str:
     low = name.lower()
+    if low.startswith(INDUCTOR_FUSED):
+        return "other"
     return next((kind for kind, parts in TIME_KINDS if any(p in low for p in parts)), "other")
 
 
