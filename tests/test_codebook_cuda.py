@@ -92,10 +92,11 @@ def test_lut_planes_rebuild_the_weight(fmt, k):
     assert lut["part"].numel() == kl // 512 * n
 
 
-@pytest.mark.parametrize("ns", [(4096, 1024, 1024), (14336, 14336), (48, 16), (1536, 512, 512)])
+@pytest.mark.parametrize("ns", [(4096, 1024, 1024), (14336, 14336), (48, 16), (1536, 512, 512), (8192, 1024, 1024),
+                                (6144, 4096, 14336)])
 def test_group_chunks_stay_within_their_weights(ns):
     """The grouped GEMV's chunks: increasing starts from 0 to the total, whole batches, never across two weights,
-    each weight at least one chunk and the codebook of the weight it lies in, about one wave in all."""
+    each weight at least one chunk and the codebook of the weight it lies in, no more than one wave in all."""
     starts, book = codebook_cuda.group_chunks(list(ns), 4096, 256, 132)
     bounds = [sum(ns[:g]) for g in range(len(ns) + 1)]
     assert starts[0] == 0 and starts[-1] == bounds[-1] and len(book) == len(starts) - 1
@@ -104,7 +105,7 @@ def test_group_chunks_stay_within_their_weights(ns):
     for c, g in enumerate(book):
         assert bounds[g] <= starts[c] < starts[c + 1] <= bounds[g + 1], (c, g)
     want, _ = codebook_cuda.lut_launch(sum(ns), 4096, 256, 132)
-    assert len(book) <= want + len(ns)
+    assert len(book) <= max(want, len(ns))  # one wave (llama3-8b q / k / v: 16 chunks of 8 slices on 132 SMs)
 
 
 @pytest.mark.parametrize("fmt", FORMATS[:3], ids=lambda f: f.describe())

@@ -191,15 +191,21 @@ def _lut_launch_state(prep: dict) -> dict:
 
 
 def group_chunks(ns: list[int], k: int, entries: int, sms: int, threads: int = 1024) -> tuple[list[int], list[int]]:
-    """(row starts, codebooks) of the grouped GEMV's chunks for weights of ``ns`` rows stacked in that order: as
-    many chunks in all as ``lut_launch`` gives the stacked rows (one wave), shared among the weights in proportion
-    to their rows, at least one each, none across two weights, every chunk a multiple of 16 rows. The starts end
-    with the total; chunk c takes the codebook of the weight it lies in."""
+    """(row starts, codebooks) of the grouped GEMV's chunks for weights of ``ns`` rows stacked in that order: no more
+    chunks in all than ``lut_launch`` gives the stacked rows (one wave) unless there are more weights, shared among
+    the weights in proportion to their rows (whole shares, then the largest remainders), at least one each, none
+    across two weights, every chunk whole batches of 16 rows. The starts end with the total; chunk c takes the
+    codebook of the weight it lies in."""
     total = sum(ns)
     want, _ = lut_launch(total, k, entries, sms, threads)
+    share = [want * n / total for n in ns]
+    count = [min(n // 16, max(1, int(s))) for n, s in zip(ns, share)]
+    for g in sorted(range(len(ns)), key=lambda g: int(share[g]) - share[g]):  # the largest remainders first
+        if sum(count) >= want:
+            break
+        count[g] = min(ns[g] // 16, count[g] + 1)
     starts, book, row = [], [], 0
-    for g, n in enumerate(ns):
-        c = min(n // 16, max(1, round(want * n / total)))
+    for g, (n, c) in enumerate(zip(ns, count)):
         rows = -(-(-(-n // c)) // 16) * 16  # ceil(n / c), rounded up to whole batches
         for r in range(0, n, rows):
             starts.append(row + r)

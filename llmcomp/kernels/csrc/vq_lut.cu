@@ -372,7 +372,9 @@ torch::Tensor vq_lut_group(torch::Tensor x, torch::Tensor idx0, torch::Tensor id
                   book.is_cuda() && book.is_contiguous() && book.scalar_type() == at::kInt &&
                   book.numel() + 1 == start.numel() && book.numel() >= 1,
               "start / book: int32 CUDA, chunks + 1 and chunks values");
-  TORCH_CHECK(stride >= 1 && cb.dim() == 2 && cb.size(0) % stride == 0, "cb: whole codebooks of `stride` entries");
+  TORCH_CHECK(stride >= 1 && cb.dim() == 2 && cb.size(0) >= stride && cb.size(0) % stride == 0,
+              "cb: whole codebooks of `stride` entries");
+  TORCH_CHECK(start.device() == x.device() && book.device() == x.device(), "start / book: on x's device");
   const llmcomp_lut::Chunks ch{(int)book.numel(), 0, start.data_ptr<int>(), book.data_ptr<int>(), (int)stride};
   return llmcomp_lut::run(x, idx0, idx1, cb, e0, e1_at, scale, part, counters, n, threads, prmt, ch);
 }
