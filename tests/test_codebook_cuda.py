@@ -92,6 +92,47 @@ def test_lut_planes_rebuild_the_weight(fmt, k):
     assert lut["part"].numel() == kl // 512 * n
 
 
+@pytest.mark.parametrize("ns", [(4096, 1024, 1024), (14336, 14336), (48, 16), (1536, 512, 512), (8192, 1024, 1024),
+                                (6144, 4096, 14336)])
+def test_group_chunks_stay_within_their_weights(ns):
+    """The grouped GEMV's chunks: increasing starts from 0 to the total, whole batches, never across two weights,
+    each weight at least one chunk and the codebook of the weight it lies in, no more than one wave in all."""
+    starts, book = codebook_cuda.group_chunks(list(ns), 4096, 256, 132)
+    bounds = [sum(ns[:g]) for g in range(len(ns) + 1)]
+    assert starts[0] == 0 and starts[-1] == bounds[-1] and len(book) == len(starts) - 1
+    assert all(b > a and (b - a) % 16 == 0 for a, b in zip(starts, starts[1:]))
+    assert set(bounds) <= set(starts) and sorted(set(book)) == list(range(len(ns)))
+    for c, g in enumerate(book):
+        assert bounds[g] <= starts[c] < starts[c + 1] <= bounds[g + 1], (c, g)
+    want, _ = codebook_cuda.lut_launch(sum(ns), 4096, 256, 132)
+    assert len(book) <= max(want, len(ns))  # one wave (llama3-8b q / k / v: 16 chunks of 8 slices on 132 SMs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS[:3], ids=lambda f: f.describe())
+def test_lut_group_stacks_its_members(fmt):
+    """``lut_group``: the members' index words (by batch) concatenated along the rows, codebooks one after another
+    (stride: one codebook's entries), scales in order; None for members of different formats or with outlier
+    columns."""
+    preps = [_cpu_case(fmt, 1024, seed, n)[2] for seed, n in ((1, 64), (2, 32), (3, 32))]
+    group = codebook_cuda.lut_group(preps)
+    i0, i1, tab, e0, cb1_at, stride, scale, part, counters, n, kl, starts, book, threads, prmt = group
+    own = [codebook_cuda.lut_planes(p) for p in preps]
+    assert n == 128 and kl == 1024 and stride == preps[0]["table32"].shape[0] and e0 == preps[0]["e0"]
+    assert torch.equal(codebook_cuda.unbatch(i0), torch.cat([codebook_cuda.unbatch(o["i0"]) for o in own]))
+    if len(fmt.bits) == 2:
+        assert torch.equal(codebook_cuda.unbatch(i1), torch.cat([codebook_cuda.unbatch(o["i1"]) for o in own]))
+    else:
+        assert i1 is None
+    assert torch.equal(tab, torch.cat([p["table32"] for p in preps]))
+    assert torch.equal(scale, torch.cat([o["scale"] for o in own]))
+    assert part.numel() == kl // 512 * n and counters.numel() == book.numel() and not counters.any()
+    assert starts.tolist() == codebook_cuda.group_chunks([64, 32, 32], kl, codebook_cuda._lut_entries(preps[0]),
+                                                         132, threads)[0]
+    other = FORMATS[1] if fmt is FORMATS[0] else FORMATS[0]
+    assert codebook_cuda.lut_group([preps[0], _cpu_case(other, 1024, 4)[2]]) is None
+    assert codebook_cuda.lut_group([preps[0], _cpu_case(FORMATS[3], 1024 - 64, 4)[2]]) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
 def test_by_batch_is_read_as_the_kernel_reads(dtype):
     """csrc/vq_lut.cu's index loads, as index arithmetic on the flat buffer: lane l's 16-byte piece q of a batch
@@ -331,6 +372,41 @@ def _frozen_case(fmt):
                 else:
                     assert torch.equal(y, ref), m
 
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS[:3], ids=lambda f: f.describe())
+def test_frozen_group_is_its_members(fmt):
+    """Codebook siblings (q / k / v-like, each with its own codebook) through ``qlinear.frozen_group``: at one row
+    the grouped GEMV, the same bits as each member's own GEMV (a row's slices are added in the same order however
+    the rows are chunked) — alone, with a bias on one member and traced with fullgraph=True; at 2..64 rows each
+    member's mma kernel (the same bits as its forward); more rows take the members' own forwards. Stacked with an
+    outlier-column member: no group."""
+    from llmcomp.core.qlinear import frozen_group
+
+    if codebook_cuda.uniform_cuda.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    codebook_cuda.set_lut(True, force=True)
+    try:
+        k, dtype = 1024, torch.bfloat16
+        mods = [QuantLinear.from_packed(fmt, packed(fmt, n, k, n + i, "cuda"), k)
+                for i, n in enumerate((1536, 256, 256))]
+        mods[1].bias = torch.nn.Parameter(torch.randn(256, device="cuda", dtype=dtype), requires_grad=False)
+        fns = frozen_group(mods, dtype)
+        assert fns is not None and len(fns) == 3
+        torch._dynamo.reset()
+        traced = torch.compile(lambda x: torch.cat([f(x) for f in fns], -1), fullgraph=True, dynamic=False)
+        for m in (1, 9, 64, 65):
+            x = torch.randn(1, m, k, device="cuda").to(dtype)
+            with torch.no_grad():
+                ref = torch.cat([mod(x) for mod in mods], -1)
+                assert torch.equal(torch.cat([f(x) for f in fns], -1), ref), m
+                if m in (1, 9):
+                    assert torch.equal(traced(x), ref), m
+        out = QuantLinear.from_packed(FORMATS[3], packed(FORMATS[3], 256, k + 64, 7, "cuda"), k + 64)
+        assert codebook_cuda.lut_group([codebook_cuda.prepare(FORMATS[3], out.packed_tensors(), k + 64)]) is None
+    finally:
+        codebook_cuda.set_lut(None)
 
 
 _EXTENSION_ERRORS = textwrap.dedent("""

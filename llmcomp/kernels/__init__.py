@@ -212,7 +212,13 @@ def _register_builtin() -> None:
 
         return codebook_cuda.frozen(fmt, tensors, in_features, dtype, cache)
 
-    register_fast_path("codebook", "cuda", vq_supports, vq_fn, vq_freeze)  # the CUDA mma kernel (4-vectors, group 0)
+    def vq_fuse(items, dtype):
+        from llmcomp.kernels import codebook_cuda
+
+        return codebook_cuda.fuse(items, dtype)
+
+    # the CUDA kernels (4-vectors, group 0): the mma kernel, the lookup-table GEMV at one row
+    register_fast_path("codebook", "cuda", vq_supports, vq_fn, vq_freeze, vq_fuse)
     _outlier_fast_path("cuda")
     try:
         import triton  # noqa: F401

@@ -151,25 +151,94 @@ def lut_planes(prep: dict) -> dict:
     lut = prep.get("lut")
     if lut is None:
         lut = prep["lut"] = _lut_launch_state(prep)
-        kl, f = lut["kl"], prep["fields"]()
-        w0 = _padded(f, 0, kl // 4).to(torch.uint8).contiguous().view(torch.int32)
-        lut["i0"] = by_batch(w0)
-        lut["i1"] = by_batch(_pack_nibbles(_padded(f, 1, kl // 4)).view(torch.int16)) if _two(prep) else None
+        lut["i0"], lut["i1"] = _lut_words(prep, lut["kl"])
     return lut
+
+
+def _lut_words(prep: dict, kl: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(i0, i1): the weight's index words padded to ``kl`` inputs, stored by batch (``lut_planes``)."""
+    f = prep["fields"]()
+    w0 = _padded(f, 0, kl // 4).to(torch.uint8).contiguous().view(torch.int32)
+    i1 = by_batch(_pack_nibbles(_padded(f, 1, kl // 4)).view(torch.int16)) if _two(prep) else None
+    return by_batch(w0), i1
+
+
+def _lut_kl(prep: dict) -> int:
+    """The GEMV's inputs: the main columns padded to whole slices of ``LUT_INPUTS``."""
+    return -(-prep["kp"] // LUT_INPUTS) * LUT_INPUTS
+
+
+def _lut_entries(prep: dict) -> int:
+    """Entries of the GEMV's table (its shared memory): the PRMT form holds 256 of stage 0 (and 16 of stage 1)
+    whatever the codebook."""
+    if lut_prmt(_stages(prep)):
+        return 256 + (16 if _two(prep) else 0)
+    return prep["table32"].shape[0]
+
+
+def _sms(dev: torch.device) -> int:
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
 
 
 def _lut_launch_state(prep: dict) -> dict:
     """The GEMV's launch (chunks of rows), partial-sum scratch and zeroed chunk counters for this weight."""
-    n, kl = prep["n"], -(-prep["kp"] // LUT_INPUTS) * LUT_INPUTS
+    n, kl = prep["n"], _lut_kl(prep)
     dev = prep["table32"].device
-    entries = prep["table32"].shape[0]
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-    if lut_prmt(_stages(prep)):  # its table: 256 stage-0 entries (and 16 of stage 1) whatever the codebook
-        entries = 256 + (16 if _two(prep) else 0)
-    chunks, rpc = lut_launch(n, kl, entries, sms, lut_threads())
+    chunks, rpc = lut_launch(n, kl, _lut_entries(prep), _sms(dev), lut_threads())
     return {"kl": kl, "rows_per_chunk": rpc, "scale": prep["scale"].reshape(n),
             "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
             "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
+
+
+def group_chunks(ns: list[int], k: int, entries: int, sms: int, threads: int = 1024) -> tuple[list[int], list[int]]:
+    """(row starts, codebooks) of the grouped GEMV's chunks for weights of ``ns`` rows stacked in that order: no more
+    chunks in all than ``lut_launch`` gives the stacked rows (one wave) unless there are more weights, shared among
+    the weights in proportion to their rows (whole shares, then the largest remainders), at least one each, none
+    across two weights, every chunk whole batches of 16 rows. The starts end with the total; chunk c takes the
+    codebook of the weight it lies in."""
+    total = sum(ns)
+    want, _ = lut_launch(total, k, entries, sms, threads)
+    share = [want * n / total for n in ns]
+    count = [min(n // 16, max(1, int(s))) for n, s in zip(ns, share)]
+    for g in sorted(range(len(ns)), key=lambda g: int(share[g]) - share[g]):  # the largest remainders first
+        if sum(count) >= want:
+            break
+        count[g] = min(ns[g] // 16, count[g] + 1)
+    starts, book, row = [], [], 0
+    for g, (n, c) in enumerate(zip(ns, count)):
+        rows = -(-(-(-n // c)) // 16) * 16  # ceil(n / c), rounded up to whole batches
+        for r in range(0, n, rows):
+            starts.append(row + r)
+            book.append(g)
+        row += n
+    return starts + [total], book
+
+
+def lut_group(preps: list[dict]) -> Optional[tuple]:
+    """The grouped GEMV's operands after x (``lut_group_tensors``) for weights that multiply the same x (q / k / v,
+    gate / up), stacked along the rows: their index words concatenated batch after batch (the by-batch layout is
+    batch-major within a slice), their codebooks one after another, scales, chunk starts and codebooks, scratch and
+    zeroed counters. None where they differ in what one launch fixes (stages, entries, padded inputs) or carry
+    outlier columns. The members' own GEMV planes are not built."""
+    p0 = preps[0]
+
+    def key(p):
+        return p["cb1_at"], p["e0"], p["table32"].shape[0], p["kp"], "main_cols" in p
+
+    if any(key(p) != key(p0) for p in preps) or "main_cols" in p0:
+        return None
+    kl, dev, ns = _lut_kl(p0), p0["table32"].device, [p["n"] for p in preps]
+    words = [_lut_words(p, kl) for p in preps]
+    i0 = torch.cat([w[0] for w in words], dim=1)
+    i1 = torch.cat([w[1] for w in words], dim=1) if _two(p0) else None
+    del words
+    starts, book = group_chunks(ns, kl, _lut_entries(p0), _sms(dev), lut_threads())
+    total = sum(ns)
+    return (i0, i1, torch.cat([p["table32"] for p in preps]).contiguous(), p0["e0"], p0["cb1_at"],
+            p0["table32"].shape[0], torch.cat([p["scale"].reshape(-1) for p in preps]),
+            torch.empty(kl // LUT_INPUTS * total, device=dev), torch.zeros(len(book), dtype=torch.int32, device=dev),
+            total, kl, torch.tensor(starts, dtype=torch.int32, device=dev),
+            torch.tensor(book, dtype=torch.int32, device=dev), lut_threads(), lut_prmt(_stages(p0)))
 
 
 _LUT_SET: dict = {}  # set_lut's overrides ("on", "threads", "force", "prmt"); absent or None: environment
@@ -236,6 +305,28 @@ def lut_gemm_tensors(xm, i0, i1, tab32, e0: int, cb1_at: int, scale, part, count
     xm = uniform_cuda.kernel_input(xm.contiguous(), kl)
     return uniform_cuda.extension().vq_lut(xm, i0, i0 if i1 is None else i1, tab32, e0, cb1_at, scale, part,
                                            counters, n, rpc, threads, prmt)
+
+
+def lut_group_tensors(xm, i0, i1, tab32, e0: int, cb1_at: int, stride: int, scale, part, counters, n: int, kl: int,
+                      starts, book, threads: int = 1024, prmt: bool = False):
+    """x [1, K] → y [1, n] for the weights stacked in ``lut_group``'s operands: their outputs side by side."""
+    xm = uniform_cuda.kernel_input(xm.contiguous(), kl)
+    return uniform_cuda.extension().vq_lut_group(xm, i0, i0 if i1 is None else i1, tab32, e0, cb1_at, stride, scale,
+                                                 part, counters, n, starts, book, threads, prmt)
+
+
+@torch.library.custom_op("llmcomp::codebook_lut_group", mutates_args=())
+def lut_group_op(xm: torch.Tensor, i0: torch.Tensor, i1: Optional[torch.Tensor], tab32: torch.Tensor, e0: int,
+                 cb1_at: int, stride: int, scale: torch.Tensor, part: torch.Tensor, counters: torch.Tensor, n: int,
+                 kl: int, starts: torch.Tensor, book: torch.Tensor, threads: int, prmt: bool) -> torch.Tensor:
+    """``lut_group_tensors`` as one opaque op (scratch and counters as in ``lut_op``)."""
+    return lut_group_tensors(xm, i0, i1, tab32, e0, cb1_at, stride, scale, part, counters, n, kl, starts, book,
+                             threads, prmt)
+
+
+@lut_group_op.register_fake
+def _(xm, i0, i1, tab32, e0, cb1_at, stride, scale, part, counters, n, kl, starts, book, threads, prmt):
+    return xm.new_empty(1, n)
 
 
 def _mma_args(prep: dict, dtype: torch.dtype, replicated: bool | None = None) -> tuple:
@@ -357,5 +448,29 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
         xm = x2.index_select(1, main) if main is not None else x2
         y = lut_op(xm, *one_row) if one_row is not None and x2.shape[0] == 1 else gemm_op(xm, *args)
         return y if cols is None else y + torch.nn.functional.linear(x2.index_select(1, cols), w_out)
+
+    return run
+
+
+def fuse(items: list, dtype: torch.dtype):
+    """One call for codebook weights that multiply the same x (q / k / v, gate / up), or None: at one row the grouped
+    GEMV (``lut_group``: one launch, each weight's chunks with its own codebook), at 2..64 rows each weight's mma
+    kernel, outputs side by side. None where the stacked weights would not take the GEMV (``lut_takes``) or cannot
+    be stacked (``lut_group``). ``items``: (fmt, tensors, in_features, cache) per weight, in output order."""
+    from llmcomp.kernels import cached
+
+    preps = [cached(cache, ("cuda-vq",), tensors, functools.partial(prepare, fmt, tensors, k))
+             for fmt, tensors, k, cache in items]
+    if not lut_takes(sum(p["n"] for p in preps), preps[0]["kp"]):
+        return None
+    group = lut_group(preps)
+    if group is None:
+        return None
+    each = [_mma_args(p, dtype) for p in preps]  # built here: nothing is prepared inside a trace
+
+    def run(x2):
+        if x2.shape[0] == 1:
+            return lut_group_op(x2, *group)
+        return torch.cat([gemm_op(x2, *a) for a in each], dim=1)
 
     return run

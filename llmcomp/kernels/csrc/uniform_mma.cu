@@ -128,6 +128,10 @@ torch::Tensor vq_gemm(torch::Tensor x, torch::Tensor idx, torch::Tensor idx1, to
 torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
                      torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
                      int64_t threads, bool prmt);
+torch::Tensor vq_lut_group(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0,
+                           int64_t e1_at, int64_t stride, torch::Tensor scale, torch::Tensor part,
+                           torch::Tensor counters, int64_t n, torch::Tensor start, torch::Tensor book, int64_t threads,
+                           bool prmt);
 
 torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
                       int64_t k, c10::ScalarType dtype, int64_t elem) {
@@ -166,6 +170,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64)");
   m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
   m.def("vq_lut", &vq_lut, "codebook (VQ, 4-vectors, 1-2 stages) GEMV at one row of x by dot-product lookup tables");
+  m.def("vq_lut_group", &vq_lut_group, "vq_lut for weights stacked along the rows, each with its own codebook");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");

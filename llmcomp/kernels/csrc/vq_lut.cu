@@ -104,18 +104,30 @@ __device__ __forceinline__ void build_table(float* tab, const float4* cb, int en
 // The PRMT form's shared memory: stage 0's halves (256 entries each, whatever e0), stage 1's, then the codebook.
 constexpr int PRMT_HALF0 = 256 * 256, PRMT_HALF1 = 16 * 256, PRMT_STAGE1 = 2 * PRMT_HALF0;  // bytes
 
+// The chunks of rows (grid.y): `count` chunks of `rows` rows (the last one shorter); or, with `start` (a group of
+// weights stacked along the rows, each with its own codebook: q / k / v, gate / up), chunk c spans rows start[c] ..
+// start[c + 1] and takes codebook book[c] — entries book[c] * stride .. (book[c] + 1) * stride of cb.
+struct Chunks {
+  int count, rows;
+  const int* start;
+  const int* book;
+  int stride;
+};
+
 template <typename T, int STAGES, int THREADS, bool PRMT>
 __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x, const uint32_t* __restrict__ idx0,
                                                          const uint16_t* __restrict__ idx1, const float4* __restrict__ cb,
                                                          int e0, int e1_at, int e1, const float* __restrict__ scale,
                                                          float* __restrict__ part, unsigned* __restrict__ counters,
-                                                         T* __restrict__ out, int n, int rows_per_chunk) {
+                                                         T* __restrict__ out, int n, Chunks ch) {
   constexpr int WARPS = THREADS / 32;
   extern __shared__ float tab[];  // stage 0's e0 entries, then stage 1's e1, then the codebook (e1_at + e1 float4)
   __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int slice = blockIdx.x, r0 = blockIdx.y * rows_per_chunk;
-  const int r1 = min(n, r0 + rows_per_chunk), batches = (r1 - r0) / BATCH;
+  const int slice = blockIdx.x, chunk = blockIdx.y;
+  const int r0 = ch.start ? __ldg(ch.start + chunk) : chunk * ch.rows;
+  const int r1 = ch.start ? __ldg(ch.start + chunk + 1) : min(n, r0 + ch.rows), batches = (r1 - r0) / BATCH;
+  if (ch.start) cb += (size_t)__ldg(ch.book + chunk) * ch.stride;
   const size_t slice_words = (size_t)slice * (n / BATCH) * 32 * BATCH;  // the slice's batches
 
   grid_dep_launch();
@@ -252,17 +264,17 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
 template <typename T, int STAGES, int THREADS, bool PRMT>
 void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1, const torch::Tensor& cb,
             int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part, torch::Tensor& counters,
-            torch::Tensor& out, int n, int rows_per_chunk) {
-  const int k = x.size(1), slices = k / SLICE, chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
+            torch::Tensor& out, int n, const Chunks& ch) {
+  const int k = x.size(1), slices = k / SLICE;
   const int entries = e0 + (STAGES == 2 ? e1 : 0);
   const size_t tables = PRMT ? PRMT_STAGE1 + (STAGES == 2 ? 2 * PRMT_HALF1 : 0) : (size_t)entries * ENTRY_FLOATS * 4;
   const size_t smem = tables + (size_t)(STAGES == 2 ? e1_at + e1 : e0) * 16;
   auto kernel = vq_lut_kernel<T, STAGES, THREADS, PRMT>;
-  llmcomp_mma::launch_ex(kernel, dim3(slices, chunks), THREADS, smem, reinterpret_cast<const T*>(x.data_ptr()),
+  llmcomp_mma::launch_ex(kernel, dim3(slices, ch.count), THREADS, smem, reinterpret_cast<const T*>(x.data_ptr()),
       reinterpret_cast<const uint32_t*>(idx0.data_ptr()), reinterpret_cast<const uint16_t*>(idx1.data_ptr()),
       reinterpret_cast<const float4*>(cb.data_ptr()), e0, e1_at, e1, (const float*)scale.data_ptr<float>(),
       part.data_ptr<float>(), reinterpret_cast<unsigned*>(counters.data_ptr()), reinterpret_cast<T*>(out.data_ptr()),
-      n, rows_per_chunk);
+      n, ch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -270,37 +282,29 @@ void launch(const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tens
 template <typename T, int STAGES>
 void dispatch(int threads, bool prmt, const torch::Tensor& x, const torch::Tensor& idx0, const torch::Tensor& idx1,
               const torch::Tensor& cb, int e0, int e1_at, int e1, const torch::Tensor& scale, torch::Tensor& part,
-              torch::Tensor& counters, torch::Tensor& out, int n, int rows_per_chunk) {
+              torch::Tensor& counters, torch::Tensor& out, int n, const Chunks& ch) {
   auto go = [&](auto p) {
     constexpr bool P = decltype(p)::value;
     if (threads == 1024)
-      launch<T, STAGES, 1024, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+      launch<T, STAGES, 1024, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, ch);
     else
-      launch<T, STAGES, 512, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, rows_per_chunk);
+      launch<T, STAGES, 512, P>(x, idx0, idx1, cb, e0, e1_at, e1, scale, part, counters, out, n, ch);
   };
   if (prmt) go(std::true_type{});
   else go(std::false_type{});
 }
 
-}  // namespace llmcomp_lut
-
-// x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [K / 512, n / 16, 4, 32, 4]; idx1 int16 [K / 512,
-// n / 16, 2, 32, 8] (e1_at > 0: two stages, stage 1's entries cb[e1_at:]): the words stored by batch (see the top;
-// 16-byte aligned); cb float32 [entries, 4]; scale float32 (n values); part float32 (K / 512 · n values, scratch);
-// counters int32, one per chunk of rows_per_chunk rows, zero (and left zero); threads: a block's, 512 or 1024;
-// prmt: the PRMT-addressed table.
-torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
-                     torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
-                     int64_t threads, bool prmt) {
-  using namespace llmcomp_lut;
+// The checks and launch both entry points share (ch: the chunks of rows, ch.stride: one codebook's entries).
+torch::Tensor run(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0,
+                  int64_t e1_at, torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n,
+                  int64_t threads, bool prmt, const Chunks& ch) {
   TORCH_CHECK(threads == 512 || threads == 1024, "threads: 512 or 1024");
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && x.size(1) % SLICE == 0 &&
                   x.data_ptr() != nullptr && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "x: one contiguous 16-byte-aligned CUDA row, inputs a multiple of 512");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16");
   const int64_t words = x.size(1) / 16;
-  TORCH_CHECK(n > 0 && n % BATCH == 0 && rows_per_chunk > 0 && rows_per_chunk % BATCH == 0,
-              "rows and rows a chunk: multiples of 16");
+  TORCH_CHECK(n > 0 && n % BATCH == 0, "rows: a multiple of 16");
   // The words stored by batch: [K / 512, n / 16, Q, 32, 16 / Q] (a row-major [n, K / 16] has as many words).
   auto by_batch = [&](const torch::Tensor& t, int64_t q) {
     return t.dim() == 5 && t.size(0) == words / 32 && t.size(1) == n / BATCH && t.size(2) == q && t.size(3) == 32 &&
@@ -315,28 +319,62 @@ torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, to
               "idx1: int16 [K / 512, n / 16, 2, 32, 8] (words stored by batch), 16-byte aligned");
   TORCH_CHECK(cb.is_cuda() && cb.is_contiguous() && cb.scalar_type() == at::kFloat && cb.dim() == 2 && cb.size(1) == 4,
               "cb: float32 [entries, 4]");
-  const int64_t e1 = two ? cb.size(0) - e1_at : 0;
-  TORCH_CHECK(e0 >= 1 && e0 <= 256 && e0 <= cb.size(0) &&
+  const int64_t e1 = two ? ch.stride - e1_at : 0;
+  TORCH_CHECK(e0 >= 1 && e0 <= 256 && e0 <= ch.stride &&
                   (!two || (e1_at >= e0 && e1_at <= 256 && e1 >= 1 && e1 <= 16)),
               "entries: stage 0 at most 256 (stage 1 from entry e1_at <= 256), stage 1 at most 16");
-  const int64_t chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
   TORCH_CHECK(scale.is_cuda() && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
               "scale: float32, one a row");
   TORCH_CHECK(part.is_cuda() && part.scalar_type() == at::kFloat && part.numel() >= (x.size(1) / SLICE) * n,
               "part: float32 scratch of K / 512 · n values");
-  TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.numel() >= chunks,
+  TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.numel() >= ch.count,
               "counters: int32, one a chunk");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({1, n}, x.options());
-  const int a = (int)e0, a1 = (int)e1_at, b = (int)e1, nn = (int)n, rc = (int)rows_per_chunk;
+  const int a = (int)e0, a1 = (int)e1_at, b = (int)e1, nn = (int)n;
   const int t = (int)threads;
   if (x.scalar_type() == at::kHalf) {
-    if (two) dispatch<__half, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
-    else dispatch<__half, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    if (two) dispatch<__half, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, ch);
+    else dispatch<__half, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, ch);
   } else {
     using B16 = __nv_bfloat16;
-    if (two) dispatch<B16, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, rc);
-    else dispatch<B16, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, rc);
+    if (two) dispatch<B16, 2>(t, prmt, x, idx0, idx1, cb, a, a1, b, scale, part, counters, out, nn, ch);
+    else dispatch<B16, 1>(t, prmt, x, idx0, idx0, cb, a, a1, b, scale, part, counters, out, nn, ch);
   }
   return out;
+}
+
+}  // namespace llmcomp_lut
+
+// x [1, K] (K % 512 == 0) → y [1, n] in x's dtype. idx0 int32 [K / 512, n / 16, 4, 32, 4]; idx1 int16 [K / 512,
+// n / 16, 2, 32, 8] (e1_at > 0: two stages, stage 1's entries cb[e1_at:]): the words stored by batch (see the top;
+// 16-byte aligned); cb float32 [entries, 4]; scale float32 (n values); part float32 (K / 512 · n values, scratch);
+// counters int32, one per chunk of rows_per_chunk rows, zero (and left zero); threads: a block's, 512 or 1024;
+// prmt: the PRMT-addressed table.
+torch::Tensor vq_lut(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0, int64_t e1_at,
+                     torch::Tensor scale, torch::Tensor part, torch::Tensor counters, int64_t n, int64_t rows_per_chunk,
+                     int64_t threads, bool prmt) {
+  TORCH_CHECK(rows_per_chunk > 0 && rows_per_chunk % llmcomp_lut::BATCH == 0, "rows a chunk: a multiple of 16");
+  const int chunks = (int)((n + rows_per_chunk - 1) / rows_per_chunk);
+  const llmcomp_lut::Chunks ch{chunks, (int)rows_per_chunk, nullptr, nullptr, (int)cb.size(0)};
+  return llmcomp_lut::run(x, idx0, idx1, cb, e0, e1_at, scale, part, counters, n, threads, prmt, ch);
+}
+
+// vq_lut for a group of weights stacked along the rows (n in all), each with its own codebook of `stride` entries
+// (cb: the codebooks one after another; e0 / e1_at within each): chunk c spans rows start[c] .. start[c + 1] (int32,
+// chunks + 1 values from 0 to n, multiples of 16, increasing, no chunk across two weights) with codebook book[c]
+// (int32, one a chunk); the rest as vq_lut.
+torch::Tensor vq_lut_group(torch::Tensor x, torch::Tensor idx0, torch::Tensor idx1, torch::Tensor cb, int64_t e0,
+                           int64_t e1_at, int64_t stride, torch::Tensor scale, torch::Tensor part,
+                           torch::Tensor counters, int64_t n, torch::Tensor start, torch::Tensor book, int64_t threads,
+                           bool prmt) {
+  TORCH_CHECK(start.is_cuda() && start.is_contiguous() && start.scalar_type() == at::kInt && start.dim() == 1 &&
+                  book.is_cuda() && book.is_contiguous() && book.scalar_type() == at::kInt &&
+                  book.numel() + 1 == start.numel() && book.numel() >= 1,
+              "start / book: int32 CUDA, chunks + 1 and chunks values");
+  TORCH_CHECK(stride >= 1 && cb.dim() == 2 && cb.size(0) >= stride && cb.size(0) % stride == 0,
+              "cb: whole codebooks of `stride` entries");
+  TORCH_CHECK(start.device() == x.device() && book.device() == x.device(), "start / book: on x's device");
+  const llmcomp_lut::Chunks ch{(int)book.numel(), 0, start.data_ptr<int>(), book.data_ptr<int>(), (int)stride};
+  return llmcomp_lut::run(x, idx0, idx1, cb, e0, e1_at, scale, part, counters, n, threads, prmt, ch);
 }
