@@ -11,7 +11,7 @@ set -u
 TAIL=6 run ${TEST_S:-200} tests.log python3 -m pytest -q -x tests/test_codebook_cuda.py ${TESTS:-}
 TAIL=14 run ${AB_S:-200} ab.log python3 bench/vq_lut_ab.py --variants "${VARIANTS:-auto,lut1024,prmt1024,mma}" \
   --out "$OUT/kernels_h200_vq_lut${TAG:-_group}.json"
-TAIL=6 run ${GROUP_S:-150} group.log python3 bench/vq_group_ab.py --out "$OUT/kernels_h200_vq_group${TAG:-_group}.json"
+TAIL=6 run ${GROUP_S:-150} group.log python3 bench/vq_group_ab.py --out "$OUT/kernels_h200_vq_group.json"
 for f in ${FORMATS:-vq2 vq3}; do
   TAIL=6 run ${DECODE_S:-240} decode_$f.log env ${DECODE_ENV:-LLMCOMP_PDL=0} python3 -m llmcomp bench decode \
     --synthetic llama3-8b --format $f --compile --context 512 --steps 64 --batch 1 \

@@ -93,7 +93,7 @@ def test_lut_planes_rebuild_the_weight(fmt, k):
 
 
 @pytest.mark.parametrize("ns", [(4096, 1024, 1024), (14336, 14336), (48, 16), (1536, 512, 512), (8192, 1024, 1024),
-                                (6144, 4096, 14336)])
+                                (6144, 4096, 14336), (8192, 64, 64), (4096, 16, 16)])
 def test_group_chunks_stay_within_their_weights(ns):
     """The grouped GEMV's chunks: increasing starts from 0 to the total, whole batches, never across two weights,
     each weight at least one chunk and the codebook of the weight it lies in, no more than one wave in all."""
@@ -380,8 +380,8 @@ def test_frozen_group_is_its_members(fmt):
     """Codebook siblings (q / k / v-like, each with its own codebook) through ``qlinear.frozen_group``: at one row
     the grouped GEMV, the same bits as each member's own GEMV (a row's slices are added in the same order however
     the rows are chunked) — alone, with a bias on one member and traced with fullgraph=True; at 2..64 rows each
-    member's mma kernel (the same bits as its forward); more rows take the members' own forwards. Stacked with an
-    outlier-column member: no group."""
+    member's mma kernel (the same bits as its forward); more rows take the members' own forwards. Weights with
+    outlier columns: no group."""
     from llmcomp.core.qlinear import frozen_group
 
     if codebook_cuda.uniform_cuda.extension() is None:
@@ -403,8 +403,9 @@ def test_frozen_group_is_its_members(fmt):
                 assert torch.equal(torch.cat([f(x) for f in fns], -1), ref), m
                 if m in (1, 9):
                     assert torch.equal(traced(x), ref), m
-        out = QuantLinear.from_packed(FORMATS[3], packed(FORMATS[3], 256, k + 64, 7, "cuda"), k + 64)
-        assert codebook_cuda.lut_group([codebook_cuda.prepare(FORMATS[3], out.packed_tensors(), k + 64)]) is None
+        outl = [QuantLinear.from_packed(FORMATS[3], packed(FORMATS[3], 256, k + 64, 7 + i, "cuda"), k + 64)
+                for i in range(2)]
+        assert frozen_group(outl, dtype) is None
     finally:
         codebook_cuda.set_lut(None)
 

@@ -204,6 +204,8 @@ def group_chunks(ns: list[int], k: int, entries: int, sms: int, threads: int = 1
         if sum(count) >= want:
             break
         count[g] = min(ns[g] // 16, count[g] + 1)
+    while sum(count) > max(want, len(ns)):  # small weights' one chunk each taken from the weight with the most
+        count[count.index(max(count))] -= 1
     starts, book, row = [], [], 0
     for g, (n, c) in enumerate(zip(ns, count)):
         rows = -(-(-(-n // c)) // 16) * 16  # ceil(n / c), rounded up to whole batches

@@ -40,8 +40,8 @@
 namespace llmcomp_lut {
 
 // Programmatic dependent launch, as the mma kernels use it (csrc/launch.cuh): with the launch
-// attribute this kernel may start while the previous one finishes; it reads only its indices and codebook (never
-// written by the kernels before it) until griddepcontrol.wait, and lets the next kernel start once all its blocks
+// attribute this kernel may start while the previous one finishes; it reads only its indices, codebook and chunk
+// table (never written by the kernels before it) until griddepcontrol.wait, and lets the next kernel start once all its blocks
 // have begun. No-ops without the attribute.
 using llmcomp_mma::grid_dep_launch;
 using llmcomp_mma::grid_dep_wait;
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(THREADS) vq_lut_kernel(const T* __restrict__ x
   const int slices = gridDim.x;
   // Two rows a thread and sixteen slices of each in flight (32 loads), added in slice order. This tail runs after
   // the main loop, on the kernel's critical path: at 28672 x 8192 (3584 rows a chunk, 16 slices) it waits on 2
-  // dependent L2 round trips where one row and eight slices a thread waited on 8 — the same sums, 11 % faster
+  // dependent L2 round trips where one row and eight slices a thread waited on 8 — the same sums, 7-11 % faster
   // (H200, kernels_h200_vq_lut_ring.json: vq2 24.35 us against 27.50, vq3 34.31 against 37.05).
   for (int r = r0 + threadIdx.x; r < r1; r += 2 * THREADS) {
     const int rb = r + THREADS;
