@@ -274,8 +274,9 @@ def lut_threads() -> int:
 
 
 LUT_MIN_WEIGHTS = 4096 * 4096  # from there the GEMV is faster than the mma kernel (H200,
-# kernels_h200_vq_lut_next2.json: vq2 4096 × 4096 6.67 µs against 6.93, vq3 8.60 against 8.91); the bench has no
-# smaller shape
+# kernels_h200_vq_lut_next2.json: vq2 4096 × 4096 6.67 µs against 6.93, vq3 8.60 against 8.91); below it the mma
+# kernel at 1024 and 2048 × 4096 (vq2 5.04 against 5.42 µs at 1024 × 4096), the GEMV from 3072 × 4096
+# (kernels_h200_vq_lut_small.json; no Llama weight lies between)
 
 
 def lut_takes(n: int, k: int) -> bool:
@@ -426,10 +427,17 @@ def _(xm, qw, qh, tab, scale, n, cb1_at, kp, cp):
     return xm.new_empty(xm.shape[0], n)
 
 
-def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
-    from llmcomp.kernels import cached, rows_linear
+def prepared(fmt, tensors: dict, in_features: int, cache=None) -> dict:
+    """``prepare``'s layouts for these packed tensors, kept in ``cache`` (the calling module's dict)."""
+    from llmcomp.kernels import cached
 
-    prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
+    return cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
+
+
+def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
+    from llmcomp.kernels import rows_linear
+
+    prep = prepared(fmt, tensors, in_features, cache)
     return rows_linear(x, in_features, lambda x2: gemm(x2, prep), bias)
 
 
@@ -437,9 +445,7 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     """``x2 [M ≤ 64, in_features] -> x2 @ W^T`` over this weight's prepared layouts: one ``gemm_op`` call — or
     ``lut_op`` at one row where ``lut_takes`` — plus the outlier columns' product in plain torch, which
     ``torch.compile`` traces without a graph break. Both index layouts are built here, up front."""
-    from llmcomp.kernels import cached
-
-    prep = cached(cache, ("cuda-vq",), tensors, lambda: prepare(fmt, tensors, in_features))
+    prep = prepared(fmt, tensors, in_features, cache)
     args = _mma_args(prep, dtype)
     # built here: nothing is prepared inside a trace
     one_row = _lut_args(prep) if lut_takes(prep["n"], prep["kp"]) else None
@@ -459,10 +465,7 @@ def fuse(items: list, dtype: torch.dtype):
     GEMV (``lut_group``: one launch, each weight's chunks with its own codebook), at 2..64 rows each weight's mma
     kernel, outputs side by side. None where the stacked weights would not take the GEMV (``lut_takes``) or cannot
     be stacked (``lut_group``). ``items``: (fmt, tensors, in_features, cache) per weight, in output order."""
-    from llmcomp.kernels import cached
-
-    preps = [cached(cache, ("cuda-vq",), tensors, functools.partial(prepare, fmt, tensors, k))
-             for fmt, tensors, k, cache in items]
+    preps = [prepared(*item) for item in items]
     if not lut_takes(sum(p["n"] for p in preps), preps[0]["kp"]):
         return None
     group = lut_group(preps)
