@@ -10,6 +10,9 @@ hash, so each gets its own build directory):
   u2         rounds of 2 kblocks (not 4) at two row tiles a warp and M = 9..16 too, as at M <= 8 — fewer registers
   l2pf       the next round's weights prefetched into L2 (prefetch.global.L2, every lane its 16 bytes) at the start of
              each round, so the next round's loads wait on L2 instead of HBM (not with x staged)
+  loads_only the post-scale kernel (M <= 16) with its math replaced by an XOR of the weights, scales and x it loads
+  w_only     ... of the weights alone (the scale and x loads then go too): what the load structure reaches by itself
+  db         rounds double-buffered in registers: the next round's weight loads issued before this round's math
   lb1        __launch_bounds__(THREADS, 1) on every instantiation: the one-tile post-scale kernel at M = 9..16 no longer
              spills in a local compile (78-80 registers against 64 + spill); moves every other kernel's registers too
 
@@ -56,6 +59,33 @@ EDITS = {
     "lb1": [(
         "__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(",
         "__global__ void __launch_bounds__(THREADS, 1) uniform_mma_kernel(")],
+    "loads_only": [(  # the post-scale kernel's weights, scales and x loaded and folded by XOR: no decode, no mma
+        "  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};",
+        "  if (true) {\n"
+        "    const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[0][0]);\n"
+        "    const uint32_t v = w.x ^ w.y ^ w.z ^ w.w ^ s_lo ^ s_hi ^ xw[0] ^ xw[7];\n"
+        "    acc[0][0] += __uint_as_float(v & 0x3f7fffffu);\n"
+        "    return;\n  }\n"
+        "  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};")],
+    "w_only": [(  # the post-scale kernel's weights only (scales and x unused, so never loaded): the load side alone
+        "  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};",
+        "  if (true) {\n"
+        "    acc[0][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w) & 0x3f7fffffu);\n"
+        "    return;\n  }\n"
+        "  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};")],
+    "db": [(  # rounds double-buffered in registers: round rd + 1's weight loads issued before round rd's math
+        "  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {\n"
+        "    uint4 wv[U][R];\n    uint2 hv[U][R];\n",
+        "  uint4 nx[U][R];\n"
+        "#pragma unroll\n  for (int u = 0; u < U; ++u)\n#pragma unroll\n    for (int r = 0; r < R; ++r)\n"
+        "      if (kb0 + u < kb1) nx[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb0 + u) * 32 + lane);\n"
+        "  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {\n"
+        "    uint4 wv[U][R];\n    uint2 hv[U][R];\n"
+        "#pragma unroll\n    for (int u = 0; u < U; ++u)\n#pragma unroll\n      for (int r = 0; r < R; ++r) {\n"
+        "        wv[u][r] = nx[u][r];\n        hv[u][r] = make_uint2(0, 0);\n"
+        "        if (kb + U + u < kb1) nx[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
+        "      }\n"
+        "    if (false)\n")],
     "no_decode": [(
         "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",
         "#pragma unroll\n"
