@@ -13,6 +13,9 @@ hash, so each gets its own build directory):
   loads_only the post-scale kernel (M <= 16) with its math replaced by an XOR of the weights, scales and x it loads
   w_only     ... of the weights alone (the scale and x loads then go too): what the load structure reaches by itself
   db         rounds double-buffered in registers: the next round's weight loads issued before this round's math
+  refill     a kblock's weight registers refilled with the next round's same kblock right after its math (one set
+             of registers, the next round's loads spread over this round's math)
+  refill64   refill with __launch_bounds__(THREADS, 65536 / (64 THREADS)): at most 64 registers, as the base kernel
   lb1        __launch_bounds__(THREADS, 1) on every instantiation: the one-tile post-scale kernel at M = 9..16 no longer
              spills in a local compile (78-80 registers against 64 + spill); moves every other kernel's registers too
 
@@ -86,6 +89,38 @@ EDITS = {
         "        if (kb + U + u < kb1) nx[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
         "      }\n"
         "    if (false)\n")],
+    "refill": [(  # each kblock's registers refilled with the next round's same kblock right after its math
+        "  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {\n"
+        "    uint4 wv[U][R];\n    uint2 hv[U][R];\n",
+        "  uint4 wv[U][R];\n  uint2 hv[U][R];\n"
+        "#pragma unroll\n  for (int u = 0; u < U; ++u)\n#pragma unroll\n    for (int r = 0; r < R; ++r) {\n"
+        "      hv[u][r] = make_uint2(0, 0);\n"
+        "      if (kb0 + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb0 + u) * 32 + lane);\n"
+        "    }\n"
+        "  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {\n"
+        "    if (false)\n"), (
+        "                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);\n    }\n",
+        "                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);\n"
+        "#pragma unroll\n      for (int r = 0; r < R; ++r)\n"
+        "        if (kb + U + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
+        "    }\n")],
+    "refill64": [(  # refill, its registers capped at 64 (as the base kernel has); each kblock's registers refilled with the next round's same kblock right after its math
+        "  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {\n"
+        "    uint4 wv[U][R];\n    uint2 hv[U][R];\n",
+        "  uint4 wv[U][R];\n  uint2 hv[U][R];\n"
+        "#pragma unroll\n  for (int u = 0; u < U; ++u)\n#pragma unroll\n    for (int r = 0; r < R; ++r) {\n"
+        "      hv[u][r] = make_uint2(0, 0);\n"
+        "      if (kb0 + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb0 + u) * 32 + lane);\n"
+        "    }\n"
+        "  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {\n"
+        "    if (false)\n"), (
+        "                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);\n    }\n",
+        "                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);\n"
+        "#pragma unroll\n      for (int r = 0; r < R; ++r)\n"
+        "        if (kb + U + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
+        "    }\n"), (
+        "__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(",
+        "__global__ void __launch_bounds__(THREADS, 65536 / (64 * THREADS)) uniform_mma_kernel(")],
     "no_decode": [(
         "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",
         "#pragma unroll\n"
