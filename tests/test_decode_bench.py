@@ -63,6 +63,31 @@ def test_synthetic_formats(fmt, name):
     assert db.format_label(fmt, 4, 32) == ("W4 g32" if fmt == "uniform" else fmt.upper())
 
 
+@pytest.mark.parametrize("fmt", ["uniform", "nvfp4", "vq2"])
+def test_synthetic_lm_head(fmt):
+    """--quantize-lm-head: the output projection is quantized too (every Linear), and the model still decodes."""
+    torch.manual_seed(3)
+    model = tiny_llama()
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    if fmt == "vq2":
+        assert db.random_vq(model, fmt, lm_head=True) == n_linear
+    else:
+        db.quantize_rtn(model, bits=4, group_size=32, fmt=fmt, lm_head=True)
+    assert type(model.lm_head).__name__ == "QuantLinear" and model.lm_head.out_features == 128
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    _, logits, _ = static_decode(model, torch.randint(0, 128, (1, 5)), steps=2)
+    assert all(torch.isfinite(x).all() for x in logits)
+
+
+def test_synthetic_models_label_lm_head(monkeypatch):
+    """The compressed row's label says when lm_head was quantized too."""
+    monkeypatch.setattr(db, "synthetic_model", lambda name, layers, dtype: tiny_llama())
+    for lm_head, fmt in ((True, "uniform"), (False, "uniform"), (True, "vq2")):
+        rows = list(db.synthetic_models("tiny", 4, 32, None, torch.float32, fmt=fmt, lm_head=lm_head))
+        assert rows[1][1].endswith(" + lm_head") == lm_head, rows[1][1]
+        assert (type(rows[1][2].lm_head).__name__ == "QuantLinear") == lm_head
+
+
 @pytest.mark.parametrize("name,stages", [("vq2", 1), ("vq3", 2)])
 def test_random_vq_layers(name, stages):
     """--format vq2 / vq3: every Linear but lm_head becomes a codebook QuantLinear with random indices (timing
@@ -123,8 +148,8 @@ def test_cli_end_to_end_with_tiny_models(monkeypatch, tmp_path):
     """The CLI's glue (flags → library → table and JSON) with tiny CPU models standing in for the GPU run."""
     seen = {}
 
-    def tiny_models(name, bits, group, layers, dtype, progress, fmt):
-        seen.update(name=name, bits=bits, group=group, layers=layers, dtype=dtype, fmt=fmt)
+    def tiny_models(name, bits, group, layers, dtype, progress, fmt, lm_head):
+        seen.update(name=name, bits=bits, group=group, layers=layers, dtype=dtype, fmt=fmt, lm_head=lm_head)
         model = tiny_llama()
         yield "original", "tiny fp32", model
         db.quantize_rtn(model, bits, group)
@@ -138,15 +163,16 @@ def test_cli_end_to_end_with_tiny_models(monkeypatch, tmp_path):
                             "--batch", "1,3", "--context", "5", "--steps", "2", "--layers", "1", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert seen == {"name": "llama3-8b", "bits": 2, "group": 32, "layers": 1, "dtype": torch.bfloat16,
-                    "fmt": "uniform"}
+                    "fmt": "uniform", "lm_head": False}
     assert "tiny RTN W2 g32" in r.output and "tokens/s @ 3" in r.output and "× @ 3" in r.output
     saved = json.loads(out.read_text())
     assert saved["device"] == "FakeGPU" and saved["settings"]["bits"] == 2 and saved["settings"]["batches"] == [1, 3]
     assert len(saved["rows"]) == 4 and set(saved["speedup"]) == {"1", "3"}
     assert not any("breakdown" in row for row in saved["rows"])
     r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--batch", "1", "--context", "4",
-                            "--steps", "1", "--breakdown", "-o", str(out)])
+                            "--steps", "1", "--breakdown", "--quantize-lm-head", "-o", str(out)])
     assert r.exit_code == 0, r.output
+    assert seen["lm_head"] is True and json.loads(out.read_text())["settings"]["lm_head_quantized"] is True
     assert all(row["breakdown"]["per_step"] > 0 for row in json.loads(out.read_text())["rows"])
 
 
@@ -243,6 +269,7 @@ def test_cli_artifact_original(no_gpu, artifact):
     assert "--synthetic" in error_line("bench", "decode", q, "--synthetic", "llama3-8b")
     assert "--layers" in error_line("bench", "decode", q, "--layers", "2")
     assert "--format" in error_line("bench", "decode", q, "--format", "mxfp4")
+    assert "--quantize-lm-head" in error_line("bench", "decode", q, "--quantize-lm-head")
     moved = artifact / "moved"
     base.rename(moved)
     try:

@@ -71,6 +71,7 @@ def decode(
     context: Annotated[int, typer.Option(help="Prompt tokens per sequence before the timed steps.")] = 512,
     steps: Annotated[int, typer.Option(help="Timed decode steps.")] = 64,
     layers: Annotated[Optional[int], typer.Option(help="--synthetic: keep only the first N decoder layers (a quick run).")] = None,
+    quantize_lm_head: Annotated[bool, typer.Option("--quantize-lm-head", help="--synthetic: quantize lm_head too (kept in the activation dtype by default, as llmcomp quantize does).")] = False,
     dtype: Annotated[str, typer.Option(help="Activation and unquantized-weight dtype: bfloat16 or float16.")] = "bfloat16",
     graphs: Annotated[bool, typer.Option("--graphs/--no-graphs", help="Replay each decode step as a CUDA graph.")] = True,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile each decoder layer of both models first (fuses the ~40 small kernels of HF's eager layer; quantized linears stay opaque ops). Compiling takes minutes on an 8B shape.")] = False,
@@ -110,8 +111,8 @@ def decode(
             if format not in db.SYNTHETIC_FORMATS:
                 raise UserError(f"--format must be one of: {', '.join(db.SYNTHETIC_FORMATS)}; got {format!r}.")
         else:
-            if layers is not None or format != "uniform":
-                raise UserError("--layers and --format apply to --synthetic models only.")
+            if layers is not None or format != "uniform" or quantize_lm_head:
+                raise UserError("--layers, --format and --quantize-lm-head apply to --synthetic models only.")
             ref = _original_of(path, original)
         import torch
 
@@ -123,8 +124,10 @@ def decode(
         settings = {"dtype": dtype, "graphs": graphs}
         with render.RichProgress() as progress:
             if synthetic is not None:
-                settings.update(synthetic=synthetic, format=format, bits=bits, group_size=group, layers=layers)
-                models = db.synthetic_models(synthetic, bits, group, layers, DTYPES[dtype], progress, format)
+                settings.update(synthetic=synthetic, format=format, bits=bits, group_size=group, layers=layers,
+                                lm_head_quantized=quantize_lm_head)
+                models = db.synthetic_models(synthetic, bits, group, layers, DTYPES[dtype], progress, format,
+                                             quantize_lm_head)
             else:
                 settings.update(path=str(path), original=str(ref) if ref else "bundled")
                 models = db.artifact_models(path, ref, DTYPES[dtype], progress)

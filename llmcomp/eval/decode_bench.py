@@ -54,17 +54,23 @@ SYNTHETIC_FORMATS = ("uniform", "mxfp4", "nvfp4", "vq2", "vq3")
 RANDOM_VQ = ("vq2", "vq3")  # random indices and codebooks: timing only (a VPTQ solve of an 8B model takes hours)
 
 
-def random_vq(model: nn.Module, name: str, progress: Progress = NULL) -> int:
-    """Replace every Linear but ``lm_head`` in place by a ``codebook`` QuantLinear with random indices and
-    codebooks (``vq2``: 4-vectors, one 8-bit codebook; ``vq3``: + a 4-bit residual stage) — decode speed does not
-    depend on the values, so this times VQ on a shape no one has quantized here. Returns the layers replaced."""
+def _ignore(lm_head: bool) -> tuple[str, ...]:
+    """The layers the synthetic model keeps dense: ``lm_head`` (as ``llmcomp quantize`` does by default) unless asked."""
+    return () if lm_head else ("lm_head",)
+
+
+def random_vq(model: nn.Module, name: str, progress: Progress = NULL, lm_head: bool = False) -> int:
+    """Replace every Linear but ``lm_head`` (with ``lm_head``: every Linear) in place by a ``codebook`` QuantLinear
+    with random indices and codebooks (``vq2``: 4-vectors, one 8-bit codebook; ``vq3``: + a 4-bit residual stage) —
+    decode speed does not depend on the values, so this times VQ on a shape no one has quantized here. Returns the
+    layers replaced."""
     from llmcomp.core.model import set_submodule
     from llmcomp.core.qlinear import QuantLinear
     from llmcomp.core.select import select
     from llmcomp.eval.kernel_bench import codebook_format, random_codebook
 
     fmt = codebook_format(name)
-    targets = list(select(model))  # every Linear but lm_head, as the quantizers take them
+    targets = list(select(model, ignore=_ignore(lm_head)))  # as the quantizers take them
     for i, (path, lin) in enumerate(progress.track(targets, f"Random {name.upper()} layers")):
         set_submodule(model, path, QuantLinear.from_packed(
             fmt, random_codebook(fmt, lin.out_features, lin.in_features, i, lin.weight.device), lin.in_features,
@@ -73,8 +79,9 @@ def random_vq(model: nn.Module, name: str, progress: Progress = NULL) -> int:
 
 
 def quantize_rtn(model: nn.Module, bits: int = 4, group_size: int = 128, progress: Progress = NULL,
-                 fmt: str = "uniform") -> dict:
-    """Quantize every Linear but ``lm_head`` in place by rounding to nearest, as ``llmcomp quantize`` does:
+                 fmt: str = "uniform", lm_head: bool = False) -> dict:
+    """Quantize every Linear but ``lm_head`` (with ``lm_head``: every Linear) in place by rounding to nearest, as
+    ``llmcomp quantize`` does:
     ``uniform`` (asymmetric, ``bits`` / ``group_size``) or an E2M1 format (``mxfp4`` / ``nvfp4``, their spec's
     blocks). Returns the per-layer report."""
     from llmcomp.formats import FORMATS, Uniform
@@ -82,8 +89,9 @@ def quantize_rtn(model: nn.Module, bits: int = 4, group_size: int = 128, progres
     from llmcomp.quant.fp4 import FP4Config
     from llmcomp.quant.rtn import RTNConfig
 
-    config = (RTNConfig(format=Uniform(bits=bits, group_size=group_size)) if fmt == "uniform"
-              else FP4Config(format=FORMATS.get(fmt)()))
+    ignore = _ignore(lm_head)
+    config = (RTNConfig(format=Uniform(bits=bits, group_size=group_size), ignore=ignore) if fmt == "uniform"
+              else FP4Config(format=FORMATS.get(fmt)(), ignore=ignore))
     return quantize_model(model, config, progress=progress)
 
 
@@ -94,17 +102,19 @@ def format_label(fmt: str, bits: int, group_size: int) -> str:
 
 
 def synthetic_models(name: str, bits: int, group_size: int, layers: Optional[int], dtype: torch.dtype,
-                     progress: Progress = NULL, fmt: str = "uniform"):
-    """For ``run``: the random model in ``dtype``, then the same model RTN-quantized in place."""
+                     progress: Progress = NULL, fmt: str = "uniform", lm_head: bool = False):
+    """For ``run``: the random model in ``dtype``, then the same model RTN-quantized in place (``lm_head``: the
+    output projection too — on Llama-3-8B a quarter of a W4 step's weight bytes when it stays bf16)."""
     progress.note(f"Building {name} with random weights on the GPU")
     model = synthetic_model(name, layers, dtype=dtype)
     yield "original", f"{name} {_short(dtype)}", model
+    head = " + lm_head" if lm_head else ""
     if fmt in RANDOM_VQ:
-        random_vq(model, fmt, progress)
-        yield "compressed", f"{name} {format_label(fmt, bits, group_size)}", model
+        random_vq(model, fmt, progress, lm_head)
+        yield "compressed", f"{name} {format_label(fmt, bits, group_size)}{head}", model
         return
-    quantize_rtn(model, bits, group_size, progress, fmt)
-    yield "compressed", f"{name} RTN {format_label(fmt, bits, group_size)}", model
+    quantize_rtn(model, bits, group_size, progress, fmt, lm_head)
+    yield "compressed", f"{name} RTN {format_label(fmt, bits, group_size)}{head}", model
 
 
 def artifact_models(path, original, dtype: torch.dtype, progress: Progress = NULL):
