@@ -104,28 +104,14 @@ EDITS = {
         "#pragma unroll\n      for (int r = 0; r < R; ++r)\n"
         "        if (kb + U + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
         "    }\n")],
-    "refill64": [(  # refill, its registers capped at 64 (as the base kernel has); each kblock's registers refilled with the next round's same kblock right after its math
-        "  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {\n"
-        "    uint4 wv[U][R];\n    uint2 hv[U][R];\n",
-        "  uint4 wv[U][R];\n  uint2 hv[U][R];\n"
-        "#pragma unroll\n  for (int u = 0; u < U; ++u)\n#pragma unroll\n    for (int r = 0; r < R; ++r) {\n"
-        "      hv[u][r] = make_uint2(0, 0);\n"
-        "      if (kb0 + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb0 + u) * 32 + lane);\n"
-        "    }\n"
-        "  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {\n"
-        "    if (false)\n"), (
-        "                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);\n    }\n",
-        "                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);\n"
-        "#pragma unroll\n      for (int r = 0; r < R; ++r)\n"
-        "        if (kb + U + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
-        "    }\n"), (
-        "__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(",
-        "__global__ void __launch_bounds__(THREADS, 65536 / (64 * THREADS)) uniform_mma_kernel(")],
     "no_decode": [(
         "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",
         "#pragma unroll\n"
         "      for (int e = 0; e < 16 / BITS; ++e) q[e] = Num<T>::pair((words[wi] >> e) & 0x3c003c00u);")],
 }
+EDITS["refill64"] = EDITS["refill"] + [(  # refill with its registers capped at 64, as the base kernel has
+    "__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(",
+    "__global__ void __launch_bounds__(THREADS, 65536 / (64 * THREADS)) uniform_mma_kernel(")]
 ORIGINAL = uniform_cuda.CSRC
 SHAPES = ((28672, 8192), (14336, 4096))
 MS = (4, 12, 16)
