@@ -86,7 +86,8 @@ EDITS = {
         "    uint4 wv[U][R];\n    uint2 hv[U][R];\n"
         "#pragma unroll\n    for (int u = 0; u < U; ++u)\n#pragma unroll\n      for (int r = 0; r < R; ++r) {\n"
         "        wv[u][r] = nx[u][r];\n        hv[u][r] = make_uint2(0, 0);\n"
-        "        if (kb + U + u < kb1) nx[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
+        "        if (kb + U + u < kb1)\n"
+        "          nx[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
         "      }\n"
         "    if (false)\n")],
     "refill": [(  # each kblock's registers refilled with the next round's same kblock right after its math
@@ -102,7 +103,8 @@ EDITS = {
         "                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);\n    }\n",
         "                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);\n"
         "#pragma unroll\n      for (int r = 0; r < R; ++r)\n"
-        "        if (kb + U + u < kb1) wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
+        "        if (kb + U + u < kb1)\n"
+        "          wv[u][r] = ld_stream(qw + ((size_t)(tile0 + r) * KB + kb + U + u) * 32 + lane);\n"
         "    }\n")],
     "no_decode": [(
         "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",

@@ -9,7 +9,9 @@
 set -u
 BUILD=0 . bench/session_common.sh
 V=${V:-base loads_only w_only db refill refill64}
-( time ( for v in $V; do timeout ${BUILD_S:-300} python3 bench/mma_probe.py build $v > "$OUT/build_$v.log" 2>&1 & done; wait ) ) 2>&1 | tail -3
+( time ( for v in $V; do
+           timeout ${BUILD_S:-300} python3 bench/mma_probe.py build $v > "$OUT/build_$v.log" 2>&1 &
+         done; wait ) ) 2>&1 | tail -3
 tail -qn 1 "$OUT"/build_*.log
 SH=${SHAPES:-28672x8192,28672x4096,14336x4096,4096x14336,6144x4096,4096x4096}
 for v in $V; do
