@@ -55,7 +55,7 @@ RANDOM_VQ = ("vq2", "vq3")  # random indices and codebooks: timing only (a VPTQ 
 
 
 def _ignore(lm_head: bool) -> tuple[str, ...]:
-    """The layers the synthetic model keeps dense: ``lm_head`` (as ``llmcomp quantize`` does by default) unless asked."""
+    """The layers the synthetic model keeps dense: ``lm_head`` (as ``llmcomp quantize`` does) unless asked."""
     return () if lm_head else ("lm_head",)
 
 
