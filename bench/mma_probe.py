@@ -36,6 +36,14 @@ import torch
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import uniform_cuda
 
+def _skip_post_math(fold: str) -> list:
+    """The edit that ends compute_kblock_post before its math: ``fold`` defines v from what it loaded, which goes
+    into an accumulator (so the loads stay)."""
+    anchor = "  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};"
+    return [(anchor, f"  if (true) {{\n    {fold}\n    acc[0][0] += __uint_as_float(v & 0x3f7fffffu);\n"
+                     f"    return;\n  }}\n{anchor}")]
+
+
 EDITS = {
     "base": [],
     "one_mma": [(
@@ -62,20 +70,11 @@ EDITS = {
     "lb1": [(
         "__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(",
         "__global__ void __launch_bounds__(THREADS, 1) uniform_mma_kernel(")],
-    "loads_only": [(  # the post-scale kernel's weights, scales and x loaded and folded by XOR: no decode, no mma
-        "  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};",
-        "  if (true) {\n"
-        "    const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[0][0]);\n"
-        "    const uint32_t v = w.x ^ w.y ^ w.z ^ w.w ^ s_lo ^ s_hi ^ xw[0] ^ xw[7];\n"
-        "    acc[0][0] += __uint_as_float(v & 0x3f7fffffu);\n"
-        "    return;\n  }\n"
-        "  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};")],
-    "w_only": [(  # the post-scale kernel's weights only (scales and x unused, so never loaded): the load side alone
-        "  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};",
-        "  if (true) {\n"
-        "    acc[0][0] += __uint_as_float((w.x ^ w.y ^ w.z ^ w.w) & 0x3f7fffffu);\n"
-        "    return;\n  }\n"
-        "  const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};")],
+    # the post-scale kernel's weights, scales and x loaded and folded by XOR: no decode, no mma
+    "loads_only": _skip_post_math("const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cx[0][0]);\n"
+                                  "    const uint32_t v = w.x ^ w.y ^ w.z ^ w.w ^ s_lo ^ s_hi ^ xw[0] ^ xw[7];"),
+    # the weights only (scales and x unused, so never loaded): the load side alone
+    "w_only": _skip_post_math("const uint32_t v = w.x ^ w.y ^ w.z ^ w.w;"),
     "db": [(  # rounds double-buffered in registers: round rd + 1's weight loads issued before round rd's math
         "  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {\n"
         "    uint4 wv[U][R];\n    uint2 hv[U][R];\n",

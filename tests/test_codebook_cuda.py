@@ -373,7 +373,6 @@ def _frozen_case(fmt):
                     assert torch.equal(y, ref), m
 
 
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS[:3], ids=lambda f: f.describe())
 def test_frozen_group_is_its_members(fmt):
@@ -429,8 +428,8 @@ _EXTENSION_ERRORS = textwrap.dedent("""
 @pytest.mark.cuda
 def test_extension_checks_raise():
     """A check that fails inside the CUDA extension (TORCH_CHECK) reaches Python as a RuntimeError with its message,
-    not a crash — run in a child process so that a crash fails this test instead of ending the run. (On the H200, kernel-lut-ring's test of a check thrown
-    inside a launch template's lambda ended the whole run with a segfault.)"""
+    not a crash — run in a child process so that a crash fails this test instead of ending the run. (On the H200,
+    kernel-lut-ring's test of a check thrown inside a launch template's lambda ended the whole run with a segfault.)"""
     if codebook_cuda.uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
     r = subprocess.run([sys.executable, "-c", _EXTENSION_ERRORS], capture_output=True, text=True, timeout=600)

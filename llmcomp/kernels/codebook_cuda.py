@@ -180,14 +180,18 @@ def _sms(dev: torch.device) -> int:
     return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
 
 
+def _scratch(kl: int, n: int, chunks: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GEMV launch's partial sums (one a slice and row) and its zeroed chunk counters."""
+    return torch.empty(kl // LUT_INPUTS * n, device=dev), torch.zeros(chunks, dtype=torch.int32, device=dev)
+
+
 def _lut_launch_state(prep: dict) -> dict:
     """The GEMV's launch (chunks of rows), partial-sum scratch and zeroed chunk counters for this weight."""
     n, kl = prep["n"], _lut_kl(prep)
     dev = prep["table32"].device
     chunks, rpc = lut_launch(n, kl, _lut_entries(prep), _sms(dev), lut_threads())
-    return {"kl": kl, "rows_per_chunk": rpc, "scale": prep["scale"].reshape(n),
-            "part": torch.empty(kl // LUT_INPUTS * n, device=dev),
-            "counters": torch.zeros(chunks, dtype=torch.int32, device=dev)}
+    part, counters = _scratch(kl, n, chunks, dev)
+    return {"kl": kl, "rows_per_chunk": rpc, "scale": prep["scale"].reshape(n), "part": part, "counters": counters}
 
 
 def group_chunks(ns: list[int], k: int, entries: int, sms: int, threads: int = 1024) -> tuple[list[int], list[int]]:
@@ -238,8 +242,7 @@ def lut_group(preps: list[dict]) -> Optional[tuple]:
     total = sum(ns)
     return (i0, i1, torch.cat([p["table32"] for p in preps]).contiguous(), p0["e0"], p0["cb1_at"],
             p0["table32"].shape[0], torch.cat([p["scale"].reshape(-1) for p in preps]),
-            torch.empty(kl // LUT_INPUTS * total, device=dev), torch.zeros(len(book), dtype=torch.int32, device=dev),
-            total, kl, torch.tensor(starts, dtype=torch.int32, device=dev),
+            *_scratch(kl, total, len(book), dev), total, kl, torch.tensor(starts, dtype=torch.int32, device=dev),
             torch.tensor(book, dtype=torch.int32, device=dev), lut_threads(), lut_prmt(_stages(p0)))
 
 
