@@ -336,22 +336,3 @@ def test_post_scale_kernel_matches_the_reference(fmt, dtype):
                 ref_path = uniform_cuda.gemm_op(x, prep["qw"], prep["qw"], uniform_cuda.scale_pairs(prep, dtype),
                                                 fmt.bits, prep["group"], n, 1, 8, 0)
                 assert _rel_err(y, x, fmt, t, k) <= _rel_err(ref_path, x, fmt, t, k) * 1.5 + 1e-3, (n, k, m)
-
-
-def test_post_scale_kernel_refuses_groups_that_split_a_kblock():
-    """The C++ entry checks what Python's ``prepare`` decides: groups of 96 inputs split a 4-bit kblock (64), so the
-    post-scale kernel (elem 3) is refused with a message instead of scaling a kblock by one group's scale."""
-    from llmcomp.kernels import uniform_cuda
-
-    if uniform_cuda.extension() is None:
-        pytest.skip("CUDA extension could not be built here")
-    fmt = Uniform(bits=4, group_size=96)
-    q, t, g = _layer(fmt, 64, 768, 3)
-    prep = uniform_cuda.prepare(fmt, t, 768)
-    assert prep["zero"] is None  # prepare does not offer the post-scale pairs
-    x = torch.randn(1, 768, generator=g).to("cuda", torch.bfloat16)
-    sz = uniform_cuda.scale_pairs(prep, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="whole kblocks"):
-        uniform_cuda.gemm_op(x, prep["qw"], prep["qw"], sz, 4, prep["group"], 64, 1, 8, 3)
-    y = uniform_cuda.gemm_op(x, prep["qw"], prep["qw"], sz, 4, prep["group"], 64, 1, 8, 0)  # the per-pair kernel
-    assert _rel_err(y, x, fmt, t, 768) < TOL

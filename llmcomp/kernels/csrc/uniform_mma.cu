@@ -80,9 +80,6 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
   check_x(x);
   normalize_codes(qw, qh, sz, n, bits, elem);
   TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
-  // The post-scale kernel scales a lane's whole kblock sum once: its groups must be whole kblocks.
-  TORCH_CHECK(elem != 3 || group % (256 / bits) == 0, "the post-scale kernel needs groups of whole kblocks (",
-              256 / bits, " inputs); got ", group);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), n}, x.options());
   if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps, wr);
