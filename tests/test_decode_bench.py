@@ -244,10 +244,12 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--bits", "9"], "bits"),
     (["--synthetic", "llama3-8b", "--layers", "0"], "--layers"),
     (["--synthetic", "llama3-8b", "--format", "nf4"], "--format"),
+    (["--synthetic", "llama3-8b", "--layers-per-graph", "0"], "--layers-per-graph"),
     (["--synthetic", "gpt5"], "--synthetic"),
     ([], "PATH"),
     (["/no/such/artifact"], "does not exist"),
-], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "unknown-shape",
+], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "layers-per-graph",
+        "unknown-shape",
         "nothing", "missing-path"])
 def test_cli_bad_input(no_gpu, args, word):
     assert word in error_line("bench", "decode", *args)
@@ -361,7 +363,8 @@ def test_fused_siblings_share_one_call_a_step(cpu_fused_path):
     for fused in (True, False):
         torch._dynamo.reset()
         with db.compiled_layers(model, backend="aot_eager", fuse=fused) as info:
-            assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0, "pdl": False}
+            assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0, "pdl": False,
+                            "graphs": layers}
             dec = db.StaticDecoder(model, 2, 32)
             dec.prefill(ids)
             dec.step()  # compiles
@@ -401,6 +404,30 @@ def test_fused_siblings_never_answer_from_a_stale_product(cpu_fused_path):
 
 
 @pytest.mark.cuda
+def test_layers_per_graph_on_cuda():
+    """Three W4 layers of the 8B shape compiled by inductor as one graph (their linears traced as the kernels,
+    q/k/v and gate/up stacked) and replayed as a CUDA graph: the same logits as one graph a layer, within the
+    fusion's rounding."""
+    import torch._dynamo
+
+    model = db.synthetic_model("llama3-8b", layers=3)
+    db.quantize_rtn(model, 4, 128)
+    ids = torch.randint(0, 128256, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    runs = {}
+    for span in (1, 3):
+        torch._dynamo.reset()
+        with db.compiled_layers(model, span=span) as info:
+            assert info["graphs"] == (3 if span == 1 else 1) and info["fused"] == 6
+            graphed = db.StaticDecoder(model, 1, 40)
+            logits = [graphed.prefill(ids).clone()]
+            graphed.capture(warmup=3)
+            logits += [graphed.step().clone() for _ in range(3)]
+        runs[span] = logits
+    for i, (a, b) in enumerate(zip(runs[1], runs[3])):
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max(), f"step {i}"
+
+
+@pytest.mark.cuda
 def test_compiled_layers_trace_quantized_linears_on_cuda():
     """On CUDA the W4 layers' linears are traced as their kernels (frozen): fewer compiled frames than with the
     linears kept out of dynamo (a graph break each), and the decoded tokens are the eager ones either way."""
@@ -417,7 +444,7 @@ def test_compiled_layers_trace_quantized_linears_on_cuda():
         counter = CompileCounter()
         with db.compiled_layers(model, backend=counter, frozen=frozen) as info:
             assert info == {"layers": 2, "frozen": 14 if frozen else 0, "fused": 4 if frozen else 0,  # q/k/v, gate/up
-                            "pdl": False}
+                            "pdl": False, "graphs": 2}
             _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
         frames[frozen] = counter.frame_count
         assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens)), frozen
@@ -536,6 +563,43 @@ def test_compiled_layers_decode_the_same_and_come_off_again():
     assert not any("forward" in m.__dict__ for m in model.modules() if m is not hooked)
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     assert (torch._dynamo.config.cache_size_limit, torch._dynamo.config.accumulated_cache_size_limit) == limits
+
+
+@pytest.mark.parametrize("span", [2, 3, 8])
+def test_layers_compiled_several_to_a_graph_decode_the_same(span):
+    """--layers-per-graph: consecutive layers run as one compiled graph (the later ones pass their input through),
+    the tokens and logits match the uncompiled model's, and every forward comes back on exit."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=5)
+    ids = torch.randint(0, 128, (2, 9))
+    _, ref, ref_tokens = static_decode(model, ids, steps=3)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    with db.compiled_layers(model, backend=counter, span=span) as info:
+        assert info["graphs"] == -(-5 // span)
+        _, got, tokens = static_decode(model, ids, steps=3)
+    assert counter.frame_count >= info["graphs"]
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_layer_spans_never_mix_attention_types():
+    """A group of layers shares its first layer's arguments (the mask among them), so sliding-window and full
+    layers are never grouped together; span 1 is a layer a group; span < 1 is refused."""
+    layers = [torch.nn.Module() for _ in range(6)]
+    for layer, kind in zip(layers, ["full", "full", "sliding", "sliding", "sliding", "full"]):
+        layer.attention_type = kind
+    sizes = [len(g) for g in db.layer_spans(layers, 2)]
+    assert sizes == [2, 2, 1, 1]
+    assert [len(g) for g in db.layer_spans(layers, 8)] == [2, 3, 1]
+    assert [len(g) for g in db.layer_spans(layers, 1)] == [1] * 6
+    assert [len(g) for g in db.layer_spans([torch.nn.Module() for _ in range(5)], 2)] == [2, 2, 1]
+    with pytest.raises(ValueError):
+        db.layer_spans(layers, 0)
 
 
 def test_a_compile_failure_becomes_an_error_row(monkeypatch):

@@ -384,17 +384,22 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @contextlib.contextmanager
-def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True, pdl: bool = False):
+def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True, pdl: bool = False,
+                    span: int = 1):
     """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields
-    ``{"layers": compiled, "frozen": quantized linears traced, "fused": groups of them stacked}``. HF's eager layer launches ~40 small kernels
-    (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at batch 1; compiled, they
-    fuse. A quantized linear with a fast kernel is traced as that kernel's one opaque op over its prepared layout
-    (``QuantLinear.frozen_forward``; ``frozen=False``: never), so the layer stays one graph; any other is kept out
-    of dynamo (``torch.compiler.disable``: a graph break each instead of a resume function per input stride).
+    ``{"layers": compiled, "frozen": quantized linears traced, "fused": groups of them stacked}``. HF's eager layer
+    launches ~40 small kernels (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at
+    batch 1; compiled, they fuse. A quantized linear with a fast kernel is traced as that kernel's one opaque op
+    over its prepared layout (``QuantLinear.frozen_forward``; ``frozen=False``: never), so the layer stays one graph;
+    any other is kept out of dynamo (``torch.compiler.disable``: a graph break each instead of a resume function
+    per input stride).
     ``fuse`` (with ``frozen``): siblings that read the same input (``SIBLINGS``: q/k/v, gate/up) share one call over
     their stacked weights (``qlinear.frozen_group``; ``info["fused"]`` counts the groups).
     ``pdl``: programmatic dependent launch for the step's kernels while open (``dependent_launch``: ours and
     inductor's Triton kernels, where both exist; ``info["pdl"]`` says whether it is on).
+    ``span``: consecutive decoder layers compiled as one graph (``layer_spans``), so the residual add a layer ends
+    with can fuse into the next layer's norm instead of being a kernel of its own at every graph's end;
+    ``info["graphs"]`` counts the graphs.
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -408,7 +413,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     dtype = embed.weight.dtype if embed is not None else next(model.parameters()).dtype
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
-    info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False}
+    info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0}
     try:
         with swapped_forwards() as swap, dependent_launch(pdl and backend == "inductor") as info["pdl"]:
             limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
@@ -432,11 +437,50 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                         fn = mod.frozen_forward(dtype) if frozen else None
                         info["frozen"] += fn is not None
                         swap(mod, fn or torch.compiler.disable(mod.forward))
-                swap(layer, torch.compile(layer.forward, dynamic=False, backend=backend))
+            for group in layer_spans(layers, span):
+                # the layers' forwards as they are now (an instance forward, e.g. accelerate's hook, included)
+                fn = group[0].forward if len(group) == 1 else _chained([layer.forward for layer in group])
+                swap(group[0], torch.compile(fn, dynamic=False, backend=backend))
+                for layer in group[1:]:
+                    swap(layer, _passthrough)
+                info["graphs"] += 1
             yield info
     finally:
         cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
         torch._dynamo.reset()
+
+
+def layer_spans(layers, span: int) -> list[list[nn.Module]]:
+    """Consecutive decoder layers in groups of up to ``span``, each group compiled as one graph. A group never mixes
+    attention types (e.g. sliding-window and full layers, which the model hands different masks: the group's first
+    layer's arguments serve the whole group)."""
+    if span < 1:
+        raise ValueError(f"span must be >= 1, got {span}")
+    groups: list[list[nn.Module]] = []
+    for layer in layers:
+        last = groups[-1] if groups else None
+        if last is not None and len(last) < span and getattr(last[0], "attention_type", None) == getattr(
+                layer, "attention_type", None):
+            last.append(layer)
+        else:
+            groups.append([layer])
+    return groups
+
+
+def _chained(forwards):
+    """One decoder layer's call that runs several in turn with the same arguments (``layer_spans``)."""
+    def forward(hidden_states, *args, **kwargs):
+        for f in forwards:
+            hidden_states = f(hidden_states, *args, **kwargs)
+            if isinstance(hidden_states, tuple):  # layers of older transformers return (hidden_states, ...)
+                raise TypeError("layer_span > 1 needs decoder layers that return the hidden states alone")
+        return hidden_states
+    return forward
+
+
+def _passthrough(hidden_states, *args, **kwargs):
+    """The forward of a decoder layer that an earlier layer's compiled graph has already run."""
+    return hidden_states
 
 
 @contextlib.contextmanager
@@ -500,7 +544,7 @@ def environment() -> dict:
 
 def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
         graphs: bool = True, progress: Progress = NULL, compile: bool = False, breakdown: bool = False,
-        frozen: bool = True, pack_gqa: bool = True, fuse: bool = True, pdl: bool = False) -> dict:
+        frozen: bool = True, pack_gqa: bool = True, fuse: bool = True, pdl: bool = False, span: int = 1) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
     ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike;
@@ -511,16 +555,18 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
                                             "compile": compile,
-                                            **({"frozen": frozen, "fuse": fuse, "pdl": pdl} if compile else {}),
+                                            **({"frozen": frozen, "fuse": fuse, "pdl": pdl, "layer_span": span}
+                                               if compile else {}),
                                             "pack_gqa": pack_gqa},
               "rows": []}
     for name, label, model in models:
         with packed_gqa(model, pack_gqa) as packed, \
-                compiled_layers(model, frozen=frozen, fuse=fuse, pdl=pdl) if compile else contextlib.nullcontext() \
-                as compiled:
+                compiled_layers(model, frozen=frozen, fuse=fuse, pdl=pdl, span=span) if compile \
+                else contextlib.nullcontext() as compiled:
             if compile:
-                progress.note(f"Compiling the {compiled['layers']} decoder layers of {label} (first step of each "
-                              f"batch; {compiled['frozen']} quantized linears traced as their kernels)")
+                progress.note(f"Compiling the {compiled['layers']} decoder layers of {label} as {compiled['graphs']} "
+                              f"graphs (first step of each batch; {compiled['frozen']} quantized linears traced as "
+                              f"their kernels)")
             for b in batches:
                 try:
                     row = {"model": name, "label": label, **decode_speed(model, b, context, steps, graphs=graphs,
@@ -532,6 +578,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                         row["frozen_linears"] = compiled["frozen"]
                         row["fused_groups"] = compiled["fused"]
                         row["dependent_launch"] = compiled["pdl"]
+                        row["graphs"] = compiled["graphs"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}
