@@ -245,11 +245,12 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--layers", "0"], "--layers"),
     (["--synthetic", "llama3-8b", "--format", "nf4"], "--format"),
     (["--synthetic", "llama3-8b", "--layers-per-graph", "0"], "--layers-per-graph"),
+    (["--synthetic", "llama3-8b", "--layers-per-graph", "2"], "--compile"),
     (["--synthetic", "gpt5"], "--synthetic"),
     ([], "PATH"),
     (["/no/such/artifact"], "does not exist"),
 ], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "layers-per-graph",
-        "unknown-shape",
+        "layers-per-graph-eager", "unknown-shape",
         "nothing", "missing-path"])
 def test_cli_bad_input(no_gpu, args, word):
     assert word in error_line("bench", "decode", *args)
@@ -581,25 +582,53 @@ def test_layers_compiled_several_to_a_graph_decode_the_same(span):
     with db.compiled_layers(model, backend=counter, span=span) as info:
         assert info["graphs"] == -(-5 // span)
         _, got, tokens = static_decode(model, ids, steps=3)
-    assert counter.frame_count >= info["graphs"]
+    assert counter.frame_count == info["graphs"]  # one frame a group: no graph break, no layer compiled alone
     assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_layer_spans_never_mix_attention_types():
-    """A group of layers shares its first layer's arguments (the mask among them), so sliding-window and full
-    layers are never grouped together; span 1 is a layer a group; span < 1 is refused."""
-    layers = [torch.nn.Module() for _ in range(6)]
-    for layer, kind in zip(layers, ["full", "full", "sliding", "sliding", "sliding", "full"]):
-        layer.attention_type = kind
-    sizes = [len(g) for g in db.layer_spans(layers, 2)]
-    assert sizes == [2, 2, 1, 1]
-    assert [len(g) for g in db.layer_spans(layers, 8)] == [2, 3, 1]
-    assert [len(g) for g in db.layer_spans(layers, 1)] == [1] * 6
-    assert [len(g) for g in db.layer_spans([torch.nn.Module() for _ in range(5)], 2)] == [2, 2, 1]
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_layers_per_graph_never_group_sliding_and_full_layers(arch):
+    """Sliding-window and full layers get different masks (and for Gemma 3 rotary values) from the model's loop, and
+    a group runs on its first layer's arguments: grouped by ``config.layer_types``, a 4-token window over 12
+    positions decodes as the uncompiled model does."""
+    import torch._dynamo
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    config_cls, model_cls = (Gemma2Config, Gemma2ForCausalLM) if arch == "gemma2" else (Gemma3TextConfig,
+                                                                                         Gemma3ForCausalLM)
+    kinds = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=4,
+                                 max_position_embeddings=64, layer_types=kinds)).eval()
+    assert [len(g) for g in db.layer_spans(model.model.layers, 8, model.config)] == [2, 1, 1, 1]
+    ids = torch.randint(0, 128, (2, 9))
+    _, ref, ref_tokens = static_decode(model, ids, steps=3)
+    torch._dynamo.reset()
+    with db.compiled_layers(model, backend="eager", span=2) as info:
+        assert info["graphs"] == 4
+        _, got, tokens = static_decode(model, ids, steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+
+
+def test_layer_spans_refuse_what_they_cannot_group():
+    """span 1 is a layer a group for any model; above 1 only for architectures whose loop gives every layer the
+    same arguments or picks them by layer type (others get a UserError naming the flag); span < 1 is a ValueError."""
+    from llmcomp.errors import UserError
+
+    model = tiny_llama(layers=5)
+    layers = model.model.layers
+    assert [len(g) for g in db.layer_spans(layers, 2, model.config)] == [2, 2, 1]
+    assert [len(g) for g in db.layer_spans(layers, 1, None)] == [1] * 5
+    config = copy.deepcopy(model.config)
+    config.model_type = "gemma3n_text"
+    with pytest.raises(UserError, match="--layers-per-graph 1"):
+        db.layer_spans(layers, 2, config)
     with pytest.raises(ValueError):
-        db.layer_spans(layers, 0)
+        db.layer_spans(layers, 0, model.config)
 
 
 def test_a_compile_failure_becomes_an_error_row(monkeypatch):

@@ -96,6 +96,8 @@ def decode(
             raise UserError("--context and --steps must be ≥ 1.")
         if layers_per_graph < 1:
             raise UserError(f"--layers-per-graph must be ≥ 1, got {layers_per_graph}.")
+        if layers_per_graph > 1 and not compile:
+            raise UserError("--layers-per-graph applies with --compile only.")
         if dtype not in ("bfloat16", "float16"):
             raise UserError(f"--dtype must be bfloat16 or float16, got {dtype!r}.")
         if (path is None) == (synthetic is None):

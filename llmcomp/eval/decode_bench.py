@@ -24,6 +24,7 @@ from torch import nn
 
 from llmcomp.core.hfcompat import cache_kwarg
 from llmcomp.core.progress import NULL, Progress
+from llmcomp.errors import UserError
 from llmcomp.eval.decode_attention import NAME, packed_gqa
 from llmcomp.eval.decode_attention import kernel as attention_kernel
 
@@ -399,7 +400,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     inductor's Triton kernels, where both exist; ``info["pdl"]`` says whether it is on).
     ``span``: consecutive decoder layers compiled as one graph (``layer_spans``), so the residual add a layer ends
     with can fuse into the next layer's norm instead of being a kernel of its own at every graph's end;
-    ``info["graphs"]`` counts the graphs.
+    ``info["graphs"]`` counts the groups compiled (a linear kept out of dynamo still breaks its group's graph).
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -437,7 +438,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                         fn = mod.frozen_forward(dtype) if frozen else None
                         info["frozen"] += fn is not None
                         swap(mod, fn or torch.compiler.disable(mod.forward))
-            for group in layer_spans(layers, span):
+            for group in layer_spans(layers, span, getattr(model, "config", None)):
                 # the layers' forwards as they are now (an instance forward, e.g. accelerate's hook, included)
                 fn = group[0].forward if len(group) == 1 else _chained([layer.forward for layer in group])
                 swap(group[0], torch.compile(fn, dynamic=False, backend=backend))
@@ -450,20 +451,40 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
         torch._dynamo.reset()
 
 
-def layer_spans(layers, span: int) -> list[list[nn.Module]]:
-    """Consecutive decoder layers in groups of up to ``span``, each group compiled as one graph. A group never mixes
-    attention types (e.g. sliding-window and full layers, which the model hands different masks: the group's first
-    layer's arguments serve the whole group)."""
+# Architectures whose decoder loop hands every layer the same arguments, or picks them by the layer's type only
+# (``config.layer_types``: sliding-window or full attention, with its mask and, for Gemma 3, its rotary values), so
+# a group of same-type layers can run on its first layer's arguments. Others (Gemma 3n's per-layer inputs, a rope
+# theta a layer, ...) could get a wrong answer silently and are refused.
+SPAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3",
+                    "smollm3")
+
+
+def layer_spans(layers, span: int, config=None) -> list[list[nn.Module]]:
+    """Consecutive decoder layers in groups of up to ``span``, each group compiled as one graph. The group's first
+    layer's arguments serve the whole group, so a group never mixes layer types (``config.layer_types``, else a
+    layer's ``attention_type``): sliding-window and full layers get different masks (and rotary values) from the
+    model's loop. ``span`` > 1 needs a ``config`` of a ``SPAN_MODEL_TYPES`` architecture (UserError otherwise)."""
     if span < 1:
         raise ValueError(f"span must be >= 1, got {span}")
+    if span == 1:
+        return [[layer] for layer in layers]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", None)
+    if model_type not in SPAN_MODEL_TYPES:
+        raise UserError(f"--layers-per-graph above 1 supports {', '.join(SPAN_MODEL_TYPES)} models; this one is "
+                        f"{model_type!r}: use --layers-per-graph 1.")
+    types = list(getattr(text, "layer_types", None) or [getattr(layer, "attention_type", None) for layer in layers])
+    if len(types) < len(layers):
+        raise UserError(f"config.layer_types names {len(types)} layers but the model has {len(layers)}: use "
+                        f"--layers-per-graph 1.")
     groups: list[list[nn.Module]] = []
-    for layer in layers:
-        last = groups[-1] if groups else None
-        if last is not None and len(last) < span and getattr(last[0], "attention_type", None) == getattr(
-                layer, "attention_type", None):
-            last.append(layer)
+    group_type = None
+    for layer, kind in zip(layers, types):
+        if groups and len(groups[-1]) < span and kind == group_type:
+            groups[-1].append(layer)
         else:
             groups.append([layer])
+            group_type = kind
     return groups
 
 
@@ -479,7 +500,8 @@ def _chained(forwards):
 
 
 def _passthrough(hidden_states, *args, **kwargs):
-    """The forward of a decoder layer that an earlier layer's compiled graph has already run."""
+    """The forward of a decoder layer that an earlier layer's compiled graph has already run. (Hooks on the layer,
+    e.g. transformers' hidden-state capture, would see the group's output here; the decode bench asks for none.)"""
     return hidden_states
 
 
