@@ -566,25 +566,33 @@ def test_compiled_layers_decode_the_same_and_come_off_again():
     assert (torch._dynamo.config.cache_size_limit, torch._dynamo.config.accumulated_cache_size_limit) == limits
 
 
+def _spanned_decode_matches(model, backend, span: int) -> dict:
+    """Decodes 3 greedy steps after 9 tokens with ``compiled_layers(span=...)``, asserts the tokens and logits are
+    the uncompiled model's, and returns its ``info``."""
+    import torch._dynamo
+
+    ids = torch.randint(0, 128, (2, 9))
+    _, ref, ref_tokens = static_decode(model, ids, steps=3)
+    torch._dynamo.reset()
+    with db.compiled_layers(model, backend=backend, span=span) as info:
+        _, got, tokens = static_decode(model, ids, steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+    return info
+
+
 @pytest.mark.parametrize("span", [2, 3, 8])
 def test_layers_compiled_several_to_a_graph_decode_the_same(span):
     """--layers-per-graph: consecutive layers run as one compiled graph (the later ones pass their input through),
     the tokens and logits match the uncompiled model's, and every forward comes back on exit."""
-    import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(0)
     model = tiny_llama(layers=5)
-    ids = torch.randint(0, 128, (2, 9))
-    _, ref, ref_tokens = static_decode(model, ids, steps=3)
-    torch._dynamo.reset()
     counter = CompileCounter()
-    with db.compiled_layers(model, backend=counter, span=span) as info:
-        assert info["graphs"] == -(-5 // span)
-        _, got, tokens = static_decode(model, ids, steps=3)
+    info = _spanned_decode_matches(model, counter, span)
+    assert info["graphs"] == -(-5 // span)
     assert counter.frame_count == info["graphs"]  # one frame a group: no graph break, no layer compiled alone
-    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
-    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
@@ -593,7 +601,6 @@ def test_layers_per_graph_never_group_sliding_and_full_layers(arch):
     """Sliding-window and full layers get different masks (and for Gemma 3 rotary values) from the model's loop, and
     a group runs on its first layer's arguments: grouped by ``config.layer_types``, a 4-token window over 12
     positions decodes as the uncompiled model does."""
-    import torch._dynamo
     from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
     config_cls, model_cls = (Gemma2Config, Gemma2ForCausalLM) if arch == "gemma2" else (Gemma3TextConfig,
@@ -604,14 +611,7 @@ def test_layers_per_graph_never_group_sliding_and_full_layers(arch):
                                  num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=4,
                                  max_position_embeddings=64, layer_types=kinds)).eval()
     assert [len(g) for g in db.layer_spans(model.model.layers, 8, model.config)] == [2, 1, 1, 1]
-    ids = torch.randint(0, 128, (2, 9))
-    _, ref, ref_tokens = static_decode(model, ids, steps=3)
-    torch._dynamo.reset()
-    with db.compiled_layers(model, backend="eager", span=2) as info:
-        assert info["graphs"] == 4
-        _, got, tokens = static_decode(model, ids, steps=3)
-    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
-    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+    assert _spanned_decode_matches(model, "eager", 2)["graphs"] == 4
 
 
 def test_layer_spans_refuse_what_they_cannot_group():
