@@ -283,6 +283,33 @@ def test_cli_artifact_original(no_gpu, artifact):
         moved.rename(base)
 
 
+@pytest.mark.parametrize("vocab", [128256, 49152, 1000, 257, 300, 7])
+def test_greedy_tokens_equal_argmax_ties_included(vocab):
+    """The decode step's two-stage argmax picks what ``argmax`` picks, the first of tied maxima too (few distinct
+    values make ties in most rows); vocabularies with no chunk length in range take ``argmax`` itself."""
+    c = db.argmax_chunk(vocab)
+    assert c is None if vocab in (257, 300, 7) else (vocab % c == 0 and 256 <= c <= 2048), c
+    g = torch.Generator().manual_seed(vocab)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randint(0, 4, (16, vocab), generator=g).to(dtype)
+        logits[3, vocab // 2:] = 4  # a tie spanning chunks: the first one wins
+        assert torch.equal(db.greedy_tokens(logits), logits.argmax(-1, keepdim=True))
+        assert db.greedy_tokens(logits)[3].item() == vocab // 2
+
+
+def test_timeline_stats_busy_idle_and_what_the_gpu_waited_for():
+    from llmcomp.eval.graph_timeline import timeline_stats
+
+    kernels = [("b", 12, 20), ("a", 0, 10), ("c", 15, 25), ("a", 30, 40), ("d", 31, 33)]  # c overlaps b, d in a
+    t = timeline_stats(kernels, steps=2, kind=lambda n: "gemm" if n == "a" else "other")
+    assert t["kernels_per_step"] == 2.5 and t["span_ms"] == 0.02 and t["idle_ms"] == 0.0035
+    assert t["busy_ms"] == 0.0165  # 10 + 13 + 10 µs over two steps; d runs inside a
+    assert t["ms_per_step"] == {"gemm": 0.01, "other": 0.0100}  # each kernel's own time: b 8, c 10, d 2 µs
+    assert t["idle_before"] == [{"name": "a", "us_per_step": 2.5}, {"name": "b", "us_per_step": 1.0}]
+    assert t["top"][0] == {"name": "a", "calls_per_step": 1.0, "us_per_step": 10.0}
+    assert "error" in timeline_stats([], 1, str)
+
+
 # -- CUDA -----------------------------------------------------------------------------------------
 
 @pytest.mark.cuda
@@ -307,6 +334,9 @@ def test_graph_replay_equals_eager(quantized):
     assert r["tokens_per_s"] > 0 and r["peak_gpu_gb"] > 0
     kinds = r["breakdown"]["ms_per_step"]  # GPU kernels: the quantized model's linears are our kernels
     assert r["breakdown"]["unit"] == "GPU kernels" and ("quantized linears" in kinds) == quantized, kinds
+    t = r["graph_timeline"]  # the replayed step on the GPU's timeline: the same kinds of kernels, fewer gaps
+    assert "error" not in t and t["kernels_per_step"] > 10 and 0 < t["busy_ms"] <= t["span_ms"], t
+    assert ("quantized linears" in t["ms_per_step"]) == quantized and "graph step:" in db._line(r | {"label": "x"})
 
 
 _STACKED_CALLS = [0]
