@@ -246,11 +246,15 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--format", "nf4"], "--format"),
     (["--synthetic", "llama3-8b", "--layers-per-graph", "0"], "--layers-per-graph"),
     (["--synthetic", "llama3-8b", "--layers-per-graph", "2"], "--compile"),
+    (["--synthetic", "llama3-8b", "--inductor-option", "combo_kernels=true"], "--compile"),
+    (["--synthetic", "llama3-8b", "--compile", "--inductor-option", "no_such_option=1"], "no_such_option"),
+    (["--synthetic", "llama3-8b", "--compile", "--inductor-option", "combo_kernels=often"], "bool"),
     (["--synthetic", "gpt5"], "--synthetic"),
     ([], "PATH"),
     (["/no/such/artifact"], "does not exist"),
 ], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "layers-per-graph",
-        "layers-per-graph-eager", "unknown-shape",
+        "layers-per-graph-eager", "inductor-option-eager", "inductor-option-unknown", "inductor-option-type",
+        "unknown-shape",
         "nothing", "missing-path"])
 def test_cli_bad_input(no_gpu, args, word):
     assert word in error_line("bench", "decode", *args)
@@ -594,6 +598,31 @@ def test_compiled_layers_decode_the_same_and_come_off_again():
     assert not any("forward" in m.__dict__ for m in model.modules() if m is not hooked)
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     assert (torch._dynamo.config.cache_size_limit, torch._dynamo.config.accumulated_cache_size_limit) == limits
+
+
+def test_inductor_options_reach_every_compiled_graph(monkeypatch):
+    """--inductor-option KEY=VALUE: parsed as the option's type and handed to each layer's torch.compile."""
+    import torch._dynamo
+
+    seen = []
+    real = torch.compile
+
+    def spy(fn, **kw):
+        seen.append(kw.get("options"))
+        return real(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    opts = db.inductor_options(["combo_kernels=true", "max_autotune_pointwise=0"])
+    assert opts == {"combo_kernels": True, "max_autotune_pointwise": False}
+    model = tiny_llama()
+    torch._dynamo.reset()
+    with db.compiled_layers(model, options=opts) as info:
+        pass
+    assert info["graphs"] == len(model.model.layers) and seen == [opts] * info["graphs"]
+    seen.clear()
+    with db.compiled_layers(model, backend="aot_eager", options=opts):  # options are inductor's: not passed on
+        pass
+    assert seen == [None] * len(model.model.layers)
 
 
 def _spanned_decode_matches(model, backend, span: int) -> dict:

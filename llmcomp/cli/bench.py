@@ -80,6 +80,7 @@ def decode(
     pdl: Annotated[bool, typer.Option("--pdl/--no-pdl", help="With --compile: programmatic dependent launch for the step's kernels, the quantized GEMMs and inductor's Triton kernels together, so each may start while the one before finishes (sm_90+ and a torch that has inductor's option; default on: the W4 8B step 4 % faster on an H200, bench/results/decode_h200_ab_inductor_pdl.json).")] = True,
     pack_gqa: Annotated[bool, typer.Option("--pack-gqa/--no-pack-gqa", help="Both models attend a decode step's grouped-query heads on the cache as it is (no copies of K/V, llmcomp.eval.decode_attention); --no-pack-gqa: transformers' SDPA path.")] = True,
     layers_per_graph: Annotated[int, typer.Option("--layers-per-graph", help="With --compile: consecutive decoder layers compiled as one graph, so the residual add each layer ends with can fuse into the next layer's norm (1: each layer its own graph).")] = 1,
+    inductor_option: Annotated[Optional[list[str]], typer.Option("--inductor-option", help="With --compile: an inductor config option for the compiled layers of both models, KEY=VALUE (repeat the flag for more), e.g. combo_kernels=true.")] = None,
     breakdown: Annotated[bool, typer.Option("--breakdown", help="Also profile eager steps: GPU kernel time by kind (quantized linears, dense GEMM, attention, other), kernels a step, the top kernels (in the JSON).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
 ):
@@ -98,6 +99,12 @@ def decode(
             raise UserError(f"--layers-per-graph must be ≥ 1, got {layers_per_graph}.")
         if layers_per_graph > 1 and not compile:
             raise UserError("--layers-per-graph applies with --compile only.")
+        if inductor_option and not compile:
+            raise UserError("--inductor-option applies with --compile only.")
+        try:
+            options = db.inductor_options(inductor_option or [])
+        except ValueError as exc:
+            raise UserError(f"--inductor-option: {exc}.") from None
         if dtype not in ("bfloat16", "float16"):
             raise UserError(f"--dtype must be bfloat16 or float16, got {dtype!r}.")
         if (path is None) == (synthetic is None):
@@ -139,7 +146,7 @@ def decode(
             result = db.run(models, batches, context, steps, settings, out=out, graphs=graphs, progress=progress,
                             compile=compile, breakdown=breakdown, frozen=trace_linears,
                             pack_gqa=pack_gqa, fuse=fuse_linears, pdl=pdl,
-                            span=layers_per_graph)
+                            span=layers_per_graph, options=options)
         render.console.print(_decode_table(result, batches))
 
     run(go)

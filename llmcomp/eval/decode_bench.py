@@ -411,7 +411,7 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 @contextlib.contextmanager
 def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True, pdl: bool = False,
-                    span: int = 1):
+                    span: int = 1, options: Optional[dict] = None):
     """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields
     ``{"layers": compiled, "frozen": quantized linears traced, "fused": groups of them stacked}``. HF's eager layer
     launches ~40 small kernels (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at
@@ -426,6 +426,8 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     ``span``: consecutive decoder layers compiled as one graph (``layer_spans``), so the residual add a layer ends
     with can fuse into the next layer's norm instead of being a kernel of its own at every graph's end;
     ``info["graphs"]`` counts the groups compiled (a linear kept out of dynamo still breaks its group's graph).
+    ``options``: inductor's config for these graphs (``torch.compile``'s ``options``, e.g. ``combo_kernels``;
+    ``inductor_options`` parses and checks them).
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -466,7 +468,8 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
             for group in layer_spans(layers, span, getattr(model, "config", None)):
                 # the layers' forwards as they are now (an instance forward, e.g. accelerate's hook, included)
                 fn = group[0].forward if len(group) == 1 else _chained([layer.forward for layer in group])
-                swap(group[0], torch.compile(fn, dynamic=False, backend=backend))
+                swap(group[0], torch.compile(fn, dynamic=False, backend=backend,
+                                             options=options if backend == "inductor" and options else None))
                 for layer in group[1:]:
                     swap(layer, _passthrough)
                 info["graphs"] += 1
@@ -474,6 +477,33 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     finally:
         cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
         torch._dynamo.reset()
+
+
+def inductor_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings → inductor config options for ``compiled_layers``: KEY one of
+    ``torch._inductor.config``'s (dotted for nested ones, ``triton.cudagraphs``), VALUE parsed as the option's type
+    (true/false, a number, or text). ValueError names the first bad pair."""
+    import torch._inductor.config as inductor
+
+    known = inductor.get_config_copy()
+    options = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        key, text = key.strip(), text.strip()
+        if not eq or key not in known:
+            raise ValueError(f"{pair!r} is not KEY=VALUE with KEY an inductor option (torch._inductor.config)")
+        kind = type(known[key])
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = text.lower() in ("true", "1")
+            else:
+                value = kind(text) if kind in (int, float, str) else text
+        except ValueError:
+            raise ValueError(f"{key} takes a {kind.__name__}, got {text!r}") from None
+        options[key] = value
+    return options
 
 
 # Architectures whose decoder loop hands every layer the same arguments, or picks them by the layer's type only
@@ -591,24 +621,27 @@ def environment() -> dict:
 
 def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
         graphs: bool = True, progress: Progress = NULL, compile: bool = False, breakdown: bool = False,
-        frozen: bool = True, pack_gqa: bool = True, fuse: bool = True, pdl: bool = False, span: int = 1) -> dict:
+        frozen: bool = True, pack_gqa: bool = True, fuse: bool = True, pdl: bool = False, span: int = 1,
+        options: Optional[dict] = None) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
     ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike;
     ``frozen``: quantized linears traced as their kernels, else kept out of dynamo; ``pdl``: with dependent launch,
     ``dependent_launch``, where it exists — the row's ``dependent_launch`` says). ``pack_gqa``: both models
     attend through ``decode_attention.packed_gqa`` (no copies of K/V for grouped-query heads), else transformers'.
-    ``breakdown``: each row also says where a step's time goes (``kernel_breakdown``).
+    ``breakdown``: each row also says where a step's time goes (``kernel_breakdown``). ``options``: inductor's
+    config for the compiled layers (``compiled_layers``).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
                                             "compile": compile,
-                                            **({"frozen": frozen, "fuse": fuse, "pdl": pdl, "layer_span": span}
+                                            **({"frozen": frozen, "fuse": fuse, "pdl": pdl, "layer_span": span,
+                                                "inductor_options": options or {}}
                                                if compile else {}),
                                             "pack_gqa": pack_gqa},
               "rows": []}
     for name, label, model in models:
         with packed_gqa(model, pack_gqa) as packed, \
-                compiled_layers(model, frozen=frozen, fuse=fuse, pdl=pdl, span=span) if compile \
+                compiled_layers(model, frozen=frozen, fuse=fuse, pdl=pdl, span=span, options=options) if compile \
                 else contextlib.nullcontext() as compiled:
             if compile:
                 progress.note(f"Compiling the {compiled['layers']} decoder layers of {label} as {compiled['graphs']} "
