@@ -439,27 +439,33 @@ def test_fused_siblings_never_answer_from_a_stale_product(cpu_fused_path):
 
 
 @pytest.mark.cuda
-def test_layers_per_graph_on_cuda():
-    """Three W4 layers of the 8B shape compiled by inductor as one graph (their linears traced as the kernels,
-    q/k/v and gate/up stacked) and replayed as a CUDA graph: the same logits as one graph a layer, within the
-    fusion's rounding."""
+def test_layers_per_graph_and_combo_kernels_on_cuda():
+    """Three W4 layers of the 8B shape compiled by inductor (their linears traced as the kernels, q/k/v and gate/up
+    stacked) and replayed as a CUDA graph — as one graph, and with inductor's combo kernels (independent kernels
+    launched as one): the same logits as one graph a layer, within the fusion's rounding, and fewer kernels a
+    replayed step with each."""
     import torch._dynamo
+
+    from llmcomp.eval.graph_timeline import graph_timeline
 
     model = db.synthetic_model("llama3-8b", layers=3)
     db.quantize_rtn(model, 4, 128)
     ids = torch.randint(0, 128256, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
-    runs = {}
-    for span in (1, 3):
+    runs, kernels = {}, {}
+    for span, combo in ((1, False), (3, False), (1, True), (3, True)):
         torch._dynamo.reset()
-        with db.compiled_layers(model, span=span) as info:
+        with db.compiled_layers(model, span=span, options={"combo_kernels": combo}) as info:
             assert info["graphs"] == (3 if span == 1 else 1) and info["fused"] == 6
             graphed = db.StaticDecoder(model, 1, 40)
             logits = [graphed.prefill(ids).clone()]
             graphed.capture(warmup=3)
             logits += [graphed.step().clone() for _ in range(3)]
-        runs[span] = logits
-    for i, (a, b) in enumerate(zip(runs[1], runs[3])):
-        assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max(), f"step {i}"
+            kernels[span, combo] = graph_timeline(graphed.graph.replay, db.time_kind, steps=1)["kernels_per_step"]
+        runs[span, combo] = logits
+    for key, run in runs.items():
+        for i, (a, b) in enumerate(zip(runs[1, False], run)):
+            assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max(), f"{key} step {i}"
+    assert kernels[3, False] < kernels[1, False] and kernels[1, True] < kernels[1, False], kernels
 
 
 @pytest.mark.cuda
