@@ -308,9 +308,11 @@ def test_timeline_stats_busy_idle_and_what_the_gpu_waited_for():
     t = timeline_stats(kernels, steps=2, kind=lambda n: "gemm" if n == "a" else "other")
     assert t["kernels_per_step"] == 2.5 and t["span_ms"] == 0.02 and t["idle_ms"] == 0.0035
     assert t["busy_ms"] == 0.0165  # 10 + 13 + 10 µs over two steps; d runs inside a
-    assert t["ms_per_step"] == {"gemm": 0.01, "other": 0.0100}  # each kernel's own time: b 8, c 10, d 2 µs
+    # busy time goes to the oldest running kernel (under dependent launch the younger one waits for it): c only
+    # after b ends (5 µs), d never (inside a); the attributions sum to the busy time
+    assert t["ms_per_step"] == {"gemm": 0.01, "other": 0.0065}
+    assert [(k["name"], k["us_per_step"]) for k in t["top"]] == [("a", 10.0), ("b", 4.0), ("c", 2.5)]
     assert t["idle_before"] == [{"name": "a", "us_per_step": 2.5}, {"name": "b", "us_per_step": 1.0}]
-    assert t["top"][0] == {"name": "a", "calls_per_step": 1.0, "us_per_step": 10.0}
     assert "error" in timeline_stats([], 1, str)
 
 

@@ -3,8 +3,8 @@
 The eager breakdown (``decode_bench.kernel_breakdown``) says what each kernel costs; a graph replay runs the same
 kernels back to back, and what separates its step time from the sum of its kernels is the time the GPU runs none
 (launch latency between dependent kernels, tails). This module measures that directly from the profiler's kernel
-records: busy time (the union of the kernels' intervals), idle time (the rest of the span) and which kernels the
-GPU waited for most.
+records: busy time (the union of the kernels' intervals), idle time (the rest of the span), what the busy time was
+spent on, and which kernels the GPU waited for most.
 """
 from __future__ import annotations
 
@@ -16,26 +16,51 @@ import torch
 def timeline_stats(kernels: Iterable[tuple[str, float, float]], steps: int, kind: Callable[[str], str],
                    top: int = 8) -> dict:
     """``kernels``: ``(name, start_us, end_us)`` of every kernel of ``steps`` replays. Per step: kernels, span (first
-    start to last end), busy (union of the intervals: overlapping kernels count once), idle (span − busy), device
-    time by ``kind`` (overlaps counted in each kernel), the ``top`` kernels by time and the ``top`` kernels the GPU
-    sat idle before starting (gap since every earlier kernel had ended)."""
+    start to last end), busy (union of the intervals: overlapping kernels count once), idle (span − busy), the busy
+    time by ``kind`` and the ``top`` kernels by it, and the ``top`` kernels the GPU sat idle before starting (gap
+    since every earlier kernel had ended).
+
+    Under programmatic dependent launch a kernel starts before the one it depends on has finished and waits, so
+    its own interval includes the other's work. The busy time is therefore attributed to the *oldest* running
+    kernel at each instant (the one the others wait for); the attributions sum to the busy time. A kernel's work
+    done while an older one still runs (e.g. weight loads issued before its wait) counts for the older one."""
     spans = sorted((float(a), float(b), name) for name, a, b in kernels)
     if not spans:
         return {"error": "the profiler saw no kernels of the graph replays"}
     idle_before: dict[str, float] = {}
-    cost: dict[str, list] = {}
-    by_kind: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    own: dict[str, float] = {}  # busy time attributed to each kernel name
     idle, reach = 0.0, spans[0][0]
+    running: list[tuple[float, float, str]] = []  # (start, end, name), oldest first
+    t = spans[0][0]
+
+    def advance(until: float) -> None:
+        """Attribute [t, until) to the oldest kernel still running, dropping those that end on the way."""
+        nonlocal t
+        while running and t < until:
+            a, b, name = running[0]
+            upto = min(b, until)
+            if upto > t:
+                own[name] = own.get(name, 0.0) + upto - t
+                t = upto
+            if b <= t:
+                running.pop(0)
+        t = max(t, until)
+
     for a, b, name in spans:
+        advance(a)
         gap = max(0.0, a - reach)
         idle += gap
         idle_before[name] = idle_before.get(name, 0.0) + gap
         reach = max(reach, b)
-        c = cost.setdefault(name, [0, 0.0])
-        c[0] += 1
-        c[1] += b - a
-        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + (b - a)
+        calls[name] = calls.get(name, 0) + 1
+        running.append((a, b, name))
+        running.sort()
+    advance(reach)
     span = reach - spans[0][0]
+    by_kind: dict[str, float] = {}
+    for name, us in own.items():
+        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + us
 
     def ms(us: float) -> float:
         return round(us / steps / 1e3, 4)
@@ -43,8 +68,8 @@ def timeline_stats(kernels: Iterable[tuple[str, float, float]], steps: int, kind
     return {"replays": steps, "kernels_per_step": round(len(spans) / steps, 1), "span_ms": ms(span),
             "busy_ms": ms(span - idle), "idle_ms": ms(idle),
             "ms_per_step": {k: ms(v) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top": [{"name": n[:160], "calls_per_step": round(c / steps, 2), "us_per_step": round(us / steps, 2)}
-                    for n, (c, us) in sorted(cost.items(), key=lambda kv: -kv[1][1])[:top]],
+            "top": [{"name": n[:160], "calls_per_step": round(calls[n] / steps, 2), "us_per_step": round(us / steps, 2)}
+                    for n, us in sorted(own.items(), key=lambda kv: -kv[1])[:top]],
             "idle_before": [{"name": n[:160], "us_per_step": round(us / steps, 2)}
                             for n, us in sorted(idle_before.items(), key=lambda kv: -kv[1])[:top] if us > 0]}
 
