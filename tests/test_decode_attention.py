@@ -132,6 +132,22 @@ def test_kernel_matches_reference_on_cuda(case, dtype, merge, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("merge", [True, False], ids=["fused", "separate"])
+def test_dependent_launch_gives_the_same_bits(merge, monkeypatch):
+    """LLMCOMP_ATTN_PDL: both kernels launched as programmatic dependents (sm_90+) — eager and replayed in a CUDA
+    graph, the output bit-equal to the ordinary launch's (the same kernels, only the launch attribute differs)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    monkeypatch.setattr(da, "FUSED_MERGE", merge)
+    q, k, v, mask = _inputs(1, 32, 8, 576, 128, 520, "bool", torch.bfloat16, "cuda")
+    plain = da.decode_attention(q, k, v, mask, 128 ** -0.5)
+    monkeypatch.setattr(da, "ATTN_PDL", True)
+    assert da.dependent_launch(q.device)
+    assert torch.equal(da.decode_attention(q, k, v, mask, 128 ** -0.5), plain)
+    _replay_equals(q, k, v, mask, plain)
+
+
+@pytest.mark.cuda
 def test_fused_merge_replays_in_a_graph():
     """The merge in the partial kernel resets its counters itself: a CUDA graph of the op replayed many times gives
     the eager result every time, equal to the separate combine kernel's within rounding, counters zero after."""

@@ -54,6 +54,10 @@ _STAGES: dict = {}
 _FORCE = os.environ.get("LLMCOMP_ATTN_FUSED_MERGE", "").strip().lower()
 # None: by fused_merge's rule; the variable forces it on (1, true, on, yes) or off (anything else set)
 FUSED_MERGE: Optional[bool] = None if _FORCE == "" else _FORCE in ("1", "true", "on", "yes")
+# LLMCOMP_ATTN_PDL=1: both kernels launched as programmatic dependents (sm_90+), so their launch overlaps the kernel
+# before (the replayed W4 8B step idles ~14 µs before each of them, bench/results/kernels_h200_notes.md); opt-in
+# until timed.
+ATTN_PDL = os.environ.get("LLMCOMP_ATTN_PDL", "") == "1"
 _COUNTERS: dict = {}  # device -> int32 counters (zero between launches)
 _KEEP: list = []  # counters outgrown, still alive for the graphs captured with them
 
@@ -70,6 +74,11 @@ def _counters(n: int, device: torch.device) -> Optional[torch.Tensor]:
             _KEEP.append(c)
         c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return c
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the kernels launch as programmatic dependents: ``ATTN_PDL`` on a GPU of compute capability 9+."""
+    return ATTN_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def stages(d: int, device: torch.device) -> int:
@@ -117,6 +126,14 @@ if triton is not None:  # (a kernel's helpers must be module globals for Triton 
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         return m_new, m_use, tl.exp(m_old - m_use)
 
+    @triton.jit
+    def _dependent_start():
+        """Under programmatic dependent launch: wait until the kernel before has finished (its writes visible), then
+        let the next kernel launch — it waits for this one the same way, so only its launch and prologue (our
+        GEMMs' first weight loads) overlap this kernel."""
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
@@ -124,7 +141,10 @@ def _kernels():
     def _decode_attention_partial(q_ptr, k_ptr, v_ptr, m_ptr, acc_ptr, ml_ptr, cnt_ptr, out_ptr, L, KVH, nsplit, scale,
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
                  GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                 MASK: tl.constexpr, MERGE: tl.constexpr, SP: tl.constexpr):  # MASK: 0 none, 1 bool (as uint8), 2 additive float
+                 MASK: tl.constexpr, MERGE: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+        # MASK: 0 none, 1 bool (as uint8), 2 additive float. PDL: launched as a dependent (``dependent_launch``)
+        if PDL:
+            _dependent_start()
         bh = tl.program_id(0)
         s = tl.program_id(1)
         b = bh // KVH
@@ -194,7 +214,9 @@ def _kernels():
                          mask=(g < GROUPS)[:, None])
 
     @triton.jit
-    def _decode_attention_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, SP: tl.constexpr):
+    def _decode_attention_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            _dependent_start()
         r = tl.program_id(0)  # query head of a sequence: b * H + head
         s = tl.arange(0, SP)
         d = tl.arange(0, D)
@@ -239,14 +261,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     counters = _counters(b * kvh, q.device) if fused_merge(b * kvh, sms) else None
     fused = counters is not None
     sp = max(2, triton.next_power_of_2(splits))
+    pdl = dependent_launch(q.device)
+    launch_kw = {"launch_pdl": True} if pdl else {}
 
     def launch(depth: int):
         partial[(b * kvh, splits)](q, k, v, m, part, ml, counters if fused else ml, out, length, kvh, splits, scale,
                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                                    v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l,
                                    GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d,
-                                   BLOCK=min(chunk, 64), CHUNK=chunk, MASK=how, MERGE=int(fused), SP=sp,
-                                   num_warps=4, num_stages=depth)
+                                   BLOCK=min(chunk, 64), CHUNK=chunk, MASK=how, MERGE=int(fused), SP=sp, PDL=pdl,
+                                   num_warps=4, num_stages=depth, **launch_kw)
 
     depth = stages(d, q.device)
     try:
@@ -257,7 +281,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
         _STAGES[(d, q.device)] = 1
         launch(1)
     if not fused:
-        combine[(b * h,)](part, ml, out, splits, D=d, SP=sp, num_warps=4)
+        combine[(b * h,)](part, ml, out, splits, D=d, SP=sp, PDL=pdl, num_warps=4, **launch_kw)
     return out
 
 
