@@ -181,6 +181,7 @@ class StaticDecoder:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.logits: Optional[torch.Tensor] = None
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self._graph_logits: Optional[torch.Tensor] = None
         self._start: Optional[tuple[int, torch.Tensor]] = None
 
     @torch.no_grad()
@@ -215,8 +216,8 @@ class StaticDecoder:
         """One decode step (graph replay once ``capture`` succeeded); returns ``logits`` [B, vocab]."""
         if self.graph is not None:
             self.graph.replay()
-        else:
-            self._body()
+            return self._graph_logits  # (an eager ``_body`` since, e.g. a profiled step, does not replace it)
+        self._body()
         return self.logits
 
     def rewind(self) -> None:
@@ -250,6 +251,7 @@ class StaticDecoder:
             torch.cuda.synchronize()
             self.rewind()
         self.graph = graph
+        self._graph_logits = self.logits  # the captured step's output, rewritten in place by every replay
 
 
 # Kernel (GPU) or operator (CPU) name fragments → where a decode step's time goes; first match wins, "other" else.
@@ -394,7 +396,8 @@ def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs:
         if result["graphs"]:
             from llmcomp.eval.graph_timeline import graph_timeline
 
-            result["graph_timeline"] = graph_timeline(dec.graph.replay, time_kind)
+            # from the rewound position: at most the steps the cache has room for after the prompt
+            result["graph_timeline"] = graph_timeline(dec.graph.replay, time_kind, steps=min(3, steps + warmup + 1))
             dec.rewind()
     del dec
     if cuda:
@@ -479,10 +482,24 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
         torch._dynamo.reset()
 
 
+def _option_type(inductor, key: str, default) -> tuple[type, bool]:
+    """An inductor option's declared scalar type and whether it may be None (``int | None`` → (int, True)); the
+    default's type where the config module cannot say. ValueError for lists, dicts, callables."""
+    import types
+    import typing
+
+    declared = inductor.get_type(key) if hasattr(inductor, "get_type") else type(default)
+    parts = typing.get_args(declared) if typing.get_origin(declared) in (typing.Union, types.UnionType) else (declared,)
+    scalar = [t for t in parts if t is not type(None)]
+    if len(scalar) != 1 or scalar[0] not in (bool, int, float, str):
+        raise ValueError(f"{key} is of type {declared}; only bool, int, float and text options can be set here")
+    return scalar[0], len(scalar) < len(parts)
+
+
 def inductor_options(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings → inductor config options for ``compiled_layers``: KEY one of
-    ``torch._inductor.config``'s (dotted for nested ones, ``triton.cudagraphs``), VALUE parsed as the option's type
-    (true/false, a number, or text). ValueError names the first bad pair."""
+    ``torch._inductor.config``'s (dotted for nested ones, ``triton.max_tiles``), VALUE parsed as the option's declared
+    type (true/false, a number, text; ``none`` where the option may be None). ValueError names the first bad pair."""
     import torch._inductor.config as inductor
 
     known = inductor.get_config_copy()
@@ -492,16 +509,18 @@ def inductor_options(pairs: list[str]) -> dict:
         key, text = key.strip(), text.strip()
         if not eq or key not in known:
             raise ValueError(f"{pair!r} is not KEY=VALUE with KEY an inductor option (torch._inductor.config)")
-        kind = type(known[key])
+        kind, nullable = _option_type(inductor, key, known[key])
         try:
-            if kind is bool:
+            if nullable and text.lower() == "none":
+                value = None
+            elif kind is bool:
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 value = text.lower() in ("true", "1")
             else:
-                value = kind(text) if kind in (int, float, str) else text
+                value = kind(text)
         except ValueError:
-            raise ValueError(f"{key} takes a {kind.__name__}, got {text!r}") from None
+            raise ValueError(f"{key} takes {kind.__name__}{' or none' if nullable else ''}, got {text!r}") from None
         options[key] = value
     return options
 

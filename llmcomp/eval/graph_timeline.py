@@ -87,5 +87,5 @@ def graph_timeline(replay: Callable[[], None], kind: Callable[[str], str], steps
             replay()
         torch.cuda.synchronize()
     records = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == DeviceType.CUDA]
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]  # kernels, not ranges
     return timeline_stats(records, steps, kind)
