@@ -723,3 +723,15 @@ def test_a_compile_failure_becomes_an_error_row(monkeypatch):
     row = result["rows"][0]
     assert "torch.compile failed" in row["error"] and "no C++ compiler" in row["error"], row
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_a_compiled_row_keeps_whether_the_step_was_a_cuda_graph(monkeypatch):
+    """--compile's rows count the compiled graphs apart from ``graphs`` (whether the timed steps were CUDA-graph
+    replays), which the table's column and the row's line read: on CPU both rows ran eagerly."""
+    real = db.compiled_layers
+    monkeypatch.setattr(db, "compiled_layers", lambda m, **kw: real(m, backend="aot_eager", **kw))
+    model = tiny_llama()
+    result = db.run(iter([("original", "tiny", model)]), [1], context=5, steps=2, settings={}, compile=True)
+    row = result["rows"][0]
+    assert row["graphs"] is False and row["compiled_graphs"] == len(model.model.layers), row
+    assert "eager (" in db._line(row)

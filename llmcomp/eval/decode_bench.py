@@ -677,7 +677,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                         row["frozen_linears"] = compiled["frozen"]
                         row["fused_groups"] = compiled["fused"]
                         row["dependent_launch"] = compiled["pdl"]
-                        row["graphs"] = compiled["graphs"]
+                        row["compiled_graphs"] = compiled["graphs"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}
