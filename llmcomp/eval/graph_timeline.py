@@ -31,7 +31,7 @@ def timeline_stats(kernels: Iterable[tuple[str, float, float]], steps: int, kind
     calls: dict[str, int] = {}
     own: dict[str, float] = {}  # busy time attributed to each kernel name
     idle, reach = 0.0, spans[0][0]
-    running: list[tuple[float, float, str]] = []  # (start, end, name), oldest first
+    running: list[tuple[float, float, str]] = []  # (start, end, name), oldest first: appended in ``spans``' order
     t = spans[0][0]
 
     def advance(until: float) -> None:
@@ -55,12 +55,12 @@ def timeline_stats(kernels: Iterable[tuple[str, float, float]], steps: int, kind
         reach = max(reach, b)
         calls[name] = calls.get(name, 0) + 1
         running.append((a, b, name))
-        running.sort()
     advance(reach)
     span = reach - spans[0][0]
     by_kind: dict[str, float] = {}
     for name, us in own.items():
-        by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + us
+        k = kind(name)
+        by_kind[k] = by_kind.get(k, 0.0) + us
 
     def ms(us: float) -> float:
         return round(us / steps / 1e3, 4)
