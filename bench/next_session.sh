@@ -5,8 +5,9 @@
 #   bash bench/next_session.sh   (on the GPU machine; $OUT)   Knobs: TESTS_S, DECODE_S (seconds, 0 skips).
 set -u
 . bench/session_common.sh
-TAIL=4 run ${TESTS_S:-300} tests_next.log python3 -m pytest -q -rf tests/test_decode_bench.py tests/test_kernels_cuda.py \
-  tests/test_decode_attention.py -k "combo or layers_per_graph or graph_replay or refuses or dependent_launch"
+TAIL=4 run ${TESTS_S:-300} tests_next.log python3 -m pytest -q -rf tests/test_decode_bench.py \
+  tests/test_codebook_cuda.py tests/test_decode_attention.py \
+  -k "combo or layers_per_graph or graph_replay or extension_checks_raise or dependent_launch"
 for pdl in 0 1; do
   tag=_combo; [ "$pdl" = 1 ] && tag=_combo_attnpdl
   LLMCOMP_ATTN_PDL=$pdl FORMATS=uniform DECODE_S=${DECODE_S:-200} TAG=$tag BUILD=0 \

@@ -417,6 +417,10 @@ _EXTENSION_ERRORS = textwrap.dedent("""
     calls = {"vq_lut": lambda: ext.vq_lut(x, z, z, z, 1, 0, z, z, z, 16, 16, 768, False),
              "gemm": lambda: ext.gemm(torch.zeros(65, 512, device="cuda", dtype=torch.float16), z, z, z, 4, 128,
                                       16, 1, 4, 0, 1)}
+    for name, k, n in (("gemm-k", 700, 64), ("gemm-n", 768, 40)):  # K not whole kblocks, N not whole row tiles
+        calls[name] = lambda k=k, n=n: ext.gemm(torch.zeros(1, k, device="cuda", dtype=torch.bfloat16), z, z,
+                                                torch.zeros(n, 11, dtype=torch.int32, device="cuda"), 4, 128, n, 1, 8,
+                                                0, 1)
     for name, call in calls.items():
         try:
             call()
@@ -436,3 +440,5 @@ def test_extension_checks_raise():
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
     assert "vq_lut raised: threads: 512 or 1024" in r.stdout, r.stdout
     assert "gemm raised: the mma kernel takes at most 64 rows of x" in r.stdout, r.stdout
+    for name in ("gemm-k", "gemm-n"):  # (bench/ext_probe.py made these calls on the H200: both raised)
+        assert f"{name} raised: shape not supported by the mma kernel" in r.stdout, r.stdout
