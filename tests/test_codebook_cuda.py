@@ -421,6 +421,14 @@ _EXTENSION_ERRORS = textwrap.dedent("""
         calls[name] = lambda k=k, n=n: ext.gemm(torch.zeros(1, k, device="cuda", dtype=torch.bfloat16), z, z,
                                                 torch.zeros(n, 11, dtype=torch.int32, device="cuda"), 4, 128, n, 1, 8,
                                                 0, 1)
+    from llmcomp.formats import Uniform  # groups of 96 split a 4-bit kblock (64): refused by the post-scale kernel
+    from llmcomp.quant.rtn import rtn_fields
+    fmt = Uniform(bits=4, group_size=96)
+    prep = uniform_cuda.prepare(fmt, {k: v.cuda() for k, v in fmt.pack(rtn_fields(torch.randn(64, 768), fmt)).items()},
+                                768)
+    calls["gemm-post"] = lambda: ext.gemm(torch.zeros(1, 768, device="cuda", dtype=torch.bfloat16), prep["qw"],
+                                          prep["qw"], uniform_cuda.scale_pairs(prep, torch.bfloat16), 4, prep["group"],
+                                          64, 1, 8, 3, 1)
     for name, call in calls.items():
         try:
             call()
@@ -442,3 +450,4 @@ def test_extension_checks_raise():
     assert "gemm raised: the mma kernel takes at most 64 rows of x" in r.stdout, r.stdout
     for name in ("gemm-k", "gemm-n"):  # (bench/ext_probe.py made these calls on the H200: both raised)
         assert f"{name} raised: shape not supported by the mma kernel" in r.stdout, r.stdout
+    assert "gemm-post raised: the post-scale kernel needs groups of whole kblocks" in r.stdout, r.stdout

@@ -643,6 +643,14 @@ def test_inductor_options_reach_every_compiled_graph(monkeypatch):
     with db.compiled_layers(model, backend="aot_eager", options=opts):  # options are inductor's: not passed on
         pass
     assert seen == [None] * len(model.model.layers)
+    # the defaults (combo kernels) go to inductor unless an option overrides them
+    for given, want in ((None, {"combo_kernels": True}), ({"combo_kernels": False}, {"combo_kernels": False}),
+                        ({"max_autotune_pointwise": False}, {"combo_kernels": True, "max_autotune_pointwise": False})):
+        seen.clear()
+        with db.compiled_layers(model, options=given):
+            pass
+        assert seen == [want] * len(model.model.layers), given
+    assert db.INDUCTOR_DEFAULTS == {"combo_kernels": True}
 
 
 def _spanned_decode_matches(model, backend, span: int) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -429,8 +430,8 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     ``span``: consecutive decoder layers compiled as one graph (``layer_spans``), so the residual add a layer ends
     with can fuse into the next layer's norm instead of being a kernel of its own at every graph's end;
     ``info["graphs"]`` counts the groups compiled (a linear kept out of dynamo still breaks its group's graph).
-    ``options``: inductor's config for these graphs (``torch.compile``'s ``options``, e.g. ``combo_kernels``;
-    ``inductor_options`` parses and checks them).
+    ``options``: inductor's config for these graphs (``torch.compile``'s ``options``; ``inductor_options`` parses
+    and checks them), over ``INDUCTOR_DEFAULTS`` (``compile_options`` merges them).
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -472,7 +473,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                 # the layers' forwards as they are now (an instance forward, e.g. accelerate's hook, included)
                 fn = group[0].forward if len(group) == 1 else _chained([layer.forward for layer in group])
                 swap(group[0], torch.compile(fn, dynamic=False, backend=backend,
-                                             options=options if backend == "inductor" and options else None))
+                                             options=compile_options(options) if backend == "inductor" else None))
                 for layer in group[1:]:
                     swap(layer, _passthrough)
                 info["graphs"] += 1
@@ -480,6 +481,22 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     finally:
         cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
         torch._dynamo.reset()
+
+
+# Inductor options the compiled layers take unless told otherwise (``--inductor-option KEY=VALUE`` overrides one):
+# combo kernels (independent kernels of a graph launched as one: a layer's q/k norm-and-rotary pieces, the cache
+# writes) — the compiled W4 8B step at batch 1 on an H200 in 2.07 ms with them against 2.15 without, 417 kernels a
+# replayed step against 481 (bench/results/decode_h200_32layers_uniform_lmhead_{combo,timeline}_compiled.json; the
+# first compiled step's logits as without them, within rounding, tests/test_decode_bench.py).
+INDUCTOR_DEFAULTS = {"combo_kernels": True}
+
+
+def compile_options(options: Optional[dict] = None) -> dict:
+    """``INDUCTOR_DEFAULTS`` that this torch's inductor has, overridden by ``options``."""
+    import torch._inductor.config as inductor
+
+    known = inductor.get_config_copy()
+    return {**{k: v for k, v in INDUCTOR_DEFAULTS.items() if k in known}, **(options or {})}
 
 
 def _option_type(inductor, key: str, default) -> tuple[type, bool]:
@@ -587,22 +604,26 @@ def dependent_launch(on: bool = True):
     (sm_90+, the CUDA extension, a torch that has the option): ours alone made the compiled 8B step slower, both
     together faster (H200, batch 1: 2.43 against 2.53 ms; ours alone 2.60, inductor's alone 2.49 —
     bench/results/decode_h200_ab_inductor_pdl.json). Yields whether both are on (``on=False``: as they stand, left
-    alone); restores both settings after."""
+    alone); restores both settings after. The decode attention's kernels launch as dependents too while it is on
+    (``decode_attention.ATTN_PDL``, unless ``LLMCOMP_ATTN_PDL=0``): the step 2.01 ms against 2.07 with them launched
+    plainly (H200, W4 8B, batch 1, combo kernels; bench/results/decode_h200_32layers_uniform_lmhead_combo{_attnpdl,}
+    _compiled.json: the GPU idle 0.038 ms a step against 0.067)."""
     import torch._inductor.config as inductor
 
-    from llmcomp.kernels import uniform_cuda
+    from llmcomp.kernels import decode_attention, uniform_cuda
 
     ours = uniform_cuda.dependent_launch() if torch.cuda.is_available() else None
     has = hasattr(inductor.triton, "enable_pdl")
     if not on or ours is None or not has or torch.cuda.get_device_capability()[0] < 9:
         yield bool(ours) and has and bool(inductor.triton.enable_pdl)
         return
-    before = inductor.triton.enable_pdl
+    before, attention = inductor.triton.enable_pdl, decode_attention.ATTN_PDL
     try:
         inductor.triton.enable_pdl = True
+        decode_attention.ATTN_PDL = os.environ.get("LLMCOMP_ATTN_PDL", "") != "0"
         yield bool(uniform_cuda.set_dependent_launch(True))
     finally:
-        inductor.triton.enable_pdl = before
+        inductor.triton.enable_pdl, decode_attention.ATTN_PDL = before, attention
         uniform_cuda.set_dependent_launch(ours)
 
 
@@ -654,7 +675,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
                                             "compile": compile,
                                             **({"frozen": frozen, "fuse": fuse, "pdl": pdl, "layer_span": span,
-                                                "inductor_options": options or {}}
+                                                "inductor_options": compile_options(options)}
                                                if compile else {}),
                                             "pack_gqa": pack_gqa},
               "rows": []}

@@ -54,9 +54,11 @@ _STAGES: dict = {}
 _FORCE = os.environ.get("LLMCOMP_ATTN_FUSED_MERGE", "").strip().lower()
 # None: by fused_merge's rule; the variable forces it on (1, true, on, yes) or off (anything else set)
 FUSED_MERGE: Optional[bool] = None if _FORCE == "" else _FORCE in ("1", "true", "on", "yes")
-# LLMCOMP_ATTN_PDL=1: both kernels launched as programmatic dependents (sm_90+), so their launch overlaps the kernel
-# before (the replayed W4 8B step idles ~14 µs before each of them, bench/results/kernels_h200_notes.md); opt-in
-# until timed.
+# Both kernels launched as programmatic dependents (sm_90+), so their launch overlaps the kernel before: on while the
+# decode runner's dependent launch is (eval.decode_bench.dependent_launch sets this; LLMCOMP_ATTN_PDL=0 keeps it
+# off there), or everywhere with LLMCOMP_ATTN_PDL=1. In the replayed W4 8B step (H200, batch 1) the GPU idled ~14 µs
+# a step before each of them without it, ~6 µs before the partial kernel with it; the step 2.01 ms against 2.07
+# (bench/results/kernels_h200_notes.md, sixteenth session).
 ATTN_PDL = os.environ.get("LLMCOMP_ATTN_PDL", "") == "1"
 _COUNTERS: dict = {}  # device -> int32 counters (zero between launches)
 _KEEP: list = []  # counters outgrown, still alive for the graphs captured with them

@@ -80,6 +80,12 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
   check_x(x);
   normalize_codes(qw, qh, sz, n, bits, elem);
   TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
+  // The post-scale kernel scales a lane's whole kblock sum once: its groups must be whole kblocks (prepare never
+  // offers it others). A literal message, as every other check's here: the same check with formatted arguments
+  // (c10::str) ended the process with a segmentation fault on the H200 build (torch 2.11 + cu130), while this form
+  // raises RuntimeError there (tests/test_codebook_cuda.py::test_extension_checks_raise; kernels_h200_notes.md).
+  TORCH_CHECK(elem != 3 || group % (256 / bits) == 0,
+              "the post-scale kernel needs groups of whole kblocks (64 inputs for 4-bit codes, 128 for 2-bit)");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), n}, x.options());
   if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps, wr);
