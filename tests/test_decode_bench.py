@@ -316,6 +316,26 @@ def test_timeline_stats_busy_idle_and_what_the_gpu_waited_for():
     assert "error" in timeline_stats([], 1, str)
 
 
+def test_timeline_layer_sequence_tells_same_named_kernels_apart():
+    """The replayed step's layer, kernel by kernel: found as the sequence that repeats (after an embedding, before
+    the head), each place the median over layers and replays — two calls of one GEMM kernel in a layer (o and down
+    run the same instantiation) get their own times."""
+    from llmcomp.eval.graph_timeline import periodic_run, timeline_stats
+
+    kernels, t = [], 0.0
+    for step in range(2):
+        for name, us in [("embed", 1)] + [("norm", 2), ("gemm", 5), ("attn", 3), ("gemm", 9)] * 3 \
+                + [("head", 7)]:
+            kernels.append((name, t, t + us))
+            t += us + 0.5
+    layer = timeline_stats(kernels, steps=2, kind=str)["layer"]
+    assert (layer["period"], layer["repeats"]) == (4, 3)
+    assert [(k["name"], k["us"]) for k in layer["kernels"]] == [("norm", 2), ("gemm", 5), ("attn", 3), ("gemm", 9)]
+    assert layer["us"] == 19
+    assert periodic_run(list("xyabcabcabcz")) == (2, 3, 3) and periodic_run(list("abcd")) == (0, 0, 0)
+    assert timeline_stats(kernels[:-1], steps=2, kind=str)["layer"] == {}  # replays of different lengths
+
+
 # -- CUDA -----------------------------------------------------------------------------------------
 
 @pytest.mark.cuda

@@ -29,33 +29,37 @@ def timeline_stats(kernels: Iterable[tuple[str, float, float]], steps: int, kind
         return {"error": "the profiler saw no kernels of the graph replays"}
     idle_before: dict[str, float] = {}
     calls: dict[str, int] = {}
-    own: dict[str, float] = {}  # busy time attributed to each kernel name
+    mine = [0.0] * len(spans)  # busy time attributed to each kernel (by its place in ``spans``)
     idle, reach = 0.0, spans[0][0]
-    running: list[tuple[float, float, str]] = []  # (start, end, name), oldest first: appended in ``spans``' order
+    running: list[int] = []  # indices into ``spans``, oldest first: appended in ``spans``' order
     t = spans[0][0]
 
     def advance(until: float) -> None:
         """Attribute [t, until) to the oldest kernel still running, dropping those that end on the way."""
         nonlocal t
         while running and t < until:
-            a, b, name = running[0]
+            _, b, _ = spans[running[0]]
             upto = min(b, until)
             if upto > t:
-                own[name] = own.get(name, 0.0) + upto - t
+                mine[running[0]] += upto - t
                 t = upto
             if b <= t:
                 running.pop(0)
         t = max(t, until)
 
-    for a, b, name in spans:
+    for i, (a, b, name) in enumerate(spans):
         advance(a)
         gap = max(0.0, a - reach)
         idle += gap
         idle_before[name] = idle_before.get(name, 0.0) + gap
         reach = max(reach, b)
         calls[name] = calls.get(name, 0) + 1
-        running.append((a, b, name))
+        running.append(i)
     advance(reach)
+    own: dict[str, float] = {}  # busy time attributed to each kernel name
+    for (_, _, name), us in zip(spans, mine):
+        if us > 0:
+            own[name] = own.get(name, 0.0) + us
     span = reach - spans[0][0]
     by_kind: dict[str, float] = {}
     for name, us in own.items():
@@ -71,7 +75,46 @@ def timeline_stats(kernels: Iterable[tuple[str, float, float]], steps: int, kind
             "top": [{"name": n[:160], "calls_per_step": round(calls[n] / steps, 2), "us_per_step": round(us / steps, 2)}
                     for n, us in sorted(own.items(), key=lambda kv: -kv[1])[:top]],
             "idle_before": [{"name": n[:160], "us_per_step": round(us / steps, 2)}
-                            for n, us in sorted(idle_before.items(), key=lambda kv: -kv[1])[:top] if us > 0]}
+                            for n, us in sorted(idle_before.items(), key=lambda kv: -kv[1])[:top] if us > 0],
+            "layer": layer_sequence([name for _, _, name in spans], mine, steps)}
+
+
+def periodic_run(names: list[str], max_period: int = 96) -> tuple[int, int, int]:
+    """(start, period, repeats) of the longest stretch of ``names`` made of one sequence repeated (a decoder layer's
+    kernels, layer after layer), by the kernels it covers; the shortest period among equals. (0, 0, 0) if nothing
+    repeats twice."""
+    best, cover = (0, 0, 0), 0
+    for p in range(1, min(max_period, len(names) // 2) + 1):
+        run = 0
+        for i in range(len(names) - p + 1):
+            if i < len(names) - p and names[i] == names[i + p]:
+                run += 1
+                continue
+            reps = (run + p) // p  # names[i - run : i + p] repeats with period p
+            if reps >= 2 and reps * p > cover:
+                best, cover = (i - run, p, reps), reps * p
+            run = 0
+    return best
+
+
+def layer_sequence(names: list[str], mine: list[float], steps: int) -> dict:
+    """One decoder layer of the replayed step, kernel by kernel in launch order: ``periodic_run`` over the first
+    replay's kernels finds the layer (its first kernel wherever the repetition begins), and each place gets the
+    median of its attributed busy time over every layer and replay. The linears of a layer share kernel names
+    (o and down run the same instantiation), so only this view tells them apart. {} if the replays differ in length
+    or nothing repeats."""
+    if not names or len(names) % steps:
+        return {}
+    n = len(names) // steps
+    start, period, reps = periodic_run(names[:n])
+    if not period:
+        return {}
+    kernels = []
+    for j in range(period):
+        at = [r * n + start + q * period + j for r in range(steps) for q in range(reps)]
+        us = sorted(mine[i] for i in at)
+        kernels.append({"name": names[start + j][:100], "us": round(us[len(us) // 2], 2)})
+    return {"period": period, "repeats": reps, "us": round(sum(k["us"] for k in kernels), 2), "kernels": kernels}
 
 
 @torch.no_grad()
