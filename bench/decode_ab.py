@@ -57,6 +57,7 @@ def main() -> None:
                    compile=True, fuse=fuse)
         run = {"model": name, "attention": attention, "dependent_launch": state, "fuse": fuse, "post_scale": post,
                "inductor_pdl": inductor_pdl if has else None,
+               "inductor_options": r["settings"].get("inductor_options"),  # (combo kernels by default since 8c3ed27)
                "seconds": round(time.perf_counter() - t, 1), "rows": r["rows"]}
         result["runs"].append(run)
         args.out.parent.mkdir(parents=True, exist_ok=True)

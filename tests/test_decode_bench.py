@@ -525,14 +525,17 @@ def test_dependent_launch_decodes_the_same_in_a_graph():
     """Compiled (inductor) W4 layers replayed as a CUDA graph with dependent launch on — our GEMMs and inductor's
     kernels (which then carry gdc_wait) may start before the kernel ahead finishes — give the logits of the same graph
     without it: bit for bit where inductor can be told to pick its kernel configurations without timing them
-    (``deterministic``), else within 0.2 %; close to the eager decode's; both settings are put back after."""
+    (``deterministic``), else within 0.2 %; close to the eager decode's; the settings are put back after. The
+    attention is the decode runner's (packed GQA, the split-KV kernels, launched as dependents with the rest)."""
     import torch._dynamo
     import torch._inductor.config as inductor
     from torch._inductor.utils import run_and_get_code
 
+    from llmcomp.eval.decode_attention import packed_gqa
+    from llmcomp.kernels import decode_attention as da
     from llmcomp.kernels import uniform_cuda
 
-    before = uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None)
+    before = uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None), da.ATTN_PDL
     if before[0] is None or before[1] is None or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("dependent launch needs sm_90+, the CUDA extension and a torch with inductor's enable_pdl")
     model = db.synthetic_model("llama3-8b", layers=2)
@@ -544,8 +547,9 @@ def test_dependent_launch_decodes_the_same_in_a_graph():
     with inductor.patch({"deterministic": True} if exact else {}):
         for pdl in (False, True):
             torch._dynamo.reset()
-            with db.compiled_layers(model, pdl=pdl) as info:
-                assert info["pdl"] == pdl and bool(uniform_cuda.dependent_launch()) == pdl
+            with packed_gqa(model) as packed, db.compiled_layers(model, pdl=pdl) as info:
+                assert packed and info["pdl"] == pdl and bool(uniform_cuda.dependent_launch()) == pdl
+                assert da.ATTN_PDL == (pdl or before[2]) and db.attention_pdl() == da.ATTN_PDL
                 _, code = run_and_get_code(torch.compile(lambda t: (t * 2).sin() + 1), torch.ones(8, device="cuda"))
                 assert ("gdc_wait" in "".join(code)) == pdl
                 graphed = db.StaticDecoder(model, 2, 64)
@@ -554,7 +558,8 @@ def test_dependent_launch_decodes_the_same_in_a_graph():
                 assert graphed.graph is not None
                 logits += [graphed.step().clone() for _ in range(5)]
             runs[pdl] = logits
-            assert (uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None)) == before
+            assert (uniform_cuda.dependent_launch(), getattr(inductor.triton, "enable_pdl", None),
+                    da.ATTN_PDL) == before
     for i, (a, b, e) in enumerate(zip(runs[False], runs[True], ref)):
         assert torch.equal(a, b) if exact else (a.float() - b.float()).abs().max() <= 2e-3 * a.float().abs().max(), i
         assert (b.float() - e.float()).abs().max() <= 5e-2 * e.float().abs().max(), f"step {i}"
@@ -670,7 +675,8 @@ def test_inductor_options_reach_every_compiled_graph(monkeypatch):
         with db.compiled_layers(model, options=given):
             pass
         assert seen == [want] * len(model.model.layers), given
-    assert db.INDUCTOR_DEFAULTS == {"combo_kernels": True}
+    monkeypatch.setattr(db, "INDUCTOR_DEFAULTS", {"combo_kernels": True, "no_such_option_here": 1})
+    assert db.compile_options() == {"combo_kernels": True}  # a default this torch lacks is dropped
 
 
 def _spanned_decode_matches(model, backend, span: int) -> dict:
@@ -763,3 +769,35 @@ def test_a_compiled_row_keeps_whether_the_step_was_a_cuda_graph(monkeypatch):
     row = result["rows"][0]
     assert row["graphs"] is False and row["compiled_graphs"] == len(model.model.layers), row
     assert "eager (" in db._line(row)
+
+
+@pytest.mark.parametrize("env,want", [(None, True), ("1", True), ("0", False), ("off", False), (" false ", False)])
+def test_dependent_launch_takes_the_attention_along(monkeypatch, env, want):
+    """Under the decode runner's dependent launch the decode attention's kernels launch as dependents too unless
+    LLMCOMP_ATTN_PDL says off (any of 0 / off / false); every setting comes back after, also after an error. (The GPU
+    parts are stand-ins here: sm_90, the extension's switch.)"""
+    import torch._inductor.config as inductor
+
+    from llmcomp.kernels import decode_attention as da
+    from llmcomp.kernels import uniform_cuda
+
+    if not hasattr(inductor.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no enable_pdl")
+    state = {"ours": False}
+    monkeypatch.setattr(uniform_cuda, "dependent_launch", lambda: state["ours"])
+    monkeypatch.setattr(uniform_cuda, "set_dependent_launch", lambda on: state.update(ours=bool(on)) or state["ours"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    if env is None:
+        monkeypatch.delenv("LLMCOMP_ATTN_PDL", raising=False)
+    else:
+        monkeypatch.setenv("LLMCOMP_ATTN_PDL", env)
+    monkeypatch.setattr(da, "ATTN_PDL", False)
+    before = inductor.triton.enable_pdl
+    with pytest.raises(RuntimeError, match="inside"):
+        with db.dependent_launch(True) as on:
+            assert on and state["ours"] and inductor.triton.enable_pdl and da.ATTN_PDL == want
+            raise RuntimeError("inside")
+    assert (state["ours"], inductor.triton.enable_pdl, da.ATTN_PDL) == (False, before, False)
+    with db.dependent_launch(False):
+        assert da.ATTN_PDL is False  # off: left as it stands

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -604,7 +603,7 @@ def dependent_launch(on: bool = True):
     (sm_90+, the CUDA extension, a torch that has the option): ours alone made the compiled 8B step slower, both
     together faster (H200, batch 1: 2.43 against 2.53 ms; ours alone 2.60, inductor's alone 2.49 —
     bench/results/decode_h200_ab_inductor_pdl.json). Yields whether both are on (``on=False``: as they stand, left
-    alone); restores both settings after. The decode attention's kernels launch as dependents too while it is on
+    alone); restores the settings after. The decode attention's kernels launch as dependents too while it is on
     (``decode_attention.ATTN_PDL``, unless ``LLMCOMP_ATTN_PDL=0``): the step 2.01 ms against 2.07 with them launched
     plainly (H200, W4 8B, batch 1, combo kernels; bench/results/decode_h200_32layers_uniform_lmhead_combo{_attnpdl,}
     _compiled.json: the GPU idle 0.038 ms a step against 0.067)."""
@@ -620,11 +619,19 @@ def dependent_launch(on: bool = True):
     before, attention = inductor.triton.enable_pdl, decode_attention.ATTN_PDL
     try:
         inductor.triton.enable_pdl = True
-        decode_attention.ATTN_PDL = os.environ.get("LLMCOMP_ATTN_PDL", "") != "0"
+        decode_attention.ATTN_PDL = decode_attention.env_switch("LLMCOMP_ATTN_PDL") is not False
         yield bool(uniform_cuda.set_dependent_launch(True))
     finally:
         inductor.triton.enable_pdl, decode_attention.ATTN_PDL = before, attention
         uniform_cuda.set_dependent_launch(ours)
+
+
+def attention_pdl() -> bool:
+    """Whether the decode attention's kernels launch as programmatic dependents now (``decode_attention.ATTN_PDL``
+    on a GPU that has it)."""
+    from llmcomp.kernels import decode_attention
+
+    return torch.cuda.is_available() and decode_attention.dependent_launch(torch.device("cuda"))
 
 
 @contextlib.contextmanager
@@ -698,6 +705,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                         row["frozen_linears"] = compiled["frozen"]
                         row["fused_groups"] = compiled["fused"]
                         row["dependent_launch"] = compiled["pdl"]
+                        row["attention_pdl"] = attention_pdl()
                         row["compiled_graphs"] = compiled["graphs"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()

@@ -51,15 +51,22 @@ MAX_SPLITS = 32
 # runs out of shared memory is retried unpipelined, and that depth kept for the head dim and device (_STAGES).
 NUM_STAGES = 3
 _STAGES: dict = {}
-_FORCE = os.environ.get("LLMCOMP_ATTN_FUSED_MERGE", "").strip().lower()
-# None: by fused_merge's rule; the variable forces it on (1, true, on, yes) or off (anything else set)
-FUSED_MERGE: Optional[bool] = None if _FORCE == "" else _FORCE in ("1", "true", "on", "yes")
+
+
+def env_switch(name: str) -> Optional[bool]:
+    """An on/off environment variable: None unset or empty, True for 1 / true / on / yes, False for anything else."""
+    text = os.environ.get(name, "").strip().lower()
+    return None if text == "" else text in ("1", "true", "on", "yes")
+
+
+# None: by fused_merge's rule; LLMCOMP_ATTN_FUSED_MERGE forces it on or off (env_switch)
+FUSED_MERGE: Optional[bool] = env_switch("LLMCOMP_ATTN_FUSED_MERGE")
 # Both kernels launched as programmatic dependents (sm_90+), so their launch overlaps the kernel before: on while the
 # decode runner's dependent launch is (eval.decode_bench.dependent_launch sets this; LLMCOMP_ATTN_PDL=0 keeps it
 # off there), or everywhere with LLMCOMP_ATTN_PDL=1. In the replayed W4 8B step (H200, batch 1) the GPU idled ~14 µs
 # a step before each of them without it, ~6 µs before the partial kernel with it; the step 2.01 ms against 2.07
 # (bench/results/kernels_h200_notes.md, sixteenth session).
-ATTN_PDL = os.environ.get("LLMCOMP_ATTN_PDL", "") == "1"
+ATTN_PDL = env_switch("LLMCOMP_ATTN_PDL") is True
 _COUNTERS: dict = {}  # device -> int32 counters (zero between launches)
 _KEEP: list = []  # counters outgrown, still alive for the graphs captured with them
 
