@@ -49,6 +49,7 @@ def main() -> None:
     before = uniform_cuda.dependent_launch()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_tb_s": None,
               "launch_floor_us": None, "rows": [], "fits": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     bw = kb.copy_bandwidth()
     result["copy_bandwidth_tb_s"] = round(bw / 1e12, 3)
     result["launch_floor_us"] = round(kb.launch_floor_seconds() * 1e6, 3)
@@ -71,7 +72,6 @@ def main() -> None:
                     result["rows"].append(row)
                     print(f"N={n} K={k:5d} pdl={int(pdl)} config={config}: cold {row['cold_us']:.2f} µs, "
                           f"warm {row['warm_us']:.2f} µs, bytes {row['bytes_us']:.2f} µs")
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(result, indent=1))
                     del preps
                 rows = [r for r in result["rows"] if r["N"] == n and r["pdl"] == pdl]

@@ -468,11 +468,11 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                         fn = mod.frozen_forward(dtype) if frozen else None
                         info["frozen"] += fn is not None
                         swap(mod, fn or torch.compiler.disable(mod.forward))
+            inductor_config = compile_options(options) if backend == "inductor" else None  # (inductor's alone)
             for group in layer_spans(layers, span, getattr(model, "config", None)):
                 # the layers' forwards as they are now (an instance forward, e.g. accelerate's hook, included)
                 fn = group[0].forward if len(group) == 1 else _chained([layer.forward for layer in group])
-                swap(group[0], torch.compile(fn, dynamic=False, backend=backend,
-                                             options=compile_options(options) if backend == "inductor" else None))
+                swap(group[0], torch.compile(fn, dynamic=False, backend=backend, options=inductor_config))
                 for layer in group[1:]:
                     swap(layer, _passthrough)
                 info["graphs"] += 1
