@@ -416,11 +416,11 @@ _EXTENSION_ERRORS = textwrap.dedent("""
     x = torch.zeros(1, 512, device="cuda", dtype=torch.float16)
     calls = {"vq_lut": lambda: ext.vq_lut(x, z, z, z, 1, 0, z, z, z, 16, 16, 768, False),
              "gemm": lambda: ext.gemm(torch.zeros(65, 512, device="cuda", dtype=torch.float16), z, z, z, 4, 128,
-                                      16, 1, 4, 0, 1)}
+                                      16, 1, 4, 0, 1, 0)}
     for name, k, n in (("gemm-k", 700, 64), ("gemm-n", 768, 40)):  # K not whole kblocks, N not whole row tiles
         calls[name] = lambda k=k, n=n: ext.gemm(torch.zeros(1, k, device="cuda", dtype=torch.bfloat16), z, z,
                                                 torch.zeros(n, 11, dtype=torch.int32, device="cuda"), 4, 128, n, 1, 8,
-                                                0, 1)
+                                                0, 1, 0)
     from llmcomp.formats import Uniform  # groups of 96 split a 4-bit kblock (64): refused by the post-scale kernel
     from llmcomp.quant.rtn import rtn_fields
     fmt = Uniform(bits=4, group_size=96)
@@ -428,7 +428,7 @@ _EXTENSION_ERRORS = textwrap.dedent("""
                                 768)
     calls["gemm-post"] = lambda: ext.gemm(torch.zeros(1, 768, device="cuda", dtype=torch.bfloat16), prep["qw"],
                                           prep["qw"], uniform_cuda.scale_pairs(prep, torch.bfloat16), 4, prep["group"],
-                                          64, 1, 8, 3, 1)
+                                          64, 1, 8, 3, 1, 0)
     for name, call in calls.items():
         try:
             call()

@@ -426,7 +426,7 @@ def test_fused_siblings_share_one_call_a_step(cpu_fused_path):
         torch._dynamo.reset()
         with db.compiled_layers(model, backend="aot_eager", fuse=fused) as info:
             assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0, "pdl": False,
-                            "graphs": layers}
+                            "graphs": layers, "glu": 0}  # (GLU calls: CUDA only)
             dec = db.StaticDecoder(model, 2, 32)
             dec.prefill(ids)
             dec.step()  # compiles
@@ -482,7 +482,7 @@ def test_layers_per_graph_and_combo_kernels_on_cuda():
     for span, combo in ((1, False), (3, False), (1, True), (3, True)):
         torch._dynamo.reset()
         with db.compiled_layers(model, span=span, options={"combo_kernels": combo}) as info:
-            assert info["graphs"] == (3 if span == 1 else 1) and info["fused"] == 6
+            assert info["graphs"] == (3 if span == 1 else 1) and info["fused"] == 3 and info["glu"] == 3
             graphed = db.StaticDecoder(model, 1, 40)
             graphed.prefill(ids)  # eager (set_stance): the same first token for every variant
             graphed.capture(warmup=3)
@@ -511,8 +511,9 @@ def test_compiled_layers_trace_quantized_linears_on_cuda():
         torch._dynamo.reset()
         counter = CompileCounter()
         with db.compiled_layers(model, backend=counter, frozen=frozen) as info:
-            assert info == {"layers": 2, "frozen": 14 if frozen else 0, "fused": 4 if frozen else 0,  # q/k/v, gate/up
-                            "pdl": False, "graphs": 2}
+            # q/k/v stacked; gate/up one GLU call (activation in the epilogue)
+            assert info == {"layers": 2, "frozen": 14 if frozen else 0, "fused": 2 if frozen else 0,
+                            "pdl": False, "graphs": 2, "glu": 2 if frozen else 0}
             _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
         frames[frozen] = counter.frame_count
         assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens)), frozen
@@ -801,3 +802,41 @@ def test_dependent_launch_takes_the_attention_along(monkeypatch, env, want):
     assert (state["ours"], inductor.triton.enable_pdl, da.ATTN_PDL) == (False, before, False)
     with db.dependent_launch(False):
         assert da.ATTN_PDL is False  # off: left as it stands
+
+
+def test_gated_mlps_run_through_one_glu_call(monkeypatch, cpu_fused_path):
+    """compiled_layers' GLU swap: each layer's MLP calls its GLU function (here a stand-in computing silu(gate) · up
+    with the modules; the kernel is CUDA-only) and then down, gate/up are not stacked as siblings too, the decoded
+    tokens are the uncompiled model's, and every forward comes back after."""
+    import torch._dynamo
+
+    from llmcomp.core import qlinear
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import quantize_model
+    from llmcomp.quant.rtn import RTNConfig
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    quantize_model(model, RTNConfig(format=Uniform(bits=4, group_size=32)))
+    calls = []
+
+    def fake_glu(gate, up, dtype):
+        def run(x):
+            calls.append(1)
+            return torch.nn.functional.silu(gate(x)) * up(x)
+        return run
+
+    monkeypatch.setattr(qlinear, "frozen_glu", fake_glu)
+    ids = torch.randint(0, 128, (2, 9))
+    _, ref, ref_tokens = static_decode(model, ids, steps=3)
+    layers = len(model.model.layers)
+    torch._dynamo.reset()
+    with db.compiled_layers(model, backend="aot_eager", glu=True) as info:
+        # q/k/v stacked; gate/up through the GLU call (each still frozen alone, for inputs the GLU call leaves)
+        assert info["glu"] == layers and info["fused"] == layers and info["frozen"] == 7 * layers
+        _, got, tokens = static_decode(model, ids, steps=3)
+    assert calls and all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+    assert all("forward" not in mod.__dict__ for mod in model.modules())
+    with db.compiled_layers(model, backend="aot_eager", glu=False) as info:
+        assert info["glu"] == 0 and info["fused"] == 2 * layers

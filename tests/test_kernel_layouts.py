@@ -327,3 +327,20 @@ def test_post_scale_rows_setting(monkeypatch):
             uniform_cuda.post_scale()
     finally:
         uniform_cuda._post_rows[:] = saved
+
+
+def test_glu_interleave_pairs_each_gate_row_with_its_up_row_in_a_tile():
+    """The GLU layout: each 16-row tile holds 8 gate rows, then the same 8 rows of up (the epilogue pairs row r of a
+    tile with r + 8); every packed tensor (codes, scales, zeros) moves with its rows."""
+    from llmcomp.kernels.uniform_cuda import glu_interleave
+
+    fmt = Uniform(bits=3, group_size=64)
+    gate, up = (fmt.pack(rtn_fields(torch.randn(32, 256, generator=torch.Generator().manual_seed(s)), fmt))
+                for s in (0, 1))
+    both = glu_interleave(gate, up)
+    w = fmt.dequantize(both, 256)
+    wg, wu = fmt.dequantize(gate, 256), fmt.dequantize(up, 256)
+    assert w.shape == (64, 256)
+    for tile in range(4):
+        assert torch.equal(w[16 * tile:16 * tile + 8], wg[8 * tile:8 * tile + 8])
+        assert torch.equal(w[16 * tile + 8:16 * tile + 16], wu[8 * tile:8 * tile + 8])

@@ -159,3 +159,33 @@ def frozen_group(mods: list[QuantLinear], dtype: torch.dtype) -> Optional[list[C
         return forward
 
     return [member(i, m) for i, m in enumerate(mods)]
+
+
+def frozen_glu(gate: nn.Module, up: nn.Module, dtype: torch.dtype) -> Optional[Callable]:
+    """``x -> silu(gate(x)) · up(x)`` as one traceable kernel call (``uniform_cuda.glu``: the two weights' rows
+    interleaved, the activation in the GEMM's epilogue) for ``dtype`` inputs of at most ``FROZEN_MAX_ROWS`` rows
+    (the caller routes others elsewhere); None where that kernel cannot take these weights (not both uniform
+    QuantLinears of one format and shape without bias, not on a GPU with the extension)."""
+    mods = (gate, up)
+    if (not all(isinstance(m, QuantLinear) for m in mods) or any(m.bias is not None for m in mods)
+            or gate.fmt.describe() != up.fmt.describe() or gate.in_features != up.in_features
+            or gate.out_features != up.out_features):
+        return None
+    tensors = [m.packed_tensors() for m in mods]
+    device = next(iter(tensors[0].values())).device
+    from llmcomp.kernels import uniform_cuda
+
+    if device.type != "cuda" or uniform_cuda.extension() is None:
+        return None
+    probe = torch.empty(1, gate.in_features, dtype=dtype, device=device)
+    if not uniform_cuda.supports(gate.fmt, probe, 2 * gate.out_features):
+        return None
+    run = uniform_cuda.glu(gate.fmt, tensors[0], tensors[1], gate.in_features, dtype)
+    if run is None:
+        return None
+    k = gate.in_features
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return rows_linear(x, k, run, None)
+
+    return forward

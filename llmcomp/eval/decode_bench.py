@@ -414,7 +414,7 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 @contextlib.contextmanager
 def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True, pdl: bool = False,
-                    span: int = 1, options: Optional[dict] = None):
+                    span: int = 1, options: Optional[dict] = None, glu: Optional[bool] = None):
     """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields
     ``{"layers": compiled, "frozen": quantized linears traced, "fused": groups of them stacked}``. HF's eager layer
     launches ~40 small kernels (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at
@@ -431,20 +431,27 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     ``info["graphs"]`` counts the groups compiled (a linear kept out of dynamo still breaks its group's graph).
     ``options``: inductor's config for these graphs (``torch.compile``'s ``options``; ``inductor_options`` parses
     and checks them), over ``INDUCTOR_DEFAULTS`` (``compile_options`` merges them).
+    ``glu`` (with ``frozen`` and ``fuse``; default: on unless ``LLMCOMP_GLU=0``): a gated MLP (``gate_proj``,
+    ``up_proj``, ``down_proj``, SiLU) runs its gate and up projections and the activation as one kernel call with the
+    activation in its epilogue (``qlinear.frozen_glu``) at decode sizes; ``info["glu"]`` counts them.
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
     import torch._dynamo
 
     from llmcomp.core.model import decoder_layers
-    from llmcomp.core.qlinear import QuantLinear, frozen_group
+    from llmcomp.core.qlinear import QuantLinear, frozen_glu, frozen_group
 
     _, layers = decoder_layers(model)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     dtype = embed.weight.dtype if embed is not None else next(model.parameters()).dtype
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
-    info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0}
+    info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0, "glu": 0}
+    if glu is None:
+        from llmcomp.kernels.decode_attention import env_switch
+
+        glu = env_switch("LLMCOMP_GLU") is not False
     try:
         with swapped_forwards() as swap, dependent_launch(pdl and backend == "inductor") as info["pdl"]:
             limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
@@ -452,11 +459,23 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
             cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
             for layer in layers:
                 grouped = set()
+                glued = set()  # gate/up of the MLPs swapped for their GLU call: not stacked as siblings too
+                for mlp in list(layer.modules()) if frozen and fuse and glu else ():
+                    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+                    if not isinstance(down, nn.Module) or not _is_silu(getattr(mlp, "act_fn", None)):
+                        continue
+                    fn = frozen_glu(gate, up, dtype)
+                    if fn is not None:
+                        swap(mlp, _glu_forward(mlp, fn, dtype, gate.in_features))
+                        glued |= {id(gate), id(up)}
+                        info["glu"] += 1
                 for where, parent in layer.named_modules() if frozen and fuse else ():
                     if "cross" in where.lower() or "encoder_attn" in where:  # k/v read another input there
                         continue
                     for names in SIBLINGS:
                         mods = [getattr(parent, n, None) for n in names]
+                        if any(id(m) in glued for m in mods):
+                            continue
                         fns = frozen_group(mods, dtype) if all(isinstance(m, QuantLinear) for m in mods) else None
                         for mod, fn in zip(mods, fns or ()):
                             swap(mod, fn)
@@ -496,6 +515,25 @@ def compile_options(options: Optional[dict] = None) -> dict:
 
     known = inductor.get_config_copy()
     return {**{k: v for k, v in INDUCTOR_DEFAULTS.items() if k in known}, **(options or {})}
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _glu_forward(mlp: nn.Module, glu_fn, dtype: torch.dtype, k: int):
+    """A gated MLP's forward through its GLU call (``frozen_glu``) for ``dtype`` inputs of at most
+    ``FROZEN_MAX_ROWS`` rows, then its down projection; other inputs take the forward it had."""
+    from llmcomp.core.qlinear import FROZEN_MAX_ROWS
+
+    eager, down = mlp.forward, mlp.down_proj
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != dtype or x.numel() // k > FROZEN_MAX_ROWS:
+            return eager(x)
+        return down(glu_fn(x))
+
+    return forward
 
 
 def _option_type(inductor, key: str, default) -> tuple[type, bool]:
@@ -707,6 +745,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                         row["dependent_launch"] = compiled["pdl"]
                         row["attention_pdl"] = attention_pdl()
                         row["compiled_graphs"] = compiled["graphs"]
+                        row["glu_mlps"] = compiled["glu"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}

@@ -300,8 +300,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
 def gemm_op(x: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, bits: int, group: int, n: int,
-            rt: int, warps: int, elem: int = 0, wr: int = 1) -> torch.Tensor:
-    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem, wr)
+            rt: int, warps: int, elem: int = 0, wr: int = 1, glu: int = 0) -> torch.Tensor:
+    return extension().gemm(x, qw, qh, sz, bits, group, n, rt, warps, elem, wr, glu)
 
 
 @gemm_op.register_fake
@@ -324,7 +324,7 @@ def kernel_tensors(prep: dict, dtype: torch.dtype) -> tuple:
 
 
 def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: int, kp: int,
-                 launch: tuple | None = None) -> torch.Tensor:
+                 launch: tuple | None = None, glu: int = 0) -> torch.Tensor:
     """x2 [M ≤ 64, K] → y [M, n]: the mma kernel — the fp32 post-scale one when ``sz_post`` is given, at M ≤ 8 and,
     up to ``post_scale()`` rows, at M = 9..16 where the launch takes two row tiles a warp. (H200, W4 g128 bf16,
     bench/results/kernels_h200_post16.json, µs against the per-pair-scale kernel: two row tiles 4096² M=16 7.14 /
@@ -334,8 +334,8 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem)
     wr = rest[0] if rest else 1
     if sz_post is not None and x2.shape[0] <= post_scale() and (x2.shape[0] <= 8 or (rt == 2 and n % 32 == 0)):
-        return gemm_op(x2, qw, qh, sz_post, bits, group, n, rt, warps, 3, wr)
-    return gemm_op(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr)
+        return gemm_op(x2, qw, qh, sz_post, bits, group, n, rt, warps, 3, wr, glu)
+    return gemm_op(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr, glu)
 
 
 @torch.library.custom_op("llmcomp::uniform_linear", mutates_args=())
@@ -349,6 +349,31 @@ def linear_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Te
 @linear_op.register_fake
 def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp):
     return x2.new_empty(x2.shape[0], n)
+
+
+@torch.library.custom_op("llmcomp::uniform_glu", mutates_args=())
+def glu_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, sz_post: Optional[torch.Tensor],
+           bits: int, group: int, n: int, elem: int, kp: int) -> torch.Tensor:
+    """``linear_op`` over a ``glu_interleave``d gate/up weight with the gated activation in the kernel's epilogue:
+    x2 [M, K] → silu(x2 @ gateᵀ) · (x2 @ upᵀ) [M, n / 2]."""
+    return gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, glu=1)
+
+
+@glu_op.register_fake
+def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp):
+    return x2.new_empty(x2.shape[0], n // 2)
+
+
+def glu_interleave(gate: dict, up: dict) -> dict:
+    """Two packed uniform weights of N rows each (every tensor rows-first) → one of 2N rows in which each 16-row
+    tile holds 8 gate rows, then the same 8 rows of up: what the GLU epilogue pairs (row r with r + 8 of a tile)."""
+    out = {}
+    for key, g in gate.items():
+        u = up[key]
+        n = g.shape[0]
+        out[key] = torch.stack([g.reshape(n // 8, 8, *g.shape[1:]), u.reshape(n // 8, 8, *u.shape[1:])], 1) \
+            .reshape(2 * n, *g.shape[1:]).contiguous()
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -462,6 +487,24 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     if not scales_fit(prep, dtype):
         return None
     return FrozenCall(kernel_tensors(prep, dtype))
+
+
+class GluCall(FrozenCall):
+    """``x2 -> glu_op(x2, *args)``: the gated MLP's gate and up projections and their activation as one call."""
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        return glu_op(x2, *self.args)
+
+
+def glu(fmt, gate: dict, up: dict, in_features: int, dtype: torch.dtype) -> Optional[GluCall]:
+    """One ``glu_op`` call for a gated MLP's gate and up weights (uniform, N rows each, N a multiple of 8), their
+    rows interleaved (``glu_interleave``) and prepared anew; None where the kernel cannot take them in ``dtype``."""
+    if fmt.name != "uniform" or gate["weight_packed"].shape[0] % 8:
+        return None
+    prep = prepare(fmt, glu_interleave(gate, up), in_features)
+    if not scales_fit(prep, dtype):
+        return None
+    return GluCall(kernel_tensors(prep, dtype))
 
 
 def fuse(items: list, dtype: torch.dtype):

@@ -75,8 +75,10 @@ using namespace llmcomp_mma;
 
 // bits: the codes' width (2, 3, 4); elem: 0 integer codes, 1 e2m1 (bits 4); qh: the high-bit plane of 3-bit
 // codes (any tensor otherwise).
+// glu: the weight's rows stacked as 8 gate rows then their 8 up rows a 16-row tile; the output [M, n / 2] is
+// silu(gate) * up (the gated MLP's activation in the GEMM's epilogue).
 torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group,
-                   int64_t n, int64_t rt, int64_t warps, int64_t elem, int64_t wr) {
+                   int64_t n, int64_t rt, int64_t warps, int64_t elem, int64_t wr, int64_t glu) {
   check_x(x);
   normalize_codes(qw, qh, sz, n, bits, elem);
   TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
@@ -87,7 +89,7 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
   TORCH_CHECK(elem != 3 || group % (256 / bits) == 0,
               "the post-scale kernel needs groups of whole kblocks (64 inputs for 4-bit codes, 128 for 2-bit)");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = torch::empty({x.size(0), n}, x.options());
+  auto out = torch::empty({x.size(0), glu ? n / 2 : n}, x.options());
   if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps, wr);
   else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, out, bits, elem, group, rt, warps, wr);
   return out;
@@ -173,7 +175,7 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64)");
+  m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64; glu: silu(gate) * up epilogue)");
   m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
   m.def("vq_lut", &vq_lut, "codebook (VQ, 4-vectors, 1-2 stages) GEMV at one row of x by dot-product lookup tables");
   m.def("vq_lut_group", &vq_lut_group, "vq_lut for weights stacked along the rows, each with its own codebook");

@@ -317,7 +317,7 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 // in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
 template <typename T, int MT, int R>
 __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float* red, T* __restrict__ out, int M, int N,
-                                             int wk_log) {
+                                             int wk_log, int glu) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int wk = 1 << wk_log, wr = nwarps >> wk_log;
@@ -334,6 +334,22 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
       mine[(tok + 1) * ROWS + row + 8] = acc[r][t][3];
     }
   __syncthreads();
+  if (glu) {  // each 16-row tile: 8 gate rows, then their 8 up rows; out [M, N / 2] gets silu(gate) * up
+    constexpr int HALF = ROWS / 2;
+    for (int i = threadIdx.x; i < wr * HALF * TOKS; i += blockDim.x) {
+      const int rg = i / (HALF * TOKS), j = i % (HALF * TOKS);
+      const int tok = j / HALF, h = j % HALF, row = (h / 8) * 16 + h % 8, tile0 = (blockIdx.x * wr + rg) * R;
+      if (tok >= M || tile0 * 16 >= N) continue;
+      float sg = 0.f, su = 0.f;
+      for (int w = 0; w < wk; ++w) {
+        const float* part = red + (rg * wk + w) * ROWS * TOKS + tok * ROWS;
+        sg += part[row];
+        su += part[row + 8];
+      }
+      out[(size_t)tok * (N / 2) + tile0 * 8 + h] = Num<T>::from_float(sg / (1.f + expf(-sg)) * su);
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < wr * ROWS * TOKS; i += blockDim.x) {
     const int rg = i / (ROWS * TOKS), j = i % (ROWS * TOKS);
     const int tok = j / ROWS, row = j % ROWS, tile0 = (blockIdx.x * wr + rg) * R;
@@ -533,7 +549,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
                                                 int kb_per_warp, int wk_log, const uint2* __restrict__ cb,
-                                                int cb1_at, int cb_n) {
+                                                int cb1_at, int cb_n, int glu) {
   constexpr int KBLK = 256 / BITS;
   constexpr int LANE_K = KBLK / 4;       // inputs per lane per kblock
   extern __shared__ float red[];
@@ -638,13 +654,13 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   }
 
   if (!waited) grid_dep_wait();  // warps without kblocks: nothing written before the previous kernel is done
-  reduce_store<T, MT, R>(acc, red, out, M, N, wk_log);
+  reduce_store<T, MT, R>(acc, red, out, M, N, wk_log, glu);
 }
 
 #define LLMCOMP_MMA_PARAMS                                                                                     \
   const T *__restrict__ x, const uint4 *__restrict__ qw, const uint2 *__restrict__ qh, const void *__restrict__ sz, \
       T *__restrict__ out, int M, int N, int K, int G, uint32_t gmagic, int kb_per_warp, int wk_log, \
-      const uint2 *__restrict__ cb, int cb1_at, int cb_n
+      const uint2 *__restrict__ cb, int cb1_at, int cb_n, int glu
 // Registers are left to the compiler: bounding them for one more block an SM (__launch_bounds__(256, MINB)) was
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
 // division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
@@ -652,7 +668,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
   mma_kernel_body<T, BITS, MT, R, U, ELEM, XS>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
-                                           cb_n);
+                                           cb_n, glu);
 }
 #undef LLMCOMP_MMA_PARAMS
 
@@ -709,7 +725,9 @@ inline uint32_t group_magic(int K, int G, int group) {
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
                 torch::Tensor& out, int group, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1), G = sz.size(1);
+  // N: the weight's rows (sz has one row of scales each); an output half as wide asks for the GLU epilogue
+  const int M = x.size(0), K = x.size(1), N = sz.size(0), G = sz.size(1), glu = out.size(1) != N;
+  TORCH_CHECK(!glu || (2 * out.size(1) == N && N % 16 == 0), "the GLU epilogue's output is half the weight's rows");
   const int cb_n = cb ? (int)cb->size(0) : 0;
   constexpr int KBLK = 256 / BITS;
   const int KB = K / KBLK;
@@ -737,7 +755,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   launch_ex(kern, (groups + wr - 1) / wr, threads, smem, reinterpret_cast<const T*>(x.data_ptr()),
             reinterpret_cast<const uint4*>(qw.data_ptr()), reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(),
             reinterpret_cast<T*>(out.data_ptr()), M, N, K, G, group_magic(K, G, group), kb_per_warp, wk_log,
-            cb ? reinterpret_cast<const uint2*>(cb->data_ptr()) : nullptr, cb1_at, cb_n);
+            cb ? reinterpret_cast<const uint2*>(cb->data_ptr()) : nullptr, cb1_at, cb_n, glu);
 }
 
 // Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
@@ -750,7 +768,7 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
                  torch::Tensor& out, int group, int rt, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
   const int M = x.size(0);
   // Two row tiles a warp (sharing each x fragment) where rt asks for them and they divide the rows.
-  const bool two = rt >= 2 && out.size(1) % 32 == 0;
+  const bool two = rt >= 2 && sz.size(0) % 32 == 0;  // (sz: one row of scales a weight row)
   auto tiles = [&](auto mt) {  // mt: std::integral_constant, the token tiles of 8 the kernel is built for
     constexpr int MT = decltype(mt)::value;
     if (two) return launch_mma<T, BITS, ELEM, MT, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
