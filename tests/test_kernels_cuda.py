@@ -339,35 +339,42 @@ def test_post_scale_kernel_matches_the_reference(fmt, dtype):
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=128),
-                                 Uniform(bits=2, group_size=128), Uniform(bits=4, group_size=96)],
-                         ids=lambda f: f.describe())
+                                 Uniform(bits=2, group_size=128), Uniform(bits=4, group_size=96),
+                                 Uniform(bits=2, group_size=0)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_glu_epilogue_matches_the_reference(fmt, dtype):
     """The gated MLP's gate and up in one call (``uniform_cuda.glu``: rows interleaved 8 and 8 a tile, silu(gate) ·
     up in the epilogue): against silu(x Wgᵀ) · (x Wuᵀ) in fp32 from the dequantized weights, at every M the kernel
-    takes, every launch configuration (one or two row tiles a warp, 1–16 warps splitting K, row groups), and
-    576 inputs (padded to whole kblocks); ``glu_op`` traced by dynamo (fullgraph) gives the eager bits."""
+    takes and above (the dequantized path), every launch configuration (one or two row tiles a warp, 1–16 warps
+    splitting K, row groups, x staged), inputs padded to whole kblocks (576 per-channel 2-bit); each launch on a
+    fresh x into a block that held NaN, so a column left unwritten fails; ``glu_op`` traced by dynamo (fullgraph)
+    gives the eager bits; shapes the kernel refuses give None."""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    for n, k in [(256, 1536), (48, 576), (2048, 4096)]:
+    for n, k in [(256, 1536), (48, 576), (48, 768), (2048, 4608)]:
         gate, tg, g = _layer(fmt, n, k, n + k)
         up, tu, _ = _layer(fmt, n, k, n + k + 7)
         run = uniform_cuda.glu(fmt, tg, tu, k, dtype)
-        assert run is not None
+        if not uniform_cuda.shape_ok(fmt, k, 2 * n):
+            assert run is None
+            continue
         wg, wu = (fmt.dequantize(t, k, dtype=torch.float32) for t in (tg, tu))
-        for m in [1, 3, 8, 9, 16, 17, 40, 64]:
+
+        def check(m, launch=None):
             x = torch.randn(m, k, generator=g).to("cuda", dtype)
             ref = torch.nn.functional.silu(x.float() @ wg.T) * (x.float() @ wu.T)
-            y = run(x)
+            torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # freed at once: the block y may reuse
+            y = run(x) if launch is None else uniform_cuda.gemm_tensors(x, *run.args, launch=launch, glu=1)
             assert y.shape == (m, n) and y.dtype == dtype
-            assert float((y.float() - ref).abs().max() / ref.abs().max()) < TOL, (n, k, m)
-            for rt, warps, wr in [(1, 1, 1), (1, 4, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2)]:
-                if rt == 2 and (2 * n) % 32:
-                    continue
-                got = uniform_cuda.gemm_tensors(x, *run.args, launch=(rt, warps, wr), glu=1)
-                assert float((got.float() - ref).abs().max() / ref.abs().max()) < TOL, (n, k, m, rt, warps, wr)
+            assert float((y.float() - ref).abs().max() / ref.abs().max()) < TOL, (n, k, m, launch)
+
+        for m in [1, 3, 8, 9, 16, 17, 40, 64, 65, 130]:
+            check(m)
+            for launch in [(1, 1, 1), (1, 4, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8), (1, 2, 4)]:
+                if m <= 64 and not (launch[0] == 2 and (2 * n) % 32):
+                    check(m, launch)
         x = torch.randn(2, k, generator=g).to("cuda", dtype)
         import torch._dynamo
 

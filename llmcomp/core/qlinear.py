@@ -162,10 +162,10 @@ def frozen_group(mods: list[QuantLinear], dtype: torch.dtype) -> Optional[list[C
 
 
 def frozen_glu(gate: nn.Module, up: nn.Module, dtype: torch.dtype) -> Optional[Callable]:
-    """``x -> silu(gate(x)) · up(x)`` as one traceable kernel call (``uniform_cuda.glu``: the two weights' rows
-    interleaved, the activation in the GEMM's epilogue) for ``dtype`` inputs of at most ``FROZEN_MAX_ROWS`` rows
-    (the caller routes others elsewhere); None where that kernel cannot take these weights (not both uniform
-    QuantLinears of one format and shape without bias, not on a GPU with the extension)."""
+    """``x -> silu(gate(x)) · up(x)`` for ``dtype`` inputs over one interleaved copy of the two weights
+    (``uniform_cuda.glu``): at decode sizes one traceable kernel call with the activation in the GEMM's epilogue,
+    above them the copy dequantized; None where that kernel cannot take these weights (not both uniform QuantLinears
+    of one format and shape without bias, not on a GPU with the extension)."""
     mods = (gate, up)
     if (not all(isinstance(m, QuantLinear) for m in mods) or any(m.bias is not None for m in mods)
             or gate.fmt.describe() != up.fmt.describe() or gate.in_features != up.in_features

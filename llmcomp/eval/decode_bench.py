@@ -484,7 +484,8 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                         info["fused"] += fns is not None
                 for mod in layer.modules():
                     if isinstance(mod, QuantLinear) and id(mod) not in grouped:
-                        fn = mod.frozen_forward(dtype) if frozen else None
+                        # (a glued gate/up is left unprepared: its GLU call serves every row count)
+                        fn = mod.frozen_forward(dtype) if frozen and id(mod) not in glued else None
                         info["frozen"] += fn is not None
                         swap(mod, fn or torch.compiler.disable(mod.forward))
             inductor_config = compile_options(options) if backend == "inductor" else None  # (inductor's alone)
@@ -522,14 +523,13 @@ def _is_silu(act) -> bool:
 
 
 def _glu_forward(mlp: nn.Module, glu_fn, dtype: torch.dtype, k: int):
-    """A gated MLP's forward through its GLU call (``frozen_glu``) for ``dtype`` inputs of at most
-    ``FROZEN_MAX_ROWS`` rows, then its down projection; other inputs take the forward it had."""
-    from llmcomp.core.qlinear import FROZEN_MAX_ROWS
-
+    """A gated MLP's forward through its GLU call (``frozen_glu``: the kernel at decode sizes, the interleaved weight
+    dequantized above) for ``dtype`` inputs, then its down projection; inputs of another dtype take the forward it
+    had."""
     eager, down = mlp.forward, mlp.down_proj
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != dtype or x.numel() // k > FROZEN_MAX_ROWS:
+        if x.dtype != dtype:
             return eager(x)
         return down(glu_fn(x))
 

@@ -305,8 +305,8 @@ def gemm_op(x: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tenso
 
 
 @gemm_op.register_fake
-def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, wr=1):
-    return x.new_empty(x.shape[0], n)
+def _(x, qw, qh, sz, bits, group, n, rt, warps, elem=0, wr=1, glu=0):
+    return x.new_empty(x.shape[0], n // 2 if glu else n)
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: tuple | None = None) -> torch.Tensor:
@@ -490,21 +490,36 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
 
 
 class GluCall(FrozenCall):
-    """``x2 -> glu_op(x2, *args)``: the gated MLP's gate and up projections and their activation as one call."""
+    """``x2 -> glu_op(x2, *args)``: the gated MLP's gate and up projections and their activation as one call; more
+    than ``MAX_M`` rows (prefill) through the interleaved weight dequantized (``dequantize``) and cuBLAS, so the
+    members never need layouts of their own."""
+
+    def __init__(self, args: tuple, prep: dict, in_features: int):
+        super().__init__(args)
+        self.prep, self.in_features = prep, in_features
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
-        return glu_op(x2, *self.args)
+        if x2.shape[0] <= MAX_M:
+            return glu_op(x2, *self.args)
+        return self.dense(x2)
+
+    @torch.compiler.disable
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x2, dequantize(self.prep, self.in_features, x2.dtype))  # [M, 2N]: 8 gate, 8 up columns a tile
+        pairs = y.view(x2.shape[0], -1, 2, 8)
+        return (F.silu(pairs[:, :, 0]) * pairs[:, :, 1]).reshape(x2.shape[0], -1)
 
 
 def glu(fmt, gate: dict, up: dict, in_features: int, dtype: torch.dtype) -> Optional[GluCall]:
     """One ``glu_op`` call for a gated MLP's gate and up weights (uniform, N rows each, N a multiple of 8), their
     rows interleaved (``glu_interleave``) and prepared anew; None where the kernel cannot take them in ``dtype``."""
-    if fmt.name != "uniform" or gate["weight_packed"].shape[0] % 8:
+    n = gate["weight_packed"].shape[0]
+    if fmt.name != "uniform" or n % 8 or not shape_ok(fmt, in_features, 2 * n):
         return None
     prep = prepare(fmt, glu_interleave(gate, up), in_features)
     if not scales_fit(prep, dtype):
         return None
-    return GluCall(kernel_tensors(prep, dtype))
+    return GluCall(kernel_tensors(prep, dtype), prep, in_features)
 
 
 def fuse(items: list, dtype: torch.dtype):
