@@ -78,7 +78,7 @@ def main() -> None:
                 for kind in ("cold", "warm"):
                     b0, slope = line_fit([r["bytes"] for r in rows], [r[f"{kind}_us"] for r in rows])
                     fit = {"N": n, "pdl": pdl, "kind": kind, "fixed_us": round(b0, 3),
-                           "stream_tb_s": round(1e-6 / slope / 1e12, 3) if slope > 0 else None}
+                           "stream_tb_s": round(1e6 / slope / 1e12, 3) if slope > 0 else None}
                     result["fits"].append(fit)
                     print(f"  fit N={n} pdl={int(pdl)} {kind}: fixed {fit['fixed_us']:.2f} µs a call, "
                           f"streaming at {fit['stream_tb_s']} TB/s")

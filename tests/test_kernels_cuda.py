@@ -349,6 +349,8 @@ def test_glu_epilogue_matches_the_reference(fmt, dtype):
     splitting K, row groups, x staged), inputs padded to whole kblocks (576 per-channel 2-bit); each launch on a
     fresh x into a block that held NaN, so a column left unwritten fails; ``glu_op`` traced by dynamo (fullgraph)
     gives the eager bits; shapes the kernel refuses give None."""
+    from torch import _dynamo as dynamo
+
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
@@ -361,6 +363,10 @@ def test_glu_epilogue_matches_the_reference(fmt, dtype):
             assert run is None
             continue
         wg, wu = (fmt.dequantize(t, k, dtype=torch.float32) for t in (tg, tu))
+        pg, pu = (uniform_cuda.prepare(fmt, t, k) for t in (tg, tu))
+
+        def err(y, ref):
+            return float((y.float() - ref).abs().max() / ref.abs().max())
 
         def check(m, launch=None):
             x = torch.randn(m, k, generator=g).to("cuda", dtype)
@@ -368,7 +374,12 @@ def test_glu_epilogue_matches_the_reference(fmt, dtype):
             torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # freed at once: the block y may reuse
             y = run(x) if launch is None else uniform_cuda.gemm_tensors(x, *run.args, launch=launch, glu=1)
             assert y.shape == (m, n) and y.dtype == dtype
-            assert float((y.float() - ref).abs().max() / ref.abs().max()) < TOL, (n, k, m, launch)
+            # the product of two projections doubles their error: as close as TOL, or as the unfused calls it
+            # replaces (bf16 3-bit codes with a bf16 zero: 3.6 % at 48 x 768, on the H200); a wrong pairing or a
+            # column left unwritten is off by the outputs' size (or NaN)
+            unfused = torch.nn.functional.silu(uniform_cuda.gemm(x, pg).float()) * uniform_cuda.gemm(x, pu).float() \
+                if m <= 64 else ref
+            assert err(y, ref) < max(TOL, 1.5 * err(unfused, ref)), (n, k, m, launch, err(unfused, ref))
 
         for m in [1, 3, 8, 9, 16, 17, 40, 64, 65, 130]:
             check(m)
@@ -376,7 +387,5 @@ def test_glu_epilogue_matches_the_reference(fmt, dtype):
                 if m <= 64 and not (launch[0] == 2 and (2 * n) % 32):
                     check(m, launch)
         x = torch.randn(2, k, generator=g).to("cuda", dtype)
-        import torch._dynamo
-
-        torch._dynamo.reset()
+        dynamo.reset()
         assert torch.equal(torch.compile(run, fullgraph=True)(x), run(x))
