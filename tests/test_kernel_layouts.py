@@ -220,6 +220,11 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert picks[(4096, 14336, 1)] == (1, 16, 1) and picks[(4096, 14336, 16)] == (2, 16, 1)
     assert picks[(14336, 4096, 1)] == (1, 4, 1) and picks[(28672, 8192, 1)] == (2, 4, 1)
     assert picks[(14336, 4096, 16)] == (2, 4, 1)  # uniform 4-bit: the post-scale kernel's two tiles
+    # M = 9..16 timed in the decode chain (chain_sweep_h200_m16.json): q/k/v and the stacked gate/up
+    assert uniform_cuda.launch_config(6144, 4096, 4, 16) == uniform_cuda.launch_config(6144, 4096, 4, 12) == (2, 8, 1)
+    assert uniform_cuda.launch_config(28672, 4096, 4, 16) == (2, 2, 2)
+    assert picks[(28672, 8192, 16)] == (2, 4, 1) and uniform_cuda.launch_config(6144, 4096, 4, 8) == (1, 8, 1)
+    assert uniform_cuda.launch_config(6144, 4096, 4, 16, elem=1)[0] == 1  # E2M1: as before
     assert uniform_cuda.launch_config(14336, 4096, 4, 16, elem=1)[0] == 1  # E2M1 (no post-scale kernel): one tile
     # above M = 16, two row tiles a warp where the sweep timed them faster (kernels_sweep_h200_r2_m64.log)
     assert picks[(14336, 4096, 32)] == picks[(14336, 4096, 64)] == (2, 2, 2)

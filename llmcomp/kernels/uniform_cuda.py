@@ -269,7 +269,13 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     18.5 with 8; the 2-bit layouts and the codebook kernel, which takes this rule's split, were not timed there).
     Uniform 4-bit codes at M = 9..16 with many rows take two tiles × 4 warps too since the post-scale kernel serves
     two-tile launches there (H200 sweep kernels_sweep_h200_post16.json: 14336 × 4096 M=16 16.90 µs against 17.47
-    with one tile; M=12 16.50 against 16.42).
+    with one tile; M=12 16.50 against 16.42). Timed where they run instead — the 8B layer's four decode calls (q/k/v
+    stacked, o, gate/up as the GLU call, down) in order under dependent launch, one position's configuration varied
+    at a time (bench/chain_sweep.py, H200, kernels_h200_notes.md seventeenth session) — M = 1 kept every pick above
+    (39.5 µs a layer), and M = 16 moved two: between 2 and 6 row tiles an SM two tiles × 8 warps (6144 × 4096: the
+    chain 59.06 µs against 60.18 with one tile), very many rows with a short K two tiles × 2 warps × 2 row groups
+    (28672 × 4096: 59.15 against 60.18 with × 4 warps); both 57.91 against 60.18, for uniform 4-bit codes (the
+    post-scale kernel) at M = 9..16.
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -278,8 +284,12 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
-        post_two = m > 8 and bits == 4 and elem == 0 and n // 16 >= 6 * sms  # the post-scale kernel's two tiles
-        rt = 2 if n % 32 == 0 and (very_many or post_two) else 1
+        post = m > 8 and bits == 4 and elem == 0 and n % 32 == 0  # the post-scale kernel serves two tiles
+        rt = 2 if n % 32 == 0 and (very_many or (post and n // 16 >= 6 * sms)) else 1
+        if post and n // 16 < 6 * sms:  # timed in the decode chain (chain_sweep_h200_m16.json)
+            return 2, 8, 1
+        if post and very_many and kbs <= 64:
+            return 2, 2, 2
         many = n // (16 * rt) >= 6 * sms
         return rt, 4 if (rt == 2 or (many and kbs <= 64)) else 8, 1
     many = n // 16 >= 6 * sms
