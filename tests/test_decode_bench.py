@@ -481,7 +481,7 @@ def test_layers_per_graph_and_combo_kernels_on_cuda():
     runs, kernels = {}, {}
     for span, combo in ((1, False), (3, False), (1, True), (3, True)):
         torch._dynamo.reset()
-        with db.compiled_layers(model, span=span, options={"combo_kernels": combo}) as info:
+        with db.compiled_layers(model, span=span, options={"combo_kernels": combo}, glu=True) as info:
             assert info["graphs"] == (3 if span == 1 else 1) and info["fused"] == 3 and info["glu"] == 3
             graphed = db.StaticDecoder(model, 1, 40)
             graphed.prefill(ids)  # eager (set_stance): the same first token for every variant
@@ -510,7 +510,7 @@ def test_compiled_layers_trace_quantized_linears_on_cuda():
     for frozen in (False, True):
         torch._dynamo.reset()
         counter = CompileCounter()
-        with db.compiled_layers(model, backend=counter, frozen=frozen) as info:
+        with db.compiled_layers(model, backend=counter, frozen=frozen, glu=True) as info:
             # q/k/v stacked; gate/up one GLU call (activation in the epilogue)
             # (gate/up not frozen alone: their GLU call serves every row count)
             assert info == {"layers": 2, "frozen": 10 if frozen else 0, "fused": 2 if frozen else 0,
@@ -806,6 +806,35 @@ def test_dependent_launch_takes_the_attention_along(monkeypatch, env, want):
     assert (state["ours"], inductor.triton.enable_pdl, da.ATTN_PDL) == (False, before, False)
     with db.dependent_launch(False):
         assert da.ATTN_PDL is False  # off: left as it stands
+
+
+def test_frozen_glu_asks_the_kernel_only_for_uniform_weights(monkeypatch):
+    """frozen_glu declines formats other than uniform before any of the uniform kernel's checks (which assume a
+    uniform format: ``shape_ok`` raised for codebook, pyramid, outliers and actquant weights, so a compiled decode of
+    such a model stopped on a GPU); a uniform pair reaches them. The GPU placement and the extension are faked."""
+    from types import SimpleNamespace
+
+    from llmcomp.core import qlinear
+    from llmcomp.core.qlinear import QuantLinear
+    from llmcomp.formats import Uniform
+    from llmcomp.formats.actquant import ActQuant
+    from llmcomp.formats.codebook import Codebook
+    from llmcomp.formats.outliers import Outliers
+    from llmcomp.formats.pyramid import Pyramid
+    from llmcomp.kernels import uniform_cuda
+
+    asked = []
+    monkeypatch.setattr(uniform_cuda, "extension", lambda: object())
+    monkeypatch.setattr(uniform_cuda, "supports", lambda fmt, *a: asked.append(fmt.name) or False)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **kw: empty(*a, **kw))  # the probe, on the CPU
+    on_gpu = {"weight_packed": SimpleNamespace(device=torch.device("cuda"))}
+    for fmt in (Codebook(), Outliers(), Pyramid(), ActQuant(), Uniform(bits=4, group_size=128)):
+        mods = [QuantLinear(256, 64, fmt, device="meta") for _ in range(2)]
+        for m in mods:
+            monkeypatch.setattr(m, "packed_tensors", lambda: on_gpu)
+        assert qlinear.frozen_glu(mods[0], mods[1], torch.bfloat16) is None
+    assert asked == ["uniform"]
 
 
 def test_gated_mlps_run_through_one_glu_call(monkeypatch, cpu_fused_path):

@@ -225,6 +225,9 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(28672, 4096, 4, 16) == (2, 2, 2)
     assert picks[(28672, 8192, 16)] == (2, 4, 1) and uniform_cuda.launch_config(6144, 4096, 4, 8) == (1, 8, 1)
     assert uniform_cuda.launch_config(6144, 4096, 4, 16, elem=1)[0] == 1  # E2M1: as before
+    # weights the post-scale kernel cannot serve (groups of 96, LLMCOMP_MMA_POST_SCALE=8): the per-pair kernel's one tile
+    assert uniform_cuda.launch_config(6144, 4096, 4, 16, post=False) == (1, 8, 1)
+    assert uniform_cuda.launch_config(14336, 4096, 4, 16, post=False)[0] == 1
     assert uniform_cuda.launch_config(14336, 4096, 4, 16, elem=1)[0] == 1  # E2M1 (no post-scale kernel): one tile
     # above M = 16, two row tiles a warp where the sweep timed them faster (kernels_sweep_h200_r2_m64.log)
     assert picks[(14336, 4096, 32)] == picks[(14336, 4096, 64)] == (2, 2, 2)

@@ -383,7 +383,8 @@ def test_glu_epilogue_matches_the_reference(fmt, dtype):
 
         for m in [1, 3, 8, 9, 16, 17, 40, 64, 65, 130]:
             check(m)
-            for launch in [(1, 1, 1), (1, 4, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8), (1, 2, 4)]:
+            for launch in [(1, 1, 1), (1, 4, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (2, 8, 1), (1, 1, 8),
+                           (1, 2, 4)]:
                 if m <= 64 and not (launch[0] == 2 and (2 * n) % 32):
                     check(m, launch)
         x = torch.randn(2, k, generator=g).to("cuda", dtype)

@@ -168,6 +168,7 @@ def frozen_glu(gate: nn.Module, up: nn.Module, dtype: torch.dtype) -> Optional[C
     of one format and shape without bias, not on a GPU with the extension)."""
     mods = (gate, up)
     if (not all(isinstance(m, QuantLinear) for m in mods) or any(m.bias is not None for m in mods)
+            or gate.fmt.name != "uniform" or hasattr(gate.fmt, "quantize_input")  # (the kernel's own checks assume it)
             or gate.fmt.describe() != up.fmt.describe() or gate.in_features != up.in_features
             or gate.out_features != up.out_features):
         return None

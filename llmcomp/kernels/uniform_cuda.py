@@ -236,7 +236,8 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
     return fits[dtype]
 
 
-def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None, elem: int = 0) -> tuple[int, int, int]:
+def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None, elem: int = 0,
+                  post: bool = True) -> tuple[int, int, int]:
     """(row tiles per warp, warps splitting K, row groups a block). M ≤ 8 (H100 sweep, bench/results/kernels_sweep_h100.json,
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
     many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
@@ -277,14 +278,15 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     (28672 × 4096: 59.15 against 60.18 with × 4 warps); both 57.91 against 60.18, for uniform 4-bit codes (the
     post-scale kernel) at M = 9..16.
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
-    kernel does not)."""
+    kernel does not). ``post``: whether the post-scale kernel can serve the call (``gemm_tensors``: the weight has
+    post-scale pairs and M is within ``post_scale()``); the M = 9..16 two-tile rules above are that kernel's."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     kbs = k // kblock(bits)
     if m <= 16 and n // 16 <= 2 * sms:
         return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
-        post = m > 8 and bits == 4 and elem == 0 and n % 32 == 0  # the post-scale kernel serves two tiles
+        post = post and m > 8 and bits == 4 and elem == 0 and n % 32 == 0  # the post-scale kernel's two tiles
         rt = 2 if n % 32 == 0 and (very_many or (post and n // 16 >= 6 * sms)) else 1
         if post and n // 16 < 6 * sms:  # timed in the decode chain (chain_sweep_h200_m16.json)
             return 2, 8, 1
@@ -341,7 +343,8 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     7.43, 4096 × 14336 16.25 / 17.00, 28672 × 8192 56.89 / 59.17, 28672 × 4096 32.78 / 32.88; one tile — where its
     256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57.)"""
     x2 = kernel_input(x2.contiguous(), kp)
-    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem)
+    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem,
+                                               post=sz_post is not None and x2.shape[0] <= post_scale())
     wr = rest[0] if rest else 1
     if sz_post is not None and x2.shape[0] <= post_scale() and (x2.shape[0] <= 8 or (rt == 2 and n % 32 == 0)):
         return gemm_op(x2, qw, qh, sz_post, bits, group, n, rt, warps, 3, wr, glu)
@@ -523,8 +526,10 @@ class GluCall(FrozenCall):
 def glu(fmt, gate: dict, up: dict, in_features: int, dtype: torch.dtype) -> Optional[GluCall]:
     """One ``glu_op`` call for a gated MLP's gate and up weights (uniform, N rows each, N a multiple of 8), their
     rows interleaved (``glu_interleave``) and prepared anew; None where the kernel cannot take them in ``dtype``."""
+    if fmt.name != "uniform":
+        return None
     n = gate["weight_packed"].shape[0]
-    if fmt.name != "uniform" or n % 8 or not shape_ok(fmt, in_features, 2 * n):
+    if n % 8 or not shape_ok(fmt, in_features, 2 * n):
         return None
     prep = prepare(fmt, glu_interleave(gate, up), in_features)
     if not scales_fit(prep, dtype):
