@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from llmcomp.cli.app import app
 from llmcomp.core.hfcompat import cache_kwarg, output_cache
+from llmcomp.errors import UserError
 from llmcomp.eval import decode_bench as db
 from tests.conftest import static_decode, tiny_llama
 
@@ -247,17 +248,39 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--layers-per-graph", "0"], "--layers-per-graph"),
     (["--synthetic", "llama3-8b", "--layers-per-graph", "2"], "--compile"),
     (["--synthetic", "llama3-8b", "--inductor-option", "combo_kernels=true"], "--compile"),
+    (["--synthetic", "llama3-8b", "--no-glu"], "--compile"),
     (["--synthetic", "llama3-8b", "--compile", "--inductor-option", "no_such_option=1"], "no_such_option"),
     (["--synthetic", "llama3-8b", "--compile", "--inductor-option", "combo_kernels=often"], "bool"),
     (["--synthetic", "gpt5"], "--synthetic"),
     ([], "PATH"),
     (["/no/such/artifact"], "does not exist"),
 ], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "layers-per-graph",
-        "layers-per-graph-eager", "inductor-option-eager", "inductor-option-unknown", "inductor-option-type",
+        "layers-per-graph-eager", "inductor-option-eager", "glu-eager", "inductor-option-unknown", "inductor-option-type",
         "unknown-shape",
         "nothing", "missing-path"])
 def test_cli_bad_input(no_gpu, args, word):
     assert word in error_line("bench", "decode", *args)
+
+
+@pytest.mark.parametrize("flag, env, want", [([], "", True), ([], "0", False), (["--no-glu"], "", False),
+                                              (["--glu"], "0", True)], ids=["default", "env-off", "flag-off", "flag-on"])
+def test_cli_glu_flag_reaches_the_run(monkeypatch, flag, env, want):
+    """--glu / --no-glu reach ``run`` (and so ``compiled_layers``); without the flag LLMCOMP_GLU decides, and the
+    JSON's settings say what was used. The GPU and the models are faked: only the arguments are checked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LLMCOMP_GLU", env)
+    monkeypatch.setattr(db, "synthetic_models", lambda *a, **kw: iter(()))
+    seen = {}
+
+    def fake_run(models, batches, context, steps, settings, **kw):
+        seen.update(kw)
+        raise UserError("stopped before timing")
+
+    monkeypatch.setattr(db, "run", fake_run)
+    r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--compile", "--batch", "1", *flag])
+    assert "stopped before timing" in r.output
+    assert seen["glu"] == (None if not flag else flag == ["--glu"])
+    assert db.glu_enabled(seen["glu"]) is want
 
 
 @pytest.fixture(scope="module")
@@ -735,8 +758,6 @@ def test_layers_per_graph_never_group_sliding_and_full_layers(arch):
 def test_layer_spans_refuse_what_they_cannot_group():
     """span 1 is a layer a group for any model; above 1 only for architectures whose loop gives every layer the
     same arguments or picks them by layer type (others get a UserError naming the flag); span < 1 is a ValueError."""
-    from llmcomp.errors import UserError
-
     model = tiny_llama(layers=5)
     layers = model.model.layers
     assert [len(g) for g in db.layer_spans(layers, 2, model.config)] == [2, 2, 1]

@@ -448,10 +448,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
     info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0, "glu": 0}
-    if glu is None:
-        from llmcomp.kernels.decode_attention import env_switch
-
-        glu = env_switch("LLMCOMP_GLU") is not False
+    glu = glu_enabled(glu)
     try:
         with swapped_forwards() as swap, dependent_launch(pdl and backend == "inductor") as info["pdl"]:
             limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
@@ -520,6 +517,15 @@ def compile_options(options: Optional[dict] = None) -> dict:
 
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def glu_enabled(glu: Optional[bool] = None) -> bool:
+    """``glu`` where given, else on unless ``LLMCOMP_GLU`` says off (``env_switch``)."""
+    if glu is not None:
+        return glu
+    from llmcomp.kernels.decode_attention import env_switch
+
+    return env_switch("LLMCOMP_GLU") is not False
 
 
 def _glu_forward(mlp: nn.Module, glu_fn, dtype: torch.dtype, k: int):
@@ -707,7 +713,7 @@ def environment() -> dict:
 def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
         graphs: bool = True, progress: Progress = NULL, compile: bool = False, breakdown: bool = False,
         frozen: bool = True, pack_gqa: bool = True, fuse: bool = True, pdl: bool = False, span: int = 1,
-        options: Optional[dict] = None) -> dict:
+        options: Optional[dict] = None, glu: Optional[bool] = None) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
     ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike;
@@ -715,18 +721,21 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
     ``dependent_launch``, where it exists — the row's ``dependent_launch`` says). ``pack_gqa``: both models
     attend through ``decode_attention.packed_gqa`` (no copies of K/V for grouped-query heads), else transformers'.
     ``breakdown``: each row also says where a step's time goes (``kernel_breakdown``). ``options``: inductor's
-    config for the compiled layers (``compiled_layers``).
+    config for the compiled layers (``compiled_layers``); ``glu``: gated MLPs as one GLU call (``compiled_layers``;
+    None: ``glu_enabled``'s default).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
                                             "compile": compile,
                                             **({"frozen": frozen, "fuse": fuse, "pdl": pdl, "layer_span": span,
+                                                "glu": glu_enabled(glu),
                                                 "inductor_options": compile_options(options)}
                                                if compile else {}),
                                             "pack_gqa": pack_gqa},
               "rows": []}
     for name, label, model in models:
         with packed_gqa(model, pack_gqa) as packed, \
-                compiled_layers(model, frozen=frozen, fuse=fuse, pdl=pdl, span=span, options=options) if compile \
+                compiled_layers(model, frozen=frozen, fuse=fuse, pdl=pdl, span=span, options=options, glu=glu) \
+                if compile \
                 else contextlib.nullcontext() as compiled:
             if compile:
                 progress.note(f"Compiling the {compiled['layers']} decoder layers of {label} as {compiled['graphs']} "
