@@ -2,10 +2,12 @@
 heads, 8 key/value heads, head dim 128, a static cache of ``--max-len`` positions of which ``--valid`` attend, batch 1
 and 16; µs a call (a CUDA graph of copies over enough caches that each call reads from HBM) and % of the K/V bytes it
 reads at the copy bandwidth measured in the same run, for each pipeline depth (``NUM_STAGES``), with
-``--separate-merge`` the merge in the partial kernel and as its own kernel (``FUSED_MERGE`` on / off) too, and, where
+``--separate-merge`` the merge in the partial kernel and as its own kernel (``FUSED_MERGE`` on / off) too, with
+``--chunks`` fixed positions a program (``CHUNK``; 0: ``chunk_size``'s rule) at the deepest pipeline, and, where
 ``bench/_old_decode_attention.py`` exists (a previous version of the module, put there by hand), that version.
 
     python bench/decode_attention_ab.py --out bench/results/decode_attention_h200.json
+    python bench/decode_attention_ab.py --batch 1 --stages 3 --chunks 0,64,128,256,512 --out …_chunks.json
 """
 from __future__ import annotations
 
@@ -28,14 +30,17 @@ def main() -> None:
     ap.add_argument("--valid", default="520,576")
     ap.add_argument("--stages", default="1,2,3")
     ap.add_argument("--separate-merge", action="store_true", help="also time the merge as a second kernel")
+    ap.add_argument("--chunks", default="", help="positions a program to time, comma-separated (0: the rule)")
     args = ap.parse_args()
     old_path = Path(__file__).with_name("_old_decode_attention.py")
     # the merge as the environment sets it (LLMCOMP_ATTN_FUSED_MERGE; unset: by fused_merge's rule)
-    variants = {f"stages{s}": (int(s), da.FUSED_MERGE) for s in args.stages.split(",")}
+    variants = {f"stages{s}": (int(s), da.FUSED_MERGE, da.CHUNK) for s in args.stages.split(",")}
+    deepest = int(args.stages.split(",")[-1])
     if args.separate_merge:  # the deepest pipeline with the merge in the partial kernel, and as its own kernel
-        deepest = int(args.stages.split(",")[-1])
-        variants[f"stages{deepest}_fused_merge"] = (deepest, True)
-        variants[f"stages{deepest}_separate_merge"] = (deepest, False)
+        variants[f"stages{deepest}_fused_merge"] = (deepest, True, da.CHUNK)
+        variants[f"stages{deepest}_separate_merge"] = (deepest, False, da.CHUNK)
+    for c in (int(x) for x in args.chunks.split(",") if x):
+        variants[f"stages{deepest}_chunk{c or 'rule'}"] = (deepest, da.FUSED_MERGE, c or None)
     old = None
     if old_path.exists():
         spec = importlib.util.spec_from_file_location("_old_decode_attention", old_path)
@@ -60,7 +65,7 @@ def main() -> None:
                 runs["old"] = (old, None)
             for name, (mod, setting) in runs.items():
                 if setting is not None:
-                    da.NUM_STAGES, da.FUSED_MERGE = setting
+                    da.NUM_STAGES, da.FUSED_MERGE, da.CHUNK = setting
                 fn = mod.decode_attention._init_fn  # the function itself, not the dispatcher's registration
                 got = fn(q, *caches[0], mask, d ** -0.5)
                 row[f"{name}_max_err"] = float((got.float() - want.float()).abs().max())

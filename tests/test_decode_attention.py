@@ -118,6 +118,21 @@ def test_chunks_fill_the_gpu():
     assert da.chunk_size(8, 576, 132) == 64  # batch 1 of an 8-kv-head model: 9 chunks, 72 programs
     assert da.chunk_size(128, 576, 132) == 256  # batch 16: 3 chunks a head, 384 programs
     assert -(-8192 // da.chunk_size(8, 8192, 132)) <= da.MAX_SPLITS
+
+
+def test_chunk_size_can_be_fixed(monkeypatch):
+    """``CHUNK`` (LLMCOMP_ATTN_CHUNK) fixes the positions a program, raised only past MAX_SPLITS chunks; a value that
+    is not a power of two ≥ 64 is ignored with a warning."""
+    monkeypatch.setattr(da, "CHUNK", 256)
+    assert da.chunk_size(8, 576, 132) == 256 and da.chunk_size(128, 576, 132) == 256
+    assert da.chunk_size(8, 65536, 132) == 2048  # 32 chunks, not 256
+    for text, want in [("512", 512), ("96", None), ("32", None), ("x", None), ("", None)]:
+        monkeypatch.setenv("LLMCOMP_ATTN_CHUNK", text)
+        if want is None and text:
+            with pytest.warns(UserWarning, match="LLMCOMP_ATTN_CHUNK"):
+                assert da._chunk_override() is None
+        else:
+            assert da._chunk_override() == want
     kv = torch.zeros(1, 2, 4, 128)
     assert not da.supports(torch.zeros(1, 8, 128), kv, kv, 4)  # CPU tensors: the torch path
 

@@ -106,10 +106,29 @@ def fused_merge(batch_heads: int, sms: int) -> bool:
     return FUSED_MERGE if FUSED_MERGE is not None else 2 * batch_heads >= sms
 
 
+def _chunk_override() -> Optional[int]:
+    """``LLMCOMP_ATTN_CHUNK``: positions a program, a power of two ≥ 64 (for timing the rule against fixed sizes:
+    bench/decode_attention_ab.py --chunks); anything else is ignored with a warning."""
+    text = os.environ.get("LLMCOMP_ATTN_CHUNK", "").strip()
+    if not text:
+        return None
+    if text.isdigit() and int(text) >= 64 and int(text) & (int(text) - 1) == 0:
+        return int(text)
+    import warnings
+
+    warnings.warn(f"LLMCOMP_ATTN_CHUNK={text!r} is not a power of two >= 64; the chunk size follows its rule")
+    return None
+
+
+# None: chunk_size's rule; else the positions a program (at least, so that there are at most MAX_SPLITS chunks)
+CHUNK: Optional[int] = _chunk_override()
+
+
 def chunk_size(batch_heads: int, length: int, sms: int) -> int:
-    """Positions a program: a power of two ≥ 64 such that about two programs an SM run (at most MAX_SPLITS chunks)."""
-    want = max(1, min(MAX_SPLITS, -(-2 * sms // max(batch_heads, 1))))
-    chunk = 64
+    """Positions a program: a power of two ≥ 64 such that about two programs an SM run (at most MAX_SPLITS chunks);
+    ``CHUNK`` where set (raised to keep at most MAX_SPLITS chunks)."""
+    want = max(1, min(MAX_SPLITS, -(-2 * sms // max(batch_heads, 1)))) if CHUNK is None else MAX_SPLITS
+    chunk = 64 if CHUNK is None else CHUNK
     while -(-length // chunk) > want:
         chunk *= 2
     return chunk
