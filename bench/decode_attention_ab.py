@@ -39,8 +39,10 @@ def main() -> None:
     if args.separate_merge:  # the deepest pipeline with the merge in the partial kernel, and as its own kernel
         variants[f"stages{deepest}_fused_merge"] = (deepest, True, da.CHUNK)
         variants[f"stages{deepest}_separate_merge"] = (deepest, False, da.CHUNK)
-    for c in (int(x) for x in args.chunks.split(",") if x):
-        variants[f"stages{deepest}_chunk{c or 'rule'}"] = (deepest, da.FUSED_MERGE, c or None)
+    for c in (int(x) for x in args.chunks.split(",") if x):  # (with --separate-merge: each merge form too)
+        for merge in ((True, False) if args.separate_merge else (da.FUSED_MERGE,)):
+            tag = "" if not args.separate_merge else "_fused_merge" if merge else "_separate_merge"
+            variants[f"stages{deepest}_chunk{c or 'rule'}{tag}"] = (deepest, merge, c or None)
     old = None
     if old_path.exists():
         spec = importlib.util.spec_from_file_location("_old_decode_attention", old_path)
