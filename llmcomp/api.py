@@ -28,8 +28,9 @@ from llmcomp.quant.allocate import AllocationConfig
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def default_device(device: Optional[str] = None) -> str:
+    """``device`` checked (``memory.check_device``), else cuda where a GPU is visible, else cpu."""
+    return memory.check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -108,6 +109,9 @@ def quantize(
                         "disk offload (--offload-folder) is not supported for quantize.")
     if calib_batch < 1:
         raise UserError(f"--calib-batch must be ≥ 1, got {calib_batch}.")
+    if calib_samples < 1 or calib_seq_len < 2:
+        raise UserError(f"Calibration needs --calib-samples ≥ 1 and --seq-len ≥ 2, got {calib_samples} and "
+                        f"{calib_seq_len}.")
     limits = memory.parse_max_memory(max_memory)
     gpu_limits = memory.gpu_limits(limits)
     store_dtype = parse_dtype(dtype)
@@ -121,7 +125,7 @@ def quantize(
 
     calib = None
     source = None
-    device = device or default_device()
+    device = default_device(device)
     if METHODS.get(config.method)(config).needs_calibration or allocation is not None:
         if tok is None:
             raise UserError("Calibration needs a tokenizer, and the model directory has none.")
@@ -193,6 +197,7 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
              device: Optional[str] = None, dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
     """Record a KV-cache policy (``llmcomp.prune.kv`` config) in an artifact; calibrated policies
     (DuoAttention heads, CSKV bases) are calibrated here. ``llmcomp.load`` re-installs the policy."""
+    memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.prune.kv.cache import check_supported
 
     output = Path(output)
@@ -210,7 +215,7 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
             raise UserError(f"{policy.method} calibrates on text, and {model} has no tokenizer to encode it with.")
         source = corpus().name
     policy.validate_for(net.config)
-    policy, report = policy.calibrate(net, tok, progress, device or default_device())
+    policy, report = policy.calibrate(net, tok, progress, default_device(device))
     net.to("cpu")
     stage = {"method": f"kv-{policy.method}", "kind": "kv", "config": to_dict(policy),
              "wall_time_s": round(time.perf_counter() - start, 2), "metrics": {"policy": policy.describe(), **report},
@@ -260,6 +265,7 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
                   dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
     """Remove routed experts (or, with HEAPr, neurons) of an MoE model (``prune.experts.ExpertPruneConfig``)
     scored from one calibration pass; the artifact records the new shapes (``llmcomp.load`` rebuilds them)."""
+    memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.prune import experts, moe
 
     store_dtype = parse_dtype(dtype)
@@ -267,7 +273,7 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
     output, net, tok, base, stages, ids, info = _calibrated(
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
         check=lambda net, _: moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL)))
-    stats = experts.collect_stats(net, ids, config, device=device or default_device(), progress=progress)
+    stats = experts.collect_stats(net, ids, config, device=default_device(device), progress=progress)
     report = experts.prune(net, stats, config)
     stage = {"method": f"experts-{config.method}", "kind": moe.KIND, "config": to_dict(config),
              "shapes": moe.shapes(net), "wall_time_s": round(time.perf_counter() - start, 2), "metrics": report,
@@ -282,13 +288,14 @@ def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None,
                  progress: Progress = NULL) -> Path:
     """Record an MC-MoE dynamic skip threshold (``prune.experts.DynamicSkipConfig``) calibrated on the text;
     ``llmcomp.load`` re-installs it, so every forward then skips the low-weight expert choices."""
+    memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.prune import mcmoe, moe
 
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
         check=lambda net, _: moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL)))
-    tau, report = mcmoe.skip_threshold(net, ids, config.rate, device=device or default_device(), progress=progress)
+    tau, report = mcmoe.skip_threshold(net, ids, config.rate, device=default_device(device), progress=progress)
     net.to("cpu")
     stage = {"method": "experts-dynamic-skip", "kind": moe.KIND, "config": to_dict(config), "shapes": moe.shapes(net),
              "skip_threshold": tau, "wall_time_s": round(time.perf_counter() - start, 2), "metrics": report,
@@ -303,6 +310,7 @@ def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, ove
           dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
     """Convert a dense Llama-style model into a stock transformers MoE (``convert.moefy.MoefyConfig``):
     MLP neurons clustered into experts, routers calibrated on the bundled text."""
+    memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.convert.moefy import moefy_model, target_config
 
     store_dtype = parse_dtype(dtype)
@@ -314,7 +322,7 @@ def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, ove
 
     output, net, tok, base, stages, ids, info = _calibrated(model, output, overwrite, calib_samples, calib_seq_len,
                                                             seed, progress, check=check)
-    net, report = moefy_model(net, ids, config, device=device or default_device(), progress=progress)
+    net, report = moefy_model(net, ids, config, device=default_device(device), progress=progress)
     net.to("cpu")
     stage = {"method": "moefy", "config": to_dict(config), "wall_time_s": round(time.perf_counter() - start, 2),
              "metrics": report, "calibration": info}
@@ -351,7 +359,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
     p = model_mod.resolve(path, progress.note)
     limit = int(getattr(AutoConfig.from_pretrained(p), "max_position_embeddings", 0) or 0)
     check_long_lengths(limit, context, passkey_lengths, passkey_samples)
-    net, tok, base, stages = open_model(p, progress=progress, device=device or default_device())
+    net, tok, base, stages = open_model(p, progress=progress, device=default_device(device))
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
     policy = installed_policy(net)
@@ -425,7 +433,7 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
 def _placement(device, device_map, max_memory, offload_folder) -> dict:
     """open_model's placement keywords: an accelerate device map if one is asked for, else ``device``."""
     if device_map is None and max_memory is None and offload_folder is None:
-        return {"device": device or default_device()}
+        return {"device": default_device(device)}
     return {"device": device, "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
 
 
@@ -496,6 +504,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     """Distil the model's softmax attention into linear attention (``linearize.distill.LinearizeConfig``):
     per-layer attention transfer on calibration windows, then a LoRA fine-tune on the bundled text with a
     KL loss to the original; a killed run resumes. ``llmcomp.load`` re-installs the student layers."""
+    memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.core import resume
     from llmcomp.core.artifact import llmcomp_version
     from llmcomp.core.data import tokenize
@@ -509,7 +518,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
                              seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
     checkpoint = resume.for_output(output, key, progress.note)
     stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)
-    layout, report = distill.linearize_model(net, ids, stream, config, device=device or default_device(),
+    layout, report = distill.linearize_model(net, ids, stream, config, device=default_device(device),
                                              progress=progress, checkpoint=checkpoint)
     net.to("cpu")
     stage = {"method": f"linearize-{config.method}", "kind": distill.KIND, "config": to_dict(config),

@@ -75,13 +75,29 @@ def read_baseline(path: Path) -> dict:
         raise UserError(f"Baseline {path} is not valid JSON.") from None
     if not isinstance(data, dict) or data.get("llmcomp_check") != CHECK_VERSION or "metrics" not in data:
         raise UserError(f"Baseline {path} is not an llmcomp check baseline (version {CHECK_VERSION}).")
+    if not isinstance(data["metrics"], dict):
+        raise UserError(f"Baseline {path}: metrics must be an object of name -> {{value, better, tolerance_rel}}.")
     for name, m in data["metrics"].items():
         if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)) or m.get("better") not in ("lower", "higher"):
             raise UserError(f"Baseline {path}: metric {name!r} needs a numeric value and better=lower|higher.")
-    data.setdefault("settings", {})
-    data["settings"].setdefault("windows", 8)
-    data["settings"].setdefault("seq_len", 512)
+        tol = m.get("tolerance_rel", 0.0)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+            raise UserError(f"Baseline {path}: metric {name!r} has tolerance_rel {tol!r}; give a number ≥ 0.")
+    settings = data.setdefault("settings", {})
+    if not isinstance(settings, dict):
+        raise UserError(f"Baseline {path}: settings must be an object such as {{\"windows\": 8, \"seq_len\": 512}}.")
+    settings.setdefault("windows", 8)
+    settings.setdefault("seq_len", 512)
+    check_settings(settings, f"Baseline {path}: settings")
     return data
+
+
+def check_settings(settings: dict, where: str) -> None:
+    """windows ≥ 1 and seq_len ≥ 2, as integers (a baseline's or --update's)."""
+    for key, low in (("windows", 1), ("seq_len", 2)):
+        v = settings.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise UserError(f"{where}: {key} must be an integer ≥ {low}, got {v!r}.")
 
 
 def compare(baseline: dict, current: dict) -> list[Outcome]:

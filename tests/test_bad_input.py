@@ -52,6 +52,19 @@ def _copy_model(model_dir, tmp_path, name="m"):
     return dst
 
 
+def test_artifact_without_its_manifest_is_refused(artifact, tmp_path):
+    """An artifact whose llmcomp.json is gone is not loaded as a plain model with random weights in place of the
+    quantized ones (transformers would, its warning silenced): one error line naming the missing weights and the
+    likely cause."""
+    import shutil
+
+    broken = tmp_path / "no-manifest"
+    shutil.copytree(artifact, broken)
+    (broken / "llmcomp.json").unlink()
+    line = error_line(invoke("eval", broken, "--windows", 1))
+    assert "lacks" in line and "would be random" in line and "llmcomp.json is missing" in line
+
+
 # (extra quantize flags, expected fragment of the error line)
 QUANTIZE_FLAGS = [
     (["--bits", "9"], "bits must be an integer from 2 to 8"),
@@ -86,6 +99,13 @@ QUANTIZE_FLAGS = [
     (["--max-memory", "cpu=1KiB"], "keeps the whole model in CPU memory"),
     (["--offload-folder", "off"], "not supported for quantize"),
     (["--calib-batch", "0"], "--calib-batch"),
+    (["--bits", "nan"], "--bits must be a number"),
+    (["--bits", "inf"], "--bits must be a number"),
+    (["--method", "gptq", "--calib-samples", "0"], "--calib-samples"),
+    (["--method", "gptq", "--seq-len", "0"], "--seq-len"),
+    (["--group-size", "8000000000"], "at most 65536"),
+    (["--method", "gptq", "--device", "tpu"], "--device 'tpu'"),
+    (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], "--device cuda"),
 ]
 
 
@@ -94,6 +114,47 @@ def test_quantize_flags(model_dir, tmp_path, flags, message):
     out = tmp_path / "o"
     assert message in error_line(invoke("quantize", model_dir, "-o", out, *flags))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--device", "tpu"], "--device 'tpu'"),
+    (["prune", "kv", "--method", "cskv", "--device", "npu"], "--device 'npu'"),
+], ids=["eval-batch-size", "eval-device", "prune-kv-device"])
+def test_other_commands_check_their_flags(model_dir, tmp_path, args, message):
+    """Flags checked before any work, with the one error line (these raised tracebacks from inside torch)."""
+    out = ["-o", tmp_path / "o"] if args[0] == "prune" else []
+    assert message in error_line(invoke(*args, model_dir, *out))
+
+
+def test_check_settings_are_checked(artifact, tmp_path):
+    """check --update with a window of 0 tokens, and a baseline whose settings or tolerance are not numbers: one
+    error line each, the baseline's before anything is measured."""
+    base = tmp_path / "b.json"
+    assert "seq_len" in error_line(invoke("check", artifact, "--baseline", base, "--update", "--seq-len", 0))
+    good = {"llmcomp_check": 1, "settings": {"windows": 1, "seq_len": 64},
+            "metrics": {"ppl": {"value": 10.0, "better": "lower", "tolerance_rel": 0.1}}}
+    for change, word in [({"settings": {"windows": "x"}}, "windows"), ({"settings": []}, "settings"),
+                         ({"metrics": {"ppl": {"value": 1.0, "better": "lower", "tolerance_rel": "abc"}}},
+                          "tolerance_rel")]:
+        base.write_text(json.dumps({**good, **change}))
+        assert word in error_line(invoke("check", artifact, "--baseline", base))
+
+
+@pytest.mark.parametrize("change", [{"files": None}, {"stages": [{"foo": 1}]}, {"modules": []},
+                                    {"stages": [{"method": "rtn", "config": "x"}]}],
+                         ids=["files-null", "stage-without-method", "modules-array", "stage-config-string"])
+def test_manifest_of_the_wrong_shape(artifact, tmp_path, change):
+    """A manifest whose entries have the wrong JSON types: one error line from inspect and eval (these were
+    AttributeError / KeyError tracebacks)."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    manifest = json.loads((bad / "llmcomp.json").read_text())
+    (bad / "llmcomp.json").write_text(json.dumps({**manifest, **change}))
+    for cmd in (["inspect", bad], ["eval", bad, "--windows", 1]):
+        assert "is corrupt" in error_line(invoke(*cmd))
 
 
 def test_missing_model(tmp_path):

@@ -355,6 +355,19 @@ def test_export_existing_output(arts, tmp_path):
     assert invoke("export", arts("w4g32"), "--to", "gptq", "-o", out, "--overwrite").exit_code == 0
 
 
+@pytest.mark.parametrize("to", ["gptq", "compressed-tensors"])
+def test_export_never_replaces_its_source(arts, tmp_path, to):
+    """-o naming the artifact itself (or a folder above it) is refused even with --overwrite: the export would
+    delete the artifact it reads."""
+    import shutil
+
+    src = tmp_path / "a"
+    shutil.copytree(arts("w4g32"), src)
+    for out in (src, tmp_path):
+        assert "would replace the artifact" in one_error(invoke("export", src, "--to", to, "-o", out, "--overwrite"))
+    assert (src / "llmcomp.json").exists()
+
+
 def test_export_without_package(arts, tmp_path, monkeypatch):
     import sys
 

@@ -139,6 +139,8 @@ def eval_(
     def go():
         if windows < 1 or seq_len < 2:
             raise UserError("--windows must be ≥ 1 and --seq-len ≥ 2.")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be ≥ 1, got {batch_size}.")
         from llmcomp.core.memory import resolve_placement
 
         resolve_placement(device, device_map, max_memory, offload_folder)  # bad flags fail before any load
@@ -211,6 +213,7 @@ def check(
     def go():
         if update:
             settings = {"windows": windows, "seq_len": seq_len}
+            chk.check_settings({"windows": windows, "seq_len": seq_len}, "--windows / --seq-len")
         else:
             settings = chk.read_baseline(baseline)["settings"]
         with render.RichProgress() as progress:

@@ -1,6 +1,8 @@
 """Turn CLI flags into a method config (validated by the config classes themselves)."""
 from __future__ import annotations
 
+import math
+
 from llmcomp.errors import UserError
 from llmcomp.formats import FORMATS
 from llmcomp.formats.fp4 import FP4, FP4_FORMATS
@@ -65,6 +67,8 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
                        vector_len: int | None = None, hadamard: bool = False):
     """Returns ``(config, allocation or None)``. A fractional ``bits`` is an average budget: each
     layer's width is then chosen from ``candidates`` (bit allocation)."""
+    if not math.isfinite(bits):
+        raise UserError(f"--bits must be a number such as 4 or 3.5, got {bits}.")
     if preset is not None:
         if preset not in PRESETS:
             raise UserError(f"Unknown preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}.")

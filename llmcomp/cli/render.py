@@ -123,9 +123,10 @@ def manifest_tables(manifest: dict) -> list[Table]:
     head.add_row("schema / llmcomp", f"{manifest['schema_version']} / {manifest['llmcomp_version']}")
     head.add_row("text", str(manifest.get("text_source")))
     for i, s in enumerate(manifest["stages"], 1):
-        cfg = {k: v for k, v in s["config"].items() if not k.startswith("_")}
-        what = s["metrics"].get("policy") or f"{s['metrics'].get('bits_per_weight')} bits/weight"  # KV stages: the policy
-        head.add_row(f"stage {i}", f"{s['method']} in {s['wall_time_s']} s, {what}; config {cfg}")
+        cfg = {k: v for k, v in s.get("config", {}).items() if not k.startswith("_")}
+        metrics = s.get("metrics", {})
+        what = metrics.get("policy") or f"{metrics.get('bits_per_weight')} bits/weight"  # KV stages: the policy
+        head.add_row(f"stage {i}", f"{s['method']} in {s.get('wall_time_s')} s, {what}; config {cfg}")
     head.add_row("files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))
     mods = Table(title="quantized modules")
     for c in ("format", "modules", "example"):

@@ -180,9 +180,17 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
         raise UserError(f"{mpath} has schema version {version!r}; this llmcomp reads version {SCHEMA_VERSION}.")
-    for key in ("files", "modules", "stages", "base_model"):
+    for key, kind in (("files", dict), ("modules", dict), ("stages", list), ("base_model", dict)):
         if key not in manifest:
             raise UserError(f"{mpath} is missing its {key!r} entry.")
+        if not isinstance(manifest[key], kind):
+            raise UserError(f"{mpath} is corrupt: {key!r} is not a JSON {'object' if kind is dict else 'array'}.")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
+        raise UserError(f"{mpath} is corrupt: 'files' must map file names to sha256 strings.")
+    for i, stage in enumerate(manifest["stages"], 1):
+        if not (isinstance(stage, dict) and isinstance(stage.get("method"), str)
+                and isinstance(stage.get("config", {}), dict) and isinstance(stage.get("metrics", {}), dict)):
+            raise UserError(f"{mpath} is corrupt: stage {i} needs a 'method' name and 'config' / 'metrics' objects.")
     if verify:
         for name, digest in manifest["files"].items():
             f = path / name

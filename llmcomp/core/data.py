@@ -132,6 +132,9 @@ def eval_windows(tokenizer, seq_len: int, n_windows: int, source: str | None = N
 def calib_windows(tokenizer, seq_len: int, n_samples: int, seed: int = 0,
                   source: str | None = None) -> torch.Tensor:
     """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets in the calibration split."""
+    if n_samples < 1 or seq_len < 2:
+        raise UserError(f"Calibration needs at least 1 window of at least 2 tokens (--calib-samples {n_samples}, "
+                        f"--seq-len {seq_len}).")
     ids = tokenize(tokenizer, corpus(source).calib)
     if ids.numel() <= seq_len:
         raise UserError(f"The calibration text is shorter than one window of {seq_len} tokens.")

@@ -183,9 +183,28 @@ def check_cpu_fits(model: torch.nn.Module, max_memory: Optional[dict[Key, int]])
                         f"--max-memory cpu={format_bytes(limit)}; raise the cpu entry.")
 
 
+def check_device(device: Optional[str]) -> Optional[str]:
+    """``--device`` as given (None stays None) once torch knows it and it is here: cpu, or cuda[:N] with a GPU."""
+    if device is None:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N.") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} needs a CUDA GPU; none is visible to torch here (use cpu).")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs here.")
+    elif d.type != "cpu":
+        raise UserError(f"--device {device!r}: llmcomp runs on cpu or cuda[:N].")
+    return device
+
+
 def resolve_placement(device: Optional[str], device_map, max_memory, offload_folder) -> tuple:
     """Validate load/eval placement flags: ``(device, device_map, max_memory dict, offload_folder)``.
     ``--max-memory`` or ``--offload-folder`` without a device map imply ``device_map="auto"``."""
+    check_device(device)
     limits = parse_max_memory(max_memory)
     if isinstance(device_map, str):
         dm = device_map.strip().lower()

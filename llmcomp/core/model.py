@@ -110,10 +110,17 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
 
         place = {"device_map": device_map, "max_memory": budget(max_memory), "offload_folder": offload_folder}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **place)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **place)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"Could not load a causal LM from {path}: {first}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would fill them with random values (its warning is silenced here)
+        packed = sorted(k for k in info.get("unexpected_keys") or () if k.endswith(("_packed", "_scale", "_zero")))
+        hint = (f" It holds quantized tensors (e.g. {packed[0]}): an llmcomp artifact whose llmcomp.json is "
+                f"missing?") if packed else ""
+        raise UserError(f"{path} lacks {len(missing)} of the model's weights (e.g. {missing[0]}), which would be "
+                        f"random.{hint}")
     tokenizer = load_tokenizer(path)
     model.eval()
     return model, tokenizer

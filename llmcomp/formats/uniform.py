@@ -45,6 +45,8 @@ class Uniform(WeightFormat):
             raise UserError(f"group size must be 0 (per-channel) or a positive integer, got {self.group_size}.")
         if self.group_size and self.group_size % 8:
             raise UserError(f"group size must be a multiple of 8 (or 0 for per-channel), got {self.group_size}.")
+        if self.group_size > 1 << 16:  # (a layer is padded to whole groups: a huge one would allocate that much)
+            raise UserError(f"group size must be at most 65536 (0: per-channel), got {self.group_size}.")
 
     # -- geometry ---------------------------------------------------------------------------
     def group(self, in_features: int) -> int:

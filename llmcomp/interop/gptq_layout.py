@@ -102,7 +102,7 @@ def _check_coverage(src: Source) -> None:
 
 def export_gptq(artifact, output, *, overwrite: bool = False) -> dict:
     """Write ``artifact`` (uniform int2/3/4/8, one format for every layer) as a GPTQ checkpoint."""
-    check_output(output, overwrite)
+    check_output(output, overwrite, artifact)
     src = open_source(artifact, TARGET)
     groups = formats_of(src)
     for fmt, layers in groups.items():

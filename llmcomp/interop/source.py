@@ -58,10 +58,14 @@ class Source:
         return torch.float32
 
 
-def check_output(output, overwrite: bool) -> Path:
+def check_output(output, overwrite: bool, source=None) -> Path:
+    """``output`` as a Path; refused where it exists (without ``overwrite``) or would replace ``source``."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    if source is not None and Path(source).exists() and (
+            output.resolve() == Path(source).resolve() or output.resolve() in Path(source).resolve().parents):
+        raise UserError(f"Output {output} would replace the artifact {source}; choose another directory.")
     return output
 
 
@@ -94,7 +98,7 @@ def write_checkpoint(src: Source, dest: Path, tensors: dict[str, torch.Tensor], 
                      overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write ``tensors`` and the artifact's config (plus ``quantization_config``), generation config and
     tokenizer files as a Hugging Face checkpoint directory at ``dest`` (atomically)."""
-    dest = check_output(dest, overwrite)
+    dest = check_output(dest, overwrite, src.path)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         _save_shards({k: v.contiguous() for k, v in tensors.items()}, tmp, shard_bytes)
         for f in sorted(src.path.iterdir()):
