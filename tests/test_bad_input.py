@@ -104,6 +104,8 @@ QUANTIZE_FLAGS = [
     (["--method", "gptq", "--calib-samples", "0"], "--calib-samples"),
     (["--method", "gptq", "--seq-len", "0"], "--seq-len"),
     (["--group-size", "8000000000"], "at most 65536"),
+    (["--method", "vptq", "--bits", "2", "--vector-len", "0"], "--vector-len"),
+    (["--method", "pvq", "--bits", "2", "--vector-len", "0"], "--vector-len"),
     (["--method", "gptq", "--device", "tpu"], "--device 'tpu'"),
     (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], "--device cuda"),
 ]

@@ -60,7 +60,7 @@ def kv(
     sinks: Annotated[Optional[int], typer.Option(help="streaming/duo: first tokens always kept (attention sinks).")] = None,
     recent: Annotated[Optional[float], typer.Option(help="h2o/a2sf: fraction of the budget kept for the most recent tokens.")] = None,
     forget: Annotated[Optional[float], typer.Option(help="a2sf: forgetting factor in (0, 1].")] = None,
-    bits: Annotated[Optional[int], typer.Option(help="kivi: bits per cached value (2 or 4).")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="kivi: bits per cached value (2, 3, 4 or 8; default 2).")] = None,
     group: Annotated[Optional[int], typer.Option(help="kivi: values per scale (tokens for keys, channels for values).")] = None,
     calib_samples: Annotated[Optional[int], typer.Option(help="duo: optimization steps (one passkey sequence each); cskv: calibration windows.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="duo/cskv: calibration sequence length in tokens.")] = None,

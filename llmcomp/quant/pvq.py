@@ -60,7 +60,7 @@ def reachable_bits(dim: int, norm_bits: int | None = None, max_bits: float = 8.0
 
 
 def pyramid_for_bits(bits: float, dim: int | None = None, norm_bits: int | None = None, **kw) -> Pyramid:
-    dim = dim or DEFAULT_DIM
+    dim = DEFAULT_DIM if dim is None else dim
     if not isinstance(dim, int) or not 2 <= dim <= 256:
         raise UserError(f"--vector-len for PVQ must be an integer from 2 to 256, got {dim}.")
     nb = default_norm_bits(dim) if norm_bits is None else norm_bits

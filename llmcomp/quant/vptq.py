@@ -39,7 +39,7 @@ STAGE_BITS = 8
 
 def codebook_for_bits(bits: float, dim: int | None = None, **kw) -> Codebook:
     """The ``codebook`` format whose indices cost ``bits`` a weight with vectors of ``dim``."""
-    dim = dim or DEFAULT_DIM
+    dim = DEFAULT_DIM if dim is None else dim
     if not isinstance(dim, int) or dim < 1:
         raise UserError(f"--vector-len must be a positive integer, got {dim}.")
     total = bits * dim
