@@ -159,6 +159,19 @@ def test_manifest_of_the_wrong_shape(artifact, tmp_path, change):
         assert "is corrupt" in error_line(invoke(*cmd))
 
 
+def test_read_only_commands_do_not_speak_of_a_destination(artifact, tmp_path):
+    """An OS error in a command that writes nothing (inspect, eval) is one line without "nothing was written at the
+    destination", which only commands with an output can say."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    (bad / "llmcomp.json").unlink()
+    (bad / "llmcomp.json").mkdir()
+    line = error_line(invoke("inspect", bad))
+    assert "nothing was written" not in line
+
+
 def test_missing_model(tmp_path):
     assert "does not exist" in error_line(invoke("quantize", tmp_path / "nope", "-o", tmp_path / "o"))
     assert not (tmp_path / "o").exists()

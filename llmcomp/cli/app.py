@@ -37,10 +37,12 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def run(fn):
-    """Run ``fn`` translating user errors into one red line and exit code 2."""
+def run(fn, writes: bool = True):
+    """Run ``fn`` translating user errors into one red line and exit code 2. ``writes``: the command writes an
+    output (atomically), so a failure can say nothing was written at its destination."""
     from llmcomp.cli import render
 
+    tail = "; nothing was written at the destination" if writes else ""
     try:
         return fn()
     except UserError as exc:
@@ -48,10 +50,10 @@ def run(fn):
         raise typer.Exit(2)
     except OSError as exc:  # the machine, not the program: disk full, permissions, a path through a file
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        render.error(f"{exc.strerror or exc}{where}; nothing was written at the destination.")
+        render.error(f"{exc.strerror or exc}{where}{tail}.")
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        render.error("interrupted; nothing was written at the destination.")
+        render.error(f"interrupted{tail}.")
         raise typer.Exit(130)
 
 
@@ -171,7 +173,7 @@ def eval_(
         if record:
             api.record_evaluations(rows)
 
-    run(go)
+    run(go, writes=False)  # (--json and --record write small files in place)
 
 
 @app.command()
@@ -191,7 +193,7 @@ def inspect(
         for t in render.manifest_tables(manifest):
             render.console.print(t)
 
-    run(go)
+    run(go, writes=False)
 
 
 @app.command()
@@ -232,7 +234,7 @@ def check(
             junit.write_text(chk.junit_xml(outcomes, artifact, current["_wall_time_s"]))
         return 0 if all(o.passed for o in outcomes) else 1
 
-    code = run(go)
+    code = run(go, writes=False)
     raise typer.Exit(code or 0)
 
 

@@ -56,7 +56,7 @@ def kernels(
         kernel_bench.run(parsed or kernel_bench.SHAPES, m_list, bit_list, group_size, out, float_formats=floats,
                          fp16=fp16)
 
-    run(go)
+    run(go, writes=False)
 
 
 @bench_app.command("decode")
@@ -152,7 +152,7 @@ def decode(
                             span=layers_per_graph, options=options, glu=glu)
         render.console.print(_decode_table(result, batches))
 
-    run(go)
+    run(go, writes=False)
 
 
 def _original_of(path: str, original: Optional[str]) -> Optional[str]:
