@@ -14,6 +14,7 @@ from llmcomp.core import model as model_mod
 from llmcomp.core.artifact import is_artifact, load_artifact, read_manifest, write_artifact
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.data import calib_windows, corpus, eval_windows
+from llmcomp.core.paths import check_output
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
 from llmcomp.eval import perplexity, size_report
@@ -101,9 +102,7 @@ def quantize(
     ``max_memory``: its GPU entries hard-cap this process's GPU memory for the job (the model stays in
     CPU memory, one decoder layer at a time on the GPU; ignored where no GPU is visible); a ``cpu`` entry
     is checked against the model's size. Disk offload is not supported here (``offload_folder``)."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    output = check_output(output, overwrite)
     if offload_folder is not None:
         raise UserError("quantize keeps the model in CPU memory and moves one decoder layer at a time to the GPU; "
                         "disk offload (--offload-folder) is not supported for quantize.")
@@ -200,9 +199,7 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
     memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.prune.kv.cache import check_supported
 
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    output = check_output(output, overwrite)
     store_dtype = parse_dtype(dtype)
     start = time.perf_counter()
     net, tok, base, stages = open_model(model, progress=progress)
@@ -228,9 +225,7 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
 def _calibrated(model, output, overwrite, calib_samples, calib_seq_len, seed, progress, check=None):
     """Open ``model`` for a calibrated rewrite into ``output`` (``check(net, stages)`` vets it first):
     (output, net, tok, base, stages, calibration ids, calibration info)."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    output = check_output(output, overwrite)
     if calib_samples < 1 or calib_seq_len < 2:
         raise UserError("--calib-samples must be ≥ 1 and --seq-len ≥ 2.")
     net, tok, base, stages = open_model(model, progress=progress)

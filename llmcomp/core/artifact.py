@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.model import load_tokenizer
-from llmcomp.core.paths import atomic_dir
+from llmcomp.core.paths import atomic_dir, check_output
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 
@@ -137,9 +137,7 @@ def write_artifact(
     dtype: Optional[torch.dtype] = None,
 ) -> Path:
     """Write ``model`` as an artifact at ``dest`` (atomically). Returns ``dest``."""
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise UserError(f"Output {dest} already exists; choose another path or pass --overwrite.")
+    dest = check_output(dest, overwrite)
     modules = {n: to_dict(m.fmt) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         _save_shards(_unique_state(model, dtype), tmp, shard_bytes)

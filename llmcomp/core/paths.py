@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llmcomp.errors import UserError
+
 
 def cache_dir() -> Path:
     """``$LLMCOMP_CACHE`` or ``~/.cache/llmcomp``."""
@@ -14,6 +16,18 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_output(output, overwrite: bool, source=None) -> Path:
+    """``output`` as a Path; refused where it exists (without ``overwrite``) or would replace ``source`` (the
+    artifact a command reads: the output is that directory or a folder above it)."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+    if source is not None and Path(source).exists() and (
+            output.resolve() == Path(source).resolve() or output.resolve() in Path(source).resolve().parents):
+        raise UserError(f"Output {output} would replace the artifact {source}; choose another directory.")
+    return output
 
 
 @contextlib.contextmanager

@@ -31,8 +31,9 @@ from torch import nn
 from llmcomp.errors import UserError
 from llmcomp.formats.fp4 import MXFP4, NVFP4
 from llmcomp.formats.uniform import Uniform
-from llmcomp.interop.source import (check_output, formats_of, Layer, open_source,
-                                    Source, uniform_fields, unsupported_format, write_checkpoint)
+from llmcomp.core.paths import check_output
+from llmcomp.interop.source import (formats_of, Layer, open_source, Source, uniform_fields, unsupported_format,
+                                    write_checkpoint)
 from llmcomp.interop.words import words_to_codes
 
 TARGET = "compressed-tensors"

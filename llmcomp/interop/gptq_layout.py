@@ -26,8 +26,9 @@ from torch import nn
 from llmcomp.core.model import decoder_layers
 from llmcomp.errors import UserError
 from llmcomp.formats.uniform import Uniform
-from llmcomp.interop.source import (check_output, formats_of, open_source, Source,
-                                    uniform_fields, unsupported_format, write_checkpoint)
+from llmcomp.core.paths import check_output
+from llmcomp.interop.source import (formats_of, open_source, Source, uniform_fields, unsupported_format,
+                                    write_checkpoint)
 from llmcomp.interop.words import codes_to_words, words_to_codes
 
 GPTQ_BITS = (2, 3, 4, 8)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from llmcomp.core.artifact import DEFAULT_SHARD_BYTES, INDEX, MANIFEST, _save_shards, _unique_state, is_artifact
-from llmcomp.core.paths import atomic_dir
+from llmcomp.core.paths import atomic_dir, check_output
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 
@@ -56,17 +56,6 @@ class Source:
             if t.is_floating_point():
                 return t.dtype
         return torch.float32
-
-
-def check_output(output, overwrite: bool, source=None) -> Path:
-    """``output`` as a Path; refused where it exists (without ``overwrite``) or would replace ``source``."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
-    if source is not None and Path(source).exists() and (
-            output.resolve() == Path(source).resolve() or output.resolve() in Path(source).resolve().parents):
-        raise UserError(f"Output {output} would replace the artifact {source}; choose another directory.")
-    return output
 
 
 def open_source(path, target: str) -> Source:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from llmcomp.core.paths import check_output
 from llmcomp.errors import UserError
 from llmcomp.report import facts as F
 
@@ -26,11 +27,8 @@ def write_report(artifact, output=None, *, overwrite: bool = False) -> dict:
 
     path = Path(artifact)
     manifest = read_manifest(path, verify=False)  # a viewer: `llmcomp inspect` verifies the hashes
-    output = Path(output) if output is not None else path.parent / f"{path.resolve().name}-report"
-    if output.exists() and not overwrite:
-        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
-    if output.resolve() == path.resolve() or output.resolve() in path.resolve().parents:
-        raise UserError(f"Output {output} would replace the artifact {path}; choose another directory.")
+    output = check_output(output if output is not None else path.parent / f"{path.resolve().name}-report",
+                          overwrite, path)
     model_config = _json(path / "config.json")
     modules, totals = _modules_and_totals(path, manifest)
     views = [_view(i, s, model_config) for i, s in enumerate(manifest["stages"], 1)]
