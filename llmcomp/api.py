@@ -13,7 +13,7 @@ from llmcomp.core import memory
 from llmcomp.core import model as model_mod
 from llmcomp.core.artifact import is_artifact, load_artifact, read_manifest, write_artifact
 from llmcomp.core.config import from_dict, to_dict
-from llmcomp.core.data import calib_windows, corpus, eval_windows
+from llmcomp.core.data import calib_windows, check_calib, corpus, eval_windows
 from llmcomp.core.paths import check_output
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
@@ -108,9 +108,7 @@ def quantize(
                         "disk offload (--offload-folder) is not supported for quantize.")
     if calib_batch < 1:
         raise UserError(f"--calib-batch must be ≥ 1, got {calib_batch}.")
-    if calib_samples < 1 or calib_seq_len < 2:
-        raise UserError(f"Calibration needs --calib-samples ≥ 1 and --seq-len ≥ 2, got {calib_samples} and "
-                        f"{calib_seq_len}.")
+    check_calib(calib_samples, calib_seq_len)  # before the model is loaded
     limits = memory.parse_max_memory(max_memory)
     gpu_limits = memory.gpu_limits(limits)
     store_dtype = parse_dtype(dtype)

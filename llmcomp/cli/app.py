@@ -215,7 +215,7 @@ def check(
     def go():
         if update:
             settings = {"windows": windows, "seq_len": seq_len}
-            chk.check_settings({"windows": windows, "seq_len": seq_len}, "--windows / --seq-len")
+            chk.check_settings(settings, "--windows / --seq-len")
         else:
             settings = chk.read_baseline(baseline)["settings"]
         with render.RichProgress() as progress:

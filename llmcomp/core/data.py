@@ -129,12 +129,17 @@ def eval_windows(tokenizer, seq_len: int, n_windows: int, source: str | None = N
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def calib_windows(tokenizer, seq_len: int, n_samples: int, seed: int = 0,
-                  source: str | None = None) -> torch.Tensor:
-    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets in the calibration split."""
+def check_calib(n_samples: int, seq_len: int) -> None:
+    """At least one calibration window of at least 2 tokens."""
     if n_samples < 1 or seq_len < 2:
         raise UserError(f"Calibration needs at least 1 window of at least 2 tokens (--calib-samples {n_samples}, "
                         f"--seq-len {seq_len}).")
+
+
+def calib_windows(tokenizer, seq_len: int, n_samples: int, seed: int = 0,
+                  source: str | None = None) -> torch.Tensor:
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets in the calibration split."""
+    check_calib(n_samples, seq_len)
     ids = tokenize(tokenizer, corpus(source).calib)
     if ids.numel() <= seq_len:
         raise UserError(f"The calibration text is shorter than one window of {seq_len} tokens.")
