@@ -249,13 +249,16 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--layers-per-graph", "2"], "--compile"),
     (["--synthetic", "llama3-8b", "--inductor-option", "combo_kernels=true"], "--compile"),
     (["--synthetic", "llama3-8b", "--no-glu"], "--compile"),
+    (["--synthetic", "llama3-8b", "--norm-split"], "--compile"),
+    (["--synthetic", "llama3-8b", "--compile", "--norm-split", "--no-glu"], "--no-glu"),
     (["--synthetic", "llama3-8b", "--compile", "--inductor-option", "no_such_option=1"], "no_such_option"),
     (["--synthetic", "llama3-8b", "--compile", "--inductor-option", "combo_kernels=often"], "bool"),
     (["--synthetic", "gpt5"], "--synthetic"),
     ([], "PATH"),
     (["/no/such/artifact"], "does not exist"),
 ], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "layers-per-graph",
-        "layers-per-graph-eager", "inductor-option-eager", "glu-eager", "inductor-option-unknown", "inductor-option-type",
+        "layers-per-graph-eager", "inductor-option-eager", "glu-eager", "norm-split-eager", "norm-split-no-glu",
+        "inductor-option-unknown", "inductor-option-type",
         "unknown-shape",
         "nothing", "missing-path"])
 def test_cli_bad_input(no_gpu, args, word):
@@ -281,6 +284,28 @@ def test_cli_glu_flag_reaches_the_run(monkeypatch, flag, env, want):
     assert "stopped before timing" in r.output
     assert seen["glu"] == (None if not flag else flag == ["--glu"])
     assert db.glu_enabled(seen["glu"]) is want
+
+
+@pytest.mark.parametrize("flag, env, want", [([], "", False), ([], "1", True), (["--no-norm-split"], "1", False),
+                                              (["--norm-split"], "0", True)],
+                         ids=["default", "env-on", "flag-off", "flag-on"])
+def test_cli_norm_split_flag_reaches_the_run(monkeypatch, flag, env, want):
+    """--norm-split / --no-norm-split reach ``run`` (and so ``compiled_layers``); without the flag LLMCOMP_NORM_SPLIT
+    decides. The GPU and the models are faked: only the arguments are checked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LLMCOMP_NORM_SPLIT", env)
+    monkeypatch.setattr(db, "synthetic_models", lambda *a, **kw: iter(()))
+    seen = {}
+
+    def fake_run(models, batches, context, steps, settings, **kw):
+        seen.update(kw)
+        raise UserError("stopped before timing")
+
+    monkeypatch.setattr(db, "run", fake_run)
+    r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--compile", "--batch", "1", *flag])
+    assert "stopped before timing" in r.output
+    assert seen["norm"] == (None if not flag else flag == ["--norm-split"])
+    assert db.norm_split_enabled(seen["norm"]) is want
 
 
 @pytest.fixture(scope="module")
@@ -449,7 +474,7 @@ def test_fused_siblings_share_one_call_a_step(cpu_fused_path):
         torch._dynamo.reset()
         with db.compiled_layers(model, backend="aot_eager", fuse=fused) as info:
             assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0, "pdl": False,
-                            "graphs": layers, "glu": 0}  # (GLU calls: CUDA only)
+                            "graphs": layers, "glu": 0, "norm_split": 0}  # (GLU calls: CUDA only)
             dec = db.StaticDecoder(model, 2, 32)
             dec.prefill(ids)
             dec.step()  # compiles
@@ -537,7 +562,7 @@ def test_compiled_layers_trace_quantized_linears_on_cuda():
             # q/k/v stacked; gate/up one GLU call (activation in the epilogue)
             # (gate/up not frozen alone: their GLU call serves every row count)
             assert info == {"layers": 2, "frozen": 10 if frozen else 0, "fused": 2 if frozen else 0,
-                            "pdl": False, "graphs": 2, "glu": 2 if frozen else 0}
+                            "pdl": False, "graphs": 2, "glu": 2 if frozen else 0, "norm_split": 0}
             _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
         frames[frozen] = counter.frame_count
         assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens)), frozen
@@ -546,6 +571,45 @@ def test_compiled_layers_trace_quantized_linears_on_cuda():
         # it 1.03 % (eager backend, H200); compiled by inductor 1.34 % without it
         assert max(errs) <= 2e-2, (frozen, errs)
     assert frames[True] < frames[False], frames  # the linears' graph breaks are gone
+
+
+@pytest.mark.cuda
+def test_split_norm_decodes_the_same_on_cuda():
+    """The post-attention norm split into the o projection's and the GLU call's epilogues (``norm=True``): on two W4
+    layers of the 8B shape the decoded tokens are the eager model's; compiled by inductor and replayed as a CUDA graph,
+    with and without dependent launch (the GLU call then reads the o call's sums right after its grid_dep_wait), the
+    first compiled step's logits are the unsplit graph's within rounding, with one kernel fewer a layer."""
+    import torch._dynamo
+
+    from llmcomp.eval.graph_timeline import graph_timeline
+
+    model = db.synthetic_model("llama3-8b", layers=2)
+    db.quantize_rtn(model, 4, 128)
+    for layer in model.model.layers:  # norm weights other than ones
+        torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 1.5)
+    ids = torch.randint(0, 128256, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    _, ref, ref_tokens = static_decode(model, ids, steps=3, max_len=40)
+    torch._dynamo.reset()
+    with db.compiled_layers(model, backend="aot_eager", glu=True, norm=True) as info:
+        assert info["norm_split"] == 2
+        _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    errs = [float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, ref)]
+    assert max(errs) <= 2e-2, errs
+    runs, kernels = {}, {}
+    for norm, pdl in ((False, False), (True, False), (False, True), (True, True)):
+        torch._dynamo.reset()
+        with db.compiled_layers(model, glu=True, norm=norm, pdl=pdl) as info:
+            assert info["norm_split"] == (2 if norm else 0)
+            graphed = db.StaticDecoder(model, 1, 40)
+            graphed.prefill(ids)
+            graphed.capture(warmup=3)
+            runs[norm, pdl] = graphed.step().clone()
+            kernels[norm, pdl] = graph_timeline(graphed.graph.replay, db.time_kind, steps=1)["kernels_per_step"]
+    for pdl in (False, True):
+        want = runs[False, pdl].float()
+        assert (runs[True, pdl].float() - want).abs().max() <= 2e-2 * want.abs().max(), pdl
+        assert kernels[True, pdl] <= kernels[False, pdl] - 2, kernels
 
 
 @pytest.mark.cuda
@@ -894,3 +958,73 @@ def test_gated_mlps_run_through_one_glu_call(monkeypatch, cpu_fused_path):
     assert all("forward" not in mod.__dict__ for mod in model.modules())
     with db.compiled_layers(model, backend="aot_eager", glu=False) as info:
         assert info["glu"] == 0 and info["fused"] == 2 * layers
+
+
+def test_split_norm_runs_the_post_attention_norm_in_the_kernels_epilogues(monkeypatch, cpu_fused_path):
+    """compiled_layers' ``norm``: each layer's o projection becomes the norm's producer (y, γ ⊙ (residual + y) and its
+    per-16-column sums of squares: ``norm_reference``) and its GLU call the consumer (each token scaled by the norm's
+    rsqrt); the post-attention norm's own forward no longer runs. The kernels are CUDA-only: CPU stand-ins for the two
+    ops, the o projection's FrozenCall and the GLU call. Decoded tokens and logits are the uncompiled model's, and
+    every forward comes back after; with ``norm=False`` nothing is split."""
+    import torch._dynamo
+
+    from llmcomp import kernels
+    from llmcomp.core import norm_split, qlinear
+    from llmcomp.formats import Uniform
+    from llmcomp.kernels import uniform_cuda as uc
+    from llmcomp.quant import quantize_model
+    from llmcomp.quant.rtn import RTNConfig
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    for layer in model.model.layers:  # norm weights other than ones, so that γ's place is checked
+        torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 1.5)
+    quantize_model(model, RTNConfig(format=Uniform(bits=4, group_size=32)))
+    calls = {"producer": 0, "consumer": 0, "norm": 0}
+
+    def weight(mod):
+        return mod.fmt.dequantize(mod.packed_tensors(), mod.in_features, dtype=torch.float32)
+
+    def fake_glu(gate, up, dtype):
+        fn = lambda x: torch.nn.functional.silu(gate(x)) * up(x)  # noqa: E731
+        fn.call = uc.GluCall((weight(gate), weight(up)), None, gate.in_features)
+        return fn
+
+    def producer(x2, w, res, gamma):
+        calls["producer"] += 1
+        y = x2 @ w.t()
+        return (y, *uc.norm_reference(y, res, gamma))
+
+    def consumer(x2, wg, wu, sq, eps, glu):
+        calls["consumer"] += 1
+        assert glu == 1
+        r = torch.rsqrt(sq.sum(-1, keepdim=True) / (16 * sq.shape[1]) + eps)
+        return torch.nn.functional.silu(x2 @ wg.t() * r) * (x2 @ wu.t() * r)
+
+    o_projs = {id(layer.self_attn.o_proj.weight_packed): layer.self_attn.o_proj for layer in model.model.layers}
+    monkeypatch.setattr(kernels, "frozen_linear",  # the o projections' call, as the uniform kernel's
+                        lambda fmt, tensors, k, x, cache=None: uc.FrozenCall((weight(o_projs[id(tensors["weight_packed"])]),)))
+    monkeypatch.setattr(qlinear, "frozen_glu", fake_glu)
+    monkeypatch.setattr(uc, "norm_producer_op", producer)
+    monkeypatch.setattr(uc, "norm_consumer_op", consumer)
+    for layer in model.model.layers:
+        norm = layer.post_attention_layernorm
+        monkeypatch.setattr(norm, "forward", lambda h, real=norm.forward: calls.update(norm=calls["norm"] + 1) or real(h))
+    before = {id(m): m.__dict__.get("forward") for m in model.modules()}
+    ids = torch.randint(0, 128, (2, 9))
+    _, ref, ref_tokens = static_decode(model, ids, steps=3)
+    layers = len(model.model.layers)
+    calls["norm"] = 0
+    torch._dynamo.reset()
+    with db.compiled_layers(model, backend="aot_eager", glu=True, norm=True) as info:
+        assert info["glu"] == layers and info["norm_split"] == layers
+        assert calls["norm"] == layers  # rms_eps' probe
+        calls.update(producer=0, consumer=0, norm=0)
+        _, got, tokens = static_decode(model, ids, steps=3)
+    assert calls["producer"] >= 3 * layers and calls["consumer"] == calls["producer"] and calls["norm"] == 0, calls
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+    assert {id(m): m.__dict__.get("forward") for m in model.modules()} == before
+    with db.compiled_layers(model, backend="aot_eager", glu=True, norm=False) as info:
+        assert info["norm_split"] == 0
+    assert norm_split.rms_eps(torch.nn.LayerNorm(64), torch.float32, "cpu") is None  # (its eps, but the mean)

@@ -189,4 +189,5 @@ def frozen_glu(gate: nn.Module, up: nn.Module, dtype: torch.dtype) -> Optional[C
     def forward(x: torch.Tensor) -> torch.Tensor:
         return rows_linear(x, k, run, None)
 
+    forward.call = run  # (norm_split.split_norm calls it with the norm's consumer epilogue)
     return forward

@@ -414,7 +414,8 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 @contextlib.contextmanager
 def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True, pdl: bool = False,
-                    span: int = 1, options: Optional[dict] = None, glu: Optional[bool] = None):
+                    span: int = 1, options: Optional[dict] = None, glu: Optional[bool] = None,
+                    norm: Optional[bool] = None):
     """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields
     ``{"layers": compiled, "frozen": quantized linears traced, "fused": groups of them stacked}``. HF's eager layer
     launches ~40 small kernels (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at
@@ -434,12 +435,16 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     ``glu`` (with ``frozen`` and ``fuse``; default: on unless ``LLMCOMP_GLU=0``): a gated MLP (``gate_proj``,
     ``up_proj``, ``down_proj``, SiLU) runs its gate and up projections and the activation as one kernel call with the
     activation in its epilogue (``qlinear.frozen_glu``) at decode sizes; ``info["glu"]`` counts them.
+    ``norm`` (with ``glu``; default: ``LLMCOMP_NORM_SPLIT``, off unless ``1``): a Llama-style layer's post-attention
+    RMSNorm split into the o projection's epilogue and the GLU call's (``norm_split.split_norm``), no kernel of its
+    own at decode sizes; ``info["norm_split"]`` counts the layers.
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
     import torch._dynamo
 
     from llmcomp.core.model import decoder_layers
+    from llmcomp.core.norm_split import split_norm
     from llmcomp.core.qlinear import QuantLinear, frozen_glu, frozen_group
 
     _, layers = decoder_layers(model)
@@ -447,8 +452,9 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     dtype = embed.weight.dtype if embed is not None else next(model.parameters()).dtype
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
-    info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0, "glu": 0}
+    info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0, "glu": 0, "norm_split": 0}
     glu = glu_enabled(glu)
+    norm = glu and norm_split_enabled(norm)
     try:
         with swapped_forwards() as swap, dependent_launch(pdl and backend == "inductor") as info["pdl"]:
             limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
@@ -457,6 +463,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
             for layer in layers:
                 grouped = set()
                 glued = set()  # gate/up of the MLPs swapped for their GLU call: not stacked as siblings too
+                glu_calls = {}  # id(mlp): its GLU call
                 for mlp in list(layer.modules()) if frozen and fuse and glu else ():
                     gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
                     if not isinstance(down, nn.Module) or not _is_silu(getattr(mlp, "act_fn", None)):
@@ -465,6 +472,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                     if fn is not None:
                         swap(mlp, _glu_forward(mlp, fn, dtype, gate.in_features))
                         glued |= {id(gate), id(up)}
+                        glu_calls[id(mlp)] = getattr(fn, "call", None)
                         info["glu"] += 1
                 for where, parent in layer.named_modules() if frozen and fuse else ():
                     if "cross" in where.lower() or "encoder_attn" in where:  # k/v read another input there
@@ -485,6 +493,11 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                         fn = mod.frozen_forward(dtype) if frozen and id(mod) not in glued else None
                         info["frozen"] += fn is not None
                         swap(mod, fn or torch.compiler.disable(mod.forward))
+                mlp = getattr(layer, "mlp", None)
+                swaps = split_norm(layer, glu_calls.get(id(mlp)), dtype) if norm and glu_calls.get(id(mlp)) else None
+                for mod, fn in swaps or ():
+                    swap(mod, fn)
+                info["norm_split"] += swaps is not None
             inductor_config = compile_options(options) if backend == "inductor" else None  # (inductor's alone)
             for group in layer_spans(layers, span, getattr(model, "config", None)):
                 # the layers' forwards as they are now (an instance forward, e.g. accelerate's hook, included)
@@ -526,6 +539,15 @@ def glu_enabled(glu: Optional[bool] = None) -> bool:
     from llmcomp.kernels.decode_attention import env_switch
 
     return env_switch("LLMCOMP_GLU") is not False
+
+
+def norm_split_enabled(norm: Optional[bool] = None) -> bool:
+    """``norm`` where given, else on only if ``LLMCOMP_NORM_SPLIT`` says so (``env_switch``)."""
+    if norm is not None:
+        return norm
+    from llmcomp.kernels.decode_attention import env_switch
+
+    return env_switch("LLMCOMP_NORM_SPLIT") is True
 
 
 def _glu_forward(mlp: nn.Module, glu_fn, dtype: torch.dtype, k: int):
@@ -713,7 +735,7 @@ def environment() -> dict:
 def run(models, batches: list[int], context: int, steps: int, settings: dict, out: Optional[Path] = None,
         graphs: bool = True, progress: Progress = NULL, compile: bool = False, breakdown: bool = False,
         frozen: bool = True, pack_gqa: bool = True, fuse: bool = True, pdl: bool = False, span: int = 1,
-        options: Optional[dict] = None, glu: Optional[bool] = None) -> dict:
+        options: Optional[dict] = None, glu: Optional[bool] = None, norm: Optional[bool] = None) -> dict:
     """Time every model at every batch size. ``models`` yields ``(name, label, model)`` one at a time
     (so only one model need be on the GPU at once; ``name`` is ``original`` or ``compressed``).
     ``compile``: each model timed with its decoder layers compiled (``compiled_layers``; both models alike;
@@ -722,19 +744,22 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
     attend through ``decode_attention.packed_gqa`` (no copies of K/V for grouped-query heads), else transformers'.
     ``breakdown``: each row also says where a step's time goes (``kernel_breakdown``). ``options``: inductor's
     config for the compiled layers (``compiled_layers``); ``glu``: gated MLPs as one GLU call (``compiled_layers``;
-    None: ``glu_enabled``'s default).
+    None: ``glu_enabled``'s default); ``norm``: the post-attention norm split into the kernels' epilogues
+    (``compiled_layers``; None: ``norm_split_enabled``'s default).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
                                             "compile": compile,
                                             **({"frozen": frozen, "fuse": fuse, "pdl": pdl, "layer_span": span,
                                                 "glu": glu_enabled(glu),
+                                                "norm_split": glu_enabled(glu) and norm_split_enabled(norm),
                                                 "inductor_options": compile_options(options)}
                                                if compile else {}),
                                             "pack_gqa": pack_gqa},
               "rows": []}
     for name, label, model in models:
         with packed_gqa(model, pack_gqa) as packed, \
-                compiled_layers(model, frozen=frozen, fuse=fuse, pdl=pdl, span=span, options=options, glu=glu) \
+                compiled_layers(model, frozen=frozen, fuse=fuse, pdl=pdl, span=span, options=options, glu=glu,
+                                norm=norm) \
                 if compile \
                 else contextlib.nullcontext() as compiled:
             if compile:
@@ -755,6 +780,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                         row["attention_pdl"] = attention_pdl()
                         row["compiled_graphs"] = compiled["graphs"]
                         row["glu_mlps"] = compiled["glu"]
+                        row["norm_splits"] = compiled["norm_split"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}

@@ -10,15 +10,15 @@ LLMCOMP_MMA_FORMATS(LLMCOMP_MMA_EXTERN);
 
 template <typename T>
 void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
-                  int bits, int elem, int group, int rt, int warps, int wr) {
-  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
-  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
+                  int bits, int elem, int group, int rt, int warps, int wr, const EpiArgs& epi) {
+  if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
+  if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
   if (elem == 3) {
-    if (bits == 4) return dispatch_mt<T, 4, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
-    return dispatch_mt<T, 2, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
+    if (bits == 4) return dispatch_mt<T, 4, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
+    return dispatch_mt<T, 2, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
   }
-  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
-  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0);
+  if (bits == 4) return dispatch_mt<T, 4, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
+  return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
 }
 
 static int pdl_state = -1;  // -1: not read yet
@@ -77,9 +77,36 @@ using namespace llmcomp_mma;
 // codes (any tensor otherwise).
 // glu: the weight's rows stacked as 8 gate rows then their 8 up rows a 16-row tile; the output [M, n / 2] is
 // silu(gate) * up (the gated MLP's activation in the GEMM's epilogue).
-torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group,
-                   int64_t n, int64_t rt, int64_t warps, int64_t elem, int64_t wr, int64_t glu) {
+// norm: the RMSNorm split around the GEMM (EpiArgs in uniform_mma.cuh). res and gamma (the residual [M, n] and the
+// norm's weight [n], x's dtype): also returns γ ⊙ T(res + y) [M, n] and its per-tile sums of squares [M, n / 16]
+// (fp32); sq (a producer's sums [M, S]): y scaled by rsqrt(Σ sq / (16 S) + eps) a token.
+std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz,
+                                     int64_t bits, int64_t group, int64_t n, int64_t rt, int64_t warps, int64_t elem,
+                                     int64_t wr, int64_t glu, c10::optional<torch::Tensor> res,
+                                     c10::optional<torch::Tensor> gamma, c10::optional<torch::Tensor> sq, double eps) {
   check_x(x);
+  EpiArgs epi;
+  std::vector<torch::Tensor> outs(1);
+  if (res || gamma) {
+    TORCH_CHECK(res && gamma && !glu, "the norm's producer takes the residual and the norm's weight, without glu");
+    TORCH_CHECK(res->is_cuda() && res->is_contiguous() && res->scalar_type() == x.scalar_type() && res->dim() == 2 &&
+                    res->size(0) == x.size(0) && res->size(1) == n, "residual: contiguous [M, n] in x's dtype");
+    TORCH_CHECK(gamma->is_cuda() && gamma->is_contiguous() && gamma->scalar_type() == x.scalar_type() &&
+                    gamma->numel() == n, "norm weight: contiguous [n] in x's dtype");
+    outs.push_back(torch::empty({x.size(0), n}, x.options()));
+    outs.push_back(torch::empty({x.size(0), n / 16}, x.options().dtype(at::kFloat)));
+    epi.res = res->data_ptr();
+    epi.gamma = gamma->data_ptr();
+    epi.out2 = outs[1].data_ptr();
+    epi.sq = outs[2].data_ptr<float>();
+  }
+  if (sq) {
+    TORCH_CHECK(sq->is_cuda() && sq->is_contiguous() && sq->scalar_type() == at::kFloat && sq->dim() == 2 &&
+                    sq->size(0) == x.size(0) && sq->size(1) > 0, "sums of squares: contiguous float32 [M, S]");
+    epi.sq_in = sq->data_ptr<float>();
+    epi.sq_n = sq->size(1);
+    epi.eps = (float)eps;
+  }
   normalize_codes(qw, qh, sz, n, bits, elem);
   TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
   // The post-scale kernel scales a lane's whole kblock sum once: its groups must be whole kblocks (prepare never
@@ -89,10 +116,15 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::T
   TORCH_CHECK(elem != 3 || group % (256 / bits) == 0,
               "the post-scale kernel needs groups of whole kblocks (64 inputs for 4-bit codes, 128 for 2-bit)");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = torch::empty({x.size(0), glu ? n / 2 : n}, x.options());
-  if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, out, bits, elem, group, rt, warps, wr);
-  else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, out, bits, elem, group, rt, warps, wr);
-  return out;
+  outs[0] = torch::empty({x.size(0), glu ? n / 2 : n}, x.options());
+  if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, outs[0], bits, elem, group, rt, warps, wr, epi);
+  else dispatch_fmt<__nv_bfloat16>(x, qw, qh, sz, outs[0], bits, elem, group, rt, warps, wr, epi);
+  return outs;
+}
+
+torch::Tensor gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group,
+                   int64_t n, int64_t rt, int64_t warps, int64_t elem, int64_t wr, int64_t glu) {
+  return gemm_norm(x, qw, qh, sz, bits, group, n, rt, warps, elem, wr, glu, {}, {}, {}, 0.)[0];
 }
 
 // Codebook (VQ) weights: idx [N/16, K/128, 32, 4] int32 (stage-0 indices, one byte each), idx1 the stage-1 nibble
@@ -119,7 +151,7 @@ torch::Tensor vq_gemm(torch::Tensor x, torch::Tensor idx, torch::Tensor idx1, to
   const torch::Tensor& i1 = at ? idx1 : idx;
   const int elem = (copies == 16 ? 6 : 4) + (at ? 1 : 0);
 #define LLMCOMP_VQ_CASE(T, E) \
-  case E: dispatch_mt<T, 2, E>(x, idx, i1, scale, out, 0, 1, warps, wr, &table, at); break
+  case E: dispatch_mt<T, 2, E>(x, idx, i1, scale, out, 0, 1, warps, wr, &table, at, EpiArgs{}); break
   if (x.scalar_type() == at::kHalf) {
     switch (elem) { LLMCOMP_VQ_CASE(__half, 4); LLMCOMP_VQ_CASE(__half, 5); LLMCOMP_VQ_CASE(__half, 6); LLMCOMP_VQ_CASE(__half, 7); }
   } else {
@@ -176,6 +208,7 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64; glu: silu(gate) * up epilogue)");
+  m.def("gemm_norm", &gemm_norm, "gemm with an RMSNorm split around it: its producer (res, gamma) or consumer (sq)");
   m.def("vq_gemm", &vq_gemm, "codebook (VQ, 4-vectors, 1-2 stages) dequant-GEMM (mma.sync, M <= 64)");
   m.def("vq_lut", &vq_lut, "codebook (VQ, 4-vectors, 1-2 stages) GEMV at one row of x by dot-product lookup tables");
   m.def("vq_lut_group", &vq_lut_group, "vq_lut for weights stacked along the rows, each with its own codebook");

@@ -58,6 +58,7 @@ template <> struct Num<__half> {
   __device__ static T2 lo2(T2 a) { return __low2half2(a); }
   __device__ static T2 hi2(T2 a) { return __high2half2(a); }
   __device__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ static float to_float(__half v) { return __half2float(v); }
 };
 template <> struct Num<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
@@ -73,6 +74,23 @@ template <> struct Num<__nv_bfloat16> {
   __device__ static T2 lo2(T2 a) { return __low2bfloat162(a); }
   __device__ static T2 hi2(T2 a) { return __high2bfloat162(a); }
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+
+// What the epilogue does besides storing y (all null: nothing). The RMSNorm between two GEMMs, split so that it
+// needs no kernel of its own (a decoder layer's o projection, its norm, its gated MLP):
+// - producer (res set; not with glu): out = y as always, and with h = T(res + y): out2 = T(γ ⊙ h) and sq[tok][tile]
+//   = Σ h² over each 16-row tile's columns (fp32; [M, N / 16]);
+// - consumer (sq_in set): y of token tok scaled by rsqrt(Σ sq_in[tok][:sq_n] / (16 sq_n) + eps) before it is stored
+//   (before the GLU epilogue's activation): x = γ ⊙ h from a producer, so y = W · norm(h).
+struct EpiArgs {
+  const void* res = nullptr;
+  const void* gamma = nullptr;
+  void* out2 = nullptr;
+  float* sq = nullptr;
+  const float* sq_in = nullptr;
+  int sq_n = 0;
+  float eps = 0.f;
 };
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
@@ -317,7 +335,7 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 // in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
 template <typename T, int MT, int R>
 __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float* red, T* __restrict__ out, int M, int N,
-                                             int wk_log, int glu) {
+                                             int wk_log, int glu, const EpiArgs& epi) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int wk = 1 << wk_log, wr = nwarps >> wk_log;
@@ -333,6 +351,16 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
       mine[tok * ROWS + row + 8] = acc[r][t][2];
       mine[(tok + 1) * ROWS + row + 8] = acc[r][t][3];
     }
+  __shared__ float rs[TOKS];  // consumer: each token's rsqrt(mean h² + eps)
+  if (epi.sq_in) {  // one warp a token: the producer's per-tile sums (read after grid_dep_wait, as x)
+    for (int tok = warp; tok < min(M, TOKS); tok += nwarps) {
+      float s = 0.f;
+      for (int i = lane; i < epi.sq_n; i += 32) s += epi.sq_in[(size_t)tok * epi.sq_n + i];
+#pragma unroll
+      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane == 0) rs[tok] = rsqrtf(s / (16.f * epi.sq_n) + epi.eps);
+    }
+  }
   __syncthreads();
   if (glu) {  // each 16-row tile: 8 gate rows, then their 8 up rows; out [M, N / 2] gets silu(gate) * up
     constexpr int HALF = ROWS / 2;
@@ -346,17 +374,39 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
         sg += part[row];
         su += part[row + 8];
       }
+      if (epi.sq_in) {
+        sg *= rs[tok];
+        su *= rs[tok];
+      }
       out[(size_t)tok * (N / 2) + tile0 * 8 + h] = Num<T>::from_float(sg / (1.f + expf(-sg)) * su);
     }
     return;
   }
+  // (wr * ROWS * TOKS and the stride are multiples of 32, so the lanes of a warp run the same iterations, and 16
+  // consecutive lanes hold one token's 16 rows of one tile: the producer's sums are a 16-lane reduction.)
   for (int i = threadIdx.x; i < wr * ROWS * TOKS; i += blockDim.x) {
     const int rg = i / (ROWS * TOKS), j = i % (ROWS * TOKS);
     const int tok = j / ROWS, row = j % ROWS, tile0 = (blockIdx.x * wr + rg) * R;
-    if (tok >= M || tile0 * 16 >= N) continue;
+    const bool ok = tok < M && tile0 * 16 < N;
     float s = 0.f;
-    for (int w = 0; w < wk; ++w) s += red[(rg * wk + w) * ROWS * TOKS + j];
-    out[(size_t)tok * N + tile0 * 16 + row] = Num<T>::from_float(s);
+    if (ok) {
+      for (int w = 0; w < wk; ++w) s += red[(rg * wk + w) * ROWS * TOKS + j];
+      if (epi.sq_in) s *= rs[tok];
+      out[(size_t)tok * N + tile0 * 16 + row] = Num<T>::from_float(s);
+    }
+    if (epi.res) {
+      float h2 = 0.f;
+      if (ok) {
+        const size_t at = (size_t)tok * N + tile0 * 16 + row;
+        const float h = Num<T>::to_float(Num<T>::from_float(s + Num<T>::to_float(static_cast<const T*>(epi.res)[at])));
+        static_cast<T*>(epi.out2)[at] =
+            Num<T>::from_float(Num<T>::to_float(static_cast<const T*>(epi.gamma)[tile0 * 16 + row]) * h);
+        h2 = h * h;
+      }
+#pragma unroll
+      for (int o = 8; o; o >>= 1) h2 += __shfl_xor_sync(0xffffffffu, h2, o);
+      if (ok && (row & 15) == 0) epi.sq[(size_t)tok * (N / 16) + tile0 + row / 16] = h2;
+    }
   }
 }
 
@@ -549,7 +599,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
                                                 int kb_per_warp, int wk_log, const uint2* __restrict__ cb,
-                                                int cb1_at, int cb_n, int glu) {
+                                                int cb1_at, int cb_n, int glu, const EpiArgs& epi) {
   constexpr int KBLK = 256 / BITS;
   constexpr int LANE_K = KBLK / 4;       // inputs per lane per kblock
   extern __shared__ float red[];
@@ -654,13 +704,13 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   }
 
   if (!waited) grid_dep_wait();  // warps without kblocks: nothing written before the previous kernel is done
-  reduce_store<T, MT, R>(acc, red, out, M, N, wk_log, glu);
+  reduce_store<T, MT, R>(acc, red, out, M, N, wk_log, glu, epi);
 }
 
 #define LLMCOMP_MMA_PARAMS                                                                                     \
   const T *__restrict__ x, const uint4 *__restrict__ qw, const uint2 *__restrict__ qh, const void *__restrict__ sz, \
       T *__restrict__ out, int M, int N, int K, int G, uint32_t gmagic, int kb_per_warp, int wk_log, \
-      const uint2 *__restrict__ cb, int cb1_at, int cb_n, int glu
+      const uint2 *__restrict__ cb, int cb1_at, int cb_n, int glu, EpiArgs epi
 // Registers are left to the compiler: bounding them for one more block an SM (__launch_bounds__(256, MINB)) was
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
 // division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
@@ -668,7 +718,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
   mma_kernel_body<T, BITS, MT, R, U, ELEM, XS>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
-                                           cb_n, glu);
+                                           cb_n, glu, epi);
 }
 #undef LLMCOMP_MMA_PARAMS
 
@@ -724,7 +774,8 @@ inline uint32_t group_magic(int K, int G, int group) {
 
 template <typename T, int BITS, int ELEM, int MT, int R>
 void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                torch::Tensor& out, int group, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
+                torch::Tensor& out, int group, int warps, int wr, const torch::Tensor* cb, int cb1_at,
+                const EpiArgs& epi) {
   // N: the weight's rows (sz has one row of scales each); an output half as wide asks for the GLU epilogue
   const int M = x.size(0), K = x.size(1), N = sz.size(0), G = sz.size(1), glu = out.size(1) != N;
   TORCH_CHECK(!glu || (2 * out.size(1) == N && N % 16 == 0), "the GLU epilogue's output is half the weight's rows");
@@ -755,7 +806,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   launch_ex(kern, (groups + wr - 1) / wr, threads, smem, reinterpret_cast<const T*>(x.data_ptr()),
             reinterpret_cast<const uint4*>(qw.data_ptr()), reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(),
             reinterpret_cast<T*>(out.data_ptr()), M, N, K, G, group_magic(K, G, group), kb_per_warp, wk_log,
-            cb ? reinterpret_cast<const uint2*>(cb->data_ptr()) : nullptr, cb1_at, cb_n, glu);
+            cb ? reinterpret_cast<const uint2*>(cb->data_ptr()) : nullptr, cb1_at, cb_n, glu, epi);
 }
 
 // Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
@@ -765,14 +816,15 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
 // Instantiated once per (T, BITS, ELEM) in its own translation unit (mma_*.cu), so the builds run in parallel.
 template <typename T, int BITS, int ELEM>
 void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz,
-                 torch::Tensor& out, int group, int rt, int warps, int wr, const torch::Tensor* cb, int cb1_at) {
+                 torch::Tensor& out, int group, int rt, int warps, int wr, const torch::Tensor* cb, int cb1_at,
+                 const EpiArgs& epi) {
   const int M = x.size(0);
   // Two row tiles a warp (sharing each x fragment) where rt asks for them and they divide the rows.
   const bool two = rt >= 2 && sz.size(0) % 32 == 0;  // (sz: one row of scales a weight row)
   auto tiles = [&](auto mt) {  // mt: std::integral_constant, the token tiles of 8 the kernel is built for
     constexpr int MT = decltype(mt)::value;
-    if (two) return launch_mma<T, BITS, ELEM, MT, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-    return launch_mma<T, BITS, ELEM, MT, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    if (two) return launch_mma<T, BITS, ELEM, MT, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
+    return launch_mma<T, BITS, ELEM, MT, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
   };
   using One = std::integral_constant<int, 1>;
   if constexpr (ELEM == 3) {
@@ -781,10 +833,10 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
     return tiles(std::integral_constant<int, 2>{});
   } else if constexpr (is_vq(ELEM)) {  // codebook weights: one row tile a warp
     TORCH_CHECK(cb != nullptr, "codebook weights need their codebooks");
-    if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-    if (M <= 16) return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-    if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
-    return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at);
+    if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
+    if (M <= 16) return launch_mma<T, BITS, ELEM, 2, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
+    if (M <= 32) return launch_mma<T, BITS, ELEM, 4, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
+    return launch_mma<T, BITS, ELEM, 8, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
   } else {
     if (M <= 8) return tiles(One{});
     if (M <= 16) return tiles(std::integral_constant<int, 2>{});
@@ -796,7 +848,7 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
 #define LLMCOMP_MMA_DISPATCH(T, BITS, ELEM)                                                                      \
   template void dispatch_mt<T, BITS, ELEM>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,      \
                                            const torch::Tensor&, torch::Tensor&, int, int, int, int,             \
-                                           const torch::Tensor*, int)
+                                           const torch::Tensor*, int, const EpiArgs&)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1); \
   X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3); \
