@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# One device call for the post-attention RMSNorm split into the o projection's and the GLU call's epilogues
-# (llmcomp/core/norm_split.py; csrc EpiArgs): its CUDA tests (the two epilogues against the reference at every M and
-# launch configuration; the compiled decode with it, with and without dependent launch), then the compiled 8B W4
-# decode (lm_head quantized, the defaults) with LLMCOMP_NORM_SPLIT=1 and =0, each with --breakdown, at BATCH.
-#   bash bench/norm_session.sh   (on the GPU machine; $OUT)   Knobs: TEST_S, DECODE_S (seconds, 0 skips), BATCH, SPLITS.
+# One device call for the RMSNorms split into the kernel calls' epilogues (llmcomp/core/norm_split.py; csrc EpiArgs):
+# its CUDA tests (the producer and consumer epilogues against the reference at every M and launch configuration; the
+# compiled decode with them, with and without dependent launch), then the compiled 8B W4 decode (lm_head quantized,
+# the defaults) with LLMCOMP_NORM_SPLIT=1 and =0, each with --breakdown, at each batch of BATCHES.
+#   bash bench/norm_session.sh   (on the GPU machine; $OUT)   Knobs: TEST_S, DECODE_S (seconds, 0 skips), BATCHES, SPLITS.
 set -u
 . bench/session_common.sh
 TAIL=15 run ${TEST_S:-240} tests.log python3 -m pytest -q tests/test_kernels_cuda.py tests/test_decode_bench.py \
   -k "norm_split or split_norm or glu_epilogue or trace_quantized"
-for v in ${SPLITS:-1 0}; do
-  LLMCOMP_NORM_SPLIT=$v FORMATS=uniform DECODE_S=${DECODE_S:-150} TAG=_norm$v${BATCH:+_b$BATCH} BUILD=0 \
-    bash bench/lmhead_session.sh 2>&1 | grep -v "^real\|^user\|^sys"
+for b in ${BATCHES:-1 16}; do
+  for v in ${SPLITS:-1 0}; do
+    LLMCOMP_NORM_SPLIT=$v BATCH=$b FORMATS=uniform DECODE_S=${DECODE_S:-150} TAG=_norm${v}_b$b BUILD=0 \
+      bash bench/lmhead_session.sh 2>&1 | grep -v "^real\|^user\|^sys"
+  done
 done

@@ -575,10 +575,11 @@ def test_compiled_layers_trace_quantized_linears_on_cuda():
 
 @pytest.mark.cuda
 def test_split_norm_decodes_the_same_on_cuda():
-    """The post-attention norm split into the o projection's and the GLU call's epilogues (``norm=True``): on two W4
-    layers of the 8B shape the decoded tokens are the eager model's; compiled by inductor and replayed as a CUDA graph,
-    with and without dependent launch (the GLU call then reads the o call's sums right after its grid_dep_wait), the
-    first compiled step's logits are the unsplit graph's within rounding, with one kernel fewer a layer."""
+    """The norms split into the kernel calls' epilogues (``norm=True``: o → post-attention norm → GLU call; down →
+    the next layer's input norm → q/k/v): on two W4 layers of the 8B shape the decoded tokens are the eager model's;
+    compiled by inductor and replayed as a CUDA graph, with and without dependent launch (a consumer then reads its
+    producer's sums right after its grid_dep_wait), the first compiled step's logits are the unsplit graph's within
+    rounding, with at least three kernels fewer (two post-attention norms, one input norm)."""
     import torch._dynamo
 
     from llmcomp.eval.graph_timeline import graph_timeline
@@ -586,12 +587,13 @@ def test_split_norm_decodes_the_same_on_cuda():
     model = db.synthetic_model("llama3-8b", layers=2)
     db.quantize_rtn(model, 4, 128)
     for layer in model.model.layers:  # norm weights other than ones
-        torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 1.5)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     ids = torch.randint(0, 128256, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
     _, ref, ref_tokens = static_decode(model, ids, steps=3, max_len=40)
     torch._dynamo.reset()
     with db.compiled_layers(model, backend="aot_eager", glu=True, norm=True) as info:
-        assert info["norm_split"] == 2
+        assert info["norm_split"] == 3  # both post-attention norms, the second layer's input norm
         _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
     assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
     errs = [float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, ref)]
@@ -600,7 +602,7 @@ def test_split_norm_decodes_the_same_on_cuda():
     for norm, pdl in ((False, False), (True, False), (False, True), (True, True)):
         torch._dynamo.reset()
         with db.compiled_layers(model, glu=True, norm=norm, pdl=pdl) as info:
-            assert info["norm_split"] == (2 if norm else 0)
+            assert info["norm_split"] == (3 if norm else 0)
             graphed = db.StaticDecoder(model, 1, 40)
             graphed.prefill(ids)
             graphed.capture(warmup=3)
@@ -609,7 +611,7 @@ def test_split_norm_decodes_the_same_on_cuda():
     for pdl in (False, True):
         want = runs[False, pdl].float()
         assert (runs[True, pdl].float() - want).abs().max() <= 2e-2 * want.abs().max(), pdl
-        assert kernels[True, pdl] <= kernels[False, pdl] - 2, kernels
+        assert kernels[True, pdl] <= kernels[False, pdl] - 3, kernels
 
 
 @pytest.mark.cuda
@@ -960,12 +962,13 @@ def test_gated_mlps_run_through_one_glu_call(monkeypatch, cpu_fused_path):
         assert info["glu"] == 0 and info["fused"] == 2 * layers
 
 
-def test_split_norm_runs_the_post_attention_norm_in_the_kernels_epilogues(monkeypatch, cpu_fused_path):
-    """compiled_layers' ``norm``: each layer's o projection becomes the norm's producer (y, γ ⊙ (residual + y) and its
-    per-16-column sums of squares: ``norm_reference``) and its GLU call the consumer (each token scaled by the norm's
-    rsqrt); the post-attention norm's own forward no longer runs. The kernels are CUDA-only: CPU stand-ins for the two
-    ops, the o projection's FrozenCall and the GLU call. Decoded tokens and logits are the uncompiled model's, and
-    every forward comes back after; with ``norm=False`` nothing is split."""
+def test_split_norms_run_in_the_kernels_epilogues(monkeypatch, cpu_fused_path):
+    """compiled_layers' ``norm``: each layer's o projection becomes its post-attention norm's producer (y, h = residual
+    + y, γ ⊙ h and h's per-16-column sums of squares: ``norm_reference``) and its GLU call the consumer (each token
+    scaled by the norm's rsqrt); a layer's down projection is the next layer's input-norm producer (from o's h) and
+    that layer's stacked q/k/v the consumer; the norms' own forwards no longer run but the first layer's input norm.
+    The kernels are CUDA-only: CPU stand-ins for the two ops and the calls. Decoded tokens and logits are the
+    uncompiled model's, every forward comes back after, and with ``norm=False`` nothing is split."""
     import torch._dynamo
 
     from llmcomp import kernels
@@ -976,11 +979,16 @@ def test_split_norm_runs_the_post_attention_norm_in_the_kernels_epilogues(monkey
     from llmcomp.quant.rtn import RTNConfig
 
     torch.manual_seed(0)
-    model = tiny_llama()
+    model = tiny_llama(layers=3)
     for layer in model.model.layers:  # norm weights other than ones, so that γ's place is checked
-        torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 1.5)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     quantize_model(model, RTNConfig(format=Uniform(bits=4, group_size=32)))
-    calls = {"producer": 0, "consumer": 0, "norm": 0}
+    calls = {"producer": 0, "glu": 0, "qkv": 0, "norm": 0}
+
+    class CpuCall(uc.FrozenCall):  # the kernel call's arguments: here the weights, dequantized
+        def __call__(self, x2):
+            return x2 @ self.args[0].t()
 
     def weight(mod):
         return mod.fmt.dequantize(mod.packed_tensors(), mod.in_features, dtype=torch.float32)
@@ -995,21 +1003,26 @@ def test_split_norm_runs_the_post_attention_norm_in_the_kernels_epilogues(monkey
         y = x2 @ w.t()
         return (y, *uc.norm_reference(y, res, gamma))
 
-    def consumer(x2, wg, wu, sq, eps, glu):
-        calls["consumer"] += 1
-        assert glu == 1
+    def consumer(x2, *args):
+        *ws, sq, eps, glu = args
+        calls["glu" if glu else "qkv"] += 1
         r = torch.rsqrt(sq.sum(-1, keepdim=True) / (16 * sq.shape[1]) + eps)
-        return torch.nn.functional.silu(x2 @ wg.t() * r) * (x2 @ wu.t() * r)
+        if glu:
+            return torch.nn.functional.silu(x2 @ ws[0].t() * r) * (x2 @ ws[1].t() * r)
+        return x2 @ ws[0].t() * r
 
-    o_projs = {id(layer.self_attn.o_proj.weight_packed): layer.self_attn.o_proj for layer in model.model.layers}
-    monkeypatch.setattr(kernels, "frozen_linear",  # the o projections' call, as the uniform kernel's
-                        lambda fmt, tensors, k, x, cache=None: uc.FrozenCall((weight(o_projs[id(tensors["weight_packed"])]),)))
+    mods = {id(m.weight_packed): m for m in model.modules() if isinstance(m, qlinear.QuantLinear)}
+    monkeypatch.setattr(kernels, "frozen_linear",
+                        lambda fmt, tensors, k, x, cache=None: CpuCall((weight(mods[id(tensors["weight_packed"])]),)))
+    monkeypatch.setattr(qlinear, "fused_linear", lambda items, x: CpuCall((torch.cat([
+        weight(mods[id(t["weight_packed"])]) for _, t, _, _ in items]),)))
     monkeypatch.setattr(qlinear, "frozen_glu", fake_glu)
     monkeypatch.setattr(uc, "norm_producer_op", producer)
     monkeypatch.setattr(uc, "norm_consumer_op", consumer)
     for layer in model.model.layers:
-        norm = layer.post_attention_layernorm
-        monkeypatch.setattr(norm, "forward", lambda h, real=norm.forward: calls.update(norm=calls["norm"] + 1) or real(h))
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            monkeypatch.setattr(norm, "forward",
+                                lambda h, real=norm.forward: calls.update(norm=calls["norm"] + 1) or real(h))
     before = {id(m): m.__dict__.get("forward") for m in model.modules()}
     ids = torch.randint(0, 128, (2, 9))
     _, ref, ref_tokens = static_decode(model, ids, steps=3)
@@ -1017,14 +1030,17 @@ def test_split_norm_runs_the_post_attention_norm_in_the_kernels_epilogues(monkey
     calls["norm"] = 0
     torch._dynamo.reset()
     with db.compiled_layers(model, backend="aot_eager", glu=True, norm=True) as info:
-        assert info["glu"] == layers and info["norm_split"] == layers
-        assert calls["norm"] == layers  # rms_eps' probe
-        calls.update(producer=0, consumer=0, norm=0)
+        assert info["glu"] == layers and info["norm_split"] == 2 * layers - 1
+        assert calls["norm"] == 2 * layers  # rms_eps' probes
+        calls.update(producer=0, glu=0, qkv=0, norm=0)
         _, got, tokens = static_decode(model, ids, steps=3)
-    assert calls["producer"] >= 3 * layers and calls["consumer"] == calls["producer"] and calls["norm"] == 0, calls
+    forwards = calls["glu"] // layers  # the prefill and each step
+    assert forwards >= 3 and calls["glu"] == forwards * layers and calls["qkv"] == forwards * (layers - 1), calls
+    assert calls["producer"] == forwards * (2 * layers - 1) and calls["norm"] == forwards, calls  # layer 0's input
     assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
     assert {id(m): m.__dict__.get("forward") for m in model.modules()} == before
     with db.compiled_layers(model, backend="aot_eager", glu=True, norm=False) as info:
         assert info["norm_split"] == 0
     assert norm_split.rms_eps(torch.nn.LayerNorm(64), torch.float32, "cpu") is None  # (its eps, but the mean)
+

@@ -1,15 +1,17 @@
-"""A decoder layer's second RMSNorm (after attention, before the gated MLP) split around the two kernel calls
-beside it, so that it needs no kernel of its own at decode sizes (``compiled_layers``' ``norm``):
+"""Llama-style decoder layers' RMSNorms split into the epilogues of the quantized kernel calls around them, so that at
+decode sizes they need no kernel of their own (``compiled_layers``' ``norm``; csrc ``EpiArgs``):
 
-- the o projection's call also writes, in its epilogue, h = residual + o(x), γ ⊙ h and Σ h² over each 16 columns
-  (``uniform_cuda.norm_producer_op``);
-- the norm then returns γ ⊙ h as it is, and the GLU call (gate/up and SiLU-mul, ``qlinear.frozen_glu``) scales each
-  token by rsqrt(mean h² + eps) in its epilogue (``norm_consumer_op``): W · (γ ⊙ h) · r = W · norm(h).
+- a producer call (the o projection; the down projection for the next layer's input norm) also writes, in its
+  epilogue, h = residual + its output, γ ⊙ h and Σ h² over each 16 columns (``uniform_cuda.norm_producer_op``);
+- the norm then returns γ ⊙ h as it is, and the consumer call (the GLU call; the stacked q/k/v) scales each token by
+  rsqrt(mean h² + eps) in its epilogue (``norm_consumer_op``): W · (γ ⊙ h) · r = W · norm(h).
 
-The layer's own code is left as it is: its ``residual + attention`` add still happens (in the kernel that adds the
-MLP's output, where the compiler fuses it), but the norm no longer reads it. The pieces meet through a per-layer dict
-that the layer's forward clears and fills with the layer's input (the residual) before it runs; every piece falls
-back to what it did before when the dict lacks its part (more rows than the kernel takes, another dtype).
+Post-attention norm: o → the GLU call, wherever a layer has both. Input norm of layer i + 1: layer i's down → layer
+i + 1's q/k/v, where layer i's post-attention norm is split too (its h = residual + o(x) is down's residual) — then
+layer i returns down's h, and its own ``residual + …`` adds are left unused (the compiler drops them). The layers'
+code is left as it is: the pieces meet through a dict that each layer's forward resets and fills with its input; each
+piece falls back to what it did before where the dict lacks its part (more rows than the kernels take, another
+dtype), and layer i + 1 takes layer i's norm halves only for the very tensor layer i returned.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 # Layers whose forward is ``h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))``
-# with an attention that returns o_proj's output as it is (transformers' source, 4.5x–5.x).
+# with an attention that returns o_proj's output as it is and calls q/k/v on the same input (transformers' source).
 LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 
@@ -41,59 +43,167 @@ def rms_eps(norm: nn.Module, dtype: torch.dtype, device) -> Optional[float]:
     return eps if torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-2) else None
 
 
-def split_norm(layer: nn.Module, glu_call, dtype: torch.dtype) -> Optional[list[tuple[nn.Module, Callable]]]:
-    """The (module, forward) swaps that split ``layer``'s post-attention norm (see the module's docstring), to be
-    applied after the layer's quantized linears and its MLP (through ``glu_call``, a ``uniform_cuda.GluCall``) were
-    swapped for their kernel calls; None where the layer is not one of ``LAYERS``, its norm is no plain RMSNorm, or
-    its o projection has no uniform kernel call in ``dtype``."""
+def _uniform_call(mod, dtype: torch.dtype):
+    """A bias-free quantized linear's ``uniform_cuda.FrozenCall`` in ``dtype`` (its prepared layout), else None."""
     from llmcomp.core.qlinear import QuantLinear
-    from llmcomp.kernels import frozen_linear, rows_linear
+    from llmcomp.kernels import frozen_linear
     from llmcomp.kernels import uniform_cuda as uc
 
-    attn, norm, mlp = (getattr(layer, n, None) for n in ("self_attn", "post_attention_layernorm", "mlp"))
+    if not isinstance(mod, QuantLinear) or mod.bias is not None or mod.out_features % 16:
+        return None
+    tensors = mod.packed_tensors()
+    probe = torch.empty(1, mod.in_features, dtype=dtype, device=next(iter(tensors.values())).device)
+    call = frozen_linear(mod.fmt, tensors, mod.in_features, probe, mod.__dict__.setdefault("_wcache", {}))
+    return call if _plain_call(call) else None
+
+
+def _plain_call(call) -> bool:
+    """Whether ``call`` is one weight's (or stacked weights') ``uniform_cuda.FrozenCall``: args the ops take."""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    return isinstance(call, uc.FrozenCall) and not isinstance(call, uc.GluCall)
+
+
+def _plan(layer: nn.Module, dtype: torch.dtype) -> Optional[dict]:
+    """What of ``layer`` can take part (see the module's docstring): None, or its post-attention split (o's call,
+    the GLU call, the norm's eps) plus, where its q/k/v are one stacked call, its input norm's eps and that call."""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    post, inp = getattr(layer, "post_attention_layernorm", None), getattr(layer, "input_layernorm", None)
     o = getattr(attn, "o_proj", None)
-    if (type(layer).__name__ not in LAYERS or not isinstance(glu_call, uc.GluCall) or not isinstance(o, QuantLinear)
-            or o.bias is not None or not isinstance(norm, nn.Module) or not isinstance(mlp, nn.Module)
-            or o.out_features % 16 or o.out_features != glu_call.in_features):
+    glu = getattr(getattr(mlp, "forward", None), "call", None)  # (compiled_layers' GLU swap)
+    if (type(layer).__name__ not in LAYERS or not isinstance(glu, uc.GluCall) or not isinstance(post, nn.Module)
+            or getattr(o, "out_features", None) != glu.in_features):
         return None
-    tensors = o.packed_tensors()
-    device = next(iter(tensors.values())).device
-    probe = torch.empty(1, o.in_features, dtype=dtype, device=device)
-    call = frozen_linear(o.fmt, tensors, o.in_features, probe, o.__dict__.setdefault("_wcache", {}))
-    eps = rms_eps(norm, dtype, device)
-    if type(call) is not uc.FrozenCall or eps is None:
+    o_call = _uniform_call(o, dtype)
+    eps = rms_eps(post, dtype, glu.args[0].device) if o_call is not None else None
+    if eps is None:
         return None
-    ctx: dict = {}
-    k, n, gamma = o.in_features, o.out_features, norm.weight.detach()
-    layer_forward, o_forward, norm_forward, mlp_forward = layer.forward, o.forward, norm.forward, mlp.forward
-    down = mlp.down_proj
+    plan = {"o": o_call, "glu": glu, "eps": eps, "hidden": o.out_features}
+    members = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    fwds = [getattr(m, "forward", None) for m in members]
+    calls = {id(getattr(f, "call", None)) for f in fwds}  # (compiled_layers' sibling stacking)
+    if isinstance(inp, nn.Module) and len(calls) == 1 and _plain_call(getattr(fwds[0], "call", None)):
+        in_eps = rms_eps(inp, dtype, glu.args[0].device)
+        if in_eps is not None:
+            plan.update(qkv=fwds[0].call, qkv_members=[(m, f, *f.cols) for m, f in zip(members, fwds)], in_eps=in_eps)
+    return plan
+
+
+def split_norms(layers, dtype: torch.dtype) -> tuple[list[tuple[nn.Module, Callable]], int]:
+    """The (module, forward) swaps that split ``layers``' norms (see the module's docstring), to be applied after
+    their quantized linears, stacked siblings and GLU calls were swapped for kernel calls (``compiled_layers``), and
+    how many norms they split."""
+    layers = list(layers)
+    plans = [_plan(layer, dtype) for layer in layers]
+    state: dict = {}
+    swaps, count = [], 0
+    for i, (layer, plan) in enumerate(zip(layers, plans)):
+        if plan is None:
+            continue
+        nxt = plans[i + 1] if i + 1 < len(layers) else None
+        down = _uniform_call(layer.mlp.down_proj, dtype) if nxt is not None and "qkv" in nxt else None
+        takes_input = i > 0 and plans[i - 1] is not None and "qkv" in plan and "down" in plans[i - 1]
+        if down is not None:
+            plan["down"] = down
+        swaps += _layer_swaps(layer, plan, state, dtype, takes_input,
+                              layers[i + 1].input_layernorm.weight.detach() if down is not None else None)
+        count += 1 + takes_input
+    return swaps, count
+
+
+def _layer_swaps(layer, plan: dict, state: dict, dtype, takes_input: bool, next_gamma) -> list:
+    from llmcomp.kernels import rows_linear
+    from llmcomp.kernels import uniform_cuda as uc
+
+    attn, mlp = layer.self_attn, layer.mlp
+    o, post, down = attn.o_proj, layer.post_attention_layernorm, mlp.down_proj
+    n, eps, gamma = plan["hidden"], plan["eps"], post.weight.detach()
+    layer_forward, o_forward, post_forward, mlp_forward = layer.forward, o.forward, post.forward, mlp.forward
+    down_forward = down.forward
+
+    def fits(x: torch.Tensor, k: int) -> bool:
+        return x.dtype == dtype and x.numel() // k <= uc.MAX_M
 
     def layer_fwd(*args, **kwargs):
-        ctx.clear()
-        ctx["res"] = args[0] if args else kwargs.get("hidden_states")
+        x = args[0] if args else kwargs.get("hidden_states")
+        handed = state.get("next")
+        state.clear()
+        if takes_input and handed is not None and handed[0] is x:
+            state["in"] = handed
+        state["res"] = x
         out = layer_forward(*args, **kwargs)
-        ctx.clear()
-        return out
+        h, handed = state.get("h"), state.get("next")
+        state.clear()
+        if handed is not None:
+            state["next"] = handed
+        if h is None:
+            return out
+        return (h, *out[1:]) if isinstance(out, tuple) else h
 
     def o_fwd(x: torch.Tensor) -> torch.Tensor:
-        res, rows = ctx.get("res"), x.numel() // k
-        ctx["g"] = ctx["sq"] = None
-        if (x.dtype != dtype or rows > uc.MAX_M or not isinstance(res, torch.Tensor)
-                or tuple(res.shape) != (*x.shape[:-1], n)):
+        res, k = state.get("res"), o.in_features
+        if not fits(x, k) or not isinstance(res, torch.Tensor) or tuple(res.shape) != (*x.shape[:-1], n):
             return o_forward(x)
-        y, g, sq = uc.norm_producer_op(x.reshape(rows, k), *call.args, res.reshape(rows, n), gamma)
-        ctx["g"], ctx["sq"] = g.view(*x.shape[:-1], n), sq
-        return y.view(*x.shape[:-1], n)
+        rows = x.numel() // k
+        y, h, g, sq = uc.norm_producer_op(x.reshape(rows, k), *plan["o"].args, res.reshape(rows, n), gamma)
+        state.update(mid=h.view(res.shape), post=(g.view(res.shape), sq))
+        return y.view(res.shape)
 
-    def norm_fwd(h: torch.Tensor) -> torch.Tensor:
-        g = ctx.pop("g", None)
-        return norm_forward(h) if g is None else g
+    def post_fwd(h: torch.Tensor) -> torch.Tensor:
+        halves = state.get("post")
+        return post_forward(h) if halves is None else halves[0]
 
     def mlp_fwd(x: torch.Tensor) -> torch.Tensor:
-        sq = ctx.pop("sq", None)
-        if sq is None:
+        halves = state.pop("post", None)
+        if halves is None:
             return mlp_forward(x)
-        consumer = lambda x2: uc.norm_consumer_op(x2, *glu_call.args, sq, eps, 1)  # noqa: E731
+        consumer = lambda x2: uc.norm_consumer_op(x2, *plan["glu"].args, halves[1], eps, 1)  # noqa: E731
         return down(rows_linear(x, n, consumer, None))
 
-    return [(layer, layer_fwd), (o, o_fwd), (norm, norm_fwd), (mlp, mlp_fwd)]
+    def down_fwd(x: torch.Tensor) -> torch.Tensor:
+        mid, k = state.get("mid"), down.in_features
+        if not fits(x, k) or mid is None or tuple(mid.shape) != (*x.shape[:-1], n):
+            return down_forward(x)
+        rows = x.numel() // k
+        y, h, g, sq = uc.norm_producer_op(x.reshape(rows, k), *plan["down"].args, mid.reshape(rows, n), next_gamma)
+        h = h.view(mid.shape)
+        state.update(h=h, next=(h, g.view(mid.shape), sq))
+        return y.view(mid.shape)
+
+    swaps = [(layer, layer_fwd), (o, o_fwd), (post, post_fwd), (mlp, mlp_fwd)]
+    if next_gamma is not None:
+        swaps.append((down, down_fwd))
+    if takes_input:
+        inp, in_forward, in_eps = layer.input_layernorm, layer.input_layernorm.forward, plan["in_eps"]
+
+        def in_fwd(h: torch.Tensor) -> torch.Tensor:
+            halves = state.get("in")
+            return in_forward(h) if halves is None else halves[1]
+
+        swaps.append((inp, in_fwd))
+        for mod, plain, lo, hi in plan["qkv_members"]:
+            swaps.append((mod, _qkv_member(mod, plain, lo, hi, plan["qkv"], in_eps, state, n)))
+    return swaps
+
+
+def _qkv_member(mod, plain, lo: int, hi: int, call, eps: float, state: dict, k: int):
+    """q, k or v of a layer whose input norm is split: the stacked call as the norm's consumer (run once, by the
+    first member called), this member's columns of it, plus its bias; ``plain`` where the norm was not split."""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    bias = mod.bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        halves = state.get("in")
+        if halves is None or x is not halves[1]:
+            return plain(x)
+        if "qkv" not in state:
+            state["qkv"] = uc.norm_consumer_op(x.reshape(-1, k), *call.args, halves[2], eps, 0)
+        y = state["qkv"][:, lo:hi]
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], hi - lo)
+
+    return forward

@@ -156,6 +156,7 @@ def frozen_group(mods: list[QuantLinear], dtype: torch.dtype) -> Optional[list[C
                 y = y + bias.to(y.dtype)
             return y.reshape(*x.shape[:-1], hi - lo)
 
+        forward.call, forward.cols = run, (lo, hi)  # (norm_split: the stacked call, this member's columns)
         return forward
 
     return [member(i, m) for i, m in enumerate(mods)]

@@ -435,16 +435,17 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     ``glu`` (with ``frozen`` and ``fuse``; default: on unless ``LLMCOMP_GLU=0``): a gated MLP (``gate_proj``,
     ``up_proj``, ``down_proj``, SiLU) runs its gate and up projections and the activation as one kernel call with the
     activation in its epilogue (``qlinear.frozen_glu``) at decode sizes; ``info["glu"]`` counts them.
-    ``norm`` (with ``glu``; default: ``LLMCOMP_NORM_SPLIT``, off unless ``1``): a Llama-style layer's post-attention
-    RMSNorm split into the o projection's epilogue and the GLU call's (``norm_split.split_norm``), no kernel of its
-    own at decode sizes; ``info["norm_split"]`` counts the layers.
+    ``norm`` (with ``glu``; default: ``LLMCOMP_NORM_SPLIT``, off unless ``1``): Llama-style layers' RMSNorms split
+    into the epilogues of the kernel calls around them (``norm_split.split_norms``: the post-attention norm between
+    o and the GLU call, and the next layer's input norm between down and q/k/v, with the residual adds), no kernel
+    of their own at decode sizes; ``info["norm_split"]`` counts the norms split.
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
     import torch._dynamo
 
     from llmcomp.core.model import decoder_layers
-    from llmcomp.core.norm_split import split_norm
+    from llmcomp.core.norm_split import split_norms
     from llmcomp.core.qlinear import QuantLinear, frozen_glu, frozen_group
 
     _, layers = decoder_layers(model)
@@ -463,7 +464,6 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
             for layer in layers:
                 grouped = set()
                 glued = set()  # gate/up of the MLPs swapped for their GLU call: not stacked as siblings too
-                glu_calls = {}  # id(mlp): its GLU call
                 for mlp in list(layer.modules()) if frozen and fuse and glu else ():
                     gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
                     if not isinstance(down, nn.Module) or not _is_silu(getattr(mlp, "act_fn", None)):
@@ -472,7 +472,6 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                     if fn is not None:
                         swap(mlp, _glu_forward(mlp, fn, dtype, gate.in_features))
                         glued |= {id(gate), id(up)}
-                        glu_calls[id(mlp)] = getattr(fn, "call", None)
                         info["glu"] += 1
                 for where, parent in layer.named_modules() if frozen and fuse else ():
                     if "cross" in where.lower() or "encoder_attn" in where:  # k/v read another input there
@@ -493,11 +492,10 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                         fn = mod.frozen_forward(dtype) if frozen and id(mod) not in glued else None
                         info["frozen"] += fn is not None
                         swap(mod, fn or torch.compiler.disable(mod.forward))
-                mlp = getattr(layer, "mlp", None)
-                swaps = split_norm(layer, glu_calls.get(id(mlp)), dtype) if norm and glu_calls.get(id(mlp)) else None
-                for mod, fn in swaps or ():
+            if norm:
+                swaps, info["norm_split"] = split_norms(layers, dtype)
+                for mod, fn in swaps:
                     swap(mod, fn)
-                info["norm_split"] += swaps is not None
             inductor_config = compile_options(options) if backend == "inductor" else None  # (inductor's alone)
             for group in layer_spans(layers, span, getattr(model, "config", None)):
                 # the layers' forwards as they are now (an instance forward, e.g. accelerate's hook, included)
@@ -561,6 +559,7 @@ def _glu_forward(mlp: nn.Module, glu_fn, dtype: torch.dtype, k: int):
             return eager(x)
         return down(glu_fn(x))
 
+    forward.call = getattr(glu_fn, "call", None)  # (norm_split: the GLU call)
     return forward
 
 

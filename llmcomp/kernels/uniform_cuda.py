@@ -336,22 +336,22 @@ def kernel_tensors(prep: dict, dtype: torch.dtype) -> tuple:
 
 
 def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: int, kp: int,
-                 launch: tuple | None = None, glu: int = 0, norm: tuple = ()):
+                 launch: tuple | None = None, glu: int = 0, res=None, gamma=None, sq=None, eps: float = 0.0):
     """x2 [M ≤ 64, K] → y [M, n]: the mma kernel — the fp32 post-scale one when ``sz_post`` is given, at M ≤ 8 and,
     up to ``post_scale()`` rows, at M = 9..16 where the launch takes two row tiles a warp. (H200, W4 g128 bf16,
     bench/results/kernels_h200_post16.json, µs against the per-pair-scale kernel: two row tiles 4096² M=16 7.14 /
     7.43, 4096 × 14336 16.25 / 17.00, 28672 × 8192 56.89 / 59.17, 28672 × 4096 32.78 / 32.88; one tile — where its
     256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57.)
-    ``norm``: the RMSNorm split around the call (``norm_producer_op`` / ``norm_consumer_op``): (res, gamma) returns
-    [y, γ ⊙ (res + y), Σ (res + y)² a 16-column tile]; (sq, eps) scales y by the norm's rsqrt a token."""
+    The RMSNorm split around the call (``norm_producer_op`` / ``norm_consumer_op``): with ``res`` and ``gamma`` returns
+    [y, res + y, γ ⊙ (res + y), Σ (res + y)² a 16-column tile]; with ``sq`` (and ``eps``) [y scaled by the norm's rsqrt a
+    token]."""
     x2 = kernel_input(x2.contiguous(), kp)
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem,
                                                post=sz_post is not None and x2.shape[0] <= post_scale())
     wr = rest[0] if rest else 1
     if sz_post is not None and x2.shape[0] <= post_scale() and (x2.shape[0] <= 8 or (rt == 2 and n % 32 == 0)):
         sz, elem = sz_post, 3
-    if norm:
-        res, gamma, sq, eps = (*norm, None, 0.0) if len(norm) == 2 else (None, None, *norm)
+    if res is not None or sq is not None:
         return extension().gemm_norm(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr, glu, res, gamma, sq, eps)
     return gemm_op(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr, glu)
 
@@ -385,27 +385,28 @@ def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp):
 @torch.library.custom_op("llmcomp::uniform_linear_norm_producer", mutates_args=())
 def norm_producer_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor,
                      sz_post: Optional[torch.Tensor], bits: int, group: int, n: int, elem: int, kp: int,
-                     res: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``linear_op`` that also does an RMSNorm's first half for the layer after it, in its epilogue: x2 [M, K] →
-    (y [M, n], γ ⊙ h, Σ h² over each 16 columns [M, n / 16] fp32), h = res + y in x2's dtype (res [M, n], γ [n]).
-    ``norm_consumer_op`` does the second half (reference: ``norm_reference``)."""
-    return tuple(gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, norm=(res.contiguous(),
-                                                                                        gamma.contiguous())))
+                     res: torch.Tensor, gamma: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``linear_op`` that also does, in its epilogue, the residual add after it and the first half of the RMSNorm
+    after that: x2 [M ≤ 64, K] → (y [M, n], h = res + y in x2's dtype, γ ⊙ h, Σ h² over each 16 columns [M, n / 16]
+    fp32) (res [M, n], γ [n]). ``norm_consumer_op`` does the norm's second half (reference: ``norm_reference``)."""
+    return tuple(gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, res=res.contiguous(),
+                              gamma=gamma.contiguous()))
 
 
 @norm_producer_op.register_fake
 def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, res, gamma):
     m = x2.shape[0]
-    return x2.new_empty(m, n), x2.new_empty(m, n), x2.new_empty(m, n // 16, dtype=torch.float32)
+    return x2.new_empty(m, n), x2.new_empty(m, n), x2.new_empty(m, n), x2.new_empty(m, n // 16, dtype=torch.float32)
 
 
 @torch.library.custom_op("llmcomp::uniform_linear_norm_consumer", mutates_args=())
 def norm_consumer_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor,
                      sz_post: Optional[torch.Tensor], bits: int, group: int, n: int, elem: int, kp: int,
                      sq: torch.Tensor, eps: float, glu: int = 0) -> torch.Tensor:
-    """``linear_op`` (``glu``: ``glu_op``) on x2 = γ ⊙ h from ``norm_producer_op``, each token's y scaled by
+    """``linear_op`` (``glu``: ``glu_op``) on x2 [M ≤ 64] = γ ⊙ h from ``norm_producer_op``, each token's y scaled by
     rsqrt(Σ sq / K + eps) in the epilogue (K = 16 · sq's columns): W · RMSNorm(h) without a norm kernel."""
-    return gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, glu=glu, norm=(sq.contiguous(), eps))[0]
+    return gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, glu=glu, sq=sq.contiguous(), eps=eps)[0]
 
 
 @norm_consumer_op.register_fake
@@ -413,10 +414,11 @@ def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, sq, eps, glu=0):
     return x2.new_empty(x2.shape[0], n // 2 if glu else n)
 
 
-def norm_reference(y: torch.Tensor, res: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``norm_producer_op`` adds to y [M, n] (fp32, before its rounding): (γ ⊙ h, Σ h² a 16-column tile)."""
-    h = (res.float() + y.float()).to(res.dtype).float()
-    return (gamma.float() * h).to(res.dtype), h.pow(2).view(h.shape[0], -1, 16).sum(-1)
+def norm_reference(y: torch.Tensor, res: torch.Tensor, gamma: torch.Tensor) -> tuple:
+    """What ``norm_producer_op`` adds to y [M, n]: (h, γ ⊙ h, Σ h² a 16-column tile), h = res + y in res's dtype."""
+    h = (res.float() + y.float()).to(res.dtype)
+    hf = h.float()
+    return h, (gamma.float() * hf).to(res.dtype), hf.pow(2).view(h.shape[0], -1, 16).sum(-1)
 
 
 def glu_interleave(gate: dict, up: dict) -> dict:

@@ -78,7 +78,7 @@ using namespace llmcomp_mma;
 // glu: the weight's rows stacked as 8 gate rows then their 8 up rows a 16-row tile; the output [M, n / 2] is
 // silu(gate) * up (the gated MLP's activation in the GEMM's epilogue).
 // norm: the RMSNorm split around the GEMM (EpiArgs in uniform_mma.cuh). res and gamma (the residual [M, n] and the
-// norm's weight [n], x's dtype): also returns γ ⊙ T(res + y) [M, n] and its per-tile sums of squares [M, n / 16]
+// norm's weight [n], x's dtype): also returns h = T(res + y) [M, n], γ ⊙ h and h's per-tile sums of squares [M, n / 16]
 // (fp32); sq (a producer's sums [M, S]): y scaled by rsqrt(Σ sq / (16 S) + eps) a token.
 std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::Tensor qh, torch::Tensor sz,
                                      int64_t bits, int64_t group, int64_t n, int64_t rt, int64_t warps, int64_t elem,
@@ -94,11 +94,13 @@ std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::T
     TORCH_CHECK(gamma->is_cuda() && gamma->is_contiguous() && gamma->scalar_type() == x.scalar_type() &&
                     gamma->numel() == n, "norm weight: contiguous [n] in x's dtype");
     outs.push_back(torch::empty({x.size(0), n}, x.options()));
+    outs.push_back(torch::empty({x.size(0), n}, x.options()));
     outs.push_back(torch::empty({x.size(0), n / 16}, x.options().dtype(at::kFloat)));
     epi.res = res->data_ptr();
     epi.gamma = gamma->data_ptr();
-    epi.out2 = outs[1].data_ptr();
-    epi.sq = outs[2].data_ptr<float>();
+    epi.out3 = outs[1].data_ptr();
+    epi.out2 = outs[2].data_ptr();
+    epi.sq = outs[3].data_ptr<float>();
   }
   if (sq) {
     TORCH_CHECK(sq->is_cuda() && sq->is_contiguous() && sq->scalar_type() == at::kFloat && sq->dim() == 2 &&

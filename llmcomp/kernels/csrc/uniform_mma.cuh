@@ -79,14 +79,15 @@ template <> struct Num<__nv_bfloat16> {
 
 // What the epilogue does besides storing y (all null: nothing). The RMSNorm between two GEMMs, split so that it
 // needs no kernel of its own (a decoder layer's o projection, its norm, its gated MLP):
-// - producer (res set; not with glu): out = y as always, and with h = T(res + y): out2 = T(γ ⊙ h) and sq[tok][tile]
-//   = Σ h² over each 16-row tile's columns (fp32; [M, N / 16]);
+// - producer (res set; not with glu): out = y as always, and with h = T(res + y): out3 = h (where set), out2 =
+//   T(γ ⊙ h) and sq[tok][tile] = Σ h² over each 16-row tile's columns (fp32; [M, N / 16]);
 // - consumer (sq_in set): y of token tok scaled by rsqrt(Σ sq_in[tok][:sq_n] / (16 sq_n) + eps) before it is stored
 //   (before the GLU epilogue's activation): x = γ ⊙ h from a producer, so y = W · norm(h).
 struct EpiArgs {
   const void* res = nullptr;
   const void* gamma = nullptr;
   void* out2 = nullptr;
+  void* out3 = nullptr;
   float* sq = nullptr;
   const float* sq_in = nullptr;
   int sq_n = 0;
@@ -398,7 +399,9 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
       float h2 = 0.f;
       if (ok) {
         const size_t at = (size_t)tok * N + tile0 * 16 + row;
-        const float h = Num<T>::to_float(Num<T>::from_float(s + Num<T>::to_float(static_cast<const T*>(epi.res)[at])));
+        const T ht = Num<T>::from_float(s + Num<T>::to_float(static_cast<const T*>(epi.res)[at]));
+        const float h = Num<T>::to_float(ht);
+        if (epi.out3) static_cast<T*>(epi.out3)[at] = ht;
         static_cast<T*>(epi.out2)[at] =
             Num<T>::from_float(Num<T>::to_float(static_cast<const T*>(epi.gamma)[tile0 * 16 + row]) * h);
         h2 = h * h;
