@@ -3,7 +3,8 @@
 # its CUDA tests (the producer and consumer epilogues against the reference at every M and launch configuration; the
 # compiled decode with them, with and without dependent launch), then the compiled 8B W4 decode (lm_head quantized,
 # the defaults) with LLMCOMP_NORM_SPLIT=1 and =0, each with --breakdown, at each batch of BATCHES.
-#   bash bench/norm_session.sh   (on the GPU machine; $OUT)   Knobs: TEST_S, DECODE_S (seconds, 0 skips), BATCHES, SPLITS.
+#   bash bench/norm_session.sh   (on the GPU machine; $OUT)
+# Knobs: TEST_S, DECODE_S (seconds, 0 skips), BATCHES, SPLITS.
 set -u
 . bench/session_common.sh
 TAIL=15 run ${TEST_S:-240} tests.log python3 -m pytest -q tests/test_kernels_cuda.py tests/test_decode_bench.py \

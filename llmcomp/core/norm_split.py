@@ -43,8 +43,19 @@ def rms_eps(norm: nn.Module, dtype: torch.dtype, device) -> Optional[float]:
     return eps if torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-2) else None
 
 
+def split_rows() -> int:
+    """Up to how many rows (tokens a step) the norms are split: the epilogue is built into the post-scale kernel at
+    M ≤ 8 only (its own instantiations, ``NORM`` in csrc), and only where that kernel serves (``post_scale``).
+    (At batch 16, with the epilogue in every instantiation, the split 8B step took 3.17 ms against 2.88 without it:
+    the consumer re-reads the producer's per-tile sums in every block — kernels_h200_notes.md, eighteenth session.)"""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    return min(8, uc.post_scale())
+
+
 def _uniform_call(mod, dtype: torch.dtype):
-    """A bias-free quantized linear's ``uniform_cuda.FrozenCall`` in ``dtype`` (its prepared layout), else None."""
+    """A bias-free quantized linear's ``uniform_cuda.FrozenCall`` in ``dtype`` (its prepared layout) where it has the
+    post-scale kernel's scale pairs (integer codes with integral zeros, groups of whole kblocks), else None."""
     from llmcomp.core.qlinear import QuantLinear
     from llmcomp.kernels import frozen_linear
     from llmcomp.kernels import uniform_cuda as uc
@@ -54,7 +65,7 @@ def _uniform_call(mod, dtype: torch.dtype):
     tensors = mod.packed_tensors()
     probe = torch.empty(1, mod.in_features, dtype=dtype, device=next(iter(tensors.values())).device)
     call = frozen_linear(mod.fmt, tensors, mod.in_features, probe, mod.__dict__.setdefault("_wcache", {}))
-    return call if _plain_call(call) else None
+    return call if _plain_call(call) and call.args[3] is not None else None
 
 
 def _plain_call(call) -> bool:
@@ -74,7 +85,7 @@ def _plan(layer: nn.Module, dtype: torch.dtype) -> Optional[dict]:
     o = getattr(attn, "o_proj", None)
     glu = getattr(getattr(mlp, "forward", None), "call", None)  # (compiled_layers' GLU swap)
     if (type(layer).__name__ not in LAYERS or not isinstance(glu, uc.GluCall) or not isinstance(post, nn.Module)
-            or getattr(o, "out_features", None) != glu.in_features):
+            or getattr(o, "out_features", None) != glu.in_features or glu.args[3] is None):
         return None
     o_call = _uniform_call(o, dtype)
     eps = rms_eps(post, dtype, glu.args[0].device) if o_call is not None else None
@@ -84,7 +95,8 @@ def _plan(layer: nn.Module, dtype: torch.dtype) -> Optional[dict]:
     members = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
     fwds = [getattr(m, "forward", None) for m in members]
     calls = {id(getattr(f, "call", None)) for f in fwds}  # (compiled_layers' sibling stacking)
-    if isinstance(inp, nn.Module) and len(calls) == 1 and _plain_call(getattr(fwds[0], "call", None)):
+    qkv = getattr(fwds[0], "call", None)
+    if isinstance(inp, nn.Module) and len(calls) == 1 and _plain_call(qkv) and qkv.args[3] is not None:
         in_eps = rms_eps(inp, dtype, glu.args[0].device)
         if in_eps is not None:
             plan.update(qkv=fwds[0].call, qkv_members=[(m, f, *f.cols) for m, f in zip(members, fwds)], in_eps=in_eps)
@@ -124,7 +136,7 @@ def _layer_swaps(layer, plan: dict, state: dict, dtype, takes_input: bool, next_
     down_forward = down.forward
 
     def fits(x: torch.Tensor, k: int) -> bool:
-        return x.dtype == dtype and x.numel() // k <= uc.MAX_M
+        return x.dtype == dtype and x.numel() // k <= split_rows()
 
     def layer_fwd(*args, **kwargs):
         x = args[0] if args else kwargs.get("hidden_states")
@@ -197,7 +209,7 @@ def _qkv_member(mod, plain, lo: int, hi: int, call, eps: float, state: dict, k: 
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         halves = state.get("in")
-        if halves is None or x is not halves[1]:
+        if halves is None or x is not halves[1] or x.numel() // k > split_rows():
             return plain(x)
         if "qkv" not in state:
             state["qkv"] = uc.norm_consumer_op(x.reshape(-1, k), *call.args, halves[2], eps, 0)

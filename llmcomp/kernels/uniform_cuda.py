@@ -388,7 +388,7 @@ def norm_producer_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: t
                      res: torch.Tensor, gamma: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``linear_op`` that also does, in its epilogue, the residual add after it and the first half of the RMSNorm
-    after that: x2 [M ≤ 64, K] → (y [M, n], h = res + y in x2's dtype, γ ⊙ h, Σ h² over each 16 columns [M, n / 16]
+    after that (the post-scale kernel at M ≤ 8 only: weights with its scale pairs): x2 [M ≤ 8, K] → (y [M, n], h = res + y in x2's dtype, γ ⊙ h, Σ h² over each 16 columns [M, n / 16]
     fp32) (res [M, n], γ [n]). ``norm_consumer_op`` does the norm's second half (reference: ``norm_reference``)."""
     return tuple(gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, res=res.contiguous(),
                               gamma=gamma.contiguous()))
@@ -404,7 +404,7 @@ def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, res, gamma):
 def norm_consumer_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor,
                      sz_post: Optional[torch.Tensor], bits: int, group: int, n: int, elem: int, kp: int,
                      sq: torch.Tensor, eps: float, glu: int = 0) -> torch.Tensor:
-    """``linear_op`` (``glu``: ``glu_op``) on x2 [M ≤ 64] = γ ⊙ h from ``norm_producer_op``, each token's y scaled by
+    """``linear_op`` (``glu``: ``glu_op``) on x2 [M ≤ 8] = γ ⊙ h from ``norm_producer_op``, each token's y scaled by
     rsqrt(Σ sq / K + eps) in the epilogue (K = 16 · sq's columns): W · RMSNorm(h) without a norm kernel."""
     return gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, glu=glu, sq=sq.contiguous(), eps=eps)[0]
 

@@ -334,7 +334,7 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 
 // acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the 2^wk_log warps of each row group
 // in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
-template <typename T, int MT, int R>
+template <typename T, int MT, int R, bool NORM = false>
 __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float* red, T* __restrict__ out, int M, int N,
                                              int wk_log, int glu, const EpiArgs& epi) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -352,14 +352,18 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
       mine[tok * ROWS + row + 8] = acc[r][t][2];
       mine[(tok + 1) * ROWS + row + 8] = acc[r][t][3];
     }
-  __shared__ float rs[TOKS];  // consumer: each token's rsqrt(mean h² + eps)
-  if (epi.sq_in) {  // one warp a token: the producer's per-tile sums (read after grid_dep_wait, as x)
-    for (int tok = warp; tok < min(M, TOKS); tok += nwarps) {
-      float s = 0.f;
-      for (int i = lane; i < epi.sq_n; i += 32) s += epi.sq_in[(size_t)tok * epi.sq_n + i];
+  float* rs = nullptr;  // NORM consumer: each token's rsqrt(mean h² + eps)
+  if constexpr (NORM) {
+    __shared__ float rs_s[TOKS];
+    rs = rs_s;
+    if (epi.sq_in) {  // one warp a token: the producer's per-tile sums (read after grid_dep_wait, as x)
+      for (int tok = warp; tok < min(M, TOKS); tok += nwarps) {
+        float s = 0.f;
+        for (int i = lane; i < epi.sq_n; i += 32) s += epi.sq_in[(size_t)tok * epi.sq_n + i];
 #pragma unroll
-      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane == 0) rs[tok] = rsqrtf(s / (16.f * epi.sq_n) + epi.eps);
+        for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) rs[tok] = rsqrtf(s / (16.f * epi.sq_n) + epi.eps);
+      }
     }
   }
   __syncthreads();
@@ -375,15 +379,28 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
         sg += part[row];
         su += part[row + 8];
       }
-      if (epi.sq_in) {
-        sg *= rs[tok];
-        su *= rs[tok];
+      if constexpr (NORM) {
+        if (epi.sq_in) {
+          sg *= rs[tok];
+          su *= rs[tok];
+        }
       }
       out[(size_t)tok * (N / 2) + tile0 * 8 + h] = Num<T>::from_float(sg / (1.f + expf(-sg)) * su);
     }
     return;
   }
-  // (wr * ROWS * TOKS and the stride are multiples of 32, so the lanes of a warp run the same iterations, and 16
+  if constexpr (!NORM) {
+    for (int i = threadIdx.x; i < wr * ROWS * TOKS; i += blockDim.x) {
+      const int rg = i / (ROWS * TOKS), j = i % (ROWS * TOKS);
+      const int tok = j / ROWS, row = j % ROWS, tile0 = (blockIdx.x * wr + rg) * R;
+      if (tok >= M || tile0 * 16 >= N) continue;
+      float s = 0.f;
+      for (int w = 0; w < wk; ++w) s += red[(rg * wk + w) * ROWS * TOKS + j];
+      out[(size_t)tok * N + tile0 * 16 + row] = Num<T>::from_float(s);
+    }
+    return;
+  }
+  // NORM: (wr * ROWS * TOKS and the stride are multiples of 32, so the lanes of a warp run the same iterations, and 16
   // consecutive lanes hold one token's 16 rows of one tile: the producer's sums are a 16-lane reduction.)
   for (int i = threadIdx.x; i < wr * ROWS * TOKS; i += blockDim.x) {
     const int rg = i / (ROWS * TOKS), j = i % (ROWS * TOKS);
@@ -597,7 +614,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
-template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -707,7 +724,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   }
 
   if (!waited) grid_dep_wait();  // warps without kblocks: nothing written before the previous kernel is done
-  reduce_store<T, MT, R>(acc, red, out, M, N, wk_log, glu, epi);
+  reduce_store<T, MT, R, NORM>(acc, red, out, M, N, wk_log, glu, epi);
 }
 
 #define LLMCOMP_MMA_PARAMS                                                                                     \
@@ -718,9 +735,12 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
 // division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
 // (4 x 2 kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md.
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false>
+// NORM: the RMSNorm split's epilogue (EpiArgs), its own instantiations (M <= 8, post-scale codes) so that the others
+// compile as they did without it (the extra epilogue changed the main loop's register allocation: the GLU call at
+// M = 1 took 22.9 µs instead of 21.3 in the 8B decode, H200, kernels_h200_notes.md eighteenth session).
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool NORM = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
                                            cb_n, glu, epi);
 }
 #undef LLMCOMP_MMA_PARAMS
@@ -796,6 +816,14 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * vq_copies(ELEM) * sizeof(uint2);
   auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
+  if (epi.res || epi.sq_in) {  // the RMSNorm split's epilogue: the post-scale kernel at M <= 8 only
+    if constexpr (ELEM == 3 && MT == 1) {
+      kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
+                                  : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true>;
+    } else {
+      TORCH_CHECK(false, "the norm epilogue runs in the post-scale kernel at M <= 8 only");
+    }
+  }
   if constexpr (MT >= 4 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
     static const bool xs_on = [] {
       const char* e = std::getenv("LLMCOMP_MMA_XSTAGE");
