@@ -92,6 +92,7 @@ struct EpiArgs {
   const float* sq_in = nullptr;
   int sq_n = 0;
   float eps = 0.f;
+  int prefetch = 1;  // norm_prefetch (LLMCOMP_NORM_PREFETCH=0: off, for A/B timing)
 };
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
@@ -334,6 +335,25 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 
 // acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the 2^wk_log warps of each row group
 // in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p)); }
+
+// NORM: the epilogue's global inputs asked into L1 as soon as the previous kernel is done (grid_dep_wait), so that
+// their latency passes under the main loop's weight stream instead of adding to every block's tail (the weights are
+// loaded with L1::no_allocate, so the lines stay): the consumer's per-tile sums (the tokens this warp reduces in
+// reduce_store, 128-byte lines) and the producer's residual and γ rows of this warp's row group.
+template <typename T, int R>
+__device__ __forceinline__ void norm_prefetch(const EpiArgs& epi, int M, int N, int tile0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  if (epi.sq_in)
+    for (int tok = warp; tok < M; tok += nwarps)
+      for (int i = lane * 32; i < epi.sq_n; i += 32 * 32) prefetch_l1(epi.sq_in + (size_t)tok * epi.sq_n + i);
+  if (epi.res && tile0 * 16 < N && lane < M * R) {  // one line a (token, tile): 16 values of 2 bytes
+    const int tok = lane / R, r = lane % R;
+    prefetch_l1(static_cast<const T*>(epi.res) + (size_t)tok * N + (tile0 + r) * 16);
+    if (tok == 0) prefetch_l1(static_cast<const T*>(epi.gamma) + (tile0 + r) * 16);
+  }
+}
+
 template <typename T, int MT, int R, bool NORM = false>
 __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float* red, T* __restrict__ out, int M, int N,
                                              int wk_log, int glu, const EpiArgs& epi) {
@@ -694,6 +714,9 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     if (!waited) {
       grid_dep_wait();
       waited = true;
+      if constexpr (NORM) {
+        if (epi.prefetch) norm_prefetch<T, R>(epi, M, N, tile0);
+      }
     }
     if constexpr (XS) {
       if (rd + 1 < rounds) stage_x(rd + 1);
