@@ -73,6 +73,8 @@ QUANTIZE_FLAGS = [
     (["--group-size", "12"], "group size must be a multiple of 8"),
     (["--group-size", "-8"], "group size"),
     (["--preset", "w5"], "Unknown preset"),
+    (["--preset", "w4g128", "--method", "gptq"], "drop --method or drop --preset"),
+    (["--preset", "w4g128", "--bits", "3", "--asym"], "drop --bits, --sym/--asym or drop --preset"),
     (["--target", "re:("], "Invalid layer pattern"),
     (["--target", "Conv2d"], "No layer matches"),
     (["--dtype", "float8"], "Unknown dtype"),
@@ -170,6 +172,17 @@ def test_read_only_commands_do_not_speak_of_a_destination(artifact, tmp_path):
     (bad / "llmcomp.json").mkdir()
     line = error_line(invoke("inspect", bad))
     assert "nothing was written" not in line
+
+
+def test_cache_that_is_a_file(tmp_path, monkeypatch):
+    """LLMCOMP_CACHE naming a file: one error line that names the variable (it said only "File exists"), here where
+    the bundled model is fetched into the cache."""
+    bad = tmp_path / "cache-file"
+    bad.write_text("not a directory")
+    monkeypatch.setenv("LLMCOMP_CACHE", str(bad))
+    line = error_line(invoke("quantize", "-o", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert "LLMCOMP_CACHE" in line and str(bad) in line, line
 
 
 def test_missing_model(tmp_path):
@@ -277,6 +290,18 @@ def test_check_baseline_errors(artifact, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     error_line(invoke("check", artifact, "--baseline", bad))
+
+
+def test_report_paths_are_checked_first(artifact, tmp_path):
+    """--json / --junit / the baseline --update writes, in a folder that does not exist or naming a directory: one
+    error line before any work (it came after the whole evaluation)."""
+    gone = tmp_path / "no-such-folder" / "out.json"
+    assert "--json" in error_line(invoke("eval", artifact, "--json", gone))
+    assert "--json" in error_line(invoke("check", artifact, "--json", gone))
+    assert "--junit" in error_line(invoke("check", artifact, "--junit", gone.with_suffix(".xml")))
+    assert "--baseline" in error_line(invoke("check", artifact, "--update", "--baseline", gone))
+    assert "is a directory" in error_line(invoke("eval", artifact, "--json", tmp_path))
+    assert not gone.parent.exists()
 
 
 def test_bench_kernels_bad_flags():

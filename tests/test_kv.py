@@ -374,7 +374,9 @@ def test_cli_prune_kv(tiny_model_dir, tmp_path):
     assert (cfg["bits"], cfg["group"], cfg["residual"]) == (4, 8, 16)
     for args, message in [(["--method", "kivi", "--sinks", "2"], "--sinks does not apply"),
                           (["--method", "mustafar", "--ratio", "1.5"], "[0, 1)"),
-                          (["--method", "nope"], "Unknown KV method")]:
+                          (["--method", "nope"], "Unknown KV method"),
+                          (["--method", "h2o", "--budget", "0"], "at least 1"),
+                          (["--method", "streaming", "--budget", "-3"], "at least 1")]:
         r = runner.invoke(app, ["prune", "kv", str(tiny_model_dir), *args, "-o", str(tmp_path / "x")])
         lines = [line for line in r.output.splitlines() if line.startswith("error:")]
         assert r.exit_code == 2 and len(lines) == 1 and message in r.output and "Traceback" not in r.output, r.output

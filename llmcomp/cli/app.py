@@ -57,8 +57,22 @@ def run(fn, writes: bool = True):
         raise typer.Exit(130)
 
 
+# quantize's options that a --preset replaces (build_quant_config keeps only --target/--ignore of them)
+PRESET_REPLACES = ("method", "bits", "group_size", "symmetric", "fp4_format", "act_order", "damp", "rounds",
+                   "candidates", "sensitivity", "act_bits", "act_format", "search", "outliers", "vector_len", "hadamard")
+
+
+def _given(ctx: typer.Context, names) -> list[str]:
+    """The options among ``names`` that the command line set (not their defaults), as their flags."""
+    params = {p.name: p for p in ctx.command.params}
+    # (by the source's name: typer may carry a click of its own, whose enum is another class)
+    return ["/".join(params[n].opts + params[n].secondary_opts) for n in names
+            if n in params and getattr(ctx.get_parameter_source(n), "name", None) in ("COMMANDLINE", "ENVIRONMENT")]
+
+
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="Model directory or llmcomp artifact (default: the bundled SmolLM2-135M-Instruct).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-out"),
     method: Annotated[str, typer.Option(help="Quantization method.")] = "rtn",
@@ -97,6 +111,10 @@ def quantize(
     from llmcomp.cli.methods import build_quant_config
 
     def go():
+        replaced = _given(ctx, PRESET_REPLACES) if preset is not None else []
+        if replaced:
+            raise UserError(f"--preset {preset} sets the method and its settings itself; drop {', '.join(replaced)} "
+                            "or drop --preset.")
         config, allocation = build_quant_config(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
             targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
@@ -143,6 +161,9 @@ def eval_(
             raise UserError("--windows must be ≥ 1 and --seq-len ≥ 2.")
         if batch_size < 1:
             raise UserError(f"--batch-size must be ≥ 1, got {batch_size}.")
+        from llmcomp.core.paths import check_report
+
+        check_report(json_out, "--json")  # before the evaluation, not after it
         from llmcomp.core.memory import resolve_placement
 
         resolve_placement(device, device_map, max_memory, offload_folder)  # bad flags fail before any load
@@ -213,6 +234,10 @@ def check(
     from llmcomp.cli import render
 
     def go():
+        from llmcomp.core.paths import check_report
+
+        for path, flag in ((json_out, "--json"), (junit, "--junit"), (baseline if update else None, "--baseline")):
+            check_report(path, flag)  # before the measurement, not after it
         if update:
             settings = {"windows": windows, "seq_len": seq_len}
             chk.check_settings(settings, "--windows / --seq-len")

@@ -29,6 +29,9 @@ def build_kv_policy(method: str, **flags):
         if method not in FLAGS[name]:
             raise UserError(f"--{name.replace('_', '-')} does not apply to --method {method} "
                             f"(it applies to {', '.join(FLAGS[name])}).")
+    if given.get("budget", 1) < 1:  # (0 would mean "no budget" below, and fall back to --ratio unsaid)
+        raise UserError(f"--budget is a number of tokens to keep, at least 1; got {given['budget']} "
+                        "(leave it out to evict by --ratio).")
     ratio = given.get("ratio")
     fields = {
         "mustafar": {"k_sparsity": given.get("k_ratio", ratio), "v_sparsity": given.get("v_ratio", ratio),

@@ -11,10 +11,16 @@ from llmcomp.errors import UserError
 
 
 def cache_dir() -> Path:
-    """``$LLMCOMP_CACHE`` or ``~/.cache/llmcomp``."""
-    root = os.environ.get("LLMCOMP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmcomp")
+    """``$LLMCOMP_CACHE`` or ``~/.cache/llmcomp``; a UserError naming where it comes from if it cannot be a directory."""
+    env = os.environ.get("LLMCOMP_CACHE")
+    root = env or os.path.join(os.path.expanduser("~"), ".cache", "llmcomp")
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        where = "LLMCOMP_CACHE" if env else "the default cache directory"
+        raise UserError(f"Cache directory {path} ({where}) cannot be used: {exc.strerror or exc}; "
+                        f"set LLMCOMP_CACHE to a writable directory.") from None
     return path
 
 
@@ -28,6 +34,18 @@ def check_output(output, overwrite: bool, source=None) -> Path:
             output.resolve() == Path(source).resolve() or output.resolve() in Path(source).resolve().parents):
         raise UserError(f"Output {output} would replace the artifact {source}; choose another directory.")
     return output
+
+
+def check_report(path, flag: str) -> None:
+    """A report file a command writes at its end (``--json``, ``--junit``, a baseline): refused before any work
+    where it could not be written then (its folder missing, or the path a directory)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file path.")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: its folder {path.parent} does not exist.")
 
 
 @contextlib.contextmanager
