@@ -265,13 +265,18 @@ def test_cli_bad_input(no_gpu, args, word):
     assert word in error_line("bench", "decode", *args)
 
 
-@pytest.mark.parametrize("flag, env, want", [([], "", True), ([], "0", False), (["--no-glu"], "", False),
-                                              (["--glu"], "0", True)], ids=["default", "env-off", "flag-off", "flag-on"])
-def test_cli_glu_flag_reaches_the_run(monkeypatch, flag, env, want):
-    """--glu / --no-glu reach ``run`` (and so ``compiled_layers``); without the flag LLMCOMP_GLU decides, and the
-    JSON's settings say what was used. The GPU and the models are faked: only the arguments are checked."""
+@pytest.mark.parametrize("switch, flag, env, want", [
+    ("glu", [], "", True), ("glu", [], "0", False), ("glu", ["--no-glu"], "", False), ("glu", ["--glu"], "0", True),
+    ("norm", [], "", False), ("norm", [], "1", True), ("norm", ["--no-norm-split"], "1", False),
+    ("norm", ["--norm-split"], "0", True)])
+def test_cli_switches_reach_the_run(monkeypatch, switch, flag, env, want):
+    """--glu / --no-glu and --norm-split / --no-norm-split reach ``run`` (and so ``compiled_layers``); without the
+    flag LLMCOMP_GLU (default on) or LLMCOMP_NORM_SPLIT (default off) decides, and the JSON's settings say what was
+    used. The GPU and the models are faked: only the arguments are checked."""
+    variable, enabled = {"glu": ("LLMCOMP_GLU", db.glu_enabled),
+                         "norm": ("LLMCOMP_NORM_SPLIT", db.norm_split_enabled)}[switch]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("LLMCOMP_GLU", env)
+    monkeypatch.setenv(variable, env)
     monkeypatch.setattr(db, "synthetic_models", lambda *a, **kw: iter(()))
     seen = {}
 
@@ -282,30 +287,8 @@ def test_cli_glu_flag_reaches_the_run(monkeypatch, flag, env, want):
     monkeypatch.setattr(db, "run", fake_run)
     r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--compile", "--batch", "1", *flag])
     assert "stopped before timing" in r.output
-    assert seen["glu"] == (None if not flag else flag == ["--glu"])
-    assert db.glu_enabled(seen["glu"]) is want
-
-
-@pytest.mark.parametrize("flag, env, want", [([], "", False), ([], "1", True), (["--no-norm-split"], "1", False),
-                                              (["--norm-split"], "0", True)],
-                         ids=["default", "env-on", "flag-off", "flag-on"])
-def test_cli_norm_split_flag_reaches_the_run(monkeypatch, flag, env, want):
-    """--norm-split / --no-norm-split reach ``run`` (and so ``compiled_layers``); without the flag LLMCOMP_NORM_SPLIT
-    decides. The GPU and the models are faked: only the arguments are checked."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("LLMCOMP_NORM_SPLIT", env)
-    monkeypatch.setattr(db, "synthetic_models", lambda *a, **kw: iter(()))
-    seen = {}
-
-    def fake_run(models, batches, context, steps, settings, **kw):
-        seen.update(kw)
-        raise UserError("stopped before timing")
-
-    monkeypatch.setattr(db, "run", fake_run)
-    r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--compile", "--batch", "1", *flag])
-    assert "stopped before timing" in r.output
-    assert seen["norm"] == (None if not flag else flag == ["--norm-split"])
-    assert db.norm_split_enabled(seen["norm"]) is want
+    assert seen[switch] == (None if not flag else not flag[0].startswith("--no-"))
+    assert enabled(seen[switch]) is want
 
 
 @pytest.fixture(scope="module")
