@@ -13,6 +13,7 @@ TAIL=15 run ${TEST_S:-240} tests.log python3 -m pytest -q tests/test_kernels_cud
 for b in ${BATCHES:-1 16}; do
   for v in ${SPLITS:-1 1p0 0}; do
     LLMCOMP_NORM_SPLIT=${v%p0} LLMCOMP_NORM_PREFETCH=$([ "$v" = 1p0 ] && echo 0 || echo 1) BATCH=$b FORMATS=uniform \
-      DECODE_S=${DECODE_S:-150} TAG=_norm${v}_b$b BUILD=0 bash bench/lmhead_session.sh 2>&1 | grep -v "^real\|^user\|^sys"
+      DECODE_S=${DECODE_S:-150} TAG=_norm${v}_b$b BUILD=0 bash bench/lmhead_session.sh 2>&1 \
+      | grep -v "^real\|^user\|^sys"
   done
 done

@@ -562,7 +562,7 @@ def test_split_norm_decodes_the_same_on_cuda():
     the next layer's input norm → q/k/v): on two W4 layers of the 8B shape, fed the eager model's tokens, each step's
     logits are as close to the eager model's as the unsplit compiled path's (the first split run on the H200 was
     checked against the decoded tokens instead, and not all were the eager model's; a CPU emulation with the kernels'
-    roundings kept them all — so this form, which separates rounding from a wrong result, is what is checked); compiled by
+    roundings kept them all — so this form, which tells rounding from a wrong result, is what is checked); compiled by
     inductor and replayed as a CUDA graph, with and without dependent launch (a consumer then reads its producer's sums
     right after its grid_dep_wait), the first compiled step's logits are the unsplit graph's within rounding, with at
     least three kernels fewer (two post-attention norms, one input norm)."""

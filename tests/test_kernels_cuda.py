@@ -380,13 +380,15 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
             assert err(h, want_h.float()) < 2 ** -7, (n, m, launch, err(h, want_h.float()))
             assert sq.shape == (m, n // 16) and sq.dtype == torch.float32
             # h rounded once from the fp32 sum against twice (y first): apart by an ulp of y where h cancels to ~0
-            assert err(xn, want_xn.float()) < 2 ** -6 and err(sq, want_sq) < 1e-2, (n, m, launch, err(xn, want_xn.float()))
+            assert err(xn, want_xn.float()) < 2 ** -6 and err(sq, want_sq) < 1e-2, (n, m, launch,
+                                                                                   err(xn, want_xn.float()))
             # W · RMSNorm(h) as transformers' LlamaRMSNorm computes the norm
             h = h.float()
             normed = gamma * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
             ref_glu = torch.nn.functional.silu(normed.float() @ wg.T) * (normed.float() @ wu.T)
             got = uc.gemm_tensors(xn, *run.args, launch=launch, glu=1, sq=sq, eps=eps)[0]
-            assert got.shape == (m, inter) and err(got, ref_glu) < max(TOL, 1.5 * err(run(normed), ref_glu)), (n, m, launch)
+            assert got.shape == (m, inter), (n, m, launch)
+            assert err(got, ref_glu) < max(TOL, 1.5 * err(run(normed), ref_glu)), (n, m, launch)
             gate_args = uc.kernel_tensors(uc.prepare(fmt, tg, n), dtype)
             got = uc.gemm_tensors(xn, *gate_args, launch=launch, sq=sq, eps=eps)[0]
             ref = normed.float() @ wg.T

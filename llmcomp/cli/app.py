@@ -59,7 +59,8 @@ def run(fn, writes: bool = True):
 
 # quantize's options that a --preset replaces (build_quant_config keeps only --target/--ignore of them)
 PRESET_REPLACES = ("method", "bits", "group_size", "symmetric", "fp4_format", "act_order", "damp", "rounds",
-                   "candidates", "sensitivity", "act_bits", "act_format", "search", "outliers", "vector_len", "hadamard")
+                   "candidates", "sensitivity", "act_bits", "act_format", "search", "outliers", "vector_len",
+                   "hadamard")
 
 
 def _given(ctx: typer.Context, names) -> list[str]:

@@ -108,7 +108,8 @@ def decode(
         if norm_split is not None and not compile:
             raise UserError("--norm-split / --no-norm-split apply with --compile only.")
         if norm_split and glu is False:
-            raise UserError("--norm-split needs the GLU call (its epilogue takes the norm's second half): drop --no-glu.")
+            raise UserError("--norm-split needs the GLU call (its epilogue takes the norm's second half): "
+                            "drop --no-glu.")
         try:
             options = db.inductor_options(inductor_option or [])
         except ValueError as exc:

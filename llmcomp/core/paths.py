@@ -11,7 +11,7 @@ from llmcomp.errors import UserError
 
 
 def cache_dir() -> Path:
-    """``$LLMCOMP_CACHE`` or ``~/.cache/llmcomp``; a UserError naming where it comes from if it cannot be a directory."""
+    """``$LLMCOMP_CACHE`` or ``~/.cache/llmcomp``; a UserError naming where it comes from if it cannot be one."""
     env = os.environ.get("LLMCOMP_CACHE")
     root = env or os.path.join(os.path.expanduser("~"), ".cache", "llmcomp")
     path = Path(root)

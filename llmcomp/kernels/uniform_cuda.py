@@ -343,8 +343,8 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     7.43, 4096 × 14336 16.25 / 17.00, 28672 × 8192 56.89 / 59.17, 28672 × 4096 32.78 / 32.88; one tile — where its
     256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57.)
     The RMSNorm split around the call (``norm_producer_op`` / ``norm_consumer_op``): with ``res`` and ``gamma`` returns
-    [y, res + y, γ ⊙ (res + y), Σ (res + y)² a 16-column tile]; with ``sq`` (and ``eps``) [y scaled by the norm's rsqrt a
-    token]."""
+    [y, res + y, γ ⊙ (res + y), Σ (res + y)² a 16-column tile]; with ``sq`` (and ``eps``) [y scaled by the norm's
+    rsqrt a token]."""
     x2 = kernel_input(x2.contiguous(), kp)
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem,
                                                post=sz_post is not None and x2.shape[0] <= post_scale())
@@ -388,8 +388,9 @@ def norm_producer_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: t
                      res: torch.Tensor, gamma: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``linear_op`` that also does, in its epilogue, the residual add after it and the first half of the RMSNorm
-    after that (the post-scale kernel at M ≤ 8 only: weights with its scale pairs): x2 [M ≤ 8, K] → (y [M, n], h = res + y in x2's dtype, γ ⊙ h, Σ h² over each 16 columns [M, n / 16]
-    fp32) (res [M, n], γ [n]). ``norm_consumer_op`` does the norm's second half (reference: ``norm_reference``)."""
+    after that (the post-scale kernel at M ≤ 8 only: weights with its scale pairs): x2 [M ≤ 8, K] → (y [M, n],
+    h = res + y in x2's dtype, γ ⊙ h, Σ h² over each 16 columns [M, n / 16] fp32) (res [M, n], γ [n]).
+    ``norm_consumer_op`` does the norm's second half (reference: ``norm_reference``)."""
     return tuple(gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, res=res.contiguous(),
                               gamma=gamma.contiguous()))
 

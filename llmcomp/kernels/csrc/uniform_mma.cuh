@@ -763,7 +763,8 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // M = 1 took 22.9 µs instead of 21.3 in the 8B decode, H200, kernels_h200_notes.md eighteenth session).
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool NORM = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb, cb1_at,
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb,
+                                                 cb1_at,
                                            cb_n, glu, epi);
 }
 #undef LLMCOMP_MMA_PARAMS
