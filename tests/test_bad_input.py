@@ -75,6 +75,7 @@ QUANTIZE_FLAGS = [
     (["--preset", "w5"], "Unknown preset"),
     (["--preset", "w4g128", "--method", "gptq"], "drop --method or drop --preset"),
     (["--preset", "w4g128", "--bits", "3", "--asym"], "drop --bits, --sym/--asym or drop --preset"),
+    (["--preset", "w5", "--bits", "3"], "Unknown preset"),
     (["--target", "re:("], "Invalid layer pattern"),
     (["--target", "Conv2d"], "No layer matches"),
     (["--dtype", "float8"], "Unknown dtype"),

@@ -265,6 +265,11 @@ def test_cli_bad_input(no_gpu, args, word):
     assert word in error_line("bench", "decode", *args)
 
 
+def test_cli_norm_split_needs_the_glu_call_from_the_environment_too(no_gpu, monkeypatch):
+    monkeypatch.setenv("LLMCOMP_GLU", "0")
+    assert "LLMCOMP_GLU=0" in error_line("bench", "decode", "--synthetic", "llama3-8b", "--compile", "--norm-split")
+
+
 @pytest.mark.parametrize("switch, flag, env, want", [
     ("glu", [], "", True), ("glu", [], "0", False), ("glu", ["--no-glu"], "", False), ("glu", ["--glu"], "0", True),
     ("norm", [], "", False), ("norm", [], "1", True), ("norm", ["--no-norm-split"], "1", False),
@@ -1021,6 +1026,8 @@ def test_split_norms_run_in_the_kernels_epilogues(monkeypatch, cpu_fused_path):
     monkeypatch.setattr(qlinear, "frozen_glu", fake_glu)
     monkeypatch.setattr(uc, "norm_producer_op", producer)
     monkeypatch.setattr(uc, "norm_consumer_op", consumer)
+    assert norm_split.split_norms(model.model.layers, torch.float32) == ([], 0)  # bf16 only
+    monkeypatch.setattr(norm_split, "DTYPES", (torch.float32,))  # (here fp32: the stand-ins exact to 1e-4)
     for layer in model.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             monkeypatch.setattr(norm, "forward",

@@ -112,16 +112,16 @@ def quantize(
     from llmcomp.cli.methods import build_quant_config
 
     def go():
-        replaced = _given(ctx, PRESET_REPLACES) if preset is not None else []
-        if replaced:
-            raise UserError(f"--preset {preset} sets the method and its settings itself; drop {', '.join(replaced)} "
-                            "or drop --preset.")
         config, allocation = build_quant_config(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
             targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
             candidates=candidates, sensitivity=sensitivity, fp4_format=fp4_format, outliers=outliers, search=search, act_bits=act_bits,
             act_format=act_format,
             vector_len=vector_len, hadamard=hadamard)
+        replaced = _given(ctx, PRESET_REPLACES) if preset is not None else []  # (a known preset: checked above)
+        if replaced:
+            raise UserError(f"--preset {preset} sets the method and its settings itself; drop {', '.join(replaced)} "
+                            "or drop --preset.")
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,

@@ -8,7 +8,7 @@ decode sizes they need no kernel of their own (``compiled_layers``' ``norm``; cs
 
 Post-attention norm: o → the GLU call, wherever a layer has both. Input norm of layer i + 1: layer i's down → layer
 i + 1's q/k/v, where layer i's post-attention norm is split too (its h = residual + o(x) is down's residual) — then
-layer i returns down's h, and its own ``residual + …`` adds are left unused (the compiler drops them). The layers'
+layer i returns down's h, and its own ``residual + …`` adds are left unused (inductor drops them). The layers'
 code is left as it is: the pieces meet through a dict that each layer's forward resets and fills with its input; each
 piece falls back to what it did before where the dict lacks its part (more rows than the kernels take, another
 dtype), and layer i + 1 takes layer i's norm halves only for the very tensor layer i returned.
@@ -23,6 +23,8 @@ from torch import nn
 # Layers whose forward is ``h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))``
 # with an attention that returns o_proj's output as it is and calls q/k/v on the same input (transformers' source).
 LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+# The consumer's input γ ⊙ h is not normalized: in fp16 it could pass 65504 where activations are large.
+DTYPES = (torch.bfloat16,)
 
 
 def rms_eps(norm: nn.Module, dtype: torch.dtype, device) -> Optional[float]:
@@ -106,8 +108,10 @@ def _plan(layer: nn.Module, dtype: torch.dtype) -> Optional[dict]:
 def split_norms(layers, dtype: torch.dtype) -> tuple[list[tuple[nn.Module, Callable]], int]:
     """The (module, forward) swaps that split ``layers``' norms (see the module's docstring), to be applied after
     their quantized linears, stacked siblings and GLU calls were swapped for kernel calls (``compiled_layers``), and
-    how many norms they split."""
+    how many norms they split; none for activations of a dtype outside ``DTYPES``."""
     layers = list(layers)
+    if dtype not in DTYPES:
+        return [], 0
     plans = [_plan(layer, dtype) for layer in layers]
     state: dict = {}
     swaps, count = [], 0

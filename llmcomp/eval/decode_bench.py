@@ -743,7 +743,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
     attend through ``decode_attention.packed_gqa`` (no copies of K/V for grouped-query heads), else transformers'.
     ``breakdown``: each row also says where a step's time goes (``kernel_breakdown``). ``options``: inductor's
     config for the compiled layers (``compiled_layers``); ``glu``: gated MLPs as one GLU call (``compiled_layers``;
-    None: ``glu_enabled``'s default); ``norm``: the post-attention norm split into the kernels' epilogues
+    None: ``glu_enabled``'s default); ``norm``: the layers' RMSNorms split into the kernels' epilogues
     (``compiled_layers``; None: ``norm_split_enabled``'s default).
     Writes ``out`` after every row: a run cut short still leaves its numbers."""
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,

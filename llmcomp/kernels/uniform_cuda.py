@@ -416,7 +416,7 @@ def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, sq, eps, glu=0):
 
 
 def norm_reference(y: torch.Tensor, res: torch.Tensor, gamma: torch.Tensor) -> tuple:
-    """What ``norm_producer_op`` adds to y [M, n]: (h, γ ⊙ h, Σ h² a 16-column tile), h = res + y in res's dtype."""
+    """What ``norm_producer_op`` adds to y [M, n] (in res's dtype): (h, γ ⊙ h, Σ h² a 16-column tile), h = res + y."""
     h = (res.float() + y.float()).to(res.dtype)
     hf = h.float()
     return h, (gamma.float() * hf).to(res.dtype), hf.pow(2).view(h.shape[0], -1, 16).sum(-1)

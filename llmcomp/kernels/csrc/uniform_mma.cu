@@ -94,10 +94,11 @@ std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::T
   std::vector<torch::Tensor> outs(1);
   if (res || gamma) {
     TORCH_CHECK(res && gamma && !glu, "the norm's producer takes the residual and the norm's weight, without glu");
-    TORCH_CHECK(res->is_cuda() && res->is_contiguous() && res->scalar_type() == x.scalar_type() && res->dim() == 2 &&
-                    res->size(0) == x.size(0) && res->size(1) == n, "residual: contiguous [M, n] in x's dtype");
-    TORCH_CHECK(gamma->is_cuda() && gamma->is_contiguous() && gamma->scalar_type() == x.scalar_type() &&
-                    gamma->numel() == n, "norm weight: contiguous [n] in x's dtype");
+    TORCH_CHECK(res->device() == x.device() && res->is_contiguous() && res->scalar_type() == x.scalar_type() &&
+                    res->dim() == 2 && res->size(0) == x.size(0) && res->size(1) == n,
+                "residual: contiguous [M, n] in x's dtype, on x's device");
+    TORCH_CHECK(gamma->device() == x.device() && gamma->is_contiguous() && gamma->scalar_type() == x.scalar_type() &&
+                    gamma->numel() == n, "norm weight: contiguous [n] in x's dtype, on x's device");
     outs.push_back(torch::empty({x.size(0), n}, x.options()));
     outs.push_back(torch::empty({x.size(0), n}, x.options()));
     outs.push_back(torch::empty({x.size(0), n / 16}, x.options().dtype(at::kFloat)));
@@ -108,8 +109,9 @@ std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::T
     epi.sq = outs[3].data_ptr<float>();
   }
   if (sq) {
-    TORCH_CHECK(sq->is_cuda() && sq->is_contiguous() && sq->scalar_type() == at::kFloat && sq->dim() == 2 &&
-                    sq->size(0) == x.size(0) && sq->size(1) > 0, "sums of squares: contiguous float32 [M, S]");
+    TORCH_CHECK(sq->device() == x.device() && sq->is_contiguous() && sq->scalar_type() == at::kFloat &&
+                    sq->dim() == 2 && sq->size(0) == x.size(0) && sq->size(1) > 0 && 16 * sq->size(1) <= x.size(1),
+                "sums of squares: contiguous float32 [M, S] on x's device, 16 S (the norm's width) within x's");
     epi.sq_in = sq->data_ptr<float>();
     epi.sq_n = sq->size(1);
     epi.eps = (float)eps;

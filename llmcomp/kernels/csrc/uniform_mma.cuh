@@ -79,7 +79,7 @@ template <> struct Num<__nv_bfloat16> {
 
 // What the epilogue does besides storing y (all null: nothing). The RMSNorm between two GEMMs, split so that it
 // needs no kernel of its own (a decoder layer's o projection, its norm, its gated MLP):
-// - producer (res set; not with glu): out = y as always, and with h = T(res + y): out3 = h (where set), out2 =
+// - producer (res set; not with glu): out = y as always, and with h = T(res + T(y)): out3 = h (where set), out2 =
 //   T(γ ⊙ h) and sq[tok][tile] = Σ h² over each 16-row tile's columns (fp32; [M, N / 16]);
 // - consumer (sq_in set): y of token tok scaled by rsqrt(Σ sq_in[tok][:sq_n] / (16 sq_n) + eps) before it is stored
 //   (before the GLU epilogue's activation): x = γ ⊙ h from a producer, so y = W · norm(h).
@@ -436,7 +436,9 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
       float h2 = 0.f;
       if (ok) {
         const size_t at = (size_t)tok * N + tile0 * 16 + row;
-        const T ht = Num<T>::from_float(s + Num<T>::to_float(static_cast<const T*>(epi.res)[at]));
+        // y rounded to T first, as the unsplit model adds it (T(res + T(y))): the residual stream the same bits
+        const T ht = Num<T>::from_float(Num<T>::to_float(Num<T>::from_float(s)) +
+                                        Num<T>::to_float(static_cast<const T*>(epi.res)[at]));
         const float h = Num<T>::to_float(ht);
         if (epi.out3) static_cast<T*>(epi.out3)[at] = ht;
         static_cast<T*>(epi.out2)[at] =
@@ -765,7 +767,7 @@ template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, boo
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
   mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb,
                                                  cb1_at,
-                                           cb_n, glu, epi);
+                                                 cb_n, glu, epi);
 }
 #undef LLMCOMP_MMA_PARAMS
 
