@@ -101,7 +101,7 @@ def _plan(layer: nn.Module, dtype: torch.dtype) -> Optional[dict]:
     if isinstance(inp, nn.Module) and len(calls) == 1 and _plain_call(qkv) and qkv.args[3] is not None:
         in_eps = rms_eps(inp, dtype, glu.args[0].device)
         if in_eps is not None:
-            plan.update(qkv=fwds[0].call, qkv_members=[(m, f, *f.cols) for m, f in zip(members, fwds)], in_eps=in_eps)
+            plan.update(qkv=qkv, qkv_members=[(m, f, *f.cols) for m, f in zip(members, fwds)], in_eps=in_eps)
     return plan
 
 
@@ -158,14 +158,22 @@ def _layer_swaps(layer, plan: dict, state: dict, dtype, takes_input: bool, next_
             return out
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    def o_fwd(x: torch.Tensor) -> torch.Tensor:
-        res, k = state.get("res"), o.in_features
+    def produce(x: torch.Tensor, k: int, res, call, norm_weight) -> Optional[tuple]:
+        """The producer call on x [..., k] with residual ``res`` [..., n]: (y, h, γ ⊙ h) in res's shape and the
+        sums; None where it does not run (more rows than ``split_rows``, another dtype, no such residual)."""
         if not fits(x, k) or not isinstance(res, torch.Tensor) or tuple(res.shape) != (*x.shape[:-1], n):
-            return o_forward(x)
+            return None
         rows = x.numel() // k
-        y, h, g, sq = uc.norm_producer_op(x.reshape(rows, k), *plan["o"].args, res.reshape(rows, n), gamma)
-        state.update(mid=h.view(res.shape), post=(g.view(res.shape), sq))
-        return y.view(res.shape)
+        *outs, sq = uc.norm_producer_op(x.reshape(rows, k), *call.args, res.reshape(rows, n), norm_weight)
+        return (*(t.view(res.shape) for t in outs), sq)
+
+    def o_fwd(x: torch.Tensor) -> torch.Tensor:
+        made = produce(x, o.in_features, state.get("res"), plan["o"], gamma)
+        if made is None:
+            return o_forward(x)
+        y, h, g, sq = made
+        state.update(mid=h, post=(g, sq))
+        return y
 
     def post_fwd(h: torch.Tensor) -> torch.Tensor:
         halves = state.get("post")
@@ -179,14 +187,12 @@ def _layer_swaps(layer, plan: dict, state: dict, dtype, takes_input: bool, next_
         return down(rows_linear(x, n, consumer, None))
 
     def down_fwd(x: torch.Tensor) -> torch.Tensor:
-        mid, k = state.get("mid"), down.in_features
-        if not fits(x, k) or mid is None or tuple(mid.shape) != (*x.shape[:-1], n):
+        made = produce(x, down.in_features, state.get("mid"), plan.get("down"), next_gamma)
+        if made is None:
             return down_forward(x)
-        rows = x.numel() // k
-        y, h, g, sq = uc.norm_producer_op(x.reshape(rows, k), *plan["down"].args, mid.reshape(rows, n), next_gamma)
-        h = h.view(mid.shape)
-        state.update(h=h, next=(h, g.view(mid.shape), sq))
-        return y.view(mid.shape)
+        y, h, g, sq = made
+        state.update(h=h, next=(h, g, sq))
+        return y
 
     swaps = [(layer, layer_fwd), (o, o_fwd), (post, post_fwd), (mlp, mlp_fwd)]
     if next_gamma is not None:
@@ -207,6 +213,7 @@ def _layer_swaps(layer, plan: dict, state: dict, dtype, takes_input: bool, next_
 def _qkv_member(mod, plain, lo: int, hi: int, call, eps: float, state: dict, k: int):
     """q, k or v of a layer whose input norm is split: the stacked call as the norm's consumer (run once, by the
     first member called), this member's columns of it, plus its bias; ``plain`` where the norm was not split."""
+    from llmcomp.core.qlinear import member_output
     from llmcomp.kernels import uniform_cuda as uc
 
     bias = mod.bias
@@ -217,9 +224,6 @@ def _qkv_member(mod, plain, lo: int, hi: int, call, eps: float, state: dict, k: 
             return plain(x)
         if "qkv" not in state:
             state["qkv"] = uc.norm_consumer_op(x.reshape(-1, k), *call.args, halves[2], eps, 0)
-        y = state["qkv"][:, lo:hi]
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], hi - lo)
+        return member_output(state["qkv"][:, lo:hi], bias, x.shape[:-1])
 
     return forward

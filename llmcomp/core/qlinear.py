@@ -152,14 +152,19 @@ def frozen_group(mods: list[QuantLinear], dtype: torch.dtype) -> Optional[list[C
                 state.update(x=None, y=None)
                 for j in range(len(served)):
                     served[j] = False
-            if bias is not None:
-                y = y + bias.to(y.dtype)
-            return y.reshape(*x.shape[:-1], hi - lo)
+            return member_output(y, bias, x.shape[:-1])
 
         forward.call, forward.cols = run, (lo, hi)  # (norm_split: the stacked call, this member's columns)
         return forward
 
     return [member(i, m) for i, m in enumerate(mods)]
+
+
+def member_output(y: torch.Tensor, bias, lead: tuple) -> torch.Tensor:
+    """A stacked call's member: its columns ``y`` [rows, n] plus its bias, in the input's leading shape."""
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, y.shape[-1])
 
 
 def frozen_glu(gate: nn.Module, up: nn.Module, dtype: torch.dtype) -> Optional[Callable]:
@@ -190,5 +195,5 @@ def frozen_glu(gate: nn.Module, up: nn.Module, dtype: torch.dtype) -> Optional[C
     def forward(x: torch.Tensor) -> torch.Tensor:
         return rows_linear(x, k, run, None)
 
-    forward.call = run  # (norm_split.split_norm calls it with the norm's consumer epilogue)
+    forward.call = run  # (norm_split.split_norms calls it with the norm's consumer epilogue)
     return forward

@@ -530,22 +530,24 @@ def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
-def glu_enabled(glu: Optional[bool] = None) -> bool:
-    """``glu`` where given, else on unless ``LLMCOMP_GLU`` says off (``env_switch``)."""
-    if glu is not None:
-        return glu
+def _switch(given: Optional[bool], variable: str, default: bool) -> bool:
+    """``given`` where given, else the environment ``variable`` (``env_switch``), else ``default``."""
+    if given is not None:
+        return given
     from llmcomp.kernels.decode_attention import env_switch
 
-    return env_switch("LLMCOMP_GLU") is not False
+    found = env_switch(variable)
+    return default if found is None else found
+
+
+def glu_enabled(glu: Optional[bool] = None) -> bool:
+    """``glu`` where given, else on unless ``LLMCOMP_GLU`` says off."""
+    return _switch(glu, "LLMCOMP_GLU", True)
 
 
 def norm_split_enabled(norm: Optional[bool] = None) -> bool:
-    """``norm`` where given, else on only if ``LLMCOMP_NORM_SPLIT`` says so (``env_switch``)."""
-    if norm is not None:
-        return norm
-    from llmcomp.kernels.decode_attention import env_switch
-
-    return env_switch("LLMCOMP_NORM_SPLIT") is True
+    """``norm`` where given, else on only if ``LLMCOMP_NORM_SPLIT`` says so."""
+    return _switch(norm, "LLMCOMP_NORM_SPLIT", False)
 
 
 def _glu_forward(mlp: nn.Module, glu_fn, dtype: torch.dtype, k: int):
