@@ -338,6 +338,13 @@ def test_post_scale_kernel_matches_the_reference(fmt, dtype):
                 assert _rel_err(y, x, fmt, t, k) <= _rel_err(ref_path, x, fmt, t, k) * 1.5 + 1e-3, (n, k, m)
 
 
+def _unaligned(t):
+    """A contiguous copy of t that starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    buf[1:] = t.flatten()
+    return buf[1:].view(t.shape)
+
+
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=2, group_size=128),
                                  Uniform(bits=2, group_size=0)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -382,6 +389,7 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
             # the sums of squares in another order
             assert torch.equal(h, want_h) and torch.equal(xn, want_xn), (n, m, launch, err(xn, want_xn.float()))
             assert err(sq, want_sq) < 1e-5, (n, m, launch, err(sq, want_sq))
+            produced = (y, h, xn, sq)
             # W · RMSNorm(h) as transformers' LlamaRMSNorm computes the norm
             h = h.float()
             normed = gamma * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
@@ -389,6 +397,12 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
             got = uc.gemm_tensors(xn, *run.args, launch=launch, glu=1, sq=sq, eps=eps)[0]
             assert got.shape == (m, inter), (n, m, launch)
             assert err(got, ref_glu) < max(TOL, 1.5 * err(run(normed), ref_glu)), (n, m, launch)
+            if launch is None:
+                # inputs off 16-byte alignment: the epilogue reads them from global memory, not through norm_stage's
+                # shared-memory copies: the same bits
+                unaligned = (uc.gemm_tensors(x, *o_args, res=_unaligned(res), gamma=_unaligned(gamma)),
+                             uc.gemm_tensors(xn, *run.args, glu=1, sq=_unaligned(sq), eps=eps)[0])
+                assert all(map(torch.equal, unaligned[0], produced)) and torch.equal(unaligned[1], got), (n, m)
             gate_args = uc.kernel_tensors(uc.prepare(fmt, tg, n), dtype)
             got = uc.gemm_tensors(xn, *gate_args, launch=launch, sq=sq, eps=eps)[0]
             ref = normed.float() @ wg.T

@@ -435,7 +435,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     ``glu`` (with ``frozen`` and ``fuse``; default: on unless ``LLMCOMP_GLU=0``): a gated MLP (``gate_proj``,
     ``up_proj``, ``down_proj``, SiLU) runs its gate and up projections and the activation as one kernel call with the
     activation in its epilogue (``qlinear.frozen_glu``) at decode sizes; ``info["glu"]`` counts them.
-    ``norm`` (with ``glu``; default: ``LLMCOMP_NORM_SPLIT``, off unless ``1``): Llama-style layers' RMSNorms split
+    ``norm`` (with ``glu``; default: on unless ``LLMCOMP_NORM_SPLIT=0``): Llama-style layers' RMSNorms split
     into the epilogues of the kernel calls around them (``norm_split.split_norms``: the post-attention norm between
     o and the GLU call, and the next layer's input norm between down and q/k/v, with the residual adds), no kernel
     of their own at decode sizes; ``info["norm_split"]`` counts the norms split.
@@ -546,8 +546,9 @@ def glu_enabled(glu: Optional[bool] = None) -> bool:
 
 
 def norm_split_enabled(norm: Optional[bool] = None) -> bool:
-    """``norm`` where given, else on only if ``LLMCOMP_NORM_SPLIT`` says so."""
-    return _switch(norm, "LLMCOMP_NORM_SPLIT", False)
+    """``norm`` where given, else on unless ``LLMCOMP_NORM_SPLIT`` says off (the 8B W4 step 1.91 ms against 1.95
+    unsplit, H200: kernels_h200_notes.md, nineteenth session)."""
+    return _switch(norm, "LLMCOMP_NORM_SPLIT", True)
 
 
 def _glu_forward(mlp: nn.Module, glu_fn, dtype: torch.dtype, k: int):

@@ -86,11 +86,11 @@ std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::T
                                      c10::optional<torch::Tensor> gamma, c10::optional<torch::Tensor> sq, double eps) {
   check_x(x);
   EpiArgs epi;
-  static const int prefetch = [] {
-    const char* e = std::getenv("LLMCOMP_NORM_PREFETCH");
+  static const int stage = [] {  // LLMCOMP_NORM_STAGE=0: the norm epilogue reads its inputs from global memory
+    const char* e = std::getenv("LLMCOMP_NORM_STAGE");
     return !(e && e[0] == '0');
   }();
-  epi.prefetch = prefetch;
+  epi.stage = stage;
   std::vector<torch::Tensor> outs(1);
   if (res || gamma) {
     TORCH_CHECK(res && gamma && !glu, "the norm's producer takes the residual and the norm's weight, without glu");

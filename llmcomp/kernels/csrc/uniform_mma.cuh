@@ -92,7 +92,7 @@ struct EpiArgs {
   const float* sq_in = nullptr;
   int sq_n = 0;
   float eps = 0.f;
-  int prefetch = 1;  // norm_prefetch (LLMCOMP_NORM_PREFETCH=0: off, for A/B timing)
+  int stage = 1;  // norm_stage (LLMCOMP_NORM_STAGE=0: off, for A/B timing); launch_mma clears it where it cannot
 };
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
@@ -335,28 +335,36 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 
 // acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the 2^wk_log warps of each row group
 // in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p)); }
-
-// NORM: the epilogue's global inputs asked into L1 as soon as the previous kernel is done (grid_dep_wait), so that
-// their latency passes under the main loop's weight stream instead of adding to every block's tail (the weights are
-// loaded with L1::no_allocate, so the lines stay): the consumer's per-tile sums (the tokens this warp reduces in
-// reduce_store, 128-byte lines) and the producer's residual and γ rows of this warp's row group.
-template <typename T, int R>
-__device__ __forceinline__ void norm_prefetch(const EpiArgs& epi, int M, int N, int tile0) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  if (epi.sq_in)
-    for (int tok = warp; tok < M; tok += nwarps)
-      for (int i = lane * 32; i < epi.sq_n; i += 32 * 32) prefetch_l1(epi.sq_in + (size_t)tok * epi.sq_n + i);
-  if (epi.res && tile0 * 16 < N && lane < M * R) {  // one line a (token, tile): 16 values of 2 bytes
-    const int tok = lane / R, r = lane % R;
-    prefetch_l1(static_cast<const T*>(epi.res) + (size_t)tok * N + (tile0 + r) * 16);
-    if (tok == 0) prefetch_l1(static_cast<const T*>(epi.gamma) + (tile0 + r) * 16);
+// NORM: the epilogue's global inputs copied into shared memory (`stage`, after the reduction slabs) by cp.async as soon
+// as the previous kernel is done (grid_dep_wait), so that their latency passes under the main loop's weight stream
+// instead of adding to every block's tail, without registers: the consumer's per-tile sums [M][sq_n] (fp32), then the
+// producer's residual [M][rowsb] and γ [rowsb] for the block's rows rows0 .. rows0 + rowsb (T). Each thread copies its
+// share once (from wherever it passes grid_dep_wait); reduce_store waits for the copies. (An L1 prefetch of the same
+// lines, prefetch.global.L1, was slower: 1.97 ms a decode step against 1.91 without it, H200, nineteenth session.)
+template <typename T>
+__device__ __forceinline__ void norm_stage(const EpiArgs& epi, float* stage, int M, int N, int rows0, int rowsb) {
+  if (!epi.stage) return;
+  if (epi.sq_in) {
+    const int n4 = epi.sq_n / 4;  // 16-byte chunks a token (launch_mma: sq_n % 4 == 0)
+    for (int i = threadIdx.x; i < M * n4; i += blockDim.x)
+      cp_async16(stage + i * 4, epi.sq_in + (size_t)(i / n4) * epi.sq_n + (i % n4) * 4);
   }
+  if (epi.res) {
+    T* st = reinterpret_cast<T*>(stage + (epi.sq_in ? M * epi.sq_n : 0));
+    const int c8 = rowsb / 8;  // 16-byte chunks a token's rows (N % 16 == 0: none straddles N)
+    for (int i = threadIdx.x; i < (M + 1) * c8; i += blockDim.x) {
+      const int tok = i / c8, r = rows0 + (i % c8) * 8;
+      if (r >= N) continue;
+      cp_async16(st + i * 8, tok < M ? static_cast<const T*>(epi.res) + (size_t)tok * N + r
+                                     : static_cast<const T*>(epi.gamma) + r);
+    }
+  }
+  cp_async_commit();
 }
 
 template <typename T, int MT, int R, bool NORM = false>
 __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float* red, T* __restrict__ out, int M, int N,
-                                             int wk_log, int glu, const EpiArgs& epi) {
+                                             int wk_log, int glu, const EpiArgs& epi, const float* stage = nullptr) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int wk = 1 << wk_log, wr = nwarps >> wk_log;
@@ -376,10 +384,13 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
   if constexpr (NORM) {
     __shared__ float rs_s[TOKS];
     rs = rs_s;
+    if (epi.stage) cp_async_wait<0>();  // norm_stage's copies: this thread's; the barriers below: everyone's
     if (epi.sq_in) {  // one warp a token: the producer's per-tile sums (read after grid_dep_wait, as x)
+      if (epi.stage) __syncthreads();  // (epi is the same for the whole block)
+      const float* sq = epi.stage ? stage : epi.sq_in;
       for (int tok = warp; tok < min(M, TOKS); tok += nwarps) {
         float s = 0.f;
-        for (int i = lane; i < epi.sq_n; i += 32) s += epi.sq_in[(size_t)tok * epi.sq_n + i];
+        for (int i = lane; i < epi.sq_n; i += 32) s += sq[(size_t)tok * epi.sq_n + i];
 #pragma unroll
         for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (lane == 0) rs[tok] = rsqrtf(s / (16.f * epi.sq_n) + epi.eps);
@@ -437,12 +448,19 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
       if (ok) {
         const size_t at = (size_t)tok * N + tile0 * 16 + row;
         // y rounded to T first, as the unsplit model adds it (T(res + T(y))): the residual stream the same bits
-        const T ht = Num<T>::from_float(Num<T>::to_float(Num<T>::from_float(s)) +
-                                        Num<T>::to_float(static_cast<const T*>(epi.res)[at]));
+        T r, gm;
+        if (epi.stage) {  // norm_stage: [M][wr * ROWS] residual, then γ, of the block's rows
+          const T* st = reinterpret_cast<const T*>(stage + (epi.sq_in ? M * epi.sq_n : 0));
+          r = st[tok * wr * ROWS + rg * ROWS + row];
+          gm = st[M * wr * ROWS + rg * ROWS + row];
+        } else {
+          r = static_cast<const T*>(epi.res)[at];
+          gm = static_cast<const T*>(epi.gamma)[tile0 * 16 + row];
+        }
+        const T ht = Num<T>::from_float(Num<T>::to_float(Num<T>::from_float(s)) + Num<T>::to_float(r));
         const float h = Num<T>::to_float(ht);
         if (epi.out3) static_cast<T*>(epi.out3)[at] = ht;
-        static_cast<T*>(epi.out2)[at] =
-            Num<T>::from_float(Num<T>::to_float(static_cast<const T*>(epi.gamma)[tile0 * 16 + row]) * h);
+        static_cast<T*>(epi.out2)[at] = Num<T>::from_float(Num<T>::to_float(gm) * h);
         h2 = h * h;
       }
 #pragma unroll
@@ -661,6 +679,10 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 
   // Codebook weights: the codebooks into shared memory, after the reduction slabs.
   uint2* cb_s = reinterpret_cast<uint2*>(red + nwarps * R * 16 * MT * 8);
+  // NORM: norm_stage's copies after the slabs (no codebooks there); the block's rows.
+  static_assert(!(NORM && (XS || is_vq(ELEM))), "the norm epilogue is for the post-scale kernel only");
+  float* stage = reinterpret_cast<float*>(cb_s);
+  const int rowsb = (nwarps >> wk_log) * R * 16, rows0 = blockIdx.x * rowsb;
   if constexpr (is_vq(ELEM)) {
     constexpr int CP = vq_copies(ELEM);
     for (int i = threadIdx.x; i < cb_n * CP; i += blockDim.x) cb_s[i] = __ldg(cb + i / CP);
@@ -716,9 +738,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     if (!waited) {
       grid_dep_wait();
       waited = true;
-      if constexpr (NORM) {
-        if (epi.prefetch) norm_prefetch<T, R>(epi, M, N, tile0);
-      }
+      if constexpr (NORM) norm_stage<T>(epi, stage, M, N, rows0, rowsb);
     }
     if constexpr (XS) {
       if (rd + 1 < rounds) stage_x(rd + 1);
@@ -748,8 +768,11 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     }
   }
 
-  if (!waited) grid_dep_wait();  // warps without kblocks: nothing written before the previous kernel is done
-  reduce_store<T, MT, R, NORM>(acc, red, out, M, N, wk_log, glu, epi);
+  if (!waited) {  // warps without kblocks: nothing written before the previous kernel is done
+    grid_dep_wait();
+    if constexpr (NORM) norm_stage<T>(epi, stage, M, N, rows0, rowsb);
+  }
+  reduce_store<T, MT, R, NORM>(acc, red, out, M, N, wk_log, glu, epi, stage);
 }
 
 #define LLMCOMP_MMA_PARAMS                                                                                     \
@@ -842,7 +865,14 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   size_t smem = (size_t)wr * warps * R * 16 * MT * 8 * sizeof(float) + (size_t)cb_n * vq_copies(ELEM) * sizeof(uint2);
   auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
-  if (epi.res || epi.sq_in) {  // the RMSNorm split's epilogue: the post-scale kernel at M <= 8 only
+  EpiArgs e = epi;
+  if (e.res || e.sq_in) {  // the RMSNorm split's epilogue: the post-scale kernel at M <= 8 only
+    // norm_stage's shared memory: the consumer's sums, then the producer's residual and γ rows (all 16-byte chunks)
+    const size_t st = (e.sq_in ? (size_t)M * e.sq_n * sizeof(float) : 0) +
+                      (e.res ? (size_t)(M + 1) * wr * R * 16 * sizeof(T) : 0);
+    auto a16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    e.stage = e.stage && e.sq_n % 4 == 0 && a16(e.sq_in) && a16(e.res) && a16(e.gamma) && smem + st <= 48 * 1024;
+    if (e.stage) smem += st;
     if constexpr (ELEM == 3 && MT == 1) {
       kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
                                   : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true>;
@@ -863,7 +893,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   launch_ex(kern, (groups + wr - 1) / wr, threads, smem, reinterpret_cast<const T*>(x.data_ptr()),
             reinterpret_cast<const uint4*>(qw.data_ptr()), reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(),
             reinterpret_cast<T*>(out.data_ptr()), M, N, K, G, group_magic(K, G, group), kb_per_warp, wk_log,
-            cb ? reinterpret_cast<const uint2*>(cb->data_ptr()) : nullptr, cb1_at, cb_n, glu, epi);
+            cb ? reinterpret_cast<const uint2*>(cb->data_ptr()) : nullptr, cb1_at, cb_n, glu, e);
 }
 
 // Wider tiles only where registers allow (MT x R accumulators of 4 floats per lane). (Rounds of U = 8 kblocks
