@@ -570,7 +570,8 @@ def test_split_norm_decodes_the_same_on_cuda():
     roundings kept them all — so this form, which tells rounding from a wrong result, is what is checked); compiled by
     inductor and replayed as a CUDA graph, with and without dependent launch (a consumer then reads its producer's sums
     right after its grid_dep_wait), the first compiled step's logits are the unsplit graph's within rounding, with at
-    least three kernels fewer (two post-attention norms, one input norm)."""
+    least three kernels fewer (two post-attention norms, one input norm); at 16 sequences a step (not split) the graph
+    is the unsplit one: the same kernels, the same logits within 0.1 %."""
     import torch._dynamo
 
     from llmcomp.eval.graph_timeline import graph_timeline
@@ -618,6 +619,18 @@ def test_split_norm_decodes_the_same_on_cuda():
         want = runs[False, pdl].float()
         assert (runs[True, pdl].float() - want).abs().max() <= 2e-2 * want.abs().max(), pdl
         assert kernels[True, pdl] <= kernels[False, pdl] - 3, kernels
+    # 16 sequences a step: more rows than split_rows(), so norm=True (the default) compiles the unsplit graph
+    for norm in (False, True):
+        torch._dynamo.reset()
+        with db.compiled_layers(model, glu=True, norm=norm):
+            graphed = db.StaticDecoder(model, 16, 40)
+            graphed.prefill(ids.expand(16, -1).contiguous())
+            graphed.capture(warmup=3)
+            runs[norm, 16] = graphed.step().clone()
+            kernels[norm, 16] = graph_timeline(graphed.graph.replay, db.time_kind, steps=1)["kernels_per_step"]
+    want = runs[False, 16].float()
+    assert kernels[True, 16] == kernels[False, 16], kernels
+    assert (runs[True, 16].float() - want).abs().max() <= 1e-3 * want.abs().max()
 
 
 @pytest.mark.cuda

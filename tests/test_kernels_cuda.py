@@ -398,11 +398,11 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
             assert got.shape == (m, inter), (n, m, launch)
             assert err(got, ref_glu) < max(TOL, 1.5 * err(run(normed), ref_glu)), (n, m, launch)
             if launch is None:
-                # inputs off 16-byte alignment: the epilogue reads them from global memory, not through norm_stage's
-                # shared-memory copies: the same bits
-                unaligned = (uc.gemm_tensors(x, *o_args, res=_unaligned(res), gamma=_unaligned(gamma)),
-                             uc.gemm_tensors(xn, *run.args, glu=1, sq=_unaligned(sq), eps=eps)[0])
-                assert all(map(torch.equal, unaligned[0], produced)) and torch.equal(unaligned[1], got), (n, m)
+                # the residual and γ off 16-byte alignment: the producer reads them from global memory, not through
+                # norm_stage's shared-memory copies (LLMCOMP_NORM_STAGE=1; bench/norm_session.sh runs both): the same
+                # bits
+                unaligned = uc.gemm_tensors(x, *o_args, res=_unaligned(res), gamma=_unaligned(gamma))
+                assert all(map(torch.equal, unaligned, produced)), (n, m)
             gate_args = uc.kernel_tensors(uc.prepare(fmt, tg, n), dtype)
             got = uc.gemm_tensors(xn, *gate_args, launch=launch, sq=sq, eps=eps)[0]
             ref = normed.float() @ wg.T

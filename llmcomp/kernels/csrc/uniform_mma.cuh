@@ -92,7 +92,7 @@ struct EpiArgs {
   const float* sq_in = nullptr;
   int sq_n = 0;
   float eps = 0.f;
-  int stage = 1;  // norm_stage (LLMCOMP_NORM_STAGE=0: off, for A/B timing); launch_mma clears it where it cannot
+  int stage = 0;  // norm_stage, producer only (opt-in, LLMCOMP_NORM_STAGE=1: not yet timed alone); launch_mma decides
 };
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
@@ -335,29 +335,24 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 
 // acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the 2^wk_log warps of each row group
 // in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
-// NORM: the epilogue's global inputs copied into shared memory (`stage`, after the reduction slabs) by cp.async as soon
-// as the previous kernel is done (grid_dep_wait), so that their latency passes under the main loop's weight stream
-// instead of adding to every block's tail, without registers: the consumer's per-tile sums [M][sq_n] (fp32), then the
-// producer's residual [M][rowsb] and γ [rowsb] for the block's rows rows0 .. rows0 + rowsb (T). Each thread copies its
-// share once (from wherever it passes grid_dep_wait); reduce_store waits for the copies. (An L1 prefetch of the same
-// lines, prefetch.global.L1, was slower: 1.97 ms a decode step against 1.91 without it, H200, nineteenth session.)
+// NORM producer: its residual [M][rowsb] and γ [rowsb] rows (the block's rows rows0 .. rows0 + rowsb) copied into
+// shared memory (`stage`, after the reduction slabs) by cp.async as soon as the previous kernel is done
+// (grid_dep_wait), so that their latency passes under the main loop's weight stream instead of adding to every
+// block's tail, without registers. Each thread copies its share once (from wherever it passes grid_dep_wait);
+// reduce_store waits for the copies. Opt-in (LLMCOMP_NORM_STAGE=1) until timed in this form: H200, 8B decode a
+// layer, nineteenth session, with the consumers' per-tile sums staged too: o 6.27 → 5.98 µs, down 10.78 → 10.59, but
+// q/k/v 8.10 → 8.38 and the GLU call 21.95 → 23.23 (~1 KB more a block for ~900 blocks, and a barrier), so the step
+// was slower (1.93 ms against 1.89); an L1 prefetch of all the inputs was slower still (kernels_h200_notes.md).
 template <typename T>
 __device__ __forceinline__ void norm_stage(const EpiArgs& epi, float* stage, int M, int N, int rows0, int rowsb) {
   if (!epi.stage) return;
-  if (epi.sq_in) {
-    const int n4 = epi.sq_n / 4;  // 16-byte chunks a token (launch_mma: sq_n % 4 == 0)
-    for (int i = threadIdx.x; i < M * n4; i += blockDim.x)
-      cp_async16(stage + i * 4, epi.sq_in + (size_t)(i / n4) * epi.sq_n + (i % n4) * 4);
-  }
-  if (epi.res) {
-    T* st = reinterpret_cast<T*>(stage + (epi.sq_in ? M * epi.sq_n : 0));
-    const int c8 = rowsb / 8;  // 16-byte chunks a token's rows (N % 16 == 0: none straddles N)
-    for (int i = threadIdx.x; i < (M + 1) * c8; i += blockDim.x) {
-      const int tok = i / c8, r = rows0 + (i % c8) * 8;
-      if (r >= N) continue;
-      cp_async16(st + i * 8, tok < M ? static_cast<const T*>(epi.res) + (size_t)tok * N + r
-                                     : static_cast<const T*>(epi.gamma) + r);
-    }
+  T* st = reinterpret_cast<T*>(stage);
+  const int c8 = rowsb / 8;  // 16-byte chunks a token's rows (N % 16 == 0: none straddles N)
+  for (int i = threadIdx.x; i < (M + 1) * c8; i += blockDim.x) {
+    const int tok = i / c8, r = rows0 + (i % c8) * 8;
+    if (r >= N) continue;
+    cp_async16(st + i * 8, tok < M ? static_cast<const T*>(epi.res) + (size_t)tok * N + r
+                                   : static_cast<const T*>(epi.gamma) + r);
   }
   cp_async_commit();
 }
@@ -384,13 +379,11 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
   if constexpr (NORM) {
     __shared__ float rs_s[TOKS];
     rs = rs_s;
-    if (epi.stage) cp_async_wait<0>();  // norm_stage's copies: this thread's; the barriers below: everyone's
+    if (epi.stage) cp_async_wait<0>();  // norm_stage's copies: this thread's; the barrier below: everyone's
     if (epi.sq_in) {  // one warp a token: the producer's per-tile sums (read after grid_dep_wait, as x)
-      if (epi.stage) __syncthreads();  // (epi is the same for the whole block)
-      const float* sq = epi.stage ? stage : epi.sq_in;
       for (int tok = warp; tok < min(M, TOKS); tok += nwarps) {
         float s = 0.f;
-        for (int i = lane; i < epi.sq_n; i += 32) s += sq[(size_t)tok * epi.sq_n + i];
+        for (int i = lane; i < epi.sq_n; i += 32) s += epi.sq_in[(size_t)tok * epi.sq_n + i];
 #pragma unroll
         for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (lane == 0) rs[tok] = rsqrtf(s / (16.f * epi.sq_n) + epi.eps);
@@ -450,7 +443,7 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
         // y rounded to T first, as the unsplit model adds it (T(res + T(y))): the residual stream the same bits
         T r, gm;
         if (epi.stage) {  // norm_stage: [M][wr * ROWS] residual, then γ, of the block's rows
-          const T* st = reinterpret_cast<const T*>(stage + (epi.sq_in ? M * epi.sq_n : 0));
+          const T* st = reinterpret_cast<const T*>(stage);
           r = st[tok * wr * ROWS + rg * ROWS + row];
           gm = st[M * wr * ROWS + rg * ROWS + row];
         } else {
@@ -867,11 +860,10 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
   EpiArgs e = epi;
   if (e.res || e.sq_in) {  // the RMSNorm split's epilogue: the post-scale kernel at M <= 8 only
-    // norm_stage's shared memory: the consumer's sums, then the producer's residual and γ rows (all 16-byte chunks)
-    const size_t st = (e.sq_in ? (size_t)M * e.sq_n * sizeof(float) : 0) +
-                      (e.res ? (size_t)(M + 1) * wr * R * 16 * sizeof(T) : 0);
+    // norm_stage's shared memory (a producer's): the residual and γ rows of the block, in 16-byte chunks
+    const size_t st = (size_t)(M + 1) * wr * R * 16 * sizeof(T);
     auto a16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    e.stage = e.stage && e.sq_n % 4 == 0 && a16(e.sq_in) && a16(e.res) && a16(e.gamma) && smem + st <= 48 * 1024;
+    e.stage = e.stage && e.res && !e.sq_in && a16(e.res) && a16(e.gamma) && smem + st <= 48 * 1024;
     if (e.stage) smem += st;
     if constexpr (ELEM == 3 && MT == 1) {
       kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
