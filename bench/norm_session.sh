@@ -10,7 +10,8 @@ set -u
 . bench/session_common.sh
 TAIL=15 run ${TEST_S:-240} tests.log python3 -m pytest -q tests/test_kernels_cuda.py tests/test_decode_bench.py \
   -k "norm_split or split_norm or glu_epilogue or trace_quantized"
-LLMCOMP_NORM_STAGE=1 TAIL=3 run ${TEST_S:-240} tests_stage.log python3 -m pytest -q tests/test_kernels_cuda.py -k norm_split
+LLMCOMP_NORM_STAGE=1 TAIL=3 run ${TEST_S:-240} tests_stage.log \
+  python3 -m pytest -q tests/test_kernels_cuda.py -k norm_split
 # SPLITS: 1 (split, the default), 1s1 (split, a producer's residual and γ staged: LLMCOMP_NORM_STAGE=1), 0 (not split)
 for b in ${BATCHES:-1 16}; do
   for v in ${SPLITS:-1 1s1 0}; do
