@@ -270,6 +270,11 @@ def test_cli_norm_split_needs_the_glu_call_from_the_environment_too(no_gpu, monk
     assert "LLMCOMP_GLU=0" in error_line("bench", "decode", "--synthetic", "llama3-8b", "--compile", "--norm-split")
 
 
+def test_cli_norm_split_asked_in_float16_is_refused(no_gpu):
+    line = error_line("bench", "decode", "--synthetic", "llama3-8b", "--compile", "--norm-split", "--dtype", "float16")
+    assert "bfloat16 only" in line
+
+
 @pytest.mark.parametrize("switch, flag, env, want", [
     ("glu", [], "", True), ("glu", [], "0", False), ("glu", ["--no-glu"], "", False), ("glu", ["--glu"], "0", True),
     ("norm", [], "", True), ("norm", [], "0", False), ("norm", ["--no-norm-split"], "1", False),

@@ -116,6 +116,9 @@ def decode(
             raise UserError(f"--inductor-option: {exc}.") from None
         if dtype not in ("bfloat16", "float16"):
             raise UserError(f"--dtype must be bfloat16 or float16, got {dtype!r}.")
+        if norm_split and dtype != "bfloat16":
+            raise UserError("--norm-split runs in bfloat16 only (in float16 the unnormalized γ ⊙ h could overflow): "
+                            "drop it or use --dtype bfloat16.")
         if (path is None) == (synthetic is None):
             raise UserError("Pass an artifact PATH or --synthetic llama3-8b (one of the two).")
         if synthetic is not None:
