@@ -333,8 +333,6 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
   }
 }
 
-// acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the 2^wk_log warps of each row group
-// in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
 // NORM producer: its residual [M][rowsb] and γ [rowsb] rows (the block's rows rows0 .. rows0 + rowsb) copied into
 // shared memory (`stage`, after the reduction slabs) by cp.async as soon as the previous kernel is done
 // (grid_dep_wait), so that their latency passes under the main loop's weight stream instead of adding to every
@@ -357,6 +355,8 @@ __device__ __forceinline__ void norm_stage(const EpiArgs& epi, float* stage, int
   cp_async_commit();
 }
 
+// acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the 2^wk_log warps of each row group
+// in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
 template <typename T, int MT, int R, bool NORM = false>
 __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float* red, T* __restrict__ out, int M, int N,
                                              int wk_log, int glu, const EpiArgs& epi, const float* stage = nullptr) {
