@@ -224,8 +224,7 @@ def _calibrated(model, output, overwrite, calib_samples, calib_seq_len, seed, pr
     """Open ``model`` for a calibrated rewrite into ``output`` (``check(net, stages)`` vets it first):
     (output, net, tok, base, stages, calibration ids, calibration info)."""
     output = check_output(output, overwrite)
-    if calib_samples < 1 or calib_seq_len < 2:
-        raise UserError("--calib-samples must be ≥ 1 and --seq-len ≥ 2.")
+    check_calib(calib_samples, calib_seq_len)  # before the model is loaded
     net, tok, base, stages = open_model(model, progress=progress)
     if check is not None:
         check(net, stages)
