@@ -611,28 +611,26 @@ def test_split_norm_decodes_the_same_on_cuda():
     assert torch.equal(split[0], unsplit[0])  # the prefill (24 rows): not split
     assert max(errs(split, ref)) <= max(2e-2, 1.5 * max(errs(unsplit, ref))), (errs(split, ref), errs(unsplit, ref))
     runs, kernels = {}, {}
-    for norm, pdl in ((False, False), (True, False), (False, True), (True, True)):
+
+    def graphed_step(key, batch, norm, pdl=False):  # one step compiled by inductor, replayed as a CUDA graph
         torch._dynamo.reset()
         with db.compiled_layers(model, glu=True, norm=norm, pdl=pdl) as info:
             assert info["norm_split"] == (3 if norm else 0)
-            graphed = db.StaticDecoder(model, 1, 40)
-            graphed.prefill(ids)
+            graphed = db.StaticDecoder(model, batch, 40)
+            graphed.prefill(ids.expand(batch, -1).contiguous())
             graphed.capture(warmup=3)
-            runs[norm, pdl] = graphed.step().clone()
-            kernels[norm, pdl] = graph_timeline(graphed.graph.replay, db.time_kind, steps=1)["kernels_per_step"]
+            runs[key] = graphed.step().clone()
+            kernels[key] = graph_timeline(graphed.graph.replay, db.time_kind, steps=1)["kernels_per_step"]
+
+    for norm, pdl in ((False, False), (True, False), (False, True), (True, True)):
+        graphed_step((norm, pdl), 1, norm, pdl)
     for pdl in (False, True):
         want = runs[False, pdl].float()
         assert (runs[True, pdl].float() - want).abs().max() <= 2e-2 * want.abs().max(), pdl
         assert kernels[True, pdl] <= kernels[False, pdl] - 3, kernels
     # 16 sequences a step: more rows than split_rows(), so norm=True (the default) compiles the unsplit graph
     for norm in (False, True):
-        torch._dynamo.reset()
-        with db.compiled_layers(model, glu=True, norm=norm):
-            graphed = db.StaticDecoder(model, 16, 40)
-            graphed.prefill(ids.expand(16, -1).contiguous())
-            graphed.capture(warmup=3)
-            runs[norm, 16] = graphed.step().clone()
-            kernels[norm, 16] = graph_timeline(graphed.graph.replay, db.time_kind, steps=1)["kernels_per_step"]
+        graphed_step((norm, 16), 16, norm)
     want = runs[False, 16].float()
     assert kernels[True, 16] == kernels[False, 16], kernels
     assert (runs[True, 16].float() - want).abs().max() <= 1e-3 * want.abs().max()
