@@ -537,14 +537,16 @@ def test_layers_per_graph_and_combo_kernels_on_cuda():
 
 
 @pytest.mark.cuda
-def test_compiled_layers_trace_quantized_linears_on_cuda():
-    """On CUDA the W4 layers' linears are traced as their kernels (frozen): fewer compiled frames than with the
-    linears kept out of dynamo (a graph break each), and the decoded tokens are the eager ones either way."""
+@pytest.mark.parametrize("fmt", ["uniform", "mxfp4", "nvfp4"])
+def test_compiled_layers_trace_quantized_linears_on_cuda(fmt):
+    """On CUDA the W4 (or MXFP4 / NVFP4) layers' linears are traced as their kernels (frozen), gate/up as one GLU
+    call: fewer compiled frames than with the linears kept out of dynamo (a graph break each), and the decoded tokens
+    are the eager ones either way."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
     model = db.synthetic_model("llama3-8b", layers=2)
-    db.quantize_rtn(model, 4, 128)
+    db.quantize_rtn(model, 4, 128, fmt=fmt)
     ids = torch.randint(0, 128256, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
     _, ref, ref_tokens = static_decode(model, ids, steps=3, max_len=40)
     frames = {}
@@ -917,10 +919,11 @@ def test_dependent_launch_takes_the_attention_along(monkeypatch, env, want):
         assert da.ATTN_PDL is False  # off: left as it stands
 
 
-def test_frozen_glu_asks_the_kernel_only_for_uniform_weights(monkeypatch):
-    """frozen_glu declines formats other than uniform before any of the uniform kernel's checks (which assume a
-    uniform format: ``shape_ok`` raised for codebook, pyramid, outliers and actquant weights, so a compiled decode of
-    such a model stopped on a GPU); a uniform pair reaches them. The GPU placement and the extension are faked."""
+def test_frozen_glu_asks_the_kernel_only_for_uniform_and_e2m1_weights(monkeypatch):
+    """frozen_glu declines formats other than uniform and E2M1 (mxfp4, nvfp4, fp4 with E2M1 elements) before any of
+    the kernel's checks (which assume such a format: ``shape_ok`` raised for codebook, pyramid, outliers and actquant
+    weights, so a compiled decode of such a model stopped on a GPU); a uniform or E2M1 pair reaches them, an fp4
+    pair with E1M2 elements does not. The GPU placement and the extension are faked."""
     from types import SimpleNamespace
 
     from llmcomp.core import qlinear
@@ -928,6 +931,8 @@ def test_frozen_glu_asks_the_kernel_only_for_uniform_weights(monkeypatch):
     from llmcomp.formats import Uniform
     from llmcomp.formats.actquant import ActQuant
     from llmcomp.formats.codebook import Codebook
+    from llmcomp.formats.fp4 import FP4, MXFP4, NVFP4
+    from llmcomp.formats.minifloat import Minifloat
     from llmcomp.formats.outliers import Outliers
     from llmcomp.formats.pyramid import Pyramid
     from llmcomp.kernels import uniform_cuda
@@ -938,12 +943,13 @@ def test_frozen_glu_asks_the_kernel_only_for_uniform_weights(monkeypatch):
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, device=None, **kw: empty(*a, **kw))  # the probe, on the CPU
     on_gpu = {"weight_packed": SimpleNamespace(device=torch.device("cuda"))}
-    for fmt in (Codebook(), Outliers(), Pyramid(), ActQuant(), Uniform(bits=4, group_size=128)):
+    for fmt in (Codebook(), Outliers(), Pyramid(), ActQuant(), FP4(group_size=64, element=Minifloat(1, 2)),
+                Uniform(bits=4, group_size=128), MXFP4(), NVFP4(), FP4(group_size=64)):
         mods = [QuantLinear(256, 64, fmt, device="meta") for _ in range(2)]
         for m in mods:
             monkeypatch.setattr(m, "packed_tensors", lambda: on_gpu)
         assert qlinear.frozen_glu(mods[0], mods[1], torch.bfloat16) is None
-    assert asked == ["uniform"]
+    assert asked == ["uniform", "mxfp4", "nvfp4", "fp4"]
 
 
 def test_gated_mlps_run_through_one_glu_call(monkeypatch, cpu_fused_path):

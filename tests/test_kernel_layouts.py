@@ -352,3 +352,108 @@ def test_glu_interleave_pairs_each_gate_row_with_its_up_row_in_a_tile():
     for tile in range(4):
         assert torch.equal(w[16 * tile:16 * tile + 8], wg[8 * tile:8 * tile + 8])
         assert torch.equal(w[16 * tile + 8:16 * tile + 16], wu[8 * tile:8 * tile + 8])
+
+
+def _glu_pair(fmt, n: int, k: int):
+    """Gate and up weights [n, k] quantized by the format's own RTN (``rtn_fields`` / ``fp4_fields``), up 7× larger
+    than gate (NVFP4: two different tensor scales)."""
+    from llmcomp.quant.fp4 import fp4_fields
+
+    g = torch.Generator().manual_seed(n + k)
+    ws = (torch.randn(n, k, generator=g) * 0.05, torch.randn(n, k, generator=g) * 0.35)
+    fields = fp4_fields if uniform_cuda.is_e2m1(fmt) else rtn_fields
+    return tuple(fmt.pack(fields(w, fmt)) for w in ws)
+
+
+def _prepared_weight(prep: dict, k: int) -> torch.Tensor:
+    """The fp32 weight [n, k] a prepared layout (2- or 4-bit codes) holds, read back on the CPU (``_unrepack``):
+    E2M1 — e2m1(code) · S, uniform — code · scale + mz; per ``prep["group"]`` inputs (one group a row: all)."""
+    from llmcomp.formats.minifloat import E2M1
+
+    n, kp = prep["n"], prep["kp"]
+    codes = _unrepack(prep["qw"], prep["bits"], n, kp)[:, :k]
+    cols = (torch.arange(k) // prep["group"]).clamp(max=prep["scale"].shape[1] - 1)
+    if prep["elem"] == 1:
+        return E2M1.decode(codes) * prep["scale"][:, cols]
+    return codes.float() * prep["scale"][:, cols] + prep["mz"][:, cols]
+
+
+def _assert_interleaved(both: torch.Tensor, g: torch.Tensor, u: torch.Tensor, what: str):
+    """Row 16t + i of ``both`` is g's row 8t + i, row 16t + 8 + i u's, bit for bit."""
+    assert both.shape[0] == 2 * g.shape[0] and both.shape[1:] == g.shape[1:], what
+    for t in range(g.shape[0] // 8):
+        assert torch.equal(both[16 * t:16 * t + 8], g[8 * t:8 * t + 8]), (what, t)
+        assert torch.equal(both[16 * t + 8:16 * t + 16], u[8 * t:8 * t + 8]), (what, t)
+
+
+def _glu_formats():
+    from llmcomp.formats.fp4 import FP4, MXFP4, NVFP4
+
+    return [Uniform(bits=4, group_size=128), Uniform(bits=2, group_size=0), MXFP4(), NVFP4(), FP4(group_size=64)]
+
+
+@pytest.mark.parametrize("fmt", _glu_formats(), ids=lambda f: f.describe())
+@pytest.mark.parametrize("k", [256, 576])
+def test_prepare_glu_interleaves_each_members_prepared_rows(fmt, k):
+    """``prepare_glu``: the GLU call's layout is each member's own ``prepare`` layout, rows interleaved 8 gate + 8 up a
+    16-row tile — codes (read back through the kernel's tables), fp32 scales (E2M1: NVFP4's E4M3 block scale × that
+    member's tensor scale, different for gate and up), zeros, and the kernel's 16-bit scales in both dtypes, bit for
+    bit; the weight the layout holds is each member's reference ``dequantize`` row for row, bit for bit (E2M1)."""
+    n = 32
+    gate, up = _glu_pair(fmt, n, k)
+    if fmt.name == "nvfp4":
+        assert not torch.equal(gate["weight_global_scale"], up["weight_global_scale"])
+        with pytest.raises(ValueError, match="weight_global_scale"):  # not rows-first: refused, not mixed up
+            uniform_cuda.glu_interleave(gate, up)
+    prep = uniform_cuda.prepare_glu(fmt, gate, up, k)
+    pg, pu = (uniform_cuda.prepare(fmt, t, k) for t in (gate, up))
+    assert (prep["n"], prep["kp"], prep["group"], prep["bits"], prep["elem"]) == \
+        (2 * n, pg["kp"], pg["group"], pg["bits"], pg["elem"])
+    codes = [_unrepack(p["qw"], p["bits"], p["n"], p["kp"]) for p in (prep, pg, pu)]
+    _assert_interleaved(*codes, "codes")
+    _assert_interleaved(prep["scale"], pg["scale"], pu["scale"], "scale")
+    if prep["elem"] == 0:
+        _assert_interleaved(prep["mz"], pg["mz"], pu["mz"], "mz")
+        assert (prep["zero"] is None) == (pg["zero"] is None)
+        if prep["zero"] is not None:
+            _assert_interleaved(prep["zero"], pg["zero"], pu["zero"], "zero")
+    for dtype in (torch.float16, torch.bfloat16):
+        _assert_interleaved(*(uniform_cuda.scale_pairs(p, dtype) for p in (prep, pg, pu)), f"sz {dtype}")
+    if prep["elem"] == 1:  # the layout's weight is the reference's, bit for bit (fp32 scales, exact e2m1 values)
+        _assert_interleaved(_prepared_weight(prep, k), fmt.dequantize(gate, k), fmt.dequantize(up, k), "weight")
+
+
+def test_glu_call_accepts_uniform_and_e2m1_formats_only():
+    """``uniform_cuda.glu`` builds its call (a CPU-side check: ``prepare_glu`` and the kernel's tensors) for uniform
+    and E2M1 weights; None for other element kinds, rows not a multiple of 8, and shapes the kernel refuses."""
+    from llmcomp.formats.fp4 import FP4
+    from llmcomp.formats.minifloat import Minifloat
+
+    for fmt in _glu_formats():
+        gate, up = _glu_pair(fmt, 24, 256)
+        run = uniform_cuda.glu(fmt, gate, up, 256, torch.bfloat16)
+        e2m1 = uniform_cuda.is_e2m1(fmt)
+        assert isinstance(run, uniform_cuda.GluCall) and run.args[6] == 48 and run.args[7] == int(e2m1), fmt
+        assert run.args[3] is None or not e2m1  # E2M1: no post-scale pairs (so no norm split around the call)
+        assert uniform_cuda.glu(fmt, *_glu_pair(fmt, 20, 256), 256, torch.bfloat16) is None  # 20 rows: not 8s
+    e1m2 = FP4(group_size=64, element=Minifloat(1, 2))
+    assert uniform_cuda.glu(e1m2, *_glu_pair(Uniform(bits=4, group_size=64), 16, 256), 256, torch.bfloat16) is None
+    ragged = FP4(group_size=128)  # 576 inputs: a ragged last group, which the kernel does not take
+    assert uniform_cuda.glu(ragged, *_glu_pair(ragged, 16, 576), 576, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("fmt", _glu_formats(), ids=lambda f: f.describe())
+def test_glu_call_dense_path_is_silu_gate_times_up(fmt, monkeypatch):
+    """``GluCall.dense`` (prefill, more than MAX_M rows) pairs the interleaved weight's columns right: silu(x Wgᵀ) ·
+    (x Wuᵀ) from each member's reference ``dequantize``. The CUDA ``dequantize`` of the prepared layout is replaced
+    by its CPU read-back (``_prepared_weight``); the CUDA tests run the real one."""
+    k = 256
+    gate, up = _glu_pair(fmt, 32, k)
+    run = uniform_cuda.glu(fmt, gate, up, k, torch.bfloat16)
+    monkeypatch.setattr(uniform_cuda, "dequantize", lambda prep, kk, dtype: _prepared_weight(prep, kk).to(dtype))
+    x = torch.randn(uniform_cuda.MAX_M + 6, k, generator=torch.Generator().manual_seed(3))
+    y = run(x)
+    wg, wu = fmt.dequantize(gate, k), fmt.dequantize(up, k)
+    ref = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)
+    assert y.shape == (x.shape[0], 32)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

@@ -433,7 +433,7 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=128),
                                  Uniform(bits=2, group_size=128), Uniform(bits=4, group_size=96),
-                                 Uniform(bits=2, group_size=0)], ids=lambda f: f.describe())
+                                 Uniform(bits=2, group_size=0), MXFP4(), NVFP4()], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_glu_epilogue_matches_the_reference(fmt, dtype):
     """The gated MLP's gate and up in one call (``uniform_cuda.glu``: rows interleaved 8 and 8 a tile, silu(gate) ·
@@ -441,7 +441,9 @@ def test_glu_epilogue_matches_the_reference(fmt, dtype):
     takes and above (the dequantized path), every launch configuration (one or two row tiles a warp, 1–16 warps
     splitting K, row groups, x staged), inputs padded to whole kblocks (576 per-channel 2-bit); each launch on a
     fresh x into a block that held NaN, so a column left unwritten fails; ``glu_op`` traced by dynamo (fullgraph)
-    gives the eager bits; shapes the kernel refuses give None."""
+    gives the eager bits; shapes the kernel refuses give None. E2M1 too (``prepare_glu``: each member's block
+    multipliers interleaved; NVFP4's gate and up with different tensor scales), and the interleaved layout's
+    dequantize kernel is the members' row for row, bit for bit."""
     from torch import _dynamo as dynamo
 
     from llmcomp.kernels import uniform_cuda
@@ -457,6 +459,12 @@ def test_glu_epilogue_matches_the_reference(fmt, dtype):
             continue
         wg, wu = (fmt.dequantize(t, k, dtype=torch.float32) for t in (tg, tu))
         pg, pu = (uniform_cuda.prepare(fmt, t, k) for t in (tg, tu))
+        if fmt.name == "nvfp4":
+            assert not torch.equal(tg["weight_global_scale"], tu["weight_global_scale"])
+        # the prefill path's weight (GluCall.dense): 8 gate rows, then their 8 up rows a tile, each the member's bits
+        both = uniform_cuda.dequantize(run.prep, k, dtype).reshape(-1, 2, 8, k)
+        assert torch.equal(both[:, 0].reshape(n, k), uniform_cuda.dequantize(pg, k, dtype))
+        assert torch.equal(both[:, 1].reshape(n, k), uniform_cuda.dequantize(pu, k, dtype))
 
         def err(y, ref):
             return float((y.float() - ref).abs().max() / ref.abs().max())

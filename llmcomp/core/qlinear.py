@@ -170,18 +170,20 @@ def member_output(y: torch.Tensor, bias, lead: tuple) -> torch.Tensor:
 def frozen_glu(gate: nn.Module, up: nn.Module, dtype: torch.dtype) -> Optional[Callable]:
     """``x -> silu(gate(x)) · up(x)`` for ``dtype`` inputs over one interleaved copy of the two weights
     (``uniform_cuda.glu``): at decode sizes one traceable kernel call with the activation in the GEMM's epilogue,
-    above them the copy dequantized; None where that kernel cannot take these weights (not both uniform QuantLinears
-    of one format and shape without bias, not on a GPU with the extension)."""
+    above them the copy dequantized; None where that kernel cannot take these weights (not both uniform or both E2M1
+    — mxfp4, nvfp4, fp4 with E2M1 elements — QuantLinears of one format and shape without bias, not on a GPU with the
+    extension). NVFP4's two tensor scales may differ (``uniform_cuda.prepare_glu`` folds each into its rows)."""
+    from llmcomp.kernels import uniform_cuda
+
     mods = (gate, up)
     if (not all(isinstance(m, QuantLinear) for m in mods) or any(m.bias is not None for m in mods)
-            or gate.fmt.name != "uniform" or hasattr(gate.fmt, "quantize_input")  # (the kernel's own checks assume it)
+            or not (gate.fmt.name == "uniform" or uniform_cuda.is_e2m1(gate.fmt))
+            or hasattr(gate.fmt, "quantize_input")  # (the kernel's own checks assume these formats)
             or gate.fmt.describe() != up.fmt.describe() or gate.in_features != up.in_features
             or gate.out_features != up.out_features):
         return None
     tensors = [m.packed_tensors() for m in mods]
     device = next(iter(tensors[0].values())).device
-    from llmcomp.kernels import uniform_cuda
-
     if device.type != "cuda" or uniform_cuda.extension() is None:
         return None
     probe = torch.empty(1, gate.in_features, dtype=dtype, device=device)

@@ -187,14 +187,18 @@ def _pad_k(codes: torch.Tensor, per_group: list[torch.Tensor], group: int, kp: i
             [F.pad(t, (0, gp - t.shape[1])) if t.shape[1] < gp else t for t in per_group])
 
 
+def _prepare_e2m1(codes: torch.Tensor, scale: torch.Tensor, group: int, in_features: int) -> dict:
+    """E2M1 codes [N, K] and their fp32 block multipliers [N, K / group] → ``prepare``'s layout."""
+    kp = padded_k(in_features, 4)
+    codes, (scale,) = _pad_k(codes, [scale], group, kp)
+    return {"qw": repack(codes, 4), "qh": None, "scale": scale, "mz": None, "sz": {}, "group": group,
+            "n": codes.shape[0], "bits": 4, "elem": 1, "kp": kp}
+
+
 def prepare(fmt, tensors: dict, in_features: int) -> dict:
     f = fmt.unpack(tensors, in_features)
     if fmt.name in E2M1_FORMATS:
-        group = fmt.block(in_features)
-        kp = padded_k(in_features, 4)
-        codes, (scale,) = _pad_k(f["codes"], [fmt.block_scale(f).float()], group, kp)
-        return {"qw": repack(codes, 4), "qh": None, "scale": scale, "mz": None, "sz": {}, "group": group,
-                "n": codes.shape[0], "bits": 4, "elem": 1, "kp": kp}
+        return _prepare_e2m1(f["codes"], fmt.block_scale(f).float(), fmt.block(in_features), in_features)
     group = fmt.group(in_features)
     kp = padded_k(in_features, fmt.bits)
     codes, (scale, zero) = _pad_k(f["codes"], [f["scale"].float(), f["zero"].float()], group, kp)
@@ -372,7 +376,7 @@ def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp):
 @torch.library.custom_op("llmcomp::uniform_glu", mutates_args=())
 def glu_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor, sz_post: Optional[torch.Tensor],
            bits: int, group: int, n: int, elem: int, kp: int) -> torch.Tensor:
-    """``linear_op`` over a ``glu_interleave``d gate/up weight with the gated activation in the kernel's epilogue:
+    """``linear_op`` over a gate/up weight interleaved by ``prepare_glu`` with the gated activation in the epilogue:
     x2 [M, K] → silu(x2 @ gateᵀ) · (x2 @ upᵀ) [M, n / 2]."""
     return gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, glu=1)
 
@@ -422,16 +426,41 @@ def norm_reference(y: torch.Tensor, res: torch.Tensor, gamma: torch.Tensor) -> t
     return h, (gamma.float() * hf).to(res.dtype), hf.pow(2).view(h.shape[0], -1, 16).sum(-1)
 
 
+def _interleave8(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Two tensors of N rows (rows-first, N a multiple of 8, the same shape) → 2N rows: rows 16t..16t+7 are g's
+    8t..8t+7, rows 16t+8..16t+15 u's 8t..8t+7."""
+    n = g.shape[0]
+    if g.shape != u.shape or n % 8:
+        raise ValueError(f"interleaving 8 rows at a time needs two tensors of one shape with rows a multiple of 8, "
+                         f"got {tuple(g.shape)} and {tuple(u.shape)}")
+    return torch.stack([g.reshape(n // 8, 8, *g.shape[1:]), u.reshape(n // 8, 8, *u.shape[1:])], 1) \
+        .reshape(2 * n, *g.shape[1:]).contiguous()
+
+
 def glu_interleave(gate: dict, up: dict) -> dict:
     """Two packed uniform weights of N rows each (every tensor rows-first) → one of 2N rows in which each 16-row
-    tile holds 8 gate rows, then the same 8 rows of up: what the GLU epilogue pairs (row r with r + 8 of a tile)."""
-    out = {}
-    for key, g in gate.items():
-        u = up[key]
-        n = g.shape[0]
-        out[key] = torch.stack([g.reshape(n // 8, 8, *g.shape[1:]), u.reshape(n // 8, 8, *u.shape[1:])], 1) \
-            .reshape(2 * n, *g.shape[1:]).contiguous()
-    return out
+    tile holds 8 gate rows, then the same 8 rows of up: what the GLU epilogue pairs (row r with r + 8 of a tile).
+    A tensor that is not N rows (NVFP4's per-tensor scale) is refused: ``prepare_glu`` folds such scales first."""
+    n = gate["weight_packed"].shape[0]
+    bad = [key for key, g in gate.items() if g.dim() == 0 or g.shape[0] != n]
+    if bad:
+        raise ValueError(f"glu_interleave: {', '.join(bad)} not rows-first with {n} rows; use prepare_glu")
+    return {key: _interleave8(g, up[key]) for key, g in gate.items()}
+
+
+def prepare_glu(fmt, gate: dict, up: dict, in_features: int) -> dict:
+    """``prepare``'s layout for the GLU call: gate's and up's N rows each interleaved 8 and 8 a 16-row tile
+    (``glu_interleave``). Uniform: the packed tensors interleaved, then prepared. E2M1 (mxfp4, nvfp4, fp4): each
+    member's codes and fp32 block multipliers as ``prepare`` computes them (NVFP4: E4M3 block scale × that member's
+    own tensor scale, in fp32), interleaved, then laid out: every row's multipliers are the bits its member's own
+    ``prepare`` holds, whatever the two tensor scales. (The prepared codes cannot be interleaved after the fact: a
+    lane's word holds rows r and r + 8 of a tile.)"""
+    if fmt.name not in E2M1_FORMATS:
+        return prepare(fmt, glu_interleave(gate, up), in_features)
+    fg, fu = fmt.unpack(gate, in_features), fmt.unpack(up, in_features)
+    return _prepare_e2m1(_interleave8(fg["codes"], fu["codes"]),
+                         _interleave8(fmt.block_scale(fg).float(), fmt.block_scale(fu).float()),
+                         fmt.block(in_features), in_features)
 
 
 @functools.lru_cache(maxsize=1)
@@ -569,14 +598,15 @@ class GluCall(FrozenCall):
 
 
 def glu(fmt, gate: dict, up: dict, in_features: int, dtype: torch.dtype) -> Optional[GluCall]:
-    """One ``glu_op`` call for a gated MLP's gate and up weights (uniform, N rows each, N a multiple of 8), their
-    rows interleaved (``glu_interleave``) and prepared anew; None where the kernel cannot take them in ``dtype``."""
-    if fmt.name != "uniform":
+    """One ``glu_op`` call for a gated MLP's gate and up weights (uniform or E2M1 elements — mxfp4, nvfp4, fp4 —,
+    N rows each, N a multiple of 8), their rows interleaved and prepared anew (``prepare_glu``); None where the kernel
+    cannot take them in ``dtype`` (E2M1 block scales too large for it included)."""
+    if fmt.name != "uniform" and not is_e2m1(fmt):
         return None
     n = gate["weight_packed"].shape[0]
     if n % 8 or not shape_ok(fmt, in_features, 2 * n):
         return None
-    prep = prepare(fmt, glu_interleave(gate, up), in_features)
+    prep = prepare_glu(fmt, gate, up, in_features)
     if not scales_fit(prep, dtype):
         return None
     return GluCall(kernel_tensors(prep, dtype), prep, in_features)
