@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call for what the nineteenth session left (bench/results/kernels_h200_notes.md, "Next"): the RMSNorm
-# split is the default at <= 8 tokens a step; time a producer's residual and γ staged in shared memory by cp.async
-# right after grid_dep_wait (norm_stage, LLMCOMP_NORM_STAGE=1: o and down were faster with it, but it was only timed
-# together with the consumers' sums staged, which lost) against the default and the unsplit step, from one build,
-# after the norm CUDA tests (those of the epilogue twice: staged and not).
-#   bash bench/next_session.sh   (on the GPU machine; $OUT; ~8 min on a fresh machine)
+# One device call (twentieth session, third): the compiled 8B MXFP4 decode at batch 1 (lm_head quantized) with the
+# GLU call for E2M1 weights and without (bench/glu_e2m1_session.sh, its tests skipped: they passed in the call
+# before), then the W4 decode of the final code (the producers staged by default). ~6 min on a fresh machine.
+#   bash bench/next_session.sh   (on the GPU machine; $OUT)   Knobs: DECODE_S (seconds, 0 skips).
 set -u
-BATCHES=${BATCHES:-1} bash bench/norm_session.sh
+TESTS_S=0 DECODE_S=${DECODE_S:-200} bash bench/glu_e2m1_session.sh
+BATCH=1 FORMATS=uniform DECODE_S=${DECODE_S:-200} TAG=_final_b1 BUILD=0 bash bench/lmhead_session.sh 2>&1 \
+  | grep -v "^real\|^user\|^sys"

@@ -86,15 +86,11 @@ std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::T
                                      c10::optional<torch::Tensor> gamma, c10::optional<torch::Tensor> sq, double eps) {
   check_x(x);
   EpiArgs epi;
-  // A/B switches, read once: LLMCOMP_NORM_STAGE=0 (a producer's residual and γ not staged: norm_stage),
-  // LLMCOMP_NORM_EARLY=0 (a consumer's sums read after the reduction, not loaded early: norm_early)
-  static const auto on = [](const char* name) {
-    const char* e = std::getenv(name);
+  static const int stage = [] {  // LLMCOMP_NORM_STAGE=0: a producer's residual and γ not staged (norm_stage)
+    const char* e = std::getenv("LLMCOMP_NORM_STAGE");
     return !(e && e[0] == '0');
-  };
-  static const int stage = on("LLMCOMP_NORM_STAGE"), early = on("LLMCOMP_NORM_EARLY");
+  }();
   epi.stage = stage;
-  epi.early = early;
   std::vector<torch::Tensor> outs(1);
   if (res || gamma) {
     TORCH_CHECK(res && gamma && !glu, "the norm's producer takes the residual and the norm's weight, without glu");

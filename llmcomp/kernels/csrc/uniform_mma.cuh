@@ -93,7 +93,6 @@ struct EpiArgs {
   int sq_n = 0;
   float eps = 0.f;
   int stage = 0;  // norm_stage, producer only (LLMCOMP_NORM_STAGE=0 turns it off); launch_mma decides
-  int early = 0;  // norm_early, consumer only (LLMCOMP_NORM_EARLY=0 turns it off); launch_mma decides
 };
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
@@ -339,9 +338,11 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 // (grid_dep_wait), so that their latency passes under the main loop's weight stream instead of adding to every
 // block's tail, without registers. Each thread copies its share once (from wherever it passes grid_dep_wait);
 // reduce_store waits for the copies. H200, 8B W4 decode at batch 1 (twentieth session): 1.880 ms a step against 1.899
-// unstaged (o 6.27 → 5.92 µs, down 10.66 → 10.43); LLMCOMP_NORM_STAGE=0 turns it off. (Staging the consumers' per-tile
-// sums too lost: q/k/v 8.10 → 8.38 µs, the GLU call 21.95 → 23.23 — ~1 KB more a block for ~900 blocks, and a
-// barrier; an L1 prefetch of all the inputs was slower still: kernels_h200_notes.md, nineteenth session.)
+// unstaged, from one build (o 6.27 → 5.92 µs, down 10.66 → 10.43); LLMCOMP_NORM_STAGE=0 turns it off. The consumers
+// read their per-tile sums after the reduction: staging them too (nineteenth session: q/k/v 8.10 → 8.38 µs, the GLU
+// call 21.95 → 23.23) lost, and so did loading them into registers after grid_dep_wait (twentieth: the GLU call
+// 24.3 µs in that build with the loads on and off — ptxas scheduled its main loop differently, the scale loads moved
+// into the middle of a round, 64 registers against 70); an L1 prefetch was slower too (kernels_h200_notes.md).
 template <typename T>
 __device__ __forceinline__ void norm_stage(const EpiArgs& epi, float* stage, int M, int N, int rows0, int rowsb) {
   if (!epi.stage) return;
@@ -356,22 +357,11 @@ __device__ __forceinline__ void norm_stage(const EpiArgs& epi, float* stage, int
   cp_async_commit();
 }
 
-// NORM consumer: the producer's per-tile sums [M][sq_n], two consecutive ones a thread (launch_mma sets epi.early
-// where M · sq_n <= 2 · threads, sq_n % 64 == 0 and the sums are 8-byte aligned), loaded into registers as soon as
-// the previous kernel is done, so that their L2 latency passes under the main loop instead of following the
-// reduction's barrier at every block's tail; reduce_store sums them a warp at a time (64 consecutive sums: one
-// token's).
-__device__ __forceinline__ void norm_early(const EpiArgs& epi, float2& early, int M) {
-  if (epi.early && 2 * (int)threadIdx.x < M * epi.sq_n)
-    early = reinterpret_cast<const float2*>(epi.sq_in)[threadIdx.x];
-}
-
 // acc[r][t] = rows (g, g+8) x tokens (2c, 2c+1) of tile (r, t): summed over the 2^wk_log warps of each row group
 // in shared memory (red: one ROWS x TOKS float slab a warp; warp = group * 2^wk_log + its K slice), written as T.
 template <typename T, int MT, int R, bool NORM = false>
 __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float* red, T* __restrict__ out, int M, int N,
-                                             int wk_log, int glu, const EpiArgs& epi, const float* stage = nullptr,
-                                             float2 early = {}) {
+                                             int wk_log, int glu, const EpiArgs& epi, const float* stage = nullptr) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int wk = 1 << wk_log, wr = nwarps >> wk_log;
@@ -388,19 +378,11 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
       mine[(tok + 1) * ROWS + row + 8] = acc[r][t][3];
     }
   float* rs = nullptr;  // NORM consumer: each token's rsqrt(mean h² + eps)
-  float* slot = nullptr;  // norm_early: each warp's sum of its lanes' sums (64 of one token)
   if constexpr (NORM) {
     __shared__ float rs_s[TOKS];
-    __shared__ float slot_s[32];
     rs = rs_s;
-    slot = slot_s;
     if (epi.stage) cp_async_wait<0>();  // norm_stage's copies: this thread's; the barrier below: everyone's
-    if (epi.early) {
-      float s = early.x + early.y;
-#pragma unroll
-      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane == 0) slot[warp] = s;
-    } else if (epi.sq_in) {  // one warp a token: the producer's per-tile sums (read after grid_dep_wait, as x)
+    if (epi.sq_in) {  // one warp a token: the producer's per-tile sums (read after grid_dep_wait, as x)
       for (int tok = warp; tok < min(M, TOKS); tok += nwarps) {
         float s = 0.f;
         for (int i = lane; i < epi.sq_n; i += 32) s += epi.sq_in[(size_t)tok * epi.sq_n + i];
@@ -411,18 +393,6 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
     }
   }
   __syncthreads();
-  if constexpr (NORM) {
-    if (epi.early) {  // each token's scale from its sq_n / 64 warp sums (slots tok · sq_n / 64 on), then a barrier
-      // (the sums inline where the epilogue scales each value took the GLU kernel from 64 registers to 75: ptxas)
-      if ((int)threadIdx.x < min(M, TOKS)) {
-        const int per = epi.sq_n >> 6;
-        float s = 0.f;
-        for (int j = 0; j < per; ++j) s += slot[threadIdx.x * per + j];
-        rs[threadIdx.x] = rsqrtf(s / (16.f * epi.sq_n) + epi.eps);
-      }
-      __syncthreads();
-    }
-  }
   if (glu) {  // each 16-row tile: 8 gate rows, then their 8 up rows; out [M, N / 2] gets silu(gate) * up
     constexpr int HALF = ROWS / 2;
     for (int i = threadIdx.x; i < wr * HALF * TOKS; i += blockDim.x) {
@@ -721,7 +691,6 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     for (int t = 0; t < MT; ++t)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][t][i] = 0.f;
-  float2 early = make_float2(0.f, 0.f);  // NORM consumer: norm_early's sums
 
   // Per round of U kblocks: every weight load first (U*R 16-byte streaming loads in flight per lane),
   // then per kblock the scales and x (x is small and re-read by every warp: L1/L2 hits) and the math.
@@ -764,10 +733,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     if (!waited) {
       grid_dep_wait();
       waited = true;
-      if constexpr (NORM) {
-        norm_stage<T>(epi, stage, M, N, rows0, rowsb);
-        norm_early(epi, early, M);
-      }
+      if constexpr (NORM) norm_stage<T>(epi, stage, M, N, rows0, rowsb);
     }
     if constexpr (XS) {
       if (rd + 1 < rounds) stage_x(rd + 1);
@@ -799,12 +765,9 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 
   if (!waited) {  // warps without kblocks: nothing written before the previous kernel is done
     grid_dep_wait();
-    if constexpr (NORM) {
-      norm_stage<T>(epi, stage, M, N, rows0, rowsb);
-      norm_early(epi, early, M);
-    }
+    if constexpr (NORM) norm_stage<T>(epi, stage, M, N, rows0, rowsb);
   }
-  reduce_store<T, MT, R, NORM>(acc, red, out, M, N, wk_log, glu, epi, stage, early);
+  reduce_store<T, MT, R, NORM>(acc, red, out, M, N, wk_log, glu, epi, stage);
 }
 
 #define LLMCOMP_MMA_PARAMS                                                                                     \
@@ -903,8 +866,6 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     const size_t st = (size_t)(M + 1) * wr * R * 16 * sizeof(T);
     auto a16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
     e.stage = e.stage && e.res && !e.sq_in && a16(e.res) && a16(e.gamma) && smem + st <= 48 * 1024;
-    e.early = e.early && e.sq_in && e.sq_n % 64 == 0 && M * e.sq_n <= 2 * threads &&
-              reinterpret_cast<uintptr_t>(e.sq_in) % 8 == 0;
     if (e.stage) smem += st;
     if constexpr (ELEM == 3 && MT == 1) {
       kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
