@@ -341,8 +341,8 @@ __device__ __forceinline__ void compute_kblock(const uint4 (&w)[R], const uint2 
 // unstaged, from one build (o 6.27 → 5.92 µs, down 10.66 → 10.43); LLMCOMP_NORM_STAGE=0 turns it off. The consumers
 // read their per-tile sums after the reduction: staging them too (nineteenth session: q/k/v 8.10 → 8.38 µs, the GLU
 // call 21.95 → 23.23) lost, and so did loading them into registers after grid_dep_wait (twentieth: the GLU call
-// 24.3 µs in that build with the loads on and off — ptxas scheduled its main loop differently, the scale loads moved
-// into the middle of a round, 64 registers against 70); an L1 prefetch was slower too (kernels_h200_notes.md).
+// 24.3 µs in that build with the loads on and off — ptxas gave the kernel 64 registers against 70 and another main
+// loop schedule); an L1 prefetch was slower too (kernels_h200_notes.md).
 template <typename T>
 __device__ __forceinline__ void norm_stage(const EpiArgs& epi, float* stage, int M, int N, int rows0, int rowsb) {
   if (!epi.stage) return;
