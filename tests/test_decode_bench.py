@@ -120,6 +120,50 @@ def test_static_step_on_rtn_model_and_prefill_chunks():
     assert (first - ref[0]).abs().max() < 1e-4 and (second - ref[1]).abs().max() < 1e-4
 
 
+def test_static_decoder_layers_share_one_position_counter(monkeypatch):
+    """After the prefill every cache layer counts the length in the last layer's tensor, which only the last layer
+    advances (one in-place add a step, not one a layer): the same logits as per-layer counters through a chunked
+    prefill, steps, a rewind and more steps, eager and compiled; opt-in (``share=True`` or
+    ``LLMCOMP_SHARED_POSITION=1``), else the cache stays as transformers made it; caches with layers at other
+    lengths, or not yet filled, are left alone."""
+    import torch._dynamo
+
+    torch.manual_seed(3)
+    model = tiny_llama(layers=3)
+    ids = torch.randint(0, 128, (2, 9))
+
+    def decode(share, compiled=False):
+        dec = db.StaticDecoder(model, 2, 32, share=share)
+        logits = [dec.prefill(ids, chunk=4).clone()]
+        layers = dec.cache.layers
+        shared = dec.shared
+        if share:
+            assert shared == 3 and all(layer.cumulative_length is layers[-1].cumulative_length for layer in layers)
+        else:
+            assert shared == 0 and len({id(layer.cumulative_length) for layer in layers}) == 3
+        for _ in range(4):
+            logits.append(dec.step().clone())
+        assert [int(layer.cumulative_length) for layer in layers] == [13] * 3  # advanced once a step, not 3 times
+        dec.rewind()
+        logits += [dec.step().clone() for _ in range(2)]
+        return logits
+
+    ref = decode(False)
+    assert all(torch.equal(a, b) for a, b in zip(decode(True), ref))
+    torch._dynamo.reset()
+    with db.compiled_layers(model, backend="aot_eager", frozen=False):
+        assert all((a - b).abs().max() < 1e-5 for a, b in zip(decode(True), ref))
+    assert db.StaticDecoder(model, 2, 32).share is False
+    assert db.decode_speed(model, batch=2, context=8, steps=2)["shared_position"] == 0
+    monkeypatch.setenv("LLMCOMP_SHARED_POSITION", "1")
+    assert db.decode_speed(model, batch=2, context=8, steps=2)["shared_position"] == 3
+    dec = db.StaticDecoder(model, 2, 32)
+    assert db.share_position(dec.cache) == 0  # not initialized before a prefill
+    dec.prefill(ids)
+    dec.cache.layers[0].cumulative_length = dec.cache.layers[0].cumulative_length + 1
+    assert db.share_position(dec.cache) == 0  # lengths that differ
+
+
 def test_decode_speed_on_cpu_runs_eagerly_and_says_why():
     r = db.decode_speed(tiny_llama(), batch=2, context=8, steps=4)
     assert r["graphs"] is False and "CUDA" in r["graph_error"]
@@ -140,7 +184,7 @@ def test_run_rows_speedup_and_json(tmp_path):
                                                                  ("compressed", 1), ("compressed", 2)]
     assert set(saved["speedup"]) == {"1", "2"} and all(v > 0 for v in saved["speedup"].values())
     assert saved["settings"] == {"synthetic": "tiny", "batches": [1, 2], "context": 6, "steps": 3, "compile": False,
-                                 "pack_gqa": True}
+                                 "pack_gqa": True, "shared_position": False}
     assert all(r["attention"] == "llmcomp_packed_gqa" for r in saved["rows"])  # tiny_llama has 2 query heads a kv head
     assert "torch" in saved and "transformers" in saved
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -160,19 +161,56 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return chunk * c + where.gather(-1, chunk)
 
 
+def shared_position_enabled(share: Optional[bool] = None) -> bool:
+    """``share`` where given, else off unless ``LLMCOMP_SHARED_POSITION`` says on (``share_position``; opt-in until
+    timed on a GPU: ``bench/next_session.sh``)."""
+    return _switch(share, "LLMCOMP_SHARED_POSITION", False)
+
+
+def _update_in_place(layer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple:
+    """transformers' ``StaticLayer.update`` (write the new keys and values at the cache's length) without advancing
+    the length: for every layer but the last once they share its counter (``share_position``)."""
+    at = torch.arange(key_states.shape[-2], device=layer.device) + layer.cumulative_length
+    layer.keys.index_copy_(2, at, key_states)
+    layer.values.index_copy_(2, at, value_states)
+    return layer.keys, layer.values
+
+
+def share_position(cache) -> int:
+    """Make a ``StaticCache``'s full-attention layers count the cache's length in one device tensor, advanced by the
+    last layer only; returns how many layers share it (0: left as it was). Each transformers ``StaticLayer`` advances
+    its own counter in place, a kernel of its own at the end of every compiled layer (``triton_poi_fused_add_copy``,
+    ~0.5 µs a layer on an H200) for a value all layers hold alike. Only where every layer is an initialized
+    ``StaticLayer`` (no sliding-window or indexed ones) at one length."""
+    from transformers.cache_utils import StaticLayer
+
+    layers = list(getattr(cache, "layers", ()))
+    if len(layers) < 2 or any(type(layer) is not StaticLayer or not layer.is_initialized for layer in layers):
+        return 0
+    counter = layers[-1].cumulative_length
+    if any(not torch.equal(layer.cumulative_length, counter) for layer in layers):
+        return 0
+    for layer in layers[:-1]:
+        layer.cumulative_length = counter
+        layer.update = types.MethodType(_update_in_place, layer)
+    return len(layers)
+
+
 class StaticDecoder:
     """Greedy decode over fixed-shape buffers, so one ``step`` can be captured in a CUDA graph.
 
     ``prefill(ids)`` fills the ``StaticCache`` (it tracks its own length in a device tensor that the
-    forward advances in place) and sets ``tokens`` [B, 1] and ``positions`` [B, 1]; each ``step()``
+    forward advances in place; after the prefill one tensor for all layers, ``share_position``, where ``share``
+    or ``shared_position_enabled``) and sets ``tokens`` [B, 1] and ``positions`` [B, 1]; each ``step()``
     then runs the model on ``tokens`` at ``positions``, writes the logits [B, vocab] to ``logits``,
     the argmax to ``tokens`` and advances ``positions`` — all in place, nothing allocated that the
     next step reads.
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, share: Optional[bool] = None):
         from transformers import StaticCache
 
+        self.share, self.shared = shared_position_enabled(share), 0
         self.model, self.batch, self.max_len = model, batch, max_len
         self.device = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
@@ -196,6 +234,8 @@ class StaticDecoder:
             for s in range(0, ids.shape[1], chunk):
                 out = self.model(input_ids=ids[:, s:s + chunk], **{self.cache_kw: self.cache}, use_cache=True,
                                  logits_to_keep=1)
+        if self.share and not self.shared:
+            self.shared = share_position(self.cache)
         last = out.logits[:, -1]
         self.logits = last
         self.tokens.copy_(greedy_tokens(last))
@@ -343,14 +383,15 @@ def kernel_breakdown(dec: "StaticDecoder", steps: int = 2, top: int = 12) -> dic
 
 @torch.no_grad()
 def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs: bool = True, warmup: int = 3,
-                 seed: int = 0, breakdown: bool = False) -> dict:
+                 seed: int = 0, breakdown: bool = False, share: Optional[bool] = None) -> dict:
     """Tokens/s of greedy decode at ``batch`` sequences after a ``context``-token random prompt.
 
     Returns ``tokens_per_s``, ``ms_per_step`` (total time / steps), ``peak_gpu_gb`` (peak
     allocated during the measurement, weights included; None on CPU), ``graphs`` (whether the timed
     steps were CUDA-graph replays) and, when capture failed, ``graph_error``. On CPU the steps run eagerly
     and are timed with the wall clock. ``breakdown``: also ``breakdown`` (``kernel_breakdown`` of eager steps,
-    after the timing).
+    after the timing); ``shared_position``: how many cache layers count the length in one tensor (``share``:
+    ``StaticDecoder``'s).
     """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -359,9 +400,9 @@ def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs:
         torch.cuda.reset_peak_memory_stats()
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
-    dec = StaticDecoder(model, batch, context + steps + warmup + 1)
+    dec = StaticDecoder(model, batch, context + steps + warmup + 1, share)
     dec.prefill(ids)
-    result = {"batch": batch, "context": context, "steps": steps, "graphs": False}
+    result = {"batch": batch, "context": context, "steps": steps, "graphs": False, "shared_position": dec.shared}
     if graphs and not cuda:
         result["graph_error"] = "CUDA graphs need a CUDA device"
     elif graphs:
@@ -756,7 +797,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                                                 "norm_split": glu_enabled(glu) and norm_split_enabled(norm),
                                                 "inductor_options": compile_options(options)}
                                                if compile else {}),
-                                            "pack_gqa": pack_gqa},
+                                            "pack_gqa": pack_gqa, "shared_position": shared_position_enabled()},
               "rows": []}
     for name, label, model in models:
         with packed_gqa(model, pack_gqa) as packed, \
