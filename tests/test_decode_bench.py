@@ -164,6 +164,30 @@ def test_static_decoder_layers_share_one_position_counter(monkeypatch):
     assert db.share_position(dec.cache) == 0  # lengths that differ
 
 
+def test_compiled_layers_outer_compiles_the_rotary_embedding_and_final_norm(monkeypatch):
+    """``outer`` (opt-in: ``LLMCOMP_COMPILE_OUTER=1``): the model's rotary embedding and final norm, between the
+    layers' graphs, are compiled too — two more compiled forwards, put back on exit — and the decode is the
+    uncompiled model's."""
+    import torch._dynamo
+
+    torch.manual_seed(5)
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 128, (2, 9))
+    _, ref, ref_tokens = static_decode(model, ids, steps=3)
+    body = model.model
+    before = {name: getattr(body, name).__dict__.get("forward") for name in db.OUTER}
+    torch._dynamo.reset()
+    with db.compiled_layers(model, backend="aot_eager", frozen=False) as info:
+        assert info["outer"] == 0 and all(getattr(body, name).__dict__.get("forward") is None for name in db.OUTER)
+    monkeypatch.setenv("LLMCOMP_COMPILE_OUTER", "1")
+    with db.compiled_layers(model, backend="aot_eager", frozen=False) as info:
+        assert info["outer"] == 2 and all(getattr(body, name).__dict__.get("forward") for name in db.OUTER)
+        _, got, tokens = static_decode(model, ids, steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(got, ref))
+    assert {name: getattr(body, name).__dict__.get("forward") for name in db.OUTER} == before
+
+
 def test_decode_speed_on_cpu_runs_eagerly_and_says_why():
     r = db.decode_speed(tiny_llama(), batch=2, context=8, steps=4)
     assert r["graphs"] is False and "CUDA" in r["graph_error"]
@@ -511,7 +535,7 @@ def test_fused_siblings_share_one_call_a_step(cpu_fused_path):
         torch._dynamo.reset()
         with db.compiled_layers(model, backend="aot_eager", fuse=fused) as info:
             assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0, "pdl": False,
-                            "graphs": layers, "glu": 0, "norm_split": 0}  # (GLU calls: CUDA only)
+                            "graphs": layers, "glu": 0, "norm_split": 0, "outer": 0}  # (GLU calls: CUDA only)
             dec = db.StaticDecoder(model, 2, 32)
             dec.prefill(ids)
             dec.step()  # compiles
@@ -601,7 +625,7 @@ def test_compiled_layers_trace_quantized_linears_on_cuda(fmt):
             # q/k/v stacked; gate/up one GLU call (activation in the epilogue); the norms not split (their own test)
             # (gate/up not frozen alone: their GLU call serves every row count)
             assert info == {"layers": 2, "frozen": 10 if frozen else 0, "fused": 2 if frozen else 0,
-                            "pdl": False, "graphs": 2, "glu": 2 if frozen else 0, "norm_split": 0}
+                            "pdl": False, "graphs": 2, "glu": 2 if frozen else 0, "norm_split": 0, "outer": 0}
             _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
         frames[frozen] = counter.frame_count
         assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens)), frozen

@@ -456,7 +456,7 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 @contextlib.contextmanager
 def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True, pdl: bool = False,
                     span: int = 1, options: Optional[dict] = None, glu: Optional[bool] = None,
-                    norm: Optional[bool] = None):
+                    norm: Optional[bool] = None, outer: Optional[bool] = None):
     """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields
     ``{"layers": compiled, "frozen": quantized linears traced, "fused": groups of them stacked}``. HF's eager layer
     launches ~40 small kernels (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at
@@ -480,6 +480,9 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     into the epilogues of the kernel calls around them (``norm_split.split_norms``: the post-attention norm between
     o and the GLU call, and the next layer's input norm between down and q/k/v, with the residual adds), no kernel
     of their own at decode sizes; ``info["norm_split"]`` counts the norms split.
+    ``outer`` (default: off unless ``LLMCOMP_COMPILE_OUTER=1``): the model's rotary embedding and final norm, which
+    run between the layers' graphs (~12 small kernels a step eager), compiled too (``OUTER``); ``info["outer"]``
+    counts them.
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -489,12 +492,13 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     from llmcomp.core.norm_split import split_norms
     from llmcomp.core.qlinear import QuantLinear, frozen_glu, frozen_group
 
-    _, layers = decoder_layers(model)
+    path, layers = decoder_layers(model)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     dtype = embed.weight.dtype if embed is not None else next(model.parameters()).dtype
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
-    info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0, "glu": 0, "norm_split": 0}
+    info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0, "glu": 0, "norm_split": 0,
+            "outer": 0}
     glu = glu_enabled(glu)
     norm = glu and norm_split_enabled(norm)
     try:
@@ -545,6 +549,13 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                 for layer in group[1:]:
                     swap(layer, _passthrough)
                 info["graphs"] += 1
+            if outer_enabled(outer):
+                parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+                for name in OUTER:
+                    mod = getattr(parent, name, None)
+                    if isinstance(mod, nn.Module) and not isinstance(mod, QuantLinear):
+                        swap(mod, torch.compile(mod.forward, dynamic=False, backend=backend, options=inductor_config))
+                        info["outer"] += 1
             yield info
     finally:
         cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
@@ -579,6 +590,16 @@ def _switch(given: Optional[bool], variable: str, default: bool) -> bool:
 
     found = env_switch(variable)
     return default if found is None else found
+
+
+# The modules of a decoder's body that run between the layers' graphs each step, compiled with ``outer``.
+OUTER = ("rotary_emb", "norm")
+
+
+def outer_enabled(outer: Optional[bool] = None) -> bool:
+    """``outer`` where given, else off unless ``LLMCOMP_COMPILE_OUTER`` says on (``compiled_layers``; opt-in until
+    timed on a GPU: ``bench/next_session.sh``)."""
+    return _switch(outer, "LLMCOMP_COMPILE_OUTER", False)
 
 
 def glu_enabled(glu: Optional[bool] = None) -> bool:
@@ -795,6 +816,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                                             **({"frozen": frozen, "fuse": fuse, "pdl": pdl, "layer_span": span,
                                                 "glu": glu_enabled(glu),
                                                 "norm_split": glu_enabled(glu) and norm_split_enabled(norm),
+                                                "compile_outer": outer_enabled(),
                                                 "inductor_options": compile_options(options)}
                                                if compile else {}),
                                             "pack_gqa": pack_gqa, "shared_position": shared_position_enabled()},
@@ -824,6 +846,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                         row["compiled_graphs"] = compiled["graphs"]
                         row["glu_mlps"] = compiled["glu"]
                         row["norm_splits"] = compiled["norm_split"]
+                        row["outer_compiled"] = compiled["outer"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}
