@@ -132,7 +132,7 @@ def test_static_decoder_layers_share_one_position_counter(monkeypatch):
     model = tiny_llama(layers=3)
     ids = torch.randint(0, 128, (2, 9))
 
-    def decode(share, compiled=False):
+    def decode(share):
         dec = db.StaticDecoder(model, 2, 32, share=share)
         logits = [dec.prefill(ids, chunk=4).clone()]
         layers = dec.cache.layers

@@ -177,7 +177,7 @@ def frozen_glu(gate: nn.Module, up: nn.Module, dtype: torch.dtype) -> Optional[C
 
     mods = (gate, up)
     if (not all(isinstance(m, QuantLinear) for m in mods) or any(m.bias is not None for m in mods)
-            or not (gate.fmt.name == "uniform" or uniform_cuda.is_e2m1(gate.fmt))
+            or not uniform_cuda.glu_format(gate.fmt)
             or hasattr(gate.fmt, "quantize_input")  # (the kernel's own checks assume these formats)
             or gate.fmt.describe() != up.fmt.describe() or gate.in_features != up.in_features
             or gate.out_features != up.out_features):

@@ -550,10 +550,10 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                     swap(layer, _passthrough)
                 info["graphs"] += 1
             if outer_enabled(outer):
-                parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+                parent = model.get_submodule(path.rpartition(".")[0])  # ("": the model itself)
                 for name in OUTER:
                     mod = getattr(parent, name, None)
-                    if isinstance(mod, nn.Module) and not isinstance(mod, QuantLinear):
+                    if isinstance(mod, nn.Module):
                         swap(mod, torch.compile(mod.forward, dynamic=False, backend=backend, options=inductor_config))
                         info["outer"] += 1
             yield info

@@ -597,11 +597,16 @@ class GluCall(FrozenCall):
         return (F.silu(pairs[:, :, 0]) * pairs[:, :, 1]).reshape(x2.shape[0], -1)
 
 
+def glu_format(fmt) -> bool:
+    """Whether the GLU call takes this format's weights at all: uniform codes or E2M1 elements (mxfp4, nvfp4, fp4)."""
+    return fmt.name == "uniform" or is_e2m1(fmt)
+
+
 def glu(fmt, gate: dict, up: dict, in_features: int, dtype: torch.dtype) -> Optional[GluCall]:
     """One ``glu_op`` call for a gated MLP's gate and up weights (uniform or E2M1 elements — mxfp4, nvfp4, fp4 —,
     N rows each, N a multiple of 8), their rows interleaved and prepared anew (``prepare_glu``); None where the kernel
     cannot take them in ``dtype`` (E2M1 block scales too large for it included)."""
-    if fmt.name != "uniform" and not is_e2m1(fmt):
+    if not glu_format(fmt):
         return None
     n = gate["weight_packed"].shape[0]
     if n % 8 or not shape_ok(fmt, in_features, 2 * n):
