@@ -123,8 +123,8 @@ def test_static_step_on_rtn_model_and_prefill_chunks():
 def test_static_decoder_layers_share_one_position_counter(monkeypatch):
     """After the prefill every cache layer counts the length in the last layer's tensor, which only the last layer
     advances (one in-place add a step, not one a layer): the same logits as per-layer counters through a chunked
-    prefill, steps, a rewind and more steps, eager and compiled; opt-in (``share=True`` or
-    ``LLMCOMP_SHARED_POSITION=1``), else the cache stays as transformers made it; caches with layers at other
+    prefill, steps, a rewind and more steps, eager and compiled; on by default (``share=False`` or
+    ``LLMCOMP_SHARED_POSITION=0`` turn it off), else the cache stays as transformers made it; caches with layers at other
     lengths, or not yet filled, are left alone."""
     import torch._dynamo
 
@@ -153,10 +153,11 @@ def test_static_decoder_layers_share_one_position_counter(monkeypatch):
     torch._dynamo.reset()
     with db.compiled_layers(model, backend="aot_eager", frozen=False):
         assert all((a - b).abs().max() < 1e-5 for a, b in zip(decode(True), ref))
-    assert db.StaticDecoder(model, 2, 32).share is False
-    assert db.decode_speed(model, batch=2, context=8, steps=2)["shared_position"] == 0
-    monkeypatch.setenv("LLMCOMP_SHARED_POSITION", "1")
+    assert db.StaticDecoder(model, 2, 32).share is True
     assert db.decode_speed(model, batch=2, context=8, steps=2)["shared_position"] == 3
+    monkeypatch.setenv("LLMCOMP_SHARED_POSITION", "0")
+    assert db.decode_speed(model, batch=2, context=8, steps=2)["shared_position"] == 0
+    assert db.StaticDecoder(model, 2, 32).share is False
     dec = db.StaticDecoder(model, 2, 32)
     assert db.share_position(dec.cache) == 0  # not initialized before a prefill
     dec.prefill(ids)
@@ -165,10 +166,12 @@ def test_static_decoder_layers_share_one_position_counter(monkeypatch):
 
 
 def test_compiled_layers_outer_compiles_the_rotary_embedding_and_final_norm(monkeypatch):
-    """``outer`` (opt-in: ``LLMCOMP_COMPILE_OUTER=1``): the model's rotary embedding and final norm, between the
-    layers' graphs, are compiled too — two more compiled forwards, put back on exit — and the decode is the
-    uncompiled model's."""
+    """``outer`` (on by default; ``LLMCOMP_COMPILE_OUTER=0`` turns it off): the model's rotary embedding and final
+    norm, between the layers' graphs, are compiled too — two more compiled forwards, put back on exit — and the
+    step's tail (``advance``) for the model's decoders and the modeling module's causal-mask function, and the
+    decode is the uncompiled model's."""
     import torch._dynamo
+    from transformers.models.llama import modeling_llama
 
     torch.manual_seed(5)
     model = tiny_llama(layers=2)
@@ -176,16 +179,21 @@ def test_compiled_layers_outer_compiles_the_rotary_embedding_and_final_norm(monk
     _, ref, ref_tokens = static_decode(model, ids, steps=3)
     body = model.model
     before = {name: getattr(body, name).__dict__.get("forward") for name in db.OUTER}
+    mask_fn = getattr(modeling_llama, db.MASK)
     torch._dynamo.reset()
+    monkeypatch.setenv("LLMCOMP_COMPILE_OUTER", "0")
     with db.compiled_layers(model, backend="aot_eager", frozen=False) as info:
         assert info["outer"] == 0 and all(getattr(body, name).__dict__.get("forward") is None for name in db.OUTER)
-    monkeypatch.setenv("LLMCOMP_COMPILE_OUTER", "1")
+    monkeypatch.delenv("LLMCOMP_COMPILE_OUTER")
     with db.compiled_layers(model, backend="aot_eager", frozen=False) as info:
-        assert info["outer"] == 2 and all(getattr(body, name).__dict__.get("forward") for name in db.OUTER)
+        # the rotary embedding, the final norm, the step's tail (argmax, token copy, position add), the causal mask
+        assert info["outer"] == 4 and all(getattr(body, name).__dict__.get("forward") for name in db.OUTER)
+        assert model in db.ADVANCE and getattr(modeling_llama, db.MASK) is not mask_fn
         _, got, tokens = static_decode(model, ids, steps=3)
     assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
     assert all((a - b).abs().max() < 1e-5 for a, b in zip(got, ref))
     assert {name: getattr(body, name).__dict__.get("forward") for name in db.OUTER} == before
+    assert model not in db.ADVANCE and getattr(modeling_llama, db.MASK) is mask_fn
 
 
 def test_decode_speed_on_cpu_runs_eagerly_and_says_why():
@@ -208,7 +216,7 @@ def test_run_rows_speedup_and_json(tmp_path):
                                                                  ("compressed", 1), ("compressed", 2)]
     assert set(saved["speedup"]) == {"1", "2"} and all(v > 0 for v in saved["speedup"].values())
     assert saved["settings"] == {"synthetic": "tiny", "batches": [1, 2], "context": 6, "steps": 3, "compile": False,
-                                 "pack_gqa": True, "shared_position": False}
+                                 "pack_gqa": True, "shared_position": True}
     assert all(r["attention"] == "llmcomp_packed_gqa" for r in saved["rows"])  # tiny_llama has 2 query heads a kv head
     assert "torch" in saved and "transformers" in saved
 
@@ -410,6 +418,30 @@ def test_greedy_tokens_equal_argmax_ties_included(vocab):
         assert db.greedy_tokens(logits)[3].item() == vocab // 2
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_advance_compiled_writes_the_greedy_tokens_and_moves_the_positions(backend):
+    """The step's tail as ``outer`` compiles it (``advance``: argmax, token copy, position add, in place) gives what
+    the eager one gives, the first of tied maxima included, into the same tensors."""
+    import shutil
+
+    import torch._dynamo
+
+    if backend == "inductor" and shutil.which("cc") is None:
+        pytest.skip("inductor on the CPU needs a C compiler")
+    torch._dynamo.reset()
+    fn = torch.compile(db.advance, dynamic=False, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randint(0, 4, (3, 128256), generator=g).to(torch.bfloat16)
+    logits[1, 70000:] = 4
+    want = (torch.zeros(3, 1, dtype=torch.long), torch.full((3, 1), 9))
+    db.advance(logits, *want)
+    tokens, positions = torch.zeros(3, 1, dtype=torch.long), torch.full((3, 1), 9)
+    ids = (tokens.data_ptr(), positions.data_ptr())
+    fn(logits, tokens, positions)
+    assert torch.equal(tokens, want[0]) and torch.equal(positions, want[1]) and tokens[1].item() == 70000
+    assert positions.flatten().tolist() == [10] * 3 and (tokens.data_ptr(), positions.data_ptr()) == ids
+
+
 def test_timeline_stats_busy_idle_and_what_the_gpu_waited_for():
     from llmcomp.eval.graph_timeline import timeline_stats
 
@@ -533,7 +565,7 @@ def test_fused_siblings_share_one_call_a_step(cpu_fused_path):
     layers = len(model.model.layers)
     for fused in (True, False):
         torch._dynamo.reset()
-        with db.compiled_layers(model, backend="aot_eager", fuse=fused) as info:
+        with db.compiled_layers(model, backend="aot_eager", fuse=fused, outer=False) as info:
             assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0, "pdl": False,
                             "graphs": layers, "glu": 0, "norm_split": 0, "outer": 0}  # (GLU calls: CUDA only)
             dec = db.StaticDecoder(model, 2, 32)
@@ -621,7 +653,7 @@ def test_compiled_layers_trace_quantized_linears_on_cuda(fmt):
     for frozen in (False, True):
         torch._dynamo.reset()
         counter = CompileCounter()
-        with db.compiled_layers(model, backend=counter, frozen=frozen, glu=True, norm=False) as info:
+        with db.compiled_layers(model, backend=counter, frozen=frozen, glu=True, norm=False, outer=False) as info:
             # q/k/v stacked; gate/up one GLU call (activation in the epilogue); the norms not split (their own test)
             # (gate/up not frozen alone: their GLU call serves every row count)
             assert info == {"layers": 2, "frozen": 10 if frozen else 0, "fused": 2 if frozen else 0,
@@ -825,7 +857,8 @@ def test_compiled_layers_decode_the_same_and_come_off_again():
 
 
 def test_inductor_options_reach_every_compiled_graph(monkeypatch):
-    """--inductor-option KEY=VALUE: parsed as the option's type and handed to each layer's torch.compile."""
+    """--inductor-option KEY=VALUE: parsed as the option's type and handed to each layer's torch.compile (and the
+    rotary embedding's and final norm's, ``outer``)."""
     import torch._dynamo
 
     seen = []
@@ -849,18 +882,19 @@ def test_inductor_options_reach_every_compiled_graph(monkeypatch):
     torch._dynamo.reset()
     with db.compiled_layers(model, options=opts) as info:
         pass
-    assert info["graphs"] == len(model.model.layers) and seen == [opts] * info["graphs"]
+    graphs = len(model.model.layers) + len(db.OUTER) + 2  # (+ the step's tail, advance, and the causal mask)
+    assert info["graphs"] + info["outer"] == graphs and seen == [opts] * graphs
     seen.clear()
     with db.compiled_layers(model, backend="aot_eager", options=opts):  # options are inductor's: not passed on
         pass
-    assert seen == [None] * len(model.model.layers)
+    assert seen == [None] * graphs
     # the defaults (combo kernels) go to inductor unless an option overrides them
     for given, want in ((None, {"combo_kernels": True}), ({"combo_kernels": False}, {"combo_kernels": False}),
                         ({"max_autotune_pointwise": False}, {"combo_kernels": True, "max_autotune_pointwise": False})):
         seen.clear()
         with db.compiled_layers(model, options=given):
             pass
-        assert seen == [want] * len(model.model.layers), given
+        assert seen == [want] * graphs, given
     monkeypatch.setattr(db, "INDUCTOR_DEFAULTS", {"combo_kernels": True, "no_such_option_here": 1})
     assert db.compile_options() == {"combo_kernels": True}  # a default this torch lacks is dropped
 
@@ -891,7 +925,8 @@ def test_layers_compiled_several_to_a_graph_decode_the_same(span):
     counter = CompileCounter()
     info = _spanned_decode_matches(model, counter, span)
     assert info["graphs"] == -(-5 // span)
-    assert counter.frame_count == info["graphs"]  # one frame a group: no graph break, no layer compiled alone
+    # one frame a group (no graph break, no layer compiled alone), and the rotary embedding's and final norm's
+    assert info["outer"] == 4 and counter.frame_count == info["graphs"] + info["outer"]
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 

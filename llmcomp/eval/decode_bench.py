@@ -17,8 +17,9 @@ import contextlib
 import json
 import time
 import types
+import weakref
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -161,10 +162,22 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return chunk * c + where.gather(-1, chunk)
 
 
+def advance(logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+    """A decode step's tail, in place: the greedy tokens of ``logits`` into ``tokens``, ``positions`` one on. Eager,
+    ~6 small kernels (the two argmax stages, the gather and index arithmetic, the copy, the add); ``compiled_layers``'
+    ``outer`` compiles it for the model (``ADVANCE``), which ``StaticDecoder`` then runs."""
+    tokens.copy_(greedy_tokens(logits))
+    positions.add_(1)
+
+
+# model → its compiled ``advance`` while ``compiled_layers(outer=True)`` is open (weak: a dropped model leaves)
+ADVANCE: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
 def shared_position_enabled(share: Optional[bool] = None) -> bool:
-    """``share`` where given, else off unless ``LLMCOMP_SHARED_POSITION`` says on (``share_position``; opt-in until
-    timed on a GPU: ``bench/next_session.sh``)."""
-    return _switch(share, "LLMCOMP_SHARED_POSITION", False)
+    """``share`` where given, else on unless ``LLMCOMP_SHARED_POSITION`` says off (``share_position``; the 8B W4
+    step at batch 1 on an H200 1.82 ms with it against 1.88 without, bench/results/kernels_h200_notes.md)."""
+    return _switch(share, "LLMCOMP_SHARED_POSITION", True)
 
 
 def _update_in_place(layer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple:
@@ -248,8 +261,7 @@ class StaticDecoder:
                          use_cache=True)
         # (B, vocab), no copy: a captured step's logits stay in the graph's memory, rewritten by each replay
         self.logits = out.logits[:, -1]
-        self.tokens.copy_(greedy_tokens(self.logits))
-        self.positions.add_(1)
+        ADVANCE.get(self.model, advance)(self.logits, self.tokens, self.positions)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
@@ -480,9 +492,11 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     into the epilogues of the kernel calls around them (``norm_split.split_norms``: the post-attention norm between
     o and the GLU call, and the next layer's input norm between down and q/k/v, with the residual adds), no kernel
     of their own at decode sizes; ``info["norm_split"]`` counts the norms split.
-    ``outer`` (default: off unless ``LLMCOMP_COMPILE_OUTER=1``): the model's rotary embedding and final norm, which
-    run between the layers' graphs (~12 small kernels a step eager), compiled too (``OUTER``); ``info["outer"]``
-    counts them.
+    ``outer`` (default: on unless ``LLMCOMP_COMPILE_OUTER=0``): the model's rotary embedding and final norm, which
+    run between the layers' graphs (~12 small kernels a step eager), compiled too (``OUTER``), and so is the step's
+    tail (``advance``: argmax, token copy, position add) for ``StaticDecoder``s of this model, and the causal mask's
+    function (``MASK``) where the body's modeling module calls one (set there while open); ``info["outer"]`` counts
+    them (4 for Llama).
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -501,6 +515,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
             "outer": 0}
     glu = glu_enabled(glu)
     norm = glu and norm_split_enabled(norm)
+    masks, mask_fn = None, None  # (outer: the modeling module whose causal-mask function was swapped, and it)
     try:
         with swapped_forwards() as swap, dependent_launch(pdl and backend == "inductor") as info["pdl"]:
             limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
@@ -556,8 +571,19 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                     if isinstance(mod, nn.Module):
                         swap(mod, torch.compile(mod.forward, dynamic=False, backend=backend, options=inductor_config))
                         info["outer"] += 1
+                ADVANCE[model] = torch.compile(advance, dynamic=False, backend=backend, options=inductor_config)
+                info["outer"] += 1
+                masks = _modeling_module(parent)
+                if callable(getattr(masks, MASK, None)):
+                    mask_fn = getattr(masks, MASK)
+                    setattr(masks, MASK, torch.compile(mask_fn, dynamic=False, backend=backend,
+                                                       options=inductor_config))
+                    info["outer"] += 1
             yield info
     finally:
+        ADVANCE.pop(model, None)
+        if mask_fn is not None:
+            setattr(masks, MASK, mask_fn)
         cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
         torch._dynamo.reset()
 
@@ -594,12 +620,22 @@ def _switch(given: Optional[bool], variable: str, default: bool) -> bool:
 
 # The modules of a decoder's body that run between the layers' graphs each step, compiled with ``outer``.
 OUTER = ("rotary_emb", "norm")
+# The function that builds the layers' causal mask each step (~7 small kernels eager: aranges, adds, a compare),
+# looked up by the body's forward in its modeling module's namespace, compiled there with ``outer``.
+MASK = "create_causal_mask"
+
+
+def _modeling_module(body: nn.Module):
+    """The module that defines ``body``'s class (e.g. ``transformers.models.llama.modeling_llama``), if imported."""
+    import sys
+
+    return sys.modules.get(type(body).__module__)
 
 
 def outer_enabled(outer: Optional[bool] = None) -> bool:
-    """``outer`` where given, else off unless ``LLMCOMP_COMPILE_OUTER`` says on (``compiled_layers``; opt-in until
-    timed on a GPU: ``bench/next_session.sh``)."""
-    return _switch(outer, "LLMCOMP_COMPILE_OUTER", False)
+    """``outer`` where given, else on unless ``LLMCOMP_COMPILE_OUTER`` says off (``compiled_layers``; the 8B W4 step
+    at batch 1 on an H200 1.80 ms with it and the shared counter against 1.82 with the counter alone)."""
+    return _switch(outer, "LLMCOMP_COMPILE_OUTER", True)
 
 
 def glu_enabled(glu: Optional[bool] = None) -> bool:
