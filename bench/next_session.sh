@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# One device call (twenty-first session): the decode bench's new defaults — the cache's one position counter, and
-# `outer` (the rotary embedding, final norm, the step's tail — argmax, token copy, position add — and the causal
-# mask's function compiled) — under the decode-bench CUDA tests, then the compiled 8B W4 decode (lm_head quantized)
-# at batch 1 and 16 (tags _s21_b1, _s21_b16). ~9 min on a fresh machine.
-#   bash bench/next_session.sh   (on the GPU machine; $OUT)   Knobs: TEST_S, DECODE_S, B16_S (seconds, 0 skips).
+# One device call: the opt-in fused rotary embedding + cache write + attention (LLMCOMP_ROPE_ATTENTION=1,
+# decode_attention.rope_forward / kernels.decode_attention.decode_attention_rope). Its CUDA tests (the kernel against
+# reference_rope, both dtypes, every merge; the decode-bench CUDA tests with it on), then the compiled 8B W4 decode
+# (lm_head quantized) at batch 1 with it on and off from one build (tags _s21_rope1_b1, _s21_rope0_b1). ~7 min.
+#   bash bench/next_session.sh   (on the GPU machine; $OUT)   Knobs: TEST_S, DECODE_S (seconds, 0 skips), ROPES.
 set -u
 . bench/session_common.sh
-TAIL=6 run ${TEST_S:-200} tests_decode_bench.log python3 -m pytest -q -rf tests/test_decode_bench.py -m cuda
-BATCH=1 FORMATS=uniform DECODE_S=${DECODE_S:-150} TAG=_s21_b1 BUILD=0 bash bench/lmhead_session.sh 2>&1 \
-  | grep -v "^real\|^user\|^sys"
-BATCH=16 FORMATS=uniform DECODE_S=${B16_S:-200} TAG=_s21_b16 BUILD=0 bash bench/lmhead_session.sh 2>&1 \
-  | grep -v "^real\|^user\|^sys"
+LLMCOMP_ROPE_ATTENTION=1 TAIL=6 run ${TEST_S:-200} tests_rope.log python3 -m pytest -q -rf -m cuda \
+  tests/test_decode_attention.py tests/test_decode_bench.py -k "rope or decode or graph or norm"
+for r in ${ROPES:-1 0}; do
+  LLMCOMP_ROPE_ATTENTION=$r BATCH=1 FORMATS=uniform DECODE_S=${DECODE_S:-140} TAG=_s21_rope${r}_b1 BUILD=0 \
+    bash bench/lmhead_session.sh 2>&1 | grep -v "^real\|^user\|^sys" | tail -4
+done

@@ -60,6 +60,96 @@ def _check(case, dtype, device, tol):
     assert err <= tol * max(want.float().abs().max().item(), 1.0), (case, err)
 
 
+ROPE_CASES = [  # batch, query heads, kv heads, cache length, head dim, the step's position, mask kind
+    (1, 32, 8, 576, 128, 520, "bool"),
+    (2, 8, 2, 300, 64, 63, "bool"),  # the last position of the first chunk
+    (2, 8, 2, 300, 64, 64, "bool"),  # the first of the second
+    (1, 16, 1, 1000, 128, 999, "bool"),  # several blocks a chunk, the cache's last position
+    (2, 8, 2, 70, 64, 69, None),  # no mask
+]
+
+
+def _rope_inputs(b, h, kvh, length, d, at, kind, dtype, device):
+    """As the decode step has them: q, k and v slices of one stacked projection output, cos / sin of random angles
+    (``rotate_half`` layout), a cache of stale values (at the step's position too), the mask attending up to it."""
+    g = torch.Generator().manual_seed(b * 100 + at)
+    qkv = torch.randn(b, (h + 2 * kvh) * d, generator=g)
+    q, k_new, v_new = (t.reshape(b, -1, d) for t in qkv.split([h * d, kvh * d, kvh * d], -1))
+    caches = [torch.randn(b, kvh, length, d, generator=g) for _ in range(2)]
+    angle = torch.rand(b, d // 2, generator=g) * 6
+    cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()
+    mask = None
+    if kind == "bool":
+        mask = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+        mask[..., :at + 1] = True
+        if b > 1:
+            mask[1, ..., :5] = False  # a sequence with left padding
+    dev = [t.to(device, dtype) for t in (qkv, *caches, cos, sin)]
+    q, k_new, v_new = (t.reshape(b, -1, d) for t in dev[0].split([h * d, kvh * d, kvh * d], -1))
+    return (q, k_new, v_new, dev[3], dev[4], dev[1], dev[2], torch.tensor([at], device=device),
+            None if mask is None else mask.to(device))
+
+
+def _check_rope(case, dtype, device, tol, call=None):
+    """The fused call (``call``: by default the op) against ``reference_rope`` on copies of the cache: the output
+    within ``tol``, the value written as it is, the rotated key within an ulp, the rest of the cache untouched."""
+    q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask = _rope_inputs(*case, dtype, device)
+    d, at = q.shape[-1], case[5]
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    before = k_cache.clone()
+    want = da.reference_rope(q, k_new, v_new, cos, sin, ref_k, ref_v, pos, mask, d ** -0.5)
+    call = call or da.decode_attention_rope
+    got = call(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, d ** -0.5)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert torch.equal(v_cache, ref_v)
+    others = torch.ones(k_cache.shape[2], dtype=torch.bool, device=device)
+    others[at] = False
+    assert torch.equal(k_cache[:, :, others], before[:, :, others])
+    kerr = (k_cache[:, :, at].float() - ref_k[:, :, at].float()).abs().max().item()
+    assert kerr <= 2 ** -7 * max(ref_k[:, :, at].float().abs().max().item(), 1.0), (case, kerr)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= tol * max(want.float().abs().max().item(), 1.0), (case, err)
+
+
+def _attend_rope(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, scale):
+    """The kernels with ``ROPE`` as the op launches them, without the op's CUDA check (the interpreter runs on CPU)."""
+    return da._attend(q, k_cache, v_cache, mask, scale, (k_new, v_new, cos, sin, pos))
+
+
+def test_rope_reference_rotates_as_transformers_and_writes_the_cache():
+    """``rotate`` is transformers' ``apply_rotary_pos_emb`` (fp32 here: the same numbers); the op on CPU (its torch
+    path) writes the rotated key and the value at the position and attends as ``reference`` on the rotated query."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k_new, v_new, cos, sin, *_ = _rope_inputs(*ROPE_CASES[1], torch.float32, "cpu")
+    want_q, want_k = apply_rotary_pos_emb(q[:, :, None], k_new[:, :, None], cos[:, None], sin[:, None])
+    assert torch.allclose(da.rotate(q, cos, sin), want_q[:, :, 0], atol=1e-6)
+    assert torch.allclose(da.rotate(k_new, cos, sin), want_k[:, :, 0], atol=1e-6)
+    for case in ROPE_CASES:
+        _check_rope(case, torch.float32, "cpu", 1e-6)
+    q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask = _rope_inputs(*ROPE_CASES[0], torch.float32, "cpu")
+    got = da.decode_attention_rope(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, 0.1)
+    assert torch.equal(v_cache[:, :, 520], v_new) and torch.allclose(k_cache[:, :, 520], da.rotate(k_new, cos, sin))
+    assert torch.allclose(got, da.reference(da.rotate(q, cos, sin), k_cache, v_cache, mask, 0.1))
+
+
+def test_rope_kernel_matches_reference_in_the_interpreter():
+    """The partial kernel's ``ROPE`` (rotary embedding, cache write, the new key and value from registers) under
+    Triton's interpreter (fp16), both merges."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import torch, test_decode_attention as t\n"
+            "for fused in (True, False):\n    t.da.FUSED_MERGE = fused\n"
+            "    for case in t.ROPE_CASES:\n        t._check_rope(case, torch.float16, 'cpu', 2e-3, t._attend_rope)\n"
+            "print('ok')")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_kernel_matches_reference_in_the_interpreter():
     """CPU (where Triton is installed; CI has none): a fresh process, since the interpreter is chosen at import. Both
     merges (in the partial kernel by the chunk that finishes last, and the separate combine kernel); the counters
@@ -135,6 +225,15 @@ def test_chunk_size_can_be_fixed(monkeypatch):
             assert da._chunk_override() == want
     kv = torch.zeros(1, 2, 4, 128)
     assert not da.supports(torch.zeros(1, 8, 128), kv, kv, 4)  # CPU tensors: the torch path
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("merge", [None, True, False], ids=["rule", "fused", "separate"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ROPE_CASES, ids=str)
+def test_rope_kernel_matches_reference_on_cuda(case, dtype, merge, monkeypatch):
+    monkeypatch.setattr(da, "FUSED_MERGE", merge)
+    _check_rope(case, dtype, "cuda", 1e-2)
 
 
 @pytest.mark.cuda

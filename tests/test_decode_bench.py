@@ -196,6 +196,78 @@ def test_compiled_layers_outer_compiles_the_rotary_embedding_and_final_norm(monk
     assert model not in db.ADVANCE and getattr(modeling_llama, db.MASK) is mask_fn
 
 
+def _tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                        max_position_embeddings=256)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("share", [True, False], ids=["shared-counter", "own-counters"])
+def test_rope_attention_decodes_the_same(arch, share, monkeypatch):
+    """``rope`` (opt-in, ``LLMCOMP_ROPE_ATTENTION=1``): each Llama-style attention's decode step through
+    ``decode_attention_rope`` (here its torch path: rotary embedding, cache write, attention) — the same tokens and
+    logits as the model as it is, through steps and a rewind, with the cache's one counter or a counter a layer
+    (each advanced once a step), Qwen3's per-head q/k norms included; the forwards come back on exit."""
+    import torch._dynamo
+
+    from llmcomp.eval.decode_attention import packed_gqa
+
+    model = tiny_llama(layers=3) if arch == "llama" else _tiny_qwen3()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def decode():
+        dec = db.StaticDecoder(model, 2, 32, share=share)
+        logits = [dec.prefill(ids).clone()]
+        tokens = []
+        for _ in range(4):
+            tokens.append(dec.tokens.clone())
+            logits.append(dec.step().clone())
+        assert {int(layer.cumulative_length) for layer in dec.cache.layers} == {13}
+        dec.rewind()
+        logits += [dec.step().clone() for _ in range(2)]
+        return logits, tokens
+
+    with packed_gqa(model):
+        ref, ref_tokens = decode()
+        attn = model.model.layers[0].self_attn
+        torch._dynamo.reset()
+        with db.compiled_layers(model, backend="eager", frozen=False, outer=False) as info:
+            assert info["rope"] == 0  # off by default
+        monkeypatch.setenv("LLMCOMP_ROPE_ATTENTION", "1")
+        graphs = []
+
+        def backend(gm, inputs):  # the compiled layers' graphs, run as they are
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with db.compiled_layers(model, backend=backend, frozen=False, outer=False) as info:
+            assert info["rope"] == len(model.model.layers) and "forward" in attn.__dict__
+            got, tokens = decode()
+        assert "forward" not in attn.__dict__
+    # one fused call a layer's graph (the prefill runs eagerly: the module's own forward)
+    assert sum(gm.code.count("decode_attention_rope") for gm in graphs) == len(model.model.layers)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(got, ref))
+
+
+def test_rope_forward_takes_only_llama_style_attention():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from llmcomp.eval.decode_attention import rope_forward
+
+    assert rope_forward(tiny_llama().model.layers[0].self_attn) is not None
+    assert rope_forward(_tiny_qwen3().model.layers[0].self_attn) is not None
+    gemma = Gemma2ForCausalLM(Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           vocab_size=128)).eval()
+    assert rope_forward(gemma.model.layers[0].self_attn) is None and rope_forward(None) is None
+
+
 def test_decode_speed_on_cpu_runs_eagerly_and_says_why():
     r = db.decode_speed(tiny_llama(), batch=2, context=8, steps=4)
     assert r["graphs"] is False and "CUDA" in r["graph_error"]
@@ -565,9 +637,10 @@ def test_fused_siblings_share_one_call_a_step(cpu_fused_path):
     layers = len(model.model.layers)
     for fused in (True, False):
         torch._dynamo.reset()
-        with db.compiled_layers(model, backend="aot_eager", fuse=fused, outer=False) as info:
+        with db.compiled_layers(model, backend="aot_eager", fuse=fused, outer=False, rope=False) as info:
             assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0, "pdl": False,
-                            "graphs": layers, "glu": 0, "norm_split": 0, "outer": 0}  # (GLU calls: CUDA only)
+                            "graphs": layers, "glu": 0, "norm_split": 0, "outer": 0,
+                            "rope": 0}  # (GLU calls: CUDA only)
             dec = db.StaticDecoder(model, 2, 32)
             dec.prefill(ids)
             dec.step()  # compiles
@@ -653,11 +726,13 @@ def test_compiled_layers_trace_quantized_linears_on_cuda(fmt):
     for frozen in (False, True):
         torch._dynamo.reset()
         counter = CompileCounter()
-        with db.compiled_layers(model, backend=counter, frozen=frozen, glu=True, norm=False, outer=False) as info:
+        with db.compiled_layers(model, backend=counter, frozen=frozen, glu=True, norm=False, outer=False,
+                                    rope=False) as info:
             # q/k/v stacked; gate/up one GLU call (activation in the epilogue); the norms not split (their own test)
             # (gate/up not frozen alone: their GLU call serves every row count)
             assert info == {"layers": 2, "frozen": 10 if frozen else 0, "fused": 2 if frozen else 0,
-                            "pdl": False, "graphs": 2, "glu": 2 if frozen else 0, "norm_split": 0, "outer": 0}
+                            "pdl": False, "graphs": 2, "glu": 2 if frozen else 0, "norm_split": 0, "outer": 0,
+                            "rope": 0}
             _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
         frames[frozen] = counter.frame_count
         assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens)), frozen

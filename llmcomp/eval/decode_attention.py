@@ -93,3 +93,80 @@ def packed_gqa(model: torch.nn.Module, enabled: bool = True):
     finally:
         for c in configs:
             c._attn_implementation_internal = "sdpa"
+
+
+# Attention modules whose forward is transformers' Llama one (q/k/v projections, optional per-head q/k norms, rotary
+# embedding, ``cache.update``, the attention function, o): ``rope_forward`` re-implements its decode step.
+ROPE_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+
+
+def rope_attention_enabled(rope: bool | None = None) -> bool:
+    """``rope`` where given, else off unless ``LLMCOMP_ROPE_ATTENTION`` says on (``rope_forward``; opt-in until
+    timed on a GPU: bench/next_session.sh)."""
+    if rope is not None:
+        return rope
+    from llmcomp.kernels.decode_attention import env_switch
+
+    return env_switch("LLMCOMP_ROPE_ATTENTION") is True
+
+
+# Set on the static cache layers that count their length in another layer's tensor and do not advance it
+# (``decode_bench.share_position``): a plain attribute, read as such under dynamo (a bound method's identity is not).
+COUNTER_SHARED = "_llmcomp_counter_shared"
+
+
+def _advances(layer) -> bool:
+    """Whether a static cache layer's step advances its length counter (transformers' ``StaticLayer.update`` does;
+    the layers of a shared counter but its owner do not)."""
+    return not getattr(layer, COUNTER_SHARED, False)
+
+
+def rope_forward(attn: torch.nn.Module):
+    """A forward for ``attn`` whose decode step (one token a sequence, a full-attention ``StaticLayer`` cache, this
+    module's packed attention, a [B, 1, 1, L] mask) runs the rotary embedding, the cache write and the attention as
+    one kernel launch (``llmcomp::decode_attention_rope``) instead of a fused rotary/cache-write kernel and the
+    attention's; the step's counter is advanced as the layer's ``update`` would. Anything else runs the module's
+    forward as it was. None for modules that are not ``ROPE_ATTENTION`` ones (or have a sliding window)."""
+    if type(attn).__name__ not in ROPE_ATTENTION or getattr(attn, "sliding_window", None) is not None:
+        return None
+    if not all(isinstance(getattr(attn, n, None), torch.nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return None
+    original = attn.forward
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if (q_norm is None) != (k_norm is None):
+        return None
+
+    def forward(*args, **kwargs):
+        from transformers.cache_utils import StaticLayer
+
+        from llmcomp.kernels.decode_attention import decode_attention_rope
+
+        x = args[0] if args else kwargs.get("hidden_states")
+        cos_sin = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layers = getattr(cache, "layers", None)
+        layer = layers[attn.layer_idx] if layers is not None and attn.layer_idx < len(layers) else None
+        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != 1 or cos_sin is None or attn.training
+                or type(layer) is not StaticLayer or not layer.is_initialized
+                or attn.config._attn_implementation != NAME or kernel() not in ("auto", "triton")
+                or not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1
+                or mask.shape[-1] != layer.keys.shape[2] or layer.keys.dtype != x.dtype or len(args) > 3):
+            return original(*args, **kwargs)
+        b, d = x.shape[0], attn.head_dim
+        cos, sin = cos_sin
+        if cos.shape != (b, 1, d) or sin.shape != (b, 1, d):
+            return original(*args, **kwargs)
+        q = attn.q_proj(x).view(b, 1, -1, d)
+        k = attn.k_proj(x).view(b, 1, -1, d)
+        v = attn.v_proj(x).view(b, 1, -1, d)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        out = decode_attention_rope(q.reshape(b, -1, d), k.reshape(b, -1, d), v.reshape(b, -1, d),
+                                    cos.reshape(b, d), sin.reshape(b, d), layer.keys, layer.values,
+                                    layer.cumulative_length, mask, float(attn.scaling))
+        if _advances(layer):
+            layer.cumulative_length.add_(1)
+        return attn.o_proj(out.reshape(b, 1, -1)), None
+
+    return forward

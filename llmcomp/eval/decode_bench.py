@@ -27,7 +27,7 @@ from torch import nn
 from llmcomp.core.hfcompat import cache_kwarg
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
-from llmcomp.eval.decode_attention import NAME, packed_gqa
+from llmcomp.eval.decode_attention import COUNTER_SHARED, NAME, packed_gqa, rope_attention_enabled, rope_forward
 from llmcomp.eval.decode_attention import kernel as attention_kernel
 
 SYNTHETIC = {
@@ -206,6 +206,7 @@ def share_position(cache) -> int:
     for layer in layers[:-1]:
         layer.cumulative_length = counter
         layer.update = types.MethodType(_update_in_place, layer)
+        setattr(layer, COUNTER_SHARED, True)  # (for rope_forward, which writes the cache itself)
     return len(layers)
 
 
@@ -468,7 +469,7 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 @contextlib.contextmanager
 def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, fuse: bool = True, pdl: bool = False,
                     span: int = 1, options: Optional[dict] = None, glu: Optional[bool] = None,
-                    norm: Optional[bool] = None, outer: Optional[bool] = None):
+                    norm: Optional[bool] = None, outer: Optional[bool] = None, rope: Optional[bool] = None):
     """While open: every decoder layer's forward through ``torch.compile`` (static shapes); yields
     ``{"layers": compiled, "frozen": quantized linears traced, "fused": groups of them stacked}``. HF's eager layer
     launches ~40 small kernels (norms in fp32 steps, rotary, residuals) that cost more than a W4 layer's weights at
@@ -497,6 +498,9 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     tail (``advance``: argmax, token copy, position add) for ``StaticDecoder``s of this model, and the causal mask's
     function (``MASK``) where the body's modeling module calls one (set there while open); ``info["outer"]`` counts
     them (4 for Llama).
+    ``rope`` (default: off unless ``LLMCOMP_ROPE_ATTENTION=1``; opt-in until timed): Llama-style attention modules'
+    decode step runs the rotary embedding, the cache write and the attention as one kernel launch
+    (``decode_attention.rope_forward``); ``info["rope"]`` counts them.
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -512,7 +516,7 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
     info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0, "glu": 0, "norm_split": 0,
-            "outer": 0}
+            "outer": 0, "rope": 0}
     glu = glu_enabled(glu)
     norm = glu and norm_split_enabled(norm)
     masks, mask_fn = None, None  # (outer: the modeling module whose causal-mask function was swapped, and it)
@@ -556,6 +560,11 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                 swaps, info["norm_split"] = split_norms(layers, dtype)
                 for mod, fn in swaps:
                     swap(mod, fn)
+            for layer in layers if rope_attention_enabled(rope) else ():
+                fn = rope_forward(getattr(layer, "self_attn", None))
+                if fn is not None:
+                    swap(layer.self_attn, fn)
+                    info["rope"] += 1
             inductor_config = compile_options(options) if backend == "inductor" else None  # (inductor's alone)
             for group in layer_spans(layers, span, getattr(model, "config", None)):
                 # the layers' forwards as they are now (an instance forward, e.g. accelerate's hook, included)
@@ -853,6 +862,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                                                 "glu": glu_enabled(glu),
                                                 "norm_split": glu_enabled(glu) and norm_split_enabled(norm),
                                                 "compile_outer": outer_enabled(),
+                                                "rope_attention": rope_attention_enabled(),
                                                 "inductor_options": compile_options(options)}
                                                if compile else {}),
                                             "pack_gqa": pack_gqa, "shared_position": shared_position_enabled()},
@@ -883,6 +893,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                         row["glu_mlps"] = compiled["glu"]
                         row["norm_splits"] = compiled["norm_split"]
                         row["outer_compiled"] = compiled["outer"]
+                        row["rope_attention"] = compiled["rope"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}

@@ -168,9 +168,14 @@ def _kernels():
     @triton.jit
     def _decode_attention_partial(q_ptr, k_ptr, v_ptr, m_ptr, acc_ptr, ml_ptr, cnt_ptr, out_ptr, L, KVH, nsplit, scale,
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
+                 kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr, skn_b, skn_h, svn_b, svn_h, scs_b,
                  GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                 MASK: tl.constexpr, MERGE: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+                 MASK: tl.constexpr, MERGE: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr):
         # MASK: 0 none, 1 bool (as uint8), 2 additive float. PDL: launched as a dependent (``dependent_launch``)
+        # ROPE (``decode_attention_rope``): q, the new key (kn) and value (vn) come unrotated and not yet cached; the
+        # rotary embedding (cos, sin) is applied here, the program whose chunk holds the new position (*pos_ptr)
+        # reads the rotated key and the value from registers at that position (its cache load there is stale) and
+        # writes them into the cache there.
         if PDL:
             _dependent_start()
         bh = tl.program_id(0)
@@ -192,8 +197,23 @@ def _kernels():
                 cpos = start + i + tl.arange(0, BLOCK)
                 attend = _bias(m_ptr + b * sm_b, sm_l, cpos, cpos < L, MASK) > float("-inf")
                 end = tl.maximum(end, tl.max(tl.where(attend, cpos, -1), 0) + 1)
-        q = tl.load(q_ptr + b * sq_b + (h * GROUPS + g)[:, None] * sq_h + d[None, :], mask=(g < GROUPS)[:, None],
-                    other=0.0)
+        q_rows = q_ptr + b * sq_b + (h * GROUPS + g)[:, None] * sq_h
+        if ROPE:
+            # rotate_half's partner of column d and its sign; fp32 math, rounded once (as inductor's fused rotary)
+            dp = (d + D // 2) % D
+            sign = tl.where(d < D // 2, -1.0, 1.0)
+            cs = tl.load(cos_ptr + b * scs_b + d).to(tl.float32)
+            sn = tl.load(sin_ptr + b * scs_b + d).to(tl.float32) * sign
+            qa = tl.load(q_rows + d[None, :], mask=(g < GROUPS)[:, None], other=0.0).to(tl.float32)
+            qb = tl.load(q_rows + dp[None, :], mask=(g < GROUPS)[:, None], other=0.0).to(tl.float32)
+            q = (qa * cs[None, :] + qb * sn[None, :]).to(q_ptr.dtype.element_ty)
+            at = tl.load(pos_ptr).to(tl.int32)
+            k_row = kn_ptr + b * skn_b + h * skn_h
+            k_new = (tl.load(k_row + d).to(tl.float32) * cs + tl.load(k_row + dp).to(tl.float32) * sn).to(
+                q_ptr.dtype.element_ty)
+            v_new = tl.load(vn_ptr + b * svn_b + h * svn_h + d)
+        else:
+            q = tl.load(q_rows + d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -204,12 +224,20 @@ def _kernels():
                          other=0.0)
             vv = tl.load(v_ptr + b * sv_b + h * sv_h + pos[:, None] * sv_l + d[None, :], mask=inside[:, None],
                          other=0.0)
+            if ROPE:
+                fresh = (pos == at)[:, None]
+                kk = tl.where(fresh, k_new[None, :], kk)
+                vv = tl.where(fresh, v_new[None, :], vv)
             sc = tl.dot(q, tl.trans(kk)) * scale + _bias(m_ptr + b * sm_b, sm_l, pos, inside, MASK)[None, :]
             m_new, m_use, alpha = _rescale(m_i, tl.max(sc, 1))
             p = tl.exp(sc - m_use[:, None])
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
+        if ROPE:  # (after the loop: its loads at that position read the stale entry, replaced in registers)
+            own = (at >= start) & (at < start + CHUNK)
+            tl.store(k_ptr + b * sk_b + h * sk_h + at * sk_l + d, k_new, mask=own & (d < D))
+            tl.store(v_ptr + b * sv_b + h * sv_h + at * sv_l + d, v_new, mask=own & (d < D))
         row = (bh * GROUPS + g) * nsplit + s  # [B * H, splits] order: query head bh * GROUPS + g
         tl.store(ml_ptr + row * 2, m_i, mask=g < GROUPS)
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=g < GROUPS)
@@ -274,6 +302,12 @@ def _mask_args(mask: Optional[torch.Tensor], b: int, length: int, device) -> tup
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                      scale: float) -> torch.Tensor:
     """q [B, H, D], k/v [B, KVH, L, D], mask None or [B, 1, 1, L] / [B, L] (bool or additive) → [B, H, D]."""
+    return _attend(q, k, v, mask, scale, None)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+            rope: Optional[tuple]) -> torch.Tensor:
+    """The kernels' launch; ``rope``: (k_new, v_new, cos, sin, position) of ``decode_attention_rope``, else None."""
     b, h, d = q.shape
     kvh, length = k.shape[1], k.shape[2]
     groups = h // kvh
@@ -291,14 +325,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     sp = max(2, triton.next_power_of_2(splits))
     pdl = dependent_launch(q.device)
     launch_kw = {"launch_pdl": True} if pdl else {}
+    if rope is None:  # (unused pointers: any tensor; strides 0)
+        extra = (q, q, q, q, q, 0, 0, 0, 0, 0)
+    else:
+        k_new, v_new, cos, sin, position = rope
+        extra = (k_new, v_new, cos, sin, position, k_new.stride(0), k_new.stride(1), v_new.stride(0),
+                 v_new.stride(1), cos.stride(0))
 
     def launch(depth: int):
         partial[(b * kvh, splits)](q, k, v, m, part, ml, counters if fused else ml, out, length, kvh, splits, scale,
                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                                   v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l,
+                                   v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l, *extra,
                                    GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d,
                                    BLOCK=min(chunk, 64), CHUNK=chunk, MASK=how, MERGE=int(fused), SP=sp, PDL=pdl,
-                                   num_warps=4, num_stages=depth, **launch_kw)
+                                   ROPE=rope is not None, num_warps=4, num_stages=depth, **launch_kw)
 
     depth = stages(d, q.device)
     try:
@@ -316,6 +356,49 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
 @decode_attention.register_fake
 def _(q, k, v, mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("llmcomp::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
+def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor,
+                          mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The decode step's rotary embedding, cache write and attention in one launch (the partial kernel's ``ROPE``):
+    q [B, H, D] and the step's key and value k_new / v_new [B, KVH, D] as the projections give them (not rotated),
+    cos / sin [B, D] (the rotary embedding at the step's position, ``rotate_half`` convention), the static cache
+    k_cache / v_cache [B, KVH, L, D] (written at ``position``, a one-element integer tensor on the device: the
+    cache's length before the step) and the mask as ``decode_attention``'s → [B, H, D]. Where the kernel does not
+    apply (no CUDA or Triton, other shapes): ``reference_rope``, in place alike."""
+    b, h, d = q.shape
+    groups = h // k_cache.shape[1]
+    if (triton is not None and q.is_cuda and supports(q, k_cache, v_cache, groups) and k_new.stride(-1) == 1
+            and v_new.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.dtype == q.dtype
+            and sin.dtype == q.dtype and sin.stride(0) == cos.stride(0) and k_new.dtype == q.dtype
+            and v_new.dtype == q.dtype and position.numel() == 1 and not position.is_floating_point()
+            and (mask is None or mask.shape[-1] == k_cache.shape[2])):
+        return _attend(q, k_cache, v_cache, mask, scale, (k_new, v_new, cos, sin, position))
+    return reference_rope(q, k_new, v_new, cos, sin, k_cache, v_cache, position, mask, scale)
+
+
+@decode_attention_rope.register_fake
+def _(q, k_new, v_new, cos, sin, k_cache, v_cache, position, mask, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb`` on x [B, N, D] with cos / sin [B, D], in fp32, rounded once."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    turned = torch.cat((-xf[..., half:], xf[..., :half]), -1)
+    return (xf * cos[:, None].float() + turned * sin[:, None].float()).to(x.dtype)
+
+
+def reference_rope(q, k_new, v_new, cos, sin, k_cache, v_cache, position, mask, scale) -> torch.Tensor:
+    """``decode_attention_rope`` in torch: the rotated key and the value into the cache at ``position``, then
+    ``reference`` on the rotated query."""
+    at = position.reshape(1).long()
+    k_cache.index_copy_(2, at, rotate(k_new, cos, sin)[:, :, None])
+    v_cache.index_copy_(2, at, v_new[:, :, None].to(v_cache.dtype))
+    return reference(rotate(q, cos, sin), k_cache, v_cache, mask, scale)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
