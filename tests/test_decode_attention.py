@@ -230,19 +230,12 @@ def test_chunk_size_can_be_fixed(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("merge", [None, True, False], ids=["rule", "fused", "separate"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", ROPE_CASES, ids=str)
-def test_rope_kernel_matches_reference_on_cuda(case, dtype, merge, monkeypatch):
+@pytest.mark.parametrize("rope, case", [(False, c) for c in CASES] + [(True, c) for c in ROPE_CASES],
+                         ids=[str(c) for c in CASES] + [f"rope-{c}" for c in ROPE_CASES])
+def test_kernel_matches_reference_on_cuda(rope, case, dtype, merge, monkeypatch):
+    """Both kernels' forms (``decode_attention``; ``decode_attention_rope``: rotary embedding and cache write too)."""
     monkeypatch.setattr(da, "FUSED_MERGE", merge)
-    _check_rope(case, dtype, "cuda", 1e-2)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("merge", [None, True, False], ids=["rule", "fused", "separate"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_kernel_matches_reference_on_cuda(case, dtype, merge, monkeypatch):
-    monkeypatch.setattr(da, "FUSED_MERGE", merge)
-    _check(case, dtype, "cuda", 1e-2)
+    (_check_rope if rope else _check)(case, dtype, "cuda", 1e-2)
 
 
 @pytest.mark.cuda
