@@ -155,6 +155,11 @@ if triton is not None:  # (a kernel's helpers must be module globals for Triton 
         return m_new, m_use, tl.exp(m_old - m_use)
 
     @triton.jit
+    def _rotated(x, partner, cs, sn):
+        """x · cos + rotate_half(x) · sin in fp32, rounded to x's dtype (``sn`` carries rotate_half's signs)."""
+        return (x.to(tl.float32) * cs + partner.to(tl.float32) * sn).to(x.dtype)
+
+    @triton.jit
     def _dependent_start():
         """Under programmatic dependent launch: wait until the kernel before has finished (its writes visible), then
         let the next kernel launch — it waits for this one the same way, so only its launch and prologue (our
@@ -189,6 +194,23 @@ def _kernels():
         # cache's unused tail is not read) instead of a branch a block, so the loop's body has no branch and Triton
         # software-pipelines it (the next block's K/V loads in flight while this one is computed). Blocks with nothing
         # to attend before that position are read and weigh zero.
+        q_rows = q_ptr + b * sq_b + (h * GROUPS + g)[:, None] * sq_h
+        if ROPE:
+            # Loaded before the mask's scan, so their latency passes under it. rotate_half's partner of column d and
+            # its sign; fp32 math, rounded once (as inductor's fused rotary): before the loop (ROPE 1) or in it after
+            # the block's K/V loads are issued (ROPE 2, so those loads need not wait for this math).
+            dp = (d + D // 2) % D
+            cs = tl.load(cos_ptr + b * scs_b + d).to(tl.float32)
+            sn = tl.load(sin_ptr + b * scs_b + d).to(tl.float32) * tl.where(d < D // 2, -1.0, 1.0)
+            qa = tl.load(q_rows + d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
+            qb = tl.load(q_rows + dp[None, :], mask=(g < GROUPS)[:, None], other=0.0)
+            k_row = kn_ptr + b * skn_b + h * skn_h
+            ka = tl.load(k_row + d)
+            kb = tl.load(k_row + dp)
+            v_new = tl.load(vn_ptr + b * svn_b + h * svn_h + d)
+            at = tl.load(pos_ptr).to(tl.int32)
+        else:
+            q = tl.load(q_rows + d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
         if MASK == 0:
             end = tl.minimum(start + CHUNK, L)
         else:
@@ -197,23 +219,9 @@ def _kernels():
                 cpos = start + i + tl.arange(0, BLOCK)
                 attend = _bias(m_ptr + b * sm_b, sm_l, cpos, cpos < L, MASK) > float("-inf")
                 end = tl.maximum(end, tl.max(tl.where(attend, cpos, -1), 0) + 1)
-        q_rows = q_ptr + b * sq_b + (h * GROUPS + g)[:, None] * sq_h
-        if ROPE:
-            # rotate_half's partner of column d and its sign; fp32 math, rounded once (as inductor's fused rotary)
-            dp = (d + D // 2) % D
-            sign = tl.where(d < D // 2, -1.0, 1.0)
-            cs = tl.load(cos_ptr + b * scs_b + d).to(tl.float32)
-            sn = tl.load(sin_ptr + b * scs_b + d).to(tl.float32) * sign
-            qa = tl.load(q_rows + d[None, :], mask=(g < GROUPS)[:, None], other=0.0).to(tl.float32)
-            qb = tl.load(q_rows + dp[None, :], mask=(g < GROUPS)[:, None], other=0.0).to(tl.float32)
-            q = (qa * cs[None, :] + qb * sn[None, :]).to(q_ptr.dtype.element_ty)
-            at = tl.load(pos_ptr).to(tl.int32)
-            k_row = kn_ptr + b * skn_b + h * skn_h
-            k_new = (tl.load(k_row + d).to(tl.float32) * cs + tl.load(k_row + dp).to(tl.float32) * sn).to(
-                q_ptr.dtype.element_ty)
-            v_new = tl.load(vn_ptr + b * svn_b + h * svn_h + d)
-        else:
-            q = tl.load(q_rows + d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
+        if ROPE == 1:
+            q = _rotated(qa, qb, cs[None, :], sn[None, :])
+            k_new = _rotated(ka, kb, cs, sn)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -224,6 +232,9 @@ def _kernels():
                          other=0.0)
             vv = tl.load(v_ptr + b * sv_b + h * sv_h + pos[:, None] * sv_l + d[None, :], mask=inside[:, None],
                          other=0.0)
+            if ROPE == 2:
+                q = _rotated(qa, qb, cs[None, :], sn[None, :])
+                k_new = _rotated(ka, kb, cs, sn)
             if ROPE:
                 fresh = (pos == at)[:, None]
                 kk = tl.where(fresh, k_new[None, :], kk)
@@ -236,7 +247,7 @@ def _kernels():
             m_i = m_new
         if ROPE:  # (after the loop: its loads at that position read the stale entry, replaced in registers)
             own = (at >= start) & (at < start + CHUNK)
-            tl.store(k_ptr + b * sk_b + h * sk_h + at * sk_l + d, k_new, mask=own & (d < D))
+            tl.store(k_ptr + b * sk_b + h * sk_h + at * sk_l + d, _rotated(ka, kb, cs, sn), mask=own & (d < D))
             tl.store(v_ptr + b * sv_b + h * sv_h + at * sv_l + d, v_new, mask=own & (d < D))
         row = (bh * GROUPS + g) * nsplit + s  # [B * H, splits] order: query head bh * GROUPS + g
         tl.store(ml_ptr + row * 2, m_i, mask=g < GROUPS)
@@ -305,6 +316,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     return _attend(q, k, v, mask, scale, None)
 
 
+def rope_form() -> int:
+    """The partial kernel's ``ROPE`` for ``decode_attention_rope``: 2 (default; not yet timed: the rotation in the
+    loop, after the block's K/V loads) or 1 (``LLMCOMP_ROPE_FORM=1``: before the loop — H200, 8B W4 decode at batch
+    1: 5.47 µs a call against 3.94 for the plain kernel, kernels_h200_notes.md twenty-first session)."""
+    return 1 if os.environ.get("LLMCOMP_ROPE_FORM", "").strip() == "1" else 2
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
             rope: Optional[tuple]) -> torch.Tensor:
     """The kernels' launch; ``rope``: (k_new, v_new, cos, sin, position) of ``decode_attention_rope``, else None."""
@@ -338,7 +356,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
                                    v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l, *extra,
                                    GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d,
                                    BLOCK=min(chunk, 64), CHUNK=chunk, MASK=how, MERGE=int(fused), SP=sp, PDL=pdl,
-                                   ROPE=rope is not None, num_warps=4, num_stages=depth, **launch_kw)
+                                   ROPE=0 if rope is None else rope_form(), num_warps=4, num_stages=depth,
+                                   **launch_kw)
 
     depth = stages(d, q.device)
     try:
