@@ -266,6 +266,13 @@ def test_rope_forward_takes_only_llama_style_attention():
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                            vocab_size=128)).eval()
     assert rope_forward(gemma.model.layers[0].self_attn) is None and rope_forward(None) is None
+    from transformers import MistralConfig, MistralForCausalLM
+
+    for window, takes in ((None, True), (8, False)):  # Mistral's window is the config's
+        mistral = MistralForCausalLM(MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                                   sliding_window=window)).eval()
+        assert (rope_forward(mistral.model.layers[0].self_attn) is not None) == takes
 
 
 def test_decode_speed_on_cpu_runs_eagerly_and_says_why():

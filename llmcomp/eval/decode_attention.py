@@ -129,6 +129,8 @@ def rope_forward(attn: torch.nn.Module):
     forward as it was. None for modules that are not ``ROPE_ATTENTION`` ones (or have a sliding window)."""
     if type(attn).__name__ not in ROPE_ATTENTION or getattr(attn, "sliding_window", None) is not None:
         return None
+    if type(attn).__name__ == "MistralAttention" and getattr(attn.config, "sliding_window", None) is not None:
+        return None  # (Mistral's attention passes the config's window on: not the module's attribute)
     if not all(isinstance(getattr(attn, n, None), torch.nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return None
     original = attn.forward
