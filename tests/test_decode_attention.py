@@ -135,13 +135,13 @@ def test_rope_reference_rotates_as_transformers_and_writes_the_cache():
 
 def test_rope_kernel_matches_reference_in_the_interpreter():
     """The partial kernel's ``ROPE`` (rotary embedding, cache write, the new key and value from registers) under
-    Triton's interpreter (fp16), both forms (the rotation before the loop or in it), both merges."""
+    Triton's interpreter (fp16), every form (``rope_form``), both merges."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     code = ("import os, torch, test_decode_attention as t\n"
-            "for form in ('1', '2'):\n    os.environ['LLMCOMP_ROPE_FORM'] = form\n    assert t.da.rope_form() == int(form)\n"
+            "for form in ('1', '2', '3'):\n    os.environ['LLMCOMP_ROPE_FORM'] = form\n    assert t.da.rope_form() == int(form)\n"
             "    for fused in (True, False):\n        t.da.FUSED_MERGE = fused\n"
             "        for case in t.ROPE_CASES:\n"
             "            t._check_rope(case, torch.float16, 'cpu', 2e-3, t._attend_rope)\n"
@@ -242,9 +242,11 @@ def test_kernel_matches_reference_on_cuda(rope, case, dtype, merge, monkeypatch)
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ROPE_CASES, ids=str)
-def test_rope_rotated_before_the_loop_matches_reference_on_cuda(case, monkeypatch):
-    """``LLMCOMP_ROPE_FORM=1``: the rotation before the loop (the form timed in the twenty-first session)."""
-    monkeypatch.setenv("LLMCOMP_ROPE_FORM", "1")
+@pytest.mark.parametrize("form", ["1", "2"])
+def test_rope_other_forms_match_reference_on_cuda(case, form, monkeypatch):
+    """``LLMCOMP_ROPE_FORM`` 1 (the rotation before the loop: the form timed in the twenty-first session) and 2 (in
+    it); the default form runs in ``test_kernel_matches_reference_on_cuda``."""
+    monkeypatch.setenv("LLMCOMP_ROPE_FORM", form)
     _check_rope(case, torch.bfloat16, "cuda", 1e-2)
 
 

@@ -195,7 +195,24 @@ def _kernels():
         # software-pipelines it (the next block's K/V loads in flight while this one is computed). Blocks with nothing
         # to attend before that position are read and weigh zero.
         q_rows = q_ptr + b * sq_b + (h * GROUPS + g)[:, None] * sq_h
-        if ROPE:
+        if ROPE == 3:
+            # Everything in the layouts it is used in, so no layout conversion waits for a load before the K/V loads
+            # (bench/triton_sass.py): cos, sin and the new key as [GP, D] broadcasts in q's layout (16 values a
+            # thread), the new value as a [BLOCK, D] broadcast in a V block's; the new key's score taken apart
+            # (q · key, replacing the dot's column at the step's position, whose cache entry is stale).
+            dq = d[None, :] + 0 * g[:, None]
+            dpq = (dq + D // 2) % D
+            cs = tl.load(cos_ptr + b * scs_b + dq).to(tl.float32)
+            sn = tl.load(sin_ptr + b * scs_b + dq).to(tl.float32) * tl.where(dq < D // 2, -1.0, 1.0)
+            qa = tl.load(q_rows + dq, mask=(g < GROUPS)[:, None], other=0.0)
+            qb = tl.load(q_rows + dpq, mask=(g < GROUPS)[:, None], other=0.0)
+            k_row = kn_ptr + b * skn_b + h * skn_h
+            ka = tl.load(k_row + dq)
+            kb = tl.load(k_row + dpq)
+            dv = d[None, :] + 0 * tl.arange(0, BLOCK)[:, None]
+            v_blk = tl.load(vn_ptr + b * svn_b + h * svn_h + dv)
+            at = tl.load(pos_ptr).to(tl.int32)
+        elif ROPE:
             # Loaded before the mask's scan, so their latency passes under it. rotate_half's partner of column d and
             # its sign; fp32 math, rounded once (as inductor's fused rotary): before the loop (ROPE 1) or in it after
             # the block's K/V loads are issued (ROPE 2, so those loads need not wait for this math).
@@ -222,6 +239,10 @@ def _kernels():
         if ROPE == 1:
             q = _rotated(qa, qb, cs[None, :], sn[None, :])
             k_new = _rotated(ka, kb, cs, sn)
+        if ROPE == 3:
+            q = _rotated(qa, qb, cs, sn)
+            k_new = _rotated(ka, kb, cs, sn)  # [GP, D]: the key in every row
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -235,17 +256,26 @@ def _kernels():
             if ROPE == 2:
                 q = _rotated(qa, qb, cs[None, :], sn[None, :])
                 k_new = _rotated(ka, kb, cs, sn)
-            if ROPE:
+            if ROPE == 1 or ROPE == 2:
                 fresh = (pos == at)[:, None]
                 kk = tl.where(fresh, k_new[None, :], kk)
                 vv = tl.where(fresh, v_new[None, :], vv)
-            sc = tl.dot(q, tl.trans(kk)) * scale + _bias(m_ptr + b * sm_b, sm_l, pos, inside, MASK)[None, :]
+            raw = tl.dot(q, tl.trans(kk))
+            if ROPE == 3:
+                raw = tl.where((pos == at)[None, :], s_new[:, None], raw)
+                vv = tl.where((pos == at)[:, None], v_blk, vv)
+            sc = raw * scale + _bias(m_ptr + b * sm_b, sm_l, pos, inside, MASK)[None, :]
             m_new, m_use, alpha = _rescale(m_i, tl.max(sc, 1))
             p = tl.exp(sc - m_use[:, None])
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
-        if ROPE:  # (after the loop: its loads at that position read the stale entry, replaced in registers)
+        if ROPE == 3:  # one row of each broadcast
+            own = (at >= start) & (at < start + CHUNK)
+            tl.store(k_ptr + b * sk_b + h * sk_h + at * sk_l + dq, k_new, mask=own & (g == 0)[:, None] & (dq < D))
+            tl.store(v_ptr + b * sv_b + h * sv_h + at * sv_l + dv, v_blk,
+                     mask=own & (tl.arange(0, BLOCK) == 0)[:, None] & (dv < D))
+        elif ROPE:  # (after the loop: its loads at that position read the stale entry, replaced in registers)
             own = (at >= start) & (at < start + CHUNK)
             tl.store(k_ptr + b * sk_b + h * sk_h + at * sk_l + d, _rotated(ka, kb, cs, sn), mask=own & (d < D))
             tl.store(v_ptr + b * sv_b + h * sv_h + at * sv_l + d, v_new, mask=own & (d < D))
@@ -317,10 +347,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
 
 
 def rope_form() -> int:
-    """The partial kernel's ``ROPE`` for ``decode_attention_rope``: 2 (default; not yet timed: the rotation in the
-    loop, after the block's K/V loads) or 1 (``LLMCOMP_ROPE_FORM=1``: before the loop — H200, 8B W4 decode at batch
-    1: 5.47 µs a call against 3.94 for the plain kernel, kernels_h200_notes.md twenty-first session)."""
-    return 1 if os.environ.get("LLMCOMP_ROPE_FORM", "").strip() == "1" else 2
+    """The partial kernel's ``ROPE`` form for ``decode_attention_rope`` (``LLMCOMP_ROPE_FORM``): 3 (default; untimed:
+    every vector loaded in the layout it is used in, the new key's score apart), 2 (the rotation in the loop, after
+    the block's K/V loads) or 1 (before the loop — H200, 8B W4 decode at batch 1: 5.47 µs a call against 3.94 for
+    the plain kernel, kernels_h200_notes.md twenty-first session). SASS of each: bench/triton_sass.py."""
+    text = os.environ.get("LLMCOMP_ROPE_FORM", "").strip()
+    return int(text) if text in ("1", "2", "3") else 3
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
