@@ -100,16 +100,6 @@ def packed_gqa(model: torch.nn.Module, enabled: bool = True):
 ROPE_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 
 
-def rope_attention_enabled(rope: bool | None = None) -> bool:
-    """``rope`` where given, else off unless ``LLMCOMP_ROPE_ATTENTION`` says on (``rope_forward``; opt-in until
-    timed on a GPU: bench/next_session.sh)."""
-    if rope is not None:
-        return rope
-    from llmcomp.kernels.decode_attention import env_switch
-
-    return env_switch("LLMCOMP_ROPE_ATTENTION") is True
-
-
 # Set on the static cache layers that count their length in another layer's tensor and do not advance it
 # (``decode_bench.share_position``): a plain attribute, read as such under dynamo (a bound method's identity is not).
 COUNTER_SHARED = "_llmcomp_counter_shared"

@@ -27,7 +27,7 @@ from torch import nn
 from llmcomp.core.hfcompat import cache_kwarg
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
-from llmcomp.eval.decode_attention import COUNTER_SHARED, NAME, packed_gqa, rope_attention_enabled, rope_forward
+from llmcomp.eval.decode_attention import COUNTER_SHARED, NAME, packed_gqa, rope_forward
 from llmcomp.eval.decode_attention import kernel as attention_kernel
 
 SYNTHETIC = {
@@ -645,6 +645,12 @@ def outer_enabled(outer: Optional[bool] = None) -> bool:
     """``outer`` where given, else on unless ``LLMCOMP_COMPILE_OUTER`` says off (``compiled_layers``; the 8B W4 step
     at batch 1 on an H200 1.80 ms with it and the shared counter against 1.82 with the counter alone)."""
     return _switch(outer, "LLMCOMP_COMPILE_OUTER", True)
+
+
+def rope_attention_enabled(rope: Optional[bool] = None) -> bool:
+    """``rope`` where given, else off unless ``LLMCOMP_ROPE_ATTENTION`` says on (``decode_attention.rope_forward``;
+    opt-in until timed on a GPU: bench/next_session.sh)."""
+    return _switch(rope, "LLMCOMP_ROPE_ATTENTION", False)
 
 
 def glu_enabled(glu: Optional[bool] = None) -> bool:
