@@ -6,7 +6,7 @@ K/V loads come out as 2-byte loads). The cubin is disassembled by ``cuobjdump`` 
 into $SASS_TOOLS). Printed: registers, instruction count, and the order of the global loads, barriers, tensor-core
 ops and stores — e.g. whether a block's K/V loads issue before or after the rotary embedding's math (``ROPE``).
 
-    python bench/triton_sass.py --rope 0 1 2 [--groups 4 --d 128 --chunk 64 --mask 1 --stages 3]
+    python bench/triton_sass.py --rope 0 1 [--groups 4 --d 128 --chunk 64 --mask 1 --stages 3]
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def placement(sass: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rope", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rope", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=64)

@@ -135,16 +135,15 @@ def test_rope_reference_rotates_as_transformers_and_writes_the_cache():
 
 def test_rope_kernel_matches_reference_in_the_interpreter():
     """The partial kernel's ``ROPE`` (rotary embedding, cache write, the new key and value from registers) under
-    Triton's interpreter (fp16), every form (``rope_form``), both merges."""
+    Triton's interpreter (fp16), both merges."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    code = ("import os, torch, test_decode_attention as t\n"
-            "for form in ('1', '2', '3'):\n    os.environ['LLMCOMP_ROPE_FORM'] = form\n    assert t.da.rope_form() == int(form)\n"
-            "    for fused in (True, False):\n        t.da.FUSED_MERGE = fused\n"
-            "        for case in t.ROPE_CASES:\n"
-            "            t._check_rope(case, torch.float16, 'cpu', 2e-3, t._attend_rope)\n"
+    code = ("import torch, test_decode_attention as t\n"
+            "for fused in (True, False):\n    t.da.FUSED_MERGE = fused\n"
+            "    for case in t.ROPE_CASES:\n"
+            "        t._check_rope(case, torch.float16, 'cpu', 2e-3, t._attend_rope)\n"
             "print('ok')")
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
@@ -238,16 +237,6 @@ def test_kernel_matches_reference_on_cuda(rope, case, dtype, merge, monkeypatch)
     """Both kernels' forms (``decode_attention``; ``decode_attention_rope``: rotary embedding and cache write too)."""
     monkeypatch.setattr(da, "FUSED_MERGE", merge)
     (_check_rope if rope else _check)(case, dtype, "cuda", 1e-2)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("case", ROPE_CASES, ids=str)
-@pytest.mark.parametrize("form", ["1", "2"])
-def test_rope_other_forms_match_reference_on_cuda(case, form, monkeypatch):
-    """``LLMCOMP_ROPE_FORM`` 1 (the rotation before the loop: the form timed in the twenty-first session) and 2 (in
-    it); the default form runs in ``test_kernel_matches_reference_on_cuda``."""
-    monkeypatch.setenv("LLMCOMP_ROPE_FORM", form)
-    _check_rope(case, torch.bfloat16, "cuda", 1e-2)
 
 
 @pytest.mark.cuda

@@ -195,27 +195,13 @@ def _kernels():
         # software-pipelines it (the next block's K/V loads in flight while this one is computed). Blocks with nothing
         # to attend before that position are read and weigh zero.
         q_rows = q_ptr + b * sq_b + (h * GROUPS + g)[:, None] * sq_h
-        if ROPE == 3:
-            # Everything in the layouts it is used in, so no layout conversion waits for a load before the K/V loads
-            # (bench/triton_sass.py): cos, sin and the new key as [GP, D] broadcasts in q's layout (16 values a
-            # thread), the new value as a [BLOCK, D] broadcast in a V block's; the new key's score taken apart
-            # (q · key, replacing the dot's column at the step's position, whose cache entry is stale).
-            dq = d[None, :] + 0 * g[:, None]
-            dpq = (dq + D // 2) % D
-            cs = tl.load(cos_ptr + b * scs_b + dq).to(tl.float32)
-            sn = tl.load(sin_ptr + b * scs_b + dq).to(tl.float32) * tl.where(dq < D // 2, -1.0, 1.0)
-            qa = tl.load(q_rows + dq, mask=(g < GROUPS)[:, None], other=0.0)
-            qb = tl.load(q_rows + dpq, mask=(g < GROUPS)[:, None], other=0.0)
-            k_row = kn_ptr + b * skn_b + h * skn_h
-            ka = tl.load(k_row + dq)
-            kb = tl.load(k_row + dpq)
-            dv = d[None, :] + 0 * tl.arange(0, BLOCK)[:, None]
-            v_blk = tl.load(vn_ptr + b * svn_b + h * svn_h + dv)
-            at = tl.load(pos_ptr).to(tl.int32)
-        elif ROPE:
+        if ROPE:
             # Loaded before the mask's scan, so their latency passes under it. rotate_half's partner of column d and
-            # its sign; fp32 math, rounded once (as inductor's fused rotary): before the loop (ROPE 1) or in it after
-            # the block's K/V loads are issued (ROPE 2, so those loads need not wait for this math).
+            # its sign; fp32 math before the loop, rounded once (as inductor's fused rotary). (Two other forms lost
+            # on an H200, 8B W4 decode at batch 1, kernels_h200_notes.md twenty-second session: the rotation in the
+            # loop after the block's K/V loads, 1.792 ms a step against 1.773 without the fused op; every vector in
+            # the layout it is used in with the new key's score apart, 1.819 against 1.778. This one: 1.790 against
+            # 1.798, twenty-first session.)
             dp = (d + D // 2) % D
             cs = tl.load(cos_ptr + b * scs_b + d).to(tl.float32)
             sn = tl.load(sin_ptr + b * scs_b + d).to(tl.float32) * tl.where(d < D // 2, -1.0, 1.0)
@@ -236,13 +222,9 @@ def _kernels():
                 cpos = start + i + tl.arange(0, BLOCK)
                 attend = _bias(m_ptr + b * sm_b, sm_l, cpos, cpos < L, MASK) > float("-inf")
                 end = tl.maximum(end, tl.max(tl.where(attend, cpos, -1), 0) + 1)
-        if ROPE == 1:
+        if ROPE:
             q = _rotated(qa, qb, cs[None, :], sn[None, :])
             k_new = _rotated(ka, kb, cs, sn)
-        if ROPE == 3:
-            q = _rotated(qa, qb, cs, sn)
-            k_new = _rotated(ka, kb, cs, sn)  # [GP, D]: the key in every row
-            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -253,29 +235,18 @@ def _kernels():
                          other=0.0)
             vv = tl.load(v_ptr + b * sv_b + h * sv_h + pos[:, None] * sv_l + d[None, :], mask=inside[:, None],
                          other=0.0)
-            if ROPE == 2:
-                q = _rotated(qa, qb, cs[None, :], sn[None, :])
-                k_new = _rotated(ka, kb, cs, sn)
-            if ROPE == 1 or ROPE == 2:
+            if ROPE:
                 fresh = (pos == at)[:, None]
                 kk = tl.where(fresh, k_new[None, :], kk)
                 vv = tl.where(fresh, v_new[None, :], vv)
             raw = tl.dot(q, tl.trans(kk))
-            if ROPE == 3:
-                raw = tl.where((pos == at)[None, :], s_new[:, None], raw)
-                vv = tl.where((pos == at)[:, None], v_blk, vv)
             sc = raw * scale + _bias(m_ptr + b * sm_b, sm_l, pos, inside, MASK)[None, :]
             m_new, m_use, alpha = _rescale(m_i, tl.max(sc, 1))
             p = tl.exp(sc - m_use[:, None])
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
-        if ROPE == 3:  # one row of each broadcast
-            own = (at >= start) & (at < start + CHUNK)
-            tl.store(k_ptr + b * sk_b + h * sk_h + at * sk_l + dq, k_new, mask=own & (g == 0)[:, None] & (dq < D))
-            tl.store(v_ptr + b * sv_b + h * sv_h + at * sv_l + dv, v_blk,
-                     mask=own & (tl.arange(0, BLOCK) == 0)[:, None] & (dv < D))
-        elif ROPE:  # (after the loop: its loads at that position read the stale entry, replaced in registers)
+        if ROPE:  # (after the loop: its loads at that position read the stale entry, replaced in registers)
             own = (at >= start) & (at < start + CHUNK)
             tl.store(k_ptr + b * sk_b + h * sk_h + at * sk_l + d, _rotated(ka, kb, cs, sn), mask=own & (d < D))
             tl.store(v_ptr + b * sv_b + h * sv_h + at * sv_l + d, v_new, mask=own & (d < D))
@@ -346,15 +317,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     return _attend(q, k, v, mask, scale, None)
 
 
-def rope_form() -> int:
-    """The partial kernel's ``ROPE`` form for ``decode_attention_rope`` (``LLMCOMP_ROPE_FORM``): 3 (default; untimed:
-    every vector loaded in the layout it is used in, the new key's score apart), 2 (the rotation in the loop, after
-    the block's K/V loads) or 1 (before the loop — H200, 8B W4 decode at batch 1: 5.47 µs a call against 3.94 for
-    the plain kernel, kernels_h200_notes.md twenty-first session). SASS of each: bench/triton_sass.py."""
-    text = os.environ.get("LLMCOMP_ROPE_FORM", "").strip()
-    return int(text) if text in ("1", "2", "3") else 3
-
-
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
             rope: Optional[tuple]) -> torch.Tensor:
     """The kernels' launch; ``rope``: (k_new, v_new, cos, sin, position) of ``decode_attention_rope``, else None."""
@@ -388,7 +350,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
                                    v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l, *extra,
                                    GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), D=d,
                                    BLOCK=min(chunk, 64), CHUNK=chunk, MASK=how, MERGE=int(fused), SP=sp, PDL=pdl,
-                                   ROPE=0 if rope is None else rope_form(), num_warps=4, num_stages=depth,
+                                   ROPE=int(rope is not None), num_warps=4, num_stages=depth,
                                    **launch_kw)
 
     depth = stages(d, q.device)
