@@ -519,6 +519,22 @@ def set_dependent_launch(on: bool) -> Optional[bool]:
     return bool(ext.set_pdl(on)) if ext is not None else None
 
 
+def lean() -> Optional[bool]:
+    """Whether the post-scale kernel at M ≤ 8 (the batch-1 decode's) runs its lean instantiation: the weights
+    through one pointer a row tile advanced a round, x's and the scales' row pointers kept in registers, the group
+    index without the lane's offset — its steady loop in the sm_90 SASS 289 instructions a round instead of 348 for
+    the gate/up call's kernel (70 → 64 registers), 301 instead of 346 for one row tile (``bench/sass_local.sh``). Opt-in,
+    ``LLMCOMP_MMA_LEAN=1``, until timed; the same bits either way. None without the extension."""
+    ext = extension() if torch.cuda.is_available() else None
+    return bool(ext.lean()) if ext is not None else None
+
+
+def set_lean(on: bool) -> Optional[bool]:
+    """Switch ``lean`` for this process (A/B timing); graphs captured before keep their kernels."""
+    ext = extension() if torch.cuda.is_available() else None
+    return bool(ext.set_lean(on)) if ext is not None else None
+
+
 def high_plane(prep: dict) -> torch.Tensor:
     """The second code plane the kernels take (3-bit codes' high bits, VQ's second stage); any tensor otherwise."""
     return prep["qh"] if prep["qh"] is not None else prep["qw"]
