@@ -1,7 +1,7 @@
 """A/B of a kernel setting in one process, W4 g128 GEMMs (bf16 activations): ``--knob pdl`` dependent launch
 (PDL) off / on (``uniform_cuda.set_dependent_launch``), ``--knob post`` up to how many rows of x the fp32
 post-scale kernel serves (``uniform_cuda.set_post_scale``: ``16``, ``8``, or ``0``: the per-pair-scale kernel always),
-``--knob lean`` that kernel's lean instantiation at M ≤ 8 off / on (``uniform_cuda.set_lean``):
+``--knob lean`` the post-scale kernels' lean instantiations (M ≤ 16) off / on (``uniform_cuda.set_lean``):
 
 1. the kernel-table shapes (and the stacked q/k/v and gate/up shapes of ``--fuse-linears``) at each M, timed as
    ``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph);

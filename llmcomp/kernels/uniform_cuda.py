@@ -520,11 +520,12 @@ def set_dependent_launch(on: bool) -> Optional[bool]:
 
 
 def lean() -> Optional[bool]:
-    """Whether the post-scale kernel at M ≤ 8 (the batch-1 decode's) runs its lean instantiation: the weights
-    through one pointer a row tile advanced a round, x's and the scales' row pointers kept in registers, the group
-    index without the lane's offset — its steady loop in the sm_90 SASS 289 instructions a round instead of 348 for
-    the gate/up call's kernel (70 → 64 registers), 301 instead of 346 for one row tile (``bench/sass_local.sh``). Opt-in,
-    ``LLMCOMP_MMA_LEAN=1``, until timed; the same bits either way. None without the extension."""
+    """Whether the post-scale kernels (M ≤ 16: the batch-1 and batch-16 decode's) run their lean instantiations: the
+    weights through one pointer a row tile advanced a round, x's and the scales' row pointers kept in registers, the
+    group index without the lane's offset — the steady loop in the sm_90 SASS 289 instructions a round instead of 348
+    for the batch-1 gate/up call's kernel (70 → 64 registers), 301 instead of 346 for one row tile, 616 instead of 651
+    for two tiles at M = 9..16 (``bench/sass_local.sh``). Opt-in, ``LLMCOMP_MMA_LEAN=1``, until timed; the same bits
+    either way. None without the extension."""
     ext = extension() if torch.cuda.is_available() else None
     return bool(ext.lean()) if ext is not None else None
 

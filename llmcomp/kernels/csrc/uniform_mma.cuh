@@ -83,8 +83,8 @@ template <> struct Num<__nv_bfloat16> {
 //   T(γ ⊙ h) and sq[tok][tile] = Σ h² over each 16-row tile's columns (fp32; [M, N / 16]);
 // - consumer (sq_in set): y of token tok scaled by rsqrt(Σ sq_in[tok][:sq_n] / (16 sq_n) + eps) before it is stored
 //   (before the GLU epilogue's activation): x = γ ⊙ h from a producer, so y = W · norm(h).
-// Whether the post-scale kernel at M <= 8 (the batch-1 decode's) runs its lean instantiation (LEAN in
-// mma_kernel_body: the weights through per-tile pointers advanced a round). LLMCOMP_MMA_LEAN=1; set_lean for A/B.
+// Whether the post-scale kernels (M <= 16) run their lean instantiations (LEAN in mma_kernel_body: the weights through
+// per-tile pointers advanced a round, row pointers kept in registers). LLMCOMP_MMA_LEAN=1; set_lean for A/B.
 bool lean();
 bool set_lean(bool on);
 
@@ -901,15 +901,17 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     if (e.stage) smem += st;
     TORCH_CHECK(ELEM == 3 && MT == 1, "the norm epilogue runs in the post-scale kernel at M <= 8 only");
   }
-  if constexpr (ELEM == 3 && MT == 1) {  // the batch-1 decode's kernels: with the norm epilogue, lean (lean())
+  if constexpr (ELEM == 3) {  // the post-scale kernels (M <= 16): the norm epilogue (M <= 8), lean (lean())
     const bool wide = threads > S::THREADS, thin = lean();
-    if (norm && thin)
-      kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true>
-                  : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true>;
-    else if (norm)
-      kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
-                  : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true>;
-    else if (thin)
+    if constexpr (MT == 1) {
+      if (norm && thin)
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true>;
+      else if (norm)
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true>;
+    }
+    if (!norm && thin)
       kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true>
                   : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
   }
