@@ -814,9 +814,8 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool NORM = false,
           bool LEAN = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM, LEAN>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb,
-                                                 cb1_at,
-                                                 cb_n, glu, epi);
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM, LEAN>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log,
+                                                       cb, cb1_at, cb_n, glu, epi);
 }
 #undef LLMCOMP_MMA_PARAMS
 
