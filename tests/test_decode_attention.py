@@ -74,7 +74,6 @@ def _rope_inputs(b, h, kvh, length, d, at, kind, dtype, device):
     (``rotate_half`` layout), a cache of stale values (at the step's position too), the mask attending up to it."""
     g = torch.Generator().manual_seed(b * 100 + at)
     qkv = torch.randn(b, (h + 2 * kvh) * d, generator=g)
-    q, k_new, v_new = (t.reshape(b, -1, d) for t in qkv.split([h * d, kvh * d, kvh * d], -1))
     caches = [torch.randn(b, kvh, length, d, generator=g) for _ in range(2)]
     angle = torch.rand(b, d // 2, generator=g) * 6
     cos, sin = torch.cat((angle, angle), -1).cos(), torch.cat((angle, angle), -1).sin()

@@ -256,7 +256,7 @@ def test_rope_attention_decodes_the_same(arch, share, monkeypatch):
 
 
 def test_rope_forward_takes_only_llama_style_attention():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
 
     from llmcomp.eval.decode_attention import rope_forward
 
@@ -266,8 +266,6 @@ def test_rope_forward_takes_only_llama_style_attention():
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                            vocab_size=128)).eval()
     assert rope_forward(gemma.model.layers[0].self_attn) is None and rope_forward(None) is None
-    from transformers import MistralConfig, MistralForCausalLM
-
     for window, takes in ((None, True), (8, False)):  # Mistral's window is the config's
         mistral = MistralForCausalLM(MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
@@ -734,7 +732,7 @@ def test_compiled_layers_trace_quantized_linears_on_cuda(fmt):
         torch._dynamo.reset()
         counter = CompileCounter()
         with db.compiled_layers(model, backend=counter, frozen=frozen, glu=True, norm=False, outer=False,
-                                    rope=False) as info:
+                                rope=False) as info:
             # q/k/v stacked; gate/up one GLU call (activation in the epilogue); the norms not split (their own test)
             # (gate/up not frozen alone: their GLU call serves every row count)
             assert info == {"layers": 2, "frozen": 10 if frozen else 0, "fused": 2 if frozen else 0,

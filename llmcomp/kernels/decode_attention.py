@@ -239,8 +239,7 @@ def _kernels():
                 fresh = (pos == at)[:, None]
                 kk = tl.where(fresh, k_new[None, :], kk)
                 vv = tl.where(fresh, v_new[None, :], vv)
-            raw = tl.dot(q, tl.trans(kk))
-            sc = raw * scale + _bias(m_ptr + b * sm_b, sm_l, pos, inside, MASK)[None, :]
+            sc = tl.dot(q, tl.trans(kk)) * scale + _bias(m_ptr + b * sm_b, sm_l, pos, inside, MASK)[None, :]
             m_new, m_use, alpha = _rescale(m_i, tl.max(sc, 1))
             p = tl.exp(sc - m_use[:, None])
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
@@ -248,7 +247,7 @@ def _kernels():
             m_i = m_new
         if ROPE:  # (after the loop: its loads at that position read the stale entry, replaced in registers)
             own = (at >= start) & (at < start + CHUNK)
-            tl.store(k_ptr + b * sk_b + h * sk_h + at * sk_l + d, _rotated(ka, kb, cs, sn), mask=own & (d < D))
+            tl.store(k_ptr + b * sk_b + h * sk_h + at * sk_l + d, k_new, mask=own & (d < D))
             tl.store(v_ptr + b * sv_b + h * sv_h + at * sv_l + d, v_new, mask=own & (d < D))
         row = (bh * GROUPS + g) * nsplit + s  # [B * H, splits] order: query head bh * GROUPS + g
         tl.store(ml_ptr + row * 2, m_i, mask=g < GROUPS)

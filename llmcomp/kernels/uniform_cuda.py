@@ -508,15 +508,13 @@ def dependent_launch() -> Optional[bool]:
     kernel's results (``grid_dep_wait`` in csrc/launch.cuh). Off by default: on an H200 it made a chain of
     our own GEMMs 9 % faster but the compiled 8B decode step 2 % slower (bench/results/kernels_h200_pdl.json,
     decode_h200_ab_pdl.json). None without the extension."""
-    ext = extension() if torch.cuda.is_available() else None
-    return bool(ext.pdl()) if ext is not None else None
+    return _ext_switch("pdl")
 
 
 def set_dependent_launch(on: bool) -> Optional[bool]:
     """Turn dependent launch on or off for this process (A/B timing); returns the new state (None without the
     extension). Graphs captured before keep the launches they were captured with."""
-    ext = extension() if torch.cuda.is_available() else None
-    return bool(ext.set_pdl(on)) if ext is not None else None
+    return _ext_switch("set_pdl", on)
 
 
 def lean() -> Optional[bool]:
@@ -526,14 +524,18 @@ def lean() -> Optional[bool]:
     for the batch-1 gate/up call's kernel (70 → 64 registers), 301 instead of 346 for one row tile, 616 instead of 651
     for two tiles at M = 9..16 (``bench/sass_local.sh``). Opt-in, ``LLMCOMP_MMA_LEAN=1``, until timed; the same bits
     either way. None without the extension."""
-    ext = extension() if torch.cuda.is_available() else None
-    return bool(ext.lean()) if ext is not None else None
+    return _ext_switch("lean")
 
 
 def set_lean(on: bool) -> Optional[bool]:
     """Switch ``lean`` for this process (A/B timing); graphs captured before keep their kernels."""
+    return _ext_switch("set_lean", on)
+
+
+def _ext_switch(name: str, *args) -> Optional[bool]:
+    """The extension's switch ``name`` (a getter, or a setter given its value) as a bool; None without it."""
     ext = extension() if torch.cuda.is_available() else None
-    return bool(ext.set_lean(on)) if ext is not None else None
+    return bool(getattr(ext, name)(*args)) if ext is not None else None
 
 
 def high_plane(prep: dict) -> torch.Tensor:

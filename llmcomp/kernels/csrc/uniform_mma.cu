@@ -21,6 +21,12 @@ void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::
   return dispatch_mt<T, 2, 0>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
 }
 
+// Whether environment variable `name` says on ("1..."): the opt-in switches' first reading.
+static bool env_on(const char* name) {
+  const char* e = std::getenv(name);
+  return e && e[0] == '1';
+}
+
 static int pdl_state = -1;  // -1: not read yet
 
 static bool pdl_capable() {
@@ -31,10 +37,7 @@ static bool pdl_capable() {
 }
 
 bool pdl() {
-  if (pdl_state < 0) {
-    const char* e = std::getenv("LLMCOMP_PDL");
-    pdl_state = (e && e[0] == '1') && pdl_capable();
-  }
+  if (pdl_state < 0) pdl_state = env_on("LLMCOMP_PDL") && pdl_capable();
   return pdl_state;
 }
 
@@ -47,10 +50,7 @@ bool set_pdl(bool on) {
 static int lean_state = -1;  // -1: not read yet
 
 bool lean() {
-  if (lean_state < 0) {
-    const char* e = std::getenv("LLMCOMP_MMA_LEAN");
-    lean_state = e && e[0] == '1';
-  }
+  if (lean_state < 0) lean_state = env_on("LLMCOMP_MMA_LEAN");
   return lean_state;
 }
 
