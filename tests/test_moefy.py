@@ -130,7 +130,9 @@ def test_bundled_model_moefy_then_prune_experts(tmp_path):
     """The real conversion end to end on a small calibration set: a working MoE, then a pruned one. Two windows of
     256 tokens cannot order the MoE and its 25 %-pruned copy (16 windows of 512 can: 59.69 → 62.82,
     bench/results/experts_cpu.json; here the pruned one has scored 4 % lower since 2026-12-03 with no code change), so
-    the pruned model is held within a band around the MoE: working, not broken."""
+    the pruned model is held within a band around the MoE: working, not broken. The MoE's own band allows for the
+    fallback text where Debian is unreachable (``LLMCOMP_TEXT=pydoc``: dense 17.1, MoE 123, pruned 115); the broken
+    conversion fixed in 69ad383 scored ~90× the dense model."""
     from transformers import AutoModelForCausalLM
 
     from llmcomp import api
@@ -142,6 +144,6 @@ def test_bundled_model_moefy_then_prune_experts(tmp_path):
                                calib_samples=1, calib_seq_len=256, device="cpu")
     dense, moe_, cut = (api.evaluate(p, seq_len=256, n_windows=2, device="cpu")["ppl"] for p in (None, str(path),
                                                                                                str(pruned)))
-    assert dense < moe_ < 4 * dense and 0.8 * moe_ < cut < 3 * moe_, (dense, moe_, cut)
+    assert dense < moe_ < 10 * dense and 0.8 * moe_ < cut < 3 * moe_, (dense, moe_, cut)
     stock = AutoModelForCausalLM.from_pretrained(pruned)
     assert stock.config.num_experts == 6 and type(stock).__name__ == "Qwen2MoeForCausalLM"
