@@ -11,8 +11,8 @@ set -u
 [ -n "${TESTS:-}" ] && TAIL=3 run ${TEST_S:-300} cuda_tests.log python3 -m pytest -q -rf -m cuda tests -k "$TESTS"
 for r in ${RUNS-a b}; do
   for setting in ${SETTINGS:--}; do
-    envs=(); [ "$setting" = - ] || IFS=, read -ra envs <<< "$setting"
-    tag=default; [ "$setting" = - ] || tag=$(echo "$setting" | tr "=," "--")
+    envs=(); tag=default
+    if [ "$setting" != - ]; then IFS=, read -ra envs <<< "$setting"; tag=$(echo "$setting" | tr "=," "--"); fi
     env "${envs[@]}" BATCH=${BATCH:-1} FORMATS=uniform DECODE_S=${DECODE_S:-140} TAG=_${r}_${tag}_b${BATCH:-1} BUILD=0 \
       bash bench/lmhead_session.sh 2>&1 | grep -v "^real\|^user\|^sys" | tail -4
   done
