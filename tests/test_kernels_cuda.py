@@ -431,6 +431,64 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
                             torch.ones(256, device="cuda", dtype=dtype))
 
 
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0),
+                                 Uniform(bits=2, group_size=256)], ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_lean_kernel_gives_the_same_bits(fmt, dtype):
+    """``set_lean``: the post-scale kernels' lean instantiations (M ≤ 16; weights through per-tile pointers advanced a
+    round, x's and the scales' row pointers in registers, the group index without the lane's offset) give the plain
+    instantiations' bits — plain, GLU, and at M ≤ 8 both sides of the RMSNorm split, at every launch,
+    K slices that leave warps idle (24 kblocks over 16 warps) or end mid-round, groups of 1, 2 and 4 kblocks and one
+    group a row — and the profiler sees the lean kernel run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmcomp.kernels import uniform_cuda as uc
+
+    if uc.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    before = uc.lean()
+    launches = [None, (1, 1, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (2, 8, 1), (1, 4, 1)]
+    try:
+        for n, k in [(256, 1536), (2048, 4096), (4096, 14336), (512, 4864)]:
+            _, t, g = _layer(fmt, n, k, n + k)
+            args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
+            if args[3] is None:  # no post-scale pairs for this group size: nothing the switch changes
+                continue
+            run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
+            gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", dtype)
+            for m in [1, 2, 5, 8, 12, 16]:
+                x = torch.randn(m, k, generator=g).to("cuda", dtype)
+                res = torch.randn(m, n, generator=g).to("cuda", dtype)
+                sq = torch.rand(m, k // 16, generator=g).to("cuda")
+                for launch in launches:
+                    if launch is not None and launch[0] == 2 and n % 32:
+                        continue
+                    calls = {"plain": lambda: [uc.gemm_tensors(x, *args, launch=launch)],
+                             "glu": lambda: [uc.gemm_tensors(x, *run.args, launch=launch, glu=1)]}
+                    if m <= 8:  # the norm epilogue's kernels
+                        calls["producer"] = lambda: uc.gemm_tensors(x, *args, launch=launch, res=res, gamma=gamma)
+                        calls["consumer"] = lambda: uc.gemm_tensors(x, *run.args, launch=launch, glu=1, sq=sq,
+                                                                    eps=1e-5)
+                    for name, call in calls.items():
+                        uc.set_lean(False)
+                        want = call()
+                        uc.set_lean(True)
+                        got = call()
+                        assert all(map(torch.equal, got, want)), (n, k, m, launch, name)
+        uc.set_lean(True)
+        _, t, g = _layer(fmt, 2048, 4096, 11)
+        args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
+        if args[3] is not None:
+            x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                uc.gemm_tensors(x, *args)
+                torch.cuda.synchronize()
+            names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+            assert names and all(", 3, false, false, true>" in name for name in names), names
+    finally:
+        uc.set_lean(bool(before))
+
+
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=128),
                                  Uniform(bits=2, group_size=128), Uniform(bits=4, group_size=96),
                                  Uniform(bits=2, group_size=0), MXFP4(), NVFP4()], ids=lambda f: f.describe())

@@ -517,6 +517,26 @@ def set_dependent_launch(on: bool) -> Optional[bool]:
     return _ext_switch("set_pdl", on)
 
 
+def lean() -> Optional[bool]:
+    """Whether the post-scale kernels (M ≤ 16: the batch-1 and batch-16 decode's) run their lean instantiations: the
+    weights through one pointer a row tile advanced a round, x's and the scales' row pointers kept in registers, the
+    group index without the lane's offset — the steady loop in the sm_90 SASS 289 instructions a round instead of 348
+    for the batch-1 gate/up call's kernel (70 → 64 registers), 301 instead of 346 for one row tile, 616 instead of 651
+    for two tiles at M = 9..16 (``bench/sass_local.sh``). Opt-in, ``LLMCOMP_MMA_LEAN=1``; meant to give the same
+    bits (``test_lean_kernel_gives_the_same_bits``, not yet run on a GPU in this form). In the compiled 8B W4 decode at
+    batch 1 on an H200 (twenty-fifth session, two calls, runs interleaved): 1.753 / 1.756 ms a step against 1.779 /
+    1.770 without (the gate/up call 21.3 µs against 22.0). Reduced forms of it (the row pointers alone, or weight
+    pointers on one-tile kernels only) were slower there in four draws of the twenty-fourth session
+    (bench/results/kernels_h200_notes.md). To become the default once that test passes on a GPU. None without the
+    extension."""
+    return _ext_switch("lean")
+
+
+def set_lean(on: bool) -> Optional[bool]:
+    """Switch ``lean`` for this process (A/B timing); graphs captured before keep their kernels."""
+    return _ext_switch("set_lean", on)
+
+
 def _ext_switch(name: str, *args) -> Optional[bool]:
     """The extension's switch ``name`` (a getter, or a setter given its value) as a bool; None without it."""
     ext = extension() if torch.cuda.is_available() else None

@@ -47,6 +47,20 @@ bool set_pdl(bool on) {
   return pdl_state;
 }
 
+static int lean_state = -1;  // -1: not read yet
+
+// Opt-in, LLMCOMP_MMA_LEAN=1 (faster in the compiled 8B W4 decode on an H200, twenty-fifth session: 1.753 / 1.756 ms a
+// step against 1.779 / 1.770; its bit-equality CUDA test not yet run on this code — kernels_h200_notes.md).
+bool lean() {
+  if (lean_state < 0) lean_state = env_on("LLMCOMP_MMA_LEAN");
+  return lean_state;
+}
+
+bool set_lean(bool on) {
+  lean_state = on;
+  return lean_state;
+}
+
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
@@ -225,6 +239,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_lut", &vq_lut, "codebook (VQ, 4-vectors, 1-2 stages) GEMV at one row of x by dot-product lookup tables");
   m.def("vq_lut_group", &vq_lut_group, "vq_lut for weights stacked along the rows, each with its own codebook");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
+  m.def("set_lean", &set_lean, "the post-scale kernels' lean instantiations (M <= 16), or not (A/B in one process)");
+  m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }

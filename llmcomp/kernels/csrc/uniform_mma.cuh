@@ -83,6 +83,11 @@ template <> struct Num<__nv_bfloat16> {
 //   T(γ ⊙ h) and sq[tok][tile] = Σ h² over each 16-row tile's columns (fp32; [M, N / 16]);
 // - consumer (sq_in set): y of token tok scaled by rsqrt(Σ sq_in[tok][:sq_n] / (16 sq_n) + eps) before it is stored
 //   (before the GLU epilogue's activation): x = γ ⊙ h from a producer, so y = W · norm(h).
+// Whether the post-scale kernels (M <= 16) run their lean instantiations (LEAN in mma_kernel_body: the weights through
+// per-tile pointers advanced a round, row pointers kept in registers). LLMCOMP_MMA_LEAN=1; set_lean for A/B.
+bool lean();
+bool set_lean(bool on);
+
 struct EpiArgs {
   const void* res = nullptr;
   const void* gamma = nullptr;
@@ -136,6 +141,12 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+// p as a value the compiler cannot recompute: kept in a register across a loop instead of rematerialized.
+template <typename P>
+__device__ __forceinline__ void opaque(P*& p) {
+  asm volatile("" : "+l"(p));
 }
 
 // 16-byte global -> shared copies in flight, completed by group (the staged-x kernel).
@@ -596,7 +607,7 @@ __device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h
 // the math on the weights w (and 3-bit high planes h) already loaded.
 // x_lane/x_stride/x_at: where this lane's x of the kblock starts (global memory: row stride K, kb * KBLK; XS, x staged
 // in shared memory: the chunk's padded row stride and the kblock's offset in the chunk).
-template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false>
+template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool LEAN = false>
 __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
                                             int x_stride, int x_at, const void* sz_row, int M, int G,
                                             uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
@@ -625,7 +636,9 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
                                                   acc[0]);
     return;
   }
-  const int grp = group_of(kb * KBLK + c * LANE_K, gmagic);
+  // (post-scale groups are whole kblocks: the lane's offset in the kblock cannot change its group, and LEAN leaves it
+  // out — ptxas rebuilt it from the thread index a kblock)
+  const int grp = group_of(kb * KBLK + (LEAN && ELEM == 3 ? 0 : c * LANE_K), gmagic);
   if constexpr (ELEM == 3) {
     static_assert(MT <= 2, "the fp32 post-scale path serves M <= 16");
 #pragma unroll
@@ -649,7 +662,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
-template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -717,6 +730,12 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     waited = true;
     stage_x(0);
   }
+  // LEAN: each row tile's weights through a pointer advanced a round, instead of a 64-bit index computed a load
+  // (the loop's SASS recomputed it from the thread index: ~16 instructions a row tile and round)
+  static_assert(!(LEAN && (XS || has_high_plane(ELEM))), "the lean weight pointers serve the unstaged 4-bit kernels");
+  const uint4* wp[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) wp[r] = qw + ((size_t)(tile0 + r) * KB + kb0) * 32 + lane;
   for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
     uint4 wv[U][R];
     uint2 hv[U][R];
@@ -726,10 +745,14 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       for (int r = 0; r < R; ++r)
         if (kb + u < kb1) {
           const size_t at = ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane;
-          wv[u][r] = ld_stream(qw + at);
+          wv[u][r] = ld_stream(LEAN ? wp[r] + u * 32 : qw + at);
           if constexpr (has_high_plane(ELEM)) hv[u][r] = ld_stream2(qh + at);
           else hv[u][r] = make_uint2(0, 0);
         }
+    if constexpr (LEAN) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) wp[r] += U * 32;
+    }
     if (!waited) {
       grid_dep_wait();
       waited = true;
@@ -741,12 +764,19 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       cp_async_wait<1>();
       __syncthreads();
     }
+    // LEAN: x's and the scales' row pointers kept in registers (opaque: ptxas rebuilt both from the thread index
+    // and the kernel's arguments every round, ~35 instructions, to save their four registers)
+    if constexpr (LEAN) {
+      opaque(x_lane);
+      opaque(sz_row);
+    }
     const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb + u >= kb1) break;
-      kblock_step<T, BITS, MT, R, ELEM, XS>(wv[u], hv[u], kb + u, xl, XS ? CHP : K, XS ? u * KBLK : (kb + u) * KBLK,
-                                            sz_row, M, G, gmagic, acc, cb_s, cb1_at);
+      kblock_step<T, BITS, MT, R, ELEM, XS, LEAN>(wv[u], hv[u], kb + u, xl, XS ? CHP : K,
+                                                  XS ? u * KBLK : (kb + u) * KBLK, sz_row, M, G, gmagic, acc, cb_s,
+                                                  cb1_at);
     }
     if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
@@ -781,10 +811,11 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // NORM: the RMSNorm split's epilogue (EpiArgs), its own instantiations (M <= 8, post-scale codes) so that the others
 // compile as they did without it (the extra epilogue changed the main loop's register allocation: the GLU call at
 // M = 1 took 22.9 µs instead of 21.3 in the 8B decode, H200, kernels_h200_notes.md eighteenth session).
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool NORM = false>
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool NORM = false,
+          bool LEAN = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log, cb,
-                                                 cb1_at, cb_n, glu, epi);
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM, LEAN>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log,
+                                                       cb, cb1_at, cb_n, glu, epi);
 }
 #undef LLMCOMP_MMA_PARAMS
 
@@ -860,18 +891,28 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   auto kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM>
                                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM>;
   EpiArgs e = epi;
-  if (e.res || e.sq_in) {  // the RMSNorm split's epilogue: the post-scale kernel at M <= 8 only
+  const bool norm = e.res || e.sq_in;
+  if (norm) {  // the RMSNorm split's epilogue: the post-scale kernel at M <= 8 only
     // norm_stage's shared memory (a producer's): the residual and γ rows of the block, in 16-byte chunks
     const size_t st = (size_t)(M + 1) * wr * R * 16 * sizeof(T);
     auto a16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
     e.stage = e.stage && e.res && !e.sq_in && a16(e.res) && a16(e.gamma) && smem + st <= 48 * 1024;
     if (e.stage) smem += st;
-    if constexpr (ELEM == 3 && MT == 1) {
-      kern = threads > S::THREADS ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
-                                  : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true>;
-    } else {
-      TORCH_CHECK(false, "the norm epilogue runs in the post-scale kernel at M <= 8 only");
+    TORCH_CHECK(ELEM == 3 && MT == 1, "the norm epilogue runs in the post-scale kernel at M <= 8 only");
+  }
+  if constexpr (ELEM == 3) {  // the post-scale kernels (M <= 16): the norm epilogue (M <= 8), lean (lean())
+    const bool wide = threads > S::THREADS, thin = lean();
+    if constexpr (MT == 1) {
+      if (norm && thin)
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true>;
+      else if (norm)
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true>;
     }
+    if (!norm && thin)
+      kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true>
+                  : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
   }
   if constexpr (MT >= 4 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
     static const bool xs_on = [] {
