@@ -1,6 +1,7 @@
 """A/B of a kernel setting in one process, W4 g128 GEMMs (bf16 activations): ``--knob pdl`` dependent launch
 (PDL) off / on (``uniform_cuda.set_dependent_launch``), ``--knob post`` up to how many rows of x the fp32
-post-scale kernel serves (``uniform_cuda.set_post_scale``: ``16``, ``8``, or ``0``: the per-pair-scale kernel always):
+post-scale kernel serves (``uniform_cuda.set_post_scale``: ``16``, ``8``, or ``0``: the per-pair-scale kernel always),
+``--knob lean`` the post-scale kernels' lean instantiations (M ≤ 16) off / on (``uniform_cuda.set_lean``):
 
 1. the kernel-table shapes (and the stacked q/k/v and gate/up shapes of ``--fuse-linears``) at each M, timed as
    ``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph);
@@ -33,7 +34,8 @@ LAYER = [("q", 4096, 4096), ("k", 1024, 4096), ("v", 1024, 4096), ("o", 4096, 40
 FUSED = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]  # --fuse-linears
 STACKED = [(6144, 4096), (28672, 4096)]  # the stacked q/k/v and gate/up shapes
 KNOBS = {"pdl": (["0", "1"], lambda v: uniform_cuda.set_dependent_launch(v == "1")),
-         "post": (["16", "8", "0"], uniform_cuda.set_post_scale)}
+         "post": (["16", "8", "0"], uniform_cuda.set_post_scale),
+         "lean": (["0", "1"], lambda v: uniform_cuda.set_lean(v == "1"))}
 
 
 def quantized(fmt, n: int, k: int, seed: int) -> tuple[QuantLinear, torch.Tensor]:

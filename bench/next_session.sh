@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The compiled 8B W4 decode (lm_head quantized, batch 1) under each setting of SETTINGS in turn, RUNS rounds from one
-# build — the test a kernel change must pass (the twenty-fourth session: a loop 1-10 % faster alone was 2-4 % slower
-# in the decode graph). A setting is NAME=VALUE[,NAME=VALUE...] of environment variables ("-" for none); its JSON
-# tag is _<round>_<setting, = and , as -> ("default" for -). CUDA tests first if TESTS (a pytest -k expression).
+# build — the test a kernel change must pass (the twenty-fourth session: reduced forms of a loop 1-10 % faster alone
+# were 2-4 % slower in the decode graph). A setting is NAME=VALUE[,NAME=VALUE...] of environment variables ("-" for
+# none); its JSON tag is _<round>_<setting, = and , as -> ("default" for -). CUDA tests first if TESTS (a pytest -k
+# expression).
 # About 2 min a run.
 #   SETTINGS="LLMCOMP_MMA_XSTAGE=1 LLMCOMP_MMA_XSTAGE=0" bash bench/next_session.sh   (on the GPU machine; $OUT)
 # Knobs: SETTINGS, RUNS (default "a b"), TESTS, TEST_S, DECODE_S (seconds, 0 skips), BATCH (default 1)
