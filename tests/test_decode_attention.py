@@ -240,12 +240,15 @@ def test_kernel_matches_reference_on_cuda(rope, case, dtype, merge, monkeypatch)
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("merge", [True, False], ids=["fused", "separate"])
-def test_dependent_launch_gives_the_same_bits(merge, monkeypatch):
+@pytest.mark.parametrize("early", [False, True], ids=["wait_first", "trigger_first"])
+def test_dependent_launch_gives_the_same_bits(merge, early, monkeypatch):
     """LLMCOMP_ATTN_PDL: both kernels launched as programmatic dependents (sm_90+) — eager and replayed in a CUDA
-    graph, the output bit-equal to the ordinary launch's (the same kernels, only the launch attribute differs)."""
+    graph, the output bit-equal to the ordinary launch's (the same kernels, only the launch attribute differs), with
+    the next kernel let launch before the wait (LLMCOMP_ATTN_EARLY, the default) or after it."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
     monkeypatch.setattr(da, "FUSED_MERGE", merge)
+    monkeypatch.setattr(da, "ATTN_EARLY", early)
     q, k, v, mask = _inputs(1, 32, 8, 576, 128, 520, "bool", torch.bfloat16, "cuda")
     plain = da.decode_attention(q, k, v, mask, 128 ** -0.5)
     monkeypatch.setattr(da, "ATTN_PDL", True)

@@ -841,9 +841,11 @@ def environment() -> dict:
     env = {"torch": torch.__version__, "transformers": transformers.__version__}
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
-        from llmcomp.kernels import uniform_cuda
+        from llmcomp.kernels import decode_attention, uniform_cuda
 
         env["dependent_launch"] = uniform_cuda.dependent_launch()
+        env["mma_lean"] = uniform_cuda.lean()  # (kernel switches A/B-timed by environment variable)
+        env["attention_trigger_first"] = decode_attention.ATTN_EARLY
     return env
 
 

@@ -67,6 +67,13 @@ FUSED_MERGE: Optional[bool] = env_switch("LLMCOMP_ATTN_FUSED_MERGE")
 # a step before each of them without it, ~6 µs before the partial kernel with it; the step 2.01 ms against 2.07
 # (bench/results/kernels_h200_notes.md, sixteenth session).
 ATTN_PDL = env_switch("LLMCOMP_ATTN_PDL") is True
+# Under dependent launch, each kernel lets the next one launch first thing, then waits for the one before to finish
+# (LLMCOMP_ATTN_EARLY=0: waits first): the merge's dependent, the o projection, whose weight loads come before its
+# own wait, then streams its weights while the partial kernel runs. Either order is correct (each kernel still waits
+# for the one before it). Compiled 8B W4 decode at batch 1 on an H200 (twenty-sixth session, kernels_h200_notes.md):
+# 1.742 / 1.726 / 1.738 ms a step against 1.768 / 1.759 — the o projection 4.6 µs a layer against 6.1, the partial
+# kernel 4.9 against 4.0. (Letting it launch after the partial kernel's mask scan instead: 1.744.)
+ATTN_EARLY = env_switch("LLMCOMP_ATTN_EARLY") is not False
 _COUNTERS: dict = {}  # device -> int32 counters (zero between launches)
 _KEEP: list = []  # counters outgrown, still alive for the graphs captured with them
 
@@ -160,12 +167,15 @@ if triton is not None:  # (a kernel's helpers must be module globals for Triton 
         return (x.to(tl.float32) * cs + partner.to(tl.float32) * sn).to(x.dtype)
 
     @triton.jit
-    def _dependent_start():
+    def _dependent_start(PDL: tl.constexpr):
         """Under programmatic dependent launch: wait until the kernel before has finished (its writes visible), then
         let the next kernel launch — it waits for this one the same way, so only its launch and prologue (our
-        GEMMs' first weight loads) overlap this kernel."""
+        GEMMs' first weight loads) overlap this kernel. PDL 2 (``ATTN_EARLY``): the next kernel launched first."""
+        if PDL == 2:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,13 +186,14 @@ def _kernels():
                  kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr, skn_b, skn_h, svn_b, svn_h, scs_b,
                  GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                  MASK: tl.constexpr, MERGE: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr):
-        # MASK: 0 none, 1 bool (as uint8), 2 additive float. PDL: launched as a dependent (``dependent_launch``)
+        # MASK: 0 none, 1 bool (as uint8), 2 additive float. PDL: launched as a dependent (``dependent_launch``;
+        # 2: ``ATTN_EARLY``)
         # ROPE (``decode_attention_rope``): q, the new key (kn) and value (vn) come unrotated and not yet cached; the
         # rotary embedding (cos, sin) is applied here, the program whose chunk holds the new position (*pos_ptr)
         # reads the rotated key and the value from registers at that position (its cache load there is stale) and
         # writes them into the cache there.
         if PDL:
-            _dependent_start()
+            _dependent_start(PDL)
         bh = tl.program_id(0)
         s = tl.program_id(1)
         b = bh // KVH
@@ -283,7 +294,7 @@ def _kernels():
     @triton.jit
     def _decode_attention_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
         if PDL:
-            _dependent_start()
+            _dependent_start(PDL)
         r = tl.program_id(0)  # query head of a sequence: b * H + head
         s = tl.arange(0, SP)
         d = tl.arange(0, D)
@@ -334,7 +345,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
     counters = _counters(b * kvh, q.device) if fused_merge(b * kvh, sms) else None
     fused = counters is not None
     sp = max(2, triton.next_power_of_2(splits))
-    pdl = dependent_launch(q.device)
+    pdl = (2 if ATTN_EARLY else 1) if dependent_launch(q.device) else 0
     launch_kw = {"launch_pdl": True} if pdl else {}
     if rope is None:  # (unused pointers: any tensor; strides 0)
         extra = (q, q, q, q, q, 0, 0, 0, 0, 0)

@@ -522,13 +522,12 @@ def lean() -> Optional[bool]:
     weights through one pointer a row tile advanced a round, x's and the scales' row pointers kept in registers, the
     group index without the lane's offset — the steady loop in the sm_90 SASS 289 instructions a round instead of 348
     for the batch-1 gate/up call's kernel (70 → 64 registers), 301 instead of 346 for one row tile, 616 instead of 651
-    for two tiles at M = 9..16 (``bench/sass_local.sh``). Opt-in, ``LLMCOMP_MMA_LEAN=1``; meant to give the same
-    bits (``test_lean_kernel_gives_the_same_bits``, not yet run on a GPU in this form). In the compiled 8B W4 decode at
-    batch 1 on an H200 (twenty-fifth session, two calls, runs interleaved): 1.753 / 1.756 ms a step against 1.779 /
-    1.770 without (the gate/up call 21.3 µs against 22.0). Reduced forms of it (the row pointers alone, or weight
-    pointers on one-tile kernels only) were slower there in four draws of the twenty-fourth session
-    (bench/results/kernels_h200_notes.md). To become the default once that test passes on a GPU. None without the
-    extension."""
+    for two tiles at M = 9..16 (``bench/sass_local.sh``). On unless ``LLMCOMP_MMA_LEAN=0``; the same bits
+    (``test_lean_kernel_gives_the_same_bits``, passed on an H200). In the compiled 8B W4 decode at batch 1 on an H200
+    (twenty-fifth session, two calls, runs interleaved): 1.753 / 1.756 ms a step against 1.779 / 1.770 without (the
+    gate/up call 21.3 µs against 22.0). Reduced forms of it (the row pointers alone, or weight pointers on one-tile
+    kernels only) were slower there in four draws of the twenty-fourth session, and lean only where a warp has more
+    than one round no faster (bench/results/kernels_h200_notes.md). None without the extension."""
     return _ext_switch("lean")
 
 

@@ -49,10 +49,14 @@ bool set_pdl(bool on) {
 
 static int lean_state = -1;  // -1: not read yet
 
-// Opt-in, LLMCOMP_MMA_LEAN=1 (faster in the compiled 8B W4 decode on an H200, twenty-fifth session: 1.753 / 1.756 ms a
-// step against 1.779 / 1.770; its bit-equality CUDA test not yet run on this code — kernels_h200_notes.md).
+// On unless LLMCOMP_MMA_LEAN=0. The compiled 8B W4 decode on an H200: 1.753 / 1.756 ms a step against 1.779 / 1.770
+// plain (twenty-fifth session). Lean only where a warp has more than one round of kblocks (the o projection at batch
+// 1 has one, and was slower lean) was no faster: 1.771 against 1.768 (twenty-sixth; kernels_h200_notes.md).
 bool lean() {
-  if (lean_state < 0) lean_state = env_on("LLMCOMP_MMA_LEAN");
+  if (lean_state < 0) {
+    const char* e = std::getenv("LLMCOMP_MMA_LEAN");
+    lean_state = !(e && e[0] == '0');
+  }
   return lean_state;
 }
 

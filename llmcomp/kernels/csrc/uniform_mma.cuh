@@ -84,7 +84,7 @@ template <> struct Num<__nv_bfloat16> {
 // - consumer (sq_in set): y of token tok scaled by rsqrt(Σ sq_in[tok][:sq_n] / (16 sq_n) + eps) before it is stored
 //   (before the GLU epilogue's activation): x = γ ⊙ h from a producer, so y = W · norm(h).
 // Whether the post-scale kernels (M <= 16) run their lean instantiations (LEAN in mma_kernel_body: the weights through
-// per-tile pointers advanced a round, row pointers kept in registers). LLMCOMP_MMA_LEAN=1; set_lean for A/B.
+// per-tile pointers advanced a round, row pointers kept in registers). On unless LLMCOMP_MMA_LEAN=0; set_lean for A/B.
 bool lean();
 bool set_lean(bool on);
 
