@@ -260,10 +260,11 @@ def test_dependent_launch_gives_the_same_bits(merge, early, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "dependent"])
 def test_ahead_prefetch_gives_the_same_bits(pdl, monkeypatch):
-    """``decode_attention_ahead``: the merge kernel's L2 prefetch of other tensors (sizes that are not multiples of
-    16 bytes, one larger than the merge's threads can split evenly, one tensor or two) changes nothing — the output
-    is ``decode_attention``'s bit for bit, eager and replayed in a CUDA graph; with the merge in the partial kernel
-    it prefetches nothing and still answers alike."""
+    """``decode_attention_ahead``: the merge kernel's L2 prefetch of other tensors (a size that is not a multiple of
+    16 bytes, one the merge's threads split unevenly, one smaller than 16 bytes a thread, one not 16-byte aligned,
+    one tensor or two) changes nothing — the output is ``decode_attention``'s bit for bit, eager and replayed in a
+    CUDA graph; the merge kernel compiled with it carries the bulk prefetch; with the merge in the partial kernel
+    nothing is prefetched and the answer is alike."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the bulk L2 prefetch needs sm_90+")
     monkeypatch.setattr(da, "ATTN_PDL", pdl)
@@ -272,8 +273,14 @@ def test_ahead_prefetch_gives_the_same_bits(pdl, monkeypatch):
     plain = da.decode_attention(q, k, v, mask, 128 ** -0.5)
     weights = torch.randint(0, 255, (12_582_917,), dtype=torch.uint8, device="cuda")
     scales = torch.randn(6144, 33, device="cuda")
-    for ahead in ([weights, scales], [scales[:, :7].contiguous()], [weights[1:]]):
+    small = torch.randn(12, device="cuda")  # 48 bytes
+    for ahead in ([weights, scales], [scales[:, :7].contiguous()], [weights[1:]], [small, weights]):
         assert torch.equal(da.decode_attention_ahead(q, k, v, mask, 128 ** -0.5, ahead), plain)
+    _, combine = da._kernels()
+    part, ml, out = torch.zeros(2, 128, device="cuda"), torch.zeros(2, 2, device="cuda"), torch.empty(128).cuda()
+    regions = da._ahead_args([weights, scales], part.view(torch.uint8))
+    compiled = combine[(1,)](part, ml, out, 2, *regions, D=128, SP=2, PDL=0, PF=1, num_warps=4)
+    assert "cp.async.bulk.prefetch.L2" in compiled.asm["ptx"]
     _replay_equals(q, k, v, mask, plain, ahead=[weights, scales])
     monkeypatch.setattr(da, "FUSED_MERGE", True)
     fused = da.decode_attention(q, k, v, mask, 128 ** -0.5)

@@ -908,36 +908,38 @@ def test_l2_ahead_decodes_the_same_in_a_graph(monkeypatch):
 
 
 def test_set_ahead_gives_each_attention_the_next_layers_stacked_qkv():
-    """``set_ahead``: a layer's attention gets the next layer's q/k/v call's two largest distinct tensors (codes,
-    then the larger scales; the 2-bit plane's stand-in, the codes again, counted once), the last layer and layers
-    without a stacked call nothing; closing the stack removes them."""
+    """``set_ahead``: a layer's attention gets the next layer's q/k/v call's codes and the scales its batch-1 kernel
+    reads (the post-scale pairs, the same size as the plain pairs; the plain pairs where there are none), the last
+    layer and layers without a stacked call nothing; closing the stack removes them."""
     import contextlib
     from types import SimpleNamespace
 
     from llmcomp.eval.decode_attention import AHEAD
 
-    def layer(stacked: bool):
-        qw, sz, post = torch.zeros(96, 32, dtype=torch.int32), torch.zeros(48, 4), torch.zeros(48, 8)
+    def layer(stacked: bool, post: bool = True):
+        qw, sz, pairs = torch.zeros(96, 32, dtype=torch.int32), torch.zeros(48, 4, dtype=torch.int32), None
+        if post:
+            pairs = torch.zeros(48, 4, dtype=torch.int32)
 
         def forward(x):
             return x
 
         if stacked:
-            forward.call = SimpleNamespace(args=(qw, qw, sz, post, 4, 128, 48, 3, 0))
+            forward.call = SimpleNamespace(args=(qw, qw, sz, pairs, 4, 128, 48, 3, 0))
         attn = torch.nn.Module()
         attn.q_proj = torch.nn.Module()
         attn.q_proj.forward = forward
         holder = torch.nn.Module()
         holder.self_attn = attn
-        return holder, (qw, post)
+        return holder, (qw, pairs if post else sz)
 
-    (l0, _), (l1, want1), (l2, _), (l3, want3) = layer(True), layer(True), layer(False), layer(True)
+    (l0, _), (l1, want1), (l2, _), (l3, want3) = layer(True), layer(True), layer(False), layer(True, post=False)
     stack = contextlib.ExitStack()
     assert db.set_ahead([l0, l1, l2, l3], stack) == 2
     got = [getattr(x.self_attn, AHEAD, None) for x in (l0, l1, l2, l3)]
-    assert got[0][0] is want1[0] and got[0][1] is want1[1] and len(got[0]) == 2
+    assert len(got[0]) == 2 and got[0][0] is want1[0] and got[0][1] is want1[1]
     assert got[1] is None  # l2's q/k/v is not a stacked call
-    assert got[2][0] is want3[0] and got[2][1] is want3[1]
+    assert len(got[2]) == 2 and got[2][0] is want3[0] and got[2][1] is want3[1]
     assert got[3] is None  # the last layer
     stack.close()
     assert not any(hasattr(x.self_attn, AHEAD) for x in (l0, l1, l2, l3))

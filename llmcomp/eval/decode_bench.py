@@ -596,12 +596,14 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                     info["outer"] += 1
             yield info
     finally:
-        stack.close()
-        ADVANCE.pop(model, None)
-        if mask_fn is not None:
-            setattr(masks, MASK, mask_fn)
-        cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
-        torch._dynamo.reset()
+        try:
+            stack.close()
+        finally:
+            ADVANCE.pop(model, None)
+            if mask_fn is not None:
+                setattr(masks, MASK, mask_fn)
+            cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
+            torch._dynamo.reset()
 
 
 # Inductor options the compiled layers take unless told otherwise (``--inductor-option KEY=VALUE`` overrides one):
@@ -661,19 +663,23 @@ def ahead_mode() -> int:
 
 
 def set_ahead(layers, stack: contextlib.ExitStack, persist: bool = False) -> int:
-    """Each layer's attention module gets the next layer's stacked q/k/v kernel tensors (the two largest: codes and,
-    for the post-scale kernel, its fp32 scales) as ``decode_attention.AHEAD``, which ``packed_gqa_attention`` hands
-    to ``decode_attention_ahead``; removed when ``stack`` closes. Only where the q projections run as a stacked call
-    (``frozen_group``: their forward's ``call.args``); returns how many layers got one. ``persist``: the GPU's L2
-    set aside for persisting lines (``uniform_cuda.persisting_l2``) sized for two layers' worth while open, so the
-    lines fetched under the evict-last policy outlast the weights streamed in between."""
+    """Each layer's attention module gets the next layer's stacked q/k/v kernel tensors (the codes and the scales the
+    batch-1 kernel reads: the post-scale pairs where they exist) as ``decode_attention.AHEAD``, which
+    ``packed_gqa_attention`` hands to ``decode_attention_ahead``; removed when ``stack`` closes. Only where the q
+    projections run as a stacked call (``frozen_group``: their forward's ``call.args``); returns how many layers got
+    one. ``persist``: the GPU's L2 set aside for persisting lines (``uniform_cuda.persisting_l2``) sized for two
+    layers' worth while open, so the lines fetched under the evict-last policy outlast the weights streamed in
+    between."""
     from llmcomp.eval.decode_attention import AHEAD
 
     def qkv_tensors(layer):
         fn = getattr(getattr(getattr(layer, "self_attn", None), "q_proj", None), "forward", None)
         args = getattr(getattr(fn, "call", None), "args", None) or ()
-        found = {t.data_ptr(): t for t in args if isinstance(t, torch.Tensor) and t.numel()}
-        return sorted(found.values(), key=lambda t: -t.numel() * t.element_size())[:2]
+        if len(args) < 4 or not all(isinstance(t, torch.Tensor) for t in args[:3]):
+            return []
+        # kernel_tensors' order: codes, second plane (the codes again where none), scale pairs, post-scale pairs
+        # (None where none) — the batch-1 kernel reads the post-scale pairs where they exist
+        return [args[0], args[3] if isinstance(args[3], torch.Tensor) else args[2]]
 
     count = most = 0
     for this, following in zip(layers, layers[1:]):

@@ -318,7 +318,7 @@ def _kernels():
                                   SP: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr):
         if PDL:
             _dependent_start(PDL)
-        if PF:  # after the wait: the partial kernel's K/V loads are done, the HBM is idle until the o projection
+        if PF:  # after the wait: the partial kernel's K/V loads are done (the o projection's weights share the HBM)
             t = tl.program_id(0) * 128 + tl.arange(0, 128)  # (num_warps=4: one element a thread)
             _prefetch_l2(a0_ptr, n0, t, tl.num_programs(0) * 128)
             _prefetch_l2(a1_ptr, n1, t, tl.num_programs(0) * 128)
@@ -369,11 +369,20 @@ def _(q, k, v, mask, scale, ahead):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _ahead_args(ahead: list, device) -> tuple:
-    """The merge kernel's two prefetch regions as (bytes, length rounded down to 16) pairs; empty ones where fewer."""
-    regions = [t.reshape(-1).view(torch.uint8) for t in ahead[:2] if t.numel() and t.is_contiguous()]
-    regions += [torch.empty(16, dtype=torch.uint8, device=device)] * (2 - len(regions))
-    return tuple(x for t in regions for x in (t, t.numel() // 16 * 16 if t.data_ptr() % 16 == 0 else 0))
+# The most bytes of a region the merge kernel prefetches (int32 arithmetic there; L2 holds ~50 MB anyway)
+AHEAD_MAX = 1 << 28
+
+
+def _ahead_args(ahead: list, fill: torch.Tensor) -> tuple:
+    """The merge kernel's two prefetch regions as (bytes, length) pairs: the length rounded down to 16, capped at
+    ``AHEAD_MAX``, 0 for a region not 16-byte aligned; (``fill``, 0) where fewer than two usable tensors (on
+    ``fill``'s device, contiguous)."""
+    out = []
+    for t in ahead:
+        if len(out) < 4 and t.numel() and t.is_contiguous() and t.device == fill.device:
+            t = t.reshape(-1).view(torch.uint8)
+            out += [t, min(t.numel(), AHEAD_MAX) // 16 * 16 if t.data_ptr() % 16 == 0 else 0]
+    return tuple(out + [fill, 0] * ((4 - len(out)) // 2))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
@@ -422,8 +431,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
         _STAGES[(d, q.device)] = 1
         launch(1)
     if not fused:
-        pf = bool(ahead) and torch.cuda.get_device_capability(q.device)[0] >= 9
-        regions = _ahead_args(ahead if pf else [], q.device)
+        pf = bool(ahead) and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+        regions = _ahead_args(ahead if pf else [], part.view(torch.uint8))  # (fill: bytes, as the regions)
         combine[(b * h,)](part, ml, out, splits, *regions, D=d, SP=sp, PDL=pdl, PF=int(pf), num_warps=4, **launch_kw)
     return out
 

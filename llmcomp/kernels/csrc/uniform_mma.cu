@@ -27,6 +27,15 @@ static bool env_on(const char* name) {
   return e && e[0] == '1';
 }
 
+// 0, off, false or no (any case): a default-on switch turned off
+static bool env_off(const char* name) {
+  const char* e = std::getenv(name);
+  if (!e) return false;
+  std::string v(e);
+  for (auto& ch : v) ch = (char)std::tolower((unsigned char)ch);
+  return v == "0" || v == "off" || v == "false" || v == "no";
+}
+
 static int pdl_state = -1;  // -1: not read yet
 
 static bool pdl_capable() {
@@ -53,10 +62,7 @@ static int lean_state = -1;  // -1: not read yet
 // plain (twenty-fifth session). Lean only where a warp has more than one round of kblocks (the o projection at batch
 // 1 has one, and was slower lean) was no faster: 1.771 against 1.768 (twenty-sixth; kernels_h200_notes.md).
 bool lean() {
-  if (lean_state < 0) {
-    const char* e = std::getenv("LLMCOMP_MMA_LEAN");
-    lean_state = !(e && e[0] == '0');
-  }
+  if (lean_state < 0) lean_state = !env_off("LLMCOMP_MMA_LEAN");
   return lean_state;
 }
 
@@ -66,8 +72,9 @@ bool set_lean(bool on) {
 }
 
 // The L2 set aside for persisting (evict-last) lines on the current device, cudaLimitPersistingL2CacheSize: set to
-// `bytes` (clamped to the device's maximum) where bytes >= 0; returns the size before. Lines fetched under an
-// evict-last policy outlast others only within it (decode_attention_ahead's prefetch; 0 by default).
+// `bytes` (clamped to the device's maximum) where bytes >= 0, every persisting line made normal when it shrinks;
+// returns the size before. Lines fetched under an evict-last policy outlast others only within it
+// (decode_attention_ahead's prefetch; 0 by default).
 int64_t persisting_l2(int64_t bytes) {
   size_t before = 0;
   C10_CUDA_CHECK(cudaDeviceGetLimit(&before, cudaLimitPersistingL2CacheSize));
@@ -76,6 +83,8 @@ int64_t persisting_l2(int64_t bytes) {
     C10_CUDA_CHECK(cudaGetDevice(&dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxPersistingL2CacheSize, dev));
     C10_CUDA_CHECK(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, std::min<size_t>((size_t)bytes, most)));
+    // lines already marked persisting stay so until reset: back to normal when the set-aside shrinks
+    if ((size_t)bytes < before) C10_CUDA_CHECK(cudaCtxResetPersistingL2Cache());
   }
   return (int64_t)before;
 }
