@@ -560,8 +560,9 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                         fn = mod.frozen_forward(dtype) if frozen and id(mod) not in glued else None
                         info["frozen"] += fn is not None
                         swap(mod, fn or torch.compiler.disable(mod.forward))
-            if ahead_mode():
-                info["ahead"] = set_ahead(layers, stack, persist=ahead_mode() == 1)
+            ahead = ahead_mode()
+            if ahead:
+                info["ahead"] = set_ahead(layers, stack, persist=ahead == 1)
             if norm:
                 swaps, info["norm_split"] = split_norms(layers, dtype)
                 for mod, fn in swaps:

@@ -177,7 +177,6 @@ if triton is not None:  # (a kernel's helpers must be module globals for Triton 
         if PDL == 1:
             tl.extra.cuda.gdc_launch_dependents()
 
-
     # sm_90's bulk L2 prefetch of [$1, $1 + $2) under an evict-last policy (the lines outlive the weight streams of
     # evict-normal loads that pass through L2 before they are read); nothing where $2 is 0.
     _PREFETCH_ASM = tl.constexpr("""{
@@ -319,9 +318,9 @@ def _kernels():
         if PDL:
             _dependent_start(PDL)
         if PF:  # after the wait: the partial kernel's K/V loads are done (the o projection's weights share the HBM)
-            t = tl.program_id(0) * 128 + tl.arange(0, 128)  # (num_warps=4: one element a thread)
-            _prefetch_l2(a0_ptr, n0, t, tl.num_programs(0) * 128)
-            _prefetch_l2(a1_ptr, n1, t, tl.num_programs(0) * 128)
+            t, nt = tl.program_id(0) * 128 + tl.arange(0, 128), tl.num_programs(0) * 128  # (4 warps: 1 a thread)
+            _prefetch_l2(a0_ptr, n0, t, nt)
+            _prefetch_l2(a1_ptr, n1, t, nt)
         r = tl.program_id(0)  # query head of a sequence: b * H + head
         s = tl.arange(0, SP)
         d = tl.arange(0, D)

@@ -540,14 +540,20 @@ def persisting_l2(nbytes: int = -1) -> Optional[int]:
     """The L2 the current GPU sets aside for persisting (evict-last) lines: set to ``nbytes`` (clamped to the
     device's maximum) where ``nbytes`` ≥ 0; returns the size before (None without the extension). Lines prefetched
     under an evict-last policy (``decode_attention_ahead``) outlast the weight streams only within it."""
+    before = _ext_call("persisting_l2", int(nbytes))
+    return None if before is None else int(before)
+
+
+def _ext_call(name: str, *args):
+    """The extension's function ``name`` called with ``args``; None without the extension (or without CUDA)."""
     ext = extension() if torch.cuda.is_available() else None
-    return int(ext.persisting_l2(int(nbytes))) if ext is not None else None
+    return getattr(ext, name)(*args) if ext is not None else None
 
 
 def _ext_switch(name: str, *args) -> Optional[bool]:
     """The extension's switch ``name`` (a getter, or a setter given its value) as a bool; None without it."""
-    ext = extension() if torch.cuda.is_available() else None
-    return bool(getattr(ext, name)(*args)) if ext is not None else None
+    state = _ext_call(name, *args)
+    return None if state is None else bool(state)
 
 
 def high_plane(prep: dict) -> torch.Tensor:
