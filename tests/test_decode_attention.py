@@ -258,36 +258,6 @@ def test_dependent_launch_gives_the_same_bits(merge, early, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "dependent"])
-def test_ahead_prefetch_gives_the_same_bits(pdl, monkeypatch):
-    """``decode_attention_ahead``: the merge kernel's L2 prefetch of other tensors (a size that is not a multiple of
-    16 bytes, one the merge's threads split unevenly, one smaller than 16 bytes a thread, one not 16-byte aligned,
-    one tensor or two) changes nothing — the output is ``decode_attention``'s bit for bit, eager and replayed in a
-    CUDA graph; the merge kernel compiled with it carries the bulk prefetch; with the merge in the partial kernel
-    nothing is prefetched and the answer is alike."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the bulk L2 prefetch needs sm_90+")
-    monkeypatch.setattr(da, "ATTN_PDL", pdl)
-    monkeypatch.setattr(da, "FUSED_MERGE", False)
-    q, k, v, mask = _inputs(1, 32, 8, 576, 128, 520, "bool", torch.bfloat16, "cuda")
-    plain = da.decode_attention(q, k, v, mask, 128 ** -0.5)
-    weights = torch.randint(0, 255, (12_582_917,), dtype=torch.uint8, device="cuda")
-    scales = torch.randn(6144, 33, device="cuda")
-    small = torch.randn(12, device="cuda")  # 48 bytes
-    for ahead in ([weights, scales], [scales[:, :7].contiguous()], [weights[1:]], [small, weights]):
-        assert torch.equal(da.decode_attention_ahead(q, k, v, mask, 128 ** -0.5, ahead), plain)
-    _, combine = da._kernels()
-    part, ml, out = torch.zeros(2, 128, device="cuda"), torch.zeros(2, 2, device="cuda"), torch.empty(128).cuda()
-    regions = da._ahead_args([weights, scales], part.view(torch.uint8))
-    compiled = combine[(1,)](part, ml, out, 2, *regions, D=128, SP=2, PDL=0, PF=1, num_warps=4)
-    assert "cp.async.bulk.prefetch.L2" in compiled.asm["ptx"]
-    _replay_equals(q, k, v, mask, plain, ahead=[weights, scales])
-    monkeypatch.setattr(da, "FUSED_MERGE", True)
-    fused = da.decode_attention(q, k, v, mask, 128 ** -0.5)
-    assert torch.equal(da.decode_attention_ahead(q, k, v, mask, 128 ** -0.5, [weights, scales]), fused)
-
-
-@pytest.mark.cuda
 def test_fused_merge_replays_in_a_graph():
     """The merge in the partial kernel resets its counters itself: a CUDA graph of the op replayed many times gives
     the eager result every time, equal to the separate combine kernel's within rounding, counters zero after."""
@@ -318,20 +288,14 @@ def test_a_call_captured_before_any_counters_merges_separately(monkeypatch):
     assert not da._COUNTERS
 
 
-def _replay_equals(q, k, v, mask, eager, warm=True, ahead=None):
-    """The op (``decode_attention_ahead`` given ``ahead``) captured in a CUDA graph gives ``eager`` every replay."""
-    def op():
-        if ahead is None:
-            return da.decode_attention(q, k, v, mask, 128 ** -0.5)
-        return da.decode_attention_ahead(q, k, v, mask, 128 ** -0.5, ahead)
-
+def _replay_equals(q, k, v, mask, eager, warm=True):
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         if warm:
-            op()
+            da.decode_attention(q, k, v, mask, 128 ** -0.5)
         with torch.cuda.graph(graph, stream=stream):
-            out = op()
+            out = da.decode_attention(q, k, v, mask, 128 ** -0.5)
     torch.cuda.current_stream().wait_stream(stream)
     for _ in range(20):
         out.zero_()

@@ -645,7 +645,7 @@ def test_fused_siblings_share_one_call_a_step(cpu_fused_path):
         with db.compiled_layers(model, backend="aot_eager", fuse=fused, outer=False, rope=False) as info:
             assert info == {"layers": layers, "frozen": 7 * layers, "fused": 2 * layers if fused else 0, "pdl": False,
                             "graphs": layers, "glu": 0, "norm_split": 0, "outer": 0,
-                            "rope": 0, "ahead": 0}  # (GLU calls: CUDA only)
+                            "rope": 0}  # (GLU calls: CUDA only)
             dec = db.StaticDecoder(model, 2, 32)
             dec.prefill(ids)
             dec.step()  # compiles
@@ -737,7 +737,7 @@ def test_compiled_layers_trace_quantized_linears_on_cuda(fmt):
             # (gate/up not frozen alone: their GLU call serves every row count)
             assert info == {"layers": 2, "frozen": 10 if frozen else 0, "fused": 2 if frozen else 0,
                             "pdl": False, "graphs": 2, "glu": 2 if frozen else 0, "norm_split": 0, "outer": 0,
-                            "rope": 0, "ahead": 0}
+                            "rope": 0}
             _, got, tokens = static_decode(model, ids, steps=3, max_len=40)
         frames[frozen] = counter.frame_count
         assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens)), frozen
@@ -861,88 +861,6 @@ def test_dependent_launch_decodes_the_same_in_a_graph():
     for i, (a, b, e) in enumerate(zip(runs[False], runs[True], ref)):
         assert torch.equal(a, b) if exact else (a.float() - b.float()).abs().max() <= 2e-3 * a.float().abs().max(), i
         assert (b.float() - e.float()).abs().max() <= 5e-2 * e.float().abs().max(), f"step {i}"
-
-
-@pytest.mark.cuda
-def test_l2_ahead_decodes_the_same_in_a_graph(monkeypatch):
-    """``LLMCOMP_L2_AHEAD=1`` / ``2``: each layer's attention (the split-KV kernels, their merge separate at batch
-    1) asks L2 for the next layer's stacked q/k/v weights — every layer but the last gets them, L2 set aside for
-    them while open with 1 (put back after) — and the replayed decode gives the logits of the same graphs without
-    it, bit for bit where inductor picks its kernels without timing them (a prefetch changes no value)."""
-    import torch._dynamo
-    import torch._inductor.config as inductor
-
-    from llmcomp.eval.decode_attention import AHEAD, packed_gqa
-    from llmcomp.kernels import decode_attention as da
-    from llmcomp.kernels import uniform_cuda
-
-    if uniform_cuda.extension() is None or torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the L2 prefetch needs sm_90+ and the CUDA extension")
-    monkeypatch.setattr(da, "FUSED_MERGE", False)
-    model = db.synthetic_model("llama3-8b", layers=3)
-    db.quantize_rtn(model, 4, 128)
-    ids = torch.randint(0, 128256, (1, 40), generator=torch.Generator().manual_seed(0)).cuda()
-    exact = hasattr(inductor, "deterministic")
-    runs = {}
-    set_aside = uniform_cuda.persisting_l2()
-    with inductor.patch({"deterministic": True} if exact else {}):
-        for mode in ("0", "1", "2"):  # off; with L2 set aside for the prefetched lines; without
-            monkeypatch.setenv("LLMCOMP_L2_AHEAD", mode)
-            torch._dynamo.reset()
-            with packed_gqa(model), db.compiled_layers(model, pdl=True) as info:
-                attns = [layer.self_attn for layer in model.model.layers]
-                assert info["ahead"] == (0 if mode == "0" else 2)
-                assert [len(getattr(a, AHEAD, ())) for a in attns] == ([0, 0, 0] if mode == "0" else [2, 2, 0])
-                assert (uniform_cuda.persisting_l2() > set_aside) == (mode == "1")
-                graphed = db.StaticDecoder(model, 1, 64)
-                logits = [graphed.prefill(ids).clone()]
-                graphed.capture(warmup=3)
-                assert graphed.graph is not None
-                logits += [graphed.step().clone() for _ in range(5)]
-            assert not any(hasattr(a, AHEAD) for a in attns) and uniform_cuda.persisting_l2() == set_aside
-            runs[mode] = logits
-    for mode in ("1", "2"):
-        for i, (a, b) in enumerate(zip(runs["0"], runs[mode])):
-            assert (torch.equal(a, b) if exact
-                    else (a.float() - b.float()).abs().max() <= 2e-3 * a.float().abs().max()), (mode, i)
-
-
-def test_set_ahead_gives_each_attention_the_next_layers_stacked_qkv():
-    """``set_ahead``: a layer's attention gets the next layer's q/k/v call's codes and the scales its batch-1 kernel
-    reads (the post-scale pairs, the same size as the plain pairs; the plain pairs where there are none), the last
-    layer and layers without a stacked call nothing; closing the stack removes them."""
-    import contextlib
-    from types import SimpleNamespace
-
-    from llmcomp.eval.decode_attention import AHEAD
-
-    def layer(stacked: bool, post: bool = True):
-        qw, sz, pairs = torch.zeros(96, 32, dtype=torch.int32), torch.zeros(48, 4, dtype=torch.int32), None
-        if post:
-            pairs = torch.zeros(48, 4, dtype=torch.int32)
-
-        def forward(x):
-            return x
-
-        if stacked:
-            forward.call = SimpleNamespace(args=(qw, qw, sz, pairs, 4, 128, 48, 3, 0))
-        attn = torch.nn.Module()
-        attn.q_proj = torch.nn.Module()
-        attn.q_proj.forward = forward
-        holder = torch.nn.Module()
-        holder.self_attn = attn
-        return holder, (qw, pairs if post else sz)
-
-    (l0, _), (l1, want1), (l2, _), (l3, want3) = layer(True), layer(True), layer(False), layer(True, post=False)
-    stack = contextlib.ExitStack()
-    assert db.set_ahead([l0, l1, l2, l3], stack) == 2
-    got = [getattr(x.self_attn, AHEAD, None) for x in (l0, l1, l2, l3)]
-    assert len(got[0]) == 2 and got[0][0] is want1[0] and got[0][1] is want1[1]
-    assert got[1] is None  # l2's q/k/v is not a stacked call
-    assert len(got[2]) == 2 and got[2][0] is want3[0] and got[2][1] is want3[1]
-    assert got[3] is None  # the last layer
-    stack.close()
-    assert not any(hasattr(x.self_attn, AHEAD) for x in (l0, l1, l2, l3))
 
 
 def test_packed_gqa_decodes_the_same_without_repeating_kv(monkeypatch):

@@ -261,6 +261,33 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
         assert rt * 16 * wr <= n and warps * wr <= (16 if m <= 16 else 8), (n, k, m)
 
 
+def test_launch_override_forces_a_shape_s_configuration(monkeypatch):
+    """``LLMCOMP_MMA_LAUNCH`` (a timing knob): its shapes take the given configuration at every M, a two-tile entry
+    only where N is a multiple of 32; other shapes keep the rule; malformed entries are skipped with a warning."""
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: Props())
+    rule = uniform_cuda.launch_config(4096, 14336, 4, 1)
+    monkeypatch.setenv("LLMCOMP_MMA_LAUNCH", "4096x4096:1.8.1 + 4096X14336:2.4.2+48x64:2.8.1+1x2:3.1.1+bad+9x9:1.16.2")
+    uniform_cuda.launch_override.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="LLMCOMP_MMA_LAUNCH") as caught:
+            forced = uniform_cuda.launch_override()
+        assert len(caught) == 3  # rt 3, no shape, 16 warps x 2 row groups
+        assert forced == {(4096, 4096): (1, 8, 1), (4096, 14336): (2, 4, 2), (48, 64): (2, 8, 1)}
+        assert uniform_cuda.launch_config(4096, 4096, 4, 1) == (1, 8, 1)
+        assert uniform_cuda.launch_config(4096, 4096, 2, 64) == (1, 8, 1)
+        assert uniform_cuda.launch_config(4096, 14336, 4, 1) == (2, 4, 2) != rule
+        assert uniform_cuda.launch_config(48, 64, 4, 1) == (1, 16, 1)  # 48 rows: no two-tile launch, the rule's
+        assert uniform_cuda.launch_config(14336, 4096, 4, 1) == (1, 4, 1)  # not listed: the rule's
+    finally:
+        monkeypatch.delenv("LLMCOMP_MMA_LAUNCH")
+        uniform_cuda.launch_override.cache_clear()
+    assert uniform_cuda.launch_override() == {} and uniform_cuda.launch_config(4096, 14336, 4, 1) == rule
+
+
 @pytest.mark.parametrize("bits,group", [(2, 64), (3, 32), (2, 0), (4, 32)])
 def test_inputs_padded_to_whole_kblocks(bits, group):
     """576 inputs (the bundled model's) with 2/3-bit codes: prepare pads the codes to 640 inputs (code 0) and the

@@ -410,7 +410,7 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
 
         for m in [1, 3, 8]:
             check(m)
-            for launch in [(1, 1, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (2, 8, 1), (1, 1, 8)]:
+            for launch in [(1, 1, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (1, 1, 8)]:
                 if not (launch[0] == 2 and (n % 32 or inter % 16)):
                     check(m, launch)
         x = torch.randn(2, k, generator=g).to("cuda", dtype)

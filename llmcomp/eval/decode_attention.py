@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 
 NAME = "llmcomp_packed_gqa"
-# An attention module's tensors to prefetch into L2 during its decode attention (``decode_bench.set_ahead``).
-AHEAD = "_llmcomp_l2_ahead"
 
 
 def packed_gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -43,11 +41,7 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout: flo
 
         q3 = query.reshape(b, h, d)
         if split_kv.supports(q3, key, value, groups):
-            ahead = getattr(module, AHEAD, None)
-            if ahead:
-                out = split_kv.decode_attention_ahead(q3, key, value, attention_mask, float(scale), list(ahead))
-            else:
-                out = split_kv.decode_attention(q3, key, value, attention_mask, float(scale))
+            out = split_kv.decode_attention(q3, key, value, attention_mask, float(scale))
             return out.reshape(b, 1, h, d), None
     q = query.reshape(b, h // groups, groups, d)
     if how == "matmul" or (how in ("auto", "triton", "torch") and b == 1):

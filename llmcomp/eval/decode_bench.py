@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 import types
 import weakref
@@ -502,8 +501,6 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     ``rope`` (default: off unless ``LLMCOMP_ROPE_ATTENTION=1``; measured no faster): Llama-style attention modules'
     decode step runs the rotary embedding, the cache write and the attention as one kernel launch
     (``decode_attention.rope_forward``); ``info["rope"]`` counts them.
-    ``LLMCOMP_L2_AHEAD`` (``ahead_mode``; opt-in, a timing experiment): each layer's attention asks L2 for the next
-    layer's stacked q/k/v weights while the HBM would idle (``set_ahead``); ``info["ahead"]`` counts the layers.
     On exit every swapped ``forward`` is put back as it was (instance attributes such as accelerate's hooks
     included), dynamo's cache limits are restored and ``torch._dynamo.reset()`` drops the compiled code —
     every compiled frame of the process, not only these layers'."""
@@ -519,11 +516,10 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
     cfg = torch._dynamo.config
     limits = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
     info = {"layers": len(layers), "frozen": 0, "fused": 0, "pdl": False, "graphs": 0, "glu": 0, "norm_split": 0,
-            "outer": 0, "rope": 0, "ahead": 0}
+            "outer": 0, "rope": 0}
     glu = glu_enabled(glu)
     norm = glu and norm_split_enabled(norm)
     masks, mask_fn = None, None  # (outer: the modeling module whose causal-mask function was swapped, and it)
-    stack = contextlib.ExitStack()  # (attributes set while open)
     try:
         with swapped_forwards() as swap, dependent_launch(pdl and backend == "inductor") as info["pdl"]:
             limit = 4 * len(layers) + 8  # one entry per layer and shape, should the guards tell the layers apart
@@ -560,9 +556,6 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                         fn = mod.frozen_forward(dtype) if frozen and id(mod) not in glued else None
                         info["frozen"] += fn is not None
                         swap(mod, fn or torch.compiler.disable(mod.forward))
-            ahead = ahead_mode()
-            if ahead:
-                info["ahead"] = set_ahead(layers, stack, persist=ahead == 1)
             if norm:
                 swaps, info["norm_split"] = split_norms(layers, dtype)
                 for mod, fn in swaps:
@@ -597,14 +590,11 @@ def compiled_layers(model: nn.Module, backend="inductor", frozen: bool = True, f
                     info["outer"] += 1
             yield info
     finally:
-        try:
-            stack.close()
-        finally:
-            ADVANCE.pop(model, None)
-            if mask_fn is not None:
-                setattr(masks, MASK, mask_fn)
-            cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
-            torch._dynamo.reset()
+        ADVANCE.pop(model, None)
+        if mask_fn is not None:
+            setattr(masks, MASK, mask_fn)
+        cfg.cache_size_limit, cfg.accumulated_cache_size_limit = limits
+        torch._dynamo.reset()
 
 
 # Inductor options the compiled layers take unless told otherwise (``--inductor-option KEY=VALUE`` overrides one):
@@ -655,49 +645,6 @@ def outer_enabled(outer: Optional[bool] = None) -> bool:
     """``outer`` where given, else on unless ``LLMCOMP_COMPILE_OUTER`` says off (``compiled_layers``; the 8B W4 step
     at batch 1 on an H200 1.80 ms with it and the shared counter against 1.82 with the counter alone)."""
     return _switch(outer, "LLMCOMP_COMPILE_OUTER", True)
-
-
-def ahead_mode() -> int:
-    """``LLMCOMP_L2_AHEAD``: 0 (unset, the default) no prefetch; 1 ``set_ahead`` with L2 set aside for the prefetched
-    lines; 2 without (evict-last lines then compete with the rest)."""
-    return {"1": 1, "2": 2}.get(os.environ.get("LLMCOMP_L2_AHEAD", "").strip(), 0)
-
-
-def set_ahead(layers, stack: contextlib.ExitStack, persist: bool = False) -> int:
-    """Each layer's attention module gets the next layer's stacked q/k/v kernel tensors (the codes and the scales the
-    batch-1 kernel reads: the post-scale pairs where they exist) as ``decode_attention.AHEAD``, which
-    ``packed_gqa_attention`` hands to ``decode_attention_ahead``; removed when ``stack`` closes. Only where the q
-    projections run as a stacked call (``frozen_group``: their forward's ``call.args``); returns how many layers got
-    one. ``persist``: the GPU's L2 set aside for persisting lines (``uniform_cuda.persisting_l2``) sized for two
-    layers' worth while open, so the lines fetched under the evict-last policy outlast the weights streamed in
-    between."""
-    from llmcomp.eval.decode_attention import AHEAD
-
-    def qkv_tensors(layer):
-        fn = getattr(getattr(getattr(layer, "self_attn", None), "q_proj", None), "forward", None)
-        args = getattr(getattr(fn, "call", None), "args", None) or ()
-        if len(args) < 4 or not all(isinstance(t, torch.Tensor) for t in args[:3]):
-            return []
-        # kernel_tensors' order: codes, second plane (the codes again where none), scale pairs, post-scale pairs
-        # (None where none) — the batch-1 kernel reads the post-scale pairs where they exist
-        return [args[0], args[3] if isinstance(args[3], torch.Tensor) else args[2]]
-
-    count = most = 0
-    for this, following in zip(layers, layers[1:]):
-        attn, ahead = getattr(this, "self_attn", None), qkv_tensors(following)
-        if attn is None or not ahead:
-            continue
-        setattr(attn, AHEAD, ahead)
-        stack.callback(delattr, attn, AHEAD)
-        count += 1
-        most = max(most, sum(t.numel() * t.element_size() for t in ahead))
-    if persist and count:
-        from llmcomp.kernels import uniform_cuda
-
-        before = uniform_cuda.persisting_l2(2 * most)
-        if before is not None:
-            stack.callback(uniform_cuda.persisting_l2, before)
-    return count
 
 
 def rope_attention_enabled(rope: Optional[bool] = None) -> bool:
@@ -899,7 +846,7 @@ def environment() -> dict:
         env["dependent_launch"] = uniform_cuda.dependent_launch()
         env["mma_lean"] = uniform_cuda.lean()  # (kernel switches A/B-timed by environment variable)
         env["attention_trigger_first"] = decode_attention.ATTN_EARLY
-        env["l2_ahead_mode"] = ahead_mode()
+        env["mma_launch_override"] = {f"{n}x{k}": list(c) for (n, k), c in uniform_cuda.launch_override().items()}
     return env
 
 
@@ -956,7 +903,6 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                         row["norm_splits"] = compiled["norm_split"]
                         row["outer_compiled"] = compiled["outer"]
                         row["rope_attention"] = compiled["rope"]
-                        row["l2_ahead"] = compiled["ahead"]
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row = {"model": name, "label": label, "batch": b, "error": "out of GPU memory"}

@@ -177,27 +177,6 @@ if triton is not None:  # (a kernel's helpers must be module globals for Triton 
         if PDL == 1:
             tl.extra.cuda.gdc_launch_dependents()
 
-    # sm_90's bulk L2 prefetch of [$1, $1 + $2) under an evict-last policy (the lines outlive the weight streams of
-    # evict-normal loads that pass through L2 before they are read); nothing where $2 is 0.
-    _PREFETCH_ASM = tl.constexpr("""{
-    .reg .pred p;
-    .reg .b64 pol;
-    setp.ne.s32 p, $2, 0;
-    createpolicy.fractional.L2::evict_last.b64 pol, 0f3F800000;
-    @p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol;
-    mov.u32 $0, 0;
-    }""")
-
-    @triton.jit
-    def _prefetch_l2(base, n, t, nt):
-        """Threads t of nt ask L2 for their share of the n bytes at base (n a multiple of 16; shares of 16-byte
-        multiples, so every address stays 16-byte aligned as the instruction needs)."""
-        chunk = (n + nt * 16 - 1) // (nt * 16) * 16
-        off = t.to(tl.int64) * chunk
-        size = tl.minimum(tl.maximum(n - off, 0), chunk).to(tl.int32)
-        tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r", [base + off, size], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
@@ -313,14 +292,9 @@ def _kernels():
                          mask=(g < GROUPS)[:, None])
 
     @triton.jit
-    def _decode_attention_combine(acc_ptr, ml_ptr, out_ptr, S, a0_ptr, n0, a1_ptr, n1, D: tl.constexpr,
-                                  SP: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr):
+    def _decode_attention_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             _dependent_start(PDL)
-        if PF:  # after the wait: the partial kernel's K/V loads are done (the o projection's weights share the HBM)
-            t, nt = tl.program_id(0) * 128 + tl.arange(0, 128), tl.num_programs(0) * 128  # (4 warps: 1 a thread)
-            _prefetch_l2(a0_ptr, n0, t, nt)
-            _prefetch_l2(a1_ptr, n1, t, nt)
         r = tl.program_id(0)  # query head of a sequence: b * H + head
         s = tl.arange(0, SP)
         d = tl.arange(0, D)
@@ -353,41 +327,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     return _attend(q, k, v, mask, scale, None)
 
 
-@torch.library.custom_op("llmcomp::decode_attention_ahead", mutates_args=())
-def decode_attention_ahead(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                           scale: float, ahead: list[torch.Tensor]) -> torch.Tensor:
-    """``decode_attention`` whose merge kernel also asks the GPU's L2 to fetch ``ahead`` (at most two tensors: the
-    weights a later kernel reads, e.g. the next layer's q/k/v — ``eval.decode_bench``'s ``LLMCOMP_L2_AHEAD``) under
-    an evict-last policy, once the partial kernel's K/V loads are done: the HBM is otherwise idle there. The same
-    output; nothing is fetched where the partial kernel merges itself (``fused_merge``) or without sm_90."""
-    return _attend(q, k, v, mask, scale, None, ahead)
-
-
-@decode_attention_ahead.register_fake
-def _(q, k, v, mask, scale, ahead):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-# The most bytes of a region the merge kernel prefetches (int32 arithmetic there; L2 holds ~50 MB anyway)
-AHEAD_MAX = 1 << 28
-
-
-def _ahead_args(ahead: list, fill: torch.Tensor) -> tuple:
-    """The merge kernel's two prefetch regions as (bytes, length) pairs: the length rounded down to 16, capped at
-    ``AHEAD_MAX``, 0 for a region not 16-byte aligned; (``fill``, 0) where fewer than two usable tensors (on
-    ``fill``'s device, contiguous)."""
-    out = []
-    for t in ahead:
-        if len(out) < 4 and t.numel() and t.is_contiguous() and t.device == fill.device:
-            t = t.reshape(-1).view(torch.uint8)
-            out += [t, min(t.numel(), AHEAD_MAX) // 16 * 16 if t.data_ptr() % 16 == 0 else 0]
-    return tuple(out + [fill, 0] * ((4 - len(out)) // 2))
-
-
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-            rope: Optional[tuple], ahead: Optional[list] = None) -> torch.Tensor:
-    """The kernels' launch; ``rope``: (k_new, v_new, cos, sin, position) of ``decode_attention_rope``, else None;
-    ``ahead``: ``decode_attention_ahead``'s tensors."""
+            rope: Optional[tuple]) -> torch.Tensor:
+    """The kernels' launch; ``rope``: (k_new, v_new, cos, sin, position) of ``decode_attention_rope``, else None."""
     b, h, d = q.shape
     kvh, length = k.shape[1], k.shape[2]
     groups = h // kvh
@@ -430,9 +372,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
         _STAGES[(d, q.device)] = 1
         launch(1)
     if not fused:
-        pf = bool(ahead) and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-        regions = _ahead_args(ahead if pf else [], part.view(torch.uint8))  # (fill: bytes, as the regions)
-        combine[(b * h,)](part, ml, out, splits, *regions, D=d, SP=sp, PDL=pdl, PF=int(pf), num_warps=4, **launch_kw)
+        combine[(b * h,)](part, ml, out, splits, D=d, SP=sp, PDL=pdl, num_warps=4, **launch_kw)
     return out
 
 

@@ -242,7 +242,8 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
 
 def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None, elem: int = 0,
                   post: bool = True) -> tuple[int, int, int]:
-    """(row tiles per warp, warps splitting K, row groups a block). M ≤ 8 (H100 sweep, bench/results/kernels_sweep_h100.json,
+    """(row tiles per warp, warps splitting K, row groups a block); ``launch_override()`` first. M ≤ 8 (H100 sweep,
+    bench/results/kernels_sweep_h100.json,
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
     many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
     many rows (28672); on the H100 two tiles were ahead on every shape at M = 16 (by ≤ 8 %), so this rule is
@@ -284,6 +285,9 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not). ``post``: whether the post-scale kernel can serve the call (``gemm_tensors``: the weight has
     post-scale pairs and M is within ``post_scale()``); the M = 9..16 two-tile rules above are that kernel's."""
+    forced = launch_override().get((n, k))
+    if forced is not None and (forced[0] == 1 or n % 32 == 0):
+        return forced
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     kbs = k // kblock(bits)
     if m <= 16 and n // 16 <= 2 * sms:
@@ -312,6 +316,29 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     if many and kbs <= 64:
         return 1, 2, 4
     return 1, 4 if (many or m > 32 or (bits == 4 and n // 16 > 2 * sms)) else 8, 1
+
+
+@functools.lru_cache(maxsize=1)
+def launch_override() -> dict:
+    """``LLMCOMP_MMA_LAUNCH``: launch configurations forced by weight shape, for timing a configuration where it runs
+    (the compiled decode) rather than alone — ``NxK:rt.warps.wr`` entries joined by ``+`` (e.g.
+    ``4096x4096:1.8.1+4096x14336:1.8.1``: the 8B's o and down projections at 8 warps), {(n, k): (rt, warps, wr)},
+    at every M (a two-tile entry only where N is a multiple of 32). Read once; a malformed entry is skipped with
+    a warning."""
+    out = {}
+    for entry in filter(None, os.environ.get("LLMCOMP_MMA_LAUNCH", "").replace(" ", "").split("+")):
+        try:
+            shape, config = entry.split(":")
+            n, k = (int(v) for v in shape.lower().split("x"))
+            rt, warps, wr = (int(v) for v in config.split("."))
+            if rt not in (1, 2) or warps not in (1, 2, 4, 8, 16) or wr not in (1, 2, 4, 8) or warps * wr > 16:
+                raise ValueError(entry)
+        except ValueError:
+            warnings.warn(f"LLMCOMP_MMA_LAUNCH: {entry!r} is not NxK:rt.warps.wr (rt 1 or 2, warps a power of two "
+                          "up to 16, row groups up to 8, warps x row groups up to 16); ignored")
+            continue
+        out[(n, k)] = (rt, warps, wr)
+    return out
 
 
 @torch.library.custom_op("llmcomp::uniform_mma_gemm", mutates_args=())
@@ -536,24 +563,10 @@ def set_lean(on: bool) -> Optional[bool]:
     return _ext_switch("set_lean", on)
 
 
-def persisting_l2(nbytes: int = -1) -> Optional[int]:
-    """The L2 the current GPU sets aside for persisting (evict-last) lines: set to ``nbytes`` (clamped to the
-    device's maximum) where ``nbytes`` ≥ 0; returns the size before (None without the extension). Lines prefetched
-    under an evict-last policy (``decode_attention_ahead``) outlast the weight streams only within it."""
-    before = _ext_call("persisting_l2", int(nbytes))
-    return None if before is None else int(before)
-
-
-def _ext_call(name: str, *args):
-    """The extension's function ``name`` called with ``args``; None without the extension (or without CUDA)."""
-    ext = extension() if torch.cuda.is_available() else None
-    return getattr(ext, name)(*args) if ext is not None else None
-
-
 def _ext_switch(name: str, *args) -> Optional[bool]:
     """The extension's switch ``name`` (a getter, or a setter given its value) as a bool; None without it."""
-    state = _ext_call(name, *args)
-    return None if state is None else bool(state)
+    ext = extension() if torch.cuda.is_available() else None
+    return bool(getattr(ext, name)(*args)) if ext is not None else None
 
 
 def high_plane(prep: dict) -> torch.Tensor:

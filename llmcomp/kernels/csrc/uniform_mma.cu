@@ -71,24 +71,6 @@ bool set_lean(bool on) {
   return lean_state;
 }
 
-// The L2 set aside for persisting (evict-last) lines on the current device, cudaLimitPersistingL2CacheSize: set to
-// `bytes` (clamped to the device's maximum) where bytes >= 0, every persisting line made normal when it shrinks;
-// returns the size before. Lines fetched under an evict-last policy outlast others only within it
-// (decode_attention_ahead's prefetch; 0 by default).
-int64_t persisting_l2(int64_t bytes) {
-  size_t before = 0;
-  C10_CUDA_CHECK(cudaDeviceGetLimit(&before, cudaLimitPersistingL2CacheSize));
-  if (bytes >= 0) {
-    int dev = 0, most = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxPersistingL2CacheSize, dev));
-    C10_CUDA_CHECK(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, std::min<size_t>((size_t)bytes, most)));
-    // lines already marked persisting stay so until reset: back to normal when the set-aside shrinks
-    if ((size_t)bytes < before) C10_CUDA_CHECK(cudaCtxResetPersistingL2Cache());
-  }
-  return (int64_t)before;
-}
-
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
@@ -270,6 +252,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_lean", &set_lean, "the post-scale kernels' lean instantiations (M <= 16), or not (A/B in one process)");
   m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
-  m.def("persisting_l2", &persisting_l2, "set the L2 set aside for persisting lines (bytes >= 0); the size before");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }
