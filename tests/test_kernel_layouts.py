@@ -288,6 +288,19 @@ def test_launch_override_forces_a_shape_s_configuration(monkeypatch):
     assert uniform_cuda.launch_override() == {} and uniform_cuda.launch_config(4096, 14336, 4, 1) == rule
 
 
+@pytest.mark.parametrize("value,off", [("0", True), ("OFF", True), ("false", True), ("No", True), ("1", False),
+                                       ("", False), ("on", False), ("00", False)])
+def test_default_on_switches_read_as_the_extension_reads_them(value, off, monkeypatch):
+    """``env_off`` (and so ``x_stage``) turns a default-on switch off for 0 / off / false / no in any case, as the
+    extension's ``env_off`` does, and for nothing else."""
+    monkeypatch.setenv("LLMCOMP_MMA_XSTAGE", value)
+    uniform_cuda.x_stage.cache_clear()
+    try:
+        assert uniform_cuda.env_off("LLMCOMP_MMA_XSTAGE") is off and uniform_cuda.x_stage() is not off
+    finally:
+        uniform_cuda.x_stage.cache_clear()
+
+
 @pytest.mark.parametrize("bits,group", [(2, 64), (3, 32), (2, 0), (4, 32)])
 def test_inputs_padded_to_whole_kblocks(bits, group):
     """576 inputs (the bundled model's) with 2/3-bit codes: prepare pads the codes to 640 inputs (code 0) and the

@@ -490,11 +490,18 @@ def prepare_glu(fmt, gate: dict, up: dict, in_features: int) -> dict:
                          fmt.block(in_features), in_features)
 
 
+def env_off(name: str) -> bool:
+    """Whether environment variable ``name`` turns a default-on switch off: 0, off, false or no, in any case — as the
+    extension's ``env_off`` reads it (launch.cuh), so both sides agree."""
+    return os.environ.get(name, "").lower() in ("0", "off", "false", "no")
+
+
 @functools.lru_cache(maxsize=1)
 def x_stage() -> bool:
-    """``LLMCOMP_MMA_XSTAGE=0`` turns off staging x in shared memory (above M = 16 with one warp a row group);
-    launch_config then never picks one warp a row group, which is slow unstaged. Read once, as the extension does."""
-    return os.environ.get("LLMCOMP_MMA_XSTAGE", "1").strip() != "0"
+    """``LLMCOMP_MMA_XSTAGE=0`` (``env_off``) turns off staging x in shared memory (above M = 16 with one warp a row
+    group); launch_config then never picks one warp a row group, which is slow unstaged. Read once, as the extension
+    does."""
+    return not env_off("LLMCOMP_MMA_XSTAGE")
 
 
 POST_SCALE_ROWS = 16  # the most rows of x the post-scale kernel takes (one or two token tiles a warp)

@@ -31,6 +31,10 @@ __device__ __forceinline__ void grid_dep_launch() {
 // process, the device of the first launch decides; set_pdl switches it).
 bool pdl();
 
+// Whether environment variable `name` turns a default-on switch off: 0, off, false or no, in any case
+// (uniform_cuda.env_off reads the same).
+bool env_off(const char* name);
+
 // One launch on the current stream, with programmatic stream serialization when pdl().
 template <typename... P, typename... A>
 void launch_ex(void (*kern)(P...), dim3 grid, int threads, size_t smem, A... args) {

@@ -27,8 +27,8 @@ static bool env_on(const char* name) {
   return e && e[0] == '1';
 }
 
-// 0, off, false or no (any case): a default-on switch turned off
-static bool env_off(const char* name) {
+// 0, off, false or no (any case): a default-on switch turned off (launch.cuh)
+bool env_off(const char* name) {
   const char* e = std::getenv(name);
   if (!e) return false;
   std::string v(e);

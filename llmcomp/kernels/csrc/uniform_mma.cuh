@@ -915,10 +915,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
                   : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
   }
   if constexpr (MT >= 4 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
-    static const bool xs_on = [] {
-      const char* e = std::getenv("LLMCOMP_MMA_XSTAGE");
-      return !(e && e[0] == '0');
-    }();
+    static const bool xs_on = !env_off("LLMCOMP_MMA_XSTAGE");
     if (warps == 1 && xs_on) {
       kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>;
       smem += 2 * (size_t)(MT * 8) * (S::U * KBLK + 8) * sizeof(T);
