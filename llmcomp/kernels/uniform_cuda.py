@@ -322,8 +322,9 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
 def launch_override() -> dict:
     """``LLMCOMP_MMA_LAUNCH``: launch configurations forced by weight shape, for timing a configuration where it runs
     (the compiled decode) rather than alone — ``NxK:rt.warps.wr`` entries joined by ``+`` (e.g.
-    ``4096x4096:1.8.1+4096x14336:1.8.1``: the 8B's o and down projections at 8 warps), {(n, k): (rt, warps, wr)},
-    at every M (a two-tile entry only where N is a multiple of 32). Read once; a malformed entry is skipped with
+    ``4096x4096:1.8.1+4096x14336:1.8.1``: the 8B's o and down projections at 8 warps; a stacked call's N is its
+    rows together, 6144 for the 8B's q/k/v, 28672 for gate/up), {(n, k): (rt, warps, wr)}, at every M (a two-tile
+    entry only where N is a multiple of 32). Read once; a malformed entry is skipped with
     a warning."""
     out = {}
     for entry in filter(None, os.environ.get("LLMCOMP_MMA_LAUNCH", "").replace(" ", "").split("+")):
