@@ -288,17 +288,23 @@ def test_launch_override_forces_a_shape_s_configuration(monkeypatch):
     assert uniform_cuda.launch_override() == {} and uniform_cuda.launch_config(4096, 14336, 4, 1) == rule
 
 
-@pytest.mark.parametrize("value,off", [("0", True), ("OFF", True), ("false", True), ("No", True), ("1", False),
-                                       ("", False), ("on", False), ("00", False)])
+@pytest.mark.parametrize("value,off", [("0", True), ("OFF", True), ("false", True), ("No", True), (" 0 ", True),
+                                       ("1", False), ("", False), ("on", False), ("00", False)])
 def test_default_on_switches_read_as_the_extension_reads_them(value, off, monkeypatch):
-    """``env_off`` (and so ``x_stage``) turns a default-on switch off for 0 / off / false / no in any case, as the
-    extension's ``env_off`` does, and for nothing else."""
-    monkeypatch.setenv("LLMCOMP_MMA_XSTAGE", value)
-    uniform_cuda.x_stage.cache_clear()
+    """``env_off`` (and so ``x_stage`` and the codebook kernel's switches) turns a default-on switch off for 0 / off /
+    false / no in any case, as the extension's ``env_off`` does, and for nothing else."""
+    from llmcomp.kernels import codebook_cuda
+    for name in ("LLMCOMP_MMA_XSTAGE", "LLMCOMP_VQ_LUT", "LLMCOMP_VQ_REPLICATE"):
+        monkeypatch.setenv(name, value)
+    cached = (uniform_cuda.x_stage, codebook_cuda._lut_env, codebook_cuda.replicate)
+    for f in cached:
+        f.cache_clear()
     try:
         assert uniform_cuda.env_off("LLMCOMP_MMA_XSTAGE") is off and uniform_cuda.x_stage() is not off
+        assert codebook_cuda._lut_env()[0] is not off and codebook_cuda.replicate() is not off
     finally:
-        uniform_cuda.x_stage.cache_clear()
+        for f in cached:
+            f.cache_clear()
 
 
 @pytest.mark.parametrize("bits,group", [(2, 64), (3, 32), (2, 0), (4, 32)])

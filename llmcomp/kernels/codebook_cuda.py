@@ -33,6 +33,7 @@ import torch
 
 from llmcomp.kernels import uniform_cuda
 from llmcomp.kernels.codebook_triton import add_outliers, outlier_part
+from llmcomp.kernels.switches import env_off
 
 
 def shape_ok(fmt, in_features: int, out_features: int) -> bool:
@@ -259,7 +260,7 @@ def _lut_env() -> tuple[bool, int, Optional[bool]]:
     prmt = os.environ.get("LLMCOMP_VQ_LUT_PRMT", "").strip()
     if prmt not in ("", "0", "1"):
         raise ValueError(f"LLMCOMP_VQ_LUT_PRMT must be 0 or 1, not {prmt!r}")
-    return os.environ.get("LLMCOMP_VQ_LUT", "1").strip() != "0", int(threads), None if prmt == "" else prmt == "1"
+    return not env_off("LLMCOMP_VQ_LUT"), int(threads), None if prmt == "" else prmt == "1"
 
 
 def lut() -> bool:
@@ -391,7 +392,7 @@ def replicate() -> bool:
     """Whether the kernel replicates the table across the 16 shared-memory bank pairs (each lane reads its own
     copy: random indices never collide on a bank); ``LLMCOMP_VQ_REPLICATE=0`` keeps one table, for A/B timing
     in one build. Read once."""
-    return os.environ.get("LLMCOMP_VQ_REPLICATE", "1").strip() != "0"
+    return not env_off("LLMCOMP_VQ_REPLICATE")
 
 
 def copies(prep: dict, want: bool | None = None) -> int:

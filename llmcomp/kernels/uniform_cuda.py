@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from llmcomp.kernels.switches import env_off
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu",
            "vq_lut.cu")  # + HEADERS
@@ -58,7 +60,7 @@ def padded_k(in_features: int, bits: int) -> int:
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled extension, or None (with one warning saying why) when it cannot be built."""
-    if os.environ.get("LLMCOMP_CUDA_KERNELS", "1") == "0":
+    if env_off("LLMCOMP_CUDA_KERNELS"):
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -489,12 +491,6 @@ def prepare_glu(fmt, gate: dict, up: dict, in_features: int) -> dict:
     return _prepare_e2m1(_interleave8(fg["codes"], fu["codes"]),
                          _interleave8(fmt.block_scale(fg).float(), fmt.block_scale(fu).float()),
                          fmt.block(in_features), in_features)
-
-
-def env_off(name: str) -> bool:
-    """Whether environment variable ``name`` turns a default-on switch off: 0, off, false or no, in any case — as the
-    extension's ``env_off`` reads it (launch.cuh), so both sides agree."""
-    return os.environ.get(name, "").lower() in ("0", "off", "false", "no")
 
 
 @functools.lru_cache(maxsize=1)

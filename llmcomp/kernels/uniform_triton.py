@@ -13,15 +13,16 @@ dequantizes with a Triton kernel into the activation dtype and calls cuBLAS.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmcomp.kernels.switches import env_off
+
 GEMV_MAX_M = 8
-AUTOTUNE = os.environ.get("LLMCOMP_TRITON_AUTOTUNE", "1") != "0"
+AUTOTUNE = not env_off("LLMCOMP_TRITON_AUTOTUNE")
 
 
 def _configs():

@@ -31,8 +31,8 @@ __device__ __forceinline__ void grid_dep_launch() {
 // process, the device of the first launch decides; set_pdl switches it).
 bool pdl();
 
-// Whether environment variable `name` turns a default-on switch off: 0, off, false or no, in any case
-// (uniform_cuda.env_off reads the same).
+// Whether environment variable `name` turns a default-on switch off: 0, off, false or no, in any case, surrounding
+// spaces ignored (llmcomp/kernels/switches.py reads the same).
 bool env_off(const char* name);
 
 // One launch on the current stream, with programmatic stream serialization when pdl().

@@ -27,11 +27,14 @@ static bool env_on(const char* name) {
   return e && e[0] == '1';
 }
 
-// 0, off, false or no (any case): a default-on switch turned off (launch.cuh)
+// 0, off, false or no (any case, surrounding spaces ignored): a default-on switch turned off (launch.cuh;
+// llmcomp/kernels/switches.py reads the same)
 bool env_off(const char* name) {
   const char* e = std::getenv(name);
   if (!e) return false;
   std::string v(e);
+  const auto first = v.find_first_not_of(" \t"), last = v.find_last_not_of(" \t");
+  v = first == std::string::npos ? std::string() : v.substr(first, last - first + 1);
   for (auto& ch : v) ch = (char)std::tolower((unsigned char)ch);
   return v == "0" || v == "off" || v == "false" || v == "no";
 }
@@ -113,10 +116,8 @@ std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::T
                                      c10::optional<torch::Tensor> gamma, c10::optional<torch::Tensor> sq, double eps) {
   check_x(x);
   EpiArgs epi;
-  static const int stage = [] {  // LLMCOMP_NORM_STAGE=0: a producer's residual and γ not staged (norm_stage)
-    const char* e = std::getenv("LLMCOMP_NORM_STAGE");
-    return !(e && e[0] == '0');
-  }();
+  // LLMCOMP_NORM_STAGE=0 (env_off): a producer's residual and γ not staged (norm_stage)
+  static const int stage = !env_off("LLMCOMP_NORM_STAGE");
   epi.stage = stage;
   std::vector<torch::Tensor> outs(1);
   if (res || gamma) {
