@@ -439,8 +439,9 @@ def l2_prefetch_setting() -> tuple[int, bool]:
 
 
 def set_l2_prefetch(producer_qw: torch.Tensor, target_args: tuple) -> bool:
-    """Register ``target_args`` (a ``FrozenCall``'s args) as what the call over ``producer_qw`` prefetches into L2;
-    whether it will (``l2_prefetch_setting`` on, post-scale 4-bit or 2-bit codes)."""
+    """Register ``target_args`` (a ``FrozenCall``'s args) as what the norm producer over ``producer_qw`` prefetches
+    into L2 (keyed by the weight's address: an experiment's bookkeeping, for weights that live as long as the
+    process); whether it will (``l2_prefetch_setting`` on)."""
     if l2_prefetch_setting()[0] <= 0:
         return False
     _L2_PF[producer_qw.data_ptr()] = target_args
