@@ -503,37 +503,3 @@ def test_glu_call_dense_path_is_silu_gate_times_up(fmt, monkeypatch):
     ref = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)
     assert y.shape == (x.shape[0], 32)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-
-
-@pytest.mark.parametrize("value,want", [("", (0, False)), ("0", (0, False)), ("4", (4, False)), ("8:last", (8, True)),
-                                        ("x", (0, False)), ("-2", (0, False)), ("4:first", (0, False))])
-def test_l2_prefetch_setting_reads_kblocks_and_policy(value, want, monkeypatch):
-    """``LLMCOMP_L2_PF`` = N[:last]; anything else is off (with a warning), and off registers nothing."""
-    import warnings
-
-    monkeypatch.setenv("LLMCOMP_L2_PF", value)
-    uniform_cuda.l2_prefetch_setting.cache_clear()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert uniform_cuda.l2_prefetch_setting() == want
-        assert bool(caught) == (value in ("x", "-2", "4:first"))
-        qw = torch.zeros(4, dtype=torch.int32)
-        assert uniform_cuda.set_l2_prefetch(qw, ()) is (want[0] > 0)
-    finally:
-        uniform_cuda._L2_PF.clear()
-        uniform_cuda.l2_prefetch_setting.cache_clear()
-
-
-def test_l2_prefetch_plan_matches_the_kernels_split(monkeypatch):
-    """The prefetch's ranges are the GLU call's warps' K ranges: on an H200 (132 SMs) the 8B gate/up (28672 × 4096)
-    at M = 1 runs two tiles × 4 warps, so each warp reads 16 of a row's 64 kblocks; launch_mma's power-of-two
-    split applies where the launch asks for more warps than kblocks."""
-    class Props:
-        multi_processor_count = 132
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: Props())
-    assert uniform_cuda.l2_prefetch_plan(4, 28672, 0, 4096, 1, True) == (1792, 64, 4, 16)
-    assert uniform_cuda.l2_prefetch_plan(4, 4096, 0, 4096, 1, True) == (256, 64, 16, 4)  # o: (1, 16, 1)
-    assert uniform_cuda.l2_prefetch_plan(4, 4096, 0, 192, 1, True) == (256, 3, 2, 2)  # 3 kblocks: 2 warps of 2

@@ -431,51 +431,6 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
                             torch.ones(256, device="cuda", dtype=dtype))
 
 
-@pytest.mark.parametrize("setting", [(4, False), (64, True), (1, False)], ids=["4", "64-last", "1"])
-def test_l2_prefetch_before_a_producer_changes_no_bits(setting, monkeypatch):
-    """``LLMCOMP_L2_PF`` (an experiment): a norm producer registered with the next call's weights first launches
-    ``l2_prefetch`` over them (bulk L2 prefetches of each warp range's first kblocks, any count up to a whole row,
-    evict-normal or evict-last) — the producer's and the next call's outputs keep their bits, eagerly, under dependent
-    launch, and replayed from a CUDA graph; the extension refuses ranges that do not fit the weight."""
-    from llmcomp.kernels import uniform_cuda as uc
-
-    if uc.extension() is None:
-        pytest.skip("CUDA extension could not be built here")
-    fmt, dtype, n, k, inter = Uniform(bits=4, group_size=128), torch.bfloat16, 512, 1024, 1536
-    o, to, g = _layer(fmt, n, k, 11)
-    _, tg, _ = _layer(fmt, inter, n, 12)
-    _, tu, _ = _layer(fmt, inter, n, 13)
-    o_args = uc.kernel_tensors(uc.prepare(fmt, to, k), dtype)
-    run = uc.glu(fmt, tg, tu, n, dtype)
-    gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", dtype)
-    x = torch.randn(1, k, generator=g).to("cuda", dtype)
-    res = torch.randn(1, n, generator=g).to("cuda", dtype)
-
-    def step():
-        y, h, xn, sq = uc.norm_producer_op(x, *o_args, res, gamma)
-        return y, h, xn, sq, uc.norm_consumer_op(xn, *run.args, sq, 1e-5, 1)
-
-    want = step()
-    monkeypatch.setattr(uc, "l2_prefetch_setting", lambda: setting)
-    pdl = uc.extension().pdl()
-    try:
-        assert uc.set_l2_prefetch(o_args[0], run.args)
-        for on in (False, True):
-            uc.extension().set_pdl(on)
-            assert all(map(torch.equal, step(), want)), on
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = step()
-            graph.replay()
-            torch.cuda.synchronize()
-            assert all(map(torch.equal, outs, want)), on
-        with pytest.raises(RuntimeError, match="l2_prefetch"):
-            uc.extension().l2_prefetch(run.args[0], 2 * inter // 16 + 1, n // 64, 4, 2, 1, False)
-    finally:
-        uc.extension().set_pdl(pdl)
-        uc._L2_PF.clear()
-
-
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0),
                                  Uniform(bits=2, group_size=256)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

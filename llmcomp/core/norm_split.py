@@ -109,8 +109,6 @@ def split_norms(layers, dtype: torch.dtype) -> tuple[list[tuple[nn.Module, Calla
     """The (module, forward) swaps that split ``layers``' norms (see the module's docstring), to be applied after
     their quantized linears, stacked siblings and GLU calls were swapped for kernel calls (``compiled_layers``), and
     how many norms they split; none for activations of a dtype outside ``DTYPES``."""
-    from llmcomp.kernels import uniform_cuda as uc
-
     layers = list(layers)
     if dtype not in DTYPES:
         return [], 0
@@ -125,7 +123,6 @@ def split_norms(layers, dtype: torch.dtype) -> tuple[list[tuple[nn.Module, Calla
         takes_input = i > 0 and plans[i - 1] is not None and "qkv" in plan and "down" in plans[i - 1]
         if down is not None:
             plan["down"] = down
-        uc.set_l2_prefetch(plan["o"].args[0], plan["glu"].args)  # (an experiment, off unless LLMCOMP_L2_PF)
         swaps += _layer_swaps(layer, plan, state, dtype, takes_input,
                               layers[i + 1].input_layernorm.weight.detach() if down is not None else None)
         count += 1 + takes_input

@@ -847,7 +847,6 @@ def environment() -> dict:
         env["mma_lean"] = uniform_cuda.lean()  # (kernel switches A/B-timed by environment variable)
         env["attention_trigger_first"] = decode_attention.ATTN_EARLY
         env["mma_launch_override"] = {f"{n}x{k}": list(c) for (n, k), c in uniform_cuda.launch_override().items()}
-        env["l2_prefetch"] = list(uniform_cuda.l2_prefetch_setting())  # [kblocks a warp range, evict last]
     return env
 
 

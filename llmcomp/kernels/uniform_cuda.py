@@ -416,58 +416,6 @@ def _(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp):
     return x2.new_empty(x2.shape[0], n // 2)
 
 
-_L2_PF: dict = {}  # a producer's weight (data_ptr of its qw) -> the next call's kernel tensors (l2_prefetch)
-
-
-@functools.lru_cache(maxsize=1)
-def l2_prefetch_setting() -> tuple[int, bool]:
-    """``LLMCOMP_L2_PF=N[:last]`` (an experiment; unset or 0: off): before a norm producer's GEMM whose next call was
-    registered (``set_l2_prefetch``: the o projection, the GLU call after it), a small kernel asks L2 for the first
-    N kblocks of every warp's range of that call's weights (``:last`` under an evict-last policy), so that the
-    bytes stream in while the attention runs (HBM idles then) and the GLU call finds its first rounds in L2. Read
-    once; (kblocks, evict last)."""
-    text = os.environ.get("LLMCOMP_L2_PF", "").strip().lower()
-    n, _, mode = text.partition(":")
-    try:
-        kblocks = int(n or 0)
-        if kblocks < 0 or mode not in ("", "last"):
-            raise ValueError(text)
-    except ValueError:
-        warnings.warn(f"LLMCOMP_L2_PF: {text!r} is not N or N:last (N kblocks ≥ 0); off")
-        return 0, False
-    return kblocks, mode == "last"
-
-
-def set_l2_prefetch(producer_qw: torch.Tensor, target_args: tuple) -> bool:
-    """Register ``target_args`` (a ``FrozenCall``'s args) as what the norm producer over ``producer_qw`` prefetches
-    into L2 (keyed by the weight's address: an experiment's bookkeeping, for weights that live as long as the
-    process); whether it will (``l2_prefetch_setting`` on)."""
-    if l2_prefetch_setting()[0] <= 0:
-        return False
-    _L2_PF[producer_qw.data_ptr()] = target_args
-    return True
-
-
-def l2_prefetch_plan(bits: int, n: int, elem: int, kp: int, m: int, post: bool) -> tuple[int, int, int, int]:
-    """(row tiles, kblocks a row, warps splitting K, kblocks a warp) of the call over n × kp weights at M = m, as
-    ``launch_mma`` splits it: the ranges whose first kblocks ``l2_prefetch`` asks for."""
-    _, warps, *_ = launch_config(n, kp, bits, m, elem=elem, post=post)
-    kb = kp // kblock(bits)
-    cap = min(warps, kb, 16 if m <= 16 else 8)  # Shape::WIDE / 32 (MT <= 2 at M <= 16)
-    wk = 1 << (cap.bit_length() - 1)
-    return n // 16, kb, wk, -(-kb // wk)
-
-
-def _l2_prefetch_for(qw: torch.Tensor, m: int) -> None:
-    target = _L2_PF.get(qw.data_ptr())
-    kblocks, last = l2_prefetch_setting()
-    if target is None or kblocks <= 0:
-        return
-    tqw, _, _, sz_post, bits, _, n, elem, kp = target
-    tiles, kb, wk, kpw = l2_prefetch_plan(bits, n, elem, kp, m, sz_post is not None and m <= post_scale())
-    extension().l2_prefetch(tqw, tiles, kb, wk, kpw, min(kblocks, kpw), last)
-
-
 @torch.library.custom_op("llmcomp::uniform_linear_norm_producer", mutates_args=())
 def norm_producer_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: torch.Tensor,
                      sz_post: Optional[torch.Tensor], bits: int, group: int, n: int, elem: int, kp: int,
@@ -477,7 +425,6 @@ def norm_producer_op(x2: torch.Tensor, qw: torch.Tensor, qh: torch.Tensor, sz: t
     after that (the post-scale kernel at M ≤ 8 only: weights with its scale pairs): x2 [M ≤ 8, K] → (y [M, n],
     h = res + y in x2's dtype, γ ⊙ h, Σ h² over each 16 columns [M, n / 16] fp32) (res [M, n], γ [n]).
     ``norm_consumer_op`` does the norm's second half (reference: ``norm_reference``)."""
-    _l2_prefetch_for(qw, x2.shape[0])
     return tuple(gemm_tensors(x2, qw, qh, sz, sz_post, bits, group, n, elem, kp, res=res.contiguous(),
                               gamma=gamma.contiguous()))
 

@@ -210,49 +210,6 @@ torch::Tensor vq_lut_group(torch::Tensor x, torch::Tensor idx0, torch::Tensor id
                            torch::Tensor counters, int64_t n, torch::Tensor start, torch::Tensor book, int64_t threads,
                            bool prmt);
 
-// L2 prefetch of the next GEMM's first kblocks (an experiment, uniform_cuda.l2_prefetch): item i = (tile i / wk, its
-// warp range i % wk) asks L2 for `bytes` from byte ((tile * kb) + range * kpw) * 512 of w (the kernel layout: 512 bytes
-// a 16-row tile and kblock, tiles K-contiguous), so that every warp of that GEMM finds its first rounds in L2. One
-// bulk prefetch (sm_90's cp.async.bulk.prefetch.L2, no completion to wait for) an item; spread over many blocks so
-// that no SM's copy engine takes long to issue them (the attention merge kernel that issued 13.4 MB from 32
-// programs took 3.9 µs instead of 1.6: kernels_h200_notes.md, twenty-seventh session). Under dependent launch it lets
-// the next kernel launch first thing and waits for the one before at its end, so that the next kernel's own wait
-// still covers every kernel before (a kernel that did not wait could complete first).
-__global__ void l2_prefetch_kernel(const char* __restrict__ w, int items, int wk, int kb, int kpw, int kblocks,
-                                   int last) {
-  grid_dep_launch();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < items; i += gridDim.x * blockDim.x) {
-    const int k0 = (i % wk) * kpw;  // the range's first kblock (past the row where wk * kpw > kb: nothing)
-    if (k0 >= kb) continue;
-    const char* at = w + ((size_t)(i / wk) * kb + k0) * 512;
-    const int bytes = min(kblocks, kb - k0) * 512;
-    if (last) {
-      asm volatile(
-          "{\n .reg .b64 pol;\n createpolicy.fractional.L2::evict_last.b64 pol, 0f3F800000;\n"
-          " cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, pol;\n}\n" ::"l"(at), "r"(bytes) : "memory");
-    } else {
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(at), "r"(bytes) : "memory");
-    }
-  }
-#endif
-  grid_dep_wait();
-}
-
-void l2_prefetch(torch::Tensor w, int64_t tiles, int64_t kb, int64_t wk, int64_t kpw, int64_t kblocks, bool last) {
-  TORCH_CHECK(w.is_cuda() && w.is_contiguous() && w.numel() * w.element_size() >= tiles * kb * 512 && tiles > 0 &&
-                  wk > 0 && kpw > 0 && wk * kpw >= kb && kblocks > 0 && kblocks <= kpw && tiles * wk < (1ll << 31),
-              "l2_prefetch: a kernel-layout weight of tiles x kb kblocks, wk ranges of kpw, kblocks within a range");
-  const c10::cuda::CUDAGuard guard(w.device());
-  int sms = 0, dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int items = (int)(tiles * wk), threads = 64;
-  const int grid = std::max(1, std::min(2 * sms, (items + threads - 1) / threads));
-  launch_ex(l2_prefetch_kernel, grid, threads, 0, static_cast<const char*>(w.data_ptr()), items, (int)wk, (int)kb,
-            (int)kpw, (int)kblocks, (int)last);
-}
-
 torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
                       int64_t k, c10::ScalarType dtype, int64_t elem) {
   normalize_codes(qw, qh, sz, n, bits, elem);
@@ -296,6 +253,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_lean", &set_lean, "the post-scale kernels' lean instantiations (M <= 16), or not (A/B in one process)");
   m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
-  m.def("l2_prefetch", &l2_prefetch, "L2 prefetch of a kernel-layout weight's first kblocks a warp range (experiment)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }
