@@ -503,3 +503,14 @@ def test_glu_call_dense_path_is_silu_gate_times_up(fmt, monkeypatch):
     ref = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)
     assert y.shape == (x.shape[0], 32)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("value,want", [("", None), ("  ", None), ("1", True), ("On", True), ("yes", True),
+                                        ("0", False), ("off", False), ("2", False)])
+def test_tri_state_switches(value, want, monkeypatch):
+    """``switches.env_switch``: unset or empty leaves the choice to a rule (None); 1 / true / on / yes force it on,
+    anything else off."""
+    from llmcomp.kernels.switches import env_switch
+
+    monkeypatch.setenv("LLMCOMP_SOME_SWITCH", value)
+    assert env_switch("LLMCOMP_SOME_SWITCH") is want

@@ -29,6 +29,7 @@ from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
 from llmcomp.eval.decode_attention import COUNTER_SHARED, NAME, packed_gqa, rope_forward
 from llmcomp.eval.decode_attention import kernel as attention_kernel
+from llmcomp.kernels.switches import env_switch
 
 SYNTHETIC = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -621,8 +622,6 @@ def _switch(given: Optional[bool], variable: str, default: bool) -> bool:
     """``given`` where given, else the environment ``variable`` (``env_switch``), else ``default``."""
     if given is not None:
         return given
-    from llmcomp.kernels.decode_attention import env_switch
-
     found = env_switch(variable)
     return default if found is None else found
 
@@ -800,7 +799,7 @@ def dependent_launch(on: bool = True):
     before, attention = inductor.triton.enable_pdl, decode_attention.ATTN_PDL
     try:
         inductor.triton.enable_pdl = True
-        decode_attention.ATTN_PDL = decode_attention.env_switch("LLMCOMP_ATTN_PDL") is not False
+        decode_attention.ATTN_PDL = env_switch("LLMCOMP_ATTN_PDL") is not False
         yield bool(uniform_cuda.set_dependent_launch(True))
     finally:
         inductor.triton.enable_pdl, decode_attention.ATTN_PDL = before, attention

@@ -37,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from llmcomp.kernels.switches import env_off, env_switch
+
 try:
     import triton
     import triton.language as tl
@@ -53,12 +55,6 @@ NUM_STAGES = 3
 _STAGES: dict = {}
 
 
-def env_switch(name: str) -> Optional[bool]:
-    """An on/off environment variable: None unset or empty, True for 1 / true / on / yes, False for anything else."""
-    text = os.environ.get(name, "").strip().lower()
-    return None if text == "" else text in ("1", "true", "on", "yes")
-
-
 # None: by fused_merge's rule; LLMCOMP_ATTN_FUSED_MERGE forces it on or off (env_switch)
 FUSED_MERGE: Optional[bool] = env_switch("LLMCOMP_ATTN_FUSED_MERGE")
 # Both kernels launched as programmatic dependents (sm_90+), so their launch overlaps the kernel before: on while the
@@ -73,7 +69,7 @@ ATTN_PDL = env_switch("LLMCOMP_ATTN_PDL") is True
 # for the one before it). Compiled 8B W4 decode at batch 1 on an H200 (twenty-sixth session, kernels_h200_notes.md):
 # 1.742 / 1.726 / 1.738 ms a step against 1.768 / 1.759 — the o projection 4.6 µs a layer against 6.1, the partial
 # kernel 4.9 against 4.0. (Letting it launch after the partial kernel's mask scan instead: 1.744.)
-ATTN_EARLY = env_switch("LLMCOMP_ATTN_EARLY") is not False
+ATTN_EARLY = not env_off("LLMCOMP_ATTN_EARLY")
 _COUNTERS: dict = {}  # device -> int32 counters (zero between launches)
 _KEEP: list = []  # counters outgrown, still alive for the graphs captured with them
 
