@@ -294,6 +294,7 @@ def test_default_on_switches_read_as_the_extension_reads_them(value, off, monkey
     """``env_off`` (and so ``x_stage`` and the codebook kernel's switches) turns a default-on switch off for 0 / off /
     false / no in any case, as the extension's ``env_off`` does, and for nothing else."""
     from llmcomp.kernels import codebook_cuda
+
     for name in ("LLMCOMP_MMA_XSTAGE", "LLMCOMP_VQ_LUT", "LLMCOMP_VQ_REPLICATE"):
         monkeypatch.setenv(name, value)
     cached = (uniform_cuda.x_stage, codebook_cuda._lut_env, codebook_cuda.replicate)

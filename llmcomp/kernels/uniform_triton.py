@@ -13,7 +13,6 @@ dequantizes with a Triton kernel into the activation dtype and calls cuBLAS.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import triton
