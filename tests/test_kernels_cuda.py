@@ -484,9 +484,62 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
                 uc.gemm_tensors(x, *args)
                 torch.cuda.synchronize()
             names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
-            assert names and all(", 3, false, false, true>" in name for name in names), names
+            assert names and all(", 3, false, false, true, false>" in name for name in names), names
     finally:
         uc.set_lean(bool(before))
+
+
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=256),
+                                 Uniform(bits=4, group_size=64), Uniform(bits=4, group_size=0)],
+                         ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_scale_early_gives_the_same_bits(fmt, dtype):
+    """``set_scale_early`` (an experiment): the batch-1 two-tile post-scale kernels loading a round's scale words with
+    its weights give the bits of those loading them before each tile's math — plain, GLU, both sides of the norm
+    split, at two-tile launches whose warps' ranges are whole rounds or not (odd kblocks a warp) and groups of 1, 2
+    and 4 kblocks or one a row (a round of 2 kblocks across two groups of 1 takes the usual kernel) — and the
+    profiler sees the early kernel run where it applies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmcomp.kernels import uniform_cuda as uc
+
+    if uc.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    before = uc.scale_early()
+    try:
+        for n, k in [(256, 1536), (2048, 4096), (512, 4864), (4096, 14336)]:
+            _, t, g = _layer(fmt, n, k, n + k)
+            args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
+            run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
+            gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", dtype)
+            for m in [1, 3, 8]:
+                x = torch.randn(m, k, generator=g).to("cuda", dtype)
+                res = torch.randn(m, n, generator=g).to("cuda", dtype)
+                sq = torch.rand(m, k // 16, generator=g).to("cuda")
+                for launch in [None, (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (2, 1, 4)]:
+                    calls = {"plain": lambda: [uc.gemm_tensors(x, *args, launch=launch)],
+                             "glu": lambda: [uc.gemm_tensors(x, *run.args, launch=launch, glu=1)],
+                             "producer": lambda: uc.gemm_tensors(x, *args, launch=launch, res=res, gamma=gamma),
+                             "consumer": lambda: uc.gemm_tensors(x, *run.args, launch=launch, glu=1, sq=sq,
+                                                                 eps=1e-5)}
+                    for name, call in calls.items():
+                        uc.set_scale_early(False)
+                        want = call()
+                        uc.set_scale_early(True)
+                        got = call()
+                        assert all(map(torch.equal, got, want)), (n, k, m, launch, name)
+        uc.set_scale_early(True)
+        _, t, g = _layer(fmt, 28672, 4096, 11)
+        args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
+        x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            uc.gemm_tensors(x, *args, launch=(2, 4, 1))
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+        early = fmt.group_size in (0, 128, 256) and args[3] is not None
+        assert names and all((", 3, false, false, true, true>" in name) is early for name in names), names
+    finally:
+        uc.set_scale_early(bool(before))
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=128),

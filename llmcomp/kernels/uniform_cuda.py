@@ -567,6 +567,21 @@ def set_lean(on: bool) -> Optional[bool]:
     return _ext_switch("set_lean", on)
 
 
+def scale_early() -> Optional[bool]:
+    """An experiment, off unless ``LLMCOMP_MMA_SCALE_EARLY=1``: the batch-1 post-scale kernels with two row tiles a
+    warp and 4-bit codes (the GLU call, ``lm_head``; lean, every round's kblocks in one group) load a round's scale
+    words together with its weights, instead of each tile's just before its math. In their sm_90 SASS the second
+    tile's scales (other rows: an L2 trip) were loaded only after the first tile's mma, and the second kblock's after
+    the first kblock's math (bench/results/kernels_h200_notes.md, twenty-eighth session). The same bits
+    (``test_scale_early_gives_the_same_bits``). None without the extension."""
+    return _ext_switch("scale_early")
+
+
+def set_scale_early(on: bool) -> Optional[bool]:
+    """Switch ``scale_early`` for this process (A/B timing); graphs captured before keep their kernels."""
+    return _ext_switch("set_scale_early", on)
+
+
 def _ext_switch(name: str, *args) -> Optional[bool]:
     """The extension's switch ``name`` (a getter, or a setter given its value) as a bool; None without it."""
     ext = extension() if torch.cuda.is_available() else None

@@ -74,6 +74,18 @@ bool set_lean(bool on) {
   return lean_state;
 }
 
+static int scale_early_state = -1;  // -1: not read yet
+
+bool scale_early() {
+  if (scale_early_state < 0) scale_early_state = env_on("LLMCOMP_MMA_SCALE_EARLY");
+  return scale_early_state;
+}
+
+bool set_scale_early(bool on) {
+  scale_early_state = on;
+  return scale_early_state;
+}
+
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
@@ -251,6 +263,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_lut_group", &vq_lut_group, "vq_lut for weights stacked along the rows, each with its own codebook");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
   m.def("set_lean", &set_lean, "the post-scale kernels' lean instantiations (M <= 16), or not (A/B in one process)");
+  m.def("set_scale_early", &set_scale_early, "the batch-1 two-tile post-scale kernels loading a round's scales early");
+  m.def("scale_early", &scale_early, "whether they do (LLMCOMP_MMA_SCALE_EARLY=1; an experiment)");
   m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");

@@ -87,6 +87,11 @@ template <> struct Num<__nv_bfloat16> {
 // per-tile pointers advanced a round, row pointers kept in registers). On unless LLMCOMP_MMA_LEAN=0; set_lean for A/B.
 bool lean();
 bool set_lean(bool on);
+// Whether the batch-1 post-scale kernels with two row tiles a warp (4-bit codes; the GLU call, lm_head) load a round's
+// scale words with its weights (SE in mma_kernel_body) instead of each tile's before its math: an experiment, off
+// unless LLMCOMP_MMA_SCALE_EARLY=1; set_scale_early for A/B.
+bool scale_early();
+bool set_scale_early(bool on);
 
 struct EpiArgs {
   const void* res = nullptr;
@@ -607,11 +612,12 @@ __device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h
 // the math on the weights w (and 3-bit high planes h) already loaded.
 // x_lane/x_stride/x_at: where this lane's x of the kblock starts (global memory: row stride K, kb * KBLK; XS, x staged
 // in shared memory: the chunk's padded row stride and the kblock's offset in the chunk).
-template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool LEAN = false>
+// SE: the post-scale pairs of the kblock's rows already loaded (se: rows g and g + 8 of each tile, the round's group).
+template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool LEAN = false, bool SE = false>
 __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
                                             int x_stride, int x_at, const void* sz_row, int M, int G,
                                             uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
-                                            int cb1_at) {
+                                            int cb1_at, const uint32_t (&se)[R][2]) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
   const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -643,8 +649,8 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
     static_assert(MT <= 2, "the fp32 post-scale path serves M <= 16");
 #pragma unroll
     for (int r = 0; r < R; ++r)  // R row tiles on the same x fragments
-      compute_kblock_post<T, BITS, MT>(w[r], load_scale_raw<0>(sz_row, r * 16 * G + grp),
-                                       load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp), cx, acc[r]);
+      compute_kblock_post<T, BITS, MT>(w[r], SE ? se[r][0] : load_scale_raw<0>(sz_row, r * 16 * G + grp),
+                                       SE ? se[r][1] : load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp), cx, acc[r]);
     return;
   }
   N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
@@ -662,7 +668,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
-template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN, bool SE = false>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -753,6 +759,17 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 #pragma unroll
       for (int r = 0; r < R; ++r) wp[r] += U * 32;
     }
+    // SE: the round's scale words in flight with its weights (launch_mma takes SE only where a round is one group)
+    uint32_t se[R][2];
+    if constexpr (SE) {
+      static_assert(ELEM == 3 && LEAN, "early scale words: the lean post-scale kernels");
+      const int grp = group_of(kb * KBLK, gmagic);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        se[r][0] = load_scale_raw<0>(sz_row, r * 16 * G + grp);
+        se[r][1] = load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp);
+      }
+    }
     if (!waited) {
       grid_dep_wait();
       waited = true;
@@ -774,9 +791,9 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb + u >= kb1) break;
-      kblock_step<T, BITS, MT, R, ELEM, XS, LEAN>(wv[u], hv[u], kb + u, xl, XS ? CHP : K,
-                                                  XS ? u * KBLK : (kb + u) * KBLK, sz_row, M, G, gmagic, acc, cb_s,
-                                                  cb1_at);
+      kblock_step<T, BITS, MT, R, ELEM, XS, LEAN, SE>(wv[u], hv[u], kb + u, xl, XS ? CHP : K,
+                                                      XS ? u * KBLK : (kb + u) * KBLK, sz_row, M, G, gmagic, acc,
+                                                      cb_s, cb1_at, se);
     }
     if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
@@ -812,10 +829,10 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // compile as they did without it (the extra epilogue changed the main loop's register allocation: the GLU call at
 // M = 1 took 22.9 µs instead of 21.3 in the 8B decode, H200, kernels_h200_notes.md eighteenth session).
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool NORM = false,
-          bool LEAN = false>
+          bool LEAN = false, bool SE = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM, LEAN>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp, wk_log,
-                                                       cb, cb1_at, cb_n, glu, epi);
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM, LEAN, SE>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp,
+                                                           wk_log, cb, cb1_at, cb_n, glu, epi);
 }
 #undef LLMCOMP_MMA_PARAMS
 
@@ -913,6 +930,18 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     if (!norm && thin)
       kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true>
                   : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
+    // scale_early(): lean, M <= 8, two tiles a warp, 4-bit codes, every round's kblocks in one group (or one a row)
+    if constexpr (MT == 1 && R == 2 && BITS == 4) {
+      const bool one_group = G == 1 || (group % (S::U * KBLK) == 0 && kb_per_warp % S::U == 0);
+      if (thin && one_group && scale_early()) {
+        if (norm)
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, true>;
+        else
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
+      }
+    }
   }
   if constexpr (MT >= 4 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
     static const bool xs_on = !env_off("LLMCOMP_MMA_XSTAGE");
