@@ -431,6 +431,29 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
                             torch.ones(256, device="cuda", dtype=dtype))
 
 
+def _post_scale_calls(x, args, run, launch, res, gamma, sq) -> dict:
+    """The post-scale kernels' uses on x (each returning a list of outputs): plain over ``args``, the GLU call
+    ``run``, and at M ≤ 8 both sides of the norm split (residual ``res``, γ, the producer's sums ``sq``)."""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    calls = {"plain": lambda: [uc.gemm_tensors(x, *args, launch=launch)],
+             "glu": lambda: [uc.gemm_tensors(x, *run.args, launch=launch, glu=1)]}
+    if x.shape[0] <= 8:  # the norm epilogue's kernels
+        calls["producer"] = lambda: uc.gemm_tensors(x, *args, launch=launch, res=res, gamma=gamma)
+        calls["consumer"] = lambda: uc.gemm_tensors(x, *run.args, launch=launch, glu=1, sq=sq, eps=1e-5)
+    return calls
+
+
+def _switch_keeps_bits(set_switch, calls: dict, where: tuple) -> None:
+    """Each call's outputs after ``set_switch(False)`` and after ``set_switch(True)``: the same bits."""
+    for name, call in calls.items():
+        set_switch(False)
+        want = call()
+        set_switch(True)
+        got = call()
+        assert all(map(torch.equal, got, want)), (*where, name)
+
+
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0),
                                  Uniform(bits=2, group_size=256)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -463,18 +486,8 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
                 for launch in launches:
                     if launch is not None and launch[0] == 2 and n % 32:
                         continue
-                    calls = {"plain": lambda: [uc.gemm_tensors(x, *args, launch=launch)],
-                             "glu": lambda: [uc.gemm_tensors(x, *run.args, launch=launch, glu=1)]}
-                    if m <= 8:  # the norm epilogue's kernels
-                        calls["producer"] = lambda: uc.gemm_tensors(x, *args, launch=launch, res=res, gamma=gamma)
-                        calls["consumer"] = lambda: uc.gemm_tensors(x, *run.args, launch=launch, glu=1, sq=sq,
-                                                                    eps=1e-5)
-                    for name, call in calls.items():
-                        uc.set_lean(False)
-                        want = call()
-                        uc.set_lean(True)
-                        got = call()
-                        assert all(map(torch.equal, got, want)), (n, k, m, launch, name)
+                    _switch_keeps_bits(uc.set_lean, _post_scale_calls(x, args, run, launch, res, gamma, sq),
+                                       (n, k, m, launch))
         uc.set_lean(True)
         _, t, g = _layer(fmt, 2048, 4096, 11)
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
@@ -517,17 +530,8 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
                 res = torch.randn(m, n, generator=g).to("cuda", dtype)
                 sq = torch.rand(m, k // 16, generator=g).to("cuda")
                 for launch in [None, (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (2, 1, 4)]:
-                    calls = {"plain": lambda: [uc.gemm_tensors(x, *args, launch=launch)],
-                             "glu": lambda: [uc.gemm_tensors(x, *run.args, launch=launch, glu=1)],
-                             "producer": lambda: uc.gemm_tensors(x, *args, launch=launch, res=res, gamma=gamma),
-                             "consumer": lambda: uc.gemm_tensors(x, *run.args, launch=launch, glu=1, sq=sq,
-                                                                 eps=1e-5)}
-                    for name, call in calls.items():
-                        uc.set_scale_early(False)
-                        want = call()
-                        uc.set_scale_early(True)
-                        got = call()
-                        assert all(map(torch.equal, got, want)), (n, k, m, launch, name)
+                    _switch_keeps_bits(uc.set_scale_early,
+                                       _post_scale_calls(x, args, run, launch, res, gamma, sq), (n, k, m, launch))
         uc.set_scale_early(True)
         _, t, g = _layer(fmt, 28672, 4096, 11)
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
