@@ -59,32 +59,33 @@ bool set_pdl(bool on) {
   return pdl_state;
 }
 
-static int lean_state = -1;  // -1: not read yet
+// A process-wide A/B switch: read from the environment at its first use (on by default: off by env_off; else on
+// by env_on), then set() switches it for this process (a captured CUDA graph keeps the kernels it captured).
+struct Switch {
+  const char* env;
+  bool on_by_default;
+  int state = -1;  // -1: not read yet
+  bool get() {
+    if (state < 0) state = on_by_default ? !env_off(env) : env_on(env);
+    return state;
+  }
+  bool set(bool on) {
+    state = on;
+    return state;
+  }
+};
 
 // On unless LLMCOMP_MMA_LEAN=0. The compiled 8B W4 decode on an H200: 1.753 / 1.756 ms a step against 1.779 / 1.770
 // plain (twenty-fifth session). Lean only where a warp has more than one round of kblocks (the o projection at batch
 // 1 has one, and was slower lean) was no faster: 1.771 against 1.768 (twenty-sixth; kernels_h200_notes.md).
-bool lean() {
-  if (lean_state < 0) lean_state = !env_off("LLMCOMP_MMA_LEAN");
-  return lean_state;
-}
+static Switch lean_switch{"LLMCOMP_MMA_LEAN", true};
+// Off unless LLMCOMP_MMA_SCALE_EARLY=1 (an experiment, uniform_mma.cuh).
+static Switch scale_early_switch{"LLMCOMP_MMA_SCALE_EARLY", false};
 
-bool set_lean(bool on) {
-  lean_state = on;
-  return lean_state;
-}
-
-static int scale_early_state = -1;  // -1: not read yet
-
-bool scale_early() {
-  if (scale_early_state < 0) scale_early_state = env_on("LLMCOMP_MMA_SCALE_EARLY");
-  return scale_early_state;
-}
-
-bool set_scale_early(bool on) {
-  scale_early_state = on;
-  return scale_early_state;
-}
+bool lean() { return lean_switch.get(); }
+bool set_lean(bool on) { return lean_switch.set(on); }
+bool scale_early() { return scale_early_switch.get(); }
+bool set_scale_early(bool on) { return scale_early_switch.set(on); }
 
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
