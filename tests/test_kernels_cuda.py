@@ -497,7 +497,8 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
                 uc.gemm_tensors(x, *args)
                 torch.cuda.synchronize()
             names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
-            assert names and all(", 3, false, false, true, false>" in name for name in names), names
+            early = args[3] is not None and fmt.bits == 4 and uc.scale_early()  # (the lean kernel loading scales early)
+            assert names and all(f", 3, false, false, true, {str(early).lower()}>" in name for name in names), names
     finally:
         uc.set_lean(bool(before))
 
@@ -507,11 +508,11 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
                          ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_scale_early_gives_the_same_bits(fmt, dtype):
-    """``set_scale_early`` (an experiment): the batch-1 two-tile post-scale kernels loading a round's scale words with
-    its weights give the bits of those loading them before each tile's math — plain, GLU, both sides of the norm
-    split, at two-tile launches whose warps' ranges are whole rounds or not (odd kblocks a warp) and groups of 1, 2
-    and 4 kblocks or one a row (a round of 2 kblocks across two groups of 1 takes the usual kernel) — and the
-    profiler sees the early kernel run where it applies."""
+    """``set_scale_early``: the batch-1 4-bit post-scale kernels loading a round's scale words with
+    its weights (one load a pair of kblocks) give the bits of those loading them before each tile's math — plain,
+    GLU, both sides of the norm split, at one- and two-tile launches whose warps' ranges are whole rounds or not (odd
+    kblocks a warp, ends mid-round) and groups of 1, 2 and 4 kblocks or one a row (pairs across two groups of 1 take
+    the usual kernel) — and the profiler sees the early kernel run where it applies."""
     from torch.profiler import ProfilerActivity, profile
 
     from llmcomp.kernels import uniform_cuda as uc
@@ -529,7 +530,8 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
                 x = torch.randn(m, k, generator=g).to("cuda", dtype)
                 res = torch.randn(m, n, generator=g).to("cuda", dtype)
                 sq = torch.rand(m, k // 16, generator=g).to("cuda")
-                for launch in [None, (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (2, 1, 4)]:
+                for launch in [None, (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (2, 1, 4), (1, 4, 1), (1, 8, 2),
+                               (1, 16, 1), (1, 1, 2)]:
                     _switch_keeps_bits(uc.set_scale_early,
                                        _post_scale_calls(x, args, run, launch, res, gamma, sq), (n, k, m, launch))
         uc.set_scale_early(True)
@@ -538,10 +540,11 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
         x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             uc.gemm_tensors(x, *args, launch=(2, 4, 1))
+            uc.gemm_tensors(x, *args, launch=(1, 4, 1))
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
         early = fmt.group_size in (0, 128, 256) and args[3] is not None
-        assert names and all((", 3, false, false, true, true>" in name) is early for name in names), names
+        assert len(names) == 2 and all((", 3, false, false, true, true>" in name) is early for name in names), names
     finally:
         uc.set_scale_early(bool(before))
 

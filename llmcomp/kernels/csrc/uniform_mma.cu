@@ -79,8 +79,10 @@ struct Switch {
 // plain (twenty-fifth session). Lean only where a warp has more than one round of kblocks (the o projection at batch
 // 1 has one, and was slower lean) was no faster: 1.771 against 1.768 (twenty-sixth; kernels_h200_notes.md).
 static Switch lean_switch{"LLMCOMP_MMA_LEAN", true};
-// Off unless LLMCOMP_MMA_SCALE_EARLY=1 (an experiment, uniform_mma.cuh).
-static Switch scale_early_switch{"LLMCOMP_MMA_SCALE_EARLY", false};
+// On unless LLMCOMP_MMA_SCALE_EARLY=0 (uniform_mma.cuh). The compiled 8B W4 decode on an H200: 1.608 ms a step
+// against 1.738 without (twenty-ninth session; the GLU call 18.3 µs against 21.5, down 10.3 against 10.8, q/k/v 6.2
+// against 6.8, o 4.0 against 4.6, lm_head 70.2 against 76.6; kernels_h200_notes.md).
+static Switch scale_early_switch{"LLMCOMP_MMA_SCALE_EARLY", true};
 
 bool lean() { return lean_switch.get(); }
 bool set_lean(bool on) { return lean_switch.set(on); }
@@ -264,8 +266,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_lut_group", &vq_lut_group, "vq_lut for weights stacked along the rows, each with its own codebook");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
   m.def("set_lean", &set_lean, "the post-scale kernels' lean instantiations (M <= 16), or not (A/B in one process)");
-  m.def("set_scale_early", &set_scale_early, "the batch-1 two-tile post-scale kernels loading a round's scales early");
-  m.def("scale_early", &scale_early, "whether they do (LLMCOMP_MMA_SCALE_EARLY=1; an experiment)");
+  m.def("set_scale_early", &set_scale_early, "the batch-1 4-bit post-scale kernels loading a round's scales early");
+  m.def("scale_early", &scale_early, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY=0)");
   m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");

@@ -87,9 +87,9 @@ template <> struct Num<__nv_bfloat16> {
 // per-tile pointers advanced a round, row pointers kept in registers). On unless LLMCOMP_MMA_LEAN=0; set_lean for A/B.
 bool lean();
 bool set_lean(bool on);
-// Whether the batch-1 post-scale kernels with two row tiles a warp (4-bit codes; the GLU call, lm_head) load a round's
-// scale words with its weights (SE in mma_kernel_body) instead of each tile's before its math: an experiment, off
-// unless LLMCOMP_MMA_SCALE_EARLY=1; set_scale_early for A/B.
+// Whether the lean batch-1 post-scale kernels with 4-bit codes load a round's scale words with its weights (SE in
+// mma_kernel_body) instead of each tile's before its math. On unless LLMCOMP_MMA_SCALE_EARLY=0; set_scale_early for
+// A/B.
 bool scale_early();
 bool set_scale_early(bool on);
 
@@ -714,8 +714,9 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   // Per round of U kblocks: every weight load first (U*R 16-byte streaming loads in flight per lane),
   // then per kblock the scales and x (x is small and re-read by every warp: L1/L2 hits) and the math.
   // Measured slower: a register ring refilled slot by slot (H100, bench/results/kernels_h100_notes.md);
-  // on an H200 (kernels_h200_notes.md), scales loaded with the weights, an L2 prefetch of the next round,
-  // double-buffered rounds, and a cp.async ring in shared memory (each: more registers or more load
+  // on an H200 (kernels_h200_notes.md), scales loaded with the weights in the plain loop (in the lean batch-1
+  // post-scale loop, one 4-byte word a pair of kblocks and row half, they are faster: SE), an L2 prefetch of the
+  // next round, double-buffered rounds, and a cp.async ring in shared memory (each: more registers or more load
   // instructions per byte).
   // XS (M > 16, one warp a row group over all of K): x staged in shared memory a round ahead by cp.async, shared by
   // the block's row groups, so a kblock's x loads wait on shared memory instead of L2.
@@ -759,15 +760,25 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 #pragma unroll
       for (int r = 0; r < R; ++r) wp[r] += U * 32;
     }
-    // SE: the round's scale words in flight with its weights (launch_mma takes SE only where a round is one group)
-    uint32_t se[R][2];
+    // SE: the round's scale words in flight with its weights, one load a pair of kblocks (launch_mma takes SE only
+    // where each pair is in one group: kb even, groups of whole pairs)
+    uint32_t se[U][R][2];
     if constexpr (SE) {
-      static_assert(ELEM == 3 && LEAN, "early scale words: the lean post-scale kernels");
-      const int grp = group_of(kb * KBLK, gmagic);
+      static_assert(ELEM == 3 && LEAN && U % 2 == 0, "early scale words: the lean post-scale kernels, even rounds");
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        se[r][0] = load_scale_raw<0>(sz_row, r * 16 * G + grp);
-        se[r][1] = load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp);
+      for (int u = 0; u < U; u += 2) {
+        const int grp = group_of((kb + u) * KBLK, gmagic);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (u == 0 || kb + u < kb1) {  // (a pair past the warp's kblocks: its group may be past the row)
+            se[u][r][0] = load_scale_raw<0>(sz_row, r * 16 * G + grp);
+            se[u][r][1] = load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp);
+          } else {
+            se[u][r][0] = se[u][r][1] = 0;
+          }
+          se[u + 1][r][0] = se[u][r][0];
+          se[u + 1][r][1] = se[u][r][1];
+        }
       }
     }
     if (!waited) {
@@ -793,7 +804,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       if (kb + u >= kb1) break;
       kblock_step<T, BITS, MT, R, ELEM, XS, LEAN, SE>(wv[u], hv[u], kb + u, xl, XS ? CHP : K,
                                                       XS ? u * KBLK : (kb + u) * KBLK, sz_row, M, G, gmagic, acc,
-                                                      cb_s, cb1_at, se);
+                                                      cb_s, cb1_at, se[u]);
     }
     if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
@@ -930,9 +941,9 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     if (!norm && thin)
       kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true>
                   : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
-    // scale_early(): lean, M <= 8, two tiles a warp, 4-bit codes, every round's kblocks in one group (or one a row)
-    if constexpr (MT == 1 && R == 2 && BITS == 4) {
-      const bool one_group = G == 1 || (group % (S::U * KBLK) == 0 && kb_per_warp % S::U == 0);
+    // scale_early(): lean, M <= 8, 4-bit codes, each pair of kblocks (kb even) in one group (or one group a row)
+    if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
+      const bool one_group = G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0);
       if (thin && one_group && scale_early()) {
         if (norm)
           kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
