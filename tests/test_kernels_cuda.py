@@ -498,7 +498,7 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
                 torch.cuda.synchronize()
             names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
             early = args[3] is not None and fmt.bits == 4 and uc.scale_early()  # (the lean kernel loading scales early)
-            assert names and all(f", 3, false, false, true, {str(early).lower()}>" in name for name in names), names
+            assert names and all(f", 3, false, false, true, {int(early)}>" in name for name in names), names
     finally:
         uc.set_lean(bool(before))
 
@@ -544,9 +544,54 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
         early = fmt.group_size in (0, 128, 256) and args[3] is not None
-        assert len(names) == 2 and all((", 3, false, false, true, true>" in name) is early for name in names), names
+        assert len(names) == 2 and all((", 3, false, false, true, 1>" in name) is early for name in names), names
     finally:
         uc.set_scale_early(bool(before))
+
+
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0)],
+                         ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_x_early_gives_the_same_bits(fmt, dtype):
+    """``set_x_early`` (an experiment): the scale-early kernels also loading a round's x before its first math give
+    the bits of those loading each kblock's x before its own — at both levels (two-tile kernels only, every one),
+    plain, GLU and both sides of the norm split, one- and two-tile launches, warps ending mid-round — and the
+    profiler sees the x-early kernel run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmcomp.kernels import uniform_cuda as uc
+
+    if uc.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    before, se_before = uc.x_early(), uc.scale_early()
+    uc.set_scale_early(True)
+    try:
+        for level in (1, 2):
+            for n, k in [(256, 1536), (512, 4864), (4096, 14336)]:
+                _, t, g = _layer(fmt, n, k, n + k)
+                args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
+                run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
+                gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", dtype)
+                for m in [1, 5]:
+                    x = torch.randn(m, k, generator=g).to("cuda", dtype)
+                    res = torch.randn(m, n, generator=g).to("cuda", dtype)
+                    sq = torch.rand(m, k // 16, generator=g).to("cuda")
+                    for launch in [None, (2, 4, 1), (2, 8, 1), (2, 1, 4), (1, 4, 1), (1, 8, 2), (1, 1, 2)]:
+                        _switch_keeps_bits(lambda on: uc.set_x_early(level if on else 0),
+                                           _post_scale_calls(x, args, run, launch, res, gamma, sq),
+                                           (level, n, k, m, launch))
+        uc.set_x_early(2)
+        _, t, g = _layer(fmt, 2048, 4096, 11)
+        args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
+        x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            uc.gemm_tensors(x, *args, launch=(1, 4, 1))
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+        assert names and all(", 3, false, false, true, 2>" in name for name in names), names
+    finally:
+        uc.set_x_early(before)
+        uc.set_scale_early(bool(se_before))
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=128),

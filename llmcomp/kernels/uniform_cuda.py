@@ -584,6 +584,21 @@ def set_scale_early(on: bool) -> Optional[bool]:
     return _ext_switch("set_scale_early", on)
 
 
+def x_early() -> Optional[int]:
+    """An experiment on top of ``scale_early``, off unless ``LLMCOMP_MMA_X_EARLY=1`` (the two-tile kernels: the GLU
+    call, ``lm_head``) or ``2`` (every one): those kernels also load a round's x right after its scale words, instead
+    of each kblock's just before its math (in their sm_90 SASS each kblock's second 16-byte x load went out only after
+    its first two ``mma``). The same bits (``test_x_early_gives_the_same_bits``). None without the extension."""
+    ext = extension() if torch.cuda.is_available() else None
+    return int(ext.x_early()) if ext is not None else None
+
+
+def set_x_early(level: int) -> Optional[int]:
+    """Set ``x_early``'s level (0, 1 or 2) for this process (A/B timing); graphs captured before keep their kernels."""
+    ext = extension() if torch.cuda.is_available() else None
+    return int(ext.set_x_early(level)) if ext is not None else None
+
+
 def _ext_switch(name: str, *args) -> Optional[bool]:
     """The extension's switch ``name`` (a getter, or a setter given its value) as a bool; None without it."""
     ext = extension() if torch.cuda.is_available() else None

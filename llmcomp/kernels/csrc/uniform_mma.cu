@@ -88,6 +88,16 @@ bool lean() { return lean_switch.get(); }
 bool set_lean(bool on) { return lean_switch.set(on); }
 bool scale_early() { return scale_early_switch.get(); }
 bool set_scale_early(bool on) { return scale_early_switch.set(on); }
+// LLMCOMP_MMA_X_EARLY: 0 (unset), 1 or 2 (uniform_mma.cuh), read at the first use.
+static int x_early_level = -1;
+int x_early() {
+  if (x_early_level < 0) {
+    const char* v = std::getenv("LLMCOMP_MMA_X_EARLY");
+    x_early_level = v ? std::max(0, std::min(2, std::atoi(v))) : 0;
+  }
+  return x_early_level;
+}
+int set_x_early(int level) { return x_early_level = std::max(0, std::min(2, level)); }
 
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
@@ -267,6 +277,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
   m.def("set_lean", &set_lean, "the post-scale kernels' lean instantiations (M <= 16), or not (A/B in one process)");
   m.def("set_scale_early", &set_scale_early, "the batch-1 4-bit post-scale kernels loading a round's scales early");
+  m.def("set_x_early", &set_x_early, "an experiment: those kernels load a round's x early too (1: two-tile, 2: all)");
+  m.def("x_early", &x_early, "its level (LLMCOMP_MMA_X_EARLY: 0, 1 or 2)");
   m.def("scale_early", &scale_early, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY=0)");
   m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");

@@ -92,6 +92,11 @@ bool set_lean(bool on);
 // A/B.
 bool scale_early();
 bool set_scale_early(bool on);
+// An experiment on top (off unless LLMCOMP_MMA_X_EARLY=1 or 2): those kernels load a round's x right after its
+// scale words too, instead of each kblock's before its math — 1: the two-tile kernels (the GLU call, lm_head),
+// 2: every one. set_x_early for A/B.
+int x_early();
+int set_x_early(int level);
 
 struct EpiArgs {
   const void* res = nullptr;
@@ -608,22 +613,15 @@ __device__ __forceinline__ void compute_kblock_vq(const uint4& w, const uint2& h
   }
 }
 
-// One kblock of a warp: this lane's x and scales for kblock kb (x_lane, sz_row: mma_kernel_body's pointers), then
-// the math on the weights w (and 3-bit high planes h) already loaded.
-// x_lane/x_stride/x_at: where this lane's x of the kblock starts (global memory: row stride K, kb * KBLK; XS, x staged
-// in shared memory: the chunk's padded row stride and the kblock's offset in the chunk).
-// SE: the post-scale pairs of the kblock's rows already loaded (se: rows g and g + 8 of each tile, the round's group).
-template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool LEAN = false, bool SE = false>
-__device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
-                                            int x_stride, int x_at, const void* sz_row, int M, int G,
-                                            uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
-                                            int cb1_at, const uint32_t (&se)[R][2]) {
-  using N2 = typename Num<T>::T2;
-  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  // Lanes of tokens >= M read the last token's x instead of zeros: an mma's output column depends on its own B
-  // column only, and the columns of tokens >= M are never written out — no predicate, no zeroing.
-  uint4 cx[MT][XVEC];
+// This lane's x fragments of one kblock. x_lane/x_stride/x_at: where this lane's x of the kblock starts (global
+// memory: row stride K, kb * KBLK; XS, x staged in shared memory: the chunk's padded row stride and the kblock's
+// offset in the chunk). Lanes of tokens >= M read the last token's x instead of zeros: an mma's output column depends
+// on its own B column only, and the columns of tokens >= M are never written out — no predicate, no zeroing.
+template <typename T, int BITS, int MT, bool XS>
+__device__ __forceinline__ void load_x(const T* x_lane, int x_stride, int x_at, int M,
+                                       uint4 (&cx)[MT][256 / BITS / 32]) {
+  constexpr int XVEC = 256 / BITS / 32;
+  const int g = (threadIdx.x & 31) >> 2;
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
     const int tok = MT == 1 ? 0 : min(t * 8 + g, M - 1) - min(g, M - 1);  // x_lane is token min(g, M - 1)
@@ -633,6 +631,30 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
       if constexpr (XS) cx[t][v] = xv[v];
       else cx[t][v] = __ldg(xv + v);
     }
+  }
+}
+
+// One kblock of a warp: this lane's x (load_x) and scales for kblock kb (x_lane, sz_row: mma_kernel_body's
+// pointers), then the math on the weights w (and 3-bit high planes h) already loaded.
+// SE (scale_early): >= 1, the post-scale pairs of the kblock's rows already loaded (se: rows g and g + 8 of each
+// tile, the kblock's group); 2, its x too (xe).
+template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool LEAN = false, int SE = 0>
+__device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
+                                            int x_stride, int x_at, const void* sz_row, int M, int G,
+                                            uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
+                                            int cb1_at, const uint32_t (&se)[R][2],
+                                            const uint4 (&xe)[MT][256 / BITS / 32]) {
+  using N2 = typename Num<T>::T2;
+  constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
+  const int lane = threadIdx.x & 31, c = lane & 3;
+  uint4 cx[MT][XVEC];
+  if constexpr (SE >= 2) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int v = 0; v < XVEC; ++v) cx[t][v] = xe[t][v];
+  } else {
+    load_x<T, BITS, MT, XS>(x_lane, x_stride, x_at, M, cx);
   }
   if constexpr (is_vq(ELEM)) {
     static_assert(BITS == 2 && R == 1, "codebook weights use the 2-bit shape, one row tile a warp");
@@ -668,7 +690,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
-template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN, bool SE = false>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN, int SE = 0>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -763,7 +785,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     // SE: the round's scale words in flight with its weights, one load a pair of kblocks (launch_mma takes SE only
     // where each pair is in one group: kb even, groups of whole pairs)
     uint32_t se[U][R][2];
-    if constexpr (SE) {
+    if constexpr (SE >= 1) {
       static_assert(ELEM == 3 && LEAN && U % 2 == 0, "early scale words: the lean post-scale kernels, even rounds");
 #pragma unroll
       for (int u = 0; u < U; u += 2) {
@@ -799,12 +821,20 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       opaque(sz_row);
     }
     const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
+    // SE 2 (an experiment, LLMCOMP_MMA_X_EARLY): the round's x in flight before its first math (after the wait:
+    // the kernel before writes x)
+    uint4 xe[SE >= 2 ? U : 1][MT][KBLK / 32];
+    if constexpr (SE >= 2) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (kb + u < kb1) load_x<T, BITS, MT, XS>(xl, K, (kb + u) * KBLK, M, xe[u]);
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb + u >= kb1) break;
       kblock_step<T, BITS, MT, R, ELEM, XS, LEAN, SE>(wv[u], hv[u], kb + u, xl, XS ? CHP : K,
                                                       XS ? u * KBLK : (kb + u) * KBLK, sz_row, M, G, gmagic, acc,
-                                                      cb_s, cb1_at, se[u]);
+                                                      cb_s, cb1_at, se[u], xe[SE >= 2 ? u : 0]);
     }
     if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
@@ -840,7 +870,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // compile as they did without it (the extra epilogue changed the main loop's register allocation: the GLU call at
 // M = 1 took 22.9 µs instead of 21.3 in the 8B decode, H200, kernels_h200_notes.md eighteenth session).
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool NORM = false,
-          bool LEAN = false, bool SE = false>
+          bool LEAN = false, int SE = 0>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
   mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM, LEAN, SE>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp,
                                                            wk_log, cb, cb1_at, cb_n, glu, epi);
@@ -941,16 +971,24 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     if (!norm && thin)
       kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true>
                   : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
-    // scale_early(): lean, M <= 8, 4-bit codes, each pair of kblocks (kb even) in one group (or one group a row)
+    // scale_early(): lean, M <= 8, 4-bit codes, each pair of kblocks (kb even) in one group (or one group a row);
+    // x_early() (an experiment): 1, the two-tile kernels load a round's x early too; 2, every such kernel
     if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
       const bool one_group = G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0);
       if (thin && one_group && scale_early()) {
-        if (norm)
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, true>;
+        const bool xe = x_early() >= (R == 2 ? 1 : 2);
+        if (norm && xe)
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, 2>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, 2>;
+        else if (norm)
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, 1>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, 1>;
+        else if (xe)
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, 2>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 2>;
         else
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, 1>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 1>;
       }
     }
   }
