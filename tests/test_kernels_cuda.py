@@ -469,7 +469,8 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
 
     if uc.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    before = uc.lean()
+    before, xe_before = uc.lean(), uc.x_early()
+    uc.set_x_early(0)  # (the names checked below are the scale-early level's)
     launches = [None, (1, 1, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (2, 8, 1), (1, 4, 1)]
     try:
         for n, k in [(256, 1536), (2048, 4096), (4096, 14336), (512, 4864)]:
@@ -501,6 +502,7 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
             assert names and all(f", 3, false, false, true, {int(early)}>" in name for name in names), names
     finally:
         uc.set_lean(bool(before))
+        uc.set_x_early(xe_before)
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=256),
@@ -519,9 +521,11 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
 
     if uc.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    before = uc.scale_early()
-    try:
-        for n, k in [(256, 1536), (2048, 4096), (512, 4864), (4096, 14336)]:
+    before, lean_before, xe_before = uc.scale_early(), uc.lean(), uc.x_early()
+    uc.set_lean(True)  # (scale-early kernels are lean ones)
+    uc.set_x_early(0)
+    try:  # (224 rows: the last block's last row group has no rows)
+        for n, k in [(256, 1536), (2048, 4096), (512, 4864), (4096, 14336), (224, 1536)]:
             _, t, g = _layer(fmt, n, k, n + k)
             args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
             run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
@@ -547,6 +551,8 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
         assert len(names) == 2 and all((", 3, false, false, true, 1>" in name) is early for name in names), names
     finally:
         uc.set_scale_early(bool(before))
+        uc.set_lean(bool(lean_before))
+        uc.set_x_early(xe_before)
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0)],
@@ -563,11 +569,12 @@ def test_x_early_gives_the_same_bits(fmt, dtype):
 
     if uc.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    before, se_before = uc.x_early(), uc.scale_early()
+    before, se_before, lean_before = uc.x_early(), uc.scale_early(), uc.lean()
     uc.set_scale_early(True)
-    try:
+    uc.set_lean(True)
+    try:  # (224 rows: the last block's last row group has no rows)
         for level in (1, 2):
-            for n, k in [(256, 1536), (512, 4864), (4096, 14336)]:
+            for n, k in [(256, 1536), (512, 4864), (4096, 14336), (224, 1536)]:
                 _, t, g = _layer(fmt, n, k, n + k)
                 args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
                 run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
@@ -576,22 +583,26 @@ def test_x_early_gives_the_same_bits(fmt, dtype):
                     x = torch.randn(m, k, generator=g).to("cuda", dtype)
                     res = torch.randn(m, n, generator=g).to("cuda", dtype)
                     sq = torch.rand(m, k // 16, generator=g).to("cuda")
-                    for launch in [None, (2, 4, 1), (2, 8, 1), (2, 1, 4), (1, 4, 1), (1, 8, 2), (1, 1, 2)]:
+                    one_tile = [(1, 4, 1), (1, 8, 2), (1, 1, 2)] if level == 2 else []  # (level 1 leaves them)
+                    for launch in [None, (2, 4, 1), (2, 8, 1), (2, 1, 4)] + one_tile:
                         _switch_keeps_bits(lambda on: uc.set_x_early(level if on else 0),
                                            _post_scale_calls(x, args, run, launch, res, gamma, sq),
                                            (level, n, k, m, launch))
-        uc.set_x_early(2)
         _, t, g = _layer(fmt, 2048, 4096, 11)
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
         x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            uc.gemm_tensors(x, *args, launch=(1, 4, 1))
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
-        assert names and all(", 3, false, false, true, 2>" in name for name in names), names
+        for level, want in [(1, [2, 1]), (2, [2, 2])]:  # the SE level of the two-tile and the one-tile kernel
+            uc.set_x_early(level)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                uc.gemm_tensors(x, *args, launch=(2, 4, 1))
+                uc.gemm_tensors(x, *args, launch=(1, 4, 1))
+                torch.cuda.synchronize()
+            names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+            assert [int(name.split(", 3, false, false, true, ")[1][0]) for name in names] == want, (level, names)
     finally:
         uc.set_x_early(before)
         uc.set_scale_early(bool(se_before))
+        uc.set_lean(bool(lean_before))
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=128),

@@ -569,13 +569,13 @@ def set_lean(on: bool) -> Optional[bool]:
 
 def scale_early() -> Optional[bool]:
     """On unless ``LLMCOMP_MMA_SCALE_EARLY=0``: the lean batch-1 post-scale kernels with 4-bit codes (every linear
-    of a decode step at M ≤ 8 where each pair of kblocks is in one group: groups of 128 or more, or one a row) load
-    a round's scale words together with its weights (one word a pair of kblocks, row half and tile), instead of
-    each tile's just before its math. In their sm_90 SASS the second tile's scales (other rows: an L2 trip) were
-    loaded only after the first tile's mma, and the second kblock's after the first kblock's math (twenty-eighth
-    session). The compiled 8B W4 decode on an H200: 1.608 ms a step against 1.738 without (twenty-ninth session;
-    bench/results/kernels_h200_notes.md). The same bits (``test_scale_early_gives_the_same_bits``). None without
-    the extension."""
+    of a decode step at M ≤ 8 where each pair of kblocks is in one group: groups a multiple of 128 inputs with an
+    even number of kblocks a warp, or one group a row) load a round's scale words together with its weights (one
+    word a pair of kblocks, row half and tile), instead of each tile's just before its math. In their sm_90 SASS the
+    second tile's scales (other rows: an L2 trip) were loaded only after the first tile's mma, and the second
+    kblock's after the first kblock's math (twenty-eighth session). The compiled 8B W4 decode on an H200: 1.586 ms
+    a step against 1.731 without, the same build (twenty-ninth session; bench/results/kernels_h200_notes.md). The
+    same bits (``test_scale_early_gives_the_same_bits``). None without the extension."""
     return _ext_switch("scale_early")
 
 
@@ -586,9 +586,10 @@ def set_scale_early(on: bool) -> Optional[bool]:
 
 def x_early() -> Optional[int]:
     """An experiment on top of ``scale_early``, off unless ``LLMCOMP_MMA_X_EARLY=1`` (the two-tile kernels: the GLU
-    call, ``lm_head``) or ``2`` (every one): those kernels also load a round's x right after its scale words, instead
-    of each kblock's just before its math (in their sm_90 SASS each kblock's second 16-byte x load went out only after
-    its first two ``mma``). The same bits (``test_x_early_gives_the_same_bits``). None without the extension."""
+    call, ``lm_head``) or ``2`` (every one): those kernels also load a round's x before its first math (after its
+    scale words and, in the first round, the wait), instead of each kblock's just before its math (in their sm_90
+    SASS each kblock's second 16-byte x load went out only after its first two ``mma``). The same bits
+    (``test_x_early_gives_the_same_bits``). None without the extension."""
     ext = extension() if torch.cuda.is_available() else None
     return int(ext.x_early()) if ext is not None else None
 

@@ -79,16 +79,16 @@ struct Switch {
 // plain (twenty-fifth session). Lean only where a warp has more than one round of kblocks (the o projection at batch
 // 1 has one, and was slower lean) was no faster: 1.771 against 1.768 (twenty-sixth; kernels_h200_notes.md).
 static Switch lean_switch{"LLMCOMP_MMA_LEAN", true};
-// On unless LLMCOMP_MMA_SCALE_EARLY=0 (uniform_mma.cuh). The compiled 8B W4 decode on an H200: 1.608 ms a step
-// against 1.738 without (twenty-ninth session; the GLU call 18.3 µs against 21.5, down 10.3 against 10.8, q/k/v 6.2
-// against 6.8, o 4.0 against 4.6, lm_head 70.2 against 76.6; kernels_h200_notes.md).
+// On unless LLMCOMP_MMA_SCALE_EARLY=0 (uniform_mma.cuh). The compiled 8B W4 decode on an H200: 1.586 ms a step
+// against 1.731 without, the same build (twenty-ninth session; the GLU call 18.2 µs against 21.4, down 10.4 against
+// 10.9, q/k/v 6.3 against 6.8, o 4.0 against 4.6, lm_head 70.6 against 76.2; kernels_h200_notes.md).
 static Switch scale_early_switch{"LLMCOMP_MMA_SCALE_EARLY", true};
 
 bool lean() { return lean_switch.get(); }
 bool set_lean(bool on) { return lean_switch.set(on); }
 bool scale_early() { return scale_early_switch.get(); }
 bool set_scale_early(bool on) { return scale_early_switch.set(on); }
-// LLMCOMP_MMA_X_EARLY: 0 (unset), 1 or 2 (uniform_mma.cuh), read at the first use.
+// LLMCOMP_MMA_X_EARLY: 0 (unset), 1 or 2 (uniform_mma.cuh), read at the first use as a number (atoi: a word is 0).
 static int x_early_level = -1;
 int x_early() {
   if (x_early_level < 0) {

@@ -92,8 +92,8 @@ bool set_lean(bool on);
 // A/B.
 bool scale_early();
 bool set_scale_early(bool on);
-// An experiment on top (off unless LLMCOMP_MMA_X_EARLY=1 or 2): those kernels load a round's x right after its
-// scale words too, instead of each kblock's before its math — 1: the two-tile kernels (the GLU call, lm_head),
+// An experiment on top (off unless LLMCOMP_MMA_X_EARLY=1 or 2): those kernels load a round's x before its first
+// math too (after the scale words and, in the first round, the wait), instead of each kblock's before its math — 1: the two-tile kernels (the GLU call, lm_head),
 // 2: every one. set_x_early for A/B.
 int x_early();
 int set_x_early(int level);
@@ -783,7 +783,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       for (int r = 0; r < R; ++r) wp[r] += U * 32;
     }
     // SE: the round's scale words in flight with its weights, one load a pair of kblocks (launch_mma takes SE only
-    // where each pair is in one group: kb even, groups of whole pairs)
+    // where each pair is in one group: kb even and groups of whole pairs, or one group a row)
     uint32_t se[U][R][2];
     if constexpr (SE >= 1) {
       static_assert(ELEM == 3 && LEAN && U % 2 == 0, "early scale words: the lean post-scale kernels, even rounds");
@@ -825,6 +825,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     // the kernel before writes x)
     uint4 xe[SE >= 2 ? U : 1][MT][KBLK / 32];
     if constexpr (SE >= 2) {
+      static_assert(!XS, "x early: the unstaged kernels (the stride and offset below are global memory's)");
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (kb + u < kb1) load_x<T, BITS, MT, XS>(xl, K, (kb + u) * KBLK, M, xe[u]);
