@@ -514,43 +514,53 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
     its weights (one load a pair of kblocks) give the bits of those loading them before each tile's math — plain,
     GLU, both sides of the norm split, at one- and two-tile launches whose warps' ranges are whole rounds or not (odd
     kblocks a warp, ends mid-round) and groups of 1, 2 and 4 kblocks or one a row (pairs across two groups of 1 take
-    the usual kernel) — and the profiler sees the early kernel run where it applies."""
+    the usual kernel) — and so do the M = 9..16 kernels under ``set_scale_early16`` (an experiment); the profiler
+    sees the early kernels run where they apply."""
     from torch.profiler import ProfilerActivity, profile
 
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    before, lean_before, xe_before = uc.scale_early(), uc.lean(), uc.x_early()
+    before, lean_before, xe_before, se16_before = uc.scale_early(), uc.lean(), uc.x_early(), uc.scale_early16()
     uc.set_lean(True)  # (scale-early kernels are lean ones)
     uc.set_x_early(0)
+
+    def switch(m):  # M <= 8: scale_early itself; M = 9..16: scale_early16 with scale_early on
+        if m <= 8:
+            return uc.set_scale_early
+        return lambda on: (uc.set_scale_early(True), uc.set_scale_early16(on))
+
     try:  # (224 rows: the last block's last row group has no rows)
         for n, k in [(256, 1536), (2048, 4096), (512, 4864), (4096, 14336), (224, 1536)]:
             _, t, g = _layer(fmt, n, k, n + k)
             args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
             run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
             gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", dtype)
-            for m in [1, 3, 8]:
+            for m in [1, 3, 8, 12, 16]:
                 x = torch.randn(m, k, generator=g).to("cuda", dtype)
                 res = torch.randn(m, n, generator=g).to("cuda", dtype)
                 sq = torch.rand(m, k // 16, generator=g).to("cuda")
                 for launch in [None, (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (2, 1, 4), (1, 4, 1), (1, 8, 2),
                                (1, 16, 1), (1, 1, 2)]:
-                    _switch_keeps_bits(uc.set_scale_early,
+                    _switch_keeps_bits(switch(m),
                                        _post_scale_calls(x, args, run, launch, res, gamma, sq), (n, k, m, launch))
         uc.set_scale_early(True)
+        uc.set_scale_early16(True)
         _, t, g = _layer(fmt, 28672, 4096, 11)
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
-        x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            uc.gemm_tensors(x, *args, launch=(2, 4, 1))
-            uc.gemm_tensors(x, *args, launch=(1, 4, 1))
+            for m in (1, 16):
+                x = torch.randn(m, 4096, generator=g).to("cuda", dtype)
+                uc.gemm_tensors(x, *args, launch=(2, 4, 1))
+                uc.gemm_tensors(x, *args, launch=(1, 4, 1))
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
         early = fmt.group_size in (0, 128, 256) and args[3] is not None
-        assert len(names) == 2 and all((", 3, false, false, true, 1>" in name) is early for name in names), names
+        assert len(names) == 4 and all((", 3, false, false, true, 1>" in name) is early for name in names), names
     finally:
         uc.set_scale_early(bool(before))
+        uc.set_scale_early16(bool(se16_before))
         uc.set_lean(bool(lean_before))
         uc.set_x_early(xe_before)
 

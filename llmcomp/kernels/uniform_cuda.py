@@ -584,6 +584,18 @@ def set_scale_early(on: bool) -> Optional[bool]:
     return _ext_switch("set_scale_early", on)
 
 
+def scale_early16() -> Optional[bool]:
+    """An experiment, off unless ``LLMCOMP_MMA_SCALE_EARLY16=1``: ``scale_early``'s loads in the M = 9..16 post-scale
+    kernels too (two token tiles; the batch-16 decode), under the same launch condition. The same bits
+    (``test_scale_early_gives_the_same_bits``). None without the extension."""
+    return _ext_switch("scale_early16")
+
+
+def set_scale_early16(on: bool) -> Optional[bool]:
+    """Switch ``scale_early16`` for this process (A/B timing); graphs captured before keep their kernels."""
+    return _ext_switch("set_scale_early16", on)
+
+
 def x_early() -> Optional[int]:
     """An experiment on top of ``scale_early``, off unless ``LLMCOMP_MMA_X_EARLY=1`` (the two-tile kernels: the GLU
     call, ``lm_head``) or ``2`` (every one): those kernels also load a round's x before its first math (after its

@@ -83,11 +83,15 @@ static Switch lean_switch{"LLMCOMP_MMA_LEAN", true};
 // against 1.731 without, the same build (twenty-ninth session; the GLU call 18.2 µs against 21.4, down 10.4 against
 // 10.9, q/k/v 6.3 against 6.8, o 4.0 against 4.6, lm_head 70.6 against 76.2; kernels_h200_notes.md).
 static Switch scale_early_switch{"LLMCOMP_MMA_SCALE_EARLY", true};
+// Off unless LLMCOMP_MMA_SCALE_EARLY16=1 (an experiment, uniform_mma.cuh).
+static Switch scale_early16_switch{"LLMCOMP_MMA_SCALE_EARLY16", false};
 
 bool lean() { return lean_switch.get(); }
 bool set_lean(bool on) { return lean_switch.set(on); }
 bool scale_early() { return scale_early_switch.get(); }
 bool set_scale_early(bool on) { return scale_early_switch.set(on); }
+bool scale_early16() { return scale_early16_switch.get(); }
+bool set_scale_early16(bool on) { return scale_early16_switch.set(on); }
 // LLMCOMP_MMA_X_EARLY: 0 (unset), 1 or 2 (uniform_mma.cuh), read at the first use as a number (atoi: a word is 0).
 static int x_early_level = -1;
 int x_early() {
@@ -279,6 +283,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_scale_early", &set_scale_early, "the batch-1 4-bit post-scale kernels loading a round's scales early");
   m.def("set_x_early", &set_x_early, "an experiment: those kernels load a round's x early too (1: two-tile, 2: all)");
   m.def("x_early", &x_early, "its level (LLMCOMP_MMA_X_EARLY: 0, 1 or 2)");
+  m.def("set_scale_early16", &set_scale_early16, "an experiment: the M = 9..16 kernels load a round's scales early");
+  m.def("scale_early16", &scale_early16, "whether they do (LLMCOMP_MMA_SCALE_EARLY16=1)");
   m.def("scale_early", &scale_early, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY=0)");
   m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");

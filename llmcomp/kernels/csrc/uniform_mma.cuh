@@ -93,10 +93,14 @@ bool set_lean(bool on);
 bool scale_early();
 bool set_scale_early(bool on);
 // An experiment on top (off unless LLMCOMP_MMA_X_EARLY=1 or 2): those kernels load a round's x before its first
-// math too (after the scale words and, in the first round, the wait), instead of each kblock's before its math — 1: the two-tile kernels (the GLU call, lm_head),
-// 2: every one. set_x_early for A/B.
+// math too (after the scale words and, in the first round, the wait), instead of each kblock's before its math —
+// 1: the two-tile kernels (the GLU call, lm_head), 2: every one. set_x_early for A/B.
 int x_early();
 int set_x_early(int level);
+// An experiment (off unless LLMCOMP_MMA_SCALE_EARLY16=1): scale_early's loads in the M = 9..16 kernels too (two token
+// tiles; no norm epilogue there). set_scale_early16 for A/B.
+bool scale_early16();
+bool set_scale_early16(bool on);
 
 struct EpiArgs {
   const void* res = nullptr;
@@ -974,6 +978,12 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
                   : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
     // scale_early(): lean, M <= 8, 4-bit codes, each pair of kblocks (kb even) in one group (or one group a row);
     // x_early() (an experiment): 1, the two-tile kernels load a round's x early too; 2, every such kernel
+    if constexpr (MT == 2 && BITS == 4 && S::U % 2 == 0) {  // scale_early16() (an experiment): M = 9..16 too
+      const bool one_group = G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0);
+      if (thin && one_group && scale_early() && scale_early16())
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, 1>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 1>;
+    }
     if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
       const bool one_group = G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0);
       if (thin && one_group && scale_early()) {
