@@ -444,6 +444,23 @@ def _post_scale_calls(x, args, run, launch, res, gamma, sq) -> dict:
     return calls
 
 
+def _post_scale_cases(fmt, dtype, shapes, ms):
+    """Per weight shape (n, k) and M: ``((n, k, m), args, calls)`` — the weight's kernel tensors and ``calls(launch)``,
+    ``_post_scale_calls`` on random x (with a GLU weight, γ, residual and sums of squares of the same shapes)."""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    for n, k in shapes:
+        _, t, g = _layer(fmt, n, k, n + k)
+        args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
+        run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
+        gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", dtype)
+        for m in ms:
+            x = torch.randn(m, k, generator=g).to("cuda", dtype)
+            res = torch.randn(m, n, generator=g).to("cuda", dtype)
+            sq = torch.rand(m, k // 16, generator=g).to("cuda")
+            yield (n, k, m), args, functools.partial(_post_scale_calls, x, args, run, res=res, gamma=gamma, sq=sq)
+
+
 def _switch_keeps_bits(set_switch, calls: dict, where: tuple) -> None:
     """Each call's outputs after ``set_switch(False)`` and after ``set_switch(True)``: the same bits."""
     for name, call in calls.items():
@@ -473,22 +490,14 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
     uc.set_x_early(0)  # (the names checked below are the scale-early level's)
     launches = [None, (1, 1, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (2, 8, 1), (1, 4, 1)]
     try:
-        for n, k in [(256, 1536), (2048, 4096), (4096, 14336), (512, 4864)]:
-            _, t, g = _layer(fmt, n, k, n + k)
-            args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
+        shapes = [(256, 1536), (2048, 4096), (4096, 14336), (512, 4864)]
+        for where, args, calls in _post_scale_cases(fmt, dtype, shapes, [1, 2, 5, 8, 12, 16]):
             if args[3] is None:  # no post-scale pairs for this group size: nothing the switch changes
                 continue
-            run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
-            gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", dtype)
-            for m in [1, 2, 5, 8, 12, 16]:
-                x = torch.randn(m, k, generator=g).to("cuda", dtype)
-                res = torch.randn(m, n, generator=g).to("cuda", dtype)
-                sq = torch.rand(m, k // 16, generator=g).to("cuda")
-                for launch in launches:
-                    if launch is not None and launch[0] == 2 and n % 32:
-                        continue
-                    _switch_keeps_bits(uc.set_lean, _post_scale_calls(x, args, run, launch, res, gamma, sq),
-                                       (n, k, m, launch))
+            for launch in launches:
+                if launch is not None and launch[0] == 2 and where[0] % 32:
+                    continue
+                _switch_keeps_bits(uc.set_lean, calls(launch), (*where, launch))
         uc.set_lean(True)
         _, t, g = _layer(fmt, 2048, 4096, 11)
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
@@ -532,19 +541,11 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
         return lambda on: (uc.set_scale_early(True), uc.set_scale_early16(on))
 
     try:  # (224 rows: the last block's last row group has no rows)
-        for n, k in [(256, 1536), (2048, 4096), (512, 4864), (4096, 14336), (224, 1536)]:
-            _, t, g = _layer(fmt, n, k, n + k)
-            args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
-            run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
-            gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", dtype)
-            for m in [1, 3, 8, 12, 16]:
-                x = torch.randn(m, k, generator=g).to("cuda", dtype)
-                res = torch.randn(m, n, generator=g).to("cuda", dtype)
-                sq = torch.rand(m, k // 16, generator=g).to("cuda")
-                for launch in [None, (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (2, 1, 4), (1, 4, 1), (1, 8, 2),
-                               (1, 16, 1), (1, 1, 2)]:
-                    _switch_keeps_bits(switch(m),
-                                       _post_scale_calls(x, args, run, launch, res, gamma, sq), (n, k, m, launch))
+        shapes = [(256, 1536), (2048, 4096), (512, 4864), (4096, 14336), (224, 1536)]
+        for where, _, calls in _post_scale_cases(fmt, dtype, shapes, [1, 3, 8, 12, 16]):
+            for launch in [None, (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (2, 1, 4), (1, 4, 1), (1, 8, 2),
+                           (1, 16, 1), (1, 1, 2)]:
+                _switch_keeps_bits(switch(where[2]), calls(launch), (*where, launch))
         uc.set_scale_early(True)
         uc.set_scale_early16(True)
         _, t, g = _layer(fmt, 28672, 4096, 11)
@@ -584,20 +585,12 @@ def test_x_early_gives_the_same_bits(fmt, dtype):
     uc.set_lean(True)
     try:  # (224 rows: the last block's last row group has no rows)
         for level in (1, 2):
-            for n, k in [(256, 1536), (512, 4864), (4096, 14336), (224, 1536)]:
-                _, t, g = _layer(fmt, n, k, n + k)
-                args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
-                run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
-                gamma = (torch.rand(n, generator=g) + 0.5).to("cuda", dtype)
-                for m in [1, 5]:
-                    x = torch.randn(m, k, generator=g).to("cuda", dtype)
-                    res = torch.randn(m, n, generator=g).to("cuda", dtype)
-                    sq = torch.rand(m, k // 16, generator=g).to("cuda")
-                    one_tile = [(1, 4, 1), (1, 8, 2), (1, 1, 2)] if level == 2 else []  # (level 1 leaves them)
-                    for launch in [None, (2, 4, 1), (2, 8, 1), (2, 1, 4)] + one_tile:
-                        _switch_keeps_bits(lambda on: uc.set_x_early(level if on else 0),
-                                           _post_scale_calls(x, args, run, launch, res, gamma, sq),
-                                           (level, n, k, m, launch))
+            one_tile = [(1, 4, 1), (1, 8, 2), (1, 1, 2)] if level == 2 else []  # (level 1 leaves them)
+            shapes = [(256, 1536), (512, 4864), (4096, 14336), (224, 1536)]
+            for where, _, calls in _post_scale_cases(fmt, dtype, shapes, [1, 5]):
+                for launch in [None, (2, 4, 1), (2, 8, 1), (2, 1, 4)] + one_tile:
+                    _switch_keeps_bits(lambda on: uc.set_x_early(level if on else 0), calls(launch),
+                                       (level, *where, launch))
         _, t, g = _layer(fmt, 2048, 4096, 11)
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
         x = torch.randn(1, 4096, generator=g).to("cuda", dtype)

@@ -602,20 +602,19 @@ def x_early() -> Optional[int]:
     scale words and, in the first round, the wait), instead of each kblock's just before its math (in their sm_90
     SASS each kblock's second 16-byte x load went out only after its first two ``mma``). The same bits
     (``test_x_early_gives_the_same_bits``). None without the extension."""
-    ext = extension() if torch.cuda.is_available() else None
-    return int(ext.x_early()) if ext is not None else None
+    return _ext_switch("x_early", cast=int)
 
 
 def set_x_early(level: int) -> Optional[int]:
     """Set ``x_early``'s level (0, 1 or 2) for this process (A/B timing); graphs captured before keep their kernels."""
-    ext = extension() if torch.cuda.is_available() else None
-    return int(ext.set_x_early(level)) if ext is not None else None
+    return _ext_switch("set_x_early", level, cast=int)
 
 
-def _ext_switch(name: str, *args) -> Optional[bool]:
-    """The extension's switch ``name`` (a getter, or a setter given its value) as a bool; None without it."""
+def _ext_switch(name: str, *args, cast=bool):
+    """The extension's switch ``name`` (a getter, or a setter given its value) as ``cast`` makes it (a bool, or a
+    level's int); None without it."""
     ext = extension() if torch.cuda.is_available() else None
-    return bool(getattr(ext, name)(*args)) if ext is not None else None
+    return cast(getattr(ext, name)(*args)) if ext is not None else None
 
 
 def high_plane(prep: dict) -> torch.Tensor:

@@ -94,14 +94,14 @@ bool scale_early16() { return scale_early16_switch.get(); }
 bool set_scale_early16(bool on) { return scale_early16_switch.set(on); }
 // LLMCOMP_MMA_X_EARLY: 0 (unset), 1 or 2 (uniform_mma.cuh), read at the first use as a number (atoi: a word is 0).
 static int x_early_level = -1;
+int set_x_early(int level) { return x_early_level = std::max(0, std::min(2, level)); }
 int x_early() {
   if (x_early_level < 0) {
     const char* v = std::getenv("LLMCOMP_MMA_X_EARLY");
-    x_early_level = v ? std::max(0, std::min(2, std::atoi(v))) : 0;
+    set_x_early(v ? std::atoi(v) : 0);
   }
   return x_early_level;
 }
-int set_x_early(int level) { return x_early_level = std::max(0, std::min(2, level)); }
 
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.

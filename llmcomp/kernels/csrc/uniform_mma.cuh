@@ -979,15 +979,14 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     // scale_early(): lean, M <= 8, 4-bit codes, each pair of kblocks (kb even) in one group (or one group a row);
     // x_early() (an experiment): 1, the two-tile kernels load a round's x early too; 2, every such kernel
     // scale_early16() (an experiment): M = 9..16 too, where the post-scale kernel runs (two row tiles a warp)
+    const bool early = thin && scale_early() && (G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0));
     if constexpr (MT == 2 && R == 2 && BITS == 4 && S::U % 2 == 0) {
-      const bool one_group = G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0);
-      if (thin && one_group && scale_early() && scale_early16())
+      if (early && scale_early16())
         kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, 1>
                     : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 1>;
     }
     if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
-      const bool one_group = G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0);
-      if (thin && one_group && scale_early()) {
+      if (early) {
         const bool xe = x_early() >= (R == 2 ? 1 : 2);
         if (norm && xe)
           kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, 2>
