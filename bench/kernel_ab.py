@@ -1,7 +1,9 @@
 """A/B of a kernel setting in one process, W4 g128 GEMMs (bf16 activations): ``--knob pdl`` dependent launch
 (PDL) off / on (``uniform_cuda.set_dependent_launch``), ``--knob post`` up to how many rows of x the fp32
 post-scale kernel serves (``uniform_cuda.set_post_scale``: ``16``, ``8``, or ``0``: the per-pair-scale kernel always),
-``--knob lean`` the post-scale kernels' lean instantiations (M ≤ 16) off / on (``uniform_cuda.set_lean``):
+``--knob lean`` the post-scale kernels' lean instantiations (M ≤ 16) off / on (``uniform_cuda.set_lean``),
+``--knob e2m1`` the E2M1 kernels' lean loop at M ≤ 8 off / on (``uniform_cuda.set_e2m1_lean``; with ``--format
+mxfp4|nvfp4``):
 
 1. the kernel-table shapes (and the stacked q/k/v and gate/up shapes of ``--fuse-linears``) at each M, timed as
    ``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph);
@@ -12,6 +14,7 @@ post-scale kernel serves (``uniform_cuda.set_post_scale``: ``16``, ``8``, or ``0
 
     python bench/kernel_ab.py --out bench/results/kernels_h200_pdl.json                # PDL, M = 1 and 16
     python bench/kernel_ab.py --knob post --ms 1,4 --out bench/results/kernels_h200_post.json
+    python bench/kernel_ab.py --knob e2m1 --format mxfp4 --ms 1,8 --out bench/results/kernels_h200_e2m1_lean.json
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from llmcomp.core.memory import state_bytes
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.formats import Uniform
+from llmcomp.formats.fp4 import MXFP4, NVFP4
 from llmcomp.kernels import uniform_cuda
+from llmcomp.quant.fp4 import fp4_fields
 from llmcomp.quant.rtn import rtn_fields
 
 LAYER = [("q", 4096, 4096), ("k", 1024, 4096), ("v", 1024, 4096), ("o", 4096, 4096), ("gate", 14336, 4096),
@@ -35,13 +40,16 @@ FUSED = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("dow
 STACKED = [(6144, 4096), (28672, 4096)]  # the stacked q/k/v and gate/up shapes
 KNOBS = {"pdl": (["0", "1"], lambda v: uniform_cuda.set_dependent_launch(v == "1")),
          "post": (["16", "8", "0"], uniform_cuda.set_post_scale),
-         "lean": (["0", "1"], lambda v: uniform_cuda.set_lean(v == "1"))}
+         "lean": (["0", "1"], lambda v: uniform_cuda.set_lean(v == "1")),
+         "e2m1": (["0", "1"], lambda v: uniform_cuda.set_e2m1_lean(v == "1"))}
+FORMATS = {"uniform": None, "mxfp4": MXFP4, "nvfp4": NVFP4}
 
 
 def quantized(fmt, n: int, k: int, seed: int) -> tuple[QuantLinear, torch.Tensor]:
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02
-    return QuantLinear.from_packed(fmt, fmt.pack(rtn_fields(w, fmt)), k), w.to(torch.bfloat16)
+    fields = rtn_fields(w, fmt) if fmt.name == "uniform" else fp4_fields(w, fmt)
+    return QuantLinear.from_packed(fmt, fmt.pack(fields), k), w.to(torch.bfloat16)
 
 
 def main() -> None:
@@ -52,16 +60,19 @@ def main() -> None:
     ap.add_argument("--no-chains", action="store_true", help="skip the decoder-layer chains")
     ap.add_argument("--knob", choices=sorted(KNOBS), default="pdl")
     ap.add_argument("--variants", default=None, help="the knob's settings, comma-separated (default: all)")
-    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--bits", type=int, default=4, help="uniform's bits")
+    ap.add_argument("--format", choices=sorted(FORMATS), default="uniform")
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
-    fmt = Uniform(bits=args.bits, group_size=128)
+    fmt = Uniform(bits=args.bits, group_size=128) if args.format == "uniform" else FORMATS[args.format]()
     bw = kb.copy_bandwidth()
     variants = args.variants.split(",") if args.variants else KNOBS[args.knob][0]
     setter = KNOBS[args.knob][1]
-    before = (uniform_cuda.dependent_launch(), uniform_cuda.post_scale())
+    before = (uniform_cuda.dependent_launch(), uniform_cuda.post_scale(), uniform_cuda.lean(),
+              uniform_cuda.e2m1_lean())
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
-              "knob": args.knob, "variants": variants, "bits": args.bits, "shapes": [], "layer_chain": []}
+              "knob": args.knob, "variants": variants, "format": fmt.describe(), "bits": args.bits, "shapes": [],
+              "layer_chain": []}
 
     def save():
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +127,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     uniform_cuda.set_dependent_launch(bool(before[0]))
     uniform_cuda.set_post_scale(before[1])
+    uniform_cuda.set_lean(bool(before[2]))
+    uniform_cuda.set_e2m1_lean(bool(before[3]))
 
 
 if __name__ == "__main__":

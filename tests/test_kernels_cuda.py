@@ -486,8 +486,7 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
 
     if uc.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    before, xe_before = uc.lean(), uc.x_early()
-    uc.set_x_early(0)  # (the names checked below are the scale-early level's)
+    before = uc.lean()
     launches = [None, (1, 1, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (2, 8, 1), (1, 4, 1)]
     try:
         shapes = [(256, 1536), (2048, 4096), (4096, 14336), (512, 4864)]
@@ -511,7 +510,6 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
             assert names and all(f", 3, false, false, true, {int(early)}>" in name for name in names), names
     finally:
         uc.set_lean(bool(before))
-        uc.set_x_early(xe_before)
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=256),
@@ -531,9 +529,8 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
 
     if uc.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    before, lean_before, xe_before, se16_before = uc.scale_early(), uc.lean(), uc.x_early(), uc.scale_early16()
+    before, lean_before, se16_before = uc.scale_early(), uc.lean(), uc.scale_early16()
     uc.set_lean(True)  # (scale-early kernels are lean ones)
-    uc.set_x_early(0)
 
     def switch(m):  # M <= 8: scale_early itself; M = 9..16: scale_early16 with scale_early on
         if m <= 8:
@@ -563,49 +560,58 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
         uc.set_scale_early(bool(before))
         uc.set_scale_early16(bool(se16_before))
         uc.set_lean(bool(lean_before))
-        uc.set_x_early(xe_before)
 
 
-@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0)],
+@pytest.mark.parametrize("fmt", [MXFP4(), NVFP4(), FP4(group_size=128), FP4(group_size=0)],
                          ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_x_early_gives_the_same_bits(fmt, dtype):
-    """``set_x_early`` (an experiment): the scale-early kernels also loading a round's x before its first math give
-    the bits of those loading each kblock's x before its own — at both levels (two-tile kernels only, every one),
-    plain, GLU and both sides of the norm split, one- and two-tile launches, warps ending mid-round — and the
-    profiler sees the x-early kernel run."""
+def test_e2m1_lean_gives_the_same_bits(fmt, dtype):
+    """``set_e2m1_lean``: the E2M1 kernels at M ≤ 8 run lean give the plain kernel's bits — plain and GLU calls, one-
+    and two-tile launches, warps ending mid-round or left without kblocks (24 kblocks over 16 warps), 224 rows (the
+    last block's last row group has none) — and the profiler sees the lean kernel run at 256-thread blocks or fewer,
+    the plain one at 512."""
     from torch.profiler import ProfilerActivity, profile
 
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    before, se_before, lean_before = uc.x_early(), uc.scale_early(), uc.lean()
-    uc.set_scale_early(True)
-    uc.set_lean(True)
-    try:  # (224 rows: the last block's last row group has no rows)
-        for level in (1, 2):
-            one_tile = [(1, 4, 1), (1, 8, 2), (1, 1, 2)] if level == 2 else []  # (level 1 leaves them)
-            shapes = [(256, 1536), (512, 4864), (4096, 14336), (224, 1536)]
-            for where, _, calls in _post_scale_cases(fmt, dtype, shapes, [1, 5]):
-                for launch in [None, (2, 4, 1), (2, 8, 1), (2, 1, 4)] + one_tile:
-                    _switch_keeps_bits(lambda on: uc.set_x_early(level if on else 0), calls(launch),
-                                       (level, *where, launch))
+    before = uc.e2m1_lean()
+    launches = [None, (1, 1, 1), (1, 4, 1), (1, 8, 2), (1, 16, 1), (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1)]
+    try:
+        for n, k in [(256, 1536), (2048, 4096), (512, 4864), (224, 1536), (4096, 14336)]:
+            if not uc.shape_ok(fmt, k, n):
+                continue
+            _, t, g = _layer(fmt, n, k, n + k)
+            args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
+            run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
+            for m in [1, 3, 8]:
+                x = torch.randn(m, k, generator=g).to("cuda", dtype)
+                for launch in launches:
+                    if launch is not None and launch[0] == 2 and n % 32:
+                        continue
+                    calls = {"plain": lambda: uc.gemm_tensors(x, *args, launch=launch)}
+                    if run is not None:
+                        calls["glu"] = lambda: uc.gemm_tensors(x, *run.args, launch=launch, glu=1)
+                    for name, call in calls.items():
+                        uc.set_e2m1_lean(False)
+                        want = call()
+                        uc.set_e2m1_lean(True)
+                        assert torch.equal(call(), want), (n, k, m, launch, name)
         _, t, g = _layer(fmt, 2048, 4096, 11)
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
         x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
-        for level, want in [(1, [2, 1]), (2, [2, 2])]:  # the SE level of the two-tile and the one-tile kernel
-            uc.set_x_early(level)
+        for on in (False, True):
+            uc.set_e2m1_lean(on)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                uc.gemm_tensors(x, *args, launch=(2, 4, 1))
-                uc.gemm_tensors(x, *args, launch=(1, 4, 1))
+                for launch in [(2, 4, 1), (1, 4, 1), (1, 16, 1)]:
+                    uc.gemm_tensors(x, *args, launch=launch)
                 torch.cuda.synchronize()
             names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
-            assert [int(name.split(", 3, false, false, true, ")[1][0]) for name in names] == want, (level, names)
+            lean = [", 1, false, false, true, 0>" in name for name in names]
+            assert lean == [on, on, False] and all(", 512, 1, false" in n for n in names[2:]), (on, names)
     finally:
-        uc.set_x_early(before)
-        uc.set_scale_early(bool(se_before))
-        uc.set_lean(bool(lean_before))
+        uc.set_e2m1_lean(bool(before))
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=128),

@@ -585,8 +585,10 @@ def set_scale_early(on: bool) -> Optional[bool]:
 
 
 def scale_early16() -> Optional[bool]:
-    """An experiment, off unless ``LLMCOMP_MMA_SCALE_EARLY16=1``: ``scale_early``'s loads in the M = 9..16 post-scale
-    kernels too (two token tiles; the batch-16 decode), under the same launch condition. The same bits
+    """On unless ``LLMCOMP_MMA_SCALE_EARLY16=0``: ``scale_early``'s loads in the M = 9..16 post-scale kernels too (two
+    token tiles; the batch-16 decode), under the same launch condition. The compiled 8B W4 decode at batch 16 on an
+    H200: 2.68 ms a step against 2.80 without, the same build; W4 M = 16 with it 6.41 / 15.37 / 15.04 / 50.69 µs on
+    the kernel table's shapes (thirtieth session; bench/results/kernels_h200_notes.md). The same bits
     (``test_scale_early_gives_the_same_bits``). None without the extension."""
     return _ext_switch("scale_early16")
 
@@ -596,18 +598,20 @@ def set_scale_early16(on: bool) -> Optional[bool]:
     return _ext_switch("set_scale_early16", on)
 
 
-def x_early() -> Optional[int]:
-    """An experiment on top of ``scale_early``, off unless ``LLMCOMP_MMA_X_EARLY=1`` (the two-tile kernels: the GLU
-    call, ``lm_head``) or ``2`` (every one): those kernels also load a round's x before its first math (after its
-    scale words and, in the first round, the wait), instead of each kblock's just before its math (in their sm_90
-    SASS each kblock's second 16-byte x load went out only after its first two ``mma``). The same bits
-    (``test_x_early_gives_the_same_bits``). None without the extension."""
-    return _ext_switch("x_early", cast=int)
+def e2m1_lean() -> Optional[bool]:
+    """On unless ``LLMCOMP_MMA_E2M1_LEAN=0``: the E2M1 kernels (mxfp4, nvfp4, fp4) at M ≤ 8 with 256-thread blocks
+    (every launch but 16 warps splitting K) run the lean loop the post-scale kernels run (``lean``: the weights
+    through one pointer a row tile advanced a round, x's and the scales' row pointers in registers). H200, MXFP4 bf16
+    at M = 1 (thirtieth session, ``bench/kernel_ab.py --knob e2m1``): 28672 × 8192 45.5 → 41.6 µs, 28672 × 4096
+    24.4 → 22.1, 14336 × 4096 13.9 → 13.3, 6144 × 4096 8.2 → 7.5; the 512-thread kernels were slower lean (4096²
+    6.1 → 6.7) and keep the plain loop, and so did block scales loaded with the weights (28672 × 8192 43.1). The
+    same bits (``test_e2m1_lean_gives_the_same_bits``). None without the extension."""
+    return _ext_switch("e2m1_lean")
 
 
-def set_x_early(level: int) -> Optional[int]:
-    """Set ``x_early``'s level (0, 1 or 2) for this process (A/B timing); graphs captured before keep their kernels."""
-    return _ext_switch("set_x_early", level, cast=int)
+def set_e2m1_lean(on: bool) -> Optional[bool]:
+    """Switch ``e2m1_lean`` for this process (A/B timing); graphs captured before keep their kernels."""
+    return _ext_switch("set_e2m1_lean", on)
 
 
 def _ext_switch(name: str, *args, cast=bool):

@@ -83,8 +83,11 @@ static Switch lean_switch{"LLMCOMP_MMA_LEAN", true};
 // against 1.731 without, the same build (twenty-ninth session; the GLU call 18.2 µs against 21.4, down 10.4 against
 // 10.9, q/k/v 6.3 against 6.8, o 4.0 against 4.6, lm_head 70.6 against 76.2; kernels_h200_notes.md).
 static Switch scale_early_switch{"LLMCOMP_MMA_SCALE_EARLY", true};
-// Off unless LLMCOMP_MMA_SCALE_EARLY16=1 (an experiment, uniform_mma.cuh).
-static Switch scale_early16_switch{"LLMCOMP_MMA_SCALE_EARLY16", false};
+// On unless LLMCOMP_MMA_SCALE_EARLY16=0 (uniform_mma.cuh). The compiled 8B W4 decode at batch 16 on an H200: 2.68
+// ms a step against 2.80 without, the same build (thirtieth session; kernels_h200_notes.md).
+static Switch scale_early16_switch{"LLMCOMP_MMA_SCALE_EARLY16", true};
+// On unless LLMCOMP_MMA_E2M1_LEAN=0 (uniform_mma.cuh).
+static Switch e2m1_lean_switch{"LLMCOMP_MMA_E2M1_LEAN", true};
 
 bool lean() { return lean_switch.get(); }
 bool set_lean(bool on) { return lean_switch.set(on); }
@@ -92,16 +95,8 @@ bool scale_early() { return scale_early_switch.get(); }
 bool set_scale_early(bool on) { return scale_early_switch.set(on); }
 bool scale_early16() { return scale_early16_switch.get(); }
 bool set_scale_early16(bool on) { return scale_early16_switch.set(on); }
-// LLMCOMP_MMA_X_EARLY: 0 (unset), 1 or 2 (uniform_mma.cuh), read at the first use as a number (atoi: a word is 0).
-static int x_early_level = -1;
-int set_x_early(int level) { return x_early_level = std::max(0, std::min(2, level)); }
-int x_early() {
-  if (x_early_level < 0) {
-    const char* v = std::getenv("LLMCOMP_MMA_X_EARLY");
-    set_x_early(v ? std::atoi(v) : 0);
-  }
-  return x_early_level;
-}
+bool e2m1_lean() { return e2m1_lean_switch.get(); }
+bool set_e2m1_lean(bool on) { return e2m1_lean_switch.set(on); }
 
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2); checks the planes and the scale tensor against it.
@@ -281,10 +276,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
   m.def("set_lean", &set_lean, "the post-scale kernels' lean instantiations (M <= 16), or not (A/B in one process)");
   m.def("set_scale_early", &set_scale_early, "the batch-1 4-bit post-scale kernels loading a round's scales early");
-  m.def("set_x_early", &set_x_early, "an experiment: those kernels load a round's x early too (1: two-tile, 2: all)");
-  m.def("x_early", &x_early, "its level (LLMCOMP_MMA_X_EARLY: 0, 1 or 2)");
-  m.def("set_scale_early16", &set_scale_early16, "an experiment: the M = 9..16 kernels load a round's scales early");
-  m.def("scale_early16", &scale_early16, "whether they do (LLMCOMP_MMA_SCALE_EARLY16=1)");
+  m.def("set_e2m1_lean", &set_e2m1_lean, "the E2M1 kernels at M <= 8 (256-thread blocks) lean, or not (A/B)");
+  m.def("e2m1_lean", &e2m1_lean, "whether they are (on unless LLMCOMP_MMA_E2M1_LEAN=0)");
+  m.def("set_scale_early16", &set_scale_early16, "the M = 9..16 post-scale kernels load a round's scales early, or not");
+  m.def("scale_early16", &scale_early16, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY16=0)");
   m.def("scale_early", &scale_early, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY=0)");
   m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");

@@ -92,15 +92,15 @@ bool set_lean(bool on);
 // A/B.
 bool scale_early();
 bool set_scale_early(bool on);
-// An experiment on top (off unless LLMCOMP_MMA_X_EARLY=1 or 2): those kernels load a round's x before its first
-// math too (after the scale words and, in the first round, the wait), instead of each kblock's before its math —
-// 1: the two-tile kernels (the GLU call, lm_head), 2: every one. set_x_early for A/B.
-int x_early();
-int set_x_early(int level);
-// An experiment (off unless LLMCOMP_MMA_SCALE_EARLY16=1): scale_early's loads in the M = 9..16 kernels too (two token
-// tiles; no norm epilogue there). set_scale_early16 for A/B.
+// scale_early's loads in the M = 9..16 kernels too (two token tiles; no norm epilogue there). On unless
+// LLMCOMP_MMA_SCALE_EARLY16=0; set_scale_early16 for A/B.
 bool scale_early16();
 bool set_scale_early16(bool on);
+// Whether the E2M1 kernels at M <= 8 with 256-thread blocks run lean (LEAN in mma_kernel_body, as the post-scale
+// kernels: the weights through per-tile pointers, x's and the scales' row pointers in registers). On unless
+// LLMCOMP_MMA_E2M1_LEAN=0; set_e2m1_lean for A/B.
+bool e2m1_lean();
+bool set_e2m1_lean(bool on);
 
 struct EpiArgs {
   const void* res = nullptr;
@@ -640,26 +640,18 @@ __device__ __forceinline__ void load_x(const T* x_lane, int x_stride, int x_at, 
 
 // One kblock of a warp: this lane's x (load_x) and scales for kblock kb (x_lane, sz_row: mma_kernel_body's
 // pointers), then the math on the weights w (and 3-bit high planes h) already loaded.
-// SE (scale_early): >= 1, the post-scale pairs of the kblock's rows already loaded (se: rows g and g + 8 of each
-// tile, the kblock's group); 2, its x too (xe).
+// SE (scale_early): the post-scale pairs of the kblock's rows already loaded (se: rows g and g + 8 of each tile, the
+// kblock's group).
 template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool LEAN = false, int SE = 0>
 __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
                                             int x_stride, int x_at, const void* sz_row, int M, int G,
                                             uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
-                                            int cb1_at, const uint32_t (&se)[R][2],
-                                            const uint4 (&xe)[MT][256 / BITS / 32]) {
+                                            int cb1_at, const uint32_t (&se)[R][2]) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, XVEC = LANE_K / 8;
   const int lane = threadIdx.x & 31, c = lane & 3;
   uint4 cx[MT][XVEC];
-  if constexpr (SE >= 2) {
-#pragma unroll
-    for (int t = 0; t < MT; ++t)
-#pragma unroll
-      for (int v = 0; v < XVEC; ++v) cx[t][v] = xe[t][v];
-  } else {
-    load_x<T, BITS, MT, XS>(x_lane, x_stride, x_at, M, cx);
-  }
+  load_x<T, BITS, MT, XS>(x_lane, x_stride, x_at, M, cx);
   if constexpr (is_vq(ELEM)) {
     static_assert(BITS == 2 && R == 1, "codebook weights use the 2-bit shape, one row tile a warp");
     constexpr int CP = vq_copies(ELEM);
@@ -787,7 +779,8 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       for (int r = 0; r < R; ++r) wp[r] += U * 32;
     }
     // SE: the round's scale words in flight with its weights, one load a pair of kblocks (launch_mma takes SE only
-    // where each pair is in one group: kb even and groups of whole pairs, or one group a row)
+    // where each pair is in one group: kb even and groups of whole pairs, or one group a row). (The E2M1 kernels
+    // loading their 16-bit block scales so, one a kblock, were slower than lean alone: H200, thirtieth session.)
     uint32_t se[U][R][2];
     if constexpr (SE >= 1) {
       static_assert(ELEM == 3 && LEAN && U % 2 == 0, "early scale words: the lean post-scale kernels, even rounds");
@@ -825,21 +818,12 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       opaque(sz_row);
     }
     const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
-    // SE 2 (an experiment, LLMCOMP_MMA_X_EARLY): the round's x in flight before its first math (after the wait:
-    // the kernel before writes x)
-    uint4 xe[SE >= 2 ? U : 1][MT][KBLK / 32];
-    if constexpr (SE >= 2) {
-      static_assert(!XS, "x early: the unstaged kernels (the stride and offset below are global memory's)");
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (kb + u < kb1) load_x<T, BITS, MT, XS>(xl, K, (kb + u) * KBLK, M, xe[u]);
-    }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb + u >= kb1) break;
       kblock_step<T, BITS, MT, R, ELEM, XS, LEAN, SE>(wv[u], hv[u], kb + u, xl, XS ? CHP : K,
                                                       XS ? u * KBLK : (kb + u) * KBLK, sz_row, M, G, gmagic, acc,
-                                                      cb_s, cb1_at, se[u], xe[SE >= 2 ? u : 0]);
+                                                      cb_s, cb1_at, se[u]);
     }
     if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
@@ -977,8 +961,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
       kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true>
                   : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
     // scale_early(): lean, M <= 8, 4-bit codes, each pair of kblocks (kb even) in one group (or one group a row);
-    // x_early() (an experiment): 1, the two-tile kernels load a round's x early too; 2, every such kernel
-    // scale_early16() (an experiment): M = 9..16 too, where the post-scale kernel runs (two row tiles a warp)
+    // scale_early16(): M = 9..16 too, where the post-scale kernel runs (two row tiles a warp)
     const bool early = thin && scale_early() && (G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0));
     if constexpr (MT == 2 && R == 2 && BITS == 4 && S::U % 2 == 0) {
       if (early && scale_early16())
@@ -986,22 +969,20 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
                     : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 1>;
     }
     if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
-      if (early) {
-        const bool xe = x_early() >= (R == 2 ? 1 : 2);
-        if (norm && xe)
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, 2>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, 2>;
-        else if (norm)
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, 1>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, 1>;
-        else if (xe)
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, 2>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 2>;
-        else
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, 1>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 1>;
-      }
+      if (early && norm)
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, 1>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, 1>;
+      else if (early)
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, 1>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 1>;
     }
+  }
+  // e2m1_lean(): the E2M1 kernels at M <= 8 with 256-thread blocks lean. H200, MXFP4 bf16 M = 1 (thirtieth
+  // session, bench/kernel_ab.py --knob e2m1): 28672 x 8192 45.5 -> 41.6 µs, 14336 x 4096 13.9 -> 13.3, 6144 x 4096
+  // 8.2 -> 7.5; the 512-thread (wide) kernels were slower lean (4096² 6.1 -> 6.7, 4096 x 14336 14.1 -> 14.3).
+  if constexpr (ELEM == 1 && MT == 1) {
+    if (threads <= S::THREADS && e2m1_lean())
+      kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
   }
   if constexpr (MT >= 4 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
     static const bool xs_on = !env_off("LLMCOMP_MMA_XSTAGE");
