@@ -1,9 +1,9 @@
-"""A/B of a kernel setting in one process, W4 g128 GEMMs (bf16 activations): ``--knob pdl`` dependent launch
-(PDL) off / on (``uniform_cuda.set_dependent_launch``), ``--knob post`` up to how many rows of x the fp32
-post-scale kernel serves (``uniform_cuda.set_post_scale``: ``16``, ``8``, or ``0``: the per-pair-scale kernel always),
-``--knob lean`` the post-scale kernels' lean instantiations (M ≤ 16) off / on (``uniform_cuda.set_lean``),
-``--knob e2m1`` the E2M1 kernels' lean loop at M ≤ 8 off / on (``uniform_cuda.set_e2m1_lean``; with ``--format
-mxfp4|nvfp4``):
+"""A/B of a kernel setting in one process, W4 g128 GEMMs (``--bits``, ``--format``; bf16 activations):
+``--knob pdl`` dependent launch (PDL) off / on (``uniform_cuda.set_dependent_launch``), ``--knob post`` up to how
+many rows of x the fp32 post-scale kernel serves (``uniform_cuda.set_post_scale``: ``16``, ``8``, or ``0``: the
+per-pair-scale kernel always), ``--knob lean`` the post-scale kernels' lean instantiations (M ≤ 16) off / on
+(``uniform_cuda.set_lean``), ``--knob e2m1`` the E2M1 kernels' lean loop at M ≤ 8 off / on
+(``uniform_cuda.set_e2m1_lean``; with ``--format mxfp4|nvfp4``):
 
 1. the kernel-table shapes (and the stacked q/k/v and gate/up shapes of ``--fuse-linears``) at each M, timed as
    ``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph);
@@ -64,7 +64,10 @@ def main() -> None:
     ap.add_argument("--format", choices=sorted(FORMATS), default="uniform")
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
+    if (args.knob == "e2m1") != (args.format != "uniform"):
+        ap.error("--knob e2m1 goes with --format mxfp4|nvfp4, the other knobs with uniform codes")
     fmt = Uniform(bits=args.bits, group_size=128) if args.format == "uniform" else FORMATS[args.format]()
+    tag = f"w{args.bits}" if args.format == "uniform" else args.format  # (the chain rows' keys)
     bw = kb.copy_bandwidth()
     variants = args.variants.split(",") if args.variants else KNOBS[args.knob][0]
     setter = KNOBS[args.knob][1]
@@ -110,13 +113,13 @@ def main() -> None:
                         inp = x2 if name == "down" else x
                         F.linear(inp, w) if dense else q(inp)
 
-                row = {"linears": label, "M": m, "layer_copies": copies, f"bytes_w{args.bits}": one,
+                row = {"linears": label, "M": m, "layer_copies": copies, f"bytes_{tag}": one,
                        "bytes_bf16": sum(2 * n * k for _, n, k in linears)}
                 for v in variants:
                     setter(v)
                     t = kb.per_call_seconds([lambda layer=layer: step(layer, False) for layer in chain])
-                    row[f"w{args.bits}_{args.knob}_{v}_us"] = round(t * 1e6, 2)
-                    row[f"w{args.bits}_{args.knob}_{v}_roofline_pct"] = round(100 * one / bw / t, 1)
+                    row[f"{tag}_{args.knob}_{v}_us"] = round(t * 1e6, 2)
+                    row[f"{tag}_{args.knob}_{v}_roofline_pct"] = round(100 * one / bw / t, 1)
                 t = kb.per_call_seconds([lambda layer=layer: step(layer, True) for layer in chain])
                 row["bf16_us"] = round(t * 1e6, 2)
                 row["bf16_roofline_pct"] = round(100 * row["bytes_bf16"] / bw / t, 1)

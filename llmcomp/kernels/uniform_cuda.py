@@ -600,12 +600,13 @@ def set_scale_early16(on: bool) -> Optional[bool]:
 
 def e2m1_lean() -> Optional[bool]:
     """On unless ``LLMCOMP_MMA_E2M1_LEAN=0``: the E2M1 kernels (mxfp4, nvfp4, fp4) at M ≤ 8 with 256-thread blocks
-    (every launch but 16 warps splitting K) run the lean loop the post-scale kernels run (``lean``: the weights
-    through one pointer a row tile advanced a round, x's and the scales' row pointers in registers). H200, MXFP4 bf16
-    at M = 1 (thirtieth session, ``bench/kernel_ab.py --knob e2m1``): 28672 × 8192 45.5 → 41.6 µs, 28672 × 4096
-    24.4 → 22.1, 14336 × 4096 13.9 → 13.3, 6144 × 4096 8.2 → 7.5; the 512-thread kernels were slower lean (4096²
-    6.1 → 6.7) and keep the plain loop, and so did block scales loaded with the weights (28672 × 8192 43.1). The
-    same bits (``test_e2m1_lean_gives_the_same_bits``). None without the extension."""
+    (not the 512-thread ones: warps × row groups = 16) run the lean loop the post-scale kernels run (``lean``: the
+    weights through one pointer a row tile advanced a round, x's and the scales' row pointers in registers). H200,
+    MXFP4 bf16 at M = 1 (thirtieth session, ``bench/kernel_ab.py --knob e2m1``, the last call): 28672 × 8192 45.6 →
+    42.2 µs, 28672 × 4096 24.5 → 22.2, 14336 × 4096 13.9 → 13.4, 6144 × 4096 8.2 → 7.5. In an earlier call the
+    512-thread kernels were slower lean (4096² 6.1 → 6.7) and keep the plain loop, and block scales loaded with the
+    weights on top were slower than lean alone (28672 × 8192 43.1 against 41.6 µs). The same bits
+    (``test_e2m1_lean_gives_the_same_bits``). None without the extension."""
     return _ext_switch("e2m1_lean")
 
 

@@ -686,6 +686,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
+// SE: 0 or 1 (an int: a level 2 that also loaded x early was tried in the thirtieth session and removed).
 template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN, int SE = 0>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
@@ -713,6 +714,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   uint2* cb_s = reinterpret_cast<uint2*>(red + nwarps * R * 16 * MT * 8);
   // NORM: norm_stage's copies after the slabs (no codebooks there); the block's rows.
   static_assert(!(NORM && (XS || is_vq(ELEM))), "the norm epilogue is for the post-scale kernel only");
+  static_assert(SE == 0 || SE == 1, "SE: scale words early or not");
   float* stage = reinterpret_cast<float*>(cb_s);
   const int rowsb = (nwarps >> wk_log) * R * 16, rows0 = blockIdx.x * rowsb;
   if constexpr (is_vq(ELEM)) {
@@ -978,8 +980,9 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     }
   }
   // e2m1_lean(): the E2M1 kernels at M <= 8 with 256-thread blocks lean. H200, MXFP4 bf16 M = 1 (thirtieth
-  // session, bench/kernel_ab.py --knob e2m1): 28672 x 8192 45.5 -> 41.6 µs, 14336 x 4096 13.9 -> 13.3, 6144 x 4096
-  // 8.2 -> 7.5; the 512-thread (wide) kernels were slower lean (4096² 6.1 -> 6.7, 4096 x 14336 14.1 -> 14.3).
+  // session, bench/kernel_ab.py --knob e2m1, the last call): 28672 x 8192 45.6 -> 42.2 µs, 14336 x 4096 13.9 -> 13.4,
+  // 6144 x 4096 8.2 -> 7.5; in an earlier call the 512-thread (wide) kernels were slower lean (4096² 6.1 -> 6.7,
+  // 4096 x 14336 14.1 -> 14.3).
   if constexpr (ELEM == 1 && MT == 1) {
     if (threads <= S::THREADS && e2m1_lean())
       kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
