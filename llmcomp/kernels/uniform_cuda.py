@@ -615,11 +615,10 @@ def set_e2m1_lean(on: bool) -> Optional[bool]:
     return _ext_switch("set_e2m1_lean", on)
 
 
-def _ext_switch(name: str, *args, cast=bool):
-    """The extension's switch ``name`` (a getter, or a setter given its value) as ``cast`` makes it (a bool, or a
-    level's int); None without it."""
+def _ext_switch(name: str, *args) -> Optional[bool]:
+    """The extension's switch ``name`` (a getter, or a setter given its value) as a bool; None without it."""
     ext = extension() if torch.cuda.is_available() else None
-    return cast(getattr(ext, name)(*args)) if ext is not None else None
+    return bool(getattr(ext, name)(*args)) if ext is not None else None
 
 
 def high_plane(prep: dict) -> torch.Tensor:

@@ -642,7 +642,7 @@ __device__ __forceinline__ void load_x(const T* x_lane, int x_stride, int x_at, 
 // pointers), then the math on the weights w (and 3-bit high planes h) already loaded.
 // SE (scale_early): the post-scale pairs of the kblock's rows already loaded (se: rows g and g + 8 of each tile, the
 // kblock's group).
-template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool LEAN = false, int SE = 0>
+template <typename T, int BITS, int MT, int R, int ELEM, bool XS = false, bool LEAN = false, bool SE = false>
 __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h)[R], int kb, const T* x_lane,
                                             int x_stride, int x_at, const void* sz_row, int M, int G,
                                             uint32_t gmagic, float (&acc)[R][MT][4], const uint2* cb_s,
@@ -686,8 +686,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
-// SE: 0 or 1 (an int: a level 2 that also loaded x early was tried in the thirtieth session and removed).
-template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN, int SE = 0>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN, bool SE = false>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -714,7 +713,6 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   uint2* cb_s = reinterpret_cast<uint2*>(red + nwarps * R * 16 * MT * 8);
   // NORM: norm_stage's copies after the slabs (no codebooks there); the block's rows.
   static_assert(!(NORM && (XS || is_vq(ELEM))), "the norm epilogue is for the post-scale kernel only");
-  static_assert(SE == 0 || SE == 1, "SE: scale words early or not");
   float* stage = reinterpret_cast<float*>(cb_s);
   const int rowsb = (nwarps >> wk_log) * R * 16, rows0 = blockIdx.x * rowsb;
   if constexpr (is_vq(ELEM)) {
@@ -784,7 +782,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     // where each pair is in one group: kb even and groups of whole pairs, or one group a row). (The E2M1 kernels
     // loading their 16-bit block scales so, one a kblock, were slower than lean alone: H200, thirtieth session.)
     uint32_t se[U][R][2];
-    if constexpr (SE >= 1) {
+    if constexpr (SE) {
       static_assert(ELEM == 3 && LEAN && U % 2 == 0, "early scale words: the lean post-scale kernels, even rounds");
 #pragma unroll
       for (int u = 0; u < U; u += 2) {
@@ -861,7 +859,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
 // compile as they did without it (the extra epilogue changed the main loop's register allocation: the GLU call at
 // M = 1 took 22.9 µs instead of 21.3 in the 8B decode, H200, kernels_h200_notes.md eighteenth session).
 template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool XS = false, bool NORM = false,
-          bool LEAN = false, int SE = 0>
+          bool LEAN = false, bool SE = false>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS) {
   mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM, LEAN, SE>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp,
                                                            wk_log, cb, cb1_at, cb_n, glu, epi);
@@ -967,16 +965,16 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     const bool early = thin && scale_early() && (G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0));
     if constexpr (MT == 2 && R == 2 && BITS == 4 && S::U % 2 == 0) {
       if (early && scale_early16())
-        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, 1>
-                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 1>;
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
     }
     if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
       if (early && norm)
-        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, 1>
-                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, 1>;
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, true>;
       else if (early)
-        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, 1>
-                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, 1>;
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
     }
   }
   // e2m1_lean(): the E2M1 kernels at M <= 8 with 256-thread blocks lean. H200, MXFP4 bf16 M = 1 (thirtieth
