@@ -16,7 +16,7 @@ for r in ${RUNS-a b}; do
     if [ "$setting" != - ]; then
       IFS=, read -ra envs <<< "$setting"; tag=$(echo "$setting" | tr -c "A-Za-z0-9._\n" "-")
     fi
-    env "${envs[@]}" BATCH=${BATCH:-1} FORMATS=uniform DECODE_S=${DECODE_S:-140} TAG=_${r}_${tag}_b${BATCH:-1} BUILD=0 \
+    env "${envs[@]}" BATCH=${BATCH:-1} FORMATS=uniform DECODE_S=${DECODE_S:-200} TAG=_${r}_${tag}_b${BATCH:-1} BUILD=0 \
       bash bench/lmhead_session.sh 2>&1 | grep -v "^real\|^user\|^sys" | tail -4
   done
 done

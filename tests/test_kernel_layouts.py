@@ -254,6 +254,9 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     # 4 warps, so the block takes 4 row groups to hold 16 warps
     assert codebook_cuda.launch_config(1536, 640, 1, 16) == (4, 4) and codebook_cuda.launch_config(1536, 640, 1)[1] == 1
     assert uniform_cuda.launch_config(28672, 4096, 4, 1) == (2, 4, 1)  # two tiles at M <= 8: 4-bit layouts only
+    # 3-bit codes at M <= 8 on few rows: 8 warps, not the 512-thread kernel (kernels_sweep_h200_w3_s31.json)
+    assert uniform_cuda.launch_config(4096, 14336, 3, 1) == uniform_cuda.launch_config(4096, 4096, 3, 8) == (1, 8, 1)
+    assert uniform_cuda.launch_config(4096, 14336, 2, 1) == (1, 16, 1)
     assert uniform_cuda.launch_config(28672, 4096, 3, 1)[0] == uniform_cuda.launch_config(28672, 4096, 2, 4)[0] == 1
     monkeypatch.setattr(uniform_cuda, "x_stage", lambda: False)  # unstaged, one warp a row group is never picked
     assert uniform_cuda.launch_config(28672, 8192, 4, 64) == (1, 4, 1)

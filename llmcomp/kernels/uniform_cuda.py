@@ -256,7 +256,11 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     46.04 with the best one-tile configuration; W2 36.16 against 33.21 with this rule's one tile × 4 warps). At
     most two row tiles an SM (4096 rows on an H200): 16 warps split K (the wide instantiation), two tiles a warp at
     M = 9..16 (H200 sweep, kernels_sweep_h200_wide.json: 4096 × 14336 M=1 11.2 µs against
-    13.6 with 8 warps). Above M = 16 (one tile a warp; H200 sweep kernels_sweep_h200_rowgroups.json): many
+    13.6 with 8 warps), except 3-bit codes at M ≤ 8: their one-tile 512-thread kernel needs 78 registers (bf16,
+    sm_90), so one block an SM and two waves of blocks on 4096 rows; 8 warps (H200 sweep
+    kernels_sweep_h200_w3_s31.json, M=1: 4096² 6.41 µs against 7.43 at 16 warps, 4096 × 14336 15.41 against 17.46;
+    bounded to two blocks, 64 registers and no spill, it still lost: 6.82 / 16.71, kernels_sweep_h200_w3_lb_s31.json).
+    Above M = 16 (one tile a warp; H200 sweep kernels_sweep_h200_rowgroups.json): many
     rows with a short K take 4 row groups a block of 2 warps each (x read once a block for 4 tiles: 14336 × 4096
     M=32 29.6 µs against 33.7, M=64 56.3 against 64.1), many rows 4 warps, otherwise 4 warps at M > 32
     (4096 × 14336 M=64 46.9 against 58.5) and 8 up to 32. With x staged in shared memory (one warp a row group,
@@ -293,6 +297,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     kbs = k // kblock(bits)
     if m <= 16 and n // 16 <= 2 * sms:
+        if m <= 8 and bits == 3:  # its 512-thread kernel: one block an SM (see above), so two waves of blocks
+            return 1, 8, 1
         return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
