@@ -19,7 +19,7 @@ def main(argv=None):
     ap.add_argument("--ms", default=None, help="e.g. 1,4,16")
     ap.add_argument("--bits", default="4")
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--float-formats", default="mxfp4,nvfp4", help="other formats to time too: mxfp4,nvfp4,fp4,vq2,vq3 ('' for none)")
+    ap.add_argument("--float-formats", default="mxfp4,nvfp4", help="other formats to time too: mxfp4,nvfp4,fp4,vq2,vq3,pvq2,pvq3 ('' for none)")
     ap.add_argument("--fp16", action="store_true", help="also time the uniform rows with float16 activations")
     ap.add_argument("--sweep", default=None, choices=SWEEP_FORMATS,
                     help="instead, time one format's mma kernel over its launch parameters (kernel_bench.sweep; "

@@ -25,7 +25,7 @@ def kernels(
     ms: Annotated[str, typer.Option("--ms", help="Batch sizes M.")] = "1,4,16,64,256",
     bits: Annotated[str, typer.Option(help="Bit widths of the uniform format.")] = "4",
     group_size: Annotated[int, typer.Option(help="Group size.")] = 128,
-    float_formats: Annotated[str, typer.Option(help="Other formats to time too (mxfp4,nvfp4,fp4,vq2,vq3), '' for none.")] = "mxfp4,nvfp4",
+    float_formats: Annotated[str, typer.Option(help="Other formats to time too (mxfp4,nvfp4,fp4,vq2,vq3,pvq2,pvq3), '' for none.")] = "mxfp4,nvfp4",
     fp16: Annotated[bool, typer.Option("--fp16", help="Also time the uniform rows with float16 activations (and fp16 cuBLAS).")] = False,
 ):
     """Time the dequant-GEMM fast paths against bf16 cuBLAS, torch's int4 tinygemm and bitsandbytes NF4."""
@@ -40,9 +40,9 @@ def kernels(
             raise UserError(f"--shapes must look like 4096x4096,14336x4096, got {shapes!r}.")
         m_list, bit_list = _ints(ms, "--ms"), tuple(_ints(bits, "--bits"))
         floats = tuple(f.strip() for f in float_formats.split(",") if f.strip())
-        bad = [f for f in floats if f not in ("mxfp4", "nvfp4", "fp4", "vq2", "vq3")]
+        bad = [f for f in floats if f not in ("mxfp4", "nvfp4", "fp4", "vq2", "vq3", "pvq2", "pvq3")]
         if bad:
-            raise UserError(f"--float-formats takes mxfp4, nvfp4, fp4, vq2 or vq3, got {', '.join(bad)}.")
+            raise UserError(f"--float-formats takes mxfp4, nvfp4, fp4, vq2, vq3, pvq2 or pvq3, got {', '.join(bad)}.")
         import torch
 
         if not torch.cuda.is_available():

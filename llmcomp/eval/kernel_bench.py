@@ -76,10 +76,12 @@ def _copies(nbytes: int) -> int:
     return max(2, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
 
 
-def _layer_copies(fmt, base: dict, k: int) -> list:
-    """Enough ``QuantLinear`` copies of one packed weight that cycling through them always reads HBM."""
+def _layer_copies(fmt, base: dict, k: int, n: Optional[int] = None) -> list:
+    """Enough ``QuantLinear`` copies of one packed weight that cycling through them always reads HBM (``n``: the
+    output features, for formats whose tensors are not row-major)."""
     nbytes = state_bytes(base)
-    return [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k) for _ in range(_copies(nbytes))]
+    return [QuantLinear.from_packed(fmt, {kk: v.clone() for kk, v in base.items()}, k, out_features=n)
+            for _ in range(_copies(nbytes))]
 
 
 def roofline_pct(nbytes: int, m: int, n: int, k: int, bw: float, seconds: float) -> float:
@@ -156,6 +158,28 @@ def random_codebook(fmt, n: int, k: int, seed: int = 0, device="cpu") -> dict:
     return {name: t.to(device) for name, t in fmt.pack(f).items()}
 
 
+def random_pyramid(fmt, n: int, k: int, seed: int = 0, device="cpu", tail: float = 0.0) -> dict:
+    """Packed ``pyramid`` tensors for random groups (timing and layout tests need no quantizer): each group's point
+    is ⌊K·|x|/‖x‖₁⌋ with the missing pulses on its largest remainders — on the pyramid, not the greedy search's
+    point. ``tail`` > 0 draws heavy-tailed groups (x · exp(tail · z)), whose large pulses the CUDA path keeps as
+    escapes; random gains."""
+    g = torch.Generator().manual_seed(seed)
+    b, nb = n // fmt.dim, fmt.norm_bits
+    x = torch.randn(b * k, fmt.dim, generator=g)
+    if tail:
+        x = x * (tail * torch.randn(b * k, fmt.dim, generator=g)).exp()
+    x = x.to(device)
+    a = fmt.pulses * x.abs() / x.abs().sum(1, keepdim=True)
+    y = a.floor()
+    rem = fmt.pulses - y.sum(1, keepdim=True)
+    rank = (a - y).argsort(1, descending=True).argsort(1)
+    y = (y + (rank < rem).float()) * torch.where(x < 0, -1.0, 1.0)
+    f = {"pulses": y.to(torch.int16).reshape(b, k, fmt.dim).transpose(1, 2).reshape(n, k),
+         "norm_code": torch.randint(0, 1 << nb, (b, k), generator=g).to(device),
+         "norm_levels": (torch.rand(1 << nb, generator=g) * 0.1).half().to(device)}
+    return {name: t.to(device) for name, t in fmt.pack(f).items()}
+
+
 CODEBOOK_FORMATS = ("vq2", "vq3")  # VPTQ's rows: 4-vectors, one 8-bit stage (2 b/w) or 8 + 4 bits (3 b/w)
 
 
@@ -166,39 +190,60 @@ def codebook_format(name: str):
     return Codebook(dim=4, bits=(8,) if name == "vq2" else (8, 4))
 
 
+PYRAMID_FORMATS = {"pvq2": 38, "pvq3": 87}  # PVQ's rows: N = 64, 8-bit gains, K pulses for ~2 and 3 b/w
+PYRAMID_TAIL = 0.5  # heavy-tailed random groups: escapes 1e-5 (pvq2) and 4e-3 (pvq3) of the pulses, as real weights
+
+
 def _packed_for(name: str, n: int, k: int):
-    """(format, packed tensors on the GPU) for a bench row: E2M1 by RTN of a random weight, VQ random."""
+    """(format, packed tensors on the GPU) for a bench row: E2M1 by RTN of a random weight, VQ and PVQ random."""
     from llmcomp.formats import FORMATS
+    from llmcomp.formats.pyramid import Pyramid
     from llmcomp.quant.fp4 import fp4_fields
 
     if name in CODEBOOK_FORMATS:
         fmt = codebook_format(name)
         return fmt, random_codebook(fmt, n, k, n + k, "cuda")
+    if name in PYRAMID_FORMATS:
+        fmt = Pyramid(dim=64, pulses=PYRAMID_FORMATS[name], norm_bits=8)
+        return fmt, random_pyramid(fmt, n, k, n + k, "cuda", PYRAMID_TAIL)
     fmt = FORMATS.get(name)()
     w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
     return fmt, fmt.pack(fp4_fields(w, fmt))
 
 
 def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path], log) -> None:
-    """Other formats through ``QuantLinear`` — E2M1 and VQ ``vq2`` / ``vq3`` (the mma kernel with codebook
-    lookups) — each against its own stored bytes; speed-up against the bf16 row of the same shape and M
-    measured earlier in this run."""
+    """Other formats through ``QuantLinear`` — E2M1, VQ ``vq2`` / ``vq3`` (the mma kernel with codebook lookups)
+    and PVQ ``pvq2`` / ``pvq3`` — each against its own stored bytes; speed-up against the bf16 row of the same shape
+    and M measured earlier in this run. PVQ rows also give the kernel's own reads (``layout_bytes``: its 4-bit codes,
+    scales and escapes, decoded from the stored index at the first call) and their roofline, and the escapes'
+    share of the pulses."""
     bf16 = {(r["N"], r["K"], r["M"]): r["bf16_us"] for r in result["rows"] if "bf16_us" in r}
     for name in formats:
         for n, k in shapes:
             fmt, base = _packed_for(name, n, k)
             nbytes = state_bytes(base)
-            layers = _layer_copies(fmt, base, k)
+            extra = {}
+            if name in PYRAMID_FORMATS:
+                from llmcomp.kernels import pyramid_cuda
+
+                prep = pyramid_cuda.prepare(fmt, base, k)
+                extra = {"escapes": round(pyramid_cuda.escape_fraction(prep), 7),
+                         "layout_bytes": state_bytes({t: prep[t] for t in ("qw", "s", "esc_ptr", "esc_pos", "esc_val")})}
+                del prep
+            layers = _layer_copies(fmt, base, k, n)
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                row = {"format": name, "N": n, "K": k, "M": m}
+                row = {"format": name, "N": n, "K": k, "M": m, **extra}
                 with torch.inference_mode():
-                    _time_into(row, "llmcomp", [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
+                    t = _time_into(row, "llmcomp", [lambda lay=lay: lay(x) for lay in layers], nbytes, bw)
+                if "layout_bytes" in row:
+                    row["layout_roofline_pct"] = round(roofline_pct(row["layout_bytes"], m, n, k, bw, t), 2)
                 if (n, k, m) in bf16:
                     row["speedup_vs_bf16"] = round(bf16[(n, k, m)] / row["llmcomp_us"], 3)
                 result["rows"].append(row)
+                own = f" (its layout {row['layout_roofline_pct']:5.1f}%)" if "layout_roofline_pct" in row else ""
                 log(f"{name:6s} {n:6d}x{k:<6d} M={m:<4d} llmcomp {row['llmcomp_us']:8.2f}us "
-                    f"{row['llmcomp_roofline_pct']:5.1f}%  vs bf16 {row.get('speedup_vs_bf16', '-')}")
+                    f"{row['llmcomp_roofline_pct']:5.1f}%{own}  vs bf16 {row.get('speedup_vs_bf16', '-')}")
                 _save(result, out)
             del layers
             torch.cuda.empty_cache()

@@ -38,11 +38,12 @@ def fwht(x: torch.Tensor, b: int) -> torch.Tensor:
     return y.reshape(*lead, n)
 
 
-def rotate(w: torch.Tensor, seed: int) -> torch.Tensor:
-    """``w · R`` for ``w`` [..., in] (float32)."""
+def rotate(w: torch.Tensor, seed: int, d: torch.Tensor | None = None) -> torch.Tensor:
+    """``w · R`` for ``w`` [..., in] (float32). ``d``: ``signs(in, seed)`` on w's device, where the caller keeps it
+    (no host-to-device copy a call, nothing random inside a compiled graph)."""
     n = w.shape[-1]
     b = block_size(n)
-    return fwht(w.float() * signs(n, seed, w.device), b) / b**0.5
+    return fwht(w.float() * (signs(n, seed, w.device) if d is None else d), b) / b**0.5
 
 
 def unrotate(w: torch.Tensor, seed: int) -> torch.Tensor:

@@ -120,12 +120,19 @@ class Pyramid(WeightFormat):
         return {"pulses": self.ungroup(y), "norm_levels": tensors["norm_levels"],
                 "norm_code": unpack_wide(tensors["norm_code"], self.norm_bits, in_features, tight=True)}
 
-    def dequantize(self, tensors: dict[str, torch.Tensor], in_features: int,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def points_and_scales(self, tensors: dict[str, torch.Tensor], in_features: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pulses y [out, in], scale float32 [B, in]) with W·R = y · scale[row // N] (before ``rotate`` is undone):
+        what ``dequantize`` multiplies, and what the CUDA fast path (kernels/pyramid_cuda.py) holds instead."""
         f = self.unpack(tensors, in_features)
         y = self.groups(f["pulses"].float())  # (B, in, N)
         gain = f["norm_levels"].float()[f["norm_code"]]  # (B, in)
-        w = self.ungroup(y * (gain / y.norm(dim=-1)).unsqueeze(-1))
+        return f["pulses"], gain / y.norm(dim=-1)
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], in_features: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        pulses, scale = self.points_and_scales(tensors, in_features)
+        w = self.ungroup(self.groups(pulses.float()) * scale.unsqueeze(-1))
         if self.rotate:
             w = hadamard.unrotate(w, self.seed)
         return w.to(dtype)

@@ -167,8 +167,8 @@ def _outlier_fast_path(device_type: str) -> None:
 
 
 def _register_builtin() -> None:
-    """Fast paths for CUDA: the CUDA C++ mma kernel (uniform 2/3/4-bit, the E2M1 formats and codebook 4-vectors,
-    compiled at first use), then Triton (uniform 2/4/8-bit; the codebook format at M ≤ 8 when LLMCOMP_CODEBOOK_KERNEL=1)
+    """Fast paths for CUDA: the CUDA C++ mma kernel (uniform 2/3/4-bit, the E2M1 formats, codebook 4-vectors and
+    PVQ groups of a multiple of 16, compiled at first use), then Triton (uniform 2/4/8-bit; the codebook format at M ≤ 8 when LLMCOMP_CODEBOOK_KERNEL=1)
     where it is importable; CPU needs none. Each one's ``supports`` checks shapes and dtypes, so anything
     it cannot take falls through to the next path and finally the reference."""
 
@@ -219,6 +219,23 @@ def _register_builtin() -> None:
 
     # the CUDA kernels (4-vectors, group 0): the mma kernel, the lookup-table GEMV at one row
     register_fast_path("codebook", "cuda", vq_supports, vq_fn, vq_freeze, vq_fuse)
+
+    def pvq_supports(fmt, x, tensors, in_features):
+        from llmcomp.kernels import pyramid_cuda
+
+        return pyramid_cuda.supports(fmt, x, tensors["weight_index"].shape[0] * fmt.dim, in_features)
+
+    def pvq_fn(x, fmt, tensors, in_features, bias=None, cache=None):
+        from llmcomp.kernels import pyramid_cuda
+
+        return pyramid_cuda.linear(x, fmt, tensors, in_features, bias, cache)
+
+    def pvq_freeze(fmt, tensors, in_features, dtype, cache=None):
+        from llmcomp.kernels import pyramid_cuda
+
+        return pyramid_cuda.frozen(fmt, tensors, in_features, dtype, cache)
+
+    register_fast_path("pyramid", "cuda", pvq_supports, pvq_fn, pvq_freeze)  # PVQ: decoded once to 4-bit codes
     _outlier_fast_path("cuda")
     try:
         import triton  # noqa: F401

@@ -379,7 +379,7 @@ def launch_config(n: int, k: int, m: int, copies: int = 1) -> tuple[int, int]:
     block takes 16 warps, the same split of K (clamped as the kernel clamps it) and more row groups (H200 sweep,
     kernels_sweep_h200_vq_copies.json: vq2 14336 × 4096 M=1 15.2 µs at (4, 4) against 30.7 at (4, 1) and 20.0
     with one table; the best of the sweep at every measured shape and M = 1, within 1 % at M = 16)."""
-    _, warps, wr = uniform_cuda.launch_config(n, k, 2, m, staged=False)
+    _, warps, wr = uniform_cuda.launch_config(n, k, 2, m, staged=False, elem=4)  # elem 4: not uniform codes
     if copies > 1 and m <= 16:
         kb = max(1, k // uniform_cuda.kblock(2))
         warps = min(warps, 1 << (kb.bit_length() - 1))  # the kernel's own clamp: a power of two ≤ the kblocks

@@ -33,7 +33,7 @@ from llmcomp.kernels.switches import env_off
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu",
-           "vq_lut.cu")  # + HEADERS
+           "vq_lut.cu", "pvq_mma.cu")  # + HEADERS
 HEADERS = ("uniform_mma.cuh", "launch.cuh")
 MAX_M = 64
 BITS = (2, 3, 4)
@@ -300,6 +300,16 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         if m <= 8 and bits == 3:  # its 512-thread kernel: one block an SM (see above), so two waves of blocks
             return 1, 8, 1
         return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
+    if m <= 16 and elem == 0 and bits in (2, 3) and (m > 8 or (bits == 2 and n // 32 >= 6 * sms)):
+        # uniform 2-bit layouts, many rows (H200 sweeps sweep_w2_m1_h200_s32.json, sweep_w3_m16_h200_s32.json;
+        # the rule below was 1.2-1.8x slower there): W2 at M <= 8 on very many rows two tiles x 8 warps (28672 x 8192
+        # 30.96 us against 36.34 with one tile x 4; W3 keeps one tile there, 47.07 against 50.08); W3 at M = 9..16
+        # two tiles, x read once a block of 4 row groups (14336 x 4096 21.67 us against 39.28 with one tile x 4 warps)
+        # or, on very many rows, 8 row groups of 2 warps (28672 x 8192 65.75 against 67.64 at two tiles x 4 warps)
+        if m <= 8:
+            return 2, 8, 1
+        if bits == 3 or n // 32 >= 6 * sms:  # (W2 at M = 9..16: not swept, only very many rows take this)
+            return (2, 2, 8) if n // 32 >= 6 * sms else (2, 4, 4)
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
         post = post and m > 8 and bits == 4 and elem == 0 and n % 32 == 0  # the post-scale kernel's two tiles

@@ -267,6 +267,12 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
   return w;
 }
 
+// csrc/pvq_mma.cu: PVQ (pyramid) weights decoded to 4-bit codes, 1..8 rows of x; their dequantize.
+torch::Tensor pvq_gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor s, int64_t dim, torch::Tensor esc_ptr,
+                       torch::Tensor esc_pos, torch::Tensor esc_val, torch::Tensor part, torch::Tensor counters,
+                       int64_t n, int64_t r, int64_t warps, int64_t splits);
+torch::Tensor pvq_dequant(torch::Tensor qw, torch::Tensor s, int64_t dim, int64_t n, int64_t k, bool bf16);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "uniform 2/3/4-bit and e2m1 dequant-GEMM (mma.sync, M <= 64; glu: silu(gate) * up epilogue)");
   m.def("gemm_norm", &gemm_norm, "gemm with an RMSNorm split around it: its producer (res, gamma) or consumer (sq)");
@@ -283,5 +289,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_early", &scale_early, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY=0)");
   m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");
+  m.def("pvq_gemm", &pvq_gemm, "PVQ weights as 4-bit codes + escapes, scales on x (mma.sync, M <= 8)");
+  m.def("pvq_dequant", &pvq_dequant, "PVQ weights from pvq_gemm's layout (escapes not included)");
   m.def("dequant", &dequant, "uniform 2/3/4-bit and e2m1 dequantize from the kernel layout");
 }

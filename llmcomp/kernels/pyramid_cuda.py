@@ -1,0 +1,217 @@
+"""CUDA fast path for the ``pyramid`` format (PVQ): ``csrc/pvq_mma.cu``, 1–8 rows of x on the tensor cores,
+dequantize + cuBLAS above.
+
+The stored enumeration index decodes by a sequential big-integer walk down each group — far too slow inside a
+GEMM — so the first call decodes it once (``prepare``, on the weight's device) into a layout the kernel multiplies
+directly:
+
+- ``qw``: the pulses y clamped to [-8, 7] as 4-bit codes y + 8, in the mma's A-fragment order (``layout``; inputs
+  padded to chunks of 64 with code 8, i.e. 0);
+- ``s``: the group scales gain / ‖y‖ (float32 [out / dim, padded inputs], computed as ``Pyramid.dequantize`` does);
+- escapes: the pulses outside [-8, 7] (measured on the bundled model: none to 2e-4 of them at 2 bits a weight,
+  up to 3e-3 at 3 bits), their remainder y − clamp(y) times the scale, listed by row group and chunk.
+
+GPU memory is then the packed tensors (2–3 bits a weight) plus 4 + 32 / dim bits a weight for the layout — a quarter
+of what the reference path's cached bf16 weight takes. The kernel folds the scale into x (it varies along the inputs
+but not across a group's rows): a 16-row tile's product is codes · (x ⊙ s), x ⊙ s rounded once to x's dtype. Groups
+must be whole 16-row tiles (``dim`` a multiple of 16); other shapes take the reference. With ``rotate``, x is rotated
+(x · R, float32, then x's dtype) instead of the weight unrotated.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from llmcomp.formats import hadamard
+from llmcomp.kernels import uniform_cuda
+
+MAX_M = 8  # the kernel's rows of x (the mma's n); more: dequantize + cuBLAS
+CHUNK = 64  # inputs a lane's 16-byte load of one tile covers
+LOW, HIGH = -8, 7  # pulses held in the 4-bit codes; the rest are escapes
+
+
+def shape_ok(fmt, in_features: int, out_features: int) -> bool:
+    return fmt.dim % 16 == 0 and out_features % fmt.dim == 0 and in_features >= 1
+
+
+def supports(fmt, x: torch.Tensor, out_features: int, in_features: int) -> bool:
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    return (x.dtype in (torch.float16, torch.bfloat16) and rows >= 1 and shape_ok(fmt, in_features, out_features)
+            and uniform_cuda.extension() is not None)
+
+
+def tiles(dim: int) -> int:
+    """16-row tiles a row group (one block's rows, inside one PVQ group so that they share a scale row)."""
+    return 4 if dim % 64 == 0 else 2 if dim % 32 == 0 else 1
+
+
+def layout(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [N, Kp] (N % 16 == 0, Kp % 64 == 0) → int32 [N / 16, Kp / 64, 32, 4]: tile, chunk, lane (g, c),
+    kblock; nibble e·4 + h2·2 + h of a word is row g + 8h, input 16·kblock + 8·h2 + 2c + e (csrc/pvq_mma.cu)."""
+    n, kp = codes.shape
+    t = codes.to(torch.int32).reshape(n // 16, 2, 8, kp // CHUNK, 4, 2, 4, 2)  # tile h g chunk kb h2 c e
+    t = t.permute(0, 3, 2, 6, 4, 7, 5, 1).reshape(n // 16, kp // CHUNK, 32, 4, 8)  # tile chunk g c kb | e h2 h
+    words = (t.to(torch.int64) << torch.arange(0, 32, 4, device=codes.device)).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # the same 32 bits
+
+
+def codes_of(qw: torch.Tensor) -> torch.Tensor:
+    """``layout``'s inverse: int32 [N / 16, chunks, 32, 4] → codes [N, 64 · chunks] (tests, pure-torch reference)."""
+    tl, ch = qw.shape[:2]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qw.device)
+    t = (qw.unsqueeze(-1) >> shifts) & 0xF  # tile chunk g·4+c kb nib
+    t = t.reshape(tl, ch, 8, 4, 4, 2, 2, 2)  # tile chunk g c kb e h2 h
+    return t.permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(tl * 16, ch * CHUNK)
+
+
+def prepare(fmt, tensors: dict, in_features: int) -> dict:
+    """The kernel's operands for one weight, from its packed tensors (on their device)."""
+    pulses, scale = fmt.points_and_scales(tensors, in_features)
+    y = pulses.to(torch.int32)
+    n, k = y.shape
+    chunks = -(-k // CHUNK)
+    kp = chunks * CHUNK
+    yc = y.clamp(LOW, HIGH)
+    r = tiles(fmt.dim)
+    rows = 16 * r
+    row, col = (y != yc).nonzero(as_tuple=True)
+    key = (row // rows) * chunks + col // CHUNK  # row group, chunk: the kernel's order
+    order = torch.sort(key, stable=True).indices
+    row, col, key = row[order], col[order], key[order]
+    s_at = scale[row // fmt.dim, col]
+    ptr = torch.zeros((n // rows) * chunks + 1, dtype=torch.int64, device=y.device)
+    ptr[1:] = torch.bincount(key, minlength=(n // rows) * chunks).cumsum(0)
+    return {
+        "qw": layout(F.pad(yc + 8, (0, kp - k), value=8)),
+        "s": F.pad(scale.float(), (0, kp - k)).contiguous(),
+        "esc_ptr": ptr.to(torch.int32),
+        "esc_pos": ((col << 6) | (row % rows)).to(torch.int32),
+        "esc_val": ((y - yc)[row, col].float() * s_at).contiguous(),
+        "esc_index": row * k + col,  # for the dequantized weight: these positions hold y · s
+        "esc_w": y[row, col].float() * s_at,
+        "n": n, "k": k, "dim": fmt.dim, "r": r, "rotate": fmt.rotate, "seed": fmt.seed,
+        "signs": hadamard.signs(k, fmt.seed, y.device) if fmt.rotate else None,
+        "counters": torch.zeros(n // rows, dtype=torch.int32, device=y.device), "part": {},
+    }
+
+
+def escape_fraction(prep: dict) -> float:
+    return prep["esc_val"].numel() / (prep["n"] * prep["k"])
+
+
+def dequantize_layout(prep: dict) -> torch.Tensor:
+    """Pure-torch float32 W·R (rotation not undone) from the prepared layout: what the kernel multiplies."""
+    codes = codes_of(prep["qw"])[:, :prep["k"]].float() - 8
+    w = codes * prep["s"][:, :prep["k"]].repeat_interleave(prep["dim"], 0)
+    w.view(-1)[prep["esc_index"]] = prep["esc_w"]
+    return w
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(n: int, k: int, r: int, sms: int) -> tuple[int, int]:
+    """(warps a block, splits of the inputs): about four blocks an SM, at least one chunk a warp."""
+    groups, chunks = n // (16 * r), -(-k // CHUNK)
+    warps = 8 if chunks >= 8 else 4
+    splits = max(1, min(-(-4 * sms // groups), chunks // warps))
+    return warps, splits
+
+
+def _part(prep: dict, splits: int, device) -> torch.Tensor:
+    p = prep["part"].get(splits)
+    if p is None:
+        size = splits * prep["n"] * MAX_M if splits > 1 else 1
+        p = prep["part"][splits] = torch.empty(size, dtype=torch.float32, device=device)
+    return p
+
+
+def gemm_tensors(x2, qw, s, dim: int, esc_ptr, esc_pos, esc_val, part, counters, n: int, r: int, warps: int,
+                 splits: int) -> torch.Tensor:
+    return uniform_cuda.extension().pvq_gemm(x2.contiguous(), qw, s, dim, esc_ptr, esc_pos, esc_val, part, counters,
+                                             n, r, warps, splits)
+
+
+@torch.library.custom_op("llmcomp::pyramid_gemm", mutates_args=())
+def gemm_op(x2: torch.Tensor, qw: torch.Tensor, s: torch.Tensor, dim: int, esc_ptr: torch.Tensor,
+            esc_pos: torch.Tensor, esc_val: torch.Tensor, part: torch.Tensor, counters: torch.Tensor, n: int, r: int,
+            warps: int, splits: int) -> torch.Tensor:
+    """``gemm_tensors`` as one opaque op. ``part`` and ``counters`` are scratch the kernel overwrites before reading
+    and leaves zero as it found them (not declared mutated, as ``codebook_cuda.lut_op``)."""
+    return gemm_tensors(x2, qw, s, dim, esc_ptr, esc_pos, esc_val, part, counters, n, r, warps, splits)
+
+
+@gemm_op.register_fake
+def _(x2, qw, s, dim, esc_ptr, esc_pos, esc_val, part, counters, n, r, warps, splits):
+    return x2.new_empty(x2.shape[0], n)
+
+
+@torch.library.custom_op("llmcomp::pyramid_dequant", mutates_args=())
+def dequant_op(qw: torch.Tensor, s: torch.Tensor, dim: int, n: int, k: int, esc_index: torch.Tensor,
+               esc_w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W·R [n, k] in ``dtype`` from the layout, the escapes' positions written with y · s: bit-equal to
+    ``Pyramid.dequantize`` of the stored (rotated) weight."""
+    w = uniform_cuda.extension().pvq_dequant(qw, s, dim, n, k, dtype == torch.bfloat16)
+    w.view(-1)[esc_index] = esc_w.to(dtype)
+    return w
+
+
+@dequant_op.register_fake
+def _(qw, s, dim, n, k, esc_index, esc_w, dtype):
+    return qw.new_empty(n, k, dtype=dtype)
+
+
+def _args(prep: dict, m: int, device, launch: Optional[tuple] = None) -> tuple:
+    warps, splits = launch or launch_config(prep["n"], prep["k"], prep["r"], _sms(device.index or 0))
+    return (prep["qw"], prep["s"], prep["dim"], prep["esc_ptr"], prep["esc_pos"], prep["esc_val"],
+            _part(prep, splits, device), prep["counters"], prep["n"], prep["r"], warps, splits)
+
+
+def _rotated(x2: torch.Tensor, prep: dict) -> torch.Tensor:
+    return hadamard.rotate(x2, prep["seed"], prep["signs"]).to(x2.dtype) if prep["rotate"] else x2
+
+
+def gemm(x2: torch.Tensor, prep: dict, launch: Optional[tuple] = None) -> torch.Tensor:
+    """x2 [M, K] → y [M, N] in x2's dtype, without bias: the kernel at M ≤ 8 (``launch``: (warps, splits)),
+    dequantize + cuBLAS above."""
+    x2 = _rotated(x2, prep)
+    if x2.shape[0] <= MAX_M:
+        return gemm_op(x2, *_args(prep, x2.shape[0], x2.device, launch))
+    w = dequant_op(prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"],
+                   x2.dtype)
+    return F.linear(x2, w)
+
+
+def prepared(fmt, tensors: dict, in_features: int, cache=None) -> dict:
+    from llmcomp.kernels import cached
+
+    return cached(cache, ("cuda-pvq",), tensors, lambda: prepare(fmt, tensors, in_features))
+
+
+def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cache=None) -> torch.Tensor:
+    from llmcomp.kernels import rows_linear
+
+    prep = prepared(fmt, tensors, in_features, cache)
+    return rows_linear(x, in_features, lambda x2: gemm(x2, prep), bias)
+
+
+def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None):
+    """``x2 [M ≤ 64, in_features] -> x2 @ W^T`` as ``gemm`` with everything prepared up front (the scratch for the
+    default launch included), which ``torch.compile`` traces without a graph break."""
+    prep = prepared(fmt, tensors, in_features, cache)
+    device = prep["qw"].device
+    args = _args(prep, 1, device)
+    dq = (prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"], dtype)
+
+    def run(x2):
+        x2 = _rotated(x2, prep)
+        if x2.shape[0] <= MAX_M:
+            return gemm_op(x2, *args)
+        return F.linear(x2, dequant_op(*dq))
+
+    return run

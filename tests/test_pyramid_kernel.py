@@ -1,0 +1,151 @@
+"""The PVQ (``pyramid``) CUDA fast path: its prepared layout on CPU (CI) — codes, scales and escapes give back the
+reference weight bit for bit, the escape lists are where the kernel looks — and the kernel against the reference
+on CUDA (M = 1..300, fp16 / bf16, escapes, rotation, every launch)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmcomp.core.qlinear import QuantLinear
+from llmcomp.eval.kernel_bench import random_pyramid
+from llmcomp.formats.pyramid import Pyramid
+from llmcomp.kernels import fast_path
+from llmcomp.kernels import pyramid_cuda as pc
+
+# (format, heavy tail of the random groups): escapes from none to ~1 % of the pulses; tiles a row group 4, 2, 1
+CASES = [(Pyramid(dim=64, pulses=38), 0.0), (Pyramid(dim=64, pulses=87, norm_bits=6), 0.5),
+         (Pyramid(dim=32, pulses=87, rotate=True, seed=5), 0.5), (Pyramid(dim=16, pulses=40, norm_bits=4), 0.3),
+         (Pyramid(dim=48, pulses=30), 0.5)]
+IDS = ["N64K38", "N64K87-escapes", "N32K87-hadamard", "N16K40-escapes", "N48K30"]
+
+
+def _unrotated(fmt: Pyramid) -> Pyramid:
+    return Pyramid(dim=fmt.dim, pulses=fmt.pulses, norm_bits=fmt.norm_bits)
+
+
+def test_layout_round_trip():
+    codes = torch.randint(0, 16, (48, 192), generator=torch.Generator().manual_seed(0))
+    qw = pc.layout(codes)
+    assert qw.shape == (3, 3, 32, 4) and qw.dtype == torch.int32
+    assert torch.equal(pc.codes_of(qw), codes)
+    # lane (g, c) = (1, 2), kblock 1 of tile 0, chunk 0: nibble 0 is row g, input 16 + 2c; nibble 7 row g + 8,
+    # input 16 + 8 + 2c + 1 (the mma's A fragment: csrc/pvq_mma.cu)
+    word = int(qw[0, 0, 1 * 4 + 2, 1]) & 0xFFFFFFFF
+    assert word & 0xF == codes[1, 16 + 4] and word >> 28 == codes[9, 16 + 8 + 4 + 1]
+
+
+@pytest.mark.parametrize("fmt,tail", CASES, ids=IDS)
+def test_prepared_layout_rebuilds_the_weight(fmt, tail):
+    """Codes, scales and escapes evaluated in torch give the stored (rotated) weight bit for bit; the escapes are
+    listed by row group and chunk with the positions the kernel decodes."""
+    n, k = 4 * fmt.dim, 300
+    t = random_pyramid(fmt, n, k, 1, tail=tail)
+    prep = pc.prepare(fmt, t, k)
+    assert torch.equal(pc.dequantize_layout(prep), _unrotated(fmt).dequantize(t, k))
+    codes = pc.codes_of(prep["qw"])
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15 and bool((codes[:, k:] == 8).all())
+    if tail:
+        assert pc.escape_fraction(prep) > 0
+    # escapes as the kernel finds them: entries ptr[rg · chunks + c] .. ptr[+ 1] of row group rg, chunk c
+    rows, chunks = 16 * prep["r"], prep["qw"].shape[1]
+    ptr, pos = prep["esc_ptr"].long(), prep["esc_pos"].long()
+    y, scale = fmt.points_and_scales(t, k)
+    rest = torch.zeros(n, k)
+    for key in range(len(ptr) - 1):
+        for e in range(int(ptr[key]), int(ptr[key + 1])):
+            r, kk = (key // chunks) * rows + int(pos[e] & 63), int(pos[e] >> 6)
+            assert kk // pc.CHUNK == key % chunks
+            rest[r, kk] += prep["esc_val"][e]
+    clamped = y.float().clamp(pc.LOW, pc.HIGH)
+    s_rows = scale.repeat_interleave(fmt.dim, 0)
+    assert torch.allclose(rest, (y.float() - clamped) * s_rows, rtol=0, atol=0)
+
+
+def test_which_shapes_take_the_kernel():
+    assert pc.shape_ok(Pyramid(dim=64), 576, 576) and pc.shape_ok(Pyramid(dim=16), 7, 32)
+    assert not pc.shape_ok(Pyramid(dim=8), 576, 576)  # a group must be whole 16-row tiles
+    assert not pc.shape_ok(Pyramid(dim=24), 576, 576)
+    assert [pc.tiles(d) for d in (16, 32, 48, 64, 128)] == [1, 2, 1, 4, 4]
+    fmt = Pyramid(dim=16, pulses=8, norm_bits=4)
+    t = random_pyramid(fmt, 32, 64)
+    assert fast_path(fmt, torch.zeros(1, 64), t, 64) is None  # CPU: the reference
+
+
+def test_launch_config_fills_the_machine():
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (576, 576), (64, 100)]:
+        warps, splits = pc.launch_config(n, k, 4, 132)
+        chunks = -(-k // 64)
+        assert warps in (4, 8) and 1 <= splits and (splits == 1 or splits * warps <= chunks)
+        if n >= 4096:
+            assert n // 64 * splits >= 132  # at least a block an SM
+
+
+# -- CUDA -------------------------------------------------------------------------------------------------
+
+
+def _rel_err(y, x, fmt, t, k):
+    ref = F.linear(x.float(), fmt.dequantize(t, k, dtype=torch.float32))
+    return float((y.float() - ref).abs().max() / ref.abs().max())
+
+
+TOL = 2e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt,tail", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_kernel_matches_reference(fmt, tail, dtype):
+    for n, k in [(fmt.dim * 3, 100), (fmt.dim * 4, 576), (fmt.dim * 16, 1000), (fmt.dim * 64, 4096)]:
+        t = random_pyramid(fmt, n, k, n + k, "cuda", tail)
+        q = QuantLinear.from_packed(fmt, t, k, out_features=n)
+        g = torch.Generator(device="cuda").manual_seed(k)
+        assert fast_path(fmt, torch.zeros(1, k, device="cuda", dtype=dtype), t, k) is not None
+        for m in (1, 2, 3, 5, 8, 9, 17, 64, 300):
+            x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+            with torch.no_grad():
+                y = q(x)
+            assert y.dtype == dtype and y.shape == (m, n)
+            assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt,tail", CASES[:2] + CASES[3:4], ids=[IDS[0], IDS[1], IDS[3]])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_every_launch_matches_the_reference(fmt, tail, dtype):
+    n, k = fmt.dim * 8, 1600
+    t = random_pyramid(fmt, n, k, 7, "cuda", tail)
+    prep = pc.prepare(fmt, t, k)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m in (1, 4, 8):
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        for warps in (4, 8):
+            for splits in (1, 2, 3, 7, 25):
+                y = pc.gemm(x, prep, (warps, splits))
+                assert _rel_err(y, x, fmt, t, k) < TOL, (m, warps, splits)
+                assert int(prep["counters"].abs().sum()) == 0  # left zero for the next call
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt,tail", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_dequantize_is_bit_exact(fmt, tail, dtype):
+    n, k = fmt.dim * 5, 333
+    t = random_pyramid(fmt, n, k, 3, "cuda", tail)
+    prep = pc.prepare(fmt, t, k)
+    w = pc.dequant_op(prep["qw"], prep["s"], prep["dim"], n, k, prep["esc_index"], prep["esc_w"], dtype)
+    assert torch.equal(w, _unrotated(fmt).dequantize(t, k, dtype=dtype))
+
+
+@pytest.mark.cuda
+def test_frozen_forward_traces_in_one_graph():
+    fmt = Pyramid(dim=32, pulses=87, rotate=True, seed=2)
+    n, k = 256, 640
+    t = random_pyramid(fmt, n, k, 4, "cuda", 0.5)
+    q = QuantLinear.from_packed(fmt, t, k, out_features=n)
+    run = q.frozen_forward(torch.bfloat16)
+    assert run is not None
+    compiled = torch.compile(run, fullgraph=True)
+    for m in (1, 8, 20):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        with torch.no_grad():
+            eager, traced = q(x), compiled(x)
+        assert torch.allclose(eager.float(), traced.float(), rtol=1e-2, atol=1e-2 * float(eager.float().abs().max()))
