@@ -1,6 +1,6 @@
-"""Launch sweep of the PVQ kernel (csrc/pvq_mma.cu): every (warps, splits) at each shape and M against
-``pyramid_cuda.launch_config``'s pick, timed as ``llmcomp bench kernels`` times (CUDA graphs, copies of the weight
-cycled so every call reads HBM).
+"""Launch sweep of the PVQ kernel (csrc/pvq_mma.cu): every (tiles a row group, warps, splits) at each shape and M
+against ``pyramid_cuda.launch_config``'s pick, timed as ``llmcomp bench kernels`` times (CUDA graphs, copies of the
+weight cycled so every call reads HBM).
     python bench/pvq_launch.py --out sweep_pvq.json [--shapes 4096x4096] [--ms 1,8] [--format pvq2]
 """
 import argparse
@@ -28,23 +28,21 @@ def main():
     for n, k in shapes:
         fmt, base = kb._packed_for(args.format, n, k)
         preps = [pc.prepare(fmt, base, k) for _ in range(kb._copies(state_bytes(base)))]
-        rule = pc.launch_config(n, k, preps[0]["r"], sms)
+        rule = pc.launch_config(n, k, fmt.dim, sms)
         chunks = -(-k // pc.CHUNK)
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             best = None
-            for warps in (4, 8):
-                for splits in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, rule[1]}):
-                    if splits > 1 and splits * warps > chunks:
-                        continue
-                    t = kb.per_call_seconds([lambda p=p: pc.gemm(x, p, (warps, splits)) for p in preps])
-                    row = {"N": n, "K": k, "M": m, "warps": warps, "splits": splits, "us": round(t * 1e6, 3),
-                           "pct": round(kb.roofline_pct(state_bytes(base), m, n, k, bw, t), 2), "rule": (warps, splits) == rule}
-                    rows.append(row)
-                    best = row if best is None or row["us"] < best["us"] else best
+            for launch in sorted({(r, w, sp) for r in pc.tile_options(fmt.dim) for w in (4, 8, 16)
+                                  for sp in (1, 2, 4, 8) if sp * w <= chunks} | {rule}):
+                t = kb.per_call_seconds([lambda p=p: pc.gemm(x, p, launch) for p in preps])
+                row = {"N": n, "K": k, "M": m, "launch": launch, "us": round(t * 1e6, 3),
+                       "pct": round(kb.roofline_pct(state_bytes(base), m, n, k, bw, t), 2), "rule": launch == rule}
+                rows.append(row)
+                best = row if best is None or row["us"] < best["us"] else best
             ruled = next(r for r in rows if r["N"] == n and r["K"] == k and r["M"] == m and r["rule"])
             print(f"{args.format} {n}x{k} M={m}: rule {rule} {ruled['us']:.2f} us ({ruled['pct']:.1f} %), best "
-                  f"({best['warps']}, {best['splits']}) {best['us']:.2f} us ({best['pct']:.1f} %)", flush=True)
+                  f"{best['launch']} {best['us']:.2f} us ({best['pct']:.1f} %)", flush=True)
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "format": args.format,
                                             "copy_bandwidth_Bps": bw, "rows": rows}, indent=1))
         del preps

@@ -261,7 +261,8 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     # 2-bit layouts (sweep_w2_m1_h200_s32.json, sweep_w3_m16_h200_s32.json): W2 on very many rows two tiles x 8 warps
     # at M <= 8; W3 at M = 9..16 two tiles with 4 (many rows) or 8 (very many) row groups; few rows as before
     assert uniform_cuda.launch_config(28672, 8192, 2, 1) == uniform_cuda.launch_config(28672, 4096, 2, 4) == (2, 8, 1)
-    assert uniform_cuda.launch_config(14336, 4096, 2, 1) == (1, 4, 1) and uniform_cuda.launch_config(28672, 8192, 3, 1)[0] == 1
+    assert uniform_cuda.launch_config(14336, 4096, 2, 1) == (1, 4, 1)
+    assert uniform_cuda.launch_config(28672, 8192, 3, 1)[0] == 1
     assert uniform_cuda.launch_config(14336, 4096, 3, 16) == (2, 4, 4)
     assert uniform_cuda.launch_config(28672, 8192, 3, 16) == uniform_cuda.launch_config(28672, 8192, 2, 12) == (2, 2, 8)
     assert uniform_cuda.launch_config(4096, 14336, 3, 16) == (2, 16, 1)

@@ -45,26 +45,28 @@ def test_prepared_layout_rebuilds_the_weight(fmt, tail):
     assert int(codes.min()) >= 0 and int(codes.max()) <= 15 and bool((codes[:, k:] == 8).all())
     if tail:
         assert pc.escape_fraction(prep) > 0
-    # escapes as the kernel finds them: entries ptr[rg · chunks + c] .. ptr[+ 1] of row group rg, chunk c
-    rows, chunks = 16 * prep["r"], prep["qw"].shape[1]
-    ptr, pos = prep["esc_ptr"].long(), prep["esc_pos"].long()
+    # escapes as the kernel finds them, for every row-group size: entries ptr[rg · chunks + c] .. ptr[+ 1] of row
+    # group rg, chunk c
     y, scale = fmt.points_and_scales(t, k)
-    rest = torch.zeros(n, k)
-    for key in range(len(ptr) - 1):
-        for e in range(int(ptr[key]), int(ptr[key + 1])):
-            r, kk = (key // chunks) * rows + int(pos[e] & 63), int(pos[e] >> 6)
-            assert kk // pc.CHUNK == key % chunks
-            rest[r, kk] += prep["esc_val"][e]
-    clamped = y.float().clamp(pc.LOW, pc.HIGH)
-    s_rows = scale.repeat_interleave(fmt.dim, 0)
-    assert torch.allclose(rest, (y.float() - clamped) * s_rows, rtol=0, atol=0)
+    want = (y.float() - y.float().clamp(pc.LOW, pc.HIGH)) * scale.repeat_interleave(fmt.dim, 0)
+    chunks = prep["qw"].shape[1]
+    for r in pc.tile_options(fmt.dim):
+        ptr, pos, val = pc.escapes(prep, r)
+        assert ptr.dtype == pos.dtype == torch.int32 and len(ptr) == n // (16 * r) * chunks + 1
+        rest = torch.zeros(n, k)
+        for key in range(len(ptr) - 1):
+            for e in range(int(ptr[key]), int(ptr[key + 1])):
+                row, kk = (key // chunks) * 16 * r + int(pos[e] & 63), int(pos[e] >> 6)
+                assert kk // pc.CHUNK == key % chunks and int(pos[e] & 63) < 16 * r
+                rest[row, kk] += val[e]
+        assert torch.equal(rest, want), r
 
 
 def test_which_shapes_take_the_kernel():
     assert pc.shape_ok(Pyramid(dim=64), 576, 576) and pc.shape_ok(Pyramid(dim=16), 7, 32)
     assert not pc.shape_ok(Pyramid(dim=8), 576, 576)  # a group must be whole 16-row tiles
     assert not pc.shape_ok(Pyramid(dim=24), 576, 576)
-    assert [pc.tiles(d) for d in (16, 32, 48, 64, 128)] == [1, 2, 1, 4, 4]
+    assert [pc.tile_options(d) for d in (16, 32, 48, 64)] == [(1,), (1, 2), (1,), (1, 2, 4)]
     fmt = Pyramid(dim=16, pulses=8, norm_bits=4)
     t = random_pyramid(fmt, 32, 64)
     assert fast_path(fmt, torch.zeros(1, 64), t, 64) is None  # CPU: the reference
@@ -72,11 +74,53 @@ def test_which_shapes_take_the_kernel():
 
 def test_launch_config_fills_the_machine():
     for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (576, 576), (64, 100)]:
-        warps, splits = pc.launch_config(n, k, 4, 132)
-        chunks = -(-k // 64)
-        assert warps in (4, 8) and 1 <= splits and (splits == 1 or splits * warps <= chunks)
-        if n >= 4096:
-            assert n // 64 * splits >= 132  # at least a block an SM
+        for dim in (16, 32, 64):
+            r, warps, splits = pc.launch_config(n, k, dim, 132)
+            assert r in pc.tile_options(dim) and warps in (4, 8, 16) and splits >= 1
+            assert splits == 1 or splits * warps * 2 <= -(-k // 64)  # at least two chunks a warp when split
+    # one wave of 16-warp blocks where the rows allow (sweep_pvq2_v2_h200_s32.json: 4096 x 4096 (2, 16, 1) best)
+    assert pc.launch_config(4096, 4096, 64, 132) == (2, 16, 1) and pc.launch_config(576, 576, 64, 132) == (1, 16, 1)
+    assert pc.launch_config(14336, 4096, 64, 132) == (2, 8, 1)
+    assert pc.launch_config(28672, 8192, 64, 132) == (4, 8, 1)
+
+
+class _TorchKernel:
+    """The extension's two PVQ entry points in torch, reading their operands exactly as csrc/pvq_mma.cu does (codes
+    by tile and lane, scales by group, escapes by row group and chunk) — so the Python side (rotation, padding,
+    launch arguments, escape lists, the escapes written into a dequantized weight) runs on CPU."""
+
+    def pvq_gemm(self, x, qw, s, dim, esc_ptr, esc_pos, esc_val, part, counters, n, r, warps, splits):
+        assert x.shape[1] == s.shape[1] == qw.shape[1] * pc.CHUNK and x.shape[0] <= pc.MAX_M
+        w = (pc.codes_of(qw).float() - 8) * s.repeat_interleave(dim, 0)
+        chunks, rows = qw.shape[1], 16 * r
+        for key in range(esc_ptr.numel() - 1):
+            for e in range(int(esc_ptr[key]), int(esc_ptr[key + 1])):
+                w[(key // chunks) * rows + int(esc_pos[e] & 63), int(esc_pos[e] >> 6)] += esc_val[e]
+        return (x.float() @ w.T).to(x.dtype)
+
+    def pvq_dequant(self, qw, s, dim, n, k, bf16):
+        w = (pc.codes_of(qw).float() - 8) * s.repeat_interleave(dim, 0)
+        return w[:, :k].to(torch.bfloat16 if bf16 else torch.float16)
+
+
+@pytest.mark.parametrize("fmt,tail", CASES, ids=IDS)
+def test_python_side_with_the_kernel_in_torch(monkeypatch, fmt, tail):
+    monkeypatch.setattr(pc.uniform_cuda, "extension", lambda: _TorchKernel())
+    monkeypatch.setattr(pc, "_sms", lambda index: 132)
+    n, k = fmt.dim * 4, 300  # inputs not a multiple of 64: x is padded for the kernel
+    t = random_pyramid(fmt, n, k, 2, tail=tail)
+    prep = pc.prepare(fmt, t, k)
+    x = torch.randn(12, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    want = F.linear(x.float(), fmt.dequantize(t, k))
+    for m in (1, 8, 12):  # 12: dequantize + matmul
+        for launch in [None, *((r, 8, 1) for r in pc.tile_options(fmt.dim))]:
+            y = pc.gemm(x[:m], prep, launch)
+            assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+            assert float((y.float() - want[:m]).abs().max() / want.abs().max()) < 2e-2, (m, launch)
+    w = pc.dequant_op(prep["qw"], prep["s"], fmt.dim, n, k, prep["esc_index"], prep["esc_w"], torch.float16)
+    assert torch.equal(w, _unrotated(fmt).dequantize(t, k, dtype=torch.float16))  # escapes written back exactly
+    run = pc.frozen(fmt, t, k, torch.bfloat16)
+    assert torch.equal(run(x[:3]), pc.gemm(x[:3], prep)) and torch.equal(run(x), pc.gemm(x, prep))
 
 
 # -- CUDA -------------------------------------------------------------------------------------------------
@@ -117,11 +161,12 @@ def test_every_launch_matches_the_reference(fmt, tail, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     for m in (1, 4, 8):
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
-        for warps in (4, 8):
-            for splits in (1, 2, 3, 7, 25):
-                y = pc.gemm(x, prep, (warps, splits))
-                assert _rel_err(y, x, fmt, t, k) < TOL, (m, warps, splits)
-                assert int(prep["counters"].abs().sum()) == 0  # left zero for the next call
+        for r in pc.tile_options(fmt.dim):
+            for warps in (4, 8, 16):
+                for splits in (1, 2, 3, 7, 25):
+                    y = pc.gemm(x, prep, (r, warps, splits))
+                    assert _rel_err(y, x, fmt, t, k) < TOL, (m, r, warps, splits)
+                    assert int(prep["counters"].abs().sum()) == 0  # left zero for the next call
 
 
 @pytest.mark.cuda

@@ -228,7 +228,7 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
 
                 prep = pyramid_cuda.prepare(fmt, base, k)
                 extra = {"escapes": round(pyramid_cuda.escape_fraction(prep), 7),
-                         "layout_bytes": state_bytes({t: prep[t] for t in ("qw", "s", "esc_ptr", "esc_pos", "esc_val")})}
+                         "layout_bytes": pyramid_cuda.layout_bytes(prep)}
                 del prep
             layers = _layer_copies(fmt, base, k, n)
             for m in ms:

@@ -43,9 +43,9 @@ def supports(fmt, x: torch.Tensor, out_features: int, in_features: int) -> bool:
             and uniform_cuda.extension() is not None)
 
 
-def tiles(dim: int) -> int:
-    """16-row tiles a row group (one block's rows, inside one PVQ group so that they share a scale row)."""
-    return 4 if dim % 64 == 0 else 2 if dim % 32 == 0 else 1
+def tile_options(dim: int) -> tuple[int, ...]:
+    """16-row tiles a row group (one block's rows) that keep a row group inside one PVQ group (one scale row)."""
+    return tuple(r for r in (1, 2, 4) if dim % (16 * r) == 0)
 
 
 def layout(codes: torch.Tensor) -> torch.Tensor:
@@ -75,31 +75,45 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
     chunks = -(-k // CHUNK)
     kp = chunks * CHUNK
     yc = y.clamp(LOW, HIGH)
-    r = tiles(fmt.dim)
-    rows = 16 * r
     row, col = (y != yc).nonzero(as_tuple=True)
-    key = (row // rows) * chunks + col // CHUNK  # row group, chunk: the kernel's order
-    order = torch.sort(key, stable=True).indices
-    row, col, key = row[order], col[order], key[order]
     s_at = scale[row // fmt.dim, col]
-    ptr = torch.zeros((n // rows) * chunks + 1, dtype=torch.int64, device=y.device)
-    ptr[1:] = torch.bincount(key, minlength=(n // rows) * chunks).cumsum(0)
     return {
         "qw": layout(F.pad(yc + 8, (0, kp - k), value=8)),
         "s": F.pad(scale.float(), (0, kp - k)).contiguous(),
-        "esc_ptr": ptr.to(torch.int32),
-        "esc_pos": ((col << 6) | (row % rows)).to(torch.int32),
-        "esc_val": ((y - yc)[row, col].float() * s_at).contiguous(),
+        "esc_row": row, "esc_col": col, "esc_rest": ((y - yc)[row, col].float() * s_at).contiguous(),
         "esc_index": row * k + col,  # for the dequantized weight: these positions hold y · s
         "esc_w": y[row, col].float() * s_at,
-        "n": n, "k": k, "dim": fmt.dim, "r": r, "rotate": fmt.rotate, "seed": fmt.seed,
+        "n": n, "k": k, "kp": kp, "dim": fmt.dim, "rotate": fmt.rotate, "seed": fmt.seed,
         "signs": hadamard.signs(k, fmt.seed, y.device) if fmt.rotate else None,
-        "counters": torch.zeros(n // rows, dtype=torch.int32, device=y.device), "part": {},
+        "counters": torch.zeros(n // 16, dtype=torch.int32, device=y.device), "part": {}, "esc": {},
     }
 
 
+def escapes(prep: dict, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The escapes as a launch with row groups of ``r`` tiles reads them: (ptr int32 [groups · chunks + 1], pos
+    int32 (input << 6 | row within the group), value y − clamp(y) times the scale, float32), entries by row group and
+    chunk (csrc/pvq_mma.cu). Built once per ``r``."""
+    got = prep["esc"].get(r)
+    if got is None:
+        rows, chunks = 16 * r, prep["kp"] // CHUNK
+        row, col = prep["esc_row"], prep["esc_col"]
+        key = (row // rows) * chunks + col // CHUNK
+        order = torch.sort(key, stable=True).indices
+        ptr = torch.zeros((prep["n"] // rows) * chunks + 1, dtype=torch.int64, device=row.device)
+        ptr[1:] = torch.bincount(key, minlength=(prep["n"] // rows) * chunks).cumsum(0)
+        got = prep["esc"][r] = (ptr.to(torch.int32), ((col[order] << 6) | (row[order] % rows)).to(torch.int32),
+                                prep["esc_rest"][order].contiguous())
+    return got
+
+
 def escape_fraction(prep: dict) -> float:
-    return prep["esc_val"].numel() / (prep["n"] * prep["k"])
+    return prep["esc_rest"].numel() / (prep["n"] * prep["k"])
+
+
+def layout_bytes(prep: dict) -> int:
+    """Bytes the kernel reads at the default launch: codes, scales, the escape lists."""
+    r = launch_config(prep["n"], prep["k"], prep["dim"], _sms(prep["qw"].device.index or 0))[0]
+    return sum(t.numel() * t.element_size() for t in (prep["qw"], prep["s"], *escapes(prep, r)))
 
 
 def dequantize_layout(prep: dict) -> torch.Tensor:
@@ -115,12 +129,22 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(n: int, k: int, r: int, sms: int) -> tuple[int, int]:
-    """(warps a block, splits of the inputs): about four blocks an SM, at least one chunk a warp."""
-    groups, chunks = n // (16 * r), -(-k // CHUNK)
-    warps = 8 if chunks >= 8 else 4
-    splits = max(1, min(-(-4 * sms // groups), chunks // warps))
-    return warps, splits
+def launch_config(n: int, k: int, dim: int, sms: int) -> tuple[int, int, int]:
+    """(tiles a row group, warps a block, splits of the inputs). Rows for at most one block an SM: the row groups
+    that come nearest to one wave, 16 warps each (88-124 registers a thread: one such block fills an SM) — H200 sweep
+    sweep_pvq2_v2_h200_s32.json, 4096 × 4096 M=1: (2, 16, 1) 6.65 µs, the best of 33 launches, against 8.81 with
+    (1, 8, 1). More rows (not swept: the device time ran out): the largest row groups that still give two blocks an SM,
+    8 warps. The inputs split only when there are fewer blocks than half the SMs, at least two chunks a warp."""
+    chunks = -(-k // CHUNK)
+    options = tile_options(dim)
+    one_wave = [t for t in options if n // (16 * t) <= sms]
+    if one_wave:
+        r, warps = one_wave[0], 16
+    else:
+        r, warps = max((t for t in options if n // (16 * t) >= 2 * sms), default=options[0]), 8
+    groups = n // (16 * r)
+    splits = max(1, min(-(-sms // groups), chunks // (2 * warps))) if 2 * groups < sms else 1
+    return r, warps, splits
 
 
 def _part(prep: dict, splits: int, device) -> torch.Tensor:
@@ -133,6 +157,7 @@ def _part(prep: dict, splits: int, device) -> torch.Tensor:
 
 def gemm_tensors(x2, qw, s, dim: int, esc_ptr, esc_pos, esc_val, part, counters, n: int, r: int, warps: int,
                  splits: int) -> torch.Tensor:
+    """x2 [M ≤ 8, Kp] (padded with zeros to whole chunks) → y [M, n] by the kernel."""
     return uniform_cuda.extension().pvq_gemm(x2.contiguous(), qw, s, dim, esc_ptr, esc_pos, esc_val, part, counters,
                                              n, r, warps, splits)
 
@@ -166,22 +191,29 @@ def _(qw, s, dim, n, k, esc_index, esc_w, dtype):
     return qw.new_empty(n, k, dtype=dtype)
 
 
-def _args(prep: dict, m: int, device, launch: Optional[tuple] = None) -> tuple:
-    warps, splits = launch or launch_config(prep["n"], prep["k"], prep["r"], _sms(device.index or 0))
-    return (prep["qw"], prep["s"], prep["dim"], prep["esc_ptr"], prep["esc_pos"], prep["esc_val"],
-            _part(prep, splits, device), prep["counters"], prep["n"], prep["r"], warps, splits)
+def _args(prep: dict, device, launch: Optional[tuple] = None) -> tuple:
+    r, warps, splits = launch or launch_config(prep["n"], prep["k"], prep["dim"], _sms(device.index or 0))
+    return (prep["qw"], prep["s"], prep["dim"], *escapes(prep, r), _part(prep, splits, device), prep["counters"],
+            prep["n"], r, warps, splits)
 
 
-def _rotated(x2: torch.Tensor, prep: dict) -> torch.Tensor:
-    return hadamard.rotate(x2, prep["seed"], prep["signs"]).to(x2.dtype) if prep["rotate"] else x2
+def _kernel_input(x2: torch.Tensor, prep: dict) -> torch.Tensor:
+    """x rotated (``rotate``: x · R, float32, then x's dtype) and, for the kernel, padded with zeros to whole chunks."""
+    if prep["rotate"]:
+        x2 = hadamard.rotate(x2, prep["seed"], prep["signs"]).to(x2.dtype)
+    return x2
+
+
+def _padded(x2: torch.Tensor, prep: dict) -> torch.Tensor:
+    return F.pad(x2, (0, prep["kp"] - prep["k"])) if prep["kp"] != prep["k"] else x2
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: Optional[tuple] = None) -> torch.Tensor:
-    """x2 [M, K] → y [M, N] in x2's dtype, without bias: the kernel at M ≤ 8 (``launch``: (warps, splits)),
-    dequantize + cuBLAS above."""
-    x2 = _rotated(x2, prep)
+    """x2 [M, K] → y [M, N] in x2's dtype, without bias: the kernel at M ≤ 8 (``launch``: (tiles a row group, warps,
+    splits)), dequantize + cuBLAS above."""
+    x2 = _kernel_input(x2, prep)
     if x2.shape[0] <= MAX_M:
-        return gemm_op(x2, *_args(prep, x2.shape[0], x2.device, launch))
+        return gemm_op(_padded(x2, prep), *_args(prep, x2.device, launch))
     w = dequant_op(prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"],
                    x2.dtype)
     return F.linear(x2, w)
@@ -204,14 +236,13 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     """``x2 [M ≤ 64, in_features] -> x2 @ W^T`` as ``gemm`` with everything prepared up front (the scratch for the
     default launch included), which ``torch.compile`` traces without a graph break."""
     prep = prepared(fmt, tensors, in_features, cache)
-    device = prep["qw"].device
-    args = _args(prep, 1, device)
+    args = _args(prep, prep["qw"].device)
     dq = (prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"], dtype)
 
     def run(x2):
-        x2 = _rotated(x2, prep)
+        x2 = _kernel_input(x2, prep)
         if x2.shape[0] <= MAX_M:
-            return gemm_op(x2, *args)
+            return gemm_op(_padded(x2, prep), *args)
         return F.linear(x2, dequant_op(*dq))
 
     return run

@@ -17,10 +17,12 @@
 // loop into a per-warp shared-memory tile by the lane that read them (shared atomics: rows with escapes may differ
 // in their last bit from run to run).
 //
-// A block of WARPS warps takes one row group of R tiles (16R rows inside one PVQ group, so one scale row) and a share
-// of its chunks: grid (row groups, S); warp w of split s takes chunks s·WARPS + w, stepping S·WARPS. The warps'
-// partial sums are added in order in shared memory; with S > 1 each split stores them (part [S][N][8] fp32) and the
-// row group's last block to finish adds the splits in order and writes y (counters [row groups], left zero).
+// A block of WARPS (4, 8, 16) warps takes one row group of R tiles (16R rows inside one PVQ group, so one scale row;
+// R = 1, 2 or 4 by launch) and a share of its chunks: grid (row groups, S); warp w of split s takes chunks s·WARPS + w,
+// stepping S·WARPS, the next chunk's codes, x, s and escape range loaded before this one's math (two stages in
+// registers). The warps' partial sums are added in order in shared memory; with S > 1 each split stores them (part
+// [S][N][8] fp32) and the row group's last block to finish adds the splits in order and writes y (counters [row
+// groups], left zero). x comes padded with zeros to whole chunks (Kp inputs), so nothing is bounds-checked.
 #include "uniform_mma.cuh"
 
 namespace llmcomp_pvq {
@@ -44,9 +46,26 @@ __device__ __forceinline__ uint32_t pack2(float a, float b, __nv_bfloat16) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+__device__ __forceinline__ float2 to_float2(uint32_t u, __half) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}
+__device__ __forceinline__ float2 to_float2(uint32_t u, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+}
+
+// One chunk's operands as a lane holds them: the codes of its R tiles, x and s at its 8 input pairs (k, k + 1) of the
+// B fragments (kblock kb: pairs 2kb at 2c, 2kb + 1 at 2c + 8), the chunk's escape range.
+template <int R>
+struct Stage {
+  uint4 w[R];
+  uint32_t x[8];
+  float2 s[8];
+  int e0, e1;
+};
+
 template <typename T, int R, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
-    const T* __restrict__ x, int M, int K, const uint4* __restrict__ qw, const float* __restrict__ s, int Kp, int dim,
+    const T* __restrict__ x, int M, int Kp, const uint4* __restrict__ qw, const float* __restrict__ s, int dim,
     int chunks, const int* __restrict__ esc_ptr, const int* __restrict__ esc_pos, const float* __restrict__ esc_val,
     float* __restrict__ part, unsigned* __restrict__ counters, T* __restrict__ out, int N) {
   using Tr = Num<T>;
@@ -64,29 +83,31 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
   float acc[R][4];
 #pragma unroll
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  grid_dep_wait();
-  __syncthreads();
 
   const bool col = g < M;  // this lane's B column (row of x) exists
-  const T* xg = x + (size_t)(col ? g : 0) * K;
+  const T* xg = x + (size_t)(col ? g : 0) * Kp;
   const uint32_t SUB = Tr::MAGIC + 0x00080008u;  // MAGIC + 8 in both halves: the code's offset
-  for (int ch = split * WARPS + warp; ch < chunks; ch += splits * WARPS) {
-    uint4 w[R];
+  auto load = [&](int ch, Stage<R>& st) {
 #pragma unroll
-    for (int i = 0; i < R; ++i) w[i] = ld_stream(q0 + ((size_t)i * chunks + ch) * 32);
+    for (int i = 0; i < R; ++i) st.w[i] = ld_stream(q0 + ((size_t)i * chunks + ch) * 32);
+#pragma unroll
+    for (int p = 0; p < 8; ++p) {
+      const int k = ch * CHUNK + (p >> 1) * 16 + (p & 1) * 8 + 2 * c;
+      st.x[p] = col ? *reinterpret_cast<const uint32_t*>(xg + k) : 0u;
+      st.s[p] = col ? *reinterpret_cast<const float2*>(srow + k) : make_float2(0.f, 0.f);
+    }
+    st.e0 = esc_ptr[rg * chunks + ch];
+    st.e1 = esc_ptr[rg * chunks + ch + 1];
+  };
+  auto compute = [&](const Stage<R>& st) {
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
-      const int k = ch * CHUNK + kb * 16 + 2 * c;
-      float v[4] = {0.f, 0.f, 0.f, 0.f};
-      if (col) {
-        const int ks[4] = {k, k + 1, k + 8, k + 9};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) v[j] = ks[j] < K ? Tr::to_float(xg[ks[j]]) * srow[ks[j]] : 0.f;
-      }
-      const uint32_t b0 = pack2(v[0], v[1], T()), b1 = pack2(v[2], v[3], T());
+      const float2 x0 = to_float2(st.x[2 * kb], T()), x1 = to_float2(st.x[2 * kb + 1], T());
+      const float2 s0 = st.s[2 * kb], s1 = st.s[2 * kb + 1];
+      const uint32_t b0 = pack2(x0.x * s0.x, x0.y * s0.y, T()), b1 = pack2(x1.x * s1.x, x1.y * s1.y, T());
 #pragma unroll
       for (int i = 0; i < R; ++i) {
-        const uint32_t word = kb == 0 ? w[i].x : kb == 1 ? w[i].y : kb == 2 ? w[i].z : w[i].w;
+        const uint32_t word = kb == 0 ? st.w[i].x : kb == 1 ? st.w[i].y : kb == 2 ? st.w[i].z : st.w[i].w;
         uint32_t a[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -97,14 +118,28 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
         mma16816<T>(acc[i], a, b0, b1);
       }
     }
-    // this chunk's escapes, one a lane, into the warp's tile (rare: ~1e-4 of the pulses at 2 bits a weight)
-    const int e0 = esc_ptr[rg * chunks + ch], e1 = esc_ptr[rg * chunks + ch + 1];
-    for (int e = e0 + lane; e < e1; e += 32) {
+    // the chunk's escapes, one a lane, into the warp's tile (rare: ~1e-4 of the pulses at 2 bits a weight)
+    for (int e = st.e0 + lane; e < st.e1; e += 32) {
       const int pos = esc_pos[e];
       const float val = esc_val[e];
       const int r = pos & 63, kk = pos >> 6;
-      for (int m = 0; m < M; ++m) atomicAdd(&red[warp][r][m], val * Tr::to_float(x[(size_t)m * K + kk]));
+      for (int m = 0; m < M; ++m) atomicAdd(&red[warp][r][m], val * Tr::to_float(x[(size_t)m * Kp + kk]));
     }
+  };
+
+  grid_dep_wait();
+  __syncthreads();
+  // chunks split * WARPS + warp, stepping splits * WARPS; the next one's loads in flight during this one's math
+  const int step = splits * WARPS;
+  Stage<R> sa, sb;
+  int ch = split * WARPS + warp;
+  if (ch < chunks) load(ch, sa);
+  for (; ch < chunks; ch += 2 * step) {
+    if (ch + step < chunks) load(ch + step, sb);
+    compute(sa);
+    if (ch + step >= chunks) break;
+    if (ch + 2 * step < chunks) load(ch + 2 * step, sa);
+    compute(sb);
   }
   grid_dep_launch();
   __syncwarp();
@@ -125,15 +160,14 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
     for (int ww = 0; ww < WARPS; ++ww) sum += red[ww][r][m];
     red[0][r][m] = sum;
   }
+  __syncthreads();
   if (splits == 1) {
-    __syncthreads();
     for (int t = threadIdx.x; t < ROWS * M; t += WARPS * 32) {
       const int m = t / ROWS, r = t % ROWS;
-      if (row0 + r < N) out[(size_t)m * N + row0 + r] = Tr::from_float(red[0][r][m]);
+      out[(size_t)m * N + row0 + r] = Tr::from_float(red[0][r][m]);
     }
     return;
   }
-  __syncthreads();
   for (int t = threadIdx.x; t < ROWS * MAXM; t += WARPS * 32)
     part[((size_t)split * N + row0) * MAXM + t] = red[0][t / MAXM][t % MAXM];
   __threadfence();
@@ -151,56 +185,76 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
   if (threadIdx.x == 0) counters[rg] = 0u;
 }
 
-// W = y · s from the kernel's layout (escapes not included: the caller overwrites their positions), [N, K] in T.
+// W = y · s from the kernel's layout (escapes not included: the caller overwrites their positions), [N, K] in T. A
+// warp takes one 16-row tile and chunk: its lanes' codes decoded into shared memory, then written row by row (two
+// lanes a row, 64 bytes each), so the stores are whole sectors.
 template <typename T>
-__global__ void pvq_dequant_kernel(const uint4* __restrict__ qw, const float* __restrict__ s, int Kp, int dim,
-                                   int chunks, T* __restrict__ w, int N, int K) {
-  const size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // (tile, chunk, lane)
-  if (id >= (size_t)(N / 16) * chunks * 32) return;
-  const int lane = id % 32, ch = (id / 32) % chunks, tile = id / 32 / chunks;
+__global__ void __launch_bounds__(128) pvq_dequant_kernel(const uint4* __restrict__ qw, const float* __restrict__ s,
+                                                          int Kp, int dim, int chunks, T* __restrict__ w, int N,
+                                                          int K) {
+  __shared__ __align__(16) T tile[4][16][CHUNK + 8];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const size_t item = (size_t)blockIdx.x * 4 + warp;  // (tile, chunk)
+  if (item >= (size_t)(N / 16) * chunks) return;
+  const int t = (int)(item / chunks), ch = (int)(item % chunks);
   const int g = lane >> 2, c = lane & 3;
-  const uint4 q = qw[id];
+  const uint4 q = qw[item * 32 + lane];
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  const float* srow = s + (size_t)((t * 16) / dim) * Kp + ch * CHUNK;
 #pragma unroll
   for (int kb = 0; kb < 4; ++kb)
 #pragma unroll
     for (int nib = 0; nib < 8; ++nib) {
       const int h = nib & 1, h2 = (nib >> 1) & 1, e = nib >> 2;
-      const int r = tile * 16 + g + 8 * h, k = ch * CHUNK + kb * 16 + 8 * h2 + 2 * c + e;
-      if (k >= K) continue;
+      const int kk = kb * 16 + 8 * h2 + 2 * c + e;
       const float y = (float)((int)((words[kb] >> (4 * nib)) & 0xfu) - 8);
-      w[(size_t)r * K + k] = Num<T>::from_float(y * s[(size_t)(r / dim) * Kp + k]);
+      tile[warp][g + 8 * h][kk] = Num<T>::from_float(y * srow[kk]);
     }
+  __syncwarp();
+  const int row = lane >> 1, k0 = ch * CHUNK + (lane & 1) * 32;
+  T* dst = w + (size_t)(t * 16 + row) * K + k0;
+  const T* src = &tile[warp][row][(lane & 1) * 32];
+  if (K % 8 == 0 && k0 + 32 <= K) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) reinterpret_cast<uint4*>(dst)[j] = reinterpret_cast<const uint4*>(src)[j];
+  } else {
+    for (int j = 0; j < 32 && k0 + j < K; ++j) dst[j] = src[j];
+  }
 }
 
+struct Args {  // the launch's operands (pvq_gemm checks them)
+  const void* x;
+  int m, kp, dim, chunks, n, splits;
+  const void* qw;
+  const float* s;
+  const int *esc_ptr, *esc_pos;
+  const float* esc_val;
+  float* part;
+  unsigned* counters;
+  void* out;
+};
+
 template <typename T, int R, int WARPS>
-void launch(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& s, int dim, int chunks,
-            const torch::Tensor& esc_ptr, const torch::Tensor& esc_pos, const torch::Tensor& esc_val,
-            torch::Tensor& part, torch::Tensor& counters, torch::Tensor& out, int n, int splits) {
-  auto kernel = pvq_kernel<T, R, WARPS>;
-  llmcomp_mma::launch_ex(kernel, dim3(n / (16 * R), splits), WARPS * 32, 0, reinterpret_cast<const T*>(x.data_ptr()),
-                         (int)x.size(0), (int)x.size(1), reinterpret_cast<const uint4*>(qw.data_ptr()),
-                         s.data_ptr<float>(), (int)s.size(1), dim, chunks, esc_ptr.data_ptr<int>(),
-                         esc_pos.data_ptr<int>(), esc_val.data_ptr<float>(), part.data_ptr<float>(),
-                         reinterpret_cast<unsigned*>(counters.data_ptr()), reinterpret_cast<T*>(out.data_ptr()), n);
+void launch(const Args& a) {
+  llmcomp_mma::launch_ex(pvq_kernel<T, R, WARPS>, dim3(a.n / (16 * R), a.splits), WARPS * 32, 0,
+                         reinterpret_cast<const T*>(a.x), a.m, a.kp, reinterpret_cast<const uint4*>(a.qw), a.s, a.dim,
+                         a.chunks, a.esc_ptr, a.esc_pos, a.esc_val, a.part, a.counters, reinterpret_cast<T*>(a.out),
+                         a.n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int R>
-void by_warps(int warps, const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& s, int dim, int chunks,
-              const torch::Tensor& esc_ptr, const torch::Tensor& esc_pos, const torch::Tensor& esc_val,
-              torch::Tensor& part, torch::Tensor& counters, torch::Tensor& out, int n, int splits) {
-  if (warps == 4) return launch<T, R, 4>(x, qw, s, dim, chunks, esc_ptr, esc_pos, esc_val, part, counters, out, n, splits);
-  launch<T, R, 8>(x, qw, s, dim, chunks, esc_ptr, esc_pos, esc_val, part, counters, out, n, splits);
+void by_warps(int warps, const Args& a) {
+  if (warps == 4) return launch<T, R, 4>(a);
+  if (warps == 8) return launch<T, R, 8>(a);
+  launch<T, R, 16>(a);
 }
 
 template <typename T>
-void by_tiles(int r, int warps, const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& s, int dim,
-              int chunks, const torch::Tensor& esc_ptr, const torch::Tensor& esc_pos, const torch::Tensor& esc_val,
-              torch::Tensor& part, torch::Tensor& counters, torch::Tensor& out, int n, int splits) {
-  if (r == 4) return by_warps<T, 4>(warps, x, qw, s, dim, chunks, esc_ptr, esc_pos, esc_val, part, counters, out, n, splits);
-  if (r == 2) return by_warps<T, 2>(warps, x, qw, s, dim, chunks, esc_ptr, esc_pos, esc_val, part, counters, out, n, splits);
-  by_warps<T, 1>(warps, x, qw, s, dim, chunks, esc_ptr, esc_pos, esc_val, part, counters, out, n, splits);
+void by_tiles(int r, int warps, const Args& a) {
+  if (r == 4) return by_warps<T, 4>(warps, a);
+  if (r == 2) return by_warps<T, 2>(warps, a);
+  by_warps<T, 1>(warps, a);
 }
 
 }  // namespace llmcomp_pvq
@@ -209,30 +263,32 @@ static void check_cuda(const torch::Tensor& t, at::ScalarType type, const char* 
   TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == type, what);
 }
 
-// x [M <= 8, K] (fp16 / bf16) → y [M, n]. qw int32 [n / 16, chunks, 32, 4]; s fp32 [n / dim, 64 · chunks]; escapes:
-// esc_ptr int32 [n / (16 r) · chunks + 1], esc_pos int32, esc_val fp32; part fp32 scratch of splits · n · 8 values
-// (splits > 1); counters int32 [n / (16 r)], zero (left zero); r: tiles a row group (1, 2, 4; 16 r divides dim);
-// warps a block: 4 or 8.
+// x [M <= 8, Kp] (fp16 / bf16; Kp = 64 · chunks, zero past the weight's inputs) → y [M, n]. qw int32 [n / 16,
+// chunks, 32, 4]; s fp32 [n / dim, Kp]; escapes for row groups of 16 r rows: esc_ptr int32 [n / (16 r) · chunks + 1],
+// esc_pos int32, esc_val fp32; part fp32 scratch of splits · n · 8 values (splits > 1); counters int32 [n / (16 r)],
+// zero (left zero); r: tiles a row group (1, 2, 4; 16 r divides dim); warps a block: 4, 8 or 16.
 torch::Tensor pvq_gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor s, int64_t dim, torch::Tensor esc_ptr,
                        torch::Tensor esc_pos, torch::Tensor esc_val, torch::Tensor part, torch::Tensor counters,
                        int64_t n, int64_t r, int64_t warps, int64_t splits) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.size(0) >= 1 &&
                   x.size(0) <= llmcomp_pvq::MAXM && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16),
-              "x: contiguous float16 or bfloat16 CUDA [M <= 8, K]");
+              "x: contiguous float16 or bfloat16 CUDA [M <= 8, Kp]");
+  TORCH_CHECK(x.size(1) % llmcomp_pvq::CHUNK == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0,
+              "x: inputs padded to a multiple of 64, 4-byte aligned");
   TORCH_CHECK(r == 1 || r == 2 || r == 4, "r: 1, 2 or 4 tiles a row group");
-  TORCH_CHECK(warps == 4 || warps == 8, "warps: 4 or 8");
+  TORCH_CHECK(warps == 4 || warps == 8 || warps == 16, "warps: 4, 8 or 16");
   TORCH_CHECK(dim > 0 && dim % (16 * r) == 0 && n % dim == 0, "dim: a multiple of 16 r dividing n");
-  const int64_t chunks = (x.size(1) + llmcomp_pvq::CHUNK - 1) / llmcomp_pvq::CHUNK;
+  const int64_t chunks = x.size(1) / llmcomp_pvq::CHUNK;
   check_cuda(qw, at::kInt, "qw: contiguous int32 CUDA");
   TORCH_CHECK(qw.dim() == 4 && qw.size(0) == n / 16 && qw.size(1) == chunks && qw.size(2) == 32 && qw.size(3) == 4,
               "qw: [n / 16, chunks of 64 inputs, 32, 4]");
   check_cuda(s, at::kFloat, "s: contiguous float32 CUDA");
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == n / dim && s.size(1) == chunks * llmcomp_pvq::CHUNK, "s: [n / dim, Kp]");
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == n / dim && s.size(1) == x.size(1), "s: [n / dim, Kp]");
   check_cuda(esc_ptr, at::kInt, "esc_ptr: contiguous int32 CUDA");
   check_cuda(esc_pos, at::kInt, "esc_pos: contiguous int32 CUDA");
   check_cuda(esc_val, at::kFloat, "esc_val: contiguous float32 CUDA");
   TORCH_CHECK(esc_ptr.numel() == n / (16 * r) * chunks + 1 && esc_pos.numel() == esc_val.numel(),
-              "esc_ptr: one a row group and chunk, + 1");
+              "esc_ptr: one a row group of 16 r rows and chunk, + 1");
   TORCH_CHECK(splits >= 1 && splits <= 65535, "splits: 1 .. 65535");
   check_cuda(part, at::kFloat, "part: contiguous float32 CUDA");
   TORCH_CHECK(splits == 1 || part.numel() >= splits * n * llmcomp_pvq::MAXM, "part: splits · n · 8 values");
@@ -240,12 +296,12 @@ torch::Tensor pvq_gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor s, int64
   TORCH_CHECK(counters.numel() >= n / (16 * r), "counters: one a row group");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), n}, x.options());
-  const int a = (int)dim, ch = (int)chunks, nn = (int)n, sp = (int)splits, rr = (int)r, wp = (int)warps;
-  if (x.scalar_type() == at::kHalf)
-    llmcomp_pvq::by_tiles<__half>(rr, wp, x, qw, s, a, ch, esc_ptr, esc_pos, esc_val, part, counters, out, nn, sp);
-  else
-    llmcomp_pvq::by_tiles<__nv_bfloat16>(rr, wp, x, qw, s, a, ch, esc_ptr, esc_pos, esc_val, part, counters, out, nn,
-                                         sp);
+  const llmcomp_pvq::Args a{x.data_ptr(), (int)x.size(0), (int)x.size(1), (int)dim, (int)chunks, (int)n, (int)splits,
+                            qw.data_ptr(), s.data_ptr<float>(), esc_ptr.data_ptr<int>(), esc_pos.data_ptr<int>(),
+                            esc_val.data_ptr<float>(), part.data_ptr<float>(),
+                            reinterpret_cast<unsigned*>(counters.data_ptr()), out.data_ptr()};
+  if (x.scalar_type() == at::kHalf) llmcomp_pvq::by_tiles<__half>((int)r, (int)warps, a);
+  else llmcomp_pvq::by_tiles<__nv_bfloat16>((int)r, (int)warps, a);
   return out;
 }
 
@@ -260,16 +316,15 @@ torch::Tensor pvq_dequant(torch::Tensor qw, torch::Tensor s, int64_t dim, int64_
               "s: [n / dim, Kp]");
   const c10::cuda::CUDAGuard guard(qw.device());
   auto w = torch::empty({n, k}, qw.options().dtype(bf16 ? at::kBFloat16 : at::kHalf));
-  const int64_t threads = (n / 16) * chunks * 32;
-  const int blocks = (int)((threads + 255) / 256);
+  const int blocks = (int)(((n / 16) * chunks + 3) / 4);  // a warp a tile and chunk, 4 warps a block
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* q = reinterpret_cast<const uint4*>(qw.data_ptr());
   if (!bf16)
-    llmcomp_pvq::pvq_dequant_kernel<__half><<<blocks, 256, 0, stream>>>(
+    llmcomp_pvq::pvq_dequant_kernel<__half><<<blocks, 128, 0, stream>>>(
         q, s.data_ptr<float>(), (int)s.size(1), (int)dim, (int)chunks, reinterpret_cast<__half*>(w.data_ptr()),
         (int)n, (int)k);
   else
-    llmcomp_pvq::pvq_dequant_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(
+    llmcomp_pvq::pvq_dequant_kernel<__nv_bfloat16><<<blocks, 128, 0, stream>>>(
         q, s.data_ptr<float>(), (int)s.size(1), (int)dim, (int)chunks, reinterpret_cast<__nv_bfloat16*>(w.data_ptr()),
         (int)n, (int)k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
