@@ -62,6 +62,18 @@ def test_prepared_layout_rebuilds_the_weight(fmt, tail):
         assert torch.equal(rest, want), r
 
 
+def test_prepare_in_slices_is_prepare_whole(monkeypatch):
+    fmt = Pyramid(dim=32, pulses=87, rotate=True, seed=1)
+    t = random_pyramid(fmt, 7 * 32, 200, 5, tail=0.5)
+    whole = pc.prepare(fmt, t, 200)
+    monkeypatch.setattr(pc, "PREPARE_WEIGHTS", 2 * 32 * 200)  # two groups' rows at a time: 4 slices
+    sliced = pc.prepare(fmt, t, 200)
+    for name, v in whole.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, sliced[name]), name
+    assert pc.escape_fraction(whole) > 0 and torch.equal(pc.escapes(whole, 2)[1], pc.escapes(sliced, 2)[1])
+
+
 def test_which_shapes_take_the_kernel():
     assert pc.shape_ok(Pyramid(dim=64), 576, 576) and pc.shape_ok(Pyramid(dim=16), 7, 32)
     assert not pc.shape_ok(Pyramid(dim=8), 576, 576)  # a group must be whole 16-row tiles

@@ -67,25 +67,40 @@ def codes_of(qw: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(tl * 16, ch * CHUNK)
 
 
+PREPARE_WEIGHTS = 1 << 24  # weights decoded at a time by ``prepare`` (its temporaries: ~50 bytes a weight)
+
+
 def prepare(fmt, tensors: dict, in_features: int) -> dict:
-    """The kernel's operands for one weight, from its packed tensors (on their device)."""
-    pulses, scale = fmt.points_and_scales(tensors, in_features)
-    y = pulses.to(torch.int32)
-    n, k = y.shape
+    """The kernel's operands for one weight, from its packed tensors (on their device), decoded a slice of whole
+    groups' rows at a time so that a large weight's temporaries stay bounded."""
+    k = in_features
     chunks = -(-k // CHUNK)
     kp = chunks * CHUNK
-    yc = y.clamp(LOW, HIGH)
-    row, col = (y != yc).nonzero(as_tuple=True)
-    s_at = scale[row // fmt.dim, col]
+    blocks = tensors["weight_index"].shape[0]
+    step = max(1, PREPARE_WEIGHTS // (fmt.dim * k))
+    qw, s, esc = [], [], ([], [], [], [])
+    for b0 in range(0, blocks, step):
+        part = {name: t[b0:b0 + step] if name != "norm_levels" else t for name, t in tensors.items()}
+        pulses, scale = fmt.points_and_scales(part, k)
+        y = pulses.to(torch.int32)
+        yc = y.clamp(LOW, HIGH)
+        row, col = (y != yc).nonzero(as_tuple=True)
+        s_at = scale[row // fmt.dim, col]
+        qw.append(layout(F.pad(yc + 8, (0, kp - k), value=8)))
+        s.append(F.pad(scale.float(), (0, kp - k)))
+        for out, v in zip(esc, (row + b0 * fmt.dim, col, (y - yc)[row, col].float() * s_at,
+                                y[row, col].float() * s_at)):
+            out.append(v)
+    row, col, rest, full = (torch.cat(v) for v in esc)
+    n = blocks * fmt.dim
+    device = qw[0].device
     return {
-        "qw": layout(F.pad(yc + 8, (0, kp - k), value=8)),
-        "s": F.pad(scale.float(), (0, kp - k)).contiguous(),
-        "esc_row": row, "esc_col": col, "esc_rest": ((y - yc)[row, col].float() * s_at).contiguous(),
-        "esc_index": row * k + col,  # for the dequantized weight: these positions hold y · s
-        "esc_w": y[row, col].float() * s_at,
+        "qw": torch.cat(qw), "s": torch.cat(s).contiguous(),
+        "esc_row": row, "esc_col": col, "esc_rest": rest.contiguous(),
+        "esc_index": row * k + col, "esc_w": full,  # for the dequantized weight: these positions hold y · s
         "n": n, "k": k, "kp": kp, "dim": fmt.dim, "rotate": fmt.rotate, "seed": fmt.seed,
-        "signs": hadamard.signs(k, fmt.seed, y.device) if fmt.rotate else None,
-        "counters": torch.zeros(n // 16, dtype=torch.int32, device=y.device), "part": {}, "esc": {},
+        "signs": hadamard.signs(k, fmt.seed, device) if fmt.rotate else None,
+        "counters": torch.zeros(n // 16, dtype=torch.int32, device=device), "part": {}, "esc": {},
     }
 
 
@@ -198,13 +213,14 @@ def _args(prep: dict, device, launch: Optional[tuple] = None) -> tuple:
 
 
 def _kernel_input(x2: torch.Tensor, prep: dict) -> torch.Tensor:
-    """x rotated (``rotate``: x · R, float32, then x's dtype) and, for the kernel, padded with zeros to whole chunks."""
+    """x as the stored weight expects it: rotated (``rotate``: x · R in float32, then x's dtype), else as given."""
     if prep["rotate"]:
         x2 = hadamard.rotate(x2, prep["seed"], prep["signs"]).to(x2.dtype)
     return x2
 
 
 def _padded(x2: torch.Tensor, prep: dict) -> torch.Tensor:
+    """x padded with zeros to whole chunks of 64 inputs (the kernel reads them unchecked)."""
     return F.pad(x2, (0, prep["kp"] - prep["k"])) if prep["kp"] != prep["k"] else x2
 
 

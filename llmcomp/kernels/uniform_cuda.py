@@ -1,6 +1,7 @@
 """CUDA C++ fast path for the ``uniform`` format (2-, 3- and 4-bit codes) and the E2M1 float formats
 (``mxfp4``, ``nvfp4``, ``fp4`` with E2M1 elements): ``csrc/uniform_mma.cuh`` (device code), ``uniform_mma.cu``
-(bindings) and ``mma_*.cu`` (the GEMM instantiated per format, compiled in parallel).
+(bindings) and ``mma_*.cu`` (the GEMM instantiated per format, compiled in parallel). The same extension holds the
+codebook lookup-table GEMV (``vq_lut.cu``, codebook_cuda.py) and the PVQ kernel (``pvq_mma.cu``, pyramid_cuda.py).
 
 The kernel computes ``y^T = W x^T`` on the tensor cores (``mma.sync`` m16n8k16, fp32 accumulate) with
 the weights dequantized in registers, for 1–64 rows of ``x``; above that, ``prepare``'s layout is
