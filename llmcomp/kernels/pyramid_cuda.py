@@ -11,8 +11,8 @@ directly:
 - escapes: the pulses outside [-8, 7] (measured on the bundled model: none to 2e-4 of them at 2 bits a weight,
   up to 3e-3 at 3 bits), their remainder y − clamp(y) times the scale, listed by row group and chunk.
 
-GPU memory is then the packed tensors (2–3 bits a weight) plus 4 + 32 / dim bits a weight for the layout — a quarter
-of what the reference path's cached bf16 weight takes. The kernel folds the scale into x (it varies along the inputs
+GPU memory is then the packed tensors (2–3 bits a weight) plus 4 + 32 / dim bits a weight for the layout — the
+layout alone about 28 % of what the reference path's cached bf16 weight takes. The kernel folds the scale into x (it varies along the inputs
 but not across a group's rows): a 16-row tile's product is codes · (x ⊙ s), x ⊙ s rounded once to x's dtype. Groups
 must be whole 16-row tiles (``dim`` a multiple of 16); other shapes take the reference. With ``rotate``, x is rotated
 (x · R, float32, then x's dtype) instead of the weight unrotated.
