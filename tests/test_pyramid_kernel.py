@@ -103,7 +103,7 @@ class _TorchKernel:
 
     def pvq_gemm(self, x, qw, s, dim, esc_ptr, esc_pos, esc_val, part, counters, n, r, warps, splits):
         assert x.shape[1] == s.shape[1] == qw.shape[1] * pc.CHUNK and x.shape[0] <= pc.MAX_M
-        w = (pc.codes_of(qw).float() - 8) * s.repeat_interleave(dim, 0)
+        w = pc.layout_weight(qw, s, dim)
         chunks, rows = qw.shape[1], 16 * r
         for key in range(esc_ptr.numel() - 1):
             for e in range(int(esc_ptr[key]), int(esc_ptr[key + 1])):
@@ -111,8 +111,7 @@ class _TorchKernel:
         return (x.float() @ w.T).to(x.dtype)
 
     def pvq_dequant(self, qw, s, dim, n, k, bf16):
-        w = (pc.codes_of(qw).float() - 8) * s.repeat_interleave(dim, 0)
-        return w[:, :k].to(torch.bfloat16 if bf16 else torch.float16)
+        return pc.layout_weight(qw, s, dim)[:, :k].to(torch.bfloat16 if bf16 else torch.float16)
 
 
 @pytest.mark.parametrize("fmt,tail", CASES, ids=IDS)

@@ -131,10 +131,15 @@ def layout_bytes(prep: dict) -> int:
     return sum(t.numel() * t.element_size() for t in (prep["qw"], prep["s"], *escapes(prep, r)))
 
 
+def layout_weight(qw: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
+    """Pure-torch float32 [N, Kp] of the codes times their scales, escapes not included: the kernel's operands read
+    back (``dequantize_layout``; the tests' torch stand-in for the kernel)."""
+    return (codes_of(qw).float() - 8) * s.repeat_interleave(dim, 0)
+
+
 def dequantize_layout(prep: dict) -> torch.Tensor:
     """Pure-torch float32 W·R (rotation not undone) from the prepared layout: what the kernel multiplies."""
-    codes = codes_of(prep["qw"])[:, :prep["k"]].float() - 8
-    w = codes * prep["s"][:, :prep["k"]].repeat_interleave(prep["dim"], 0)
+    w = layout_weight(prep["qw"], prep["s"], prep["dim"])[:, :prep["k"]].contiguous()
     w.view(-1)[prep["esc_index"]] = prep["esc_w"]
     return w
 
