@@ -33,6 +33,17 @@ def test_layout_round_trip():
     assert word & 0xF == codes[1, 16 + 4] and word >> 28 == codes[9, 16 + 8 + 4 + 1]
 
 
+def _add_escapes(w, ptr, pos, val, chunks: int, rows: int):
+    """Add escape lists into ``w`` [N, ≥ K] at the positions the kernel decodes them: entries ptr[rg · chunks + c] ..
+    ptr[+ 1] of row group rg (``rows`` rows), chunk c; pos = input << 6 | row within the group."""
+    for key in range(len(ptr) - 1):
+        for e in range(int(ptr[key]), int(ptr[key + 1])):
+            row, kk = (key // chunks) * rows + int(pos[e] & 63), int(pos[e] >> 6)
+            assert kk // pc.CHUNK == key % chunks and int(pos[e] & 63) < rows
+            w[row, kk] += val[e]
+    return w
+
+
 @pytest.mark.parametrize("fmt,tail", CASES, ids=IDS)
 def test_prepared_layout_rebuilds_the_weight(fmt, tail):
     """Codes, scales and escapes evaluated in torch give the stored (rotated) weight bit for bit; the escapes are
@@ -45,20 +56,14 @@ def test_prepared_layout_rebuilds_the_weight(fmt, tail):
     assert int(codes.min()) >= 0 and int(codes.max()) <= 15 and bool((codes[:, k:] == 8).all())
     if tail:
         assert pc.escape_fraction(prep) > 0
-    # escapes as the kernel finds them, for every row-group size: entries ptr[rg · chunks + c] .. ptr[+ 1] of row
-    # group rg, chunk c
+    # escapes as the kernel finds them, for every row-group size
     y, scale = fmt.points_and_scales(t, k)
     want = (y.float() - y.float().clamp(pc.LOW, pc.HIGH)) * scale.repeat_interleave(fmt.dim, 0)
     chunks = prep["qw"].shape[1]
     for r in pc.tile_options(fmt.dim):
         ptr, pos, val = pc.escapes(prep, r)
         assert ptr.dtype == pos.dtype == torch.int32 and len(ptr) == n // (16 * r) * chunks + 1
-        rest = torch.zeros(n, k)
-        for key in range(len(ptr) - 1):
-            for e in range(int(ptr[key]), int(ptr[key + 1])):
-                row, kk = (key // chunks) * 16 * r + int(pos[e] & 63), int(pos[e] >> 6)
-                assert kk // pc.CHUNK == key % chunks and int(pos[e] & 63) < 16 * r
-                rest[row, kk] += val[e]
+        rest = _add_escapes(torch.zeros(n, k), ptr, pos, val, chunks, 16 * r)
         assert torch.equal(rest, want), r
 
 
@@ -103,11 +108,7 @@ class _TorchKernel:
 
     def pvq_gemm(self, x, qw, s, dim, esc_ptr, esc_pos, esc_val, part, counters, n, r, warps, splits):
         assert x.shape[1] == s.shape[1] == qw.shape[1] * pc.CHUNK and x.shape[0] <= pc.MAX_M
-        w = pc.layout_weight(qw, s, dim)
-        chunks, rows = qw.shape[1], 16 * r
-        for key in range(esc_ptr.numel() - 1):
-            for e in range(int(esc_ptr[key]), int(esc_ptr[key + 1])):
-                w[(key // chunks) * rows + int(esc_pos[e] & 63), int(esc_pos[e] >> 6)] += esc_val[e]
+        w = _add_escapes(pc.layout_weight(qw, s, dim), esc_ptr, esc_pos, esc_val, qw.shape[1], 16 * r)
         return (x.float() @ w.T).to(x.dtype)
 
     def pvq_dequant(self, qw, s, dim, n, k, bf16):
