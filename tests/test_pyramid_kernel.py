@@ -97,8 +97,24 @@ def test_launch_config_fills_the_machine():
             assert splits == 1 or splits * warps * 2 <= -(-k // 64)  # at least two chunks a warp when split
     # one wave of 16-warp blocks where the rows allow (sweep_pvq2_v2_h200_s32.json: 4096 x 4096 (2, 16, 1) best)
     assert pc.launch_config(4096, 4096, 64, 132) == (2, 16, 1) and pc.launch_config(576, 576, 64, 132) == (1, 16, 1)
-    assert pc.launch_config(14336, 4096, 64, 132) == (2, 8, 1)
+    # at least one block an SM of the largest row groups: 8 warps (sweep_pvq2_h200_s33.json: 14336 x 4096 (4, 8, 1))
+    assert pc.launch_config(14336, 4096, 64, 132) == (4, 8, 1)
     assert pc.launch_config(28672, 8192, 64, 132) == (4, 8, 1)
+    for m in (1, 8, 9, 16, 17, 32):  # above 8 rows of x: a launch the extension builds
+        for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (576, 576)]:
+            for dim in (16, 32, 64):
+                r, warps, splits = pc.launch_config(n, k, dim, 132, m)
+                assert pc.valid_launch(r, warps, pc.n_tiles(m)), (m, n, k, dim)
+    assert pc.launch_config(4096, 4096, 64, 132, 32) == (2, 8, 1)
+
+
+def test_launches_the_extension_builds():
+    assert [pc.n_tiles(m) for m in (1, 8, 9, 16, 17, 32)] == [1, 1, 2, 2, 4, 4]
+    built = {nt: sorted((r, w) for r in (1, 2, 4) for w in (4, 8, 16) if pc.valid_launch(r, w, nt))
+             for nt in (1, 2, 4)}
+    assert len(built[1]) == 9 and not pc.valid_launch(1, 8, 8)
+    assert built[2] == [(1, 8), (1, 16), (2, 8), (2, 16), (4, 8)] and built[4] == [(1, 8), (1, 16), (2, 8)]
+    assert all(pc.valid_launch(r, w, pc.n_tiles(m)) for m in (1, 16, 32) for r, w, _ in pc.launches(64, m, 64))
 
 
 class _TorchKernel:
@@ -108,6 +124,8 @@ class _TorchKernel:
 
     def pvq_gemm(self, x, qw, s, dim, esc_ptr, esc_pos, esc_val, part, counters, n, r, warps, splits):
         assert x.shape[1] == s.shape[1] == qw.shape[1] * pc.CHUNK and x.shape[0] <= pc.MAX_M
+        assert pc.valid_launch(r, warps, pc.n_tiles(x.shape[0])) and (splits == 1 or part.numel() >= splits * n * 8
+                                                                      * pc.n_tiles(x.shape[0]))
         w = _add_escapes(pc.layout_weight(qw, s, dim), esc_ptr, esc_pos, esc_val, qw.shape[1], 16 * r)
         return (x.float() @ w.T).to(x.dtype)
 
@@ -122,17 +140,53 @@ def test_python_side_with_the_kernel_in_torch(monkeypatch, fmt, tail):
     n, k = fmt.dim * 4, 300  # inputs not a multiple of 64: x is padded for the kernel
     t = random_pyramid(fmt, n, k, 2, tail=tail)
     prep = pc.prepare(fmt, t, k)
-    x = torch.randn(12, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     want = F.linear(x.float(), fmt.dequantize(t, k))
-    for m in (1, 8, 12):  # 12: dequantize + matmul
-        for launch in [None, *((r, 8, 1) for r in pc.tile_options(fmt.dim))]:
+    for m in (1, 8, 12, 32, 40):  # 40: dequantize + matmul
+        built = [(r, 8, 1) for r in pc.tile_options(fmt.dim) if m > pc.MAX_M or pc.valid_launch(r, 8, pc.n_tiles(m))]
+        for launch in [None, *built]:
             y = pc.gemm(x[:m], prep, launch)
             assert y.dtype == torch.bfloat16 and y.shape == (m, n)
             assert float((y.float() - want[:m]).abs().max() / want.abs().max()) < 2e-2, (m, launch)
     w = pc.dequant_op(prep["qw"], prep["s"], fmt.dim, n, k, prep["esc_index"], prep["esc_w"], torch.float16)
     assert torch.equal(w, _unrotated(fmt).dequantize(t, k, dtype=torch.float16))  # escapes written back exactly
     run = pc.frozen(fmt, t, k, torch.bfloat16)
-    assert torch.equal(run(x[:3]), pc.gemm(x[:3], prep)) and torch.equal(run(x), pc.gemm(x, prep))
+    assert all(torch.equal(run(x[:m]), pc.gemm(x[:m], prep)) for m in (3, 12, 32, 40))
+
+
+def test_dense_escapes_take_the_kernel_only_up_to_8_rows(monkeypatch):
+    calls = []
+
+    class Counting(_TorchKernel):
+        def pvq_gemm(self, *args):
+            calls.append("kernel")
+            return super().pvq_gemm(*args)
+
+        def pvq_dequant(self, *args):
+            calls.append("dequant")
+            return super().pvq_dequant(*args)
+
+    monkeypatch.setattr(pc.uniform_cuda, "extension", lambda: Counting())
+    monkeypatch.setattr(pc, "_sms", lambda index: 132)
+    k = 300
+    x = torch.randn(33, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    dense_seen = set()
+    for fmt, tail in CASES[:2]:
+        t = random_pyramid(fmt, fmt.dim * 4, k, 2, tail=tail)
+        prep = pc.prepare(fmt, t, k)
+        dense = pc.escape_fraction(prep) > pc.DENSE_ESCAPES
+        dense_seen.add(dense)
+        run = pc.frozen(fmt, t, k, torch.bfloat16)
+        for m in (1, 8, 9, 16, 32, 33):
+            want = "kernel" if m <= 8 or (m <= pc.MAX_M and not dense) else "dequant"
+            for f in (lambda x2: pc.gemm(x2, prep), run):
+                calls.clear()
+                f(x[:m])
+                assert calls == [want], (fmt, m, dense)
+        calls.clear()
+        pc.gemm(x[:16], prep, (1, 8, 1))  # an explicit launch takes the kernel up to MAX_M
+        assert calls == ["kernel"]
+    assert dense_seen == {False, True}
 
 
 # -- CUDA -------------------------------------------------------------------------------------------------
@@ -155,7 +209,7 @@ def test_kernel_matches_reference(fmt, tail, dtype):
         q = QuantLinear.from_packed(fmt, t, k, out_features=n)
         g = torch.Generator(device="cuda").manual_seed(k)
         assert fast_path(fmt, torch.zeros(1, k, device="cuda", dtype=dtype), t, k) is not None
-        for m in (1, 2, 3, 5, 8, 9, 17, 64, 300):
+        for m in (1, 2, 3, 5, 8, 9, 17, 32, 33, 300):
             x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
             with torch.no_grad():
                 y = q(x)
@@ -171,13 +225,19 @@ def test_every_launch_matches_the_reference(fmt, tail, dtype):
     t = random_pyramid(fmt, n, k, 7, "cuda", tail)
     prep = pc.prepare(fmt, t, k)
     g = torch.Generator(device="cuda").manual_seed(0)
-    for m in (1, 4, 8):
+    w = fmt.dequantize(t, k, dtype=torch.float32)
+    for m in (1, 4, 8, 12, 24, 32):
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        ref = F.linear(x.float(), w)
         for r in pc.tile_options(fmt.dim):
             for warps in (4, 8, 16):
+                if not pc.valid_launch(r, warps, pc.n_tiles(m)):  # not built: a clear error, never a wrong answer
+                    with pytest.raises(RuntimeError, match="not built"):
+                        pc.gemm(x, prep, (r, warps, 1))
+                    continue
                 for splits in (1, 2, 3, 7, 25):
                     y = pc.gemm(x, prep, (r, warps, splits))
-                    assert _rel_err(y, x, fmt, t, k) < TOL, (m, r, warps, splits)
+                    assert float((y.float() - ref).abs().max() / ref.abs().max()) < TOL, (m, r, warps, splits)
                     assert int(prep["counters"].abs().sum()) == 0  # left zero for the next call
 
 

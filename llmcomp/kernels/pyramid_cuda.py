@@ -1,4 +1,4 @@
-"""CUDA fast path for the ``pyramid`` format (PVQ): ``csrc/pvq_mma.cu``, 1–8 rows of x on the tensor cores,
+"""CUDA fast path for the ``pyramid`` format (PVQ): ``csrc/pvq_mma.cu``, 1–32 rows of x on the tensor cores,
 dequantize + cuBLAS above.
 
 The stored enumeration index decodes by a sequential big-integer walk down each group — far too slow inside a
@@ -12,10 +12,10 @@ directly:
   up to 3e-3 at 3 bits), their remainder y − clamp(y) times the scale, listed by row group and chunk.
 
 GPU memory is then the packed tensors (2–3 bits a weight) plus 4 + 32 / dim bits a weight for the layout — the
-layout alone about 28 % of what the reference path's cached bf16 weight takes. The kernel folds the scale into x (it varies along the inputs
-but not across a group's rows): a 16-row tile's product is codes · (x ⊙ s), x ⊙ s rounded once to x's dtype. Groups
-must be whole 16-row tiles (``dim`` a multiple of 16); other shapes take the reference. With ``rotate``, x is rotated
-(x · R, float32, then x's dtype) instead of the weight unrotated.
+layout alone about 28 % of what the reference path's cached bf16 weight takes. The kernel folds the scale into x (it
+varies along the inputs but not across a group's rows): a 16-row tile's product is codes · (x ⊙ s), x ⊙ s rounded
+once to x's dtype. Groups must be whole 16-row tiles (``dim`` a multiple of 16); other shapes take the reference.
+With ``rotate``, x is rotated (x · R, float32, then x's dtype) instead of the weight unrotated.
 """
 from __future__ import annotations
 
@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from llmcomp.formats import hadamard
 from llmcomp.kernels import uniform_cuda
 
-MAX_M = 8  # the kernel's rows of x (the mma's n); more: dequantize + cuBLAS
+MAX_M = 32  # the kernel's rows of x (up to 4 n-tiles of the mma's n = 8); more: dequantize + cuBLAS
+# Above 8 rows of x the escapes cost the kernel M shared atomics and loads of x each: with many of them dequantize +
+# cuBLAS wins (H200, 4096 x 4096 M=16: pvq3 with 3.7e-3 of its pulses escapes 42.6 µs against 35.3; pvq2 with 1.9e-5
+# 13.2 against 33.2 — sweep_pvq3_h200_s33.json, sweep_pvq2_ms_h200_s33.json). Weights with more escapes than this
+# share take the kernel only up to 8 rows.
+DENSE_ESCAPES = 1e-3
 CHUNK = 64  # inputs a lane's 16-byte load of one tile covers
 LOW, HIGH = -8, 7  # pulses held in the 4-bit codes; the rest are escapes
 
@@ -46,6 +51,24 @@ def supports(fmt, x: torch.Tensor, out_features: int, in_features: int) -> bool:
 def tile_options(dim: int) -> tuple[int, ...]:
     """16-row tiles a row group (one block's rows) that keep a row group inside one PVQ group (one scale row)."""
     return tuple(r for r in (1, 2, 4) if dim % (16 * r) == 0)
+
+
+def n_tiles(m: int) -> int:
+    """n-tiles of 8 rows of x the kernel takes for ``m`` rows: the fewest, a power of two (csrc/pvq_mma.cu)."""
+    return 1 if m <= 8 else 2 if m <= 16 else 4
+
+
+def valid_launch(r: int, warps: int, nt: int) -> bool:
+    """(tiles a row group, warps, n-tiles) the extension is built for (csrc/pvq_mma.cu ``valid_launch``): the warps'
+    shared tiles within 48 KB, at most 8 accumulator fragments a lane, 8 or 16 warps above one n-tile."""
+    return (r in (1, 2, 4) and warps in (4, 8, 16) and nt in (1, 2, 4) and warps * r * nt * 16 * 8 * 4 <= 48 * 1024
+            and r * nt <= 8 and (nt == 1 or warps >= 8))
+
+
+def launches(dim: int, m: int, chunks: int) -> list[tuple[int, int, int]]:
+    """Every (tiles, warps, splits) the kernel takes for ``m`` rows of x (the launch sweep's set)."""
+    return [(r, w, sp) for r in tile_options(dim) for w in (4, 8, 16) for sp in (1, 2, 4, 8)
+            if valid_launch(r, w, n_tiles(m)) and sp * w <= chunks]
 
 
 def layout(codes: torch.Tensor) -> torch.Tensor:
@@ -126,9 +149,14 @@ def escape_fraction(prep: dict) -> float:
 
 
 def layout_bytes(prep: dict) -> int:
-    """Bytes the kernel reads at the default launch: codes, scales, the escape lists."""
+    """Bytes the kernel reads at the default launch (M = 1): codes, scales, the escape lists."""
     r = launch_config(prep["n"], prep["k"], prep["dim"], _sms(prep["qw"].device.index or 0))[0]
     return sum(t.numel() * t.element_size() for t in (prep["qw"], prep["s"], *escapes(prep, r)))
+
+
+def kernel_rows(prep: dict) -> int:
+    """The most rows of x the default path sends to the kernel for this weight (``DENSE_ESCAPES``)."""
+    return MAX_M if escape_fraction(prep) <= DENSE_ESCAPES else 8
 
 
 def layout_weight(qw: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
@@ -149,35 +177,40 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(n: int, k: int, dim: int, sms: int) -> tuple[int, int, int]:
-    """(tiles a row group, warps a block, splits of the inputs). Rows for at most one block an SM: the row groups
-    that come nearest to one wave, 16 warps each (88-124 registers a thread: one such block fills an SM) — H200 sweep
-    sweep_pvq2_v2_h200_s32.json, 4096 × 4096 M=1: (2, 16, 1) 6.65 µs, the best of 33 launches, against 8.81 with
-    (1, 8, 1). More rows (not swept: the device time ran out): the largest row groups that still give two blocks an SM,
-    8 warps. The inputs split only when there are fewer blocks than half the SMs, at least two chunks a warp."""
+def launch_config(n: int, k: int, dim: int, sms: int, m: int = 1) -> tuple[int, int, int]:
+    """(tiles a row group, warps a block, splits of the inputs) for ``m`` rows of x. H200 sweeps at M = 1 and 8
+    (sweep_pvq2_v2_h200_s32.json, sweep_pvq2_h200_s33.json): with at least one block an SM of the largest row groups,
+    those at 8 warps (two blocks an SM) — 14336 × 4096 (4, 8, 1) 13.05 µs against 17.36 with (2, 8, 1); fewer rows:
+    the row groups nearest to one wave, 16 warps each (one such block fills an SM) — 4096 × 4096 (2, 16, 1) 6.65 µs,
+    the best of 33 launches; 4096 × 14336 (2, 16, 1) 14.50 µs, 4 % behind the best, (4, 8, 4). Above 8 rows of x the
+    same rule among the launches the extension builds (``valid_launch``): at M = 16 the best of six launches on each
+    of the four shapes (sweep_pvq2_ms_h200_s33.json). The inputs split only when there are fewer blocks than half the
+    SMs, at least two chunks a warp."""
     chunks = -(-k // CHUNK)
-    options = tile_options(dim)
-    one_wave = [t for t in options if n // (16 * t) <= sms]
-    if one_wave:
-        r, warps = one_wave[0], 16
+    nt = n_tiles(m)
+    options = [t for t in tile_options(dim) if valid_launch(t, 8, nt)]
+    big = options[-1]
+    if n // (16 * big) >= sms:
+        r, warps = big, 8
     else:
-        r, warps = max((t for t in options if n // (16 * t) >= 2 * sms), default=options[0]), 8
+        r = next(t for t in options if n // (16 * t) <= sms)
+        warps = 16 if valid_launch(r, 16, nt) else 8
     groups = n // (16 * r)
     splits = max(1, min(-(-sms // groups), chunks // (2 * warps))) if 2 * groups < sms else 1
     return r, warps, splits
 
 
-def _part(prep: dict, splits: int, device) -> torch.Tensor:
-    p = prep["part"].get(splits)
+def _part(prep: dict, splits: int, nt: int, device) -> torch.Tensor:
+    p = prep["part"].get((splits, nt))
     if p is None:
-        size = splits * prep["n"] * MAX_M if splits > 1 else 1
-        p = prep["part"][splits] = torch.empty(size, dtype=torch.float32, device=device)
+        size = splits * prep["n"] * 8 * nt if splits > 1 else 1
+        p = prep["part"][splits, nt] = torch.empty(size, dtype=torch.float32, device=device)
     return p
 
 
 def gemm_tensors(x2, qw, s, dim: int, esc_ptr, esc_pos, esc_val, part, counters, n: int, r: int, warps: int,
                  splits: int) -> torch.Tensor:
-    """x2 [M ≤ 8, Kp] (padded with zeros to whole chunks) → y [M, n] by the kernel."""
+    """x2 [M ≤ 32, Kp] (padded with zeros to whole chunks) → y [M, n] by the kernel."""
     return uniform_cuda.extension().pvq_gemm(x2.contiguous(), qw, s, dim, esc_ptr, esc_pos, esc_val, part, counters,
                                              n, r, warps, splits)
 
@@ -211,10 +244,10 @@ def _(qw, s, dim, n, k, esc_index, esc_w, dtype):
     return qw.new_empty(n, k, dtype=dtype)
 
 
-def _args(prep: dict, device, launch: Optional[tuple] = None) -> tuple:
-    r, warps, splits = launch or launch_config(prep["n"], prep["k"], prep["dim"], _sms(device.index or 0))
-    return (prep["qw"], prep["s"], prep["dim"], *escapes(prep, r), _part(prep, splits, device), prep["counters"],
-            prep["n"], r, warps, splits)
+def _args(prep: dict, device, m: int, launch: Optional[tuple] = None) -> tuple:
+    r, warps, splits = launch or launch_config(prep["n"], prep["k"], prep["dim"], _sms(device.index or 0), m)
+    return (prep["qw"], prep["s"], prep["dim"], *escapes(prep, r), _part(prep, splits, n_tiles(m), device),
+            prep["counters"], prep["n"], r, warps, splits)
 
 
 def _kernel_input(x2: torch.Tensor, prep: dict) -> torch.Tensor:
@@ -230,11 +263,11 @@ def _padded(x2: torch.Tensor, prep: dict) -> torch.Tensor:
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: Optional[tuple] = None) -> torch.Tensor:
-    """x2 [M, K] → y [M, N] in x2's dtype, without bias: the kernel at M ≤ 8 (``launch``: (tiles a row group, warps,
-    splits)), dequantize + cuBLAS above."""
+    """x2 [M, K] → y [M, N] in x2's dtype, without bias: the kernel up to ``kernel_rows`` rows of x, or with a
+    ``launch`` (tiles a row group, warps, splits — one of ``launches``) up to ``MAX_M``; dequantize + cuBLAS above."""
     x2 = _kernel_input(x2, prep)
-    if x2.shape[0] <= MAX_M:
-        return gemm_op(_padded(x2, prep), *_args(prep, x2.device, launch))
+    if x2.shape[0] <= (MAX_M if launch else kernel_rows(prep)):
+        return gemm_op(_padded(x2, prep), *_args(prep, x2.device, x2.shape[0], launch))
     w = dequant_op(prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"],
                    x2.dtype)
     return F.linear(x2, w)
@@ -254,16 +287,17 @@ def linear(x: torch.Tensor, fmt, tensors: dict, in_features: int, bias=None, cac
 
 
 def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None):
-    """``x2 [M ≤ 64, in_features] -> x2 @ W^T`` as ``gemm`` with everything prepared up front (the scratch for the
-    default launch included), which ``torch.compile`` traces without a graph break."""
+    """``x2 [M, in_features] -> x2 @ W^T`` as ``gemm`` with everything prepared up front (the scratch for each
+    n-tile count's default launch included), which ``torch.compile`` traces without a graph break."""
     prep = prepared(fmt, tensors, in_features, cache)
-    args = _args(prep, prep["qw"].device)
+    args = {nt: _args(prep, prep["qw"].device, 8 * nt) for nt in (1, 2, 4)}
     dq = (prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"], dtype)
+    rows = kernel_rows(prep)
 
     def run(x2):
         x2 = _kernel_input(x2, prep)
-        if x2.shape[0] <= MAX_M:
-            return gemm_op(_padded(x2, prep), *args)
+        if x2.shape[0] <= rows:
+            return gemm_op(_padded(x2, prep), *args[n_tiles(x2.shape[0])])
         return F.linear(x2, dequant_op(*dq))
 
     return run

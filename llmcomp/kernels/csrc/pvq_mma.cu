@@ -1,4 +1,5 @@
-// PVQ (`pyramid`) weights at 1..8 rows of x: the pyramid points held as 4-bit integers, multiplied on the tensor cores.
+// PVQ (`pyramid`) weights at 1..32 rows of x: the pyramid points held as 4-bit integers, multiplied on the tensor
+// cores.
 //
 // A PVQ weight is W[r][k] = y[r][k] * s[r / dim][k]: integer pulses y (a point of the pyramid, sum |y| = K, per group
 // of `dim` rows down a column) times one fp32 scale per group (gain / |y|). The stored enumeration index takes a
@@ -19,10 +20,11 @@
 //
 // A block of WARPS (4, 8, 16) warps takes one row group of R tiles (16R rows inside one PVQ group, so one scale row;
 // R = 1, 2 or 4 by launch) and a share of its chunks: grid (row groups, S); warp w of split s takes chunks s·WARPS + w,
-// stepping S·WARPS, the next chunk's codes, x, s and escape range loaded before this one's math (two stages in
-// registers). The warps' partial sums are added in order in shared memory; with S > 1 each split stores them (part
-// [S][N][8] fp32) and the row group's last block to finish adds the splits in order and writes y (counters [row
-// groups], left zero). x comes padded with zeros to whole chunks (Kp inputs), so nothing is bounds-checked.
+// stepping S·WARPS, the next chunk's codes, s and escape range (and x, at NT <= 2) loaded before this one's math (two
+// stages in registers). NT n-tiles of 8 rows of x (1, 2, 4: M up to 32) share each decoded A fragment. The warps'
+// partial sums are added in order in shared memory; with S > 1 each split stores them (part [S][N][8 NT] fp32) and the
+// row group's last block to finish adds the splits in order and writes y (counters [row groups], left zero). x comes
+// padded with zeros to whole chunks (Kp inputs), so nothing is bounds-checked.
 #include "uniform_mma.cuh"
 
 namespace llmcomp_pvq {
@@ -35,7 +37,16 @@ using llmcomp_mma::lop3_and_or;
 using llmcomp_mma::mma16816;
 
 constexpr int CHUNK = 64;  // inputs a lane's 16-byte load of a tile covers: 4 kblocks of 16
-constexpr int MAXM = 8;    // the mma's n: rows of x
+constexpr int MAXM = 32;   // rows of x: up to 4 n-tiles of the mma's n = 8
+
+// (R, WARPS, NT) the kernel is built for: the warps' shared tiles (WARPS · 16R · 8NT floats) within 48 KB, at most 8
+// accumulator fragments (R · NT) a lane, 8 or 16 warps above one n-tile. Not 8 n-tiles: at M = 64 (one row tile a
+// block: every 16 rows read all of x again) it ran at 0.43-0.56x of dequantize + cuBLAS (sweep_pvq2_ms_h200_s33.json).
+__host__ __device__ constexpr bool valid_launch(int r, int warps, int nt) {
+  return (r == 1 || r == 2 || r == 4) && (warps == 4 || warps == 8 || warps == 16) &&
+         (nt == 1 || nt == 2 || nt == 4) && warps * r * nt * 16 * 8 * 4 <= 48 * 1024 && r * nt <= 8 &&
+         (nt == 1 || warps >= 8);
+}
 
 __device__ __forceinline__ uint32_t pack2(float a, float b, __half) {
   __half2 h = __floats2half2_rn(a, b);
@@ -53,24 +64,26 @@ __device__ __forceinline__ float2 to_float2(uint32_t u, __nv_bfloat16) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
 }
 
-// One chunk's operands as a lane holds them: the codes of its R tiles, x and s at its 8 input pairs (k, k + 1) of the
-// B fragments (kblock kb: pairs 2kb at 2c, 2kb + 1 at 2c + 8), the chunk's escape range.
-template <int R>
+// One chunk's operands as a lane holds them: the codes of its R tiles, s and (XS) x of each n-tile at its 8 input
+// pairs (k, k + 1) of the B fragments (kblock kb: pairs 2kb at 2c, 2kb + 1 at 2c + 8), the chunk's escape range.
+template <int R, int NX>
 struct Stage {
   uint4 w[R];
-  uint32_t x[8];
+  uint32_t x[NX][8];
   float2 s[8];
   int e0, e1;
 };
 
-template <typename T, int R, int WARPS>
+template <typename T, int R, int WARPS, int NT>
 __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
     const T* __restrict__ x, int M, int Kp, const uint4* __restrict__ qw, const float* __restrict__ s, int dim,
     int chunks, const int* __restrict__ esc_ptr, const int* __restrict__ esc_pos, const float* __restrict__ esc_val,
     float* __restrict__ part, unsigned* __restrict__ counters, T* __restrict__ out, int N) {
   using Tr = Num<T>;
-  constexpr int ROWS = 16 * R;
-  __shared__ float red[WARPS][ROWS][MAXM];
+  constexpr int ROWS = 16 * R, MT = 8 * NT;
+  constexpr bool XS = NT <= 2;  // x staged with the codes (else loaded a kblock at a time: registers)
+  static_assert(valid_launch(R, WARPS, NT), "launch not built");
+  __shared__ float red[WARPS][ROWS][MT];
   __shared__ bool last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
@@ -79,32 +92,59 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
   const float* srow = s + (size_t)(row0 / dim) * Kp;
   const uint4* q0 = qw + (size_t)rg * R * chunks * 32 + lane;
 
-  for (int i = threadIdx.x; i < WARPS * ROWS * MAXM; i += WARPS * 32) (&red[0][0][0])[i] = 0.f;
-  float acc[R][4];
+  for (int i = threadIdx.x; i < WARPS * ROWS * MT; i += WARPS * 32) (&red[0][0][0])[i] = 0.f;
+  float acc[R][NT][4];
 #pragma unroll
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[i][t][0] = acc[i][t][1] = acc[i][t][2] = acc[i][t][3] = 0.f;
 
-  const bool col = g < M;  // this lane's B column (row of x) exists
-  const T* xg = x + (size_t)(col ? g : 0) * Kp;
+  // this lane's B column (row of x) in n-tile t: row 8t + g, if it exists
+  bool col[NT];
+  const T* xg[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    col[t] = 8 * t + g < M;
+    xg[t] = x + (size_t)(col[t] ? 8 * t + g : 0) * Kp;
+  }
+  auto x_at = [&](int t, int k) { return col[t] ? *reinterpret_cast<const uint32_t*>(xg[t] + k) : 0u; };
+  auto k_at = [&](int ch, int p) { return ch * CHUNK + (p >> 1) * 16 + (p & 1) * 8 + 2 * c; };
   const uint32_t SUB = Tr::MAGIC + 0x00080008u;  // MAGIC + 8 in both halves: the code's offset
-  auto load = [&](int ch, Stage<R>& st) {
+  using St = Stage<R, XS ? NT : 1>;
+  auto load = [&](int ch, St& st) {
 #pragma unroll
     for (int i = 0; i < R; ++i) st.w[i] = ld_stream(q0 + ((size_t)i * chunks + ch) * 32);
 #pragma unroll
     for (int p = 0; p < 8; ++p) {
-      const int k = ch * CHUNK + (p >> 1) * 16 + (p & 1) * 8 + 2 * c;
-      st.x[p] = col ? *reinterpret_cast<const uint32_t*>(xg + k) : 0u;
-      st.s[p] = col ? *reinterpret_cast<const float2*>(srow + k) : make_float2(0.f, 0.f);
+      const int k = k_at(ch, p);
+      if constexpr (XS) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) st.x[t][p] = x_at(t, k);
+      }
+      st.s[p] = *reinterpret_cast<const float2*>(srow + k);
     }
     st.e0 = esc_ptr[rg * chunks + ch];
     st.e1 = esc_ptr[rg * chunks + ch + 1];
   };
-  auto compute = [&](const Stage<R>& st) {
+  auto compute = [&](const St& st, int ch) {
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
-      const float2 x0 = to_float2(st.x[2 * kb], T()), x1 = to_float2(st.x[2 * kb + 1], T());
       const float2 s0 = st.s[2 * kb], s1 = st.s[2 * kb + 1];
-      const uint32_t b0 = pack2(x0.x * s0.x, x0.y * s0.y, T()), b1 = pack2(x1.x * s1.x, x1.y * s1.y, T());
+      uint32_t b0[NT], b1[NT];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        uint32_t u0, u1;
+        if constexpr (XS) {
+          u0 = st.x[t][2 * kb];
+          u1 = st.x[t][2 * kb + 1];
+        } else {
+          u0 = x_at(t, k_at(ch, 2 * kb));
+          u1 = x_at(t, k_at(ch, 2 * kb + 1));
+        }
+        const float2 x0 = to_float2(u0, T()), x1 = to_float2(u1, T());
+        b0[t] = pack2(x0.x * s0.x, x0.y * s0.y, T());
+        b1[t] = pack2(x1.x * s1.x, x1.y * s1.y, T());
+      }
 #pragma unroll
       for (int i = 0; i < R; ++i) {
         const uint32_t word = kb == 0 ? st.w[i].x : kb == 1 ? st.w[i].y : kb == 2 ? st.w[i].z : st.w[i].w;
@@ -115,7 +155,8 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
                                              Tr::pair(SUB));
           a[j] = *reinterpret_cast<const uint32_t*>(&p);
         }
-        mma16816<T>(acc[i], a, b0, b1);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) mma16816<T>(acc[i][t], a, b0[t], b1[t]);
       }
     }
     // the chunk's escapes, one a lane, into the warp's tile (rare: ~1e-4 of the pulses at 2 bits a weight)
@@ -131,15 +172,15 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
   __syncthreads();
   // chunks split * WARPS + warp, stepping splits * WARPS; the next one's loads in flight during this one's math
   const int step = splits * WARPS;
-  Stage<R> sa, sb;
+  St sa, sb;
   int ch = split * WARPS + warp;
   if (ch < chunks) load(ch, sa);
   for (; ch < chunks; ch += 2 * step) {
     if (ch + step < chunks) load(ch + step, sb);
-    compute(sa);
+    compute(sa, ch);
     if (ch + step >= chunks) break;
     if (ch + 2 * step < chunks) load(ch + 2 * step, sa);
-    compute(sb);
+    compute(sb, ch + step);
   }
   grid_dep_launch();
   __syncwarp();
@@ -147,14 +188,16 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = i * 16 + g + (j >> 1) * 8, m = 2 * c + (j & 1);
-      red[warp][r][m] += acc[i][j];
-    }
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = i * 16 + g + (j >> 1) * 8, m = 8 * t + 2 * c + (j & 1);
+        red[warp][r][m] += acc[i][t][j];
+      }
   __syncthreads();
   // the warps' tiles in order; then this split's partial, or y
-  for (int t = threadIdx.x; t < ROWS * MAXM; t += WARPS * 32) {
-    const int r = t / MAXM, m = t % MAXM;
+  for (int t = threadIdx.x; t < ROWS * MT; t += WARPS * 32) {
+    const int r = t / MT, m = t % MT;
     float sum = 0.f;
 #pragma unroll
     for (int ww = 0; ww < WARPS; ++ww) sum += red[ww][r][m];
@@ -168,8 +211,8 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
     }
     return;
   }
-  for (int t = threadIdx.x; t < ROWS * MAXM; t += WARPS * 32)
-    part[((size_t)split * N + row0) * MAXM + t] = red[0][t / MAXM][t % MAXM];
+  for (int t = threadIdx.x; t < ROWS * MT; t += WARPS * 32)
+    part[((size_t)split * N + row0) * MT + t] = red[0][t / MT][t % MT];
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(counters + rg, 1u) == (unsigned)splits - 1;
@@ -179,7 +222,7 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
   for (int t = threadIdx.x; t < ROWS * M; t += WARPS * 32) {
     const int m = t / ROWS, r = t % ROWS;
     float sum = 0.f;
-    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(part + ((size_t)sp * N + row0 + r) * MAXM + m);
+    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(part + ((size_t)sp * N + row0 + r) * MT + m);
     out[(size_t)m * N + row0 + r] = Tr::from_float(sum);
   }
   if (threadIdx.x == 0) counters[rg] = 0u;
@@ -234,27 +277,43 @@ struct Args {  // the launch's operands (pvq_gemm checks them)
   void* out;
 };
 
-template <typename T, int R, int WARPS>
+template <typename T, int R, int WARPS, int NT>
 void launch(const Args& a) {
-  llmcomp_mma::launch_ex(pvq_kernel<T, R, WARPS>, dim3(a.n / (16 * R), a.splits), WARPS * 32, 0,
-                         reinterpret_cast<const T*>(a.x), a.m, a.kp, reinterpret_cast<const uint4*>(a.qw), a.s, a.dim,
-                         a.chunks, a.esc_ptr, a.esc_pos, a.esc_val, a.part, a.counters, reinterpret_cast<T*>(a.out),
-                         a.n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (valid_launch(R, WARPS, NT)) {
+    llmcomp_mma::launch_ex(pvq_kernel<T, R, WARPS, NT>, dim3(a.n / (16 * R), a.splits), WARPS * 32, 0,
+                           reinterpret_cast<const T*>(a.x), a.m, a.kp, reinterpret_cast<const uint4*>(a.qw), a.s,
+                           a.dim, a.chunks, a.esc_ptr, a.esc_pos, a.esc_val, a.part, a.counters,
+                           reinterpret_cast<T*>(a.out), a.n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    TORCH_CHECK(false, "pvq_gemm: launch not built");  // pvq_gemm checks valid_launch first
+  }
 }
 
-template <typename T, int R>
+template <typename T, int R, int NT>
 void by_warps(int warps, const Args& a) {
-  if (warps == 4) return launch<T, R, 4>(a);
-  if (warps == 8) return launch<T, R, 8>(a);
-  launch<T, R, 16>(a);
+  if (warps == 4) return launch<T, R, 4, NT>(a);
+  if (warps == 8) return launch<T, R, 8, NT>(a);
+  launch<T, R, 16, NT>(a);
 }
+
+template <typename T, int NT>
+void by_tiles(int r, int warps, const Args& a) {
+  if (r == 4) return by_warps<T, 4, NT>(warps, a);
+  if (r == 2) return by_warps<T, 2, NT>(warps, a);
+  by_warps<T, 1, NT>(warps, a);
+}
+
+// n-tiles of 8 rows of x: the fewest (a power of two) that cover M
+inline int n_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
 
 template <typename T>
-void by_tiles(int r, int warps, const Args& a) {
-  if (r == 4) return by_warps<T, 4>(warps, a);
-  if (r == 2) return by_warps<T, 2>(warps, a);
-  by_warps<T, 1>(warps, a);
+void dispatch(int r, int warps, const Args& a) {
+  switch (n_tiles(a.m)) {
+    case 1: return by_tiles<T, 1>(r, warps, a);
+    case 2: return by_tiles<T, 2>(r, warps, a);
+    default: by_tiles<T, 4>(r, warps, a);
+  }
 }
 
 }  // namespace llmcomp_pvq
@@ -263,20 +322,22 @@ static void check_cuda(const torch::Tensor& t, at::ScalarType type, const char* 
   TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == type, what);
 }
 
-// x [M <= 8, Kp] (fp16 / bf16; Kp = 64 · chunks, zero past the weight's inputs) → y [M, n]. qw int32 [n / 16,
+// x [M <= 32, Kp] (fp16 / bf16; Kp = 64 · chunks, zero past the weight's inputs) → y [M, n]. qw int32 [n / 16,
 // chunks, 32, 4]; s fp32 [n / dim, Kp]; escapes for row groups of 16 r rows: esc_ptr int32 [n / (16 r) · chunks + 1],
-// esc_pos int32, esc_val fp32; part fp32 scratch of splits · n · 8 values (splits > 1); counters int32 [n / (16 r)],
-// zero (left zero); r: tiles a row group (1, 2, 4; 16 r divides dim); warps a block: 4, 8 or 16.
+// esc_pos int32, esc_val fp32; part fp32 scratch of splits · n · 8 NT values (splits > 1; NT = n_tiles(M));
+// counters int32 [n / (16 r)], zero (left zero); r: tiles a row group (1, 2, 4; 16 r divides dim); warps a block:
+// 4, 8 or 16 — (r, warps, NT) one of valid_launch's.
 torch::Tensor pvq_gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor s, int64_t dim, torch::Tensor esc_ptr,
                        torch::Tensor esc_pos, torch::Tensor esc_val, torch::Tensor part, torch::Tensor counters,
                        int64_t n, int64_t r, int64_t warps, int64_t splits) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous() && x.size(0) >= 1 &&
                   x.size(0) <= llmcomp_pvq::MAXM && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16),
-              "x: contiguous float16 or bfloat16 CUDA [M <= 8, Kp]");
+              "x: contiguous float16 or bfloat16 CUDA [M <= 32, Kp]");
   TORCH_CHECK(x.size(1) % llmcomp_pvq::CHUNK == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0,
               "x: inputs padded to a multiple of 64, 4-byte aligned");
-  TORCH_CHECK(r == 1 || r == 2 || r == 4, "r: 1, 2 or 4 tiles a row group");
-  TORCH_CHECK(warps == 4 || warps == 8 || warps == 16, "warps: 4, 8 or 16");
+  const int nt = llmcomp_pvq::n_tiles((int)x.size(0));
+  TORCH_CHECK(llmcomp_pvq::valid_launch((int)r, (int)warps, nt),
+              "(r, warps) not built for this many rows of x (pyramid_cuda.valid_launch)");
   TORCH_CHECK(dim > 0 && dim % (16 * r) == 0 && n % dim == 0, "dim: a multiple of 16 r dividing n");
   const int64_t chunks = x.size(1) / llmcomp_pvq::CHUNK;
   check_cuda(qw, at::kInt, "qw: contiguous int32 CUDA");
@@ -291,7 +352,7 @@ torch::Tensor pvq_gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor s, int64
               "esc_ptr: one a row group of 16 r rows and chunk, + 1");
   TORCH_CHECK(splits >= 1 && splits <= 65535, "splits: 1 .. 65535");
   check_cuda(part, at::kFloat, "part: contiguous float32 CUDA");
-  TORCH_CHECK(splits == 1 || part.numel() >= splits * n * llmcomp_pvq::MAXM, "part: splits · n · 8 values");
+  TORCH_CHECK(splits == 1 || part.numel() >= splits * n * 8 * nt, "part: splits · n · 8 NT values");
   check_cuda(counters, at::kInt, "counters: contiguous int32 CUDA");
   TORCH_CHECK(counters.numel() >= n / (16 * r), "counters: one a row group");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -300,8 +361,8 @@ torch::Tensor pvq_gemm(torch::Tensor x, torch::Tensor qw, torch::Tensor s, int64
                             qw.data_ptr(), s.data_ptr<float>(), esc_ptr.data_ptr<int>(), esc_pos.data_ptr<int>(),
                             esc_val.data_ptr<float>(), part.data_ptr<float>(),
                             reinterpret_cast<unsigned*>(counters.data_ptr()), out.data_ptr()};
-  if (x.scalar_type() == at::kHalf) llmcomp_pvq::by_tiles<__half>((int)r, (int)warps, a);
-  else llmcomp_pvq::by_tiles<__nv_bfloat16>((int)r, (int)warps, a);
+  if (x.scalar_type() == at::kHalf) llmcomp_pvq::dispatch<__half>((int)r, (int)warps, a);
+  else llmcomp_pvq::dispatch<__nv_bfloat16>((int)r, (int)warps, a);
   return out;
 }
 
