@@ -18,6 +18,12 @@ CASES = [(Pyramid(dim=64, pulses=38), 0.0), (Pyramid(dim=64, pulses=87, norm_bit
 IDS = ["N64K38", "N64K87-escapes", "N32K87-hadamard", "N16K40-escapes", "N48K30"]
 
 
+@pytest.fixture(autouse=True)
+def _escapes_in_the_kernel(monkeypatch):
+    """The default (escapes inside the kernel) whatever the caller's environment; tests that want them apart say so."""
+    monkeypatch.delenv("LLMCOMP_PVQ_ESCAPES_APART", raising=False)
+
+
 def _unrotated(fmt: Pyramid) -> Pyramid:
     return Pyramid(dim=fmt.dim, pulses=fmt.pulses, norm_bits=fmt.norm_bits)
 
@@ -114,7 +120,8 @@ def test_launches_the_extension_builds():
              for nt in (1, 2, 4)}
     assert len(built[1]) == 9 and not pc.valid_launch(1, 8, 8)
     assert built[2] == [(1, 8), (1, 16), (2, 8), (2, 16), (4, 8)] and built[4] == [(1, 8), (1, 16), (2, 8)]
-    assert all(pc.valid_launch(r, w, pc.n_tiles(m)) for m in (1, 16, 32) for r, w, _ in pc.launches(64, m, 64))
+    assert (2, 8, 1) in pc.launches(64, 32, 64) and (4, 8, 1) not in pc.launches(64, 32, 64)
+    assert (4, 16, 1) in pc.launches(64, 1, 64) and (4, 16, 1) not in pc.launches(64, 16, 64)
 
 
 class _TorchKernel:
@@ -189,6 +196,40 @@ def test_dense_escapes_take_the_kernel_only_up_to_8_rows(monkeypatch):
     assert dense_seen == {False, True}
 
 
+def test_escapes_added_apart(monkeypatch):
+    seen = []
+
+    class Recording(_TorchKernel):
+        def pvq_gemm(self, x, qw, s, dim, esc_ptr, esc_pos, esc_val, *rest):
+            seen.append((int(esc_ptr.abs().sum()), esc_pos.numel()))
+            return super().pvq_gemm(x, qw, s, dim, esc_ptr, esc_pos, esc_val, *rest)
+
+    monkeypatch.setattr(pc.uniform_cuda, "extension", lambda: Recording())
+    monkeypatch.setattr(pc, "_sms", lambda index: 132)
+    monkeypatch.setenv("LLMCOMP_PVQ_ESCAPES_APART", "1")
+    fmt, tail = CASES[2]  # Hadamard, many escapes
+    n, k = fmt.dim * 4, 300
+    t = random_pyramid(fmt, n, k, 2, tail=tail)
+    prep = pc.prepare(fmt, t, k)
+    assert pc.escape_fraction(prep) > pc.DENSE_ESCAPES and pc.kernel_rows(prep, pc.escapes_apart()) == pc.MAX_M
+    x = torch.randn(32, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    want = F.linear(x.float(), fmt.dequantize(t, k))
+    clamped = F.linear(pc._kernel_input(x, prep).float(), pc.layout_weight(prep["qw"], prep["s"], fmt.dim)[:, :k])
+    dropped = float((clamped - want).abs().max() / want.abs().max())  # the error without the escapes
+    run = pc.frozen(fmt, t, k, torch.bfloat16)
+    for m in (1, 16, 32):
+        for f in (lambda x2: pc.gemm(x2, prep), run):
+            seen.clear()
+            y = f(x[:m])
+            assert seen == [(0, 0)]  # the kernel got no escapes
+            err = float((y.float() - want[:m]).abs().max() / want.abs().max())
+            assert err < 2e-2 and err < dropped / 4, (m, err, dropped)
+    monkeypatch.setenv("LLMCOMP_PVQ_ESCAPES_APART", "0")
+    seen.clear()
+    pc.gemm(x[:1], prep)
+    assert seen[0][1] == prep["esc_rest"].numel() > 0  # the default: the escapes in the kernel
+
+
 # -- CUDA -------------------------------------------------------------------------------------------------
 
 
@@ -260,9 +301,28 @@ def test_frozen_forward_traces_in_one_graph():
     q = QuantLinear.from_packed(fmt, t, k, out_features=n)
     run = q.frozen_forward(torch.bfloat16)
     assert run is not None
+    torch._dynamo.reset()
     compiled = torch.compile(run, fullgraph=True)
     for m in (1, 8, 20):
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         with torch.no_grad():
             eager, traced = q(x), compiled(x)
         assert torch.allclose(eager.float(), traced.float(), rtol=1e-2, atol=1e-2 * float(eager.float().abs().max()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt,tail", [CASES[1], CASES[2]], ids=[IDS[1], IDS[2]])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_escapes_apart_match_the_reference(monkeypatch, fmt, tail, dtype):
+    monkeypatch.setenv("LLMCOMP_PVQ_ESCAPES_APART", "1")
+    n, k = fmt.dim * 16, 1000
+    t = random_pyramid(fmt, n, k, 5, "cuda", tail)
+    prep = pc.prepare(fmt, t, k)
+    assert pc.escape_fraction(prep) > pc.DENSE_ESCAPES  # without the switch these take the kernel only to M = 8
+    torch._dynamo.reset()  # every frozen forward shares one code object: its compiled versions count against a limit
+    run = torch.compile(pc.frozen(fmt, t, k, dtype), fullgraph=True)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for m in (1, 5, 9, 16, 17, 32):
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        for y in (pc.gemm(x, prep), run(x)):
+            assert y.dtype == dtype and _rel_err(y, x, fmt, t, k) < TOL, m

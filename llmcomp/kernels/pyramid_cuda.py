@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcomp.formats import hadamard
-from llmcomp.kernels import uniform_cuda
+from llmcomp.kernels import switches, uniform_cuda
 
 MAX_M = 32  # the kernel's rows of x (up to 4 n-tiles of the mma's n = 8); more: dequantize + cuBLAS
 # Above 8 rows of x the escapes cost the kernel M shared atomics and loads of x each: with many of them dequantize +
@@ -154,9 +154,34 @@ def layout_bytes(prep: dict) -> int:
     return sum(t.numel() * t.element_size() for t in (prep["qw"], prep["s"], *escapes(prep, r)))
 
 
-def kernel_rows(prep: dict) -> int:
-    """The most rows of x the default path sends to the kernel for this weight (``DENSE_ESCAPES``)."""
-    return MAX_M if escape_fraction(prep) <= DENSE_ESCAPES else 8
+def escapes_apart() -> bool:
+    """``LLMCOMP_PVQ_ESCAPES_APART=1``: the kernel runs with empty escape lists and the escapes are added after it,
+    one ``index_add`` over their rows (y += x[:, col] · remainder) — out of the warps' loop, where they cost M shared
+    atomics and loads of x each. An A/B switch, off by default: not yet timed on a GPU."""
+    return bool(switches.env_switch("LLMCOMP_PVQ_ESCAPES_APART"))
+
+
+def kernel_rows(prep: dict, apart: bool = False) -> int:
+    """The most rows of x the default path sends to the kernel for this weight (``DENSE_ESCAPES``; escapes added
+    ``apart``: ``MAX_M``)."""
+    return MAX_M if apart or escape_fraction(prep) <= DENSE_ESCAPES else 8
+
+
+def _no_escapes(prep: dict, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty escape lists in ``escapes``' form, for the kernel when they are added apart."""
+    got = prep["esc"].get(("none", r))
+    if got is None:
+        device = prep["qw"].device
+        got = prep["esc"]["none", r] = (
+            torch.zeros((prep["n"] // (16 * r)) * (prep["kp"] // CHUNK) + 1, dtype=torch.int32, device=device),
+            torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.float32, device=device))
+    return got
+
+
+def _add_escapes_apart(y: torch.Tensor, x2: torch.Tensor, prep: dict) -> torch.Tensor:
+    """y [M, N] plus each escape's remainder · scale times its input of x2 (the kernel's input, unpadded)."""
+    part = (x2[:, prep["esc_col"]].float() * prep["esc_rest"]).to(y.dtype)
+    return y.index_add(1, prep["esc_row"], part)
 
 
 def layout_weight(qw: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
@@ -244,10 +269,11 @@ def _(qw, s, dim, n, k, esc_index, esc_w, dtype):
     return qw.new_empty(n, k, dtype=dtype)
 
 
-def _args(prep: dict, device, m: int, launch: Optional[tuple] = None) -> tuple:
+def _args(prep: dict, device, m: int, launch: Optional[tuple] = None, apart: bool = False) -> tuple:
     r, warps, splits = launch or launch_config(prep["n"], prep["k"], prep["dim"], _sms(device.index or 0), m)
-    return (prep["qw"], prep["s"], prep["dim"], *escapes(prep, r), _part(prep, splits, n_tiles(m), device),
-            prep["counters"], prep["n"], r, warps, splits)
+    esc = _no_escapes(prep, r) if apart else escapes(prep, r)
+    return (prep["qw"], prep["s"], prep["dim"], *esc, _part(prep, splits, n_tiles(m), device), prep["counters"],
+            prep["n"], r, warps, splits)
 
 
 def _kernel_input(x2: torch.Tensor, prep: dict) -> torch.Tensor:
@@ -264,10 +290,13 @@ def _padded(x2: torch.Tensor, prep: dict) -> torch.Tensor:
 
 def gemm(x2: torch.Tensor, prep: dict, launch: Optional[tuple] = None) -> torch.Tensor:
     """x2 [M, K] → y [M, N] in x2's dtype, without bias: the kernel up to ``kernel_rows`` rows of x, or with a
-    ``launch`` (tiles a row group, warps, splits — one of ``launches``) up to ``MAX_M``; dequantize + cuBLAS above."""
+    ``launch`` (tiles a row group, warps, splits — one of ``launches``) up to ``MAX_M``; dequantize + cuBLAS above.
+    The escapes inside the kernel, or after it (``escapes_apart``)."""
     x2 = _kernel_input(x2, prep)
-    if x2.shape[0] <= (MAX_M if launch else kernel_rows(prep)):
-        return gemm_op(_padded(x2, prep), *_args(prep, x2.device, x2.shape[0], launch))
+    apart = escapes_apart()
+    if x2.shape[0] <= (MAX_M if launch else kernel_rows(prep, apart)):
+        y = gemm_op(_padded(x2, prep), *_args(prep, x2.device, x2.shape[0], launch, apart))
+        return _add_escapes_apart(y, x2, prep) if apart else y
     w = dequant_op(prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"],
                    x2.dtype)
     return F.linear(x2, w)
@@ -290,14 +319,16 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     """``x2 [M, in_features] -> x2 @ W^T`` as ``gemm`` with everything prepared up front (the scratch for each
     n-tile count's default launch included), which ``torch.compile`` traces without a graph break."""
     prep = prepared(fmt, tensors, in_features, cache)
-    args = {nt: _args(prep, prep["qw"].device, 8 * nt) for nt in (1, 2, 4)}
+    apart = escapes_apart()
+    rows = kernel_rows(prep, apart)
+    args = {nt: _args(prep, prep["qw"].device, 8 * nt, apart=apart) for nt in (1, 2, 4) if nt <= n_tiles(rows)}
     dq = (prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"], dtype)
-    rows = kernel_rows(prep)
 
     def run(x2):
         x2 = _kernel_input(x2, prep)
         if x2.shape[0] <= rows:
-            return gemm_op(_padded(x2, prep), *args[n_tiles(x2.shape[0])])
+            y = gemm_op(_padded(x2, prep), *args[n_tiles(x2.shape[0])])
+            return _add_escapes_apart(y, x2, prep) if apart else y
         return F.linear(x2, dequant_op(*dq))
 
     return run
