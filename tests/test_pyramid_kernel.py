@@ -24,6 +24,11 @@ def _escapes_in_the_kernel(monkeypatch):
     monkeypatch.delenv("LLMCOMP_PVQ_ESCAPES_APART", raising=False)
 
 
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest error of y against ref, relative to ref's largest entry."""
+    return float((y.float() - ref).abs().max() / ref.abs().max())
+
+
 def _unrotated(fmt: Pyramid) -> Pyramid:
     return Pyramid(dim=fmt.dim, pulses=fmt.pulses, norm_bits=fmt.norm_bits)
 
@@ -154,7 +159,7 @@ def test_python_side_with_the_kernel_in_torch(monkeypatch, fmt, tail):
         for launch in [None, *built]:
             y = pc.gemm(x[:m], prep, launch)
             assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-            assert float((y.float() - want[:m]).abs().max() / want.abs().max()) < 2e-2, (m, launch)
+            assert _rel(y, want[:m]) < 2e-2, (m, launch)
     w = pc.dequant_op(prep["qw"], prep["s"], fmt.dim, n, k, prep["esc_index"], prep["esc_w"], torch.float16)
     assert torch.equal(w, _unrotated(fmt).dequantize(t, k, dtype=torch.float16))  # escapes written back exactly
     run = pc.frozen(fmt, t, k, torch.bfloat16)
@@ -215,14 +220,14 @@ def test_escapes_added_apart(monkeypatch):
     x = torch.randn(32, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     want = F.linear(x.float(), fmt.dequantize(t, k))
     clamped = F.linear(pc._kernel_input(x, prep).float(), pc.layout_weight(prep["qw"], prep["s"], fmt.dim)[:, :k])
-    dropped = float((clamped - want).abs().max() / want.abs().max())  # the error without the escapes
+    dropped = _rel(clamped, want)  # the error without the escapes
     run = pc.frozen(fmt, t, k, torch.bfloat16)
     for m in (1, 16, 32):
         for f in (lambda x2: pc.gemm(x2, prep), run):
             seen.clear()
             y = f(x[:m])
             assert seen == [(0, 0)]  # the kernel got no escapes
-            err = float((y.float() - want[:m]).abs().max() / want.abs().max())
+            err = _rel(y, want[:m])
             assert err < 2e-2 and err < dropped / 4, (m, err, dropped)
     monkeypatch.setenv("LLMCOMP_PVQ_ESCAPES_APART", "0")
     seen.clear()
@@ -234,8 +239,7 @@ def test_escapes_added_apart(monkeypatch):
 
 
 def _rel_err(y, x, fmt, t, k):
-    ref = F.linear(x.float(), fmt.dequantize(t, k, dtype=torch.float32))
-    return float((y.float() - ref).abs().max() / ref.abs().max())
+    return _rel(y, F.linear(x.float(), fmt.dequantize(t, k, dtype=torch.float32)))
 
 
 TOL = 2e-2
@@ -278,7 +282,7 @@ def test_every_launch_matches_the_reference(fmt, tail, dtype):
                     continue
                 for splits in (1, 2, 3, 7, 25):
                     y = pc.gemm(x, prep, (r, warps, splits))
-                    assert float((y.float() - ref).abs().max() / ref.abs().max()) < TOL, (m, r, warps, splits)
+                    assert _rel(y, ref) < TOL, (m, r, warps, splits)
                     assert int(prep["counters"].abs().sum()) == 0  # left zero for the next call
 
 

@@ -288,6 +288,13 @@ def _padded(x2: torch.Tensor, prep: dict) -> torch.Tensor:
     return F.pad(x2, (0, prep["kp"] - prep["k"])) if prep["kp"] != prep["k"] else x2
 
 
+def _through_kernel(x2: torch.Tensor, prep: dict, args: tuple, apart: bool) -> torch.Tensor:
+    """The kernel on x2 (the kernel's input, unpadded) with ``_args``' operands; the escapes added after it when
+    ``apart``."""
+    y = gemm_op(_padded(x2, prep), *args)
+    return _add_escapes_apart(y, x2, prep) if apart else y
+
+
 def gemm(x2: torch.Tensor, prep: dict, launch: Optional[tuple] = None) -> torch.Tensor:
     """x2 [M, K] → y [M, N] in x2's dtype, without bias: the kernel up to ``kernel_rows`` rows of x, or with a
     ``launch`` (tiles a row group, warps, splits — one of ``launches``) up to ``MAX_M``; dequantize + cuBLAS above.
@@ -295,8 +302,7 @@ def gemm(x2: torch.Tensor, prep: dict, launch: Optional[tuple] = None) -> torch.
     x2 = _kernel_input(x2, prep)
     apart = escapes_apart()
     if x2.shape[0] <= (MAX_M if launch else kernel_rows(prep, apart)):
-        y = gemm_op(_padded(x2, prep), *_args(prep, x2.device, x2.shape[0], launch, apart))
-        return _add_escapes_apart(y, x2, prep) if apart else y
+        return _through_kernel(x2, prep, _args(prep, x2.device, x2.shape[0], launch, apart), apart)
     w = dequant_op(prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"],
                    x2.dtype)
     return F.linear(x2, w)
@@ -327,8 +333,7 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     def run(x2):
         x2 = _kernel_input(x2, prep)
         if x2.shape[0] <= rows:
-            y = gemm_op(_padded(x2, prep), *args[n_tiles(x2.shape[0])])
-            return _add_escapes_apart(y, x2, prep) if apart else y
+            return _through_kernel(x2, prep, args[n_tiles(x2.shape[0])], apart)
         return F.linear(x2, dequant_op(*dq))
 
     return run
