@@ -37,7 +37,7 @@ def main():
                    if args.baselines else [])
         chunks = -(-k // pc.CHUNK)
         for m in (int(v) for v in args.ms.split(",")):
-            rule = pc.launch_config(n, k, fmt.dim, sms, m)
+            rule = pc.launch_config(n, k, fmt.dim, sms, m, pc.dense(preps[0]))
             built = set(pc.launches(fmt.dim, m, chunks))
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             best = None

@@ -259,11 +259,14 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(4096, 14336, 2, 1) == (1, 16, 1)
     assert uniform_cuda.launch_config(28672, 4096, 3, 1)[0] == 1
     # 2-bit layouts (sweep_w2_m1_h200_s32.json, sweep_w3_m16_h200_s32.json): W2 on very many rows two tiles x 8 warps
-    # at M <= 8; W3 at M = 9..16 two tiles with 4 (many rows) or 8 (very many) row groups; few rows as before
+    # at M <= 8; W3 at M = 9..16 two tiles with 4 (many rows) or 8 (very many) row groups, W2 with 2
+    # (sweep_w2_m16_h200_s34.json) or 8; few rows as before
     assert uniform_cuda.launch_config(28672, 8192, 2, 1) == uniform_cuda.launch_config(28672, 4096, 2, 4) == (2, 8, 1)
     assert uniform_cuda.launch_config(14336, 4096, 2, 1) == (1, 4, 1)
     assert uniform_cuda.launch_config(28672, 8192, 3, 1)[0] == 1
     assert uniform_cuda.launch_config(14336, 4096, 3, 16) == (2, 4, 4)
+    assert uniform_cuda.launch_config(14336, 4096, 2, 16) == uniform_cuda.launch_config(6144, 4096, 2, 9) == (2, 4, 2)
+    assert uniform_cuda.launch_config(4096, 14336, 2, 16) == (2, 16, 1)
     assert uniform_cuda.launch_config(28672, 8192, 3, 16) == uniform_cuda.launch_config(28672, 8192, 2, 12) == (2, 2, 8)
     assert uniform_cuda.launch_config(4096, 14336, 3, 16) == (2, 16, 1)
     assert codebook_cuda.launch_config(28672, 8192, 4) == (4, 1)  # the codebook kernel keeps the old rule (elem 4)

@@ -18,12 +18,6 @@ CASES = [(Pyramid(dim=64, pulses=38), 0.0), (Pyramid(dim=64, pulses=87, norm_bit
 IDS = ["N64K38", "N64K87-escapes", "N32K87-hadamard", "N16K40-escapes", "N48K30"]
 
 
-@pytest.fixture(autouse=True)
-def _escapes_in_the_kernel(monkeypatch):
-    """The default (escapes inside the kernel) whatever the caller's environment; tests that want them apart say so."""
-    monkeypatch.delenv("LLMCOMP_PVQ_ESCAPES_APART", raising=False)
-
-
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest error of y against ref, relative to ref's largest entry."""
     return float((y.float() - ref).abs().max() / ref.abs().max())
@@ -117,6 +111,11 @@ def test_launch_config_fills_the_machine():
                 r, warps, splits = pc.launch_config(n, k, dim, 132, m)
                 assert pc.valid_launch(r, warps, pc.n_tiles(m)), (m, n, k, dim)
     assert pc.launch_config(4096, 4096, 64, 132, 32) == (2, 8, 1)
+    # dense escapes above 8 rows of x: row groups of at most 2 tiles (sweep_pvq3_final_h200_s34.json)
+    assert pc.launch_config(14336, 4096, 64, 132, 16, dense=True) == (2, 8, 1)
+    assert pc.launch_config(14336, 4096, 64, 132, 8, dense=True) == (4, 8, 1)
+    assert pc.launch_config(4096, 4096, 64, 132, 16, dense=True) == pc.launch_config(4096, 4096, 64, 132, 16)
+    assert pc.launch_config(4096, 14336, 64, 132, 16, dense=True) == (2, 16, 1)
 
 
 def test_launches_the_extension_builds():
@@ -187,52 +186,19 @@ def test_dense_escapes_take_the_kernel_only_up_to_8_rows(monkeypatch):
         t = random_pyramid(fmt, fmt.dim * 4, k, 2, tail=tail)
         prep = pc.prepare(fmt, t, k)
         dense = pc.escape_fraction(prep) > pc.DENSE_ESCAPES
+        assert pc.dense(prep) == dense
         dense_seen.add(dense)
         run = pc.frozen(fmt, t, k, torch.bfloat16)
-        for m in (1, 8, 9, 16, 32, 33):
-            want = "kernel" if m <= 8 or (m <= pc.MAX_M and not dense) else "dequant"
+        for m in (1, 8, 9, 16, 17, 32, 33):
+            want = "kernel" if m <= (pc.DENSE_MAX_M if dense else pc.MAX_M) else "dequant"
             for f in (lambda x2: pc.gemm(x2, prep), run):
                 calls.clear()
                 f(x[:m])
                 assert calls == [want], (fmt, m, dense)
         calls.clear()
-        pc.gemm(x[:16], prep, (1, 8, 1))  # an explicit launch takes the kernel up to MAX_M
+        pc.gemm(x[:32], prep, (1, 8, 1))  # an explicit launch takes the kernel up to MAX_M
         assert calls == ["kernel"]
     assert dense_seen == {False, True}
-
-
-def test_escapes_added_apart(monkeypatch):
-    seen = []
-
-    class Recording(_TorchKernel):
-        def pvq_gemm(self, x, qw, s, dim, esc_ptr, esc_pos, esc_val, *rest):
-            seen.append((int(esc_ptr.abs().sum()), esc_pos.numel()))
-            return super().pvq_gemm(x, qw, s, dim, esc_ptr, esc_pos, esc_val, *rest)
-
-    monkeypatch.setattr(pc.uniform_cuda, "extension", lambda: Recording())
-    monkeypatch.setattr(pc, "_sms", lambda index: 132)
-    monkeypatch.setenv("LLMCOMP_PVQ_ESCAPES_APART", "1")
-    fmt, tail = CASES[2]  # Hadamard, many escapes
-    n, k = fmt.dim * 4, 300
-    t = random_pyramid(fmt, n, k, 2, tail=tail)
-    prep = pc.prepare(fmt, t, k)
-    assert pc.escape_fraction(prep) > pc.DENSE_ESCAPES and pc.kernel_rows(prep, pc.escapes_apart()) == pc.MAX_M
-    x = torch.randn(32, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    want = F.linear(x.float(), fmt.dequantize(t, k))
-    clamped = F.linear(pc._kernel_input(x, prep).float(), pc.layout_weight(prep["qw"], prep["s"], fmt.dim)[:, :k])
-    dropped = _rel(clamped, want)  # the error without the escapes
-    run = pc.frozen(fmt, t, k, torch.bfloat16)
-    for m in (1, 16, 32):
-        for f in (lambda x2: pc.gemm(x2, prep), run):
-            seen.clear()
-            y = f(x[:m])
-            assert seen == [(0, 0)]  # the kernel got no escapes
-            err = _rel(y, want[:m])
-            assert err < 2e-2 and err < dropped / 4, (m, err, dropped)
-    monkeypatch.setenv("LLMCOMP_PVQ_ESCAPES_APART", "0")
-    seen.clear()
-    pc.gemm(x[:1], prep)
-    assert seen[0][1] == prep["esc_rest"].numel() > 0  # the default: the escapes in the kernel
 
 
 # -- CUDA -------------------------------------------------------------------------------------------------
@@ -312,21 +278,3 @@ def test_frozen_forward_traces_in_one_graph():
         with torch.no_grad():
             eager, traced = q(x), compiled(x)
         assert torch.allclose(eager.float(), traced.float(), rtol=1e-2, atol=1e-2 * float(eager.float().abs().max()))
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("fmt,tail", [CASES[1], CASES[2]], ids=[IDS[1], IDS[2]])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_escapes_apart_match_the_reference(monkeypatch, fmt, tail, dtype):
-    monkeypatch.setenv("LLMCOMP_PVQ_ESCAPES_APART", "1")
-    n, k = fmt.dim * 16, 1000
-    t = random_pyramid(fmt, n, k, 5, "cuda", tail)
-    prep = pc.prepare(fmt, t, k)
-    assert pc.escape_fraction(prep) > pc.DENSE_ESCAPES  # without the switch these take the kernel only to M = 8
-    torch._dynamo.reset()  # every frozen forward shares one code object: its compiled versions count against a limit
-    run = torch.compile(pc.frozen(fmt, t, k, dtype), fullgraph=True)
-    g = torch.Generator(device="cuda").manual_seed(3)
-    for m in (1, 5, 9, 16, 17, 32):
-        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
-        for y in (pc.gemm(x, prep), run(x)):
-            assert y.dtype == dtype and _rel_err(y, x, fmt, t, k) < TOL, m

@@ -26,14 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from llmcomp.formats import hadamard
-from llmcomp.kernels import switches, uniform_cuda
+from llmcomp.kernels import uniform_cuda
 
 MAX_M = 32  # the kernel's rows of x (up to 4 n-tiles of the mma's n = 8); more: dequantize + cuBLAS
-# Above 8 rows of x the escapes cost the kernel M shared atomics and loads of x each: with many of them dequantize +
-# cuBLAS wins (H200, 4096 x 4096 M=16: pvq3 with 3.7e-3 of its pulses escapes 42.6 µs against 35.3; pvq2 with 1.9e-5
-# 13.2 against 33.2 — sweep_pvq3_h200_s33.json, sweep_pvq2_ms_h200_s33.json). Weights with more escapes than this
-# share take the kernel only up to 8 rows.
+# Each escape costs the kernel M shared atomics and loads of x: weights with more escapes than this share of their
+# pulses ("dense") take the kernel up to 16 rows of x, in row groups of at most 2 tiles above 8 rows (fewer escapes a
+# warp and chunk), and dequantize + cuBLAS above. H200, pvq3 (3.7e-3 escapes), sweep_pvq3_final_h200_s34.json: M=16
+# 4096 x 4096 27.2 µs, 14336 x 4096 79.6 (with 4 tiles a group 144.3), 4096 x 14336 67.7, against the dequantize
+# path's 35.5 / 105.1 / 111.0; M=32 (sweep_pvq3_pairs_h200_s34.json) 90.7 / 185.1 / 249.8 against 35.8 / 103.9 / 111.8.
+# pvq2 (1.9e-5) at M=32 beats the dequantize path (21.6 µs against 33.8 on 4096 x 4096, sweep_pvq2_pairs_h200_s34.json).
 DENSE_ESCAPES = 1e-3
+DENSE_MAX_M = 16
 CHUNK = 64  # inputs a lane's 16-byte load of one tile covers
 LOW, HIGH = -8, 7  # pulses held in the 4-bit codes; the rest are escapes
 
@@ -154,34 +157,14 @@ def layout_bytes(prep: dict) -> int:
     return sum(t.numel() * t.element_size() for t in (prep["qw"], prep["s"], *escapes(prep, r)))
 
 
-def escapes_apart() -> bool:
-    """``LLMCOMP_PVQ_ESCAPES_APART=1``: the kernel runs with empty escape lists and the escapes are added after it,
-    one ``index_add`` over their rows (y += x[:, col] · remainder) — out of the warps' loop, where they cost M shared
-    atomics and loads of x each. An A/B switch, off by default: not yet timed on a GPU."""
-    return bool(switches.env_switch("LLMCOMP_PVQ_ESCAPES_APART"))
+def dense(prep: dict) -> bool:
+    """Whether the weight has more escapes than ``DENSE_ESCAPES`` (fewer rows of x, smaller row groups)."""
+    return escape_fraction(prep) > DENSE_ESCAPES
 
 
-def kernel_rows(prep: dict, apart: bool = False) -> int:
-    """The most rows of x the default path sends to the kernel for this weight (``DENSE_ESCAPES``; escapes added
-    ``apart``: ``MAX_M``)."""
-    return MAX_M if apart or escape_fraction(prep) <= DENSE_ESCAPES else 8
-
-
-def _no_escapes(prep: dict, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty escape lists in ``escapes``' form, for the kernel when they are added apart."""
-    got = prep["esc"].get(("none", r))
-    if got is None:
-        device = prep["qw"].device
-        got = prep["esc"]["none", r] = (
-            torch.zeros((prep["n"] // (16 * r)) * (prep["kp"] // CHUNK) + 1, dtype=torch.int32, device=device),
-            torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.float32, device=device))
-    return got
-
-
-def _add_escapes_apart(y: torch.Tensor, x2: torch.Tensor, prep: dict) -> torch.Tensor:
-    """y [M, N] plus each escape's remainder · scale times its input of x2 (the kernel's input, unpadded)."""
-    part = (x2[:, prep["esc_col"]].float() * prep["esc_rest"]).to(y.dtype)
-    return y.index_add(1, prep["esc_row"], part)
+def kernel_rows(prep: dict) -> int:
+    """The most rows of x the default path sends to the kernel for this weight (``DENSE_ESCAPES``)."""
+    return DENSE_MAX_M if dense(prep) else MAX_M
 
 
 def layout_weight(qw: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
@@ -202,18 +185,20 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(n: int, k: int, dim: int, sms: int, m: int = 1) -> tuple[int, int, int]:
+def launch_config(n: int, k: int, dim: int, sms: int, m: int = 1, dense: bool = False) -> tuple[int, int, int]:
     """(tiles a row group, warps a block, splits of the inputs) for ``m`` rows of x. H200 sweeps at M = 1 and 8
     (sweep_pvq2_v2_h200_s32.json, sweep_pvq2_h200_s33.json): with at least one block an SM of the largest row groups,
     those at 8 warps (two blocks an SM) — 14336 × 4096 (4, 8, 1) 13.05 µs against 17.36 with (2, 8, 1); fewer rows:
     the row groups nearest to one wave, 16 warps each (one such block fills an SM) — 4096 × 4096 (2, 16, 1) 6.65 µs,
     the best of 33 launches; 4096 × 14336 (2, 16, 1) 14.50 µs, 4 % behind the best, (4, 8, 4). Above 8 rows of x the
     same rule among the launches the extension builds (``valid_launch``): at M = 16 the best of six launches on each
-    of the four shapes (sweep_pvq2_ms_h200_s33.json). The inputs split only when there are fewer blocks than half the
-    SMs, at least two chunks a warp."""
+    of the four shapes (sweep_pvq2_ms_h200_s33.json). ``dense`` escapes above 8 rows: row groups of at most 2 tiles
+    (pvq3 14336 x 4096 M=16 (2, 8, 1) 79.6 µs against 144.3 with (4, 8, 1); M = 8 43.3 / 44.3 either way —
+    sweep_pvq3_final_h200_s34.json). The inputs split only when there are fewer blocks than half the SMs, at least two
+    chunks a warp."""
     chunks = -(-k // CHUNK)
     nt = n_tiles(m)
-    options = [t for t in tile_options(dim) if valid_launch(t, 8, nt)]
+    options = [t for t in tile_options(dim) if valid_launch(t, 8, nt) and not (dense and m > 8 and t > 2)]
     big = options[-1]
     if n // (16 * big) >= sms:
         r, warps = big, 8
@@ -269,11 +254,11 @@ def _(qw, s, dim, n, k, esc_index, esc_w, dtype):
     return qw.new_empty(n, k, dtype=dtype)
 
 
-def _args(prep: dict, device, m: int, launch: Optional[tuple] = None, apart: bool = False) -> tuple:
-    r, warps, splits = launch or launch_config(prep["n"], prep["k"], prep["dim"], _sms(device.index or 0), m)
-    esc = _no_escapes(prep, r) if apart else escapes(prep, r)
-    return (prep["qw"], prep["s"], prep["dim"], *esc, _part(prep, splits, n_tiles(m), device), prep["counters"],
-            prep["n"], r, warps, splits)
+def _args(prep: dict, device, m: int, launch: Optional[tuple] = None) -> tuple:
+    r, warps, splits = launch or launch_config(prep["n"], prep["k"], prep["dim"], _sms(device.index or 0), m,
+                                               dense(prep))
+    return (prep["qw"], prep["s"], prep["dim"], *escapes(prep, r), _part(prep, splits, n_tiles(m), device),
+            prep["counters"], prep["n"], r, warps, splits)
 
 
 def _kernel_input(x2: torch.Tensor, prep: dict) -> torch.Tensor:
@@ -288,21 +273,17 @@ def _padded(x2: torch.Tensor, prep: dict) -> torch.Tensor:
     return F.pad(x2, (0, prep["kp"] - prep["k"])) if prep["kp"] != prep["k"] else x2
 
 
-def _through_kernel(x2: torch.Tensor, prep: dict, args: tuple, apart: bool) -> torch.Tensor:
-    """The kernel on x2 (the kernel's input, unpadded) with ``_args``' operands; the escapes added after it when
-    ``apart``."""
-    y = gemm_op(_padded(x2, prep), *args)
-    return _add_escapes_apart(y, x2, prep) if apart else y
+def _through_kernel(x2: torch.Tensor, prep: dict, args: tuple) -> torch.Tensor:
+    """The kernel on x2 (the kernel's input, unpadded) with ``_args``' operands."""
+    return gemm_op(_padded(x2, prep), *args)
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: Optional[tuple] = None) -> torch.Tensor:
     """x2 [M, K] → y [M, N] in x2's dtype, without bias: the kernel up to ``kernel_rows`` rows of x, or with a
-    ``launch`` (tiles a row group, warps, splits — one of ``launches``) up to ``MAX_M``; dequantize + cuBLAS above.
-    The escapes inside the kernel, or after it (``escapes_apart``)."""
+    ``launch`` (tiles a row group, warps, splits — one of ``launches``) up to ``MAX_M``; dequantize + cuBLAS above."""
     x2 = _kernel_input(x2, prep)
-    apart = escapes_apart()
-    if x2.shape[0] <= (MAX_M if launch else kernel_rows(prep, apart)):
-        return _through_kernel(x2, prep, _args(prep, x2.device, x2.shape[0], launch, apart), apart)
+    if x2.shape[0] <= (MAX_M if launch else kernel_rows(prep)):
+        return _through_kernel(x2, prep, _args(prep, x2.device, x2.shape[0], launch))
     w = dequant_op(prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"],
                    x2.dtype)
     return F.linear(x2, w)
@@ -325,15 +306,14 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     """``x2 [M, in_features] -> x2 @ W^T`` as ``gemm`` with everything prepared up front (the scratch for each
     n-tile count's default launch included), which ``torch.compile`` traces without a graph break."""
     prep = prepared(fmt, tensors, in_features, cache)
-    apart = escapes_apart()
-    rows = kernel_rows(prep, apart)
-    args = {nt: _args(prep, prep["qw"].device, 8 * nt, apart=apart) for nt in (1, 2, 4) if nt <= n_tiles(rows)}
+    rows = kernel_rows(prep)
+    args = {nt: _args(prep, prep["qw"].device, 8 * nt) for nt in (1, 2, 4) if nt <= n_tiles(rows)}
     dq = (prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"], dtype)
 
     def run(x2):
         x2 = _kernel_input(x2, prep)
         if x2.shape[0] <= rows:
-            return _through_kernel(x2, prep, args[n_tiles(x2.shape[0])], apart)
+            return _through_kernel(x2, prep, args[n_tiles(x2.shape[0])])
         return F.linear(x2, dequant_op(*dq))
 
     return run

@@ -306,11 +306,15 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         # the rule below was 1.2-1.8x slower there): W2 at M <= 8 on very many rows two tiles x 8 warps (28672 x 8192
         # 30.96 us against 36.34 with one tile x 4; W3 keeps one tile there, 47.07 against 50.08); W3 at M = 9..16
         # two tiles, x read once a block of 4 row groups (14336 x 4096 21.67 us against 39.28 with one tile x 4 warps)
-        # or, on very many rows, 8 row groups of 2 warps (28672 x 8192 65.75 against 67.64 at two tiles x 4 warps)
+        # or, on very many rows, 8 row groups of 2 warps (28672 x 8192 65.75 against 67.64 at two tiles x 4 warps);
+        # W2 at M = 9..16 (sweep_w2_m16_h200_s34.json) two tiles x 4 warps x 2 row groups on many rows (14336 x 4096
+        # 17.37 us against 32.42 with one tile x 4 warps; (2, 4, 4) 18.11), 8 groups of 2 on very many (28672 x 8192
+        # 56.73, the sweep's best)
         if m <= 8:
             return 2, 8, 1
-        if bits == 3 or n // 32 >= 6 * sms:  # (W2 at M = 9..16: not swept, only very many rows take this)
-            return (2, 2, 8) if n // 32 >= 6 * sms else (2, 4, 4)
+        if n // 32 >= 6 * sms:
+            return 2, 2, 8
+        return (2, 4, 4) if bits == 3 else (2, 4, 2)
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
         post = post and m > 8 and bits == 4 and elem == 0 and n % 32 == 0  # the post-scale kernel's two tiles

@@ -15,8 +15,8 @@
 // pair of codes, and one lop3 and one subtraction make the pair of values (the mma m16n8k16 A layout). s fp32
 // [N / dim][Kp] (Kp = 64 · chunks, zero past K). Escapes (y outside [-8, 7]): per row group and chunk
 // (esc_ptr[rg · chunks + c] .. [+1]) entries (k << 6 | row within the group, (y - clamp(y)) · s), added in the main
-// loop into a per-warp shared-memory tile by the lane that read them (shared atomics: rows with escapes may differ
-// in their last bit from run to run).
+// loop into a per-warp shared-memory tile, one (escape, row of x) pair a lane (shared atomics: rows with escapes
+// may differ in their last bit from run to run).
 //
 // A block of WARPS (4, 8, 16) warps takes one row group of R tiles (16R rows inside one PVQ group, so one scale row;
 // R = 1, 2 or 4 by launch) and a share of its chunks: grid (row groups, S); warp w of split s takes chunks s·WARPS + w,
@@ -159,12 +159,22 @@ __global__ void __launch_bounds__(WARPS * 32) pvq_kernel(
         for (int t = 0; t < NT; ++t) mma16816<T>(acc[i][t], a, b0[t], b1[t]);
       }
     }
-    // the chunk's escapes, one a lane, into the warp's tile (rare: ~1e-4 of the pulses at 2 bits a weight)
-    for (int e = st.e0 + lane; e < st.e1; e += 32) {
+    // the chunk's escapes into the warp's tile (~1e-4 of the pulses at 2 bits a weight, ~4e-3 at 3). Above one row
+    // of x the (row, escape) pairs spread over the lanes, a row's escapes on neighbouring lanes (their x within the
+    // chunk's 128 bytes): one escape a lane looping over the rows ran pvq3 at M = 16 / 32 1.4-2.1x slower. At one
+    // row, one escape a lane without the division (the pairs' form ran pvq3 M = 1 15-24 % slower).
+    auto escape = [&](int e, int m) {
       const int pos = esc_pos[e];
-      const float val = esc_val[e];
-      const int r = pos & 63, kk = pos >> 6;
-      for (int m = 0; m < M; ++m) atomicAdd(&red[warp][r][m], val * Tr::to_float(x[(size_t)m * Kp + kk]));
+      atomicAdd(&red[warp][pos & 63][m], esc_val[e] * Tr::to_float(x[(size_t)m * Kp + (pos >> 6)]));
+    };
+    const int ne = st.e1 - st.e0;
+    if (M == 1) {
+      for (int e = st.e0 + lane; e < st.e1; e += 32) escape(e, 0);
+    } else {
+      for (int i = lane; i < ne * M; i += 32) {
+        const int m = i / ne;
+        escape(st.e0 + i - m * ne, m);
+      }
     }
   };
 
