@@ -165,7 +165,7 @@ def test_python_side_with_the_kernel_in_torch(monkeypatch, fmt, tail):
     assert all(torch.equal(run(x[:m]), pc.gemm(x[:m], prep)) for m in (3, 12, 32, 40))
 
 
-def test_dense_escapes_take_the_kernel_only_up_to_8_rows(monkeypatch):
+def test_dense_escapes_take_the_kernel_only_up_to_16_rows(monkeypatch):
     calls = []
 
     class Counting(_TorchKernel):
