@@ -52,9 +52,8 @@ def main():
                     f"{best['launch']} {best['us']:.2f} us ({best['pct']:.1f} %)")
             if args.baselines:
                 for name, fns in (("bf16", [lambda w=w: F.linear(x, w) for w in weights]),
-                                  ("dequant", [lambda p=p: F.linear(x, pc.dequant_op(
-                                      p["qw"], p["s"], p["dim"], n, k, p["esc_index"], p["esc_w"], x.dtype))
-                                      for p in preps])):
+                                  ("dequant", [lambda p=p: F.linear(x, pc.dequant_op(*pc.dequant_args(p, x.dtype)))
+                                               for p in preps])):
                     t = kb.per_call_seconds(fns)
                     rows.append({"N": n, "K": k, "M": m, "launch": name, "us": round(t * 1e6, 3)})
                     line += f", {name} {t * 1e6:.2f} us (rule {t * 1e6 / ruled['us']:.2f}x)"

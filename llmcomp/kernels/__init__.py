@@ -169,8 +169,8 @@ def _outlier_fast_path(device_type: str) -> None:
 def _register_builtin() -> None:
     """Fast paths for CUDA: the CUDA C++ mma kernels (uniform 2/3/4-bit, the E2M1 formats, codebook 4-vectors and
     PVQ groups of a multiple of 16 rows, compiled at first use), then Triton (uniform 2/4/8-bit; the codebook format
-    at M ≤ 8 when LLMCOMP_CODEBOOK_KERNEL=1) where it is importable; CPU needs none. Each one's ``supports`` checks shapes and dtypes, so anything
-    it cannot take falls through to the next path and finally the reference."""
+    at M ≤ 8 when LLMCOMP_CODEBOOK_KERNEL=1) where it is importable; CPU needs none. Each one's ``supports`` checks
+    shapes and dtypes, so anything it cannot take falls through to the next path and finally the reference."""
 
     def cuda_supports(fmt, x, tensors, in_features):
         from llmcomp.kernels import uniform_cuda

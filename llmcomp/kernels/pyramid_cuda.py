@@ -268,14 +268,17 @@ def _kernel_input(x2: torch.Tensor, prep: dict) -> torch.Tensor:
     return x2
 
 
-def _padded(x2: torch.Tensor, prep: dict) -> torch.Tensor:
-    """x padded with zeros to whole chunks of 64 inputs (the kernel reads them unchecked)."""
-    return F.pad(x2, (0, prep["kp"] - prep["k"])) if prep["kp"] != prep["k"] else x2
-
-
 def _through_kernel(x2: torch.Tensor, prep: dict, args: tuple) -> torch.Tensor:
-    """The kernel on x2 (the kernel's input, unpadded) with ``_args``' operands."""
-    return gemm_op(_padded(x2, prep), *args)
+    """The kernel on x2 (the kernel's input) with ``_args``' operands, x2 padded with zeros to whole chunks of 64
+    inputs (the kernel reads them unchecked)."""
+    if prep["kp"] != prep["k"]:
+        x2 = F.pad(x2, (0, prep["kp"] - prep["k"]))
+    return gemm_op(x2, *args)
+
+
+def dequant_args(prep: dict, dtype: torch.dtype) -> tuple:
+    """``dequant_op``'s operands for the prepared weight in ``dtype``."""
+    return prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"], dtype
 
 
 def gemm(x2: torch.Tensor, prep: dict, launch: Optional[tuple] = None) -> torch.Tensor:
@@ -284,9 +287,7 @@ def gemm(x2: torch.Tensor, prep: dict, launch: Optional[tuple] = None) -> torch.
     x2 = _kernel_input(x2, prep)
     if x2.shape[0] <= (MAX_M if launch else kernel_rows(prep)):
         return _through_kernel(x2, prep, _args(prep, x2.device, x2.shape[0], launch))
-    w = dequant_op(prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"],
-                   x2.dtype)
-    return F.linear(x2, w)
+    return F.linear(x2, dequant_op(*dequant_args(prep, x2.dtype)))
 
 
 def prepared(fmt, tensors: dict, in_features: int, cache=None) -> dict:
@@ -308,7 +309,7 @@ def frozen(fmt, tensors: dict, in_features: int, dtype: torch.dtype, cache=None)
     prep = prepared(fmt, tensors, in_features, cache)
     rows = kernel_rows(prep)
     args = {nt: _args(prep, prep["qw"].device, 8 * nt) for nt in (1, 2, 4) if nt <= n_tiles(rows)}
-    dq = (prep["qw"], prep["s"], prep["dim"], prep["n"], prep["k"], prep["esc_index"], prep["esc_w"], dtype)
+    dq = dequant_args(prep, dtype)
 
     def run(x2):
         x2 = _kernel_input(x2, prep)
