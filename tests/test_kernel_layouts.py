@@ -22,6 +22,12 @@ def _unrepack(words: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     return out.permute(0, 2, 1, 3).reshape(n, k)
 
 
+def _prepared_codes(prep: dict) -> torch.Tensor:
+    """The codes [n, kp] a prepared 2- or 4-bit layout holds (E2M1: its nibbles' bits moved back first)."""
+    words = uniform_cuda.e2m1_bits(prep["qw"], to_kernel=False) if prep["elem"] == 1 else prep["qw"]
+    return _unrepack(words, prep["bits"], prep["n"], prep["kp"])
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_repack_round_trip(bits):
     n, k = 48, 2 * uniform_cuda.kblock(bits)
@@ -86,21 +92,29 @@ def _words(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_e2m1_bit_move_reads_as_value_times_2_to_minus_b(dtype):
     """uniform_mma.cuh's ``decode_e2m1`` transcribed step for step onto integers (a check of the bit trick,
-    not of the compiled kernel — the CUDA tests do that): on random full words, pair e (nibbles at bits 4e and
-    16 + 4e) becomes two 16-bit floats equal to e2m1(code) · 2^-B, untouched by the other nibbles."""
+    not of the compiled kernel — the CUDA tests do that): on random full words of nibbles (pair e at bits 4e and
+    16 + 4e) moved by ``e2m1_bits``, pair e becomes two 16-bit floats equal to e2m1(code) · 2^-B, untouched by the
+    other codes; and the move is undone exactly."""
     from llmcomp.formats.minifloat import E2M1
 
     mag_at = 9 if dtype == torch.float16 else 6
     values = E2M1.values("cpu").double() * 2.0 ** -uniform_cuda.E2M1_BIAS[dtype]
-    w = _words(4096, 1)
+    nib = _words(4096, 1)
+    signed = (nib - ((nib >> 31) << 32)).to(torch.int32)
+    moved = uniform_cuda.e2m1_bits(signed)
+    assert torch.equal(uniform_cuda.e2m1_bits(moved, to_kernel=False), signed)
+    w = moved.to(torch.int64) & 0xFFFFFFFF
+    shifts = set()
     for e in range(4):
-        sign = (w << (12 - 4 * e)) & 0xFFFFFFFF
-        mag = ((w << (mag_at - 4 * e)) if 4 * e <= mag_at else (w >> (4 * e - mag_at))) & (0x00070007 << mag_at)
+        sign = (w << (3 - e)) & 0xFFFFFFFF
+        mag = ((w << (mag_at - 3 * e)) if 3 * e <= mag_at else (w >> (3 * e - mag_at))) & (0x00070007 << mag_at)
+        shifts |= {3 - e, mag_at - 3 * e}
         word = (sign & 0x80008000) | mag
         for hi in (0, 16):
-            code = (w >> (4 * e + hi)) & 15
+            code = (nib >> (4 * e + hi)) & 15
             got = _as_float((word >> hi) & 0xFFFF, dtype)
             assert torch.equal(got, values[code]), (e, hi)
+    assert len(shifts - {0}) == 5  # the point of the move: 5 shifts a word (nibbles in place took 7)
 
 
 def test_e2m1_formats_take_the_mma_kernel_shapes():
@@ -116,9 +130,9 @@ def test_e2m1_formats_take_the_mma_kernel_shapes():
 
 
 def test_e2m1_prepare_scales():
-    """prepare keeps the codes in the uniform layout and the block multiplier in float32; the kernel's
-    16-bit scale is S · 2^B in the activation dtype, and a scale that overflows it sends the weight to
-    the reference path."""
+    """prepare keeps the codes in the uniform layout (their bits moved by ``e2m1_bits``) and the block multiplier
+    in float32; the kernel's 16-bit scale is S · 2^B in the activation dtype, and a scale that overflows it sends
+    the weight to the reference path."""
     from llmcomp.formats.fp4 import FP4, NVFP4
     from llmcomp.quant.fp4 import fp4_fields
 
@@ -127,7 +141,7 @@ def test_e2m1_prepare_scales():
     t = fmt.pack(fp4_fields(w, fmt))
     prep = uniform_cuda.prepare(fmt, t, 128)
     f = fmt.unpack(t, 128)
-    assert torch.equal(_unrepack(prep["qw"], 4, 32, 128), f["codes"].long())
+    assert torch.equal(_prepared_codes(prep), f["codes"].long())
     assert torch.equal(prep["scale"], fmt.block_scale(f))
     for dtype, b in uniform_cuda.E2M1_BIAS.items():
         sz = uniform_cuda.scale_pairs(prep, dtype)
@@ -224,11 +238,14 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(6144, 4096, 4, 16) == uniform_cuda.launch_config(6144, 4096, 4, 12) == (2, 8, 1)
     assert uniform_cuda.launch_config(28672, 4096, 4, 16) == (2, 2, 2)
     assert picks[(28672, 8192, 16)] == (2, 4, 1) and uniform_cuda.launch_config(6144, 4096, 4, 8) == (1, 8, 1)
-    assert uniform_cuda.launch_config(6144, 4096, 4, 16, elem=1)[0] == 1  # E2M1: as before
+    # E2M1 at M = 9..16 (kernels_sweep_{mxfp4,nvfp4}_m16_h200_s35.json): two tiles, 2 row groups on many rows
+    assert uniform_cuda.launch_config(6144, 4096, 4, 16, elem=1) == (2, 8, 1)
+    assert uniform_cuda.launch_config(14336, 4096, 4, 12, elem=1) == (2, 4, 2)
+    assert uniform_cuda.launch_config(14336, 4096, 4, 8, elem=1) == (1, 4, 1)  # M <= 8: as before
+    assert uniform_cuda.launch_config(28672, 4096, 4, 16, elem=1) == (2, 4, 1)  # very many rows: as before
     # weights the post-scale kernel cannot serve (groups of 96, LLMCOMP_MMA_POST_SCALE=8): the per-pair kernel's one tile
     assert uniform_cuda.launch_config(6144, 4096, 4, 16, post=False) == (1, 8, 1)
     assert uniform_cuda.launch_config(14336, 4096, 4, 16, post=False)[0] == 1
-    assert uniform_cuda.launch_config(14336, 4096, 4, 16, elem=1)[0] == 1  # E2M1 (no post-scale kernel): one tile
     # above M = 16, two row tiles a warp where the sweep timed them faster (kernels_sweep_h200_r2_m64.log)
     assert picks[(14336, 4096, 32)] == picks[(14336, 4096, 64)] == (2, 2, 2)
     assert picks[(28672, 8192, 32)] == (1, 1, 8) and picks[(28672, 8192, 64)] == (2, 1, 8)
@@ -432,8 +449,7 @@ def _prepared_weight(prep: dict, k: int) -> torch.Tensor:
     E2M1 — e2m1(code) · S, uniform — code · scale + mz; per ``prep["group"]`` inputs (one group a row: all)."""
     from llmcomp.formats.minifloat import E2M1
 
-    n, kp = prep["n"], prep["kp"]
-    codes = _unrepack(prep["qw"], prep["bits"], n, kp)[:, :k]
+    codes = _prepared_codes(prep)[:, :k]
     cols = (torch.arange(k) // prep["group"]).clamp(max=prep["scale"].shape[1] - 1)
     if prep["elem"] == 1:
         return E2M1.decode(codes) * prep["scale"][:, cols]
@@ -471,7 +487,7 @@ def test_prepare_glu_interleaves_each_members_prepared_rows(fmt, k):
     pg, pu = (uniform_cuda.prepare(fmt, t, k) for t in (gate, up))
     assert (prep["n"], prep["kp"], prep["group"], prep["bits"], prep["elem"]) == \
         (2 * n, pg["kp"], pg["group"], pg["bits"], pg["elem"])
-    codes = [_unrepack(p["qw"], p["bits"], p["n"], p["kp"]) for p in (prep, pg, pu)]
+    codes = [_prepared_codes(p) for p in (prep, pg, pu)]
     _assert_interleaved(*codes, "codes")
     _assert_interleaved(prep["scale"], pg["scale"], pu["scale"], "scale")
     if prep["elem"] == 0:

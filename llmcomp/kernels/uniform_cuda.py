@@ -12,11 +12,11 @@ compiled with the machine's ``nvcc`` at first use and cached under ``llmcomp``'s
 that one 16-byte load per lane holds its mma A fragments for a block of ``256/bits`` inputs (the order is
 spelled out in uniform_mma.cuh; 3-bit codes: their low 2 bits in the 2-bit layout, their high bit in a plane of
 two words a lane), and (scale, -zero·scale) as one 16-bit pair per row and group in the
-activation dtype. E2M1 weights share the code layout; their block multiplier (E8M0, E4M3 × tensor scale,
-or fp16) becomes one 16-bit ``scale · 2^B`` per row and block in the activation dtype, B = 14 (fp16) or
-126 (bf16): the kernel's bit move turns a code into ``e2m1(q) · 2^-B``. With power-of-two (MX) scales the
-weights are exact; other scales are rounded to the activation dtype once more than the reference's
-single rounding (≤ 1 ulp of it).
+activation dtype. E2M1 weights share the code layout, each nibble's bits moved within its half-word
+(``e2m1_bits``); their block multiplier (E8M0, E4M3 × tensor scale, or fp16) becomes one 16-bit
+``scale · 2^B`` per row and block in the activation dtype, B = 14 (fp16) or 126 (bf16): the kernel's bit move
+turns a code into ``e2m1(q) · 2^-B``. With power-of-two (MX) scales the weights are exact; other scales are
+rounded to the activation dtype once more than the reference's single rounding (≤ 1 ulp of it).
 """
 from __future__ import annotations
 
@@ -190,11 +190,33 @@ def _pad_k(codes: torch.Tensor, per_group: list[torch.Tensor], group: int, kp: i
             [F.pad(t, (0, gp - t.shape[1])) if t.shape[1] < gp else t for t in per_group])
 
 
+def _e2m1_moves(to_kernel: bool):
+    """(source bit, destination bit) per field of a word's 16-bit half: a code's nibble (sign bit 3, exponent bits
+    2-1, mantissa bit 0) at 4e → its magnitude at 3e, its sign at 12 + e (``to_kernel``), or back."""
+    moves = [(4 * e, 3 * e, 7) for e in range(4)] + [(4 * e + 3, 12 + e, 1) for e in range(4)]
+    return moves if to_kernel else [(d, s, m) for s, d, m in moves]
+
+
+def e2m1_bits(words: torch.Tensor, to_kernel: bool = True) -> torch.Tensor:
+    """``repack(codes, 4)``'s int32 words with each half's E2M1 fields moved as ``decode_e2m1`` reads them
+    (``to_kernel``; False undoes it): there, pair e's sign and magnitude come out of one word by 5 shifts a word
+    where nibbles took 7 — a shift serves one pair's sign and another's magnitude (uniform_mma.cuh)."""
+    flat, res = words.reshape(-1), torch.empty(words.numel(), dtype=torch.int32, device=words.device)
+    for start in range(0, flat.numel(), 1 << 24):  # int64 temporaries a chunk at a time
+        w = flat[start:start + (1 << 24)].to(torch.int64) & 0xFFFFFFFF
+        out = torch.zeros_like(w)
+        for half in (0, 16):
+            for src, dst, mask in _e2m1_moves(to_kernel):
+                out |= ((w >> (src + half)) & mask) << (dst + half)
+        res[start:start + w.numel()] = (out - ((out >> 31) << 32)).to(torch.int32)
+    return res.view(words.shape)
+
+
 def _prepare_e2m1(codes: torch.Tensor, scale: torch.Tensor, group: int, in_features: int) -> dict:
     """E2M1 codes [N, K] and their fp32 block multipliers [N, K / group] → ``prepare``'s layout."""
     kp = padded_k(in_features, 4)
     codes, (scale,) = _pad_k(codes, [scale], group, kp)
-    return {"qw": repack(codes, 4), "qh": None, "scale": scale, "mz": None, "sz": {}, "group": group,
+    return {"qw": e2m1_bits(repack(codes, 4)), "qh": None, "scale": scale, "mz": None, "sz": {}, "group": group,
             "n": codes.shape[0], "bits": 4, "elem": 1, "kp": kp}
 
 
@@ -317,6 +339,11 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         return (2, 4, 4) if bits == 3 else (2, 4, 2)
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
+        if elem == 1 and m > 8 and n % 32 == 0 and not very_many:
+            # E2M1 at M = 9..16 after its bit move (H200 sweeps kernels_sweep_{mxfp4,nvfp4}_m16_h200_s35.json): two
+            # tiles, x read once a block of 2 row groups on many rows (MXFP4 14336 x 4096 17.94 us against 19.27 with
+            # one tile x 4 warps), 8 warps otherwise (6144 x 4096 10.39 against 10.52 with one tile)
+            return (2, 4, 2) if n // 16 >= 6 * sms else (2, 8, 1)
         post = post and m > 8 and bits == 4 and elem == 0 and n % 32 == 0  # the post-scale kernel's two tiles
         rt = 2 if n % 32 == 0 and (very_many or (post and n // 16 >= 6 * sms)) else 1
         if post and n // 16 < 6 * sms:  # timed in the decode chain (chain_sweep_h200_m16.json)

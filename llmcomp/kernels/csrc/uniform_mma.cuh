@@ -15,7 +15,8 @@
 // p = BITS*(e % (8/BITS))), so one lop3 with a magic exponent turns a pair into two 16-bit floats.
 // sz[N][G] holds (scale, mz) as one 16-bit pair per row and group, in the activation dtype.
 // E2M1 (ELEM == 1): the same code layout (a code is the OCP nibble: sign bit 3, exponent bits 2-1, mantissa
-// bit 0); a nibble's bits are moved into a 16-bit float's sign / low exponent / top mantissa bits, which reads
+// bit 0), each half-word's four nibbles rearranged as magnitudes at 3e and signs at 12 + e (decode_e2m1);
+// a code's bits are moved into a 16-bit float's sign / low exponent / top mantissa bits, which reads
 // as e2m1(q) * 2^-B (B = 14 for fp16, 126 for bf16; the zero-exponent code 0.5 lands on a subnormal, exact);
 // sz[N][G] then holds one 16-bit value per row and block, scale * 2^B in the activation dtype.
 // Codebook (VQ) weights (ELEM == 4: one stage, 5: two) use the 2-bit shape (kblocks of 128 inputs, 8 mma steps): a
@@ -242,7 +243,10 @@ __device__ __forceinline__ void decode_word3(uint32_t w, uint32_t hw, typename N
   }
 }
 
-// E2M1 pairs of one word: pair e (e = 0..3) has its nibbles at bits 4e and 16 + 4e; out[e] = e2m1 * 2^-B.
+// E2M1 pairs of one word: in each half, pair e (e = 0..3) has its magnitude (exponent, mantissa bits) at bits
+// 3e..3e+2 and its sign at bit 12 + e (uniform_cuda.e2m1_bits moves the nibbles there); out[e] = e2m1 * 2^-B.
+// The sign shifts (3 - e) and magnitude shifts (MAG_AT - 3e) coincide twice: 5 shifts a word (bf16 6, 3, 2, 1,
+// -3; fp16 9, 6, 3, 2, 1) where nibbles at 4e needed 7.
 template <typename T>
 __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&out)[4]) {
   constexpr bool HALF = std::is_same<T, __half>::value;
@@ -250,8 +254,8 @@ __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&ou
   constexpr uint32_t MAG = 0x00070007u << MAG_AT;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const uint32_t sign = w << (12 - 4 * e);  // bit 4e + 3 -> 15
-    const uint32_t mag = (4 * e <= MAG_AT ? w << (MAG_AT - 4 * e) : w >> (4 * e - MAG_AT)) & MAG;
+    const uint32_t sign = w << (3 - e);  // bit 12 + e -> 15
+    const uint32_t mag = (3 * e <= MAG_AT ? w << (MAG_AT - 3 * e) : w >> (3 * e - MAG_AT)) & MAG;
     out[e] = Num<T>::pair(lop3_and_or(sign, 0x80008000u, mag));
   }
 }
