@@ -199,8 +199,8 @@ def _e2m1_moves(to_kernel: bool):
 
 def e2m1_bits(words: torch.Tensor, to_kernel: bool = True) -> torch.Tensor:
     """``repack(codes, 4)``'s int32 words with each half's E2M1 fields moved as ``decode_e2m1`` reads them
-    (``to_kernel``; False undoes it): there, pair e's sign and magnitude come out of one word by 5 shifts a word
-    where nibbles took 7 — a shift serves one pair's sign and another's magnitude (uniform_mma.cuh)."""
+    (``to_kernel``; False undoes it): there a word's four pairs come out with 5 shifts where nibbles in place took
+    7 — a shift serves one pair's sign and another's magnitude (uniform_mma.cuh)."""
     flat, res = words.reshape(-1), torch.empty(words.numel(), dtype=torch.int32, device=words.device)
     for start in range(0, flat.numel(), 1 << 24):  # int64 temporaries a chunk at a time
         w = flat[start:start + (1 << 24)].to(torch.int64) & 0xFFFFFFFF
