@@ -12,7 +12,7 @@ BUILD=0 . bench/session_common.sh
 trap 'tar -C "$OUT" -cf /tmp/ab.tar --exclude ab.tar . && mv /tmp/ab.tar "$OUT/ab.tar"' EXIT
 rm -rf /tmp/alt && mkdir /tmp/alt && cp -r . /tmp/alt && (cd /tmp/alt && patch -p1 < "${PATCH:?patch file}") \
   || { echo "patch failed"; exit 1; }
-build() { (cd "$1" && PYTHONPATH=$1 python3 -c "from llmcomp.kernels import uniform_cuda as u; print('ext', u.extension() is not None)"); }
+build() { (cd "$1" && PYTHONPATH=$1 build_ext); }
 ( time ( build "$PWD" > "$OUT/build_main.log" 2>&1 & build /tmp/alt > "$OUT/build_alt.log" 2>&1 & wait ) ) 2>&1 | tail -3
 tail -n 1 "$OUT"/build_*.log
 bench_in() {  # DIR TAG

@@ -13,12 +13,15 @@ run() {
   [ "$s" = 0 ] && return
   ( time timeout "$s" "$@" ) > "$OUT/$log" 2>&1; echo "$log rc $?"; tail -${TAIL:-8} "$OUT/$log"
 }
+# build_ext: the extension built (or found in the cache) for the tree on PYTHONPATH, reported as "ext True|False".
+build_ext() {
+  python3 -c "from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension() is not None)"
+}
 # build_beside VARIANT...: the extension and bench/mma_probe.py's probe builds in parallel (BUILD=0 callers; logs
 # build.log and build_VARIANT.log under $OUT, their last lines shown). A build cut by PROBE_BUILD_S leaves torch's
 # lock file in its build directory, and that variant's timing then waits until its own limit.
 build_beside() {
-  ( time ( python3 -c "from llmcomp.kernels import uniform_cuda; print('ext', uniform_cuda.extension() is not None)" \
-             > "$OUT/build.log" 2>&1 &
+  ( time ( build_ext > "$OUT/build.log" 2>&1 &
            for v in "$@"; do
              timeout ${PROBE_BUILD_S:-300} python3 bench/mma_probe.py build "$v" > "$OUT/build_$v.log" 2>&1 &
            done
