@@ -174,32 +174,53 @@ def test_repack3_round_trip():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_3bit_decode_reads_the_code(dtype):
-    """uniform_mma.cuh's ``decode_word3`` transcribed step for step onto integers (the bit trick, not the compiled
-    kernel): on random full words — the low word holds 16 two-bit fields, the high word all 32 bits, of which the
-    kernel's shifted view uses bits e and 16 + e — the fma gives each pair's 3-bit code exactly."""
+    """uniform_mma.cuh's ``decode_word3`` / ``high_magic`` transcribed step for step onto integers (the bit trick, not
+    the compiled kernel): on random full words — the low word holds 16 two-bit fields, the high word all 32 bits, of
+    which word j of a pair reads bits 2e + j and 16 + 2e + j — the fma gives each pair's 3-bit code exactly, with
+    3 distinct shifts of the high word a low word in bf16 and 2 in fp16."""
     magic, magic_f = (0x64006400, 1024.0) if dtype == torch.float16 else (0x43004300, 128.0)
     w, hw = _words(4096, 2), _words(4096, 3)
-    for e in range(8):
-        if dtype == torch.float16:
-            sh, i = divmod(e, 4)
-            p, v = 2 * i, w >> (8 * sh)
-            s = p + 2 - e
+    for j in (0, 1):
+        shifts = set()
+        for e in range(8):
+            if dtype == torch.float16:  # the field at p = 2 (e % 4) of w or w >> 8
+                p, v = 2 * (e % 4), w >> (8 * (e // 4))
+            else:  # bf16: the field at p = 2 (e % 3) after a shift by 6 (e // 3) (bf16_at, bf16_shift)
+                p, v = 2 * (e % 3), w >> (6 * (e // 3))
+            s = p + 2 - (2 * e + j)
+            shifts.add(s)
             hb = (((hw << s) if s >= 0 else (hw >> -s)) & (0x00010001 << (p + 2))) | magic
             h = (v & (0x00030003 << p)) | hb
-            scale = 2.0 ** -p
-        else:
-            hb = (((hw << (2 - e)) if e <= 2 else (hw >> (e - 2))) & 0x00040004) | magic
-            h = ((w >> (2 * e)) & 0x00030003) | hb
-            scale = 1.0
+            for hi in (0, 16):
+                code = ((w >> (2 * e + hi)) & 3) + 4 * ((hw >> (2 * e + j + hi)) & 1)
+                got = _as_float((h >> hi) & 0xFFFF, dtype) * 2.0 ** -p - magic_f * 2.0 ** -p
+                assert torch.equal(got, code.double()), (j, e, hi)
+        assert len(shifts) == (2 if dtype == torch.float16 else 3)
+
+
+def test_2bit_bf16_decode_reads_the_code():
+    """``decode_word<bf16, 2>`` and ``decode_centered<bf16, 2>`` transcribed onto integers: pair e's field read at bit
+    p = 2 (e % 3) of the word shifted by 6 (e // 3) (one shift for three pairs), then h·2^-p − MAGIC·2^-p gives the
+    code, and h·2^-p − (MAGIC·2^-p + z) (h − (MAGIC + z) at p = 0) gives code − z, every bf16 step exact."""
+    magic, magic_f = 0x43004300, 128.0
+    w = _words(4096, 5)
+    z = torch.randint(0, 4, w.shape, generator=torch.Generator().manual_seed(6)).double()
+    for e in range(8):
+        p = 2 * (e % 3)
+        h = ((w >> (6 * (e // 3))) & (0x00030003 << p)) | magic
         for hi in (0, 16):
-            code = ((w >> (2 * e + hi)) & 3) + 4 * ((hw >> (e + hi)) & 1)
-            got = _as_float((h >> hi) & 0xFFFF, dtype) * scale - magic_f * scale
-            assert torch.equal(got, code.double()), (e, hi)
+            code = ((w >> (2 * e + hi)) & 3).double()
+            hv = _as_float((h >> hi) & 0xFFFF, torch.bfloat16)
+            assert torch.equal(hv * 2.0 ** -p - magic_f * 2.0 ** -p, code), (e, hi)
+            const = (magic_f - magic_f * 2.0 ** -p) - (magic_f + z)  # the kernel's sub2, exact in bf16
+            assert torch.equal(const.to(torch.bfloat16).double(), const)
+            centered = hv - (magic_f + z) if p == 0 else hv * 2.0 ** -p + const
+            assert torch.equal(centered, code - z), (e, hi)
 
 
 def test_post_scale_pairs():
     """The fp32 post-scale kernel's scales: (scale, MAGIC + zero) per row and group in the activation dtype, only
-    for 2/4-bit codes with integral zeros and groups of whole kblocks; other weights keep (scale, -zero·scale)."""
+    for codes with integral zeros and groups of whole kblocks; other weights keep (scale, -zero·scale)."""
     fmt = Uniform(bits=4, group_size=128)
     w = torch.randn(32, 256)
     prep = uniform_cuda.prepare(fmt, fmt.pack(rtn_fields(w, fmt)), 256)
@@ -211,7 +232,9 @@ def test_post_scale_pairs():
         assert not torch.equal(uniform_cuda.scale_pairs(prep, dtype), uniform_cuda.scale_pairs(prep, dtype, post=True))
     f32 = Uniform(bits=4, group_size=32)  # 32 inputs < one 64-input kblock: not whole kblocks
     assert uniform_cuda.prepare(f32, f32.pack(rtn_fields(w, f32)), 256)["zero"] is None
-    f3 = Uniform(bits=3, group_size=128)  # 3-bit codes keep their own kernel
+    f3 = Uniform(bits=3, group_size=128)  # 3-bit codes: their kblocks are the 2-bit layout's 128 inputs
+    assert uniform_cuda.prepare(f3, f3.pack(rtn_fields(w, f3)), 256)["zero"] is not None
+    f3 = Uniform(bits=3, group_size=64)
     assert uniform_cuda.prepare(f3, f3.pack(rtn_fields(w, f3)), 256)["zero"] is None
     t = fmt.pack(rtn_fields(w, fmt))
     t["weight_zero"] = t["weight_zero"] + 0.25  # a real-valued zero (decoupleQ)

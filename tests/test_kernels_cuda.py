@@ -312,12 +312,15 @@ def test_mma_kernel_group_not_a_power_of_two(bits, dtype):
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=128, symmetric=True),
                                  Uniform(bits=4, group_size=0), Uniform(bits=2, group_size=128),
-                                 Uniform(bits=4, group_size=96)], ids=lambda f: f.describe())
+                                 Uniform(bits=3, group_size=128), Uniform(bits=3, group_size=0),
+                                 Uniform(bits=4, group_size=96), Uniform(bits=3, group_size=64)],
+                         ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_post_scale_kernel_matches_the_reference(fmt, dtype):
-    """M <= 16 with integral zeros: the A operand q − z and the scale in fp32 after each kblock's mma (elem 3) —
-    within the usual tolerance of the fp32 reference, and at least as close as the per-pair-scale kernel (elem 0),
-    which is what it replaces; groups that are not whole kblocks (96 for 4-bit: 1.5 kblocks) keep elem 0."""
+    """M <= 16 with integral zeros: the A operand q − z and the scale in fp32 after each kblock's mma (elem 3; for
+    3-bit codes the kernel's kind 8, the high-bit plane joined to each 2-bit field) — within the usual tolerance of
+    the fp32 reference, and at least as close as the per-pair-scale kernel (elem 0), which is what it replaces; groups
+    that are not whole kblocks (96 for 4-bit: 1.5 kblocks; 64 for 3-bit) keep elem 0."""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
@@ -333,7 +336,8 @@ def test_post_scale_kernel_matches_the_reference(fmt, dtype):
             y = uniform_cuda.gemm(x, prep)
             assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m)
             if prep["zero"] is not None:
-                ref_path = uniform_cuda.gemm_op(x, prep["qw"], prep["qw"], uniform_cuda.scale_pairs(prep, dtype),
+                ref_path = uniform_cuda.gemm_op(x, prep["qw"], uniform_cuda.high_plane(prep),
+                                                uniform_cuda.scale_pairs(prep, dtype),
                                                 fmt.bits, prep["group"], n, 1, 8, 0)
                 assert _rel_err(y, x, fmt, t, k) <= _rel_err(ref_path, x, fmt, t, k) * 1.5 + 1e-3, (n, k, m)
 
@@ -346,7 +350,8 @@ def _unaligned(t):
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=2, group_size=128),
-                                 Uniform(bits=2, group_size=0)], ids=lambda f: f.describe())
+                                 Uniform(bits=2, group_size=0), Uniform(bits=3, group_size=128)],
+                         ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_norm_split_epilogues_match_the_reference(fmt, dtype):
     """The RMSNorm split around two calls (``norm_producer_op``: y and, with h = res + y, γ ⊙ h and Σ h² a 16-column
@@ -355,7 +360,7 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
     consumer on them is within the GLU/linear call's own error of W · RMSNorm(h) (the norm as transformers computes
     it, then the dequantized weights in fp32) — at every M the epilogue is built for (the post-scale kernel, M ≤ 8),
     every launch configuration, into blocks that held NaN; both ops traced by dynamo (fullgraph) give the eager bits;
-    weights without post-scale pairs (3-bit codes) or more rows are refused with an error, not run."""
+    weights without post-scale pairs (groups of 64 for 3-bit codes) or more rows are refused with an error, not run."""
     from torch import _dynamo as dynamo
 
     from llmcomp.kernels import uniform_cuda as uc
@@ -424,8 +429,9 @@ def test_norm_split_epilogues_match_the_reference(fmt, dtype):
         with pytest.raises(RuntimeError, match="post-scale kernel at M <= 8"):
             uc.norm_producer_op(torch.randn(9, k, generator=g).to("cuda", dtype), *o_args,
                                 torch.randn(9, n, generator=g).to("cuda", dtype), gamma)
-    w3, t3, _ = _layer(Uniform(bits=3, group_size=128), 256, 512, 7)
+    w3, t3, _ = _layer(Uniform(bits=3, group_size=64), 256, 512, 7)
     args3 = uc.kernel_tensors(uc.prepare(w3.fmt, t3, 512), dtype)
+    assert args3[3] is None
     with pytest.raises(RuntimeError, match="post-scale kernel at M <= 8"):
         uc.norm_producer_op(torch.randn(1, 512).to("cuda", dtype), *args3, torch.randn(1, 256).to("cuda", dtype),
                             torch.ones(256, device="cuda", dtype=dtype))

@@ -136,12 +136,13 @@ def _tables(bits: int, device: torch.device):
 @functools.lru_cache(maxsize=2)
 def _high_tables(device: torch.device):
     """3-bit codes' high-bit plane: the cells of ``_tables(2)`` (same order: lane, word wi, pair e, half)
-    and the bit of each in the lane's two words: 8·(wi % 2) + e + 16·half of word wi // 2."""
+    and the bit of each in the lane's two words: 2e + wi % 2 + 16·half of word wi // 2 (interleaved, so that one
+    shift moves the high bits of several pairs of a word to where ``high_magic`` in uniform_mma.cuh wants them)."""
     rows, ks, _ = _tables(2, device)
     wi = torch.arange(4, device=device).view(4, 1, 1)
     e = torch.arange(8, device=device).view(1, 8, 1)
     half = torch.arange(2, device=device).view(1, 1, 2)
-    pos = (8 * (wi % 2) + e + 16 * half).reshape(-1).repeat(32)
+    pos = (2 * e + wi % 2 + 16 * half).reshape(-1).repeat(32)
     return rows, ks, pos
 
 
@@ -228,8 +229,8 @@ def prepare(fmt, tensors: dict, in_features: int) -> dict:
     kp = padded_k(in_features, fmt.bits)
     codes, (scale, zero) = _pad_k(f["codes"], [f["scale"].float(), f["zero"].float()], group, kp)
     qw, qh = repack3(codes) if fmt.bits == 3 else (repack(codes, fmt.bits), None)
-    # the fp32 post-scale kernel (M <= 16): 2- and 4-bit codes, integral zeros (RTN, GPTQ), whole kblocks a group
-    post = (fmt.bits in (2, 4) and group % kblock(fmt.bits) == 0 and bool(torch.equal(zero, zero.round()))
+    # the fp32 post-scale kernel (M <= 16): integral zeros (RTN, GPTQ), whole kblocks a group
+    post = (group % kblock(fmt.bits) == 0 and bool(torch.equal(zero, zero.round()))
             and bool(((zero >= 0) & (zero < 128)).all()))
     return {"qw": qw, "qh": qh, "scale": scale, "mz": -zero * scale, "zero": zero if post else None, "sz": {},
             "group": group, "n": codes.shape[0], "bits": fmt.bits, "elem": 0, "kp": kp}
@@ -423,7 +424,9 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     up to ``post_scale()`` rows, at M = 9..16 where the launch takes two row tiles a warp. (H200, W4 g128 bf16,
     bench/results/kernels_h200_post16.json, µs against the per-pair-scale kernel: two row tiles 4096² M=16 7.14 /
     7.43, 4096 × 14336 16.25 / 17.00, 28672 × 8192 56.89 / 59.17, 28672 × 4096 32.78 / 32.88; one tile — where its
-    256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57.)
+    256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57.) 3-bit codes take it at
+    M ≤ 8 only: their two-tile kernel at M = 9..16 spills in its 512-thread build, 0.80–0.88× the per-pair kernel
+    (H200, W3 g128 bf16, bench/results/w3_post_ab_alt_h200_s36.json).
     The RMSNorm split around the call (``norm_producer_op`` / ``norm_consumer_op``): with ``res`` and ``gamma`` returns
     [y, res + y, γ ⊙ (res + y), Σ (res + y)² a 16-column tile]; with ``sq`` (and ``eps``) [y scaled by the norm's
     rsqrt a token]."""
@@ -431,7 +434,8 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem,
                                                post=sz_post is not None and x2.shape[0] <= post_scale())
     wr = rest[0] if rest else 1
-    if sz_post is not None and x2.shape[0] <= post_scale() and (x2.shape[0] <= 8 or (rt == 2 and n % 32 == 0)):
+    m = x2.shape[0]
+    if sz_post is not None and m <= post_scale() and (m <= 8 or (rt == 2 and n % 32 == 0 and bits != 3)):
         sz, elem = sz_post, 3
     if res is not None or sq is not None:
         return extension().gemm_norm(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr, glu, res, gamma, sq, eps)

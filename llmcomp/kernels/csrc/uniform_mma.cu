@@ -13,6 +13,7 @@ void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::
                   int bits, int elem, int group, int rt, int warps, int wr, const EpiArgs& epi) {
   if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
   if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
+  if (elem == 8) return dispatch_mt<T, 2, 8>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
   if (elem == 3) {
     if (bits == 4) return dispatch_mt<T, 4, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
     return dispatch_mt<T, 2, 3>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
@@ -99,16 +100,16 @@ bool e2m1_lean() { return e2m1_lean_switch.get(); }
 bool set_e2m1_lean(bool on) { return e2m1_lean_switch.set(on); }
 
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
-// plane (elem 2); checks the planes and the scale tensor against it.
+// plane (elem 2; with the post-scale pairs, elem 3, the post-scale kind 8); checks the planes and the scales.
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
                      int64_t& bits, int64_t& elem) {
   TORCH_CHECK(bits >= 2 && bits <= 4, "bits must be 2, 3 or 4");
-  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4) || (elem == 3 && (bits == 4 || bits == 2)),
-              "elem: 0 (integer codes), 1 (e2m1, 4 bits) or 3 (integer codes, fp32 post-scale, 2 or 4 bits)");
+  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4) || elem == 3,
+              "elem: 0 (integer codes), 1 (e2m1, 4 bits) or 3 (integer codes, fp32 post-scale)");
   if (bits == 3) {
     TORCH_CHECK(qh.is_cuda() && qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
                 "3-bit codes need their high-bit plane");
-    elem = 2;
+    elem = elem == 3 ? 8 : 2;
     bits = 2;
   }
   TORCH_CHECK(sz.is_cuda() && sz.is_contiguous() && sz.dim() == 2 && sz.size(0) == n && sz.size(1) > 0,
@@ -127,7 +128,8 @@ void check_x(const torch::Tensor& x) {
 
 using namespace llmcomp_mma;
 
-// bits: the codes' width (2, 3, 4); elem: 0 integer codes, 1 e2m1 (bits 4); qh: the high-bit plane of 3-bit
+// bits: the codes' width (2, 3, 4); elem: 0 integer codes, 1 e2m1 (bits 4), 3 integer codes with the post-scale
+// kernel's (scale, MAGIC + zero) pairs (M <= 16, groups of whole kblocks); qh: the high-bit plane of 3-bit
 // codes (any tensor otherwise).
 // glu: the weight's rows stacked as 8 gate rows then their 8 up rows a 16-row tile; the output [M, n / 2] is
 // silu(gate) * up (the gated MLP's activation in the GEMM's epilogue).
@@ -174,8 +176,8 @@ std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::T
   // offers it others). A literal message, as every other check's here: the same check with formatted arguments
   // (c10::str) ended the process with a segmentation fault on the H200 build (torch 2.11 + cu130), while this form
   // raises RuntimeError there (tests/test_codebook_cuda.py::test_extension_checks_raise; kernels_h200_notes.md).
-  TORCH_CHECK(elem != 3 || group % (256 / bits) == 0,
-              "the post-scale kernel needs groups of whole kblocks (64 inputs for 4-bit codes, 128 for 2-bit)");
+  TORCH_CHECK((elem != 3 && elem != 8) || group % (256 / bits) == 0,
+              "the post-scale kernel needs groups of whole kblocks (64 inputs for 4-bit codes, 128 for 2/3-bit)");
   const c10::cuda::CUDAGuard guard(x.device());
   outs[0] = torch::empty({x.size(0), glu ? n / 2 : n}, x.options());
   if (x.scalar_type() == at::kHalf) dispatch_fmt<__half>(x, qw, qh, sz, outs[0], bits, elem, group, rt, warps, wr, epi);
@@ -236,6 +238,7 @@ torch::Tensor vq_lut_group(torch::Tensor x, torch::Tensor idx0, torch::Tensor id
 
 torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
                       int64_t k, c10::ScalarType dtype, int64_t elem) {
+  TORCH_CHECK(elem == 0 || elem == 1, "dequantize takes elem 0 (integer codes, (scale, -zero·scale)) or 1 (e2m1)");
   normalize_codes(qw, qh, sz, n, bits, elem);
   const c10::cuda::CUDAGuard guard(qw.device());
   auto w = torch::empty({n, k}, qw.options().dtype(dtype));

@@ -27,9 +27,9 @@
 // (row g + 8) as they are. sz holds one fp32 scale a row, applied to the accumulators at the end.
 // ELEM 6 / 7: the same with the table replicated 16 times across the banks (entry e's copy j at e * 16 + j, read by
 // lanes with lane % 16 == j), so a half-warp's 8-byte lookups never collide on a bank whatever the indices.
-// 3-bit codes (ELEM == 2) are bit-sliced: their low 2 bits in the 2-bit layout above (BITS = 2), their high
-// bit in qh[tile][kblock][lane][2 words]: the high bits of word wi's pair e sit at bits 8*(wi%2) + e and
-// 16 + 8*(wi%2) + e of qh word wi/2 (3 bits a weight in all).
+// 3-bit codes (ELEM == 2; 8 with the post-scale pairs) are bit-sliced: their low 2 bits in the 2-bit layout above
+// (BITS = 2), their high bit in qh[tile][kblock][lane][2 words]: the high bits of word wi's pair e sit at bits
+// 2e + wi%2 and 16 + 2e + wi%2 of qh word wi/2 (3 bits a weight in all; high_magic).
 // (Included by uniform_mma.cu, the bindings, and by the mma_*.cu units that instantiate the GEMM per format.)
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
@@ -177,7 +177,14 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // whose codes sit at bits BITS*e and 16 + BITS*e.
 // fp16 (10 mantissa bits): a field may sit anywhere in the low byte of each half, so one shift by 8
 // serves all pairs: lop3 gives MAGIC + 2^p q, and one fma recovers q exactly.
-// bf16 (7 mantissa bits): bit 7 belongs to the exponent, so each pair is shifted down to bit 0 first.
+// bf16 (7 mantissa bits): bit 7 belongs to the exponent, so a field must sit below it: a 4-bit pair is shifted
+// down to bit 0; 2-bit pairs are read at bit p = bf16_at(e) in {0, 2, 4} after a shift by bf16_shift(e) in
+// {0, 6, 12} — one shift for three pairs (2 a word where shifting each pair down took 7), the fma dividing by 2^p.
+template <int BITS>
+__host__ __device__ constexpr int bf16_shift(int e) { return BITS == 2 ? 6 * (e / 3) : BITS * e; }
+template <int BITS>
+__host__ __device__ constexpr int bf16_at(int e) { return BITS == 2 ? 2 * (e % 3) : 0; }
+
 template <typename T, int BITS>
 __device__ __forceinline__ void decode_word(uint32_t w, typename Num<T>::T2 (&out)[16 / BITS]) {
   using N = Num<T>;
@@ -198,8 +205,10 @@ __device__ __forceinline__ void decode_word(uint32_t w, typename Num<T>::T2 (&ou
   } else {
 #pragma unroll
     for (int e = 0; e < 16 / BITS; ++e) {
-      uint32_t h = lop3_and_or(w >> (BITS * e), LOWMASK, N::MAGIC);
-      out[e] = N::fma2(N::pair(h), N::f2(1.f), N::f2(-N::MAGIC_F));
+      const int p = bf16_at<BITS>(e);
+      const uint32_t h = lop3_and_or(w >> bf16_shift<BITS>(e), LOWMASK << p, N::MAGIC);
+      const float inv = 1.f / float(1 << p);
+      out[e] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
     }
   }
 }
@@ -210,36 +219,29 @@ __device__ __forceinline__ uint32_t shift_left(uint32_t v) {  // by S, or right 
   else return v >> (-S);
 }
 
-// 3-bit codes: decode_word<T, 2> with each pair's high bit (bits e and 16 + e of hw) placed just above its
-// 2-bit field before the magic-exponent lop3, so the same fma gives the 3-bit value.
+// 3-bit codes: a pair's high bit (bits at and 16 + at of hw) moved to bit p + 2, just above its 2-bit field at bit p,
+// under the magic exponent: the word the field is OR-ed into before the fma. Word j of a pair of words (wi % 2) has
+// pair e's high bit at at = 2e + j, so one shift serves the pairs that share p − 2e (bf16: 3 a word, fp16: 2).
 template <typename T>
-__device__ __forceinline__ void decode_word3(uint32_t w, uint32_t hw, typename Num<T>::T2 (&out)[8]) {
+__device__ __forceinline__ uint32_t high_magic(uint32_t hw, int at, int p) {
+  const int up = p + 2 - at;
+  return lop3_and_or(up >= 0 ? hw << up : hw >> -up, 0x00010001u << (p + 2), Num<T>::MAGIC);
+}
+
+// 3-bit codes: decode_word<T, 2> with each pair's high bit placed just above its 2-bit field (high_magic) before
+// the magic-exponent lop3, so the same fma gives the 3-bit value.
+template <typename T>
+__device__ __forceinline__ void decode_word3(uint32_t w, uint32_t hw, int j, typename Num<T>::T2 (&out)[8]) {
   using N = Num<T>;
   constexpr uint32_t LOWMASK = 0x00030003u;
-  if constexpr (std::is_same<T, __half>::value) {
+  constexpr bool HALF = std::is_same<T, __half>::value;
 #pragma unroll
-    for (int sh = 0; sh < 2; ++sh) {
-      const uint32_t v = sh ? (w >> 8) : w;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int p = 2 * i, e = 4 * sh + i;
-        const uint32_t hb = lop3_and_or(
-            e == 0 ? shift_left<2>(hw) : e == 1 ? shift_left<3>(hw) : e == 2 ? shift_left<4>(hw)
-            : e == 3 ? shift_left<5>(hw) : e == 4 ? shift_left<-2>(hw) : e == 5 ? shift_left<-1>(hw)
-            : e == 6 ? shift_left<0>(hw) : shift_left<1>(hw),
-            0x00010001u << (p + 2), N::MAGIC);
-        const uint32_t h = lop3_and_or(v, LOWMASK << p, hb);
-        const float inv = 1.f / float(1 << p);
-        out[e] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
-      }
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const uint32_t hb = lop3_and_or(e <= 2 ? hw << (2 - e) : hw >> (e - 2), 0x00040004u, N::MAGIC);
-      const uint32_t h = lop3_and_or(w >> (2 * e), LOWMASK, hb);
-      out[e] = N::fma2(N::pair(h), N::f2(1.f), N::f2(-N::MAGIC_F));
-    }
+  for (int e = 0; e < 8; ++e) {  // fp16: the field at p = 2 (e % 4) of w or w >> 8; bf16: bf16_at / bf16_shift
+    const int p = HALF ? 2 * (e % 4) : bf16_at<2>(e);
+    const uint32_t v = HALF ? (e < 4 ? w : w >> 8) : w >> bf16_shift<2>(e);
+    const uint32_t h = lop3_and_or(v, LOWMASK << p, high_magic<T>(hw, 2 * e + j, p));
+    const float inv = 1.f / float(1 << p);
+    out[e] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
   }
 }
 
@@ -264,10 +266,14 @@ __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&ou
 // instantiation with up to 16 warps splitting K where the accumulators are few (MT <= 2), so shapes with few row
 // tiles can fill the SMs (its own instantiation: __launch_bounds__(512) moves the 8-warp kernel's registers).
 // Codebook (VQ) element kinds: 4 / 5 one table (1 / 2 stages), 6 / 7 the bank-replicated table (1 / 2 stages).
-__host__ __device__ constexpr bool is_vq(int elem) { return elem >= 4; }
+// The fp32 post-scale kinds: 3 (2- and 4-bit codes), 8 (3-bit codes: the 2-bit layout and its high-bit plane).
+__host__ __device__ constexpr bool is_vq(int elem) { return elem >= 4 && elem <= 7; }
+__host__ __device__ constexpr bool is_post(int elem) { return elem == 3 || elem == 8; }
 __host__ __device__ constexpr int vq_stages(int elem) { return (elem & 1) + 1; }
 __host__ __device__ constexpr int vq_copies(int elem) { return elem >= 6 ? 16 : 1; }
-__host__ __device__ constexpr bool has_high_plane(int elem) { return elem == 2 || (is_vq(elem) && vq_stages(elem) == 2); }
+__host__ __device__ constexpr bool has_high_plane(int elem) {
+  return elem == 2 || elem == 8 || (is_vq(elem) && vq_stages(elem) == 2);
+}
 
 template <int BITS, int MT, int R = 1>
 struct Shape {
@@ -283,7 +289,7 @@ __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typenam
     decode_e2m1<T>(w, q);
   } else if constexpr (ELEM == 2) {
     static_assert(BITS == 2, "3-bit codes use the 2-bit layout for their low bits");
-    decode_word3<T>(w, ((wi >> 1) ? hv.y : hv.x) >> (8 * (wi & 1)), q);
+    decode_word3<T>(w, (wi >> 1) ? hv.y : hv.x, wi & 1, q);
   } else {
     decode_word<T, BITS>(w, q);
   }
@@ -498,40 +504,34 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
 // fp16/bf16 (|q − z| < 16), the mma sums (q − z)·x in fp32 over the kblock, and the scale is applied once per kblock
 // in fp32 on the 4 accumulators — instead of one 16-bit scale FMA per code pair (16 a kblock). sz then holds
 // (scale, MAGIC + z) per row and group (uniform_cuda.scale_pairs with post=True). Pair e of a word belongs to row
-// g + 8·(e & 1) (the A fragment's a0..a3 alternate rows g, g + 8).
-template <typename T, int BITS>
-__device__ __forceinline__ void decode_centered(uint32_t w, const typename Num<T>::T2 (&zz)[2],
+// g + 8·(e & 1) (the A fragment's a0..a3 alternate rows g, g + 8). HIGH (ELEM == 8, 3-bit codes): each pair's high
+// bit from hw (high_magic) joins its 2-bit field, as in decode_word3.
+// Pair e reads MAGIC + 2^p q at bit p of w (fp16: of w or w >> 8; bf16: bf16_at / bf16_shift), so
+// q − z = h·2^-p − (MAGIC·2^-p + z), the constant from zz (the same for the kblock's four words); bf16 at p = 0 takes
+// h − (MAGIC + z).
+template <typename T, int BITS, bool HIGH = false>
+__device__ __forceinline__ void decode_centered(uint32_t w, uint32_t hw, int j, const typename Num<T>::T2 (&zz)[2],
                                                 typename Num<T>::T2 (&out)[16 / BITS]) {
   using N = Num<T>;
   using N2 = typename N::T2;
+  constexpr bool HALF = std::is_same<T, __half>::value;
   constexpr int PER_HALF = 8 / BITS;
   constexpr uint32_t LOWMASK = ((1u << BITS) - 1) | (((1u << BITS) - 1) << 16);
-  if constexpr (std::is_same<T, __half>::value) {
-    // pair (sh, i) reads MAGIC + 2^p q (p = BITS i): q − z = h·2^-p − (MAGIC·2^-p + z); the constants from zz.
-    N2 cz[PER_HALF];
 #pragma unroll
-    for (int i = 0; i < PER_HALF; ++i)
-      cz[i] = N::sub2(N::f2(N::MAGIC_F - N::MAGIC_F / float(1 << (BITS * i))), zz[i & 1]);
-#pragma unroll
-    for (int sh = 0; sh < 2; ++sh) {
-      const uint32_t v = sh ? (w >> 8) : w;
-#pragma unroll
-      for (int i = 0; i < PER_HALF; ++i) {
-        const int p = BITS * i;
-        const uint32_t h = lop3_and_or(v, LOWMASK << p, N::MAGIC);
-        out[sh * PER_HALF + i] = N::fma2(N::pair(h), N::f2(1.f / float(1 << p)), cz[i]);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 16 / BITS; ++e)
-      out[e] = N::sub2(N::pair(lop3_and_or(w >> (BITS * e), LOWMASK, N::MAGIC)), zz[e & 1]);
+  for (int e = 0; e < 16 / BITS; ++e) {
+    const int p = HALF ? BITS * (e % PER_HALF) : bf16_at<BITS>(e);
+    const uint32_t v = HALF ? (e < PER_HALF ? w : w >> 8) : w >> bf16_shift<BITS>(e);
+    const float inv = 1.f / float(1 << p);
+    const N2 h = N::pair(lop3_and_or(v, LOWMASK << p, HIGH ? high_magic<T>(hw, 2 * e + j, p) : N::MAGIC));
+    out[e] = !HALF && p == 0 ? N::sub2(h, zz[e & 1])
+                             : N::fma2(h, N::f2(inv), N::sub2(N::f2(N::MAGIC_F - N::MAGIC_F * inv), zz[e & 1]));
   }
 }
 
-// One row tile's kblock on MT token tiles: a fresh fp32 sum per token tile, scaled into acc at the end.
-template <typename T, int BITS, int MT>
-__device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_lo, uint32_t s_hi,
+// One row tile's kblock on MT token tiles: a fresh fp32 sum per token tile, scaled into acc at the end (hv: the
+// 3-bit codes' high-bit words, ELEM == 8).
+template <typename T, int BITS, int MT, int ELEM>
+__device__ __forceinline__ void compute_kblock_post(const uint4& w, const uint2& hv, uint32_t s_lo, uint32_t s_hi,
                                                     const uint4 (&cx)[MT][(256 / BITS) / 32], float (&acc)[MT][4]) {
   using N = Num<T>;
   using N2 = typename N::T2;
@@ -544,7 +544,7 @@ __device__ __forceinline__ void compute_kblock_post(const uint4& w, uint32_t s_l
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi) {
     N2 q[16 / BITS];
-    decode_centered<T, BITS>(words[wi], zz, q);
+    decode_centered<T, BITS, ELEM == 8>(words[wi], (wi >> 1) ? hv.y : hv.x, wi & 1, zz, q);
 #pragma unroll
     for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
       const int s = wi * STEPS_PER_WORD + ss;
@@ -667,11 +667,11 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
   // (post-scale groups are whole kblocks: the lane's offset in the kblock cannot change its group, and LEAN leaves it
   // out — ptxas rebuilt it from the thread index a kblock)
   const int grp = group_of(kb * KBLK + (LEAN && ELEM == 3 ? 0 : c * LANE_K), gmagic);
-  if constexpr (ELEM == 3) {
+  if constexpr (is_post(ELEM)) {
     static_assert(MT <= 2, "the fp32 post-scale path serves M <= 16");
 #pragma unroll
     for (int r = 0; r < R; ++r)  // R row tiles on the same x fragments
-      compute_kblock_post<T, BITS, MT>(w[r], SE ? se[r][0] : load_scale_raw<0>(sz_row, r * 16 * G + grp),
+      compute_kblock_post<T, BITS, MT, ELEM>(w[r], h[r], SE ? se[r][0] : load_scale_raw<0>(sz_row, r * 16 * G + grp),
                                        SE ? se[r][1] : load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp), cx, acc[r]);
     return;
   }
@@ -949,36 +949,41 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     auto a16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
     e.stage = e.stage && e.res && !e.sq_in && a16(e.res) && a16(e.gamma) && smem + st <= 48 * 1024;
     if (e.stage) smem += st;
-    TORCH_CHECK(ELEM == 3 && MT == 1, "the norm epilogue runs in the post-scale kernel at M <= 8 only");
+    TORCH_CHECK(is_post(ELEM) && MT == 1, "the norm epilogue runs in the post-scale kernel at M <= 8 only");
   }
-  if constexpr (ELEM == 3) {  // the post-scale kernels (M <= 16): the norm epilogue (M <= 8), lean (lean())
-    const bool wide = threads > S::THREADS, thin = lean();
+  if constexpr (is_post(ELEM)) {  // the post-scale kernels (M <= 16): the norm epilogue (M <= 8), lean (lean())
+    // (3-bit codes, ELEM 8: not lean — the lean loop's weight pointers leave out the high-bit plane)
+    const bool wide = threads > S::THREADS, thin = ELEM == 3 && lean();
     if constexpr (MT == 1) {
-      if (norm && thin)
-        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true>
-                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true>;
-      else if (norm)
+      if (norm)
         kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true>
                     : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true>;
     }
-    if (!norm && thin)
-      kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true>
-                  : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
-    // scale_early(): lean, M <= 8, 4-bit codes, each pair of kblocks (kb even) in one group (or one group a row);
-    // scale_early16(): M = 9..16 too, where the post-scale kernel runs (two row tiles a warp)
-    const bool early = thin && scale_early() && (G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0));
-    if constexpr (MT == 2 && R == 2 && BITS == 4 && S::U % 2 == 0) {
-      if (early && scale_early16())
-        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
-                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
-    }
-    if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
-      if (early && norm)
-        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
-                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, true>;
-      else if (early)
-        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
-                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
+    if constexpr (ELEM == 3) {
+      if constexpr (MT == 1) {
+        if (norm && thin)
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true>;
+      }
+      if (!norm && thin)
+        kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true>
+                    : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
+      // scale_early(): lean, M <= 8, 4-bit codes, each pair of kblocks (kb even) in one group (or one group a row);
+      // scale_early16(): M = 9..16 too, where the post-scale kernel runs (two row tiles a warp)
+      const bool early = thin && scale_early() && (G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0));
+      if constexpr (MT == 2 && R == 2 && BITS == 4 && S::U % 2 == 0) {
+        if (early && scale_early16())
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
+      }
+      if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
+        if (early && norm)
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, true>;
+        else if (early)
+          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
+                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
+      }
     }
   }
   // e2m1_lean(): the E2M1 kernels at M <= 8 with 256-thread blocks lean. H200, MXFP4 bf16 M = 1 (thirtieth
@@ -1020,7 +1025,7 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
     return launch_mma<T, BITS, ELEM, MT, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
   };
   using One = std::integral_constant<int, 1>;
-  if constexpr (ELEM == 3) {
+  if constexpr (is_post(ELEM)) {
     TORCH_CHECK(M <= 16, "the fp32 post-scale kernel takes at most 16 rows of x");
     if (M <= 8) return tiles(One{});
     return tiles(std::integral_constant<int, 2>{});
@@ -1044,7 +1049,8 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
                                            const torch::Tensor*, int, const EpiArgs&)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1); \
-  X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3); \
+  X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3); X(__half, 2, 8); \
+  X(__nv_bfloat16, 2, 8); \
   X(__half, 2, 4); X(__nv_bfloat16, 2, 4); X(__half, 2, 5); X(__nv_bfloat16, 2, 5); \
   X(__half, 2, 6); X(__nv_bfloat16, 2, 6); X(__half, 2, 7); X(__nv_bfloat16, 2, 7)
 
