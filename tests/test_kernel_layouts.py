@@ -309,6 +309,12 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(4096, 14336, 2, 16) == (2, 16, 1)
     assert uniform_cuda.launch_config(28672, 8192, 3, 16) == uniform_cuda.launch_config(28672, 8192, 2, 12) == (2, 2, 8)
     assert uniform_cuda.launch_config(4096, 14336, 3, 16) == (2, 16, 1)
+    # ... and at M = 5..8 two tiles too (sweep_w{2,3}_m1_h200_s36.json, M = 8), one up to M = 4
+    assert uniform_cuda.launch_config(4096, 14336, 2, 8) == uniform_cuda.launch_config(4096, 4096, 2, 5) == (2, 16, 1)
+    assert uniform_cuda.launch_config(14336, 4096, 2, 8) == (2, 4, 1)
+    assert uniform_cuda.launch_config(14336, 4096, 3, 6) == (2, 4, 2)
+    assert uniform_cuda.launch_config(14336, 4096, 3, 4) == uniform_cuda.launch_config(14336, 4096, 2, 4) == (1, 4, 1)
+    assert uniform_cuda.launch_config(4096, 14336, 2, 4) == (1, 16, 1)
     assert codebook_cuda.launch_config(28672, 8192, 4) == (4, 1)  # the codebook kernel keeps the old rule (elem 4)
     monkeypatch.setattr(uniform_cuda, "x_stage", lambda: False)  # unstaged, one warp a row group is never picked
     assert uniform_cuda.launch_config(28672, 8192, 4, 64) == (1, 4, 1)

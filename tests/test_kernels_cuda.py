@@ -247,13 +247,15 @@ def test_e2m1_large_scales_take_the_reference_path():
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=64),
-                                 Uniform(bits=2, group_size=32), MXFP4(), NVFP4()], ids=lambda f: f.describe())
+                                 Uniform(bits=2, group_size=32), MXFP4(), NVFP4(), Uniform(bits=3, group_size=128),
+                                 Uniform(bits=2, group_size=128)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_every_launch_config_matches_the_reference(fmt, dtype):
     """Every (row tiles a warp, warps splitting K, row groups a block) the kernel can be launched with —
     launch_config picks among them by shape — gives the reference product within TOL, at M = 1..16, 40 and 64 (one or
     two row tiles a warp; with one warp a row group above 16: x staged in shared memory); 3 row groups a block
-    leave the last block partly empty on both shapes."""
+    leave the last block partly empty on both shapes. (Groups of 128 for 2/3-bit codes: the post-scale kernels at
+    M <= 16.)"""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:

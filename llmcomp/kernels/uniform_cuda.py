@@ -320,10 +320,18 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         return forced
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     kbs = k // kblock(bits)
+    # The 2-bit layouts at M = 5..8 (post-scale kernels, H200 sweeps sweep_w{2,3}_m1_h200_s36.json): two row tiles
+    # share each x fragment, which the 8 tokens' x loads need at M = 8 — W2 4096 x 14336 (2, 16, 1) 11.55 us against
+    # 13.83 with one tile, 14336 x 4096 (2, 4, 1) 12.05 against 14.50; W3 14336 x 4096 (2, 4, 2) 14.42 against 16.05
+    # (W3 on 4096 rows keeps one tile: 6.47 against 6.71). At M = 1 one tile stays ahead (W2 14336 x 4096 10.38
+    # against 10.44, W3 12.37 against 13.66); M = 2..7 were not timed: two tiles from M = 5, half the token tile.
+    two_low = 5 <= m <= 8 and layout_bits(bits) == 2 and n % 32 == 0 and elem == 0
     if m <= 16 and n // 16 <= 2 * sms:
         if m <= 8 and bits == 3:  # its 512-thread kernel: one block an SM (see above), so two waves of blocks
             return 1, 8, 1
-        return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
+        return (2 if (m > 8 or two_low) and n % 32 == 0 else 1), 16, 1
+    if two_low and 6 * sms <= n // 16 < 12 * sms:  # many rows, not very many
+        return (2, 4, 2) if bits == 3 else (2, 4, 1)
     if m <= 16 and elem == 0 and bits in (2, 3) and (m > 8 or (bits == 2 and n // 32 >= 6 * sms)):
         # uniform 2-bit layouts, many rows (H200 sweeps sweep_w2_m1_h200_s32.json, sweep_w3_m16_h200_s32.json;
         # the rule below was 1.2-1.8x slower there): W2 at M <= 8 on very many rows two tiles x 8 warps (28672 x 8192
