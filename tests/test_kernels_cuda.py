@@ -320,9 +320,9 @@ def test_mma_kernel_group_not_a_power_of_two(bits, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_post_scale_kernel_matches_the_reference(fmt, dtype):
     """M <= 16 with integral zeros: the A operand q − z and the scale in fp32 after each kblock's mma (elem 3; for
-    3-bit codes the kernel's kind 8, the high-bit plane joined to each 2-bit field) — within the usual tolerance of
-    the fp32 reference, and at least as close as the per-pair-scale kernel (elem 0), which is what it replaces; groups
-    that are not whole kblocks (96 for 4-bit: 1.5 kblocks; 64 for 3-bit) keep elem 0."""
+    3-bit codes, at M <= 8, the kernel's kind 8, the high-bit plane joined to each 2-bit field) — within the usual
+    tolerance of the fp32 reference, and at least as close as the per-pair-scale kernel (elem 0), which is what it
+    replaces; groups that are not whole kblocks (96 for 4-bit: 1.5 kblocks; 64 for 3-bit) keep elem 0."""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:

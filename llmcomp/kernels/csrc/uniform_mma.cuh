@@ -213,12 +213,6 @@ __device__ __forceinline__ void decode_word(uint32_t w, typename Num<T>::T2 (&ou
   }
 }
 
-template <int S>
-__device__ __forceinline__ uint32_t shift_left(uint32_t v) {  // by S, or right by -S
-  if constexpr (S >= 0) return v << S;
-  else return v >> (-S);
-}
-
 // 3-bit codes: a pair's high bit (bits at and 16 + at of hw) moved to bit p + 2, just above its 2-bit field at bit p,
 // under the magic exponent: the word the field is OR-ed into before the fma. Word j of a pair of words (wi % 2) has
 // pair e's high bit at at = 2e + j, so one shift serves the pairs that share p − 2e (bf16: 3 a word, fp16: 2).
@@ -671,8 +665,10 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
     static_assert(MT <= 2, "the fp32 post-scale path serves M <= 16");
 #pragma unroll
     for (int r = 0; r < R; ++r)  // R row tiles on the same x fragments
-      compute_kblock_post<T, BITS, MT, ELEM>(w[r], h[r], SE ? se[r][0] : load_scale_raw<0>(sz_row, r * 16 * G + grp),
-                                       SE ? se[r][1] : load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp), cx, acc[r]);
+      compute_kblock_post<T, BITS, MT, ELEM>(w[r], h[r],
+                                             SE ? se[r][0] : load_scale_raw<0>(sz_row, r * 16 * G + grp),
+                                             SE ? se[r][1] : load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp), cx,
+                                             acc[r]);
     return;
   }
   N2 sc_lo[R], mz_lo[R], sc_hi[R], mz_hi[R];
