@@ -193,8 +193,14 @@ def test_3bit_decode_reads_the_code(dtype):
             h = (v & (0x00030003 << p)) | hb
             for hi in (0, 16):
                 code = ((w >> (2 * e + hi)) & 3) + 4 * ((hw >> (2 * e + j + hi)) & 1)
-                got = _as_float((h >> hi) & 0xFFFF, dtype) * 2.0 ** -p - magic_f * 2.0 ** -p
+                hv = _as_float((h >> hi) & 0xFFFF, dtype)
+                got = hv * 2.0 ** -p - magic_f * 2.0 ** -p
                 assert torch.equal(got, code.double()), (j, e, hi)
+                # decode_centered<T, 2, HIGH> (the post-scale kind 8): code − z for zeros 0..7, each step exact
+                z = torch.randint(0, 8, w.shape, generator=torch.Generator().manual_seed(e + 8 * j)).double()
+                const = ((magic_f - magic_f * 2.0 ** -p) - (magic_f + z)).to(dtype).double()
+                centered = hv - (magic_f + z) if p == 0 and dtype == torch.bfloat16 else hv * 2.0 ** -p + const
+                assert torch.equal(centered, code.double() - z), (j, e, hi)
         assert len(shifts) == (2 if dtype == torch.float16 else 3)
 
 
@@ -315,6 +321,9 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(14336, 4096, 3, 6) == (2, 4, 2)
     assert uniform_cuda.launch_config(14336, 4096, 3, 4) == uniform_cuda.launch_config(14336, 4096, 2, 4) == (1, 4, 1)
     assert uniform_cuda.launch_config(4096, 14336, 2, 4) == (1, 16, 1)
+    # (the per-pair kernel — no post-scale pairs — keeps one tile: only the post-scale kernels were timed there)
+    assert uniform_cuda.launch_config(14336, 4096, 3, 8, post=False) == (1, 4, 1)
+    assert uniform_cuda.launch_config(4096, 14336, 2, 8, post=False) == (1, 16, 1)
     assert codebook_cuda.launch_config(28672, 8192, 4) == (4, 1)  # the codebook kernel keeps the old rule (elem 4)
     monkeypatch.setattr(uniform_cuda, "x_stage", lambda: False)  # unstaged, one warp a row group is never picked
     assert uniform_cuda.launch_config(28672, 8192, 4, 64) == (1, 4, 1)

@@ -254,8 +254,8 @@ def test_every_launch_config_matches_the_reference(fmt, dtype):
     """Every (row tiles a warp, warps splitting K, row groups a block) the kernel can be launched with —
     launch_config picks among them by shape — gives the reference product within TOL, at M = 1..16, 40 and 64 (one or
     two row tiles a warp; with one warp a row group above 16: x staged in shared memory); 3 row groups a block
-    leave the last block partly empty on both shapes. (Groups of 128 for 2/3-bit codes: the post-scale kernels at
-    M <= 16.)"""
+    leave the last block partly empty on both shapes. (Groups of 128 for 2/3-bit codes: the post-scale kernels, 2-bit
+    codes at M <= 16, 3-bit at M <= 8.)"""
     from llmcomp.kernels import uniform_cuda
 
     if uniform_cuda.extension() is None:
@@ -342,6 +342,10 @@ def test_post_scale_kernel_matches_the_reference(fmt, dtype):
                                                 uniform_cuda.scale_pairs(prep, dtype),
                                                 fmt.bits, prep["group"], n, 1, 8, 0)
                 assert _rel_err(y, x, fmt, t, k) <= _rel_err(ref_path, x, fmt, t, k) * 1.5 + 1e-3, (n, k, m)
+                if fmt.bits == 3 and m > 8:  # the 3-bit post-scale kernel is built for M <= 8 only
+                    with pytest.raises(RuntimeError, match="at most 8 rows of x for 3-bit codes"):
+                        sz_post = uniform_cuda.scale_pairs(prep, dtype, post=True)
+                        uniform_cuda.gemm_op(x, prep["qw"], prep["qh"], sz_post, 3, prep["group"], n, 1, 8, 3)
 
 
 def _unaligned(t):

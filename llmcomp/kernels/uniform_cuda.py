@@ -312,6 +312,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     chain 59.06 µs against 60.18 with one tile), very many rows with a short K two tiles × 2 warps × 2 row groups
     (28672 × 4096: 59.15 against 60.18 with × 4 warps); both 57.91 against 60.18, for uniform 4-bit codes (the
     post-scale kernel) at M = 9..16.
+    The 2-bit layouts (W2, W3) at M = 5..8 through the post-scale kernel take two row tiles on few and many rows
+    (H200 sweep sweep_w{2,3}_m1_h200_s36.json at M = 8; see the comment in the code).
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not). ``post``: whether the post-scale kernel can serve the call (``gemm_tensors``: the weight has
     post-scale pairs and M is within ``post_scale()``); the M = 9..16 two-tile rules above are that kernel's."""
@@ -325,7 +327,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     # 13.83 with one tile, 14336 x 4096 (2, 4, 1) 12.05 against 14.50; W3 14336 x 4096 (2, 4, 2) 14.42 against 16.05
     # (W3 on 4096 rows keeps one tile: 6.47 against 6.71). At M = 1 one tile stays ahead (W2 14336 x 4096 10.38
     # against 10.44, W3 12.37 against 13.66); M = 2..7 were not timed: two tiles from M = 5, half the token tile.
-    two_low = 5 <= m <= 8 and layout_bits(bits) == 2 and n % 32 == 0 and elem == 0
+    # (The per-pair kernel — weights without post-scale pairs, ``post`` False — keeps the rules below.)
+    two_low = 5 <= m <= 8 and layout_bits(bits) == 2 and n % 32 == 0 and elem == 0 and post
     if m <= 16 and n // 16 <= 2 * sms:
         if m <= 8 and bits == 3:  # its 512-thread kernel: one block an SM (see above), so two waves of blocks
             return 1, 8, 1
@@ -566,10 +569,10 @@ _post_rows: list = []  # [rows] once read from the environment or set
 
 
 def post_scale() -> int:
-    """Up to how many rows of x (M) the fp32 post-scale kernel serves weights with integral zeros (2/4-bit codes);
-    0: never. ``LLMCOMP_MMA_POST_SCALE`` = ``0`` (off), ``8``, ``16``, or ``1`` / unset (the default,
-    ``POST_SCALE_ROWS``), for A/B timing in one build: on the H200 it was 3–5 % faster for W4 and 3–8 % for W2 at
-    M = 1 (bench/results/kernels_h200_postscale.json against kernels_h200_postscale_off.json)."""
+    """Up to how many rows of x (M) the fp32 post-scale kernel serves weights with integral zeros (3-bit codes: at
+    most 8, ``gemm_tensors``); 0: never. ``LLMCOMP_MMA_POST_SCALE`` = ``0`` (off), ``8``, ``16``, or ``1`` / unset
+    (the default, ``POST_SCALE_ROWS``), for A/B timing in one build: on the H200 it was 3–5 % faster for W4 and
+    3–8 % for W2 at M = 1 (bench/results/kernels_h200_postscale.json against kernels_h200_postscale_off.json)."""
     if not _post_rows:
         env = "LLMCOMP_MMA_POST_SCALE"
         _post_rows.append(_post_rows_of(os.environ.get(env, "1").strip(), env))

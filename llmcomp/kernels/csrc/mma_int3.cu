@@ -4,6 +4,6 @@
 namespace llmcomp_mma {
 LLMCOMP_MMA_DISPATCH(__half, 2, 2);
 LLMCOMP_MMA_DISPATCH(__nv_bfloat16, 2, 2);
-LLMCOMP_MMA_DISPATCH(__half, 2, 8);  // fp32 post-scale, M <= 16
+LLMCOMP_MMA_DISPATCH(__half, 2, 8);  // fp32 post-scale, M <= 8
 LLMCOMP_MMA_DISPATCH(__nv_bfloat16, 2, 8);
 }  // namespace llmcomp_mma

@@ -4,6 +4,6 @@
 namespace llmcomp_mma {
 LLMCOMP_MMA_DISPATCH(__half, 4, 0);
 LLMCOMP_MMA_DISPATCH(__nv_bfloat16, 4, 0);
-LLMCOMP_MMA_DISPATCH(__half, 4, 3);  // fp32 post-scale, M <= 8
+LLMCOMP_MMA_DISPATCH(__half, 4, 3);  // fp32 post-scale, M <= 16
 LLMCOMP_MMA_DISPATCH(__nv_bfloat16, 4, 3);
 }  // namespace llmcomp_mma

@@ -264,7 +264,7 @@ __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&ou
 __host__ __device__ constexpr bool is_vq(int elem) { return elem >= 4 && elem <= 7; }
 __host__ __device__ constexpr bool is_post(int elem) { return elem == 3 || elem == 8; }
 __host__ __device__ constexpr int vq_stages(int elem) { return (elem & 1) + 1; }
-__host__ __device__ constexpr int vq_copies(int elem) { return elem >= 6 ? 16 : 1; }
+__host__ __device__ constexpr int vq_copies(int elem) { return elem == 6 || elem == 7 ? 16 : 1; }
 __host__ __device__ constexpr bool has_high_plane(int elem) {
   return elem == 2 || elem == 8 || (is_vq(elem) && vq_stages(elem) == 2);
 }
@@ -495,11 +495,11 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
 }
 
 // ELEM == 3 (M <= 16, integer codes with integral zeros, groups of whole kblocks): the A operand is q − z, exact in
-// fp16/bf16 (|q − z| < 16), the mma sums (q − z)·x in fp32 over the kblock, and the scale is applied once per kblock
-// in fp32 on the 4 accumulators — instead of one 16-bit scale FMA per code pair (16 a kblock). sz then holds
-// (scale, MAGIC + z) per row and group (uniform_cuda.scale_pairs with post=True). Pair e of a word belongs to row
-// g + 8·(e & 1) (the A fragment's a0..a3 alternate rows g, g + 8). HIGH (ELEM == 8, 3-bit codes): each pair's high
-// bit from hw (high_magic) joins its 2-bit field, as in decode_word3.
+// fp16/bf16 (|q − z| < 128: prepare takes zeros in [0, 128)), the mma sums (q − z)·x in fp32 over the kblock, and the
+// scale is applied once per kblock in fp32 on the 4 accumulators — instead of one 16-bit scale FMA per code pair
+// (16 a kblock). sz then holds (scale, MAGIC + z) per row and group (uniform_cuda.scale_pairs with post=True). Pair e
+// of a word belongs to row g + 8·(e & 1) (the A fragment's a0..a3 alternate rows g, g + 8). HIGH (ELEM == 8, 3-bit
+// codes, M <= 8): each pair's high bit from hw (high_magic) joins its 2-bit field, as in decode_word3.
 // Pair e reads MAGIC + 2^p q at bit p of w (fp16: of w or w >> 8; bf16: bf16_at / bf16_shift), so
 // q − z = h·2^-p − (MAGIC·2^-p + z), the constant from zz (the same for the kblock's four words); bf16 at p = 0 takes
 // h − (MAGIC + z).
@@ -757,7 +757,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   }
   // LEAN: each row tile's weights through a pointer advanced a round, instead of a 64-bit index computed a load
   // (the loop's SASS recomputed it from the thread index: ~16 instructions a row tile and round)
-  static_assert(!(LEAN && (XS || has_high_plane(ELEM))), "the lean weight pointers serve the unstaged 4-bit kernels");
+  static_assert(!(LEAN && (XS || has_high_plane(ELEM))), "the lean pointers serve unstaged one-plane kernels");
   const uint4* wp[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) wp[r] = qw + ((size_t)(tile0 + r) * KB + kb0) * 32 + lane;
@@ -1021,7 +1021,10 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
     return launch_mma<T, BITS, ELEM, MT, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
   };
   using One = std::integral_constant<int, 1>;
-  if constexpr (is_post(ELEM)) {
+  if constexpr (ELEM == 8) {  // 3-bit codes: M <= 8 (two token tiles spilled at 512 threads; gemm_tensors)
+    TORCH_CHECK(M <= 8, "the fp32 post-scale kernel takes at most 8 rows of x for 3-bit codes");
+    return tiles(One{});
+  } else if constexpr (ELEM == 3) {
     TORCH_CHECK(M <= 16, "the fp32 post-scale kernel takes at most 16 rows of x");
     if (M <= 8) return tiles(One{});
     return tiles(std::integral_constant<int, 2>{});
