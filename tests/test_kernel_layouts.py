@@ -174,10 +174,10 @@ def test_repack3_round_trip():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_3bit_decode_reads_the_code(dtype):
-    """uniform_mma.cuh's ``decode_word3`` / ``high_magic`` transcribed step for step onto integers (the bit trick, not
-    the compiled kernel): on random full words — the low word holds 16 two-bit fields, the high word all 32 bits, of
-    which word j of a pair reads bits 2e + j and 16 + 2e + j — the fma gives each pair's 3-bit code exactly, with
-    3 distinct shifts of the high word a low word in bf16 and 2 in fp16."""
+    """uniform_mma.cuh's ``decode_word<T, 2, HIGH>`` / ``high_magic`` transcribed step for step onto integers (the
+    bit trick, not the compiled kernel): on random full words — the low word holds 16 two-bit fields, the high word
+    all 32 bits, of which word j of a pair reads bits 2e + j and 16 + 2e + j — the fma gives each pair's 3-bit code
+    exactly, with 3 distinct shifts of the high word a low word in bf16 and 2 in fp16."""
     magic, magic_f = (0x64006400, 1024.0) if dtype == torch.float16 else (0x43004300, 128.0)
     w, hw = _words(4096, 2), _words(4096, 3)
     for j in (0, 1):

@@ -442,10 +442,10 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     [y, res + y, γ ⊙ (res + y), Σ (res + y)² a 16-column tile]; with ``sq`` (and ``eps``) [y scaled by the norm's
     rsqrt a token]."""
     x2 = kernel_input(x2.contiguous(), kp)
-    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, x2.shape[0], elem=elem,
-                                               post=sz_post is not None and x2.shape[0] <= post_scale())
-    wr = rest[0] if rest else 1
     m = x2.shape[0]
+    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, m, elem=elem,
+                                               post=sz_post is not None and m <= post_scale())
+    wr = rest[0] if rest else 1
     if sz_post is not None and m <= post_scale() and (m <= 8 or (rt == 2 and n % 32 == 0 and bits != 3)):
         sz, elem = sz_post, 3
     if res is not None or sq is not None:

@@ -185,32 +185,15 @@ __host__ __device__ constexpr int bf16_shift(int e) { return BITS == 2 ? 6 * (e 
 template <int BITS>
 __host__ __device__ constexpr int bf16_at(int e) { return BITS == 2 ? 2 * (e % 3) : 0; }
 
+// Where pair e is read: bit field_at(e) of each half of field_word(w, e) (fp16: of w or w >> 8; bf16: bf16_at /
+// bf16_shift).
 template <typename T, int BITS>
-__device__ __forceinline__ void decode_word(uint32_t w, typename Num<T>::T2 (&out)[16 / BITS]) {
-  using N = Num<T>;
-  constexpr int PER_HALF = 8 / BITS;  // pairs per byte
-  constexpr uint32_t LOWMASK = ((1u << BITS) - 1) | (((1u << BITS) - 1) << 16);
-  if constexpr (std::is_same<T, __half>::value) {
-#pragma unroll
-    for (int sh = 0; sh < 2; ++sh) {
-      uint32_t v = sh ? (w >> 8) : w;
-#pragma unroll
-      for (int i = 0; i < PER_HALF; ++i) {
-        const int p = BITS * i;
-        uint32_t h = lop3_and_or(v, LOWMASK << p, N::MAGIC);
-        const float inv = 1.f / float(1 << p);
-        out[sh * PER_HALF + i] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
-      }
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 16 / BITS; ++e) {
-      const int p = bf16_at<BITS>(e);
-      const uint32_t h = lop3_and_or(w >> bf16_shift<BITS>(e), LOWMASK << p, N::MAGIC);
-      const float inv = 1.f / float(1 << p);
-      out[e] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
-    }
-  }
+__host__ __device__ constexpr int field_at(int e) {
+  return std::is_same<T, __half>::value ? BITS * (e % (8 / BITS)) : bf16_at<BITS>(e);
+}
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t field_word(uint32_t w, int e) {
+  return std::is_same<T, __half>::value ? (e < 8 / BITS ? w : w >> 8) : w >> bf16_shift<BITS>(e);
 }
 
 // 3-bit codes: a pair's high bit (bits at and 16 + at of hw) moved to bit p + 2, just above its 2-bit field at bit p,
@@ -222,20 +205,25 @@ __device__ __forceinline__ uint32_t high_magic(uint32_t hw, int at, int p) {
   return lop3_and_or(up >= 0 ? hw << up : hw >> -up, 0x00010001u << (p + 2), Num<T>::MAGIC);
 }
 
-// 3-bit codes: decode_word<T, 2> with each pair's high bit placed just above its 2-bit field (high_magic) before
-// the magic-exponent lop3, so the same fma gives the 3-bit value.
-template <typename T>
-__device__ __forceinline__ void decode_word3(uint32_t w, uint32_t hw, int j, typename Num<T>::T2 (&out)[8]) {
+// Pair e of word w as one 32-bit pair of 16-bit floats reading MAGIC + 2^p q (p = field_at(e)); HIGH (3-bit codes,
+// BITS = 2): with the pair's high bit from hw (word j of its pair of words, high_magic) just above the 2-bit field.
+template <typename T, int BITS, bool HIGH>
+__device__ __forceinline__ uint32_t field_magic(uint32_t w, uint32_t hw, int j, int e) {
+  constexpr uint32_t LOWMASK = ((1u << BITS) - 1) | (((1u << BITS) - 1) << 16);
+  const int p = field_at<T, BITS>(e);
+  return lop3_and_or(field_word<T, BITS>(w, e), LOWMASK << p, HIGH ? high_magic<T>(hw, 2 * e + j, p) : Num<T>::MAGIC);
+}
+
+// out[e] = (q_lo, q_hi) of pair e: h·2^-p − MAGIC·2^-p, exact. HIGH: 3-bit codes (the 2-bit layout and the high-bit
+// word hw, j = wi % 2), the same fma giving the 3-bit value.
+template <typename T, int BITS, bool HIGH = false>
+__device__ __forceinline__ void decode_word(uint32_t w, typename Num<T>::T2 (&out)[16 / BITS], uint32_t hw = 0,
+                                            int j = 0) {
   using N = Num<T>;
-  constexpr uint32_t LOWMASK = 0x00030003u;
-  constexpr bool HALF = std::is_same<T, __half>::value;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {  // fp16: the field at p = 2 (e % 4) of w or w >> 8; bf16: bf16_at / bf16_shift
-    const int p = HALF ? 2 * (e % 4) : bf16_at<2>(e);
-    const uint32_t v = HALF ? (e < 4 ? w : w >> 8) : w >> bf16_shift<2>(e);
-    const uint32_t h = lop3_and_or(v, LOWMASK << p, high_magic<T>(hw, 2 * e + j, p));
-    const float inv = 1.f / float(1 << p);
-    out[e] = N::fma2(N::pair(h), N::f2(inv), N::f2(-N::MAGIC_F * inv));
+  for (int e = 0; e < 16 / BITS; ++e) {
+    const float inv = 1.f / float(1 << field_at<T, BITS>(e));
+    out[e] = N::fma2(N::pair(field_magic<T, BITS, HIGH>(w, hw, j, e)), N::f2(inv), N::f2(-N::MAGIC_F * inv));
   }
 }
 
@@ -283,7 +271,7 @@ __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typenam
     decode_e2m1<T>(w, q);
   } else if constexpr (ELEM == 2) {
     static_assert(BITS == 2, "3-bit codes use the 2-bit layout for their low bits");
-    decode_word3<T>(w, (wi >> 1) ? hv.y : hv.x, wi & 1, q);
+    decode_word<T, 2, true>(w, q, (wi >> 1) ? hv.y : hv.x, wi & 1);
   } else {
     decode_word<T, BITS>(w, q);
   }
@@ -499,24 +487,20 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[R][MT][4], float
 // scale is applied once per kblock in fp32 on the 4 accumulators — instead of one 16-bit scale FMA per code pair
 // (16 a kblock). sz then holds (scale, MAGIC + z) per row and group (uniform_cuda.scale_pairs with post=True). Pair e
 // of a word belongs to row g + 8·(e & 1) (the A fragment's a0..a3 alternate rows g, g + 8). HIGH (ELEM == 8, 3-bit
-// codes, M <= 8): each pair's high bit from hw (high_magic) joins its 2-bit field, as in decode_word3.
-// Pair e reads MAGIC + 2^p q at bit p of w (fp16: of w or w >> 8; bf16: bf16_at / bf16_shift), so
-// q − z = h·2^-p − (MAGIC·2^-p + z), the constant from zz (the same for the kblock's four words); bf16 at p = 0 takes
-// h − (MAGIC + z).
+// codes, M <= 8): each pair's high bit from hw (high_magic) joins its 2-bit field, as in decode_word.
+// Pair e reads MAGIC + 2^p q (field_magic), so q − z = h·2^-p − (MAGIC·2^-p + z), the constant from zz (the same for
+// the kblock's four words); bf16 at p = 0 takes h − (MAGIC + z).
 template <typename T, int BITS, bool HIGH = false>
 __device__ __forceinline__ void decode_centered(uint32_t w, uint32_t hw, int j, const typename Num<T>::T2 (&zz)[2],
                                                 typename Num<T>::T2 (&out)[16 / BITS]) {
   using N = Num<T>;
   using N2 = typename N::T2;
   constexpr bool HALF = std::is_same<T, __half>::value;
-  constexpr int PER_HALF = 8 / BITS;
-  constexpr uint32_t LOWMASK = ((1u << BITS) - 1) | (((1u << BITS) - 1) << 16);
 #pragma unroll
   for (int e = 0; e < 16 / BITS; ++e) {
-    const int p = HALF ? BITS * (e % PER_HALF) : bf16_at<BITS>(e);
-    const uint32_t v = HALF ? (e < PER_HALF ? w : w >> 8) : w >> bf16_shift<BITS>(e);
+    const int p = field_at<T, BITS>(e);
     const float inv = 1.f / float(1 << p);
-    const N2 h = N::pair(lop3_and_or(v, LOWMASK << p, HIGH ? high_magic<T>(hw, 2 * e + j, p) : N::MAGIC));
+    const N2 h = N::pair(field_magic<T, BITS, HIGH>(w, hw, j, e));
     out[e] = !HALF && p == 0 ? N::sub2(h, zz[e & 1])
                              : N::fma2(h, N::f2(inv), N::sub2(N::f2(N::MAGIC_F - N::MAGIC_F * inv), zz[e & 1]));
   }
