@@ -24,6 +24,9 @@ def main(argv=None):
     ap.add_argument("--sweep", default=None, choices=SWEEP_FORMATS,
                     help="instead, time one format's mma kernel over its launch parameters (kernel_bench.sweep; "
                          "M default 1,16): wN for uniform N-bit codes")
+    ap.add_argument("--configs", default=None,
+                    help="with --sweep, only these launches and the rule's pick: rt.warps.wr joined by commas "
+                         "(e.g. 1.16.1,2.16.1)")
     args = ap.parse_args(argv)
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else kernel_bench.SHAPES)
@@ -31,7 +34,9 @@ def main(argv=None):
         uniform = args.sweep[0] == "w"
         kernel_bench.sweep(shapes, tuple(int(m) for m in args.ms.split(",")) if args.ms else (1, 16),
                            bits=int(args.sweep[1:]) if uniform else 4, group=args.group,
-                           fmt="" if uniform else args.sweep, out=args.out)
+                           fmt="" if uniform else args.sweep, out=args.out,
+                           configs=[tuple(int(v) for v in c.split(".")) for c in args.configs.split(",")]
+                           if args.configs else None)
         return
     ms = [int(m) for m in args.ms.split(",")] if args.ms else kernel_bench.MS
     kernel_bench.run(shapes, ms, tuple(int(b) for b in args.bits.split(",")), args.group, args.out,

@@ -300,8 +300,10 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     # 4 warps, so the block takes 4 row groups to hold 16 warps
     assert codebook_cuda.launch_config(1536, 640, 1, 16) == (4, 4) and codebook_cuda.launch_config(1536, 640, 1)[1] == 1
     assert uniform_cuda.launch_config(28672, 4096, 4, 1) == (2, 4, 1)  # two tiles at M <= 8: 4-bit layouts only
-    # 3-bit codes at M <= 8 on few rows: 8 warps, not the 512-thread kernel (kernels_sweep_h200_w3_s31.json)
-    assert uniform_cuda.launch_config(4096, 14336, 3, 1) == uniform_cuda.launch_config(4096, 4096, 3, 8) == (1, 8, 1)
+    # 3-bit codes at M <= 8 on few rows: 8 warps, not the 512-thread kernel (kernels_sweep_h200_w3_s31.json), for the
+    # per-pair kernel and the post-scale one on a short K
+    assert uniform_cuda.launch_config(4096, 14336, 3, 1, post=False) == (1, 8, 1)
+    assert uniform_cuda.launch_config(4096, 4096, 3, 8) == (1, 8, 1)
     assert uniform_cuda.launch_config(4096, 14336, 2, 1) == (1, 16, 1)
     assert uniform_cuda.launch_config(28672, 4096, 3, 1)[0] == 1
     # 2-bit layouts (sweep_w2_m1_h200_s32.json, sweep_w3_m16_h200_s32.json): W2 on very many rows two tiles x 8 warps
@@ -315,15 +317,21 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(4096, 14336, 2, 16) == (2, 16, 1)
     assert uniform_cuda.launch_config(28672, 8192, 3, 16) == uniform_cuda.launch_config(28672, 8192, 2, 12) == (2, 2, 8)
     assert uniform_cuda.launch_config(4096, 14336, 3, 16) == (2, 16, 1)
-    # ... and at M = 5..8 two tiles too (sweep_w{2,3}_m1_h200_s36.json, M = 8), one up to M = 4
-    assert uniform_cuda.launch_config(4096, 14336, 2, 8) == uniform_cuda.launch_config(4096, 4096, 2, 5) == (2, 16, 1)
-    assert uniform_cuda.launch_config(14336, 4096, 2, 8) == (2, 4, 1)
-    assert uniform_cuda.launch_config(14336, 4096, 3, 6) == (2, 4, 2)
-    assert uniform_cuda.launch_config(14336, 4096, 3, 4) == uniform_cuda.launch_config(14336, 4096, 2, 4) == (1, 4, 1)
-    assert uniform_cuda.launch_config(4096, 14336, 2, 4) == (1, 16, 1)
+    # the post-scale kernel at M <= 8 (rule{,2,3}_w{2,3}_h200_s37.json): two tiles from a few tokens on, W3 on few rows
+    # with a long K at every M; one tile on 4096 / 6144 rows for W3 with a short K
+    lc = uniform_cuda.launch_config
+    assert lc(4096, 14336, 3, 1) == lc(4096, 14336, 3, 8) == (2, 16, 1)
+    assert lc(4104, 14336, 3, 1) == (1, 8, 1)  # rows not a multiple of 32: one tile at 8 warps
+    assert lc(6144, 4096, 3, 8) == lc(6144, 4096, 2, 2) == (1, 8, 1) and lc(6144, 4096, 2, 4) == (2, 8, 1)
+    assert lc(14336, 4096, 3, 2) == lc(14336, 4096, 2, 1) == (1, 4, 1)
+    assert lc(14336, 4096, 3, 3) == lc(14336, 4096, 3, 8) == lc(14336, 4096, 2, 2) == (2, 4, 1)
+    assert lc(28672, 8192, 3, 1) == (1, 4, 1) and lc(28672, 8192, 3, 2) == lc(28672, 4096, 3, 8) == (2, 4, 1)
+    assert lc(4096, 4096, 2, 3) == lc(4096, 14336, 2, 2) == (1, 16, 1)
+    assert lc(4096, 4096, 2, 4) == lc(4096, 14336, 2, 8) == (2, 16, 1)
     # (the per-pair kernel — no post-scale pairs — keeps one tile: only the post-scale kernels were timed there)
-    assert uniform_cuda.launch_config(14336, 4096, 3, 8, post=False) == (1, 4, 1)
-    assert uniform_cuda.launch_config(4096, 14336, 2, 8, post=False) == (1, 16, 1)
+    assert lc(14336, 4096, 3, 8, post=False) == (1, 4, 1)
+    assert lc(4096, 14336, 2, 8, post=False) == (1, 16, 1)
+    assert lc(28672, 8192, 3, 8, post=False) == (1, 4, 1)
     assert codebook_cuda.launch_config(28672, 8192, 4) == (4, 1)  # the codebook kernel keeps the old rule (elem 4)
     monkeypatch.setattr(uniform_cuda, "x_stage", lambda: False)  # unstaged, one warp a row group is never picked
     assert uniform_cuda.launch_config(28672, 8192, 4, 64) == (1, 4, 1)

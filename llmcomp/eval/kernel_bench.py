@@ -357,11 +357,13 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
 
 
 def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print, fmt: str = "",
-          out: Optional[Path] = None) -> list[dict]:
+          out: Optional[Path] = None, configs: Optional[list[tuple[int, int, int]]] = None) -> list[dict]:
     """Time a CUDA mma kernel alone over its launch parameters (row tiles per warp × warps splitting K ×
     row groups a block), to set ``uniform_cuda.launch_config`` (``fmt`` empty: uniform ``bits``; ``mxfp4`` /
     ``nvfp4``) or ``codebook_cuda.launch_config`` (``fmt`` vq2 / vq3) from measurements. ``out``: a JSON file of the
-    rows so far, rewritten after every shape and M (a sweep cut short by a time limit keeps what it timed)."""
+    rows so far, rewritten after every shape and M (a sweep cut short by a time limit keeps what it timed).
+    ``configs``: only these (rt, warps, wr) and the rule's pick — a check of the rule against its neighbours
+    where the whole grid would take too long."""
     label = fmt or f"W{bits}"
     bw = copy_bandwidth()
     rows = []
@@ -376,8 +378,9 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
             vq = fmt in CODEBOOK_FORMATS
             rts = (1,) if vq else (1, 2)
             splits = _WIDE_SPLITS if m <= 16 else _SPLITS if not vq else tuple(s for s in _SPLITS if s[0] > 1)
-            configs = [(rt, warps, wr) for rt in rts if n % (16 * rt) == 0 for warps, wr in splits]
-            for c in configs:
+            grid = ([(rt, warps, wr) for rt in rts for warps, wr in splits] if configs is None
+                    else list(dict.fromkeys([*configs, pick])))
+            for c in [c for c in grid if n % (16 * c[0]) == 0]:
                 t = per_call_seconds([lambda p=p: call(x, p, c) for p in preps])
                 pct = roofline_pct(nbytes, m, n, k, bw, t)
                 rows.append({"format": label, "N": n, "K": k, "M": m, "rt": c[0], "warps": c[1], "wr": c[2],

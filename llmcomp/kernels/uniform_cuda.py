@@ -312,8 +312,7 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     chain 59.06 µs against 60.18 with one tile), very many rows with a short K two tiles × 2 warps × 2 row groups
     (28672 × 4096: 59.15 against 60.18 with × 4 warps); both 57.91 against 60.18, for uniform 4-bit codes (the
     post-scale kernel) at M = 9..16.
-    The 2-bit layouts (W2, W3) at M = 5..8 through the post-scale kernel take two row tiles on few and many rows
-    (H200 sweep sweep_w{2,3}_m1_h200_s36.json at M = 8; see the comment in the code).
+    The 2-bit layouts (W2, W3) at M ≤ 8 through the post-scale kernel: ``_two_bit_post_launch``.
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not). ``post``: whether the post-scale kernel can serve the call (``gemm_tensors``: the weight has
     post-scale pairs and M is within ``post_scale()``); the M = 9..16 two-tile rules above are that kernel's."""
@@ -322,19 +321,12 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         return forced
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     kbs = k // kblock(bits)
-    # The 2-bit layouts at M = 5..8 (post-scale kernels, H200 sweeps sweep_w{2,3}_m1_h200_s36.json): two row tiles
-    # share each x fragment, which the 8 tokens' x loads need at M = 8 — W2 4096 x 14336 (2, 16, 1) 11.55 us against
-    # 13.83 with one tile, 14336 x 4096 (2, 4, 1) 12.05 against 14.50; W3 14336 x 4096 (2, 4, 2) 14.42 against 16.05
-    # (W3 on 4096 rows keeps one tile: 6.47 against 6.71). At M = 1 one tile stays ahead (W2 14336 x 4096 10.38
-    # against 10.44, W3 12.37 against 13.66); M = 2..7 were not timed: two tiles from M = 5, half the token tile.
-    # (The per-pair kernel — weights without post-scale pairs, ``post`` False — keeps the rules below.)
-    two_low = 5 <= m <= 8 and layout_bits(bits) == 2 and n % 32 == 0 and elem == 0 and post
+    if m <= 8 and layout_bits(bits) == 2 and elem == 0 and post:
+        return _two_bit_post_launch(n, bits, m, kbs, sms)
     if m <= 16 and n // 16 <= 2 * sms:
         if m <= 8 and bits == 3:  # its 512-thread kernel: one block an SM (see above), so two waves of blocks
             return 1, 8, 1
-        return (2 if (m > 8 or two_low) and n % 32 == 0 else 1), 16, 1
-    if two_low and 6 * sms <= n // 16 < 12 * sms:  # many rows, not very many
-        return (2, 4, 2) if bits == 3 else (2, 4, 1)
+        return (2 if m > 8 and n % 32 == 0 else 1), 16, 1
     if m <= 16 and elem == 0 and bits in (2, 3) and (m > 8 or (bits == 2 and n // 32 >= 6 * sms)):
         # uniform 2-bit layouts, many rows (H200 sweeps sweep_w2_m1_h200_s32.json, sweep_w3_m16_h200_s32.json;
         # the rule below was 1.2-1.8x slower there): W2 at M <= 8 on very many rows two tiles x 8 warps (28672 x 8192
@@ -378,6 +370,33 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     if many and kbs <= 64:
         return 1, 2, 4
     return 1, 4 if (many or m > 32 or (bits == 4 and n // 16 > 2 * sms)) else 8, 1
+
+
+def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int) -> tuple[int, int, int]:
+    """The 2-bit layouts (W2, W3) at M ≤ 8 through the post-scale kernel, from H200 sweeps of its launches at
+    M = 1, 2, 4, 6, 8 (bench/results/sweep_w{2,3}_m1_h200_s36.json, rule{,2,3}_w{2,3}_h200_s37.json,
+    sweep_w3_m8_h200_s37.json). Two row tiles
+    a warp share each x fragment; they win from a few tokens on, and for W3 on few rows with a long K at every M:
+    W3 4096 × 14336 (2, 16, 1) 13.49 µs at M=1 against 14.05 with one tile × 8 warps, 14.03 against 15.89 at M=8;
+    W3 28672 × 8192 (2, 4, 1) 40.43 at M=4 against 44.25 with one tile, 41.61 against 52.93 at M=8 (one tile
+    still ahead at M=1: 37.78 against 39.71); W2 14336 × 4096 (2, 4, 1) 10.78 at M=2 against 11.78; W2 6144 × 4096
+    (2, 8, 1) 7.04 at M=4 against 7.13, 7.53 against 7.97 at M=8. One tile where it stayed ahead: W3 on 4096² and
+    6144 × 4096 at every M (5.87 / 7.33 µs at M=1, 6.53 / 8.49 at M=8, the next best 2 and 0.6 % behind at M=8),
+    W3 14336 × 4096 at M ≤ 2, W2 on few rows at M ≤ 2 (4096² 5.24 against 5.30 at M=2; 4096 × 14336 10.87 against
+    10.73 there, and 11.77 against 10.86 at M=4). M = 3, 5 and 7 were not timed: the thresholds sit between."""
+    tiles = n // 16
+    if tiles <= 2 * sms:  # few rows (4096): 16 warps split K, 8 for W3 on a short K
+        if bits == 3:
+            rt, warps = (2, 16) if kbs >= 64 and n % 32 == 0 else (1, 8)
+        else:
+            rt, warps = (2 if m >= 4 else 1), 16
+    elif tiles < 6 * sms:  # between (6144)
+        rt, warps = (2 if bits == 2 and m >= 4 else 1), 8
+    elif tiles < 12 * sms:  # many rows (14336)
+        rt, warps = (2 if m >= (3 if bits == 3 else 2) else 1), 4
+    else:  # very many rows (28672)
+        rt, warps = (2, 8) if bits == 2 else ((2 if m >= 2 else 1), 4)
+    return (rt if n % 32 == 0 else 1), warps, 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -443,10 +462,10 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     rsqrt a token]."""
     x2 = kernel_input(x2.contiguous(), kp)
     m = x2.shape[0]
-    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, m, elem=elem,
-                                               post=sz_post is not None and m <= post_scale())
+    post = sz_post is not None and m <= post_scale() and (m <= 8 or bits != 3)  # (3-bit codes: kind 8, M <= 8)
+    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, m, elem=elem, post=post)
     wr = rest[0] if rest else 1
-    if sz_post is not None and m <= post_scale() and (m <= 8 or (rt == 2 and n % 32 == 0 and bits != 3)):
+    if post and (m <= 8 or (rt == 2 and n % 32 == 0)):
         sz, elem = sz_post, 3
     if res is not None or sq is not None:
         return extension().gemm_norm(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr, glu, res, gamma, sq, eps)
