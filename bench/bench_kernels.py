@@ -2,6 +2,7 @@
 
     python bench/bench_kernels.py --out bench/results/kernels_h100.json [--shapes 4096x4096] [--bits 4,2] [--float-formats mxfp4,nvfp4]
     python bench/bench_kernels.py --sweep w4 --out sweep.json [--shapes 4096x4096] [--ms 32,64]   (launch sweep)
+    python bench/bench_kernels.py --sweep w3 --ms 2,4 --configs 1.4.1,2.4.1 --out rule.json   (the rule's pick and these)
 """
 from __future__ import annotations
 
