@@ -279,8 +279,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     there too; one tile stayed best on the other shapes, and for the 2-bit layout (W3 28672 × 8192: 49.11 against
     46.04 with the best one-tile configuration; W2 36.16 against 33.21 with this rule's one tile × 4 warps). At
     most two row tiles an SM (4096 rows on an H200): 16 warps split K (the wide instantiation), two tiles a warp at
-    M = 9..16 (H200 sweep, kernels_sweep_h200_wide.json: 4096 × 14336 M=1 11.2 µs against
-    13.6 with 8 warps), except 3-bit codes at M ≤ 8: their one-tile 512-thread kernel needs 78 registers (bf16,
+    M = 9..16 (H200 sweep, kernels_sweep_h200_wide.json: 4096 × 14336 M=1 11.2 µs against 13.6 with 8 warps),
+    except 3-bit codes at M ≤ 8 on the per-pair kernel: its one-tile 512-thread kernel needs 78 registers (bf16,
     sm_90), so one block an SM and two waves of blocks on 4096 rows; 8 warps (H200 sweep
     kernels_sweep_h200_w3_s31.json, M=1: 4096² 6.41 µs against 7.43 at 16 warps, 4096 × 14336 15.41 against 17.46;
     bounded to two blocks, 64 registers and no spill, it still lost: 6.82 / 16.71, kernels_sweep_h200_w3_lb_s31.json).
@@ -373,17 +373,18 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
 
 
 def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int) -> tuple[int, int, int]:
-    """The 2-bit layouts (W2, W3) at M ≤ 8 through the post-scale kernel, from H200 sweeps of its launches at
-    M = 1, 2, 4, 6, 8 (bench/results/sweep_w{2,3}_m1_h200_s36.json, rule{,2,3}_w{2,3}_h200_s37.json,
-    sweep_w3_m8_h200_s37.json). Two row tiles
-    a warp share each x fragment; they win from a few tokens on, and for W3 on few rows with a long K at every M:
-    W3 4096 × 14336 (2, 16, 1) 13.49 µs at M=1 against 14.05 with one tile × 8 warps, 14.03 against 15.89 at M=8;
-    W3 28672 × 8192 (2, 4, 1) 40.43 at M=4 against 44.25 with one tile, 41.61 against 52.93 at M=8 (one tile
-    still ahead at M=1: 37.78 against 39.71); W2 14336 × 4096 (2, 4, 1) 10.78 at M=2 against 11.78; W2 6144 × 4096
-    (2, 8, 1) 7.04 at M=4 against 7.13, 7.53 against 7.97 at M=8. One tile where it stayed ahead: W3 on 4096² and
-    6144 × 4096 at every M (5.87 / 7.33 µs at M=1, 6.53 / 8.49 at M=8, the next best 2 and 0.6 % behind at M=8),
-    W3 14336 × 4096 at M ≤ 2, W2 on few rows at M ≤ 2 (4096² 5.24 against 5.30 at M=2; 4096 × 14336 10.87 against
-    10.73 there, and 11.77 against 10.86 at M=4). M = 3, 5 and 7 were not timed: the thresholds sit between."""
+    """The 2-bit layouts (W2, W3) at M ≤ 8 through the post-scale kernel, from H200 sweeps of its launches at M = 1, 2,
+    4, 6, 8 (bench/results/sweep_w{2,3}_m1_h200_s36.json, rule{,2,3}_w{2,3}_h200_s37.json,
+    sweep_w3_m8_h200_s37.json). Two row tiles a warp share each x fragment; they win from a few tokens on, and for
+    W3 on few rows with a long K at every M: W3 4096 × 14336 (2, 16, 1) 13.49 µs at M=1 against 14.05 with one tile
+    × 8 warps, 14.03 against 15.89 at M=8; W3 28672 × 8192 (2, 4, 1) 40.43 at M=4 against 44.25 with one tile, 41.61
+    against 52.93 at M=8 (one tile still ahead at M=1: 37.78 against 39.71); W2 14336 × 4096 (2, 4, 1) 10.78 at M=2
+    against 11.78; W2 6144 × 4096 (2, 8, 1) 7.04 at M=4 against 7.13, 7.53 against 7.97 at M=8. One tile where it
+    stayed ahead: W3 on 4096² and 6144 × 4096 at every M (5.72 / 7.33 µs at M=1, 6.53 / 8.49 at M=8, the next best 3
+    and 0.6 % behind at M=8), W3 14336 × 4096 at M ≤ 2 (13.26 against 13.71 at M=2). W2 on few rows takes two tiles
+    from M = 4: at M=2 one tile led on 4096² (5.24 against 5.30) and trailed on 4096 × 14336 (10.87 against 10.73);
+    at M=4 two led on both (5.51 against 5.54, 10.86 against 11.77). M = 3, 5 and 7 were not timed: the thresholds
+    sit between."""
     tiles = n // 16
     if tiles <= 2 * sms:  # few rows (4096): 16 warps split K, 8 for W3 on a short K
         if bits == 3:
