@@ -172,6 +172,23 @@ def test_repack3_round_trip():
     assert (high >= 0).all() and torch.equal(low + 4 * high, codes)
 
 
+def _field_2bit(w: torch.Tensor, e: int, dtype) -> tuple[int, torch.Tensor]:
+    """uniform_mma.cuh's ``field_at`` / ``field_word`` for 2-bit pairs: (p, the word pair e is read from at bit p) —
+    fp16 at p = 2 (e % 4) of w or w >> 8, bf16 at p = 2 (e % 3) after a shift by 6 (e // 3) (``bf16_at``,
+    ``bf16_shift``)."""
+    if dtype == torch.float16:
+        return 2 * (e % 4), w >> (8 * (e // 4))
+    return 2 * (e % 3), w >> (6 * (e // 3))
+
+
+def _centered(hv: torch.Tensor, p: int, z: torch.Tensor, magic_f: float, dtype) -> torch.Tensor:
+    """``decode_centered``: code − z from a field read as MAGIC + 2^p code — h·2^-p + (MAGIC − MAGIC·2^-p − (MAGIC + z))
+    with the constant rounded to ``dtype`` as the kernel's sub2 rounds it, or h − (MAGIC + z) in bf16 at p = 0."""
+    if p == 0 and dtype == torch.bfloat16:
+        return hv - (magic_f + z)
+    return hv * 2.0 ** -p + ((magic_f - magic_f * 2.0 ** -p) - (magic_f + z)).to(dtype).double()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_3bit_decode_reads_the_code(dtype):
     """uniform_mma.cuh's ``decode_word<T, 2, HIGH>`` / ``high_magic`` transcribed step for step onto integers (the
@@ -183,10 +200,7 @@ def test_3bit_decode_reads_the_code(dtype):
     for j in (0, 1):
         shifts = set()
         for e in range(8):
-            if dtype == torch.float16:  # the field at p = 2 (e % 4) of w or w >> 8
-                p, v = 2 * (e % 4), w >> (8 * (e // 4))
-            else:  # bf16: the field at p = 2 (e % 3) after a shift by 6 (e // 3) (bf16_at, bf16_shift)
-                p, v = 2 * (e % 3), w >> (6 * (e // 3))
+            p, v = _field_2bit(w, e, dtype)
             s = p + 2 - (2 * e + j)
             shifts.add(s)
             hb = (((hw << s) if s >= 0 else (hw >> -s)) & (0x00010001 << (p + 2))) | magic
@@ -198,9 +212,7 @@ def test_3bit_decode_reads_the_code(dtype):
                 assert torch.equal(got, code.double()), (j, e, hi)
                 # decode_centered<T, 2, HIGH> (the post-scale kind 8): code − z for zeros 0..7, each step exact
                 z = torch.randint(0, 8, w.shape, generator=torch.Generator().manual_seed(e + 8 * j)).double()
-                const = ((magic_f - magic_f * 2.0 ** -p) - (magic_f + z)).to(dtype).double()
-                centered = hv - (magic_f + z) if p == 0 and dtype == torch.bfloat16 else hv * 2.0 ** -p + const
-                assert torch.equal(centered, code.double() - z), (j, e, hi)
+                assert torch.equal(_centered(hv, p, z, magic_f, dtype), code.double() - z), (j, e, hi)
         assert len(shifts) == (2 if dtype == torch.float16 else 3)
 
 
@@ -212,16 +224,15 @@ def test_2bit_bf16_decode_reads_the_code():
     w = _words(4096, 5)
     z = torch.randint(0, 4, w.shape, generator=torch.Generator().manual_seed(6)).double()
     for e in range(8):
-        p = 2 * (e % 3)
-        h = ((w >> (6 * (e // 3))) & (0x00030003 << p)) | magic
+        p, v = _field_2bit(w, e, torch.bfloat16)
+        h = (v & (0x00030003 << p)) | magic
         for hi in (0, 16):
             code = ((w >> (2 * e + hi)) & 3).double()
             hv = _as_float((h >> hi) & 0xFFFF, torch.bfloat16)
             assert torch.equal(hv * 2.0 ** -p - magic_f * 2.0 ** -p, code), (e, hi)
             const = (magic_f - magic_f * 2.0 ** -p) - (magic_f + z)  # the kernel's sub2, exact in bf16
             assert torch.equal(const.to(torch.bfloat16).double(), const)
-            centered = hv - (magic_f + z) if p == 0 else hv * 2.0 ** -p + const
-            assert torch.equal(centered, code - z), (e, hi)
+            assert torch.equal(_centered(hv, p, z, magic_f, torch.bfloat16), code - z), (e, hi)
 
 
 def test_post_scale_pairs():
