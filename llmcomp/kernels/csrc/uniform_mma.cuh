@@ -264,6 +264,10 @@ struct Shape {
   static constexpr int WIDE = MT <= 2 ? 512 : 256;
 };
 
+// The high-bit word that serves word wi of a lane's kblock: words 0, 1 take hv.x and words 2, 3 hv.y, each its
+// half wi & 1 (3-bit codes' high-bit plane).
+__device__ __forceinline__ uint32_t high_word(const uint2& hv, int wi) { return (wi >> 1) ? hv.y : hv.x; }
+
 // Word wi of a lane's kblock; hv: the lane's high-bit words (ELEM == 2 only).
 template <typename T, int BITS, int ELEM>
 __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typename Num<T>::T2 (&q)[16 / BITS]) {
@@ -271,7 +275,7 @@ __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typenam
     decode_e2m1<T>(w, q);
   } else if constexpr (ELEM == 2) {
     static_assert(BITS == 2, "3-bit codes use the 2-bit layout for their low bits");
-    decode_word<T, 2, true>(w, q, (wi >> 1) ? hv.y : hv.x, wi & 1);
+    decode_word<T, 2, true>(w, q, high_word(hv, wi), wi & 1);
   } else {
     decode_word<T, BITS>(w, q);
   }
@@ -522,7 +526,7 @@ __device__ __forceinline__ void compute_kblock_post(const uint4& w, const uint2&
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi) {
     N2 q[16 / BITS];
-    decode_centered<T, BITS, ELEM == 8>(words[wi], (wi >> 1) ? hv.y : hv.x, wi & 1, zz, q);
+    decode_centered<T, BITS, ELEM == 8>(words[wi], high_word(hv, wi), wi & 1, zz, q);
 #pragma unroll
     for (int ss = 0; ss < STEPS_PER_WORD; ++ss) {
       const int s = wi * STEPS_PER_WORD + ss;
