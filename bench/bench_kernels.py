@@ -1,8 +1,10 @@
 """Dequant-GEMM benchmark (see llmcomp/eval/kernel_bench.py; also ``llmcomp bench kernels``).
 
-    python bench/bench_kernels.py --out bench/results/kernels_h100.json [--shapes 4096x4096] [--bits 4,2] [--float-formats mxfp4,nvfp4]
+    python bench/bench_kernels.py --out bench/results/kernels_h100.json [--shapes 4096x4096] [--bits 4,2]
+        [--float-formats mxfp4,nvfp4] [--fp16]
     python bench/bench_kernels.py --sweep w4 --out sweep.json [--shapes 4096x4096] [--ms 32,64]   (launch sweep)
-    python bench/bench_kernels.py --sweep w3 --ms 2,4 --configs 1.4.1,2.4.1 --out rule.json   (the rule's pick and these)
+    python bench/bench_kernels.py --sweep w3 --ms 2,4 --configs 1.4.1,2.4.1 --out rule.json   (the rule's pick and
+        these; --fp16: float16 activations)
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ def main(argv=None):
     ap.add_argument("--ms", default=None, help="e.g. 1,4,16")
     ap.add_argument("--bits", default="4")
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--float-formats", default="mxfp4,nvfp4", help="other formats to time too: mxfp4,nvfp4,fp4,vq2,vq3,pvq2,pvq3 ('' for none)")
-    ap.add_argument("--fp16", action="store_true", help="also time the uniform rows with float16 activations")
+    ap.add_argument("--float-formats", default="mxfp4,nvfp4",
+                    help="other formats to time too: mxfp4,nvfp4,fp4,vq2,vq3,pvq2,pvq3 ('' for none)")
+    ap.add_argument("--fp16", action="store_true",
+                    help="also time the uniform rows with float16 activations (with --sweep: sweep with them instead)")
     ap.add_argument("--sweep", default=None, choices=SWEEP_FORMATS,
                     help="instead, time one format's mma kernel over its launch parameters (kernel_bench.sweep; "
                          "M default 1,16): wN for uniform N-bit codes")
@@ -37,7 +41,7 @@ def main(argv=None):
                            bits=int(args.sweep[1:]) if uniform else 4, group=args.group,
                            fmt="" if uniform else args.sweep, out=args.out,
                            configs=[tuple(int(v) for v in c.split(".")) for c in args.configs.split(",")]
-                           if args.configs else None)
+                           if args.configs else None, fp16=args.fp16)
         return
     ms = [int(m) for m in args.ms.split(",")] if args.ms else kernel_bench.MS
     kernel_bench.run(shapes, ms, tuple(int(b) for b in args.bits.split(",")), args.group, args.out,

@@ -274,7 +274,8 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                         if bits in (2, 4, 8) else [])  # the Triton GEMV has no 3-bit layout
             w_bf16 = [w.to(torch.bfloat16) for _ in range(_copies(n * k * 2))]
             w_fp16 = [wb.half() for wb in w_bf16] if fp16 else []
-            tg = [_tinygemm(fields["codes"].int(), n, k, 128) for _ in range(_copies(packed_bytes))] if bits == 4 else []
+            tg = ([_tinygemm(fields["codes"].int(), n, k, 128) for _ in range(_copies(packed_bytes))]
+                  if bits == 4 else [])
             bnb = [_bnb_nf4(w) for _ in range(_copies(n * k // 2))] if bits == 4 else []
             dq = []  # kernel preparations for the dequantize column (M > MAX_M), built at the first such M
             for m in ms:
@@ -334,7 +335,7 @@ _SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (1, 4), (2, 2))  # warps 1: x
 
 
 def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
-    """(packed bytes, kernel preparations, call(x, prep, (rt, warps, wr)), launch_config(m)) for one swept
+    """(packed bytes, kernel preparations, call(x, prep, (rt, warps, wr)), launch_config(m, fp16)) for one swept
     kernel: the uniform mma kernel (``W{bits}``, or E2M1 weights: ``mxfp4`` / ``nvfp4``) or the codebook one
     (``vq2``/``vq3``, one row tile a warp)."""
     from llmcomp.kernels import codebook_cuda, uniform_cuda
@@ -344,7 +345,7 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
         preps = [codebook_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
                  for _ in range(_copies(state_bytes(base)))]
         return (state_bytes(base), preps, lambda x, p, c: codebook_cuda.gemm(x, p, c[1:]),
-                lambda m: (1, *codebook_cuda.launch_config(n, k, m, codebook_cuda.copies(preps[0]))))
+                lambda m, fp16: (1, *codebook_cuda.launch_config(n, k, m, codebook_cuda.copies(preps[0]))))
     if name in ("mxfp4", "nvfp4"):
         fmt, base = _packed_for(name, n, k)
     else:
@@ -353,25 +354,28 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
     preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
              for _ in range(_copies(state_bytes(base)))]
     return (state_bytes(base), preps, lambda x, p, c: uniform_cuda.gemm(x, p, c),
-            lambda m: uniform_cuda.launch_config(n, k, preps[0]["bits"], m, elem=preps[0]["elem"]))
+            lambda m, fp16: uniform_cuda.launch_config(n, k, preps[0]["bits"], m, elem=preps[0]["elem"], fp16=fp16))
 
 
 def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print, fmt: str = "",
-          out: Optional[Path] = None, configs: Optional[list[tuple[int, int, int]]] = None) -> list[dict]:
+          out: Optional[Path] = None, configs: Optional[list[tuple[int, int, int]]] = None,
+          fp16: bool = False) -> list[dict]:
     """Time a CUDA mma kernel alone over its launch parameters (row tiles per warp × warps splitting K ×
     row groups a block), to set ``uniform_cuda.launch_config`` (``fmt`` empty: uniform ``bits``; ``mxfp4`` /
     ``nvfp4``) or ``codebook_cuda.launch_config`` (``fmt`` vq2 / vq3) from measurements. ``out``: a JSON file of the
     rows so far, rewritten after every shape and M (a sweep cut short by a time limit keeps what it timed).
     ``configs``: only these (rt, warps, wr) and the rule's pick — a check of the rule against its neighbours
-    where the whole grid would take too long."""
+    where the whole grid would take too long. ``fp16``: float16 activations (the kernels' other build) instead of
+    bfloat16; the rows' format label gets " fp16"."""
     label = fmt or f"W{bits}"
+    dtype, tag = (torch.float16, label + " fp16") if fp16 else (torch.bfloat16, label)
     bw = copy_bandwidth()
     rows = []
     for n, k in shapes:
         nbytes, preps, call, auto = _sweep_subject(label, n, k, bits, group)
         for m in ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            pick = tuple(auto(m))
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            pick = tuple(auto(m, fp16))
             for p in preps:  # builds the per-dtype tables / scale pairs outside the timing
                 call(x, p, pick)
             best, picked = None, None
@@ -383,13 +387,13 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
             for c in [c for c in grid if n % (16 * c[0]) == 0]:
                 t = per_call_seconds([lambda p=p: call(x, p, c) for p in preps])
                 pct = roofline_pct(nbytes, m, n, k, bw, t)
-                rows.append({"format": label, "N": n, "K": k, "M": m, "rt": c[0], "warps": c[1], "wr": c[2],
+                rows.append({"format": tag, "N": n, "K": k, "M": m, "rt": c[0], "warps": c[1], "wr": c[2],
                              "us": round(t * 1e6, 3), "roofline_pct": round(pct, 2)})
                 if best is None or t < best[0]:
                     best = (t, c, pct)
                 if c == pick:
                     picked = t
-            log(f"sweep {label} {n}x{k} M={m}: best (rt, warps, wr)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
+            log(f"sweep {tag} {n}x{k} M={m}: best (rt, warps, wr)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
                 f"  (launch_config: {pick}" + (f" {picked * 1e6:.2f}us)" if picked else ")"))
             if out is not None:
                 Path(out).write_text(json.dumps(rows, indent=0))
