@@ -283,7 +283,7 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(14336, 4096, 4, 12, elem=1) == (2, 4, 2)
     assert uniform_cuda.launch_config(14336, 4096, 4, 8, elem=1) == (1, 4, 1)  # M <= 8: as before
     assert uniform_cuda.launch_config(28672, 4096, 4, 16, elem=1) == (2, 4, 1)  # very many rows: as before
-    # weights the post-scale kernel cannot serve (groups of 96, LLMCOMP_MMA_POST_SCALE=8): the per-pair kernel's one tile
+    # weights the post-scale kernel cannot serve (groups of 96, LLMCOMP_MMA_POST_SCALE=8): the per-pair kernel, one tile
     assert uniform_cuda.launch_config(6144, 4096, 4, 16, post=False) == (1, 8, 1)
     assert uniform_cuda.launch_config(14336, 4096, 4, 16, post=False)[0] == 1
     # above M = 16, two row tiles a warp where the sweep timed them faster (kernels_sweep_h200_r2_m64.log)
@@ -335,10 +335,14 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert lc(4104, 14336, 3, 1) == (1, 8, 1)  # rows not a multiple of 32: one tile at 8 warps
     assert lc(6144, 4096, 3, 8) == lc(6144, 4096, 2, 2) == (1, 8, 1) and lc(6144, 4096, 2, 4) == (2, 8, 1)
     assert lc(14336, 4096, 3, 2) == lc(14336, 4096, 2, 1) == (1, 4, 1)
-    assert lc(14336, 4096, 3, 3) == lc(14336, 4096, 3, 8) == lc(14336, 4096, 2, 2) == (2, 4, 1)
+    assert lc(14336, 4096, 3, 3) == (1, 4, 1)  # rule_m357_w3_h200_s38.json: 13.28 µs against two tiles' 13.69
+    # fp16 activations: two tiles from M = 1 there (sweep_fp16_w3_h200_s38.json: 13.15 µs against one tile's 15.57)
+    assert lc(14336, 4096, 3, 1, fp16=True) == (2, 4, 1) and lc(14336, 4096, 2, 1, fp16=True) == (1, 4, 1)
+    assert lc(4096, 14336, 3, 1, fp16=True) == (2, 16, 1) and lc(28672, 8192, 3, 1, fp16=True) == (1, 4, 1)
+    assert lc(14336, 4096, 3, 4) == lc(14336, 4096, 3, 8) == lc(14336, 4096, 2, 2) == (2, 4, 1)
     assert lc(28672, 8192, 3, 1) == (1, 4, 1) and lc(28672, 8192, 3, 2) == lc(28672, 4096, 3, 8) == (2, 4, 1)
-    assert lc(4096, 4096, 2, 3) == lc(4096, 14336, 2, 2) == (1, 16, 1)
-    assert lc(4096, 4096, 2, 4) == lc(4096, 14336, 2, 8) == (2, 16, 1)
+    assert lc(4096, 4096, 2, 3) == lc(4096, 14336, 2, 1) == (1, 16, 1)
+    assert lc(4096, 4096, 2, 4) == lc(4096, 14336, 2, 2) == lc(4096, 14336, 2, 8) == (2, 16, 1)  # long K: from M = 2
     # (the per-pair kernel — no post-scale pairs — keeps one tile: only the post-scale kernels were timed there)
     assert lc(14336, 4096, 3, 8, post=False) == (1, 4, 1)
     assert lc(4096, 14336, 2, 8, post=False) == (1, 16, 1)

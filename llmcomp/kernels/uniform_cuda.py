@@ -76,7 +76,8 @@ def extension():
         build = cache_dir() / "kernels" / f"uniform_mma_{tag}"
         build.mkdir(parents=True, exist_ok=True)
         arch = f"{major}{minor}"
-        return load(name=f"llmcomp_uniform_mma_{tag}", sources=[str(CSRC / f) for f in SOURCES], build_directory=str(build),
+        return load(name=f"llmcomp_uniform_mma_{tag}", sources=[str(CSRC / f) for f in SOURCES],
+                    build_directory=str(build),
                     extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo"],
                     verbose=os.environ.get("LLMCOMP_VERBOSE_BUILD") == "1")
     except Exception as exc:  # no nvcc, no ninja, old GPU: the Triton or reference path serves instead
@@ -267,7 +268,7 @@ def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
 
 
 def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None, elem: int = 0,
-                  post: bool = True) -> tuple[int, int, int]:
+                  post: bool = True, fp16: bool = False) -> tuple[int, int, int]:
     """(row tiles per warp, warps splitting K, row groups a block); ``launch_override()`` first. M ≤ 8 (H100 sweep,
     bench/results/kernels_sweep_h100.json,
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
@@ -315,14 +316,15 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     The 2-bit layouts (W2, W3) at M ≤ 8 through the post-scale kernel: ``_two_bit_post_launch``.
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not). ``post``: whether the post-scale kernel can serve the call (``gemm_tensors``: the weight has
-    post-scale pairs and M is within ``post_scale()``); the M = 9..16 two-tile rules above are that kernel's."""
+    post-scale pairs and M is within ``post_scale()``); the M = 9..16 two-tile rules above are that kernel's.
+    ``fp16``: float16 activations (only the 2-bit layouts' rule tells them apart)."""
     forced = launch_override().get((n, k))
     if forced is not None and (forced[0] == 1 or n % 32 == 0):
         return forced
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     kbs = k // kblock(bits)
     if m <= 8 and layout_bits(bits) == 2 and elem == 0 and post:
-        return _two_bit_post_launch(n, bits, m, kbs, sms)
+        return _two_bit_post_launch(n, bits, m, kbs, sms, fp16)
     if m <= 16 and n // 16 <= 2 * sms:
         if m <= 8 and bits == 3:  # its 512-thread kernel: one block an SM (see above), so two waves of blocks
             return 1, 8, 1
@@ -372,29 +374,33 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     return 1, 4 if (many or m > 32 or (bits == 4 and n // 16 > 2 * sms)) else 8, 1
 
 
-def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int) -> tuple[int, int, int]:
+def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bool = False) -> tuple[int, int, int]:
     """The 2-bit layouts (W2, W3) at M ≤ 8 through the post-scale kernel, from H200 sweeps of its launches at M = 1, 2,
-    4, 6, 8 (bench/results/sweep_w{2,3}_m1_h200_s36.json, rule{,2,3}_w{2,3}_h200_s37.json,
-    sweep_w3_m8_h200_s37.json). Two row tiles a warp share each x fragment; they win from a few tokens on, and for
-    W3 on few rows with a long K at every M: W3 4096 × 14336 (2, 16, 1) 13.49 µs at M=1 against 14.05 with one tile
-    × 8 warps, 14.03 against 15.89 at M=8; W3 28672 × 8192 (2, 4, 1) 40.43 at M=4 against 44.25 with one tile, 41.61
-    against 52.93 at M=8 (one tile still ahead at M=1: 37.78 against 39.71); W2 14336 × 4096 (2, 4, 1) 10.78 at M=2
-    against 11.78; W2 6144 × 4096 (2, 8, 1) 7.04 at M=4 against 7.13, 7.53 against 7.97 at M=8. One tile where it
-    stayed ahead: W3 on 4096² and 6144 × 4096 at every M (5.72 / 7.33 µs at M=1, 6.53 / 8.49 at M=8, the next best 3
-    and 0.6 % behind at M=8), W3 14336 × 4096 at M ≤ 2 (13.26 against 13.71 at M=2). W2 on few rows takes two tiles
-    from M = 4: at M=2 one tile led on 4096² (5.24 against 5.30) and trailed on 4096 × 14336 (10.87 against 10.73);
-    at M=4 two led on both (5.51 against 5.54, 10.86 against 11.77). M = 3, 5 and 7 were not timed: the thresholds
-    sit between."""
+    4, 6, 8 (bench/results/sweep_w{2,3}_m1_h200_s36.json, rule{,2,3}_w{2,3}_h200_s37.json, sweep_w3_m8_h200_s37.json).
+    Two row tiles a warp share each x fragment; they win from a few tokens on, and for W3 on few rows with a long K at
+    every M: W3 4096 × 14336 (2, 16, 1) 13.49 µs at M=1 against 14.05 with one tile × 8 warps, 14.03 against 15.89 at
+    M=8; W3 28672 × 8192 (2, 4, 1) 40.43 at M=4 against 44.25 with one tile, 41.61 against 52.93 at M=8 (one tile still
+    ahead at M=1: 37.78 against 39.71); W2 14336 × 4096 (2, 4, 1) 10.78 at M=2 against 11.78; W2 6144 × 4096 (2, 8, 1)
+    7.04 at M=4 against 7.13, 7.53 against 7.97 at M=8. One tile where it stayed ahead: W3 on 4096² and 6144 × 4096 at
+    every M (5.72 / 7.33 µs at M=1, 6.53 / 8.49 at M=8, the next best 3 and 0.6 % behind at M=8), W3 14336 × 4096 at
+    M ≤ 2 (13.26 against 13.71 at M=2). W2 on few rows: at M=2 one tile led on 4096² (5.24 against 5.30) and trailed on
+    4096 × 14336 (10.87 against 10.73); at M=4 two led on both (5.51 against 5.54, 10.86 against 11.77). At M = 3, 5, 7
+    (rule_m357_w{2,3}_h200_s38.json) the pick was the best or within 0.5 % but at two M = 3 points: W3 14336 × 4096, one
+    tile 13.28 against the two picked 13.69, and W2 4096 × 14336, two tiles 10.56 against the one picked 10.81 (W2 4096²
+    keeps one: 5.25 against 5.29) — so W2 on few rows with a long K takes two tiles from M = 2, as W3 does at every M,
+    and W3 on many rows from M = 4. With float16 activations (``fp16``; sweep_fp16_w{2,3}_h200_s38.json, M = 1 and 8)
+    the picks held but one: W3 14336 × 4096 at M=1, one tile 15.57 µs against two tiles' 13.15 (bf16: one tile 12.47),
+    so W3 on many rows takes two tiles at every M in fp16."""
     tiles = n // 16
     if tiles <= 2 * sms:  # few rows (4096): 16 warps split K, 8 for W3 on a short K
         if bits == 3:
             rt, warps = (2, 16) if kbs >= 64 and n % 32 == 0 else (1, 8)
         else:
-            rt, warps = (2 if m >= 4 else 1), 16
+            rt, warps = (2 if m >= (2 if kbs >= 64 else 4) else 1), 16
     elif tiles < 6 * sms:  # between (6144)
         rt, warps = (2 if bits == 2 and m >= 4 else 1), 8
     elif tiles < 12 * sms:  # many rows (14336)
-        rt, warps = (2 if m >= (3 if bits == 3 else 2) else 1), 4
+        rt, warps = (2 if m >= (2 if bits == 2 else 1 if fp16 else 4) else 1), 4
     else:  # very many rows (28672)
         rt, warps = (2, 8) if bits == 2 else ((2 if m >= 2 else 1), 4)
     return (rt if n % 32 == 0 else 1), warps, 1
@@ -464,7 +470,8 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     x2 = kernel_input(x2.contiguous(), kp)
     m = x2.shape[0]
     post = sz_post is not None and m <= post_scale() and (m <= 8 or bits != 3)  # (3-bit codes: kind 8, M <= 8)
-    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, m, elem=elem, post=post)
+    rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, m, elem=elem, post=post,
+                                               fp16=x2.dtype == torch.float16)
     wr = rest[0] if rest else 1
     if post and (m <= 8 or (rt == 2 and n % 32 == 0)):
         sz, elem = sz_post, 3
