@@ -390,7 +390,9 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
     keeps one: 5.25 against 5.29) — so W2 on few rows with a long K takes two tiles from M = 2, as W3 does at every M,
     and W3 on many rows from M = 4. With float16 activations (``fp16``; sweep_fp16_w{2,3}_h200_s38.json, M = 1 and 8)
     the picks held but one: W3 14336 × 4096 at M=1, one tile 15.57 µs against two tiles' 13.15 (bf16: one tile 12.47),
-    so W3 on many rows takes two tiles at every M in fp16."""
+    and at M = 2, 3 on that shape 13.38 / 13.41 against 18.46 / 18.73 (sweep_fp16_w3_m123_h200_s38.json), so W3 on
+    many rows takes two tiles at every M in fp16. (Likely cause, from local ptxas: that one-tile build has 75 registers
+    in fp16 against 72 in bf16, so 6 blocks of 128 threads an SM instead of 7: 792 slots for 896 blocks, two waves.)"""
     tiles = n // 16
     if tiles <= 2 * sms:  # few rows (4096): 16 warps split K, 8 for W3 on a short K
         if bits == 3:
@@ -400,7 +402,8 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
     elif tiles < 6 * sms:  # between (6144)
         rt, warps = (2 if bits == 2 and m >= 4 else 1), 8
     elif tiles < 12 * sms:  # many rows (14336)
-        rt, warps = (2 if m >= (2 if bits == 2 else 1 if fp16 else 4) else 1), 4
+        two_from = 2 if bits == 2 else (1 if fp16 else 4)  # the first M at which two row tiles a warp win
+        rt, warps = (2 if m >= two_from else 1), 4
     else:  # very many rows (28672)
         rt, warps = (2, 8) if bits == 2 else ((2 if m >= 2 else 1), 4)
     return (rt if n % 32 == 0 else 1), warps, 1
