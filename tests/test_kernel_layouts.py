@@ -320,7 +320,12 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     # 2-bit layouts (sweep_w2_m1_h200_s32.json, sweep_w3_m16_h200_s32.json): W2 on very many rows two tiles x 8 warps
     # at M <= 8; W3 at M = 9..16 two tiles with 4 (many rows) or 8 (very many) row groups, W2 with 2
     # (sweep_w2_m16_h200_s34.json) or 8; few rows as before
-    assert uniform_cuda.launch_config(28672, 8192, 2, 1) == uniform_cuda.launch_config(28672, 4096, 2, 4) == (2, 8, 1)
+    assert uniform_cuda.launch_config(28672, 8192, 2, 1) == uniform_cuda.launch_config(28672, 8192, 2, 4) == (2, 8, 1)
+    # ... but 4 warps on a short K or with fp16 activations, where the two-tile kernel is bounded to 7 blocks an SM
+    # (rule_w2_28672{,_fp16}_h200_s39.json)
+    assert uniform_cuda.launch_config(28672, 4096, 2, 1) == uniform_cuda.launch_config(28672, 4096, 2, 8) == (2, 4, 1)
+    assert uniform_cuda.launch_config(28672, 8192, 2, 1, fp16=True) == (2, 4, 1)
+    assert uniform_cuda.launch_config(28672, 8192, 3, 1, fp16=True) == (1, 4, 1)  # W3: the bf16 rule
     assert uniform_cuda.launch_config(14336, 4096, 2, 1) == (1, 4, 1)
     assert uniform_cuda.launch_config(28672, 8192, 3, 1)[0] == 1
     assert uniform_cuda.launch_config(14336, 4096, 3, 16) == (2, 4, 4)
@@ -336,9 +341,6 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert lc(6144, 4096, 3, 8) == lc(6144, 4096, 2, 2) == (1, 8, 1) and lc(6144, 4096, 2, 4) == (2, 8, 1)
     assert lc(14336, 4096, 3, 2) == lc(14336, 4096, 2, 1) == (1, 4, 1)
     assert lc(14336, 4096, 3, 3) == (1, 4, 1)  # rule_m357_w3_h200_s38.json: 13.28 µs against two tiles' 13.69
-    # fp16 activations: two tiles from M = 1 there (sweep_fp16_w3_h200_s38.json: 13.15 µs against one tile's 15.57)
-    assert lc(14336, 4096, 3, 1, fp16=True) == (2, 4, 1) and lc(14336, 4096, 2, 1, fp16=True) == (1, 4, 1)
-    assert lc(4096, 14336, 3, 1, fp16=True) == (2, 16, 1) and lc(28672, 8192, 3, 1, fp16=True) == (1, 4, 1)
     assert lc(14336, 4096, 3, 4) == lc(14336, 4096, 3, 8) == lc(14336, 4096, 2, 2) == (2, 4, 1)
     assert lc(28672, 8192, 3, 1) == (1, 4, 1) and lc(28672, 8192, 3, 2) == lc(28672, 4096, 3, 8) == (2, 4, 1)
     assert lc(4096, 4096, 2, 3) == lc(4096, 14336, 2, 1) == (1, 16, 1)

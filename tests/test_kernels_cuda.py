@@ -567,7 +567,9 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
         early = fmt.group_size in (0, 128, 256) and args[3] is not None
-        assert len(names) == 3 and all((", 3, false, false, true, true>" in name) is early for name in names), names
+        # (in fp16 the two-tile 4-warp kernel runs bounded: uniform_mma_kernel_bounded<..., NORM, LEAN, SE, 7>)
+        marks = (", 3, false, false, true, true>", ", 3, false, true, true, 7>")
+        assert len(names) == 3 and all(any(k in name for k in marks) is early for name in names), names
     finally:
         uc.set_scale_early(bool(before))
         uc.set_scale_early16(bool(se16_before))
@@ -621,6 +623,50 @@ def test_e2m1_lean_gives_the_same_bits(fmt, dtype):
             assert lean == [on, on, False] and all(", 512, 1, false" in n for n in names[2:]), (on, names)
     finally:
         uc.set_e2m1_lean(bool(before))
+
+
+@pytest.mark.parametrize("fmt", [Uniform(bits=3, group_size=128), Uniform(bits=4, group_size=128),
+                                 Uniform(bits=4, group_size=64), Uniform(bits=4, group_size=0),
+                                 Uniform(bits=2, group_size=128)], ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_register_bound_gives_the_same_bits(fmt, dtype):
+    """``set_bound7`` (3-bit codes, one row tile × 4 warps) and ``set_bound7_r2`` (the lean two-tile kernels at 4
+    warps): the kernels bounded to 7 blocks an SM give the unbounded kernels' bits — plain, GLU and both sides of the
+    norm split, M = 1..8, warps ending mid-round (12 kblocks over 4) or left without kblocks (5 over 4), 4-bit
+    groups that load their scales early (128, one a row) or not (64) — and the profiler sees a bounded kernel run at
+    the switch's launch only, where its rule bounds it: 3-bit in fp16 and in the norm epilogue, 4-bit in fp16, 2-bit
+    always."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmcomp.kernels import uniform_cuda as uc
+
+    if uc.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    three, fp16 = fmt.bits == 3, dtype == torch.float16
+    get, set_bound = (uc.bound7, uc.set_bound7) if three else (uc.bound7_r2, uc.set_bound7_r2)
+    tiles = 1 if three else 2
+    before = get()
+    try:
+        for where, args, calls in _post_scale_cases(fmt, dtype, [(256, 1536), (2048, 4096), (224, 640)], [1, 3, 8]):
+            for launch in [None, (tiles, 4, 1)]:
+                if not (tiles == 2 and where[0] % 32):
+                    _switch_keeps_bits(set_bound, calls(launch), (*where, launch))
+        _, t, g = _layer(fmt, 2048, 4096, 11)
+        args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
+        x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
+        set_bound(True)
+        res = torch.randn(1, 2048, generator=g).to("cuda", dtype)
+        gamma = torch.rand(2048, generator=g).to("cuda", dtype)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for launch in [(tiles, 4, 1), (tiles, 8, 1), (3 - tiles, 4, 1)]:
+                uc.gemm_tensors(x, *args, launch=launch)
+            uc.gemm_tensors(x, *args, launch=(tiles, 4, 1), res=res, gamma=gamma)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+        plain, norm = (fp16, True) if three else (fp16, fp16) if fmt.bits == 4 else (True, True)
+        assert ["kernel_bounded" in n for n in names] == [plain, False, False, norm], names
+    finally:
+        set_bound(bool(before))
 
 
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=3, group_size=128),

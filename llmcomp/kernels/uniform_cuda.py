@@ -388,11 +388,17 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
     (rule_m357_w{2,3}_h200_s38.json) the pick was the best or within 0.5 % but at two M = 3 points: W3 14336 × 4096, one
     tile 13.28 against the two picked 13.69, and W2 4096 × 14336, two tiles 10.56 against the one picked 10.81 (W2 4096²
     keeps one: 5.25 against 5.29) — so W2 on few rows with a long K takes two tiles from M = 2, as W3 does at every M,
-    and W3 on many rows from M = 4. With float16 activations (``fp16``; sweep_fp16_w{2,3}_h200_s38.json, M = 1 and 8)
-    the picks held but one: W3 14336 × 4096 at M=1, one tile 15.57 µs against two tiles' 13.15 (bf16: one tile 12.47),
-    and at M = 2, 3 on that shape 13.38 / 13.41 against 18.46 / 18.73 (sweep_fp16_w3_m123_h200_s38.json), so W3 on
-    many rows takes two tiles at every M in fp16. (Likely cause, from local ptxas: that one-tile build has 75 registers
-    in fp16 against 72 in bf16, so 6 blocks of 128 threads an SM instead of 7: 792 slots for 896 blocks, two waves.)"""
+    and W3 on many rows from M = 4. With float16 activations (sweep_fp16_w{2,3}_h200_s38.json, M = 1 and 8; on 6144
+    and 28672 rows sweep_fp16_w{2,3}_b_h200_s39.json) the picks held but on W3 14336 × 4096, where one tile × 4 warps
+    took 15.57 µs at M=1 against two tiles' 13.15: its fp16 build held 75 registers, 6 blocks an SM, 792 slots for 896
+    blocks — a second wave. Bounded to 72 (``bound7``, on by default) it takes 12.55 µs (13.47 at M=3, two tiles 13.37;
+    wave_w3_14336_h200_s39.json), so fp16 follows the bf16 rule. (W3 fp16 28672 × 4096 at M=1: two tiles 21.12 µs
+    against one 21.71 bounded; left to the rule, 2.7 %.) W2 on very many rows takes 4 warps since its two-tile 4-warp
+    kernel is bounded to 7 blocks an SM (``bound7_r2``) — on a short K, and on a long one with fp16 activations
+    (rule_w2_28672{,_fp16}_h200_s39.json, µs at M = 1, 4, 8 against (2, 8, 1): 28672 × 4096 bf16 16.89 / 18.09 /
+    20.15 against 17.55 / 18.66 / 20.49, fp16 15.87 / 16.67 / 18.43 against 17.45 / 18.49 / 20.43; 28672 × 8192 fp16
+    27.83 / 29.63 / 33.12 against 28.93 / 31.46 / 36.61); with bf16 on a long K 8 warps stayed ahead (28.89 / 31.23 /
+    36.74 against 29.65 / 32.21 / 36.49: its bounded bf16 build spills 42 bytes, the fp16 one 14)."""
     tiles = n // 16
     if tiles <= 2 * sms:  # few rows (4096): 16 warps split K, 8 for W3 on a short K
         if bits == 3:
@@ -402,10 +408,9 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
     elif tiles < 6 * sms:  # between (6144)
         rt, warps = (2 if bits == 2 and m >= 4 else 1), 8
     elif tiles < 12 * sms:  # many rows (14336)
-        two_from = 2 if bits == 2 else (1 if fp16 else 4)  # the first M at which two row tiles a warp win
-        rt, warps = (2 if m >= two_from else 1), 4
+        rt, warps = (2 if m >= (2 if bits == 2 else 4) else 1), 4
     else:  # very many rows (28672)
-        rt, warps = (2, 8) if bits == 2 else ((2 if m >= 2 else 1), 4)
+        rt, warps = (2, 8 if kbs >= 64 and not fp16 else 4) if bits == 2 else ((2 if m >= 2 else 1), 4)
     return (rt if n % 32 == 0 else 1), warps, 1
 
 
@@ -706,6 +711,42 @@ def e2m1_lean() -> Optional[bool]:
 def set_e2m1_lean(on: bool) -> Optional[bool]:
     """Switch ``e2m1_lean`` for this process (A/B timing); graphs captured before keep their kernels."""
     return _ext_switch("set_e2m1_lean", on)
+
+
+def bound7() -> Optional[bool]:
+    """On unless ``LLMCOMP_MMA_BOUND7=0``: the 3-bit post-scale kernel at one row tile × 4 warps (128 threads) runs an
+    instantiation bounded to 7 blocks an SM (72 registers) in fp16 and in the norm split's epilogues. Unbounded, its
+    fp16 build holds 75 registers and its norm-epilogue bf16 build 73 (sm_90 ptxas), which leaves 6 blocks an SM —
+    on 14336 rows 792 slots for 896 blocks, a second wave. H200, W3 14336 × 4096 (``bench/wave_check.py``,
+    bench/results/wave_w3_14336_h200_s39.json): M=1 fp16 15.76 → 12.55 µs, the bf16 producer 15.93 → 13.43, the
+    bf16 GLU consumer 15.74 → 13.45; M=3 fp16 18.44 → 13.47; the fp16 epilogues (67 registers, 7 blocks already)
+    13.14 → 12.97 and 13.26 → 13.05; on 28672 × 4096 from 0.1 % slower to 2.6 % faster. The bf16 plain kernel (72
+    registers) stays unbounded: bounded it spilled 8 bytes and lost (12.43 → 12.97 µs, 28672 rows 21.37 → 22.46).
+    The same bits (``test_register_bound_gives_the_same_bits``). None without the extension."""
+    return _ext_switch("bound7")
+
+
+def set_bound7(on: bool) -> Optional[bool]:
+    """Switch ``bound7`` for this process (A/B timing); graphs captured before keep their kernels."""
+    return _ext_switch("set_bound7", on)
+
+
+def bound7_r2() -> Optional[bool]:
+    """On unless ``LLMCOMP_MMA_BOUND7_R2=0``: the lean two-tile post-scale kernels (M ≤ 8) at 4 warps run
+    instantiations bounded to 7 blocks an SM (72 registers) where their builds hold more — 4-bit codes in fp16 (73–74
+    registers, sm_90 ptxas), 2-bit codes (76–80; bounded they spill 10–54 bytes): 6 blocks an SM, on 28672 rows 792
+    slots for 896 blocks. H200 (``bench/wave_check.py``, bench/results/wave_w{4,2}_h200_s39.json), M=1 at (2, 4, 1),
+    µs unbounded → bounded: W4 fp16 28672 × 8192 42.67 → 31.38 (the norm producer 44.27 → 32.12, the GLU consumer
+    44.08 → 32.02), 28672 × 4096 23.13 → 17.13, at M=8 25.14 → 17.89; W2 28672 × 8192 bf16 32.46 → 29.71, fp16
+    32.93 → 28.14, 28672 × 4096 bf16 18.41 → 16.96, fp16 18.23 → 15.76 (the epilogues alike). The bf16 4-bit builds
+    hold 69–72 and stay unbounded. The same bits (``test_register_bound_gives_the_same_bits``). None without the
+    extension."""
+    return _ext_switch("bound7_r2")
+
+
+def set_bound7_r2(on: bool) -> Optional[bool]:
+    """Switch ``bound7_r2`` for this process (A/B timing); graphs captured before keep their kernels."""
+    return _ext_switch("set_bound7_r2", on)
 
 
 def _ext_switch(name: str, *args) -> Optional[bool]:

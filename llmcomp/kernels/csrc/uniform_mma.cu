@@ -89,6 +89,12 @@ static Switch scale_early_switch{"LLMCOMP_MMA_SCALE_EARLY", true};
 static Switch scale_early16_switch{"LLMCOMP_MMA_SCALE_EARLY16", true};
 // On unless LLMCOMP_MMA_E2M1_LEAN=0 (uniform_mma.cuh).
 static Switch e2m1_lean_switch{"LLMCOMP_MMA_E2M1_LEAN", true};
+// On unless LLMCOMP_MMA_BOUND7=0 (uniform_mma.cuh). H200, W3 14336 x 4096 M=1 at one tile x 4 warps: fp16 15.76 ->
+// 12.55 µs, the bf16 norm producer 15.93 -> 13.43 and GLU consumer 15.74 -> 13.45 (thirty-ninth session).
+static Switch bound7_switch{"LLMCOMP_MMA_BOUND7", true};
+// On unless LLMCOMP_MMA_BOUND7_R2=0 (uniform_mma.cuh). H200, M=1 at two tiles x 4 warps (thirty-ninth session): W4
+// fp16 28672 x 8192 42.67 -> 31.38 µs, 28672 x 4096 23.13 -> 17.13; W2 bf16 28672 x 4096 18.41 -> 16.96.
+static Switch bound7_r2_switch{"LLMCOMP_MMA_BOUND7_R2", true};
 
 bool lean() { return lean_switch.get(); }
 bool set_lean(bool on) { return lean_switch.set(on); }
@@ -98,6 +104,10 @@ bool scale_early16() { return scale_early16_switch.get(); }
 bool set_scale_early16(bool on) { return scale_early16_switch.set(on); }
 bool e2m1_lean() { return e2m1_lean_switch.get(); }
 bool set_e2m1_lean(bool on) { return e2m1_lean_switch.set(on); }
+bool bound7() { return bound7_switch.get(); }
+bool set_bound7(bool on) { return bound7_switch.set(on); }
+bool bound7_r2() { return bound7_r2_switch.get(); }
+bool set_bound7_r2(bool on) { return bound7_r2_switch.set(on); }
 
 // The weight's description as the kernels take it: 3-bit codes become their 2-bit layout plus the high-bit
 // plane (elem 2; with the post-scale pairs, elem 3, the post-scale kind 8); checks the planes and the scales.
@@ -287,6 +297,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_scale_early", &set_scale_early, "the batch-1 4-bit post-scale kernels loading a round's scales early");
   m.def("set_e2m1_lean", &set_e2m1_lean, "the E2M1 kernels at M <= 8 (256-thread blocks) lean, or not (A/B)");
   m.def("e2m1_lean", &e2m1_lean, "whether they are (on unless LLMCOMP_MMA_E2M1_LEAN=0)");
+  m.def("set_bound7", &set_bound7, "the 3-bit one-tile x 4-warp kernel bounded to 7 blocks an SM, or not (A/B)");
+  m.def("bound7", &bound7, "whether it is (on unless LLMCOMP_MMA_BOUND7=0)");
+  m.def("set_bound7_r2", &set_bound7_r2, "the lean two-tile 4-warp kernels bounded to 7 blocks an SM, or not (A/B)");
+  m.def("bound7_r2", &bound7_r2, "whether they are (on unless LLMCOMP_MMA_BOUND7_R2=0)");
   m.def("set_scale_early16", &set_scale_early16, "the M = 9..16 post-scale kernels load a round's scales early, or not");
   m.def("scale_early16", &scale_early16, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY16=0)");
   m.def("scale_early", &scale_early, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY=0)");

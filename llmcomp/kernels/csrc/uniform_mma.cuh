@@ -102,6 +102,18 @@ bool set_scale_early16(bool on);
 // LLMCOMP_MMA_E2M1_LEAN=0; set_e2m1_lean for A/B.
 bool e2m1_lean();
 bool set_e2m1_lean(bool on);
+// Whether the 3-bit post-scale kernel (ELEM 8) at one row tile x 4 warps (128 threads) runs an instantiation bounded
+// to 7 blocks an SM (72 registers) where the unbounded one holds more (sm_90: fp16 75, the norm epilogue's bf16 73,
+// so 6 blocks an SM) or the bound measured ahead (the fp16 norm epilogue's, 67). Not the bf16 plain kernel: it holds
+// 72, and bounded it spilled and lost (H200, kernels_h200_notes.md thirty-ninth session). On unless
+// LLMCOMP_MMA_BOUND7=0; set_bound7 for A/B.
+bool bound7();
+bool set_bound7(bool on);
+// Whether the lean two-tile post-scale kernels (ELEM 3, M <= 8) at 4 warps run instantiations bounded to 7 blocks an
+// SM (72 registers) where their builds hold more: 4-bit codes in fp16 (73-74), 2-bit codes (76-80, bounded they spill
+// 10-54 bytes and still win). On unless LLMCOMP_MMA_BOUND7_R2=0; set_bound7_r2 for A/B.
+bool bound7_r2();
+bool set_bound7_r2(bool on);
 
 struct EpiArgs {
   const void* res = nullptr;
@@ -852,6 +864,13 @@ __global__ void __launch_bounds__(THREADS) uniform_mma_kernel(LLMCOMP_MMA_PARAMS
   mma_kernel_body<T, BITS, MT, R, U, ELEM, XS, NORM, LEAN, SE>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp,
                                                            wk_log, cb, cb1_at, cb_n, glu, epi);
 }
+// The same body bounded to MINB blocks of THREADS threads an SM (registers capped at 64K / (MINB · THREADS), rounded
+// down to 8): its own __global__, since an explicit minimum moves the registers of the unbounded kernels (notes).
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool NORM, bool LEAN, bool SE, int MINB>
+__global__ void __launch_bounds__(THREADS, MINB) uniform_mma_kernel_bounded(LLMCOMP_MMA_PARAMS) {
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, false, NORM, LEAN, SE>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp,
+                                                                  wk_log, cb, cb1_at, cb_n, glu, epi);
+}
 #undef LLMCOMP_MMA_PARAMS
 
 // W[N, K] in T from the kernel layout (prefill path: dequantize, then cuBLAS).
@@ -967,6 +986,30 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
         else if (early)
           kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
                       : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
+      }
+      // bound7_r2(): the lean two-tile kernels at 4 warps (128 threads) bounded to 72 registers, 7 blocks an SM,
+      // where their builds hold more (sm_90: 4-bit fp16 73-74, 2-bit 76-80; on 28672 rows 896 blocks in 792 slots)
+      if constexpr (MT == 1 && R == 2 && (BITS == 2 || std::is_same_v<T, __half>)) {
+        if (thin && threads == 128 && bound7_r2()) {
+          if constexpr (BITS == 4 && S::U % 2 == 0) {
+            if (early)
+              kern = norm ? uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, true, true, true, 7>
+                          : uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, false, true, true, 7>;
+          }
+          if (BITS != 4 || !early)
+            kern = norm ? uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, true, true, false, 7>
+                        : uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, false, true, false, 7>;
+        }
+      }
+    }
+  }
+  // bound7(): one tile x 4 warps at 72 registers, 7 blocks an SM (on 14336 rows: 924 slots for 896 blocks, one wave)
+  if constexpr (ELEM == 8 && MT == 1 && R == 1) {
+    if (threads == 128 && bound7()) {
+      if (norm) {
+        kern = uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, true, false, false, 7>;
+      } else if constexpr (std::is_same_v<T, __half>) {
+        kern = uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, false, false, false, 7>;
       }
     }
   }

@@ -1,0 +1,88 @@
+"""Whether a launch loses to a second wave of blocks: the uniform mma kernel at forced launches, each of its uses
+(plain, the norm split's producer with the residual and γ, the GLU call as the norm's consumer), bf16 and fp16,
+and each 4-warp launch with its register bound off and on (``uniform_cuda.set_bound7`` for 3-bit codes at one tile,
+``set_bound7_r2`` for the others at two). Timed as ``llmcomp bench kernels`` times a layer (copies back to back in a
+CUDA graph); one JSON row a point.
+
+    python bench/wave_check.py --out bench/results/wave_check_h200.json                 # W3, 14336 and 28672 rows
+    python bench/wave_check.py --bits 4 --shapes 28672x8192 --launches 2.4.1,2.8.1 --out ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from llmcomp.core.memory import state_bytes
+from llmcomp.eval import kernel_bench as kb
+from llmcomp.formats import Uniform
+from llmcomp.kernels import uniform_cuda as uc
+from llmcomp.quant.rtn import rtn_fields
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def uses(x: torch.Tensor, n: int, g: torch.Generator) -> dict:
+    """The kernel's uses on x [M, K] against a weight of n rows: name → call(kernel tensors, launch)."""
+    m, k = x.shape
+    res = torch.randn(m, n, device="cuda", generator=g).to(x.dtype)
+    gamma = (torch.rand(n, device="cuda", generator=g) + 0.5).to(x.dtype)
+    sq = torch.rand(m, k // 16, device="cuda", generator=g)
+    return {"plain": lambda a, launch: uc.gemm_tensors(x, *a, launch=launch),
+            "producer": lambda a, launch: uc.gemm_tensors(x, *a, launch=launch, res=res, gamma=gamma),
+            "glu_consumer": lambda a, launch: uc.gemm_tensors(x, *a, launch=launch, glu=1, sq=sq, eps=1e-5)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--shapes", default="14336x4096,28672x4096")
+    ap.add_argument("--ms", default="1")
+    ap.add_argument("--launches", default="1.4.1,2.4.1,1.8.1", help="rt.warps.wr, comma-separated")
+    ap.add_argument("--dtypes", default="bf16,fp16")
+    args = ap.parse_args()
+    if uc.extension() is None:
+        raise SystemExit("wave_check: the CUDA extension is unavailable here")
+    fmt = Uniform(bits=args.bits, group_size=128)
+    launches = [tuple(int(v) for v in s.split(".")) for s in args.launches.split(",")]
+    bw = kb.copy_bandwidth()
+    switch = "bound7" if args.bits == 3 else "bound7_r2"
+    get, set_bound = getattr(uc, switch), getattr(uc, "set_" + switch)
+    rows, before = [], get()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    try:
+        for shape in args.shapes.split(","):
+            n, k = (int(v) for v in shape.lower().split("x"))
+            base = fmt.pack(rtn_fields(torch.randn(n, k, device="cuda", generator=g) * 0.02, fmt))
+            nbytes = state_bytes(base)
+            preps = [uc.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
+                     for _ in range(kb._copies(nbytes))]
+            for dname in args.dtypes.split(","):
+                tensors = [uc.kernel_tensors(p, DTYPES[dname]) for p in preps]
+                for m in (int(v) for v in args.ms.split(",")):
+                    x = torch.randn(m, k, device="cuda", generator=g).to(DTYPES[dname])
+                    for use, call in uses(x, n, g).items():
+                        for launch in launches:
+                            tiles = 1 if args.bits == 3 else 2  # (the switch's launches: 4 warps, these tiles)
+                            bounds = (False, True) if launch[1] * launch[2] == 4 and launch[0] == tiles else (False,)
+                            for bound in bounds:
+                                set_bound(bound)
+                                t = kb.per_call_seconds([lambda a=a: call(a, launch) for a in tensors])
+                                row = {"format": f"W{args.bits}", "N": n, "K": k, "M": m, "dtype": dname, "use": use,
+                                       "launch": list(launch), switch: bound, "us": round(t * 1e6, 3),
+                                       "roofline_pct": round(kb.roofline_pct(nbytes, m, n, k, bw, t), 2)}
+                                rows.append(row)
+                                print(f"W{args.bits} {n}x{k} M={m} {dname} {use:12s} {launch} {switch}={bound:d} "
+                                      f"{row['us']:.2f} us {row['roofline_pct']:.1f} %", flush=True)
+                                args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                                "copy_bandwidth_Bps": bw, "rows": rows}, indent=0))
+            del preps
+    finally:
+        set_bound(bool(before))
+
+
+if __name__ == "__main__":
+    main()
