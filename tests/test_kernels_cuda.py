@@ -632,10 +632,10 @@ def test_e2m1_lean_gives_the_same_bits(fmt, dtype):
 def test_register_bound_gives_the_same_bits(fmt, dtype):
     """``set_bound7`` (3-bit codes, one row tile × 4 warps) and ``set_bound7_r2`` (the lean two-tile kernels at 4
     warps): the kernels bounded to 7 blocks an SM give the unbounded kernels' bits — plain, GLU and both sides of the
-    norm split, M = 1..8, warps ending mid-round (12 kblocks over 4) or left without kblocks (5 over 4), 4-bit
-    groups that load their scales early (128, one a row) or not (64) — and the profiler sees a bounded kernel run at
-    the switch's launch only, where its rule bounds it: 3-bit in fp16 and in the norm epilogue, 4-bit in fp16, 2-bit
-    always."""
+    norm split, M = 1..8, warps ending mid-round (the 2-bit layouts' 12 kblocks over 4) or left without kblocks (5
+    over 4; 4-bit codes: 24 and 10), 4-bit groups that load their scales early (128, one a row) or not (64) — and the
+    profiler sees a bounded kernel run at the switch's launch only, where its rule bounds it: 3-bit in fp16 and in the
+    norm epilogue, 4-bit in fp16, 2-bit always."""
     from torch.profiler import ProfilerActivity, profile
 
     from llmcomp.kernels import uniform_cuda as uc

@@ -851,10 +851,11 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   const T *__restrict__ x, const uint4 *__restrict__ qw, const uint2 *__restrict__ qh, const void *__restrict__ sz, \
       T *__restrict__ out, int M, int N, int K, int G, uint32_t gmagic, int kb_per_warp, int wk_log, \
       const uint2 *__restrict__ cb, int cb1_at, int cb_n, int glu, EpiArgs epi
-// Registers are left to the compiler: bounding them for one more block an SM (__launch_bounds__(256, MINB)) was
+// Registers are left to the compiler here: bounding them for one more block an SM (__launch_bounds__(256, MINB)) was
 // slower on the H200 in both forms measured (rounds of 2 kblocks at 40 registers; rounds of 4 at 48 with the
-// division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk
-// (4 x 2 kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md.
+// division-free group index), and so were the weights streamed through a shared-memory ring by cp.async.bulk (4 x 2
+// kblocks a warp, 50 registers; in the history, 73116b5): bench/results/kernels_h200_notes.md. The bound that won is
+// uniform_mma_kernel_bounded's, below: only where a build's registers cost a second wave of blocks (bound7, bound7_r2).
 // NORM: the RMSNorm split's epilogue (EpiArgs), its own instantiations (M <= 8, post-scale codes) so that the others
 // compile as they did without it (the extra epilogue changed the main loop's register allocation: the GLU call at
 // M = 1 took 22.9 µs instead of 21.3 in the 8B decode, H200, kernels_h200_notes.md eighteenth session).
