@@ -15,11 +15,8 @@ from pathlib import Path
 
 import torch
 
-from llmcomp.core.memory import state_bytes
 from llmcomp.eval import kernel_bench as kb
-from llmcomp.formats import Uniform
 from llmcomp.kernels import uniform_cuda as uc
-from llmcomp.quant.rtn import rtn_fields
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,27 +43,23 @@ def main() -> None:
     args = ap.parse_args()
     if uc.extension() is None:
         raise SystemExit("wave_check: the CUDA extension is unavailable here")
-    fmt = Uniform(bits=args.bits, group_size=128)
     launches = [tuple(int(v) for v in s.split(".")) for s in args.launches.split(",")]
     bw = kb.copy_bandwidth()
     switch = "bound7" if args.bits == 3 else "bound7_r2"
+    tiles = 1 if args.bits == 3 else 2  # the switch's launches: 4 warps, these row tiles a warp
     get, set_bound = getattr(uc, switch), getattr(uc, "set_" + switch)
     rows, before = [], get()
     g = torch.Generator(device="cuda").manual_seed(0)
     try:
         for shape in args.shapes.split(","):
             n, k = (int(v) for v in shape.lower().split("x"))
-            base = fmt.pack(rtn_fields(torch.randn(n, k, device="cuda", generator=g) * 0.02, fmt))
-            nbytes = state_bytes(base)
-            preps = [uc.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
-                     for _ in range(kb._copies(nbytes))]
+            nbytes, preps, _, _ = kb._sweep_subject(f"W{args.bits}", n, k, args.bits, 128)  # g128, enough copies
             for dname in args.dtypes.split(","):
                 tensors = [uc.kernel_tensors(p, DTYPES[dname]) for p in preps]
                 for m in (int(v) for v in args.ms.split(",")):
                     x = torch.randn(m, k, device="cuda", generator=g).to(DTYPES[dname])
                     for use, call in uses(x, n, g).items():
                         for launch in launches:
-                            tiles = 1 if args.bits == 3 else 2  # (the switch's launches: 4 warps, these tiles)
                             bounds = (False, True) if launch[1] * launch[2] == 4 and launch[0] == tiles else (False,)
                             for bound in bounds:
                                 set_bound(bound)
