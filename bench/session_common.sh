@@ -1,6 +1,6 @@
 # Sourced by the GPU session scripts (bench/*_session.sh): environment (carried wheels in .whl installed), $OUT, the
 # extension built and reported (not with BUILD=0: Triton-only sessions), and
-# run SECONDS LOG CMD... (time-limited, logged under $OUT, skipped at 0 seconds; TAIL lines of the log shown).
+# run SECONDS LOG CMD... (time-limited, logged under $OUT, skipped at 0 seconds; TAIL lines of the log shown), step.
 export PYTHONUNBUFFERED=1 LLMCOMP_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD
 if [ -d .whl ]; then  # wheels carried to the GPU machine (e.g. bitsandbytes for the peer column)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -12,6 +12,14 @@ run() {
   local s=$1 log=$2; shift 2
   [ "$s" = 0 ] && return
   ( time timeout "$s" "$@" ) > "$OUT/$log" 2>&1; echo "$log rc $?"; tail -${TAIL:-8} "$OUT/$log"
+}
+# step SECONDS CMD...: CMD time-limited, appended to $OUT/session.log; one summary line shown (one log for many
+# steps: a call returns at most 8 files).
+step() {
+  local s=$1; shift
+  [ "$s" = 0 ] && return
+  echo "== $*" >> "$OUT/session.log"
+  timeout "$s" "$@" >> "$OUT/session.log" 2>&1; echo "rc $? after $SECONDS s: $*" | cut -c1-150
 }
 # build_ext: the extension built (or found in the cache) for the tree on PYTHONPATH, reported as "ext True|False".
 build_ext() {

@@ -9,6 +9,10 @@ an SM and save a wave (registers are allocated in steps of 8 a thread; 64 K a SM
 
 The instantiation a launch runs is worked out here as ``launch_mma`` picks it (csrc/uniform_mma.cuh, with its
 switches at their defaults): keep the two in step when that choice changes.
+
+``--over``: every row above one wave too, flagged or not — candidates for launches of fewer warps a block that fit
+one wave at the same registers (the fortieth session's ``bench/onewave_session.sh`` timed them: W4 at M = 9..16 on
+28672 × 8192 won by 3-5 %, W2 bf16 there at M = 7, 8 by 1-4 %; W3, and W2 at M ≤ 6, kept their picks).
 """
 from __future__ import annotations
 
@@ -69,6 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sass", nargs="+", help="bench/sass_local.sh outputs")
     ap.add_argument("--all", action="store_true", help="every row, not only the flagged ones")
+    ap.add_argument("--over", action="store_true", help="the rows above one wave too")
     args = ap.parse_args()
     regs, show_all = registers(args.sass), args.all
     props = mock.Mock(multi_processor_count=SMS)
@@ -96,7 +101,7 @@ def main() -> None:
                             fewer = next((x for x in range(r - 1, 31, -1) if blocks_an_sm(x, threads) > per_sm), None)
                             flag = fewer is not None and math.ceil(blocks / (blocks_an_sm(fewer, threads) * SMS)) \
                                 < math.ceil(waves)
-                            if flag or show_all:
+                            if flag or show_all or (args.over and waves > 1):
                                 note = f"  <- {fewer} would save a wave" if flag else ""
                                 print(f"{name} {t} {n}x{k} M={m} {'norm' if norm else 'plain'} {launch} {r} registers"
                                       f"{f' ({spill} B spill)' if spill else ''}, {per_sm} blocks an SM, {blocks} "

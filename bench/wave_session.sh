@@ -7,12 +7,6 @@
 #   bash bench/wave_session.sh   (on the GPU machine; $OUT)     Knobs: TEST_S, WAVE_S, SWEEP_S (seconds, 0 skips)
 set -u
 . bench/session_common.sh
-step() {  # step SECONDS CMD...: appended to $OUT/session.log, its summary lines shown
-  local s=$1; shift
-  [ "$s" = 0 ] && return
-  echo "== $*" >> "$OUT/session.log"
-  timeout "$s" "$@" >> "$OUT/session.log" 2>&1; echo "rc $? after $SECONDS s: $*" | cut -c1-150
-}
 step ${TEST_S:-60} python3 -m pytest -q -rf tests/test_kernels_cuda.py -k register_bound
 step ${WAVE_S:-90} python3 bench/wave_check.py --shapes 14336x4096 --ms 1,3 --out "$OUT/wave_w3_14336.json"
 step ${WAVE_S:-60} python3 bench/wave_check.py --shapes 28672x4096 --ms 1 --out "$OUT/wave_w3_28672.json"

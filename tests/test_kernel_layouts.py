@@ -277,7 +277,9 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     # M = 9..16 timed in the decode chain (chain_sweep_h200_m16.json): q/k/v and the stacked gate/up
     assert uniform_cuda.launch_config(6144, 4096, 4, 16) == uniform_cuda.launch_config(6144, 4096, 4, 12) == (2, 8, 1)
     assert uniform_cuda.launch_config(28672, 4096, 4, 16) == (2, 2, 2)
-    assert picks[(28672, 8192, 16)] == (2, 4, 1) and uniform_cuda.launch_config(6144, 4096, 4, 8) == (1, 8, 1)
+    # very many rows with a long K too: one wave of blocks (onewave_w4{,_fp16}_h200_s40.json)
+    assert picks[(28672, 8192, 16)] == uniform_cuda.launch_config(28672, 8192, 4, 9) == (2, 2, 2)
+    assert uniform_cuda.launch_config(6144, 4096, 4, 8) == (1, 8, 1)
     # E2M1 at M = 9..16 (kernels_sweep_{mxfp4,nvfp4}_m16_h200_s35.json): two tiles, 2 row groups on many rows
     assert uniform_cuda.launch_config(6144, 4096, 4, 16, elem=1) == (2, 8, 1)
     assert uniform_cuda.launch_config(14336, 4096, 4, 12, elem=1) == (2, 4, 2)
@@ -325,6 +327,10 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     # (rule_w2_28672{,_fp16}_h200_s39.json)
     assert uniform_cuda.launch_config(28672, 4096, 2, 1) == uniform_cuda.launch_config(28672, 4096, 2, 8) == (2, 4, 1)
     assert uniform_cuda.launch_config(28672, 8192, 2, 1, fp16=True) == (2, 4, 1)
+    # ... and 2 warps (one wave of 64-thread blocks) in bf16 on a long K from M = 7 (w2_m58_h200_s40.json)
+    assert uniform_cuda.launch_config(28672, 8192, 2, 7) == uniform_cuda.launch_config(28672, 8192, 2, 8) == (2, 2, 1)
+    assert uniform_cuda.launch_config(28672, 8192, 2, 6) == (2, 8, 1)
+    assert uniform_cuda.launch_config(28672, 8192, 2, 8, fp16=True) == (2, 4, 1)
     assert uniform_cuda.launch_config(28672, 8192, 3, 1, fp16=True) == (1, 4, 1)  # W3: the bf16 rule
     assert uniform_cuda.launch_config(14336, 4096, 2, 1) == (1, 4, 1)
     assert uniform_cuda.launch_config(28672, 8192, 3, 1)[0] == 1

@@ -312,7 +312,11 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     (39.5 µs a layer), and M = 16 moved two: between 2 and 6 row tiles an SM two tiles × 8 warps (6144 × 4096: the
     chain 59.06 µs against 60.18 with one tile), very many rows with a short K two tiles × 2 warps × 2 row groups
     (28672 × 4096: 59.15 against 60.18 with × 4 warps); both 57.91 against 60.18, for uniform 4-bit codes (the
-    post-scale kernel) at M = 9..16.
+    post-scale kernel) at M = 9..16. Very many rows with a long K take (2, 2, 2) too: that kernel's 121-124 registers
+    (sm_90) give 4 blocks of 4 warps an SM, so (2, 4, 1) ran 1.7 waves of blocks on 28672 rows and (2, 2, 2) runs one
+    (H200 sweep onewave_w4{,_fp16}_h200_s40.json, 28672 × 8192: M=12 48.16 µs against 49.88, fp16 47.28 against
+    49.95; M=16 50.13 against 51.95, fp16 48.92 against 51.29; the sweeps at M ≤ 16 had not timed 2 warps a row
+    group before).
     The 2-bit layouts (W2, W3) at M ≤ 8 through the post-scale kernel: ``_two_bit_post_launch``.
     ``staged`` (default ``x_stage()``): whether the kernel stages x at one warp a row group (the codebook
     kernel does not). ``post``: whether the post-scale kernel can serve the call (``gemm_tensors``: the weight has
@@ -354,7 +358,7 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         rt = 2 if n % 32 == 0 and (very_many or (post and n // 16 >= 6 * sms)) else 1
         if post and n // 16 < 6 * sms:  # timed in the decode chain (chain_sweep_h200_m16.json)
             return 2, 8, 1
-        if post and very_many and kbs <= 64:
+        if post and very_many:  # one wave of blocks at its 121-124 registers (4 blocks of 4 warps an SM)
             return 2, 2, 2
         many = n // (16 * rt) >= 6 * sms
         return rt, 4 if (rt == 2 or (many and kbs <= 64)) else 8, 1
@@ -398,7 +402,10 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
     (rule_w2_28672{,_fp16}_h200_s39.json, µs at M = 1, 4, 8 against (2, 8, 1): 28672 × 4096 bf16 16.89 / 18.09 /
     20.15 against 17.55 / 18.66 / 20.49, fp16 15.87 / 16.67 / 18.43 against 17.45 / 18.49 / 20.43; 28672 × 8192 fp16
     27.83 / 29.63 / 33.12 against 28.93 / 31.46 / 36.61); with bf16 on a long K 8 warps stayed ahead (28.89 / 31.23 /
-    36.74 against 29.65 / 32.21 / 36.49: its bounded bf16 build spills 42 bytes, the fp16 one 14)."""
+    36.74 against 29.65 / 32.21 / 36.49: its bounded bf16 build spills 42 bytes, the fp16 one 14) — but from M = 7,
+    where 2 warps (64-thread blocks, one wave at its 79-80 registers) led in two calls (onewave_w2_h200_s40.json,
+    w2_m58_h200_s40.json: M=8 35.24 / 35.44 µs against 36.88 / 37.01, M=7 34.40 against 34.77, M=6 34.14 against
+    34.23; M=1, 4, 5 8 warps, by 3–10 %; fp16 at M=8 4 warps 33.28 against 34.97)."""
     tiles = n // 16
     if tiles <= 2 * sms:  # few rows (4096): 16 warps split K, 8 for W3 on a short K
         if bits == 3:
@@ -410,7 +417,10 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
     elif tiles < 12 * sms:  # many rows (14336)
         rt, warps = (2 if m >= (2 if bits == 2 else 4) else 1), 4
     else:  # very many rows (28672)
-        rt, warps = (2, 8 if kbs >= 64 and not fp16 else 4) if bits == 2 else ((2 if m >= 2 else 1), 4)
+        if bits == 2:
+            rt, warps = 2, (4 if kbs < 64 or fp16 else 2 if m >= 7 else 8)
+        else:
+            rt, warps = (2 if m >= 2 else 1), 4
     return (rt if n % 32 == 0 else 1), warps, 1
 
 
