@@ -405,7 +405,7 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
     36.74 against 29.65 / 32.21 / 36.49: its bounded bf16 build spills 42 bytes, the fp16 one 14) — but from M = 7,
     where 2 warps (64-thread blocks, one wave at its 79-80 registers) led in two calls (onewave_w2_h200_s40.json,
     w2_m58_h200_s40.json: M=8 35.24 / 35.44 µs against 36.88 / 37.01, M=7 34.40 against 34.77, M=6 34.14 against
-    34.23; M=1, 4, 5 8 warps, by 3–10 %; fp16 at M=8 4 warps 33.28 against 34.97)."""
+    34.23; M=1, 4, 5 8 warps, by 4–10 %; fp16 at M=8 4 warps 33.28 against 34.97)."""
     tiles = n // 16
     if tiles <= 2 * sms:  # few rows (4096): 16 warps split K, 8 for W3 on a short K
         if bits == 3:
