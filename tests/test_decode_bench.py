@@ -423,11 +423,6 @@ def test_cli_norm_split_needs_the_glu_call_from_the_environment_too(no_gpu, monk
     assert "LLMCOMP_GLU=0" in error_line("bench", "decode", "--synthetic", "llama3-8b", "--compile", "--norm-split")
 
 
-def test_cli_norm_split_asked_in_float16_is_refused(no_gpu):
-    line = error_line("bench", "decode", "--synthetic", "llama3-8b", "--compile", "--norm-split", "--dtype", "float16")
-    assert "bfloat16 only" in line
-
-
 @pytest.mark.parametrize("switch, flag, env, want", [
     ("glu", [], "", True), ("glu", [], "0", False), ("glu", ["--no-glu"], "", False), ("glu", ["--glu"], "0", True),
     ("norm", [], "", True), ("norm", [], "0", False), ("norm", ["--no-norm-split"], "1", False),
@@ -749,7 +744,8 @@ def test_compiled_layers_trace_quantized_linears_on_cuda(fmt):
 
 
 @pytest.mark.cuda
-def test_split_norm_decodes_the_same_on_cuda():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_split_norm_decodes_the_same_on_cuda(dtype):
     """The norms split into the kernel calls' epilogues (``norm=True``: o → post-attention norm → GLU call; down →
     the next layer's input norm → q/k/v): on two W4 layers of the 8B shape, fed the eager model's tokens, each step's
     logits are as close to the eager model's as the unsplit compiled path's (the first split run on the H200 was
@@ -758,16 +754,17 @@ def test_split_norm_decodes_the_same_on_cuda():
     inductor and replayed as a CUDA graph, with and without dependent launch (a consumer then reads its producer's sums
     right after its grid_dep_wait), the first compiled step's logits are the unsplit graph's within rounding, with at
     least three kernels fewer (two post-attention norms, one input norm); at 16 sequences a step (not split) the graph
-    is the unsplit one: the same kernels, the same logits within 0.1 %."""
+    is the unsplit one: the same kernels, the same logits within 0.1 %. In fp16 with γ within fp16's bound
+    (``norm_split.GAMMA_BOUND``: |γ| ≤ 1)."""
     import torch._dynamo
 
     from llmcomp.eval.graph_timeline import graph_timeline
 
-    model = db.synthetic_model("llama3-8b", layers=2)
+    model = db.synthetic_model("llama3-8b", layers=2, dtype=dtype)
     db.quantize_rtn(model, 4, 128)
     for layer in model.model.layers:  # norm weights other than ones
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(norm.weight, *((0.5, 1.5) if dtype == torch.bfloat16 else (0.25, 1.0)))
     ids = torch.randint(0, 128256, (1, 24), generator=torch.Generator().manual_seed(0)).cuda()
     _, ref, ref_tokens = static_decode(model, ids, steps=3, max_len=40)
     torch._dynamo.reset()
@@ -1231,7 +1228,7 @@ def test_split_norms_run_in_the_kernels_epilogues(monkeypatch, cpu_fused_path):
     monkeypatch.setattr(qlinear, "frozen_glu", fake_glu)
     monkeypatch.setattr(uc, "norm_producer_op", producer)
     monkeypatch.setattr(uc, "norm_consumer_op", consumer)
-    assert norm_split.split_norms(model.model.layers, torch.float32) == ([], 0)  # bf16 only
+    assert norm_split.split_norms(model.model.layers, torch.float32) == ([], 0)  # bf16 and fp16 only
     monkeypatch.setattr(norm_split, "DTYPES", (torch.float32,))  # (here fp32: the stand-ins exact to 1e-4)
     for layer in model.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -1259,4 +1256,16 @@ def test_split_norms_run_in_the_kernels_epilogues(monkeypatch, cpu_fused_path):
     with db.compiled_layers(model, backend="aot_eager", glu=True, norm=False) as info:
         assert info["norm_split"] == 0
     assert norm_split.rms_eps(torch.nn.LayerNorm(64), torch.float32, "cpu") is None  # (its eps, but the mean)
+    # fp16's bound on γ (γ ⊙ h within its range), here on fp32: γ up to 1.5 splits nothing; layer 1's post-attention
+    # norm within the bound splits it alone, its input norm too (a split input norm needs layer 0's down as producer,
+    # which needs layer 0's post-attention split)
+    monkeypatch.setattr(norm_split, "GAMMA_BOUND", {torch.float32: 1.0})
+    with db.compiled_layers(model, backend="aot_eager", glu=True, norm=True) as info:
+        assert info["norm_split"] == 0
+    with torch.no_grad():
+        for layer in model.model.layers[:2]:
+            layer.post_attention_layernorm.weight.clamp_(max=1.0)
+        model.model.layers[1].input_layernorm.weight.mul_(0.5)
+    with db.compiled_layers(model, backend="aot_eager", glu=True, norm=True) as info:
+        assert info["norm_split"] == 3  # layers 0 and 1 post-attention, layer 1's input
 

@@ -78,7 +78,7 @@ def decode(
     trace_linears: Annotated[bool, typer.Option("--trace-linears/--no-trace-linears", help="With --compile: trace each quantized linear as its kernel's one opaque op, so a decoder layer compiles to one graph (default); --no-trace-linears keeps them out of dynamo (a graph break each).")] = True,
     fuse_linears: Annotated[bool, typer.Option("--fuse-linears/--no-fuse-linears", help="With --compile and traced linears: q/k/v and gate/up, which read the same input, run as one kernel call each over their stacked weights (default).")] = True,
     glu: Annotated[Optional[bool], typer.Option("--glu/--no-glu", help="With --compile and fused linears: a uniform- or E2M1-format (mxfp4, nvfp4) gated MLP's gate/up projections and SiLU-mul as one kernel call, the activation in the GEMM's epilogue (default on; without the flag LLMCOMP_GLU=0 turns it off).")] = None,
-    norm_split: Annotated[Optional[bool], typer.Option("--norm-split/--no-norm-split", help="With --compile and the GLU call, bf16, at most 8 tokens a step: Llama-style layers' RMSNorms split into the epilogues of the kernel calls around them (o and the GLU call; down and the next layer's q/k/v), no norm kernels (default on; without the flag LLMCOMP_NORM_SPLIT=0 turns it off).")] = None,
+    norm_split: Annotated[Optional[bool], typer.Option("--norm-split/--no-norm-split", help="With --compile and the GLU call, at most 8 tokens a step (in float16: norms whose weights are within ±1, so that γ ⊙ h cannot overflow): Llama-style layers' RMSNorms split into the epilogues of the kernel calls around them (o and the GLU call; down and the next layer's q/k/v), no norm kernels (default on; without the flag LLMCOMP_NORM_SPLIT=0 turns it off).")] = None,
     pdl: Annotated[bool, typer.Option("--pdl/--no-pdl", help="With --compile: programmatic dependent launch for the step's kernels, the quantized GEMMs, inductor's Triton kernels and the decode attention's together, so each may start while the one before finishes (sm_90+ and a torch that has inductor's option; default on: the W4 8B step 4 % faster on an H200, bench/results/decode_h200_ab_inductor_pdl.json).")] = True,
     pack_gqa: Annotated[bool, typer.Option("--pack-gqa/--no-pack-gqa", help="Both models attend a decode step's grouped-query heads on the cache as it is (no copies of K/V, llmcomp.eval.decode_attention); --no-pack-gqa: transformers' SDPA path.")] = True,
     layers_per_graph: Annotated[int, typer.Option("--layers-per-graph", help="With --compile: consecutive decoder layers compiled as one graph, so the residual add each layer ends with can fuse into the next layer's norm (1: each layer its own graph).")] = 1,
@@ -116,9 +116,6 @@ def decode(
             raise UserError(f"--inductor-option: {exc}.") from None
         if dtype not in ("bfloat16", "float16"):
             raise UserError(f"--dtype must be bfloat16 or float16, got {dtype!r}.")
-        if norm_split and dtype != "bfloat16":
-            raise UserError("--norm-split runs in bfloat16 only (in float16 the unnormalized γ ⊙ h could overflow): "
-                            "drop it or use --dtype bfloat16.")
         if (path is None) == (synthetic is None):
             raise UserError("Pass an artifact PATH or --synthetic llama3-8b (one of the two).")
         if synthetic is not None:

@@ -23,8 +23,16 @@ from torch import nn
 # Layers whose forward is ``h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))``
 # with an attention that returns o_proj's output as it is and calls q/k/v on the same input (transformers' source).
 LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
-# The consumer's input γ ⊙ h is not normalized: in fp16 it could pass 65504 where activations are large.
-DTYPES = (torch.bfloat16,)
+DTYPES = (torch.bfloat16, torch.float16)
+# The consumer's input γ ⊙ h is not normalized: in fp16 it could pass 65504 where |γ| > 1 (h itself is the
+# residual stream, fp16 in the model too). So in fp16 a norm is split only where max |γ| <= 1.
+GAMMA_BOUND = {torch.float16: 1.0}
+
+
+def gamma_fits(norm: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether γ ⊙ h stays within ``dtype``'s range for every h of that dtype (``GAMMA_BOUND``)."""
+    bound = GAMMA_BOUND.get(dtype)
+    return bound is None or float(norm.weight.detach().abs().max()) <= bound
 
 
 def rms_eps(norm: nn.Module, dtype: torch.dtype, device) -> Optional[float]:
@@ -91,6 +99,8 @@ def _plan(layer: nn.Module, dtype: torch.dtype) -> Optional[dict]:
         return None
     o_call = _uniform_call(o, dtype)
     eps = rms_eps(post, dtype, glu.args[0].device) if o_call is not None else None
+    if eps is not None and not gamma_fits(post, dtype):
+        return None
     if eps is None:
         return None
     plan = {"o": o_call, "glu": glu, "eps": eps, "hidden": o.out_features}
@@ -100,7 +110,7 @@ def _plan(layer: nn.Module, dtype: torch.dtype) -> Optional[dict]:
     qkv = getattr(fwds[0], "call", None)
     if isinstance(inp, nn.Module) and len(calls) == 1 and _plain_call(qkv) and qkv.args[3] is not None:
         in_eps = rms_eps(inp, dtype, glu.args[0].device)
-        if in_eps is not None:
+        if in_eps is not None and gamma_fits(inp, dtype):
             plan.update(qkv=qkv, qkv_members=[(m, f, *f.cols) for m, f in zip(members, fwds)], in_eps=in_eps)
     return plan
 
