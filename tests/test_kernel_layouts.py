@@ -129,13 +129,14 @@ def test_e2m1_formats_take_the_mma_kernel_shapes():
     assert not uniform_cuda.shape_ok(NVFP4(block_size=8), 4096, 4096)            # block below a lane's 16 inputs
 
 
-def test_e2m1_prepare_scales():
+def test_e2m1_prepare_scales(monkeypatch):
     """prepare keeps the codes in the uniform layout (their bits moved by ``e2m1_bits``) and the block multiplier
-    in float32; the kernel's 16-bit scale is S · 2^B in the activation dtype, and a scale that overflows it sends
-    the weight to the reference path."""
+    in float32; the kernel's 16-bit scale (byte scales off) is S · 2^B in the activation dtype, and a scale that
+    overflows it sends the weight to the reference path."""
     from llmcomp.formats.fp4 import FP4, NVFP4
     from llmcomp.quant.fp4 import fp4_fields
 
+    monkeypatch.setenv("LLMCOMP_E2M1_BYTE_SCALES", "0")
     fmt = NVFP4()
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0)) * 0.05
     t = fmt.pack(fp4_fields(w, fmt))
@@ -153,6 +154,61 @@ def test_e2m1_prepare_scales():
     tb = big.pack(fp4_fields(w * 1000, big))  # block scales ~ 30: 30 · 2^14 overflows fp16
     pb = uniform_cuda.prepare(big, tb, 128)
     assert not uniform_cuda.scales_fit(pb, torch.float16) and uniform_cuda.scales_fit(pb, torch.bfloat16) is False
+
+
+def _byte_scale_value(sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the kernel makes of byte scales (uniform_mma.cuh: one IMAD into a 16-bit float, times the decode's 2^-B,
+    the row's fp32 factor at the end), in float64 [N, G']."""
+    e0 = uniform_cuda.E2M1_BYTE[dtype][0]
+    n = sz.shape[0]
+    factor = sz[:, :4].contiguous().view(torch.float32).reshape(n).double()
+    b = sz[:, 4:].to(torch.int64)
+    bits = (b << 4) + (e0 << 7) if dtype == torch.bfloat16 else (b << 7) + (e0 << 10)
+    return bits.to(torch.int16).view(dtype).double() * 2.0 ** -uniform_cuda.E2M1_BIAS[dtype] * factor[:, None]
+
+
+def test_e2m1_byte_scales(monkeypatch):
+    """MXFP4 and NVFP4 block scales as the kernel's bytes (elem 9) in both dtypes: read back as the kernel reads
+    them, every block's scale is the stored multiplier × the tensor scale exactly; all-zero blocks (MXFP4 gives them
+    2^-127, NVFP4 0) get multiplier 0 and codes 0 and do not widen a row's span; scales too large for the 16-bit form
+    stay on the kernel; fp16-scaled ``fp4``, a row spanning more exponents than the dtype allows and
+    LLMCOMP_E2M1_BYTE_SCALES=0 keep the 16-bit scales (elem 1)."""
+    from llmcomp.formats.fp4 import FP4, MXFP4, NVFP4
+    from llmcomp.quant.fp4 import fp4_fields
+
+    g = torch.Generator().manual_seed(5)
+    for fmt in (MXFP4(), NVFP4()):
+        w = torch.randn(32, 256, generator=g) * 0.05
+        w[3, :32] = 0
+        w[5] *= 1000  # S · 2^14 overflows fp16: the 16-bit form sent such weights to the reference path
+        t = fmt.pack(fp4_fields(w, fmt))
+        prep = uniform_cuda.prepare(fmt, t, 256)
+        f = fmt.unpack(t, 256)
+        mult, factor = fmt.scale_parts(f)
+        assert torch.equal(prep["scale"], fmt.block_scale(f))
+        empty = prep["mult"] == 0
+        assert bool(empty[3, :32 // fmt.block_size].all()) and int(empty.sum()) == 32 // fmt.block_size
+        assert int(_prepared_codes(prep)[3, :32].abs().sum()) == 0
+        assert torch.equal(_prepared_codes(prep)[~empty.repeat_interleave(fmt.block_size, 1)],
+                           f["codes"].long()[~empty.repeat_interleave(fmt.block_size, 1)])
+        for dtype in (torch.float16, torch.bfloat16):
+            sz = uniform_cuda.scale_pairs(prep, dtype)
+            assert sz.dtype == torch.uint8 and sz.shape == (32, 4 + 256 // fmt.block_size)
+            assert uniform_cuda.kernel_elem(prep, dtype) == 9 and uniform_cuda.scales_fit(prep, dtype)
+            got = _byte_scale_value(sz, dtype)[~empty]
+            assert torch.equal(got, (mult.double() * factor.double())[~empty]), (fmt.name, dtype)
+    fp4 = FP4(group_size=32)
+    prep = uniform_cuda.prepare(fp4, fp4.pack(fp4_fields(torch.randn(32, 256, generator=g), fp4)), 256)
+    assert uniform_cuda.scale_pairs(prep, torch.bfloat16).dtype == torch.int16
+    assert uniform_cuda.kernel_elem(prep, torch.bfloat16) == 1
+    mx = MXFP4()
+    w = torch.randn(32, 256, generator=g)
+    w[0, :32] *= 2.0 ** -25  # row 0 spans ~26 exponents: within bf16's 31, beyond fp16's 19
+    prep = uniform_cuda.prepare(mx, mx.pack(fp4_fields(w, mx)), 256)
+    assert uniform_cuda.kernel_elem(prep, torch.bfloat16) == 9 and uniform_cuda.kernel_elem(prep, torch.float16) == 1
+    monkeypatch.setenv("LLMCOMP_E2M1_BYTE_SCALES", "0")
+    prep = uniform_cuda.prepare(mx, mx.pack(fp4_fields(torch.randn(32, 256, generator=g), mx)), 256)
+    assert uniform_cuda.kernel_elem(prep, torch.bfloat16) == 1
 
 
 def test_repack3_round_trip():
@@ -580,7 +636,8 @@ def test_glu_call_accepts_uniform_and_e2m1_formats_only():
         gate, up = _glu_pair(fmt, 24, 256)
         run = uniform_cuda.glu(fmt, gate, up, 256, torch.bfloat16)
         e2m1 = uniform_cuda.is_e2m1(fmt)
-        assert isinstance(run, uniform_cuda.GluCall) and run.args[6] == 48 and run.args[7] == int(e2m1), fmt
+        elem = (9 if fmt.name in ("mxfp4", "nvfp4") else 1) if e2m1 else 0  # 9: E2M1 with byte scales
+        assert isinstance(run, uniform_cuda.GluCall) and run.args[6] == 48 and run.args[7] == elem, fmt
         assert run.args[3] is None or not e2m1  # E2M1: no post-scale pairs (so no norm split around the call)
         assert uniform_cuda.glu(fmt, *_glu_pair(fmt, 20, 256), 256, torch.bfloat16) is None  # 20 rows: not 8s
     e1m2 = FP4(group_size=64, element=Minifloat(1, 2))

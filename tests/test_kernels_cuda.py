@@ -232,6 +232,50 @@ def test_e2m1_mma_kernel_every_m(fmt, dtype):
             assert bool(((w.float() - ref.float()).abs() <= ulp).all()), (n, k)
 
 
+@pytest.mark.parametrize("fmt", [MXFP4(), NVFP4()], ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_e2m1_byte_scales_and_16_bit_scales_agree(fmt, dtype, monkeypatch):
+    """MXFP4 / NVFP4 through the byte block scales (elem 9, the default) and the 16-bit ones
+    (LLMCOMP_E2M1_BYTE_SCALES=0): both within TOL of the reference at M = 1..64 (and the GLU call), their dequantized
+    weights bit-equal for MXFP4 (both exact), within one ulp of each other for NVFP4; weights with block scales ~1000×
+    larger (beyond the 16-bit form, which sends them to the reference path) run the byte-scaled kernel, finite."""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    if uc.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    n, k = 512, 2048
+    _, t, g = _layer(fmt, n, k, 17)
+    up = _layer(fmt, n, k, 18)[1]
+    preps = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv("LLMCOMP_E2M1_BYTE_SCALES", on)
+        prep = uc.prepare(fmt, t, k)
+        assert uc.kernel_elem(prep, dtype) == (9 if on == "1" else 1)
+        preps[on] = prep
+        glu = uc.glu(fmt, t, up, k, dtype)
+        for m in (1, 5, 16, 33, 64):
+            x = torch.randn(m, k, generator=g).to("cuda", dtype)
+            assert _rel_err(uc.gemm(x, prep), x, fmt, t, k) < TOL, (on, m)
+            y = uc.gemm_tensors(x, *glu.args, glu=1).float()
+            gate, upy = (torch.nn.functional.linear(x.float(), fmt.dequantize(w, k)) for w in (t, up))
+            ref = torch.nn.functional.silu(gate) * upy
+            assert float((y - ref).abs().max() / ref.abs().max()) < TOL, (on, m)
+    w1, w0 = (uc.dequantize(preps[on], k, dtype) for on in ("1", "0"))
+    if fmt.name == "mxfp4":
+        assert torch.equal(w1, w0)
+    else:
+        ulp = w0.float().abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
+        assert bool(((w1.float() - w0.float()).abs() <= ulp).all())
+    monkeypatch.setenv("LLMCOMP_E2M1_BYTE_SCALES", "1")
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(19)) * 50
+    tb = {kk: v.cuda() for kk, v in fmt.pack(fp4_fields(w, fmt)).items()}
+    prep = uc.prepare(fmt, tb, k)
+    assert uc.kernel_elem(prep, dtype) == 9 and uc.scales_fit(prep, dtype)
+    x = torch.randn(3, k, generator=g).to("cuda", dtype)
+    y = uc.gemm(x, prep)
+    assert bool(torch.isfinite(y).all()) and _rel_err(y, x, fmt, tb, k) < TOL
+
+
 def test_e2m1_large_scales_take_the_reference_path():
     """Block scales whose ``S · 2^14`` overflows fp16 would give inf in the kernel: such a weight takes
     the reference path (same result as the reference, no inf)."""
@@ -619,8 +663,9 @@ def test_e2m1_lean_gives_the_same_bits(fmt, dtype):
                     uc.gemm_tensors(x, *args, launch=launch)
                 torch.cuda.synchronize()
             names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
-            lean = [", 1, false, false, true, false>" in name for name in names]
-            assert lean == [on, on, False] and all(", 512, 1, false" in n for n in names[2:]), (on, names)
+            elem = args[7]  # 1, or 9: byte block scales (MXFP4, NVFP4)
+            lean = [f", {elem}, false, false, true, false>" in name for name in names]
+            assert lean == [on, on, False] and all(f", 512, {elem}, false" in n for n in names[2:]), (on, names)
     finally:
         uc.set_e2m1_lean(bool(before))
 

@@ -16,8 +16,9 @@ Above the mma kernel's 64 rows (prefill: dequantize, then cuBLAS) a ``dequant`` 
 alone against the packed bytes read plus the 16-bit weight written.
 ``float_formats`` adds rows for the E2M1 formats (mxfp4, nvfp4) and VQ (vq2, vq3: the mma kernel with
 codebook lookups, ``codebook_cuda``) through ``QuantLinear``, against their own
-stored bytes (the kernel reads their block scales as 16-bit values, so it moves a little more: NVFP4 5.0 bits a
-weight against the 4.5 counted, MXFP4 4.5 against 4.25).
+stored bytes (the kernel reads their block scales as one byte a block and 4 bytes a row, about what is stored;
+with ``LLMCOMP_E2M1_BYTE_SCALES=0`` as 16-bit values, a little more: NVFP4 5.0 bits a weight against the 4.5
+counted, MXFP4 4.5 against 4.25).
 
 The L2 cache (50 MB on an H100) would hold a 4096×4096 int4 weight; each timing therefore cycles
 through enough copies of the layer (≥ 256 MB together) that every call reads its weight from HBM,

@@ -85,6 +85,12 @@ class BlockFP(WeightFormat):
         """Scale fields → float32 [rows, nb] multipliers S."""
         raise NotImplementedError
 
+    def scale_parts(self, fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 [rows, nb] block multipliers as stored, float32 [1] tensor factor): S = their product, as
+        ``block_scale`` computes it (the CUDA kernel stores the first as bytes where they allow it)."""
+        s = self.block_scale(fields)
+        return s, torch.ones(1, dtype=torch.float32, device=s.device)
+
     def encode(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Codes (uint8) of ``w`` given a broadcastable float32 multiplier; a zero scale gives code 0."""
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -201,6 +207,9 @@ class NVFP4(BlockFP):
 
     def block_scale(self, fields: dict[str, torch.Tensor]) -> torch.Tensor:
         return fields["scale"].float() * fields["global_scale"].float()
+
+    def scale_parts(self, fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return fields["scale"].float(), fields["global_scale"].float().reshape(1)
 
     def pack(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**super().pack(fields),

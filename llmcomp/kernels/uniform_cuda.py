@@ -13,10 +13,11 @@ that one 16-byte load per lane holds its mma A fragments for a block of ``256/bi
 spelled out in uniform_mma.cuh; 3-bit codes: their low 2 bits in the 2-bit layout, their high bit in a plane of
 two words a lane), and (scale, -zero·scale) as one 16-bit pair per row and group in the
 activation dtype. E2M1 weights share the code layout, each nibble's bits moved within its half-word
-(``e2m1_bits``); their block multiplier (E8M0, E4M3 × tensor scale, or fp16) becomes one 16-bit
-``scale · 2^B`` per row and block in the activation dtype, B = 14 (fp16) or 126 (bf16): the kernel's bit move
-turns a code into ``e2m1(q) · 2^-B``. With power-of-two (MX) scales the weights are exact; other scales are
-rounded to the activation dtype once more than the reference's single rounding (≤ 1 ulp of it).
+(``e2m1_bits``); the kernel's bit move turns a code into ``e2m1(q) · 2^-B``, B = 14 (fp16) or 126 (bf16). Their
+block multipliers (MXFP4's E8M0, NVFP4's E4M3; the tensor scale in a factor a row) become one byte a block
+(``e2m1_byte_scales``, kernel kind 9); where they cannot (``fp4``'s fp16 scales, rows spanning too many
+exponents), one 16-bit ``scale · 2^B`` per row and block in the activation dtype. With power-of-two (MX) scales
+the weights are exact; others are within 1 ulp of the reference's single rounding.
 """
 from __future__ import annotations
 
@@ -33,13 +34,18 @@ import torch.nn.functional as F
 from llmcomp.kernels.switches import env_off
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_vq.cu", "mma_vq16.cu",
-           "vq_lut.cu", "pvq_mma.cu")  # + HEADERS
+SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_e2m1b.cu", "mma_vq.cu",
+           "mma_vq16.cu", "vq_lut.cu", "pvq_mma.cu")  # + HEADERS
 HEADERS = ("uniform_mma.cuh", "launch.cuh")
 MAX_M = 64
 BITS = (2, 3, 4)
 E2M1_FORMATS = ("mxfp4", "nvfp4", "fp4")
 E2M1_BIAS = {torch.float16: 14, torch.bfloat16: 126}  # the kernel's e2m1 bit move reads as value · 2^-B
+# Byte block scales (kernel elem 9; uniform_mma.cuh's Num<T>::E2M1_ADD holds E0): (E0, the exponent bias of dtype, the
+# most relative exponents a row's multipliers may span). A byte's scale is 2^(E0 − bias + rel) · (1 + f/8): bf16
+# puts e2m1(q) · 2^-126 times it in [2^-32, 22.5]; fp16 keeps e2m1(q) · 2^-14 times it exact (≥ 2^-19) and finite.
+E2M1_BYTE = {torch.bfloat16: (222, 127, 31), torch.float16: (11, 15, 19)}
+E2M1_ELEMS = (1, 9)  # the kernel's E2M1 kinds: 16-bit block scales, byte block scales
 
 
 def layout_bits(bits: int) -> int:
@@ -214,18 +220,74 @@ def e2m1_bits(words: torch.Tensor, to_kernel: bool = True) -> torch.Tensor:
     return res.view(words.shape)
 
 
-def _prepare_e2m1(codes: torch.Tensor, scale: torch.Tensor, group: int, in_features: int) -> dict:
-    """E2M1 codes [N, K] and their fp32 block multipliers [N, K / group] → ``prepare``'s layout."""
+def _prepare_e2m1(codes: torch.Tensor, mult: torch.Tensor, factor: torch.Tensor, group: int, in_features: int) -> dict:
+    """E2M1 codes [N, K], their fp32 block multipliers as stored [N, K / group] and each row's fp32 factor [N]
+    (``scale_parts``; the block scale S is their product) → ``prepare``'s layout. Blocks whose weights are all 0
+    (S = 0, or every code ±0 — MXFP4 gives such blocks the smallest scale, 2^-127) get codes 0 and multiplier 0 in
+    ``mult``, so that the byte scales need no zero and no exponent of theirs widens a row's span."""
     kp = padded_k(in_features, 4)
-    codes, (scale,) = _pad_k(codes, [scale], group, kp)
-    return {"qw": e2m1_bits(repack(codes, 4)), "qh": None, "scale": scale, "mz": None, "sz": {}, "group": group,
-            "n": codes.shape[0], "bits": 4, "elem": 1, "kp": kp}
+    scale = mult * factor[:, None]
+    n, k = codes.shape
+    blocks = F.pad(codes, (0, scale.shape[1] * group - k)).reshape(n, -1, group)
+    empty = (scale == 0) | ((blocks & 7) == 0).all(-1)  # (E2M1: bit 3 the sign, ±0 the magnitude 0)
+    codes = torch.where(empty.repeat_interleave(group, dim=1)[:, :k], torch.zeros_like(codes), codes)
+    mult = torch.where(empty, torch.zeros_like(mult), mult)
+    codes, (scale, mult) = _pad_k(codes, [scale, mult], group, kp)
+    return {"qw": e2m1_bits(repack(codes, 4)), "qh": None, "scale": scale, "mult": mult, "factor": factor, "mz": None,
+            "sz": {}, "group": group, "n": codes.shape[0], "bits": 4, "elem": 1, "kp": kp}
+
+
+def _e2m1_parts(fmt, f: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block multipliers [N, nb], row factors [N]) of an E2M1 weight's unpacked fields, in float32."""
+    mult, factor = fmt.scale_parts(f)
+    return mult.float(), factor.float().reshape(-1).expand(mult.shape[0]).contiguous()
+
+
+def e2m1_byte_scales(mult: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The kernel's byte block scales (elem 9) for ``dtype``: uint8 [N, 4 + G'] (G' = G rounded up to 4), each row
+    its fp32 factor's 4 bytes, then one byte a block — bits 3-7 the multiplier's exponent above the row's smallest
+    nonzero one, bits 0-2 its fraction (multiplier = 2^e · (1 + f/8)); the factor is the row's ``factor`` times the
+    power of two that takes the kernel's scale 2^(E0 − bias + rel) · (1 + f/8) (``E2M1_BYTE``) back to it. None
+    where a multiplier is negative or has more than 4 significant bits (``fp4``'s fp16 scales), a row spans more
+    exponents than ``dtype`` allows, or a factor leaves fp32's normal range: those weights keep 16-bit scales."""
+    e0, bias, span = E2M1_BYTE[dtype]
+    if not bool(torch.isfinite(mult).all()) or bool((mult < 0).any()):
+        return None
+    nz = mult > 0
+    mant, ex = torch.frexp(mult)  # mult = mant · 2^ex, mant in [0.5, 1)
+    frac = mant * 16 - 8  # 1 + f/8 = 2 · mant
+    if not bool(((frac == frac.round()) | ~nz).all()):
+        return None
+    e = (ex - 1).to(torch.int64)
+    big = 1 << 20
+    e_min = torch.where(nz, e, big).amin(1)
+    e_max = torch.where(nz, e, -big).amax(1)
+    e_min = torch.where(e_min == big, torch.zeros_like(e_min), e_min)  # rows of zero blocks
+    e_max = torch.maximum(e_max, e_min)
+    if bool((e_max - e_min > span).any()):
+        return None
+    row = factor.double() * torch.pow(2.0, (E2M1_BIAS[dtype] - e0 + bias + e_min).double())
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    if not bool(((row == 0) | ((row.abs() >= tiny) & (row.abs() <= huge))).all()):
+        return None
+    byte = torch.where(nz, ((e - e_min[:, None]) << 3) | frac.round().to(torch.int64), 0)
+    n, g = mult.shape
+    out = torch.zeros(n, 4 + -(-g // 4) * 4, dtype=torch.uint8, device=mult.device)
+    out[:, :4] = row.float().contiguous().view(torch.uint8).view(n, 4)
+    out[:, 4:4 + g] = byte.to(torch.uint8)
+    return out
+
+
+def byte_scales_on() -> bool:
+    """On unless ``LLMCOMP_E2M1_BYTE_SCALES=0``: E2M1 weights whose block multipliers allow it (MXFP4, NVFP4) take the
+    kernel's byte scales (elem 9), read once per weight and dtype."""
+    return not env_off("LLMCOMP_E2M1_BYTE_SCALES")
 
 
 def prepare(fmt, tensors: dict, in_features: int) -> dict:
     f = fmt.unpack(tensors, in_features)
     if fmt.name in E2M1_FORMATS:
-        return _prepare_e2m1(f["codes"], fmt.block_scale(f).float(), fmt.block(in_features), in_features)
+        return _prepare_e2m1(f["codes"], *_e2m1_parts(fmt, f), fmt.block(in_features), in_features)
     group = fmt.group(in_features)
     kp = padded_k(in_features, fmt.bits)
     codes, (scale, zero) = _pad_k(f["codes"], [f["scale"].float(), f["zero"].float()], group, kp)
@@ -243,11 +305,14 @@ POST_MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}  # the decode's magi
 def scale_pairs(prep: dict, dtype: torch.dtype, post: bool = False) -> torch.Tensor:
     """The kernel's scales in ``dtype``: uniform — (scale, mz) per row and group as one int32 of two
     halves (scale in the low half), or with ``post`` (scale, MAGIC + zero) for the fp32 post-scale kernel;
-    E2M1 — one int16 ``scale · 2^B`` per row and block."""
+    E2M1 — the byte scales (uint8, ``e2m1_byte_scales``) where they serve, else one int16 ``scale · 2^B`` per row and
+    block."""
     sz = prep["sz"].get((dtype, post))
     if sz is None:
         if prep["elem"] == 1 and not post:
-            sz = (prep["scale"] * 2.0 ** E2M1_BIAS[dtype]).to(dtype).view(torch.int16).contiguous()
+            sz = e2m1_byte_scales(prep["mult"], prep["factor"], dtype) if byte_scales_on() else None
+            if sz is None:
+                sz = (prep["scale"] * 2.0 ** E2M1_BIAS[dtype]).to(dtype).view(torch.int16).contiguous()
         else:
             second = prep["zero"] + POST_MAGIC[dtype] if post else prep["mz"]
             pair = torch.stack([prep["scale"].to(dtype), second.to(dtype)], dim=-1).contiguous()
@@ -257,14 +322,21 @@ def scale_pairs(prep: dict, dtype: torch.dtype, post: bool = False) -> torch.Ten
 
 
 def scales_fit(prep: dict, dtype: torch.dtype) -> bool:
-    """E2M1: whether ``scale · 2^B`` is finite in ``dtype`` (block scales below 4; checked once per weight
-    and dtype, a host sync at the first call in that dtype). Larger scales take the reference path."""
+    """E2M1: true with byte scales; with 16-bit ones whether ``scale · 2^B`` is finite in ``dtype`` (block scales
+    below 4; checked once per weight and dtype, a host sync at the first call in that dtype). Larger scales take the
+    reference path."""
     if prep["elem"] != 1:
         return True
     fits = prep.setdefault("fits", {})
     if dtype not in fits:
-        fits[dtype] = bool(torch.isfinite(scale_pairs(prep, dtype).view(dtype)).all())
+        sz = scale_pairs(prep, dtype)
+        fits[dtype] = sz.dtype == torch.uint8 or bool(torch.isfinite(sz.view(dtype)).all())
     return fits[dtype]
+
+
+def kernel_elem(prep: dict, dtype: torch.dtype) -> int:
+    """The element kind the kernels take for ``dtype``: E2M1 with byte scales 9, else ``prep["elem"]``."""
+    return 9 if prep["elem"] == 1 and scale_pairs(prep, dtype).dtype == torch.uint8 else prep["elem"]
 
 
 def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None, elem: int = 0,
@@ -349,7 +421,7 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         return (2, 4, 4) if bits == 3 else (2, 4, 2)
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
-        if elem == 1 and m > 8 and n % 32 == 0 and not very_many:
+        if elem in E2M1_ELEMS and m > 8 and n % 32 == 0 and not very_many:
             # E2M1 at M = 9..16 after its bit move (H200 sweeps kernels_sweep_{mxfp4,nvfp4}_m16_h200_s35.json): two
             # tiles, x read once a block of 2 row groups on many rows (MXFP4 14336 x 4096 17.94 us against 19.27 with
             # one tile x 4 warps), 8 warps otherwise (6144 x 4096 10.39 against 10.52 with one tile)
@@ -470,7 +542,7 @@ def kernel_tensors(prep: dict, dtype: torch.dtype) -> tuple:
     are built once per dtype for a weight that has them; ``gemm_tensors`` decides by M whether they are used.)"""
     sz_post = scale_pairs(prep, dtype, post=True) if prep.get("zero") is not None else None
     return (prep["qw"], high_plane(prep), scale_pairs(prep, dtype), sz_post, prep["bits"], prep["group"], prep["n"],
-            prep["elem"], prep["kp"])
+            kernel_elem(prep, dtype), prep["kp"])
 
 
 def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: int, kp: int,
@@ -596,8 +668,8 @@ def prepare_glu(fmt, gate: dict, up: dict, in_features: int) -> dict:
     if fmt.name not in E2M1_FORMATS:
         return prepare(fmt, glu_interleave(gate, up), in_features)
     fg, fu = fmt.unpack(gate, in_features), fmt.unpack(up, in_features)
-    return _prepare_e2m1(_interleave8(fg["codes"], fu["codes"]),
-                         _interleave8(fmt.block_scale(fg).float(), fmt.block_scale(fu).float()),
+    (mg, rg), (mu, ru) = _e2m1_parts(fmt, fg), _e2m1_parts(fmt, fu)
+    return _prepare_e2m1(_interleave8(fg["codes"], fu["codes"]), _interleave8(mg, mu), _interleave8(rg, ru),
                          fmt.block(in_features), in_features)
 
 
@@ -773,7 +845,7 @@ def high_plane(prep: dict) -> torch.Tensor:
 def dequantize(prep: dict, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """W [N, in_features] in ``dtype`` (a view without the padded inputs' columns where there are some)."""
     w = extension().dequant(prep["qw"], high_plane(prep), scale_pairs(prep, dtype), prep["bits"], prep["group"],
-                            prep["n"], prep["kp"], dtype, prep["elem"])
+                            prep["n"], prep["kp"], dtype, kernel_elem(prep, dtype))
     return w[:, :in_features] if prep["kp"] > in_features else w
 
 

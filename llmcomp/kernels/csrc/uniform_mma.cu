@@ -12,6 +12,7 @@ template <typename T>
 void dispatch_fmt(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, torch::Tensor& out,
                   int bits, int elem, int group, int rt, int warps, int wr, const EpiArgs& epi) {
   if (elem == 1) return dispatch_mt<T, 4, 1>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
+  if (elem == 9) return dispatch_mt<T, 4, 9>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
   if (elem == 2) return dispatch_mt<T, 2, 2>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
   if (elem == 8) return dispatch_mt<T, 2, 8>(x, qw, qh, sz, out, group, rt, warps, wr, nullptr, 0, epi);
   if (elem == 3) {
@@ -114,8 +115,8 @@ bool set_bound7_r2(bool on) { return bound7_r2_switch.set(on); }
 void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const torch::Tensor& sz, int64_t n,
                      int64_t& bits, int64_t& elem) {
   TORCH_CHECK(bits >= 2 && bits <= 4, "bits must be 2, 3 or 4");
-  TORCH_CHECK(elem == 0 || (elem == 1 && bits == 4) || elem == 3,
-              "elem: 0 (integer codes), 1 (e2m1, 4 bits) or 3 (integer codes, fp32 post-scale)");
+  TORCH_CHECK(elem == 0 || ((elem == 1 || elem == 9) && bits == 4) || elem == 3,
+              "elem: 0 (integer codes), 1 (e2m1, 4 bits), 9 (e2m1, byte scales) or 3 (integer codes, fp32 post-scale)");
   if (bits == 3) {
     TORCH_CHECK(qh.is_cuda() && qh.numel() * qh.element_size() * 2 == qw.numel() * qw.element_size(),
                 "3-bit codes need their high-bit plane");
@@ -124,7 +125,9 @@ void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const tor
   }
   TORCH_CHECK(sz.is_cuda() && sz.is_contiguous() && sz.dim() == 2 && sz.size(0) == n && sz.size(1) > 0,
               "bad scale tensor");
-  TORCH_CHECK(sz.element_size() == (elem == 1 ? 2 : 4), "scales: 16-bit for e2m1, 32-bit pairs for uniform");
+  TORCH_CHECK(sz.element_size() == scale_bytes(elem) && (elem != 9 || (sz.size(1) % 4 == 0 && sz.size(1) > 4)),
+              "scales: 16-bit for e2m1, bytes after a 4-byte factor a row for e2m1 with byte scales, 32-bit pairs for "
+              "uniform");
 }
 
 // x as both GEMMs take it: [M <= 64, K] contiguous, float16 or bfloat16, on the GPU.
@@ -138,9 +141,9 @@ void check_x(const torch::Tensor& x) {
 
 using namespace llmcomp_mma;
 
-// bits: the codes' width (2, 3, 4); elem: 0 integer codes, 1 e2m1 (bits 4), 3 integer codes with the post-scale
-// kernel's (scale, MAGIC + zero) pairs (M <= 16, groups of whole kblocks); qh: the high-bit plane of 3-bit
-// codes (any tensor otherwise).
+// bits: the codes' width (2, 3, 4); elem: 0 integer codes, 1 e2m1 (bits 4; 9: with byte scales), 3 integer codes
+// with the post-scale kernel's (scale, MAGIC + zero) pairs (M <= 16, groups of whole kblocks); qh: the high-bit plane
+// of 3-bit codes (any tensor otherwise).
 // glu: the weight's rows stacked as 8 gate rows then their 8 up rows a 16-row tile; the output [M, n / 2] is
 // silu(gate) * up (the gated MLP's activation in the GEMM's epilogue).
 // norm: the RMSNorm split around the GEMM (EpiArgs in uniform_mma.cuh). res and gamma (the residual [M, n] and the
@@ -248,7 +251,8 @@ torch::Tensor vq_lut_group(torch::Tensor x, torch::Tensor idx0, torch::Tensor id
 
 torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int64_t bits, int64_t group, int64_t n,
                       int64_t k, c10::ScalarType dtype, int64_t elem) {
-  TORCH_CHECK(elem == 0 || elem == 1, "dequantize takes elem 0 (integer codes, (scale, -zero·scale)) or 1 (e2m1)");
+  TORCH_CHECK(elem == 0 || elem == 1 || elem == 9,
+              "dequantize takes elem 0 (integer codes, (scale, -zero·scale)), 1 or 9 (e2m1)");
   normalize_codes(qw, qh, sz, n, bits, elem);
   const c10::cuda::CUDAGuard guard(qw.device());
   auto w = torch::empty({n, k}, qw.options().dtype(dtype));
@@ -265,12 +269,14 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
       reinterpret_cast<T*>(w.data_ptr()), n, k, G, gmagic)
   if (dtype == at::kHalf) {
     if (elem == 1) LLMCOMP_DQ(__half, 4, 1);
+    else if (elem == 9) LLMCOMP_DQ(__half, 4, 9);
     else if (elem == 2) LLMCOMP_DQ(__half, 2, 2);
     else if (bits == 4) LLMCOMP_DQ(__half, 4, 0);
     else LLMCOMP_DQ(__half, 2, 0);
   } else {
     TORCH_CHECK(dtype == at::kBFloat16, "dtype must be float16 or bfloat16");
     if (elem == 1) LLMCOMP_DQ(__nv_bfloat16, 4, 1);
+    else if (elem == 9) LLMCOMP_DQ(__nv_bfloat16, 4, 9);
     else if (elem == 2) LLMCOMP_DQ(__nv_bfloat16, 2, 2);
     else if (bits == 4) LLMCOMP_DQ(__nv_bfloat16, 4, 0);
     else LLMCOMP_DQ(__nv_bfloat16, 2, 0);

@@ -18,7 +18,12 @@
 // bit 0), each half-word's four nibbles rearranged as magnitudes at 3e and signs at 12 + e (decode_e2m1);
 // a code's bits are moved into a 16-bit float's sign / low exponent / top mantissa bits, which reads
 // as e2m1(q) * 2^-B (B = 14 for fp16, 126 for bf16; the zero-exponent code 0.5 lands on a subnormal, exact);
-// sz[N][G] then holds one 16-bit value per row and block, scale * 2^B in the activation dtype.
+// sz[N][G] then holds one 16-bit value per row and block, scale * 2^B in the activation dtype (ELEM 1), or (ELEM 9,
+// where every block multiplier has at most 4 significant bits: MXFP4's E8M0, NVFP4's E4M3) one byte a block: bits
+// 3-7 the exponent relative to the row's smallest, bits 0-2 the 3-bit fraction; IMAD'ed into a 16-bit float
+// 2^(E2M1_E0 − bias + rel) · (1 + f/8) (e2m1_byte_scale). Each row's first 4 bytes are an fp32 factor (tensor scale ×
+// the power of two that undoes the exponents' shift) applied to the fp32 sums at the end: half the scale bytes of
+// ELEM 1 (NVFP4 4.5 bits a weight read instead of 5.0, MXFP4 4.25 instead of 4.5).
 // Codebook (VQ) weights (ELEM == 4: one stage, 5: two) use the 2-bit shape (kblocks of 128 inputs, 8 mma steps): a
 // step's four inputs of a row are one 4-vector, so lane (g, c) needs, per step s, the indices of rows g and g + 8:
 // byte 2s + r of its 16 bytes (r = 0: row g, 1: row g + 8), stage 0 (<= 8 bits); a second stage (<= 4 bits) has
@@ -50,6 +55,11 @@ template <> struct Num<__half> {
   // 1024 + v for v < 1024 is exact: 0x6400 is 1024 with an all-zero mantissa.
   static constexpr uint32_t MAGIC = 0x64006400u;
   static constexpr float MAGIC_F = 1024.f;
+  // ELEM 9's byte scales: (byte << 7) + (E2M1_E0 << 10) in each half (uniform_cuda.E2M1_BYTE: relative exponents
+  // 0..19, so that e2m1(q) · 2^-14 times the scale stays exact — at least 2^-19 — and below fp16's max)
+  static constexpr uint32_t E2M1_MUL = 0x00800080u, E2M1_ADD = (11u << 10) * 0x10001u;
+  __device__ static float2 to_f2(T2 a) { return __half22float2(a); }
+  __device__ static T2 from_f2(float2 a) { return __floats2half2_rn(a.x, a.y); }
   __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
   __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
   __device__ static T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
@@ -66,6 +76,11 @@ template <> struct Num<__nv_bfloat16> {
   // 128 + q is exact for q < 128 (0x4300 is 128 with an all-zero 7-bit mantissa).
   static constexpr uint32_t MAGIC = 0x43004300u;
   static constexpr float MAGIC_F = 128.f;
+  // ELEM 9's byte scales: (byte << 4) + (E2M1_E0 << 7) in each half (relative exponents 0..31; e2m1(q) · 2^-126
+  // times the scale at least 2^-32)
+  static constexpr uint32_t E2M1_MUL = 0x00100010u, E2M1_ADD = (222u << 7) * 0x10001u;
+  __device__ static float2 to_f2(T2 a) { return __bfloat1622float2(a); }
+  __device__ static T2 from_f2(float2 a) { return __floats2bfloat162_rn(a.x, a.y); }
   __device__ static T2 pair(uint32_t u) { return *reinterpret_cast<T2*>(&u); }
   __device__ static T2 fma2(T2 a, T2 b, T2 c) { return __hfma2(a, b, c); }
   __device__ static T2 sub2(T2 a, T2 b) { return __hsub2(a, b); }
@@ -262,6 +277,11 @@ __device__ __forceinline__ void decode_e2m1(uint32_t w, typename Num<T>::T2 (&ou
 // Codebook (VQ) element kinds: 4 / 5 one table (1 / 2 stages), 6 / 7 the bank-replicated table (1 / 2 stages).
 // The fp32 post-scale kinds: 3 (2- and 4-bit codes), 8 (3-bit codes: the 2-bit layout and its high-bit plane).
 __host__ __device__ constexpr bool is_vq(int elem) { return elem >= 4 && elem <= 7; }
+// E2M1 elements: 1 (16-bit block scales), 9 (byte block scales and a row factor)
+__host__ __device__ constexpr bool is_e2m1(int elem) { return elem == 1 || elem == 9; }
+// Bytes a scale entry takes in sz, and where a row's entries start (ELEM 9: after its fp32 factor).
+__host__ __device__ constexpr int scale_bytes(int elem) { return elem == 9 ? 1 : elem == 1 ? 2 : 4; }
+__host__ __device__ constexpr int scale_row_at(int elem) { return elem == 9 ? 4 : 0; }
 __host__ __device__ constexpr bool is_post(int elem) { return elem == 3 || elem == 8; }
 __host__ __device__ constexpr int vq_stages(int elem) { return (elem & 1) + 1; }
 __host__ __device__ constexpr int vq_copies(int elem) { return elem == 6 || elem == 7 ? 16 : 1; }
@@ -283,7 +303,7 @@ __device__ __forceinline__ uint32_t high_word(const uint2& hv, int wi) { return 
 // Word wi of a lane's kblock; hv: the lane's high-bit words (ELEM == 2 only).
 template <typename T, int BITS, int ELEM>
 __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typename Num<T>::T2 (&q)[16 / BITS]) {
-  if constexpr (ELEM == 1) {
+  if constexpr (is_e2m1(ELEM)) {
     decode_e2m1<T>(w, q);
   } else if constexpr (ELEM == 2) {
     static_assert(BITS == 2, "3-bit codes use the 2-bit layout for their low bits");
@@ -293,17 +313,33 @@ __device__ __forceinline__ void decode_any(uint32_t w, uint2 hv, int wi, typenam
   }
 }
 
-// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale.
+// The scales of one row and group: uniform stores a 32-bit (scale, mz) pair, E2M1 a 16-bit scale (ELEM 1) or a byte
+// (ELEM 9). sz: a row's first entry (scale_row).
 template <int ELEM>
 __device__ __forceinline__ uint32_t load_scale_raw(const void* sz, size_t idx) {
-  if constexpr (ELEM == 1) return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
+  if constexpr (ELEM == 9) return __ldg(reinterpret_cast<const unsigned char*>(sz) + idx);
+  else if constexpr (ELEM == 1) return __ldg(reinterpret_cast<const unsigned short*>(sz) + idx);
   else return __ldg(reinterpret_cast<const uint32_t*>(sz) + idx);
+}
+
+// Row `row`'s first scale entry in sz ([N][G] entries of scale_bytes; ELEM 9: rows of G bytes, its factor first).
+template <int ELEM>
+__host__ __device__ __forceinline__ const void* scale_row(const void* sz, size_t row, int G) {
+  return static_cast<const char*>(sz) + row * G * scale_bytes(ELEM) + scale_row_at(ELEM);
+}
+
+// ELEM 9: the fp32 factor of the row whose first scale entry is at p (scale_row).
+__device__ __forceinline__ float row_factor(const void* p) {
+  return __ldg(reinterpret_cast<const float*>(static_cast<const char*>(p) - 4));
 }
 
 // ... as two T2 vectors (scale, scale) and (mz, mz).
 template <typename T, int ELEM>
 __device__ __forceinline__ void unpack_scale(uint32_t s, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
-  if constexpr (ELEM == 1) {
+  if constexpr (ELEM == 9) {  // one IMAD: the byte's exponent and fraction under E2M1_E0, both halves
+    sc = Num<T>::pair(s * Num<T>::E2M1_MUL + Num<T>::E2M1_ADD);
+    mz = Num<T>::f2(0.f);
+  } else if constexpr (ELEM == 1) {
     sc = Num<T>::pair(s | (s << 16));
     mz = Num<T>::f2(0.f);
   } else {
@@ -707,7 +743,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   // (g of tile0), as pointers, so a kblock's addresses are one add each (64-bit index arithmetic a kblock was
   // ~20 instructions of the W4 kernel's ~110: SASS, bench/results/kernels_h200_notes.md).
   const T* x_lane = x + (size_t)min(g, M - 1) * K + c * LANE_K;
-  const void* sz_row = static_cast<const char*>(sz) + (size_t)(tile0 * 16 + g) * G * (ELEM == 1 ? 2 : 4);
+  const void* sz_row = scale_row<ELEM>(sz, (size_t)(tile0 * 16 + g), G);
 
   // Codebook weights: the codebooks into shared memory, after the reduction slabs.
   uint2* cb_s = reinterpret_cast<uint2*>(red + nwarps * R * 16 * MT * 8);
@@ -827,6 +863,22 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     }
     if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
+  if constexpr (ELEM == 9) {  // the rows' fp32 factors (byte scales)
+    if (tile0 * 16 < N) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float f_lo = row_factor(static_cast<const char*>(sz_row) + (size_t)r * 16 * G),
+                    f_hi = row_factor(static_cast<const char*>(sz_row) + (size_t)(r * 16 + 8) * G);
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+          acc[r][t][0] *= f_lo;
+          acc[r][t][1] *= f_lo;
+          acc[r][t][2] *= f_hi;
+          acc[r][t][3] *= f_hi;
+        }
+      }
+    }
+  }
   if constexpr (is_vq(ELEM)) {  // the rows' fp32 scales (sz_row: row g of the tile; row g + 8 eight floats on)
     if (tile0 * 16 < N) {
       const float s_lo = __ldg(static_cast<const float*>(sz_row)), s_hi = __ldg(static_cast<const float*>(sz_row) + 8);
@@ -889,8 +941,9 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2
   const int k_lane = kb * KBLK + c * LANE_K, grp = group_of(k_lane, gmagic);
   const int row = tile * 16 + g;
   N2 sc[2], mz[2];
-  load_scale<T, ELEM>(sz, (size_t)row * G + grp, sc[0], mz[0]);
-  load_scale<T, ELEM>(sz, (size_t)(row + 8) * G + grp, sc[1], mz[1]);
+  const void* sr[2] = {scale_row<ELEM>(sz, row, G), scale_row<ELEM>(sz, row + 8, G)};
+  load_scale<T, ELEM>(sr[0], grp, sc[0], mz[0]);
+  load_scale<T, ELEM>(sr[1], grp, sc[1], mz[1]);
   const uint4 v = qw[idx];
   const uint2 hv = ELEM == 2 ? qh[idx] : make_uint2(0, 0);
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
@@ -907,6 +960,17 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2
       for (int reg = 0; reg < 4; ++reg)
         rows[reg & 1][2 * (wi * STEPS_PER_WORD + ss) + (reg >> 1)] = Num<T>::fma2(q[4 * ss + reg], sc[reg & 1],
                                                                                   mz[reg & 1]);
+  }
+  if constexpr (ELEM == 9) {  // the rows' fp32 factors, one rounding to T (the scaled codes above are exact)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float f = row_factor(sr[h]);
+#pragma unroll
+      for (int i = 0; i < LANE_K / 2; ++i) {
+        const float2 fv = Num<T>::to_f2(rows[h][i]);
+        rows[h][i] = Num<T>::from_f2(make_float2(fv.x * f, fv.y * f));
+      }
+    }
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -1018,11 +1082,11 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
   // session, bench/kernel_ab.py --knob e2m1, the last call): 28672 x 8192 45.6 -> 42.2 µs, 14336 x 4096 13.9 -> 13.4,
   // 6144 x 4096 8.2 -> 7.5; in an earlier call the 512-thread (wide) kernels were slower lean (4096² 6.1 -> 6.7,
   // 4096 x 14336 14.1 -> 14.3).
-  if constexpr (ELEM == 1 && MT == 1) {
+  if constexpr (is_e2m1(ELEM) && MT == 1) {
     if (threads <= S::THREADS && e2m1_lean())
       kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
   }
-  if constexpr (MT >= 4 && ELEM <= 2) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
+  if constexpr (MT >= 4 && (ELEM <= 2 || ELEM == 9)) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
     static const bool xs_on = !env_off("LLMCOMP_MMA_XSTAGE");
     if (warps == 1 && xs_on) {
       kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>;
@@ -1080,6 +1144,7 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
                                            const torch::Tensor*, int, const EpiArgs&)
 #define LLMCOMP_MMA_FORMATS(X) X(__half, 4, 0); X(__nv_bfloat16, 4, 0); X(__half, 2, 0); X(__nv_bfloat16, 2, 0); \
   X(__half, 2, 2); X(__nv_bfloat16, 2, 2); X(__half, 4, 1); X(__nv_bfloat16, 4, 1); \
+  X(__half, 4, 9); X(__nv_bfloat16, 4, 9); \
   X(__half, 4, 3); X(__nv_bfloat16, 4, 3); X(__half, 2, 3); X(__nv_bfloat16, 2, 3); X(__half, 2, 8); \
   X(__nv_bfloat16, 2, 8); \
   X(__half, 2, 4); X(__nv_bfloat16, 2, 4); X(__half, 2, 5); X(__nv_bfloat16, 2, 5); \
