@@ -230,8 +230,9 @@ def _prepare_e2m1(codes: torch.Tensor, mult: torch.Tensor, factor: torch.Tensor,
     n, k = codes.shape
     blocks = F.pad(codes, (0, scale.shape[1] * group - k)).reshape(n, -1, group)
     empty = (scale == 0) | ((blocks & 7) == 0).all(-1)  # (E2M1: bit 3 the sign, ±0 the magnitude 0)
-    codes = torch.where(empty.repeat_interleave(group, dim=1)[:, :k], torch.zeros_like(codes), codes)
-    mult = torch.where(empty, torch.zeros_like(mult), mult)
+    if bool(empty.any()):
+        codes = torch.where(empty.repeat_interleave(group, dim=1)[:, :k], torch.zeros_like(codes), codes)
+        mult = torch.where(empty, torch.zeros_like(mult), mult)
     codes, (scale, mult) = _pad_k(codes, [scale, mult], group, kp)
     return {"qw": e2m1_bits(repack(codes, 4)), "qh": None, "scale": scale, "mult": mult, "factor": factor, "mz": None,
             "sz": {}, "group": group, "n": codes.shape[0], "bits": 4, "elem": 1, "kp": kp}
