@@ -21,9 +21,9 @@
 // sz[N][G] then holds one 16-bit value per row and block, scale * 2^B in the activation dtype (ELEM 1), or (ELEM 9,
 // where every block multiplier has at most 4 significant bits: MXFP4's E8M0, NVFP4's E4M3) one byte a block: bits
 // 3-7 the exponent relative to the row's smallest, bits 0-2 the 3-bit fraction; IMAD'ed into a 16-bit float
-// 2^(E2M1_E0 − bias + rel) · (1 + f/8) (e2m1_byte_scale). Each row's first 4 bytes are an fp32 factor (tensor scale ×
-// the power of two that undoes the exponents' shift) applied to the fp32 sums at the end: half the scale bytes of
-// ELEM 1 (NVFP4 4.5 bits a weight read instead of 5.0, MXFP4 4.25 instead of 4.5).
+// 2^(E0 − bias + rel) · (1 + f/8) (Num<T>::E2M1_ADD; uniform_cuda.e2m1_byte_scales). Each row's first 4 bytes are an
+// fp32 factor (tensor scale × the power of two that undoes the exponents' shift) applied to the fp32 sums at the
+// end: half the scale bytes of ELEM 1 (NVFP4 4.5 bits a weight read instead of 5.0, MXFP4 4.25 instead of 4.5).
 // Codebook (VQ) weights (ELEM == 4: one stage, 5: two) use the 2-bit shape (kblocks of 128 inputs, 8 mma steps): a
 // step's four inputs of a row are one 4-vector, so lane (g, c) needs, per step s, the indices of rows g and g + 8:
 // byte 2s + r of its 16 bytes (r = 0: row g, 1: row g + 8), stage 0 (<= 8 bits); a second stage (<= 4 bits) has
@@ -55,7 +55,7 @@ template <> struct Num<__half> {
   // 1024 + v for v < 1024 is exact: 0x6400 is 1024 with an all-zero mantissa.
   static constexpr uint32_t MAGIC = 0x64006400u;
   static constexpr float MAGIC_F = 1024.f;
-  // ELEM 9's byte scales: (byte << 7) + (E2M1_E0 << 10) in each half (uniform_cuda.E2M1_BYTE: relative exponents
+  // ELEM 9's byte scales: (byte << 7) + (E0 << 10) in each half (uniform_cuda.E2M1_BYTE: relative exponents
   // 0..19, so that e2m1(q) · 2^-14 times the scale stays exact — at least 2^-19 — and below fp16's max)
   static constexpr uint32_t E2M1_MUL = 0x00800080u, E2M1_ADD = (11u << 10) * 0x10001u;
   __device__ static float2 to_f2(T2 a) { return __half22float2(a); }
@@ -76,7 +76,7 @@ template <> struct Num<__nv_bfloat16> {
   // 128 + q is exact for q < 128 (0x4300 is 128 with an all-zero 7-bit mantissa).
   static constexpr uint32_t MAGIC = 0x43004300u;
   static constexpr float MAGIC_F = 128.f;
-  // ELEM 9's byte scales: (byte << 4) + (E2M1_E0 << 7) in each half (relative exponents 0..31; e2m1(q) · 2^-126
+  // ELEM 9's byte scales: (byte << 4) + (E0 << 7) in each half (relative exponents 0..31; e2m1(q) · 2^-126
   // times the scale at least 2^-32)
   static constexpr uint32_t E2M1_MUL = 0x00100010u, E2M1_ADD = (222u << 7) * 0x10001u;
   __device__ static float2 to_f2(T2 a) { return __bfloat1622float2(a); }
@@ -336,7 +336,7 @@ __device__ __forceinline__ float row_factor(const void* p) {
 // ... as two T2 vectors (scale, scale) and (mz, mz).
 template <typename T, int ELEM>
 __device__ __forceinline__ void unpack_scale(uint32_t s, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
-  if constexpr (ELEM == 9) {  // one IMAD: the byte's exponent and fraction under E2M1_E0, both halves
+  if constexpr (ELEM == 9) {  // one IMAD: the byte's exponent and fraction above E0, both halves
     sc = Num<T>::pair(s * Num<T>::E2M1_MUL + Num<T>::E2M1_ADD);
     mz = Num<T>::f2(0.f);
   } else if constexpr (ELEM == 1) {
@@ -1086,7 +1086,8 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     if (threads <= S::THREADS && e2m1_lean())
       kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
   }
-  if constexpr (MT >= 4 && (ELEM <= 2 || ELEM == 9)) {  // one warp a row group above M = 16: x staged (XS), one or two tiles
+  // one warp a row group above M = 16: x staged (XS), one or two tiles
+  if constexpr (MT >= 4 && (ELEM <= 2 || ELEM == 9)) {
     static const bool xs_on = !env_off("LLMCOMP_MMA_XSTAGE");
     if (warps == 1 && xs_on) {
       kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>;
