@@ -99,9 +99,7 @@ def _plan(layer: nn.Module, dtype: torch.dtype) -> Optional[dict]:
         return None
     o_call = _uniform_call(o, dtype)
     eps = rms_eps(post, dtype, glu.args[0].device) if o_call is not None else None
-    if eps is not None and not gamma_fits(post, dtype):
-        return None
-    if eps is None:
+    if eps is None or not gamma_fits(post, dtype):
         return None
     plan = {"o": o_call, "glu": glu, "eps": eps, "hidden": o.out_features}
     members = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
