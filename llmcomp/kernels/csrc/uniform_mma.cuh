@@ -333,6 +333,18 @@ __device__ __forceinline__ float row_factor(const void* p) {
   return __ldg(reinterpret_cast<const float*>(static_cast<const char*>(p) - 4));
 }
 
+// One row tile's accumulators (rows g and g + 8 of each token tile) times their rows' fp32 scales.
+template <int MT>
+__device__ __forceinline__ void scale_rows(float (&acc)[MT][4], float s_lo, float s_hi) {
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    acc[t][0] *= s_lo;
+    acc[t][1] *= s_lo;
+    acc[t][2] *= s_hi;
+    acc[t][3] *= s_hi;
+  }
+}
+
 // ... as two T2 vectors (scale, scale) and (mz, mz).
 template <typename T, int ELEM>
 __device__ __forceinline__ void unpack_scale(uint32_t s, typename Num<T>::T2& sc, typename Num<T>::T2& mz) {
@@ -866,30 +878,14 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   if constexpr (ELEM == 9) {  // the rows' fp32 factors (byte scales)
     if (tile0 * 16 < N) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float f_lo = row_factor(static_cast<const char*>(sz_row) + (size_t)r * 16 * G),
-                    f_hi = row_factor(static_cast<const char*>(sz_row) + (size_t)(r * 16 + 8) * G);
-#pragma unroll
-        for (int t = 0; t < MT; ++t) {
-          acc[r][t][0] *= f_lo;
-          acc[r][t][1] *= f_lo;
-          acc[r][t][2] *= f_hi;
-          acc[r][t][3] *= f_hi;
-        }
-      }
+      for (int r = 0; r < R; ++r)
+        scale_rows(acc[r], row_factor(static_cast<const char*>(sz_row) + (size_t)r * 16 * G),
+                   row_factor(static_cast<const char*>(sz_row) + (size_t)(r * 16 + 8) * G));
     }
   }
   if constexpr (is_vq(ELEM)) {  // the rows' fp32 scales (sz_row: row g of the tile; row g + 8 eight floats on)
-    if (tile0 * 16 < N) {
-      const float s_lo = __ldg(static_cast<const float*>(sz_row)), s_hi = __ldg(static_cast<const float*>(sz_row) + 8);
-#pragma unroll
-      for (int t = 0; t < MT; ++t) {
-        acc[0][t][0] *= s_lo;
-        acc[0][t][1] *= s_lo;
-        acc[0][t][2] *= s_hi;
-        acc[0][t][3] *= s_hi;
-      }
-    }
+    if (tile0 * 16 < N)
+      scale_rows(acc[0], __ldg(static_cast<const float*>(sz_row)), __ldg(static_cast<const float*>(sz_row) + 8));
   }
 
   if (!waited) {  // warps without kblocks: nothing written before the previous kernel is done
