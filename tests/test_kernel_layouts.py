@@ -1,5 +1,8 @@
 """CPU checks of the kernel plumbing: dispatch falls back to the reference, and the CUDA kernel's weight
 layout (built by ``prepare`` on any device) holds every code exactly once, where the kernel reads it."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -156,14 +159,35 @@ def test_e2m1_prepare_scales(monkeypatch):
     assert not uniform_cuda.scales_fit(pb, torch.float16) and uniform_cuda.scales_fit(pb, torch.bfloat16) is False
 
 
-def _byte_scale_value(sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What the kernel makes of byte scales (uniform_mma.cuh: one IMAD into a 16-bit float, times the decode's 2^-B,
-    the row's fp32 factor at the end), in float64 [N, G']."""
+def _kernel_byte_imad(dtype: torch.dtype) -> tuple[int, int]:
+    """(multiplier, addend) of one 16-bit half of the kernel's byte-scale IMAD, read from the C++ source
+    (uniform_mma.cuh: Num<T>::E2M1_MUL, E2M1_ADD = (E0 << shift) * 0x10001)."""
+    src = (Path(uniform_cuda.__file__).parent / "csrc" / "uniform_mma.cuh").read_text()
+    name = "__half" if dtype == torch.float16 else "__nv_bfloat16"
+    body = src[src.index(f"struct Num<{name}> {{"):]
+    hit = re.search(r"E2M1_MUL = 0x([0-9a-fA-F]+)u, E2M1_ADD = \((\d+)u << (\d+)\) \* 0x10001u;", body)
+    mul, e0, shift = int(hit.group(1), 16), int(hit.group(2)), int(hit.group(3))
+    assert mul >> 16 == mul & 0xFFFF, "the multiplier is the same in both halves"
+    return mul & 0xFFFF, e0 << shift
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_e2m1_byte_constants_match_the_kernel(dtype):
+    """The byte scales' base exponent E0 lives in Python (``E2M1_BYTE``, which prepare uses) and in the kernel's
+    IMAD constants (C++): the two agree, and the IMAD puts the byte's 5 + 3 bits under the exponent and mantissa."""
+    mul, add = _kernel_byte_imad(dtype)
     e0 = uniform_cuda.E2M1_BYTE[dtype][0]
+    mant = 7 if dtype == torch.bfloat16 else 10  # mantissa bits of the 16-bit float
+    assert add == e0 << mant and mul == 1 << (mant - 3)
+
+
+def _byte_scale_value(sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the kernel makes of byte scales (uniform_mma.cuh: one IMAD into a 16-bit float with the kernel's own
+    constants, times the decode's 2^-B, the row's fp32 factor at the end), in float64 [N, G']."""
+    mul, add = _kernel_byte_imad(dtype)
     n = sz.shape[0]
     factor = sz[:, :4].contiguous().view(torch.float32).reshape(n).double()
-    b = sz[:, 4:].to(torch.int64)
-    bits = (b << 4) + (e0 << 7) if dtype == torch.bfloat16 else (b << 7) + (e0 << 10)
+    bits = sz[:, 4:].to(torch.int64) * mul + add
     return bits.to(torch.int16).view(dtype).double() * 2.0 ** -uniform_cuda.E2M1_BIAS[dtype] * factor[:, None]
 
 
@@ -341,6 +365,15 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(14336, 4096, 4, 12, elem=1) == (2, 4, 2)
     assert uniform_cuda.launch_config(14336, 4096, 4, 8, elem=1) == (1, 4, 1)  # M <= 8: as before
     assert uniform_cuda.launch_config(28672, 4096, 4, 16, elem=1) == (2, 4, 1)  # very many rows: as before
+    # ... with byte block scales (elem 9; sweep_{mxfp4,nvfp4}_m16_h200_s42.json): one tile but on a long K with 4096
+    # rows or very many
+    assert uniform_cuda.launch_config(4096, 4096, 4, 16, elem=9) == uniform_cuda.launch_config(6144, 4096, 4, 9,
+                                                                                                 elem=9) == (1, 8, 1)
+    assert uniform_cuda.launch_config(4096, 14336, 4, 12, elem=9) == (2, 16, 1)
+    assert uniform_cuda.launch_config(14336, 4096, 4, 16, elem=9) == (1, 4, 1)
+    assert uniform_cuda.launch_config(28672, 4096, 4, 16, elem=9) == (1, 4, 1)
+    assert uniform_cuda.launch_config(28672, 8192, 4, 12, elem=9) == (2, 4, 1)
+    assert uniform_cuda.launch_config(14336, 4096, 4, 8, elem=9) == (1, 4, 1)  # M <= 8: the elem-1 rule
     # weights the post-scale kernel cannot serve (groups of 96, LLMCOMP_MMA_POST_SCALE=8): the per-pair kernel, one tile
     assert uniform_cuda.launch_config(6144, 4096, 4, 16, post=False) == (1, 8, 1)
     assert uniform_cuda.launch_config(14336, 4096, 4, 16, post=False)[0] == 1

@@ -335,6 +335,9 @@ _WIDE_SPLITS = ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (4, 4), (2, 8))
 _SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (1, 4), (2, 2))  # warps 1: x staged (LLMCOMP_MMA_XSTAGE)
 
 
+_DTYPES = {False: torch.bfloat16, True: torch.float16}
+
+
 def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
     """(packed bytes, kernel preparations, call(x, prep, (rt, warps, wr)), launch_config(m, fp16)) for one swept
     kernel: the uniform mma kernel (``W{bits}``, or E2M1 weights: ``mxfp4`` / ``nvfp4``) or the codebook one
@@ -355,7 +358,8 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
     preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
              for _ in range(_copies(state_bytes(base)))]
     return (state_bytes(base), preps, lambda x, p, c: uniform_cuda.gemm(x, p, c),
-            lambda m, fp16: uniform_cuda.launch_config(n, k, preps[0]["bits"], m, elem=preps[0]["elem"], fp16=fp16))
+            lambda m, fp16: uniform_cuda.launch_config(  # the element kind gemm_tensors passes (E2M1: 1 or 9)
+                n, k, preps[0]["bits"], m, elem=uniform_cuda.kernel_elem(preps[0], _DTYPES[fp16]), fp16=fp16))
 
 
 def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print, fmt: str = "",

@@ -402,6 +402,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     kbs = k // kblock(bits)
     if m <= 8 and layout_bits(bits) == 2 and elem == 0 and post:
         return _two_bit_post_launch(n, bits, m, kbs, sms, fp16)
+    if 8 < m <= 16 and elem == 9:
+        return _e2m1_byte_m16_launch(n, kbs, sms)
     if m <= 16 and n // 16 <= 2 * sms:
         if m <= 8 and bits == 3:  # its 512-thread kernel: one block an SM (see above), so two waves of blocks
             return 1, 8, 1
@@ -449,6 +451,22 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     if many and kbs <= 64:
         return 1, 2, 4
     return 1, 4 if (many or m > 32 or (bits == 4 and n // 16 > 2 * sms)) else 8, 1
+
+
+def _e2m1_byte_m16_launch(n: int, kbs: int, sms: int) -> tuple[int, int, int]:
+    """Byte-scaled E2M1 (MXFP4, NVFP4: kernel elem 9) at M = 9..16, from H200 sweeps at M = 12 and 16
+    (bench/results/sweep_{mxfp4,nvfp4}_m16_h200_s42.json, sweep_{mxfp4,nvfp4}_kind9_h200_s42.json). Its two-tile
+    kernels hold 4 more registers than the 16-bit-scale kind's, whose rule (two tiles; the caller's) lost on most
+    shapes here: one tile × 8 warps on 4096 rows with a short K (MXFP4 4096² M=16 7.11 µs against 7.40) and on 6144
+    rows (8.54 against 9.94), one tile × 4 warps on many rows (14336 × 4096 15.96 against 17.22; 28672 × 4096 29.28
+    against 31.82); two tiles stay ahead on 4096 rows with a long K ((2, 16, 1): 4096 × 14336 17.18 against 17.57)
+    and on very many rows with a long K ((2, 4, 1): 28672 × 8192 MXFP4 M=12 51.08 against 53.12 with one tile; NVFP4
+    within 3 % of the best either way)."""
+    if n // 16 <= 2 * sms:
+        return (2, 16, 1) if kbs > 64 and n % 32 == 0 else (1, 8, 1)
+    if n // 32 >= 6 * sms and kbs > 64 and n % 32 == 0:
+        return 2, 4, 1
+    return (1, 4, 1) if n // 16 >= 6 * sms else (1, 8, 1)
 
 
 def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bool = False) -> tuple[int, int, int]:
@@ -794,6 +812,19 @@ def e2m1_lean() -> Optional[bool]:
 def set_e2m1_lean(on: bool) -> Optional[bool]:
     """Switch ``e2m1_lean`` for this process (A/B timing); graphs captured before keep their kernels."""
     return _ext_switch("set_e2m1_lean", on)
+
+
+def dequant_stage() -> Optional[bool]:
+    """On unless ``LLMCOMP_DEQUANT_STAGE=0``: the dequantize kernel (prefill: dequantize, then cuBLAS) passes each
+    warp's 16 rows through shared memory so that its stores write whole 128-byte lines; unstaged, each lane writes its
+    own inputs of two rows and a store instruction covers half of each 32-byte sector it touches. The same bits
+    (``test_dequant_stage_gives_the_same_bits``). None without the extension."""
+    return _ext_switch("dequant_stage")
+
+
+def set_dequant_stage(on: bool) -> Optional[bool]:
+    """Switch ``dequant_stage`` for this process (A/B timing)."""
+    return _ext_switch("set_dequant_stage", on)
 
 
 def bound7() -> Optional[bool]:

@@ -97,6 +97,11 @@ static Switch bound7_switch{"LLMCOMP_MMA_BOUND7", true};
 // fp16 28672 x 8192 42.67 -> 31.38 µs, 28672 x 4096 23.13 -> 17.13; W2 bf16 28672 x 4096 18.41 -> 16.96.
 static Switch bound7_r2_switch{"LLMCOMP_MMA_BOUND7_R2", true};
 
+// On unless LLMCOMP_DEQUANT_STAGE=0 (uniform_dequant_kernel's STAGE).
+static Switch dequant_stage_switch{"LLMCOMP_DEQUANT_STAGE", true};
+
+bool dequant_stage() { return dequant_stage_switch.get(); }
+bool set_dequant_stage(bool on) { return dequant_stage_switch.set(on); }
 bool lean() { return lean_switch.get(); }
 bool set_lean(bool on) { return lean_switch.set(on); }
 bool scale_early() { return scale_early_switch.get(); }
@@ -260,13 +265,13 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
   const int64_t threads = (n / 16) * (k / (256 / bits)) * 32;
   TORCH_CHECK(threads < (1ll << 32), "weight too large for the dequantize kernel's 32-bit index");
   const uint32_t gmagic = group_magic(k, G, group);
-  const int block = 256;
-  const int grid = (threads + block - 1) / block;
+  const int grid = (threads + DQ_THREADS - 1) / DQ_THREADS;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool stage = dequant_stage();
 #define LLMCOMP_DQ(T, B, E)                                                                                  \
-  uniform_dequant_kernel<T, B, E><<<grid, block, 0, stream>>>(                                             \
-      reinterpret_cast<const uint4*>(qw.data_ptr()), reinterpret_cast<const uint2*>(qh.data_ptr()), sz.data_ptr(), \
-      reinterpret_cast<T*>(w.data_ptr()), n, k, G, gmagic)
+  (stage ? uniform_dequant_kernel<T, B, E, true> : uniform_dequant_kernel<T, B, E, false>)<<<grid, DQ_THREADS, 0, \
+      stream>>>(reinterpret_cast<const uint4*>(qw.data_ptr()), reinterpret_cast<const uint2*>(qh.data_ptr()),    \
+                sz.data_ptr(), reinterpret_cast<T*>(w.data_ptr()), n, k, G, gmagic)
   if (dtype == at::kHalf) {
     if (elem == 1) LLMCOMP_DQ(__half, 4, 1);
     else if (elem == 9) LLMCOMP_DQ(__half, 4, 9);
@@ -299,6 +304,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_lut", &vq_lut, "codebook (VQ, 4-vectors, 1-2 stages) GEMV at one row of x by dot-product lookup tables");
   m.def("vq_lut_group", &vq_lut_group, "vq_lut for weights stacked along the rows, each with its own codebook");
   m.def("set_pdl", &set_pdl, "turn programmatic dependent launch on or off (sm_90+); returns the new state");
+  m.def("dequant_stage", &dequant_stage, "whether the dequantize kernel writes whole lines through shared memory");
+  m.def("set_dequant_stage", &set_dequant_stage, "the dequantize kernel staged or not (A/B in one process)");
   m.def("set_lean", &set_lean, "the post-scale kernels' lean instantiations (M <= 16), or not (A/B in one process)");
   m.def("set_scale_early", &set_scale_early, "the batch-1 4-bit post-scale kernels loading a round's scales early");
   m.def("set_e2m1_lean", &set_e2m1_lean, "the E2M1 kernels at M <= 8 (256-thread blocks) lean, or not (A/B)");

@@ -922,11 +922,15 @@ __global__ void __launch_bounds__(THREADS, MINB) uniform_mma_kernel_bounded(LLMC
 }
 #undef LLMCOMP_MMA_PARAMS
 
-// W[N, K] in T from the kernel layout (prefill path: dequantize, then cuBLAS).
-template <typename T, int BITS, int ELEM>
-__global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2* __restrict__ qh,
-                                       const void* __restrict__ sz, T* __restrict__ w, int N, int K, int G,
-                                       uint32_t gmagic) {
+// W[N, K] in T from the kernel layout (prefill path: dequantize, then cuBLAS). 256 threads a block (DQ_THREADS).
+// STAGE: each warp's 16 rows x KBLK inputs go through shared memory, so that every store instruction writes whole
+// 128-byte lines (8 lanes a line). Unstaged, a lane writes its own LANE_K inputs of rows g and g + 8, so a store
+// instruction covers 16 rows with 16 of every 32 bytes (dequant_stage(), uniform_mma.cu).
+constexpr int DQ_THREADS = 256;
+template <typename T, int BITS, int ELEM, bool STAGE>
+__global__ void __launch_bounds__(DQ_THREADS)
+    uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2* __restrict__ qh, const void* __restrict__ sz,
+                           T* __restrict__ w, int N, int K, int G, uint32_t gmagic) {
   using N2 = typename Num<T>::T2;
   constexpr int KBLK = 256 / BITS, LANE_K = KBLK / 4, STEPS_PER_WORD = 4 / BITS;
   const int KB = K / KBLK;
@@ -968,12 +972,28 @@ __global__ void uniform_dequant_kernel(const uint4* __restrict__ qw, const uint2
       }
     }
   }
+  // A warp's tile in shared memory: 16 rows of KBLK inputs, each row padded by 16 bytes (the 8 lanes of a store
+  // phase, rows g and g + 1 at c = 0..3, then hit 8 different 16-byte bank groups for 4-bit codes)
+  constexpr int ROW_B = KBLK * (int)sizeof(T), PITCH = ROW_B + 16;
+  __shared__ __align__(16) char tiles[STAGE ? DQ_THREADS / 32 : 1][STAGE ? 16 * PITCH : 16];
+  char* ws = tiles[STAGE ? threadIdx.x >> 5 : 0];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    uint4* dst = reinterpret_cast<uint4*>(w + (size_t)(row + 8 * h) * K + k_lane);
+    uint4* dst = STAGE ? reinterpret_cast<uint4*>(ws + (g + 8 * h) * PITCH + c * LANE_K * (int)sizeof(T))
+                       : reinterpret_cast<uint4*>(w + (size_t)(row + 8 * h) * K + k_lane);
     auto u = [&](int i) { return *reinterpret_cast<const uint32_t*>(&rows[h][i]); };
 #pragma unroll
     for (int i = 0; i < LANE_K / 8; ++i) dst[i] = make_uint4(u(4 * i), u(4 * i + 1), u(4 * i + 2), u(4 * i + 3));
+  }
+  if constexpr (STAGE) {
+    __syncwarp();
+    char* tile_out = reinterpret_cast<char*>(w + (size_t)tile * 16 * K + kb * KBLK);
+#pragma unroll
+    for (int j = 0; j < 16 * ROW_B / 512; ++j) {  // 16 bytes a lane: whole rows, ROW_B / 16 lanes each
+      const int at = j * 512 + lane * 16, r = at / ROW_B, b = at % ROW_B;
+      *reinterpret_cast<uint4*>(tile_out + (size_t)r * K * sizeof(T) + b) =
+          *reinterpret_cast<const uint4*>(ws + r * PITCH + b);
+    }
   }
 }
 
