@@ -17,17 +17,7 @@ import torch.nn.functional as F
 
 from llmcomp.core.memory import state_bytes
 from llmcomp.eval import kernel_bench as kb
-from llmcomp.formats import Uniform
 from llmcomp.kernels import uniform_cuda
-from llmcomp.quant.rtn import rtn_fields
-
-
-def packed(name: str, n: int, k: int):
-    if name.startswith("w"):
-        fmt = Uniform(bits=int(name[1:]), group_size=128)
-        w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
-        return fmt, fmt.pack(rtn_fields(w, fmt))
-    return kb._packed_for(name, n, k)
 
 
 def main() -> None:
@@ -47,7 +37,7 @@ def main() -> None:
     try:
         for name in args.formats.split(","):
             for n, k in shapes:
-                fmt, base = packed(name, n, k)
+                fmt, base = kb._packed_for(name, n, k)
                 nbytes = state_bytes(base)
                 layers = kb._layer_copies(fmt, base, k, n)
                 preps = [uniform_cuda.prepare(fmt, lay.packed_tensors(), k) for lay in layers]

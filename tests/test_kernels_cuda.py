@@ -532,8 +532,8 @@ def _switch_keeps_bits(set_switch, calls: dict, where: tuple) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_dequant_stage_gives_the_same_bits(fmt, dtype):
     """``set_dequant_stage``: the dequantize kernel with its stores through shared memory gives the unstaged kernel's
-    bits — odd row counts (a last block with idle warps), one kblock a row, padded inputs — and a weight within 1 %
-    of the reference's (the kernel rounds once to ``dtype``; ``test_e2m1_mma_kernel_every_m`` checks the bits)."""
+    bits — odd row counts (a last block with idle warps), 2 to 64 kblocks a row, padded inputs — and a weight within
+    1 % of the reference's (the kernel rounds once to ``dtype``; ``test_e2m1_mma_kernel_every_m`` checks the bits)."""
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:

@@ -196,11 +196,16 @@ PYRAMID_TAIL = 0.5  # heavy-tailed random groups: escapes 1e-5 (pvq2) and 4e-3 (
 
 
 def _packed_for(name: str, n: int, k: int):
-    """(format, packed tensors on the GPU) for a bench row: E2M1 by RTN of a random weight, VQ and PVQ random."""
+    """(format, packed tensors on the GPU) for a bench row: uniform ``w2`` / ``w3`` / ``w4`` (g128) and E2M1 by RTN of
+    a random weight, VQ and PVQ random."""
     from llmcomp.formats import FORMATS
     from llmcomp.formats.pyramid import Pyramid
     from llmcomp.quant.fp4 import fp4_fields
 
+    if name in ("w2", "w3", "w4"):
+        fmt = Uniform(bits=int(name[1]), group_size=128)
+        w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
+        return fmt, fmt.pack(rtn_fields(w, fmt))
     if name in CODEBOOK_FORMATS:
         fmt = codebook_format(name)
         return fmt, random_codebook(fmt, n, k, n + k, "cuda")
