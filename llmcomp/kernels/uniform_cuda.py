@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from llmcomp.kernels.switches import env_off
+from llmcomp.kernels.switches import env_off, env_switch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_e2m1b.cu", "mma_vq.cu",
@@ -582,7 +582,7 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, m, elem=elem, post=post,
                                                fp16=x2.dtype == torch.float16)
     wr = rest[0] if rest else 1
-    if post and (m <= 8 or (rt == 2 and n % 32 == 0)):
+    if post and (m <= 8 or (rt == 2 and n % 32 == 0) or (bits == 4 and post16_one_tile())):
         sz, elem = sz_post, 3
     if res is not None or sq is not None:
         return extension().gemm_norm(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr, glu, res, gamma, sq, eps)
@@ -730,6 +730,27 @@ def set_post_scale(on) -> int:
     for A/B timing in one process (a captured CUDA graph keeps the kernels it was captured with)."""
     _post_rows[:] = [_post_rows_of(on)]
     return _post_rows[0]
+
+
+def post16_one_tile() -> bool:
+    """Whether 4-bit codes at M = 9..16 take the post-scale kernel at one row tile a warp too (off unless
+    ``LLMCOMP_MMA_POST16_ONE_TILE=1``; ``set_post16_one_tile`` for A/B). An experiment prepared in the forty-second
+    session, not timed yet: that kernel's lean build holds 72 registers (local ptxas, sm_90, bf16 and fp16, no spill)
+    — 7 blocks of 4 warps an SM — where the two-tile one holds 121, so on 28672 rows one tile at (1, 2, 2) would run
+    27 warps an SM in one wave against (2, 2, 2)'s 14. When it was last timed against the per-pair one-tile kernel
+    (before the lean loop) its 256-thread build spilled and lost (``gemm_tensors``)."""
+    if not _post16_one:
+        _post16_one.append(env_switch("LLMCOMP_MMA_POST16_ONE_TILE") is True)
+    return _post16_one[0]
+
+
+def set_post16_one_tile(on: bool) -> bool:
+    """Switch ``post16_one_tile`` for this process (A/B timing; captured graphs keep their kernels)."""
+    _post16_one[:] = [bool(on)]
+    return _post16_one[0]
+
+
+_post16_one: list = []  # [on] once read from the environment or set
 
 
 def dependent_launch() -> Optional[bool]:
