@@ -3,7 +3,8 @@
 # byte-scaled E2M1 code (kernel kind 9), then the E2M1 launch sweeps on kind 9 — the rules were swept on kind 1,
 # whose MT = 2 kernels hold 4 fewer registers — at M = 1 and 16, MXFP4 and NVFP4, bf16; the rule's pick is in each
 # sweep.
-# Then (M256_S) W4, MXFP4 and NVFP4 at M = 256 (prefill: dequantize, then cuBLAS; E2M1 now multiplies in fp32).
+# Between the two (M256_S): W4, MXFP4 and NVFP4 at M = 256 (prefill: dequantize, then cuBLAS; E2M1 now multiplies
+# in fp32).
 #   bash bench/e2m1_kind9_session.sh   (on the GPU machine; $OUT)   Knobs: TEST_S, SWEEP_S, M256_S (0 skips)
 set -u
 . bench/session_common.sh

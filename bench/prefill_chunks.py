@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--format", default="w4", help="w4 / w3 / w2 (g128) or mxfp4 / nvfp4")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in kb.SHAPES))
     ap.add_argument("--ms", default="256,1024")
-    ap.add_argument("--chunks", default="2,4,8")
+    ap.add_argument("--chunks", default="1,2,4,8", help="1: the chunked path's own one-piece control (W x^T)")
     args = ap.parse_args()
     if uniform_cuda.extension() is None:
         raise SystemExit("the CUDA extension is not available here")

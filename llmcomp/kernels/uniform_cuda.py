@@ -425,9 +425,10 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
         if elem in E2M1_ELEMS and m > 8 and n % 32 == 0 and not very_many:
-            # E2M1 at M = 9..16 after its bit move (H200 sweeps kernels_sweep_{mxfp4,nvfp4}_m16_h200_s35.json): two
-            # tiles, x read once a block of 2 row groups on many rows (MXFP4 14336 x 4096 17.94 us against 19.27 with
-            # one tile x 4 warps), 8 warps otherwise (6144 x 4096 10.39 against 10.52 with one tile)
+            # E2M1 with 16-bit block scales (elem 1; byte scales: _e2m1_byte_m16_launch) at M = 9..16 after its bit
+            # move (H200 sweeps kernels_sweep_{mxfp4,nvfp4}_m16_h200_s35.json): two tiles, x read once a block of 2
+            # row groups on many rows (MXFP4 14336 x 4096 17.94 us against 19.27 with one tile x 4 warps), 8 warps
+            # otherwise (6144 x 4096 10.39 against 10.52 with one tile)
             return (2, 4, 2) if n // 16 >= 6 * sms else (2, 8, 1)
         post = post and m > 8 and bits == 4 and elem == 0 and n % 32 == 0  # the post-scale kernel's two tiles
         rt = 2 if n % 32 == 0 and (very_many or (post and n // 16 >= 6 * sms)) else 1
@@ -462,7 +463,7 @@ def _e2m1_byte_m16_launch(n: int, kbs: int, sms: int) -> tuple[int, int, int]:
     against 31.82); two tiles stay ahead on 4096 rows with a long K ((2, 16, 1): 4096 × 14336 17.18 against 17.57)
     and on very many rows with a long K ((2, 4, 1): 28672 × 8192 MXFP4 M=12 51.08 against 53.12 with one tile; NVFP4
     there 59.49 against (1, 4, 1)'s 56.51 at M=12, 59.79 against (2, 8, 1)'s 58.33 at M=16 — the rule cannot tell the
-    two formats apart)."""
+    two formats apart). Swept with bf16 activations; fp16 ones take the same rule, untimed."""
     if n // 16 <= 2 * sms:
         return (2, 16, 1) if kbs > 64 and n % 32 == 0 else (1, 8, 1)
     if n // 32 >= 6 * sms and kbs > 64 and n % 32 == 0:
@@ -568,7 +569,8 @@ def kernel_tensors(prep: dict, dtype: torch.dtype) -> tuple:
 def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: int, kp: int,
                  launch: tuple | None = None, glu: int = 0, res=None, gamma=None, sq=None, eps: float = 0.0):
     """x2 [M ≤ 64, K] → y [M, n]: the mma kernel — the fp32 post-scale one when ``sz_post`` is given, at M ≤ 8 and,
-    up to ``post_scale()`` rows, at M = 9..16 where the launch takes two row tiles a warp. (H200, W4 g128 bf16,
+    up to ``post_scale()`` rows, at M = 9..16 where the launch takes two row tiles a warp (one too for 4-bit codes
+    with ``post16_one_tile()``, an experiment). (H200, W4 g128 bf16,
     bench/results/kernels_h200_post16.json, µs against the per-pair-scale kernel: two row tiles 4096² M=16 7.14 /
     7.43, 4096 × 14336 16.25 / 17.00, 28672 × 8192 56.89 / 59.17, 28672 × 4096 32.78 / 32.88; one tile — where its
     256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57.) 3-bit codes take it at
@@ -739,7 +741,9 @@ def post16_one_tile() -> bool:
     session, not timed yet: that kernel's lean build holds 72 registers (local ptxas, sm_90, bf16 and fp16, no spill)
     — 7 blocks of 4 warps an SM — where the two-tile one holds 121, so on 28672 rows one tile at (1, 2, 2) would run
     27 warps an SM in one wave against (2, 2, 2)'s 14. When it was last timed against the per-pair one-tile kernel
-    (before the lean loop) its 256-thread build spilled and lost (``gemm_tensors``)."""
+    (before the lean loop) its 256-thread build spilled and lost (``gemm_tensors``). It changes only one-tile
+    launches — given explicitly (sweeps, ``launch_override``) or where the rows are not a multiple of 32 — since
+    ``launch_config`` gives two tiles there; a rule would come with the timing."""
     if not _post16_one:
         _post16_one.append(env_switch("LLMCOMP_MMA_POST16_ONE_TILE") is True)
     return _post16_one[0]

@@ -925,7 +925,8 @@ __global__ void __launch_bounds__(THREADS, MINB) uniform_mma_kernel_bounded(LLMC
 // W[N, K] in T from the kernel layout (prefill path: dequantize, then cuBLAS). 256 threads a block (DQ_THREADS).
 // STAGE: each warp's 16 rows x KBLK inputs go through shared memory, so that every store instruction writes whole
 // 128-byte lines (8 lanes a line). Unstaged, a lane writes its own LANE_K inputs of rows g and g + 8, so a store
-// instruction covers 16 rows with 16 of every 32 bytes (dequant_stage(), uniform_mma.cu).
+// instruction covers 8 rows and writes 16 of the 32 bytes of each sector it touches (dequant_stage(), uniform_mma.cu).
+// (2-bit layouts, staged: the 8 lanes of a shared-memory store phase meet in pairs on 4 bank groups.)
 constexpr int DQ_THREADS = 256;
 template <typename T, int BITS, int ELEM, bool STAGE>
 __global__ void __launch_bounds__(DQ_THREADS)
