@@ -517,6 +517,16 @@ def _post_scale_cases(fmt, dtype, shapes, ms):
             yield (n, k, m), args, functools.partial(_post_scale_calls, x, args, run, res=res, gamma=gamma, sq=sq)
 
 
+def _mma_kernel_names(run) -> list[str]:
+    """The names of the mma kernels (``uniform_mma_kernel*``) the profiler sees ``run()`` launch, in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+
+
 def _switch_keeps_bits(set_switch, calls: dict, where: tuple) -> None:
     """Each call's outputs after ``set_switch(False)`` and after ``set_switch(True)``: the same bits."""
     for name, call in calls.items():
@@ -561,8 +571,6 @@ def test_post16_one_tile_matches_the_reference(fmt, dtype):
     at one row tile a warp — within TOL of the reference at one-tile launches (warps without kblocks, a last block's
     row groups past N), its GLU call within TOL of the per-pair kernel's, and the profiler sees the post-scale kernel
     (elem 3) run; off, the per-pair one (elem 0)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:
@@ -590,10 +598,7 @@ def test_post16_one_tile_matches_the_reference(fmt, dtype):
         x = torch.randn(16, 4096, generator=g).to("cuda", dtype)
         for on in (False, True):
             uc.set_post16_one_tile(on)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                uc.gemm_tensors(x, *args, launch=(1, 4, 1))
-                torch.cuda.synchronize()
-            names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+            names = _mma_kernel_names(lambda: uc.gemm_tensors(x, *args, launch=(1, 4, 1)))
             elem = ", 3, false" if on else ", 0, false"
             assert names and all(f"4, 2, 1, 4, 256{elem}" in name for name in names), names
     finally:
@@ -609,8 +614,6 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
     instantiations' bits — plain, GLU, and at M ≤ 8 both sides of the RMSNorm split, at every launch,
     K slices that leave warps idle (24 kblocks over 16 warps) or end mid-round, groups of 1, 2 and 4 kblocks and one
     group a row — and the profiler sees the lean kernel run."""
-    from torch.profiler import ProfilerActivity, profile
-
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:
@@ -631,10 +634,7 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
         if args[3] is not None:
             x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                uc.gemm_tensors(x, *args)
-                torch.cuda.synchronize()
-            names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+            names = _mma_kernel_names(lambda: uc.gemm_tensors(x, *args))
             early = args[3] is not None and fmt.bits == 4 and uc.scale_early()  # (the lean kernel loading scales early)
             assert names and all(f", 3, false, false, true, {str(early).lower()}>" in name for name in names), names
     finally:
@@ -652,8 +652,6 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
     kblocks a warp, ends mid-round) and groups of 1, 2 and 4 kblocks or one a row (pairs across two groups of 1 take
     the usual kernel) — and so do the M = 9..16 kernels under ``set_scale_early16`` (on by default); the profiler
     sees the early kernels run where they apply."""
-    from torch.profiler import ProfilerActivity, profile
-
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:
@@ -676,13 +674,9 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
         uc.set_scale_early16(True)
         _, t, g = _layer(fmt, 28672, 4096, 11)
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # (M = 16: post-scale at two row tiles only)
-            for m, launches in [(1, [(2, 4, 1), (1, 4, 1)]), (16, [(2, 4, 1)])]:
-                x = torch.randn(m, 4096, generator=g).to("cuda", dtype)
-                for launch in launches:
-                    uc.gemm_tensors(x, *args, launch=launch)
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+        xs = {m: torch.randn(m, 4096, generator=g).to("cuda", dtype) for m in (1, 16)}
+        names = _mma_kernel_names(lambda: [uc.gemm_tensors(xs[m], *args, launch=launch)  # (M = 16: two tiles only)
+                                           for m, launch in [(1, (2, 4, 1)), (1, (1, 4, 1)), (16, (2, 4, 1))]])
         early = fmt.group_size in (0, 128, 256) and args[3] is not None
         # (in fp16 the two-tile 4-warp kernel runs bounded: uniform_mma_kernel_bounded<..., NORM, LEAN, SE, 7>)
         marks = (", 3, false, false, true, true>", ", 3, false, true, true, 7>")
@@ -701,8 +695,6 @@ def test_e2m1_lean_gives_the_same_bits(fmt, dtype):
     and two-tile launches, warps ending mid-round or left without kblocks (10 kblocks over 8 warps), 224 rows (the
     last block's last row group has none) — and the profiler sees the lean kernel run at 256-thread blocks or fewer,
     the plain one at 512 (whose launches in the bit loop compare plain with plain)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:
@@ -731,11 +723,8 @@ def test_e2m1_lean_gives_the_same_bits(fmt, dtype):
         x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
         for on in (False, True):
             uc.set_e2m1_lean(on)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for launch in [(2, 4, 1), (1, 4, 1), (1, 16, 1)]:
-                    uc.gemm_tensors(x, *args, launch=launch)
-                torch.cuda.synchronize()
-            names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+            names = _mma_kernel_names(lambda: [uc.gemm_tensors(x, *args, launch=launch)
+                                               for launch in [(2, 4, 1), (1, 4, 1), (1, 16, 1)]])
             elem = args[7]  # 1, or 9: byte block scales (MXFP4, NVFP4)
             lean = [f", {elem}, false, false, true, false>" in name for name in names]
             assert lean == [on, on, False] and all(f", 512, {elem}, false" in n for n in names[2:]), (on, names)
@@ -754,8 +743,6 @@ def test_register_bound_gives_the_same_bits(fmt, dtype):
     over 4; 4-bit codes: 24 and 10), 4-bit groups that load their scales early (128, one a row) or not (64) — and the
     profiler sees a bounded kernel run at the switch's launch only, where its rule bounds it: 3-bit in fp16 and in the
     norm epilogue, 4-bit in fp16, 2-bit always."""
-    from torch.profiler import ProfilerActivity, profile
-
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:
@@ -775,12 +762,9 @@ def test_register_bound_gives_the_same_bits(fmt, dtype):
         set_bound(True)
         res = torch.randn(1, 2048, generator=g).to("cuda", dtype)
         gamma = torch.rand(2048, generator=g).to("cuda", dtype)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for launch in [(tiles, 4, 1), (tiles, 8, 1), (3 - tiles, 4, 1)]:
-                uc.gemm_tensors(x, *args, launch=launch)
-            uc.gemm_tensors(x, *args, launch=(tiles, 4, 1), res=res, gamma=gamma)
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
+        names = _mma_kernel_names(lambda: [uc.gemm_tensors(x, *args, launch=launch)
+                                           for launch in [(tiles, 4, 1), (tiles, 8, 1), (3 - tiles, 4, 1)]]
+                                  + [uc.gemm_tensors(x, *args, launch=(tiles, 4, 1), res=res, gamma=gamma)])
         plain, norm = (fp16, True) if three else (fp16, fp16) if fmt.bits == 4 else (True, True)
         assert ["kernel_bounded" in n for n in names] == [plain, False, False, norm], names
     finally:
