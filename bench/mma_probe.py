@@ -168,7 +168,7 @@ def main() -> None:
                                             c[1], 3, c[2])
         for m in (int(v) for v in a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            pick = tuple(int(v) for v in a.launch.split(",")) if a.launch else tuple(auto(m))
+            pick = tuple(int(v) for v in a.launch.split(",")) if a.launch else tuple(auto(m, x.dtype))
             t = kb.per_call_seconds([lambda p=p: call(x, p, pick) for p in preps])
             rows.append({"variant": variant, "N": n, "K": k, "M": m, "launch": pick, "post": a.post,
                          "us": round(t * 1e6, 3)})

@@ -41,7 +41,8 @@ def main():
                     if rep not in best or t < best[rep][0]:
                         best[rep] = (t, (warps, wr))
             print(f"vqsweep {a.fmt} {n}x{k} M={m}: 16 copies best {best[True][1]} {best[True][0] * 1e6:.2f}us, "
-                  f"1 copy best {best[False][1]} {best[False][0] * 1e6:.2f}us (launch_config {auto(m)})", flush=True)
+                  f"1 copy best {best[False][1]} {best[False][0] * 1e6:.2f}us (launch_config {auto(m, x.dtype)})",
+                  flush=True)
         del preps
         json.dump(rows, open(a.out, "w"), indent=0)
 

@@ -340,11 +340,8 @@ _WIDE_SPLITS = ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (4, 4), (2, 8))
 _SPLITS = ((4, 1), (8, 1), (4, 2), (2, 4), (1, 8), (1, 4), (2, 2))  # warps 1: x staged (LLMCOMP_MMA_XSTAGE)
 
 
-_DTYPES = {False: torch.bfloat16, True: torch.float16}
-
-
 def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
-    """(packed bytes, kernel preparations, call(x, prep, (rt, warps, wr)), launch_config(m, fp16)) for one swept
+    """(packed bytes, kernel preparations, call(x, prep, (rt, warps, wr)), launch_config(m, dtype)) for one swept
     kernel: the uniform mma kernel (``W{bits}``, or E2M1 weights: ``mxfp4`` / ``nvfp4``) or the codebook one
     (``vq2``/``vq3``, one row tile a warp)."""
     from llmcomp.kernels import codebook_cuda, uniform_cuda
@@ -354,7 +351,7 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
         preps = [codebook_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
                  for _ in range(_copies(state_bytes(base)))]
         return (state_bytes(base), preps, lambda x, p, c: codebook_cuda.gemm(x, p, c[1:]),
-                lambda m, fp16: (1, *codebook_cuda.launch_config(n, k, m, codebook_cuda.copies(preps[0]))))
+                lambda m, dtype: (1, *codebook_cuda.launch_config(n, k, m, codebook_cuda.copies(preps[0]))))
     if name in ("mxfp4", "nvfp4"):
         fmt, base = _packed_for(name, n, k)
     else:
@@ -363,8 +360,8 @@ def _sweep_subject(name: str, n: int, k: int, bits: int, group: int):
     preps = [uniform_cuda.prepare(fmt, {kk: v.clone() for kk, v in base.items()}, k)
              for _ in range(_copies(state_bytes(base)))]
     return (state_bytes(base), preps, lambda x, p, c: uniform_cuda.gemm(x, p, c),
-            lambda m, fp16: uniform_cuda.launch_config(  # the element kind gemm_tensors passes (E2M1: 1 or 9)
-                n, k, preps[0]["bits"], m, elem=uniform_cuda.kernel_elem(preps[0], _DTYPES[fp16]), fp16=fp16))
+            lambda m, dtype: uniform_cuda.launch_config(  # the element kind gemm_tensors passes (E2M1: 1 or 9)
+                n, k, preps[0]["bits"], m, elem=uniform_cuda.kernel_elem(preps[0], dtype), fp16=dtype == torch.float16))
 
 
 def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print, fmt: str = "",
@@ -385,7 +382,7 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
         nbytes, preps, call, auto = _sweep_subject(label, n, k, bits, group)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            pick = tuple(auto(m, fp16))
+            pick = tuple(auto(m, dtype))
             for p in preps:  # builds the per-dtype tables / scale pairs outside the timing
                 call(x, p, pick)
             best, picked = None, None
