@@ -705,14 +705,3 @@ def test_tri_state_switches(value, want, monkeypatch):
 
     monkeypatch.setenv("LLMCOMP_SOME_SWITCH", value)
     assert env_switch("LLMCOMP_SOME_SWITCH") is want
-
-
-def test_post16_one_tile_switch(monkeypatch):
-    """The one-tile post-scale experiment is off unless LLMCOMP_MMA_POST16_ONE_TILE is 1 / on; set_ overrides it."""
-    monkeypatch.setattr(uniform_cuda, "_post16_one", [])
-    monkeypatch.delenv("LLMCOMP_MMA_POST16_ONE_TILE", raising=False)
-    assert uniform_cuda.post16_one_tile() is False
-    monkeypatch.setattr(uniform_cuda, "_post16_one", [])
-    monkeypatch.setenv("LLMCOMP_MMA_POST16_ONE_TILE", "on")
-    assert uniform_cuda.post16_one_tile() is True
-    assert uniform_cuda.set_post16_one_tile(False) is False and uniform_cuda.post16_one_tile() is False

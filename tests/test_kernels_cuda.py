@@ -563,48 +563,6 @@ def test_dequant_stage_gives_the_same_bits(fmt, dtype):
         uc.set_dequant_stage(before)
 
 
-@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0)],
-                         ids=lambda f: f.describe())
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_post16_one_tile_matches_the_reference(fmt, dtype):
-    """``set_post16_one_tile`` (an experiment, off by default): 4-bit codes at M = 9..16 through the post-scale kernel
-    at one row tile a warp — within TOL of the reference at one-tile launches (warps without kblocks, a last block's
-    row groups past N), its GLU call within TOL of the per-pair kernel's, and the profiler sees the post-scale kernel
-    (elem 3) run; off, the per-pair one (elem 0)."""
-    from llmcomp.kernels import uniform_cuda as uc
-
-    if uc.extension() is None:
-        pytest.skip("CUDA extension could not be built here")
-    before = uc.post16_one_tile()
-    try:
-        uc.set_post16_one_tile(True)
-        for n, k in [(256, 1536), (2048, 4096), (208, 640)]:
-            _, t, g = _layer(fmt, n, k, n + k)
-            args = uc.kernel_tensors(uc.prepare(fmt, t, k), dtype)
-            run = uc.glu(fmt, t, _layer(fmt, n, k, n + k + 7)[1], k, dtype)
-            for m in [9, 12, 16]:
-                x = torch.randn(m, k, generator=g).to("cuda", dtype)
-                for launch in [(1, 4, 1), (1, 2, 2), (1, 8, 2), (1, 16, 1), (1, 1, 4)]:
-                    y = uc.gemm_tensors(x, *args, launch=launch)
-                    assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m, launch)
-                    if run is not None:  # the GLU epilogue: the post-scale kernel against the per-pair one
-                        got = uc.gemm_tensors(x, *run.args, launch=launch, glu=1).float()
-                        uc.set_post16_one_tile(False)
-                        want = uc.gemm_tensors(x, *run.args, launch=launch, glu=1).float()
-                        uc.set_post16_one_tile(True)
-                        assert float((got - want).abs().max() / want.abs().max()) < TOL, (n, k, m, launch, "glu")
-        _, t, g = _layer(fmt, 2048, 4096, 11)
-        args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
-        x = torch.randn(16, 4096, generator=g).to("cuda", dtype)
-        for on in (False, True):
-            uc.set_post16_one_tile(on)
-            names = _mma_kernel_names(lambda: uc.gemm_tensors(x, *args, launch=(1, 4, 1)))
-            elem = ", 3, false" if on else ", 0, false"
-            assert names and all(f"4, 2, 1, 4, 256{elem}" in name for name in names), names
-    finally:
-        uc.set_post16_one_tile(before)
-
-
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0),
                                  Uniform(bits=2, group_size=256)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -569,11 +569,14 @@ def kernel_tensors(prep: dict, dtype: torch.dtype) -> tuple:
 def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: int, kp: int,
                  launch: tuple | None = None, glu: int = 0, res=None, gamma=None, sq=None, eps: float = 0.0):
     """x2 [M ≤ 64, K] → y [M, n]: the mma kernel — the fp32 post-scale one when ``sz_post`` is given, at M ≤ 8 and,
-    up to ``post_scale()`` rows, at M = 9..16 where the launch takes two row tiles a warp (one too for 4-bit codes
-    with ``post16_one_tile()``, an experiment). (H200, W4 g128 bf16,
+    up to ``post_scale()`` rows, at M = 9..16 where the launch takes two row tiles a warp. (H200, W4 g128 bf16,
     bench/results/kernels_h200_post16.json, µs against the per-pair-scale kernel: two row tiles 4096² M=16 7.14 /
     7.43, 4096 × 14336 16.25 / 17.00, 28672 × 8192 56.89 / 59.17, 28672 × 4096 32.78 / 32.88; one tile — where its
-    256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57.) 3-bit codes take it at
+    256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57; its lean build, 72
+    registers, at M = 12 / 16 on one-tile launches 0.94–1.14× the per-pair kernel's time with one warp a row group,
+    up to 1.44× with K split over 2–4 warps, and behind the picked two tiles on all six shapes, e.g. 28672 × 8192
+    M=12 (1, 2, 2) 56.19 against (2, 2, 2) 48.12:
+    sweep_w4_post16_one_tile_{0,1}_h200_s43.json.) 3-bit codes take it at
     M ≤ 8 only: their two-tile kernel at M = 9..16 spills in its 512-thread build, 0.80–0.88× the per-pair kernel
     (H200, W3 g128 bf16, bench/results/w3_post_ab_alt_h200_s36.json).
     The RMSNorm split around the call (``norm_producer_op`` / ``norm_consumer_op``): with ``res`` and ``gamma`` returns
@@ -585,7 +588,7 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     rt, warps, *rest = launch or launch_config(n, x2.shape[1], bits, m, elem=elem, post=post,
                                                fp16=x2.dtype == torch.float16)
     wr = rest[0] if rest else 1
-    if post and (m <= 8 or (rt == 2 and n % 32 == 0) or (bits == 4 and post16_one_tile())):
+    if post and (m <= 8 or (rt == 2 and n % 32 == 0)):
         sz, elem = sz_post, 3
     if res is not None or sq is not None:
         return extension().gemm_norm(x2, qw, qh, sz, bits, group, n, rt, warps, elem, wr, glu, res, gamma, sq, eps)
@@ -733,29 +736,6 @@ def set_post_scale(on) -> int:
     for A/B timing in one process (a captured CUDA graph keeps the kernels it was captured with)."""
     _post_rows[:] = [_post_rows_of(on)]
     return _post_rows[0]
-
-
-def post16_one_tile() -> bool:
-    """Whether 4-bit codes at M = 9..16 take the post-scale kernel at one row tile a warp too (off unless
-    ``LLMCOMP_MMA_POST16_ONE_TILE=1``; ``set_post16_one_tile`` for A/B). An experiment prepared in the forty-second
-    session, not timed yet: that kernel's lean build holds 72 registers (local ptxas, sm_90, bf16 and fp16, no spill)
-    — 7 blocks of 4 warps an SM — where the two-tile one holds 121, so on 28672 rows one tile at (1, 2, 2) would run
-    27 warps an SM in one wave against (2, 2, 2)'s 14. When it was last timed against the per-pair one-tile kernel
-    (before the lean loop) its 256-thread build spilled and lost (``gemm_tensors``). It changes only one-tile
-    launches — given explicitly (sweeps, ``launch_override``) or where the rows are not a multiple of 32 — since
-    ``launch_config`` gives two tiles there; a rule would come with the timing."""
-    if not _post16_one:
-        _post16_one.append(env_switch("LLMCOMP_MMA_POST16_ONE_TILE") is True)
-    return _post16_one[0]
-
-
-def set_post16_one_tile(on: bool) -> bool:
-    """Switch ``post16_one_tile`` for this process (A/B timing; captured graphs keep their kernels)."""
-    _post16_one[:] = [bool(on)]
-    return _post16_one[0]
-
-
-_post16_one: list = []  # [on] once read from the environment or set
 
 
 def dependent_launch() -> Optional[bool]:
