@@ -926,7 +926,6 @@ __global__ void __launch_bounds__(THREADS, MINB) uniform_mma_kernel_bounded(LLMC
 // STAGE: each warp's 16 rows x KBLK inputs go through shared memory, so that every store instruction writes whole
 // 128-byte lines (8 lanes a line). Unstaged, a lane writes its own LANE_K inputs of rows g and g + 8, so a store
 // instruction covers 8 rows and writes 16 of the 32 bytes of each sector it touches (dequant_stage(), uniform_mma.cu).
-// (2-bit layouts, staged: the 8 lanes of a shared-memory store phase meet in pairs on 4 bank groups.)
 constexpr int DQ_THREADS = 256;
 template <typename T, int BITS, int ELEM, bool STAGE>
 __global__ void __launch_bounds__(DQ_THREADS)
@@ -974,8 +973,12 @@ __global__ void __launch_bounds__(DQ_THREADS)
     }
   }
   // A warp's tile in shared memory: 16 rows of KBLK inputs, each row padded by 16 bytes (the 8 lanes of a store
-  // phase, rows g and g + 1 at c = 0..3, then hit 8 different 16-byte bank groups for 4-bit codes)
+  // phase, rows g and g + 1 at c = 0..3, then hit 8 different 16-byte bank groups for 4-bit codes). 2-bit layouts
+  // (SWZ: a lane's 4 chunks of 16 bytes, 64 bytes apart a lane) would meet in pairs, c and c + 2 on the same group:
+  // lanes c = 2, 3 store their chunk i in slot i ^ 2, which the copy out undoes (byte b of a row: b ^ 32 where b's
+  // bit 7 is set). H200: W3 4096² 11.41 -> 10.52 µs, W2 10.72 -> 10.36; larger shapes within 1 % (notes, s43).
   constexpr int ROW_B = KBLK * (int)sizeof(T), PITCH = ROW_B + 16;
+  constexpr bool SWZ = STAGE && LANE_K / 8 == 4 && sizeof(T) == 2;
   __shared__ __align__(16) char tiles[STAGE ? DQ_THREADS / 32 : 1][STAGE ? 16 * PITCH : 16];
   char* ws = tiles[STAGE ? threadIdx.x >> 5 : 0];
 #pragma unroll
@@ -984,7 +987,8 @@ __global__ void __launch_bounds__(DQ_THREADS)
                        : reinterpret_cast<uint4*>(w + (size_t)(row + 8 * h) * K + k_lane);
     auto u = [&](int i) { return *reinterpret_cast<const uint32_t*>(&rows[h][i]); };
 #pragma unroll
-    for (int i = 0; i < LANE_K / 8; ++i) dst[i] = make_uint4(u(4 * i), u(4 * i + 1), u(4 * i + 2), u(4 * i + 3));
+    for (int i = 0; i < LANE_K / 8; ++i)
+      dst[SWZ ? i ^ (c & 2) : i] = make_uint4(u(4 * i), u(4 * i + 1), u(4 * i + 2), u(4 * i + 3));
   }
   if constexpr (STAGE) {
     __syncwarp();
@@ -993,7 +997,7 @@ __global__ void __launch_bounds__(DQ_THREADS)
     for (int j = 0; j < 16 * ROW_B / 512; ++j) {  // 16 bytes a lane: whole rows, ROW_B / 16 lanes each
       const int at = j * 512 + lane * 16, r = at / ROW_B, b = at % ROW_B;
       *reinterpret_cast<uint4*>(tile_out + (size_t)r * K * sizeof(T) + b) =
-          *reinterpret_cast<const uint4*>(ws + r * PITCH + b);
+          *reinterpret_cast<const uint4*>(ws + r * PITCH + (SWZ ? b ^ ((b >> 2) & 32) : b));
     }
   }
 }
