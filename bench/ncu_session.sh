@@ -22,12 +22,14 @@ if [ -n "${FP16_SHAPES-28672x8192}" ]; then
 fi
 grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Issued Ipc Active|Issued Instructions  |Registers Per|Achieved Occupancy" \
   "$OUT/ncu_bf16.txt" | cut -c1-140
-# SOURCE=<kernel name regex>: one launch of it (the first shape, M=1) profiled with PC sampling, and its SASS with
-# the per-instruction stall samples as CSV (ncu_source_sass.csv) — which loads the warps wait on.
+# SOURCE=<kernel name regex>: one launch of it (the first shape, M = SOURCE_M, default 1) profiled with PC sampling,
+# and its SASS with the per-instruction stall samples as CSV (ncu_source_sass.csv) — which loads the warps wait on.
+# W4 at M = 16 on 28672 x 8192 (its (2, 2, 2) two-tile kernel; notes, forty-third session's Next):
+#   SHAPES=28672x8192 MS=4,16 FP16_SHAPES= SOURCE=uniform_mma_kernel SOURCE_M=16 bash bench/ncu_session.sh
 if [ -n "${SOURCE:-}" ]; then
   timeout ${NCU_S:-240} ncu --profile-from-start off --clock-control none --section SourceCounters \
     --section WarpStateStats -k "regex:${SOURCE}" -c 1 -f -o "$OUT/source" python3 bench/ncu_kernel.py \
-    --shapes "${SHAPES%%,*}" --ms 1 --format "${FORMAT:-uniform}" --copies "${COPIES:-16}" > "$OUT/ncu_source.log" 2>&1
+    --shapes "${SHAPES%%,*}" --ms "${SOURCE_M:-1}" --format "${FORMAT:-uniform}" --copies "${COPIES:-16}" > "$OUT/ncu_source.log" 2>&1
   echo "ncu source rc $?"
   ncu -i "$OUT/source.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_source_sass.csv" 2>&1
   echo "source csv rc $? lines $(wc -l < "$OUT/ncu_source_sass.csv")"; head -c 600 "$OUT/ncu_source_sass.csv"; rm -f "$OUT/source.ncu-rep"
