@@ -429,6 +429,12 @@ _EXTENSION_ERRORS = textwrap.dedent("""
     calls["gemm-post"] = lambda: ext.gemm(torch.zeros(1, 768, device="cuda", dtype=torch.bfloat16), prep["qw"],
                                           prep["qw"], uniform_cuda.scale_pairs(prep, torch.bfloat16), 4, prep["group"],
                                           64, 1, 8, 3, 1, 0)
+    fmt = Uniform(bits=4, group_size=128)  # the post-scale kernel at M = 9..16 with one row tile a warp: refused
+    p16 = uniform_cuda.prepare(fmt, {k: v.cuda() for k, v in fmt.pack(rtn_fields(torch.randn(64, 768), fmt)).items()},
+                               768)
+    calls["gemm-post16"] = lambda: ext.gemm(torch.zeros(12, 768, device="cuda", dtype=torch.bfloat16), p16["qw"],
+                                            p16["qw"], uniform_cuda.scale_pairs(p16, torch.bfloat16, post=True), 4,
+                                            p16["group"], 64, 1, 8, 3, 1, 0)
     for name, call in calls.items():
         try:
             call()
@@ -451,3 +457,5 @@ def test_extension_checks_raise():
     for name in ("gemm-k", "gemm-n"):  # (bench/ext_probe.py made these calls on the H200: both raised)
         assert f"{name} raised: shape not supported by the mma kernel" in r.stdout, r.stdout
     assert "gemm-post raised: the post-scale kernel needs groups of whole kblocks" in r.stdout, r.stdout
+    want = "gemm-post16 raised: the fp32 post-scale kernel at M = 9..16 takes two row tiles a warp"
+    assert want in r.stdout, r.stdout

@@ -976,7 +976,8 @@ __global__ void __launch_bounds__(DQ_THREADS)
   // phase, rows g and g + 1 at c = 0..3, then hit 8 different 16-byte bank groups for 4-bit codes). 2-bit layouts
   // (SWZ: a lane's 4 chunks of 16 bytes, 64 bytes apart a lane) would meet in pairs, c and c + 2 on the same group:
   // lanes c = 2, 3 store their chunk i in slot i ^ 2, which the copy out undoes (byte b of a row: b ^ 32 where b's
-  // bit 7 is set). H200: W3 4096² 11.41 -> 10.52 µs, W2 10.72 -> 10.36; larger shapes within 1 % (notes, s43).
+  // bit 7 is set). H200: W3 4096² 11.41 -> 10.52 µs, the larger shapes ~2 % faster; W2 4096² 10.72 -> 10.36, the
+  // larger ones within the runs' spread (±2 %) (other runs of the same kernel: notes, forty-third session).
   constexpr int ROW_B = KBLK * (int)sizeof(T), PITCH = ROW_B + 16;
   constexpr bool SWZ = STAGE && LANE_K / 8 == 4 && sizeof(T) == 2;
   __shared__ __align__(16) char tiles[STAGE ? DQ_THREADS / 32 : 1][STAGE ? 16 * PITCH : 16];
@@ -1145,7 +1146,9 @@ void dispatch_mt(const torch::Tensor& x, const torch::Tensor& qw, const torch::T
   } else if constexpr (ELEM == 3) {
     TORCH_CHECK(M <= 16, "the fp32 post-scale kernel takes at most 16 rows of x");
     if (M <= 8) return tiles(One{});
-    return tiles(std::integral_constant<int, 2>{});
+    // M = 9..16: two row tiles a warp only (one tile lost everywhere on the H200, forty-third session; gemm_tensors)
+    TORCH_CHECK(two, "the fp32 post-scale kernel at M = 9..16 takes two row tiles a warp (rt = 2, rows % 32 == 0)");
+    return launch_mma<T, BITS, ELEM, 2, 2>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
   } else if constexpr (is_vq(ELEM)) {  // codebook weights: one row tile a warp
     TORCH_CHECK(cb != nullptr, "codebook weights need their codebooks");
     if (M <= 8) return launch_mma<T, BITS, ELEM, 1, 1>(x, qw, qh, sz, out, group, warps, wr, cb, cb1_at, epi);
