@@ -1,5 +1,6 @@
-"""Prefill above M = 64 (dequantize, then cuBLAS) split into row chunks, an experiment (forty-second session; not run
-yet). At M = 256 cuBLAS on the bf16 weight is compute-bound on an H200 (~590 TFLOP/s on 28672 x 8192) and the
+"""Prefill above M = 64 (dequantize, then cuBLAS) split into row chunks, an experiment (forty-second session; run in
+the forty-third: small gains on 28672 x 8192 only, not built into the layer; prefill_chunks_*_h200_s43.json). At
+M = 256 cuBLAS on the bf16 weight is compute-bound on an H200 (~590 TFLOP/s on 28672 x 8192) and the
 dequantize kernel is memory-bound (84-92 % of its bytes since its stores were staged), so run one after the other
 they add up (W4 layer 0.58-0.66x bf16). Here the weight's rows are cut into ``chunks`` pieces: each piece is
 dequantized (the kernel layout's row tiles and scale rows are contiguous slices), then multiplied — in order on one

@@ -573,9 +573,10 @@ def gemm_tensors(x2, qw, qh, sz, sz_post, bits: int, group: int, n: int, elem: i
     bench/results/kernels_h200_post16.json, µs against the per-pair-scale kernel: two row tiles 4096² M=16 7.14 /
     7.43, 4096 × 14336 16.25 / 17.00, 28672 × 8192 56.89 / 59.17, 28672 × 4096 32.78 / 32.88; one tile — where its
     256-thread bf16 build spills — 14336 × 4096 18.35 / 17.44, 6144 × 4096 10.05 / 9.57; its lean build, 72
-    registers, at M = 12 / 16 on one-tile launches 0.94–1.14× the per-pair kernel's time with one warp a row group,
-    up to 1.44× with K split over 2–4 warps, and behind the picked two tiles on all six shapes, e.g. 28672 × 8192
-    M=12 (1, 2, 2) 56.19 against (2, 2, 2) 48.12:
+    registers, at M = 12 / 16 on one-tile launches took 0.94–1.14× the per-pair kernel's time with one row group a
+    block ((1, 4, 1), (1, 8, 1)), up to 1.44× with 2–4 row groups a block, and stayed behind the picked two tiles on
+    all six shapes at M = 12 and five at M = 16 (28672 × 8192 not reached), e.g. 28672 × 8192 M=12 (1, 2, 2) 56.19
+    against (2, 2, 2) 48.12:
     sweep_w4_post16_one_tile_{0,1}_h200_s43.json.) 3-bit codes take it at
     M ≤ 8 only: their two-tile kernel at M = 9..16 spills in its 512-thread build, 0.80–0.88× the per-pair kernel
     (H200, W3 g128 bf16, bench/results/w3_post_ab_alt_h200_s36.json).
