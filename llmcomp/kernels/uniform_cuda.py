@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from llmcomp.kernels.switches import env_off, env_switch
+from llmcomp.kernels.switches import env_off
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("uniform_mma.cu", "mma_int4.cu", "mma_int2.cu", "mma_int3.cu", "mma_e2m1.cu", "mma_e2m1b.cu", "mma_vq.cu",
