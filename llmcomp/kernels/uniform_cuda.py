@@ -45,7 +45,6 @@ E2M1_BIAS = {torch.float16: 14, torch.bfloat16: 126}  # the kernel's e2m1 bit mo
 # most relative exponents a row's multipliers may span). A byte's scale is 2^(E0 − bias + rel) · (1 + f/8): bf16
 # puts e2m1(q) · 2^-126 times it in [2^-32, 22.5]; fp16 keeps e2m1(q) · 2^-14 times it exact (≥ 2^-19) and finite.
 E2M1_BYTE = {torch.bfloat16: (222, 127, 31), torch.float16: (11, 15, 19)}
-E2M1_ELEMS = (1, 9)  # the kernel's E2M1 kinds: 16-bit block scales, byte block scales
 
 
 def layout_bits(bits: int) -> int:
@@ -424,7 +423,7 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
         return (2, 4, 4) if bits == 3 else (2, 4, 2)
     if m <= 16:  # very many rows: two tiles a warp, at M <= 8 for the 4-bit layouts only (see above)
         very_many = n // 32 >= 6 * sms and (m > 8 or layout_bits(bits) == 4)
-        if elem in E2M1_ELEMS and m > 8 and n % 32 == 0 and not very_many:
+        if elem == 1 and m > 8 and n % 32 == 0 and not very_many:
             # E2M1 with 16-bit block scales (elem 1; byte scales: _e2m1_byte_m16_launch) at M = 9..16 after its bit
             # move (H200 sweeps kernels_sweep_{mxfp4,nvfp4}_m16_h200_s35.json): two tiles, x read once a block of 2
             # row groups on many rows (MXFP4 14336 x 4096 17.94 us against 19.27 with one tile x 4 warps), 8 warps
