@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call (prepared in the forty-second session, run in the forty-third: prefill_chunks_*_h200_s43.json): the prefill layer above M = 64 in row pieces, in
-# order and with the next piece's dequantize on a second stream (bench/prefill_chunks.py), W4 then MXFP4, M = 256 and
-# 1024; then the dequantize A/B rows the forty-second session did not reach.
+# One device call (prepared in the forty-second session, run in the forty-third: prefill_chunks_*_h200_s43.json): the
+# prefill layer above M = 64 in row pieces, in order and with the next piece's dequantize on a second stream
+# (bench/prefill_chunks.py), W4 then MXFP4, M = 256 and 1024; then the dequantize A/B rows the forty-second session
+# did not reach.
 #   bash bench/prefill_session.sh   (on the GPU machine; $OUT)   Knobs: CHUNK_S, AB_S (seconds; 0 skips each)
 set -u
 . bench/session_common.sh
