@@ -645,41 +645,6 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
         uc.set_lean(bool(lean_before))
 
 
-@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=256),
-                                 Uniform(bits=4, group_size=0)], ids=lambda f: f.describe())
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_xstage16_gives_the_same_bits(fmt, dtype):
-    """``set_xstage16``: the M = 9..16 post-scale kernel with x staged in shared memory, one chunk a K slice, gives
-    the unstaged kernel's bits — one and two warps a row group, several row groups a block, warps' ranges whole
-    rounds or not (odd kblocks a warp, a slice ending mid-round), a last row group with no rows, GLU — and the
-    profiler sees the staged kernel where it applies (at most four warps a row group), the unstaged one elsewhere."""
-    from llmcomp.kernels import uniform_cuda as uc
-
-    if uc.extension() is None:
-        pytest.skip("CUDA extension could not be built here")
-    before = (uc.xstage16(), uc.scale_early(), uc.scale_early16(), uc.lean())
-    for on in (uc.set_lean, uc.set_scale_early, uc.set_scale_early16):  # (the staged kernel is their kind)
-        on(True)
-    try:  # (224 rows: the last block's last row group has no rows; 4864 inputs: 19 kblocks)
-        shapes = [(256, 1536), (512, 4864), (2048, 4096), (224, 1536)]
-        for where, _, calls in _post_scale_cases(fmt, dtype, shapes, [9, 12, 16]):
-            for launch in [(2, 1, 4), (2, 2, 2), (2, 1, 1), (2, 2, 4), (2, 4, 1), (2, 4, 2), (2, 8, 1)]:
-                _switch_keeps_bits(uc.set_xstage16, calls(launch), (*where, launch))
-        _, t, g = _layer(fmt, 2048, 4096, 5)
-        args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
-        x = torch.randn(16, 4096, generator=g).to("cuda", dtype)
-        names = _mma_kernel_names(lambda: [uc.gemm_tensors(x, *args, launch=launch)
-                                           for launch in [(2, 2, 2), (2, 1, 4), (2, 4, 1), (2, 8, 1)]])
-        assert len(names) == 4, names
-        staged = [", 3, true, false, true, true>" in name for name in names]
-        assert staged == [True, True, True, False], names
-    finally:
-        uc.set_xstage16(bool(before[0]))
-        uc.set_scale_early(bool(before[1]))
-        uc.set_scale_early16(bool(before[2]))
-        uc.set_lean(bool(before[3]))
-
-
 @pytest.mark.parametrize("fmt", [MXFP4(), NVFP4(), FP4(group_size=128), FP4(group_size=0)],
                          ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

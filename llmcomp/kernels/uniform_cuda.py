@@ -803,21 +803,6 @@ def set_scale_early16(on: bool) -> Optional[bool]:
     return _ext_switch("set_scale_early16", on)
 
 
-def xstage16() -> Optional[bool]:
-    """Off unless ``LLMCOMP_MMA_XSTAGE16=1``: the M = 9..16 post-scale kernel (two row tiles a warp, ``scale_early16``)
-    stages x in shared memory a round ahead, one chunk a K slice, at launches of at most four warps a row group (the
-    kernel above M = 16 stages x so at one warp a row group). Under A/B: its PC sampling on 28672 × 8192 M = 16 had
-    the first mma of each kblock waiting on its x loads in ~31 % of the warps' stall samples (forty-fourth session,
-    bench/results/kernels_h200_notes.md). The same bits (``test_xstage16_gives_the_same_bits``). None without the
-    extension."""
-    return _ext_switch("xstage16")
-
-
-def set_xstage16(on: bool) -> Optional[bool]:
-    """Switch ``xstage16`` for this process (A/B timing); graphs captured before keep their kernels."""
-    return _ext_switch("set_xstage16", on)
-
-
 def e2m1_lean() -> Optional[bool]:
     """On unless ``LLMCOMP_MMA_E2M1_LEAN=0``: the E2M1 kernels (mxfp4, nvfp4, fp4) at M ≤ 8 with 256-thread blocks
     (not the 512-thread ones: warps × row groups = 16) run the lean loop the post-scale kernels run (``lean``: the

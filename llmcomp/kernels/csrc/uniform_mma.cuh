@@ -112,9 +112,6 @@ bool set_scale_early(bool on);
 // LLMCOMP_MMA_SCALE_EARLY16=0; set_scale_early16 for A/B.
 bool scale_early16();
 bool set_scale_early16(bool on);
-// Off unless LLMCOMP_MMA_XSTAGE16=1: the M = 9..16 post-scale kernel with x staged in shared memory (XS); set for A/B.
-bool xstage16();
-bool set_xstage16(bool on);
 // Whether the E2M1 kernels at M <= 8 with 256-thread blocks run lean (LEAN in mma_kernel_body, as the post-scale
 // kernels: the weights through per-tile pointers, x's and the scales' row pointers in registers). On unless
 // LLMCOMP_MMA_E2M1_LEAN=0; set_e2m1_lean for A/B.
@@ -787,40 +784,35 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   // post-scale loop, one 4-byte word a pair of kblocks and row half, they are faster: SE), an L2 prefetch of the
   // next round, double-buffered rounds, and a cp.async ring in shared memory (each: more registers or more load
   // instructions per byte).
-  // XS: x staged in shared memory a round ahead by cp.async, shared by the block's row groups, so a kblock's x loads
-  // wait on shared memory instead of L2 — above M = 16 with one warp a row group over all of K, and in the M = 9..16
-  // post-scale kernel (xstage16()) with the warps of a group splitting K: one chunk a K slice (warp & (wk - 1)).
-  // Every warp runs the same rounds (the block's barriers), a slice's last ones past its kblocks doing no math.
-  // (KS: K slices, the M = 9..16 form; above M = 16 the one-slice code as it was, its registers unchanged)
-  constexpr bool KS = XS && MT <= 2;
+  // XS (M > 16, one warp a row group over all of K): x staged in shared memory a round ahead by cp.async, shared by
+  // the block's row groups, so a kblock's x loads wait on shared memory instead of L2. (Staged so at M = 9..16 too,
+  // the warps of a group splitting K and one chunk a K slice, it was slower at every launch tried on an H200: 28672 x
+  // 8192 M=16 66.6 against 49.5 µs at (2, 2, 2), 14336 x 4096 34.8 against 15.5 at (2, 4, 1) — record commit
+  // 030302f, forty-fourth session, bench/results/kernels_h200_notes.md.)
   constexpr int CH = U * KBLK, CHP = CH + 8;  // inputs a round; padded row (16 bytes) against bank conflicts
   T* xs = reinterpret_cast<T*>(cb_s);
-  const int wk = KS ? 1 << wk_log : 1, slice = (MT * 8) * CHP;
-  const int rounds = XS ? ((KS ? kb_per_warp : KB) + U - 1) / U : 0;
+  const int rounds = XS ? (KB + U - 1) / U : 0;
   auto stage_x = [&](int rd) {
-    T* dst = xs + (rd & 1) * wk * slice;
-    for (int s = 0; s < wk; ++s) {
-      const int k0 = (s * kb_per_warp + rd * U) * KBLK, k1 = KS ? min(K, min(KB, (s + 1) * kb_per_warp) * KBLK) : K;
-      for (int i = threadIdx.x; i < M * (CH / 8); i += blockDim.x) {
-        const int tok = i / (CH / 8), k = (KS ? k0 : rd * CH) + (i % (CH / 8)) * 8;
-        if (k < k1) cp_async16(dst + s * slice + tok * CHP + (k - (KS ? k0 : rd * CH)), x + (size_t)tok * K + k);
-      }
+    T* dst = xs + (rd & 1) * (MT * 8) * CHP;
+    for (int i = threadIdx.x; i < M * (CH / 8); i += blockDim.x) {
+      const int tok = i / (CH / 8), k = rd * CH + (i % (CH / 8)) * 8;
+      if (k < K) cp_async16(dst + tok * CHP + (k - rd * CH), x + (size_t)tok * K + k);
     }
     cp_async_commit();
   };
-  bool waited = false;  // grid_dep_wait once the first round's weight loads are in flight (KS too)
-  if constexpr (XS && !KS) {
+  bool waited = false;  // grid_dep_wait once the first round's weight loads are in flight
+  if constexpr (XS) {
     grid_dep_wait();
     waited = true;
     stage_x(0);
   }
   // LEAN: each row tile's weights through a pointer advanced a round, instead of a 64-bit index computed a load
   // (the loop's SASS recomputed it from the thread index: ~16 instructions a row tile and round)
-  static_assert(!(LEAN && has_high_plane(ELEM)), "the lean pointers serve one-plane kernels");
+  static_assert(!(LEAN && (XS || has_high_plane(ELEM))), "the lean pointers serve unstaged one-plane kernels");
   const uint4* wp[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) wp[r] = qw + ((size_t)(tile0 + r) * KB + kb0) * 32 + lane;
-  for (int kb = XS && !KS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
+  for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
     uint4 wv[U][R];
     uint2 hv[U][R];
 #pragma unroll
@@ -848,9 +840,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
         const int grp = group_of((kb + u) * KBLK, gmagic);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          // (a pair past the warp's kblocks: its group may be past the row; with K slices a warp's last rounds, and
-          // a row group with no rows, can be past them from u = 0)
-          if ((u == 0 && !KS) || kb + u < kb1) {
+          if (u == 0 || kb + u < kb1) {  // (a pair past the warp's kblocks: its group may be past the row)
             se[u][r][0] = load_scale_raw<0>(sz_row, r * 16 * G + grp);
             se[u][r][1] = load_scale_raw<0>(sz_row, (r * 16 + 8) * G + grp);
           } else {
@@ -865,7 +855,6 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       grid_dep_wait();
       waited = true;
       if constexpr (NORM) norm_stage<T>(epi, stage, M, N, rows0, rowsb);
-      if constexpr (KS) stage_x(0);
     }
     if constexpr (XS) {
       if (rd + 1 < rounds) stage_x(rd + 1);
@@ -879,7 +868,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       opaque(x_lane);
       opaque(sz_row);
     }
-    const T* xl = XS ? xs + ((rd & 1) * wk + (warp & (wk - 1))) * slice + min(g, M - 1) * CHP + c * LANE_K : x_lane;
+    const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (kb + u >= kb1) break;
@@ -1079,13 +1068,6 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
         if (early && scale_early16())
           kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
                       : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
-        // xstage16(): x staged as above M = 16 (XS), one chunk a K slice, at most four warps a row group (two buffers
-        // of 16 padded rows of 264 inputs a slice: 17 KB a warp splitting K)
-        if (early && scale_early16() && xstage16() && warps <= 4) {
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, true, false, true, true>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, true, false, true, true>;
-          smem += 2 * (size_t)warps * (MT * 8) * (S::U * KBLK + 8) * sizeof(T);
-        }
       }
       if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
         if (early && norm)
