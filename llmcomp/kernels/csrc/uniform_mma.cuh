@@ -786,8 +786,8 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   // instructions per byte).
   // XS (M > 16, one warp a row group over all of K): x staged in shared memory a round ahead by cp.async, shared by
   // the block's row groups, so a kblock's x loads wait on shared memory instead of L2. (Staged so at M = 9..16 too,
-  // the warps of a group splitting K and one chunk a K slice, it was slower at every launch tried on an H200: 28672 x
-  // 8192 M=16 66.6 against 49.5 µs at (2, 2, 2), 14336 x 4096 34.8 against 15.5 at (2, 4, 1) — record commit
+  // the warps of a group splitting K and one chunk a K slice, it was slower at every launch the rule picks on an H200:
+  // 28672 x 8192 M=16 66.6 against 49.5 µs at (2, 2, 2), 14336 x 4096 34.8 against 15.5 at (2, 4, 1) — record commit
   // 030302f, forty-fourth session, bench/results/kernels_h200_notes.md.)
   constexpr int CH = U * KBLK, CHP = CH + 8;  // inputs a round; padded row (16 bytes) against bank conflicts
   T* xs = reinterpret_cast<T*>(cb_s);
