@@ -202,18 +202,17 @@ def _packed_for(name: str, n: int, k: int):
     from llmcomp.formats.pyramid import Pyramid
     from llmcomp.quant.fp4 import fp4_fields
 
-    if name in ("w2", "w3", "w4"):
-        fmt = Uniform(bits=int(name[1]), group_size=128)
-        w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
-        return fmt, fmt.pack(rtn_fields(w, fmt))
     if name in CODEBOOK_FORMATS:
         fmt = codebook_format(name)
         return fmt, random_codebook(fmt, n, k, n + k, "cuda")
     if name in PYRAMID_FORMATS:
         fmt = Pyramid(dim=64, pulses=PYRAMID_FORMATS[name], norm_bits=8)
         return fmt, random_pyramid(fmt, n, k, n + k, "cuda", PYRAMID_TAIL)
-    fmt = FORMATS.get(name)()
     w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
+    if name in ("w2", "w3", "w4"):
+        fmt = Uniform(bits=int(name[1]), group_size=128)
+        return fmt, fmt.pack(rtn_fields(w, fmt))
+    fmt = FORMATS.get(name)()
     return fmt, fmt.pack(fp4_fields(w, fmt))
 
 
