@@ -8,5 +8,15 @@ set -u
 . bench/session_common.sh
 TAIL=3 run ${TEST_S:-150} w3_lean_tests.log python3 -m pytest -q -rf -m cuda tests/test_kernels_cuda.py \
   -k "w3_lean or post_scale or every_launch"
+# the same tests with the switch on: the lean kernels against the reference too
+TAIL=3 run ${TEST_S:-150} w3_lean_on_tests.log env LLMCOMP_MMA_W3_LEAN=1 python3 -m pytest -q -rf -m cuda \
+  tests/test_kernels_cuda.py -k "post_scale or every_launch or register_bound"
 step ${AB_S:-240} python3 bench/kernel_ab.py --knob w3lean --bits 3 --ms 1,4,8 --out "$OUT/kernels_ab_w3lean.json"
-grep -E "speedup|roofline_pct" "$OUT/session.log" | cut -c1-170
+python3 - "$OUT/kernels_ab_w3lean.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d["shapes"]:
+    print(r["N"], r["K"], r["M"], r["w3lean_0_us"], r["w3lean_1_us"], r["speedup"])
+for r in d["layer_chain"]:
+    print(r["linears"], r["M"], {k: v for k, v in r.items() if k.endswith("_us")})
+PY

@@ -112,7 +112,8 @@ bool set_scale_early(bool on);
 // LLMCOMP_MMA_SCALE_EARLY16=0; set_scale_early16 for A/B.
 bool scale_early16();
 bool set_scale_early16(bool on);
-// Off unless LLMCOMP_MMA_W3_LEAN=1: the 3-bit post-scale kernels (kind 8) run the lean loop too (with lean()); A/B.
+// Off unless LLMCOMP_MMA_W3_LEAN=1: the plain 3-bit post-scale kernels (kind 8) of at most 256 threads run the lean
+// loop too (with lean()); A/B.
 bool w3_lean();
 bool set_w3_lean(bool on);
 // Whether the E2M1 kernels at M <= 8 with 256-thread blocks run lean (LEAN in mma_kernel_body, as the post-scale
@@ -123,8 +124,8 @@ bool set_e2m1_lean(bool on);
 // Whether the 3-bit post-scale kernel (ELEM 8) at one row tile x 4 warps (128 threads) runs an instantiation bounded
 // to 7 blocks an SM (72 registers) where the unbounded one holds more (sm_90: fp16 75, the norm epilogue's bf16 73,
 // so 6 blocks an SM) or the bound measured ahead (the fp16 norm epilogue's, 67). Not the bf16 plain kernel: it holds
-// 72, and bounded it spilled and lost (H200, kernels_h200_notes.md thirty-ninth session). On unless
-// LLMCOMP_MMA_BOUND7=0; set_bound7 for A/B.
+// 72, and bounded it spilled and lost (H200, kernels_h200_notes.md thirty-ninth session) — but under w3_lean() its
+// lean build (75 unbounded) is bounded, 72 with no spill. On unless LLMCOMP_MMA_BOUND7=0; set_bound7 for A/B.
 bool bound7();
 bool set_bound7(bool on);
 // Whether the lean two-tile post-scale kernels (ELEM 3, M <= 8) at 4 warps run instantiations bounded to 7 blocks an
@@ -812,7 +813,8 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   // LEAN: each row tile's weights through a pointer advanced a round, instead of a 64-bit index computed a load
   // (the loop's SASS recomputed it from the thread index: ~16 instructions a row tile and round)
   // (and the 3-bit codes' high-bit plane through a pointer of its own, hp)
-  static_assert(!(LEAN && (XS || (has_high_plane(ELEM) && ELEM != 8))), "the lean pointers serve unstaged kernels");
+  static_assert(!(LEAN && (XS || (has_high_plane(ELEM) && ELEM != 8))),
+                "the lean pointers serve unstaged kernels of one plane, or 3-bit codes' two");
   const uint4* wp[R];
   const uint2* hp[R];
 #pragma unroll
@@ -1103,28 +1105,22 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
         }
       }
     }
-    // w3_lean(): 3-bit codes (kind 8) through the lean loop too, the high-bit plane through its own pointers
-    if constexpr (ELEM == 8) {
-      if (lean() && w3_lean()) {
-        if (norm)
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true>;
-        else
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
-      }
+    // w3_lean(): 3-bit codes (kind 8) through the lean loop too, the high-bit plane through its own pointers — the
+    // plain kernels of at most 256 threads only, what its A/B times (sm_90: the 512-thread fp16 build spills lean)
+    if constexpr (ELEM == 8 && MT == 1) {
+      if (lean() && w3_lean() && !norm && !wide)
+        kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
     }
   }
   // bound7(): one tile x 4 warps at 72 registers, 7 blocks an SM (on 14336 rows: 924 slots for 896 blocks, one wave)
   if constexpr (ELEM == 8 && MT == 1 && R == 1) {
     if (threads == 128 && bound7()) {
-      const bool thin = lean() && w3_lean();
       if (norm) {
-        kern = thin ? uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, true, true, false, 7>
-                    : uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, true, false, false, 7>;
-      } else if (std::is_same_v<T, __half> || thin) {  // (bf16 plain: 72 unbounded, lean 75 — bounded lean)
-        kern = thin ? uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, false, true, false, 7>
-                    : uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, false, false, false, 7>;
+        kern = uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, true, false, false, 7>;
+      } else if (lean() && w3_lean()) {  // (bf16 too: lean it holds 75 unbounded, 72 bounded with no spill)
+        kern = uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, false, true, false, 7>;
+      } else if constexpr (std::is_same_v<T, __half>) {
+        kern = uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, false, false, false, 7>;
       }
     }
   }
