@@ -645,6 +645,40 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
         uc.set_lean(bool(lean_before))
 
 
+@pytest.mark.parametrize("fmt", [Uniform(bits=3, group_size=128), Uniform(bits=3, group_size=256),
+                                 Uniform(bits=3, group_size=0)], ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_w3_lean_gives_the_same_bits(fmt, dtype):
+    """``set_w3_lean``: the plain 3-bit post-scale kernels (kind 8) through the lean loop — the high-bit plane through
+    its own pointers — give the bits of the plain loop: plain and GLU (the norm split's calls and the 512-thread
+    launches stay as they were: same bits too), one and two row tiles, warps' ranges whole rounds or not, a last row
+    group with no rows; and the profiler sees the lean kernels run where they apply, bounded at 128 threads."""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    if uc.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    before, lean_before = uc.w3_lean(), uc.lean()
+    uc.set_lean(True)
+    try:  # (224 rows: the last block's last row group has no rows; 4864 inputs: 38 kblocks)
+        shapes = [(256, 1536), (2048, 4096), (512, 4864), (224, 1536)]
+        for where, _, calls in _post_scale_cases(fmt, dtype, shapes, [1, 3, 8]):
+            for launch in [None, (1, 4, 1), (1, 8, 1), (1, 16, 1), (2, 4, 1), (2, 8, 1), (2, 16, 1), (1, 1, 2),
+                           (1, 2, 2), (2, 2, 2), (1, 2, 4)]:
+                _switch_keeps_bits(uc.set_w3_lean, calls(launch), (*where, launch))
+        uc.set_w3_lean(True)
+        _, t, g = _layer(fmt, 2048, 4096, 3)
+        args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
+        x = torch.randn(1, 4096, generator=g).to("cuda", dtype)
+        names = _mma_kernel_names(lambda: [uc.gemm_tensors(x, *args, launch=launch)
+                                           for launch in [(1, 4, 1), (1, 8, 1), (2, 4, 1)]])
+        lean, bounded = ", 8, false, false, true, false>", "_bounded<"
+        assert len(names) == 3 and all(lean in name or ", 8, false, true, false, 7>" in name for name in names), names
+        assert [bounded in name for name in names] == [bool(uc.bound7()), False, False], names
+    finally:
+        uc.set_w3_lean(bool(before))
+        uc.set_lean(bool(lean_before))
+
+
 @pytest.mark.parametrize("fmt", [MXFP4(), NVFP4(), FP4(group_size=128), FP4(group_size=0)],
                          ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -723,7 +757,8 @@ def test_register_bound_gives_the_same_bits(fmt, dtype):
         names = _mma_kernel_names(lambda: [uc.gemm_tensors(x, *args, launch=launch)
                                            for launch in [(tiles, 4, 1), (tiles, 8, 1), (3 - tiles, 4, 1)]]
                                   + [uc.gemm_tensors(x, *args, launch=(tiles, 4, 1), res=res, gamma=gamma)])
-        plain, norm = (fp16, True) if three else (fp16, fp16) if fmt.bits == 4 else (True, True)
+        plain, norm = ((fp16 or bool(uc.lean() and uc.w3_lean())), True) if three else (fp16, fp16) \
+            if fmt.bits == 4 else (True, True)
         assert ["kernel_bounded" in n for n in names] == [plain, False, False, norm], names
     finally:
         set_bound(bool(before))

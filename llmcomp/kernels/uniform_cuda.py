@@ -803,6 +803,21 @@ def set_scale_early16(on: bool) -> Optional[bool]:
     return _ext_switch("set_scale_early16", on)
 
 
+def w3_lean() -> Optional[bool]:
+    """Off unless ``LLMCOMP_MMA_W3_LEAN=1``: with ``lean`` on, the plain 3-bit post-scale kernels (kind 8, M ≤ 8; not
+    the norm epilogues', not the 512-thread builds) run the lean loop as the 4-bit ones do — the weights and the
+    high-bit plane through one pointer each a row tile, advanced a round; x's and the scales' row pointers in
+    registers; at 128 threads bounded to 72 registers (``bound7``). Under A/B (forty-fourth session's Next: W3 M = 1
+    on 28672 × 8192 at 59 % of its roofline; kind 8 was the one post-scale kernel left out of the lean loop). The
+    same bits (``test_w3_lean_gives_the_same_bits``). None without the extension."""
+    return _ext_switch("w3_lean")
+
+
+def set_w3_lean(on: bool) -> Optional[bool]:
+    """Switch ``w3_lean`` for this process (A/B timing); graphs captured before keep their kernels."""
+    return _ext_switch("set_w3_lean", on)
+
+
 def e2m1_lean() -> Optional[bool]:
     """On unless ``LLMCOMP_MMA_E2M1_LEAN=0``: the E2M1 kernels (mxfp4, nvfp4, fp4) at M ≤ 8 with 256-thread blocks
     (not the 512-thread ones: warps × row groups = 16) run the lean loop the post-scale kernels run (``lean``: the
@@ -842,6 +857,7 @@ def bound7() -> Optional[bool]:
     bf16 GLU consumer 15.74 → 13.45; M=3 fp16 18.44 → 13.47; the fp16 epilogues (67 registers, 7 blocks already)
     13.14 → 12.97 and 13.26 → 13.05; on 28672 × 4096 from 0.1 % slower to 2.6 % faster. The bf16 plain kernel (72
     registers) stays unbounded: bounded it spilled 8 bytes and lost (12.43 → 12.97 µs, 28672 rows 21.37 → 22.46).
+    Under ``w3_lean`` the bf16 plain kernel's lean build (75 registers unbounded) is bounded too, 72 with no spill.
     The same bits (``test_register_bound_gives_the_same_bits``). None without the extension."""
     return _ext_switch("bound7")
 

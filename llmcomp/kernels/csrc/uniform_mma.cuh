@@ -112,6 +112,10 @@ bool set_scale_early(bool on);
 // LLMCOMP_MMA_SCALE_EARLY16=0; set_scale_early16 for A/B.
 bool scale_early16();
 bool set_scale_early16(bool on);
+// Off unless LLMCOMP_MMA_W3_LEAN=1: the plain 3-bit post-scale kernels (kind 8) of at most 256 threads run the lean
+// loop too (with lean()); A/B.
+bool w3_lean();
+bool set_w3_lean(bool on);
 // Whether the E2M1 kernels at M <= 8 with 256-thread blocks run lean (LEAN in mma_kernel_body, as the post-scale
 // kernels: the weights through per-tile pointers, x's and the scales' row pointers in registers). On unless
 // LLMCOMP_MMA_E2M1_LEAN=0; set_e2m1_lean for A/B.
@@ -120,8 +124,8 @@ bool set_e2m1_lean(bool on);
 // Whether the 3-bit post-scale kernel (ELEM 8) at one row tile x 4 warps (128 threads) runs an instantiation bounded
 // to 7 blocks an SM (72 registers) where the unbounded one holds more (sm_90: fp16 75, the norm epilogue's bf16 73,
 // so 6 blocks an SM) or the bound measured ahead (the fp16 norm epilogue's, 67). Not the bf16 plain kernel: it holds
-// 72, and bounded it spilled and lost (H200, kernels_h200_notes.md thirty-ninth session). On unless
-// LLMCOMP_MMA_BOUND7=0; set_bound7 for A/B.
+// 72, and bounded it spilled and lost (H200, kernels_h200_notes.md thirty-ninth session) — but under w3_lean() its
+// lean build (75 unbounded) is bounded, 72 with no spill. On unless LLMCOMP_MMA_BOUND7=0; set_bound7 for A/B.
 bool bound7();
 bool set_bound7(bool on);
 // Whether the lean two-tile post-scale kernels (ELEM 3, M <= 8) at 4 warps run instantiations bounded to 7 blocks an
@@ -708,7 +712,7 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
   }
   // (post-scale groups are whole kblocks: the lane's offset in the kblock cannot change its group, and LEAN leaves it
   // out — ptxas rebuilt it from the thread index a kblock)
-  const int grp = group_of(kb * KBLK + (LEAN && ELEM == 3 ? 0 : c * LANE_K), gmagic);
+  const int grp = group_of(kb * KBLK + (LEAN && is_post(ELEM) ? 0 : c * LANE_K), gmagic);
   if constexpr (is_post(ELEM)) {
     static_assert(MT <= 2, "the fp32 post-scale path serves M <= 16");
 #pragma unroll
@@ -808,10 +812,16 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
   }
   // LEAN: each row tile's weights through a pointer advanced a round, instead of a 64-bit index computed a load
   // (the loop's SASS recomputed it from the thread index: ~16 instructions a row tile and round)
-  static_assert(!(LEAN && (XS || has_high_plane(ELEM))), "the lean pointers serve unstaged one-plane kernels");
+  // (and the 3-bit codes' high-bit plane through a pointer of its own, hp)
+  static_assert(!(LEAN && (XS || (has_high_plane(ELEM) && ELEM != 8))),
+                "the lean pointers serve unstaged kernels of one plane, or 3-bit codes' two");
   const uint4* wp[R];
+  const uint2* hp[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) wp[r] = qw + ((size_t)(tile0 + r) * KB + kb0) * 32 + lane;
+  for (int r = 0; r < R; ++r) {
+    wp[r] = qw + ((size_t)(tile0 + r) * KB + kb0) * 32 + lane;
+    if constexpr (has_high_plane(ELEM)) hp[r] = qh + ((size_t)(tile0 + r) * KB + kb0) * 32 + lane;
+  }
   for (int kb = XS ? 0 : kb0, rd = 0; XS ? rd < rounds : kb < kb1; kb += U, ++rd) {
     uint4 wv[U][R];
     uint2 hv[U][R];
@@ -822,12 +832,15 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
         if (kb + u < kb1) {
           const size_t at = ((size_t)(tile0 + r) * KB + kb + u) * 32 + lane;
           wv[u][r] = ld_stream(LEAN ? wp[r] + u * 32 : qw + at);
-          if constexpr (has_high_plane(ELEM)) hv[u][r] = ld_stream2(qh + at);
+          if constexpr (has_high_plane(ELEM)) hv[u][r] = ld_stream2(LEAN ? hp[r] + u * 32 : qh + at);
           else hv[u][r] = make_uint2(0, 0);
         }
     if constexpr (LEAN) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) wp[r] += U * 32;
+      for (int r = 0; r < R; ++r) {
+        wp[r] += U * 32;
+        if constexpr (has_high_plane(ELEM)) hp[r] += U * 32;
+      }
     }
     // SE: the round's scale words in flight with its weights, one load a pair of kblocks (launch_mma takes SE only
     // where each pair is in one group: kb even and groups of whole pairs, or one group a row). (The E2M1 kernels
@@ -1045,7 +1058,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
     TORCH_CHECK(is_post(ELEM) && MT == 1, "the norm epilogue runs in the post-scale kernel at M <= 8 only");
   }
   if constexpr (is_post(ELEM)) {  // the post-scale kernels (M <= 16): the norm epilogue (M <= 8), lean (lean())
-    // (3-bit codes, ELEM 8: not lean — the lean loop's weight pointers leave out the high-bit plane)
+    // (3-bit codes, ELEM 8: lean only under w3_lean(), below)
     const bool wide = threads > S::THREADS, thin = ELEM == 3 && lean();
     if constexpr (MT == 1) {
       if (norm)
@@ -1092,12 +1105,20 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
         }
       }
     }
+    // w3_lean(): 3-bit codes (kind 8) through the lean loop too, the high-bit plane through its own pointers — the
+    // plain kernels of at most 256 threads only, what its A/B times (sm_90: the 512-thread fp16 build spills lean)
+    if constexpr (ELEM == 8 && MT == 1) {
+      if (lean() && w3_lean() && !norm && !wide)
+        kern = uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true>;
+    }
   }
   // bound7(): one tile x 4 warps at 72 registers, 7 blocks an SM (on 14336 rows: 924 slots for 896 blocks, one wave)
   if constexpr (ELEM == 8 && MT == 1 && R == 1) {
     if (threads == 128 && bound7()) {
       if (norm) {
         kern = uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, true, false, false, 7>;
+      } else if (lean() && w3_lean()) {  // (bf16 too: lean it holds 75 unbounded, 72 bounded with no spill)
+        kern = uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, false, true, false, 7>;
       } else if constexpr (std::is_same_v<T, __half>) {
         kern = uniform_mma_kernel_bounded<T, BITS, MT, R, S::U, 128, ELEM, false, false, false, 7>;
       }
