@@ -804,12 +804,13 @@ def set_scale_early16(on: bool) -> Optional[bool]:
 
 
 def w3_lean() -> Optional[bool]:
-    """Off unless ``LLMCOMP_MMA_W3_LEAN=1``: with ``lean`` on, the plain 3-bit post-scale kernels (kind 8, M ≤ 8; not
+    """On unless ``LLMCOMP_MMA_W3_LEAN=0``: with ``lean`` on, the plain 3-bit post-scale kernels (kind 8, M ≤ 8; not
     the norm epilogues', not the 512-thread builds) run the lean loop as the 4-bit ones do — the weights and the
     high-bit plane through one pointer each a row tile, advanced a round; x's and the scales' row pointers in
-    registers; at 128 threads bounded to 72 registers (``bound7``). Under A/B (forty-fourth session's Next: W3 M = 1
-    on 28672 × 8192 at 59 % of its roofline; kind 8 was the one post-scale kernel left out of the lean loop). The
-    same bits (``test_w3_lean_gives_the_same_bits``). None without the extension."""
+    registers; at 128 threads bounded to 72 registers (``bound7``). H200, bf16, ``bench/kernel_ab.py --knob w3lean
+    --bits 3`` (bench/results/kernels_ab_w3lean_h200_s45.json): 28672 × 8192 M=4 40.54 → 38.60 µs, 14336 × 4096
+    M=1 12.49 → 12.03; from 1.4 % slower (4096 × 4096 M=1) to 5 % faster over six shapes at M = 1, 4, 8. The same
+    bits (``test_w3_lean_gives_the_same_bits``). None without the extension."""
     return _ext_switch("w3_lean")
 
 

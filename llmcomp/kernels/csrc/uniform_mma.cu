@@ -88,8 +88,10 @@ static Switch scale_early_switch{"LLMCOMP_MMA_SCALE_EARLY", true};
 // On unless LLMCOMP_MMA_SCALE_EARLY16=0 (uniform_mma.cuh). The compiled 8B W4 decode at batch 16 on an H200: 2.68
 // ms a step against 2.80 without, the same build (thirtieth session; kernels_h200_notes.md).
 static Switch scale_early16_switch{"LLMCOMP_MMA_SCALE_EARLY16", true};
-// Off unless LLMCOMP_MMA_W3_LEAN=1 (uniform_mma.cuh): under A/B.
-static Switch w3_lean_switch{"LLMCOMP_MMA_W3_LEAN", false};
+// On unless LLMCOMP_MMA_W3_LEAN=0 (uniform_mma.cuh). H200, W3 bf16 (forty-fifth session, kernel_ab --bits 3): 28672 x
+// 8192 M=4 40.54 -> 38.60 µs, 14336 x 4096 M=1 12.49 -> 12.03, the fused layer chain at M=4 50.12 -> 49.18; from 1.4 %
+// slower (4096 x 4096 M=1, 5.67 -> 5.75) to 5 % faster over six shapes at M = 1, 4, 8.
+static Switch w3_lean_switch{"LLMCOMP_MMA_W3_LEAN", true};
 // On unless LLMCOMP_MMA_E2M1_LEAN=0 (uniform_mma.cuh).
 static Switch e2m1_lean_switch{"LLMCOMP_MMA_E2M1_LEAN", true};
 // On unless LLMCOMP_MMA_BOUND7=0 (uniform_mma.cuh). H200, W3 14336 x 4096 M=1 at one tile x 4 warps: fp16 15.76 ->
@@ -321,7 +323,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_scale_early16", &set_scale_early16, "the M = 9..16 post-scale kernels load a round's scales early, or not");
   m.def("scale_early16", &scale_early16, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY16=0)");
   m.def("set_w3_lean", &set_w3_lean, "the 3-bit post-scale kernels run the lean loop, or not");
-  m.def("w3_lean", &w3_lean, "whether they do (off unless LLMCOMP_MMA_W3_LEAN=1)");
+  m.def("w3_lean", &w3_lean, "whether they do (on unless LLMCOMP_MMA_W3_LEAN=0)");
   m.def("scale_early", &scale_early, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY=0)");
   m.def("lean", &lean, "whether the post-scale kernels (M <= 16) run their lean instantiations (LLMCOMP_MMA_LEAN)");
   m.def("pdl", &pdl, "whether the GEMMs launch with programmatic stream serialization (sm_90+, LLMCOMP_PDL)");

@@ -112,8 +112,8 @@ bool set_scale_early(bool on);
 // LLMCOMP_MMA_SCALE_EARLY16=0; set_scale_early16 for A/B.
 bool scale_early16();
 bool set_scale_early16(bool on);
-// Off unless LLMCOMP_MMA_W3_LEAN=1: the plain 3-bit post-scale kernels (kind 8) of at most 256 threads run the lean
-// loop too (with lean()); A/B.
+// On unless LLMCOMP_MMA_W3_LEAN=0: the plain 3-bit post-scale kernels (kind 8) of at most 256 threads run the lean
+// loop too (with lean()); set_w3_lean for A/B.
 bool w3_lean();
 bool set_w3_lean(bool on);
 // Whether the E2M1 kernels at M <= 8 with 256-thread blocks run lean (LEAN in mma_kernel_body, as the post-scale
