@@ -10,7 +10,7 @@ set -u
 TAIL=3 run ${TEST_S:-150} scale_pair_tests.log python3 -m pytest -q -rf -m cuda tests/test_kernels_cuda.py \
   -k "scale_pair or scale_early or post_scale"
 step ${AB_S:-200} python3 bench/kernel_ab.py --knob pair --ms 1,4,8,16 --out "$OUT/kernels_ab_pair.json"
-python3 - "$OUT/kernels_ab_pair.json" <<'PY'
+[ -f "$OUT/kernels_ab_pair.json" ] && python3 - "$OUT/kernels_ab_pair.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 for r in d["shapes"]:

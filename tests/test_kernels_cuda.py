@@ -652,8 +652,8 @@ def test_scale_pair_matches_the_unpaired_kernel(fmt, dtype):
     """``set_scale_pair``: the plain early-scale kernels summing each pair of kblocks before scaling it give the
     unpaired kernels' outputs up to fp32 rounding — at most 2 units in the last place of the output type, or 1e-5 of
     the call's largest output (sums that cancel) — plain and GLU, M = 1..16, one- and two-tile launches, warps' ranges
-    ending mid-round or mid-pair (76 kblocks over 8 warps; per-channel 24 over 16); the norm split's kernels keep
-    their bits; and the profiler sees the pair kernels run where they apply."""
+    ending mid-round, or per-channel starting and ending mid-pair (76 kblocks over 4 or 16 warps); the norm split's
+    kernels keep their bits; and the profiler sees the pair kernels run where they apply."""
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:

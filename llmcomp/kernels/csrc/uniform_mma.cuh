@@ -114,7 +114,8 @@ bool scale_early16();
 bool set_scale_early16(bool on);
 // Off unless LLMCOMP_MMA_SCALE_PAIR=1: the plain (no norm epilogue) early-scale kernels (scale_early, scale_early16)
 // sum each pair of kblocks, one group, before scaling it into the accumulators (PAIR in mma_kernel_body): half the
-// scale fmas; the same sums up to fp32 rounding. Under A/B.
+// scale fmas; the same sums up to fp32 rounding. Not where bound7_r2 bounds a kernel (fp16, two tiles x 4 warps,
+// M <= 8). Under A/B.
 bool scale_pair();
 bool set_scale_pair(bool on);
 // On unless LLMCOMP_MMA_W3_LEAN=0: the plain 3-bit post-scale kernels (kind 8) of at most 256 threads run the lean
@@ -929,7 +930,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       opaque(sz_row);
     }
     const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
-    if constexpr (PAIR) {  // (pairs never straddle rounds: kb0 even, U even)
+    if constexpr (PAIR) {  // (pairs (kb + u, kb + u + 1), u even, never straddle rounds: U is even)
       static_assert(SE && !XS && !NORM, "scale pairs: the plain early-scale kernels");
 #pragma unroll
       for (int u = 0; u < U; u += 2) {
