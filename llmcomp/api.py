@@ -323,6 +323,26 @@ def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, ove
                           overwrite=overwrite, dtype=store_dtype)
 
 
+def context_limit(p) -> int:
+    """The model's context in tokens (``max_position_embeddings``); 0 where its config does not say or cannot be
+    read (loading the model reports the latter)."""
+    from transformers import AutoConfig
+
+    try:
+        return int(getattr(AutoConfig.from_pretrained(p), "max_position_embeddings", 0) or 0)
+    except (OSError, ValueError, TypeError, KeyError):
+        return 0
+
+
+def check_window(net, seq_len: int) -> None:
+    """UserError when an evaluation window of ``seq_len`` tokens does not fit the loaded model's context (checked
+    after loading, so that a damaged model or artifact is reported first)."""
+    limit = int(getattr(net.config, "max_position_embeddings", 0) or 0)
+    if limit and seq_len > limit:
+        raise UserError(f"A window of {seq_len} tokens (--seq-len) is longer than the model's context ({limit} "
+                        "tokens).")
+
+
 def check_long_lengths(limit: int, context: int, passkey_lengths=(), passkey_samples: int = 1) -> None:
     """UserError when a window or a retrieval prompt (plus its generated answer) does not fit the model's
     context of ``limit`` tokens (0 = unknown, nothing checked)."""
@@ -346,11 +366,8 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
     from llmcomp.eval.longctx import long_context_eval
     from llmcomp.prune.kv.cache import installed_policy
 
-    from transformers import AutoConfig
-
     p = model_mod.resolve(path, progress.note)
-    limit = int(getattr(AutoConfig.from_pretrained(p), "max_position_embeddings", 0) or 0)
-    check_long_lengths(limit, context, passkey_lengths, passkey_samples)
+    check_long_lengths(context_limit(p), context, passkey_lengths, passkey_samples)
     net, tok, base, stages = open_model(p, progress=progress, device=default_device(device))
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
@@ -414,6 +431,7 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
                      progress: Progress = NULL) -> Reference:
     """Run the reference (original) model once; its log-probs go to disk (see eval/agreement.py)."""
     net, tok, _, _ = open_model(path, progress=progress, **_placement(device, device_map, max_memory, offload_folder))
+    check_window(net, seq_len)
     if tok is None:
         raise UserError(f"{path} has no tokenizer files; evaluation needs one.")
     windows = eval_windows(tok, seq_len, n_windows)
@@ -438,6 +456,7 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     p = model_mod.resolve(path, progress.note)
     net, tok, base, stages = open_model(p, progress=progress, **_placement(device, device_map, max_memory,
                                                                           offload_folder))
+    check_window(net, seq_len)
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
     start = time.perf_counter()
@@ -508,6 +527,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
                                                             config.seed, progress, check=distill.check_model)
     key = resume.fingerprint(config=to_dict(config), model=str(model), weights=_weights_key(net), samples=calib_samples,
                              seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
+    distill.check_layers(net, config)  # (before the resume directory exists)
     checkpoint = resume.for_output(output, key, progress.note)
     stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)
     layout, report = distill.linearize_model(net, ids, stream, config, device=default_device(device),

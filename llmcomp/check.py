@@ -69,6 +69,8 @@ def read_baseline(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise UserError(f"Baseline {path} does not exist; create it with --update.")
+    if path.is_dir():
+        raise UserError(f"Baseline {path} is a directory; give the baseline JSON file (--baseline).")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):

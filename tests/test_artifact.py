@@ -116,6 +116,79 @@ def test_corrupt_manifest_json(art):
         llmcomp.load(art)
 
 
+def _rehash(art, name="model.safetensors"):
+    """The manifest's digest of ``name`` made to match its (edited) bytes: damage the hash check cannot see."""
+    p = art / "llmcomp.json"
+    m = json.loads(p.read_text())
+    m["files"][name] = artifact_mod.sha256_file(art / name)
+    p.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_damaged_weights_behind_a_matching_hash_are_a_user_error(art, damage):
+    f = art / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 64 + data[64:])
+    _rehash(art)
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        llmcomp.load(art)
+    from llmcomp.report import _stored_dtypes
+
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        _stored_dtypes(art, torch.nn.Module())
+
+
+def test_tensor_of_the_wrong_shape_is_a_user_error(art):
+    from safetensors.torch import load_file, save_file
+
+    f = art / "model.safetensors"
+    tensors = load_file(str(f))
+    key = next(k for k in tensors if k.endswith("down_proj.weight_scale"))
+    tensors[key] = tensors[key][:, :1].contiguous()
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    _rehash(art)
+    with pytest.raises(UserError, match=f"{key} in model.safetensors has shape"):
+        llmcomp.load(art)
+
+
+def test_weights_without_a_checksum_refused(art):
+    p = art / "llmcomp.json"
+    m = json.loads(p.read_text())
+    del m["files"]["model.safetensors"]
+    p.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="no checksum for model.safetensors"):
+        llmcomp.load(art)
+
+
+@pytest.mark.parametrize("spec", [{"_type": "Bogus4"}, "uniform", None])
+def test_manifest_module_without_a_valid_format_refused(art, spec):
+    p = art / "llmcomp.json"
+    m = json.loads(p.read_text())
+    m["modules"][next(iter(m["modules"]))] = spec
+    p.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="has no valid format"):
+        read_manifest(art)
+
+
+def test_manifest_that_is_not_an_object_refused(art):
+    (art / "llmcomp.json").write_text("[1, 2, 3]")
+    with pytest.raises(UserError, match="not a JSON object"):
+        read_manifest(art)
+
+
+def test_output_that_is_a_file_refused_even_with_overwrite(tiny_model_dir, tmp_path):
+    f = tmp_path / "afile.txt"
+    f.write_text("keep me")
+    with pytest.raises(UserError, match="is a file"):
+        api.quantize(W4, f, str(tiny_model_dir), overwrite=True)
+    assert f.read_text() == "keep me"
+
+
+def test_quantizing_a_quantized_artifact_says_so(art, tmp_path):
+    with pytest.raises(UserError, match="quantized already"):
+        api.quantize(W4, tmp_path / "again", str(art))
+
+
 def test_output_exists_refused_and_overwrite(art, tiny_model_dir):
     with pytest.raises(UserError, match="already exists"):
         api.quantize(W4, art, str(tiny_model_dir))

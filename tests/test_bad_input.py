@@ -125,7 +125,12 @@ def test_quantize_flags(model_dir, tmp_path, flags, message):
     (["eval", "--batch-size", "0"], "--batch-size"),
     (["eval", "--device", "tpu"], "--device 'tpu'"),
     (["prune", "kv", "--method", "cskv", "--device", "npu"], "--device 'npu'"),
-], ids=["eval-batch-size", "eval-device", "prune-kv-device"])
+    (["prune", "kv", "--ratio", "1.5"], "--ratio must be in [0, 1), got 1.5"),
+    (["prune", "kv", "--k-ratio", "-0.5"], "--k-ratio must be in [0, 1)"),
+    (["prune", "kv", "--method", "cskv", "--ratio", "0.5", "--seq-len", "1"], "--seq-len must be an integer ≥ 2"),
+    (["prune", "kv", "--method", "duo", "--ratio", "0.5", "--seq-len", "32"], "--seq-len must be an integer ≥ 64"),
+], ids=["eval-batch-size", "eval-device", "prune-kv-device", "kv-ratio", "kv-k-ratio", "cskv-seq-len",
+        "duo-seq-len"])
 def test_other_commands_check_their_flags(model_dir, tmp_path, args, message):
     """Flags checked before any work, with the one error line (these raised tracebacks from inside torch)."""
     out = ["-o", tmp_path / "o"] if args[0] == "prune" else []
@@ -276,8 +281,13 @@ def test_eval_errors(artifact, tmp_path):
     (["--max-memory", "cpu=1"], "pass --offload-folder"),
     (["--max-memory", "cpu=x"], "is not a size"),
     (["--long", "--max-memory", "cpu=1GiB"], "--long runs the model on one --device"),
+    (["--offload-folder", "OUT/afile.txt"], "is a file; give a directory"),
+    (["--seq-len", "257", "--windows", "1"], "longer than the model's context (256 tokens)"),
+    (["--seq-len", "257", "--windows", "1", "--reference", "base"], "longer than the model's context (256 tokens)"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_eval_placement_errors(artifact, flags, message):
+def test_eval_placement_errors(artifact, tmp_path, flags, message):
+    (tmp_path / "afile.txt").write_text("x")
+    flags = [f.replace("OUT", str(tmp_path)) for f in flags]
     assert message in error_line(invoke("eval", artifact, *flags))
 
 
@@ -291,6 +301,8 @@ def test_check_baseline_errors(artifact, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     error_line(invoke("check", artifact, "--baseline", bad))
+    assert "is a directory; give the baseline JSON file" in error_line(invoke("check", artifact, "--baseline",
+                                                                              tmp_path))
 
 
 def test_report_paths_are_checked_first(artifact, tmp_path):

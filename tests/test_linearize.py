@@ -241,6 +241,7 @@ def test_cli_bad_input(tmp_path):
     assert "not a token count" in _error(invoke("linearize", src, "-o", out, "--tokens", "lots"))
     assert "out of range" in _error(invoke("linearize", src, "-o", out, "--keep-layers", "0,7", "--calib-samples", 1,
                                            "--seq-len", 16, "--device", "cpu"))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".resume")]  # (no job left to resume)
     cfg = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, vocab_size=300, head_dim=16)
     qwen3 = _model_dir(tmp_path, "qwen3", Qwen3ForCausalLM(cfg))

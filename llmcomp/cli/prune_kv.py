@@ -48,7 +48,24 @@ def build_kv_policy(method: str, **flags):
                  "calib_seq_len": given.get("seq_len"),
                  "activation_aware": False if given.get("weights_only") else None},
     }[method]
-    return cls(**{k: v for k, v in fields.items() if v is not None})
+    try:
+        return cls(**{k: v for k, v in fields.items() if v is not None})
+    except UserError as e:  # the policy's checks name its fields; say which flag instead
+        field, _, rest = str(e).partition(" ")
+        if field not in fields:
+            raise
+        raise UserError(f"{_flag(field, given)} {rest}") from None
+
+
+def _flag(field: str, given: dict) -> str:
+    """The command-line flag a policy field was set from (build_kv_policy's table, read backwards)."""
+    if field in ("k_sparsity", "k_ratio", "v_sparsity", "v_ratio"):
+        own = field[0] + "_ratio"
+        name = own if own in given else "ratio"
+    else:
+        name = {"streaming": "ratio", "calib_steps": "calib_samples", "calib_seq_len": "seq_len",
+                "residual": "window"}.get(field, field)
+    return "--" + name.replace("_", "-")
 
 
 def kv(

@@ -15,6 +15,7 @@ Manifest (``llmcomp.json``)::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmcomp.core.config import from_dict, to_dict
@@ -175,7 +176,9 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{mpath} is corrupt (not valid JSON).") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mpath} is corrupt: the manifest is not a JSON object.")
+    version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise UserError(f"{mpath} has schema version {version!r}; this llmcomp reads version {SCHEMA_VERSION}.")
     for key, kind in (("files", dict), ("modules", dict), ("stages", list), ("base_model", dict)):
@@ -185,11 +188,24 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
             raise UserError(f"{mpath} is corrupt: {key!r} is not a JSON {'object' if kind is dict else 'array'}.")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
         raise UserError(f"{mpath} is corrupt: 'files' must map file names to sha256 strings.")
+    for name, spec in manifest["modules"].items():  # (each a format the loader can build)
+        try:
+            if not (isinstance(spec, dict) and isinstance(spec.get("_type"), str)):
+                raise UserError("not a format object")
+            from_dict(spec)
+        except (UserError, TypeError, ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"{mpath} is corrupt: module {name!r} has no valid format ({e}).") from None
     for i, stage in enumerate(manifest["stages"], 1):
         if not (isinstance(stage, dict) and isinstance(stage.get("method"), str)
                 and isinstance(stage.get("config", {}), dict) and isinstance(stage.get("metrics", {}), dict)):
             raise UserError(f"{mpath} is corrupt: stage {i} needs a 'method' name and 'config' / 'metrics' objects.")
     if verify:
+        # (the writer lists every file it wrote: weights, index and config unlisted mean an edited artifact)
+        unlisted = [f.name for f in sorted(path.iterdir()) if f.is_file() and f.name not in manifest["files"]
+                    and (f.suffix == ".safetensors" or f.name in (INDEX, "config.json"))]
+        if unlisted:
+            raise UserError(f"{mpath} has no checksum for {unlisted[0]}: the artifact was edited or is incomplete; "
+                            "re-create or re-copy it.")
         for name, digest in manifest["files"].items():
             f = path / name
             if not f.exists():
@@ -214,9 +230,23 @@ def record_evaluation(path: Path, result: dict) -> None:
 def weight_files(path: Path) -> list[Path]:
     path = Path(path)
     if (path / INDEX).exists():
-        index = json.loads((path / INDEX).read_text())
-        return [path / f for f in sorted(set(index["weight_map"].values()))]
+        try:
+            index = json.loads((path / INDEX).read_text())
+            return [path / f for f in sorted(set(index["weight_map"].values()))]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{path / INDEX} is corrupt (not a safetensors index).") from None
     return [path / "model.safetensors"]
+
+
+@contextlib.contextmanager
+def open_weights(f: Path):
+    """``safe_open`` of an artifact's weights file for reading; a damaged file (a bad header, cut short) is a
+    UserError naming it (the sha256 check catches damage first, where the manifest has the file's digest)."""
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            yield sf
+    except SafetensorError as e:
+        raise UserError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]}).") from None
 
 
 def build_skeleton(path: Path, manifest: dict):
@@ -252,14 +282,19 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     model, hooks = build_skeleton(path, manifest)
-    expected = set(model.state_dict().keys())
+    expected = {k: t.shape for k, t in model.state_dict().items()}
     loaded = set()
     for f in weight_files(path):
-        with safe_open(str(f), framework="pt") as sf:
+        if not f.exists():
+            raise UserError(f"Artifact file {f} is missing.")
+        with open_weights(f) as sf:
             for key in sf.keys():
                 if key not in expected:
                     raise UserError(f"Artifact tensor {key} in {f.name} does not belong to the model.")
                 value = sf.get_tensor(key)
+                if value.shape != expected[key]:
+                    raise UserError(f"Artifact tensor {key} in {f.name} has shape {list(value.shape)}; the model "
+                                    f"expects {list(expected[key])}.")
                 if dtype is not None and value.is_floating_point() and not _is_packed_field(key, model):
                     value = value.to(dtype)
                 set_module_tensor_to_device(model, key, "cpu", value=value)

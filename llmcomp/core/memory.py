@@ -215,6 +215,8 @@ def resolve_placement(device: Optional[str], device_map, max_memory, offload_fol
         device_map = dm
     if device_map is not None and device is not None:
         raise UserError("--device and --device-map both place the model; pass one of them.")
+    if offload_folder is not None and Path(offload_folder).exists() and not Path(offload_folder).is_dir():
+        raise UserError(f"--offload-folder {offload_folder} is a file; give a directory (it is created if missing).")
     if (limits or offload_folder) and device_map not in (None, "auto"):
         raise UserError("--max-memory and --offload-folder apply to --device-map auto, "
                         f"not {device_map if isinstance(device_map, str) else 'an explicit map'}.")

@@ -28,6 +28,8 @@ def check_output(output, overwrite: bool, source=None) -> Path:
     """``output`` as a Path; refused where it exists (without ``overwrite``) or would replace ``source`` (the
     artifact a command reads: the output is that directory or a folder above it)."""
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"Output {output} is a file; the output is a directory — choose another path.")
     if output.exists() and not overwrite:
         raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
     if source is not None and Path(source).exists() and (

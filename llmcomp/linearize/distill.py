@@ -294,6 +294,12 @@ def _load_transfer(path, model: nn.Module, spec: StudentSpec) -> tuple[dict[int,
     return students, errors
 
 
+def check_layers(model: nn.Module, config: LinearizeConfig) -> None:
+    """An out-of-range ``--keep-layers`` fails before any work (api.linearize calls it before the resume
+    directory exists)."""
+    choose_softmax_layers({}, len(decoder_layers(model)[1]), config)
+
+
 def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, config: LinearizeConfig, *,
                     device, progress: Progress = NULL, checkpoint: Optional[resume.Checkpoint] = None
                     ) -> tuple[list[str], dict]:
@@ -302,7 +308,7 @@ def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, c
     spec = config.spec()
     model.requires_grad_(False)
     _, layers = decoder_layers(model)
-    choose_softmax_layers({}, len(layers), config)  # an out-of-range --keep-layers fails before any work
+    check_layers(model, config)
     saved = checkpoint.dir / "transfer.safetensors" if checkpoint is not None else None
     if saved is not None and saved.exists():
         progress.note("Resuming: attention transfer already done")

@@ -158,6 +158,11 @@ def quantize_model(
     # there after its decoder layer went home — one original layer per finished layer).
     chosen = [n for n, m in select(model, config.targets, config.ignore) if isinstance(m, nn.Linear)]
     if not chosen:
+        done = sum(isinstance(m, QuantLinear) for m in model.modules())
+        if done:
+            raise UserError(f"No unquantized layer matches targets {list(config.targets)} (minus ignore "
+                            f"{list(config.ignore)}): the model's {done} linear layers are quantized already; "
+                            "quantize the original model instead.")
         raise UserError(f"No layer matches targets {list(config.targets)} (minus ignore {list(config.ignore)}).")
     report: dict = {}
     start = time.perf_counter()

@@ -142,16 +142,15 @@ def _linears(model):
 def _stored_dtypes(path: Path, skeleton) -> None:
     """Give the skeleton's unquantized linears the dtype their weights are stored in (headers only)."""
     import torch
-    from safetensors import safe_open
     from torch import nn
 
-    from llmcomp.core.artifact import weight_files
+    from llmcomp.core.artifact import open_weights, weight_files
 
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
     stored: dict[str, Optional[torch.dtype]] = {}
     for f in weight_files(path):
         if f.exists():
-            with safe_open(str(f), framework="pt") as sf:
+            with open_weights(f) as sf:
                 stored.update({k: dtypes.get(sf.get_slice(k).get_dtype()) for k in sf.keys() if k.endswith(".weight")})
     for name, mod in skeleton.named_modules():
         if type(mod) is nn.Linear and stored.get(name + ".weight") is not None:
