@@ -160,7 +160,7 @@ def test_weights_without_a_checksum_refused(art):
         llmcomp.load(art)
 
 
-@pytest.mark.parametrize("spec", [{"_type": "Bogus4"}, "uniform", None])
+@pytest.mark.parametrize("spec", [{"_type": "Bogus4"}, "uniform", None, {"_type": "RTNConfig"}])
 def test_manifest_module_without_a_valid_format_refused(art, spec):
     p = art / "llmcomp.json"
     m = json.loads(p.read_text())
@@ -168,6 +168,16 @@ def test_manifest_module_without_a_valid_format_refused(art, spec):
     p.write_text(json.dumps(m))
     with pytest.raises(UserError, match="has no valid format"):
         read_manifest(art)
+
+
+@pytest.mark.parametrize("name", ["model.nope", "model.norm"])
+def test_manifest_module_that_is_not_a_linear_layer_refused(art, name):
+    p = art / "llmcomp.json"
+    m = json.loads(p.read_text())
+    m["modules"][name] = next(iter(m["modules"].values()))
+    p.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="is not a linear layer of the model"):
+        llmcomp.load(art)
 
 
 def test_manifest_that_is_not_an_object_refused(art):
@@ -182,11 +192,19 @@ def test_output_that_is_a_file_refused_even_with_overwrite(tiny_model_dir, tmp_p
     with pytest.raises(UserError, match="is a file"):
         api.quantize(W4, f, str(tiny_model_dir), overwrite=True)
     assert f.read_text() == "keep me"
+    with pytest.raises(UserError, match="which is a file"):
+        api.quantize(W4, f / "sub" / "out", str(tiny_model_dir))
 
 
-def test_quantizing_a_quantized_artifact_says_so(art, tmp_path):
+def test_quantizing_a_quantized_artifact_says_so(art, tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="quantized already"):
         api.quantize(W4, tmp_path / "again", str(art))
+    partial = api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*layers\\.0\\.mlp\\..*",)),
+                           tmp_path / "partial", str(tiny_model_dir))
+    with pytest.raises(UserError, match="No layer matches targets") as e:
+        api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*nonexistent",)),
+                     tmp_path / "again2", str(partial))
+    assert "quantized already" not in str(e.value)
 
 
 def test_output_exists_refused_and_overwrite(art, tiny_model_dir):
@@ -234,3 +252,15 @@ def test_model_path_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a model directory"):
         api.quantize(W4, tmp_path / "o", str(tmp_path / "empty"))
+
+
+def test_config_context_counts_rope_scaling():
+    from types import SimpleNamespace
+
+    from llmcomp.api import config_context
+
+    assert config_context(SimpleNamespace(max_position_embeddings=4096)) == 4096
+    assert config_context(SimpleNamespace(max_position_embeddings=4096,
+                                          rope_scaling={"rope_type": "yarn", "factor": 4.0})) == 16384
+    assert config_context(SimpleNamespace(max_position_embeddings=4096, rope_scaling={"rope_type": "llama3"})) == 4096
+    assert config_context(SimpleNamespace()) == 0
