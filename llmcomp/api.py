@@ -340,7 +340,10 @@ def config_context(config) -> int:
     limit = int(getattr(config, "max_position_embeddings", 0) or 0)
     scaling = getattr(config, "rope_scaling", None)
     factor = scaling.get("factor") if isinstance(scaling, dict) else None
-    return int(limit * factor) if isinstance(factor, (int, float)) and factor > 1 else limit
+    if not (isinstance(factor, (int, float)) and factor > 1):
+        return limit
+    base = scaling.get("original_max_position_embeddings")  # (Llama 3.1's limit already counts the factor)
+    return max(limit, int((base if isinstance(base, int) and base > 0 else limit) * factor))
 
 
 def check_window(net, seq_len: int) -> None:

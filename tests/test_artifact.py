@@ -263,4 +263,6 @@ def test_config_context_counts_rope_scaling():
     assert config_context(SimpleNamespace(max_position_embeddings=4096,
                                           rope_scaling={"rope_type": "yarn", "factor": 4.0})) == 16384
     assert config_context(SimpleNamespace(max_position_embeddings=4096, rope_scaling={"rope_type": "llama3"})) == 4096
+    llama31 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    assert config_context(SimpleNamespace(max_position_embeddings=131072, rope_scaling=llama31)) == 131072
     assert config_context(SimpleNamespace()) == 0
