@@ -101,11 +101,16 @@ def test_missing_manifest_falls_back_or_errors(art):
         read_manifest(art)
 
 
-def test_unknown_schema_version(art):
+def _edit_manifest(art, change):
+    """``change(manifest)`` applied to the artifact's llmcomp.json (not a hashed file)."""
     p = art / "llmcomp.json"
     m = json.loads(p.read_text())
-    m["schema_version"] = 99
+    change(m)
     p.write_text(json.dumps(m))
+
+
+def test_unknown_schema_version(art):
+    _edit_manifest(art, lambda m: m.update(schema_version=99))
     with pytest.raises(UserError, match="schema version 99"):
         llmcomp.load(art)
 
@@ -118,10 +123,7 @@ def test_corrupt_manifest_json(art):
 
 def _rehash(art, name="model.safetensors"):
     """The manifest's digest of ``name`` made to match its (edited) bytes: damage the hash check cannot see."""
-    p = art / "llmcomp.json"
-    m = json.loads(p.read_text())
-    m["files"][name] = artifact_mod.sha256_file(art / name)
-    p.write_text(json.dumps(m))
+    _edit_manifest(art, lambda m: m["files"].update({name: artifact_mod.sha256_file(art / name)}))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header"])
@@ -152,30 +154,21 @@ def test_tensor_of_the_wrong_shape_is_a_user_error(art):
 
 
 def test_weights_without_a_checksum_refused(art):
-    p = art / "llmcomp.json"
-    m = json.loads(p.read_text())
-    del m["files"]["model.safetensors"]
-    p.write_text(json.dumps(m))
+    _edit_manifest(art, lambda m: m["files"].pop("model.safetensors"))
     with pytest.raises(UserError, match="no checksum for model.safetensors"):
         llmcomp.load(art)
 
 
 @pytest.mark.parametrize("spec", [{"_type": "Bogus4"}, "uniform", None, {"_type": "RTNConfig"}])
 def test_manifest_module_without_a_valid_format_refused(art, spec):
-    p = art / "llmcomp.json"
-    m = json.loads(p.read_text())
-    m["modules"][next(iter(m["modules"]))] = spec
-    p.write_text(json.dumps(m))
+    _edit_manifest(art, lambda m: m["modules"].update({next(iter(m["modules"])): spec}))
     with pytest.raises(UserError, match="has no valid format"):
         read_manifest(art)
 
 
 @pytest.mark.parametrize("name", ["model.nope", "model.norm"])
 def test_manifest_module_that_is_not_a_linear_layer_refused(art, name):
-    p = art / "llmcomp.json"
-    m = json.loads(p.read_text())
-    m["modules"][name] = next(iter(m["modules"].values()))
-    p.write_text(json.dumps(m))
+    _edit_manifest(art, lambda m: m["modules"].update({name: next(iter(m["modules"].values()))}))
     with pytest.raises(UserError, match="is not a linear layer of the model"):
         llmcomp.load(art)
 
