@@ -329,18 +329,30 @@ def context_limit(p) -> int:
     from transformers import AutoConfig
 
     try:
-        return int(getattr(AutoConfig.from_pretrained(p), "max_position_embeddings", 0) or 0)
+        return config_context(AutoConfig.from_pretrained(p))
     except (OSError, ValueError, TypeError, KeyError):
         return 0
+
+
+def config_context(config) -> int:
+    """``max_position_embeddings`` of a model config, times its RoPE scaling factor where it has one (YaRN and the
+    like run past it); 0 where the config does not say."""
+    limit = int(getattr(config, "max_position_embeddings", 0) or 0)
+    scaling = getattr(config, "rope_scaling", None)
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if not (isinstance(factor, (int, float)) and factor > 1):
+        return limit
+    base = scaling.get("original_max_position_embeddings")  # (Llama 3.1's limit already counts the factor)
+    return max(limit, int((base if isinstance(base, int) and base > 0 else limit) * factor))
 
 
 def check_window(net, seq_len: int) -> None:
     """UserError when an evaluation window of ``seq_len`` tokens does not fit the loaded model's context (checked
     after loading, so that a damaged model or artifact is reported first)."""
-    limit = int(getattr(net.config, "max_position_embeddings", 0) or 0)
+    limit = config_context(net.config)
     if limit and seq_len > limit:
-        raise UserError(f"A window of {seq_len} tokens (--seq-len) is longer than the model's context ({limit} "
-                        "tokens).")
+        raise UserError(f"Evaluation windows of {seq_len} tokens are longer than the model's context ({limit} "
+                        "tokens); use shorter windows (--seq-len).")
 
 
 def check_long_lengths(limit: int, context: int, passkey_lengths=(), passkey_samples: int = 1) -> None:

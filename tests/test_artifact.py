@@ -101,11 +101,16 @@ def test_missing_manifest_falls_back_or_errors(art):
         read_manifest(art)
 
 
-def test_unknown_schema_version(art):
+def _edit_manifest(art, change):
+    """``change(manifest)`` applied to the artifact's llmcomp.json (not a hashed file)."""
     p = art / "llmcomp.json"
     m = json.loads(p.read_text())
-    m["schema_version"] = 99
+    change(m)
     p.write_text(json.dumps(m))
+
+
+def test_unknown_schema_version(art):
+    _edit_manifest(art, lambda m: m.update(schema_version=99))
     with pytest.raises(UserError, match="schema version 99"):
         llmcomp.load(art)
 
@@ -118,10 +123,7 @@ def test_corrupt_manifest_json(art):
 
 def _rehash(art, name="model.safetensors"):
     """The manifest's digest of ``name`` made to match its (edited) bytes: damage the hash check cannot see."""
-    p = art / "llmcomp.json"
-    m = json.loads(p.read_text())
-    m["files"][name] = artifact_mod.sha256_file(art / name)
-    p.write_text(json.dumps(m))
+    _edit_manifest(art, lambda m: m["files"].update({name: artifact_mod.sha256_file(art / name)}))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header"])
@@ -152,22 +154,23 @@ def test_tensor_of_the_wrong_shape_is_a_user_error(art):
 
 
 def test_weights_without_a_checksum_refused(art):
-    p = art / "llmcomp.json"
-    m = json.loads(p.read_text())
-    del m["files"]["model.safetensors"]
-    p.write_text(json.dumps(m))
+    _edit_manifest(art, lambda m: m["files"].pop("model.safetensors"))
     with pytest.raises(UserError, match="no checksum for model.safetensors"):
         llmcomp.load(art)
 
 
-@pytest.mark.parametrize("spec", [{"_type": "Bogus4"}, "uniform", None])
+@pytest.mark.parametrize("spec", [{"_type": "Bogus4"}, "uniform", None, {"_type": "RTNConfig"}])
 def test_manifest_module_without_a_valid_format_refused(art, spec):
-    p = art / "llmcomp.json"
-    m = json.loads(p.read_text())
-    m["modules"][next(iter(m["modules"]))] = spec
-    p.write_text(json.dumps(m))
+    _edit_manifest(art, lambda m: m["modules"].update({next(iter(m["modules"])): spec}))
     with pytest.raises(UserError, match="has no valid format"):
         read_manifest(art)
+
+
+@pytest.mark.parametrize("name", ["model.nope", "model.norm"])
+def test_manifest_module_that_is_not_a_linear_layer_refused(art, name):
+    _edit_manifest(art, lambda m: m["modules"].update({name: next(iter(m["modules"].values()))}))
+    with pytest.raises(UserError, match="is not a linear layer of the model"):
+        llmcomp.load(art)
 
 
 def test_manifest_that_is_not_an_object_refused(art):
@@ -182,11 +185,19 @@ def test_output_that_is_a_file_refused_even_with_overwrite(tiny_model_dir, tmp_p
     with pytest.raises(UserError, match="is a file"):
         api.quantize(W4, f, str(tiny_model_dir), overwrite=True)
     assert f.read_text() == "keep me"
+    with pytest.raises(UserError, match="which is a file"):
+        api.quantize(W4, f / "sub" / "out", str(tiny_model_dir))
 
 
-def test_quantizing_a_quantized_artifact_says_so(art, tmp_path):
+def test_quantizing_a_quantized_artifact_says_so(art, tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="quantized already"):
         api.quantize(W4, tmp_path / "again", str(art))
+    partial = api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*layers\\.0\\.mlp\\..*",)),
+                           tmp_path / "partial", str(tiny_model_dir))
+    with pytest.raises(UserError, match="No layer matches targets") as e:
+        api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*nonexistent",)),
+                     tmp_path / "again2", str(partial))
+    assert "quantized already" not in str(e.value)
 
 
 def test_output_exists_refused_and_overwrite(art, tiny_model_dir):
@@ -234,3 +245,17 @@ def test_model_path_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a model directory"):
         api.quantize(W4, tmp_path / "o", str(tmp_path / "empty"))
+
+
+def test_config_context_counts_rope_scaling():
+    from types import SimpleNamespace
+
+    from llmcomp.api import config_context
+
+    assert config_context(SimpleNamespace(max_position_embeddings=4096)) == 4096
+    assert config_context(SimpleNamespace(max_position_embeddings=4096,
+                                          rope_scaling={"rope_type": "yarn", "factor": 4.0})) == 16384
+    assert config_context(SimpleNamespace(max_position_embeddings=4096, rope_scaling={"rope_type": "llama3"})) == 4096
+    llama31 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    assert config_context(SimpleNamespace(max_position_embeddings=131072, rope_scaling=llama31)) == 131072
+    assert config_context(SimpleNamespace()) == 0

@@ -124,3 +124,12 @@ def test_eval_record_writes_manifest(tiny_model_dir, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     m = read_manifest(out)  # still verifies: the manifest is not a hashed file
     assert m["evaluations"][-1]["ppl"] == 12.5 and m["evaluations"][-1]["kld_mean"] == 0.01
+
+
+def test_eval_caption_says_when_the_text_holds_fewer_windows():
+    from llmcomp.cli.render import eval_table
+
+    rows = [{"name": "a", "stages": "rtn", "ppl": 10.0, "bits_per_weight": 4.5, "eval_time_s": 1.0,
+             "text": "austen", "windows": 3, "seq_len": 512}]
+    assert "(all the held-out text holds; 100 asked)" in eval_table(rows, False, asked=100).caption
+    assert "asked" not in eval_table(rows, False, asked=3).caption

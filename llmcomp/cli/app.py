@@ -189,7 +189,7 @@ def eval_(
             for p in targets:
                 rows.append(api.evaluate(p, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
                                          reference=ref, progress=progress, **place))
-        render.console.print(render.eval_table(rows, compare))
+        render.console.print(render.eval_table(rows, compare, asked=windows))
         if json_out:
             json_out.write_text(json.dumps(rows, indent=1))
         if record:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -56,7 +57,7 @@ def _fmt(v, digits=2):
     return str(v)
 
 
-def eval_table(rows: list[dict], compare: bool) -> Table:
+def eval_table(rows: list[dict], compare: bool, asked: Optional[int] = None) -> Table:
     table = Table(title="llmcomp eval")
     cols = ["model", "stages", "ppl", "bits/weight", "size MB", "eval s", "quant s"]
     if compare:
@@ -77,7 +78,9 @@ def eval_table(rows: list[dict], compare: bool) -> Table:
                                               f"{100 * r['top1_agree']:.1f}", f"{r['greedy_prefix']:.1f}"]
         table.add_row(*cells)
     if rows:
-        table.caption = (f"{rows[0]['text']} text, {rows[0]['windows']} windows × {rows[0]['seq_len']} tokens, "
+        held = (f" (all the held-out text holds; {asked} asked)" if asked is not None and rows[0]["windows"] < asked
+                else "")
+        table.caption = (f"{rows[0]['text']} text, {rows[0]['windows']} windows{held} × {rows[0]['seq_len']} tokens, "
                          "no BOS; bits/weight over decoder linears"
                          + ("; KLD = KL(reference ‖ model) per token, greedy prefix of 32 new tokens over 8 prompts"
                             if agreement else ""))

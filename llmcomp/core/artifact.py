@@ -30,6 +30,7 @@ from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.model import load_tokenizer
 from llmcomp.core.paths import atomic_dir, check_output
 from llmcomp.core.qlinear import QuantLinear
+from llmcomp.formats.base import WeightFormat
 from llmcomp.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -192,7 +193,8 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
         try:
             if not (isinstance(spec, dict) and isinstance(spec.get("_type"), str)):
                 raise UserError("not a format object")
-            from_dict(spec)
+            if not isinstance(from_dict(spec), WeightFormat):
+                raise UserError(f"{spec['_type']} is not a weight format")
         except (UserError, TypeError, ValueError, KeyError, AttributeError) as e:
             raise UserError(f"{mpath} is corrupt: module {name!r} has no valid format ({e}).") from None
     for i, stage in enumerate(manifest["stages"], 1):
@@ -265,7 +267,12 @@ def build_skeleton(path: Path, manifest: dict):
         hook.skeleton(model, stage)
     for name, spec in manifest["modules"].items():
         fmt = from_dict(spec)
-        old = model.get_submodule(name)
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            old = None
+        if not all(hasattr(old, a) for a in ("in_features", "out_features", "bias")):
+            raise UserError(f"{path / MANIFEST} is corrupt: module {name!r} is not a linear layer of the model.")
         set_submodule(model, name, QuantLinear(old.in_features, old.out_features, fmt,
                                                bias=old.bias is not None, device="meta"))
     return model, hooks

@@ -30,6 +30,9 @@ def check_output(output, overwrite: bool, source=None) -> Path:
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise UserError(f"Output {output} is a file; the output is a directory — choose another path.")
+    above = next((p for p in output.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"Output {output} is under {above}, which is a file; choose another path.")
     if output.exists() and not overwrite:
         raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
     if source is not None and Path(source).exists() and (

@@ -159,7 +159,7 @@ def quantize_model(
     chosen = [n for n, m in select(model, config.targets, config.ignore) if isinstance(m, nn.Linear)]
     if not chosen:
         done = sum(isinstance(m, QuantLinear) for m in model.modules())
-        if done:
+        if done and not any(type(m) is nn.Linear for _, m in select(model, ("Linear",), config.ignore)):
             raise UserError(f"No unquantized layer matches targets {list(config.targets)} (minus ignore "
                             f"{list(config.ignore)}): the model's {done} linear layers are quantized already; "
                             "quantize the original model instead.")
