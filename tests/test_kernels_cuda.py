@@ -649,11 +649,12 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
                                  Uniform(bits=4, group_size=0)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_scale_pair_matches_the_unpaired_kernel(fmt, dtype):
-    """``set_scale_pair``: the plain early-scale kernels summing each pair of kblocks before scaling it give the
-    unpaired kernels' outputs up to fp32 rounding — at most 2 units in the last place of the output type, or 1e-5 of
-    the call's largest output (sums that cancel) — plain and GLU, M = 1..16, one- and two-tile launches, warps' ranges
-    ending mid-round, or per-channel starting and ending mid-pair (76 kblocks over 4 or 16 warps); the norm split's
-    kernels keep their bits; and the profiler sees the pair kernels run where they apply."""
+    """``set_scale_pair``: the early-scale kernels summing each pair of kblocks before scaling it give the unpaired
+    kernels' outputs up to fp32 rounding — within 4 units in the last place of the activation type, plus 0.05 of the
+    call's largest output times that (outputs that cancel: the norm producer's res + y) — plain, GLU and both sides of
+    the norm split, M = 1..16, one- and two-tile launches, warps' ranges ending mid-round, or per-channel starting and
+    ending mid-pair (76 kblocks over 4 or 16 warps); and the profiler sees the pair kernels run where they apply. A
+    broken pair (a kblock dropped, the wrong group's scale) errs by ~10 % of the outputs."""
     from llmcomp.kernels import uniform_cuda as uc
 
     if uc.extension() is None:
@@ -671,12 +672,10 @@ def test_scale_pair_matches_the_unpaired_kernel(fmt, dtype):
                     want = call()
                     uc.set_scale_pair(True)
                     got = call()
-                    if name in ("producer", "consumer"):
-                        assert all(map(torch.equal, got, want)), (*where, launch, name)
-                        continue
+                    assert len(got) == len(want), (*where, launch, name)
                     for a, b in zip(got, want):
                         a, b = a.float(), b.float()
-                        bound = 2 * eps * b.abs() + 1e-5 * b.abs().max()
+                        bound = 4 * eps * (b.abs() + 0.05 * b.abs().max())
                         assert bool(((a - b).abs() <= bound).all()), (*where, launch, name,
                                                                       float((a - b).abs().max()))
         uc.set_scale_pair(True)
@@ -684,8 +683,12 @@ def test_scale_pair_matches_the_unpaired_kernel(fmt, dtype):
         args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
         xs = {m: torch.randn(m, 4096, generator=g).to("cuda", dtype) for m in (1, 16)}
         launches = [(1, (2, 8, 1)), (1, (1, 8, 1)), (16, (2, 4, 1))]
-        names = _mma_kernel_names(lambda: [uc.gemm_tensors(xs[m], *args, launch=launch) for m, launch in launches])
-        assert len(names) == 3 and all("uniform_mma_kernel_pair<" in n for n in names), names
+        res = torch.randn(1, 2048, generator=g).to("cuda", dtype)
+        gamma = torch.rand(2048, generator=g).to("cuda", dtype)
+        names = _mma_kernel_names(lambda: [uc.gemm_tensors(xs[m], *args, launch=launch) for m, launch in launches]
+                                  + [uc.gemm_tensors(xs[1], *args, launch=(2, 8, 1), res=res, gamma=gamma)])
+        assert len(names) == 4 and all("uniform_mma_kernel_pair<" in n for n in names), names
+        assert [", 3, true>" in n for n in names] == [False, False, False, True], names  # (NORM: the producer's)
     finally:
         uc.set_scale_pair(bool(before))
         uc.set_scale_early(bool(se_before))

@@ -804,12 +804,12 @@ def set_scale_early16(on: bool) -> Optional[bool]:
 
 
 def scale_pair() -> Optional[bool]:
-    """Off unless ``LLMCOMP_MMA_SCALE_PAIR=1``: the plain early-scale kernels (``scale_early`` at M ≤ 8 without the
-    norm split's epilogue, ``scale_early16`` at M = 9..16) sum each pair of kblocks — one group, as their launch
-    condition makes every pair — in fp32 before scaling it into the accumulators: half the scale fmas (32 of ~590
-    instructions a round in the M = 16 kernel). Not the fp16 two-tile × 4-warp kernels at M ≤ 8 that ``bound7_r2``
-    bounds. Under A/B (forty-fifth session: W4 M = 16 at ≤ 60 % of its roofline,
-    the kernel bound by its instruction stream and latency). Not the same bits: s · (t0 + t1) against s · t0 + s · t1
+    """Off unless ``LLMCOMP_MMA_SCALE_PAIR=1``: the early-scale kernels (``scale_early`` at M ≤ 8, with or without
+    the norm split's epilogue; ``scale_early16`` at M = 9..16) sum each pair of kblocks — one group, as their launch
+    condition makes every pair — in fp32 before scaling it into the accumulators: half the scale fmas (the M = 16
+    loop 590 → 555 instructions a round, sm_90). Not the fp16 two-tile × 4-warp kernels at M ≤ 8 that ``bound7_r2``
+    bounds. Under A/B (forty-fifth session: W4 M = 16 at ≤ 60 % of its roofline, the kernel bound by its
+    instruction stream and latency). Not the same bits: s · (t0 + t1) against s · t0 + s · t1
     (``test_scale_pair_matches_the_unpaired_kernel``). None without the extension."""
     return _ext_switch("scale_pair")
 

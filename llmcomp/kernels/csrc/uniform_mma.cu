@@ -326,7 +326,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bound7_r2", &bound7_r2, "whether they are (on unless LLMCOMP_MMA_BOUND7_R2=0)");
   m.def("set_scale_early16", &set_scale_early16, "the M = 9..16 post-scale kernels load a round's scales early, or not");
   m.def("scale_early16", &scale_early16, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY16=0)");
-  m.def("set_scale_pair", &set_scale_pair, "the plain early-scale kernels scale a pair of kblocks at once, or not");
+  m.def("set_scale_pair", &set_scale_pair, "the early-scale kernels scale a pair of kblocks at once, or not");
   m.def("scale_pair", &scale_pair, "whether they do (off unless LLMCOMP_MMA_SCALE_PAIR=1)");
   m.def("set_w3_lean", &set_w3_lean, "the 3-bit post-scale kernels run the lean loop, or not");
   m.def("w3_lean", &w3_lean, "whether they do (on unless LLMCOMP_MMA_W3_LEAN=0)");

@@ -112,10 +112,10 @@ bool set_scale_early(bool on);
 // LLMCOMP_MMA_SCALE_EARLY16=0; set_scale_early16 for A/B.
 bool scale_early16();
 bool set_scale_early16(bool on);
-// Off unless LLMCOMP_MMA_SCALE_PAIR=1: the plain (no norm epilogue) early-scale kernels (scale_early, scale_early16)
-// sum each pair of kblocks, one group, before scaling it into the accumulators (PAIR in mma_kernel_body): half the
-// scale fmas; the same sums up to fp32 rounding. Not where bound7_r2 bounds a kernel (fp16, two tiles x 4 warps,
-// M <= 8). Under A/B.
+// Off unless LLMCOMP_MMA_SCALE_PAIR=1: the early-scale kernels (scale_early, with or without the norm split's
+// epilogue; scale_early16) sum each pair of kblocks, one group, before scaling it into the accumulators (PAIR in
+// mma_kernel_body): half the scale fmas; the same sums up to fp32 rounding. Not where bound7_r2 bounds a kernel (fp16,
+// two tiles x 4 warps, M <= 8). Under A/B.
 bool scale_pair();
 bool set_scale_pair(bool on);
 // On unless LLMCOMP_MMA_W3_LEAN=0: the plain 3-bit post-scale kernels (kind 8) of at most 256 threads run the lean
@@ -931,7 +931,7 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
     }
     const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
     if constexpr (PAIR) {  // (pairs (kb + u, kb + u + 1), u even, never straddle rounds: U is even)
-      static_assert(SE && !XS && !NORM, "scale pairs: the plain early-scale kernels");
+      static_assert(SE && !XS, "scale pairs: the early-scale kernels");
 #pragma unroll
       for (int u = 0; u < U; u += 2) {
         if (kb + u >= kb1) break;
@@ -994,13 +994,13 @@ __global__ void __launch_bounds__(THREADS, MINB) uniform_mma_kernel_bounded(LLMC
   mma_kernel_body<T, BITS, MT, R, U, ELEM, false, NORM, LEAN, SE>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp,
                                                                   wk_log, cb, cb1_at, cb_n, glu, epi);
 }
-// The plain early-scale kernel summing each pair of kblocks before it scales them (PAIR; scale_pair()): its own
-// __global__, so that the kernels above keep their names and builds.
-template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM>
+// The early-scale kernel (NORM: with the norm split's epilogue) summing each pair of kblocks before it scales them
+// (PAIR; scale_pair()): its own __global__, so that the kernels above keep their names and builds.
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool NORM>
 __global__ void __launch_bounds__(THREADS) uniform_mma_kernel_pair(LLMCOMP_MMA_PARAMS) {
-  mma_kernel_body<T, BITS, MT, R, U, ELEM, false, false, true, true, true>(x, qw, qh, sz, out, M, N, K, G, gmagic,
-                                                                           kb_per_warp, wk_log, cb, cb1_at, cb_n, glu,
-                                                                           epi);
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, false, NORM, true, true, true>(x, qw, qh, sz, out, M, N, K, G, gmagic,
+                                                                          kb_per_warp, wk_log, cb, cb1_at, cb_n, glu,
+                                                                          epi);
 }
 #undef LLMCOMP_MMA_PARAMS
 
@@ -1145,18 +1145,20 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
       const bool early = thin && scale_early() && (G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0));
       if constexpr (MT == 2 && R == 2 && BITS == 4 && S::U % 2 == 0) {
         if (early && scale_early16())
-          kern = scale_pair() ? (wide ? uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::WIDE, ELEM>
-                                      : uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::THREADS, ELEM>)
+          kern = scale_pair() ? (wide ? uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::WIDE, ELEM, false>
+                                      : uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::THREADS, ELEM, false>)
                  : wide       ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
                               : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
       }
       if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
         if (early && norm)
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, true>;
+          kern = scale_pair() ? (wide ? uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::WIDE, ELEM, true>
+                                      : uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>)
+                 : wide       ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
+                              : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, true>;
         else if (early)
-          kern = scale_pair() ? (wide ? uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::WIDE, ELEM>
-                                      : uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::THREADS, ELEM>)
+          kern = scale_pair() ? (wide ? uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::WIDE, ELEM, false>
+                                      : uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::THREADS, ELEM, false>)
                  : wide       ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
                               : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
       }
