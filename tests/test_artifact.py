@@ -154,6 +154,8 @@ def test_tensor_of_the_wrong_shape_is_a_user_error(art):
 
 
 def test_weights_without_a_checksum_refused(art):
+    (art / "._model.safetensors").write_bytes(b"AppleDouble")  # (hidden: never read, not refused)
+    llmcomp.load(art)
     _edit_manifest(art, lambda m: m["files"].pop("model.safetensors"))
     with pytest.raises(UserError, match="no checksum for model.safetensors"):
         llmcomp.load(art)

@@ -203,8 +203,9 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
             raise UserError(f"{mpath} is corrupt: stage {i} needs a 'method' name and 'config' / 'metrics' objects.")
     if verify:
         # (the writer lists every file it wrote: weights, index and config unlisted mean an edited artifact)
+        # (hidden files, e.g. macOS's ._model.safetensors copies, are never read)
         unlisted = [f.name for f in sorted(path.iterdir()) if f.is_file() and f.name not in manifest["files"]
-                    and (f.suffix == ".safetensors" or f.name in (INDEX, "config.json"))]
+                    and not f.name.startswith(".") and (f.suffix == ".safetensors" or f.name in (INDEX, "config.json"))]
         if unlisted:
             raise UserError(f"{mpath} has no checksum for {unlisted[0]}: the artifact was edited or is incomplete; "
                             "re-create or re-copy it.")
