@@ -4,10 +4,10 @@ A calibrated ``quantize`` saves each finished decoder layer's quantized linears 
 metrics) to ``.<output>.resume/layer-NNNN.safetensors`` beside the output, each file written to a temp
 name and renamed into place, so a kill at any moment leaves only complete files. Restarting the same
 command (same model weights and model config, method config, calibration tokens and settings, device kind
-and llmcomp version: the ``fingerprint``)
-restores finished layers instead of recomputing them; the calibration driver still runs each restored
-layer forward, which reproduces the next layer's inputs exactly (same weights, same arithmetic), so the
-resumed run writes the same weights, byte for byte, as an uninterrupted one. The directory is removed
+and llmcomp version: the ``fingerprint``) restores finished layers instead of recomputing them; the
+calibration driver still runs each restored layer forward, which reproduces the next layer's inputs exactly
+(same weights, same arithmetic), so the resumed run writes the same weights, byte for byte, as an
+uninterrupted one. The directory is removed
 once the artifact is complete; a different fingerprint discards it. A lock file beside it keeps a second
 process from using it while a job runs.
 """
