@@ -261,3 +261,90 @@ def test_config_context_counts_rope_scaling():
     llama31 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
     assert config_context(SimpleNamespace(max_position_embeddings=131072, rope_scaling=llama31)) == 131072
     assert config_context(SimpleNamespace()) == 0
+
+
+def test_overwrite_replaces_only_llmcomp_outputs(art, tiny_model_dir, tmp_path):
+    """--overwrite deleted whatever -o named: the input model, or a folder holding it and other files."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not written by llmcomp"):
+        api.quantize(W4, folder, str(tiny_model_dir), overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine"
+    for dest in (tiny_model_dir, tiny_model_dir.parent):  # the input, and the folder above it
+        with pytest.raises(UserError, match="would replace the input"):
+            api.quantize(W4, dest, str(tiny_model_dir), overwrite=True)
+    assert (tiny_model_dir / "config.json").exists()
+    assert (art / ".llmcomp-output").exists()  # what atomic_dir publishes is marked
+    (art / ".llmcomp-output").unlink()  # an artifact from before the mark: its manifest says what it is
+    api.quantize(W4, art, str(tiny_model_dir), overwrite=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    api.quantize(W4, empty, str(tiny_model_dir), overwrite=True)
+    assert read_manifest(empty)["stages"]
+
+
+def test_broken_symlink_output_refused_before_any_work(tiny_model_dir, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError, match="broken symbolic link"):
+        api.quantize(W4, link, str(tiny_model_dir))
+
+
+def test_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    """The last rename of an --overwrite failing (e.g. a busy mount point) left the old output in a hidden
+    ``.old-`` folder."""
+    from llmcomp.core import paths
+
+    dest = tmp_path / "out"
+    with paths.atomic_dir(dest) as tmp:
+        (tmp / "a").write_text("old")
+    real = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new one onto dest
+            raise OSError(16, "Device or resource busy")
+        return real(src, dst)
+
+    monkeypatch.setattr(paths.os, "rename", rename)
+    with pytest.raises(OSError, match="busy"):
+        with paths.atomic_dir(dest, overwrite=True) as tmp:
+            (tmp / "a").write_text("new")
+    assert (dest / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_load_honours_dtype(tiny_model_dir, tmp_path):
+    """accelerate cast every loaded tensor back to the float32 skeleton: ``dtype`` had no effect."""
+    out = api.quantize(W4, tmp_path / "a", str(tiny_model_dir), dtype="bfloat16")
+    assert llmcomp.load(out).model.embed_tokens.weight.dtype == torch.float32
+    for dtype in (torch.bfloat16, torch.float16):
+        model = llmcomp.load(out, dtype=dtype)
+        assert {p.dtype for n, p in model.named_parameters()} == {dtype}, dtype
+        assert model(torch.tensor([[1, 2, 3]])).logits.dtype == dtype
+
+
+def _record_many(path, tag, n):
+    from llmcomp.core.artifact import record_evaluation
+
+    for i in range(n):
+        record_evaluation(path, {"tag": tag, "i": i})
+
+
+def test_concurrent_records_are_all_kept(art):
+    """Two processes recording evaluations shared one temp name and read-modify-wrote unlocked: records
+    were lost and readers saw a half-written manifest."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_record_many, args=(art, tag, 25)) for tag in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    evals = read_manifest(art)["evaluations"]
+    assert sorted((e["tag"], e["i"]) for e in evals) == sorted((t, i) for t in "ab" for i in range(25))
+    assert not [p.name for p in art.iterdir() if p.name.endswith(".tmp")]

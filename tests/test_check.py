@@ -19,6 +19,14 @@ def fake_evaluate(values):
     return evaluate
 
 
+def fake_artifact(tmp_path):
+    """A directory that passes the path check (the faked ``evaluate`` never opens it)."""
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "config.json").write_text("{}")
+    return str(art)
+
+
 def test_one_percent_ppl_regression_fails():
     base = chk.make_baseline({"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0}, SETTINGS)
     same = chk.compare(base, {"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0})
@@ -51,14 +59,15 @@ def test_cli_update_pass_fail_and_reports(tmp_path, monkeypatch):
     values = {"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0}
     monkeypatch.setattr(api, "evaluate", fake_evaluate(values))
     b = tmp_path / "base.json"
-    r = runner.invoke(app, ["check", "art", "--baseline", str(b), "--update", "--windows", "2"])
+    art = fake_artifact(tmp_path)
+    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--update", "--windows", "2"])
     assert r.exit_code == 0, r.output
     assert json.loads(b.read_text())["settings"]["windows"] == 2
-    r = runner.invoke(app, ["check", "art", "--baseline", str(b), "--junit", str(tmp_path / "j.xml")])
+    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--junit", str(tmp_path / "j.xml")])
     assert r.exit_code == 0, r.output
     assert 'failures="0"' in (tmp_path / "j.xml").read_text()
     monkeypatch.setattr(api, "evaluate", fake_evaluate({**values, "ppl": 24.0 * 1.01}))
-    r = runner.invoke(app, ["check", "art", "--baseline", str(b), "--json", str(tmp_path / "r.json"),
+    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--json", str(tmp_path / "r.json"),
                             "--junit", str(tmp_path / "j.xml")])
     assert r.exit_code == 1, r.output
     assert "FAIL" in r.output
@@ -67,8 +76,13 @@ def test_cli_update_pass_fail_and_reports(tmp_path, monkeypatch):
 
 
 def test_cli_missing_baseline(tmp_path):
-    r = runner.invoke(app, ["check", "art", "--baseline", str(tmp_path / "nope.json")])
-    assert r.exit_code == 2 and "does not exist" in r.output
+    r = runner.invoke(app, ["check", fake_artifact(tmp_path), "--baseline", str(tmp_path / "nope.json")])
+    assert r.exit_code == 2 and "nope.json does not exist" in r.output
+
+
+def test_cli_missing_artifact_is_reported_before_the_baseline(tmp_path):
+    r = runner.invoke(app, ["check", str(tmp_path / "gone"), "--baseline", str(tmp_path / "nope.json")])
+    assert r.exit_code == 2 and "gone does not exist" in r.output and "nope.json" not in r.output, r.output
 
 
 @pytest.mark.slow

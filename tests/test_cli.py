@@ -133,3 +133,21 @@ def test_eval_caption_says_when_the_text_holds_fewer_windows():
              "text": "austen", "windows": 3, "seq_len": 512}]
     assert "(all the held-out text holds; 100 asked)" in eval_table(rows, False, asked=100).caption
     assert "asked" not in eval_table(rows, False, asked=3).caption
+
+
+def test_progress_without_a_terminal_prints_lines_while_it_runs(capsys, monkeypatch):
+    """Piped or logged (no terminal), rich would draw the bars only at the end: a long job would print
+    nothing for minutes. Plain lines instead: while a task runs, and once when it is done."""
+    import time
+
+    from llmcomp.cli.render import RichProgress
+
+    monkeypatch.setattr(RichProgress, "interval", 0.05)
+    with RichProgress() as progress:
+        assert progress.plain
+        for _ in progress.track(range(2), "Quantizing layers"):
+            time.sleep(0.2)  # a slow item: the ticker reports it before it ends
+        progress.note("a note")
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("Quantizing layers 0/2 … ") and line.endswith("so far") for line in lines), lines
+    assert lines[-2].startswith("Quantizing layers 2/2 in 0:00:0") and lines[-1] == "a note", lines

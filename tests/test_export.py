@@ -364,7 +364,7 @@ def test_export_never_replaces_its_source(arts, tmp_path, to):
     src = tmp_path / "a"
     shutil.copytree(arts("w4g32"), src)
     for out in (src, tmp_path):
-        assert "would replace the artifact" in one_error(invoke("export", src, "--to", to, "-o", out, "--overwrite"))
+        assert "would replace the input" in one_error(invoke("export", src, "--to", to, "-o", out, "--overwrite"))
     assert (src / "llmcomp.json").exists()
 
 

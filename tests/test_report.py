@@ -208,7 +208,7 @@ def test_bad_input(root, dense, tmp_path):
     r = runner.invoke(app, ["report", str(artifact), "-o", str(out), "--overwrite"])
     assert r.exit_code == 0 and not (out / "mine.txt").exists() and (out / "report.md").exists()
     before = sorted(p.name for p in artifact.iterdir())
-    assert "would replace the artifact" in one_error_line(
+    assert "would replace the input" in one_error_line(
         runner.invoke(app, ["report", str(artifact), "-o", str(artifact), "--overwrite"]))
     assert sorted(p.name for p in artifact.iterdir()) == before
     (tmp_path / "broken").mkdir()

@@ -69,3 +69,49 @@ def test_other_job_discards_stale_checkpoint(tmp_path):
     assert "different job" in notes[0]
     cp.finish()
     assert not d.exists()
+
+
+def test_a_second_job_on_the_same_output_is_refused(tmp_path):
+    """Two processes writing one output shared its resume directory: the second discarded the first's layers,
+    the first then saved into the second's, and the artifact mixed both jobs' layers. Now the second stops."""
+    from llmcomp.core.resume import Checkpoint
+    from llmcomp.errors import UserError
+
+    d = tmp_path / ".o.resume"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from llmcomp.core.resume import Checkpoint; "
+        f"c = Checkpoint(__import__('pathlib').Path({str(d)!r}), 'a'); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="Another llmcomp job is writing"):
+            Checkpoint(d, "b")
+        assert d.exists()  # the other job's directory is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    cp = Checkpoint(d, "b")  # the holder is gone (its lock went with it)
+    assert Checkpoint(d, "b").key == "b"  # one process may open it again (a job after a failed one)
+    cp.finish()
+    assert not d.exists() and not (tmp_path / ".o.resume.lock").exists()
+
+
+def test_the_job_key_sees_the_config_the_calibration_and_the_device():
+    """A resumed run reused layers calibrated under another model config (and would under another tokenizer or
+    device); and a sample of 64 elements a tensor missed edits of a few rows."""
+    import torch
+
+    from llmcomp.api import _job_key
+    from tests.conftest import tiny_llama
+
+    net = tiny_llama()
+    ids = torch.arange(12).reshape(2, 6)
+    base = _job_key(net, ids, "cpu")
+    assert _job_key(net, ids, "cpu") == base
+    assert _job_key(net, ids + 1, "cpu")["calibration_ids"] != base["calibration_ids"]
+    assert _job_key(net, ids, "cuda:0")["device"] == "cuda" != base["device"]
+    net.config.max_position_embeddings += 1
+    assert _job_key(net, ids, "cpu")["model_config"] != base["model_config"]
+    with torch.no_grad():
+        net.model.embed_tokens.weight[3, 1] += 1e-3
+    assert _job_key(net, ids, "cpu")["weights"] != base["weights"]

@@ -235,8 +235,10 @@ def check(
     from llmcomp.cli import render
 
     def go():
+        from llmcomp.core.model import check_model_path
         from llmcomp.core.paths import check_report
 
+        check_model_path(artifact)  # the artifact named first is reported first
         for path, flag in ((json_out, "--json"), (junit, "--junit"), (baseline if update else None, "--baseline")):
             check_report(path, flag)  # before the measurement, not after it
         if update:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 from typing import Optional
 
 from rich.console import Console
@@ -17,32 +19,89 @@ err_console = Console(stderr=True)
 
 
 class RichProgress(Progress):
-    """Renders library progress as rich bars on stderr."""
+    """Renders library progress as rich bars on stderr. Where stderr is not a terminal (CI logs, ``nohup``,
+    a pipe) rich draws the bars only when the job ends, so a long job would print nothing for minutes:
+    there each task is a plain line instead, every ``interval`` seconds while it runs and once when done."""
+
+    interval = 30.0  # seconds between a running task's plain lines
 
     def __init__(self):
+        self.plain = not err_console.is_terminal
+        if self.plain:
+            self._tasks: dict[int, list] = {}  # id → [description, total, completed, start, finished]
+            self._lock = threading.Lock()
+            self._stop = threading.Event()
+            self._ticker: Optional[threading.Thread] = None
+            return
         self.bar = RichBar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), console=err_console, transient=False)
 
     def __enter__(self):
+        if self.plain:
+            self._ticker = threading.Thread(target=self._tick, name="llmcomp-progress", daemon=True)
+            self._ticker.start()
+            return self
         self.bar.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self.plain:
+            self._stop.set()
+            if self._ticker is not None:
+                self._ticker.join()
+            return None
         if not self.bar.tasks:  # nothing was drawn: leave no blank line behind (e.g. before an error)
             self.bar.live.transient = True
         return self.bar.__exit__(*exc)
 
     def task(self, description, total):
-        return self.bar.add_task(description, total=total)
+        if not self.plain:
+            return self.bar.add_task(description, total=total)
+        with self._lock:
+            tid = len(self._tasks)
+            self._tasks[tid] = [description, total, 0, time.monotonic(), False]
+        return tid
 
     def advance(self, task, n=1):
-        self.bar.advance(task, n)
+        if not self.plain:
+            self.bar.advance(task, n)
+            return
+        with self._lock:
+            self._tasks[task][2] += n
 
     def done(self, task):
-        self.bar.refresh()
+        if not self.plain:
+            self.bar.refresh()
+            return
+        with self._lock:  # lines are printed under the lock: a tick never follows its task's last line
+            entry = self._tasks[task]
+            if not entry[4]:
+                entry[4] = True
+                self._line(entry)
 
     def note(self, message):
-        self.bar.console.print(f"[dim]{message}[/dim]")
+        console = err_console if self.plain else self.bar.console
+        console.print(f"[dim]{message}[/dim]")
+
+    def _tick(self):
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                for entry in self._tasks.values():
+                    if not entry[4]:
+                        self._line(entry, running=True)
+
+    @staticmethod
+    def _line(entry, running=False):
+        description, total, completed, start, _ = entry
+        count = f"{completed}/{total}" if total is not None else str(completed)
+        elapsed = _clock(time.monotonic() - start)
+        err_console.print(f"{description} {count} {'… ' + elapsed + ' so far' if running else 'in ' + elapsed}",
+                          markup=False, highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def error(message: str) -> None:

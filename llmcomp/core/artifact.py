@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.model import load_tokenizer
-from llmcomp.core.paths import atomic_dir, check_output
+from llmcomp.core.paths import atomic_dir, check_output, locked
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.formats.base import WeightFormat
 from llmcomp.errors import UserError
@@ -223,11 +224,18 @@ def record_evaluation(path: Path, result: dict) -> None:
 
     The manifest is not among the hashed files, so recording metrics leaves the artifact valid."""
     path = Path(path)
-    manifest = read_manifest(path, verify=False)
-    manifest.setdefault("evaluations", []).append(result)
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, path / MANIFEST)
+    with locked(path):  # two evaluations recording at once: one after the other, neither lost
+        manifest = read_manifest(path, verify=False)
+        manifest.setdefault("evaluations", []).append(result)
+        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(manifest, indent=1, sort_keys=True))
+            os.chmod(tmp, os.stat(path / MANIFEST).st_mode & 0o777)  # (mkstemp's file is 0600)
+            os.replace(tmp, path / MANIFEST)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -303,9 +311,10 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
                 if value.shape != expected[key]:
                     raise UserError(f"Artifact tensor {key} in {f.name} has shape {list(value.shape)}; the model "
                                     f"expects {list(expected[key])}.")
-                if dtype is not None and value.is_floating_point() and not _is_packed_field(key, model):
-                    value = value.to(dtype)
-                set_module_tensor_to_device(model, key, "cpu", value=value)
+                cast = dtype is not None and value.is_floating_point() and not _is_packed_field(key, model)
+                # (accelerate casts a value to the skeleton's dtype, float32, unless told the dtype)
+                set_module_tensor_to_device(model, key, "cpu", value=value.to(dtype) if cast else value,
+                                            **({"dtype": dtype} if cast else {}))
                 loaded.add(key)
     model.tie_weights()
     missing = [k for k, t in model.state_dict().items() if t.device.type == "meta"]

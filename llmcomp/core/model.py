@@ -69,6 +69,14 @@ def resolve(path: str | os.PathLike | None, progress=None) -> Path:
     """Map a user's ``--model`` (None / alias / directory) to a local directory, or raise UserError."""
     if path is None or str(path) == DEFAULT_MODEL:
         return bundled_model_dir(progress)
+    return check_model_path(path)
+
+
+def check_model_path(path: str | os.PathLike | None) -> Path | None:
+    """``resolve``'s checks of a user's path without preparing the bundled model (None for it): cheap,
+    for commands that check their other inputs after it."""
+    if path is None or str(path) == DEFAULT_MODEL:
+        return None
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"Model path {p} does not exist.")

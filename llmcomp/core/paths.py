@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from llmcomp.errors import UserError
 
@@ -24,10 +25,16 @@ def cache_dir() -> Path:
     return path
 
 
+OUTPUT_MARK = ".llmcomp-output"  # in every directory ``atomic_dir`` publishes: what --overwrite may replace
+
+
 def check_output(output, overwrite: bool, source=None) -> Path:
-    """``output`` as a Path; refused where it exists (without ``overwrite``) or would replace ``source`` (the
-    artifact a command reads: the output is that directory or a folder above it)."""
+    """``output`` as a Path; refused where it exists (without ``overwrite``), would replace ``source`` (the
+    model or artifact a command reads: the output is that directory or a folder above it), or — with
+    ``overwrite`` — is a directory llmcomp did not write (``--overwrite`` never deletes other files)."""
     output = Path(output)
+    if output.is_symlink() and not output.exists():
+        raise UserError(f"Output {output} is a broken symbolic link; remove it or choose another path.")
     if output.exists() and not output.is_dir():
         raise UserError(f"Output {output} is a file; the output is a directory — choose another path.")
     above = next((p for p in output.absolute().parents if p.exists()), None)
@@ -37,8 +44,21 @@ def check_output(output, overwrite: bool, source=None) -> Path:
         raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
     if source is not None and Path(source).exists() and (
             output.resolve() == Path(source).resolve() or output.resolve() in Path(source).resolve().parents):
-        raise UserError(f"Output {output} would replace the artifact {source}; choose another directory.")
+        raise UserError(f"Output {output} would replace the input {source}; choose another directory.")
+    if output.exists():
+        if os.path.ismount(output):
+            raise UserError(f"Output {output} is a mount point, which --overwrite cannot replace; write to a "
+                            "directory inside it.")
+        if not written_by_llmcomp(output):
+            raise UserError(f"Output {output} exists and was not written by llmcomp; --overwrite replaces only "
+                            "llmcomp's own outputs — remove it yourself or choose another path.")
     return output
+
+
+def written_by_llmcomp(path: Path) -> bool:
+    """An empty directory, or one ``atomic_dir`` published (its mark; artifacts from before the mark by their
+    manifest)."""
+    return (path / OUTPUT_MARK).exists() or (path / "llmcomp.json").is_file() or not any(path.iterdir())
 
 
 def check_report(path, flag: str) -> None:
@@ -58,26 +78,81 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     """Yield a temporary sibling directory; on success rename it to ``dest``.
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and ``dest`` is
-    untouched. With ``overwrite`` an existing ``dest`` is replaced only after the new one is complete.
+    untouched. With ``overwrite`` an existing ``dest`` is replaced only after the new one is complete
+    (and put back where the last rename fails).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        (tmp / OUTPUT_MARK).touch()
         _publish_permissions(tmp)
-        if dest.exists():
-            if not overwrite:
-                raise FileExistsError(dest)
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.rename(dest, old / "x")
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        if not dest.exists():
+            try:
+                os.rename(tmp, dest)
+                return
+            except OSError:
+                if not dest.exists():
+                    raise
+        if not overwrite:  # another job published it while this one ran
+            raise UserError(f"Output {dest} was written by another job while this one ran; nothing was replaced "
+                            "— choose another path or pass --overwrite.")
+        _replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace(new: Path, dest: Path) -> None:
+    """Rename ``new`` onto the existing ``dest``: the old one aside first, back in place if the swap fails."""
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    try:
+        os.rename(dest, old / "x")
+    except BaseException:
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        os.rename(old / "x", dest)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_HELD: dict[str, list] = {}  # locks this process holds: real path → [fd, holders]
+
+
+@contextlib.contextmanager
+def locked(path: Path, busy: Optional[str] = None):
+    """An exclusive ``flock`` on ``path`` (a directory, or a file created if missing) against other processes,
+    for the block. With ``busy``, a lock held by another process is that UserError at once; without, the
+    block waits for it. Within one process the lock is shared (jobs there run one after another, and one
+    that failed may still hold it). A no-op where there is no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    key = os.path.realpath(path)
+    if key not in _HELD:
+        fd = os.open(path, os.O_RDONLY if Path(path).is_dir() else os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(busy) from None
+        _HELD[key] = [fd, 0]
+    _HELD[key][1] += 1
+    try:
+        yield
+    finally:
+        entry = _HELD[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[key]
+            os.close(entry[0])
 
 
 def _publish_permissions(path: Path) -> None:

@@ -3,14 +3,17 @@
 A calibrated ``quantize`` saves each finished decoder layer's quantized linears (packed tensors, formats,
 metrics) to ``.<output>.resume/layer-NNNN.safetensors`` beside the output, each file written to a temp
 name and renamed into place, so a kill at any moment leaves only complete files. Restarting the same
-command (same model weights, config, calibration settings and llmcomp version: the ``fingerprint``)
-restores finished layers instead of recomputing them; the calibration driver still runs each restored
-layer forward, which reproduces the next layer's inputs exactly (same weights, same arithmetic), so the
-resumed run writes the same weights, byte for byte, as an uninterrupted one. The directory is removed
-once the artifact is complete; a different fingerprint discards it.
+command (same model weights and model config, method config, calibration tokens and settings, device kind
+and llmcomp version: the ``fingerprint``) restores finished layers instead of recomputing them; the
+calibration driver still runs each restored layer forward, which reproduces the next layer's inputs exactly
+(same weights, same arithmetic), so the resumed run writes the same weights, byte for byte, as an
+uninterrupted one. The directory is removed
+once the artifact is complete; a different fingerprint discards it. A lock file beside it keeps a second
+process from using it while a job runs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +28,7 @@ from torch import nn
 
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.model import set_submodule
+from llmcomp.core.paths import locked
 from llmcomp.core.qlinear import QuantLinear
 
 FINGERPRINT_FILE = "job.json"
@@ -41,9 +45,15 @@ def _kill_point(tag: str) -> None:
 
 
 class Checkpoint:
-    def __init__(self, directory: Path, key: str, note=lambda msg: None):
+    def __init__(self, directory: Path, key: str, note=lambda msg: None, output: Optional[Path] = None):
         self.dir = Path(directory)
         self.key = key
+        # one job at a time a directory: a second one would discard this one's layers, or mix them with its own
+        self._lockfile = self.dir.with_name(self.dir.name + ".lock")
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(locked(self._lockfile, busy=(
+            f"Another llmcomp job is writing {output or self.dir} (it holds {self._lockfile}); wait for it to "
+            "finish or choose another output path.")))
         stamp = self.dir / FINGERPRINT_FILE
         if self.dir.exists():
             try:
@@ -108,7 +118,9 @@ class Checkpoint:
 
     def finish(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._lockfile.unlink(missing_ok=True)  # (still held: no other job can have taken it meanwhile)
+        self._lock.close()
 
 
 def for_output(output: Path, key: str, note=lambda msg: None) -> Optional[Checkpoint]:
-    return Checkpoint(output.parent / f".{output.name}.resume", key, note)
+    return Checkpoint(output.parent / f".{output.name}.resume", key, note, output=output)

@@ -308,7 +308,7 @@ def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, c
     spec = config.spec()
     model.requires_grad_(False)
     _, layers = decoder_layers(model)
-    check_layers(model, config)
+    choose_softmax_layers({}, len(layers), config)  # (check_layers, on the layers already found)
     saved = checkpoint.dir / "transfer.safetensors" if checkpoint is not None else None
     if saved is not None and saved.exists():
         progress.note("Resuming: attention transfer already done")
