@@ -10,10 +10,11 @@ Baseline file (JSON, edit tolerances freely)::
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import quoteattr
 
 from llmcomp.errors import UserError
 
@@ -36,7 +37,9 @@ class Outcome:
 
     @property
     def change_rel(self) -> float:
-        return (self.current - self.baseline) / abs(self.baseline) if self.baseline else 0.0
+        if self.baseline:
+            return (self.current - self.baseline) / abs(self.baseline)
+        return 0.0 if self.current == self.baseline else math.copysign(math.inf, self.current)  # from a baseline 0
 
     @property
     def passed(self) -> bool:
@@ -77,8 +80,9 @@ def read_baseline(path: Path) -> dict:
         raise UserError(f"Baseline {path} is not valid JSON.") from None
     if not isinstance(data, dict) or data.get("llmcomp_check") != CHECK_VERSION or "metrics" not in data:
         raise UserError(f"Baseline {path} is not an llmcomp check baseline (version {CHECK_VERSION}).")
-    if not isinstance(data["metrics"], dict):
-        raise UserError(f"Baseline {path}: metrics must be an object of name -> {{value, better, tolerance_rel}}.")
+    if not isinstance(data["metrics"], dict) or not data["metrics"]:
+        raise UserError(f"Baseline {path}: metrics must be a non-empty object of name -> {{value, better, "
+                        "tolerance_rel}} (a baseline checking nothing always passes).")
     for name, m in data["metrics"].items():
         if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)) or m.get("better") not in ("lower", "higher"):
             raise UserError(f"Baseline {path}: metric {name!r} needs a numeric value and better=lower|higher.")
@@ -115,9 +119,9 @@ def junit_xml(outcomes: list[Outcome], artifact: str, seconds: float) -> str:
     failures = sum(not o.passed for o in outcomes)
     cases = []
     for o in outcomes:
-        body = "" if o.passed else (
-            f'<failure message="{escape(o.metric)} regressed {100 * o.change_rel:+.3f}% '
-            f'(tolerance {100 * o.tolerance_rel:.3f}%)"/>')
-        cases.append(f'  <testcase classname="llmcomp.check" name="{escape(o.metric)}">{body}</testcase>')
-    return (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name="llmcomp check {escape(artifact)}" '
+        message = f"{o.metric} regressed {100 * o.change_rel:+.3f}% (tolerance {100 * o.tolerance_rel:.3f}%)"
+        body = "" if o.passed else f"<failure message={quoteattr(message)}/>"
+        cases.append(f'  <testcase classname="llmcomp.check" name={quoteattr(o.metric)}>{body}</testcase>')
+    suite = quoteattr(f"llmcomp check {artifact}")
+    return (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name={suite} '
             f'tests="{len(outcomes)}" failures="{failures}" time="{seconds:.2f}">\n' + "\n".join(cases) + "\n</testsuite>\n")

@@ -333,6 +333,30 @@ def _record_many(path, tag, n):
         record_evaluation(path, {"tag": tag, "i": i})
 
 
+def test_records_from_threads_are_all_kept(art):
+    import threading
+
+    threads = [threading.Thread(target=_record_many, args=(art, tag, 15)) for tag in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(read_manifest(art)["evaluations"]) == 30
+
+
+def test_a_report_from_before_the_mark_can_be_overwritten(tmp_path):
+    from llmcomp.core.paths import check_output
+
+    old = tmp_path / "r"
+    old.mkdir()
+    (old / "report.md").write_text("# r")
+    (old / "bits.png").write_bytes(b"png")
+    assert check_output(old, True) == old
+    (old / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not written by llmcomp"):
+        check_output(old, True)
+
+
 def test_concurrent_records_are_all_kept(art):
     """Two processes recording evaluations shared one temp name and read-modify-wrote unlocked: records
     were lost and readers saw a half-written manifest."""

@@ -277,10 +277,13 @@ def test_eval_errors(artifact, tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--device-map", "gpu"], "--device-map 'gpu' is not one of"),
     (["--device", "cpu", "--device-map", "cpu"], "pass one of them"),
-    (["--device-map", "cpu", "--max-memory", "cpu=1GiB"], "apply to --device-map auto"),
+    (["--device-map", "cpu", "--max-memory", "cpu=1GiB"], "applies to --device-map auto"),
     (["--max-memory", "cpu=1"], "pass --offload-folder"),
     (["--max-memory", "cpu=x"], "is not a size"),
     (["--long", "--max-memory", "cpu=1GiB"], "--long runs the model on one --device"),
+    (["--long", "--reference", "base"], "--reference and --record apply to perplexity eval"),  # (ignored before)
+    (["--long", "--record"], "--reference and --record apply to perplexity eval"),
+    (["--device", "cpu", "--max-memory", "cpu=1GiB"], "pass one of them"),  # (a traceback from model.to before)
     (["--offload-folder", "OUT/afile.txt"], "is a file; give a directory"),
     (["--seq-len", "257", "--windows", "1"], "longer than the model's context (256 tokens)"),
     (["--seq-len", "257", "--windows", "1", "--reference", "base"], "longer than the model's context (256 tokens)"),
@@ -387,3 +390,16 @@ def test_fuzz_artifact_reader(artifact, tmp_path):
             outcomes["error"] += 1
         shutil.rmtree(d)
     assert outcomes["error"] >= 30, outcomes
+
+
+def test_pickle_weights_are_refused_not_loaded(tmp_path):
+    """A model saved as pytorch_model.bin was unpickled (and its size counted as 0 MB)."""
+    from tests.conftest import tiny_llama
+
+    path = tmp_path / "bin"
+    model = tiny_llama()
+    model.save_pretrained(path)
+    (path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    assert "never unpickles" in error_line(invoke("quantize", path, "-o", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

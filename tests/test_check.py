@@ -105,3 +105,25 @@ def test_real_regression_caught(bundled_dir, tmp_path):
     assert r.exit_code == 1, r.output
     failed = {m["metric"] for m in json.loads((tmp_path / "r.json").read_text())["metrics"] if not m["passed"]}
     assert "ppl" in failed
+
+
+def test_a_zero_baseline_still_catches_a_regression():
+    """change_rel was 0 against a baseline of 0, so any growth passed."""
+    assert not chk.Outcome("size_mb", 0.0, 0.44, 0.0, "lower").passed
+    assert chk.Outcome("size_mb", 0.0, 0.0, 0.0, "lower").passed
+    assert chk.Outcome("top1", 0.0, 0.5, 0.0, "higher").passed
+
+
+def test_a_baseline_checking_nothing_refused(tmp_path):
+    (tmp_path / "b.json").write_text('{"llmcomp_check": 1, "metrics": {}}')
+    with pytest.raises(UserError, match="non-empty"):
+        chk.read_baseline(tmp_path / "b.json")
+
+
+def test_junit_xml_parses_with_quotes_in_the_path():
+    from xml.dom import minidom
+
+    xml = chk.junit_xml([chk.Outcome('p"p<&', 1.0, 2.0, 0.0, "lower")], 'art "x" & <y>', 1.0)
+    suite = minidom.parseString(xml).documentElement
+    assert suite.getAttribute("name") == 'llmcomp check art "x" & <y>'
+    assert suite.getElementsByTagName("failure")[0].getAttribute("message").startswith('p"p<& regressed')

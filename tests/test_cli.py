@@ -151,3 +151,8 @@ def test_progress_without_a_terminal_prints_lines_while_it_runs(capsys, monkeypa
     lines = capsys.readouterr().err.splitlines()
     assert any(line.startswith("Quantizing layers 0/2 … ") and line.endswith("so far") for line in lines), lines
     assert lines[-2].startswith("Quantizing layers 2/2 in 0:00:0") and lines[-1] == "a note", lines
+    with pytest.raises(KeyboardInterrupt), RichProgress() as progress:  # a task left early says so
+        for i in progress.track(range(5), "Calibrating layers"):
+            if i == 2:
+                raise KeyboardInterrupt
+    assert capsys.readouterr().err.splitlines()[-1].startswith("Calibrating layers stopped at 2/5 after 0:00:0")

@@ -413,3 +413,14 @@ def test_dynamic_skip_threshold_is_recorded_and_reinstalled(tmp_path):
         mcmoe.skip_threshold(tiny_moe("olmoe"), ids(), 0.6, device="cpu")
     with pytest.raises(UserError, match="strictly between 0 and 1"):
         DynamicSkipConfig(rate=0)
+
+
+def test_a_layer_ratio_must_name_an_moe_layer():
+    """A ratio for a layer without an MoE block (or spelled "01") did nothing, silently."""
+    from llmcomp.cli.prune_experts import parse_layer_ratios
+
+    assert parse_layer_ratios(["01=0.5"]) == {"1": 0.5}
+    cfg = ExpertPruneConfig(method="frequency", ratio=0.25, layer_ratios={"2": 0.5}, protect_super_experts=False)
+    with pytest.raises(UserError, match="layer 2, which has no MoE block; MoE blocks are in layers 0, 1"):
+        experts.collect_stats(tiny_moe("mixtral"), ids(4, 16), cfg, device="cpu")
+    assert ExpertPruneConfig(method="frequency", layer_ratios={"01": 0.5}).ratio_for(1) == 0.5

@@ -283,6 +283,30 @@ def test_gptq_act_order_import_refused(arts, tmp_path):
         llmcomp.load(out)
 
 
+def test_ct_act_order_import_refused(arts, tmp_path):
+    """A permuted weight_g_idx was ignored: the layer imported with the wrong groups, silently."""
+    pytest.importorskip("compressed_tensors")
+    out = tmp_path / "ct"
+    api.export(arts("w4g32"), "compressed-tensors", out)
+    st = load_file(str(out / "model.safetensors"))
+    n = st["model.layers.0.mlp.up_proj.weight_packed"].shape[1] * 8
+    st["model.layers.0.mlp.up_proj.weight_g_idx"] = (torch.arange(n) % (n // 32)).to(torch.int32)
+    from safetensors.torch import save_file
+
+    save_file(st, str(out / "model.safetensors"))
+    with pytest.raises(UserError, match="act-order"):
+        llmcomp.load(out)
+
+
+def test_an_imported_checkpoint_takes_the_dtype_asked(arts, tmp_path):
+    """accelerate cast every tensor back to the float32 skeleton: ``dtype`` had no effect on imports."""
+    out = tmp_path / "gptq"
+    api.export(arts("w4g32"), "gptq", out)
+    for dtype in (torch.bfloat16, torch.float16):
+        model = llmcomp.load(out, dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+
+
 # -- refusals: one error line, exit 2, nothing written ------------------------------------------------
 def _decoupleq_like(model_dir, tmp_path):
     """An artifact whose zero points are real-valued, as decoupleQ writes them."""

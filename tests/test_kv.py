@@ -438,3 +438,47 @@ def test_bundled_model_kv_artifact(tmp_path):
     assert type(cache).__name__ == "KVCache" and cache.nbytes() < 0.65 * cache.dense_nbytes()
     row = api.evaluate_long(str(path), context=512, n_windows=1, passkey_lengths=(512,), passkey_samples=2)
     assert row["policy"] == "mustafar K 0.5 V 0.5 window 32" and row["kv_bytes"] < 0.65 * row["kv_dense_bytes"]
+
+
+def _lossy_cskv(model):
+    cfg = CSKVConfig(k_ratio=0.5, v_ratio=0.5, window=2, activation_aware=False)
+    cfg.calibrate(model, None)
+    return cfg
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: StreamingConfig(budget=12, sinks=4),
+    lambda m: DuoConfig(streaming=0.5, sinks=4, window=8, heads=("10", "01")),
+    _lossy_cskv,
+], ids=["streaming", "duo", "cskv"])
+def test_a_left_padded_row_decodes_as_its_prompt_alone(make):
+    """Position-dependent policies took cache indices for positions: in a left-padded batch the sinks were the
+    padding (StreamingLLM, DuoAttention) and CSKV un-rotated keys at the wrong angle."""
+    model = tiny()
+    model.generation_config.eos_token_id = None
+    install(model, make(model))
+    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    alone = model.generate(ids[1:, 6:], attention_mask=torch.ones(1, 14, dtype=torch.long), **kw)
+    padded, mask = ids.clone(), torch.ones_like(ids)
+    padded[1, :6], mask[1, :6] = 0, 0
+    batch = model.generate(padded, attention_mask=mask, **kw)
+    assert batch.sequences[1, 20:].tolist() == alone.sequences[0, 14:].tolist()
+    for a, b in zip(alone.scores, batch.scores):
+        torch.testing.assert_close(b[1], a[0], atol=2e-5, rtol=0)
+
+
+def test_streaming_keeps_every_sink_and_the_newest_token():
+    """Sink priorities were float32 1e9 + position (all equal: an arbitrary subset of the sinks survived), a ratio
+    could keep fewer tokens than the sinks, and a budget of no more than the sinks left no recent window."""
+    with pytest.raises(UserError, match="must exceed its sinks"):
+        StreamingConfig(budget=4, sinks=4)
+    layer = EvictionLayer(0, None, ratio=0.5, budget=0, sinks=4)
+    k = torch.randn(1, 1, 6, 8)
+    layer.append(k, k, None)
+    layer.seen = 6
+    for _ in range(4):
+        layer.append(k[..., :1, :], k[..., :1, :], None)
+        layer.seen += 1
+        held = layer.pos[0, 0].tolist()
+        assert held[:4] == [0, 1, 2, 3] and held[-1] == layer.seen - 1, held

@@ -265,3 +265,12 @@ def test_bundled_model_liger_hybrid_loads_generates_and_scores(tmp_path, bundled
     gen = model.generate(**ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 6
     assert math.isfinite(api.evaluate(out, n_windows=1, seq_len=128, device="cpu")["ppl"])
+
+
+def test_a_model_with_a_kv_policy_is_refused_before_any_work():
+    """linearize took a KV-policy artifact and wrote one that ``llmcomp.load`` then refused."""
+    from llmcomp.linearize import distill
+    from tests.conftest import tiny_llama
+
+    with pytest.raises(UserError, match="KV-cache policy"):
+        distill.check_model(tiny_llama(), [{"method": "kv-streaming", "kind": "kv"}])

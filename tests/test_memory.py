@@ -68,8 +68,10 @@ def test_format_bytes():
 @pytest.mark.parametrize("kwargs,message", [
     ({"device": "cpu", "device_map": "cpu"}, "pass one of them"),
     ({"device_map": "gpu"}, "is not one of"),
-    ({"device_map": "cpu", "max_memory": "cpu=1GiB"}, "apply to --device-map auto"),
-    ({"device_map": "cpu", "offload_folder": "x"}, "apply to --device-map auto"),
+    ({"device_map": "cpu", "max_memory": "cpu=1GiB"}, "applies to --device-map auto"),
+    ({"device_map": "cpu", "offload_folder": "x"}, "applies to --device-map auto"),
+    ({"device": "cpu", "max_memory": "cpu=1GiB"}, "pass one of them"),  # (was model.to on a dispatched model)
+    ({"device": "cpu", "offload_folder": "x"}, "pass one of them"),
 ])
 def test_resolve_placement_rejects(kwargs, message):
     args = {"device": None, "device_map": None, "max_memory": None, "offload_folder": None, **kwargs}
@@ -172,7 +174,9 @@ def paths(tmp_path_factory):
     {"device_map": "cpu"},
     {"max_memory": "cpu=1GiB"},
     {"max_memory": "cuda:0=1GiB,cpu=100KiB", "offload_folder": "OFF"},
-], ids=["device_map=cpu", "max_memory", "disk-offload"])
+    {"device_map": {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                    "lm_head": "cpu"}, "offload_folder": "OFF"},  # (each error named what the other forbade)
+], ids=["device_map=cpu", "max_memory", "disk-offload", "explicit-map-with-disk"])
 def test_placed_load_gives_the_same_logits(paths, tmp_path, kind, placement):
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

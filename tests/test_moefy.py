@@ -147,3 +147,23 @@ def test_bundled_model_moefy_then_prune_experts(tmp_path):
     assert dense < moe_ < 10 * dense and 0.8 * moe_ < cut < 3 * moe_, (dense, moe_, cut)
     stock = AutoModelForCausalLM.from_pretrained(pruned)
     assert stock.config.num_experts == 6 and type(stock).__name__ == "Qwen2MoeForCausalLM"
+
+
+@pytest.mark.parametrize("shared,family", [(0, "mixtral"), (32, "qwen2_moe")])
+def test_a_sliding_window_model_keeps_its_window(shared, family):
+    """The Qwen2-MoE target (a shared expert) was built without the source's sliding window: a Mistral with a
+    window of 8 lost it, and beyond 8 tokens computed something else."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    dense = MistralForCausalLM(MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                             max_position_embeddings=256, sliding_window=8)).eval()
+    x = ids(2, 40)
+    with torch.no_grad():
+        ref = dense(x).logits
+    model, _ = moefy_model(dense, ids(8, 16, seed=1), MoefyConfig(experts=4, top_k=4, shared=shared,
+                                                                 router_spread=1e-6), device="cpu")
+    assert model.config.model_type == family and model.config.sliding_window == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref, atol=1e-4, rtol=1e-4)

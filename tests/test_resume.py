@@ -91,9 +91,42 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     cp = Checkpoint(d, "b")  # the holder is gone (its lock went with it)
-    assert Checkpoint(d, "b").key == "b"  # one process may open it again (a job after a failed one)
+    failed = Checkpoint(d, "b")  # one process may open it again (a job after a failed one still referenced)
     cp.finish()
+    assert (tmp_path / ".o.resume.lock").exists()  # still held (by ``failed``): other processes still wait
+    probe = subprocess.run([sys.executable, "-c", (
+        "from pathlib import Path; from llmcomp.core.resume import Checkpoint; "
+        f"Checkpoint(Path({str(d)!r}), 'c')")], capture_output=True, text=True)
+    assert "Another llmcomp job is writing" in probe.stderr, probe.stderr[-300:]
+    failed.finish()
     assert not d.exists() and not (tmp_path / ".o.resume.lock").exists()
+
+
+def test_checkpoint_in_a_folder_that_does_not_exist_yet(tmp_path):
+    from llmcomp.core.resume import for_output
+
+    cp = for_output(tmp_path / "runs" / "new" / "q", "a")
+    assert (tmp_path / "runs" / "new" / ".q.resume").is_dir()
+    cp.finish()
+    assert list((tmp_path / "runs" / "new").iterdir()) == []
+
+
+def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch):
+    """(Lustre without -o flock, some network mounts): the job runs as before, no fd left open."""
+    import errno
+    import fcntl
+
+    from llmcomp.core import paths
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with paths.locked(tmp_path / "l", busy="busy", remove=True):
+            pass
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_the_job_key_sees_the_config_the_calibration_and_the_device():

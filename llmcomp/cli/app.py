@@ -172,6 +172,9 @@ def eval_(
         if long and (device_map or max_memory or offload_folder):
             raise UserError("--device-map, --max-memory and --offload-folder apply to perplexity eval; --long runs "
                             "the model on one --device.")
+        if long and (reference is not None or record):
+            raise UserError("--reference and --record apply to perplexity eval; --long reports its own metrics "
+                            "(write them with --json).")
         if long:
             from llmcomp.cli.prune_kv import eval_long
 

@@ -17,7 +17,7 @@ def parse_layer_ratios(items: list[str]) -> dict:
         try:
             if not sep or not layer.strip().isdigit():
                 raise ValueError
-            out[layer.strip()] = float(value)
+            out[str(int(layer))] = float(value)  # ("03" is layer 3)
         except ValueError:
             raise UserError(f"--layer-ratio takes LAYER=RATIO such as 3=0.5, got {item!r}.") from None
     return out

@@ -95,8 +95,13 @@ class RichProgress(Progress):
         description, total, completed, start, _ = entry
         count = f"{completed}/{total}" if total is not None else str(completed)
         elapsed = _clock(time.monotonic() - start)
-        err_console.print(f"{description} {count} {'… ' + elapsed + ' so far' if running else 'in ' + elapsed}",
-                          markup=False, highlight=False, soft_wrap=True)
+        if running:
+            state = f"{count} … {elapsed} so far"
+        elif total is not None and completed < total:  # a task left early: an error or an interrupt follows
+            state = f"stopped at {count} after {elapsed}"
+        else:
+            state = f"{count} in {elapsed}"
+        err_console.print(f"{description} {state}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _clock(seconds: float) -> str:

@@ -138,9 +138,13 @@ def target_config(src, cfg: MoefyConfig):
 
     if head_dim != src.hidden_size // src.num_attention_heads:
         raise UserError("Qwen2-MoE derives head_dim from hidden_size / heads, which this model does not.")
+    window = getattr(src, "sliding_window", None)  # (Mistral: every layer; Qwen2: the layers its types say)
+    types = getattr(src, "layer_types", None) or ["sliding_attention"] * src.num_hidden_layers
+    sliding = {"use_sliding_window": True, "sliding_window": window, "layer_types": list(types)} if window else {
+        "use_sliding_window": False}
     return Qwen2MoeConfig(**common, intermediate_size=inter, moe_intermediate_size=routed // cfg.experts,
                           shared_expert_intermediate_size=cfg.shared, num_experts=cfg.experts, norm_topk_prob=True,
-                          qkv_bias=False, use_sliding_window=False, decoder_sparse_step=1, mlp_only_layers=[])
+                          qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[], **sliding)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -219,12 +220,18 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
     return manifest
 
 
+_RECORDING = threading.Lock()  # (``locked`` is shared by the threads of a process)
+
+
 def record_evaluation(path: Path, result: dict) -> None:
     """Append an evaluation result to the manifest's ``evaluations`` list (atomic replace).
 
     The manifest is not among the hashed files, so recording metrics leaves the artifact valid."""
     path = Path(path)
-    with locked(path):  # two evaluations recording at once: one after the other, neither lost
+    # two evaluations recording at once (processes or threads): one after the other, neither lost
+    with _RECORDING, locked(path):
+        for stale in path.glob(f".{MANIFEST}.*.tmp"):  # a killed recording's (every writer holds the lock)
+            stale.unlink(missing_ok=True)
         manifest = read_manifest(path, verify=False)
         manifest.setdefault("evaluations", []).append(result)
         fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path)

@@ -217,10 +217,16 @@ def resolve_placement(device: Optional[str], device_map, max_memory, offload_fol
         raise UserError("--device and --device-map both place the model; pass one of them.")
     if offload_folder is not None and Path(offload_folder).exists() and not Path(offload_folder).is_dir():
         raise UserError(f"--offload-folder {offload_folder} is a file; give a directory (it is created if missing).")
-    if (limits or offload_folder) and device_map not in (None, "auto"):
-        raise UserError("--max-memory and --offload-folder apply to --device-map auto, "
-                        f"not {device_map if isinstance(device_map, str) else 'an explicit map'}.")
+    if limits and device_map not in (None, "auto"):
+        where = device_map if isinstance(device_map, str) else "an explicit map"
+        raise UserError(f"--max-memory applies to --device-map auto, not {where}.")
+    if offload_folder and isinstance(device_map, str) and device_map != "auto":
+        raise UserError(f"--offload-folder applies to --device-map auto (or an explicit map with disk entries), not "
+                        f"{device_map}.")
     if (limits or offload_folder) and device_map is None:
+        if device is not None:
+            raise UserError("--device and --max-memory / --offload-folder both place the model (the latter imply "
+                            "--device-map auto); pass one of them.")
         device_map = "auto"
     return device, device_map, limits, offload_folder
 

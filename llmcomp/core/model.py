@@ -117,8 +117,12 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
         from llmcomp.core.memory import budget
 
         place = {"device_map": device_map, "max_memory": budget(max_memory), "offload_folder": offload_folder}
+    if not any(Path(path).glob("*.safetensors")) and any(Path(path).glob("*.bin")):
+        raise UserError(f"{path} holds its weights as PyTorch pickles (*.bin) only; llmcomp reads safetensors files "
+                        "and never unpickles — save the model with safe_serialization=True first.")
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **place)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                           use_safetensors=True, **place)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"Could not load a causal LM from {path}: {first}") from None

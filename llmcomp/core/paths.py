@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -50,15 +51,18 @@ def check_output(output, overwrite: bool, source=None) -> Path:
             raise UserError(f"Output {output} is a mount point, which --overwrite cannot replace; write to a "
                             "directory inside it.")
         if not written_by_llmcomp(output):
-            raise UserError(f"Output {output} exists and was not written by llmcomp; --overwrite replaces only "
-                            "llmcomp's own outputs — remove it yourself or choose another path.")
+            raise UserError(f"Output {output} exists and was not written by llmcomp (no {OUTPUT_MARK} mark; exports "
+                            "from llmcomp releases before the mark have none); --overwrite replaces only llmcomp's own outputs "
+                            "— remove it yourself or choose another path.")
     return output
 
 
 def written_by_llmcomp(path: Path) -> bool:
-    """An empty directory, or one ``atomic_dir`` published (its mark; artifacts from before the mark by their
-    manifest)."""
-    return (path / OUTPUT_MARK).exists() or (path / "llmcomp.json").is_file() or not any(path.iterdir())
+    """An empty directory, or one ``atomic_dir`` published: its mark, or from before the mark an artifact (its
+    manifest) or a report (``report.md`` and plots only)."""
+    names = {p.name for p in path.iterdir()}
+    return (not names or OUTPUT_MARK in names or (path / "llmcomp.json").is_file()
+            or ("report.md" in names and all(n == "report.md" or n.endswith(".png") for n in names)))
 
 
 def check_report(path, flag: str) -> None:
@@ -122,14 +126,17 @@ def _replace(new: Path, dest: Path) -> None:
 
 
 _HELD: dict[str, list] = {}  # locks this process holds: real path → [fd, holders]
+_NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)  # filesystems without flock
 
 
 @contextlib.contextmanager
-def locked(path: Path, busy: Optional[str] = None):
+def locked(path: Path, busy: Optional[str] = None, remove: bool = False):
     """An exclusive ``flock`` on ``path`` (a directory, or a file created if missing) against other processes,
     for the block. With ``busy``, a lock held by another process is that UserError at once; without, the
-    block waits for it. Within one process the lock is shared (jobs there run one after another, and one
-    that failed may still hold it). A no-op where there is no ``fcntl``."""
+    block waits for it. ``remove``: the lock file is deleted when released (while still held, and a taker
+    checks that it locked the file that is there, so no two processes ever hold "the" lock). Within one
+    process the lock is shared (jobs there run one after another, and one that failed may still hold it).
+    A no-op where there is no ``fcntl`` or the filesystem has no ``flock``."""
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -137,12 +144,10 @@ def locked(path: Path, busy: Optional[str] = None):
         return
     key = os.path.realpath(path)
     if key not in _HELD:
-        fd = os.open(path, os.O_RDONLY if Path(path).is_dir() else os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(busy) from None
+        fd = _take(path, fcntl, busy)
+        if fd is None:  # no locking on this filesystem
+            yield
+            return
         _HELD[key] = [fd, 0]
     _HELD[key][1] += 1
     try:
@@ -152,7 +157,35 @@ def locked(path: Path, busy: Optional[str] = None):
         entry[1] -= 1
         if entry[1] == 0:
             del _HELD[key]
+            if remove:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             os.close(entry[0])
+
+
+def _take(path, fcntl, busy: Optional[str]) -> Optional[int]:
+    """The fd of ``path`` locked by this process (None where the filesystem cannot lock)."""
+    is_dir = Path(path).is_dir()
+    while True:
+        fd = os.open(path, os.O_RDONLY if is_dir else os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+            if is_dir or os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(busy) from None
+        except FileNotFoundError:  # the holder removed it as we took it: take the new one
+            pass
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _NO_LOCKS:
+                return None
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # we locked a file its holder has just removed: take the one there now
 
 
 def _publish_permissions(path: Path) -> None:

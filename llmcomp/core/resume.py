@@ -49,10 +49,11 @@ class Checkpoint:
         self.dir = Path(directory)
         self.key = key
         # one job at a time a directory: a second one would discard this one's layers, or mix them with its own
-        self._lockfile = self.dir.with_name(self.dir.name + ".lock")
+        lockfile = self.dir.with_name(self.dir.name + ".lock")
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
         self._lock = contextlib.ExitStack()
-        self._lock.enter_context(locked(self._lockfile, busy=(
-            f"Another llmcomp job is writing {output or self.dir} (it holds {self._lockfile}); wait for it to "
+        self._lock.enter_context(locked(lockfile, remove=True, busy=(
+            f"Another llmcomp job is writing {output or self.dir} (it holds {lockfile}); wait for it to "
             "finish or choose another output path.")))
         stamp = self.dir / FINGERPRINT_FILE
         if self.dir.exists():
@@ -118,8 +119,7 @@ class Checkpoint:
 
     def finish(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-        self._lockfile.unlink(missing_ok=True)  # (still held: no other job can have taken it meanwhile)
-        self._lock.close()
+        self._lock.close()  # (the lock file goes with the last holder in this process)
 
 
 def for_output(output: Path, key: str, note=lambda msg: None) -> Optional[Checkpoint]:

@@ -186,6 +186,10 @@ def read_layer(path: str, t: dict[str, torch.Tensor], group: dict, fmt_name: str
     else:
         zero = torch.full(scale.shape, float(mid))
     group_size = int(w.get("group_size") or 0) if strategy == "group" else 0
+    static = torch.arange(in_features) // (group_size or in_features)
+    if "weight_g_idx" in t and not torch.equal(t["weight_g_idx"].long(), static):
+        raise UserError(f"{path} uses act-order with a permuted weight_g_idx, which llmcomp's uniform format does "
+                        f"not store; import a checkpoint quantized without act-order or with static groups.")
     if group_size % 8:
         raise UserError(f"{path}: group size {group_size} is not a multiple of 8, which llmcomp's uniform "
                         f"format needs.")

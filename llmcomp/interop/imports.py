@@ -120,9 +120,11 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
             continue
         if key not in expected:
             raise UserError(f"Checkpoint tensor {key} does not belong to the model.")
-        if value.is_floating_point():
+        if value.is_floating_point():  # (told the dtype, accelerate does not cast back to the float32 skeleton)
             value = value.to(dtype or torch.float32)
-        set_module_tensor_to_device(model, key, "cpu", value=value)
+            set_module_tensor_to_device(model, key, "cpu", value=value, dtype=value.dtype)
+        else:
+            set_module_tensor_to_device(model, key, "cpu", value=value)
     model.tie_weights()
     missing = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
     if missing:

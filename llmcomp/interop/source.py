@@ -91,7 +91,8 @@ def write_checkpoint(src: Source, dest: Path, tensors: dict[str, torch.Tensor], 
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         _save_shards({k: v.contiguous() for k, v in tensors.items()}, tmp, shard_bytes)
         for f in sorted(src.path.iterdir()):
-            skip = f.name in (MANIFEST, INDEX, "config.json") or f.name.endswith(".safetensors")
+            skip = (f.name in (MANIFEST, INDEX, "config.json") or f.name.endswith(".safetensors")
+                    or f.name.startswith("."))  # (hidden: the output mark, a killed manifest update's temp)
             if f.is_file() and not skip:
                 shutil.copyfile(f, tmp / f.name)
         config = json.loads((src.path / "config.json").read_text())

@@ -92,6 +92,9 @@ def check_model(model: nn.Module, stages: list[dict]) -> None:
 
     if any(s.get("kind") == KIND for s in stages):
         raise UserError("This artifact is already linearized; linearize the original model.")
+    if any(s.get("kind") == "kv" for s in stages):  # (its policy cannot run on linear attention)
+        raise UserError("This artifact has a KV-cache policy, which linear attention cannot use; linearize the model "
+                        "without it.")
     check_supported(model)
     _, layers = decoder_layers(model)
     for i, layer in enumerate(layers):

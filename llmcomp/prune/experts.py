@@ -67,7 +67,15 @@ class ExpertPruneConfig:
             raise UserError("recon_tokens must be ≥ 16, damp ≥ 0, se_quantile and se_fraction in (0, 1).")
 
     def ratio_for(self, layer: int) -> float:
-        return float(self.layer_ratios.get(str(layer), self.ratio))
+        return float({int(k): v for k, v in self.layer_ratios.items()}.get(layer, self.ratio))
+
+    def check_layers(self, blocks) -> None:
+        """Every per-layer ratio must name a layer with an MoE block (one that names none did nothing)."""
+        moe_layers = sorted(b.layer for b in blocks)
+        for k in self.layer_ratios:
+            if int(k) not in moe_layers:
+                raise UserError(f"A layer ratio names layer {k}, which has no MoE block; MoE blocks are in layers "
+                                f"{', '.join(map(str, moe_layers))}.")
 
 
 @dataclass
@@ -171,6 +179,7 @@ def collect_stats(model: nn.Module, calib_ids: torch.Tensor, cfg: ExpertPruneCon
                   progress: Progress = NULL) -> dict[str, BlockStats]:
     """One calibration pass over ``model`` (unchanged): ``{block path: BlockStats}``."""
     blocks = {b.path: b for b in moe.require_moe(model)}
+    cfg.check_layers(blocks.values())
     found: dict[str, BlockStats] = {}
 
     def handler(path, layer, runner):

@@ -48,6 +48,16 @@ def cat_masks(past: torch.Tensor | None, new: torch.Tensor, n_past: int) -> torc
     return torch.cat([past.expand(b, h, *past.shape[2:]), new.expand(b, h, *new.shape[2:])], dim=-1)
 
 
+def leading_padding(mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
+    """int64 [B]: the keys no query of the first forward may see, counted from the left (a left-padded batch's
+    padding); None where there are none."""
+    if mask is None:
+        return None
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, -1, :q_len]  # the last query sees all real
+    lead = (~allowed).long().cumprod(-1).sum(-1)
+    return lead if bool(lead.any()) else None
+
+
 class PolicyLayer(CacheLayerMixin):
     """One decoder layer's cache under a policy. Subclasses hold the tokens in their own form and
     implement ``past`` (a dense view for the reference attention), ``append`` and ``nbytes``."""
@@ -61,6 +71,7 @@ class PolicyLayer(CacheLayerMixin):
         super().__init__()
         self.layer_idx, self.runtime = layer_idx, runtime
         self.seen = 0
+        self.lead: torch.Tensor | None = None  # int64 [B]: each row's leading padding (None: none)
         self._new: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- transformers' layer API --------------------------------------------------------------
@@ -89,8 +100,17 @@ class PolicyLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.seen, self._new, self.is_initialized = 0, None, False
+        self.seen, self._new, self.is_initialized, self.lead = 0, None, False, None
         self.clear()
+
+    def real_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """Cache indices ``pos`` [B, ...] (or [P], shared by the rows) as each row's own token positions: a
+        left-padded row's first real token is its position 0, its padding negative (``lead``: the leading
+        padding of each row, seen in the first forward's mask; None = no padding)."""
+        if self.lead is None:
+            return pos.long()
+        lead = self.lead.view(-1, *([1] * (pos.dim() - 1))) if pos.dim() > 1 else self.lead[:, None]
+        return pos.long() - lead
 
     def _unsupported(self, *args, **kwargs):
         raise UserError("KV policy caches support greedy decoding and sampling only (no beam search, cropping "
@@ -127,6 +147,8 @@ class PolicyLayer(CacheLayerMixin):
             raise RuntimeError(f"KV policy layer {self.layer_idx}: attention ran without a cache update.")
         k_new, v_new = self._new
         self._new = None
+        if self.seen == 0:
+            self.lead = leading_padding(mask, query.shape[2])
         out = self.compute(module, query, k_new, v_new, mask, scaling)
         self.seen += query.shape[2]
         return out
@@ -269,10 +291,10 @@ class KVRuntime:
         return KVCache([self.policy.make_layer(i, self) for i in range(len(self.modules))])
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [1, P, D] of the model's rotary embedding at ``positions`` [P]."""
+        """(cos, sin) [1, P, D] of the model's rotary embedding at ``positions`` [P] ([B, P, D] at [B, P])."""
         if self.rotary is None:
             raise UserError("This KV policy needs the model's rotary embedding (model.rotary_emb), which it lacks.")
-        return self.rotary(like, positions[None].to(like.device))
+        return self.rotary(like, (positions if positions.dim() == 2 else positions[None]).to(like.device))
 
     def pre_forward(self, module, args, kwargs):
         use = kwargs.get("use_cache")

@@ -60,9 +60,13 @@ class CSKVLayer(PolicyLayer):
         return tensor_bytes(self.ck, self.cv, self.kw, self.vw)
 
     def _rope(self, n: int, start: int, like: torch.Tensor):
+        """cos, sin [1 or B, 1, n, D] at cache indices ``start ..`` — each row's own positions in a left-padded
+        batch (what the model rotated its keys by; the padding's do not matter, it is masked)."""
         pos = torch.arange(start, start + n, device=like.device)
+        if self.lead is not None:
+            pos = self.real_positions(pos).clamp(min=0)  # [B, n]
         cos, sin = self.runtime.rope(pos, like)
-        return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)  # [1, 1, n, D]
+        return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)
 
     def _shrink(self, x: torch.Tensor, basis, start: int | None) -> torch.Tensor:
         """[B, Hkv, n, D] → [B, n, r]; keys (``start`` = first position) are un-rotated first."""

@@ -63,6 +63,10 @@ class DuoLayer(PolicyLayer):
             if held:
                 k, v = torch.cat([k_past, k], dim=-2), torch.cat([v_past, v], dim=-2)
             sub_mask = self.held_mask(mask, held, pos, n_rep, q.shape[2], q.device)
+            if pos is not None and held and self.lead is not None:  # the union of the rows' sinks is held:
+                mine = self._own(pos, self.seen)  # each row sees only its own sinks and the window
+                extra = torch.ones(mine.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+                sub_mask = sub_mask & torch.cat([mine, extra], dim=-1)[:, None, None, :]
             out[:, :, qi] = attention(module, q[:, qi], k, v, sub_mask, scaling)[0]
         self.append(k_new, v_new, None)
         return out
@@ -81,8 +85,15 @@ class DuoLayer(PolicyLayer):
         ks, vs = k[:, si], v[:, si]
         if self.ks is not None:
             ks, vs, pos = torch.cat([self.ks, ks], -2), torch.cat([self.vs, vs], -2), torch.cat([self.spos, pos])
-        keep = ((pos < self.sinks) | (pos >= self.seen + q - self.window)).nonzero().squeeze(-1)
+        own = self._own(pos, self.seen + q)
+        keep = (own.any(0) if own.dim() == 2 else own).nonzero().squeeze(-1)  # (rows: the union of their sinks)
         self.ks, self.vs, self.spos = ks[:, :, keep], vs[:, :, keep], pos[keep]
+
+    def _own(self, pos: torch.Tensor, seen: int) -> torch.Tensor:
+        """bool [P] (or [B, P] in a left-padded batch): what a streaming head keeps of the tokens at ``pos``
+        after ``seen`` tokens — each row's first ``sinks`` real tokens and the ``window`` most recent."""
+        real = self.real_positions(pos)
+        return ((real >= 0) & (real < self.sinks)) | (pos >= seen - self.window)
 
 
 def _streaming_mask(n: int, sinks: int, window: int, device) -> torch.Tensor:

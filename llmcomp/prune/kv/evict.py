@@ -2,7 +2,8 @@
 (accumulated attention with a forgetting factor).
 
 After each forward, a layer holding more than its budget keeps, per KV head:
-- StreamingLLM: the first ``sinks`` tokens and the most recent ones;
+- StreamingLLM: the first ``sinks`` tokens of each row (left padding is not a sink) and the most
+  recent ones;
 - H2O / A2SF: the most recent ``recent · budget`` tokens plus the highest-scoring others, where a
   token's score is the attention it received, summed over the query heads of its KV head and over
   queries. A2SF multiplies the running score by ``forget`` at every new query (so a query ``j`` steps
@@ -22,7 +23,7 @@ from llmcomp.errors import UserError
 from llmcomp.prune.kv.base import KV_METHODS, KVPolicy, check_ratio, check_tokens, keep_count
 from llmcomp.prune.kv.cache import PolicyLayer, tensor_bytes
 
-PROTECT = 1e9  # priority bonus of tokens that are always kept (sinks, recent window)
+PROTECT = 1e9  # H2O / A2SF: priority bonus of the recent window (all of it is kept)
 
 
 class EvictionLayer(PolicyLayer):
@@ -67,14 +68,16 @@ class EvictionLayer(PolicyLayer):
         self._evict(keep_count(self.ratio, self.budget, self.seen + q), self.seen + q)
 
     def _evict(self, keep: int, total: int) -> None:
+        if not self.needs_probs:  # StreamingLLM: never fewer than its sinks and the newest token
+            keep = max(keep, min(total, self.sinks + 1))
         if self.k.shape[-2] <= keep:
             return
-        pos = self.pos.float()
         if self.needs_probs:
             n_recent = round(self.recent * keep)
             prio = self.score + (self.pos >= total - n_recent) * PROTECT
-        else:  # StreamingLLM: sinks, then the most recent
-            prio = pos + (self.pos < self.sinks) * PROTECT
+        else:  # StreamingLLM: each row's first real tokens (its sinks), then the most recent; padding last
+            real = self.real_positions(self.pos)
+            prio = self.pos.long() + ((real >= 0) & (real < self.sinks)) * (1 << 40) - (real < 0) * (1 << 41)
         idx = prio.topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, keep], in position order
         full = idx[..., None].expand(*idx.shape, self.k.shape[-1])
         self.k, self.v = self.k.gather(2, full), self.v.gather(2, full)
@@ -117,6 +120,9 @@ class StreamingConfig(_EvictionConfig):
     def __post_init__(self):
         self._check_budget()
         check_tokens("sinks", self.sinks)
+        if self.budget and self.budget <= self.sinks:
+            raise UserError(f"streaming budget ({self.budget} tokens) must exceed its sinks ({self.sinks}): the "
+                            "recent window would be empty.")
 
     def windows(self):
         return {**super().windows(), "sinks": self.sinks}
