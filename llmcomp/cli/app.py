@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -259,7 +260,8 @@ def check(
         render.console.print(render.check_table(outcomes, current["_wall_time_s"]))
         if json_out:
             json_out.write_text(json.dumps({"artifact": artifact, "passed": all(o.passed for o in outcomes),
-                                            "metrics": [{**o.__dict__, "change_rel": o.change_rel, "passed": o.passed}
+                                            "metrics": [{**o.__dict__, "passed": o.passed, "change_rel": (  # (JSON
+                                                o.change_rel if math.isfinite(o.change_rel) else None)}  # has no inf)
                                                         for o in outcomes]}, indent=1))
         if junit:
             junit.write_text(chk.junit_xml(outcomes, artifact, current["_wall_time_s"]))
