@@ -108,6 +108,10 @@ def quantize(
                         "disk offload (--offload-folder) is not supported for quantize.")
     if calib_batch < 1:
         raise UserError(f"--calib-batch must be ≥ 1, got {calib_batch}.")
+    if allocation is not None and getattr(config, "outliers", 0):
+        raise UserError("--outliers does not combine with bit allocation (a fractional --bits): the allocation does "
+                        "not count the outliers' bits, so the budget would not hold; give whole bits or drop "
+                        "--outliers.")
     check_calib(calib_samples, calib_seq_len)  # before the model is loaded
     limits = memory.parse_max_memory(max_memory)
     gpu_limits = memory.gpu_limits(limits)

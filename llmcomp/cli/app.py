@@ -110,7 +110,7 @@ def quantize(
     _quiet_transformers()
     from llmcomp import api
     from llmcomp.cli import render
-    from llmcomp.cli.methods import build_quant_config
+    from llmcomp.cli.methods import build_quant_config, unused_options
 
     def go():
         config, allocation = build_quant_config(
@@ -123,6 +123,9 @@ def quantize(
         if replaced:
             raise UserError(f"--preset {preset} sets the method and its settings itself; drop {', '.join(replaced)} "
                             "or drop --preset.")
+        for name, why in (unused_options(method, bits, fp4_format) if preset is None else {}).items():
+            if _given(ctx, [name]):  # (a flag the method does not read is an error, not silently dropped)
+                raise UserError(f"{_given(ctx, [name])[0]} does not apply here: {why}.")
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,

@@ -22,6 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmcomp.errors import UserError
+
+
+def check_damp(damp, who: str) -> None:
+    """A dampening fraction of the mean Hessian diagonal in [0, 10), or one UserError naming ``who``."""
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 10:
+        raise UserError(f"{who} dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), got {damp!r}.")
+
 
 @contextlib.contextmanager
 def flush_denormal():
