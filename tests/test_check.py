@@ -138,3 +138,8 @@ def test_json_report_from_a_zero_baseline_is_strict_json(tmp_path, monkeypatch):
     assert r.exit_code == 1, r.output
     report = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert report["metrics"][0]["change_rel"] is None and report["passed"] is False
+
+
+def test_a_baseline_of_nan_refused():
+    with pytest.raises(UserError, match="finite"):
+        chk.make_baseline({"ppl": float("nan"), "bits_per_weight": 4.0, "size_mb": 1.0}, SETTINGS)

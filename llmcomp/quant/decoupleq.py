@@ -98,10 +98,11 @@ def solve_floats(W: torch.Tensor, codes: torch.Tensor, H: torch.Tensor, fmt: Uni
         rhs = torch.cat([rhs_q, _group_sum(HW, g, ng)], 1)
     # a row whose system is all zeros (a zero row, dead inputs) gets ridge 1: θ = 0, which ``ok`` below turns down
     # (1e-30 was flushed to zero where denormals are, and the solve failed)
-    diag = torch.diagonal(M, dim1=1, dim2=2).abs().mean(1)
+    # (in float64: 1e-9 of a tiny diagonal is no float32 denormal to flush)
+    diag = torch.diagonal(M, dim1=1, dim2=2).abs().mean(1).double()
     ridge = torch.where(diag > 0, 1e-9 * diag, torch.ones_like(diag))
-    M = M + ridge[:, None, None] * torch.eye(M.shape[1], device=M.device)
-    theta = torch.linalg.solve(M.double(), rhs.double().unsqueeze(-1)).squeeze(-1).float()
+    M = M.double() + ridge[:, None, None] * torch.eye(M.shape[1], device=M.device, dtype=torch.float64)
+    theta = torch.linalg.solve(M, rhs.double().unsqueeze(-1)).squeeze(-1).float()
     s_new = theta[:, :ng]
     z_new = torch.full_like(s_new, float(1 << (fmt.bits - 1))) if fmt.symmetric else -theta[:, ng:] / s_new
     s_new = s_new.to(SCALE_DTYPE).float()

@@ -27,7 +27,11 @@ from llmcomp.errors import UserError
 
 def check_damp(damp, who: str) -> None:
     """A dampening fraction of the mean Hessian diagonal in [0, 10), or one UserError naming ``who``."""
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 10:
+    try:
+        ok = not isinstance(damp, bool) and 0 <= float(damp) < 10  # (numpy and 0-d tensor scalars too)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise UserError(f"{who} dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), got {damp!r}.")
 
 
