@@ -108,6 +108,10 @@ def quantize(
                         "disk offload (--offload-folder) is not supported for quantize.")
     if calib_batch < 1:
         raise UserError(f"--calib-batch must be ≥ 1, got {calib_batch}.")
+    if allocation is not None and getattr(config, "outliers", 0):
+        raise UserError("--outliers does not combine with bit allocation (a fractional --bits): the allocation does "
+                        "not count the outliers' bits, so the budget would not hold; give whole bits or drop "
+                        "--outliers.")
     check_calib(calib_samples, calib_seq_len)  # before the model is loaded
     limits = memory.parse_max_memory(max_memory)
     gpu_limits = memory.gpu_limits(limits)
@@ -126,6 +130,7 @@ def quantize(
     if METHODS.get(config.method)(config).needs_calibration or allocation is not None:
         if tok is None:
             raise UserError("Calibration needs a tokenizer, and the model directory has none.")
+        check_window(net, calib_seq_len, "Calibration")
         source = corpus().name
         calib = calib_windows(tok, calib_seq_len, calib_samples, seed)
     alloc_report = None
@@ -244,6 +249,7 @@ def _calibrated(model, output, overwrite, calib_samples, calib_seq_len, seed, pr
         check(net, stages)
     if tok is None:
         raise UserError("Calibration needs a tokenizer, and the model directory has none.")
+    check_window(net, calib_seq_len, "Calibration")
     ids = calib_windows(tok, calib_seq_len, calib_samples, seed)
     info = {"text": corpus().name, "samples": calib_samples, "seq_len": calib_seq_len, "seed": seed}
     return output, net, tok, base, stages, ids, info
@@ -360,12 +366,12 @@ def config_context(config) -> int:
     return max(limit, int((base if isinstance(base, int) and base > 0 else limit) * factor))
 
 
-def check_window(net, seq_len: int) -> None:
-    """UserError when an evaluation window of ``seq_len`` tokens does not fit the loaded model's context (checked
-    after loading, so that a damaged model or artifact is reported first)."""
+def check_window(net, seq_len: int, what: str = "Evaluation") -> None:
+    """UserError when an evaluation (or calibration) window of ``seq_len`` tokens does not fit the loaded model's
+    context (checked after loading, so that a damaged model or artifact is reported first)."""
     limit = config_context(net.config)
     if limit and seq_len > limit:
-        raise UserError(f"Evaluation windows of {seq_len} tokens are longer than the model's context ({limit} "
+        raise UserError(f"{what} windows of {seq_len} tokens are longer than the model's context ({limit} "
                         "tokens); use shorter windows (--seq-len).")
 
 

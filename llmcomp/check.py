@@ -60,6 +60,9 @@ def measure(evaluate, artifact: str, settings: dict, progress=None) -> dict:
 
 
 def make_baseline(metrics: dict, settings: dict) -> dict:
+    bad = [k for k in TRACKED if k in metrics and not math.isfinite(metrics[k])]
+    if bad:  # (a NaN model; or no linear layer to count bits over)
+        raise UserError(f"The measured {bad[0]} is {metrics[bad[0]]}; a baseline needs finite values.")
     return {
         "llmcomp_check": CHECK_VERSION,
         "settings": settings,

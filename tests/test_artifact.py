@@ -372,3 +372,12 @@ def test_concurrent_records_are_all_kept(art):
     evals = read_manifest(art)["evaluations"]
     assert sorted((e["tag"], e["i"]) for e in evals) == sorted((t, i) for t in "ab" for i in range(25))
     assert not [p.name for p in art.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_model_loaded_in_inference_mode_runs(art):
+    """The dequantized-weight cache keyed on version counters, which inference-mode tensors lack."""
+    with torch.inference_mode():
+        model = llmcomp.load(art)
+        assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()

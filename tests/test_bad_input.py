@@ -403,3 +403,13 @@ def test_pickle_weights_are_refused_not_loaded(tmp_path):
     torch.save(model.state_dict(), path / "pytorch_model.bin")
     assert "never unpickles" in error_line(invoke("quantize", path, "-o", tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_calibration_windows_longer_than_the_context_refused(tmp_path):
+    """quantize calibrated past the context silently (RoPE) or crashed with an IndexError (learned positions);
+    eval refused the same windows."""
+    from tests.conftest import save_char_model
+
+    model = save_char_model(tmp_path / "m", layers=1)
+    assert "Calibration windows of 400 tokens are longer than the model's context (256 tokens)" in error_line(
+        invoke("quantize", model, "-o", tmp_path / "o", "--method", "gptq", "--seq-len", 400, "--calib-samples", 2))

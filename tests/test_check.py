@@ -127,3 +127,19 @@ def test_junit_xml_parses_with_quotes_in_the_path():
     suite = minidom.parseString(xml).documentElement
     assert suite.getAttribute("name") == 'llmcomp check art "x" & <y>'
     assert suite.getElementsByTagName("failure")[0].getAttribute("message").startswith('p"p<& regressed')
+
+
+def test_json_report_from_a_zero_baseline_is_strict_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "evaluate", fake_evaluate({"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 0.5}))
+    b = tmp_path / "base.json"
+    b.write_text(json.dumps({"llmcomp_check": 1, "settings": SETTINGS, "metrics": {
+        "size_mb": {"value": 0.0, "better": "lower", "tolerance_rel": 0.0}}}))
+    r = runner.invoke(app, ["check", fake_artifact(tmp_path), "--baseline", str(b), "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 1, r.output
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert report["metrics"][0]["change_rel"] is None and report["passed"] is False
+
+
+def test_a_baseline_of_nan_refused():
+    with pytest.raises(UserError, match="finite"):
+        chk.make_baseline({"ppl": float("nan"), "bits_per_weight": 4.0, "size_mb": 1.0}, SETTINGS)

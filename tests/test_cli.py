@@ -156,3 +156,33 @@ def test_progress_without_a_terminal_prints_lines_while_it_runs(capsys, monkeypa
             if i == 2:
                 raise KeyboardInterrupt
     assert capsys.readouterr().err.splitlines()[-1].startswith("Calibrating layers stopped at 2/5 after 0:00:0")
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--method", "vptq", "--bits", "2", "--group-size", "32"], "--group-size"),
+    (["--method", "pvq", "--bits", "2", "--sym"], "--sym"),
+    (["--method", "fp4", "--format", "fp4", "--sym"], "--sym"),
+    (["--method", "gptq", "--rounds", "3"], "--rounds"),
+    (["--damp", "0.1"], "--damp"),
+    (["--no-act-order"], "--act-order"),
+    (["--candidates", "2,4"], "--candidates"),
+    (["--method", "vptq", "--bits", "2.25", "--sensitivity", "output"], "--sensitivity"),
+    (["--bits", "2.5", "--no-act-order"], "--act-order"),  # rtn with allocation has no solver either
+    (["--bits", "2.5", "--damp", "0.3"], "--damp"),  # (only --sensitivity output dampens)
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_flags_the_method_does_not_read_are_refused(tiny_model_dir, tmp_path, args, flag):
+    """These were accepted and silently dropped (a vptq artifact said g0 after --group-size 32)."""
+    line = one_error_line(invoke("quantize", tiny_model_dir, "-o", tmp_path / "o", *args))
+    assert line.startswith(f"error: {flag}") and "does not apply here" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_flags_read_by_allocation_are_accepted(monkeypatch, tiny_model_dir, tmp_path):
+    from llmcomp import api
+
+    seen = []
+    monkeypatch.setattr(api, "quantize", lambda config, *a, **k: seen.append((config, k["allocation"])) or tmp_path)
+    r = invoke("quantize", tiny_model_dir, "-o", tmp_path / "o", "--bits", "2.5", "--sensitivity", "output",
+               "--damp", "0.3", "--candidates", "2,4")
+    assert r.exit_code == 0, r.output
+    assert seen[0][1].damp == 0.3 and seen[0][1].candidates == (2, 4)

@@ -41,3 +41,10 @@ def test_selector_patterns(tiny_model):
     assert layer0 == [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
     with pytest.raises(UserError, match="Invalid layer pattern"):
         list(select(tiny_model, ["re:("], []))
+
+
+@pytest.mark.parametrize("container,left", [("mlp", 2 * 4), ("self_attn", 2 * 3), ("layers.1", 7), ("LlamaMLP", 8)])
+def test_ignoring_a_container_ignores_its_layers(tiny_model, container, left):
+    """An ignore pattern matched only the container module itself: its linears were quantized anyway."""
+    names = [n for n, _ in select(tiny_model, ["Linear"], ["lm_head", container])]
+    assert len(names) == left, names

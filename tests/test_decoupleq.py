@@ -74,3 +74,25 @@ def test_decoupleq_end_to_end_tiny_model(tiny_model_dir, tmp_path):
     assert all("objective_trace_rel" in v for k, v in report.items() if not k.startswith("_"))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_zero_row_keeps_its_grid_instead_of_crashing():
+    """A zero row (or dead inputs) made the symmetric float step's system all zeros; its 1e-30 ridge was flushed
+    to zero with the denormals, and the solve raised a singular-matrix traceback."""
+    fmt = Uniform(bits=3, group_size=16, symmetric=True)
+    lin, acc, _ = correlated_layer(out_f=8, in_f=48)
+    lin.weight.data[5] = 0
+    res = DecoupleQQuantizer(DecoupleQConfig(format=fmt, rounds=2)).quantize_linear("l", lin, acc)
+    assert torch.isfinite(res.module.dequantize()).all()
+    assert res.module.dequantize()[5].abs().max() == 0
+
+
+@pytest.mark.parametrize("damp", [-0.5, 1e9])
+def test_damp_out_of_range_refused_before_any_work(damp):
+    from llmcomp.errors import UserError
+    from llmcomp.quant.allocate import AllocationConfig
+
+    with pytest.raises(UserError, match="dampening"):
+        DecoupleQConfig(format=Uniform(bits=3, group_size=16), damp=damp)
+    with pytest.raises(UserError, match="dampening"):
+        AllocationConfig(budget=3.5, damp=damp)

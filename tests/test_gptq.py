@@ -212,3 +212,25 @@ def _config(method):
     from llmcomp.quant.vptq import VPTQConfig
 
     return {"gptq": GPTQConfig, "vptq": VPTQConfig, "decoupleq": DecoupleQConfig}[method]()
+
+
+@pytest.mark.parametrize("in_f", [17, 18, 24])
+def test_outlier_pick_finds_a_planted_outlier_with_a_one_column_group(in_f):
+    """A last group of one column had no sample std: its NaN z-scores were ranked first and took the outlier
+    slots (in_features % group_size == 1)."""
+    from llmcomp.quant.gptq import pick_outliers
+
+    w = torch.randn(64, in_f, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[5, 3] = 40.0
+    mask = pick_outliers(w, Uniform(4, 16), torch.ones(in_f), 5)
+    assert mask[5, 3]
+
+
+def test_outliers_with_bit_allocation_refused(tmp_path):
+    """The allocation costs layers as plain uniform widths; GPTQ's outliers then went over the budget."""
+    from llmcomp.quant.allocate import AllocationConfig
+    from llmcomp.quant.gptq import GPTQConfig
+
+    with pytest.raises(UserError, match="does not combine with bit allocation"):
+        api.quantize(GPTQConfig(format=Uniform(4, 32), outliers=0.02), tmp_path / "o", str(tmp_path / "none"),
+                     allocation=AllocationConfig(budget=3.5, group_size=32))

@@ -451,19 +451,23 @@ def _lossy_cskv(model):
     lambda m: DuoConfig(streaming=0.5, sinks=4, window=8, heads=("10", "01")),
     _lossy_cskv,
 ], ids=["streaming", "duo", "cskv"])
-def test_a_left_padded_row_decodes_as_its_prompt_alone(make):
+@pytest.mark.parametrize("pad,chunk", [(6, None), (8, 4)], ids=["prefill", "prefill-in-chunks"])
+def test_a_left_padded_row_decodes_as_its_prompt_alone(make, pad, chunk):
     """Position-dependent policies took cache indices for positions: in a left-padded batch the sinks were the
-    padding (StreamingLLM, DuoAttention) and CSKV un-rotated keys at the wrong angle."""
+    padding (StreamingLLM, DuoAttention) and CSKV un-rotated keys at the wrong angle — also when the prefill
+    came in chunks no longer than the padding."""
     model = tiny()
     model.generation_config.eos_token_id = None
     install(model, make(model))
     ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(3))
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
-    alone = model.generate(ids[1:, 6:], attention_mask=torch.ones(1, 14, dtype=torch.long), **kw)
+    if chunk:
+        kw["prefill_chunk_size"] = chunk
+    alone = model.generate(ids[1:, pad:], attention_mask=torch.ones(1, 20 - pad, dtype=torch.long), **kw)
     padded, mask = ids.clone(), torch.ones_like(ids)
-    padded[1, :6], mask[1, :6] = 0, 0
+    padded[1, :pad], mask[1, :pad] = 0, 0
     batch = model.generate(padded, attention_mask=mask, **kw)
-    assert batch.sequences[1, 20:].tolist() == alone.sequences[0, 14:].tolist()
+    assert batch.sequences[1, 20:].tolist() == alone.sequences[0, 20 - pad:].tolist()
     for a, b in zip(alone.scores, batch.scores):
         torch.testing.assert_close(b[1], a[0], atol=2e-5, rtol=0)
 
@@ -472,7 +476,7 @@ def test_streaming_keeps_every_sink_and_the_newest_token():
     """Sink priorities were float32 1e9 + position (all equal: an arbitrary subset of the sinks survived), a ratio
     could keep fewer tokens than the sinks, and a budget of no more than the sinks left no recent window."""
     with pytest.raises(UserError, match="must exceed its sinks"):
-        StreamingConfig(budget=4, sinks=4)
+        StreamingConfig(budget=4, sinks=4).validate_for(tiny().config)  # (prune kv checks it before any work)
     layer = EvictionLayer(0, None, ratio=0.5, budget=0, sinks=4)
     k = torch.randn(1, 1, 6, 8)
     layer.append(k, k, None)
@@ -482,3 +486,26 @@ def test_streaming_keeps_every_sink_and_the_newest_token():
         layer.seen += 1
         held = layer.pos[0, 0].tolist()
         assert held[:4] == [0, 1, 2, 3] and held[-1] == layer.seen - 1, held
+
+
+def test_cskv_rotates_back_at_the_positions_the_model_used():
+    """A plain forward with a left-padding mask but no position ids rotates keys at cache indices: CSKV must
+    un-rotate them there, not at generate's positions. The keys before rotation are exactly rank 16 here, so a
+    rank-16 basis gives them back exactly only when un-rotated at the right angle."""
+    model = tiny()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.self_attn.k_proj.weight
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            sv[16:] = 0
+            w.copy_(u @ torch.diag(sv) @ vh)
+    cfg = CSKVConfig(k_ratio=0.5, v_ratio=0.0, window=2, activation_aware=False)
+    cfg.calibrate(model, None)
+    ids = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        dense = output_cache(model(ids, attention_mask=mask, use_cache=True)).layers[0].keys
+        install(model, cfg)
+        k, _, _ = output_cache(model(ids, attention_mask=mask, use_cache=True)).layers[0].past()
+    torch.testing.assert_close(k[:, :, 5:], dense[:, :, 5:], atol=1e-4, rtol=1e-4)

@@ -234,3 +234,26 @@ def test_kv_shares_per_policy():
     f = facts.kv_facts(stage, config)
     assert f["k"] == pytest.approx([0.55, 0.1, 1.0]) and f["heads"][1] == [False, False]
     assert facts.kv_facts({"kind": "moe"}, config) is None
+
+
+def test_only_an_lm_head_quantized_still_writes_the_report(tmp_path, dense):
+    """No quantized linear inside a decoder layer: the bits heatmap had no cells and report crashed."""
+    from llmcomp.quant import RTNConfig
+
+    art = api.quantize(RTNConfig(format=Uniform(4, 32), targets=("lm_head",), ignore=()), tmp_path / "lmhead",
+                       str(dense))
+    r = CliRunner().invoke(app, ["report", str(art), "-o", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "report.md").exists() and not (tmp_path / "rep" / "bits.png").exists()
+
+
+def test_small_errors_keep_their_digits():
+    from llmcomp.report.markdown import _f
+
+    assert _f(0.00382) == "0.00382" and _f(0.019) == "0.019" and _f(24.2234) == "24.22" and _f(0.0) == "0.00"
+
+
+def test_inspect_prints_no_none_for_stages_without_bits(tmp_path, dense):
+    r = CliRunner().invoke(app, ["inspect", str(_moe_chain(tmp_path, dense))])
+    assert r.exit_code == 0, r.output
+    assert "None bits/weight" not in r.output and "moefy in" in r.output

@@ -236,6 +236,10 @@ def test_bad_vq_shapes():
         vptq(W, X, format=Codebook(dim=5, bits=(4,)))
     with pytest.raises(UserError, match="larger than the 192 vectors"):
         vptq(W, X, format=Codebook(dim=4, bits=(8,)))
+    # a ragged last group (80 = 64 + 16 columns) is the one fitted on the fewest vectors (it crashed in k-means)
+    W, X = torch.randn(16, 80), correlated_inputs(64, 80)
+    with pytest.raises(UserError, match="larger than the 64 vectors"):
+        vptq(W, X, format=Codebook(dim=4, bits=(8,), group=64))
 
 
 def test_cli_vector_flags(tiny_model_dir, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def quantize(
     _quiet_transformers()
     from llmcomp import api
     from llmcomp.cli import render
-    from llmcomp.cli.methods import build_quant_config
+    from llmcomp.cli.methods import build_quant_config, unused_options
 
     def go():
         config, allocation = build_quant_config(
@@ -122,6 +123,9 @@ def quantize(
         if replaced:
             raise UserError(f"--preset {preset} sets the method and its settings itself; drop {', '.join(replaced)} "
                             "or drop --preset.")
+        for name, why in (unused_options(method, bits, fp4_format, sensitivity) if preset is None else {}).items():
+            if _given(ctx, [name]):  # (a flag the method does not read is an error, not silently dropped)
+                raise UserError(f"{_given(ctx, [name])[0]} does not apply here: {why}.")
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,
@@ -221,6 +225,11 @@ def inspect(
     run(go, writes=False)
 
 
+def _strict(row: dict) -> dict:
+    """NaN and ±inf (a NaN model's ppl, a change from a zero baseline) as null: JSON has no such numbers."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 @app.command()
 def check(
     artifact: Annotated[str, typer.Argument(help="Artifact (or model directory) to check.")],
@@ -259,8 +268,9 @@ def check(
         render.console.print(render.check_table(outcomes, current["_wall_time_s"]))
         if json_out:
             json_out.write_text(json.dumps({"artifact": artifact, "passed": all(o.passed for o in outcomes),
-                                            "metrics": [{**o.__dict__, "change_rel": o.change_rel, "passed": o.passed}
-                                                        for o in outcomes]}, indent=1))
+                                            "metrics": [_strict({**o.__dict__, "passed": o.passed,
+                                                                 "change_rel": o.change_rel}) for o in outcomes]},
+                                           indent=1, allow_nan=False))
         if junit:
             junit.write_text(chk.junit_xml(outcomes, artifact, current["_wall_time_s"]))
         return 0 if all(o.passed for o in outcomes) else 1

@@ -58,6 +58,31 @@ def parse_fraction(text: str | None, flag: str) -> float:
     return value
 
 
+def unused_options(method: str, bits: float, fp4_format: str | None, sensitivity: str | None) -> dict[str, str]:
+    """quantize's options that ``method`` (with this ``--bits``) does not read → why; the command line refuses
+    them when given, instead of ignoring them."""
+    vector, fp4, allocation = method in VECTOR_METHODS, method == "fp4" or fp4_format is not None, bits != int(bits)
+    solver = method in ("gptq", "decoupleq") or vector  # (the Hessian solvers: --damp, --act-order)
+    out = {}
+    if vector:
+        out["group_size"] = f"--method {method} groups weights by --vector-len"
+        out["symmetric"] = f"--method {method} has no zero point"
+    elif fp4:
+        out["symmetric"] = "FP4 grids are symmetric"
+    if method != "decoupleq":
+        out["rounds"] = "--rounds is decoupleQ's (integer/float alternation)"
+    if not solver:
+        out["act_order"] = f"--act-order orders a calibrated solver's columns; --method {method} has none"
+        if not (allocation and sensitivity == "output"):  # (the output-error allocation dampens its Hessians)
+            out["damp"] = (f"--damp is the Hessian dampening of calibrated solvers (and of --sensitivity output); "
+                           f"--method {method} has none")
+    if vector or not allocation:
+        why = "a fractional --bits with a scalar method" if not vector else f"scalar methods, not {method}"
+        out["candidates"] = f"--candidates are bit allocation's widths ({why})"
+        out["sensitivity"] = f"--sensitivity scores layers for bit allocation ({why})"
+    return out
+
+
 def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: bool, preset: str | None,
                        targets: tuple, ignore: tuple, act_order: bool = True, damp: float = 0.01,
                        rounds: int = 4, candidates: str = "2,3,4,8", sensitivity: str | None = None,

@@ -192,8 +192,10 @@ def manifest_tables(manifest: dict) -> list[Table]:
     for i, s in enumerate(manifest["stages"], 1):
         cfg = {k: v for k, v in s.get("config", {}).items() if not k.startswith("_")}
         metrics = s.get("metrics", {})
-        what = metrics.get("policy") or f"{metrics.get('bits_per_weight')} bits/weight"  # KV stages: the policy
-        head.add_row(f"stage {i}", f"{s['method']} in {s.get('wall_time_s')} s, {what}; config {cfg}")
+        bpw = metrics.get("bits_per_weight")  # KV stages: their policy; moefy, experts, linearize: neither
+        what = metrics.get("policy") or (f"{bpw} bits/weight" if bpw is not None else None)
+        head.add_row(f"stage {i}", f"{s['method']} in {s.get('wall_time_s')} s{', ' + what if what else ''}; "
+                                   f"config {cfg}")
     head.add_row("files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))
     mods = Table(title="quantized modules")
     for c in ("format", "modules", "example"):

@@ -4,6 +4,7 @@ A pattern matches a module when it is
 - the module's class name (``"Linear"``),
 - its full path or a dotted suffix of it (``"lm_head"``, ``"mlp.down_proj"``), or
 - ``"re:<regex>"`` that fully matches its path (``"re:.*layers\\.0\\..*"``).
+An ignored module's children are ignored too.
 """
 from __future__ import annotations
 
@@ -30,11 +31,16 @@ def select(
     ignore: Iterable[str] = ("lm_head",),
     prefix: str = "",
 ) -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(path, module)`` for modules under ``root`` matching a target and no ignore pattern."""
+    """Yield ``(path, module)`` for modules under ``root`` matching a target and no ignore pattern; an ignore
+    pattern that matches a container (``mlp``, ``layers.1``, ``LlamaMLP``) ignores everything under it."""
     targets, ignore = list(targets), list(ignore)
+    ignored: list[str] = []  # paths of ignored modules (named_modules yields a parent before its children)
     for name, mod in root.named_modules():
         if not name:
             continue
         path = f"{prefix}.{name}" if prefix else name
-        if any(matches(t, path, mod) for t in targets) and not any(matches(i, path, mod) for i in ignore):
+        if any(path.startswith(p + ".") for p in ignored) or any(matches(i, path, mod) for i in ignore):
+            ignored.append(path)
+            continue
+        if any(matches(t, path, mod) for t in targets):
             yield path, mod

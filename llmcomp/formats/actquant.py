@@ -49,6 +49,10 @@ class ActQuant(WeightFormat):
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.base.dequantize(tensors, in_features, dtype)  # already multiplied by input_scale
 
+    def original_estimate(self, tensors: dict[str, torch.Tensor], in_features: int) -> torch.Tensor:
+        """W · diag(input_scale) unfolded: what approximates the original weight."""
+        return self.base.dequantize(tensors, in_features, torch.float32) / tensors["input_scale"].float()
+
     def quantize_input(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """x / input_scale, rounded to ``act`` with a per-token scale (fake-quantized, in x's dtype)."""
         xs = x.float() / tensors["input_scale"].float()

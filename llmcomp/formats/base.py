@@ -48,6 +48,11 @@ class WeightFormat:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def original_estimate(self, tensors: dict[str, torch.Tensor], in_features: int) -> torch.Tensor:
+        """float32 [out, in]: the stored approximation of the original weight (the dequantized weight, except
+        where a format folds something else into it)."""
+        return self.dequantize(tensors, in_features, torch.float32)
+
     def validate_shape(self, out_features: int, in_features: int, layer: str) -> None:
         """Raise UserError if this format cannot store a layer of this shape."""
 

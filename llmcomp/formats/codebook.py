@@ -98,7 +98,8 @@ class Codebook(WeightFormat):
             raise UserError(f"VQ vector length {self.dim} does not divide the input dimension {in_features} of "
                             f"{layer}; choose a --vector-len that divides it.")
         m = self.n_main(in_features)
-        per_group = out_features * (min(self.group, m) if self.group else m) // self.dim
+        smallest = (m % self.group or min(self.group, m)) if self.group else m  # (a ragged last group is smaller)
+        per_group = out_features * smallest // self.dim
         if (1 << max(self.bits)) > per_group:
             raise UserError(f"VQ codebook of {1 << max(self.bits)} entries is larger than the {per_group} vectors it "
                             f"would be fitted on in {layer}; use fewer index bits or a longer vector.")

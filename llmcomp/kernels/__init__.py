@@ -37,7 +37,8 @@ def cached(cache: Optional[dict], tag: tuple, tensors: dict, build: Callable):
     them in place rebuilds it; one entry per cache. Without a cache, ``build()`` every call."""
     if cache is None:
         return build()
-    key = (*tag, *((t.data_ptr(), t._version) for t in tensors.values()))
+    # (inference-mode tensors have no version counter, and cannot be edited outside inference mode)
+    key = (*tag, *((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors.values()))
     value = cache.get(key)
     if value is None:
         cache.clear()

@@ -319,7 +319,10 @@ def _mask_args(mask: Optional[torch.Tensor], b: int, length: int, device) -> tup
 @torch.library.custom_op("llmcomp::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                      scale: float) -> torch.Tensor:
-    """q [B, H, D], k/v [B, KVH, L, D], mask None or [B, 1, 1, L] / [B, L] (bool or additive) → [B, H, D]."""
+    """q [B, H, D], k/v [B, KVH, L, D], mask None or [B, 1, 1, L] / [B, L] (bool or additive) → [B, H, D]
+    (the kernels; on CPU tensors Triton's interpreter runs them, and without Triton this is ``reference``)."""
+    if triton is None:
+        return reference(q, k, v, mask, scale)
     return _attend(q, k, v, mask, scale, None)
 
 

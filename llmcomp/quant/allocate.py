@@ -30,7 +30,7 @@ from llmcomp.core.progress import NULL, Progress
 from llmcomp.core.select import select
 from llmcomp.errors import UserError
 from llmcomp.formats.uniform import Uniform
-from llmcomp.quant.hessian import HessianAccumulator
+from llmcomp.quant.hessian import HessianAccumulator, check_damp
 from llmcomp.quant.rtn import rtn_fields
 
 
@@ -65,6 +65,7 @@ class AllocationConfig:
             raise UserError(f"Unknown allocation sensitivity {self.sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}.")
         if self.fisher_samples < 1:
             raise UserError(f"fisher_samples must be at least 1, got {self.fisher_samples}.")
+        check_damp(self.damp, "Allocation")
 
     def formats(self) -> list[Uniform]:
         return [Uniform(bits=b, group_size=self.group_size, symmetric=self.symmetric) for b in sorted(set(self.candidates))]

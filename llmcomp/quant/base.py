@@ -101,7 +101,8 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
 def _replace(model: nn.Module, quantizer: Quantizer, name: str, linear: nn.Linear, stats, report: dict) -> None:
     check_finite(name, linear.weight)
     result = quantizer.quantize_linear(name, linear, stats)
-    report[name] = {"sqnr_db": round(sqnr_db(linear.weight, result.module.dequantize()), 3), **result.metrics}
+    estimate = result.module.fmt.original_estimate(result.module.packed_tensors(), result.module.in_features)
+    report[name] = {"sqnr_db": round(sqnr_db(linear.weight, estimate), 3), **result.metrics}
     set_submodule(model, name, result.module)
 
 

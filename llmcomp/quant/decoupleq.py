@@ -29,7 +29,7 @@ from llmcomp.errors import UserError
 from llmcomp.formats.uniform import SCALE_DTYPE, Uniform
 from llmcomp.quant.base import METHODS, HessianQuantizer, LayerResult, QuantConfig
 from llmcomp.quant.gptq import gptq_solve, static_grid, uniform_round
-from llmcomp.quant.hessian import HessianAccumulator, flush_denormal, inverse_cholesky
+from llmcomp.quant.hessian import HessianAccumulator, check_damp, flush_denormal, inverse_cholesky
 
 
 @register_config
@@ -49,6 +49,7 @@ class DecoupleQConfig(QuantConfig):
             raise UserError(f"decoupleQ rounds must be an integer from 1 to 100, got {self.rounds}.")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise UserError(f"decoupleQ block size must be a positive integer, got {self.block_size}.")
+        check_damp(self.damp, "decoupleQ")
 
 
 def objective(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
@@ -95,9 +96,13 @@ def solve_floats(W: torch.Tensor, codes: torch.Tensor, H: torch.Tensor, fmt: Uni
         M_11 = _group_sum(Hg.T, g, ng).expand(out_f, ng, ng)  # (ng, ng) shared by all rows
         M = torch.cat([torch.cat([M_qq, M_q1], 2), torch.cat([M_q1.transpose(1, 2), M_11], 2)], 1)
         rhs = torch.cat([rhs_q, _group_sum(HW, g, ng)], 1)
-    ridge = 1e-9 * torch.diagonal(M, dim1=1, dim2=2).abs().mean(1).clamp(min=1e-30)
-    M = M + ridge[:, None, None] * torch.eye(M.shape[1], device=M.device)
-    theta = torch.linalg.solve(M.double(), rhs.double().unsqueeze(-1)).squeeze(-1).float()
+    # a row whose system is all zeros (a zero row, dead inputs) gets ridge 1: θ = 0, which ``ok`` below turns down
+    # (1e-30 was flushed to zero where denormals are, and the solve failed)
+    # (in float64: 1e-9 of a tiny diagonal is no float32 denormal to flush)
+    diag = torch.diagonal(M, dim1=1, dim2=2).abs().mean(1).double()
+    ridge = torch.where(diag > 0, 1e-9 * diag, torch.ones_like(diag))
+    M = M.double() + ridge[:, None, None] * torch.eye(M.shape[1], device=M.device, dtype=torch.float64)
+    theta = torch.linalg.solve(M, rhs.double().unsqueeze(-1)).squeeze(-1).float()
     s_new = theta[:, :ng]
     z_new = torch.full_like(s_new, float(1 << (fmt.bits - 1))) if fmt.symmetric else -theta[:, ng:] / s_new
     s_new = s_new.to(SCALE_DTYPE).float()

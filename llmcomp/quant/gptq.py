@@ -36,7 +36,7 @@ from llmcomp.formats.fp4 import BlockFP
 from llmcomp.formats.outliers import Outliers
 from llmcomp.formats.uniform import Uniform
 from llmcomp.quant.base import METHODS, HessianQuantizer, LayerResult, QuantConfig
-from llmcomp.quant.hessian import HessianAccumulator, flush_denormal, inverse_cholesky
+from llmcomp.quant.hessian import HessianAccumulator, check_damp, flush_denormal, inverse_cholesky
 
 # round_col(j, ahead) -> the quantized (dequantized-value) column j, in the solver's column order.
 # ``ahead`` is the current, error-updated working copy of columns j .. end of the current block
@@ -60,8 +60,7 @@ class GPTQConfig(QuantConfig):
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise UserError(f"GPTQ block size must be a positive integer, got {self.block_size}.")
-        if not 0 <= self.damp < 10:
-            raise UserError(f"GPTQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), got {self.damp}.")
+        check_damp(self.damp, "GPTQ")
         if not 0 <= self.outliers < 0.5:
             raise UserError(f"--outliers must be a fraction in [0, 0.5) such as 0.005 (0.5 %), got {self.outliers}.")
         if self.outliers and not self.static_groups:
@@ -146,7 +145,9 @@ def pick_outliers(W: torch.Tensor, fmt: Uniform, hinv_diag: torch.Tensor, count:
     z = torch.empty_like(W)
     for j in range(0, in_f, g):
         blk = W[:, j:j + g]
-        z[:, j:j + g] = (blk - blk.mean(1, keepdim=True)).abs() / blk.std(1, keepdim=True).clamp(min=1e-12)
+        # (the population std: a one-column group has no sample std, and NaN z-scores ranked first)
+        spread = blk.std(1, keepdim=True, correction=0).clamp(min=1e-12)
+        z[:, j:j + g] = (blk - blk.mean(1, keepdim=True)).abs() / spread
     extreme = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
     extreme[torch.topk(z.flatten(), min(2 * count, W.numel())).indices] = True
     scale, zero = static_grid(W.masked_fill(extreme.view_as(W), 0.0), fmt)

@@ -22,6 +22,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmcomp.errors import UserError
+
+
+def check_damp(damp, who: str) -> None:
+    """A dampening fraction of the mean Hessian diagonal in [0, 10), or one UserError naming ``who``."""
+    try:
+        ok = not isinstance(damp, bool) and 0 <= float(damp) < 10  # (numpy and 0-d tensor scalars too)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"{who} dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), got {damp!r}.")
+
 
 @contextlib.contextmanager
 def flush_denormal():

@@ -32,7 +32,7 @@ from llmcomp.formats import hadamard
 from llmcomp.formats.pvq_index import pyramid_sizes
 from llmcomp.formats.pyramid import Pyramid, project
 from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
-from llmcomp.quant.hessian import HessianAccumulator
+from llmcomp.quant.hessian import HessianAccumulator, check_damp
 from llmcomp.quant.kmeans import assign, kmeans
 from llmcomp.quant.vecsolve import output_error, solve_groups
 
@@ -93,9 +93,7 @@ class PVQConfig(QuantConfig):
             raise UserError(f"--method pvq writes the pyramid format, not {type(self.format).__name__}.")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise UserError(f"PVQ block size must be a positive integer, got {self.block_size}.")
-        if not 0 <= self.damp < 10:
-            raise UserError(f"PVQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), "
-                            f"got {self.damp}.")
+        check_damp(self.damp, "PVQ")
 
 
 def directions(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 from llmcomp.formats.codebook import Codebook
 from llmcomp.quant.base import METHODS, HessianQuantizer, LayerResult, QuantConfig
-from llmcomp.quant.hessian import HessianAccumulator
+from llmcomp.quant.hessian import HessianAccumulator, check_damp
 from llmcomp.quant.kmeans import assign, kmeans
 from llmcomp.quant.vecsolve import diagonal_metric, output_error, solve_groups
 
@@ -79,9 +79,7 @@ class VPTQConfig(QuantConfig):
             raise UserError(f"k-means iterations must be an integer from 0 to 1000, got {self.kmeans_iters}.")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise UserError(f"VPTQ block size must be a positive integer, got {self.block_size}.")
-        if not 0 <= self.damp < 10:
-            raise UserError(f"VPTQ dampening must be a fraction of the mean Hessian diagonal (e.g. 0.01), "
-                            f"got {self.damp}.")
+        check_damp(self.damp, "VPTQ")
 
 
 def row_scale(W: torch.Tensor) -> torch.Tensor:

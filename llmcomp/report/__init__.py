@@ -44,8 +44,9 @@ def write_report(artifact, output=None, *, overwrite: bool = False) -> dict:
         if skipped is None:
             for v in views:
                 v["plots"] = _draw(v, tmp)
-            if modules:
-                bits_png = plots.bits(F.bits_facts(modules), path.resolve().name, tmp / "bits.png").name
+            per_layer = F.bits_facts(modules) if modules else None
+            if per_layer is not None and per_layer.series():  # (none when only modules outside the layers are)
+                bits_png = plots.bits(per_layer, path.resolve().name, tmp / "bits.png").name
         text = markdown.render(path, manifest, views, modules, totals, bits_png, skipped)
         (tmp / "report.md").write_text(text, encoding="utf-8")
         names = sorted(f.name for f in tmp.glob("*.png"))

@@ -14,7 +14,7 @@ def _f(v, digits=2) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}f}" if 1e-3 <= abs(v) < 1e5 or v == 0 else f"{v:.3g}"
+        return f"{v:.{digits}f}" if 0.1 <= abs(v) < 1e5 or v == 0 else f"{v:.3g}"  # (0.004, not 0.00)
     return str(v)
 
 

@@ -48,14 +48,21 @@ def cat_masks(past: torch.Tensor | None, new: torch.Tensor, n_past: int) -> torc
     return torch.cat([past.expand(b, h, *past.shape[2:]), new.expand(b, h, *new.shape[2:])], dim=-1)
 
 
-def leading_padding(mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
-    """int64 [B]: the keys no query of the first forward may see, counted from the left (a left-padded batch's
-    padding); None where there are none."""
+def leading_padding(mask: torch.Tensor | None, start: int, q_len: int) -> torch.Tensor | None:
+    """int64 [B]: of the keys ``start .. start + q_len`` (a forward's own tokens), how many no query may see,
+    counted from the left — a left-padded batch's padding (None: no mask). The last query sees every real key."""
     if mask is None:
         return None
-    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, -1, :q_len]  # the last query sees all real
-    lead = (~allowed).long().cumprod(-1).sum(-1)
-    return lead if bool(lead.any()) else None
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, -1, start:start + q_len]
+    return (~allowed).long().cumprod(-1).sum(-1)
+
+
+def position_ids(args, kwargs) -> torch.Tensor | None:
+    """The position ids the model rotated this forward's keys by, where the attention passes them on to the
+    cache (transformers 5: ``update(..., kwargs={"position_ids": ...})``); None elsewhere."""
+    extra = kwargs.get("kwargs") or next((a for a in args if isinstance(a, dict)), None) or {}
+    ids = extra.get("position_ids") if isinstance(extra, dict) else None
+    return ids if isinstance(ids, torch.Tensor) else None
 
 
 class PolicyLayer(CacheLayerMixin):
@@ -72,6 +79,7 @@ class PolicyLayer(CacheLayerMixin):
         self.layer_idx, self.runtime = layer_idx, runtime
         self.seen = 0
         self.lead: torch.Tensor | None = None  # int64 [B]: each row's leading padding (None: none)
+        self.shift: torch.Tensor | None = None  # int64 [B]: cache index − rotary position (None: not known)
         self._new: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- transformers' layer API --------------------------------------------------------------
@@ -88,6 +96,9 @@ class PolicyLayer(CacheLayerMixin):
             raise RuntimeError(f"KV policy layer {self.layer_idx} got a second update before attention ran; "
                                f"the model's attention implementation must be {ATTN_IMPL!r}.")
         self._new = (key_states, value_states)
+        ids = position_ids(args, kwargs)
+        if ids is not None:  # cache index − position of the chunk's last token (real in a left-padded row)
+            self.shift = (self.seen + key_states.shape[-2] - 1) - ids[:, -1].long().to(key_states.device)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -100,8 +111,25 @@ class PolicyLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.seen, self._new, self.is_initialized, self.lead = 0, None, False, None
+        self.seen, self._new, self.is_initialized, self.lead, self.shift = 0, None, False, None, None
         self.clear()
+
+    def _count_padding(self, mask, q_len: int) -> None:
+        """``lead`` after this forward: rows with no real token yet (all padding so far, as a prefill in chunks
+        shorter than the padding has) add this chunk's leading padding."""
+        counts = leading_padding(mask, self.seen, q_len)
+        if counts is None:
+            return
+        lead = self.lead if self.lead is not None else torch.zeros_like(counts)
+        lead = torch.where(lead == self.seen, lead + counts, lead)
+        self.lead = lead if bool(lead.any()) else None
+
+    def rope_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """The positions the model rotated the keys at cache indices ``pos`` [P] by: [B, P] from the position
+        ids it passed (``shift``), else counted from each row's first real token, as ``generate`` does."""
+        if self.shift is not None:
+            return (pos.long()[None] - self.shift[:, None]).clamp(min=0)
+        return self.real_positions(pos).clamp(min=0)
 
     def real_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Cache indices ``pos`` [B, ...] (or [P], shared by the rows) as each row's own token positions: a
@@ -147,8 +175,8 @@ class PolicyLayer(CacheLayerMixin):
             raise RuntimeError(f"KV policy layer {self.layer_idx}: attention ran without a cache update.")
         k_new, v_new = self._new
         self._new = None
-        if self.seen == 0:
-            self.lead = leading_padding(mask, query.shape[2])
+        if self.seen == 0 or (self.lead is not None and bool((self.lead == self.seen).any())):
+            self._count_padding(mask, query.shape[2])
         out = self.compute(module, query, k_new, v_new, mask, scaling)
         self.seen += query.shape[2]
         return out

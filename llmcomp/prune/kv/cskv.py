@@ -60,11 +60,11 @@ class CSKVLayer(PolicyLayer):
         return tensor_bytes(self.ck, self.cv, self.kw, self.vw)
 
     def _rope(self, n: int, start: int, like: torch.Tensor):
-        """cos, sin [1 or B, 1, n, D] at cache indices ``start ..`` — each row's own positions in a left-padded
-        batch (what the model rotated its keys by; the padding's do not matter, it is masked)."""
+        """cos, sin [1 or B, 1, n, D] at cache indices ``start ..`` — what the model rotated those keys by (in a
+        left-padded batch each row's own positions; the padding's do not matter, it is masked)."""
         pos = torch.arange(start, start + n, device=like.device)
-        if self.lead is not None:
-            pos = self.real_positions(pos).clamp(min=0)  # [B, n]
+        if self.shift is not None or self.lead is not None:
+            pos = self.rope_positions(pos)  # [B, n]
         cos, sin = self.runtime.rope(pos, like)
         return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)
 

@@ -120,6 +120,11 @@ class StreamingConfig(_EvictionConfig):
     def __post_init__(self):
         self._check_budget()
         check_tokens("sinks", self.sinks)
+
+    def validate_for(self, model_config, context=None):
+        """(Here, not at construction: an artifact written with such a budget still loads — its cache keeps the
+        sinks and the newest token.)"""
+        super().validate_for(model_config, context)
         if self.budget and self.budget <= self.sinks:
             raise UserError(f"streaming budget ({self.budget} tokens) must exceed its sinks ({self.sinks}): the "
                             "recent window would be empty.")
