@@ -52,8 +52,8 @@ def check_output(output, overwrite: bool, source=None) -> Path:
                             "directory inside it.")
         if not written_by_llmcomp(output):
             raise UserError(f"Output {output} exists and was not written by llmcomp (no {OUTPUT_MARK} mark; exports "
-                            "from llmcomp releases before the mark have none); --overwrite replaces only llmcomp's own outputs "
-                            "— remove it yourself or choose another path.")
+                            "from llmcomp releases before the mark have none); --overwrite replaces only llmcomp's "
+                            "own outputs — remove it yourself or choose another path.")
     return output
 
 
