@@ -4,7 +4,8 @@ many rows of x the fp32 post-scale kernel serves (``uniform_cuda.set_post_scale`
 per-pair-scale kernel always), ``--knob lean`` the post-scale kernels' lean instantiations (M ≤ 16) off / on
 (``uniform_cuda.set_lean``), ``--knob e2m1`` the E2M1 kernels' lean loop at M ≤ 8 off / on
 (``uniform_cuda.set_e2m1_lean``; with ``--format mxfp4|nvfp4``), ``--knob w3lean`` the 3-bit post-scale kernels' lean
-loop off / on (``uniform_cuda.set_w3_lean``; with ``--bits 3``):
+loop off / on (``uniform_cuda.set_w3_lean``; with ``--bits 3``), ``--knob pair`` the early-scale kernels scaling a pair
+of kblocks at once off / on (``uniform_cuda.set_scale_pair``):
 
 1. the kernel-table shapes (and the stacked q/k/v and gate/up shapes of ``--fuse-linears``) at each M, timed as
    ``llmcomp bench kernels`` times them (copies of one layer back to back in a CUDA graph);
@@ -43,7 +44,8 @@ KNOBS = {"pdl": (["0", "1"], lambda v: uniform_cuda.set_dependent_launch(v == "1
          "post": (["16", "8", "0"], uniform_cuda.set_post_scale),
          "lean": (["0", "1"], lambda v: uniform_cuda.set_lean(v == "1")),
          "e2m1": (["0", "1"], lambda v: uniform_cuda.set_e2m1_lean(v == "1")),
-         "w3lean": (["0", "1"], lambda v: uniform_cuda.set_w3_lean(v == "1"))}
+         "w3lean": (["0", "1"], lambda v: uniform_cuda.set_w3_lean(v == "1")),
+         "pair": (["0", "1"], lambda v: uniform_cuda.set_scale_pair(v == "1"))}
 FORMATS = {"uniform": None, "mxfp4": MXFP4, "nvfp4": NVFP4}
 
 
@@ -74,7 +76,7 @@ def main() -> None:
     variants = args.variants.split(",") if args.variants else KNOBS[args.knob][0]
     setter = KNOBS[args.knob][1]
     before = (uniform_cuda.dependent_launch(), uniform_cuda.post_scale(), uniform_cuda.lean(),
-              uniform_cuda.e2m1_lean(), uniform_cuda.w3_lean())
+              uniform_cuda.e2m1_lean(), uniform_cuda.w3_lean(), uniform_cuda.scale_pair())
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
               "knob": args.knob, "variants": variants, "format": fmt.describe(), "bits": args.bits, "shapes": [],
               "layer_chain": []}
@@ -135,6 +137,7 @@ def main() -> None:
     uniform_cuda.set_lean(bool(before[2]))
     uniform_cuda.set_e2m1_lean(bool(before[3]))
     uniform_cuda.set_w3_lean(bool(before[4]))
+    uniform_cuda.set_scale_pair(bool(before[5]))
 
 
 if __name__ == "__main__":

@@ -645,6 +645,57 @@ def test_scale_early_gives_the_same_bits(fmt, dtype):
         uc.set_lean(bool(lean_before))
 
 
+@pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=256),
+                                 Uniform(bits=4, group_size=0)], ids=lambda f: f.describe())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_scale_pair_matches_the_unpaired_kernel(fmt, dtype):
+    """``set_scale_pair``: the early-scale kernels summing each pair of kblocks before scaling it give the unpaired
+    kernels' outputs up to fp32 rounding — within 4 units in the last place of the activation type, plus 0.05 of the
+    call's largest output times that (outputs that cancel: the norm producer's res + y) — plain, GLU and both sides of
+    the norm split, M = 1..16, one- and two-tile launches, warps' ranges ending mid-round, or per-channel starting and
+    ending mid-pair (76 kblocks over 4 or 16 warps); and the profiler sees the pair kernels run where they apply. A
+    broken pair (a kblock dropped, the wrong group's scale) errs by ~10 % of the outputs."""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    if uc.extension() is None:
+        pytest.skip("CUDA extension could not be built here")
+    before, lean_before, se_before, se16_before = uc.scale_pair(), uc.lean(), uc.scale_early(), uc.scale_early16()
+    for set_on in (uc.set_lean, uc.set_scale_early, uc.set_scale_early16):  # (pair kernels are early-scale ones)
+        set_on(True)
+    eps = torch.finfo(dtype).eps
+    try:  # (224 rows: the last block's last row group has no rows; 4864 inputs: 76 kblocks)
+        shapes = [(256, 1536), (2048, 4096), (512, 4864), (224, 1536)]
+        for where, _, calls in _post_scale_cases(fmt, dtype, shapes, [1, 3, 8, 12, 16]):
+            for launch in [None, (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (1, 4, 1), (1, 8, 2), (1, 16, 1)]:
+                for name, call in calls(launch).items():
+                    uc.set_scale_pair(False)
+                    want = call()
+                    uc.set_scale_pair(True)
+                    got = call()
+                    assert len(got) == len(want), (*where, launch, name)
+                    for a, b in zip(got, want):
+                        a, b = a.float(), b.float()
+                        bound = 4 * eps * (b.abs() + 0.05 * b.abs().max())
+                        assert bool(((a - b).abs() <= bound).all()), (*where, launch, name,
+                                                                      float((a - b).abs().max()))
+        uc.set_scale_pair(True)
+        _, t, g = _layer(fmt, 2048, 4096, 11)
+        args = uc.kernel_tensors(uc.prepare(fmt, t, 4096), dtype)
+        xs = {m: torch.randn(m, 4096, generator=g).to("cuda", dtype) for m in (1, 16)}
+        launches = [(1, (2, 8, 1)), (1, (1, 8, 1)), (16, (2, 4, 1))]
+        res = torch.randn(1, 2048, generator=g).to("cuda", dtype)
+        gamma = torch.rand(2048, generator=g).to("cuda", dtype)
+        names = _mma_kernel_names(lambda: [uc.gemm_tensors(xs[m], *args, launch=launch) for m, launch in launches]
+                                  + [uc.gemm_tensors(xs[1], *args, launch=(2, 8, 1), res=res, gamma=gamma)])
+        assert len(names) == 4 and all("uniform_mma_kernel_pair<" in n for n in names), names
+        assert [", 3, true>" in n for n in names] == [False, False, False, True], names  # (NORM: the producer's)
+    finally:
+        uc.set_scale_pair(bool(before))
+        uc.set_scale_early(bool(se_before))
+        uc.set_scale_early16(bool(se16_before))
+        uc.set_lean(bool(lean_before))
+
+
 @pytest.mark.parametrize("fmt", [Uniform(bits=3, group_size=128), Uniform(bits=3, group_size=256),
                                  Uniform(bits=3, group_size=0)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

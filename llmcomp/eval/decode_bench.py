@@ -847,6 +847,7 @@ def environment() -> dict:
         env["mma_scale_early"] = uniform_cuda.scale_early()
         env["mma_e2m1_lean"] = uniform_cuda.e2m1_lean()
         env["mma_scale_early16"] = uniform_cuda.scale_early16()
+        env["mma_scale_pair"] = uniform_cuda.scale_pair()
         env["attention_trigger_first"] = decode_attention.ATTN_EARLY
         env["mma_launch_override"] = {f"{n}x{k}": list(c) for (n, k), c in uniform_cuda.launch_override().items()}
     return env

@@ -803,6 +803,22 @@ def set_scale_early16(on: bool) -> Optional[bool]:
     return _ext_switch("set_scale_early16", on)
 
 
+def scale_pair() -> Optional[bool]:
+    """Off unless ``LLMCOMP_MMA_SCALE_PAIR=1``: the early-scale kernels (``scale_early`` at M ≤ 8, with or without
+    the norm split's epilogue; ``scale_early16`` at M = 9..16) sum each pair of kblocks — one group, as their launch
+    condition makes every pair — in fp32 before scaling it into the accumulators: half the scale fmas (the M = 16
+    loop 590 → 555 instructions a round, sm_90). Not the fp16 two-tile × 4-warp kernels at M ≤ 8 that ``bound7_r2``
+    bounds. Under A/B (forty-fifth session: W4 M = 16 at ≤ 60 % of its roofline, the kernel bound by its
+    instruction stream and latency). Not the same bits: s · (t0 + t1) against s · t0 + s · t1
+    (``test_scale_pair_matches_the_unpaired_kernel``). None without the extension."""
+    return _ext_switch("scale_pair")
+
+
+def set_scale_pair(on: bool) -> Optional[bool]:
+    """Switch ``scale_pair`` for this process (A/B timing); graphs captured before keep their kernels."""
+    return _ext_switch("set_scale_pair", on)
+
+
 def w3_lean() -> Optional[bool]:
     """On unless ``LLMCOMP_MMA_W3_LEAN=0``: with ``lean`` on, the plain 3-bit post-scale kernels (kind 8, M ≤ 8; not
     the norm epilogues', not the 512-thread builds) run the lean loop as the 4-bit ones do — the weights and the

@@ -92,6 +92,8 @@ static Switch scale_early16_switch{"LLMCOMP_MMA_SCALE_EARLY16", true};
 // 8192 M=4 40.54 -> 38.60 µs, 14336 x 4096 M=1 12.49 -> 12.03, the fused layer chain at M=4 50.12 -> 49.18; from 1.4 %
 // slower (4096 x 4096 M=1, 5.67 -> 5.75) to 5 % faster over six shapes at M = 1, 4, 8.
 static Switch w3_lean_switch{"LLMCOMP_MMA_W3_LEAN", true};
+// Off unless LLMCOMP_MMA_SCALE_PAIR=1 (uniform_mma.cuh): under A/B.
+static Switch scale_pair_switch{"LLMCOMP_MMA_SCALE_PAIR", false};
 // On unless LLMCOMP_MMA_E2M1_LEAN=0 (uniform_mma.cuh).
 static Switch e2m1_lean_switch{"LLMCOMP_MMA_E2M1_LEAN", true};
 // On unless LLMCOMP_MMA_BOUND7=0 (uniform_mma.cuh). H200, W3 14336 x 4096 M=1 at one tile x 4 warps: fp16 15.76 ->
@@ -112,6 +114,8 @@ bool scale_early() { return scale_early_switch.get(); }
 bool set_scale_early(bool on) { return scale_early_switch.set(on); }
 bool scale_early16() { return scale_early16_switch.get(); }
 bool set_scale_early16(bool on) { return scale_early16_switch.set(on); }
+bool scale_pair() { return scale_pair_switch.get(); }
+bool set_scale_pair(bool on) { return scale_pair_switch.set(on); }
 bool w3_lean() { return w3_lean_switch.get(); }
 bool set_w3_lean(bool on) { return w3_lean_switch.set(on); }
 bool e2m1_lean() { return e2m1_lean_switch.get(); }
@@ -322,6 +326,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bound7_r2", &bound7_r2, "whether they are (on unless LLMCOMP_MMA_BOUND7_R2=0)");
   m.def("set_scale_early16", &set_scale_early16, "the M = 9..16 post-scale kernels load a round's scales early, or not");
   m.def("scale_early16", &scale_early16, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY16=0)");
+  m.def("set_scale_pair", &set_scale_pair, "the early-scale kernels scale a pair of kblocks at once, or not");
+  m.def("scale_pair", &scale_pair, "whether they do (off unless LLMCOMP_MMA_SCALE_PAIR=1)");
   m.def("set_w3_lean", &set_w3_lean, "the 3-bit post-scale kernels run the lean loop, or not");
   m.def("w3_lean", &w3_lean, "whether they do (on unless LLMCOMP_MMA_W3_LEAN=0)");
   m.def("scale_early", &scale_early, "whether they do (on unless LLMCOMP_MMA_SCALE_EARLY=0)");

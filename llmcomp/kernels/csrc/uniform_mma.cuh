@@ -112,6 +112,12 @@ bool set_scale_early(bool on);
 // LLMCOMP_MMA_SCALE_EARLY16=0; set_scale_early16 for A/B.
 bool scale_early16();
 bool set_scale_early16(bool on);
+// Off unless LLMCOMP_MMA_SCALE_PAIR=1: the early-scale kernels (scale_early, with or without the norm split's
+// epilogue; scale_early16) sum each pair of kblocks, one group, before scaling it into the accumulators (PAIR in
+// mma_kernel_body): half the scale fmas; the same sums up to fp32 rounding. Not where bound7_r2 bounds a kernel (fp16,
+// two tiles x 4 warps, M <= 8). Under A/B.
+bool scale_pair();
+bool set_scale_pair(bool on);
 // On unless LLMCOMP_MMA_W3_LEAN=0: the plain 3-bit post-scale kernels (kind 8) of at most 256 threads run the lean
 // loop too (with lean()); set_w3_lean for A/B.
 bool w3_lean();
@@ -574,18 +580,15 @@ __device__ __forceinline__ void decode_centered(uint32_t w, uint32_t hw, int j, 
   }
 }
 
-// One row tile's kblock on MT token tiles: a fresh fp32 sum per token tile, scaled into acc at the end (hv: the
-// 3-bit codes' high-bit words, ELEM == 8).
+// One row tile's kblock on MT token tiles, unscaled: t[j] += (q − z) · x (hv: the 3-bit codes' high-bit words, ELEM
+// == 8; s_lo, s_hi: the rows' post-scale pairs, of which only the zeros serve here).
 template <typename T, int BITS, int MT, int ELEM>
-__device__ __forceinline__ void compute_kblock_post(const uint4& w, const uint2& hv, uint32_t s_lo, uint32_t s_hi,
-                                                    const uint4 (&cx)[MT][(256 / BITS) / 32], float (&acc)[MT][4]) {
+__device__ __forceinline__ void kblock_sums_post(const uint4& w, const uint2& hv, uint32_t s_lo, uint32_t s_hi,
+                                                 const uint4 (&cx)[MT][(256 / BITS) / 32], float (&t)[MT][4]) {
   using N = Num<T>;
   using N2 = typename N::T2;
   constexpr int STEPS_PER_WORD = 4 / BITS;
   const N2 zz[2] = {N::hi2(N::pair(s_lo)), N::hi2(N::pair(s_hi))};
-  float t[MT][4];
-#pragma unroll
-  for (int j = 0; j < MT; ++j) t[j][0] = t[j][1] = t[j][2] = t[j][3] = 0.f;
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi) {
@@ -603,7 +606,13 @@ __device__ __forceinline__ void compute_kblock_post(const uint4& w, const uint2&
       }
     }
   }
-  const float f_lo = N::lo_float(s_lo), f_hi = N::lo_float(s_hi);
+}
+
+// acc += s · t for one row tile (rows g and g + 8: the scales of s_lo and s_hi).
+template <typename T, int MT>
+__device__ __forceinline__ void scale_sums(const float (&t)[MT][4], uint32_t s_lo, uint32_t s_hi,
+                                           float (&acc)[MT][4]) {
+  const float f_lo = Num<T>::lo_float(s_lo), f_hi = Num<T>::lo_float(s_hi);
 #pragma unroll
   for (int j = 0; j < MT; ++j) {
     acc[j][0] = fmaf(f_lo, t[j][0], acc[j][0]);
@@ -611,6 +620,17 @@ __device__ __forceinline__ void compute_kblock_post(const uint4& w, const uint2&
     acc[j][2] = fmaf(f_hi, t[j][2], acc[j][2]);
     acc[j][3] = fmaf(f_hi, t[j][3], acc[j][3]);
   }
+}
+
+// One row tile's kblock on MT token tiles: a fresh fp32 sum per token tile, scaled into acc at the end.
+template <typename T, int BITS, int MT, int ELEM>
+__device__ __forceinline__ void compute_kblock_post(const uint4& w, const uint2& hv, uint32_t s_lo, uint32_t s_hi,
+                                                    const uint4 (&cx)[MT][(256 / BITS) / 32], float (&acc)[MT][4]) {
+  float t[MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) t[j][0] = t[j][1] = t[j][2] = t[j][3] = 0.f;
+  kblock_sums_post<T, BITS, MT, ELEM>(w, hv, s_lo, s_hi, cx, t);
+  scale_sums<T, MT>(t, s_lo, s_hi, acc);
 }
 
 
@@ -732,13 +752,41 @@ __device__ __forceinline__ void kblock_step(const uint4 (&w)[R], const uint2 (&h
   compute_kblock<T, BITS, MT, R, ELEM>(w, h, sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);
 }
 
+// PAIR (scale_pair()): kblocks kb and kb + 1 of an SE kernel — one group, as launch_mma's scale_early condition
+// makes every pair — summed unscaled into one fp32 sum a row and token tile, scaled into acc once: half the scale
+// fmas (and scale unpacks) of two kblock_steps. second: kb + 1 is the warp's too. The result differs from two
+// kblock_steps' in fp32 rounding only (s · (t0 + t1) against s · t0 + s · t1).
+template <typename T, int BITS, int MT, int R, int ELEM>
+__device__ __forceinline__ void kblock_pair(const uint4 (&w0)[R], const uint2 (&h0)[R], const uint4 (&w1)[R],
+                                            const uint2 (&h1)[R], bool second, const T* x_lane, int K, int x_at,
+                                            int M, const uint32_t (&se)[R][2], float (&acc)[R][MT][4]) {
+  constexpr int KBLK = 256 / BITS, XVEC = KBLK / 4 / 8;
+  float t[R][MT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < MT; ++j) t[r][j][0] = t[r][j][1] = t[r][j][2] = t[r][j][3] = 0.f;
+  uint4 cx[MT][XVEC];
+  load_x<T, BITS, MT, false>(x_lane, K, x_at, M, cx);
+#pragma unroll
+  for (int r = 0; r < R; ++r) kblock_sums_post<T, BITS, MT, ELEM>(w0[r], h0[r], se[r][0], se[r][1], cx, t[r]);
+  if (second) {
+    load_x<T, BITS, MT, false>(x_lane, K, x_at + KBLK, M, cx);
+#pragma unroll
+    for (int r = 0; r < R; ++r) kblock_sums_post<T, BITS, MT, ELEM>(w1[r], h1[r], se[r][0], se[r][1], cx, t[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) scale_sums<T, MT>(t[r], se[r][0], se[r][1], acc[r]);
+}
+
 // One warp: R row tiles (16 rows each) x MT token tiles (8 tokens each), over kblocks [kb0, kb1).
 // Blocks: wr row groups of R tiles (gridDim.x = ceil(N / (16 R wr))), each group's wk warps split K; partial sums
 // meet in shared memory. Row groups of one block read the same x at about the same time, so x comes from L1 once
 // a block instead of from L2 once a group (faster at M = 32/64 on many rows with a short K). On 28672 x 8192 at M = 64
 // eight groups alone were slower than one; with one warp a group and x staged a round ahead (XS) they are 20 %
 // faster: the x loads' latency, not L2 traffic, was the limit (kernels_h200_notes.md).
-template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN, bool SE = false>
+template <typename T, int BITS, int MT, int R, int U, int ELEM, bool XS, bool NORM, bool LEAN, bool SE = false,
+          bool PAIR = false>
 __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const uint4* __restrict__ qw,
                                                 const uint2* __restrict__ qh, const void* __restrict__ sz,
                                                 T* __restrict__ out, int M, int N, int K, int G, uint32_t gmagic,
@@ -882,12 +930,22 @@ __device__ __forceinline__ void mma_kernel_body(const T* __restrict__ x, const u
       opaque(sz_row);
     }
     const T* xl = XS ? xs + (rd & 1) * (MT * 8) * CHP + min(g, M - 1) * CHP + c * LANE_K : x_lane;
+    if constexpr (PAIR) {  // (pairs (kb + u, kb + u + 1), u even, never straddle rounds: U is even)
+      static_assert(SE && !XS, "scale pairs: the early-scale kernels");
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (kb + u >= kb1) break;
-      kblock_step<T, BITS, MT, R, ELEM, XS, LEAN, SE>(wv[u], hv[u], kb + u, xl, XS ? CHP : K,
-                                                      XS ? u * KBLK : (kb + u) * KBLK, sz_row, M, G, gmagic, acc,
-                                                      cb_s, cb1_at, se[u]);
+      for (int u = 0; u < U; u += 2) {
+        if (kb + u >= kb1) break;
+        kblock_pair<T, BITS, MT, R, ELEM>(wv[u], hv[u], wv[u + 1], hv[u + 1], kb + u + 1 < kb1, xl, K,
+                                          (kb + u) * KBLK, M, se[u], acc);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (kb + u >= kb1) break;
+        kblock_step<T, BITS, MT, R, ELEM, XS, LEAN, SE>(wv[u], hv[u], kb + u, xl, XS ? CHP : K,
+                                                        XS ? u * KBLK : (kb + u) * KBLK, sz_row, M, G, gmagic, acc,
+                                                        cb_s, cb1_at, se[u]);
+      }
     }
     if constexpr (XS) __syncthreads();  // the next round's copy reuses this buffer
   }
@@ -935,6 +993,14 @@ template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, boo
 __global__ void __launch_bounds__(THREADS, MINB) uniform_mma_kernel_bounded(LLMCOMP_MMA_PARAMS) {
   mma_kernel_body<T, BITS, MT, R, U, ELEM, false, NORM, LEAN, SE>(x, qw, qh, sz, out, M, N, K, G, gmagic, kb_per_warp,
                                                                   wk_log, cb, cb1_at, cb_n, glu, epi);
+}
+// The early-scale kernel (NORM: with the norm split's epilogue) summing each pair of kblocks before it scales them
+// (PAIR; scale_pair()): its own __global__, so that the kernels above keep their names and builds.
+template <typename T, int BITS, int MT, int R, int U, int THREADS, int ELEM, bool NORM>
+__global__ void __launch_bounds__(THREADS) uniform_mma_kernel_pair(LLMCOMP_MMA_PARAMS) {
+  mma_kernel_body<T, BITS, MT, R, U, ELEM, false, NORM, true, true, true>(x, qw, qh, sz, out, M, N, K, G, gmagic,
+                                                                          kb_per_warp, wk_log, cb, cb1_at, cb_n, glu,
+                                                                          epi);
 }
 #undef LLMCOMP_MMA_PARAMS
 
@@ -1079,16 +1145,22 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& qw, const torch::Te
       const bool early = thin && scale_early() && (G == 1 || (group % (2 * KBLK) == 0 && kb_per_warp % 2 == 0));
       if constexpr (MT == 2 && R == 2 && BITS == 4 && S::U % 2 == 0) {
         if (early && scale_early16())
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
+          kern = scale_pair() ? (wide ? uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::WIDE, ELEM, false>
+                                      : uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::THREADS, ELEM, false>)
+                 : wide       ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
+                              : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
       }
       if constexpr (MT == 1 && BITS == 4 && S::U % 2 == 0) {
         if (early && norm)
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, true>;
+          kern = scale_pair() ? (wide ? uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::WIDE, ELEM, true>
+                                      : uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::THREADS, ELEM, true>)
+                 : wide       ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, true, true, true>
+                              : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, true, true, true>;
         else if (early)
-          kern = wide ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
-                      : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
+          kern = scale_pair() ? (wide ? uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::WIDE, ELEM, false>
+                                      : uniform_mma_kernel_pair<T, BITS, MT, R, S::U, S::THREADS, ELEM, false>)
+                 : wide       ? uniform_mma_kernel<T, BITS, MT, R, S::U, S::WIDE, ELEM, false, false, true, true>
+                              : uniform_mma_kernel<T, BITS, MT, R, S::U, S::THREADS, ELEM, false, false, true, true>;
       }
       // bound7_r2(): the lean two-tile kernels at 4 warps (128 threads) bounded to 72 registers, 7 blocks an SM,
       // where their builds hold more (sm_90: 4-bit fp16 73-74, 2-bit 76-80; on 28672 rows 896 blocks in 792 slots)
