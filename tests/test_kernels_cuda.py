@@ -527,6 +527,21 @@ def _mma_kernel_names(run) -> list[str]:
     return [e.name for e in prof.events() if "uniform_mma_kernel" in e.name]
 
 
+@pytest.fixture
+def unpaired():
+    """The early-scale kernels without their kblock pairs (``set_scale_pair``, on by default): the bit-identity
+    tests of other switches compare against kernels that scale each kblock (the pairs have their own test,
+    ``test_scale_pair_matches_the_unpaired_kernel``)."""
+    from llmcomp.kernels import uniform_cuda as uc
+
+    before = uc.scale_pair()
+    if before is not None:
+        uc.set_scale_pair(False)
+    yield
+    if before is not None:
+        uc.set_scale_pair(bool(before))
+
+
 def _switch_keeps_bits(set_switch, calls: dict, where: tuple) -> None:
     """Each call's outputs after ``set_switch(False)`` and after ``set_switch(True)``: the same bits."""
     for name, call in calls.items():
@@ -566,7 +581,7 @@ def test_dequant_stage_gives_the_same_bits(fmt, dtype):
 @pytest.mark.parametrize("fmt", [Uniform(bits=4, group_size=128), Uniform(bits=4, group_size=0),
                                  Uniform(bits=2, group_size=256)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_lean_kernel_gives_the_same_bits(fmt, dtype):
+def test_lean_kernel_gives_the_same_bits(fmt, dtype, unpaired):
     """``set_lean``: the post-scale kernels' lean instantiations (M ≤ 16; weights through per-tile pointers advanced a
     round, x's and the scales' row pointers in registers, the group index without the lane's offset) give the plain
     instantiations' bits — plain, GLU, and at M ≤ 8 both sides of the RMSNorm split, at every launch,
@@ -603,7 +618,7 @@ def test_lean_kernel_gives_the_same_bits(fmt, dtype):
                                  Uniform(bits=4, group_size=64), Uniform(bits=4, group_size=0)],
                          ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_scale_early_gives_the_same_bits(fmt, dtype):
+def test_scale_early_gives_the_same_bits(fmt, dtype, unpaired):
     """``set_scale_early``: the batch-1 4-bit post-scale kernels loading a round's scale words with
     its weights (one load a pair of kblocks) give the bits of those loading them before each tile's math — plain,
     GLU, both sides of the norm split, at one- and two-tile launches whose warps' ranges are whole rounds or not (odd
@@ -779,7 +794,7 @@ def test_e2m1_lean_gives_the_same_bits(fmt, dtype):
                                  Uniform(bits=4, group_size=64), Uniform(bits=4, group_size=0),
                                  Uniform(bits=2, group_size=128)], ids=lambda f: f.describe())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_register_bound_gives_the_same_bits(fmt, dtype):
+def test_register_bound_gives_the_same_bits(fmt, dtype, unpaired):
     """``set_bound7`` (3-bit codes, one row tile × 4 warps) and ``set_bound7_r2`` (the lean two-tile kernels at 4
     warps): the kernels bounded to 7 blocks an SM give the unbounded kernels' bits — plain, GLU and both sides of the
     norm split, M = 1..8, warps ending mid-round (the 2-bit layouts' 12 kblocks over 4) or left without kblocks (5
