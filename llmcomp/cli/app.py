@@ -124,8 +124,9 @@ def quantize(
             raise UserError(f"--preset {preset} sets the method and its settings itself; drop {', '.join(replaced)} "
                             "or drop --preset.")
         for name, why in (unused_options(method, bits, fp4_format, sensitivity) if preset is None else {}).items():
-            if _given(ctx, [name]):  # (a flag the method does not read is an error, not silently dropped)
-                raise UserError(f"{_given(ctx, [name])[0]} does not apply here: {why}.")
+            given = _given(ctx, [name])  # (a flag the method does not read is an error, not silently dropped)
+            if given:
+                raise UserError(f"{given[0]} does not apply here: {why}.")
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,

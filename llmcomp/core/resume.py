@@ -7,9 +7,8 @@ command (same model weights and model config, method config, calibration tokens 
 and llmcomp version: the ``fingerprint``) restores finished layers instead of recomputing them; the
 calibration driver still runs each restored layer forward, which reproduces the next layer's inputs exactly
 (same weights, same arithmetic), so the resumed run writes the same weights, byte for byte, as an
-uninterrupted one. The directory is removed
-once the artifact is complete; a different fingerprint discards it. A lock file beside it keeps a second
-process from using it while a job runs.
+uninterrupted one. The directory is removed once the artifact is complete; a different fingerprint discards
+it. A lock file beside it keeps a second process from using it while a job runs.
 """
 from __future__ import annotations
 

@@ -134,7 +134,7 @@ class PolicyLayer(CacheLayerMixin):
     def real_positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Cache indices ``pos`` [B, ...] (or [P], shared by the rows) as each row's own token positions: a
         left-padded row's first real token is its position 0, its padding negative (``lead``: the leading
-        padding of each row, seen in the first forward's mask; None = no padding)."""
+        padding of each row, counted from the masks while a row has seen only padding; None = no padding)."""
         if self.lead is None:
             return pos.long()
         lead = self.lead.view(-1, *([1] * (pos.dim() - 1))) if pos.dim() > 1 else self.lead[:, None]
