@@ -214,6 +214,20 @@ def test_super_experts_are_detected_and_never_removed(method):
         assert 3 not in report["layers"][b.path]["removed"] and b.num_experts == 4
 
 
+def test_a_ratio_the_guard_cannot_meet_is_refused():
+    """Protected super experts never go, so a ratio that would need one is refused rather than met short."""
+    model = _with_super_expert()
+    b = moe.find_moe_blocks(model)[0]
+    cfg = ExpertPruneConfig(method="frequency", ratio=0.5, protect_super_experts=True)
+    stats = experts.collect_stats(model, ids(8, 32), cfg, device="cpu")
+    found = experts.super_experts(stats, cfg.se_quantile, cfg.se_fraction)
+    assert found == {b.path: [3]}
+    guard = {b.path: [1, 2, 3, 4, 5]}  # five of the eight protected: four removals asked, three possible
+    with pytest.raises(UserError, match="asks for 4 of the 8 experts but only 3 are not protected super experts"):
+        experts.plan_experts(stats, cfg, guard)
+    assert len(experts.plan_experts(stats, cfg, found)[b.path]["removed"]) == 4
+
+
 def test_without_the_guard_a_rarely_used_super_expert_goes():
     cfg = ExpertPruneConfig(method="frequency", ratio=0.25, protect_super_experts=False)
     model = _with_super_expert()

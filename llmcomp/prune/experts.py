@@ -240,6 +240,10 @@ def plan_experts(stats: dict[str, BlockStats], cfg: ExpertPruneConfig, protected
             raise UserError(f"Ratio {cfg.ratio_for(st.layer):g} removes {n} of the {E} experts in {path}, "
                             f"leaving fewer than top_k = {st.top_k}; lower the ratio.")
         guard = set(protected.get(path, []))
+        if n > E - len(guard):
+            raise UserError(f"{path}: ratio {cfg.ratio_for(st.layer):g} asks for {n} of the {E} experts but only "
+                            f"{E - len(guard)} are not protected super experts; lower the ratio or pass "
+                            "--no-protect-super-experts.")
         order = removal_order(cfg.method, st, cfg.seed)
         removed = [e for e in order if e not in guard][:n]
         plan[path] = {"keep": sorted(set(range(E)) - set(removed)), "removed": sorted(removed),
@@ -288,7 +292,7 @@ def plan_atomic(stats: dict[str, BlockStats], blocks: dict[str, moe.MoEBlock], c
         budget = sum(int(alive[e].sum()) for e in range(len(sizes)) if e not in guard)
         if n > budget:
             raise UserError(f"{path}: ratio {cfg.ratio_for(st.layer):g} asks for {n} neurons but only {budget} "
-                            "are not in protected super experts.")
+                            "are not in protected super experts; lower the ratio or pass --no-protect-super-experts.")
         total = 0.0
         for _ in range(n):
             best = min(range(len(sizes)), key=lambda e: float(cost[e].min()) if cost[e].numel() else float("inf"))
