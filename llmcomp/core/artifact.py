@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmcomp.core.config import from_dict, to_dict
-from llmcomp.core.model import load_tokenizer
+from llmcomp.core.model import check_complete, load_tokenizer, place_tensor
 from llmcomp.core.paths import atomic_dir, check_output, locked
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.formats.base import WeightFormat
@@ -298,8 +298,6 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
                   device_map=None, verify: bool = True, max_memory=None, offload_folder=None):
     """Build the model skeleton on meta, swap in QuantLinear modules, load tensors, place them
     (``device_map``/``max_memory``/``offload_folder``: accelerate, see ``core.memory.dispatch``)."""
-    from accelerate.utils import set_module_tensor_to_device
-
     from llmcomp.core.memory import dispatch
 
     path = Path(path)
@@ -318,15 +316,9 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
                 if value.shape != expected[key]:
                     raise UserError(f"Artifact tensor {key} in {f.name} has shape {list(value.shape)}; the model "
                                     f"expects {list(expected[key])}.")
-                cast = dtype is not None and value.is_floating_point() and not _is_packed_field(key, model)
-                # (accelerate casts a value to the skeleton's dtype, float32, unless told the dtype)
-                set_module_tensor_to_device(model, key, "cpu", value=value.to(dtype) if cast else value,
-                                            **({"dtype": dtype} if cast else {}))
+                place_tensor(model, key, value, None if _is_packed_field(key, model) else dtype)
                 loaded.add(key)
-    model.tie_weights()
-    missing = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
-    if missing:
-        raise UserError(f"Artifact {path} lacks tensor {missing[0]} ({len(missing)} missing).")
+    check_complete(model, f"Artifact {path}")
     model.eval()
     for hook, stage in hooks:
         hook.ready(model, stage)

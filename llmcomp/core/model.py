@@ -167,3 +167,22 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def place_tensor(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Set tensor ``key`` of a meta skeleton to ``value`` on the CPU, a floating ``value`` cast to ``dtype`` when one is
+    given (told the dtype, accelerate does not cast it back to the skeleton's float32)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    if dtype is not None and value.is_floating_point():
+        set_module_tensor_to_device(model, key, "cpu", value=value.to(dtype), dtype=dtype)
+    else:
+        set_module_tensor_to_device(model, key, "cpu", value=value)
+
+
+def check_complete(model: nn.Module, what: str) -> None:
+    """Tie the weights of a skeleton filled by ``place_tensor``; any tensor still on meta is missing from ``what``."""
+    model.tie_weights()
+    missing = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
+    if missing:
+        raise UserError(f"{what} lacks tensor {missing[0]} ({len(missing)} missing).")

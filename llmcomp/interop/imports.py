@@ -78,7 +78,6 @@ def _convert(kind: str, name: str, fields: dict, qc: dict, module: nn.Module):
 def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None):
     """(model, tokenizer, base-model info, [import stage]) for a ``kind`` checkpoint directory."""
     from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmcomp.core import model as model_mod
@@ -120,15 +119,8 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
             continue
         if key not in expected:
             raise UserError(f"Checkpoint tensor {key} does not belong to the model.")
-        if value.is_floating_point():  # (told the dtype, accelerate does not cast back to the float32 skeleton)
-            value = value.to(dtype or torch.float32)
-            set_module_tensor_to_device(model, key, "cpu", value=value, dtype=value.dtype)
-        else:
-            set_module_tensor_to_device(model, key, "cpu", value=value)
-    model.tie_weights()
-    missing = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
-    if missing:
-        raise UserError(f"Checkpoint {path} lacks tensor {missing[0]} ({len(missing)} missing).")
+        model_mod.place_tensor(model, key, value, dtype or torch.float32)
+    model_mod.check_complete(model, f"Checkpoint {path}")
     model.eval()
     if device is not None:
         model.to(device)
