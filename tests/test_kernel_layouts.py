@@ -407,7 +407,9 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert uniform_cuda.launch_config(4096, 14336, 3, 1, post=False) == (1, 8, 1)
     assert uniform_cuda.launch_config(4096, 4096, 3, 8) == (1, 8, 1)
     assert uniform_cuda.launch_config(4096, 14336, 2, 1) == (1, 16, 1)
-    assert uniform_cuda.launch_config(28672, 4096, 3, 1)[0] == 1
+    # W3 on very many rows with a short K: two tiles at M = 1 too (rule_w3_28672x4096*_h200_s47.json)
+    assert uniform_cuda.launch_config(28672, 4096, 3, 1) == uniform_cuda.launch_config(28672, 4096, 3, 1, fp16=True) \
+        == (2, 4, 1)
     # 2-bit layouts (sweep_w2_m1_h200_s32.json, sweep_w3_m16_h200_s32.json): W2 on very many rows two tiles x 8 warps
     # at M <= 8; W3 at M = 9..16 two tiles with 4 (many rows) or 8 (very many) row groups, W2 with 2
     # (sweep_w2_m16_h200_s34.json) or 8; few rows as before
@@ -436,7 +438,11 @@ def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     assert lc(6144, 4096, 3, 8) == lc(6144, 4096, 2, 2) == (1, 8, 1) and lc(6144, 4096, 2, 4) == (2, 8, 1)
     assert lc(14336, 4096, 3, 2) == lc(14336, 4096, 2, 1) == (1, 4, 1)
     assert lc(14336, 4096, 3, 3) == (1, 4, 1)  # rule_m357_w3_h200_s38.json: 13.28 µs against two tiles' 13.69
-    assert lc(14336, 4096, 3, 4) == lc(14336, 4096, 3, 8) == lc(14336, 4096, 2, 2) == (2, 4, 1)
+    assert lc(14336, 4096, 3, 4) == lc(14336, 4096, 3, 8) == (2, 4, 1)
+    # W2 on many rows with a short K: two row groups a block from M = 2 (rule_w2_14336x4096*_h200_s47.json); a long K,
+    # not timed there, keeps one
+    assert lc(14336, 4096, 2, 2) == lc(14336, 4096, 2, 8) == lc(14336, 4096, 2, 4, fp16=True) == (2, 4, 2)
+    assert lc(14336, 8192, 2, 4) == (2, 4, 1) and lc(14352, 4096, 2, 4) == (1, 4, 1)
     assert lc(28672, 8192, 3, 1) == (1, 4, 1) and lc(28672, 8192, 3, 2) == lc(28672, 4096, 3, 8) == (2, 4, 1)
     assert lc(4096, 4096, 2, 3) == lc(4096, 14336, 2, 1) == (1, 16, 1)
     assert lc(4096, 4096, 2, 4) == lc(4096, 14336, 2, 2) == lc(4096, 14336, 2, 8) == (2, 16, 1)  # long K: from M = 2

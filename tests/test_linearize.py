@@ -175,6 +175,20 @@ def test_artifact_round_trip_same_logits_and_generates(tmp_path, monkeypatch):
     assert not (tmp_path / ".lin.resume").exists()
 
 
+def test_a_liger_artifact_quantizes_loads_and_runs(tmp_path):
+    """Liger's fixed window/linear halves go on the input's device: a quantized q_proj has no weight to ask."""
+    from llmcomp.quant.rtn import RTNConfig
+
+    src = _model_dir(tmp_path)
+    lin = api.linearize(LinearizeConfig(method="liger", window=4, **SMALL), tmp_path / "lin", str(src),
+                        calib_samples=2, calib_seq_len=32, device="cpu")
+    q = api.quantize(RTNConfig(), tmp_path / "q", str(lin), device="cpu")
+    model = api.load(q)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+
+
 def test_all_layers_kept_softmax_reproduces_the_teacher(tmp_path):
     src = _model_dir(tmp_path)
     out = api.linearize(LinearizeConfig(method="liger", keep_softmax=1.0, **SMALL), tmp_path / "lin", str(src),

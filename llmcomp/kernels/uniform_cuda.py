@@ -497,7 +497,13 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
     36.74 against 29.65 / 32.21 / 36.49: its bounded bf16 build spills 42 bytes, the fp16 one 14) — but from M = 7,
     where 2 warps (64-thread blocks, one wave at its 79-80 registers) led in two calls (onewave_w2_h200_s40.json,
     w2_m58_h200_s40.json: M=8 35.24 / 35.44 µs against 36.88 / 37.01, M=7 34.40 against 34.77, M=6 34.14 against
-    34.23; M=1, 4, 5 8 warps, by 4–10 %; fp16 at M=8 4 warps 33.28 against 34.97)."""
+    34.23; M=1, 4, 5 8 warps, by 4–10 %; fp16 at M=8 4 warps 33.28 against 34.97). Two late changes, each seen in
+    three sweeps (the last, rule_w{2,3}_*_h200_s47.json, timed both launches in one process; the thirty-seventh
+    session's, before the 2-bit layouts' swizzle and the lean loop, had found the other way for W2): W2 on many rows
+    with a short K takes two row groups a block from M = 2 (14336 × 4096 (2, 4, 2) against (2, 4, 1), bf16 11.08 /
+    11.47 / 12.29 µs at M = 2, 4, 8 against 11.56 / 12.00 / 13.07, fp16 10.93 / 11.37 / 12.22 against 11.43 / 11.70 /
+    12.44), and W3 on very many rows with a short K two tiles at M = 1 too (28672 × 4096 20.75 µs against 21.38 bf16,
+    20.60 against 20.99 fp16)."""
     tiles = n // 16
     if tiles <= 2 * sms:  # few rows (4096): 16 warps split K, 8 for W3 on a short K
         if bits == 3:
@@ -508,11 +514,13 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
         rt, warps = (2 if bits == 2 and m >= 4 else 1), 8
     elif tiles < 12 * sms:  # many rows (14336)
         rt, warps = (2 if m >= (2 if bits == 2 else 4) else 1), 4
+        if bits == 2 and rt == 2 and kbs < 64 and n % 32 == 0:
+            return 2, 4, 2  # W2 on a short K: two row groups a block (see above)
     else:  # very many rows (28672)
         if bits == 2:
             rt, warps = 2, (4 if kbs < 64 or fp16 else 2 if m >= 7 else 8)
         else:
-            rt, warps = (2 if m >= 2 else 1), 4
+            rt, warps = (2 if m >= 2 or kbs < 64 else 1), 4
     return (rt if n % 32 == 0 else 1), warps, 1
 
 
@@ -804,11 +812,11 @@ def set_scale_early16(on: bool) -> Optional[bool]:
 
 
 def scale_pair() -> Optional[bool]:
-    """Off unless ``LLMCOMP_MMA_SCALE_PAIR=1`` (to be the default once the whole CUDA test file has passed with it
-    on: measured faster, below, but that run could not be had in the forty-sixth session): the early-scale kernels (``scale_early`` at M ≤ 8, with or without
-    the norm split's epilogue; ``scale_early16`` at M = 9..16) sum each pair of kblocks — one group, as their launch
-    condition makes every pair — in fp32 before scaling it into the accumulators: half the scale fmas (the M = 16
-    loop 590 → 555 instructions a round, sm_90). Not the fp16 two-tile × 4-warp kernels at M ≤ 8 that ``bound7_r2``
+    """On unless ``LLMCOMP_MMA_SCALE_PAIR=0`` (the default since the forty-seventh session; the whole CUDA test file
+    passed with it on, bench/results/kernels_cuda_tests_pair_on_h200_s47.log): the early-scale kernels (``scale_early``
+    at M ≤ 8, with or without the norm split's epilogue; ``scale_early16`` at M = 9..16) sum each pair of kblocks —
+    one group, as their launch condition makes every pair — in fp32 before scaling it into the accumulators: half the
+    scale fmas (the M = 16 loop 590 → 555 instructions a round, sm_90). Not the fp16 two-tile × 4-warp kernels at M ≤ 8 that ``bound7_r2``
     bounds. H200, bf16, ``bench/kernel_ab.py --knob pair`` (bench/results/kernels_ab_pair_h200_s46.json): 28672 × 8192
     M=16 50.10 → 49.05 µs, from 1.1 % slower (4096 × 4096 M=1) to 2.1 % faster over six shapes at M = 1..16; the
     compiled 8B W4 decode 1.6055 → 1.6014 ms at batch 1, 2.682 → 2.649 at 16. Not the same bits: s · (t0 + t1)

@@ -195,14 +195,15 @@ class LinearAttention(nn.Module):
             self.mix_logit = nn.Parameter(torch.zeros(self.num_heads, device=w.device, dtype=w.dtype))
         self.teacher_mode = False  # distillation: compute the original softmax attention instead
 
-    def mix(self):
-        """(window weight, linear weight) per head [H], float32 (learned: sigmoid and its complement)."""
+    def mix(self, device=None):
+        """(window weight, linear weight) per head [H], float32 (learned: sigmoid and its complement). The fixed
+        halves go on ``device``, the input's: a quantized or offloaded ``q_proj`` has no usable ``weight``."""
         if hasattr(self, "mix_logit"):
             a = torch.sigmoid(self.mix_logit.float())
             return a, 1 - a
         if not self.spec.window:
             return None, None
-        half = torch.full((self.num_heads,), 0.5, device=self.q_proj.weight.device)
+        half = torch.full((self.num_heads,), 0.5, device=device)
         return half, half
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
@@ -234,7 +235,7 @@ class LinearAttention(nn.Module):
             g = F.logsigmoid(f32(_repeat(src, rep))) / spec.gate_normalizer  # [B, H, n, D]
         layer = cache_layer(cache, self.layer_idx) if cache is not None else None
         state = layer.state if layer is not None else None
-        a, b = self.mix()
+        a, b = self.mix(hidden_states.device)
         chunk = min(spec.chunk_size, 16) if g is not None and g.dim() == 4 else spec.chunk_size
         o, new_state = hybrid_attention(f32(qr), kr_, fq, fk, v_, g, window=spec.window, scale=self.scaling,
                                         window_weight=a, linear_weight=b, normalize=spec.normalize, state=state,

@@ -92,11 +92,12 @@ static Switch scale_early16_switch{"LLMCOMP_MMA_SCALE_EARLY16", true};
 // 8192 M=4 40.54 -> 38.60 µs, 14336 x 4096 M=1 12.49 -> 12.03, the fused layer chain at M=4 50.12 -> 49.18; from 1.4 %
 // slower (4096 x 4096 M=1, 5.67 -> 5.75) to 5 % faster over six shapes at M = 1, 4, 8.
 static Switch w3_lean_switch{"LLMCOMP_MMA_W3_LEAN", true};
-// Off unless LLMCOMP_MMA_SCALE_PAIR=1 (uniform_mma.cuh). H200, W4 bf16 (forty-sixth session, kernel_ab --knob pair):
+// On unless LLMCOMP_MMA_SCALE_PAIR=0 (uniform_mma.cuh). H200, W4 bf16 (forty-sixth session, kernel_ab --knob pair):
 // 28672 x 8192 M=16 50.10 -> 49.05 µs, the fused layer chain at M=16 57.47 -> 56.45; from 1.1 % slower (4096 x 4096
 // M=1) to 2.1 % faster over six shapes at M = 1, 4, 8, 16; the compiled 8B decode 1.6055 -> 1.6014 ms at batch 1,
-// 2.682 -> 2.649 at 16. To be the default once the whole CUDA test file has passed with it on.
-static Switch scale_pair_switch{"LLMCOMP_MMA_SCALE_PAIR", false};
+// 2.682 -> 2.649 at 16. The default since the forty-seventh session, whose run of the whole CUDA test file with it on
+// passed (528).
+static Switch scale_pair_switch{"LLMCOMP_MMA_SCALE_PAIR", true};
 // On unless LLMCOMP_MMA_E2M1_LEAN=0 (uniform_mma.cuh).
 static Switch e2m1_lean_switch{"LLMCOMP_MMA_E2M1_LEAN", true};
 // On unless LLMCOMP_MMA_BOUND7=0 (uniform_mma.cuh). H200, W3 14336 x 4096 M=1 at one tile x 4 warps: fp16 15.76 ->

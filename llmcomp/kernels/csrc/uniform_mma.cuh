@@ -112,7 +112,7 @@ bool set_scale_early(bool on);
 // LLMCOMP_MMA_SCALE_EARLY16=0; set_scale_early16 for A/B.
 bool scale_early16();
 bool set_scale_early16(bool on);
-// Off unless LLMCOMP_MMA_SCALE_PAIR=1: the early-scale kernels (scale_early, with or without the norm split's
+// On unless LLMCOMP_MMA_SCALE_PAIR=0: the early-scale kernels (scale_early, with or without the norm split's
 // epilogue; scale_early16) sum each pair of kblocks, one group, before scaling it into the accumulators (PAIR in
 // mma_kernel_body): half the scale fmas; the same sums up to fp32 rounding. Not where bound7_r2 bounds a kernel (fp16,
 // two tiles x 4 warps, M <= 8). set_scale_pair for A/B.
