@@ -31,8 +31,10 @@ def test_index_is_a_bijection_onto_range(n, k):
     assert index_bits(n, k) == (len(pts) - 1).bit_length()
 
 
-@pytest.mark.parametrize("n,k", [(32, 41), (64, 39), (64, 87), (128, 60)], ids=lambda v: str(v))
+@pytest.mark.parametrize("n,k", [(32, 41), (64, 39), (64, 87), (128, 60), (256, 770), (256, 1024)],
+                         ids=lambda v: str(v))
 def test_index_beyond_64_bits(n, k):
+    """Up to the widest indices the format takes (256 × 1024: 1132 bits, past float64's range of ~2¹⁰²⁴)."""
     g = torch.Generator().manual_seed(n + k)
     y = torch.zeros(500, n, dtype=torch.long)
     y.scatter_add_(1, torch.randint(0, n, (500, k), generator=g), torch.ones(500, k, dtype=torch.long))

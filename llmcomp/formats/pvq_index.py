@@ -148,11 +148,20 @@ def encode(y: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-def _as_float(limbs: torch.Tensor) -> torch.Tensor:
-    """int64 limbs [..., L] → float64 approximations [...]."""
-    w = torch.tensor([2.0 ** (LIMB_BITS * i) for i in range(limbs.shape[-1])], dtype=torch.float64,
-                     device=limbs.device)
-    return (limbs.double() * w).sum(-1)
+def _log2(limbs: torch.Tensor) -> torch.Tensor:
+    """int64 limbs [..., L] (non-negative) → float64 log₂ of the value (−1 for 0) [...]: monotone, and finite at any
+    width (a value itself passes float64's range above ~2¹⁰²⁴, 17 limbs, which indices of up to ~1130 bits reach).
+    From the top two non-zero limbs: ~42 bits of the value at 1130 bits, far finer than the relative gap (≥ 1/(K+1))
+    between the table entries the search compares it with."""
+    nz = limbs != 0
+    pos = torch.arange(limbs.shape[-1], device=limbs.device)
+    t = torch.where(nz, pos, torch.zeros_like(pos)).amax(-1, keepdim=True)  # the top non-zero limb (0 if none)
+    d = limbs.double()
+    top = d.gather(-1, t).squeeze(-1)
+    below = torch.where(t > 0, d.gather(-1, (t - 1).clamp(min=0)), torch.zeros_like(top.unsqueeze(-1))).squeeze(-1)
+    val = top * 2.0 ** LIMB_BITS + below
+    out = torch.log2(val) + LIMB_BITS * (t.squeeze(-1).double() - 1)
+    return torch.where(nz.any(-1), out, torch.full_like(out, -1.0))
 
 
 def decode(limbs: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -164,15 +173,15 @@ def decode(limbs: torch.Tensor, n: int, k: int) -> torch.Tensor:
     b = b[:, :L] if b.shape[1] >= L else torch.nn.functional.pad(b, (0, L - b.shape[1]))
     r = torch.full((G,), k, dtype=torch.int64, device=b.device)
     y = torch.zeros(G, n, dtype=torch.int16, device=b.device)
-    P2f = _as_float(P2)  # [n+1, k+1] float64: guides the search, exact compares settle it
+    P2f = _log2(P2)  # [n+1, k+1] float64 log₂: guides the search, exact compares settle it
     for i in range(n):
         m = n - i
         zero = _lt(b, V[m - 1, r])  # fewer than V(m−1, r) points start with 0
         c = _sub(V[m, r], b)  # > 0
         # smallest x in [0, r−1] with 2·P(m−1, x) ≥ c (strictly increasing in x for m ≥ 2); j = r − x.
-        # float64 keeps 53 bits, so the float search is off by at most one where c is within
+        # The float log₂ keeps ~42 bits or more, so the float search is off by at most one where c is within
         # rounding of a table entry: two exact comparisons correct it.
-        x = torch.searchsorted(P2f[m - 1], _as_float(c).unsqueeze(1)).squeeze(1)
+        x = torch.searchsorted(P2f[m - 1], _log2(c).unsqueeze(1)).squeeze(1)
         x = torch.minimum(x, (r - 1).clamp(min=0))
         x = torch.where(_lt(P2[m - 1, x], c), torch.minimum(x + 1, (r - 1).clamp(min=0)), x)
         below = (x - 1).clamp(min=0)
