@@ -18,7 +18,7 @@ from llmcomp.core.paths import check_output
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
 from llmcomp.eval import perplexity, size_report
-from llmcomp.eval.agreement import Reference
+from llmcomp.eval.agreement import Reference, tokenizer_id
 from llmcomp.interop import imports
 from llmcomp.prune.kv import hook as _kv_hook  # noqa: F401  (artifacts with a KV stage re-install their policy)
 from llmcomp.prune import moe as _moe_hook  # noqa: F401  (artifacts with a moe stage get their shapes back)
@@ -467,7 +467,7 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
     if tok is None:
         raise UserError(f"{path} has no tokenizer files; evaluation needs one.")
     windows = eval_windows(tok, seq_len, n_windows)
-    ref = Reference.record(net, windows, batch_size=batch_size, progress=progress)
+    ref = Reference.record(net, windows, batch_size=batch_size, progress=progress, tokenizer=tokenizer_id(tok))
     del net
     return ref
 
@@ -491,6 +491,8 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     check_window(net, seq_len)
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
+    if reference is not None:
+        reference.check_model(str(p), tok, getattr(net.config, "vocab_size", None))
     start = time.perf_counter()
     windows = reference.windows if reference is not None else None
     ppl = perplexity(net, tok, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size, progress=progress,

@@ -29,3 +29,30 @@ def test_size_report_bits(tiny_model):
     assert size_report(tiny_model)["bits_per_weight"] == 32
     quantize_model(tiny_model, RTNConfig(format=Uniform(bits=4, group_size=32, symmetric=True)))
     assert size_report(tiny_model)["bits_per_weight"] == pytest.approx(4 + 16 / 32)
+
+
+def test_reference_of_another_tokenizer_or_vocabulary_is_refused(tmp_path):
+    """The windows are the reference's token ids: a model with another tokenizer would be scored on text it cannot
+    read (with the same vocabulary size: a perfect-looking agreement), another logits width cannot be compared."""
+    import json
+    import shutil
+
+    from llmcomp import api
+    from llmcomp.errors import UserError
+    from tests.conftest import save_char_model, tiny_llama
+
+    ref_dir = save_char_model(tmp_path / "ref", layers=1)
+    ref = api.record_reference(ref_dir, seq_len=16, n_windows=2, batch_size=2, device="cpu")
+    perm = shutil.copytree(ref_dir, tmp_path / "perm")  # same weights, two characters' ids swapped
+    spec = json.loads((perm / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (perm / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="different tokenizer from the reference"):
+        api.evaluate(perm, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)
+    wide = tmp_path / "wide"  # the reference's tokenizer, 256 logits instead of 128
+    shutil.copytree(ref_dir, wide)
+    tiny_llama(layers=1, vocab=256).save_pretrained(wide)
+    with pytest.raises(UserError, match="scores 256 tokens, the reference model 128"):
+        api.evaluate(wide, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)
+    assert api.evaluate(ref_dir, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)["kld_mean"] < 1e-6

@@ -7,6 +7,8 @@ So only one model and one batch of logits are in memory at a time, whatever the 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from llmcomp.core.memory import input_device
 from llmcomp.core.progress import NULL, Progress
+from llmcomp.errors import UserError
 
 PROMPT_TOKENS = 32
 GREEDY_TOKENS = 32
@@ -25,14 +28,25 @@ class Reference:
     """The reference model's next-token log-probs on ``windows`` (on disk) and greedy continuations."""
 
     def __init__(self, windows: torch.Tensor, logprobs: np.memmap, continuations: torch.Tensor, ppl: float,
-                 workdir: tempfile.TemporaryDirectory):
+                 workdir: tempfile.TemporaryDirectory, tokenizer: str | None = None):
         self.windows, self.logprobs, self.continuations, self.ppl = windows, logprobs, continuations, ppl
+        self.tokenizer = tokenizer  # tokenizer_id of the reference's tokenizer (the windows are its token ids)
         self._workdir = workdir  # removed when the Reference is garbage-collected
+
+    def check_model(self, name: str, tok, vocab_size: int | None) -> None:
+        """A model compared with this reference reads the same token ids and scores the same vocabulary: another
+        tokenizer would be scored on text it cannot read (or crash), another logits width cannot be compared."""
+        if self.tokenizer is not None and tokenizer_id(tok) != self.tokenizer:
+            raise UserError(f"{name} has a different tokenizer from the reference model; agreement needs the same "
+                            "one (pass a --reference with this model's tokenizer).")
+        if vocab_size is not None and vocab_size != self.logprobs.shape[-1]:
+            raise UserError(f"{name} scores {vocab_size} tokens, the reference model {self.logprobs.shape[-1]}; "
+                            "agreement needs the same vocabulary.")
 
     @classmethod
     @torch.no_grad()
     def record(cls, model, windows: torch.Tensor, batch_size: int = 4, n_prompts: int = 8,
-               progress: Progress = NULL) -> "Reference":
+               progress: Progress = NULL, tokenizer: str | None = None) -> "Reference":
         n, t = windows.shape
         vocab = model.config.vocab_size
         workdir = tempfile.TemporaryDirectory(prefix="llmcomp-ref-")
@@ -48,10 +62,16 @@ class Reference:
             mm[i * batch_size : i * batch_size + batch.shape[0]] = logp.cpu().numpy()
         mm.flush()
         continuations = greedy(model, prompts(windows, n_prompts))
-        return cls(windows, mm, continuations, float(np.exp(nll / count)), workdir)
+        return cls(windows, mm, continuations, float(np.exp(nll / count)), workdir, tokenizer)
 
     def comparer(self) -> "Comparer":
         return Comparer(self)
+
+
+def tokenizer_id(tok) -> str:
+    """A fingerprint of a tokenizer's vocabulary (token → id, added tokens included)."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def prompts(windows: torch.Tensor, n_prompts: int) -> torch.Tensor:
