@@ -413,3 +413,16 @@ def test_calibration_windows_longer_than_the_context_refused(tmp_path):
     model = save_char_model(tmp_path / "m", layers=1)
     assert "Calibration windows of 400 tokens are longer than the model's context (256 tokens)" in error_line(
         invoke("quantize", model, "-o", tmp_path / "o", "--method", "gptq", "--seq-len", 400, "--calib-samples", 2))
+
+
+def test_user_text_is_not_read_as_markup(model_dir, tmp_path):
+    """Paths, patterns and config values print as given: rich markup in them raised a MarkupError (a traceback)
+    or vanished (a path ``q4[v2]`` printed as ``q4``, a target ``re:.*[qkv]_proj`` as ``re:.*_proj``)."""
+    assert f"{tmp_path / 'no[/x]'} does not exist" in error_line(invoke("eval", tmp_path / "no[/x]"))
+    out = tmp_path / "q4[v2]"
+    r = invoke("quantize", model_dir, "-o", out, "--bits", 4, "--group-size", 32, "--target", "re:.*[qkv]_proj")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}" in " ".join(r.output.split())
+    shown = invoke("inspect", out)
+    assert shown.exit_code == 0 and "re:.*[qkv]_proj" in shown.output
+    assert "q4[v2]" in invoke("eval", out, "--windows", 1, "--seq-len", 16).output

@@ -132,7 +132,7 @@ def quantize(
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,
                                 allocation=allocation, calib_batch=calib_batch, max_memory=max_memory,
                                 offload_folder=offload_folder, progress=progress)
-        render.console.print(f"[green]wrote[/green] {path}")
+        render.wrote(path)
 
     run(go)
 
@@ -263,7 +263,7 @@ def check(
             current = chk.measure(api.evaluate, artifact, settings, progress)
         if update:
             baseline.write_text(json.dumps(chk.make_baseline(current, settings), indent=1) + "\n")
-            render.console.print(f"[green]wrote baseline[/green] {baseline}")
+            render.wrote(baseline, "wrote baseline")
             return 0
         outcomes = chk.compare(chk.read_baseline(baseline), current)
         render.console.print(render.check_table(outcomes, current["_wall_time_s"]))

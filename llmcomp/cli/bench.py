@@ -184,6 +184,8 @@ def _original_of(path: str, original: Optional[str]) -> Optional[str]:
 def _decode_table(result: dict, batches: list[int]):
     from rich.table import Table
 
+    from llmcomp.cli import render
+
     settings = result["settings"]
     table = Table(title=f"llmcomp bench decode · {result.get('device', '')} · context {settings['context']}, "
                         f"{settings['steps']} steps" + (", layers compiled" if settings.get("compile") else ""))
@@ -208,5 +210,5 @@ def _decode_table(result: dict, batches: list[int]):
         speed = "  ".join(f"{ups[str(b)]:.2f}× @ {b}" for b in batches if str(b) in ups) or "-"
         graphed = {bool(r.get("graphs")) for r in rows.values() if "tokens_per_s" in r}
         mode = "yes" if graphed == {True} else "no" if graphed == {False} else "partly" if graphed else "-"
-        table.add_row(next(iter(rows.values()))["label"], *cells, speed, mode)
+        render.add_row(table, next(iter(rows.values()))["label"], *cells, speed, mode)
     return table

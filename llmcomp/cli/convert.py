@@ -39,7 +39,7 @@ def moefy(
             path = api.moefy(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                              calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype, progress=progress)
         summary = api.inspect(path)["stages"][-1]["metrics"]["_summary"]
-        render.console.print(f"[green]wrote[/green] {path} ({summary['family']}, {experts} experts, top-{top_k}, "
-                             f"{shared} shared neurons; mean MLP output error {100 * summary['mean_mlp_rel_error']:.1f} %)")
+        render.wrote(f"{path} ({summary['family']}, {experts} experts, top-{top_k}, {shared} shared neurons; "
+                     f"mean MLP output error {100 * summary['mean_mlp_rel_error']:.1f} %)")
 
     run(go)

@@ -24,7 +24,6 @@ def export(
     def go():
         summary = api.export(artifact, to, output, overwrite=overwrite)
         extra = f", checkpoint_format {summary['checkpoint_format']}" if "checkpoint_format" in summary else ""
-        render.console.print(f"[green]wrote[/green] {summary['path']} ({summary['format']}{extra}: "
-                             f"{summary['layers']} layers, {summary['scheme']})")
+        render.wrote(f"{summary['path']} ({summary['format']}{extra}: {summary['layers']} layers, {summary['scheme']})")
 
     run(go)

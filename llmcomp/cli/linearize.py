@@ -74,8 +74,7 @@ def linearize(
         errs = list(m["transfer_rel_mse"].values())
         ft = m["finetune"]
         kl = f"; KL {ft['kl_first']:.3f} → {ft['kl_last']:.3f} over {ft['tokens']} tokens" if ft.get("steps") else ""
-        render.console.print(f"[green]wrote[/green] {path} ({stage['layout'].count('linear')} linear / "
-                             f"{stage['layout'].count('softmax')} softmax layers; mean transfer error "
-                             f"{100 * sum(errs) / max(1, len(errs)):.1f} %{kl})")
+        render.wrote(f"{path} ({stage['layout'].count('linear')} linear / {stage['layout'].count('softmax')} softmax "
+                     f"layers; mean transfer error {100 * sum(errs) / max(1, len(errs)):.1f} %{kl})")
 
     run(go)

@@ -57,9 +57,8 @@ def experts(
         metrics = api.inspect(path)["stages"][-1]["metrics"]
         found = metrics["super_experts"]
         se = ", ".join(f"{p} {e}" for p, e in found.items()) or "none"
-        render.console.print(f"[green]wrote[/green] {path}: {100 * metrics['expert_params']['removed_fraction']:.1f} % "
-                             f"of expert parameters removed; super experts {se}"
-                             f"{' (protected)' if protect and found else ''}")
+        render.wrote(f"{path}: {100 * metrics['expert_params']['removed_fraction']:.1f} % of expert parameters "
+                     f"removed; super experts {se}{' (protected)' if protect and found else ''}")
 
     run(go)
 
@@ -90,8 +89,8 @@ def dynamic(
                                     calib_samples=calib_samples, calib_seq_len=seq_len, seed=seed, device=device,
                                     progress=progress)
         stage = api.inspect(path)["stages"][-1]
-        render.console.print(f"[green]wrote[/green] {path}: skip threshold {stage['skip_threshold']:.4g} "
-                             f"({100 * stage['metrics']['skipped_slots_calibration']:.1f} % of routed slots on "
-                             "the calibration text)")
+        render.wrote(f"{path}: skip threshold {stage['skip_threshold']:.4g} "
+                     f"({100 * stage['metrics']['skipped_slots_calibration']:.1f} % of routed slots on the calibration "
+                     "text)")
 
     run(go)

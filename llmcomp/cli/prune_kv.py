@@ -103,7 +103,7 @@ def kv(
         with render.RichProgress() as progress:
             path = api.prune_kv(policy, output, model, overwrite=overwrite, device=device, dtype=dtype,
                                 progress=progress)
-        render.console.print(f"[green]wrote[/green] {path} ({policy.describe()})")
+        render.wrote(f"{path} ({policy.describe()})")
 
     run(go)
 

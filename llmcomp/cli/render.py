@@ -7,8 +7,10 @@ import time
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from llmcomp.core.progress import Progress
 
@@ -33,7 +35,7 @@ class RichProgress(Progress):
             self._stop = threading.Event()
             self._ticker: Optional[threading.Thread] = None
             return
-        self.bar = RichBar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.bar = RichBar(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), console=err_console, transient=False)
 
     def __enter__(self):
@@ -81,7 +83,7 @@ class RichProgress(Progress):
 
     def note(self, message):
         console = err_console if self.plain else self.bar.console
-        console.print(f"[dim]{message}[/dim]")
+        console.print(f"[dim]{escape(str(message))}[/dim]")
 
     def _tick(self):
         while not self._stop.wait(self.interval):
@@ -110,7 +112,18 @@ def _clock(seconds: float) -> str:
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def wrote(what: str, label: str = "wrote") -> None:
+    """``wrote PATH (details)``: the path and details are the user's text, not rich markup (a path may hold
+    brackets)."""
+    console.print(f"[green]{label}[/green] {escape(str(what))}", highlight=False, soft_wrap=True)
+
+
+def add_row(table: Table, *cells) -> None:
+    """A table row of plain text: model names, paths and config values are not read as rich markup."""
+    table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells))
 
 
 def _fmt(v, digits=2):
@@ -140,7 +153,7 @@ def eval_table(rows: list[dict], compare: bool, asked: Optional[int] = None) -> 
         if agreement:
             cells[3 + compare:3 + compare] = [f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}",
                                               f"{100 * r['top1_agree']:.1f}", f"{r['greedy_prefix']:.1f}"]
-        table.add_row(*cells)
+        add_row(table, *cells)
     if rows:
         held = (f" (all the held-out text holds; {asked} asked)" if asked is not None and rows[0]["windows"] < asked
                 else "")
@@ -168,7 +181,7 @@ def long_table(rows: list[dict], compare: bool) -> Table:
         cells += [_fmt(r["kv_bytes"] / 2**20, 1), f"{100 * r['kv_bytes'] / r['kv_dense_bytes']:.1f}"]
         cells += [f"{r['passkey'].get(n, float('nan')):.2f}" for n in lengths]
         cells += [f"{r.get('multikey', {}).get(n, float('nan')):.2f}" for n in multi] + [_fmt(r["eval_time_s"], 1)]
-        table.add_row(*cells)
+        add_row(table, *cells)
     if rows:
         r = rows[0]
         table.caption = (f"{r['text']} text, {r['windows']} windows × {r['context']} tokens: {r['prefix']} prefilled "
@@ -182,21 +195,21 @@ def manifest_tables(manifest: dict) -> list[Table]:
     if "stages" not in manifest:
         t = Table(title="model directory")
         for k, v in manifest.items():
-            t.add_row(k, str(v))
+            add_row(t, k, str(v))
         return [t]
     head = Table(title="llmcomp artifact", show_header=False)
     base = manifest["base_model"]
-    head.add_row("base model", f"{base.get('name')}  (sha256 {str(base.get('sha256'))[:12]}…)")
-    head.add_row("schema / llmcomp", f"{manifest['schema_version']} / {manifest['llmcomp_version']}")
-    head.add_row("text", str(manifest.get("text_source")))
+    add_row(head, "base model", f"{base.get('name')}  (sha256 {str(base.get('sha256'))[:12]}…)")
+    add_row(head, "schema / llmcomp", f"{manifest['schema_version']} / {manifest['llmcomp_version']}")
+    add_row(head, "text", str(manifest.get("text_source")))
     for i, s in enumerate(manifest["stages"], 1):
         cfg = {k: v for k, v in s.get("config", {}).items() if not k.startswith("_")}
         metrics = s.get("metrics", {})
         bpw = metrics.get("bits_per_weight")  # KV stages: their policy; moefy, experts, linearize: neither
         what = metrics.get("policy") or (f"{bpw} bits/weight" if bpw is not None else None)
-        head.add_row(f"stage {i}", f"{s['method']} in {s.get('wall_time_s')} s{', ' + what if what else ''}; "
+        add_row(head, f"stage {i}", f"{s['method']} in {s.get('wall_time_s')} s{', ' + what if what else ''}; "
                                    f"config {cfg}")
-    head.add_row("files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))
+    add_row(head, "files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))
     mods = Table(title="quantized modules")
     for c in ("format", "modules", "example"):
         mods.add_column(c)
@@ -205,7 +218,7 @@ def manifest_tables(manifest: dict) -> list[Table]:
         key = ", ".join(f"{k}={v}" for k, v in spec.items() if not k.startswith("_"))
         groups.setdefault(f"{spec.get('_type')}({key})", []).append(name)
     for key, names in groups.items():
-        mods.add_row(key, str(len(names)), names[0])
+        add_row(mods, key, str(len(names)), names[0])
     return [head, mods]
 
 

@@ -26,10 +26,9 @@ def report(
         result = api.report(artifact, output, overwrite=overwrite)
         plots = result["plots"]
         listed = f", {len(plots)} plot{'s' * (len(plots) > 1)}: {', '.join(plots)}" if plots else ""
-        render.console.print(f"[green]wrote[/green] {result['path']} (report.md{listed})", highlight=False,
-                             soft_wrap=True)
+        render.wrote(f"{result['path']} (report.md{listed})")
         if result["plots_skipped"]:
-            render.console.print(f"[yellow]plots skipped:[/yellow] {result['plots_skipped']}", highlight=False,
-                                 soft_wrap=True)
+            render.console.print(f"[yellow]plots skipped:[/yellow] {render.escape(str(result['plots_skipped']))}",
+                                 highlight=False, soft_wrap=True)
 
     run(go)
