@@ -56,3 +56,11 @@ def test_reference_of_another_tokenizer_or_vocabulary_is_refused(tmp_path):
     with pytest.raises(UserError, match="scores 256 tokens, the reference model 128"):
         api.evaluate(wide, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)
     assert api.evaluate(ref_dir, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)["kld_mean"] < 1e-6
+
+
+def test_a_broken_model_scores_inf_not_an_overflow(tiny_model):
+    """A mean NLL past ~709.8 nats overflowed math.exp: eval, check and eval --long crashed instead of reporting."""
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(1e5)
+    r = perplexity(tiny_model, _CharTok(), seq_len=16, n_windows=2, batch_size=2, source="pydoc")
+    assert r["nll"] > 710 and r["ppl"] == math.inf

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from llmcomp.core.memory import input_device
 from llmcomp.core.progress import NULL, Progress
+from llmcomp.eval.perplexity import ppl_of
 from llmcomp.errors import UserError
 
 PROMPT_TOKENS = 32
@@ -62,7 +63,7 @@ class Reference:
             mm[i * batch_size : i * batch_size + batch.shape[0]] = logp.cpu().numpy()
         mm.flush()
         continuations = greedy(model, prompts(windows, n_prompts))
-        return cls(windows, mm, continuations, float(np.exp(nll / count)), workdir, tokenizer)
+        return cls(windows, mm, continuations, ppl_of(nll / count), workdir, tokenizer)
 
     def comparer(self) -> "Comparer":
         return Comparer(self)

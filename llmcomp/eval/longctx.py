@@ -14,7 +14,6 @@ Nothing here knows the policy: a loaded artifact applies it on any cached forwar
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from llmcomp.core.data import eval_windows
 from llmcomp.core.passkey import answer_correct, multikey_samples, passkey_samples
 from llmcomp.core.progress import NULL, Progress
+from llmcomp.eval.perplexity import ppl_of
 from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
 from llmcomp.prune.kv.cache import tensor_bytes
 
@@ -63,7 +63,7 @@ def continuation_perplexity(model, tokenizer, *, context: int = 2048, prefix: in
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
     nll = total / count
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": windows.shape[0], "context": context,
+    return {"ppl": ppl_of(nll), "nll": nll, "tokens": count, "windows": windows.shape[0], "context": context,
             "prefix": prefix, "chunk": chunk, "kv_bytes": sum(held) / len(held), "kv_dense_bytes": sum(dense) / len(dense)}
 
 

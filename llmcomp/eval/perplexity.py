@@ -11,6 +11,14 @@ from llmcomp.core.memory import input_device
 from llmcomp.core.progress import NULL, Progress
 
 
+def ppl_of(nll: float) -> float:
+    """exp(mean NLL); inf past float64's range (a broken model's NLL of > 709 nats), not an OverflowError."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
                progress: Progress = NULL, source: str | None = None, windows: torch.Tensor | None = None,
@@ -35,7 +43,7 @@ def perplexity(model, tokenizer, seq_len: int = 512, n_windows: int = 16, batch_
         total += float(loss)
         count += batch[:, 1:].numel()
     nll = total / count
-    out = {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": windows.shape[0], "seq_len": windows.shape[1]}
+    out = {"ppl": ppl_of(nll), "nll": nll, "tokens": count, "windows": windows.shape[0], "seq_len": windows.shape[1]}
     if comparer is not None:
         out.update(comparer.summary(model))
     return out
