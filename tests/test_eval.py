@@ -64,3 +64,15 @@ def test_a_broken_model_scores_inf_not_an_overflow(tiny_model):
         tiny_model.lm_head.weight.mul_(1e5)
     r = perplexity(tiny_model, _CharTok(), seq_len=16, n_windows=2, batch_size=2, source="pydoc")
     assert r["nll"] > 710 and r["ppl"] == math.inf
+
+
+def test_size_counts_the_files_a_load_reads(tiny_model, tmp_path):
+    """Not every *.safetensors beside them: a Mistral-style consolidated.safetensors or a hidden copy doubled it."""
+    import shutil
+
+    tiny_model.save_pretrained(tmp_path)
+    one = size_report(tiny_model, tmp_path)["size_mb"]
+    assert one == pytest.approx((tmp_path / "model.safetensors").stat().st_size / 1e6)
+    shutil.copy(tmp_path / "model.safetensors", tmp_path / "consolidated.safetensors")
+    shutil.copy(tmp_path / "model.safetensors", tmp_path / "._model.safetensors")
+    assert size_report(tiny_model, tmp_path)["size_mb"] == one

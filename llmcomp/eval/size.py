@@ -10,7 +10,7 @@ from llmcomp.core.qlinear import QuantLinear
 
 def size_report(model: nn.Module, path: Path | None = None, ignore=("lm_head",)) -> dict:
     """``bits_per_weight``: storage bits per weight over the decoder's linear layers (quantized or
-    not, lm_head excluded); ``size_mb``: weight files on disk (if ``path``)."""
+    not, lm_head excluded); ``size_mb``: the weight files a load reads (if ``path``; ``weights_mb``)."""
     bits, weights = 0.0, 0
     for name, mod in model.named_modules():
         if any(name == i or name.endswith("." + i) for i in ignore):
@@ -25,6 +25,13 @@ def size_report(model: nn.Module, path: Path | None = None, ignore=("lm_head",))
             weights += n
     out = {"bits_per_weight": bits / weights if weights else float("nan")}
     if path is not None:
-        files = [f for f in Path(path).iterdir() if f.name.endswith(".safetensors")]
-        out["size_mb"] = sum(f.stat().st_size for f in files) / 1e6
+        out["size_mb"] = weights_mb(Path(path))
     return out
+
+
+def weights_mb(path: Path) -> float:
+    """MB of the weight files a load of ``path`` reads (its safetensors index's files, else model.safetensors) —
+    not every ``*.safetensors`` beside them (a Mistral-style ``consolidated.safetensors``, hidden copies)."""
+    from llmcomp.core.artifact import weight_files
+
+    return sum(f.stat().st_size for f in weight_files(path) if f.is_file()) / 1e6

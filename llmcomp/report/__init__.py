@@ -111,7 +111,7 @@ def _modules_and_totals(path: Path, manifest: dict) -> tuple[dict, dict]:
     ``llmcomp eval`` counts them, weight bytes on disk, base model bytes when it is on this machine)."""
     import llmcomp.api  # noqa: F401  (registers the stage hooks the skeleton needs)
     from llmcomp.core.artifact import build_skeleton
-    from llmcomp.eval.size import size_report
+    from llmcomp.eval.size import size_report, weights_mb
 
     try:
         skeleton, _ = build_skeleton(path, manifest)
@@ -126,9 +126,9 @@ def _modules_and_totals(path: Path, manifest: dict) -> tuple[dict, dict]:
     totals["wall_time_s"] = sum(float(s.get("wall_time_s") or 0) for s in manifest["stages"])
     base = manifest["base_model"].get("path")
     if base and Path(base).is_dir():
-        files = list(Path(base).glob("*.safetensors"))
-        if files:
-            totals["base_size_mb"] = sum(f.stat().st_size for f in files) / 1e6
+        mb = weights_mb(Path(base))
+        if mb:
+            totals["base_size_mb"] = mb
     return modules, totals
 
 
