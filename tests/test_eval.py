@@ -76,3 +76,15 @@ def test_size_counts_the_files_a_load_reads(tiny_model, tmp_path):
     shutil.copy(tmp_path / "model.safetensors", tmp_path / "consolidated.safetensors")
     shutil.copy(tmp_path / "model.safetensors", tmp_path / "._model.safetensors")
     assert size_report(tiny_model, tmp_path)["size_mb"] == one
+
+
+def test_an_all_zero_linear_has_no_sqnr_rather_than_minus_inf(tiny_model):
+    """0 / 0 gave SQNR -inf: -Infinity in the manifest (not JSON) and the exactly reproduced layer reported worst."""
+    import json
+
+    with torch.no_grad():
+        tiny_model.model.layers[0].self_attn.o_proj.weight.zero_()
+    report = quantize_model(tiny_model, RTNConfig(format=Uniform(bits=4, group_size=32, symmetric=True)))
+    assert report["model.layers.0.self_attn.o_proj"]["sqnr_db"] is None
+    assert report["model.layers.0.self_attn.q_proj"]["sqnr_db"] > 10
+    json.dumps(report, allow_nan=False)

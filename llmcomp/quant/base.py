@@ -91,10 +91,14 @@ def require_stats(stats, method: str, name: str) -> None:
         raise UserError(f"{method} got no calibration statistics for {name}; it needs calibration data.")
 
 
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB."""
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float | None:
+    """Signal-to-quantization-noise ratio in dB; None where it is not a number a manifest (JSON) can hold: an
+    all-zero weight (no signal; reproduced exactly, it is not the worst layer) or, in principle, no noise at all."""
     noise = (ref.float() - approx.float()).pow(2).sum()
-    return float(10 * torch.log10(ref.float().pow(2).sum() / noise.clamp(min=1e-30)))
+    signal = ref.float().pow(2).sum()
+    if float(signal) == 0 or float(noise) == 0:
+        return None
+    return round(float(10 * torch.log10(signal / noise)), 3)
 
 
 @torch.no_grad()
@@ -102,7 +106,7 @@ def _replace(model: nn.Module, quantizer: Quantizer, name: str, linear: nn.Linea
     check_finite(name, linear.weight)
     result = quantizer.quantize_linear(name, linear, stats)
     estimate = result.module.fmt.original_estimate(result.module.packed_tensors(), result.module.in_features)
-    report[name] = {"sqnr_db": round(sqnr_db(linear.weight, estimate), 3), **result.metrics}
+    report[name] = {"sqnr_db": sqnr_db(linear.weight, estimate), **result.metrics}
     set_submodule(model, name, result.module)
 
 

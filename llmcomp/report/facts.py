@@ -69,7 +69,7 @@ def quant_facts(stage: dict) -> Optional[dict]:
     for path, m in layers.items():
         if path.startswith("_") or not isinstance(m, dict):
             continue
-        if "sqnr_db" in m:
+        if m.get("sqnr_db") is not None:  # None: an all-zero weight
             sqnr.add(path, m["sqnr_db"])
         if "out_err_rel" in m:
             out_err.add(path, m["out_err_rel"])
