@@ -143,3 +143,18 @@ def test_json_report_from_a_zero_baseline_is_strict_json(tmp_path, monkeypatch):
 def test_a_baseline_of_nan_refused():
     with pytest.raises(UserError, match="finite"):
         chk.make_baseline({"ppl": float("nan"), "bits_per_weight": 4.0, "size_mb": 1.0}, SETTINGS)
+
+
+def test_eval_json_of_a_nan_model_is_strict_json(tmp_path, monkeypatch):
+    """eval --json (and --record, and eval --long --json) wrote bare NaN for a NaN model's rows."""
+    from llmcomp.core.config import dumps
+
+    row = {"path": "art", "name": "art", "stages": "original", "ppl": float("nan"), "nll": float("inf"),
+           "bits_per_weight": 4.27, "size_mb": 0.5, "eval_time_s": 1.0, "text": "t", "windows": 1, "seq_len": 16,
+           "passkey": {"64": float("nan")}}
+    monkeypatch.setattr(api, "evaluate", fake_evaluate(row))
+    r = runner.invoke(app, ["eval", fake_artifact(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert rows[0]["ppl"] is None and rows[0]["nll"] is None and rows[0]["bits_per_weight"] == 4.27
+    assert json.loads(dumps([row]))[0]["passkey"] == {"64": None}  # nested values too

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmcomp.core.config import dumps
 from llmcomp.errors import UserError
 
 app = typer.Typer(
@@ -199,7 +199,7 @@ def eval_(
                                          reference=ref, progress=progress, **place))
         render.console.print(render.eval_table(rows, compare, asked=windows))
         if json_out:
-            json_out.write_text(json.dumps(rows, indent=1))
+            json_out.write_text(dumps(rows, indent=1))
         if record:
             api.record_evaluations(rows)
 
@@ -218,17 +218,12 @@ def inspect(
     def go():
         manifest = api.inspect(path)
         if json_:
-            sys.stdout.write(json.dumps(manifest, indent=1) + "\n")
+            sys.stdout.write(dumps(manifest, indent=1) + "\n")
             return
         for t in render.manifest_tables(manifest):
             render.console.print(t)
 
     run(go, writes=False)
-
-
-def _strict(row: dict) -> dict:
-    """NaN and ±inf (a NaN model's ppl, a change from a zero baseline) as null: JSON has no such numbers."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 @app.command()
@@ -268,10 +263,9 @@ def check(
         outcomes = chk.compare(chk.read_baseline(baseline), current)
         render.console.print(render.check_table(outcomes, current["_wall_time_s"]))
         if json_out:
-            json_out.write_text(json.dumps({"artifact": artifact, "passed": all(o.passed for o in outcomes),
-                                            "metrics": [_strict({**o.__dict__, "passed": o.passed,
-                                                                 "change_rel": o.change_rel}) for o in outcomes]},
-                                           indent=1, allow_nan=False))
+            json_out.write_text(dumps({"artifact": artifact, "passed": all(o.passed for o in outcomes),
+                                       "metrics": [{**o.__dict__, "passed": o.passed, "change_rel": o.change_rel}
+                                                   for o in outcomes]}, indent=1))
         if junit:
             junit.write_text(chk.junit_xml(outcomes, artifact, current["_wall_time_s"]))
         return 0 if all(o.passed for o in outcomes) else 1

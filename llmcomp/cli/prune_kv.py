@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmcomp.core.config import dumps
 from llmcomp.errors import UserError
 
 # flag → the methods it applies to (anything else given is an error, not silently ignored)
@@ -111,7 +112,6 @@ def kv(
 def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, passkey_samples: int, device, compare: bool,
               json_out, needle_keys: int = 0) -> None:
     """``llmcomp eval --long``: one row per model (its KV policy active), printed as one table."""
-    import json
 
     from llmcomp import api
     from llmcomp.cli import render
@@ -128,4 +128,4 @@ def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, pass
                                   progress=progress) for p in targets]
     render.console.print(render.long_table(rows, compare))
     if json_out:
-        json_out.write_text(json.dumps(rows, indent=1))
+        json_out.write_text(dumps(rows, indent=1))

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llmcomp.core.config import from_dict, to_dict
+from llmcomp.core.config import dumps, from_dict, to_dict
 from llmcomp.core.model import check_complete, load_tokenizer, place_tensor
 from llmcomp.core.paths import atomic_dir, check_output, locked
 from llmcomp.core.qlinear import QuantLinear
@@ -164,7 +164,7 @@ def write_artifact(
             "modules": modules,
             "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        (tmp / MANIFEST).write_text(dumps(manifest, indent=1, sort_keys=True))
         read_manifest(tmp)  # verify before it becomes visible
     return dest
 
@@ -237,7 +237,7 @@ def record_evaluation(path: Path, result: dict) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path)
         try:
             with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(manifest, indent=1, sort_keys=True))
+                fh.write(dumps(manifest, indent=1, sort_keys=True))
             os.chmod(tmp, os.stat(path / MANIFEST).st_mode & 0o777)  # (mkstemp's file is 0600)
             os.replace(tmp, path / MANIFEST)
         except BaseException:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from llmcomp.core.registry import Registry
@@ -57,6 +58,23 @@ def from_dict(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: from_dict(v) for k, v in data.items()}
     return data
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN and ±inf floats as None, at any depth: JSON has no such numbers (``json.dumps`` writes bare
+    ``NaN`` / ``Infinity``, which strict parsers refuse) — a NaN model's ppl, a change from a zero baseline."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """JSON text of ``obj`` with non-finite floats as null (``finite``)."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
 def to_json(obj: Any) -> str:
