@@ -411,7 +411,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
                                passkey_lengths=tuple(passkey_lengths), passkey_n=passkey_samples,
                                needle_keys=needle_keys, progress=progress)
     return {"path": str(path) if path is not None else model_mod.DEFAULT_MODEL,
-            "name": Path(str(path)).name if path is not None else model_mod.DEFAULT_MODEL,
+            "name": p.resolve().name if path is not None else model_mod.DEFAULT_MODEL,
             "stages": " + ".join(stage_label(s) for s in stages) or "original",
             "policy": policy.describe() if policy is not None else "dense",
             **result, "text": corpus().name, "eval_time_s": round(time.perf_counter() - start, 2)}
@@ -499,7 +499,7 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
                      windows=windows, comparer=reference.comparer() if reference is not None else None)
     result = {
         "path": str(path) if path is not None else model_mod.DEFAULT_MODEL,
-        "name": Path(str(path)).name if path is not None else model_mod.DEFAULT_MODEL,
+        "name": p.resolve().name if path is not None else model_mod.DEFAULT_MODEL,
         "stages": " + ".join(stage_label(s) for s in stages) or "original",
         **ppl,
         **size_report(net, p),

@@ -184,6 +184,16 @@ def test_default_output_is_beside_the_artifact(root, dense):
     r = CliRunner().invoke(app, ["report", str(artifact)])
     assert r.exit_code == 0, r.output
     assert (root / "rtn-report" / "report.md").exists()
+    import os
+
+    here = os.getcwd()
+    try:  # `report .` inside the artifact: beside it still (Path('.').parent is '.')
+        os.chdir(artifact)
+        r = CliRunner().invoke(app, ["report", ".", "--overwrite"])
+    finally:
+        os.chdir(here)
+    assert r.exit_code == 0, r.output
+    assert not (artifact / "rtn-report").exists() and (root / "rtn-report" / "report.md").exists()
 
 
 def one_error_line(result) -> str:
@@ -220,6 +230,9 @@ def test_paths_split_into_decoder_layer_and_linear_kind():
     assert facts.split_path("model.layers.12.self_attn.q_proj") == (12, "self_attn.q_proj")
     assert facts.split_path("model.layers.3.mlp.experts.down.7") == (3, "mlp.experts.down.*")
     assert facts.split_path("lm_head") == (None, "lm_head")
+    assert facts.kind_label("model.layers.3.mlp.experts.down.7") == "experts.down[7]"  # (was "*")
+    assert facts.kind_label("model.layers.3.mlp.experts.5.gate_proj") == "experts.gate[5]"
+    assert facts.kind_label("model.layers.3.self_attn.q_proj") == "q"
     assert facts.kind_order(["mlp.down_proj", "self_attn.q_proj", "mlp.gate_proj", "x.router"]) == [
         "self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj", "x.router"]
 

@@ -27,7 +27,7 @@ def write_report(artifact, output=None, *, overwrite: bool = False) -> dict:
 
     path = Path(artifact)
     manifest = read_manifest(path, verify=False)  # a viewer: `llmcomp inspect` verifies the hashes
-    output = check_output(output if output is not None else path.parent / f"{path.resolve().name}-report",
+    output = check_output(output if output is not None else path.resolve().parent / f"{path.resolve().name}-report",
                           overwrite, path)
     model_config = _json(path / "config.json")
     modules, totals = _modules_and_totals(path, manifest)

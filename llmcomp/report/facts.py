@@ -25,9 +25,26 @@ def split_path(path: str) -> tuple[Optional[int], str]:
     return int(m["index"]), re.sub(r"(?<=\.)\d+(?=\.|$)", "*", m["rest"])
 
 
+def kind_tail(kind: str) -> str:
+    """A linear kind's last named part, ``_proj`` dropped: ``self_attn.q_proj`` → ``q``; an expert index (``*``)
+    is not a name, so ``mlp.experts.gate_up.*`` → ``gate_up``."""
+    return [p for p in kind.split(".") if p != "*"][-1].removesuffix("_proj")
+
+
+def kind_label(path: str) -> str:
+    """A linear's short label in a layer's row: ``kind_tail`` of its kind, expert linears marked with their index
+    (``model.layers.0.mlp.experts.3.gate_proj`` → ``experts.gate[3]``, ``….experts.gate_up.3`` →
+    ``experts.gate_up[3]``)."""
+    kind = split_path(path)[1]
+    if "experts" not in kind.split("."):
+        return kind_tail(kind)
+    index = [p for p in path.split("experts.", 1)[1].split(".") if p.isdigit()]
+    return f"experts.{kind_tail(kind)}" + (f"[{index[0]}]" if index else "")
+
+
 def kind_order(kinds) -> list[str]:
     def key(k):
-        tail = [p for p in k.split(".") if p != "*"][-1].removesuffix("_proj")
+        tail = kind_tail(k)
         return (_ORDER.index(tail) if tail in _ORDER else len(_ORDER), k)
 
     return sorted(set(kinds), key=key)

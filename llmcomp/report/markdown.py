@@ -7,7 +7,7 @@ from statistics import mean
 
 from llmcomp.core.config import from_dict
 from llmcomp.errors import UserError
-from llmcomp.report.facts import kind_order, split_path
+from llmcomp.report.facts import kind_label, kind_order, split_path
 
 
 def _f(v, digits=2) -> str:
@@ -143,8 +143,8 @@ def _quant_details(v: dict) -> list[str]:
     per_layer_bits: dict = {}
     order = kind_order(split_path(p)[1] for p in bits)
     for path in sorted(bits, key=lambda p: order.index(split_path(p)[1])):
-        layer, kind = split_path(path)
-        per_layer_bits.setdefault(layer, []).append(f"{kind.rsplit('.', 1)[-1].removesuffix('_proj')} {bits[path]}")
+        layer = split_path(path)[0]
+        per_layer_bits.setdefault(layer, []).append(f"{kind_label(path)} {bits[path]}")
     rows = []
     for i in layers:
         cells = {k: per[i] for k, per in sqnr.items() if i in per}
