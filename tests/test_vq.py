@@ -205,6 +205,26 @@ def test_outlier_columns_get_their_own_codebook():
     assert res.metrics["out_err_rel"] < plain.metrics["out_err_rel"]
 
 
+def test_a_narrow_layer_gets_an_outlier_codebook_it_can_fill():
+    """1 % of 576 columns on a 192-row layer (SmolLM2's k/v) is 192 outlier vectors: the 2⁸-entry outlier codebook
+    was refused there, so the README's ``--outliers 1%`` failed on the bundled model. The layer's format now takes
+    2⁷ entries (each layer's format is stored with it)."""
+    fmt = codebook_for_bits(2, outliers=0.01)
+    assert fmt.fitted(192, 576).outlier_bits == 7 and fmt.fitted(576, 576) == fmt
+    W, X = torch.randn(192, 576) * 0.02, correlated_inputs(256, 576)
+    res = vptq(W, X, format=fmt)
+    assert res.module.fmt.outlier_bits == 7 and res.module.packed_tensors()["outlier_codebook"].shape == (128, 4)
+
+
+def test_shapes_are_checked_before_calibration(tiny_model, monkeypatch):
+    """A layer the format cannot take is one error line before any calibration, not one layers into it."""
+    from llmcomp.quant import base
+
+    monkeypatch.setattr(base, "calibrate_layerwise", lambda *a, **k: pytest.fail("calibrated first"))
+    with pytest.raises(UserError, match="does not divide the input dimension"):
+        quantize_model(tiny_model, VPTQConfig(format=Codebook(dim=5, bits=(4,))), torch.zeros(1, 8, dtype=torch.long))
+
+
 def test_codebook_for_bits():
     assert codebook_for_bits(2) == Codebook(dim=4, bits=(8,))
     assert codebook_for_bits(2.25).bits == (9,)

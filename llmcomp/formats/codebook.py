@@ -23,6 +23,7 @@ Tensors (layer ``out × in``; M = in − n_outlier_cols main columns, nv = M / d
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,15 @@ class Codebook(WeightFormat):
         extra += f" +{100 * self.outliers:g}% outlier cols" if self.outliers else ""
         return f"vq v{self.dim} {stages}b{extra} ({self.code_bits:g} b)"
 
+    def fitted(self, out_features: int, in_features: int) -> "Codebook":
+        """This format with its outlier codebook no larger than the layer's outlier vectors: on a narrow layer
+        (SmolLM2's 192 × 576 k/v projections) 1 % of the columns makes 192 vectors, fewer than 2⁸ entries. Each
+        layer's format is stored with it, so the layer keeps the bits it got."""
+        count = out_features * self.n_outlier_cols(in_features) // self.dim
+        if count >= 2 and (1 << self.outlier_bits) > count:
+            return dataclasses.replace(self, outlier_bits=count.bit_length() - 1)
+        return self
+
     def validate_shape(self, out_features: int, in_features: int, layer: str) -> None:
         if in_features % self.dim:
             raise UserError(f"VQ vector length {self.dim} does not divide the input dimension {in_features} of "
@@ -109,7 +119,8 @@ class Codebook(WeightFormat):
                             "choose a fraction that keeps some columns on each side.")
         if n_oc and (1 << self.outlier_bits) > out_features * n_oc // self.dim:
             raise UserError(f"VQ outlier codebook of {1 << self.outlier_bits} entries is larger than the "
-                            f"{out_features * n_oc // self.dim} outlier vectors of {layer}; use fewer outlier bits.")
+                            f"{out_features * n_oc // self.dim} outlier vectors of {layer}; use a larger --outliers "
+                            "fraction.")
 
     def param_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
         nv = self.n_main(in_features) // self.dim

@@ -53,6 +53,10 @@ class Quantizer:
         """The weight format for module ``name``: a per-layer override or the config's ``format``."""
         return self.config.formats.get(name, self.config.format)
 
+    def layer_format(self, name: str, linear: nn.Linear):
+        """``format_for(name)`` as it applies to this layer's shape (a method may fit it: VPTQ's outlier codebook)."""
+        return self.format_for(name)
+
     def observe(self, linear: nn.Linear):
         """For calibrated methods: return a stateful forward hook ``fn(module, inputs, output)``.
 
@@ -79,7 +83,7 @@ class HessianQuantizer(Quantizer):
 
     def layer_weight(self, name: str, linear: nn.Linear, stats):
         """(format, fp32 weight) for layer ``name``, once its shape fits the format and its statistics exist."""
-        fmt = self.format_for(name)
+        fmt = self.layer_format(name, linear)
         fmt.validate_shape(linear.out_features, linear.in_features, name)
         require_stats(stats, self.label, name)
         return fmt, linear.weight.data.float()
@@ -169,6 +173,9 @@ def quantize_model(
                             f"{list(config.ignore)}): the model's {done} linear layers are quantized already; "
                             "quantize the original model instead.")
         raise UserError(f"No layer matches targets {list(config.targets)} (minus ignore {list(config.ignore)}).")
+    for name in chosen:  # every layer's shape against its format first: one error line, not one minutes in
+        lin = model.get_submodule(name)
+        quantizer.layer_format(name, lin).validate_shape(lin.out_features, lin.in_features, name)
     report: dict = {}
     start = time.perf_counter()
     if not quantizer.needs_calibration:

@@ -123,6 +123,9 @@ class VPTQQuantizer(HessianQuantizer):
     config: VPTQConfig
     label = "VPTQ"
 
+    def layer_format(self, name: str, linear: nn.Linear):
+        return self.format_for(name).fitted(linear.out_features, linear.in_features)
+
     @torch.no_grad()
     def quantize_linear(self, name: str, linear: nn.Linear, stats: HessianAccumulator | None = None) -> LayerResult:
         cfg = self.config
