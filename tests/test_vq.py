@@ -225,6 +225,22 @@ def test_shapes_are_checked_before_calibration(tiny_model, monkeypatch):
         quantize_model(tiny_model, VPTQConfig(format=Codebook(dim=5, bits=(4,))), torch.zeros(1, 8, dtype=torch.long))
 
 
+def test_rows_beyond_float16_saturate_rather_than_poison_the_layer():
+    """A row of RMS above 65504 stored an inf VPTQ row scale (the shared codebook, and every row, turned NaN); a
+    PVQ gain above it an inf level."""
+    from llmcomp.quant.pvq import PVQQuantizer
+
+    torch.manual_seed(0)
+    W = torch.randn(64, 96)
+    W[0] *= 1e5
+    for quantizer in (VPTQQuantizer(VPTQConfig(format=codebook_for_bits(2, 4))),
+                      PVQQuantizer(PVQConfig(format=pyramid_for_bits(2, 8)))):
+        lin = nn.Linear(96, 64, bias=False).requires_grad_(False)
+        lin.weight.data = W.clone()
+        res = quantizer.quantize_linear("layer", lin, hessian(correlated_inputs(256, 96)))
+        assert torch.isfinite(res.module.dequantize()).all() and res.metrics["out_err_rel"] < 1
+
+
 def test_codebook_for_bits():
     assert codebook_for_bits(2) == Codebook(dim=4, bits=(8,))
     assert codebook_for_bits(2.25).bits == (9,)
@@ -241,10 +257,12 @@ def test_codebook_for_bits():
     (lambda: codebook_for_bits(2.1), "nearest reachable: 2, 2.25"),
     (lambda: codebook_for_bits(0), "not reachable"),
     (lambda: codebook_for_bits(2.3, dim=5), "nearest reachable: 2.2, 2.4"),
+    (lambda: codebook_for_bits(16), "nearest reachable: 11.75, 12"),  # (past 48 index bits: an empty list)
+    (lambda: codebook_for_bits(2, dim=65), "from 1 to 64, got 65"),
     (lambda: Codebook(dim=4, bits=(17,)), "stage index bits"),
     (lambda: Codebook(dim=4, group=6), "multiple of the vector length"),
     (lambda: VPTQConfig(format=pyramid_for_bits(2)), "codebook format"),
-], ids=["bits-between", "bits-zero", "bits-v5", "stage-bits", "group", "wrong-format"])
+], ids=["bits-between", "bits-zero", "bits-v5", "bits-past-48", "dim-65", "stage-bits", "group", "wrong-format"])
 def test_bad_vq_settings(call, message):
     with pytest.raises(UserError, match=message):
         call()

@@ -39,6 +39,7 @@ from llmcomp.quant.vecsolve import output_error, solve_groups
 DEFAULT_DIM = 64
 BITS_TOLERANCE = 0.05
 MAX_PULSES = 1024
+F16_MAX = torch.finfo(torch.float16).max  # the gain levels are stored as float16
 
 
 def default_norm_bits(dim: int) -> int:
@@ -134,7 +135,8 @@ class PVQQuantizer(Quantizer):
         gains = (x * yh).sum(1, keepdim=True)
         wgt = None if H is None else torch.diagonal(H).clamp(min=0).repeat(B)[:, None]
         n_lv = 1 << fmt.norm_bits
-        levels = kmeans(gains, wgt, min(n_lv, gains.shape[0]), iters=30, seed=0).half().float().squeeze(1)
+        levels = kmeans(gains, wgt, min(n_lv, gains.shape[0]), iters=30, seed=0)
+        levels = levels.clamp(-F16_MAX, F16_MAX).half().float().squeeze(1)
         levels = torch.sort(levels).values
         levels = torch.cat([levels, levels[-1:].expand(n_lv - levels.numel())])  # fewer groups than levels
 

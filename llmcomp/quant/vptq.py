@@ -40,12 +40,12 @@ STAGE_BITS = 8
 def codebook_for_bits(bits: float, dim: int | None = None, **kw) -> Codebook:
     """The ``codebook`` format whose indices cost ``bits`` a weight with vectors of ``dim``."""
     dim = DEFAULT_DIM if dim is None else dim
-    if not isinstance(dim, int) or dim < 1:
-        raise UserError(f"--vector-len must be a positive integer, got {dim}.")
+    if not isinstance(dim, int) or not 1 <= dim <= 64:
+        raise UserError(f"--vector-len must be an integer from 1 to 64, got {dim}.")
     total = bits * dim
     if bits <= 0 or abs(total - round(total)) > 1e-9 or round(total) > 3 * 16:
-        lo, hi = max(1, int(total)), max(1, int(total)) + 1
-        near = ", ".join(f"{b / dim:g}" for b in (lo, hi) if b <= 48)
+        lo = min(max(1, int(total)), 47)
+        near = ", ".join(f"{b / dim:g}" for b in (lo, lo + 1))
         raise UserError(f"--bits {bits:g} is not reachable with vectors of {dim} (index bits = bits × {dim} must "
                         f"be a whole number up to 48); nearest reachable: {near}.")
     total = int(round(total))
@@ -83,9 +83,11 @@ class VPTQConfig(QuantConfig):
 
 
 def row_scale(W: torch.Tensor) -> torch.Tensor:
-    """Per-row RMS rounded to its float16 storage (never zero)."""
+    """Per-row RMS rounded to its float16 storage (never zero; at most float16's largest, where a row of RMS above
+    65504 would have stored inf and turned the layer's shared codebook to NaN)."""
+    f16 = torch.finfo(torch.float16)
     s = W.float().pow(2).mean(1).sqrt()
-    return s.clamp(min=1e-8).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+    return s.clamp(min=1e-8, max=f16.max).half().float().clamp(min=f16.tiny)
 
 
 class _Stages:
