@@ -110,7 +110,7 @@ def test_hybrid_one_pass_pieces_and_decode_match_the_reference(gate, window, nor
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     ref_grads = grad_all((ref * w).sum(), live)
-    for pieces in ([T], [5, 13, 19], [26] + [1] * 11):
+    for pieces in ([T], [5, 13, 19], [26] + [1] * 11, [2, 3, 4, 28]):  # pieces shorter than the window too
         out, state = run_pieces(leaves, pieces, chunk_size=8, **kw)
         assert rel(out, ref) < 1e-10, pieces
         assert state.seen == T and state.k.shape[2] == window

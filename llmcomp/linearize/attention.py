@@ -147,29 +147,31 @@ def empty_state(q: Tensor, fq: Tensor, v: Tensor, g: Optional[Tensor], window: i
 
 def _window_softmax(q: Tensor, k_all: Tensor, v_all: Tensor, window: int, seen: int, scale: float
                     ) -> tuple[Tensor, Tensor]:
-    """Softmax numerator and denominator of each new query over its window, in blocks of ``W`` queries
-    (each block reads 2W keys): O(n·W), not O(n²). ``k_all``/``v_all`` = [W buffered | n new] tokens.
-    Returns (Σ e^{s-m} v [B, H, n, D'], Σ e^{s-m} [B, H, n, 1])."""
+    """Softmax numerator and denominator of each new query over its window, in blocks of ``Q = min(W, n)``
+    queries (each block reads the W + Q keys its queries see): O(n·W), not O(n²) — and a decode step (n = 1)
+    scores one query against W + 1 keys, not a block of W against 2W. ``k_all``/``v_all`` = [W buffered | n new]
+    tokens. Returns (Σ e^{s-m} v [B, H, n, D'], Σ e^{s-m} [B, H, n, 1])."""
     B, H, n, Dk = q.shape
-    W = window
-    M = -(-n // W)
-    pad = M * W - n
-    qb = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(B, H, M, W, Dk)
-    kp = torch.nn.functional.pad(k_all, (0, 0, 0, pad + W))  # [B, H, (M+2)W, Dk]
-    vp = torch.nn.functional.pad(v_all, (0, 0, 0, pad + W))
-    kb = kp.unfold(2, 2 * W, W)[:, :, :M].transpose(-1, -2)  # [B, H, M, 2W, Dk]
-    vb = vp.unfold(2, 2 * W, W)[:, :, :M].transpose(-1, -2)
-    i = torch.arange(W, device=q.device)[:, None]
-    j = torch.arange(2 * W, device=q.device)[None]
-    start = torch.arange(M, device=q.device)[:, None, None] * W
+    W, Q = window, min(window, n)
+    M = -(-n // Q)
+    pad = M * Q - n
+    L = W + Q  # keys a block reads: from its first query's window start to its last query
+    qb = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(B, H, M, Q, Dk)
+    kp = torch.nn.functional.pad(k_all, (0, 0, 0, pad + Q))  # [B, H, W + (M+1)Q, Dk]
+    vp = torch.nn.functional.pad(v_all, (0, 0, 0, pad + Q))
+    kb = kp.unfold(2, L, Q)[:, :, :M].transpose(-1, -2)  # [B, H, M, L, Dk]
+    vb = vp.unfold(2, L, Q)[:, :, :M].transpose(-1, -2)
+    i = torch.arange(Q, device=q.device)[:, None]
+    j = torch.arange(L, device=q.device)[None]
+    start = torch.arange(M, device=q.device)[:, None, None] * Q
     c = start + j  # key index in [buffer | new]
-    allowed = (j > i) & (j <= W + i) & (c >= W - min(seen, W)) & (c < W + n)  # [M, W, 2W]
+    allowed = (j > i) & (j <= W + i) & (c >= W - min(seen, W)) & (c < W + n)  # [M, Q, L]
     allowed = allowed | ((start + i >= n) & (j == W + i))  # padding queries see one zero key: no NaN in backward
     s = (qb @ kb.transpose(-1, -2)) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     e = (s - s.amax(-1, keepdim=True)).exp()
-    num = (e @ vb).reshape(B, H, M * W, -1)[:, :, :n]
-    den = e.sum(-1, keepdim=True).reshape(B, H, M * W, 1)[:, :, :n]
+    num = (e @ vb).reshape(B, H, M * Q, -1)[:, :, :n]
+    den = e.sum(-1, keepdim=True).reshape(B, H, M * Q, 1)[:, :, :n]
     return num, den
 
 
