@@ -80,6 +80,20 @@ def test_prefill_and_decode_through_the_cache_match_the_full_forward(method, win
     assert torch.equal(model(gen).logits[:, 7:-1].argmax(-1), gen[:, 8:])
 
 
+@torch.no_grad()
+def test_a_padded_batch_is_refused():
+    """Left padding went into the linear state and the window: a padded row decoded other tokens than its prompt
+    alone, without a sign."""
+    model = linearized("liger", 4)
+    mask = torch.ones_like(IDS)
+    assert torch.isfinite(model(IDS, attention_mask=mask).logits).all()
+    mask[1, :3] = 0
+    with pytest.raises(UserError, match="equal-length sequences"):
+        model(IDS, attention_mask=mask)
+    with pytest.raises(UserError, match="equal-length sequences"):
+        model.generate(IDS, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
 def test_mamba_seeding_reuses_the_attention_weights_as_c_b_x_out():
     """Q→C, K→B, V→x, O→out: the same modules; with dt → 0 (no decay) and no window the layer is plain
     unnormalised linear attention with C·B = q·k/√D, scaled by its learned output weight."""

@@ -272,6 +272,18 @@ def install(model: nn.Module, students: dict[int, LinearAttention]) -> None:
     _, layers = decoder_layers(model)
     for i, student in students.items():
         layers[i].self_attn = student
+    if students and not getattr(model, "_llmcomp_refuses_padding", False):
+        model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
+        model._llmcomp_refuses_padding = True
+
+
+def _refuse_padding(module, args, kwargs):
+    """The linear state and the window read every token: a padded batch (a 2-D attention mask with zeros, as
+    ``generate`` builds for prompts of different lengths) would decode wrongly, without a sign."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.bool().all()):
+        raise UserError("A linearized model takes batches of equal-length sequences: its linear attention has no "
+                        "padding mask. Run prompts of different lengths one at a time.")
 
 
 def students_of(model: nn.Module) -> list[LinearAttention]:
