@@ -120,6 +120,10 @@ def test_hybrid_keeps_the_layers_with_the_largest_transfer_error():
     errors = {0: 0.1, 1: 0.5, 2: 0.3, 3: 0.05}
     assert choose_softmax_layers(errors, 4, LinearizeConfig(keep_softmax=0.5)) == [1, 2]
     assert choose_softmax_layers(errors, 4, LinearizeConfig(keep_softmax=0.0)) == []
+    # half up, and a fraction above 0 keeps at least one layer (round() kept none of 2 at 0.25, of 10 at 0.05)
+    assert choose_softmax_layers(errors, 2, LinearizeConfig(keep_softmax=0.25)) == [1]
+    assert len(choose_softmax_layers(dict.fromkeys(range(10), 0.0), 10, LinearizeConfig(keep_softmax=0.05))) == 1
+    assert len(choose_softmax_layers(dict.fromkeys(range(10), 0.0), 10, LinearizeConfig(keep_softmax=0.25))) == 3
     assert choose_softmax_layers(errors, 4, LinearizeConfig(keep_softmax=1.0)) == [0, 1, 2, 3]
     assert choose_softmax_layers(errors, 4, LinearizeConfig(keep_layers=(3, 0))) == [0, 3]
     with pytest.raises(UserError, match="out of range"):
@@ -141,7 +145,9 @@ def test_token_budget_beyond_the_text_cycles_with_a_note():
                                        (dict(keep_softmax=-0.1), "keep-softmax"),
                                        (dict(method="rwkv"), "Unknown linearize method"),
                                        (dict(window=-1), "--window must be"),
-                                       (dict(keep_layers=(-1,)), "--keep-layers")])
+                                       (dict(keep_layers=(-1,)), "--keep-layers"),
+                                       (dict(feature_dim=-1), "feature dimension must be ≥ 0"),
+                                       (dict(lora_alpha=0.0), "LoRA alpha must be positive")])
 def test_config_validation(bad, match):
     with pytest.raises(UserError, match=match):
         LinearizeConfig(**bad)
@@ -187,6 +193,16 @@ def test_artifact_round_trip_same_logits_and_generates(tmp_path, monkeypatch):
                          pad_token_id=0)
     assert gen.shape == (1, 9)
     assert not (tmp_path / ".lin.resume").exists()
+    import json  # a damaged stage (the manifest is not hashed) is one error line, not a KeyError / IndexError
+
+    manifest = json.loads((out / "llmcomp.json").read_text())
+    for damage, message in ((lambda s: s.update(layout=["linear"] * 3), "layout must name"),
+                            (lambda s: s.pop("student"), "KeyError: 'student'")):
+        broken = json.loads(json.dumps(manifest))
+        damage(broken["stages"][-1])
+        (out / "llmcomp.json").write_text(json.dumps(broken))
+        with pytest.raises(UserError, match=f"is corrupt: its linearize stage does not fit the model.*{message}"):
+            api.load(out)
 
 
 def test_a_liger_artifact_quantizes_loads_and_runs(tmp_path):

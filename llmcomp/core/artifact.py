@@ -280,7 +280,11 @@ def build_skeleton(path: Path, manifest: dict):
         model = AutoModelForCausalLM.from_config(config)
     hooks = _stage_hooks(manifest)
     for hook, stage in hooks:
-        hook.skeleton(model, stage)
+        try:
+            hook.skeleton(model, stage)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:  # the manifest is not hashed
+            raise UserError(f"{path / MANIFEST} is corrupt: its {stage.get('kind')} stage does not fit the model "
+                            f"({type(e).__name__}: {e}).") from None
     for name, spec in manifest["modules"].items():
         fmt = from_dict(spec)
         try:

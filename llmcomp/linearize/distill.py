@@ -81,6 +81,10 @@ class LinearizeConfig:
             raise UserError("--seq-len must be ≥ 2, and --batch-size, --lora-rank, --checkpoint-every ≥ 1.")
         if not (self.lr > 0 and self.transfer_lr > 0):
             raise UserError("Learning rates must be positive.")
+        if not isinstance(self.feature_dim, int) or self.feature_dim < 0:
+            raise UserError(f"The feature dimension must be ≥ 0 (0 = the head dimension), got {self.feature_dim}.")
+        if not self.lora_alpha > 0:
+            raise UserError(f"The LoRA alpha must be positive, got {self.lora_alpha}.")
 
     def spec(self) -> StudentSpec:
         return dataclasses.replace(METHODS[self.method], window=self.window, feature_dim=self.feature_dim)
@@ -159,14 +163,16 @@ def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, devic
 
 
 def choose_softmax_layers(errors: dict[int, float], n_layers: int, config: LinearizeConfig) -> list[int]:
-    """Explicit ``keep_layers``, else the ``round(keep_softmax · n)`` layers with the largest transfer error."""
+    """Explicit ``keep_layers``, else the ``keep_softmax · n`` layers (rounded half up, at least one for a fraction
+    above 0) with the largest transfer error."""
     if config.keep_layers is not None:
         bad = [i for i in config.keep_layers if i >= n_layers]
         if bad:
             raise UserError(f"--keep-layers {bad[0]} is out of range: the model has {n_layers} layers "
                             f"(0-{n_layers - 1}).")
         return sorted(set(config.keep_layers))
-    k = int(round(config.keep_softmax * n_layers))
+    k = math.floor(config.keep_softmax * n_layers + 0.5)  # (round() halves to even: 0.25 of 2 layers kept none)
+    k = max(k, 1 if config.keep_softmax > 0 else 0)
     return sorted(sorted(errors, key=lambda i: -errors[i])[:k])
 
 

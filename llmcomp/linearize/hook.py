@@ -16,10 +16,17 @@ class _LinearizeStageHook:
         from llmcomp.core.model import decoder_layers
         from llmcomp.linearize.student import LinearAttention, attention_of, install
 
+        from llmcomp.linearize.student import StudentSpec
+
         spec = from_dict(stage["student"])
         _, layers = decoder_layers(model)
+        layout = stage["layout"]
+        if not isinstance(spec, StudentSpec):
+            raise ValueError(f"its student is {stage['student']!r}, not a student spec")
+        if not isinstance(layout, list) or len(layout) != len(layers) or set(layout) - {"linear", "softmax"}:
+            raise ValueError(f"its layout must name 'linear' or 'softmax' for each of the {len(layers)} layers")
         install(model, {i: LinearAttention(attention_of(layers[i]), spec)
-                        for i, kind in enumerate(stage["layout"]) if kind == "linear"})
+                        for i, kind in enumerate(layout) if kind == "linear"})
 
     def ready(self, model, stage: dict) -> None:
         pass

@@ -66,8 +66,11 @@ class StudentSpec:
             raise UserError(f"Unknown gate {self.gate!r}; choose one of: {', '.join(GATES)}.")
         if self.gate in ("key", "proj") and self.feature_map != "softmax":
             raise UserError("Decay gates need the softmax feature map (one gate per key feature = head dim).")
-        if self.window < 0 or self.chunk_size < 1 or self.feature_dim < 0:
+        if self.window < 0:
             raise UserError("--window must be ≥ 0 (0 = pure linear attention).")
+        if self.chunk_size < 1 or self.feature_dim < 0:
+            raise UserError(f"A student's chunk size must be ≥ 1 and its feature dimension ≥ 0, got {self.chunk_size} "
+                            f"and {self.feature_dim}.")
 
 
 METHODS = {
