@@ -150,6 +150,14 @@ def _first_of_group(m: nn.Module, stats: dict) -> bool:
 
 
 @torch.no_grad()
+def _check_shapes(model: nn.Module, quantizer: Quantizer, names: list[str]) -> None:
+    """Every layer's shape against its format before any work: one error line, not one minutes in. (A function of
+    its own: a loop variable in ``quantize_model`` would keep the last original linear alive to the end.)"""
+    for name in names:
+        lin = model.get_submodule(name)
+        quantizer.layer_format(name, lin).validate_shape(lin.out_features, lin.in_features, name)
+
+
 def quantize_model(
     model: nn.Module,
     config: QuantConfig,
@@ -173,9 +181,7 @@ def quantize_model(
                             f"{list(config.ignore)}): the model's {done} linear layers are quantized already; "
                             "quantize the original model instead.")
         raise UserError(f"No layer matches targets {list(config.targets)} (minus ignore {list(config.ignore)}).")
-    for name in chosen:  # every layer's shape against its format first: one error line, not one minutes in
-        lin = model.get_submodule(name)
-        quantizer.layer_format(name, lin).validate_shape(lin.out_features, lin.in_features, name)
+    _check_shapes(model, quantizer, chosen)
     report: dict = {}
     start = time.perf_counter()
     if not quantizer.needs_calibration:
