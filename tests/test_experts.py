@@ -357,6 +357,34 @@ def _moe_with_unrouted_experts(tmp_path):
     return _save_with_tokenizer(model, tmp_path / "moe")
 
 
+@pytest.mark.parametrize("compensate", [True, False])
+def test_heapr_removes_neurons_no_token_reaches_first_and_the_artifact_loads(tmp_path, compensate):
+    """A dead neuron (never routed to) costs nothing to remove. With compensation its dampened diagonal gave it a
+    cost of ~1, far above the live neurons', so live ones went first. Emptying two experts then wrote an artifact
+    that could not be loaded (their empty tensors, all at storage address 0, were taken for ties)."""
+    src = _moe_with_unrouted_experts(tmp_path)
+    cfg = ExpertPruneConfig(method="heapr", ratio=0.25, protect_super_experts=False, compensate=compensate)
+    out = api.prune_experts(cfg, tmp_path / "h", str(src), calib_samples=8, calib_seq_len=32, device="cpu")
+    removed = api.inspect(out)["stages"][-1]["metrics"]["layers"]["model.layers.0.mlp"]["removed_per_expert"]
+    assert removed[:4] == [0, 0, 0, 0] and sorted(removed[4:]) == [0, 0, 16, 16]
+    from transformers import AutoModelForCausalLM
+
+    x = ids(2, 16, seed=5)
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src).eval()(x).logits
+        assert torch.allclose(api.load(out)(x).logits, ref, atol=1e-5)
+    if compensate:  # the emptied experts' zero-width linears are left as they are (RTN, GPTQ, allocation crashed)
+        from llmcomp.formats import Uniform
+        from llmcomp.quant import RTNConfig
+        from llmcomp.quant.allocate import AllocationConfig
+
+        kw = dict(calib_samples=4, calib_seq_len=32, device="cpu")
+        q = api.quantize(RTNConfig(format=Uniform(bits=4, group_size=0)), tmp_path / "q", str(out), **kw,
+                         allocation=AllocationConfig(budget=6.5, candidates=(4, 8), group_size=0))
+        with torch.no_grad():
+            assert torch.isfinite(api.load(q)(x).logits).all()
+
+
 def test_gptq_quantizes_experts_without_calibration_tokens_by_their_weights(tmp_path):
     """GPTQ on an MoE with never-routed experts finishes (no "no calibration statistics" error): those
     linears get the identity Hessian, i.e. exactly RTN, are marked in the report, and a warning says so."""

@@ -60,11 +60,22 @@ def test_dampen_and_dead_inputs():
     dh = acc.finalize(0.05)
     assert dh.dead.tolist() == [i == 3 for i in range(16)]
     diag = torch.diagonal(acc.H).clone()
-    diag[3] = 1
+    diag[3] = diag[torch.arange(16) != 3].mean()  # the live inputs' mean (not 1: see below)
     assert dh.damp == pytest.approx(0.05 * float(diag.mean()), rel=1e-6)
     assert torch.allclose(torch.diagonal(dh.H), diag + dh.damp)
     U, _ = inverse_cholesky(dh)
     assert torch.allclose(U.T @ U, torch.linalg.inv(dh.H.double()).float(), rtol=1e-3, atol=1e-4)
+
+
+def test_dead_inputs_leave_the_solution_scale_free():
+    """Dead inputs took a unit diagonal and entered the dampening's mean: with small activations they set the
+    dampening and GPTQ's feedback faded towards RTN. Scaling the activations must not change the weights."""
+    X = correlated_inputs(400, 64)
+    X[:, ::4] = 0
+    lin = layer(64, 16)
+    fmt = Uniform(bits=2, group_size=32)
+    packed = [gptq(lin, X * s, format=fmt).module.packed_tensors() for s in (1.0, 1e-3)]
+    assert all(torch.equal(packed[0][k], packed[1][k]) for k in packed[0] if k != "weight_scale")
 
 
 def test_not_positive_definite_raises_dampening():

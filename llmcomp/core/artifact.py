@@ -82,10 +82,12 @@ def is_artifact(path: Path) -> bool:
 
 
 def _unique_state(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
-    """The model's tensors, each storage once (tied weights are re-tied at load), on CPU."""
+    """The model's tensors, each storage once (tied weights are re-tied at load), on CPU. Empty tensors (an expert
+    HEAPr emptied) all have storage address 0: each is its own, not a tie."""
     seen, out = set(), {}
     for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.device.type != "meta" else None
+        key = (None if t.device.type == "meta" or t.numel() == 0
+               else (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)))
         if key is not None and key in seen:
             continue
         seen.add(key)

@@ -44,3 +44,12 @@ def select(
             continue
         if any(matches(t, path, mod) for t in targets):
             yield path, mod
+
+
+def select_linears(root: nn.Module, targets: Iterable[str] = ("Linear",), ignore: Iterable[str] = ("lm_head",)
+                   ) -> Iterator[tuple[str, nn.Linear]]:
+    """``select``'s ``nn.Linear`` modules that hold weights: an empty one (an expert HEAPr emptied, zero-width but
+    still taking its routing slot) has nothing to quantize and stays as it is."""
+    for path, mod in select(root, targets, ignore):
+        if isinstance(mod, nn.Linear) and mod.weight.numel():
+            yield path, mod

@@ -279,11 +279,13 @@ def plan_atomic(stats: dict[str, BlockStats], blocks: dict[str, moe.MoEBlock], c
         alive = [torch.ones(s, dtype=torch.bool) for s in sizes]
         inf = torch.tensor(float("inf"), dtype=torch.float64)
 
+        dead = [g.diagonal() == 0 for g in G]  # neurons no calibration token reaches (or a zero down column)
+
         def costs(e):
             if e in guard or not alive[e].any():
                 return torch.full((sizes[e],), float("inf"), dtype=torch.float64)
-            if cfg.compensate:
-                c = scale[e] ** 2 / Hinv[e].diagonal().clamp(min=1e-300)
+            if cfg.compensate:  # (a dead neuron's dampened diagonal would give it a cost; it has none)
+                c = torch.where(dead[e], 0.0, scale[e] ** 2 / Hinv[e].diagonal().clamp(min=1e-300))
             else:
                 c = G[e].diagonal().clone()
             return torch.where(alive[e], c, inf)

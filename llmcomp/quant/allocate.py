@@ -27,7 +27,7 @@ from torch import nn
 from llmcomp.core.calib import calibrate_layerwise
 from llmcomp.core.config import register_config
 from llmcomp.core.progress import NULL, Progress
-from llmcomp.core.select import select
+from llmcomp.core.select import select_linears
 from llmcomp.errors import UserError
 from llmcomp.formats.uniform import Uniform
 from llmcomp.quant.hessian import HessianAccumulator, check_damp
@@ -85,7 +85,7 @@ def layer_errors(linear: nn.Linear, H: torch.Tensor, formats: list[Uniform]) -> 
 def measure_errors(model: nn.Module, calib_ids: torch.Tensor, targets, ignore, cfg: AllocationConfig,
                    device=None, progress: Progress = NULL) -> dict[str, dict]:
     """``{path: {"weights": n, "errors": [err per candidate format]}}`` for every target linear."""
-    chosen = {n: m for n, m in select(model, targets, ignore) if isinstance(m, nn.Linear)}
+    chosen = dict(select_linears(model, targets, ignore))
     if cfg.sensitivity == "fisher":
         return fisher_errors(model, calib_ids, chosen, cfg, device=device, progress=progress)
     return output_errors(model, calib_ids, chosen, cfg, device=device, progress=progress)

@@ -19,7 +19,7 @@ from llmcomp.core.model import check_finite, decoder_layers, set_submodule
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.core.registry import Registry
-from llmcomp.core.select import select
+from llmcomp.core.select import select, select_linears
 from llmcomp.errors import UserError
 
 METHODS: Registry[type] = Registry("quantization method")
@@ -173,7 +173,7 @@ def quantize_model(
     quantizer: Quantizer = METHODS.get(config.method)(config)
     # Names, not modules: a replaced nn.Linear must be freed at once (on the GPU it would otherwise stay
     # there after its decoder layer went home — one original layer per finished layer).
-    chosen = [n for n, m in select(model, config.targets, config.ignore) if isinstance(m, nn.Linear)]
+    chosen = [n for n, _ in select_linears(model, config.targets, config.ignore)]
     if not chosen:
         done = sum(isinstance(m, QuantLinear) for m in model.modules())
         if done and not any(type(m) is nn.Linear for _, m in select(model, ("Linear",), config.ignore)):

@@ -96,21 +96,24 @@ class HessianAccumulator:
 
 @dataclass
 class DampedHessian:
-    H: torch.Tensor  # dampened, dead diagonal set to 1
+    H: torch.Tensor  # dampened, dead diagonal set to the live inputs' mean
     dead: torch.Tensor  # bool [in]: inputs that were zero on every calibration token
     damp: float  # absolute value added to the diagonal
     percdamp: float  # relative dampening actually used (may exceed the requested one)
 
 
 def dampen(H: torch.Tensor, percdamp: float = 0.01) -> DampedHessian:
-    """``H + percdamp·mean(diag H)·I`` with dead inputs (diag 0) given a unit diagonal."""
+    """``H + percdamp·mean(diag H)·I``, the mean over the live inputs, with dead inputs (diag 0) given that mean as
+    their diagonal. (A unit diagonal, as upstream GPTQ gives them, is not scale-free: with small activations a few
+    dead inputs set the dampening and GPTQ's feedback faded towards RTN; the solution must not change when H is
+    multiplied by a constant.)"""
     if percdamp < 0:
         raise ValueError("percdamp must be ≥ 0")
     H = H.float().clone()
     diag = torch.diagonal(H)
     dead = diag == 0
-    diag[dead] = 1.0
-    mean = float(diag.mean())
+    mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
+    diag[dead] = mean
     damp = percdamp * mean
     diag.add_(damp)
     return DampedHessian(H, dead, damp, percdamp)
