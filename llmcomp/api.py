@@ -307,7 +307,11 @@ def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None,
     output, net, tok, base, stages, ids, info = _calibrated(
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
         check=lambda net, _: moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL)))
+    earlier = [s for s in stages if s.get("skip_threshold") is not None]
+    moe.remove_skip(net)  # the new threshold replaces an earlier dynamic stage's, measured on unmasked routing
     tau, report = mcmoe.skip_threshold(net, ids, config.rate, device=default_device(device), progress=progress)
+    if earlier:
+        report["replaces_threshold"] = earlier[-1]["skip_threshold"]
     net.to("cpu")
     stage = {"method": "experts-dynamic-skip", "kind": moe.KIND, "config": to_dict(config), "shapes": moe.shapes(net),
              "skip_threshold": tau, "wall_time_s": round(time.perf_counter() - start, 2), "metrics": report,

@@ -241,6 +241,14 @@ def test_ratio_outside_open_unit_interval(ratio):
         ExpertPruneConfig(ratio=ratio)
 
 
+def test_any_seed_orders_random_removal():
+    """A large --seed overflowed the generator's seed after the whole calibration pass (a traceback)."""
+    st = experts.BlockStats.__new__(experts.BlockStats)
+    st.layer, st.num_experts = 1, 8
+    for seed in (0, -1, 200_000_000_000_000):
+        assert sorted(experts.removal_order("random", st, seed)) == list(range(8))
+
+
 def test_ratio_that_leaves_fewer_than_top_k():
     cfg = ExpertPruneConfig(method="frequency", ratio=0.9, protect_super_experts=False)
     model = tiny_moe("olmoe")
@@ -442,15 +450,26 @@ def test_dynamic_skip_threshold_is_recorded_and_reinstalled(tmp_path):
     assert r.exit_code == 0, r.output
     stage = api.inspect(tmp_path / "d")["stages"][-1]
     assert 0 < stage["skip_threshold"] < 1 and stage["metrics"]["skipped_slots_calibration"] == pytest.approx(0.2, abs=0.02)
-    model, tok = api.load(str(tmp_path / "d"), return_tokenizer=True)
-    weights = []
-    hooks = [b.experts.register_forward_hook(lambda m, i, o: weights.append(i[2])) for b in moe.find_moe_blocks(model)]
-    with torch.no_grad():
-        model(calib_windows(tok, 64, 4, 0))  # the calibration text itself: the calibrated rate comes back
-    for h in hooks:
-        h.remove()
-    skipped = float(torch.cat([w.flatten() for w in weights]).eq(0).double().mean())
-    assert skipped == pytest.approx(0.2, abs=0.02)
+
+    def skipped(path):
+        model, tok = api.load(str(path), return_tokenizer=True)
+        weights = []
+        hooks = [b.experts.register_forward_hook(lambda m, i, o: weights.append(i[2]))
+                 for b in moe.find_moe_blocks(model)]
+        with torch.no_grad():
+            model(calib_windows(tok, 64, 4, 0))  # the calibration text itself: the calibrated rate comes back
+        for h in hooks:
+            h.remove()
+        return float(torch.cat([w.flatten() for w in weights]).eq(0).double().mean())
+
+    assert skipped(tmp_path / "d") == pytest.approx(0.2, abs=0.02)
+    # a second dynamic stage replaces the first, calibrated on unmasked routing (on the masked one a lower rate
+    # gave threshold 0, and the first stage's 20 % stayed in force)
+    r = CliRunner().invoke(app, ["prune", "dynamic", str(tmp_path / "d"), "--rate", "0.1", "-o", str(tmp_path / "d2"),
+                                 "--calib-samples", "4", "--seq-len", "64", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert 0 < api.inspect(tmp_path / "d2")["stages"][-1]["skip_threshold"] < stage["skip_threshold"]
+    assert skipped(tmp_path / "d2") == pytest.approx(0.1, abs=0.02)
     with pytest.raises(UserError, match="--rate must be between 0 and 0.5"):
         mcmoe.skip_threshold(tiny_moe("olmoe"), ids(), 0.6, device="cpu")
     with pytest.raises(UserError, match="strictly between 0 and 1"):

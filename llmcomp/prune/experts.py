@@ -212,7 +212,7 @@ def super_experts(stats: dict[str, BlockStats], quantile: float = 0.995, fractio
 def removal_order(method: str, st: BlockStats, seed: int) -> list[int]:
     """Experts of one block, least important first."""
     if method == "random":
-        gen = torch.Generator().manual_seed(seed * 100003 + st.layer)
+        gen = torch.Generator().manual_seed((seed * 100003 + st.layer) % (1 << 64))  # (torch takes [0, 2⁶⁴))
         return torch.randperm(st.num_experts, generator=gen).tolist()
     if method == "frequency":
         return torch.argsort(st.counts.double() + 1e-9 * st.reap(), stable=True).tolist()

@@ -314,6 +314,16 @@ def install_skip(model: nn.Module, threshold: float) -> None:
         b.router.skip_threshold = threshold
 
 
+def remove_skip(model: nn.Module) -> None:
+    """Undo ``install_skip``: routers route as they were trained (a new threshold is calibrated on that routing,
+    not on one an earlier threshold already masked — there its zeroed slots pulled the quantile to 0)."""
+    for b in find_moe_blocks(model, strict=False):
+        old = getattr(b.router, "_llmcomp_skip", None)
+        if old is not None:
+            old.remove()
+            del b.router._llmcomp_skip, b.router.skip_threshold
+
+
 class _MoEStageHook:
     """Manifest stages of kind ``moe`` carry ``shapes`` (the last one describes the artifact) and may
     carry a dynamic ``skip_threshold`` (re-installed on the loaded model)."""
@@ -322,7 +332,7 @@ class _MoEStageHook:
         resize_skeleton(model, stage["shapes"])
 
     def ready(self, model, stage: dict) -> None:
-        if stage.get("skip_threshold"):
+        if stage.get("skip_threshold") is not None:  # (a later dynamic stage replaces an earlier one's)
             install_skip(model, float(stage["skip_threshold"]))
 
 
