@@ -428,6 +428,11 @@ def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, dev
     from llmcomp.quant import allocate
     from llmcomp.prune.mcmoe import expert_importance
 
+    from llmcomp.core.select import select_linears
+
+    allocate.check_budget(allocation.formats(), allocation.budget,  # before minutes of measuring
+                          {n: (m.out_features, m.in_features) for n, m in select_linears(net, config.targets,
+                                                                                          config.ignore)})
     table = allocate.measure_errors(net, calib, config.targets, config.ignore, allocation, device=device,
                                     progress=progress)
     importance = expert_importance(net, calib, device=device, progress=progress)  # {} for dense models

@@ -63,6 +63,19 @@ def test_budget_below_cheapest_rejected(measured):
         allocate.solve(table, cfg.formats(), 2.0, shapes)
 
 
+def test_a_budget_below_the_cheapest_is_refused_before_measuring(tmp_path, monkeypatch):
+    """It was refused only after the Fisher pass (minutes on a real model)."""
+    from llmcomp import api
+    from tests.conftest import save_char_model
+
+    tiny_model_dir = save_char_model(tmp_path / "m", layers=1)
+    monkeypatch.setattr(allocate, "measure_errors", lambda *a, **k: pytest.fail("measured first"))
+    cfg = allocate.AllocationConfig(budget=2.1, candidates=(2, 4), group_size=32)
+    with pytest.raises(UserError, match="Budget 2.1 bits/weight is below the cheapest candidate"):
+        api.quantize(RTNConfig(), tmp_path / "q", str(tiny_model_dir), allocation=cfg, calib_samples=2,
+                     calib_seq_len=16, device="cpu")
+
+
 def test_allocated_model_uses_per_layer_formats(measured):
     model, cfg, table, shapes = measured
     import copy

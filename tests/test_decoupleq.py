@@ -87,6 +87,20 @@ def test_a_zero_row_keeps_its_grid_instead_of_crashing():
     assert res.module.dequantize()[5].abs().max() == 0
 
 
+def test_a_raised_dampening_reaches_the_float_step():
+    """With --damp 0 and fewer tokens than inputs the Hessian is singular: the factorization raised the dampening
+    but the float step kept the singular H, and its least squares made the objective ~100x worse."""
+    import warnings
+
+    lin, acc, _ = correlated_layer(out_f=16, in_f=128, tokens=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = DecoupleQQuantizer(DecoupleQConfig(format=Uniform(bits=3, group_size=32), damp=0.0, rounds=3)
+                                 ).quantize_linear("l", lin, acc)
+    trace = res.metrics["objective_trace_rel"]
+    assert res.metrics["damp"] > 0 and max(trace) < 2 * trace[0], trace
+
+
 @pytest.mark.parametrize("damp", [-0.5, 1e9])
 def test_damp_out_of_range_refused_before_any_work(damp):
     from llmcomp.errors import UserError

@@ -245,3 +245,22 @@ def test_outliers_with_bit_allocation_refused(tmp_path):
     with pytest.raises(UserError, match="does not combine with bit allocation"):
         api.quantize(GPTQConfig(format=Uniform(4, 32), outliers=0.02), tmp_path / "o", str(tmp_path / "none"),
                      allocation=AllocationConfig(budget=3.5, group_size=32))
+
+
+@pytest.mark.parametrize("config", [GPTQConfig(format=Uniform(bits=4, group_size=32)),
+                                    RTNConfig(format=Uniform(bits=4, group_size=32), act_bits=4)],
+                         ids=["gptq", "rtn-w4a4"])
+def test_non_finite_calibration_inputs_are_one_error_line(tiny_model, config):
+    """GPTQ raised "Hessian still not positive definite" (a traceback); RTN W4A4 wrote NaN input scales."""
+    with torch.no_grad():
+        tiny_model.model.layers[0].input_layernorm.weight[0] = float("inf")
+    with pytest.raises(UserError, match="calibration inputs of model.layers.0.self_attn.q_proj are not finite"):
+        quantize_model(tiny_model, config, torch.randint(0, 128, (2, 16)), device="cpu")
+
+
+def test_outliers_with_fp4_are_refused_by_the_config():
+    """It was refused only inside the first layer's solve, after loading and calibrating."""
+    from llmcomp.formats.fp4 import NVFP4
+
+    with pytest.raises(UserError, match="uniform format only, not FP4"):
+        GPTQConfig(format=NVFP4(), outliers=0.01)

@@ -177,17 +177,25 @@ def output_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, n
     return table
 
 
+def check_budget(formats: list[Uniform], budget: float, shapes: dict[str, tuple[int, int]]) -> None:
+    """The cheapest candidate (scales and zeros included, on these layer shapes) must fit ``budget``: checked from
+    the shapes before any measuring, and again by ``solve``."""
+    total_w = sum(o * i for o, i in shapes.values())
+    spent = sum(formats[0].bits_per_weight(o, i) * o * i for o, i in shapes.values())
+    if total_w and spent > budget * total_w * (1 + 1e-12):
+        raise UserError(f"Budget {budget} bits/weight is below the cheapest candidate "
+                        f"({spent / total_w:.3f} bits/weight with {formats[0].describe()}).")
+
+
 def solve(table: dict[str, dict], formats: list[Uniform], budget: float, shapes: dict[str, tuple[int, int]]
           ) -> dict[str, Uniform]:
     """Greedy knapsack: one format per layer, average bits/weight ≤ ``budget``, small total error."""
+    check_budget(formats, budget, {n: shapes[n] for n in table})
     total_w = sum(t["weights"] for t in table.values())
     cost = {n: [f.bits_per_weight(*shapes[n]) * t["weights"] for f in formats] for n, t in table.items()}
     pick = {n: 0 for n in table}
     spent = sum(cost[n][0] for n in table)
     limit = budget * total_w
-    if spent > limit * (1 + 1e-12):
-        raise UserError(f"Budget {budget} bits/weight is below the cheapest candidate "
-                        f"({spent / total_w:.3f} bits/weight with {formats[0].describe()}).")
     while True:
         best, best_gain = None, 0.0
         for n, t in table.items():

@@ -95,6 +95,17 @@ def require_stats(stats, method: str, name: str) -> None:
         raise UserError(f"{method} got no calibration statistics for {name}; it needs calibration data.")
 
 
+def check_finite_inputs(name: str, stats) -> None:
+    """Calibration statistics with NaN or inf (an activation that overflowed) are one error line naming the layer:
+    GPTQ reported a Hessian "not positive definite" at any dampening, RTN W4A4 wrote NaN input scales."""
+    from llmcomp.quant.hessian import _all_finite
+
+    H = getattr(stats, "H", None)
+    if isinstance(H, torch.Tensor) and H.numel() and not _all_finite(H):
+        raise UserError(f"The calibration inputs of {name} are not finite (NaN or inf): the model's activations "
+                        "overflow on the calibration text before this layer.")
+
+
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float | None:
     """Signal-to-quantization-noise ratio in dB; None where it is not a number a manifest (JSON) can hold: an
     all-zero weight (no signal; reproduced exactly, it is not the worst layer) or, in principle, no noise at all."""
@@ -108,6 +119,7 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float | None:
 @torch.no_grad()
 def _replace(model: nn.Module, quantizer: Quantizer, name: str, linear: nn.Linear, stats, report: dict) -> None:
     check_finite(name, linear.weight)
+    check_finite_inputs(name, stats)
     result = quantizer.quantize_linear(name, linear, stats)
     estimate = result.module.fmt.original_estimate(result.module.packed_tensors(), result.module.in_features)
     report[name] = {"sqnr_db": sqnr_db(linear.weight, estimate), **result.metrics}

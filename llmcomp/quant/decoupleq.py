@@ -133,7 +133,10 @@ class DecoupleQQuantizer(HessianQuantizer):
             perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if cfg.act_order else None
             inv = torch.argsort(perm) if perm is not None else None
             dh.H = H if perm is None else H[perm][:, perm]
+            damp0 = dh.damp
             U, dh = inverse_cholesky(dh)
+            if dh.damp != damp0:  # raised to factor H: the float step and the objective use that H too
+                H = H + (dh.damp - damp0) * torch.eye(n, dtype=H.dtype, device=H.device)
             Wp = W if perm is None else W[:, perm]
 
             scale, zero = static_grid(W, fmt)

@@ -68,6 +68,8 @@ class GPTQConfig(QuantConfig):
         if self.act_order and not self.static_groups:
             raise UserError("GPTQ act-order needs static groups (the uniform format stores no column permutation); "
                             "set static_groups=True or act_order=False.")
+        if self.outliers and any(isinstance(f, BlockFP) for f in (self.format, *self.formats.values())):
+            raise UserError("GPTQ outliers are implemented for the uniform format only, not FP4.")  # before any work
 
 
 @torch.no_grad()
