@@ -278,13 +278,20 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
     """Remove routed experts (or, with HEAPr, neurons) of an MoE model (``prune.experts.ExpertPruneConfig``)
     scored from one calibration pass; the artifact records the new shapes (``llmcomp.load`` rebuilds them)."""
     memory.check_device(device)  # a bad --device fails before any work
+    from llmcomp.core.qlinear import QuantLinear
     from llmcomp.prune import experts, moe
 
     store_dtype = parse_dtype(dtype)
     start = time.perf_counter()
+
+    def check(net, _):
+        blocks = moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL))
+        if config.method == "heapr" and any(isinstance(m, QuantLinear) for b in blocks for m in b.experts.modules()):
+            raise UserError("HEAPr removes neurons from experts, and this model's experts are quantized; prune the "
+                            "original model, then quantize.")  # (before the calibration pass, not after it)
+
     output, net, tok, base, stages, ids, info = _calibrated(
-        model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
-        check=lambda net, _: moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL)))
+        model, output, overwrite, calib_samples, calib_seq_len, seed, progress, check=check)
     stats = experts.collect_stats(net, ids, config, device=default_device(device), progress=progress)
     report = experts.prune(net, stats, config)
     stage = {"method": f"experts-{config.method}", "kind": moe.KIND, "config": to_dict(config),

@@ -485,3 +485,17 @@ def test_a_layer_ratio_must_name_an_moe_layer():
     with pytest.raises(UserError, match="layer 2, which has no MoE block; MoE blocks are in layers 0, 1"):
         experts.collect_stats(tiny_moe("mixtral"), ids(4, 16), cfg, device="cpu")
     assert ExpertPruneConfig(method="frequency", layer_ratios={"01": 0.5}).ratio_for(1) == 0.5
+
+
+def test_heapr_on_quantized_experts_is_refused_before_calibration(tmp_path, monkeypatch):
+    """It was refused only by the surgery, after the whole calibration pass."""
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+
+    src = _save_with_tokenizer(tiny_moe("mixtral"), tmp_path / "moe")
+    q = api.quantize(RTNConfig(format=Uniform(bits=4, group_size=16), ignore=("lm_head", "mlp.gate")), tmp_path / "q",
+                     str(src), device="cpu")
+    monkeypatch.setattr(experts, "collect_stats", lambda *a, **k: pytest.fail("calibrated first"))
+    with pytest.raises(UserError, match="this model's experts are quantized; prune the original model"):
+        api.prune_experts(ExpertPruneConfig(method="heapr", ratio=0.25), tmp_path / "h", str(q), calib_samples=2,
+                          calib_seq_len=16, device="cpu")
