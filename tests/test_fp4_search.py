@@ -191,3 +191,19 @@ def test_w4a4_report_compares_the_unfolded_weight(tiny_model_dir):
     real = sqnr_db(w, lin.dequantize() / lin.input_scale.float())
     assert report["model.layers.0.self_attn.q_proj"]["sqnr_db"] == pytest.approx(real, abs=1e-3)
     assert abs(sqnr_db(w, lin.dequantize()) - real) > 0.1  # (what it reported before)
+
+
+def test_a_channel_silent_in_calibration_keeps_a_neutral_input_scale():
+    """Its floor of 1e-5 gave it a tiny divisor: a token reaching it at inference was multiplied by up to 1e4."""
+    from llmcomp.quant.actquant import input_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=g)
+    x[:, 5] = 0
+    H = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(16, 32, generator=g)
+    s = input_scale(w, H, 0.5)
+    assert s[5] == 1 and torch.isfinite(s).all()
+    live = torch.arange(32) != 5
+    assert abs(float(s[live].log().mean())) < 1e-2  # the live channels' geometric mean is still 1
+    assert torch.equal(input_scale(w, torch.zeros(32, 32), 0.5), torch.ones(32))

@@ -33,13 +33,20 @@ def needs_stats(config) -> bool:
 def input_scale(w: torch.Tensor, H, alpha: float) -> torch.Tensor:
     """Per-input-channel divisor of the activations: ``s_j = rms(x_j)^α / max|W_:j|^(1−α)``, normalized to
     geometric mean 1 and rounded to float16 (what is stored), so per-token activation scales see flattened
-    channels. α = 0 or no statistics: 1."""
+    channels. α = 0 or no statistics: 1. A channel silent on every calibration token keeps 1 too (from its floor
+    of 1e-5 it took a tiny s, and a token that did reach it at inference was multiplied by up to 1e4, setting the
+    token's activation scale for every other channel)."""
     if H is None or alpha == 0:
         return torch.ones(w.shape[1], device=w.device)
-    act = (torch.diagonal(H).clamp(min=0) / 2).sqrt().clamp(min=1e-5)
+    diag = torch.diagonal(H).clamp(min=0)
+    live = diag > 0
+    if not bool(live.any()):
+        return torch.ones(w.shape[1], device=w.device)
+    act = (diag / 2).sqrt().clamp(min=1e-5)
     wmax = w.abs().amax(0).clamp(min=1e-5)
     s = act.pow(alpha) / wmax.pow(1 - alpha)
-    s = s / s.log().mean().exp()
+    s = s / s[live].log().mean().exp()
+    s = torch.where(live, s, torch.ones_like(s))
     return s.clamp(1e-4, 1e4).half().float()
 
 
