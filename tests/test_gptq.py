@@ -264,3 +264,11 @@ def test_outliers_with_fp4_are_refused_by_the_config():
 
     with pytest.raises(UserError, match="uniform format only, not FP4"):
         GPTQConfig(format=NVFP4(), outliers=0.01)
+
+
+def test_weights_past_the_float16_scales_are_one_error_line(tiny_model):
+    """A weight of 1e7 gave an inf float16 scale: the layer was written as NaN/inf and its error NaN, silently."""
+    with torch.no_grad():
+        tiny_model.model.layers[1].mlp.down_proj.weight[3, 7] = 1e7
+    with pytest.raises(UserError, match="model.layers.1.mlp.down_proj: its quantized weights are not finite"):
+        quantize_model(tiny_model, RTNConfig(format=Uniform(bits=4, group_size=32)))

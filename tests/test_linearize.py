@@ -91,6 +91,8 @@ def test_a_padded_batch_is_refused():
     with pytest.raises(UserError, match="equal-length sequences"):
         model(IDS, attention_mask=mask)
     with pytest.raises(UserError, match="equal-length sequences"):
+        model(IDS, mask)  # positionally too
+    with pytest.raises(UserError, match="equal-length sequences"):
         model.generate(IDS, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 

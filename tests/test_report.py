@@ -270,3 +270,15 @@ def test_inspect_prints_no_none_for_stages_without_bits(tmp_path, dense):
     r = CliRunner().invoke(app, ["inspect", str(_moe_chain(tmp_path, dense))])
     assert r.exit_code == 0, r.output
     assert "None bits/weight" not in r.output and "moefy in" in r.output
+
+
+def test_a_model_named_dot_is_named_by_its_folder(tmp_path, monkeypatch):
+    """``quantize .`` recorded an empty base-model name (Path('.').name is '')."""
+    from pathlib import Path
+
+    from llmcomp.core.model import model_name
+
+    (tmp_path / "mymodel").mkdir()
+    (tmp_path / "mymodel" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "mymodel")
+    assert model_name(Path(".")) == "mymodel"

@@ -71,9 +71,10 @@ def linearize(
                                  calib_seq_len=seq_len, device=device, dtype=dtype, progress=progress)
         stage = api.inspect(path)["stages"][-1]
         m = stage["metrics"]
-        errs = list(m["transfer_rel_mse"].values())
+        errs = [float("nan") if e is None else e for e in m["transfer_rel_mse"].values()]
         ft = m["finetune"]
-        kl = f"; KL {ft['kl_first']:.3f} → {ft['kl_last']:.3f} over {ft['tokens']} tokens" if ft.get("steps") else ""
+        kl = (f"; KL {render.number(ft['kl_first'], 3)} → {render.number(ft['kl_last'], 3)} over {ft['tokens']} "
+              "tokens" if ft.get("steps") else "")
         render.wrote(f"{path} ({stage['layout'].count('linear')} linear / {stage['layout'].count('softmax')} softmax "
                      f"layers; mean transfer error {100 * sum(errs) / max(1, len(errs)):.1f} %{kl})")
 

@@ -126,6 +126,11 @@ def add_row(table: Table, *cells) -> None:
     table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells))
 
 
+def number(v, digits=2) -> str:
+    """A metric from a manifest for a line of text: null (a NaN, as strict JSON writes it) as nan."""
+    return "nan" if v is None else f"{v:.{digits}f}"
+
+
 def _fmt(v, digits=2):
     if isinstance(v, float):
         if math.isnan(v):

@@ -86,9 +86,14 @@ def check_model_path(path: str | os.PathLike | None) -> Path | None:
 
 
 def weights_sha256(path: Path) -> str:
-    """sha256 over the model's weight files (sorted by name)."""
+    """sha256 over the weight files a load reads (sorted by name): its safetensors index's files, else
+    model.safetensors — not every weight-like file beside them (a Mistral-style consolidated.safetensors, hidden
+    ``._`` copies); any such files where neither exists."""
+    from llmcomp.core.artifact import weight_files
+
     h = hashlib.sha256()
-    files = sorted(f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+    files = sorted(f for f in weight_files(path) if f.is_file())
+    files = files or sorted(f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
     for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
@@ -103,7 +108,7 @@ def model_name(path: Path) -> str:
     except (OSError, json.JSONDecodeError):
         raise UserError(f"{path / 'config.json'} is not valid JSON.") from None
     name = cfg.get("_name_or_path") or cfg.get("name_or_path") or ""
-    return name if name and not os.path.isabs(name) else path.name
+    return name if name and not os.path.isabs(name) else Path(path).resolve().name  # (`.`: the folder's name)
 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max_memory=None, offload_folder=None):

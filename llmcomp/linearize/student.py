@@ -283,7 +283,7 @@ def install(model: nn.Module, students: dict[int, LinearAttention]) -> None:
 def _refuse_padding(module, args, kwargs):
     """The linear state and the window read every token: a padded batch (a 2-D attention mask with zeros, as
     ``generate`` builds for prompts of different lengths) would decode wrongly, without a sign."""
-    mask = kwargs.get("attention_mask")
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # forward(input_ids, attention_mask, …)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.bool().all()):
         raise UserError("A linearized model takes batches of equal-length sequences: its linear attention has no "
                         "padding mask. Run prompts of different lengths one at a time.")

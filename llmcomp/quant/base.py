@@ -122,6 +122,12 @@ def _replace(model: nn.Module, quantizer: Quantizer, name: str, linear: nn.Linea
     check_finite_inputs(name, stats)
     result = quantizer.quantize_linear(name, linear, stats)
     estimate = result.module.fmt.original_estimate(result.module.packed_tensors(), result.module.in_features)
+    from llmcomp.quant.hessian import _all_finite
+
+    if not _all_finite(estimate):  # e.g. a float16 scale or codebook entry past 65504
+        raise UserError(f"{name}: its quantized weights are not finite (its largest weight, "
+                        f"{float(linear.weight.abs().max()):.3g}, overflows the format's float16 scales); add it "
+                        "to --ignore.")
     report[name] = {"sqnr_db": sqnr_db(linear.weight, estimate), **result.metrics}
     set_submodule(model, name, result.module)
 

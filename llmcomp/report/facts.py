@@ -17,6 +17,12 @@ _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 _ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "w1", "w3", "w2", "down")
 
 
+def num(v) -> float:
+    """A metric read back from a manifest: JSON null (how a NaN is written since the manifest became strict JSON)
+    is NaN again."""
+    return float("nan") if v is None else float(v)
+
+
 def split_path(path: str) -> tuple[Optional[int], str]:
     """``(decoder layer index, linear kind)``; ``(None, path)`` outside the decoder layers (``lm_head``)."""
     m = _LAYER.match(path)
@@ -61,9 +67,9 @@ class PerLayer:
     def add(self, path: str, value: float) -> None:
         layer, kind = split_path(path)
         if layer is None:
-            self.outside[path] = value
+            self.outside[path] = num(value)
         else:
-            self.cells.setdefault(kind, {}).setdefault(layer, []).append(float(value))
+            self.cells.setdefault(kind, {}).setdefault(layer, []).append(num(value))
 
     def series(self) -> dict[str, dict[int, float]]:
         """``{kind: {layer: mean value}}`` in canonical kind order."""
@@ -178,9 +184,10 @@ def linearize_facts(stage: dict) -> Optional[dict]:
     if stage.get("kind") != "linearize":
         return None
     metrics = stage.get("metrics", {})
-    errors = {int(k): float(v) for k, v in metrics.get("transfer_rel_mse", {}).items()}
+    errors = {int(k): num(v) for k, v in metrics.get("transfer_rel_mse", {}).items()}
     tune = metrics.get("finetune", {})
-    return {"layout": list(stage.get("layout", [])), "transfer": errors, "kl_curve": tune.get("kl_curve", []),
+    return {"layout": list(stage.get("layout", [])), "transfer": errors,
+            "kl_curve": [num(v) for v in tune.get("kl_curve", [])],
             "finetune": tune}
 
 

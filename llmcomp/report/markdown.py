@@ -119,7 +119,8 @@ def _summary(v: dict) -> str:
         if errs:
             out.append(f"transfer rel. MSE mean {mean(errs):.3g}")
         if "kl_first" in tune:
-            out.append(f"fine-tune KL {tune['kl_first']:.3g} → {tune['kl_last']:.3g} over {tune.get('steps')} steps")
+            out.append(f"fine-tune KL {_f(tune['kl_first'], 3)} → {_f(tune['kl_last'], 3)} over {tune.get('steps')} "
+                       "steps")
         return "; ".join(out)
     if kind == "moefy":
         s = f["summary"]
