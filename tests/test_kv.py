@@ -448,9 +448,11 @@ def _lossy_cskv(model):
 
 @pytest.mark.parametrize("make", [
     lambda m: StreamingConfig(budget=12, sinks=4),
+    lambda m: StreamingConfig(ratio=0.5, sinks=4),  # each row keeps half of its own tokens, not of the padding's
+    lambda m: H2OConfig(ratio=0.5),
     lambda m: DuoConfig(streaming=0.5, sinks=4, window=8, heads=("10", "01")),
     _lossy_cskv,
-], ids=["streaming", "duo", "cskv"])
+], ids=["streaming", "streaming-ratio", "h2o-ratio", "duo", "cskv"])
 @pytest.mark.parametrize("pad,chunk", [(6, None), (8, 4)], ids=["prefill", "prefill-in-chunks"])
 def test_a_left_padded_row_decodes_as_its_prompt_alone(make, pad, chunk):
     """Position-dependent policies took cache indices for positions: in a left-padded batch the sinks were the

@@ -39,9 +39,10 @@ class EvictionLayer(PolicyLayer):
 
     def clear(self):
         self.k = self.v = self.pos = self.score = None
+        self.fillers = False  # some row holds dead filler slots (``_evict``): positions always count
 
     def past(self):
-        if self.k is not None and self.k.shape[-2] == self.seen:  # nothing evicted yet: positions 0..seen-1
+        if self.k is not None and self.k.shape[-2] == self.seen and not self.fillers:  # nothing evicted yet
             return self.k, self.v, None
         return self.k, self.v, self.pos
 
@@ -65,25 +66,45 @@ class EvictionLayer(PolicyLayer):
             self.k = torch.cat([self.k, k], dim=-2)
             self.v = torch.cat([self.v, v], dim=-2)
             self.pos = torch.cat([self.pos, new_pos], dim=-1)
-        self._evict(keep_count(self.ratio, self.budget, self.seen + q), self.seen + q)
+        self._evict(self.seen + q)
 
-    def _evict(self, keep: int, total: int) -> None:
+    def _keep(self, total: int) -> torch.Tensor:
+        """Tokens each row keeps [B]: the budget, or ``1 − ratio`` of the row's own tokens — a left-padded row's
+        padding does not count (sharing one count, a padded row kept more of its real tokens than alone)."""
+        b = self.k.shape[0]
+        if self.budget or self.lead is None:
+            real = torch.full((b,), total, dtype=torch.long)
+        else:
+            real = (total - self.lead.long().cpu()).clamp(min=1)
+        keep = torch.tensor([keep_count(self.ratio, self.budget, int(r)) for r in real.tolist()])
         if not self.needs_probs:  # StreamingLLM: never fewer than its sinks and the newest token
-            keep = max(keep, min(total, self.sinks + 1))
-        if self.k.shape[-2] <= keep:
+            keep = torch.maximum(keep, real.clamp(max=self.sinks + 1))
+        return keep
+
+    def _evict(self, total: int) -> None:
+        keep = self._keep(total).to(self.k.device)
+        held, K = self.k.shape[-2], int(keep.max())
+        if held <= K and bool((keep >= held).all()):
             return
+        K = min(K, held)
         if self.needs_probs:
-            n_recent = round(self.recent * keep)
-            prio = self.score + (self.pos >= total - n_recent) * PROTECT
+            n_recent = (self.recent * keep.double()).round().long()  # per row
+            prio = self.score + (self.pos >= total - n_recent.view(-1, 1, 1)) * PROTECT
         else:  # StreamingLLM: each row's first real tokens (its sinks), then the most recent; padding last
             real = self.real_positions(self.pos)
             prio = self.pos.long() + ((real >= 0) & (real < self.sinks)) * (1 << 40) - (real < 0) * (1 << 41)
-        idx = prio.topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, keep], in position order
+        top = prio.topk(K, dim=-1).indices  # [B, Hkv, K], best first
+        # a row keeping fewer than K: its slots past its own count stay as dead fillers, at cache index 0 (its
+        # padding: a row keeps fewer only for having more of it), so the attention mask hides them
+        dead = (torch.arange(K, device=top.device) >= keep.view(-1, 1, 1)).expand_as(top)
+        idx, order = top.sort(dim=-1)  # position order
+        dead = dead.gather(-1, order)
+        self.fillers = self.fillers or bool(dead.any())
         full = idx[..., None].expand(*idx.shape, self.k.shape[-1])
         self.k, self.v = self.k.gather(2, full), self.v.gather(2, full)
-        self.pos = self.pos.gather(2, idx)
+        self.pos = torch.where(dead, torch.zeros_like(self.pos[..., :1]), self.pos.gather(2, idx))
         if self.score is not None:
-            self.score = self.score.gather(2, idx)
+            self.score = torch.where(dead, torch.zeros_like(self.score[..., :1]), self.score.gather(2, idx))
 
 
 def _check_recent(recent: float) -> None:
