@@ -416,7 +416,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
     policy = installed_policy(net)
     if policy is not None:
-        policy.validate_for(net.config, context=min([context, *passkey_lengths]))
+        policy.validate_for(net.config, context=min([context, *(passkey_lengths if passkey_samples else ())]))
     start = time.perf_counter()
     result = long_context_eval(net, tok, context=context, n_windows=n_windows, chunk=chunk,
                                passkey_lengths=tuple(passkey_lengths), passkey_n=passkey_samples,

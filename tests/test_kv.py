@@ -511,3 +511,35 @@ def test_cskv_rotates_back_at_the_positions_the_model_used():
         install(model, cfg)
         k, _, _ = output_cache(model(ids, attention_mask=mask, use_cache=True)).layers[0].past()
     torch.testing.assert_close(k[:, :, 5:], dense[:, :, 5:], atol=1e-4, rtol=1e-4)
+
+
+def test_mustafar_takes_triton_only_for_head_dims_it_handles():
+    """``auto`` picked the Triton decode kernel for any fp16 step on a GPU, and a head dim of 96 raised a
+    ValueError at the first decode token; an explicit ``triton`` is refused for such models up front."""
+    from llmcomp.prune.kv.mustafar import triton_head_dim
+
+    assert [d for d in (8, 16, 64, 80, 96, 128, 256, 512) if triton_head_dim(d)] == [16, 64, 128, 256]
+    cfg = tiny().config
+    cfg.head_dim = 24
+    with pytest.raises(UserError, match="power-of-two head dimension from 16 to 256, not 24"):
+        MustafarConfig(kernel="triton").validate_for(cfg)
+    MustafarConfig(kernel="auto").validate_for(cfg)
+
+
+def test_weights_only_cskv_on_a_quantized_model():
+    """The weight-only bases read k_proj.weight, which a quantized projection does not have (a traceback)."""
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig, quantize_model
+
+    model = tiny()
+    quantize_model(model, RTNConfig(format=Uniform(bits=8, group_size=32)))
+    _, report = CSKVConfig(k_ratio=0.5, v_ratio=0.5, window=2, activation_aware=False).calibrate(model, None)
+    assert report["k_rank"] > 0
+
+
+def test_duo_without_calibration_or_heads_is_refused():
+    """No calibration steps and no --heads: every gate 1, the first heads in layer order became retrieval heads."""
+    with pytest.raises(UserError, match="split the heads arbitrarily"):
+        DuoConfig(streaming=0.5, calib_steps=0)
+    DuoConfig(streaming=0.5, calib_steps=0, heads=("10", "01"))
+    DuoConfig(streaming=0.0, calib_steps=0)

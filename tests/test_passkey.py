@@ -214,3 +214,22 @@ def test_bench_kv_time_budget_and_table(tmp_path, monkeypatch, capsys):
     assert [r["name"] for r in rows] == ["dense", "mustafar-0.5", "kivi-2"]  # 20 + 25 + 25 s; 70 + 1.25·25 > 80
     assert "--only kivi-4" in text and rows[1]["delta_multikey"] == {"256": -0.5} and rows[1]["kv_fraction"] == 0.5
     assert "| mustafar-0.5 (p) | 11.000 | +10.00 | 0.0 | 50.0 | 0.50 (-0.50) | 0.00 (-0.50) | 25 |" in text
+
+
+def test_eval_long_without_passkeys_does_not_check_their_lengths(tmp_path, monkeypatch):
+    """A streaming budget longer than a passkey length was refused even with --passkey-samples 0."""
+    from conftest import save_char_model
+
+    from llmcomp import api
+    from llmcomp.prune.kv import StreamingConfig
+
+    monkeypatch.setenv("LLMCOMP_TEXT", SOURCE)
+    corpus.cache_clear()
+    try:
+        path = save_char_model(tmp_path / "char", layers=1)
+        kv = api.prune_kv(StreamingConfig(budget=48, sinks=4), tmp_path / "kv", str(path), device="cpu")
+        row = api.evaluate_long(str(kv), context=64, n_windows=1, passkey_lengths=(32,), passkey_samples=0,
+                                device="cpu")
+        assert row["policy"].startswith("streaming") and row["ppl"] > 0
+    finally:
+        corpus.cache_clear()

@@ -197,8 +197,8 @@ class CSKVConfig(KVPolicy):
 
             calibrate_layerwise(model, windows, handler, batch_size=4, device=device, progress=progress)
         else:
-            for m, b in zip(mods, bases):
-                self._fill(b, m.k_proj.weight.detach(), m.v_proj.weight.detach(), r_k, r_v, symmetric=False)
+            for m, b in zip(mods, bases):  # (a quantized projection: its dequantized weight)
+                self._fill(b, _weight(m.k_proj), _weight(m.v_proj), r_k, r_v, symmetric=False)
         return self, {"width": width, "k_rank": r_k, "v_rank": r_v}
 
     @staticmethod
@@ -214,3 +214,8 @@ class CSKVConfig(KVPolicy):
 
     def describe(self) -> str:
         return f"cskv K {self.k_ratio:g} V {self.v_ratio:g} window {self.window}"
+
+
+def _weight(linear) -> torch.Tensor:
+    """A projection's weight [out, in]: ``nn.Linear``'s, or a quantized layer's dequantized one."""
+    return linear.dequantize().detach() if hasattr(linear, "dequantize") else linear.weight.detach()

@@ -205,6 +205,9 @@ class DuoConfig(KVPolicy):
         check_tokens("sinks", self.sinks)
         check_tokens("window", self.window, 1)
         check_tokens("calib_steps", self.calib_steps, 0)
+        if not self.heads and self.streaming > 0 and self.calib_steps == 0:  # (every gate 1: the first heads)
+            raise UserError("duo with no calibration steps and no --heads would split the heads arbitrarily; "
+                            "calibrate (--calib-samples ≥ 1) or give the split with --heads.")
         check_tokens("calib_seq_len", self.calib_seq_len, 64)
         object.__setattr__(self, "heads", tuple(str(h) for h in self.heads))
         if any(set(h) - {"0", "1"} for h in self.heads):

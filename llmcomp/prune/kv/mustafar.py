@@ -75,7 +75,7 @@ class MustafarLayer(PolicyLayer):
     def _kernel(self, q: torch.Tensor) -> str:
         kernel = self.cfg.kernel
         if kernel == "auto":
-            small = q.shape[2] == 1 and q.dtype in (torch.float16, torch.bfloat16)
+            small = q.shape[2] == 1 and q.dtype in (torch.float16, torch.bfloat16) and triton_head_dim(q.shape[-1])
             kernel = "triton" if small and _triton_available(q.device) else "dense"
         return kernel
 
@@ -101,6 +101,12 @@ class MustafarLayer(PolicyLayer):
             out = bitmap.sparse_attention(q, self.ks, self.vs, kd, vd, sparse_mask, dense_mask, scaling)
         self.append(k_new, v_new, None)
         return out.transpose(1, 2).contiguous()
+
+
+def triton_head_dim(d: int) -> bool:
+    """Head dimensions the Triton decode kernel takes (``mustafar_triton.sparse_decode_attention``); ``auto`` picks
+    the reference elsewhere (it picked Triton for any, and e.g. a head dim of 96 raised at the first decode step)."""
+    return d & (d - 1) == 0 and 16 <= d <= 256
 
 
 @KV_METHODS.register("mustafar")
@@ -132,6 +138,9 @@ class MustafarConfig(KVPolicy):
         if head_dim(model_config) % 8:
             raise UserError(f"mustafar stores one bitmap byte per 8 channels; head dimension {head_dim(model_config)} "
                             "is not a multiple of 8.")
+        if self.kernel == "triton" and not triton_head_dim(head_dim(model_config)):
+            raise UserError(f"The Triton Mustafar kernel needs a power-of-two head dimension from 16 to 256, not "
+                            f"{head_dim(model_config)}; use kernel 'auto' (it takes the reference there).")
 
     def make_layer(self, layer_idx, runtime):
         return MustafarLayer(layer_idx, runtime, self)
