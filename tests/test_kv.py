@@ -543,3 +543,27 @@ def test_duo_without_calibration_or_heads_is_refused():
         DuoConfig(streaming=0.5, calib_steps=0)
     DuoConfig(streaming=0.5, calib_steps=0, heads=("10", "01"))
     DuoConfig(streaming=0.0, calib_steps=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_mustafar_auto_decodes_a_padded_fp16_batch_like_the_reference(head_dim):
+    """On the GPU ``auto`` takes the Triton kernel where it can (64) and the reference where it cannot (96: a
+    ValueError at the first decode step before): a padded fp16 batch decodes as with the reference kernel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    out = {}
+    for kernel in ("dense", "auto"):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, head_dim=head_dim, vocab_size=128, max_position_embeddings=256)
+        model = LlamaForCausalLM(cfg).eval().to("cuda", torch.float16)
+        model.generation_config.eos_token_id = None
+        install(model, MustafarConfig(0.5, 0.5, window=4, kernel=kernel))
+        out[kernel] = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                     return_dict_in_generate=True, output_scores=True)
+    for a, b in zip(out["dense"].scores, out["auto"].scores):
+        torch.testing.assert_close(b.float(), a.float(), atol=3e-2, rtol=0)
