@@ -147,6 +147,22 @@ def test_compressed_tensors_loads_in_transformers(arts, tmp_path, name, dequanti
     assert "llmcomp.json" not in {p.name for p in out.iterdir()}
 
 
+def test_ct_a_quantized_head_of_a_tied_model_loads_in_transformers(tmp_path):
+    """The tie flag was copied: transformers then tied lm_head.weight, which a compressed head does not have."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "m")
+    art = api.quantize(RTNConfig(format=Uniform(4, 32, True), ignore=()), tmp_path / "q", str(tmp_path / "m"))
+    out = tmp_path / "ct"
+    assert invoke("export", art, "--to", "compressed-tensors", "-o", out).exit_code == 0
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert (logits(llmcomp.load(art)) - logits(_hf(out, False))).abs().max().item() == 0
+
+
 def test_ct_nvfp4_tensors_exact(arts, tmp_path):
     """NVFP4: the packed bytes and block scales are llmcomp's, the global scale its reciprocal."""
     pytest.importorskip("compressed_tensors")

@@ -97,6 +97,10 @@ def write_checkpoint(src: Source, dest: Path, tensors: dict[str, torch.Tensor], 
                 shutil.copyfile(f, tmp / f.name)
         config = json.loads((src.path / "config.json").read_text())
         config["quantization_config"] = quantization_config
+        if isinstance(src.model.get_output_embeddings(), QuantLinear):  # a quantized lm_head has its own tensors:
+            for c in (config, config.get("text_config")):  # tied, transformers would tie a weight it does not have
+                if isinstance(c, dict) and c.get("tie_word_embeddings"):
+                    c["tie_word_embeddings"] = False
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return dest
 
