@@ -430,16 +430,13 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
 
 def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, device, progress):
     """Measure per-layer errors, solve the allocation, return the config with per-layer formats."""
-    from torch import nn
-
+    from llmcomp.core.select import select_linears
     from llmcomp.quant import allocate
     from llmcomp.prune.mcmoe import expert_importance
 
-    from llmcomp.core.select import select_linears
-
-    allocate.check_budget(allocation.formats(), allocation.budget,  # before minutes of measuring
-                          {n: (m.out_features, m.in_features) for n, m in select_linears(net, config.targets,
-                                                                                          config.ignore)})
+    shapes = {n: (m.out_features, m.in_features) for n, m in select_linears(net, config.targets, config.ignore)}
+    formats = allocation.formats()
+    allocate.check_budget(formats, allocation.budget, shapes)  # before minutes of measuring
     table = allocate.measure_errors(net, calib, config.targets, config.ignore, allocation, device=device,
                                     progress=progress)
     importance = expert_importance(net, calib, device=device, progress=progress)  # {} for dense models
@@ -447,9 +444,7 @@ def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, dev
         for name, weight in importance.items():  # (the Fisher sensitivity already sees the routing)
             if name in table:
                 table[name]["errors"] = [e * weight for e in table[name]["errors"]]
-    shapes = {n: (m.out_features, m.in_features) for n, m in net.named_modules()
-              if n in table and isinstance(m, nn.Linear)}
-    formats = allocation.formats()
+    shapes = {n: shapes[n] for n in table}  # (the layers measured: measure_errors selects them the same way)
     assignment = allocate.solve(table, formats, allocation.budget, shapes)
     achieved = allocate.average_bits(assignment, shapes)
     counts = {f.describe(): sum(1 for a in assignment.values() if a == f) for f in formats}

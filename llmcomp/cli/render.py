@@ -35,8 +35,8 @@ class RichProgress(Progress):
             self._stop = threading.Event()
             self._ticker: Optional[threading.Thread] = None
             return
-        self.bar = RichBar(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                           TimeElapsedColumn(), console=err_console, transient=False)
+        self.bar = RichBar(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
+                           MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=False)
 
     def __enter__(self):
         if self.plain:

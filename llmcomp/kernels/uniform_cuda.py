@@ -816,9 +816,9 @@ def scale_pair() -> Optional[bool]:
     passed with it on, bench/results/kernels_cuda_tests_pair_on_h200_s47.log): the early-scale kernels (``scale_early``
     at M ≤ 8, with or without the norm split's epilogue; ``scale_early16`` at M = 9..16) sum each pair of kblocks —
     one group, as their launch condition makes every pair — in fp32 before scaling it into the accumulators: half the
-    scale fmas (the M = 16 loop 590 → 555 instructions a round, sm_90). Not the fp16 two-tile × 4-warp kernels at M ≤ 8 that ``bound7_r2``
-    bounds. H200, bf16, ``bench/kernel_ab.py --knob pair`` (bench/results/kernels_ab_pair_h200_s46.json): 28672 × 8192
-    M=16 50.10 → 49.05 µs, from 1.1 % slower (4096 × 4096 M=1) to 2.1 % faster over six shapes at M = 1..16; the
+    scale fmas (the M = 16 loop 590 → 555 instructions a round, sm_90). Not the fp16 two-tile × 4-warp kernels at
+    M ≤ 8 that ``bound7_r2`` bounds. H200, bf16, ``bench/kernel_ab.py --knob pair``
+    (bench/results/kernels_ab_pair_h200_s46.json): 28672 × 8192 M=16 50.10 → 49.05 µs, from 1.1 % slower (4096 × 4096 M=1) to 2.1 % faster over six shapes at M = 1..16; the
     compiled 8B W4 decode 1.6055 → 1.6014 ms at batch 1, 2.682 → 2.649 at 16. Not the same bits: s · (t0 + t1)
     against s · t0 + s · t1 (``test_scale_pair_matches_the_unpaired_kernel``). None without the extension."""
     return _ext_switch("scale_pair")

@@ -306,10 +306,8 @@ def _skip_hook(threshold: float):
 def install_skip(model: nn.Module, threshold: float) -> None:
     """Per token, give routing weight 0 to every chosen expert but the first whose weight is below
     ``threshold`` × the first one's (LinearExperts then skip computing it; fused experts add 0)."""
+    remove_skip(model)  # (an earlier threshold's hook)
     for b in find_moe_blocks(model, strict=False):
-        old = getattr(b.router, "_llmcomp_skip", None)
-        if old is not None:
-            old.remove()
         b.router._llmcomp_skip = b.router.register_forward_hook(_skip_hook(threshold))
         b.router.skip_threshold = threshold
 

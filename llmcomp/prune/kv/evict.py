@@ -82,29 +82,35 @@ class EvictionLayer(PolicyLayer):
         return keep
 
     def _evict(self, total: int) -> None:
-        keep = self._keep(total).to(self.k.device)
-        held, K = self.k.shape[-2], int(keep.max())
-        if held <= K and bool((keep >= held).all()):
+        keep = self._keep(total)  # on the CPU: the decisions below take no device sync
+        held, K, least = self.k.shape[-2], int(keep.max()), int(keep.min())
+        if held <= least:
             return
         K = min(K, held)
+        uneven = least < K  # rows keeping fewer than K (more padding) hold dead fillers
         if self.needs_probs:
             n_recent = (self.recent * keep.double()).round().long()  # per row
-            prio = self.score + (self.pos >= total - n_recent.view(-1, 1, 1)) * PROTECT
+            recent = (n_recent.to(self.pos.device).view(-1, 1, 1) if uneven else int(n_recent[0]))
+            prio = self.score + (self.pos >= total - recent) * PROTECT
         else:  # StreamingLLM: each row's first real tokens (its sinks), then the most recent; padding last
             real = self.real_positions(self.pos)
             prio = self.pos.long() + ((real >= 0) & (real < self.sinks)) * (1 << 40) - (real < 0) * (1 << 41)
         top = prio.topk(K, dim=-1).indices  # [B, Hkv, K], best first
-        # a row keeping fewer than K: its slots past its own count stay as dead fillers, at cache index 0 (its
-        # padding: a row keeps fewer only for having more of it), so the attention mask hides them
-        dead = (torch.arange(K, device=top.device) >= keep.view(-1, 1, 1)).expand_as(top)
         idx, order = top.sort(dim=-1)  # position order
-        dead = dead.gather(-1, order)
-        self.fillers = self.fillers or bool(dead.any())
         full = idx[..., None].expand(*idx.shape, self.k.shape[-1])
         self.k, self.v = self.k.gather(2, full), self.v.gather(2, full)
-        self.pos = torch.where(dead, torch.zeros_like(self.pos[..., :1]), self.pos.gather(2, idx))
+        self.pos = self.pos.gather(2, idx)
         if self.score is not None:
-            self.score = torch.where(dead, torch.zeros_like(self.score[..., :1]), self.score.gather(2, idx))
+            self.score = self.score.gather(2, idx)
+        if uneven:
+            # a row keeping fewer than K: its slots past its own count stay as dead fillers, at cache index 0 (its
+            # padding: a row keeps fewer only for having more of it), so the attention mask hides them
+            rank = torch.arange(K, device=top.device)
+            dead = (rank >= keep.to(top.device).view(-1, 1, 1)).expand_as(top).gather(-1, order)
+            self.fillers = True
+            self.pos = torch.where(dead, torch.zeros_like(self.pos[..., :1]), self.pos)
+            if self.score is not None:
+                self.score = torch.where(dead, torch.zeros_like(self.score[..., :1]), self.score)
 
 
 def _check_recent(recent: float) -> None:
