@@ -132,3 +132,26 @@ def test_dequant_cache_follows_packed_tensors():
         y2 = q(x)
     ref = torch.nn.functional.linear(x, q.dequantize())
     assert not torch.equal(y1, y2) and torch.equal(y2, ref)
+
+
+def test_dequant_cache_dropped_by_a_state_dict_loaded_in_inference_mode():
+    fmt = Uniform(bits=4, group_size=32)
+    w = torch.randn(8, 64)
+    x = torch.randn(2, 64)
+    with torch.inference_mode():  # inference tensors: no version counter for the cache to see the load by
+        q = QuantLinear.from_packed(fmt, fmt.pack(rtn_fields(w, fmt)), 64)
+        y1 = q(x)
+        q.load_state_dict(QuantLinear.from_packed(fmt, fmt.pack(rtn_fields(-w, fmt)), 64).state_dict())
+        y2 = q(x)
+        ref = torch.nn.functional.linear(x, q.dequantize())
+    assert not torch.equal(y1, y2) and torch.equal(y2, ref)
+
+
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+def test_uniform_scale_saturates_instead_of_overflowing(sym):
+    fmt = Uniform(bits=2, group_size=8, symmetric=sym)
+    w = torch.tensor([[-1.2e5, 0.5, 3.0, 1.0e5] * 2]) * 4  # a group far wider than float16 scales · maxq
+    t = fmt.pack(rtn_fields(w, fmt))
+    assert torch.isfinite(t["weight_scale"].float()).all()
+    d = fmt.dequantize(t, 8)
+    assert torch.isfinite(d).all() and d.abs().max() > 1e4

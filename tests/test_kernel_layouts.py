@@ -1,5 +1,6 @@
 """CPU checks of the kernel plumbing: dispatch falls back to the reference, and the CUDA kernel's weight
 layout (built by ``prepare`` on any device) holds every code exactly once, where the kernel reads it."""
+import importlib.util
 import re
 from pathlib import Path
 
@@ -711,3 +712,43 @@ def test_tri_state_switches(value, want, monkeypatch):
 
     monkeypatch.setenv("LLMCOMP_SOME_SWITCH", value)
     assert env_switch("LLMCOMP_SOME_SWITCH") is want
+
+
+@pytest.mark.parametrize("bits,group,k,ok", [(4, 128, 256, True), (4, 0, 100, False), (8, 0, 102, False),
+                                            (2, 8, 256, False), (2, 24, 240, False), (2, 32, 256, True)])
+def test_triton_fallback_takes_only_layers_its_layout_holds(bits, group, k, ok, monkeypatch):
+    """The Triton path (after the mma kernel, before the reference) says no to K not in whole 32-bit words and to
+    groups whose K-step would hold less than a word — those take the reference instead of failing in prepare."""
+    import sys
+    from types import ModuleType
+    from unittest import mock
+
+    triton = ModuleType("triton")  # a stand-in: supports() and _block_k are plain Python
+    triton.jit = triton.autotune = triton.heuristics = lambda *a, **kw: (a[0] if a and callable(a[0]) else (lambda f: f))
+    triton.Config = mock.MagicMock()
+    triton.language = mock.MagicMock()
+    monkeypatch.setitem(sys.modules, "triton", triton)
+    monkeypatch.setitem(sys.modules, "triton.language", triton.language)
+    # loaded under another name, so that the real module (on a GPU machine) is untouched by the stand-in
+    spec = importlib.util.spec_from_file_location("_uniform_triton_on_a_stand_in",
+                                                  Path(uniform_cuda.__file__).with_name("uniform_triton.py"))
+    uniform_triton = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(uniform_triton)
+
+    fmt = Uniform(bits=bits, group_size=group)
+    assert uniform_triton.supports(fmt, torch.zeros(1, k, dtype=torch.float16)) is ok
+    if ok:
+        packed = fmt.pack(rtn_fields(torch.randn(4, k), fmt))
+        assert uniform_triton.prepare(fmt, packed, k)["qweight"].shape == (4, k * bits // 32)
+
+
+def test_reference_warning_names_the_layer_shape_for_every_format():
+    """The one-time "no fast kernel" warning names out × in from the dequantized weight — a PVQ layer's packed
+    index has out / dim rows (meta tensors: the warning is skipped on CPU)."""
+    from llmcomp.formats.pyramid import Pyramid
+    from llmcomp.kernels import dequant_linear
+
+    fmt = Pyramid(dim=8, pulses=4)
+    tensors = {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in fmt.param_specs(64, 32).items()}
+    with pytest.warns(UserWarning, match="at 64x32 with"):
+        assert dequant_linear(torch.empty(1, 32, device="meta"), fmt, tensors, 32).shape == (1, 64)

@@ -59,6 +59,12 @@ class QuantLinear(nn.Module):
         """Drop the dequantized-weight cache (call after changing packed tensors in place)."""
         self.__dict__["_wcache"] = {}
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # (the cache sees in-place edits through version counters, which inference-mode tensors lack: a state dict
+        # loaded under torch.inference_mode would otherwise leave the old weights' cache in place)
+        super()._load_from_state_dict(*args, **kwargs)
+        self.clear_cache()
+
     def _apply(self, fn, recurse=True):
         self.clear_cache()
         # ``module.to(dtype)`` must move packed tensors but never recast them: a float16 scale turned

@@ -37,7 +37,8 @@ def cached(cache: Optional[dict], tag: tuple, tensors: dict, build: Callable):
     them in place rebuilds it; one entry per cache. Without a cache, ``build()`` every call."""
     if cache is None:
         return build()
-    # (inference-mode tensors have no version counter, and cannot be edited outside inference mode)
+    # (inference-mode tensors have no version counter: an in-place edit inside inference mode goes unseen, so
+    # QuantLinear drops its cache whenever a state dict is loaded into it, and clear_cache() is there for the rest)
     key = (*tag, *((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors.values()))
     value = cache.get(key)
     if value is None:
@@ -100,11 +101,12 @@ def fused_linear(items: list, x: torch.Tensor) -> Optional[Callable]:
 _WARNED: set = set()
 
 
-def _warn_reference(fmt: WeightFormat, x: torch.Tensor, tensors: dict, in_features: int) -> None:
-    """On an accelerator the reference path is slow: say so once per format and shape."""
+def _warn_reference(fmt: WeightFormat, x: torch.Tensor, w: torch.Tensor) -> None:
+    """On an accelerator the reference path is slow: say so once per format and shape (``w``: the dequantized
+    weight, whose rows are the layer's outputs whatever the format's packed tensors hold a row)."""
     if x.device.type == "cpu":
         return
-    shape = (next(iter(tensors.values())).shape[0], in_features)
+    shape = tuple(w.shape)
     key = (fmt.describe(), shape, x.dtype)
     if key not in _WARNED:
         _WARNED.add(key)
@@ -126,8 +128,8 @@ def dequant_linear(
     fn = fast_path(fmt, x, tensors, in_features)
     if fn is not None:
         return fn(x, fmt, tensors, in_features, bias, cache)
-    _warn_reference(fmt, x, tensors, in_features)
     w = cached(cache, (x.dtype, x.device), tensors, lambda: fmt.dequantize(tensors, in_features, dtype=x.dtype))
+    _warn_reference(fmt, x, w)
     return F.linear(x, w, bias)
 
 

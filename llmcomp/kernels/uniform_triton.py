@@ -100,7 +100,12 @@ def _dequant_kernel(qw_ptr, scale_ptr, mz_ptr, w_ptr, N, K, NG, GROUP: tl.conste
 
 
 def supports(fmt, x: torch.Tensor) -> bool:
-    return fmt.bits in (2, 4, 8) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    """Whether these kernels take the layer: whole 32-bit words of codes a row (``prepare``) and K-steps of at
+    least one word inside a group (``_block_k``); anything else takes the reference path."""
+    if fmt.bits not in (2, 4, 8) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    k, per_word = x.shape[-1], 32 // fmt.bits
+    return k % per_word == 0 and _block_k(fmt.group(k)) >= per_word
 
 
 def prepare(fmt, tensors: dict, in_features: int) -> dict:
