@@ -143,7 +143,7 @@ def quantize(
             from llmcomp.core.artifact import llmcomp_version
 
             batch = {} if calib_batch == 8 else {"batch": calib_batch}  # fp sums depend on the batch
-            key = resume.fingerprint(config=to_dict(config), model=str(model), **_job_key(net, calib, device),
+            key = resume.fingerprint(config=to_dict(config), **_job_key(net, calib, device),
                                      samples=calib_samples, seq_len=calib_seq_len, seed=seed, text=source,
                                      version=llmcomp_version(), **batch)
             checkpoint = resume.for_output(output, key, progress.note)
@@ -151,7 +151,7 @@ def quantize(
                                 batch_size=calib_batch)
     if alloc_report is not None:
         report["_allocation"] = alloc_report
-    sizes = size_report(net)
+    sizes = size_report(net, store_dtype=store_dtype)
     stage = {
         "method": config.method,
         "config": to_dict(config),
@@ -463,9 +463,14 @@ def base_model_path(path) -> str:
     p = model_mod.resolve(path)
     if not is_artifact(p):
         return str(p)
-    base = read_manifest(p, verify=False)["base_model"].get("path")
+    recorded = read_manifest(p, verify=False)["base_model"]
+    base = recorded.get("path")
     if not base or not Path(base).exists():
         raise UserError(f"The base model of {p} ({base}) is not on this machine; pass --reference PATH.")
+    digest = recorded.get("sha256")
+    if isinstance(digest, str) and model_mod.weights_sha256(Path(base)) != digest:
+        raise UserError(f"The base model of {p} at {base} has changed since the artifact was made (its weights' "
+                        "sha256 differs from the manifest's); pass --reference PATH to compare against it anyway.")
     return base
 
 
@@ -518,7 +523,8 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
         "eval_time_s": round(time.perf_counter() - start, 2),
     }
     if is_artifact(p):
-        result["quant_time_s"] = sum(s.get("wall_time_s", 0) for s in read_manifest(p, verify=False)["stages"])
+        result["quant_time_s"] = sum(t for s in read_manifest(p, verify=False)["stages"]
+                                     if isinstance(t := s.get("wall_time_s"), (int, float)))
     return result
 
 
@@ -534,8 +540,9 @@ def record_evaluations(rows: list[dict]) -> None:
 
 def stage_label(stage: dict) -> str:
     """``"rtn int4 g128 asym"`` from a manifest stage."""
-    alloc = stage.get("metrics", {}).get("layers", {}).get("_allocation")
-    if alloc:
+    layers = stage.get("metrics", {}).get("layers")
+    alloc = layers.get("_allocation") if isinstance(layers, dict) else None
+    if isinstance(alloc, dict) and isinstance(alloc.get("achieved_bits_per_weight"), (int, float)):
         return f"{stage['method']} alloc {alloc['achieved_bits_per_weight']:.2f} b/w"
     fmt = stage.get("config", {}).get("format")
     if isinstance(fmt, dict):
@@ -570,7 +577,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(model, output, overwrite, calib_samples, calib_seq_len,
                                                             config.seed, progress, check=distill.check_model)
-    key = resume.fingerprint(config=to_dict(config), model=str(model), **_job_key(net, ids, default_device(device)),
+    key = resume.fingerprint(config=to_dict(config), **_job_key(net, ids, default_device(device)),
                              samples=calib_samples, seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
     distill.check_layers(net, config)  # (before the resume directory exists)
     checkpoint = resume.for_output(output, key, progress.note)

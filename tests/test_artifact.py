@@ -101,12 +101,27 @@ def test_missing_manifest_falls_back_or_errors(art):
         read_manifest(art)
 
 
-def _edit_manifest(art, change):
-    """``change(manifest)`` applied to the artifact's llmcomp.json (not a hashed file)."""
+def _edit_manifest(art, change, seal=True):
+    """``change(manifest)`` applied to the artifact's llmcomp.json, re-sealed as the writer seals it (``seal``) —
+    so that the checks behind the seal are reached."""
     p = art / "llmcomp.json"
     m = json.loads(p.read_text())
     change(m)
+    if seal:
+        m[artifact_mod.SEAL] = artifact_mod._seal(m)
     p.write_text(json.dumps(m))
+
+
+def test_edited_manifest_refused_and_evaluations_do_not_break_the_seal(art):
+    artifact_mod.record_evaluation(art, {"ppl": 1.0})
+    assert read_manifest(art)["evaluations"] == [{"ppl": 1.0}]  # appended after the seal: still valid
+
+    def group_40(m):  # same packed shapes, another reading of them
+        for spec in m["modules"].values():
+            spec["group_size"] = 40
+    _edit_manifest(art, group_40, seal=False)
+    with pytest.raises(UserError, match="was edited after the artifact was written"):
+        llmcomp.load(art)
 
 
 def test_unknown_schema_version(art):
@@ -316,6 +331,35 @@ def test_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_killed_writes_temporary_directory_is_swept_and_a_live_one_kept(tmp_path):
+    """A SIGKILLed write left its full-size hidden ``.out.tmp-*`` folder for good; the next write of the same
+    output removes it — but not one another process holds (it is being written) nor any while an ``.old-`` folder
+    (a swap's only copy) exists."""
+    import fcntl
+
+    from llmcomp.core import paths
+
+    dest = tmp_path / "out"
+    dead, live = tmp_path / ".out.tmp-dead", tmp_path / ".out.tmp-live"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 100)
+    fd = os.open(live, os.O_RDONLY)  # another open file: as another process's lock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        old = tmp_path / ".out.old-1"
+        old.mkdir()
+        with paths.atomic_dir(dest) as tmp:
+            (tmp / "a").write_text("1")
+        assert dead.exists() and live.exists()  # an .old- sibling: nothing swept
+        old.rmdir()
+        with paths.atomic_dir(dest, overwrite=True) as tmp:
+            (tmp / "a").write_text("2")
+        assert not dead.exists() and live.exists() and (dest / "a").read_text() == "2"
+    finally:
+        os.close(fd)
+
+
 def test_load_honours_dtype(tiny_model_dir, tmp_path):
     """accelerate cast every loaded tensor back to the float32 skeleton: ``dtype`` had no effect."""
     out = api.quantize(W4, tmp_path / "a", str(tiny_model_dir), dtype="bfloat16")
@@ -381,3 +425,53 @@ def test_a_model_loaded_in_inference_mode_runs(art):
         assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
     with torch.no_grad():
         assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_reference_base_refuses_a_base_model_changed_since(art, tiny_model_dir):
+    """``eval --reference base`` compares against the recorded base model only while its weights are the ones the
+    artifact was made from (a changed base gave a wrong agreement with no word)."""
+    from conftest import tiny_llama
+
+    assert api.base_model_path(art) == str(tiny_model_dir.resolve())
+    tiny_llama(seed=1).save_pretrained(tiny_model_dir)
+    with pytest.raises(UserError, match="has changed since the artifact was made"):
+        api.base_model_path(art)
+
+
+def test_home_in_output_source_and_cache_paths(tmp_path, monkeypatch):
+    """``~`` reaches the API as is (no shell): outputs, the input they must not replace, and LLMCOMP_CACHE take it as
+    the home directory (it wrote ./~/out, and let ~/art replace the artifact at its absolute path)."""
+    from llmcomp.core.paths import cache_dir, check_output
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert check_output("~/out", overwrite=False) == tmp_path / "out"
+    (tmp_path / "art").mkdir()
+    with pytest.raises(UserError, match="would replace the input"):
+        check_output("~/art", overwrite=True, source=str(tmp_path / "art"))
+    with pytest.raises(UserError, match="would replace the input"):
+        check_output(tmp_path / "art", overwrite=True, source="~/art")
+    monkeypatch.setenv("LLMCOMP_CACHE", "~/llmc")
+    assert cache_dir() == tmp_path / "llmc" and not (tmp_path / "~").exists()
+
+
+def test_bits_per_weight_counts_unquantized_linears_at_their_stored_dtype(tiny_model_dir, tmp_path):
+    """--dtype bfloat16 halves the unquantized linears on disk, and the stage's and eval's bits per weight say so
+    (both counted the float32 a load upcasts to)."""
+    from llmcomp.eval.size import size_report
+
+    cfg = RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*self_attn.*",))
+    full = api.quantize(cfg, tmp_path / "f32", str(tiny_model_dir))
+    half = api.quantize(cfg, tmp_path / "bf16", str(tiny_model_dir), dtype="bfloat16")
+    b32, b16 = (read_manifest(p)["stages"][-1]["metrics"]["bits_per_weight"] for p in (full, half))
+    qbits = n_q = n_mlp = 0
+    for name, mod in llmcomp.load(full).named_modules():
+        if isinstance(mod, QuantLinear):
+            qbits += mod.fmt.bits_per_weight(mod.out_features, mod.in_features) * mod.in_features * mod.out_features
+            n_q += mod.in_features * mod.out_features
+        elif isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+            n_mlp += mod.weight.numel()
+    assert n_q and n_mlp
+    assert b32 == pytest.approx((qbits + 32 * n_mlp) / (n_q + n_mlp), abs=1e-3)
+    assert b16 == pytest.approx((qbits + 16 * n_mlp) / (n_q + n_mlp), abs=1e-3)
+    assert size_report(llmcomp.load(half), half)["bits_per_weight"] == pytest.approx(b16, abs=1e-3)

@@ -299,6 +299,32 @@ def test_gptq_act_order_import_refused(arts, tmp_path):
         llmcomp.load(out)
 
 
+def test_gptq_import_without_g_idx_and_of_the_wrong_shapes(arts, tmp_path):
+    """A GPTQ checkpoint without g_idx (groups in order) imports; one whose qzeros or an unquantized tensor do not
+    fit the model is one UserError at load (a KeyError, a failure at the first forward, accelerate's ValueError)."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "gptq"
+    api.export(arts("w4g32"), "gptq", out)
+    st = load_file(str(out / "model.safetensors"))
+    ref = logits(llmcomp.load(out))
+    name = "model.layers.0.mlp.up_proj"
+    for case, edit, match in (
+            ("no-g_idx", lambda d: d.pop(f"{name}.g_idx"), None),
+            ("qzeros", lambda d: d.update({f"{name}.qzeros": d[f"{name}.qzeros"][:-1].contiguous()}),
+             "does not fit the model's"),
+            ("norm", lambda d: d.update({"model.norm.weight": d["model.norm.weight"][:-1].contiguous()}),
+             "model.norm.weight has shape")):
+        d = dict(st)
+        edit(d)
+        save_file(d, str(out / "model.safetensors"))
+        if match is None:
+            assert torch.equal(logits(llmcomp.load(out)), ref), case
+        else:
+            with pytest.raises(UserError, match=match):
+                llmcomp.load(out)
+
+
 def test_ct_act_order_import_refused(arts, tmp_path):
     """A permuted weight_g_idx was ignored: the layer imported with the wrong groups, silently."""
     pytest.importorskip("compressed_tensors")

@@ -303,6 +303,21 @@ def test_cskv_bases():
     torch.testing.assert_close(run_chunks(model2, ids)[0], ref, atol=1e-4, rtol=1e-4)
 
 
+def test_stored_duo_split_of_another_shape_refused_at_load(tiny_model_dir, tmp_path):
+    """A duo stage whose head split does not fit the model (an artifact read unverified, or from before the
+    manifest's seal) is one error at load, not an IndexError at the first generate."""
+    from llmcomp.core import artifact
+
+    out = api.prune_kv(DuoConfig(streaming=0.5, sinks=2, window=8, heads=("10", "01")), tmp_path / "kv",
+                       str(tiny_model_dir))
+    m = json.loads((out / "llmcomp.json").read_text())
+    m["stages"][-1]["config"]["heads"] = ["1"]
+    m[artifact.SEAL] = artifact._seal(m)
+    (out / "llmcomp.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="duo heads give 1 layers"):
+        api.load(str(out))
+
+
 @pytest.mark.parametrize("cfg", [
     MustafarConfig(0.5, 0.5, window=4),
     CSKVConfig(k_ratio=0.5, v_ratio=0.5, window=4, activation_aware=False),

@@ -195,13 +195,16 @@ def test_artifact_round_trip_same_logits_and_generates(tmp_path, monkeypatch):
                          pad_token_id=0)
     assert gen.shape == (1, 9)
     assert not (tmp_path / ".lin.resume").exists()
-    import json  # a damaged stage (the manifest is not hashed) is one error line, not a KeyError / IndexError
+    import json  # a damaged stage is one error line, not a KeyError / IndexError
+
+    from llmcomp.core import artifact
 
     manifest = json.loads((out / "llmcomp.json").read_text())
     for damage, message in ((lambda s: s.update(layout=["linear"] * 3), "layout must name"),
                             (lambda s: s.pop("student"), "KeyError: 'student'")):
         broken = json.loads(json.dumps(manifest))
         damage(broken["stages"][-1])
+        broken[artifact.SEAL] = artifact._seal(broken)  # (re-sealed: the stage checks behind the seal)
         (out / "llmcomp.json").write_text(json.dumps(broken))
         with pytest.raises(UserError, match=f"is corrupt: its linearize stage does not fit the model.*{message}"):
             api.load(out)

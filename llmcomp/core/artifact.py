@@ -11,7 +11,7 @@ Manifest (``llmcomp.json``)::
 
     schema_version, llmcomp_version, base_model {name, sha256}, text_source,
     stages [{method, config, wall_time_s, metrics}], modules {path: format spec},
-    files {name: sha256}
+    files {name: sha256}, manifest_sha256 (of all the above; evaluations [...] are appended after)
 """
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ def _stage_hooks(manifest: dict) -> list:
         kind = stage.get("kind")
         if kind is None:
             continue
+        if not isinstance(kind, str):
+            raise UserError(f"Artifact stage {stage.get('method')!r} is corrupt: its kind {kind!r} is not a name.")
         if kind not in STAGE_HOOKS:
             raise UserError(f"Artifact stage {stage.get('method')!r} of kind {kind!r} is not supported by this llmcomp.")
         out.append((STAGE_HOOKS[kind], stage))
@@ -166,9 +168,21 @@ def write_artifact(
             "modules": modules,
             "files": files,
         }
+        manifest[SEAL] = _seal(json.loads(dumps(manifest)))  # (of the manifest as it reads back: NaN as null)
         (tmp / MANIFEST).write_text(dumps(manifest, indent=1, sort_keys=True))
         read_manifest(tmp)  # verify before it becomes visible
     return dest
+
+
+SEAL = "manifest_sha256"
+
+
+def _seal(manifest: dict) -> str:
+    """sha256 of everything in the manifest but its evaluations (appended later, ``record_evaluation``) and the seal
+    itself: the modules' formats and the stages' settings decide how the weights are read, so an edited manifest
+    would load another model from intact weight files."""
+    core = {k: v for k, v in manifest.items() if k not in ("evaluations", SEAL)}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_manifest(path: Path, verify: bool = True) -> dict:
@@ -206,6 +220,9 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
                 and isinstance(stage.get("config", {}), dict) and isinstance(stage.get("metrics", {}), dict)):
             raise UserError(f"{mpath} is corrupt: stage {i} needs a 'method' name and 'config' / 'metrics' objects.")
     if verify:
+        if SEAL in manifest and manifest[SEAL] != _seal(manifest):  # (artifacts written before the seal have none)
+            raise UserError(f"{mpath} was edited after the artifact was written (its {SEAL} does not match); "
+                            "re-create or re-copy the artifact.")
         # (the writer lists every file it wrote: weights, index and config unlisted mean an edited artifact)
         # (hidden files, e.g. macOS's ._model.safetensors copies, are never read)
         unlisted = [f.name for f in sorted(path.iterdir()) if f.is_file() and f.name not in manifest["files"]
@@ -269,6 +286,14 @@ def open_weights(f: Path):
         raise UserError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]}).") from None
 
 
+_STAGE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, ValueError)
+
+
+def _stage_misfit(path: Path, stage: dict, e: Exception) -> UserError:
+    return UserError(f"{path / MANIFEST} is corrupt: its {stage.get('kind')} stage does not fit the model "
+                     f"({type(e).__name__}: {e}).")
+
+
 def build_skeleton(path: Path, manifest: dict):
     """The artifact's model on the meta device — stage hooks' structure and QuantLinear modules in place,
     no tensors loaded. Returns (model, [(hook, stage)])."""
@@ -284,9 +309,8 @@ def build_skeleton(path: Path, manifest: dict):
     for hook, stage in hooks:
         try:
             hook.skeleton(model, stage)
-        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:  # the manifest is not hashed
-            raise UserError(f"{path / MANIFEST} is corrupt: its {stage.get('kind')} stage does not fit the model "
-                            f"({type(e).__name__}: {e}).") from None
+        except _STAGE_ERRORS as e:  # (an artifact read unverified, or written before the manifest's seal)
+            raise _stage_misfit(path, stage, e) from None
     for name, spec in manifest["modules"].items():
         fmt = from_dict(spec)
         try:
@@ -327,7 +351,10 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
     check_complete(model, f"Artifact {path}")
     model.eval()
     for hook, stage in hooks:
-        hook.ready(model, stage)
+        try:
+            hook.ready(model, stage)
+        except _STAGE_ERRORS as e:
+            raise _stage_misfit(path, stage, e) from None
     if device_map is not None:
         model = dispatch(model, device_map, max_memory, offload_folder)
     elif device is not None:

@@ -15,8 +15,7 @@ from llmcomp.errors import UserError
 def cache_dir() -> Path:
     """``$LLMCOMP_CACHE`` or ``~/.cache/llmcomp``; a UserError naming where it comes from if it cannot be one."""
     env = os.environ.get("LLMCOMP_CACHE")
-    root = env or os.path.join(os.path.expanduser("~"), ".cache", "llmcomp")
-    path = Path(root)
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "llmcomp"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -32,8 +31,10 @@ OUTPUT_MARK = ".llmcomp-output"  # in every directory ``atomic_dir`` publishes: 
 def check_output(output, overwrite: bool, source=None) -> Path:
     """``output`` as a Path; refused where it exists (without ``overwrite``), would replace ``source`` (the
     model or artifact a command reads: the output is that directory or a folder above it), or — with
-    ``overwrite`` — is a directory llmcomp did not write (``--overwrite`` never deletes other files)."""
-    output = Path(output)
+    ``overwrite`` — is a directory llmcomp did not write (``--overwrite`` never deletes other files). ``~`` in
+    either is the home directory, as the shell would make it (an API call's path does not pass a shell)."""
+    output = Path(output).expanduser()
+    source = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else source
     if output.is_symlink() and not output.exists():
         raise UserError(f"Output {output} is a broken symbolic link; remove it or choose another path.")
     if output.exists() and not output.is_dir():
@@ -87,9 +88,11 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        yield tmp
+        with locked(tmp):  # (held while it is written: what tells a live one from a killed job's)
+            yield tmp
         (tmp / OUTPUT_MARK).touch()
         _publish_permissions(tmp)
         if not dest.exists():
@@ -106,6 +109,31 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sweep_stale(dest: Path) -> None:
+    """Remove the temporary directories of killed writes of ``dest`` (SIGKILL, a lost machine: full-size and
+    hidden, they stayed for good): each one no process holds locked. Not where the filesystem cannot lock, and
+    not while an ``.old-`` sibling exists — a write killed during ``_replace`` may have the only copies there."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    if any(dest.parent.glob(f".{dest.name}.old-*")):
+        return
+    for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+        if not stale.is_dir() or os.path.realpath(stale) in _HELD:
+            continue
+        try:
+            fd = _take(stale, fcntl, busy="in use")
+        except (UserError, OSError):  # another process is writing it (or it just went)
+            continue
+        if fd is None:  # no locks on this filesystem: nothing tells a live write from a dead one
+            return
+        try:
+            shutil.rmtree(stale, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _replace(new: Path, dest: Path) -> None:

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from llmcomp.core.qlinear import QuantLinear
 
 
-def size_report(model: nn.Module, path: Path | None = None, ignore=("lm_head",)) -> dict:
+def size_report(model: nn.Module, path: Path | None = None, ignore=("lm_head",),
+                store_dtype: torch.dtype | None = None) -> dict:
     """``bits_per_weight``: storage bits per weight over the decoder's linear layers (quantized or
-    not, lm_head excluded); ``size_mb``: the weight files a load reads (if ``path``; ``weights_mb``)."""
+    not, lm_head excluded); ``size_mb``: the weight files a load reads (if ``path``; ``weights_mb``).
+    An unquantized linear counts at the dtype it is stored in: ``store_dtype`` (an artifact about to be written
+    so), else the one in ``path``'s weight files, else its own (a load upcasts to float32)."""
+    stored = _stored_bits(Path(path)) if path is not None and store_dtype is None else {}
     bits, weights = 0.0, 0
     for name, mod in model.named_modules():
         if any(name == i or name.endswith("." + i) for i in ignore):
@@ -21,11 +26,36 @@ def size_report(model: nn.Module, path: Path | None = None, ignore=("lm_head",))
             weights += n
         elif isinstance(mod, nn.Linear):
             n = mod.weight.numel()
-            bits += 8 * mod.weight.element_size() * n
+            size = store_dtype.itemsize if store_dtype is not None else mod.weight.element_size()
+            bits += stored.get(f"{name}.weight", 8 * size) * n
             weights += n
     out = {"bits_per_weight": bits / weights if weights else float("nan")}
     if path is not None:
         out["size_mb"] = weights_mb(Path(path))
+    return out
+
+
+_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8}
+
+
+def _stored_bits(path: Path) -> dict[str, int]:
+    """Bits an element of each floating tensor in ``path``'s weight files (their headers only)."""
+    from safetensors import SafetensorError, safe_open
+
+    from llmcomp.core.artifact import weight_files
+
+    out = {}
+    for f in weight_files(path):
+        if not f.is_file():
+            continue
+        try:
+            with safe_open(f, "pt") as sf:
+                for key in sf.keys():
+                    bits = _BITS.get(sf.get_slice(key).get_dtype())
+                    if bits is not None:
+                        out[key] = bits
+        except (SafetensorError, OSError):  # (the load that gave the model has said what is wrong with them)
+            continue
     return out
 
 

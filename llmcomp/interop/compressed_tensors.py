@@ -115,7 +115,7 @@ def export_compressed_tensors(artifact, output, *, overwrite: bool = False) -> d
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    check_output(output, overwrite, artifact)
+    output = check_output(output, overwrite, artifact)
     src = open_source(artifact, TARGET)
     for layer in src.layers:
         _check_layer(layer)

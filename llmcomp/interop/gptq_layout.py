@@ -52,12 +52,12 @@ def pack_layer(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 def unpack_layer(t: dict[str, torch.Tensor], bits: int, v1: bool) -> dict[str, torch.Tensor]:
     """Inverse of ``pack_layer``: codes uint8 [out, in], zero int64 [out, G] (v1: stored + 1), scale
-    float16 [out, G], g_idx int64 [in]."""
+    float16 [out, G], g_idx int64 [in] (None where the checkpoint has none: groups in order)."""
     in_f = t["qweight"].shape[0] * 32 // bits
     out_f = t["qweight"].shape[1]
     zero = words_to_codes(t["qzeros"], bits, out_f).t().long()
     return {"codes": words_to_codes(t["qweight"].t(), bits, in_f), "zero": zero + 1 if v1 else zero,
-            "scale": t["scales"].t(), "g_idx": t["g_idx"].long()}
+            "scale": t["scales"].t(), "g_idx": t["g_idx"].long() if "g_idx" in t else None}
 
 
 def _stream_read(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -103,7 +103,7 @@ def _check_coverage(src: Source) -> None:
 
 def export_gptq(artifact, output, *, overwrite: bool = False) -> dict:
     """Write ``artifact`` (uniform int2/3/4/8, one format for every layer) as a GPTQ checkpoint."""
-    check_output(output, overwrite, artifact)
+    output = check_output(output, overwrite, artifact)
     src = open_source(artifact, TARGET)
     groups = formats_of(src)
     for fmt, layers in groups.items():

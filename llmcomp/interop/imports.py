@@ -108,17 +108,26 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
         if not isinstance(old, nn.Linear):
             raise UserError(f"Checkpoint tensor {name}{marker} does not belong to a linear layer of the model.")
         fmt, packed = _convert(kind, name, fields, qc, old)
+        for field, spec in fmt.param_specs(old.out_features, old.in_features).items():
+            got = packed.get(field)
+            if got is not None and tuple(got.shape) != tuple(spec.shape):
+                raise UserError(f"Checkpoint layer {name} does not fit the model's {old.out_features} x "
+                                f"{old.in_features} linear: its {fmt.describe()} {field} comes out "
+                                f"{list(got.shape)}, not {list(spec.shape)}.")
         bias = fields.get("bias")
         ql = QuantLinear.from_packed(fmt, packed, old.in_features, out_features=old.out_features,
                                      bias=None if bias is None else bias.to(dtype or torch.float32))
         model_mod.set_submodule(model, name, ql)
         formats[name] = fmt
-    expected = set(model.state_dict())
+    expected = model.state_dict()
     for key, value in tensors.items():
         if key not in expected and key.endswith(RECOMPUTED):
             continue
         if key not in expected:
             raise UserError(f"Checkpoint tensor {key} does not belong to the model.")
+        if value.shape != expected[key].shape:
+            raise UserError(f"Checkpoint tensor {key} has shape {list(value.shape)}; the model expects "
+                            f"{list(expected[key].shape)}.")
         model_mod.place_tensor(model, key, value, dtype or torch.float32)
     model_mod.check_complete(model, f"Checkpoint {path}")
     model.eval()

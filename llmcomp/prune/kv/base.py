@@ -61,6 +61,9 @@ class KVPolicy:
                 raise UserError(f"{self.method}: {name} of {tokens} tokens is not smaller than the context "
                                 f"({limit} tokens); choose a smaller {name}.")
 
+    def check_model(self, model) -> None:
+        """Raise UserError where the policy's own settings do not fit ``model`` (a stored head split, say)."""
+
     def make_layer(self, layer_idx: int, runtime):
         raise NotImplementedError
 

@@ -223,12 +223,16 @@ class DuoConfig(KVPolicy):
     def calibration_lengths(self):
         return {"calibration length": self.calib_seq_len} if self.calibrated_on_text else {}
 
+    def check_model(self, model) -> None:
+        n_layers, n_kv = len(attention_modules(model)), model.config.num_key_value_heads
+        if self.heads and (len(self.heads) != n_layers or any(len(h) != n_kv for h in self.heads)):
+            raise UserError(f"duo heads give {len(self.heads)} layers of {sorted({len(h) for h in self.heads})} "
+                            f"heads; the model has {n_layers} layers of {n_kv} KV heads.")
+
     def calibrate(self, model, tokenizer, progress=NULL, device=None):
         n_layers, n_kv = len(attention_modules(model)), model.config.num_key_value_heads
         if self.heads:
-            if len(self.heads) != n_layers or any(len(h) != n_kv for h in self.heads):
-                raise UserError(f"duo heads give {len(self.heads)} layers; the model has {n_layers} layers of "
-                                f"{n_kv} KV heads.")
+            self.check_model(model)
             return self, {}
         if not self.calibrated_on_text:
             gates = torch.ones(n_layers, n_kv)

@@ -27,7 +27,9 @@ class _KVStageHook:
         """After tensors load: make every cached forward / generate apply the policy."""
         from llmcomp.prune.kv.cache import install
 
-        install(model, policy_of(stage))
+        policy = policy_of(stage)
+        policy.check_model(model)  # (a stored head split of another model failed at the first generate)
+        install(model, policy)
 
 
 register_stage_hook(KIND, _KVStageHook())
