@@ -13,7 +13,7 @@ from llmcomp.core import memory
 from llmcomp.core import model as model_mod
 from llmcomp.core.artifact import is_artifact, load_artifact, read_manifest, write_artifact
 from llmcomp.core.config import from_dict, to_dict
-from llmcomp.core.data import calib_windows, check_calib, corpus, eval_windows
+from llmcomp.core.data import calib_windows, check_calib, check_vocab, corpus, eval_windows
 from llmcomp.core.paths import check_output
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
@@ -133,6 +133,7 @@ def quantize(
         check_window(net, calib_seq_len, "Calibration")
         source = corpus().name
         calib = calib_windows(tok, calib_seq_len, calib_samples, seed)
+        check_vocab(calib, net)
     alloc_report = None
     with memory.gpu_cap(gpu_limits):  # a hard cap for the calibrated work (allocation and quantization)
         if allocation is not None:
@@ -251,6 +252,7 @@ def _calibrated(model, output, overwrite, calib_samples, calib_seq_len, seed, pr
         raise UserError("Calibration needs a tokenizer, and the model directory has none.")
     check_window(net, calib_seq_len, "Calibration")
     ids = calib_windows(tok, calib_seq_len, calib_samples, seed)
+    check_vocab(ids, net)
     info = {"text": corpus().name, "samples": calib_samples, "seq_len": calib_seq_len, "seed": seed}
     return output, net, tok, base, stages, ids, info
 
@@ -483,6 +485,7 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
     if tok is None:
         raise UserError(f"{path} has no tokenizer files; evaluation needs one.")
     windows = eval_windows(tok, seq_len, n_windows)
+    check_vocab(windows, net)
     ref = Reference.record(net, windows, batch_size=batch_size, progress=progress, tokenizer=tokenizer_id(tok))
     del net
     return ref

@@ -426,3 +426,45 @@ def test_user_text_is_not_read_as_markup(model_dir, tmp_path):
     shown = invoke("inspect", out)
     assert shown.exit_code == 0 and "re:.*[qkv]_proj" in shown.output
     assert "q4[v2]" in invoke("eval", out, "--windows", 1, "--seq-len", 16).output
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: c.update(num_hidden_layers=1), "gives 1 layers, but its weights hold more"),
+    (lambda c: c.update(vocab_size=c["vocab_size"] + 3), "other shapes than its config.json gives"),
+    (lambda c: c.update(_name_or_path=5), None),
+], ids=["fewer-layers", "vocab", "name-not-a-string"])
+def test_a_config_that_does_not_fit_its_weights(tiny_model_dir, edit, needle):
+    """config.json against its weights: fewer layers than stored loaded a model cut short, silently; other sizes
+    were a transformers RuntimeError traceback; a non-string name a TypeError."""
+    import json
+
+    from llmcomp.core import model as model_mod
+    from llmcomp.errors import UserError
+
+    cfg_path = tiny_model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    edit(cfg)
+    cfg_path.write_text(json.dumps(cfg))
+    if needle is None:
+        assert model_mod.model_name(tiny_model_dir) == tiny_model_dir.resolve().name
+        return
+    with pytest.raises(UserError, match=needle):
+        model_mod.load_hf(tiny_model_dir)
+
+
+@pytest.mark.parametrize("content", ["{", '{"version": "1.0"}'], ids=["not-json", "wrong-structure"])
+def test_tokenizer_files_that_do_not_load_are_one_error(tmp_path, content):
+    """A damaged tokenizer.json was taken for no tokenizer (GPTQ: "the model directory has none"; RTN wrote an
+    artifact without one) or was a KeyError traceback."""
+    from conftest import save_char_model
+    from llmcomp.core import model as model_mod
+    from llmcomp.errors import UserError
+
+    path = save_char_model(tmp_path / "m", layers=1)
+    assert model_mod.load_tokenizer(path) is not None
+    (path / "tokenizer.json").write_text(content)
+    with pytest.raises(UserError, match="tokenizer files of .* do not load"):
+        model_mod.load_tokenizer(path)
+    for f in model_mod.TOKENIZER_FILES:
+        (path / f).unlink(missing_ok=True)
+    assert model_mod.load_tokenizer(path) is None

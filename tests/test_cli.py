@@ -186,3 +186,14 @@ def test_flags_read_by_allocation_are_accepted(monkeypatch, tiny_model_dir, tmp_
                "--damp", "0.3", "--candidates", "2,4")
     assert r.exit_code == 0, r.output
     assert seen[0][1].damp == 0.3 and seen[0][1].candidates == (2, 4)
+
+
+def test_ignore_adds_to_the_default_lm_head():
+    """typer replaces a list default: `--ignore down_proj` quantized lm_head (a tied model's embeddings)."""
+    from llmcomp.cli.app import ignore_patterns
+
+    assert ignore_patterns(None) == ("lm_head",)
+    assert ignore_patterns(["down_proj"]) == ("lm_head", "down_proj")
+    assert ignore_patterns(["lm_head", "mlp"]) == ("lm_head", "mlp")
+    assert ignore_patterns([""]) == ()
+    assert ignore_patterns(["", "down_proj"]) == ("down_proj",)

@@ -47,3 +47,56 @@ def test_rds_reader_on_handmade_stream():
     # STRSXP of two CHARSXPs, serialization version 2
     blob = b"X\n" + i(2) + i(0) + i(0) + i(16) + i(2) + i(9) + i(2) + b"hi" + i(9) + i(-1)
     assert unserialize(blob) == ["hi", None]
+
+
+def test_an_unreadable_package_falls_back_to_pydoc(tmp_path, monkeypatch):
+    """A package tarfile cannot read (zstd, Ubuntu's) or damaged data gave a traceback from the default text
+    source instead of the standard-library fallback; a data archive in a codec tarfile lacks goes through
+    dpkg-deb where there is one."""
+    import io
+    import tarfile
+    import zlib
+
+    import pytest
+
+    monkeypatch.setenv("LLMCOMP_CACHE", str(tmp_path))
+    for exc in (tarfile.ReadError("bad"), zlib.error("bad"), EOFError()):
+        def fail(root, exc=exc):
+            raise exc
+        monkeypatch.setattr(data, "_fetch_austen", fail)
+        data.corpus.cache_clear()
+        try:
+            assert data.corpus("auto").name == "pydoc"
+            with pytest.raises(data.UserError, match="Could not fetch the Austen text"):
+                data.corpus("austen")
+        finally:
+            data.corpus.cache_clear()
+
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        info = tarfile.TarInfo("./usr/x/Rdata.rdb")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    runs = []
+    monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/dpkg-deb")
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **kw: runs.append(cmd) or
+                        type("R", (), {"stdout": plain.getvalue()})())
+    assert data._plain_tar(tmp_path / "p.deb", b"not a tar in any codec tarfile reads") == plain.getvalue()
+    assert runs and runs[0][:2] == ["dpkg-deb", "--fsys-tarfile"]
+    assert data._plain_tar(tmp_path / "p.deb", plain.getvalue()) == plain.getvalue()
+
+
+def test_ids_past_the_embeddings_are_one_error():
+    """A tokenizer of another model gave an IndexError from the embedding (a device-side assert on a GPU)."""
+    import pytest
+
+    from conftest import tiny_llama
+    from llmcomp.errors import UserError
+    from llmcomp.eval.perplexity import perplexity
+
+    model = tiny_llama(vocab=64)
+    data.check_vocab(torch.tensor([[0, 63]]), model)
+    with pytest.raises(UserError, match="token id 100, past the model's 64 embeddings"):
+        data.check_vocab(torch.tensor([[5, 100]]), model)
+    with pytest.raises(UserError, match="past the model's 64 embeddings"):
+        perplexity(model, _CharTok(), seq_len=16, n_windows=1, source="pydoc")

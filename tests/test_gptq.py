@@ -1,4 +1,6 @@
 """GPTQ and the shared Hessian statistics (CPU, tiny random layers and models)."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -272,3 +274,18 @@ def test_weights_past_the_float16_scales_are_one_error_line(tiny_model):
         tiny_model.model.layers[1].mlp.down_proj.weight[3, 7] = 1e7
     with pytest.raises(UserError, match="model.layers.1.mlp.down_proj: its quantized weights are not finite"):
         quantize_model(tiny_model, RTNConfig(format=Uniform(bits=4, group_size=32)))
+
+
+def test_layer_patterns_that_match_nothing_and_container_targets(tiny_model):
+    """A misspelt --target or --ignore was dropped silently (k_prj: only q_proj quantized); a target naming a
+    container (mlp) selected nothing; the defaults (Linear, lm_head) may match nothing."""
+    from llmcomp.core.select import select_linears
+    from llmcomp.quant import quantize_model
+
+    mlp = sorted(n for n, _ in select_linears(tiny_model, ("mlp",), ("lm_head",)))
+    assert mlp and all(".mlp." in n for n in mlp) and len(mlp) == 3 * len(tiny_model.model.layers)
+    for targets, ignore, bad in ((("q_proj", "k_prj"), ("lm_head",), "'k_prj' (targets)"),
+                                 (("Linear",), ("lm_head", "down_prj"), "'down_prj' (ignore)")):
+        with pytest.raises(UserError, match=re.escape(bad)):
+            quantize_model(tiny_model, RTNConfig(format=Uniform(bits=4, group_size=32), targets=targets,
+                                                 ignore=ignore))

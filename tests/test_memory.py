@@ -251,3 +251,19 @@ def test_eval_with_device_map_and_offload(paths, tmp_path, char_model):
 
     a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
     assert a[0]["ppl"] == b[0]["ppl"]
+
+
+def test_tied_weights_count_once_in_the_model_size():
+    """The bundled model's tied embeddings were counted twice (621 MiB for 538 MB of tensors), so a --max-memory
+    cpu=... it fits in was refused."""
+    from conftest import tiny_llama
+    from llmcomp.core.memory import state_bytes
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    unique = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for _, b in model.named_buffers() if _ in state)
+    assert state_bytes(state) == unique < sum(t.numel() * t.element_size() for t in state.values())

@@ -72,6 +72,15 @@ def _given(ctx: typer.Context, names) -> list[str]:
             if n in params and getattr(ctx.get_parameter_source(n), "name", None) in ("COMMANDLINE", "ENVIRONMENT")]
 
 
+def ignore_patterns(given: Optional[list[str]]) -> tuple[str, ...]:
+    """--ignore's patterns: lm_head besides those given (typer replaces a list default, and `--ignore down_proj`
+    then quantized the head — for a tied model, the embedding matrix), none of its own where one of them is ''."""
+    given = list(given or [])
+    if "" in given:
+        return tuple(p for p in given if p)
+    return ("lm_head", *dict.fromkeys(p for p in given if p != "lm_head"))
+
+
 @app.command()
 def quantize(
     ctx: typer.Context,
@@ -84,7 +93,7 @@ def quantize(
     fp4_format: Annotated[Optional[str], typer.Option("--format", help="--method fp4 or gptq (GPTQ on the FP4 grid): mxfp4 (E2M1, E8M0 scale per 32; default), nvfp4 (E2M1, E4M3 scale per 16 and an FP32 tensor scale) or fp4 (E2M1, float16 scale per --group-size).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Named preset (overrides method/bits/group/sym), e.g. w4g128.")] = None,
     targets: Annotated[list[str], typer.Option("--target", help="Layers to quantize: class name, path suffix or re:regex.")] = ["Linear"],
-    ignore: Annotated[list[str], typer.Option("--ignore", help="Layers to skip (same patterns).")] = ["lm_head"],
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layers to skip (same patterns), besides lm_head, which is always skipped unless one of them is '' (then only the ones given are).")] = None,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ/decoupleQ: quantize columns by decreasing Hessian diagonal (static groups, no permutation stored).")] = True,
     damp: Annotated[float, typer.Option(help="GPTQ/decoupleQ: Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     rounds: Annotated[int, typer.Option(help="decoupleQ: integer/float alternation rounds.")] = 4,
@@ -115,7 +124,7 @@ def quantize(
     def go():
         config, allocation = build_quant_config(
             method=method, bits=bits, group_size=group_size, symmetric=symmetric, preset=preset,
-            targets=tuple(targets), ignore=tuple(ignore), act_order=act_order, damp=damp, rounds=rounds,
+            targets=tuple(targets), ignore=ignore_patterns(ignore), act_order=act_order, damp=damp, rounds=rounds,
             candidates=candidates, sensitivity=sensitivity, fp4_format=fp4_format, outliers=outliers, search=search, act_bits=act_bits,
             act_format=act_format,
             vector_len=vector_len, hadamard=hadamard)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import struct
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +40,20 @@ class Corpus:
     eval: str
 
 
+def _plain_tar(deb: Path, body: bytes) -> bytes:
+    """The package's data archive as tarfile can read it: as stored, or unpacked by dpkg-deb where it is compressed
+    with a codec tarfile lacks (Ubuntu's packages use zstd)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body)):
+            return body
+    except tarfile.ReadError:
+        if shutil.which("dpkg-deb") is None:
+            raise ValueError(f"{deb}'s data archive is compressed with a codec Python cannot read, and there is no "
+                             "dpkg-deb to unpack it") from None
+        return subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, timeout=120,
+                              capture_output=True).stdout
+
+
 def _read_deb_member(deb: Path, suffixes: tuple[str, ...], dest: Path) -> None:
     """Extract members ending in ``suffixes`` from a .deb (an ``ar`` archive holding data.tar.*)."""
     data = deb.read_bytes()
@@ -51,7 +67,7 @@ def _read_deb_member(deb: Path, suffixes: tuple[str, ...], dest: Path) -> None:
         body = data[pos + 60 : pos + 60 + size]
         pos += 60 + size + (size & 1)
         if name.startswith("data.tar"):
-            with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+            with tarfile.open(fileobj=io.BytesIO(_plain_tar(deb, body))) as tar:
                 for member in tar.getmembers():
                     if member.isfile() and member.name.endswith(suffixes):
                         (dest / Path(member.name).name).write_bytes(tar.extractfile(member).read())
@@ -73,13 +89,17 @@ def _fetch_austen(root: Path) -> None:
         os.rename(staging, root)
 
 
+_FETCH_ERRORS = (OSError, subprocess.SubprocessError, ValueError, StopIteration, tarfile.TarError, zlib.error,
+                 struct.error, KeyError, IndexError, EOFError)
+
+
 def _austen() -> Corpus | None:
     root = cache_dir() / "text" / "austen"
     if not (root / "prideprejudice.txt").exists():
         root.parent.mkdir(parents=True, exist_ok=True)
         try:
             _fetch_austen(root)
-        except (OSError, subprocess.SubprocessError, ValueError, StopIteration):
+        except _FETCH_ERRORS:  # (a damaged download or an unreadable package: the caller falls back, or says so)
             return None
     read = lambda names: "\n\n".join((root / f"{n}.txt").read_text(encoding="utf-8") for n in names)  # noqa: E731
     return Corpus("austen", read(CALIB_NOVELS), read(EVAL_NOVELS))
@@ -115,6 +135,16 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def check_vocab(ids: torch.Tensor, model) -> None:
+    """UserError where the tokenizer gave ids past the model's embedding rows (a tokenizer of another model: an
+    IndexError on the CPU, a device-side assert on a GPU)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if rows and ids.numel() and int(ids.max()) >= rows:
+        raise UserError(f"The tokenizer gives token id {int(ids.max())}, past the model's {rows} embeddings: it "
+                        "is not this model's tokenizer.")
 
 
 def eval_windows(tokenizer, seq_len: int, n_windows: int, source: str | None = None) -> torch.Tensor:

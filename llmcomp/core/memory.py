@@ -167,8 +167,16 @@ def out_of_memory(what: str, device) -> UserError:
 
 
 def state_bytes(state: dict) -> int:
-    """Bytes of a state dict's tensors (a model's size in memory)."""
-    return sum(t.numel() * t.element_size() for t in state.values())
+    """Bytes of a state dict's tensors (a model's size in memory), a storage shared by several entries — tied
+    embeddings — once (counted twice, it refused a --max-memory cpu=... the model fits in)."""
+    seen, total = set(), 0
+    for t in state.values():
+        ptr = 0 if t.device.type == "meta" else t.untyped_storage().data_ptr()
+        key = (ptr, t.storage_offset(), tuple(t.shape)) if ptr else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def check_cpu_fits(model: torch.nn.Module, max_memory: Optional[dict[Key, int]]) -> None:

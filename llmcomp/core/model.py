@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,13 +87,15 @@ def check_model_path(path: str | os.PathLike | None) -> Path | None:
 
 
 def weights_sha256(path: Path) -> str:
-    """sha256 over the weight files a load reads (sorted by name): its safetensors index's files, else
-    model.safetensors — not every weight-like file beside them (a Mistral-style consolidated.safetensors, hidden
+    """sha256 over the weight files a load reads (sorted by name): model.safetensors, else its safetensors index's
+    files — not every weight-like file beside them (a Mistral-style consolidated.safetensors, hidden
     ``._`` copies); any such files where neither exists."""
     from llmcomp.core.artifact import weight_files
 
     h = hashlib.sha256()
-    files = sorted(f for f in weight_files(path) if f.is_file())
+    single = path / "model.safetensors"
+    # (transformers reads model.safetensors before an index beside it; an artifact never holds both)
+    files = [single] if single.is_file() else sorted(f for f in weight_files(path) if f.is_file())
     files = files or sorted(f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
     for f in files:
         h.update(f.name.encode())
@@ -107,8 +110,17 @@ def model_name(path: Path) -> str:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise UserError(f"{path / 'config.json'} is not valid JSON.") from None
-    name = cfg.get("_name_or_path") or cfg.get("name_or_path") or ""
-    return name if name and not os.path.isabs(name) else Path(path).resolve().name  # (`.`: the folder's name)
+    name = cfg.get("_name_or_path") or cfg.get("name_or_path") or "" if isinstance(cfg, dict) else ""
+    ok = isinstance(name, str) and name and not os.path.isabs(name)
+    return name if ok else Path(path).resolve().name  # (`.`: the folder's name)
+
+
+def _config_errors() -> tuple:
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # (older huggingface_hub: no strict config classes)
+        return ()
+    return (StrictDataclassError,)
 
 
 def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max_memory=None, offload_folder=None):
@@ -128,9 +140,19 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
                                                            use_safetensors=True, **place)
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, *_config_errors()) as exc:
+        # (RuntimeError: weights of other sizes than config.json says; the config's own field checks raise
+        # huggingface_hub's StrictDataclassError)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, RuntimeError) and "mismatched_sizes" in first:  # (its report went to the silenced log)
+            first = "weights of other shapes than its config.json gives (vocab_size, hidden_size, ...)"
         raise UserError(f"Could not load a causal LM from {path}: {first}") from None
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    beyond = sorted(k for k in info.get("unexpected_keys") or () if isinstance(n_layers, int)
+                    and (m := re.search(r"\blayers\.(\d+)\.", k)) and int(m[1]) >= n_layers)
+    if beyond:  # config.json says fewer layers than the weights hold: the model would be cut short, silently
+        raise UserError(f"{path}'s config.json gives {n_layers} layers, but its weights hold more (e.g. {beyond[0]}); "
+                        "fix num_hidden_layers.")
     missing = sorted(info.get("missing_keys") or ())
     if missing:  # transformers would fill them with random values (its warning is silenced here)
         packed = sorted(k for k in info.get("unexpected_keys") or () if k.endswith(("_packed", "_scale", "_zero")))
@@ -143,13 +165,22 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
     return model, tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(path: Path):
+    """The directory's tokenizer; None where it has no tokenizer files. Files that do not load are a UserError
+    (they were taken for no tokenizer: calibration then said there was none, and an artifact went without one)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
+    except Exception as exc:  # (a third-party loader: a damaged file, a missing package, ...)
+        if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+            return None
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UserError(f"The tokenizer files of {path} do not load ({type(exc).__name__}"
+                        f"{': ' + first if first else ''}).") from None
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

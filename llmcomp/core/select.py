@@ -31,10 +31,11 @@ def select(
     ignore: Iterable[str] = ("lm_head",),
     prefix: str = "",
 ) -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(path, module)`` for modules under ``root`` matching a target and no ignore pattern; an ignore
-    pattern that matches a container (``mlp``, ``layers.1``, ``LlamaMLP``) ignores everything under it."""
+    """Yield ``(path, module)`` for modules under ``root`` matching a target and no ignore pattern; a pattern that
+    matches a container (``mlp``, ``layers.1``, ``LlamaMLP``) targets or ignores everything under it."""
     targets, ignore = list(targets), list(ignore)
     ignored: list[str] = []  # paths of ignored modules (named_modules yields a parent before its children)
+    targeted: list[str] = []
     for name, mod in root.named_modules():
         if not name:
             continue
@@ -42,8 +43,20 @@ def select(
         if any(path.startswith(p + ".") for p in ignored) or any(matches(i, path, mod) for i in ignore):
             ignored.append(path)
             continue
-        if any(matches(t, path, mod) for t in targets):
+        if any(path.startswith(p + ".") for p in targeted) or any(matches(t, path, mod) for t in targets):
+            targeted.append(path)
             yield path, mod
+
+
+def unmatched(root: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """The patterns that match no module under ``root`` (a misspelt --target or --ignore)."""
+    left = list(dict.fromkeys(patterns))
+    for name, mod in root.named_modules():
+        if name:
+            left = [p for p in left if not matches(p, name, mod)]
+        if not left:
+            break
+    return left
 
 
 def select_linears(root: nn.Module, targets: Iterable[str] = ("Linear",), ignore: Iterable[str] = ("lm_head",)

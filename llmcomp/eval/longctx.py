@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmcomp.core.data import eval_windows
+from llmcomp.core.data import check_vocab, eval_windows
 from llmcomp.core.passkey import answer_correct, multikey_samples, passkey_samples
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.eval.perplexity import ppl_of
@@ -44,6 +44,7 @@ def kv_nbytes(cache) -> tuple[int, int]:
 def continuation_perplexity(model, tokenizer, *, context: int = 2048, prefix: int = 1536, n_windows: int = 4,
                             chunk: int = 64, progress: Progress = NULL) -> dict:
     windows = eval_windows(tokenizer, context, n_windows)
+    check_vocab(windows, model)
     device = next(model.parameters()).device
     total, count, held, dense = 0.0, 0, [], []
     for w in progress.track(list(windows), "Long-context perplexity"):

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llmcomp.core.data import eval_windows
+from llmcomp.core.data import check_vocab, eval_windows
 from llmcomp.core.memory import input_device
 from llmcomp.core.progress import NULL, Progress
 
@@ -31,6 +31,7 @@ def perplexity(model, tokenizer, seq_len: int = 512, n_windows: int = 16, batch_
     """
     if windows is None:
         windows = eval_windows(tokenizer, seq_len, n_windows, source)
+    check_vocab(windows, model)
     device = input_device(model)
     total, count = 0.0, 0
     for i, batch in enumerate(progress.track(windows.split(batch_size), "Perplexity")):

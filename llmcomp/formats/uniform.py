@@ -27,13 +27,6 @@ from llmcomp.formats.bitpack import pack_bits, packed_len, unpack_bits
 SCALE_DTYPE = torch.float16
 
 
-def _storable(scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` rounded to its storage dtype, kept within it: at least 1e-6 (a constant group) and at most the
-    dtype's largest value — a group wider than 65504 · maxq saturates its codes (as fp4's scales do) instead of
-    storing an infinite scale that dequantizes the whole group to NaN."""
-    return scale.clamp(min=1e-6, max=torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()
-
-
 @FORMATS.register("uniform")
 @register_config
 @dataclass(frozen=True)
@@ -96,9 +89,11 @@ class Uniform(WeightFormat):
         else:
             lo = w.amin(dim=1).clamp(max=0)
             hi = w.amax(dim=1).clamp(min=0)
-            scale = _storable((hi - lo) / self.maxq)
+            scale = (hi - lo) / self.maxq
+            scale = scale.clamp(min=1e-6).to(SCALE_DTYPE).float()
             zero = torch.round(-lo / scale).clamp(0, self.maxq)
-        return _storable(scale), zero
+        scale = scale.clamp(min=1e-6).to(SCALE_DTYPE).float()
+        return scale, zero
 
     def encode(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Round ``w`` to codes given broadcastable scale/zero (float32). Returns float codes."""

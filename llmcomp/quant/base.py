@@ -19,7 +19,7 @@ from llmcomp.core.model import check_finite, decoder_layers, set_submodule
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.core.registry import Registry
-from llmcomp.core.select import select, select_linears
+from llmcomp.core.select import select, select_linears, unmatched
 from llmcomp.errors import UserError
 from llmcomp.quant.hessian import _all_finite
 
@@ -196,6 +196,12 @@ def quantize_model(
                             f"{list(config.ignore)}): the model's {done} linear layers are quantized already; "
                             "quantize the original model instead.")
         raise UserError(f"No layer matches targets {list(config.targets)} (minus ignore {list(config.ignore)}).")
+    # (the defaults, Linear and lm_head, may well match nothing; a pattern a user wrote that does was misspelt)
+    for field, defaults in (("targets", ("Linear",)), ("ignore", ("lm_head",))):
+        missed = unmatched(model, [p for p in getattr(config, field) if p not in defaults])
+        if missed:
+            raise UserError(f"Layer pattern {missed[0]!r} ({field}) matches no module of the model; check its "
+                            "spelling (a class name, a path or its dotted suffix, or re:REGEX).")
     _check_shapes(model, quantizer, chosen)
     report: dict = {}
     start = time.perf_counter()

@@ -185,9 +185,10 @@ class CSKVConfig(KVPolicy):
         bases = self.build_skeleton(model, device=p.device, dtype=p.dtype)
         if self.calibrated_on_text:
             from llmcomp.core.calib import calibrate_layerwise
-            from llmcomp.core.data import calib_windows
+            from llmcomp.core.data import calib_windows, check_vocab
 
             windows = calib_windows(tokenizer, self.calib_seq_len, self.calib_samples, self.seed)
+            check_vocab(windows, model)
 
             def handler(path, layer, runner):
                 i = next(j for j, m in enumerate(mods) if m is layer.self_attn)
