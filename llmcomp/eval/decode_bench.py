@@ -648,7 +648,7 @@ def outer_enabled(outer: Optional[bool] = None) -> bool:
 
 def rope_attention_enabled(rope: Optional[bool] = None) -> bool:
     """``rope`` where given, else off unless ``LLMCOMP_ROPE_ATTENTION`` says on (``decode_attention.rope_forward``;
-    opt-in: the 8B W4 step at batch 1 on an H200 1.790 ms with it against 1.798 without, README)."""
+    opt-in: the 8B W4 step at batch 1 on an H200 1.790 ms with it against 1.798 without, docs/kernels.md)."""
     return _switch(rope, "LLMCOMP_ROPE_ATTENTION", False)
 
 

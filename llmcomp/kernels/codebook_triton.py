@@ -1,7 +1,7 @@
 """Triton fast path for the ``codebook`` format (VPTQ-style vector quantization) at decode sizes, M ≤ 8.
 
 Opt-in (``LLMCOMP_CODEBOOK_KERNEL=1``): correct on an H200 (tests/test_codebook_kernel.py) but slow there,
-1.1–1.2 % of its byte roofline (one 2-byte gather per weight; README, Kernel speed) — the reference path is the
+1.1–1.2 % of its byte roofline (one 2-byte gather per weight; docs/kernels.md) — the reference path is the
 default. Also tested on CPU under ``TRITON_INTERPRET=1``.
 
 Layout prepared once per weight (``prepare``, cached by the calling QuantLinear):
