@@ -43,19 +43,22 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 
 
 def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, progress: Progress = NULL,
-               *, device_map=None, max_memory=None, offload_folder=None):
+               *, device_map=None, max_memory=None, offload_folder=None, strict_tokenizer: bool = True):
     """Open a model directory or artifact. Returns (model, tokenizer, base_model info, prior stages).
-    ``device_map``/``max_memory``/``offload_folder``: accelerate placement (core/memory.py)."""
+    ``device_map``/``max_memory``/``offload_folder``: accelerate placement (core/memory.py). Tokenizer files that
+    do not load are an error, or with ``strict_tokenizer`` off a warning and no tokenizer."""
     device, device_map, max_memory, offload_folder = memory.resolve_placement(device, device_map, max_memory,
                                                                               offload_folder)
-    place = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    place = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder,
+             "strict_tokenizer": strict_tokenizer}
     p = model_mod.resolve(path, progress.note)
     if is_artifact(p):
         model, tok, manifest = load_artifact(p, dtype=dtype, device=device, **place)
         return model, tok, manifest["base_model"], manifest["stages"]
     kind = imports.detect(p)
     if kind is not None:  # a GPTQ / compressed-tensors checkpoint: its layers become llmcomp uniform layers
-        model, tok, base, stages = imports.open_checkpoint(p, kind, dtype=dtype, device=device)
+        model, tok, base, stages = imports.open_checkpoint(p, kind, dtype=dtype, device=device,
+                                                           strict_tokenizer=strict_tokenizer)
         if device_map is not None:
             model = memory.dispatch(model, device_map, max_memory, offload_folder)
         return model, tok, base, stages
@@ -73,7 +76,7 @@ def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str
     "cpu": "24GiB"}`` or ``"cuda:0=2GiB,cpu=24GiB"``) bounds the weights per device, the rest goes to
     ``offload_folder`` on disk; either one alone implies ``device_map="auto"``."""
     model, tok, _, _ = open_model(path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                                  offload_folder=offload_folder)
+                                  offload_folder=offload_folder, strict_tokenizer=return_tokenizer)
     return (model, tok) if return_tokenizer else model
 
 
@@ -123,6 +126,9 @@ def quantize(
         progress.note("No GPU is visible: the GPU limits of --max-memory do not apply.")
     stages = stages + _unfuse_experts(net)
     from llmcomp.quant import METHODS
+    from llmcomp.quant.base import check_selection
+
+    check_selection(net, config)  # (before calibration, allocation and the resume folder)
 
     calib = None
     source = None
@@ -470,7 +476,7 @@ def base_model_path(path) -> str:
     if not base or not Path(base).exists():
         raise UserError(f"The base model of {p} ({base}) is not on this machine; pass --reference PATH.")
     digest = recorded.get("sha256")
-    if isinstance(digest, str) and model_mod.weights_sha256(Path(base)) != digest:
+    if isinstance(digest, str) and not model_mod.same_weights(Path(base), digest):
         raise UserError(f"The base model of {p} at {base} has changed since the artifact was made (its weights' "
                         "sha256 differs from the manifest's); pass --reference PATH to compare against it anyway.")
     return base

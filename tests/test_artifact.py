@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -340,10 +341,13 @@ def test_a_killed_writes_temporary_directory_is_swept_and_a_live_one_kept(tmp_pa
     from llmcomp.core import paths
 
     dest = tmp_path / "out"
-    dead, live = tmp_path / ".out.tmp-dead", tmp_path / ".out.tmp-live"
-    for d in (dead, live):
+    dead, live, young = (tmp_path / f".out.tmp-{n}" for n in ("dead", "live", "young"))
+    for d in (dead, live, young):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x" * 100)
+    hour_ago = time.time() - 3600
+    for d in (dead, live):
+        os.utime(d, (hour_ago, hour_ago))
     fd = os.open(live, os.O_RDONLY)  # another open file: as another process's lock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -356,8 +360,34 @@ def test_a_killed_writes_temporary_directory_is_swept_and_a_live_one_kept(tmp_pa
         with paths.atomic_dir(dest, overwrite=True) as tmp:
             (tmp / "a").write_text("2")
         assert not dead.exists() and live.exists() and (dest / "a").read_text() == "2"
+        assert young.exists()  # (unlocked, but as new as one another writer has made and not locked yet)
     finally:
         os.close(fd)
+
+
+def test_a_write_is_published_under_its_lock(tmp_path, monkeypatch):
+    """The lock went before the rename: another writer's sweep could take the unlocked temporary directory and
+    delete it as it was published (an emptied output, or this write failing after all its work)."""
+    import fcntl
+
+    from llmcomp.core import paths
+
+    real, seen = os.rename, []
+
+    def rename(src, dst):
+        fd = os.open(src, os.O_RDONLY)  # another open file: as another process's sweep
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append(src)
+        finally:
+            os.close(fd)
+        return real(src, dst)
+
+    monkeypatch.setattr(paths.os, "rename", rename)
+    with paths.atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("1")
+    assert seen == [tmp] and (tmp_path / "out" / "a").read_text() == "1"
 
 
 def test_load_honours_dtype(tiny_model_dir, tmp_path):
@@ -438,6 +468,23 @@ def test_reference_base_refuses_a_base_model_changed_since(art, tiny_model_dir):
         api.base_model_path(art)
 
 
+def test_reference_base_reads_the_digest_earlier_versions_took(tiny_model_dir, tmp_path):
+    """Earlier versions hashed every weight-like file (and then an index's files before model.safetensors): with a
+    consolidated.safetensors beside the weights their artifacts' base was refused as changed."""
+    from llmcomp.core import model as model_mod
+
+    (tiny_model_dir / "consolidated.safetensors").write_bytes(b"a Mistral-style copy")
+    every = sorted(tiny_model_dir.glob("*.safetensors"))
+    assert len(every) == 2
+    art = api.quantize(W4, tmp_path / "a", str(tiny_model_dir))
+    assert read_manifest(art)["base_model"]["sha256"] != model_mod._digest(every)  # today's digest: one file
+    _edit_manifest(art, lambda m: m["base_model"].update(sha256=model_mod._digest(every)))
+    assert api.base_model_path(art) == str(tiny_model_dir.resolve())
+    _edit_manifest(art, lambda m: m["base_model"].update(sha256=model_mod._digest(every[:1])))
+    with pytest.raises(UserError, match="has changed since the artifact was made"):
+        api.base_model_path(art)
+
+
 def test_home_in_output_source_and_cache_paths(tmp_path, monkeypatch):
     """``~`` reaches the API as is (no shell): outputs, the input they must not replace, and LLMCOMP_CACHE take it as
     the home directory (it wrote ./~/out, and let ~/art replace the artifact at its absolute path)."""
@@ -475,3 +522,18 @@ def test_bits_per_weight_counts_unquantized_linears_at_their_stored_dtype(tiny_m
     assert b32 == pytest.approx((qbits + 32 * n_mlp) / (n_q + n_mlp), abs=1e-3)
     assert b16 == pytest.approx((qbits + 16 * n_mlp) / (n_q + n_mlp), abs=1e-3)
     assert size_report(llmcomp.load(half), half)["bits_per_weight"] == pytest.approx(b16, abs=1e-3)
+
+
+def test_no_home_directory_is_one_error(monkeypatch):
+    """With HOME unset and no passwd entry (a container's arbitrary uid) Path.home() raised a RuntimeError."""
+    from pathlib import Path
+
+    from llmcomp.core.paths import cache_dir
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("LLMCOMP_CACHE", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(UserError, match="set LLMCOMP_CACHE"):
+        cache_dir()

@@ -456,15 +456,26 @@ def test_a_config_that_does_not_fit_its_weights(tiny_model_dir, edit, needle):
 def test_tokenizer_files_that_do_not_load_are_one_error(tmp_path, content):
     """A damaged tokenizer.json was taken for no tokenizer (GPTQ: "the model directory has none"; RTN wrote an
     artifact without one) or was a KeyError traceback."""
+    import llmcomp
     from conftest import save_char_model
+    from llmcomp import api
     from llmcomp.core import model as model_mod
     from llmcomp.errors import UserError
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
 
     path = save_char_model(tmp_path / "m", layers=1)
     assert model_mod.load_tokenizer(path) is not None
     (path / "tokenizer.json").write_text(content)
     with pytest.raises(UserError, match="tokenizer files of .* do not load"):
         model_mod.load_tokenizer(path)
+    with pytest.raises(UserError, match="tokenizer files of .* do not load"):  # (what would be written without it)
+        api.quantize(RTNConfig(format=Uniform(bits=4, group_size=16)), tmp_path / "a", str(path))
+    with pytest.raises(UserError, match="tokenizer files of .* do not load"):
+        llmcomp.load(path, return_tokenizer=True)
+    # a load for inference needs no tokenizer (one a missing optional package keeps from loading blocked the model)
+    with pytest.warns(UserWarning, match="do not load.*without a tokenizer"):
+        assert llmcomp.load(path).model.embed_tokens.weight.shape[0] > 0
     for f in model_mod.TOKENIZER_FILES:
         (path / f).unlink(missing_ok=True)
     assert model_mod.load_tokenizer(path) is None

@@ -289,3 +289,14 @@ def test_layer_patterns_that_match_nothing_and_container_targets(tiny_model):
         with pytest.raises(UserError, match=re.escape(bad)):
             quantize_model(tiny_model, RTNConfig(format=Uniform(bits=4, group_size=32), targets=targets,
                                                  ignore=ignore))
+
+
+def test_a_misspelt_pattern_is_refused_before_calibration(tiny_model_dir, tmp_path, monkeypatch):
+    """The check ran only inside quantize_model: after calibration (and an allocation's own pass), with the resume
+    folder made and left beside the output."""
+    calls = []
+    monkeypatch.setattr(api, "calib_windows", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    cfg = GPTQConfig(format=Uniform(bits=4, group_size=32), ignore=("lm_head", "dwn_proj"))
+    with pytest.raises(UserError, match=re.escape("'dwn_proj' (ignore)")):
+        api.quantize(cfg, tmp_path / "out" / "o", str(tiny_model_dir))
+    assert not calls and not (tmp_path / "out").exists()  # (no .o.resume folder or lock)

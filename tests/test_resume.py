@@ -111,22 +111,26 @@ def test_checkpoint_in_a_folder_that_does_not_exist_yet(tmp_path):
     assert list((tmp_path / "runs" / "new").iterdir()) == []
 
 
-def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch):
-    """(Lustre without -o flock, some network mounts): the job runs as before, no fd left open."""
+@pytest.mark.parametrize("code", ["ENOSYS", "EBADF"])
+def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch, code):
+    """(Lustre without -o flock, some network mounts): the job runs as before, no fd left open. EBADF: NFS emulates
+    flock by POSIX locks, which a directory (open for reading) cannot take — every artifact write failed there."""
     import errno
     import fcntl
 
     from llmcomp.core import paths
 
     def no_flock(fd, op):
-        raise OSError(errno.ENOSYS, "Function not implemented")
+        raise OSError(getattr(errno, code), code)
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
     fds = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
         with paths.locked(tmp_path / "l", busy="busy", remove=True):
             pass
-    assert len(os.listdir("/proc/self/fd")) == fds
+        with paths.atomic_dir(tmp_path / "out", overwrite=True) as tmp:
+            (tmp / "a").write_text("1")
+    assert len(os.listdir("/proc/self/fd")) == fds and (tmp_path / "out" / "a").read_text() == "1"
 
 
 def test_the_job_key_sees_the_config_the_calibration_and_the_device():

@@ -325,7 +325,8 @@ def build_skeleton(path: Path, manifest: dict):
 
 
 def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
-                  device_map=None, verify: bool = True, max_memory=None, offload_folder=None):
+                  device_map=None, verify: bool = True, max_memory=None, offload_folder=None,
+                  strict_tokenizer: bool = True):
     """Build the model skeleton on meta, swap in QuantLinear modules, load tensors, place them
     (``device_map``/``max_memory``/``offload_folder``: accelerate, see ``core.memory.dispatch``)."""
     from llmcomp.core.memory import dispatch
@@ -359,4 +360,4 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
         model = dispatch(model, device_map, max_memory, offload_folder)
     elif device is not None:
         model.to(device)
-    return model, load_tokenizer(path), manifest
+    return model, load_tokenizer(path, strict_tokenizer), manifest

@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,23 +87,41 @@ def check_model_path(path: str | os.PathLike | None) -> Path | None:
     return p
 
 
-def weights_sha256(path: Path) -> str:
-    """sha256 over the weight files a load reads (sorted by name): model.safetensors, else its safetensors index's
-    files — not every weight-like file beside them (a Mistral-style consolidated.safetensors, hidden
-    ``._`` copies); any such files where neither exists."""
+def _weight_lists(path: Path) -> list[list[Path]]:
+    """The weight files a digest covers: first what a load reads (sorted by name) — model.safetensors, else its
+    safetensors index's files, not every weight-like file beside them (a Mistral-style consolidated.safetensors,
+    hidden ``._`` copies); any such files where neither exists. Then, distinct from it, what earlier llmcomp
+    versions hashed (the index's files before model.safetensors; every weight-like file), so that the base-model
+    check still reads their artifacts."""
     from llmcomp.core.artifact import weight_files
 
-    h = hashlib.sha256()
+    every = sorted(f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+    indexed = sorted(f for f in weight_files(path) if f.is_file()) or every
     single = path / "model.safetensors"
     # (transformers reads model.safetensors before an index beside it; an artifact never holds both)
-    files = [single] if single.is_file() else sorted(f for f in weight_files(path) if f.is_file())
-    files = files or sorted(f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+    lists = [[single] if single.is_file() else indexed, indexed, every]
+    return [files for i, files in enumerate(lists) if files not in lists[:i]]
+
+
+def _digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 over the weight files a load reads (``_weight_lists``), with their names."""
+    return _digest(_weight_lists(path)[0])
+
+
+def same_weights(path: Path, digest: str) -> bool:
+    """Whether ``path``'s weights are those ``digest`` (a manifest's ``base_model.sha256``) was taken of, by
+    today's file choice or an earlier version's."""
+    return any(_digest(files) == digest for files in _weight_lists(path))
 
 
 def model_name(path: Path) -> str:
@@ -123,7 +142,8 @@ def _config_errors() -> tuple:
     return (StrictDataclassError,)
 
 
-def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max_memory=None, offload_folder=None):
+def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max_memory=None, offload_folder=None,
+            strict_tokenizer: bool = True):
     """Load a plain HF model directory and its tokenizer (``device_map``, ``max_memory`` as parsed by
     ``core.memory``, ``offload_folder``: transformers' accelerate placement)."""
     from safetensors import SafetensorError
@@ -160,7 +180,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
                 f"missing?") if packed else ""
         raise UserError(f"{path} lacks {len(missing)} of the model's weights (e.g. {missing[0]}), which would be "
                         f"random.{hint}")
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, strict_tokenizer)
     model.eval()
     return model, tokenizer
 
@@ -168,9 +188,10 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, strict: bool = True):
     """The directory's tokenizer; None where it has no tokenizer files. Files that do not load are a UserError
-    (they were taken for no tokenizer: calibration then said there was none, and an artifact went without one)."""
+    (they were taken for no tokenizer: calibration then said there was none, and an artifact went without one) —
+    unless not ``strict`` (a load for inference, which needs no tokenizer): then a warning and None."""
     from transformers import AutoTokenizer
 
     try:
@@ -179,8 +200,11 @@ def load_tokenizer(path: Path):
         if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
             return None
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise UserError(f"The tokenizer files of {path} do not load ({type(exc).__name__}"
-                        f"{': ' + first if first else ''}).") from None
+        message = f"The tokenizer files of {path} do not load ({type(exc).__name__}{': ' + first if first else ''})"
+        if strict:
+            raise UserError(message + ".") from None
+        warnings.warn(message + "; the model is loaded without a tokenizer.", stacklevel=2)
+        return None
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +18,11 @@ from llmcomp.errors import UserError
 def cache_dir() -> Path:
     """``$LLMCOMP_CACHE`` or ``~/.cache/llmcomp``; a UserError naming where it comes from if it cannot be one."""
     env = os.environ.get("LLMCOMP_CACHE")
-    path = Path(env).expanduser() if env else Path.home() / ".cache" / "llmcomp"
+    try:
+        path = Path(env).expanduser() if env else Path.home() / ".cache" / "llmcomp"
+    except RuntimeError:  # (no HOME and no passwd entry, e.g. a container run under an arbitrary uid)
+        raise UserError("No home directory to hold the cache (HOME is unset); set LLMCOMP_CACHE to a writable "
+                        "directory.") from None
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -91,45 +98,64 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     _sweep_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        with locked(tmp):  # (held while it is written: what tells a live one from a killed job's)
+        with locked(tmp):  # (held until it is published: what tells a live one from a killed job's)
             yield tmp
-        (tmp / OUTPUT_MARK).touch()
-        _publish_permissions(tmp)
-        if not dest.exists():
-            try:
-                os.rename(tmp, dest)
-                return
-            except OSError:
-                if not dest.exists():
-                    raise
-        if not overwrite:  # another job published it while this one ran
-            raise UserError(f"Output {dest} was written by another job while this one ran; nothing was replaced "
-                            "— choose another path or pass --overwrite.")
-        _replace(tmp, dest)
+            _publish(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
+    (tmp / OUTPUT_MARK).touch()
+    _publish_permissions(tmp)
+    if not dest.exists():
+        try:
+            os.rename(tmp, dest)
+            return
+        except OSError:
+            if not dest.exists():
+                raise
+    if not overwrite:  # another job published it while this one ran
+        raise UserError(f"Output {dest} was written by another job while this one ran; nothing was replaced "
+                        "— choose another path or pass --overwrite.")
+    _replace(tmp, dest)
+
+
+STALE_AFTER_S = 60.0  # a younger temporary directory may be one another writer has made and not yet locked
+
+
 def _sweep_stale(dest: Path) -> None:
     """Remove the temporary directories of killed writes of ``dest`` (SIGKILL, a lost machine: full-size and
-    hidden, they stayed for good): each one no process holds locked. Not where the filesystem cannot lock, and
-    not while an ``.old-`` sibling exists — a write killed during ``_replace`` may have the only copies there."""
+    hidden, they stayed for good): each one no process holds locked, older than ``STALE_AFTER_S``. Not where the
+    filesystem cannot lock, and not while an ``.old-`` sibling exists — a write killed during ``_replace`` may
+    have the only copies there."""
     try:
         import fcntl
     except ImportError:
         return
-    if any(dest.parent.glob(f".{dest.name}.old-*")):
+    name = glob.escape(dest.name)
+    if any(dest.parent.glob(f".{name}.old-*")):
         return
-    for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
-        if not stale.is_dir() or os.path.realpath(stale) in _HELD:
+    now = time.time()
+    for stale in dest.parent.glob(f".{name}.tmp-*"):
+        try:
+            info = stale.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or now - info.st_mtime < STALE_AFTER_S or os.path.realpath(stale) in _HELD:
+            continue
+        try:  # (not ``_take``: a path that went meanwhile must not come back as a lock file)
+            fd = os.open(stale, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
             continue
         try:
-            fd = _take(stale, fcntl, busy="in use")
-        except (UserError, OSError):  # another process is writing it (or it just went)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:  # another process is writing it, or no locks on this filesystem
+            os.close(fd)
+            if exc.errno in _NO_LOCKS:  # nothing tells a live write from a dead one
+                return
             continue
-        if fd is None:  # no locks on this filesystem: nothing tells a live write from a dead one
-            return
         try:
             shutil.rmtree(stale, ignore_errors=True)
         finally:
@@ -154,7 +180,9 @@ def _replace(new: Path, dest: Path) -> None:
 
 
 _HELD: dict[str, list] = {}  # locks this process holds: real path → [fd, holders]
-_NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)  # filesystems without flock
+# Filesystems without flock; EBADF: NFS emulates flock by POSIX locks, which need a file open for writing (a
+# directory cannot be)
+_NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL, errno.EBADF)
 
 
 @contextlib.contextmanager

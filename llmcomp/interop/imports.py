@@ -75,7 +75,8 @@ def _convert(kind: str, name: str, fields: dict, qc: dict, module: nn.Module):
     return read_layer(name, fields, group, group.get("format") or qc.get("format"), module.in_features)
 
 
-def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None):
+def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
+                    strict_tokenizer: bool = True):
     """(model, tokenizer, base-model info, [import stage]) for a ``kind`` checkpoint directory."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -142,4 +143,4 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
              "metrics": {"bits_per_weight": round(size_report(model)["bits_per_weight"], 4),
                          "imported_layers": len(formats)}}
     base = {"name": model_mod.model_name(path), "path": str(path.resolve()), "sha256": model_mod.weights_sha256(path)}
-    return model, model_mod.load_tokenizer(path), base, [stage]
+    return model, model_mod.load_tokenizer(path, strict_tokenizer), base, [stage]

@@ -74,7 +74,7 @@ def open_source(path, target: str) -> Source:
             what = _STAGE_KINDS.get(kind, f"a {kind!r} stage")
             raise UserError(f"{p} has {what} (stage {stage.get('method')!r}), which has no {target} equivalent; "
                             f"export an artifact without it.")
-    model, _, manifest = load_artifact(p)
+    model, _, manifest = load_artifact(p, strict_tokenizer=False)  # (its files are copied as they are)
     layers = [Layer(n, m.fmt, {k: t.detach().cpu() for k, t in m.packed_tensors().items()}, m.out_features,
                     m.in_features, None if m.bias is None else m.bias.detach().cpu())
               for n, m in model.named_modules() if isinstance(m, QuantLinear)]

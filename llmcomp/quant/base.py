@@ -165,6 +165,26 @@ def _first_of_group(m: nn.Module, stats: dict) -> bool:
 
 
 @torch.no_grad()
+def check_selection(model: nn.Module, config) -> list[str]:
+    """The names of the layers ``config``'s targets and ignore patterns select; a UserError where none is, or
+    where a pattern the user wrote matches no module (checked again before calibration: ``api.quantize``)."""
+    chosen = [n for n, _ in select_linears(model, config.targets, config.ignore)]
+    if not chosen:
+        done = sum(isinstance(m, QuantLinear) for m in model.modules())
+        if done and not any(type(m) is nn.Linear for _, m in select(model, ("Linear",), config.ignore)):
+            raise UserError(f"No unquantized layer matches targets {list(config.targets)} (minus ignore "
+                            f"{list(config.ignore)}): the model's {done} linear layers are quantized already; "
+                            "quantize the original model instead.")
+        raise UserError(f"No layer matches targets {list(config.targets)} (minus ignore {list(config.ignore)}).")
+    # (the defaults, Linear and lm_head, may well match nothing; a pattern a user wrote that does was misspelt)
+    for field, defaults in (("targets", ("Linear",)), ("ignore", ("lm_head",))):
+        missed = unmatched(model, [p for p in getattr(config, field) if p not in defaults])
+        if missed:
+            raise UserError(f"Layer pattern {missed[0]!r} ({field}) matches no module of the model; check its "
+                            "spelling (a class name, a path or its dotted suffix, or re:REGEX).")
+    return chosen
+
+
 def _check_shapes(model: nn.Module, quantizer: Quantizer, names: list[str]) -> None:
     """Every layer's shape against its format before any work: one error line, not one minutes in. (A function of
     its own: a loop variable in ``quantize_model`` would keep the last original linear alive to the end.)"""
@@ -188,20 +208,7 @@ def quantize_model(
     quantizer: Quantizer = METHODS.get(config.method)(config)
     # Names, not modules: a replaced nn.Linear must be freed at once (on the GPU it would otherwise stay
     # there after its decoder layer went home — one original layer per finished layer).
-    chosen = [n for n, _ in select_linears(model, config.targets, config.ignore)]
-    if not chosen:
-        done = sum(isinstance(m, QuantLinear) for m in model.modules())
-        if done and not any(type(m) is nn.Linear for _, m in select(model, ("Linear",), config.ignore)):
-            raise UserError(f"No unquantized layer matches targets {list(config.targets)} (minus ignore "
-                            f"{list(config.ignore)}): the model's {done} linear layers are quantized already; "
-                            "quantize the original model instead.")
-        raise UserError(f"No layer matches targets {list(config.targets)} (minus ignore {list(config.ignore)}).")
-    # (the defaults, Linear and lm_head, may well match nothing; a pattern a user wrote that does was misspelt)
-    for field, defaults in (("targets", ("Linear",)), ("ignore", ("lm_head",))):
-        missed = unmatched(model, [p for p in getattr(config, field) if p not in defaults])
-        if missed:
-            raise UserError(f"Layer pattern {missed[0]!r} ({field}) matches no module of the model; check its "
-                            "spelling (a class name, a path or its dotted suffix, or re:REGEX).")
+    chosen = check_selection(model, config)
     _check_shapes(model, quantizer, chosen)
     report: dict = {}
     start = time.perf_counter()
