@@ -43,10 +43,12 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 
 
 def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, progress: Progress = NULL,
-               *, device_map=None, max_memory=None, offload_folder=None, strict_tokenizer: bool = True):
+               *, device_map=None, max_memory=None, offload_folder=None, strict_tokenizer: bool = True,
+               describe_base: bool = True):
     """Open a model directory or artifact. Returns (model, tokenizer, base_model info, prior stages).
     ``device_map``/``max_memory``/``offload_folder``: accelerate placement (core/memory.py). Tokenizer files that
-    do not load are an error, or with ``strict_tokenizer`` off a warning and no tokenizer."""
+    do not load are an error, or with ``strict_tokenizer`` off a warning and no tokenizer. ``describe_base`` off: a
+    plain model's base info is None (its weights' sha256 reads every byte of them: seconds for a large model)."""
     device, device_map, max_memory, offload_folder = memory.resolve_placement(device, device_map, max_memory,
                                                                               offload_folder)
     place = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder,
@@ -65,6 +67,8 @@ def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[
     model, tok = model_mod.load_hf(p, dtype=dtype or torch.float32, **place)
     if device is not None:
         model.to(device)
+    if not describe_base:
+        return model, tok, None, []
     base = {"name": model_mod.model_name(p), "path": str(p.resolve()), "sha256": model_mod.weights_sha256(p)}
     return model, tok, base, []
 
@@ -76,7 +80,8 @@ def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str
     "cpu": "24GiB"}`` or ``"cuda:0=2GiB,cpu=24GiB"``) bounds the weights per device, the rest goes to
     ``offload_folder`` on disk; either one alone implies ``device_map="auto"``."""
     model, tok, _, _ = open_model(path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                                  offload_folder=offload_folder, strict_tokenizer=return_tokenizer)
+                                  offload_folder=offload_folder, strict_tokenizer=return_tokenizer,
+                                  describe_base=False)
     return (model, tok) if return_tokenizer else model
 
 
@@ -419,7 +424,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
 
     p = model_mod.resolve(path, progress.note)
     check_long_lengths(context_limit(p), context, passkey_lengths, passkey_samples)
-    net, tok, base, stages = open_model(p, progress=progress, device=default_device(device))
+    net, tok, _, stages = open_model(p, progress=progress, device=default_device(device), describe_base=False)
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
     policy = installed_policy(net)
@@ -486,7 +491,8 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
                      device: Optional[str] = None, device_map=None, max_memory=None, offload_folder=None,
                      progress: Progress = NULL) -> Reference:
     """Run the reference (original) model once; its log-probs go to disk (see eval/agreement.py)."""
-    net, tok, _, _ = open_model(path, progress=progress, **_placement(device, device_map, max_memory, offload_folder))
+    net, tok, _, _ = open_model(path, progress=progress, describe_base=False,
+                                **_placement(device, device_map, max_memory, offload_folder))
     check_window(net, seq_len)
     if tok is None:
         raise UserError(f"{path} has no tokenizer files; evaluation needs one.")
@@ -511,8 +517,8 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     with a ``reference``, also KL divergence, top-1 agreement and greedy common prefix against it.
     ``device_map``/``max_memory``/``offload_folder``: accelerate placement, as in ``load``."""
     p = model_mod.resolve(path, progress.note)
-    net, tok, base, stages = open_model(p, progress=progress, **_placement(device, device_map, max_memory,
-                                                                          offload_folder))
+    net, tok, _, stages = open_model(p, progress=progress, describe_base=False,
+                                     **_placement(device, device_map, max_memory, offload_folder))
     check_window(net, seq_len)
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
