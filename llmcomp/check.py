@@ -79,7 +79,7 @@ def read_baseline(path: Path) -> dict:
         raise UserError(f"Baseline {path} is a directory; give the baseline JSON file (--baseline).")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (RecursionError: nested past any baseline)
         raise UserError(f"Baseline {path} is not valid JSON.") from None
     if not isinstance(data, dict) or data.get("llmcomp_check") != CHECK_VERSION or "metrics" not in data:
         raise UserError(f"Baseline {path} is not an llmcomp check baseline (version {CHECK_VERSION}).")

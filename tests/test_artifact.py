@@ -457,6 +457,18 @@ def test_a_model_loaded_in_inference_mode_runs(art):
         assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
+@pytest.mark.parametrize("value", ["x", ["x"], {"ppl": 1}])
+def test_malformed_evaluations_are_one_error(tmp_path, tiny_model_dir, value):
+    """The seal leaves evaluations out, and nothing checked their shape: report and eval --record raised
+    AttributeError on a string."""
+    art = api.quantize(W4, tmp_path / "a", str(tiny_model_dir))
+    _edit_manifest(art, lambda m: m.update(evaluations=value), seal=False)
+    with pytest.raises(UserError, match="'evaluations' must be an array of result objects"):
+        read_manifest(art)
+    with pytest.raises(UserError, match="'evaluations' must be an array"):
+        artifact_mod.record_evaluation(art, {"ppl": 1.0})
+
+
 def test_reference_base_refuses_a_base_model_changed_since(art, tiny_model_dir):
     """``eval --reference base`` compares against the recorded base model only while its weights are the ones the
     artifact was made from (a changed base gave a wrong agreement with no word)."""

@@ -304,6 +304,8 @@ def test_check_baseline_errors(artifact, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     error_line(invoke("check", artifact, "--baseline", bad))
+    bad.write_text("[" * 100000 + "]" * 100000)  # (a RecursionError in the JSON parser)
+    assert "not valid JSON" in error_line(invoke("check", artifact, "--baseline", bad))
     assert "is a directory; give the baseline JSON file" in error_line(invoke("check", artifact, "--baseline",
                                                                               tmp_path))
 
@@ -320,9 +322,33 @@ def test_report_paths_are_checked_first(artifact, tmp_path):
     assert not gone.parent.exists()
 
 
+def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path):
+    """eval --json ART/llmcomp.json, check --update --baseline ART/config.json and check --json BASELINE exited 0
+    and broke the artifact or the baseline."""
+    from pathlib import Path
+
+    art = Path(artifact)
+    before = {f.name: f.read_bytes() for f in art.iterdir() if f.is_file()}
+    base = tmp_path / "b.json"
+    base.write_text("{}")
+    for args in (("eval", art, "--json", art / "llmcomp.json"), ("eval", art, "--json", art / "new.json"),
+                 ("check", art, "--update", "--baseline", art / "config.json"),
+                 ("check", art, "--baseline", base, "--json", base),
+                 ("check", art, "--baseline", base, "--junit", base),
+                 ("check", art, "--baseline", base, "--json", tmp_path / "r", "--junit", tmp_path / "r")):
+        assert "which this command reads" in error_line(invoke(*args)), args
+    assert {f.name: f.read_bytes() for f in art.iterdir() if f.is_file()} == before
+    assert base.read_text() == "{}"
+
+
 def test_bench_kernels_bad_flags():
     assert "--ms" in error_line(invoke("bench", "kernels", "--ms", "1,x"))
     assert "--shapes" in error_line(invoke("bench", "kernels", "--shapes", "4096by4096"))
+    # (checked before the GPU is asked for: on a CPU machine these said only "needs a CUDA GPU")
+    assert "--ms" in error_line(invoke("bench", "kernels", "--ms", "0,1"))
+    assert "--shapes" in error_line(invoke("bench", "kernels", "--shapes", "0x4096"))
+    assert "bits" in error_line(invoke("bench", "kernels", "--bits", "9"))
+    assert "--out" in error_line(invoke("bench", "kernels", "--out", "/no-such-folder/k.json"))
 
 
 # -- artifact damage --------------------------------------------------------------------------------

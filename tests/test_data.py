@@ -100,3 +100,21 @@ def test_ids_past_the_embeddings_are_one_error():
         data.check_vocab(torch.tensor([[5, 100]]), model)
     with pytest.raises(UserError, match="past the model's 64 embeddings"):
         perplexity(model, _CharTok(), seq_len=16, n_windows=1, source="pydoc")
+
+
+def test_a_damaged_cached_text_is_one_error(tmp_path, monkeypatch):
+    """A byte that is not UTF-8 in the cached novels was a UnicodeDecodeError traceback from every command."""
+    import pytest
+
+    monkeypatch.setenv("LLMCOMP_CACHE", str(tmp_path))
+    root = tmp_path / "text" / "austen"
+    root.mkdir(parents=True)
+    for name in (*data.CALIB_NOVELS, *data.EVAL_NOVELS, "prideprejudice"):
+        (root / f"{name}.txt").write_text("It is a truth universally acknowledged.")
+    (root / f"{data.EVAL_NOVELS[0]}.txt").write_bytes(b"caf\xe9")
+    data.corpus.cache_clear()
+    try:
+        with pytest.raises(data.UserError, match="cached Austen text .* is damaged"):
+            data.corpus("austen")
+    finally:
+        data.corpus.cache_clear()

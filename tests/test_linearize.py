@@ -2,6 +2,7 @@
 the Cache with a constant-size state), distillation (transfer, hybrid choice, fine-tune, resume), the
 artifact round trip, the CLI and its bad input."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -323,3 +324,29 @@ def test_a_model_with_a_kv_policy_is_refused_before_any_work():
 
     with pytest.raises(UserError, match="KV-cache policy"):
         distill.check_model(tiny_llama(), [{"method": "kv-streaming", "kind": "kv"}])
+
+
+def test_a_diverged_fine_tune_writes_nothing(tmp_path):
+    """--lr inf (or 1e30) wrote an artifact of NaN weights ("KL 0.000 → nan") with exit status 0."""
+    src = _model_dir(tmp_path)
+    with pytest.raises(UserError, match="positive and finite"):
+        LinearizeConfig(method="hedgehog", lr=math.inf)
+    config = LinearizeConfig(method="hedgehog", window=0, lr=1e30, **SMALL)
+    with pytest.raises(UserError, match="diverged|NaN or inf"):
+        api.linearize(config, tmp_path / "lin", str(src), calib_samples=2, calib_seq_len=32, device="cpu")
+    assert not (tmp_path / "lin").exists()
+
+
+def test_an_artifact_never_holds_nan(tiny_model, tmp_path):
+    """The writer's own guard, whatever made the model: a NaN tensor, or one past float16 once cast."""
+    from llmcomp.core.artifact import write_artifact
+
+    with torch.no_grad():
+        tiny_model.model.norm.weight[0] = 1e6
+    with pytest.raises(UserError, match="model.norm.weight holds NaN or inf values once stored as float16"):
+        write_artifact(tmp_path / "a", tiny_model, None, base_model={}, stages=[], dtype=torch.float16)
+    with torch.no_grad():
+        tiny_model.model.norm.weight[0] = math.nan
+    with pytest.raises(UserError, match="model.norm.weight holds NaN"):
+        write_artifact(tmp_path / "a", tiny_model, None, base_model={}, stages=[])
+    assert not (tmp_path / "a").exists()

@@ -62,6 +62,22 @@ def test_written_artifact_loads_back_to_the_in_memory_model(tmp_path, shared, fa
     torch.testing.assert_close(stock, ref, atol=1e-6, rtol=0)
 
 
+def test_experts_of_odd_widths_run_and_load(tmp_path):
+    """21 neurons an expert in float32: transformers' default grouped_mm refused the strides ("strides should be
+    multiple of 16 bytes") during the conversion, and again in every load of the artifact."""
+    from llmcomp import api
+    from llmcomp.core.artifact import write_artifact
+
+    model, _ = moefy_model(tiny_llama(), ids(16, 32, seed=2), MoefyConfig(experts=4, top_k=2, shared=12),
+                           device="cpu")
+    assert model.config.moe_intermediate_size == 21
+    path = write_artifact(tmp_path / "moe", model, None, base_model={"name": "tiny", "path": "", "sha256": ""},
+                          stages=[{"method": "moefy", "config": {}, "metrics": {}}])
+    x = ids(4, 32, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(api.load(str(path))(x).logits, model(x).logits, atol=1e-6, rtol=0)
+
+
 def test_cli_and_library_defaults_agree():
     """``llmcomp convert moefy`` and ``api.moefy(MoefyConfig(), ...)`` must build the same MoE (they once
     differed in ``shared``: 512 vs 0 — the bench's MoE then had ppl 2130 instead of 59.69)."""

@@ -178,7 +178,7 @@ def eval_(
             raise UserError(f"--batch-size must be ≥ 1, got {batch_size}.")
         from llmcomp.core.paths import check_report
 
-        check_report(json_out, "--json")  # before the evaluation, not after it
+        check_report(json_out, "--json", reads=paths or ())  # before the evaluation, not after it
         from llmcomp.core.memory import resolve_placement
 
         resolve_placement(device, device_map, max_memory, offload_folder)  # bad flags fail before any load
@@ -256,8 +256,10 @@ def check(
         from llmcomp.core.paths import check_report
 
         check_model_path(artifact)  # the artifact named first is reported first
+        reads = [artifact] if update else [artifact, baseline]
         for path, flag in ((json_out, "--json"), (junit, "--junit"), (baseline if update else None, "--baseline")):
-            check_report(path, flag)  # before the measurement, not after it
+            check_report(path, flag, reads)  # before the measurement, not after it
+            reads.append(path)  # (and not where another of its reports goes)
         if update:
             settings = {"windows": windows, "seq_len": seq_len}
             chk.check_settings(settings, "--windows / --seq-len")

@@ -36,9 +36,19 @@ def kernels(
             parsed = [tuple(int(v) for v in s.lower().split("x")) for s in shapes.split(",")] if shapes else None
         except ValueError:
             raise UserError(f"--shapes must look like 4096x4096,14336x4096, got {shapes!r}.") from None
-        if parsed is not None and any(len(s) != 2 for s in parsed):
+        if parsed is not None and any(len(s) != 2 or min(s) < 1 for s in parsed):
             raise UserError(f"--shapes must look like 4096x4096,14336x4096, got {shapes!r}.")
         m_list, bit_list = _ints(ms, "--ms"), tuple(_ints(bits, "--bits"))
+        if not m_list or min(m_list) < 1:
+            raise UserError(f"--ms must be positive integers, e.g. 1,16; got {ms!r}.")
+        from llmcomp.core.paths import check_report
+        from llmcomp.formats import Uniform
+
+        if not bit_list:
+            raise UserError("--bits must name at least one bit width, e.g. 4 or 2,3,4.")
+        for b in bit_list:
+            Uniform(bits=b, group_size=group_size)  # bad bits / group: its own error line
+        check_report(out, "--out")  # before the GPU run, not after it
         floats = tuple(f.strip() for f in float_formats.split(",") if f.strip())
         bad = [f for f in floats if f not in ("mxfp4", "nvfp4", "fp4", "vq2", "vq3", "pvq2", "pvq3")]
         if bad:
@@ -135,6 +145,9 @@ def decode(
             if layers is not None or format != "uniform" or quantize_lm_head:
                 raise UserError("--layers, --format and --quantize-lm-head apply to --synthetic models only.")
             ref = _original_of(path, original)
+        from llmcomp.core.paths import check_report
+
+        check_report(out, "--out", reads=[path, original])  # before the GPU run, not after it
         import torch
 
         if not torch.cuda.is_available():

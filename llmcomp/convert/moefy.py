@@ -25,6 +25,7 @@ from torch import nn
 
 from llmcomp.core.calib import calibrate_layerwise
 from llmcomp.core.config import register_config
+from llmcomp.core.hfcompat import fit_experts
 from llmcomp.core.model import decoder_layers
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
@@ -193,6 +194,7 @@ def moefy_model(model: nn.Module, calib_ids: torch.Tensor, cfg: MoefyConfig, dev
 
     moe_cfg = target_config(model.config, cfg)
     target = AutoModelForCausalLM.from_config(moe_cfg, dtype=next(model.parameters()).dtype)
+    fit_experts(target)
     _, target_layers = decoder_layers(target)
     block_cls = type(target_layers[0].mlp)
     moe_cfg = target.config  # carries the experts implementation chosen at init

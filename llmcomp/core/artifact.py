@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmcomp.core.config import dumps, from_dict, to_dict
+from llmcomp.core.hfcompat import fit_experts
 from llmcomp.core.model import check_complete, load_tokenizer, place_tensor
 from llmcomp.core.paths import atomic_dir, check_output, locked
 from llmcomp.core.qlinear import QuantLinear
@@ -100,6 +101,16 @@ def _unique_state(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[
     return out
 
 
+def _check_finite(state: dict[str, torch.Tensor], dest: Path, dtype: Optional[torch.dtype]) -> None:
+    """No artifact holds NaN or inf: a diverged fine-tune (linearize at a huge --lr) wrote one that every later
+    command read as a model with NaN perplexity, exit status 0."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            cast = f" once stored as {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+            raise UserError(f"Not writing {dest}: tensor {name} holds NaN or inf values{cast}; the model it was "
+                            "made from is not finite.")
+
+
 def _is_packed_field(name: str, model: torch.nn.Module) -> bool:
     parent, _, field = name.rpartition(".")
     try:
@@ -147,8 +158,10 @@ def write_artifact(
     """Write ``model`` as an artifact at ``dest`` (atomically). Returns ``dest``."""
     dest = check_output(dest, overwrite)
     modules = {n: to_dict(m.fmt) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    state = _unique_state(model, dtype)
+    _check_finite(state, dest, dtype)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        _save_shards(_unique_state(model, dtype), tmp, shard_bytes)
+        _save_shards(state, tmp, shard_bytes)
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -219,6 +232,9 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
         if not (isinstance(stage, dict) and isinstance(stage.get("method"), str)
                 and isinstance(stage.get("config", {}), dict) and isinstance(stage.get("metrics", {}), dict)):
             raise UserError(f"{mpath} is corrupt: stage {i} needs a 'method' name and 'config' / 'metrics' objects.")
+    evaluations = manifest.get("evaluations", [])  # (outside the seal: appended by eval --record)
+    if not (isinstance(evaluations, list) and all(isinstance(e, dict) for e in evaluations)):
+        raise UserError(f"{mpath} is corrupt: 'evaluations' must be an array of result objects.")
     if verify:
         if SEAL in manifest and manifest[SEAL] != _seal(manifest):  # (artifacts written before the seal have none)
             raise UserError(f"{mpath} was edited after the artifact was written (its {SEAL} does not match); "
@@ -305,6 +321,7 @@ def build_skeleton(path: Path, manifest: dict):
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    fit_experts(model)
     hooks = _stage_hooks(manifest)
     for hook, stage in hooks:
         try:

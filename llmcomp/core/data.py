@@ -102,7 +102,11 @@ def _austen() -> Corpus | None:
         except _FETCH_ERRORS:  # (a damaged download or an unreadable package: the caller falls back, or says so)
             return None
     read = lambda names: "\n\n".join((root / f"{n}.txt").read_text(encoding="utf-8") for n in names)  # noqa: E731
-    return Corpus("austen", read(CALIB_NOVELS), read(EVAL_NOVELS))
+    try:
+        return Corpus("austen", read(CALIB_NOVELS), read(EVAL_NOVELS))
+    except (OSError, UnicodeDecodeError) as exc:  # (the cache edited or damaged since it was written)
+        raise UserError(f"The cached Austen text in {root} is damaged ({type(exc).__name__}); delete that folder "
+                        "and it is fetched again.") from None
 
 
 def _pydoc() -> Corpus:

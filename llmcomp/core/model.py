@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmcomp.core.hfcompat import fit_experts
 from llmcomp.core.paths import atomic_dir, cache_dir
 from llmcomp.errors import UserError
 
@@ -167,6 +168,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
         if isinstance(exc, RuntimeError) and "mismatched_sizes" in first:  # (its report went to the silenced log)
             first = "weights of other shapes than its config.json gives (vocab_size, hidden_size, ...)"
         raise UserError(f"Could not load a causal LM from {path}: {first}") from None
+    fit_experts(model)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     beyond = sorted(k for k in info.get("unexpected_keys") or () if isinstance(n_layers, int)
                     and (m := re.search(r"\blayers\.(\d+)\.", k)) and int(m[1]) >= n_layers)

@@ -73,16 +73,25 @@ def written_by_llmcomp(path: Path) -> bool:
             or ("report.md" in names and all(n == "report.md" or n.endswith(".png") for n in names)))
 
 
-def check_report(path, flag: str) -> None:
+def check_report(path, flag: str, reads=()) -> None:
     """A report file a command writes at its end (``--json``, ``--junit``, a baseline): refused before any work
-    where it could not be written then (its folder missing, or the path a directory)."""
+    where it could not be written then (its folder missing, or the path a directory), or where it would overwrite
+    what the command reads (``reads``: model directories, artifacts, a baseline; None entries skipped) — a file
+    inside an artifact (its manifest, its config) or the baseline itself."""
     if path is None:
         return
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file path.")
     if not path.parent.is_dir():
         raise UserError(f"{flag} {path}: its folder {path.parent} does not exist.")
+    target = path.resolve()
+    for read in reads:
+        if read is None:
+            continue
+        read = Path(read).expanduser().resolve()
+        if target == read or read in target.parents:
+            raise UserError(f"{flag} {path} would overwrite {read}, which this command reads; write it elsewhere.")
 
 
 @contextlib.contextmanager

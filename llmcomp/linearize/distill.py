@@ -79,8 +79,9 @@ class LinearizeConfig:
             raise UserError("--tokens and --transfer-steps must be ≥ 0.")
         if self.seq_len < 2 or self.batch_size < 1 or self.lora_rank < 1 or self.checkpoint_every < 1:
             raise UserError("--seq-len must be ≥ 2, and --batch-size, --lora-rank, --checkpoint-every ≥ 1.")
-        if not (self.lr > 0 and self.transfer_lr > 0):
-            raise UserError("Learning rates must be positive.")
+        if not (0 < self.lr < math.inf and 0 < self.transfer_lr < math.inf):
+            raise UserError(f"Learning rates must be positive and finite (got --lr {self.lr}, transfer "
+                            f"{self.transfer_lr}).")
         if not isinstance(self.feature_dim, int) or self.feature_dim < 0:
             raise UserError(f"The feature dimension must be ≥ 0 (0 = the head dimension), got {self.feature_dim}.")
         if not self.lora_alpha > 0:
@@ -268,6 +269,9 @@ def finetune(model: nn.Module, stream: torch.Tensor, config: LinearizeConfig, de
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         opt.step()
         losses.append(round(loss.item(), 5))
+        if not math.isfinite(losses[-1]):
+            raise UserError(f"Fine-tuning diverged: the KL to the teacher is {losses[-1]} at step {step + 1} of "
+                            f"{steps}; lower --lr (it is {config.lr}).")
         progress.advance(task)
         if path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
             _save_state(path, params, opt, step + 1, losses)
