@@ -133,7 +133,8 @@ def quantize(
     from llmcomp.quant import METHODS
     from llmcomp.quant.base import check_selection
 
-    check_selection(net, config)  # (before calibration, allocation and the resume folder)
+    # (before calibration, allocation and the resume folder; an allocation's formats are checked once chosen)
+    check_selection(net, config, None if allocation is not None else METHODS.get(config.method)(config))
 
     calib = None
     source = None
@@ -353,7 +354,8 @@ def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, ove
     start = time.perf_counter()
     def check(net, stages):
         if stages:
-            raise UserError(f"{model} is already an llmcomp artifact; moefy converts an original dense model.")
+            done = ", ".join(str(s.get("method")) for s in stages)  # (an artifact, or an imported GPTQ checkpoint)
+            raise UserError(f"{model} is already compressed ({done}); moefy converts an original dense model.")
         target_config(net.config, config)  # unsupported architectures fail before calibration
 
     output, net, tok, base, stages, ids, info = _calibrated(model, output, overwrite, calib_samples, calib_seq_len,
@@ -406,6 +408,9 @@ def check_long_lengths(limit: int, context: int, passkey_lengths=(), passkey_sam
 
     if limit and context > limit:
         raise UserError(f"A context of {context} tokens is longer than the model's ({limit} tokens).")
+    if passkey_samples and any(n < 1 for n in passkey_lengths):
+        raise UserError(f"Passkey prompt lengths must be positive token counts, got "
+                        f"{', '.join(map(str, passkey_lengths))}.")
     longest = max(passkey_lengths, default=0) if passkey_samples else 0
     if limit and answer_positions(longest) > limit:
         raise UserError(f"A passkey prompt of {longest} tokens plus its {ANSWER_TOKENS - 1} generated answer tokens "
@@ -594,7 +599,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
                                                             config.seed, progress, check=distill.check_model)
     key = resume.fingerprint(config=to_dict(config), **_job_key(net, ids, default_device(device)),
                              samples=calib_samples, seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
-    distill.check_layers(net, config)  # (before the resume directory exists)
+    distill.check_layers(net, config, calib_seq_len)  # (before the resume directory exists)
     checkpoint = resume.for_output(output, key, progress.note)
     stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)
     layout, report = distill.linearize_model(net, ids, stream, config, device=default_device(device),

@@ -128,3 +128,12 @@ def test_bad_sensitivity():
         allocate.AllocationConfig(sensitivity="hessian")
     with pytest.raises(UserError, match="fisher_samples"):
         allocate.AllocationConfig(fisher_samples=0)
+
+
+def test_budgets_outside_the_candidates_name_the_side():
+    """--bits 100.5 was told to choose a budget above 2."""
+    with pytest.raises(UserError, match="choose a budget above 2"):
+        allocate.AllocationConfig(budget=1.5, candidates=(2, 4))
+    with pytest.raises(UserError, match="past every candidate width \\[2, 4\\].*at most 5"):
+        allocate.AllocationConfig(budget=100.5, candidates=(2, 4))
+    assert allocate.AllocationConfig(budget=4.5, candidates=(2, 4)).budget == 4.5

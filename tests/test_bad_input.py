@@ -283,6 +283,11 @@ def test_eval_errors(artifact, tmp_path):
     (["--long", "--max-memory", "cpu=1GiB"], "--long runs the model on one --device"),
     (["--long", "--reference", "base"], "--reference and --record apply to perplexity eval"),  # (ignored before)
     (["--long", "--record"], "--reference and --record apply to perplexity eval"),
+    (["--long", "--seq-len", "16"], "--seq-len applies to perplexity eval, not --long"),  # (taken and ignored)
+    (["--long", "--batch-size", "2"], "--batch-size applies to perplexity eval, not --long"),
+    (["--context", "64"], "--context applies to --long eval only"),
+    (["--passkey-samples", "3"], "--passkey-samples applies to --long eval only"),
+    (["--long", "--context", "64", "--passkey-lengths", "-5", "--passkey-samples", "1"], "must be positive token"),
     (["--device", "cpu", "--max-memory", "cpu=1GiB"], "pass one of them"),  # (a traceback from model.to before)
     (["--offload-folder", "OUT/afile.txt"], "is a file; give a directory"),
     (["--seq-len", "257", "--windows", "1"], "longer than the model's context (256 tokens)"),

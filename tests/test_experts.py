@@ -317,6 +317,9 @@ def test_cli_bad_input(tmp_path, tiny_model_dir):
     assert "fewer than top_k = 2" in one_error_line(prune(src, "--ratio", "0.9"))
     assert "Unknown expert pruning method" in one_error_line(prune(src, "--method", "magic"))
     assert "LAYER=RATIO" in one_error_line(prune(src, "--layer-ratio", "x"))
+    # (taken and ignored before: the last ratio won; only heapr compensates)
+    assert "gives layer 0 twice" in one_error_line(prune(src, "--layer-ratio", "0=0.5", "--layer-ratio", "00=0.25"))
+    assert "apply to --method heapr" in one_error_line(prune(src, "--method", "reap", "--no-compensate"))
     assert not (tmp_path / "out").exists()
 
 

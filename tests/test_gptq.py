@@ -300,3 +300,14 @@ def test_a_misspelt_pattern_is_refused_before_calibration(tiny_model_dir, tmp_pa
     with pytest.raises(UserError, match=re.escape("'dwn_proj' (ignore)")):
         api.quantize(cfg, tmp_path / "out" / "o", str(tiny_model_dir))
     assert not calls and not (tmp_path / "out").exists()  # (no .o.resume folder or lock)
+
+
+def test_a_shape_its_format_cannot_take_is_refused_before_calibration(tiny_model_dir, tmp_path, monkeypatch):
+    """PVQ groups of 64 rows on 32-row layers: the error came after calibration, with the resume folder left."""
+    from llmcomp.formats.pyramid import Pyramid
+    from llmcomp.quant.pvq import PVQConfig
+
+    monkeypatch.setattr(api, "calib_windows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("calibrated")))
+    with pytest.raises(UserError, match="PVQ vector length 64 does not divide"):
+        api.quantize(PVQConfig(format=Pyramid(dim=64, pulses=8)), tmp_path / "out" / "p", str(tiny_model_dir))
+    assert not (tmp_path / "out").exists()

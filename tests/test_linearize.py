@@ -350,3 +350,21 @@ def test_an_artifact_never_holds_nan(tiny_model, tmp_path):
     with pytest.raises(UserError, match="model.norm.weight holds NaN"):
         write_artifact(tmp_path / "a", tiny_model, None, base_model={}, stages=[])
     assert not (tmp_path / "a").exists()
+
+
+def test_settings_that_train_nothing_are_refused_before_any_work(tmp_path):
+    """A window covering the calibration windows (the layers never used linear attention), a LoRA rank past the
+    projections and --tokens 0.5 (no fine-tune) were taken silently."""
+    from llmcomp.cli.linearize import parse_tokens
+
+    src = _model_dir(tmp_path)
+    for config, kw, match in ((LinearizeConfig(method="hedgehog", window=32, **{**SMALL, "seq_len": 64}),
+                               dict(calib_seq_len=32), "not smaller than the training windows \\(32 tokens\\)"),
+                              (LinearizeConfig(method="hedgehog", window=4, lora_rank=100000, **SMALL),
+                               dict(calib_seq_len=32), "--lora-rank 100000 is larger")):
+        with pytest.raises(UserError, match=match):
+            api.linearize(config, tmp_path / "lin", str(src), calib_samples=2, device="cpu", **kw)
+    assert not (tmp_path / "lin").exists() and not list(tmp_path.glob(".lin*"))
+    with pytest.raises(UserError, match="whole number of tokens"):
+        parse_tokens("0.5")
+    assert parse_tokens("1.5k") == 1500

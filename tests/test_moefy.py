@@ -138,7 +138,7 @@ def test_cli_convert_moefy_writes_a_stock_mixtral(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(stock).__name__ == "MixtralForCausalLM"
     r = CliRunner().invoke(app, ["convert", "moefy", str(out), "-o", str(tmp_path / "again")])
-    assert r.exit_code == 2 and "already an llmcomp artifact" in r.output
+    assert r.exit_code == 2 and "is already compressed (moefy)" in " ".join(r.output.split())
 
 
 @pytest.mark.slow

@@ -148,6 +148,7 @@ def quantize(
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     paths: Annotated[Optional[list[str]], typer.Argument(help="Model directories or artifacts (default: the bundled model).")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Show Δppl against the first path.")] = False,
     windows: Annotated[int, typer.Option(help="Number of held-out windows.")] = 16,
@@ -189,6 +190,12 @@ def eval_(
         if long and (reference is not None or record):
             raise UserError("--reference and --record apply to perplexity eval; --long reports its own metrics "
                             "(write them with --json).")
+        # (each was taken and ignored by the other evaluation)
+        stray = _given(ctx, ["seq_len", "batch_size"] if long else
+                       ["context", "passkey_lengths", "passkey_samples", "needle_keys"])
+        if stray:
+            what = "perplexity eval, not --long (whose windows are --context long)" if long else "--long eval only"
+            raise UserError(f"{stray[0]} applies to {what}.")
         if long:
             from llmcomp.cli.prune_kv import eval_long
 

@@ -19,6 +19,8 @@ def parse_tokens(text: str) -> int:
         raise UserError(f"--tokens {text!r} is not a token count (e.g. 500k, 5M, 1000000).") from None
     if not value >= 0 or value != value or value == float("inf"):
         raise UserError(f"--tokens must be ≥ 0 (got {text}).")
+    if value != int(value):  # (0.5 became 0: no fine-tune, silently)
+        raise UserError(f"--tokens must be a whole number of tokens (got {text}).")
     return int(value)
 
 

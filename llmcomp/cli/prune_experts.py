@@ -17,13 +17,18 @@ def parse_layer_ratios(items: list[str]) -> dict:
         try:
             if not sep or not layer.strip().isdigit():
                 raise ValueError
-            out[str(int(layer))] = float(value)  # ("03" is layer 3)
+            key = str(int(layer))  # ("03" is layer 3)
+            ratio = float(value)
         except ValueError:
             raise UserError(f"--layer-ratio takes LAYER=RATIO such as 3=0.5, got {item!r}.") from None
+        if key in out:  # (the last one won, silently)
+            raise UserError(f"--layer-ratio gives layer {key} twice ({out[key]:g} and {ratio:g}); give it once.")
+        out[key] = ratio
     return out
 
 
 def experts(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="MoE model directory or llmcomp artifact (e.g. one made by `llmcomp convert moefy`).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-experts"),
     method: Annotated[str, typer.Option(help="random | frequency (router selections) | reap (gate weight × output norm) | reconstruct (greedy, block output error) | heapr (atomic experts = neurons, second-order, per layer).")] = "reap",
@@ -42,12 +47,16 @@ def experts(
     from_pretrained when every layer keeps the same experts count)."""
     from llmcomp import api
     from llmcomp.cli import render
-    from llmcomp.cli.app import _quiet_transformers, run
+    from llmcomp.cli.app import _given, _quiet_transformers, run
 
     _quiet_transformers()
 
     def go():
         from llmcomp.prune.experts import ExpertPruneConfig
+
+        if method != "heapr" and _given(ctx, ["compensate"]):
+            raise UserError(f"--compensate / --no-compensate apply to --method heapr (its OBS update of the kept "
+                            f"neurons), not to {method}.")
 
         config = ExpertPruneConfig(method=method, ratio=ratio, protect_super_experts=protect,
                                    layer_ratios=parse_layer_ratios(layer_ratio), seed=seed, compensate=compensate)

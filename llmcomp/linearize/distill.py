@@ -307,10 +307,21 @@ def _load_transfer(path, model: nn.Module, spec: StudentSpec) -> tuple[dict[int,
     return students, errors
 
 
-def check_layers(model: nn.Module, config: LinearizeConfig) -> None:
-    """An out-of-range ``--keep-layers`` fails before any work (api.linearize calls it before the resume
-    directory exists)."""
-    choose_softmax_layers({}, len(decoder_layers(model)[1]), config)
+def check_layers(model: nn.Module, config: LinearizeConfig, calib_seq_len: Optional[int] = None) -> None:
+    """An out-of-range ``--keep-layers``, a LoRA rank past the projections' size or a window that covers the
+    training windows fails before any work (api.linearize calls it before the resume directory exists)."""
+    _, layers = decoder_layers(model)
+    kept = choose_softmax_layers(dict.fromkeys(range(len(layers)), 0.0), len(layers), config)
+    shortest = min(config.seq_len, calib_seq_len or config.seq_len)
+    if len(kept) < len(layers) and config.window >= shortest:  # (every position inside the softmax window)
+        raise UserError(f"--window {config.window} is not smaller than the training windows ({shortest} tokens): "
+                        "no linear attention would be trained; lower --window or raise --seq-len.")
+    smallest = min(min(p.in_features, p.out_features) for layer in layers
+                   for p in (getattr(attention_of(layer), n) for n in PROJECTIONS))
+    if config.lora_rank > smallest:
+        raise UserError(f"--lora-rank {config.lora_rank} is larger than the attention projections allow "
+                        f"({smallest}).")
+
 
 
 def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, config: LinearizeConfig, *,
@@ -321,7 +332,7 @@ def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, c
     spec = config.spec()
     model.requires_grad_(False)
     _, layers = decoder_layers(model)
-    choose_softmax_layers({}, len(layers), config)  # (check_layers, on the layers already found)
+    check_layers(model, config)
     saved = checkpoint.dir / "transfer.safetensors" if checkpoint is not None else None
     if saved is not None and saved.exists():
         progress.note("Resuming: attention transfer already done")

@@ -57,10 +57,14 @@ class AllocationConfig:
             raise UserError(f"Allocation candidates must be integers from 2 to 8, got {list(self.candidates)}.")
         for b in self.candidates:
             Uniform(bits=b, group_size=self.group_size, symmetric=self.symmetric)  # validates the group size
-        if not min(self.candidates) <= self.budget <= max(self.candidates) + 1:
+        widths = sorted(set(self.candidates))
+        if not self.budget >= widths[0]:
             raise UserError(f"A budget of {self.budget:g} bits per weight cannot be met with candidate widths "
-                            f"{sorted(set(self.candidates))} (scales and zeros add to each); choose a budget "
-                            f"above {min(self.candidates)}.")
+                            f"{widths} (scales and zeros add to each); choose a budget above {widths[0]}.")
+        if not self.budget <= widths[-1] + 1:
+            raise UserError(f"A budget of {self.budget:g} bits per weight is past every candidate width {widths} "
+                            f"(all at {widths[-1]} bits would leave it unspent); choose a budget of at most "
+                            f"{widths[-1] + 1}, or whole --bits for one width.")
         if self.sensitivity not in SENSITIVITIES:
             raise UserError(f"Unknown allocation sensitivity {self.sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}.")
         if self.fisher_samples < 1:

@@ -165,9 +165,10 @@ def _first_of_group(m: nn.Module, stats: dict) -> bool:
 
 
 @torch.no_grad()
-def check_selection(model: nn.Module, config) -> list[str]:
-    """The names of the layers ``config``'s targets and ignore patterns select; a UserError where none is, or
-    where a pattern the user wrote matches no module (checked again before calibration: ``api.quantize``)."""
+def check_selection(model: nn.Module, config, quantizer: Optional[Quantizer] = None) -> list[str]:
+    """The names of the layers ``config``'s targets and ignore patterns select; a UserError where none is, where
+    a pattern the user wrote matches no module or (given the ``quantizer``) where a layer's shape does not fit its
+    format. ``api.quantize`` checks before calibration and the resume folder, ``quantize_model`` again."""
     chosen = [n for n, _ in select_linears(model, config.targets, config.ignore)]
     if not chosen:
         done = sum(isinstance(m, QuantLinear) for m in model.modules())
@@ -182,6 +183,8 @@ def check_selection(model: nn.Module, config) -> list[str]:
         if missed:
             raise UserError(f"Layer pattern {missed[0]!r} ({field}) matches no module of the model; check its "
                             "spelling (a class name, a path or its dotted suffix, or re:REGEX).")
+    if quantizer is not None:
+        _check_shapes(model, quantizer, chosen)
     return chosen
 
 
@@ -208,8 +211,7 @@ def quantize_model(
     quantizer: Quantizer = METHODS.get(config.method)(config)
     # Names, not modules: a replaced nn.Linear must be freed at once (on the GPU it would otherwise stay
     # there after its decoder layer went home — one original layer per finished layer).
-    chosen = check_selection(model, config)
-    _check_shapes(model, quantizer, chosen)
+    chosen = check_selection(model, config, quantizer)
     report: dict = {}
     start = time.perf_counter()
     if not quantizer.needs_calibration:
