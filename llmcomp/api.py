@@ -60,7 +60,8 @@ def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[
     kind = imports.detect(p)
     if kind is not None:  # a GPTQ / compressed-tensors checkpoint: its layers become llmcomp uniform layers
         model, tok, base, stages = imports.open_checkpoint(p, kind, dtype=dtype, device=device,
-                                                           strict_tokenizer=strict_tokenizer)
+                                                           strict_tokenizer=strict_tokenizer,
+                                                           describe_base=describe_base)
         if device_map is not None:
             model = memory.dispatch(model, device_map, max_memory, offload_folder)
         return model, tok, base, stages

@@ -497,6 +497,16 @@ def test_reference_base_reads_the_digest_earlier_versions_took(tiny_model_dir, t
         api.base_model_path(art)
 
 
+def test_a_damaged_index_beside_model_safetensors_is_not_read(tiny_model_dir):
+    """transformers reads model.safetensors and never the index beside it; the digest must not either."""
+    from llmcomp.core import model as model_mod
+
+    digest = model_mod.weights_sha256(tiny_model_dir)
+    (tiny_model_dir / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    assert model_mod.weights_sha256(tiny_model_dir) == digest
+    assert model_mod.same_weights(tiny_model_dir, digest)
+
+
 def test_home_in_output_source_and_cache_paths(tmp_path, monkeypatch):
     """``~`` reaches the API as is (no shell): outputs, the input they must not replace, and LLMCOMP_CACHE take it as
     the home directory (it wrote ./~/out, and let ~/art replace the artifact at its absolute path)."""

@@ -336,7 +336,8 @@ def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path):
     before = {f.name: f.read_bytes() for f in art.iterdir() if f.is_file()}
     base = tmp_path / "b.json"
     base.write_text("{}")
-    for args in (("eval", art, "--json", art / "llmcomp.json"), ("eval", art, "--json", art / "new.json"),
+    for args in (("eval", art, "--json", art / "llmcomp.json"), ("eval", art, "--json", art / "tokenizer.json"),
+                 ("eval", art, "--reference", art, "--json", art / "model.safetensors"),
                  ("check", art, "--update", "--baseline", art / "config.json"),
                  ("check", art, "--baseline", base, "--json", base),
                  ("check", art, "--baseline", base, "--junit", base),
@@ -344,6 +345,10 @@ def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path):
         assert "which this command reads" in error_line(invoke(*args)), args
     assert {f.name: f.read_bytes() for f in art.iterdir() if f.is_file()} == before
     assert base.read_text() == "{}"
+    from llmcomp.core.paths import check_report  # a new file beside the model is fine (cd ART && check . --update)
+
+    check_report(art / "llmcomp-baseline.json", "--baseline", reads=[art])
+    check_report(art / "eval.json", "--json", reads=[art, base])
 
 
 def test_bench_kernels_bad_flags():

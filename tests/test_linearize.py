@@ -338,8 +338,15 @@ def test_a_diverged_fine_tune_writes_nothing(tmp_path):
 
 
 def test_an_artifact_never_holds_nan(tiny_model, tmp_path):
-    """The writer's own guard, whatever made the model: a NaN tensor, or one past float16 once cast."""
+    """The writer's own guard, whatever made the model: a NaN tensor, or one past float16 once cast. NVFP4's
+    float8 block scales, which torch.isfinite does not take on a CPU, are checked too (that refused every NVFP4
+    artifact)."""
     from llmcomp.core.artifact import write_artifact
+    from llmcomp.core.numeric import all_finite
+
+    scales = torch.tensor([1.0, 448.0, -2.0]).to(torch.float8_e4m3fn)
+    assert all_finite(scales) and not all_finite(torch.cat([scales, torch.tensor([math.nan]).to(scales.dtype)]))
+    assert all_finite(torch.empty(0)) and not all_finite(torch.tensor([1.0, -math.inf]))
 
     with torch.no_grad():
         tiny_model.model.norm.weight[0] = 1e6
@@ -367,4 +374,4 @@ def test_settings_that_train_nothing_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "lin").exists() and not list(tmp_path.glob(".lin*"))
     with pytest.raises(UserError, match="whole number of tokens"):
         parse_tokens("0.5")
-    assert parse_tokens("1.5k") == 1500
+    assert parse_tokens("1.5k") == 1500 and parse_tokens("4.1M") == 4_100_000  # (float: 4099999.99…)

@@ -179,7 +179,8 @@ def eval_(
             raise UserError(f"--batch-size must be ≥ 1, got {batch_size}.")
         from llmcomp.core.paths import check_report
 
-        check_report(json_out, "--json", reads=paths or ())  # before the evaluation, not after it
+        # (before the evaluation, not after it)
+        check_report(json_out, "--json", reads=[*(paths or ()), reference if reference != "base" else None])
         from llmcomp.core.memory import resolve_placement
 
         resolve_placement(device, device_map, max_memory, offload_folder)  # bad flags fail before any load

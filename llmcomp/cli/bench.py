@@ -44,15 +44,15 @@ def kernels(
         from llmcomp.core.paths import check_report
         from llmcomp.formats import Uniform
 
-        if not bit_list:
-            raise UserError("--bits must name at least one bit width, e.g. 4 or 2,3,4.")
-        for b in bit_list:
-            Uniform(bits=b, group_size=group_size)  # bad bits / group: its own error line
-        check_report(out, "--out")  # before the GPU run, not after it
         floats = tuple(f.strip() for f in float_formats.split(",") if f.strip())
         bad = [f for f in floats if f not in ("mxfp4", "nvfp4", "fp4", "vq2", "vq3", "pvq2", "pvq3")]
         if bad:
             raise UserError(f"--float-formats takes mxfp4, nvfp4, fp4, vq2, vq3, pvq2 or pvq3, got {', '.join(bad)}.")
+        if not bit_list and not floats:
+            raise UserError("--bits and --float-formats are both empty: nothing to time.")
+        for b in bit_list:
+            Uniform(bits=b, group_size=group_size)  # bad bits / group: its own error line
+        check_report(out, "--out")  # before the GPU run, not after it
         import torch
 
         if not torch.cuda.is_available():

@@ -1,6 +1,7 @@
 """``llmcomp linearize``: distil softmax attention into linear attention (Hedgehog, Liger, GLA, Mamba-2 seeding), with hybrids."""
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,13 +14,13 @@ def parse_tokens(text: str) -> int:
     """``5M`` / ``200k`` / ``1e6`` / ``12345`` → a token count."""
     t = text.strip().lower().replace("_", "")
     scale = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if scale != 1 else t) * scale
-    except ValueError:
+    try:  # (decimal: 4.1M is 4100000, not float's 4099999.9999999995)
+        value = Decimal(t[:-1] if scale != 1 else t) * scale
+    except InvalidOperation:
         raise UserError(f"--tokens {text!r} is not a token count (e.g. 500k, 5M, 1000000).") from None
-    if not value >= 0 or value != value or value == float("inf"):
+    if not value.is_finite() or value < 0:
         raise UserError(f"--tokens must be ≥ 0 (got {text}).")
-    if value != int(value):  # (0.5 became 0: no fine-tune, silently)
+    if value != value.to_integral_value():  # (0.5 became 0: no fine-tune, silently)
         raise UserError(f"--tokens must be a whole number of tokens (got {text}).")
     return int(value)
 

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from llmcomp.core.config import dumps, from_dict, to_dict
 from llmcomp.core.hfcompat import fit_experts
 from llmcomp.core.model import check_complete, load_tokenizer, place_tensor
+from llmcomp.core.numeric import all_finite
 from llmcomp.core.paths import atomic_dir, check_output, locked
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.formats.base import WeightFormat
@@ -105,7 +106,7 @@ def _check_finite(state: dict[str, torch.Tensor], dest: Path, dtype: Optional[to
     """No artifact holds NaN or inf: a diverged fine-tune (linearize at a huge --lr) wrote one that every later
     command read as a model with NaN perplexity, exit status 0."""
     for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             cast = f" once stored as {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
             raise UserError(f"Not writing {dest}: tensor {name} holds NaN or inf values{cast}; the model it was "
                             "made from is not finite.")
@@ -321,7 +322,6 @@ def build_skeleton(path: Path, manifest: dict):
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    fit_experts(model)
     hooks = _stage_hooks(manifest)
     for hook, stage in hooks:
         try:
@@ -338,6 +338,7 @@ def build_skeleton(path: Path, manifest: dict):
             raise UserError(f"{path / MANIFEST} is corrupt: module {name!r} is not a linear layer of the model.")
         set_submodule(model, name, QuantLinear(old.in_features, old.out_features, fmt,
                                                bias=old.bias is not None, device="meta"))
+    fit_experts(model)  # (after the stage hooks: a pruning stage may have narrowed the experts)
     return model, hooks
 
 

@@ -88,20 +88,27 @@ def check_model_path(path: str | os.PathLike | None) -> Path | None:
     return p
 
 
-def _weight_lists(path: Path) -> list[list[Path]]:
-    """The weight files a digest covers: first what a load reads (sorted by name) — model.safetensors, else its
+def _weight_lists(path: Path, legacy: bool = False) -> list[list[Path]]:
+    """The weight files a digest covers: what a load reads (sorted by name) — model.safetensors, else its
     safetensors index's files, not every weight-like file beside them (a Mistral-style consolidated.safetensors,
-    hidden ``._`` copies); any such files where neither exists. Then, distinct from it, what earlier llmcomp
-    versions hashed (the index's files before model.safetensors; every weight-like file), so that the base-model
-    check still reads their artifacts."""
+    hidden ``._`` copies); any such files where neither exists. With ``legacy``, then, distinct from it, what
+    earlier llmcomp versions hashed (the index's files before model.safetensors; every weight-like file), so
+    that the base-model check still reads their artifacts."""
     from llmcomp.core.artifact import weight_files
 
     every = sorted(f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
-    indexed = sorted(f for f in weight_files(path) if f.is_file()) or every
     single = path / "model.safetensors"
     # (transformers reads model.safetensors before an index beside it; an artifact never holds both)
+    if single.is_file() and not legacy:
+        return [[single]]
+    try:
+        indexed = sorted(f for f in weight_files(path) if f.is_file()) or every
+    except UserError:  # (a damaged index beside model.safetensors, which a load never reads)
+        if not single.is_file():
+            raise
+        indexed = every
     lists = [[single] if single.is_file() else indexed, indexed, every]
-    return [files for i, files in enumerate(lists) if files not in lists[:i]]
+    return [files for i, files in enumerate(lists) if files not in lists[:i]][: 3 if legacy else 1]
 
 
 def _digest(files: list[Path]) -> str:
@@ -122,7 +129,7 @@ def weights_sha256(path: Path) -> str:
 def same_weights(path: Path, digest: str) -> bool:
     """Whether ``path``'s weights are those ``digest`` (a manifest's ``base_model.sha256``) was taken of, by
     today's file choice or an earlier version's."""
-    return any(_digest(files) == digest for files in _weight_lists(path))
+    return any(_digest(files) == digest for files in _weight_lists(path, legacy=True))
 
 
 def model_name(path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
 import os
 import shutil
 import stat
@@ -77,7 +78,8 @@ def check_report(path, flag: str, reads=()) -> None:
     """A report file a command writes at its end (``--json``, ``--junit``, a baseline): refused before any work
     where it could not be written then (its folder missing, or the path a directory), or where it would overwrite
     what the command reads (``reads``: model directories, artifacts, a baseline; None entries skipped) — a file
-    inside an artifact (its manifest, its config) or the baseline itself."""
+    of a model directory (its manifest, config, weights, tokenizer) or the baseline itself. Other files beside
+    a model are fine (``cd ART && llmcomp check . --update`` keeps its baseline there)."""
     if path is None:
         return
     path = Path(path).expanduser()
@@ -90,8 +92,22 @@ def check_report(path, flag: str, reads=()) -> None:
         if read is None:
             continue
         read = Path(read).expanduser().resolve()
-        if target == read or read in target.parents:
-            raise UserError(f"{flag} {path} would overwrite {read}, which this command reads; write it elsewhere.")
+        if target == read or (target.parent == read and _model_file(read, target.name)):
+            raise UserError(f"{flag} {path} would overwrite {target}, which this command reads; write it elsewhere.")
+
+
+def _model_file(folder: Path, name: str) -> bool:
+    """Whether ``name`` is a file a load of the model or artifact in ``folder`` reads."""
+    from llmcomp.core.artifact import INDEX, MANIFEST
+    from llmcomp.core.model import TOKENIZER_FILES
+
+    if name in (MANIFEST, INDEX, "config.json", "generation_config.json", "special_tokens_map.json",
+                "chat_template.jinja", *TOKENIZER_FILES) or name.endswith(".safetensors"):
+        return True
+    try:  # (an artifact lists every file it wrote)
+        return name in json.loads((folder / MANIFEST).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager

@@ -76,7 +76,7 @@ def _convert(kind: str, name: str, fields: dict, qc: dict, module: nn.Module):
 
 
 def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None,
-                    strict_tokenizer: bool = True):
+                    strict_tokenizer: bool = True, describe_base: bool = True):
     """(model, tokenizer, base-model info, [import stage]) for a ``kind`` checkpoint directory."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -142,5 +142,6 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
              "wall_time_s": round(time.perf_counter() - start, 2),
              "metrics": {"bits_per_weight": round(size_report(model)["bits_per_weight"], 4),
                          "imported_layers": len(formats)}}
-    base = {"name": model_mod.model_name(path), "path": str(path.resolve()), "sha256": model_mod.weights_sha256(path)}
+    base = None if not describe_base else {"name": model_mod.model_name(path), "path": str(path.resolve()),
+                                           "sha256": model_mod.weights_sha256(path)}
     return model, model_mod.load_tokenizer(path, strict_tokenizer), base, [stage]

@@ -21,7 +21,7 @@ from llmcomp.core.qlinear import QuantLinear
 from llmcomp.core.registry import Registry
 from llmcomp.core.select import select, select_linears, unmatched
 from llmcomp.errors import UserError
-from llmcomp.quant.hessian import _all_finite
+from llmcomp.core.numeric import all_finite
 
 METHODS: Registry[type] = Registry("quantization method")
 
@@ -100,7 +100,7 @@ def check_finite_inputs(name: str, stats) -> None:
     """Calibration statistics with NaN or inf (an activation that overflowed) are one error line naming the layer:
     GPTQ reported a Hessian "not positive definite" at any dampening, RTN W4A4 wrote NaN input scales."""
     H = getattr(stats, "H", None)
-    if isinstance(H, torch.Tensor) and H.numel() and not _all_finite(H):
+    if isinstance(H, torch.Tensor) and H.numel() and not all_finite(H):
         raise UserError(f"The calibration inputs of {name} are not finite (NaN or inf): the model's activations "
                         "overflow on the calibration text before this layer.")
 
@@ -121,7 +121,7 @@ def _replace(model: nn.Module, quantizer: Quantizer, name: str, linear: nn.Linea
     check_finite_inputs(name, stats)
     result = quantizer.quantize_linear(name, linear, stats)
     estimate = result.module.fmt.original_estimate(result.module.packed_tensors(), result.module.in_features)
-    if not _all_finite(estimate):  # e.g. a float16 scale or codebook entry past 65504
+    if not all_finite(estimate):  # e.g. a float16 scale or codebook entry past 65504
         raise UserError(f"{name}: its quantized weights are not finite (its largest weight, "
                         f"{float(linear.weight.abs().max()):.3g}, overflows the format's float16 scales); add it "
                         "to --ignore.")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmcomp.core.numeric import all_finite
 from llmcomp.errors import UserError
 
 
@@ -122,13 +123,6 @@ def dampen(H: torch.Tensor, percdamp: float = 0.01) -> DampedHessian:
 _warned_not_pd = False
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """``torch.isfinite(t).all()`` without its full-size temporaries (|t| and three masks): NaN
-    propagates to both ends of ``aminmax`` and ±inf shows at one."""
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
 def inverse_cholesky(dh: DampedHessian, max_tries: int = 8) -> tuple[torch.Tensor, DampedHessian]:
     """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``) for a dampened Hessian.
 
@@ -141,12 +135,12 @@ def inverse_cholesky(dh: DampedHessian, max_tries: int = 8) -> tuple[torch.Tenso
     # Memory: H plus two of L, H⁻¹, U (in×in each) live at once, plus the solver's own copy on CUDA.
     for _ in range(max_tries):
         L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0 and _all_finite(L):
+        if int(info) == 0 and all_finite(L):
             Hinv = torch.cholesky_inverse(L)
             del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             del Hinv
-            if int(info) == 0 and _all_finite(U):
+            if int(info) == 0 and all_finite(U):
                 return U, dh
         new = max(percdamp * 10, 0.01)
         if not _warned_not_pd:
