@@ -419,6 +419,14 @@ def check_long_lengths(limit: int, context: int, passkey_lengths=(), passkey_sam
                         f"{limit - ANSWER_TOKENS + 1}.")
 
 
+def _named(path, p: Path) -> dict:
+    """A result row's path and name: the bundled model as ``smollm2-135m`` however it was named (the alias gave its
+    cache folder's name, SmolLM2-135M-Instruct, and no path the alias), anything else as its folder."""
+    if path is None or str(path) == model_mod.DEFAULT_MODEL:
+        return {"path": model_mod.DEFAULT_MODEL, "name": model_mod.DEFAULT_MODEL}
+    return {"path": str(path), "name": p.resolve().name}
+
+
 def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: int = 64,
                   passkey_lengths=(1024, 2048), passkey_samples: int = 10, needle_keys: int = 0,
                   device: Optional[str] = None, progress: Progress = NULL) -> dict:
@@ -440,8 +448,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
     result = long_context_eval(net, tok, context=context, n_windows=n_windows, chunk=chunk,
                                passkey_lengths=tuple(passkey_lengths), passkey_n=passkey_samples,
                                needle_keys=needle_keys, progress=progress)
-    return {"path": str(path) if path is not None else model_mod.DEFAULT_MODEL,
-            "name": p.resolve().name if path is not None else model_mod.DEFAULT_MODEL,
+    return {**_named(path, p),
             "stages": " + ".join(stage_label(s) for s in stages) or "original",
             "policy": policy.describe() if policy is not None else "dense",
             **result, "text": corpus().name, "eval_time_s": round(time.perf_counter() - start, 2)}
@@ -535,8 +542,7 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     ppl = perplexity(net, tok, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size, progress=progress,
                      windows=windows, comparer=reference.comparer() if reference is not None else None)
     result = {
-        "path": str(path) if path is not None else model_mod.DEFAULT_MODEL,
-        "name": p.resolve().name if path is not None else model_mod.DEFAULT_MODEL,
+        **_named(path, p),
         "stages": " + ".join(stage_label(s) for s in stages) or "original",
         **ppl,
         **size_report(net, p),

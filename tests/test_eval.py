@@ -88,3 +88,16 @@ def test_an_all_zero_linear_has_no_sqnr_rather_than_minus_inf(tiny_model):
     assert report["model.layers.0.self_attn.o_proj"]["sqnr_db"] is None
     assert report["model.layers.0.self_attn.q_proj"]["sqnr_db"] > 10
     json.dumps(report, allow_nan=False)
+
+
+def test_the_bundled_model_has_one_name_in_result_rows(tmp_path):
+    """`llmcomp eval smollm2-135m ...` labelled its row with the cache folder's name (the README's quickstart table
+    says smollm2-135m, which only `llmcomp eval` without a path printed)."""
+    from pathlib import Path
+
+    from llmcomp import api
+
+    cache = Path("/cache/models/SmolLM2-135M-Instruct")
+    assert api._named(None, cache) == api._named("smollm2-135m", cache) == {"path": "smollm2-135m",
+                                                                             "name": "smollm2-135m"}
+    assert api._named(str(tmp_path / "w4"), tmp_path / "w4")["name"] == "w4"
