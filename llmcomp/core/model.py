@@ -5,8 +5,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import warnings
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmcomp.core.hfcompat import fit_experts
+from llmcomp.core.numeric import all_finite
 from llmcomp.core.paths import atomic_dir, cache_dir
 from llmcomp.errors import UserError
 
@@ -229,7 +230,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise UserError(f"Layer {name} has NaN or inf weights; the model is corrupt.")
 
 

@@ -102,7 +102,8 @@ def _model_file(folder: Path, name: str) -> bool:
     from llmcomp.core.model import TOKENIZER_FILES
 
     if name in (MANIFEST, INDEX, "config.json", "generation_config.json", "special_tokens_map.json",
-                "chat_template.jinja", *TOKENIZER_FILES) or name.endswith(".safetensors"):
+                "added_tokens.json", "merges.txt", "chat_template.jinja", *TOKENIZER_FILES) \
+            or name.endswith(".safetensors"):
         return True
     try:  # (an artifact lists every file it wrote)
         return name in json.loads((folder / MANIFEST).read_text()).get("files", {})

@@ -16,12 +16,12 @@ from torch import nn
 
 from llmcomp.core.calib import calibrate_layerwise
 from llmcomp.core.model import check_finite, decoder_layers, set_submodule
+from llmcomp.core.numeric import all_finite
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.core.registry import Registry
 from llmcomp.core.select import select, select_linears, unmatched
 from llmcomp.errors import UserError
-from llmcomp.core.numeric import all_finite
 
 METHODS: Registry[type] = Registry("quantization method")
 
