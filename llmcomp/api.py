@@ -29,6 +29,13 @@ from llmcomp.quant.allocate import AllocationConfig
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _expect(value, kinds, name: str, what: str) -> None:
+    """A UserError where an entry point's config argument is something else (a preset's name, a dict, a format):
+    it failed at the first attribute read, deep inside."""
+    if not isinstance(value, kinds):
+        raise UserError(f"{name} must be {what}, got {type(value).__name__} {value!r:.80}.")
+
+
 def default_device(device: Optional[str] = None) -> str:
     """``device`` checked (``memory.check_device``), else cuda where a GPU is visible, else cpu."""
     return memory.check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,6 +87,10 @@ def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str
     transformers model. ``device_map="auto"`` places it with accelerate: ``max_memory`` (``{0: "2GiB",
     "cpu": "24GiB"}`` or ``"cuda:0=2GiB,cpu=24GiB"``) bounds the weights per device, the rest goes to
     ``offload_folder`` on disk; either one alone implies ``device_map="auto"``."""
+    if isinstance(dtype, str):  # ("bfloat16", as quantize(dtype=...) takes it)
+        dtype = parse_dtype(dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UserError(f"dtype must be a floating-point torch dtype or one of {', '.join(DTYPES)}, got {dtype!r}.")
     model, tok, _, _ = open_model(path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                                   offload_folder=offload_folder, strict_tokenizer=return_tokenizer,
                                   describe_base=False)
@@ -111,6 +122,12 @@ def quantize(
     ``max_memory``: its GPU entries hard-cap this process's GPU memory for the job (the model stays in
     CPU memory, one decoder layer at a time on the GPU; ignored where no GPU is visible); a ``cpu`` entry
     is checked against the model's size. Disk offload is not supported here (``offload_folder``)."""
+    _expect(config, QuantConfig, "config", "a quantization config such as llmcomp.PRESETS['w4g128'] or RTNConfig()")
+    _expect(allocation, (AllocationConfig, type(None)), "allocation", "an AllocationConfig")
+    if not isinstance(calib_batch, int) or isinstance(calib_batch, bool):
+        raise UserError(f"--calib-batch must be an integer, got {calib_batch!r}.")
+    if shard_bytes is not None and (not isinstance(shard_bytes, int) or shard_bytes < 1):
+        raise UserError(f"shard_bytes must be a positive integer, got {shard_bytes!r}.")
     output = check_output(output, overwrite, model)
     if offload_folder is not None:
         raise UserError("quantize keeps the model in CPU memory and moves one decoder layer at a time to the GPU; "
@@ -227,6 +244,9 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
              device: Optional[str] = None, dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
     """Record a KV-cache policy (``llmcomp.prune.kv`` config) in an artifact; calibrated policies
     (DuoAttention heads, CSKV bases) are calibrated here. ``llmcomp.load`` re-installs the policy."""
+    from llmcomp.prune.kv.base import KVPolicy
+
+    _expect(policy, KVPolicy, "policy", "a KV policy config such as KIVIConfig(bits=4)")
     memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.prune.kv.cache import check_supported
 
@@ -292,6 +312,9 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
                   dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
     """Remove routed experts (or, with HEAPr, neurons) of an MoE model (``prune.experts.ExpertPruneConfig``)
     scored from one calibration pass; the artifact records the new shapes (``llmcomp.load`` rebuilds them)."""
+    from llmcomp.prune.experts import ExpertPruneConfig
+
+    _expect(config, ExpertPruneConfig, "config", "an ExpertPruneConfig")
     memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.core.qlinear import QuantLinear
     from llmcomp.prune import experts, moe
@@ -348,6 +371,9 @@ def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, ove
           dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
     """Convert a dense Llama-style model into a stock transformers MoE (``convert.moefy.MoefyConfig``):
     MLP neurons clustered into experts, routers calibrated on the bundled text."""
+    from llmcomp.convert.moefy import MoefyConfig
+
+    _expect(config, MoefyConfig, "config", "a MoefyConfig")
     memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.convert.moefy import moefy_model, target_config
 
@@ -504,6 +530,7 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
                      device: Optional[str] = None, device_map=None, max_memory=None, offload_folder=None,
                      progress: Progress = NULL) -> Reference:
     """Run the reference (original) model once; its log-probs go to disk (see eval/agreement.py)."""
+    check_eval(seq_len, n_windows, batch_size)
     net, tok, _, _ = open_model(path, progress=progress, describe_base=False,
                                 **_placement(device, device_map, max_memory, offload_folder))
     check_window(net, seq_len)
@@ -514,6 +541,13 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
     ref = Reference.record(net, windows, batch_size=batch_size, progress=progress, tokenizer=tokenizer_id(tok))
     del net
     return ref
+
+
+def check_eval(seq_len, n_windows, batch_size) -> None:
+    """Perplexity settings as one error each (library calls took 0, 1, -5 or 32.0 into deep tracebacks)."""
+    for name, value, low in (("--seq-len", seq_len, 2), ("--windows", n_windows, 1), ("--batch-size", batch_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"{name} must be an integer ≥ {low}, got {value!r}.")
 
 
 def _placement(device, device_map, max_memory, offload_folder) -> dict:
@@ -529,6 +563,9 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     """Perplexity on the held-out text, bits per weight and size for a model directory or artifact;
     with a ``reference``, also KL divergence, top-1 agreement and greedy common prefix against it.
     ``device_map``/``max_memory``/``offload_folder``: accelerate placement, as in ``load``."""
+    check_eval(seq_len, n_windows, batch_size)
+    if reference is not None and not isinstance(reference, Reference):
+        raise UserError(f"reference must be a Reference (api.record_reference(path)), got {type(reference).__name__}.")
     p = model_mod.resolve(path, progress.note)
     net, tok, _, stages = open_model(p, progress=progress, describe_base=False,
                                      **_placement(device, device_map, max_memory, offload_folder))
@@ -594,6 +631,9 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     """Distil the model's softmax attention into linear attention (``linearize.distill.LinearizeConfig``):
     per-layer attention transfer on calibration windows, then a LoRA fine-tune on the bundled text with a
     KL loss to the original; a killed run resumes. ``llmcomp.load`` re-installs the student layers."""
+    from llmcomp.linearize.distill import LinearizeConfig
+
+    _expect(config, LinearizeConfig, "config", "a LinearizeConfig")
     memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.core import resume
     from llmcomp.core.artifact import llmcomp_version

@@ -515,3 +515,45 @@ def test_tokenizer_files_that_do_not_load_are_one_error(tmp_path, content):
     for f in model_mod.TOKENIZER_FILES:
         (path / f).unlink(missing_ok=True)
     assert model_mod.load_tokenizer(path) is None
+
+
+# -- the Python API -----------------------------------------------------------------------------------
+
+def test_api_arguments_of_the_wrong_kind_are_one_error(artifact, model_dir, tmp_path):
+    """Library callers got AttributeErrors from deep inside (a preset's name as the config), deep torch errors
+    (evaluate at seq_len 0, load(dtype="bfloat16")) or silent wrong results (symmetric="no" was truthy, a
+    per-layer format under a dotted suffix was dropped)."""
+    import llmcomp
+    from llmcomp import api
+    from llmcomp.errors import UserError
+    from llmcomp.formats import Uniform
+    from llmcomp.formats.fp4 import FP4, NVFP4
+    from llmcomp.prune.kv.kivi import KIVIConfig
+    from llmcomp.quant import GPTQConfig, RTNConfig
+    from llmcomp.quant.fp4 import FP4Config
+
+    W4 = Uniform(bits=4, group_size=32)
+    bad = [
+        (lambda: api.quantize("w4g128", tmp_path / "o", str(model_dir)), "config must be a quantization config"),
+        (lambda: api.prune_kv("kivi", tmp_path / "o", str(model_dir)), "policy must be a KV policy"),
+        (lambda: Uniform(bits=4, group_size=32, symmetric="no"), "Uniform.symmetric must be True or False"),
+        (lambda: KIVIConfig(bits=4.0), "KIVIConfig.bits must be an integer"),
+        (lambda: RTNConfig(targets="Linear"), "RTNConfig.targets must be a tuple"),
+        (lambda: RTNConfig(format=NVFP4()), "RTNConfig.format must be Uniform"),
+        (lambda: FP4Config(format=W4), "FP4Config.format must be BlockFP"),
+        (lambda: FP4(group_size=1 << 30), "at most 65536"),
+        (lambda: api.quantize(RTNConfig(format=W4, formats={"mlp.down_proj": Uniform(bits=8, group_size=32)}),
+                              tmp_path / "o", str(model_dir)), "per-layer format names 'mlp.down_proj'"),
+        (lambda: api.quantize(RTNConfig(format=W4), tmp_path / "o", str(model_dir), calib_samples=4.0),
+         "must be integers"),
+        (lambda: llmcomp.load(artifact, dtype=torch.int8), "dtype must be a floating-point"),
+        (lambda: api.evaluate(artifact, seq_len=0), "--seq-len must be an integer ≥ 2"),
+        (lambda: api.evaluate(artifact, seq_len=32, batch_size=0), "--batch-size must be an integer ≥ 1"),
+        (lambda: api.evaluate(artifact, seq_len=32.0), "--seq-len must be an integer"),
+    ]
+    for call, match in bad:
+        with pytest.raises(UserError, match=match):
+            call()
+    assert not (tmp_path / "o").exists()
+    assert GPTQConfig(format=NVFP4()).format == NVFP4()  # (GPTQ takes the FP4 grids too)
+    assert llmcomp.load(artifact, dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16

@@ -173,10 +173,7 @@ def eval_(
     from llmcomp.cli import render
 
     def go():
-        if windows < 1 or seq_len < 2:
-            raise UserError("--windows must be ≥ 1 and --seq-len ≥ 2.")
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be ≥ 1, got {batch_size}.")
+        api.check_eval(seq_len, windows, batch_size)
         from llmcomp.core.paths import check_report
 
         # (before the evaluation, not after it)

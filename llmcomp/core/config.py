@@ -6,6 +6,7 @@ that allow-list (never arbitrary types), so a manifest cannot instantiate anythi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any
@@ -17,10 +18,61 @@ CONFIGS: Registry[type] = Registry("config type")
 
 
 def register_config(cls):
-    """Class decorator: register a frozen dataclass config under its class name."""
+    """Class decorator: register a frozen dataclass config under its class name. Its scalar fields are
+    type-checked at construction (``check_field_types``)."""
     assert dataclasses.is_dataclass(cls), cls
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except TypeError:
+            check_field_types(self)  # (a wrong-typed field is the clearer cause of a TypeError its checks raised)
+            raise
+        check_field_types(self)
+
+    cls.__init__ = __init__
     CONFIGS.register(cls.__name__)(cls)
     return cls
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(obj: Any) -> None:
+    """A UserError for a config field of the wrong type: ``symmetric="no"`` was truthy (a symmetric grid),
+    ``bits=4.0`` was stored and broke the artifact's loader, ``targets="Linear"`` was split into letters.
+    Fields not yet set (the constructor's own TypeError) are skipped."""
+    for f in dataclasses.fields(obj):
+        if not hasattr(obj, f.name):
+            continue
+        value, kind = getattr(obj, f.name), str(f.type)
+        if value is None and f.default is None:
+            continue
+        classes = _classes(type(obj), kind)
+        if kind in _SCALARS:
+            ok = isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
+        elif kind.startswith("tuple"):
+            ok = not isinstance(value, (str, bytes))
+        elif classes:  # (a format field: Uniform, BlockFP | Uniform, ...)
+            ok = isinstance(value, classes)
+        else:
+            continue
+        if not ok:
+            want = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}.get(
+                kind, "a tuple" if kind.startswith("tuple") else " or ".join(c.__name__ for c in classes))
+            raise UserError(f"{type(obj).__name__}.{f.name} must be {want}, got {value!r}.")
+
+
+def _classes(cls: type, kind: str) -> tuple:
+    """The classes an annotation such as ``Uniform | BlockFP`` names, as ``cls``'s module sees them (none where
+    one of them is not a class there)."""
+    import sys
+
+    scope = vars(sys.modules[cls.__module__])
+    found = tuple(scope.get(n.strip()) for n in kind.split("|"))
+    return found if found and all(isinstance(c, type) for c in found) else ()
 
 
 def to_dict(obj: Any) -> Any:

@@ -164,7 +164,9 @@ def eval_windows(tokenizer, seq_len: int, n_windows: int, source: str | None = N
 
 
 def check_calib(n_samples: int, seq_len: int) -> None:
-    """At least one calibration window of at least 2 tokens."""
+    """At least one calibration window of at least 2 tokens (whole numbers: 4.0 reached torch.randint)."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_samples, seq_len)):
+        raise UserError(f"--calib-samples and --seq-len must be integers, got {n_samples!r} and {seq_len!r}.")
     if n_samples < 1 or seq_len < 2:
         raise UserError(f"Calibration needs at least 1 window of at least 2 tokens (--calib-samples {n_samples}, "
                         f"--seq-len {seq_len}).")

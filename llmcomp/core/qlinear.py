@@ -56,7 +56,9 @@ class QuantLinear(nn.Module):
     cache_dequantized = True  # reference path: keep the dequantized weight (see kernels.dequant_linear)
 
     def clear_cache(self) -> None:
-        """Drop the dequantized-weight cache (call after changing packed tensors in place)."""
+        """Drop the dequantized-weight cache. Edits in place are seen by their tensors' version counters, but not
+        edits through ``.data`` (a tensor with a counter of its own) or inside ``torch.inference_mode``: call this
+        after those."""
         self.__dict__["_wcache"] = {}
 
     def _load_from_state_dict(self, *args, **kwargs):

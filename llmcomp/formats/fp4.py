@@ -236,6 +236,8 @@ class FP4(BlockFP):
     def __post_init__(self):
         if not isinstance(self.group_size, int) or self.group_size < 0:
             raise UserError(f"group size must be 0 (per-channel) or a positive integer, got {self.group_size}.")
+        if self.group_size > 1 << 16:  # (each row is padded and expanded to whole groups: 2^30 asked for 256 GiB)
+            raise UserError(f"group size must be at most 65536 (0: per-channel), got {self.group_size}.")
         if self.element.bits != 4:
             raise UserError(f"fp4 needs a 4-bit element (E2M1, E1M2, E3M0), got {self.element.describe()}.")
 

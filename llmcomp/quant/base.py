@@ -183,6 +183,10 @@ def check_selection(model: nn.Module, config, quantizer: Optional[Quantizer] = N
         if missed:
             raise UserError(f"Layer pattern {missed[0]!r} ({field}) matches no module of the model; check its "
                             "spelling (a class name, a path or its dotted suffix, or re:REGEX).")
+    stray = sorted(set(getattr(config, "formats", None) or {}) - set(chosen))
+    if stray:  # (a dotted suffix or an ignored layer: its format was dropped and the default used, silently)
+        raise UserError(f"A per-layer format names {stray[0]!r}, which is not a layer this job quantizes; per-layer "
+                        "formats take full module paths (model.layers.0.mlp.down_proj) of selected layers.")
     if quantizer is not None:
         _check_shapes(model, quantizer, chosen)
     return chosen

@@ -47,7 +47,7 @@ RoundFn = Callable[[int, torch.Tensor], torch.Tensor]
 @register_config
 @dataclass(frozen=True)
 class GPTQConfig(QuantConfig):
-    format: Uniform = Uniform()
+    format: Uniform | BlockFP = Uniform()  # (BlockFP: GPTQ's error feedback on the FP4 grids)
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
