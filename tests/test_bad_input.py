@@ -544,6 +544,8 @@ def test_api_arguments_of_the_wrong_kind_are_one_error(artifact, model_dir, tmp_
         (lambda: FP4(group_size=1 << 30), "at most 65536"),
         (lambda: api.quantize(RTNConfig(format=W4, formats={"mlp.down_proj": Uniform(bits=8, group_size=32)}),
                               tmp_path / "o", str(model_dir)), "per-layer format names 'mlp.down_proj'"),
+        (lambda: api.quantize(RTNConfig(format=W4, formats={"model.layers.0.mlp.down_proj": "int8"}),
+                              tmp_path / "o", str(model_dir)), "must be a weight format"),
         (lambda: api.quantize(RTNConfig(format=W4), tmp_path / "o", str(model_dir), calib_samples=4.0),
          "must be integers"),
         (lambda: llmcomp.load(artifact, dtype=torch.int8), "dtype must be a floating-point"),

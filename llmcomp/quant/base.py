@@ -22,6 +22,7 @@ from llmcomp.core.qlinear import QuantLinear
 from llmcomp.core.registry import Registry
 from llmcomp.core.select import select, select_linears, unmatched
 from llmcomp.errors import UserError
+from llmcomp.formats.base import WeightFormat
 
 METHODS: Registry[type] = Registry("quantization method")
 
@@ -183,7 +184,12 @@ def check_selection(model: nn.Module, config, quantizer: Optional[Quantizer] = N
         if missed:
             raise UserError(f"Layer pattern {missed[0]!r} ({field}) matches no module of the model; check its "
                             "spelling (a class name, a path or its dotted suffix, or re:REGEX).")
-    stray = sorted(set(getattr(config, "formats", None) or {}) - set(chosen))
+    formats = getattr(config, "formats", None) or {}
+    odd = next((k for k, f in formats.items() if not isinstance(f, WeightFormat)), None)
+    if odd is not None:
+        raise UserError(f"The per-layer format of {odd!r} must be a weight format such as Uniform(bits=8), got "
+                        f"{formats[odd]!r}.")
+    stray = sorted(set(formats) - set(chosen))
     if stray:  # (a dotted suffix or an ignored layer: its format was dropped and the default used, silently)
         raise UserError(f"A per-layer format names {stray[0]!r}, which is not a layer this job quantizes; per-layer "
                         "formats take full module paths (model.layers.0.mlp.down_proj) of selected layers.")
