@@ -11,7 +11,7 @@ import torch
 
 from llmcomp.core import memory
 from llmcomp.core import model as model_mod
-from llmcomp.core.artifact import is_artifact, load_artifact, read_manifest, write_artifact
+from llmcomp.core.artifact import SEAL, is_artifact, load_artifact, read_manifest, write_artifact
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.data import calib_windows, check_calib, check_vocab, corpus, eval_windows
 from llmcomp.core.paths import check_output
@@ -574,22 +574,27 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
     if reference is not None:
         reference.check_model(str(p), tok, getattr(net.config, "vocab_size", None))
+    # (what was loaded, read now: an --overwrite during the evaluation gave a row of two artifacts' numbers)
+    sizes, loaded = size_report(net, p), {}
+    if is_artifact(p):
+        manifest = read_manifest(p, verify=False)
+        times = [s.get("wall_time_s") for s in manifest["stages"]]
+        loaded["quant_time_s"] = sum(t for t in times if isinstance(t, (int, float)))
+        if SEAL in manifest:
+            loaded[SEAL] = manifest[SEAL]
     start = time.perf_counter()
     windows = reference.windows if reference is not None else None
     ppl = perplexity(net, tok, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size, progress=progress,
                      windows=windows, comparer=reference.comparer() if reference is not None else None)
-    result = {
+    return {
         **_named(path, p),
         "stages": " + ".join(stage_label(s) for s in stages) or "original",
         **ppl,
-        **size_report(net, p),
+        **sizes,
         "text": corpus().name,
         "eval_time_s": round(time.perf_counter() - start, 2),
+        **loaded,
     }
-    if is_artifact(p):
-        result["quant_time_s"] = sum(t for s in read_manifest(p, verify=False)["stages"]
-                                     if isinstance(t := s.get("wall_time_s"), (int, float)))
-    return result
 
 
 def record_evaluations(rows: list[dict]) -> None:
@@ -599,7 +604,7 @@ def record_evaluations(rows: list[dict]) -> None:
     for r in rows:
         p = model_mod.resolve(r["path"]) if r["path"] != model_mod.DEFAULT_MODEL else None
         if p is not None and is_artifact(p):
-            record_evaluation(p, {k: v for k, v in r.items() if k not in ("path", "name")})
+            record_evaluation(p, {k: v for k, v in r.items() if k not in ("path", "name", SEAL)}, seal=r.get(SEAL))
 
 
 def stage_label(stage: dict) -> str:

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 from xml.sax.saxutils import quoteattr
 
 from llmcomp.errors import UserError
@@ -56,6 +57,7 @@ def measure(evaluate, artifact: str, settings: dict, progress=None) -> dict:
     result = evaluate(artifact, **kwargs)
     metrics = {k: float(result[k]) for k in TRACKED if k in result}
     metrics["_wall_time_s"] = round(time.perf_counter() - start, 2)
+    metrics["_text"] = result.get("text")
     return metrics
 
 
@@ -65,7 +67,7 @@ def make_baseline(metrics: dict, settings: dict) -> dict:
         raise UserError(f"The measured {bad[0]} is {metrics[bad[0]]}; a baseline needs finite values.")
     return {
         "llmcomp_check": CHECK_VERSION,
-        "settings": settings,
+        "settings": {**settings, "text": metrics.get("_text")},  # (the text the ppl was measured on)
         "metrics": {k: {"value": metrics[k], "better": TRACKED[k][0], "tolerance_rel": TRACKED[k][1]}
                     for k in TRACKED if k in metrics},
     }
@@ -87,10 +89,11 @@ def read_baseline(path: Path) -> dict:
         raise UserError(f"Baseline {path}: metrics must be a non-empty object of name -> {{value, better, "
                         "tolerance_rel}} (a baseline checking nothing always passes).")
     for name, m in data["metrics"].items():
-        if not isinstance(m, dict) or not isinstance(m.get("value"), (int, float)) or m.get("better") not in ("lower", "higher"):
-            raise UserError(f"Baseline {path}: metric {name!r} needs a numeric value and better=lower|higher.")
+        value = m.get("value") if isinstance(m, dict) else None
+        if not (isinstance(value, (int, float)) and math.isfinite(value)) or m.get("better") not in ("lower", "higher"):
+            raise UserError(f"Baseline {path}: metric {name!r} needs a finite numeric value and better=lower|higher.")
         tol = m.get("tolerance_rel", 0.0)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:  # (NaN too)
             raise UserError(f"Baseline {path}: metric {name!r} has tolerance_rel {tol!r}; give a number ≥ 0.")
     settings = data.setdefault("settings", {})
     if not isinstance(settings, dict):
@@ -109,13 +112,30 @@ def check_settings(settings: dict, where: str) -> None:
             raise UserError(f"{where}: {key} must be an integer ≥ {low}, got {v!r}.")
 
 
+def check_text(baseline: dict, text: Optional[str]) -> None:
+    """The baseline's ppl was measured on one text (its settings say which, since baselines record it); another
+    (LLMCOMP_TEXT, or auto's fallback where the Austen package cannot be fetched) passed or failed silently."""
+    want = baseline.get("settings", {}).get("text")
+    if want is not None and text is not None and text != want:
+        raise UserError(f"The baseline's perplexity was measured on the {want} text, this run's is on the {text} "
+                        f"text; set LLMCOMP_TEXT={want} or re-create the baseline with --update.")
+
+
 def compare(baseline: dict, current: dict) -> list[Outcome]:
+    check_text(baseline, current.get("_text"))
     out = []
     for name, m in baseline["metrics"].items():
-        if name not in current:
+        if name.startswith("_") or name not in current:  # (_wall_time_s, _text: not metrics)
             raise UserError(f"Metric {name!r} in the baseline is not measured by this llmcomp.")
         out.append(Outcome(name, float(m["value"]), current[name], float(m.get("tolerance_rel", 0.0)), m["better"]))
     return out
+
+
+def _xml_chars(text: str) -> str:
+    """``text`` without the characters XML 1.0 cannot hold (control characters in a path made the report
+    unreadable)."""
+    return "".join(c if c in "\t\n\r" or "\x20" <= c <= "\ud7ff" or "\ue000" <= c <= "\ufffd"
+                   or "\U00010000" <= c <= "\U0010ffff" else "\ufffd" for c in text)
 
 
 def junit_xml(outcomes: list[Outcome], artifact: str, seconds: float) -> str:
@@ -125,6 +145,6 @@ def junit_xml(outcomes: list[Outcome], artifact: str, seconds: float) -> str:
         message = f"{o.metric} regressed {100 * o.change_rel:+.3f}% (tolerance {100 * o.tolerance_rel:.3f}%)"
         body = "" if o.passed else f"<failure message={quoteattr(message)}/>"
         cases.append(f'  <testcase classname="llmcomp.check" name={quoteattr(o.metric)}>{body}</testcase>')
-    suite = quoteattr(f"llmcomp check {artifact}")
+    suite = quoteattr(_xml_chars(f"llmcomp check {artifact}"))
     return (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name={suite} '
             f'tests="{len(outcomes)}" failures="{failures}" time="{seconds:.2f}">\n' + "\n".join(cases) + "\n</testsuite>\n")

@@ -559,3 +559,14 @@ def test_no_home_directory_is_one_error(monkeypatch):
     monkeypatch.setattr(Path, "home", staticmethod(no_home))
     with pytest.raises(UserError, match="set LLMCOMP_CACHE"):
         cache_dir()
+
+
+def test_an_artifact_replaced_during_its_evaluation_gets_no_record(tmp_path, tiny_model_dir):
+    """eval --record while another job ran --overwrite: the int4 run's numbers went into the int8 artifact."""
+    art = api.quantize(W4, tmp_path / "a", str(tiny_model_dir))
+    loaded = read_manifest(art)[artifact_mod.SEAL]
+    api.quantize(RTNConfig(format=Uniform(bits=8, group_size=0)), art, str(tiny_model_dir), overwrite=True)
+    with pytest.raises(UserError, match="was replaced while it was evaluated"):
+        artifact_mod.record_evaluation(art, {"ppl": 1.0}, seal=loaded)
+    artifact_mod.record_evaluation(art, {"ppl": 2.0}, seal=read_manifest(art)[artifact_mod.SEAL])
+    assert read_manifest(art)["evaluations"] == [{"ppl": 2.0}]

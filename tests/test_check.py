@@ -158,3 +158,43 @@ def test_eval_json_of_a_nan_model_is_strict_json(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert rows[0]["ppl"] is None and rows[0]["nll"] is None and rows[0]["bits_per_weight"] == 4.27
     assert json.loads(dumps([row]))[0]["passkey"] == {"64": None}  # nested values too
+
+
+def test_a_baseline_records_its_text_and_another_text_is_refused(tmp_path, monkeypatch):
+    """LLMCOMP_TEXT=pydoc (or auto's fallback where the Austen package cannot be fetched) passed against an Austen
+    baseline: -4.8 % ppl, "3 passed"."""
+    values = {"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0, "text": "austen"}
+    base = chk.make_baseline(chk.measure(fake_evaluate(values), "a", SETTINGS), SETTINGS)
+    assert base["settings"]["text"] == "austen"
+    assert all(o.passed for o in chk.compare(base, chk.measure(fake_evaluate(values), "a", SETTINGS)))
+    with pytest.raises(UserError, match="measured on the austen text, this run's is on the pydoc text"):
+        chk.compare(base, chk.measure(fake_evaluate({**values, "text": "pydoc"}), "a", SETTINGS))
+    del base["settings"]["text"]  # (a baseline written before it recorded its text: not checked)
+    chk.compare(base, chk.measure(fake_evaluate({**values, "text": "pydoc"}), "a", SETTINGS))
+
+
+@pytest.mark.parametrize("field,value", [("value", "NaN"), ("value", "Infinity"), ("tolerance_rel", "NaN")])
+def test_a_non_finite_baseline_is_bad_input_not_a_regression(tmp_path, field, value):
+    """It exited 1 (a regression) with a nan row."""
+    base = chk.make_baseline({"ppl": 24.0}, SETTINGS)
+    text = json.dumps(base).replace(f'"{field}": {base["metrics"]["ppl"][field]}', f'"{field}": {value}')
+    assert value in text
+    (tmp_path / "b.json").write_text(text)
+    with pytest.raises(UserError, match="finite numeric value|give a number ≥ 0"):
+        chk.read_baseline(tmp_path / "b.json")
+
+
+def test_junit_xml_parses_with_control_characters_in_the_path():
+    from xml.dom import minidom
+
+    outcomes = chk.compare(chk.make_baseline({"ppl": 24.0}, SETTINGS), {"ppl": 30.0})
+    minidom.parseString(chk.junit_xml(outcomes, "out/ctl\x1bx & <y> \udcff", 1.0))
+
+
+def test_check_flags_that_do_not_apply_are_refused(tmp_path):
+    """--update wrote neither --json nor --junit (exit 0); --windows / --seq-len were ignored by a check."""
+    art = fake_artifact(tmp_path)
+    for args, needle in ((["--update", "--json", str(tmp_path / "r.json")], "--json applies to a check"),
+                         (["--baseline", str(tmp_path / "b.json"), "--windows", "4"], "--windows applies with --update")):
+        r = runner.invoke(app, ["check", art, *args])
+        assert r.exit_code == 2 and needle in r.output, r.output

@@ -174,7 +174,7 @@ def eval_(
 
     def go():
         api.check_eval(seq_len, windows, batch_size)
-        from llmcomp.core.paths import check_report
+        from llmcomp.core.paths import check_report, write_report
 
         # (before the evaluation, not after it)
         check_report(json_out, "--json", reads=[*(paths or ()), reference if reference != "base" else None])
@@ -213,7 +213,7 @@ def eval_(
                                          reference=ref, progress=progress, **place))
         render.console.print(render.eval_table(rows, compare, asked=windows))
         if json_out:
-            json_out.write_text(dumps(rows, indent=1))
+            write_report(json_out, dumps(rows, indent=1))
         if record:
             api.record_evaluations(rows)
 
@@ -242,6 +242,7 @@ def inspect(
 
 @app.command()
 def check(
+    ctx: typer.Context,
     artifact: Annotated[str, typer.Argument(help="Artifact (or model directory) to check.")],
     baseline: Annotated[Path, typer.Option(help="Baseline JSON with metric values and tolerances.")] = Path("llmcomp-baseline.json"),
     update: Annotated[bool, typer.Option("--update", help="Measure and (re)write the baseline instead of checking.")] = False,
@@ -258,9 +259,13 @@ def check(
 
     def go():
         from llmcomp.core.model import check_model_path
-        from llmcomp.core.paths import check_report
+        from llmcomp.core.paths import check_report, write_report
 
         check_model_path(artifact)  # the artifact named first is reported first
+        # (each was taken and ignored: --update writes only the baseline, and a check runs the baseline's settings)
+        stray = _given(ctx, ["json_out", "junit"] if update else ["windows", "seq_len"])
+        if stray:
+            raise UserError(f"{stray[0]} applies {'to a check, not to --update' if update else 'with --update only'}.")
         reads = [artifact] if update else [artifact, baseline]
         for path, flag in ((json_out, "--json"), (junit, "--junit"), (baseline if update else None, "--baseline")):
             check_report(path, flag, reads)  # before the measurement, not after it
@@ -269,21 +274,24 @@ def check(
             settings = {"windows": windows, "seq_len": seq_len}
             chk.check_settings(settings, "--windows / --seq-len")
         else:
+            from llmcomp.core.data import corpus
+
             settings = chk.read_baseline(baseline)["settings"]
+            chk.check_text(chk.read_baseline(baseline), corpus().name)  # (before the measurement)
         with render.RichProgress() as progress:
             current = chk.measure(api.evaluate, artifact, settings, progress)
         if update:
-            baseline.write_text(json.dumps(chk.make_baseline(current, settings), indent=1) + "\n")
+            write_report(baseline, json.dumps(chk.make_baseline(current, settings), indent=1) + "\n")
             render.wrote(baseline, "wrote baseline")
             return 0
         outcomes = chk.compare(chk.read_baseline(baseline), current)
         render.console.print(render.check_table(outcomes, current["_wall_time_s"]))
         if json_out:
-            json_out.write_text(dumps({"artifact": artifact, "passed": all(o.passed for o in outcomes),
-                                       "metrics": [{**o.__dict__, "passed": o.passed, "change_rel": o.change_rel}
-                                                   for o in outcomes]}, indent=1))
+            write_report(json_out, dumps({"artifact": artifact, "passed": all(o.passed for o in outcomes),
+                                          "metrics": [{**o.__dict__, "passed": o.passed, "change_rel": o.change_rel}
+                                                      for o in outcomes]}, indent=1))
         if junit:
-            junit.write_text(chk.junit_xml(outcomes, artifact, current["_wall_time_s"]))
+            write_report(junit, chk.junit_xml(outcomes, artifact, current["_wall_time_s"]))
         return 0 if all(o.passed for o in outcomes) else 1
 
     code = run(go, writes=False)

@@ -128,4 +128,6 @@ def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, pass
                                   progress=progress) for p in targets]
     render.console.print(render.long_table(rows, compare))
     if json_out:
-        json_out.write_text(dumps(rows, indent=1))
+        from llmcomp.core.paths import write_report
+
+        write_report(json_out, dumps(rows, indent=1))

@@ -259,8 +259,10 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
 _RECORDING = threading.Lock()  # (``locked`` is shared by the threads of a process)
 
 
-def record_evaluation(path: Path, result: dict) -> None:
-    """Append an evaluation result to the manifest's ``evaluations`` list (atomic replace).
+def record_evaluation(path: Path, result: dict, seal: Optional[str] = None) -> None:
+    """Append an evaluation result to the manifest's ``evaluations`` list (atomic replace). ``seal``: the
+    manifest's seal when the evaluated model was loaded; a manifest sealed otherwise now is another artifact
+    (an --overwrite while it was evaluated), and nothing is recorded.
 
     The manifest is not among the hashed files, so recording metrics leaves the artifact valid."""
     path = Path(path)
@@ -269,6 +271,8 @@ def record_evaluation(path: Path, result: dict) -> None:
         for stale in path.glob(f".{MANIFEST}.*.tmp"):  # a killed recording's (every writer holds the lock)
             stale.unlink(missing_ok=True)
         manifest = read_manifest(path, verify=False)
+        if seal is not None and manifest.get(SEAL) != seal:
+            raise UserError(f"{path} was replaced while it was evaluated; its results were not recorded.")
         manifest.setdefault("evaluations", []).append(result)
         fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path)
         try:

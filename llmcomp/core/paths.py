@@ -96,6 +96,23 @@ def check_report(path, flag: str, reads=()) -> None:
             raise UserError(f"{flag} {path} would overwrite {target}, which this command reads; write it elsewhere.")
 
 
+def write_report(path, text: str) -> None:
+    """Write a report file whole or not at all (a temporary sibling renamed into place: a kill during a write
+    left a truncated baseline)."""
+    path = Path(path).expanduser()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # (mkstemp's file is 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _model_file(folder: Path, name: str) -> bool:
     """Whether ``name`` is a file a load of the model or artifact in ``folder`` reads."""
     from llmcomp.core.artifact import INDEX, MANIFEST
