@@ -276,8 +276,9 @@ def check(
         else:
             from llmcomp.core.data import corpus
 
-            settings = chk.read_baseline(baseline)["settings"]
-            chk.check_text(chk.read_baseline(baseline), corpus().name)  # (before the measurement)
+            base = chk.read_baseline(baseline)
+            settings = base["settings"]
+            chk.check_text(base, corpus().name)  # (before the measurement)
         with render.RichProgress() as progress:
             current = chk.measure(api.evaluate, artifact, settings, progress)
         if update:
