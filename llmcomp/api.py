@@ -16,7 +16,7 @@ from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.data import calib_windows, check_calib, check_vocab, corpus, eval_windows
 from llmcomp.core.paths import check_output
 from llmcomp.core.progress import NULL, Progress
-from llmcomp.errors import UserError
+from llmcomp.errors import UserError, require_int
 from llmcomp.eval import perplexity, size_report
 from llmcomp.eval.agreement import Reference, tokenizer_id
 from llmcomp.interop import imports
@@ -546,8 +546,7 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
 def check_eval(seq_len, n_windows, batch_size) -> None:
     """Perplexity settings as one error each (library calls took 0, 1, -5 or 32.0 into deep tracebacks)."""
     for name, value, low in (("--seq-len", seq_len, 2), ("--windows", n_windows, 1), ("--batch-size", batch_size, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise UserError(f"{name} must be an integer ≥ {low}, got {value!r}.")
+        require_int(name, value, low)
 
 
 def _placement(device, device_map, max_memory, offload_folder) -> dict:
@@ -577,11 +576,11 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     # (what was loaded, read now: an --overwrite during the evaluation gave a row of two artifacts' numbers)
     sizes, loaded = size_report(net, p), {}
     if is_artifact(p):
-        manifest = read_manifest(p, verify=False)
-        times = [s.get("wall_time_s") for s in manifest["stages"]]
+        times = [s.get("wall_time_s") for s in stages]
         loaded["quant_time_s"] = sum(t for t in times if isinstance(t, (int, float)))
-        if SEAL in manifest:
-            loaded[SEAL] = manifest[SEAL]
+        seal = read_manifest(p, verify=False).get(SEAL)
+        if seal is not None:
+            loaded[SEAL] = seal
     start = time.perf_counter()
     windows = reference.windows if reference is not None else None
     ppl = perplexity(net, tok, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size, progress=progress,

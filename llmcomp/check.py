@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 from xml.sax.saxutils import quoteattr
 
-from llmcomp.errors import UserError
+from llmcomp.errors import UserError, require_int
 
 CHECK_VERSION = 1
 # metric → (direction, default relative tolerance)
@@ -107,9 +107,7 @@ def read_baseline(path: Path) -> dict:
 def check_settings(settings: dict, where: str) -> None:
     """windows ≥ 1 and seq_len ≥ 2, as integers (a baseline's or --update's)."""
     for key, low in (("windows", 1), ("seq_len", 2)):
-        v = settings.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise UserError(f"{where}: {key} must be an integer ≥ {low}, got {v!r}.")
+        require_int(key, settings.get(key), low, f"{where}: ")
 
 
 def check_text(baseline: dict, text: Optional[str]) -> None:

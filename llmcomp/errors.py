@@ -8,3 +8,9 @@ exception is a bug in llmcomp.
 
 class UserError(Exception):
     """Bad input: the message is shown to the user as-is."""
+
+
+def require_int(name: str, value, low: int, where: str = "") -> None:
+    """UserError unless ``value`` is an integer (not a bool, not 32.0) of at least ``low``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise UserError(f"{where}{name} must be an integer ≥ {low}, got {value!r}.")

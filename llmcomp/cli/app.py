@@ -285,7 +285,7 @@ def check(
             write_report(baseline, json.dumps(chk.make_baseline(current, settings), indent=1) + "\n")
             render.wrote(baseline, "wrote baseline")
             return 0
-        outcomes = chk.compare(chk.read_baseline(baseline), current)
+        outcomes = chk.compare(base, current)
         render.console.print(render.check_table(outcomes, current["_wall_time_s"]))
         if json_out:
             write_report(json_out, dumps({"artifact": artifact, "passed": all(o.passed for o in outcomes),

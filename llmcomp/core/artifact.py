@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
@@ -31,8 +30,8 @@ from safetensors.torch import save_file
 from llmcomp.core.config import dumps, from_dict, to_dict
 from llmcomp.core.hfcompat import fit_experts
 from llmcomp.core.model import check_complete, load_tokenizer, place_tensor
-from llmcomp.core.numeric import all_finite
-from llmcomp.core.paths import atomic_dir, check_output, locked
+from llmcomp.core.numeric import all_finite, storage_key
+from llmcomp.core.paths import atomic_dir, check_output, locked, write_report
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.formats.base import WeightFormat
 from llmcomp.errors import UserError
@@ -90,8 +89,7 @@ def _unique_state(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[
     HEAPr emptied) all have storage address 0: each is its own, not a tie."""
     seen, out = set(), {}
     for name, t in model.state_dict().items():
-        key = (None if t.device.type == "meta" or t.numel() == 0
-               else (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)))
+        key = storage_key(t)
         if key is not None and key in seen:
             continue
         seen.add(key)
@@ -274,15 +272,8 @@ def record_evaluation(path: Path, result: dict, seal: Optional[str] = None) -> N
         if seal is not None and manifest.get(SEAL) != seal:
             raise UserError(f"{path} was replaced while it was evaluated; its results were not recorded.")
         manifest.setdefault("evaluations", []).append(result)
-        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(dumps(manifest, indent=1, sort_keys=True))
-            os.chmod(tmp, os.stat(path / MANIFEST).st_mode & 0o777)  # (mkstemp's file is 0600)
-            os.replace(tmp, path / MANIFEST)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_report(path / MANIFEST, dumps(manifest, indent=1, sort_keys=True),
+                     mode=os.stat(path / MANIFEST).st_mode & 0o777)
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -25,6 +25,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from llmcomp.core.numeric import storage_key
 from llmcomp.errors import UserError
 
 Key = Union[int, str]  # accelerate's keys: GPU index, or "cpu"
@@ -171,8 +172,7 @@ def state_bytes(state: dict) -> int:
     embeddings — once (counted twice, it refused a --max-memory cpu=... the model fits in)."""
     seen, total = set(), 0
     for t in state.values():
-        ptr = 0 if t.device.type == "meta" else t.untyped_storage().data_ptr()
-        key = (ptr, t.storage_offset(), tuple(t.shape)) if ptr else id(t)
+        key = storage_key(t) or id(t)
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()

@@ -1,7 +1,17 @@
-"""Small tensor checks shared by the quantizers and the artifact writer."""
+"""Small tensor helpers shared by the quantizers, the artifact writer and the memory accounting."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+
+def storage_key(t: torch.Tensor) -> Optional[tuple]:
+    """What tensors sharing one piece of storage (tied embeddings) have in common; None for a meta or empty
+    tensor, which has no storage of its own (every empty one sits at address 0)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -96,21 +96,26 @@ def check_report(path, flag: str, reads=()) -> None:
             raise UserError(f"{flag} {path} would overwrite {target}, which this command reads; write it elsewhere.")
 
 
-def write_report(path, text: str) -> None:
-    """Write a report file whole or not at all (a temporary sibling renamed into place: a kill during a write
-    left a truncated baseline)."""
+def write_report(path, text: str, mode: Optional[int] = None) -> None:
+    """Write a small file whole or not at all (a temporary sibling ``.NAME.*.tmp`` renamed into place: a kill
+    during a write left a truncated baseline). ``mode``: its permissions (default: the umask's, as ``open`` gives;
+    mkstemp's file is 0600)."""
     path = Path(path).expanduser()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # (mkstemp's file is 0600)
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _model_file(folder: Path, name: str) -> bool:
@@ -289,8 +294,7 @@ def _take(path, fcntl, busy: Optional[str]) -> Optional[int]:
 
 def _publish_permissions(path: Path) -> None:
     """mkdtemp makes 0700 directories; give the result the usual umask-derived modes."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     os.chmod(path, 0o777 & ~umask)
     for f in path.rglob("*"):
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
