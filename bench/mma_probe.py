@@ -16,10 +16,12 @@ hash, so each gets its own build directory):
   refill     a kblock's weight registers refilled with the next round's same kblock right after its math (one set
              of registers, the next round's loads spread over this round's math)
   refill64   refill with __launch_bounds__(THREADS, 65536 / (64 THREADS)): at most 64 registers, as the base kernel
+  xtile      above M = 16 (MT >= 4 token tiles): a kblock's A fragments decoded and scaled first, then x one token
+             tile at a time (fewer registers held through the kblock); the same results as base (checksums)
   lb1        __launch_bounds__(THREADS, 1) on every instantiation: the one-tile post-scale kernel at M = 9..16 no longer
              spills in a local compile (78-80 registers against 64 + spill); moves every other kernel's registers too
 
-The probes compute wrong results by construction: timing only, never a result. one_mma, x_only and no_decode edit the
+The probes other than xtile compute wrong results by construction: timing only, never a result. one_mma, x_only and no_decode edit the
 per-pair-scale kernel: run them with LLMCOMP_MMA_POST_SCALE=8 (the post-scale kernel, which they leave alone, serves
 M <= 16 by default), whose M <= 8 rows then show the run-to-run spread between the builds.
    python bench/mma_probe.py build VARIANT...   (builds, can run in parallel processes)
@@ -43,6 +45,46 @@ def _skip_post_math(fold: str) -> list:
     return [(anchor, f"  if (true) {{\n    {fold}\n    acc[0][0] += __uint_as_float(v & 0x3f7fffffu);\n"
                      f"    return;\n  }}\n{anchor}")]
 
+
+XTILE_FN = """template <typename T, int BITS, int MT, int R, int ELEM, bool XS>
+__device__ __forceinline__ void compute_kblock_xt(const uint4 (&w)[R], const uint2 (&h)[R],
+    const typename Num<T>::T2 (&sc_lo)[R], const typename Num<T>::T2 (&mz_lo)[R],
+    const typename Num<T>::T2 (&sc_hi)[R], const typename Num<T>::T2 (&mz_hi)[R],
+    const T* x_lane, int x_stride, int x_at, int M, float (&acc)[R][MT][4]) {
+  using N2 = typename Num<T>::T2;
+  constexpr int SPW = 4 / BITS, STEPS = 4 * SPW, XVEC = 256 / BITS / 32;
+  uint32_t a[R][STEPS][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const uint32_t words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
+#pragma unroll
+    for (int wi = 0; wi < 4; ++wi) {
+      N2 q[16 / BITS];
+      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);
+#pragma unroll
+      for (int ss = 0; ss < SPW; ++ss) scaled_a<T>(q, ss, sc_lo[r], mz_lo[r], sc_hi[r], mz_hi[r], a[r][wi * SPW + ss]);
+    }
+  }
+  const int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    const int tok = min(t * 8 + g, M - 1) - min(g, M - 1);
+    const uint4* xv = reinterpret_cast<const uint4*>(x_lane + tok * x_stride + x_at);
+    uint4 cx[XVEC];
+#pragma unroll
+    for (int v = 0; v < XVEC; ++v) {
+      if constexpr (XS) cx[v] = xv[v];
+      else cx[v] = __ldg(xv + v);
+    }
+    const uint32_t* xw = reinterpret_cast<const uint32_t*>(cx);
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s)
+#pragma unroll
+      for (int r = 0; r < R; ++r) mma16816<T>(acc[r][t], a[r][s], xw[2 * s], xw[2 * s + 1]);
+  }
+}
+
+"""
 
 EDITS = {
     "base": [],
@@ -109,6 +151,19 @@ EDITS = {
         "      decode_any<T, BITS, ELEM>(words[wi], h[r], wi, q);",
         "#pragma unroll\n"
         "      for (int e = 0; e < 16 / BITS; ++e) q[e] = Num<T>::pair((words[wi] >> e) & 0x3c003c00u);")],
+    # x one token tile at a time (M > 16): a kblock's A fragments decoded and scaled first (R x steps x 4 registers),
+    # then each token tile's x loaded and its mmas issued — instead of all MT tiles' x fragments held through the
+    # kblock (64 of the M = 64 two-tile kernel's 206 registers). Computes the same sums as the base kernel.
+    "xtile": [(
+        "  uint4 cx[MT][XVEC];\n  load_x<T, BITS, MT, XS>(x_lane, x_stride, x_at, M, cx);\n",
+        "  uint4 cx[MT][XVEC];\n  constexpr bool XT = MT >= 4 && !is_vq(ELEM) && !is_post(ELEM);\n"
+        "  if constexpr (!XT) load_x<T, BITS, MT, XS>(x_lane, x_stride, x_at, M, cx);\n"), (
+        "  compute_kblock<T, BITS, MT, R, ELEM>(w, h, sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);\n}\n",
+        "  if constexpr (XT)\n"
+        "    compute_kblock_xt<T, BITS, MT, R, ELEM, XS>(w, h, sc_lo, mz_lo, sc_hi, mz_hi, x_lane, x_stride, x_at, M, acc);\n"
+        "  else\n    compute_kblock<T, BITS, MT, R, ELEM>(w, h, sc_lo, mz_lo, sc_hi, mz_hi, cx, acc);\n}\n"), (
+        "// One kblock of a warp: this lane's x (load_x)",
+        XTILE_FN + "// One kblock of a warp: this lane's x (load_x)")],
 }
 EDITS["refill64"] = EDITS["refill"] + [(  # refill with its registers capped at 64, as the base kernel has
     "__global__ void __launch_bounds__(THREADS) uniform_mma_kernel(",
@@ -146,7 +201,8 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
-    ap.add_argument("--launch", default=None, help="rt,warps,wr instead of launch_config's pick")
+    ap.add_argument("--launch", default=None,
+                    help="rt,warps,wr instead of launch_config's pick; several joined by +")
     ap.add_argument("--post", action="store_true", help="force the post-scale kernel (elem 3), bypassing gemm's rule")
     a = ap.parse_args()
     if a.action == "build":
@@ -160,6 +216,7 @@ def main() -> None:
     assert uniform_cuda.extension() is not None, "extension did not build"
     rows = []
     for n, k in (tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")):
+        torch.manual_seed(0)  # the same weights and x in every variant's process: the checksums below compare
         nbytes, preps, call, auto = kb._sweep_subject("W4", n, k, 4, 128)
         if a.post:
             def call(x, p, c):
@@ -168,11 +225,17 @@ def main() -> None:
                                             c[1], 3, c[2])
         for m in (int(v) for v in a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            pick = tuple(int(v) for v in a.launch.split(",")) if a.launch else tuple(auto(m, x.dtype))
-            t = kb.per_call_seconds([lambda p=p: call(x, p, pick) for p in preps])
-            rows.append({"variant": variant, "N": n, "K": k, "M": m, "launch": pick, "post": a.post,
-                         "us": round(t * 1e6, 3)})
-            print(f"{variant:10s} {n}x{k} M={m:<3d} {pick}{' post' if a.post else ''} {t * 1e6:8.2f} us", flush=True)
+            picks = ([tuple(int(v) for v in c.split(",")) for c in a.launch.split("+")] if a.launch
+                     else [tuple(auto(m, x.dtype))])
+            for pick in picks:
+                if n % (16 * pick[0]):
+                    continue
+                y = call(x, preps[0], pick).double()  # (probes that skip work: checksums differ by construction)
+                t = kb.per_call_seconds([lambda p=p: call(x, p, pick) for p in preps])
+                rows.append({"variant": variant, "N": n, "K": k, "M": m, "launch": pick, "post": a.post,
+                             "us": round(t * 1e6, 3), "sum": y.sum().item(), "abs_sum": y.abs().sum().item()})
+                print(f"{variant:10s} {n}x{k} M={m:<3d} {pick}{' post' if a.post else ''} {t * 1e6:8.2f} us "
+                      f"sum {rows[-1]['sum']:.6e} |{rows[-1]['abs_sum']:.6e}|", flush=True)
         del preps
         torch.cuda.empty_cache()
     if a.out:

@@ -18,7 +18,7 @@ fi
 [ -f "$OUT_DIR/stub/c10/cuda/impl/cuda_cmake_macros.h" ] || echo '#pragma once' > "$OUT_DIR/stub/c10/cuda/impl/cuda_cmake_macros.h"
 TI=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
 PI=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-SRC=$(dirname "$0")/../llmcomp/kernels/csrc/$TU.cu
+SRC=${CSRC_DIR:-$(dirname "$0")/../llmcomp/kernels/csrc}/$TU.cu  # CSRC_DIR: an edited copy (mma_probe.use)
 nvcc -c -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I"$OUT_DIR/stub" $TI -I"$PI" -DTORCH_EXTENSION_NAME=x ${NVCC_EXTRA:-} \
   "$SRC" -o "$OUT_DIR/$TU.o" -Xptxas -v 2>&1 | grep -E "Compiling entry|Used|spill" | paste - - - |
   sed -E 's/.*function .(_Z[^ ]*). for .sm_90.*( [0-9]+ bytes spill stores).*Used ([0-9]+) registers.*/\3 regs\2  \1/' |
