@@ -394,6 +394,7 @@ def test_load_honours_dtype(tiny_model_dir, tmp_path):
     """accelerate cast every loaded tensor back to the float32 skeleton: ``dtype`` had no effect."""
     out = api.quantize(W4, tmp_path / "a", str(tiny_model_dir), dtype="bfloat16")
     assert llmcomp.load(out).model.embed_tokens.weight.dtype == torch.float32
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # (it said float32)
     for dtype in (torch.bfloat16, torch.float16):
         model = llmcomp.load(out, dtype=dtype)
         assert {p.dtype for n, p in model.named_parameters()} == {dtype}, dtype

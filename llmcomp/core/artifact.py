@@ -16,6 +16,7 @@ Manifest (``llmcomp.json``)::
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -161,7 +162,11 @@ def write_artifact(
     _check_finite(state, dest, dtype)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         _save_shards(state, tmp, shard_bytes)
-        model.config.save_pretrained(tmp)
+        config = model.config
+        if dtype is not None:  # config.json names the dtype its floating tensors are stored in
+            config = copy.deepcopy(config)
+            config.dtype = dtype
+        config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             try:
@@ -316,7 +321,8 @@ def build_skeleton(path: Path, manifest: dict):
 
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        # (float32 whatever config.json's dtype, the stored one: load(dtype=) casts, and a later stage reads float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     hooks = _stage_hooks(manifest)
     for hook, stage in hooks:
         try:
