@@ -1,10 +1,25 @@
 """llmcomp: compress and convert large language models into one verified artifact format."""
 __version__ = "0.1.0"
 
-from llmcomp.api import evaluate, inspect, load, quantize  # noqa: E402
-from llmcomp.errors import UserError  # noqa: E402
-from llmcomp.formats import Uniform  # noqa: E402
-from llmcomp.quant import RTNConfig  # noqa: E402
-from llmcomp.quant.presets import PRESETS  # noqa: E402
+# The public names load on first use (PEP 562): `import llmcomp` and the command line's first instant stay light, so
+# an interrupt then is the command's one line instead of a traceback from inside torch's import.
+_EXPORTS = {
+    "load": "llmcomp.api", "quantize": "llmcomp.api", "evaluate": "llmcomp.api", "inspect": "llmcomp.api",
+    "UserError": "llmcomp.errors", "Uniform": "llmcomp.formats", "RTNConfig": "llmcomp.quant",
+    "PRESETS": "llmcomp.quant.presets",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["load", "quantize", "evaluate", "inspect", "UserError", "Uniform", "RTNConfig", "PRESETS", "__version__"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llmcomp' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})

@@ -1,4 +1,4 @@
 """``python -m llmcomp`` = the ``llmcomp`` command."""
-from llmcomp.cli.app import main
+from llmcomp.cli import main
 
 main()

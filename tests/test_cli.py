@@ -197,3 +197,35 @@ def test_ignore_adds_to_the_default_lm_head():
     assert ignore_patterns(["lm_head", "mlp"]) == ("lm_head", "mlp")
     assert ignore_patterns([""]) == ()
     assert ignore_patterns(["", "down_proj"]) == ("down_proj",)
+
+
+def test_import_is_light_and_names_load_on_use():
+    """`import llmcomp` pulled in torch and transformers (~3 s), and an interrupt then was a traceback."""
+    import subprocess
+    import sys
+
+    import llmcomp
+
+    code = ("import sys, llmcomp; light = 'torch' not in sys.modules; "
+            "from llmcomp import load, PRESETS; print(light, callable(load), 'w4g128' in PRESETS, 'load' in dir(llmcomp))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True"] * 4
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        llmcomp.nope  # noqa: B018
+
+
+def test_interrupt_while_the_command_line_loads(monkeypatch, capsys):
+    import sys
+    import types
+
+    from llmcomp.cli import main
+
+    class Loading(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "llmcomp.cli.app", Loading("llmcomp.cli.app"))
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == "Error: interrupted.\n"

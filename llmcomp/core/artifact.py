@@ -34,6 +34,7 @@ from llmcomp.core.model import check_complete, load_tokenizer, place_tensor
 from llmcomp.core.numeric import all_finite, storage_key
 from llmcomp.core.paths import atomic_dir, check_output, locked, write_report
 from llmcomp.core.qlinear import QuantLinear
+from llmcomp.core.registry import load_all
 from llmcomp.formats.base import WeightFormat
 from llmcomp.errors import UserError
 
@@ -61,6 +62,8 @@ def _stage_hooks(manifest: dict) -> list:
             continue
         if not isinstance(kind, str):
             raise UserError(f"Artifact stage {stage.get('method')!r} is corrupt: its kind {kind!r} is not a name.")
+        if kind not in STAGE_HOOKS:
+            load_all()
         if kind not in STAGE_HOOKS:
             raise UserError(f"Artifact stage {stage.get('method')!r} of kind {kind!r} is not supported by this llmcomp.")
         out.append((STAGE_HOOKS[kind], stage))

@@ -11,6 +11,16 @@ from llmcomp.errors import UserError
 T = TypeVar("T")
 
 
+def load_all() -> None:
+    """Import the layers that register the formats, methods, configs and stage hooks (``import llmcomp`` loads its
+    names lazily, so a caller may hold a core module alone): core calls this on a name it does not know before it
+    calls the name unknown — without importing those layers itself."""
+    import importlib
+
+    importlib.import_module("llmcomp.api")
+    importlib.import_module("llmcomp.quant.presets")
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
@@ -26,6 +36,8 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        if name not in self._items:
+            load_all()
         try:
             return self._items[name]
         except KeyError:
