@@ -327,6 +327,7 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
         if config.method == "heapr" and any(isinstance(m, QuantLinear) for b in blocks for m in b.experts.modules()):
             raise UserError("HEAPr removes neurons from experts, and this model's experts are quantized; prune the "
                             "original model, then quantize.")  # (before the calibration pass, not after it)
+        experts.check_ratios(blocks, config)
 
     output, net, tok, base, stages, ids, info = _calibrated(
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress, check=check)
@@ -345,9 +346,10 @@ def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None,
                  progress: Progress = NULL) -> Path:
     """Record an MC-MoE dynamic skip threshold (``prune.experts.DynamicSkipConfig``) calibrated on the text;
     ``llmcomp.load`` re-installs it, so every forward then skips the low-weight expert choices."""
-    memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.prune import mcmoe, moe
 
+    _expect(config, mcmoe.DynamicSkipConfig, "config", "a DynamicSkipConfig")
+    memory.check_device(device)  # a bad --device fails before any work
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
@@ -612,13 +614,20 @@ def stage_label(stage: dict) -> str:
     alloc = layers.get("_allocation") if isinstance(layers, dict) else None
     if isinstance(alloc, dict) and isinstance(alloc.get("achieved_bits_per_weight"), (int, float)):
         return f"{stage['method']} alloc {alloc['achieved_bits_per_weight']:.2f} b/w"
-    fmt = stage.get("config", {}).get("format")
+    config = stage.get("config") if isinstance(stage.get("config"), dict) else {}
+    # (W4A4 and the LLM-FP4 search wrote the labels of plain W4 and of the format searched from)
+    extra = ["searched element/clip"] if config.get("search") is True else []
+    act = config.get("act_bits")
+    if isinstance(act, int) and act != 16:
+        extra.append(f"A{act} {config.get('act_format', 'fp')}")
+    tail = f", {', '.join(extra)}" if extra else ""
+    fmt = config.get("format")
     if isinstance(fmt, dict):
         try:
-            return f"{stage['method']} {from_dict(fmt).describe()}"
+            return f"{stage['method']} {from_dict(fmt).describe()}{tail}"
         except (UserError, TypeError):
             pass
-    return stage["method"]
+    return stage["method"] + tail
 
 
 def inspect(path) -> dict:

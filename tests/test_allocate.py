@@ -76,6 +76,21 @@ def test_a_budget_below_the_cheapest_is_refused_before_measuring(tmp_path, monke
                      calib_seq_len=16, device="cpu")
 
 
+def test_a_calibrated_method_on_lm_head_is_refused_before_measuring(tmp_path, monkeypatch):
+    """GPTQ with lm_head selected (--ignore '') and a fractional budget: refused after the whole sensitivity pass."""
+    from llmcomp import api
+    from llmcomp.quant import GPTQConfig
+    from llmcomp.formats import Uniform
+    from tests.conftest import save_char_model
+
+    tiny_model_dir = save_char_model(tmp_path / "m", layers=1)
+    monkeypatch.setattr(allocate, "measure_errors", lambda *a, **k: pytest.fail("measured first"))
+    cfg = allocate.AllocationConfig(budget=3.5, candidates=(2, 4), group_size=32)
+    with pytest.raises(UserError, match="only quantizes decoder layers; add lm_head to --ignore"):
+        api.quantize(GPTQConfig(format=Uniform(bits=4, group_size=32), ignore=()), tmp_path / "q",
+                     str(tiny_model_dir), allocation=cfg, calib_samples=2, calib_seq_len=16, device="cpu")
+
+
 def test_allocated_model_uses_per_layer_formats(measured):
     model, cfg, table, shapes = measured
     import copy

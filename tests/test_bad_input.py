@@ -129,8 +129,17 @@ def test_quantize_flags(model_dir, tmp_path, flags, message):
     (["prune", "kv", "--k-ratio", "-0.5"], "--k-ratio must be in [0, 1)"),
     (["prune", "kv", "--method", "cskv", "--ratio", "0.5", "--seq-len", "1"], "--seq-len must be an integer ≥ 2"),
     (["prune", "kv", "--method", "duo", "--ratio", "0.5", "--seq-len", "32"], "--seq-len must be an integer ≥ 64"),
+    # calibration flags where nothing calibrates: taken and recorded in the manifest, unused
+    (["prune", "kv", "--method", "cskv", "--weights-only", "--calib-samples", "7"],
+     "--calib-samples does not apply: --method cskv calibrates on no text with --weights-only"),
+    (["prune", "kv", "--method", "duo", "--ratio", "0", "--seq-len", "99"],
+     "--seq-len does not apply: --method duo calibrates on no text when it removes nothing"),
+    # the flags' names, not the fields' (the duo message named a --heads the command does not have)
+    (["prune", "kv", "--method", "kivi", "--group", "7"], "--window (128) must be a multiple of the kivi group (7)"),
+    (["prune", "kv", "--method", "duo", "--ratio", "0.5", "--calib-samples", "0"],
+     "--calib-samples 0 with no heads given would split duo's heads arbitrarily"),
 ], ids=["eval-batch-size", "eval-device", "prune-kv-device", "kv-ratio", "kv-k-ratio", "cskv-seq-len",
-        "duo-seq-len"])
+        "duo-seq-len", "cskv-idle-calibration", "duo-idle-calibration", "kivi-window-flag", "duo-steps-flag"])
 def test_other_commands_check_their_flags(model_dir, tmp_path, args, message):
     """Flags checked before any work, with the one error line (these raised tracebacks from inside torch)."""
     out = ["-o", tmp_path / "o"] if args[0] == "prune" else []
@@ -288,6 +297,8 @@ def test_eval_errors(artifact, tmp_path):
     (["--context", "64"], "--context applies to --long eval only"),
     (["--passkey-samples", "3"], "--passkey-samples applies to --long eval only"),
     (["--long", "--context", "64", "--passkey-lengths", "-5", "--passkey-samples", "1"], "must be positive token"),
+    (["--long", "--context", "64", "--passkey-samples", "0", "--needle-keys", "4"], "--needle-keys runs with the pass"),
+    (["--long", "--context", "64", "--passkey-lengths", "", "--needle-keys", "4"], "--needle-keys runs with the pass"),
     (["--device", "cpu", "--max-memory", "cpu=1GiB"], "pass one of them"),  # (a traceback from model.to before)
     (["--offload-folder", "OUT/afile.txt"], "is a file; give a directory"),
     (["--seq-len", "257", "--windows", "1"], "longer than the model's context (256 tokens)"),
@@ -559,3 +570,11 @@ def test_api_arguments_of_the_wrong_kind_are_one_error(artifact, model_dir, tmp_
     assert not (tmp_path / "o").exists()
     assert GPTQConfig(format=NVFP4()).format == NVFP4()  # (GPTQ takes the FP4 grids too)
     assert llmcomp.load(artifact, dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_bench_decode_refuses_a_kv_policy(model_dir, tmp_path):
+    """bench decode's static cache bypasses the policy: the dense model was timed under the artifact's name."""
+    out = tmp_path / "kv"
+    r = invoke("prune", "kv", model_dir, "-o", out, "--method", "streaming", "--budget", 40)
+    assert r.exit_code == 0, r.output
+    assert "holds a KV-cache policy (kv-streaming), which bench decode" in error_line(invoke("bench", "decode", out))

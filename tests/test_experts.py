@@ -294,6 +294,11 @@ def test_cli_prune_then_quantize_and_eval(tmp_path):
                             "--calib-samples", "2", "--seq-len", "32", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "25.0 % of expert parameters removed" in " ".join(r.output.split())
+    assert "llmcomp.load" not in r.output  # (fused experts, one count: stock from_pretrained loads it)
+    r = runner.invoke(app, ["prune", "experts", str(src), "--method", "heapr", "--ratio", "0.25", "-o",
+                            str(tmp_path / "h"), "--calib-samples", "2", "--seq-len", "32", "--device", "cpu"])
+    assert r.exit_code == 0, r.output  # (stock from_pretrained filled its unfused experts randomly, silently)
+    assert "load it with llmcomp.load" in " ".join(r.output.split())
     stage = api.inspect(out)["stages"][-1]
     assert stage["kind"] == "moe" and stage["shapes"]["model.layers.0.mlp"]["experts"] == 6
     r = runner.invoke(app, ["quantize", str(out), "-o", str(tmp_path / "q"), "--bits", "8", "--group-size", "0"])
@@ -502,3 +507,22 @@ def test_heapr_on_quantized_experts_is_refused_before_calibration(tmp_path, monk
     with pytest.raises(UserError, match="this model's experts are quantized; prune the original model"):
         api.prune_experts(ExpertPruneConfig(method="heapr", ratio=0.25), tmp_path / "h", str(q), calib_samples=2,
                           calib_seq_len=16, device="cpu")
+
+
+@pytest.mark.parametrize("method, ratio, match", [
+    ("frequency", 0.9, "leaving fewer than top_k = 2"),
+    ("frequency", 0.05, "removes no expert of the 8"),
+    ("heapr", 0.001, "removes no neuron of the 128"),
+])
+def test_ratio_that_the_shape_refuses_fails_before_calibration(tmp_path, monkeypatch, method, ratio, match):
+    """These ratios were refused only after the whole calibration pass (hours on a real MoE)."""
+    src = _save_with_tokenizer(tiny_moe("mixtral"), tmp_path / "moe")
+    monkeypatch.setattr(experts, "collect_stats", lambda *a, **k: pytest.fail("calibrated first"))
+    with pytest.raises(UserError, match=match):
+        api.prune_experts(ExpertPruneConfig(method=method, ratio=ratio), tmp_path / "p", str(src), calib_samples=2,
+                          calib_seq_len=16, device="cpu")
+
+
+def test_skip_experts_names_a_wrong_config(tmp_path):
+    with pytest.raises(UserError, match="config must be a DynamicSkipConfig"):
+        api.skip_experts(ExpertPruneConfig(), tmp_path / "s", "unused")

@@ -74,6 +74,15 @@ def test_cli_flags():
     with pytest.raises(UserError, match="--format applies"):
         build_quant_config(method="rtn", bits=4, group_size=128, symmetric=False, preset=None,
                            targets=("Linear",), ignore=("lm_head",), fp4_format="nvfp4")
+    # --group-size 128 given with a spec-blocked format was taken for the flag's default and dropped, silently
+    for method in ("fp4", "gptq"):
+        with pytest.raises(UserError, match="uses blocks of 16 inputs"):
+            build_quant_config(method=method, bits=4, group_size=128, symmetric=False, preset=None,
+                               targets=("Linear",), ignore=("lm_head",), fp4_format="nvfp4", group_given=True)
+    # the fp4 format takes any group; Uniform's multiple-of-8 rule refused it
+    cfg, _ = build_quant_config(method="fp4", bits=4, group_size=20, symmetric=False, preset=None,
+                                targets=("Linear",), ignore=("lm_head",), fp4_format="fp4", group_given=True)
+    assert cfg.format == FP4(group_size=20)
 
 
 def test_search_end_to_end_save_load(tiny_model_dir, tmp_path):
@@ -207,3 +216,18 @@ def test_a_channel_silent_in_calibration_keeps_a_neutral_input_scale():
     live = torch.arange(32) != 5
     assert abs(float(s[live].log().mean())) < 1e-2  # the live channels' geometric mean is still 1
     assert torch.equal(input_scale(w, torch.zeros(32, 32), 0.5), torch.ones(32))
+
+
+def test_stage_labels_name_w4a4_and_the_search():
+    """They read as plain W4 of the format searched from: only bits/weight told the rows apart."""
+    from llmcomp.core.config import to_dict
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+
+    def label(cfg):
+        return api.stage_label({"method": cfg.method, "config": to_dict(cfg)})
+
+    assert label(RTNConfig(format=Uniform(bits=4, group_size=32))) == "rtn int4 g32 asym"
+    assert label(RTNConfig(format=Uniform(bits=4, group_size=32), act_bits=4)) == "rtn int4 g32 asym, A4 int"
+    searched = label(FP4Config(format=FP4(group_size=32), search=True, act_bits=4, act_format="int"))
+    assert searched.endswith(", searched element/clip, A4 int") and searched.startswith("fp4 fp4 e2m1 g32")

@@ -554,7 +554,7 @@ def test_weights_only_cskv_on_a_quantized_model():
 
 def test_duo_without_calibration_or_heads_is_refused():
     """No calibration steps and no --heads: every gate 1, the first heads in layer order became retrieval heads."""
-    with pytest.raises(UserError, match="split the heads arbitrarily"):
+    with pytest.raises(UserError, match="would split duo.s heads arbitrarily"):
         DuoConfig(streaming=0.5, calib_steps=0)
     DuoConfig(streaming=0.5, calib_steps=0, heads=("10", "01"))
     DuoConfig(streaming=0.0, calib_steps=0)
@@ -582,3 +582,71 @@ def test_mustafar_auto_decodes_a_padded_fp16_batch_like_the_reference(head_dim):
                                      return_dict_in_generate=True, output_scores=True)
     for a, b in zip(out["dense"].scores, out["auto"].scores):
         torch.testing.assert_close(b.float(), a.float(), atol=3e-2, rtol=0)
+
+
+def test_core_alone_loads_a_stage_artifact(tiny_model_dir, tmp_path):
+    """`import llmcomp` loads its names lazily: a process that imports only the core loader still finds the KV stage's
+    hook and the formats (core.registry.load_all on a name it does not know)."""
+    import subprocess
+    import sys
+
+    out = api.prune_kv(MustafarConfig(0.5, 0.5, window=4), tmp_path / "kv", str(tiny_model_dir))
+    code = ("import sys; from llmcomp.core.artifact import load_artifact; "
+            f"m, _, _ = load_artifact({str(out)!r}); print(type(m._llmcomp_kv).__name__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "KVRuntime"
+
+
+def test_duo_calibration_mask_is_what_a_decode_step_sees():
+    """The gates are trained on the streaming mask; a streaming head at a decode step sees its sinks, the held window
+    and its own token. The mask gave one recent token less (``i - j < window``)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from llmcomp.prune.kv.duo import CALIB_IMPL, _gated_attention
+    from llmcomp.prune.kv.cache import attention_modules
+
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    model = tiny()
+    install(model, DuoConfig(streaming=0.5, sinks=2, window=6, heads=("10", "01")))
+    got, _ = run_chunks(model, ids, chunks=(1,) * 30)  # decode steps only: each token through the held cache
+    ref_model = tiny()
+    AttentionInterface.register(CALIB_IMPL, _gated_attention)
+    for m, gate in zip(attention_modules(ref_model), ([1.0, 0.0], [0.0, 1.0])):  # 0: the streaming mask alone
+        m._duo_gate, m._duo_window = torch.tensor(gate), (2, 6)
+    ref_model.set_attn_implementation(CALIB_IMPL)
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cskv_weight_bases_take_the_projection_bias():
+    """k = W x + b: the weights-only bases came from W alone, so the bias's part outside W's span was lost."""
+    from llmcomp.prune.kv.cache import attention_modules as mods_of
+    from llmcomp.prune.kv.cskv import top_basis
+
+    model = tiny("qwen2")
+    attn = mods_of(model)[0]
+    with torch.no_grad():
+        attn.k_proj.bias.copy_(torch.randn(attn.k_proj.bias.shape, generator=torch.Generator().manual_seed(1)) * 2)
+    CSKVConfig(k_ratio=0.5, v_ratio=0.5, window=2, activation_aware=False).calibrate(model, None)
+    basis = attn.kv_basis.k_basis.detach()
+    keys = attn.k_proj(torch.randn(512, 64, generator=torch.Generator().manual_seed(2))).detach()
+
+    def err(u):
+        return ((keys - keys @ u @ u.T).norm() / keys.norm()).item()
+
+    assert err(basis) < 0.9 * err(top_basis(attn.k_proj.weight.detach(), basis.shape[1], False))
+
+
+def test_cli_eval_says_perplexity_leaves_the_kv_policy_out(tmp_path):
+    """Perplexity runs without a cache: a KV artifact's row is the dense model's, and nothing said so."""
+    from conftest import save_char_model
+
+    src = save_char_model(tmp_path / "char", layers=1)
+    out = api.prune_kv(StreamingConfig(budget=40), tmp_path / "kv", str(src))
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", str(src), str(out), "--windows", "1", "--seq-len", "32"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert f"so the KV-cache policy of {out} is not applied" in text and text.count("KV-cache policy") == 1

@@ -110,3 +110,10 @@ def test_end_to_end_save_load(tiny_model_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
     assert loaded.model.layers[0].mlp.down_proj.fmt == q.fmt
+
+
+def test_a_fraction_that_keeps_no_weight_is_refused_before_calibration(tiny_model_dir):
+    """It wrote a plain format with no outliers under the outlier method, at the same bits/weight, silently."""
+    model, _, _, _ = api.open_model(str(tiny_model_dir))
+    with pytest.raises(UserError, match=r"--outliers 1e-05% keeps none of the \d+ weights of model.layers.0"):
+        quantize_model(model, GPTQConfig(format=Uniform(bits=3, group_size=32), outliers=1e-7), None)

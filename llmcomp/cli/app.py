@@ -72,6 +72,14 @@ def _given(ctx: typer.Context, names) -> list[str]:
             if n in params and getattr(ctx.get_parameter_source(n), "name", None) in ("COMMANDLINE", "ENVIRONMENT")]
 
 
+def _holds_kv_policy(path: Optional[str]) -> bool:
+    from llmcomp.core.artifact import is_artifact, read_manifest
+    from llmcomp.core.model import resolve
+
+    p = None if path is None else resolve(path)
+    return p is not None and is_artifact(p) and any(s.get("kind") == "kv" for s in read_manifest(p, False)["stages"])
+
+
 def ignore_patterns(given: Optional[list[str]]) -> tuple[str, ...]:
     """--ignore's patterns: lm_head besides those given (typer replaces a list default, and `--ignore down_proj`
     then quantized the head — for a tied model, the embedding matrix), none of its own where one of them is ''."""
@@ -127,7 +135,7 @@ def quantize(
             targets=tuple(targets), ignore=ignore_patterns(ignore), act_order=act_order, damp=damp, rounds=rounds,
             candidates=candidates, sensitivity=sensitivity, fp4_format=fp4_format, outliers=outliers, search=search, act_bits=act_bits,
             act_format=act_format,
-            vector_len=vector_len, hadamard=hadamard)
+            vector_len=vector_len, hadamard=hadamard, group_given=bool(_given(ctx, ["group_size"])))
         replaced = _given(ctx, PRESET_REPLACES) if preset is not None else []  # (a known preset: checked above)
         if replaced:
             raise UserError(f"--preset {preset} sets the method and its settings itself; drop {', '.join(replaced)} "
@@ -212,6 +220,9 @@ def eval_(
                 rows.append(api.evaluate(p, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
                                          reference=ref, progress=progress, **place))
         render.console.print(render.eval_table(rows, compare, asked=windows))
+        for p in filter(_holds_kv_policy, targets):  # (the table's numbers are the dense attention's)
+            render.wrote(f"perplexity scores each window without a cache, so the KV-cache policy of {p} is not "
+                         "applied; llmcomp eval --long measures it", label="note:")
         if json_out:
             write_report(json_out, dumps(rows, indent=1))
         if record:
@@ -324,6 +335,3 @@ from llmcomp.cli.report import report as _report  # noqa: E402
 
 app.command("report")(_report)
 
-
-def main():  # pragma: no cover
-    app()

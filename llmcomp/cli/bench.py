@@ -183,10 +183,15 @@ def _original_of(path: str, original: Optional[str]) -> Optional[str]:
     p = model_mod.resolve(path)
     if not is_artifact(p):
         raise UserError(f"{p} is not an llmcomp artifact (no llmcomp.json); pass an artifact or use --synthetic.")
+    manifest = read_manifest(p, verify=False)
+    kv = [s["method"] for s in manifest["stages"] if s.get("kind") == "kv"]
+    if kv:  # (decode_speed's StaticCache bypasses KVRuntime: the dense attention would be timed under its name)
+        raise UserError(f"{p} holds a KV-cache policy ({kv[0]}), which bench decode's static cache does not apply; "
+                        "measure the policy with llmcomp eval --long.")
     if original is not None:
         model_mod.resolve(original)
         return original
-    base = read_manifest(p, verify=False)["base_model"]
+    base = manifest["base_model"]
     if base.get("path") and Path(base["path"]).exists():
         return base["path"]
     if base.get("name") == model_mod.BUNDLED_NAME:  # the bundled model, converted elsewhere on this machine

@@ -27,9 +27,10 @@ def parse_candidates(text: str) -> tuple[int, ...]:
         raise UserError(f"--candidates must be comma-separated integers such as 2,3,4,8, got {text!r}.") from None
 
 
-def fp4_weight_format(name: str | None, group_size: int, bits: float):
+def fp4_weight_format(name: str | None, group_size: int, bits: float, group_given: bool = True):
     """The ``--format`` of ``--method fp4``. mxfp4/nvfp4 blocks are fixed by their specs, so
-    ``--group-size`` only applies to ``fp4`` (128, the flag's default, is accepted for all)."""
+    ``--group-size`` only applies to ``fp4`` (unless ``group_given``, 128, the flag's default, is taken for the
+    default; given, only the spec's own block is)."""
     name = name or "mxfp4"
     if name not in FP4_FORMATS:
         raise UserError(f"Unknown FP4 format {name!r}; choose one of: {', '.join(FP4_FORMATS)}.")
@@ -38,7 +39,7 @@ def fp4_weight_format(name: str | None, group_size: int, bits: float):
     if name == "fp4":
         return FP4(group_size=group_size)
     fmt = FORMATS.get(name)()
-    if group_size not in (128, fmt.SPEC_BLOCK):
+    if group_size != fmt.SPEC_BLOCK and (group_given or group_size != 128):
         raise UserError(f"{name} uses blocks of {fmt.SPEC_BLOCK} inputs (fixed by its spec); "
                         f"--group-size {group_size} does not apply (use --format fp4 for other groups).")
     return fmt
@@ -89,9 +90,10 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
                        fp4_format: str | None = None,
                        outliers: str | None = None, search: bool = False, act_bits: int = 16,
                        act_format: str | None = None,
-                       vector_len: int | None = None, hadamard: bool = False):
+                       vector_len: int | None = None, hadamard: bool = False, group_given: bool = False):
     """Returns ``(config, allocation or None)``. A fractional ``bits`` is an average budget: each
-    layer's width is then chosen from ``candidates`` (bit allocation)."""
+    layer's width is then chosen from ``candidates`` (bit allocation). ``group_given``: the command line set
+    ``group_size`` (an mxfp4/nvfp4 format then refuses any but its spec's block)."""
     if not math.isfinite(bits):
         raise UserError(f"--bits must be a number such as 4 or 3.5, got {bits}.")
     if preset is not None:
@@ -124,7 +126,7 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
             raise UserError("--outliers applies to --method gptq (weights) and vptq (columns), not pvq.")
         return PVQConfig(format=pyramid_for_bits(bits, vector_len, rotate=hadamard), **common), None
     use_fp4 = method == "fp4" or fp4_format is not None
-    fp4 = fp4_weight_format(fp4_format, group_size, bits) if use_fp4 else None  # before bits is rewritten
+    fp4 = fp4_weight_format(fp4_format, group_size, bits, group_given) if use_fp4 else None  # before bits changes
     if outlier_fraction and method != "gptq":
         raise UserError(f"--outliers is a GPTQ option (the solver chooses and keeps them); --method {method} does not take it.")
     allocation = None
@@ -134,12 +136,13 @@ def build_quant_config(*, method: str, bits: float, group_size: int, symmetric: 
         allocation = AllocationConfig(budget=bits, candidates=parse_candidates(candidates), group_size=group_size,
                                       symmetric=symmetric, damp=damp, sensitivity=sensitivity or "fisher")
         bits = max(allocation.candidates)
-    fmt = Uniform(bits=int(bits), group_size=group_size, symmetric=symmetric)
+    # (the FP4 formats judge their own group: Uniform's rule refused --format fp4 --group-size 20)
+    fmt = fp4 or Uniform(bits=int(bits), group_size=group_size, symmetric=symmetric)
     common = {"format": fmt, "targets": targets, "ignore": ignore}
     act = {"act_bits": act_bits, **({"act_format": act_format} if act_format else {})}
     builders = {
         "rtn": lambda: RTNConfig(**common, **act),
-        "gptq": lambda: GPTQConfig(**{**common, "format": fp4 or fmt}, act_order=act_order, damp=damp,
+        "gptq": lambda: GPTQConfig(**common, act_order=act_order, damp=damp,
                                    outliers=outlier_fraction),
         "decoupleq": lambda: DecoupleQConfig(**common, act_order=act_order, damp=damp, rounds=rounds),
         "fp4": lambda: FP4Config(format=fp4, targets=targets, ignore=ignore, search=search, **act),

@@ -43,8 +43,9 @@ def experts(
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
-    """Remove experts scored from one calibration pass; the artifact loads with llmcomp.load (and stock
-    from_pretrained when every layer keeps the same experts count)."""
+    """Remove experts scored from one calibration pass; the artifact loads with llmcomp.load (and with stock
+    from_pretrained only where every layer keeps the same expert count, not with HEAPr or --layer-ratio: the
+    command says so)."""
     from llmcomp import api
     from llmcomp.cli import render
     from llmcomp.cli.app import _given, _quiet_transformers, run
@@ -68,6 +69,9 @@ def experts(
         se = ", ".join(f"{p} {e}" for p, e in found.items()) or "none"
         render.wrote(f"{path}: {100 * metrics['expert_params']['removed_fraction']:.1f} % of expert parameters "
                      f"removed; super experts {se}{' (protected)' if protect and found else ''}")
+        if not metrics.get("stock_loadable", True):  # (stock from_pretrained would fill the experts randomly)
+            render.wrote("load it with llmcomp.load: its experts no longer have the config's shapes, and stock "
+                         "from_pretrained would fill them with random weights", label="note:")
 
     run(go)
 

@@ -50,12 +50,18 @@ def build_kv_policy(method: str, **flags):
                  "activation_aware": False if given.get("weights_only") else None},
     }[method]
     try:
-        return cls(**{k: v for k, v in fields.items() if v is not None})
+        policy = cls(**{k: v for k, v in fields.items() if v is not None})
     except UserError as e:  # the policy's checks name its fields; say which flag instead
         field, _, rest = str(e).partition(" ")
         if field not in fields:
             raise
         raise UserError(f"{_flag(field, given)} {rest}") from None
+    idle = [f"--{n.replace('_', '-')}" for n in ("calib_samples", "seq_len") if n in given]
+    if idle and not getattr(policy, "calibrated_on_text", True):  # (they went into the manifest, unused)
+        why = "with --weights-only" if given.get("weights_only") else "when it removes nothing (--ratio 0)"
+        raise UserError(f"{' and '.join(idle)} do{'es' if len(idle) == 1 else ''} not apply: --method {method} "
+                        f"calibrates on no text {why}.")
+    return policy
 
 
 def _flag(field: str, given: dict) -> str:
@@ -122,6 +128,9 @@ def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, pass
         raise UserError(f"--passkey-lengths must be comma-separated integers, got {passkey_lengths!r}.") from None
     if context < 16 or passkey_samples < 0 or needle_keys < 0:
         raise UserError("--context must be ≥ 16, --passkey-samples ≥ 0 and --needle-keys ≥ 0.")
+    if needle_keys and not (lengths and passkey_samples):  # (the needle prompts are built beside the passkey ones)
+        raise UserError("--needle-keys runs with the passkey prompts; give --passkey-samples ≥ 1 and "
+                        "--passkey-lengths.")
     with render.RichProgress() as progress:
         rows = [api.evaluate_long(p, context=context, n_windows=windows, passkey_lengths=lengths,
                                   passkey_samples=passkey_samples, needle_keys=needle_keys, device=device,

@@ -65,6 +65,13 @@ def check_field_types(obj: Any) -> None:
             raise UserError(f"{type(obj).__name__}.{f.name} must be {want}, got {value!r}.")
 
 
+def field_classes(cls: type, name: str) -> tuple:
+    """The classes field ``name`` of dataclass ``cls`` is annotated with (``format: Uniform | BlockFP``); ()
+    where the annotation names no classes."""
+    kind = next((str(f.type) for f in dataclasses.fields(cls) if f.name == name), "")
+    return _classes(cls, kind) if kind else ()
+
+
 def _classes(cls: type, kind: str) -> tuple:
     """The classes an annotation such as ``Uniform | BlockFP`` names, as ``cls``'s module sees them (none where
     one of them is not a class there)."""

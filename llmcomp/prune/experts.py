@@ -227,18 +227,38 @@ def _count(ratio: float, n: int) -> int:
     return int(ratio * n + 0.5)
 
 
+def removal_count(cfg: ExpertPruneConfig, path: str, layer: int, num_experts: int, top_k: int,
+                  sizes: list[int]) -> int:
+    """The experts (HEAPr: neurons, of ``sizes``) ``cfg`` removes from one block. A ratio that removes none, or
+    leaves fewer experts than the router picks, is a UserError — decided by the block's shape alone, so
+    ``check_ratios`` raises it before the calibration pass."""
+    ratio = cfg.ratio_for(layer)
+    if cfg.method == "heapr":
+        n = _count(ratio, sum(sizes))
+        if n == 0:
+            raise UserError(f"Ratio {ratio:g} removes no neuron of the {sum(sizes)} in {path}; raise it.")
+        return n
+    n = _count(ratio, num_experts)
+    if n == 0:
+        raise UserError(f"Ratio {ratio:g} removes no expert of the {num_experts} in {path}; raise it.")
+    if num_experts - n < top_k:
+        raise UserError(f"Ratio {ratio:g} removes {n} of the {num_experts} experts in {path}, "
+                        f"leaving fewer than top_k = {top_k}; lower the ratio.")
+    return n
+
+
+def check_ratios(blocks: list[moe.MoEBlock], cfg: ExpertPruneConfig) -> None:
+    for b in blocks:
+        removal_count(cfg, b.path, b.layer, b.num_experts, b.top_k, b.sizes)
+
+
 def plan_experts(stats: dict[str, BlockStats], cfg: ExpertPruneConfig, protected: dict[str, list[int]]
                  ) -> dict[str, dict]:
     """``{path: {"keep": [...], "removed": [...], "skipped_protected": [...]}}`` for expert-level methods."""
     plan = {}
     for path, st in stats.items():
         E = st.num_experts
-        n = _count(cfg.ratio_for(st.layer), E)
-        if n == 0:
-            raise UserError(f"Ratio {cfg.ratio_for(st.layer):g} removes no expert of the {E} in {path}; raise it.")
-        if E - n < st.top_k:
-            raise UserError(f"Ratio {cfg.ratio_for(st.layer):g} removes {n} of the {E} experts in {path}, "
-                            f"leaving fewer than top_k = {st.top_k}; lower the ratio.")
+        n = removal_count(cfg, path, st.layer, E, st.top_k, [])
         guard = set(protected.get(path, []))
         if n > E - len(guard):
             raise UserError(f"{path}: ratio {cfg.ratio_for(st.layer):g} asks for {n} of the {E} experts but only "
@@ -269,9 +289,7 @@ def plan_atomic(stats: dict[str, BlockStats], blocks: dict[str, moe.MoEBlock], c
     for path, st in stats.items():
         b, guard = blocks[path], set(protected.get(path, []))
         sizes = b.sizes
-        n = _count(cfg.ratio_for(st.layer), sum(sizes))
-        if n == 0:
-            raise UserError(f"Ratio {cfg.ratio_for(st.layer):g} removes no neuron of the {sum(sizes)} in {path}; raise it.")
+        n = removal_count(cfg, path, st.layer, len(sizes), 0, sizes)
         G = [output_hessian(st, b, e) for e in range(len(sizes))]
         Hinv = [torch.cholesky_inverse(torch.linalg.cholesky(dampen(g, cfg.damp).H.double())) if g.numel() else g
                 for g in G]

@@ -14,6 +14,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from llmcomp.core.config import field_classes
 from llmcomp.core.calib import calibrate_layerwise
 from llmcomp.core.model import check_finite, decoder_layers, set_submodule
 from llmcomp.core.numeric import all_finite
@@ -189,10 +190,20 @@ def check_selection(model: nn.Module, config, quantizer: Optional[Quantizer] = N
     if odd is not None:
         raise UserError(f"The per-layer format of {odd!r} must be a weight format such as Uniform(bits=8), got "
                         f"{formats[odd]!r}.")
+    kinds = field_classes(type(config), "format")  # (another kind failed deep inside the quantizer, a traceback)
+    odd = next((k for k, f in formats.items() if kinds and not isinstance(f, kinds)), None)
+    if odd is not None:
+        raise UserError(f"The per-layer format of {odd!r} must be {' or '.join(c.__name__ for c in kinds)} for "
+                        f"method {config.method}, as its format is; got {type(formats[odd]).__name__}.")
     stray = sorted(set(formats) - set(chosen))
     if stray:  # (a dotted suffix or an ignored layer: its format was dropped and the default used, silently)
         raise UserError(f"A per-layer format names {stray[0]!r}, which is not a layer this job quantizes; per-layer "
                         "formats take full module paths (model.layers.0.mlp.down_proj) of selected layers.")
+    if (quantizer or METHODS.get(config.method)(config)).needs_calibration:  # (with an allocation: before its pass)
+        prefix, _ = decoder_layers(model)
+        outside = [n for n in chosen if not n.startswith(prefix + ".")]
+        if outside:
+            raise UserError(f"Method {config.method} only quantizes decoder layers; add {outside[0]} to --ignore.")
     if quantizer is not None:
         _check_shapes(model, quantizer, chosen)
     return chosen
@@ -230,10 +241,6 @@ def quantize_model(
     else:
         if calib_ids is None:
             raise UserError(f"Method {config.method} needs calibration data.")
-        prefix, _ = decoder_layers(model)
-        outside = [n for n in chosen if not n.startswith(prefix + ".")]
-        if outside:
-            raise UserError(f"Method {config.method} only quantizes decoder layers; add {outside[0]} to --ignore.")
         unseen: list[str] = []  # linears no calibration token reached
 
         def handler(path, layer, runner):

@@ -46,8 +46,9 @@ class FP4Config(QuantConfig):
 
     def __post_init__(self):
         actquant.check(self.act_bits, self.act_format, self.smooth)
-        if self.search and not isinstance(self.format, FP4):
-            raise UserError(f"--search chooses the element and clipping of --format fp4; {self.format.name} fixes "
+        fixed = next((f for f in (self.format, *self.formats.values()) if not isinstance(f, FP4)), None)
+        if self.search and fixed is not None:  # (a per-layer MXFP4 failed inside the search: no group_size)
+            raise UserError(f"--search chooses the element and clipping of --format fp4; {fixed.name} fixes "
                             "both by its spec (use --format fp4).")
 
 

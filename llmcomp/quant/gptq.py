@@ -36,7 +36,8 @@ from llmcomp.formats.fp4 import BlockFP
 from llmcomp.formats.outliers import Outliers
 from llmcomp.formats.uniform import Uniform
 from llmcomp.quant.base import METHODS, HessianQuantizer, LayerResult, QuantConfig
-from llmcomp.quant.hessian import HessianAccumulator, check_damp, flush_denormal, inverse_cholesky
+from llmcomp.quant.hessian import (HessianAccumulator, check_damp, flush_denormal, inverse_cholesky,
+                                   output_error)
 
 # round_col(j, ahead) -> the quantized (dequantized-value) column j, in the solver's column order.
 # ``ahead`` is the current, error-updated working copy of columns j .. end of the current block
@@ -187,6 +188,15 @@ class GPTQQuantizer(HessianQuantizer):
     config: GPTQConfig
     label = "GPTQ"
 
+    def layer_format(self, name: str, linear: nn.Linear):
+        fmt = self.format_for(name)
+        n = linear.out_features * linear.in_features
+        if self.config.outliers and Outliers(base=fmt, fraction=self.config.outliers).count(*linear.weight.shape) == 0:
+            # (a plain format was written under the outlier method's name, at the same bits/weight, silently)
+            raise UserError(f"--outliers {100 * self.config.outliers:g}% keeps none of the {n} weights of {name}; "
+                            "raise it or leave it out.")
+        return fmt
+
     @torch.no_grad()
     def quantize_linear(self, name: str, linear: nn.Linear, stats: HessianAccumulator | None = None) -> LayerResult:
         cfg = self.config
@@ -262,9 +272,7 @@ class GPTQQuantizer(HessianQuantizer):
 
             if parked is not None:
                 stats.H = stats.H.to(parked)
-            H0 = stats.H.to(device)
-            D = Q - W0
-            rel_err = float(((D @ H0) * D).sum() / ((W0 @ H0) * W0).sum().clamp(min=1e-30))
+            rel_err = output_error(W0, Q, stats.H.to(device))
         tensors = fmt.pack(fields)
         mod = QuantLinear.from_packed(fmt, tensors, in_f, linear.bias.data if linear.bias is not None else None)
         metrics = {"out_err_rel": round(rel_err, 6)}

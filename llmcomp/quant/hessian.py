@@ -151,3 +151,9 @@ def inverse_cholesky(dh: DampedHessian, max_tries: int = 8) -> tuple[torch.Tenso
         dh = DampedHessian(H, dh.dead, new * diag_mean, new)
         percdamp = new
     raise RuntimeError(f"Hessian still not positive definite with dampening {percdamp:g}.")
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(D H Dᵀ) / tr(W H Wᵀ), D = Q − W: the layer's relative output error on calibration inputs."""
+    D = (Q - W).float()
+    return float(((D @ H) * D).sum() / ((W @ H) * W).sum().clamp(min=1e-30))

@@ -34,7 +34,8 @@ from llmcomp.formats.pyramid import Pyramid, project
 from llmcomp.quant.base import METHODS, LayerResult, QuantConfig, Quantizer, require_stats
 from llmcomp.quant.hessian import HessianAccumulator, check_damp
 from llmcomp.quant.kmeans import assign, kmeans
-from llmcomp.quant.vecsolve import output_error, solve_groups
+from llmcomp.quant.hessian import output_error
+from llmcomp.quant.vecsolve import solve_groups
 
 DEFAULT_DIM = 64
 BITS_TOLERANCE = 0.05

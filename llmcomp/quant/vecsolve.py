@@ -71,8 +71,3 @@ def diagonal_metric(h: torch.Tensor) -> torch.Tensor:
     """A = diag(√h): the metric of a group without feedback (h: the group's Hessian diagonal)."""
     return torch.diag(h.clamp(min=0).sqrt())
 
-
-def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(D H Dᵀ) / tr(W H Wᵀ), D = Q − W: the layer's relative output error on calibration inputs."""
-    D = (Q - W).float()
-    return float(((D @ H) * D).sum() / ((W @ H) * W).sum().clamp(min=1e-30))

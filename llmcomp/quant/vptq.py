@@ -30,7 +30,8 @@ from llmcomp.formats.codebook import Codebook
 from llmcomp.quant.base import METHODS, HessianQuantizer, LayerResult, QuantConfig
 from llmcomp.quant.hessian import HessianAccumulator, check_damp
 from llmcomp.quant.kmeans import assign, kmeans
-from llmcomp.quant.vecsolve import diagonal_metric, output_error, solve_groups
+from llmcomp.quant.hessian import output_error
+from llmcomp.quant.vecsolve import diagonal_metric, solve_groups
 
 DEFAULT_DIM = 4
 MAX_SINGLE_STAGE_BITS = 9

@@ -199,7 +199,7 @@ class CSKVConfig(KVPolicy):
             calibrate_layerwise(model, windows, handler, batch_size=4, device=device, progress=progress)
         else:
             for m, b in zip(mods, bases):  # (a quantized projection: its dequantized weight)
-                self._fill(b, _weight(m.k_proj), _weight(m.v_proj), r_k, r_v, symmetric=False)
+                self._fill(b, _affine(m.k_proj), _affine(m.v_proj), r_k, r_v, symmetric=False)
         return self, {"width": width, "k_rank": r_k, "v_rank": r_v}
 
     @staticmethod
@@ -220,3 +220,11 @@ class CSKVConfig(KVPolicy):
 def _weight(linear) -> torch.Tensor:
     """A projection's weight [out, in]: ``nn.Linear``'s, or a quantized layer's dequantized one."""
     return linear.dequantize().detach() if hasattr(linear, "dequantize") else linear.weight.detach()
+
+
+def _affine(linear) -> torch.Tensor:
+    """[W | b] [out, in (+ 1)]: the keys k = W x + b lie in its column space, not W's alone where there is a bias
+    (Qwen2's k/v projections; with W alone the bias's part outside W's span was lost from every key)."""
+    w = _weight(linear)
+    b = getattr(linear, "bias", None)
+    return w if b is None else torch.cat([w, b.detach().to(w.dtype)[:, None]], 1)

@@ -97,10 +97,12 @@ class DuoLayer(PolicyLayer):
 
 
 def _streaming_mask(n: int, sinks: int, window: int, device) -> torch.Tensor:
-    """bool [n, n]: causal, and a key is a sink or one of the ``window`` most recent tokens."""
+    """bool [n, n]: causal, and a key is a sink, the query's own token or one of the ``window`` before it — what a
+    streaming head sees at a decode step (its held window, then the new token). (``i - j < window`` trained the
+    gates on one token less than inference gives.)"""
     i = torch.arange(n, device=device)[:, None]
     j = torch.arange(n, device=device)[None, :]
-    return (j <= i) & ((j < sinks) | (i - j < window))
+    return (j <= i) & ((j < sinks) | (i - j <= window))
 
 
 def _gated_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -206,8 +208,8 @@ class DuoConfig(KVPolicy):
         check_tokens("window", self.window, 1)
         check_tokens("calib_steps", self.calib_steps, 0)
         if not self.heads and self.streaming > 0 and self.calib_steps == 0:  # (every gate 1: the first heads)
-            raise UserError("duo with no calibration steps and no --heads would split the heads arbitrarily; "
-                            "calibrate (--calib-samples ≥ 1) or give the split with --heads.")
+            raise UserError("calib_steps 0 with no heads given would split duo's heads arbitrarily; calibrate "
+                            "(≥ 1 step) or give the split (DuoConfig(heads=...)).")  # (field first: the CLI's flag)
         check_tokens("calib_seq_len", self.calib_seq_len, 64)
         object.__setattr__(self, "heads", tuple(str(h) for h in self.heads))
         if any(set(h) - {"0", "1"} for h in self.heads):

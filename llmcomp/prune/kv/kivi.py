@@ -112,8 +112,8 @@ class KIVIConfig(KVPolicy):
         check_tokens("group", self.group, 1)
         check_tokens("residual", self.residual, 1)
         if self.residual % self.group:
-            raise UserError(f"kivi residual ({self.residual}) must be a multiple of group ({self.group}): "
-                            "keys are quantized in whole token groups.")
+            raise UserError(f"residual ({self.residual}) must be a multiple of the kivi group ({self.group}): "
+                            "keys are quantized in whole token groups.")  # (the field first: the CLI names its flag)
 
     def windows(self):
         return {"residual": self.residual}
