@@ -12,10 +12,15 @@ __all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'llmcomp' has no attribute {name!r}")
     import importlib
 
+    if name not in _EXPORTS:  # a subpackage (llmcomp.api, llmcomp.quant, ...), as the eager import made them
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'llmcomp' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value

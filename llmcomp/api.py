@@ -11,7 +11,7 @@ import torch
 
 from llmcomp.core import memory
 from llmcomp.core import model as model_mod
-from llmcomp.core.artifact import SEAL, is_artifact, load_artifact, read_manifest, write_artifact
+from llmcomp.core.artifact import SEAL, is_artifact, load_artifact, read_manifest, stored_dtype, write_artifact
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.data import calib_windows, check_calib, check_vocab, corpus, eval_windows
 from llmcomp.core.paths import check_output
@@ -47,6 +47,16 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name not in DTYPES:
         raise UserError(f"Unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}.")
     return DTYPES[name]
+
+
+def _store_dtype(dtype: Optional[str], model) -> Optional[torch.dtype]:
+    """``--dtype``, else the 16-bit float dtype the source's config.json names: the model is loaded and computed in
+    float32 either way, and a writer stores its unquantized tensors as in the model (bf16 sources came out float32,
+    twice their size, against the commands' help)."""
+    if dtype is not None:
+        return parse_dtype(dtype)
+    stored = stored_dtype(model_mod.resolve(model))
+    return stored if stored in (torch.float16, torch.bfloat16) else None
 
 
 def open_model(path=None, dtype: Optional[torch.dtype] = None, device: Optional[str] = None, progress: Progress = NULL,
@@ -141,7 +151,7 @@ def quantize(
     check_calib(calib_samples, calib_seq_len)  # before the model is loaded
     limits = memory.parse_max_memory(max_memory)
     gpu_limits = memory.gpu_limits(limits)
-    store_dtype = parse_dtype(dtype)
+    store_dtype = _store_dtype(dtype, model)
     start = time.perf_counter()
     net, tok, base, stages = open_model(model, progress=progress)
     memory.check_cpu_fits(net, limits)
@@ -251,7 +261,7 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
     from llmcomp.prune.kv.cache import check_supported
 
     output = check_output(output, overwrite, model)
-    store_dtype = parse_dtype(dtype)
+    store_dtype = _store_dtype(dtype, model)
     start = time.perf_counter()
     net, tok, base, stages = open_model(model, progress=progress)
     if any(s.get("kind") == "kv" for s in stages):
@@ -319,7 +329,7 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
     from llmcomp.core.qlinear import QuantLinear
     from llmcomp.prune import experts, moe
 
-    store_dtype = parse_dtype(dtype)
+    store_dtype = _store_dtype(dtype, model)
     start = time.perf_counter()
 
     def check(net, _):
@@ -379,7 +389,7 @@ def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, ove
     memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.convert.moefy import moefy_model, target_config
 
-    store_dtype = parse_dtype(dtype)
+    store_dtype = _store_dtype(dtype, model)
     start = time.perf_counter()
     def check(net, stages):
         if stages:
@@ -653,7 +663,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     from llmcomp.core.data import tokenize
     from llmcomp.linearize import distill
 
-    store_dtype = parse_dtype(dtype)
+    store_dtype = _store_dtype(dtype, model)
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(model, output, overwrite, calib_samples, calib_seq_len,
                                                             config.seed, progress, check=distill.check_model)

@@ -571,3 +571,24 @@ def test_an_artifact_replaced_during_its_evaluation_gets_no_record(tmp_path, tin
         artifact_mod.record_evaluation(art, {"ppl": 1.0}, seal=loaded)
     artifact_mod.record_evaluation(art, {"ppl": 2.0}, seal=read_manifest(art)[artifact_mod.SEAL])
     assert read_manifest(art)["evaluations"] == [{"ppl": 2.0}]
+
+
+def test_writers_store_unquantized_tensors_as_the_source_does(tmp_path):
+    """A bf16 model came out float32 (twice the size) without --dtype, against the help's "as in the model"."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import save_char_model
+
+    src = save_char_model(tmp_path / "f32", layers=1)
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special")):
+            shutil.copy(f, tmp_path / "bf16")
+    for source, want in ((src, torch.float32), (tmp_path / "bf16", torch.bfloat16)):
+        out = api.quantize(W4, tmp_path / f"q-{source.name}", str(source))
+        st = load_file(str(out / "model.safetensors"))
+        assert st["model.norm.weight"].dtype == st["model.embed_tokens.weight"].dtype == want
+        assert json.loads((out / "config.json").read_text())["dtype"] == str(want).removeprefix("torch.")

@@ -578,3 +578,15 @@ def test_bench_decode_refuses_a_kv_policy(model_dir, tmp_path):
     r = invoke("prune", "kv", model_dir, "-o", out, "--method", "streaming", "--budget", 40)
     assert r.exit_code == 0, r.output
     assert "holds a KV-cache policy (kv-streaming), which bench decode" in error_line(invoke("bench", "decode", out))
+
+
+
+def test_bench_decode_refuses_a_linearized_model(tmp_path):
+    """Its static cache decoded a hybrid's softmax layers over unwritten slots."""
+    from llmcomp.core.artifact import write_artifact
+    from tests.conftest import tiny_llama
+
+    stage = {"method": "linearize-hedgehog", "kind": "linearize", "config": {}, "metrics": {}}
+    out = write_artifact(tmp_path / "lin", tiny_llama(), None, base_model={}, stages=[stage])
+    assert "is linearized (linearize-hedgehog); bench decode times a static cache" in error_line(
+        invoke("bench", "decode", out))

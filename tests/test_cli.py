@@ -207,9 +207,14 @@ def test_import_is_light_and_names_load_on_use():
     import llmcomp
 
     code = ("import sys, llmcomp; light = 'torch' not in sys.modules; "
-            "from llmcomp import load, PRESETS; print(light, callable(load), 'w4g128' in PRESETS, 'load' in dir(llmcomp))")
+            "from llmcomp import load, PRESETS; print(light, callable(load), 'w4g128' in PRESETS, 'load' in dir(llmcomp), "
+            "'rtn' in llmcomp.quant.METHODS, llmcomp.errors.UserError is llmcomp.UserError)")  # (subpackages too)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True"] * 4
+    assert out == ["True"] * 6
+    names = ("CSKVConfig", "ExpertPruneConfig", "DynamicSkipConfig", "MoefyConfig", "LinearizeConfig", "Uniform")
+    code = f"from llmcomp.core.config import CONFIGS; print(*(CONFIGS.get(n).__name__ for n in {names!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # (core alone: load_all)
+    assert out.stdout.split() == list(names), out.stderr[-2000:]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         llmcomp.nope  # noqa: B018
 
@@ -228,4 +233,22 @@ def test_interrupt_while_the_command_line_loads(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 130
-    assert capsys.readouterr().err == "Error: interrupted.\n"
+    assert capsys.readouterr().err == "error: interrupted.\n"
+
+
+def test_interrupt_typer_took_silently_is_one_line(monkeypatch, capsys):
+    """An interrupt while a command imports torch (before app.run) left typer's silent exit 130."""
+    import sys
+    import types
+
+    from llmcomp.cli import main, render
+
+    def interrupted():
+        raise SystemExit(130)
+
+    monkeypatch.setitem(sys.modules, "llmcomp.cli.app", types.SimpleNamespace(app=interrupted))
+    monkeypatch.setattr(render, "ERRORS_SHOWN", [])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 130
+    assert " ".join(capsys.readouterr().err.split()) == "error: interrupted."

@@ -470,3 +470,16 @@ def test_bundled_round_trips(bundled_dir, tmp_path):
             d_ct = (ref - _hf(tmp_path / "c", True)(ids).logits).abs().max().item()
         print(f"bundled compressed-tensors via transformers: max |Δlogit| = {d_ct}")
         assert d_ct == 0
+
+
+@pytest.mark.parametrize("target", ["gptq", "compressed-tensors"])
+def test_export_keeps_the_stored_dtype(model_dir, tmp_path, target):
+    """A --dtype bfloat16 artifact exported its embeddings and norms as float32 under a config.json that says
+    bfloat16 (the artifact was loaded into a float32 skeleton)."""
+    art = api.quantize(RTNConfig(format=Uniform(4, 32)), tmp_path / "a", str(model_dir), dtype="bfloat16")
+    assert json.loads((art / "config.json").read_text())["dtype"] == "bfloat16"
+    out = tmp_path / "x"
+    assert invoke("export", art, "--to", target, "-o", out).exit_code == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    st = load_file(str(out / "model.safetensors"))
+    assert st["model.embed_tokens.weight"].dtype == st["model.norm.weight"].dtype == torch.bfloat16

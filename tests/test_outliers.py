@@ -115,5 +115,15 @@ def test_end_to_end_save_load(tiny_model_dir, tmp_path):
 def test_a_fraction_that_keeps_no_weight_is_refused_before_calibration(tiny_model_dir):
     """It wrote a plain format with no outliers under the outlier method, at the same bits/weight, silently."""
     model, _, _, _ = api.open_model(str(tiny_model_dir))
-    with pytest.raises(UserError, match=r"--outliers 1e-05% keeps none of the \d+ weights of model.layers.0"):
+    with pytest.raises(UserError, match=r"--outliers 1e-05% keeps none of the weights of any layer \(the largest"):
         quantize_model(model, GPTQConfig(format=Uniform(bits=3, group_size=32), outliers=1e-7), None)
+
+
+def test_a_layer_too_small_for_any_outlier_does_not_refuse_the_job(tiny_model_dir):
+    """q/k/v/o keep none at 0.01 %, the MLP one each: the job runs (a one-row shared-expert gate refused it)."""
+    from llmcomp.quant.base import check_selection
+    from llmcomp.quant.gptq import GPTQQuantizer
+
+    model, _, _, _ = api.open_model(str(tiny_model_dir))
+    cfg = GPTQConfig(format=Uniform(bits=3, group_size=32), outliers=1e-4)
+    assert len(check_selection(model, cfg, GPTQQuantizer(cfg))) == 14

@@ -282,3 +282,11 @@ def test_a_model_named_dot_is_named_by_its_folder(tmp_path, monkeypatch):
     (tmp_path / "mymodel" / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path / "mymodel")
     assert model_name(Path(".")) == "mymodel"
+
+
+def test_kl_curve_points_sit_at_their_fine_tuning_steps():
+    """The curve keeps every (steps // 20)-th KL; it was plotted at 1, 2, 3, ... under "fine-tuning step"."""
+    stage = {"kind": "linearize", "layout": ["linear"], "metrics": {
+        "transfer_rel_mse": {"0": 0.1}, "finetune": {"steps": 45, "kl_curve": [0.5 - 0.01 * i for i in range(23)]}}}
+    f = facts.linearize_facts(stage)
+    assert f["kl_steps"][:3] == [1, 3, 5] and f["kl_steps"][-1] == 45 and len(f["kl_steps"]) == 23

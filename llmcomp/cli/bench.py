@@ -184,10 +184,13 @@ def _original_of(path: str, original: Optional[str]) -> Optional[str]:
     if not is_artifact(p):
         raise UserError(f"{p} is not an llmcomp artifact (no llmcomp.json); pass an artifact or use --synthetic.")
     manifest = read_manifest(p, verify=False)
-    kv = [s["method"] for s in manifest["stages"] if s.get("kind") == "kv"]
-    if kv:  # (decode_speed's StaticCache bypasses KVRuntime: the dense attention would be timed under its name)
-        raise UserError(f"{p} holds a KV-cache policy ({kv[0]}), which bench decode's static cache does not apply; "
-                        "measure the policy with llmcomp eval --long.")
+    kinds = {s.get("kind"): s["method"] for s in manifest["stages"]}
+    if "kv" in kinds:  # (decode_speed's StaticCache bypasses KVRuntime: the dense attention would be timed)
+        raise UserError(f"{p} holds a KV-cache policy ({kinds['kv']}), which bench decode's static cache does not "
+                        "apply; measure the policy with llmcomp eval --long.")
+    if "linearize" in kinds:  # (a hybrid's softmax layers decoded wrongly over the static slots)
+        raise UserError(f"{p} is linearized ({kinds['linearize']}); bench decode times a static cache, and linear "
+                        "attention decodes with its recurrent state (time generate instead).")
     if original is not None:
         model_mod.resolve(original)
         return original

@@ -29,12 +29,16 @@ def parse_layers(text: Optional[str]) -> Optional[tuple]:
     if text is None:
         return None
     try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
+        layers = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
         raise UserError(f"--keep-layers {text!r} must be comma-separated layer indices, e.g. 0,5.") from None
+    if not layers:  # (an empty list replaced --keep-softmax, silently)
+        raise UserError(f"--keep-layers {text!r} names no layer; give indices such as 0,5, or leave it out.")
+    return layers
 
 
 def linearize(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="Llama-style model directory (default: the bundled SmolLM2-135M-Instruct).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-linear"),
     method: Annotated[str, typer.Option(help="hedgehog (trainable feature maps, LoLCATs hybrid), liger (gates from the key projection, no new parameters), gla (own trainable gate projection) or mamba (Mamba-2 SSD seeded from attention: C=q, B=k, x=v, out=o_proj).")] = "hedgehog",
@@ -58,13 +62,22 @@ def linearize(
     loss to the original) and write an artifact that llmcomp.load runs and generates with."""
     from llmcomp import api
     from llmcomp.cli import render
-    from llmcomp.cli.app import _quiet_transformers, run
+    from llmcomp.cli.app import _given, _quiet_transformers, run
 
     _quiet_transformers()
 
     def go():
         from llmcomp.linearize.distill import LinearizeConfig
 
+        # (each was taken and ignored: recorded in the manifest, unused)
+        if keep_layers is not None and _given(ctx, ["keep_softmax"]):
+            raise UserError("--keep-layers names the softmax layers itself; drop --keep-softmax.")
+        stray = _given(ctx, ["lr", "lora_rank", "checkpoint_every"]) if parse_tokens(tokens) == 0 else []
+        if stray:
+            raise UserError(f"{', '.join(stray)} set the fine-tune, and --tokens 0 runs none.")
+        if method == "liger" and _given(ctx, ["transfer_steps"]):
+            raise UserError("--transfer-steps trains the student's own parameters, and liger has none (its gates "
+                            "come from the key projection).")
         config = LinearizeConfig(method=method, window=window, keep_softmax=keep_softmax,
                                  keep_layers=parse_layers(keep_layers), tokens=parse_tokens(tokens),
                                  transfer_steps=transfer_steps, lr=lr, lora_rank=lora_rank, batch_size=batch_size,

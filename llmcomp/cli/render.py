@@ -111,7 +111,11 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+ERRORS_SHOWN = []  # (cli.main: an exit 130 with none shown was an interrupt typer took silently)
+
+
 def error(message: str) -> None:
+    ERRORS_SHOWN.append(message)
     err_console.print(f"[bold red]error:[/bold red] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 

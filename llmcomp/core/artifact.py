@@ -165,10 +165,8 @@ def write_artifact(
     _check_finite(state, dest, dtype)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         _save_shards(state, tmp, shard_bytes)
-        config = model.config
-        if dtype is not None:  # config.json names the dtype its floating tensors are stored in
-            config = copy.deepcopy(config)
-            config.dtype = dtype
+        config = copy.deepcopy(model.config)  # config.json names the dtype its floating tensors are stored in
+        config.dtype = dtype or _held_dtype(model)  # (transformers 4.56 kept a loaded config's dtype: bf16 over fp32)
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -192,6 +190,25 @@ def write_artifact(
         (tmp / MANIFEST).write_text(dumps(manifest, indent=1, sort_keys=True))
         read_manifest(tmp)  # verify before it becomes visible
     return dest
+
+
+def _held_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model's unquantized tensors are in (its input embeddings')."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    return w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
+
+
+def stored_dtype(path: Path) -> Optional[torch.dtype]:
+    """The floating dtype an artifact's config.json names (``dtype``, or ``torch_dtype`` as older transformers
+    wrote it); None where it names none."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 SEAL = "manifest_sha256"

@@ -17,8 +17,10 @@ def load_all() -> None:
     calls the name unknown — without importing those layers itself."""
     import importlib
 
-    importlib.import_module("llmcomp.api")
-    importlib.import_module("llmcomp.quant.presets")
+    for name in ("llmcomp.api", "llmcomp.quant.presets", "llmcomp.prune.experts", "llmcomp.prune.mcmoe",
+                 "llmcomp.convert.moefy", "llmcomp.linearize.distill"):
+        importlib.import_module(name)
+    importlib.import_module("llmcomp.prune.kv").load_policies()
 
 
 class Registry(Generic[T]):

@@ -61,7 +61,7 @@ class Source:
 def open_source(path, target: str) -> Source:
     """Open an llmcomp artifact for export to ``target`` (a name for messages); refuse what no other tool
     could load."""
-    from llmcomp.core.artifact import load_artifact, read_manifest
+    from llmcomp.core.artifact import load_artifact, read_manifest, stored_dtype
     from llmcomp.core.model import resolve
 
     p = resolve(path)
@@ -74,7 +74,8 @@ def open_source(path, target: str) -> Source:
             what = _STAGE_KINDS.get(kind, f"a {kind!r} stage")
             raise UserError(f"{p} has {what} (stage {stage.get('method')!r}), which has no {target} equivalent; "
                             f"export an artifact without it.")
-    model, _, manifest = load_artifact(p, strict_tokenizer=False)  # (its files are copied as they are)
+    # (its files are copied as they are, config.json's dtype too: the unquantized tensors go out in that dtype)
+    model, _, manifest = load_artifact(p, dtype=stored_dtype(p), strict_tokenizer=False)
     layers = [Layer(n, m.fmt, {k: t.detach().cpu() for k, t in m.packed_tensors().items()}, m.out_features,
                     m.in_features, None if m.bias is None else m.bias.detach().cpu())
               for n, m in model.named_modules() if isinstance(m, QuantLinear)]

@@ -149,6 +149,9 @@ def cache_layer(cache, idx: int) -> LinearCacheLayer:
     layer = layers[idx]
     if isinstance(layer, LinearCacheLayer):
         return layer
+    if "Static" in type(layer).__name__:  # (a hybrid's softmax layers then attended over unwritten slots)
+        raise UserError("A linearized model decodes with the default (dynamic) cache; a static cache "
+                        "(cache_implementation='static') is not supported.")
     if getattr(layer, "is_initialized", False):
         raise RuntimeError(f"Cache slot {idx} already holds keys/values; a linear-attention layer cannot use it.")
     layers[idx] = LinearCacheLayer()

@@ -60,6 +60,10 @@ class Quantizer:
         """``format_for(name)`` as it applies to this layer's shape (a method may fit it: VPTQ's outlier codebook)."""
         return self.format_for(name)
 
+    def check_layers(self, model: nn.Module, names: list[str]) -> None:
+        """A UserError where the selected layers together do not fit the config (``check_selection``, before any
+        work); each layer's own shape is its format's ``validate_shape``."""
+
     def observe(self, linear: nn.Linear):
         """For calibrated methods: return a stateful forward hook ``fn(module, inputs, output)``.
 
@@ -215,6 +219,7 @@ def _check_shapes(model: nn.Module, quantizer: Quantizer, names: list[str]) -> N
     for name in names:
         lin = model.get_submodule(name)
         quantizer.layer_format(name, lin).validate_shape(lin.out_features, lin.in_features, name)
+    quantizer.check_layers(model, names)
 
 
 def quantize_model(

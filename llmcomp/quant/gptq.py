@@ -188,14 +188,16 @@ class GPTQQuantizer(HessianQuantizer):
     config: GPTQConfig
     label = "GPTQ"
 
-    def layer_format(self, name: str, linear: nn.Linear):
-        fmt = self.format_for(name)
-        n = linear.out_features * linear.in_features
-        if self.config.outliers and Outliers(base=fmt, fraction=self.config.outliers).count(*linear.weight.shape) == 0:
-            # (a plain format was written under the outlier method's name, at the same bits/weight, silently)
-            raise UserError(f"--outliers {100 * self.config.outliers:g}% keeps none of the {n} weights of {name}; "
-                            "raise it or leave it out.")
-        return fmt
+    def check_layers(self, model: nn.Module, names: list[str]) -> None:
+        """--outliers that keeps no weight of any selected layer wrote the plain format under the outlier method's
+        name, silently. (A small layer, such as a shared-expert gate of one row, may keep none by itself.)"""
+        if not self.config.outliers:
+            return
+        shapes = [model.get_submodule(n).weight.shape for n in names]
+        if not any(Outliers(base=self.format_for(n), fraction=self.config.outliers).count(*s)
+                   for n, s in zip(names, shapes)):
+            raise UserError(f"--outliers {100 * self.config.outliers:g}% keeps none of the weights of any layer "
+                            f"(the largest has {max(s.numel() for s in shapes)}); raise it or leave it out.")
 
     @torch.no_grad()
     def quantize_linear(self, name: str, linear: nn.Linear, stats: HessianAccumulator | None = None) -> LayerResult:

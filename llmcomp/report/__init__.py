@@ -97,7 +97,7 @@ def _draw(view: dict, out: Path) -> list[str]:
                                      "transfer relative MSE", out / f"linearize-{i}.png", colors=colors,
                                      legend={"linear": "tab:blue", "softmax (kept)": "tab:orange"},
                                      curve=f["kl_curve"] if len(f["kl_curve"]) > 1 else None,
-                                     curve_label="KL to the teacher")
+                                     curve_x=f["kl_steps"], curve_label="KL to the teacher")
     elif kind == "moefy" and f["error"]:
         drawn = plots.per_layer_bars(f["error"], f"{label} — MLP relative output error per layer",
                                      "MLP relative error", out / f"moefy-{i}.png")

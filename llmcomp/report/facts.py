@@ -186,9 +186,11 @@ def linearize_facts(stage: dict) -> Optional[dict]:
     metrics = stage.get("metrics", {})
     errors = {int(k): num(v) for k, v in metrics.get("transfer_rel_mse", {}).items()}
     tune = metrics.get("finetune", {})
-    return {"layout": list(stage.get("layout", [])), "transfer": errors,
-            "kl_curve": [num(v) for v in tune.get("kl_curve", [])],
-            "finetune": tune}
+    curve = [num(v) for v in tune.get("kl_curve", [])]
+    steps = tune.get("steps")  # (the curve keeps every max(1, steps // 20)-th step's KL: distill.finetune)
+    every = max(1, steps // 20) if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 1
+    return {"layout": list(stage.get("layout", [])), "transfer": errors, "kl_curve": curve,
+            "kl_steps": [1 + i * every for i in range(len(curve))], "finetune": tune}
 
 
 def moefy_facts(stage: dict) -> Optional[dict]:

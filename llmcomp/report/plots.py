@@ -168,9 +168,9 @@ def kv(facts: dict, title: str, path: Path) -> Path:
 
 
 def per_layer_bars(values: dict[int, float], title: str, ylabel: str, path: Path, *, colors=None, legend=None,
-                   curve=None, curve_label=None) -> Path:
+                   curve=None, curve_label=None, curve_x=None) -> Path:
     """Bars per decoder layer (log scale when they span > 2 decades), optional colours + legend, and an
-    optional second panel with a curve (e.g. the fine-tuning KL)."""
+    optional second panel with a curve (e.g. the fine-tuning KL) at the steps ``curve_x`` (default 1, 2, ...)."""
     layers = sorted(values)
     fig, axes = _figure(_width(len(layers)) + (4 if curve else 0), 3.4, ncols=2 if curve else 1,
                         **({"width_ratios": [2, 1]} if curve else {}))
@@ -187,7 +187,7 @@ def per_layer_bars(values: dict[int, float], title: str, ylabel: str, path: Path
         ax.legend(handles=[Patch(color=c, label=lbl) for lbl, c in legend.items()], fontsize=7)
     ax.set_title(title, fontsize=9)
     if curve:
-        axes[1].plot(range(1, len(curve) + 1), curve, marker="o", markersize=2)
+        axes[1].plot(curve_x or range(1, len(curve) + 1), curve, marker="o", markersize=2)
         axes[1].set_xlabel("fine-tuning step")
         axes[1].xaxis.get_major_locator().set_params(integer=True)
         axes[1].set_ylabel(curve_label or "")
