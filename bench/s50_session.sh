@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (fiftieth session), every step cut to what is left of DEADLINE seconds (default 540), in order:
 # (1) the extension and the xtile probe built in parallel, then the probe against the kernel as it is at M = 64 / 32
-#     (bench/xtile_probe.sh's step; launches LAUNCHES); (2) the row-group counts that are not powers of two on
+#     (launches LAUNCHES, output checksums); (2) the row-group counts that are not powers of two on
 #     28672 x 8192 (m64_session.sh's first sweep); (3) the M = 64 / 32 table rows with bf16 cuBLAS beside them;
 #     (4) Nsight Compute of the M = 64 kernel on 28672 x 8192 with PC sampling (NCU=0 skips it).
 # Everything under $OUT is packed into one s50.tgz at the end (a call returns at most 8 files).
