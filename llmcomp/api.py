@@ -148,7 +148,7 @@ def quantize(
         raise UserError("--outliers does not combine with bit allocation (a fractional --bits): the allocation does "
                         "not count the outliers' bits, so the budget would not hold; give whole bits or drop "
                         "--outliers.")
-    check_calib(calib_samples, calib_seq_len)  # before the model is loaded
+    check_calib(calib_samples, calib_seq_len, seed)  # before the model is loaded
     limits = memory.parse_max_memory(max_memory)
     gpu_limits = memory.gpu_limits(limits)
     store_dtype = _store_dtype(dtype, model)
@@ -177,7 +177,7 @@ def quantize(
     alloc_report = None
     with memory.gpu_cap(gpu_limits):  # a hard cap for the calibrated work (allocation and quantization)
         if allocation is not None:
-            config, alloc_report = _allocate(net, config, allocation, calib, device, progress)
+            config, alloc_report = _allocate(net, config, allocation, calib, device, progress, calib_batch)
         checkpoint = None
         if calib is not None:  # calibrated runs are long: finished layers survive a kill (core/resume.py)
             from llmcomp.core import resume
@@ -287,7 +287,7 @@ def _calibrated(model, output, overwrite, calib_samples, calib_seq_len, seed, pr
     """Open ``model`` for a calibrated rewrite into ``output`` (``check(net, stages)`` vets it first):
     (output, net, tok, base, stages, calibration ids, calibration info)."""
     output = check_output(output, overwrite, model)
-    check_calib(calib_samples, calib_seq_len)  # before the model is loaded
+    check_calib(calib_samples, calib_seq_len, seed)  # before the model is loaded
     net, tok, base, stages = open_model(model, progress=progress)
     if check is not None:
         check(net, stages)
@@ -492,7 +492,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
             **result, "text": corpus().name, "eval_time_s": round(time.perf_counter() - start, 2)}
 
 
-def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, device, progress):
+def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, device, progress, calib_batch: int = 8):
     """Measure per-layer errors, solve the allocation, return the config with per-layer formats."""
     from llmcomp.core.select import select_linears
     from llmcomp.quant import allocate
@@ -502,8 +502,8 @@ def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, dev
     formats = allocation.formats()
     allocate.check_budget(formats, allocation.budget, shapes)  # before minutes of measuring
     table = allocate.measure_errors(net, calib, config.targets, config.ignore, allocation, device=device,
-                                    progress=progress)
-    importance = expert_importance(net, calib, device=device, progress=progress)  # {} for dense models
+                                    progress=progress, batch_size=calib_batch)
+    importance = expert_importance(net, calib, device=device, progress=progress, batch_size=calib_batch)  # {}: dense
     if allocation.sensitivity == "output":  # MC-MoE: an expert's error counts as much as it is routed to
         for name, weight in importance.items():  # (the Fisher sensitivity already sees the routing)
             if name in table:
@@ -670,8 +670,9 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     key = resume.fingerprint(config=to_dict(config), **_job_key(net, ids, default_device(device)),
                              samples=calib_samples, seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
     distill.check_layers(net, config, calib_seq_len)  # (before the resume directory exists)
-    checkpoint = resume.for_output(output, key, progress.note)
     stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)
+    check_vocab(stream, net)  # (the calibration windows may miss a rare id the fine-tune's stream holds)
+    checkpoint = resume.for_output(output, key, progress.note)
     layout, report = distill.linearize_model(net, ids, stream, config, device=default_device(device),
                                              progress=progress, checkpoint=checkpoint)
     net.to("cpu")

@@ -152,3 +152,18 @@ def test_budgets_outside_the_candidates_name_the_side():
     with pytest.raises(UserError, match="past every candidate width \\[2, 4\\].*at most 5"):
         allocate.AllocationConfig(budget=100.5, candidates=(2, 4))
     assert allocate.AllocationConfig(budget=4.5, candidates=(2, 4)).budget == 4.5
+
+
+def test_the_output_sensitivity_pass_runs_at_calib_batch(tmp_path, monkeypatch):
+    """It ran at 8 windows whatever --calib-batch said: out of memory on a GPU after following the error's advice."""
+    from llmcomp import api
+    from tests.conftest import save_char_model
+
+    tiny_model_dir = save_char_model(tmp_path / "m", layers=1)
+    seen = []
+    real = allocate.calibrate_layerwise
+    monkeypatch.setattr(allocate, "calibrate_layerwise", lambda *a, **k: seen.append(k["batch_size"]) or real(*a, **k))
+    cfg = allocate.AllocationConfig(budget=3.0, candidates=(2, 4), group_size=32, sensitivity="output")
+    api.quantize(RTNConfig(), tmp_path / "q", str(tiny_model_dir), allocation=cfg, calib_samples=4,
+                 calib_seq_len=16, device="cpu", calib_batch=2)
+    assert seen == [2]

@@ -289,6 +289,7 @@ def test_eval_errors(artifact, tmp_path):
     (["--device-map", "cpu", "--max-memory", "cpu=1GiB"], "applies to --device-map auto"),
     (["--max-memory", "cpu=1"], "pass --offload-folder"),
     (["--max-memory", "cpu=x"], "is not a size"),
+    (["--max-memory", "cpu=" + "9" * 400], "is larger than any machine's memory"),  # (an OverflowError)
     (["--long", "--max-memory", "cpu=1GiB"], "--long runs the model on one --device"),
     (["--long", "--reference", "base"], "--reference and --record apply to perplexity eval"),  # (ignored before)
     (["--long", "--record"], "--reference and --record apply to perplexity eval"),
@@ -590,3 +591,25 @@ def test_bench_decode_refuses_a_linearized_model(tmp_path):
     out = write_artifact(tmp_path / "lin", tiny_llama(), None, base_model={}, stages=[stage])
     assert "is linearized (linearize-hedgehog); bench decode times a static cache" in error_line(
         invoke("bench", "decode", out))
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, -1])
+def test_seeds_torch_cannot_take_are_refused_before_the_model_loads(model_dir, tmp_path, seed):
+    """2**64 overflowed inside torch after the model had loaded (a traceback); 1.5 reached torch.manual_seed."""
+    from llmcomp import api
+    from llmcomp.errors import UserError
+    from llmcomp.linearize.distill import LinearizeConfig
+    from llmcomp.quant import GPTQConfig
+
+    assert "--seed must be a whole number in [0, 2**62)" in error_line(
+        invoke("quantize", model_dir, "-o", tmp_path / "q", "--method", "gptq", f"--seed={seed}"))
+    with pytest.raises(UserError, match="--seed must be a whole number"):
+        api.quantize(GPTQConfig(), tmp_path / "q", str(model_dir), seed=1.5)
+    with pytest.raises(UserError, match="LinearizeConfig.seed must be a whole number"):
+        LinearizeConfig(seed=seed)
+
+
+def test_calibration_flags_of_a_method_that_reads_no_text_are_refused(model_dir, tmp_path):
+    """RTN took --calib-samples/--seq-len/--seed/--calib-batch and recorded calibration: null."""
+    for flags in (["--calib-samples", 3], ["--seq-len", 9], ["--seed", 5], ["--calib-batch", 2]):
+        assert "reads no calibration text" in error_line(invoke("quantize", model_dir, "-o", tmp_path / "q", *flags))

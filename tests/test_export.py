@@ -483,3 +483,44 @@ def test_export_keeps_the_stored_dtype(model_dir, tmp_path, target):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     st = load_file(str(out / "model.safetensors"))
     assert st["model.embed_tokens.weight"].dtype == st["model.norm.weight"].dtype == torch.bfloat16
+
+
+def _edited(src, out, tensors=None, config=None):
+    """A copy of checkpoint ``src`` at ``out`` with its tensors and quantization_config edited."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, out)
+    st = load_file(str(out / "model.safetensors"))
+    (tensors or (lambda st: None))(st)
+    save_file(st, str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    (config or (lambda qc: None))(cfg["quantization_config"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_malformed_external_checkpoints_are_one_error_line(arts, tmp_path):
+    """Each was a traceback from inside the layout code, or a wrong model: a compressed-tensors < 0.18 layout (one
+    word per 32 // bits codes) read as a dense stream, GPTQModel's per-module overrides read with the global
+    settings (a false act-order refusal), words of another width."""
+    gq, ct = tmp_path / "gq", tmp_path / "ct"
+    api.export(arts("w4g32"), "gptq", gq)
+    api.export(arts("w3g32"), "compressed-tensors", ct)
+    layer = "model.layers.0.mlp.up_proj"
+
+    def padded(st):  # one more word a row, as the older layout's count
+        for k in [k for k in st if k.endswith("weight_packed")]:
+            st[k] = torch.cat([st[k], torch.zeros_like(st[k][:, :1])], 1)
+
+    cases = [
+        (_edited(gq, tmp_path / "a", tensors=lambda st: st.pop(f"{layer}.scales")), "lacks 'scales'"),
+        (_edited(gq, tmp_path / "b", config=lambda qc: qc.update(bits=None)), "does not read as gptq"),
+        (_edited(gq, tmp_path / "c", config=lambda qc: qc.update(dynamic={"+:.*mlp.*": {"group_size": 64}})),
+         "overrides bits or group size per module"),
+        (_edited(gq, tmp_path / "d", config=lambda qc: qc.update(pack_dtype="int16")), "packs its codes in int16"),
+        (_edited(ct, tmp_path / "e", tensors=padded), "before 0.18, one word per 10 codes"),
+    ]
+    for path, message in cases:
+        assert message in one_error(invoke("eval", path, "--windows", 1, "--seq-len", 16)), path

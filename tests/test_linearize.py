@@ -390,3 +390,17 @@ def test_settings_that_train_nothing_are_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match="whole number of tokens"):
         parse_tokens("0.5")
     assert parse_tokens("1.5k") == 1500 and parse_tokens("4.1M") == 4_100_000  # (float: 4099999.99…)
+
+
+def test_fine_tune_text_past_the_vocabulary_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Only the calibration windows were checked: a rare id in the fine-tune's stream failed after stage 1 with an
+    IndexError traceback and left the resume folder behind."""
+    from llmcomp.core import data
+
+    src = _model_dir(tmp_path)
+    real = data.tokenize
+    monkeypatch.setattr(data, "tokenize", lambda *a, **k: torch.cat([real(*a, **k), torch.tensor([10 ** 6])]))
+    with pytest.raises(UserError, match="token id 1000000, past the model's"):
+        api.linearize(LinearizeConfig(method="hedgehog", window=4, **SMALL), tmp_path / "lin", str(src),
+                      calib_samples=2, calib_seq_len=32, device="cpu")
+    assert not list(tmp_path.glob(".lin*"))

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 pytestmark = pytest.mark.slow  # four short subprocesses (~40 s on 2 cores)
 
@@ -62,13 +64,41 @@ def test_other_job_discards_stale_checkpoint(tmp_path):
 
     d = tmp_path / ".o.resume"
     cp = Checkpoint(d, "a")
-    (d / "layer-0000.safetensors").write_bytes(b"x")
+    save_file({"w": torch.zeros(1)}, str(d / "layer-0000.safetensors"))
     assert Checkpoint(d, "a").has(0)
     notes = []
     assert not Checkpoint(d, "b", notes.append).has(0)
     assert "different job" in notes[0]
     cp.finish()
     assert not d.exists()
+
+
+def test_a_stale_resume_folder_behind_a_link_is_discarded(tmp_path):
+    """rmtree(ignore_errors=True) kept a linked folder, and the next job resumed the other job's layers."""
+    from llmcomp.core.resume import Checkpoint
+
+    store = tmp_path / "store" / ".o.resume"
+    Checkpoint(store, "a")
+    save_file({"w": torch.zeros(1)}, str(store / "layer-0000.safetensors"))
+    d = tmp_path / ".o.resume"
+    d.symlink_to(store)
+    assert not Checkpoint(d, "b").has(0) and not d.is_symlink()
+
+
+def test_damaged_resume_files_are_computed_again(tmp_path):
+    """A half-written layer file (a crash) failed every rerun with a safetensors traceback."""
+    from llmcomp.core.resume import Checkpoint
+
+    d = tmp_path / ".o.resume"
+    Checkpoint(d, "a")
+    for i in range(3):
+        save_file({"w": torch.zeros(1)}, str(d / f"layer-{i:04d}.safetensors"))
+    (d / "layer-0001.safetensors").write_bytes(b"x" * 100)
+    (d / "finetune.safetensors").write_bytes(b"")
+    notes = []
+    cp = Checkpoint(d, "a", notes.append)
+    assert [cp.has(i) for i in range(3)] == [True, False, False]  # (the resumed layers stay a prefix)
+    assert not (d / "finetune.safetensors").exists() and "3 damaged resume file(s)" in notes[0]
 
 
 def test_a_second_job_on_the_same_output_is_refused(tmp_path):
@@ -152,3 +182,12 @@ def test_the_job_key_sees_the_config_the_calibration_and_the_device():
     with torch.no_grad():
         net.model.embed_tokens.weight[3, 1] += 1e-3
     assert _job_key(net, ids, "cpu")["weights"] != base["weights"]
+
+
+def test_the_fingerprint_covers_the_code(monkeypatch):
+    """A resume after a code change mixed two versions' layers (__version__ stays 0.1.0 between commits)."""
+    from llmcomp.core import resume
+
+    before = resume.fingerprint(method="gptq")
+    monkeypatch.setattr(resume, "_source_digest", lambda: "another commit")
+    assert resume.fingerprint(method="gptq") != before

@@ -144,6 +144,13 @@ def quantize(
             given = _given(ctx, [name])  # (a flag the method does not read is an error, not silently dropped)
             if given:
                 raise UserError(f"{given[0]} does not apply here: {why}.")
+        from llmcomp.quant import METHODS
+
+        if allocation is None and not METHODS.get(config.method)(config).needs_calibration:
+            idle = _given(ctx, ["calib_samples", "seq_len", "seed", "calib_batch"])  # (taken, ignored: no calibration)
+            if idle:
+                raise UserError(f"{idle[0]} does not apply here: --method {config.method} with these settings "
+                                "reads no calibration text.")
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                 calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,

@@ -40,6 +40,16 @@ def register_config(cls):
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
+SEED_LIMIT = 2 ** 62  # (torch's generators take < 2**64; per-layer seeds add the layer index)
+
+
+def check_seed(seed: Any, what: str = "--seed") -> None:
+    """A whole number in [0, SEED_LIMIT): 2**64 overflowed inside torch after the model had loaded, 1.5 reached
+    torch.manual_seed."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"{what} must be a whole number in [0, 2**62), got {seed!r}.")
+
+
 def check_field_types(obj: Any) -> None:
     """A UserError for a config field of the wrong type: ``symmetric="no"`` was truthy (a symmetric grid),
     ``bits=4.0`` was stored and broke the artifact's loader, ``targets="Linear"`` was split into letters.
@@ -59,6 +69,8 @@ def check_field_types(obj: Any) -> None:
             ok = isinstance(value, classes)
         else:
             continue
+        if ok and f.name == "seed":
+            check_seed(value, f"{type(obj).__name__}.seed")
         if not ok:
             want = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}.get(
                 kind, "a tuple" if kind.startswith("tuple") else " or ".join(c.__name__ for c in classes))

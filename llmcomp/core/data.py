@@ -163,8 +163,12 @@ def eval_windows(tokenizer, seq_len: int, n_windows: int, source: str | None = N
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def check_calib(n_samples: int, seq_len: int) -> None:
-    """At least one calibration window of at least 2 tokens (whole numbers: 4.0 reached torch.randint)."""
+def check_calib(n_samples: int, seq_len: int, seed: int = 0) -> None:
+    """At least one calibration window of at least 2 tokens (whole numbers: 4.0 reached torch.randint), and a
+    seed torch takes."""
+    from llmcomp.core.config import check_seed
+
+    check_seed(seed)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_samples, seq_len)):
         raise UserError(f"--calib-samples and --seq-len must be integers, got {n_samples!r} and {seq_len!r}.")
     if n_samples < 1 or seq_len < 2:

@@ -43,7 +43,10 @@ def parse_size(text: str) -> int:
     unit = (m.group(2).lower() or "b") if m else None
     if m is None or unit not in UNITS:
         raise UserError(f"--max-memory size {text.strip()!r} is not a size such as 2GiB, 1.5GB or 512MiB.")
-    value = int(float(m.group(1)) * UNITS[unit])
+    number = float(m.group(1)) * UNITS[unit]
+    if not number < 2 ** 63:  # (400 digits: inf, an OverflowError traceback)
+        raise UserError(f"--max-memory size {text.strip()[:40]!r} is larger than any machine's memory.")
+    value = int(number)
     if value <= 0:
         raise UserError(f"--max-memory size {text.strip()!r} must be more than 0 bytes.")
     return value

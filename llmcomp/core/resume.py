@@ -13,6 +13,7 @@ it. A lock file beside it keeps a second process from using it while a job runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -29,18 +30,63 @@ from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.model import set_submodule
 from llmcomp.core.paths import locked
 from llmcomp.core.qlinear import QuantLinear
+from llmcomp.errors import UserError
 
 FINGERPRINT_FILE = "job.json"
 
 
 def fingerprint(**parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    """The job's key: its settings, and the code that computes it (a resume after an upgrade mixed two versions'
+    layers, since ``__version__`` stays 0.1.0 between commits)."""
+    import transformers
+
+    code = {"llmcomp": _source_digest(), "torch": torch.__version__, "transformers": transformers.__version__}
+    return hashlib.sha256(json.dumps({**parts, "_code": code}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*"), key=lambda f: f.relative_to(root).as_posix()):
+        if f.suffix in (".py", ".cu", ".cuh") and f.is_file():
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _kill_point(tag: str) -> None:
     """Tests: ``LLMCOMP_TEST_KILL_AT=<tag>`` makes the process SIGKILL itself here (real kills)."""
     if os.environ.get("LLMCOMP_TEST_KILL_AT") == tag:
         os.kill(os.getpid(), 9)
+
+
+def save_state(tensors: dict, path: Path, metadata: dict, before_rename: Optional[str] = None) -> None:
+    """``tensors`` to ``path`` whole or not at all, and on disk before the rename (a power loss left a renamed,
+    empty file, which failed every rerun)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    if before_rename:
+        _kill_point(before_rename)
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # (the rename itself; not every file system syncs a directory)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.metadata()
+            list(f.keys())
+        return True
+    except Exception:  # (safetensors' own error, an OSError, a header that is not JSON: any damage)
+        return False
 
 
 class Checkpoint:
@@ -62,8 +108,16 @@ class Checkpoint:
                 same = False
             if not same:
                 note(f"Discarding {self.dir} (from a different job)")
-                shutil.rmtree(self.dir, ignore_errors=True)
+                try:  # (ignoring errors kept a folder it could not remove, and resumed the other job's layers)
+                    if self.dir.is_symlink():
+                        self.dir.unlink()
+                    else:
+                        shutil.rmtree(self.dir)
+                except OSError as exc:
+                    raise UserError(f"Could not discard {self.dir}, the resume state of another job "
+                                    f"({exc.strerror or exc}); remove it, then run again.") from None
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._drop_damaged(note)
         if not stamp.exists():
             tmp = stamp.with_suffix(".tmp")
             tmp.write_text(json.dumps({"fingerprint": key}))
@@ -71,6 +125,19 @@ class Checkpoint:
         self.resumed = sorted(p.stem for p in self.dir.glob("layer-*.safetensors"))
         if self.resumed:
             note(f"Resuming: {len(self.resumed)} finished layer(s) in {self.dir}")
+
+    def _drop_damaged(self, note) -> None:
+        """Files that do not read (a crash's half-written state) are dropped with a note and computed again — with
+        the layers after a damaged one, so the resumed layers stay a prefix. They failed every rerun."""
+        layers = sorted(self.dir.glob("layer-*.safetensors"))
+        bad = next((i for i, f in enumerate(layers) if not _readable(f)), None)
+        damaged = (layers[bad:] if bad is not None else []) + [
+            f for f in self.dir.glob("*.safetensors") if not f.name.startswith("layer-") and not _readable(f)]
+        for f in damaged:
+            f.unlink()
+        if damaged:
+            note(f"Dropping {len(damaged)} damaged resume file(s) in {self.dir} ({damaged[0].name}); they are "
+                 "computed again")
 
     def _file(self, index: int) -> Path:
         return self.dir / f"layer-{index:04d}.safetensors"
@@ -92,11 +159,7 @@ class Checkpoint:
                 bias.append(name)
         meta = {"formats": json.dumps(formats), "bias": json.dumps(bias),
                 "report": json.dumps({n: report[n] for n in names if n in report})}
-        final = self._file(index)
-        tmp = final.with_name(final.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        _kill_point(f"before-rename-{index}")
-        os.replace(tmp, final)
+        save_state(tensors, self._file(index), meta, before_rename=f"before-rename-{index}")
         _kill_point(f"after-layer-{index}")
 
     def restore(self, model: nn.Module, index: int, report: dict) -> None:

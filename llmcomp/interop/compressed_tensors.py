@@ -175,7 +175,12 @@ def read_layer(path: str, t: dict[str, torch.Tensor], group: dict, fmt_name: str
     if not 2 <= bits <= 8 or strategy not in ("group", "channel"):
         raise UserError(f"{path}: compressed-tensors {bits}-bit {strategy!r} weights; llmcomp imports 2-8 bit "
                         f"group or channel quantization.")
-    out_f = t["weight_packed"].shape[0]
+    out_f, words = t["weight_packed"].shape
+    if words != -(-in_features * bits // 32):  # (compressed-tensors < 0.18 packed 32 // bits codes a word, padded:
+        raise UserError(  # read as a dense stream, 3/5/6/7-bit layers came out wrong, silently)
+            f"{path}.weight_packed has {words} int32 words a row; {in_features} dense-packed {bits}-bit codes take "
+            f"{-(-in_features * bits // 32)} (a checkpoint of compressed-tensors before 0.18, one word per "
+            f"{32 // bits} codes, is not imported).")
     mid = 1 << (bits - 1)
     codes = words_to_codes(t["weight_packed"], bits, in_features)
     scale = t["weight_scale"]

@@ -152,6 +152,13 @@ def _version() -> str:
 # -- import -----------------------------------------------------------------------------------------
 def import_layer(path: str, t: dict[str, torch.Tensor], qcfg: dict, in_features: int):
     """One GPTQ layer → (Uniform format, its packed tensors), exactly; UserError when not expressible."""
+    if qcfg.get("dynamic"):  # (GPTQModel's per-module overrides: read with the global bits/group, they failed
+        raise UserError(  # with a false reason, e.g. "act-order with a permuted g_idx")
+            "This GPTQ checkpoint overrides bits or group size per module (quantization_config.dynamic), which "
+            "llmcomp does not import.")
+    if str(qcfg.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
+        raise UserError(f"This GPTQ checkpoint packs its codes in {qcfg['pack_dtype']} words "
+                        "(quantization_config.pack_dtype); llmcomp imports int32 words.")
     bits = int(qcfg.get("bits", 4))
     if bits not in GPTQ_BITS:
         raise UserError(f"GPTQ checkpoint with {bits} bits; llmcomp imports 2, 3, 4 or 8.")

@@ -5,6 +5,7 @@ llmcomp ``uniform`` ``QuantLinear`` layers, converted exactly, so ``llmcomp eval
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -108,7 +109,13 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
             old = None
         if not isinstance(old, nn.Linear):
             raise UserError(f"Checkpoint tensor {name}{marker} does not belong to a linear layer of the model.")
-        fmt, packed = _convert(kind, name, fields, qc, old)
+        try:
+            fmt, packed = _convert(kind, name, fields, qc, old)
+        except KeyError as exc:  # (a malformed config or a missing tensor: tracebacks from inside the layout code)
+            raise UserError(f"Checkpoint layer {name} lacks {exc.args[0]!r} (its {kind} tensors or config).") from None
+        except (ValueError, TypeError, AttributeError, re.error) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"Checkpoint layer {name} does not read as {kind}: {first}.") from None
         for field, spec in fmt.param_specs(old.out_features, old.in_features).items():
             got = packed.get(field)
             if got is not None and tuple(got.shape) != tuple(spec.shape):

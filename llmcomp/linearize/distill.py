@@ -23,14 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from llmcomp.core import resume
@@ -211,9 +209,7 @@ def _save_state(path, params: dict[str, torch.Tensor], opt: torch.optim.Optimize
         for k, v in opt.state.get(p, {}).items():
             v = v.detach().cpu()
             tensors[f"opt.{i}.{k}"] = (v.reshape(-1) if v.dim() == 0 else v).contiguous()  # safetensors: no 0-d
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "losses": json.dumps(losses)})
-    os.replace(tmp, path)
+    resume.save_state(tensors, path, {"step": str(step), "losses": json.dumps(losses)})
 
 
 def _load_state(path, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> tuple[int, list]:
@@ -289,9 +285,7 @@ def finetune(model: nn.Module, stream: torch.Tensor, config: LinearizeConfig, de
 
 def _save_transfer(path, students: dict[int, LinearAttention], errors: dict[int, float]) -> None:
     tensors = {f"{i}.{n}": p.detach().cpu().contiguous() for i, s in students.items() for n, p in _trainable(s).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"errors": json.dumps(errors)})
-    os.replace(tmp, path)
+    resume.save_state(tensors, path, {"errors": json.dumps(errors)})
     resume._kill_point("linearize-transfer")
 
 

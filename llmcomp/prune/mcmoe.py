@@ -52,8 +52,8 @@ class _RoutingMass:
         self.tokens += x.shape[0]
 
 
-def expert_importance(model: nn.Module, calib_ids: torch.Tensor, device=None, progress: Progress = NULL
-                      ) -> dict[str, float]:
+def expert_importance(model: nn.Module, calib_ids: torch.Tensor, device=None, progress: Progress = NULL,
+                      batch_size: int = 8) -> dict[str, float]:
     """MC-MoE-style importance of every expert linear (``{linear path: weight}``): the mean over tokens of
     its expert's squared routing weight — the factor by which that linear's per-token output error
     reaches the block output (frequency and routing weight in one number). Experts must be unfused."""
@@ -70,7 +70,7 @@ def expert_importance(model: nn.Module, calib_ids: torch.Tensor, device=None, pr
                 out[f"{h.b.path}.experts.gate_up.{e}"] = out[f"{h.b.path}.experts.down.{e}"] = m
 
     if blocks:
-        calibrate_layerwise(model, calib_ids, handler, device=device, progress=progress)
+        calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress)
     return out
 
 

@@ -87,12 +87,13 @@ def layer_errors(linear: nn.Linear, H: torch.Tensor, formats: list[Uniform]) -> 
 
 
 def measure_errors(model: nn.Module, calib_ids: torch.Tensor, targets, ignore, cfg: AllocationConfig,
-                   device=None, progress: Progress = NULL) -> dict[str, dict]:
-    """``{path: {"weights": n, "errors": [err per candidate format]}}`` for every target linear."""
+                   device=None, progress: Progress = NULL, batch_size: int = 8) -> dict[str, dict]:
+    """``{path: {"weights": n, "errors": [err per candidate format]}}`` for every target linear
+    (``batch_size``: the windows a layer-by-layer pass runs at once, --calib-batch)."""
     chosen = dict(select_linears(model, targets, ignore))
     if cfg.sensitivity == "fisher":
         return fisher_errors(model, calib_ids, chosen, cfg, device=device, progress=progress)
-    return output_errors(model, calib_ids, chosen, cfg, device=device, progress=progress)
+    return output_errors(model, calib_ids, chosen, cfg, device=device, progress=progress, batch_size=batch_size)
 
 
 def unseen_entry(linear: nn.Linear, formats: list[Uniform]) -> dict:
@@ -158,7 +159,7 @@ def fisher_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, n
 
 @torch.no_grad()
 def output_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, nn.Linear], cfg: AllocationConfig,
-                  device=None, progress: Progress = NULL) -> dict[str, dict]:
+                  device=None, progress: Progress = NULL, batch_size: int = 8) -> dict[str, dict]:
     formats = cfg.formats()
     table: dict[str, dict] = {}
 
@@ -174,7 +175,7 @@ def output_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, n
             table[n] = {"weights": m.weight.numel(), "errors": layer_errors(m, H, formats)}
             accs[m].release()
 
-    calibrate_layerwise(model, calib_ids, handler, device=device, progress=progress)
+    calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress)
     missing = set(chosen) - set(table)
     if missing:
         raise UserError(f"Bit allocation only covers decoder layers; add {sorted(missing)[0]} to --ignore.")
