@@ -274,6 +274,11 @@ def test_gptq_legacy_quantize_config(arts, tmp_path):
     st["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     save_file(st, str(out / "model.safetensors"))
     assert torch.equal(logits(llmcomp.load(out)), logits(llmcomp.load(arts("w4g32sym"))))
+    # its weights named by model_file_base_name (they were "missing": only model.safetensors was looked for)
+    qc = json.loads((out / "quantize_config.json").read_text())
+    (out / "quantize_config.json").write_text(json.dumps({**qc, "model_file_base_name": "gptq_model-4bit-32g"}))
+    (out / "model.safetensors").rename(out / "gptq_model-4bit-32g.safetensors")
+    assert torch.equal(logits(llmcomp.load(out)), logits(llmcomp.load(arts("w4g32sym"))))
 
 
 def test_gptq_ragged_groups_export(tmp_path):

@@ -45,13 +45,16 @@ def quantization_config(path: Path) -> dict:
         raise UserError(f"{Path(path) / LEGACY_GPTQ_CONFIG} is not valid JSON.") from None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, qc: Optional[dict] = None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from llmcomp.core.artifact import weight_files
 
     files = weight_files(path)
+    base = (qc or {}).get("model_file_base_name")  # (older AutoGPTQ: gptq_model-4bit-128g.safetensors)
+    if isinstance(base, str) and not files[0].exists() and (Path(path) / f"{base}.safetensors").is_file():
+        files = [Path(path) / f"{base}.safetensors"]
     out = {}
     for f in files:
         if not f.exists():
@@ -94,7 +97,7 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
         del config.quantization_config  # the model is llmcomp's now; a saved artifact must not re-quantize
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    tensors = _read_tensors(path)
+    tensors = _read_tensors(path, qc)
     marker = KINDS[kind]
     names = sorted(k[: -len(marker)] for k in tensors if k.endswith(marker))
     if not names:
