@@ -73,11 +73,11 @@ def _given(ctx: typer.Context, names) -> list[str]:
 
 
 def _holds_kv_policy(path: Optional[str]) -> bool:
-    from llmcomp.core.artifact import is_artifact, read_manifest
+    from llmcomp.core.artifact import is_artifact, read_manifest, stage_kinds
     from llmcomp.core.model import resolve
 
     p = None if path is None else resolve(path)
-    return p is not None and is_artifact(p) and any(s.get("kind") == "kv" for s in read_manifest(p, False)["stages"])
+    return p is not None and is_artifact(p) and "kv" in stage_kinds(read_manifest(p, verify=False))
 
 
 def ignore_patterns(given: Optional[list[str]]) -> tuple[str, ...]:

@@ -178,13 +178,13 @@ def _original_of(path: str, original: Optional[str]) -> Optional[str]:
     """The model to compare with: ``--original``, else the base model the artifact's manifest names
     (None = the bundled model). Checked here, before anything is loaded."""
     from llmcomp.core import model as model_mod
-    from llmcomp.core.artifact import is_artifact, read_manifest
+    from llmcomp.core.artifact import is_artifact, read_manifest, stage_kinds
 
     p = model_mod.resolve(path)
     if not is_artifact(p):
         raise UserError(f"{p} is not an llmcomp artifact (no llmcomp.json); pass an artifact or use --synthetic.")
     manifest = read_manifest(p, verify=False)
-    kinds = {s.get("kind"): s["method"] for s in manifest["stages"]}
+    kinds = stage_kinds(manifest)
     if "kv" in kinds:  # (decode_speed's StaticCache bypasses KVRuntime: the dense attention would be timed)
         raise UserError(f"{p} holds a KV-cache policy ({kinds['kv']}), which bench decode's static cache does not "
                         "apply; measure the policy with llmcomp eval --long.")

@@ -192,6 +192,16 @@ def write_artifact(
     return dest
 
 
+def stage_kinds(manifest: dict) -> dict[str, str]:
+    """``{kind: method}`` of a manifest's stages that change how the model runs (a KV policy, linear attention,
+    MoE shapes, ...), in order, the first stage of each kind."""
+    kinds: dict[str, str] = {}
+    for stage in manifest["stages"]:
+        if stage.get("kind") is not None:
+            kinds.setdefault(stage["kind"], stage.get("method"))
+    return kinds
+
+
 def _held_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype the model's unquantized tensors are in (its input embeddings')."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

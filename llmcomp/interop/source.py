@@ -61,19 +61,19 @@ class Source:
 def open_source(path, target: str) -> Source:
     """Open an llmcomp artifact for export to ``target`` (a name for messages); refuse what no other tool
     could load."""
-    from llmcomp.core.artifact import load_artifact, read_manifest, stored_dtype
+    from llmcomp.core.artifact import load_artifact, read_manifest, stage_kinds, stored_dtype
     from llmcomp.core.model import resolve
 
     p = resolve(path)
     if not is_artifact(p):
         raise UserError(f"{p} is not an llmcomp artifact ({MANIFEST} is missing); export writes an artifact's "
                         f"quantized weights, so quantize the model first.")
-    for stage in read_manifest(p, verify=False)["stages"]:
-        kind = stage.get("kind")
-        if kind is not None:
-            what = _STAGE_KINDS.get(kind, f"a {kind!r} stage")
-            raise UserError(f"{p} has {what} (stage {stage.get('method')!r}), which has no {target} equivalent; "
-                            f"export an artifact without it.")
+    kinds = stage_kinds(read_manifest(p, verify=False))
+    if kinds:
+        kind, method = next(iter(kinds.items()))
+        what = _STAGE_KINDS.get(kind, f"a {kind!r} stage")
+        raise UserError(f"{p} has {what} (stage {method!r}), which has no {target} equivalent; "
+                        "export an artifact without it.")
     # (its files are copied as they are, config.json's dtype too: the unquantized tensors go out in that dtype)
     model, _, manifest = load_artifact(p, dtype=stored_dtype(p), strict_tokenizer=False)
     layers = [Layer(n, m.fmt, {k: t.detach().cpu() for k, t in m.packed_tensors().items()}, m.out_features,

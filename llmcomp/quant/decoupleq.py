@@ -164,7 +164,8 @@ class DecoupleQQuantizer(HessianQuantizer):
             err = output_error(W0, dequant(codes, scale, zero, fmt, n), stats.H.to(W0.device))
         tensors = fmt.pack({"codes": codes.to(torch.uint8), "scale": scale, "zero": zero})
         mod = QuantLinear.from_packed(fmt, tensors, n, linear.bias.data if linear.bias is not None else None)
-        metrics = {"out_err_rel": round(err, 6),  # the solver's own objective, dampened, a round at a time:
+        metrics = {"out_err_rel": round(err, 6),
+                   # the solver's own objective (dampened Hessian) after each step of each round
                    "objective_trace_rel": [round(t / max(ref, 1e-30), 6) for t in trace]}
         if dh.percdamp != cfg.damp:
             metrics["damp"] = dh.percdamp
