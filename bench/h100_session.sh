@@ -12,9 +12,10 @@ left() { local l=$((DEADLINE - (SECONDS - T0))); [ "$l" -gt "$1" ] && echo "$1" 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 . bench/session_common.sh
 python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>&1 | tail -1
-[ "${TABLE:-1}" = 0 ] || TAIL=40 run "$(left 260)" table.log python3 bench/bench_kernels.py --out "$OUT/kernels_h100.json" --ms 1,4,16,64 \
-  --bits 4 --float-formats mxfp4,nvfp4
-[ "${LOW:-1}" = 0 ] || TAIL=12 run "$(left 90)" lowbit.log python3 bench/bench_kernels.py --out "$OUT/kernels_lowbit_h100.json" --ms 1 \
-  --bits 3,2 --float-formats vq2,vq3
-[ "${DECODE:-1}" = 0 ] || [ "$(left 200)" -lt 150 ] || TAIL=8 run "$(left 200)" decode.log python3 -m llmcomp bench decode --synthetic llama3-8b --format uniform --compile \
-  --context 512 --steps 64 --batch 1 --quantize-lm-head -o "$OUT/decode_h100_32layers_uniform_lmhead_compiled.json"
+[ "${TABLE:-1}" = 0 ] || TAIL=40 run "$(left 260)" table.log python3 bench/bench_kernels.py \
+  --out "$OUT/kernels_h100.json" --ms 1,4,16,64 --bits 4 --float-formats mxfp4,nvfp4
+[ "${LOW:-1}" = 0 ] || TAIL=12 run "$(left 90)" lowbit.log python3 bench/bench_kernels.py \
+  --out "$OUT/kernels_lowbit_h100.json" --ms 1 --bits 3,2 --float-formats vq2,vq3
+[ "${DECODE:-1}" = 0 ] || [ "$(left 200)" -lt 150 ] || TAIL=8 run "$(left 200)" decode.log \
+  python3 -m llmcomp bench decode --synthetic llama3-8b --format uniform --compile --context 512 --steps 64 \
+  --batch 1 --quantize-lm-head -o "$OUT/decode_h100_32layers_uniform_lmhead_compiled.json"
