@@ -13,6 +13,7 @@ from llmcomp.core import memory
 from llmcomp.core import model as model_mod
 from llmcomp.core.artifact import SEAL, is_artifact, load_artifact, read_manifest, stored_dtype, write_artifact
 from llmcomp.core.config import from_dict, to_dict
+from llmcomp.core.calib import equal_batch
 from llmcomp.core.data import calib_windows, check_calib, check_vocab, corpus, eval_windows
 from llmcomp.core.paths import check_output
 from llmcomp.core.progress import NULL, Progress
@@ -174,6 +175,10 @@ def quantize(
         source = corpus().name
         calib = calib_windows(tok, calib_seq_len, calib_samples, seed)
         check_vocab(calib, net)
+        runs = equal_batch(calib_samples, calib_batch)
+        if runs != min(calib_batch, calib_samples):
+            progress.note(f"--calib-batch {calib_batch} runs as {runs}: batches are equal-sized, and {runs} is the "
+                          f"largest divisor of --calib-samples {calib_samples} up to it.")
     alloc_report = None
     with memory.gpu_cap(gpu_limits):  # a hard cap for the calibrated work (allocation and quantization)
         if allocation is not None:

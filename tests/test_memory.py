@@ -239,6 +239,14 @@ def test_quantize_calib_batch(char_model, tmp_path):
     assert (tmp_path / "b1" / "model.safetensors").exists()
 
 
+def test_a_calib_batch_that_does_not_divide_the_samples_is_named(char_model, tmp_path):
+    """--calib-batch 3 over 4 samples ran as batches of 2 without a word."""
+    r = _quantize(char_model, tmp_path / "b3", "--calib-batch", "3")
+    assert "--calib-batch 3 runs as 2" in r.output
+    assert "runs as" not in _quantize(char_model, tmp_path / "b4", "--calib-batch", "4").output
+    assert "runs as" not in _quantize(char_model, tmp_path / "b9", "--calib-batch", "9").output
+
+
 def test_eval_with_device_map_and_offload(paths, tmp_path, char_model):
     out = tmp_path / "q"
     _quantize(char_model, out)

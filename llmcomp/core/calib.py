@@ -79,6 +79,12 @@ class LayerRunner:
 LayerHandler = Callable[[str, nn.Module, LayerRunner], None]
 
 
+def equal_batch(n: int, batch_size: int) -> int:
+    """The batch size calibration runs: the largest divisor of ``n`` samples up to ``batch_size`` (equal
+    batches, so the masks captured from the first batch fit every batch)."""
+    return max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+
+
 @torch.no_grad()
 def calibrate_layerwise(
     model: nn.Module,
@@ -100,7 +106,7 @@ def calibrate_layerwise(
     """
     prefix, layers = decoder_layers(model)
     n = input_ids.shape[0]
-    bs = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+    bs = equal_batch(n, batch_size)
     first_param = next(model.parameters())
     device = torch.device(device) if device is not None else first_param.device
     home = first_param.device
