@@ -61,14 +61,18 @@ def measure(evaluate, artifact: str, settings: dict, progress=None) -> dict:
     return metrics
 
 
-def make_baseline(metrics: dict, settings: dict) -> dict:
+def make_baseline(metrics: dict, settings: dict, previous: Optional[dict] = None) -> dict:
+    """A baseline of ``metrics``; each metric keeps its tolerance from ``previous`` (a baseline being rewritten by
+    --update, where tolerances are edited by hand) or takes the default."""
     bad = [k for k in TRACKED if k in metrics and not math.isfinite(metrics[k])]
     if bad:  # (a NaN model; or no linear layer to count bits over)
         raise UserError(f"The measured {bad[0]} is {metrics[bad[0]]}; a baseline needs finite values.")
+    kept = (previous or {}).get("metrics", {})
     return {
         "llmcomp_check": CHECK_VERSION,
         "settings": {**settings, "text": metrics.get("_text")},  # (the text the ppl was measured on)
-        "metrics": {k: {"value": metrics[k], "better": TRACKED[k][0], "tolerance_rel": TRACKED[k][1]}
+        "metrics": {k: {"value": metrics[k], "better": TRACKED[k][0],
+                        "tolerance_rel": kept.get(k, {}).get("tolerance_rel", TRACKED[k][1])}
                     for k in TRACKED if k in metrics},
     }
 

@@ -198,3 +198,27 @@ def test_check_flags_that_do_not_apply_are_refused(tmp_path):
                          (["--baseline", str(tmp_path / "b.json"), "--windows", "4"], "--windows applies with --update")):
         r = runner.invoke(app, ["check", art, *args])
         assert r.exit_code == 2 and needle in r.output, r.output
+
+
+def test_update_keeps_hand_edited_tolerances(tmp_path, monkeypatch):
+    """--update rewrote every tolerance to its default, losing the ones edited by hand (the file says to edit them)."""
+    values = {"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0}
+    monkeypatch.setattr(api, "evaluate", fake_evaluate(values))
+    b, art = tmp_path / "base.json", fake_artifact(tmp_path)
+    assert runner.invoke(app, ["check", art, "--baseline", str(b), "--update", "--windows", "2"]).exit_code == 0
+    data = json.loads(b.read_text())
+    default = data["metrics"]["ppl"]["tolerance_rel"]
+    data["metrics"]["ppl"]["tolerance_rel"] = 0.05
+    del data["metrics"]["size_mb"]  # a metric the old baseline lacks takes the default
+    b.write_text(json.dumps(data))
+    monkeypatch.setattr(api, "evaluate", fake_evaluate({**values, "ppl": 25.0}))
+    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--update", "--windows", "2"])
+    assert r.exit_code == 0 and "Keeping the tolerances" in " ".join(r.output.split()), r.output
+    metrics = json.loads(b.read_text())["metrics"]
+    assert metrics["ppl"] == {"value": 25.0, "better": "lower", "tolerance_rel": 0.05}
+    assert metrics["size_mb"]["tolerance_rel"] == chk.TRACKED["size_mb"][1] and default != 0.05
+    b.write_text("{not json")  # an unreadable baseline is replaced, with a word
+    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--update", "--windows", "2"])
+    said = " ".join(r.output.split())  # (the console wraps long paths)
+    assert r.exit_code == 0 and "is not valid JSON. Replacing it" in said, r.output
+    assert json.loads(b.read_text())["metrics"]["ppl"]["tolerance_rel"] == default

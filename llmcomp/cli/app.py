@@ -291,6 +291,12 @@ def check(
         if update:
             settings = {"windows": windows, "seq_len": seq_len}
             chk.check_settings(settings, "--windows / --seq-len")
+            previous, unreadable = None, None
+            if baseline.is_file():  # its hand-edited tolerances carry over; an unreadable one is replaced
+                try:
+                    previous = chk.read_baseline(baseline)
+                except UserError as e:
+                    unreadable = f"{e} Replacing it (default tolerances)."
         else:
             from llmcomp.core.data import corpus
 
@@ -298,9 +304,11 @@ def check(
             settings = base["settings"]
             chk.check_text(base, corpus().name)  # (before the measurement)
         with render.RichProgress() as progress:
+            if update and (previous or unreadable):
+                progress.note(unreadable or f"Keeping the tolerances of {baseline}.")
             current = chk.measure(api.evaluate, artifact, settings, progress)
         if update:
-            write_report(baseline, json.dumps(chk.make_baseline(current, settings), indent=1) + "\n")
+            write_report(baseline, json.dumps(chk.make_baseline(current, settings, previous), indent=1) + "\n")
             render.wrote(baseline, "wrote baseline")
             return 0
         outcomes = chk.compare(base, current)
