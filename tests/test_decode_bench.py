@@ -298,6 +298,15 @@ def test_run_rows_speedup_and_json(tmp_path):
     assert "torch" in saved and "transformers" in saved
 
 
+@pytest.mark.parametrize("frozen, fuse, want", [(True, True, True), (True, False, False), (False, True, False)])
+def test_settings_record_the_glu_call_only_where_compiled_layers_make_it(frozen, fuse, want, tmp_path):
+    """Unfused or untraced linears get no GLU call (compiled_layers), yet the JSON said glu and norm_split true."""
+    out = tmp_path / "~" / "d.json"  # (a folder named ~ is written as named: only a leading ~ is the home)
+    settings = db.run(iter(()), [1], 8, 2, {}, out=out, compile=True, frozen=frozen, fuse=fuse)["settings"]
+    assert settings["glu"] is want and settings["norm_split"] is want
+    assert json.loads(out.read_text())["settings"] == settings
+
+
 def test_cli_end_to_end_with_tiny_models(monkeypatch, tmp_path):
     """The CLI's glue (flags → library → table and JSON) with tiny CPU models standing in for the GPU run."""
     seen = {}
@@ -409,11 +418,20 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "gpt5"], "--synthetic"),
     ([], "PATH"),
     (["/no/such/artifact"], "does not exist"),
+    (["--synthetic", "llama3-8b", "--batch", "1,16,1"], "twice"),
+    (["--synthetic", "llama3-8b", "--no-trace-linears"], "--no-trace-linears applies with --compile"),
+    (["--synthetic", "llama3-8b", "--no-fuse-linears"], "--no-fuse-linears applies with --compile"),
+    (["--synthetic", "llama3-8b", "--no-pdl"], "--no-pdl applies with --compile"),
+    (["--synthetic", "llama3-8b", "--compile", "--no-trace-linears", "--glu"], "--no-trace-linears"),
+    (["--synthetic", "llama3-8b", "--compile", "--no-fuse-linears", "--norm-split"], "--no-fuse-linears"),
+    (["--synthetic", "llama3-8b", "--format", "mxfp4", "--bits", "3"], "--bits applies to --format uniform"),
+    (["--synthetic", "llama3-8b", "--format", "vq2", "--group", "64"], "--group applies to --format uniform"),
 ], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "layers-per-graph",
         "layers-per-graph-eager", "inductor-option-eager", "glu-eager", "norm-split-eager", "norm-split-no-glu",
         "inductor-option-unknown", "inductor-option-type",
         "unknown-shape",
-        "nothing", "missing-path"])
+        "nothing", "missing-path", "batch-twice", "no-trace-eager", "no-fuse-eager", "no-pdl-eager",
+        "glu-untraced", "norm-split-unfused", "bits-mxfp4", "group-vq2"])
 def test_cli_bad_input(no_gpu, args, word):
     assert word in error_line("bench", "decode", *args)
 
@@ -449,6 +467,23 @@ def test_cli_switches_reach_the_run(monkeypatch, switch, flag, env, want):
     assert enabled(seen[switch]) is want
 
 
+def test_cli_out_with_a_tilde_is_written_where_it_was_checked(monkeypatch, tmp_path):
+    """--out=~/r.json (no shell expansion after =) was checked at $HOME/r.json and written to ./~/r.json."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(db, "synthetic_models", lambda *a, **kw: iter(()))
+    seen = {}
+
+    def fake_run(models, batches, context, steps, settings, **kw):
+        seen.update(kw)
+        raise UserError("stopped before timing")
+
+    monkeypatch.setattr(db, "run", fake_run)
+    r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--out=~/r.json"])
+    assert "stopped before timing" in r.output
+    assert seen["out"] == tmp_path / "r.json"
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("dec")
@@ -466,6 +501,9 @@ def test_cli_artifact_original(no_gpu, artifact):
     assert "--layers" in error_line("bench", "decode", q, "--layers", "2")
     assert "--format" in error_line("bench", "decode", q, "--format", "mxfp4")
     assert "--quantize-lm-head" in error_line("bench", "decode", q, "--quantize-lm-head")
+    assert "--bits" in error_line("bench", "decode", q, "--bits", "2")  # (taken and ignored)
+    # (the base model named by the manifest is read too: --out onto its config.json overwrote it)
+    assert "would overwrite" in error_line("bench", "decode", q, "--out", base / "config.json")
     moved = artifact / "moved"
     base.rename(moved)
     try:

@@ -20,6 +20,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 @bench_app.command("kernels")
 def kernels(
+    ctx: typer.Context,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
     shapes: Annotated[Optional[str], typer.Option(help="Layer shapes N×K, e.g. 4096x4096,14336x4096.")] = None,
     ms: Annotated[str, typer.Option("--ms", help="Batch sizes M.")] = "1,4,16,64,256",
@@ -52,6 +53,15 @@ def kernels(
             raise UserError("--bits and --float-formats are both empty: nothing to time.")
         for b in bit_list:
             Uniform(bits=b, group_size=group_size)  # bad bits / group: its own error line
+        if not bit_list:  # (both time the uniform rows only)
+            from llmcomp.cli.app import _given
+
+            stray = (["--fp16"] if fp16 else []) + _given(ctx, ["group_size"])
+            if stray:
+                raise UserError(f"{stray[0]} applies to the uniform rows, and --bits is empty.")
+        from llmcomp.eval.kernel_bench import SHAPES, check_shapes
+
+        check_shapes(parsed or SHAPES, [f"w{b}" for b in bit_list] + list(floats), group_size)
         check_report(out, "--out")  # before the GPU run, not after it
         import torch
 
@@ -63,14 +73,15 @@ def kernels(
             raise UserError("llmcomp bench kernels times with triton.testing; install triton.") from None
         from llmcomp.eval import kernel_bench
 
-        kernel_bench.run(parsed or kernel_bench.SHAPES, m_list, bit_list, group_size, out, float_formats=floats,
-                         fp16=fp16)
+        kernel_bench.run(parsed or SHAPES, m_list, bit_list, group_size, out and out.expanduser(),
+                         float_formats=floats, fp16=fp16)
 
     run(go, writes=False)
 
 
 @bench_app.command("decode")
 def decode(
+    ctx: typer.Context,
     path: Annotated[Optional[str], typer.Argument(help="llmcomp artifact to time (or use --synthetic).")] = None,
     original: Annotated[Optional[str], typer.Option(help="The original model to compare with (default: the base model in the artifact's manifest).")] = None,
     synthetic: Annotated[Optional[str], typer.Option(help="Instead of PATH: a random-weight model of this shape (llama3-8b), RTN-quantized in memory.")] = None,
@@ -100,11 +111,14 @@ def decode(
     from llmcomp.cli.app import run
 
     def go():
+        from llmcomp.cli.app import _given
         from llmcomp.eval import decode_bench as db
 
         batches = _ints(batch, "--batch")
         if not batches or any(b < 1 for b in batches):
             raise UserError(f"--batch must be positive integers, e.g. 1,16; got {batch!r}.")
+        if len(set(batches)) < len(batches):  # (a batch timed twice, one table column showing the other's row)
+            raise UserError(f"--batch names a batch size twice: {batch!r}.")
         if context < 1 or steps < 1:
             raise UserError("--context and --steps must be ≥ 1.")
         if layers_per_graph < 1:
@@ -117,6 +131,13 @@ def decode(
             raise UserError("--glu / --no-glu apply with --compile only.")
         if norm_split is not None and not compile:
             raise UserError("--norm-split / --no-norm-split apply with --compile only.")
+        off = [flag for flag, on in (("--no-trace-linears", trace_linears), ("--no-fuse-linears", fuse_linears),
+                                     ("--no-pdl", pdl)) if not on]
+        if off and not compile:
+            raise UserError(f"{off[0]} applies with --compile only.")
+        if (glu is not None or norm_split is not None) and not (trace_linears and fuse_linears):
+            raise UserError(f"--glu and --norm-split apply to traced, fused linears; drop them or "
+                            f"{off[0]}.")
         if norm_split and not db.glu_enabled(glu):
             raise UserError("--norm-split needs the GLU call (its epilogue takes the norm's second half): drop "
                             "--no-glu / LLMCOMP_GLU=0.")
@@ -138,16 +159,21 @@ def decode(
                 raise UserError(f"--layers must be ≥ 1, got {layers}.")
             from llmcomp.formats import Uniform
 
-            Uniform(bits=bits, group_size=group)  # bad bits / group: its own error line
             if format not in db.SYNTHETIC_FORMATS:
                 raise UserError(f"--format must be one of: {', '.join(db.SYNTHETIC_FORMATS)}; got {format!r}.")
+            if format == "uniform":
+                Uniform(bits=bits, group_size=group)  # bad bits / group: its own error line
+            elif stray := _given(ctx, ["bits", "group"]):
+                raise UserError(f"{stray[0]} applies to --format uniform, not {format}.")
+            ref = None
         else:
-            if layers is not None or format != "uniform" or quantize_lm_head:
-                raise UserError("--layers, --format and --quantize-lm-head apply to --synthetic models only.")
+            if layers is not None or format != "uniform" or quantize_lm_head or _given(ctx, ["bits", "group"]):
+                raise UserError("--layers, --format, --bits, --group and --quantize-lm-head apply to --synthetic "
+                                "models only.")
             ref = _original_of(path, original)
         from llmcomp.core.paths import check_report
 
-        check_report(out, "--out", reads=[path, original])  # before the GPU run, not after it
+        check_report(out, "--out", reads=[path, ref])  # before the GPU run, not after it
         import torch
 
         if not torch.cuda.is_available():
@@ -165,7 +191,8 @@ def decode(
             else:
                 settings.update(path=str(path), original=str(ref) if ref else "bundled")
                 models = db.artifact_models(path, ref, DTYPES[dtype], progress)
-            result = db.run(models, batches, context, steps, settings, out=out, graphs=graphs, progress=progress,
+            result = db.run(models, batches, context, steps, settings, out=out and out.expanduser(), graphs=graphs,
+                            progress=progress,
                             compile=compile, breakdown=breakdown, frozen=trace_linears,
                             pack_gqa=pack_gqa, fuse=fuse_linears, pdl=pdl,
                             span=layers_per_graph, options=options, glu=glu, norm=norm_split)

@@ -871,8 +871,9 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
     result = {**environment(), "settings": {**settings, "batches": batches, "context": context, "steps": steps,
                                             "compile": compile,
                                             **({"frozen": frozen, "fuse": fuse, "pdl": pdl, "layer_span": span,
-                                                "glu": glu_enabled(glu),
-                                                "norm_split": glu_enabled(glu) and norm_split_enabled(norm),
+                                                "glu": frozen and fuse and glu_enabled(glu),  # (as compiled_layers)
+                                                "norm_split": frozen and fuse and glu_enabled(glu)
+                                                and norm_split_enabled(norm),
                                                 "compile_outer": outer_enabled(),
                                                 "rope_attention": rope_attention_enabled(),
                                                 "inductor_options": compile_options(options)}
@@ -921,13 +922,21 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                 result["rows"].append(row)
                 progress.note(_line(row))
                 if out is not None:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps(result, indent=1))
+                    _write(out, result)
         del model  # the generator drops its reference too before it loads the next model
     result["speedup"] = speedups(result["rows"])
     if out is not None:
-        out.write_text(json.dumps(result, indent=1))
+        _write(out, result)
     return result
+
+
+def _write(out, result: dict) -> None:
+    """``out`` written whole (a run killed mid-write kept a truncated JSON), its folder made for library callers."""
+    from llmcomp.core.paths import write_report
+
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_report(out, json.dumps(result, indent=1))
 
 
 def speedups(rows: list[dict]) -> dict:

@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from llmcomp.core.memory import state_bytes
+from llmcomp.core.paths import write_report
 from llmcomp.core.qlinear import QuantLinear
+from llmcomp.errors import UserError
 from llmcomp.formats import Uniform
 from llmcomp.quant.rtn import rtn_fields
 
@@ -104,9 +106,10 @@ def _time_into(row: dict, name: str, fns: list[Callable], nbytes: int, bw: float
 
 def _save(result: dict, out: Optional[Path]) -> None:
     """Write the JSON after every row: a run cut short still leaves its numbers."""
-    if out is not None:
+    if out is not None:  # (whole or not at all; its folder made for library callers)
+        out = Path(out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        write_report(out, json.dumps(result, indent=1))
 
 
 def _tinygemm(codes: torch.Tensor, n: int, k: int, group: int) -> tuple[Optional[Callable], Optional[str]]:
@@ -195,24 +198,46 @@ PYRAMID_FORMATS = {"pvq2": 38, "pvq3": 87}  # PVQ's rows: N = 64, 8-bit gains, K
 PYRAMID_TAIL = 0.5  # heavy-tailed random groups: escapes 1e-5 (pvq2) and 4e-3 (pvq3) of the pulses, as real weights
 
 
+def bench_format(name: str, group: int = 128):
+    """The format a bench row times: uniform ``w<bits>`` (at ``group``), E2M1 (``mxfp4``, ``nvfp4``, ``fp4``), VQ
+    (``vq2`` / ``vq3``) or PVQ (``pvq2`` / ``pvq3``)."""
+    from llmcomp.formats import FORMATS
+    from llmcomp.formats.pyramid import Pyramid
+
+    if name in CODEBOOK_FORMATS:
+        return codebook_format(name)
+    if name in PYRAMID_FORMATS:
+        return Pyramid(dim=64, pulses=PYRAMID_FORMATS[name], norm_bits=8)
+    if name.startswith("w"):
+        return Uniform(bits=int(name[1:]), group_size=group)
+    return FORMATS.get(name)()
+
+
+def check_shapes(shapes, names, group: int = 128) -> None:
+    """A UserError naming the first shape (N, K) a row's format (``bench_format`` names) cannot store — before the
+    run, not as a traceback after the rows before it."""
+    for name in names:
+        fmt = bench_format(name, group)
+        for n, k in shapes:
+            try:
+                fmt.validate_shape(n, k, f"a {n} x {k} layer")
+            except UserError as exc:
+                raise UserError(f"--shapes {n}x{k} cannot be timed as {name}: {exc}") from None
+
+
 def _packed_for(name: str, n: int, k: int):
     """(format, packed tensors on the GPU) for a bench row: uniform ``w2`` / ``w3`` / ``w4`` (g128) and E2M1 by RTN of
     a random weight, VQ and PVQ random."""
-    from llmcomp.formats import FORMATS
-    from llmcomp.formats.pyramid import Pyramid
     from llmcomp.quant.fp4 import fp4_fields
 
+    fmt = bench_format(name)
     if name in CODEBOOK_FORMATS:
-        fmt = codebook_format(name)
         return fmt, random_codebook(fmt, n, k, n + k, "cuda")
     if name in PYRAMID_FORMATS:
-        fmt = Pyramid(dim=64, pulses=PYRAMID_FORMATS[name], norm_bits=8)
         return fmt, random_pyramid(fmt, n, k, n + k, "cuda", PYRAMID_TAIL)
     w = torch.randn(n, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(n + k)) * 0.02
-    if name in ("w2", "w3", "w4"):
-        fmt = Uniform(bits=int(name[1]), group_size=128)
+    if isinstance(fmt, Uniform):
         return fmt, fmt.pack(rtn_fields(w, fmt))
-    fmt = FORMATS.get(name)()
     return fmt, fmt.pack(fp4_fields(w, fmt))
 
 
