@@ -592,3 +592,20 @@ def test_writers_store_unquantized_tensors_as_the_source_does(tmp_path):
         st = load_file(str(out / "model.safetensors"))
         assert st["model.norm.weight"].dtype == st["model.embed_tokens.weight"].dtype == want
         assert json.loads((out / "config.json").read_text())["dtype"] == str(want).removeprefix("torch.")
+
+
+def test_generation_config_survives_load_a_second_stage_and_an_import(tiny_model_dir, tmp_path):
+    """llmcomp.load built the model from config.json alone: the artifact's generation_config.json (eos ids,
+    sampling defaults) was ignored, and the next stage wrote the defaults over it; so did an import."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(eos_token_id=[5, 7], do_sample=True, temperature=0.6, max_new_tokens=3).save_pretrained(
+        tiny_model_dir)
+    first = api.quantize(RTNConfig(format=Uniform(bits=8, group_size=0), targets=("re:.*self_attn.*",)),
+                         tmp_path / "s1", str(tiny_model_dir))
+    second = api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*mlp.*",)),
+                          tmp_path / "s2", str(first))
+    api.export(second, "compressed-tensors", tmp_path / "g")
+    for path in (first, second, tmp_path / "g"):
+        gen = llmcomp.load(path).generation_config
+        assert (gen.eos_token_id, gen.do_sample, gen.temperature, gen.max_new_tokens) == ([5, 7], True, 0.6, 3), path

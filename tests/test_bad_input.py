@@ -416,6 +416,24 @@ def test_damaged_artifact_eval_and_inspect(artifact, tmp_path, how):
     error_line(invoke("eval", d, "--windows", 1))
 
 
+def test_a_listed_folder_is_refused_not_hashed(artifact, tmp_path):
+    """An unsealed manifest (as artifacts from before the seal are) listing a folder: IsADirectoryError from the
+    library (the CLI said only "error: Is a directory")."""
+    import llmcomp
+    from llmcomp.errors import UserError
+
+    def mutate(d):
+        (d / "extra").mkdir()
+        m = json.loads((d / "llmcomp.json").read_text())
+        del m["manifest_sha256"]
+        m["files"]["extra"] = "0" * 64
+        (d / "llmcomp.json").write_text(json.dumps(m))
+
+    d = _damaged(artifact, tmp_path, "folder", mutate)
+    with pytest.raises(UserError, match="extra is not a file"):
+        llmcomp.load(d)
+
+
 def test_fuzz_artifact_reader(artifact, tmp_path):
     """40 random byte flips and truncations of the manifest and the weights: the loader either raises
     UserError or (for a change the checks cannot see and that does not matter) loads a working model."""

@@ -284,6 +284,8 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
             f = path / name
             if not f.exists():
                 raise UserError(f"Artifact file {f} is missing.")
+            if not f.is_file():  # (a folder under a listed name: an unsealed manifest edited by hand)
+                raise UserError(f"Artifact file {f} is not a file; re-create or re-copy the artifact.")
             if sha256_file(f) != digest:
                 raise UserError(f"Artifact file {f} is corrupt (sha256 mismatch); re-create or re-copy the artifact.")
     return manifest
@@ -347,12 +349,13 @@ def build_skeleton(path: Path, manifest: dict):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmcomp.core.model import set_submodule
+    from llmcomp.core.model import read_generation_config, set_submodule
 
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         # (float32 whatever config.json's dtype, the stored one: load(dtype=) casts, and a later stage reads float32)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    read_generation_config(model, path)
     hooks = _stage_hooks(manifest)
     for hook, stage in hooks:
         try:

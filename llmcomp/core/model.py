@@ -198,6 +198,20 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 
 
+def read_generation_config(model: nn.Module, path: Path) -> None:
+    """``path``'s generation_config.json onto a model built with ``from_config`` (which makes one from config.json
+    only: eos ids and sampling defaults lost, and the next stage's artifact written without them); as
+    ``from_pretrained``, an unreadable file keeps the default."""
+    if not (Path(path) / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        pass
+
+
 def load_tokenizer(path: Path, strict: bool = True):
     """The directory's tokenizer; None where it has no tokenizer files. Files that do not load are a UserError
     (they were taken for no tokenizer: calibration then said there was none, and an artifact went without one) —

@@ -97,6 +97,7 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
         del config.quantization_config  # the model is llmcomp's now; a saved artifact must not re-quantize
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    model_mod.read_generation_config(model, path)
     tensors = _read_tensors(path, qc)
     marker = KINDS[kind]
     names = sorted(k[: -len(marker)] for k in tensors if k.endswith(marker))
