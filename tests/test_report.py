@@ -226,6 +226,26 @@ def test_bad_input(root, dense, tmp_path):
     assert "corrupt" in one_error_line(runner.invoke(app, ["report", str(tmp_path / "broken")]))
 
 
+def test_an_edited_or_incomplete_artifact_is_refused(root, dense, tmp_path):
+    """report read the manifest unverified: bits edited to 8 in an int4 artifact reported 9.0 bits a weight (inspect
+    and eval refuse it), and with the weights deleted it reported 0.0 MB on disk."""
+    import json
+    import shutil
+
+    runner = CliRunner()
+    artifact = root / "rtn" if (root / "rtn").exists() else _rtn(root, dense)
+    edited, gone = tmp_path / "edited", tmp_path / "gone"
+    shutil.copytree(artifact, edited)
+    m = json.loads((edited / "llmcomp.json").read_text())
+    for spec in m["modules"].values():
+        spec["bits"] = 8
+    (edited / "llmcomp.json").write_text(json.dumps(m))
+    assert "was edited" in one_error_line(runner.invoke(app, ["report", str(edited), "-o", str(tmp_path / "a")]))
+    shutil.copytree(artifact, gone)
+    (gone / "model.safetensors").unlink()
+    assert "is missing" in one_error_line(runner.invoke(app, ["report", str(gone), "-o", str(tmp_path / "b")]))
+
+
 def test_paths_split_into_decoder_layer_and_linear_kind():
     assert facts.split_path("model.layers.12.self_attn.q_proj") == (12, "self_attn.q_proj")
     assert facts.split_path("model.layers.3.mlp.experts.down.7") == (3, "mlp.experts.down.*")

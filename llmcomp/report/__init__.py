@@ -26,7 +26,7 @@ def write_report(artifact, output=None, *, overwrite: bool = False) -> dict:
     from llmcomp.report import markdown
 
     path = Path(artifact)
-    manifest = read_manifest(path, verify=False)  # a viewer: `llmcomp inspect` verifies the hashes
+    manifest = read_manifest(path, hashes=False)  # a viewer: the seal and the files there (`inspect` hashes them)
     output = check_output(output if output is not None else path.resolve().parent / f"{path.resolve().name}-report",
                           overwrite, path)
     model_config = _json(path / "config.json")
