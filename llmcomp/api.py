@@ -527,6 +527,16 @@ def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, dev
     return dataclasses.replace(config, formats=assignment), report
 
 
+def recorded_base(path) -> Optional[str]:
+    """The base model directory an artifact's manifest names, unchecked (None: ``path`` is no artifact, or names
+    none)."""
+    p = model_mod.read_path(path)
+    if not is_artifact(p):
+        return None
+    base = read_manifest(p, verify=False)["base_model"].get("path")
+    return base if isinstance(base, str) else None
+
+
 def base_model_path(path) -> str:
     """The base model directory recorded in an artifact's manifest (for ``--reference base``)."""
     p = model_mod.resolve(path)

@@ -363,6 +363,26 @@ def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path):
     check_report(art / "eval.json", "--json", reads=[art, base])
 
 
+def test_reports_never_overwrite_the_base_or_the_bundled_model(artifact, model_dir, monkeypatch, tmp_path):
+    """eval --reference base --json BASE/config.json and eval --json onto the bundled model's config.json (no path,
+    or its alias) were accepted: the reads list left out the base a manifest names and the bundled model."""
+    from pathlib import Path
+
+    monkeypatch.setenv("LLMCOMP_CACHE", str(tmp_path))
+    bundled = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    bundled.mkdir(parents=True)
+    (bundled / "config.json").write_text("{}")
+    base = Path(model_dir) / "config.json"
+    before = base.read_bytes()
+    for args in (("eval", artifact, "--reference", "base", "--json", base),
+                 ("eval", "--json", bundled / "config.json"),
+                 ("eval", "smollm2-135m", "--json", bundled / "config.json"),
+                 ("eval", artifact, "--reference", "smollm2-135m", "--json", bundled / "config.json"),
+                 ("check", "smollm2-135m", "--update", "--baseline", bundled / "config.json")):
+        assert "which this command reads" in error_line(invoke(*args)), args
+    assert base.read_bytes() == before and (bundled / "config.json").read_text() == "{}"
+
+
 def test_bench_kernels_bad_flags():
     assert "--ms" in error_line(invoke("bench", "kernels", "--ms", "1,x"))
     assert "--shapes" in error_line(invoke("bench", "kernels", "--shapes", "4096by4096"))

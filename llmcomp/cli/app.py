@@ -191,8 +191,15 @@ def eval_(
         api.check_eval(seq_len, windows, batch_size)
         from llmcomp.core.paths import check_report, write_report
 
-        # (before the evaluation, not after it)
-        check_report(json_out, "--json", reads=[*(paths or ()), reference if reference != "base" else None])
+        from llmcomp.core.model import read_path
+
+        # (before the evaluation, not after it; the bundled model and the base a manifest names are read too)
+        reads = [read_path(p) for p in paths or [None]]
+        if reference == "base":
+            reads.append(api.recorded_base(next((p for p in paths or () if p), None)))
+        elif reference is not None:
+            reads.append(read_path(reference))
+        check_report(json_out, "--json", reads=reads)
         from llmcomp.core.memory import resolve_placement
 
         resolve_placement(device, device_map, max_memory, offload_folder)  # bad flags fail before any load
@@ -284,7 +291,9 @@ def check(
         stray = _given(ctx, ["json_out", "junit"] if update else ["windows", "seq_len"])
         if stray:
             raise UserError(f"{stray[0]} applies {'to a check, not to --update' if update else 'with --update only'}.")
-        reads = [artifact] if update else [artifact, baseline]
+        from llmcomp.core.model import read_path
+
+        reads = [read_path(artifact)] if update else [read_path(artifact), baseline]
         for path, flag in ((json_out, "--json"), (junit, "--junit"), (baseline if update else None, "--baseline")):
             check_report(path, flag, reads)  # before the measurement, not after it
             reads.append(path)  # (and not where another of its reports goes)

@@ -76,6 +76,14 @@ def resolve(path: str | os.PathLike | None, progress=None) -> Path:
     return check_model_path(path)
 
 
+def read_path(path: str | os.PathLike | None) -> Path:
+    """The folder a command reads for a user's model path, the bundled model's included (not prepared here): what
+    a report file must not overwrite (``paths.check_report``'s ``reads``)."""
+    if path is None or str(path) == DEFAULT_MODEL:
+        return cache_dir() / "models" / BUNDLED_NAME
+    return Path(path).expanduser()
+
+
 def check_model_path(path: str | os.PathLike | None) -> Path | None:
     """``resolve``'s checks of a user's path without preparing the bundled model (None for it): cheap,
     for commands that check their other inputs after it."""
