@@ -618,6 +618,7 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
         **ppl,
         **sizes,
         "text": corpus().name,
+        "tokenizer": tokenizer_id(tok),  # (perplexities compare only under one tokenizer: eval --compare)
         "eval_time_s": round(time.perf_counter() - start, 2),
         **loaded,
     }

@@ -77,6 +77,16 @@ def make_baseline(metrics: dict, settings: dict, previous: Optional[dict] = None
     }
 
 
+def _real(x) -> float:
+    """A JSON number as a float; NaN for anything else, a bool or an integer past float's range included."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return math.nan
+    try:
+        return float(x)
+    except OverflowError:
+        return math.nan
+
+
 def read_baseline(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -85,7 +95,7 @@ def read_baseline(path: Path) -> dict:
         raise UserError(f"Baseline {path} is a directory; give the baseline JSON file (--baseline).")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (RecursionError: nested past any baseline)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (nested past any baseline; an int past 4300 digits)
         raise UserError(f"Baseline {path} is not valid JSON.") from None
     if not isinstance(data, dict) or data.get("llmcomp_check") != CHECK_VERSION or "metrics" not in data:
         raise UserError(f"Baseline {path} is not an llmcomp check baseline (version {CHECK_VERSION}).")
@@ -93,12 +103,15 @@ def read_baseline(path: Path) -> dict:
         raise UserError(f"Baseline {path}: metrics must be a non-empty object of name -> {{value, better, "
                         "tolerance_rel}} (a baseline checking nothing always passes).")
     for name, m in data["metrics"].items():
+        if name not in TRACKED:  # (before the evaluation, not after it)
+            raise UserError(f"Baseline {path}: metric {name!r} is not measured by this llmcomp (it measures "
+                            f"{', '.join(TRACKED)}).")
         value = m.get("value") if isinstance(m, dict) else None
-        if not (isinstance(value, (int, float)) and math.isfinite(value)) or m.get("better") not in ("lower", "higher"):
+        if not math.isfinite(_real(value)) or m.get("better") not in ("lower", "higher"):
             raise UserError(f"Baseline {path}: metric {name!r} needs a finite numeric value and better=lower|higher.")
         tol = m.get("tolerance_rel", 0.0)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:  # (NaN too)
-            raise UserError(f"Baseline {path}: metric {name!r} has tolerance_rel {tol!r}; give a number ≥ 0.")
+        if not _real(tol) >= 0:  # (NaN too)
+            raise UserError(f"Baseline {path}: metric {name!r} has tolerance_rel {str(tol)[:40]}; give a number ≥ 0.")
     settings = data.setdefault("settings", {})
     if not isinstance(settings, dict):
         raise UserError(f"Baseline {path}: settings must be an object such as {{\"windows\": 8, \"seq_len\": 512}}.")

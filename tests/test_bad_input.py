@@ -436,6 +436,26 @@ def test_damaged_artifact_eval_and_inspect(artifact, tmp_path, how):
     error_line(invoke("eval", d, "--windows", 1))
 
 
+def test_eval_takes_a_batch_size_past_int64_and_inspect_an_artifact_without_its_version(artifact, tmp_path):
+    """--batch-size 99999999999999999999: "Overflow when unpacking long long"; inspect of a manifest without
+    llmcomp_version (unsealed, as before the seal): KeyError. Both tracebacks."""
+    import llmcomp
+    from llmcomp.eval.perplexity import perplexity
+
+    windows = torch.randint(0, 100, (3, 16))
+    model = llmcomp.load(artifact)
+    assert perplexity(model, None, windows=windows, batch_size=99999999999999999999) == perplexity(
+        model, None, windows=windows, batch_size=3)
+
+    def mutate(d):
+        m = json.loads((d / "llmcomp.json").read_text())
+        del m["manifest_sha256"], m["llmcomp_version"]
+        (d / "llmcomp.json").write_text(json.dumps(m))
+
+    r = invoke("inspect", _damaged(artifact, tmp_path, "old", mutate))
+    assert r.exit_code == 0 and "1 / ?" in r.output, r.output
+
+
 def test_a_listed_folder_is_refused_not_hashed(artifact, tmp_path):
     """An unsealed manifest (as artifacts from before the seal are) listing a folder: IsADirectoryError from the
     library (the CLI said only "error: Is a directory")."""

@@ -173,14 +173,25 @@ def test_a_baseline_records_its_text_and_another_text_is_refused(tmp_path, monke
     chk.compare(base, chk.measure(fake_evaluate({**values, "text": "pydoc"}), "a", SETTINGS))
 
 
-@pytest.mark.parametrize("field,value", [("value", "NaN"), ("value", "Infinity"), ("tolerance_rel", "NaN")])
+@pytest.mark.parametrize("field,value", [("value", "NaN"), ("value", "Infinity"), ("tolerance_rel", "NaN"),
+                                         ("value", "1" + "0" * 400), ("tolerance_rel", "1" + "0" * 400),
+                                         ("value", "1" * 5000)])
 def test_a_non_finite_baseline_is_bad_input_not_a_regression(tmp_path, field, value):
-    """It exited 1 (a regression) with a nan row."""
+    """It exited 1 (a regression) with a nan row; a 401-digit integer gave an OverflowError traceback, a
+    5000-digit one a ValueError."""
     base = chk.make_baseline({"ppl": 24.0}, SETTINGS)
     text = json.dumps(base).replace(f'"{field}": {base["metrics"]["ppl"][field]}', f'"{field}": {value}')
     assert value in text
     (tmp_path / "b.json").write_text(text)
-    with pytest.raises(UserError, match="finite numeric value|give a number ≥ 0"):
+    with pytest.raises(UserError, match="finite numeric value|give a number ≥ 0|not valid JSON"):
+        chk.read_baseline(tmp_path / "b.json")
+
+
+def test_a_metric_check_does_not_measure_is_refused_before_the_evaluation(tmp_path):
+    base = chk.make_baseline({"ppl": 24.0}, SETTINGS)
+    base["metrics"]["perplexity"] = base["metrics"].pop("ppl")
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    with pytest.raises(UserError, match="'perplexity' is not measured by this llmcomp"):
         chk.read_baseline(tmp_path / "b.json")
 
 

@@ -135,6 +135,28 @@ def test_eval_caption_says_when_the_text_holds_fewer_windows():
     assert "asked" not in eval_table(rows, False, asked=3).caption
 
 
+def test_compare_shows_no_delta_between_tokenizers_or_window_counts():
+    """--compare of a char-level model and SmolLM2 printed Δppl −74.5 % (per-token perplexities under two tokenizers)
+    and a caption of the first row's 1000 windows where the second had 655."""
+    from rich.console import Console
+
+    from llmcomp.cli.render import eval_table
+
+    row = {"name": "a", "stages": "original", "ppl": 10.0, "bits_per_weight": 16.0, "eval_time_s": 1.0,
+           "text": "austen", "windows": 1000, "seq_len": 256, "tokenizer": "t1"}
+    rows = [row, {**row, "name": "b", "ppl": 11.0}, {**row, "name": "c", "tokenizer": "t2"},
+            {**row, "name": "d", "windows": 655}]
+    console = Console(width=200, record=True)
+    console.print(eval_table(rows, True, asked=1000))
+    lines = {line.split()[1]: line for line in console.export_text().splitlines() if line.split()[1:2] in
+             (["a"], ["b"], ["c"], ["d"])}
+    assert "+10.0" in lines["b"] and "+0.0" in lines["a"]
+    assert "+0.0" not in lines["c"] and "+0.0" not in lines["d"]
+    caption = eval_table(rows, True, asked=1000).caption
+    assert "1000 / 655 windows (all the held-out text holds; 1000 asked)" in caption and "do not compare" in caption
+    assert "do not compare" not in eval_table(rows[:2], True).caption
+
+
 def test_progress_without_a_terminal_prints_lines_while_it_runs(capsys, monkeypatch):
     """Piped or logged (no terminal), rich would draw the bars only at the end: a long job would print
     nothing for minutes. Plain lines instead: while a task runs, and once when it is done."""

@@ -154,22 +154,27 @@ def eval_table(rows: list[dict], compare: bool, asked: Optional[int] = None) -> 
     for c in cols:
         table.add_column(c, justify="left" if c in ("model", "stages") else "right")
     base = rows[0]["ppl"] if rows else None
-    for r in rows:
+    same = [(r.get("tokenizer"), r["windows"], r["seq_len"]) == (rows[0].get("tokenizer"), rows[0]["windows"],
+                                                                 rows[0]["seq_len"]) for r in rows]
+    for r, comparable in zip(rows, same):
         cells = [r["name"], r["stages"], _fmt(r["ppl"]), _fmt(r["bits_per_weight"]), _fmt(r.get("size_mb", float("nan")), 1),
                  _fmt(r["eval_time_s"], 1), _fmt(r.get("quant_time_s", float("nan")), 1)]
         if compare:
-            cells.insert(3, f"{100 * (r['ppl'] / base - 1):+.1f}")
+            cells.insert(3, f"{100 * (r['ppl'] / base - 1):+.1f}" if comparable else "-")
         if agreement:
             cells[3 + compare:3 + compare] = [f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}",
                                               f"{100 * r['top1_agree']:.1f}", f"{r['greedy_prefix']:.1f}"]
         add_row(table, *cells)
     if rows:
-        held = (f" (all the held-out text holds; {asked} asked)" if asked is not None and rows[0]["windows"] < asked
+        counts = sorted({r["windows"] for r in rows}, reverse=True)
+        held = (f" (all the held-out text holds; {asked} asked)" if asked is not None and counts[-1] < asked
                 else "")
-        table.caption = (f"{rows[0]['text']} text, {rows[0]['windows']} windows{held} × {rows[0]['seq_len']} tokens, "
-                         "no BOS; bits/weight over decoder linears"
+        table.caption = (f"{rows[0]['text']} text, {' / '.join(map(str, counts))} windows{held} × "
+                         f"{rows[0]['seq_len']} tokens, no BOS; bits/weight over decoder linears"
                          + ("; KLD = KL(reference ‖ model) per token, greedy prefix of 32 new tokens over 8 prompts"
-                            if agreement else ""))
+                            if agreement else "")
+                         + ("; Δppl - : another tokenizer or other windows than the first row's, whose per-token "
+                            "perplexities do not compare" if compare and not all(same) else ""))
     return table
 
 
@@ -209,7 +214,7 @@ def manifest_tables(manifest: dict) -> list[Table]:
     head = Table(title="llmcomp artifact", show_header=False)
     base = manifest["base_model"]
     add_row(head, "base model", f"{base.get('name')}  (sha256 {str(base.get('sha256'))[:12]}…)")
-    add_row(head, "schema / llmcomp", f"{manifest['schema_version']} / {manifest['llmcomp_version']}")
+    add_row(head, "schema / llmcomp", f"{manifest['schema_version']} / {manifest.get('llmcomp_version', '?')}")
     add_row(head, "text", str(manifest.get("text_source")))
     for i, s in enumerate(manifest["stages"], 1):
         cfg = {k: v for k, v in s.get("config", {}).items() if not k.startswith("_")}

@@ -241,7 +241,7 @@ def read_manifest(path: Path, verify: bool = True, hashes: bool = True) -> dict:
         raise UserError(f"{path} is not an llmcomp artifact: {MANIFEST} is missing.")
     try:
         manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (JSONDecodeError; an int past 4300 digits; nesting)
         raise UserError(f"{mpath} is corrupt (not valid JSON).") from None
     if not isinstance(manifest, dict):
         raise UserError(f"{mpath} is corrupt: the manifest is not a JSON object.")

@@ -55,7 +55,8 @@ class Reference:
                                        shape=(n, t - 1, vocab))
         device = input_device(model)
         nll, count = 0.0, 0
-        for i, batch in enumerate(progress.track(windows.split(batch_size), "Reference log-probs")):
+        batches = windows.split(min(batch_size, max(1, len(windows))))  # (any int: split takes an int64)
+        for i, batch in enumerate(progress.track(batches, "Reference log-probs")):
             batch = batch.to(device)
             logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
             nll -= float(logp.gather(-1, batch[:, 1:, None]).sum())

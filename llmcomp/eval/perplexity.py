@@ -34,7 +34,8 @@ def perplexity(model, tokenizer, seq_len: int = 512, n_windows: int = 16, batch_
     check_vocab(windows, model)
     device = input_device(model)
     total, count = 0.0, 0
-    for i, batch in enumerate(progress.track(windows.split(batch_size), "Perplexity")):
+    batches = windows.split(min(batch_size, max(1, len(windows))))  # (any int: split takes an int64)
+    for i, batch in enumerate(progress.track(batches, "Perplexity")):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
         if comparer is not None:
