@@ -207,6 +207,12 @@ def eval_(
         if long and (device_map or max_memory or offload_folder):
             raise UserError("--device-map, --max-memory and --offload-folder apply to perplexity eval; --long runs "
                             "the model on one --device.")
+        if record and not long:  # (a plain model directory has no manifest to append to)
+            from llmcomp.core.artifact import is_artifact
+
+            plain = [p for p in paths or [None] if not is_artifact(read_path(p))]
+            if len(plain) == len(paths or [None]):
+                raise UserError("--record appends to artifacts' manifests, and no path given is an artifact.")
         if long and (reference is not None or record):
             raise UserError("--reference and --record apply to perplexity eval; --long reports its own metrics "
                             "(write them with --json).")
@@ -241,6 +247,8 @@ def eval_(
             write_report(json_out, dumps(rows, indent=1))
         if record:
             api.record_evaluations(rows)
+            for p in plain:
+                render.wrote(f"{p or 'the bundled model'} is not an artifact: --record skipped it", label="note:")
 
     run(go, writes=False)  # (--json and --record write small files in place)
 
