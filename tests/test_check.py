@@ -223,9 +223,10 @@ def test_update_keeps_hand_edited_tolerances(tmp_path, monkeypatch):
     del data["metrics"]["size_mb"]  # a metric the old baseline lacks takes the default
     b.write_text(json.dumps(data))
     monkeypatch.setattr(api, "evaluate", fake_evaluate({**values, "ppl": 25.0}))
-    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--update", "--windows", "2"])
+    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--update"])
     assert r.exit_code == 0 and "Keeping the tolerances" in " ".join(r.output.split()), r.output
     metrics = json.loads(b.read_text())["metrics"]
+    assert json.loads(b.read_text())["settings"]["windows"] == 2  # (and its settings: 8 windows before)
     assert metrics["ppl"] == {"value": 25.0, "better": "lower", "tolerance_rel": 0.05}
     assert metrics["size_mb"]["tolerance_rel"] == chk.TRACKED["size_mb"][1] and default != 0.05
     b.write_text("{not json")  # an unreadable baseline is replaced, with a word

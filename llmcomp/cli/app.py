@@ -279,8 +279,8 @@ def check(
     artifact: Annotated[str, typer.Argument(help="Artifact (or model directory) to check.")],
     baseline: Annotated[Path, typer.Option(help="Baseline JSON with metric values and tolerances.")] = Path("llmcomp-baseline.json"),
     update: Annotated[bool, typer.Option("--update", help="Measure and (re)write the baseline instead of checking.")] = False,
-    windows: Annotated[int, typer.Option(help="Held-out windows when writing a baseline.")] = 8,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window when writing a baseline.")] = 512,
+    windows: Annotated[int, typer.Option(help="Held-out windows when writing a baseline (rewriting one: its own unless given).")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window when writing a baseline (rewriting one: its own unless given).")] = 512,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the comparison as JSON here.")] = None,
     junit: Annotated[Optional[Path], typer.Option(help="Write a JUnit XML report here (for CI dashboards).")] = None,
 ):
@@ -314,6 +314,10 @@ def check(
                     previous = chk.read_baseline(baseline)
                 except UserError as e:
                     unreadable = f"{e} Replacing it (default tolerances)."
+            if previous is not None:  # so do its settings, where no flag changes them
+                given = _given(ctx, ["windows", "seq_len"])
+                settings = {k: settings[k] if f"--{k.replace('_', '-')}" in given else previous["settings"][k]
+                            for k in settings}
         else:
             from llmcomp.core.data import corpus
 
@@ -322,7 +326,8 @@ def check(
             chk.check_text(base, corpus().name)  # (before the measurement)
         with render.RichProgress() as progress:
             if update and (previous or unreadable):
-                progress.note(unreadable or f"Keeping the tolerances of {baseline}.")
+                progress.note(unreadable or f"Keeping the tolerances of {baseline}; measuring at {settings['windows']} "
+                              f"windows × {settings['seq_len']} tokens.")
             current = chk.measure(api.evaluate, artifact, settings, progress)
         if update:
             write_report(baseline, json.dumps(chk.make_baseline(current, settings, previous), indent=1) + "\n")
