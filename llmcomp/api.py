@@ -149,7 +149,10 @@ def quantize(
         raise UserError("--outliers does not combine with bit allocation (a fractional --bits): the allocation does "
                         "not count the outliers' bits, so the budget would not hold; give whole bits or drop "
                         "--outliers.")
+    if allocation is not None:
+        _check_allocation(config, allocation)
     check_calib(calib_samples, calib_seq_len, seed)  # before the model is loaded
+    memory.check_device(device)  # a bad --device fails before any work
     limits = memory.parse_max_memory(max_memory)
     gpu_limits = memory.gpu_limits(limits)
     store_dtype = _store_dtype(dtype, model)
@@ -445,6 +448,21 @@ def check_window(net, seq_len: int, what: str = "Evaluation") -> None:
                         "tokens); use shorter windows (--seq-len).")
 
 
+def check_long(context, n_windows, chunk, passkey_lengths, passkey_samples, needle_keys) -> None:
+    """``evaluate_long``'s settings as one error each, before a model is loaded (library calls took -1, 1.5 or 0
+    into tracebacks deep in the evaluation)."""
+    for name, value, low in (("--context", context, 16), ("--windows", n_windows, 1), ("chunk", chunk, 1),
+                             ("--passkey-samples", passkey_samples, 0), ("--needle-keys", needle_keys, 0)):
+        require_int(name, value, low)
+    if not (isinstance(passkey_lengths, (tuple, list))
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in passkey_lengths)):
+        raise UserError(f"--passkey-lengths must be a sequence of token counts, e.g. (1024, 2048); got "
+                        f"{passkey_lengths!r}.")
+    if needle_keys and not (passkey_lengths and passkey_samples):  # (its prompts are built beside the passkey ones)
+        raise UserError("--needle-keys runs with the passkey prompts; give --passkey-samples ≥ 1 and "
+                        "--passkey-lengths.")
+
+
 def check_long_lengths(limit: int, context: int, passkey_lengths=(), passkey_samples: int = 1) -> None:
     """UserError when a window or a retrieval prompt (plus its generated answer) does not fit the model's
     context of ``limit`` tokens (0 = unknown, nothing checked)."""
@@ -479,6 +497,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
     from llmcomp.eval.longctx import long_context_eval
     from llmcomp.prune.kv.cache import installed_policy
 
+    check_long(context, n_windows, chunk, passkey_lengths, passkey_samples, needle_keys)
     p = model_mod.resolve(path, progress.note)
     check_long_lengths(context_limit(p), context, passkey_lengths, passkey_samples)
     net, tok, _, stages = open_model(p, progress=progress, device=default_device(device), describe_base=False)
@@ -495,6 +514,23 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
             "stages": " + ".join(stage_label(s) for s in stages) or "original",
             "policy": policy.describe() if policy is not None else "dense",
             **result, "text": corpus().name, "eval_time_s": round(time.perf_counter() - start, 2)}
+
+
+def _check_allocation(config: QuantConfig, allocation: AllocationConfig) -> None:
+    """An allocation gives every target layer its own format: its group size and symmetry, a width from its
+    candidates. A config whose format says otherwise, or that names per-layer formats, was overridden silently."""
+    from llmcomp.formats import Uniform
+
+    fmt = config.format
+    if not isinstance(fmt, Uniform):
+        raise UserError(f"Bit allocation chooses among uniform integer widths; {type(config).__name__}'s format "
+                        f"{type(fmt).__name__} does not take it (give whole bits, or a uniform format).")
+    if config.formats:
+        raise UserError("Bit allocation chooses every layer's format; drop config.formats or the allocation.")
+    if (fmt.group_size, fmt.symmetric) != (allocation.group_size, allocation.symmetric):
+        raise UserError(f"The config's format (group size {fmt.group_size}, symmetric={fmt.symmetric}) differs from "
+                        f"the allocation's (group size {allocation.group_size}, symmetric={allocation.symmetric}), "
+                        f"whose formats would replace it; give both the same.")
 
 
 def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, device, progress, calib_batch: int = 8):
@@ -566,6 +602,7 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
     windows = eval_windows(tok, seq_len, n_windows)
     check_vocab(windows, net)
     ref = Reference.record(net, windows, batch_size=batch_size, progress=progress, tokenizer=tokenizer_id(tok))
+    ref.asked = (n_windows, seq_len)  # (what an evaluation against it must ask for: evaluate)
     del net
     return ref
 
@@ -592,6 +629,10 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     check_eval(seq_len, n_windows, batch_size)
     if reference is not None and not isinstance(reference, Reference):
         raise UserError(f"reference must be a Reference (api.record_reference(path)), got {type(reference).__name__}.")
+    asked = reference.asked if reference is not None else None
+    if asked is not None and asked != (n_windows, seq_len):  # (its windows are scored: other settings were ignored)
+        raise UserError(f"The reference was recorded at n_windows={asked[0]}, seq_len={asked[1]}; evaluate at the "
+                        f"same (got {n_windows} and {seq_len}).")
     p = model_mod.resolve(path, progress.note)
     net, tok, _, stages = open_model(p, progress=progress, describe_base=False,
                                      **_placement(device, device_map, max_memory, offload_folder))

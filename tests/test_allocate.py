@@ -7,8 +7,11 @@ from torch import nn
 from llmcomp.core.config import from_json, to_json
 from llmcomp.errors import UserError
 from llmcomp.eval import size_report
+from llmcomp.formats import Uniform
 from llmcomp.quant import RTNConfig, quantize_model
 from llmcomp.quant import allocate
+
+W4G32 = Uniform(bits=4, group_size=32)  # (the allocations' group size here)
 
 
 @pytest.fixture(scope="module", params=allocate.SENSITIVITIES)
@@ -72,7 +75,7 @@ def test_a_budget_below_the_cheapest_is_refused_before_measuring(tmp_path, monke
     monkeypatch.setattr(allocate, "measure_errors", lambda *a, **k: pytest.fail("measured first"))
     cfg = allocate.AllocationConfig(budget=2.1, candidates=(2, 4), group_size=32)
     with pytest.raises(UserError, match="Budget 2.1 bits/weight is below the cheapest candidate"):
-        api.quantize(RTNConfig(), tmp_path / "q", str(tiny_model_dir), allocation=cfg, calib_samples=2,
+        api.quantize(RTNConfig(format=W4G32), tmp_path / "q", str(tiny_model_dir), allocation=cfg, calib_samples=2,
                      calib_seq_len=16, device="cpu")
 
 
@@ -164,6 +167,6 @@ def test_the_output_sensitivity_pass_runs_at_calib_batch(tmp_path, monkeypatch):
     real = allocate.calibrate_layerwise
     monkeypatch.setattr(allocate, "calibrate_layerwise", lambda *a, **k: seen.append(k["batch_size"]) or real(*a, **k))
     cfg = allocate.AllocationConfig(budget=3.0, candidates=(2, 4), group_size=32, sensitivity="output")
-    api.quantize(RTNConfig(), tmp_path / "q", str(tiny_model_dir), allocation=cfg, calib_samples=4,
+    api.quantize(RTNConfig(format=W4G32), tmp_path / "q", str(tiny_model_dir), allocation=cfg, calib_samples=4,
                  calib_seq_len=16, device="cpu", calib_batch=2)
     assert seen == [2]

@@ -608,6 +608,7 @@ def test_api_arguments_of_the_wrong_kind_are_one_error(artifact, model_dir, tmp_
     from llmcomp.formats.fp4 import FP4, NVFP4
     from llmcomp.prune.kv.kivi import KIVIConfig
     from llmcomp.quant import GPTQConfig, RTNConfig
+    from llmcomp.quant.allocate import AllocationConfig
     from llmcomp.quant.fp4 import FP4Config
 
     W4 = Uniform(bits=4, group_size=32)
@@ -630,12 +631,34 @@ def test_api_arguments_of_the_wrong_kind_are_one_error(artifact, model_dir, tmp_
         (lambda: api.evaluate(artifact, seq_len=0), "--seq-len must be an integer ≥ 2"),
         (lambda: api.evaluate(artifact, seq_len=32, batch_size=0), "--batch-size must be an integer ≥ 1"),
         (lambda: api.evaluate(artifact, seq_len=32.0), "--seq-len must be an integer"),
+        (lambda: RTNConfig(targets=None), "RTNConfig.targets must be a tuple of strings"),
+        (lambda: RTNConfig(targets=(1,)), "RTNConfig.targets must be a tuple of strings"),
+        (lambda: RTNConfig(formats=None), "RTNConfig.formats must be a dict"),
+        (lambda: api.evaluate_long(artifact, context=-1), "--context must be an integer ≥ 16"),
+        (lambda: api.evaluate_long(artifact, n_windows=1.5), "--windows must be an integer"),
+        (lambda: api.evaluate_long(artifact, passkey_lengths=512), "--passkey-lengths must be a sequence"),
+        (lambda: api.evaluate_long(artifact, passkey_samples=0, needle_keys=2), "--needle-keys runs with"),
+        (lambda: api.quantize(RTNConfig(format=Uniform(bits=4, group_size=64)), tmp_path / "o", str(model_dir),
+                              allocation=AllocationConfig(budget=3.5, group_size=32)), "differs from the allocation's"),
+        (lambda: api.quantize(FP4Config(), tmp_path / "o", str(model_dir), allocation=AllocationConfig(budget=3.5)),
+         "FP4Config's format MXFP4 does not take it"),
+        (lambda: api.quantize(RTNConfig(format=W4, formats={"model.layers.0.mlp.down_proj": W4}), tmp_path / "o",
+                              str(model_dir), allocation=AllocationConfig(budget=3.5, group_size=32)),
+         "drop config.formats or the allocation"),
+        (lambda: api.quantize(RTNConfig(format=W4), tmp_path / "o", str(model_dir), device="tpu"), "is not a device"),
+        (lambda: api.quantize(RTNConfig(format=W4), tmp_path / "o", torch.nn.Linear(2, 2)),
+         "The model must be a path .* got Linear; save it with save_pretrained"),
+        (lambda: api.quantize(RTNConfig(format=W4), 5, str(model_dir)), "The output must be a path"),
+        (lambda: llmcomp.load(3), "The model must be a path .* got int"),
+        (lambda: api.export(torch.nn.Linear(2, 2), "gptq", tmp_path / "o"), "The artifact must be a path"),
+        (lambda: api.report(None), "The artifact must be a path .* got NoneType"),
     ]
     for call, match in bad:
         with pytest.raises(UserError, match=match):
             call()
     assert not (tmp_path / "o").exists()
     assert GPTQConfig(format=NVFP4()).format == NVFP4()  # (GPTQ takes the FP4 grids too)
+    assert RTNConfig(targets=["q_proj"]).targets == ("q_proj",)  # (a list stands for its tuple)
     assert llmcomp.load(artifact, dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
 
 

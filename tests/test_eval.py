@@ -56,6 +56,8 @@ def test_reference_of_another_tokenizer_or_vocabulary_is_refused(tmp_path):
     with pytest.raises(UserError, match="scores 256 tokens, the reference model 128"):
         api.evaluate(wide, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)
     assert api.evaluate(ref_dir, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)["kld_mean"] < 1e-6
+    with pytest.raises(UserError, match="recorded at n_windows=2, seq_len=16"):  # (its windows would be scored)
+        api.evaluate(ref_dir, seq_len=32, n_windows=2, batch_size=2, device="cpu", reference=ref)
 
 
 def test_a_broken_model_scores_inf_not_an_overflow(tiny_model):

@@ -126,11 +126,7 @@ def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, pass
         lengths = tuple(int(n) for n in passkey_lengths.split(",") if n.strip())
     except ValueError:
         raise UserError(f"--passkey-lengths must be comma-separated integers, got {passkey_lengths!r}.") from None
-    if context < 16 or passkey_samples < 0 or needle_keys < 0:
-        raise UserError("--context must be ≥ 16, --passkey-samples ≥ 0 and --needle-keys ≥ 0.")
-    if needle_keys and not (lengths and passkey_samples):  # (the needle prompts are built beside the passkey ones)
-        raise UserError("--needle-keys runs with the passkey prompts; give --passkey-samples ≥ 1 and "
-                        "--passkey-lengths.")
+    api.check_long(context, windows, 64, lengths, passkey_samples, needle_keys)  # (before any model is loaded)
     with render.RichProgress() as progress:
         rows = [api.evaluate_long(p, context=context, n_windows=windows, passkey_lengths=lengths,
                                   passkey_samples=passkey_samples, needle_keys=needle_keys, device=device,

@@ -61,10 +61,17 @@ def check_field_types(obj: Any) -> None:
         if value is None and f.default is None:
             continue
         classes = _classes(type(obj), kind)
+        inner = kind[len("Optional["):-1] if kind.startswith("Optional[") else kind
         if kind in _SCALARS:
             ok = isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
-        elif kind.startswith("tuple"):
-            ok = not isinstance(value, (str, bytes))
+        elif inner.startswith("tuple"):  # (a list is taken as the tuple it stands for)
+            item = {"tuple[str, ...]": (str,), "tuple[int, ...]": (int,)}.get(inner, (object,))
+            ok = isinstance(value, (tuple, list)) and all(isinstance(v, item) and not isinstance(v, bool)
+                                                          for v in value)
+            if ok and isinstance(value, list):
+                object.__setattr__(obj, f.name, tuple(value))
+        elif inner.startswith("dict"):
+            ok = isinstance(value, dict)
         elif classes:  # (a format field: Uniform, BlockFP | Uniform, ...)
             ok = isinstance(value, classes)
         else:
@@ -72,8 +79,10 @@ def check_field_types(obj: Any) -> None:
         if ok and f.name == "seed":
             check_seed(value, f"{type(obj).__name__}.seed")
         if not ok:
-            want = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}.get(
-                kind, "a tuple" if kind.startswith("tuple") else " or ".join(c.__name__ for c in classes))
+            want = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
+                    "tuple[str, ...]": "a tuple of strings", "tuple[int, ...]": "a tuple of integers"}.get(
+                inner, "a tuple" if inner.startswith("tuple") else "a dict" if inner.startswith("dict")
+                else " or ".join(c.__name__ for c in classes))
             raise UserError(f"{type(obj).__name__}.{f.name} must be {want}, got {value!r}.")
 
 

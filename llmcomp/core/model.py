@@ -15,7 +15,7 @@ from torch import nn
 
 from llmcomp.core.hfcompat import fit_experts
 from llmcomp.core.numeric import all_finite
-from llmcomp.core.paths import atomic_dir, cache_dir
+from llmcomp.core.paths import as_path, atomic_dir, cache_dir
 from llmcomp.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -81,7 +81,7 @@ def read_path(path: str | os.PathLike | None) -> Path:
     a report file must not overwrite (``paths.check_report``'s ``reads``)."""
     if path is None or str(path) == DEFAULT_MODEL:
         return cache_dir() / "models" / BUNDLED_NAME
-    return Path(path).expanduser()
+    return as_path(path, "The model")
 
 
 def check_model_path(path: str | os.PathLike | None) -> Path | None:
@@ -89,7 +89,7 @@ def check_model_path(path: str | os.PathLike | None) -> Path | None:
     for commands that check their other inputs after it."""
     if path is None or str(path) == DEFAULT_MODEL:
         return None
-    p = Path(path).expanduser()
+    p = as_path(path, "The model")
     if not p.exists():
         raise UserError(f"Model path {p} does not exist.")
     if not p.is_dir() or not (p / "config.json").exists():

@@ -33,6 +33,15 @@ def cache_dir() -> Path:
     return path
 
 
+def as_path(value, what: str) -> Path:
+    """``value`` (a str or os.PathLike) as a Path with ``~`` expanded; a UserError for anything else (a library
+    caller passing a loaded model or a number got a TypeError from pathlib)."""
+    if not isinstance(value, (str, os.PathLike)):
+        hint = "; save it with save_pretrained and pass its folder" if hasattr(value, "state_dict") else ""
+        raise UserError(f"{what} must be a path (a str or os.PathLike), got {type(value).__name__}{hint}.")
+    return Path(value).expanduser()
+
+
 OUTPUT_MARK = ".llmcomp-output"  # in every directory ``atomic_dir`` publishes: what --overwrite may replace
 
 
@@ -41,8 +50,8 @@ def check_output(output, overwrite: bool, source=None) -> Path:
     model or artifact a command reads: the output is that directory or a folder above it), or — with
     ``overwrite`` — is a directory llmcomp did not write (``--overwrite`` never deletes other files). ``~`` in
     either is the home directory, as the shell would make it (an API call's path does not pass a shell)."""
-    output = Path(output).expanduser()
-    source = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else source
+    output = as_path(output, "The output")
+    source = as_path(source, "The model") if source is not None else None
     if output.is_symlink() and not output.exists():
         raise UserError(f"Output {output} is a broken symbolic link; remove it or choose another path.")
     if output.exists() and not output.is_dir():

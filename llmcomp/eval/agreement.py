@@ -32,6 +32,7 @@ class Reference:
                  workdir: tempfile.TemporaryDirectory, tokenizer: str | None = None):
         self.windows, self.logprobs, self.continuations, self.ppl = windows, logprobs, continuations, ppl
         self.tokenizer = tokenizer  # tokenizer_id of the reference's tokenizer (the windows are its token ids)
+        self.asked = None  # (n_windows, seq_len) api.record_reference asked for (the text may hold fewer windows)
         self._workdir = workdir  # removed when the Reference is garbage-collected
 
     def check_model(self, name: str, tok, vocab_size: int | None) -> None:

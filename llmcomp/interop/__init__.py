@@ -14,8 +14,10 @@ def export(artifact, to: str, output, *, overwrite: bool = False) -> dict:
     """Write ``artifact`` as a ``to`` checkpoint at ``output``; returns a summary dict."""
     import importlib
 
+    from llmcomp.core.paths import as_path
     from llmcomp.errors import UserError
 
+    artifact = as_path(artifact, "The artifact")
     if to not in EXPORTERS:
         raise UserError(f"Unknown export target {to!r}; choose one of: {', '.join(EXPORTERS)}.")
     module, fn = EXPORTERS[to].split(":")

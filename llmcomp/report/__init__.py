@@ -22,10 +22,10 @@ def write_report(artifact, output=None, *, overwrite: bool = False) -> dict:
     """Write ``report.md`` and the plots that apply into ``output`` (default: ``<artifact>-report`` beside
     it), atomically. Returns ``{"path", "plots": [file names], "plots_skipped": reason or None}``."""
     from llmcomp.core.artifact import read_manifest
-    from llmcomp.core.paths import atomic_dir
+    from llmcomp.core.paths import as_path, atomic_dir
     from llmcomp.report import markdown
 
-    path = Path(artifact)
+    path = as_path(artifact, "The artifact")
     manifest = read_manifest(path, hashes=False)  # a viewer: the seal and the files there (`inspect` hashes them)
     output = check_output(output if output is not None else path.resolve().parent / f"{path.resolve().name}-report",
                           overwrite, path)
