@@ -332,6 +332,59 @@ def test_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_an_overwrite_killed_between_its_renames_is_put_back(tmp_path):
+    """A SIGKILL between ``_replace``'s two renames left the output missing and its only copy in a hidden ``.old-``
+    folder for good; the next command on that output puts it back (a live swap's folder, locked, is left alone)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from llmcomp.core import paths
+    from llmcomp.errors import UserError
+
+    dest = tmp_path / "out"
+    with paths.atomic_dir(dest) as tmp:
+        (tmp / "a").write_text("old")
+    script = f"""
+import os
+from pathlib import Path
+from llmcomp.core import paths
+real, calls = os.rename, []
+def rename(src, dst):
+    calls.append(dst)
+    if len(calls) == 2:  # the new one onto dest: killed here
+        os._exit(9)
+    return real(src, dst)
+paths.os.rename = rename
+with paths.atomic_dir(Path({str(dest)!r}), overwrite=True) as tmp:
+    (tmp / "a").write_text("new")
+"""
+    killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert killed.returncode == 9 and not dest.exists()
+    assert [p.name.split("-")[0] for p in tmp_path.glob(".out.old-*")] == [".out.old"]
+    with pytest.raises(UserError, match="already exists \\(put back: an --overwrite of it was killed mid-swap\\)"):
+        paths.check_output(dest, overwrite=False)
+    assert (dest / "a").read_text() == "old" and not list(tmp_path.glob(".out.old-*"))
+
+    live = tmp_path / ".out.old-live"  # a swap in progress in another process: its lock held
+    (live / "x").mkdir(parents=True)
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        paths.check_output(dest, overwrite=True)
+        assert (live / "x").exists()
+    finally:
+        os.close(fd)
+    paths.check_output(dest, overwrite=True)  # (its swap over, the new one in place: the old copy goes)
+    assert not live.exists() and (dest / "a").read_text() == "old"
+    hour_ago = time.time() - 3600
+    for left in tmp_path.glob(".out.tmp-*"):  # (the killed job's own new output: swept once it is old)
+        os.utime(left, (hour_ago, hour_ago))
+    with paths.atomic_dir(dest, overwrite=True) as tmp:  # a whole swap leaves nothing behind
+        (tmp / "a").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dest / "a").read_text() == "new"
+
+
 def test_a_killed_writes_temporary_directory_is_swept_and_a_live_one_kept(tmp_path):
     """A SIGKILLed write left its full-size hidden ``.out.tmp-*`` folder for good; the next write of the same
     output removes it — but not one another process holds (it is being written) nor any while an ``.old-`` folder

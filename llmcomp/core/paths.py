@@ -59,8 +59,10 @@ def check_output(output, overwrite: bool, source=None) -> Path:
     above = next((p for p in output.absolute().parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise UserError(f"Output {output} is under {above}, which is a file; choose another path.")
+    restored = recover_swaps(output)
     if output.exists() and not overwrite:
-        raise UserError(f"Output {output} already exists; choose another path or pass --overwrite.")
+        why = " (put back: an --overwrite of it was killed mid-swap)" if restored else ""
+        raise UserError(f"Output {output} already exists{why}; choose another path or pass --overwrite.")
     if source is not None and Path(source).exists() and (
             output.resolve() == Path(source).resolve() or output.resolve() in Path(source).resolve().parents):
         raise UserError(f"Output {output} would replace the input {source}; choose another directory.")
@@ -192,6 +194,7 @@ def _sweep_stale(dest: Path) -> None:
     except ImportError:
         return
     name = glob.escape(dest.name)
+    recover_swaps(dest)
     if any(dest.parent.glob(f".{name}.old-*")):
         return
     now = time.time()
@@ -220,20 +223,57 @@ def _sweep_stale(dest: Path) -> None:
 
 
 def _replace(new: Path, dest: Path) -> None:
-    """Rename ``new`` onto the existing ``dest``: the old one aside first, back in place if the swap fails."""
+    """Rename ``new`` onto the existing ``dest``: the old one aside first (``.old-*/x``, its folder locked for the
+    swap), back in place if the swap fails; a process killed between the renames leaves it for ``recover_swaps``."""
     old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    try:
-        os.rename(dest, old / "x")
-    except BaseException:
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    try:
-        os.rename(new, dest)
-    except BaseException:
-        os.rename(old / "x", dest)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
+    with locked(old):
+        try:
+            os.rename(dest, old / "x")
+        except BaseException:
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        try:
+            os.rename(new, dest)
+        except BaseException:
+            os.rename(old / "x", dest)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        os.rename(old / "x", old / "gone")  # (from here a kill leaves nothing to put back)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_swaps(dest: Path) -> bool:
+    """Finish what a write killed inside ``_replace`` left: where ``dest`` is missing, its previous version is put
+    back from ``.<name>.old-*/x`` (True); where the new one is in place, the old copy goes. An ``.old-`` folder
+    another process holds locked is a live swap and left alone; nothing is done where the filesystem cannot lock,
+    and an empty one (just made, or its swap killed before the first rename) goes only once ``STALE_AFTER_S`` old."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    restored = False
+    for old in sorted(dest.parent.glob(f".{glob.escape(dest.name)}.old-*"), key=lambda p: p.name):
+        try:
+            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:  # a live swap, or no locks here: nothing tells a dead one
+                if exc.errno in _NO_LOCKS:
+                    return restored
+                continue
+            kept = old / "x"
+            if kept.is_dir() and not (dest.exists() or dest.is_symlink()):
+                os.rename(kept, dest)
+                restored = True
+            elif not (kept.exists() or (old / "gone").exists()) and time.time() - old.lstat().st_mtime < STALE_AFTER_S:
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
+    return restored
 
 
 _HELD: dict[str, list] = {}  # locks this process holds: real path → [fd, holders]
