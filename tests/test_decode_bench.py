@@ -441,6 +441,21 @@ def test_cli_norm_split_needs_the_glu_call_from_the_environment_too(no_gpu, monk
     assert "LLMCOMP_GLU=0" in error_line("bench", "decode", "--synthetic", "llama3-8b", "--compile", "--norm-split")
 
 
+def _stop_before_timing(monkeypatch) -> dict:
+    """A faked GPU and synthetic models, and a ``run`` that records its keyword arguments into the returned dict
+    and stops: what ``bench decode`` passes on, without timing anything."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(db, "synthetic_models", lambda *a, **kw: iter(()))
+    seen = {}
+
+    def fake_run(models, batches, context, steps, settings, **kw):
+        seen.update(kw)
+        raise UserError("stopped before timing")
+
+    monkeypatch.setattr(db, "run", fake_run)
+    return seen
+
+
 @pytest.mark.parametrize("switch, flag, env, want", [
     ("glu", [], "", True), ("glu", [], "0", False), ("glu", ["--no-glu"], "", False), ("glu", ["--glu"], "0", True),
     ("norm", [], "", True), ("norm", [], "0", False), ("norm", ["--no-norm-split"], "1", False),
@@ -451,16 +466,8 @@ def test_cli_switches_reach_the_run(monkeypatch, switch, flag, env, want):
     used. The GPU and the models are faked: only the arguments are checked."""
     variable, enabled = {"glu": ("LLMCOMP_GLU", db.glu_enabled),
                          "norm": ("LLMCOMP_NORM_SPLIT", db.norm_split_enabled)}[switch]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv(variable, env)
-    monkeypatch.setattr(db, "synthetic_models", lambda *a, **kw: iter(()))
-    seen = {}
-
-    def fake_run(models, batches, context, steps, settings, **kw):
-        seen.update(kw)
-        raise UserError("stopped before timing")
-
-    monkeypatch.setattr(db, "run", fake_run)
+    seen = _stop_before_timing(monkeypatch)
     r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--compile", "--batch", "1", *flag])
     assert "stopped before timing" in r.output
     assert seen[switch] == (None if not flag else not flag[0].startswith("--no-"))
@@ -470,15 +477,7 @@ def test_cli_switches_reach_the_run(monkeypatch, switch, flag, env, want):
 def test_cli_out_with_a_tilde_is_written_where_it_was_checked(monkeypatch, tmp_path):
     """--out=~/r.json (no shell expansion after =) was checked at $HOME/r.json and written to ./~/r.json."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(db, "synthetic_models", lambda *a, **kw: iter(()))
-    seen = {}
-
-    def fake_run(models, batches, context, steps, settings, **kw):
-        seen.update(kw)
-        raise UserError("stopped before timing")
-
-    monkeypatch.setattr(db, "run", fake_run)
+    seen = _stop_before_timing(monkeypatch)
     r = runner.invoke(app, ["bench", "decode", "--synthetic", "llama3-8b", "--out=~/r.json"])
     assert "stopped before timing" in r.output
     assert seen["out"] == tmp_path / "r.json"
