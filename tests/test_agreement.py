@@ -35,7 +35,7 @@ def test_model_against_itself(setup):
     model, _, ref = setup
     r = _score(model, ref)
     assert r["kld_mean"] == pytest.approx(0, abs=1e-6)
-    assert r["top1_agree"] == 1.0 and r["greedy_prefix"] == 32
+    assert r["top1_agree"] == 1.0 and r["greedy_prefix"] == 32 and r["greedy_prompts"] == 3  # (n_prompts)
     assert r["ppl"] == pytest.approx(ref.ppl, rel=1e-5)
 
 

@@ -41,6 +41,29 @@ def test_write_read_identical_tensors(tiny_model_dir, tmp_path):
     assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_a_quantized_head_of_a_tied_model_is_written_untied(tmp_path):
+    """The artifact kept tie_word_embeddings: the loader then tied the embedding onto the QuantLinear head as a
+    ``weight`` its forward never reads (state_dict() listed lm_head.weight beside its packed tensors)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "m")
+    q = api.quantize(RTNConfig(format=Uniform(4, 32), ignore=()), tmp_path / "q", str(tmp_path / "m"))
+    assert json.loads((q / "config.json").read_text())["tie_word_embeddings"] is False
+    kept = api.quantize(RTNConfig(format=Uniform(4, 32)), tmp_path / "k", str(tmp_path / "m"))  # (lm_head bf16)
+    assert json.loads((kept / "config.json").read_text())["tie_word_embeddings"] is True
+    config = json.loads((q / "config.json").read_text())  # as written before: the loader does not tie it either
+    (q / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    _edit_manifest(q, lambda m: m["files"].update({"config.json": artifact_mod.sha256_file(q / "config.json")}))
+    for path in (q, kept):
+        model = llmcomp.load(path)
+        names = [k for k in model.state_dict() if k.startswith("lm_head")]
+        assert names == (["lm_head.weight"] if path == kept else
+                         ["lm_head.weight_packed", "lm_head.weight_scale", "lm_head.weight_zero"])
+
+
 def test_manifest_contents(art, tiny_model_dir):
     m = read_manifest(art)
     assert m["schema_version"] == 1 and m["llmcomp_version"] == llmcomp.__version__

@@ -55,7 +55,11 @@ def test_reference_of_another_tokenizer_or_vocabulary_is_refused(tmp_path):
     tiny_llama(layers=1, vocab=256).save_pretrained(wide)
     with pytest.raises(UserError, match="scores 256 tokens, the reference model 128"):
         api.evaluate(wide, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)
-    assert api.evaluate(ref_dir, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)["kld_mean"] < 1e-6
+    row = api.evaluate(ref_dir, seq_len=16, n_windows=2, batch_size=2, device="cpu", reference=ref)
+    assert row["kld_mean"] < 1e-6 and row["greedy_prompts"] == 2  # (the caption said 8 prompts whatever the windows)
+    from llmcomp.cli import render
+
+    assert "greedy prefix of 32 new tokens over 2 prompts" in render.eval_table([row], False).caption
     with pytest.raises(UserError, match="recorded at n_windows=2, seq_len=16"):  # (its windows would be scored)
         api.evaluate(ref_dir, seq_len=32, n_windows=2, batch_size=2, device="cpu", reference=ref)
 

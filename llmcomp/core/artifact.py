@@ -33,7 +33,7 @@ from llmcomp.core.hfcompat import fit_experts
 from llmcomp.core.model import check_complete, load_tokenizer, place_tensor
 from llmcomp.core.numeric import all_finite, storage_key
 from llmcomp.core.paths import atomic_dir, check_output, locked, write_report
-from llmcomp.core.qlinear import QuantLinear
+from llmcomp.core.qlinear import QuantLinear, untie_quantized_head
 from llmcomp.core.registry import load_all
 from llmcomp.formats.base import WeightFormat
 from llmcomp.errors import UserError
@@ -167,6 +167,7 @@ def write_artifact(
         _save_shards(state, tmp, shard_bytes)
         config = copy.deepcopy(model.config)  # config.json names the dtype its floating tensors are stored in
         config.dtype = dtype or _held_dtype(model)  # (transformers 4.56 kept a loaded config's dtype: bf16 over fp32)
+        untie_quantized_head(model, config)
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:

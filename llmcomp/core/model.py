@@ -273,8 +273,12 @@ def place_tensor(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.d
 
 
 def check_complete(model: nn.Module, what: str) -> None:
-    """Tie the weights of a skeleton filled by ``place_tensor``; any tensor still on meta is missing from ``what``."""
-    model.tie_weights()
+    """Tie the weights of a skeleton filled by ``place_tensor`` (not a quantized lm_head: an artifact written before
+    ``untie_quantized_head`` still says tied); any tensor still on meta is missing from ``what``."""
+    from llmcomp.core.qlinear import QuantLinear
+
+    if not isinstance(model.get_output_embeddings(), QuantLinear):
+        model.tie_weights()
     missing = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
     if missing:
         raise UserError(f"{what} lacks tensor {missing[0]} ({len(missing)} missing).")

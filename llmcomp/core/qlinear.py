@@ -207,3 +207,15 @@ def frozen_glu(gate: nn.Module, up: nn.Module, dtype: torch.dtype) -> Optional[C
 
     forward.call = run  # (norm_split.split_norms calls it with the norm's consumer epilogue)
     return forward
+
+
+def untie_quantized_head(model: nn.Module, config) -> None:
+    """A quantized lm_head has tensors of its own: ``config`` (the model's config, or its JSON as a dict) stops
+    tying it to the embedding, or transformers would tie a ``weight`` onto it that its forward never reads."""
+    if not isinstance(model.get_output_embeddings(), QuantLinear):
+        return
+    for c in (config, config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)):
+        if isinstance(c, dict) and c.get("tie_word_embeddings"):
+            c["tie_word_embeddings"] = False
+        elif c is not None and not isinstance(c, dict) and getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False

@@ -117,5 +117,6 @@ class Comparer:
             "kld_p99": float(torch.quantile(kl, 0.99)),
             "top1_agree": float(agree.mean()),
             "greedy_prefix": float(common_prefix(mine, self.ref.continuations).float().mean()),
+            "greedy_prompts": int(mine.shape[0]),  # (up to 8: fewer where fewer windows were scored)
             "ref_ppl": self.ref.ppl,
         }

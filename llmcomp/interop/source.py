@@ -17,7 +17,7 @@ import torch
 
 from llmcomp.core.artifact import DEFAULT_SHARD_BYTES, INDEX, MANIFEST, _save_shards, _unique_state, is_artifact
 from llmcomp.core.paths import atomic_dir, check_output
-from llmcomp.core.qlinear import QuantLinear
+from llmcomp.core.qlinear import QuantLinear, untie_quantized_head
 from llmcomp.errors import UserError
 
 # Manifest stage kinds that change the model's structure or runtime behaviour in ways only llmcomp.load
@@ -98,10 +98,7 @@ def write_checkpoint(src: Source, dest: Path, tensors: dict[str, torch.Tensor], 
                 shutil.copyfile(f, tmp / f.name)
         config = json.loads((src.path / "config.json").read_text())
         config["quantization_config"] = quantization_config
-        if isinstance(src.model.get_output_embeddings(), QuantLinear):  # a quantized lm_head has its own tensors:
-            for c in (config, config.get("text_config")):  # tied, transformers would tie a weight it does not have
-                if isinstance(c, dict) and c.get("tie_word_embeddings"):
-                    c["tie_word_embeddings"] = False
+        untie_quantized_head(src.model, config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return dest
 
