@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     method_config = {"rtn": RTNConfig, "gptq": GPTQConfig, "decoupleq": DecoupleQConfig}
     for name, (method, budget, group, sensitivity) in ALLOCATIONS.items():
         if not args.only or name in args.only:
-            todo[name] = (method_config[method](), AllocationConfig(
+            todo[name] = (method_config[method](format=Uniform(bits=4, group_size=group)), AllocationConfig(
                 budget=budget, candidates=(2, 3, 4, 8), group_size=group, sensitivity=sensitivity))
     ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
     rows = [{"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}]
