@@ -361,13 +361,14 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
 
 def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
                  calib_samples: int = 16, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
-                 progress: Progress = NULL) -> Path:
+                 dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
     """Record an MC-MoE dynamic skip threshold (``prune.experts.DynamicSkipConfig``) calibrated on the text;
     ``llmcomp.load`` re-installs it, so every forward then skips the low-weight expert choices."""
     from llmcomp.prune import mcmoe, moe
 
     _expect(config, mcmoe.DynamicSkipConfig, "config", "a DynamicSkipConfig")
     memory.check_device(device)  # a bad --device fails before any work
+    store_dtype = _store_dtype(dtype, model)  # (it stored a bf16 model as float32: twice the size for one number)
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
@@ -383,7 +384,7 @@ def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None,
              "calibration": info}
     progress.note(f"Writing {output}")
     return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=info["text"],
-                          overwrite=overwrite)
+                          overwrite=overwrite, dtype=store_dtype)
 
 
 def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
@@ -512,7 +513,8 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
                                needle_keys=needle_keys, progress=progress)
     return {**_named(path, p),
             "stages": " + ".join(stage_label(s) for s in stages) or "original",
-            "policy": policy.describe() if policy is not None else "dense",
+            "policy": policy.describe() if policy is not None else next(
+                (s["method"] for s in stages if s.get("kind") == "linearize" and s.get("method")), "dense"),
             **result, "text": corpus().name, "eval_time_s": round(time.perf_counter() - start, 2)}
 
 

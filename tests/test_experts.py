@@ -526,3 +526,19 @@ def test_ratio_that_the_shape_refuses_fails_before_calibration(tmp_path, monkeyp
 def test_skip_experts_names_a_wrong_config(tmp_path):
     with pytest.raises(UserError, match="config must be a DynamicSkipConfig"):
         api.skip_experts(ExpertPruneConfig(), tmp_path / "s", "unused")
+
+
+def test_dynamic_skip_keeps_a_bf16_models_dtype(tmp_path):
+    """prune dynamic stored a bf16 MoE as float32 (twice the size, for one recorded threshold); --dtype is taken."""
+    from safetensors.torch import load_file
+
+    from llmcomp.prune.mcmoe import DynamicSkipConfig
+
+    src = _save_with_tokenizer(tiny_moe("mixtral").to(torch.bfloat16), tmp_path / "src")
+    kw = dict(calib_samples=2, calib_seq_len=32, device="cpu")
+    kept = api.skip_experts(DynamicSkipConfig(rate=0.3), tmp_path / "dyn", str(src), **kw)
+    assert {t.dtype for t in load_file(str(kept / "model.safetensors")).values()} == {torch.bfloat16}
+    r = CliRunner().invoke(app, ["prune", "dynamic", str(src), "-o", str(tmp_path / "f16"), "--dtype", "float16",
+                                 "--calib-samples", "2", "--seq-len", "32", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert {t.dtype for t in load_file(str(tmp_path / "f16" / "model.safetensors")).values()} == {torch.float16}

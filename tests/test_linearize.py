@@ -70,8 +70,10 @@ def test_prefill_and_decode_through_the_cache_match_the_full_forward(method, win
     for t in range(9, IDS.shape[1]):
         outs.append(model(IDS[:, t:t + 1], **kw).logits)
         sizes.append(cache.layers[0].nbytes())
-    held, _ = kv_nbytes(cache)  # what `llmcomp eval --long` reports: the linear state plus the softmax layer's KV
-    assert held == sizes[-1] + sum(t.numel() * t.element_size() for t in (cache.layers[1].keys, cache.layers[1].values))
+    held, dense = kv_nbytes(cache, model.config)  # what `llmcomp eval --long` reports: the linear state plus the
+    softmax_kv = sum(t.numel() * t.element_size() for t in (cache.layers[1].keys, cache.layers[1].values))  # softmax KV
+    assert held == sizes[-1] + softmax_kv
+    assert dense == 2 * softmax_kv  # (layer 0 as the softmax layer it replaced: the dense figure equalled held)
     assert isinstance(cache.layers[0], LinearCacheLayer) and cache.get_seq_length() == IDS.shape[1]
     assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
     assert len(set(sizes)) == 1  # the linear layer's state does not grow with the context
@@ -233,6 +235,9 @@ def test_a_liger_artifact_quantizes_loads_and_runs(tmp_path):
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
+    row = api.evaluate_long(str(q), context=64, n_windows=1, passkey_samples=0, passkey_lengths=(), device="cpu")
+    assert row["policy"] == "linearize-liger"  # (it said dense, and its dense bytes were the linear state's)
+    assert row["kv_bytes"] < row["kv_dense_bytes"]
 
 
 def test_all_layers_kept_softmax_reproduces_the_teacher(tmp_path):

@@ -84,6 +84,7 @@ def dynamic(
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
     """MC-MoE online dynamic pruning: record a threshold τ on w_j / w_1; at run time a token's later expert
@@ -100,7 +101,7 @@ def dynamic(
         with render.RichProgress() as progress:
             path = api.skip_experts(DynamicSkipConfig(rate=rate), output, model, overwrite=overwrite,
                                     calib_samples=calib_samples, calib_seq_len=seq_len, seed=seed, device=device,
-                                    progress=progress)
+                                    dtype=dtype, progress=progress)
         stage = api.inspect(path)["stages"][-1]
         render.wrote(f"{path}: skip threshold {stage['skip_threshold']:.4g} "
                      f"({100 * stage['metrics']['skipped_slots_calibration']:.1f} % of routed slots on the calibration "

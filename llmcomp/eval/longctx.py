@@ -24,20 +24,26 @@ from llmcomp.core.passkey import answer_correct, multikey_samples, passkey_sampl
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.eval.perplexity import ppl_of
 from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
+from llmcomp.prune.kv.base import head_dim, kv_heads
 from llmcomp.prune.kv.cache import tensor_bytes
 
 
-def kv_nbytes(cache) -> tuple[int, int]:
-    """(bytes held, bytes a dense cache would hold) for a KVCache or a plain transformers cache."""
+def kv_nbytes(cache, model_config=None) -> tuple[int, int]:
+    """(bytes held, bytes a dense cache would hold) for a KVCache or a plain transformers cache. A linearized
+    layer's dense bytes are the keys and values of the softmax layer it replaced (``model_config``'s KV heads and
+    head size; without a config, what it holds — the dense figure then equalled the linear state)."""
     if hasattr(cache, "dense_nbytes"):
         return cache.nbytes(), cache.dense_nbytes()
-    held = 0
+    held = dense = 0
     for layer in cache.layers:
         if hasattr(layer, "nbytes"):  # a layer that counts itself (linearized attention: state + window)
-            held += layer.nbytes()
+            n = layer.nbytes()
+            dense += n if model_config is None else layer.dense_nbytes(kv_heads(model_config), head_dim(model_config))
         else:
-            held += tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
-    return held, held
+            n = tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+            dense += n
+        held += n
+    return held, dense
 
 
 @torch.no_grad()
@@ -51,7 +57,7 @@ def continuation_perplexity(model, tokenizer, *, context: int = 2048, prefix: in
         w = w[None].to(device)
         out = model(input_ids=w[:, :prefix], use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
-        h, d = kv_nbytes(cache)
+        h, d = kv_nbytes(cache, model.config)
         held.append(h)
         dense.append(d)
         logits = [out.logits[:, -1:].float()]

@@ -36,6 +36,10 @@ def head_dim(model_config) -> int:
     return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
 
 
+def kv_heads(model_config) -> int:
+    return getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+
+
 @dataclass(frozen=True)
 class KVPolicy:
     """Base of every KV policy config."""
