@@ -532,7 +532,8 @@ def _check_allocation(config: QuantConfig, allocation: AllocationConfig) -> None
     if (fmt.group_size, fmt.symmetric) != (allocation.group_size, allocation.symmetric):
         raise UserError(f"The config's format (group size {fmt.group_size}, symmetric={fmt.symmetric}) differs from "
                         f"the allocation's (group size {allocation.group_size}, symmetric={allocation.symmetric}), "
-                        f"whose formats would replace it; give both the same.")
+                        f"whose formats would replace it; give both the same, e.g. AllocationConfig(..., "
+                        f"group_size={fmt.group_size}, symmetric={fmt.symmetric}).")
 
 
 def _allocate(net, config: QuantConfig, allocation: AllocationConfig, calib, device, progress, calib_batch: int = 8):

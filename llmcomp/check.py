@@ -95,8 +95,10 @@ def read_baseline(path: Path) -> dict:
         raise UserError(f"Baseline {path} is a directory; give the baseline JSON file (--baseline).")
     try:
         data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError):  # (nested past any baseline; an int past 4300 digits)
-        raise UserError(f"Baseline {path} is not valid JSON.") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (nested past any baseline; a huge int)
+        why = ("holds an integer too long to read (Python reads at most 4300 digits)" if "digits" in str(exc)
+               else "is not valid JSON")
+        raise UserError(f"Baseline {path} {why}.") from None
     if not isinstance(data, dict) or data.get("llmcomp_check") != CHECK_VERSION or "metrics" not in data:
         raise UserError(f"Baseline {path} is not an llmcomp check baseline (version {CHECK_VERSION}).")
     if not isinstance(data["metrics"], dict) or not data["metrics"]:

@@ -1,6 +1,8 @@
 import json
 import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -382,14 +384,15 @@ paths.os.rename = rename
 with paths.atomic_dir(Path({str(dest)!r}), overwrite=True) as tmp:
     (tmp / "a").write_text("new")
 """
-    killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    tree = str(Path(llmcomp.__file__).parents[1])  # (the llmcomp under test, wherever pytest runs from)
+    killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": tree})
     assert killed.returncode == 9 and not dest.exists()
     assert [p.name.split("-")[0] for p in tmp_path.glob(".out.old-*")] == [".out.old"]
     with pytest.raises(UserError, match="already exists \\(put back: an --overwrite of it was killed mid-swap\\)"):
         paths.check_output(dest, overwrite=False)
     assert (dest / "a").read_text() == "old" and not list(tmp_path.glob(".out.old-*"))
 
-    live = tmp_path / ".out.old-live"  # a swap in progress in another process: its lock held
+    live = tmp_path / ".out.old-live0000"  # a swap in progress in another process: its lock held
     (live / "x").mkdir(parents=True)
     fd = os.open(live, os.O_RDONLY)
     try:
@@ -400,12 +403,51 @@ with paths.atomic_dir(Path({str(dest)!r}), overwrite=True) as tmp:
         os.close(fd)
     paths.check_output(dest, overwrite=True)  # (its swap over, the new one in place: the old copy goes)
     assert not live.exists() and (dest / "a").read_text() == "old"
+    other = tmp_path / ".out.old-v1.old-abcd1234"  # output "out.old-v1"'s killed swap: not out's to take
+    (other / "x").mkdir(parents=True)
+    shutil.rmtree(dest)
+    paths.check_output(dest, overwrite=False)
+    assert not dest.exists() and (other / "x").is_dir()
+    shutil.rmtree(other)
+    with paths.atomic_dir(dest) as tmp:
+        (tmp / "a").write_text("old")
     hour_ago = time.time() - 3600
     for left in tmp_path.glob(".out.tmp-*"):  # (the killed job's own new output: swept once it is old)
         os.utime(left, (hour_ago, hour_ago))
     with paths.atomic_dir(dest, overwrite=True) as tmp:  # a whole swap leaves nothing behind
         (tmp / "a").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dest / "a").read_text() == "new"
+
+
+def test_a_swap_recovery_racing_another_job_is_not_an_error(tmp_path, monkeypatch):
+    """Another job publishing the output between the check and the put-back rename, or removing the ``.old-``
+    folder as it was opened, raised a raw OSError out of check_output."""
+    import errno
+
+    from llmcomp.core import paths
+
+    dest = tmp_path / "out"
+    left = tmp_path / ".out.old-abcd0000"
+    (left / "x").mkdir(parents=True)
+
+    def published(src, dst):  # (dest appears just before the rename)
+        raise OSError(errno.ENOTEMPTY, "Directory not empty")
+
+    monkeypatch.setattr(paths.os, "rename", published)
+    assert paths.recover_swaps(dest) is False and not left.exists()
+    monkeypatch.undo()
+    (left / "x").mkdir(parents=True)
+    real = os.open
+
+    def vanishing(path, *a, **k):  # (its swap finishes and removes it as it is opened)
+        fd = real(path, *a, **k)
+        if path == left:
+            monkeypatch.undo()
+            shutil.rmtree(left)
+        return fd
+
+    monkeypatch.setattr(paths.os, "open", vanishing)
+    assert paths.recover_swaps(dest) is False and not dest.exists()
 
 
 def test_a_killed_writes_temporary_directory_is_swept_and_a_live_one_kept(tmp_path):
@@ -417,7 +459,7 @@ def test_a_killed_writes_temporary_directory_is_swept_and_a_live_one_kept(tmp_pa
     from llmcomp.core import paths
 
     dest = tmp_path / "out"
-    dead, live, young = (tmp_path / f".out.tmp-{n}" for n in ("dead", "live", "young"))
+    dead, live, young = (tmp_path / f".out.tmp-{n}" for n in ("dead0000", "live0000", "young000"))
     for d in (dead, live, young):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x" * 100)
@@ -427,7 +469,7 @@ def test_a_killed_writes_temporary_directory_is_swept_and_a_live_one_kept(tmp_pa
     fd = os.open(live, os.O_RDONLY)  # another open file: as another process's lock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        old = tmp_path / ".out.old-1"
+        old = tmp_path / ".out.old-1234abcd"
         old.mkdir()
         with paths.atomic_dir(dest) as tmp:
             (tmp / "a").write_text("1")

@@ -126,6 +126,7 @@ def test_eval_record_writes_manifest(tiny_model_dir, tmp_path, monkeypatch):
     assert m["evaluations"][-1]["ppl"] == 12.5 and m["evaluations"][-1]["kld_mean"] == 0.01
     # (a plain model directory was skipped without a word, and with no artifact at all nothing was recorded)
     assert "no path given is an artifact" in one_error_line(invoke("eval", tiny_model_dir, "--record"))
+    assert "does not exist" in one_error_line(invoke("eval", tmp_path / "typo", "--record"))  # (not "no artifact")
     monkeypatch.setattr(api, "evaluate", lambda p, **k: {**row, "path": str(p)})
     r = invoke("eval", out, tiny_model_dir, "--record")
     assert r.exit_code == 0 and "is not an artifact: --record skipped it" in " ".join(r.output.split()), r.output

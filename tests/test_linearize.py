@@ -70,10 +70,15 @@ def test_prefill_and_decode_through_the_cache_match_the_full_forward(method, win
     for t in range(9, IDS.shape[1]):
         outs.append(model(IDS[:, t:t + 1], **kw).logits)
         sizes.append(cache.layers[0].nbytes())
-    held, dense = kv_nbytes(cache, model.config)  # what `llmcomp eval --long` reports: the linear state plus the
-    softmax_kv = sum(t.numel() * t.element_size() for t in (cache.layers[1].keys, cache.layers[1].values))  # softmax KV
+    held, dense = kv_nbytes(cache, model)  # what `llmcomp eval --long` reports: the linear state plus the softmax
+    softmax_kv = sum(t.numel() * t.element_size() for t in (cache.layers[1].keys, cache.layers[1].values))  # KV
     assert held == sizes[-1] + softmax_kv
     assert dense == 2 * softmax_kv  # (layer 0 as the softmax layer it replaced: the dense figure equalled held)
+    half = model.to(torch.bfloat16)  # (the linear state stays float32: the dense figure is the model's dtype)
+    cache = DynamicCache(config=half.config)
+    half(IDS, **{cache_kwarg(half): cache, "use_cache": True})
+    softmax_kv = sum(t.numel() * t.element_size() for t in (cache.layers[1].keys, cache.layers[1].values))
+    assert cache.layers[1].keys.dtype == torch.bfloat16 and kv_nbytes(cache, half)[1] == 2 * softmax_kv
     assert isinstance(cache.layers[0], LinearCacheLayer) and cache.get_seq_length() == IDS.shape[1]
     assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
     assert len(set(sizes)) == 1  # the linear layer's state does not grow with the context

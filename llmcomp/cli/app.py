@@ -209,7 +209,10 @@ def eval_(
                             "the model on one --device.")
         if record and not long:  # (a plain model directory has no manifest to append to)
             from llmcomp.core.artifact import is_artifact
+            from llmcomp.core.model import check_model_path
 
+            for p in paths or []:  # (a mistyped path was counted as a plain model directory)
+                check_model_path(p)
             plain = [p for p in paths or [None] if not is_artifact(read_path(p))]
             if len(plain) == len(paths or [None]):
                 raise UserError("--record appends to artifacts' manifests, and no path given is an artifact.")

@@ -126,7 +126,6 @@ def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, pass
         lengths = tuple(int(n) for n in passkey_lengths.split(",") if n.strip())
     except ValueError:
         raise UserError(f"--passkey-lengths must be comma-separated integers, got {passkey_lengths!r}.") from None
-    api.check_long(context, windows, 64, lengths, passkey_samples, needle_keys)  # (before any model is loaded)
     with render.RichProgress() as progress:
         rows = [api.evaluate_long(p, context=context, n_windows=windows, passkey_lengths=lengths,
                                   passkey_samples=passkey_samples, needle_keys=needle_keys, device=device,

@@ -273,12 +273,13 @@ def place_tensor(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.d
 
 
 def check_complete(model: nn.Module, what: str) -> None:
-    """Tie the weights of a skeleton filled by ``place_tensor`` (not a quantized lm_head: an artifact written before
-    ``untie_quantized_head`` still says tied); any tensor still on meta is missing from ``what``."""
+    """Tie the weights of a skeleton filled by ``place_tensor``; any tensor still on meta is missing from ``what``."""
     from llmcomp.core.qlinear import QuantLinear
 
-    if not isinstance(model.get_output_embeddings(), QuantLinear):
-        model.tie_weights()
+    model.tie_weights()
+    head = model.get_output_embeddings()
+    if isinstance(head, QuantLinear) and "weight" in head._parameters:  # (an artifact written before
+        del head._parameters["weight"]  # untie_quantized_head says tied: the embedding, never read, tied onto it)
     missing = [k for k, t in model.state_dict().items() if t.device.type == "meta"]
     if missing:
         raise UserError(f"{what} lacks tensor {missing[0]} ({len(missing)} missing).")

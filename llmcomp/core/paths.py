@@ -6,6 +6,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -107,6 +108,14 @@ def check_report(path, flag: str, reads=()) -> None:
             raise UserError(f"{flag} {path} would overwrite {target}, which this command reads; write it elsewhere.")
 
 
+def write_json(path, data) -> None:
+    """``data`` as indented JSON at ``path`` (``~`` expanded, its folder made for library callers), whole or not
+    at all: a bench run writes its results after every row, and one killed mid-write kept a truncated file."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_report(path, json.dumps(data, indent=1))
+
+
 def write_report(path, text: str, mode: Optional[int] = None) -> None:
     """Write a small file whole or not at all (a temporary sibling ``.NAME.*.tmp`` renamed into place: a kill
     during a write left a truncated baseline). ``mode``: its permissions (default: the umask's, as ``open`` gives;
@@ -193,12 +202,11 @@ def _sweep_stale(dest: Path) -> None:
         import fcntl
     except ImportError:
         return
-    name = glob.escape(dest.name)
     recover_swaps(dest)
-    if any(dest.parent.glob(f".{name}.old-*")):
+    if _siblings(dest, "old"):
         return
     now = time.time()
-    for stale in dest.parent.glob(f".{name}.tmp-*"):
+    for stale in _siblings(dest, "tmp"):
         try:
             info = stale.lstat()
         except OSError:
@@ -242,6 +250,13 @@ def _replace(new: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _siblings(dest: Path, kind: str) -> list[Path]:
+    """``dest``'s own ``.<name>.<kind>-XXXXXXXX`` folders as ``tempfile.mkdtemp`` names them (not those of an output
+    whose name merely starts with ``<name>.old-``: ``.m.old-v1.old-abcd1234`` is ``m.old-v1``'s)."""
+    shape = re.compile(rf"\.{re.escape(dest.name)}\.{kind}-[a-z0-9_]{{8}}")
+    return sorted(p for p in dest.parent.glob(f".{glob.escape(dest.name)}.{kind}-*") if shape.fullmatch(p.name))
+
+
 def recover_swaps(dest: Path) -> bool:
     """Finish what a write killed inside ``_replace`` left: where ``dest`` is missing, its previous version is put
     back from ``.<name>.old-*/x`` (True); where the new one is in place, the old copy goes. An ``.old-`` folder
@@ -252,7 +267,7 @@ def recover_swaps(dest: Path) -> bool:
     except ImportError:
         return False
     restored = False
-    for old in sorted(dest.parent.glob(f".{glob.escape(dest.name)}.old-*"), key=lambda p: p.name):
+    for old in _siblings(dest, "old"):
         try:
             fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:
@@ -264,11 +279,18 @@ def recover_swaps(dest: Path) -> bool:
                 if exc.errno in _NO_LOCKS:
                     return restored
                 continue
+            info = os.fstat(fd)  # (the folder itself, even where its swap removed it meanwhile)
             kept = old / "x"
+            if info.st_nlink == 0:  # removed by its own swap, or by another process's recovery
+                continue
             if kept.is_dir() and not (dest.exists() or dest.is_symlink()):
-                os.rename(kept, dest)
-                restored = True
-            elif not (kept.exists() or (old / "gone").exists()) and time.time() - old.lstat().st_mtime < STALE_AFTER_S:
+                try:
+                    os.rename(kept, dest)
+                    restored = True
+                except OSError as exc:  # another job published dest meanwhile: the old copy is superseded
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                        raise
+            elif not (kept.exists() or (old / "gone").exists()) and time.time() - info.st_mtime < STALE_AFTER_S:
                 continue
             shutil.rmtree(old, ignore_errors=True)
         finally:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from llmcomp.core.memory import input_device
 from llmcomp.core.progress import NULL, Progress
-from llmcomp.eval.perplexity import ppl_of
+from llmcomp.eval.perplexity import ppl_of, window_batches
 from llmcomp.errors import UserError
 
 PROMPT_TOKENS = 32
@@ -56,7 +56,7 @@ class Reference:
                                        shape=(n, t - 1, vocab))
         device = input_device(model)
         nll, count = 0.0, 0
-        batches = windows.split(min(batch_size, max(1, len(windows))))  # (any int: split takes an int64)
+        batches = window_batches(windows, batch_size)
         for i, batch in enumerate(progress.track(batches, "Reference log-probs")):
             batch = batch.to(device)
             logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)

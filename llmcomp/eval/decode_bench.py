@@ -14,7 +14,6 @@ with random indices and codebooks (timing only).
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import types
 import weakref
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from llmcomp.core.hfcompat import cache_kwarg
+from llmcomp.core.paths import write_json
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
 from llmcomp.eval.decode_attention import COUNTER_SHARED, NAME, packed_gqa, rope_forward
@@ -922,21 +922,12 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                 result["rows"].append(row)
                 progress.note(_line(row))
                 if out is not None:
-                    _write(out, result)
+                    write_json(out, result)
         del model  # the generator drops its reference too before it loads the next model
     result["speedup"] = speedups(result["rows"])
     if out is not None:
-        _write(out, result)
+        write_json(out, result)
     return result
-
-
-def _write(out, result: dict) -> None:
-    """``out`` written whole (a run killed mid-write kept a truncated JSON), its folder made for library callers."""
-    from llmcomp.core.paths import write_report
-
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_report(out, json.dumps(result, indent=1))
 
 
 def speedups(rows: list[dict]) -> dict:

@@ -26,7 +26,6 @@ back to back in one graph, as consecutive layers run in decode.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcomp.core.memory import state_bytes
-from llmcomp.core.paths import write_report
+from llmcomp.core.paths import write_json
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 from llmcomp.formats import Uniform
@@ -102,14 +101,6 @@ def _time_into(row: dict, name: str, fns: list[Callable], nbytes: int, bw: float
     m = row["M"] if gemm else 0
     row[f"{name}_roofline_pct"] = round(roofline_pct(nbytes, m, row["N"], row["K"], bw, t), 2)
     return t
-
-
-def _save(result: dict, out: Optional[Path]) -> None:
-    """Write the JSON after every row: a run cut short still leaves its numbers."""
-    if out is not None:  # (whole or not at all; its folder made for library callers)
-        out = Path(out).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_report(out, json.dumps(result, indent=1))
 
 
 def _tinygemm(codes: torch.Tensor, n: int, k: int, group: int) -> tuple[Optional[Callable], Optional[str]]:
@@ -275,7 +266,8 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
                 own = f" (its layout {row['layout_roofline_pct']:5.1f}%)" if "layout_roofline_pct" in row else ""
                 log(f"{name:6s} {n:6d}x{k:<6d} M={m:<4d} llmcomp {row['llmcomp_us']:8.2f}us "
                     f"{row['llmcomp_roofline_pct']:5.1f}%{own}  vs bf16 {row.get('speedup_vs_bf16', '-')}")
-                _save(result, out)
+                if out is not None:  # (after every row: a run cut short still leaves its numbers)
+                    write_json(out, result)
             del layers
             torch.cuda.empty_cache()
 
@@ -344,7 +336,8 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                     row["fp16_speedup_vs_fp16"] = round(row["fp16_us"] / row["llmcomp_fp16_us"], 3)
                 result["rows"].append(row)
                 log(_line(row))
-                _save(result, out)
+                if out is not None:  # (after every row: a run cut short still leaves its numbers)
+                    write_json(out, result)
             del layers, tri_prep, w_bf16, w_fp16, tg, bnb, dq
             torch.cuda.empty_cache()
     _float_rows(result, shapes, ms, float_formats, bw, out, log)
@@ -427,6 +420,6 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
             log(f"sweep {tag} {n}x{k} M={m}: best (rt, warps, wr)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
                 f"  (launch_config: {pick}" + (f" {picked * 1e6:.2f}us)" if picked else ")"))
             if out is not None:
-                Path(out).write_text(json.dumps(rows, indent=0))
+                write_json(out, rows)
         del preps
     return rows

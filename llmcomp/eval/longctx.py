@@ -28,17 +28,18 @@ from llmcomp.prune.kv.base import head_dim, kv_heads
 from llmcomp.prune.kv.cache import tensor_bytes
 
 
-def kv_nbytes(cache, model_config=None) -> tuple[int, int]:
+def kv_nbytes(cache, model=None) -> tuple[int, int]:
     """(bytes held, bytes a dense cache would hold) for a KVCache or a plain transformers cache. A linearized
-    layer's dense bytes are the keys and values of the softmax layer it replaced (``model_config``'s KV heads and
-    head size; without a config, what it holds — the dense figure then equalled the linear state)."""
+    layer's dense bytes are the keys and values of the softmax layer it replaced, in ``model``'s KV heads, head
+    size and dtype (its state is float32 whatever the model's); without a model, what it holds."""
     if hasattr(cache, "dense_nbytes"):
         return cache.nbytes(), cache.dense_nbytes()
     held = dense = 0
     for layer in cache.layers:
         if hasattr(layer, "nbytes"):  # a layer that counts itself (linearized attention: state + window)
             n = layer.nbytes()
-            dense += n if model_config is None else layer.dense_nbytes(kv_heads(model_config), head_dim(model_config))
+            dense += n if model is None else layer.dense_nbytes(kv_heads(model.config), head_dim(model.config),
+                                                                torch.finfo(model.dtype).bits // 8)
         else:
             n = tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
             dense += n
@@ -57,7 +58,7 @@ def continuation_perplexity(model, tokenizer, *, context: int = 2048, prefix: in
         w = w[None].to(device)
         out = model(input_ids=w[:, :prefix], use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
-        h, d = kv_nbytes(cache, model.config)
+        h, d = kv_nbytes(cache, model)
         held.append(h)
         dense.append(d)
         logits = [out.logits[:, -1:].float()]

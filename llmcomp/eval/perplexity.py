@@ -11,6 +11,12 @@ from llmcomp.core.memory import input_device
 from llmcomp.core.progress import NULL, Progress
 
 
+def window_batches(windows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """``windows`` in batches of ``batch_size`` rows (any positive int: ``split`` takes an int64, so a huge one is
+    cut to the window count)."""
+    return windows.split(min(batch_size, max(1, len(windows))))
+
+
 def ppl_of(nll: float) -> float:
     """exp(mean NLL); inf past float64's range (a broken model's NLL of > 709 nats), not an OverflowError."""
     try:
@@ -34,7 +40,7 @@ def perplexity(model, tokenizer, seq_len: int = 512, n_windows: int = 16, batch_
     check_vocab(windows, model)
     device = input_device(model)
     total, count = 0.0, 0
-    batches = windows.split(min(batch_size, max(1, len(windows))))  # (any int: split takes an int64)
+    batches = window_batches(windows, batch_size)
     for i, batch in enumerate(progress.track(batches, "Perplexity")):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)

@@ -134,13 +134,11 @@ class LinearCacheLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return 0 if self.state is None else self.state.nbytes()
 
-    def dense_nbytes(self, kv_heads: int, head_dim: int) -> int:
-        """The keys and values the softmax layer it replaced would hold for the tokens seen (batch and element size
-        as its state's)."""
+    def dense_nbytes(self, kv_heads: int, head_dim: int, element_size: int) -> int:
+        """The keys and values the softmax layer it replaced would hold for the tokens seen (its state's batch)."""
         if self.state is None:
             return 0
-        S = self.state.S
-        return 2 * S.shape[0] * kv_heads * self.state.seen * head_dim * S.element_size()
+        return 2 * self.state.S.shape[0] * kv_heads * self.state.seen * head_dim * element_size
 
     def _unsupported(self, *args, **kwargs):
         raise UserError("Linear-attention layers cannot crop or split their cache (no assisted generation).")
