@@ -44,6 +44,8 @@ class Outcome:
 
     @property
     def passed(self) -> bool:
+        if math.isnan(self.current):  # (against a baseline of 0 its change took NaN's sign bit: +inf or -inf)
+            return False
         worse = self.change_rel if self.better == "lower" else -self.change_rel
         return worse <= self.tolerance_rel + 1e-12
 

@@ -73,10 +73,12 @@ def test_a_budget_below_the_cheapest_is_refused_before_measuring(tmp_path, monke
 
     tiny_model_dir = save_char_model(tmp_path / "m", layers=1)
     monkeypatch.setattr(allocate, "measure_errors", lambda *a, **k: pytest.fail("measured first"))
-    cfg = allocate.AllocationConfig(budget=2.1, candidates=(2, 4), group_size=32)
+    # (per-channel scales and zeros cost 0.5 b/w on its 64-wide layers: the config's own check, on a wide layer,
+    # cannot see that)
+    cfg = allocate.AllocationConfig(budget=2.1, candidates=(2, 4), group_size=0)
     with pytest.raises(UserError, match="Budget 2.1 bits/weight is below the cheapest candidate"):
-        api.quantize(RTNConfig(format=W4G32), tmp_path / "q", str(tiny_model_dir), allocation=cfg, calib_samples=2,
-                     calib_seq_len=16, device="cpu")
+        api.quantize(RTNConfig(format=Uniform(bits=4, group_size=0)), tmp_path / "q", str(tiny_model_dir),
+                     allocation=cfg, calib_samples=2, calib_seq_len=16, device="cpu")
 
 
 def test_a_calibrated_method_on_lm_head_is_refused_before_measuring(tmp_path, monkeypatch):
@@ -149,12 +151,16 @@ def test_bad_sensitivity():
 
 
 def test_budgets_outside_the_candidates_name_the_side():
-    """--bits 100.5 was told to choose a budget above 2."""
-    with pytest.raises(UserError, match="choose a budget above 2"):
-        allocate.AllocationConfig(budget=1.5, candidates=(2, 4))
-    with pytest.raises(UserError, match="past every candidate width \\[2, 4\\].*at most 5"):
+    """--bits 100.5 was told to choose a budget above 2; the bounds count the scales and zeros (g16 asym int4 costs
+    6 b/w, and 5.5 was refused as past every width)."""
+    with pytest.raises(UserError, match="choose a budget of at least 2.25"):
+        allocate.AllocationConfig(budget=2.1, candidates=(2, 4))
+    with pytest.raises(UserError, match="past every candidate width \\[2, 4\\].*cost 4.25.*at most 5.25"):
         allocate.AllocationConfig(budget=100.5, candidates=(2, 4))
     assert allocate.AllocationConfig(budget=4.5, candidates=(2, 4)).budget == 4.5
+    assert allocate.AllocationConfig(budget=5.5, candidates=(2, 3, 4), group_size=16).budget == 5.5
+    with pytest.raises(UserError, match="at least 6"):
+        allocate.AllocationConfig(budget=5.5, candidates=(2, 3, 4), group_size=8)
 
 
 def test_the_output_sensitivity_pass_runs_at_calib_batch(tmp_path, monkeypatch):

@@ -140,6 +140,16 @@ def test_json_report_from_a_zero_baseline_is_strict_json(tmp_path, monkeypatch):
     assert report["metrics"][0]["change_rel"] is None and report["passed"] is False
 
 
+def test_a_nan_measurement_fails_against_a_baseline_of_zero():
+    """Its change from 0 took NaN's sign bit (+inf or -inf): with better=higher, or a negative NaN with lower, it
+    passed."""
+    import math
+
+    for better, current in (("higher", math.nan), ("lower", -math.nan), ("lower", math.nan)):
+        assert not chk.Outcome("m", 0.0, current, 0.005, better).passed
+    assert chk.Outcome("m", 0.0, 0.0, 0.005, "lower").passed
+
+
 def test_a_baseline_of_nan_refused():
     with pytest.raises(UserError, match="finite"):
         chk.make_baseline({"ppl": float("nan"), "bits_per_weight": 4.0, "size_mb": 1.0}, SETTINGS)

@@ -107,3 +107,19 @@ def test_the_bundled_model_has_one_name_in_result_rows(tmp_path):
     assert api._named(None, cache) == api._named("smollm2-135m", cache) == {"path": "smollm2-135m",
                                                                              "name": "smollm2-135m"}
     assert api._named(str(tmp_path / "w4"), tmp_path / "w4")["name"] == "w4"
+
+
+def test_the_long_table_gives_kv_megabytes_as_eval_gives_sizes():
+    """"KV MB" divided by 2**20 (MiB) where eval's "size MB" and --max-memory's MB are 10**6: 4.6 % low."""
+    import io
+
+    from rich.console import Console
+
+    from llmcomp.cli import render
+
+    row = {"name": "m", "policy": "dense", "ppl": 20.0, "kv_bytes": 35_389_440, "kv_dense_bytes": 35_389_440,
+           "passkey": {}, "eval_time_s": 1.0, "text": "austen", "windows": 1, "context": 1024, "prefix": 768,
+           "chunk": 64}
+    out = io.StringIO()
+    Console(file=out, width=200).print(render.long_table([row], False))
+    assert "35.4" in out.getvalue() and "33.8" not in out.getvalue()

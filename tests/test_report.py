@@ -310,3 +310,19 @@ def test_kl_curve_points_sit_at_their_fine_tuning_steps():
         "transfer_rel_mse": {"0": 0.1}, "finetune": {"steps": 45, "kl_curve": [0.5 - 0.01 * i for i in range(23)]}}}
     f = facts.linearize_facts(stage)
     assert f["kl_steps"][:3] == [1, 3, 5] and f["kl_steps"][-1] == 45 and len(f["kl_steps"]) == 23
+
+
+def test_an_moe_summary_ranks_each_expert_not_their_average():
+    """A layer's experts were averaged into one value before the min / max / lowest: the worst expert was hidden
+    (a report said 23.1 dB at its lowest where one expert had 20.0)."""
+    from llmcomp.report import markdown
+
+    layers = {"model.layers.0.self_attn.q_proj": {"sqnr_db": 23.1, "out_err_rel": 0.01},
+              "model.layers.0.mlp.experts.0.down_proj": {"sqnr_db": 25.0, "out_err_rel": 0.02},
+              "model.layers.0.mlp.experts.1.down_proj": {"sqnr_db": 20.0, "out_err_rel": 0.09},
+              "lm_head": {"sqnr_db": 30.0}}
+    stage = {"method": "rtn", "metrics": {"layers": layers, "bits_per_weight": 4.5}}
+    view = {"stage": stage, "facts": facts.quant_facts(stage), "kind": "quantize"}
+    assert "SQNR 20.0–30.0 dB (mean 24.5); output error mean 0.04, max 0.09" in markdown._summary(view)
+    row = next(line for line in markdown._quant_details(view) if line.startswith("| 0 |"))
+    assert "experts.down[1] 20.0" in row and "22.7" in row  # (per linear: (23.1 + 25.0 + 20.0) / 3)

@@ -192,7 +192,7 @@ def long_table(rows: list[dict], compare: bool) -> Table:
         cells = [r["name"], r["policy"], _fmt(r["ppl"], 3)]
         if compare:
             cells.append(f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}")
-        cells += [_fmt(r["kv_bytes"] / 2**20, 1), f"{100 * r['kv_bytes'] / r['kv_dense_bytes']:.1f}"]
+        cells += [_fmt(r["kv_bytes"] / 1e6, 1), f"{100 * r['kv_bytes'] / r['kv_dense_bytes']:.1f}"]  # (MB as size)
         cells += [f"{r['passkey'].get(n, float('nan')):.2f}" for n in lengths]
         cells += [f"{r.get('multikey', {}).get(n, float('nan')):.2f}" for n in multi] + [_fmt(r["eval_time_s"], 1)]
         add_row(table, *cells)

@@ -12,7 +12,10 @@ from llmcomp.core.qlinear import QuantLinear
 def size_report(model: nn.Module, path: Path | None = None, ignore=("lm_head",),
                 store_dtype: torch.dtype | None = None) -> dict:
     """``bits_per_weight``: storage bits per weight over the decoder's linear layers (quantized or
-    not, lm_head excluded); ``size_mb``: the weight files a load reads (if ``path``; ``weights_mb``).
+    not, lm_head excluded) in llmcomp's layout of each format — for an imported GPTQ / compressed-tensors
+    checkpoint that is the bits it holds once loaded, not its own files' (their g_idx, int32 zeros and float32
+    scales take more: ``size_mb`` counts those); ``size_mb``: the weight files a load reads (if ``path``;
+    ``weights_mb``).
     An unquantized linear counts at the dtype it is stored in: ``store_dtype`` (an artifact about to be written
     so), else the one in ``path``'s weight files, else its own (a load upcasts to float32)."""
     stored = _stored_bits(Path(path)) if path is not None and store_dtype is None else {}

@@ -58,13 +58,18 @@ class AllocationConfig:
         for b in self.candidates:
             Uniform(bits=b, group_size=self.group_size, symmetric=self.symmetric)  # validates the group size
         widths = sorted(set(self.candidates))
-        if not self.budget >= widths[0]:
+        # (scales and zeros included, on whole groups: a layer's ragged last group costs a little more, which
+        # check_budget counts on the real shapes; g16 asym makes int4 cost 6 bits, and 5.5 was refused as too high)
+        floor, ceiling = (round(f.bits_per_weight(1, 64 * max(self.group_size, 64)), 4)
+                          for f in (self.formats()[0], self.formats()[-1]))
+        if not self.budget >= floor:
             raise UserError(f"A budget of {self.budget:g} bits per weight cannot be met with candidate widths "
-                            f"{widths} (scales and zeros add to each); choose a budget above {widths[0]}.")
-        if not self.budget <= widths[-1] + 1:
+                            f"{widths} (at {widths[0]} bits, scales and zeros included: {floor:g}); choose a budget "
+                            f"of at least {floor:g}.")
+        if not self.budget <= ceiling + 1:
             raise UserError(f"A budget of {self.budget:g} bits per weight is past every candidate width {widths} "
-                            f"(all at {widths[-1]} bits would leave it unspent); choose a budget of at most "
-                            f"{widths[-1] + 1}, or whole --bits for one width.")
+                            f"(all at {widths[-1]} bits, scales and zeros included, cost {ceiling:g} and would leave "
+                            f"it unspent); choose a budget of at most {ceiling + 1:g}, or whole --bits for one width.")
         if self.sensitivity not in SENSITIVITIES:
             raise UserError(f"Unknown allocation sensitivity {self.sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}.")
         if self.fisher_samples < 1:

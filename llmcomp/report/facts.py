@@ -58,18 +58,26 @@ def kind_order(kinds) -> list[str]:
 
 @dataclass
 class PerLayer:
-    """A metric per (linear kind, decoder layer); several modules of one cell (experts) are averaged."""
+    """A metric per (linear kind, decoder layer); several modules of one cell (experts) are averaged in
+    ``series`` (the plots), kept one by one in ``modules`` (the report's ranges, means and lowest values)."""
 
     name: str
     cells: dict = field(default_factory=dict)  # kind -> {layer: [values]}
     outside: dict = field(default_factory=dict)  # path -> value (lm_head ...)
+    modules: dict = field(default_factory=dict)  # path -> value, every module
 
     def add(self, path: str, value: float) -> None:
         layer, kind = split_path(path)
+        self.modules[path] = num(value)
         if layer is None:
             self.outside[path] = num(value)
         else:
             self.cells.setdefault(kind, {}).setdefault(layer, []).append(num(value))
+
+    def in_layer(self, layer: int) -> dict[str, float]:
+        """``{label: value}`` of every module of decoder layer ``layer`` (an expert's label names its index)."""
+        return {(kind_label(p) if "experts" in p.split(".") else split_path(p)[1]): v
+                for p, v in self.modules.items() if split_path(p)[0] == layer}
 
     def series(self) -> dict[str, dict[int, float]]:
         """``{kind: {layer: mean value}}`` in canonical kind order."""

@@ -92,10 +92,10 @@ def _summary(v: dict) -> str:
     metrics = stage.get("metrics", {})
     if kind == "quantize":
         out = [f"{metrics['bits_per_weight']:.2f} b/w"] if "bits_per_weight" in metrics else []
-        values = [x for per in f["sqnr"].series().values() for x in per.values()] + list(f["sqnr"].outside.values())
+        values = list(f["sqnr"].modules.values())  # (one by one: a layer's experts averaged hid the worst)
         if values:
             out.append(f"SQNR {min(values):.1f}–{max(values):.1f} dB (mean {mean(values):.1f})")
-        errs = [x for per in f["out_err"].series().values() for x in per.values()]
+        errs = [x for p, x in f["out_err"].modules.items() if p not in f["out_err"].outside]
         if errs:
             out.append(f"output error mean {mean(errs):.3g}, max {max(errs):.3g}")
         if f["allocation"]:
@@ -138,7 +138,7 @@ def _summary(v: dict) -> str:
 
 def _quant_details(v: dict) -> list[str]:
     f = v["facts"]
-    sqnr, err = f["sqnr"].series(), f["out_err"].series()
+    err = f["out_err"].series()
     layers = sorted(set(f["sqnr"].layers()) | set(f["out_err"].layers()))
     bits = (f["allocation"] or {}).get("bits", {})
     per_layer_bits: dict = {}
@@ -148,12 +148,12 @@ def _quant_details(v: dict) -> list[str]:
         per_layer_bits.setdefault(layer, []).append(f"{kind_label(path)} {bits[path]}")
     rows = []
     for i in layers:
-        cells = {k: per[i] for k, per in sqnr.items() if i in per}
+        cells = f["sqnr"].in_layer(i)
         worst = min(cells, key=cells.get) if cells else None
         row = [i, mean(cells.values()) if cells else None,
                f"{worst} {cells[worst]:.1f}" if worst else "-"]
         if err:
-            errs = [per[i] for per in err.values() if i in per]
+            errs = list(f["out_err"].in_layer(i).values())
             row.append(mean(errs) if errs else None)
         if bits:
             row.append(", ".join(per_layer_bits.get(i, [])))
