@@ -15,7 +15,7 @@ from llmcomp.core.artifact import SEAL, is_artifact, load_artifact, read_manifes
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.calib import equal_batch
 from llmcomp.core.data import calib_windows, check_calib, check_vocab, corpus, eval_windows
-from llmcomp.core.paths import check_output
+from llmcomp.core.paths import check_output, job_lock
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError, require_int
 from llmcomp.eval import perplexity, size_report
@@ -28,6 +28,29 @@ from llmcomp.quant import QuantConfig, quantize_model
 from llmcomp.quant.allocate import AllocationConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def one_job(fn):
+    """Hold ``paths.job_lock`` on the entry point's ``output`` for the whole call (where its folder exists): a
+    second job on the same output stops at once. Only calibrated jobs took it (with their resume directory), so
+    an RTN quantize wrote over a running GPTQ job's output, which then failed after all its layers."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            output = signature.bind_partial(*args, **kwargs).arguments.get("output")
+        except TypeError:  # (fn's own call raises it)
+            output = None
+        if not isinstance(output, (str, os.PathLike)) or not Path(output).expanduser().parent.is_dir():
+            return fn(*args, **kwargs)  # (its checks name a bad output; a new folder has no other writer yet)
+        with job_lock(Path(output).expanduser()):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _expect(value, kinds, name: str, what: str) -> None:
@@ -108,6 +131,7 @@ def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str
     return (model, tok) if return_tokenizer else model
 
 
+@one_job
 def quantize(
     config: QuantConfig,
     output: os.PathLike | str,
@@ -204,7 +228,7 @@ def quantize(
     stage = {
         "method": config.method,
         "config": to_dict(config),
-        "wall_time_s": round(time.perf_counter() - start, 2),
+        "wall_time_s": round(time.perf_counter() - start + (checkpoint.earlier_s if checkpoint else 0.0), 2),
         "metrics": {"bits_per_weight": round(sizes["bits_per_weight"], 4), "layers": report},
         "calibration": None if calib is None else {"text": source, "samples": calib_samples,
                                                    "seq_len": calib_seq_len, "seed": seed},
@@ -218,6 +242,7 @@ def quantize(
     return path
 
 
+@one_job
 def export(artifact, to: str, output: os.PathLike | str, *, overwrite: bool = False) -> dict:
     """Write an artifact as a checkpoint other tools load (``to``: compressed-tensors | gptq); a summary dict."""
     from llmcomp import interop
@@ -258,6 +283,7 @@ def _weights_key(net) -> str:
     return h.hexdigest()
 
 
+@one_job
 def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
              device: Optional[str] = None, dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
     """Record a KV-cache policy (``llmcomp.prune.kv`` config) in an artifact; calibrated policies
@@ -325,6 +351,7 @@ def _unfuse_experts(net) -> list[dict]:
              "wall_time_s": 0.0, "metrics": {}}]
 
 
+@one_job
 def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
                   calib_samples: int = 32, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
                   dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
@@ -359,6 +386,7 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
                           overwrite=overwrite, dtype=store_dtype)
 
 
+@one_job
 def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
                  calib_samples: int = 16, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
                  dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
@@ -387,6 +415,7 @@ def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None,
                           overwrite=overwrite, dtype=store_dtype)
 
 
+@one_job
 def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
           calib_samples: int = 32, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
           dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
@@ -708,6 +737,7 @@ def inspect(path) -> dict:
     return {"model_dir": str(p), "name": model_mod.model_name(p)}
 
 
+@one_job
 def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
               calib_samples: int = 16, calib_seq_len: int = 512, device: Optional[str] = None,
               dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
@@ -737,7 +767,8 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
                                              progress=progress, checkpoint=checkpoint)
     net.to("cpu")
     stage = {"method": f"linearize-{config.method}", "kind": distill.KIND, "config": to_dict(config),
-             "student": to_dict(config.spec()), "layout": layout, "wall_time_s": round(time.perf_counter() - start, 2),
+             "student": to_dict(config.spec()), "layout": layout,
+             "wall_time_s": round(time.perf_counter() - start + checkpoint.earlier_s, 2),
              "metrics": report, "calibration": info}
     progress.note(f"Writing {output}")
     path = write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=info["text"],

@@ -52,11 +52,16 @@ def test_kill_and_resume_is_byte_identical(char_model, tmp_path):
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr[-500:])
         assert not out.exists()  # nothing at the destination until the artifact is complete
         assert len(list(resume_dir.glob("layer-*.safetensors"))) == finished, point
+    import json
+
+    earlier = json.loads((resume_dir / "elapsed.json").read_text())["seconds"]  # the killed runs' time, kept
     r = _quantize(f"{char_model.parent}/./{char_model.name}", out)  # the model spelled otherwise: the same job
     assert r.returncode == 0, r.stderr
     assert "Resuming: 3 finished layer(s)" in r.stdout + r.stderr
     assert (out / "model.safetensors").read_bytes() == reference
     assert not resume_dir.exists()
+    stage = json.loads((out / "llmcomp.json").read_text())["stages"][-1]
+    assert stage["wall_time_s"] >= earlier > 0  # (it showed the last run's seconds alone)
 
 
 def test_other_job_discards_stale_checkpoint(tmp_path):
@@ -191,3 +196,51 @@ def test_the_fingerprint_covers_the_code(monkeypatch):
     before = resume.fingerprint(method="gptq")
     monkeypatch.setattr(resume, "_source_digest", lambda: "another commit")
     assert resume.fingerprint(method="gptq") != before
+
+
+def test_any_job_on_an_output_another_job_writes_stops_at_once(char_model, tmp_path):
+    """Only calibrated jobs took the output's lock: an RTN quantize wrote over a running GPTQ job's output, which
+    failed after all its layers. Every writer holds it now."""
+    from llmcomp import api
+    from llmcomp.errors import UserError
+    from llmcomp.formats import Uniform
+    from llmcomp.prune.kv.kivi import KIVIConfig
+    from llmcomp.quant import RTNConfig
+
+    d = tmp_path / ".o.resume"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from llmcomp.core.resume import Checkpoint; from pathlib import Path; "
+        f"c = Checkpoint(Path({str(d)!r}), 'a', output=Path({str(tmp_path / 'o')!r})); print('held', flush=True); "
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for call in (lambda: api.quantize(RTNConfig(format=Uniform(4, 32)), tmp_path / "o", str(char_model)),
+                     lambda: api.prune_kv(KIVIConfig(bits=4, group=16), tmp_path / "o", str(char_model))):
+            with pytest.raises(UserError, match="Another llmcomp job is writing .*o "):
+                call()
+        assert not (tmp_path / "o").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    api.quantize(RTNConfig(format=Uniform(4, 32)), tmp_path / "o", str(char_model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.resume", "o"]  # (the lock file went with the job)
+
+
+def test_an_interrupted_job_names_the_work_it_kept(char_model, tmp_path, monkeypatch):
+    """Ctrl-C said only "interrupted; nothing was written": the finished layers waited in a hidden folder for
+    good, unnamed."""
+    from typer.testing import CliRunner
+
+    from llmcomp.cli.app import app
+    from llmcomp.core import resume
+
+    def interrupt(tag):
+        if tag == "after-layer-0":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume, "_kill_point", interrupt)
+    r = CliRunner().invoke(app, ["quantize", str(char_model), "-o", str(tmp_path / "g"), "--method", "gptq",
+                                 "--bits", "3", "--group-size", "32", "--calib-samples", "8", "--seq-len", "64",
+                                 "--device", "cpu"])
+    assert r.exit_code == 130
+    assert "the work done so far is kept in" in r.output and ".g.resume" in r.output, r.output

@@ -44,18 +44,38 @@ def run(fn, writes: bool = True):
     from llmcomp.cli import render
 
     tail = "; nothing was written at the destination" if writes else ""
+    opened = len(_resume().OPENED) if _resume() is not None else 0
     try:
         return fn()
     except UserError as exc:
         render.error(str(exc))
+        _kept_work(opened)
         raise typer.Exit(2)
     except OSError as exc:  # the machine, not the program: disk full, permissions, a path through a file
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         render.error(f"{exc.strerror or exc}{where}{tail}.")
+        _kept_work(opened)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         render.error(f"interrupted{tail}.")
+        _kept_work(opened)
         raise typer.Exit(130)
+
+
+def _resume():
+    """``llmcomp.core.resume`` where a job has loaded it (only calibrated jobs make resume directories)."""
+    import sys
+
+    return sys.modules.get("llmcomp.core.resume")
+
+
+def _kept_work(opened: int) -> None:
+    """After a calibrated job stopped: where its finished work waits (it stayed for good, unnamed)."""
+    from llmcomp.cli import render
+
+    for d in _resume().unfinished(opened) if _resume() is not None else ():
+        render.wrote(f"the work done so far is kept in {d}: run the same command again to resume from it, or "
+                     "delete it", label="note:")
 
 
 # quantize's options that a --preset replaces (build_quant_config keeps only --target/--ignore of them)

@@ -298,6 +298,17 @@ def recover_swaps(dest: Path) -> bool:
     return restored
 
 
+@contextlib.contextmanager
+def job_lock(output: Path, lockfile: Optional[Path] = None):
+    """One job at a time writes ``output``: a lock file beside it (``.<name>.resume.lock``, the resume directory's)
+    for the whole job; a second process gets a UserError at once instead of doing all its work to find the output
+    taken (or mixing its resume layers with the first one's)."""
+    lockfile = lockfile or output.parent / f".{output.name}.resume.lock"
+    with locked(lockfile, remove=True, busy=f"Another llmcomp job is writing {output} (it holds {lockfile}); wait "
+                                            "for it to finish or choose another output path."):
+        yield
+
+
 _HELD: dict[str, list] = {}  # locks this process holds: real path → [fd, holders]
 # Filesystems without flock; EBADF: NFS emulates flock by POSIX locks, which need a file open for writing (a
 # directory cannot be)

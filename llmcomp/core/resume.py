@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -28,11 +29,12 @@ from torch import nn
 
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.model import set_submodule
-from llmcomp.core.paths import locked
+from llmcomp.core.paths import job_lock
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 
 FINGERPRINT_FILE = "job.json"
+ELAPSED_FILE = "elapsed.json"  # the seconds the job's runs spent up to their last saved work (``mark_time``)
 
 
 def fingerprint(**parts) -> str:
@@ -89,17 +91,24 @@ def _readable(path: Path) -> bool:
         return False
 
 
+OPENED: list[list] = []  # [directory, finished] of every Checkpoint this process made, in order (``unfinished``)
+
+
+def unfinished(since: int = 0) -> list[Path]:
+    """The resume directories of this process's Checkpoints after the first ``since`` (``len(OPENED)`` before a
+    command) that were not finished and hold work: what an interrupted or failed command leaves to resume from."""
+    left = [d for d, finished in OPENED[since:] if not finished]
+    return [d for d in dict.fromkeys(left) if d.is_dir() and any(p.name != FINGERPRINT_FILE for p in d.iterdir())]
+
+
 class Checkpoint:
     def __init__(self, directory: Path, key: str, note=lambda msg: None, output: Optional[Path] = None):
         self.dir = Path(directory)
         self.key = key
         # one job at a time a directory: a second one would discard this one's layers, or mix them with its own
-        lockfile = self.dir.with_name(self.dir.name + ".lock")
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         self._lock = contextlib.ExitStack()
-        self._lock.enter_context(locked(lockfile, remove=True, busy=(
-            f"Another llmcomp job is writing {output or self.dir} (it holds {lockfile}); wait for it to "
-            "finish or choose another output path.")))
+        self._lock.enter_context(job_lock(output or self.dir, self.dir.with_name(self.dir.name + ".lock")))
         stamp = self.dir / FINGERPRINT_FILE
         if self.dir.exists():
             try:
@@ -117,11 +126,18 @@ class Checkpoint:
                     raise UserError(f"Could not discard {self.dir}, the resume state of another job "
                                     f"({exc.strerror or exc}); remove it, then run again.") from None
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._opened = [self.dir, False]
+        OPENED.append(self._opened)
         self._drop_damaged(note)
         if not stamp.exists():
             tmp = stamp.with_suffix(".tmp")
             tmp.write_text(json.dumps({"fingerprint": key}))
             os.replace(tmp, stamp)
+        self.t0 = time.perf_counter()
+        try:  # (a resumed run's wall time counts the earlier runs': it showed only the last one's seconds)
+            self.earlier_s = float(json.loads((self.dir / ELAPSED_FILE).read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.earlier_s = 0.0
         self.resumed = sorted(p.stem for p in self.dir.glob("layer-*.safetensors"))
         if self.resumed:
             note(f"Resuming: {len(self.resumed)} finished layer(s) in {self.dir}")
@@ -160,7 +176,14 @@ class Checkpoint:
         meta = {"formats": json.dumps(formats), "bias": json.dumps(bias),
                 "report": json.dumps({n: report[n] for n in names if n in report})}
         save_state(tensors, self._file(index), meta, before_rename=f"before-rename-{index}")
+        self.mark_time()
         _kill_point(f"after-layer-{index}")
+
+    def mark_time(self) -> None:
+        """Record the job's seconds so far (the earlier runs' and this one's) beside the work just saved."""
+        tmp = self.dir / (ELAPSED_FILE + ".tmp")
+        tmp.write_text(json.dumps({"seconds": self.earlier_s + time.perf_counter() - self.t0}))
+        os.replace(tmp, self.dir / ELAPSED_FILE)
 
     def restore(self, model: nn.Module, index: int, report: dict) -> None:
         with safe_open(str(self._file(index)), framework="pt") as f:
@@ -181,6 +204,7 @@ class Checkpoint:
 
     def finish(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._opened[1] = True
         self._lock.close()  # (the lock file goes with the last holder in this process)
 
 

@@ -271,6 +271,7 @@ def finetune(model: nn.Module, stream: torch.Tensor, config: LinearizeConfig, de
         progress.advance(task)
         if path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
             _save_state(path, params, opt, step + 1, losses)
+            checkpoint.mark_time()
             resume._kill_point(f"linearize-step-{step + 1}")
     progress.done(task)
     model.requires_grad_(False)
@@ -335,6 +336,7 @@ def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, c
         students, errors = transfer(model, ids, config, device, progress)
         if saved is not None:
             _save_transfer(saved, students, errors)
+            checkpoint.mark_time()
     softmax = choose_softmax_layers(errors, len(layers), config)
     install(model, {i: s for i, s in students.items() if i not in softmax})
     tuned = finetune(model, stream, config, device, progress, checkpoint)
