@@ -401,9 +401,12 @@ REFUSALS = [
     ("kv-policy", lambda a, m, t: _kv_stage(a, t), "compressed-tensors", "KV-cache policy"),
     ("fp4-group-ct", lambda a, m, t: _fp4_group(m, t), "compressed-tensors", "no compressed-tensors equivalent"),
     ("nvfp4-gptq", lambda a, m, t: a("nvfp4"), "gptq", "no GPTQ equivalent"),
-    ("ragged-ct", lambda a, m, t: _ragged(m, t), "compressed-tensors", "ragged last group"),
-    ("partial-gptq", lambda a, m, t: _partial(m, t), "gptq", "every linear layer"),
-    ("5-bit-gptq", lambda a, m, t: _five_bits(m, t), "gptq", "2, 3, 4 or 8 bits"),
+    ("ragged-ct", lambda a, m, t: _ragged(m, t), "compressed-tensors",
+     "ragged last group has no equivalent there. Re-quantize with a group size that divides every layer. Export to "
+     "gptq instead."),
+    ("partial-gptq", lambda a, m, t: _partial(m, t), "gptq",
+     "every linear layer of the decoder; quantize that layer too. Export to compressed-tensors instead."),
+    ("5-bit-gptq", lambda a, m, t: _five_bits(m, t), "gptq", "2, 3, 4 or 8 bits; "),
     ("unknown-target", lambda a, m, t: a("w4g32"), "onnx", "Unknown export target"),
 ]
 
@@ -417,6 +420,19 @@ def test_export_refusals(arts, model_dir, tmp_path, make, to, needle):
     line = one_error(invoke("export", src, "--to", to, "-o", out))
     assert needle in line, line
     assert not out.exists()
+
+
+def test_a_refusal_points_at_the_other_target_only_where_it_takes_the_artifact(tmp_path):
+    """A ragged bit allocation: gptq said "Export to compressed-tensors instead", which said "or export to gptq"."""
+    pytest.importorskip("compressed_tensors")
+    from tests.conftest import tiny_llama
+
+    tiny_llama(hidden=64, inter=96).save_pretrained(tmp_path / "m96")
+    mixed = api.quantize(RTNConfig(format=Uniform(4, 64), formats={"model.layers.0.mlp.down_proj": Uniform(8, 64)}),
+                         tmp_path / "mixed", str(tmp_path / "m96"))
+    for to, needle in (("gptq", "mixes 2 formats"), ("compressed-tensors", "ragged last group")):
+        line = one_error(invoke("export", mixed, "--to", to, "-o", tmp_path / "out"))
+        assert needle in line and "instead" not in line, line
 
 
 def test_export_existing_output(arts, tmp_path):

@@ -8,6 +8,22 @@ from __future__ import annotations
 
 EXPORTERS = {"compressed-tensors": "llmcomp.interop.compressed_tensors:export_compressed_tensors",
              "gptq": "llmcomp.interop.gptq_layout:export_gptq"}
+CHECKS = {"compressed-tensors": "llmcomp.interop.compressed_tensors:check", "gptq": "llmcomp.interop.gptq_layout:check"}
+
+
+def alternative(src, target: str) -> str:
+    """`` Export to TARGET instead.`` where ``target``'s checks take the artifact ``src``, else nothing (each
+    target's refusal pointed at the other, which refused it too: a ragged-group bit allocation)."""
+    import importlib
+
+    from llmcomp.errors import UserError
+
+    module, fn = CHECKS[target].split(":")
+    try:
+        getattr(importlib.import_module(module), fn)(src)
+    except UserError:
+        return ""
+    return f" Export to {target} instead."
 
 
 def export(artifact, to: str, output, *, overwrite: bool = False) -> dict:

@@ -32,6 +32,7 @@ from llmcomp.errors import UserError
 from llmcomp.formats.fp4 import MXFP4, NVFP4
 from llmcomp.formats.uniform import Uniform
 from llmcomp.core.paths import check_output
+from llmcomp.interop import alternative
 from llmcomp.interop.source import (formats_of, Layer, open_source, Source, uniform_fields, unsupported_format,
                                     write_checkpoint)
 from llmcomp.interop.words import words_to_codes
@@ -64,14 +65,19 @@ def _scheme(fmt, targets: list[str], scale_dtype: torch.dtype):
     return scheme
 
 
+def check(src: Source) -> None:
+    """compressed-tensors' refusals of an artifact's layers, before anything is written."""
+    for layer in src.layers:
+        _check_layer(layer)
+
+
 def _check_layer(layer: Layer) -> None:
     fmt = layer.fmt
     if isinstance(fmt, Uniform):
         if fmt.group_size and layer.in_features % fmt.group_size:
             raise UserError(f"{layer.path}: compressed-tensors needs the input dimension ({layer.in_features}) to be a "
                             f"multiple of the group size ({fmt.group_size}); llmcomp's ragged last group has no "
-                            f"equivalent there. Re-quantize with a group size that divides every layer, or export "
-                            f"to gptq.")
+                            f"equivalent there. Re-quantize with a group size that divides every layer.")
         return
     if isinstance(fmt, (NVFP4, MXFP4)):
         if fmt.block_size != fmt.SPEC_BLOCK:
@@ -117,8 +123,10 @@ def export_compressed_tensors(artifact, output, *, overwrite: bool = False) -> d
 
     output = check_output(output, overwrite, artifact)
     src = open_source(artifact, TARGET)
-    for layer in src.layers:
-        _check_layer(layer)
+    try:
+        check(src)
+    except UserError as exc:
+        raise UserError(f"{exc}{alternative(src, 'gptq')}") from None
     scale_dtype = _scale_dtype(src)
     groups = formats_of(src)
     single = len(groups) == 1

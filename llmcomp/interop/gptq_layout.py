@@ -27,6 +27,7 @@ from llmcomp.core.model import decoder_layers
 from llmcomp.errors import UserError
 from llmcomp.formats.uniform import Uniform
 from llmcomp.core.paths import check_output
+from llmcomp.interop import alternative
 from llmcomp.interop.source import (formats_of, open_source, Source, uniform_fields, unsupported_format,
                                     write_checkpoint)
 from llmcomp.interop.words import codes_to_words, words_to_codes
@@ -95,37 +96,45 @@ def _check_coverage(src: Source) -> None:
         inside = name.startswith(prefix + ".")
         if inside and isinstance(mod, nn.Linear) and name not in quantized:
             raise UserError(f"{name} is not quantized, but a GPTQ checkpoint quantizes every linear layer of the "
-                            f"decoder; export to compressed-tensors instead, or quantize that layer too.")
+                            f"decoder; quantize that layer too.")
         if not inside and isinstance(mod, QuantLinear):
             raise UserError(f"{name} is quantized outside the decoder layers, which the GPTQ layout does not "
-                            f"cover; export to compressed-tensors instead, or quantize with --ignore {name}.")
+                            f"cover; quantize with --ignore {name}.")
 
 
-def export_gptq(artifact, output, *, overwrite: bool = False) -> dict:
-    """Write ``artifact`` (uniform int2/3/4/8, one format for every layer) as a GPTQ checkpoint."""
-    output = check_output(output, overwrite, artifact)
-    src = open_source(artifact, TARGET)
+def check(src: Source) -> None:
+    """The GPTQ layout's refusals of an artifact, before anything is written: one uniform int2/3/4/8 format, every
+    decoder linear quantized and nothing outside, dimensions its int32 words pack."""
     groups = formats_of(src)
     for fmt, layers in groups.items():
         if not isinstance(fmt, Uniform):
             raise unsupported_format(layers[0], TARGET, "uniform int2/int3/int4/int8")
     if len(groups) > 1:
         raise UserError(f"{src.path} mixes {len(groups)} formats ({', '.join(f.describe() for f in groups)}); a GPTQ "
-                        f"checkpoint has one bits/group setting for the model. Export to compressed-tensors instead.")
+                        f"checkpoint has one bits/group setting for the model.")
     fmt = next(iter(groups))
     if fmt.bits not in GPTQ_BITS:
-        raise UserError(f"GPTQ checkpoints store 2, 3, 4 or 8 bits; {src.path} is {fmt.describe()}. "
-                        f"Export to compressed-tensors instead.")
+        raise UserError(f"GPTQ checkpoints store 2, 3, 4 or 8 bits; {src.path} is {fmt.describe()}.")
     _check_coverage(src)
-    tensors = src.other_tensors()
-    fields = {}
     for layer in src.layers:
         for dim, name in ((layer.in_features, "input"), (layer.out_features, "output")):
             if dim % 8 or dim * fmt.bits % 32:
                 raise UserError(f"{layer.path}: the GPTQ layout packs {fmt.bits}-bit codes into int32 words along "
                                 f"both dimensions, so its {name} dimension ({dim}) must be a multiple of "
                                 f"{max(8, 32 // math.gcd(32, fmt.bits))}.")
-        fields[layer.path] = uniform_fields(layer, TARGET)
+
+
+def export_gptq(artifact, output, *, overwrite: bool = False) -> dict:
+    """Write ``artifact`` (uniform int2/3/4/8, one format for every layer) as a GPTQ checkpoint."""
+    output = check_output(output, overwrite, artifact)
+    src = open_source(artifact, TARGET)
+    try:
+        check(src)
+    except UserError as exc:
+        raise UserError(f"{exc}{alternative(src, 'compressed-tensors')}") from None
+    fmt = next(iter(formats_of(src)))
+    tensors = src.other_tensors()
+    fields = {layer.path: uniform_fields(layer, TARGET) for layer in src.layers}
     v1 = all(bool((f["zero"] > 0).all()) for f in fields.values())  # v1 cannot store z = 0
     for layer in src.layers:
         f = fields[layer.path]
