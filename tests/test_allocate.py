@@ -173,6 +173,15 @@ def test_the_output_sensitivity_pass_runs_at_calib_batch(tmp_path, monkeypatch):
     real = allocate.calibrate_layerwise
     monkeypatch.setattr(allocate, "calibrate_layerwise", lambda *a, **k: seen.append(k["batch_size"]) or real(*a, **k))
     cfg = allocate.AllocationConfig(budget=3.0, candidates=(2, 4), group_size=32, sensitivity="output")
-    api.quantize(RTNConfig(format=W4G32), tmp_path / "q", str(tiny_model_dir), allocation=cfg, calib_samples=4,
-                 calib_seq_len=16, device="cpu", calib_batch=2)
+    out = api.quantize(RTNConfig(format=W4G32), tmp_path / "q", str(tiny_model_dir), allocation=cfg, calib_samples=4,
+                       calib_seq_len=16, device="cpu", calib_batch=2)
     assert seen == [2]
+    import io
+
+    from rich.console import Console
+
+    from llmcomp.cli import render
+
+    text = io.StringIO()  # (inspect printed every layer's format inside the stage's cell)
+    Console(file=text, width=300).print(*render.manifest_tables(api.inspect(out)))
+    assert "<7 per-layer formats: see the quantized modules>" in text.getvalue() and "'bits': 2" not in text.getvalue()

@@ -124,6 +124,15 @@ def test_eval_record_writes_manifest(tiny_model_dir, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     m = read_manifest(out)  # still verifies: the manifest is not a hashed file
     assert m["evaluations"][-1]["ppl"] == 12.5 and m["evaluations"][-1]["kld_mean"] == 0.01
+    import io
+
+    from rich.console import Console
+
+    from llmcomp.cli import render
+
+    text = io.StringIO()  # (inspect did not show them: report.md only)
+    Console(file=text, width=300).print(*render.manifest_tables(m))
+    assert "ppl 12.5000, kld_mean 0.0100, top1_agree 0.9000, bits_per_weight 4.5000" in text.getvalue()
     # (a plain model directory was skipped without a word, and with no artifact at all nothing was recorded)
     assert "no path given is an artifact" in one_error_line(invoke("eval", tiny_model_dir, "--record"))
     assert "does not exist" in one_error_line(invoke("eval", tmp_path / "typo", "--record"))  # (not "no artifact")

@@ -205,6 +205,9 @@ def long_table(rows: list[dict], compare: bool) -> Table:
     return table
 
 
+EVALUATION_KEYS = ("ppl", "kld_mean", "top1_agree", "bits_per_weight", "size_mb", "windows", "seq_len", "text")
+
+
 def manifest_tables(manifest: dict) -> list[Table]:
     if "stages" not in manifest:
         t = Table(title="model directory")
@@ -215,15 +218,20 @@ def manifest_tables(manifest: dict) -> list[Table]:
     base = manifest["base_model"]
     add_row(head, "base model", f"{base.get('name')}  (sha256 {str(base.get('sha256'))[:12]}…)")
     add_row(head, "schema / llmcomp", f"{manifest['schema_version']} / {manifest.get('llmcomp_version', '?')}")
-    add_row(head, "text", str(manifest.get("text_source")))
+    add_row(head, "text", str(manifest.get("text_source") or "- (no stage read calibration text)"))
     for i, s in enumerate(manifest["stages"], 1):
         cfg = {k: v for k, v in s.get("config", {}).items() if not k.startswith("_")}
+        if isinstance(cfg.get("formats"), dict) and cfg["formats"]:  # (a bit allocation's: hundreds of lines)
+            cfg["formats"] = f"<{len(cfg['formats'])} per-layer formats: see the quantized modules>"
         metrics = s.get("metrics", {})
         bpw = metrics.get("bits_per_weight")  # KV stages: their policy; moefy, experts, linearize: neither
         what = metrics.get("policy") or (f"{bpw} bits/weight" if bpw is not None else None)
         add_row(head, f"stage {i}", f"{s['method']} in {s.get('wall_time_s')} s{', ' + what if what else ''}; "
                                    f"config {cfg}")
     add_row(head, "files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))
+    for e in manifest.get("evaluations") or []:  # (eval --record's results, shown in report.md only)
+        if isinstance(e, dict):
+            add_row(head, "evaluation", ", ".join(f"{k} {_fmt(e[k], 4)}" for k in EVALUATION_KEYS if k in e))
     mods = Table(title="quantized modules")
     for c in ("format", "modules", "example"):
         mods.add_column(c)
