@@ -11,19 +11,34 @@ EXPORTERS = {"compressed-tensors": "llmcomp.interop.compressed_tensors:export_co
 CHECKS = {"compressed-tensors": "llmcomp.interop.compressed_tensors:check", "gptq": "llmcomp.interop.gptq_layout:check"}
 
 
-def alternative(src, target: str) -> str:
-    """`` Export to TARGET instead.`` where ``target``'s checks take the artifact ``src``, else nothing (each
-    target's refusal pointed at the other, which refused it too: a ragged-group bit allocation)."""
+def _check(src, target: str) -> None:
     import importlib
 
-    from llmcomp.errors import UserError
-
     module, fn = CHECKS[target].split(":")
+    getattr(importlib.import_module(module), fn)(src)
+
+
+def checked_source(artifact, output, overwrite: bool, target: str, label: str):
+    """``(output checked, the artifact opened)`` for an export to ``target`` (``label``: its name in messages),
+    refused by that target's checks with `` Export to OTHER instead.`` where the other target takes it (each
+    refusal pointed at the other, which refused it too: a ragged-group bit allocation)."""
+    from llmcomp.core.paths import check_output
+    from llmcomp.errors import UserError
+    from llmcomp.interop.source import open_source
+
+    output = check_output(output, overwrite, artifact)
+    src = open_source(artifact, label)
     try:
-        getattr(importlib.import_module(module), fn)(src)
-    except UserError:
-        return ""
-    return f" Export to {target} instead."
+        _check(src, target)
+    except UserError as exc:
+        other = next(t for t in CHECKS if t != target)
+        try:
+            _check(src, other)
+            hint = f" Export to {other} instead."
+        except UserError:
+            hint = ""
+        raise UserError(f"{exc}{hint}") from None
+    return output, src
 
 
 def export(artifact, to: str, output, *, overwrite: bool = False) -> dict:

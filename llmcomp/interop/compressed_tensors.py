@@ -31,9 +31,8 @@ from torch import nn
 from llmcomp.errors import UserError
 from llmcomp.formats.fp4 import MXFP4, NVFP4
 from llmcomp.formats.uniform import Uniform
-from llmcomp.core.paths import check_output
-from llmcomp.interop import alternative
-from llmcomp.interop.source import (formats_of, Layer, open_source, Source, uniform_fields, unsupported_format,
+from llmcomp.interop import checked_source
+from llmcomp.interop.source import (formats_of, Layer, Source, uniform_fields, unsupported_format,
                                     write_checkpoint)
 from llmcomp.interop.words import words_to_codes
 
@@ -121,12 +120,7 @@ def export_compressed_tensors(artifact, output, *, overwrite: bool = False) -> d
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    output = check_output(output, overwrite, artifact)
-    src = open_source(artifact, TARGET)
-    try:
-        check(src)
-    except UserError as exc:
-        raise UserError(f"{exc}{alternative(src, 'gptq')}") from None
+    output, src = checked_source(artifact, output, overwrite, "compressed-tensors", TARGET)
     scale_dtype = _scale_dtype(src)
     groups = formats_of(src)
     single = len(groups) == 1

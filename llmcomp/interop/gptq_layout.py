@@ -26,9 +26,8 @@ from torch import nn
 from llmcomp.core.model import decoder_layers
 from llmcomp.errors import UserError
 from llmcomp.formats.uniform import Uniform
-from llmcomp.core.paths import check_output
-from llmcomp.interop import alternative
-from llmcomp.interop.source import (formats_of, open_source, Source, uniform_fields, unsupported_format,
+from llmcomp.interop import checked_source
+from llmcomp.interop.source import (formats_of, Source, uniform_fields, unsupported_format,
                                     write_checkpoint)
 from llmcomp.interop.words import codes_to_words, words_to_codes
 
@@ -126,12 +125,7 @@ def check(src: Source) -> None:
 
 def export_gptq(artifact, output, *, overwrite: bool = False) -> dict:
     """Write ``artifact`` (uniform int2/3/4/8, one format for every layer) as a GPTQ checkpoint."""
-    output = check_output(output, overwrite, artifact)
-    src = open_source(artifact, TARGET)
-    try:
-        check(src)
-    except UserError as exc:
-        raise UserError(f"{exc}{alternative(src, 'compressed-tensors')}") from None
+    output, src = checked_source(artifact, output, overwrite, "gptq", TARGET)
     fmt = next(iter(formats_of(src)))
     tensors = src.other_tensors()
     fields = {layer.path: uniform_fields(layer, TARGET) for layer in src.layers}
