@@ -45,10 +45,24 @@ def one_job(fn):
             output = signature.bind_partial(*args, **kwargs).arguments.get("output")
         except TypeError:  # (fn's own call raises it)
             output = None
-        if not isinstance(output, (str, os.PathLike)) or not Path(output).expanduser().parent.is_dir():
-            return fn(*args, **kwargs)  # (its checks name a bad output; a new folder has no other writer yet)
-        with job_lock(Path(output).expanduser()):
-            return fn(*args, **kwargs)
+        if not isinstance(output, (str, os.PathLike)):
+            return fn(*args, **kwargs)  # (its checks name a bad output)
+        target = Path(output).expanduser()
+        made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # (deepest first)
+        try:  # (the lock lives beside the output: unlocked, two jobs on a new folder's output ran to the end)
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return fn(*args, **kwargs)  # (a parent that is a file, an unwritable one: its checks or its write say so)
+        try:
+            with job_lock(target):
+                return fn(*args, **kwargs)
+        except BaseException:
+            for p in made:  # a failed job leaves no folder it made (empty ones only)
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+            raise
 
     return call
 

@@ -161,6 +161,7 @@ def test_budgets_outside_the_candidates_name_the_side():
     assert allocate.AllocationConfig(budget=5.5, candidates=(2, 3, 4), group_size=16).budget == 5.5
     with pytest.raises(UserError, match="at least 6"):
         allocate.AllocationConfig(budget=5.5, candidates=(2, 3, 4), group_size=8)
+    assert allocate.AllocationConfig(budget=2.005, candidates=(2, 3), group_size=0).budget == 2.005  # (8192 wide)
 
 
 def test_the_output_sensitivity_pass_runs_at_calib_batch(tmp_path, monkeypatch):

@@ -433,6 +433,14 @@ def test_a_refusal_points_at_the_other_target_only_where_it_takes_the_artifact(t
     for to, needle in (("gptq", "mixes 2 formats"), ("compressed-tensors", "ragged last group")):
         line = one_error(invoke("export", mixed, "--to", to, "-o", tmp_path / "out"))
         assert needle in line and "instead" not in line, line
+    from llmcomp.quant import quantize_model
+
+    model, tok, base, _ = api.open_model(str(tmp_path / "m96"))  # 5 bits (no GPTQ) with real-valued zeros (no CT)
+    quantize_model(model, RTNConfig(format=Uniform(5, 32)))
+    model.model.layers[0].self_attn.q_proj.weight_zero.add_(0.25)
+    dq = write_artifact(tmp_path / "dq5", model, tok, base_model=base, stages=[])
+    line = one_error(invoke("export", dq, "--to", "gptq", "-o", tmp_path / "out"))
+    assert "2, 3, 4 or 8 bits" in line and "instead" not in line, line
 
 
 def test_export_existing_output(arts, tmp_path):

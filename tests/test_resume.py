@@ -244,3 +244,26 @@ def test_an_interrupted_job_names_the_work_it_kept(char_model, tmp_path, monkeyp
                                  "--device", "cpu"])
     assert r.exit_code == 130
     assert "the work done so far is kept in" in r.output and ".g.resume" in r.output, r.output
+
+
+def test_a_job_on_a_new_folders_output_is_locked_and_leaves_no_folder_when_it_fails(char_model, tmp_path,
+                                                                                     monkeypatch):
+    """The lock was skipped where the output's folder did not exist yet: two jobs on runs/new/x both ran to the
+    end. A job that fails leaves no folder it made."""
+    from llmcomp import api
+    from llmcomp.errors import UserError
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+
+    seen, real = [], api.open_model
+
+    def spying(*a, **k):
+        seen.append((tmp_path / "new" / "sub" / ".o.resume.lock").exists())
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "open_model", spying)
+    api.quantize(RTNConfig(format=Uniform(4, 32)), tmp_path / "new" / "sub" / "o", str(char_model))
+    assert seen == [True] and sorted(p.name for p in (tmp_path / "new" / "sub").iterdir()) == ["o"]
+    with pytest.raises(UserError, match="does not exist"):
+        api.quantize(RTNConfig(format=Uniform(4, 32)), tmp_path / "new2" / "sub" / "o", str(tmp_path / "nope"))
+    assert not (tmp_path / "new2").exists()

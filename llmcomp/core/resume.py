@@ -67,9 +67,13 @@ def save_state(tensors: dict, path: Path, metadata: dict, before_rename: Optiona
     empty file, which failed every rerun)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:  # (a full disk's partial file: not work a rerun could use)
+        tmp.unlink(missing_ok=True)
+        raise
     if before_rename:
         _kill_point(before_rename)
     os.replace(tmp, path)
@@ -98,7 +102,10 @@ def unfinished(since: int = 0) -> list[Path]:
     """The resume directories of this process's Checkpoints after the first ``since`` (``len(OPENED)`` before a
     command) that were not finished and hold work: what an interrupted or failed command leaves to resume from."""
     left = [d for d, finished in OPENED[since:] if not finished]
-    return [d for d in dict.fromkeys(left) if d.is_dir() and any(p.name != FINGERPRINT_FILE for p in d.iterdir())]
+    try:  # (saved state only: a partial .tmp is not work, and the error path must not raise)
+        return [d for d in dict.fromkeys(left) if d.is_dir() and any(d.glob("*.safetensors"))]
+    except OSError:
+        return []
 
 
 class Checkpoint:

@@ -32,7 +32,7 @@ from llmcomp.errors import UserError
 from llmcomp.formats.fp4 import MXFP4, NVFP4
 from llmcomp.formats.uniform import Uniform
 from llmcomp.interop import checked_source
-from llmcomp.interop.source import (formats_of, Layer, Source, uniform_fields, unsupported_format,
+from llmcomp.interop.source import (check_integer_zeros, formats_of, Layer, Source, uniform_fields, unsupported_format,
                                     write_checkpoint)
 from llmcomp.interop.words import words_to_codes
 
@@ -68,6 +68,7 @@ def check(src: Source) -> None:
     """compressed-tensors' refusals of an artifact's layers, before anything is written."""
     for layer in src.layers:
         _check_layer(layer)
+    check_integer_zeros(src, TARGET)
 
 
 def _check_layer(layer: Layer) -> None:

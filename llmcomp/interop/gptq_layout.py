@@ -27,7 +27,7 @@ from llmcomp.core.model import decoder_layers
 from llmcomp.errors import UserError
 from llmcomp.formats.uniform import Uniform
 from llmcomp.interop import checked_source
-from llmcomp.interop.source import (formats_of, Source, uniform_fields, unsupported_format,
+from llmcomp.interop.source import (check_integer_zeros, formats_of, Source, uniform_fields, unsupported_format,
                                     write_checkpoint)
 from llmcomp.interop.words import codes_to_words, words_to_codes
 
@@ -121,6 +121,7 @@ def check(src: Source) -> None:
                 raise UserError(f"{layer.path}: the GPTQ layout packs {fmt.bits}-bit codes into int32 words along "
                                 f"both dimensions, so its {name} dimension ({dim}) must be a multiple of "
                                 f"{max(8, 32 // math.gcd(32, fmt.bits))}.")
+    check_integer_zeros(src, TARGET)
 
 
 def export_gptq(artifact, output, *, overwrite: bool = False) -> dict:

@@ -19,6 +19,7 @@ from llmcomp.core.artifact import DEFAULT_SHARD_BYTES, INDEX, MANIFEST, _save_sh
 from llmcomp.core.paths import atomic_dir, check_output
 from llmcomp.core.qlinear import QuantLinear, untie_quantized_head
 from llmcomp.errors import UserError
+from llmcomp.formats.uniform import Uniform
 
 # Manifest stage kinds that change the model's structure or runtime behaviour in ways only llmcomp.load
 # rebuilds (prune/kv, prune/moe, linearize): other tools would load a different model.
@@ -114,6 +115,14 @@ def formats_of(src: Source) -> dict:
 def unsupported_format(layer: Layer, target: str, supported: str) -> UserError:
     return UserError(f"{layer.path} is stored as {layer.fmt.describe()} ({layer.fmt.name}), which has no {target} "
                      f"equivalent ({target} export takes {supported}).")
+
+
+def check_integer_zeros(src: Source, target: str) -> None:
+    """``uniform_fields``' refusal of real-valued zero points, for a target's ``check`` (it came only while the
+    tensors were converted, after the other target had been suggested)."""
+    for layer in src.layers:
+        if isinstance(layer.fmt, Uniform):
+            uniform_fields(layer, target)
 
 
 def uniform_fields(layer: Layer, target: str) -> dict[str, torch.Tensor]:

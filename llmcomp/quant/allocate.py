@@ -62,6 +62,8 @@ class AllocationConfig:
         # check_budget counts on the real shapes; g16 asym makes int4 cost 6 bits, and 5.5 was refused as too high)
         floor, ceiling = (round(f.bits_per_weight(1, 64 * max(self.group_size, 64)), 4)
                           for f in (self.formats()[0], self.formats()[-1]))
+        if not self.group_size:  # (per-channel overhead shrinks with the layer's width: check_budget counts it)
+            floor = widths[0]
         if not self.budget >= floor:
             raise UserError(f"A budget of {self.budget:g} bits per weight cannot be met with candidate widths "
                             f"{widths} (at {widths[0]} bits, scales and zeros included: {floor:g}); choose a budget "
