@@ -264,6 +264,7 @@ def export(artifact, to: str, output: os.PathLike | str, *, overwrite: bool = Fa
     return interop.export(artifact, to, output, overwrite=overwrite)
 
 
+@one_job
 def report(artifact, output: Optional[os.PathLike | str] = None, *, overwrite: bool = False) -> dict:
     """Write ``report.md`` and PNG plots of an artifact (``llmcomp.report``); plots need matplotlib."""
     from llmcomp.report import write_report
