@@ -73,7 +73,8 @@ def _kept_work(opened: int) -> None:
     """After a calibrated job stopped: where its finished work waits (it stayed for good, unnamed)."""
     from llmcomp.cli import render
 
-    for d in _resume().unfinished(opened) if _resume() is not None else ():
+    resume = _resume()
+    for d in resume.unfinished(opened) if resume is not None else ():
         render.wrote(f"the work done so far is kept in {d}: run the same command again to resume from it, or "
                      "delete it", label="note:")
 

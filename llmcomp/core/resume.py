@@ -29,7 +29,7 @@ from torch import nn
 
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.model import set_submodule
-from llmcomp.core.paths import job_lock
+from llmcomp.core.paths import job_lock, write_report
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 
@@ -188,9 +188,7 @@ class Checkpoint:
 
     def mark_time(self) -> None:
         """Record the job's seconds so far (the earlier runs' and this one's) beside the work just saved."""
-        tmp = self.dir / (ELAPSED_FILE + ".tmp")
-        tmp.write_text(json.dumps({"seconds": self.earlier_s + time.perf_counter() - self.t0}))
-        os.replace(tmp, self.dir / ELAPSED_FILE)
+        write_report(self.dir / ELAPSED_FILE, json.dumps({"seconds": self.earlier_s + time.perf_counter() - self.t0}))
 
     def restore(self, model: nn.Module, index: int, report: dict) -> None:
         with safe_open(str(self._file(index)), framework="pt") as f:

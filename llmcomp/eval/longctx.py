@@ -39,7 +39,7 @@ def kv_nbytes(cache, model=None) -> tuple[int, int]:
         if hasattr(layer, "nbytes"):  # a layer that counts itself (linearized attention: state + window)
             n = layer.nbytes()
             dense += n if model is None else layer.dense_nbytes(kv_heads(model.config), head_dim(model.config),
-                                                                torch.finfo(model.dtype).bits // 8)
+                                                                model.dtype.itemsize)
         else:
             n = tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
             dense += n

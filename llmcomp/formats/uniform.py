@@ -118,16 +118,15 @@ class Uniform(WeightFormat):
             out["weight_zero"] = fields["zero"].to(SCALE_DTYPE).contiguous()
         return out
 
-    def unpack(self, tensors: dict[str, torch.Tensor], in_features: int) -> dict[str, torch.Tensor]:
-        fields = {
-            "codes": unpack_bits(tensors["weight_packed"], self.bits, in_features),
-            "scale": tensors["weight_scale"],
-        }
+    def zero_points(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The zero point of each group [out, n_groups]: stored (asymmetric) or 2**(bits-1) (symmetric)."""
         if self.symmetric:
-            fields["zero"] = torch.full_like(tensors["weight_scale"], float(1 << (self.bits - 1)))
-        else:
-            fields["zero"] = tensors["weight_zero"]
-        return fields
+            return torch.full_like(tensors["weight_scale"], float(1 << (self.bits - 1)))
+        return tensors["weight_zero"]
+
+    def unpack(self, tensors: dict[str, torch.Tensor], in_features: int) -> dict[str, torch.Tensor]:
+        return {"codes": unpack_bits(tensors["weight_packed"], self.bits, in_features),
+                "scale": tensors["weight_scale"], "zero": self.zero_points(tensors)}
 
     def dequantize(
         self, tensors: dict[str, torch.Tensor], in_features: int, dtype: torch.dtype = torch.float32

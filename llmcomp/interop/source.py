@@ -118,19 +118,25 @@ def unsupported_format(layer: Layer, target: str, supported: str) -> UserError:
 
 
 def check_integer_zeros(src: Source, target: str) -> None:
-    """``uniform_fields``' refusal of real-valued zero points, for a target's ``check`` (it came only while the
-    tensors were converted, after the other target had been suggested)."""
+    """``integer_zeros``' refusal for a target's ``check``, from the zeros alone (it came only while the tensors were
+    converted, after the other target had been suggested)."""
     for layer in src.layers:
         if isinstance(layer.fmt, Uniform):
-            uniform_fields(layer, target)
+            integer_zeros(layer, target)
+
+
+def integer_zeros(layer: Layer, target: str) -> torch.Tensor:
+    """A ``uniform`` layer's zero points as integers (int64 [out, G]); refuses real-valued zeros (decoupleQ), which
+    integer checkpoints cannot store."""
+    zero = layer.fmt.zero_points(layer.tensors).float()
+    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() > layer.fmt.maxq:
+        raise UserError(f"{layer.path} has real-valued zero points (decoupleQ float zeros), which have no {target} "
+                        f"equivalent: {target} stores integer zero points in [0, {layer.fmt.maxq}].")
+    return zero.long()
 
 
 def uniform_fields(layer: Layer, target: str) -> dict[str, torch.Tensor]:
     """A ``uniform`` layer's codes (uint8 [out, in]), scale (float16 [out, G]) and integer zero point
-    (int64 [out, G]); refuses real-valued zeros (decoupleQ), which integer checkpoints cannot store."""
+    (int64 [out, G], ``integer_zeros``)."""
     f = layer.fmt.unpack(layer.tensors, layer.in_features)
-    zero = f["zero"].float()
-    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() > layer.fmt.maxq:
-        raise UserError(f"{layer.path} has real-valued zero points (decoupleQ float zeros), which have no {target} "
-                        f"equivalent: {target} stores integer zero points in [0, {layer.fmt.maxq}].")
-    return {"codes": f["codes"], "scale": f["scale"].to(torch.float16), "zero": zero.long()}
+    return {"codes": f["codes"], "scale": f["scale"].to(torch.float16), "zero": integer_zeros(layer, target)}

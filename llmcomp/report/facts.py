@@ -63,16 +63,18 @@ class PerLayer:
 
     name: str
     cells: dict = field(default_factory=dict)  # kind -> {layer: [values]}
-    outside: dict = field(default_factory=dict)  # path -> value (lm_head ...)
     modules: dict = field(default_factory=dict)  # path -> value, every module
 
     def add(self, path: str, value: float) -> None:
         layer, kind = split_path(path)
         self.modules[path] = num(value)
-        if layer is None:
-            self.outside[path] = num(value)
-        else:
+        if layer is not None:
             self.cells.setdefault(kind, {}).setdefault(layer, []).append(num(value))
+
+    @property
+    def outside(self) -> dict[str, float]:
+        """``{path: value}`` of the modules outside the decoder layers (lm_head ...)."""
+        return {p: v for p, v in self.modules.items() if split_path(p)[0] is None}
 
     def in_layer(self, layer: int) -> dict[str, float]:
         """``{label: value}`` of every module of decoder layer ``layer`` (an expert's label names its index)."""

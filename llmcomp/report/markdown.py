@@ -95,7 +95,7 @@ def _summary(v: dict) -> str:
         values = list(f["sqnr"].modules.values())  # (one by one: a layer's experts averaged hid the worst)
         if values:
             out.append(f"SQNR {min(values):.1f}–{max(values):.1f} dB (mean {mean(values):.1f})")
-        errs = [x for p, x in f["out_err"].modules.items() if p not in f["out_err"].outside]
+        errs = [x for per in f["out_err"].cells.values() for values in per.values() for x in values]
         if errs:
             out.append(f"output error mean {mean(errs):.3g}, max {max(errs):.3g}")
         if f["allocation"]:
@@ -138,7 +138,7 @@ def _summary(v: dict) -> str:
 
 def _quant_details(v: dict) -> list[str]:
     f = v["facts"]
-    err = f["out_err"].series()
+    err = bool(f["out_err"].cells)  # (a calibrated method's output errors, per decoder layer)
     layers = sorted(set(f["sqnr"].layers()) | set(f["out_err"].layers()))
     bits = (f["allocation"] or {}).get("bits", {})
     per_layer_bits: dict = {}
