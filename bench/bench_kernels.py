@@ -9,9 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-
-from llmcomp.eval import kernel_bench
 
 SWEEP_FORMATS = ("w4", "w3", "w2", "mxfp4", "nvfp4", "vq2", "vq3")
 
@@ -33,6 +32,12 @@ def main(argv=None):
                     help="with --sweep, only these launches and the rule's pick: rt.warps.wr joined by commas "
                          "(e.g. 1.16.1,2.16.1)")
     args = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench/bench_kernels.py times CUDA kernels; no GPU is visible to torch here.")
+    from llmcomp.eval import kernel_bench
+
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else kernel_bench.SHAPES)
     if args.sweep:

@@ -198,7 +198,7 @@ def quant_rows(args, rows, save, names) -> None:
             t = time.perf_counter()
             out = Path(tmp) / name
             if name == "rtn-w3g64":
-                api.quantize(cfg, out, str(args.moe), **kw)
+                api.quantize(cfg, out, str(args.moe), device=args.device)  # (RTN reads no calibration text)
             elif name == "alloc3-plain":  # the same allocation with every expert's error at face value
                 with mock.patch("llmcomp.prune.mcmoe.expert_importance", lambda *a, **k: {}):
                     api.quantize(cfg, out, str(args.moe), allocation=alloc, **kw)

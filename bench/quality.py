@@ -99,7 +99,11 @@ def measure_row(name: str, cfg, ref, tmp: Path, windows: int, calib_samples: int
     ``cfg`` is a method config or (config, AllocationConfig)."""
     t = time.perf_counter()
     cfg, alloc = cfg if isinstance(cfg, tuple) else (cfg, None)
-    path = api.quantize(cfg, Path(tmp) / name, DEFAULT_MODEL, calib_samples=calib_samples, allocation=alloc)
+    from llmcomp.quant import METHODS
+
+    calibrates = alloc is not None or METHODS.get(cfg.method)(cfg).needs_calibration
+    calib = {"calib_samples": calib_samples} if calibrates else {}  # (refused where nothing calibrates)
+    path = api.quantize(cfg, Path(tmp) / name, DEFAULT_MODEL, allocation=alloc, **calib)
     quant_s = time.perf_counter() - t
     row = {"name": name, **api.evaluate(str(path), n_windows=windows, reference=ref), "quant_time_s": round(quant_s, 1)}
     print(f"{name:14s} ppl {row['ppl']:8.2f}  kld {row['kld_mean']:.4f}  top1 {row['top1_agree']:.3f}  "

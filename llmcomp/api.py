@@ -152,14 +152,14 @@ def quantize(
     model: Optional[str] = None,
     *,
     overwrite: bool = False,
-    calib_samples: int = 128,
-    calib_seq_len: int = 512,
-    seed: int = 0,
+    calib_samples: Optional[int] = None,
+    calib_seq_len: Optional[int] = None,
+    seed: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     shard_bytes: Optional[int] = None,
     allocation: Optional[AllocationConfig] = None,
-    calib_batch: int = 8,
+    calib_batch: Optional[int] = None,
     max_memory=None,
     offload_folder=None,
     progress: Progress = NULL,
@@ -170,9 +170,23 @@ def quantize(
     budget (quant/allocate.py) and ``config`` then quantizes every layer in its chosen format.
     ``max_memory``: its GPU entries hard-cap this process's GPU memory for the job (the model stays in
     CPU memory, one decoder layer at a time on the GPU; ignored where no GPU is visible); a ``cpu`` entry
-    is checked against the model's size. Disk offload is not supported here (``offload_folder``)."""
+    is checked against the model's size. Disk offload is not supported here (``offload_folder``).
+    The calibration settings (default 128 windows of 512 tokens, seed 0, 8 windows a pass) are refused where
+    nothing calibrates: a method that reads no text (RTN), without ``allocation``."""
     _expect(config, QuantConfig, "config", "a quantization config such as llmcomp.PRESETS['w4g128'] or RTNConfig()")
     _expect(allocation, (AllocationConfig, type(None)), "allocation", "an AllocationConfig")
+    from llmcomp.quant import METHODS
+
+    calibrates = allocation is not None or METHODS.get(config.method)(config).needs_calibration
+    given = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "seed": seed, "calib_batch": calib_batch}
+    idle = [name for name, value in given.items() if value is not None]
+    if idle and not calibrates:
+        raise UserError(f"{idle[0]} does not apply here: method {config.method!r} with these settings reads no "
+                        "calibration text.")
+    calib_samples = 128 if calib_samples is None else calib_samples
+    calib_seq_len = 512 if calib_seq_len is None else calib_seq_len
+    seed = 0 if seed is None else seed
+    calib_batch = 8 if calib_batch is None else calib_batch
     if not isinstance(calib_batch, int) or isinstance(calib_batch, bool):
         raise UserError(f"--calib-batch must be an integer, got {calib_batch!r}.")
     if shard_bytes is not None and (not isinstance(shard_bytes, int) or shard_bytes < 1):
@@ -200,7 +214,6 @@ def quantize(
     if any(isinstance(k, int) for k in limits or {}) and not gpu_limits:
         progress.note("No GPU is visible: the GPU limits of --max-memory do not apply.")
     stages = stages + _unfuse_experts(net)
-    from llmcomp.quant import METHODS
     from llmcomp.quant.base import check_selection
 
     # (before calibration, allocation and the resume folder; an allocation's formats are checked once chosen)
@@ -209,7 +222,7 @@ def quantize(
     calib = None
     source = None
     device = default_device(device)
-    if METHODS.get(config.method)(config).needs_calibration or allocation is not None:
+    if calibrates:
         if tok is None:
             raise UserError("Calibration needs a tokenizer, and the model directory has none.")
         check_window(net, calib_seq_len, "Calibration")

@@ -141,7 +141,7 @@ def quantize(
     device: Annotated[Optional[str], typer.Option(help="Device for calibrated work (default: cuda if available).")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Hard cap on this job's GPU memory, e.g. cuda:0=2GiB (the model stays in CPU memory; one decoder layer at a time goes to the GPU); a run that does not fit stops naming the layer. A cpu=SIZE entry is checked against the model's size. GPU entries are ignored where no GPU is visible.")] = None,
     offload_folder: Annotated[Optional[Path], typer.Option(help="Not supported by quantize (the model stays in CPU memory); accepted only to say so. See eval/load.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Store unquantized tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store unquantized tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
     """Quantize a model's linear layers and write an artifact."""
@@ -167,16 +167,17 @@ def quantize(
                 raise UserError(f"{given[0]} does not apply here: {why}.")
         from llmcomp.quant import METHODS
 
+        calib = dict(calib_samples=calib_samples, calib_seq_len=seq_len, seed=seed, calib_batch=calib_batch)
         if allocation is None and not METHODS.get(config.method)(config).needs_calibration:
             idle = _given(ctx, ["calib_samples", "seq_len", "seed", "calib_batch"])  # (taken, ignored: no calibration)
             if idle:
                 raise UserError(f"{idle[0]} does not apply here: --method {config.method} with these settings "
                                 "reads no calibration text.")
+            calib = {}  # (the library refuses calibration settings where nothing calibrates)
         with render.RichProgress() as progress:
-            path = api.quantize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
-                                calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype,
-                                allocation=allocation, calib_batch=calib_batch, max_memory=max_memory,
-                                offload_folder=offload_folder, progress=progress)
+            path = api.quantize(config, output, model, overwrite=overwrite, device=device, dtype=dtype,
+                                allocation=allocation, max_memory=max_memory, offload_folder=offload_folder,
+                                progress=progress, **calib)
         render.wrote(path)
 
     run(go)

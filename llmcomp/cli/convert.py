@@ -20,7 +20,7 @@ def moefy(
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling and clustering.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
     """MoEfication: cluster each MLP's neurons into experts and calibrate a router on the bundled text.

@@ -40,7 +40,7 @@ def experts(
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling and --method random.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
     """Remove experts scored from one calibration pass; the artifact loads with llmcomp.load (and with stock
@@ -84,7 +84,7 @@ def dynamic(
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
     """MC-MoE online dynamic pruning: record a threshold τ on w_j / w_1; at run time a token's later expert

@@ -93,7 +93,7 @@ def kv(
     seq_len: Annotated[Optional[int], typer.Option(help="duo/cskv: calibration sequence length in tokens.")] = None,
     weights_only: Annotated[bool, typer.Option("--weights-only", help="cskv: bases from the k/v projection weights (no calibration text).")] = False,
     device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32/float16/bfloat16 (default: as in the model).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
 ):
     """Record a KV-cache policy in an artifact; llmcomp.load + generate then applies it."""
