@@ -339,6 +339,32 @@ def test_post_scale_pairs():
     assert uniform_cuda.prepare(fmt, t, 256)["zero"] is None
 
 
+def test_launch_config_takes_the_h100_sweep_picks(monkeypatch):
+    """On an H100 (its name in the device properties) three picks differ from the H200's rule, where one H100 sweep
+    timed them faster (bench/results/sweep_{w4_m4,w3,w2}_h100_s53.json, rule_*_h100_s53.json); every other pick is
+    the H200's."""
+    class Props:
+        multi_processor_count = 132
+        name = "NVIDIA H200"
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: Props())
+    points = [(n, k, b, m, fp16) for n, k in [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336),
+                                              (28672, 4096), (28672, 8192)]
+              for b in (2, 3, 4) for m in (1, 2, 4, 8, 16, 64) for fp16 in (False, True)]
+    h200 = {p: uniform_cuda.launch_config(*p[:4], fp16=p[4]) for p in points}
+    Props.name = "NVIDIA H100 80GB HBM3"
+    h100 = {p: uniform_cuda.launch_config(*p[:4], fp16=p[4]) for p in points}
+    changed = {p: (h200[p], h100[p]) for p in points if h200[p] != h100[p]}
+    assert changed == {
+        **{(14336, 4096, 4, m, fp16): ((1, 4, 1), (2, 4, 1)) for m in (2, 4, 8) for fp16 in (False, True)},
+        **{(28672, 8192, 3, 1, fp16): ((1, 4, 1), (2, 4, 1)) for fp16 in (False, True)},
+        **{(28672, 8192, 2, m, False): ((2, 8, 1), (2, 4, 1)) for m in (1, 2, 4)},  # (fp16: 4 warps on both)
+    }
+    assert uniform_cuda.launch_config(28672, 8192, 2, 8) == (2, 2, 1)  # from M = 7 2 warps, as on the H200
+    assert uniform_cuda.launch_config(14336, 4096, 4, 4, elem=1) == (1, 4, 1)  # uniform codes only
+
+
 def test_launch_config_follows_the_h200_sweeps(monkeypatch):
     """launch_config on an H200-sized GPU (132 SMs) returns the configurations the sweeps measured fastest
     (bench/results/kernels_sweep_h200_wide.json, kernels_sweep_h200_rowgroups.json, kernels_sweep_h200_xstage_m64.json,

@@ -397,10 +397,13 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     forced = launch_override().get((n, k))
     if forced is not None and (forced[0] == 1 or n % 32 == 0):
         return forced
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    sms = props.multi_processor_count
     kbs = k // kblock(bits)
     if m <= 8 and layout_bits(bits) == 2 and elem == 0 and post:
-        return _two_bit_post_launch(n, bits, m, kbs, sms, fp16)
+        return _two_bit_post_launch(n, bits, m, kbs, sms, fp16, h100=is_h100(props))
+    if 2 <= m <= 8 and bits == 4 and elem == 0 and n % 32 == 0 and 6 * sms <= n // 16 < 12 * sms and is_h100(props):
+        return 2, 4, 1  # (H100: two row tiles on many rows from M = 2; see is_h100)
     if 8 < m <= 16 and elem == 9:
         return _e2m1_byte_m16_launch(n, kbs, sms)
     if m <= 16 and n // 16 <= 2 * sms:
@@ -470,7 +473,24 @@ def _e2m1_byte_m16_launch(n: int, kbs: int, sms: int) -> tuple[int, int, int]:
     return (1, 4, 1) if n // 16 >= 6 * sms else (1, 8, 1)
 
 
-def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bool = False) -> tuple[int, int, int]:
+def is_h100(props) -> bool:
+    """Whether the GPU of ``props`` (``torch.cuda.get_device_properties``) is an H100, where the launch rule (swept on the H200 since the second session) takes three
+    picks of its own. The H100 has the H200's 132 SMs and ~2/3 of its memory bandwidth (copy 3.0 against 4.4 TB/s),
+    so a kernel's fixed costs weigh less against its bytes there. One H100 sweep of every launch on the issue's four
+    shapes (bench/results/sweep_{w4,w4_m4,w3,w2}_h100_s53.json, bf16, M = 1 / 4 / 16; the rule's other picks were the
+    sweep's best or within 1 %) found three, and a second call timed each against the rule's pick in one process
+    (rule_*_h100_s53.json): W4 14336 × 4096 two row tiles × 4 warps from M = 2 (13.40 / 13.50 / 13.80 µs at M = 2 / 4
+    / 8 against one tile's 13.97 / 14.13 / 14.76; at M = 1 one tile stays ahead, 12.96 against 13.44; M = 9..16 takes
+    two tiles already); W3 28672 × 8192 two tiles at M = 1 too (39.29 against one tile's 40.57; the H200 had one tile
+    ahead there, 37.78 against 39.71; fp16 activations a tie, 40.29 against 40.16); W2 28672 × 8192 with bf16
+    activations two tiles × 4 warps up to M = 6 (30.53 / 31.30 / 32.66 at M = 1 / 2 / 4 against × 8 warps' 31.77 /
+    32.50 / 33.42; the H200 had 8 warps ahead, 28.89 against 29.65 at M = 1; M = 5, 6 untimed; from M = 7 2 warps, as
+    on the H200)."""
+    return "H100" in getattr(props, "name", "")
+
+
+def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bool = False,
+                         h100: bool = False) -> tuple[int, int, int]:
     """The 2-bit layouts (W2, W3) at M ≤ 8 through the post-scale kernel, from H200 sweeps of its launches at M = 1, 2,
     4, 6, 8 (bench/results/sweep_w{2,3}_m1_h200_s36.json, rule{,2,3}_w{2,3}_h200_s37.json, sweep_w3_m8_h200_s37.json).
     Two row tiles a warp share each x fragment; they win from a few tokens on, and for W3 on few rows with a long K at
@@ -516,11 +536,11 @@ def _two_bit_post_launch(n: int, bits: int, m: int, kbs: int, sms: int, fp16: bo
         rt, warps = (2 if m >= (2 if bits == 2 else 4) else 1), 4
         if bits == 2 and rt == 2 and kbs < 64 and n % 32 == 0:
             return 2, 4, 2  # W2 on a short K: two row groups a block (see above)
-    else:  # very many rows (28672)
+    else:  # very many rows (28672); on an H100 W3 two tiles at M = 1 too, W2 4 warps below M = 7 (is_h100)
         if bits == 2:
-            rt, warps = 2, (4 if kbs < 64 or fp16 else 2 if m >= 7 else 8)
+            rt, warps = 2, (4 if kbs < 64 or fp16 or (h100 and m < 7) else 2 if m >= 7 else 8)
         else:
-            rt, warps = (2 if m >= 2 or kbs < 64 else 1), 4
+            rt, warps = (2 if m >= 2 or kbs < 64 or h100 else 1), 4
     return (rt if n % 32 == 0 else 1), warps, 1
 
 
