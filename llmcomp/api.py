@@ -67,6 +67,20 @@ def one_job(fn):
     return call
 
 
+def null_progress(fn):
+    """``progress=None`` is no progress display, as leaving it out is (it failed at the first note, deep inside);
+    anything else must be a ``Progress``."""
+    import functools
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if kwargs.get("progress", NULL) is None:
+            kwargs["progress"] = NULL
+        _expect(kwargs.get("progress", NULL), Progress, "progress", "an llmcomp.core.progress.Progress (or None)")
+        return fn(*args, **kwargs)
+    return call
+
+
 def _expect(value, kinds, name: str, what: str) -> None:
     """A UserError where an entry point's config argument is something else (a preset's name, a dict, a format):
     it failed at the first attribute read, deep inside."""
@@ -80,9 +94,12 @@ def default_device(device: Optional[str] = None) -> str:
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """A dtype's name (``--dtype``) or the torch dtype itself (as ``load`` takes it), one of ``DTYPES``."""
     if name is None:
         return None
-    if name not in DTYPES:
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
+    if not isinstance(name, str) or name not in DTYPES:
         raise UserError(f"Unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}.")
     return DTYPES[name]
 
@@ -146,6 +163,7 @@ def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str
 
 
 @one_job
+@null_progress
 def quantize(
     config: QuantConfig,
     output: os.PathLike | str,
@@ -189,7 +207,8 @@ def quantize(
     calib_batch = 8 if calib_batch is None else calib_batch
     if not isinstance(calib_batch, int) or isinstance(calib_batch, bool):
         raise UserError(f"--calib-batch must be an integer, got {calib_batch!r}.")
-    if shard_bytes is not None and (not isinstance(shard_bytes, int) or shard_bytes < 1):
+    if shard_bytes is not None and (not isinstance(shard_bytes, int) or isinstance(shard_bytes, bool)
+                                    or shard_bytes < 1):
         raise UserError(f"shard_bytes must be a positive integer, got {shard_bytes!r}.")
     output = check_output(output, overwrite, model)
     if offload_folder is not None:
@@ -312,6 +331,7 @@ def _weights_key(net) -> str:
 
 
 @one_job
+@null_progress
 def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
              device: Optional[str] = None, dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
     """Record a KV-cache policy (``llmcomp.prune.kv`` config) in an artifact; calibrated policies
@@ -380,6 +400,7 @@ def _unfuse_experts(net) -> list[dict]:
 
 
 @one_job
+@null_progress
 def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
                   calib_samples: int = 32, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
                   dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
@@ -415,6 +436,7 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
 
 
 @one_job
+@null_progress
 def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
                  calib_samples: int = 16, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
                  dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
@@ -428,7 +450,7 @@ def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None,
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
-        check=lambda net, _: moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL)))
+        check=lambda net, _: moe.require_moe(net, str(model or model_mod.DEFAULT_MODEL), "dynamic expert skipping"))
     earlier = [s for s in stages if s.get("skip_threshold") is not None]
     moe.remove_skip(net)  # the new threshold replaces an earlier dynamic stage's, measured on unmasked routing
     tau, report = mcmoe.skip_threshold(net, ids, config.rate, device=default_device(device), progress=progress)
@@ -444,6 +466,7 @@ def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None,
 
 
 @one_job
+@null_progress
 def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
           calib_samples: int = 32, calib_seq_len: int = 512, seed: int = 0, device: Optional[str] = None,
           dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
@@ -546,6 +569,7 @@ def _named(path, p: Path) -> dict:
     return {"path": str(path), "name": p.resolve().name}
 
 
+@null_progress
 def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: int = 64,
                   passkey_lengths=(1024, 2048), passkey_samples: int = 10, needle_keys: int = 0,
                   device: Optional[str] = None, progress: Progress = NULL) -> dict:
@@ -649,6 +673,7 @@ def base_model_path(path) -> str:
     return base
 
 
+@null_progress
 def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
                      device: Optional[str] = None, device_map=None, max_memory=None, offload_folder=None,
                      progress: Progress = NULL) -> Reference:
@@ -660,11 +685,19 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
     if tok is None:
         raise UserError(f"{path} has no tokenizer files; evaluation needs one.")
     windows = eval_windows(tok, seq_len, n_windows)
+    note_fewer_windows(windows.shape[0], n_windows, seq_len, progress)
     check_vocab(windows, net)
     ref = Reference.record(net, windows, batch_size=batch_size, progress=progress, tokenizer=tokenizer_id(tok))
     ref.asked = (n_windows, seq_len)  # (what an evaluation against it must ask for: evaluate)
     del net
     return ref
+
+
+def note_fewer_windows(got: int, asked: int, seq_len: int, progress: Progress) -> None:
+    """A note where the held-out text holds fewer windows than asked for (the result's ``windows`` tells, quietly)."""
+    if got < asked:
+        progress.note(f"The held-out text holds {got} windows of {seq_len} tokens; evaluating those {got} "
+                      f"(--windows {asked}).")
 
 
 def check_eval(seq_len, n_windows, batch_size) -> None:
@@ -680,6 +713,7 @@ def _placement(device, device_map, max_memory, offload_folder) -> dict:
     return {"device": device, "device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
 
 
+@null_progress
 def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: int = 4,
              device: Optional[str] = None, reference: Optional[Reference] = None,
              device_map=None, max_memory=None, offload_folder=None, progress: Progress = NULL) -> dict:
@@ -713,6 +747,8 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     windows = reference.windows if reference is not None else None
     ppl = perplexity(net, tok, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size, progress=progress,
                      windows=windows, comparer=reference.comparer() if reference is not None else None)
+    if reference is None:  # (a reference's windows were counted when it was recorded)
+        note_fewer_windows(ppl["windows"], n_windows, seq_len, progress)
     return {
         **_named(path, p),
         "stages": " + ".join(stage_label(s) for s in stages) or "original",
@@ -766,6 +802,7 @@ def inspect(path) -> dict:
 
 
 @one_job
+@null_progress
 def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *, overwrite: bool = False,
               calib_samples: int = 16, calib_seq_len: int = 512, device: Optional[str] = None,
               dtype: Optional[str] = None, progress: Progress = NULL) -> Path:
@@ -788,6 +825,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     key = resume.fingerprint(config=to_dict(config), **_job_key(net, ids, default_device(device)),
                              samples=calib_samples, seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
     distill.check_layers(net, config, calib_seq_len)  # (before the resume directory exists)
+    check_window(net, config.seq_len, "Fine-tune")  # (the transfer's windows are checked by _calibrated)
     stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)
     check_vocab(stream, net)  # (the calibration windows may miss a rare id the fine-tune's stream holds)
     checkpoint = resume.for_output(output, key, progress.note)

@@ -707,3 +707,56 @@ def test_calibration_flags_of_a_method_that_reads_no_text_are_refused(model_dir,
     """RTN took --calib-samples/--seq-len/--seed/--calib-batch and recorded calibration: null."""
     for flags in (["--calib-samples", 3], ["--seq-len", 9], ["--seed", 5], ["--calib-batch", 2]):
         assert "reads no calibration text" in error_line(invoke("quantize", model_dir, "-o", tmp_path / "q", *flags))
+
+
+def test_library_arguments_found_by_the_api_hunt(artifact, model_dir, tmp_path):
+    """Each went wrong quietly or deep inside: overwrite="no" replaced the output; layer_ratios=[0.5] raised an
+    AttributeError; ridge=nan passed the config and failed at the write, blaming the model; bits="4" read "got 4";
+    progress=None failed at the first note; shard_bytes=True wrote one-byte shards; a torch dtype was "unknown";
+    linearize fine-tuned on windows past the model's context."""
+    from llmcomp import api
+    from llmcomp.convert.moefy import MoefyConfig
+    from llmcomp.errors import UserError
+    from llmcomp.formats import Uniform
+    from llmcomp.linearize.distill import LinearizeConfig
+    from llmcomp.prune.experts import ExpertPruneConfig
+    from llmcomp.quant import RTNConfig
+    from tests.conftest import save_char_model
+
+    W4 = Uniform(bits=4, group_size=32)
+    (tmp_path / "o").mkdir()
+    chars = save_char_model(tmp_path / "chars", layers=1)
+    bad = [
+        (lambda: api.quantize(RTNConfig(format=W4), tmp_path / "o", str(model_dir), overwrite="no"),
+         "overwrite must be True or False, got 'no'"),
+        (lambda: api.export(artifact, "gptq", tmp_path / "o", overwrite=1), "overwrite must be True or False"),
+        (lambda: ExpertPruneConfig(layer_ratios=[0.5]), "ExpertPruneConfig.layer_ratios must be a dict"),
+        (lambda: MoefyConfig(ridge=float("nan")), "MoefyConfig.ridge must be a number, got nan"),
+        (lambda: Uniform(bits="4"), "Uniform.bits must be an integer, got '4'"),
+        (lambda: api.quantize(RTNConfig(format=W4), tmp_path / "s", str(model_dir), shard_bytes=True),
+         "shard_bytes must be a positive integer, got True"),
+        (lambda: api.evaluate(str(chars), seq_len=32, n_windows=1, progress="bar"), "progress must be an llmcomp"),
+        (lambda: api.linearize(LinearizeConfig(transfer_steps=1, tokens=2048, seq_len=1024, batch_size=1,
+                                               window=16), tmp_path / "lin", str(chars), calib_samples=2,
+                               calib_seq_len=64),
+         r"Fine-tune windows of 1024 tokens are longer than the model's context \(256 tokens\)"),
+    ]
+    for call, match in bad:
+        with pytest.raises(UserError, match=match):
+            call()
+    assert not any((tmp_path / "o").iterdir()) and not (tmp_path / "s").exists() and not (tmp_path / "lin").exists()
+    assert api.evaluate(str(chars), seq_len=32, n_windows=1, progress=None)["windows"] == 1
+    from llmcomp.core.progress import Progress
+
+    class Notes(Progress):
+        def __init__(self):
+            self.seen = []
+
+        def note(self, message):
+            self.seen.append(message)
+
+    notes = Notes()  # more windows than the held-out text holds: evaluated, and said so
+    got = api.evaluate(str(chars), seq_len=256, n_windows=10 ** 6, batch_size=64, progress=notes)["windows"]
+    said = f"holds {got} windows of 256 tokens; evaluating those {got} (--windows 1000000)"
+    assert got < 10 ** 6 and said in " ".join(notes.seen)
+    assert api.parse_dtype(torch.bfloat16) is torch.bfloat16 and api.parse_dtype("float16") is torch.float16

@@ -98,8 +98,12 @@ def test_bad_needle_input():
     for keys in (0, len(LABELS) + 1, 2.5):
         with pytest.raises(UserError, match="between 1 and"):
             multikey_samples(TOK, 2000, 1, keys=keys, source=SOURCE)
-    with pytest.raises(UserError, match="longer context"):
-        passkey_samples(TOK, 100, 1, source=SOURCE)
+    with pytest.raises(UserError, match=r"so at least \d+ tokens; raise the passkey lengths\.") as e:
+        passkey_samples(TOK, 100, 1, source=SOURCE)  # (the message names the setting to change and by how much)
+    need = int(str(e.value).split("so at least ")[1].split()[0])
+    passkey_samples(TOK, need, 1, source=SOURCE)  # that many tokens are enough
+    with pytest.raises(UserError, match="raise --seq-len"):
+        passkey_samples(TOK, need - 1, 1, source=SOURCE, hint="--seq-len")
 
 
 class Oracle(torch.nn.Module):

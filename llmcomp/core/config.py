@@ -27,9 +27,9 @@ def register_config(cls):
     def __init__(self, *args, **kwargs):
         try:
             init(self, *args, **kwargs)
-        except TypeError:
-            check_field_types(self)  # (a wrong-typed field is the clearer cause of a TypeError its checks raised)
-            raise
+        except (TypeError, AttributeError, UserError):
+            check_field_types(self)  # (a wrong-typed field is the clearer cause of the error its checks raised:
+            raise                    # bits="4" read "must be an integer from 2 to 8, got 4")
         check_field_types(self)
 
     cls.__init__ = __init__
@@ -62,8 +62,9 @@ def check_field_types(obj: Any) -> None:
             continue
         classes = _classes(type(obj), kind)
         inner = kind[len("Optional["):-1] if kind.startswith("Optional[") else kind
-        if kind in _SCALARS:
-            ok = isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
+        if kind in _SCALARS:  # (NaN passed every range check: `nan <= 0` is False)
+            ok = isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool)) and not (
+                isinstance(value, float) and math.isnan(value))
         elif inner.startswith("tuple"):  # (a list is taken as the tuple it stands for)
             item = {"tuple[str, ...]": (str,), "tuple[int, ...]": (int,)}.get(inner, (object,))
             ok = isinstance(value, (tuple, list)) and all(isinstance(v, item) and not isinstance(v, bool)

@@ -75,18 +75,23 @@ def _splice(intro: list[int], filler: list[int], needles: list[tuple[int, list[i
     return ids + filler[prev:] + question
 
 
-def _fill_budget(length: int, fixed: int, n_needles: int, what: str) -> int:
+def _fill_budget(length: int, fixed: int, n_needles: int, what: str, hint: str) -> int:
+    """The filler tokens a prompt of ``length`` holds beside its ``fixed`` ones; a UserError naming ``hint`` (the
+    setting that gives the length) where fewer than MIN_FILLER a needle are left."""
     n_fill = length - fixed
     if n_fill < MIN_FILLER * n_needles:
-        raise UserError(f"A {what} prompt of {length} tokens leaves {max(n_fill, 0)} tokens of filler text "
-                        f"(at least {MIN_FILLER * n_needles} needed); use a longer context"
-                        + (" or fewer keys." if n_needles > 1 else "."))
+        raise UserError(f"A {what} prompt of {length} tokens leaves {max(n_fill, 0)} tokens of filler text: its "
+                        f"instructions, key{'s' if n_needles > 1 else ''} and question take {fixed}, and at least "
+                        f"{MIN_FILLER * n_needles} filler tokens are needed, so at least "
+                        f"{fixed + MIN_FILLER * n_needles} tokens; raise {hint}"
+                        + (" or ask for fewer keys." if n_needles > 1 else "."))
     return n_fill
 
 
 def passkey_samples(tokenizer, length: int, n: int, seed: int = 0, split: str = "eval",
-                    source: str | None = None) -> list[PasskeySample]:
-    """``n`` prompts of ``length`` tokens, needle depths spread evenly over (0, 1)."""
+                    source: str | None = None, hint: str = "the passkey lengths") -> list[PasskeySample]:
+    """``n`` prompts of ``length`` tokens, needle depths spread evenly over (0, 1). ``hint``: the setting that gives
+    ``length``, named where it is too short."""
     text = _split_text(split, source)
     rng = random.Random(seed)
     intro, question = _ids(tokenizer, INTRO), _ids(tokenizer, QUESTION)
@@ -94,7 +99,7 @@ def passkey_samples(tokenizer, length: int, n: int, seed: int = 0, split: str = 
     for i in range(n):
         key = str(rng.randint(10000, 99999))
         needle = _ids(tokenizer, NEEDLE.format(key=key))
-        n_fill = _fill_budget(length, len(intro) + len(needle) + len(question), 1, "passkey")
+        n_fill = _fill_budget(length, len(intro) + len(needle) + len(question), 1, "passkey", hint)
         filler = _filler(tokenizer, text, n_fill, rng, split, length)
         depth = (i + 0.5) / n
         ids = _splice(intro, filler, [(int(depth * n_fill), needle)], question)
@@ -103,7 +108,7 @@ def passkey_samples(tokenizer, length: int, n: int, seed: int = 0, split: str = 
 
 
 def multikey_samples(tokenizer, length: int, n: int, keys: int = 4, seed: int = 0, split: str = "eval",
-                     source: str | None = None) -> list[PasskeySample]:
+                     source: str | None = None, hint: str = "the passkey lengths") -> list[PasskeySample]:
     """``n`` multi-key prompts of ``length`` tokens with ``keys`` needles each. The asked needle's depth is
     spread evenly over (0, 1) across the samples; the other needles sit at seeded random depths."""
     if not isinstance(keys, int) or isinstance(keys, bool) or not 1 <= keys <= len(LABELS):
@@ -119,7 +124,7 @@ def multikey_samples(tokenizer, length: int, n: int, keys: int = 4, seed: int = 
         needles = [_ids(tokenizer, MULTI_NEEDLE.format(label=lab, key=val)) for lab, val in zip(labels, values)]
         question = _ids(tokenizer, MULTI_QUESTION.format(label=labels[asked]))
         n_fill = _fill_budget(length, len(intro) + sum(map(len, needles)) + len(question), keys,
-                              f"{keys}-key needle")
+                              f"{keys}-key needle", hint)
         filler = _filler(tokenizer, text, n_fill, rng, split, length)
         depth = (i + 0.5) / n
         cut = int(depth * n_fill)
@@ -131,10 +136,11 @@ def multikey_samples(tokenizer, length: int, n: int, keys: int = 4, seed: int = 
     return out
 
 
-def passkey_sequences(tokenizer, length: int, n: int, seed: int = 0, split: str = "calib"):
+def passkey_sequences(tokenizer, length: int, n: int, seed: int = 0, split: str = "calib",
+                      hint: str = "the prompt length"):
     """Prompt followed by its answer tokens, as int64 [length + answer] (for training-style passes)."""
     return [(torch.cat([s.prompt, torch.tensor(_ids(tokenizer, " " + s.answer))]), s.answer)
-            for s in passkey_samples(tokenizer, length, n, seed, split)]
+            for s in passkey_samples(tokenizer, length, n, seed, split, hint=hint)]
 
 
 def answer_correct(text: str, answer: str) -> bool:

@@ -51,6 +51,8 @@ def check_output(output, overwrite: bool, source=None) -> Path:
     model or artifact a command reads: the output is that directory or a folder above it), or — with
     ``overwrite`` — is a directory llmcomp did not write (``--overwrite`` never deletes other files). ``~`` in
     either is the home directory, as the shell would make it (an API call's path does not pass a shell)."""
+    if not isinstance(overwrite, bool):  # ("no" was truthy: the output was replaced)
+        raise UserError(f"overwrite must be True or False, got {overwrite!r}.")
     output = as_path(output, "The output")
     source = as_path(source, "The model") if source is not None else None
     if output.is_symlink() and not output.exists():

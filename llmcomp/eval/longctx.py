@@ -119,10 +119,12 @@ def long_context_eval(model, tokenizer, *, context: int = 2048, prefix: int | No
     tasks = {}
     if passkey_lengths and passkey_n:
         tasks["passkey"] = ("Passkey",
-                            {n: passkey_samples(tokenizer, n, passkey_n, seed=seed) for n in passkey_lengths})
+                            {n: passkey_samples(tokenizer, n, passkey_n, seed=seed, hint="--passkey-lengths")
+                             for n in passkey_lengths})
         if needle_keys:
             tasks["multikey"] = (f"{needle_keys}-key needle",
-                                 {n: multikey_samples(tokenizer, n, passkey_n, keys=needle_keys, seed=seed)
+                                 {n: multikey_samples(tokenizer, n, passkey_n, keys=needle_keys, seed=seed,
+                                                      hint="--passkey-lengths")
                                   for n in passkey_lengths})
     start = time.perf_counter()
     result = continuation_perplexity(model, tokenizer, context=context, prefix=prefix, n_windows=n_windows,

@@ -346,7 +346,8 @@ def launch_config(n: int, k: int, bits: int, m: int, staged: bool | None = None,
     confirmed by the H200 sweep, kernels_sweep_h200.json): one 16-row tile a warp and 8 warps, 4 when there are
     many row tiles and a short K. M = 9..16 (H200 sweep): one tile a warp too, two (× 4 warps) only for very
     many rows (28672); on the H100 two tiles were ahead on every shape at M = 16 (by ≤ 8 %), so this rule is
-    the H200's. The same two tiles × 4 warps for very many rows at M ≤ 8 with 4-bit layouts (two tiles share
+    the H200's (on an H100 three picks of its own since: ``is_h100``). The same two tiles × 4 warps for very many
+    rows at M ≤ 8 with 4-bit layouts (two tiles share
     each x fragment; H200 sweeps kernels_sweep_h200_r2*.json / .log): W4 28672 × 4096 19.28 µs at M=1 against
     22.03 with one tile × 4 warps, 28672 × 8192 36.46 against 38.28 (one tile × 8 warps); MXFP4 and NVFP4 best
     there too; one tile stayed best on the other shapes, and for the 2-bit layout (W3 28672 × 8192: 49.11 against

@@ -155,10 +155,10 @@ def find_moe_blocks(model: nn.Module, strict: bool = True) -> list[MoEBlock]:
     return out
 
 
-def require_moe(model: nn.Module, name: str = "The model") -> list[MoEBlock]:
+def require_moe(model: nn.Module, name: str = "The model", job: str = "expert pruning") -> list[MoEBlock]:
     blocks = find_moe_blocks(model)
     if not blocks:
-        raise UserError(f"{name} ({type(model).__name__}) has no MoE blocks; expert pruning needs a mixture-of-experts model.")
+        raise UserError(f"{name} ({type(model).__name__}) has no MoE blocks; {job} needs a mixture-of-experts model.")
     return blocks
 
 

@@ -1,6 +1,6 @@
 """KV-cache policies recorded in artifacts and applied by a transformers ``Cache`` (see cache.py).
 
-Methods: ``mustafar`` (bitmap-compressed unstructured sparsity), ``kivi`` (2/4-bit), ``streaming``,
+Methods: ``mustafar`` (bitmap-compressed unstructured sparsity), ``kivi`` (2/3/4/8-bit), ``streaming``,
 ``h2o``, ``a2sf`` (eviction), ``duo`` (retrieval vs streaming heads), ``cskv`` (low-rank channels).
 Names resolve lazily so that ``import llmcomp`` does not import transformers' cache machinery.
 """

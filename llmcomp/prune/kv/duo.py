@@ -135,7 +135,8 @@ def calibrate_gates(model, tokenizer, cfg: "DuoConfig", progress=NULL, device=No
         p.requires_grad_(False)
     for i, m in enumerate(mods):
         m._duo_gate, m._duo_window = gates[i], (cfg.sinks, cfg.window)
-    samples = passkey_sequences(tokenizer, cfg.calib_seq_len, cfg.calib_steps, seed=cfg.seed, split="calib")
+    samples = passkey_sequences(tokenizer, cfg.calib_seq_len, cfg.calib_steps, seed=cfg.seed, split="calib",
+                                hint="the calibration length (--seq-len, DuoConfig.calib_seq_len)")
     opt = torch.optim.Adam([gates], lr=cfg.lr)
     base = model.base_model
     try:

@@ -1,4 +1,4 @@
-"""KIVI: 2/4-bit KV cache — keys quantized per channel, values per token, recent tokens full precision.
+"""KIVI: 2-, 3-, 4- or 8-bit KV cache — keys quantized per channel, values per token, recent tokens full precision.
 
 Keys: tokens collect in a full-precision residual; whenever it holds ``residual`` tokens they are
 quantized per channel, with one scale/minimum per channel and group of ``group`` consecutive tokens
@@ -97,7 +97,8 @@ class KIVILayer(PolicyLayer):
 @register_config
 @dataclass(frozen=True)
 class KIVIConfig(KVPolicy):
-    """2/4-bit KV cache: keys per channel, values per token, ``residual`` recent tokens unquantized."""
+    """2-, 3-, 4- or 8-bit KV cache (the paper: 2 and 4): keys per channel, values per token, ``residual`` recent
+    tokens unquantized."""
 
     bits: int = 2
     group: int = 32
