@@ -104,13 +104,13 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return DTYPES[name]
 
 
-def _store_dtype(dtype: Optional[str], model) -> Optional[torch.dtype]:
+def _store_dtype(dtype: Optional[str], model, progress: Progress = NULL) -> Optional[torch.dtype]:
     """``--dtype``, else the 16-bit float dtype the source's config.json names: the model is loaded and computed in
     float32 either way, and a writer stores its unquantized tensors as in the model (bf16 sources came out float32,
     twice their size, against the commands' help)."""
     if dtype is not None:
         return parse_dtype(dtype)
-    stored = stored_dtype(model_mod.resolve(model))
+    stored = stored_dtype(model_mod.resolve(model, progress.note))  # (the bundled model's conversion is said here)
     return stored if stored in (torch.float16, torch.bfloat16) else None
 
 
@@ -226,7 +226,7 @@ def quantize(
     memory.check_device(device)  # a bad --device fails before any work
     limits = memory.parse_max_memory(max_memory)
     gpu_limits = memory.gpu_limits(limits)
-    store_dtype = _store_dtype(dtype, model)
+    store_dtype = _store_dtype(dtype, model, progress)
     start = time.perf_counter()
     net, tok, base, stages = open_model(model, progress=progress)
     memory.check_cpu_fits(net, limits)
@@ -343,7 +343,7 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
     from llmcomp.prune.kv.cache import check_supported
 
     output = check_output(output, overwrite, model)
-    store_dtype = _store_dtype(dtype, model)
+    store_dtype = _store_dtype(dtype, model, progress)
     start = time.perf_counter()
     net, tok, base, stages = open_model(model, progress=progress)
     if any(s.get("kind") == "kv" for s in stages):
@@ -413,7 +413,7 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
     from llmcomp.core.qlinear import QuantLinear
     from llmcomp.prune import experts, moe
 
-    store_dtype = _store_dtype(dtype, model)
+    store_dtype = _store_dtype(dtype, model, progress)
     start = time.perf_counter()
 
     def check(net, _):
@@ -446,7 +446,7 @@ def skip_experts(config, output: os.PathLike | str, model: Optional[str] = None,
 
     _expect(config, mcmoe.DynamicSkipConfig, "config", "a DynamicSkipConfig")
     memory.check_device(device)  # a bad --device fails before any work
-    store_dtype = _store_dtype(dtype, model)  # (it stored a bf16 model as float32: twice the size for one number)
+    store_dtype = _store_dtype(dtype, model, progress)  # (a bf16 model was stored as float32: twice the size)
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress,
@@ -478,7 +478,7 @@ def moefy(config, output: os.PathLike | str, model: Optional[str] = None, *, ove
     memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.convert.moefy import moefy_model, target_config
 
-    store_dtype = _store_dtype(dtype, model)
+    store_dtype = _store_dtype(dtype, model, progress)
     start = time.perf_counter()
     def check(net, stages):
         if stages:
@@ -818,7 +818,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     from llmcomp.core.data import tokenize
     from llmcomp.linearize import distill
 
-    store_dtype = _store_dtype(dtype, model)
+    store_dtype = _store_dtype(dtype, model, progress)
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(model, output, overwrite, calib_samples, calib_seq_len,
                                                             config.seed, progress, check=distill.check_model)

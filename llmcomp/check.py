@@ -89,6 +89,16 @@ def _real(x) -> float:
         return math.nan
 
 
+def looks_like_baseline(path: Path) -> bool:
+    """Whether ``path`` is a JSON object marked as an llmcomp check baseline (of any version, whatever its metrics):
+    one that ``check --update`` may replace when it cannot be read as one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(data, dict) and "llmcomp_check" in data
+
+
 def read_baseline(path: Path) -> dict:
     path = Path(path)
     if not path.exists():

@@ -241,8 +241,19 @@ def test_update_keeps_hand_edited_tolerances(tmp_path, monkeypatch):
     assert json.loads(b.read_text())["settings"]["windows"] == 2  # (and its settings: 8 windows before)
     assert metrics["ppl"] == {"value": 25.0, "better": "lower", "tolerance_rel": 0.05}
     assert metrics["size_mb"]["tolerance_rel"] == chk.TRACKED["size_mb"][1] and default != 0.05
-    b.write_text("{not json")  # an unreadable baseline is replaced, with a word
+    b.write_text('{"llmcomp_check": 1, "metrics": []}')  # a damaged baseline is replaced, with a word
     r = runner.invoke(app, ["check", art, "--baseline", str(b), "--update", "--windows", "2"])
     said = " ".join(r.output.split())  # (the console wraps long paths)
-    assert r.exit_code == 0 and "is not valid JSON. Replacing it" in said, r.output
+    assert r.exit_code == 0 and "metrics must be a non-empty object" in said and "Replacing it" in said, r.output
     assert json.loads(b.read_text())["metrics"]["ppl"]["tolerance_rel"] == default
+
+
+@pytest.mark.parametrize("text", ['{"name": "mypkg", "version": "1.0"}', "{not json", "[1, 2]"])
+def test_update_replaces_only_a_baseline(tmp_path, monkeypatch, text):
+    """A mistyped --baseline (package.json, a results file) was replaced by a baseline, exit 0."""
+    monkeypatch.setattr(api, "evaluate", fake_evaluate({"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0}))
+    b, art = tmp_path / "other.json", fake_artifact(tmp_path)
+    b.write_text(text)
+    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--update"])
+    assert r.exit_code != 0 and "--update replaces only a baseline" in " ".join(r.output.split()), r.output
+    assert b.read_text() == text

@@ -118,3 +118,20 @@ def test_a_damaged_cached_text_is_one_error(tmp_path, monkeypatch):
             data.corpus("austen")
     finally:
         data.corpus.cache_clear()
+
+
+def test_the_bundled_conversion_draws_no_bar_of_its_own(capsys):
+    """transformers' GGUF reader drew ~30 tqdm redraws under `quantize`'s own message: TQDM_DISABLE, set for the
+    conversion, is read by tqdm at import, and by then tqdm was imported."""
+    import tqdm  # noqa: F401  (imported before, as in a quantize run)
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    from llmcomp.core.model import _no_gguf_bar
+
+    before = gguf.tqdm
+    with _no_gguf_bar():
+        assert list(gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+    assert gguf.tqdm is before
+    assert "Converting" not in capsys.readouterr().err
+    list(gguf.tqdm(range(3), desc="Converting after"))  # (outside, the reader's bar is as it was)
+    assert "Converting after" in capsys.readouterr().err

@@ -261,7 +261,7 @@ def test_codebook_for_bits():
     (lambda: codebook_for_bits(2, dim=65), "from 1 to 64, got 65"),
     (lambda: Codebook(dim=4, bits=(17,)), "stage index bits"),
     (lambda: Codebook(dim=4, group=6), "multiple of the vector length"),
-    (lambda: VPTQConfig(format=pyramid_for_bits(2)), "codebook format"),
+    (lambda: VPTQConfig(format=pyramid_for_bits(2)), "VPTQConfig.format must be Codebook, got Pyramid"),
 ], ids=["bits-between", "bits-zero", "bits-v5", "bits-past-48", "dim-65", "stage-bits", "group", "wrong-format"])
 def test_bad_vq_settings(call, message):
     with pytest.raises(UserError, match=message):

@@ -334,10 +334,13 @@ def check(
             settings = {"windows": windows, "seq_len": seq_len}
             chk.check_settings(settings, "--windows / --seq-len")
             previous, unreadable = None, None
-            if baseline.is_file():  # its hand-edited tolerances carry over; an unreadable one is replaced
+            if baseline.is_file():  # its hand-edited tolerances carry over; a damaged baseline is replaced
                 try:
                     previous = chk.read_baseline(baseline)
                 except UserError as e:
+                    if not chk.looks_like_baseline(baseline):  # (a mistyped --baseline replaced any file, rc 0)
+                        raise UserError(f"{e} --update replaces only a baseline; remove the file first or give "
+                                        "another --baseline path.") from None
                     unreadable = f"{e} Replacing it (default tolerances)."
             if previous is not None:  # so do its settings, where no flag changes them
                 given = _given(ctx, ["windows", "seq_len"])

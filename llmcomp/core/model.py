@@ -1,6 +1,7 @@
 """Open models (local HF directories, llmcomp artifacts, the bundled default) and walk them."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -34,6 +35,26 @@ class ModelInfo:
     sha256: str
 
 
+@contextlib.contextmanager
+def _no_gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar (~30 redraws on stderr, under our own message and bars).
+    ``TQDM_DISABLE`` works only where tqdm is not imported yet (tqdm reads it at import), so the reader's ``tqdm``
+    is replaced by a disabled one for the conversion."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    bar = getattr(gguf, "tqdm", None)
+    if bar is None:  # (a transformers without it draws its bar)
+        yield
+        return
+    gguf.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
+
+
 def bundled_model_dir(progress=None) -> Path:
     """The bundled SmolLM2-135M-Instruct as a normal HF directory, converted once from its GGUF file."""
     dest = cache_dir() / "models" / BUNDLED_NAME
@@ -49,16 +70,9 @@ def bundled_model_dir(progress=None) -> Path:
 
     if progress:
         progress("Converting the bundled GGUF model (once)")
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own tqdm bar
-    try:
+    with _no_gguf_bar():
         tok = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF_FILE)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=BUNDLED_GGUF_FILE, dtype=torch.float32)
-    finally:
-        if quiet is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
