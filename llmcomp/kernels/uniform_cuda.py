@@ -475,18 +475,19 @@ def _e2m1_byte_m16_launch(n: int, kbs: int, sms: int) -> tuple[int, int, int]:
 
 
 def is_h100(props) -> bool:
-    """Whether the GPU of ``props`` (``torch.cuda.get_device_properties``) is an H100, where the launch rule (swept on the H200 since the second session) takes three
-    picks of its own. The H100 has the H200's 132 SMs and ~2/3 of its memory bandwidth (copy 3.0 against 4.4 TB/s),
-    so a kernel's fixed costs weigh less against its bytes there. One H100 sweep of every launch on the issue's four
-    shapes (bench/results/sweep_{w4,w4_m4,w3,w2}_h100_s53.json, bf16, M = 1 / 4 / 16; the rule's other picks were the
+    """Whether the GPU of ``props`` (``torch.cuda.get_device_properties``) is an H100, where the launch rule (swept
+    on the H200 since the second session) takes three picks of its own. The H100 has the H200's 132 SMs and ~2/3 of its
+    memory bandwidth (copy 3.0 against 4.2 TB/s measured), so a kernel's fixed costs weigh less against its bytes
+    there. One H100 sweep of every launch on the issue's four shapes
+    (bench/results/sweep_{w4,w4_m4,w3,w2}_h100_s53.json, bf16, M = 1 / 4 / 16; the rule's other picks were the
     sweep's best or within 1 %) found three, and a second call timed each against the rule's pick in one process
-    (rule_*_h100_s53.json): W4 14336 × 4096 two row tiles × 4 warps from M = 2 (13.40 / 13.50 / 13.80 µs at M = 2 / 4
-    / 8 against one tile's 13.97 / 14.13 / 14.76; at M = 1 one tile stays ahead, 12.96 against 13.44; M = 9..16 takes
-    two tiles already); W3 28672 × 8192 two tiles at M = 1 too (39.29 against one tile's 40.57; the H200 had one tile
-    ahead there, 37.78 against 39.71; fp16 activations a tie, 40.29 against 40.16); W2 28672 × 8192 with bf16
-    activations two tiles × 4 warps up to M = 6 (30.53 / 31.30 / 32.66 at M = 1 / 2 / 4 against × 8 warps' 31.77 /
-    32.50 / 33.42; the H200 had 8 warps ahead, 28.89 against 29.65 at M = 1; M = 5, 6 untimed; from M = 7 2 warps, as
-    on the H200)."""
+    (rule_*_h100_s53.json): W4 14336 × 4096 two row tiles × 4 warps from M = 2 (13.40 / 13.50 / 13.80 µs at M = 2 /
+    4 / 8 against one tile's 13.97 / 14.13 / 14.76; at M = 1 one tile stays ahead, 12.96 against 13.44; M = 9..16
+    takes two tiles already); W3 28672 × 8192 two tiles at M = 1 too (39.29 against one tile's 40.57; the H200 had
+    one tile ahead there, 37.78 against 39.71; fp16 activations a tie, 40.29 against 40.16); W2 28672 × 8192 with
+    bf16 activations two tiles × 4 warps up to M = 6 (30.53 / 31.30 / 32.66 at M = 1 / 2 / 4 against × 8 warps'
+    31.77 / 32.50 / 33.42; the H200 had 8 warps ahead, 28.89 against 29.65 at M = 1; M = 5, 6 untimed; from M = 7 2
+    warps, as on the H200)."""
     return "H100" in getattr(props, "name", "")
 
 
