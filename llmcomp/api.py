@@ -195,7 +195,8 @@ def quantize(
     _expect(allocation, (AllocationConfig, type(None)), "allocation", "an AllocationConfig")
     from llmcomp.quant import METHODS
 
-    calibrates = allocation is not None or METHODS.get(config.method)(config).needs_calibration
+    quantizer = METHODS.get(config.method)(config)
+    calibrates = allocation is not None or quantizer.needs_calibration
     given = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "seed": seed, "calib_batch": calib_batch}
     idle = [name for name, value in given.items() if value is not None]
     if idle and not calibrates:
@@ -236,7 +237,7 @@ def quantize(
     from llmcomp.quant.base import check_selection
 
     # (before calibration, allocation and the resume folder; an allocation's formats are checked once chosen)
-    check_selection(net, config, None if allocation is not None else METHODS.get(config.method)(config))
+    check_selection(net, config, None if allocation is not None else quantizer)
 
     calib = None
     source = None
