@@ -326,3 +326,18 @@ def test_an_moe_summary_ranks_each_expert_not_their_average():
     assert "SQNR 20.0–30.0 dB (mean 24.5); output error mean 0.04, max 0.09" in markdown._summary(view)
     row = next(line for line in markdown._quant_details(view) if line.startswith("| 0 |"))
     assert "experts.down[1] 20.0" in row and "22.7" in row  # (per linear: (23.1 + 25.0 + 20.0) / 3)
+
+
+def test_a_weights_only_config_is_shown_without_its_w4a4_settings():
+    """inspect and report.md show a stage's config through ``shown_config``: an RTN weights-only run listed
+    ``act_format`` and ``smooth``, which nothing reads at 16-bit activations, and its format as a nested dict."""
+    from llmcomp.core.config import to_dict
+    from llmcomp.quant.rtn import RTNConfig
+
+    weights_only = to_dict(RTNConfig(format=Uniform(bits=4, group_size=128)))
+    shown = facts.shown_config(weights_only)
+    assert "act_format" not in shown and "smooth" not in shown and "formats" not in shown
+    assert shown["format"] == "int4 g128 asym" and shown["act_bits"] == 16
+    w4a4 = facts.shown_config(to_dict(RTNConfig(format=Uniform(bits=4, group_size=128), act_bits=4, smooth=0.3)))
+    assert w4a4["act_format"] == "int" and w4a4["smooth"] == 0.3
+    assert facts.shown_config({"formats": {"a": {}, "b": {}}})["formats"].startswith("<2 per-layer formats")

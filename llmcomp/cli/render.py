@@ -209,6 +209,8 @@ EVALUATION_KEYS = ("ppl", "kld_mean", "top1_agree", "bits_per_weight", "size_mb"
 
 
 def manifest_tables(manifest: dict) -> list[Table]:
+    from llmcomp.report.facts import shown_config
+
     if "stages" not in manifest:
         t = Table(title="model directory")
         for k, v in manifest.items():
@@ -220,9 +222,7 @@ def manifest_tables(manifest: dict) -> list[Table]:
     add_row(head, "schema / llmcomp", f"{manifest['schema_version']} / {manifest.get('llmcomp_version', '?')}")
     add_row(head, "text", str(manifest.get("text_source") or "- (no stage read calibration text)"))
     for i, s in enumerate(manifest["stages"], 1):
-        cfg = {k: v for k, v in s.get("config", {}).items() if not k.startswith("_")}
-        if isinstance(cfg.get("formats"), dict) and cfg["formats"]:  # (a bit allocation's: hundreds of lines)
-            cfg["formats"] = f"<{len(cfg['formats'])} per-layer formats: see the quantized modules>"
+        cfg = shown_config(s.get("config"))
         metrics = s.get("metrics", {})
         bpw = metrics.get("bits_per_weight")  # KV stages: their policy; moefy, experts, linearize: neither
         what = metrics.get("policy") or (f"{bpw} bits/weight" if bpw is not None else None)

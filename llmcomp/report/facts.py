@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from statistics import mean
 from typing import Optional
 
+from llmcomp.core.config import from_dict
+from llmcomp.errors import UserError
+
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 # canonical order of a decoder layer's linears; others follow alphabetically
 _ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "w1", "w3", "w2", "down")
@@ -21,6 +24,36 @@ def num(v) -> float:
     """A metric read back from a manifest: JSON null (how a NaN is written since the manifest became strict JSON)
     is NaN again."""
     return float("nan") if v is None else float(v)
+
+
+def shown_config(config) -> dict:
+    """A stage's config as ``inspect`` and ``report.md`` show it: no ``_`` keys, nested formats as their one-line
+    description (``int4 g128 asym``), a bit allocation's per-layer formats counted, and the W4A4 settings
+    (``act_format``, ``smooth``) left out of a weights-only run, where they do nothing. The manifest keeps all."""
+    from llmcomp.quant.actquant import WEIGHTS_ONLY_UNUSED
+
+    if not isinstance(config, dict):
+        return {}
+    unused = WEIGHTS_ONLY_UNUSED if config.get("act_bits") == 16 else ()
+    shown = {k: _compact(v) for k, v in config.items() if not k.startswith("_") and k not in unused}
+    if isinstance(config.get("formats"), dict):
+        if config["formats"]:  # (a bit allocation's: hundreds of lines)
+            shown["formats"] = f"<{len(config['formats'])} per-layer formats: see the quantized modules>"
+        else:
+            del shown["formats"]
+    return shown
+
+
+def _compact(value):
+    """A nested config as its one-line description (formats: ``int4 g128 asym``), else without ``_`` keys."""
+    if isinstance(value, dict):
+        if "_type" in value:
+            try:
+                return from_dict(value).describe()
+            except (UserError, TypeError, AttributeError):
+                pass
+        return {k: _compact(v) for k, v in value.items() if not k.startswith("_")}
+    return value
 
 
 def split_path(path: str) -> tuple[Optional[int], str]:

@@ -5,9 +5,7 @@ from collections import Counter
 from pathlib import Path
 from statistics import mean
 
-from llmcomp.core.config import from_dict
-from llmcomp.errors import UserError
-from llmcomp.report.facts import kind_label, kind_order, split_path
+from llmcomp.report.facts import kind_label, kind_order, shown_config, split_path
 
 
 def _f(v, digits=2) -> str:
@@ -68,20 +66,8 @@ def _totals(modules: dict, totals: dict) -> list[list]:
     return rows
 
 
-def _compact(value):
-    """A nested config as its one-line description (formats: ``int4 g128 asym``), else without ``_`` keys."""
-    if isinstance(value, dict):
-        if "_type" in value:
-            try:
-                return from_dict(value).describe()
-            except (UserError, TypeError, AttributeError):
-                pass
-        return {k: _compact(v) for k, v in value.items() if not k.startswith("_")}
-    return value
-
-
 def _config_line(stage: dict) -> str:
-    cfg = {k: _compact(v) for k, v in stage.get("config", {}).items() if not k.startswith("_") and k != "formats"}
+    cfg = shown_config(stage.get("config"))
     calib = stage.get("calibration")
     extra = f" Calibration: {calib}." if calib else ""
     return f"Config: `{cfg}`.{extra}"
