@@ -27,6 +27,11 @@ def test_help_reads_well():
     for cmd in ("quantize", "eval", "inspect"):
         r = invoke(cmd, "--help")
         assert r.exit_code == 0, r.output
+    # --overwrite is a flag with no --no-overwrite twin: the twin did nothing and widened every writer's option table
+    for cmd in (["quantize"], ["export"], ["report"], ["linearize"], ["prune", "experts"], ["prune", "kv"],
+                ["convert", "moefy"]):
+        r = runner.invoke(app, [*cmd, "--help"], env={"COLUMNS": "200"})
+        assert "--overwrite" in r.output and "--no-overwrite" not in r.output, (cmd, r.output)
 
 
 def test_quantize_then_inspect(tiny_model_dir, tmp_path):

@@ -142,7 +142,7 @@ def quantize(
     max_memory: Annotated[Optional[str], typer.Option(help="Hard cap on this job's GPU memory, e.g. cuda:0=2GiB (the model stays in CPU memory; one decoder layer at a time goes to the GPU); a run that does not fit stops naming the layer. A cpu=SIZE entry is checked against the model's size. GPU entries are ignored where no GPU is visible.")] = None,
     offload_folder: Annotated[Optional[Path], typer.Option(help="Not supported by quantize (the model stays in CPU memory); accepted only to say so. See eval/load.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store unquantized tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
     """Quantize a model's linear layers and write an artifact."""
     _quiet_transformers()

@@ -21,7 +21,7 @@ def moefy(
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling and clustering.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
     """MoEfication: cluster each MLP's neurons into experts and calibrate a router on the bundled text.
     The artifact is a stock transformers MoE (Mixtral, or Qwen2-MoE with --shared)."""

@@ -12,7 +12,7 @@ def export(
     to: Annotated[str, typer.Option("--to", help="compressed-tensors (vLLM, llm-compressor; needs llmcomp\\[export]) or gptq "
                                                              "(transformers through optimum + gptqmodel).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
     """Export an artifact's quantized weights as a compressed-tensors or GPTQ checkpoint (lossless)."""
     from llmcomp import api

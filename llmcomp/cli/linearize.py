@@ -56,7 +56,7 @@ def linearize(
     seed: Annotated[int, typer.Option(help="Seed for sampling and initialisation.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
     """Distil softmax attention into linear attention (attention transfer, then a LoRA fine-tune with a KL
     loss to the original) and write an artifact that llmcomp.load runs and generates with."""

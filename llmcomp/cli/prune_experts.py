@@ -41,7 +41,7 @@ def experts(
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling and --method random.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
     """Remove experts scored from one calibration pass; the artifact loads with llmcomp.load (and with stock
     from_pretrained only where every layer keeps the same expert count, not with HEAPr or --layer-ratio: the
@@ -85,7 +85,7 @@ def dynamic(
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
     device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
     """MC-MoE online dynamic pruning: record a threshold τ on w_j / w_1; at run time a token's later expert
     choices below τ × its first choice's weight are skipped (llmcomp.load re-installs it)."""

@@ -94,7 +94,7 @@ def kv(
     weights_only: Annotated[bool, typer.Option("--weights-only", help="cskv: bases from the k/v projection weights (no calibration text).")] = False,
     device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
     """Record a KV-cache policy in an artifact; llmcomp.load + generate then applies it."""
     from llmcomp import api

@@ -12,7 +12,7 @@ def report(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write report.md and the "
                                                                           "PNG plots into (default: ARTIFACT-report "
                                                                           "beside the artifact).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
     """Plot an artifact (per-layer error, bits per weight, MoE experts, KV policy, linearized layers) and
     summarize it in report.md; plots need matplotlib."""
