@@ -211,7 +211,7 @@ def quantize(
     if shard_bytes is not None and (not isinstance(shard_bytes, int) or isinstance(shard_bytes, bool)
                                     or shard_bytes < 1):
         raise UserError(f"shard_bytes must be a positive integer, got {shard_bytes!r}.")
-    output = check_output(output, overwrite, model)
+    output = check_output(output, overwrite, model_mod.read_path(model))
     if offload_folder is not None:
         raise UserError("quantize keeps the model in CPU memory and moves one decoder layer at a time to the GPU; "
                         "disk offload (--offload-folder) is not supported for quantize.")
@@ -343,7 +343,7 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
     memory.check_device(device)  # a bad --device fails before any work
     from llmcomp.prune.kv.cache import check_supported
 
-    output = check_output(output, overwrite, model)
+    output = check_output(output, overwrite, model_mod.read_path(model))
     store_dtype = _store_dtype(dtype, model, progress)
     start = time.perf_counter()
     net, tok, base, stages = open_model(model, progress=progress)
@@ -369,7 +369,7 @@ def prune_kv(policy, output: os.PathLike | str, model: Optional[str] = None, *, 
 def _calibrated(model, output, overwrite, calib_samples, calib_seq_len, seed, progress, check=None):
     """Open ``model`` for a calibrated rewrite into ``output`` (``check(net, stages)`` vets it first):
     (output, net, tok, base, stages, calibration ids, calibration info)."""
-    output = check_output(output, overwrite, model)
+    output = check_output(output, overwrite, model_mod.read_path(model))
     check_calib(calib_samples, calib_seq_len, seed)  # before the model is loaded
     net, tok, base, stages = open_model(model, progress=progress)
     if check is not None:
@@ -565,9 +565,10 @@ def check_long_lengths(limit: int, context: int, passkey_lengths=(), passkey_sam
 def _named(path, p: Path) -> dict:
     """A result row's path and name: the bundled model as ``smollm2-135m`` however it was named (the alias gave its
     cache folder's name, SmolLM2-135M-Instruct, and no path the alias), anything else as its folder."""
-    if path is None or str(path) == model_mod.DEFAULT_MODEL:
+    if model_mod.is_bundled(path):
         return {"path": model_mod.DEFAULT_MODEL, "name": model_mod.DEFAULT_MODEL}
-    return {"path": str(path), "name": p.resolve().name}
+    shown = str(path)  # (a folder named like the alias: its absolute path, which record_evaluations reads back)
+    return {"path": shown if shown != model_mod.DEFAULT_MODEL else str(p.absolute()), "name": p.resolve().name}
 
 
 @null_progress
@@ -661,8 +662,9 @@ def recorded_base(path) -> Optional[str]:
 def base_model_path(path) -> str:
     """The base model directory recorded in an artifact's manifest (for ``--reference base``)."""
     p = model_mod.resolve(path)
-    if not is_artifact(p):
-        return str(p)
+    if not is_artifact(p):  # (it was its own reference: KL 0, top-1 100 %, recorded as such by --record)
+        raise UserError(f"{'The bundled model' if model_mod.is_bundled(path) else p} is not an llmcomp artifact, so no "
+                        "manifest names its base model; pass --reference PATH.")
     recorded = read_manifest(p, verify=False)["base_model"]
     base = recorded.get("path")
     if not base or not Path(base).exists():
@@ -690,6 +692,7 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
     check_vocab(windows, net)
     ref = Reference.record(net, windows, batch_size=batch_size, progress=progress, tokenizer=tokenizer_id(tok))
     ref.asked = (n_windows, seq_len)  # (what an evaluation against it must ask for: evaluate)
+    ref.source = _named(path, model_mod.resolve(path))["path"]  # (each row against it says which model it was)
     del net
     return ref
 
@@ -757,6 +760,7 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
         **sizes,
         "text": corpus().name,
         "tokenizer": tokenizer_id(tok),  # (perplexities compare only under one tokenizer: eval --compare)
+        **({"reference": reference.source} if reference is not None else {}),
         "eval_time_s": round(time.perf_counter() - start, 2),
         **loaded,
     }

@@ -105,6 +105,25 @@ def test_sharded_artifact_round_trips(tiny_model_dir, tmp_path):
     assert torch.equal(llmcomp.load(out)(ids).logits, llmcomp.load(single)(ids).logits)
 
 
+@pytest.mark.parametrize("entry", ["outside", "unlisted", "dot"])
+def test_a_shard_index_reads_only_the_files_the_manifest_hashes(tiny_model_dir, tmp_path, entry):
+    """The index's names were followed as given (rehashed, resealed): "../one/model.safetensors" loaded weights no
+    hash covered, "." raised a raw OSError."""
+    sharded = api.quantize(W4, tmp_path / "sh", str(tiny_model_dir), shard_bytes=20_000)
+    other = api.quantize(W4, tmp_path / "one", str(tiny_model_dir))
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(iter(index["weight_map"]))
+    if entry == "unlisted":
+        shutil.copy(other / "model.safetensors", sharded / "extra.safetensors")
+    index["weight_map"][key] = {"outside": "../one/model.safetensors", "unlisted": "extra.safetensors",
+                                "dot": "."}[entry]
+    index_path.write_text(json.dumps(index))
+    _rehash(sharded, "model.safetensors.index.json")
+    with pytest.raises(UserError, match="not a file name in the folder|does not list|has no checksum for extra"):
+        llmcomp.load(sharded)
+
+
 def test_flipped_byte_detected(art):
     f = art / "model.safetensors"
     data = bytearray(f.read_bytes())
@@ -191,6 +210,26 @@ def test_tensor_of_the_wrong_shape_is_a_user_error(art):
     save_file(tensors, str(f), metadata={"format": "pt"})
     _rehash(art)
     with pytest.raises(UserError, match=f"{key} in model.safetensors has shape"):
+        llmcomp.load(art)
+
+
+@pytest.mark.parametrize("which", ["norm", "packed"])
+def test_tensor_of_the_wrong_dtype_is_a_user_error(art, which):
+    """Only shapes were compared: int64 norm weights (rehashed, resealed) were cast and ran (ppl 158 against 28 on
+    the bundled model); packed codes in another integer type were read as if their bits were the layout."""
+    from safetensors.torch import load_file, save_file
+
+    f = art / "model.safetensors"
+    tensors = load_file(str(f))
+    if which == "norm":
+        key = "model.norm.weight"
+        tensors[key] = tensors[key].to(torch.int64)
+    else:
+        key = next(k for k, t in tensors.items() if "down_proj" in k and not t.is_floating_point())
+        tensors[key] = tensors[key].to(torch.int16 if tensors[key].dtype != torch.int16 else torch.int32)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    _rehash(art)
+    with pytest.raises(UserError, match=f"{key} in model.safetensors is int"):
         llmcomp.load(art)
 
 
@@ -288,6 +327,41 @@ def test_model_path_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a model directory"):
         api.quantize(W4, tmp_path / "o", str(tmp_path / "empty"))
+
+
+def test_a_folder_named_like_the_bundled_alias_is_never_swapped_for_it(art, tmp_path, monkeypatch):
+    """An artifact written to ``-o smollm2-135m`` was evaluated (and recorded, and checked) as the bundled original:
+    its path, normalized or resolved twice, read as the alias. A Path and ``./smollm2-135m`` are the folder; the bare
+    alias beside such a folder is refused as ambiguous."""
+    from llmcomp.core import model as model_mod
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(art, tmp_path / model_mod.DEFAULT_MODEL)
+    folder = Path(model_mod.DEFAULT_MODEL)
+    with pytest.raises(UserError, match="names both the bundled model and the folder"):
+        model_mod.resolve(model_mod.DEFAULT_MODEL)
+    assert model_mod.resolve(model_mod.resolve(f"./{model_mod.DEFAULT_MODEL}")) == folder
+    assert model_mod.resolve(folder) == folder and model_mod.read_path(folder) == folder
+    assert isinstance(llmcomp.load(folder).model.layers[0].self_attn.q_proj, QuantLinear)
+    assert api._named(folder, folder)["path"] == str(folder.absolute())  # (what record_evaluations reads back)
+
+
+def test_no_output_replaces_the_bundled_models_cached_copy(tiny_model_dir, tmp_path, monkeypatch):
+    """``--overwrite`` replaced the bundled model's converted copy (written by llmcomp, so marked as replaceable)
+    when it was the input (named by no path, or the alias) or the output of another model's run: every later run
+    of the bundled model then read the artifact."""
+    from llmcomp.core import model as model_mod
+    from llmcomp.core import paths
+
+    monkeypatch.setenv("LLMCOMP_CACHE", str(tmp_path / "cache"))
+    bundled = paths.cache_dir() / "models" / model_mod.BUNDLED_NAME
+    shutil.copytree(tiny_model_dir, bundled)
+    (bundled / paths.OUTPUT_MARK).write_text("")
+    assert paths.written_by_llmcomp(bundled)
+    for model in (None, model_mod.DEFAULT_MODEL, str(tiny_model_dir)):
+        with pytest.raises(UserError, match="would replace the input|inside llmcomp's model cache"):
+            api.quantize(W4, bundled, model, overwrite=True)
+    assert not (bundled / "llmcomp.json").exists() and not (bundled / "manifest.json").exists()
 
 
 def test_config_context_counts_rope_scaling():
@@ -479,6 +553,9 @@ def test_a_killed_writes_temporary_directory_is_swept_and_a_live_one_kept(tmp_pa
             (tmp / "a").write_text("2")
         assert not dead.exists() and live.exists() and (dest / "a").read_text() == "2"
         assert young.exists()  # (unlocked, but as new as one another writer has made and not locked yet)
+        with paths.job_lock(dest), paths.atomic_dir(dest, overwrite=True) as tmp:  # (as every llmcomp job writes)
+            (tmp / "a").write_text("3")
+        assert not young.exists() and live.exists()  # (no other writer of dest can be between mkdtemp and lock)
     finally:
         os.close(fd)
 

@@ -283,6 +283,25 @@ def test_eval_errors(artifact, tmp_path):
     assert "does not exist" in error_line(invoke("eval", artifact, "--reference", tmp_path / "nope"))
 
 
+def test_eval_reference_base_takes_an_artifacts_base_and_every_path_is_checked_first(model_dir, artifact, tmp_path):
+    """``--reference base`` took the first path's base even where that path was a plain model (an exported
+    checkpoint): the model was its own reference (KL 0, top-1 100 %, recorded so by --record); a mistyped later path
+    was found after the earlier models' evaluations."""
+    from tests.conftest import save_char_model
+
+    assert "no path given is an llmcomp artifact" in error_line(invoke("eval", model_dir, "--reference", "base"))
+    assert "does not exist" in error_line(invoke("eval", artifact, tmp_path / "nope", "--reference", "base"))
+    base, quantized = tmp_path / "base", tmp_path / "q"
+    save_char_model(base)
+    assert invoke("quantize", base, "-o", quantized, "--bits", 3, "--group-size", 32).exit_code == 0
+    r = invoke("eval", base, quantized, "--reference", "base", "--windows", 1, "--seq-len", 16, "--json",
+               tmp_path / "rows.json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert all(row["reference"] == str(base.resolve()) for row in rows)  # (the artifact's base, for both)
+    assert rows[0]["kld_mean"] < 1e-6 and rows[1]["kld_mean"] > 0  # (the base against itself; the artifact not)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--device-map", "gpu"], "--device-map 'gpu' is not one of"),
     (["--device", "cpu", "--device-map", "cpu"], "pass one of them"),

@@ -262,6 +262,41 @@ def test_import_is_light_and_names_load_on_use():
         llmcomp.nope  # noqa: B018
 
 
+@pytest.fixture(autouse=True)
+def sigterm_restored():
+    """``main`` installs a SIGTERM handler; the test process gets its own back."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_removes_the_write_in_progress_and_exits_143(tmp_path, capsys):
+    """SIGTERM (timeout, docker stop, a cancelled CI job) ended the process where it was: the write's full-size
+    hidden temporary folder stayed. It is now an interrupt there: the folder goes, one line, exit 143."""
+    import os
+    import signal
+
+    import typer
+
+    from llmcomp import cli
+    from llmcomp.cli import app as app_mod
+    from llmcomp.core.paths import atomic_dir
+
+    def job():
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, cli._terminate)  # (as main does)
+    with pytest.raises(typer.Exit) as exc:
+        app_mod.run(job)
+    assert exc.value.exit_code == 143
+    assert list(tmp_path.iterdir()) == []
+    assert "terminated; nothing was written at the destination." in " ".join(capsys.readouterr().err.split())
+
+
 def test_interrupt_while_the_command_line_loads(monkeypatch, capsys):
     import sys
     import types

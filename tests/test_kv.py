@@ -650,3 +650,9 @@ def test_cli_eval_says_perplexity_leaves_the_kv_policy_out(tmp_path):
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     assert f"so the KV-cache policy of {out} is not applied" in text and text.count("KV-cache policy") == 1
+    baseline = tmp_path / "b.json"  # (check's gate measured it so too, without the note: CI never saw the policy)
+    r = runner.invoke(app, ["check", str(out), "--baseline", str(baseline), "--update", "--windows", "1",
+                            "--seq-len", "32"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["check", str(out), "--baseline", str(baseline)])
+    assert r.exit_code == 0 and "is not applied" in " ".join(r.output.split()), r.output

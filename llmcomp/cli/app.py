@@ -56,10 +56,13 @@ def run(fn, writes: bool = True):
         render.error(f"{exc.strerror or exc}{where}{tail}.")
         _kept_work(opened)
         raise typer.Exit(2)
-    except KeyboardInterrupt:
-        render.error(f"interrupted{tail}.")
+    except KeyboardInterrupt as exc:
+        from llmcomp.cli import Terminated
+
+        terminated = isinstance(exc, Terminated)
+        render.error(f"{'terminated' if terminated else 'interrupted'}{tail}.")
         _kept_work(opened)
-        raise typer.Exit(130)
+        raise typer.Exit(143 if terminated else 130)
 
 
 def _resume():
@@ -91,6 +94,15 @@ def _given(ctx: typer.Context, names) -> list[str]:
     # (by the source's name: typer may carry a click of its own, whose enum is another class)
     return ["/".join(params[n].opts + params[n].secondary_opts) for n in names
             if n in params and getattr(ctx.get_parameter_source(n), "name", None) in ("COMMANDLINE", "ENVIRONMENT")]
+
+
+def _note_kv_not_applied(paths) -> None:
+    """eval's and check's perplexity are the dense attention's for an artifact with a KV-cache policy: a note each."""
+    from llmcomp.cli import render
+
+    for p in filter(_holds_kv_policy, paths):
+        render.wrote(f"perplexity scores each window without a cache, so the KV-cache policy of {p} is not "
+                     "applied; llmcomp eval --long measures it", label="note:")
 
 
 def _holds_kv_policy(path: Optional[str]) -> bool:
@@ -213,12 +225,21 @@ def eval_(
         api.check_eval(seq_len, windows, batch_size)
         from llmcomp.core.paths import check_report, write_report
 
-        from llmcomp.core.model import read_path
+        from llmcomp.core.model import check_model_path, read_path
 
         # (before the evaluation, not after it; the bundled model and the base a manifest names are read too)
         reads = [read_path(p) for p in paths or [None]]
+        for p in paths or []:  # (a mistyped later path was found after the earlier models' evaluations)
+            check_model_path(p)
+        from llmcomp.core.artifact import is_artifact
+
+        # (--reference base: the first artifact's base; a plain model first was taken as its own reference)
+        based = next((p for p in paths or [] if is_artifact(read_path(p))), None)
         if reference == "base":
-            reads.append(api.recorded_base(next((p for p in paths or () if p), None)))
+            if based is None:
+                raise UserError("--reference base compares with the base model an artifact's manifest names, and no "
+                                "path given is an llmcomp artifact; pass --reference PATH.")
+            reads.append(api.recorded_base(based))
         elif reference is not None:
             reads.append(read_path(reference))
         check_report(json_out, "--json", reads=reads)
@@ -230,11 +251,6 @@ def eval_(
             raise UserError("--device-map, --max-memory and --offload-folder apply to perplexity eval; --long runs "
                             "the model on one --device.")
         if record and not long:  # (a plain model directory has no manifest to append to)
-            from llmcomp.core.artifact import is_artifact
-            from llmcomp.core.model import check_model_path
-
-            for p in paths or []:  # (a mistyped path was counted as a plain model directory)
-                check_model_path(p)
             plain = [p for p in paths or [None] if not is_artifact(read_path(p))]
             if len(plain) == len(paths or [None]):
                 raise UserError("--record appends to artifacts' manifests, and no path given is an artifact.")
@@ -258,16 +274,14 @@ def eval_(
         with render.RichProgress() as progress:
             ref = None
             if reference is not None:
-                ref_path = api.base_model_path(next((p for p in targets if p), None)) if reference == "base" else reference
+                ref_path = api.base_model_path(based) if reference == "base" else reference
                 ref = api.record_reference(ref_path, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
                                            progress=progress, **place)
             for p in targets:
                 rows.append(api.evaluate(p, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
                                          reference=ref, progress=progress, **place))
         render.console.print(render.eval_table(rows, compare, asked=windows))
-        for p in filter(_holds_kv_policy, targets):  # (the table's numbers are the dense attention's)
-            render.wrote(f"perplexity scores each window without a cache, so the KV-cache policy of {p} is not "
-                         "applied; llmcomp eval --long measures it", label="note:")
+        _note_kv_not_applied(targets)
         if json_out:
             write_report(json_out, dumps(rows, indent=1))
         if record:
@@ -357,6 +371,7 @@ def check(
                 progress.note(unreadable or f"Keeping the tolerances of {baseline}; measuring at {settings['windows']} "
                               f"windows × {settings['seq_len']} tokens.")
             current = chk.measure(api.evaluate, artifact, settings, progress)
+        _note_kv_not_applied([artifact])  # (a CI gate on a KV artifact never saw its policy)
         if update:
             write_report(baseline, json.dumps(chk.make_baseline(current, settings, previous), indent=1) + "\n")
             render.wrote(baseline, "wrote baseline")

@@ -171,8 +171,9 @@ def eval_table(rows: list[dict], compare: bool, asked: Optional[int] = None) -> 
                 else "")
         table.caption = (f"{rows[0]['text']} text, {' / '.join(map(str, counts))} windows{held} × "
                          f"{rows[0]['seq_len']} tokens, no BOS; bits/weight over decoder linears"
-                         + (f"; KLD = KL(reference ‖ model) per token, greedy prefix of 32 new tokens over "
-                            f"{rows[0].get('greedy_prompts', 8)} prompts" if agreement else "")
+                         + (f"; KLD = KL(reference ‖ model) per token, reference {rows[0].get('reference') or '-'}, "
+                            f"greedy prefix of 32 new tokens over {rows[0].get('greedy_prompts', 8)} prompts"
+                            if agreement else "")
                          + ("; Δppl - : another tokenizer or other windows than the first row's, whose per-token "
                             "perplexities do not compare" if compare and not all(same) else ""))
     return table

@@ -114,6 +114,14 @@ def _check_finite(state: dict[str, torch.Tensor], dest: Path, dtype: Optional[to
                             "made from is not finite.")
 
 
+def _dtype_misfit(got: torch.dtype, want: torch.dtype, packed: bool) -> bool:
+    """Whether a stored tensor cannot stand for the skeleton's: a packed field's codes only in their own integer
+    type (its bits are the layout); anything else only as the same kind (float for float), any width."""
+    if packed and not want.is_floating_point:
+        return got != want
+    return got.is_floating_point != want.is_floating_point or (got == torch.bool) != (want == torch.bool)
+
+
 def _is_packed_field(name: str, model: torch.nn.Module) -> bool:
     parent, _, field = name.rpartition(".")
     try:
@@ -320,9 +328,13 @@ def weight_files(path: Path) -> list[Path]:
     if (path / INDEX).exists():
         try:
             index = json.loads((path / INDEX).read_text())
-            return [path / f for f in sorted(set(index["weight_map"].values()))]
+            names = sorted(set(index["weight_map"].values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise UserError(f"{path / INDEX} is corrupt (not a safetensors index).") from None
+        bad = next((n for n in names if not isinstance(n, str) or n in ("", ".", "..") or "/" in n or "\\" in n), None)
+        if bad is not None:  # (an entry "../other/model.safetensors" read weights no hash covered)
+            raise UserError(f"{path / INDEX} is corrupt: its weight file {bad!r} is not a file name in the folder.")
+        return [path / n for n in names]
     return [path / "model.safetensors"]
 
 
@@ -388,9 +400,12 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     model, hooks = build_skeleton(path, manifest)
-    expected = {k: t.shape for k, t in model.state_dict().items()}
+    expected = {k: (t.shape, t.dtype) for k, t in model.state_dict().items()}
     loaded = set()
     for f in weight_files(path):
+        if f.name not in manifest["files"]:  # (every file the load reads is one the manifest hashes)
+            raise UserError(f"{path / INDEX} names {f.name}, which the manifest does not list; the artifact was "
+                            "edited.")
         if not f.exists():
             raise UserError(f"Artifact file {f} is missing.")
         with open_weights(f) as sf:
@@ -398,10 +413,15 @@ def load_artifact(path: Path, dtype: Optional[torch.dtype] = None, device: Optio
                 if key not in expected:
                     raise UserError(f"Artifact tensor {key} in {f.name} does not belong to the model.")
                 value = sf.get_tensor(key)
-                if value.shape != expected[key]:
+                shape, want = expected[key]
+                if value.shape != shape:
                     raise UserError(f"Artifact tensor {key} in {f.name} has shape {list(value.shape)}; the model "
-                                    f"expects {list(expected[key])}.")
-                place_tensor(model, key, value, None if _is_packed_field(key, model) else dtype)
+                                    f"expects {list(shape)}.")
+                packed = _is_packed_field(key, model)
+                if _dtype_misfit(value.dtype, want, packed):  # (it was cast: int64 norm weights ran, ppl ×5)
+                    raise UserError(f"Artifact tensor {key} in {f.name} is {str(value.dtype)[6:]}; the model "
+                                    f"expects {str(want)[6:]}{'' if packed else ' or another float type'}.")
+                place_tensor(model, key, value, None if packed else dtype)
                 loaded.add(key)
     check_complete(model, f"Artifact {path}")
     model.eval()

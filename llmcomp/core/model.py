@@ -83,9 +83,24 @@ def bundled_model_dir(progress=None) -> Path:
     return dest
 
 
+def is_bundled(path) -> bool:
+    """Whether a user's model argument means the bundled model: None, or exactly the alias as a str. A Path, or
+    ``./smollm2-135m``, is a folder (a Path of that folder printed as the alias, and a second ``resolve`` of a path
+    already resolved swapped the user's artifact for the original model); the alias while a folder of that name
+    sits in the working directory is refused: either could be meant."""
+    if path is None:
+        return True
+    if not (isinstance(path, str) and path == DEFAULT_MODEL):
+        return False
+    if os.path.lexists(path):
+        raise UserError(f"'{path}' names both the bundled model and the folder ./{path} here; write ./{path} for "
+                        "the folder, or leave the model out for the bundled one.")
+    return True
+
+
 def resolve(path: str | os.PathLike | None, progress=None) -> Path:
     """Map a user's ``--model`` (None / alias / directory) to a local directory, or raise UserError."""
-    if path is None or str(path) == DEFAULT_MODEL:
+    if is_bundled(path):
         return bundled_model_dir(progress)
     return check_model_path(path)
 
@@ -93,7 +108,7 @@ def resolve(path: str | os.PathLike | None, progress=None) -> Path:
 def read_path(path: str | os.PathLike | None) -> Path:
     """The folder a command reads for a user's model path, the bundled model's included (not prepared here): what
     a report file must not overwrite (``paths.check_report``'s ``reads``)."""
-    if path is None or str(path) == DEFAULT_MODEL:
+    if is_bundled(path):
         return cache_dir() / "models" / BUNDLED_NAME
     return as_path(path, "The model")
 
@@ -101,7 +116,7 @@ def read_path(path: str | os.PathLike | None) -> Path:
 def check_model_path(path: str | os.PathLike | None) -> Path | None:
     """``resolve``'s checks of a user's path without preparing the bundled model (None for it): cheap,
     for commands that check their other inputs after it."""
-    if path is None or str(path) == DEFAULT_MODEL:
+    if is_bundled(path):
         return None
     p = as_path(path, "The model")
     if not p.exists():

@@ -46,6 +46,14 @@ def as_path(value, what: str) -> Path:
 OUTPUT_MARK = ".llmcomp-output"  # in every directory ``atomic_dir`` publishes: what --overwrite may replace
 
 
+def _models_cache() -> Optional[Path]:
+    """The cache's ``models`` folder (the bundled model's conversion), resolved; None where there is no cache."""
+    try:
+        return (cache_dir() / "models").resolve()
+    except UserError:
+        return None
+
+
 def check_output(output, overwrite: bool, source=None) -> Path:
     """``output`` as a Path; refused where it exists (without ``overwrite``), would replace ``source`` (the
     model or artifact a command reads: the output is that directory or a folder above it), or — with
@@ -69,6 +77,10 @@ def check_output(output, overwrite: bool, source=None) -> Path:
     if source is not None and Path(source).exists() and (
             output.resolve() == Path(source).resolve() or output.resolve() in Path(source).resolve().parents):
         raise UserError(f"Output {output} would replace the input {source}; choose another directory.")
+    models = _models_cache()
+    if models is not None and (output.resolve() == models or models in output.resolve().parents):
+        raise UserError(f"Output {output} is inside llmcomp's model cache ({models}), where the bundled model's "
+                        "converted copy lives; choose another path.")
     if output.exists():
         if os.path.ismount(output):
             raise UserError(f"Output {output} is a mount point, which --overwrite cannot replace; write to a "
@@ -207,13 +219,17 @@ def _sweep_stale(dest: Path) -> None:
     recover_swaps(dest)
     if _siblings(dest, "old"):
         return
+    # (the age spares a writer between its mkdtemp and its lock; a job holding dest's job lock has no such rival,
+    # so a killed job's folder goes at once, on the rerun right after it)
+    exclusive = os.path.realpath(job_lockfile(dest)) in _HELD
     now = time.time()
     for stale in _siblings(dest, "tmp"):
         try:
             info = stale.lstat()
         except OSError:
             continue
-        if not stat.S_ISDIR(info.st_mode) or now - info.st_mtime < STALE_AFTER_S or os.path.realpath(stale) in _HELD:
+        young = not exclusive and now - info.st_mtime < STALE_AFTER_S
+        if not stat.S_ISDIR(info.st_mode) or young or os.path.realpath(stale) in _HELD:
             continue
         try:  # (not ``_take``: a path that went meanwhile must not come back as a lock file)
             fd = os.open(stale, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -300,12 +316,17 @@ def recover_swaps(dest: Path) -> bool:
     return restored
 
 
+def job_lockfile(output: Path) -> Path:
+    """The lock file every job writing ``output`` holds (``job_lock``), the resume directory's too."""
+    return output.parent / f".{output.name}.resume.lock"
+
+
 @contextlib.contextmanager
 def job_lock(output: Path, lockfile: Optional[Path] = None):
     """One job at a time writes ``output``: a lock file beside it (``.<name>.resume.lock``, the resume directory's)
     for the whole job; a second process gets a UserError at once instead of doing all its work to find the output
     taken (or mixing its resume layers with the first one's)."""
-    lockfile = lockfile or output.parent / f".{output.name}.resume.lock"
+    lockfile = lockfile or job_lockfile(output)
     with locked(lockfile, remove=True, busy=f"Another llmcomp job is writing {output} (it holds {lockfile}); wait "
                                             "for it to finish or choose another output path."):
         yield

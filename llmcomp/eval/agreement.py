@@ -33,6 +33,7 @@ class Reference:
         self.windows, self.logprobs, self.continuations, self.ppl = windows, logprobs, continuations, ppl
         self.tokenizer = tokenizer  # tokenizer_id of the reference's tokenizer (the windows are its token ids)
         self.asked = None  # (n_windows, seq_len) api.record_reference asked for (the text may hold fewer windows)
+        self.source = None  # the reference model's path as given (api.record_reference), shown in each row against it
         self._workdir = workdir  # removed when the Reference is garbage-collected
 
     def check_model(self, name: str, tok, vocab_size: int | None) -> None:
