@@ -571,6 +571,22 @@ def _named(path, p: Path) -> dict:
     return {"path": shown if shown != model_mod.DEFAULT_MODEL else str(p.absolute()), "name": p.resolve().name}
 
 
+def check_long_policy(path, context: int, passkey_lengths=(), passkey_samples: int = 0) -> None:
+    """An artifact's KV policy (its manifest's) against the evaluation's shortest context, before any model loads
+    (``eval --long`` over several models found one's misfit after the earlier ones had run)."""
+    from transformers import AutoConfig
+
+    from llmcomp.prune.kv.hook import policy_of
+
+    p = model_mod.read_path(path)
+    if not is_artifact(p):
+        return
+    kv = [s for s in read_manifest(p, verify=False)["stages"] if s.get("kind") == _kv_hook.KIND]
+    if kv:
+        shortest = min([context, *(passkey_lengths if passkey_samples else ())])
+        policy_of(kv[-1]).validate_for(AutoConfig.from_pretrained(p), context=shortest)
+
+
 @null_progress
 def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: int = 64,
                   passkey_lengths=(1024, 2048), passkey_samples: int = 10, needle_keys: int = 0,
@@ -584,12 +600,11 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
     check_long(context, n_windows, chunk, passkey_lengths, passkey_samples, needle_keys)
     p = model_mod.resolve(path, progress.note)
     check_long_lengths(context_limit(p), context, passkey_lengths, passkey_samples)
+    check_long_policy(p, context, passkey_lengths, passkey_samples)
     net, tok, _, stages = open_model(p, progress=progress, device=default_device(device), describe_base=False)
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")
     policy = installed_policy(net)
-    if policy is not None:
-        policy.validate_for(net.config, context=min([context, *(passkey_lengths if passkey_samples else ())]))
     start = time.perf_counter()
     result = long_context_eval(net, tok, context=context, n_windows=n_windows, chunk=chunk,
                                passkey_lengths=tuple(passkey_lengths), passkey_n=passkey_samples,

@@ -10,6 +10,15 @@ class UserError(Exception):
     """Bad input: the message is shown to the user as-is."""
 
 
+class FieldError(UserError):
+    """A config field of the wrong type (or NaN), raised as ``Owner.field must be …``; ``field`` and ``tail`` (``must
+    be …``) let a command line name the flag the field came from instead (``cli.app.run``)."""
+
+    def __init__(self, owner: str, field: str, tail: str):
+        super().__init__(f"{owner}.{field} {tail}")
+        self.field, self.tail = field, tail
+
+
 def require_int(name: str, value, low: int, where: str = "") -> None:
     """UserError unless ``value`` is an integer (not a bool, not 32.0) of at least ``low``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -283,6 +283,19 @@ def test_eval_errors(artifact, tmp_path):
     assert "does not exist" in error_line(invoke("eval", artifact, "--reference", tmp_path / "nope"))
 
 
+@pytest.mark.parametrize("args,flag", [
+    (["prune", "kv", "--method", "mustafar", "--ratio", "nan"], "--ratio"),
+    (["prune", "kv", "--method", "a2sf", "--forget", "nan"], "--forget"),
+    (["prune", "experts", "--ratio", "nan"], "--ratio"),
+    (["prune", "dynamic", "--rate", "nan"], "--rate"),
+    (["linearize", "--keep-softmax", "nan"], "--keep-softmax"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_nan_flag_is_named_by_its_flag(model_dir, tmp_path, args, flag):
+    """NaN passes every range check, and the field-type check that catches it named the config's field
+    (``ExpertPruneConfig.ratio must be a number``) where the user had typed a flag."""
+    assert error_line(invoke(*args, model_dir, "-o", tmp_path / "o")) == f"error: {flag} must be a number, got nan."
+
+
 def test_eval_reference_base_takes_an_artifacts_base_and_every_path_is_checked_first(model_dir, artifact, tmp_path):
     """``--reference base`` took the first path's base even where that path was a plain model (an exported
     checkpoint): the model was its own reference (KL 0, top-1 100 %, recorded so by --record); a mistyped later path

@@ -639,6 +639,22 @@ def test_cskv_weight_bases_take_the_projection_bias():
     assert err(basis) < 0.9 * err(top_basis(attn.k_proj.weight.detach(), basis.shape[1], False))
 
 
+def test_eval_long_checks_every_models_policy_before_the_first_evaluation(tmp_path):
+    """eval --long over several models found a policy that does not fit the evaluation's context only after the
+    earlier models' evaluations, and told the user to choose a smaller residual (fixed in the artifact; the flag is
+    --window) instead of a longer evaluation."""
+    from conftest import save_char_model
+
+    src = save_char_model(tmp_path / "char", layers=1)
+    out = api.prune_kv(KIVIConfig(bits=4, group=8, residual=128), tmp_path / "kv", str(src))
+    r = CliRunner().invoke(app, ["eval", str(src), str(out), "--long", "--windows", "1", "--context", "64",
+                                 "--passkey-samples", "0"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "Long-context" not in text, r.output
+    assert "the policy's window of 128 tokens is not smaller than the evaluation's context (64 tokens); evaluate " \
+           "at more than 128 tokens" in text
+
+
 def test_cli_eval_says_perplexity_leaves_the_kv_policy_out(tmp_path):
     """Perplexity runs without a cache: a KV artifact's row is the dense model's, and nothing said so."""
     from conftest import save_char_model

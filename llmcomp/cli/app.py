@@ -48,7 +48,7 @@ def run(fn, writes: bool = True):
     try:
         return fn()
     except UserError as exc:
-        render.error(str(exc))
+        render.error(_as_flag(exc))
         _kept_work(opened)
         raise typer.Exit(2)
     except OSError as exc:  # the machine, not the program: disk full, permissions, a path through a file
@@ -63,6 +63,23 @@ def run(fn, writes: bool = True):
         render.error(f"{'terminated' if terminated else 'interrupted'}{tail}.")
         _kept_work(opened)
         raise typer.Exit(143 if terminated else 130)
+
+
+def _as_flag(exc: UserError) -> str:
+    """A config field's type error (``ExpertPruneConfig.ratio must be a number, got nan``) by the command's flag of
+    that name where it has one (``--ratio must be …``); any other error as it is."""
+    try:  # (typer ≥ 0.2x runs commands under its own copy of click)
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
+
+    from llmcomp.errors import FieldError
+
+    ctx = get_current_context(silent=True)
+    flag = "--" + exc.field.replace("_", "-") if isinstance(exc, FieldError) else None
+    if flag is not None and ctx is not None and any(flag in p.opts for p in ctx.command.params):
+        return f"{flag} {exc.tail}"
+    return str(exc)
 
 
 def _resume():

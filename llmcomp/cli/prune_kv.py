@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmcomp.core.config import dumps
-from llmcomp.errors import UserError
+from llmcomp.errors import FieldError, UserError
 
 # flag → the methods it applies to (anything else given is an error, not silently ignored)
 FLAGS = {
@@ -52,7 +52,7 @@ def build_kv_policy(method: str, **flags):
     try:
         policy = cls(**{k: v for k, v in fields.items() if v is not None})
     except UserError as e:  # the policy's checks name its fields; say which flag instead
-        field, _, rest = str(e).partition(" ")
+        field, _, rest = (e.field, None, e.tail) if isinstance(e, FieldError) else str(e).partition(" ")
         if field not in fields:
             raise
         raise UserError(f"{_flag(field, given)} {rest}") from None
@@ -126,6 +126,9 @@ def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, pass
         lengths = tuple(int(n) for n in passkey_lengths.split(",") if n.strip())
     except ValueError:
         raise UserError(f"--passkey-lengths must be comma-separated integers, got {passkey_lengths!r}.") from None
+    api.check_long(context, windows, 1, lengths, passkey_samples, needle_keys)  # (then every model's policy, not
+    for p in targets:                                                             # after the earlier evaluations)
+        api.check_long_policy(p, context, lengths, passkey_samples)
     with render.RichProgress() as progress:
         rows = [api.evaluate_long(p, context=context, n_windows=windows, passkey_lengths=lengths,
                                   passkey_samples=passkey_samples, needle_keys=needle_keys, device=device,

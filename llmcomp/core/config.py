@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from llmcomp.core.registry import Registry
-from llmcomp.errors import UserError
+from llmcomp.errors import FieldError, UserError
 
 CONFIGS: Registry[type] = Registry("config type")
 
@@ -84,7 +84,7 @@ def check_field_types(obj: Any) -> None:
                     "tuple[str, ...]": "a tuple of strings", "tuple[int, ...]": "a tuple of integers"}.get(
                 inner, "a tuple" if inner.startswith("tuple") else "a dict" if inner.startswith("dict")
                 else " or ".join(c.__name__ for c in classes))
-            raise UserError(f"{type(obj).__name__}.{f.name} must be {want}, got {value!r}.")
+            raise FieldError(type(obj).__name__, f.name, f"must be {want}, got {value!r}.")
 
 
 def field_classes(cls: type, name: str) -> tuple:

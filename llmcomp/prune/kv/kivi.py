@@ -117,7 +117,7 @@ class KIVIConfig(KVPolicy):
                             "keys are quantized in whole token groups.")  # (the field first: the CLI names its flag)
 
     def windows(self):
-        return {"residual": self.residual}
+        return {"window": self.residual}  # (its flag's name: the recent tokens kept in full precision)
 
     def validate_for(self, model_config, context=None):
         super().validate_for(model_config, context)
