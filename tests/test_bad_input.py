@@ -332,6 +332,9 @@ def test_eval_reference_base_takes_an_artifacts_base_and_every_path_is_checked_f
     (["--long", "--context", "64", "--passkey-lengths", "-5", "--passkey-samples", "1"], "must be positive token"),
     (["--long", "--context", "64", "--passkey-samples", "0", "--needle-keys", "4"], "--needle-keys runs with the pass"),
     (["--long", "--context", "64", "--passkey-lengths", "", "--needle-keys", "4"], "--needle-keys runs with the pass"),
+    (["--long", "--context", "64", "--passkey-lengths", ""], "gives no length; give lengths, or --passkey-samples 0"),
+    (["--long", "--context", "64", "--passkey-lengths", "32,,32"], "--passkey-lengths '32,,32' has an empty item"),
+    (["--long", "--context", "64", "--passkey-lengths", "32,32"], "--passkey-lengths '32,32' lists 32 twice"),
     (["--device", "cpu", "--max-memory", "cpu=1GiB"], "pass one of them"),  # (a traceback from model.to before)
     (["--offload-folder", "OUT/afile.txt"], "is a file; give a directory"),
     (["--seq-len", "257", "--windows", "1"], "longer than the model's context (256 tokens)"),
@@ -417,6 +420,9 @@ def test_reports_never_overwrite_the_base_or_the_bundled_model(artifact, model_d
 
 def test_bench_kernels_bad_flags():
     assert "--ms" in error_line(invoke("bench", "kernels", "--ms", "1,x"))
+    # (an empty item was dropped, a repeated one timed twice)
+    assert "--ms '1,,2' has an empty item" in error_line(invoke("bench", "kernels", "--ms", "1,,2"))
+    assert "--ms '1,1' lists 1 twice" in error_line(invoke("bench", "kernels", "--ms", "1,1"))
     assert "--shapes" in error_line(invoke("bench", "kernels", "--shapes", "4096by4096"))
     # (checked before the GPU is asked for: on a CPU machine these said only "needs a CUDA GPU")
     assert "--ms" in error_line(invoke("bench", "kernels", "--ms", "0,1"))

@@ -391,7 +391,9 @@ def test_cli_prune_kv(tiny_model_dir, tmp_path):
                           (["--method", "mustafar", "--ratio", "1.5"], "[0, 1)"),
                           (["--method", "nope"], "Unknown KV method"),
                           (["--method", "h2o", "--budget", "0"], "at least 1"),
-                          (["--method", "streaming", "--budget", "-3"], "at least 1")]:
+                          (["--method", "streaming", "--budget", "-3"], "at least 1"),
+                          # (--ratio was dropped for --budget, and recorded in the manifest)
+                          (["--method", "streaming", "--budget", "10", "--ratio", "0.5"], "give one")]:
         r = runner.invoke(app, ["prune", "kv", str(tiny_model_dir), *args, "-o", str(tmp_path / "x")])
         lines = [line for line in r.output.splitlines() if line.startswith("error:")]
         assert r.exit_code == 2 and len(lines) == 1 and message in r.output and "Traceback" not in r.output, r.output

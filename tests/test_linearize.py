@@ -314,7 +314,9 @@ def test_cli_bad_input(tmp_path):
     # flags taken and ignored before (recorded in the manifest, unused)
     for flags, message in [(["--tokens", "0", "--lr", "5"], "--lr set the fine-tune, and --tokens 0 runs none"),
                            (["--method", "liger", "--transfer-steps", "1000"], "liger has none"),
-                           (["--keep-layers", ","], "names no layer"),
+                           (["--keep-layers", ","], "--keep-layers ',' has an empty item"),
+                           (["--keep-layers", "0,0"], "--keep-layers '0,0' lists 0 twice"),
+                           (["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"),
                            (["--keep-layers", "0", "--keep-softmax", "0.5"], "drop --keep-softmax")]:
         assert message in _error(invoke("linearize", src, "-o", out, *flags))
     cfg = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -6,16 +6,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmcomp.cli.lists import int_list
 from llmcomp.errors import UserError
 
 bench_app = typer.Typer(help="Benchmarks: kernels vs peers, decode speed (GPU).", no_args_is_help=True)
 
 
 def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated integers, got {text!r}.") from None
+    return list(int_list(text, what, {"--ms": "1,4,16", "--bits": "4,3", "--batch": "1,16"}[what],
+                         allow_empty=what == "--bits"))  # (--bits '': the float formats only)
 
 
 @bench_app.command("kernels")
@@ -115,10 +114,8 @@ def decode(
         from llmcomp.eval import decode_bench as db
 
         batches = _ints(batch, "--batch")
-        if not batches or any(b < 1 for b in batches):
+        if any(b < 1 for b in batches):  # (int_list: a batch twice timed it twice, one column showing the other's row)
             raise UserError(f"--batch must be positive integers, e.g. 1,16; got {batch!r}.")
-        if len(set(batches)) < len(batches):  # (a batch timed twice, one table column showing the other's row)
-            raise UserError(f"--batch names a batch size twice: {batch!r}.")
         if context < 1 or steps < 1:
             raise UserError("--context and --steps must be ≥ 1.")
         if layers_per_graph < 1:

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmcomp.cli.lists import int_list
 from llmcomp.errors import UserError
 
 
@@ -28,13 +29,7 @@ def parse_tokens(text: str) -> int:
 def parse_layers(text: Optional[str]) -> Optional[tuple]:
     if text is None:
         return None
-    try:
-        layers = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise UserError(f"--keep-layers {text!r} must be comma-separated layer indices, e.g. 0,5.") from None
-    if not layers:  # (an empty list replaced --keep-softmax, silently)
-        raise UserError(f"--keep-layers {text!r} names no layer; give indices such as 0,5, or leave it out.")
-    return layers
+    return int_list(text, "--keep-layers", "0,5")  # (an empty list replaced --keep-softmax, silently)
 
 
 def linearize(
@@ -49,7 +44,7 @@ def linearize(
     transfer_steps: Annotated[int, typer.Option(help="Attention-transfer optimizer steps per layer.")] = 100,
     lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine to 10 %).")] = 1e-3,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank on the linearized layers' q/k/v/o.")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Windows per fine-tuning step.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Windows per fine-tuning step, and per forward pass of the attention transfer's layer-by-layer capture.")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per window (transfer and fine-tuning).")] = 512,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows for attention transfer.")] = 16,
     checkpoint_every: Annotated[int, typer.Option(help="Fine-tuning steps between checkpoints (a killed run resumes).")] = 50,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from llmcomp.cli.lists import int_list
 from llmcomp.errors import UserError
 from llmcomp.formats import FORMATS
 from llmcomp.formats.fp4 import FP4, FP4_FORMATS
@@ -21,10 +22,7 @@ VECTOR_METHODS = ("vptq", "pvq")  # --bits is the format's index bits per weight
 
 
 def parse_candidates(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise UserError(f"--candidates must be comma-separated integers such as 2,3,4,8, got {text!r}.") from None
+    return int_list(text, "--candidates", "2,3,4,8")
 
 
 def fp4_weight_format(name: str | None, group_size: int, bits: float, group_given: bool = True):

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmcomp.core.config import dumps
+from llmcomp.cli.lists import int_list
 from llmcomp.errors import FieldError, UserError
 
 # flag → the methods it applies to (anything else given is an error, not silently ignored)
@@ -33,6 +34,9 @@ def build_kv_policy(method: str, **flags):
     if given.get("budget", 1) < 1:  # (0 would mean "no budget" below, and fall back to --ratio unsaid)
         raise UserError(f"--budget is a number of tokens to keep, at least 1; got {given['budget']} "
                         "(leave it out to evict by --ratio).")
+    if "budget" in given and "ratio" in given:  # (--ratio was dropped, and the manifest recorded it)
+        raise UserError("--budget and --ratio both size the cache (a number of tokens kept, a fraction evicted); "
+                        "give one.")
     ratio = given.get("ratio")
     fields = {
         "mustafar": {"k_sparsity": given.get("k_ratio", ratio), "v_sparsity": given.get("v_ratio", ratio),
@@ -79,18 +83,18 @@ def kv(
     model: Annotated[Optional[str], typer.Argument(help="Model directory or llmcomp artifact (default: the bundled SmolLM2-135M-Instruct).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-kv"),
     method: Annotated[str, typer.Option(help="mustafar | kivi | streaming | h2o | a2sf | duo | cskv.")] = "mustafar",
-    ratio: Annotated[Optional[float], typer.Option(help="Fraction removed, in [0, 1): sparsity (mustafar), evicted tokens (streaming/h2o/a2sf), streaming heads (duo), removed channels (cskv).")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction removed, in [0, 1): sparsity (mustafar), evicted tokens (streaming/h2o/a2sf), streaming heads (duo), removed channels (cskv). Default 0.5.")] = None,
     k_ratio: Annotated[Optional[float], typer.Option(help="mustafar/cskv: the ratio for keys only.")] = None,
     v_ratio: Annotated[Optional[float], typer.Option(help="mustafar/cskv: the ratio for values only.")] = None,
-    budget: Annotated[Optional[int], typer.Option(help="streaming/h2o/a2sf: keep this many tokens (overrides --ratio).")] = None,
-    window: Annotated[Optional[int], typer.Option(help="Recent tokens kept dense / full precision (mustafar, kivi residual, cskv) or the streaming heads' window (duo).")] = None,
-    sinks: Annotated[Optional[int], typer.Option(help="streaming/duo: first tokens always kept (attention sinks).")] = None,
-    recent: Annotated[Optional[float], typer.Option(help="h2o/a2sf: fraction of the budget kept for the most recent tokens.")] = None,
-    forget: Annotated[Optional[float], typer.Option(help="a2sf: forgetting factor in (0, 1].")] = None,
+    budget: Annotated[Optional[int], typer.Option(help="streaming/h2o/a2sf: keep this many tokens (instead of --ratio).")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Recent tokens kept dense / full precision (mustafar 32, kivi residual 128, cskv 32) or the streaming heads' window (duo 64).")] = None,
+    sinks: Annotated[Optional[int], typer.Option(help="streaming/duo: first tokens always kept (attention sinks; default 4 / 16).")] = None,
+    recent: Annotated[Optional[float], typer.Option(help="h2o/a2sf: fraction of the budget kept for the most recent tokens (default 0.5).")] = None,
+    forget: Annotated[Optional[float], typer.Option(help="a2sf: forgetting factor in (0, 1] (default 0.99).")] = None,
     bits: Annotated[Optional[int], typer.Option(help="kivi: bits per cached value (2, 3, 4 or 8; default 2).")] = None,
-    group: Annotated[Optional[int], typer.Option(help="kivi: values per scale (tokens for keys, channels for values).")] = None,
-    calib_samples: Annotated[Optional[int], typer.Option(help="duo: optimization steps (one passkey sequence each); cskv: calibration windows.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="duo/cskv: calibration sequence length in tokens.")] = None,
+    group: Annotated[Optional[int], typer.Option(help="kivi: values per scale (tokens for keys, channels for values; default 32).")] = None,
+    calib_samples: Annotated[Optional[int], typer.Option(help="duo: optimization steps (one passkey sequence each); cskv: calibration windows (default 16 each).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="duo/cskv: calibration sequence length in tokens (default 768 / 512).")] = None,
     weights_only: Annotated[bool, typer.Option("--weights-only", help="cskv: bases from the k/v projection weights (no calibration text).")] = False,
     device: Annotated[Optional[str], typer.Option(help="Device for calibration (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
@@ -122,10 +126,7 @@ def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, pass
     from llmcomp import api
     from llmcomp.cli import render
 
-    try:
-        lengths = tuple(int(n) for n in passkey_lengths.split(",") if n.strip())
-    except ValueError:
-        raise UserError(f"--passkey-lengths must be comma-separated integers, got {passkey_lengths!r}.") from None
+    lengths = int_list(passkey_lengths, "--passkey-lengths", "1024,2048", allow_empty=True)
     api.check_long(context, windows, 1, lengths, passkey_samples, needle_keys)  # (then every model's policy, not
     for p in targets:                                                             # after the earlier evaluations)
         api.check_long_policy(p, context, lengths, passkey_samples)

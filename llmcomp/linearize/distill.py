@@ -75,8 +75,10 @@ class LinearizeConfig:
             raise UserError(f"--window must be ≥ 0 (got {self.window}; 0 = pure linear attention).")
         if self.tokens < 0 or self.transfer_steps < 0:
             raise UserError("--tokens and --transfer-steps must be ≥ 0.")
-        if self.seq_len < 2 or self.batch_size < 1 or self.lora_rank < 1 or self.checkpoint_every < 1:
-            raise UserError("--seq-len must be ≥ 2, and --batch-size, --lora-rank, --checkpoint-every ≥ 1.")
+        for name, value, low in (("--seq-len", self.seq_len, 2), ("--batch-size", self.batch_size, 1),
+                                 ("--lora-rank", self.lora_rank, 1), ("--checkpoint-every", self.checkpoint_every, 1)):
+            if value < low:  # (one message listed all four, not the one at fault)
+                raise UserError(f"{name} must be ≥ {low}, got {value}.")
         if not (0 < self.lr < math.inf and 0 < self.transfer_lr < math.inf):
             raise UserError(f"Learning rates must be positive and finite (got --lr {self.lr}, transfer "
                             f"{self.transfer_lr}).")
