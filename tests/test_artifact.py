@@ -142,8 +142,12 @@ def test_truncated_file_detected(art):
 
 def test_missing_manifest_falls_back_or_errors(art):
     os.remove(art / "llmcomp.json")
-    with pytest.raises(UserError, match="llmcomp.json is missing"):
+    with pytest.raises(UserError, match="is not an llmcomp artifact: it has no llmcomp.json"):
         read_manifest(art)
+    with pytest.raises(UserError, match="is not an llmcomp artifact: it does not exist"):
+        read_manifest(art / "nope")  # (it said that llmcomp.json was missing, of a path that is not there)
+    with pytest.raises(UserError, match="is not an llmcomp artifact: it is a file"):
+        read_manifest(art / "config.json")
 
 
 def _edit_manifest(art, change, seal=True):

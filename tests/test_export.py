@@ -252,6 +252,8 @@ def test_gptq_import_feeds_quantize(arts, tmp_path):
     net, _, _, stages = api.open_model(str(out))
     assert api.stage_label(stages[0]) == "import-gptq int4 g32 asym"
     assert stages[0]["metrics"]["bits_per_weight"] == 5.0  # int4 + fp16 scale and zero per 32
+    with pytest.raises(UserError, match="this is a gptq checkpoint already: other tools load it as it is"):
+        api.export(out, "compressed-tensors", tmp_path / "ct")  # (it said to quantize the model first)
     again = api.quantize(RTNConfig(format=Uniform(8, 0), ignore=()), tmp_path / "again", str(out))  # + lm_head
     m = read_manifest(again)
     assert [s["method"] for s in m["stages"]] == ["import-gptq", "rtn"]

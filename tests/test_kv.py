@@ -674,3 +674,6 @@ def test_cli_eval_says_perplexity_leaves_the_kv_policy_out(tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["check", str(out), "--baseline", str(baseline)])
     assert r.exit_code == 0 and "is not applied" in " ".join(r.output.split()), r.output
+    r = runner.invoke(app, ["inspect", str(out)])  # (nothing quantized: one line, not an empty table)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "│ quantized modules │ none │" in text and "format ┃ modules" not in text, r.output

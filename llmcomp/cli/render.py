@@ -242,7 +242,9 @@ def manifest_tables(manifest: dict) -> list[Table]:
         groups.setdefault(f"{spec.get('_type')}({key})", []).append(name)
     for key, names in groups.items():
         add_row(mods, key, str(len(names)), names[0])
-    return [head, mods]
+    if not groups:  # (a KV policy, an expert pruning, a linearized model: an empty table)
+        add_row(head, "quantized modules", "none")
+    return [head, mods] if groups else [head]
 
 
 def check_table(outcomes, seconds: float) -> Table:

@@ -246,8 +246,9 @@ def read_manifest(path: Path, verify: bool = True, hashes: bool = True) -> dict:
     ``hashes=False``: the manifest's seal and its files' presence only (a viewer's check: no file is hashed)."""
     path = Path(path)
     mpath = path / MANIFEST
-    if not mpath.exists():
-        raise UserError(f"{path} is not an llmcomp artifact: {MANIFEST} is missing.")
+    if not mpath.exists():  # (a missing path and a file read "llmcomp.json is missing" too)
+        why = "does not exist" if not path.exists() else "is a file" if not path.is_dir() else f"has no {MANIFEST}"
+        raise UserError(f"{path} is not an llmcomp artifact: it {why}.")
     try:
         manifest = json.loads(mpath.read_text())
     except (ValueError, UnicodeDecodeError, RecursionError):  # (JSONDecodeError; an int past 4300 digits; nesting)

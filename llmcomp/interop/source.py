@@ -59,6 +59,15 @@ class Source:
         return torch.float32
 
 
+def _quant_method(path: Path) -> Optional[str]:
+    """``config.json``'s ``quantization_config.quant_method`` (a checkpoint quantized by another tool), else None."""
+    try:
+        method = json.loads((path / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return method if isinstance(method, str) else None
+
+
 def open_source(path, target: str) -> Source:
     """Open an llmcomp artifact for export to ``target`` (a name for messages); refuse what no other tool
     could load."""
@@ -67,8 +76,10 @@ def open_source(path, target: str) -> Source:
 
     p = resolve(path)
     if not is_artifact(p):
+        method = _quant_method(p)  # (an imported GPTQ checkpoint was told to be quantized first)
         raise UserError(f"{p} is not an llmcomp artifact ({MANIFEST} is missing); export writes an artifact's "
-                        f"quantized weights, so quantize the model first.")
+                        + (f"quantized weights, and this is a {method} checkpoint already: other tools load it as "
+                           "it is." if method else "quantized weights, so quantize the model first."))
     kinds = stage_kinds(read_manifest(p, verify=False))
     if kinds:
         kind, method = next(iter(kinds.items()))
