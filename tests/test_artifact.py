@@ -173,6 +173,19 @@ def test_edited_manifest_refused_and_evaluations_do_not_break_the_seal(art):
         llmcomp.load(art)
 
 
+def test_inspect_says_when_a_manifest_has_no_seal(art):
+    """Without its seal (an artifact from before the seal, or one whose seal was deleted) a manifest's edits load
+    unseen; inspect says so."""
+    from typer.testing import CliRunner
+
+    from llmcomp.cli.app import app
+
+    sealed = " ".join(CliRunner().invoke(app, ["inspect", str(art)]).output.split())
+    _edit_manifest(art, lambda m: m.pop(artifact_mod.SEAL), seal=False)
+    unsealed = " ".join(CliRunner().invoke(app, ["inspect", str(art)]).output.split())
+    assert "edits to llmcomp.json cannot be detected" in unsealed and "cannot be detected" not in sealed
+
+
 def test_unknown_schema_version(art):
     _edit_manifest(art, lambda m: m.update(schema_version=99))
     with pytest.raises(UserError, match="schema version 99"):

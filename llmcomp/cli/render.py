@@ -210,6 +210,7 @@ EVALUATION_KEYS = ("ppl", "kld_mean", "top1_agree", "bits_per_weight", "size_mb"
 
 
 def manifest_tables(manifest: dict) -> list[Table]:
+    from llmcomp.core.artifact import SEAL
     from llmcomp.report.facts import shown_config
 
     if "stages" not in manifest:
@@ -230,6 +231,8 @@ def manifest_tables(manifest: dict) -> list[Table]:
         add_row(head, f"stage {i}", f"{s['method']} in {s.get('wall_time_s')} s{', ' + what if what else ''}; "
                                    f"config {cfg}")
     add_row(head, "files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))
+    if SEAL not in manifest:  # (its edits pass unseen, as in artifacts written before the seal)
+        add_row(head, "seal", "none: edits to llmcomp.json cannot be detected (re-create the artifact to seal it)")
     for e in manifest.get("evaluations") or []:  # (eval --record's results, shown in report.md only)
         if isinstance(e, dict):
             add_row(head, "evaluation", ", ".join(f"{k} {_fmt(e[k], 4)}" for k in EVALUATION_KEYS if k in e))
