@@ -31,6 +31,15 @@ def test_every_expert_active_reproduces_the_dense_model(shared, family):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_the_reported_mlp_error_is_the_blocks_own():
+    """With every expert active the report said 0.0 % (each chosen expert summed at weight 1), while the block
+    weighs them by its router's softmax: exact only with a flat router."""
+    x = ids(8, 16, seed=1)
+    flat = moefy_model(tiny_llama(), x, MoefyConfig(experts=4, top_k=4, shared=0, router_spread=1e-6), device="cpu")
+    spread = moefy_model(tiny_llama(), x, MoefyConfig(experts=4, top_k=4, shared=0), device="cpu")
+    assert flat[1]["_summary"]["mean_mlp_rel_error"] < 1e-6 < spread[1]["_summary"]["mean_mlp_rel_error"]
+
+
 def test_top_k_routing_is_close_to_an_oracle_on_its_calibration_text():
     model, report = moefy_model(tiny_llama(), ids(16, 32, seed=2), MoefyConfig(experts=4, top_k=2, shared=0),
                                 device="cpu")
