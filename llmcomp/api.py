@@ -806,6 +806,9 @@ def stage_label(stage: dict) -> str:
     act = config.get("act_bits")
     if isinstance(act, int) and act != 16:
         extra.append(f"A{act} {config.get('act_format', 'fp')}")
+    outliers = config.get("outliers")  # (its bits/weight counted them, and the label said plain int3)
+    if isinstance(outliers, (int, float)) and not isinstance(outliers, bool) and outliers > 0:
+        extra.append(f"{100 * outliers:g}% fp16 outliers")
     tail = f", {', '.join(extra)}" if extra else ""
     fmt = config.get("format")
     if isinstance(fmt, dict):

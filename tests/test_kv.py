@@ -668,6 +668,10 @@ def test_cli_eval_says_perplexity_leaves_the_kv_policy_out(tmp_path):
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     assert f"so the KV-cache policy of {out} is not applied" in text and text.count("KV-cache policy") == 1
+    r = runner.invoke(app, ["eval", str(out), "--reference", "base", "--windows", "1", "--seq-len", "32"])
+    text = " ".join(r.output.split())  # (KL / top-1 are the dense model's too; the greedy prefix used the cache)
+    assert r.exit_code == 0 and "perplexity, KL and top-1 score each window without a cache" in text, r.output
+    assert "the greedy prefix, generated with the cache, applies it" in text
     baseline = tmp_path / "b.json"  # (check's gate measured it so too, without the note: CI never saw the policy)
     r = runner.invoke(app, ["check", str(out), "--baseline", str(baseline), "--update", "--windows", "1",
                             "--seq-len", "32"])

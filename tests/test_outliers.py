@@ -127,3 +127,12 @@ def test_a_layer_too_small_for_any_outlier_does_not_refuse_the_job(tiny_model_di
     model, _, _, _ = api.open_model(str(tiny_model_dir))
     cfg = GPTQConfig(format=Uniform(bits=3, group_size=32), outliers=1e-4)
     assert len(check_selection(model, cfg, GPTQQuantizer(cfg))) == 14
+
+
+def test_the_stage_label_names_the_outliers():
+    """eval's stages column read "gptq int3 g128 asym" beside the 3.51 bits/weight the outliers make."""
+    from llmcomp.core.config import to_dict
+
+    stage = {"method": "gptq", "config": {"format": to_dict(Uniform(bits=3, group_size=128)), "outliers": 0.005}}
+    assert api.stage_label(stage) == "gptq int3 g128 asym, 0.5% fp16 outliers"
+    assert api.stage_label({**stage, "config": {**stage["config"], "outliers": 0.0}}) == "gptq int3 g128 asym"

@@ -340,4 +340,5 @@ def test_a_weights_only_config_is_shown_without_its_w4a4_settings():
     assert shown["format"] == "int4 g128 asym" and shown["act_bits"] == 16
     w4a4 = facts.shown_config(to_dict(RTNConfig(format=Uniform(bits=4, group_size=128), act_bits=4, smooth=0.3)))
     assert w4a4["act_format"] == "int" and w4a4["smooth"] == 0.3
-    assert facts.shown_config({"formats": {"a": {}, "b": {}}})["formats"].startswith("<2 per-layer formats")
+    allocated = facts.shown_config({"format": to_dict(Uniform(bits=8, group_size=128)), "formats": {"a": {}, "b": {}}})
+    assert allocated["formats"].startswith("<2 per-layer formats") and "format" not in allocated  # (int8 placeholder)

@@ -113,13 +113,16 @@ def _given(ctx: typer.Context, names) -> list[str]:
             if n in params and getattr(ctx.get_parameter_source(n), "name", None) in ("COMMANDLINE", "ENVIRONMENT")]
 
 
-def _note_kv_not_applied(paths) -> None:
-    """eval's and check's perplexity are the dense attention's for an artifact with a KV-cache policy: a note each."""
+def _note_kv_not_applied(paths, agreement: bool = False) -> None:
+    """eval's and check's perplexity (and KL / top-1 against a reference) are the dense attention's for an artifact
+    with a KV-cache policy, while the greedy prefix is generated with the cache, the policy applied: a note each."""
     from llmcomp.cli import render
 
+    scored = "perplexity, KL and top-1 score" if agreement else "perplexity scores"
+    greedy = " (the greedy prefix, generated with the cache, applies it)" if agreement else ""
     for p in filter(_holds_kv_policy, paths):
-        render.wrote(f"perplexity scores each window without a cache, so the KV-cache policy of {p} is not "
-                     "applied; llmcomp eval --long measures it", label="note:")
+        render.wrote(f"{scored} each window without a cache, so the KV-cache policy of {p} is not applied{greedy}; "
+                     "llmcomp eval --long measures it", label="note:")
 
 
 def _holds_kv_policy(path: Optional[str]) -> bool:
@@ -298,7 +301,7 @@ def eval_(
                 rows.append(api.evaluate(p, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
                                          reference=ref, progress=progress, **place))
         render.console.print(render.eval_table(rows, compare, asked=windows))
-        _note_kv_not_applied(targets)
+        _note_kv_not_applied(targets, agreement=ref is not None)
         if json_out:
             write_report(json_out, dumps(rows, indent=1))
         if record:

@@ -37,8 +37,9 @@ def shown_config(config) -> dict:
     unused = WEIGHTS_ONLY_UNUSED if config.get("act_bits") == 16 else ()
     shown = {k: _compact(v) for k, v in config.items() if not k.startswith("_") and k not in unused}
     if isinstance(config.get("formats"), dict):
-        if config["formats"]:  # (a bit allocation's: hundreds of lines)
+        if config["formats"]:  # (a bit allocation's: hundreds of lines; its `format` is a placeholder, int8 there)
             shown["formats"] = f"<{len(config['formats'])} per-layer formats: see the quantized modules>"
+            shown.pop("format", None)
         else:
             del shown["formats"]
     return shown
