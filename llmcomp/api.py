@@ -574,14 +574,16 @@ def _named(path, p: Path) -> dict:
     return {"path": shown if shown != model_mod.DEFAULT_MODEL else str(p.absolute()), "name": p.resolve().name}
 
 
-def check_long_policy(path, context: int, passkey_lengths=(), passkey_samples: int = 0) -> None:
-    """An artifact's KV policy (its manifest's) against the evaluation's shortest context, before any model loads
-    (``eval --long`` over several models found one's misfit after the earlier ones had run)."""
+def check_long_fit(path, context: int, passkey_lengths=(), passkey_samples: int = 0) -> None:
+    """The evaluation's lengths against a model's context and an artifact's KV policy (its manifest's) against the
+    evaluation's shortest context, before any model loads (``eval --long`` over several models found one's misfit
+    after the earlier ones had run)."""
     from transformers import AutoConfig
 
     from llmcomp.prune.kv.hook import policy_of
 
     p = model_mod.read_path(path)
+    check_long_lengths(context_limit(p), context, passkey_lengths, passkey_samples)
     if not is_artifact(p):
         return
     kv = [s for s in read_manifest(p, verify=False)["stages"] if s.get("kind") == _kv_hook.KIND]
@@ -602,8 +604,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
 
     check_long(context, n_windows, chunk, passkey_lengths, passkey_samples, needle_keys)
     p = model_mod.resolve(path, progress.note)
-    check_long_lengths(context_limit(p), context, passkey_lengths, passkey_samples)
-    check_long_policy(p, context, passkey_lengths, passkey_samples)
+    check_long_fit(p, context, passkey_lengths, passkey_samples)
     net, tok, _, stages = open_model(p, progress=progress, device=default_device(device), describe_base=False)
     if tok is None:
         raise UserError(f"{p} has no tokenizer files; evaluation needs one.")

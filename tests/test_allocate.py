@@ -185,4 +185,4 @@ def test_the_output_sensitivity_pass_runs_at_calib_batch(tmp_path, monkeypatch):
 
     text = io.StringIO()  # (inspect printed every layer's format inside the stage's cell)
     Console(file=text, width=300).print(*render.manifest_tables(api.inspect(out)))
-    assert "<7 per-layer formats: see the quantized modules>" in text.getvalue() and "'bits': 2" not in text.getvalue()
+    assert "<7 per-layer formats (bit allocation)>" in text.getvalue() and "'bits': 2" not in text.getvalue()

@@ -110,17 +110,16 @@ def test_a_shard_index_reads_only_the_files_the_manifest_hashes(tiny_model_dir, 
     """The index's names were followed as given (rehashed, resealed): "../one/model.safetensors" loaded weights no
     hash covered, "." raised a raw OSError."""
     sharded = api.quantize(W4, tmp_path / "sh", str(tiny_model_dir), shard_bytes=20_000)
-    other = api.quantize(W4, tmp_path / "one", str(tiny_model_dir))
+    api.quantize(W4, tmp_path / "one", str(tiny_model_dir))
     index_path = sharded / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     key = next(iter(index["weight_map"]))
-    if entry == "unlisted":
-        shutil.copy(other / "model.safetensors", sharded / "extra.safetensors")
-    index["weight_map"][key] = {"outside": "../one/model.safetensors", "unlisted": "extra.safetensors",
+    index["weight_map"][key] = {"outside": "../one/model.safetensors", "unlisted": "ghost.safetensors",
                                 "dot": "."}[entry]
     index_path.write_text(json.dumps(index))
     _rehash(sharded, "model.safetensors.index.json")
-    with pytest.raises(UserError, match="not a file name in the folder|does not list|has no checksum for extra"):
+    with pytest.raises(UserError, match="names ghost.safetensors, which the manifest does not list" if entry ==
+                       "unlisted" else "is not a file name in the folder"):
         llmcomp.load(sharded)
 
 
@@ -376,9 +375,11 @@ def test_no_output_replaces_the_bundled_models_cached_copy(tiny_model_dir, tmp_p
     (bundled / paths.OUTPUT_MARK).write_text("")
     assert paths.written_by_llmcomp(bundled)
     for model in (None, model_mod.DEFAULT_MODEL, str(tiny_model_dir)):
-        with pytest.raises(UserError, match="would replace the input|inside llmcomp's model cache"):
+        with pytest.raises(UserError, match="would replace the input|would replace the bundled model's converted"):
             api.quantize(W4, bundled, model, overwrite=True)
     assert not (bundled / "llmcomp.json").exists() and not (bundled / "manifest.json").exists()
+    beside = api.quantize(W4, bundled.parent / "mine", str(tiny_model_dir))  # (the cache's other folders are
+    assert (beside / "llmcomp.json").exists()                                # the user's to write)
 
 
 def test_config_context_counts_rope_scaling():
@@ -570,9 +571,11 @@ def test_a_killed_writes_temporary_directory_is_swept_and_a_live_one_kept(tmp_pa
             (tmp / "a").write_text("2")
         assert not dead.exists() and live.exists() and (dest / "a").read_text() == "2"
         assert young.exists()  # (unlocked, but as new as one another writer has made and not locked yet)
+        seconds_ago = time.time() - 5
+        os.utime(young, (seconds_ago, seconds_ago))
         with paths.job_lock(dest), paths.atomic_dir(dest, overwrite=True) as tmp:  # (as every llmcomp job writes)
             (tmp / "a").write_text("3")
-        assert not young.exists() and live.exists()  # (no other writer of dest can be between mkdtemp and lock)
+        assert not young.exists() and live.exists()  # (no other job of dest can be between mkdtemp and lock)
     finally:
         os.close(fd)
 

@@ -303,6 +303,8 @@ def test_eval_reference_base_takes_an_artifacts_base_and_every_path_is_checked_f
     from tests.conftest import save_char_model
 
     assert "no path given is an llmcomp artifact" in error_line(invoke("eval", model_dir, "--reference", "base"))
+    assert "--reference and --record apply to perplexity eval" in error_line(
+        invoke("eval", model_dir, "--long", "--reference", "base"))  # (the flag that does not apply, named first)
     assert "does not exist" in error_line(invoke("eval", artifact, tmp_path / "nope", "--reference", "base"))
     base, quantized = tmp_path / "base", tmp_path / "q"
     save_char_model(base)

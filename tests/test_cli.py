@@ -263,10 +263,14 @@ def test_import_is_light_and_names_load_on_use():
 
 
 @pytest.fixture(autouse=True)
-def sigterm_restored():
-    """``main`` installs a SIGTERM handler; the test process gets its own back."""
+def sigterm_restored(monkeypatch):
+    """``main`` installs a SIGTERM handler; the test process gets its own back, and each test a fresh record of
+    SIGTERMs received."""
     import signal
 
+    from llmcomp import cli
+
+    monkeypatch.setattr(cli, "TERMINATED", [])
     before = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, before)
@@ -295,6 +299,37 @@ def test_sigterm_removes_the_write_in_progress_and_exits_143(tmp_path, capsys):
     assert exc.value.exit_code == 143
     assert list(tmp_path.iterdir()) == []
     assert "terminated; nothing was written at the destination." in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("where", ["typer took it", "building the command tree"])
+def test_sigterm_before_the_work_exits_143(monkeypatch, capsys, where):
+    """SIGTERM while a command imports torch (typer takes the interrupt: exit 130) or while typer builds the
+    command tree (a traceback) exited 130 or 1, not 143."""
+    import os
+    import signal
+    import sys
+    import types
+
+    from llmcomp import cli
+    from llmcomp.cli import render
+
+    def command():
+        os.kill(os.getpid(), signal.SIGTERM)  # (the handler raises Terminated here)
+
+    def typer_took_it():
+        try:
+            command()
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+
+    monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_DFL)  # (pytest's own handler aside)
+    monkeypatch.setattr(render, "ERRORS_SHOWN", [])
+    app = typer_took_it if where == "typer took it" else command
+    monkeypatch.setitem(sys.modules, "llmcomp.cli.app", types.SimpleNamespace(app=app))
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 143
+    assert " ".join(capsys.readouterr().err.split()) == "error: terminated."
 
 
 def test_interrupt_while_the_command_line_loads(monkeypatch, capsys):

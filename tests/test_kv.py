@@ -641,7 +641,7 @@ def test_cskv_weight_bases_take_the_projection_bias():
     assert err(basis) < 0.9 * err(top_basis(attn.k_proj.weight.detach(), basis.shape[1], False))
 
 
-def test_eval_long_checks_every_models_policy_before_the_first_evaluation(tmp_path):
+def test_eval_long_checks_every_models_policy_before_the_first_evaluation(tmp_path, monkeypatch):
     """eval --long over several models found a policy that does not fit the evaluation's context only after the
     earlier models' evaluations, and told the user to choose a smaller residual (fixed in the artifact; the flag is
     --window) instead of a longer evaluation."""
@@ -653,8 +653,19 @@ def test_eval_long_checks_every_models_policy_before_the_first_evaluation(tmp_pa
                                  "--passkey-samples", "0"])
     text = " ".join(r.output.split())
     assert r.exit_code == 2 and "Long-context" not in text, r.output
-    assert "the policy's window of 128 tokens is not smaller than the evaluation's context (64 tokens); evaluate " \
-           "at more than 128 tokens" in text
+    assert ("the policy's residual window of 128 tokens is not smaller than the evaluation's context (64 tokens); "
+            "evaluate at more than 128 tokens") in text
+    import shutil
+
+    short = tmp_path / "short"  # (a model of a shorter context than asked: found after the first one's evaluation)
+    shutil.copytree(src, short)
+    cfg = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 64}))
+    ran = []
+    monkeypatch.setattr(api, "evaluate_long", lambda *a, **k: ran.append(a))
+    r = CliRunner().invoke(app, ["eval", str(src), str(short), "--long", "--windows", "1", "--context", "128",
+                                 "--passkey-samples", "0"])
+    assert r.exit_code == 2 and "longer than the model's" in " ".join(r.output.split()) and not ran, r.output
 
 
 def test_cli_eval_says_perplexity_leaves_the_kv_policy_out(tmp_path):
@@ -680,4 +691,5 @@ def test_cli_eval_says_perplexity_leaves_the_kv_policy_out(tmp_path):
     assert r.exit_code == 0 and "is not applied" in " ".join(r.output.split()), r.output
     r = runner.invoke(app, ["inspect", str(out)])  # (nothing quantized: one line, not an empty table)
     text = " ".join(r.output.split())
-    assert r.exit_code == 0 and "│ quantized modules │ none │" in text and "format ┃ modules" not in text, r.output
+    assert r.exit_code == 0 and "│ quantized modules │ none │" in text, r.output
+    assert "format ┃ modules" not in text

@@ -9,23 +9,36 @@ class Terminated(KeyboardInterrupt):
     default action ended the process there, leaving a full-size hidden folder). Exit 143."""
 
 
+TERMINATED: list = []  # non-empty once SIGTERM came: an interrupt typer took (exit 130) was this one
+
+
 def _terminate(signum, frame):
+    TERMINATED.append(signum)
     raise Terminated()
 
 
 def main() -> None:
-    """Entry point: an interrupt is one line and exit 130 wherever it lands — while the command line loads, while a
-    command imports torch and transformers (typer exits 130 silently there), or in its work (``app.run``)."""
-    signal.signal(signal.SIGTERM, _terminate)
+    """Entry point: an interrupt is one line and exit 130 (SIGTERM: 143) wherever it lands — while the command line
+    loads, while a command imports torch and transformers (typer exits 130 silently there, or fails building the
+    command tree), or in its work (``app.run``)."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # (not over a parent's `trap '' TERM`)
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         from llmcomp.cli import render
         from llmcomp.cli.app import app
-    except KeyboardInterrupt as exc:
-        sys.stderr.write("error: interrupted.\n")
-        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
+    except KeyboardInterrupt:
+        sys.stderr.write(f"error: {'terminated' if TERMINATED else 'interrupted'}.\n")
+        raise SystemExit(143 if TERMINATED else 130) from None
     try:
         app()
+    except KeyboardInterrupt:  # (outside typer's own handling: while it builds the command tree)
+        code = 143 if TERMINATED else 130
     except SystemExit as exc:
-        if exc.code in (130, 143) and not render.ERRORS_SHOWN:
-            render.error("terminated." if exc.code == 143 else "interrupted.")
-        raise
+        if exc.code not in (130, 143):
+            raise
+        code = 143 if TERMINATED else exc.code
+    else:
+        return
+    if not render.ERRORS_SHOWN:
+        render.error("terminated." if code == 143 else "interrupted.")
+    raise SystemExit(code) from None

@@ -243,6 +243,9 @@ def eval_(
 
     def go():
         api.check_eval(seq_len, windows, batch_size)
+        if long and (reference is not None or record):  # (before --reference base's own checks)
+            raise UserError("--reference and --record apply to perplexity eval; --long reports its own metrics "
+                            "(write them with --json).")
         from llmcomp.core.paths import check_report, write_report
 
         from llmcomp.core.model import check_model_path, read_path
@@ -274,9 +277,6 @@ def eval_(
             plain = [p for p in paths or [None] if not is_artifact(read_path(p))]
             if len(plain) == len(paths or [None]):
                 raise UserError("--record appends to artifacts' manifests, and no path given is an artifact.")
-        if long and (reference is not None or record):
-            raise UserError("--reference and --record apply to perplexity eval; --long reports its own metrics "
-                            "(write them with --json).")
         # (each was taken and ignored by the other evaluation)
         stray = _given(ctx, ["seq_len", "batch_size"] if long else
                        ["context", "passkey_lengths", "passkey_samples", "needle_keys"])

@@ -39,7 +39,7 @@ def kernels(
         if parsed is not None and any(len(s) != 2 or min(s) < 1 for s in parsed):
             raise UserError(f"--shapes must look like 4096x4096,14336x4096, got {shapes!r}.")
         m_list, bit_list = _ints(ms, "--ms"), tuple(_ints(bits, "--bits"))
-        if not m_list or min(m_list) < 1:
+        if min(m_list) < 1:
             raise UserError(f"--ms must be positive integers, e.g. 1,16; got {ms!r}.")
         from llmcomp.core.paths import check_report
         from llmcomp.formats import Uniform

@@ -92,7 +92,7 @@ def is_bundled(path) -> bool:
         return True
     if not (isinstance(path, str) and path == DEFAULT_MODEL):
         return False
-    if os.path.lexists(path):
+    if os.path.isdir(path):  # (a file of that name could not be a model)
         raise UserError(f"'{path}' names both the bundled model and the folder ./{path} here; write ./{path} for "
                         "the folder, or leave the model out for the bundled one.")
     return True

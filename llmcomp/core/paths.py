@@ -17,14 +17,20 @@ from typing import Optional
 from llmcomp.errors import UserError
 
 
-def cache_dir() -> Path:
-    """``$LLMCOMP_CACHE`` or ``~/.cache/llmcomp``; a UserError naming where it comes from if it cannot be one."""
+def cache_path() -> Path:
+    """Where the cache is (``cache_dir`` without making it)."""
     env = os.environ.get("LLMCOMP_CACHE")
     try:
-        path = Path(env).expanduser() if env else Path.home() / ".cache" / "llmcomp"
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "llmcomp"
     except RuntimeError:  # (no HOME and no passwd entry, e.g. a container run under an arbitrary uid)
         raise UserError("No home directory to hold the cache (HOME is unset); set LLMCOMP_CACHE to a writable "
                         "directory.") from None
+
+
+def cache_dir() -> Path:
+    """``$LLMCOMP_CACHE`` or ``~/.cache/llmcomp``; a UserError naming where it comes from if it cannot be one."""
+    env = os.environ.get("LLMCOMP_CACHE")
+    path = cache_path()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -46,10 +52,12 @@ def as_path(value, what: str) -> Path:
 OUTPUT_MARK = ".llmcomp-output"  # in every directory ``atomic_dir`` publishes: what --overwrite may replace
 
 
-def _models_cache() -> Optional[Path]:
-    """The cache's ``models`` folder (the bundled model's conversion), resolved; None where there is no cache."""
+def _bundled_copy() -> Optional[Path]:
+    """The bundled model's converted copy in the cache, resolved (None where there is no cache)."""
+    from llmcomp.core.model import BUNDLED_NAME  # (model imports this module)
+
     try:
-        return (cache_dir() / "models").resolve()
+        return (cache_path() / "models" / BUNDLED_NAME).resolve()
     except UserError:
         return None
 
@@ -77,10 +85,10 @@ def check_output(output, overwrite: bool, source=None) -> Path:
     if source is not None and Path(source).exists() and (
             output.resolve() == Path(source).resolve() or output.resolve() in Path(source).resolve().parents):
         raise UserError(f"Output {output} would replace the input {source}; choose another directory.")
-    models = _models_cache()
-    if models is not None and (output.resolve() == models or models in output.resolve().parents):
-        raise UserError(f"Output {output} is inside llmcomp's model cache ({models}), where the bundled model's "
-                        "converted copy lives; choose another path.")
+    bundled = _bundled_copy()
+    if bundled is not None and (output.resolve() == bundled or bundled in output.resolve().parents):
+        raise UserError(f"Output {output} would replace the bundled model's converted copy ({bundled}); choose "
+                        "another path.")
     if output.exists():
         if os.path.ismount(output):
             raise UserError(f"Output {output} is a mount point, which --overwrite cannot replace; write to a "
@@ -205,6 +213,7 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
 
 
 STALE_AFTER_S = 60.0  # a younger temporary directory may be one another writer has made and not yet locked
+EXCLUSIVE_STALE_AFTER_S = 2.0  # the same, found by a job that holds the output's job lock (``_sweep_stale``)
 
 
 def _sweep_stale(dest: Path) -> None:
@@ -219,16 +228,17 @@ def _sweep_stale(dest: Path) -> None:
     recover_swaps(dest)
     if _siblings(dest, "old"):
         return
-    # (the age spares a writer between its mkdtemp and its lock; a job holding dest's job lock has no such rival,
-    # so a killed job's folder goes at once, on the rerun right after it)
-    exclusive = os.path.realpath(job_lockfile(dest)) in _HELD
+    # (the age spares a writer between its mkdtemp and its lock; a job holding dest's job lock has no such rival
+    # among the jobs, so a killed job's folder goes on the rerun right after it: seconds, for a library writer
+    # that takes no job lock)
+    young_s = EXCLUSIVE_STALE_AFTER_S if os.path.realpath(job_lockfile(dest)) in _HELD else STALE_AFTER_S
     now = time.time()
     for stale in _siblings(dest, "tmp"):
         try:
             info = stale.lstat()
         except OSError:
             continue
-        young = not exclusive and now - info.st_mtime < STALE_AFTER_S
+        young = now - info.st_mtime < young_s
         if not stat.S_ISDIR(info.st_mode) or young or os.path.realpath(stale) in _HELD:
             continue
         try:  # (not ``_take``: a path that went meanwhile must not come back as a lock file)

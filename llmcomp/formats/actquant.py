@@ -18,6 +18,9 @@ from llmcomp.formats.base import FORMATS, TensorSpec, WeightFormat
 from llmcomp.formats.fp4 import FP4
 from llmcomp.formats.minifloat import E2M1, Minifloat
 
+# the method configs' W4A4 settings beside act_bits (quant.actquant): nothing reads them at 16-bit activations,
+# so a weights-only run's config is shown without them (report.facts.shown_config)
+WEIGHTS_ONLY_UNUSED = ("act_format", "smooth")
 
 @FORMATS.register("actquant")
 @register_config

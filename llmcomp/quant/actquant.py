@@ -14,7 +14,6 @@ from llmcomp.formats.actquant import ActQuant
 from llmcomp.formats.minifloat import E2M1, Minifloat
 
 ACT_ELEMENTS = {"fp": E2M1, "int": Minifloat(0, 3)}
-WEIGHTS_ONLY_UNUSED = ("act_format", "smooth")  # (the W4A4 settings; nothing reads them at act_bits 16)
 
 
 def check(act_bits: int, act_format: str, smooth: float) -> None:

@@ -30,7 +30,7 @@ def shown_config(config) -> dict:
     """A stage's config as ``inspect`` and ``report.md`` show it: no ``_`` keys, nested formats as their one-line
     description (``int4 g128 asym``), a bit allocation's per-layer formats counted, and the W4A4 settings
     (``act_format``, ``smooth``) left out of a weights-only run, where they do nothing. The manifest keeps all."""
-    from llmcomp.quant.actquant import WEIGHTS_ONLY_UNUSED
+    from llmcomp.formats.actquant import WEIGHTS_ONLY_UNUSED
 
     if not isinstance(config, dict):
         return {}
@@ -38,7 +38,7 @@ def shown_config(config) -> dict:
     shown = {k: _compact(v) for k, v in config.items() if not k.startswith("_") and k not in unused}
     if isinstance(config.get("formats"), dict):
         if config["formats"]:  # (a bit allocation's: hundreds of lines; its `format` is a placeholder, int8 there)
-            shown["formats"] = f"<{len(config['formats'])} per-layer formats: see the quantized modules>"
+            shown["formats"] = f"<{len(config['formats'])} per-layer formats (bit allocation)>"
             shown.pop("format", None)
         else:
             del shown["formats"]

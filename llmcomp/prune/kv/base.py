@@ -61,12 +61,11 @@ class KVPolicy:
         limit = context or context_length(model_config)
         checks = {**self.windows(), **({} if context else self.calibration_lengths())}
         for name, tokens in checks.items():
-            if limit and tokens >= limit and context:  # (an artifact's policy is fixed: the evaluation can change)
+            if limit and tokens >= limit:  # (at an evaluation the policy is fixed and the evaluation can change)
                 raise UserError(f"{self.method}: the policy's {name} of {tokens} tokens is not smaller than the "
                                 f"evaluation's context ({limit} tokens); evaluate at more than {tokens} tokens "
-                                "(--context, --passkey-lengths).")
-            if limit and tokens >= limit:
-                raise UserError(f"{self.method}: {name} of {tokens} tokens is not smaller than the context "
+                                "(--context, --passkey-lengths)." if context else
+                                f"{self.method}: {name} of {tokens} tokens is not smaller than the context "
                                 f"({limit} tokens); choose a smaller {name}.")
 
     def check_model(self, model) -> None:

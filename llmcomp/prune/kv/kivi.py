@@ -117,7 +117,7 @@ class KIVIConfig(KVPolicy):
                             "keys are quantized in whole token groups.")  # (the field first: the CLI names its flag)
 
     def windows(self):
-        return {"window": self.residual}  # (its flag's name: the recent tokens kept in full precision)
+        return {"residual window": self.residual}  # (the recent tokens kept in full precision; --window)
 
     def validate_for(self, model_config, context=None):
         super().validate_for(model_config, context)
