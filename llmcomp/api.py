@@ -15,7 +15,7 @@ from llmcomp.core.artifact import SEAL, is_artifact, load_artifact, read_manifes
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.calib import equal_batch
 from llmcomp.core.data import calib_windows, check_calib, check_vocab, corpus, eval_windows
-from llmcomp.core.paths import check_output, job_lock
+from llmcomp.core.paths import as_path, check_output, job_lock
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError, require_int
 from llmcomp.eval import perplexity, size_report
@@ -47,7 +47,7 @@ def one_job(fn):
             output = None
         if not isinstance(output, (str, os.PathLike)):
             return fn(*args, **kwargs)  # (its checks name a bad output)
-        target = Path(output).expanduser()
+        target = as_path(output, "The output")
         made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # (deepest first)
         try:  # (the lock lives beside the output: unlocked, two jobs on a new folder's output ran to the end)
             target.parent.mkdir(parents=True, exist_ok=True)

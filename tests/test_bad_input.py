@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from llmcomp.cli.app import app
+from llmcomp.errors import UserError
 
 runner = CliRunner()
 
@@ -264,17 +265,43 @@ def test_output_under_a_file(model_dir, tmp_path):
     error_line(invoke("quantize", model_dir, "-o", tmp_path / "file" / "o"))
 
 
-def test_disk_full_leaves_nothing(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("raised", ["OSError", "SafetensorError"])
+def test_disk_full_leaves_nothing(model_dir, tmp_path, monkeypatch, raised):
+    """safetensors reports a full disk as its own SafetensorError, not an OSError: a traceback, exit 1."""
+    from safetensors import SafetensorError
+
     import llmcomp.core.artifact as art
 
     def full(*a, **k):
-        raise OSError(28, "No space left on device")
+        if raised == "OSError":
+            raise OSError(28, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(art, "save_file", full)
     out = tmp_path / "o"
     assert "No space left" in error_line(invoke("quantize", model_dir, "-o", out))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]  # no temp dir left behind
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-o", "~no-such-user-x/o"], "'~' names no home directory here"),  # (a RuntimeError from pathlib)
+    (["--method", "gptq", "--format", "nvfp4", "--bits", "3"], "nvfp4 stores 4-bit floats"),  # (named --method fp4)
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_quantize_flags_a_hunt_found(model_dir, tmp_path, args, message):
+    out = [] if "-o" in args else ["-o", tmp_path / "o"]
+    assert message in error_line(invoke("quantize", model_dir, *out, *args))
+
+
+def test_a_budget_every_layer_meets_at_the_widest_candidate_is_refused():
+    """--bits 8.5 ran a full calibration pass (120 s on the bundled model) to store every layer as int8."""
+    from llmcomp.formats import Uniform
+    from llmcomp.quant.allocate import check_budget
+
+    formats = [Uniform(bits=b, group_size=128) for b in (2, 3, 4, 8)]
+    with pytest.raises(UserError, match="reaches the widest candidate, int8 g128 asym"):
+        check_budget(formats, 8.5, {"a": (64, 256)})
+    check_budget(formats[:3], 4.1, {"a": (64, 256)})  # (below int4's 4.25 with its scales: some layers int3)
 
 
 def test_eval_errors(artifact, tmp_path):

@@ -33,7 +33,7 @@ def fp4_weight_format(name: str | None, group_size: int, bits: float, group_give
     if name not in FP4_FORMATS:
         raise UserError(f"Unknown FP4 format {name!r}; choose one of: {', '.join(FP4_FORMATS)}.")
     if bits != 4:
-        raise UserError(f"--method fp4 stores 4-bit floats; --bits {bits:g} does not apply.")
+        raise UserError(f"{name} stores 4-bit floats; --bits {bits:g} does not apply.")
     if name == "fp4":
         return FP4(group_size=group_size)
     fmt = FORMATS.get(name)()

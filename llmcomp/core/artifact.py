@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -131,6 +132,16 @@ def _is_packed_field(name: str, model: torch.nn.Module) -> bool:
     return isinstance(mod, QuantLinear) and field in mod.packed_tensors()
 
 
+def _save_file(tensors: dict, f: Path) -> None:
+    """safetensors' ``save_file``, its write errors (a full disk) as the OSError they are: the CLI's one line for a
+    machine's failure, not a traceback (safetensors raises its own SafetensorError)."""
+    try:
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OSError(errno.ENOSPC if "No space left" in text else errno.EIO, text, str(f)) from None
+
+
 def _save_shards(state: dict[str, torch.Tensor], tmp: Path, shard_bytes: int) -> None:
     shards, cur, size = [], {}, 0
     for name, t in state.items():
@@ -142,12 +153,12 @@ def _save_shards(state: dict[str, torch.Tensor], tmp: Path, shard_bytes: int) ->
         size += nbytes
     shards.append(cur)
     if len(shards) == 1:
-        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _save_file(shards[0], tmp / "model.safetensors")
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+        _save_file(shard, tmp / fname)
         for k, t in shard.items():
             weight_map[k] = fname
             total += t.numel() * t.element_size()

@@ -46,7 +46,10 @@ def as_path(value, what: str) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         hint = "; save it with save_pretrained and pass its folder" if hasattr(value, "state_dict") else ""
         raise UserError(f"{what} must be a path (a str or os.PathLike), got {type(value).__name__}{hint}.")
-    return Path(value).expanduser()
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # (~user of no such user: "Could not determine home directory", a traceback)
+        raise UserError(f"{what} {os.fspath(value)}: '~' names no home directory here; write the path out.") from None
 
 
 OUTPUT_MARK = ".llmcomp-output"  # in every directory ``atomic_dir`` publishes: what --overwrite may replace

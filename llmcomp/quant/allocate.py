@@ -197,6 +197,11 @@ def check_budget(formats: list[Uniform], budget: float, shapes: dict[str, tuple[
     if total_w and spent > budget * total_w * (1 + 1e-12):
         raise UserError(f"Budget {budget} bits/weight is below the cheapest candidate "
                         f"({spent / total_w:.3f} bits/weight with {formats[0].describe()}).")
+    costly = sum(formats[-1].bits_per_weight(o, i) * o * i for o, i in shapes.values())
+    if total_w and budget * total_w >= costly:  # (every layer would take the widest: a calibration pass for nothing)
+        raise UserError(f"Budget {budget} bits/weight reaches the widest candidate, {formats[-1].describe()} "
+                        f"({costly / total_w:.3f} bits/weight with its scales): quantize at --bits "
+                        f"{formats[-1].bits} instead, or give a budget below it.")
 
 
 def solve(table: dict[str, dict], formats: list[Uniform], budget: float, shapes: dict[str, tuple[int, int]]
