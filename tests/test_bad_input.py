@@ -111,7 +111,7 @@ QUANTIZE_FLAGS = [
     (["--method", "vptq", "--bits", "2", "--vector-len", "0"], "--vector-len"),
     (["--method", "pvq", "--bits", "2", "--vector-len", "0"], "--vector-len"),
     (["--method", "gptq", "--device", "tpu"], "--device 'tpu'"),
-    (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], "--device cuda"),
+    (["--method", "gptq", "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device cuda"),
 ]
 
 
@@ -287,6 +287,7 @@ def test_disk_full_leaves_nothing(model_dir, tmp_path, monkeypatch, raised):
 @pytest.mark.parametrize("args,message", [
     (["-o", "~no-such-user-x/o"], "'~' names no home directory here"),  # (a RuntimeError from pathlib)
     (["--method", "gptq", "--format", "nvfp4", "--bits", "3"], "nvfp4 stores 4-bit floats"),  # (named --method fp4)
+    (["--device", "cpu"], "--device does not apply here: --method rtn"),  # (taken and ignored)
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_quantize_flags_a_hunt_found(model_dir, tmp_path, args, message):
     out = [] if "-o" in args else ["-o", tmp_path / "o"]

@@ -152,7 +152,7 @@ def quantize(
     group_size: Annotated[int, typer.Option(help="Weights per scale along the input dimension; 0 = per-channel. A ragged last group is used when it does not divide the layer.")] = 128,
     symmetric: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric.")] = False,
     fp4_format: Annotated[Optional[str], typer.Option("--format", help="--method fp4 or gptq (GPTQ on the FP4 grid): mxfp4 (E2M1, E8M0 scale per 32; default), nvfp4 (E2M1, E4M3 scale per 16 and an FP32 tensor scale) or fp4 (E2M1, float16 scale per --group-size).")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Named preset (overrides method/bits/group/sym), e.g. w4g128.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Named preset that sets the method and its settings, e.g. w4g128 (its settings' own flags are refused beside it).")] = None,
     targets: Annotated[list[str], typer.Option("--target", help="Layers to quantize: class name, path suffix or re:regex.")] = ["Linear"],
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layers to skip (same patterns), besides lm_head, which is always skipped unless one of them is '' (then only the ones given are).")] = None,
     act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ/decoupleQ: quantize columns by decreasing Hessian diagonal (static groups, no permutation stored).")] = True,
@@ -205,6 +205,9 @@ def quantize(
             if idle:
                 raise UserError(f"{idle[0]} does not apply here: --method {config.method} with these settings "
                                 "reads no calibration text.")
+            if _given(ctx, ["device"]):  # (taken and ignored: the layers are rounded where they are, on the CPU)
+                raise UserError(f"--device does not apply here: --method {config.method} with these settings rounds "
+                                "each layer on the CPU, with no calibration pass to run on a device.")
             calib = {}  # (the library refuses calibration settings where nothing calibrates)
         with render.RichProgress() as progress:
             path = api.quantize(config, output, model, overwrite=overwrite, device=device, dtype=dtype,
