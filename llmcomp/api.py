@@ -701,7 +701,8 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
                      progress: Progress = NULL) -> Reference:
     """Run the reference (original) model once; its log-probs go to disk (see eval/agreement.py)."""
     check_eval(seq_len, n_windows, batch_size)
-    net, tok, _, _ = open_model(path, progress=progress, describe_base=False,
+    p = model_mod.resolve(path, progress.note)
+    net, tok, _, _ = open_model(p, progress=progress, describe_base=False,
                                 **_placement(device, device_map, max_memory, offload_folder))
     check_window(net, seq_len)
     if tok is None:
@@ -711,7 +712,7 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
     check_vocab(windows, net)
     ref = Reference.record(net, windows, batch_size=batch_size, progress=progress, tokenizer=tokenizer_id(tok))
     ref.asked = (n_windows, seq_len)  # (what an evaluation against it must ask for: evaluate)
-    ref.source = _named(path, model_mod.resolve(path))["path"]  # (each row against it says which model it was)
+    ref.source = _named(path, p)["path"]  # (each row against it says which model it was)
     del net
     return ref
 

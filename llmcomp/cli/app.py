@@ -259,8 +259,9 @@ def eval_(
             check_model_path(p)
         from llmcomp.core.artifact import is_artifact
 
+        plain = [p for p, r in zip(paths or [None], reads) if not is_artifact(r)]
         # (--reference base: the first artifact's base; a plain model first was taken as its own reference)
-        based = next((p for p in paths or [] if is_artifact(read_path(p))), None)
+        based = next((p for p in paths or [] if p not in plain), None)
         if reference == "base":
             if based is None:
                 raise UserError("--reference base compares with the base model an artifact's manifest names, and no "
@@ -277,7 +278,6 @@ def eval_(
             raise UserError("--device-map, --max-memory and --offload-folder apply to perplexity eval; --long runs "
                             "the model on one --device.")
         if record and not long:  # (a plain model directory has no manifest to append to)
-            plain = [p for p in paths or [None] if not is_artifact(read_path(p))]
             if len(plain) == len(paths or [None]):
                 raise UserError("--record appends to artifacts' manifests, and no path given is an artifact.")
         # (each was taken and ignored by the other evaluation)

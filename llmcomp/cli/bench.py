@@ -12,11 +12,6 @@ from llmcomp.errors import UserError
 bench_app = typer.Typer(help="Benchmarks: kernels vs peers, decode speed (GPU).", no_args_is_help=True)
 
 
-def _ints(text: str, what: str) -> list[int]:
-    return list(int_list(text, what, {"--ms": "1,4,16", "--bits": "4,3", "--batch": "1,16"}[what],
-                         allow_empty=what == "--bits"))  # (--bits '': the float formats only)
-
-
 @bench_app.command("kernels")
 def kernels(
     ctx: typer.Context,
@@ -38,7 +33,8 @@ def kernels(
             raise UserError(f"--shapes must look like 4096x4096,14336x4096, got {shapes!r}.") from None
         if parsed is not None and any(len(s) != 2 or min(s) < 1 for s in parsed):
             raise UserError(f"--shapes must look like 4096x4096,14336x4096, got {shapes!r}.")
-        m_list, bit_list = _ints(ms, "--ms"), tuple(_ints(bits, "--bits"))
+        m_list = list(int_list(ms, "--ms", "1,4,16"))
+        bit_list = int_list(bits, "--bits", "4,3", allow_empty=True)  # (--bits '': the float formats only)
         if min(m_list) < 1:
             raise UserError(f"--ms must be positive integers, e.g. 1,16; got {ms!r}.")
         from llmcomp.core.paths import check_report
@@ -113,7 +109,7 @@ def decode(
         from llmcomp.cli.app import _given
         from llmcomp.eval import decode_bench as db
 
-        batches = _ints(batch, "--batch")
+        batches = list(int_list(batch, "--batch", "1,16"))
         if any(b < 1 for b in batches):  # (int_list: a batch twice timed it twice, one column showing the other's row)
             raise UserError(f"--batch must be positive integers, e.g. 1,16; got {batch!r}.")
         if context < 1 or steps < 1:

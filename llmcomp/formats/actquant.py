@@ -22,6 +22,7 @@ from llmcomp.formats.minifloat import E2M1, Minifloat
 # so a weights-only run's config is shown without them (report.facts.shown_config)
 WEIGHTS_ONLY_UNUSED = ("act_format", "smooth")
 
+
 @FORMATS.register("actquant")
 @register_config
 @dataclass(frozen=True)
