@@ -267,8 +267,11 @@ def quantize(
                                      samples=calib_samples, seq_len=calib_seq_len, seed=seed, text=source,
                                      version=llmcomp_version(), **batch)
             checkpoint = resume.for_output(output, key, progress.note)
+        tied = _tied_head(net)
         report = quantize_model(net, config, calib, progress=progress, device=device, checkpoint=checkpoint,
                                 batch_size=calib_batch)
+    if tied:
+        _note_tied_head(net, progress)
     if alloc_report is not None:
         report["_allocation"] = alloc_report
     sizes = size_report(net, store_dtype=store_dtype)
@@ -303,6 +306,25 @@ def report(artifact, output: Optional[os.PathLike | str] = None, *, overwrite: b
     from llmcomp.report import write_report
 
     return write_report(artifact, output, overwrite=overwrite)
+
+
+def _tied_head(net) -> bool:
+    """Whether the output head shares its weight with the input embedding (tie_word_embeddings)."""
+    head, emb = net.get_output_embeddings(), net.get_input_embeddings()
+    w, e = getattr(head, "weight", None), getattr(emb, "weight", None)
+    return isinstance(w, torch.Tensor) and isinstance(e, torch.Tensor) and w.data_ptr() == e.data_ptr()
+
+
+def _note_tied_head(net, progress: Progress) -> None:
+    """A quantized tied head gets tensors of its own while the embedding stays float: the artifact grows by them
+    (decode reads the smaller head). Said, since "quantize more" reads as "a smaller file"."""
+    from llmcomp.core.qlinear import QuantLinear
+
+    head = net.get_output_embeddings()
+    if isinstance(head, QuantLinear):
+        mb = sum(t.numel() * t.element_size() for t in head.state_dict().values()) / 1e6
+        progress.note(f"lm_head shared the embedding's weights: its quantized copy is stored beside the float "
+                      f"embedding (+{mb:.1f} MB; decode reads it instead of the embedding, the file grows).")
 
 
 def _job_key(net, calib_ids, device) -> dict:

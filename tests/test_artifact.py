@@ -66,6 +66,29 @@ def test_a_quantized_head_of_a_tied_model_is_written_untied(tmp_path):
                          ["lm_head.weight_packed", "lm_head.weight_scale", "lm_head.weight_zero"])
 
 
+def test_quantizing_a_tied_head_says_the_file_grows(tmp_path):
+    """A README line read "can be compressed further" for quantizing a tied lm_head: the artifact grew (169 → 185 MB
+    on the bundled model), since the embedding stays float beside the head's quantized copy. Said now."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Notes(api.Progress):
+        said: list = []
+
+        def note(self, message):
+            self.said.append(message)
+
+    for tie in (True, False):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tie)
+        LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / f"m{tie}")
+        Notes.said = []
+        api.quantize(RTNConfig(format=Uniform(4, 32), ignore=()), tmp_path / f"q{tie}", str(tmp_path / f"m{tie}"),
+                     progress=Notes())
+        grows = [n for n in Notes.said if "lm_head shared the embedding" in n and "the file grows" in n]
+        assert len(grows) == (1 if tie else 0), Notes.said
+
+
 def test_manifest_contents(art, tiny_model_dir):
     m = read_manifest(art)
     assert m["schema_version"] == 1 and m["llmcomp_version"] == llmcomp.__version__
