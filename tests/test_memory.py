@@ -157,6 +157,20 @@ def test_hook_only_pass_keeps_no_outputs(tiny_model):
     assert seen == [2, 2]
 
 
+def test_activations_beyond_free_cpu_memory_are_refused_before_the_capture(tiny_model, monkeypatch):
+    """--calib-samples 200000 on the bundled model (439 GiB of activations) was ended by the OOM killer without a
+    word. The first batch's capture tells the need: 4 windows × 8 tokens × 64 float32 values, two copies."""
+    seen = []
+    need = 2 * 4 * 8 * 64 * 4 - 2 * 8 * 64 * 4  # (the first batch of 2 windows is held already)
+    monkeypatch.setattr(memory, "available_cpu_bytes", lambda: need - 1)
+    with pytest.raises(UserError, match=r"4 windows × 8 tokens × 64 float32 .* lower --calib-samples or --seq-len"):
+        calibrate_layerwise(tiny_model, torch.randint(0, 128, (4, 8)), lambda *a: seen.append(a), batch_size=2)
+    assert seen == []
+    monkeypatch.setattr(memory, "available_cpu_bytes", lambda: need)
+    calibrate_layerwise(tiny_model, torch.randint(0, 128, (4, 8)), lambda *a: seen.append(a), batch_size=2)
+    assert len(seen) == 2
+
+
 # -- load / eval placement -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

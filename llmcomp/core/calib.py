@@ -85,6 +85,15 @@ def equal_batch(n: int, batch_size: int) -> int:
     return max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
 
 
+def _check_fits(first: torch.Tensor, n: int, bs: int, seq_len: int) -> None:
+    """A layer's captured inputs and its outputs are held together: two copies of every window's hidden states.
+    Checked from the first batch's capture, before the rest is."""
+    per = first.numel() * first.element_size()
+    memory.check_activations_fit(2 * per * (n // bs) - per,
+                                 f"Calibration's activations ({n} windows × {seq_len} tokens × {first.shape[-1]} "
+                                 f"{str(first.dtype).removeprefix('torch.')} values, held twice)")
+
+
 @torch.no_grad()
 def calibrate_layerwise(
     model: nn.Module,
@@ -148,6 +157,8 @@ def calibrate_layerwise(
                 pass
             except torch.cuda.OutOfMemoryError:
                 raise memory.out_of_memory("Capturing the calibration inputs", device) from None
+            if first_batch[0] and torch.device(store).type == "cpu":
+                _check_fits(hidden[0], n, bs, input_ids.shape[1])
             first_batch[0] = False
     finally:
         for layer in layers:

@@ -170,6 +170,27 @@ def out_of_memory(what: str, device) -> UserError:
                      "--device cpu.")
 
 
+def available_cpu_bytes() -> Optional[int]:
+    """CPU memory this process can still take without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_activations_fit(more: int, what: str) -> None:
+    """Refuse a calibration whose captured activations would take ``more`` bytes of CPU memory than it holds yet,
+    above what is available: the kernel's OOM killer otherwise ends the job without a word."""
+    free = available_cpu_bytes()
+    if free is not None and more > free:
+        raise UserError(f"{what} would take {format_bytes(more)} more of CPU memory, more than the "
+                        f"{format_bytes(free)} available; lower --calib-samples or --seq-len.")
+
+
 def state_bytes(state: dict) -> int:
     """Bytes of a state dict's tensors (a model's size in memory), a storage shared by several entries — tied
     embeddings — once (counted twice, it refused a --max-memory cpu=... the model fits in)."""
