@@ -315,7 +315,7 @@ def test_quantizing_a_quantized_artifact_says_so(art, tiny_model_dir, tmp_path):
         api.quantize(W4, tmp_path / "again", str(art))
     partial = api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*layers\\.0\\.mlp\\..*",)),
                            tmp_path / "partial", str(tiny_model_dir))
-    with pytest.raises(UserError, match="No layer matches targets") as e:
+    with pytest.raises(UserError, match="'re:.*nonexistent' \(targets\) matches no module") as e:
         api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*nonexistent",)),
                      tmp_path / "again2", str(partial))
     assert "quantized already" not in str(e.value)

@@ -55,7 +55,7 @@ def test_quantize_then_inspect(tiny_model_dir, tmp_path):
         (["--group-size", "12"], "group size must be a multiple of 8"),
         (["--preset", "w5"], "Unknown preset 'w5'"),
         (["--target", "re:("], "Invalid layer pattern"),
-        (["--target", "Conv2d"], "No layer matches"),
+        (["--target", "Conv2d"], "'Conv2d' (targets) matches no module"),
         (["--dtype", "float8"], "Unknown dtype"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),

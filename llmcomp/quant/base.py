@@ -6,6 +6,7 @@ a ``QuantLinear``. Walking the model, selection, calibration and progress live h
 """
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -170,6 +171,22 @@ def _first_of_group(m: nn.Module, stats: dict) -> bool:
     return next(k for k, v in stats.items() if v is stats[m]) is m
 
 
+def _check_patterns(model: nn.Module, config, fields) -> None:
+    """A pattern a user wrote that matches no module was misspelt (the defaults, Linear and lm_head, may well match
+    nothing); a re: pattern that matches part of a path is told it must match all of it."""
+    for field, defaults in (("targets", ("Linear",)), ("ignore", ("lm_head",))):
+        missed = unmatched(model, [p for p in getattr(config, field) if p not in defaults]) if field in fields else []
+        if not missed:
+            continue
+        hint = "check its spelling (a class name, a path or its dotted suffix, or re:REGEX)"
+        if missed[0].startswith("re:"):
+            part = next((n for n, _ in model.named_modules() if n and re.search(missed[0][3:], n)), None)
+            if part is not None:
+                hint = (f"re: must match a whole path, such as {part!r} (re:.*{missed[0][3:]}.* matches part of "
+                        "one)")
+        raise UserError(f"Layer pattern {missed[0]!r} ({field}) matches no module of the model; {hint}.")
+
+
 @torch.no_grad()
 def check_selection(model: nn.Module, config, quantizer: Optional[Quantizer] = None) -> list[str]:
     """The names of the layers ``config``'s targets and ignore patterns select; a UserError where none is, where
@@ -182,13 +199,15 @@ def check_selection(model: nn.Module, config, quantizer: Optional[Quantizer] = N
             raise UserError(f"No unquantized layer matches targets {list(config.targets)} (minus ignore "
                             f"{list(config.ignore)}): the model's {done} linear layers are quantized already; "
                             "quantize the original model instead.")
-        raise UserError(f"No layer matches targets {list(config.targets)} (minus ignore {list(config.ignore)}).")
-    # (the defaults, Linear and lm_head, may well match nothing; a pattern a user wrote that does was misspelt)
-    for field, defaults in (("targets", ("Linear",)), ("ignore", ("lm_head",))):
-        missed = unmatched(model, [p for p in getattr(config, field) if p not in defaults])
-        if missed:
-            raise UserError(f"Layer pattern {missed[0]!r} ({field}) matches no module of the model; check its "
-                            "spelling (a class name, a path or its dotted suffix, or re:REGEX).")
+        _check_patterns(model, config, ("targets",))
+        hidden = [n for n, _ in select_linears(model, config.targets, ())]
+        if hidden:
+            default = " (lm_head is ignored by default: --ignore '' lifts that)" if (
+                "lm_head" in config.ignore and any(n.split(".")[-1] == "lm_head" for n in hidden)) else ""
+            raise UserError(f"Every layer targets {list(config.targets)} select is ignored by "
+                            f"{list(config.ignore)}{default}.")
+        raise UserError(f"No linear layer is under targets {list(config.targets)}.")
+    _check_patterns(model, config, ("targets", "ignore"))
     formats = getattr(config, "formats", None) or {}
     odd = next((k for k, f in formats.items() if not isinstance(f, WeightFormat)), None)
     if odd is not None:
