@@ -44,6 +44,9 @@ def render(path: Path, manifest: dict, views: list[dict], modules: dict, totals:
                   "outliers), per decoder layer.", ""]
         if bits_png:
             lines += [f"![bits per weight per linear]({bits_png})", ""]
+        elif not skipped:  # (the plot has no decoder layer to draw: only lm_head, say, is quantized)
+            lines += ["No decoder layer has a quantized linear; outside them: " + ", ".join(
+                f"`{p}` {bits:.2f} ({fmt})" for p, (bits, fmt) in modules.items()) + ".", ""]
     for v in views:
         lines += [f"## Stage {v['index']}: {v['label']}", "", _config_line(v["stage"]), ""]
         lines += _DETAILS.get(v["kind"], lambda v: [])(v)
