@@ -204,9 +204,11 @@ def test_placed_load_gives_the_same_logits(paths, tmp_path, kind, placement):
         assert memory.input_device(net) == torch.device("cpu")
 
 
-def test_artifact_over_budget_without_offload_folder_is_one_error(paths):
-    with pytest.raises(UserError, match="pass --offload-folder"):
-        api.load(paths / "art", max_memory="cpu=100KiB")
+@pytest.mark.parametrize("kind", ["hf", "art"])
+def test_over_budget_without_offload_folder_is_one_error(paths, kind):
+    """A plain model went to disk silently (transformers offloads it without a folder), where an artifact asked."""
+    with pytest.raises(UserError, match=r"The model \(.*\) does not fit .* pass --offload-folder"):
+        api.load(paths / kind, max_memory="cpu=100KiB")
 
 
 def test_quantized_layers_placed_off_device_keep_no_weight_cache(paths, tmp_path):

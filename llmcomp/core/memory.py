@@ -274,6 +274,12 @@ def budget(limits: Optional[dict[Key, int]]) -> Optional[dict[Key, int]]:
     return {**get_max_memory(), **gpus, **{k: v for k, v in limits.items() if isinstance(k, str)}}
 
 
+def over_budget(need: int) -> UserError:
+    """A placement that puts part of the model on disk without --offload-folder: asked for, since disk is slow."""
+    return UserError(f"The model ({format_bytes(need)}) does not fit in --max-memory on GPU and CPU; pass "
+                     "--offload-folder DIR to keep the rest on disk, or raise the limits.")
+
+
 def dispatch(model: torch.nn.Module, device_map, max_memory=None, offload_folder=None) -> torch.nn.Module:
     """Place a model that is loaded on CPU: ``device_map`` ``"auto"`` (accelerate plans decoder layers
     over GPUs, CPU and disk under ``max_memory``), a device name, or an explicit ``{module: device}``.
@@ -299,9 +305,7 @@ def dispatch(model: torch.nn.Module, device_map, max_memory=None, offload_folder
                   for n, d in device_map.items()}
     if "disk" in device_map.values():
         if offload_folder is None:
-            need = state_bytes(state)
-            raise UserError(f"The model ({format_bytes(need)}) does not fit in --max-memory on GPU and CPU; "
-                            "pass --offload-folder DIR to keep the rest on disk, or raise the limits.")
+            raise over_budget(state_bytes(state))
         # a fresh folder per load: accelerate reuses any offloaded weights it finds in the folder it is given
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
         offload_folder = tempfile.mkdtemp(prefix="llmcomp-offload-", dir=offload_folder)

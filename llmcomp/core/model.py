@@ -213,6 +213,11 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
         if isinstance(exc, RuntimeError) and "mismatched_sizes" in first:  # (its report went to the silenced log)
             first = "weights of other shapes than its config.json gives (vocab_size, hidden_size, ...)"
         raise UserError(f"Could not load a causal LM from {path}: {first}") from None
+    if offload_folder is None and "disk" in getattr(model, "hf_device_map", {}).values():
+        from llmcomp.core.memory import over_budget  # (transformers offloads without a folder)
+
+        held = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # (meta: no storage to tell ties)
+        raise over_budget(sum(t.numel() * t.element_size() for t in held))
     fit_experts(model)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     beyond = sorted(k for k in info.get("unexpected_keys") or () if isinstance(n_layers, int)
