@@ -273,18 +273,34 @@ def test_disk_full_leaves_nothing(model_dir, tmp_path, monkeypatch, raised):
     """safetensors reports a full disk as its own SafetensorError, not an OSError: a traceback, exit 1."""
     from safetensors import SafetensorError
 
-    import llmcomp.core.artifact as art
 
     def full(*a, **k):
         if raised == "OSError":
             raise OSError(28, "No space left on device")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(art, "save_file", full)
+    monkeypatch.setattr("safetensors.torch.save_file", full)
     out = tmp_path / "o"
     assert "No space left" in error_line(invoke("quantize", model_dir, "-o", out))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]  # no temp dir left behind
+
+
+def test_disk_full_in_a_resume_checkpoint_is_an_oserror(tmp_path, monkeypatch):
+    """The resume checkpoints' writes were not wrapped like the artifact's: a full disk was a traceback."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from llmcomp.core.resume import save_state
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError) as e:
+        save_state({"w": torch.zeros(2)}, tmp_path / "layer-0000.safetensors", {"k": "v"})
+    assert e.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args,message", [

