@@ -426,12 +426,14 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--compile", "--no-fuse-linears", "--norm-split"], "--no-fuse-linears"),
     (["--synthetic", "llama3-8b", "--format", "mxfp4", "--bits", "3"], "--bits applies to --format uniform"),
     (["--synthetic", "llama3-8b", "--format", "vq2", "--group", "64"], "--group applies to --format uniform"),
+    (["--synthetic", "llama3-8b", "--context", "16317"], "take 16385 positions (4 more for the warm-up), more than "
+                                                         "the model's context (16384 tokens)"),
 ], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "layers-per-graph",
         "layers-per-graph-eager", "inductor-option-eager", "glu-eager", "norm-split-eager", "norm-split-no-glu",
         "inductor-option-unknown", "inductor-option-type",
         "unknown-shape",
         "nothing", "missing-path", "batch-twice", "no-trace-eager", "no-fuse-eager", "no-pdl-eager",
-        "glu-untraced", "norm-split-unfused", "bits-mxfp4", "group-vq2"])
+        "glu-untraced", "norm-split-unfused", "bits-mxfp4", "group-vq2", "past-the-context"])
 def test_cli_bad_input(no_gpu, args, word):
     assert word in error_line("bench", "decode", *args)
 
@@ -494,7 +496,8 @@ def artifact(tmp_path_factory):
 
 def test_cli_artifact_original(no_gpu, artifact):
     q, base = artifact / "q", artifact / "base"
-    assert "needs a CUDA GPU" in error_line("bench", "decode", q)  # base model found from the manifest
+    assert "needs a CUDA GPU" in error_line("bench", "decode", q, "--context", "64")  # base model from the manifest
+    assert "more than the model's context (256 tokens)" in error_line("bench", "decode", q)  # (512 + 64 steps + 4)
     assert "not an llmcomp artifact" in error_line("bench", "decode", base)
     assert "--synthetic" in error_line("bench", "decode", q, "--synthetic", "llama3-8b")
     assert "--layers" in error_line("bench", "decode", q, "--layers", "2")
@@ -507,7 +510,7 @@ def test_cli_artifact_original(no_gpu, artifact):
     base.rename(moved)
     try:
         assert "--original" in error_line("bench", "decode", q)
-        assert "needs a CUDA GPU" in error_line("bench", "decode", q, "--original", moved)
+        assert "needs a CUDA GPU" in error_line("bench", "decode", q, "--original", moved, "--context", "64")
         assert "does not exist" in error_line("bench", "decode", q, "--original", artifact / "nope")
     finally:
         moved.rename(base)

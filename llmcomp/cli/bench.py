@@ -167,6 +167,7 @@ def decode(
         from llmcomp.core.paths import check_report
 
         check_report(out, "--out", reads=[path, ref])  # before the GPU run, not after it
+        db.check_positions(_config_of(path, synthetic), context, steps)
         import torch
 
         if not torch.cuda.is_available():
@@ -192,6 +193,22 @@ def decode(
         render.console.print(_decode_table(result, batches))
 
     run(go, writes=False)
+
+
+def _config_of(path: Optional[str], synthetic: Optional[str]):
+    """The config bench decode's model will have, read before loading it (a synthetic shape's, or config.json)."""
+    import json
+    import types
+
+    from llmcomp.core import model as model_mod
+    from llmcomp.eval.decode_bench import SYNTHETIC
+
+    if synthetic is not None:
+        return types.SimpleNamespace(**SYNTHETIC[synthetic])
+    try:
+        return types.SimpleNamespace(**json.loads((model_mod.resolve(path) / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):  # (the load reports a missing or damaged config.json)
+        return types.SimpleNamespace()
 
 
 def _original_of(path: str, original: Optional[str]) -> Optional[str]:

@@ -395,6 +395,17 @@ def kernel_breakdown(dec: "StaticDecoder", steps: int = 2, top: int = 12) -> dic
                      "us_per_step": round(us / steps, 2)} for (name, k), (n, us) in ranked[:top]]}
 
 
+def check_positions(config, context: int, steps: int, warmup: int = 3) -> None:
+    """The static cache holds the prompt, the warm-up and timed steps and one more position; past the model's context
+    the steps would run on positions it has no rotary training for — refused, before anything is loaded."""
+    from llmcomp.api import config_context
+
+    limit, need = config_context(config), context + steps + warmup + 1
+    if limit and need > limit:
+        raise UserError(f"--context {context} and --steps {steps} take {need} positions ({warmup + 1} more for the "
+                        f"warm-up), more than the model's context ({limit} tokens); lower them.")
+
+
 @torch.no_grad()
 def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs: bool = True, warmup: int = 3,
                  seed: int = 0, breakdown: bool = False, share: Optional[bool] = None) -> dict:
@@ -412,6 +423,7 @@ def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    check_positions(model.config, context, steps, warmup)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
     dec = StaticDecoder(model, batch, context + steps + warmup + 1, share)
