@@ -301,6 +301,26 @@ def test_sigterm_removes_the_write_in_progress_and_exits_143(tmp_path, capsys):
     assert "terminated; nothing was written at the destination." in " ".join(capsys.readouterr().err.split())
 
 
+def test_an_interrupt_after_the_output_was_published_says_it_is_complete(tmp_path, capsys):
+    """Ctrl-C while a command re-read what it had published (prune experts, linearize, moefy hashed the artifact again
+    for their summary line) said "nothing was written at the destination" beside a complete artifact."""
+    import typer
+
+    from llmcomp.cli import app as app_mod
+    from llmcomp.core.paths import atomic_dir
+
+    def job():
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as exc:
+        app_mod.run(job)
+    assert exc.value.exit_code == 130 and (tmp_path / "out" / "model.safetensors").exists()
+    said = "".join(capsys.readouterr().err.split())  # (rich may wrap the long path anywhere)
+    assert "".join(f"interrupted; {tmp_path / 'out'} had been written in full.".split()) in said
+
+
 @pytest.mark.parametrize("where", ["typer took it", "building the command tree"])
 def test_sigterm_before_the_work_exits_143(monkeypatch, capsys, where):
     """SIGTERM while a command imports torch (typer takes the interrupt: exit 130) or while typer builds the

@@ -42,9 +42,16 @@ def run(fn, writes: bool = True):
     """Run ``fn`` translating user errors into one red line and exit code 2. ``writes``: the command writes an
     output (atomically), so a failure can say nothing was written at its destination."""
     from llmcomp.cli import render
+    from llmcomp.core.paths import PUBLISHED
 
-    tail = "; nothing was written at the destination" if writes else ""
     opened = len(_resume().OPENED) if _resume() is not None else 0
+    published = len(PUBLISHED)
+
+    def tail() -> str:  # (a stop after the output was published, e.g. while inspect re-read it: it is complete)
+        done = PUBLISHED[published:]
+        return f"; {done[-1]} had been written in full" if done else (
+            "; nothing was written at the destination" if writes else "")
+
     try:
         return fn()
     except UserError as exc:
@@ -53,14 +60,14 @@ def run(fn, writes: bool = True):
         raise typer.Exit(2)
     except OSError as exc:  # the machine, not the program: disk full, permissions, a path through a file
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        render.error(f"{exc.strerror or exc}{where}{tail}.")
+        render.error(f"{exc.strerror or exc}{where}{tail()}.")
         _kept_work(opened)
         raise typer.Exit(2)
     except KeyboardInterrupt as exc:
         from llmcomp.cli import Terminated
 
         terminated = isinstance(exc, Terminated)
-        render.error(f"{'terminated' if terminated else 'interrupted'}{tail}.")
+        render.error(f"{'terminated' if terminated else 'interrupted'}{tail()}.")
         _kept_work(opened)
         raise typer.Exit(143 if terminated else 130)
 
@@ -87,6 +94,14 @@ def _resume():
     import sys
 
     return sys.modules.get("llmcomp.core.resume")
+
+
+def last_stage(path) -> dict:
+    """The last stage of the manifest a command just wrote, for its summary line: read, not verified again (hashing
+    the weights once more took seconds on big models, and an interrupt then read as if nothing was written)."""
+    from llmcomp.core.artifact import read_manifest
+
+    return read_manifest(path, verify=False)["stages"][-1]
 
 
 def _kept_work(opened: int) -> None:

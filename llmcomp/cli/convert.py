@@ -27,7 +27,7 @@ def moefy(
     The artifact is a stock transformers MoE (Mixtral, or Qwen2-MoE with --shared)."""
     from llmcomp import api
     from llmcomp.cli import render
-    from llmcomp.cli.app import _quiet_transformers, run
+    from llmcomp.cli.app import _quiet_transformers, last_stage, run
 
     _quiet_transformers()
 
@@ -38,7 +38,7 @@ def moefy(
         with render.RichProgress() as progress:
             path = api.moefy(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                              calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype, progress=progress)
-        summary = api.inspect(path)["stages"][-1]["metrics"]["_summary"]
+        summary = last_stage(path)["metrics"]["_summary"]
         render.wrote(f"{path} ({summary['family']}, {experts} experts, top-{top_k}, {shared} shared neurons; "
                      f"mean MLP output error {100 * summary['mean_mlp_rel_error']:.1f} %)")
 

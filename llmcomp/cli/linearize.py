@@ -57,7 +57,7 @@ def linearize(
     loss to the original) and write an artifact that llmcomp.load runs and generates with."""
     from llmcomp import api
     from llmcomp.cli import render
-    from llmcomp.cli.app import _given, _quiet_transformers, run
+    from llmcomp.cli.app import _given, _quiet_transformers, last_stage, run
 
     _quiet_transformers()
 
@@ -80,7 +80,7 @@ def linearize(
         with render.RichProgress() as progress:
             path = api.linearize(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                  calib_seq_len=seq_len, device=device, dtype=dtype, progress=progress)
-        stage = api.inspect(path)["stages"][-1]
+        stage = last_stage(path)
         m = stage["metrics"]
         errs = [float("nan") if e is None else e for e in m["transfer_rel_mse"].values()]
         ft = m["finetune"]

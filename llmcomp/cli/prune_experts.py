@@ -48,7 +48,7 @@ def experts(
     command says so)."""
     from llmcomp import api
     from llmcomp.cli import render
-    from llmcomp.cli.app import _given, _quiet_transformers, run
+    from llmcomp.cli.app import _given, _quiet_transformers, last_stage, run
 
     _quiet_transformers()
 
@@ -64,7 +64,7 @@ def experts(
         with render.RichProgress() as progress:
             path = api.prune_experts(config, output, model, overwrite=overwrite, calib_samples=calib_samples,
                                      calib_seq_len=seq_len, seed=seed, device=device, dtype=dtype, progress=progress)
-        metrics = api.inspect(path)["stages"][-1]["metrics"]
+        metrics = last_stage(path)["metrics"]
         found = metrics["super_experts"]
         se = ", ".join(f"{p} {e}" for p, e in found.items()) or "none"
         render.wrote(f"{path}: {100 * metrics['expert_params']['removed_fraction']:.1f} % of expert parameters "
@@ -91,7 +91,7 @@ def dynamic(
     choices below τ × its first choice's weight are skipped (llmcomp.load re-installs it)."""
     from llmcomp import api
     from llmcomp.cli import render
-    from llmcomp.cli.app import _quiet_transformers, run
+    from llmcomp.cli.app import _quiet_transformers, last_stage, run
 
     _quiet_transformers()
 
@@ -102,7 +102,7 @@ def dynamic(
             path = api.skip_experts(DynamicSkipConfig(rate=rate), output, model, overwrite=overwrite,
                                     calib_samples=calib_samples, calib_seq_len=seq_len, seed=seed, device=device,
                                     dtype=dtype, progress=progress)
-        stage = api.inspect(path)["stages"][-1]
+        stage = last_stage(path)
         render.wrote(f"{path}: skip threshold {stage['skip_threshold']:.4g} "
                      f"({100 * stage['metrics']['skipped_slots_calibration']:.1f} % of routed slots on the calibration "
                      "text)")

@@ -212,12 +212,16 @@ def atomic_dir(dest: Path, overwrite: bool = False):
         raise
 
 
+PUBLISHED: list[Path] = []  # what ``atomic_dir`` published in this process, in order (the CLI's interrupt line)
+
+
 def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
     (tmp / OUTPUT_MARK).touch()
     _publish_permissions(tmp)
     if not dest.exists():
         try:
             os.rename(tmp, dest)
+            PUBLISHED.append(dest)
             return
         except OSError:
             if not dest.exists():
@@ -226,6 +230,7 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
         raise UserError(f"Output {dest} was written by another job while this one ran; nothing was replaced "
                         "— choose another path or pass --overwrite.")
     _replace(tmp, dest)
+    PUBLISHED.append(dest)
 
 
 STALE_AFTER_S = 60.0  # a younger temporary directory may be one another writer has made and not yet locked
