@@ -245,17 +245,19 @@ def test_a_liger_artifact_quantizes_loads_and_runs(tmp_path):
     assert row["kv_bytes"] < row["kv_dense_bytes"]
 
 
-def test_all_layers_kept_softmax_reproduces_the_teacher(tmp_path):
-    src = _model_dir(tmp_path)
-    out = api.linearize(LinearizeConfig(method="liger", keep_softmax=1.0, **SMALL), tmp_path / "lin", str(src),
-                        calib_samples=2, calib_seq_len=32, device="cpu")
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("keep,said", [(dict(keep_softmax=1.0), "--keep-softmax 1.0 keeps every one"),
+                                       (dict(keep_layers=(1, 0, 1)), "--keep-layers names every one")])
+def test_keeping_every_layer_softmax_is_refused_before_any_work(tmp_path, monkeypatch, keep, said):
+    """It ran the attention transfer of every layer, trained nothing and wrote the original model under a linearize
+    stage (its fine-tune flags recorded, unused), exit 0."""
+    from llmcomp.linearize import distill
 
-    teacher = AutoModelForCausalLM.from_pretrained(src).eval()
-    model = api.load(out)
-    assert not students_of(model)
-    with torch.no_grad():
-        assert torch.equal(model(IDS).logits, teacher(IDS).logits)
+    src = _model_dir(tmp_path)
+    monkeypatch.setattr(distill, "transfer", lambda *a, **k: pytest.fail("transferred"))
+    with pytest.raises(UserError, match=f"{said} of the model's 2 layers as softmax: nothing would be linearized"):
+        api.linearize(LinearizeConfig(method="liger", **keep, **SMALL), tmp_path / "lin", str(src),
+                      calib_samples=2, calib_seq_len=32, device="cpu")
+    assert not (tmp_path / "lin").exists()
 
 
 def test_killed_fine_tune_resumes_from_its_checkpoint(tmp_path, monkeypatch):

@@ -309,6 +309,10 @@ def check_layers(model: nn.Module, config: LinearizeConfig, calib_seq_len: Optio
     training windows fails before any work (api.linearize calls it before the resume directory exists)."""
     _, layers = decoder_layers(model)
     kept = choose_softmax_layers(dict.fromkeys(range(len(layers)), 0.0), len(layers), config)
+    if len(kept) == len(layers):  # (the job ran, trained nothing and wrote the original under a linearize stage)
+        how = "--keep-layers names" if config.keep_layers is not None else f"--keep-softmax {config.keep_softmax} keeps"
+        raise UserError(f"{how} every one of the model's {len(layers)} layers as softmax: nothing would be "
+                        "linearized; keep fewer.")
     shortest = min(config.seq_len, calib_seq_len or config.seq_len)
     if len(kept) < len(layers) and config.window >= shortest:  # (every position inside the softmax window)
         raise UserError(f"--window {config.window} is not smaller than the training windows ({shortest} tokens): "
@@ -318,7 +322,6 @@ def check_layers(model: nn.Module, config: LinearizeConfig, calib_seq_len: Optio
     if config.lora_rank > smallest:
         raise UserError(f"--lora-rank {config.lora_rank} is larger than the attention projections allow "
                         f"({smallest}).")
-
 
 
 def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, config: LinearizeConfig, *,
