@@ -788,6 +788,10 @@ def test_seeds_torch_cannot_take_are_refused_before_the_model_loads(model_dir, t
         api.quantize(GPTQConfig(), tmp_path / "q", str(model_dir), seed=1.5)
     with pytest.raises(UserError, match="LinearizeConfig.seed must be a whole number"):
         LinearizeConfig(seed=seed)
+    # (a config's seed is named by the command's flag: it said "LinearizeConfig.seed must be ...")
+    for cmd in (["linearize", model_dir, "--tokens", "0"], ["prune", "experts", model_dir, "--method", "random"]):
+        line = error_line(invoke(*cmd, "-o", tmp_path / "o", f"--seed={seed}"))
+        assert "error: --seed must be a whole number in [0, 2**62)" in line, line
 
 
 def test_calibration_flags_of_a_method_that_reads_no_text_are_refused(model_dir, tmp_path):

@@ -78,7 +78,10 @@ def check_field_types(obj: Any) -> None:
         else:
             continue
         if ok and f.name == "seed":
-            check_seed(value, f"{type(obj).__name__}.seed")
+            try:
+                check_seed(value, f"{type(obj).__name__}.seed")
+            except UserError as exc:  # (as a FieldError, so that a command line names its --seed)
+                raise FieldError(type(obj).__name__, "seed", str(exc).split(" ", 1)[1]) from None
         if not ok:
             want = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
                     "tuple[str, ...]": "a tuple of strings", "tuple[int, ...]": "a tuple of integers"}.get(
