@@ -53,10 +53,14 @@ def one_job(fn):
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError:
             return fn(*args, **kwargs)  # (a parent that is a file, an unwritable one: its checks or its write say so)
+        from llmcomp.core import resume
+
+        opened = len(resume.OPENED)
         try:
             with job_lock(target):
                 return fn(*args, **kwargs)
         except BaseException:
+            resume.drop_idle(opened)  # (a resume folder holding no work yet stayed, hidden, with no note)
             for p in made:  # a failed job leaves no folder it made (empty ones only)
                 try:
                     p.rmdir()

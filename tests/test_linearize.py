@@ -260,6 +260,23 @@ def test_keeping_every_layer_softmax_is_refused_before_any_work(tmp_path, monkey
     assert not (tmp_path / "lin").exists()
 
 
+def test_an_interrupt_before_any_saved_work_leaves_no_resume_folder(tmp_path, monkeypatch):
+    """Ctrl-C during the attention transfer left .lin.resume/ holding only its fingerprint, hidden, with no note."""
+    from llmcomp.linearize import distill
+
+    src = _model_dir(tmp_path)
+
+    def stop(*a, **k):
+        assert (tmp_path / ".lin.resume").is_dir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "transfer", stop)
+    with pytest.raises(KeyboardInterrupt):
+        api.linearize(LinearizeConfig(method="gla", window=2, **SMALL), tmp_path / "lin", str(src), calib_samples=2,
+                      calib_seq_len=32, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lin")) == []
+
+
 def test_killed_fine_tune_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     from llmcomp.core import resume
 

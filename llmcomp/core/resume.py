@@ -107,6 +107,17 @@ def unfinished(since: int = 0) -> list[Path]:
         return []
 
 
+def drop_idle(since: int = 0) -> None:
+    """Remove the unfinished resume directories opened after the first ``since`` that hold no work (a job stopped
+    before its first saved state: only its fingerprint there)."""
+    for d in dict.fromkeys(d for d, finished in OPENED[since:] if not finished):
+        try:
+            if d.is_dir() and not d.is_symlink() and not any(d.glob("*.safetensors")):
+                shutil.rmtree(d)
+        except OSError:  # (the error path must not raise)
+            pass
+
+
 class Checkpoint:
     def __init__(self, directory: Path, key: str, note=lambda msg: None, output: Optional[Path] = None):
         self.dir = Path(directory)
