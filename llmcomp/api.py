@@ -566,6 +566,10 @@ def check_long(context, n_windows, chunk, passkey_lengths, passkey_samples, need
             and all(isinstance(n, int) and not isinstance(n, bool) for n in passkey_lengths)):
         raise UserError(f"--passkey-lengths must be a sequence of token counts, e.g. (1024, 2048); got "
                         f"{passkey_lengths!r}.")
+    from llmcomp.core.passkey import LABELS
+
+    if needle_keys > len(LABELS):  # (it said "The number of needle keys must be between 1 and 30": 0 is none)
+        raise UserError(f"--needle-keys must be at most {len(LABELS)} (0: no needle prompts), got {needle_keys}.")
     if needle_keys and not (passkey_lengths and passkey_samples):  # (its prompts are built beside the passkey ones)
         raise UserError("--needle-keys runs with the passkey prompts; give --passkey-samples ≥ 1 and "
                         "--passkey-lengths.")

@@ -330,6 +330,15 @@ def test_eval_errors(artifact, tmp_path):
     assert "does not exist" in error_line(invoke("eval", artifact, "--reference", tmp_path / "nope"))
 
 
+@pytest.mark.parametrize("args,said", [
+    (["prune", "experts", "--layer-ratio", "0=1.5"], "--layer-ratio 0=1.5: a ratio must be a fraction"),
+    (["prune", "kv", "--method", "kivi", "--bits", "5"], "--bits for kivi must be 2, 3, 4 or 8, got 5."),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_setting_is_named_by_its_flag(model_dir, tmp_path, args, said):
+    """They said "layer 0 ratio must be ..." and "kivi bits must be ...": no flag named."""
+    assert said in error_line(invoke(*args, model_dir, "-o", tmp_path / "o"))
+
+
 @pytest.mark.parametrize("args,flag", [
     (["prune", "kv", "--method", "mustafar", "--ratio", "nan"], "--ratio"),
     (["prune", "kv", "--method", "a2sf", "--forget", "nan"], "--forget"),
@@ -380,6 +389,8 @@ def test_eval_reference_base_takes_an_artifacts_base_and_every_path_is_checked_f
     (["--passkey-samples", "3"], "--passkey-samples applies to --long eval only"),
     (["--long", "--context", "64", "--passkey-lengths", "-5", "--passkey-samples", "1"], "must be positive token"),
     (["--long", "--context", "64", "--passkey-samples", "0", "--needle-keys", "4"], "--needle-keys runs with the pass"),
+    (["--long", "--context", "64", "--passkey-lengths", "32", "--needle-keys", "50"],
+     "--needle-keys must be at most 30 (0: no needle prompts), got 50."),  # (it said "between 1 and 30", no flag)
     (["--long", "--context", "64", "--passkey-lengths", "", "--needle-keys", "4"], "--needle-keys runs with the pass"),
     (["--long", "--context", "64", "--passkey-lengths", ""], "gives no length; give lengths, or --passkey-samples 0"),
     (["--long", "--context", "64", "--passkey-lengths", "32,,32"], "--passkey-lengths '32,,32' has an empty item"),

@@ -57,7 +57,8 @@ class ExpertPruneConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"Unknown expert pruning method {self.method!r}; choose one of: {', '.join(METHODS)}.")
-        for where, r in [("--ratio", self.ratio)] + [(f"layer {k} ratio", v) for k, v in self.layer_ratios.items()]:
+        for where, r in [("--ratio", self.ratio)] + [(f"--layer-ratio {k}={v}: a ratio", v)
+                                                    for k, v in self.layer_ratios.items()]:
             if not isinstance(r, (int, float)) or not 0 < r < 1:
                 raise UserError(f"{where} must be a fraction strictly between 0 and 1, got {r!r}.")
         for k in self.layer_ratios:

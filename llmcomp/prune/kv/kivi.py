@@ -109,7 +109,7 @@ class KIVIConfig(KVPolicy):
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
-            raise UserError(f"kivi bits must be 2, 3, 4 or 8, got {self.bits!r}.")
+            raise UserError(f"--bits for kivi must be 2, 3, 4 or 8, got {self.bits!r}.")
         check_tokens("group", self.group, 1)
         check_tokens("residual", self.residual, 1)
         if self.residual % self.group:
