@@ -345,3 +345,16 @@ def test_a_weights_only_config_is_shown_without_its_w4a4_settings():
     assert w4a4["act_format"] == "int" and w4a4["smooth"] == 0.3
     allocated = facts.shown_config({"format": to_dict(Uniform(bits=8, group_size=128)), "formats": {"a": {}, "b": {}}})
     assert allocated["formats"].startswith("<2 per-layer formats") and "format" not in allocated  # (int8 placeholder)
+
+
+def test_settings_that_do_nothing_are_not_shown():
+    """inspect showed a streaming policy's default ratio 0.5 beside its --budget 64, and compensate True for a
+    frequency pruning (only HEAPr compensates; the CLI refuses --compensate elsewhere)."""
+    from llmcomp.core.config import to_dict
+    from llmcomp.prune.experts import ExpertPruneConfig
+    from llmcomp.prune.kv.evict import StreamingConfig
+
+    assert "ratio" not in facts.shown_config(to_dict(StreamingConfig(budget=64)))
+    assert facts.shown_config(to_dict(StreamingConfig(ratio=0.25)))["ratio"] == 0.25
+    assert "compensate" not in facts.shown_config(to_dict(ExpertPruneConfig(method="frequency")))
+    assert facts.shown_config(to_dict(ExpertPruneConfig(method="heapr")))["compensate"] is True

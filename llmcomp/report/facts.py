@@ -28,13 +28,19 @@ def num(v) -> float:
 
 def shown_config(config) -> dict:
     """A stage's config as ``inspect`` and ``report.md`` show it: no ``_`` keys, nested formats as their one-line
-    description (``int4 g128 asym``), a bit allocation's per-layer formats counted, and the W4A4 settings
-    (``act_format``, ``smooth``) left out of a weights-only run, where they do nothing. The manifest keeps all."""
+    description (``int4 g128 asym``), a bit allocation's per-layer formats counted, and settings that do nothing
+    left out: the W4A4 ones (``act_format``, ``smooth``) of a weights-only run, an evicting KV policy's ``ratio``
+    beside its token budget, ``compensate`` of an expert pruning other than HEAPr's. The manifest keeps all."""
     from llmcomp.formats.actquant import WEIGHTS_ONLY_UNUSED
+    from llmcomp.prune.experts import METHODS as EXPERT_METHODS
 
     if not isinstance(config, dict):
         return {}
-    unused = WEIGHTS_ONLY_UNUSED if config.get("act_bits") == 16 else ()
+    unused = set(WEIGHTS_ONLY_UNUSED if config.get("act_bits") == 16 else ())
+    if isinstance(config.get("budget"), int) and config["budget"] > 0:  # (an evicting KV policy keeps a budget:
+        unused.add("ratio")  # its ratio, a default, does nothing)
+    if config.get("method") in EXPERT_METHODS and config.get("method") != "heapr":  # (only HEAPr compensates)
+        unused.add("compensate")
     shown = {k: _compact(v) for k, v in config.items() if not k.startswith("_") and k not in unused}
     if isinstance(config.get("formats"), dict):
         if config["formats"]:  # (a bit allocation's: hundreds of lines; its `format` is a placeholder, int8 there)
