@@ -277,6 +277,37 @@ def test_an_interrupt_before_any_saved_work_leaves_no_resume_folder(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lin")) == []
 
 
+def test_killed_transfer_resumes_from_its_finished_layers(tmp_path, monkeypatch):
+    """The transfer was saved once, after its last layer: a kill at layer 29 of 30 lost every layer's work."""
+    from llmcomp.core import resume
+
+    src = _model_dir(tmp_path)
+    config = LinearizeConfig(method="gla", window=2, **SMALL)
+    kw = dict(calib_samples=2, calib_seq_len=32, device="cpu")
+    whole = api.load(api.linearize(config, tmp_path / "whole", str(src), **kw)).state_dict()
+
+    def kill(tag):
+        if tag == "linearize-transfer-0":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume, "_kill_point", kill)
+    with pytest.raises(KeyboardInterrupt):
+        api.linearize(config, tmp_path / "lin", str(src), **kw)
+    assert sorted(p.name for p in (tmp_path / ".lin.resume").glob("*.safetensors")) == ["transfer-0000.safetensors"]
+    notes = []
+
+    class Notes(api.Progress):
+        def note(self, message):
+            notes.append(message)
+
+    out = api.linearize(config, tmp_path / "lin", str(src), progress=Notes(), **kw)
+    assert "Resuming: the attention transfer of 1 of 2 layers is done" in notes
+    resumed = api.load(out).state_dict()
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert api.inspect(out)["stages"][-1]["metrics"]["transfer_rel_mse"] == \
+        api.inspect(tmp_path / "whole")["stages"][-1]["metrics"]["transfer_rel_mse"]
+
+
 def test_killed_fine_tune_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     from llmcomp.core import resume
 

@@ -13,8 +13,8 @@ is the same model with the students switched to their original softmax path and 
 second copy is held. ``tokens`` sets the budget; past the end of the text the windows cycle (with a
 note). LoRA is merged into the projections at the end.
 
-Resume: stage 1's result and, every ``checkpoint_every`` steps, stage 2's trainable tensors and
-AdamW state are written (temp name + rename) into the output's resume directory
+Resume: stage 1's students, each as its layer is done, and, every ``checkpoint_every`` steps, stage 2's
+trainable tensors and AdamW state are written (temp name + rename) into the output's resume directory
 (``core/resume.py``); the same command continues from the last checkpoint and, the data order and
 learning-rate schedule being functions of the step, ends with the same weights as an uninterrupted run.
 """
@@ -116,9 +116,11 @@ def _trainable(student: LinearAttention) -> dict[str, nn.Parameter]:
 
 # -- stage 1: attention transfer ---------------------------------------------------------------------
 
-def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, device, progress: Progress = NULL
-             ) -> tuple[dict[int, LinearAttention], dict[int, float]]:
-    """Build and train one student per decoder layer against the teacher; (students, relative errors)."""
+def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, device, progress: Progress = NULL,
+             checkpoint: Optional[resume.Checkpoint] = None) -> tuple[dict[int, LinearAttention], dict[int, float]]:
+    """Build and train one student per decoder layer against the teacher; (students, relative errors). With a
+    ``checkpoint``, each layer's student is saved as it is done and a saved one is read instead of trained (the
+    teacher's layers are not changed here, so the next layer's inputs are the same either way)."""
     spec = config.spec()
     students: dict[int, LinearAttention] = {}
     errors: dict[int, float] = {}
@@ -126,6 +128,11 @@ def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, devic
     def handler(path: str, layer: nn.Module, runner) -> None:
         idx = int(path.rsplit(".", 1)[1])
         attn = attention_of(layer)
+        saved = _transfer_file(checkpoint, idx)
+        if saved is not None and saved.exists():
+            students[idx] = _student(attn, spec, config.seed + idx)
+            errors[idx] = _load_student(saved, students[idx])
+            return
         seen = []
 
         def capture(mod, args, kwargs, out):
@@ -137,8 +144,7 @@ def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, devic
             runner.run()
         finally:
             handle.remove()
-        torch.manual_seed(config.seed + idx)  # new parameters' initialisation (mamba's dt / A) is seeded
-        student = LinearAttention(attn, spec)
+        student = _student(attn, spec, config.seed + idx)
         params = list(_trainable(student).values())
         if params and config.transfer_steps:
             opt = torch.optim.Adam(params, lr=config.transfer_lr)
@@ -154,6 +160,11 @@ def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, devic
             power = sum(y.float().pow(2).mean().item() for _, _, y in seen)
         errors[idx] = mse / max(power, 1e-30)
         students[idx] = student
+        if saved is not None:
+            resume.save_state({n: p.detach().cpu().contiguous() for n, p in _trainable(student).items()}, saved,
+                              {"error": json.dumps(errors[idx])})
+            checkpoint.mark_time()
+            resume._kill_point(f"linearize-transfer-{idx}")
 
     model.requires_grad_(False)
     calibrate_layerwise(model, ids, handler, batch_size=config.batch_size, device=device, progress=progress)
@@ -286,22 +297,21 @@ def finetune(model: nn.Module, stream: torch.Tensor, config: LinearizeConfig, de
 
 # -- the whole job -----------------------------------------------------------------------------------
 
-def _save_transfer(path, students: dict[int, LinearAttention], errors: dict[int, float]) -> None:
-    tensors = {f"{i}.{n}": p.detach().cpu().contiguous() for i, s in students.items() for n, p in _trainable(s).items()}
-    resume.save_state(tensors, path, {"errors": json.dumps(errors)})
-    resume._kill_point("linearize-transfer")
+def _transfer_file(checkpoint: Optional[resume.Checkpoint], idx: int):
+    return checkpoint.dir / f"transfer-{idx:04d}.safetensors" if checkpoint is not None else None
 
 
-def _load_transfer(path, model: nn.Module, spec: StudentSpec) -> tuple[dict[int, LinearAttention], dict[int, float]]:
-    _, layers = decoder_layers(model)
-    with safe_open(str(path), framework="pt") as f:
-        errors = {int(k): v for k, v in json.loads(f.metadata()["errors"]).items()}
-        students = {i: LinearAttention(attention_of(layers[i]), spec) for i in errors}
-        with torch.no_grad():
-            for i, s in students.items():
-                for n, p in _trainable(s).items():
-                    p.copy_(f.get_tensor(f"{i}.{n}"))
-    return students, errors
+def _student(attn: nn.Module, spec: StudentSpec, seed: int) -> LinearAttention:
+    torch.manual_seed(seed)  # new parameters' initialisation (mamba's dt / A) is seeded
+    return LinearAttention(attn, spec)
+
+
+def _load_student(path, student: LinearAttention) -> float:
+    """A layer's student's parameters as ``transfer`` saved them; its transfer error."""
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        for n, p in _trainable(student).items():
+            p.copy_(f.get_tensor(n))
+        return float(json.loads(f.metadata()["error"]))
 
 
 def check_layers(model: nn.Module, config: LinearizeConfig, calib_seq_len: Optional[int] = None) -> None:
@@ -329,19 +339,13 @@ def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, c
                     ) -> tuple[list[str], dict]:
     """Run both stages on ``model`` in place. ``ids``: stage-1 calibration windows [n, T]; ``stream``: the
     stage-2 token stream. Returns (layout: "softmax" | "linear" per layer, report)."""
-    spec = config.spec()
     model.requires_grad_(False)
     _, layers = decoder_layers(model)
     check_layers(model, config)
-    saved = checkpoint.dir / "transfer.safetensors" if checkpoint is not None else None
-    if saved is not None and saved.exists():
-        progress.note("Resuming: attention transfer already done")
-        students, errors = _load_transfer(saved, model, spec)
-    else:
-        students, errors = transfer(model, ids, config, device, progress)
-        if saved is not None:
-            _save_transfer(saved, students, errors)
-            checkpoint.mark_time()
+    done = sum(_transfer_file(checkpoint, i).exists() for i in range(len(layers))) if checkpoint is not None else 0
+    if done:
+        progress.note(f"Resuming: the attention transfer of {done} of {len(layers)} layers is done")
+    students, errors = transfer(model, ids, config, device, progress, checkpoint)
     softmax = choose_softmax_layers(errors, len(layers), config)
     install(model, {i: s for i, s in students.items() if i not in softmax})
     tuned = finetune(model, stream, config, device, progress, checkpoint)
