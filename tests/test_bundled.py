@@ -52,3 +52,20 @@ def test_cli_default_model_runs(tmp_path):
     assert r.exit_code == 0, r.output
     m = llmcomp.inspect(str(tmp_path / "d"))
     assert m["base_model"]["name"] == "SmolLM2-135M-Instruct" and len(m["modules"]) == 3
+
+
+def test_the_conversion_into_an_empty_cache_gives_the_same_model(bundled_dir, tmp_path, monkeypatch):
+    """Every other test reads the cache's converted copy: a NameError in the conversion (a dropped import) reached
+    only a fresh machine's first command."""
+    from safetensors.torch import load_file
+
+    from llmcomp.core.model import bundled_model_dir, load_tokenizer
+
+    monkeypatch.setenv("LLMCOMP_CACHE", str(tmp_path / "cache"))
+    said = []
+    fresh = bundled_model_dir(said.append)
+    assert fresh == tmp_path / "cache" / "models" / bundled_dir.name
+    assert said == ["Converting the bundled GGUF model (once)"]
+    assert load_tokenizer(fresh)("The weather").input_ids == load_tokenizer(bundled_dir)("The weather").input_ids
+    a, b = load_file(fresh / "model.safetensors"), load_file(bundled_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

