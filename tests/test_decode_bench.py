@@ -426,8 +426,8 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--compile", "--no-fuse-linears", "--norm-split"], "--no-fuse-linears"),
     (["--synthetic", "llama3-8b", "--format", "mxfp4", "--bits", "3"], "--bits applies to --format uniform"),
     (["--synthetic", "llama3-8b", "--format", "vq2", "--group", "64"], "--group applies to --format uniform"),
-    (["--synthetic", "llama3-8b", "--context", "16317"], "take 16385 positions (4 more for the warm-up), more than "
-                                                         "the model's context (16384 tokens)"),
+    (["--synthetic", "llama3-8b", "--context", "16317"], "take 16385 positions (3 warm-up steps and the cache's "
+                                                         "spare one), more than the model's context (16384 tokens)"),
 ], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "layers-per-graph",
         "layers-per-graph-eager", "inductor-option-eager", "glu-eager", "norm-split-eager", "norm-split-no-glu",
         "inductor-option-unknown", "inductor-option-type",
@@ -492,6 +492,29 @@ def artifact(tmp_path_factory):
     r = runner.invoke(app, ["quantize", str(root / "base"), "-o", str(root / "q"), "--group-size", "32"])
     assert r.exit_code == 0, r.output
     return root
+
+
+def test_cli_context_check_reads_rope_scaling(no_gpu, tmp_path):
+    """The check read config.json's fields as they are, and transformers 5 writes RoPE scaling under
+    rope_parameters: a YaRN model (256 positions × 4) was refused a context of 512 it supports."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                      rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                       "rope_theta": 10000.0})
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    r = runner.invoke(app, ["quantize", str(tmp_path / "base"), "-o", str(tmp_path / "q"), "--group-size", "32"])
+    assert r.exit_code == 0, r.output
+    assert "needs a CUDA GPU" in error_line("bench", "decode", tmp_path / "q", "--context", "512")
+    assert "more than the model's context (1024 tokens)" in error_line("bench", "decode", tmp_path / "q",
+                                                                        "--context", "1000")
+
+
+def test_decode_speed_checks_the_positions_too():
+    """(the library entry point: a cache past the model's context)"""
+    with pytest.raises(UserError, match=r"--context 250 and --steps 4 take 258 positions \(3 warm-up steps and "):
+        db.decode_speed(tiny_llama(), batch=1, context=250, steps=4)
 
 
 def test_cli_artifact_original(no_gpu, artifact):

@@ -196,8 +196,8 @@ def decode(
 
 
 def _config_of(path: Optional[str], synthetic: Optional[str]):
-    """The config bench decode's model will have, read before loading it (a synthetic shape's, or config.json)."""
-    import json
+    """The config bench decode's model will have, read before loading it (a synthetic shape's, or the artifact's
+    through transformers, which reads RoPE scaling as the loaded model will; no weights are read)."""
     import types
 
     from llmcomp.core import model as model_mod
@@ -205,9 +205,11 @@ def _config_of(path: Optional[str], synthetic: Optional[str]):
 
     if synthetic is not None:
         return types.SimpleNamespace(**SYNTHETIC[synthetic])
+    from transformers import AutoConfig
+
     try:
-        return types.SimpleNamespace(**json.loads((model_mod.resolve(path) / "config.json").read_text()))
-    except (OSError, ValueError, TypeError):  # (the load reports a missing or damaged config.json)
+        return AutoConfig.from_pretrained(model_mod.resolve(path))
+    except (OSError, ValueError, KeyError, TypeError):  # (the load reports a missing or damaged config.json)
         return types.SimpleNamespace()
 
 

@@ -402,8 +402,8 @@ def check_positions(config, context: int, steps: int, warmup: int = 3) -> None:
 
     limit, need = config_context(config), context + steps + warmup + 1
     if limit and need > limit:
-        raise UserError(f"--context {context} and --steps {steps} take {need} positions ({warmup + 1} more for the "
-                        f"warm-up), more than the model's context ({limit} tokens); lower them.")
+        raise UserError(f"--context {context} and --steps {steps} take {need} positions ({warmup} warm-up steps and "
+                        f"the cache's spare one), more than the model's context ({limit} tokens); lower them.")
 
 
 @torch.no_grad()
