@@ -321,6 +321,16 @@ def test_an_interrupt_after_the_output_was_published_says_it_is_complete(tmp_pat
     assert "".join(f"interrupted; {tmp_path / 'out'} had been written in full.".split()) in said
 
 
+    def convert_then_stop():  # (a cache entry, such as the bundled model's converted copy, is no output)
+        with atomic_dir(tmp_path / "cache", output=False) as tmp:
+            (tmp / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit):
+        app_mod.run(convert_then_stop)
+    assert "interrupted; nothing was written at the destination." in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.parametrize("where", ["typer took it", "building the command tree"])
 def test_sigterm_before_the_work_exits_143(monkeypatch, capsys, where):
     """SIGTERM while a command imports torch (typer takes the interrupt: exit 130) or while typer builds the

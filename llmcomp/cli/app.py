@@ -47,7 +47,7 @@ def run(fn, writes: bool = True):
     opened = len(_resume().OPENED) if _resume() is not None else 0
     published = len(PUBLISHED)
 
-    def tail() -> str:  # (a stop after the output was published, e.g. while inspect re-read it: it is complete)
+    def tail() -> str:  # (a stop after the output was published, e.g. during the summary line: it is complete)
         done = PUBLISHED[published:]
         return f"; {done[-1]} had been written in full" if done else (
             "; nothing was written at the destination" if writes else "")

@@ -77,7 +77,7 @@ def bundled_model_dir(progress=None) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = BUNDLED_NAME
-    with atomic_dir(dest, overwrite=True) as tmp:
+    with atomic_dir(dest, overwrite=True, output=False) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return dest

@@ -191,13 +191,17 @@ def _model_file(folder: Path, name: str) -> bool:
         return False
 
 
+PUBLISHED: list[Path] = []  # the outputs ``atomic_dir`` published in this process, in order (the CLI's interrupt line)
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: Path, overwrite: bool = False):
+def atomic_dir(dest: Path, overwrite: bool = False, output: bool = True):
     """Yield a temporary sibling directory; on success rename it to ``dest``.
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and ``dest`` is
     untouched. With ``overwrite`` an existing ``dest`` is replaced only after the new one is complete
-    (and put back where the last rename fails).
+    (and put back where the last rename fails). ``output``: a command's output, listed in ``PUBLISHED`` once in
+    place (not a cache entry, such as the bundled model's converted copy).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -207,12 +211,11 @@ def atomic_dir(dest: Path, overwrite: bool = False):
         with locked(tmp):  # (held until it is published: what tells a live one from a killed job's)
             yield tmp
             _publish(tmp, dest, overwrite)
+            if output:
+                PUBLISHED.append(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-PUBLISHED: list[Path] = []  # what ``atomic_dir`` published in this process, in order (the CLI's interrupt line)
 
 
 def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
@@ -221,7 +224,6 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
     if not dest.exists():
         try:
             os.rename(tmp, dest)
-            PUBLISHED.append(dest)
             return
         except OSError:
             if not dest.exists():
@@ -230,7 +232,6 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
         raise UserError(f"Output {dest} was written by another job while this one ran; nothing was replaced "
                         "— choose another path or pass --overwrite.")
     _replace(tmp, dest)
-    PUBLISHED.append(dest)
 
 
 STALE_AFTER_S = 60.0  # a younger temporary directory may be one another writer has made and not yet locked
