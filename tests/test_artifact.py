@@ -315,10 +315,13 @@ def test_quantizing_a_quantized_artifact_says_so(art, tiny_model_dir, tmp_path):
         api.quantize(W4, tmp_path / "again", str(art))
     partial = api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*layers\\.0\\.mlp\\..*",)),
                            tmp_path / "partial", str(tiny_model_dir))
-    with pytest.raises(UserError, match="'re:.*nonexistent' \(targets\) matches no module") as e:
+    with pytest.raises(UserError, match=r"'re:.*nonexistent' \(targets\) matches no module") as e:
         api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*nonexistent",)),
                      tmp_path / "again2", str(partial))
     assert "quantized already" not in str(e.value)
+    with pytest.raises(UserError, match=r"The 3 linear layers targets \['re:.*'\] select are quantized already"):
+        api.quantize(RTNConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*layers\\.0\\.mlp\\..*",)),
+                     tmp_path / "again3", str(partial))  # (it said "No linear layer is under targets")
 
 
 def test_output_exists_refused_and_overwrite(art, tiny_model_dir):

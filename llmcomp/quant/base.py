@@ -174,8 +174,8 @@ def _first_of_group(m: nn.Module, stats: dict) -> bool:
 def _check_patterns(model: nn.Module, config, fields) -> None:
     """A pattern a user wrote that matches no module was misspelt (the defaults, Linear and lm_head, may well match
     nothing); a re: pattern that matches part of a path is told it must match all of it."""
-    for field, defaults in (("targets", ("Linear",)), ("ignore", ("lm_head",))):
-        missed = unmatched(model, [p for p in getattr(config, field) if p not in defaults]) if field in fields else []
+    for name, defaults in (("targets", ("Linear",)), ("ignore", ("lm_head",))):
+        missed = unmatched(model, [p for p in getattr(config, name) if p not in defaults]) if name in fields else []
         if not missed:
             continue
         hint = "check its spelling (a class name, a path or its dotted suffix, or re:REGEX)"
@@ -184,7 +184,7 @@ def _check_patterns(model: nn.Module, config, fields) -> None:
             if part is not None:
                 hint = (f"re: must match a whole path, such as {part!r} (re:.*{missed[0][3:]}.* matches part of "
                         "one)")
-        raise UserError(f"Layer pattern {missed[0]!r} ({field}) matches no module of the model; {hint}.")
+        raise UserError(f"Layer pattern {missed[0]!r} ({name}) matches no module of the model; {hint}.")
 
 
 @torch.no_grad()
@@ -206,6 +206,10 @@ def check_selection(model: nn.Module, config, quantizer: Optional[Quantizer] = N
                 "lm_head" in config.ignore and any(n.split(".")[-1] == "lm_head" for n in hidden)) else ""
             raise UserError(f"Every layer targets {list(config.targets)} select is ignored by "
                             f"{list(config.ignore)}{default}.")
+        done = [n for n, m in select(model, config.targets, config.ignore) if isinstance(m, QuantLinear)]
+        if done:
+            raise UserError(f"The {len(done)} linear layers targets {list(config.targets)} select are quantized "
+                            "already; quantize the original model instead.")
         raise UserError(f"No linear layer is under targets {list(config.targets)}.")
     _check_patterns(model, config, ("targets", "ignore"))
     formats = getattr(config, "formats", None) or {}
