@@ -207,8 +207,15 @@ def test_placed_load_gives_the_same_logits(paths, tmp_path, kind, placement):
 @pytest.mark.parametrize("kind", ["hf", "art"])
 def test_over_budget_without_offload_folder_is_one_error(paths, kind):
     """A plain model went to disk silently (transformers offloads it without a folder), where an artifact asked."""
-    with pytest.raises(UserError, match=r"The model \(.*\) does not fit .* pass --offload-folder"):
+    stored = safe_open(str(paths / "hf" / "model.safetensors"), framework="pt")
+    size = memory.format_bytes(sum(stored.get_tensor(k).nbytes for k in stored.keys())) if kind == "hf" else ""
+    with pytest.raises(UserError, match=rf"The model \({size}.*\) does not fit in --max-memory on GPU and CPU; pass "
+                                        r"--offload-folder DIR to keep the rest on disk, or raise the limits\."):
         api.load(paths / kind, max_memory="cpu=100KiB")
+    disk = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+            "lm_head": "cpu"}  # (no --max-memory was given: the map asks for disk)
+    with pytest.raises(UserError, match=r"^The device map puts part of the model on disk; pass --offload-folder"):
+        api.load(paths / kind, device_map=disk)
 
 
 def test_quantized_layers_placed_off_device_keep_no_weight_cache(paths, tmp_path):

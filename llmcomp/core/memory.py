@@ -274,10 +274,13 @@ def budget(limits: Optional[dict[Key, int]]) -> Optional[dict[Key, int]]:
     return {**get_max_memory(), **gpus, **{k: v for k, v in limits.items() if isinstance(k, str)}}
 
 
-def over_budget(need: int) -> UserError:
+def over_budget(need: int, device_map=None, max_memory=None) -> UserError:
     """A placement that puts part of the model on disk without --offload-folder: asked for, since disk is slow."""
-    return UserError(f"The model ({format_bytes(need)}) does not fit in --max-memory on GPU and CPU; pass "
-                     "--offload-folder DIR to keep the rest on disk, or raise the limits.")
+    if isinstance(device_map, dict):
+        return UserError("The device map puts part of the model on disk; pass --offload-folder DIR to hold it.")
+    where = "--max-memory on GPU and CPU" if max_memory else "this machine's free GPU and CPU memory"
+    return UserError(f"The model ({format_bytes(need)}) does not fit in {where}; pass --offload-folder DIR to keep "
+                     f"the rest on disk{', or raise the limits' if max_memory else ''}.")
 
 
 def dispatch(model: torch.nn.Module, device_map, max_memory=None, offload_folder=None) -> torch.nn.Module:
@@ -290,6 +293,7 @@ def dispatch(model: torch.nn.Module, device_map, max_memory=None, offload_folder
     from llmcomp.core.qlinear import QuantLinear
 
     limits = parse_max_memory(max_memory)
+    given_map = device_map
     if device_map == "auto":
         device_map = infer_auto_device_map(model, max_memory=budget(limits),
                                            no_split_module_classes=model._no_split_modules, offload_buffers=True)
@@ -305,7 +309,7 @@ def dispatch(model: torch.nn.Module, device_map, max_memory=None, offload_folder
                   for n, d in device_map.items()}
     if "disk" in device_map.values():
         if offload_folder is None:
-            raise over_budget(state_bytes(state))
+            raise over_budget(state_bytes(state), given_map, limits)
         # a fresh folder per load: accelerate reuses any offloaded weights it finds in the folder it is given
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
         offload_folder = tempfile.mkdtemp(prefix="llmcomp-offload-", dir=offload_folder)

@@ -217,7 +217,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
         from llmcomp.core.memory import over_budget  # (transformers offloads without a folder)
 
         held = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # (meta: no storage to tell ties)
-        raise over_budget(sum(t.numel() * t.element_size() for t in held))
+        raise over_budget(sum(t.numel() * t.element_size() for t in held), device_map, max_memory)
     fit_experts(model)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     beyond = sorted(k for k in info.get("unexpected_keys") or () if isinstance(n_layers, int)
