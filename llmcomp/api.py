@@ -320,7 +320,7 @@ def _tied_head(net) -> bool:
 
 
 def _note_tied_head(net, progress: Progress) -> None:
-    """A quantized tied head gets tensors of its own while the embedding stays float: the artifact grows by them
+    """A quantized tied head gets tensors of its own while the embedding stays float: the artifact holds them on top
     (decode reads the smaller head). Said, since "quantize more" reads as "a smaller file"."""
     from llmcomp.core.qlinear import QuantLinear
 
@@ -328,7 +328,7 @@ def _note_tied_head(net, progress: Progress) -> None:
     if isinstance(head, QuantLinear):
         mb = sum(t.numel() * t.element_size() for t in head.state_dict().values()) / 1e6
         progress.note(f"lm_head shared the embedding's weights: its quantized copy is stored beside the float "
-                      f"embedding (+{mb:.1f} MB; decode reads it instead of the embedding, the file grows).")
+                      f"embedding (+{mb:.1f} MB against keeping lm_head float; decode reads it instead).")
 
 
 def _job_key(net, calib_ids, device) -> dict:
