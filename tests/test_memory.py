@@ -171,6 +171,21 @@ def test_activations_beyond_free_cpu_memory_are_refused_before_the_capture(tiny_
     assert len(seen) == 2
 
 
+@pytest.mark.parametrize("files", [{"memory.max": "3000000\n", "memory.current": "1000000\n"},
+                                   {"memory/memory.limit_in_bytes": "3000000",
+                                    "memory/memory.usage_in_bytes": "1000000"}],
+                         ids=["cgroup v2", "cgroup v1"])
+def test_free_cpu_memory_is_capped_by_the_cgroup(tmp_path, monkeypatch, files):
+    """MemAvailable is the host's: in a container the OOM killer acts at the cgroup's cap, far below it."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(memory, "CGROUP", tmp_path)
+    assert memory.available_cpu_bytes() == 2000000
+    (tmp_path / next(iter(files))).write_text("max\n" if "memory.max" in files else str(2 ** 63 - 4096))
+    assert memory.available_cpu_bytes() > 2000000  # (no cap: the host's MemAvailable)
+
+
 # -- load / eval placement -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

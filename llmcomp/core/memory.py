@@ -170,16 +170,27 @@ def out_of_memory(what: str, device) -> UserError:
                      "--device cpu.")
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
 def available_cpu_bytes() -> Optional[int]:
-    """CPU memory this process can still take without swapping (Linux's MemAvailable); None where unknown."""
+    """CPU memory this process can still take without swapping: Linux's MemAvailable, or less where a cgroup (a
+    container, a batch job) caps it — there the OOM killer acts at the cap. None where unknown."""
+    free = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    for limit, used in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes",
+                                                            "memory/memory.usage_in_bytes")):  # (cgroup v2, v1)
+        try:
+            cap = (CGROUP / limit).read_text().strip()
+            if cap != "max" and int(cap) < 2 ** 60:  # (v1 writes "no limit" as a huge number)
+                free.append(max(0, int(cap) - int((CGROUP / used).read_text())))
+        except (OSError, ValueError):
+            pass
+    return min(free) if free else None
 
 
 def check_activations_fit(more: int, what: str) -> None:
