@@ -58,9 +58,12 @@ def one_job(fn):
         opened = len(resume.OPENED)
         try:
             with job_lock(target):
-                return fn(*args, **kwargs)
+                try:
+                    return fn(*args, **kwargs)
+                except BaseException:
+                    resume.drop_idle(opened)  # (a resume folder holding no work yet stayed, hidden, with no note)
+                    raise
         except BaseException:
-            resume.drop_idle(opened)  # (a resume folder holding no work yet stayed, hidden, with no note)
             for p in made:  # a failed job leaves no folder it made (empty ones only)
                 try:
                     p.rmdir()
@@ -880,8 +883,9 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(model, output, overwrite, calib_samples, calib_seq_len,
                                                             config.seed, progress, check=distill.check_model)
-    job = {k: v for k, v in to_dict(config).items() if k != "checkpoint_every"}  # (how often work is saved: not
-    key = resume.fingerprint(config=job, **_job_key(net, ids, default_device(device)),  # what it computes)
+    # (how often the fine-tune saves its work is not part of what the job computes)
+    job = {k: v for k, v in to_dict(config).items() if k != "checkpoint_every"}
+    key = resume.fingerprint(config=job, **_job_key(net, ids, default_device(device)),
                              samples=calib_samples, seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
     distill.check_layers(net, config, calib_seq_len)  # (before the resume directory exists)
     check_window(net, config.seq_len, "Fine-tune")  # (the transfer's windows are checked by _calibrated)

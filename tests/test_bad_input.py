@@ -273,7 +273,6 @@ def test_disk_full_leaves_nothing(model_dir, tmp_path, monkeypatch, raised):
     """safetensors reports a full disk as its own SafetensorError, not an OSError: a traceback, exit 1."""
     from safetensors import SafetensorError
 
-
     def full(*a, **k):
         if raised == "OSError":
             raise OSError(28, "No space left on device")

@@ -46,8 +46,15 @@ SEED_LIMIT = 2 ** 62  # (torch's generators take < 2**64; per-layer seeds add th
 def check_seed(seed: Any, what: str = "--seed") -> None:
     """A whole number in [0, SEED_LIMIT): 2**64 overflowed inside torch after the model had loaded, 1.5 reached
     torch.manual_seed."""
+    tail = _seed_fault(seed)
+    if tail:
+        raise UserError(f"{what} {tail}")
+
+
+def _seed_fault(seed: Any) -> str:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"{what} must be a whole number in [0, 2**62), got {seed!r}.")
+        return f"must be a whole number in [0, 2**62), got {seed!r}."
+    return ""
 
 
 def check_field_types(obj: Any) -> None:
@@ -77,11 +84,8 @@ def check_field_types(obj: Any) -> None:
             ok = isinstance(value, classes)
         else:
             continue
-        if ok and f.name == "seed":
-            try:
-                check_seed(value, f"{type(obj).__name__}.seed")
-            except UserError as exc:  # (as a FieldError, so that a command line names its --seed)
-                raise FieldError(type(obj).__name__, "seed", str(exc).split(" ", 1)[1]) from None
+        if ok and f.name == "seed" and _seed_fault(value):  # (a FieldError: a command line names its --seed)
+            raise FieldError(type(obj).__name__, "seed", _seed_fault(value))
         if not ok:
             want = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
                     "tuple[str, ...]": "a tuple of strings", "tuple[int, ...]": "a tuple of integers"}.get(
