@@ -219,6 +219,7 @@ def test_placed_load_gives_the_same_logits(paths, tmp_path, kind, placement):
         assert memory.input_device(net) == torch.device("cpu")
 
 
+@no_gpu  # (a visible GPU holds what 100 KiB of CPU does not: nothing goes to disk there)
 @pytest.mark.parametrize("kind", ["hf", "art"])
 def test_over_budget_without_offload_folder_is_one_error(paths, kind):
     """A plain model went to disk silently (transformers offloads it without a folder), where an artifact asked."""
