@@ -169,7 +169,7 @@ def test_cli_eval_long_needle_keys(tmp_path, monkeypatch):
         assert ok.exit_code == 0, ok.output
         assert "2-key 400" in ok.output and json.loads((tmp_path / "r.json").read_text())[0]["needle_keys"] == 2
         for args, message in [(["--passkey-lengths", "400", "--needle-keys", "9"], "fewer keys"),
-                              (["--passkey-lengths", "400", "--needle-keys", "99"], "between 1 and"),
+                              (["--passkey-lengths", "400", "--needle-keys", "99"], "--needle-keys must be at most 30"),
                               (["--passkey-lengths", "1024"], "use lengths up to 1018"),
                               (["--passkey-lengths", "2000"], "longer than the model's context"),
                               (["--context", "2000"], "longer than the model's")]:
