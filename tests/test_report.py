@@ -246,6 +246,26 @@ def test_an_edited_or_incomplete_artifact_is_refused(root, dense, tmp_path):
     assert "is missing" in one_error_line(runner.invoke(app, ["report", str(gone), "-o", str(tmp_path / "b")]))
 
 
+def test_an_unsealed_manifest_with_odd_values_still_reports(root, dense, tmp_path):
+    """A manifest without its seal is read as before; a string where report formatted a number was a traceback
+    (bits per weight "x": ValueError in the stage summary; wall time "x": in the totals). eval and inspect read it."""
+    import json
+    import shutil
+
+    from llmcomp.core.artifact import SEAL
+
+    artifact = root / "rtn" if (root / "rtn").exists() else _rtn(root, dense)
+    shutil.copytree(artifact, tmp_path / "odd")
+    m = json.loads((tmp_path / "odd" / "llmcomp.json").read_text())
+    del m[SEAL]
+    m["stages"][0]["metrics"]["bits_per_weight"] = "x"
+    m["stages"][0]["wall_time_s"] = "x"
+    (tmp_path / "odd" / "llmcomp.json").write_text(json.dumps(m))
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "odd"), "-o", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert "| stage wall time | 0.0 s |" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_paths_split_into_decoder_layer_and_linear_kind():
     assert facts.split_path("model.layers.12.self_attn.q_proj") == (12, "self_attn.q_proj")
     assert facts.split_path("model.layers.3.mlp.experts.down.7") == (3, "mlp.experts.down.*")

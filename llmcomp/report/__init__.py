@@ -123,7 +123,8 @@ def _modules_and_totals(path: Path, manifest: dict) -> tuple[dict, dict]:
         modules[name] = (mod.fmt.bits_per_weight(mod.out_features, mod.in_features), mod.fmt.describe())
     _stored_dtypes(path, skeleton)
     totals = {**size_report(skeleton, path), "linears": sum(1 for _ in _linears(skeleton))}
-    totals["wall_time_s"] = sum(float(s.get("wall_time_s") or 0) for s in manifest["stages"])
+    times = [s.get("wall_time_s") for s in manifest["stages"]]  # (as eval sums them: numbers only)
+    totals["wall_time_s"] = float(sum(t for t in times if isinstance(t, (int, float)) and not isinstance(t, bool)))
     base = manifest["base_model"].get("path")
     if base and Path(base).is_dir():
         mb = weights_mb(Path(base))

@@ -80,7 +80,8 @@ def _summary(v: dict) -> str:
     stage, f, kind = v["stage"], v["facts"], v["kind"]
     metrics = stage.get("metrics", {})
     if kind == "quantize":
-        out = [f"{metrics['bits_per_weight']:.2f} b/w"] if "bits_per_weight" in metrics else []
+        bits = metrics.get("bits_per_weight")  # (a hand-edited manifest, unsealed, may hold anything)
+        out = [f"{bits:.2f} b/w"] if isinstance(bits, (int, float)) and not isinstance(bits, bool) else []
         values = list(f["sqnr"].modules.values())  # (one by one: a layer's experts averaged hid the worst)
         if values:
             out.append(f"SQNR {min(values):.1f}–{max(values):.1f} dB (mean {mean(values):.1f})")
