@@ -855,11 +855,34 @@ def stage_label(stage: dict) -> str:
 
 
 def inspect(path) -> dict:
-    """The manifest of an artifact (verified), or a short description of a model directory."""
+    """The manifest of an artifact (verified), or a short description of a model directory: its kind where it is a
+    GPTQ or compressed-tensors checkpoint. A folder holding llmcomp's packed tensors without its manifest is refused
+    (it was shown as a plain model directory, exit 0, by the command that verifies artifacts)."""
     p = model_mod.resolve(path)
     if is_artifact(p):
         return read_manifest(p)
-    return {"model_dir": str(p), "name": model_mod.model_name(p)}
+    kind = imports.detect(p)
+    if kind is None:
+        packed = _packed_tensor(p)
+        if packed is not None:
+            raise UserError(f"{p} holds quantized tensors (e.g. {packed}) but no llmcomp.json: an llmcomp artifact "
+                            "whose manifest is missing? It cannot be verified.")
+    return {"model_dir": str(p.absolute()), "name": model_mod.model_name(p), **({"checkpoint": kind} if kind else {})}
+
+
+def _packed_tensor(p: Path) -> Optional[str]:
+    """The first tensor name of llmcomp's packed layout in the folder's safetensors files (headers only), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                hit = next((k for k in st.keys() if k.endswith(".weight_packed")), None)
+        except (OSError, SafetensorError):
+            continue
+        if hit is not None:
+            return hit
+    return None
 
 
 @one_job

@@ -219,6 +219,20 @@ def test_ct_mixed_formats_and_import(model_dir, tmp_path):
     assert torch.equal(logits(back), ref)
 
 
+def test_inspect_names_a_checkpoint_and_refuses_an_artifact_without_its_manifest(arts, tmp_path):
+    """inspect (the command that verifies artifacts) showed a plain "model directory", exit 0, for an artifact whose
+    llmcomp.json was deleted, and did not say a GPTQ export was one."""
+    import shutil
+
+    out = tmp_path / "gptq"
+    assert invoke("export", arts("w4g32"), "--to", "gptq", "-o", out).exit_code == 0
+    assert llmcomp.inspect(str(out))["checkpoint"] == "gptq"
+    shutil.copytree(arts("w4g32"), tmp_path / "orphan")
+    (tmp_path / "orphan" / "llmcomp.json").unlink()
+    line = one_error(invoke("inspect", tmp_path / "orphan"))
+    assert "holds quantized tensors (e.g. model.layers." in line and "but no llmcomp.json" in line
+
+
 # -- GPTQ export and import -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name,checkpoint_format", [("w4g32", "gptq"), ("w4g32sym", "gptq"), ("w8", "gptq"),
                                                     ("w3g32", "gptq"), ("w2g16", "gptq_v2")])
