@@ -159,6 +159,8 @@ def load(path=None, *, dtype: Optional[torch.dtype] = None, device: Optional[str
     transformers model. ``device_map="auto"`` places it with accelerate: ``max_memory`` (``{0: "2GiB",
     "cpu": "24GiB"}`` or ``"cuda:0=2GiB,cpu=24GiB"``) bounds the weights per device, the rest goes to
     ``offload_folder`` on disk; either one alone implies ``device_map="auto"``."""
+    if not isinstance(return_tokenizer, bool):  # ("no" was truthy: a (model, tokenizer) pair came back)
+        raise UserError(f"return_tokenizer must be True or False, got {return_tokenizer!r}.")
     if isinstance(dtype, str):  # ("bfloat16", as quantize(dtype=...) takes it)
         dtype = parse_dtype(dtype)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

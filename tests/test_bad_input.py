@@ -831,6 +831,7 @@ def test_library_arguments_found_by_the_api_hunt(artifact, model_dir, tmp_path):
         (lambda: api.quantize(RTNConfig(format=W4), tmp_path / "o", str(model_dir), overwrite="no"),
          "overwrite must be True or False, got 'no'"),
         (lambda: api.export(artifact, "gptq", tmp_path / "o", overwrite=1), "overwrite must be True or False"),
+        (lambda: api.load(artifact, return_tokenizer="no"), "return_tokenizer must be True or False, got 'no'"),
         (lambda: ExpertPruneConfig(layer_ratios=[0.5]), "ExpertPruneConfig.layer_ratios must be a dict"),
         (lambda: MoefyConfig(ridge=float("nan")), "MoefyConfig.ridge must be a number, got nan"),
         (lambda: Uniform(bits="4"), "Uniform.bits must be an integer, got '4'"),
