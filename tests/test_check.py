@@ -223,6 +223,25 @@ def test_check_flags_that_do_not_apply_are_refused(tmp_path):
         assert r.exit_code == 2 and needle in r.output, r.output
 
 
+def test_a_baselines_window_past_the_context_and_reports_on_one_path_are_named(tmp_path, monkeypatch):
+    """A baseline's seq_len past the model's context asked for a shorter --seq-len, which a check refuses; --junit
+    and --json on one path said the first "would overwrite ..., which this command reads"."""
+    values = {"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0}
+    monkeypatch.setattr(api, "evaluate", fake_evaluate(values))
+    art = fake_artifact(tmp_path)
+    (tmp_path / "art" / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 256}))
+    b = tmp_path / "base.json"
+    assert runner.invoke(app, ["check", art, "--baseline", str(b), "--update", "--seq-len", "64"]).exit_code == 0
+    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--junit", str(tmp_path / "x"), "--json",
+                            str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--junit" in r.output and "is where --json writes too" in r.output, r.output
+    b.write_text(json.dumps({**json.loads(b.read_text()), "settings": {"windows": 8, "seq_len": 512}}))
+    r = runner.invoke(app, ["check", art, "--baseline", str(b)])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "measures windows of 512 tokens (its settings.seq_len), longer than the model's " \
+        "context (256 tokens); write it again with --update --seq-len N" in said, r.output
+
+
 def test_update_keeps_hand_edited_tolerances(tmp_path, monkeypatch):
     """--update rewrote every tolerance to its default, losing the ones edited by hand (the file says to edit them)."""
     values = {"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0}

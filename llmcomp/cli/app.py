@@ -96,6 +96,23 @@ def _resume():
     return sys.modules.get("llmcomp.core.resume")
 
 
+def _check_baseline_window(model, baseline: Path, seq_len: int) -> None:
+    """A baseline whose windows are longer than the model's context: said as the baseline's setting (the evaluation
+    asked for a shorter --seq-len, which a check refuses: the baseline's settings run)."""
+    from transformers import AutoConfig
+
+    from llmcomp.api import config_context
+    from llmcomp.core.model import read_path
+
+    try:
+        limit = config_context(AutoConfig.from_pretrained(read_path(model)))
+    except (OSError, ValueError, KeyError, TypeError):  # (the evaluation reports a damaged model itself)
+        return
+    if limit and seq_len > limit:
+        raise UserError(f"{baseline} measures windows of {seq_len} tokens (its settings.seq_len), longer than the "
+                        f"model's context ({limit} tokens); write it again with --update --seq-len N (N ≤ {limit}).")
+
+
 def last_stage(path) -> dict:
     """The last stage of the manifest a command just wrote, for its summary line: read, not verified again (hashing
     the weights once more took seconds on big models, and an interrupt then read as if nothing was written)."""
@@ -378,10 +395,10 @@ def check(
             raise UserError(f"{stray[0]} applies {'to a check, not to --update' if update else 'with --update only'}.")
         from llmcomp.core.model import read_path
 
-        reads = [read_path(artifact)] if update else [read_path(artifact), baseline]
+        reads, writes = [read_path(artifact)] if update else [read_path(artifact), baseline], {}
         for path, flag in ((json_out, "--json"), (junit, "--junit"), (baseline if update else None, "--baseline")):
-            check_report(path, flag, reads)  # before the measurement, not after it
-            reads.append(path)  # (and not where another of its reports goes)
+            check_report(path, flag, reads, writes)  # before the measurement, not after it
+            writes[path] = flag  # (and not where another of its reports goes)
         if update:
             settings = {"windows": windows, "seq_len": seq_len}
             chk.check_settings(settings, "--windows / --seq-len")
@@ -404,6 +421,7 @@ def check(
             base = chk.read_baseline(baseline)
             settings = base["settings"]
             chk.check_text(base, corpus().name)  # (before the measurement)
+            _check_baseline_window(artifact, baseline, settings["seq_len"])
         with render.RichProgress() as progress:
             if update and (previous or unreadable):
                 progress.note(unreadable or f"Keeping the tolerances of {baseline}; measuring at {settings['windows']} "

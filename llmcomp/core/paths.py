@@ -124,12 +124,13 @@ def written_by_llmcomp(path: Path) -> bool:
             or ("report.md" in names and all(n == "report.md" or n.endswith(".png") for n in names)))
 
 
-def check_report(path, flag: str, reads=()) -> None:
+def check_report(path, flag: str, reads=(), writes=()) -> None:
     """A report file a command writes at its end (``--json``, ``--junit``, a baseline): refused before any work
     where it could not be written then (its folder missing, or the path a directory), or where it would overwrite
     what the command reads (``reads``: model directories, artifacts, a baseline; None entries skipped) — a file
-    of a model directory (its manifest, config, weights, tokenizer) or the baseline itself. Other files beside
-    a model are fine (``cd ART && llmcomp check . --update`` keeps its baseline there)."""
+    of a model directory (its manifest, config, weights, tokenizer) or the baseline itself — or another of its
+    reports (``writes``: {path: flag}). Other files beside a model are fine (``cd ART && llmcomp check . --update``
+    keeps its baseline there)."""
     if path is None:
         return
     path = Path(path).expanduser()
@@ -138,6 +139,9 @@ def check_report(path, flag: str, reads=()) -> None:
     if not path.parent.is_dir():
         raise UserError(f"{flag} {path}: its folder {path.parent} does not exist.")
     target = path.resolve()
+    for other, by in dict(writes).items():
+        if other is not None and Path(other).expanduser().resolve() == target:
+            raise UserError(f"{flag} {path} is where {by} writes too; give them different paths.")
     for read in reads:
         if read is None:
             continue
