@@ -561,7 +561,12 @@ def test_malformed_external_checkpoints_are_one_error_line(arts, tmp_path):
 
     cases = [
         (_edited(gq, tmp_path / "a", tensors=lambda st: st.pop(f"{layer}.scales")), "lacks 'scales'"),
-        (_edited(gq, tmp_path / "b", config=lambda qc: qc.update(bits=None)), "does not read as gptq"),
+        (_edited(gq, tmp_path / "b", config=lambda qc: qc.update(bits=None)),
+         "quantization_config.bits is None, not an integer"),
+        (_edited(gq, tmp_path / "b2", config=lambda qc: qc.update(bits=4.7)),  # (read as 4)
+         "quantization_config.bits is 4.7, not an integer"),
+        (_edited(gq, tmp_path / "b3", config=lambda qc: qc.update(group_size=64)),  # (g_idx in groups of 32)
+         "g_idx groups the inputs otherwise than quantization_config.group_size 64 says"),
         (_edited(gq, tmp_path / "c", config=lambda qc: qc.update(dynamic={"+:.*mlp.*": {"group_size": 64}})),
          "overrides bits or group size per module"),
         (_edited(gq, tmp_path / "d", config=lambda qc: qc.update(pack_dtype="int16")), "packs its codes in int16"),

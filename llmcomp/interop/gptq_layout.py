@@ -163,17 +163,23 @@ def import_layer(path: str, t: dict[str, torch.Tensor], qcfg: dict, in_features:
     if str(qcfg.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
         raise UserError(f"This GPTQ checkpoint packs its codes in {qcfg['pack_dtype']} words "
                         "(quantization_config.pack_dtype); llmcomp imports int32 words.")
-    bits = int(qcfg.get("bits", 4))
+    bits, group = qcfg.get("bits", 4), qcfg.get("group_size", -1)
+    for name, value in (("bits", bits), ("group_size", group)):  # (int() read 4.7 as 4, and None as a traceback)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"This GPTQ checkpoint's quantization_config.{name} is {value!r}, not an integer.")
     if bits not in GPTQ_BITS:
         raise UserError(f"GPTQ checkpoint with {bits} bits; llmcomp imports 2, 3, 4 or 8.")
     v1 = qcfg.get("checkpoint_format", "gptq") != "gptq_v2"
-    group = int(qcfg.get("group_size", -1))
     group = 0 if group <= 0 or group >= in_features else group
     f = unpack_layer(t, bits, v1)
     if f["codes"].shape[1] != in_features:
         raise UserError(f"{path}.qweight holds {f['codes'].shape[1]} input columns, the model's layer has "
                         f"{in_features}.")
     if "g_idx" in t and not torch.equal(f["g_idx"], torch.arange(in_features) // (group or in_features)):
+        g = f["g_idx"]
+        if bool((g[1:] >= g[:-1]).all()):  # (in order, other groups: not act-order, and it said it was)
+            raise UserError(f"{path}.g_idx groups the inputs otherwise than quantization_config.group_size "
+                            f"{qcfg.get('group_size')} says; fix the group size in config.json.")
         raise UserError(f"{path} uses act-order with a permuted g_idx (desc_act), which llmcomp's uniform format "
                         f"does not store; import a checkpoint quantized without act-order or with static groups.")
     if group % 8:
