@@ -277,22 +277,28 @@ def test_an_interrupt_before_any_saved_work_leaves_no_resume_folder(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lin")) == []
 
 
-def test_killed_transfer_resumes_from_its_finished_layers(tmp_path, monkeypatch):
-    """The transfer was saved once, after its last layer: a kill at layer 29 of 30 lost every layer's work."""
+def _killed_at(tag: str, config, tmp_path, monkeypatch):
+    """An uninterrupted run's state dict, then the same job on ``lin`` interrupted at kill point ``tag``."""
     from llmcomp.core import resume
 
     src = _model_dir(tmp_path)
-    config = LinearizeConfig(method="gla", window=2, **SMALL)
     kw = dict(calib_samples=2, calib_seq_len=32, device="cpu")
     whole = api.load(api.linearize(config, tmp_path / "whole", str(src), **kw)).state_dict()
 
-    def kill(tag):
-        if tag == "linearize-transfer-0":
+    def kill(at):
+        if at == tag:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(resume, "_kill_point", kill)
     with pytest.raises(KeyboardInterrupt):
         api.linearize(config, tmp_path / "lin", str(src), **kw)
+    return lambda cfg, **more: api.linearize(cfg, tmp_path / "lin", str(src), **kw, **more), whole
+
+
+def test_killed_transfer_resumes_from_its_finished_layers(tmp_path, monkeypatch):
+    """The transfer was saved once, after its last layer: a kill at layer 29 of 30 lost every layer's work."""
+    config = LinearizeConfig(method="gla", window=2, **SMALL)
+    rerun, whole = _killed_at("linearize-transfer-0", config, tmp_path, monkeypatch)
     assert sorted(p.name for p in (tmp_path / ".lin.resume").glob("*.safetensors")) == ["transfer-0000.safetensors"]
     notes = []
 
@@ -300,7 +306,7 @@ def test_killed_transfer_resumes_from_its_finished_layers(tmp_path, monkeypatch)
         def note(self, message):
             notes.append(message)
 
-    out = api.linearize(config, tmp_path / "lin", str(src), progress=Notes(), **kw)
+    out = rerun(config, progress=Notes())
     assert "Resuming: the attention transfer of 1 of 2 layers is done" in notes
     resumed = api.load(out).state_dict()
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
@@ -309,23 +315,11 @@ def test_killed_transfer_resumes_from_its_finished_layers(tmp_path, monkeypatch)
 
 
 def test_killed_fine_tune_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    from llmcomp.core import resume
-
-    src = _model_dir(tmp_path)
     config = LinearizeConfig(method="gla", window=2, **{**SMALL, "tokens": 4 * 2 * 32})
-    kw = dict(calib_samples=2, calib_seq_len=32, device="cpu")
-    whole = api.load(api.linearize(config, tmp_path / "whole", str(src), **kw)).state_dict()
-
-    def kill(tag):
-        if tag == "linearize-step-2":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(resume, "_kill_point", kill)
-    with pytest.raises(KeyboardInterrupt):
-        api.linearize(config, tmp_path / "lin", str(src), **kw)
+    rerun, whole = _killed_at("linearize-step-2", config, tmp_path, monkeypatch)
     assert not (tmp_path / "lin").exists() and (tmp_path / ".lin.resume" / "finetune.safetensors").exists()
     # (another --checkpoint-every is the same job: it discarded the saved work as another job's)
-    out = api.linearize(dataclasses.replace(config, checkpoint_every=3), tmp_path / "lin", str(src), **kw)
+    out = rerun(dataclasses.replace(config, checkpoint_every=3))
     assert api.inspect(out)["stages"][-1]["metrics"]["finetune"]["resumed_at_step"] == 2
     resumed = api.load(out).state_dict()
     assert resumed.keys() == whole.keys()
