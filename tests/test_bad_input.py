@@ -446,9 +446,10 @@ def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path):
                  ("eval", art, "--reference", art, "--json", art / "model.safetensors"),
                  ("check", art, "--update", "--baseline", art / "config.json"),
                  ("check", art, "--baseline", base, "--json", base),
-                 ("check", art, "--baseline", base, "--junit", base),
-                 ("check", art, "--baseline", base, "--json", tmp_path / "r", "--junit", tmp_path / "r")):
+                 ("check", art, "--baseline", base, "--junit", base)):
         assert "which this command reads" in error_line(invoke(*args)), args
+    clash = ("check", art, "--baseline", base, "--json", tmp_path / "r", "--junit", tmp_path / "r")
+    assert "is where --json writes too" in error_line(invoke(*clash))
     assert {f.name: f.read_bytes() for f in art.iterdir() if f.is_file()} == before
     assert base.read_text() == "{}"
     from llmcomp.core.paths import check_report  # a new file beside the model is fine (cd ART && check . --update)
