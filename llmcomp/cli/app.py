@@ -318,6 +318,8 @@ def eval_(
         if stray:
             what = "perplexity eval, not --long (whose windows are --context long)" if long else "--long eval only"
             raise UserError(f"{stray[0]} applies to {what}.")
+        if long and passkey_samples == 0 and _given(ctx, ["passkey_lengths"]):  # (taken and ignored: no prompts)
+            raise UserError("--passkey-lengths applies with --passkey-samples ≥ 1 (0 runs no passkey prompts).")
         if long:
             from llmcomp.cli.prune_kv import eval_long
 
