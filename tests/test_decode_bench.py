@@ -406,6 +406,7 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--dtype", "float32"], "--dtype"),
     (["--synthetic", "llama3-8b", "--bits", "9"], "bits"),
     (["--synthetic", "llama3-8b", "--layers", "0"], "--layers"),
+    (["--synthetic", "llama3-8b", "--layers", "1000"], "--layers keeps the first N of llama3-8b's 32 layers"),
     (["--synthetic", "llama3-8b", "--format", "nf4"], "--format"),
     (["--synthetic", "llama3-8b", "--layers-per-graph", "0"], "--layers-per-graph"),
     (["--synthetic", "llama3-8b", "--layers-per-graph", "2"], "--compile"),
@@ -428,7 +429,8 @@ def test_cli_needs_a_gpu(no_gpu):
     (["--synthetic", "llama3-8b", "--format", "vq2", "--group", "64"], "--group applies to --format uniform"),
     (["--synthetic", "llama3-8b", "--context", "16317"], "take 16385 positions (3 warm-up steps and the cache's "
                                                          "spare one), more than the model's context (16384 tokens)"),
-], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "format", "layers-per-graph",
+], ids=["batch-not-int", "batch-zero", "steps-zero", "dtype", "bits", "layers", "layers-past-the-shape", "format",
+        "layers-per-graph",
         "layers-per-graph-eager", "inductor-option-eager", "glu-eager", "norm-split-eager", "norm-split-no-glu",
         "inductor-option-unknown", "inductor-option-type",
         "unknown-shape",

@@ -148,8 +148,10 @@ def decode(
             if original is not None:
                 raise UserError("--original goes with an artifact PATH; --synthetic compares with its own "
                                 "unquantized weights.")
-            if layers is not None and layers < 1:
-                raise UserError(f"--layers must be ≥ 1, got {layers}.")
+            most = db.SYNTHETIC[synthetic]["num_hidden_layers"]
+            if layers is not None and not 1 <= layers <= most:  # (1000 built a 1000-layer model: out of memory)
+                raise UserError(f"--layers keeps the first N of {synthetic}'s {most} layers: 1 to {most}, got "
+                                f"{layers}.")
             from llmcomp.formats import Uniform
 
             if format not in db.SYNTHETIC_FORMATS:
