@@ -212,6 +212,9 @@ def main(argv=None):
     torch.set_num_threads(min(torch.get_num_threads(), 16))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = TINY if args.tiny else SHAPES
+    unknown = [n for n in args.only if n not in {**SHAPES, **TINY}]
+    if unknown:  # (a mistyped name measured nothing and wrote [] over --out, exit 0)
+        ap.error(f"unknown shapes {unknown}; choose from {[*SHAPES, *TINY]}")
     samples, seq_len = (4, 32) if args.tiny else (args.samples, args.seq_len)
     if device == "cuda":  # compile the CUDA fast path (first use) before anything is timed
         try:

@@ -125,6 +125,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    known = [*configs(), *ALLOCATIONS]
+    unknown = [n for n in args.only or () if n not in known]
+    if unknown:  # (a mistyped name measured nothing and wrote --out with the original row only, exit 0)
+        ap.error(f"unknown rows {unknown}; choose from {known}")
     todo = {k: v for k, v in configs().items() if not args.only or k in args.only}
     from llmcomp.quant import DecoupleQConfig, GPTQConfig
     from llmcomp.quant.allocate import AllocationConfig
@@ -138,11 +142,15 @@ def main(argv=None) -> int:
     rows = [{"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}]
     meta = run_meta(args, rows[0]["text"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    # (--only re-measures some rows and keeps the others: it rewrote --out with its own rows only)
+    kept = [r for r in (json.loads(args.out.read_text())["rows"] if args.out.exists() else [])
+            if r["name"] not in ("original", *todo)]
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in todo.items():
             rows.append(measure_row(name, cfg, ref, Path(tmp), args.windows, args.calib_samples))
             # after every row: a run cut short keeps what it measured
-            args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            args.out.write_text(json.dumps({"meta": meta, "rows": rows + kept}, indent=1))
+    rows += kept
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("\n| method | ppl | KLD mean | top-1 % | greedy prefix | bits/weight | quant s |")
     print("|---|---|---|---|---|---|---|")
