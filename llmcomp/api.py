@@ -577,7 +577,7 @@ def check_long(context, n_windows, chunk, passkey_lengths, passkey_samples, need
         raise UserError(f"--needle-keys must be at most {len(LABELS)} (0: no needle prompts), got {needle_keys}.")
     if needle_keys and not (passkey_lengths and passkey_samples):  # (its prompts are built beside the passkey ones)
         raise UserError("--needle-keys runs with the passkey prompts; give --passkey-samples ≥ 1 and "
-                        "--passkey-lengths.")
+                        "--passkey-lengths, or --needle-keys 0.")
     if passkey_samples and not passkey_lengths:  # (it ran none, and the footer said N prompts per length)
         raise UserError(f"--passkey-samples {passkey_samples} asks for passkey prompts, and --passkey-lengths gives "
                         "no length; give lengths, or --passkey-samples 0.")
