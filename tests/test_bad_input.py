@@ -387,7 +387,8 @@ def test_eval_reference_base_takes_an_artifacts_base_and_every_path_is_checked_f
     (["--context", "64"], "--context applies to --long eval only"),
     (["--passkey-samples", "3"], "--passkey-samples applies to --long eval only"),
     (["--long", "--context", "64", "--passkey-lengths", "-5", "--passkey-samples", "1"], "must be positive token"),
-    (["--long", "--context", "64", "--passkey-samples", "0", "--needle-keys", "4"], "and --passkey-lengths, or --needle-keys 0."),
+    (["--long", "--context", "64", "--passkey-samples", "0", "--needle-keys", "4"],
+     "and --passkey-lengths, or --needle-keys 0."),
     (["--long", "--context", "64", "--passkey-samples", "0", "--passkey-lengths", "128"],
      "--passkey-lengths applies with --passkey-samples ≥ 1"),  # (taken and ignored, exit 0)
     (["--long", "--context", "64", "--passkey-lengths", "32", "--needle-keys", "50"],
