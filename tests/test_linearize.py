@@ -318,6 +318,9 @@ def test_killed_fine_tune_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     config = LinearizeConfig(method="gla", window=2, **{**SMALL, "tokens": 4 * 2 * 32})
     rerun, whole = _killed_at("linearize-step-2", config, tmp_path, monkeypatch)
     assert not (tmp_path / "lin").exists() and (tmp_path / ".lin.resume" / "finetune.safetensors").exists()
+    from llmcomp.linearize import distill  # (every layer's transfer is saved: read back without a calibration pass)
+
+    monkeypatch.setattr(distill, "transfer", lambda *a, **k: pytest.fail("ran the transfer's pass again"))
     # (another --checkpoint-every is the same job: it discarded the saved work as another job's)
     out = rerun(dataclasses.replace(config, checkpoint_every=3))
     assert api.inspect(out)["stages"][-1]["metrics"]["finetune"]["resumed_at_step"] == 2

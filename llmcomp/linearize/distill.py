@@ -345,7 +345,11 @@ def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, c
     done = sum(_transfer_file(checkpoint, i).exists() for i in range(len(layers))) if checkpoint is not None else 0
     if done:
         progress.note(f"Resuming: the attention transfer of {done} of {len(layers)} layers is done")
-    students, errors = transfer(model, ids, config, device, progress, checkpoint)
+    if done == len(layers):  # (no pass over the calibration windows just to read every layer back)
+        students = {i: _student(attention_of(layer), config.spec(), config.seed + i) for i, layer in enumerate(layers)}
+        errors = {i: _load_student(_transfer_file(checkpoint, i), s) for i, s in students.items()}
+    else:
+        students, errors = transfer(model, ids, config, device, progress, checkpoint)
     softmax = choose_softmax_layers(errors, len(layers), config)
     install(model, {i: s for i, s in students.items() if i not in softmax})
     tuned = finetune(model, stream, config, device, progress, checkpoint)
