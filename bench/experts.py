@@ -64,8 +64,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     wanted = args.only or ["dense", "moe", "se", *METHODS, "heapr-diag", "quant"]
     known = ["dense", "moe", "se", *METHODS, "heapr-diag", "quant", *QUANT]
-    if [n for n in wanted if n not in known]:  # (a mistyped name measured nothing, exit 0)
-        ap.error(f"unknown rows {[n for n in wanted if n not in known]}; choose from {known}")
+    unknown = [n for n in wanted if n not in known]
+    if unknown:  # (a mistyped name measured nothing, exit 0)
+        ap.error(f"unknown rows {unknown}; choose from {known}")
     data = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
     if data.get("meta", {}).get("settings") not in (None, settings(args)):
         ap.error(f"{args.out} was measured with other settings {data['meta']['settings']}; use another --out")

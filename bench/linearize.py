@@ -158,8 +158,9 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else {}
     wanted = ["teacher"] + [f"{m}-w{args.window}-{k}" for m in args.methods.split(",") for k in args.keep.split(",")]
-    if [n for n in args.only or () if n not in wanted]:  # (a mistyped name measured nothing, exit 0)
-        p.error(f"unknown rows {[n for n in args.only if n not in wanted]}; choose from {wanted}")
+    unknown = [n for n in args.only or () if n not in wanted]
+    if unknown:  # (a mistyped name measured nothing, exit 0)
+        p.error(f"unknown rows {unknown}; choose from {wanted}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in wanted:

@@ -99,15 +99,10 @@ def _resume():
 def _check_baseline_window(model, baseline: Path, seq_len: int) -> None:
     """A baseline whose windows are longer than the model's context: said as the baseline's setting (the evaluation
     asked for a shorter --seq-len, which a check refuses: the baseline's settings run)."""
-    from transformers import AutoConfig
-
-    from llmcomp.api import config_context
+    from llmcomp.api import context_limit
     from llmcomp.core.model import read_path
 
-    try:
-        limit = config_context(AutoConfig.from_pretrained(read_path(model)))
-    except (OSError, ValueError, KeyError, TypeError):  # (the evaluation reports a damaged model itself)
-        return
+    limit = context_limit(read_path(model))  # (0 for a damaged config: the evaluation reports it)
     if limit and seq_len > limit:
         raise UserError(f"{baseline} measures windows of {seq_len} tokens (its settings.seq_len), longer than the "
                         f"model's context ({limit} tokens); write it again with --update --seq-len N (N ≤ {limit}).")

@@ -169,7 +169,12 @@ def decode(
         from llmcomp.core.paths import check_report
 
         check_report(out, "--out", reads=[path, ref])  # before the GPU run, not after it
-        db.check_positions(_config_of(path, synthetic), context, steps)
+        from llmcomp.api import context_limit  # (read before loading: the synthetic shape's, or the artifact's config)
+        from llmcomp.core.model import resolve
+
+        limit = (db.SYNTHETIC[synthetic]["max_position_embeddings"] if synthetic is not None
+                 else context_limit(resolve(path)))
+        db.check_positions(limit, context, steps)
         import torch
 
         if not torch.cuda.is_available():
@@ -195,24 +200,6 @@ def decode(
         render.console.print(_decode_table(result, batches))
 
     run(go, writes=False)
-
-
-def _config_of(path: Optional[str], synthetic: Optional[str]):
-    """The config bench decode's model will have, read before loading it (a synthetic shape's, or the artifact's
-    through transformers, which reads RoPE scaling as the loaded model will; no weights are read)."""
-    import types
-
-    from llmcomp.core import model as model_mod
-    from llmcomp.eval.decode_bench import SYNTHETIC
-
-    if synthetic is not None:
-        return types.SimpleNamespace(**SYNTHETIC[synthetic])
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_mod.resolve(path))
-    except (OSError, ValueError, KeyError, TypeError):  # (the load reports a missing or damaged config.json)
-        return types.SimpleNamespace()
 
 
 def _original_of(path: str, original: Optional[str]) -> Optional[str]:

@@ -395,12 +395,10 @@ def kernel_breakdown(dec: "StaticDecoder", steps: int = 2, top: int = 12) -> dic
                      "us_per_step": round(us / steps, 2)} for (name, k), (n, us) in ranked[:top]]}
 
 
-def check_positions(config, context: int, steps: int, warmup: int = 3) -> None:
+def check_positions(limit: int, context: int, steps: int, warmup: int = 3) -> None:
     """The static cache holds the prompt, the warm-up and timed steps and one more position; past the model's context
-    the steps would run on positions it has no rotary training for — refused, before anything is loaded."""
-    from llmcomp.api import config_context
-
-    limit, need = config_context(config), context + steps + warmup + 1
+    (``limit`` tokens, 0: unknown) the steps would run on positions it has no rotary training for — refused."""
+    need = context + steps + warmup + 1
     if limit and need > limit:
         raise UserError(f"--context {context} and --steps {steps} take {need} positions ({warmup} warm-up steps and "
                         f"the cache's spare one), more than the model's context ({limit} tokens); lower them.")
@@ -423,7 +421,9 @@ def decode_speed(model: nn.Module, batch: int, context: int, steps: int, graphs:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    check_positions(model.config, context, steps, warmup)
+    from llmcomp.api import config_context
+
+    check_positions(config_context(model.config), context, steps, warmup)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
     dec = StaticDecoder(model, batch, context + steps + warmup + 1, share)

@@ -174,8 +174,9 @@ def _first_of_group(m: nn.Module, stats: dict) -> bool:
 def _check_patterns(model: nn.Module, config, fields) -> None:
     """A pattern a user wrote that matches no module was misspelt (the defaults, Linear and lm_head, may well match
     nothing); a re: pattern that matches part of a path is told it must match all of it."""
-    for name, defaults in (("targets", ("Linear",)), ("ignore", ("lm_head",))):
-        missed = unmatched(model, [p for p in getattr(config, name) if p not in defaults]) if name in fields else []
+    defaults = {"targets": ("Linear",), "ignore": ("lm_head",)}
+    for name in fields:
+        missed = unmatched(model, [p for p in getattr(config, name) if p not in defaults[name]])
         if not missed:
             continue
         hint = "check its spelling (a class name, a path or its dotted suffix, or re:REGEX)"
