@@ -866,3 +866,25 @@ def test_library_arguments_found_by_the_api_hunt(artifact, model_dir, tmp_path):
     said = f"holds {got} windows of 256 tokens; evaluating those {got} (--windows 1000000)"
     assert got < 10 ** 6 and said in " ".join(notes.seen)
     assert api.parse_dtype(torch.bfloat16) is torch.bfloat16 and api.parse_dtype("float16") is torch.float16
+
+
+@pytest.mark.parametrize("args", [
+    ["quantize", "-o", ""], ["quantize", "--offload-folder", " "], ["eval", "--json", ""],
+    ["check", "x", "--baseline", ""], ["check", "x", "--junit", ""], ["bench", "kernels", "-o", ""],
+    ["bench", "decode", "-o", ""], ["report", "x", "-o", ""], ["convert", "moefy", "x", "-o", ""],
+    ["export", "x", "--to", "gptq", "-o", ""], ["linearize", "-o", ""], ["prune", "experts", "-o", ""],
+    ["prune", "dynamic", "-o", ""], ["prune", "kv", "-o", ""],
+], ids=lambda v: " ".join(repr(a) if not a.strip() else a for a in v))
+def test_an_empty_path_flag_is_refused_by_name(args):
+    """click reads '' as Path('.'): `quantize -o ''` said "Output . already exists", as if . had been given."""
+    result = invoke(*args)
+    assert result.exit_code == 2 and "is empty; give a path." in result.output, result.output
+    flag = next(a for a, v in zip(args, args[1:]) if not v.strip())
+    assert f"'{flag}'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval", "inspect", "report", "check", "export"])
+def test_an_empty_model_path_is_refused(command):
+    """An empty model argument was read as the current folder (". is not a model directory")."""
+    extra = ["--to", "gptq", "-o", "x"] if command == "export" else []
+    assert "path is empty" in error_line(invoke(command, "", *extra))

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmcomp.cli.pathflag import path_option
 from llmcomp.core.config import dumps
 from llmcomp.errors import UserError
 
@@ -173,7 +174,7 @@ def ignore_patterns(given: Optional[list[str]]) -> tuple[str, ...]:
 def quantize(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="Model directory or llmcomp artifact (default: the bundled SmolLM2-135M-Instruct).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-out"),
+    output: Annotated[Path, path_option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-out"),
     method: Annotated[str, typer.Option(help="Quantization method.")] = "rtn",
     bits: Annotated[float, typer.Option(help="Bits per weight code (2-8); a fractional value (e.g. 2.5) is an average budget with per-layer bit allocation. vptq/pvq: index bits per weight, e.g. 2, 2.25, 3, 3.25.")] = 4,
     group_size: Annotated[int, typer.Option(help="Weights per scale along the input dimension; 0 = per-channel. A ragged last group is used when it does not divide the layer.")] = 128,
@@ -199,7 +200,7 @@ def quantize(
     calib_batch: Annotated[int, typer.Option(help="Calibration windows per forward pass; lower it when a layer's activations do not fit in GPU memory.")] = 8,
     device: Annotated[Optional[str], typer.Option(help="Device for calibrated work (default: cuda if available).")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Hard cap on this job's GPU memory, e.g. cuda:0=2GiB (the model stays in CPU memory; one decoder layer at a time goes to the GPU); a run that does not fit stops naming the layer. A cpu=SIZE entry is checked against the model's size. GPU entries are ignored where no GPU is visible.")] = None,
-    offload_folder: Annotated[Optional[Path], typer.Option(help="Not supported by quantize (the model stays in CPU memory); accepted only to say so. See eval/load.")] = None,
+    offload_folder: Annotated[Optional[Path], path_option(help="Not supported by quantize (the model stays in CPU memory); accepted only to say so. See eval/load.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store unquantized tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
@@ -256,9 +257,9 @@ def eval_(
     device: Annotated[Optional[str], typer.Option(help="Device (default: cuda if available).")] = None,
     device_map: Annotated[Optional[str], typer.Option(help=PLACE_HELP["device_map"])] = None,
     max_memory: Annotated[Optional[str], typer.Option(help=PLACE_HELP["max_memory"])] = None,
-    offload_folder: Annotated[Optional[Path], typer.Option(help=PLACE_HELP["offload_folder"])] = None,
+    offload_folder: Annotated[Optional[Path], path_option(help=PLACE_HELP["offload_folder"])] = None,
     reference: Annotated[Optional[str], typer.Option(help="Original model to compare against (KL divergence, top-1 agreement, greedy common prefix); 'base' = the base model in the first artifact's manifest.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    json_out: Annotated[Optional[Path], path_option("--json", help="Also write the results as JSON here.")] = None,
     record: Annotated[bool, typer.Option("--record", help="Append each artifact's results to its manifest (evaluations).")] = False,
     long: Annotated[bool, typer.Option("--long", help="Long-context evaluation with each model's KV-cache policy active: continuation ppl over a compressed prefix, KV bytes held, passkey retrieval.")] = False,
     context: Annotated[int, typer.Option(help="--long: tokens per window (the first 3/4 are prefilled into the cache, the rest scored).")] = 2048,
@@ -368,12 +369,12 @@ def inspect(
 def check(
     ctx: typer.Context,
     artifact: Annotated[str, typer.Argument(help="Artifact (or model directory) to check.")],
-    baseline: Annotated[Path, typer.Option(help="Baseline JSON with metric values and tolerances.")] = Path("llmcomp-baseline.json"),
+    baseline: Annotated[Path, path_option(help="Baseline JSON with metric values and tolerances.")] = Path("llmcomp-baseline.json"),
     update: Annotated[bool, typer.Option("--update", help="Measure and (re)write the baseline instead of checking.")] = False,
     windows: Annotated[int, typer.Option(help="Held-out windows when writing a baseline (rewriting one: its own unless given).")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per window when writing a baseline (rewriting one: its own unless given).")] = 512,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the comparison as JSON here.")] = None,
-    junit: Annotated[Optional[Path], typer.Option(help="Write a JUnit XML report here (for CI dashboards).")] = None,
+    json_out: Annotated[Optional[Path], path_option("--json", help="Write the comparison as JSON here.")] = None,
+    junit: Annotated[Optional[Path], path_option(help="Write a JUnit XML report here (for CI dashboards).")] = None,
 ):
     """Regression gate: recompute ppl, bits/weight and size; exit 1 if one is worse than the baseline allows."""
     _quiet_transformers()

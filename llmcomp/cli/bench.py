@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmcomp.cli.lists import int_list
+from llmcomp.cli.pathflag import path_option
 from llmcomp.errors import UserError
 
 bench_app = typer.Typer(help="Benchmarks: kernels vs peers, decode speed (GPU).", no_args_is_help=True)
@@ -15,7 +16,7 @@ bench_app = typer.Typer(help="Benchmarks: kernels vs peers, decode speed (GPU)."
 @bench_app.command("kernels")
 def kernels(
     ctx: typer.Context,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
+    out: Annotated[Optional[Path], path_option("--out", "-o", help="Write the JSON result here.")] = None,
     shapes: Annotated[Optional[str], typer.Option(help="Layer shapes N×K, e.g. 4096x4096,14336x4096.")] = None,
     ms: Annotated[str, typer.Option("--ms", help="Batch sizes M.")] = "1,4,16,64,256",
     bits: Annotated[str, typer.Option(help="Bit widths of the uniform format.")] = "4",
@@ -100,7 +101,7 @@ def decode(
     layers_per_graph: Annotated[int, typer.Option("--layers-per-graph", help="With --compile: consecutive decoder layers compiled as one graph, so the residual add each layer ends with can fuse into the next layer's norm (1: each layer its own graph).")] = 1,
     inductor_option: Annotated[Optional[list[str]], typer.Option("--inductor-option", help="With --compile: an inductor config option for the compiled layers of both models, KEY=VALUE (repeat the flag for more); combo_kernels is on unless set here (combo_kernels=false).")] = None,
     breakdown: Annotated[bool, typer.Option("--breakdown", help="Also profile eager steps: GPU kernel time by kind (quantized linears, dense GEMM, attention, other), kernels a step, the top kernels (in the JSON).")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON result here.")] = None,
+    out: Annotated[Optional[Path], path_option("--out", "-o", help="Write the JSON result here.")] = None,
 ):
     """Decode tokens/s at each batch size: a compressed model vs its original (StaticCache + CUDA graphs)."""
     from llmcomp.cli.app import run

@@ -6,13 +6,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmcomp.cli.pathflag import path_option
+
 convert_app = typer.Typer(help="Convert a model to another architecture (dense → MoE).", no_args_is_help=True)
 
 
 @convert_app.command("moefy")
 def moefy(
     model: Annotated[Optional[str], typer.Argument(help="Dense Llama-style model directory (default: the bundled SmolLM2-135M-Instruct).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-moe"),
+    output: Annotated[Path, path_option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-moe"),
     experts: Annotated[int, typer.Option(help="Routed experts per layer (the MLP's non-shared neurons split evenly).")] = 8,
     top_k: Annotated[int, typer.Option(help="Experts each token is routed to.")] = 2,
     shared: Annotated[int, typer.Option(help="Most important neurons kept in an always-on shared expert (Qwen2-MoE); 0 = none (Mixtral).")] = 512,

@@ -6,12 +6,14 @@ from typing import Annotated
 
 import typer
 
+from llmcomp.cli.pathflag import path_option
+
 
 def export(
     artifact: Annotated[str, typer.Argument(help="llmcomp artifact to export.")],
     to: Annotated[str, typer.Option("--to", help="compressed-tensors (vLLM, llm-compressor; needs llmcomp\\[export]) or gptq "
                                                              "(transformers through optimum + gptqmodel).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")],
+    output: Annotated[Path, path_option("--output", "-o", help="Checkpoint directory to write.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
     """Export an artifact's quantized weights as a compressed-tensors or GPTQ checkpoint (lossless)."""

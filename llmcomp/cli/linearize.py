@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmcomp.cli.lists import int_list
+from llmcomp.cli.pathflag import path_option
 from llmcomp.errors import UserError
 
 
@@ -35,7 +36,7 @@ def parse_layers(text: Optional[str]) -> Optional[tuple]:
 def linearize(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="Llama-style model directory (default: the bundled SmolLM2-135M-Instruct).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-linear"),
+    output: Annotated[Path, path_option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-linear"),
     method: Annotated[str, typer.Option(help="hedgehog (trainable feature maps, LoLCATs hybrid), liger (gates from the key projection, no new parameters), gla (own trainable gate projection) or mamba (Mamba-2 SSD seeded from attention: C=q, B=k, x=v, out=o_proj).")] = "hedgehog",
     window: Annotated[int, typer.Option(help="Sliding-window softmax tokens inside each linear layer; 0 = pure linear attention.")] = 64,
     keep_softmax: Annotated[float, typer.Option("--keep-softmax", help="Fraction of layers kept as softmax attention: those with the largest measured transfer error.")] = 0.0,

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmcomp.cli.pathflag import path_option
 from llmcomp.errors import UserError
 
 
@@ -30,7 +31,7 @@ def parse_layer_ratios(items: list[str]) -> dict:
 def experts(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="MoE model directory or llmcomp artifact (e.g. one made by `llmcomp convert moefy`).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-experts"),
+    output: Annotated[Path, path_option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-experts"),
     method: Annotated[str, typer.Option(help="random | frequency (router selections) | reap (gate weight × output norm) | reconstruct (greedy, block output error) | heapr (atomic experts = neurons, second-order, per layer).")] = "reap",
     ratio: Annotated[float, typer.Option(help="Fraction of each block's routed experts to remove (heapr: of its neurons), in (0, 1).")] = 0.25,
     layer_ratio: Annotated[list[str], typer.Option("--layer-ratio", help="Per-layer override LAYER=RATIO (repeatable); counts then differ between layers.")] = [],
@@ -78,7 +79,7 @@ def experts(
 
 def dynamic(
     model: Annotated[Optional[str], typer.Argument(help="MoE model directory or llmcomp artifact (pruned or quantized ones too).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-dynamic"),
+    output: Annotated[Path, path_option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-dynamic"),
     rate: Annotated[float, typer.Option(help="Fraction of all routed (token, expert) slots to skip, calibrated on the text (a token's first expert is never skipped).")] = 0.15,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Calibration window length in tokens.")] = 512,

@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmcomp.core.config import dumps
 from llmcomp.cli.lists import int_list
+from llmcomp.cli.pathflag import path_option
+from llmcomp.core.config import dumps
 from llmcomp.errors import FieldError, UserError
 
 # flag → the methods it applies to (anything else given is an error, not silently ignored)
@@ -81,7 +82,7 @@ def _flag(field: str, given: dict) -> str:
 
 def kv(
     model: Annotated[Optional[str], typer.Argument(help="Model directory or llmcomp artifact (default: the bundled SmolLM2-135M-Instruct).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-kv"),
+    output: Annotated[Path, path_option("--output", "-o", help="Artifact directory to write.")] = Path("llmcomp-kv"),
     method: Annotated[str, typer.Option(help="mustafar | kivi | streaming | h2o | a2sf | duo | cskv.")] = "mustafar",
     ratio: Annotated[Optional[float], typer.Option(help="Fraction removed, in [0, 1): sparsity (mustafar), evicted tokens (streaming/h2o/a2sf), streaming heads (duo), removed channels (cskv). Default 0.5.")] = None,
     k_ratio: Annotated[Optional[float], typer.Option(help="mustafar/cskv: the ratio for keys only.")] = None,

@@ -6,10 +6,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmcomp.cli.pathflag import path_option
+
 
 def report(
     artifact: Annotated[str, typer.Argument(help="llmcomp artifact to describe.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write report.md and the "
+    output: Annotated[Optional[Path], path_option("--output", "-o", help="Directory to write report.md and the "
                                                                           "PNG plots into (default: ARTIFACT-report "
                                                                           "beside the artifact).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,

@@ -59,6 +59,8 @@ def as_path(value, what: str) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         hint = "; save it with save_pretrained and pass its folder" if hasattr(value, "state_dict") else ""
         raise UserError(f"{what} must be a path (a str or os.PathLike), got {type(value).__name__}{hint}.")
+    if not os.fspath(value).strip():  # (Path('') is Path('.'): an empty path read as the current folder)
+        raise UserError(f"{what} path is empty; give a folder (write . for the current one).")
     try:
         return Path(value).expanduser()
     except RuntimeError:  # (~user of no such user: "Could not determine home directory", a traceback)
