@@ -561,9 +561,9 @@ def check_window(net, seq_len: int, what: str = "Evaluation") -> None:
                         "tokens); use shorter windows (--seq-len).")
 
 
-def check_long(context, n_windows, chunk, passkey_lengths, passkey_samples, needle_keys) -> None:
+def check_long(context, n_windows, passkey_lengths, passkey_samples, needle_keys, chunk: int = 64) -> None:
     """``evaluate_long``'s settings as one error each, before a model is loaded (library calls took -1, 1.5 or 0
-    into tracebacks deep in the evaluation)."""
+    into tracebacks deep in the evaluation). ``chunk``: the library's prefill chunk (the CLI has no flag for it)."""
     for name, value, low in (("--context", context, 16), ("--windows", n_windows, 1), ("chunk", chunk, 1),
                              ("--passkey-samples", passkey_samples, 0), ("--needle-keys", needle_keys, 0)):
         require_int(name, value, low)
@@ -637,7 +637,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
     from llmcomp.eval.longctx import long_context_eval
     from llmcomp.prune.kv.cache import installed_policy
 
-    check_long(context, n_windows, chunk, passkey_lengths, passkey_samples, needle_keys)
+    check_long(context, n_windows, passkey_lengths, passkey_samples, needle_keys, chunk)
     p = model_mod.resolve(path, progress.note)
     check_long_fit(p, context, passkey_lengths, passkey_samples)
     net, tok, _, stages = open_model(p, progress=progress, device=default_device(device), describe_base=False)

@@ -128,8 +128,8 @@ def eval_long(targets, *, windows: int, context: int, passkey_lengths: str, pass
     from llmcomp.cli import render
 
     lengths = int_list(passkey_lengths, "--passkey-lengths", "1024,2048", allow_empty=True)
-    api.check_long(context, windows, 1, lengths, passkey_samples, needle_keys)  # (then every model's policy, not
-    for p in targets:                                                             # after the earlier evaluations)
+    api.check_long(context, windows, lengths, passkey_samples, needle_keys)  # (then every model's policy, not
+    for p in targets:                                                          # after the earlier evaluations)
         api.check_long_fit(p, context, lengths, passkey_samples)
     with render.RichProgress() as progress:
         rows = [api.evaluate_long(p, context=context, n_windows=windows, passkey_lengths=lengths,
