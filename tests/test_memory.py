@@ -20,7 +20,16 @@ from llmcomp.quant.gptq import GPTQConfig
 from tests.conftest import save_char_model, tiny_llama
 
 GiB, MiB = 2**30, 2**20
-no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a visible GPU")
+GPU = torch.cuda.is_available()
+no_gpu = pytest.mark.skipif(GPU, reason="checks the behaviour without a visible GPU")
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bit-equal on CPU; where a GPU is visible a placement may put layers on it, whose numerics differ by ~1e-5."""
+    if GPU:
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -212,8 +221,8 @@ def test_placed_load_gives_the_same_logits(paths, tmp_path, kind, placement):
         ref = api.load(paths / kind)(ids).logits
         placement = {k: (str(tmp_path / "off") if v == "OFF" else v) for k, v in placement.items()}
         net = api.load(paths / kind, **placement)
-        assert torch.equal(net(ids).logits, ref)
-    if kind == "art" and "offload_folder" in placement:  # 141 KiB over a 100 KiB CPU budget: some layers on disk
+        same(net(ids).logits, ref)
+    if kind == "art" and "offload_folder" in placement and not GPU:  # 141 KiB over 100 KiB of CPU: layers on disk
         where = memory.device_summary(net)
         assert where.get("disk", 0) > 0 and where.get("cpu", 0) > 0, where
         assert memory.input_device(net) == torch.device("cpu")
@@ -297,7 +306,7 @@ def test_eval_with_device_map_and_offload(paths, tmp_path, char_model):
     import json
 
     a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
-    assert a[0]["ppl"] == b[0]["ppl"]
+    assert a[0]["ppl"] == (pytest.approx(b[0]["ppl"], rel=1e-4) if GPU else b[0]["ppl"])  # (see same)
 
 
 def test_tied_weights_count_once_in_the_model_size():
