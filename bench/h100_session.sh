@@ -5,7 +5,7 @@
 #     NVFP4 at M = 1, 4, 16, 64; (2) W3 / W2 and the codebook formats at M = 1; (3) the compiled 8B-shaped decode at
 #     batch 1 (W4, lm_head quantized), the decode target.
 #   bash bench/h100_session.sh   (on the GPU machine; $OUT)   Knobs: TABLE=0 / LOW=0 / DECODE=0 skip a step (the
-#   decode also when under 150 s are left).
+#   decode also when under 150 s are left); BATCHES=1,16 the decode's batch sizes (default 1).
 set -u
 T0=$SECONDS; DEADLINE=${DEADLINE:-560}
 left() { local l=$((DEADLINE - (SECONDS - T0))); [ "$l" -gt "$1" ] && echo "$1" || echo $((l > 0 ? l : 0)); }
@@ -18,4 +18,4 @@ python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>&1
   --out "$OUT/kernels_lowbit_h100.json" --ms 1 --bits 3,2 --float-formats vq2,vq3
 [ "${DECODE:-1}" = 0 ] || [ "$(left 200)" -lt 150 ] || TAIL=8 run "$(left 200)" decode.log \
   python3 -m llmcomp bench decode --synthetic llama3-8b --format uniform --compile --context 512 --steps 64 \
-  --batch 1 --quantize-lm-head -o "$OUT/decode_h100_32layers_uniform_lmhead_compiled.json"
+  --batch "${BATCHES:-1}" --quantize-lm-head -o "$OUT/decode_h100_32layers_uniform_lmhead_compiled.json"
