@@ -354,6 +354,7 @@ def test_sigterm_before_the_work_exits_143(monkeypatch, capsys, where):
 
     monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_DFL)  # (pytest's own handler aside)
     monkeypatch.setattr(render, "ERRORS_SHOWN", [])
+    monkeypatch.setattr(cli, "MAIN", [])  # (else the later in-process commands would ignore Ctrl-C: `finished`)
     app = typer_took_it if where == "typer took it" else command
     monkeypatch.setitem(sys.modules, "llmcomp.cli.app", types.SimpleNamespace(app=app))
     with pytest.raises(SystemExit) as exc:
@@ -373,6 +374,7 @@ def test_interrupt_while_the_command_line_loads(monkeypatch, capsys):
             raise KeyboardInterrupt
 
     monkeypatch.setitem(sys.modules, "llmcomp.cli.app", Loading("llmcomp.cli.app"))
+    monkeypatch.setattr("llmcomp.cli.MAIN", [])
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 130
@@ -391,7 +393,40 @@ def test_interrupt_typer_took_silently_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "llmcomp.cli.app", types.SimpleNamespace(app=interrupted))
     monkeypatch.setattr(render, "ERRORS_SHOWN", [])
+    monkeypatch.setattr("llmcomp.cli.MAIN", [])
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 130
     assert " ".join(capsys.readouterr().err.split()) == "error: interrupted."
+
+
+@pytest.mark.parametrize("ending", ["run returned", "exit 0", "exit 2"])
+def test_a_finished_command_ignores_an_interrupt_while_the_interpreter_tears_down(monkeypatch, ending):
+    """Ctrl-C in the ~1 s after `wrote ...`, while the interpreter freed the model, killed the process by SIGINT
+    with no message (exit -2) though the command had succeeded. In-process callers (tests, libraries) keep theirs."""
+    import signal
+    import sys
+    import types
+
+    from llmcomp import cli
+    from llmcomp.cli import app as app_mod
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "MAIN", [])
+    try:
+        app_mod.run(lambda: None)
+        assert signal.getsignal(signal.SIGINT) is before  # (not the llmcomp process: untouched)
+
+        def command():
+            if ending == "run returned":
+                return app_mod.run(lambda: None)
+            raise SystemExit(0 if ending == "exit 0" else 2)
+
+        monkeypatch.setitem(sys.modules, "llmcomp.cli.app", types.SimpleNamespace(app=command))
+        try:
+            cli.main()
+        except SystemExit as exc:
+            assert exc.code == (0 if ending == "exit 0" else 2)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -17,10 +17,22 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+MAIN: list = []  # non-empty in the ``llmcomp`` process (not where a test or a library runs the app in-process)
+
+
+def finished() -> None:
+    """The command has ended (its output published, its last line printed); the interpreter then frees the model
+    (~1 s for the bundled one), and a Ctrl-C there killed the process by SIGINT, silently (exit −2, for a command
+    that had succeeded). Its exit code stands: an interrupt now is ignored (in the ``llmcomp`` process only)."""
+    if MAIN:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main() -> None:
     """Entry point: an interrupt is one line and exit 130 (SIGTERM: 143) wherever it lands — while the command line
     loads, while a command imports torch and transformers (typer exits 130 silently there, or fails building the
     command tree), or in its work (``app.run``)."""
+    MAIN.append(True)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # (not over a parent's `trap '' TERM`)
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -35,9 +47,11 @@ def main() -> None:
         code = 143 if TERMINATED else 130
     except SystemExit as exc:
         if exc.code not in (130, 143):
+            finished()
             raise
         code = 143 if TERMINATED else exc.code
     else:
+        finished()
         return
     if not render.ERRORS_SHOWN:
         render.error("terminated." if code == 143 else "interrupted.")

@@ -54,7 +54,7 @@ def run(fn, writes: bool = True):
             "; nothing was written at the destination" if writes else "")
 
     try:
-        return fn()
+        result = fn()
     except UserError as exc:
         render.error(_as_flag(exc))
         _kept_work(opened)
@@ -71,6 +71,10 @@ def run(fn, writes: bool = True):
         render.error(f"{'terminated' if terminated else 'interrupted'}{tail()}.")
         _kept_work(opened)
         raise typer.Exit(143 if terminated else 130)
+    from llmcomp.cli import finished
+
+    finished()
+    return result
 
 
 def _as_flag(exc: UserError) -> str:
