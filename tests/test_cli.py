@@ -430,3 +430,13 @@ def test_a_finished_command_ignores_an_interrupt_while_the_interpreter_tears_dow
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_version_names_llmcomp_and_its_main_dependencies():
+    from importlib.metadata import version
+
+    import llmcomp
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"llmcomp {llmcomp.__version__} (torch {version('torch')}, transformers ")

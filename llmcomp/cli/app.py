@@ -22,6 +22,29 @@ app = typer.Typer(
 )
 
 
+def _version(given: bool) -> None:
+    if given:  # (the packages' metadata, not their imports: torch alone takes seconds to import)
+        from importlib.metadata import PackageNotFoundError, version
+
+        from llmcomp import __version__
+
+        def of(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "not installed"
+
+        typer.echo(f"llmcomp {__version__} (torch {of('torch')}, transformers {of('transformers')}, "
+                   f"accelerate {of('accelerate')}, safetensors {of('safetensors')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print llmcomp's version and its main dependencies'.")] = False):
+    pass
+
+
 # --device-map / --max-memory / --offload-folder help, shared by the commands that load a model to run it
 PLACE_HELP = {
     "device_map": "Place the model with accelerate: auto (layers over GPU, CPU and disk under --max-memory), cpu, cuda or cuda:N. Replaces --device.",

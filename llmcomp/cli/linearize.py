@@ -54,8 +54,10 @@ def linearize(
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as float32, float16 or bfloat16 (default: as in the model).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
-    """Distil softmax attention into linear attention (attention transfer, then a LoRA fine-tune with a KL
-    loss to the original) and write an artifact that llmcomp.load runs and generates with."""
+    """Distil softmax attention into linear attention; write an artifact that llmcomp.load runs and generates with.
+
+    Attention transfer (each linearized layer learns to match its softmax attention's outputs), then a LoRA
+    fine-tune with a KL loss to the original model's logits."""
     from llmcomp import api
     from llmcomp.cli import render
     from llmcomp.cli.app import _given, _quiet_transformers, last_stage, run

@@ -16,8 +16,9 @@ def report(
                                                                           "beside the artifact).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ):
-    """Plot an artifact (per-layer error, bits per weight, MoE experts, KV policy, linearized layers) and
-    summarize it in report.md; plots need matplotlib."""
+    """Plot an artifact and summarize it in report.md (plots need matplotlib).
+
+    Per-layer error, bits per weight, MoE experts, KV policy and linearized layers, where the artifact has them."""
     from llmcomp import api
     from llmcomp.cli import render
     from llmcomp.cli.app import _quiet_transformers, run
