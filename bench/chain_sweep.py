@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +26,9 @@ from llmcomp.eval import kernel_bench as kb
 from llmcomp.formats import Uniform
 from llmcomp.kernels import uniform_cuda
 from llmcomp.quant.rtn import rtn_fields
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 POSITIONS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 SPLITS = [(w, r) for w in (2, 4, 8, 16) for r in (1, 2, 4, 8) if w * r <= 16]
@@ -49,12 +53,15 @@ def layer(fmt, seed: int, glu: bool) -> list[tuple]:
     return out
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--m", type=int, default=1)
+    ap.add_argument("--m", type=_cli.count(1), default=1)
     ap.add_argument("--no-pdl", action="store_true")
     args = ap.parse_args()
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
     fmt = Uniform(bits=4, group_size=128)
     glu = hasattr(uniform_cuda, "glu")
     before = uniform_cuda.dependent_launch()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,22 +25,28 @@ import torch
 from llmcomp.eval import decode_bench as db
 from llmcomp.kernels import uniform_cuda
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
+
 BF16 = [("triton", None), ("torch", None)]
 W4 = ["triton:0:1", "triton:0:0", "triton:1:1", "torch:0:1"]  # attention:pdl:fuse[:inductor pdl[:post-scale]]
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--batch", default="1,16")
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--layers", type=_cli.count(1), default=None)
+    ap.add_argument("--batch", type=_cli.ints(1, "1,16"), default="1,16")
+    ap.add_argument("--context", type=_cli.count(1), default=512)
+    ap.add_argument("--steps", type=_cli.count(1), default=64)
     ap.add_argument("--w4", default=",".join(W4),
                     help="attention:pdl:fuse[:inductor_pdl[:post-scale]] (0/1), comma-separated")
     ap.add_argument("--bf16", default=",".join(a for a, _ in BF16))
     args = ap.parse_args()
-    batches = [int(b) for b in args.batch.split(",")]
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
+    batches = list(args.batch)
     result = {**db.environment(), "layers": args.layers, "context": args.context, "steps": args.steps, "runs": []}
 
     def timed(label: str, name: str, model, attention: str, pdl, fuse: bool = True, inductor_pdl: bool = False,

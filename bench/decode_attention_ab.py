@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,25 +22,34 @@ import torch
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import decode_attention as da
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
+
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--batch", default="1,16")
-    ap.add_argument("--max-len", type=int, default=576)
-    ap.add_argument("--valid", default="520,576")
-    ap.add_argument("--stages", default="1,2,3")
+    ap.add_argument("--batch", type=_cli.ints(1, "1,16"), default="1,16")
+    ap.add_argument("--max-len", type=_cli.count(1), default=576)
+    ap.add_argument("--valid", type=_cli.ints(1, "520,576"), default="520,576")
+    ap.add_argument("--stages", type=_cli.ints(1, "1,2,3"), default="1,2,3")
     ap.add_argument("--separate-merge", action="store_true", help="also time the merge as a second kernel")
-    ap.add_argument("--chunks", default="", help="positions a program to time, comma-separated (0: the rule)")
+    ap.add_argument("--chunks", type=_cli.ints(0, "0,64", allow_empty=True), default="",
+                    help="positions a program to time, comma-separated (0: the rule)")
     args = ap.parse_args()
+    if max(args.valid) > args.max_len:
+        ap.error(f"--valid {','.join(map(str, args.valid))}: more positions than --max-len {args.max_len}")
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
     old_path = Path(__file__).with_name("_old_decode_attention.py")
     # the merge as the environment sets it (LLMCOMP_ATTN_FUSED_MERGE; unset: by fused_merge's rule)
-    variants = {f"stages{s}": (int(s), da.FUSED_MERGE, da.CHUNK) for s in args.stages.split(",")}
-    deepest = int(args.stages.split(",")[-1])
+    variants = {f"stages{s}": (s, da.FUSED_MERGE, da.CHUNK) for s in args.stages}
+    deepest = args.stages[-1]
     if args.separate_merge:  # the deepest pipeline with the merge in the partial kernel, and as its own kernel
         variants[f"stages{deepest}_fused_merge"] = (deepest, True, da.CHUNK)
         variants[f"stages{deepest}_separate_merge"] = (deepest, False, da.CHUNK)
-    for c in (int(x) for x in args.chunks.split(",") if x):  # (with --separate-merge: each merge form too)
+    for c in args.chunks:  # (with --separate-merge: each merge form too)
         for merge in ((True, False) if args.separate_merge else (da.FUSED_MERGE,)):
             tag = "" if not args.separate_merge else "_fused_merge" if merge else "_separate_merge"
             variants[f"stages{deepest}_chunk{c or 'rule'}{tag}"] = (deepest, merge, c or None)
@@ -51,8 +61,8 @@ def main() -> None:
     bw = kb.copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}
     h, kvh, d, length = 32, 8, 128, args.max_len
-    for b in (int(x) for x in args.batch.split(",")):
-        for valid in (int(x) for x in args.valid.split(",")):
+    for b in args.batch:
+        for valid in args.valid:
             nbytes = 2 * b * kvh * valid * d * 2  # the K and V positions that attend, bf16
             copies = kb._copies(2 * b * kvh * length * d * 2)  # caches of this size to fill the rotation
             caches = [(torch.randn(b, kvh, length, d, device="cuda", dtype=torch.bfloat16),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,23 +20,29 @@ from llmcomp.core.memory import state_bytes
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import uniform_cuda
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
+
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--formats", default="w4,w3,w2,mxfp4,nvfp4")
-    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in kb.SHAPES))
-    ap.add_argument("--m", type=int, default=256)
+    ap.add_argument("--formats", type=_cli.names(("w4", "w3", "w2", "mxfp4", "nvfp4")), default="w4,w3,w2,mxfp4,nvfp4")
+    ap.add_argument("--shapes", type=_cli.shapes(), default=",".join(f"{n}x{k}" for n, k in kb.SHAPES))
+    ap.add_argument("--m", type=_cli.count(1), default=256)
     args = ap.parse_args()
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
     if uniform_cuda.extension() is None:
         raise SystemExit("the CUDA extension is not available here")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = args.shapes
     bw = kb.copy_bandwidth()
     before = uniform_cuda.dequant_stage()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
               "m": args.m, "rows": []}
     try:
-        for name in args.formats.split(","):
+        for name in args.formats:
             for n, k in shapes:
                 fmt, base = kb._packed_for(name, n, k)
                 nbytes = state_bytes(base)

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +27,14 @@ import torch
 
 from llmcomp import api
 from llmcomp.convert.moefy import MoefyConfig
+from llmcomp.core import memory
 from llmcomp.core.data import calib_windows, corpus
-from llmcomp.core.model import DEFAULT_MODEL
 from llmcomp.eval.perplexity import perplexity
 from llmcomp.prune import experts, moe
 from llmcomp.prune.experts import METHODS, ExpertPruneConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 RATIOS = (0.125, 0.25, 0.5)
 QUANT = ("rtn-w3g64", "alloc3-plain", "alloc3-mcmoe", "alloc3-fisher", "alloc3.5-fisher", "dynamic-0.15",
@@ -49,35 +53,37 @@ def plan_key(model) -> str:
     return json.dumps(moe.shapes(model), sort_keys=True) + str(sums)
 
 
+@_cli.one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moe", type=Path, required=True, help="MoE artifact (made with llmcomp convert moefy if missing)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/experts_cpu.json"))
-    ap.add_argument("--only", nargs="*", default=None,
+    ap.add_argument("--only", nargs="+", default=None,
                     help="methods (or 'dense', 'moe', 'se': remove only the super experts vs a control, 'quant' or one of "
                          f"{', '.join(QUANT)}: MC-MoE quantization and dynamic-skip rows) to (re)measure")
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--windows", type=_cli.count(1), default=16)
+    ap.add_argument("--calib-samples", type=_cli.count(1), default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     wanted = args.only or ["dense", "moe", "se", *METHODS, "heapr-diag", "quant"]
-    known = ["dense", "moe", "se", *METHODS, "heapr-diag", "quant", *QUANT]
-    unknown = [n for n in wanted if n not in known]
-    if unknown:  # (a mistyped name measured nothing, exit 0)
-        ap.error(f"unknown rows {unknown}; choose from {known}")
-    data = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
-    if data.get("meta", {}).get("settings") not in (None, settings(args)):
+    # (a mistyped name measured nothing, exit 0)
+    _cli.unknown(ap, wanted, ["dense", "moe", "se", *METHODS, "heapr-diag", "quant", *QUANT])
+    _cli.check(ap, memory.check_device, args.device)  # (a bad one was torch's traceback after the first model load)
+    data = _cli.results(ap, args.out) or {"meta": {}, "rows": []}
+    if (data.get("meta") or {}).get("settings") not in (None, settings(args)):
         ap.error(f"{args.out} was measured with other settings {data['meta']['settings']}; use another --out")
-    if not args.moe.exists():
+    if args.moe.exists():  # (checked before the dense row; the Path itself: str() of ./smollm2-135m is the alias)
+        _cli.check(ap, api.inspect, args.moe)
+    else:
         t = time.perf_counter()
         print(f"making {args.moe} with llmcomp convert moefy ...", flush=True)
         api.moefy(MoefyConfig(), args.moe, None, device=args.device)
         print(f"  {time.perf_counter() - t:.0f} s", flush=True)
     data["meta"] = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                     "threads": torch.get_num_threads(), "text": corpus().name, "settings": settings(args),
-                    "moefy": api.inspect(args.moe)["stages"][0]["config"]}
+                    "moefy": (api.inspect(args.moe).get("stages") or [{}])[0].get("config")}  # (None: not moefy's)
     rows = {r["name"]: r for r in data["rows"]}
 
     def save():
@@ -91,12 +97,15 @@ def main(argv=None) -> int:
         r = perplexity(net, tok, seq_len=512, n_windows=args.windows, batch_size=4)
         return {"ppl": r["ppl"], "eval_s": round(time.perf_counter() - t, 1)}
 
+    base, tok, _, _ = api.open_model(args.moe)
+    # (a dense --moe measured itself as the MoE row, then failed at the first pruning row)
+    _cli.check(ap, moe.require_moe, base, f"--moe {args.moe}", "this bench")
     if "dense" in wanted:
-        net, tok, _, _ = api.open_model(DEFAULT_MODEL)
-        rows["dense"] = {"name": "dense", "method": "dense", "ratio": 0.0, **evaluate(net, tok)}
+        net, dense_tok, _, _ = api.open_model(None)  # (None: the bundled model)
+        rows["dense"] = {"name": "dense", "method": "dense", "ratio": 0.0, **evaluate(net, dense_tok)}
         save()
         print(f"dense          ppl {rows['dense']['ppl']:.3f}", flush=True)
-    base, tok, _, _ = api.open_model(str(args.moe))
+        del net
     total_params = sum(p.numel() for p in base.parameters())
     before = experts.expert_params(base)
     if "moe" in wanted:
@@ -202,23 +211,23 @@ def quant_rows(args, rows, save, names) -> None:
             t = time.perf_counter()
             out = Path(tmp) / name
             if name == "rtn-w3g64":
-                api.quantize(cfg, out, str(args.moe), device=args.device)  # (RTN reads no calibration text)
+                api.quantize(cfg, out, args.moe, device=args.device)  # (RTN reads no calibration text)
             elif name == "alloc3-plain":  # the same allocation with every expert's error at face value
                 with mock.patch("llmcomp.prune.mcmoe.expert_importance", lambda *a, **k: {}):
-                    api.quantize(cfg, out, str(args.moe), allocation=alloc, **kw)
+                    api.quantize(cfg, out, args.moe, allocation=alloc, **kw)
             elif name == "alloc3-mcmoe":
-                api.quantize(cfg, out, str(args.moe), allocation=alloc, **kw)
+                api.quantize(cfg, out, args.moe, allocation=alloc, **kw)
             elif name == "alloc3-fisher":
-                api.quantize(cfg, out, str(args.moe), allocation=fisher, **kw)
+                api.quantize(cfg, out, args.moe, allocation=fisher, **kw)
             elif name == "alloc3.5-fisher":  # the uniform row's 3.5 b/w, for a comparison at equal size
-                api.quantize(cfg, out, str(args.moe), allocation=dataclasses.replace(fisher, budget=3.5), **kw)
+                api.quantize(cfg, out, args.moe, allocation=dataclasses.replace(fisher, budget=3.5), **kw)
             elif name == "dynamic-0.15":
-                api.skip_experts(DynamicSkipConfig(0.15), out, str(args.moe), **kw)
+                api.skip_experts(DynamicSkipConfig(0.15), out, args.moe, **kw)
             else:
                 if "alloc3-mcmoe" not in made:
                     made["alloc3-mcmoe"] = Path(tmp) / "alloc3-mcmoe"
-                    api.quantize(cfg, made["alloc3-mcmoe"], str(args.moe), allocation=alloc, **kw)
-                api.skip_experts(DynamicSkipConfig(0.15), out, str(made["alloc3-mcmoe"]), **kw)
+                    api.quantize(cfg, made["alloc3-mcmoe"], args.moe, allocation=alloc, **kw)
+                api.skip_experts(DynamicSkipConfig(0.15), out, made["alloc3-mcmoe"], **kw)
             made[name] = out
             make_s = round(time.perf_counter() - t, 1)
             r = api.evaluate(str(out), seq_len=512, n_windows=args.windows, device=args.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -25,6 +26,9 @@ from llmcomp.formats import Uniform
 from llmcomp.formats.fp4 import NVFP4
 from llmcomp.quant import RTNConfig
 from llmcomp.quant.fp4 import FP4Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 PROMPT_IDS = list(range(1000, 1064))
 
@@ -56,10 +60,12 @@ def hf_logits(path: Path) -> torch.Tensor:
         return model(torch.tensor([PROMPT_IDS], device="cuda")).logits[0].float().cpu()
 
 
+@_cli.one_line_errors
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("bench/results/export_gpu.json"))
     args = ap.parse_args()
+    _cli.writable(ap, args.out)  # (a bad --out was a traceback after every export had run)
     rows = []
     configs = {"w4g64-sym": RTNConfig(format=Uniform(4, 64, True)), "w4g64-asym": RTNConfig(format=Uniform(4, 64)),
                "nvfp4": FP4Config(format=NVFP4())}

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import uniform_cuda
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 # from 1024 up: below, the kernel clamps its warps splitting K to the kblocks there are (16 at K = 1024), which
 # would change the launch configuration this holds fixed
@@ -40,12 +44,15 @@ def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--ks", default=",".join(map(str, KS)))
+    ap.add_argument("--ks", type=_cli.ints(1, "4096,8192"), default=",".join(map(str, KS)))
     args = ap.parse_args()
-    ks = [int(k) for k in args.ks.split(",")]
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
+    ks = list(args.ks)
     before = uniform_cuda.dependent_launch()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_tb_s": None,
               "launch_floor_us": None, "rows": [], "fits": []}

@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 import tempfile
 import threading
 import time
@@ -35,6 +36,9 @@ from llmcomp.errors import UserError
 from llmcomp.formats import Uniform
 from llmcomp.quant import quantize_model
 from llmcomp.quant.gptq import GPTQConfig, GPTQQuantizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 SHAPES = {  # name: (config, GPU caps for the quantize runs, GPU weights budget for the placed eval)
     "llama-1.7b": (dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
@@ -196,13 +200,26 @@ def placed_eval(path: Path, device: str, budget: int, windows: torch.Tensor, off
     return row
 
 
+def sizes(ap, text: str, flag: str) -> list[int]:
+    """``--cap`` / ``--eval-budget``: comma-separated sizes (``memory.parse_size``, whose refusal names
+    --max-memory, the CLI's flag, so the message is said again with this one)."""
+    out = []
+    for item in text.split(","):
+        try:
+            out.append(memory.parse_size(item))
+        except UserError as exc:
+            ap.error(f"{flag}: {str(exc).split(' ', 2)[-1]}")
+    return out
+
+
+@_cli.one_line_errors
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--only", nargs="*", default=["llama-1.7b", "tiny"],
-                    help=f"shape names (default: llama-1.7b; also: {', '.join(SHAPES)})")
+    ap.add_argument("--samples", type=_cli.count(1), default=64)
+    ap.add_argument("--seq-len", type=_cli.count(2), default=512)
+    ap.add_argument("--only", nargs="+", default=None,
+                    help=f"shape names (default: llama-1.7b, with --tiny tiny; also: {', '.join(SHAPES)})")
     ap.add_argument("--cap", help="GPU caps for the quantize runs, comma-separated, e.g. 2GiB,1.5GiB "
                     "(default: per shape)")
     ap.add_argument("--eval-budget", help="GPU weights budget for the placed eval (default: per shape)")
@@ -212,9 +229,15 @@ def main(argv=None):
     torch.set_num_threads(min(torch.get_num_threads(), 16))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = TINY if args.tiny else SHAPES
-    unknown = [n for n in args.only if n not in {**SHAPES, **TINY}]
-    if unknown:  # (a mistyped name measured nothing and wrote [] over --out, exit 0)
-        ap.error(f"unknown shapes {unknown}; choose from {[*SHAPES, *TINY]}")
+    # (a mistyped name measured nothing and wrote [] over --out, exit 0; so did tiny without --tiny, and the others
+    # with it)
+    _cli.unknown(ap, args.only, shapes, "shapes", "" if args.tiny else " (tiny: with --tiny)")
+    only = args.only or [*shapes][:1]
+    caps_given = sizes(ap, args.cap, "--cap") if args.cap else None
+    budget_given = sizes(ap, args.eval_budget, "--eval-budget") if args.eval_budget else [None]
+    if len(budget_given) > 1:  # (the rest were ignored)
+        ap.error(f"--eval-budget takes one size, got {args.eval_budget!r}")
+    _cli.writable(ap, args.out)
     samples, seq_len = (4, 32) if args.tiny else (args.samples, args.seq_len)
     if device == "cuda":  # compile the CUDA fast path (first use) before anything is timed
         try:
@@ -225,10 +248,10 @@ def main(argv=None):
             print(f"CUDA extension unavailable: {exc}", flush=True)
     rows = []
     for name, (shape, cap_text, budget_text) in shapes.items():
-        if args.only and name not in args.only:
+        if name not in only:
             continue
-        caps = [memory.parse_size(c) for c in (args.cap or cap_text).split(",")]
-        budget = memory.parse_size(args.eval_budget or budget_text)
+        caps = caps_given or [memory.parse_size(c) for c in cap_text.split(",")]
+        budget = budget_given[0] or memory.parse_size(budget_text)
         dtype = torch.float16 if device == "cuda" else torch.float32
         model = build(shape, dtype)
         n_params = sum(p.numel() for p in model.parameters())

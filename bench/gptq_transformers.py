@@ -40,6 +40,9 @@ from llmcomp.core.qlinear import QuantLinear
 from llmcomp.formats import Uniform
 from llmcomp.quant import RTNConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
+
 BUNDLED = {"w4g128-sym": Uniform(4, 128, True), "w4g128-asym": Uniform(4, 128), "w4g64-sym": Uniform(4, 64, True),
            "w4g64-asym": Uniform(4, 64)}
 TINY = {"w4g32-asym": Uniform(4, 32), "w3g32-asym": Uniform(3, 32), "w2g16-asym": Uniform(2, 16),
@@ -154,13 +157,15 @@ def run_case(model: str, name: str, fmt: Uniform, model_dir: str, ids: torch.Ten
     return row
 
 
+@_cli.one_line_errors
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("bench/results/gptq_transformers_cpu.json"))
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=_cli.count(1), default=32)
+    ap.add_argument("--threads", type=_cli.count(1), default=2)
     ap.add_argument("--only", choices=("bundled", "tiny"), default=None)
     args = ap.parse_args()
+    _cli.writable(ap, args.out)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 

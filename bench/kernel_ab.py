@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +36,9 @@ from llmcomp.formats.fp4 import MXFP4, NVFP4
 from llmcomp.kernels import uniform_cuda
 from llmcomp.quant.fp4 import fp4_fields
 from llmcomp.quant.rtn import rtn_fields
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 LAYER = [("q", 4096, 4096), ("k", 1024, 4096), ("v", 1024, 4096), ("o", 4096, 4096), ("gate", 14336, 4096),
          ("up", 14336, 4096), ("down", 4096, 14336)]
@@ -56,10 +60,11 @@ def quantized(fmt, n: int, k: int, seed: int) -> tuple[QuantLinear, torch.Tensor
     return QuantLinear.from_packed(fmt, fmt.pack(fields), k), w.to(torch.bfloat16)
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--ms", type=_cli.ints(1, "1,16"), default="1,16")
     ap.add_argument("--chains-only", action="store_true", help="skip the single-shape rows")
     ap.add_argument("--no-chains", action="store_true", help="skip the decoder-layer chains")
     ap.add_argument("--knob", choices=sorted(KNOBS), default="pdl")
@@ -67,10 +72,16 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4, help="uniform's bits")
     ap.add_argument("--format", choices=sorted(FORMATS), default="uniform")
     args = ap.parse_args()
-    ms = [int(m) for m in args.ms.split(",")]
+    ms = list(args.ms)
     if (args.knob == "e2m1") != (args.format != "uniform"):
         ap.error("--knob e2m1 goes with --format mxfp4|nvfp4, the other knobs with uniform codes")
-    fmt = Uniform(bits=args.bits, group_size=128) if args.format == "uniform" else FORMATS[args.format]()
+    bad = [v for v in args.variants.split(",") if v not in KNOBS[args.knob][0]] if args.variants else []
+    if bad:  # (a setter's traceback, or a variant timed as another)
+        ap.error(f"--variants {bad}: --knob {args.knob} takes {','.join(KNOBS[args.knob][0])}")
+    uniform = args.format == "uniform"
+    fmt = _cli.check(ap, Uniform, bits=args.bits, group_size=128) if uniform else FORMATS[args.format]()
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
     tag = f"w{args.bits}" if args.format == "uniform" else args.format  # (the chain rows' keys)
     bw = kb.copy_bandwidth()
     variants = args.variants.split(",") if args.variants else KNOBS[args.knob][0]

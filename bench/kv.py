@@ -27,10 +27,14 @@ from pathlib import Path
 import torch
 
 from llmcomp import api
+from llmcomp.core import memory
 from llmcomp.core.model import DEFAULT_MODEL
 from llmcomp.errors import UserError
 from llmcomp.prune.kv import (A2SFConfig, CSKVConfig, DuoConfig, H2OConfig, KIVIConfig, MustafarConfig,
                               StreamingConfig)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 
 def policies() -> dict:
@@ -100,47 +104,44 @@ def summary(r: dict) -> str:
 
 def check_lengths(args) -> None:
     """Lengths against the bundled model's context, before any work (UserError when they do not fit)."""
-    from transformers import AutoConfig
-
     from llmcomp.core import model as model_mod
 
-    config = AutoConfig.from_pretrained(model_mod.resolve(DEFAULT_MODEL))
-    api.check_long_lengths(int(getattr(config, "max_position_embeddings", 0) or 0), args.context,
-                           args.passkey_lengths, args.passkey_samples)
+    # (None, not the alias: "smollm2-135m" is refused where a folder of that name is in the working directory)
+    api.check_long_lengths(api.context_limit(model_mod.resolve(None)), args.context, args.passkey_lengths,
+                           args.passkey_samples)
 
 
+@_cli.one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/kv_cpu.json"))
-    ap.add_argument("--only", nargs="*", default=None,
+    ap.add_argument("--only", nargs="+", default=None,
                     help="rows to (re)measure, in this order; 'dense' is the baseline")
-    ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048])
-    ap.add_argument("--passkey-samples", type=int, default=10)
-    ap.add_argument("--needle-keys", type=int, default=4, help="needles per multi-key prompt (0 = no multi-key)")
-    ap.add_argument("--time-budget", type=float, default=0,
+    ap.add_argument("--context", type=_cli.count(16), default=2048)
+    ap.add_argument("--windows", type=_cli.count(1), default=4)
+    ap.add_argument("--chunk", type=_cli.count(1), default=64)
+    ap.add_argument("--passkey-lengths", type=_cli.count(1), nargs="+", default=[1024, 2048])
+    ap.add_argument("--passkey-samples", type=_cli.count(0), default=10)
+    ap.add_argument("--needle-keys", type=_cli.count(0), default=4,
+                    help="needles per multi-key prompt (0 = no multi-key)")
+    ap.add_argument("--time-budget", type=_cli.number(0), default=0,
                     help="seconds: start no row that would end past this (estimate: 1.25 × the slowest row so "
                          "far); 0 = none")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--threads", type=_cli.count(1), default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     wanted = ["dense", *policies()] if not args.only else args.only
-    unknown = [n for n in wanted if n != "dense" and n not in policies()]
-    if unknown:
-        ap.error(f"unknown rows {unknown}; choose from dense, {', '.join(policies())}")
-    if args.needle_keys < 0 or args.passkey_samples < 0 or args.windows < 1:
-        ap.error("--needle-keys and --passkey-samples must be ≥ 0, --windows ≥ 1")
-    try:
-        check_lengths(args)
-    except UserError as e:
-        ap.error(str(e))
-    data = json.loads(args.out.read_text()) if args.out.exists() else {"meta": {}, "rows": []}
-    if data.get("meta", {}).get("settings") not in (None, settings(args)):
+    _cli.unknown(ap, wanted, ["dense", *policies()])
+    # (the library's own checks of these, before the first row: --needle-keys 99 was refused after the reads)
+    _cli.check(ap, api.check_long, args.context, args.windows, args.passkey_lengths, args.passkey_samples,
+               args.needle_keys, chunk=args.chunk)
+    _cli.check(ap, memory.check_device, args.device)
+    data = _cli.results(ap, args.out) or {"meta": {}, "rows": []}
+    _cli.check(ap, check_lengths, args)
+    if (data.get("meta") or {}).get("settings") not in (None, settings(args)):
         ap.error(f"{args.out} was measured with other settings {data['meta']['settings']}; use another --out")
     data["meta"] = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                     "device": args.device, "threads": torch.get_num_threads(), "model": DEFAULT_MODEL,
@@ -168,12 +169,11 @@ def main(argv=None) -> int:
                     skipped = todo[i:]
                     break
                 t = time.perf_counter()
-                row, path = {"name": name}, DEFAULT_MODEL
+                row, path = {"name": name}, None  # (None: the bundled model)
                 if name != "dense":
-                    path = api.prune_kv(policies()[name], Path(tmp) / name, DEFAULT_MODEL, device=args.device)
+                    path = api.prune_kv(policies()[name], Path(tmp) / name, None, device=args.device)
                     row["prune_s"] = round(time.perf_counter() - t, 1)
-                row = {**api.evaluate_long(str(path) if name != "dense" else DEFAULT_MODEL, **kw), **row,
-                       "wall_s": round(time.perf_counter() - t, 1)}
+                row = {**api.evaluate_long(path, **kw), **row, "wall_s": round(time.perf_counter() - t, 1)}
                 row.pop("path")
                 if name != "dense":
                     shutil.rmtree(path)  # a full-precision copy of the model each

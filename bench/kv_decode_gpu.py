@@ -22,6 +22,9 @@ import torch
 from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
 from llmcomp.eval.decode_bench import SYNTHETIC, synthetic_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
+
 
 def build(shape: str):
     if shape == "smollm2":
@@ -58,21 +61,24 @@ def measure(model, batch: int, context: int, steps: int, chunk: int = 1024) -> d
             "kv_dense_bytes": dense, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
+@_cli.one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results/kv_decode_gpu.json"))
     ap.add_argument("--shape", default="llama3-8b", choices=[*SYNTHETIC, "smollm2"])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch", type=_cli.count(1), default=8)
+    ap.add_argument("--contexts", type=_cli.count(1), nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--steps", type=_cli.count(1), default=64)
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7])
-    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--window", type=_cli.count(0), default=32)
     ap.add_argument("--reference", action="store_true", help="also time the torch decompress path")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
     from llmcomp.prune.kv import MustafarConfig, install, uninstall
+
+    for s in args.sparsity:  # (the policy's own checks, before the model is built)
+        _cli.check(ap, MustafarConfig, s, s, window=args.window, kernel="auto")
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
 
     model = build(args.shape)
     configs = [("dense", None)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,9 @@ import torch
 
 from llmcomp.linearize import kernels
 from llmcomp.linearize.attention import chunk_linear_attention, recurrent_linear_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 
 def make(T, F, gate, B=1, H=9, D=65, grad=False):
@@ -37,12 +41,16 @@ def make(T, F, gate, B=1, H=9, D=65, grad=False):
     return ts
 
 
+@_cli.one_line_errors
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seq", default="2048,8192")
-    ap.add_argument("--budget", type=float, default=80.0)
+    ap.add_argument("--seq", type=_cli.ints(1, "2048,8192"), default="2048,8192")
+    ap.add_argument("--budget", type=_cli.number(0, above=True), default=80.0)
     args = ap.parse_args(argv)
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap, "times the linear-attention kernels")
+    _cli.needs_triton(ap)
     import triton.testing  # the GPU machine's (after argument parsing: --help works anywhere)
 
     t0 = time.perf_counter()
@@ -82,7 +90,7 @@ def main(argv=None):
             chunked = functools.partial(chunk_linear_attention, chunk_size=chunk)
             forward_row({"kind": "decode step", "gate": gate, "F": F, "T": 1}, 1, F, gate,
                         recurrent_linear_attention, kernels.fla_recurrent)
-            for T in (int(x) for x in args.seq.split(",")):
+            for T in args.seq:
                 if time.perf_counter() - t0 > args.budget:
                     break
                 forward_row({"kind": "prefill fwd", "gate": gate, "F": F, "T": T, "torch_chunk": chunk}, T, F, gate,

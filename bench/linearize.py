@@ -28,11 +28,15 @@ import torch
 
 from llmcomp import api
 from llmcomp.cli.linearize import parse_tokens
+from llmcomp.core import memory
 from llmcomp.core.data import eval_windows
 from llmcomp.core.hfcompat import cache_kwarg, output_cache
 from llmcomp.eval.longctx import kv_nbytes
 from llmcomp.linearize.distill import LinearizeConfig
 from llmcomp.linearize.student import students_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 
 def cache_bytes(cache) -> int:
@@ -128,39 +132,58 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def check_settings(p, args) -> None:
+    """Every row's settings before the teacher is measured (a bad --methods or --keep was a traceback after it;
+    --contexts 0 or --passkey-samples -1 a ZeroDivisionError): the library's own checks, each as one line."""
+    args.tokens = _cli.check(p, parse_tokens, args.tokens)
+    _cli.check(p, memory.check_device, args.device)
+    for keep in args.keep.split(","):
+        try:
+            fraction = float(keep)
+        except ValueError:
+            p.error(f"--keep {args.keep!r}: {keep!r} is not a fraction; give comma-separated fractions, e.g. 0,0.25")
+        for method in args.methods.split(","):
+            _cli.check(p, LinearizeConfig, method=method, window=args.window, keep_softmax=fraction,
+                       tokens=args.tokens, transfer_steps=args.transfer_steps, seq_len=args.seq_len,
+                       batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    if args.passkey_samples:  # (the bundled model's context; None, not its alias)
+        from llmcomp.core.model import resolve
+
+        _cli.check(p, api.check_long_lengths, api.context_limit(resolve(None)), 0, args.passkey_lengths,
+                   args.passkey_samples)
+
+
+@_cli.one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench/results/linearize_gpu.json"))
     p.add_argument("--methods", default="hedgehog,liger")
     p.add_argument("--keep", default="0,0.25", help="--keep-softmax fractions, comma-separated")
-    p.add_argument("--only", nargs="*", help="re-measure only these rows (e.g. teacher liger-w64-0.25)")
+    p.add_argument("--only", nargs="+", help="re-measure only these rows (e.g. teacher liger-w64-0.25)")
     p.add_argument("--tokens", default="500k")
-    p.add_argument("--transfer-steps", type=int, default=50)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--transfer-steps", type=_cli.count(0), default=50)
+    p.add_argument("--calib-samples", type=_cli.count(1), default=16)
+    p.add_argument("--seq-len", type=_cli.count(2), default=512)
+    p.add_argument("--batch-size", type=_cli.count(1), default=8)
+    p.add_argument("--lr", type=_cli.number(0, above=True), default=1e-3)
+    p.add_argument("--window", type=_cli.count(0), default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--windows", type=int, default=16, help="held-out ppl windows of 512 tokens")
-    p.add_argument("--contexts", default="2048,8000", help="decode context lengths (the model has 8192 positions)")
-    p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--passkey-lengths", default="1024,2048")
-    p.add_argument("--passkey-samples", type=int, default=5)
+    p.add_argument("--windows", type=_cli.count(1), default=16, help="held-out ppl windows of 512 tokens")
+    p.add_argument("--contexts", type=_cli.ints(1, "2048,8000"), default=(2048, 8000),
+                   help="decode context lengths (the model has 8192 positions)")
+    p.add_argument("--decode-tokens", type=_cli.count(1), default=64)
+    p.add_argument("--passkey-lengths", type=_cli.ints(1, "1024,2048"), default=(1024, 2048))
+    p.add_argument("--passkey-samples", type=_cli.count(0), default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    args.tokens = parse_tokens(args.tokens)
-    args.contexts = [int(c) for c in args.contexts.split(",") if c]
-    args.passkey_lengths = tuple(int(c) for c in args.passkey_lengths.split(",") if c)
+    check_settings(p, args)
     if args.device == "cpu":
         torch.set_num_threads(1)  # a shared CPU machine
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else {}
     wanted = ["teacher"] + [f"{m}-w{args.window}-{k}" for m in args.methods.split(",") for k in args.keep.split(",")]
-    unknown = [n for n in args.only or () if n not in wanted]
-    if unknown:  # (a mistyped name measured nothing, exit 0)
-        p.error(f"unknown rows {unknown}; choose from {wanted}")
+    _cli.unknown(p, args.only, wanted)  # (a mistyped name measured nothing, exit 0)
+    rows = (_cli.results(p, args.out, rows=dict) or {"rows": {}})["rows"]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in wanted:

@@ -38,6 +38,9 @@ import torch
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import uniform_cuda
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
+
 def _skip_post_math(fold: str) -> list:
     """The edit that ends compute_kblock_post before its math: ``fold`` defines v from what it loaded, which goes
     into an accumulator (so the loads stay)."""
@@ -194,17 +197,22 @@ def use(variant: str) -> None:
     uniform_cuda.CSRC = dst
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("action", choices=("build", "time"))
     ap.add_argument("variants", nargs="+", choices=sorted(EDITS))
-    ap.add_argument("--out")
-    ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
-    ap.add_argument("--launch", default=None,
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--ms", type=_cli.ints(1, "1,16"), default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", type=_cli.shapes(), default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--launch", type=_cli.launches(",", "+", "1,4,1+2,4,1"), default=None,
                     help="rt,warps,wr instead of launch_config's pick; several joined by +")
     ap.add_argument("--post", action="store_true", help="force the post-scale kernel (elem 3), bypassing gemm's rule")
     a = ap.parse_args()
+    if a.action == "time" and len(a.variants) != 1:  # (a ValueError traceback)
+        ap.error(f"time takes one variant (a process each: the checksums compare them), got {len(a.variants)}")
+    _cli.writable(ap, a.out)
+    _cli.needs_cuda(ap, "builds and times the CUDA extension")
     if a.action == "build":
         for v in a.variants:
             use(v)
@@ -215,7 +223,7 @@ def main() -> None:
     use(variant)
     assert uniform_cuda.extension() is not None, "extension did not build"
     rows = []
-    for n, k in (tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")):
+    for n, k in a.shapes:
         torch.manual_seed(0)  # the same weights and x in every variant's process: the checksums below compare
         nbytes, preps, call, auto = kb._sweep_subject("W4", n, k, 4, 128)
         if a.post:
@@ -223,10 +231,9 @@ def main() -> None:
                 sz = uniform_cuda.scale_pairs(p, x.dtype, post=True)
                 return uniform_cuda.gemm_op(x, p["qw"], uniform_cuda.high_plane(p), sz, 4, p["group"], p["n"], c[0],
                                             c[1], 3, c[2])
-        for m in (int(v) for v in a.ms.split(",")):
+        for m in a.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            picks = ([tuple(int(v) for v in c.split(",")) for c in a.launch.split("+")] if a.launch
-                     else [tuple(auto(m, x.dtype))])
+            picks = a.launch or [tuple(auto(m, x.dtype))]
             for pick in picks:
                 if n % (16 * pick[0]):
                     continue

@@ -12,6 +12,8 @@ csrc/vq_lut.cu).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,9 @@ from llmcomp.eval import kernel_bench
 from llmcomp.formats import Uniform
 from llmcomp.kernels import codebook_cuda, uniform_cuda
 from llmcomp.quant.rtn import rtn_fields
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 
 def subject(name: str, n: int, k: int, bits: int, copies: int):
@@ -36,25 +41,27 @@ def subject(name: str, n: int, k: int, bits: int, copies: int):
     return (lambda x: codebook_cuda.gemm(x, prep, replicated=copies > 1)), w
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="4096x4096,28672x8192", help="N x K, comma-separated")
-    ap.add_argument("--ms", default="1", help="batch sizes")
+    ap.add_argument("--shapes", type=_cli.shapes(), default="4096x4096,28672x8192", help="N x K, comma-separated")
+    ap.add_argument("--ms", type=_cli.ints(1, "1,16"), default="1", help="batch sizes")
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--calls", type=int, default=1)
+    ap.add_argument("--calls", type=_cli.count(1), default=1)
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--no-bf16", action="store_true", help="skip the cuBLAS peer")
     ap.add_argument("--format", default="uniform", choices=("uniform", "vq2", "vq3"))
     ap.add_argument("--copies", type=int, default=16, choices=(0, 1, 16),
                     help="codebook table copies (vq only; 0: the default path, the lookup-table GEMV at one row)")
     args = ap.parse_args()
+    _cli.check(ap, Uniform, bits=args.bits, group_size=128)
+    _cli.needs_cuda(ap)
     dtype = torch.float16 if args.fp16 else torch.bfloat16
     cudart = torch.cuda.cudart()
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in args.shapes:
         call, w = subject(args.format, n, k, args.bits, args.copies)
         wd = w.to(dtype)
-        for m in (int(v) for v in args.ms.split(",")):
+        for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             y = call(x)  # warm-up: builds the scale pairs, loads the kernel
             F.linear(x, wd)

@@ -38,6 +38,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
+
 SIDECAR = "llmcomp_peer.json"
 CALIB_SAMPLES, SEQ_LEN, SEED = 128, 512, 0
 
@@ -55,9 +58,9 @@ def quantize(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmcomp.core.data import calib_windows, corpus
-    from llmcomp.core.model import DEFAULT_MODEL, resolve
+    from llmcomp.core.model import resolve
 
-    src = resolve(DEFAULT_MODEL)
+    src = resolve(None)  # (None: the bundled model)
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     ids = calib_windows(tok, SEQ_LEN, CALIB_SAMPLES, SEED)
@@ -107,10 +110,9 @@ def evaluate(args) -> int:
     """Runs in llmcomp's main environment."""
     torch.set_num_threads(args.threads)
     from llmcomp import api
-    from llmcomp.core.model import DEFAULT_MODEL
 
-    ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
-    rows = [{"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}]
+    ref = api.record_reference(None, n_windows=args.windows)  # (None: the bundled model)
+    rows = [{"name": "original", **api.evaluate(None, n_windows=args.windows, reference=ref)}]
     for ckpt in args.checkpoints:
         side = json.loads((ckpt / SIDECAR).read_text())
         s = side["settings"]
@@ -121,8 +123,7 @@ def evaluate(args) -> int:
         rows.append(row)
         print(f"{name} ppl {row['ppl']:.2f}  kld {row['kld_mean']:.4f}  top1 {row['top1_agree']:.3f}  "
               f"bpw {row['bits_per_weight']:.3f}  {side['quant_time_s']}s", flush=True)
-    for f in args.with_rows or []:  # llmcomp's own rows at the same settings (bench/quality.py output)
-        other = json.loads(f.read_text())
+    for f, other in args.with_rows.items():  # llmcomp's own rows at the same settings (bench/quality.py output)
         for r in other["rows"][1:]:
             rows.append({**r, "name": f"llmcomp-{r['name']}", "source": str(f), "source_meta": other["meta"]})
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -133,24 +134,41 @@ def evaluate(args) -> int:
     return 0
 
 
+def check_eval(ap, args) -> None:
+    """``eval``'s inputs before the reference runs: each checkpoint with its sidecar, each --with-rows file a
+    bench/quality.py results file, --out writable (each was a traceback after minutes of evaluation)."""
+    for ckpt in args.checkpoints:
+        if not (ckpt / SIDECAR).is_file():
+            ap.error(f"{ckpt} holds no {SIDECAR}: give a checkpoint written by this script's quantize")
+    args.with_rows = {f: _cli.results(ap, f, flag="--with-rows", write=False) for f in args.with_rows or ()}
+    for f, other in args.with_rows.items():
+        if not isinstance(other.get("meta"), dict):
+            ap.error(f"--with-rows {f} has no 'meta' of bench/quality.py")
+    _cli.writable(ap, args.out)
+
+
+@_cli.one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("quantize", help="llm-compressor GPTQ (run in its venv)")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group", type=int, default=64)
-    q.add_argument("--actorder", default="static", help="static (= weight), group, or none")
+    q.add_argument("--bits", type=_cli.count(1), default=4)
+    q.add_argument("--group", type=_cli.count(1), default=64)
+    q.add_argument("--actorder", default="static", choices=("static", "weight", "group", "none"),
+                   help="static (= weight), group, or none")
     q.add_argument("-o", "--output", type=Path, required=True)
-    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--threads", type=_cli.count(1), default=1)
     q.add_argument("--bypass-divisibility", dest="ragged", action="store_true",
                    help="pass bypass_divisibility_checks=True (group sizes that do not divide 576; fails in 0.14)")
     e = sub.add_parser("eval", help="llmcomp eval of the checkpoints (run in the main environment)")
     e.add_argument("checkpoints", type=Path, nargs="+")
     e.add_argument("--out", type=Path, default=Path("bench/results/quality_cpu_llmcompressor.json"))
-    e.add_argument("--windows", type=int, default=16)
-    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--windows", type=_cli.count(1), default=16)
+    e.add_argument("--threads", type=_cli.count(1), default=1)
     e.add_argument("--with-rows", type=Path, nargs="*", help="bench/quality.py JSON files whose rows to include")
     args = ap.parse_args(argv)
+    if args.cmd == "eval":
+        check_eval(e, args)
     if args.cmd == "quantize" and args.actorder == "none":
         args.actorder = None
     return quantize(args) if args.cmd == "quantize" else evaluate(args)

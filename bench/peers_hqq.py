@@ -21,31 +21,37 @@ from pathlib import Path
 import torch
 
 from llmcomp import api
-from llmcomp.core.model import DEFAULT_MODEL, decoder_layers
+from llmcomp.core.model import decoder_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 ROWS = {"hqq-w4g128": (4, 128), "hqq-w4g64": (4, 64), "hqq-w3g128": (3, 128), "hqq-w2g64": (2, 64)}
 
 
+@_cli.one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality_cpu_peers.json"))
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--windows", type=_cli.count(1), default=16)
+    ap.add_argument("--only", nargs="+", default=None)
     args = ap.parse_args(argv)
+    _cli.unknown(ap, args.only, ROWS)  # (a mistyped name measured nothing and wrote an empty table, exit 0)
+    _cli.writable(ap, args.out)
     try:
         import hqq
         from hqq.core.quantize import Quantizer
     except ImportError as exc:
         print(f"HQQ not importable ({exc}); install it as the docstring says.", file=sys.stderr)
         return 2
-    ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
+    ref = api.record_reference(None, n_windows=args.windows)
     rows = []
     meta = {"hqq": getattr(hqq, "__version__", "0.2.8"), "torch": torch.__version__, "windows": args.windows}
     for name, (nbits, group) in ROWS.items():
         if args.only and name not in args.only:
             continue
         t = time.perf_counter()
-        net, tok, _, _ = api.open_model(DEFAULT_MODEL)
+        net, tok, _, _ = api.open_model(None)
         prefix, _ = decoder_layers(net)
         n_weights = n_bits = 0
         with torch.no_grad():

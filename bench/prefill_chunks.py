@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import uniform_cuda
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 def _slices(prep: dict, dtype: torch.dtype, chunks: int) -> list[tuple]:
     """Per piece: (qw, qh, sz, rows) — row tiles of the kernel layout and the matching scale rows."""
@@ -73,17 +77,22 @@ def chunked(x: torch.Tensor, prep: dict, k: int, pieces: list[tuple], side: torc
     return yt.t()
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--format", default="w4", help="w4 / w3 / w2 (g128) or mxfp4 / nvfp4")
-    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in kb.SHAPES))
-    ap.add_argument("--ms", default="256,1024")
-    ap.add_argument("--chunks", default="1,2,4,8", help="1: the chunked path's own one-piece control (W x^T)")
+    ap.add_argument("--format", default="w4", choices=("w4", "w3", "w2", "mxfp4", "nvfp4"),
+                    help="w4 / w3 / w2 (g128) or mxfp4 / nvfp4")
+    ap.add_argument("--shapes", type=_cli.shapes(), default=",".join(f"{n}x{k}" for n, k in kb.SHAPES))
+    ap.add_argument("--ms", type=_cli.ints(1, "256,1024"), default="256,1024")
+    ap.add_argument("--chunks", type=_cli.ints(1, "1,2,4,8"), default="1,2,4,8",
+                    help="1: the chunked path's own one-piece control (W x^T)")
     args = ap.parse_args()
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
     if uniform_cuda.extension() is None:
         raise SystemExit("the CUDA extension is not available here")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = args.shapes
     bw = kb.copy_bandwidth()
     side = torch.cuda.Stream()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw,
@@ -93,14 +102,14 @@ def main() -> None:
         layers = kb._layer_copies(fmt, base, k, n)
         preps = [uniform_cuda.prepare(fmt, lay.packed_tensors(), k) for lay in layers]
         w16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(kb._copies(n * k * 2))]
-        for m in (int(v) for v in args.ms.split(",")):
+        for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"N": n, "K": k, "M": m}
             with torch.inference_mode():
                 want = layers[0](x)
                 row["bf16_us"] = round(kb.per_call_seconds([lambda w=w: F.linear(x, w) for w in w16]) * 1e6, 3)
                 row["layer_us"] = round(kb.per_call_seconds([lambda lay=lay: lay(x) for lay in layers]) * 1e6, 3)
-                for c in (int(v) for v in args.chunks.split(",")):
+                for c in args.chunks:
                     pieces = [_slices(p, x.dtype, c) for p in preps]
                     for tag, st in (("seq", None), ("streams", side)):
                         got = chunked(x, preps[0], k, pieces[0], st)

@@ -6,6 +6,7 @@ weight cycled so every call reads HBM); beside them bf16 cuBLAS and the dequanti
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -15,28 +16,35 @@ from llmcomp.core.memory import state_bytes
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import pyramid_cuda as pc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
+
+@_cli.one_line_errors
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--shapes", default=None)
-    ap.add_argument("--ms", default="1,8")
+    ap.add_argument("--shapes", type=_cli.shapes(), default=None)
+    ap.add_argument("--ms", type=_cli.ints(1, "1,8"), default="1,8")
     ap.add_argument("--format", default="pvq2", choices=sorted(kb.PYRAMID_FORMATS))
-    ap.add_argument("--launches", default=None, help="tiles x warps x splits, comma-separated (default: all)")
+    ap.add_argument("--launches", type=_cli.launches("x", ",", "1x4x1,2x4x1"), default=None,
+                    help="tiles x warps x splits, comma-separated (default: all)")
     ap.add_argument("--baselines", action="store_true", help="also time bf16 cuBLAS and dequantize + cuBLAS")
     args = ap.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else kb.SHAPES
+    chosen = set(args.launches or ())
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
+    shapes = args.shapes or kb.SHAPES
     bw = kb.copy_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    chosen = {tuple(int(v) for v in s.split("x")) for s in args.launches.split(",")} if args.launches else set()
     for n, k in shapes:
         fmt, base = kb._packed_for(args.format, n, k)
         preps = [pc.prepare(fmt, base, k) for _ in range(kb._copies(state_bytes(base)))]
         weights = ([torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(kb._copies(n * k * 2))]
                    if args.baselines else [])
         chunks = -(-k // pc.CHUNK)
-        for m in (int(v) for v in args.ms.split(",")):
+        for m in args.ms:
             rule = pc.launch_config(n, k, fmt.dim, sms, m, pc.dense(preps[0]))
             built = set(pc.launches(fmt.dim, m, chunks))
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -11,12 +11,17 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from llmcomp.core import memory
 from llmcomp.quant.hessian import HessianAccumulator
 from llmcomp.quant.pvq import PVQConfig, PVQQuantizer, pyramid_for_bits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 SHAPES = {"q/o": ((576, 576), 2), "k/v": ((192, 576), 2), "gate/up": ((1536, 576), 2), "down": ((576, 1536), 1)}
 N_LAYERS = 30
@@ -37,14 +42,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@_cli.one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--bits", type=float, default=2)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--bits", type=_cli.number(0, above=True), default=2)  # (nan ran, with some pyramid)
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    _cli.check(ap, memory.check_device, args.device)
+    _cli.writable(ap, args.out)
     torch.set_num_threads(1)
-    q = PVQQuantizer(PVQConfig(format=pyramid_for_bits(args.bits, rotate=True)))
+    q = PVQQuantizer(PVQConfig(format=_cli.check(ap, pyramid_for_bits, args.bits, rotate=True)))
     rows, total = [], 0.0
     for name, ((out_f, in_f), per_layer) in SHAPES.items():
         lin, acc = layer(out_f, in_f, args.device)

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from llmcomp import api
-from llmcomp.core.model import DEFAULT_MODEL
 from llmcomp.formats import Uniform
 from llmcomp.quant import METHODS, RTNConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 
 def configs() -> dict:
@@ -103,7 +105,7 @@ def measure_row(name: str, cfg, ref, tmp: Path, windows: int, calib_samples: int
 
     calibrates = alloc is not None or METHODS.get(cfg.method)(cfg).needs_calibration
     calib = {"calib_samples": calib_samples} if calibrates else {}  # (refused where nothing calibrates)
-    path = api.quantize(cfg, Path(tmp) / name, DEFAULT_MODEL, allocation=alloc, **calib)
+    path = api.quantize(cfg, Path(tmp) / name, None, allocation=alloc, **calib)  # (None: the bundled model)
     quant_s = time.perf_counter() - t
     row = {"name": name, **api.evaluate(str(path), n_windows=windows, reference=ref), "quant_time_s": round(quant_s, 1)}
     print(f"{name:14s} ppl {row['ppl']:8.2f}  kld {row['kld_mean']:.4f}  top1 {row['top1_agree']:.3f}  "
@@ -117,18 +119,18 @@ def run_meta(args, text: str) -> dict:
             "calib_samples": args.calib_samples, "text": text}
 
 
+@_cli.one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality_cpu.json"))
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--windows", type=_cli.count(1), default=16)
+    ap.add_argument("--calib-samples", type=_cli.count(1), default=128)
+    ap.add_argument("--only", nargs="+", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    known = [*configs(), *ALLOCATIONS]
-    unknown = [n for n in args.only or () if n not in known]
-    if unknown:  # (a mistyped name measured nothing and wrote --out with the original row only, exit 0)
-        ap.error(f"unknown rows {unknown}; choose from {known}")
+    # (a mistyped name measured nothing and wrote --out with the original row only, exit 0)
+    _cli.unknown(ap, args.only, [*configs(), *ALLOCATIONS])
+    previous = _cli.results(ap, args.out)
     todo = {k: v for k, v in configs().items() if not args.only or k in args.only}
     from llmcomp.quant import DecoupleQConfig, GPTQConfig
     from llmcomp.quant.allocate import AllocationConfig
@@ -138,13 +140,12 @@ def main(argv=None) -> int:
         if not args.only or name in args.only:
             todo[name] = (method_config[method](format=Uniform(bits=4, group_size=group)), AllocationConfig(
                 budget=budget, candidates=(2, 3, 4, 8), group_size=group, sensitivity=sensitivity))
-    ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
-    rows = [{"name": "original", **api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref)}]
+    ref = api.record_reference(None, n_windows=args.windows)  # (None: the bundled model)
+    rows = [{"name": "original", **api.evaluate(None, n_windows=args.windows, reference=ref)}]
     meta = run_meta(args, rows[0]["text"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     # (--only re-measures some rows and keeps the others: it rewrote --out with its own rows only)
-    kept = [r for r in (json.loads(args.out.read_text())["rows"] if args.out.exists() else [])
-            if r["name"] not in ("original", *todo)]
+    # (evaluate names the first row smollm2-135m: a rerun kept the old one beside the new)
+    kept = [r for r in (previous or {"rows": []})["rows"] if r["name"] not in ("original", rows[0]["name"], *todo)]
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in todo.items():
             rows.append(measure_row(name, cfg, ref, Path(tmp), args.windows, args.calib_samples))

@@ -14,8 +14,12 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 PTRS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "m_ptr": "*u8", "acc_ptr": "*fp32", "ml_ptr": "*fp32",
         "cnt_ptr": "*i32", "out_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "cos_ptr": "*bf16",
@@ -57,15 +61,17 @@ def placement(sass: str) -> str:
     return " ".join(out + ([f"{last}({count})@{at}"] if last else []))
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rope", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--mask", type=int, default=1)
-    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--rope", type=int, nargs="+", default=[0, 1], choices=(0, 1))
+    ap.add_argument("--groups", type=_cli.count(1), default=4)
+    ap.add_argument("--d", type=_cli.count(16), default=128)
+    ap.add_argument("--chunk", type=_cli.count(16), default=64)
+    ap.add_argument("--mask", type=int, default=1, choices=(0, 1))
+    ap.add_argument("--stages", type=_cli.count(1), default=3)
     args = ap.parse_args()
+    _cli.needs_triton(ap)  # (no GPU needed: it compiles for sm_90)
     tools = Path(os.environ.get("SASS_TOOLS", Path.home() / ".cache/llmcomp/sass-tools")) / "bin"
     for rope in args.rope:
         const = dict(GROUPS=args.groups, GP=max(16, 1 << (args.groups - 1).bit_length()), D=args.d,

@@ -27,6 +27,7 @@ from llmcomp.quant.pvq import PVQConfig, pyramid_for_bits
 from llmcomp.quant.vptq import VPTQConfig, codebook_for_bits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 import quality  # noqa: E402  (bench/quality.py: measure_row, run_meta, configs)
 
 
@@ -60,26 +61,24 @@ def decode_cost(path: Path) -> dict:
     return {"load_s": round(load_s, 1), "dequant_s": round(time.perf_counter() - t, 1)}
 
 
+@_cli.one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench/results/vq_cpu.json"))
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--calib-samples", type=int, default=64)
-    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--windows", type=_cli.count(1), default=16)
+    ap.add_argument("--calib-samples", type=_cli.count(1), default=64)
+    ap.add_argument("--only", nargs="+", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     known = {**quality.configs(), **configs()}
     names = args.only or DEFAULT_ROWS
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        ap.error(f"unknown rows {unknown}; choose from {sorted(known)}")
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    _cli.unknown(ap, names, sorted(known))
+    previous = _cli.results(ap, args.out) or {"rows": []}
     rows = {r["name"]: r for r in previous["rows"] if r["name"] != DEFAULT_MODEL}  # older runs named it so
-    ref = api.record_reference(DEFAULT_MODEL, n_windows=args.windows)
-    original = {**api.evaluate(DEFAULT_MODEL, n_windows=args.windows, reference=ref), "name": "original"}
+    ref = api.record_reference(None, n_windows=args.windows)  # (None: the bundled model)
+    original = {**api.evaluate(None, n_windows=args.windows, reference=ref), "name": "original"}
     rows["original"] = original
     meta = quality.run_meta(args, original["text"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
         args.out.write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ import torch
 from llmcomp.core.memory import state_bytes
 from llmcomp.core.qlinear import QuantLinear, frozen_group
 from llmcomp.eval import kernel_bench as kb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 GROUPS = {"qkv": [(4096, 4096), (1024, 4096), (1024, 4096)], "gate_up": [(14336, 4096), (14336, 4096)]}
 
@@ -35,16 +39,19 @@ def _members(name: str, shapes: list, seed: int) -> tuple[list[QuantLinear], int
     return mods, nbytes
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--formats", default="vq2,vq3")
+    ap.add_argument("--formats", type=_cli.names(kb.CODEBOOK_FORMATS), default="vq2,vq3")
     args = ap.parse_args()
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
     dtype = torch.bfloat16
     bw = kb.copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}
     with torch.no_grad():
-        for name in args.formats.split(","):
+        for name in args.formats:
             for group, shapes in GROUPS.items():
                 n, k = sum(s[0] for s in shapes), shapes[0][1]
                 first, nbytes = _members(name, shapes, 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,15 +22,20 @@ from llmcomp.core.memory import state_bytes
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import codebook_cuda, uniform_cuda
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
+
 STACKED = [(6144, 4096), (28672, 4096)]  # the stacked q/k/v and gate/up shapes of --fuse-linears
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--formats", default="vq2,vq3")
-    ap.add_argument("--shapes", default="", help="N x K shapes instead of the bench's (e.g. 1024x4096,2048x4096)")
-    ap.add_argument("--ms", default="1")
+    ap.add_argument("--formats", type=_cli.names(kb.CODEBOOK_FORMATS), default="vq2,vq3")
+    ap.add_argument("--shapes", type=_cli.shapes(allow_empty=True), default="",
+                    help="N x K shapes instead of the bench's (e.g. 1024x4096,2048x4096)")
+    ap.add_argument("--ms", type=_cli.ints(1, "1,16"), default="1")
     ap.add_argument("--variants", default="lut512,lut1024,mma",
                     help="lut / prmt (the table addressed by one PRMT a lookup) with a block size (512, 1024; none: "
                          "the default, 1024), mma (the mma kernel), auto (the defaults: kernel, block size, "
@@ -39,18 +45,19 @@ def main() -> None:
         base, *suffixes = label.split("+")
         if base.rstrip("0123456789") not in ("lut", "prmt", "mma", "auto") or set(suffixes) - {"pdl"}:
             ap.error(f"unknown variant {label!r}")
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
     bw = kb.copy_bandwidth()
     pdl_before = bool(uniform_cuda.dependent_launch())
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bw, "rows": []}
     with torch.no_grad():  # (not inference mode: the layout cache keys on version counters)
-        for name in args.formats.split(","):
-            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
-            for n, k in shapes or [*kb.SHAPES, *STACKED]:
+        for name in args.formats:
+            for n, k in args.shapes or [*kb.SHAPES, *STACKED]:
                 fmt, base = kb._packed_for(name, n, k)
                 nbytes = state_bytes(base)
                 layers = kb._layer_copies(fmt, base, k)
                 dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(kb._copies(2 * n * k))]
-                for m in [int(v) for v in args.ms.split(",")]:
+                for m in args.ms:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     row = {"format": name, "N": n, "K": k, "M": m}
                     for label in args.variants.split(","):

@@ -6,28 +6,35 @@ launch. Writes JSON after each shape (a timeout loses one shape, not the file).
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import codebook_cuda
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
+
 SPLITS = ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (4, 4), (2, 8), (2, 4))
 
 
+@_cli.one_line_errors
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--fmt", default="vq2")
-    ap.add_argument("--ms", default="1,16")
-    ap.add_argument("--shapes", default="14336x4096,28672x8192,4096x14336,4096x4096")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--fmt", default="vq2", choices=kb.CODEBOOK_FORMATS)
+    ap.add_argument("--ms", type=_cli.ints(1, "1,16"), default="1,16")
+    ap.add_argument("--shapes", type=_cli.shapes(), default="14336x4096,28672x8192,4096x14336,4096x4096")
     a = ap.parse_args()
+    _cli.writable(ap, a.out)
+    _cli.needs_cuda(ap)
     bw = kb.copy_bandwidth()
     rows = []
-    for shape in a.shapes.split(","):
-        n, k = map(int, shape.split("x"))
+    for n, k in a.shapes:
         nbytes, preps, _, auto = kb._sweep_subject(a.fmt, n, k, 2, 128)
-        for m in map(int, a.ms.split(",")):
+        for m in a.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for p in preps:
                 codebook_cuda.gemm(x, p)

@@ -18,15 +18,20 @@ import json
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 import llmcomp.quant.kmeans as kmeans_mod
+from llmcomp.core import memory
 from llmcomp.core.data import calib_windows
 from llmcomp.core.model import load_hf, resolve
 from llmcomp.quant.hessian import HessianAccumulator
 from llmcomp.quant.pvq import PVQConfig, PVQQuantizer, pyramid_for_bits
 from llmcomp.quant.vptq import VPTQConfig, VPTQQuantizer, codebook_for_bits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 LAYERS = ["model.layers.2.mlp.down_proj", "model.layers.28.mlp.down_proj", "model.layers.0.self_attn.q_proj",
           "model.layers.0.mlp.down_proj", "model.layers.10.self_attn.v_proj", "model.layers.15.mlp.up_proj",
@@ -60,19 +65,26 @@ def hessians(model, tok, names, n_samples, device):
     return accs
 
 
+@_cli.one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--config", nargs="+", default=["vptq-2"], choices=sorted(configs()))
-    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-samples", type=_cli.count(1), default=16)
     ap.add_argument("--layers", nargs="+", default=LAYERS)
     ap.add_argument("--sample", nargs="+", default=["stratified"], choices=["stratified", "uniform"])
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    _cli.check(ap, memory.check_device, args.device)
+    _cli.writable(ap, args.out)
     torch.set_num_threads(1)
     path = resolve(None)
     model, tok = load_hf(path)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    bad = [n for n in args.layers if n not in linears]
+    if bad:  # (an AttributeError traceback)
+        ap.error(f"--layers {bad}: not linear layers of the bundled model (e.g. {LAYERS[0]})")
     model = model.to(args.device)
     accs = hessians(model, tok, args.layers, args.calib_samples, args.device)
     rows = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from unittest import mock
 
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help="every row, not only the flagged ones")
     ap.add_argument("--over", action="store_true", help="the rows above one wave too")
     args = ap.parse_args()
+    missing = [p for p in args.sass if not os.path.isfile(p)]
+    if missing:  # (a FileNotFoundError traceback)
+        ap.error(f"no such file: {', '.join(missing)} (bench/sass_local.sh writes them)")
     regs, show_all = registers(args.sass), args.all
     props = mock.Mock(multi_processor_count=SMS)
     with mock.patch.object(torch.cuda, "get_device_properties", return_value=props), \

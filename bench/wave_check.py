@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import uniform_cuda as uc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402  (bench/_cli.py: the scripts' argument checks)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,18 +36,22 @@ def uses(x: torch.Tensor, n: int, g: torch.Generator) -> dict:
             "glu_consumer": lambda a, launch: uc.gemm_tensors(x, *a, launch=launch, glu=1, sq=sq, eps=1e-5)}
 
 
+@_cli.one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--bits", type=int, default=3)
-    ap.add_argument("--shapes", default="14336x4096,28672x4096")
-    ap.add_argument("--ms", default="1")
-    ap.add_argument("--launches", default="1.4.1,2.4.1,1.8.1", help="rt.warps.wr, comma-separated")
-    ap.add_argument("--dtypes", default="bf16,fp16")
+    ap.add_argument("--bits", type=int, default=3, choices=(2, 3, 4), help="uniform codes' bits")
+    ap.add_argument("--shapes", type=_cli.shapes(), default="14336x4096,28672x4096")
+    ap.add_argument("--ms", type=_cli.ints(1, "1,16"), default="1")
+    ap.add_argument("--launches", type=_cli.launches(), default="1.4.1,2.4.1,1.8.1",
+                    help="rt.warps.wr, comma-separated")
+    ap.add_argument("--dtypes", type=_cli.names(DTYPES), default="bf16,fp16")
     args = ap.parse_args()
+    launches = args.launches
+    _cli.writable(ap, args.out)
+    _cli.needs_cuda(ap)
     if uc.extension() is None:
         raise SystemExit("wave_check: the CUDA extension is unavailable here")
-    launches = [tuple(int(v) for v in s.split(".")) for s in args.launches.split(",")]
     bw = kb.copy_bandwidth()
     switch = "bound7" if args.bits == 3 else "bound7_r2"
     tiles = 1 if args.bits == 3 else 2  # the switch's launches: 4 warps, these row tiles a warp
@@ -51,12 +59,11 @@ def main() -> None:
     rows, before = [], get()
     g = torch.Generator(device="cuda").manual_seed(0)
     try:
-        for shape in args.shapes.split(","):
-            n, k = (int(v) for v in shape.lower().split("x"))
+        for n, k in args.shapes:
             nbytes, preps, _, _ = kb._sweep_subject(f"W{args.bits}", n, k, args.bits, 128)  # g128, enough copies
-            for dname in args.dtypes.split(","):
+            for dname in args.dtypes:
                 tensors = [uc.kernel_tensors(p, DTYPES[dname]) for p in preps]
-                for m in (int(v) for v in args.ms.split(",")):
+                for m in args.ms:
                     x = torch.randn(m, k, device="cuda", generator=g).to(DTYPES[dname])
                     for use, call in uses(x, n, g).items():
                         for launch in launches:

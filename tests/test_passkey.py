@@ -202,7 +202,7 @@ def test_bench_kv_time_budget_and_table(tmp_path, monkeypatch, capsys):
 
     def evaluate(path, **kw):
         clock["t"] += 20
-        dense = path == kv.DEFAULT_MODEL
+        dense = path is None  # (the bundled model: None, not its alias)
         return {"path": str(path), "name": "x", "policy": "dense" if dense else "p", "ppl": 10.0 if dense else 11.0,
                 "kv_bytes": 100 if dense else 50, "passkey": {"256": 1.0 if dense else 0.5},
                 "multikey": {"256": 0.5 if dense else 0.0}, "needle_keys": 4}

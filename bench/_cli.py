@@ -1,0 +1,195 @@
+"""What the bench scripts share on their command lines: bad input is one line naming the problem and exit 2, never a
+traceback. Not a bench script itself; a script imports it as ``_cli`` (``python bench/x.py`` puts bench/ on the path;
+a script loaded from elsewhere, as the tests load them, inserts its folder first).
+
+- argparse types (``count``, ``number``, ``ints``, ``names``, ``shapes``, ``launches``): a bad value is refused while
+  the arguments are read, before any model loads (``--windows 0`` was a traceback, or a misleading error, after
+  minutes of work);
+- ``check``: a library validator (``memory.check_device``, a config's own checks) as ``ap.error``;
+- ``unknown``: the names of ``--only`` (and the like) that the script does not know, refused as one line;
+- ``results``: ``--out`` checked before any work (a directory, a folder that cannot be made, a file that is not
+  this script's results: each a traceback after the run had measured its rows);
+- ``needs_cuda`` / ``needs_triton``: a GPU-only script on a machine without one says so in one line;
+- ``one_line_errors``: a ``UserError`` the library raises during the run, as one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+
+from llmcomp.errors import UserError
+
+
+def count(low: int = 1):
+    """argparse type: an integer ≥ ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {low}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low: float = 0.0, above: bool = False):
+    """argparse type: a finite number ≥ ``low`` (> ``low`` with ``above``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if above else '≥'} {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+def ints(low: int = 1, example: str = "1,16", allow_empty: bool = False):
+    """argparse type: comma-separated integers ≥ ``low`` (``cli.lists.int_list``: no empty or repeated item)."""
+    from llmcomp.cli.lists import int_list
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = int_list(text, "the list", example, allow_empty=allow_empty)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if any(v < low for v in values):
+            raise argparse.ArgumentTypeError(f"must be integers ≥ {low}, e.g. {example}; got {text!r}")
+        return values
+
+    return parse
+
+
+def names(choices, allow_empty: bool = False):
+    """argparse type: comma-separated names, each one of ``choices`` (a bad one was a traceback mid-run)."""
+    choices = tuple(choices)
+
+    def parse(text: str) -> list[str]:
+        items = [n.strip() for n in text.split(",")] if text.strip() or not allow_empty else []
+        bad = [n for n in items if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {','.join(choices)}")
+        return items
+
+    return parse
+
+
+def shapes(allow_empty: bool = False):
+    """argparse type: layer shapes N x K, comma-separated (``4096x4096,14336x4096``), each side ≥ 1."""
+    def parse(text: str) -> list[tuple[int, int]]:
+        if allow_empty and not text.strip():
+            return []
+        try:
+            out = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+        except ValueError:
+            out = None
+        if not out or any(len(s) != 2 or min(s) < 1 for s in out):
+            raise argparse.ArgumentTypeError(f"must look like 4096x4096,14336x4096 (N x K ≥ 1), got {text!r}")
+        return out
+
+    return parse
+
+
+def launches(sep: str = ".", join: str = ",", example: str = "1.4.1,2.4.1"):
+    """argparse type: kernel launches, three positive integers joined by ``sep`` (rt.warps.wr), joined by ``join``."""
+    def parse(text: str) -> list[tuple[int, ...]]:
+        try:
+            out = [tuple(int(v) for v in s.split(sep)) for s in text.split(join)]
+        except ValueError:
+            out = None
+        if not out or any(len(c) != 3 or min(c) < 1 for c in out):
+            raise argparse.ArgumentTypeError(f"must look like {example}, got {text!r}")
+        return out
+
+    return parse
+
+
+def check(ap: argparse.ArgumentParser, validate, *args, **kwargs):
+    """``validate(*args, **kwargs)`` (a library check raising UserError), its UserError as ``ap.error``."""
+    try:
+        return validate(*args, **kwargs)
+    except UserError as exc:
+        ap.error(str(exc))
+
+
+def unknown(ap: argparse.ArgumentParser, names, known, what: str = "rows", hint: str = "") -> None:
+    """``ap.error`` naming every one of ``names`` not in ``known`` (a mistyped ``--only`` name measured nothing and
+    exited 0, or wrote over --out)."""
+    known = list(known)
+    bad = [n for n in names or () if n not in known]
+    if bad:
+        ap.error(f"unknown {what} {bad}; choose from {known}{hint}")
+
+
+def writable(ap: argparse.ArgumentParser, path, flag: str = "--out") -> None:
+    """``ap.error`` where ``path`` could not be written at the end of the run: a directory, or a folder that cannot
+    be made (made here, as the scripts make it anyway)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        ap.error(f"{flag} {path} is a directory; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"{flag} {path}: its folder cannot be made ({exc.strerror or exc})")
+
+
+def results(ap: argparse.ArgumentParser, path: Path, rows: type = list, flag: str = "--out",
+            write: bool = True) -> dict | None:
+    """``--out`` read before any work: its JSON (a dict whose ``rows`` is a ``rows``: a list of dicts with a
+    ``name``, or a dict), None where it does not exist yet; ``ap.error`` where it could not be read back or
+    (``write``) written (``writable``). Without ``write``, an input that must exist."""
+    if write:
+        writable(ap, path, flag)
+    if not path.exists():
+        if not write:
+            ap.error(f"{flag} {path} does not exist")
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
+        ap.error(f"{flag} {path} is not a readable JSON results file ({str(exc).splitlines()[0]}); "
+                 f"give another {flag}")
+    got = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(got, rows) or (rows is list and not all(isinstance(r, dict) and "name" in r for r in got)):
+        ap.error(f"{flag} {path} holds no results of this script (a JSON object with its 'rows'); give another {flag}")
+    return data
+
+
+def needs_cuda(ap: argparse.ArgumentParser, what: str = "times CUDA kernels") -> None:
+    """Exit 2 with one line where no CUDA GPU is visible (the script's first CUDA call was a traceback)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        ap.exit(2, f"{ap.prog}: error: it {what} and needs a CUDA GPU; none is visible to torch here.\n")
+
+
+def needs_triton(ap: argparse.ArgumentParser) -> None:
+    """Exit 2 with one line where Triton is not importable (the GPU machine has it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        ap.exit(2, f"{ap.prog}: error: it needs Triton (the GPU machine's), which is not installed here.\n")
+
+
+def one_line_errors(main):
+    """``main`` with a UserError (the library's refusal of an input, raised during the run) as one line on stderr
+    and exit 2."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            print(f"{Path(main.__code__.co_filename).name}: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapped
