@@ -25,9 +25,10 @@ no_gpu = pytest.mark.skipif(GPU, reason="checks the behaviour without a visible 
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Bit-equal on CPU; where a GPU is visible a placement may put layers on it, whose numerics differ by ~1e-5."""
+    """Bit-equal on CPU; where a GPU is visible a placement may put layers on it, whose numerics differ (the quantized
+    layers by up to 3.4e-4 on an H100: its kernels)."""
     if GPU:
-        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-3, atol=2e-3)
     else:
         assert torch.equal(a, b)
 
@@ -221,7 +222,7 @@ def test_placed_load_gives_the_same_logits(paths, tmp_path, kind, placement):
         ref = api.load(paths / kind)(ids).logits
         placement = {k: (str(tmp_path / "off") if v == "OFF" else v) for k, v in placement.items()}
         net = api.load(paths / kind, **placement)
-        same(net(ids).logits, ref)
+        same(net(ids.to(memory.input_device(net))).logits, ref)  # (on a GPU machine all of it may sit on cuda:0)
     if kind == "art" and "offload_folder" in placement and not GPU:  # 141 KiB over 100 KiB of CPU: layers on disk
         where = memory.device_summary(net)
         assert where.get("disk", 0) > 0 and where.get("cpu", 0) > 0, where
