@@ -2,9 +2,9 @@
 traceback. Not a bench script itself; a script imports it as ``_cli`` (``python bench/x.py`` puts bench/ on the path;
 a script loaded from elsewhere, as the tests load them, inserts its folder first).
 
-- argparse types (``count``, ``number``, ``ints``, ``names``, ``shapes``, ``launches``): a bad value is refused while
-  the arguments are read, before any model loads (``--windows 0`` was a traceback, or a misleading error, after
-  minutes of work);
+- argparse types (``count``, ``number``, ``ints``, ``names``, ``tuples``: ``shapes``, ``launches``): a bad value is
+  refused while the arguments are read, before any model loads (``--windows 0`` was a traceback, or a misleading
+  error, after minutes of work);
 - ``check``: a library validator (``memory.check_device``, a config's own checks) as ``ap.error``;
 - ``unknown``: the names of ``--only`` (and the like) that the script does not know, refused as one line;
 - ``results``: ``--out`` checked before any work (a directory, a folder that cannot be made, a file that is not
@@ -82,34 +82,30 @@ def names(choices, allow_empty: bool = False):
     return parse
 
 
-def shapes(allow_empty: bool = False):
-    """argparse type: layer shapes N x K, comma-separated (``4096x4096,14336x4096``), each side ≥ 1."""
-    def parse(text: str) -> list[tuple[int, int]]:
+def tuples(size: int, sep: str, join: str, example: str, allow_empty: bool = False):
+    """argparse type: groups of ``size`` positive integers joined by ``sep``, the groups joined by ``join``."""
+    def parse(text: str) -> list[tuple[int, ...]]:
         if allow_empty and not text.strip():
             return []
         try:
-            out = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",")]
+            out = [tuple(int(v) for v in s.lower().split(sep)) for s in text.split(join)]
         except ValueError:
             out = None
-        if not out or any(len(s) != 2 or min(s) < 1 for s in out):
-            raise argparse.ArgumentTypeError(f"must look like 4096x4096,14336x4096 (N x K ≥ 1), got {text!r}")
-        return out
-
-    return parse
-
-
-def launches(sep: str = ".", join: str = ",", example: str = "1.4.1,2.4.1"):
-    """argparse type: kernel launches, three positive integers joined by ``sep`` (rt.warps.wr), joined by ``join``."""
-    def parse(text: str) -> list[tuple[int, ...]]:
-        try:
-            out = [tuple(int(v) for v in s.split(sep)) for s in text.split(join)]
-        except ValueError:
-            out = None
-        if not out or any(len(c) != 3 or min(c) < 1 for c in out):
+        if not out or any(len(t) != size or min(t) < 1 for t in out):
             raise argparse.ArgumentTypeError(f"must look like {example}, got {text!r}")
         return out
 
     return parse
+
+
+def shapes(allow_empty: bool = False):
+    """argparse type: layer shapes N x K, comma-separated (``4096x4096,14336x4096``), each side ≥ 1."""
+    return tuples(2, "x", ",", "4096x4096,14336x4096 (N x K ≥ 1)", allow_empty)
+
+
+def launches(sep: str = ".", join: str = ",", example: str = "1.4.1,2.4.1"):
+    """argparse type: kernel launches, three positive integers joined by ``sep`` (rt.warps.wr), joined by ``join``."""
+    return tuples(3, sep, join, example)
 
 
 def check(ap: argparse.ArgumentParser, validate, *args, **kwargs):
