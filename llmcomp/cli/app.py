@@ -39,9 +39,12 @@ def _version(given: bool) -> None:
         raise typer.Exit()
 
 
+VERSION_HELP = "Print llmcomp's version and its main dependencies'."
+
+
 @app.callback()
 def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                   help="Print llmcomp's version and its main dependencies'.")] = False):
+                                                   help=VERSION_HELP)] = False):
     pass
 
 
