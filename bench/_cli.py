@@ -74,6 +74,8 @@ def names(choices, allow_empty: bool = False):
 
     def parse(text: str) -> list[str]:
         items = [n.strip() for n in text.split(",")] if text.strip() or not allow_empty else []
+        if "" in items:  # (as cli.lists.int_list: a trailing comma is a mistake named, not an unknown name '')
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty item; give comma-separated names")
         bad = [n for n in items if n not in choices]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {','.join(choices)}")

@@ -561,7 +561,10 @@ def check_window(net, seq_len: int, what: str = "Evaluation") -> None:
                         "tokens); use shorter windows (--seq-len).")
 
 
-def check_long(context, n_windows, passkey_lengths, passkey_samples, needle_keys, chunk: int = 64) -> None:
+LONG_CHUNK = 64  # evaluate_long's prefill chunk (tokens)
+
+
+def check_long(context, n_windows, passkey_lengths, passkey_samples, needle_keys, *, chunk: int = LONG_CHUNK) -> None:
     """``evaluate_long``'s settings as one error each, before a model is loaded (library calls took -1, 1.5 or 0
     into tracebacks deep in the evaluation). ``chunk``: the library's prefill chunk (the CLI has no flag for it)."""
     for name, value, low in (("--context", context, 16), ("--windows", n_windows, 1), ("chunk", chunk, 1),
@@ -628,7 +631,7 @@ def check_long_fit(path, context: int, passkey_lengths=(), passkey_samples: int 
 
 
 @null_progress
-def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: int = 64,
+def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: int = LONG_CHUNK,
                   passkey_lengths=(1024, 2048), passkey_samples: int = 10, needle_keys: int = 0,
                   device: Optional[str] = None, progress: Progress = NULL) -> dict:
     """Long-context metrics with the model's KV policy active (eval/longctx.py): continuation ppl over a
@@ -637,7 +640,7 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
     from llmcomp.eval.longctx import long_context_eval
     from llmcomp.prune.kv.cache import installed_policy
 
-    check_long(context, n_windows, passkey_lengths, passkey_samples, needle_keys, chunk)
+    check_long(context, n_windows, passkey_lengths, passkey_samples, needle_keys, chunk=chunk)
     p = model_mod.resolve(path, progress.note)
     check_long_fit(p, context, passkey_lengths, passkey_samples)
     net, tok, _, stages = open_model(p, progress=progress, device=default_device(device), describe_base=False)

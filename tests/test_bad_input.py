@@ -878,7 +878,8 @@ def test_library_arguments_found_by_the_api_hunt(artifact, model_dir, tmp_path):
 def test_an_empty_path_flag_is_refused_by_name(args):
     """click reads '' as Path('.'): `quantize -o ''` said "Output . already exists", as if . had been given."""
     result = invoke(*args)
-    assert result.exit_code == 2 and "is empty; give a path." in result.output, result.output
+    said = "is only spaces" if args[-1] == " " else "is empty"
+    assert result.exit_code == 2 and f"{said}; give a path." in result.output, result.output
     flag = next(a for a, v in zip(args, args[1:]) if not v.strip())
     assert f"'{flag}'" in result.output and "Traceback" not in result.output
 

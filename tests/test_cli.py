@@ -411,8 +411,10 @@ def test_a_finished_command_ignores_an_interrupt_while_the_interpreter_tears_dow
     from llmcomp import cli
     from llmcomp.cli import app as app_mod
 
-    before = signal.getsignal(signal.SIGINT)
+    before, term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(cli, "MAIN", [])
+    monkeypatch.setattr(signal, "getsignal", lambda s, real=signal.getsignal: (  # (pytest's own handler aside)
+        signal.SIG_DFL if s == signal.SIGTERM and real(s) is term else real(s)))
     try:
         app_mod.run(lambda: None)
         assert signal.getsignal(signal.SIGINT) is before  # (not the llmcomp process: untouched)
@@ -428,8 +430,10 @@ def test_a_finished_command_ignores_an_interrupt_while_the_interpreter_tears_dow
         except SystemExit as exc:
             assert exc.code == (0 if ending == "exit 0" else 2)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (not Terminated raised in the teardown)
     finally:
         signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGTERM, term)
 
 
 def test_version_names_llmcomp_and_its_main_dependencies():

@@ -23,9 +23,13 @@ MAIN: list = []  # non-empty in the ``llmcomp`` process (not where a test or a l
 def finished() -> None:
     """The command has ended (its output published, its last line printed); the interpreter then frees the model
     (~1 s for the bundled one), and a Ctrl-C there killed the process by SIGINT, silently (exit −2, for a command
-    that had succeeded). Its exit code stands: an interrupt now is ignored (in the ``llmcomp`` process only)."""
+    that had succeeded). Its exit code stands: an interrupt now is ignored, and SIGTERM takes its default action
+    (``Terminated`` raised in the teardown printed a traceback). Only in the process ``main`` runs as the console
+    script (in-process callers use the typer app, e.g. typer's CliRunner, which leaves their handlers alone)."""
     if MAIN:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if signal.getsignal(signal.SIGTERM) is _terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main() -> None:

@@ -11,10 +11,13 @@ METAVAR = "<path>"
 
 def path_flag(text) -> Path:
     """A flag's text as a Path; an empty one is refused by click as a bad value of that flag (one line, exit 2)."""
+    from llmcomp.core.paths import blank_path
+
     if isinstance(text, Path):  # (a default)
         return text
-    if not str(text).strip():
-        raise typer.BadParameter("is empty; give a path.")
+    blank = blank_path(str(text))
+    if blank:
+        raise typer.BadParameter(f"{blank}; give a path.")
     return Path(text)
 
 

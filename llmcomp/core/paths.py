@@ -53,14 +53,20 @@ def cache_dir() -> Path:
     return path
 
 
+def blank_path(text: str) -> str:
+    """What is wrong with a path given as ``text`` that names nothing ("is empty", "is only spaces"), or ''."""
+    return "is empty" if not text else "is only spaces" if not text.strip() else ""
+
+
 def as_path(value, what: str) -> Path:
     """``value`` (a str or os.PathLike) as a Path with ``~`` expanded; a UserError for anything else (a library
     caller passing a loaded model or a number got a TypeError from pathlib)."""
     if not isinstance(value, (str, os.PathLike)):
         hint = "; save it with save_pretrained and pass its folder" if hasattr(value, "state_dict") else ""
         raise UserError(f"{what} must be a path (a str or os.PathLike), got {type(value).__name__}{hint}.")
-    if not os.fspath(value).strip():  # (Path('') is Path('.'): an empty path read as the current folder)
-        raise UserError(f"{what} path is empty; give a folder (write . for the current one).")
+    blank = blank_path(os.fspath(value))
+    if blank:  # (Path('') is Path('.'): an empty path read as the current folder)
+        raise UserError(f"{what} path {blank}; give a path.")
     try:
         return Path(value).expanduser()
     except RuntimeError:  # (~user of no such user: "Could not determine home directory", a traceback)
