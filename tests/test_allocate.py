@@ -96,6 +96,19 @@ def test_a_calibrated_method_on_lm_head_is_refused_before_measuring(tmp_path, mo
                      str(tiny_model_dir), allocation=cfg, calib_samples=2, calib_seq_len=16, device="cpu")
 
 
+def test_lm_head_under_the_output_sensitivity_is_refused_before_measuring(tmp_path, monkeypatch):
+    """RTN (which quantizes lm_head) with --sensitivity output and --ignore '': refused after the whole pass."""
+    from llmcomp import api
+    from tests.conftest import save_char_model
+
+    tiny_model_dir = save_char_model(tmp_path / "m", layers=1)
+    monkeypatch.setattr(allocate, "calibrate_layerwise", lambda *a, **k: pytest.fail("measured first"))
+    cfg = allocate.AllocationConfig(budget=3.0, candidates=(2, 4), group_size=32, sensitivity="output")
+    with pytest.raises(UserError, match="only covers decoder layers; add lm_head to --ignore"):
+        api.quantize(RTNConfig(format=W4G32, ignore=()), tmp_path / "q", str(tiny_model_dir), allocation=cfg,
+                     calib_samples=2, calib_seq_len=16, device="cpu")
+
+
 def test_allocated_model_uses_per_layer_formats(measured):
     model, cfg, table, shapes = measured
     import copy

@@ -26,6 +26,7 @@ from torch import nn
 
 from llmcomp.core.calib import calibrate_layerwise
 from llmcomp.core.config import register_config
+from llmcomp.core.model import decoder_layers
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.core.select import select_linears
 from llmcomp.errors import UserError
@@ -169,6 +170,11 @@ def output_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, n
                   device=None, progress: Progress = NULL, batch_size: int = 8) -> dict[str, dict]:
     formats = cfg.formats()
     table: dict[str, dict] = {}
+    prefix, _ = decoder_layers(model)  # (a layer outside them was refused only after the whole pass)
+    outside = sorted(n for n in chosen if not n.startswith(prefix + "."))
+    if outside:
+        raise UserError(f"Bit allocation with --sensitivity output only covers decoder layers; add {outside[0]} to "
+                        "--ignore.")
 
     def handler(path, layer, runner):
         linears = [(n, m) for n, m in chosen.items() if n.startswith(path + ".")]
