@@ -246,7 +246,10 @@ def quantize(
     from llmcomp.quant.base import check_selection
 
     # (before calibration, allocation and the resume folder; an allocation's formats are checked once chosen)
-    check_selection(net, config, None if allocation is not None else quantizer)
+    chosen = check_selection(net, config, None if allocation is not None else quantizer)
+    if calibrates:  # (a corrupt layer was found when the calibration reached it: the earlier layers' work was lost)
+        for name in chosen:
+            model_mod.check_finite(name, net.get_submodule(name).weight)
 
     calib = None
     source = None

@@ -255,6 +255,23 @@ def test_nan_weights(model_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_nan_weights_stop_a_calibrated_job_before_its_pass(tmp_path, monkeypatch):
+    """A NaN in the last decoder layer was found when GPTQ's calibration reached it: every earlier layer calibrated
+    for nothing, and the note offered to resume a job that can only fail again."""
+    from llmcomp.quant import base
+    from tests.conftest import save_char_model
+
+    m = save_char_model(tmp_path / "m", layers=2)
+    state = load_file(str(m / "model.safetensors"))
+    state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(m / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(base, "calibrate_layerwise", lambda *a, **k: pytest.fail("calibrated first"))
+    r = invoke("quantize", m, "--method", "gptq", "--group-size", 32, "--calib-samples", 2, "--seq-len", 16, "-o",
+               tmp_path / "o")
+    assert "model.layers.1.mlp.down_proj has NaN" in error_line(r) and "resume" not in r.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.resume").exists()
+
+
 def test_output_exists(model_dir, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
