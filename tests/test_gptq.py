@@ -206,6 +206,21 @@ def test_quantize_model_end_to_end(tiny_model_dir, tmp_path):
     assert loaded.model.layers[0].self_attn.v_proj.fmt == Uniform(bits=8, group_size=0)
 
 
+def test_calibration_stops_after_the_last_selected_layer():
+    """GPTQ of layer 0 alone ran every later decoder layer over the calibration windows, for nothing."""
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(layers=3)
+    ran = []
+    model.model.layers[2].mlp.register_forward_hook(lambda *a: ran.append(2))  # (the capture skips submodules)
+    model.model.layers[1].mlp.register_forward_hook(lambda *a: ran.append(1))
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = GPTQConfig(format=Uniform(bits=4, group_size=32), targets=("re:.*layers\\.1\\.self_attn.*",))
+    report = quantize_model(model, cfg, calib, batch_size=4)
+    assert sorted(k for k in report if not k.startswith("_"))[0] == "model.layers.1.self_attn.k_proj"
+    assert 1 in ran and 2 not in ran and isinstance(model.model.layers[1].self_attn.q_proj, QuantLinear)
+
+
 @pytest.mark.parametrize("method,label", [("gptq", "GPTQ"), ("vptq", "VPTQ"), ("decoupleq", "decoupleQ")])
 def test_hessian_methods_share_observe_and_name_themselves_without_statistics(method, label):
     """The Hessian-based quantizers take their hook and their checks from one base (HessianQuantizer): each observes a

@@ -103,8 +103,10 @@ def calibrate_layerwise(
     device: Optional[torch.device | str] = None,
     progress: Progress = NULL,
     offload_activations: Optional[bool] = None,
+    last: Optional[int] = None,
 ) -> None:
-    """Walk ``model``'s decoder layers in order, calling ``handler(path, layer, runner)`` for each.
+    """Walk ``model``'s decoder layers in order, calling ``handler(path, layer, runner)`` for each (up to layer
+    index ``last`` where given: the layers after it have nothing to calibrate, and ran forward for nothing).
 
     ``input_ids``: int64 [n, seq_len]. Batches are equal-sized (``batch_size`` is reduced to a divisor
     of ``n``) so the captured masks fit every batch. ``device``: where layers and activations live
@@ -164,8 +166,9 @@ def calibrate_layerwise(
         for layer in layers:
             del layer.forward  # back to the class's forward
 
-    task = progress.task("Calibrating layers", len(layers))
-    for i, layer in enumerate(layers):
+    count = len(layers) if last is None else max(0, min(last + 1, len(layers)))
+    task = progress.task("Calibrating layers", count)
+    for i, layer in enumerate(layers[:count]):
         try:
             layer.to(device)
             runner = LayerRunner(layer, hidden, layer_kwargs[i], device)
