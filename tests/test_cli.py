@@ -34,6 +34,22 @@ def test_help_reads_well():
         assert "--overwrite" in r.output and "--no-overwrite" not in r.output, (cmd, r.output)
 
 
+def test_quantize_help_names_every_method_that_reads_a_flag():
+    """--damp and --act-order said GPTQ/decoupleQ only, while vptq and pvq read both; --format named mxfp4 the default
+    of gptq too, whose default is the integer grid."""
+    import typer.main
+
+    from llmcomp.cli.methods import unused_options
+    from llmcomp.quant import METHODS
+
+    helps = {p.name: p.help.lower() for p in typer.main.get_command(app).commands["quantize"].params}
+    for method in METHODS.names():
+        for flag in ("damp", "act_order"):
+            if flag not in unused_options(method, 4, None, None):
+                assert method in helps[flag], (flag, method)
+    assert "--sensitivity output" in helps["damp"] and "integer grid for gptq" in helps["fp4_format"]
+
+
 def test_quantize_then_inspect(tiny_model_dir, tmp_path):
     out = tmp_path / "q"
     r = invoke("quantize", tiny_model_dir, "-o", out, "--bits", 3, "--group-size", 32)

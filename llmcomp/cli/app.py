@@ -209,12 +209,22 @@ def quantize(
     bits: Annotated[float, typer.Option(help="Bits per weight code (2-8); a fractional value (e.g. 2.5) is an average budget with per-layer bit allocation. vptq/pvq: index bits per weight, e.g. 2, 2.25, 3, 3.25.")] = 4,
     group_size: Annotated[int, typer.Option(help="Weights per scale along the input dimension; 0 = per-channel. A ragged last group is used when it does not divide the layer.")] = 128,
     symmetric: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (no zero point) or asymmetric.")] = False,
-    fp4_format: Annotated[Optional[str], typer.Option("--format", help="--method fp4 or gptq (GPTQ on the FP4 grid): mxfp4 (E2M1, E8M0 scale per 32; default), nvfp4 (E2M1, E4M3 scale per 16 and an FP32 tensor scale) or fp4 (E2M1, float16 scale per --group-size).")] = None,
+    fp4_format: Annotated[Optional[str], typer.Option("--format", help=(
+        "--method fp4 or gptq (GPTQ on the FP4 grid): mxfp4 (E2M1, E8M0 scale per 32), nvfp4 (E2M1, E4M3 "
+        "scale per 16 and an FP32 tensor scale) or fp4 (E2M1, float16 scale per --group-size). Without it: "
+        "mxfp4 for --method fp4, the integer grid for gptq."
+    ))] = None,
     preset: Annotated[Optional[str], typer.Option(help="Named preset that sets the method and its settings, e.g. w4g128 (its settings' own flags are refused beside it).")] = None,
     targets: Annotated[list[str], typer.Option("--target", help="Layers to quantize: class name, path suffix or re:regex.")] = ["Linear"],
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layers to skip (same patterns), besides lm_head, which is always skipped unless one of them is '' (then only the ones given are).")] = None,
-    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ/decoupleQ: quantize columns by decreasing Hessian diagonal (static groups, no permutation stored).")] = True,
-    damp: Annotated[float, typer.Option(help="GPTQ/decoupleQ: Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help=(
+        "GPTQ/decoupleQ/vptq/pvq: quantize columns by decreasing Hessian diagonal (static groups, no "
+        "permutation stored)."
+    ))] = True,
+    damp: Annotated[float, typer.Option(help=(
+        "GPTQ/decoupleQ/vptq/pvq (and --sensitivity output): Hessian dampening, a fraction of its mean "
+        "diagonal."
+    ))] = 0.01,
     rounds: Annotated[int, typer.Option(help="decoupleQ: integer/float alternation rounds.")] = 4,
     candidates: Annotated[str, typer.Option(help="Bit allocation: candidate widths, comma-separated.")] = "2,3,4,8",
     sensitivity: Annotated[Optional[str], typer.Option(help="Bit allocation: how a layer's rounding error is scored — fisher (default: its effect on the model's loss; one forward+backward of the whole model per sample) or output (the layer's own output error; layer by layer, bounded memory).")] = None,
