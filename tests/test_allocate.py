@@ -156,6 +156,26 @@ def test_fisher_sees_what_the_model_output_ignores():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_fisher_of_a_tied_head_is_the_heads_own():
+    """A tied lm_head's Fisher took the embedding lookup's gradient too (the one Parameter got both): on the bundled
+    model its total read 12 % high and some rows 2e4 times, while quantizing lm_head leaves the embedding float."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, tie_word_embeddings=True)
+    tied = LlamaForCausalLM(cfg).eval()
+    untied = copy.deepcopy(tied)
+    untied.lm_head.weight = nn.Parameter(tied.lm_head.weight.detach().clone())
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    got = allocate.fisher_diagonal(tied, ids, {"lm_head": tied.lm_head}, 3)["lm_head"]
+    want = allocate.fisher_diagonal(untied, ids, {"lm_head": untied.lm_head}, 3)["lm_head"]
+    assert torch.allclose(got, want, rtol=1e-5, atol=0)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # (tied again)
+
+
 def test_bad_sensitivity():
     with pytest.raises(UserError, match="sensitivity"):
         allocate.AllocationConfig(sensitivity="hessian")

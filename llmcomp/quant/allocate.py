@@ -117,14 +117,15 @@ def fisher_diagonal(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str,
     on the device the model is on; None for a weight no forward used (an MoE expert never routed to).
     Gradients are enabled for the chosen weights only, then restored."""
     flags = {p: p.requires_grad for p in model.parameters()}
+    home = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in chosen.values():
-        m.weight.requires_grad_(True)
-    home = next(model.parameters()).device
     F = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in chosen.items()}
     reached: set[str] = set()
+    originals = {n: m.weight for n, m in chosen.items()}
     try:
+        for m in chosen.values():  # a leaf of its own over the same storage: a weight tied to another module (a tied
+            m.weight = nn.Parameter(m.weight.detach(), requires_grad=True)  # lm_head) takes only its own gradient
         with torch.enable_grad():
             for ids in progress.track(calib_ids[:samples].split(1), "Fisher information (allocation)",
                                       total=min(samples, len(calib_ids))):
@@ -136,6 +137,8 @@ def fisher_diagonal(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str,
                         reached.add(n)
                     m.weight.grad = None
     finally:
+        for n, m in chosen.items():
+            m.weight = originals[n]
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
