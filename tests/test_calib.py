@@ -69,3 +69,22 @@ def test_shared_input_groups(tiny_model):
     calibrate_layerwise(tiny_model, ids, handler)
     assert found["model.layers.0"] == [["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"],
                                        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+
+
+def test_the_driver_walks_gpt_neox_layers():
+    """GPT-NeoX (Pythia) keeps its layers at gpt_neox.layers: every calibrated method said "Unsupported
+    architecture GPTNeoXForCausalLM: no decoder layer list found" (RTN, which needs no driver, ran)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                             num_attention_heads=4, vocab_size=128,
+                                             max_position_embeddings=256)).eval()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    calibrate_layerwise(model, ids, lambda path, layer, runner: outs.__setitem__(path, runner.run()), batch_size=2)
+    assert list(outs) == [f"gpt_neox.layers.{i}" for i in range(3)]
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    for i in range(2):  # (the last entry has the final norm applied)
+        assert torch.allclose(torch.cat(outs[f"gpt_neox.layers.{i}"]), ref[i + 1], atol=1e-5)
