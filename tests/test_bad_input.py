@@ -906,3 +906,15 @@ def test_an_empty_model_path_is_refused(command):
     """An empty model argument was read as the current folder (". is not a model directory")."""
     extra = ["--to", "gptq", "-o", "x"] if command == "export" else []
     assert "path is empty" in error_line(invoke(command, "", *extra))
+
+
+def test_gpt2_conv1d_layers_are_named(tmp_path):
+    """GPT-2 keeps its projections as transformers' Conv1D: the refusal offered --ignore '' (its tied lm_head alone
+    would have been quantized)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    said = error_line(invoke("quantize", tmp_path / "gpt2", "-o", tmp_path / "o"))
+    assert "holds its projections as transformers' Conv1D (4 layers, e.g. transformer.h.0.attn.c_attn)" in said
+    assert "--ignore" not in said

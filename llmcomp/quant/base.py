@@ -201,6 +201,10 @@ def check_selection(model: nn.Module, config, quantizer: Optional[Quantizer] = N
                             f"{list(config.ignore)}): the model's {done} linear layers are quantized already; "
                             "quantize the original model instead.")
         _check_patterns(model, config, ("targets",))
+        conv = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+        if conv:  # (GPT-2's; the hint below offered --ignore '', which would quantize its tied head alone)
+            raise UserError(f"{type(model).__name__} holds its projections as transformers' Conv1D ({len(conv)} "
+                            f"layers, e.g. {conv[0]}), not nn.Linear; llmcomp quantizes nn.Linear layers only.")
         hidden = [n for n, _ in select_linears(model, config.targets, ())]
         if hidden:
             default = " (lm_head is ignored by default: --ignore '' lifts that)" if (
