@@ -918,3 +918,11 @@ def test_gpt2_conv1d_layers_are_named(tmp_path):
     said = error_line(invoke("quantize", tmp_path / "gpt2", "-o", tmp_path / "o"))
     assert "holds its projections as transformers' Conv1D (4 layers, e.g. transformer.h.0.attn.c_attn)" in said
     assert "--ignore" not in said
+
+
+@pytest.mark.parametrize("command", [["quantize"], ["prune", "kv"]])
+def test_an_output_name_too_long_for_its_siblings_is_named(model_dir, tmp_path, command):
+    """A 250-byte name is a legal folder, but its lock file .NAME.resume.lock is not: "File name too long" named
+    that hidden file, not the name given."""
+    said = error_line(invoke(*command, model_dir, "-o", tmp_path / ("a" * 250)))
+    assert "is 250 bytes; llmcomp writes beside it" in said and "give at most 241 bytes" in said

@@ -86,6 +86,24 @@ def _bundled_copy() -> Optional[Path]:
         return None
 
 
+SIBLING_EXTRA = len("..resume.lock")  # the longest name written beside an output: .NAME.resume.lock (.NAME.tmp-*: 14)
+
+
+def check_name_length(output: Path) -> None:
+    """An output name too long for its siblings (the temporary copy, the resume lock): "File name too long" from
+    the lock file's open, not from the name the user gave."""
+    folder = next((p for p in output.absolute().parents if p.is_dir()), None)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX") if folder is not None else 255
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(output.name))
+    if size + SIBLING_EXTRA + 1 > limit:
+        raise UserError(f"Output name {output.name[:24]}… is {size} bytes; llmcomp writes beside it "
+                        f"(.NAME.tmp-XXXXXXXX, .NAME.resume.lock) within this filesystem's {limit}-byte names, so "
+                        f"give at most {limit - SIBLING_EXTRA - 1} bytes.")
+
+
 def check_output(output, overwrite: bool, source=None) -> Path:
     """``output`` as a Path; refused where it exists (without ``overwrite``), would replace ``source`` (the
     model or artifact a command reads: the output is that directory or a folder above it), or — with
@@ -102,6 +120,7 @@ def check_output(output, overwrite: bool, source=None) -> Path:
     above = next((p for p in output.absolute().parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise UserError(f"Output {output} is under {above}, which is a file; choose another path.")
+    check_name_length(output)
     restored = recover_swaps(output)
     if output.exists() and not overwrite:
         why = " (put back: an --overwrite of it was killed mid-swap)" if restored else ""
@@ -370,6 +389,7 @@ def job_lock(output: Path, lockfile: Optional[Path] = None):
     """One job at a time writes ``output``: a lock file beside it (``.<name>.resume.lock``, the resume directory's)
     for the whole job; a second process gets a UserError at once instead of doing all its work to find the output
     taken (or mixing its resume layers with the first one's)."""
+    check_name_length(output)
     lockfile = lockfile or job_lockfile(output)
     with locked(lockfile, remove=True, busy=f"Another llmcomp job is writing {output} (it holds {lockfile}); wait "
                                             "for it to finish or choose another output path."):
