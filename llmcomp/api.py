@@ -849,6 +849,8 @@ def stage_label(stage: dict) -> str:
     act = config.get("act_bits")
     if isinstance(act, int) and act != 16:
         extra.append(f"A{act} {config.get('act_format', 'fp')}")
+    if config.get("act_order") is False:  # (GPTQ with and without it read the same in eval --compare)
+        extra.append("no act-order")
     outliers = config.get("outliers")  # (its bits/weight counted them, and the label said plain int3)
     if isinstance(outliers, (int, float)) and not isinstance(outliers, bool) and outliers > 0:
         extra.append(f"{100 * outliers:g}% fp16 outliers")

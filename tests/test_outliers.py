@@ -136,3 +136,13 @@ def test_the_stage_label_names_the_outliers():
     stage = {"method": "gptq", "config": {"format": to_dict(Uniform(bits=3, group_size=128)), "outliers": 0.005}}
     assert api.stage_label(stage) == "gptq int3 g128 asym, 0.5% fp16 outliers"
     assert api.stage_label({**stage, "config": {**stage["config"], "outliers": 0.0}}) == "gptq int3 g128 asym"
+
+
+def test_the_stage_label_names_act_order_off():
+    """GPTQ with and without --act-order read the same in eval --compare's stages column."""
+    from llmcomp.core.config import to_dict
+
+    stage = {"method": "gptq", "config": {"format": to_dict(Uniform(bits=4, group_size=128)), "act_order": True}}
+    assert api.stage_label(stage) == "gptq int4 g128 asym"
+    off = {**stage, "config": {**stage["config"], "act_order": False}}
+    assert api.stage_label(off) == "gptq int4 g128 asym, no act-order"
