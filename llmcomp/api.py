@@ -842,7 +842,9 @@ def stage_label(stage: dict) -> str:
     layers = stage.get("metrics", {}).get("layers")
     alloc = layers.get("_allocation") if isinstance(layers, dict) else None
     if isinstance(alloc, dict) and isinstance(alloc.get("achieved_bits_per_weight"), (int, float)):
-        return f"{stage['method']} alloc {alloc['achieved_bits_per_weight']:.2f} b/w"
+        bits = alloc.get("bits")  # (eval's bits/weight column counts the decoder's linears: it read another number)
+        head = isinstance(bits, dict) and any(str(n).split(".")[-1] == "lm_head" for n in bits)
+        return f"{stage['method']} alloc {alloc['achieved_bits_per_weight']:.2f} b/w{' with lm_head' if head else ''}"
     config = stage.get("config") if isinstance(stage.get("config"), dict) else {}
     # (W4A4 and the LLM-FP4 search wrote the labels of plain W4 and of the format searched from)
     extra = ["searched element/clip"] if config.get("search") is True else []

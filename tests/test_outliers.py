@@ -146,3 +146,13 @@ def test_the_stage_label_names_act_order_off():
     assert api.stage_label(stage) == "gptq int4 g128 asym"
     off = {**stage, "config": {**stage["config"], "act_order": False}}
     assert api.stage_label(off) == "gptq int4 g128 asym, no act-order"
+
+
+def test_an_allocation_label_says_when_lm_head_was_in_it():
+    """With --ignore '' the label's "alloc 3.50 b/w" counted lm_head, and eval's bits/weight column beside it (the
+    decoder's linears) read 3.29: two numbers for one row."""
+    alloc = {"achieved_bits_per_weight": 3.5, "bits": {"model.layers.0.mlp.up_proj": 4, "lm_head": 3}}
+    stage = {"method": "gptq", "metrics": {"layers": {"_allocation": alloc}}}
+    assert api.stage_label(stage) == "gptq alloc 3.50 b/w with lm_head"
+    del alloc["bits"]["lm_head"]
+    assert api.stage_label(stage) == "gptq alloc 3.50 b/w"
