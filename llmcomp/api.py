@@ -278,7 +278,7 @@ def quantize(
             key = resume.fingerprint(config=to_dict(config), **_job_key(net, calib, device),
                                      samples=calib_samples, seq_len=calib_seq_len, seed=seed, text=source,
                                      version=llmcomp_version(), **batch)
-            checkpoint = resume.for_output(output, key, progress.note)
+            checkpoint = resume.for_output(output, key, progress.note, device)
         tied = _tied_head(net)
         report = quantize_model(net, config, calib, progress=progress, device=device, checkpoint=checkpoint,
                                 batch_size=calib_batch)
@@ -926,7 +926,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     check_window(net, config.seq_len, "Fine-tune")  # (the transfer's windows are checked by _calibrated)
     stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)
     check_vocab(stream, net)  # (the calibration windows may miss a rare id the fine-tune's stream holds)
-    checkpoint = resume.for_output(output, key, progress.note)
+    checkpoint = resume.for_output(output, key, progress.note, default_device(device))
     layout, report = distill.linearize_model(net, ids, stream, config, device=default_device(device),
                                              progress=progress, checkpoint=checkpoint)
     net.to("cpu")

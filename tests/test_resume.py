@@ -267,3 +267,29 @@ def test_a_job_on_a_new_folders_output_is_locked_and_leaves_no_folder_when_it_fa
     with pytest.raises(UserError, match="does not exist"):
         api.quantize(RTNConfig(format=Uniform(4, 32)), tmp_path / "new2" / "sub" / "o", str(tmp_path / "nope"))
     assert not (tmp_path / "new2").exists()
+
+
+def test_a_cpu_job_resumed_under_another_thread_count_says_so(tmp_path):
+    """GPTQ's CPU sums round differently under another thread count: a resume mixed the two silently, though the
+    README promises an uninterrupted run's bytes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from llmcomp.core import resume
+
+    out = tmp_path / "o"
+    first = resume.for_output(out, "k", device="cpu")
+    save_file({"w": torch.zeros(1)}, str(first.dir / "layer-0000.safetensors"))
+    first._lock.close()
+    stamp = first.dir / resume.FINGERPRINT_FILE
+    assert json.loads(stamp.read_text())["threads"] == torch.get_num_threads()
+    stamp.write_text(json.dumps({"fingerprint": "k", "threads": torch.get_num_threads() + 1}))
+    said = []
+    second = resume.for_output(out, "k", said.append, device="cpu")
+    assert second.resumed == ["layer-0000"]
+    assert any(f"ran under {torch.get_num_threads() + 1} CPU threads and this run has" in s for s in said), said
+    second._lock.close()
+    said.clear()
+    resume.for_output(out, "k", said.append, device="cuda")._lock.close()  # (GPU sums: no CPU threads involved)
+    assert not any("CPU threads" in s for s in said), said

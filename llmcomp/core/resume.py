@@ -119,7 +119,8 @@ def drop_idle(since: int = 0) -> None:
 
 
 class Checkpoint:
-    def __init__(self, directory: Path, key: str, note=lambda msg: None, output: Optional[Path] = None):
+    def __init__(self, directory: Path, key: str, note=lambda msg: None, output: Optional[Path] = None,
+                 cpu: bool = False):
         self.dir = Path(directory)
         self.key = key
         # one job at a time a directory: a second one would discard this one's layers, or mix them with its own
@@ -148,7 +149,7 @@ class Checkpoint:
         self._drop_damaged(note)
         if not stamp.exists():
             tmp = stamp.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"fingerprint": key}))
+            tmp.write_text(json.dumps({"fingerprint": key, "threads": torch.get_num_threads()}))
             os.replace(tmp, stamp)
         self.t0 = time.perf_counter()
         try:  # (a resumed run's wall time counts the earlier runs': it showed only the last one's seconds)
@@ -158,6 +159,8 @@ class Checkpoint:
         self.resumed = sorted(p.stem for p in self.dir.glob("layer-*.safetensors"))
         if self.resumed:
             note(f"Resuming: {len(self.resumed)} finished layer(s) in {self.dir}")
+            if cpu:
+                _note_threads(stamp, note)
 
     def _drop_damaged(self, note) -> None:
         """Files that do not read (a crash's half-written state) are dropped with a note and computed again — with
@@ -223,5 +226,19 @@ class Checkpoint:
         self._lock.close()  # (the lock file goes with the last holder in this process)
 
 
-def for_output(output: Path, key: str, note=lambda msg: None) -> Optional[Checkpoint]:
-    return Checkpoint(output.parent / f".{output.name}.resume", key, note, output=output)
+def _note_threads(stamp: Path, note) -> None:
+    """A CPU job resumed under another thread count: its float sums round differently there, so the weights are not
+    the bytes of an uninterrupted run (the work is kept: a rerun on a machine of another size lost hours of it)."""
+    try:
+        then = json.loads(stamp.read_text()).get("threads")
+    except (OSError, ValueError):
+        return
+    now = torch.get_num_threads()
+    if isinstance(then, int) and then != now:
+        note(f"The finished layers ran under {then} CPU threads and this run has {now}: the weights may differ in "
+             f"rounding from an uninterrupted run's (OMP_NUM_THREADS={then} gives the same bytes).")
+
+
+def for_output(output: Path, key: str, note=lambda msg: None, device=None) -> Optional[Checkpoint]:
+    cpu = device is None or torch.device(device).type == "cpu"
+    return Checkpoint(output.parent / f".{output.name}.resume", key, note, output=output, cpu=cpu)
