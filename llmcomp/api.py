@@ -856,6 +856,12 @@ def stage_label(stage: dict) -> str:
     outliers = config.get("outliers")  # (its bits/weight counted them, and the label said plain int3)
     if isinstance(outliers, (int, float)) and not isinstance(outliers, bool) and outliers > 0:
         extra.append(f"{100 * outliers:g}% fp16 outliers")
+    names = [str(n) for n in layers if not str(n).startswith("_")] if isinstance(layers, dict) else []
+    # (a head-only stage read "rtn int4 g32 asym" like a second pass over the decoder, and eval's bits/weight
+    # column beside it, which counts no lm_head, did not move)
+    heads = sum(n.split(".")[-1] == "lm_head" for n in names)
+    if heads:
+        extra.append("lm_head only" if heads == len(names) else "with lm_head")
     tail = f", {', '.join(extra)}" if extra else ""
     fmt = config.get("format")
     if isinstance(fmt, dict):

@@ -156,3 +156,16 @@ def test_an_allocation_label_says_when_lm_head_was_in_it():
     assert api.stage_label(stage) == "gptq alloc 3.50 b/w with lm_head"
     del alloc["bits"]["lm_head"]
     assert api.stage_label(stage) == "gptq alloc 3.50 b/w"
+
+
+def test_a_stage_label_says_when_it_quantized_lm_head():
+    """`quantize ART --ignore '' --target lm_head` after a decoder stage read "rtn int4 g32 asym + rtn int4 g32 asym"
+    in eval --compare (the decoder quantized twice?), its bits/weight column unchanged."""
+    fmt = {"_type": "Uniform", "_version": 1, "bits": 4, "group_size": 32, "symmetric": False}
+    layers = {"_wall_time_s": 0.1, "lm_head": {"sqnr_db": 20.0}}
+    stage = {"method": "rtn", "config": {"format": fmt}, "metrics": {"layers": layers}}
+    assert api.stage_label(stage) == "rtn int4 g32 asym, lm_head only"
+    layers["model.layers.0.mlp.up_proj"] = {"sqnr_db": 20.0}
+    assert api.stage_label(stage) == "rtn int4 g32 asym, with lm_head"
+    del layers["lm_head"]
+    assert api.stage_label(stage) == "rtn int4 g32 asym"
