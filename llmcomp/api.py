@@ -462,6 +462,9 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
         model, output, overwrite, calib_samples, calib_seq_len, seed, progress, check=check)
     stats = experts.collect_stats(net, ids, config, device=default_device(device), progress=progress)
     report = experts.prune(net, stats, config)
+    if any(s.get("skip_threshold") is not None for s in stages):  # (kept, and re-installed at load: said, not silent)
+        progress.note("The dynamic skip threshold of an earlier stage was calibrated on the routing before this "
+                      "pruning and stays in force; its skip rate now differs (run prune dynamic again to re-measure).")
     stage = {"method": f"experts-{config.method}", "kind": moe.KIND, "config": to_dict(config),
              "shapes": moe.shapes(net), "wall_time_s": round(time.perf_counter() - start, 2), "metrics": report,
              "calibration": info}

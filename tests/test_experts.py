@@ -542,3 +542,18 @@ def test_dynamic_skip_keeps_a_bf16_models_dtype(tmp_path):
                                  "--calib-samples", "2", "--seq-len", "32", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert {t.dtype for t in load_file(str(tmp_path / "f16" / "model.safetensors")).values()} == {torch.float16}
+
+
+def test_pruning_after_a_dynamic_stage_says_its_threshold_is_stale(tmp_path):
+    """prune experts after prune dynamic kept the threshold calibrated on the old routing, silently (its skip rate
+    moved: 15 % → 17 % on a moefied model)."""
+    src = _save_with_tokenizer(tiny_moe("mixtral"), tmp_path / "moe")
+    kw = ["--calib-samples", "2", "--seq-len", "32", "--device", "cpu"]
+    r = CliRunner().invoke(app, ["prune", "dynamic", str(src), "--rate", "0.2", "-o", str(tmp_path / "d"), *kw])
+    assert r.exit_code == 0, r.output
+    for source, said in ((src, False), (tmp_path / "d", True)):
+        out = tmp_path / f"p{int(said)}"
+        r = CliRunner().invoke(app, ["prune", "experts", str(source), "--method", "frequency", "--ratio", "0.25",
+                                     "--no-protect-super-experts", "-o", str(out), *kw])
+        assert r.exit_code == 0, r.output
+        assert ("dynamic skip threshold of an earlier stage" in " ".join(r.output.split())) == said
