@@ -844,10 +844,15 @@ def stage_label(stage: dict) -> str:
     """``"rtn int4 g128 asym"`` from a manifest stage."""
     layers = stage.get("metrics", {}).get("layers")
     alloc = layers.get("_allocation") if isinstance(layers, dict) else None
+    names = [str(n) for n in layers if not str(n).startswith("_")] if isinstance(layers, dict) else []
+    if isinstance(alloc, dict) and isinstance(alloc.get("bits"), dict):
+        names += [str(n) for n in alloc["bits"] if str(n) not in names]
+    # (a head-only stage read "rtn int4 g32 asym" like a second pass over the decoder, and eval's bits/weight
+    # column beside it, which counts no lm_head, did not move; an allocation's b/w counted the head, the column not)
+    heads = sum(n.split(".")[-1] == "lm_head" for n in names)
+    head = ["lm_head only" if heads == len(names) else "with lm_head"] if heads else []
     if isinstance(alloc, dict) and isinstance(alloc.get("achieved_bits_per_weight"), (int, float)):
-        bits = alloc.get("bits")  # (eval's bits/weight column counts the decoder's linears: it read another number)
-        head = isinstance(bits, dict) and any(str(n).split(".")[-1] == "lm_head" for n in bits)
-        return f"{stage['method']} alloc {alloc['achieved_bits_per_weight']:.2f} b/w{' with lm_head' if head else ''}"
+        return f"{stage['method']} alloc {alloc['achieved_bits_per_weight']:.2f} b/w" + "".join(", " + h for h in head)
     config = stage.get("config") if isinstance(stage.get("config"), dict) else {}
     # (W4A4 and the LLM-FP4 search wrote the labels of plain W4 and of the format searched from)
     extra = ["searched element/clip"] if config.get("search") is True else []
@@ -859,12 +864,7 @@ def stage_label(stage: dict) -> str:
     outliers = config.get("outliers")  # (its bits/weight counted them, and the label said plain int3)
     if isinstance(outliers, (int, float)) and not isinstance(outliers, bool) and outliers > 0:
         extra.append(f"{100 * outliers:g}% fp16 outliers")
-    names = [str(n) for n in layers if not str(n).startswith("_")] if isinstance(layers, dict) else []
-    # (a head-only stage read "rtn int4 g32 asym" like a second pass over the decoder, and eval's bits/weight
-    # column beside it, which counts no lm_head, did not move)
-    heads = sum(n.split(".")[-1] == "lm_head" for n in names)
-    if heads:
-        extra.append("lm_head only" if heads == len(names) else "with lm_head")
+    extra += head
     tail = f", {', '.join(extra)}" if extra else ""
     fmt = config.get("format")
     if isinstance(fmt, dict):

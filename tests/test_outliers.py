@@ -153,7 +153,7 @@ def test_an_allocation_label_says_when_lm_head_was_in_it():
     decoder's linears) read 3.29: two numbers for one row."""
     alloc = {"achieved_bits_per_weight": 3.5, "bits": {"model.layers.0.mlp.up_proj": 4, "lm_head": 3}}
     stage = {"method": "gptq", "metrics": {"layers": {"_allocation": alloc}}}
-    assert api.stage_label(stage) == "gptq alloc 3.50 b/w with lm_head"
+    assert api.stage_label(stage) == "gptq alloc 3.50 b/w, with lm_head"
     del alloc["bits"]["lm_head"]
     assert api.stage_label(stage) == "gptq alloc 3.50 b/w"
 
