@@ -9,6 +9,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test (or a bench script it runs) that sets torch's thread count leaves it to itself: the rest of the run
+    went on under one thread."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def tiny_llama(hidden=64, layers=2, inter=96, vocab=128, seed=0):
     """A tiny random Llama-style causal LM (fast unit tests)."""
     from transformers import LlamaConfig, LlamaForCausalLM
