@@ -806,8 +806,7 @@ def evaluate(path=None, *, seq_len: int = 512, n_windows: int = 16, batch_size: 
     # (what was loaded, read now: an --overwrite during the evaluation gave a row of two artifacts' numbers)
     sizes, loaded = size_report(net, p), {}
     if is_artifact(p):
-        times = [s.get("wall_time_s") for s in stages]
-        loaded["quant_time_s"] = sum(t for t in times if isinstance(t, (int, float)))
+        loaded["quant_time_s"] = stages_seconds(stages)
         seal = read_manifest(p, verify=False).get(SEAL)
         if seal is not None:
             loaded[SEAL] = seal
@@ -838,6 +837,13 @@ def record_evaluations(rows: list[dict]) -> None:
         p = model_mod.resolve(r["path"]) if r["path"] != model_mod.DEFAULT_MODEL else None
         if p is not None and is_artifact(p):
             record_evaluation(p, {k: v for k, v in r.items() if k not in ("path", "name", SEAL)}, seal=r.get(SEAL))
+
+
+def stages_seconds(stages) -> float:
+    """The seconds an artifact's stages took, summed over the numbers its manifest holds (a hand-edited, unsealed one
+    may hold anything): eval's quant s column and the report's total."""
+    times = [s.get("wall_time_s") for s in stages]
+    return float(sum(t for t in times if isinstance(t, (int, float)) and not isinstance(t, bool)))
 
 
 def stage_label(stage: dict) -> str:

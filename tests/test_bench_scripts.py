@@ -24,14 +24,10 @@ def _script(name: str):
 
 def _run(monkeypatch, name: str, *args: str) -> None:
     """``python bench/NAME.py ARGS`` in this process (its ``if __name__ == "__main__"`` included; the path entry it
-    adds and the torch threads it sets are undone after the test)."""
+    adds is undone after the test, and the torch threads it sets by conftest's ``_torch_threads``)."""
     monkeypatch.setattr(sys, "argv", [str(BENCH / f"{name}.py"), *args])
     monkeypatch.setattr(sys, "path", list(sys.path))
-    threads = torch.get_num_threads()
-    try:
-        runpy.run_path(str(BENCH / f"{name}.py"), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
+    runpy.run_path(str(BENCH / f"{name}.py"), run_name="__main__")
 
 
 def _refused(monkeypatch, capsys, name: str, *args: str) -> str:

@@ -13,7 +13,7 @@ A CUDA out-of-memory names the layer (``core/memory.py``), inside or outside a `
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -103,10 +103,11 @@ def calibrate_layerwise(
     device: Optional[torch.device | str] = None,
     progress: Progress = NULL,
     offload_activations: Optional[bool] = None,
-    last: Optional[int] = None,
+    reach: Optional[Iterable[str]] = None,
 ) -> None:
-    """Walk ``model``'s decoder layers in order, calling ``handler(path, layer, runner)`` for each (up to layer
-    index ``last`` where given: the layers after it have nothing to calibrate, and ran forward for nothing).
+    """Walk ``model``'s decoder layers in order, calling ``handler(path, layer, runner)`` for each — with ``reach``
+    (the names of the modules the handler works on), up to the last layer holding one of them: the layers after it
+    have nothing to calibrate, and ran forward for nothing.
 
     ``input_ids``: int64 [n, seq_len]. Batches are equal-sized (``batch_size`` is reduced to a divisor
     of ``n``) so the captured masks fit every batch. ``device``: where layers and activations live
@@ -166,7 +167,10 @@ def calibrate_layerwise(
         for layer in layers:
             del layer.forward  # back to the class's forward
 
-    count = len(layers) if last is None else max(0, min(last + 1, len(layers)))
+    count = len(layers)
+    if reach is not None:
+        names = list(reach)
+        count = 1 + max((i for i in range(count) if any(n.startswith(f"{prefix}.{i}.") for n in names)), default=-1)
     task = progress.task("Calibrating layers", count)
     for i, layer in enumerate(layers[:count]):
         try:

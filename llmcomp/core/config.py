@@ -84,8 +84,9 @@ def check_field_types(obj: Any) -> None:
             ok = isinstance(value, classes)
         else:
             continue
-        if ok and f.name == "seed" and _seed_fault(value):  # (a FieldError: a command line names its --seed)
-            raise FieldError(type(obj).__name__, "seed", _seed_fault(value))
+        fault = _seed_fault(value) if ok and f.name == "seed" else ""
+        if fault:  # (a FieldError: a command line names its --seed)
+            raise FieldError(type(obj).__name__, "seed", fault)
         if not ok:
             want = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
                     "tuple[str, ...]": "a tuple of strings", "tuple[int, ...]": "a tuple of integers"}.get(

@@ -25,7 +25,8 @@ BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 WEIGHT_SUFFIXES = (".safetensors",)
 # Where decoder layers live in transformers' causal-LM classes (Llama, Qwen2, Mistral, Gemma, ...).
-LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers")
+LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers",
+               "gpt_neox.layers")
 
 
 @dataclass

@@ -191,8 +191,8 @@ def output_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, n
             table[n] = {"weights": m.weight.numel(), "errors": layer_errors(m, H, formats)}
             accs[m].release()
 
-    last = max((int(n[len(prefix) + 1:].split(".", 1)[0]) for n in chosen), default=None)
-    calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress, last=last)
+    calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress,
+                        reach=chosen)
     missing = set(chosen) - set(table)
     if missing:
         raise UserError(f"Bit allocation only covers decoder layers; add {sorted(missing)[0]} to --ignore.")

@@ -299,10 +299,8 @@ def quantize_model(
             if checkpoint is not None:
                 checkpoint.save(model, index, [n for n, _ in linears], report)
 
-        prefix, _ = decoder_layers(model)  # (check_selection refused a calibrated layer outside them)
-        last = max(int(n[len(prefix) + 1:].split(".", 1)[0]) for n in chosen)
         calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress,
-                            last=last)
+                            reach=chosen)
         if unseen:
             warnings.warn(f"{len(unseen)} linear layer(s) received no calibration tokens (e.g. {unseen[0]}: an "
                           f"MoE expert its router never chose); {config.method} quantized them against their "

@@ -109,7 +109,7 @@ def _draw(view: dict, out: Path) -> list[str]:
 def _modules_and_totals(path: Path, manifest: dict) -> tuple[dict, dict]:
     """``{module: (bits per weight, format)}`` and totals (bits per weight over the decoder linears as
     ``llmcomp eval`` counts them, weight bytes on disk, base model bytes when it is on this machine)."""
-    import llmcomp.api  # noqa: F401  (registers the stage hooks the skeleton needs)
+    from llmcomp.api import stages_seconds  # (importing it registers the stage hooks the skeleton needs)
     from llmcomp.core.artifact import build_skeleton
     from llmcomp.eval.size import size_report, weights_mb
 
@@ -123,8 +123,7 @@ def _modules_and_totals(path: Path, manifest: dict) -> tuple[dict, dict]:
         modules[name] = (mod.fmt.bits_per_weight(mod.out_features, mod.in_features), mod.fmt.describe())
     _stored_dtypes(path, skeleton)
     totals = {**size_report(skeleton, path), "linears": sum(1 for _ in _linears(skeleton))}
-    times = [s.get("wall_time_s") for s in manifest["stages"]]  # (as eval sums them: numbers only)
-    totals["wall_time_s"] = float(sum(t for t in times if isinstance(t, (int, float)) and not isinstance(t, bool)))
+    totals["wall_time_s"] = stages_seconds(manifest["stages"])
     base = manifest["base_model"].get("path")
     if base and Path(base).is_dir():
         mb = weights_mb(Path(base))
