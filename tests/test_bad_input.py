@@ -684,6 +684,32 @@ def test_a_config_that_does_not_fit_its_weights(tiny_model_dir, edit, needle):
         model_mod.load_hf(tiny_model_dir)
 
 
+@pytest.mark.parametrize("exc,files_fault", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+    (RuntimeError("expected m1 and m2 to have the same dtype, but got: float != c10::BFloat16"), False),
+    (RuntimeError("Error(s) in loading state_dict for LlamaForCausalLM:\n\tsize mismatch for lm_head.weight\n\tYou "
+                  "may consider adding `ignore_mismatched_sizes=True` in the model `from_pretrained` method."), True),
+], ids=["out-of-memory", "dtype", "transformers-4-size-mismatch"])
+def test_only_runtime_errors_of_the_weights_are_a_bad_model_folder(tiny_model_dir, monkeypatch, exc, files_fault):
+    """Every RuntimeError of from_pretrained was told as 'Could not load a causal LM from DIR' (a CUDA out of memory
+    too, a torch.OutOfMemoryError being one); only the weights' misfit to config.json is the folder's fault."""
+    from transformers import AutoModelForCausalLM
+
+    from llmcomp.core import model as model_mod
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fail)
+    with pytest.raises(UserError if files_fault else type(exc)) as caught:
+        model_mod.load_hf(tiny_model_dir)
+    assert isinstance(caught.value, UserError) == files_fault
+    if files_fault:
+        assert "other shapes than its config.json gives" in str(caught.value)
+    else:
+        assert caught.value is exc
+
+
 @pytest.mark.parametrize("content", ["{", '{"version": "1.0"}'], ids=["not-json", "wrong-structure"])
 def test_tokenizer_files_that_do_not_load_are_one_error(tmp_path, content):
     """A damaged tokenizer.json was taken for no tokenizer (GPTQ: "the model directory has none"; RTN wrote an

@@ -189,6 +189,11 @@ def _config_errors() -> tuple:
     return (StrictDataclassError,)
 
 
+# What transformers' RuntimeErrors say of weights that do not fit the model config.json builds (5.x, 4.x): the only
+# RuntimeErrors of a load that are the files' fault.
+_WEIGHT_MISFITS = ("mismatched_sizes", "Error(s) in loading state_dict", "automatic conversion of the weights")
+
+
 def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max_memory=None, offload_folder=None,
             strict_tokenizer: bool = True):
     """Load a plain HF model directory and its tokenizer (``device_map``, ``max_memory`` as parsed by
@@ -208,10 +213,11 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
                                                            use_safetensors=True, **place)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, *_config_errors()) as exc:
-        # (RuntimeError: weights of other sizes than config.json says; the config's own field checks raise
-        # huggingface_hub's StrictDataclassError)
+        # (the config's own field checks raise huggingface_hub's StrictDataclassError)
+        if isinstance(exc, RuntimeError) and not any(s in str(exc) for s in _WEIGHT_MISFITS):
+            raise  # (out of memory, a dtype or a bug inside transformers: not the files' fault)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, RuntimeError) and "mismatched_sizes" in first:  # (its report went to the silenced log)
+        if isinstance(exc, RuntimeError) and "mismatched_sizes" in str(exc):  # (its report went to the silenced log)
             first = "weights of other shapes than its config.json gives (vocab_size, hidden_size, ...)"
         raise UserError(f"Could not load a causal LM from {path}: {first}") from None
     if offload_folder is None and "disk" in getattr(model, "hf_device_map", {}).values():
