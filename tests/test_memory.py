@@ -244,6 +244,33 @@ def test_over_budget_without_offload_folder_is_one_error(paths, kind):
         api.load(paths / kind, device_map=disk)
 
 
+@no_gpu
+def test_a_plain_model_over_budget_is_refused_before_it_is_loaded(paths, monkeypatch):
+    """The refusal came after from_pretrained had read (and offloaded) every weight: minutes for a large model."""
+    from transformers import AutoModelForCausalLM
+
+    late = {}
+    with monkeypatch.context() as m:  # (the check after the load: the message is the same)
+        m.setattr(memory, "refuse_disk", lambda *args: None, raising=False)
+        with pytest.raises(UserError) as after:
+            api.load(paths / "hf", max_memory="cpu=100KiB")
+        with pytest.raises(UserError) as after_map:
+            api.load(paths / "hf", device_map={"": "disk"})
+
+    def loaded(*args, **kwargs):
+        late["loaded"] = True
+        raise AssertionError("from_pretrained ran")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loaded)
+    with pytest.raises(UserError) as before:
+        api.load(paths / "hf", max_memory="cpu=100KiB")
+    with pytest.raises(UserError) as before_map:
+        api.load(paths / "hf", device_map={"": "disk"})
+    assert not late and str(before.value) == str(after.value) and str(before_map.value) == str(after_map.value)
+    with pytest.raises(AssertionError, match="from_pretrained ran"):  # (one it may hold is not refused)
+        api.load(paths / "hf", max_memory="cpu=1GiB")
+
+
 def test_quantized_layers_placed_off_device_keep_no_weight_cache(paths, tmp_path):
     from llmcomp.core.qlinear import QuantLinear
 

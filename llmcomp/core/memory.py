@@ -294,6 +294,22 @@ def over_budget(need: int, device_map=None, max_memory=None) -> UserError:
                      f"the rest on disk{', or raise the limits' if max_memory else ''}.")
 
 
+def refuse_disk(model_bytes, device_map, max_memory=None) -> None:
+    """Refuse, before a load without --offload-folder, a placement sure to put part of the model on disk: a map that
+    names disk, or ``device_map="auto"`` with the model's ``model_bytes()`` (None: unknown) over all the memory it may
+    fill. accelerate's plan keeps room spare, so a model within that may go to disk yet: the load's own check."""
+    if isinstance(device_map, dict) and "disk" in device_map.values():
+        raise over_budget(0, device_map)
+    if device_map != "auto":
+        return
+    from accelerate.utils import get_max_memory
+
+    room = sum(v for k, v in (budget(max_memory) or get_max_memory()).items() if k != "disk")
+    need = model_bytes()
+    if need is not None and need > room:
+        raise over_budget(need, device_map, max_memory)
+
+
 def dispatch(model: torch.nn.Module, device_map, max_memory=None, offload_folder=None) -> torch.nn.Module:
     """Place a model that is loaded on CPU: ``device_map`` ``"auto"`` (accelerate plans decoder layers
     over GPUs, CPU and disk under ``max_memory``), a device name, or an explicit ``{module: device}``.

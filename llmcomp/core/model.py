@@ -189,6 +189,30 @@ def _config_errors() -> tuple:
     return (StrictDataclassError,)
 
 
+def _held_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of a model's tensors, each once (ties by identity: meta tensors have no storage to tell them), with its
+    floating ones in ``dtype`` where one is given."""
+    held = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+    return sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+               for t in held)
+
+
+def _skeleton_bytes(path: Path, dtype: torch.dtype) -> int | None:
+    """``_held_bytes`` of ``path``'s model loaded in ``dtype``, from a meta-device build of its config.json (no weight
+    is read); None where that does not build (the load then says why)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "quantization_config", None) is not None:
+            return None  # (another tool's quantized weights: transformers' quantizer decides their size)
+        with init_empty_weights(include_buffers=True):
+            return _held_bytes(AutoModelForCausalLM.from_config(config), dtype)
+    except (OSError, ValueError, KeyError, TypeError, *_config_errors()):
+        return None
+
+
 # What transformers' RuntimeErrors say of weights that do not fit the model config.json builds (5.x, 4.x): the only
 # RuntimeErrors of a load that are the files' fault.
 _WEIGHT_MISFITS = ("mismatched_sizes", "Error(s) in loading state_dict", "automatic conversion of the weights")
@@ -209,6 +233,10 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
     if not any(Path(path).glob("*.safetensors")) and any(Path(path).glob("*.bin")):
         raise UserError(f"{path} holds its weights as PyTorch pickles (*.bin) only; llmcomp reads safetensors files "
                         "and never unpickles — save the model with safe_serialization=True first.")
+    if device_map is not None and offload_folder is None:  # (refused after the load: a large model's minutes spent)
+        from llmcomp.core.memory import refuse_disk
+
+        refuse_disk(lambda: _skeleton_bytes(path, dtype), device_map, max_memory)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
                                                            use_safetensors=True, **place)
@@ -223,8 +251,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
     if offload_folder is None and "disk" in getattr(model, "hf_device_map", {}).values():
         from llmcomp.core.memory import over_budget  # (transformers offloads without a folder)
 
-        held = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # (meta: no storage to tell ties)
-        raise over_budget(sum(t.numel() * t.element_size() for t in held), device_map, max_memory)
+        raise over_budget(_held_bytes(model), device_map, max_memory)
     fit_experts(model)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     beyond = sorted(k for k in info.get("unexpected_keys") or () if isinstance(n_layers, int)
