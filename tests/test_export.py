@@ -277,6 +277,23 @@ def test_gptq_import_feeds_quantize(arts, tmp_path):
     assert torch.equal(reloaded.model.layers[1].mlp.up_proj.dequantize(), src.model.layers[1].mlp.up_proj.dequantize())
 
 
+@pytest.mark.parametrize("to", ["gptq", "compressed-tensors"])
+def test_an_artifact_made_from_an_export_records_the_original_base_model(arts, model_dir, tmp_path, to):
+    """Its manifest named the export folder (an int4 checkpoint) as its base model: eval --reference base compared
+    with it, bench decode timed it as the original. Another tool's checkpoint is its own base, as before."""
+    if to == "compressed-tensors":
+        pytest.importorskip("compressed_tensors")
+    art, out = arts("w4g32sym"), tmp_path / "exported"
+    api.export(art, to, out)
+    head = RTNConfig(format=Uniform(8, 0), ignore=())  # (the lm_head, the one float linear left)
+    again = api.quantize(head, tmp_path / "again", str(out))
+    assert read_manifest(again)["base_model"] == read_manifest(art)["base_model"]
+    assert api.base_model_path(again) == str(model_dir.resolve())
+    (out / "llmcomp_base.json").unlink()  # (as another tool writes it)
+    other = read_manifest(api.quantize(head, tmp_path / "other", str(out)))["base_model"]
+    assert other["path"] == str(out.resolve())
+
+
 def test_gptq_legacy_quantize_config(arts, tmp_path):
     """Older AutoGPTQ checkpoints: settings in quantize_config.json, an inv_freq buffer among the tensors."""
     from safetensors.torch import save_file

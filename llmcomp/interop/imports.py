@@ -20,6 +20,8 @@ KINDS = {"gptq": ".qweight", "compressed-tensors": ".weight_packed"}
 LEGACY_GPTQ_CONFIG = "quantize_config.json"
 # buffers some exporters saved that current transformers models recompute (not in their state dict)
 RECOMPUTED = (".rotary_emb.inv_freq",)
+# what ``llmcomp export`` writes beside a checkpoint: the exported artifact's base model, which an import records
+BASE_RECORD = "llmcomp_base.json"
 
 
 def detect(path: Path) -> Optional[str]:
@@ -153,6 +155,17 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
              "wall_time_s": round(time.perf_counter() - start, 2),
              "metrics": {"bits_per_weight": round(size_report(model)["bits_per_weight"], 4),
                          "imported_layers": len(formats)}}
-    base = None if not describe_base else {"name": model_mod.model_name(path), "path": str(path.resolve()),
-                                           "sha256": model_mod.weights_sha256(path)}
+    base = None if not describe_base else exported_base(path) or {
+        "name": model_mod.model_name(path), "path": str(path.resolve()), "sha256": model_mod.weights_sha256(path)}
     return model, model_mod.load_tokenizer(path, strict_tokenizer), base, [stage]
+
+
+def exported_base(path: Path) -> Optional[dict]:
+    """The base model of the artifact ``llmcomp export`` wrote ``path`` from: the original, which ``eval --reference
+    base``, ``bench decode`` and the report compare with (the checkpoint itself, quantized already, was recorded);
+    None for another tool's checkpoint."""
+    try:
+        base = json.loads((Path(path) / BASE_RECORD).read_text()).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, dict) else None

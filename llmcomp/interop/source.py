@@ -20,6 +20,7 @@ from llmcomp.core.paths import atomic_dir, check_output
 from llmcomp.core.qlinear import QuantLinear, untie_quantized_head
 from llmcomp.errors import UserError
 from llmcomp.formats.uniform import Uniform
+from llmcomp.interop.imports import BASE_RECORD
 
 # Manifest stage kinds that change the model's structure or runtime behaviour in ways only llmcomp.load
 # rebuilds (prune/kv, prune/moe, linearize): other tools would load a different model.
@@ -99,7 +100,8 @@ def open_source(path, target: str) -> Source:
 def write_checkpoint(src: Source, dest: Path, tensors: dict[str, torch.Tensor], quantization_config: dict,
                      overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write ``tensors`` and the artifact's config (plus ``quantization_config``), generation config and
-    tokenizer files as a Hugging Face checkpoint directory at ``dest`` (atomically)."""
+    tokenizer files as a Hugging Face checkpoint directory at ``dest`` (atomically), with its base model
+    (``BASE_RECORD``) for an import to record."""
     dest = check_output(dest, overwrite, src.path)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         _save_shards({k: v.contiguous() for k, v in tensors.items()}, tmp, shard_bytes)
@@ -112,6 +114,7 @@ def write_checkpoint(src: Source, dest: Path, tensors: dict[str, torch.Tensor], 
         config["quantization_config"] = quantization_config
         untie_quantized_head(src.model, config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / BASE_RECORD).write_text(json.dumps({"base_model": src.manifest["base_model"]}, indent=1) + "\n")
     return dest
 
 
