@@ -228,6 +228,21 @@ def test_a_ratio_the_guard_cannot_meet_is_refused():
     assert len(experts.plan_experts(stats, cfg, found)[b.path]["removed"]) == 4
 
 
+def test_without_an_outlier_the_guard_protects_no_expert():
+    """The percentile and the tenth of the largest always let the largest maximum through: the top expert of a
+    model with no outlier was protected (and reported as a super expert)."""
+    model = tiny_moe("mixtral")
+    cfg = ExpertPruneConfig(method="frequency", ratio=0.75, protect_super_experts=True)
+    stats = experts.collect_stats(model, ids(8, 32), cfg, device="cpu")
+    assert experts.super_experts(stats) == {}
+    least = {p: sorted(experts.removal_order("frequency", st, 0)[:6]) for p, st in stats.items()}
+    report = experts.prune(model, stats, cfg)
+    assert report["super_experts"] == {}
+    assert {p: r["removed"] for p, r in report["layers"].items()} == least  # (the plan of no guard)
+    with pytest.raises(UserError, match="se_median_factor must be ≥ 1"):
+        ExpertPruneConfig(se_median_factor=0.5)
+
+
 def test_without_the_guard_a_rarely_used_super_expert_goes():
     cfg = ExpertPruneConfig(method="frequency", ratio=0.25, protect_super_experts=False)
     model = _with_super_expert()

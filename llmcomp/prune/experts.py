@@ -11,8 +11,9 @@ One pass of the shared layer-wise driver (core/calib.py) over the original model
   (C: routing weight × activation per routed token, D: down columns); OBS removes the cheapest atomic
   expert of the whole layer, updates the others' scales (folded into down_proj) and repeats;
 - the largest |down_proj output| of each expert, for the super-expert guard (Su et al.): an expert
-  whose maximum is above the 99.5th percentile of all experts' maxima *and* above a tenth of the
-  largest is a super expert and is never removed.
+  whose maximum is above the 99.5th percentile of all experts' maxima, above a tenth of the largest
+  *and* above ten times the median one is a super expert and is never removed (without the last test
+  the largest maximum always passed: a model with no outlier had its top expert protected).
 Expert-level methods turn scores into a removal order per block; ``random`` is a seeded shuffle.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ExpertPruneConfig:
     compensate: bool = True
     se_quantile: float = 0.995
     se_fraction: float = 0.1
+    se_median_factor: float = 10.0
 
     VERSION = 1
 
@@ -66,6 +68,8 @@ class ExpertPruneConfig:
                 raise UserError(f"Layer ratios are keyed by decoder layer index, got {k!r}.")
         if self.recon_tokens < 16 or self.damp < 0 or not 0 < self.se_quantile < 1 or not 0 < self.se_fraction <= 1:
             raise UserError("recon_tokens must be ≥ 16, damp ≥ 0, se_quantile and se_fraction in (0, 1).")
+        if not self.se_median_factor >= 1:
+            raise UserError(f"se_median_factor must be ≥ 1, got {self.se_median_factor!r}.")
 
     def ratio_for(self, layer: int) -> float:
         return float({int(k): v for k, v in self.layer_ratios.items()}.get(layer, self.ratio))
@@ -197,13 +201,17 @@ def collect_stats(model: nn.Module, calib_ids: torch.Tensor, cfg: ExpertPruneCon
     return found
 
 
-def super_experts(stats: dict[str, BlockStats], quantile: float = 0.995, fraction: float = 0.1
-                  ) -> dict[str, list[int]]:
-    """Experts whose largest down_proj output is extreme model-wide (Super Experts criterion)."""
+def super_experts(stats: dict[str, BlockStats], quantile: float = 0.995, fraction: float = 0.1,
+                  median_factor: float = 10.0) -> dict[str, list[int]]:
+    """Experts whose largest down_proj output is extreme model-wide (Super Experts criterion), and an outlier:
+    above ``median_factor`` × the median expert's (the percentile and the fraction of the largest always let the
+    largest through, outlier or not)."""
     every = torch.cat([s.max_out for s in stats.values()])
     if every.numel() == 0:
         return {}
-    threshold = max(float(torch.quantile(every.double(), quantile)), fraction * float(every.max()))
+    every = every.double()
+    threshold = max(float(torch.quantile(every, quantile)), fraction * float(every.max()),
+                    median_factor * float(every.median()))
     return {p: [e for e in range(s.num_experts) if float(s.max_out[e]) > threshold] for p, s in stats.items()
             if any(float(v) > threshold for v in s.max_out)}
 
@@ -339,7 +347,7 @@ def prune(model: nn.Module, stats: dict[str, BlockStats], cfg: ExpertPruneConfig
     """Apply ``cfg`` to ``model`` in place using ``stats`` from ``collect_stats``; returns the report."""
     blocks = {b.path: b for b in moe.require_moe(model)}
     before = expert_params(model)
-    found = super_experts(stats, cfg.se_quantile, cfg.se_fraction)
+    found = super_experts(stats, cfg.se_quantile, cfg.se_fraction, cfg.se_median_factor)
     protected = found if cfg.protect_super_experts else {}
     report: dict = {"super_experts": found, "protected": bool(cfg.protect_super_experts), "layers": {}}
     if cfg.method == "heapr":
