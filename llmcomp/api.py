@@ -341,14 +341,23 @@ def _note_tied_head(net, progress: Progress) -> None:
 
 def _job_key(net, calib_ids, device) -> dict:
     """What a resumed job must share with the killed one besides its flags: the weights, the model's config,
-    the calibration tokens (the tokenizer's doing) and the kind of device (CPU and GPU sums differ in their
-    last bits, and a resumed run promises the uninterrupted run's bytes)."""
+    the calibration tokens (the tokenizer's doing), the kind of device (CPU and GPU sums differ in their
+    last bits, and a resumed run promises the uninterrupted run's bytes) and the dynamic skip thresholds an input
+    artifact installed (they change the routing the calibration sees; an input re-made with another rate resumed
+    the layers calibrated under the old one)."""
     import hashlib
 
+    from llmcomp.prune import moe
+
+    try:
+        skip = {b.path: b.router.skip_threshold for b in moe.find_moe_blocks(net, strict=False)
+                if getattr(b.router, "skip_threshold", None) is not None}
+    except UserError:  # no decoder layer list: no MoE blocks we know
+        skip = {}
     return {"weights": _weights_key(net),
             "model_config": hashlib.sha256(net.config.to_json_string().encode()).hexdigest(),
             "calibration_ids": hashlib.sha256(calib_ids.cpu().numpy().tobytes()).hexdigest(),
-            "device": torch.device(device).type}
+            "device": torch.device(device).type, **({"skip_thresholds": skip} if skip else {})}
 
 
 def _weights_key(net) -> str:

@@ -189,6 +189,26 @@ def test_the_job_key_sees_the_config_the_calibration_and_the_device():
     assert _job_key(net, ids, "cpu")["weights"] != base["weights"]
 
 
+def test_the_job_key_sees_an_installed_dynamic_skip_threshold():
+    """The threshold an input artifact's prune-dynamic stage installs changes the routing the calibration sees,
+    and is neither in the weights nor in the config: an input re-made with another --rate resumed stale layers."""
+    import torch
+
+    from llmcomp.api import _job_key
+    from llmcomp.prune import moe
+    from tests.test_experts import tiny_moe
+
+    net = tiny_moe("mixtral")
+    ids = torch.arange(12).reshape(2, 6)
+    plain = _job_key(net, ids, "cpu")
+    moe.install_skip(net, 0.3)
+    low = _job_key(net, ids, "cpu")
+    moe.install_skip(net, 0.5)
+    assert len({str(plain), str(low), str(_job_key(net, ids, "cpu"))}) == 3
+    moe.remove_skip(net)
+    assert _job_key(net, ids, "cpu") == plain
+
+
 def test_the_fingerprint_covers_the_code(monkeypatch):
     """A resume after a code change mixed two versions' layers (__version__ stays 0.1.0 between commits)."""
     from llmcomp.core import resume
