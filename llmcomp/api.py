@@ -247,6 +247,7 @@ def quantize(
 
     # (before calibration, allocation and the resume folder; an allocation's formats are checked once chosen)
     chosen = check_selection(net, config, None if allocation is not None else quantizer)
+    _note_kv_bases(net, chosen, progress)
     if calibrates:  # (a corrupt layer was found when the calibration reached it: the earlier layers' work was lost)
         for name in chosen:
             model_mod.check_finite(name, net.get_submodule(name).weight)
@@ -337,6 +338,20 @@ def _note_tied_head(net, progress: Progress) -> None:
         mb = sum(t.numel() * t.element_size() for t in head.state_dict().values()) / 1e6
         progress.note(f"lm_head shared the embedding's weights: its quantized copy is stored beside the float "
                       f"embedding (+{mb:.1f} MB against keeping lm_head float; decode reads it instead).")
+
+
+def _note_kv_bases(net, chosen: list[str], progress: Progress) -> None:
+    """CSKV bases (``prune kv --method cskv``) span the outputs of the k_proj / v_proj they were fitted to; where
+    this run quantizes those projections the bases are kept as they are, not refitted to the quantized ones: said."""
+    def basis(name):  # (model.layers.3.self_attn.k_proj → that attention's kv_basis.k_basis; None: no basis)
+        parent, _, leaf = name.rpartition(".")
+        kv = getattr(net.get_submodule(parent), "kv_basis", None) if leaf in ("k_proj", "v_proj") else None
+        return getattr(kv, f"{leaf[0]}_basis", None)
+
+    hit = [n for n in chosen if basis(n) is not None]
+    if hit:
+        progress.note(f"The CSKV bases of an earlier stage were fitted to the float k_proj / v_proj and are kept for "
+                      f"the {len(hit)} quantized here (quantize first, then prune kv, to fit them to these).")
 
 
 def _job_key(net, calib_ids, device) -> dict:

@@ -693,3 +693,31 @@ def test_cli_eval_says_perplexity_leaves_the_kv_policy_out(tmp_path):
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and "│ quantized modules │ none │" in text, r.output
     assert "format ┃ modules" not in text
+
+
+def test_quantizing_the_projections_of_cskv_bases_says_they_are_kept(tiny_model_dir, tmp_path):
+    """prune kv --method cskv, then quantize: the bases fitted to the float k_proj / v_proj stay as they were (the
+    policy and the bases load as before), silently before; a basis of full width (no basis) is not mentioned."""
+    from llmcomp.core.progress import Progress
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+
+    class Notes(Progress):
+        def __init__(self):
+            self.lines = []
+
+        def note(self, message):
+            self.lines.append(message)
+
+    kv = api.prune_kv(CSKVConfig(k_ratio=0.0, v_ratio=0.5, window=2, activation_aware=False), tmp_path / "kv",
+                      str(tiny_model_dir))
+    notes = Notes()
+    q = api.quantize(RTNConfig(format=Uniform(bits=8, group_size=32)), tmp_path / "q", str(kv), progress=notes)
+    said = [n for n in notes.lines if "CSKV bases" in n]
+    assert len(said) == 1 and "kept for the 2 quantized here" in said[0], notes.lines  # (v_proj of 2 layers)
+    net = api.load(str(q))
+    assert net.model.layers[0].self_attn.kv_basis.v_basis is not None
+    notes = Notes()
+    api.quantize(RTNConfig(format=Uniform(bits=8, group_size=32), ignore=("lm_head", "self_attn")), tmp_path / "m",
+                 str(kv), progress=notes)
+    assert not any("CSKV bases" in n for n in notes.lines)
