@@ -492,6 +492,8 @@ def prune_experts(config, output: os.PathLike | str, model: Optional[str] = None
     stage = {"method": f"experts-{config.method}", "kind": moe.KIND, "config": to_dict(config),
              "shapes": moe.shapes(net), "wall_time_s": round(time.perf_counter() - start, 2), "metrics": report,
              "calibration": info}
+    stages = experts.follow_experts(stages, {p: r["removed"] for p, r in report["layers"].items() if "removed" in r},
+                                    net)
     progress.note(f"Writing {output}")
     return write_artifact(output, net, tok, base_model=base, stages=stages + [stage], text_source=info["text"],
                           overwrite=overwrite, dtype=store_dtype)

@@ -572,3 +572,36 @@ def test_pruning_after_a_dynamic_stage_says_its_threshold_is_stale(tmp_path):
                                      "--no-protect-super-experts", "-o", str(out), *kw])
         assert r.exit_code == 0, r.output
         assert ("dynamic skip threshold of an earlier stage" in " ".join(r.output.split())) == said
+
+
+def test_pruning_experts_after_quantize_renumbers_the_quantize_stage_records(tmp_path):
+    """The quantize stage listed the removed experts' linears and the kept ones under their old indices (report and
+    eval --compare showed layers that no longer exist, or another expert's bits), and its allocation's b/w counted
+    the removed ones (the rarely routed experts an MC-MoE allocation gives fewer bits are the ones frequency pruning
+    removes)."""
+    from llmcomp.core.qlinear import QuantLinear
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import RTNConfig
+    from llmcomp.quant.allocate import AllocationConfig
+
+    src = _save_with_tokenizer(tiny_moe("mixtral"), tmp_path / "moe")
+    q = api.quantize(RTNConfig(format=Uniform(bits=4, group_size=0), ignore=("lm_head", "mlp.gate")), tmp_path / "q",
+                     str(src), calib_samples=4, calib_seq_len=32, device="cpu",
+                     allocation=AllocationConfig(budget=5.0, candidates=(2, 8), group_size=0))
+    out = api.prune_experts(ExpertPruneConfig(method="frequency", ratio=0.5), tmp_path / "p", str(q), calib_samples=2,
+                            calib_seq_len=32, device="cpu")
+    stage = api.inspect(out)["stages"][1]
+    layers, model = stage["metrics"]["layers"], api.load(str(out))
+    alloc = layers["_allocation"]
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert {n for n in layers if not n.startswith("_")} == set(quantized) == set(alloc["bits"])
+    assert set(stage["config"]["formats"]) == set(quantized)
+    assert all(quantized[n].fmt.bits == b for n, b in alloc["bits"].items())  # (each kept expert's own width)
+    assert set(alloc["expert_importance"]) == {n for n in quantized if ".experts.down." in n}
+    size = {n: m.out_features * m.in_features for n, m in quantized.items()}
+    achieved = sum(m.fmt.bits_per_weight(m.out_features, m.in_features) * size[n]
+                   for n, m in quantized.items()) / sum(size.values())
+    assert alloc["achieved_bits_per_weight"] == pytest.approx(achieved, abs=1e-4)
+    assert sum(alloc["layers_per_format"].values()) == len(quantized)
+    assert api.stage_label(stage) == f"rtn alloc {achieved:.2f} b/w"
+    assert "bits_per_weight" not in stage["metrics"] and stage["metrics"]["bits_per_weight_before_expert_pruning"] > 0

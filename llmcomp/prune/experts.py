@@ -19,6 +19,7 @@ Expert-level methods turn scores into a removal order per block; ``random`` is a
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -375,3 +376,63 @@ def expert_params(model: nn.Module) -> int:
     for b in moe.find_moe_blocks(model):
         total += sum(p.numel() for p in b.router.parameters()) + sum(p.numel() for p in b.experts.parameters())
     return total
+
+
+# ---- earlier stages' records ----------------------------------------------------------------------------
+
+_EXPERT_LINEAR = re.compile(r"(.+)\.experts\.(gate_up|down)\.(\d+)")
+
+
+def follow_experts(stages: list[dict], removed: dict[str, list[int]], model: nn.Module) -> list[dict]:
+    """Earlier stages' per-linear records (a quantize stage's metrics, per-layer formats and bit allocation) after
+    ``removed`` experts went from ``model``'s blocks: a removed expert's linears are dropped and a kept one's take
+    its new index (they named layers that no longer exist, and other experts'). An allocation's achieved bits per
+    weight and format counts are recomputed over the linears left; a stage's ``bits_per_weight``, measured over the
+    removed experts too, is kept as ``bits_per_weight_before_expert_pruning``."""
+
+    def rename(name):
+        m = _EXPERT_LINEAR.fullmatch(str(name))
+        if m is None or m[1] not in removed:
+            return name
+        e, gone = int(m[3]), removed[m[1]]
+        return None if e in gone else f"{m[1]}.experts.{m[2]}.{e - sum(g < e for g in gone)}"
+
+    def follow(d):
+        if isinstance(d, list):
+            return [n for n in map(rename, d) if n is not None]
+        return {n: v for k, v in d.items() if (n := rename(k)) is not None} if isinstance(d, dict) else d
+
+    out = []
+    for stage in copy.deepcopy(stages):
+        metrics = stage.get("metrics")
+        if isinstance(metrics, dict) and isinstance(metrics.get("bits_per_weight"), (int, float)):
+            metrics["bits_per_weight_before_expert_pruning"] = metrics.pop("bits_per_weight")
+        layers = metrics.get("layers") if isinstance(metrics, dict) else None
+        if isinstance(layers, dict) and stage.get("kind") != moe.KIND:
+            metrics["layers"] = follow(layers)
+            config = stage.get("config")
+            if isinstance(config, dict) and isinstance(config.get("formats"), dict):
+                config["formats"] = follow(config["formats"])
+            alloc = metrics["layers"].get("_allocation")
+            if isinstance(alloc, dict):
+                for key in ("bits", "expert_importance", "no_calibration_tokens"):
+                    if key in alloc:
+                        alloc[key] = follow(alloc[key])
+                _recount(alloc, config, model)
+        out.append(stage)
+    return out
+
+
+def _recount(alloc: dict, config, model: nn.Module) -> None:
+    """An allocation's achieved bits per weight and format counts over the linears it still holds."""
+    from llmcomp.core.config import from_dict
+    from llmcomp.quant.allocate import average_bits
+
+    try:
+        chosen = {n: from_dict(config["formats"][n]) for n in alloc["bits"]}
+        shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in chosen}
+        counts = {k: sum(f.describe() == k for f in chosen.values()) for k in alloc["layers_per_format"]}
+        achieved = round(average_bits(chosen, shapes), 4)
+    except (KeyError, TypeError, AttributeError, UserError, ZeroDivisionError):  # (a hand-edited manifest)
+        return
+    alloc.update(achieved_bits_per_weight=achieved, layers_per_format=counts)
