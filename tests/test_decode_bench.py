@@ -387,6 +387,19 @@ def test_synthetic_shape_shrinks_with_layers():
     assert m.lm_head.weight.shape == (128256, 4096) and m.lm_head.weight.dtype == torch.bfloat16
 
 
+def test_synthetic_bundled_shape_is_the_bundled_models(bundled_dir):
+    """``--synthetic smollm2-135m`` times the bundled model's shape (on a GPU machine its GGUF need not travel)."""
+    import json
+
+    config = json.loads((bundled_dir / "config.json").read_text())
+    config.update(config.get("rope_parameters") or {})  # (transformers 5 keeps rope_theta there)
+    for key, value in db.SYNTHETIC["smollm2-135m"].items():
+        assert config[key] == value, key
+    m = db.synthetic_model("smollm2-135m", layers=2, device="meta")
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert m.model.layers[1].self_attn.k_proj.weight.shape == (192, 576)
+
+
 # -- CLI ------------------------------------------------------------------------------------------
 
 @pytest.fixture

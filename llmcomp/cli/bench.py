@@ -80,7 +80,7 @@ def decode(
     ctx: typer.Context,
     path: Annotated[Optional[str], typer.Argument(help="llmcomp artifact to time (or use --synthetic).")] = None,
     original: Annotated[Optional[str], typer.Option(help="The original model to compare with (default: the base model in the artifact's manifest).")] = None,
-    synthetic: Annotated[Optional[str], typer.Option(help="Instead of PATH: a random-weight model of this shape (llama3-8b), RTN-quantized in memory.")] = None,
+    synthetic: Annotated[Optional[str], typer.Option(help="Instead of PATH: a random-weight model of this shape (llama3-8b, or smollm2-135m: the bundled model's), RTN-quantized in memory.")] = None,
     bits: Annotated[int, typer.Option(help="--synthetic: RTN bits.")] = 4,
     group: Annotated[int, typer.Option(help="--synthetic: RTN group size.")] = 128,
     format: Annotated[str, typer.Option("--format", help="--synthetic: uniform (--bits, --group), mxfp4 or nvfp4 (RTN), or vq2 / vq3 (random VQ indices and codebooks: timing only).")] = "uniform",
@@ -142,7 +142,7 @@ def decode(
         if dtype not in ("bfloat16", "float16"):
             raise UserError(f"--dtype must be bfloat16 or float16, got {dtype!r}.")
         if (path is None) == (synthetic is None):
-            raise UserError("Pass an artifact PATH or --synthetic llama3-8b (one of the two).")
+            raise UserError(f"Pass an artifact PATH or --synthetic {'|'.join(db.SYNTHETIC)} (one of the two).")
         if synthetic is not None:
             if synthetic not in db.SYNTHETIC:
                 raise UserError(f"--synthetic must be one of: {', '.join(db.SYNTHETIC)}; got {synthetic!r}.")
