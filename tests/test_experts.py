@@ -605,3 +605,25 @@ def test_pruning_experts_after_quantize_renumbers_the_quantize_stage_records(tmp
     assert sum(alloc["layers_per_format"].values()) == len(quantized)
     assert api.stage_label(stage) == f"rtn alloc {achieved:.2f} b/w"
     assert "bits_per_weight" not in stage["metrics"] and stage["metrics"]["bits_per_weight_before_expert_pruning"] > 0
+    # the figure stays on show, said to be the one before the pruning (report and info read it under its new key)
+    from rich.console import Console
+
+    from llmcomp.cli.render import manifest_tables
+    from llmcomp.report import facts, markdown
+
+    bits = stage["metrics"]["bits_per_weight_before_expert_pruning"]
+    view = {"stage": stage, "facts": facts.quant_facts(stage), "kind": "quantize"}
+    assert markdown._summary(view).startswith(f"{bits:.2f} b/w before expert pruning")
+    console = Console(record=True, width=400)
+    console.print(manifest_tables(api.inspect(out))[0])
+    assert f"{bits} bits/weight before expert pruning" in console.export_text()
+
+
+def test_stage_records_stay_where_no_expert_was_removed():
+    """HEAPr removes neurons, not experts: the earlier stages keep their records and their bits per weight."""
+    stages = [{"method": "rtn", "metrics": {"bits_per_weight": 4.25, "layers": {
+        "model.layers.0.mlp.experts.down.1": {"sqnr_db": 20.0}}}}]
+    assert experts.follow_experts(stages, {"model.layers.0.mlp": []}, None) == stages
+    moved = experts.follow_experts(stages, {"model.layers.0.mlp": [0]}, None)[0]["metrics"]
+    assert moved == {"bits_per_weight_before_expert_pruning": 4.25,
+                     "layers": {"model.layers.0.mlp.experts.down.0": {"sqnr_db": 20.0}}}

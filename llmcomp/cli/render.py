@@ -211,7 +211,7 @@ EVALUATION_KEYS = ("ppl", "kld_mean", "top1_agree", "bits_per_weight", "size_mb"
 
 def manifest_tables(manifest: dict) -> list[Table]:
     from llmcomp.core.artifact import SEAL
-    from llmcomp.report.facts import shown_config
+    from llmcomp.report.facts import shown_config, stage_bits
 
     if "stages" not in manifest:
         t = Table(title="model directory")
@@ -226,8 +226,8 @@ def manifest_tables(manifest: dict) -> list[Table]:
     for i, s in enumerate(manifest["stages"], 1):
         cfg = shown_config(s.get("config"))
         metrics = s.get("metrics", {})
-        bpw = metrics.get("bits_per_weight")  # KV stages: their policy; moefy, experts, linearize: neither
-        what = metrics.get("policy") or (f"{bpw} bits/weight" if bpw is not None else None)
+        bpw, covers = stage_bits(metrics)  # KV stages: their policy; moefy, experts, linearize: neither
+        what = metrics.get("policy") or (f"{bpw} bits/weight{covers}" if bpw is not None else None)
         add_row(head, f"stage {i}", f"{s['method']} in {s.get('wall_time_s')} s{', ' + what if what else ''}; "
                                    f"config {cfg}")
     add_row(head, "files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))

@@ -30,6 +30,7 @@ from llmcomp.core.config import register_config
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
 from llmcomp.prune import moe
+from llmcomp.report.facts import BITS_BEFORE_EXPERT_PRUNING
 from llmcomp.quant.hessian import dampen
 
 METHODS = ("random", "frequency", "reap", "reconstruct", "heapr")
@@ -388,7 +389,10 @@ def follow_experts(stages: list[dict], removed: dict[str, list[int]], model: nn.
     ``removed`` experts went from ``model``'s blocks: a removed expert's linears are dropped and a kept one's take
     its new index (they named layers that no longer exist, and other experts'). An allocation's achieved bits per
     weight and format counts are recomputed over the linears left; a stage's ``bits_per_weight``, measured over the
-    removed experts too, is kept as ``bits_per_weight_before_expert_pruning``."""
+    removed experts too, is kept as ``BITS_BEFORE_EXPERT_PRUNING``. Nothing changes where no expert went (HEAPr
+    removes neurons, not experts)."""
+    if not any(removed.values()):
+        return stages
 
     def rename(name):
         m = _EXPERT_LINEAR.fullmatch(str(name))
@@ -406,7 +410,7 @@ def follow_experts(stages: list[dict], removed: dict[str, list[int]], model: nn.
     for stage in copy.deepcopy(stages):
         metrics = stage.get("metrics")
         if isinstance(metrics, dict) and isinstance(metrics.get("bits_per_weight"), (int, float)):
-            metrics["bits_per_weight_before_expert_pruning"] = metrics.pop("bits_per_weight")
+            metrics[BITS_BEFORE_EXPERT_PRUNING] = metrics.pop("bits_per_weight")
         layers = metrics.get("layers") if isinstance(metrics, dict) else None
         if isinstance(layers, dict) and stage.get("kind") != moe.KIND:
             metrics["layers"] = follow(layers)

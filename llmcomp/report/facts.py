@@ -15,6 +15,21 @@ from typing import Optional
 from llmcomp.core.config import from_dict
 from llmcomp.errors import UserError
 
+# ``prune experts`` moves an earlier stage's bits per weight, measured over experts it removed, to this key
+BITS_BEFORE_EXPERT_PRUNING = "bits_per_weight_before_expert_pruning"
+
+
+def stage_bits(metrics) -> tuple[Optional[float], str]:
+    """A stage's recorded bits per weight and what it covers: ``""``, or ``" before expert pruning"`` where a later
+    ``prune experts`` removed experts it was measured over; (None, "") where there is none (a hand-edited manifest,
+    unsealed, may hold anything)."""
+    for key, note in (("bits_per_weight", ""), (BITS_BEFORE_EXPERT_PRUNING, " before expert pruning")):
+        value = metrics.get(key) if isinstance(metrics, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value, note
+    return None, ""
+
+
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 # canonical order of a decoder layer's linears; others follow alphabetically
 _ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "w1", "w3", "w2", "down")

@@ -5,7 +5,7 @@ from collections import Counter
 from pathlib import Path
 from statistics import mean
 
-from llmcomp.report.facts import kind_label, kind_order, shown_config, split_path
+from llmcomp.report.facts import kind_label, kind_order, shown_config, split_path, stage_bits
 
 
 def _f(v, digits=2) -> str:
@@ -80,8 +80,8 @@ def _summary(v: dict) -> str:
     stage, f, kind = v["stage"], v["facts"], v["kind"]
     metrics = stage.get("metrics", {})
     if kind == "quantize":
-        bits = metrics.get("bits_per_weight")  # (a hand-edited manifest, unsealed, may hold anything)
-        out = [f"{bits:.2f} b/w"] if isinstance(bits, (int, float)) and not isinstance(bits, bool) else []
+        bits, covers = stage_bits(metrics)
+        out = [f"{bits:.2f} b/w{covers}"] if bits is not None else []
         values = list(f["sqnr"].modules.values())  # (one by one: a layer's experts averaged hid the worst)
         if values:
             out.append(f"SQNR {min(values):.1f}–{max(values):.1f} dB (mean {mean(values):.1f})")
@@ -116,7 +116,8 @@ def _summary(v: dict) -> str:
         s = f["summary"]
         return f"{s.get('family')}: mean MLP rel. error {_f(s.get('mean_mlp_rel_error'), 4)}"
     if kind == "import":
-        return f"{metrics.get('imported_layers')} layers imported, {_f(metrics.get('bits_per_weight'))} b/w"
+        bits, covers = stage_bits(metrics)
+        return f"{metrics.get('imported_layers')} layers imported, {_f(bits)} b/w{covers}"
     if "skip_threshold" in stage:
         return (f"dynamic skip threshold {stage['skip_threshold']:.4g}; "
                 f"{100 * metrics.get('skipped_slots_calibration', 0):.1f} % of expert slots skipped on calibration "
