@@ -851,3 +851,20 @@ def test_generation_config_survives_load_a_second_stage_and_an_import(tiny_model
     for path in (first, second, tmp_path / "g"):
         gen = llmcomp.load(path).generation_config
         assert (gen.eos_token_id, gen.do_sample, gen.temperature, gen.max_new_tokens) == ([5, 7], True, 0.6, 3), path
+
+
+def test_a_later_stage_keeps_the_calibration_text_of_the_earlier_ones(tiny_model_dir, tmp_path):
+    """RTN (no text) over an artifact whose stages calibrated wrote text_source None: inspect said '- (no stage read
+    calibration text)' after moefy and prune dynamic had read the Austen text. Texts of several stages all show."""
+    model, _, base, _ = api.open_model(str(tiny_model_dir))
+    earlier = {"method": "experts-dynamic-skip", "config": {}, "wall_time_s": 1.0, "metrics": {},
+               "calibration": {"text": "austen", "samples": 4, "seq_len": 64, "seed": 0}}
+    first = artifact_mod.write_artifact(tmp_path / "a", model, None, base_model=base, stages=[earlier],
+                                        text_source="austen")
+    q = api.quantize(W4, tmp_path / "q", str(first))
+    assert read_manifest(q)["text_source"] == "austen"
+    later = {**earlier, "method": "kv-cskv", "calibration": {"text": "pydoc"}}
+    both = artifact_mod.write_artifact(tmp_path / "b", model, None, base_model=base, stages=[earlier, later],
+                                       text_source="pydoc")
+    assert read_manifest(both)["text_source"] == "austen, pydoc"
+    assert read_manifest(api.quantize(W4, tmp_path / "w", str(tiny_model_dir)))["text_source"] is None

@@ -167,6 +167,7 @@ def write_artifact(
 ) -> Path:
     """Write ``model`` as an artifact at ``dest`` (atomically). Returns ``dest``."""
     dest = check_output(dest, overwrite)
+    text_source = stages_text(stages, text_source)
     modules = {n: to_dict(m.fmt) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = _unique_state(model, dtype)
     _check_finite(state, dest, dtype)
@@ -198,6 +199,13 @@ def write_artifact(
         (tmp / MANIFEST).write_text(dumps(manifest, indent=1, sort_keys=True))
         read_manifest(tmp)  # verify before it becomes visible
     return dest
+
+
+def stages_text(stages: list[dict], text_source: Optional[str] = None) -> Optional[str]:
+    """The calibration texts every stage read, in order, with ``text_source`` (the new stage's): a stage that
+    reads none (RTN over a moefied or calibrated artifact) wrote None, and inspect said no stage read text."""
+    texts = [s["calibration"].get("text") for s in stages if isinstance(s.get("calibration"), dict)]
+    return ", ".join(dict.fromkeys(t for t in [*texts, text_source] if isinstance(t, str) and t)) or None
 
 
 def stage_kinds(manifest: dict) -> dict[str, str]:
