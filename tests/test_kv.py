@@ -54,6 +54,10 @@ def tiny(arch="llama"):
               vocab_size=128, max_position_embeddings=256)
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+    if arch in ("qwen2_moe", "mixtral"):  # (convert moefy writes these)
+        from test_experts import tiny_moe
+
+        return tiny_moe(arch)
     return MistralForCausalLM(MistralConfig(**kw, sliding_window=None)).eval()
 
 
@@ -91,13 +95,26 @@ def test_ratio_zero_reproduces_dense_logits_exactly(name):
     assert torch.equal(run_chunks(model, ids)[0], ref)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "qwen2_moe", "mixtral"])
 def test_other_supported_attention_classes(arch):
     model = tiny(arch)
     ids = torch.randint(0, 128, (1, sum(CHUNKS)), generator=torch.Generator().manual_seed(2))
     ref, _ = run_chunks(model, ids)
     install(model, MustafarConfig(0, 0, window=4))
     assert torch.equal(run_chunks(model, ids)[0], ref)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_a_moefied_model_takes_a_kv_policy(arch, tmp_path):
+    """convert moefy writes a Qwen2-MoE or Mixtral model, whose attention is Qwen2's / Llama's: prune kv refused it
+    (KV policies do not support Qwen2MoeAttention). The artifact reloads with its policy and generates as dense."""
+    tiny(arch).save_pretrained(tmp_path / "moe")
+    out = api.prune_kv(StreamingConfig(ratio=0), tmp_path / "kv", str(tmp_path / "moe"))
+    model, dense = api.load(out), api.load(tmp_path / "moe")
+    ids = torch.randint(2, 128, (1, 12), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    got, ref = model.generate(ids, **kw), dense.generate(ids, **kw)
+    assert type(output_cache(got)).__name__ == "KVCache" and torch.equal(got.sequences, ref.sequences)
 
 
 def test_generate_applies_the_policy_and_is_exact_when_lossless():

@@ -30,8 +30,9 @@ from llmcomp.errors import UserError
 from llmcomp.prune.kv.attention import eager_attention, gather_past_mask, split_mask
 
 ATTN_IMPL = "llmcomp_kv"
-# Attention classes whose forward is q/k/v projections → RoPE → cache.update → attention interface.
-SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+# Attention classes whose forward is q/k/v projections → RoPE → cache.update → attention interface (the MoE
+# ones, convert moefy's output, are Qwen2's and Llama's line for line: prune kv refused a moefied model).
+SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention", "Qwen2MoeAttention", "MixtralAttention")
 ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")  # where decoder layers keep it
 
 
