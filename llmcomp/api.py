@@ -874,6 +874,9 @@ def stages_seconds(stages) -> float:
 
 def stage_label(stage: dict) -> str:
     """``"rtn int4 g128 asym"`` from a manifest stage."""
+    settings = _pruning_settings(stage)
+    if settings is not None:
+        return settings
     layers = stage.get("metrics", {}).get("layers")
     alloc = layers.get("_allocation") if isinstance(layers, dict) else None
     names = [str(n) for n in layers if not str(n).startswith("_")] if isinstance(layers, dict) else []
@@ -905,6 +908,22 @@ def stage_label(stage: dict) -> str:
         except (UserError, TypeError):
             pass
     return stage["method"] + tail
+
+
+def _pruning_settings(stage: dict) -> Optional[str]:
+    """A KV policy's or an expert pruning's label with its settings (``kv-kivi 4-bit g32 residual 128``,
+    ``experts-frequency ratio 0.25``): two KIVI widths or pruning ratios read the same in eval --compare."""
+    metrics = stage.get("metrics") if isinstance(stage.get("metrics"), dict) else {}
+    if stage.get("kind") == _kv_hook.KIND and isinstance(metrics.get("policy"), str):
+        return f"kv-{metrics['policy']}"
+    config = stage.get("config") if isinstance(stage.get("config"), dict) else {}
+    if stage.get("kind") != _moe_hook.KIND or not config:  # (unfuse-experts has none)
+        return None
+    shown = [f"{k} {v:g}" for k, v in config.items()
+             if k in ("ratio", "rate") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if config.get("layer_ratios"):
+        shown.append("per-layer ratios")
+    return " ".join([str(stage["method"]), *shown])
 
 
 def inspect(path) -> dict:

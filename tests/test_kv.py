@@ -738,3 +738,17 @@ def test_quantizing_the_projections_of_cskv_bases_says_they_are_kept(tiny_model_
     api.quantize(RTNConfig(format=Uniform(bits=8, group_size=32), ignore=("lm_head", "self_attn")), tmp_path / "m",
                  str(kv), progress=notes)
     assert not any("CSKV bases" in n for n in notes.lines)
+
+
+def test_stage_labels_tell_kv_policies_and_pruning_ratios_apart(tiny_model_dir, tmp_path):
+    """eval --compare's stages column read 'kv-kivi' for KIVI at 2 and 4 bits, 'experts-frequency' at every ratio."""
+    labels = [api.stage_label(read_manifest(api.prune_kv(KIVIConfig(bits=b, group=8, residual=8), tmp_path / f"k{b}",
+                                                         str(tiny_model_dir)))["stages"][-1]) for b in (2, 4)]
+    assert labels == ["kv-kivi 2-bit g8 residual 8", "kv-kivi 4-bit g8 residual 8"]
+    experts = {"method": "experts-frequency", "kind": "moe", "config": {"ratio": 0.25, "layer_ratios": {}}}
+    assert api.stage_label(experts) == "experts-frequency ratio 0.25"
+    assert api.stage_label({**experts, "config": {"ratio": 0.25, "layer_ratios": {"model.layers.0.mlp": 0.5}}}) == (
+        "experts-frequency ratio 0.25 per-layer ratios")
+    dynamic = {"method": "experts-dynamic-skip", "kind": "moe", "config": {"rate": 0.15}}
+    assert api.stage_label(dynamic) == "experts-dynamic-skip rate 0.15"
+    assert api.stage_label({"method": "unfuse-experts", "kind": "moe", "config": {}}) == "unfuse-experts"
