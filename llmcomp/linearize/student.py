@@ -34,12 +34,12 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from llmcomp.core.config import register_config
+from llmcomp.core.model import ROPE_ATTENTION
 from llmcomp.errors import UserError
 from llmcomp.linearize.attention import HybridState, hybrid_attention
 from llmcomp.linearize.feature_maps import FEATURE_MAPS
 
-# Attention classes whose forward is q/k/v projections → RoPE → attention → o_proj (what we replace).
-SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+SUPPORTED_ATTENTION = ROPE_ATTENTION  # (what we replace)
 GATES = ("none", "key", "proj", "dt")  # dt: one scalar per head and token (Mamba-2)
 
 

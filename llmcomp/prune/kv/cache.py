@@ -26,13 +26,12 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from llmcomp.core.hfcompat import cache_kwarg, pop_cache
+from llmcomp.core.model import ROPE_ATTENTION
 from llmcomp.errors import UserError
 from llmcomp.prune.kv.attention import eager_attention, gather_past_mask, split_mask
 
 ATTN_IMPL = "llmcomp_kv"
-# Attention classes whose forward is q/k/v projections → RoPE → cache.update → attention interface (the MoE
-# ones, convert moefy's output, are Qwen2's and Llama's line for line: prune kv refused a moefied model).
-SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention", "Qwen2MoeAttention", "MixtralAttention")
+SUPPORTED_ATTENTION = ROPE_ATTENTION
 ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")  # where decoder layers keep it
 
 
