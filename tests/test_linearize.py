@@ -150,6 +150,24 @@ def test_hybrid_keeps_the_layers_with_the_largest_transfer_error():
         choose_softmax_layers(errors, 4, LinearizeConfig(keep_layers=(4,)))
 
 
+def test_transfer_memory_check_counts_the_captured_attention_inputs_and_outputs(monkeypatch):
+    """The transfer holds each layer's inputs and, for every window, its attention's inputs and outputs: three
+    copies of the hidden states (four, with the outputs of the capture pass). The driver's check counted two, so a
+    run it passed was then ended by the OOM killer."""
+    from llmcomp.core import memory
+    from llmcomp.linearize.distill import transfer
+
+    ids = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(0))
+    per = 2 * 8 * 64 * 4  # (a batch of 2 windows × 8 tokens × 64 float32 values)
+    config = LinearizeConfig(method="gla", window=2, transfer_steps=1, batch_size=2, seq_len=8)
+    monkeypatch.setattr(memory, "available_cpu_bytes", lambda: 3 * per * 2 - per - 1)  # (two copies fit)
+    with pytest.raises(UserError, match=r"4 windows × 8 tokens × 64 float32 values, held 3 times"):
+        transfer(tiny_llama(), ids, config, "cpu")
+    monkeypatch.setattr(memory, "available_cpu_bytes", lambda: 3 * per * 2 - per)
+    students, errors = transfer(tiny_llama(), ids, config, "cpu")
+    assert sorted(errors) == [0, 1]
+
+
 def test_token_budget_beyond_the_text_cycles_with_a_note():
     notes = []
     stream = torch.arange(1000)

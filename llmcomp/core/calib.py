@@ -85,13 +85,14 @@ def equal_batch(n: int, batch_size: int) -> int:
     return max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
 
 
-def _check_fits(first: torch.Tensor, n: int, bs: int, seq_len: int) -> None:
-    """A layer's captured inputs and its outputs are held together: two copies of every window's hidden states.
-    Checked from the first batch's capture, before the rest is."""
+def _check_fits(first: torch.Tensor, n: int, bs: int, seq_len: int, copies: int = 2) -> None:
+    """A layer's captured inputs and its outputs are held together: two copies of every window's hidden states,
+    or ``copies`` where the handler holds more of them. Checked from the first batch's capture, before the rest is."""
     per = first.numel() * first.element_size()
-    memory.check_activations_fit(2 * per * (n // bs) - per,
+    held = "twice" if copies == 2 else f"{copies} times"
+    memory.check_activations_fit(copies * per * (n // bs) - per,
                                  f"Calibration's activations ({n} windows × {seq_len} tokens × {first.shape[-1]} "
-                                 f"{str(first.dtype).removeprefix('torch.')} values, held twice)")
+                                 f"{str(first.dtype).removeprefix('torch.')} values, held {held})")
 
 
 @torch.no_grad()
@@ -104,6 +105,7 @@ def calibrate_layerwise(
     progress: Progress = NULL,
     offload_activations: Optional[bool] = None,
     reach: Optional[Iterable[str]] = None,
+    copies: int = 2,
 ) -> None:
     """Walk ``model``'s decoder layers in order, calling ``handler(path, layer, runner)`` for each — with ``reach``
     (the names of the modules the handler works on), up to the last layer holding one of them: the layers after it
@@ -115,6 +117,8 @@ def calibrate_layerwise(
     ``offload_activations``: keep the captured activations on the model's home device and move them to
     ``device`` one batch at a time (bit-identical results, less device memory); default: when a
     ``--max-memory`` GPU cap is active on ``device`` (``core/memory.py``).
+    ``copies``: how many copies of every window's hidden states are held at once, for the CPU memory check (2:
+    a layer's inputs and outputs; a handler that keeps per-window captures of its own holds more).
     """
     prefix, layers = decoder_layers(model)
     n = input_ids.shape[0]
@@ -161,7 +165,7 @@ def calibrate_layerwise(
             except torch.cuda.OutOfMemoryError:
                 raise memory.out_of_memory("Capturing the calibration inputs", device) from None
             if first_batch[0] and torch.device(store).type == "cpu":
-                _check_fits(hidden[0], n, bs, input_ids.shape[1])
+                _check_fits(hidden[0], n, bs, input_ids.shape[1], copies)
             first_batch[0] = False
     finally:
         for layer in layers:

@@ -141,7 +141,7 @@ def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, devic
 
         handle = attn.register_forward_hook(capture, with_kwargs=True)
         try:
-            runner.run()
+            runner.run(keep_outputs=False)  # (its outputs were a fourth copy of every window's hidden states)
         finally:
             handle.remove()
         student = _student(attn, spec, config.seed + idx)
@@ -167,7 +167,9 @@ def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, devic
             resume._kill_point(f"linearize-transfer-{idx}")
 
     model.requires_grad_(False)
-    calibrate_layerwise(model, ids, handler, batch_size=config.batch_size, device=device, progress=progress)
+    # (the layer's inputs, and the attention's inputs and outputs ``seen`` holds: the driver's check counted 2)
+    calibrate_layerwise(model, ids, handler, batch_size=config.batch_size, device=device, progress=progress,
+                        copies=3)
     home = next(model.parameters()).device
     for s in students.values():
         s.to(home)
