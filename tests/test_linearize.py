@@ -393,6 +393,24 @@ def test_cli_bad_input(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("stage,flags", [("transfer", "--calib-samples or --batch-size"),
+                                         ("fine-tune", "--batch-size or --seq-len")])
+def test_a_gpu_out_of_memory_is_one_line_naming_linearize_flags(tmp_path, monkeypatch, stage, flags):
+    """A CUDA out-of-memory in the fine-tune was a traceback; the transfer's, from the calibration driver, told the
+    user to lower --calib-batch, which linearize does not have."""
+    from llmcomp.linearize import distill
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(distill, "_student" if stage == "transfer" else "_kl", oom)
+    r = invoke("linearize", _model_dir(tmp_path), "-o", tmp_path / "out", "--window", 4, "--tokens", 128,
+               "--seq-len", 32, "--batch-size", 2, "--calib-samples", 2, "--transfer-steps", 1, "--device", "cpu")
+    msg = _error(r)
+    assert "does not fit in the memory of cpu" in msg and f"lower {flags}, or linearize with --device cpu" in msg
+    assert "--calib-batch" not in msg
+
+
 @pytest.mark.slow
 def test_bundled_model_liger_hybrid_loads_generates_and_scores(tmp_path, bundled_dir):
     """The real model end to end on a tiny budget: 29 linear layers + layer 0 softmax, an artifact that

@@ -106,6 +106,7 @@ def calibrate_layerwise(
     offload_activations: Optional[bool] = None,
     reach: Optional[Iterable[str]] = None,
     copies: int = 2,
+    remedy: str = memory.CALIBRATION_REMEDY,
 ) -> None:
     """Walk ``model``'s decoder layers in order, calling ``handler(path, layer, runner)`` for each — with ``reach``
     (the names of the modules the handler works on), up to the last layer holding one of them: the layers after it
@@ -119,6 +120,7 @@ def calibrate_layerwise(
     ``--max-memory`` GPU cap is active on ``device`` (``core/memory.py``).
     ``copies``: how many copies of every window's hidden states are held at once, for the CPU memory check (2:
     a layer's inputs and outputs; a handler that keeps per-window captures of its own holds more).
+    ``remedy``: what the out-of-memory error tells the user to do, in the command's own flags.
     """
     prefix, layers = decoder_layers(model)
     n = input_ids.shape[0]
@@ -163,7 +165,7 @@ def calibrate_layerwise(
             except _Stop:
                 pass
             except torch.cuda.OutOfMemoryError:
-                raise memory.out_of_memory("Capturing the calibration inputs", device) from None
+                raise memory.out_of_memory("Capturing the calibration inputs", device, remedy) from None
             if first_batch[0] and torch.device(store).type == "cpu":
                 _check_fits(hidden[0], n, bs, input_ids.shape[1], copies)
             first_batch[0] = False
@@ -184,7 +186,7 @@ def calibrate_layerwise(
             hidden = runner.run()
             del runner
         except torch.cuda.OutOfMemoryError:
-            raise memory.out_of_memory(f"Decoder layer {prefix}.{i}", device) from None
+            raise memory.out_of_memory(f"Decoder layer {prefix}.{i}", device, remedy) from None
         layer.to(home)
         progress.advance(task)
     progress.done(task)

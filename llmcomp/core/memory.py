@@ -156,18 +156,21 @@ def gpu_cap(limits: dict[int, int]) -> Iterator[None]:
             torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
-def out_of_memory(what: str, device) -> UserError:
-    """The one-line error for a CUDA out-of-memory while working on ``what`` (e.g. a decoder layer)."""
+CALIBRATION_REMEDY = "lower --calib-batch, or calibrate with --device cpu"
+
+
+def out_of_memory(what: str, device, remedy: str = CALIBRATION_REMEDY) -> UserError:
+    """The one-line error for a CUDA out-of-memory while working on ``what`` (e.g. a decoder layer); ``remedy``
+    names the command's own flags (not every command that calibrates has --calib-batch)."""
     cap = active_cap(device)
     if cap is not None:
         return UserError(f"{what} does not fit in the {format_bytes(cap)} GPU limit set by --max-memory; "
-                         "raise the limit, lower --calib-batch, or calibrate with --device cpu.")
+                         f"raise the limit, {remedy}.")
     d = torch.device(device)
     size = ""
     if d.type == "cuda" and torch.cuda.is_available():
         size = f" ({format_bytes(torch.cuda.get_device_properties(d.index or 0).total_memory)})"
-    return UserError(f"{what} does not fit in the memory of {d}{size}; lower --calib-batch or calibrate with "
-                     "--device cpu.")
+    return UserError(f"{what} does not fit in the memory of {d}{size}; {remedy}.")
 
 
 CGROUP = Path("/sys/fs/cgroup")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from llmcomp.core import resume
+from llmcomp.core import memory, resume
 from llmcomp.core.calib import calibrate_layerwise
 from llmcomp.core.config import register_config
 from llmcomp.core.model import decoder_layers
@@ -114,6 +114,9 @@ def _trainable(student: LinearAttention) -> dict[str, nn.Parameter]:
     return {n: p for n, p in student.named_parameters() if n.split(".")[0] not in PROJECTIONS}
 
 
+_ON_CPU = "linearize with --device cpu"  # (what a CUDA out-of-memory error suggests, after the flags to lower)
+
+
 # -- stage 1: attention transfer ---------------------------------------------------------------------
 
 def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, device, progress: Progress = NULL,
@@ -169,7 +172,7 @@ def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, devic
     model.requires_grad_(False)
     # (the layer's inputs, and the attention's inputs and outputs ``seen`` holds: the driver's check counted 2)
     calibrate_layerwise(model, ids, handler, batch_size=config.batch_size, device=device, progress=progress,
-                        copies=3)
+                        copies=3, remedy=f"lower --calib-samples or --batch-size, or {_ON_CPU}")
     home = next(model.parameters()).device
     for s in students.values():
         s.to(home)
@@ -257,6 +260,20 @@ def finetune(model: nn.Module, stream: torch.Tensor, config: LinearizeConfig, de
         if ".lora_" in name or (any(p is q for s in students for q in _trainable(s).values())):
             p.requires_grad_(True)
             params[name] = p
+    try:
+        start, losses = _tune(model, windows, steps, params, config, device, progress, checkpoint)
+    except torch.cuda.OutOfMemoryError:  # (a traceback; the transfer's is one line, from the calibration driver)
+        raise memory.out_of_memory("Fine-tuning", device, f"lower --batch-size or --seq-len, or {_ON_CPU}") from None
+    model.requires_grad_(False)
+    del adapters
+    merge_lora(model)
+    return {"steps": steps, "tokens": steps * config.batch_size * config.seq_len, "resumed_at_step": start,
+            "kl_first": losses[0] if losses else None, "kl_last": losses[-1] if losses else None,
+            "kl_curve": losses[:: max(1, len(losses) // 20)]}
+
+
+def _tune(model, windows, steps, params, config, device, progress, checkpoint) -> tuple[int, list]:
+    """``finetune``'s loop, from the last checkpoint; (the step it resumed at, the KL of every step)."""
     model.to(device)
     opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
     path = checkpoint.dir / "finetune.safetensors" if checkpoint is not None else None
@@ -289,12 +306,7 @@ def finetune(model: nn.Module, stream: torch.Tensor, config: LinearizeConfig, de
             checkpoint.mark_time()
             resume._kill_point(f"linearize-step-{step + 1}")
     progress.done(task)
-    model.requires_grad_(False)
-    del adapters
-    merge_lora(model)
-    return {"steps": steps, "tokens": steps * config.batch_size * config.seq_len, "resumed_at_step": start,
-            "kl_first": losses[0] if losses else None, "kl_last": losses[-1] if losses else None,
-            "kl_curve": losses[:: max(1, len(losses) // 20)]}
+    return start, losses
 
 
 # -- the whole job -----------------------------------------------------------------------------------
