@@ -184,6 +184,7 @@ def test_token_budget_beyond_the_text_cycles_with_a_note():
                                        (dict(method="rwkv"), "Unknown linearize method"),
                                        (dict(window=-1), "--window must be"),
                                        (dict(keep_layers=(-1,)), "--keep-layers"),
+                                       (dict(keep_layers=(0,), keep_softmax=0.5), "drop --keep-softmax"),
                                        (dict(feature_dim=-1), "feature dimension must be ≥ 0"),
                                        (dict(lora_alpha=0.0), "LoRA alpha must be positive")])
 def test_config_validation(bad, match):

@@ -40,7 +40,7 @@ def linearize(
     method: Annotated[str, typer.Option(help="hedgehog (trainable feature maps, LoLCATs hybrid), liger (gates from the key projection, no new parameters), gla (own trainable gate projection) or mamba (Mamba-2 SSD seeded from attention: C=q, B=k, x=v, out=o_proj).")] = "hedgehog",
     window: Annotated[int, typer.Option(help="Sliding-window softmax tokens inside each linear layer; 0 = pure linear attention.")] = 64,
     keep_softmax: Annotated[float, typer.Option("--keep-softmax", help="Fraction of layers kept as softmax attention: those with the largest measured transfer error.")] = 0.0,
-    keep_layers: Annotated[Optional[str], typer.Option("--keep-layers", help="Explicit softmax layer indices, e.g. 0,5 (overrides --keep-softmax).")] = None,
+    keep_layers: Annotated[Optional[str], typer.Option("--keep-layers", help="Explicit softmax layer indices, e.g. 0,5 (instead of --keep-softmax).")] = None,
     tokens: Annotated[str, typer.Option(help="Fine-tuning token budget (e.g. 500k, 5M; 0 = attention transfer only). Past the end of the bundled text the windows cycle, with a note.")] = "1M",
     transfer_steps: Annotated[int, typer.Option(help="Attention-transfer optimizer steps per layer.")] = 100,
     lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine to 10 %).")] = 1e-3,
@@ -68,8 +68,6 @@ def linearize(
         from llmcomp.linearize.distill import LinearizeConfig
 
         # (each was taken and ignored: recorded in the manifest, unused)
-        if keep_layers is not None and _given(ctx, ["keep_softmax"]):
-            raise UserError("--keep-layers names the softmax layers itself; drop --keep-softmax.")
         stray = _given(ctx, ["lr", "lora_rank", "checkpoint_every"]) if parse_tokens(tokens) == 0 else []
         if stray:
             raise UserError(f"{', '.join(stray)} set the fine-tune, and --tokens 0 runs none.")

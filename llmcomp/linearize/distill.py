@@ -51,7 +51,7 @@ class LinearizeConfig:
     method: str = "hedgehog"  # hedgehog | liger | gla | mamba
     window: int = 64  # sliding-window softmax tokens inside each linear layer (0 = pure linear)
     keep_softmax: float = 0.0  # fraction of layers kept as softmax (worst transfer error first)
-    keep_layers: Optional[tuple] = None  # explicit softmax layer indices (overrides keep_softmax)
+    keep_layers: Optional[tuple] = None  # explicit softmax layer indices (instead of keep_softmax)
     feature_dim: int = 0  # hedgehog features per sign (0 = head dim)
     transfer_steps: int = 100  # stage 1 optimizer steps per layer
     transfer_lr: float = 1e-2
@@ -71,6 +71,8 @@ class LinearizeConfig:
             raise UserError(f"--keep-softmax must be a fraction in [0, 1] (got {self.keep_softmax}).")
         if self.keep_layers is not None and any((not isinstance(i, int)) or i < 0 for i in self.keep_layers):
             raise UserError("--keep-layers must be non-negative layer indices, e.g. 0,5.")
+        if self.keep_layers is not None and self.keep_softmax:  # (it was ignored, yet recorded in the manifest)
+            raise UserError("--keep-layers names the softmax layers itself; drop --keep-softmax.")
         if self.window < 0:
             raise UserError(f"--window must be ≥ 0 (got {self.window}; 0 = pure linear attention).")
         if self.tokens < 0 or self.transfer_steps < 0:
