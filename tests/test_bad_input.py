@@ -829,6 +829,9 @@ def test_bench_decode_refuses_a_linearized_model(tmp_path):
     out = write_artifact(tmp_path / "lin", tiny_llama(), None, base_model={}, stages=[stage])
     assert "is linearized (linearize-hedgehog); bench decode times a static cache" in error_line(
         invoke("bench", "decode", out))
+    # (as the original it was loaded and timed first, before the artifact; a KV policy's, dense, as the original)
+    plain = write_artifact(tmp_path / "plain", tiny_llama(), None, base_model={}, stages=[])
+    assert f"--original {out} is linearized" in error_line(invoke("bench", "decode", plain, "--original", out))
 
 
 @pytest.mark.parametrize("seed", [2 ** 64, -1])

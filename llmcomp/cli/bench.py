@@ -207,21 +207,17 @@ def _original_of(path: str, original: Optional[str]) -> Optional[str]:
     """The model to compare with: ``--original``, else the base model the artifact's manifest names
     (None = the bundled model). Checked here, before anything is loaded."""
     from llmcomp.core import model as model_mod
-    from llmcomp.core.artifact import is_artifact, read_manifest, stage_kinds
+    from llmcomp.core.artifact import is_artifact, read_manifest
 
     p = model_mod.resolve(path)
     if not is_artifact(p):
         raise UserError(f"{p} is not an llmcomp artifact (no llmcomp.json); pass an artifact or use --synthetic.")
     manifest = read_manifest(p, verify=False)
-    kinds = stage_kinds(manifest)
-    if "kv" in kinds:  # (decode_speed's StaticCache bypasses KVRuntime: the dense attention would be timed)
-        raise UserError(f"{p} holds a KV-cache policy ({kinds['kv']}), which bench decode's static cache does not "
-                        "apply; measure the policy with llmcomp eval --long.")
-    if "linearize" in kinds:  # (a hybrid's softmax layers decoded wrongly over the static slots)
-        raise UserError(f"{p} is linearized ({kinds['linearize']}); bench decode times a static cache, and linear "
-                        "attention decodes with its recurrent state (time generate instead).")
+    _check_static_cache(p, manifest)
     if original is not None:
-        model_mod.resolve(original)
+        o = model_mod.resolve(original)
+        if is_artifact(o):  # (the original was timed first, under a static cache that is no model's either)
+            _check_static_cache(o, read_manifest(o, verify=False), "--original ")
         return original
     base = manifest["base_model"]
     if base.get("path") and Path(base["path"]).exists():
@@ -229,6 +225,19 @@ def _original_of(path: str, original: Optional[str]) -> Optional[str]:
     if base.get("name") == model_mod.BUNDLED_NAME:  # the bundled model, converted elsewhere on this machine
         return None
     raise UserError(f"The base model of {p} ({base.get('path')}) is not on this machine; pass --original MODEL.")
+
+
+def _check_static_cache(p, manifest: dict, which: str = "") -> None:
+    """Refuse a model whose stages bench decode's static cache cannot run as they are meant to run."""
+    from llmcomp.core.artifact import stage_kinds
+
+    kinds = stage_kinds(manifest)
+    if "kv" in kinds:  # (decode_speed's StaticCache bypasses KVRuntime: the dense attention would be timed)
+        raise UserError(f"{which}{p} holds a KV-cache policy ({kinds['kv']}), which bench decode's static cache "
+                        "does not apply; measure the policy with llmcomp eval --long.")
+    if "linearize" in kinds:  # (a hybrid's softmax layers decoded wrongly over the static slots)
+        raise UserError(f"{which}{p} is linearized ({kinds['linearize']}); bench decode times a static cache, and "
+                        "linear attention decodes with its recurrent state (time generate instead).")
 
 
 def _decode_table(result: dict, batches: list[int]):
