@@ -978,9 +978,8 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     start = time.perf_counter()
     output, net, tok, base, stages, ids, info = _calibrated(model, output, overwrite, calib_samples, calib_seq_len,
                                                             config.seed, progress, check=distill.check_model)
-    # (how often the fine-tune saves its work is not part of what the job computes)
-    job = {k: v for k, v in to_dict(config).items() if k != "checkpoint_every"}
-    key = resume.fingerprint(config=job, **_job_key(net, ids, default_device(device)),
+    # (what the transfer reads: a rerun that changes only the fine-tune's settings keeps the finished transfer)
+    key = resume.fingerprint(config=distill.transfer_settings(config), **_job_key(net, ids, default_device(device)),
                              samples=calib_samples, seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
     distill.check_layers(net, config, calib_seq_len)  # (before the resume directory exists)
     check_window(net, config.seq_len, "Fine-tune")  # (the transfer's windows are checked by _calibrated)

@@ -296,22 +296,42 @@ def test_an_interrupt_before_any_saved_work_leaves_no_resume_folder(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lin")) == []
 
 
-def _killed_at(tag: str, config, tmp_path, monkeypatch):
-    """An uninterrupted run's state dict, then the same job on ``lin`` interrupted at kill point ``tag``."""
+def _killed_at(tag: str, config, tmp_path, monkeypatch, then=None, **then_kw):
+    """An uninterrupted run's state dict (of the rerun's config ``then`` and calibration ``then_kw``, if given), then
+    the job ``config`` on ``lin`` interrupted at kill point ``tag``."""
     from llmcomp.core import resume
 
     src = _model_dir(tmp_path)
     kw = dict(calib_samples=2, calib_seq_len=32, device="cpu")
-    whole = api.load(api.linearize(config, tmp_path / "whole", str(src), **kw)).state_dict()
+    whole = api.load(api.linearize(then or config, tmp_path / "whole", str(src), **{**kw, **then_kw})).state_dict()
 
     def kill(at):
         if at == tag:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(resume, "_kill_point", kill)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):  # (the rerun may pass ``tag`` again)
+        patch.setattr(resume, "_kill_point", kill)
         api.linearize(config, tmp_path / "lin", str(src), **kw)
-    return lambda cfg, **more: api.linearize(cfg, tmp_path / "lin", str(src), **kw, **more), whole
+    return lambda cfg, **more: api.linearize(cfg, tmp_path / "lin", str(src), **{**kw, **more}), whole
+
+
+def _notes() -> tuple[list, api.Progress]:
+    """(the notes, a progress that records them there)."""
+    notes = []
+
+    class Notes(api.Progress):
+        def note(self, message):
+            notes.append(message)
+
+    return notes, Notes()
+
+
+def _same_as(out, whole, whole_dir) -> None:
+    """The artifact ``out`` holds the uninterrupted run's weights, byte for byte, and its transfer errors."""
+    resumed = api.load(out).state_dict()
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert api.inspect(out)["stages"][-1]["metrics"]["transfer_rel_mse"] == \
+        api.inspect(whole_dir)["stages"][-1]["metrics"]["transfer_rel_mse"]
 
 
 def test_killed_transfer_resumes_from_its_finished_layers(tmp_path, monkeypatch):
@@ -319,18 +339,10 @@ def test_killed_transfer_resumes_from_its_finished_layers(tmp_path, monkeypatch)
     config = LinearizeConfig(method="gla", window=2, **SMALL)
     rerun, whole = _killed_at("linearize-transfer-0", config, tmp_path, monkeypatch)
     assert sorted(p.name for p in (tmp_path / ".lin.resume").glob("*.safetensors")) == ["transfer-0000.safetensors"]
-    notes = []
-
-    class Notes(api.Progress):
-        def note(self, message):
-            notes.append(message)
-
-    out = rerun(config, progress=Notes())
+    notes, progress = _notes()
+    out = rerun(config, progress=progress)
     assert "Resuming: the attention transfer of 1 of 2 layers is done" in notes
-    resumed = api.load(out).state_dict()
-    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
-    assert api.inspect(out)["stages"][-1]["metrics"]["transfer_rel_mse"] == \
-        api.inspect(tmp_path / "whole")["stages"][-1]["metrics"]["transfer_rel_mse"]
+    _same_as(out, whole, tmp_path / "whole")
 
 
 def test_killed_fine_tune_resumes_from_its_checkpoint(tmp_path, monkeypatch):
@@ -346,6 +358,67 @@ def test_killed_fine_tune_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     resumed = api.load(out).state_dict()
     assert resumed.keys() == whole.keys()
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+LONGER = LinearizeConfig(method="gla", window=2, **{**SMALL, "tokens": 4 * 2 * 32})
+
+
+@pytest.mark.parametrize("tag,change,said", [
+    ("linearize-step-2", dict(tokens=3 * 2 * 32, lr=5e-4, lora_rank=4, lora_alpha=8.0, seq_len=16, keep_layers=(0,)),
+     "Reusing the attention transfer of 2 of 2 layers from the interrupted job; its fine-tune settings differ, so "
+     "the fine-tune starts over"),
+    ("linearize-transfer-0", dict(keep_softmax=0.5, tokens=2 * 2 * 32),
+     "Resuming: the attention transfer of 1 of 2 layers is done")], ids=["after-transfer", "during-transfer"])
+def test_a_rerun_that_changes_only_the_fine_tune_keeps_the_finished_transfer(tmp_path, monkeypatch, tag, change, said):
+    """Another --tokens, --lr, --lora-rank, --keep-softmax or --keep-layers discarded the whole job as another's and
+    ran the transfer of every layer again (22 finished layers thrown away): the transfer reads none of them. The
+    fine-tune's checkpoint, made under the old settings, is dropped; the result is the new job's uninterrupted one."""
+    from llmcomp.linearize import distill
+
+    then = dataclasses.replace(LONGER, **change)
+    rerun, whole = _killed_at(tag, LONGER, tmp_path, monkeypatch, then)
+    if tag.startswith("linearize-step"):  # (every layer's transfer is saved: read back without a calibration pass)
+        monkeypatch.setattr(distill, "transfer", lambda *a, **k: pytest.fail("ran the transfer's pass again"))
+    notes, progress = _notes()
+    out = rerun(then, progress=progress)
+    assert said in notes and not [n for n in notes if n.startswith("Discarding")]
+    assert api.inspect(out)["stages"][-1]["metrics"]["finetune"]["resumed_at_step"] == 0
+    _same_as(out, whole, tmp_path / "whole")
+
+
+@pytest.mark.parametrize("change,calib", [(dict(transfer_lr=5e-3), {}), (dict(transfer_steps=2), {}),
+                                          (dict(batch_size=1), {}), (dict(seed=1), {}), ({}, dict(calib_samples=1))],
+                         ids=["transfer_lr", "transfer_steps", "batch_size", "seed", "calib_samples"])
+def test_a_rerun_that_changes_what_the_transfer_reads_starts_over(tmp_path, monkeypatch, change, calib):
+    """The finished transfer (and the fine-tune's checkpoint) of another transfer setting is discarded."""
+    then = dataclasses.replace(LONGER, **change)
+    rerun, whole = _killed_at("linearize-step-2", LONGER, tmp_path, monkeypatch, then, **calib)
+    notes, progress = _notes()
+    out = rerun(then, progress=progress, **calib)
+    assert [n for n in notes if n.startswith("Discarding") and n.endswith("(from a different job)")]
+    assert not [n for n in notes if "attention transfer of" in n]
+    assert api.inspect(out)["stages"][-1]["metrics"]["finetune"]["resumed_at_step"] == 0
+    _same_as(out, whole, tmp_path / "whole")
+
+
+def test_the_transfer_reads_none_of_the_settings_its_key_leaves_out():
+    """``AFTER_TRANSFER`` is what lets a rerun keep the transfer: the students and errors are the same bytes
+    whatever those settings are (each of them is changed here), and every other setting is in the key."""
+    from llmcomp.linearize import distill
+
+    base = LinearizeConfig(method="hedgehog", window=2, transfer_steps=2, tokens=64, seq_len=16, batch_size=1)
+    later = dict(tokens=128, seq_len=8, lr=5e-4, lora_rank=2, lora_alpha=4.0, checkpoint_every=7)
+    others = [dataclasses.replace(base, **keep, **later) for keep in (dict(keep_layers=(1,)), dict(keep_softmax=0.5))]
+    changed = {f.name for c in others for f in dataclasses.fields(c) if getattr(c, f.name) != getattr(base, f.name)}
+    assert changed == set(distill.AFTER_TRANSFER + distill.SAVE_ONLY)
+    assert all(distill.transfer_settings(c) == distill.transfer_settings(base) for c in others)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    students, errors = distill.transfer(tiny_llama(), ids, base, "cpu")
+    for c in others:
+        again, errors_again = distill.transfer(tiny_llama(), ids, c, "cpu")
+        assert errors_again == errors and again.keys() == students.keys()
+        assert all(torch.equal(x, y) for i in students
+                   for x, y in zip(students[i].state_dict().values(), again[i].state_dict().values()))
 
 
 def invoke(*args):

@@ -78,6 +78,21 @@ def test_other_job_discards_stale_checkpoint(tmp_path):
     assert not d.exists()
 
 
+def test_state_with_its_own_key_is_dropped_alone_when_that_key_changes(tmp_path):
+    """State that depends on settings the directory's key leaves out (linearize's fine-tune) carries them: another
+    value drops that file and keeps the rest of the job's work."""
+    from llmcomp.core.resume import Checkpoint, save_state
+
+    d = tmp_path / ".o.resume"
+    cp = Checkpoint(d, "a")
+    save_state({"w": torch.zeros(1)}, d / "layer-0000.safetensors", {})
+    save_state({"w": torch.ones(1)}, d / "tuned.safetensors", {"step": "3"}, key="lr=1")
+    save_state({"w": torch.ones(1)}, d / "unkeyed.safetensors", {})
+    assert not cp.drop_stale("tuned.safetensors", "lr=1") and not cp.drop_stale("absent.safetensors", "lr=1")
+    assert cp.drop_stale("tuned.safetensors", "lr=2") and cp.drop_stale("unkeyed.safetensors", "lr=1")
+    assert sorted(p.name for p in d.glob("*.safetensors")) == ["layer-0000.safetensors"]
+
+
 def test_a_stale_resume_folder_behind_a_link_is_discarded(tmp_path):
     """rmtree(ignore_errors=True) kept a linked folder, and the next job resumed the other job's layers."""
     from llmcomp.core.resume import Checkpoint

@@ -8,7 +8,10 @@ and llmcomp version: the ``fingerprint``) restores finished layers instead of re
 calibration driver still runs each restored layer forward, which reproduces the next layer's inputs exactly
 (same weights, same arithmetic), so the resumed run writes the same weights, byte for byte, as an
 uninterrupted one. The directory is removed once the artifact is complete; a different fingerprint discards
-it. A lock file beside it keeps a second process from using it while a job runs.
+it. A lock file beside it keeps a second process from using it while a job runs. Saved state that depends on
+settings the fingerprint leaves out carries them as its own key (``save_state(key=)``, ``Checkpoint.drop_stale``):
+a rerun that changes only those redoes that state alone (linearize keys its directory by what the attention
+transfer reads, and its fine-tune's checkpoint carries the fine-tune's settings).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from llmcomp.errors import UserError
 
 FINGERPRINT_FILE = "job.json"
 ELAPSED_FILE = "elapsed.json"  # the seconds the job's runs spent up to their last saved work (``mark_time``)
+KEY_META = "key"  # the metadata entry of saved state that carries its own key (``save_state``, ``drop_stale``)
 
 
 def fingerprint(**parts) -> str:
@@ -61,10 +65,14 @@ def _kill_point(tag: str) -> None:
         os.kill(os.getpid(), 9)
 
 
-def save_state(tensors: dict, path: Path, metadata: dict, before_rename: Optional[str] = None) -> None:
+def save_state(tensors: dict, path: Path, metadata: dict, before_rename: Optional[str] = None,
+               key: Optional[str] = None) -> None:
     """``tensors`` to ``path`` whole or not at all, and on disk before the rename (a power loss left a renamed,
-    empty file, which failed every rerun)."""
+    empty file, which failed every rerun). ``key``: the settings the state depends on beyond its directory's
+    fingerprint (``Checkpoint.drop_stale``)."""
     path = Path(path)
+    if key is not None:
+        metadata = {**metadata, KEY_META: key}
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_tensors(tensors, tmp, metadata)
@@ -82,6 +90,14 @@ def save_state(tensors: dict, path: Path, metadata: dict, before_rename: Optiona
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _saved_key(path: Path) -> Optional[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(KEY_META)
+    except Exception:  # (damage: no key, so not this job's state)
+        return None
 
 
 def _readable(path: Path) -> bool:
@@ -174,6 +190,16 @@ class Checkpoint:
         if damaged:
             note(f"Dropping {len(damaged)} damaged resume file(s) in {self.dir} ({damaged[0].name}); they are "
                  "computed again")
+
+    def drop_stale(self, name: str, key: str) -> bool:
+        """Remove the saved state ``name`` unless ``save_state`` stamped it with ``key``; whether it was removed.
+        State that depends on settings the directory's fingerprint leaves out carries them as its own key, so a
+        rerun that changes only those redoes that state alone and keeps the rest of the job's work."""
+        path = self.dir / name
+        if not path.exists() or _saved_key(path) == key:
+            return False
+        path.unlink()
+        return True
 
     def _file(self, index: int) -> Path:
         return self.dir / f"layer-{index:04d}.safetensors"

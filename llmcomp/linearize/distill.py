@@ -16,7 +16,10 @@ note). LoRA is merged into the projections at the end.
 Resume: stage 1's students, each as its layer is done, and, every ``checkpoint_every`` steps, stage 2's
 trainable tensors and AdamW state are written (temp name + rename) into the output's resume directory
 (``core/resume.py``); the same command continues from the last checkpoint and, the data order and
-learning-rate schedule being functions of the step, ends with the same weights as an uninterrupted run.
+learning-rate schedule being functions of the step, ends with the same weights as an uninterrupted run. The
+directory is keyed by what stage 1 reads (``transfer_settings``), so a rerun that changes only the fine-tune or the
+choice of softmax layers (``AFTER_TRANSFER``) keeps the finished transfer; stage 2's checkpoint carries the whole
+config as its own key and is dropped then.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from torch import nn
 
 from llmcomp.core import memory, resume
 from llmcomp.core.calib import calibrate_layerwise
-from llmcomp.core.config import register_config
+from llmcomp.core.config import register_config, to_dict
 from llmcomp.core.model import decoder_layers
 from llmcomp.core.progress import NULL, Progress
 from llmcomp.errors import UserError
@@ -114,6 +117,28 @@ def check_model(model: nn.Module, stages: list[dict]) -> None:
 def _trainable(student: LinearAttention) -> dict[str, nn.Parameter]:
     """The student's own parameters (not the shared projections or their LoRA)."""
     return {n: p for n, p in student.named_parameters() if n.split(".")[0] not in PROJECTIONS}
+
+
+# The settings stage 1 does not read: the fine-tune's, and the choice of the softmax layers, made from the errors of
+# a transfer that covers every layer. (``batch_size`` is not one: the transfer trains on the captured batches.)
+AFTER_TRANSFER = ("keep_softmax", "keep_layers", "tokens", "seq_len", "lr", "lora_rank", "lora_alpha")
+SAVE_ONLY = ("checkpoint_every",)  # how often the work is saved: not what the job computes
+FINETUNE_FILE = "finetune.safetensors"
+
+
+def _settings(config: LinearizeConfig, leave_out: tuple) -> dict:
+    return {k: v for k, v in to_dict(config).items() if k not in leave_out}
+
+
+def transfer_settings(config: LinearizeConfig) -> dict:
+    """The config as stage 1 reads it: part of the resume directory's key (``api.linearize``)."""
+    return _settings(config, AFTER_TRANSFER + SAVE_ONLY)
+
+
+def _finetune_key(config: LinearizeConfig) -> str:
+    """The key stage 2's checkpoint carries: every setting but how often it is saved (its directory's key leaves
+    the fine-tune's out)."""
+    return json.dumps(_settings(config, SAVE_ONLY), sort_keys=True)
 
 
 _ON_CPU = "linearize with --device cpu"  # (what a CUDA out-of-memory error suggests, after the flags to lower)
@@ -223,13 +248,14 @@ def _lr(config: LinearizeConfig, step: int, steps: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
 
 
-def _save_state(path, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int, losses: list) -> None:
+def _save_state(path, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int, losses: list,
+                key: str) -> None:
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     for i, p in enumerate(params.values()):
         for k, v in opt.state.get(p, {}).items():
             v = v.detach().cpu()
             tensors[f"opt.{i}.{k}"] = (v.reshape(-1) if v.dim() == 0 else v).contiguous()  # safetensors: no 0-d
-    resume.save_state(tensors, path, {"step": str(step), "losses": json.dumps(losses)})
+    resume.save_state(tensors, path, {"step": str(step), "losses": json.dumps(losses)}, key=key)
 
 
 def _load_state(path, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> tuple[int, list]:
@@ -278,7 +304,7 @@ def _tune(model, windows, steps, params, config, device, progress, checkpoint) -
     """``finetune``'s loop, from the last checkpoint; (the step it resumed at, the KL of every step)."""
     model.to(device)
     opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
-    path = checkpoint.dir / "finetune.safetensors" if checkpoint is not None else None
+    path = checkpoint.dir / FINETUNE_FILE if checkpoint is not None else None
     start, losses = 0, []
     if path is not None and path.exists():
         start, losses = _load_state(path, params, opt)
@@ -304,7 +330,7 @@ def _tune(model, windows, steps, params, config, device, progress, checkpoint) -
                             f"{steps}; lower --lr (it is {config.lr}).")
         progress.advance(task)
         if path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
-            _save_state(path, params, opt, step + 1, losses)
+            _save_state(path, params, opt, step + 1, losses, _finetune_key(config))
             checkpoint.mark_time()
             resume._kill_point(f"linearize-step-{step + 1}")
     progress.done(task)
@@ -359,7 +385,10 @@ def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, c
     _, layers = decoder_layers(model)
     check_layers(model, config)
     done = sum(_transfer_file(checkpoint, i).exists() for i in range(len(layers))) if checkpoint is not None else 0
-    if done:
+    if checkpoint is not None and checkpoint.drop_stale(FINETUNE_FILE, _finetune_key(config)):
+        progress.note(f"Reusing the attention transfer of {done} of {len(layers)} layers from the interrupted job; "
+                      "its fine-tune settings differ, so the fine-tune starts over")
+    elif done:
         progress.note(f"Resuming: the attention transfer of {done} of {len(layers)} layers is done")
     if done == len(layers):  # (no pass over the calibration windows just to read every layer back)
         students = {i: _student(attention_of(layer), config.spec(), config.seed + i) for i, layer in enumerate(layers)}
