@@ -247,6 +247,7 @@ def quantize(
 
     # (before calibration, allocation and the resume folder; an allocation's formats are checked once chosen)
     chosen = check_selection(net, config, None if allocation is not None else quantizer)
+    _note_quantized(net, progress)
     _note_kv_bases(net, chosen, progress)
     if calibrates:  # (a corrupt layer was found when the calibration reached it: the earlier layers' work was lost)
         for name in chosen:
@@ -338,6 +339,17 @@ def _note_tied_head(net, progress: Progress) -> None:
         mb = sum(t.numel() * t.element_size() for t in head.state_dict().values()) / 1e6
         progress.note(f"lm_head shared the embedding's weights: its quantized copy is stored beside the float "
                       f"embedding (+{mb:.1f} MB against keeping lm_head float; decode reads it instead).")
+
+
+def _note_quantized(net, progress: Progress) -> None:
+    """The linears an earlier stage quantized are not re-quantized (their float weights are gone): said, since the
+    new format would otherwise read as the whole model's."""
+    from llmcomp.core.qlinear import QuantLinear
+
+    done = sum(isinstance(m, QuantLinear) for m in net.modules())
+    if done:
+        progress.note(f"{done} linear layers an earlier stage quantized are left as they are (re-quantizing them "
+                      "needs the original model).")
 
 
 def _note_kv_bases(net, chosen: list[str], progress: Progress) -> None:

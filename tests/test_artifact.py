@@ -324,6 +324,26 @@ def test_quantizing_a_quantized_artifact_says_so(art, tiny_model_dir, tmp_path):
                      tmp_path / "again3", str(partial))  # (it said "No linear layer is under targets")
 
 
+def test_quantizing_a_partly_quantized_artifact_says_what_it_leaves(tiny_model_dir, tmp_path):
+    """A second quantize over an artifact whose MLPs an earlier stage quantized quantized the attention alone and
+    left the MLPs in their earlier format without a word; the original model gets no such note."""
+    class Notes(api.Progress):
+        def __init__(self):
+            self.said = []
+
+        def note(self, message):
+            self.said.append(message)
+
+    mlp = RTNConfig(format=Uniform(bits=4, group_size=32), targets=("mlp",))
+    partial = api.quantize(mlp, tmp_path / "partial", str(tiny_model_dir), progress=(first := Notes()))
+    assert not any("earlier stage quantized" in n for n in first.said), first.said
+    again = Notes()
+    api.quantize(RTNConfig(format=Uniform(bits=8, group_size=32)), tmp_path / "again", str(partial), progress=again)
+    done = sum(isinstance(m, QuantLinear) for m in llmcomp.load(partial).modules())
+    said = [n for n in again.said if f"{done} linear layers an earlier stage quantized are left as they are" in n]
+    assert done and len(said) == 1 and "needs the original model" in said[0], again.said
+
+
 def test_output_exists_refused_and_overwrite(art, tiny_model_dir):
     with pytest.raises(UserError, match="already exists"):
         api.quantize(W4, art, str(tiny_model_dir))
