@@ -406,6 +406,17 @@ def _kv_stage(arts, tmp_path):
     return write_artifact(tmp_path / "kv", model, tok, base_model=manifest["base_model"], stages=stages)
 
 
+def _moe_skip_then_quantize(tmp_path):
+    """prune dynamic, then quantize, which unfuses the experts: two stages other tools would not rebuild."""
+    from llmcomp.prune.mcmoe import DynamicSkipConfig
+    from tests.test_experts import _save_with_tokenizer, tiny_moe
+
+    src = _save_with_tokenizer(tiny_moe("mixtral"), tmp_path / "moe")
+    dyn = api.skip_experts(DynamicSkipConfig(rate=0.3), tmp_path / "dyn", str(src), calib_samples=2,
+                           calib_seq_len=32, device="cpu")
+    return api.quantize(RTNConfig(format=Uniform(4, 16)), tmp_path / "q", str(dyn))
+
+
 def _fp4_group(model_dir, tmp_path):
     return api.quantize(FP4Config(format=FP4(group_size=32)), tmp_path / "fp4", str(model_dir))
 
@@ -432,6 +443,10 @@ REFUSALS = [
     ("decoupleq-zeros-ct", lambda a, m, t: _decoupleq_like(m, t), "compressed-tensors", "real-valued zero points"),
     ("decoupleq-zeros-gptq", lambda a, m, t: _decoupleq_like(m, t), "gptq", "real-valued zero points"),
     ("kv-policy", lambda a, m, t: _kv_stage(a, t), "compressed-tensors", "KV-cache policy"),
+    # (it said "MoE layout (unfused or pruned experts) (stage 'experts-dynamic-skip')": the kind's words, its first)
+    ("moe-stages", lambda a, m, t: _moe_skip_then_quantize(t), "gptq",
+     "has a dynamic expert-skip threshold (stage 'experts-dynamic-skip') and unfused MoE experts (stage "
+     "'unfuse-experts'), which have no GPTQ equivalent; export an artifact without them."),
     ("fp4-group-ct", lambda a, m, t: _fp4_group(m, t), "compressed-tensors", "no compressed-tensors equivalent"),
     ("nvfp4-gptq", lambda a, m, t: a("nvfp4"), "gptq", "no GPTQ equivalent"),
     ("ragged-ct", lambda a, m, t: _ragged(m, t), "compressed-tensors",

@@ -24,8 +24,17 @@ from llmcomp.interop.imports import BASE_RECORD
 
 # Manifest stage kinds that change the model's structure or runtime behaviour in ways only llmcomp.load
 # rebuilds (prune/kv, prune/moe, linearize): other tools would load a different model.
-_STAGE_KINDS = {"kv": "a KV-cache policy", "moe": "an llmcomp MoE layout (unfused or pruned experts)",
-                "linearize": "linear-attention layers"}
+_STAGE_KINDS = {"kv": "a KV-cache policy", "moe": "pruned MoE experts", "linearize": "linear-attention layers"}
+
+
+def _stage_what(stage: dict) -> str:
+    """What a stage with a kind leaves that other tools would not rebuild; an MoE stage by what it did (the kind
+    alone named a dynamic skip stage "unfused or pruned experts" where a later quantize had unfused them)."""
+    if stage["kind"] == "moe" and stage.get("method") == "unfuse-experts":
+        return "unfused MoE experts"
+    if stage["kind"] == "moe" and stage.get("skip_threshold") is not None:
+        return "a dynamic expert-skip threshold"
+    return _STAGE_KINDS.get(stage["kind"], f"a {stage['kind']!r} stage")
 
 
 @dataclass
@@ -72,7 +81,7 @@ def _quant_method(path: Path) -> Optional[str]:
 def open_source(path, target: str) -> Source:
     """Open an llmcomp artifact for export to ``target`` (a name for messages); refuse what no other tool
     could load."""
-    from llmcomp.core.artifact import load_artifact, read_manifest, stage_kinds, stored_dtype
+    from llmcomp.core.artifact import load_artifact, read_manifest, stored_dtype
     from llmcomp.core.model import resolve
 
     p = resolve(path)
@@ -81,12 +90,15 @@ def open_source(path, target: str) -> Source:
         raise UserError(f"{p} is not an llmcomp artifact ({MANIFEST} is missing); export writes an artifact's "
                         + (f"quantized weights, and this is a {method} checkpoint already: other tools load it as "
                            "it is." if method else "quantized weights, so quantize the model first."))
-    kinds = stage_kinds(read_manifest(p, verify=False))
-    if kinds:
-        kind, method = next(iter(kinds.items()))
-        what = _STAGE_KINDS.get(kind, f"a {kind!r} stage")
-        raise UserError(f"{p} has {what} (stage {method!r}), which has no {target} equivalent; "
-                        "export an artifact without it.")
+    found: dict[str, str] = {}  # what → the first stage that left it
+    for stage in read_manifest(p, verify=False)["stages"]:
+        if stage.get("kind") is not None:
+            found.setdefault(_stage_what(stage), stage.get("method"))
+    if found:
+        what = " and ".join(f"{w} (stage {m!r})" for w, m in found.items())
+        one = len(found) == 1
+        raise UserError(f"{p} has {what}, which {'has' if one else 'have'} no {target} equivalent; "
+                        f"export an artifact without {'it' if one else 'them'}.")
     # (its files are copied as they are, config.json's dtype too: the unquantized tensors go out in that dtype)
     model, _, manifest = load_artifact(p, dtype=stored_dtype(p), strict_tokenizer=False)
     layers = [Layer(n, m.fmt, {k: t.detach().cpu() for k, t in m.packed_tensors().items()}, m.out_features,
