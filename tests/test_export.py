@@ -277,6 +277,17 @@ def test_gptq_import_feeds_quantize(arts, tmp_path):
     assert torch.equal(reloaded.model.layers[1].mlp.up_proj.dequantize(), src.model.layers[1].mlp.up_proj.dequantize())
 
 
+def test_an_import_stage_time_is_counted_once(arts, tmp_path):
+    """eval's quant s and the report's total summed the import stage's time (the reading of the checkpoint by the
+    command that made the next stage) and that next stage's, which includes it: 3.09 + 8.17 s for an 8.17 s run."""
+    out = tmp_path / "gptq"
+    api.export(arts("w4g32"), "gptq", out)
+    stages = read_manifest(api.quantize(RTNConfig(format=Uniform(8, 0), ignore=()), tmp_path / "q", str(out)))["stages"]
+    assert [s["method"] for s in stages] == ["import-gptq", "rtn"]
+    assert stages[1]["wall_time_s"] >= stages[0]["wall_time_s"]  # (the import ran inside the quantize command)
+    assert api.stages_seconds([{**stages[0], "wall_time_s": 3.09}, {**stages[1], "wall_time_s": 8.17}]) == 8.17
+
+
 @pytest.mark.parametrize("to", ["gptq", "compressed-tensors"])
 def test_an_artifact_made_from_an_export_records_the_original_base_model(arts, model_dir, tmp_path, to):
     """Its manifest named the export folder (an int4 checkpoint) as its base model: eval --reference base compared
