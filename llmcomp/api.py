@@ -898,8 +898,11 @@ def stage_label(stage: dict) -> str:
         names += [str(n) for n in alloc["bits"] if str(n) not in names]
     # (a head-only stage read "rtn int4 g32 asym" like a second pass over the decoder, and eval's bits/weight
     # column beside it, which counts no lm_head, did not move; an allocation's b/w counted the head, the column not)
-    heads = sum(n.split(".")[-1] == "lm_head" for n in names)
-    head = ["lm_head only" if heads == len(names) else "with lm_head"] if heads else []
+    heads, total = sum(n.split(".")[-1] == "lm_head" for n in names), len(names)
+    metrics = stage.get("metrics") if isinstance(stage.get("metrics"), dict) else {}
+    if not names and metrics.get("quantized_lm_head") is True:  # (an import records no per-layer names)
+        heads, total = 1, metrics.get("imported_layers")
+    head = ["lm_head only" if heads == total else "with lm_head"] if heads else []
     if isinstance(alloc, dict) and isinstance(alloc.get("achieved_bits_per_weight"), (int, float)):
         return f"{stage['method']} alloc {alloc['achieved_bits_per_weight']:.2f} b/w" + "".join(", " + h for h in head)
     config = stage.get("config") if isinstance(stage.get("config"), dict) else {}

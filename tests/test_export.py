@@ -277,6 +277,18 @@ def test_gptq_import_feeds_quantize(arts, tmp_path):
     assert torch.equal(reloaded.model.layers[1].mlp.up_proj.dequantize(), src.model.layers[1].mlp.up_proj.dequantize())
 
 
+def test_an_imported_quantized_head_is_in_the_label(model_dir, tmp_path):
+    """A compressed-tensors export of "rtn int4 g32 asym, with lm_head" came back as "import-compressed-tensors int4
+    g32 asym", the head unsaid (GPTQ holds no head). A head-less import still reads without it."""
+    pytest.importorskip("compressed_tensors")
+    for ignore, tail in (((), ", with lm_head"), (("lm_head",), "")):
+        art = api.quantize(RTNConfig(format=Uniform(4, 32), ignore=ignore), tmp_path / f"art{tail}", str(model_dir))
+        assert api.stage_label(read_manifest(art)["stages"][0]) == "rtn int4 g32 asym" + tail
+        api.export(art, "compressed-tensors", tmp_path / f"ct{tail}")
+        stage = api.open_model(str(tmp_path / f"ct{tail}"))[3][0]
+        assert api.stage_label(stage) == "import-compressed-tensors int4 g32 asym" + tail
+
+
 def test_an_import_stage_time_is_counted_once(arts, tmp_path):
     """eval's quant s and the report's total summed the import stage's time (the reading of the checkpoint by the
     command that made the next stage) and that next stage's, which includes it: 3.09 + 8.17 s for an 8.17 s run."""

@@ -154,7 +154,9 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
              "config": {"format": to_dict(distinct[0]) if len(distinct) == 1 else None, "quantization_config": qc},
              "wall_time_s": round(time.perf_counter() - start, 2),
              "metrics": {"bits_per_weight": round(size_report(model)["bits_per_weight"], 4),
-                         "imported_layers": len(formats)}}
+                         "imported_layers": len(formats),
+                         # (its label read as if the head were float: api.stage_label names it from this)
+                         "quantized_lm_head": isinstance(model.get_output_embeddings(), QuantLinear)}}
     base = None if not describe_base else exported_base(path) or {
         "name": model_mod.model_name(path), "path": str(path.resolve()), "sha256": model_mod.weights_sha256(path)}
     return model, model_mod.load_tokenizer(path, strict_tokenizer), base, [stage]
