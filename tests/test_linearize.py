@@ -432,6 +432,11 @@ def test_cli_writes_an_artifact(tmp_path):
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     assert "1 linear / 1 softmax layers" in text and "KL" in text
+    # (one mean over both layers, the kept one the worse: the linear layer's error read higher than it was)
+    stage = api.inspect(tmp_path / "out")["stages"][-1]
+    err = {kind: 100 * stage["metrics"]["transfer_rel_mse"][str(i)] for i, kind in enumerate(stage["layout"])}
+    assert (f"mean transfer error {err['linear']:.1f} % over the linear layers, {err['softmax']:.1f} % over the "
+            "softmax ones kept") in text, text
 
 
 def _error(r) -> str:

@@ -336,6 +336,18 @@ def test_kl_curve_points_sit_at_their_fine_tuning_steps():
     assert f["kl_steps"][:3] == [1, 3, 5] and f["kl_steps"][-1] == 45 and len(f["kl_steps"]) == 23
 
 
+def test_a_linearize_summary_averages_the_linear_and_the_kept_layers_apart():
+    """One mean over every layer, the kept softmax ones (the worst measured) included, was read as the linear
+    layers' error (the CLI line said 182.5 % where the 27 linear layers averaged ~97 %)."""
+    from llmcomp.report import markdown
+
+    stage = {"kind": "linearize", "layout": ["linear", "softmax", "linear"], "metrics": {
+        "transfer_rel_mse": {"0": 0.1, "1": 3.0, "2": 0.3}, "finetune": {}}}
+    view = {"stage": stage, "facts": facts.linearize_facts(stage), "kind": "linearize"}
+    assert markdown._summary(view) == ("2 linear / 1 softmax layers; transfer rel. MSE mean 0.2 over the linear "
+                                       "layers, 3 over the softmax ones kept")
+
+
 def test_an_moe_summary_ranks_each_expert_not_their_average():
     """A layer's experts were averaged into one value before the min / max / lowest: the worst expert was hidden
     (a report said 23.1 dB at its lowest where one expert had 20.0)."""

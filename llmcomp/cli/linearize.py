@@ -66,6 +66,7 @@ def linearize(
 
     def go():
         from llmcomp.linearize.distill import LinearizeConfig
+        from llmcomp.report.facts import transfer_means
 
         # (each was taken and ignored: recorded in the manifest, unused)
         stray = _given(ctx, ["lr", "lora_rank", "checkpoint_every"]) if parse_tokens(tokens) == 0 else []
@@ -83,11 +84,11 @@ def linearize(
                                  calib_seq_len=seq_len, device=device, dtype=dtype, progress=progress)
         stage = last_stage(path)
         m = stage["metrics"]
-        errs = [float("nan") if e is None else e for e in m["transfer_rel_mse"].values()]
+        means = transfer_means(m["transfer_rel_mse"], stage["layout"], lambda e: f"{100 * e:.1f} %")
         ft = m["finetune"]
         kl = (f"; KL {render.number(ft['kl_first'], 3)} → {render.number(ft['kl_last'], 3)} over {ft['tokens']} "
               "tokens" if ft.get("steps") else "")
         render.wrote(f"{path} ({stage['layout'].count('linear')} linear / {stage['layout'].count('softmax')} softmax "
-                     f"layers; mean transfer error {100 * sum(errs) / max(1, len(errs)):.1f} %{kl})")
+                     f"layers; mean transfer error {means or '-'}{kl})")
 
     run(go)

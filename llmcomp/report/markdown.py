@@ -5,7 +5,7 @@ from collections import Counter
 from pathlib import Path
 from statistics import mean
 
-from llmcomp.report.facts import kind_label, kind_order, shown_config, split_path, stage_bits
+from llmcomp.report.facts import kind_label, kind_order, shown_config, split_path, stage_bits, transfer_means
 
 
 def _f(v, digits=2) -> str:
@@ -103,11 +103,11 @@ def _summary(v: dict) -> str:
         return f["policy"]
     if kind == "linearize":
         layout = f["layout"]
-        errs = list(f["transfer"].values())
+        means = transfer_means(f["transfer"], layout, lambda m: f"{m:.3g}")
         tune = f["finetune"]
         out = [f"{layout.count('linear')} linear / {layout.count('softmax')} softmax layers"]
-        if errs:
-            out.append(f"transfer rel. MSE mean {mean(errs):.3g}")
+        if means:
+            out.append(f"transfer rel. MSE mean {means}")
         if "kl_first" in tune:
             out.append(f"fine-tune KL {_f(tune['kl_first'], 3)} → {_f(tune['kl_last'], 3)} over {tune.get('steps')} "
                        "steps")
