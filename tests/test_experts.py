@@ -627,3 +627,31 @@ def test_stage_records_stay_where_no_expert_was_removed():
     moved = experts.follow_experts(stages, {"model.layers.0.mlp": [0]}, None)[0]["metrics"]
     assert moved == {"bits_per_weight_before_expert_pruning": 4.25,
                      "layers": {"model.layers.0.mlp.experts.down.0": {"sqnr_db": 20.0}}}
+
+
+def _out_of_memory_driver(real):
+    """calibrate_layerwise with a handler that runs out of CUDA memory: the error the caller's flags make."""
+    def driver(model, ids, handler, **kwargs):
+        def boom(path, layer, runner):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return real(model, ids, boom, **kwargs)
+    return driver
+
+
+def test_out_of_memory_names_each_command_s_own_flags(tmp_path, monkeypatch):
+    """prune experts said to lower --calib-batch, which only quantize has."""
+    from llmcomp.core import calib
+    from llmcomp.formats import Uniform
+    from llmcomp.quant import GPTQConfig, base
+
+    src = _save_with_tokenizer(tiny_moe("mixtral"), tmp_path / "moe")
+    monkeypatch.setattr(experts, "calibrate_layerwise", _out_of_memory_driver(calib.calibrate_layerwise))
+    with pytest.raises(UserError) as e:
+        api.prune_experts(ExpertPruneConfig(method="frequency", ratio=0.5), tmp_path / "p", str(src),
+                          calib_samples=2, calib_seq_len=32, device="cpu")
+    assert "lower --calib-samples or --seq-len, or run with --device cpu" in str(e.value)
+    assert "--calib-batch" not in str(e.value)
+    monkeypatch.setattr(base, "calibrate_layerwise", _out_of_memory_driver(calib.calibrate_layerwise))
+    with pytest.raises(UserError, match="lower --calib-batch, or calibrate with --device cpu"):
+        api.quantize(GPTQConfig(format=Uniform(bits=4, group_size=0)), tmp_path / "q", str(src), calib_samples=2,
+                     calib_seq_len=32, device="cpu")

@@ -629,3 +629,11 @@ def test_malformed_external_checkpoints_are_one_error_line(arts, tmp_path):
     ]
     for path, message in cases:
         assert message in one_error(invoke("eval", path, "--windows", 1, "--seq-len", 16)), path
+
+
+def test_an_export_refusal_tells_pruned_expert_neurons_from_pruned_experts():
+    """HEAPr removes neurons inside experts, not experts: its stage read 'pruned MoE experts'."""
+    from llmcomp.interop.source import _stage_what
+
+    assert _stage_what({"kind": "moe", "method": "experts-heapr"}) == "pruned MoE expert neurons"
+    assert _stage_what({"kind": "moe", "method": "experts-frequency"}) == "pruned MoE experts"

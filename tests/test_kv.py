@@ -117,6 +117,20 @@ def test_a_moefied_model_takes_a_kv_policy(arch, tmp_path):
     assert type(output_cache(got)).__name__ == "KVCache" and torch.equal(got.sequences, ref.sequences)
 
 
+def test_an_attention_class_of_the_name_but_an_older_forward_is_refused():
+    """transformers 4.56's Qwen2MoeAttention, of a supported name, computes its softmax by hand (no ``scaling``, no
+    attention interface): a policy would never run there, and linearize's student reads ``scaling``."""
+    from llmcomp.linearize.student import check_supported as linearize_check
+    from llmcomp.prune.kv.cache import check_supported
+
+    model = tiny("qwen2_moe")
+    del model.model.layers[1].self_attn.scaling
+    with pytest.raises(UserError, match=r"KV policies do not support Qwen2MoeAttention \(model\.layers\.1\."):
+        check_supported(model)
+    with pytest.raises(UserError, match=r"linearize does not support the attention class Qwen2MoeAttention"):
+        linearize_check(model)
+
+
 def test_generate_applies_the_policy_and_is_exact_when_lossless():
     model = tiny()
     ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(3))

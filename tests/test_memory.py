@@ -108,7 +108,8 @@ def test_out_of_memory_message_names_layer_and_cap(monkeypatch):
     monkeypatch.setitem(memory._ACTIVE, 0, 2 * GiB)
     msg = str(memory.out_of_memory("Decoder layer model.layers.3", "cuda:0"))
     assert msg.startswith("Decoder layer model.layers.3 does not fit in the 2 GiB GPU limit set by --max-memory")
-    assert "--calib-batch" in msg and "\n" not in msg
+    assert "lower --calib-samples or --seq-len, or run with --device cpu" in msg and "\n" not in msg
+    assert "--calib-batch" in str(memory.out_of_memory("Decoder layer 3", "cuda:0", memory.QUANTIZE_REMEDY))
     assert str(memory.out_of_memory("Decoder layer model.layers.3", "cpu")).startswith(
         "Decoder layer model.layers.3 does not fit in the memory of cpu;")
 

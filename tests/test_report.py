@@ -346,6 +346,9 @@ def test_a_linearize_summary_averages_the_linear_and_the_kept_layers_apart():
     view = {"stage": stage, "facts": facts.linearize_facts(stage), "kind": "linearize"}
     assert markdown._summary(view) == ("2 linear / 1 softmax layers; transfer rel. MSE mean 0.2 over the linear "
                                        "layers, 3 over the softmax ones kept")
+    stage["metrics"]["transfer_rel_mse"]["2"] = None  # (a layer without a measurement: said, not hidden)
+    view = {"stage": stage, "facts": facts.linearize_facts(stage), "kind": "linearize"}
+    assert "mean 0.1 over the linear layers (1 not measured), 3 over" in markdown._summary(view)
 
 
 def test_an_moe_summary_ranks_each_expert_not_their_average():

@@ -156,7 +156,10 @@ def gpu_cap(limits: dict[int, int]) -> Iterator[None]:
             torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
-CALIBRATION_REMEDY = "lower --calib-batch, or calibrate with --device cpu"
+# What a CUDA out-of-memory error tells the user to do, in the command's own flags: quantize's (it alone has
+# --calib-batch), and the other calibrating commands' (prune experts / dynamic / kv, convert moefy).
+QUANTIZE_REMEDY = "lower --calib-batch, or calibrate with --device cpu"
+CALIBRATION_REMEDY = "lower --calib-samples or --seq-len, or run with --device cpu"
 
 
 def out_of_memory(what: str, device, remedy: str = CALIBRATION_REMEDY) -> UserError:

@@ -28,6 +28,14 @@ WEIGHT_SUFFIXES = (".safetensors",)
 # policies and linearize replace what they do. The MoE ones, convert moefy's output, are Qwen2's and Llama's line
 # for line (prune kv and linearize refused every moefied model).
 ROPE_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen2MoeAttention", "MixtralAttention")
+
+
+def is_rope_attention(attn) -> bool:
+    """One of ``ROPE_ATTENTION`` as transformers writes it now, through the attention interface with its ``scaling``:
+    transformers 4.56's Qwen2MoeAttention, of the same name, computes its softmax by hand (no policy would run, and
+    linearize's student reads ``scaling``)."""
+    return type(attn).__name__ in ROPE_ATTENTION and hasattr(attn, "scaling")
+
 # Where decoder layers live in transformers' causal-LM classes (Llama, Qwen2, Mistral, Gemma, ...).
 LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers",
                "gpt_neox.layers")

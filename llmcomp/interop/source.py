@@ -34,6 +34,8 @@ def _stage_what(stage: dict) -> str:
         return "unfused MoE experts"
     if stage["kind"] == "moe" and stage.get("skip_threshold") is not None:
         return "a dynamic expert-skip threshold"
+    if stage["kind"] == "moe" and stage.get("method") == "experts-heapr":
+        return "pruned MoE expert neurons"
     return _STAGE_KINDS.get(stage["kind"], f"a {stage['kind']!r} stage")
 
 

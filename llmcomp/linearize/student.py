@@ -34,7 +34,7 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from llmcomp.core.config import register_config
-from llmcomp.core.model import ROPE_ATTENTION
+from llmcomp.core.model import ROPE_ATTENTION, is_rope_attention
 from llmcomp.errors import UserError
 from llmcomp.linearize.attention import HybridState, hybrid_attention
 from llmcomp.linearize.feature_maps import FEATURE_MAPS
@@ -273,7 +273,7 @@ def check_supported(model: nn.Module) -> None:
     for i, layer in enumerate(layers):
         attn = attention_of(layer)
         name = type(attn).__name__
-        if name not in SUPPORTED_ATTENTION and not isinstance(attn, LinearAttention):
+        if not is_rope_attention(attn) and not isinstance(attn, LinearAttention):
             raise UserError(f"linearize does not support the attention class {name} ({prefix}.{i}.self_attn); "
                             f"supported: {', '.join(SUPPORTED_ATTENTION)}.")
 

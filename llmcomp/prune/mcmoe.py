@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmcomp.core import memory
 from llmcomp.core.calib import calibrate_layerwise
 from llmcomp.core.config import register_config
 from llmcomp.core.progress import NULL, Progress
@@ -70,7 +71,8 @@ def expert_importance(model: nn.Module, calib_ids: torch.Tensor, device=None, pr
                 out[f"{h.b.path}.experts.gate_up.{e}"] = out[f"{h.b.path}.experts.down.{e}"] = m
 
     if blocks:
-        calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress)
+        calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress,
+                            remedy=memory.QUANTIZE_REMEDY)  # (quantize's MC-MoE weighting)
     return out
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmcomp.core import memory
 from llmcomp.core.calib import calibrate_layerwise
 from llmcomp.core.config import register_config
 from llmcomp.core.model import decoder_layers
@@ -192,7 +193,7 @@ def output_errors(model: nn.Module, calib_ids: torch.Tensor, chosen: dict[str, n
             accs[m].release()
 
     calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress,
-                        reach=chosen)
+                        reach=chosen, remedy=memory.QUANTIZE_REMEDY)
     missing = set(chosen) - set(table)
     if missing:
         raise UserError(f"Bit allocation only covers decoder layers; add {sorted(missing)[0]} to --ignore.")

@@ -15,6 +15,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from llmcomp.core import memory
 from llmcomp.core.config import field_classes
 from llmcomp.core.calib import calibrate_layerwise
 from llmcomp.core.model import check_finite, decoder_layers, set_submodule
@@ -300,7 +301,7 @@ def quantize_model(
                 checkpoint.save(model, index, [n for n, _ in linears], report)
 
         calibrate_layerwise(model, calib_ids, handler, batch_size=batch_size, device=device, progress=progress,
-                            reach=chosen)
+                            reach=chosen, remedy=memory.QUANTIZE_REMEDY)
         if unseen:
             warnings.warn(f"{len(unseen)} linear layer(s) received no calibration tokens (e.g. {unseen[0]}: an "
                           f"MoE expert its router never chose); {config.method} quantized them against their "

@@ -8,6 +8,7 @@ indices) become ``*`` so the experts of one layer are one series.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from statistics import mean
 from typing import Optional
@@ -263,12 +264,16 @@ def transfer_means(errors: dict, layout: list, show) -> str:
     layers, 10.1 over the softmax ones kept". --keep-softmax keeps the layers it measured worst, so one mean over all
     layers (182.5 % where the linear ones averaged 97 %) was not the error of those that run linear attention."""
     kinds: dict[str, list[float]] = {}
+    missing: Counter = Counter()
     for i, kind in enumerate(layout):
         e = num(errors.get(i, errors.get(str(i))))
-        if e == e:  # (not NaN: a layer without a measurement)
+        if e == e:  # (not NaN)
             kinds.setdefault(kind, []).append(e)
+        else:  # (a layer without a measurement: said, so that the mean is not read as every layer's)
+            missing[kind] += 1
     words = {"linear": "over the linear layers", "softmax": "over the softmax ones kept"}
-    return ", ".join(f"{show(mean(kinds[k]))} {words.get(k, 'over the ' + k + ' ones')}" for k in sorted(kinds))
+    return ", ".join(f"{show(mean(kinds[k]))} {words.get(k, 'over the ' + k + ' ones')}"
+                     + (f" ({missing[k]} not measured)" if missing[k] else "") for k in sorted(kinds))
 
 
 def moefy_facts(stage: dict) -> Optional[dict]:

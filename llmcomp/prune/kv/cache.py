@@ -26,7 +26,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from llmcomp.core.hfcompat import cache_kwarg, pop_cache
-from llmcomp.core.model import ROPE_ATTENTION
+from llmcomp.core.model import ROPE_ATTENTION, is_rope_attention
 from llmcomp.errors import UserError
 from llmcomp.prune.kv.attention import eager_attention, gather_past_mask, split_mask
 
@@ -260,7 +260,7 @@ def check_supported(model: nn.Module) -> list[nn.Module]:
     mods = attention_modules(model)
     for i, m in enumerate(mods):
         name = type(m).__name__
-        if name not in SUPPORTED_ATTENTION:
+        if not is_rope_attention(m):
             where = next(n for n in ATTENTION_NAMES if getattr(layers[i], n, None) is m)
             raise UserError(f"KV policies do not support {name} ({prefix}.{i}.{where}); supported: "
                             f"{', '.join(SUPPORTED_ATTENTION)}.")
