@@ -373,6 +373,7 @@ def test_a_rerun_that_changes_only_the_fine_tune_keeps_the_finished_transfer(tmp
     """Another --tokens, --lr, --lora-rank, --keep-softmax or --keep-layers discarded the whole job as another's and
     ran the transfer of every layer again (22 finished layers thrown away): the transfer reads none of them. The
     fine-tune's checkpoint, made under the old settings, is dropped; the result is the new job's uninterrupted one."""
+    from llmcomp.core import resume
     from llmcomp.linearize import distill
 
     then = dataclasses.replace(LONGER, **change)
@@ -380,8 +381,12 @@ def test_a_rerun_that_changes_only_the_fine_tune_keeps_the_finished_transfer(tmp
     if tag.startswith("linearize-step"):  # (every layer's transfer is saved: read back without a calibration pass)
         monkeypatch.setattr(distill, "transfer", lambda *a, **k: pytest.fail("ran the transfer's pass again"))
     notes, progress = _notes()
+    rewound = []  # (the dropped fine-tune's seconds left out of the wall time: resume's own test times it)
+    real = resume.Checkpoint.rewind_time
+    monkeypatch.setattr(resume.Checkpoint, "rewind_time", lambda cp, name: (rewound.append(name), real(cp, name)))
     out = rerun(then, progress=progress)
     assert said in notes and not [n for n in notes if n.startswith("Discarding")]
+    assert rewound == ([distill.TRANSFER_TIME] if tag.startswith("linearize-step") else [])
     assert api.inspect(out)["stages"][-1]["metrics"]["finetune"]["resumed_at_step"] == 0
     _same_as(out, whole, tmp_path / "whole")
 

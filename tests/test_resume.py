@@ -93,6 +93,27 @@ def test_state_with_its_own_key_is_dropped_alone_when_that_key_changes(tmp_path)
     assert sorted(p.name for p in d.glob("*.safetensors")) == ["layer-0000.safetensors"]
 
 
+def test_rewound_time_leaves_out_the_seconds_of_dropped_work(tmp_path, monkeypatch):
+    """A linearize rerun that dropped the interrupted fine-tune counted its seconds in the artifact's wall time."""
+    from llmcomp.core import resume
+
+    clock = [100.0]
+    monkeypatch.setattr(resume.time, "perf_counter", lambda: clock[0])
+    d = tmp_path / ".o.resume"
+    cp = resume.Checkpoint(d, "a")
+    clock[0] += 30  # the transfer
+    cp.mark_time()
+    cp.mark_time("transfer.json")
+    clock[0] += 50  # a fine-tune, interrupted
+    cp.mark_time()
+    again = resume.Checkpoint(d, "a")
+    assert again.earlier_s == 80
+    again.rewind_time("transfer.json")
+    assert again.earlier_s == 30
+    again.rewind_time("absent.json")
+    assert again.earlier_s == 30
+
+
 def test_a_stale_resume_folder_behind_a_link_is_discarded(tmp_path):
     """rmtree(ignore_errors=True) kept a linked folder, and the next job resumed the other job's layers."""
     from llmcomp.core.resume import Checkpoint

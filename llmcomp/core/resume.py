@@ -225,9 +225,18 @@ class Checkpoint:
         self.mark_time()
         _kill_point(f"after-layer-{index}")
 
-    def mark_time(self) -> None:
-        """Record the job's seconds so far (the earlier runs' and this one's) beside the work just saved."""
-        write_report(self.dir / ELAPSED_FILE, json.dumps({"seconds": self.earlier_s + time.perf_counter() - self.t0}))
+    def mark_time(self, name: str = ELAPSED_FILE) -> None:
+        """Record the job's seconds so far (the earlier runs' and this one's) beside the work just saved; ``name``:
+        a mark of its own, the point ``rewind_time`` returns to."""
+        write_report(self.dir / name, json.dumps({"seconds": self.earlier_s + time.perf_counter() - self.t0}))
+
+    def rewind_time(self, name: str) -> None:
+        """Count the earlier runs' seconds up to their ``mark_time(name)`` only: what they did after it was dropped
+        (``drop_stale``) and is done again, so its seconds are not the result's (none where there is no such mark)."""
+        try:
+            self.earlier_s = float(json.loads((self.dir / name).read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
 
     def restore(self, model: nn.Module, index: int, report: dict) -> None:
         with safe_open(str(self._file(index)), framework="pt") as f:

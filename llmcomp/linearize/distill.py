@@ -124,6 +124,7 @@ def _trainable(student: LinearAttention) -> dict[str, nn.Parameter]:
 AFTER_TRANSFER = ("keep_softmax", "keep_layers", "tokens", "seq_len", "lr", "lora_rank", "lora_alpha")
 SAVE_ONLY = ("checkpoint_every",)  # how often the work is saved: not what the job computes
 FINETUNE_FILE = "finetune.safetensors"
+TRANSFER_TIME = "elapsed-transfer.json"  # the job's seconds at its last finished transfer layer (``rewind_time``)
 
 
 def _settings(config: LinearizeConfig, leave_out: tuple) -> dict:
@@ -194,6 +195,7 @@ def transfer(model: nn.Module, ids: torch.Tensor, config: LinearizeConfig, devic
             resume.save_state({n: p.detach().cpu().contiguous() for n, p in _trainable(student).items()}, saved,
                               {"error": json.dumps(errors[idx])})
             checkpoint.mark_time()
+            checkpoint.mark_time(TRANSFER_TIME)
             resume._kill_point(f"linearize-transfer-{idx}")
 
     model.requires_grad_(False)
@@ -386,6 +388,7 @@ def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, c
     check_layers(model, config)
     done = sum(_transfer_file(checkpoint, i).exists() for i in range(len(layers))) if checkpoint is not None else 0
     if checkpoint is not None and checkpoint.drop_stale(FINETUNE_FILE, _finetune_key(config)):
+        checkpoint.rewind_time(TRANSFER_TIME)  # (the dropped fine-tune's seconds are no part of the artifact's)
         progress.note(f"Reusing the attention transfer of {done} of {len(layers)} layers from the interrupted job; "
                       "its fine-tune settings differ, so the fine-tune starts over")
     elif done:
