@@ -120,7 +120,8 @@ def test_a_moefied_model_takes_a_kv_policy(arch, tmp_path):
 def test_an_attention_class_of_the_name_but_an_older_forward_is_refused():
     """transformers 4.56's Qwen2MoeAttention, of a supported name, computes its softmax by hand (no ``scaling``, no
     attention interface): a policy would never run there, and linearize's student reads ``scaling``."""
-    from llmcomp.linearize.student import check_supported as linearize_check
+    from llmcomp.linearize.distill import LinearizeConfig
+    from llmcomp.linearize.student import LinearAttention, check_supported as linearize_check
     from llmcomp.prune.kv.cache import check_supported
 
     model = tiny("qwen2_moe")
@@ -129,6 +130,8 @@ def test_an_attention_class_of_the_name_but_an_older_forward_is_refused():
         check_supported(model)
     with pytest.raises(UserError, match=r"linearize does not support the attention class Qwen2MoeAttention"):
         linearize_check(model)
+    with pytest.raises(UserError, match=r"linearize does not support the attention class Qwen2MoeAttention"):
+        LinearAttention(model.model.layers[1].self_attn, LinearizeConfig().spec())  # (the student's own check)
 
 
 def test_generate_applies_the_policy_and_is_exact_when_lossless():

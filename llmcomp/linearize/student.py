@@ -39,7 +39,6 @@ from llmcomp.errors import UserError
 from llmcomp.linearize.attention import HybridState, hybrid_attention
 from llmcomp.linearize.feature_maps import FEATURE_MAPS
 
-SUPPORTED_ATTENTION = ROPE_ATTENTION  # (what we replace)
 GATES = ("none", "key", "proj", "dt")  # dt: one scalar per head and token (Mamba-2)
 
 
@@ -170,9 +169,9 @@ class LinearAttention(nn.Module):
     def __init__(self, attn: nn.Module, spec: StudentSpec):
         super().__init__()
         name = type(attn).__name__
-        if name not in SUPPORTED_ATTENTION:
+        if not is_rope_attention(attn):  # (check_supported's test: the name alone let an older forward through)
             raise UserError(f"linearize does not support the attention class {name}; supported: "
-                            f"{', '.join(SUPPORTED_ATTENTION)}.")
+                            f"{', '.join(ROPE_ATTENTION)}.")
         cfg = attn.config
         self.config, self.layer_idx, self.spec = cfg, attn.layer_idx, spec
         self.head_dim = attn.head_dim
@@ -275,7 +274,7 @@ def check_supported(model: nn.Module) -> None:
         name = type(attn).__name__
         if not is_rope_attention(attn) and not isinstance(attn, LinearAttention):
             raise UserError(f"linearize does not support the attention class {name} ({prefix}.{i}.self_attn); "
-                            f"supported: {', '.join(SUPPORTED_ATTENTION)}.")
+                            f"supported: {', '.join(ROPE_ATTENTION)}.")
 
 
 def install(model: nn.Module, students: dict[int, LinearAttention]) -> None:

@@ -31,7 +31,6 @@ from llmcomp.errors import UserError
 from llmcomp.prune.kv.attention import eager_attention, gather_past_mask, split_mask
 
 ATTN_IMPL = "llmcomp_kv"
-SUPPORTED_ATTENTION = ROPE_ATTENTION
 ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")  # where decoder layers keep it
 
 
@@ -247,7 +246,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
         attn = next((getattr(layer, n) for n in ATTENTION_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
         if attn is None:
             raise UserError(f"KV policies do not support {type(layer).__name__} ({prefix}.{i}): no attention module "
-                            f"found; supported: {', '.join(SUPPORTED_ATTENTION)}.")
+                            f"found; supported: {', '.join(ROPE_ATTENTION)}.")
         mods.append(attn)
     return mods
 
@@ -263,7 +262,7 @@ def check_supported(model: nn.Module) -> list[nn.Module]:
         if not is_rope_attention(m):
             where = next(n for n in ATTENTION_NAMES if getattr(layers[i], n, None) is m)
             raise UserError(f"KV policies do not support {name} ({prefix}.{i}.{where}); supported: "
-                            f"{', '.join(SUPPORTED_ATTENTION)}.")
+                            f"{', '.join(ROPE_ATTENTION)}.")
     types = getattr(model.config, "layer_types", None)
     if types is None and getattr(model.config, "sliding_window", None):
         types = ["sliding_attention"]
