@@ -57,8 +57,10 @@ def test_shape_rules():
     f4 = Uniform(bits=4, group_size=128)
     assert uniform_cuda.shape_ok(f4, 4096, 4096) and uniform_cuda.shape_ok(f4, 576 * 2, 192)
     assert not uniform_cuda.shape_ok(f4, 4096, 4100)          # rows not a multiple of 16
-    assert not uniform_cuda.shape_ok(f4, 4096 + 32, 4096)     # ragged last group
-    assert not uniform_cuda.shape_ok(f4, 4096 + 64, 4096)     # ragged last group
+    # a ragged last group is the kernel's group k // G like the others (576 inputs in groups of 128: the bundled
+    # model's q/k/v/o/gate/up at the default group size); E2M1 blocks must divide K (test below)
+    assert uniform_cuda.shape_ok(f4, 4096 + 32, 4096) and uniform_cuda.shape_ok(f4, 576, 1536)
+    assert uniform_cuda.shape_ok(Uniform(bits=3, group_size=128), 576, 192)
     assert uniform_cuda.shape_ok(Uniform(bits=3, group_size=128), 4096, 4096)
     # inputs not whole kblocks are padded to them (prepare / gemm): 4096 + 64 for the 3-bit kblock of 128
     assert uniform_cuda.shape_ok(Uniform(bits=3, group_size=64), 4096 + 64, 4096)
@@ -531,11 +533,13 @@ def test_default_on_switches_read_as_the_extension_reads_them(value, off, monkey
             f.cache_clear()
 
 
-@pytest.mark.parametrize("bits,group", [(2, 64), (3, 32), (2, 0), (4, 32)])
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 32), (2, 0), (4, 32), (4, 128), (3, 128), (2, 128)])
 def test_inputs_padded_to_whole_kblocks(bits, group):
     """576 inputs (the bundled model's) with 2/3-bit codes: prepare pads the codes to 640 inputs (code 0) and the
     group scales with zero columns (one group a row stays one), so the kernel's layout holds every real code
-    where the kernel reads it and the padded weights are 0 or meet zero x (gemm pads x)."""
+    where the kernel reads it and the padded weights are 0 or meet zero x (gemm pads x). Groups of 128 leave a
+    ragged last group of 64 inputs: its scales stay in their column, where the kernel's group index k // 128 reads
+    them."""
     fmt = Uniform(bits=bits, group_size=group)
     n, k = 32, 576
     t = fmt.pack(rtn_fields(torch.randn(n, k, generator=torch.Generator().manual_seed(bits)), fmt))
@@ -549,7 +553,9 @@ def test_inputs_padded_to_whole_kblocks(bits, group):
     groups = 1 if group == 0 else -(-kp // group)
     assert prep["scale"].shape == (n, groups) and prep["mz"].shape == (n, groups)
     if group:
-        assert (prep["scale"][:, k // group:] == 0).all()  # the groups of padded inputs only
+        real = -(-k // group)  # (a ragged last group holds real inputs)
+        assert torch.equal(prep["scale"][:, :real], fmt.unpack(t, k)["scale"].float())
+        assert (prep["scale"][:, real:] == 0).all()  # the groups of padded inputs only
     assert uniform_cuda.shape_ok(fmt, k, n)
 
 

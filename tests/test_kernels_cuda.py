@@ -73,7 +73,8 @@ def test_mma_kernel_every_m(bits, group, dtype):
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
     fmt = Uniform(bits=bits, group_size=group, symmetric=False)
-    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512), (192, 576)]:  # 576: padded for 2/3 bits
+    # 576: padded for 2/3 bits; 576 and 4160 in groups of 128: a ragged last group of 64 inputs
+    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512), (192, 576), (1024, 4160)]:
         if not uniform_cuda.shape_ok(fmt, k, n):
             continue
         q, t, g = _layer(fmt, n, k, n * k + bits)
@@ -304,7 +305,8 @@ def test_every_launch_config_matches_the_reference(fmt, dtype):
 
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    for n, k in [(256, 1024), (48, 384)]:  # 384: kblocks not a whole number of rounds (x staging's last round)
+    # 384: kblocks not a whole number of rounds (x staging's last round); 576: groups of 128 end in a ragged one
+    for n, k in [(256, 1024), (48, 384), (64, 576)]:
         q, t, g = _layer(fmt, n, k, n + k)
         prep = uniform_cuda.prepare(fmt, t, k)
         for m in [1, 5, 8, 13, 16, 40, 64]:
@@ -371,7 +373,7 @@ def test_post_scale_kernel_matches_the_reference(fmt, dtype):
 
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
-    for n, k in [(256, 1536), (4096, 4608), (48, 768)]:
+    for n, k in [(256, 1536), (4096, 4608), (48, 768), (192, 576)]:  # 576 in groups of 128: a ragged last group
         if not uniform_cuda.shape_ok(fmt, k, n):
             continue
         q, t, g = _layer(fmt, n, k, n + k)
@@ -638,7 +640,8 @@ def test_scale_early_gives_the_same_bits(fmt, dtype, unpaired):
         return lambda on: (uc.set_scale_early(True), uc.set_scale_early16(on))
 
     try:  # (224 rows: the last block's last row group has no rows)
-        shapes = [(256, 1536), (2048, 4096), (512, 4864), (4096, 14336), (224, 1536)]
+        # (576 and 4160 end in a ragged group of 64 inputs in groups of 128 and 256: a pair past K)
+        shapes = [(256, 1536), (2048, 4096), (512, 4864), (4096, 14336), (224, 1536), (256, 576), (512, 4160)]
         for where, _, calls in _post_scale_cases(fmt, dtype, shapes, [1, 3, 8, 12, 16]):
             for launch in [None, (2, 4, 1), (2, 2, 2), (2, 8, 1), (2, 16, 1), (2, 1, 4), (1, 4, 1), (1, 8, 2),
                            (1, 16, 1), (1, 1, 2)]:

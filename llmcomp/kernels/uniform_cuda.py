@@ -111,7 +111,10 @@ def shape_ok(fmt, in_features: int, out_features: int) -> bool:
     kb = kblock(bits)
     # the kernel's group index is a multiply-high by ceil(2^32 / group): exact while K · group < 2^32 (K padded)
     fits_index = group >= in_features or padded_k(in_features, bits) * group < 1 << 32
-    return in_features % group == 0 and group % (kb // 4) == 0 and fits_index
+    # A ragged last group (uniform: K not a multiple of the group, e.g. 576 inputs in groups of 128) is group k // G
+    # like the others; its inputs past K are padding (x 0). E2M1 blocks must divide K.
+    whole = in_features % group == 0 or fmt.name == "uniform"
+    return whole and group % (kb // 4) == 0 and fits_index
 
 
 def supports(fmt, x: torch.Tensor, out_features: int) -> bool:
