@@ -435,6 +435,9 @@ _EXTENSION_ERRORS = textwrap.dedent("""
     calls["gemm-post16"] = lambda: ext.gemm(torch.zeros(12, 768, device="cuda", dtype=torch.bfloat16), p16["qw"],
                                             p16["qw"], uniform_cuda.scale_pairs(p16, torch.bfloat16, post=True), 4,
                                             p16["group"], 64, 1, 8, 3, 1, 0)
+    calls["gemm-codes"] = lambda: ext.gemm(torch.zeros(1, 1024, device="cuda", dtype=torch.bfloat16), p16["qw"],
+                                           p16["qw"], uniform_cuda.scale_pairs(p16, torch.bfloat16), 4,
+                                           p16["group"], 64, 1, 8, 0, 1, 0)  # x's K (1024) not the codes' (768)
     for name, call in calls.items():
         try:
             call()
@@ -459,3 +462,4 @@ def test_extension_checks_raise():
     assert "gemm-post raised: the post-scale kernel needs groups of whole kblocks" in r.stdout, r.stdout
     want = "gemm-post16 raised: the fp32 post-scale kernel at M = 9..16 takes two row tiles a warp"
     assert want in r.stdout, r.stdout
+    assert "gemm-codes raised: the codes must hold n rows of x's K inputs" in r.stdout, r.stdout

@@ -73,8 +73,8 @@ def test_mma_kernel_every_m(bits, group, dtype):
     if uniform_cuda.extension() is None:
         pytest.skip("CUDA extension could not be built here")
     fmt = Uniform(bits=bits, group_size=group, symmetric=False)
-    # 576: padded for 2/3 bits; 576 and 4160 in groups of 128: a ragged last group of 64 inputs
-    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512), (192, 576), (1024, 4160)]:
+    # 576: padded for 2/3 bits; 576 and 4160 in groups of 128: a ragged last group of 64 inputs; 200: of 72
+    for n, k in [(256, 1024), (4096, 4096), (48, 512), (1536, 512), (192, 576), (1024, 4160), (48, 200)]:
         if not uniform_cuda.shape_ok(fmt, k, n):
             continue
         q, t, g = _layer(fmt, n, k, n * k + bits)
@@ -102,7 +102,8 @@ def test_odd_shape_falls_back_with_warning():
         with torch.no_grad():
             y = q(x)
     assert _rel_err(y, x, fmt, t, 200) < TOL
-    assert not uniform_cuda.shape_ok(Uniform(bits=4, group_size=128), 200, 48)
+    assert not uniform_cuda.shape_ok(Uniform(bits=4, group_size=128), 200, 40)  # rows not a multiple of 16
+    assert not uniform_cuda.shape_ok(MXFP4(), 200, 48)  # E2M1 blocks of 32 must divide K
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -384,14 +385,15 @@ def test_post_scale_kernel_matches_the_reference(fmt, dtype):
             y = uniform_cuda.gemm(x, prep)
             assert _rel_err(y, x, fmt, t, k) < TOL, (n, k, m)
             if prep["zero"] is not None:
-                ref_path = uniform_cuda.gemm_op(x, prep["qw"], uniform_cuda.high_plane(prep),
+                xk = uniform_cuda.kernel_input(x, prep["kp"])  # (the ops take x padded to whole kblocks)
+                ref_path = uniform_cuda.gemm_op(xk, prep["qw"], uniform_cuda.high_plane(prep),
                                                 uniform_cuda.scale_pairs(prep, dtype),
                                                 fmt.bits, prep["group"], n, 1, 8, 0)
                 assert _rel_err(y, x, fmt, t, k) <= _rel_err(ref_path, x, fmt, t, k) * 1.5 + 1e-3, (n, k, m)
                 if fmt.bits == 3 and m > 8:  # the 3-bit post-scale kernel is built for M <= 8 only
                     with pytest.raises(RuntimeError, match="at most 8 rows of x for 3-bit codes"):
                         sz_post = uniform_cuda.scale_pairs(prep, dtype, post=True)
-                        uniform_cuda.gemm_op(x, prep["qw"], prep["qh"], sz_post, 3, prep["group"], n, 1, 8, 3)
+                        uniform_cuda.gemm_op(xk, prep["qw"], prep["qh"], sz_post, 3, prep["group"], n, 1, 8, 3)
 
 
 def _unaligned(t):

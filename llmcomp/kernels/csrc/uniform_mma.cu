@@ -149,6 +149,13 @@ void normalize_codes(const torch::Tensor& qw, const torch::Tensor& qh, const tor
               "uniform");
 }
 
+// The codes hold n rows of K inputs at the layout's bits (after normalize_codes): x's K padded to whole kblocks as
+// prepare pads the codes (kernel_input). Another K would read past the codes or misplace every row.
+void check_codes(const torch::Tensor& qw, int64_t n, int64_t k, int64_t bits) {
+  TORCH_CHECK(qw.is_cuda() && qw.is_contiguous() && qw.numel() * qw.element_size() * 8 == n * k * bits,
+              "the codes must hold n rows of x's K inputs (K padded to whole kblocks, as kernel_input pads x)");
+}
+
 // x as both GEMMs take it: [M <= 64, K] contiguous, float16 or bfloat16, on the GPU.
 void check_x(const torch::Tensor& x) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
@@ -204,6 +211,7 @@ std::vector<torch::Tensor> gemm_norm(torch::Tensor x, torch::Tensor qw, torch::T
   }
   normalize_codes(qw, qh, sz, n, bits, elem);
   TORCH_CHECK(x.size(1) % (256 / bits) == 0 && n % 16 == 0, "shape not supported by the mma kernel");
+  check_codes(qw, n, x.size(1), bits);
   // The post-scale kernel scales a lane's whole kblock sum once: its groups must be whole kblocks (prepare never
   // offers it others). A literal message, as every other check's here: the same check with formatted arguments
   // (c10::str) ended the process with a segmentation fault on the H200 build (torch 2.11 + cu130), while this form
@@ -273,6 +281,7 @@ torch::Tensor dequant(torch::Tensor qw, torch::Tensor qh, torch::Tensor sz, int6
   TORCH_CHECK(elem == 0 || elem == 1 || elem == 9,
               "dequantize takes elem 0 (integer codes, (scale, -zero·scale)), 1 or 9 (e2m1)");
   normalize_codes(qw, qh, sz, n, bits, elem);
+  check_codes(qw, n, k, bits);
   const c10::cuda::CUDAGuard guard(qw.device());
   auto w = torch::empty({n, k}, qw.options().dtype(dtype));
   const int G = sz.size(1);
