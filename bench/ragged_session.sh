@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One device call for branch ragged-groups (the uniform CUDA kernel taking a ragged last group, e.g. the bundled model's
-# 576 inputs in groups of 128): the CUDA kernel tests, which cover ragged shapes at every M, every launch and in the
-# post-scale / early-scale kernels, then the bundled model's shape decoded (random weights, no GGUF to carry) at W4
-# g128 (q/k/v/o/gate/up ragged) and g64 (none ragged) against bf16, compiled, batch 1 and 16. Merge the branch only
-# if the tests pass; the fifty-seventh session's bundled-model decode (main, Triton fallback for the ragged layers):
-# 0.59x bf16 at batch 1 on an H100 (bench/results/decode_bundled_*_h100_s57.json).
+# One device call for the uniform CUDA kernel's ragged last group (e.g. the bundled model's 576 inputs in groups of
+# 128; branch ragged-groups, merged in the fifty-eighth session after these tests passed on an H100): the CUDA kernel
+# tests, which cover ragged shapes at every M, every launch and in the post-scale / early-scale kernels, then the
+# bundled model's shape decoded (random weights, no GGUF to carry) at W4 g128 (q/k/v/o/gate/up ragged) and g64 (none
+# ragged) against bf16, compiled, batch 1 and 16. H100, fifty-eighth session: 2.26x / 1.97x bf16 at g128
+# (bench/results/decode_synthetic_smollm2_w4g128_compiled_h100_s58.json); 0.59x at batch 1 before, on the Triton
+# fallback (decode_bundled_*_h100_s57.json).
 #   bash bench/ragged_session.sh   (GPU machine; $OUT; TEST_S=0 skips the tests)
 set -u
 nvidia-smi --query-gpu=name --format=csv,noheader
