@@ -766,15 +766,7 @@ def base_model_path(path) -> str:
     if not is_artifact(p):  # (it was its own reference: KL 0, top-1 100 %, recorded as such by --record)
         raise UserError(f"{'The bundled model' if model_mod.is_bundled(path) else p} is not an llmcomp artifact, so no "
                         "manifest names its base model; pass --reference PATH.")
-    recorded = read_manifest(p, verify=False)["base_model"]
-    base = recorded.get("path")
-    if not base or not Path(base).exists():
-        raise UserError(f"The base model of {p} ({base}) is not on this machine; pass --reference PATH.")
-    digest = recorded.get("sha256")
-    if isinstance(digest, str) and not model_mod.same_weights(Path(base), digest):
-        raise UserError(f"The base model of {p} at {base} has changed since the artifact was made (its weights' "
-                        "sha256 differs from the manifest's); pass --reference PATH to compare against it anyway.")
-    return base
+    return model_mod.checked_base(p, read_manifest(p, verify=False)["base_model"], "--reference PATH")
 
 
 @null_progress

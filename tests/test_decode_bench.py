@@ -554,6 +554,19 @@ def test_cli_artifact_original(no_gpu, artifact):
         moved.rename(base)
 
 
+def test_cli_refuses_a_base_model_changed_since(no_gpu, tmp_path):
+    """The manifest's base model was timed as the original whenever its path existed: changed weights there (another
+    model saved over it) were compared with no word, where eval --reference base refuses them."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    assert runner.invoke(app, ["quantize", str(tmp_path / "base"), "-o", str(tmp_path / "q")]).exit_code == 0
+    assert "needs a CUDA GPU" in error_line("bench", "decode", tmp_path / "q", "--context", "64")
+    tiny_llama(seed=1).save_pretrained(tmp_path / "base")
+    line = error_line("bench", "decode", tmp_path / "q", "--context", "64")
+    assert "has changed since the artifact was made" in line and "pass --original MODEL" in line
+    assert "needs a CUDA GPU" in error_line("bench", "decode", tmp_path / "q", "--original", tmp_path / "base",
+                                            "--context", "64")
+
+
 @pytest.mark.parametrize("vocab", [128256, 49152, 1000, 257, 300, 7])
 def test_greedy_tokens_equal_argmax_ties_included(vocab):
     """The decode step's two-stage argmax picks what ``argmax`` picks, the first of tied maxima too (few distinct

@@ -317,6 +317,47 @@ def test_an_artifact_made_from_an_export_records_the_original_base_model(arts, m
     assert other["path"] == str(out.resolve())
 
 
+def _exported_with_base(arts, tmp_path, edit) -> tuple:
+    """A GPTQ export whose ``llmcomp_base.json`` record ``edit`` changed (as a published export arrives), and the
+    base model its import records."""
+    out = tmp_path / "exported"
+    api.export(arts("w4g32sym"), "gptq", out)
+    record = json.loads((out / "llmcomp_base.json").read_text())
+    edit(record["base_model"])
+    (out / "llmcomp_base.json").write_text(json.dumps(record))
+    return out, api.open_model(str(out))[2]
+
+
+def test_an_exported_base_not_on_this_machine_loses_its_path(arts, model_dir, tmp_path):
+    """An export travels: its record's path, taken unchecked, named a folder of another machine (or nothing) as the
+    base model. Name and sha256 stay; eval --reference base asks for a model instead."""
+    original = read_manifest(arts("w4g32sym"))["base_model"]
+    out, base = _exported_with_base(arts, tmp_path, lambda b: b.update(path=str(tmp_path / "elsewhere" / "tiny")))
+    assert base == {"name": original["name"], "sha256": original["sha256"]}
+    again = api.quantize(RTNConfig(format=Uniform(8, 0), ignore=()), tmp_path / "again", str(out))
+    assert "path" not in read_manifest(again)["base_model"]
+    line = one_error(invoke("eval", again, "--reference", "base"))
+    assert "is not on this machine; pass --reference PATH." in line
+    assert _exported_with_base(arts, tmp_path / "b", lambda b: b.pop("path"))[1] == base  # (absent: the same)
+    assert _exported_with_base(arts, tmp_path / "c", lambda b: None)[1] == original  # (there and unchanged: kept)
+
+
+def test_an_exported_base_path_holding_other_weights_is_dropped(arts, model_dir, tmp_path):
+    """A record whose path holds another model (a crafted download: anything on the user's disk) was compared with
+    as the original; a record not of a base model's shape was taken as one."""
+    from tests.conftest import tiny_llama
+
+    original = read_manifest(arts("w4g32sym"))["base_model"]
+    other = tmp_path / "other"
+    tiny_llama(hidden=64, inter=128, seed=1).save_pretrained(other)  # (the same shape, other weights)
+    for i, path in enumerate([other, tmp_path, tmp_path / "other" / "config.json", "tiny"]):
+        base = _exported_with_base(arts, tmp_path / str(i), lambda b: b.update(path=str(path)))[1]
+        assert base == {"name": original["name"], "sha256": original["sha256"]}, path
+    for i, bad in enumerate([{"sha256": None}, {"name": 3}, {"path": ["x"]}]):
+        out, base = _exported_with_base(arts, tmp_path / f"bad{i}", lambda b: b.update(bad))
+        assert base["path"] == str(out.resolve()), bad  # (read as another tool's checkpoint: its own base)
+
+
 def test_gptq_legacy_quantize_config(arts, tmp_path):
     """Older AutoGPTQ checkpoints: settings in quantize_config.json, an inv_freq buffer among the tensors."""
     from safetensors.torch import save_file

@@ -205,7 +205,7 @@ def decode(
 
 def _original_of(path: str, original: Optional[str]) -> Optional[str]:
     """The model to compare with: ``--original``, else the base model the artifact's manifest names
-    (None = the bundled model). Checked here, before anything is loaded."""
+    (None = the bundled model). Checked here, its weights' sha256 too, before anything is loaded."""
     from llmcomp.core import model as model_mod
     from llmcomp.core.artifact import is_artifact, read_manifest
 
@@ -220,11 +220,8 @@ def _original_of(path: str, original: Optional[str]) -> Optional[str]:
             _check_static_cache(o, read_manifest(o, verify=False), "--original ")
         return original
     base = manifest["base_model"]
-    if base.get("path") and Path(base["path"]).exists():
-        return base["path"]
-    if base.get("name") == model_mod.BUNDLED_NAME:  # the bundled model, converted elsewhere on this machine
-        return None
-    raise UserError(f"The base model of {p} ({base.get('path')}) is not on this machine; pass --original MODEL.")
+    # (None where it is the bundled model, converted elsewhere on this machine)
+    return model_mod.checked_base(p, base, "--original MODEL", missing_ok=base.get("name") == model_mod.BUNDLED_NAME)
 
 
 def _check_static_cache(p, manifest: dict, which: str = "") -> None:

@@ -183,6 +183,27 @@ def same_weights(path: Path, digest: str) -> bool:
     return any(_digest(files) == digest for files in _weight_lists(path, legacy=True))
 
 
+def checked_base(of, base: dict, flag: str, missing_ok: bool = False) -> str | None:
+    """The directory of ``of``'s recorded base model (a manifest's ``base_model``), where it is on this machine and
+    its weights are those its ``sha256`` was taken of (a moved or changed base gave a wrong comparison with no word):
+    reads every byte of them. Otherwise one error naming ``flag`` (how to pass a model instead); None where the path
+    is not here and ``missing_ok``."""
+    path = base.get("path")
+    if not isinstance(path, str) or not os.path.isabs(path) or not Path(path).is_dir():
+        if missing_ok:
+            return None
+        raise UserError(f"The base model of {of} ({path}) is not on this machine; pass {flag}.")
+    digest = base.get("sha256")
+    try:
+        same = not isinstance(digest, str) or same_weights(Path(path), digest)
+    except OSError:  # (unreadable weights: not the ones recorded, as far as a comparison can tell)
+        same = False
+    if not same:
+        raise UserError(f"The base model of {of} at {path} has changed since the artifact was made (its weights' "
+                        f"sha256 differs from the manifest's); pass {flag} to compare against it anyway.")
+    return path
+
+
 def model_name(path: Path) -> str:
     try:
         cfg = json.loads((path / "config.json").read_text())

@@ -165,9 +165,22 @@ def open_checkpoint(path, kind: str, dtype: Optional[torch.dtype] = None, device
 def exported_base(path: Path) -> Optional[dict]:
     """The base model of the artifact ``llmcomp export`` wrote ``path`` from: the original, which ``eval --reference
     base``, ``bench decode`` and the report compare with (the checkpoint itself, quantized already, was recorded);
-    None for another tool's checkpoint."""
+    None for another tool's checkpoint, or a record not of that shape. An export travels, so its record's ``path`` is
+    kept only where it holds the weights recorded here (``model.checked_base``: it hashes them once, as importing
+    another tool's checkpoint hashes that); else name and sha256 stand alone, and the commands that need the base
+    ask for one."""
+    from llmcomp.core import model as model_mod
+
     try:
         base = json.loads((Path(path) / BASE_RECORD).read_text()).get("base_model")
     except (OSError, ValueError, AttributeError):
         return None
-    return base if isinstance(base, dict) else None
+    if not (isinstance(base, dict) and isinstance(base.get("name"), str) and isinstance(base.get("sha256"), str)
+            and isinstance(base.get("path", ""), str)):
+        return None
+    out = {"name": base["name"], "sha256": base["sha256"]}
+    try:
+        here = model_mod.checked_base(path, base, "", missing_ok=True)
+    except UserError:  # (a different model at that path)
+        here = None
+    return out if here is None else {**out, "path": here}
