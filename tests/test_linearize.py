@@ -442,6 +442,10 @@ def test_cli_writes_an_artifact(tmp_path):
     err = {kind: 100 * stage["metrics"]["transfer_rel_mse"][str(i)] for i, kind in enumerate(stage["layout"])}
     assert (f"mean transfer error {err['linear']:.1f} % over the linear layers, {err['softmax']:.1f} % over the "
             "softmax ones kept") in text, text
+    r = invoke("inspect", tmp_path / "out")  # (it showed the config only: not which layers --keep-softmax kept)
+    assert r.exit_code == 0, r.output
+    kept = stage["layout"].index("softmax")
+    assert f"attention │ 1 linear (liger, window 4), 1 softmax (layer {kept}) │" in " ".join(r.output.split())
 
 
 def _error(r) -> str:

@@ -314,6 +314,7 @@ def test_inspect_prints_no_none_for_stages_without_bits(tmp_path, dense):
     r = CliRunner().invoke(app, ["inspect", str(_moe_chain(tmp_path, dense))])
     assert r.exit_code == 0, r.output
     assert "None bits/weight" not in r.output and "moefy in" in r.output
+    assert "attention" not in r.output  # (only a linearized model's layout is shown)
 
 
 def test_a_model_named_dot_is_named_by_its_folder(tmp_path, monkeypatch):
@@ -349,6 +350,16 @@ def test_a_linearize_summary_averages_the_linear_and_the_kept_layers_apart():
     stage["metrics"]["transfer_rel_mse"]["2"] = None  # (a layer without a measurement: said, not hidden)
     view = {"stage": stage, "facts": facts.linearize_facts(stage), "kind": "linearize"}
     assert "mean 0.1 over the linear layers (1 not measured), 3 over" in markdown._summary(view)
+
+
+def test_a_linearized_layout_names_its_softmax_layers():
+    """inspect showed a linearize stage's config only: not which layers run linear attention and which kept softmax."""
+    stage = {"kind": "linearize", "method": "linearize-gla", "config": {"window": 0},
+             "layout": ["linear", "softmax", "linear", "softmax"]}
+    assert facts.attention_layout(stage) == "2 linear (gla, no window), 2 softmax (layers 1, 3)"
+    assert facts.attention_layout({**stage, "layout": ["linear"] * 3}) == "3 linear (gla, no window)"
+    assert facts.attention_layout({**stage, "layout": None}) is None  # (a hand-edited, unsealed manifest)
+    assert facts.attention_layout({"method": "rtn", "config": {}}) is None
 
 
 def test_an_moe_summary_ranks_each_expert_not_their_average():

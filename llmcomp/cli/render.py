@@ -211,7 +211,7 @@ EVALUATION_KEYS = ("ppl", "kld_mean", "top1_agree", "bits_per_weight", "size_mb"
 
 def manifest_tables(manifest: dict) -> list[Table]:
     from llmcomp.core.artifact import SEAL
-    from llmcomp.report.facts import shown_config, stage_bits
+    from llmcomp.report.facts import attention_layout, shown_config, stage_bits
 
     if "stages" not in manifest:
         t = Table(title="model directory")
@@ -230,6 +230,8 @@ def manifest_tables(manifest: dict) -> list[Table]:
         what = metrics.get("policy") or (f"{bpw} bits/weight{covers}" if bpw is not None else None)
         add_row(head, f"stage {i}", f"{s['method']} in {s.get('wall_time_s')} s{', ' + what if what else ''}; "
                                    f"config {cfg}")
+    for layout in filter(None, map(attention_layout, manifest["stages"])):  # (a linearized model's hybrid)
+        add_row(head, "attention", layout)
     add_row(head, "files", ", ".join(f"{k} ({v[:8]}…)" for k, v in manifest["files"].items()))
     if SEAL not in manifest:  # (its edits pass unseen, as in artifacts written before the seal)
         add_row(head, "seal", "none: edits to llmcomp.json cannot be detected (re-create the artifact to seal it)")

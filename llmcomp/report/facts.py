@@ -259,6 +259,37 @@ def linearize_facts(stage: dict) -> Optional[dict]:
             "kl_steps": [1 + i * every for i in range(len(curve))], "finetune": tune}
 
 
+def linear_window(config) -> str:
+    """A linearize stage's sliding-window softmax inside each linear layer, in words: ``window 64`` or ``no window``
+    (pure linear attention)."""
+    window = config.get("window") if isinstance(config, dict) else None
+    if not isinstance(window, int) or isinstance(window, bool):
+        return "window ?"
+    return f"window {window}" if window else "no window"
+
+
+def softmax_layers(stage: dict) -> Optional[list[int]]:
+    """The layers a linearize stage kept as softmax attention, from its layout; None for other stages (or a layout a
+    hand-edited manifest broke)."""
+    layout = stage.get("layout")
+    if stage.get("kind") != "linearize" or not isinstance(layout, list):
+        return None
+    return [i for i, kind in enumerate(layout) if kind == "softmax"]
+
+
+def attention_layout(stage: dict) -> Optional[str]:
+    """Which layers a linearize stage runs as linear attention and which kept softmax: "28 linear (hedgehog, window
+    64), 2 softmax (layers 3, 17)"; None for other stages. The counts alone did not say which layers a hybrid kept."""
+    softmax = softmax_layers(stage)
+    if softmax is None:
+        return None
+    student = f"{str(stage.get('method')).removeprefix('linearize-')}, {linear_window(stage.get('config'))}"
+    out = f"{len(stage['layout']) - len(softmax)} linear ({student})"
+    if softmax:
+        out += f", {len(softmax)} softmax (layer{'s' if len(softmax) > 1 else ''} {', '.join(map(str, softmax))})"
+    return out
+
+
 def transfer_means(errors: dict, layout: list, show) -> str:
     """Stage-1 transfer error averaged per kind of layer, each mean as ``show(mean)`` gives it: "0.97 over the linear
     layers, 10.1 over the softmax ones kept". --keep-softmax keeps the layers it measured worst, so one mean over all
