@@ -697,8 +697,8 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
                                needle_keys=needle_keys, progress=progress)
     return {**_named(path, p),
             "stages": " + ".join(stage_label(s) for s in stages) or "original",
-            "policy": policy.describe() if policy is not None else next(
-                (s["method"] for s in stages if s.get("kind") == "linearize" and s.get("method")), "dense"),
+            "policy": policy.describe() if policy is not None else next(  # (a linear window's settings: its state)
+                (stage_label(s) for s in stages if s.get("kind") == _linearize_hook.KIND), "dense"),
             **result, "text": corpus().name, "eval_time_s": round(time.perf_counter() - start, 2)}
 
 
@@ -880,7 +880,7 @@ def stages_seconds(stages) -> float:
 
 def stage_label(stage: dict) -> str:
     """``"rtn int4 g128 asym"`` from a manifest stage."""
-    settings = _pruning_settings(stage)
+    settings = _stage_settings(stage)
     if settings is not None:
         return settings
     layers = stage.get("metrics", {}).get("layers")
@@ -919,20 +919,63 @@ def stage_label(stage: dict) -> str:
     return stage["method"] + tail
 
 
-def _pruning_settings(stage: dict) -> Optional[str]:
-    """A KV policy's or an expert pruning's label with its settings (``kv-kivi 4-bit g32 residual 128``,
-    ``experts-frequency ratio 0.25``): two KIVI widths or pruning ratios read the same in eval --compare."""
+def _stage_settings(stage: dict) -> Optional[str]:
+    """A KV policy's, an expert pruning's, a moefy conversion's or a linearization's label with the settings that tell
+    its runs apart (``kv-kivi 4-bit g32 residual 128``, ``experts-frequency ratio 0.25``, ``moefy 8 experts top-2,
+    512 shared neurons``, ``linearize-gla window 64, 2 softmax layers, fine-tune 1M tokens``): two KIVI widths,
+    pruning ratios, expert counts or softmax windows read the same in eval --compare."""
     metrics = stage.get("metrics") if isinstance(stage.get("metrics"), dict) else {}
     if stage.get("kind") == _kv_hook.KIND and isinstance(metrics.get("policy"), str):
         return f"kv-{metrics['policy']}"
     config = stage.get("config") if isinstance(stage.get("config"), dict) else {}
+    if stage.get("kind") == _linearize_hook.KIND:
+        return _linearize_settings(stage, config)
+    if stage.get("method") == "moefy" and config:
+        return _moefy_settings(config)
     if stage.get("kind") != _moe_hook.KIND or not config:  # (unfuse-experts has none)
         return None
-    shown = [f"{k} {v:g}" for k, v in config.items()
-             if k in ("ratio", "rate") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    shown = [f"{k} {v:g}" for k, v in config.items() if k in ("ratio", "rate") and _number(v)]
     if config.get("layer_ratios"):
         shown.append("per-layer ratios")
     return " ".join([str(stage["method"]), *shown])
+
+
+def _number(v) -> bool:
+    """A setting read back from a manifest is a number (a hand-edited, unsealed one may hold anything)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _moefy_settings(config: dict) -> str:
+    """``moefy 8 experts top-2, 512 shared neurons`` (Qwen2-MoE) or ``moefy 8 experts top-2`` (Mixtral)."""
+    experts, top_k, shared = (config.get(k) for k in ("experts", "top_k", "shared"))
+    label = "moefy" + (f" {experts} experts" if _number(experts) else "") + (f" top-{top_k}" if _number(top_k) else "")
+    return label + (f", {shared} shared neurons" if _number(shared) and shared else "")
+
+
+def _linearize_settings(stage: dict, config: dict) -> str:
+    """``linearize-hedgehog window 64, 2 softmax layers, fine-tune 1M tokens``: the student's softmax window (and
+    its Hedgehog features where not the head dimension), the layers kept softmax and the fine-tune's budget."""
+    from llmcomp.report.facts import linear_window, softmax_layers
+
+    shown = [f"{stage.get('method')} {linear_window(config)}"]
+    features = config.get("feature_dim")
+    if _number(features) and features and config.get("method") == "hedgehog":
+        shown.append(f"{features} features")
+    kept = softmax_layers(stage)
+    if kept:
+        shown.append(f"{len(kept)} softmax layer{'s' if len(kept) > 1 else ''}")
+    tokens = config.get("tokens")
+    if _number(tokens):
+        shown.append(f"fine-tune {_count(tokens)} tokens" if tokens else "transfer only")
+    return ", ".join(shown)
+
+
+def _count(n: float) -> str:
+    """A token count as ``linearize --tokens`` takes it: ``1M``, ``500k``, ``128``."""
+    for scale, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if n >= scale:
+            return f"{n / scale:.4g}{suffix}"
+    return f"{n:g}"
 
 
 def inspect(path) -> dict:

@@ -224,6 +224,7 @@ def test_artifact_round_trip_same_logits_and_generates(tmp_path, monkeypatch):
     assert stage["kind"] == "linearize" and stage["method"] == "linearize-hedgehog"
     assert stage["layout"] == ["linear", "softmax"] and stage["config"]["window"] == 4
     assert stage["metrics"]["finetune"]["steps"] == 2 and set(stage["metrics"]["transfer_rel_mse"]) == {"0", "1"}
+    assert api.stage_label(stage) == "linearize-hedgehog window 4, 1 softmax layer, fine-tune 128 tokens"
     model, tok = api.load(out, return_tokenizer=True)
     assert [type(l.self_attn).__name__ for l in model.model.layers] == ["LinearAttention", "LlamaAttention"]
     with torch.no_grad():
@@ -260,8 +261,24 @@ def test_a_liger_artifact_quantizes_loads_and_runs(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
     row = api.evaluate_long(str(q), context=64, n_windows=1, passkey_samples=0, passkey_lengths=(), device="cpu")
-    assert row["policy"] == "linearize-liger"  # (it said dense, and its dense bytes were the linear state's)
+    # (it said dense, and its dense bytes were the linear state's; then the method only, whatever its window)
+    assert row["policy"] == "linearize-liger window 4, fine-tune 128 tokens"
     assert row["kv_bytes"] < row["kv_dense_bytes"]
+
+
+@pytest.mark.parametrize("layout,config,label", [
+    (["linear"] * 3, dict(method="mamba", window=0, tokens=0), "linearize-mamba no window, transfer only"),
+    (["softmax", "linear", "softmax"], dict(method="hedgehog", window=64, feature_dim=32, tokens=5_000_000),
+     "linearize-hedgehog window 64, 32 features, 2 softmax layers, fine-tune 5M tokens"),
+    (["linear", "softmax"], dict(method="gla", window=16, tokens=500_000),
+     "linearize-gla window 16, 1 softmax layer, fine-tune 500k tokens"),
+    ("?", "?", "linearize-gla window ?"),  # (a hand-edited, unsealed manifest)
+])
+def test_stage_labels_name_the_window_the_softmax_layers_and_the_budget(layout, config, label):
+    """eval --compare's stages column read 'linearize-gla' for every window, hybrid and fine-tune budget."""
+    method = config["method"] if isinstance(config, dict) else "gla"
+    stage = {"method": f"linearize-{method}", "kind": "linearize", "layout": layout, "config": config}
+    assert api.stage_label(stage) == label
 
 
 @pytest.mark.parametrize("keep,said", [(dict(keep_softmax=1.0), "--keep-softmax 1.0 keeps every one"),
@@ -601,6 +618,8 @@ def test_a_moefied_model_linearizes(tmp_path, family):
     src = _model_dir(tmp_path, model=tiny_moe(family))
     out = api.linearize(LinearizeConfig(method="gla", window=4, keep_layers=(1,), **SMALL), tmp_path / "lin",
                         str(src), calib_samples=2, calib_seq_len=32, device="cpu")
+    label = api.stage_label(api.inspect(out)["stages"][-1])
+    assert label == "linearize-gla window 4, 1 softmax layer, fine-tune 128 tokens"
     model = api.load(out)
     assert type(model.model.layers[0].self_attn).__name__ == "LinearAttention"
     with torch.no_grad():

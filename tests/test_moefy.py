@@ -144,6 +144,11 @@ def test_cli_convert_moefy_writes_a_stock_mixtral(tmp_path):
                                  "--shared", "0", "--calib-samples", "4", "--seq-len", "32", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "mixtral, 4 experts, top-2" in " ".join(r.output.split())
+    from llmcomp import api
+
+    assert api.stage_label(api.inspect(out)["stages"][0]) == "moefy 4 experts top-2"  # (it read 'moefy' for any)
+    qwen = {"method": "moefy", "config": {"experts": 8, "top_k": 1, "shared": 512}, "metrics": {}}
+    assert api.stage_label(qwen) == "moefy 8 experts top-1, 512 shared neurons"
     stock = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(stock).__name__ == "MixtralForCausalLM"
     r = CliRunner().invoke(app, ["convert", "moefy", str(out), "-o", str(tmp_path / "again")])
