@@ -256,6 +256,9 @@ def test_a_liger_artifact_quantizes_loads_and_runs(tmp_path):
     lin = api.linearize(LinearizeConfig(method="liger", window=4, **SMALL), tmp_path / "lin", str(src),
                         calib_samples=2, calib_seq_len=32, device="cpu")
     q = api.quantize(RTNConfig(), tmp_path / "q", str(lin), device="cpu")
+    # (RTN reads no text, and wrote none over the linearize stage's: inspect said '- (no stage read calibration
+    # text)', report.md 'text: -'; fixed in core.artifact.stages_text)
+    assert api.inspect(q)["text_source"] == api.corpus().name
     model = api.load(q)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
     with torch.no_grad():
