@@ -275,6 +275,10 @@ def test_paths_split_into_decoder_layer_and_linear_kind():
     assert facts.kind_label("model.layers.3.self_attn.q_proj") == "q"
     assert facts.kind_order(["mlp.down_proj", "self_attn.q_proj", "mlp.gate_proj", "x.router"]) == [
         "self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj", "x.router"]
+    # (a GLA / Mamba student's own projections: the bits heatmap drew self_attn.gate_proj among the MLP's rows)
+    assert facts.kind_order(["mlp.up_proj", "self_attn.dt_proj", "mlp.gate_proj", "self_attn.gate_proj",
+                             "self_attn.o_proj"]) == ["self_attn.o_proj", "self_attn.gate_proj", "self_attn.dt_proj",
+                                                      "mlp.gate_proj", "mlp.up_proj"]
 
 
 def test_kv_shares_per_policy():

@@ -105,9 +105,13 @@ def kind_label(path: str) -> str:
 
 
 def kind_order(kinds) -> list[str]:
+    """Linear kinds in a decoder layer's order: the attention's first, a linearized layer's own projections (GLA's
+    gate_proj, Mamba's dt_proj) among them (they sorted among the MLP's, self_attn.gate_proj beside mlp.gate_proj,
+    or after mlp.down_proj), then the rest in ``_ORDER``."""
     def key(k):
-        tail = kind_tail(k)
-        return (_ORDER.index(tail) if tail in _ORDER else len(_ORDER), k)
+        tail, block = kind_tail(k), k.split(".")[0]
+        attention = "attn" in block or "attention" in block
+        return (not attention, _ORDER.index(tail) if tail in _ORDER else len(_ORDER), k)
 
     return sorted(set(kinds), key=key)
 
