@@ -954,7 +954,8 @@ def _moefy_settings(config: dict) -> str:
 
 def _linearize_settings(stage: dict, config: dict) -> str:
     """``linearize-hedgehog window 64, 2 softmax layers, fine-tune 1M tokens``: the student's softmax window (and
-    its Hedgehog features where not the head dimension), the layers kept softmax and the fine-tune's budget."""
+    its Hedgehog features where not the head dimension), the layers kept softmax and the tokens the fine-tune ran
+    (the budget in whole steps; the budget itself where the stage does not record them)."""
     from llmcomp.report.facts import linear_window, softmax_layers
 
     shown = [f"{stage.get('method')} {linear_window(config)}"]
@@ -965,6 +966,9 @@ def _linearize_settings(stage: dict, config: dict) -> str:
     if kept:
         shown.append(f"{len(kept)} softmax layer{'s' if len(kept) > 1 else ''}")
     tokens = config.get("tokens")
+    ran = stage.get("metrics", {}).get("finetune") if isinstance(stage.get("metrics"), dict) else None
+    if isinstance(ran, dict) and _number(ran.get("tokens")):  # (whole steps: --tokens 1000 ran 960, read "1k")
+        tokens = ran["tokens"]
     if _number(tokens):
         shown.append(f"fine-tune {_count(tokens)} tokens" if tokens else "transfer only")
     return ", ".join(shown)
@@ -1035,6 +1039,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
                              samples=calib_samples, seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
     distill.check_layers(net, config, calib_seq_len)  # (before the resume directory exists)
     check_window(net, config.seq_len, "Fine-tune")  # (the transfer's windows are checked by _calibrated)
+    distill.note_budget(config, progress.note)
     stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)
     check_vocab(stream, net)  # (the calibration windows may miss a rare id the fine-tune's stream holds)
     checkpoint = resume.for_output(output, key, progress.note, default_device(device))

@@ -179,6 +179,28 @@ def test_token_budget_beyond_the_text_cycles_with_a_note():
     assert notes == []
 
 
+def test_a_budget_rounded_to_whole_steps_says_so_and_the_label_reads_what_ran(tmp_path):
+    """--tokens 1000 ran 960 (whole steps of --batch-size × --seq-len) without a word, and eval --compare's label
+    read 'fine-tune 1k tokens'; the stage's metrics held the 960."""
+    notes, progress = _notes()
+    config = LinearizeConfig(method="gla", window=2, **{**SMALL, "tokens": 200})
+    out = api.linearize(config, tmp_path / "lin", str(_model_dir(tmp_path)), calib_samples=2, calib_seq_len=32,
+                        device="cpu", progress=progress)
+    assert ("--tokens 200 runs as 192: the fine-tune takes whole steps of --batch-size 2 × --seq-len 32 = 64 tokens."
+            in notes)
+    stage = api.inspect(out)["stages"][-1]
+    assert stage["metrics"]["finetune"]["tokens"] == 192 and stage["config"]["tokens"] == 200
+    assert api.stage_label(stage) == "linearize-gla window 2, fine-tune 192 tokens"
+    from llmcomp.linearize.distill import note_budget
+
+    notes.clear()
+    for tokens in (0, 128):  # (no fine-tune, and a budget of whole steps: nothing to say)
+        note_budget(dataclasses.replace(config, tokens=tokens), notes.append)
+    note_budget(dataclasses.replace(config, tokens=10), notes.append)  # (one step at least)
+    assert notes == ["--tokens 10 runs as 64: the fine-tune takes whole steps of --batch-size 2 × --seq-len 32 = 64 "
+                     "tokens."]
+
+
 @pytest.mark.parametrize("bad,match", [(dict(keep_softmax=1.5), "keep-softmax must be a fraction in"),
                                        (dict(keep_softmax=-0.1), "keep-softmax"),
                                        (dict(method="rwkv"), "Unknown linearize method"),

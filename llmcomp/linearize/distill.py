@@ -231,13 +231,28 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+def finetune_steps(config: LinearizeConfig) -> int:
+    """Stage 2's optimizer steps: the ``tokens`` budget in whole steps of ``batch_size × seq_len`` tokens, rounded
+    down, at least one."""
+    return max(1, config.tokens // (config.batch_size * config.seq_len))
+
+
+def note_budget(config: LinearizeConfig, note) -> None:
+    """Say where whole steps make the fine-tune's tokens another number than ``--tokens``: 1000 ran as 960, without
+    a word (the stage's ``metrics.finetune.tokens`` records what ran)."""
+    per_step = config.batch_size * config.seq_len
+    used = finetune_steps(config) * per_step
+    if config.tokens and used != config.tokens:
+        note(f"--tokens {config.tokens} runs as {used}: the fine-tune takes whole steps of --batch-size "
+             f"{config.batch_size} × --seq-len {config.seq_len} = {per_step} tokens.")
+
+
 def training_windows(stream: torch.Tensor, config: LinearizeConfig, note=lambda m: None) -> tuple[torch.Tensor, int]:
     """(windows [n, seq_len] in a seeded order, steps). A budget beyond the text cycles through it."""
     n = stream.numel() // config.seq_len
     if n == 0:
         raise UserError(f"The calibration text is shorter than one window of {config.seq_len} tokens.")
-    per_step = config.batch_size * config.seq_len
-    steps = max(1, config.tokens // per_step)
+    steps = finetune_steps(config)
     if steps * config.batch_size > n:
         note(f"Token budget {config.tokens} is larger than the calibration text ({n * config.seq_len} tokens in "
              f"windows of {config.seq_len}); cycling through it {steps * config.batch_size / n:.1f} times.")
