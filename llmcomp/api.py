@@ -13,7 +13,7 @@ from llmcomp.core import memory
 from llmcomp.core import model as model_mod
 from llmcomp.core.artifact import SEAL, is_artifact, load_artifact, read_manifest, stored_dtype, write_artifact
 from llmcomp.core.config import from_dict, to_dict
-from llmcomp.core.calib import equal_batch
+from llmcomp.core.calib import note_equal_batch
 from llmcomp.core.data import calib_windows, check_calib, check_vocab, corpus, eval_windows
 from llmcomp.core.paths import as_path, check_output, job_lock
 from llmcomp.core.progress import NULL, Progress
@@ -263,10 +263,7 @@ def quantize(
         source = corpus().name
         calib = calib_windows(tok, calib_seq_len, calib_samples, seed)
         check_vocab(calib, net)
-        runs = equal_batch(calib_samples, calib_batch)
-        if runs != min(calib_batch, calib_samples):
-            progress.note(f"--calib-batch {calib_batch} runs as {runs}: batches are equal-sized, and {runs} is the "
-                          f"largest divisor of --calib-samples {calib_samples} up to it.")
+        note_equal_batch("--calib-batch", calib_batch, calib_samples, progress.note)
     alloc_report = None
     with memory.gpu_cap(gpu_limits):  # a hard cap for the calibrated work (allocation and quantization)
         if allocation is not None:
@@ -1040,6 +1037,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
     distill.check_layers(net, config, calib_seq_len)  # (before the resume directory exists)
     check_window(net, config.seq_len, "Fine-tune")  # (the transfer's windows are checked by _calibrated)
     distill.note_budget(config, progress.note)
+    note_equal_batch("--batch-size", config.batch_size, calib_samples, progress.note, " in the attention transfer")
     stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)
     check_vocab(stream, net)  # (the calibration windows may miss a rare id the fine-tune's stream holds)
     checkpoint = resume.for_output(output, key, progress.note, default_device(device))

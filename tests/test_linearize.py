@@ -150,6 +150,20 @@ def test_hybrid_keeps_the_layers_with_the_largest_transfer_error():
         choose_softmax_layers(errors, 4, LinearizeConfig(keep_layers=(4,)))
 
 
+def test_a_batch_lowered_for_the_transfer_says_so_and_the_stage_records_it(tmp_path):
+    """--batch-size 2 over 3 calibration windows ran the transfer's capture in batches of 1 (equal batches: the
+    largest divisor of --calib-samples up to it) without a word, and the manifest held only the 2."""
+    notes, progress = _notes()
+    config = LinearizeConfig(method="gla", window=2, **SMALL)
+    out = api.linearize(config, tmp_path / "lin", str(_model_dir(tmp_path)), calib_samples=3, calib_seq_len=32,
+                        device="cpu", progress=progress)
+    assert ("--batch-size 2 runs as 1 in the attention transfer: batches are equal-sized, and 1 is the largest "
+            "divisor of --calib-samples 3 up to it." in notes)
+    stage = api.inspect(out)["stages"][-1]
+    assert stage["metrics"]["transfer_batch_size"] == 1 and stage["config"]["batch_size"] == 2
+    assert stage["metrics"]["finetune"]["tokens"] == 2 * 2 * 32  # (the fine-tune's steps keep 2 windows)
+
+
 def test_transfer_memory_check_counts_the_captured_attention_inputs_and_outputs(monkeypatch):
     """The transfer holds each layer's inputs and, for every window, its attention's inputs and outputs: three
     copies of the hidden states (four, with the outputs of the capture pass). The driver's check counted two, so a

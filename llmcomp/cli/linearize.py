@@ -45,7 +45,7 @@ def linearize(
     transfer_steps: Annotated[int, typer.Option(help="Attention-transfer optimizer steps per layer.")] = 100,
     lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine to 10 %).")] = 1e-3,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank on the linearized layers' q/k/v/o.")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Windows per fine-tuning step, and per forward pass of the attention transfer's layer-by-layer capture.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Windows per fine-tuning step, and per forward pass of the attention transfer's layer-by-layer capture (there the largest divisor of --calib-samples up to it, with a note).")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per window (transfer and fine-tuning).")] = 512,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows for attention transfer.")] = 16,
     checkpoint_every: Annotated[int, typer.Option(help="Fine-tuning steps between checkpoints (a killed run resumes).")] = 50,

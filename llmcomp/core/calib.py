@@ -85,6 +85,16 @@ def equal_batch(n: int, batch_size: int) -> int:
     return max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
 
 
+def note_equal_batch(flag: str, batch_size: int, n: int, note, where: str = "") -> int:
+    """``equal_batch``, with a note where it is neither the batch asked for nor all ``n`` samples: a lowered batch
+    was silent (``where`` names the work it applies to, when the flag sets other work too)."""
+    runs = equal_batch(n, batch_size)
+    if runs != min(batch_size, n):
+        note(f"{flag} {batch_size} runs as {runs}{where}: batches are equal-sized, and {runs} is the largest divisor "
+             f"of --calib-samples {n} up to it.")
+    return runs
+
+
 def _check_fits(first: torch.Tensor, n: int, bs: int, seq_len: int, copies: int = 2) -> None:
     """A layer's captured inputs and its outputs are held together: two copies of every window's hidden states,
     or ``copies`` where the handler holds more of them. Checked from the first batch's capture, before the rest is."""

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import nn
 
 from llmcomp.core import memory, resume
-from llmcomp.core.calib import calibrate_layerwise
+from llmcomp.core.calib import calibrate_layerwise, equal_batch
 from llmcomp.core.config import register_config, to_dict
 from llmcomp.core.model import decoder_layers
 from llmcomp.core.progress import NULL, Progress
@@ -418,5 +418,6 @@ def linearize_model(model: nn.Module, ids: torch.Tensor, stream: torch.Tensor, c
     tuned = finetune(model, stream, config, device, progress, checkpoint)
     layout = ["softmax" if i in softmax else "linear" for i in range(len(layers))]
     report = {"transfer_rel_mse": {str(i): round(e, 6) for i, e in sorted(errors.items())},
+              "transfer_batch_size": equal_batch(ids.shape[0], config.batch_size),  # (not always --batch-size)
               "softmax_layers": softmax, "finetune": tuned}
     return layout, report
