@@ -1036,6 +1036,7 @@ def linearize(config, output: os.PathLike | str, model: Optional[str] = None, *,
                              samples=calib_samples, seq_len=calib_seq_len, text=info["text"], version=llmcomp_version())
     distill.check_layers(net, config, calib_seq_len)  # (before the resume directory exists)
     check_window(net, config.seq_len, "Fine-tune")  # (the transfer's windows are checked by _calibrated)
+    distill.check_finetune_fits(net, config, default_device(device))
     distill.note_budget(config, progress.note)
     note_equal_batch("--batch-size", config.batch_size, calib_samples, progress.note, " in the attention transfer")
     stream = tokenize(tok, corpus().calib, max_tokens=config.tokens + config.seq_len * config.batch_size)

@@ -182,6 +182,96 @@ def test_transfer_memory_check_counts_the_captured_attention_inputs_and_outputs(
     assert sorted(errors) == [0, 1]
 
 
+def _saved_by_a_fine_tune_step(model, config) -> int:
+    """Bytes autograd keeps in one stage-2 forward (student logits and KL) of ``batch_size × seq_len`` tokens, each
+    storage once and the model's own tensors left out: what ``finetune_memory``'s activations and logits bound."""
+    from llmcomp.linearize.distill import _kl, _trainable
+    from llmcomp.linearize.lora import add_lora
+
+    students = students_of(model)
+    add_lora(students, config.lora_rank, config.lora_alpha)
+    for s in students:
+        for p in _trainable(s).values():
+            p.requires_grad_(True)
+    held = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in held:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 128, (config.batch_size, config.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), teacher_mode(model):
+        target = model(input_ids=ids, use_cache=False).logits
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _kl(target, model(input_ids=ids, use_cache=False).logits).backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method,window,skip", [("hedgehog", 8, ()), ("liger", 8, ()), ("gla", 0, ()),
+                                                ("mamba", 8, ()), ("liger", 8, (1,))])
+def test_fine_tune_memory_estimate_bounds_what_a_step_keeps(method, window, skip):
+    """The estimate's activations and logits are at least what autograd keeps in a real step (and not wildly more),
+    for every method and a hybrid: it is measured by a probe of one layer, scaled, so a change in the students
+    shows here."""
+    from llmcomp.linearize.distill import finetune_memory
+
+    config = LinearizeConfig(method=method, window=window, keep_layers=skip or None, seq_len=48, batch_size=3)
+    base = tiny_llama()
+    parts = finetune_memory(base, config)
+    assert parts["weights"] == sum(p.numel() * 4 for p in base.parameters())
+    model = linearized(method, window, skip)
+    kept = _saved_by_a_fine_tune_step(model, config)
+    assert kept <= parts["activations"] + parts["logits"] <= 2 * kept, (kept, parts)
+    lora = sum(8 * (p.in_features + p.out_features) for p in (getattr(s, n) for s in students_of(model)
+                                                               for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
+    assert parts["trainable"] >= 4 * 4 * lora  # (value, gradient, AdamW's two moments)
+
+
+def test_a_fine_tune_that_would_not_fit_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Stage 2 had no memory check: a batch × seq-len past the free memory ran the whole attention transfer first,
+    then ran out of memory (on the CPU, the OOM killer ended it without a word)."""
+    from llmcomp.core import memory
+    from llmcomp.linearize import distill
+
+    src = _model_dir(tmp_path)
+    config = LinearizeConfig(method="gla", window=2, **SMALL)
+    parts = distill.finetune_memory(tiny_llama(vocab=300), config)
+    need = int((parts["trainable"] + parts["activations"] + parts["logits"]) * distill.CPU_SLACK)
+    monkeypatch.setattr(memory, "available_cpu_bytes", lambda: need - 1)
+    monkeypatch.setattr(distill, "transfer", lambda *a, **k: pytest.fail("transferred"))
+    msg = _error(invoke("linearize", src, "-o", tmp_path / "lin", "--method", "gla", "--window", 2, "--tokens", 128,
+                        "--seq-len", 32, "--batch-size", 2, "--calib-samples", 2, "--device", "cpu"))
+    assert (f"The fine-tune (2 windows × 32 tokens a step: trainable {memory.format_bytes(parts['trainable'])}, "
+            f"activations {memory.format_bytes(parts['activations'])}, logits {memory.format_bytes(parts['logits'])}; "
+            f"× 1.5 for the CPU allocator) would take {memory.format_bytes(need)} more of CPU memory") in msg
+    assert msg.endswith("available; lower --batch-size or --seq-len.") and "--device cpu." not in msg
+    assert not list(tmp_path.glob("*lin*"))
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "available_cpu_bytes", lambda: need)
+    assert api.linearize(config, tmp_path / "lin", str(src), calib_samples=2, calib_seq_len=32, device="cpu")
+    distill.check_finetune_fits(tiny_llama(), dataclasses.replace(config, tokens=0), "cpu")  # (no fine-tune)
+
+
+def test_a_fine_tune_past_the_gpu_counts_the_weights_and_offers_the_cpu(monkeypatch):
+    """On a GPU the fine-tune moves the whole model there: its weights count, and --device cpu is a way out."""
+    from llmcomp.linearize import distill
+
+    config = LinearizeConfig(method="hedgehog", window=4, seq_len=32, batch_size=2)
+    need = sum(distill.finetune_memory(tiny_llama(), config).values())
+    free = [need - 1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 10 * need))
+    for name in ("memory_reserved", "memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: 0)
+    with pytest.raises(UserError, match=r"more of cuda memory, .* available; lower --batch-size or --seq-len, or "
+                                        r"linearize with --device cpu\.$"):
+        distill.check_finetune_fits(tiny_llama(), config, "cuda")
+    free[0] = need
+    distill.check_finetune_fits(tiny_llama(), config, "cuda")
+
+
 def test_token_budget_beyond_the_text_cycles_with_a_note():
     notes = []
     stream = torch.arange(1000)

@@ -100,9 +100,10 @@ def _check_fits(first: torch.Tensor, n: int, bs: int, seq_len: int, copies: int 
     or ``copies`` where the handler holds more of them. Checked from the first batch's capture, before the rest is."""
     per = first.numel() * first.element_size()
     held = "twice" if copies == 2 else f"{copies} times"
-    memory.check_activations_fit(copies * per * (n // bs) - per,
-                                 f"Calibration's activations ({n} windows × {seq_len} tokens × {first.shape[-1]} "
-                                 f"{str(first.dtype).removeprefix('torch.')} values, held {held})")
+    memory.check_fits(copies * per * (n // bs) - per,
+                      f"Calibration's activations ({n} windows × {seq_len} tokens × {first.shape[-1]} "
+                      f"{str(first.dtype).removeprefix('torch.')} values, held {held})",
+                      "lower --calib-samples or --seq-len")
 
 
 @torch.no_grad()

@@ -199,13 +199,29 @@ def available_cpu_bytes() -> Optional[int]:
     return min(free) if free else None
 
 
-def check_activations_fit(more: int, what: str) -> None:
-    """Refuse a calibration whose captured activations would take ``more`` bytes of CPU memory than it holds yet,
-    above what is available: the kernel's OOM killer otherwise ends the job without a word."""
-    free = available_cpu_bytes()
+def free_bytes(device) -> Optional[int]:
+    """Memory this process can still take on ``device``: a GPU's free memory (plus what torch's allocator holds
+    unused; under a ``gpu_cap``, what the cap leaves), else the CPU's (``available_cpu_bytes``); None where unknown."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return available_cpu_bytes()
+    if not torch.cuda.is_available():
+        return None
+    used = torch.cuda.memory_allocated(d)
+    free = torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - used
+    cap = active_cap(d)
+    return free if cap is None else max(0, min(free, cap - used))
+
+
+def check_fits(more: int, what: str, remedy: str, device="cpu") -> None:
+    """Refuse work that would take ``more`` bytes of ``device``'s memory than it holds yet, above what is free: on the
+    CPU the kernel's OOM killer otherwise ends the job without a word, on a GPU an out-of-memory error comes after
+    the work before it. ``remedy``: the command's own flags."""
+    free = free_bytes(device)
     if free is not None and more > free:
-        raise UserError(f"{what} would take {format_bytes(more)} more of CPU memory, more than the "
-                        f"{format_bytes(free)} available; lower --calib-samples or --seq-len.")
+        where = "CPU" if torch.device(device).type == "cpu" else str(device)
+        raise UserError(f"{what} would take {format_bytes(more)} more of {where} memory, more than the "
+                        f"{format_bytes(free)} available; {remedy}.")
 
 
 def state_bytes(state: dict) -> int:

@@ -317,6 +317,89 @@ def finetune(model: nn.Module, stream: torch.Tensor, config: LinearizeConfig, de
             "kl_curve": losses[:: max(1, len(losses) // 20)]}
 
 
+PROBE_TOKENS = 512  # (the probe's window, where --seq-len is longer: a layer's activations grow linearly past it)
+KL_COPIES = 8  # float32 copies of the logits in the KL and its backward: log-softmaxes, exp, difference, gradients
+# glibc keeps freed blocks resident: one step's resident peak ran 0.96-1.43× ``finetune_memory`` in 8 settings of the
+# bundled model (CPU, all four methods), torch's own allocations 0.80-0.89× of it. (Not measured on a GPU, where the
+# same ops train and torch's caching allocator keeps the blocks; an out-of-memory error there is one line anyway.)
+CPU_SLACK = 1.5
+
+
+def finetune_memory(model: nn.Module, config: LinearizeConfig) -> dict[str, int]:
+    """Bytes stage 2 holds at its peak, by part; an estimate on the high side, made before any work::
+
+        weights      the model's tensors (tied ones once): the fine-tune moves them all to its device
+        trainable    n_lin × (LoRA's float32 parameters + the student's own) × 4: value, gradient, AdamW's 2 moments
+        activations  batch × (n_lin · a_lin + n_soft · a_soft + max(a_lin, a_soft))
+        logits       batch × seq_len × vocab × (2 model-dtype copies, teacher's and student's, + KL_COPIES × 4 B)
+
+    ``a_lin`` / ``a_soft``: what autograd keeps for the backward of one window of ``seq_len`` tokens through a
+    decoder layer, linearized (with LoRA) or kept softmax, measured by a forward of layer 0 on random inputs (on
+    ``PROBE_TOKENS`` of a longer window, scaled: every part grows linearly once a window and a chunk fit); the last
+    term is the backward's working gradients. Every layer but those kept softmax counts as linearized. The sum counts
+    torch's allocations (it ran 13-24 % above their peak in the settings ``CPU_SLACK`` names), not what an allocator
+    keeps besides."""
+    _, layers = decoder_layers(model)
+    n_soft = len(choose_softmax_layers(dict.fromkeys(range(len(layers)), 0.0), len(layers), config))
+    n_lin = len(layers) - n_soft
+    tokens = min(config.seq_len, max(PROBE_TOKENS, config.window + 64))
+    layer, attn = layers[0], attention_of(layers[0])
+    p = next(model.parameters())
+    model.requires_grad_(False)  # (as the job does first: frozen weights keep no inputs for their gradients)
+    with torch.random.fork_rng(devices=[]):  # (the probe's initialisation leaves the job's random state as it was)
+        x = torch.randn(1, tokens, model.config.hidden_size, dtype=p.dtype, device=p.device, requires_grad=True)
+        student = LinearAttention(attn, config.spec())
+        add_lora([student], config.lora_rank, config.lora_alpha)
+        held = {t.untyped_storage().data_ptr() for t in [*model.state_dict().values(), *student.parameters()]}
+        a_soft = _saved_bytes(model, layer, x, held)
+        layer.self_attn = student
+        try:
+            a_lin = _saved_bytes(model, layer, x, held)
+        finally:
+            layer.self_attn = attn
+    scale = config.batch_size * config.seq_len / tokens
+    trainable = sum(t.numel() * t.element_size() for t in student.parameters() if t.requires_grad)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return {"weights": memory.state_bytes(model.state_dict()), "trainable": 4 * n_lin * trainable,
+            "activations": int(scale * (n_lin * a_lin + n_soft * a_soft + max(a_lin, a_soft))),
+            "logits": config.batch_size * config.seq_len * vocab * (2 * p.element_size() + KL_COPIES * 4)}
+
+
+def _saved_bytes(model: nn.Module, layer: nn.Module, x: torch.Tensor, held: set) -> int:
+    """Bytes autograd keeps for the backward of one ``layer`` forward on ``x`` (each storage once; the model's own
+    tensors, held anyway, left out)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in held:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    position = torch.arange(x.shape[1], device=x.device)[None]
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, attention_mask=None, position_ids=position, use_cache=False,
+              position_embeddings=model.base_model.rotary_emb(x, position))
+    return sum(seen.values())
+
+
+def check_finetune_fits(model: nn.Module, config: LinearizeConfig, device) -> None:
+    """Refuse, before any work, a fine-tune that would not fit in ``device``'s free memory (``finetune_memory``; on
+    the CPU the weights are held already, and the rest counts ``CPU_SLACK`` times): it had no check, and ran out of
+    memory after the whole attention transfer (on the CPU, the OOM killer ended it without a word)."""
+    if not config.tokens:
+        return
+    parts = finetune_memory(model, config)
+    on_gpu = torch.device(device).type == "cuda"
+    if not on_gpu:
+        del parts["weights"]
+    shown = ", ".join(f"{k} {memory.format_bytes(v)}" for k, v in parts.items())
+    shown += "" if on_gpu else f"; × {CPU_SLACK} for the CPU allocator"
+    memory.check_fits(int(sum(parts.values()) * (1 if on_gpu else CPU_SLACK)),
+                      f"The fine-tune ({config.batch_size} windows × {config.seq_len} tokens a step: {shown})",
+                      "lower --batch-size or --seq-len" + (f", or {_ON_CPU}" if on_gpu else ""), device)
+
+
 def _tune(model, windows, steps, params, config, device, progress, checkpoint) -> tuple[int, list]:
     """``finetune``'s loop, from the last checkpoint; (the step it resumed at, the KL of every step)."""
     model.to(device)
