@@ -276,3 +276,30 @@ def test_update_replaces_only_a_baseline(tmp_path, monkeypatch, text):
     r = runner.invoke(app, ["check", art, "--baseline", str(b), "--update"])
     assert r.exit_code != 0 and "--update replaces only a baseline" in " ".join(r.output.split()), r.output
     assert b.read_text() == text
+
+
+def test_reports_are_written_into_a_pipe_not_over_it(tmp_path, monkeypatch):
+    """--json /dev/stdout (or a FIFO, /dev/null) was replaced by a regular file renamed onto it: as root /dev/stdout
+    and /dev/null became files."""
+    import os
+    import stat
+    import threading
+
+    monkeypatch.setattr(api, "evaluate", fake_evaluate({"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0}))
+    art, b, fifo = fake_artifact(tmp_path), tmp_path / "base.json", tmp_path / "pipe"
+    assert runner.invoke(app, ["check", art, "--baseline", str(b), "--update", "--windows", "2"]).exit_code == 0
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    r = runner.invoke(app, ["check", art, "--baseline", str(b), "--json", str(fifo)])
+    reader.join(timeout=10)
+    assert r.exit_code == 0, r.output
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and json.loads(got[0])["passed"] is True
+    out, link = tmp_path / "out.txt", tmp_path / "stdout"  # /dev/stdout where the shell sent stdout to a file
+    out.write_text("table\n")
+    with open(out, "a") as fh:
+        link.symlink_to(f"/proc/self/fd/{fh.fileno()}")
+        r = runner.invoke(app, ["check", art, "--baseline", str(b), "--junit", str(link)])
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and out.read_text().startswith("table\n<?xml")

@@ -188,8 +188,16 @@ def write_json(path, data) -> None:
 def write_report(path, text: str, mode: Optional[int] = None) -> None:
     """Write a small file whole or not at all (a temporary sibling ``.NAME.*.tmp`` renamed into place: a kill
     during a write left a truncated baseline). ``mode``: its permissions (default: the umask's, as ``open`` gives;
-    mkstemp's file is 0600)."""
+    mkstemp's file is 0600). A device or a pipe (``--json /dev/stdout``) is written into: renaming a file onto it
+    put a regular file in place of /dev/stdout or /dev/null (as root; another user's rename failed after the work)."""
     path = Path(path).expanduser()
+    if is_special(path):
+        import sys
+
+        sys.stdout.flush()  # (what the command printed comes first where the device is its own stdout)
+        with open(path, "a") as fh:  # (appended: "w" would cut short a file the shell sent stdout to)
+            fh.write(text)
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -199,6 +207,29 @@ def write_report(path, text: str, mode: Optional[int] = None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def is_special(path: Path) -> bool:
+    """Whether ``path`` is there and, its links followed, is neither a regular file nor a directory (a device, a pipe,
+    a socket), or is an open descriptor's link (/dev/stdout → /proc/self/fd/1, a file the shell redirected stdout to
+    included): what a report is written into rather than replaced."""
+    try:
+        mode = Path(path).stat().st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or _descriptor_link(Path(path))
+
+
+def _descriptor_link(path: Path) -> bool:
+    """Whether ``path`` or a link it goes through is an entry of /proc/PID/fd (also as /dev/fd/N, /dev/stdout)."""
+    p = Path(os.path.abspath(path))
+    for _ in range(40):  # (the kernel's own limit on links followed)
+        if re.fullmatch(r"/proc/[^/]+/fd", os.path.realpath(p.parent)):
+            return True
+        if not p.is_symlink():
+            return False
+        p = Path(os.path.abspath(p.parent / os.readlink(p)))
+    return False
 
 
 def _umask() -> int:
