@@ -453,6 +453,35 @@ def test_report_paths_are_checked_first(artifact, tmp_path):
     assert not gone.parent.exists()
 
 
+def test_report_folders_that_take_no_file_are_named_first(artifact, tmp_path, monkeypatch):
+    """--json / --junit / a baseline in a folder on a read-only mount (or one the user may not write in), and --record
+    of an artifact there: the write failed with "Read-only file system" after the whole evaluation."""
+    import errno
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    art = shutil.copytree(artifact, ro / "art")
+    mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # (a read-only mount, which root cannot write in either)
+        if dir is not None and ro in (Path(dir), *Path(dir).parents):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    for args, flag in (((artifact, "--json", ro / "e.json"), "--json"), ((art, "--record"), "--record")):
+        line = error_line(invoke("eval", *args, "--windows", 1, "--seq-len", 8))
+        assert flag in line and "Read-only file system" in line, line
+    for args, flag in ((("--junit", ro / "j.xml"), "--junit"),
+                       (("--update", "--baseline", ro / "b.json"), "--baseline")):
+        line = error_line(invoke("check", artifact, *args))
+        assert flag in line and "cannot be written: Read-only file system" in line, line
+    assert sorted(f.name for f in ro.iterdir()) == ["art"]
+
+
 def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path):
     """eval --json ART/llmcomp.json, check --update --baseline ART/config.json and check --json BASELINE exited 0
     and broke the artifact or the baseline."""

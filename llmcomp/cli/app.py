@@ -348,6 +348,13 @@ def eval_(
         if record and not long:  # (a plain model directory has no manifest to append to)
             if len(plain) == len(paths or [None]):
                 raise UserError("--record appends to artifacts' manifests, and no path given is an artifact.")
+            from llmcomp.core.artifact import MANIFEST
+            from llmcomp.core.paths import unwritable
+
+            for r in reads[:len(paths or [None])]:
+                why = is_artifact(r) and unwritable(r / MANIFEST)  # (found after the evaluation: a read-only mount)
+                if why:
+                    raise UserError(f"--record appends to {r / MANIFEST}, which cannot be written: {why}.")
         # (each was taken and ignored by the other evaluation)
         stray = _given(ctx, ["seq_len", "batch_size"] if long else
                        ["context", "passkey_lengths", "passkey_samples", "needle_keys"])

@@ -165,6 +165,9 @@ def check_report(path, flag: str, reads=(), writes=()) -> None:
         raise UserError(f"{flag} {path} is a directory; give a file path.")
     if not path.parent.is_dir():
         raise UserError(f"{flag} {path}: its folder {path.parent} does not exist.")
+    why = unwritable(path)
+    if why:  # (a read-only mount, no permission: the write failed after the whole evaluation)
+        raise UserError(f"{flag} {path} cannot be written: {why}.")
     target = path.resolve()
     for other, by in dict(writes).items():
         if other is not None and Path(other).expanduser().resolve() == target:
@@ -175,6 +178,22 @@ def check_report(path, flag: str, reads=(), writes=()) -> None:
         read = Path(read).expanduser().resolve()
         if target == read or (target.parent == read and _model_file(read, target.name)):
             raise UserError(f"{flag} {path} would overwrite {target}, which this command reads; write it elsewhere.")
+
+
+def unwritable(path: Path) -> str:
+    """Why ``write_report`` could not write ``path`` (its folder takes no new file; a device or pipe refuses writes),
+    as the system says it, or ''. A file is made and removed there, as the write will (``os.access`` answers for
+    the permission bits, not for what root may not create: /proc, an NFS root squash)."""
+    path = Path(path)
+    if is_special(path):
+        return "" if os.access(path, os.W_OK) else f"{os.strerror(errno.EACCES)} ({path})"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        return f"{exc.strerror or exc} ({path.parent})"
+    os.close(fd)
+    os.unlink(tmp)
+    return ""
 
 
 def write_json(path, data) -> None:
