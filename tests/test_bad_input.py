@@ -583,6 +583,15 @@ def test_damaged_artifact_eval_and_inspect(artifact, tmp_path, how):
     error_line(invoke("eval", d, "--windows", 1))
 
 
+def test_an_artifact_without_its_config_is_named_as_such(artifact, tmp_path):
+    """inspect, eval and check of an artifact whose config.json is gone said it "is not a model directory (no
+    config.json); pass a Hugging Face model folder or an llmcomp artifact", of an llmcomp artifact (report named the
+    missing file)."""
+    d = _damaged(artifact, tmp_path, "config", lambda d: (d / "config.json").unlink())
+    for args in (("inspect", d), ("eval", d), ("check", d), ("report", d), ("eval", artifact, "--reference", d)):
+        assert error_line(invoke(*args)) == f"error: Artifact file {d / 'config.json'} is missing.", args
+
+
 def test_eval_takes_a_batch_size_past_int64_and_inspect_an_artifact_without_its_version(artifact, tmp_path):
     """--batch-size 99999999999999999999: "Overflow when unpacking long long"; inspect of a manifest without
     llmcomp_version (unsealed, as before the seal): KeyError. Both tracebacks."""

@@ -135,6 +135,10 @@ def check_model_path(path: str | os.PathLike | None) -> Path | None:
     if not p.exists():
         raise UserError(f"Model path {p} does not exist.")
     if not p.is_dir() or not (p / "config.json").exists():
+        from llmcomp.core.artifact import MANIFEST  # (artifact imports this module)
+
+        if (p / MANIFEST).is_file():  # (an artifact that lost a file: "pass ... an llmcomp artifact" named it none)
+            raise UserError(f"Artifact file {p / 'config.json'} is missing.")
         raise UserError(f"{p} is not a model directory (no config.json); pass a Hugging Face model folder or an llmcomp artifact.")
     return p
 
