@@ -696,7 +696,8 @@ def evaluate_long(path=None, *, context: int = 2048, n_windows: int = 4, chunk: 
             "stages": " + ".join(stage_label(s) for s in stages) or "original",
             "policy": policy.describe() if policy is not None else next(  # (a linear window's settings: its state)
                 (stage_label(s) for s in stages if s.get("kind") == _linearize_hook.KIND), "dense"),
-            **result, "text": corpus().name, "eval_time_s": round(time.perf_counter() - start, 2)}
+            **result, "text": corpus().name, "tokenizer": tokenizer_id(tok),  # (eval --long --compare)
+            "eval_time_s": round(time.perf_counter() - start, 2)}
 
 
 def _check_allocation(config: QuantConfig, allocation: AllocationConfig) -> None:

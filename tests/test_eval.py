@@ -123,3 +123,24 @@ def test_the_long_table_gives_kv_megabytes_as_eval_gives_sizes():
     out = io.StringIO()
     Console(file=out, width=200).print(render.long_table([row], False))
     assert "35.4" in out.getvalue() and "33.8" not in out.getvalue()
+
+
+def test_the_long_table_shows_no_delta_between_tokenizers_or_window_counts():
+    """eval --long --compare of SmolLM2 and a char-level model printed Δppl +432 % (per-token perplexities under two
+    tokenizers, over other spans of text), where the perplexity table shows '-'."""
+    from rich.console import Console
+
+    from llmcomp.cli import render
+
+    row = {"name": "a", "policy": "dense", "ppl": 20.0, "kv_bytes": 1e6, "kv_dense_bytes": 1e6, "passkey": {},
+           "eval_time_s": 1.0, "text": "austen", "windows": 2, "context": 128, "prefix": 96, "chunk": 64,
+           "tokenizer": "t1"}
+    rows = [row, {**row, "name": "b", "ppl": 22.0}, {**row, "name": "c", "tokenizer": "t2"},
+            {**row, "name": "d", "windows": 1}]
+    console = Console(width=200, record=True)
+    console.print(render.long_table(rows, True))
+    rows_shown = [[c.strip() for c in line.split("│")] for line in console.export_text().splitlines()]
+    cells = {r[1]: r[4] for r in rows_shown if r[1:2] in (["a"], ["b"], ["c"], ["d"])}
+    assert cells == {"a": "+0.00", "b": "+10.00", "c": "-", "d": "-"}
+    assert "do not compare" in render.long_table(rows, True).caption
+    assert "do not compare" not in render.long_table(rows[:2], True).caption

@@ -154,13 +154,12 @@ def eval_table(rows: list[dict], compare: bool, asked: Optional[int] = None) -> 
     for c in cols:
         table.add_column(c, justify="left" if c in ("model", "stages") else "right")
     base = rows[0]["ppl"] if rows else None
-    same = [(r.get("tokenizer"), r["windows"], r["seq_len"]) == (rows[0].get("tokenizer"), rows[0]["windows"],
-                                                                 rows[0]["seq_len"]) for r in rows]
-    for r, comparable in zip(rows, same):
+    same = comparable(rows, "seq_len")
+    for r, ok in zip(rows, same):
         cells = [r["name"], r["stages"], _fmt(r["ppl"]), _fmt(r["bits_per_weight"]), _fmt(r.get("size_mb", float("nan")), 1),
                  _fmt(r["eval_time_s"], 1), _fmt(r.get("quant_time_s", float("nan")), 1)]
         if compare:
-            cells.insert(3, f"{100 * (r['ppl'] / base - 1):+.1f}" if comparable else "-")
+            cells.insert(3, f"{100 * (r['ppl'] / base - 1):+.1f}" if ok else "-")
         if agreement:
             cells[3 + compare:3 + compare] = [f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}",
                                               f"{100 * r['top1_agree']:.1f}", f"{r['greedy_prefix']:.1f}"]
@@ -174,9 +173,21 @@ def eval_table(rows: list[dict], compare: bool, asked: Optional[int] = None) -> 
                          + (f"; KLD = KL(reference ‖ model) per token, reference {rows[0].get('reference') or '-'}, "
                             f"greedy prefix of 32 new tokens over {rows[0].get('greedy_prompts', 8)} prompts"
                             if agreement else "")
-                         + ("; Δppl - : another tokenizer or other windows than the first row's, whose per-token "
-                            "perplexities do not compare" if compare and not all(same) else ""))
+                         + (NOT_COMPARED if compare and not all(same) else ""))
     return table
+
+
+NOT_COMPARED = ("; Δppl - : another tokenizer or other windows than the first row's, whose per-token perplexities do "
+                "not compare")
+
+
+def comparable(rows: list[dict], length: str) -> list[bool]:
+    """Per row: whether its perplexity compares with the first row's (--compare's Δppl): the same tokenizer (another
+    one's per-token perplexity is of other tokens) and the same windows of the same ``length`` key's tokens."""
+    def key(r):
+        return r.get("tokenizer"), r["windows"], r[length]
+
+    return [key(r) == key(rows[0]) for r in rows]
 
 
 def long_table(rows: list[dict], compare: bool) -> Table:
@@ -189,10 +200,11 @@ def long_table(rows: list[dict], compare: bool) -> Table:
     for c in cols:
         table.add_column(c, justify="left" if c in ("model", "KV policy") else "right")
     base = rows[0] if rows else None
-    for r in rows:
+    same = comparable(rows, "context")
+    for r, ok in zip(rows, same):
         cells = [r["name"], r["policy"], _fmt(r["ppl"], 3)]
         if compare:
-            cells.append(f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}")
+            cells.append(f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}" if ok else "-")
         cells += [_fmt(r["kv_bytes"] / 1e6, 1), f"{100 * r['kv_bytes'] / r['kv_dense_bytes']:.1f}"]  # (MB as size)
         cells += [f"{r['passkey'].get(n, float('nan')):.2f}" for n in lengths]
         cells += [f"{r.get('multikey', {}).get(n, float('nan')):.2f}" for n in multi] + [_fmt(r["eval_time_s"], 1)]
@@ -202,7 +214,9 @@ def long_table(rows: list[dict], compare: bool) -> Table:
         table.caption = (f"{r['text']} text, {r['windows']} windows × {r['context']} tokens: {r['prefix']} prefilled "
                          f"into the cache, the rest scored in chunks of {r['chunk']}; KV bytes held after the prefix; "
                          f"passkey: {r.get('passkey_samples', 0)} greedy prompts per length"
-                         + (f"; {r['needle_keys']}-key: as many labelled needles per prompt, one asked" if multi else ""))
+                         + (f"; {r['needle_keys']}-key: as many labelled needles per prompt, one asked"
+                            if multi else "")
+                         + (NOT_COMPARED if compare and not all(same) else ""))
     return table
 
 
