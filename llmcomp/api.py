@@ -789,6 +789,24 @@ def record_reference(path=None, *, seq_len: int = 512, n_windows: int = 16, batc
     return ref
 
 
+def check_reference_tokenizer(reference, paths) -> None:
+    """Each of ``paths`` reads the token ids of the ``reference`` model, from their tokenizer files, before any model
+    runs: ``Reference.check_model`` found another tokenizer after the reference's whole pass (minutes on a large
+    model, its log-probs written to disk first)."""
+    from llmcomp.eval.agreement import other_tokenizer
+
+    def fingerprint(p: Path):
+        tok = model_mod.load_tokenizer(p)
+        return tokenizer_id(tok) if tok is not None else None
+
+    want = fingerprint(model_mod.resolve(reference))
+    for path in paths:
+        p = model_mod.resolve(path)
+        got = fingerprint(p) if want is not None else None
+        if got is not None and got != want:
+            raise other_tokenizer(str(p))
+
+
 def note_fewer_windows(got: int, asked: int, seq_len: int, progress: Progress) -> None:
     """A note where the held-out text holds fewer windows than asked for (the result's ``windows`` tells, quietly)."""
     if got < asked:

@@ -64,6 +64,31 @@ def test_reference_of_another_tokenizer_or_vocabulary_is_refused(tmp_path):
         api.evaluate(ref_dir, seq_len=32, n_windows=2, batch_size=2, device="cpu", reference=ref)
 
 
+def test_eval_refuses_a_reference_of_another_tokenizer_before_running_it(tmp_path, monkeypatch):
+    """eval --reference REF with a model of another tokenizer ran the reference's whole pass (minutes on a large model,
+    its log-probs written to disk) before refusing."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from llmcomp import api
+    from llmcomp.cli.app import app
+    from tests.conftest import save_char_model
+
+    ref_dir = save_char_model(tmp_path / "ref", layers=1)
+    other = shutil.copytree(ref_dir, tmp_path / "other")
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"a":', '"\\u00e9":'))
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(api, "record_reference", no_run)
+    r = CliRunner().invoke(app, ["eval", str(ref_dir), str(other), "--reference", str(ref_dir), "--windows", "1",
+                                 "--seq-len", "16"])
+    assert r.exit_code == 2 and "other has a different tokenizer from the reference" in " ".join(r.output.split()), \
+        r.output
+
+
 def test_a_broken_model_scores_inf_not_an_overflow(tiny_model):
     """A mean NLL past ~709.8 nats overflowed math.exp: eval, check and eval --long crashed instead of reporting."""
     with torch.no_grad():

@@ -371,10 +371,13 @@ def eval_(
                              needle_keys=needle_keys)
         rows = []
         targets = paths or [None]
+        ref_path = None
+        if reference is not None:
+            ref_path = api.base_model_path(based) if reference == "base" else reference
+            api.check_reference_tokenizer(ref_path, targets)
         with render.RichProgress() as progress:
             ref = None
-            if reference is not None:
-                ref_path = api.base_model_path(based) if reference == "base" else reference
+            if ref_path is not None:
                 ref = api.record_reference(ref_path, seq_len=seq_len, n_windows=windows, batch_size=batch_size,
                                            progress=progress, **place)
             for p in targets:

@@ -40,8 +40,7 @@ class Reference:
         """A model compared with this reference reads the same token ids and scores the same vocabulary: another
         tokenizer would be scored on text it cannot read (or crash), another logits width cannot be compared."""
         if self.tokenizer is not None and tokenizer_id(tok) != self.tokenizer:
-            raise UserError(f"{name} has a different tokenizer from the reference model; agreement needs the same "
-                            "one (pass a --reference with this model's tokenizer).")
+            raise other_tokenizer(name)
         if vocab_size is not None and vocab_size != self.logprobs.shape[-1]:
             raise UserError(f"{name} scores {vocab_size} tokens, the reference model {self.logprobs.shape[-1]}; "
                             "agreement needs the same vocabulary.")
@@ -70,6 +69,11 @@ class Reference:
 
     def comparer(self) -> "Comparer":
         return Comparer(self)
+
+
+def other_tokenizer(name: str) -> UserError:
+    return UserError(f"{name} has a different tokenizer from the reference model; agreement needs the same one (pass "
+                     "a --reference with this model's tokenizer).")
 
 
 def tokenizer_id(tok) -> str:
