@@ -303,3 +303,30 @@ def test_reports_are_written_into_a_pipe_not_over_it(tmp_path, monkeypatch):
         r = runner.invoke(app, ["check", art, "--baseline", str(b), "--junit", str(link)])
     assert r.exit_code == 0, r.output
     assert link.is_symlink() and out.read_text().startswith("table\n<?xml")
+
+
+_STDOUT_REPORT = """
+import sys
+from llmcomp.core.paths import write_json, write_report
+print("table", flush=True)
+write_report("/dev/stdout", '{"passed": true}\\n')
+print("note: wrote")
+write_json(sys.argv[1], {"rows": [1]}, partial=True)  # (a named pipe without a reader: an open would block)
+"""
+
+
+def test_a_report_on_stdout_redirected_to_a_file_survives_later_output(tmp_path):
+    """`--json /dev/stdout > out.txt`: the report went through a descriptor of its own, whose offset the shell's `>`
+    file did not share, so what the command printed after it overwrote the report ('table', 'note: wrote',
+    'cument...'); and a bench's intermediate write to a named pipe reopened it, blocking once its reader had gone."""
+    import os
+    import subprocess
+    import sys
+
+    fifo, out = tmp_path / "pipe", tmp_path / "out.txt"
+    os.mkfifo(fifo)
+    with open(out, "w") as fh:
+        r = subprocess.run([sys.executable, "-c", _STDOUT_REPORT, str(fifo)], stdout=fh, stderr=subprocess.PIPE,
+                           text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.read_text() == 'table\n{"passed": true}\nnote: wrote\n'

@@ -196,7 +196,8 @@ def checked_base(of, base: dict, flag: str, missing_ok: bool = False) -> str | N
     if not isinstance(path, str) or not os.path.isabs(path) or not Path(path).is_dir():
         if missing_ok:
             return None
-        raise UserError(f"The base model of {of} ({path}) is not on this machine; pass {flag}.")
+        where = path if isinstance(path, str) else "no path recorded"  # (an import of a travelled export)
+        raise UserError(f"The base model of {of} ({where}) is not on this machine; pass {flag}.")
     digest = base.get("sha256")
     try:
         same = not isinstance(digest, str) or same_weights(Path(path), digest)

@@ -196,10 +196,14 @@ def unwritable(path: Path) -> str:
     return ""
 
 
-def write_json(path, data) -> None:
+def write_json(path, data, partial: bool = False) -> None:
     """``data`` as indented JSON at ``path`` (``~`` expanded, its folder made for library callers), whole or not
-    at all: a bench run writes its results after every row, and one killed mid-write kept a truncated file."""
+    at all: a bench run writes its results after every row, and one killed mid-write kept a truncated file.
+    ``partial``: such an intermediate write, skipped where ``path`` is a device or a pipe (each write there is one
+    more document, and a named pipe's reader has gone after the first: the next open blocked)."""
     path = Path(path).expanduser()
+    if partial and is_special(path):
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_report(path, json.dumps(data, indent=1))
 
@@ -214,6 +218,10 @@ def write_report(path, text: str, mode: Optional[int] = None) -> None:
         import sys
 
         sys.stdout.flush()  # (what the command printed comes first where the device is its own stdout)
+        if _same_file(path, sys.stdout):  # (through stdout itself: another descriptor on a file the shell opened
+            sys.stdout.write(text)        # with `>` kept its own offset, and later output overwrote the report)
+            sys.stdout.flush()
+            return
         with open(path, "a") as fh:  # (appended: "w" would cut short a file the shell sent stdout to)
             fh.write(text)
         return
@@ -226,6 +234,15 @@ def write_report(path, text: str, mode: Optional[int] = None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _same_file(path: Path, stream) -> bool:
+    """Whether ``path`` (its links followed) is the file ``stream`` writes to."""
+    try:
+        a, b = os.stat(path), os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # (a stream without a descriptor: pytest's capture, StringIO)
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def is_special(path: Path) -> bool:

@@ -938,7 +938,7 @@ def run(models, batches: list[int], context: int, steps: int, settings: dict, ou
                 result["rows"].append(row)
                 progress.note(_line(row))
                 if out is not None:
-                    write_json(out, result)
+                    write_json(out, result, partial=True)
         del model  # the generator drops its reference too before it loads the next model
     result["speedup"] = speedups(result["rows"])
     if out is not None:

@@ -267,7 +267,7 @@ def _float_rows(result: dict, shapes, ms, formats, bw: float, out: Optional[Path
                 log(f"{name:6s} {n:6d}x{k:<6d} M={m:<4d} llmcomp {row['llmcomp_us']:8.2f}us "
                     f"{row['llmcomp_roofline_pct']:5.1f}%{own}  vs bf16 {row.get('speedup_vs_bf16', '-')}")
                 if out is not None:  # (after every row: a run cut short still leaves its numbers)
-                    write_json(out, result)
+                    write_json(out, result, partial=True)
             del layers
             torch.cuda.empty_cache()
 
@@ -337,10 +337,12 @@ def run(shapes=SHAPES, ms=MS, bits_list=(4,), group: int = 128, out: Optional[Pa
                 result["rows"].append(row)
                 log(_line(row))
                 if out is not None:  # (after every row: a run cut short still leaves its numbers)
-                    write_json(out, result)
+                    write_json(out, result, partial=True)
             del layers, tri_prep, w_bf16, w_fp16, tg, bnb, dq
             torch.cuda.empty_cache()
     _float_rows(result, shapes, ms, float_formats, bw, out, log)
+    if out is not None:
+        write_json(out, result)
     return result
 
 
@@ -420,6 +422,8 @@ def sweep(shapes=SHAPES, ms=(1, 16), bits: int = 4, group: int = 128, log=print,
             log(f"sweep {tag} {n}x{k} M={m}: best (rt, warps, wr)={best[1]} {best[0] * 1e6:.2f}us {best[2]:.1f}%"
                 f"  (launch_config: {pick}" + (f" {picked * 1e6:.2f}us)" if picked else ")"))
             if out is not None:
-                write_json(out, rows)
+                write_json(out, rows, partial=True)
         del preps
+    if out is not None:
+        write_json(out, rows)
     return rows
