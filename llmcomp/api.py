@@ -991,11 +991,12 @@ def _linearize_settings(stage: dict, config: dict) -> str:
 
 
 def _count(n: float) -> str:
-    """A token count as ``linearize --tokens`` takes it: ``1M``, ``500k``, ``128``."""
+    """A token count as ``linearize --tokens`` takes it where it is round (``1M``, ``500k``), else whole (``999424``:
+    rounded to 4 digits, 999 999 read "1000k" and 1 234 567 the same as 1 234 999)."""
     for scale, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
-        if n >= scale:
-            return f"{n / scale:.4g}{suffix}"
-    return f"{n:g}"
+        if n >= scale and n % scale == 0:
+            return f"{int(n // scale)}{suffix}"
+    return f"{int(n)}" if float(n).is_integer() else f"{n:g}"
 
 
 def inspect(path) -> dict:

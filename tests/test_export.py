@@ -339,6 +339,7 @@ def test_an_exported_base_not_on_this_machine_loses_its_path(arts, model_dir, tm
     line = one_error(invoke("eval", again, "--reference", "base"))
     assert "is not on this machine; pass --reference PATH." in line
     assert _exported_with_base(arts, tmp_path / "b", lambda b: b.pop("path"))[1] == base  # (absent: the same)
+    assert _exported_with_base(arts, tmp_path / "n", lambda b: b.update(path=None))[1] == base  # (null: the same)
     assert _exported_with_base(arts, tmp_path / "c", lambda b: None)[1] == original  # (there and unchanged: kept)
 
 

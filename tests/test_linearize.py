@@ -402,6 +402,9 @@ def test_a_liger_artifact_quantizes_loads_and_runs(tmp_path):
     (["linear", "softmax"], dict(method="gla", window=16, tokens=500_000),
      "linearize-gla window 16, 1 softmax layer, fine-tune 500k tokens"),
     ("?", "?", "linearize-gla window ?"),  # (a hand-edited, unsealed manifest)
+    # (not round: whole, as 4 digits read 999 999 as "1000k" and 1 234 567 as 1 234 999)
+    (["linear"], dict(method="gla", window=16, tokens=999_999), "linearize-gla window 16, fine-tune 999999 tokens"),
+    (["linear"], dict(method="gla", window=16, tokens=1_234_567), "linearize-gla window 16, fine-tune 1234567 tokens"),
 ])
 def test_stage_labels_name_the_window_the_softmax_layers_and_the_budget(layout, config, label):
     """eval --compare's stages column read 'linearize-gla' for every window, hybrid and fine-tune budget."""

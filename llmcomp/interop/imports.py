@@ -176,7 +176,7 @@ def exported_base(path: Path) -> Optional[dict]:
     except (OSError, ValueError, AttributeError):
         return None
     if not (isinstance(base, dict) and isinstance(base.get("name"), str) and isinstance(base.get("sha256"), str)
-            and isinstance(base.get("path", ""), str)):
+            and isinstance(base.get("path") or "", str)):  # (a null path: none recorded, as an absent one)
         return None
     out = {"name": base["name"], "sha256": base["sha256"]}
     try:
