@@ -800,9 +800,11 @@ def check_reference_tokenizer(reference, paths) -> None:
         return tokenizer_id(tok) if tok is not None else None
 
     want = fingerprint(model_mod.resolve(reference))
+    if want is None:  # (a reference without tokenizer files is refused when record_reference loads it)
+        return
     for path in paths:
         p = model_mod.resolve(path)
-        got = fingerprint(p) if want is not None else None
+        got = fingerprint(p)
         if got is not None and got != want:
             raise other_tokenizer(str(p))
 
@@ -945,7 +947,7 @@ def _stage_settings(stage: dict) -> Optional[str]:
         return f"kv-{metrics['policy']}"
     config = stage.get("config") if isinstance(stage.get("config"), dict) else {}
     if stage.get("kind") == _linearize_hook.KIND:
-        return _linearize_settings(stage, config)
+        return _linearize_settings(stage, config, metrics)
     if stage.get("method") == "moefy" and config:
         return _moefy_settings(config)
     if stage.get("kind") != _moe_hook.KIND or not config:  # (unfuse-experts has none)
@@ -968,7 +970,7 @@ def _moefy_settings(config: dict) -> str:
     return label + (f", {shared} shared neurons" if _number(shared) and shared else "")
 
 
-def _linearize_settings(stage: dict, config: dict) -> str:
+def _linearize_settings(stage: dict, config: dict, metrics: dict) -> str:
     """``linearize-hedgehog window 64, 2 softmax layers, fine-tune 1M tokens``: the student's softmax window (and
     its Hedgehog features where not the head dimension), the layers kept softmax and the tokens the fine-tune ran
     (the budget in whole steps; the budget itself where the stage does not record them)."""
@@ -981,8 +983,7 @@ def _linearize_settings(stage: dict, config: dict) -> str:
     kept = softmax_layers(stage)
     if kept:
         shown.append(f"{len(kept)} softmax layer{'s' if len(kept) > 1 else ''}")
-    tokens = config.get("tokens")
-    ran = stage.get("metrics", {}).get("finetune") if isinstance(stage.get("metrics"), dict) else None
+    tokens, ran = config.get("tokens"), metrics.get("finetune")
     if isinstance(ran, dict) and _number(ran.get("tokens")):  # (whole steps: --tokens 1000 ran 960, read "1k")
         tokens = ran["tokens"]
     if _number(tokens):

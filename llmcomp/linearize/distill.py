@@ -143,6 +143,7 @@ def _finetune_key(config: LinearizeConfig) -> str:
 
 
 _ON_CPU = "linearize with --device cpu"  # (what a CUDA out-of-memory error suggests, after the flags to lower)
+FINETUNE_REMEDY = "lower --batch-size or --seq-len"  # (the fine-tune's out-of-memory error and its memory check)
 
 
 # -- stage 1: attention transfer ---------------------------------------------------------------------
@@ -308,7 +309,7 @@ def finetune(model: nn.Module, stream: torch.Tensor, config: LinearizeConfig, de
     try:
         start, losses = _tune(model, windows, steps, params, config, device, progress, checkpoint)
     except torch.cuda.OutOfMemoryError:  # (a traceback; the transfer's is one line, from the calibration driver)
-        raise memory.out_of_memory("Fine-tuning", device, f"lower --batch-size or --seq-len, or {_ON_CPU}") from None
+        raise memory.out_of_memory("Fine-tuning", device, f"{FINETUNE_REMEDY}, or {_ON_CPU}") from None
     model.requires_grad_(False)
     del adapters
     merge_lora(model)
@@ -397,7 +398,7 @@ def check_finetune_fits(model: nn.Module, config: LinearizeConfig, device) -> No
     shown += "" if on_gpu else f"; × {CPU_SLACK} for the CPU allocator"
     memory.check_fits(int(sum(parts.values()) * (1 if on_gpu else CPU_SLACK)),
                       f"The fine-tune ({config.batch_size} windows × {config.seq_len} tokens a step: {shown})",
-                      "lower --batch-size or --seq-len" + (f", or {_ON_CPU}" if on_gpu else ""), device)
+                      FINETUNE_REMEDY + (f", or {_ON_CPU}" if on_gpu else ""), device)
 
 
 def _tune(model, windows, steps, params, config, device, progress, checkpoint) -> tuple[int, list]:
