@@ -583,6 +583,35 @@ def test_damaged_artifact_eval_and_inspect(artifact, tmp_path, how):
     error_line(invoke("eval", d, "--windows", 1))
 
 
+@pytest.mark.parametrize("how", ["manifest-json", "delete", "unsealed-edit"])
+def test_eval_checks_every_artifact_before_evaluating_any(model_dir, artifact, tmp_path, monkeypatch, how):
+    """`eval A B C` with C's manifest not JSON, or a file it names gone, failed after A and B were evaluated
+    (minutes on large models); --long alike."""
+    from llmcomp import api
+
+    def mutate(d):
+        if how == "manifest-json":
+            (d / "llmcomp.json").write_text("{")
+        elif how == "delete":
+            (d / "model.safetensors").unlink()
+        else:
+            m = json.loads((d / "llmcomp.json").read_text())
+            m["stages"][0]["method"] = "gptq"
+            (d / "llmcomp.json").write_text(json.dumps(m))
+
+    d = _damaged(artifact, tmp_path, how, mutate)
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a model was evaluated")
+
+    monkeypatch.setattr(api, "evaluate", ran)
+    monkeypatch.setattr(api, "evaluate_long", ran)
+    said = {"manifest-json": "is corrupt (not valid JSON)", "delete": "model.safetensors is missing",
+            "unsealed-edit": "was edited after the artifact was written"}[how]
+    assert said in error_line(invoke("eval", artifact, model_dir, d, "--windows", 1))
+    assert said in error_line(invoke("eval", artifact, d, "--long", "--context", 64, "--windows", 1))
+
+
 def test_an_artifact_without_its_config_is_named_as_such(artifact, tmp_path):
     """inspect, eval and check of an artifact whose config.json is gone said it "is not a model directory (no
     config.json); pass a Hugging Face model folder or an llmcomp artifact", of an llmcomp artifact (report named the

@@ -319,13 +319,16 @@ def eval_(
                             "(write them with --json).")
         from llmcomp.core.paths import check_report, write_report
 
+        from llmcomp.core.artifact import is_artifact, read_manifest
         from llmcomp.core.model import check_model_path, read_path
 
         # (before the evaluation, not after it; the bundled model and the base a manifest names are read too)
         reads = [read_path(p) for p in paths or [None]]
-        for p in paths or []:  # (a mistyped later path was found after the earlier models' evaluations)
+        # (a mistyped or damaged later path was found after the earlier models' evaluations: minutes)
+        for p, r in zip(paths or [], reads):
             check_model_path(p)
-        from llmcomp.core.artifact import is_artifact
+            if is_artifact(r):  # (the load's checks before the weights: the manifest, its seal, the files it names)
+                read_manifest(r, hashes=False)
 
         plain = [p for p, r in zip(paths or [None], reads) if not is_artifact(r)]
         # (--reference base: the first artifact's base; a plain model first was taken as its own reference)
