@@ -612,6 +612,25 @@ def test_eval_checks_every_artifact_before_evaluating_any(model_dir, artifact, t
     assert said in error_line(invoke("eval", artifact, d, "--long", "--context", 64, "--windows", 1))
 
 
+def test_eval_refuses_a_model_given_twice(model_dir, artifact, tmp_path, monkeypatch):
+    """`eval A A --record` evaluated A twice and appended its results to its manifest twice; the same artifact under
+    another name (./A, a link) alike, and without --record a second identical row."""
+    from llmcomp import api
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a model was evaluated")
+
+    monkeypatch.setattr(api, "evaluate", ran)
+    monkeypatch.setattr(api, "evaluate_long", ran)
+    link = tmp_path / "link"
+    link.symlink_to(artifact)
+    again = f"{artifact.parent}/./{artifact.name}"
+    assert error_line(invoke("eval", artifact, model_dir, artifact, "--record")) == \
+        f"error: {artifact} is given twice; evaluate each model once."
+    for args in ((artifact, again), (artifact, link, "--record"), (model_dir, again, link, "--long")):
+        assert error_line(invoke("eval", *args)).endswith(" are the same model; evaluate each model once."), args
+
+
 def test_an_artifact_without_its_config_is_named_as_such(artifact, tmp_path):
     """inspect, eval and check of an artifact whose config.json is gone said it "is not a model directory (no
     config.json); pass a Hugging Face model folder or an llmcomp artifact", of an llmcomp artifact (report named the

@@ -325,10 +325,16 @@ def eval_(
         # (before the evaluation, not after it; the bundled model and the base a manifest names are read too)
         reads = [read_path(p) for p in paths or [None]]
         # (a mistyped or damaged later path was found after the earlier models' evaluations: minutes)
+        seen: dict = {}
         for p, r in zip(paths or [], reads):
             check_model_path(p)
             if is_artifact(r):  # (the load's checks before the weights: the manifest, its seal, the files it names)
                 read_manifest(r, hashes=False)
+            first = seen.get(r.resolve())
+            if first is not None:  # (evaluated twice, its row shown twice; --record appended its results twice)
+                raise UserError(f"{p} is given twice; evaluate each model once." if first == p else
+                                f"{first} and {p} are the same model; evaluate each model once.")
+            seen[r.resolve()] = p
 
         plain = [p for p, r in zip(paths or [None], reads) if not is_artifact(r)]
         # (--reference base: the first artifact's base; a plain model first was taken as its own reference)
