@@ -102,6 +102,18 @@ def test_ids_past_the_embeddings_are_one_error():
         perplexity(model, _CharTok(), seq_len=16, n_windows=1, source="pydoc")
 
 
+def test_an_empty_text_variable_means_unset(monkeypatch):
+    """LLMCOMP_TEXT='' (or spaces) was refused as an unknown text source '': an empty variable is commonly unset."""
+    monkeypatch.setattr(data, "_austen", lambda: None)  # (auto's fallback: no fetch)
+    for value in ("", " "):
+        monkeypatch.setenv("LLMCOMP_TEXT", value)
+        data.corpus.cache_clear()
+        try:
+            assert data.corpus().name == "pydoc"
+        finally:
+            data.corpus.cache_clear()
+
+
 def test_a_damaged_cached_text_is_one_error(tmp_path, monkeypatch):
     """A byte that is not UTF-8 in the cached novels was a UnicodeDecodeError traceback from every command."""
     import pytest

@@ -119,7 +119,9 @@ def _pydoc() -> Corpus:
 
 @lru_cache(maxsize=None)
 def corpus(source: str | None = None) -> Corpus:
-    source = source or os.environ.get("LLMCOMP_TEXT", "auto")
+    """The text ``source`` names, else ``LLMCOMP_TEXT``'s; an empty variable is unset, as for other variables
+    (``LLMCOMP_TEXT= llmcomp eval`` was refused as an unknown text source '')."""
+    source = source or os.environ.get("LLMCOMP_TEXT", "").strip() or "auto"
     if source not in ("auto", "austen", "pydoc"):
         raise UserError(f"Unknown text source {source!r}; use auto, austen or pydoc.")
     if source in ("auto", "austen"):
