@@ -702,6 +702,26 @@ def test_eval_long_checks_every_models_policy_before_the_first_evaluation(tmp_pa
     assert r.exit_code == 2 and "longer than the model's" in " ".join(r.output.split()) and not ran, r.output
 
 
+def test_eval_long_says_when_the_text_holds_fewer_windows(tmp_path, monkeypatch):
+    """eval --long --windows N over a text of fewer windows of --context tokens evaluated those it held, and only the
+    caption's count told (perplexity eval notes it)."""
+    from conftest import save_char_model
+
+    from llmcomp.core.data import corpus
+
+    src = save_char_model(tmp_path / "char", layers=1)
+    monkeypatch.setenv("LLMCOMP_TEXT", "pydoc")  # (fewer windows to run than the Austen text's)
+    corpus.cache_clear()
+    try:
+        r = CliRunner().invoke(app, ["eval", str(src), "--long", "--windows", "1000000", "--context", "256",
+                                     "--passkey-samples", "0", "--device", "cpu"])
+    finally:
+        corpus.cache_clear()
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "windows of 256 tokens; evaluating those" in text, r.output
+    assert "(--windows 1000000)" in text and text.count("evaluating those") == 1
+
+
 def test_cli_eval_says_perplexity_leaves_the_kv_policy_out(tmp_path):
     """Perplexity runs without a cache: a KV artifact's row is the dense model's, and nothing said so."""
     from conftest import save_char_model
