@@ -554,17 +554,30 @@ def test_cli_artifact_original(no_gpu, artifact):
         moved.rename(base)
 
 
-def test_cli_refuses_a_base_model_changed_since(no_gpu, tmp_path):
+def test_cli_refuses_a_base_model_changed_since(monkeypatch, tmp_path):
     """The manifest's base model was timed as the original whenever its path existed: changed weights there (another
-    model saved over it) were compared with no word, where eval --reference base refuses them."""
+    model saved over it) were compared with no word, where eval --reference base refuses them. (A GPU is faked: the
+    weights are hashed once one is there.)"""
+    _stop_before_timing(monkeypatch)
     tiny_llama().save_pretrained(tmp_path / "base")
     assert runner.invoke(app, ["quantize", str(tmp_path / "base"), "-o", str(tmp_path / "q")]).exit_code == 0
-    assert "needs a CUDA GPU" in error_line("bench", "decode", tmp_path / "q", "--context", "64")
+    assert "stopped before timing" in error_line("bench", "decode", tmp_path / "q", "--context", "64")
     tiny_llama(seed=1).save_pretrained(tmp_path / "base")
     line = error_line("bench", "decode", tmp_path / "q", "--context", "64")
     assert "has changed since the artifact was made" in line and "pass --original MODEL" in line
-    assert "needs a CUDA GPU" in error_line("bench", "decode", tmp_path / "q", "--original", tmp_path / "base",
-                                            "--context", "64")
+    assert "stopped before timing" in error_line("bench", "decode", tmp_path / "q", "--original", tmp_path / "base",
+                                                 "--context", "64")
+
+
+def test_cli_asks_for_a_gpu_before_hashing_the_base_model(no_gpu, artifact, monkeypatch):
+    """Without CUDA, bench decode of an artifact read every byte of its base model's weights (their sha256: GBs of an
+    8B model) and only then said it needs a GPU."""
+    from llmcomp.core import model as model_mod
+
+    hashed = []
+    monkeypatch.setattr(model_mod, "same_weights", lambda *a: hashed.append(a) or True)
+    assert "needs a CUDA GPU" in error_line("bench", "decode", artifact / "q", "--context", "64")
+    assert hashed == []
 
 
 @pytest.mark.parametrize("vocab", [128256, 49152, 1000, 257, 300, 7])

@@ -166,7 +166,7 @@ def decode(
             if layers is not None or format != "uniform" or quantize_lm_head or _given(ctx, ["bits", "group"]):
                 raise UserError("--layers, --format, --bits, --group and --quantize-lm-head apply to --synthetic "
                                 "models only.")
-            ref = _original_of(path, original)
+            ref = _original_of(path, original, weights=False)  # (hashed once a GPU is known to be here)
         from llmcomp.core.paths import check_report
 
         check_report(out, "--out", reads=[path, ref])  # before the GPU run, not after it
@@ -180,6 +180,8 @@ def decode(
 
         if not torch.cuda.is_available():
             raise UserError("llmcomp bench decode needs a CUDA GPU; none is visible to torch here.")
+        if synthetic is None and original is None:  # (the sha256 of the recorded base's weights: GBs read)
+            _original_of(path, None)
         from llmcomp.api import DTYPES
         from llmcomp.cli import render
 
@@ -203,9 +205,9 @@ def decode(
     run(go, writes=False)
 
 
-def _original_of(path: str, original: Optional[str]) -> Optional[str]:
+def _original_of(path: str, original: Optional[str], weights: bool = True) -> Optional[str]:
     """The model to compare with: ``--original``, else the base model the artifact's manifest names
-    (None = the bundled model). Checked here, its weights' sha256 too, before anything is loaded."""
+    (None = the bundled model). Checked here, its weights' sha256 too (``weights``), before anything is loaded."""
     from llmcomp.core import model as model_mod
     from llmcomp.core.artifact import is_artifact, read_manifest
 
@@ -221,7 +223,8 @@ def _original_of(path: str, original: Optional[str]) -> Optional[str]:
         return original
     base = manifest["base_model"]
     # (None where it is the bundled model, converted elsewhere on this machine)
-    return model_mod.checked_base(p, base, "--original MODEL", missing_ok=base.get("name") == model_mod.BUNDLED_NAME)
+    return model_mod.checked_base(p, base, "--original MODEL", missing_ok=base.get("name") == model_mod.BUNDLED_NAME,
+                                  weights=weights)
 
 
 def _check_static_cache(p, manifest: dict, which: str = "") -> None:

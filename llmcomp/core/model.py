@@ -187,17 +187,19 @@ def same_weights(path: Path, digest: str) -> bool:
     return any(_digest(files) == digest for files in _weight_lists(path, legacy=True))
 
 
-def checked_base(of, base: dict, flag: str, missing_ok: bool = False) -> str | None:
+def checked_base(of, base: dict, flag: str, missing_ok: bool = False, weights: bool = True) -> str | None:
     """The directory of ``of``'s recorded base model (a manifest's ``base_model``), where it is on this machine and
     its weights are those its ``sha256`` was taken of (a moved or changed base gave a wrong comparison with no word):
-    reads every byte of them. Otherwise one error naming ``flag`` (how to pass a model instead); None where the path
-    is not here and ``missing_ok``."""
+    reads every byte of them (``weights=False``: not yet, where the path alone is checked). Otherwise one error
+    naming ``flag`` (how to pass a model instead); None where the path is not here and ``missing_ok``."""
     path = base.get("path")
     if not isinstance(path, str) or not os.path.isabs(path) or not Path(path).is_dir():
         if missing_ok:
             return None
         where = path if isinstance(path, str) else "no path recorded"  # (an import of a travelled export)
         raise UserError(f"The base model of {of} ({where}) is not on this machine; pass {flag}.")
+    if not weights:
+        return path
     digest = base.get("sha256")
     try:
         same = not isinstance(digest, str) or same_weights(Path(path), digest)
