@@ -305,6 +305,45 @@ def test_reports_are_written_into_a_pipe_not_over_it(tmp_path, monkeypatch):
     assert link.is_symlink() and out.read_text().startswith("table\n<?xml")
 
 
+def test_a_report_on_a_socket_is_refused_before_the_work(tmp_path, monkeypatch):
+    """--json SOCKET was taken as a device or a pipe is, and its write failed after the evaluation ('No such device or
+    address': open() cannot write a socket)."""
+    import socket
+
+    calls = []
+    measured = fake_evaluate({"ppl": 24.0, "bits_per_weight": 4.27, "size_mb": 170.0})
+    monkeypatch.setattr(api, "evaluate", lambda *a, **kw: calls.append(a) or measured(*a, **kw))
+    art, b = fake_artifact(tmp_path), tmp_path / "base.json"
+    assert runner.invoke(app, ["check", art, "--baseline", str(b), "--update", "--windows", "2"]).exit_code == 0
+    monkeypatch.chdir(tmp_path)  # (a relative name: a socket's path is at most 107 bytes)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("s")
+        r = runner.invoke(app, ["check", art, "--baseline", str(b), "--json", "s"])
+    assert r.exit_code == 2 and "--json s cannot be written: it is a socket" in r.output, r.output
+    assert "Traceback" not in r.output and len(calls) == 1
+
+
+_SOCKET_STDOUT = """
+from llmcomp.core.paths import unwritable, write_report
+assert unwritable("/dev/stdout") == ""
+write_report("/dev/stdout", "report\\n")
+"""
+
+
+def test_a_report_on_stdout_that_is_a_socket_is_written():
+    """A command's stdout may be a socket (a service manager's log): /dev/stdout is written through stdout there."""
+    import socket
+    import subprocess
+    import sys
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        r = subprocess.run([sys.executable, "-c", _SOCKET_STDOUT], stdout=theirs, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert ours.recv(100) == b"report\n"
+
+
 _STDOUT_REPORT = """
 import sys
 from llmcomp.core.paths import write_json, write_report

@@ -181,11 +181,16 @@ def check_report(path, flag: str, reads=(), writes=()) -> None:
 
 
 def unwritable(path: Path) -> str:
-    """Why ``write_report`` could not write ``path`` (its folder takes no new file; a device or pipe refuses writes),
-    as the system says it, or ''. A file is made and removed there, as the write will (``os.access`` answers for
-    the permission bits, not for what root may not create: /proc, an NFS root squash)."""
+    """Why ``write_report`` could not write ``path`` (its folder takes no new file; a device or pipe refuses writes;
+    a socket, which ``open`` cannot write: ENXIO after the work, unless it is the command's own stdout), as the system
+    says it, or ''. A file is made and removed there, as the write will (``os.access`` answers for the permission
+    bits, not for what root may not create: /proc, an NFS root squash)."""
+    import sys
+
     path = Path(path)
     if is_special(path):
+        if stat.S_ISSOCK(path.stat().st_mode) and not _same_file(path, sys.stdout):
+            return "it is a socket; give a file, a device or a pipe"
         return "" if os.access(path, os.W_OK) else f"{os.strerror(errno.EACCES)} ({path})"
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
