@@ -507,6 +507,29 @@ def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path):
     check_report(art / "eval.json", "--json", reads=[art, base])
 
 
+def test_reports_never_write_a_file_an_artifact_loads(artifact, tmp_path):
+    """bench kernels -o ART/llmcomp.json (and bench decode --synthetic's --out) read no model, so nothing guarded the
+    artifact there: its manifest, config or weights were replaced by the timings, and a new .safetensors beside them
+    failed its verification."""
+    import re
+    from pathlib import Path
+
+    from llmcomp.core.paths import check_report
+
+    art = Path(artifact)
+    before = {f.name: f.read_bytes() for f in art.iterdir() if f.is_file()}
+    for args in (("bench", "kernels", "-o", art / "llmcomp.json"),
+                 ("bench", "decode", "--synthetic", "llama3-8b", "--out", art / "model.safetensors")):
+        assert "into the llmcomp artifact" in error_line(invoke(*args)), args
+    for name in ("config.json", "tokenizer.json", "extra.safetensors"):
+        with pytest.raises(UserError, match=re.escape(f"--out {art / name} would write {name} into the llmcomp ")):
+            check_report(art / name, "--out")
+    assert {f.name: f.read_bytes() for f in art.iterdir() if f.is_file()} == before
+    check_report(art / "kernels.json", "--out")  # (another file beside it is fine, as eval --json's is)
+    (tmp_path / "plain").mkdir()
+    check_report(tmp_path / "plain" / "config.json", "--out")  # (a folder that is no artifact)
+
+
 def test_reports_never_overwrite_the_base_or_the_bundled_model(artifact, model_dir, monkeypatch, tmp_path):
     """eval --reference base --json BASE/config.json and eval --json onto the bundled model's config.json (no path,
     or its alias) were accepted: the reads list left out the base a manifest names and the bundled model."""

@@ -156,7 +156,8 @@ def check_report(path, flag: str, reads=(), writes=()) -> None:
     where it could not be written then (its folder missing, or the path a directory), or where it would overwrite
     what the command reads (``reads``: model directories, artifacts, a baseline; None entries skipped) — a file
     of a model directory (its manifest, config, weights, tokenizer) or the baseline itself — or another of its
-    reports (``writes``: {path: flag}). Other files beside a model are fine (``cd ART && llmcomp check . --update``
+    reports (``writes``: {path: flag}); nor where it is such a file of any llmcomp artifact (``bench kernels -o
+    ART/llmcomp.json`` reads no model). Other files beside a model are fine (``cd ART && llmcomp check . --update``
     keeps its baseline there)."""
     if path is None:
         return
@@ -178,6 +179,11 @@ def check_report(path, flag: str, reads=(), writes=()) -> None:
         read = Path(read).expanduser().resolve()
         if target == read or (target.parent == read and _model_file(read, target.name)):
             raise UserError(f"{flag} {path} would overwrite {target}, which this command reads; write it elsewhere.")
+    from llmcomp.core.artifact import is_artifact
+
+    if is_artifact(target.parent) and _model_file(target.parent, target.name):
+        raise UserError(f"{flag} {path} would write {target.name} into the llmcomp artifact {target.parent}, whose "
+                        "loads read that file; write it elsewhere.")
 
 
 def unwritable(path: Path) -> str:
