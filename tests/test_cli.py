@@ -460,3 +460,27 @@ def test_version_names_llmcomp_and_its_main_dependencies():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"llmcomp {llmcomp.__version__} (torch {version('torch')}, transformers ")
+
+
+def test_the_cli_modules_are_pyflakes_clean():
+    """bench kernels probed for triton with a bare import, which pyflakes reads as an unused name."""
+    import io
+    from pathlib import Path
+
+    import llmcomp.cli
+
+    flakes = pytest.importorskip("pyflakes.api")
+    from pyflakes.reporter import Reporter
+
+    said = io.StringIO()
+    assert flakes.checkRecursive([str(Path(llmcomp.cli.__file__).parent)], Reporter(said, said)) == 0, said.getvalue()
+
+
+def test_bench_kernels_without_triton_is_one_line(monkeypatch):
+    import sys
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "triton", None)  # (its import raises ImportError)
+    assert "install triton" in one_error_line(invoke("bench", "kernels", "--shapes", "64x128", "--ms", "1"))
