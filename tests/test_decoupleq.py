@@ -66,7 +66,6 @@ def test_decoupleq_not_worse_than_gptq_and_trace_recorded(group):
 
 def test_decoupleq_end_to_end_tiny_model(tiny_model_dir, tmp_path):
     import llmcomp
-    from llmcomp.core.artifact import read_manifest
     from llmcomp.core.qlinear import QuantLinear
     from llmcomp.quant import quantize_model
 

@@ -68,7 +68,6 @@ def _uniform_call(mod, dtype: torch.dtype):
     post-scale kernel's scale pairs (integer codes with integral zeros, groups of whole kblocks), else None."""
     from llmcomp.core.qlinear import QuantLinear
     from llmcomp.kernels import frozen_linear
-    from llmcomp.kernels import uniform_cuda as uc
 
     if not isinstance(mod, QuantLinear) or mod.bias is not None or mod.out_features % 16:
         return None

@@ -51,7 +51,8 @@ class _Reader:
             n = self.int()
             return None if n == -1 else self.bytes(n).decode("utf-8", "replace")
         if t == LISTSXP:
-            attr = self.item() if has_attr else None
+            if has_attr:  # (read past it: pairlist attributes are not kept)
+                self.item()
             tag = self.item() if has_tag else None
             car = self.item()
             cdr = self.item()

@@ -125,7 +125,7 @@ class DecoupleQQuantizer(HessianQuantizer):
     def quantize_linear(self, name: str, linear: nn.Linear, stats: HessianAccumulator | None = None) -> LayerResult:
         cfg = self.config
         fmt, W0 = self.layer_weight(name, linear, stats)
-        out_f, n = linear.out_features, linear.in_features
+        n = linear.in_features
         with flush_denormal():
             dh = stats.finalize(cfg.damp)
             H = dh.H.to(W0.device)
