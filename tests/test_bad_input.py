@@ -550,6 +550,27 @@ def test_reports_never_overwrite_the_base_or_the_bundled_model(artifact, model_d
     assert base.read_bytes() == before and (bundled / "config.json").read_text() == "{}"
 
 
+def test_reports_never_write_a_file_the_bundled_models_copy_loads(monkeypatch, tmp_path):
+    """bench kernels -o and bench decode --synthetic --out read no model, so a report onto the bundled model's
+    converted copy in the cache (its config.json, weights) replaced it with the timings: every later command of the
+    bundled model then failed on it. Another file beside it stays fine."""
+    from llmcomp.core.paths import check_report
+
+    monkeypatch.setenv("LLMCOMP_CACHE", str(tmp_path))
+    bundled = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    bundled.mkdir(parents=True)
+    (bundled / "config.json").write_text("{}")
+    for args in (("bench", "kernels", "-o", bundled / "config.json"),
+                 ("bench", "decode", "--synthetic", "llama3-8b", "--out", bundled / "model.safetensors")):
+        assert "the bundled model's converted copy" in error_line(invoke(*args)), args
+    link = tmp_path / "link"
+    link.symlink_to(bundled)
+    with pytest.raises(UserError, match="the bundled model's converted copy"):
+        check_report(link / "tokenizer.json", "--out")
+    assert (bundled / "config.json").read_text() == "{}" and not (bundled / "model.safetensors").exists()
+    check_report(bundled / "kernels.json", "--out")
+
+
 def test_bench_kernels_bad_flags():
     assert "--ms" in error_line(invoke("bench", "kernels", "--ms", "1,x"))
     # (an empty item was dropped, a repeated one timed twice)

@@ -157,8 +157,8 @@ def check_report(path, flag: str, reads=(), writes=()) -> None:
     what the command reads (``reads``: model directories, artifacts, a baseline; None entries skipped) — a file
     of a model directory (its manifest, config, weights, tokenizer) or the baseline itself — or another of its
     reports (``writes``: {path: flag}); nor where it is such a file of any llmcomp artifact (``bench kernels -o
-    ART/llmcomp.json`` reads no model). Other files beside a model are fine (``cd ART && llmcomp check . --update``
-    keeps its baseline there)."""
+    ART/llmcomp.json`` reads no model) or of the bundled model's converted copy. Other files beside a model are
+    fine (``cd ART && llmcomp check . --update`` keeps its baseline there)."""
     if path is None:
         return
     path = Path(path).expanduser()
@@ -184,6 +184,9 @@ def check_report(path, flag: str, reads=(), writes=()) -> None:
     if is_artifact(target.parent) and _model_file(target.parent, target.name):
         raise UserError(f"{flag} {path} would write {target.name} into the llmcomp artifact {target.parent}, whose "
                         "loads read that file; write it elsewhere.")
+    if target.parent == _bundled_copy() and _model_file(target.parent, target.name):  # (no manifest: no artifact)
+        raise UserError(f"{flag} {path} would write {target.name} into the bundled model's converted copy "
+                        f"({target.parent}), which every run of the bundled model reads; write it elsewhere.")
 
 
 def unwritable(path: Path) -> str:
