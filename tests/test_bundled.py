@@ -45,8 +45,9 @@ def test_artifact_loads_and_generates(results):
     assert len(tok.decode(out[0, ids.shape[1]:]).strip()) > 0
 
 
-def test_cli_default_model_runs(tmp_path):
-    """`llmcomp quantize` with no model argument uses the bundled model."""
+def test_cli_default_model_runs(bundled_dir, tmp_path):
+    """`llmcomp quantize` with no model argument uses the bundled model (``bundled_dir``: skipped where it is not
+    installed)."""
     r = CliRunner().invoke(app, ["quantize", "-o", str(tmp_path / "d"), "--bits", "8", "--group-size", "0",
                                  "--target", r"re:.*layers\.0\.mlp\..*"])
     assert r.exit_code == 0, r.output

