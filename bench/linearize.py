@@ -176,14 +176,14 @@ def main(argv=None) -> int:
     p.add_argument("--passkey-samples", type=_cli.count(0), default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    check_settings(p, args)
+    wanted = ["teacher"] + [f"{m}-w{args.window}-{k}" for m in args.methods.split(",") for k in args.keep.split(",")]
+    _cli.unknown(p, args.only, wanted)  # (a mistyped name measured nothing, exit 0)
+    rows = (_cli.results(p, args.out, rows=dict) or {"rows": {}})["rows"]
+    check_settings(p, args)  # (last: the passkey check reads the bundled model, converting it on a fresh machine)
     if args.device == "cpu":
         torch.set_num_threads(1)  # a shared CPU machine
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    wanted = ["teacher"] + [f"{m}-w{args.window}-{k}" for m in args.methods.split(",") for k in args.keep.split(",")]
-    _cli.unknown(p, args.only, wanted)  # (a mistyped name measured nothing, exit 0)
-    rows = (_cli.results(p, args.out, rows=dict) or {"rows": {}})["rows"]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in wanted:

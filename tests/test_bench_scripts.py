@@ -66,6 +66,23 @@ def test_an_unknown_only_name_is_refused_and_out_kept(name, more, tmp_path, caps
     assert out.read_text() == '{"rows": [{"name": "precious"}]}'
 
 
+@pytest.mark.parametrize("case", ["only", "out"])
+def test_linearize_refuses_a_bad_only_or_out_before_it_reads_the_model(case, no_work, monkeypatch, capsys, tmp_path):
+    """Its settings check reads the bundled model's context (a GGUF conversion on a fresh machine): a mistyped --only
+    name or an --out that is not its results came after that."""
+    from llmcomp.core import model
+
+    def resolved(*args, **kwargs):
+        raise AssertionError("the bundled model was read before the bad input was refused")
+
+    monkeypatch.setattr(model, "resolve", resolved)
+    out = tmp_path / "out.json"
+    out.write_text("not json" if case == "out" else '{"rows": {}}')
+    only = ["--only", "bogus"] if case == "only" else []
+    line = _refused(monkeypatch, capsys, "linearize", "--out", str(out), *only)
+    assert ("'bogus'" if case == "only" else f"--out {out}") in line
+
+
 BAD = [  # (script, arguments, what the error line names)
     ("quality", ["--windows", "0"], "--windows: must be an integer ≥ 1, got 0"),
     ("quality", ["--calib-samples", "-3", "--only", "rtn-w8"], "--calib-samples"),  # (ran, and recorded -3)
