@@ -57,7 +57,6 @@ class _Reader:
             car = self.item()
             cdr = self.item()
             pairs = [(tag, car)] + (cdr if isinstance(cdr, list) else [])
-            del attr
             return pairs
         if t in (STRSXP, VECSXP, INTSXP, LGLSXP, REALSXP):
             n = self.int()
