@@ -114,6 +114,33 @@ def test_an_empty_text_variable_means_unset(monkeypatch):
             data.corpus.cache_clear()
 
 
+def test_a_bad_text_variable_is_named(tmp_path, monkeypatch):
+    """LLMCOMP_TEXT=x said 'Unknown text source 'x'', not that the value came from the variable; a source a caller
+    names keeps its own message."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from conftest import save_char_model
+    from llmcomp.cli.app import app
+
+    monkeypatch.setenv("LLMCOMP_TEXT", " x ")
+    data.corpus.cache_clear()
+    try:
+        with pytest.raises(data.UserError, match=r"^LLMCOMP_TEXT='x' is not a text source; use auto, austen or "
+                                                 r"pydoc \(or unset it\)\.$"):
+            data.corpus()
+        with pytest.raises(data.UserError, match=r"^Unknown text source 'y'; use auto, austen or pydoc\.$"):
+            data.corpus("y")
+        assert data.corpus("pydoc").name == "pydoc"  # (a source given wins over the variable)
+        r = CliRunner().invoke(app, ["eval", str(save_char_model(tmp_path / "m", layers=1)), "--windows", "1",
+                                     "--seq-len", "16"])
+    finally:
+        data.corpus.cache_clear()
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert errors == ["error: LLMCOMP_TEXT='x' is not a text source; use auto, austen or pydoc (or unset it)."]
+
+
 def test_a_damaged_cached_text_is_one_error(tmp_path, monkeypatch):
     """A byte that is not UTF-8 in the cached novels was a UnicodeDecodeError traceback from every command."""
     import pytest

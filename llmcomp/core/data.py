@@ -31,6 +31,7 @@ from llmcomp.errors import UserError
 AUSTEN_DEB = "r-cran-janeaustenr"
 CALIB_NOVELS = ("sensesensibility", "emma")
 EVAL_NOVELS = ("prideprejudice",)
+SOURCES = ("auto", "austen", "pydoc")
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,13 @@ def _pydoc() -> Corpus:
 @lru_cache(maxsize=None)
 def corpus(source: str | None = None) -> Corpus:
     """The text ``source`` names, else ``LLMCOMP_TEXT``'s; an empty variable is unset, as for other variables
-    (``LLMCOMP_TEXT= llmcomp eval`` was refused as an unknown text source '')."""
-    source = source or os.environ.get("LLMCOMP_TEXT", "").strip() or "auto"
-    if source not in ("auto", "austen", "pydoc"):
-        raise UserError(f"Unknown text source {source!r}; use auto, austen or pydoc.")
+    (``LLMCOMP_TEXT= llmcomp eval`` was refused as an unknown text source ''). A bad variable's error names it
+    (``Unknown text source 'x'`` did not say where the value came from: no command takes a text source)."""
+    env = os.environ.get("LLMCOMP_TEXT", "").strip()
+    if (source or env or "auto") not in SOURCES:
+        raise UserError(f"Unknown text source {source!r}; use auto, austen or pydoc." if source else
+                        f"LLMCOMP_TEXT={env!r} is not a text source; use auto, austen or pydoc (or unset it).")
+    source = source or env or "auto"
     if source in ("auto", "austen"):
         found = _austen()
         if found is not None:
