@@ -656,6 +656,39 @@ def test_eval_checks_every_artifact_before_evaluating_any(model_dir, artifact, t
     assert said in error_line(invoke("eval", artifact, d, "--long", "--context", 64, "--windows", 1))
 
 
+@pytest.mark.parametrize("how", ["none", "pickles"])
+def test_eval_checks_every_model_folder_has_weights_before_evaluating_any(model_dir, tmp_path, monkeypatch, how):
+    """`eval A B` with B a model folder whose weights are not there (config.json only, or pickles llmcomp never
+    reads) failed after A was evaluated; --long alike. A folder of safetensors shards (an index, no
+    model.safetensors) passes the check."""
+    from llmcomp import api
+    from tests.conftest import tiny_llama
+
+    bare = _copy_model(model_dir, tmp_path, "bare")
+    (bare / "model.safetensors").unlink()
+    if how == "pickles":
+        torch.save({}, bare / "pytorch_model.bin")
+    sharded = tmp_path / "sharded"
+    tiny_llama().save_pretrained(sharded, max_shard_size="100KB")
+    assert not (sharded / "model.safetensors").exists() and (sharded / "model.safetensors.index.json").is_file()
+    evaluated = []
+
+    def ran(path, **kwargs):
+        if path == str(bare):
+            raise AssertionError("the folder without weights was loaded")
+        evaluated.append(path)
+        raise UserError("stop")  # (the model itself is not the point)
+
+    monkeypatch.setattr(api, "evaluate", ran)
+    monkeypatch.setattr(api, "evaluate_long", ran)
+    said = "holds no weights (no .safetensors file" if how == "none" else "never unpickles"
+    assert said in error_line(invoke("eval", model_dir, bare, "--windows", 1))
+    assert said in error_line(invoke("eval", model_dir, bare, "--long", "--context", 64, "--windows", 1))
+    assert not evaluated
+    assert "stop" in error_line(invoke("eval", model_dir, sharded, "--windows", 1))
+    assert evaluated == [str(model_dir)]
+
+
 def test_eval_refuses_a_model_given_twice(model_dir, artifact, tmp_path, monkeypatch):
     """`eval A A --record` evaluated A twice and appended its results to its manifest twice; the same artifact under
     another name (./A, a link) alike, and without --record a second identical row."""

@@ -20,10 +20,11 @@ def fake_evaluate(values):
 
 
 def fake_artifact(tmp_path):
-    """A directory that passes the path check (the faked ``evaluate`` never opens it)."""
+    """A directory that passes the path checks (the faked ``evaluate`` never opens it)."""
     art = tmp_path / "art"
     art.mkdir()
     (art / "config.json").write_text("{}")
+    (art / "model.safetensors").touch()  # (eval's check that a folder holds weights lists them, reads none)
     return str(art)
 
 

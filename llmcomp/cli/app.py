@@ -320,16 +320,18 @@ def eval_(
         from llmcomp.core.paths import check_report, write_report
 
         from llmcomp.core.artifact import is_artifact, read_manifest
-        from llmcomp.core.model import check_model_path, read_path
+        from llmcomp.core.model import check_model_path, check_weights, read_path
 
         # (before the evaluation, not after it; the bundled model and the base a manifest names are read too)
         reads = [read_path(p) for p in paths or [None]]
         # (a mistyped or damaged later path was found after the earlier models' evaluations: minutes)
         seen: dict = {}
         for p, r in zip(paths or [], reads):
-            check_model_path(p)
+            folder = check_model_path(p)  # (None: the bundled model, converted at its load)
             if is_artifact(r):  # (the load's checks before the weights: the manifest, its seal, the files it names)
                 read_manifest(r, hashes=False)
+            elif folder is not None:  # (a plain folder: its weights are there)
+                check_weights(folder)
             first = seen.get(r.resolve())
             if first is not None:  # (evaluated twice, its row shown twice; --record appended its results twice)
                 raise UserError(f"{p} is given twice; evaluate each model once." if first == p else

@@ -143,6 +143,17 @@ def check_model_path(path: str | os.PathLike | None) -> Path | None:
     return p
 
 
+def check_weights(path: Path) -> None:
+    """UserError where a plain model folder holds no weights a load reads: no safetensors file (PyTorch pickles only,
+    or none: weights not downloaded). A listing, no read: ``eval A B`` checks B before evaluating A."""
+    if any(Path(path).glob("*.safetensors")):
+        return
+    if any(Path(path).glob("*.bin")):
+        raise UserError(f"{path} holds its weights as PyTorch pickles (*.bin) only; llmcomp reads safetensors files "
+                        "and never unpickles — save the model with safe_serialization=True first.")
+    raise UserError(f"{path} holds no weights (no .safetensors file beside its config.json).")
+
+
 def _weight_lists(path: Path, legacy: bool = False) -> list[list[Path]]:
     """The weight files a digest covers: what a load reads (sorted by name) — model.safetensors, else its
     safetensors index's files, not every weight-like file beside them (a Mistral-style consolidated.safetensors,
@@ -270,9 +281,7 @@ def load_hf(path: Path, dtype: torch.dtype = torch.float32, device_map=None, max
         from llmcomp.core.memory import budget
 
         place = {"device_map": device_map, "max_memory": budget(max_memory), "offload_folder": offload_folder}
-    if not any(Path(path).glob("*.safetensors")) and any(Path(path).glob("*.bin")):
-        raise UserError(f"{path} holds its weights as PyTorch pickles (*.bin) only; llmcomp reads safetensors files "
-                        "and never unpickles — save the model with safe_serialization=True first.")
+    check_weights(path)
     if device_map is not None and offload_folder is None:  # (refused after the load: a large model's minutes spent)
         from llmcomp.core.memory import refuse_disk
 
