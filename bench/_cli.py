@@ -8,7 +8,8 @@ a script loaded from elsewhere, as the tests load them, inserts its folder first
 - ``check``: a library validator (``memory.check_device``, a config's own checks) as ``ap.error``;
 - ``unknown``: the names of ``--only`` (and the like) that the script does not know, refused as one line;
 - ``results``: ``--out`` checked before any work (a directory, a folder that cannot be made, a file that is not
-  this script's results: each a traceback after the run had measured its rows);
+  this script's results, a file an llmcomp artifact's load reads: each a traceback, or the artifact replaced, after
+  the run had measured its rows); its folder is made when the results are written (``paths.write_json``);
 - ``needs_cuda`` / ``needs_triton``: a GPU-only script on a machine without one says so in one line;
 - ``one_line_errors``: a ``UserError`` the library raises during the run, as one line and exit 2.
 """
@@ -128,17 +129,12 @@ def unknown(ap: argparse.ArgumentParser, names, known, what: str = "rows", hint:
 
 
 def writable(ap: argparse.ArgumentParser, path, flag: str = "--out") -> None:
-    """``ap.error`` where ``path`` could not be written at the end of the run: a directory, or a folder that cannot
-    be made (made here, as the scripts make it anyway)."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        ap.error(f"{flag} {path} is a directory; give a file path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        ap.error(f"{flag} {path}: its folder cannot be made ({exc.strerror or exc})")
+    """``ap.error`` where ``path`` could not be written at the end of the run (``paths.check_report``, the CLI's
+    check: a directory, a folder that cannot be made, a file an llmcomp artifact's load reads). Nothing is made here
+    (the folder was: a run refused later, on a machine without a GPU, left it empty); the write makes it."""
+    from llmcomp.core.paths import check_report
+
+    check(ap, check_report, path, flag, folders=True)
 
 
 def results(ap: argparse.ArgumentParser, path: Path, rows: type = list, flag: str = "--out",

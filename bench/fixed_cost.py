@@ -17,12 +17,12 @@ the kernel streams at once it runs. The launch floor (a 1-element add, timed the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from llmcomp.core.paths import write_json
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import uniform_cuda
 
@@ -56,7 +56,6 @@ def main() -> None:
     before = uniform_cuda.dependent_launch()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_tb_s": None,
               "launch_floor_us": None, "rows": [], "fits": []}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     bw = kb.copy_bandwidth()
     result["copy_bandwidth_tb_s"] = round(bw / 1e12, 3)
     result["launch_floor_us"] = round(kb.launch_floor_seconds() * 1e6, 3)
@@ -79,7 +78,7 @@ def main() -> None:
                     result["rows"].append(row)
                     print(f"N={n} K={k:5d} pdl={int(pdl)} config={config}: cold {row['cold_us']:.2f} µs, "
                           f"warm {row['warm_us']:.2f} µs, bytes {row['bytes_us']:.2f} µs")
-                    args.out.write_text(json.dumps(result, indent=1))
+                    write_json(args.out, result, partial=True)
                     del preps
                 rows = [r for r in result["rows"] if r["N"] == n and r["pdl"] == pdl]
                 for kind in ("cold", "warm"):
@@ -91,7 +90,7 @@ def main() -> None:
                           f"streaming at {fit['stream_tb_s']} TB/s")
     finally:
         uniform_cuda.set_dependent_launch(bool(before))
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

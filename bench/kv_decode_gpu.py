@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from llmcomp.core.hfcompat import cache_kwarg as cache_kw, output_cache
+from llmcomp.core.paths import write_json
 from llmcomp.eval.decode_bench import SYNTHETIC, synthetic_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,7 +96,6 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     rows = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for context in args.contexts:
         for name, policy in configs:
             uninstall(model)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
-            args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            write_json(args.out, {"meta": meta, "rows": rows})
     base = {r["context"]: r for r in rows if r["name"] == "dense" and "tokens_per_s" in r}
     print("\n| context | config | tokens/s | × dense | KV MB | KV % dense |")
     print("|---|---|---|---|---|---|")

@@ -28,13 +28,13 @@ M <= 16 by default), whose M <= 8 rows then show the run-to-run spread between t
    python bench/mma_probe.py time VARIANT --out FILE.json [--shapes NxK,...] [--ms 4,12,16] [--launch RT,WARPS,WR]
                                  [--post]   (--post: the fp32 post-scale kernel (elem 3) at whatever launch, M <= 16)"""
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from llmcomp.core.paths import write_json
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import uniform_cuda
 
@@ -246,7 +246,7 @@ def main() -> None:
         del preps
         torch.cuda.empty_cache()
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=0))
+        write_json(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ weight cycled so every call reads HBM); beside them bf16 cuBLAS and the dequanti
         [--launches 2x8x1,4x8x1]   (only these launches and the rule's)
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcomp.core.memory import state_bytes
+from llmcomp.core.paths import write_json
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import pyramid_cuda as pc
 
@@ -66,8 +66,8 @@ def main():
                     rows.append({"N": n, "K": k, "M": m, "launch": name, "us": round(t * 1e6, 3)})
                     line += f", {name} {t * 1e6:.2f} us (rule {t * 1e6 / ruled['us']:.2f}x)"
             print(line, flush=True)
-            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "format": args.format,
-                                            "copy_bandwidth_Bps": bw, "rows": rows}, indent=1))
+            write_json(args.out, {"device": torch.cuda.get_device_name(), "format": args.format,
+                                  "copy_bandwidth_Bps": bw, "rows": rows})
         del preps, weights
         torch.cuda.empty_cache()
 

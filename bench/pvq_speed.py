@@ -8,7 +8,6 @@ the 30 decoder layers of SmolLM2-135M (q, o: 576×576; k, v: 192×576; gate, up:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from llmcomp.core import memory
+from llmcomp.core.paths import write_json
 from llmcomp.quant.hessian import HessianAccumulator
 from llmcomp.quant.pvq import PVQConfig, PVQQuantizer, pyramid_for_bits
 
@@ -66,9 +66,8 @@ def main(argv=None) -> int:
         print(f"{name:8s} {out_f}x{in_f}: {dt:.2f} s  {res.metrics}", flush=True)
     print(f"estimate for {N_LAYERS} decoder layers on {args.device}: {total:.0f} s", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": args.device, "bits": args.bits, "rows": rows, "model_estimate_s": round(total)},
-                      f, indent=1)
+        write_json(args.out, {"device": args.device, "bits": args.bits, "rows": rows,
+                              "model_estimate_s": round(total)})
     return 0
 
 

@@ -7,7 +7,6 @@ Every row is produced in this run (quantize → artifact → llmcomp.load → ev
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llmcomp import api
+from llmcomp.core.paths import write_json
 from llmcomp.formats import Uniform
 from llmcomp.quant import METHODS, RTNConfig
 
@@ -150,9 +150,9 @@ def main(argv=None) -> int:
         for name, cfg in todo.items():
             rows.append(measure_row(name, cfg, ref, Path(tmp), args.windows, args.calib_samples))
             # after every row: a run cut short keeps what it measured
-            args.out.write_text(json.dumps({"meta": meta, "rows": rows + kept}, indent=1))
+            write_json(args.out, {"meta": meta, "rows": rows + kept}, partial=True)
     rows += kept
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_json(args.out, {"meta": meta, "rows": rows})
     print("\n| method | ppl | KLD mean | top-1 % | greedy prefix | bits/weight | quant s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -11,7 +11,6 @@ every QuantLinear once, what eval pays before its first forward). Rows are merge
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ import llmcomp
 from llmcomp import api
 from llmcomp.core.model import DEFAULT_MODEL
 from llmcomp.core.qlinear import QuantLinear
+from llmcomp.core.paths import write_json
 from llmcomp.quant.pvq import PVQConfig, pyramid_for_bits
 from llmcomp.quant.vptq import VPTQConfig, codebook_for_bits
 
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     meta = quality.run_meta(args, original["text"])
 
     def save():
-        args.out.write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1))
+        write_json(args.out, {"meta": meta, "rows": list(rows.values())})
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

@@ -5,12 +5,12 @@ launch. Writes JSON after each shape (a timeout loses one shape, not the file).
     python bench/vq_rep_sweep.py --out OUT.json --fmt vq2 --ms 1,16 --shapes 14336x4096,28672x8192
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from llmcomp.core.paths import write_json
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import codebook_cuda
 
@@ -51,7 +51,7 @@ def main():
                   f"1 copy best {best[False][1]} {best[False][0] * 1e6:.2f}us (launch_config {auto(m, x.dtype)})",
                   flush=True)
         del preps
-        json.dump(rows, open(a.out, "w"), indent=0)
+        write_json(a.out, rows)
 
 
 if __name__ == "__main__":

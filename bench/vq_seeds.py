@@ -14,7 +14,6 @@ the former k-means sample (a plain uniform draw) for comparison with the current
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -26,6 +25,7 @@ import llmcomp.quant.kmeans as kmeans_mod
 from llmcomp.core import memory
 from llmcomp.core.data import calib_windows
 from llmcomp.core.model import load_hf, resolve
+from llmcomp.core.paths import write_json
 from llmcomp.quant.hessian import HessianAccumulator
 from llmcomp.quant.pvq import PVQConfig, PVQQuantizer, pyramid_for_bits
 from llmcomp.quant.vptq import VPTQConfig, VPTQQuantizer, codebook_for_bits
@@ -106,8 +106,7 @@ def main(argv=None) -> int:
                   + f"  spread {100 * spread:.1f} %", flush=True)
     kmeans_mod._stratified_sample = stratified
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.out, rows)
     return 0
 
 

@@ -10,12 +10,12 @@ CUDA graph); one JSON row a point.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from llmcomp.core.paths import write_json
 from llmcomp.eval import kernel_bench as kb
 from llmcomp.kernels import uniform_cuda as uc
 
@@ -77,8 +77,8 @@ def main() -> None:
                                 rows.append(row)
                                 print(f"W{args.bits} {n}x{k} M={m} {dname} {use:12s} {launch} {switch}={bound:d} "
                                       f"{row['us']:.2f} us {row['roofline_pct']:.1f} %", flush=True)
-                                args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                                                "copy_bandwidth_Bps": bw, "rows": rows}, indent=0))
+                                write_json(args.out, {"device": torch.cuda.get_device_name(),
+                                                      "copy_bandwidth_Bps": bw, "rows": rows})
             del preps
     finally:
         set_bound(bool(before))

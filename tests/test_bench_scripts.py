@@ -171,6 +171,44 @@ def test_a_gpu_only_script_says_it_needs_cuda(name, args, monkeypatch, capsys, t
     assert "needs a CUDA GPU" in _refused(monkeypatch, capsys, name, *args)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+@pytest.mark.parametrize("name", [n for n, args in GPU_ONLY if "--out" in args] + ["bench_kernels"])
+def test_a_refused_run_leaves_no_folder_behind(name, monkeypatch, capsys, tmp_path):
+    """--out's folder was made while the arguments were checked: a run refused after that (no GPU) left it empty."""
+    monkeypatch.chdir(tmp_path)
+    assert "needs a CUDA GPU" in _refused(monkeypatch, capsys, name, "--out", "new/deeper/o.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_is_checked_without_making_anything(capsys, tmp_path):
+    """A folder not there yet is fine where the nearest one there takes files (the write makes it); nothing is made
+    by the check; under a file, --out is refused."""
+    import argparse
+
+    cli = _script("_cli")
+    ap = argparse.ArgumentParser(prog="x.py")
+    cli.writable(ap, tmp_path / "new" / "deeper" / "o.json")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        cli.writable(ap, tmp_path / "file" / "sub" / "o.json")
+    assert f"--out {tmp_path}/file/sub/o.json cannot be written: Not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["quality", "kv", "kernel_ab", "bench_kernels"])
+def test_out_is_never_a_file_an_artifact_load_reads(name, no_work, monkeypatch, capsys, tmp_path):
+    """--out ART/llmcomp.json (or its weights) was taken, the artifact's file replaced by the results: the CLI's
+    check refused it (paths.check_report), the scripts' own did not."""
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "llmcomp.json").write_text('{"files": {}}')
+    for file in ("llmcomp.json", "model.safetensors"):
+        line = _refused(monkeypatch, capsys, name, "--out", str(art / file))
+        assert f"would write {file} into the llmcomp artifact {art}" in line
+    assert sorted(p.name for p in art.iterdir()) == ["llmcomp.json"]
+    assert (art / "llmcomp.json").read_text() == '{"files": {}}'
+
+
 @pytest.mark.parametrize("name", ["ext_probe", "glu_check"])
 def test_a_gpu_script_prints_its_help_anywhere(name, monkeypatch, capsys):
     """These two read no arguments: --help ran them (a ValueError; CUDA calls on a machine without a GPU)."""
@@ -221,7 +259,7 @@ def test_quality_rerun_keeps_one_original_row(monkeypatch, tmp_path):
         "name": "smollm2-135m", "text": "t", "ppl": 1.0, "kld_mean": 0.0, "top1_agree": 1.0, "greedy_prefix": 1.0,
         "bits_per_weight": 16.0})
     monkeypatch.setattr(quality, "measure_row", lambda name, *a: {**quality.api.evaluate(), "name": name})
-    out = tmp_path / "q.json"
+    out = tmp_path / "results" / "q.json"  # (its folder made by the write)
     for _ in range(2):
         assert quality.main(["--only", "rtn-w8", "--windows", "1", "--out", str(out)]) == 0
     assert [r["name"] for r in json.loads(out.read_text())["rows"]] == ["smollm2-135m", "rtn-w8"]

@@ -117,8 +117,8 @@ def check_output(output, overwrite: bool, source=None) -> Path:
         raise UserError(f"Output {output} is a broken symbolic link; remove it or choose another path.")
     if output.exists() and not output.is_dir():
         raise UserError(f"Output {output} is a file; the output is a directory — choose another path.")
-    above = next((p for p in output.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = existing_parent(output)
+    if not above.is_dir():
         raise UserError(f"Output {output} is under {above}, which is a file; choose another path.")
     check_name_length(output)
     restored = recover_swaps(output)
@@ -151,20 +151,28 @@ def written_by_llmcomp(path: Path) -> bool:
             or ("report.md" in names and all(n == "report.md" or n.endswith(".png") for n in names)))
 
 
-def check_report(path, flag: str, reads=(), writes=()) -> None:
+def existing_parent(path) -> Path:
+    """The nearest folder above ``path`` that is there (its own, where it is; ``.`` last for a relative path): where
+    a write that makes the missing folders makes them — or a file, under which none can be made."""
+    return next((p for p in Path(path).parents if p.exists()), Path(path))  # (the path itself: / or .)
+
+
+def check_report(path, flag: str, reads=(), writes=(), folders: bool = False) -> None:
     """A report file a command writes at its end (``--json``, ``--junit``, a baseline): refused before any work
     where it could not be written then (its folder missing, or the path a directory), or where it would overwrite
     what the command reads (``reads``: model directories, artifacts, a baseline; None entries skipped) — a file
     of a model directory (its manifest, config, weights, tokenizer) or the baseline itself — or another of its
     reports (``writes``: {path: flag}); nor where it is such a file of any llmcomp artifact (``bench kernels -o
     ART/llmcomp.json`` reads no model) or of the bundled model's converted copy. Other files beside a model are
-    fine (``cd ART && llmcomp check . --update`` keeps its baseline there)."""
+    fine (``cd ART && llmcomp check . --update`` keeps its baseline there). ``folders``: the write makes missing
+    folders (``write_json``): they are fine where the nearest folder there takes new files, and nothing is made here
+    (a run that failed later left them empty)."""
     if path is None:
         return
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file path.")
-    if not path.parent.is_dir():
+    if not (folders or path.parent.is_dir()):
         raise UserError(f"{flag} {path}: its folder {path.parent} does not exist.")
     why = unwritable(path)
     if why:  # (a read-only mount, no permission: the write failed after the whole evaluation)
@@ -190,10 +198,11 @@ def check_report(path, flag: str, reads=(), writes=()) -> None:
 
 
 def unwritable(path: Path) -> str:
-    """Why ``write_report`` could not write ``path`` (its folder takes no new file; a device or pipe refuses writes;
-    a socket, which ``open`` cannot write: ENXIO after the work, unless it is the command's own stdout), as the system
-    says it, or ''. A file is made and removed there, as the write will (``os.access`` answers for the permission
-    bits, not for what root may not create: /proc, an NFS root squash)."""
+    """Why ``write_report`` could not write ``path`` (its folder takes no new file — where it is not there yet, the
+    nearest one above that ``write_json`` would make it in; a device or pipe refuses writes; a socket, which ``open``
+    cannot write: ENXIO after the work, unless it is the command's own stdout), as the system says it, or ''. A file
+    is made and removed there, as the write will (``os.access`` answers for the permission bits, not for what root
+    may not create: /proc, an NFS root squash)."""
     import sys
 
     path = Path(path)
@@ -201,10 +210,11 @@ def unwritable(path: Path) -> str:
         if stat.S_ISSOCK(path.stat().st_mode) and not _same_file(path, sys.stdout):
             return "it is a socket; give a file, a device or a pipe"
         return "" if os.access(path, os.W_OK) else f"{os.strerror(errno.EACCES)} ({path})"
+    folder = existing_parent(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        return f"{exc.strerror or exc} ({path.parent})"
+        return f"{exc.strerror or exc} ({folder})"
     os.close(fd)
     os.unlink(tmp)
     return ""
