@@ -482,6 +482,19 @@ def test_report_folders_that_take_no_file_are_named_first(artifact, tmp_path, mo
     assert sorted(f.name for f in ro.iterdir()) == ["art"]
 
 
+def test_a_directory_is_unwritable_as_a_report(tmp_path):
+    """paths.unwritable said '' of a directory (a file could be made in the folder it is in): its callers refuse one
+    first, the function on its own did not."""
+    from llmcomp.core.paths import unwritable
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    for path in (tmp_path / "d", tmp_path / "link", tmp_path):
+        assert unwritable(path) == "it is a directory", path
+    assert unwritable(tmp_path / "d" / "r.json") == ""  # (a file in it is fine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "link"] and not any((tmp_path / "d").iterdir())
+
+
 def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path):
     """eval --json ART/llmcomp.json, check --update --baseline ART/config.json and check --json BASELINE exited 0
     and broke the artifact or the baseline."""

@@ -200,12 +200,14 @@ def check_report(path, flag: str, reads=(), writes=(), folders: bool = False) ->
 def unwritable(path: Path) -> str:
     """Why ``write_report`` could not write ``path`` (its folder takes no new file — where it is not there yet, the
     nearest one above that ``write_json`` would make it in; a device or pipe refuses writes; a socket, which ``open``
-    cannot write: ENXIO after the work, unless it is the command's own stdout), as the system says it, or ''. A file
-    is made and removed there, as the write will (``os.access`` answers for the permission bits, not for what root
-    may not create: /proc, an NFS root squash)."""
+    cannot write: ENXIO after the work, unless it is the command's own stdout; a directory, which a write would try to
+    replace), as the system says it, or ''. A file is made and removed there, as the write will (``os.access``
+    answers for the permission bits, not for what root may not create: /proc, an NFS root squash)."""
     import sys
 
     path = Path(path)
+    if path.is_dir():  # (its folder takes new files: it passed, only its callers refusing one first)
+        return "it is a directory"
     if is_special(path):
         if stat.S_ISSOCK(path.stat().st_mode) and not _same_file(path, sys.stdout):
             return "it is a socket; give a file, a device or a pipe"
