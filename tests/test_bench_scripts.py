@@ -195,6 +195,29 @@ def test_out_is_checked_without_making_anything(capsys, tmp_path):
     assert f"--out {tmp_path}/file/sub/o.json cannot be written: Not a directory" in capsys.readouterr().err
 
 
+def test_out_under_a_broken_link_is_refused_first(capsys, tmp_path):
+    """A folder on --out's way that is a broken symbolic link (a results folder linked to a drive not mounted) was
+    passed over by the check (the nearest folder there was the one above it): the write's mkdir then failed on the
+    link with FileExistsError, a traceback after the run had measured its first row. Refused first, nothing made;
+    the CLI's outputs alike."""
+    import argparse
+
+    from llmcomp.core.paths import check_output
+    from llmcomp.errors import UserError
+
+    cli = _script("_cli")
+    ap = argparse.ArgumentParser(prog="x.py")
+    (tmp_path / "results").symlink_to(tmp_path / "gone")
+    for out in ("results/o.json", "results/new/o.json"):
+        with pytest.raises(SystemExit):
+            cli.writable(ap, tmp_path / out)
+        assert f"--out {tmp_path / out} cannot be written: {tmp_path}/results is a broken symbolic link" in \
+            capsys.readouterr().err
+        with pytest.raises(UserError, match="which is a broken symbolic link"):
+            check_output(tmp_path / out, overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["results"] and not (tmp_path / "gone").exists()
+
+
 @pytest.mark.parametrize("name", ["quality", "kv", "kernel_ab", "bench_kernels"])
 def test_out_is_never_a_file_an_artifact_load_reads(name, no_work, monkeypatch, capsys, tmp_path):
     """--out ART/llmcomp.json (or its weights) was taken, the artifact's file replaced by the results: the CLI's

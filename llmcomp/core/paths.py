@@ -119,7 +119,8 @@ def check_output(output, overwrite: bool, source=None) -> Path:
         raise UserError(f"Output {output} is a file; the output is a directory — choose another path.")
     above = existing_parent(output)
     if not above.is_dir():
-        raise UserError(f"Output {output} is under {above}, which is a file; choose another path.")
+        what = "a broken symbolic link" if above.is_symlink() else "a file"
+        raise UserError(f"Output {output} is under {above}, which is {what}; choose another path.")
     check_name_length(output)
     restored = recover_swaps(output)
     if output.exists() and not overwrite:
@@ -153,8 +154,9 @@ def written_by_llmcomp(path: Path) -> bool:
 
 def existing_parent(path) -> Path:
     """The nearest folder above ``path`` that is there (its own, where it is; ``.`` last for a relative path): where
-    a write that makes the missing folders makes them — or a file, under which none can be made."""
-    return next((p for p in Path(path).parents if p.exists()), Path(path))  # (the path itself: / or .)
+    a write that makes the missing folders makes them — or a file or a broken symbolic link, under which none can be
+    made (a broken link was passed over: the check passed, and the write's mkdir failed on it after the run)."""
+    return next((p for p in Path(path).parents if os.path.lexists(p)), Path(path))  # (the path itself: / or .)
 
 
 def check_report(path, flag: str, reads=(), writes=(), folders: bool = False) -> None:
@@ -213,6 +215,8 @@ def unwritable(path: Path) -> str:
             return "it is a socket; give a file, a device or a pipe"
         return "" if os.access(path, os.W_OK) else f"{os.strerror(errno.EACCES)} ({path})"
     folder = existing_parent(path)
+    if folder.is_symlink() and not folder.exists():  # (mkstemp's ENOENT named no cause)
+        return f"{folder} is a broken symbolic link"
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
