@@ -141,9 +141,15 @@ def results(ap: argparse.ArgumentParser, path: Path, rows: type = list, flag: st
             write: bool = True) -> dict | None:
     """``--out`` read before any work: its JSON (a dict whose ``rows`` is a ``rows``: a list of dicts with a
     ``name``, or a dict), None where it does not exist yet; ``ap.error`` where it could not be read back or
-    (``write``) written (``writable``). Without ``write``, an input that must exist."""
+    (``write``) written (``writable``), or is a device or a pipe (no rows to merge; reading /dev/stdout back blocked
+    for good). Without ``write``, an input that must exist (a pipe included: ``<(cat rows.json)``)."""
     if write:
         writable(ap, path, flag)
+        from llmcomp.core.paths import is_special
+
+        if is_special(path):  # (read back first: /dev/stdout, a terminal or the pipe it writes to, blocked for good)
+            ap.error(f"{flag} {path} is a device or a pipe; this script merges its rows into the results file there "
+                     "(a re-run keeps the rows it does not measure): give a file")
     if not path.exists():
         if not write:
             ap.error(f"{flag} {path} does not exist")

@@ -218,6 +218,31 @@ def test_out_under_a_broken_link_is_refused_first(capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results"] and not (tmp_path / "gone").exists()
 
 
+@pytest.mark.parametrize("name", ["quality", "kv", "vq", "linearize"])
+def test_a_merged_out_that_is_a_device_is_refused(name, no_work, monkeypatch, capsys):
+    """The scripts that merge their rows into --out read it back first: /dev/null was 'not a readable JSON results
+    file', and /dev/stdout (a terminal, or the pipe the script writes to) blocked that read for good."""
+    line = _refused(monkeypatch, capsys, name, "--out", "/dev/null")
+    assert "--out /dev/null is a device or a pipe; this script merges its rows" in line, line
+
+
+def test_a_merged_out_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+    """`quality.py --out FIFO` (or --out /dev/stdout piped on) opened the pipe to read earlier rows: no writer, so it
+    waited for good."""
+    import os
+    import subprocess
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
+    try:
+        r = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--out", str(fifo), "--only", "rtn-w8"],
+                           capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("quality.py waited on the pipe instead of refusing it")
+    assert r.returncode == 2 and f"--out {fifo} is a device or a pipe" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("name", ["quality", "kv", "kernel_ab", "bench_kernels"])
 def test_out_is_never_a_file_an_artifact_load_reads(name, no_work, monkeypatch, capsys, tmp_path):
     """--out ART/llmcomp.json (or its weights) was taken, the artifact's file replaced by the results: the CLI's
