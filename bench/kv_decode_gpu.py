@@ -108,7 +108,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
-            write_json(args.out, {"meta": meta, "rows": rows})
+            write_json(args.out, {"meta": meta, "rows": rows}, partial=True)  # (a run cut short keeps its rows)
+    write_json(args.out, {"meta": meta, "rows": rows})
     base = {r["context"]: r for r in rows if r["name"] == "dense" and "tokens_per_s" in r}
     print("\n| context | config | tokens/s | × dense | KV MB | KV % dense |")
     print("|---|---|---|---|---|---|")

@@ -67,9 +67,11 @@ def main():
                     line += f", {name} {t * 1e6:.2f} us (rule {t * 1e6 / ruled['us']:.2f}x)"
             print(line, flush=True)
             write_json(args.out, {"device": torch.cuda.get_device_name(), "format": args.format,
-                                  "copy_bandwidth_Bps": bw, "rows": rows})
+                                  "copy_bandwidth_Bps": bw, "rows": rows}, partial=True)
         del preps, weights
         torch.cuda.empty_cache()
+    write_json(args.out, {"device": torch.cuda.get_device_name(), "format": args.format, "copy_bandwidth_Bps": bw,
+                          "rows": rows})
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def main() -> None:
                                 print(f"W{args.bits} {n}x{k} M={m} {dname} {use:12s} {launch} {switch}={bound:d} "
                                       f"{row['us']:.2f} us {row['roofline_pct']:.1f} %", flush=True)
                                 write_json(args.out, {"device": torch.cuda.get_device_name(),
-                                                      "copy_bandwidth_Bps": bw, "rows": rows})
+                                                      "copy_bandwidth_Bps": bw, "rows": rows}, partial=True)
             del preps
+        write_json(args.out, {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw, "rows": rows})
     finally:
         set_bound(bool(before))
 

@@ -243,6 +243,44 @@ def test_a_merged_out_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
     assert r.returncode == 2 and f"--out {fifo} is a device or a pipe" in r.stderr, r.stderr
 
 
+def _write_json_calls(fn):
+    """(call, inside a loop) for each ``write_json`` call of a function, nested functions apart."""
+    import ast
+
+    found = []
+
+    def walk(node, looped):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Call) and getattr(child.func, "id", None) == "write_json":
+                found.append((child, looped))
+            walk(child, looped or isinstance(child, (ast.For, ast.While)))
+
+    walk(fn, False)
+    return found
+
+
+def test_per_row_writes_are_partial_and_the_last_is_whole():
+    """A script's results written after every row are partial writes (``write_json(..., partial=True)``: skipped
+    where --out is a device or a pipe), then once whole after its loops: kv_decode_gpu, pvq_launch, vq_rep_sweep and
+    wave_check wrote every row's whole file, so --out /dev/stdout printed one JSON document a row, and a named pipe's
+    second open waited for a reader that had gone."""
+    import ast
+
+    for script in sorted(BENCH.glob("*.py")):
+        for fn in ast.walk(ast.parse(script.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            calls = _write_json_calls(fn)
+            for call, looped in calls:
+                partial = any(k.arg == "partial" and getattr(k.value, "value", None) is True for k in call.keywords)
+                assert partial == looped, f"{script.name}:{call.lineno}: a {'per-row' if looped else 'last'} write " \
+                                          f"{'without' if looped else 'with'} partial=True"
+            if any(looped for _, looped in calls):
+                assert not all(looped for _, looped in calls), f"{script.name}: {fn.name} writes no whole file last"
+
+
 @pytest.mark.parametrize("name", ["quality", "kv", "kernel_ab", "bench_kernels"])
 def test_out_is_never_a_file_an_artifact_load_reads(name, no_work, monkeypatch, capsys, tmp_path):
     """--out ART/llmcomp.json (or its weights) was taken, the artifact's file replaced by the results: the CLI's
