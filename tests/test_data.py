@@ -49,6 +49,27 @@ def test_rds_reader_on_handmade_stream():
     assert unserialize(blob) == ["hi", None]
 
 
+def test_rds_reader_reads_pairlists():
+    """A names attribute (a tagged pairlist), and a pairlist with an attribute of its own, read past: the reader of
+    every cached-text miss (the Austen index is a named list); a pairlist raised UnboundLocalError for one commit
+    (f3cbf3b), which only a clean cache found."""
+    import struct
+
+    def i(v):
+        return struct.pack(">i", v)
+
+    def chars(text):
+        return i(9) + i(len(text)) + text.encode()
+
+    nil = i(254)
+    head = b"X\n" + i(2) + i(0) + i(0)
+    names = i(2 | 1 << 10) + i(1) + chars("names") + i(16) + i(2) + chars("x") + chars("y") + nil
+    named = i(19 | 1 << 9) + i(2) + i(16) + i(1) + chars("hi") + i(13) + i(1) + i(7) + names
+    assert unserialize(head + named) == {"x": ["hi"], "y": [7]}
+    own = i(2 | 1 << 9 | 1 << 10) + nil + i(1) + chars("a") + i(13) + i(1) + i(3) + nil  # (its attribute: NULL)
+    assert unserialize(head + own) == [("a", [3])]
+
+
 def test_an_unreadable_package_falls_back_to_pydoc(tmp_path, monkeypatch):
     """A package tarfile cannot read (zstd, Ubuntu's) or damaged data gave a traceback from the default text
     source instead of the standard-library fallback; a data archive in a codec tarfile lacks goes through
