@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     rows = []
+    result = {"meta": meta, "rows": rows}
     for context in args.contexts:
         for name, policy in configs:
             uninstall(model)
@@ -108,8 +109,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
-            write_json(args.out, {"meta": meta, "rows": rows}, partial=True)  # (a run cut short keeps its rows)
-    write_json(args.out, {"meta": meta, "rows": rows})
+            write_json(args.out, result, partial=True)  # (a run cut short keeps its rows)
+    write_json(args.out, result)
     base = {r["context"]: r for r in rows if r["name"] == "dense" and "tokens_per_s" in r}
     print("\n| context | config | tokens/s | × dense | KV MB | KV % dense |")
     print("|---|---|---|---|---|---|")

@@ -38,6 +38,7 @@ def main():
     bw = kb.copy_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
+    result = {"device": torch.cuda.get_device_name(), "format": args.format, "copy_bandwidth_Bps": bw, "rows": rows}
     for n, k in shapes:
         fmt, base = kb._packed_for(args.format, n, k)
         preps = [pc.prepare(fmt, base, k) for _ in range(kb._copies(state_bytes(base)))]
@@ -66,12 +67,10 @@ def main():
                     rows.append({"N": n, "K": k, "M": m, "launch": name, "us": round(t * 1e6, 3)})
                     line += f", {name} {t * 1e6:.2f} us (rule {t * 1e6 / ruled['us']:.2f}x)"
             print(line, flush=True)
-            write_json(args.out, {"device": torch.cuda.get_device_name(), "format": args.format,
-                                  "copy_bandwidth_Bps": bw, "rows": rows}, partial=True)
+            write_json(args.out, result, partial=True)
         del preps, weights
         torch.cuda.empty_cache()
-    write_json(args.out, {"device": torch.cuda.get_device_name(), "format": args.format, "copy_bandwidth_Bps": bw,
-                          "rows": rows})
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

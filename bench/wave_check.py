@@ -57,6 +57,7 @@ def main() -> None:
     tiles = 1 if args.bits == 3 else 2  # the switch's launches: 4 warps, these row tiles a warp
     get, set_bound = getattr(uc, switch), getattr(uc, "set_" + switch)
     rows, before = [], get()
+    result = {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw, "rows": rows}
     g = torch.Generator(device="cuda").manual_seed(0)
     try:
         for n, k in args.shapes:
@@ -77,10 +78,9 @@ def main() -> None:
                                 rows.append(row)
                                 print(f"W{args.bits} {n}x{k} M={m} {dname} {use:12s} {launch} {switch}={bound:d} "
                                       f"{row['us']:.2f} us {row['roofline_pct']:.1f} %", flush=True)
-                                write_json(args.out, {"device": torch.cuda.get_device_name(),
-                                                      "copy_bandwidth_Bps": bw, "rows": rows}, partial=True)
+                                write_json(args.out, result, partial=True)
             del preps
-        write_json(args.out, {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw, "rows": rows})
+        write_json(args.out, result)
     finally:
         set_bound(bool(before))
 

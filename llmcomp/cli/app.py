@@ -362,7 +362,7 @@ def eval_(
             from llmcomp.core.artifact import MANIFEST
             from llmcomp.core.paths import unwritable
 
-            for r in reads[:len(paths or [None])]:
+            for r in reads:
                 why = is_artifact(r) and unwritable(r / MANIFEST)  # (found after the evaluation: a read-only mount)
                 if why:
                     raise UserError(f"--record appends to {r / MANIFEST}, which cannot be written: {why}.")

@@ -123,11 +123,11 @@ def corpus(source: str | None = None) -> Corpus:
     """The text ``source`` names, else ``LLMCOMP_TEXT``'s; an empty variable is unset, as for other variables
     (``LLMCOMP_TEXT= llmcomp eval`` was refused as an unknown text source ''). A bad variable's error names it
     (``Unknown text source 'x'`` did not say where the value came from: no command takes a text source)."""
-    env = os.environ.get("LLMCOMP_TEXT", "").strip()
-    if (source or env or "auto") not in SOURCES:
-        raise UserError(f"Unknown text source {source!r}; use auto, austen or pydoc." if source else
+    given, env = source, os.environ.get("LLMCOMP_TEXT", "").strip()
+    source = given or env or "auto"
+    if source not in SOURCES:
+        raise UserError(f"Unknown text source {given!r}; use auto, austen or pydoc." if given else
                         f"LLMCOMP_TEXT={env!r} is not a text source; use auto, austen or pydoc (or unset it).")
-    source = source or env or "auto"
     if source in ("auto", "austen"):
         found = _austen()
         if found is not None:
